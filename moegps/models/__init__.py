@@ -1,0 +1,1 @@
+"""Model families moegps can hook, the Mixtral tokenizer, and the bundled trained tiny models."""
