@@ -1,0 +1,433 @@
+"""Trace replay: batch a trace like a server, apply a placement plan, and time every step and layer.
+
+The pipeline, all vectorised over tokens (one Python loop over layers, none over tokens):
+
+1. :func:`make_batches` groups requests into batches of ``batch_size`` requests (static batching:
+   one prefill step with all their prompts, then one decode step per generated token), and gives
+   each token the GPU its attention runs on (``source``: round-robin over the batch's tokens, or
+   by request, as data-parallel attention does).
+2. A :class:`Plan` says, for every step, which placement holds (``share [placement, layer, expert,
+   gpu]`` plus ``placement_of_step [step]``), optionally where each token's attention runs at each
+   layer (``home [token, layer]``: token-to-expert prediction moves tokens to the GPU of their
+   predicted experts before attention), and the predictor's work per step.
+3. :func:`simulate` returns a :class:`SimResult` with per-step, per-layer components in seconds.
+
+Plans come from :func:`static_plan`, :func:`oracle_plan`, :func:`distribution_plan` (a
+``DistributionPredictor`` re-placing every ``interval`` batches) and :func:`token_plan`
+(a ``TokenPredictor``): the last two are the thin adapters to ``moegps.predictors``.
+
+How token-to-expert prediction saves communication (MoE-GPS's distinction, modelled explicitly):
+with a distribution-only predictor a token's attention runs where the scheduler put it, and every
+top-k selection whose expert lives elsewhere is dispatched and combined. With a token-to-expert
+predictor that runs before attention, the previous layer's combine delivers the token straight to
+the GPU holding its predicted top-1 expert (``home``), its attention runs there, and a selection
+whose true expert sits on ``home`` needs no dispatch; a mispredicted selection pays the ordinary
+dispatch from ``home`` (the correction transfer). The price: the predictor's time, and, with
+data-parallel attention, uneven attention work when many tokens pick the same home, plus moving the
+token's residual when its home changes between layers. With tensor-parallel attention
+(``attention="tp"``) the reduce-scatter after attention can hand each token to any GPU for free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from ..trace import RoutingTrace, TokenRouting
+from . import cost
+from .system import ModelShape, SystemSpec
+
+
+@dataclass
+class ReplayConfig:
+    """How the server batches and where tokens live."""
+
+    batch_size: int = 64  # requests per batch
+    source: str = "token"  # "token": round-robin over a batch's tokens; "request": a request's tokens on one GPU
+    attention: str = "dp"  # "dp" (data-parallel attention) | "tp" (tensor-parallel, MoE-GPS's setting)
+    local_first: bool = True  # a selection whose expert has a replica on the token's GPU stays local
+    phase: str = "all"  # replay "prefill", "decode" or "all" steps
+    migration_exposed: float = 1.0  # fraction of a re-placement's weight transfer that stalls serving
+
+
+# ---- 1. batching -------------------------------------------------------------------------------
+
+
+@dataclass
+class Batches:
+    """A trace cut into server steps. ``T`` tokens, ``S`` steps, ``L`` layers, ``E`` experts, ``G`` GPUs."""
+
+    step: np.ndarray  # [T] step index of each token
+    source: np.ndarray  # [T] GPU each token's attention runs on by default
+    experts: np.ndarray  # [T, L, k] true experts
+    token_id: np.ndarray  # [T]
+    position: np.ndarray  # [T]
+    request_id: np.ndarray  # [T]
+    phase: np.ndarray  # [S] 0 prefill / 1 decode
+    n_tokens: np.ndarray  # [S]
+    loads: np.ndarray  # [S, L, E] true selection counts
+    n_gpus: int
+    n_experts: int
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.phase)
+
+    @property
+    def n_layers(self) -> int:
+        return self.experts.shape[1]
+
+
+def make_batches(routing: TokenRouting | RoutingTrace, n_gpus: int, n_experts: int | None = None,
+                 cfg: ReplayConfig | None = None) -> Batches:
+    """Group a trace's tokens into server steps (static batching of ``cfg.batch_size`` requests)."""
+    cfg = cfg or ReplayConfig()
+    if isinstance(routing, RoutingTrace):
+        n_experts = routing.meta.n_experts if n_experts is None else n_experts
+        routing = routing.by_token()
+    if n_experts is None:
+        n_experts = int(routing.experts.max()) + 1
+    keep = np.ones(len(routing.step), dtype=bool)
+    if cfg.phase != "all":
+        if cfg.phase not in ("prefill", "decode"):
+            raise ValueError(f"ReplayConfig.phase must be 'prefill', 'decode' or 'all', got {cfg.phase!r}")
+        keep = routing.phase == (0 if cfg.phase == "prefill" else 1)
+    req, stp = routing.request_id[keep], routing.step[keep].astype(np.int64)
+    if len(req) == 0:
+        raise ValueError(f"no tokens to replay (phase={cfg.phase!r})")
+    rank = np.unique(req, return_inverse=True)[1]  # request order = sorted id
+    chunk = rank // cfg.batch_size
+    key = chunk * (int(stp.max()) + 1) + stp
+    uniq, step = np.unique(key, return_inverse=True)
+    S, T = len(uniq), len(step)
+    order = np.argsort(step, kind="stable")
+    if cfg.source == "token":
+        first = np.searchsorted(step[order], np.arange(S))
+        within = np.empty(T, dtype=np.int64)
+        within[order] = np.arange(T) - first[step[order]]
+        source = within % n_gpus
+    elif cfg.source == "request":
+        source = (rank % cfg.batch_size) % n_gpus
+    else:
+        raise ValueError(f"ReplayConfig.source must be 'token' or 'request', got {cfg.source!r}")
+    experts = routing.experts[keep]
+    L, k = experts.shape[1], experts.shape[2]
+    phase = np.zeros(S, dtype=np.int8)
+    phase[step] = routing.phase[keep]
+    loads = np.zeros((S, L, n_experts), dtype=np.int64)
+    for layer in range(L):
+        idx = step[:, None] * n_experts + experts[:, layer, :]
+        loads[:, layer] = np.bincount(idx.ravel(), minlength=S * n_experts).reshape(S, n_experts)
+    return Batches(
+        step=step, source=source.astype(np.int64), experts=experts, token_id=routing.token_id[keep],
+        position=routing.position[keep], request_id=req, phase=phase,
+        n_tokens=np.bincount(step, minlength=S), loads=loads, n_gpus=n_gpus, n_experts=n_experts,
+    )
+
+
+# ---- 2. plans ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What a policy decides: placements over time, token homes, predictor work."""
+
+    name: str
+    family: str  # "baseline" | "distribution" | "token" | "oracle"
+    share: np.ndarray  # [P, L, E, G] share of each expert's tokens on each GPU
+    placement_of_step: np.ndarray  # [S] index into share
+    home: np.ndarray | None = None  # [T, L] GPU each token's attention runs on (None: batches.source)
+    predictor_s: np.ndarray | None = None  # [S] seconds of predictor work per step (all layers)
+    on_critical_path: bool = False
+    charge_migration: bool = True
+    accuracy: float = float("nan")
+    error: float = float("nan")
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def placement_share(placement) -> np.ndarray:
+    """A :class:`moegps.placement.Placement` -> ``share [layer, expert, gpu]``."""
+    se = placement.slot_expert
+    L, G, _ = se.shape
+    share = np.zeros((L, placement.n_experts, G))
+    layer = np.broadcast_to(np.arange(L)[:, None, None], se.shape)
+    gpu = np.broadcast_to(np.arange(G)[None, :, None], se.shape)
+    ok = se >= 0
+    np.add.at(share, (layer[ok], se[ok], gpu[ok]), placement.replica_share[ok])
+    return share
+
+
+def contiguous_share(n_layers: int, n_experts: int, n_gpus: int) -> np.ndarray:
+    """``[layer, expert, gpu]`` of the static contiguous placement (expert e on GPU e * G // E)."""
+    share = np.zeros((n_layers, n_experts, n_gpus))
+    share[:, np.arange(n_experts), np.arange(n_experts) * n_gpus // n_experts] = 1.0
+    return share
+
+
+PlaceFn = Callable[[np.ndarray], Any]  # loads [layer, expert] -> Placement (or share [L, E, G])
+
+
+def _as_share(placed) -> np.ndarray:
+    return np.asarray(placed, dtype=np.float64) if isinstance(placed, np.ndarray) else placement_share(placed)
+
+
+def static_plan(batches: Batches, share: np.ndarray | None = None, name: str = "static") -> Plan:
+    """The baseline: one placement for the whole replay (contiguous unless given), no predictor."""
+    if share is None:
+        share = contiguous_share(batches.n_layers, batches.n_experts, batches.n_gpus)
+    return Plan(name, "baseline", share[None], np.zeros(batches.n_steps, dtype=np.int64), charge_migration=False)
+
+
+def oracle_plan(batches: Batches, place: PlaceFn, route_tokens: bool = True) -> Plan:
+    """Placement from each step's true loads, token homes from true top-1 experts; no cost at all."""
+    shares = np.stack([_as_share(place(batches.loads[s].astype(np.float64))) for s in range(batches.n_steps)])
+    plan = Plan("oracle", "oracle", shares, np.arange(batches.n_steps), charge_migration=False, accuracy=1.0, error=0.0)
+    if route_tokens:
+        plan.home = _homes(batches, plan, batches.experts[:, :, 0])
+    return plan
+
+
+def _homes(batches: Batches, plan: Plan, top1: np.ndarray) -> np.ndarray:
+    """``[T, L]`` GPU holding the largest share of each token's predicted top-1 expert."""
+    main_gpu = plan.share.argmax(axis=-1)  # [P, L, E]
+    p = plan.placement_of_step[batches.step]  # [T]
+    return main_gpu[p[:, None], np.arange(batches.n_layers)[None, :], top1.astype(np.int64)]
+
+
+def _replan_steps(n_steps: int, interval: int) -> np.ndarray:
+    if interval < 1:
+        raise ValueError(f"interval must be >= 1 batch, got {interval}")
+    return np.arange(0, n_steps, interval)
+
+
+def predictor_seconds(pcost, n_tokens: np.ndarray, system: SystemSpec) -> np.ndarray:
+    """Seconds of one predictor call per step from a ``PredictorCost`` (its measured GPU latency when
+    it has one, interpolated by batch size; else its FLOPs and bytes on the GPU roofline)."""
+    n = np.asarray(n_tokens, dtype=np.float64)
+    measured = getattr(pcost, "gpu_latency_s", None)
+    if measured:
+        sizes = np.array(sorted(measured), dtype=np.float64)
+        return np.interp(n, sizes, [measured[int(s)] for s in sizes])
+    flops = pcost.flops_per_batch + n * pcost.flops_per_token
+    nbytes = pcost.bytes_per_batch + n * pcost.bytes_per_token
+    return cost.predictor_time(flops, nbytes, system)
+
+
+def distribution_plan(batches: Batches, predictor, place: PlaceFn, system: SystemSpec, interval: int = 1,
+                      name: str | None = None) -> Plan:
+    """Re-place every ``interval`` batches from a ``DistributionPredictor``'s forecast of the next batch.
+
+    The predictor sees only past batches' loads (``past_loads [t, L, E]``) and the next batch's
+    context (phase, size, token ids); its forecast fractions x the batch's selections are the loads
+    the placement balances.
+    """
+    from ..predictors.base import BatchContext
+
+    S, k = batches.n_steps, batches.experts.shape[2]
+    replan = _replan_steps(S, interval)
+    order = np.argsort(batches.step, kind="stable")
+    bounds = np.searchsorted(batches.step[order], np.arange(S + 1))
+    shares, errors = [], []
+    for s in replan:
+        ids = batches.token_id[order[bounds[s]:bounds[s + 1]]]
+        ctx = BatchContext(phase=int(batches.phase[s]), n_tokens=int(batches.n_tokens[s]),
+                           n_requests=len(np.unique(batches.request_id[order[bounds[s]:bounds[s + 1]]])),
+                           token_ids=ids, past_phase=batches.phase[:s])
+        frac = np.asarray(predictor.predict_next(batches.loads[:s], ctx), dtype=np.float64)
+        shares.append(_as_share(place(frac * batches.n_tokens[s] * k)))
+        true = batches.loads[s] / np.maximum(batches.loads[s].sum(-1, keepdims=True), 1)
+        errors.append(0.5 * np.abs(frac - true).sum(-1).mean())
+    pcost = predictor.cost()
+    work = np.zeros(S)
+    work[replan] = predictor_seconds(pcost, batches.n_tokens[replan], system)
+    err = float(np.mean(errors))
+    return Plan(name or getattr(predictor, "name", "distribution"), "distribution", np.stack(shares),
+                np.searchsorted(replan, np.arange(S), side="right") - 1, predictor_s=work,
+                on_critical_path=bool(pcost.on_critical_path), accuracy=1 - err, error=err)
+
+
+def token_plan(batches: Batches, predictor, place: PlaceFn, system: SystemSpec, interval: int = 1,
+               name: str | None = None, predicted: np.ndarray | None = None) -> Plan:
+    """A ``TokenPredictor``: its per-token forecasts give the batch's loads (placed every
+    ``interval`` batches) and, if it runs before attention, each token's home GPU per layer.
+
+    ``predicted [T, L, k]`` may be passed to reuse predictions made once.
+    """
+    from ..predictors.base import TokenBatch
+
+    S, L = batches.n_steps, batches.n_layers
+    E, k = batches.n_experts, batches.experts.shape[2]
+    if predicted is None:
+        tb = TokenBatch(token_id=batches.token_id, position=batches.position,
+                        phase=batches.phase[batches.step], request_id=batches.request_id, routed=batches.experts)
+        predicted = np.asarray(predictor.predict(tb))
+    predicted = predicted.astype(np.int64)
+    pred_loads = np.zeros((S, L, E))
+    for layer in range(L):
+        idx = batches.step[:, None] * E + predicted[:, layer, :]
+        pred_loads[:, layer] = np.bincount(idx.ravel(), minlength=S * E).reshape(S, E)
+    replan = _replan_steps(S, interval)
+    shares = np.stack([_as_share(place(pred_loads[s:s + interval].sum(0))) for s in replan])
+    pcost = predictor.cost()
+    hits = (predicted[:, :, :, None] == batches.experts[:, :, None, :]).any(-1).mean()
+    true_f = batches.loads / np.maximum(batches.loads.sum(-1, keepdims=True), 1)
+    pred_f = pred_loads / np.maximum(pred_loads.sum(-1, keepdims=True), 1)
+    plan = Plan(name or getattr(predictor, "name", "token"), "token", shares,
+                np.searchsorted(replan, np.arange(S), side="right") - 1,
+                predictor_s=predictor_seconds(pcost, batches.n_tokens, system),
+                on_critical_path=bool(pcost.on_critical_path), accuracy=float(hits),
+                error=float(0.5 * np.abs(pred_f - true_f).sum(-1).mean()))
+    if pcost.runs_before_attention:
+        plan.home = _homes(batches, plan, predicted[:, :, 0])
+    return plan
+
+
+# ---- 3. simulate ------------------------------------------------------------------------------
+
+COMPONENTS = ("predictor", "dispatch", "expert", "combine", "other", "overhead")
+
+
+@dataclass
+class SimResult:
+    """Per-step, per-layer seconds of each component (``[S, L]`` arrays) and per-step migration."""
+
+    plan: str
+    family: str
+    parts: dict[str, np.ndarray]  # component -> [S, L] seconds
+    migration: np.ndarray  # [S] seconds
+    imbalance: np.ndarray  # [S, L] max/mean expert tokens per GPU
+    bytes_all_to_all: np.ndarray  # [S, L]
+    bytes_migrated: float
+    tokens: int
+    accuracy: float = float("nan")
+    error: float = float("nan")
+
+    @property
+    def layer_time(self) -> np.ndarray:
+        """``[S, L]`` seconds of each layer at each step."""
+        return sum(self.parts[c] for c in COMPONENTS)
+
+    @property
+    def step_time(self) -> np.ndarray:
+        """``[S]`` seconds of each step (all layers plus any re-placement stall)."""
+        return self.layer_time.sum(axis=1) + self.migration
+
+    @property
+    def total(self) -> float:
+        return float(self.step_time.sum())
+
+    def totals_ms(self) -> dict[str, float]:
+        ms = {f"{c}_ms": float(self.parts[c].sum() * 1e3) for c in COMPONENTS if c != "overhead"}
+        ms["predictor_ms"] = float(self.parts["predictor"].sum() * 1e3)
+        ms["migration_ms"] = float(self.migration.sum() * 1e3)
+        moe = self.parts["dispatch"] + self.parts["expert"] + self.parts["combine"] + self.parts["overhead"]
+        ms["moe_ms"] = float(moe.sum() * 1e3)
+        ms["total_ms"] = self.total * 1e3
+        return ms
+
+    def row(self, config: dict[str, Any], system: SystemSpec) -> dict[str, Any]:
+        """One results row (``moegps.results``) for this run."""
+        from ..results import make_row
+
+        return make_row(
+            {**config, "plan": self.plan, "family": self.family}, backend="sim", device=f"sim:{system.name}",
+            imbalance=float(self.imbalance.mean()), tokens=self.tokens,
+            bytes_all_to_all=float(self.bytes_all_to_all.sum()), bytes_migrated=self.bytes_migrated,
+            predictor_accuracy=self.accuracy, predictor_error=self.error, **self.totals_ms(),
+        )
+
+    def per_layer(self, run_id: str = "") -> pd.DataFrame:
+        """The side table: one row per (step, layer) with each component in ms."""
+        S, L = self.parts["expert"].shape
+        frame = pd.DataFrame({"run_id": run_id, "step": np.repeat(np.arange(S), L), "layer": np.tile(np.arange(L), S)})
+        for c in COMPONENTS:
+            frame[f"{c}_ms"] = self.parts[c].ravel() * 1e3
+        frame["imbalance"] = self.imbalance.ravel()
+        return frame
+
+
+def _source_counts(step, src, experts_l, S, G, E) -> np.ndarray:
+    """``[S, G, E]`` selections by (step, source GPU, expert) for one layer."""
+    idx = ((step * G + src)[:, None] * E) + experts_l
+    return np.bincount(idx.ravel(), minlength=S * G * E).reshape(S, G, E).astype(np.float64)
+
+
+def simulate(batches: Batches, plan: Plan, shape: ModelShape, system: SystemSpec, cfg: ReplayConfig | None = None,
+             table: cost.ExpertTimeTable | None = None) -> SimResult:
+    """Time every step and layer of ``batches`` under ``plan`` (see the module docstring)."""
+    cfg = cfg or ReplayConfig()
+    S, L, E, G = batches.n_steps, batches.n_layers, batches.n_experts, batches.n_gpus
+    if G != system.n_gpus:
+        raise ValueError(f"batches were made for {G} GPUs, system {system.name} has {system.n_gpus}")
+    if plan.share.shape[1:] != (L, E, G):
+        raise ValueError(f"plan {plan.name}: share has shape {plan.share.shape}, expected [P, {L}, {E}, {G}]")
+    parts = {c: np.zeros((S, L)) for c in COMPONENTS}
+    imbalance = np.ones((S, L))
+    a2a_bytes = np.zeros((S, L))
+    step = batches.step
+    pidx = plan.placement_of_step
+    moves_home = plan.home is not None and cfg.attention == "dp"
+    for layer in range(L):
+        src = batches.source if plan.home is None else plan.home[:, layer]
+        share = plan.share[pidx, layer]  # [S, E, G]
+        counts = _source_counts(step, src, batches.experts[:, layer].astype(np.int64), S, G, E)
+        pair, per_gpu = cost.route_tokens(counts, share, cfg.local_first)
+        dispatch_bytes = pair * shape.token_bytes
+        if moves_home:
+            # the combine delivers expert outputs to the token's next home, and its residual moves there too
+            nxt = plan.home[:, layer + 1] if layer + 1 < L else batches.source
+            back, _ = cost.route_tokens(_source_counts(step, nxt, batches.experts[:, layer].astype(np.int64), S, G, E),
+                                        share, cfg.local_first)
+            residual = np.bincount((step * G + src) * G + nxt, minlength=S * G * G).reshape(S, G, G)
+            combine_bytes = (np.swapaxes(back, -1, -2) + residual) * shape.token_bytes
+        else:
+            combine_bytes = np.swapaxes(dispatch_bytes, -1, -2)
+        parts["dispatch"][:, layer] = cost.all_to_all_time(dispatch_bytes, system)
+        parts["combine"][:, layer] = cost.all_to_all_time(combine_bytes, system)
+        eye = ~np.eye(G, dtype=bool)
+        a2a_bytes[:, layer] = (dispatch_bytes * eye).sum((-1, -2)) + (combine_bytes * eye).sum((-1, -2))
+        gpu_time = cost.gpu_expert_time(per_gpu, shape, system, table)  # [S, G]
+        parts["expert"][:, layer] = gpu_time.max(axis=-1)
+        tokens_gpu = per_gpu.sum(axis=-1)
+        imbalance[:, layer] = tokens_gpu.max(-1) / np.maximum(tokens_gpu.mean(-1), 1e-12)
+        attn_tokens = np.bincount(step * G + src, minlength=S * G).reshape(S, G)
+        parts["other"][:, layer] = cost.other_time(attn_tokens, shape, system, cfg.attention)
+    parts["overhead"][:] = system.layer_overhead
+    if plan.predictor_s is not None:
+        # spread over layers; off the critical path it hides behind the previous layer's expert GEMMs
+        work = np.repeat(plan.predictor_s[:, None] / L, L, axis=1)
+        previous = np.roll(parts["expert"].ravel(), 1).reshape(S, L)
+        previous[0, 0] = 0.0
+        parts["predictor"] = cost.exposed_time(work, previous, plan.on_critical_path)
+    migration = np.zeros(S)
+    moved = 0.0
+    if plan.charge_migration and S > 1:
+        changes = np.flatnonzero(pidx[1:] != pidx[:-1]) + 1
+        for s in changes:
+            b = cost.migration_bytes(plan.share[pidx[s - 1]], plan.share[pidx[s]], shape.expert_weight_bytes)
+            moved += float(b.sum())
+            migration[s] = cfg.migration_exposed * cost.migration_time(b, system)
+    return SimResult(plan.name, plan.family, parts, migration, imbalance, a2a_bytes, moved,
+                     tokens=len(step), accuracy=plan.accuracy, error=plan.error)
+
+
+def oracle_bound(results: list[SimResult]) -> SimResult:
+    """The oracle of a comparison: per step and layer, the cheapest dispatch + expert + combine +
+    other any of ``results`` achieved, with no predictor and no migration; never beaten by construction
+    (pass the oracle plan's own result among ``results`` so it is at least as good as that)."""
+    keys = ("dispatch", "expert", "combine", "other", "overhead")
+    stack = np.stack([sum(r.parts[c] for c in keys) for r in results])  # [R, S, L]
+    best = stack.argmin(axis=0)
+    parts = {c: np.take_along_axis(np.stack([r.parts[c] for r in results]), best[None], 0)[0] for c in keys}
+    parts["predictor"] = np.zeros_like(parts["expert"])
+    first = results[0]
+    pick = lambda name: np.take_along_axis(np.stack([getattr(r, name) for r in results]), best[None], 0)[0]  # noqa: E731
+    return SimResult("oracle", "oracle", parts, np.zeros_like(first.migration), pick("imbalance"),
+                     pick("bytes_all_to_all"), 0.0, first.tokens, 1.0, 0.0)
+
+
+def config_dict(cfg: ReplayConfig) -> dict[str, Any]:
+    return asdict(cfg)

@@ -1,0 +1,262 @@
+"""What the simulator simulates on: a system profile (``SystemSpec``) and a model's layer shape (``ModelShape``).
+
+Profiles live in ``conf/system/<name>.yaml`` in human units (GB/s, TFLOP/s, microseconds); in
+memory everything is SI (bytes/s, FLOP/s, seconds). Each profile says, per number, whether it is a
+datasheet value or a measurement (``provenance``), because a simulator is only as good as its
+inputs and users must know which inputs were checked.
+
+Topologies (how the all-to-all time is computed, see :func:`moegps.simulator.cost.all_to_all_time`):
+
+- ``switch``: every GPU has ``link_gbps`` per direction into a non-blocking switch (NVLink/NVSwitch
+  within a node); GPUs in different nodes talk at ``inter_node_gbps`` per GPU (one NIC per GPU,
+  rail-optimised InfiniBand).
+- ``full_mesh``: a dedicated link of ``link_gbps`` per direction between every pair of GPUs
+  (MoE-GPS's "fully connected" 4-GPU setting).
+- ``mesh2d``: devices on a ``mesh_shape`` grid, ``link_gbps`` per direction on each neighbour link,
+  dimension-order routing (the wafer-scale setting of arXiv 2510.05497).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..paths import CONF_DIR
+
+SYSTEM_DIR = CONF_DIR / "system"
+TOPOLOGIES = ("switch", "full_mesh", "mesh2d")
+
+
+class SystemSpecError(ValueError):
+    """A system profile that cannot be used; the message names the file and field."""
+
+
+@dataclass
+class SystemSpec:
+    """A cluster as the cost model sees it. SI units: bytes/s, FLOP/s, seconds, bytes."""
+
+    name: str = "h100_8gpu"
+    n_gpus: int = 8
+    gpus_per_node: int = 8
+    topology: str = "switch"
+    mesh_shape: tuple[int, int] | None = None  # (rows, cols) for mesh2d
+    hbm_bandwidth: float = 3.0e12  # effective bytes/s a kernel streams weights at
+    matmul_flops: float = 7.5e14  # effective dense bf16 FLOP/s at large shapes
+    link_bandwidth: float = 4.5e11  # bytes/s per direction (per GPU for switch; per link otherwise)
+    link_latency: float = 5e-6  # seconds per all-to-all (launch + synchronisation)
+    inter_node_bandwidth: float = 5e10  # bytes/s per direction per GPU across nodes
+    inter_node_latency: float = 1e-5
+    memory_bytes: float = 80e9
+    extra_slots_per_gpu: int = 0  # expert slots beyond n_experts / n_gpus (room for replicas)
+    expert_launch: float = 3e-6  # seconds of fixed cost per active expert GEMM group
+    layer_overhead: float = 2e-5  # seconds of fixed cost per MoE layer (routing, permute, align)
+    tile_tokens: int = 16  # expert GEMMs pad each expert's tokens to a multiple of this
+    provenance: dict[str, str] = field(default_factory=dict)  # field -> "measured: ..." | "datasheet: ..."
+    notes: str = ""
+
+    def __post_init__(self):
+        if self.mesh_shape is not None:
+            self.mesh_shape = tuple(int(x) for x in self.mesh_shape)
+        self.check()
+
+    def check(self, where: str = "<SystemSpec>") -> "SystemSpec":
+        def bad(name, expected):
+            raise SystemSpecError(f"{where}: field '{name}' is {getattr(self, name)!r}, expected {expected}")
+
+        for name in ("n_gpus", "gpus_per_node"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, "a positive int")
+        if self.n_gpus % self.gpus_per_node:
+            bad("gpus_per_node", f"a divisor of n_gpus={self.n_gpus}")
+        if self.topology not in TOPOLOGIES:
+            bad("topology", f"one of {TOPOLOGIES}")
+        if self.topology == "mesh2d":
+            if self.mesh_shape is None or len(self.mesh_shape) != 2 or self.mesh_shape[0] * self.mesh_shape[1] != self.n_gpus:
+                bad("mesh_shape", f"(rows, cols) with rows * cols = n_gpus = {self.n_gpus}")
+        for name in ("hbm_bandwidth", "matmul_flops", "link_bandwidth", "inter_node_bandwidth", "memory_bytes"):
+            if not getattr(self, name) > 0:
+                bad(name, "a positive number")
+        for name in ("link_latency", "inter_node_latency", "expert_launch", "layer_overhead"):
+            if not getattr(self, name) >= 0:
+                bad(name, "a number >= 0")
+        if self.tile_tokens < 1:
+            bad("tile_tokens", "an int >= 1")
+        if self.extra_slots_per_gpu < 0:
+            bad("extra_slots_per_gpu", "an int >= 0")
+        return self
+
+    @property
+    def n_nodes(self) -> int:
+        return self.n_gpus // self.gpus_per_node
+
+    def node_of(self):
+        """``[gpu]`` node index of each GPU."""
+        import numpy as np
+
+        return np.arange(self.n_gpus) // self.gpus_per_node
+
+    def slots_per_gpu(self, n_experts: int) -> int:
+        """Expert slots per GPU for a model of ``n_experts``: an even share plus the extra slots."""
+        return -(-n_experts // self.n_gpus) + self.extra_slots_per_gpu
+
+    def replace(self, **changes) -> "SystemSpec":
+        """A copy with fields changed (SI units), e.g. ``spec.replace(link_bandwidth=64e9)``."""
+        return dataclasses.replace(self, **changes)
+
+
+# yaml key (human units) -> (SystemSpec field, factor to SI)
+_UNITS: dict[str, tuple[str, float]] = {
+    "hbm_gbps": ("hbm_bandwidth", 1e9),
+    "matmul_tflops": ("matmul_flops", 1e12),
+    "link_gbps": ("link_bandwidth", 1e9),
+    "link_latency_us": ("link_latency", 1e-6),
+    "inter_node_gbps": ("inter_node_bandwidth", 1e9),
+    "inter_node_latency_us": ("inter_node_latency", 1e-6),
+    "memory_gb": ("memory_bytes", 1e9),
+    "expert_launch_us": ("expert_launch", 1e-6),
+    "layer_overhead_us": ("layer_overhead", 1e-6),
+}
+_PLAIN = ("name", "n_gpus", "gpus_per_node", "topology", "mesh_shape", "extra_slots_per_gpu", "tile_tokens", "notes")
+
+
+def system_from_dict(raw: dict[str, Any], where: str = "<dict>") -> SystemSpec:
+    """A profile from a mapping in yaml units (``hbm_gbps``, ``link_latency_us``, ...).
+
+    A value may be a number or ``{value: x, source: "measured: ..."}``; the sources are collected
+    into ``provenance``.
+    """
+    raw = dict(raw)
+    provenance = dict(raw.pop("provenance", {}) or {})
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict) and "value" in value:
+            if "source" in value:
+                provenance[key] = str(value["source"])
+            value = value["value"]
+        if key in _UNITS:
+            name, factor = _UNITS[key]
+            try:
+                kwargs[name] = float(value) * factor
+            except (TypeError, ValueError):
+                raise SystemSpecError(f"{where}: field '{key}' is {value!r}, expected a number") from None
+        elif key in _PLAIN:
+            kwargs[key] = value
+        else:
+            raise SystemSpecError(
+                f"{where}: unknown field '{key}'; known: {sorted(list(_UNITS) + list(_PLAIN) + ['provenance'])}"
+            )
+    try:
+        spec = SystemSpec(provenance=provenance, **kwargs)
+    except SystemSpecError as e:
+        raise SystemSpecError(str(e).replace("<SystemSpec>", where)) from None
+    return spec
+
+
+def system_to_dict(spec: SystemSpec) -> dict[str, Any]:
+    """The yaml-unit mapping of a profile (inverse of :func:`system_from_dict`)."""
+    out: dict[str, Any] = {k: getattr(spec, k) for k in _PLAIN}
+    out["mesh_shape"] = list(spec.mesh_shape) if spec.mesh_shape else None
+    for key, (name, factor) in _UNITS.items():
+        out[key] = getattr(spec, name) / factor
+    out["provenance"] = dict(spec.provenance)
+    return out
+
+
+def available_systems() -> list[str]:
+    return sorted(p.stem for p in SYSTEM_DIR.glob("*.yaml"))
+
+
+def load_system(name_or_path: str | Path, **overrides) -> SystemSpec:
+    """A profile by name (``conf/system/<name>.yaml``) or path; ``overrides`` in yaml units."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = SYSTEM_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise SystemSpecError(f"{path}: no such system profile; available: {available_systems()}")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise SystemSpecError(f"{path}: expected a mapping of profile fields, got {type(raw).__name__}")
+    raw.setdefault("name", path.stem)
+    raw.update(overrides)
+    return system_from_dict(raw, where=str(path))
+
+
+# ---- model layer shapes -----------------------------------------------------------------------
+
+
+@dataclass
+class ModelShape:
+    """The sizes that set an MoE layer's cost (one MoE layer; all layers alike).
+
+    ``attention_params``: weights of the non-MoE part per layer (attention projections, plus any
+    shared/dense experts), read once per step; ``other_flops_per_token`` defaults to 2 x those.
+    """
+
+    name: str = "mixtral-8x7b"
+    hidden: int = 4096
+    expert_ffn: int = 14336
+    n_experts: int = 8
+    top_k: int = 2
+    n_layers: int = 32
+    dtype_bytes: int = 2
+    gated: bool = True  # SwiGLU experts: gate, up and down matrices
+    attention_params: float = 4096 * (2 * 4096 + 2 * 1024)
+    other_us_per_token: float = 0.0  # extra per-token cost of the non-MoE part (e.g. KV-cache reads), us
+
+    @property
+    def expert_weight_bytes(self) -> float:
+        return (3 if self.gated else 2) * self.hidden * self.expert_ffn * self.dtype_bytes
+
+    @property
+    def expert_flops_per_token(self) -> float:
+        return 2.0 * (3 if self.gated else 2) * self.hidden * self.expert_ffn
+
+    @property
+    def token_bytes(self) -> float:
+        """Bytes of one token's hidden state sent in dispatch or combine."""
+        return float(self.hidden * self.dtype_bytes)
+
+
+MODEL_SHAPES: dict[str, ModelShape] = {
+    # Mixtral-8x7B-v0.1 config.json: hidden 4096, intermediate 14336, 8 experts top-2, 32 layers, GQA 32/8 heads
+    "mixtral-8x7b": ModelShape(),
+    # DeepSeek-V2-Lite config.json: hidden 2048, moe_intermediate 1408, 64 routed experts top-6,
+    # 26 MoE layers (layer 0 dense), 2 shared experts (counted with the non-MoE part), MLA attention
+    "deepseek-v2-lite": ModelShape(
+        name="deepseek-v2-lite", hidden=2048, expert_ffn=1408, n_experts=64, top_k=6, n_layers=26,
+        attention_params=2048 * 3072 + 2048 * 576 + 512 * 16 * 256 + 2048 * 2048 + 3 * 2048 * 2816,
+    ),
+}
+
+
+def model_shape(name: str, **overrides) -> ModelShape:
+    if name not in MODEL_SHAPES:
+        raise KeyError(f"unknown model shape {name!r}; known: {sorted(MODEL_SHAPES)} (or pass a ModelShape)")
+    return dataclasses.replace(MODEL_SHAPES[name], **overrides)
+
+
+def shape_from_meta(meta, fallback: str | None = None) -> ModelShape:
+    """A ModelShape from a trace's ``TraceMeta.model_config`` (Hugging Face config keys), or ``fallback``."""
+    cfg = meta.model_config or {}
+    hidden = cfg.get("hidden_size")
+    ffn = cfg.get("moe_intermediate_size") or cfg.get("intermediate_size")
+    if hidden and ffn:
+        heads = cfg.get("num_attention_heads", 1)
+        kv = cfg.get("num_key_value_heads", heads)
+        head_dim = cfg.get("head_dim", hidden // max(heads, 1))
+        attn = hidden * head_dim * (2 * heads + 2 * kv)
+        return ModelShape(
+            name=meta.model, hidden=int(hidden), expert_ffn=int(ffn), n_experts=meta.n_experts,
+            top_k=meta.top_k, n_layers=meta.n_layers, attention_params=float(attn),
+        )
+    if fallback is None:
+        raise KeyError(
+            f"trace of {meta.model!r}: model_config lacks hidden_size/intermediate_size; name a model shape "
+            f"from {sorted(MODEL_SHAPES)}"
+        )
+    return model_shape(fallback, n_experts=meta.n_experts, top_k=meta.top_k, n_layers=meta.n_layers)
