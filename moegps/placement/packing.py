@@ -1,0 +1,339 @@
+"""Vectorised building blocks shared by the placement algorithms: replicate, pack, refine.
+
+Every function works on many independent rows at once (a row is a layer, or a (layer, node) pair
+in the hierarchical policy), so a whole model is placed with a few dozen numpy calls instead of a
+Python loop per layer. Loads may have a leading phase axis ``P`` (prefill, decode, ...): each
+phase is normalised by its own mean GPU load, and the objective of a row is the max over phases
+(``objective="max"``) or the weighted sum (``objective="weighted"``) of the phases' imbalances.
+
+The greedy steps follow the description of DeepSeek's EPLB (github.com/deepseek-ai/EPLB):
+replicas go one at a time to the expert with the highest load per replica, then replicas are
+packed heaviest first onto the lightest GPU with a free slot. Here the packing also avoids two
+replicas of one expert on one GPU and is followed by a swap search that only ever lowers the
+busiest GPU's load, so the result is never worse than the greedy packing it starts from.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TIE = 1e-3  # weight of the busiest GPU's own load in a move's score, after the row objective
+
+
+def phase_scale(loads: np.ndarray, n_gpus: int) -> np.ndarray:
+    """``loads [P, X, E]`` -> ``[P, X, 1]`` the mean GPU load per phase and row (1 where a row is empty)."""
+    mean = loads.sum(axis=-1, keepdims=True) / n_gpus
+    return np.where(mean > 0, mean, 1.0)
+
+
+def scalar_key(norm_loads: np.ndarray, phase_weights: np.ndarray, objective: str) -> np.ndarray:
+    """``[P, X, n]`` normalised loads -> ``[X, n]`` one number per item for greedy ordering."""
+    if objective == "max":
+        return norm_loads.max(axis=0)
+    if objective == "weighted":
+        return np.tensordot(phase_weights, norm_loads, axes=(0, 0))
+    raise ValueError(f"objective={objective!r}, expected 'max' or 'weighted'")
+
+
+def replicate(key: np.ndarray, n_replicas: int, max_per_expert: int) -> np.ndarray:
+    """Replica counts ``[X, E]`` (each >= 1, each <= max_per_expert, rows summing to n_replicas).
+
+    ``key [X, E]`` is each expert's load; each extra replica goes to the expert whose load per
+    replica is highest, which minimises the largest load per replica (the greedy is exact for
+    this objective).
+    """
+    X, E = key.shape
+    n_replicas = min(n_replicas, E * max_per_expert)
+    counts = np.ones((X, E), dtype=np.int64)
+    rows = np.arange(X)
+    for _ in range(n_replicas - E):
+        per_replica = np.where(counts < max_per_expert, key / counts, -np.inf)
+        counts[rows, per_replica.argmax(axis=1)] += 1
+    return counts
+
+
+def replica_items(counts: np.ndarray) -> np.ndarray:
+    """``counts [X, E]`` -> ``item_expert [X, R]``: the expert of each replica (rows have equal R)."""
+    X, E = counts.shape
+    R = int(counts[0].sum())
+    if (counts.sum(axis=1) != R).any():
+        raise ValueError("replica counts must sum to the same total in every row")
+    flat = np.repeat(np.tile(np.arange(E), X), counts.reshape(-1))
+    return flat.reshape(X, R)
+
+
+def pack_greedy(item_weight: np.ndarray, item_key: np.ndarray, n_packs: int, cap: int, spread: bool = True) -> np.ndarray:
+    """Greedy balanced packing with a cardinality cap, heaviest item first onto the lightest pack.
+
+    item_weight: [P, X, n] per-phase weight of each item, already normalised per phase;
+    item_key:    [X, n] an id per item (expert id, -1 = an empty filler); two items with the
+                 same id >= 0 avoid sharing a pack while another pack with room allows it
+                 (``spread=False``: ids are ignored, as in EPLB).
+    Returns pack_slots [X, n_packs, cap] int: the item index held by each slot.
+    """
+    P, X, n = item_weight.shape
+    if n != n_packs * cap:
+        raise ValueError(f"{n} items do not fill {n_packs} packs of {cap} slots")
+    order = np.argsort(-item_weight.max(axis=0), axis=1, kind="stable")
+    rows = np.arange(X)
+    load = np.zeros((P, X, n_packs))
+    fill = np.zeros((X, n_packs), dtype=np.int64)
+    slots = np.full((X, n_packs, cap), -1, dtype=np.int64)
+    n_keys = int(item_key.max()) + 2
+    held = np.zeros((X, n_packs, n_keys), dtype=bool)  # last column: the filler id -1, never blocks
+    for j in range(n):
+        item = order[:, j]
+        w = item_weight[:, rows, item]  # [P, X]
+        k = item_key[rows, item]
+        cost = (load + w[:, :, None]).max(axis=0) + 1e-9 * load.sum(axis=0)  # [X, packs]
+        cost = np.where(fill < cap, cost, np.inf)
+        clash = held[rows, :, k] & ((k >= 0) & spread)[:, None]
+        alt = np.where(clash, np.inf, cost)
+        cost = np.where(np.isfinite(alt).any(axis=1, keepdims=True), alt, cost)
+        pack = cost.argmin(axis=1)
+        slots[rows, pack, fill[rows, pack]] = item
+        fill[rows, pack] += 1
+        load[:, rows, pack] += w
+        held[rows, pack, k] = True
+    return slots
+
+
+def _row_objective(maxes: np.ndarray, phase_weights: np.ndarray, objective: str) -> np.ndarray:
+    """``maxes [P, ...]`` per-phase max normalised GPU load -> objective ``[...]``."""
+    if objective == "max":
+        return maxes.max(axis=0)
+    return np.tensordot(phase_weights, maxes, axes=(0, 0))
+
+
+def slot_counts(slot_key: np.ndarray, n_experts: int) -> np.ndarray:
+    """``slot_key [X, G, S]`` -> ``[X, G, E + 1]`` replicas of each expert on each GPU (last: empty slots)."""
+    X, G, S = slot_key.shape
+    idx = np.where(slot_key >= 0, slot_key, n_experts) + (n_experts + 1) * np.arange(X * G).reshape(X, G, 1)
+    return np.bincount(idx.reshape(-1), minlength=X * G * (n_experts + 1)).reshape(X, G, n_experts + 1)
+
+
+def row_objective(slot_key: np.ndarray, norm_loads: np.ndarray, phase_weights: np.ndarray, objective: str = "max") -> np.ndarray:
+    """``slot_key [X, G, S]``, ``norm_loads [P, X, E]`` -> ``[X]`` objective under an even split."""
+    P, X, E = norm_loads.shape
+    reps = slot_counts(slot_key, E)[..., :E].sum(1)
+    per_rep = np.concatenate([norm_loads / np.maximum(reps, 1), np.zeros((P, X, 1))], -1)
+    key = np.where(slot_key >= 0, slot_key, E)
+    load = per_rep[:, np.arange(X)[:, None, None], key].sum(-1)  # [P, X, G]
+    return _row_objective(load.max(-1), phase_weights, objective)
+
+
+def local_search(
+    slot_key: np.ndarray,
+    norm_loads: np.ndarray,
+    phase_weights: np.ndarray,
+    objective: str = "max",
+    budget: np.ndarray | None = None,
+    held_before: np.ndarray | None = None,
+    rewrites: bool = True,
+    max_iters: int | None = None,
+    rewrite_candidates: int = 16,
+    stop_at: np.ndarray | None = None,
+) -> np.ndarray:
+    """Lower each row's busiest GPU by swaps and replica rewrites while the objective drops.
+
+    slot_key:   [X, G, S] expert id per slot (-1 empty); replicas split their expert evenly.
+    norm_loads: [P, X, E] per-phase expert loads, normalised by the phase's mean GPU load.
+    Moves: swap a slot of the busiest GPU with a slot of another GPU (2 expert copies), or
+    rewrite a redundant replica (one of an expert with >= 2) or empty slot, anywhere, into a new
+    replica of an expert on the busiest GPU (1 copy). ``budget [X]`` bounds the copies per row,
+    counted against ``held_before [X, G, E]`` (a copy is free where the GPU held that expert
+    before). ``stop_at [X]``: a row stops once its objective is at or below this (e.g. a bound
+    it cannot beat). Returns the new slot_key [X, G, S]. Never raises a row's objective.
+    """
+    slot_key = slot_key.copy()
+    P, X, E = norm_loads.shape
+    _, G, S = slot_key.shape
+    if G < 2:
+        return slot_key
+    if held_before is None:
+        held_before = slot_counts(slot_key, E)[..., :E] > 0
+    spent = np.zeros(X)
+    limit = np.full(X, np.inf) if budget is None else np.asarray(budget, dtype=float)
+    max_iters = 4 * G * S if max_iters is None else max_iters
+    stop = np.full(X, -np.inf) if stop_at is None else np.asarray(stop_at, dtype=float) * (1 + 1e-9)
+    active = np.arange(X)
+    ar_g = np.arange(G)
+    for _ in range(max_iters):
+        active = active[spent[active] < limit[active]]
+        if active.size == 0:
+            break
+        sk = slot_key[active]
+        nl = norm_loads[:, active]
+        A = active.size
+        ra = np.arange(A)
+        cnt = slot_counts(sk, E)  # [A, G, E+1]
+        reps = cnt[..., :E].sum(1)  # [A, E]
+        per_rep = np.concatenate([nl / np.maximum(reps, 1), np.zeros((P, A, 1))], axis=-1)  # [P, A, E+1]
+        key = np.where(sk >= 0, sk, E)
+        sw = per_rep[:, ra[:, None, None], key]  # [P, A, G, S]
+        load = sw.sum(-1)  # [P, A, G]
+        obj_now = _row_objective(load.max(-1), phase_weights, objective)
+        busiest = load.max(0).argmax(-1)
+        kh = key[ra, busiest]  # [A, S]
+        room = limit[active] - spent[active]
+        held = held_before[active]  # [A, G, E]
+
+        # swaps between the busiest GPU (slot a) and GPU g (slot b)
+        top = np.argsort(-load, axis=-1)[..., :3]
+        top_val = np.take_along_axis(load, top, axis=-1)
+        excl = (top[..., None, :] == busiest[None, :, None, None]) | (top[..., None, :] == ar_g[None, None, :, None])
+        rest = np.where(excl, -np.inf, top_val[..., None, :]).max(-1)  # [P, A, G]
+        wh = sw[:, ra, busiest]  # [P, A, S]
+        delta = wh[:, :, None, :, None] - sw[:, :, :, None, :]  # [P, A, G, Sa, Sb]
+        new_max = np.maximum(np.maximum(load[:, ra, busiest][:, :, None, None, None] - delta,
+                                        load[:, :, :, None, None] + delta), rest[..., None, None])
+        obj_swap = _row_objective(new_max, phase_weights, objective)  # [A, G, Sa, Sb]
+        ka = kh[:, None, :, None]
+        kb = key[:, :, None, :]
+        a_on_g = np.take_along_axis(cnt[:, :, None, :], np.broadcast_to(kh[:, None, :, None], (A, G, S, 1)), -1)[..., 0]
+        b_on_h = cnt[ra, busiest][ra[:, None, None], key]  # [A, G, Sb]
+        ok = ((ka == E) | (a_on_g[..., None] == 0)) & ((kb == E) | (b_on_h[:, :, None, :] == 0)) & (ka != kb)
+        ok &= ar_g[None, :, None, None] != busiest[:, None, None, None]
+        cost_swap = (~np.take_along_axis(np.concatenate([held, np.ones((A, G, 1), bool)], -1)[:, :, None, :],
+                                         np.broadcast_to(kh[:, None, :, None], (A, G, S, 1)), -1)[..., 0])[..., None].astype(float)
+        held_h = np.concatenate([held[ra, busiest], np.ones((A, 1), bool)], -1)  # [A, E+1]
+        cost_swap = cost_swap + (~held_h[ra[:, None, None], key])[:, :, None, :]
+        ok &= cost_swap <= room[:, None, None, None]
+        # the busiest GPU must get lighter without the row's objective rising: a lexicographic
+        # descent, so ties between several equally busy GPUs are worked off one by one
+        h_now = _row_objective(load[:, ra, busiest], phase_weights, objective)  # [A]
+        local = _row_objective(np.maximum(load[:, ra, busiest][:, :, None, None, None] - delta,
+                                          load[:, :, :, None, None] + delta), phase_weights, objective)
+        ok &= (obj_swap <= obj_now[:, None, None, None] * (1 + 1e-12)) & (local < h_now[:, None, None, None] * (1 - 1e-12))
+        score_now = obj_now + TIE * h_now
+        obj_swap = np.where(ok, obj_swap + TIE * local, np.inf).reshape(A, -1)
+        best_swap = obj_swap.argmin(1)
+        gain_swap = score_now - obj_swap[ra, best_swap]
+        per_cost_swap = gain_swap / np.maximum(cost_swap.reshape(A, -1)[ra, best_swap], 1)
+
+        gain_rw = np.full(A, -np.inf)
+        per_cost_rw = np.full(A, -np.inf)
+        if rewrites:
+            # candidate slots to give up: empty slots and replicas of replicated experts, coldest first
+            redundant = (key == E) | (reps[ra[:, None, None], np.minimum(key, E - 1)] >= 2)
+            # rank by what the expert's other replicas would carry once this one is gone
+            after = np.concatenate([nl / np.maximum(reps - 1, 1), np.zeros((P, A, 1))], -1).max(0)  # [A, E+1]
+            coldness = np.where(redundant, after[ra[:, None, None], key], np.inf).reshape(A, -1)
+            K = min(rewrite_candidates, G * S)
+            cand = np.argpartition(coldness, K - 1, axis=1)[:, :K] if K < G * S else np.tile(np.arange(G * S), (A, 1))
+            cand_ok = np.isfinite(coldness[ra[:, None], cand])  # [A, K]
+            g0, j0 = np.divmod(cand, S)
+            x = key[ra[:, None], g0, j0]  # [A, K]
+            y = kh  # [A, Sa]
+            cx = np.concatenate([reps, np.full((A, 1), 2)], -1)[ra[:, None], x]  # [A, K]
+            cy = np.concatenate([reps, np.ones((A, 1), int)], -1)[ra[:, None], y]
+            nlx = np.concatenate([nl, np.zeros((P, A, 1))], -1)[:, ra[:, None], x]  # [P, A, K]
+            nly = np.concatenate([nl, np.zeros((P, A, 1))], -1)[:, ra[:, None], y]  # [P, A, Sa]
+            dx = nlx / np.maximum(cx - 1, 1) - nlx / cx
+            dy = nly / (cy + 1) - nly / cy
+            cnt_t = cnt.transpose(0, 2, 1)  # [A, E+1, G]
+            nx = cnt_t[ra[:, None], x]  # [A, K, G]
+            ny = cnt_t[ra[:, None], y]  # [A, Sa, G]
+            new = (load[:, :, None, None, :] + nx[None, :, :, None, :] * dx[..., None, None]
+                   + ny[None, :, None, :, :] * dy[:, :, None, :, None])  # [P, A, K, Sa, G]
+            at_g0 = (ar_g[None, None, :] == g0[:, :, None])[None, :, :, None, :]  # [1, A, K, 1, G]
+            shift = (nly[:, :, None, :] / (cy + 1)[None, :, None, :]) - (nlx / np.maximum(cx - 1, 1))[..., None]
+            new = new + at_g0 * shift[..., None]
+            obj_rw = _row_objective(new.max(-1), phase_weights, objective)  # [A, K, Sa]
+            y_on_g0 = cnt[ra[:, None, None], g0[:, :, None], y[:, None, :]]  # [A, K, Sa]
+            okr = cand_ok[..., None] & (x[..., None] != y[:, None, :]) & (y_on_g0 == 0) & (y[:, None, :] < E)
+            cost_rw = (~held[ra[:, None, None], g0[:, :, None], np.minimum(y, E - 1)[:, None, :]]).astype(float)
+            okr &= cost_rw <= room[:, None, None]
+            h_new = _row_objective(np.take_along_axis(new, np.broadcast_to(busiest[None, :, None, None, None], new.shape[:-1] + (1,)), -1)[..., 0],
+                                   phase_weights, objective)  # [A, K, Sa]
+            okr &= (obj_rw <= obj_now[:, None, None] * (1 + 1e-12)) & (h_new < h_now[:, None, None] * (1 - 1e-12))
+            obj_rw = np.where(okr, obj_rw + TIE * h_new, np.inf).reshape(A, -1)
+            best_rw = obj_rw.argmin(1)
+            gain_rw = score_now - obj_rw[ra, best_rw]
+            per_cost_rw = gain_rw / np.maximum(cost_rw.reshape(A, -1)[ra, best_rw], 1)
+
+        eps = 1e-12 * np.maximum(obj_now, 1e-300)
+        if budget is None:
+            use_rw = gain_rw > gain_swap
+        else:
+            use_rw = per_cost_rw > per_cost_swap
+        gain = np.where(use_rw, gain_rw, gain_swap)
+        improve = (gain > eps) & (obj_now > stop[active])
+        if not improve.any():
+            break
+        for sel, is_rw in ((ra[improve & ~use_rw], False), (ra[improve & use_rw], True)):
+            if sel.size == 0:
+                continue
+            rows = active[sel]
+            h = busiest[sel]
+            if is_rw:
+                k, a = np.divmod(best_rw[sel], S)
+                g, j = g0[sel, k], j0[sel, k]
+                yv = slot_key[rows, h, a]
+                spent[rows] += ~held_before[rows, g, yv]
+                slot_key[rows, g, j] = yv
+            else:
+                g, a, b = np.unravel_index(best_swap[sel], (G, S, S))
+                va, vb = slot_key[rows, h, a].copy(), slot_key[rows, g, b].copy()
+                spent[rows] += ((va >= 0) & ~held_before[rows, g, np.maximum(va, 0)])
+                spent[rows] += ((vb >= 0) & ~held_before[rows, h, np.maximum(vb, 0)])
+                slot_key[rows, h, a], slot_key[rows, g, b] = vb, va
+        active = active[improve]
+    return slot_key
+
+
+def balance_rows(
+    loads: np.ndarray,
+    n_packs: int,
+    slots_per_pack: int,
+    phase_weights: np.ndarray | None = None,
+    objective: str = "max",
+    max_per_expert: int | None = None,
+    refine: bool = True,
+    rows_per_layer: int = 1,
+    both_starts: bool = True,
+) -> np.ndarray:
+    """Replicate and pack every row: ``loads [P, X, E]`` -> ``slot_expert [X, n_packs, slots_per_pack]``.
+
+    All slots are filled (extra slots hold extra replicas; -1 only if there are more slots than
+    ``E * max_per_expert``). Replicas split their expert's load evenly. ``rows_per_layer``
+    consecutive rows (the nodes of one layer) share one layer's max: the swap search stops on a
+    row once it is below the lowest max the layer's rows can reach (single-phase loads).
+    ``both_starts``: search from two greedy packings (replicas spread over GPUs, and EPLB's plain
+    greedy that may put two replicas of an expert on one GPU) and keep the better per row.
+    """
+    loads = np.asarray(loads, dtype=np.float64)
+    P, X, E = loads.shape
+    n_slots = n_packs * slots_per_pack
+    if n_slots < E:
+        raise ValueError(f"{E} experts do not fit in {n_packs} GPUs x {slots_per_pack} slots")
+    phase_weights = np.full(P, 1.0 / P) if phase_weights is None else np.asarray(phase_weights, float)
+    max_per_expert = n_packs if max_per_expert is None else max_per_expert
+    norm = loads / phase_scale(loads, n_packs)
+    counts = replicate(scalar_key(norm, phase_weights, objective), n_slots, max_per_expert)
+    item_expert = replica_items(counts)  # [X, R]
+    R = item_expert.shape[1]
+    if R < n_slots:  # pad with empty fillers
+        item_expert = np.concatenate([item_expert, np.full((X, n_slots - R), -1)], axis=1)
+    rows = np.arange(X)[:, None]
+    e = np.maximum(item_expert, 0)
+    item_weight = np.where(item_expert >= 0, norm[:, rows, e] / counts[rows, e], 0.0)  # [P, X, n]
+    starts = [True, False] if both_starts else [True]
+    keys = []
+    for spread in starts:  # greedy with replicas spread over GPUs, and EPLB's plain greedy
+        slots = pack_greedy(item_weight, item_expert, n_packs, slots_per_pack, spread=spread)  # [X, G, S]
+        keys.append(item_expert[rows[:, :, None], slots])
+    slot_key = np.concatenate(keys)
+    if refine:
+        stop_at = None
+        if P == 1:  # what no placement of these slots can beat, in absolute units per layer
+            scale = phase_scale(loads, n_packs)[0, :, 0]  # [X]
+            lowest = np.maximum(1.0, (norm[0] / counts).max(-1)) * scale
+            layer_lowest = lowest.reshape(-1, rows_per_layer).max(-1).repeat(rows_per_layer)
+            stop_at = np.tile(layer_lowest / scale, len(starts))
+        slot_key = local_search(slot_key, np.tile(norm, (1, len(starts), 1)), phase_weights, objective,
+                                rewrites=max_per_expert > 1, stop_at=stop_at)
+    if len(starts) > 1:
+        obj = row_objective(slot_key, np.tile(norm, (1, len(starts), 1)), phase_weights, objective).reshape(len(starts), X)
+        slot_key = slot_key.reshape(len(starts), X, n_packs, slots_per_pack)[obj.argmin(0), np.arange(X)]
+    return slot_key
