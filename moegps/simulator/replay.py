@@ -31,7 +31,7 @@ token's residual when its home changes between layers. With tensor-parallel atte
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -71,6 +71,8 @@ class Batches:
     loads: np.ndarray  # [S, L, E] true selection counts
     n_gpus: int
     n_experts: int
+    routing: TokenRouting | None = None  # the full token-major trace these tokens came from
+    keep: np.ndarray | None = None  # [tokens of routing] bool: which were replayed
 
     @property
     def n_steps(self) -> int:
@@ -125,6 +127,7 @@ def make_batches(routing: TokenRouting | RoutingTrace, n_gpus: int, n_experts: i
         step=step, source=source.astype(np.int64), experts=experts, token_id=routing.token_id[keep],
         position=routing.position[keep], request_id=req, phase=phase,
         n_tokens=np.bincount(step, minlength=S), loads=loads, n_gpus=n_gpus, n_experts=n_experts,
+        routing=routing, keep=keep,
     )
 
 
@@ -161,13 +164,81 @@ def placement_share(placement) -> np.ndarray:
 
 
 def contiguous_share(n_layers: int, n_experts: int, n_gpus: int) -> np.ndarray:
-    """``[layer, expert, gpu]`` of the static contiguous placement (expert e on GPU e * G // E)."""
+    """``[layer, expert, gpu]`` of the static contiguous placement (expert e on GPU e // ceil(E / G))."""
     share = np.zeros((n_layers, n_experts, n_gpus))
-    share[:, np.arange(n_experts), np.arange(n_experts) * n_gpus // n_experts] = 1.0
+    share[:, np.arange(n_experts), np.arange(n_experts) // -(-n_experts // n_gpus)] = 1.0
     return share
 
 
-PlaceFn = Callable[[np.ndarray], Any]  # loads [layer, expert] -> Placement (or share [L, E, G])
+def shares_from_slots(slot_expert: np.ndarray, n_experts: int) -> np.ndarray:
+    """``slot_expert [..., L, G, slots]`` -> ``share [..., L, E, G]``, replicas splitting evenly."""
+    se = np.asarray(slot_expert)
+    *lead, L, G, _ = se.shape
+    flat = se.reshape(-1, G, se.shape[-1])
+    held = np.zeros((flat.shape[0], n_experts, G))
+    row = np.broadcast_to(np.arange(flat.shape[0])[:, None, None], flat.shape)
+    gpu = np.broadcast_to(np.arange(G)[None, :, None], flat.shape)
+    ok = flat >= 0
+    np.add.at(held, (row[ok], flat[ok], gpu[ok]), 1.0)
+    share = held / np.maximum(held.sum(-1, keepdims=True), 1)
+    return share.reshape(*lead, L, n_experts, G)
+
+
+class PlaceFn:
+    """A placement algorithm of ``moegps.placement`` as ``loads [L, E] -> share [L, E, G]``, and
+    ``.many(loads [N, L, E]) -> [N, L, E, G]`` in one vectorised call (identical rows placed once).
+
+    ``static`` (contiguous), ``round_robin``, ``balanced`` (EPLB-style duplication into the
+    system's extra slots; ``refine`` runs its swap search), ``hierarchical`` (nodes first).
+    """
+
+    def __init__(self, name: str, system: SystemSpec, n_experts: int, refine: bool = False):
+        self.name, self.system, self.n_experts, self.refine = name, system, n_experts, refine
+        self.slots = system.slots_per_gpu(n_experts)
+        if name not in ("static", "round_robin", "balanced", "hierarchical"):
+            raise ValueError(f"unknown placement {name!r}; known: static, round_robin, balanced, hierarchical")
+
+    def __call__(self, loads: np.ndarray) -> np.ndarray:
+        return self.many(np.asarray(loads)[None])[0]
+
+    def many(self, loads: np.ndarray) -> np.ndarray:
+        loads = np.asarray(loads, dtype=np.float64)
+        N, L, E = loads.shape
+        G = self.system.n_gpus
+        if self.name == "static":
+            return np.broadcast_to(contiguous_share(L, E, G), (N, L, E, G)).copy()
+        if self.name == "round_robin":
+            from ..placement.static import round_robin
+
+            return np.broadcast_to(placement_share(round_robin(L, E, G, self.slots)), (N, L, E, G)).copy()
+        frac = loads / np.maximum(loads.sum(-1, keepdims=True), 1e-300)
+        uniq, inverse = np.unique(np.round(frac, 9).reshape(N, -1), axis=0, return_inverse=True)
+        uniq = uniq.reshape(-1, L, E)
+        if self.name == "balanced":
+            from ..placement.packing import balance_rows
+
+            slots = balance_rows(uniq.reshape(1, -1, E), G, self.slots, refine=self.refine).reshape(-1, L, G, self.slots)
+            shares = shares_from_slots(slots, E)
+        else:
+            from ..placement.hierarchical import hierarchical_duplication
+
+            n = self.system.n_nodes
+            shares = np.stack([placement_share(hierarchical_duplication(u, G, self.slots, n, n, refine=self.refine))
+                               for u in uniq])
+        return shares[np.asarray(inverse).reshape(-1)]
+
+
+def make_place_fn(name: str, system: SystemSpec, n_experts: int, refine: bool = False) -> PlaceFn:
+    return PlaceFn(name, system, n_experts, refine)
+
+
+def _place_many(place, loads: np.ndarray) -> np.ndarray:
+    """Apply any placement callable to ``loads [N, L, E]`` -> ``[N, L, E, G]``."""
+    if hasattr(place, "many"):
+        return place.many(loads)
+    return np.stack([_as_share(place(l)) for l in loads])
+
+
 
 
 def _as_share(placed) -> np.ndarray:
@@ -183,7 +254,7 @@ def static_plan(batches: Batches, share: np.ndarray | None = None, name: str = "
 
 def oracle_plan(batches: Batches, place: PlaceFn, route_tokens: bool = True) -> Plan:
     """Placement from each step's true loads, token homes from true top-1 experts; no cost at all."""
-    shares = np.stack([_as_share(place(batches.loads[s].astype(np.float64))) for s in range(batches.n_steps)])
+    shares = _place_many(place, batches.loads.astype(np.float64))
     plan = Plan("oracle", "oracle", shares, np.arange(batches.n_steps), charge_migration=False, accuracy=1.0, error=0.0)
     if route_tokens:
         plan.home = _homes(batches, plan, batches.experts[:, :, 0])
@@ -226,27 +297,43 @@ def distribution_plan(batches: Batches, predictor, place: PlaceFn, system: Syste
     """
     from ..predictors.base import BatchContext
 
-    S, k = batches.n_steps, batches.experts.shape[2]
+    S, L, E, k = batches.n_steps, batches.n_layers, batches.n_experts, batches.experts.shape[2]
     replan = _replan_steps(S, interval)
     order = np.argsort(batches.step, kind="stable")
     bounds = np.searchsorted(batches.step[order], np.arange(S + 1))
-    shares, errors = [], []
+    requests, token_request = np.unique(batches.request_id, return_inverse=True)
+    prefill = batches.phase[batches.step] == 0
+    flat = (token_request[prefill, None, None] * L + np.arange(L)[None, :, None]) * E + batches.experts[prefill]
+    prefill_loads = np.bincount(flat.ravel(), minlength=len(requests) * L * E).reshape(len(requests), L, E)
+    predicted, errors = [], []
     for s in replan:
-        ids = batches.token_id[order[bounds[s]:bounds[s + 1]]]
-        ctx = BatchContext(phase=int(batches.phase[s]), n_tokens=int(batches.n_tokens[s]),
-                           n_requests=len(np.unique(batches.request_id[order[bounds[s]:bounds[s + 1]]])),
-                           token_ids=ids, past_phase=batches.phase[:s])
+        members = np.unique(token_request[order[bounds[s]:bounds[s + 1]]])
+        ctx = BatchContext(phase=int(batches.phase[s]), n_tokens=int(batches.n_tokens[s]), n_requests=len(members),
+                           token_ids=batches.token_id[order[bounds[s]:bounds[s + 1]]], past_phase=batches.phase[:s],
+                           request_prefill_loads=prefill_loads[members] if batches.phase[s] else None)
         frac = np.asarray(predictor.predict_next(batches.loads[:s], ctx), dtype=np.float64)
-        shares.append(_as_share(place(frac * batches.n_tokens[s] * k)))
+        predicted.append(frac * batches.n_tokens[s] * k)
         true = batches.loads[s] / np.maximum(batches.loads[s].sum(-1, keepdims=True), 1)
         errors.append(0.5 * np.abs(frac - true).sum(-1).mean())
     pcost = predictor.cost()
     work = np.zeros(S)
     work[replan] = predictor_seconds(pcost, batches.n_tokens[replan], system)
     err = float(np.mean(errors))
-    return Plan(name or getattr(predictor, "name", "distribution"), "distribution", np.stack(shares),
+    shares = _place_many(place, np.stack(predicted))
+    return Plan(name or getattr(predictor, "name", "distribution"), "distribution", shares,
                 np.searchsorted(replan, np.arange(S), side="right") - 1, predictor_s=work,
                 on_critical_path=bool(pcost.on_critical_path), accuracy=1 - err, error=err)
+
+
+def predict_tokens(batches: Batches, predictor, window: int = 8) -> np.ndarray:
+    """``[T, L, k]`` a TokenPredictor's forecasts for the replayed tokens (one call, whole trace;
+    cross-layer predictors see the true routing of earlier layers only, as their protocol says)."""
+    from ..predictors.batching import token_batch
+
+    tb = token_batch(batches.routing, window=window)
+    if batches.keep is not None and not batches.keep.all():
+        tb = tb.select(np.flatnonzero(batches.keep))
+    return np.asarray(predictor.predict(tb))
 
 
 def token_plan(batches: Batches, predictor, place: PlaceFn, system: SystemSpec, interval: int = 1,
@@ -256,21 +343,17 @@ def token_plan(batches: Batches, predictor, place: PlaceFn, system: SystemSpec, 
 
     ``predicted [T, L, k]`` may be passed to reuse predictions made once.
     """
-    from ..predictors.base import TokenBatch
-
     S, L = batches.n_steps, batches.n_layers
     E, k = batches.n_experts, batches.experts.shape[2]
     if predicted is None:
-        tb = TokenBatch(token_id=batches.token_id, position=batches.position,
-                        phase=batches.phase[batches.step], request_id=batches.request_id, routed=batches.experts)
-        predicted = np.asarray(predictor.predict(tb))
+        predicted = predict_tokens(batches, predictor)
     predicted = predicted.astype(np.int64)
     pred_loads = np.zeros((S, L, E))
     for layer in range(L):
         idx = batches.step[:, None] * E + predicted[:, layer, :]
         pred_loads[:, layer] = np.bincount(idx.ravel(), minlength=S * E).reshape(S, E)
     replan = _replan_steps(S, interval)
-    shares = np.stack([_as_share(place(pred_loads[s:s + interval].sum(0))) for s in replan])
+    shares = _place_many(place, pred_loads[replan])  # only the batch at hand is known when it is placed
     pcost = predictor.cost()
     hits = (predicted[:, :, :, None] == batches.experts[:, :, None, :]).any(-1).mean()
     true_f = batches.loads / np.maximum(batches.loads.sum(-1, keepdims=True), 1)

@@ -1,0 +1,260 @@
+"""Simulator: closed-form cases, brute-force references, monotonicity, the oracle, profiles."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moegps.simulator import cost
+from moegps.simulator.replay import (
+    Plan, ReplayConfig, contiguous_share, make_batches, oracle_bound, oracle_plan, simulate, static_plan,
+)
+from moegps.simulator.system import (
+    ModelShape, SystemSpec, SystemSpecError, available_systems, load_system, model_shape, system_from_dict,
+)
+from moegps.testing import random_trace
+from moegps.trace import RoutingTrace, TraceMeta
+
+SHAPE = ModelShape(name="small", hidden=256, expert_ffn=512, n_experts=8, top_k=1, n_layers=2, attention_params=256 * 1024)
+
+
+def _system(**kw):
+    base = dict(name="test", n_gpus=4, gpus_per_node=4, hbm_bandwidth=1e12, matmul_flops=1e14, link_bandwidth=1e11,
+                link_latency=3e-6, expert_launch=2e-6, layer_overhead=0.0, tile_tokens=8)
+    base.update(kw)
+    return SystemSpec(**base)
+
+
+def _roofline(n, shape, system):
+    """Independent float64 roofline of one expert with n tokens (n > 0)."""
+    w = 3 * shape.hidden * shape.expert_ffn * shape.dtype_bytes + n * 2 * shape.hidden * shape.dtype_bytes
+    padded = math.ceil(n / system.tile_tokens) * system.tile_tokens
+    return system.expert_launch + max(w / system.hbm_bandwidth, padded * 6 * shape.hidden * shape.expert_ffn / system.matmul_flops)
+
+
+def _trace_from(experts, step=None, request=None):
+    """Token-major ``experts [T, L, k]`` -> RoutingTrace (one prefill request unless told)."""
+    T, L, k = experts.shape
+    request = np.zeros(T, dtype=np.int64) if request is None else request
+    step = np.zeros(T, dtype=np.int64) if step is None else step
+    meta = TraceMeta(model="hand", n_layers=L, n_experts=8, top_k=k)
+    return RoutingTrace.from_token_major(meta, request, step, np.arange(T), np.zeros(T, dtype=np.int64), experts)
+
+
+def test_balanced_loads_give_the_roofline_time(rng):
+    system = _system()
+    m = int(rng.integers(1, 200))
+    # token i lives on GPU i % 4 and picks an expert held there (contiguous: experts 2g, 2g+1 on GPU g)
+    T = 8 * m
+    gpu = np.arange(T) % 4
+    expert = 2 * gpu + (np.arange(T) // 4) % 2
+    experts = np.repeat(expert[:, None, None], 2, axis=1)
+    batches = make_batches(_trace_from(experts), 4, 8, ReplayConfig(batch_size=1, source="token"))
+    res = simulate(batches, static_plan(batches), SHAPE, system)
+    expected = 2 * _roofline(m, SHAPE, system)  # two experts of m tokens on every GPU
+    np.testing.assert_allclose(res.parts["expert"], expected, rtol=1e-12)
+    assert (res.parts["dispatch"] == 0).all() and (res.bytes_all_to_all == 0).all()
+    np.testing.assert_allclose(res.imbalance, 1.0)
+
+
+def test_one_gpu_holding_all_the_work_takes_n_times(rng):
+    system = _system(expert_launch=0.0, hbm_bandwidth=1e18)  # pure compute roofline
+    m = 8 * int(rng.integers(1, 50))  # tile multiple
+    balanced = np.full((4, 8), 0.0)
+    balanced[np.arange(8) // 2, np.arange(8)] = m
+    skewed = np.zeros((4, 8))
+    skewed[0, :2] = 4 * m  # all the work on GPU 0's two experts
+    t_bal = cost.gpu_expert_time(balanced, SHAPE, system).max()
+    t_skew = cost.gpu_expert_time(skewed, SHAPE, system).max()
+    assert t_bal == pytest.approx(2 * m * 6 * 256 * 512 / 1e14, rel=1e-12)
+    assert t_skew == pytest.approx(4 * t_bal, rel=1e-12)
+
+
+def test_all_to_all_bytes_of_a_hand_built_dispatch(rng):
+    G, E, T = 4, 8, 300
+    src = rng.integers(0, G, T)
+    chosen = np.stack([rng.choice(E, 2, replace=False) for _ in range(T)])
+    share = contiguous_share(1, E, G)[0]  # [E, G]
+    counts = np.zeros((G, E))
+    np.add.at(counts, (np.repeat(src, 2), chosen.ravel()), 1)
+    pair, per_gpu = cost.route_tokens(counts, share)
+    ref = np.zeros((G, G))
+    ref_gpu = np.zeros((G, E))
+    for t in range(T):  # brute force: each selection goes to its expert's GPU
+        for e in chosen[t]:
+            ref[src[t], e // 2] += 1
+            ref_gpu[e // 2, e] += 1
+    np.testing.assert_array_equal(pair, ref)
+    np.testing.assert_array_equal(per_gpu, ref_gpu)
+    # switch time: the busiest sender or receiver, plus the latency
+    system = _system()
+    b = ref * 512.0
+    off = b * ~np.eye(G, dtype=bool)
+    expected = max(off.sum(1).max(), off.sum(0).max()) / system.link_bandwidth + system.link_latency
+    assert cost.all_to_all_time(b, system) == pytest.approx(expected, rel=1e-12)
+    full = _system(topology="full_mesh")
+    assert cost.all_to_all_time(b, full) == pytest.approx(off.max() / full.link_bandwidth + full.link_latency)
+
+
+def test_local_first_split_matches_a_loop(rng):
+    G, E = 3, 5
+    counts = rng.integers(1, 20, (G, E)).astype(float)
+    share = np.zeros((E, G))
+    share[np.arange(E), np.arange(E) % G] = 1.0
+    share[0] = [0.25, 0.75, 0.0]  # expert 0 replicated on GPUs 0 and 1
+    pair, per_gpu = cost.route_tokens(counts, share, local_first=True)
+    ref, ref_gpu = np.zeros((G, G)), np.zeros((G, E))
+    for g in range(G):
+        for e in range(E):
+            if share[e, g] > 0:
+                ref[g, g] += counts[g, e]
+                ref_gpu[g, e] += counts[g, e]
+            else:
+                for d in range(G):
+                    ref[g, d] += counts[g, e] * share[e, d]
+                    ref_gpu[d, e] += counts[g, e] * share[e, d]
+    np.testing.assert_allclose(pair, ref)
+    np.testing.assert_allclose(per_gpu, ref_gpu)
+
+
+def test_mesh_all_to_all_matches_hop_counting(rng):
+    system = _system(n_gpus=6, gpus_per_node=6, topology="mesh2d", mesh_shape=(2, 3))
+    b = rng.uniform(1, 10, (6, 6))
+    # brute force: walk X then Y, add bytes per directed link
+    load = {}
+    for s, d in itertools.product(range(6), range(6)):
+        if s == d:
+            continue
+        r, c = divmod(s, 3)
+        r1, c1 = divmod(d, 3)
+        while c != c1:
+            n = c + (1 if c1 > c else -1)
+            load[(r, c, r, n)] = load.get((r, c, r, n), 0) + b[s, d]
+            c = n
+        while r != r1:
+            n = r + (1 if r1 > r else -1)
+            load[(r, c, n, c)] = load.get((r, c, n, c), 0) + b[s, d]
+            r = n
+    expected = max(load.values()) / system.link_bandwidth + system.link_latency
+    assert cost.all_to_all_time(b, system) == pytest.approx(expected, rel=1e-12)
+
+
+def test_measured_table_interpolates_and_loads(tmp_path, rng):
+    us = np.sort(rng.uniform(10, 100, 4))
+    path = tmp_path / "bench.csv"
+    path.write_text("tokens,median_us,kernel\n" + "".join(f"{n},{u},triton\n" for n, u in zip([1, 16, 64, 256], us))
+                    + "1,999,torch\n")
+    table = cost.load_expert_table(path, kernel="triton")
+    assert table(np.array([16.0]))[0] == pytest.approx(us[1] * 1e-6)
+    assert table(np.array([40.0]))[0] == pytest.approx((us[1] + (us[2] - us[1]) * 24 / 48) * 1e-6)
+    slope = (us[3] - us[2]) / 192
+    assert table(np.array([512.0]))[0] == pytest.approx((us[3] + slope * 256) * 1e-6)
+    assert cost.expert_time(np.array([0.0, 16.0]), SHAPE, _system(), table)[0] == 0.0
+    with pytest.raises(ValueError, match="time column"):
+        (tmp_path / "bad.csv").write_text("tokens,foo\n1,2\n")
+        cost.load_expert_table(tmp_path / "bad.csv")
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), low=st.floats(1e9, 1e12), factor=st.floats(1.0, 50.0),
+       topology=st.sampled_from(["switch", "full_mesh"]), attention=st.sampled_from(["dp", "tp"]))
+def test_more_bandwidth_is_never_slower(seed, low, factor, topology, attention):
+    rng = np.random.default_rng(seed)
+    trace = random_trace(rng, n_requests=6, n_layers=2, n_experts=8, top_k=2, skew=1.5)
+    cfg = ReplayConfig(batch_size=3, attention=attention)
+    batches = make_batches(trace, 4, cfg=cfg)
+    shape = model_shape("mixtral-8x7b", n_layers=2)
+    plans = [static_plan(batches), oracle_plan(batches, lambda loads: contiguous_share(2, 8, 4))]
+    for plan in plans:
+        slow = simulate(batches, plan, shape, _system(topology=topology, link_bandwidth=low), cfg)
+        fast = simulate(batches, plan, shape, _system(topology=topology, link_bandwidth=low * factor), cfg)
+        assert (fast.layer_time <= slow.layer_time * (1 + 1e-12)).all()
+
+
+def _all_placements(n_layers):
+    """Every way to put 4 experts on 2 GPUs with 2 slots each, as shares [L, E, G]."""
+    for on_zero in itertools.combinations(range(4), 2):
+        share = np.zeros((n_layers, 4, 2))
+        for e in range(4):
+            share[:, e, 0 if e in on_zero else 1] = 1.0
+        yield share
+
+
+def test_oracle_is_never_beaten(rng):
+    trace = random_trace(rng, n_requests=8, n_layers=2, n_experts=4, top_k=2, skew=2.0, decode_steps=4)
+    shape = model_shape("mixtral-8x7b", n_experts=4, n_layers=2)
+    system = _system(n_gpus=2, gpus_per_node=2)
+    batches = make_batches(trace, 2, cfg=ReplayConfig(batch_size=4))
+    S = batches.n_steps
+    # exhaustive oracle: per step and layer the best of all 6 placements
+    exhaustive = np.min([simulate(batches, static_plan(batches, sh), shape, system).layer_time
+                         for sh in _all_placements(2)], axis=0)
+    # policies: static, a random placement per step (with migration), the placement of each step's true loads
+    shares = np.stack(list(_all_placements(2)))
+    rand = Plan("random", "distribution", shares, rng.integers(0, 6, S), predictor_s=rng.uniform(0, 1e-4, S))
+
+    def greedy(loads):
+        order = np.argsort(-loads.sum(0))
+        share = np.zeros((2, 4, 2))
+        share[:, order[[0, 3]], 0] = 1.0
+        share[:, order[[1, 2]], 1] = 1.0
+        return share
+
+    policies = [static_plan(batches), rand, oracle_plan(batches, greedy, route_tokens=False)]
+    results = [simulate(batches, p, shape, system) for p in policies]
+    for res in results:
+        assert (res.layer_time >= exhaustive * (1 - 1e-12)).all(), res.plan
+    bound = oracle_bound(results)
+    for res in results:
+        assert (bound.layer_time <= res.layer_time * (1 + 1e-12)).all()
+        assert bound.total <= res.total * (1 + 1e-12)
+
+
+def test_batching_counts_every_selection(rng):
+    trace = random_trace(rng, n_requests=10, n_layers=3, n_experts=8, top_k=2, decode_steps=5)
+    for source in ("token", "request"):
+        b = make_batches(trace, 4, cfg=ReplayConfig(batch_size=4, source=source))
+        assert b.n_steps == 3 * 6  # 3 groups of requests, each one prefill + 5 decode steps
+        assert b.loads.sum() == trace.n_tokens * 3 * 2
+        np.testing.assert_array_equal(b.loads.sum(axis=(1, 2)), b.n_tokens * 3 * 2)
+        assert b.source.max() < 4
+
+
+def test_profiles_load_and_bad_fields_are_named(tmp_path):
+    names = available_systems()
+    assert {"h100_8gpu", "h200_8gpu", "a100_4gpu_moegps", "h100_2x8", "wafer_scale"} <= set(names)
+    for name in names:
+        spec = load_system(name)
+        assert spec.n_gpus % spec.gpus_per_node == 0
+        assert spec.provenance  # every profile says where its numbers come from
+    h100 = load_system("h100_8gpu", link_gbps=64)
+    assert h100.link_bandwidth == pytest.approx(64e9)
+    assert "measured" in h100.provenance["hbm_gbps"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("n_gpus: 8\ngpus_per_node: 3\n")
+    with pytest.raises(SystemSpecError, match=r"bad.yaml.*gpus_per_node"):
+        load_system(bad)
+    with pytest.raises(SystemSpecError, match="unknown field 'link_gbs'"):
+        system_from_dict({"link_gbs": 4})
+    with pytest.raises(SystemSpecError, match="mesh_shape"):
+        system_from_dict({"n_gpus": 6, "gpus_per_node": 6, "topology": "mesh2d", "mesh_shape": [2, 2]})
+
+
+def test_predictor_overhead_hides_behind_gemms(rng):
+    work = rng.uniform(0, 2, 100)
+    overlap = rng.uniform(0, 2, 100)
+    np.testing.assert_array_equal(cost.exposed_time(work, overlap, True), work)
+    np.testing.assert_allclose(cost.exposed_time(work, overlap, False), np.maximum(work - overlap, 0))
+
+
+def test_migration_counts_new_copies(rng):
+    old = contiguous_share(3, 8, 4)
+    new = old.copy()
+    new[1, 0] = [0.5, 0.0, 0.0, 0.5]  # layer 1: expert 0 gains a replica on GPU 3
+    b = cost.migration_bytes(old, new, 100.0)
+    np.testing.assert_array_equal(b, [0, 0, 0, 100.0])
+    system = _system()
+    assert cost.migration_time(b, system) == pytest.approx(100.0 / system.link_bandwidth + system.link_latency)

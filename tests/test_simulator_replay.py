@@ -1,0 +1,94 @@
+"""Simulator adapters to real predictors and placements, calibration, and the results row."""
+
+import numpy as np
+import pytest
+
+from moegps.predictors import make
+from moegps.results import FIELDS, read_results, write_rows
+from moegps.simulator import calibrate
+from moegps.simulator.replay import (
+    PlaceFn, ReplayConfig, make_batches, oracle_bound, oracle_plan, distribution_plan, shares_from_slots, simulate,
+    static_plan, token_plan,
+)
+from moegps.simulator.system import SystemSpec, load_system, model_shape
+from moegps.testing import random_trace
+
+
+class _Perfect:
+    """A token 'predictor' that knows the truth (k=1), free: moving tokens home must skip every dispatch."""
+
+    name = "perfect"
+
+    def __init__(self, experts):
+        self.experts = experts
+
+    def predict(self, tokens):
+        return self.experts
+
+    def cost(self):
+        from moegps.predictors.base import PredictorCost
+
+        return PredictorCost(name="perfect", family="token", runs_before_attention=True)
+
+
+def test_perfect_token_routing_skips_the_dispatch(rng):
+    trace = random_trace(rng, n_requests=6, n_layers=3, n_experts=8, top_k=1, skew=1.0)
+    system = load_system("h100_8gpu").replace(n_gpus=4, gpus_per_node=4)
+    shape = model_shape("mixtral-8x7b", n_layers=3, top_k=1)
+    batches = make_batches(trace, 4, cfg=ReplayConfig(batch_size=3))
+    place = PlaceFn("static", system, 8)
+    plan = token_plan(batches, _Perfect(batches.experts), place, system)
+    res = simulate(batches, plan, shape, system)
+    assert plan.accuracy == 1.0
+    assert (res.parts["dispatch"] == 0).all()
+    base = simulate(batches, static_plan(batches), shape, system)
+    assert base.parts["dispatch"].sum() > 0
+
+
+def test_real_predictors_and_placements_replay(rng, tmp_path):
+    train = random_trace(rng, n_requests=12, n_layers=2, n_experts=8, top_k=2, skew=1.5, decode_steps=4)
+    test = random_trace(rng, n_requests=8, n_layers=2, n_experts=8, top_k=2, skew=1.5, decode_steps=4)
+    system = load_system("h100_8gpu").replace(n_gpus=4, gpus_per_node=4)
+    shape = model_shape("mixtral-8x7b", n_layers=2)
+    cfg = ReplayConfig(batch_size=4)
+    batches = make_batches(test, 4, cfg=cfg)
+    place = PlaceFn("balanced", system, 8)
+    plans = [static_plan(batches), oracle_plan(batches, place),
+             distribution_plan(batches, make("global_profile").fit(train), place, system),
+             distribution_plan(batches, make("ema").fit(train), place, system, interval=2),
+             token_plan(batches, make("token_table").fit(train), place, system)]
+    results = [simulate(batches, p, shape, system, cfg) for p in plans]
+    for plan, res in zip(plans, results):
+        assert plan.share.shape[1:] == (2, 8, 4)
+        np.testing.assert_allclose(plan.share.sum(-1), 1.0)
+        assert res.total > 0 and np.isfinite(res.total)
+    bound = oracle_bound(results)
+    assert all(bound.total <= r.total * (1 + 1e-12) for r in results)
+    rows = [r.row({"trace": "random", "batch_size": 4}, system) for r in results + [bound]]
+    path = write_rows(rows, tmp_path / "sim.parquet")
+    frame = read_results(path)
+    assert set(FIELDS) <= set(frame.columns)
+    assert (frame.backend == "sim").all()
+    np.testing.assert_allclose(frame.total_ms, [r.total * 1e3 for r in results + [bound]])
+    parts = frame[["dispatch_ms", "expert_ms", "combine_ms", "predictor_ms", "migration_ms", "other_ms"]].sum(axis=1)
+    assert (parts <= frame.total_ms + 1e-9).all()
+
+
+def test_shares_from_slots_split_replicas_evenly():
+    slots = np.array([[[0, 1], [2, 0]]])  # one layer, 2 GPUs: expert 0 on both
+    share = shares_from_slots(slots, 3)
+    np.testing.assert_allclose(share[0], [[0.5, 0.5], [1, 0], [0, 1]])
+
+
+def test_calibration_recovers_known_parameters(rng):
+    shape = model_shape("mixtral-8x7b")
+    start = load_system("h100_8gpu")
+    factors = rng.uniform(0.5, 1.5, 6)
+    truth = start.replace(hbm_bandwidth=start.hbm_bandwidth * factors[0], matmul_flops=start.matmul_flops * factors[1],
+                          expert_launch=5e-6 * factors[2], layer_overhead=30e-6 * factors[3],
+                          link_bandwidth=start.link_bandwidth * factors[4], link_latency=15e-6 * factors[5])
+    cases = calibrate.synthetic_cases(rng, shape, truth, n_cases=30, noise=0.0)
+    fitted, table = calibrate.fit(cases, shape, start)
+    for name in calibrate.DEFAULT_FREE:
+        assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-3), name
+    assert table.abs_error_pct.max() < 0.1
