@@ -1,0 +1,204 @@
+"""Triton kernels of the fused MoE expert FFN (SwiGLU experts, Mixtral layout).
+
+Two GEMMs per (token, slot) pair p = t * k + j routed to expert e:
+    gate_up:  h[p]   = silu(x[t] @ w1[e]^T) * (x[t] @ w3[e]^T)     w_gate_up[e] = [w1; w3], [2F, H]
+    down:     y[p]   = topk_weights[p] * (h[p] @ w2[e]^T)          w_down[e] = w2, [H, F]
+and out[t] = sum_j y[t * k + j] (a k-way sum done by the launcher; for k = 1 y is out).
+
+Every kernel reads x and h rows through a pair index (no gather copy), keeps fp32 accumulators,
+fuses SiLU(gate) * up into the gate/up GEMM (two accumulators, one pass over x), and applies the
+gate weight in the down GEMM's epilogue. Two ways of finding an expert's rows:
+
+* `scan` kernels (small batches): grid (expert, N tile). Each program scans topk_ids itself and
+  writes its expert's pair list to a scratch row, so there is no routing launch and no padding;
+  programs of experts without tokens return at once. Weights are read once when an expert's
+  rows fit one BLOCK_M block (decode), which is the memory-bound regime where this path is used.
+* `sorted` kernels (large batches): grid over (BLOCK_M block, N tile) of the expert-sorted, padded
+  order from `routing.align`, with grouped tile ordering (GROUP_M blocks share a weight tile in
+  L2), as in vLLM's fused_moe and the Triton matmul tutorial this layout comes from.
+
+The launcher (launch.py) picks the path and the block shapes from the tuned configs.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gate_up_tile(
+    x_ptr, w_ptr, h_ptr, tok, pair, valid_m, expert, pid_n, H, F,
+    stride_xt, stride_we, stride_wn, stride_hm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """h[pair, n tile] = silu(x[tok] @ w1[e, n tile]^T) * (x[tok] @ w3[e, n tile]^T)."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < F
+    a_ptrs = x_ptr + tok.to(tl.int64)[:, None] * stride_xt + offs_k[None, :]
+    wg_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
+               + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None])
+    wu_ptrs = wg_ptrs + F * stride_wn
+    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=valid_m[:, None], other=0.0)
+            b_gate = tl.load(wg_ptrs, mask=n_mask[None, :], other=0.0)
+            b_up = tl.load(wu_ptrs, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = offs_k < H - k0
+            a = tl.load(a_ptrs, mask=valid_m[:, None] & k_mask[None, :], other=0.0)
+            b_gate = tl.load(wg_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+            b_up = tl.load(wu_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+        acc_gate = tl.dot(a, b_gate, acc_gate)
+        acc_up = tl.dot(a, b_up, acc_up)
+        a_ptrs += BLOCK_K
+        wg_ptrs += BLOCK_K
+        wu_ptrs += BLOCK_K
+    act = acc_gate * tl.sigmoid(acc_gate) * acc_up
+    h_ptrs = h_ptr + pair.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
+    tl.store(h_ptrs, act.to(h_ptr.dtype.element_ty), mask=valid_m[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _down_tile(
+    h_ptr, w_ptr, out_ptr, weights_ptr, pair, valid_m, expert, pid_n, H, F,
+    stride_hm, stride_we, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """out[pair, n tile] = topk_weights[pair] * (h[pair] @ w2[e, n tile]^T)."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < H
+    pair64 = pair.to(tl.int64)
+    a_ptrs = h_ptr + pair64[:, None] * stride_hm + offs_k[None, :]
+    b_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
+              + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None])
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, F, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=valid_m[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = offs_k < F - k0
+            a = tl.load(a_ptrs, mask=valid_m[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    gate = tl.load(weights_ptr + pair, mask=valid_m, other=0.0).to(tl.float32)
+    acc = acc * gate[:, None]
+    out_ptrs = out_ptr + pair64[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid_m[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _expert_pairs(ids_ptr, scratch_ptr, expert, n_pairs, SCAN: tl.constexpr):
+    """Write expert's pair indices, in order, to scratch[expert, 0:count]; return count.
+
+    Every program of the expert writes the same values (a benign race between programs); the
+    barrier makes this program's own writes visible to all its threads before they are read.
+    """
+    count = 0
+    row = scratch_ptr + expert.to(tl.int64) * n_pairs
+    for start in range(0, n_pairs, SCAN):
+        offs = start + tl.arange(0, SCAN)
+        ids = tl.load(ids_ptr + offs, mask=offs < n_pairs, other=-1)
+        match = ids == expert
+        slot = count + tl.cumsum(match.to(tl.int32), 0) - 1
+        tl.store(row + slot, offs, mask=match)
+        count += tl.sum(match.to(tl.int32), 0)
+    tl.debug_barrier()
+    return count
+
+
+@triton.jit
+def gate_up_scan_kernel(
+    x_ptr, w_ptr, h_ptr, ids_ptr, scratch_ptr, n_pairs, top_k, H, F,
+    stride_xt, stride_we, stride_wn, stride_hm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, SCAN: tl.constexpr,
+):
+    expert = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    count = _expert_pairs(ids_ptr, scratch_ptr, expert, n_pairs, SCAN)
+    if count == 0:
+        return
+    for m0 in range(0, count, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        valid_m = offs_m < count
+        pair = tl.load(scratch_ptr + expert.to(tl.int64) * n_pairs + offs_m, mask=valid_m, other=0)
+        _gate_up_tile(x_ptr, w_ptr, h_ptr, pair // top_k, pair, valid_m, expert, pid_n, H, F,
+                      stride_xt, stride_we, stride_wn, stride_hm,
+                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+
+
+@triton.jit
+def down_scan_kernel(
+    h_ptr, w_ptr, out_ptr, weights_ptr, ids_ptr, scratch_ptr, n_pairs, H, F,
+    stride_hm, stride_we, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, SCAN: tl.constexpr,
+):
+    expert = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    count = _expert_pairs(ids_ptr, scratch_ptr, expert, n_pairs, SCAN)
+    if count == 0:
+        return
+    for m0 in range(0, count, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        valid_m = offs_m < count
+        pair = tl.load(scratch_ptr + expert.to(tl.int64) * n_pairs + offs_m, mask=valid_m, other=0)
+        _down_tile(h_ptr, w_ptr, out_ptr, weights_ptr, pair, valid_m, expert, pid_n, H, F,
+                   stride_hm, stride_we, stride_wn, stride_om,
+                   BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+
+
+@triton.jit
+def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped ordering: GROUP_M row blocks walk the N tiles together, sharing weight tiles in L2."""
+    in_group = GROUP_M * num_pid_n
+    group = pid // in_group
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_size
+    pid_n = (pid % in_group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def gate_up_sorted_kernel(
+    x_ptr, w_ptr, h_ptr, sorted_ptr, block_expert_ptr, n_padded_ptr, n_pairs, top_k, H, F,
+    num_pid_m, stride_xt, stride_we, stride_wn, stride_hm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(F, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(n_padded_ptr):
+        return
+    expert = tl.load(block_expert_ptr + pid_m)
+    pair = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid_m = pair < n_pairs
+    _gate_up_tile(x_ptr, w_ptr, h_ptr, pair // top_k, pair, valid_m, expert, pid_n, H, F,
+                  stride_xt, stride_we, stride_wn, stride_hm,
+                  BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+
+
+@triton.jit
+def down_sorted_kernel(
+    h_ptr, w_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, n_padded_ptr, n_pairs, H, F,
+    num_pid_m, stride_hm, stride_we, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(H, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(n_padded_ptr):
+        return
+    expert = tl.load(block_expert_ptr + pid_m)
+    pair = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid_m = pair < n_pairs
+    _down_tile(h_ptr, w_ptr, out_ptr, weights_ptr, pair, valid_m, expert, pid_n, H, F,
+               stride_hm, stride_we, stride_wn, stride_om,
+               BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)

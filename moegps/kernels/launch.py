@@ -1,0 +1,192 @@
+"""Launcher of the fused MoE kernels: config choice, buffers, the k-way combine.
+
+A config is a plain dict (kept as JSON data per device in configs/<device name>.json):
+    {"path": "scan" | "sorted", "block_m": 16,
+     "gate_up": {"block_n": 64, "block_k": 128, "group_m": 1, "num_warps": 4, "num_stages": 4},
+     "down":    {"block_n": 64, "block_k": 128, "group_m": 1, "num_warps": 4, "num_stages": 4}}
+`block_m` is shared by both GEMMs (the sorted path pads each expert's rows to it once).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import torch
+import triton
+
+# Kernel names imported directly: the package attribute `fused_moe` is the function below,
+# which shadows the kernel module of the same name.
+from .fused_moe import (down_scan_kernel, down_sorted_kernel, gate_up_scan_kernel,
+                        gate_up_sorted_kernel)
+from .routing import SCAN, align
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def available() -> bool:
+    """True when the Triton kernels can run here: a CUDA GPU, or Triton's CPU interpreter."""
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def shape_key(n_experts: int, hidden: int, ffn: int, top_k: int) -> str:
+    return f"E={n_experts},H={hidden},F={ffn},k={top_k}"
+
+
+def device_name(device: torch.device | None = None) -> str:
+    """'NVIDIA_H100_80GB_HBM3' style name used for config files; 'cpu' without a GPU."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return torch.cuda.get_device_name(device).replace(" ", "_")
+
+
+def default_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: int) -> dict:
+    """A config for a shape no tuned file covers, from the rows each expert gets on average.
+
+    Few rows per expert (decode): the scan path, a BLOCK_M that holds an expert's rows, narrow N
+    tiles for many programs (the weights must stream from all SMs at once). Many rows: the sorted
+    path with large tiles for the tensor cores (compute-bound).
+    """
+    rows = n_tokens * top_k / n_experts
+    if rows <= 48 and n_tokens * top_k <= 8 * SCAN:
+        block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+        tile = {"block_n": 64, "block_k": 128, "group_m": 1, "num_warps": 4, "num_stages": 4}
+        return {"path": "scan", "block_m": block_m, "gate_up": dict(tile), "down": dict(tile)}
+    if rows <= 256:
+        tile = {"block_n": 128, "block_k": 64, "group_m": 8, "num_warps": 4, "num_stages": 4}
+        return {"path": "sorted", "block_m": 64, "gate_up": dict(tile), "down": dict(tile)}
+    gate_up = {"block_n": 128, "block_k": 64, "group_m": 8, "num_warps": 8, "num_stages": 3}
+    down = {"block_n": 256, "block_k": 64, "group_m": 8, "num_warps": 8, "num_stages": 3}
+    return {"path": "sorted", "block_m": 128, "gate_up": gate_up, "down": down}
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_table(name: str) -> dict:
+    path = CONFIG_DIR / f"{name}.json"
+    if not path.exists():
+        return {}
+    with open(path) as f:
+        table = json.load(f)
+    if not isinstance(table.get("shapes"), dict):
+        raise ValueError(f"{path}: field 'shapes' must map 'E=..,H=..,F=..,k=..' to "
+                         "{tokens: config}")
+    return table["shapes"]
+
+
+def get_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: int,
+               device: torch.device | None = None) -> dict:
+    """Tuned config of the nearest tuned token count for this shape and device, else the default."""
+    by_tokens = _tuned_table(device_name(device)).get(shape_key(n_experts, hidden, ffn, top_k))
+    if not by_tokens:
+        return default_config(n_tokens, n_experts, hidden, ffn, top_k)
+    nearest = min(by_tokens, key=lambda t: abs(int(t) - n_tokens))
+    return by_tokens[nearest]
+
+
+def _check(x, w_gate_up, w_down, topk_ids, topk_weights):
+    if x.dim() != 2:
+        raise ValueError(f"x must be [tokens, hidden], got shape {tuple(x.shape)}")
+    n_tokens, hidden = x.shape
+    if w_gate_up.dim() != 3 or w_gate_up.shape[2] != hidden or w_gate_up.shape[1] % 2:
+        raise ValueError(f"w_gate_up must be [experts, 2*ffn, hidden={hidden}], "
+                         f"got {tuple(w_gate_up.shape)}")
+    n_experts, ffn = w_gate_up.shape[0], w_gate_up.shape[1] // 2
+    if tuple(w_down.shape) != (n_experts, hidden, ffn):
+        raise ValueError(f"w_down must be [experts={n_experts}, hidden={hidden}, ffn={ffn}], "
+                         f"got {tuple(w_down.shape)}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != n_tokens:
+        raise ValueError(f"topk_ids must be [tokens={n_tokens}, k], got {tuple(topk_ids.shape)}")
+    if tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"topk_weights must have topk_ids' shape {tuple(topk_ids.shape)}, "
+                         f"got {tuple(topk_weights.shape)}")
+    if topk_ids.dtype.is_floating_point:
+        raise ValueError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
+    return n_tokens, hidden, n_experts, ffn, topk_ids.shape[1]
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    config: dict | None = None,
+    *,
+    workspace: dict | None = None,
+) -> torch.Tensor:
+    """Mixtral/SwiGLU expert FFN of routed tokens on the Triton kernels.
+
+    x: [T, H] (bf16/fp16/fp32). w_gate_up: [E, 2F, H] (rows 0..F-1 gate w1, F..2F-1 up w3).
+    w_down: [E, H, F] (w2). topk_ids: [T, k] int in [0, E). topk_weights: [T, k].
+    Returns [T, H] in x's dtype: sum_j topk_weights[t, j] * w2 @ (silu(w1 @ x) * (w3 @ x)) with
+    fp32 accumulation. Ids outside [0, E) are not checked on the device (that would need a host
+    sync); such a pair is dropped by the scan path and undefined on the sorted path.
+    `config`: see the module docstring; None picks the tuned (or default) one.
+    `workspace`: optional preallocated buffers {"h": [T*k, F], "y": [T*k, H]} in x's dtype and
+    {"scratch": [E*T*k] int32} (reused by a caller in a loop; the tests fill them with NaN).
+    """
+    n_tokens, hidden, n_experts, ffn, top_k = _check(x, w_gate_up, w_down, topk_ids, topk_weights)
+    if config is None:
+        config = get_config(n_tokens, n_experts, hidden, ffn, top_k, x.device)
+    x = x.contiguous()
+    w_gate_up = w_gate_up.contiguous()
+    w_down = w_down.contiguous()
+    n_pairs = n_tokens * top_k
+    ids = topk_ids.reshape(-1)
+    ids = ids if ids.dtype == torch.int32 else ids.to(torch.int32)
+    ids = ids.contiguous()
+    weights = topk_weights.reshape(-1).contiguous()
+    if n_tokens == 0:
+        return torch.zeros_like(x)
+    workspace = workspace or {}
+    h = workspace.get("h")
+    h = torch.empty(n_pairs, ffn, dtype=x.dtype, device=x.device) if h is None else h
+    y = workspace.get("y")
+    y = torch.empty(n_pairs, hidden, dtype=x.dtype, device=x.device) if y is None else y
+    gu, dn = config["gate_up"], config["down"]
+    block_m = config["block_m"]
+    even_k_gu = hidden % gu["block_k"] == 0
+    even_k_dn = ffn % dn["block_k"] == 0
+    if config["path"] == "scan":
+        scratch = workspace.get("scratch")
+        if scratch is None:
+            scratch = torch.empty(n_experts * n_pairs, dtype=torch.int32, device=x.device)
+        gate_up_scan_kernel[(n_experts, triton.cdiv(ffn, gu["block_n"]))](
+            x, w_gate_up, h, ids, scratch, n_pairs, top_k, hidden, ffn,
+            x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0),
+            BLOCK_M=block_m, BLOCK_N=gu["block_n"], BLOCK_K=gu["block_k"], EVEN_K=even_k_gu,
+            SCAN=SCAN, num_warps=gu["num_warps"], num_stages=gu["num_stages"],
+        )
+        down_scan_kernel[(n_experts, triton.cdiv(hidden, dn["block_n"]))](
+            h, w_down, y, weights, ids, scratch, n_pairs, hidden, ffn,
+            h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0),
+            BLOCK_M=block_m, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"], EVEN_K=even_k_dn,
+            SCAN=SCAN, num_warps=dn["num_warps"], num_stages=dn["num_stages"],
+        )
+    elif config["path"] == "sorted":
+        meta = align(ids, n_experts, block_m)
+        num_pid_m = meta.max_blocks
+        gate_up_sorted_kernel[(num_pid_m * triton.cdiv(ffn, gu["block_n"]),)](
+            x, w_gate_up, h, meta.sorted_pair_ids, meta.block_expert, meta.n_padded,
+            n_pairs, top_k, hidden, ffn, num_pid_m,
+            x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0),
+            BLOCK_M=block_m, BLOCK_N=gu["block_n"], BLOCK_K=gu["block_k"],
+            GROUP_M=gu["group_m"], EVEN_K=even_k_gu,
+            num_warps=gu["num_warps"], num_stages=gu["num_stages"],
+        )
+        down_sorted_kernel[(num_pid_m * triton.cdiv(hidden, dn["block_n"]),)](
+            h, w_down, y, weights, meta.sorted_pair_ids, meta.block_expert, meta.n_padded,
+            n_pairs, hidden, ffn, num_pid_m,
+            h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0),
+            BLOCK_M=block_m, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"],
+            GROUP_M=dn["group_m"], EVEN_K=even_k_dn,
+            num_warps=dn["num_warps"], num_stages=dn["num_stages"],
+        )
+    else:
+        raise ValueError(f"config field 'path' must be 'scan' or 'sorted', got {config['path']!r}")
+    if top_k == 1:
+        return y
+    # k-way combine: torch's sum over a bf16/fp16 dim accumulates in fp32.
+    return y.view(n_tokens, top_k, hidden).sum(dim=1)

@@ -1,0 +1,169 @@
+"""Fused MoE Triton kernels on the CPU interpreter (fp16/fp32), against a float64 reference."""
+
+import importlib
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moegps.kernels  # noqa: F401  (imports its submodules)
+
+# Another test module may have imported the kernels before the variable was set (Triton decides
+# interpreted or compiled when it decorates): decorate them again, in dependency order. (The
+# package attribute `fused_moe` is the function, so the submodules come from sys.modules.)
+for _name in ("fused_moe", "routing", "launch", "reference"):
+    importlib.reload(sys.modules[f"moegps.kernels.{_name}"])
+importlib.reload(sys.modules["moegps.kernels"])
+
+from moegps.kernels import align, available, default_config, fused_moe, get_config, moe_reference  # noqa: E402
+
+TILE = {"block_n": 32, "block_k": 32, "group_m": 2, "num_warps": 4, "num_stages": 2}
+CONFIGS = {
+    "scan": {"path": "scan", "block_m": 16, "gate_up": dict(TILE), "down": dict(TILE, block_k=64)},
+    "sorted": {"path": "sorted", "block_m": 16, "gate_up": dict(TILE, block_n=64),
+               "down": dict(TILE, group_m=3)},
+}
+
+
+def brute_force(x, w_gate_up, w_down, topk_ids, topk_weights):
+    """float64, one (token, slot) at a time: the definition, independent of moe_reference."""
+    x, w13, w2, wts = (t.double() for t in (x, w_gate_up, w_down, topk_weights))
+    ffn = w13.shape[1] // 2
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, j])
+            act = F.silu(w13[e, :ffn] @ x[t]) * (w13[e, ffn:] @ x[t])
+            out[t] += wts[t, j] * (w2[e] @ act)
+    return out
+
+
+def make_problem(rng, n_tokens, n_experts, hidden, ffn, top_k, dtype, ids=None):
+    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    x = torch.randn(n_tokens, hidden, generator=gen).to(dtype)
+    w13 = (torch.randn(n_experts, 2 * ffn, hidden, generator=gen) / hidden**0.5).to(dtype)
+    w2 = (torch.randn(n_experts, hidden, ffn, generator=gen) / ffn**0.5).to(dtype)
+    if ids is None:  # k distinct experts per token, as a router's top-k gives
+        ids = torch.stack([torch.randperm(n_experts, generator=gen)[:top_k]
+                           for _ in range(n_tokens)])
+    weights = torch.rand(n_tokens, top_k, generator=gen).to(dtype) + 0.1
+    return x, w13, w2, ids, weights
+
+
+def poisoned_workspace(n_pairs, n_experts, hidden, ffn, dtype):
+    return {"h": torch.full((n_pairs, ffn), float("nan"), dtype=dtype),
+            "y": torch.full((n_pairs, hidden), float("nan"), dtype=dtype),
+            "scratch": torch.full((n_experts * n_pairs,), -7, dtype=torch.int32)}
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def check(problem, path, dtype):
+    x, w13, w2, ids, weights = problem
+    n_tokens, hidden = x.shape
+    n_experts, ffn, top_k = w13.shape[0], w13.shape[1] // 2, ids.shape[1]
+    ref = moe_reference(x.double(), w13.double(), w2.double(), ids, weights.double())
+    ws = poisoned_workspace(n_tokens * top_k, n_experts, hidden, ffn, dtype)
+    out = fused_moe(x, w13, w2, ids, weights, config=CONFIGS[path], workspace=ws)
+    assert out.shape == x.shape and out.dtype == dtype
+    assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) rows in the output"
+    tol = 2e-3 if dtype == torch.float16 else 1e-5
+    assert rel_err(out, ref) < tol
+
+
+def test_reference_matches_brute_force(rng):
+    x, w13, w2, ids, weights = make_problem(rng, 9, 5, 12, 10, 3, torch.float64)
+    ref = moe_reference(x, w13, w2, ids, weights)
+    assert torch.allclose(ref, brute_force(x, w13, w2, ids, weights), rtol=1e-10, atol=1e-12)
+    half = moe_reference(x.float(), w13.float(), w2.float(), ids, weights.float())
+    assert half.dtype == torch.float32 and rel_err(half, ref) < 1e-5
+
+
+def test_available_under_interpreter():
+    assert available()
+
+
+@pytest.mark.parametrize("path", ["scan", "sorted"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_random_routing(rng, path, dtype):
+    # 37 tokens (not a multiple of BLOCK_M), F = 40 (partial N tile), H = 48 (partial K tile)
+    check(make_problem(rng, 37, 6, 48, 40, 2, dtype), path, dtype)
+
+
+@pytest.mark.parametrize("path", ["scan", "sorted"])
+def test_empty_experts(rng, path):
+    n_experts = 7
+    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    used = torch.tensor([0, 1, 4, 6])  # experts 2, 3, 5 get no tokens
+    ids = torch.stack([used[torch.randperm(4, generator=gen)[:2]] for _ in range(21)])
+    check(make_problem(rng, 21, n_experts, 64, 32, 2, torch.float16, ids=ids), path, torch.float16)
+
+
+@pytest.mark.parametrize("path", ["scan", "sorted"])
+def test_one_expert_takes_all_tokens_top1(rng, path):
+    ids = torch.full((45, 1), 3)  # 45 rows of one expert: three BLOCK_M blocks, the last partial
+    check(make_problem(rng, 45, 5, 64, 64, 1, torch.float16, ids=ids), path, torch.float16)
+
+
+@pytest.mark.parametrize("path", ["scan", "sorted"])
+def test_top4_and_single_token(rng, path):
+    check(make_problem(rng, 19, 6, 48, 32, 4, torch.float16), path, torch.float16)
+    check(make_problem(rng, 1, 6, 48, 32, 4, torch.float16), path, torch.float16)
+
+
+def test_default_configs_run(rng):
+    """The default for unseen shapes picks both paths across batch sizes; each must be right."""
+    x, w13, w2, ids, weights = make_problem(rng, 24, 4, 64, 64, 2, torch.float16)
+    ref = moe_reference(x.double(), w13.double(), w2.double(), ids, weights.double())
+    paths = set()
+    for n_tokens in (1, 24, 4096):
+        cfg = default_config(n_tokens, 4, 64, 64, 2)
+        paths.add(cfg["path"])
+        assert rel_err(fused_moe(x, w13, w2, ids, weights, config=cfg), ref) < 2e-3
+    assert paths == {"scan", "sorted"}
+    assert get_config(24, 4, 64, 64, 2)["path"] in paths
+
+
+@pytest.mark.parametrize("block_m", [4, 16])
+def test_align_metadata(rng, block_m):
+    n_experts, n_tokens, top_k = 9, 50, 3
+    ids = torch.from_numpy(rng.integers(0, n_experts - 2, size=(n_tokens, top_k)))  # 2 empty
+    ids[:5] = 0  # one hot expert
+    meta = align(ids, n_experts, block_m)
+    flat = ids.reshape(-1).numpy()
+    n_pairs = flat.size
+    counts = np.bincount(flat, minlength=n_experts)
+    padded = -(-counts // block_m) * block_m
+    n_padded = int(meta.n_padded[0])
+    assert n_padded == padded.sum()
+    sorted_ids = meta.sorted_pair_ids[:n_padded].numpy()
+    start = 0
+    for e in range(n_experts):
+        rows = sorted_ids[start:start + padded[e]]
+        # the expert's pairs in pair order (stable), then the sentinel in the padding
+        assert (rows[:counts[e]] == np.flatnonzero(flat == e)).all()
+        assert (rows[counts[e]:] == n_pairs).all()
+        assert (meta.block_expert[start // block_m:(start + padded[e]) // block_m].numpy() == e).all()
+        start += padded[e]
+    # inverse map: each pair's sorted row holds that pair
+    assert (sorted_ids[meta.pair_slot.numpy()] == np.arange(n_pairs)).all()
+
+
+def test_bad_shapes_are_named():
+    x = torch.randn(4, 16, dtype=torch.float16)
+    w13 = torch.randn(3, 20, 16, dtype=torch.float16)
+    w2 = torch.randn(3, 16, 10, dtype=torch.float16)
+    ids = torch.zeros(4, 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="w_down"):
+        fused_moe(x, w13, w2[:, :, :9], ids, torch.rand(4, 2))
+    with pytest.raises(ValueError, match="topk_weights"):
+        fused_moe(x, w13, w2, ids, torch.rand(4, 3))
+    with pytest.raises(ValueError, match="w_gate_up"):
+        fused_moe(x, w13[:, :, :8], w2, ids, torch.rand(4, 2))
