@@ -95,6 +95,7 @@ def _read_one(path: Path) -> dict[str, np.ndarray]:
     def bad_row(mask, column: str, expected: str, values=None):
         row = int(np.argmax(mask))
         shown = (values if values is not None else table.column(column).to_numpy(zero_copy_only=False))[row]
+        shown = shown.item() if isinstance(shown, np.generic) else shown
         raise TraceError(f"{where}: row {row + 1} (line {row + 2}), column '{column}' is {shown!r}; expected {expected}")
 
     ints = {}

@@ -119,7 +119,7 @@ def affinity_ratio(stats: MixtralRoutingStats, smoothing: float = 1.0, iteration
     if iterations:
         rng = np.random.default_rng(20250607)
         stream = np.repeat(np.arange(len(n)), n.astype(np.int64))
-        stream = rng.choice(stream, size=min(len(stream), 200_000), replace=False)
+        stream = rng.choice(stream, size=min(len(stream), 100_000), replace=False)
         pi = token_inclusion_probs(stats, smoothing)
         for _ in range(iterations):
             drawn = _draw(stream, pi, ratio, rng)
@@ -142,7 +142,8 @@ def _draw(token_ids: np.ndarray, pi: np.ndarray, ratio: list | None, rng: np.ran
     for l in range(len(LAYER_IDS)):
         p = pi[l][token_ids]
         if l > 0 and ratio is not None:
-            tilt = ratio[l][out[:, l - 1].astype(np.int64)].mean(axis=1)  # [token, E]
+            prev = out[:, l - 1].astype(np.int64)
+            tilt = (ratio[l][prev[:, 0]] + ratio[l][prev[:, 1]]) * 0.5  # [token, E]
             p = inclusion_from_weights(p * tilt, TOP_K)
         out[:, l] = systematic_sample(p, TOP_K, rng)
     return out
