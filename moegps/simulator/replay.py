@@ -189,14 +189,22 @@ class PlaceFn:
     ``.many(loads [N, L, E]) -> [N, L, E, G]`` in one vectorised call (identical rows placed once).
 
     ``static`` (contiguous), ``round_robin``, ``balanced`` (EPLB-style duplication into the
-    system's extra slots; ``refine`` runs its swap search), ``hierarchical`` (nodes first).
+    system's extra slots; ``refine`` runs its swap search), ``hierarchical`` (nodes first), and
+    ``auto``: per layer, whichever of static and balanced the cost model expects to give the
+    shorter expert phase for the given loads (a replica costs a second weight read, so when the
+    experts are memory-bound, duplicating can make a layer slower; ``auto`` needs ``shape``).
     """
 
-    def __init__(self, name: str, system: SystemSpec, n_experts: int, refine: bool = False):
-        self.name, self.system, self.n_experts, self.refine = name, system, n_experts, refine
+    NAMES = ("static", "round_robin", "balanced", "hierarchical", "auto")
+
+    def __init__(self, name: str, system: SystemSpec, n_experts: int, refine: bool = False,
+                 shape: ModelShape | None = None):
+        self.name, self.system, self.n_experts, self.refine, self.shape = name, system, n_experts, refine, shape
         self.slots = system.slots_per_gpu(n_experts)
-        if name not in ("static", "round_robin", "balanced", "hierarchical"):
-            raise ValueError(f"unknown placement {name!r}; known: static, round_robin, balanced, hierarchical")
+        if name not in self.NAMES:
+            raise ValueError(f"unknown placement {name!r}; known: {', '.join(self.NAMES)}")
+        if name == "auto" and shape is None:
+            raise ValueError("placement 'auto' needs the model shape (PlaceFn(..., shape=...))")
 
     def __call__(self, loads: np.ndarray) -> np.ndarray:
         return self.many(np.asarray(loads)[None])[0]
@@ -207,6 +215,14 @@ class PlaceFn:
         G = self.system.n_gpus
         if self.name == "static":
             return np.broadcast_to(contiguous_share(L, E, G), (N, L, E, G)).copy()
+        if self.name == "auto":
+            static = contiguous_share(L, E, G)[None]
+            balanced = PlaceFn("balanced", self.system, E, self.refine).many(loads)
+            def expert_phase(share):  # [N, L] expected slowest-GPU expert time
+                per_gpu = np.swapaxes(loads[..., None] * share, -1, -2)  # [N, L, G, E]
+                return cost.gpu_expert_time(per_gpu, self.shape, self.system).max(-1)
+            better = expert_phase(balanced) < expert_phase(static)
+            return np.where(better[..., None, None], balanced, static)
         if self.name == "round_robin":
             from ..placement.static import round_robin
 
@@ -228,8 +244,9 @@ class PlaceFn:
         return shares[np.asarray(inverse).reshape(-1)]
 
 
-def make_place_fn(name: str, system: SystemSpec, n_experts: int, refine: bool = False) -> PlaceFn:
-    return PlaceFn(name, system, n_experts, refine)
+def make_place_fn(name: str, system: SystemSpec, n_experts: int, refine: bool = False,
+                  shape: ModelShape | None = None) -> PlaceFn:
+    return PlaceFn(name, system, n_experts, refine, shape)
 
 
 def _place_many(place, loads: np.ndarray) -> np.ndarray:
@@ -243,6 +260,32 @@ def _place_many(place, loads: np.ndarray) -> np.ndarray:
 
 def _as_share(placed) -> np.ndarray:
     return np.asarray(placed, dtype=np.float64) if isinstance(placed, np.ndarray) else placement_share(placed)
+
+
+def expected_expert_time(loads: np.ndarray, share: np.ndarray, place: PlaceFn) -> np.ndarray:
+    """``loads [..., L, E]`` under ``share [..., L, E, G]`` -> ``[...]`` seconds of the expert phases
+    (slowest GPU per layer, summed over layers), as the cost model predicts them."""
+    per_gpu = np.swapaxes(np.asarray(loads)[..., None] * share, -1, -2)
+    return cost.gpu_expert_time(per_gpu, place.shape, place.system).max(-1).sum(-1)
+
+
+def keep_unless_worth_it(predicted: np.ndarray, shares: np.ndarray, held_steps: np.ndarray, place) -> np.ndarray:
+    """Hysteresis for re-placement: at each re-placement point adopt the new placement only if the
+    expert time it is expected to save over the steps it will hold (``held_steps [R]``, with
+    ``predicted [R, L, E]`` loads per step) exceeds the time to migrate the weights; else keep the
+    current one. ``shares [R, L, E, G]`` -> the adopted ``[R, L, E, G]``. Needs ``place.shape``."""
+    if getattr(place, "shape", None) is None:
+        return shares
+    out = shares.copy()
+    current = shares[0]
+    for r in range(1, len(shares)):
+        t_cur = expected_expert_time(predicted[r], current, place)
+        t_new = expected_expert_time(predicted[r], shares[r], place)
+        moved = cost.migration_bytes(current, shares[r], place.shape.expert_weight_bytes)
+        if (t_cur - t_new) * held_steps[r] > float(cost.migration_time(moved, place.system)):
+            current = shares[r]
+        out[r] = current
+    return out
 
 
 def static_plan(batches: Batches, share: np.ndarray | None = None, name: str = "static") -> Plan:
@@ -287,6 +330,14 @@ def predictor_seconds(pcost, n_tokens: np.ndarray, system: SystemSpec) -> np.nda
     return cost.predictor_time(flops, nbytes, system)
 
 
+def _typical_selections(batches: Batches, s: int) -> float:
+    """Selections per layer of a typical batch: the mean over the replay (the server knows its own
+    batch-size profile; it does not know the routing). Placements are chosen for this typical batch,
+    because one placement serves many batches of both phases, and moving Mixtral-sized experts
+    costs seconds."""
+    return float(batches.n_tokens.mean()) * batches.experts.shape[2]
+
+
 def distribution_plan(batches: Batches, predictor, place: PlaceFn, system: SystemSpec, interval: int = 1,
                       name: str | None = None) -> Plan:
     """Re-place every ``interval`` batches from a ``DistributionPredictor``'s forecast of the next batch.
@@ -312,14 +363,15 @@ def distribution_plan(batches: Batches, predictor, place: PlaceFn, system: Syste
                            token_ids=batches.token_id[order[bounds[s]:bounds[s + 1]]], past_phase=batches.phase[:s],
                            request_prefill_loads=prefill_loads[members] if batches.phase[s] else None)
         frac = np.asarray(predictor.predict_next(batches.loads[:s], ctx), dtype=np.float64)
-        predicted.append(frac * batches.n_tokens[s] * k)
+        predicted.append(frac * _typical_selections(batches, s))
         true = batches.loads[s] / np.maximum(batches.loads[s].sum(-1, keepdims=True), 1)
         errors.append(0.5 * np.abs(frac - true).sum(-1).mean())
     pcost = predictor.cost()
     work = np.zeros(S)
     work[replan] = predictor_seconds(pcost, batches.n_tokens[replan], system)
     err = float(np.mean(errors))
-    shares = _place_many(place, np.stack(predicted))
+    predicted = np.stack(predicted)
+    shares = keep_unless_worth_it(predicted, _place_many(place, predicted), np.diff(np.append(replan, S)), place)
     return Plan(name or getattr(predictor, "name", "distribution"), "distribution", shares,
                 np.searchsorted(replan, np.arange(S), side="right") - 1, predictor_s=work,
                 on_critical_path=bool(pcost.on_critical_path), accuracy=1 - err, error=err)
@@ -353,7 +405,10 @@ def token_plan(batches: Batches, predictor, place: PlaceFn, system: SystemSpec, 
         idx = batches.step[:, None] * E + predicted[:, layer, :]
         pred_loads[:, layer] = np.bincount(idx.ravel(), minlength=S * E).reshape(S, E)
     replan = _replan_steps(S, interval)
-    shares = _place_many(place, pred_loads[replan])  # only the batch at hand is known when it is placed
+    # only the batch at hand is known when it is placed; it is placed for a typical batch of that mix
+    frac = pred_loads[replan] / np.maximum(pred_loads[replan].sum(-1, keepdims=True), 1)
+    typical = np.array([_typical_selections(batches, s) for s in replan])[:, None, None]
+    shares = keep_unless_worth_it(frac * typical, _place_many(place, frac * typical), np.diff(np.append(replan, S)), place)
     pcost = predictor.cost()
     hits = (predicted[:, :, :, None] == batches.experts[:, :, None, :]).any(-1).mean()
     true_f = batches.loads / np.maximum(batches.loads.sum(-1, keepdims=True), 1)

@@ -1,0 +1,304 @@
+"""The predictor-selection guide: which predictor family, and which predictor, wins end to end where.
+
+``python -m moegps.simulator.guide [trace=deepseek|synthetic|<trace>] [system=h100_8gpu] [link_gbps=[...]]
+[batch_sizes=[...]] [gpus=[...]] [skews=[...]] ...`` (conf/guide.yaml) fits every predictor on a
+training split of the trace (whole requests), replays the test split under each of them, the
+static baseline and the oracle, for every system variant (GPU count x link bandwidth) and batch size
+(and routing skew, for the synthetic trace), and writes:
+
+- ``rows.parquet``: one ``moegps.results`` row per (variant, plan);
+- ``decision.csv``: per variant, the best distribution-only and token-to-expert predictor, their
+  times, the baseline and the oracle, the winner and the gain ``t_token / t_distribution - 1``;
+- ``decision.png``: decision regions (winning family per bandwidth x batch size, or skew), each
+  cell labelled with that gain.
+
+The MoE-GPS setting: ``system=a100_4gpu_moegps batch_sizes=[1] phase=prefill attention=tp
+link_gbps=[600,200,64,32]`` (see docs/simulator.md).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..trace import RoutingTrace, TraceMeta
+from .replay import (
+    PlaceFn, ReplayConfig, SimResult, distribution_plan, make_batches, oracle_bound, oracle_plan, predict_tokens,
+    simulate, static_plan, token_plan,
+)
+from .system import ModelShape, SystemSpec, load_system, model_shape, shape_from_meta
+
+DEFAULT_DISTRIBUTION = ["uniform", "global_profile", "phase_profile", "last_batch", "ema"]
+DEFAULT_TOKEN = ["most_frequent", "token_table", "position_table", "cross_layer", "ffn"]
+
+
+@dataclass
+class GuideConfig:
+    trace: str = "deepseek"  # "deepseek" | "synthetic" | a RoutingTrace parquet file/folder | CSV folder
+    limit: int | None = None  # first N requests
+    model: str | None = None  # model shape (system.MODEL_SHAPES); None: from the trace, else by its expert count
+    system: str = "h100_8gpu"
+    gpus: list[int] = field(default_factory=lambda: [8])
+    link_gbps: list[float] = field(default_factory=lambda: [900.0, 450.0, 200.0, 64.0, 32.0])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    skews: list[float] = field(default_factory=lambda: [1.0])  # synthetic trace only
+    phase: str = "all"
+    attention: str = "dp"
+    source: str = "token"
+    placement: str = "auto"
+    interval: int = 1
+    test_fraction: float = 0.5
+    seed: int = 0
+    distribution: list[str] = field(default_factory=lambda: list(DEFAULT_DISTRIBUTION))
+    token: list[str] = field(default_factory=lambda: list(DEFAULT_TOKEN))
+    predictor_args: dict[str, dict[str, Any]] = field(default_factory=lambda: {"ffn": {"epochs": 2}})
+    out: str = "outputs/guide"
+
+
+# ---- workloads ----------------------------------------------------------------------------------
+
+
+def synthetic_trace(rng: np.random.Generator, skew: float, n_requests: int = 200, prompt_len: tuple[int, int] = (16, 128),
+                    decode_steps: int = 16, n_layers: int = 8, n_experts: int = 8, top_k: int = 2, vocab: int = 2000,
+                    stickiness: float = 0.7) -> RoutingTrace:
+    """A trace whose routing skew is a knob: expert popularity ~ 1 / rank^skew per layer, token ids
+    ~ Zipf; each (token id, layer) has a preferred top-k set drawn from that popularity and an
+    occurrence keeps it with probability ``stickiness`` (so token-id predictors can learn it), else
+    draws afresh. Prefill of random length then ``decode_steps`` decode steps per request."""
+    lens = rng.integers(prompt_len[0], prompt_len[1] + 1, n_requests)
+    per = lens + decode_steps
+    req = np.repeat(np.arange(n_requests), per)
+    pos = np.concatenate([np.arange(n) for n in per])
+    step = np.maximum(pos - np.repeat(lens, per) + 1, 0)
+    T = len(req)
+    freq = 1.0 / np.arange(1, vocab + 1) ** 1.1
+    token = rng.choice(vocab, T, p=freq / freq.sum())
+    experts = np.empty((T, n_layers, top_k), dtype=np.int16)
+    for layer in range(n_layers):
+        logp = -skew * np.log(np.arange(1, n_experts + 1))[rng.permutation(n_experts)]
+        preferred = np.argsort(-(logp + rng.gumbel(size=(vocab, n_experts))), axis=1)[:, :top_k]
+        fresh = np.argsort(-(logp + rng.gumbel(size=(T, n_experts))), axis=1)[:, :top_k]
+        keep = rng.random(T) < stickiness
+        experts[:, layer] = np.where(keep[:, None], preferred[token], fresh)
+    meta = TraceMeta(model=f"synthetic-skew{skew:g}", n_layers=n_layers, n_experts=n_experts, top_k=top_k,
+                     source="synthetic", notes=f"moegps.simulator.guide.synthetic_trace(skew={skew}, stickiness={stickiness})")
+    return RoutingTrace.from_token_major(meta, req, step, pos, token, experts).validate()
+
+
+def load_workload(cfg: GuideConfig, skew: float) -> RoutingTrace:
+    if cfg.trace == "synthetic":
+        return synthetic_trace(np.random.default_rng(cfg.seed), skew, n_requests=cfg.limit or 200)
+    from ..predictors.evaluate import load_trace
+
+    return load_trace(cfg.trace, cfg.limit, cfg.seed)
+
+
+def shape_for(meta: TraceMeta, name: str | None) -> ModelShape:
+    """The model shape to cost the trace with: named, from the trace's config, or the real model
+    whose expert counts the trace has (Mixtral-8x7B for 8 experts top-2, DeepSeek-V2-Lite for 64 top-6)."""
+    if name:
+        return model_shape(name, n_experts=meta.n_experts, top_k=meta.top_k, n_layers=meta.n_layers)
+    fallback = "deepseek-v2-lite" if meta.n_experts >= 64 else "mixtral-8x7b"
+    try:
+        return shape_from_meta(meta)
+    except KeyError:
+        return shape_from_meta(meta, fallback)
+
+
+def fit_predictors(train: RoutingTrace, names: list[str], args: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Fit each named predictor of ``moegps.predictors`` on ``train``; one that fails is skipped with a warning."""
+    from ..predictors import make
+
+    fitted = {}
+    for name in names:
+        try:
+            fitted[name] = make(name, **args.get(name, {})).fit(train)
+        except Exception as e:  # a predictor that cannot fit this trace (e.g. needs decode steps) is left out
+            warnings.warn(f"predictor {name!r} skipped: {type(e).__name__}: {e}")
+    return fitted
+
+
+# ---- the sweep ----------------------------------------------------------------------------------
+
+
+def _variant_system(base: SystemSpec, gpus: int, link_gbps: float) -> SystemSpec:
+    if base.topology == "mesh2d":
+        if gpus != base.n_gpus:
+            raise ValueError(f"{base.name}: a mesh profile keeps its {base.n_gpus} devices; set gpus=[{base.n_gpus}]")
+        return base.replace(link_bandwidth=link_gbps * 1e9)
+    per_node = min(base.gpus_per_node, gpus)
+    return base.replace(n_gpus=gpus, gpus_per_node=per_node, link_bandwidth=link_gbps * 1e9)
+
+
+def run_guide(cfg: GuideConfig, progress: bool = True) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """The whole sweep; returns the decision table and the results rows."""
+    from tqdm import tqdm
+
+    from ..predictors.evaluate import split_by_request
+
+    base = load_system(cfg.system)
+    rows, decisions = [], []
+    for skew in cfg.skews if cfg.trace == "synthetic" else [float("nan")]:
+        trace = load_workload(cfg, skew)
+        shape = shape_for(trace.meta, cfg.model)
+        train, test = split_by_request(trace, cfg.test_fraction, cfg.seed)
+        preds = fit_predictors(train, cfg.distribution + cfg.token, cfg.predictor_args)
+        test_routing = test.by_token()
+        cached_tokens: dict[str, np.ndarray] = {}
+        combos = [(g, b) for g in cfg.gpus for b in cfg.batch_sizes]
+        for gpus, batch in tqdm(combos, desc=f"guide {trace.meta.model}", disable=not progress):
+            system0 = _variant_system(base, gpus, cfg.link_gbps[0])
+            rcfg = ReplayConfig(batch_size=batch, source=cfg.source, attention=cfg.attention, phase=cfg.phase)
+            batches = make_batches(test_routing, gpus, trace.meta.n_experts, rcfg)
+            place = PlaceFn(cfg.placement, system0, trace.meta.n_experts, shape=shape)
+            plans = [static_plan(batches), oracle_plan(batches, place)]
+            for name, p in preds.items():
+                if getattr(p, "family", "") == "token" or hasattr(p, "predict"):
+                    if name not in cached_tokens:
+                        cached_tokens[name] = predict_tokens(batches, p)
+                    plans.append(token_plan(batches, p, place, system0, cfg.interval, name, cached_tokens[name]))
+                else:
+                    plans.append(distribution_plan(batches, p, place, system0, cfg.interval, name))
+            for bw in cfg.link_gbps:
+                system = _variant_system(base, gpus, bw)
+                results = [simulate(batches, p, shape, system, rcfg) for p in plans]
+                results.append(oracle_bound(results))
+                results[1].plan = "oracle_placement"
+                variant = {"trace": trace.meta.model, "skew": skew, "gpus": gpus, "link_gbps": bw,
+                           "batch_size": batch, "phase": cfg.phase, "attention": cfg.attention,
+                           "placement": cfg.placement, "interval": cfg.interval, "system": base.name,
+                           "model_shape": shape.name}
+                rows += [r.row(variant, system) for r in results]
+                decisions.append(decide(variant, results))
+    return pd.DataFrame(decisions), rows
+
+
+def decide(variant: dict[str, Any], results: list[SimResult]) -> dict[str, Any]:
+    """One decision-table row from a variant's results (families: baseline, distribution, token, oracle)."""
+    by = {r.plan: r for r in results}
+    out = dict(variant)
+    out["baseline_ms"] = by["static"].total * 1e3
+    out["oracle_ms"] = by["oracle"].total * 1e3
+    for family in ("distribution", "token"):
+        fam = [r for r in results if r.family == family]
+        if fam:
+            best = min(fam, key=lambda r: r.total)
+            out[f"best_{family}"] = best.plan
+            out[f"{family}_ms"] = best.total * 1e3
+            out[f"{family}_accuracy"] = best.accuracy
+        else:
+            out[f"best_{family}"], out[f"{family}_ms"], out[f"{family}_accuracy"] = "", np.nan, np.nan
+    d, t = out["distribution_ms"], out["token_ms"]
+    out["gain_dist_over_token"] = t / d - 1 if np.isfinite(d) and np.isfinite(t) else np.nan
+    best_plan = min((r for r in results if r.family in ("baseline", "distribution", "token")), key=lambda r: r.total)
+    out["winner"] = best_plan.plan
+    out["winner_family"] = best_plan.family
+    out["speedup_vs_baseline"] = out["baseline_ms"] / (best_plan.total * 1e3)
+    return out
+
+
+# ---- outputs ------------------------------------------------------------------------------------
+
+_COLOURS = {"distribution": "#4c78a8", "token": "#f58518", "baseline": "#bab0ac"}
+
+
+def plot_decisions(table: pd.DataFrame, path: Path, title: str = "") -> Path:
+    """Decision regions: x = link bandwidth, y = batch size (or skew when several), one panel per
+    GPU count (and skew/batch otherwise); cell colour = winning family, label = token/dist - 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from ..trace import atomic_path
+
+    y_axis = "skew" if table["skew"].nunique() > 1 else "batch_size"
+    panel_keys = ["trace", "gpus"] + (["batch_size"] if y_axis == "skew" else [])
+    panels = list(table.groupby(panel_keys, sort=True))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4.2), squeeze=False)
+    for ax, (key, sub) in zip(axes[0], panels):
+        xs = sorted(sub.link_gbps.unique())
+        ys = sorted(sub[y_axis].unique())
+        for _, r in sub.iterrows():
+            i, j = xs.index(r.link_gbps), ys.index(r[y_axis])
+            ax.add_patch(plt.Rectangle((i - 0.5, j - 0.5), 1, 1, color=_COLOURS[r.winner_family], alpha=0.85))
+            gain = r.gain_dist_over_token
+            ax.text(i, j, f"{gain:+.0%}\n{r.winner}" if np.isfinite(gain) else r.winner,
+                    ha="center", va="center", fontsize=7)
+        ax.set_xlim(-0.5, len(xs) - 0.5)
+        ax.set_ylim(-0.5, len(ys) - 0.5)
+        ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
+        ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
+        ax.set_xlabel("link bandwidth per GPU per direction (GB/s)")
+        ax.set_ylabel("routing skew (Zipf exponent)" if y_axis == "skew" else "batch size (requests)")
+        ax.set_title(", ".join(f"{k}={v}" for k, v in zip(panel_keys, key if isinstance(key, tuple) else (key,))),
+                     fontsize=8)
+    handles = [Patch(color=c, label=f"{f} wins") for f, c in _COLOURS.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8)
+    fig.suptitle((title + "\n" if title else "") + "cell label: t(best token-to-expert) / t(best distribution-only) - 1, "
+                 "and the winning plan", fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=130, format="png")
+    plt.close(fig)
+    return path
+
+
+def write_outputs(table: pd.DataFrame, rows: list[dict[str, Any]], out: Path, config: dict[str, Any]) -> dict[str, Path]:
+    from ..results import write_rows
+    from ..trace import atomic_path
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"rows": write_rows(rows, out / "rows.parquet"), "decision": out / "decision.csv",
+             "plot": out / "decision.png", "config": out / "config.json"}
+    with atomic_path(paths["decision"]) as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_path(paths["config"]) as tmp:
+        Path(tmp).write_text(json.dumps(config, indent=2, default=str))
+    plot_decisions(table, paths["plot"], title=f"{config.get('trace')} on {config.get('system')}, "
+                   f"phase={config.get('phase')}, attention={config.get('attention')}, simulated")
+    return paths
+
+
+SHOW = ["trace", "skew", "gpus", "link_gbps", "batch_size", "baseline_ms", "best_distribution", "distribution_ms",
+        "best_token", "token_ms", "oracle_ms", "gain_dist_over_token", "winner"]
+
+
+def main() -> None:
+    import hydra
+    from omegaconf import OmegaConf
+
+    from ..paths import PROJECT_ROOT
+
+    if not OmegaConf.has_resolver("moegps.project_root"):
+        OmegaConf.register_new_resolver("moegps.project_root", lambda: str(PROJECT_ROOT))
+    if not OmegaConf.has_resolver("trace_name"):
+        OmegaConf.register_new_resolver("trace_name", lambda spec: Path(str(spec)).stem or "trace")
+
+    @hydra.main(version_base="1.3", config_path="../../conf", config_name="guide")
+    def app(raw) -> None:
+        config = OmegaConf.to_container(raw, resolve=True)
+        cfg = GuideConfig(**{k: v for k, v in config.items() if k in GuideConfig.__dataclass_fields__})
+        t0 = time.perf_counter()
+        table, rows = run_guide(cfg)
+        paths = write_outputs(table, rows, Path(cfg.out), config)
+        show = table[[c for c in SHOW if c in table.columns]]
+        if cfg.trace != "synthetic":
+            show = show.drop(columns="skew")
+        with pd.option_context("display.width", 250, "display.max_rows", 500, "display.float_format", "{:.4g}".format):
+            print(show.to_string(index=False))
+        print(f"{len(rows)} runs simulated in {time.perf_counter() - t0:.1f} s; " + json.dumps({k: str(v) for k, v in paths.items()}))
+
+    app()
+
+
+if __name__ == "__main__":
+    main()
