@@ -1,0 +1,294 @@
+"""Score every predictor on one trace: accuracy and overhead side by side, per phase.
+
+Library: ``evaluate(trace, predictors, ...) -> pandas.DataFrame`` (one row per predictor and
+phase). Command line (hydra; ``conf/evaluate.yaml``)::
+
+    python -m moegps.predictors.evaluate trace=deepseek            # the real DeepSeek-V2-Lite trace
+    python -m moegps.predictors.evaluate trace=/path/to/trace.parquet batch_requests=16
+    python -m moegps.predictors.evaluate trace=random              # offline smoke run
+
+writes ``predictors.parquet``, ``predictors.csv``, ``predictors.png`` (accuracy vs overhead) and
+``config.yaml`` to ``out`` (default ``outputs/predictors/<trace name>``).
+
+Protocol. Requests (never tokens) are split into train and test with a seeded permutation;
+predictors are fitted on the train trace only. Test requests are served in trace order by a
+static-batching server (see :mod:`.batching`): each distribution predictor is called once per
+batch with the loads of the batches before it; each token predictor predicts every test token
+(cross-layer ones given the true experts of the previous layer), and its predictions are also
+aggregated per batch so that both families get the same load metrics. Latency is the median
+wall time of one call on this CPU (distribution: every call; token: ``latency_batches`` batches
+per phase); per-token latency divides the summed time by the summed tokens of those calls.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..trace import DECODE, PREFILL, RoutingTrace
+from .base import DistributionPredictor, TokenPredictor, normalize
+from .batching import BatchStream, batch_context, batch_stream
+from .metrics import distribution_errors, recall_at_k
+
+PHASE_NAMES = {PREFILL: "prefill", DECODE: "decode"}
+
+
+def split_by_request(trace: RoutingTrace, test_fraction: float = 0.2, seed: int = 0) -> tuple[RoutingTrace, RoutingTrace]:
+    """(train, test) traces holding disjoint sets of whole requests; ``test_fraction`` of them in test."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    ids = trace.requests()
+    if len(ids) < 2:
+        raise ValueError(f"trace '{trace.meta.model}' has {len(ids)} request(s); a split needs at least 2")
+    n_test = min(len(ids) - 1, max(1, int(round(test_fraction * len(ids)))))
+    test_ids = np.sort(np.random.default_rng(seed).permutation(ids)[:n_test])
+    is_test = np.isin(trace.request_id, test_ids)
+    return trace.select(~is_test), trace.select(is_test)
+
+
+def _phase_masks(phases: np.ndarray) -> dict[str, np.ndarray]:
+    out = {"all": np.ones(len(phases), dtype=bool)}
+    for ph, name in PHASE_NAMES.items():
+        if (phases == ph).any():
+            out[name] = phases == ph
+    return out
+
+
+def _dist_rows(pred: np.ndarray, stream: BatchStream) -> dict[str, dict[str, float]]:
+    """Mean distribution errors per phase; ``pred`` ``[batch, layer, expert]`` fractions."""
+    errs = distribution_errors(pred, stream.loads)  # each [batch, layer]
+    rows = {}
+    for name, m in _phase_masks(stream.phase).items():
+        r = {k: float(v[m].mean()) for k, v in errs.items()}
+        r["l1"] = 2 * r["tv"]
+        r["n_batches"] = int(m.sum())
+        rows[name] = r
+    return rows
+
+
+def _predict_tokens(p: TokenPredictor, stream: BatchStream, chunk: int = 65536) -> np.ndarray:
+    out = [p.predict(stream.tokens.select(slice(s, s + chunk))) for s in range(0, len(stream.tokens), chunk)]
+    return np.concatenate(out)
+
+
+def _timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+def evaluate(
+    trace: RoutingTrace,
+    predictors: dict[str, DistributionPredictor | TokenPredictor],
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    batch_requests: int = 8,
+    window: int = 8,
+    latency_batches: int = 30,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Fit each predictor on the train requests, score it on the test requests; one row per (predictor, phase).
+
+    Columns: predictor, family, phase, the token metrics (``set_acc``, ``recall_at_k``; token
+    family only), the load metrics (``tv``, ``l1``, ``kl``, ``maxload_rel_err``,
+    ``imbalance_err``, ``hot_expert_hit``; for token predictors through their aggregated loads),
+    ``latency_batch_s``, ``latency_token_s``, ``fit_s``, the cost fields of :class:`PredictorCost`,
+    batch and token counts, and the trace's name.
+    """
+    from tqdm.auto import tqdm
+
+    train, test = split_by_request(trace, test_fraction, seed)
+    stream = batch_stream(test, batch_requests, window=window)
+    phases_tok = stream.tokens.phase
+    rows: list[dict[str, Any]] = []
+    common = {
+        "trace": trace.meta.model, "batch_requests": batch_requests, "test_fraction": test_fraction, "seed": seed,
+        "n_train_requests": len(train.requests()), "n_test_requests": len(test.requests()),
+    }
+    bar = tqdm(predictors.items(), disable=not progress, desc="predictors")
+    for label, p in bar:
+        bar.set_postfix_str(label)
+        fit_s = _timed(p.fit, train)
+        timing: dict[str, list[tuple[float, int]]] = {}
+        token_metrics: dict[str, dict[str, float]] = {}
+        if hasattr(p, "predict_next"):
+            family = "distribution"
+            pred = np.empty(stream.loads.shape)
+            for b in range(len(stream)):
+                ctx = batch_context(stream, b)
+                t0 = time.perf_counter()
+                pred[b] = p.predict_next(stream.loads[:b], ctx)
+                dt = time.perf_counter() - t0
+                timing.setdefault(PHASE_NAMES[int(stream.phase[b])], []).append((dt, ctx.n_tokens))
+        else:
+            family = "token"
+            experts = _predict_tokens(p, stream)
+            rec = recall_at_k(experts, stream.experts)  # [token, layer]
+            for name, m in _phase_masks(phases_tok).items():
+                token_metrics[name] = {
+                    "set_acc": float((rec[m] == 1.0).mean()), "recall_at_k": float(rec[m].mean()),
+                    "n_tokens": int(m.sum()),
+                }
+            L, E = stream.loads.shape[1:]
+            flat = (stream.token_batch_id[:, None, None] * L + np.arange(L)[None, :, None]) * E + experts
+            pred = normalize(np.bincount(flat.reshape(-1), minlength=stream.loads.size).reshape(stream.loads.shape))
+            rng = np.random.default_rng(seed)
+            for ph, name in PHASE_NAMES.items():
+                bs = np.flatnonzero(stream.phase == ph)
+                for b in rng.permutation(bs)[:latency_batches]:
+                    tb = stream.tokens.select(stream.batch_tokens(b))
+                    timing.setdefault(name, []).append((_timed(p.predict, tb), len(tb)))
+        dist = _dist_rows(pred, stream)
+        cost = p.cost()
+        timing["all"] = [t for name in PHASE_NAMES.values() for t in timing.get(name, [])]
+        for phase, drow in dist.items():
+            t = np.array(timing.get(phase, []), dtype=np.float64).reshape(-1, 2)
+            row = {
+                "predictor": label, "family": family, "phase": phase,
+                "set_acc": np.nan, "recall_at_k": np.nan, **drow,
+                "latency_batch_s": float(np.median(t[:, 0])) if len(t) else np.nan,
+                "latency_token_s": float(t[:, 0].sum() / max(t[:, 1].sum(), 1)) if len(t) else np.nan,
+                "fit_s": fit_s, **cost.as_row(), **common,
+            }
+            row.update(token_metrics.get(phase, {}))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ---- loading traces, the plot, the hydra app ------------------------------------------------
+
+
+def load_trace(spec: str, limit: int | None = None, seed: int = 0) -> RoutingTrace:
+    """``"deepseek"`` (the shared DeepSeek-V2-Lite CSVs), ``"random"`` (a synthetic trace), a
+    folder of DeepSeek-style CSVs, or a RoutingTrace parquet file/folder."""
+    from ..paths import shared_data
+
+    if spec == "random":
+        from ..testing import random_trace
+
+        return random_trace(np.random.default_rng(seed), n_requests=limit or 400, prompt_len=(8, 64),
+                            decode_steps=16, n_layers=4, n_experts=16, top_k=2)
+    path = shared_data("traces", "deepseek-v2-lite-puffin") if spec == "deepseek" else Path(spec)
+    if path.is_dir() and any(path.glob("*.csv")) and not any(path.glob("*.parquet")):
+        from ..importers.deepseek_csv import read_deepseek_csv
+
+        return read_deepseek_csv(path, limit)
+    trace = RoutingTrace.read(path)
+    if limit:
+        trace = trace.with_requests(trace.requests()[:limit])
+    return trace
+
+
+def plot(table: pd.DataFrame, path: Path, title: str = "") -> Path:
+    """Two panels: load error (TV) vs latency per batch (both families); recall@k vs latency per token."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..trace import atomic_path
+
+    t = table[table.phase == "all"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5.2))
+    for fam, marker, color in (("distribution", "o", "tab:blue"), ("token", "s", "tab:orange")):
+        d = t[t.family == fam]
+        a.scatter(d.latency_batch_s * 1e6, d.tv, marker=marker, color=color, label=fam)
+        for _, r in d.iterrows():
+            a.annotate(r.predictor, (r.latency_batch_s * 1e6, r.tv), fontsize=7, xytext=(3, 2), textcoords="offset points")
+    a.set_xscale("log")
+    a.set_xlabel("latency per batch, median (us, this CPU)")
+    a.set_ylabel("load error: total variation per layer (lower is better)")
+    a.set_title("next-batch load distribution")
+    a.legend()
+    d = t[t.family == "token"]
+    b.scatter(d.latency_token_s * 1e6, d.recall_at_k, marker="s", color="tab:orange")
+    for _, r in d.iterrows():
+        b.annotate(r.predictor, (r.latency_token_s * 1e6, r.recall_at_k), fontsize=7, xytext=(3, 2), textcoords="offset points")
+    b.set_xscale("log")
+    b.set_xlabel("latency per token (us, this CPU)")
+    b.set_ylabel("recall@k (higher is better)")
+    b.set_title("token-to-expert")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return path
+
+
+def write_outputs(table: pd.DataFrame, out: Path, config: dict[str, Any]) -> dict[str, Path]:
+    from ..trace import atomic_path
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"parquet": out / "predictors.parquet", "csv": out / "predictors.csv", "png": out / "predictors.png",
+             "config": out / "config.yaml"}
+    with atomic_path(paths["parquet"]) as tmp:
+        table.to_parquet(tmp, index=False)
+    with atomic_path(paths["csv"]) as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_path(paths["config"]) as tmp:
+        import yaml
+
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    title = (f"{table.trace.iloc[0]}: {table.n_train_requests.iloc[0]} train / {table.n_test_requests.iloc[0]} test "
+             f"requests, {table.batch_requests.iloc[0]} requests per batch; latency on this CPU")
+    plot(table, paths["png"], title)
+    return paths
+
+
+@dataclass
+class EvaluateConfig:
+    trace: str = "random"
+    limit: int | None = None
+    test_fraction: float = 0.2
+    seed: int = 0
+    batch_requests: int = 8
+    window: int = 8
+    latency_batches: int = 30
+    out: str = "outputs/predictors/${trace_name:${trace}}"
+    predictors: dict[str, Any] = field(default_factory=dict)
+
+
+def _trace_name(spec: str) -> str:
+    return Path(str(spec)).stem or "trace"
+
+
+def main() -> None:
+    import hydra
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("trace_name"):
+        OmegaConf.register_new_resolver("trace_name", _trace_name)
+
+    @hydra.main(version_base="1.3", config_path="../../conf", config_name="evaluate")
+    def app(cfg) -> None:
+        config = OmegaConf.to_container(cfg, resolve=True)
+        trace = load_trace(cfg.trace, cfg.limit, cfg.seed)
+        preds = {}
+        for name, pcfg in cfg.predictors.items():
+            if pcfg is None:
+                continue
+            kw = {}
+            if "batch_requests" in pcfg:  # the learned model trains on batches formed like the evaluation's
+                kw["batch_requests"] = cfg.batch_requests
+            preds[name] = instantiate(pcfg, **kw)
+        table = evaluate(trace, preds, cfg.test_fraction, cfg.seed, cfg.batch_requests, cfg.window, cfg.latency_batches)
+        paths = write_outputs(table, Path(cfg.out), config)
+        show = table[table.phase != "all"] if (table.phase == "decode").any() else table[table.phase == "all"]
+        cols = ["predictor", "phase", "set_acc", "recall_at_k", "tv", "kl", "maxload_rel_err", "latency_batch_s"]
+        with pd.option_context("display.width", 200, "display.max_rows", 200, "display.float_format", "{:.4g}".format):
+            print(show[cols].to_string(index=False))
+        print(json.dumps({k: str(v) for k, v in paths.items()}))
+
+    app()
+
+
+if __name__ == "__main__":
+    main()
