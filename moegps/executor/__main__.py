@@ -1,0 +1,37 @@
+"""``python -m moegps.executor key=value ...`` (hydra; conf/execute.yaml), under torchrun or alone.
+
+Examples::
+
+    python -m moegps.executor shape=tiny                       # one process, CPU or one GPU
+    python -m moegps.executor shape=mixtral n_layers=2 phase=decode batch_requests=1
+    torchrun --standalone --nproc-per-node=4 -m moegps.executor shape=mixtral trace=<trace> \\
+        placement=balanced extra_slots=1 predictor=last_batch
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from .runner import ExecuteConfig, run
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="execute")
+def main(cfg: DictConfig) -> None:
+    fields = {f.name for f in dataclasses.fields(ExecuteConfig)}
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise KeyError(f"conf/execute.yaml: unknown field(s) {unknown}; known: {sorted(fields)}")
+    row, _ = run(ExecuteConfig(**raw))
+    if row.get("config.world_size", 1) == 1 or __import__("os").environ.get("RANK", "0") == "0":
+        keys = ("device", "moe_ms", "dispatch_ms", "expert_ms", "combine_ms", "predictor_ms", "migration_ms",
+                "total_ms", "imbalance", "tokens", "bytes_all_to_all", "bytes_migrated")
+        print(" ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in keys))
+        print(f"run_id={row['run_id']} written under {cfg.out}")
+
+
+if __name__ == "__main__":
+    main()
