@@ -292,6 +292,8 @@ def balance_rows(
     refine: bool = True,
     rows_per_layer: int = 1,
     both_starts: bool = True,
+    restarts: int = 0,
+    seed: int = 0,
 ) -> np.ndarray:
     """Replicate and pack every row: ``loads [P, X, E]`` -> ``slot_expert [X, n_packs, slots_per_pack]``.
 
@@ -301,6 +303,9 @@ def balance_rows(
     row once it is below the lowest max the layer's rows can reach (single-phase loads).
     ``both_starts``: search from two greedy packings (replicas spread over GPUs, and EPLB's plain
     greedy that may put two replicas of an expert on one GPU) and keep the better per row.
+    ``restarts``: further starts whose replica counts come from loads perturbed by lognormal
+    noise (sigma 0.3, ``seed``): the greedy counts minimise the largest replica, which is not
+    always what packs best into few slots per GPU.
     """
     loads = np.asarray(loads, dtype=np.float64)
     P, X, E = loads.shape
@@ -310,30 +315,37 @@ def balance_rows(
     phase_weights = np.full(P, 1.0 / P) if phase_weights is None else np.asarray(phase_weights, float)
     max_per_expert = n_packs if max_per_expert is None else max_per_expert
     norm = loads / phase_scale(loads, n_packs)
-    counts = replicate(scalar_key(norm, phase_weights, objective), n_slots, max_per_expert)
-    item_expert = replica_items(counts)  # [X, R]
-    R = item_expert.shape[1]
-    if R < n_slots:  # pad with empty fillers
-        item_expert = np.concatenate([item_expert, np.full((X, n_slots - R), -1)], axis=1)
+    key = scalar_key(norm, phase_weights, objective)
+    # starts: (replica counts, spread?) pairs; restarts perturb the loads that decide the counts
+    noise = np.random.default_rng(seed).lognormal(0.0, 0.3, size=(restarts, X, E))
+    count_sets = [replicate(key, n_slots, max_per_expert)]
+    count_sets += [replicate(key * noise[r], n_slots, max_per_expert) for r in range(restarts)]
+    starts = [(0, True)] + ([(0, False)] if both_starts else []) + [(r + 1, True) for r in range(restarts)]
+    keys, start_counts = [], []
     rows = np.arange(X)[:, None]
-    e = np.maximum(item_expert, 0)
-    item_weight = np.where(item_expert >= 0, norm[:, rows, e] / counts[rows, e], 0.0)  # [P, X, n]
-    starts = [True, False] if both_starts else [True]
-    keys = []
-    for spread in starts:  # greedy with replicas spread over GPUs, and EPLB's plain greedy
+    for c_index, spread in starts:
+        counts = count_sets[c_index]
+        item_expert = replica_items(counts)  # [X, R]
+        R = item_expert.shape[1]
+        if R < n_slots:  # pad with empty fillers
+            item_expert = np.concatenate([item_expert, np.full((X, n_slots - R), -1)], axis=1)
+        e = np.maximum(item_expert, 0)
+        item_weight = np.where(item_expert >= 0, norm[:, rows, e] / counts[rows, e], 0.0)  # [P, X, n]
         slots = pack_greedy(item_weight, item_expert, n_packs, slots_per_pack, spread=spread)  # [X, G, S]
         keys.append(item_expert[rows[:, :, None], slots])
+    n_starts = len(starts)
     slot_key = np.concatenate(keys)
+    all_norm = np.tile(norm, (1, n_starts, 1))
     if refine:
         stop_at = None
         if P == 1:  # what no placement of these slots can beat, in absolute units per layer
             scale = phase_scale(loads, n_packs)[0, :, 0]  # [X]
-            lowest = np.maximum(1.0, (norm[0] / counts).max(-1)) * scale
+            lowest = np.maximum(1.0, (norm[0] / count_sets[0]).max(-1)) * scale
             layer_lowest = lowest.reshape(-1, rows_per_layer).max(-1).repeat(rows_per_layer)
-            stop_at = np.tile(layer_lowest / scale, len(starts))
-        slot_key = local_search(slot_key, np.tile(norm, (1, len(starts), 1)), phase_weights, objective,
+            stop_at = np.tile(layer_lowest / scale, n_starts)
+        slot_key = local_search(slot_key, all_norm, phase_weights, objective,
                                 rewrites=max_per_expert > 1, stop_at=stop_at)
-    if len(starts) > 1:
-        obj = row_objective(slot_key, np.tile(norm, (1, len(starts), 1)), phase_weights, objective).reshape(len(starts), X)
-        slot_key = slot_key.reshape(len(starts), X, n_packs, slots_per_pack)[obj.argmin(0), np.arange(X)]
+    if n_starts > 1:
+        obj = row_objective(slot_key, all_norm, phase_weights, objective).reshape(n_starts, X)
+        slot_key = slot_key.reshape(n_starts, X, n_packs, slots_per_pack)[obj.argmin(0), np.arange(X)]
     return slot_key
