@@ -101,7 +101,7 @@ def _expert_pairs(ids_ptr, scratch_ptr, expert, n_pairs, SCAN: tl.constexpr):
     Every program of the expert writes the same values (a benign race between programs); the
     barrier makes this program's own writes visible to all its threads before they are read.
     """
-    count = 0
+    count = expert * 0  # an int32 tensor from the start (a loop-carried value)
     row = scratch_ptr + expert.to(tl.int64) * n_pairs
     for start in range(0, n_pairs, SCAN):
         offs = start + tl.arange(0, SCAN)
@@ -114,7 +114,7 @@ def _expert_pairs(ids_ptr, scratch_ptr, expert, n_pairs, SCAN: tl.constexpr):
     return count
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_pairs", "top_k"])
 def gate_up_scan_kernel(
     x_ptr, w_ptr, h_ptr, ids_ptr, scratch_ptr, n_pairs, top_k, H, F,
     stride_xt, stride_we, stride_wn, stride_hm,
@@ -135,7 +135,7 @@ def gate_up_scan_kernel(
                       BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_pairs"])
 def down_scan_kernel(
     h_ptr, w_ptr, out_ptr, weights_ptr, ids_ptr, scratch_ptr, n_pairs, H, F,
     stride_hm, stride_we, stride_wn, stride_om,
@@ -168,7 +168,7 @@ def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_pairs", "top_k", "num_pid_m"])
 def gate_up_sorted_kernel(
     x_ptr, w_ptr, h_ptr, sorted_ptr, block_expert_ptr, n_padded_ptr, n_pairs, top_k, H, F,
     num_pid_m, stride_xt, stride_we, stride_wn, stride_hm,
@@ -186,7 +186,7 @@ def gate_up_sorted_kernel(
                   BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_pairs", "num_pid_m"])
 def down_sorted_kernel(
     h_ptr, w_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, n_padded_ptr, n_pairs, H, F,
     num_pid_m, stride_hm, stride_we, stride_wn, stride_om,

@@ -134,9 +134,7 @@ def fused_moe(
     w_gate_up = w_gate_up.contiguous()
     w_down = w_down.contiguous()
     n_pairs = n_tokens * top_k
-    ids = topk_ids.reshape(-1)
-    ids = ids if ids.dtype == torch.int32 else ids.to(torch.int32)
-    ids = ids.contiguous()
+    ids = topk_ids.reshape(-1).contiguous()  # any integer dtype: the kernels read it as is
     weights = topk_weights.reshape(-1).contiguous()
     if n_tokens == 0:
         return torch.zeros_like(x)
@@ -145,48 +143,62 @@ def fused_moe(
     h = torch.empty(n_pairs, ffn, dtype=x.dtype, device=x.device) if h is None else h
     y = workspace.get("y")
     y = torch.empty(n_pairs, hidden, dtype=x.dtype, device=x.device) if y is None else y
-    gu, dn = config["gate_up"], config["down"]
-    block_m = config["block_m"]
-    even_k_gu = hidden % gu["block_k"] == 0
-    even_k_dn = ffn % dn["block_k"] == 0
-    if config["path"] == "scan":
-        scratch = workspace.get("scratch")
-        if scratch is None:
-            scratch = torch.empty(n_experts * n_pairs, dtype=torch.int32, device=x.device)
-        gate_up_scan_kernel[(n_experts, triton.cdiv(ffn, gu["block_n"]))](
-            x, w_gate_up, h, ids, scratch, n_pairs, top_k, hidden, ffn,
-            x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0),
-            BLOCK_M=block_m, BLOCK_N=gu["block_n"], BLOCK_K=gu["block_k"], EVEN_K=even_k_gu,
-            SCAN=SCAN, num_warps=gu["num_warps"], num_stages=gu["num_stages"],
-        )
-        down_scan_kernel[(n_experts, triton.cdiv(hidden, dn["block_n"]))](
-            h, w_down, y, weights, ids, scratch, n_pairs, hidden, ffn,
-            h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0),
-            BLOCK_M=block_m, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"], EVEN_K=even_k_dn,
-            SCAN=SCAN, num_warps=dn["num_warps"], num_stages=dn["num_stages"],
-        )
-    elif config["path"] == "sorted":
-        meta = align(ids, n_experts, block_m)
-        num_pid_m = meta.max_blocks
-        gate_up_sorted_kernel[(num_pid_m * triton.cdiv(ffn, gu["block_n"]),)](
-            x, w_gate_up, h, meta.sorted_pair_ids, meta.block_expert, meta.n_padded,
-            n_pairs, top_k, hidden, ffn, num_pid_m,
-            x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0),
-            BLOCK_M=block_m, BLOCK_N=gu["block_n"], BLOCK_K=gu["block_k"],
-            GROUP_M=gu["group_m"], EVEN_K=even_k_gu,
-            num_warps=gu["num_warps"], num_stages=gu["num_stages"],
-        )
-        down_sorted_kernel[(num_pid_m * triton.cdiv(hidden, dn["block_n"]),)](
-            h, w_down, y, weights, meta.sorted_pair_ids, meta.block_expert, meta.n_padded,
-            n_pairs, hidden, ffn, num_pid_m,
-            h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0),
-            BLOCK_M=block_m, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"],
-            GROUP_M=dn["group_m"], EVEN_K=even_k_dn,
-            num_warps=dn["num_warps"], num_stages=dn["num_stages"],
-        )
-    else:
-        raise ValueError(f"config field 'path' must be 'scan' or 'sorted', got {config['path']!r}")
+    routing = route(ids, n_experts, config, workspace.get("scratch"))
+    launch_gate_up(x, w_gate_up, h, ids, routing, config, top_k)
+    launch_down(h, w_down, y, weights, ids, routing, config)
     if top_k == 1:
         return y
     # k-way combine: torch's sum over a bf16/fp16 dim accumulates in fp32.
     return y.view(n_tokens, top_k, hidden).sum(dim=1)
+
+
+def route(ids: torch.Tensor, n_experts: int, config: dict, scratch: torch.Tensor | None = None):
+    """The routing state a path needs: the scan path's scratch rows [E * T*k] int32 (filled by
+    the kernels themselves) or the sorted path's RoutingMeta (one align launch)."""
+    if config["path"] == "scan":
+        if scratch is None:
+            scratch = torch.empty(n_experts * ids.numel(), dtype=torch.int32, device=ids.device)
+        return scratch
+    if config["path"] == "sorted":
+        return align(ids, n_experts, config["block_m"])
+    raise ValueError(f"config field 'path' must be 'scan' or 'sorted', got {config['path']!r}")
+
+
+def launch_gate_up(x, w_gate_up, h, ids, routing, config: dict, top_k: int) -> None:
+    """h [T*k, F] = silu(x @ w1^T) * (x @ w3^T) per pair; x [T, H], w_gate_up [E, 2F, H]."""
+    n_experts, ffn, hidden = w_gate_up.shape[0], w_gate_up.shape[1] // 2, w_gate_up.shape[2]
+    tile, block_m = config["gate_up"], config["block_m"]
+    n_tiles = triton.cdiv(ffn, tile["block_n"])
+    common = dict(BLOCK_M=block_m, BLOCK_N=tile["block_n"], BLOCK_K=tile["block_k"],
+                  EVEN_K=hidden % tile["block_k"] == 0,
+                  num_warps=tile["num_warps"], num_stages=tile["num_stages"])
+    strides = (x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0))
+    if config["path"] == "scan":
+        gate_up_scan_kernel[(n_experts, n_tiles)](
+            x, w_gate_up, h, ids, routing, ids.numel(), top_k, hidden, ffn, *strides,
+            SCAN=SCAN, **common)
+    else:
+        gate_up_sorted_kernel[(routing.max_blocks * n_tiles,)](
+            x, w_gate_up, h, routing.sorted_pair_ids, routing.block_expert, routing.n_padded,
+            ids.numel(), top_k, hidden, ffn, routing.max_blocks, *strides,
+            GROUP_M=tile["group_m"], **common)
+
+
+def launch_down(h, w_down, y, weights, ids, routing, config: dict) -> None:
+    """y [T*k, H] = topk_weights * (h @ w2^T) per pair; h [T*k, F], w_down [E, H, F]."""
+    n_experts, hidden, ffn = w_down.shape
+    tile, block_m = config["down"], config["block_m"]
+    n_tiles = triton.cdiv(hidden, tile["block_n"])
+    common = dict(BLOCK_M=block_m, BLOCK_N=tile["block_n"], BLOCK_K=tile["block_k"],
+                  EVEN_K=ffn % tile["block_k"] == 0,
+                  num_warps=tile["num_warps"], num_stages=tile["num_stages"])
+    strides = (h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0))
+    if config["path"] == "scan":
+        down_scan_kernel[(n_experts, n_tiles)](
+            h, w_down, y, weights, ids, routing, ids.numel(), hidden, ffn, *strides,
+            SCAN=SCAN, **common)
+    else:
+        down_sorted_kernel[(routing.max_blocks * n_tiles,)](
+            h, w_down, y, weights, routing.sorted_pair_ids, routing.block_expert,
+            routing.n_padded, ids.numel(), hidden, ffn, routing.max_blocks, *strides,
+            GROUP_M=tile["group_m"], **common)

@@ -41,7 +41,7 @@ class RoutingMeta:
         return self.block_expert.numel()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_pairs"])
 def _align_kernel(
     ids_ptr, sorted_ptr, block_expert_ptr, n_padded_ptr, pair_slot_ptr, n_pairs,
     E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, SCAN: tl.constexpr,
@@ -52,7 +52,7 @@ def _align_kernel(
     counts = tl.zeros([E_POW2], tl.int32)
     for start in range(0, n_pairs, SCAN):
         offs = start + tl.arange(0, SCAN)
-        ids = tl.load(ids_ptr + offs, mask=offs < n_pairs, other=0)
+        ids = tl.load(ids_ptr + offs, mask=offs < n_pairs, other=0).to(tl.int32)
         counts += tl.histogram(ids, E_POW2)
     bins = tl.arange(0, E_POW2)
     n_masked = tl.cdiv(n_pairs, SCAN) * SCAN - n_pairs  # masked lanes were counted as expert 0
@@ -87,9 +87,7 @@ def align(topk_ids: torch.Tensor, n_experts: int, block_m: int) -> RoutingMeta:
 
     Returns a RoutingMeta (see the module docstring) on topk_ids' device; no host sync.
     """
-    ids = topk_ids.reshape(-1)
-    if ids.dtype != torch.int32:
-        ids = ids.to(torch.int32)
+    ids = topk_ids.reshape(-1).contiguous()  # any integer dtype
     n_pairs = ids.numel()
     max_padded = triton.cdiv(n_pairs + n_experts * (block_m - 1), block_m) * block_m
     device = topk_ids.device

@@ -1,0 +1,416 @@
+"""Benchmark (and tuner) of the fused MoE kernels on a GPU.
+
+    python -m moegps.kernels.bench [--quick] [--tune] [--out DIR] [--tokens 1 32 ...]
+
+For each shape (Mixtral-8x7B experts: E=8, H=4096, F=14336, top-2; fine-grained: E=64, H=2048,
+F=1408, top-6) and token count, with bf16 inputs and random top-k routing, it times (median of
+device events after warm-up, `triton.testing.do_bench`; L2 flushed before each run):
+  ours      fused_moe with the tuned config, replayed from a CUDA graph (routing metadata,
+            both GEMMs and the k-way combine all inside), and the same launched eagerly
+  default   fused_moe with the default config for unseen shapes (graph)
+  gmm       torch._grouped_mm pipeline: sort by expert, gather, grouped GEMM, SiLU*up, grouped
+            GEMM, gate weights, un-permute and sum (graph)
+  loop      the torch per-expert loop (reference.py, bf16; eager: it syncs per expert)
+and the floor: max(active-expert weight bytes / measured copy rate, FLOPs / measured 8192^3 bf16
+matmul rate), both measured at the start of the same run. Percent of floor = floor / time.
+Every output is checked against an fp32 reference (relative error). `--tune` first searches a
+small config space per (shape, token count), compiling candidates in parallel processes, and
+writes configs/<device>.json (also to --out). Results: a printed table, CSV and JSON in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {"mixtral": (8, 4096, 14336, 2), "fine64": (64, 2048, 1408, 6)}  # E, H, F, k
+TOKENS = [1, 8, 32, 128, 512, 2048, 8192, 16384]
+QUICK_TOKENS = [1, 32, 512, 16384]
+# (block_n, block_k, num_warps, num_stages) candidates per path
+SCAN_TILES = [(32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3)]
+SORTED_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 4), (128, 128, 8, 3),
+                (256, 64, 8, 3)]
+
+
+def tile(t, group_m=8):
+    return {"block_n": t[0], "block_k": t[1], "group_m": group_m, "num_warps": t[2],
+            "num_stages": t[3]}
+
+
+def block_ms(path: str, rows: float) -> list[int]:
+    """BLOCK_M candidates for a path given the mean rows per expert (None: path not tried)."""
+    if path == "scan":
+        if rows > 64:
+            return []
+        return [16] if rows <= 12 else [16, 32] if rows <= 24 else [32, 64]
+    if rows < 2:
+        return []
+    return [16, 32] if rows <= 24 else [32, 64] if rows <= 96 else [64, 128]
+
+
+def candidates(n_tokens, n_experts, top_k) -> list[dict]:
+    """All configs the tuner tries for one (shape, token count): same tile for both GEMMs."""
+    rows = n_tokens * top_k / n_experts
+    out = []
+    for path, tiles in (("scan", SCAN_TILES), ("sorted", SORTED_TILES)):
+        for bm, t in itertools.product(block_ms(path, rows), tiles):
+            out.append({"path": path, "block_m": bm, "gate_up": tile(t), "down": tile(t)})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs, baselines, timing
+
+
+def make_inputs(n_experts, hidden, ffn, top_k, n_tokens, seed=0, device="cuda"):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    bf16 = torch.bfloat16
+    x = torch.randn(n_tokens, hidden, generator=gen, device=device, dtype=bf16)
+    w13 = torch.randn(n_experts, 2 * ffn, hidden, generator=gen, device=device, dtype=bf16)
+    w13 /= math.sqrt(hidden)
+    w2 = torch.randn(n_experts, hidden, ffn, generator=gen, device=device, dtype=bf16)
+    w2 /= math.sqrt(ffn)
+    return x, w13, w2
+
+
+def make_routing(n_tokens, n_experts, top_k, seed=0, device="cuda"):
+    """Random top-k routing: k distinct uniformly random experts, softmax gate weights (fp32)."""
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    logits = torch.randn(n_tokens, n_experts, generator=gen, device=device)
+    vals, ids = logits.topk(top_k, dim=1)
+    return ids, torch.softmax(vals, dim=1)
+
+
+def grouped_mm_moe(x, w13, w2, topk_ids, topk_weights):
+    """The torch._grouped_mm pipeline, with the same routing, permutation and combine around it.
+
+    torch._grouped_mm(A [M, K], B [E, K, N], offs=int32 cumulative row ends [E]) -> [M, N]
+    (Hopper, bf16, 16-byte aligned strides); B is passed as a transposed view of the weights.
+    """
+    n_tokens, hidden = x.shape
+    n_experts, top_k, ffn = w13.shape[0], topk_ids.shape[1], w2.shape[2]
+    flat = topk_ids.reshape(-1)
+    sorted_e, order = torch.sort(flat, stable=True)
+    offs = torch.searchsorted(sorted_e, torch.arange(n_experts, device=x.device),
+                              right=True).to(torch.int32)
+    token = order // top_k
+    h = torch._grouped_mm(x[token], w13.transpose(1, 2), offs=offs)  # [N, 2F]
+    act = F.silu(h[:, :ffn]) * h[:, ffn:]
+    y = torch._grouped_mm(act, w2.transpose(1, 2), offs=offs)  # [N, H]
+    y = y * topk_weights.reshape(-1)[order, None].to(y.dtype)
+    unsorted = torch.empty_like(y)
+    unsorted[order] = y
+    return unsorted.view(n_tokens, top_k, hidden).sum(dim=1)
+
+
+def capture(fn):
+    """A CUDA graph of fn (warmed up on a side stream first)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def time_us(fn, graph=False, warmup=25, rep=100) -> float:
+    """Median device time of fn in microseconds (events; L2 flushed before each run)."""
+    from triton.testing import do_bench
+
+    if graph:
+        try:
+            g = capture(fn)
+        except Exception as exc:  # not capturable here: time it eagerly instead
+            print(f"  (graph capture failed, timing eagerly: {type(exc).__name__}: {exc})")
+            return do_bench(fn, warmup=warmup, rep=rep, return_mode="median") * 1e3
+        try:
+            return do_bench(g.replay, warmup=warmup, rep=rep, return_mode="median") * 1e3
+        finally:
+            del g
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median") * 1e3
+
+
+def ceilings() -> dict:
+    """Measured copy rate (bytes read + written per s) and 8192^3 bf16 matmul rate (FLOP/s)."""
+    a = torch.empty(2**29, dtype=torch.bfloat16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    copy_us = time_us(lambda: b.copy_(a))
+    m = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    n = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    mm_us = time_us(lambda: m @ n)
+    del a, b, m, n
+    return {"copy_Bps": 2 * 2**29 * 2 / (copy_us * 1e-6), "matmul_flops": 2 * 8192**3 / (mm_us * 1e-6)}
+
+
+def rel_err(out, ref) -> float:
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# tuning
+
+
+def _compile_task(task):
+    """Pool worker: compile one config's kernels by running it once on small inputs."""
+    name, (n_experts, hidden, ffn, top_k), config = task
+    import torch as th
+
+    from moegps.kernels.launch import fused_moe
+
+    try:
+        w13 = th.empty(n_experts, 2 * ffn, hidden, dtype=th.bfloat16, device="cuda").normal_()
+        w2 = th.empty(n_experts, hidden, ffn, dtype=th.bfloat16, device="cuda").normal_()
+        x = th.randn(16, hidden, dtype=th.bfloat16, device="cuda")
+        ids = th.randint(0, n_experts, (16, top_k), device="cuda")
+        fused_moe(x, w13, w2, ids, th.rand(16, top_k, device="cuda"), config=config)
+        th.cuda.synchronize()
+        return name, config, None
+    except Exception as exc:  # a tile that does not fit (shared memory, registers) is skipped
+        return name, config, f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def precompile(tasks, workers):
+    """Compile configs in parallel processes; Triton's disk cache then serves the main process."""
+    import multiprocessing as mp
+
+    failed = set()
+    t0 = time.time()
+    with mp.get_context("spawn").Pool(workers) as pool:
+        check = pool.apply_async(check_edge_cases)  # runs beside the compiles
+        for name, config, err in pool.imap_unordered(_compile_task, tasks):
+            if err:
+                failed.add((name, json.dumps(config, sort_keys=True)))
+                print(f"  compile failed {name} {config}: {err}", flush=True)
+        failures = check.get()
+    print(f"precompiled {len(tasks)} configs in {time.time() - t0:.0f} s "
+          f"({len(failed)} failed)", flush=True)
+    print("edge cases:", "all ok" if not failures else f"FAILED {failures}", flush=True)
+    return failed
+
+
+def tune_one(name, shape, n_tokens, failed, seed=0) -> dict:
+    """Best config for one (shape, tokens): each GEMM's tile timed alone per (path, BLOCK_M), then
+    the best pair timed whole (routing + both GEMMs + combine, CUDA graph)."""
+    from moegps.kernels.launch import launch_down, launch_gate_up, route
+
+    n_experts, hidden, ffn, top_k = shape
+    x, w13, w2 = make_inputs(n_experts, hidden, ffn, top_k, n_tokens, seed)
+    ids, weights = make_routing(n_tokens, n_experts, top_k, seed)
+    flat_ids, flat_w = ids.reshape(-1), weights.reshape(-1)
+    n_pairs = n_tokens * top_k
+    h = torch.empty(n_pairs, ffn, dtype=x.dtype, device="cuda")
+    y = torch.empty(n_pairs, hidden, dtype=x.dtype, device="cuda")
+    cands = [c for c in candidates(n_tokens, n_experts, top_k)
+             if (name, json.dumps(c, sort_keys=True)) not in failed]
+    best = None
+    for (path, bm), group in itertools.groupby(cands, key=lambda c: (c["path"], c["block_m"])):
+        group = list(group)
+        routing = route(flat_ids, n_experts, group[0])
+        launch_gate_up(x, w13, h, flat_ids, routing, group[0], top_k)  # h holds real values
+        gu = min(group, key=lambda c: time_us(
+            lambda: launch_gate_up(x, w13, h, flat_ids, routing, c, top_k), warmup=5, rep=25))
+        dn = min(group, key=lambda c: time_us(
+            lambda: launch_down(h, w2, y, flat_w, flat_ids, routing, c), warmup=5, rep=25))
+        from moegps.kernels.launch import fused_moe
+
+        config = {"path": path, "block_m": bm, "gate_up": gu["gate_up"], "down": dn["down"]}
+        us = time_us(lambda: fused_moe(x, w13, w2, ids, weights, config=config), graph=True,
+                     warmup=5, rep=40)
+        if best is None or us < best[0]:
+            best = (us, config)
+    config = dict(best[1], us=round(best[0], 2))
+    print(f"  tuned {name} T={n_tokens}: {config}", flush=True)
+    return config
+
+
+def tune(shapes, tokens, out_dir: Path, workers: int) -> Path:
+    from moegps.kernels import launch
+
+    tasks, seen = [], set()
+    for name, shape in shapes.items():
+        for n_tokens in tokens:
+            for c in candidates(n_tokens, shape[0], shape[3]) + [
+                    launch.default_config(n_tokens, *shape)]:
+                key = (name, json.dumps(c, sort_keys=True))
+                if key not in seen:
+                    seen.add(key)
+                    tasks.append((name, shape, c))
+    failed = precompile(tasks, workers)
+    table = {"device": launch.device_name(), "torch": torch.__version__,
+             "triton": __import__("triton").__version__, "shapes": {}}
+    for name, shape in shapes.items():
+        key = launch.shape_key(*shape)
+        table["shapes"][key] = {str(t): tune_one(name, shape, t, failed) for t in tokens}
+    path = launch.CONFIG_DIR / f"{launch.device_name()}.json"
+    text = json.dumps(table, indent=1)
+    for target in (path, out_dir / path.name):
+        target.write_text(text)
+    launch._tuned_table.cache_clear()
+    print(f"wrote {path} and {out_dir / path.name}", flush=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU correctness on edge cases (bf16), mirroring the interpreter tests
+
+
+def check_edge_cases() -> list[str]:
+    from moegps.kernels import fused_moe, moe_reference
+
+    tiles = {"gate_up": tile((64, 64, 4, 3)), "down": tile((64, 64, 4, 3))}
+    failures = []
+    cases = {  # name: (T, E, H, F, k, ids or None)
+        "random": (37, 6, 256, 192, 2, None),
+        "empty_experts": (21, 7, 256, 192, 2, "empty"),
+        "one_expert_all_top1": (45, 5, 256, 192, 1, "all"),
+        "top4": (19, 8, 256, 192, 4, None),
+        "one_token_top4": (1, 8, 256, 192, 4, None),
+        "odd_hidden": (33, 4, 200, 100, 2, None),
+    }
+    for (case, (T, E, H, Fd, k, kind)), path in itertools.product(cases.items(), ("scan", "sorted")):
+        x, w13, w2 = make_inputs(E, H, Fd, k, T, seed=7)
+        ids, weights = make_routing(T, E, k, seed=7)
+        if kind == "empty":
+            ids = torch.tensor([0, 1, 4, 6], device="cuda")[make_routing(T, 4, k, seed=3)[0]]
+        if kind == "all":
+            ids = torch.full((T, 1), 3, device="cuda")
+        ref = moe_reference(x.double(), w13.double(), w2.double(), ids, weights.double())
+        ws = {"h": torch.full((T * k, Fd), float("nan"), dtype=x.dtype, device="cuda"),
+              "y": torch.full((T * k, H), float("nan"), dtype=x.dtype, device="cuda"),
+              "scratch": torch.full((E * T * k,), -7, dtype=torch.int32, device="cuda")}
+        out = fused_moe(x, w13, w2, ids, weights, workspace=ws,
+                        config=dict(tiles, path=path, block_m=16))
+        err = rel_err(out, ref.float())
+        ok = bool(torch.isfinite(out).all()) and err < 1e-2
+        print(f"  check {case:22s} {path:6s} rel_err {err:.2e} {'ok' if ok else 'FAIL'}")
+        if not ok:
+            failures.append(f"{case}/{path}")
+    return failures
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def bench_one(name, shape, n_tokens, ceil, seed=0) -> dict:
+    from moegps.kernels import default_config, fused_moe, get_config, moe_reference
+    from moegps.kernels.routing import align
+
+    n_experts, hidden, ffn, top_k = shape
+    x, w13, w2 = make_inputs(n_experts, hidden, ffn, top_k, n_tokens, seed)
+    ids, weights = make_routing(n_tokens, n_experts, top_k, seed)
+    config = get_config(n_tokens, n_experts, hidden, ffn, top_k)
+    dflt = default_config(n_tokens, n_experts, hidden, ffn, top_k)
+    active = int(torch.unique(ids).numel())
+    weight_bytes = active * 3 * hidden * ffn * 2
+    io_bytes = 2 * n_tokens * hidden * 2
+    flops = 2 * n_tokens * top_k * 3 * hidden * ffn
+    floor_mem = (weight_bytes + io_bytes) / ceil["copy_Bps"] * 1e6
+    floor_flop = flops / ceil["matmul_flops"] * 1e6
+    row = {"shape": name, "E": n_experts, "H": hidden, "F": ffn, "k": top_k, "tokens": n_tokens,
+           "active_experts": active, "path": config["path"], "block_m": config["block_m"],
+           "floor_us": max(floor_mem, floor_flop),
+           "bound": "memory" if floor_mem >= floor_flop else "compute"}
+
+    ref = moe_reference(x.float(), w13.float(), w2.float(), ids, weights.float()).float()
+    run = {
+        "ours": lambda: fused_moe(x, w13, w2, ids, weights, config=config),
+        "default": lambda: fused_moe(x, w13, w2, ids, weights, config=dflt),
+        "gmm": lambda: grouped_mm_moe(x, w13, w2, ids, weights),
+        "loop": lambda: moe_reference(x, w13, w2, ids, weights),
+    }
+    for method, fn in run.items():
+        try:
+            row[f"err_{method}"] = rel_err(fn(), ref)
+            row[f"{method}_us"] = time_us(fn, graph=method != "loop")
+        except Exception as exc:  # a baseline that cannot run here is reported, not fatal
+            print(f"  {method} failed at {name} T={n_tokens}: {type(exc).__name__}: {exc}")
+            row[f"{method}_us"] = float("nan")
+    row["ours_eager_us"] = time_us(run["ours"])
+    row["align16_us"] = time_us(lambda: align(ids, n_experts, 16), graph=True)
+    row["pct_floor"] = 100 * row["floor_us"] / row["ours_us"]
+    row["pct_floor_default"] = 100 * row["floor_us"] / row["default_us"]
+    row["pct_floor_gmm"] = 100 * row["floor_us"] / row["gmm_us"]
+    row["tflops"] = flops / row["ours_us"] * 1e-6
+    row["weight_GBps"] = weight_bytes / row["ours_us"] * 1e-3
+    row["vs_loop"] = row["loop_us"] / row["ours_us"]
+    row["vs_gmm"] = row["gmm_us"] / row["ours_us"]
+    return row
+
+
+COLUMNS = [("shape", "{}"), ("tokens", "{}"), ("path", "{}"), ("ours_us", "{:.1f}"),
+           ("ours_eager_us", "{:.1f}"), ("floor_us", "{:.1f}"), ("bound", "{}"),
+           ("pct_floor", "{:.0f}%"), ("default_us", "{:.1f}"), ("pct_floor_default", "{:.0f}%"),
+           ("gmm_us", "{:.1f}"), ("pct_floor_gmm", "{:.0f}%"), ("loop_us", "{:.1f}"),
+           ("vs_gmm", "{:.2f}x"), ("vs_loop", "{:.2f}x"), ("tflops", "{:.0f}"),
+           ("weight_GBps", "{:.0f}"), ("align16_us", "{:.1f}"), ("err_ours", "{:.1e}")]
+
+
+def print_table(rows):
+    header = [c for c, _ in COLUMNS]
+    cells = [[fmt.format(r.get(c, float("nan"))) for c, fmt in COLUMNS] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
+    for c in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(c, widths)), flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"tokens {QUICK_TOKENS} only")
+    parser.add_argument("--tokens", type=int, nargs="*", help="token counts (overrides --quick)")
+    parser.add_argument("--shapes", nargs="*", choices=sorted(SHAPES), default=list(SHAPES))
+    parser.add_argument("--tune", action="store_true", help="tune configs first, write JSON")
+    parser.add_argument("--no-check", action="store_true", help="skip the edge-case checks")
+    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("moegps.kernels.bench needs a CUDA GPU (timings come from device events)")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokens = args.tokens or (QUICK_TOKENS if args.quick else TOKENS)
+    shapes = {s: SHAPES[s] for s in args.shapes}
+    device = torch.cuda.get_device_name()
+    print(f"device: {device}, torch {torch.__version__}, triton "
+          f"{__import__('triton').__version__}", flush=True)
+    if args.tune:
+        tune(shapes, tokens, out_dir, args.workers)
+    if not args.no_check and not args.tune:  # --tune runs them beside its compiles
+        failures = check_edge_cases()
+        print("edge cases:", "all ok" if not failures else f"FAILED {failures}", flush=True)
+    ceil = ceilings()
+    print(f"measured: copy {ceil['copy_Bps'] / 1e12:.2f} TB/s (read+written), "
+          f"bf16 8192^3 matmul {ceil['matmul_flops'] / 1e12:.0f} TFLOP/s", flush=True)
+    rows = []
+    for name, shape in shapes.items():
+        for n_tokens in tokens:
+            rows.append(bench_one(name, shape, n_tokens, ceil))
+            print(f"  {name} T={n_tokens}: ours {rows[-1]['ours_us']:.1f} us, "
+                  f"{rows[-1]['pct_floor']:.0f}% of floor", flush=True)
+            torch.cuda.empty_cache()
+    meta = {"device": device, "torch": torch.__version__,
+            "triton": __import__("triton").__version__, **ceil}
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(out_dir / "bench.csv", index=False)
+    (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"\n{device}; copy {ceil['copy_Bps'] / 1e12:.2f} TB/s, matmul "
+          f"{ceil['matmul_flops'] / 1e12:.0f} TFLOP/s; times in us (median, device events)")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
