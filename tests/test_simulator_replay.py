@@ -37,12 +37,19 @@ def test_perfect_token_routing_skips_the_dispatch(rng):
     shape = model_shape("mixtral-8x7b", n_layers=3, top_k=1)
     batches = make_batches(trace, 4, cfg=ReplayConfig(batch_size=3))
     place = PlaceFn("static", system, 8)
-    plan = token_plan(batches, _Perfect(batches.experts), place, system)
+    plan = token_plan(batches, _Perfect(batches.experts), place, system, home_slack=1e9)
     res = simulate(batches, plan, shape, system)
     assert plan.accuracy == 1.0
     assert (res.parts["dispatch"] == 0).all()
     base = simulate(batches, static_plan(batches), shape, system)
     assert base.parts["dispatch"].sum() > 0
+    # with homes capped at an even share per GPU, every GPU hosts at most ceil(1.25 * tokens / G) tokens
+    capped = token_plan(batches, _Perfect(batches.experts), place, system, home_slack=1.25)
+    for layer in range(3):
+        hosted = np.zeros((batches.n_steps, 4), dtype=int)
+        np.add.at(hosted, (batches.step, capped.home[:, layer]), 1)
+        assert (hosted <= np.ceil(1.25 * batches.n_tokens / 4)[:, None]).all()
+        assert (capped.home[:, layer] >= 0).all()
 
 
 def test_real_predictors_and_placements_replay(rng, tmp_path):

@@ -20,7 +20,7 @@ How token-to-expert prediction saves communication (MoE-GPS's distinction, model
 with a distribution-only predictor a token's attention runs where the scheduler put it, and every
 top-k selection whose expert lives elsewhere is dispatched and combined. With a token-to-expert
 predictor that runs before attention, the previous layer's combine delivers the token straight to
-the GPU holding its predicted top-1 expert (``home``), its attention runs there, and a selection
+the GPU holding most of its predicted experts (``home``), its attention runs there, and a selection
 whose true expert sits on ``home`` needs no dispatch; a mispredicted selection pays the ordinary
 dispatch from ``home`` (the correction transfer). The price: the predictor's time, and, with
 data-parallel attention, uneven attention work when many tokens pick the same home, plus moving the
@@ -295,20 +295,57 @@ def static_plan(batches: Batches, share: np.ndarray | None = None, name: str = "
     return Plan(name, "baseline", share[None], np.zeros(batches.n_steps, dtype=np.int64), charge_migration=False)
 
 
-def oracle_plan(batches: Batches, place: PlaceFn, route_tokens: bool = True) -> Plan:
+def oracle_plan(batches: Batches, place: PlaceFn, route_tokens: bool = True, home_slack: float = 1.25) -> Plan:
     """Placement from each step's true loads, token homes from true top-1 experts; no cost at all."""
     shares = _place_many(place, batches.loads.astype(np.float64))
     plan = Plan("oracle", "oracle", shares, np.arange(batches.n_steps), charge_migration=False, accuracy=1.0, error=0.0)
     if route_tokens:
-        plan.home = _homes(batches, plan, batches.experts[:, :, 0])
+        plan.home = _homes(batches, plan, batches.experts, home_slack)
     return plan
 
 
-def _homes(batches: Batches, plan: Plan, top1: np.ndarray) -> np.ndarray:
-    """``[T, L]`` GPU holding the largest share of each token's predicted top-1 expert."""
+def _homes(batches: Batches, plan: Plan, predicted: np.ndarray, slack: float = 1.25) -> np.ndarray:
+    """``[T, L]`` home GPU of each token at each layer, from its predicted experts ``[T, L, k]``.
+
+    A token prefers the GPU holding most of its predicted experts (an expert counts at the GPU with
+    its largest share; ties broken at random, so no GPU is favoured by expert numbering). Homes are
+    capacity-limited to ``slack`` x an even share of the step's tokens per GPU: unlimited, hot
+    experts would pull most tokens (their attention and their traffic) onto a few GPUs. Tokens that
+    do not fit take their next preference, in rounds.
+    """
     main_gpu = plan.share.argmax(axis=-1)  # [P, L, E]
     p = plan.placement_of_step[batches.step]  # [T]
-    return main_gpu[p[:, None], np.arange(batches.n_layers)[None, :], top1.astype(np.int64)]
+    T, L, _ = predicted.shape
+    G = batches.n_gpus
+    step = batches.step
+    cap = np.ceil(slack * batches.n_tokens / G).astype(np.int64)  # [S]
+    jitter = np.random.default_rng(0).random((T, G)) * 0.5
+    home = np.empty((T, L), dtype=np.int64)
+    for layer in range(L):
+        gpus = main_gpu[p[:, None], layer, predicted[:, layer, :].astype(np.int64)]  # [T, k]
+        score = jitter.copy()
+        np.add.at(score, (np.repeat(np.arange(T), gpus.shape[1]), gpus.ravel()), 1.0)
+        taken = np.zeros((len(cap), G), dtype=np.int64)
+        todo = np.arange(T)
+        out = np.full(T, -1, dtype=np.int64)
+        for _ in range(G):
+            if todo.size == 0:
+                break
+            full = taken[step[todo]] >= cap[step[todo], None]  # [todo, G]
+            want = np.where(full, -np.inf, score[todo]).argmax(axis=1)
+            # rank the candidates of each (step, GPU) by score; the first free places go to the best
+            key = step[todo] * G + want
+            order = np.lexsort((-score[todo, want], key))
+            sorted_key = key[order]
+            first = np.searchsorted(sorted_key, sorted_key)
+            rank = np.empty(todo.size, dtype=np.int64)
+            rank[order] = np.arange(todo.size) - first
+            ok = rank < (cap[step[todo]] - taken[step[todo], want])
+            out[todo[ok]] = want[ok]
+            np.add.at(taken, (step[todo[ok]], want[ok]), 1)
+            todo = todo[~ok]
+        home[:, layer] = out
+    return home
 
 
 def _replan_steps(n_steps: int, interval: int) -> np.ndarray:
@@ -389,11 +426,12 @@ def predict_tokens(batches: Batches, predictor, window: int = 8) -> np.ndarray:
 
 
 def token_plan(batches: Batches, predictor, place: PlaceFn, system: SystemSpec, interval: int = 1,
-               name: str | None = None, predicted: np.ndarray | None = None) -> Plan:
+               name: str | None = None, predicted: np.ndarray | None = None, home_slack: float = 1.25) -> Plan:
     """A ``TokenPredictor``: its per-token forecasts give the batch's loads (placed every
     ``interval`` batches) and, if it runs before attention, each token's home GPU per layer.
 
-    ``predicted [T, L, k]`` may be passed to reuse predictions made once.
+    ``predicted [T, L, k]`` may be passed to reuse predictions made once. ``home_slack``: a GPU
+    hosts at most that many times an even share of a step's tokens (see :func:`_homes`).
     """
     S, L = batches.n_steps, batches.n_layers
     E, k = batches.n_experts, batches.experts.shape[2]
@@ -419,7 +457,7 @@ def token_plan(batches: Batches, predictor, place: PlaceFn, system: SystemSpec, 
                 on_critical_path=bool(pcost.on_critical_path), accuracy=float(hits),
                 error=float(0.5 * np.abs(pred_f - true_f).sum(-1).mean()))
     if pcost.runs_before_attention:
-        plan.home = _homes(batches, plan, predicted[:, :, 0])
+        plan.home = _homes(batches, plan, predicted, home_slack)
     return plan
 
 
