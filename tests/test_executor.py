@@ -131,9 +131,12 @@ def test_runner_rejects_mismatched_trace(tmp_path, rng):
 def test_cli_writes_row(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "moegps.executor", "shape=tiny", "hidden=16", "ffn=16", "max_batches=2",
-         "warmup=1", "batch_requests=2", f"out={tmp_path}"],
+         "warmup=1", "batch_requests=2", "placement=balanced", "extra_slots=1", "predictor=last_batch", "window=1",
+         f"out={tmp_path}"],
         capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "moe_ms=" in out.stdout
     assert len(list((tmp_path / "rows").glob("*.parquet"))) == 1
     assert list((tmp_path / "hydra").rglob("config.yaml"))  # the resolved config beside the outputs
+    row = pd.read_parquet(next((tmp_path / "rows").glob("*.parquet")))
+    assert row.loc[0, "config.placement"] == "balanced" and row.loc[0, "config.predictor"] == "last_batch"

@@ -5,7 +5,7 @@ Examples::
     python -m moegps.executor shape=tiny                       # one process, CPU or one GPU
     python -m moegps.executor shape=mixtral n_layers=2 phase=decode batch_requests=1
     torchrun --standalone --nproc-per-node=4 -m moegps.executor shape=mixtral trace=<trace> \\
-        placement=balanced extra_slots=1 predictor=last_batch
+        placement=balanced extra_slots=1 predictor=last_batch   # conf/placement, conf/predictor groups
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .runner import ExecuteConfig, run
@@ -22,10 +23,20 @@ from .runner import ExecuteConfig, run
 def main(cfg: DictConfig) -> None:
     fields = {f.name for f in dataclasses.fields(ExecuteConfig)}
     raw = OmegaConf.to_container(cfg, resolve=True)
+    # the placement and predictor config groups (conf/placement, conf/predictor) are chosen by name
+    choices = HydraConfig.get().runtime.choices
+    raw["placement"] = choices.get("placement") or "contiguous"
+    predictor = None
+    if raw.get("predictor"):
+        predictor = hydra.utils.instantiate(cfg.predictor)
+        raw["predictor"] = choices["predictor"]
+    else:
+        raw["predictor"] = raw.get("forecast", "none")
+    raw.pop("forecast", None)
     unknown = sorted(set(raw) - fields)
     if unknown:
         raise KeyError(f"conf/execute.yaml: unknown field(s) {unknown}; known: {sorted(fields)}")
-    row, _ = run(ExecuteConfig(**raw))
+    row, _ = run(ExecuteConfig(**raw), predictor=predictor)
     if row.get("config.world_size", 1) == 1 or __import__("os").environ.get("RANK", "0") == "0":
         keys = ("device", "moe_ms", "dispatch_ms", "expert_ms", "combine_ms", "predictor_ms", "migration_ms",
                 "total_ms", "imbalance", "tokens", "bytes_all_to_all", "bytes_migrated")

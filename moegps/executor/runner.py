@@ -60,8 +60,9 @@ class ExecuteConfig:
     max_batches: int = 8  # timed batches
     warmup: int = 2  # untimed batches first
     parallel: str = "ep"  # ep (expert parallel) | tp (tensor parallel)
-    placement: str = "static"  # static | round_robin | balanced | prefill_aware
+    placement: str = "static"  # static (contiguous) | round_robin | balanced | balanced_lp | prefill_aware
     extra_slots: int = 0  # slots per GPU beyond ceil(E / GPUs), for replicas
+    split: str = "even"  # how a replicated expert's tokens split: even | load_proportional (needs loads)
     predictor: str = "none"  # none | oracle | previous | any moegps.predictors registry name
     window: int = 4  # batches per placement decision
     predictor_overlap: bool = False  # compute the forecast behind the previous batch's GEMMs
@@ -174,13 +175,18 @@ def make_placement(policy: str, loads: np.ndarray | None, n_layers: int, n_exper
     if policy == "round_robin":
         from ..placement.static import round_robin
         return round_robin(n_layers, n_experts, n_gpus, slots_per_gpu)
-    if policy == "balanced":
+    if policy in ("balanced", "balanced_lp"):
         from ..placement.balanced import balanced_duplication
-        return balanced_duplication(loads, n_gpus, slots_per_gpu)
+        placement = balanced_duplication(loads, n_gpus, slots_per_gpu)
+        if policy == "balanced_lp":  # replicas' shares proportional to what balances the GPUs
+            from ..placement.split import load_proportional
+            placement = load_proportional(placement, loads)
+        return placement
     if policy == "prefill_aware":
         from ..placement.prefill_aware import prefill_aware
         return prefill_aware(np.asarray(loads)[None] if np.ndim(loads) == 2 else loads, n_gpus, slots_per_gpu)
-    raise ValueError(f"config field 'placement' is {policy!r}, expected static | round_robin | balanced | prefill_aware")
+    raise ValueError(f"config field 'placement' is {policy!r}, expected static | contiguous | round_robin | balanced | "
+                     "balanced_lp | prefill_aware")
 
 
 class Forecaster:
@@ -192,10 +198,10 @@ class Forecaster:
     replayed trace, asked with ``predict_next(past_loads, BatchContext)``.
     """
 
-    def __init__(self, name: str, trace: RoutingTrace, window: int):
+    def __init__(self, name: str, trace: RoutingTrace, window: int, model=None):
         self.name, self.window = name, window
-        self.model = None
-        if name not in ("none", "oracle", "previous"):
+        self.model = model.fit(trace) if model is not None else None
+        if name not in ("none", "oracle", "previous") and model is None:
             from ..predictors.base import make  # the predictors' registry
             import moegps.predictors  # noqa: F401  (registers the predictors)
             self.model = make(name).fit(trace)
@@ -239,8 +245,13 @@ def _stack_layer(trace_layer_count: int, layer: int) -> int:
     return layer % trace_layer_count
 
 
-def run(cfg: ExecuteConfig, comm: xdist.Comm | None = None, write: bool = True) -> tuple[dict[str, Any], list[dict]]:
-    """Run one configuration; returns (results row, per-layer rows). Rank 0 writes them under ``cfg.out``."""
+def run(cfg: ExecuteConfig, comm: xdist.Comm | None = None, write: bool = True,
+        predictor=None) -> tuple[dict[str, Any], list[dict]]:
+    """Run one configuration; returns (results row, per-layer rows). Rank 0 writes them under ``cfg.out``.
+
+    ``predictor``: an unfitted DistributionPredictor object (e.g. instantiated by hydra) used under
+    the name ``cfg.predictor``; None = make it from ``cfg.predictor`` by registry name.
+    """
     comm = comm or xdist.init(timeout_s=cfg.timeout_s, device=cfg.device or None)
     dev = comm.device
     dtype = _dtype(cfg, dev)
@@ -255,7 +266,7 @@ def run(cfg: ExecuteConfig, comm: xdist.Comm | None = None, write: bool = True) 
     # initial placement: the policy on the whole trace's loads (a static profile) unless a predictor decides
     whole = np.stack([batch_loads(b, E) for b in batches]).sum(0)
     init_loads = None if cfg.predictor != "none" else _fractions(whole)
-    placement = _stack_placement(cfg.placement, init_loads, L, LT, E, G, slots)
+    placement = _stack_placement(cfg.placement, init_loads, L, LT, E, G, slots, cfg.split)
     layers = _build_layers(cfg, comm, placement, shape, dtype)
 
     # inputs drawn before timing: this rank's tokens of every batch
@@ -269,7 +280,7 @@ def run(cfg: ExecuteConfig, comm: xdist.Comm | None = None, write: bool = True) 
         w = [torch.as_tensor(b.weights[rows, _stack_layer(LT, l)], device=dev).to(dtype) for l in range(L)]
         inputs.append((x, ids, w))
 
-    forecaster = Forecaster(cfg.predictor, trace, cfg.window)
+    forecaster = Forecaster(cfg.predictor, trace, cfg.window, predictor)
     side = torch.cuda.Stream(dev) if dev.type == "cuda" else None
     per_layer = np.zeros((L, 3))  # dispatch, expert, combine ms (this rank, timed batches)
     gpu_tokens = np.zeros((L, G))  # assignments per GPU, timed batches, from the routing
@@ -293,7 +304,7 @@ def run(cfg: ExecuteConfig, comm: xdist.Comm | None = None, write: bool = True) 
                 true = _fractions(sum(batch_loads(b, E) for b in batches[i:i + cfg.window]))
                 accuracy.append(1 - 0.5 * np.abs(pending - true).sum(-1).mean())
                 t0 = time.perf_counter()
-                new = _stack_placement(cfg.placement, pending, L, LT, E, G, slots)
+                new = _stack_placement(cfg.placement, pending, L, LT, E, G, slots, cfg.split)
                 policy_ms += (time.perf_counter() - t0) * 1e3
                 if cfg.parallel == "ep":
                     for l, layer in enumerate(layers):
@@ -368,10 +379,16 @@ def run(cfg: ExecuteConfig, comm: xdist.Comm | None = None, write: bool = True) 
     return row, layer_rows
 
 
-def _stack_placement(policy, loads, L, LT, E, G, slots) -> Placement:
+def _stack_placement(policy, loads, L, LT, E, G, slots, split="even") -> Placement:
     """Placement for the L-layer stack from trace-layer loads ``[LT, E]`` (layer l uses trace layer l % LT)."""
     stack_loads = None if loads is None else np.asarray(loads)[[_stack_layer(LT, l) for l in range(L)]]
-    return make_placement(policy, stack_loads, L, E, G, slots)
+    placement = make_placement(policy, stack_loads, L, E, G, slots)
+    if split == "load_proportional" and stack_loads is not None:
+        from ..placement.split import load_proportional
+        placement = load_proportional(placement, stack_loads)
+    elif split not in ("even", "load_proportional"):
+        raise ValueError(f"config field 'split' is {split!r}, expected 'even' or 'load_proportional'")
+    return placement
 
 
 def _build_layers(cfg, comm, placement: Placement, shape, dtype):

@@ -1,0 +1,24 @@
+"""The moegps MoE block swapped into a tiny random Mixtral generates what plain transformers generates."""
+
+import torch
+
+from moegps.executor.generate import MoEGPSBlock, moe_blocks, swap_moe_blocks, tiny_mixtral_config
+
+
+def test_swapped_model_generates_the_same_tokens(rng):
+    from transformers import MixtralForCausalLM
+
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    model = MixtralForCausalLM(tiny_mixtral_config()).eval()
+    ids = torch.as_tensor(rng.integers(3, 256, (2, 7)))
+    with torch.no_grad():
+        plain_logits = model(ids).logits
+        plain = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                               pad_token_id=0)
+        assert swap_moe_blocks(model) == 2
+        assert not moe_blocks(model) and sum(isinstance(m, MoEGPSBlock) for m in model.modules()) == 2
+        ours_logits = model(ids).logits
+        ours = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                              pad_token_id=0)
+    assert (ours_logits - plain_logits).abs().max() < 1e-4 * plain_logits.abs().max()
+    assert torch.equal(ours, plain)
