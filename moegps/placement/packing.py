@@ -320,7 +320,10 @@ def balance_rows(
     noise = np.random.default_rng(seed).lognormal(0.0, 0.3, size=(restarts, X, E))
     count_sets = [replicate(key, n_slots, max_per_expert)]
     count_sets += [replicate(key * noise[r], n_slots, max_per_expert) for r in range(restarts)]
-    starts = [(0, True)] + ([(0, False)] if both_starts else []) + [(r + 1, True) for r in range(restarts)]
+    starts = [(0, True)] + [(r + 1, True) for r in range(restarts)]
+    if both_starts:  # EPLB's own start: counts without a per-GPU cap, plain greedy packing
+        count_sets.append(replicate(key, n_slots, n_slots))
+        starts.append((len(count_sets) - 1, False))
     keys, start_counts = [], []
     rows = np.arange(X)[:, None]
     for c_index, spread in starts:
