@@ -64,6 +64,12 @@ def test_safe_pickle_refuses_numpy_arrays_and_object_dtypes(tmp_path):
     path.write_bytes(pickle.dumps([np.float64(1.5)]))  # a numpy scalar, but not an integer
     with pytest.raises(UnsafePickleError, match="integer"):
         safe_pickle.load(path)
+    path.write_bytes(pickle.dumps([Counter({1: 2}), {3: {4: b"x"}}], protocol=4))  # bytes: no such field
+    with pytest.raises(UnsafePickleError, match="type bytes, not admitted"):
+        safe_pickle.load(path)
+    path.write_bytes(pickle.dumps([{1: 2.5}], protocol=4))
+    with pytest.raises(UnsafePickleError, match="type float, not admitted"):
+        safe_pickle.load(path)
     path.write_bytes(b"not a pickle")
     with pytest.raises(UnsafePickleError, match="not a valid"):
         safe_pickle.load(path)

@@ -77,8 +77,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise UnsafePickleError(f"{self.where}: refused persistent id {pid!r}; this loader admits none")
 
 
+_SCALARS = (int, np.integer, str)  # bool is an int
+
+
 def _check_types(obj, where: str, depth: int = 0):
-    """Walk containers; raise if any value is of a type outside the admitted set."""
+    """Walk containers; raise if any value is of a type outside the admitted set.
+
+    Types are collected per container with ``set(map(type, ...))`` (C speed): the Counters of
+    ``eid2token`` hold hundreds of thousands of ints, and only containers are descended into.
+    """
     if depth > 8:
         raise UnsafePickleError(f"{where}: object nests deeper than 8 levels; not a routing-statistics file")
     if not isinstance(obj, _ALLOWED_TYPES):
@@ -86,18 +93,20 @@ def _check_types(obj, where: str, depth: int = 0):
     if isinstance(obj, collections.defaultdict) and obj.default_factory not in (None, collections.Counter, int, list, dict):
         raise UnsafePickleError(f"{where}: defaultdict with factory {obj.default_factory!r} refused")
     if isinstance(obj, dict):
-        # Counters of plain ints are the bulk of the data: check their values in one pass
-        for k, v in obj.items():
-            if not isinstance(k, (int, np.integer, tuple, str)):
-                _check_types(k, where, depth + 1)
-            elif isinstance(k, tuple):
-                _check_types(k, where, depth + 1)
-            if not isinstance(v, (int, np.integer)):
-                _check_types(v, where, depth + 1)
+        members = (obj.keys(), obj.values())
     elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            if not isinstance(v, (int, np.integer)):
-                _check_types(v, where, depth + 1)
+        members = (obj,)
+    else:
+        return
+    for collection in members:
+        for t in set(map(type, collection)):
+            if issubclass(t, _SCALARS):
+                continue
+            if not issubclass(t, (dict, list, tuple)):
+                raise UnsafePickleError(f"{where}: holds a value of type {t.__name__}, not admitted")
+            for v in collection:
+                if type(v) is t:
+                    _check_types(v, where, depth + 1)
 
 
 def loads(data: bytes, where: str = "<bytes>"):
