@@ -4,6 +4,7 @@
     python -m moegps.importers olmoe-counts --model mistral --out mixtral_counts.csv
     python -m moegps.importers reconstruct-mixtral --mmlu --out mixtral_mmlu_reconstructed.parquet --seed 0
     python -m moegps.importers reconstruct-mixtral --domain-text wikipedia --out wiki.parquet
+    python -m moegps.importers reconstruct-fidelity
 """
 
 from __future__ import annotations
@@ -87,6 +88,22 @@ def cmd_reconstruct_mixtral(args):
     print(f"wrote {args.out}")
 
 
+def cmd_reconstruct_fidelity(args):
+    import pandas as pd
+
+    from .reconstruct import fidelity
+
+    rng = np.random.default_rng(args.seed)
+    rows = [r for d in args.domains for r in fidelity(d, rng, smoothing=args.smoothing)]
+    df = pd.DataFrame(rows)
+    cols = ["domain", "layer_id", "load_tv_no_tilt", "load_tv_tilt", "hit_source", "hit_no_tilt", "hit_tilt",
+            "cross_tv_no_tilt", "cross_tv_tilt"]
+    print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    if args.out:
+        df[cols].to_csv(args.out, index=False)
+        print(f"wrote {args.out}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m moegps.importers", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -117,6 +134,13 @@ def main(argv=None):
     p.add_argument("--no-affinity", action="store_true", help="draw layers independently given the token id")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_reconstruct_mixtral)
+
+    p = sub.add_parser("reconstruct-fidelity", help="how closely reconstructions reproduce each domain's real statistics")
+    p.add_argument("--domains", nargs="*", default=["arxiv", "book", "c4", "github", "wikipedia"])
+    p.add_argument("--smoothing", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="CSV")
+    p.set_defaults(func=cmd_reconstruct_fidelity)
 
     args = ap.parse_args(argv)
     args.func(args)
