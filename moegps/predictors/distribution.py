@@ -230,8 +230,8 @@ class Learned(_Distribution):
     the batch's fractions minus its phase profile, so the model learns only the correction.
     ``model="ridge"`` (scikit-learn, multi-output, closed form) or ``"lightgbm"`` (one booster
     per principal component of the target, ``n_components``). Trained on batches formed from the
-    training trace exactly as the evaluation forms them (``batch_requests``), over ``n_orders``
-    random request orders.
+    training trace exactly as the evaluation forms them (``batch_requests``), in the trace's own
+    request order plus ``n_orders - 1`` shuffled orders.
     """
 
     name = "learned"
@@ -262,7 +262,9 @@ class Learned(_Distribution):
         tr = train.by_token()
         X, Y = [], []
         for i in range(self.n_orders):
-            s = batch_stream(train, self.batch_requests, seed=self.seed + i, window=1, tr=tr)
+            # order 0 keeps the trace's own request order (any temporal pattern in it); the rest
+            # are shuffles that add batch compositions for the token-bag features
+            s = batch_stream(train, self.batch_requests, seed=None if i == 0 else self.seed + i, window=1, tr=tr)
             for b in range(len(s)):
                 ctx = batch_context(s, b)
                 X.append(self.features(s.loads[:b], ctx))

@@ -251,6 +251,7 @@ class EvaluateConfig:
     batch_requests: int = 8
     window: int = 8
     latency_batches: int = 30
+    torch_threads: int = 1
     out: str = "outputs/predictors/${trace_name:${trace}}"
     predictors: dict[str, Any] = field(default_factory=dict)
 
@@ -270,6 +271,10 @@ def main() -> None:
     @hydra.main(version_base="1.3", config_path="../../conf", config_name="evaluate")
     def app(cfg) -> None:
         config = OmegaConf.to_container(cfg, resolve=True)
+        if cfg.torch_threads:
+            import torch
+
+            torch.set_num_threads(cfg.torch_threads)  # steadier latencies on a shared CPU
         trace = load_trace(cfg.trace, cfg.limit, cfg.seed)
         preds = {}
         for name, pcfg in cfg.predictors.items():

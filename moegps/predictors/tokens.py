@@ -176,6 +176,30 @@ class CrossLayer(_Token):
 # ---- learned classifiers ---------------------------------------------------------------------
 
 
+class _torch_threads:
+    """Run torch CPU ops on ``n`` threads, restoring the previous count after.
+
+    These models are tiny: on a shared 2-core CPU, torch's default intra-op threads spin against
+    other processes and made training ~100x slower than one thread in our measurements.
+    """
+
+    def __init__(self, n: int | None):
+        self.n = n
+
+    def __enter__(self):
+        import torch
+
+        self.prev = torch.get_num_threads()
+        if self.n:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.prev)
+        return False
+
+
 def _train_rows(n: int, limit: int, seed: int) -> np.ndarray:
     if n <= limit:
         return np.arange(n)
@@ -213,8 +237,9 @@ def _dense_params(model) -> tuple[int, int]:
 
 class _TorchToken(_Token):
     def __init__(self, dim: int = 64, hidden: int = 128, epochs: int = 3, batch: int = 512, lr: float = 3e-3,
-                 max_train_tokens: int = 200_000, seed: int = 0, device: str = "cpu"):
+                 max_train_tokens: int = 200_000, seed: int = 0, device: str = "cpu", threads: int | None = 1):
         self.dim, self.hidden, self.epochs, self.batch, self.lr = dim, hidden, epochs, batch, lr
+        self.threads = threads  # torch CPU threads for fit and predict (None: leave torch's setting)
         self.max_train_tokens, self.seed, self.device = max_train_tokens, seed, device
 
     def _logits_to_ids(self, logits) -> np.ndarray:
@@ -228,7 +253,7 @@ class _TorchToken(_Token):
         import torch
 
         out = []
-        with torch.inference_mode():
+        with torch.inference_mode(), _torch_threads(self.threads):
             for s in range(0, len(tokens), 65536):
                 out.append(self._logits_to_ids(self.model(*self._inputs(tokens.select(slice(s, s + 65536))))))
         return np.concatenate(out) if out else np.zeros((0, self.n_layers, self.top_k), np.int16)
@@ -265,7 +290,8 @@ class TokenFFN(_TorchToken):
         rows = _train_rows(len(tr.token_id), self.max_train_tokens, self.seed)
         tb = token_batch(tr, window=1, with_routing=False).select(rows)
         y = torch.as_tensor(expert_counts(tr.experts[rows], E).reshape(len(rows), L * E), dtype=torch.float32)
-        _torch_fit(self.model, self._inputs(tb), y, self.epochs, self.batch, self.lr, self.seed)
+        with _torch_threads(self.threads):
+            _torch_fit(self.model, self._inputs(tb), y, self.epochs, self.batch, self.lr, self.seed)
         return self
 
     def cost(self):
@@ -328,7 +354,8 @@ class TokenSequence(_TorchToken):
         rows = _train_rows(len(tr.token_id), self.max_train_tokens, self.seed)
         tb = token_batch(tr, window=self.window, with_routing=False).select(rows)
         y = torch.as_tensor(expert_counts(tr.experts[rows], E).reshape(len(rows), L * E), dtype=torch.float32)
-        _torch_fit(self.model, self._inputs(tb), y, self.epochs, self.batch, self.lr, self.seed)
+        with _torch_threads(self.threads):
+            _torch_fit(self.model, self._inputs(tb), y, self.epochs, self.batch, self.lr, self.seed)
         return self
 
     def cost(self):
@@ -477,7 +504,8 @@ class TokenMLP(_TorchToken):
         tb = token_batch(tr, window=1).select(rows)
         L = self.n_layers
         y = torch.as_tensor(expert_counts(tb.routed, self.n_experts).reshape(len(rows) * L, -1), dtype=torch.float32)
-        _torch_fit(self.model, self._pairs(tb, np.arange(L)), y, self.epochs, self.batch, self.lr, self.seed)
+        with _torch_threads(self.threads):
+            _torch_fit(self.model, self._pairs(tb, np.arange(L)), y, self.epochs, self.batch, self.lr, self.seed)
         return self
 
     def predict(self, tokens):
@@ -485,7 +513,7 @@ class TokenMLP(_TorchToken):
 
         L, k = self.n_layers, self.top_k
         out = []
-        with torch.inference_mode():
+        with torch.inference_mode(), _torch_threads(self.threads):
             step = max(1, 65536 // L)
             for s in range(0, len(tokens), step):
                 part = tokens.select(slice(s, s + step))
