@@ -34,10 +34,10 @@ import torch.nn.functional as F
 SHAPES = {"mixtral": (8, 4096, 14336, 2), "fine64": (64, 2048, 1408, 6)}  # E, H, F, k
 TOKENS = [1, 8, 32, 128, 512, 2048, 8192, 16384]
 QUICK_TOKENS = [1, 32, 512, 16384]
-# (block_n, block_k, num_warps, num_stages) candidates per path
-SCAN_TILES = [(32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3)]
-SORTED_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 4), (128, 128, 8, 3),
-                (256, 64, 8, 3)]
+# (block_n, block_k, num_warps, num_stages) candidates per path; each GEMM picks its own
+SCAN_TILES = [(32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 2), (128, 128, 8, 3)]
+SORTED_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4),
+                (128, 64, 8, 5), (128, 128, 8, 3), (256, 64, 8, 3), (256, 64, 8, 4)]
 
 
 def tile(t, group_m=8):
@@ -46,24 +46,19 @@ def tile(t, group_m=8):
 
 
 def block_ms(path: str, rows: float) -> list[int]:
-    """BLOCK_M candidates for a path given the mean rows per expert (None: path not tried)."""
+    """BLOCK_M candidates for a path given the mean rows per expert (empty: path not tried)."""
     if path == "scan":
-        if rows > 64:
-            return []
-        return [16] if rows <= 12 else [16, 32] if rows <= 24 else [32, 64]
+        return [16] if rows <= 12 else [32] if rows <= 24 else []
     if rows < 2:
         return []
     return [16, 32] if rows <= 24 else [32, 64] if rows <= 96 else [64, 128]
 
 
-def candidates(n_tokens, n_experts, top_k) -> list[dict]:
-    """All configs the tuner tries for one (shape, token count): same tile for both GEMMs."""
+def candidates(n_tokens, n_experts, top_k) -> list[tuple[str, int, list]]:
+    """(path, BLOCK_M, tiles) groups the tuner tries for one (shape, token count)."""
     rows = n_tokens * top_k / n_experts
-    out = []
-    for path, tiles in (("scan", SCAN_TILES), ("sorted", SORTED_TILES)):
-        for bm, t in itertools.product(block_ms(path, rows), tiles):
-            out.append({"path": path, "block_m": bm, "gate_up": tile(t), "down": tile(t)})
-    return out
+    return [(path, bm, tiles) for path, tiles in (("scan", SCAN_TILES), ("sorted", SORTED_TILES))
+            for bm in block_ms(path, rows)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,39 +158,50 @@ def rel_err(out, ref) -> float:
 
 
 def _compile_task(task):
-    """Pool worker: compile one config's kernels by running it once on small inputs."""
-    name, (n_experts, hidden, ffn, top_k), config = task
+    """Pool worker: compile one (path, BLOCK_M, tile) for each GEMM by running it on small inputs.
+    Returns the task and, per GEMM, None or the error (a tile that does not fit is skipped)."""
+    name, (n_experts, hidden, ffn, top_k), path, bm, t = task
     import torch as th
 
-    from moegps.kernels.launch import fused_moe
+    from moegps.kernels.launch import launch_down, launch_gate_up, route
 
-    try:
-        w13 = th.empty(n_experts, 2 * ffn, hidden, dtype=th.bfloat16, device="cuda").normal_()
-        w2 = th.empty(n_experts, hidden, ffn, dtype=th.bfloat16, device="cuda").normal_()
-        x = th.randn(16, hidden, dtype=th.bfloat16, device="cuda")
-        ids = th.randint(0, n_experts, (16, top_k), device="cuda")
-        fused_moe(x, w13, w2, ids, th.rand(16, top_k, device="cuda"), config=config)
-        th.cuda.synchronize()
-        return name, config, None
-    except Exception as exc:  # a tile that does not fit (shared memory, registers) is skipped
-        return name, config, f"{type(exc).__name__}: {str(exc)[:200]}"
+    config = {"path": path, "block_m": bm, "gate_up": tile(t), "down": tile(t)}
+    w13 = th.empty(n_experts, 2 * ffn, hidden, dtype=th.bfloat16, device="cuda").normal_()
+    w2 = th.empty(n_experts, hidden, ffn, dtype=th.bfloat16, device="cuda").normal_()
+    x = th.randn(16, hidden, dtype=th.bfloat16, device="cuda")
+    ids = th.randint(0, n_experts, (16 * top_k,), device="cuda")
+    h = th.randn(16 * top_k, ffn, dtype=th.bfloat16, device="cuda")
+    y = th.empty(16 * top_k, hidden, dtype=th.bfloat16, device="cuda")
+    routing = route(ids, n_experts, config)
+    errors = []
+    for run in (lambda: launch_gate_up(x, w13, h, ids, routing, config, top_k),
+                lambda: launch_down(h, w2, y, th.rand(16 * top_k, device="cuda"), ids, routing,
+                                    config)):
+        try:
+            run()
+            th.cuda.synchronize()
+            errors.append(None)
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {str(exc)[:120]}")
+    return task, errors
 
 
 def precompile(tasks, workers):
-    """Compile configs in parallel processes; Triton's disk cache then serves the main process."""
+    """Compile in parallel processes (Triton's disk cache then serves the main process), with the
+    GPU edge-case checks running beside them. Returns {(name, path, bm, tile, gemm): error}."""
     import multiprocessing as mp
 
-    failed = set()
+    failed = {}
     t0 = time.time()
     with mp.get_context("spawn").Pool(workers) as pool:
-        check = pool.apply_async(check_edge_cases)  # runs beside the compiles
-        for name, config, err in pool.imap_unordered(_compile_task, tasks):
-            if err:
-                failed.add((name, json.dumps(config, sort_keys=True)))
-                print(f"  compile failed {name} {config}: {err}", flush=True)
+        check = pool.apply_async(check_edge_cases)
+        for (name, _, path, bm, t), errors in pool.imap_unordered(_compile_task, tasks):
+            for gemm, err in zip(("gate_up", "down"), errors):
+                if err:
+                    failed[(name, path, bm, t, gemm)] = err
         failures = check.get()
-    print(f"precompiled {len(tasks)} configs in {time.time() - t0:.0f} s "
-          f"({len(failed)} failed)", flush=True)
+    print(f"precompiled {len(tasks)} (path, BLOCK_M, tile) x 2 GEMMs in {time.time() - t0:.0f} s;"
+          f" {len(failed)} kernels do not fit (skipped)", flush=True)
     print("edge cases:", "all ok" if not failures else f"FAILED {failures}", flush=True)
     return failed
 
@@ -203,7 +209,7 @@ def precompile(tasks, workers):
 def tune_one(name, shape, n_tokens, failed, seed=0) -> dict:
     """Best config for one (shape, tokens): each GEMM's tile timed alone per (path, BLOCK_M), then
     the best pair timed whole (routing + both GEMMs + combine, CUDA graph)."""
-    from moegps.kernels.launch import launch_down, launch_gate_up, route
+    from moegps.kernels.launch import fused_moe, launch_down, launch_gate_up, route
 
     n_experts, hidden, ffn, top_k = shape
     x, w13, w2 = make_inputs(n_experts, hidden, ffn, top_k, n_tokens, seed)
@@ -212,20 +218,29 @@ def tune_one(name, shape, n_tokens, failed, seed=0) -> dict:
     n_pairs = n_tokens * top_k
     h = torch.empty(n_pairs, ffn, dtype=x.dtype, device="cuda")
     y = torch.empty(n_pairs, hidden, dtype=x.dtype, device="cuda")
-    cands = [c for c in candidates(n_tokens, n_experts, top_k)
-             if (name, json.dumps(c, sort_keys=True)) not in failed]
     best = None
-    for (path, bm), group in itertools.groupby(cands, key=lambda c: (c["path"], c["block_m"])):
-        group = list(group)
-        routing = route(flat_ids, n_experts, group[0])
-        launch_gate_up(x, w13, h, flat_ids, routing, group[0], top_k)  # h holds real values
-        gu = min(group, key=lambda c: time_us(
-            lambda: launch_gate_up(x, w13, h, flat_ids, routing, c, top_k), warmup=5, rep=25))
-        dn = min(group, key=lambda c: time_us(
-            lambda: launch_down(h, w2, y, flat_w, flat_ids, routing, c), warmup=5, rep=25))
-        from moegps.kernels.launch import fused_moe
+    for path, bm, tiles in candidates(n_tokens, n_experts, top_k):
+        gu_tiles = [t for t in tiles if (name, path, bm, t, "gate_up") not in failed]
+        dn_tiles = [t for t in tiles if (name, path, bm, t, "down") not in failed]
+        if not gu_tiles or not dn_tiles:
+            continue
+        base = {"path": path, "block_m": bm}
+        routing = route(flat_ids, n_experts, base)
 
-        config = {"path": path, "block_m": bm, "gate_up": gu["gate_up"], "down": dn["down"]}
+        def gate_up_us(t):
+            cfg = dict(base, gate_up=tile(t))
+            return time_us(lambda: launch_gate_up(x, w13, h, flat_ids, routing, cfg, top_k),
+                           warmup=5, rep=25)
+
+        def down_us(t):
+            cfg = dict(base, down=tile(t))
+            return time_us(lambda: launch_down(h, w2, y, flat_w, flat_ids, routing, cfg),
+                           warmup=5, rep=25)
+
+        gu = min(gu_tiles, key=gate_up_us)  # also leaves real values in h for the down GEMM
+        launch_gate_up(x, w13, h, flat_ids, routing, dict(base, gate_up=tile(gu)), top_k)
+        dn = min(dn_tiles, key=down_us)
+        config = dict(base, gate_up=tile(gu), down=tile(dn))
         us = time_us(lambda: fused_moe(x, w13, w2, ids, weights, config=config), graph=True,
                      warmup=5, rep=40)
         if best is None or us < best[0]:
@@ -238,25 +253,28 @@ def tune_one(name, shape, n_tokens, failed, seed=0) -> dict:
 def tune(shapes, tokens, out_dir: Path, workers: int) -> Path:
     from moegps.kernels import launch
 
-    tasks, seen = [], set()
+    tasks = set()
     for name, shape in shapes.items():
         for n_tokens in tokens:
-            for c in candidates(n_tokens, shape[0], shape[3]) + [
-                    launch.default_config(n_tokens, *shape)]:
-                key = (name, json.dumps(c, sort_keys=True))
-                if key not in seen:
-                    seen.add(key)
-                    tasks.append((name, shape, c))
-    failed = precompile(tasks, workers)
+            for path, bm, tiles in candidates(n_tokens, shape[0], shape[3]):
+                tasks.update((name, shape, path, bm, t) for t in tiles)
+            d = launch.default_config(n_tokens, *shape)
+            for gemm in ("gate_up", "down"):
+                g = d[gemm]
+                t = (g["block_n"], g["block_k"], g["num_warps"], g["num_stages"])
+                tasks.add((name, shape, d["path"], d["block_m"], t))
+    failed = precompile(sorted(tasks, key=str), workers)
     table = {"device": launch.device_name(), "torch": torch.__version__,
-             "triton": __import__("triton").__version__, "shapes": {}}
+             "triton": __import__("triton").__version__,
+             "command": "python -m moegps.kernels.bench --tune", "shapes": {}}
     for name, shape in shapes.items():
         key = launch.shape_key(*shape)
         table["shapes"][key] = {str(t): tune_one(name, shape, t, failed) for t in tokens}
     path = launch.CONFIG_DIR / f"{launch.device_name()}.json"
     text = json.dumps(table, indent=1)
-    for target in (path, out_dir / path.name):
-        target.write_text(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (out_dir / path.name).write_text(text)
+    path.write_text(text)
     launch._tuned_table.cache_clear()
     print(f"wrote {path} and {out_dir / path.name}", flush=True)
     return path

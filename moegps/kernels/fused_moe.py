@@ -9,10 +9,11 @@ Every kernel reads x and h rows through a pair index (no gather copy), keeps fp3
 fuses SiLU(gate) * up into the gate/up GEMM (two accumulators, one pass over x), and applies the
 gate weight in the down GEMM's epilogue. Two ways of finding an expert's rows:
 
-* `scan` kernels (small batches): grid (expert, N tile). Each program scans topk_ids itself and
-  writes its expert's pair list to a scratch row, so there is no routing launch and no padding;
-  programs of experts without tokens return at once. Weights are read once when an expert's
-  rows fit one BLOCK_M block (decode), which is the memory-bound regime where this path is used.
+* `scan` kernels (small batches): grid (min(E, T*k) expert slots, N tile). Each program reads
+  topk_ids itself: a histogram names the slot-th expert that has tokens, then a scan writes that
+  expert's pair list to a scratch row. There is no routing launch, no padding, and no program
+  for an expert without tokens (64 experts at 1 token top-6: 6 slots, not 64). Weights are read
+  once when an expert's rows fit one BLOCK_M block (decode), the memory-bound regime of this path.
 * `sorted` kernels (large batches): grid over (BLOCK_M block, N tile) of the expert-sorted, padded
   order from `routing.align`, with grouped tile ordering (GROUP_M blocks share a weight tile in
   L2), as in vLLM's fused_moe and the Triton matmul tutorial this layout comes from.
@@ -95,6 +96,22 @@ def _down_tile(
 
 
 @triton.jit
+def _slot_expert(ids_ptr, n_pairs, slot, E_POW2: tl.constexpr, SCAN: tl.constexpr):
+    """The slot-th smallest expert id present in ids, or -1 when fewer experts are present."""
+    counts = tl.zeros([E_POW2], tl.int32)
+    for start in range(0, n_pairs, SCAN):
+        offs = start + tl.arange(0, SCAN)
+        ids = tl.load(ids_ptr + offs, mask=offs < n_pairs, other=0).to(tl.int32)
+        counts += tl.histogram(ids, E_POW2)
+    bins = tl.arange(0, E_POW2)
+    counts -= tl.where(bins == 0, tl.cdiv(n_pairs, SCAN) * SCAN - n_pairs, 0)  # masked lanes
+    present = counts > 0
+    rank = tl.cumsum(present.to(tl.int32), 0) - 1
+    found = present & (rank == slot)
+    return tl.sum(tl.where(found, bins, 0), 0) - (tl.sum(found.to(tl.int32), 0) == 0).to(tl.int32)
+
+
+@triton.jit
 def _expert_pairs(ids_ptr, scratch_ptr, expert, n_pairs, SCAN: tl.constexpr):
     """Write expert's pair indices, in order, to scratch[expert, 0:count]; return count.
 
@@ -119,13 +136,13 @@ def gate_up_scan_kernel(
     x_ptr, w_ptr, h_ptr, ids_ptr, scratch_ptr, n_pairs, top_k, H, F,
     stride_xt, stride_we, stride_wn, stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, SCAN: tl.constexpr,
+    EVEN_K: tl.constexpr, SCAN: tl.constexpr, E_POW2: tl.constexpr,
 ):
-    expert = tl.program_id(0)
+    expert = _slot_expert(ids_ptr, n_pairs, tl.program_id(0), E_POW2, SCAN)
+    if expert < 0:
+        return
     pid_n = tl.program_id(1)
     count = _expert_pairs(ids_ptr, scratch_ptr, expert, n_pairs, SCAN)
-    if count == 0:
-        return
     for m0 in range(0, count, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         valid_m = offs_m < count
@@ -140,13 +157,13 @@ def down_scan_kernel(
     h_ptr, w_ptr, out_ptr, weights_ptr, ids_ptr, scratch_ptr, n_pairs, H, F,
     stride_hm, stride_we, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, SCAN: tl.constexpr,
+    EVEN_K: tl.constexpr, SCAN: tl.constexpr, E_POW2: tl.constexpr,
 ):
-    expert = tl.program_id(0)
+    expert = _slot_expert(ids_ptr, n_pairs, tl.program_id(0), E_POW2, SCAN)
+    if expert < 0:
+        return
     pid_n = tl.program_id(1)
     count = _expert_pairs(ids_ptr, scratch_ptr, expert, n_pairs, SCAN)
-    if count == 0:
-        return
     for m0 in range(0, count, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         valid_m = offs_m < count

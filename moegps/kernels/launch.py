@@ -45,21 +45,21 @@ def device_name(device: torch.device | None = None) -> str:
 def default_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: int) -> dict:
     """A config for a shape no tuned file covers, from the rows each expert gets on average.
 
-    Few rows per expert (decode): the scan path, a BLOCK_M that holds an expert's rows, narrow N
-    tiles for many programs (the weights must stream from all SMs at once). Many rows: the sorted
-    path with large tiles for the tensor cores (compute-bound).
+    Few rows per expert (decode): the scan path with BLOCK_M 16 and narrow N tiles for many
+    programs (the weights must stream from all SMs at once). More rows: the sorted path, BLOCK_M
+    near the rows per expert, then 128x128 tiles for the tensor cores (compute-bound). Chosen
+    from what the tuner picked on an H100 (NOTES.md), so that an unseen shape lands near a tuned one.
     """
     rows = n_tokens * top_k / n_experts
-    if rows <= 48 and n_tokens * top_k <= 8 * SCAN:
-        block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
-        tile = {"block_n": 64, "block_k": 128, "group_m": 1, "num_warps": 4, "num_stages": 4}
-        return {"path": "scan", "block_m": block_m, "gate_up": dict(tile), "down": dict(tile)}
-    if rows <= 256:
-        tile = {"block_n": 128, "block_k": 64, "group_m": 8, "num_warps": 4, "num_stages": 4}
-        return {"path": "sorted", "block_m": 64, "gate_up": dict(tile), "down": dict(tile)}
-    gate_up = {"block_n": 128, "block_k": 64, "group_m": 8, "num_warps": 8, "num_stages": 3}
-    down = {"block_n": 256, "block_k": 64, "group_m": 8, "num_warps": 8, "num_stages": 3}
-    return {"path": "sorted", "block_m": 128, "gate_up": gate_up, "down": down}
+    if rows <= 12 and n_tokens * top_k <= 8 * SCAN:
+        tile = {"block_n": 64, "block_k": 128, "group_m": 8, "num_warps": 4, "num_stages": 4}
+        return {"path": "scan", "block_m": 16, "gate_up": dict(tile), "down": dict(tile)}
+    if rows <= 96:
+        tile = {"block_n": 64, "block_k": 128, "group_m": 8, "num_warps": 4, "num_stages": 4}
+        return {"path": "sorted", "block_m": 32 if rows <= 24 else 64, "gate_up": dict(tile),
+                "down": dict(tile)}
+    tile = {"block_n": 128, "block_k": 64, "group_m": 8, "num_warps": 8, "num_stages": 4}
+    return {"path": "sorted", "block_m": 128, "gate_up": dict(tile), "down": dict(tile)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -174,9 +174,9 @@ def launch_gate_up(x, w_gate_up, h, ids, routing, config: dict, top_k: int) -> N
                   num_warps=tile["num_warps"], num_stages=tile["num_stages"])
     strides = (x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0))
     if config["path"] == "scan":
-        gate_up_scan_kernel[(n_experts, n_tiles)](
+        gate_up_scan_kernel[(min(n_experts, ids.numel()), n_tiles)](
             x, w_gate_up, h, ids, routing, ids.numel(), top_k, hidden, ffn, *strides,
-            SCAN=SCAN, **common)
+            SCAN=SCAN, E_POW2=triton.next_power_of_2(n_experts), **common)
     else:
         gate_up_sorted_kernel[(routing.max_blocks * n_tiles,)](
             x, w_gate_up, h, routing.sorted_pair_ids, routing.block_expert, routing.n_padded,
@@ -194,9 +194,9 @@ def launch_down(h, w_down, y, weights, ids, routing, config: dict) -> None:
                   num_warps=tile["num_warps"], num_stages=tile["num_stages"])
     strides = (h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0))
     if config["path"] == "scan":
-        down_scan_kernel[(n_experts, n_tiles)](
+        down_scan_kernel[(min(n_experts, ids.numel()), n_tiles)](
             h, w_down, y, weights, ids, routing, ids.numel(), hidden, ffn, *strides,
-            SCAN=SCAN, **common)
+            SCAN=SCAN, E_POW2=triton.next_power_of_2(n_experts), **common)
     else:
         down_sorted_kernel[(routing.max_blocks * n_tiles,)](
             h, w_down, y, weights, routing.sorted_pair_ids, routing.block_expert,
