@@ -37,7 +37,8 @@ QUICK_TOKENS = [1, 32, 512, 16384]
 # (block_n, block_k, num_warps, num_stages) candidates per path; each GEMM picks its own
 SCAN_TILES = [(32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 2), (128, 128, 8, 3)]
 SORTED_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4),
-                (128, 64, 8, 5), (128, 128, 8, 3), (256, 64, 8, 3), (256, 64, 8, 4)]
+                (128, 64, 8, 5), (128, 128, 8, 3), (256, 64, 8, 3), (256, 64, 8, 4),
+                (64, 64, 8, 4)]
 
 
 def tile(t, group_m=8):
@@ -51,6 +52,8 @@ def block_ms(path: str, rows: float) -> list[int]:
         return [16] if rows <= 12 else [32] if rows <= 24 else []
     if rows < 2:
         return []
+    if rows > 512:
+        return [128, 256]
     return [16, 32] if rows <= 24 else [32, 64] if rows <= 96 else [64, 128]
 
 
