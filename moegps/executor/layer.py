@@ -20,6 +20,7 @@ partial outputs are summed with one all-reduce.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -55,7 +56,12 @@ def moe_reference(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
 
 def _kernel(device: torch.device):
     """The expert kernel for ``device``: moegps.kernels' fused Triton kernel on GPU, a torch loop on CPU."""
-    if device.type == "cuda":
+    return _kernel_for(device.type)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_for(device_type: str):
+    if device_type == "cuda":
         try:
             from moegps.kernels import fused_moe
             return fused_moe
