@@ -314,36 +314,40 @@ def _homes(batches: Batches, plan: Plan, predicted: np.ndarray, slack: float = 1
     do not fit take their next preference, in rounds.
     """
     main_gpu = plan.share.argmax(axis=-1)  # [P, L, E]
+    P, L, E = main_gpu.shape
+    flat_gpu = main_gpu.reshape(-1)
     p = plan.placement_of_step[batches.step]  # [T]
-    T, L, _ = predicted.shape
+    T, _, k = predicted.shape
     G = batches.n_gpus
     step = batches.step
+    S = len(batches.n_tokens)
     cap = np.ceil(slack * batches.n_tokens / G).astype(np.int64)  # [S]
     jitter = np.random.default_rng(0).random((T, G)) * 0.5
+    rows = np.arange(T)
     home = np.empty((T, L), dtype=np.int64)
     for layer in range(L):
-        gpus = main_gpu[p[:, None], layer, predicted[:, layer, :].astype(np.int64)]  # [T, k]
         score = jitter.copy()
-        np.add.at(score, (np.repeat(np.arange(T), gpus.shape[1]), gpus.ravel()), 1.0)
-        taken = np.zeros((len(cap), G), dtype=np.int64)
-        todo = np.arange(T)
+        base = (p * L + layer) * E
+        for j in range(k):  # distinct experts may share a GPU: add one column at a time
+            score[rows, flat_gpu[base + predicted[:, layer, j]]] += 1.0
+        want = score.argmax(axis=1)
+        todo = rows
         out = np.full(T, -1, dtype=np.int64)
+        taken = np.zeros(S * G, dtype=np.int64)
         for _ in range(G):
+            key = step[todo] * G + want
+            order = np.argsort(key, kind="stable")  # within a (step, GPU), earlier tokens first
+            sorted_key = key[order]
+            rank = np.empty(todo.size, dtype=np.int64)
+            rank[order] = np.arange(todo.size) - np.searchsorted(sorted_key, sorted_key)
+            ok = rank < cap[step[todo]] - taken[key]
+            out[todo[ok]] = want[ok]
+            taken += np.bincount(key[ok], minlength=S * G)
+            todo = todo[~ok]
             if todo.size == 0:
                 break
-            full = taken[step[todo]] >= cap[step[todo], None]  # [todo, G]
+            full = taken.reshape(S, G)[step[todo]] >= cap[step[todo], None]
             want = np.where(full, -np.inf, score[todo]).argmax(axis=1)
-            # rank the candidates of each (step, GPU) by score; the first free places go to the best
-            key = step[todo] * G + want
-            order = np.lexsort((-score[todo, want], key))
-            sorted_key = key[order]
-            first = np.searchsorted(sorted_key, sorted_key)
-            rank = np.empty(todo.size, dtype=np.int64)
-            rank[order] = np.arange(todo.size) - first
-            ok = rank < (cap[step[todo]] - taken[step[todo], want])
-            out[todo[ok]] = want[ok]
-            np.add.at(taken, (step[todo[ok]], want[ok]), 1)
-            todo = todo[~ok]
         home[:, layer] = out
     return home
 
@@ -607,3 +611,77 @@ def oracle_bound(results: list[SimResult]) -> SimResult:
 
 def config_dict(cfg: ReplayConfig) -> dict[str, Any]:
     return asdict(cfg)
+
+
+# ---- command line: one replay -------------------------------------------------------------------
+
+
+def main() -> None:
+    """``python -m moegps.simulator.replay [trace=...] [system=...] [predictor=ema] ...`` (conf/simulate.yaml):
+    replay a trace's test split under the baseline, the oracle and the named predictors; write the
+    results rows, the per-layer side table and the resolved config beside them."""
+    import json
+    import time
+    from pathlib import Path
+
+    import hydra
+    from omegaconf import OmegaConf
+
+    from ..paths import PROJECT_ROOT
+    from ..results import write_rows
+    from .guide import GuideConfig, fit_predictors, load_workload, shape_for
+    from .system import load_system
+
+    if not OmegaConf.has_resolver("moegps.project_root"):
+        OmegaConf.register_new_resolver("moegps.project_root", lambda: str(PROJECT_ROOT))
+    if not OmegaConf.has_resolver("trace_name"):
+        OmegaConf.register_new_resolver("trace_name", lambda spec: Path(str(spec)).stem or "trace")
+
+    @hydra.main(version_base="1.3", config_path="../../conf", config_name="simulate")
+    def app(raw) -> None:
+        from ..predictors.evaluate import split_by_request
+
+        config = OmegaConf.to_container(raw, resolve=True)
+        t0 = time.perf_counter()
+        gcfg = GuideConfig(trace=config["trace"], limit=config["limit"], seed=config["seed"])
+        trace = load_workload(gcfg, config.get("skew", 1.0))
+        shape = shape_for(trace.meta, config["model"])
+        system = load_system(config["system"], **(config.get("system_overrides") or {}))
+        train, test = split_by_request(trace, config["test_fraction"], config["seed"])
+        rcfg = ReplayConfig(**config["replay"])
+        batches = make_batches(test, system.n_gpus, trace.meta.n_experts, rcfg)
+        place = PlaceFn(config["placement"], system, trace.meta.n_experts, shape=shape)
+        plans = [static_plan(batches), oracle_plan(batches, place)]
+        for name, p in fit_predictors(train, list(config["predictors"]), config.get("predictor_args") or {}).items():
+            if hasattr(p, "predict"):
+                plans.append(token_plan(batches, p, place, system, config["interval"], name))
+            else:
+                plans.append(distribution_plan(batches, p, place, system, config["interval"], name))
+        results = [simulate(batches, p, shape, system, rcfg) for p in plans]
+        results.append(oracle_bound(results))
+        results[1].plan = "oracle_placement"
+        out = Path(config["out"])
+        variant = {k: config[k] for k in ("trace", "system", "placement", "interval", "seed")}
+        variant.update(replay=config["replay"], model_shape=shape.name)
+        rows = [r.row(variant, system) for r in results]
+        write_rows(rows, out / "rows.parquet")
+        side = pd.concat([r.per_layer(row["run_id"]) for r, row in zip(results, rows)], ignore_index=True)
+        side.to_parquet(out / "per_layer.parquet", index=False)
+        (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        base = results[0].total
+        print(f"{trace.meta.model}: {batches.n_steps} steps, {len(batches.step)} tokens x {batches.n_layers} layers "
+              f"on sim:{system.name} ({time.perf_counter() - t0:.1f} s)")
+        print(f"{'plan':<18} {'family':<13} {'total ms':>10} {'expert':>9} {'dispatch':>9} {'combine':>9} "
+              f"{'other':>8} {'pred':>7} {'migr':>8} {'speedup':>8}")
+        for r in results:
+            ms = r.totals_ms()
+            print(f"{r.plan:<18} {r.family:<13} {ms['total_ms']:10.2f} {ms['expert_ms']:9.2f} {ms['dispatch_ms']:9.2f} "
+                  f"{ms['combine_ms']:9.2f} {ms['other_ms']:8.2f} {ms['predictor_ms']:7.3f} {ms['migration_ms']:8.2f} "
+                  f"{base / r.total:8.3f}")
+        print(f"wrote {out}/rows.parquet, per_layer.parquet, config.json")
+
+    app()
+
+
+if __name__ == "__main__":
+    main()
