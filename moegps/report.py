@@ -159,6 +159,8 @@ def _trace_rows(trace: RoutingTrace, label: str, group: str) -> tuple[list[dict]
             trace.request_id[sel], trace.token_id[sel], trace.experts[sel], m.n_experts
         )
         if tb is not None and l + 1 < m.n_layers:
+            # plug-in MI is biased upward by about (E-1)^2 / (2 N ln 2) bits for N tokens (Miller-Madow)
+            row["next_mi_bias_bits"] = (m.n_experts - 1) ** 2 / (2 * max(len(tb.experts), 1) * np.log(2))
             for slot_aligned in (True, False):
                 j = cross_layer_joint(tb.experts[:, l], tb.experts[:, l + 1], m.n_experts, slot_aligned)
                 s = affinity_summary(j)
@@ -206,6 +208,7 @@ def _reference_rows(model: str) -> tuple[list[dict], dict]:
                 s = affinity_summary(j)
                 row["next_mi_bits_slot"] = s["mi_bits"]
                 row["next_lift_slot"] = s["lift"]
+                row["next_mi_bias_bits"] = (len(c) - 1) ** 2 / (2 * row["tokens"] * np.log(2))
                 joints[(str(domain), l)] = j
             rows.append(row)
     hits = np.array([r["hit_rate"] for r in rows]).reshape(len(loads.groups["domain"]), len(LAYER_IDS))
@@ -283,7 +286,8 @@ def routing_report(cfg: RoutingReportConfig) -> dict[str, Path]:
              max_mean_worst=("max_mean", "max"), hit_rate=("hit_rate", "mean"),
              hit_rate_heldout=("hit_rate_heldout", "mean"),
              next_mi_bits_slot=("next_mi_bits_slot", "mean"), next_lift_slot=("next_lift_slot", "mean"),
-             next_mi_bits_set=("next_mi_bits_set", "mean"), next_lift_set=("next_lift_set", "mean"))
+             next_mi_bits_set=("next_mi_bits_set", "mean"), next_lift_set=("next_lift_set", "mean"),
+             next_mi_bias_bits=("next_mi_bias_bits", "mean"))
         .reset_index()
     )
 
@@ -313,7 +317,9 @@ def routing_report(cfg: RoutingReportConfig) -> dict[str, Path]:
         "on odd ones and back, over tokens whose id it had seen); next_mi_bits / next_lift: cross-layer affinity to "
         "the next recorded MoE layer (mutual information in bits; lift = mean max P(b|a) / max P(b)); `slot` pairs "
         "the i-th choice with the i-th (the only form the real Mixtral/OLMoE counts have, layers 0->7 and 7->15), "
-        "`set` pairs all choices (use it when slot order is not router order, as in the DeepSeek CSVs).\n\n"
+        "`set` pairs all choices (use it when slot order is not router order, as in the DeepSeek CSVs); "
+        "next_mi_bias_bits: the upward bias of the plug-in MI estimate for this many tokens (subtract it before "
+        "comparing sources of different sizes).\n\n"
     )
     text = header + _markdown(summary) + ("\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes else "")
     for name, body in (("routing_summary.md", text), ("routing_layers.md", header + _markdown(df))):
