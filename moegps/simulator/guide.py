@@ -45,6 +45,7 @@ class GuideConfig:
     limit: int | None = None  # first N requests
     model: str | None = None  # model shape (system.MODEL_SHAPES); None: from the trace, else by its expert count
     system: str = "h100_8gpu"
+    extra_slots: int | None = None  # override the profile's extra expert slots per GPU (0 = no replicas)
     gpus: list[int] = field(default_factory=lambda: [8])
     link_gbps: list[float] = field(default_factory=lambda: [900.0, 450.0, 200.0, 64.0, 32.0])
     batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
@@ -60,6 +61,7 @@ class GuideConfig:
     token: list[str] = field(default_factory=lambda: list(DEFAULT_TOKEN))
     predictor_args: dict[str, dict[str, Any]] = field(default_factory=lambda: {"ffn": {"epochs": 2}})
     out: str = "outputs/guide"
+    study: str = "predictors"  # "predictors" (the decision sweep) | "placement" (prefill-aware placement study)
 
 
 # ---- workloads ----------------------------------------------------------------------------------
@@ -128,6 +130,11 @@ def fit_predictors(train: RoutingTrace, names: list[str], args: dict[str, dict[s
 # ---- the sweep ----------------------------------------------------------------------------------
 
 
+def _base_system(cfg: GuideConfig) -> SystemSpec:
+    base = load_system(cfg.system)
+    return base if cfg.extra_slots is None else base.replace(extra_slots_per_gpu=int(cfg.extra_slots))
+
+
 def _variant_system(base: SystemSpec, gpus: int, link_gbps: float) -> SystemSpec:
     if base.topology == "mesh2d":
         if gpus != base.n_gpus:
@@ -143,7 +150,7 @@ def run_guide(cfg: GuideConfig, progress: bool = True) -> tuple[pd.DataFrame, li
 
     from ..predictors.evaluate import split_by_request
 
-    base = load_system(cfg.system)
+    base = _base_system(cfg)
     rows, decisions = [], []
     for skew in cfg.skews if cfg.trace == "synthetic" else [float("nan")]:
         trace = load_workload(cfg, skew)
@@ -174,6 +181,7 @@ def run_guide(cfg: GuideConfig, progress: bool = True) -> tuple[pd.DataFrame, li
                 variant = {"trace": trace.meta.model, "skew": skew, "gpus": gpus, "link_gbps": bw,
                            "batch_size": batch, "phase": cfg.phase, "attention": cfg.attention,
                            "placement": cfg.placement, "interval": cfg.interval, "system": base.name,
+                           "extra_slots": base.extra_slots_per_gpu,
                            "model_shape": shape.name}
                 rows += [r.row(variant, system) for r in results]
                 decisions.append(decide(variant, results))
@@ -202,6 +210,73 @@ def decide(variant: dict[str, Any], results: list[SimResult]) -> dict[str, Any]:
     out["winner_family"] = best_plan.family
     out["speedup_vs_baseline"] = out["baseline_ms"] / (best_plan.total * 1e3)
     return out
+
+
+# ---- the placement study -----------------------------------------------------------------------
+
+
+def placement_study(cfg: GuideConfig, progress: bool = True) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """The 2025 study's question on our traces: how much faster is the MoE part with a placement made
+    from the training split's loads (per phase) than with the static one, held fixed over the test replay?
+
+    Placements: static contiguous; balanced duplication from all loads, from prefill loads only, from
+    decode loads only; prefill-aware (``objective="max"`` and ``"weighted"`` by the phases' shares
+    of tokens). One row per (variant, placement, phase) with MoE and total time and the speedup on
+    MoE time over static.
+    """
+    from ..placement.balanced import balanced_duplication
+    from ..placement.prefill_aware import prefill_aware
+    from ..predictors.evaluate import split_by_request
+    from .replay import placement_share, static_plan
+
+    base = _base_system(cfg)
+    trace = load_workload(cfg, cfg.skews[0] if cfg.skews else 1.0)
+    shape = shape_for(trace.meta, cfg.model)
+    train, test = split_by_request(trace, cfg.test_fraction, cfg.seed)
+    loads = {ph: train.loads(by="all", phase=ph).counts[0].astype(np.float64) for ph in ("prefill", "decode")}
+    all_loads = loads["prefill"] + loads["decode"]
+    has = {ph: loads[ph].sum() > 0 for ph in loads}
+    share_tokens = np.array([loads["prefill"].sum(), loads["decode"].sum()], dtype=np.float64)
+    test_routing = test.by_token()
+    rows, table = [], []
+    for gpus in cfg.gpus:
+        system = _variant_system(base, gpus, cfg.link_gbps[0])
+        slots = system.slots_per_gpu(trace.meta.n_experts)
+        candidates = {"static": None, "balanced_all": balanced_duplication(all_loads, gpus, slots, refine=True)}
+        for ph in ("prefill", "decode"):
+            if has[ph]:
+                candidates[f"balanced_{ph}"] = balanced_duplication(loads[ph], gpus, slots, refine=True)
+        if all(has.values()):
+            phase_loads = np.stack([loads["prefill"], loads["decode"]])
+            candidates["prefill_aware_max"] = prefill_aware(phase_loads, gpus, slots, objective="max")
+            candidates["prefill_aware_weighted"] = prefill_aware(phase_loads, gpus, slots,
+                                                                 phase_weights=share_tokens / share_tokens.sum(),
+                                                                 objective="weighted")
+        for batch in cfg.batch_sizes:
+            rcfg = ReplayConfig(batch_size=batch, source=cfg.source, attention=cfg.attention, phase=cfg.phase)
+            batches = make_batches(test_routing, gpus, trace.meta.n_experts, rcfg)
+            results = {}
+            for name, placement in candidates.items():
+                plan = static_plan(batches, None if placement is None else placement_share(placement), name)
+                results[name] = simulate(batches, plan, shape, system, rcfg)
+            for name, res in results.items():
+                variant = {"trace": trace.meta.model, "gpus": gpus, "link_gbps": cfg.link_gbps[0], "batch_size": batch,
+                           "system": base.name, "model_shape": shape.name, "study": "placement",
+                           "extra_slots": base.extra_slots_per_gpu}
+                rows.append(res.row({**variant, "placement": name}, system))
+                for phase_name, mask in (("all", np.ones(batches.n_steps, bool)), ("prefill", batches.phase == 0),
+                                         ("decode", batches.phase == 1)):
+                    if not mask.any():
+                        continue
+                    moe = lambda r: sum(r.parts[c][mask].sum() for c in ("dispatch", "expert", "combine", "overhead"))  # noqa: E731
+                    expert = lambda r: r.parts["expert"][mask].sum()  # noqa: E731
+                    table.append({**variant, "placement": name, "phase": phase_name,
+                                  "expert_ms": expert(res) * 1e3, "moe_ms": moe(res) * 1e3,
+                                  "total_ms": res.step_time[mask].sum() * 1e3,
+                                  "imbalance": float(res.imbalance[mask].mean()),
+                                  "expert_speedup": expert(results["static"]) / expert(res),
+                                  "moe_speedup": moe(results["static"]) / moe(res)})
+    return pd.DataFrame(table), rows
 
 
 # ---- outputs ------------------------------------------------------------------------------------
@@ -288,6 +363,19 @@ def main() -> None:
         config = OmegaConf.to_container(raw, resolve=True)
         cfg = GuideConfig(**{k: v for k, v in config.items() if k in GuideConfig.__dataclass_fields__})
         t0 = time.perf_counter()
+        if cfg.study == "placement":
+            from ..results import write_rows
+
+            table, rows = placement_study(cfg)
+            out = Path(cfg.out)
+            out.mkdir(parents=True, exist_ok=True)
+            write_rows(rows, out / "rows.parquet")
+            table.to_csv(out / "placement.csv", index=False)
+            (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+            with pd.option_context("display.width", 250, "display.max_rows", 500, "display.float_format", "{:.4g}".format):
+                print(table.drop(columns=["system", "model_shape", "study"]).to_string(index=False))
+            print(f"wrote {out}/placement.csv and rows.parquet in {time.perf_counter() - t0:.1f} s")
+            return
         table, rows = run_guide(cfg)
         paths = write_outputs(table, rows, Path(cfg.out), config)
         show = table[[c for c in SHOW if c in table.columns]]
