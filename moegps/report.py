@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .trace import ExpertLoads, RoutingTrace, atomic_path
+from .trace import RoutingTrace, atomic_path
 
 # ---- statistics (arrays in, arrays out) ---------------------------------------------------------
 
@@ -279,7 +279,10 @@ def routing_report(cfg: RoutingReportConfig) -> dict[str, Path]:
                 continue
             rows += r
             refs[model] = p
-    df = pd.DataFrame(rows)
+    columns = ["source", "group", "layer", "layer_id", "tokens", "max_mean", "min_mean", "hit_rate", "hit_rate_heldout",
+               "heldout_seen", "next_mi_bits_slot", "next_lift_slot", "next_mi_bits_set", "next_lift_set",
+               "next_mi_bias_bits"]
+    df = pd.DataFrame(rows).reindex(columns=columns)  # a one-layer trace has no affinity columns
     summary = (
         df.groupby(["source", "group"], sort=False)
         .agg(layers=("layer", "size"), tokens=("tokens", "max"), max_mean=("max_mean", "mean"),

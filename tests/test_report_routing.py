@@ -146,3 +146,13 @@ def test_routing_report_on_deepseek_with_real_reference(shared, tmp_path, capsys
 def test_report_dispatcher_rejects_unknown_reports():
     with pytest.raises(SystemExit):
         main(["nonsense"])
+
+
+def test_routing_report_on_one_layer_trace_without_token_ids(tmp_path, rng):
+    trace = random_trace(rng, n_layers=1, decode_steps=0)
+    trace.token_id[:] = -1  # unknown ids: no hit rate, and one layer: no affinity
+    path = trace.write(tmp_path / "t.parquet")
+    files = routing_report(RoutingReportConfig(trace=str(path), out=str(tmp_path / "rep"), reference=False))
+    df = pd.read_csv(files["routing_layers.csv"])
+    assert len(df) == 1 and df["hit_rate"].isna().all() and df["next_mi_bits_slot"].isna().all()
+    assert "cross_layer.png" not in files
