@@ -78,6 +78,6 @@ def replacement_curve(current: Placement, loads: np.ndarray, budgets: list[float
     for method, budget, p in candidates:
         moved = experts_moved(current, p)
         imb = placement_imbalance(p, loads)
-        rows.append(dict(method=method, budget=budget, copies=int(moved.sum()), bytes=float(moved.sum() * expert_bytes),
+        rows.append(dict(method=method, budget=np.inf if budget is None else budget, copies=int(moved.sum()), bytes=float(moved.sum() * expert_bytes),
                          imbalance_mean=float(imb.mean()), imbalance_max=float(imb.max()), before_mean=float(before.mean())))
     return rows
