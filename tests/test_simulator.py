@@ -158,6 +158,17 @@ def test_measured_table_interpolates_and_loads(tmp_path, rng):
         cost.load_expert_table(tmp_path / "bad.csv")
 
 
+def test_kernel_bench_table_is_per_expert(tmp_path, rng):
+    us = rng.uniform(20, 200, 3)
+    (tmp_path / "bench.csv").write_text(
+        "shape,E,H,F,k,tokens,active_experts,ours_us\n"
+        + "".join(f"mixtral,8,4096,14336,2,{t},{a},{u}\n" for t, a, u in zip([1, 64, 512], [2, 8, 8], us))
+        + "other,8,4096,14336,2,1,2,5\n")
+    table = cost.load_kernel_bench(tmp_path / "bench.csv", "mixtral")
+    np.testing.assert_allclose(table.tokens, [1.0, 16.0, 128.0])
+    np.testing.assert_allclose(table.seconds, us / np.array([2, 8, 8]) * 1e-6)
+
+
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), low=st.floats(1e9, 1e12), factor=st.floats(1.0, 50.0),
        topology=st.sampled_from(["switch", "full_mesh"]), attention=st.sampled_from(["dp", "tp"]))

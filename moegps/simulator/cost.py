@@ -86,6 +86,30 @@ def load_expert_table(path: str | Path, **filters) -> ExpertTimeTable:
     return ExpertTimeTable(grouped.index.to_numpy(), grouped.to_numpy() * _TIME_COLUMNS[column], source=str(path))
 
 
+def load_kernel_bench(path: str | Path, shape: str, method: str = "ours") -> ExpertTimeTable:
+    """An :class:`ExpertTimeTable` from ``moegps.kernels.bench``'s ``bench.csv`` (one H100 there).
+
+    That table times a whole MoE layer of ``tokens`` tokens (``k`` selections each) spread over
+    ``active_experts`` experts, in microseconds (``<method>_us``); per expert this is
+    ``tokens * k / active_experts`` tokens in ``<method>_us / active_experts`` (an even split, which
+    is how the benchmark routes).
+    """
+    import pandas as pd
+
+    path = Path(path)
+    frame = pd.read_csv(path)
+    need = {"shape", "tokens", "k", "active_experts", f"{method}_us"}
+    if not need <= set(frame.columns):
+        raise ValueError(f"{path}: needs columns {sorted(need)}; has {list(frame.columns)}")
+    frame = frame[(frame["shape"] == shape) & frame[f"{method}_us"].notna()]
+    if frame.empty:
+        raise ValueError(f"{path}: no rows for shape {shape!r} with a {method}_us time")
+    per_expert_tokens = frame["tokens"] * frame["k"] / frame["active_experts"]
+    seconds = frame[f"{method}_us"] * 1e-6 / frame["active_experts"]
+    grouped = pd.Series(seconds.to_numpy(), index=per_expert_tokens.to_numpy()).groupby(level=0).mean()
+    return ExpertTimeTable(grouped.index.to_numpy(), grouped.to_numpy(), source=f"{path} ({shape}, {method})")
+
+
 def expert_time(tokens: np.ndarray, shape: ModelShape, system: SystemSpec, table: ExpertTimeTable | None = None) -> np.ndarray:
     """Seconds one GPU spends on one expert given ``tokens [...]`` (0 where it got no tokens).
 

@@ -61,6 +61,8 @@ class GuideConfig:
     token: list[str] = field(default_factory=lambda: list(DEFAULT_TOKEN))
     predictor_args: dict[str, dict[str, Any]] = field(default_factory=lambda: {"ffn": {"epochs": 2}})
     out: str = "outputs/guide"
+    expert_table: str | None = None  # moegps.kernels.bench bench.csv: measured expert time instead of the roofline
+    expert_table_shape: str = "mixtral"  # which shape rows of that table
     study: str = "predictors"  # "predictors" (the decision sweep) | "placement" (prefill-aware placement study)
 
 
@@ -130,6 +132,12 @@ def fit_predictors(train: RoutingTrace, names: list[str], args: dict[str, dict[s
 # ---- the sweep ----------------------------------------------------------------------------------
 
 
+def _expert_table(cfg: GuideConfig):
+    from .cost import load_kernel_bench
+
+    return load_kernel_bench(cfg.expert_table, cfg.expert_table_shape) if cfg.expert_table else None
+
+
 def _base_system(cfg: GuideConfig) -> SystemSpec:
     base = load_system(cfg.system)
     return base if cfg.extra_slots is None else base.replace(extra_slots_per_gpu=int(cfg.extra_slots))
@@ -151,6 +159,7 @@ def run_guide(cfg: GuideConfig, progress: bool = True) -> tuple[pd.DataFrame, li
     from ..predictors.evaluate import split_by_request
 
     base = _base_system(cfg)
+    table = _expert_table(cfg)
     rows, decisions = [], []
     for skew in cfg.skews if cfg.trace == "synthetic" else [float("nan")]:
         trace = load_workload(cfg, skew)
@@ -175,7 +184,7 @@ def run_guide(cfg: GuideConfig, progress: bool = True) -> tuple[pd.DataFrame, li
                     plans.append(distribution_plan(batches, p, place, system0, cfg.interval, name))
             for bw in cfg.link_gbps:
                 system = _variant_system(base, gpus, bw)
-                results = [simulate(batches, p, shape, system, rcfg) for p in plans]
+                results = [simulate(batches, p, shape, system, rcfg, table) for p in plans]
                 results.append(oracle_bound(results))
                 results[1].plan = "oracle_placement"
                 variant = {"trace": trace.meta.model, "skew": skew, "gpus": gpus, "link_gbps": bw,
@@ -258,7 +267,7 @@ def placement_study(cfg: GuideConfig, progress: bool = True) -> tuple[pd.DataFra
             results = {}
             for name, placement in candidates.items():
                 plan = static_plan(batches, None if placement is None else placement_share(placement), name)
-                results[name] = simulate(batches, plan, shape, system, rcfg)
+                results[name] = simulate(batches, plan, shape, system, rcfg, _expert_table(cfg))
             for name, res in results.items():
                 variant = {"trace": trace.meta.model, "gpus": gpus, "link_gbps": cfg.link_gbps[0], "batch_size": batch,
                            "system": base.name, "model_shape": shape.name, "study": "placement",
