@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from moegps import __version__
 from moegps.models.adapters import MoERouter, family_of, find_routers, routing_from_output
-from moegps.paths import PROJECT_ROOT, data_root, git_commit
+from moegps.paths import CONF_DIR, PROJECT_ROOT, data_root, git_commit
 from moegps.prompts import Prompt, load_prompts
 from moegps.trace import DECODE, PREFILL, RoutingTrace, TraceMeta, atomic_path
 
@@ -297,6 +297,7 @@ def collect(cfg: DictConfig, on_shard: Callable[[Path, int], None] | None = None
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     if "hydra" in cfg:
         del cfg["hydra"]
+    resolve_model_source(cfg.model)  # fail before any work if the checkpoint is missing
     out_dir = resolve_out_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / "manifest.json"
@@ -409,7 +410,9 @@ def collect(cfg: DictConfig, on_shard: Callable[[Path, int], None] | None = None
     return out_dir
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="collect")
+# config_path: conf/ at the project root (= "../conf" from this file), given absolute so that the
+# entry point works however it is called (python -m, an imported main(), a console script)
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="collect")
 def main(cfg: DictConfig) -> None:
     out = collect(cfg)
     print(f"trace written to {out} (read it with moegps.trace.RoutingTrace.read)")
