@@ -35,6 +35,7 @@ class LoadSource:
     loads: dict[str, np.ndarray]  # "all", "prefill", "decode" or domains -> [layer, expert]
     layer_ids: list[int]
     request_loads: np.ndarray | None = None  # [request, layer, expert], phase "all"
+    expert_bytes: float = 3 * 4096 * 14336 * 2  # one expert's weights (default: Mixtral-8x7B, bf16)
     drift: tuple[np.ndarray, np.ndarray] | None = None  # (old, new) [layer, expert] for re-placement
     notes: list[str] = field(default_factory=list)
 
@@ -47,7 +48,7 @@ def _from_trace(name: str, trace) -> LoadSource:
     req = trace.loads(by="request").counts.astype(float)
     half = max(1, req.shape[0] // 2)
     drift = (req[:half].sum(0), req[half:].sum(0)) if req.shape[0] > 1 else None
-    return LoadSource(name, loads, list(trace.meta.layer_ids), req, drift)
+    return LoadSource(name, loads, list(trace.meta.layer_ids), req, drift=drift)
 
 
 def load_source(cfg) -> LoadSource:
@@ -66,7 +67,7 @@ def load_source(cfg) -> LoadSource:
         half = req.shape[0] // 2
         loads = {"all": req.sum(0), "prefill": pre.sum(0), "decode": dec.sum(0)}
         return LoadSource("random (skewed synthetic, 16 experts top-2, phases drawn apart)", loads,
-                          list(tp.meta.layer_ids), req, (req[:half].sum(0), req[half:].sum(0)))
+                          list(tp.meta.layer_ids), req, drift=(req[:half].sum(0), req[half:].sum(0)))
     if src in ("mixtral", "olmoe"):
         from ..importers.olmoe_routing import load_expert_counts
 
@@ -74,15 +75,22 @@ def load_source(cfg) -> LoadSource:
         doms = [str(d) for d in el.groups["domain"]]
         loads = {"all": el.counts.sum(0).astype(float)} | {d: el.counts[i].astype(float) for i, d in enumerate(doms)}
         drift = (el.counts[0].astype(float), el.counts[1:].sum(0).astype(float)) if len(doms) > 1 else None
-        return LoadSource(f"{el.source}", loads, list(el.layer_ids), None, drift,
+        from .metrics import expert_bytes
+
+        size = expert_bytes(4096, 14336) if src == "mixtral" else expert_bytes(2048, 1024)  # OLMoE-1B-7B
+        return LoadSource(f"{el.source}", loads, list(el.layer_ids), None, size, drift,
                           [f"aggregate counts: no request-level data (no locality, no prefill/decode); "
                            f"re-placement drift = domain {doms[0]} -> the other domains"])
     if src == "deepseek":
         from ..importers.deepseek_csv import read_deepseek_csv
         from ..paths import shared_data
 
+        from .metrics import expert_bytes
+
         t = read_deepseek_csv(shared_data("traces", "deepseek-v2-lite-puffin"), cfg.limit)
-        return _from_trace(f"DeepSeek-V2-Lite puffin ({len(t.requests())} prompts, prefill only)", t)
+        source = _from_trace(f"DeepSeek-V2-Lite puffin ({len(t.requests())} prompts, prefill only)", t)
+        source.expert_bytes = expert_bytes(2048, 1408)  # hidden 2048, moe_intermediate 1408
+        return source
     from ..trace import RoutingTrace
 
     path = Path(src)
@@ -138,6 +146,7 @@ def run_system(source: LoadSource, cfg, n_gpus: int, extra: int) -> tuple[list[d
             raise ValueError(f"config field 'algorithms' names {name!r}, expected one of {list(conf_algorithms())}")
 
     bound = balance_bound(base, n_gpus, slots)
+    bytes_per_expert = source.expert_bytes if cfg.expert_bytes is None else cfg.expert_bytes
     srcc = split.source_counts_by_request(source.request_loads, n_gpus) if source.request_loads is not None else None
     summary, per_layer = [], []
     for name, p in placements.items():
@@ -160,7 +169,7 @@ def run_system(source: LoadSource, cfg, n_gpus: int, extra: int) -> tuple[list[d
             summary.append(dict(gpus=n_gpus, slots=slots, extra=extra, algorithm=name, split=p.split_rule, phase=phase,
                                 imb_mean=imb.mean(), imb_max=imb.max(), bound_mean=ph_bound.mean(),
                                 gap_pct=100 * (imb / ph_bound - 1).mean(),
-                                copies=int(moved.sum()), gb_moved=moved.sum() * cfg.expert_bytes / 1e9,
+                                copies=int(moved.sum()), gb_moved=moved.sum() * bytes_per_expert / 1e9,
                                 crossing_pct=crossing, seconds=seconds[name]))
             for i, layer in enumerate(source.layer_ids):
                 per_layer.append(dict(gpus=n_gpus, slots=slots, algorithm=name, phase=phase, layer=layer,
@@ -180,7 +189,9 @@ def main(cfg) -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
     source = load_source(cfg)
     L, E = source.loads["all"].shape
-    print(f"source: {source.name}: {L} layers {source.layer_ids}, {E} experts; phases {list(source.loads)}")
+    size = source.expert_bytes if cfg.expert_bytes is None else cfg.expert_bytes
+    print(f"source: {source.name}: {L} layers {source.layer_ids}, {E} experts; phases {list(source.loads)}; "
+          f"{size / 1e6:.1f} MB per expert")
     for note in source.notes:
         print(f"note: {note}")
     systems = [(g, x) for g in cfg.system.gpus for x in cfg.system.extra_slots]
@@ -192,7 +203,8 @@ def main(cfg) -> pd.DataFrame:
         if source.drift is not None and x > 0 and E >= g:
             old, new = source.drift
             current = balanced_duplication(old, g, math.ceil(E / g) + x)
-            for row in replacement_curve(current, new, list(cfg.incremental_budgets) + [None], cfg.expert_bytes):
+            size = source.expert_bytes if cfg.expert_bytes is None else cfg.expert_bytes
+            for row in replacement_curve(current, new, list(cfg.incremental_budgets) + [None], size):
                 curves.append(dict(gpus=g, slots=current.slots_per_gpu, **row))
     df = pd.DataFrame(summary)
     pd.set_option("display.width", 200)
