@@ -44,7 +44,7 @@ class GuideConfig:
     trace: str = "deepseek"  # "deepseek" | "synthetic" | a RoutingTrace parquet file/folder | CSV folder
     limit: int | None = None  # first N requests
     model: str | None = None  # model shape (system.MODEL_SHAPES); None: from the trace, else by its expert count
-    system: str = "h100_8gpu"
+    system: Any = "h100_8gpu"  # a profile name, or its fields (the hydra app passes conf/system/<name>.yaml's)
     extra_slots: int | None = None  # override the profile's extra expert slots per GPU (0 = no replicas)
     gpus: list[int] = field(default_factory=lambda: [8])
     link_gbps: list[float] = field(default_factory=lambda: [900.0, 450.0, 200.0, 64.0, 32.0])
@@ -138,8 +138,27 @@ def _expert_table(cfg: GuideConfig):
     return load_kernel_bench(cfg.expert_table, cfg.expert_table_shape) if cfg.expert_table else None
 
 
+def resolve_system(spec: Any) -> SystemSpec:
+    """A profile from a name, a path, or a mapping of yaml fields (what hydra's ``system`` group gives)."""
+    from .system import system_from_dict
+
+    if isinstance(spec, SystemSpec):
+        return spec
+    if isinstance(spec, dict):
+        return system_from_dict(spec, where=f"conf/system/{spec.get('name', '?')}.yaml")
+    return load_system(spec)
+
+
+def hydra_system(config: dict[str, Any]) -> None:
+    """Name the hydra-composed ``system`` mapping after the profile file it came from."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if isinstance(config.get("system"), dict):
+        config["system"].setdefault("name", HydraConfig.get().runtime.choices.get("system", "custom"))
+
+
 def _base_system(cfg: GuideConfig) -> SystemSpec:
-    base = load_system(cfg.system)
+    base = resolve_system(cfg.system)
     return base if cfg.extra_slots is None else base.replace(extra_slots_per_gpu=int(cfg.extra_slots))
 
 
@@ -307,7 +326,7 @@ def plot_decisions(table: pd.DataFrame, path: Path, title: str = "") -> Path:
     y_axis = "skew" if table["skew"].nunique() > 1 else "batch_size"
     panel_keys = ["trace", "gpus"] + (["batch_size"] if y_axis == "skew" else [])
     panels = list(table.groupby(panel_keys, sort=True))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(7.0, 4.8 * len(panels)), 4.8), squeeze=False)
     for ax, (key, sub) in zip(axes[0], panels):
         xs = sorted(sub.link_gbps.unique())
         ys = sorted(sub[y_axis].unique())
@@ -327,9 +346,9 @@ def plot_decisions(table: pd.DataFrame, path: Path, title: str = "") -> Path:
                      fontsize=8)
     handles = [Patch(color=c, label=f"{f} wins") for f, c in _COLOURS.items()]
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8)
-    fig.suptitle((title + "\n" if title else "") + "cell label: t(best token-to-expert) / t(best distribution-only) - 1, "
-                 "and the winning plan", fontsize=9)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    fig.suptitle((title + "\n" if title else "") + "cell: t(best token-to-expert) / t(best distribution-only) - 1\n"
+                 "and the plan that wins end to end", fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.9))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=130, format="png")
     plt.close(fig)
@@ -347,7 +366,9 @@ def write_outputs(table: pd.DataFrame, rows: list[dict[str, Any]], out: Path, co
         table.to_csv(tmp, index=False)
     with atomic_path(paths["config"]) as tmp:
         Path(tmp).write_text(json.dumps(config, indent=2, default=str))
-    plot_decisions(table, paths["plot"], title=f"{config.get('trace')} on {config.get('system')}, "
+    system = config.get("system")
+    system = system.get("name") if isinstance(system, dict) else system
+    plot_decisions(table, paths["plot"], title=f"{config.get('trace')} on {system}, "
                    f"phase={config.get('phase')}, attention={config.get('attention')}, simulated")
     return paths
 
@@ -370,6 +391,7 @@ def main() -> None:
     @hydra.main(version_base="1.3", config_path="../../conf", config_name="guide")
     def app(raw) -> None:
         config = OmegaConf.to_container(raw, resolve=True)
+        hydra_system(config)
         cfg = GuideConfig(**{k: v for k, v in config.items() if k in GuideConfig.__dataclass_fields__})
         t0 = time.perf_counter()
         if cfg.study == "placement":

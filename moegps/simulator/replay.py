@@ -629,8 +629,7 @@ def main() -> None:
 
     from ..paths import PROJECT_ROOT
     from ..results import write_rows
-    from .guide import GuideConfig, fit_predictors, load_workload, shape_for
-    from .system import load_system
+    from .guide import GuideConfig, fit_predictors, hydra_system, load_workload, resolve_system, shape_for
 
     if not OmegaConf.has_resolver("moegps.project_root"):
         OmegaConf.register_new_resolver("moegps.project_root", lambda: str(PROJECT_ROOT))
@@ -642,11 +641,12 @@ def main() -> None:
         from ..predictors.evaluate import split_by_request
 
         config = OmegaConf.to_container(raw, resolve=True)
+        hydra_system(config)
         t0 = time.perf_counter()
         gcfg = GuideConfig(trace=config["trace"], limit=config["limit"], seed=config["seed"])
         trace = load_workload(gcfg, config.get("skew", 1.0))
         shape = shape_for(trace.meta, config["model"])
-        system = load_system(config["system"], **(config.get("system_overrides") or {}))
+        system = resolve_system(config["system"])
         train, test = split_by_request(trace, config["test_fraction"], config["seed"])
         rcfg = ReplayConfig(**config["replay"])
         batches = make_batches(test, system.n_gpus, trace.meta.n_experts, rcfg)
@@ -661,7 +661,8 @@ def main() -> None:
         results.append(oracle_bound(results))
         results[1].plan = "oracle_placement"
         out = Path(config["out"])
-        variant = {k: config[k] for k in ("trace", "system", "placement", "interval", "seed")}
+        variant = {k: config[k] for k in ("trace", "placement", "interval", "seed")}
+        variant["system"] = system.name
         variant.update(replay=config["replay"], model_shape=shape.name)
         rows = [r.row(variant, system) for r in results]
         write_rows(rows, out / "rows.parquet")
