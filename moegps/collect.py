@@ -70,7 +70,7 @@ def resolve_model_source(model_cfg) -> str:
         if (candidate / "config.json").exists():
             return str(candidate.resolve())
     where = p if p.is_absolute() else PROJECT_ROOT / p
-    hint = " (the bundled model is trained by moegps/models/train_tiny.py; see docs/collect.md)" if "bundled" in str(p) else ""
+    hint = " (the bundled models come from python -m moegps.models.train_tiny; see docs/collect.md)" if "bundled" in str(p) else ""
     raise CollectError(f"model '{model_cfg.get('name')}': no checkpoint at {where} (config.json missing){hint}")
 
 
@@ -224,7 +224,8 @@ def generate_and_record(
     record = BatchRecord()
     rid = np.asarray(request_ids, dtype=np.int64)
 
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    # logits_to_keep=1: only the last position's logits (a full [B, S, vocab] would cost GBs at scale)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     experts, weights = recorder.take(B * S)
     real = mask.reshape(-1).bool().cpu().numpy()
     b_of, s_of = np.divmod(np.arange(B * S), S)
