@@ -225,6 +225,7 @@ def bench_layer(shape: str, tokens=(1, 8, 32), dtype=torch.bfloat16, bandwidth: 
                     results[(impl, graph)] = ms
                     rows.append(dict(shape=shape, tokens=T, impl=impl, cuda_graph=graph, ms=ms, floor_ms=floor_ms,
                                      rel_err_vs_eager=err))
+                    print(rows[-1], flush=True)
         best_hf = min(v for (impl, g), v in results.items() if impl != "moegps" and v == v)
         best_ours = min(v for (impl, g), v in results.items() if impl == "moegps" and v == v)
         for r in rows:
@@ -295,6 +296,7 @@ def bench_generate(model_path: str | None = None, batch: int = 1, prompt_len: in
         rows.append(dict(model=source, variant=variant, batch=batch, prompt_len=prompt_len, new_tokens=n_new,
                          decode_ms_per_token=per_token, tokens_per_s=batch * n_new / (t_all * 1e-3),
                          same_tokens_as_eager=bool(torch.equal(tokens[variant], tokens["eager"]))))
+        print(rows[-1], flush=True)
     breakdown = decode_breakdown(model, ids, n_new)
     breakdown["model"] = source
     return rows, breakdown
