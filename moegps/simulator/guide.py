@@ -50,6 +50,7 @@ class GuideConfig:
     link_gbps: list[float] = field(default_factory=lambda: [900.0, 450.0, 200.0, 64.0, 32.0])
     batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
     skews: list[float] = field(default_factory=lambda: [1.0])  # synthetic trace only
+    synthetic: dict[str, Any] = field(default_factory=dict)  # synthetic_trace arguments, e.g. {prompt_len: [512, 512]}
     phase: str = "all"
     attention: str = "dp"
     source: str = "token"
@@ -59,6 +60,7 @@ class GuideConfig:
     seed: int = 0
     distribution: list[str] = field(default_factory=lambda: list(DEFAULT_DISTRIBUTION))
     token: list[str] = field(default_factory=lambda: list(DEFAULT_TOKEN))
+    token_placement_from: str | None = "global_profile"  # also try each token predictor over this plan's placement
     predictor_args: dict[str, dict[str, Any]] = field(default_factory=lambda: {"ffn": {"epochs": 2}})
     out: str = "outputs/guide"
     expert_table: str | None = None  # moegps.kernels.bench bench.csv: measured expert time instead of the roofline
@@ -98,7 +100,10 @@ def synthetic_trace(rng: np.random.Generator, skew: float, n_requests: int = 200
 
 def load_workload(cfg: GuideConfig, skew: float) -> RoutingTrace:
     if cfg.trace == "synthetic":
-        return synthetic_trace(np.random.default_rng(cfg.seed), skew, n_requests=cfg.limit or 200)
+        kwargs = dict(cfg.synthetic or {})
+        if "prompt_len" in kwargs:
+            kwargs["prompt_len"] = tuple(kwargs["prompt_len"])
+        return synthetic_trace(np.random.default_rng(cfg.seed), skew, n_requests=cfg.limit or 200, **kwargs)
     from ..predictors.evaluate import load_trace
 
     return load_trace(cfg.trace, cfg.limit, cfg.seed)
@@ -194,13 +199,18 @@ def run_guide(cfg: GuideConfig, progress: bool = True) -> tuple[pd.DataFrame, li
             batches = make_batches(test_routing, gpus, trace.meta.n_experts, rcfg)
             place = PlaceFn(cfg.placement, system0, trace.meta.n_experts, shape=shape)
             plans = [static_plan(batches), oracle_plan(batches, place)]
+            token_preds = {n: p for n, p in preds.items() if hasattr(p, "predict")}
             for name, p in preds.items():
-                if getattr(p, "family", "") == "token" or hasattr(p, "predict"):
-                    if name not in cached_tokens:
-                        cached_tokens[name] = predict_tokens(batches, p)
-                    plans.append(token_plan(batches, p, place, system0, cfg.interval, name, cached_tokens[name]))
-                else:
+                if name not in token_preds:
                     plans.append(distribution_plan(batches, p, place, system0, cfg.interval, name))
+            profile = next((pl for pl in plans if pl.name == cfg.token_placement_from), None)
+            for name, p in token_preds.items():
+                if name not in cached_tokens:
+                    cached_tokens[name] = predict_tokens(batches, p)
+                plans.append(token_plan(batches, p, place, system0, cfg.interval, name, cached_tokens[name]))
+                if profile is not None:  # the same predictor routing tokens over the profile's placement
+                    plans.append(token_plan(batches, p, place, system0, cfg.interval, f"{name}+{profile.name}",
+                                            cached_tokens[name], placement_from=profile))
             for bw in cfg.link_gbps:
                 system = _variant_system(base, gpus, bw)
                 results = [simulate(batches, p, shape, system, rcfg, table) for p in plans]

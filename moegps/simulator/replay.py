@@ -430,12 +430,15 @@ def predict_tokens(batches: Batches, predictor, window: int = 8) -> np.ndarray:
 
 
 def token_plan(batches: Batches, predictor, place: PlaceFn, system: SystemSpec, interval: int = 1,
-               name: str | None = None, predicted: np.ndarray | None = None, home_slack: float = 1.25) -> Plan:
+               name: str | None = None, predicted: np.ndarray | None = None, home_slack: float = 1.25,
+               placement_from: Plan | None = None) -> Plan:
     """A ``TokenPredictor``: its per-token forecasts give the batch's loads (placed every
     ``interval`` batches) and, if it runs before attention, each token's home GPU per layer.
 
     ``predicted [T, L, k]`` may be passed to reuse predictions made once. ``home_slack``: a GPU
     hosts at most that many times an even share of a step's tokens (see :func:`_homes`).
+    ``placement_from``: take the placements of another plan (e.g. the global profile's) instead of
+    placing from the aggregated token predictions; the token predictor then only routes tokens.
     """
     S, L = batches.n_steps, batches.n_layers
     E, k = batches.n_experts, batches.experts.shape[2]
@@ -447,16 +450,21 @@ def token_plan(batches: Batches, predictor, place: PlaceFn, system: SystemSpec, 
         idx = batches.step[:, None] * E + predicted[:, layer, :]
         pred_loads[:, layer] = np.bincount(idx.ravel(), minlength=S * E).reshape(S, E)
     replan = _replan_steps(S, interval)
-    # only the batch at hand is known when it is placed; it is placed for a typical batch of that mix
-    frac = pred_loads[replan] / np.maximum(pred_loads[replan].sum(-1, keepdims=True), 1)
-    typical = np.array([_typical_selections(batches, s) for s in replan])[:, None, None]
-    shares = keep_unless_worth_it(frac * typical, _place_many(place, frac * typical), np.diff(np.append(replan, S)), place)
+    if placement_from is not None:
+        shares, of_step = placement_from.share, placement_from.placement_of_step
+    else:
+        # only the batch at hand is known when it is placed; it is placed for a typical batch of that mix
+        frac = pred_loads[replan] / np.maximum(pred_loads[replan].sum(-1, keepdims=True), 1)
+        typical = np.array([_typical_selections(batches, s) for s in replan])[:, None, None]
+        shares = keep_unless_worth_it(frac * typical, _place_many(place, frac * typical),
+                                      np.diff(np.append(replan, S)), place)
+        of_step = np.searchsorted(replan, np.arange(S), side="right") - 1
     pcost = predictor.cost()
     hits = (predicted[:, :, :, None] == batches.experts[:, :, None, :]).any(-1).mean()
     true_f = batches.loads / np.maximum(batches.loads.sum(-1, keepdims=True), 1)
     pred_f = pred_loads / np.maximum(pred_loads.sum(-1, keepdims=True), 1)
-    plan = Plan(name or getattr(predictor, "name", "token"), "token", shares,
-                np.searchsorted(replan, np.arange(S), side="right") - 1,
+    plan = Plan(name or getattr(predictor, "name", "token"), "token", shares, of_step,
+                charge_migration=placement_from.charge_migration if placement_from is not None else True,
                 predictor_s=predictor_seconds(pcost, batches.n_tokens, system),
                 on_critical_path=bool(pcost.on_critical_path), accuracy=float(hits),
                 error=float(0.5 * np.abs(pred_f - true_f).sum(-1).mean()))
