@@ -29,12 +29,23 @@ from moegps.placement.placement import Placement
 
 
 def median_time(fn, reps: int) -> tuple[float, object]:
+    """Median wall seconds over ``reps`` calls (and the last result)."""
     times, out = [], None
     for _ in range(reps):
         t0 = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
     return float(np.median(times)), out
+
+
+def median_cpu(fn, reps: int) -> float:
+    """Median process CPU seconds: less sensitive than wall time to other jobs on a shared machine."""
+    times = []
+    for _ in range(reps):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return float(np.median(times))
 
 
 def load_eplb(path: str | None):
@@ -72,9 +83,9 @@ def part1(args, eplb):
     cases.append(("lognormal synthetic", rng.lognormal(0, 1.0, (L, 256)) * 1000, 256, 64, 8, 8))
     print(f"\n== Part 1: {L} layers onto {G} GPUs, median of {args.reps} runs, this machine "
           f"({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}) ==")
-    head = f"{'loads':40s} {'experts':>7s} {'slots':>5s} {'policy':>12s} | {'moegps s':>8s} {'floor s':>8s}"
+    head = f"{'loads':40s} {'experts':>7s} {'slots':>5s} {'policy':>12s} | {'moegps s':>8s} {'cpu s':>6s} {'floor s':>8s}"
     if eplb is not None:
-        head += f" {'EPLB s':>8s} {'speedup':>7s} | {'imb moegps':>10s} {'imb EPLB':>9s} {'max moegps':>10s} {'max EPLB':>9s} {'better':>6s} {'worse':>5s}"
+        head += f" {'EPLB s':>8s} {'cpu s':>6s} {'speedup':>7s} | {'imb moegps':>10s} {'imb EPLB':>9s} {'max moegps':>10s} {'max EPLB':>9s} {'better':>6s} {'worse':>5s}"
     else:
         head += f" | {'imb moegps':>10s} {'max moegps':>10s}"
     print(head + f" {'bound':>6s}")
@@ -86,22 +97,26 @@ def part1(args, eplb):
             fn = lambda: hierarchical_duplication(w, G, S, nodes, groups)  # noqa: E731
         fn()  # warm-up
         t_mine, p = median_time(fn, args.reps)
+        c_mine = median_cpu(fn, args.reps)
         t_floor, _ = median_time(lambda: np.argsort(-w, axis=1), args.reps)
         imb = placement_imbalance(p, w)
         bound = balance_bound(w, G, S) if nodes == 1 else np.full(L, np.nan)
-        row = f"{name:40s} {E:7d} {S:5d} {'global' if nodes == 1 else f'hier {nodes}n':>12s} | {t_mine:8.4f} {t_floor:8.5f}"
+        row = f"{name:40s} {E:7d} {S:5d} {'global' if nodes == 1 else f'hier {nodes}n':>12s} | {t_mine:8.4f} {c_mine:6.3f} {t_floor:8.5f}"
         if eplb is not None:
             import torch
 
             wt = torch.tensor(w)
             eplb.rebalance_experts(wt, E + extra, groups, nodes, G)  # warm-up
-            t_ref, out = median_time(lambda: eplb.rebalance_experts(wt, E + extra, groups, nodes, G), max(3, args.reps // 2))
+            ref_fn = lambda: eplb.rebalance_experts(wt, E + extra, groups, nodes, G)  # noqa: E731
+            t_ref, out = median_time(ref_fn, max(3, args.reps // 2))
+            c_ref = median_cpu(ref_fn, max(3, args.reps // 2))
             ref = placement_imbalance(Placement.from_eplb(out[0].numpy(), G, E), w)
-            row += (f" {t_ref:8.4f} {t_ref / t_mine:6.1f}x | {imb.mean():10.4f} {ref.mean():9.4f} {imb.max():10.4f} {ref.max():9.4f}"
+            row += (f" {t_ref:8.4f} {c_ref:6.3f} {t_ref / t_mine:6.1f}x | {imb.mean():10.4f} {ref.mean():9.4f} {imb.max():10.4f} {ref.max():9.4f}"
                     f" {(imb < ref - 1e-9).sum():6d} {(imb > ref + 1e-9).sum():5d}")
         else:
             row += f" | {imb.mean():10.4f} {imb.max():10.4f}"
         print(row + (f" {bound.mean():6.4f}" if nodes == 1 else f" {'-':>6s}"))
+    print("speedup = EPLB wall / moegps wall (same run, same machine); cpu = process CPU seconds")
     print("imb = mean over layers of max/mean GPU load (1 = even); max = worst layer; better/worse = layers where"
           " moegps beats/loses to EPLB; bound = mean over layers of the lowest reachable imbalance (global policy)")
 

@@ -133,6 +133,8 @@ def local_search(
     max_iters: int | None = None,
     rewrite_candidates: int = 16,
     stop_at: np.ndarray | None = None,
+    group_size: int = 1,
+    row_scale: np.ndarray | None = None,
 ) -> np.ndarray:
     """Lower each row's busiest GPU by swaps and replica rewrites while the objective drops.
 
@@ -143,7 +145,10 @@ def local_search(
     replica of an expert on the busiest GPU (1 copy). ``budget [X]`` bounds the copies per row,
     counted against ``held_before [X, G, E]`` (a copy is free where the GPU held that expert
     before). ``stop_at [X]``: a row stops once its objective is at or below this (e.g. a bound
-    it cannot beat). Returns the new slot_key [X, G, S]. Never raises a row's objective.
+    it cannot beat). ``group_size`` consecutive rows (the nodes of one layer) share one max:
+    only the rows at their group's max, in absolute units ``row_scale [X]`` (the row's
+    normalising mean), are worked on, and a group is done when its busiest row is stuck.
+    Returns the new slot_key [X, G, S]. Never raises a row's objective.
     """
     slot_key = slot_key.copy()
     P, X, E = norm_loads.shape
@@ -158,8 +163,19 @@ def local_search(
     stop = np.full(X, -np.inf) if stop_at is None else np.asarray(stop_at, dtype=float) * (1 + 1e-9)
     active = np.arange(X)
     ar_g = np.arange(G)
+    if group_size > 1:
+        scale = np.ones(X) if row_scale is None else np.asarray(row_scale, dtype=float)
+        level = row_objective(slot_key, norm_loads, phase_weights, objective) * scale  # absolute, [X]
+        alive = np.ones(X, dtype=bool)
     for _ in range(max_iters):
         active = active[spent[active] < limit[active]]
+        if group_size > 1:  # work only on each group's busiest rows; a stuck busiest row ends its group
+            top = level.reshape(-1, group_size).max(-1).repeat(group_size)
+            at_top = level >= top * (1 - 1e-12)
+            group_alive = (at_top & alive).reshape(-1, group_size).any(-1).repeat(group_size)
+            stuck_top = (at_top & ~alive).reshape(-1, group_size).any(-1).repeat(group_size)
+            active = np.flatnonzero(alive & at_top & group_alive & ~stuck_top)
+            active = active[spent[active] < limit[active]]
         if active.size == 0:
             break
         sk = slot_key[active]
@@ -278,7 +294,12 @@ def local_search(
                 spent[rows] += ((va >= 0) & ~held_before[rows, g, np.maximum(va, 0)])
                 spent[rows] += ((vb >= 0) & ~held_before[rows, h, np.maximum(vb, 0)])
                 slot_key[rows, h, a], slot_key[rows, g, b] = vb, va
-        active = active[improve]
+        if group_size > 1:
+            alive[active[~improve]] = False
+            level[active[improve]] = row_objective(slot_key[active[improve]], norm_loads[:, active[improve]],
+                                                   phase_weights, objective) * scale[active[improve]]
+        else:
+            active = active[improve]
     return slot_key
 
 
@@ -346,8 +367,9 @@ def balance_rows(
             lowest = np.maximum(1.0, (norm[0] / count_sets[0]).max(-1)) * scale
             layer_lowest = lowest.reshape(-1, rows_per_layer).max(-1).repeat(rows_per_layer)
             stop_at = np.tile(layer_lowest / scale, n_starts)
-        slot_key = local_search(slot_key, all_norm, phase_weights, objective,
-                                rewrites=max_per_expert > 1, stop_at=stop_at)
+        slot_key = local_search(slot_key, all_norm, phase_weights, objective, rewrites=max_per_expert > 1,
+                                stop_at=stop_at, group_size=rows_per_layer,
+                                row_scale=np.tile(phase_scale(loads, n_packs).max(0)[:, 0], n_starts))
     if n_starts > 1:
         obj = row_objective(slot_key, all_norm, phase_weights, objective).reshape(n_starts, X)
         slot_key = slot_key.reshape(n_starts, X, n_packs, slots_per_pack)[obj.argmin(0), np.arange(X)]
