@@ -83,7 +83,7 @@ def test_learned_token_classifiers_find_a_deterministic_layer(rng):
     train, test = split_by_request(tr, 0.3, seed=2)
     tb = token_batch(test.by_token())
     true = test.by_token().experts
-    for name, kw in (("lgbm", {"n_estimators": 20}), ("mlp", {"epochs": 20}), ("ffn", {"epochs": 40})):
+    for name, kw in (("lgbm", {"n_estimators": 20}), ("mlp", {"epochs": 20, "min_steps": 1}), ("ffn", {"epochs": 40, "min_steps": 1})):
         pred = make(name, **kw).fit(train).predict(tb)
         assert recall_at_k(pred, true).mean() > 0.95, name
 
@@ -97,6 +97,17 @@ def test_from_tokens_aggregates_to_the_true_load(rng):
     for b in range(len(s)):
         pred = p.predict_next(s.loads[:b], batch_context(s, b, with_tokens=True))
         np.testing.assert_allclose(pred, s.loads[b] / s.loads[b].sum(-1, keepdims=True))
+
+
+def test_token_mix_recovers_the_batch_load_from_token_ids(rng):
+    E, k = 8, 2
+    f = lambda r, s, p, t, l: [t % E, (t + 1 + l) % E]  # noqa: E731
+    tr = build(f, 30, (5, 9), 2, 2, E, k, rng, vocab=E)
+    s = batch_stream(tr, 4)
+    p = make("token_mix", prior=0.0).fit(tr)
+    for b in range(len(s)):
+        np.testing.assert_allclose(p.predict_next(s.loads[:b], batch_context(s, b)),
+                                   s.loads[b] / s.loads[b].sum(-1, keepdims=True), atol=1e-6)
 
 
 # ---- distribution predictors: a load that alternates between two profiles ---------------
@@ -161,7 +172,8 @@ def test_phase_profile_and_own_prefill(rng):
 # ---- every registered predictor honours its protocol -------------------------------------
 
 
-FAST = {"ffn": {"epochs": 1}, "sequence": {"epochs": 1}, "mlp": {"epochs": 1}, "lgbm": {"n_estimators": 3},
+FAST = {"ffn": {"epochs": 1, "min_steps": 1}, "sequence": {"epochs": 1, "min_steps": 1},
+        "mlp": {"epochs": 1, "min_steps": 1}, "lgbm": {"n_estimators": 3},
         "learned": {"n_orders": 1}}
 
 

@@ -14,6 +14,7 @@ sliding_window      past_loads, past_phase (last ``window`` same-phase batches) 
 ema                 past_loads, past_phase (EMA of same-phase batch fractions)   none
 own_prefill         context.request_prefill_loads (decode: blend of the batch    [2, L, E] + a
                     requests' own prefill routing with the decode profile)
+token_mix           context.token_ids (mean of P(expert | token id) per layer)   [V, L, E]
 learned             past_loads, phase, batch size, hashed bag of token ids       ridge/GBM
 from_tokens         context.tokens -> a token predictor, counts aggregated       its token model
 ==================  ===========================================================  ==============
@@ -314,6 +315,49 @@ class Learned(_Distribution):
         return self._cost(
             flops_per_batch=flops, flops_per_token=2.0, bytes_per_batch=params * FLOAT, bytes_per_token=4.0,
             memory_bytes=int(params * FLOAT), inputs=("past_loads", "past_phase", "phase", "n_tokens", "token_ids"),
+        )
+
+
+@register("token_mix")
+class TokenMix(_Distribution):
+    """The mean, over the batch's tokens, of each token id's expert distribution per layer.
+
+    ``P(e | token, layer)`` is counted on the training trace and smoothed towards the phase
+    profile with ``prior`` pseudo-tokens (unseen ids get the profile). A soft, distribution-level
+    use of the token-id table: it needs only the batch's token ids, which the scheduler has.
+    """
+
+    name = "token_mix"
+
+    def __init__(self, prior: float = 5.0):
+        self.prior = prior
+
+    def fit(self, train):
+        from .base import Vocab
+
+        super().fit(train)
+        L, E, k = self.n_layers, self.n_experts, self.top_k
+        self.vocab = Vocab(train.token_id)
+        idx = self.vocab.index(train.token_id)
+        flat = (idx[:, None] * L + train.layer[:, None].astype(np.int64)) * E + train.experts
+        counts = np.bincount(flat.reshape(-1), minlength=len(self.vocab) * L * E).reshape(-1, L, E) / k
+        counts[0] = 0
+        den = counts.sum(-1, keepdims=True) + self.prior
+        mix = (counts + self.prior * self.profile) / np.where(den > 0, den, 1)
+        self.table = np.where(den > 0, mix, self.profile).astype(np.float32)  # row 0 (unseen ids): the profile
+        return self
+
+    def predict_next(self, past_loads, context):
+        if context.token_ids is None or len(context.token_ids) == 0:
+            return self.phase_profiles[context.phase]
+        rows = self.table[self.vocab.index(context.token_ids)]  # [n, L, E]
+        return normalize(rows.mean(axis=0, dtype=np.float64))
+
+    def cost(self):
+        le = self.n_layers * self.n_experts
+        return self._cost(
+            flops_per_token=le + np.log2(max(len(self.vocab), 2)), bytes_per_token=le * 4 + 8,
+            memory_bytes=self.table.nbytes + self.vocab.ids.nbytes, inputs=("token_ids",),
         )
 
 

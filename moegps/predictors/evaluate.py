@@ -199,8 +199,9 @@ def plot(table: pd.DataFrame, path: Path, title: str = "") -> Path:
     for fam, marker, color in (("distribution", "o", "tab:blue"), ("token", "s", "tab:orange")):
         d = t[t.family == fam]
         a.scatter(d.latency_batch_s * 1e6, d.tv, marker=marker, color=color, label=fam)
-        for _, r in d.iterrows():
-            a.annotate(r.predictor, (r.latency_batch_s * 1e6, r.tv), fontsize=7, xytext=(3, 2), textcoords="offset points")
+        for i, (_, r) in enumerate(d.sort_values("latency_batch_s").iterrows()):
+            a.annotate(r.predictor, (r.latency_batch_s * 1e6, r.tv), fontsize=7, xytext=(3, 3 if i % 2 else -9),
+                       textcoords="offset points")  # alternate above/below: neighbours overlap less
     a.set_xscale("log")
     a.set_xlabel("latency per batch, median (us, this CPU)")
     a.set_ylabel("load error: total variation per layer (lower is better)")

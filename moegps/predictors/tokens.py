@@ -206,9 +206,17 @@ def _train_rows(n: int, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
-def _torch_fit(model, inputs: list, target, epochs: int, batch: int, lr: float, seed: int):
-    """Multi-label BCE on ``target`` (0/1 float tensor), Adam, shuffled mini-batches, CPU."""
+def _torch_fit(model, inputs: list, target, epochs: int, batch: int, lr: float, seed: int, min_steps: int = 600):
+    """Multi-label BCE on ``target`` (0/1 float tensor), Adam, shuffled mini-batches, CPU.
+
+    Runs ``epochs`` epochs, or more when that would be fewer than ``min_steps`` optimiser steps
+    (small traces: a few epochs of a few thousand tokens leave these models untrained).
+    """
+    import math
+
     import torch
+
+    epochs = max(epochs, math.ceil(min_steps / max(1, math.ceil(len(target) / batch))))
 
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -237,8 +245,10 @@ def _dense_params(model) -> tuple[int, int]:
 
 class _TorchToken(_Token):
     def __init__(self, dim: int = 64, hidden: int = 128, epochs: int = 3, batch: int = 512, lr: float = 3e-3,
-                 max_train_tokens: int = 200_000, seed: int = 0, device: str = "cpu", threads: int | None = 1):
+                 max_train_tokens: int = 200_000, seed: int = 0, device: str = "cpu", threads: int | None = 1,
+                 min_steps: int = 600):
         self.dim, self.hidden, self.epochs, self.batch, self.lr = dim, hidden, epochs, batch, lr
+        self.min_steps = min_steps
         self.threads = threads  # torch CPU threads for fit and predict (None: leave torch's setting)
         self.max_train_tokens, self.seed, self.device = max_train_tokens, seed, device
 
@@ -291,7 +301,8 @@ class TokenFFN(_TorchToken):
         tb = token_batch(tr, window=1, with_routing=False).select(rows)
         y = torch.as_tensor(expert_counts(tr.experts[rows], E).reshape(len(rows), L * E), dtype=torch.float32)
         with _torch_threads(self.threads):
-            _torch_fit(self.model, self._inputs(tb), y, self.epochs, self.batch, self.lr, self.seed)
+            _torch_fit(self.model, self._inputs(tb), y, self.epochs, self.batch, self.lr, self.seed,
+                       self.min_steps)
         return self
 
     def cost(self):
@@ -355,7 +366,8 @@ class TokenSequence(_TorchToken):
         tb = token_batch(tr, window=self.window, with_routing=False).select(rows)
         y = torch.as_tensor(expert_counts(tr.experts[rows], E).reshape(len(rows), L * E), dtype=torch.float32)
         with _torch_threads(self.threads):
-            _torch_fit(self.model, self._inputs(tb), y, self.epochs, self.batch, self.lr, self.seed)
+            _torch_fit(self.model, self._inputs(tb), y, self.epochs, self.batch, self.lr, self.seed,
+                       self.min_steps)
         return self
 
     def cost(self):
@@ -391,8 +403,8 @@ class TokenLGBM(_Token):
 
     name = "lgbm"
 
-    def __init__(self, n_estimators: int = 30, num_leaves: int = 15, learning_rate: float = 0.2,
-                 max_train_tokens: int = 20_000, seed: int = 0, n_jobs: int = 1):
+    def __init__(self, n_estimators: int = 15, num_leaves: int = 7, learning_rate: float = 0.2,
+                 max_train_tokens: int = 3_000, seed: int = 0, n_jobs: int = 1):
         self.n_estimators, self.num_leaves, self.learning_rate = n_estimators, num_leaves, learning_rate
         self.max_train_tokens, self.seed, self.n_jobs = max_train_tokens, seed, n_jobs
 
@@ -414,7 +426,7 @@ class TokenLGBM(_Token):
                 continue
             clf = lgb.LGBMClassifier(
                 n_estimators=self.n_estimators, num_leaves=self.num_leaves, learning_rate=self.learning_rate,
-                min_child_samples=5, random_state=self.seed, n_jobs=self.n_jobs, verbose=-1,
+                min_child_samples=5, max_bin=63, random_state=self.seed, n_jobs=self.n_jobs, verbose=-1,
             )
             clf.fit(X, y, categorical_feature=[0])
             self.models.append(clf)
@@ -505,7 +517,8 @@ class TokenMLP(_TorchToken):
         L = self.n_layers
         y = torch.as_tensor(expert_counts(tb.routed, self.n_experts).reshape(len(rows) * L, -1), dtype=torch.float32)
         with _torch_threads(self.threads):
-            _torch_fit(self.model, self._pairs(tb, np.arange(L)), y, self.epochs, self.batch, self.lr, self.seed)
+            _torch_fit(self.model, self._pairs(tb, np.arange(L)), y, self.epochs, self.batch, self.lr, self.seed,
+                       self.min_steps)
         return self
 
     def predict(self, tokens):
