@@ -143,7 +143,9 @@ def moegps_variant(model):
     import copy
 
     try:
-        return swap_moe_blocks(copy.deepcopy(model)), ""
+        fast = copy.deepcopy(model)
+        swap_moe_blocks(fast)  # in place
+        return fast, ""
     except Exception as e:  # show why rather than crash the demo
         return None, f"moegps path unavailable ({type(e).__name__}: {e})"
 

@@ -39,7 +39,8 @@ def _wait_for(session, text, times=1, timeout=120):
 def test_demo_in_tmux(tmp_path):
     model = _tiny_model(tmp_path / "model")
     session = f"moegps-demo-{tmp_path.name}"
-    cmd = f"{sys.executable} -m moegps.demo --model {model} --max-new-tokens 6 --device cpu"
+    log = tmp_path / "stderr.log"
+    cmd = f"{sys.executable} -m moegps.demo --model {model} --max-new-tokens 6 --device cpu 2>{log}; sleep 60"
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "50", cmd], check=True)
     try:
         _wait_for(session, "prompt>")
@@ -48,6 +49,7 @@ def test_demo_in_tmux(tmp_path):
         assert "What is the capital of France?" in screen
         assert "answer (6 tokens)" in screen or "answer (" in screen
         assert "transformers" in screen and "tokens/s" in screen
+        assert "moegps" in screen and "same tokens" in screen, screen  # the swapped model ran and agreed
         # one heat-map row per MoE layer, each ending with its max/mean imbalance
         rows = [line.split() for line in screen.splitlines() if line.strip()[:1].isdigit() and "." in line.split()[-1]]
         layers = [r[0] for r in rows if len(r) == 8 + 2]
@@ -57,5 +59,8 @@ def test_demo_in_tmux(tmp_path):
             assert 96 <= sum(s) <= 104, (s, screen)
         subprocess.run(["tmux", "send-keys", "-t", session, "exit", "Enter"], check=True)
         _wait_for(session, "bye", timeout=30)
+    except AssertionError:
+        print(log.read_text() if log.exists() else "no stderr log")  # shown by pytest on failure
+        raise
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
