@@ -22,3 +22,8 @@ def test_swapped_model_generates_the_same_tokens(rng):
                               pad_token_id=0)
     assert (ours_logits - plain_logits).abs().max() < 1e-4 * plain_logits.abs().max()
     assert torch.equal(ours, plain)
+    # the static-cache decode loop of the benchmark (eager here; CUDA graphs on a GPU) decodes the same
+    from moegps.executor.generate import static_decode
+
+    tokens, _ = static_decode(model, ids, 8)
+    assert torch.equal(tokens, plain[:, ids.shape[1]:])

@@ -59,6 +59,7 @@ class ExecuteConfig:
     batch_requests: int = 8  # requests per batch
     max_batches: int = 8  # timed batches
     warmup: int = 2  # untimed batches first
+    warm_all: bool = True  # also run every timed batch once untimed first (compiles each kernel variant)
     parallel: str = "ep"  # ep (expert parallel) | tp (tensor parallel)
     placement: str = "static"  # static (contiguous) | round_robin | balanced | balanced_lp | prefill_aware
     extra_slots: int = 0  # slots per GPU beyond ceil(E / GPUs), for replicas
@@ -289,6 +290,12 @@ def run(cfg: ExecuteConfig, comm: xdist.Comm | None = None, write: bool = True,
     bytes_migrated = migrations = 0
     accuracy = []
     past, past_phase, pending = [], [], None
+    if cfg.warm_all:  # Triton specialises on token counts: compile every variant before any timing
+        for x, ids, w in inputs[cfg.warmup:]:
+            for l, layer in enumerate(layers):
+                layer(x, ids[l], w[l])
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
     for i, batch in enumerate(batches):
         timed = i >= cfg.warmup
         t = i - cfg.warmup  # index among timed batches
