@@ -344,8 +344,9 @@ def plot_decisions(table: pd.DataFrame, path: Path, title: str = "") -> Path:
             i, j = xs.index(r.link_gbps), ys.index(r[y_axis])
             ax.add_patch(plt.Rectangle((i - 0.5, j - 0.5), 1, 1, color=_COLOURS[r.winner_family], alpha=0.85))
             gain = r.gain_dist_over_token
-            ax.text(i, j, f"{gain:+.0%}\n{r.winner}" if np.isfinite(gain) else r.winner,
-                    ha="center", va="center", fontsize=7)
+            winner = str(r.winner).replace("+", "\n+")
+            ax.text(i, j, f"{gain:+.1%}\n{winner}" if np.isfinite(gain) else winner,
+                    ha="center", va="center", fontsize=6.5)
         ax.set_xlim(-0.5, len(xs) - 0.5)
         ax.set_ylim(-0.5, len(ys) - 0.5)
         ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
