@@ -232,19 +232,20 @@ class Learned(_Distribution):
     ``model="ridge"`` (scikit-learn, multi-output, closed form) or ``"lightgbm"`` (one booster
     per principal component of the target, ``n_components``). Trained on batches formed from the
     training trace exactly as the evaluation forms them (``batch_requests``), in the trace's own
-    request order plus ``n_orders - 1`` shuffled orders.
+    request order plus ``n_orders - 1`` shuffled orders (at most ``max_train_batches`` batches in all,
+    sampled evenly from the orders).
     """
 
     name = "learned"
 
     def __init__(self, model: str = "ridge", batch_requests: int = 8, n_buckets: int = 512,
                  alpha: float = 1.0, n_orders: int = 4, n_components: int = 16, n_estimators: int = 60,
-                 use_history: bool = True, seed: int = 0):
+                 use_history: bool = True, max_train_batches: int = 8000, seed: int = 0):
         if model not in ("ridge", "lightgbm"):
             raise ValueError(f"learned: model must be 'ridge' or 'lightgbm', got {model!r}")
         self.model, self.batch_requests, self.n_buckets, self.alpha = model, batch_requests, n_buckets, alpha
         self.n_orders, self.n_components, self.n_estimators, self.seed = n_orders, n_components, n_estimators, seed
-        self.use_history = use_history
+        self.use_history, self.max_train_batches = use_history, max_train_batches
         self.name = f"learned_{model}"
 
     def features(self, past_loads, context) -> np.ndarray:
@@ -266,7 +267,11 @@ class Learned(_Distribution):
             # order 0 keeps the trace's own request order (any temporal pattern in it); the rest
             # are shuffles that add batch compositions for the token-bag features
             s = batch_stream(train, self.batch_requests, seed=None if i == 0 else self.seed + i, window=1, tr=tr)
-            for b in range(len(s)):
+            picks = np.arange(len(s))
+            per_order = max(1, self.max_train_batches // self.n_orders)
+            if len(picks) > per_order:  # large traces: a random subset of batches keeps fit to seconds
+                picks = np.sort(np.random.default_rng(self.seed + i).choice(picks, per_order, replace=False))
+            for b in picks:
                 ctx = batch_context(s, b)
                 X.append(self.features(s.loads[:b], ctx))
                 Y.append((normalize(s.loads[b]) - self.phase_profiles[ctx.phase]).reshape(-1))
@@ -299,7 +304,7 @@ class Learned(_Distribution):
         if self.model == "ridge":
             delta = self.reg.predict(x)[0]
         else:
-            z = np.array([[b.predict(x)[0] for b in self.boosters]])
+            z = np.array([[b.booster_.predict(x)[0] for b in self.boosters]])  # raw booster: no sklearn checks
             delta = self.pca.inverse_transform(z)[0]
         pred = self.phase_profiles[context.phase] + delta.reshape(self.n_layers, self.n_experts)
         return normalize(np.clip(pred, 1e-6, None))
