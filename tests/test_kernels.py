@@ -167,3 +167,25 @@ def test_bad_shapes_are_named():
         fused_moe(x, w13, w2, ids, torch.rand(4, 3))
     with pytest.raises(ValueError, match="w_gate_up"):
         fused_moe(x, w13[:, :, :8], w2, ids, torch.rand(4, 2))
+
+
+def test_shipped_configs_are_valid_and_run(rng):
+    """Every tuned config file names valid fields; a few of its configs run correctly here."""
+    from moegps.kernels.launch import CONFIG_DIR, _tuned_table
+
+    files = sorted(CONFIG_DIR.glob("*.json"))
+    assert files, "no tuned config file shipped"
+    x, w13, w2, ids, weights = make_problem(rng, 20, 4, 256, 256, 2, torch.float16)
+    ref = moe_reference(x.double(), w13.double(), w2.double(), ids, weights.double())
+    for path in files:
+        shapes = _tuned_table(path.stem)
+        assert shapes
+        for by_tokens in shapes.values():
+            for cfg in by_tokens.values():
+                assert cfg["path"] in ("scan", "sorted") and cfg["block_m"] in (16, 32, 64, 128, 256)
+                for gemm in ("gate_up", "down"):
+                    assert set(cfg[gemm]) >= {"block_n", "block_k", "group_m", "num_warps",
+                                              "num_stages"}
+        some = list(next(iter(shapes.values())).values())
+        for cfg in (some[0], some[-1]):  # decode and large-batch configs
+            assert rel_err(fused_moe(x, w13, w2, ids, weights, config=cfg), ref) < 2e-3
