@@ -295,6 +295,8 @@ def collect(cfg: DictConfig, on_shard: Callable[[Path, int], None] | None = None
 
     ``on_shard(path, n_written)`` is called after each shard is safely on disk.
     """
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(cfg)
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     if "hydra" in cfg:
         del cfg["hydra"]
