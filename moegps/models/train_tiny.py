@@ -54,6 +54,7 @@ class ModelShape:
     num_experts_per_tok: int = 2
     max_position_embeddings: int = 4096
     rope_theta: float = 1e6
+    vocab_size: int = VOCAB_SIZE  # the Mixtral tokenizer's; smaller only in tests
 
 
 @dataclass
@@ -95,7 +96,7 @@ def mixtral_config(shape: ModelShape, aux_coef: float):
     from transformers import MixtralConfig
 
     return MixtralConfig(
-        vocab_size=VOCAB_SIZE, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+        bos_token_id=1, eos_token_id=2, pad_token_id=None,
         tie_word_embeddings=True, output_router_logits=False, router_aux_loss_coef=aux_coef,
         head_dim=shape.hidden_size // shape.num_attention_heads, **asdict(shape),
     )
@@ -120,7 +121,7 @@ def _choose_experts_implementation(model, cfg: TrainConfig, device: torch.device
             for candidate in ("grouped_mm",):  # batched_mm gathers a weight copy per token: too much memory
                 try:
                     model.set_experts_implementation(candidate)
-                    ids = torch.randint(3, VOCAB_SIZE, (2, 16), device=device)
+                    ids = torch.randint(3, cfg.model.vocab_size, (2, 16), device=device)
                     with torch.autocast("cuda", dtype=getattr(torch, cfg.amp_dtype)):
                         model(input_ids=ids, labels=ids).loss.backward()
                     model.zero_grad(set_to_none=True)
@@ -335,8 +336,8 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict:
             if step % eval_every == 0 or step == total_steps:
                 s = summarise(evaluate(model, heldout, cfg, device))
                 elapsed = time.time() - t_train
-                row = dict(step=step, epoch=round(step / steps_per_epoch, 2), train_loss=float(ce),
-                           aux_loss=float(aux), heldout_loss=s["loss"], heldout_perplexity=s["perplexity"],
+                row = dict(step=step, epoch=round(step / steps_per_epoch, 2), train_loss=float(ce.detach()),
+                           aux_loss=float(aux.detach()), heldout_loss=s["loss"], heldout_perplexity=s["perplexity"],
                            max_load_skew=max(max(v) for v in s["load_skew"].values()),
                            tokens_per_s=tokens_seen / elapsed, seconds=elapsed)
                 history.append(row)
@@ -404,7 +405,9 @@ def export(model, cfg: TrainConfig, log: dict, folder: Path, reference_ids: np.n
     ids = torch.as_tensor(reference_ids)[None]
     with torch.no_grad():
         logits = reloaded(input_ids=ids).logits[0].numpy()
-    vocab = np.unique(np.concatenate([np.arange(256), np.random.default_rng(0).choice(VOCAB_SIZE, 256, replace=False),
+    n_vocab = logits.shape[-1]
+    vocab = np.unique(np.concatenate([np.arange(min(256, n_vocab)),
+                                      np.random.default_rng(0).choice(n_vocab, min(256, n_vocab), replace=False),
                                       logits.argmax(-1)]))
     np.savez_compressed(folder / "reference_logits.npz", input_ids=reference_ids, vocab_ids=vocab,
                         logits=logits[:, vocab].astype(np.float32), argmax=logits.argmax(-1),
