@@ -334,7 +334,8 @@ def plot_decisions(table: pd.DataFrame, path: Path, title: str = "") -> Path:
     from ..trace import atomic_path
 
     y_axis = "skew" if table["skew"].nunique() > 1 else "batch_size"
-    panel_keys = ["trace", "gpus"] + (["batch_size"] if y_axis == "skew" else [])
+    # synthetic traces are named by their skew, so with a skew axis the panels go by GPUs and batch only
+    panel_keys = ["gpus", "batch_size"] if y_axis == "skew" else ["trace", "gpus"]
     panels = list(table.groupby(panel_keys, sort=True))
     fig, axes = plt.subplots(1, len(panels), figsize=(max(7.0, 4.8 * len(panels)), 4.8), squeeze=False)
     for ax, (key, sub) in zip(axes[0], panels):
