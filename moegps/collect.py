@@ -55,6 +55,62 @@ class CollectError(RuntimeError):
     """A collect run that cannot start or continue; the message names the path or setting."""
 
 
+# ---- config schema (conf/collect.yaml and its groups are checked against these) -------------
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mixtral-tiny"
+    path: str | None = "moegps/models/bundled/mixtral-tiny"  # local save_pretrained folder
+    hub_id: str | None = None  # or a hub id (exactly one of path / hub_id)
+    tokenizer: str = "mixtral"  # mixtral | auto
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    device_map: str | None = None  # e.g. auto: shard over the visible GPUs
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "mmlu"
+    kind: str = "mmlu"  # mmlu | text
+    path: str | None = None  # local file/folder; mmlu falls back to the hub when absent
+    hub_id: str | None = "cais/mmlu"
+    hub_config: str = "all"
+    split: str = "test"
+    split_by: str = "blank_line"  # text: blank_line | line | file
+    min_chars: int = 1
+    domain: str | None = None
+
+
+@dataclass
+class CollectConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    limit: int | None = 64
+    batch_size: int = 16
+    max_prompt_tokens: int = 512
+    max_new_tokens: int = 32
+    stop_at_eos: bool = True
+    device: str = "auto"
+    seed: int = 0
+    progress: bool = True
+    overwrite: bool = False
+    out_dir: str = "runs/collect/run"
+
+
+def _register_schema():
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="collect_schema", node=CollectConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
+
+
+_register_schema()
+
+
 # ---- model and tokenizer --------------------------------------------------------------------
 
 
