@@ -131,12 +131,13 @@ def test_default_configs_run(rng):
     assert get_config(24, 4, 64, 64, 2)["path"] in paths
 
 
-@pytest.mark.parametrize("block_m", [4, 16])
-def test_align_metadata(rng, block_m):
+@pytest.mark.parametrize("block_m,scan", [(4, 1024), (16, 1024), (4, 32), (16, 64)])
+def test_align_metadata(rng, block_m, scan):
+    """One launch (all pairs in one scan) and the chunked two-launch version (scan < pairs)."""
     n_experts, n_tokens, top_k = 9, 50, 3
     ids = torch.from_numpy(rng.integers(0, n_experts - 2, size=(n_tokens, top_k)))  # 2 empty
     ids[:5] = 0  # one hot expert
-    meta = align(ids, n_experts, block_m)
+    meta = align(ids, n_experts, block_m, scan=scan)
     flat = ids.reshape(-1).numpy()
     n_pairs = flat.size
     counts = np.bincount(flat, minlength=n_experts)

@@ -299,6 +299,7 @@ def check_edge_cases() -> list[str]:
         "top4": (19, 8, 256, 192, 4, None),
         "one_token_top4": (1, 8, 256, 192, 4, None),
         "odd_hidden": (33, 4, 200, 100, 2, None),
+        "chunked_align": (700, 6, 256, 192, 2, None),  # 1400 pairs > one align scan
     }
     for (case, (T, E, H, Fd, k, kind)), path in itertools.product(cases.items(), ("scan", "sorted")):
         x, w13, w2 = make_inputs(E, H, Fd, k, T, seed=7)

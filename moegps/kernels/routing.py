@@ -82,10 +82,71 @@ def _align_kernel(
         tl.store(block_expert_ptr + first_block + blocks, expert, mask=blocks < my_padded // BLOCK_M)
 
 
-def align(topk_ids: torch.Tensor, n_experts: int, block_m: int) -> RoutingMeta:
+@triton.jit(do_not_specialize=["n_pairs"])
+def _chunk_hist_kernel(ids_ptr, chunk_counts_ptr, n_pairs, E_POW2: tl.constexpr, SCAN: tl.constexpr):
+    """chunk_counts[c, e] = pairs of chunk c (SCAN ids) routed to expert e."""
+    chunk = tl.program_id(0)
+    offs = chunk * SCAN + tl.arange(0, SCAN)
+    ids = tl.load(ids_ptr + offs, mask=offs < n_pairs, other=0).to(tl.int32)
+    counts = tl.histogram(ids, E_POW2)
+    bins = tl.arange(0, E_POW2)
+    n_masked = tl.maximum((chunk + 1) * SCAN - n_pairs, 0)
+    counts -= tl.where(bins == 0, n_masked, 0)
+    tl.store(chunk_counts_ptr + chunk * E_POW2 + bins, counts)
+
+
+@triton.jit(do_not_specialize=["n_pairs", "n_chunks", "n_experts"])
+def _chunk_scatter_kernel(
+    ids_ptr, chunk_counts_ptr, sorted_ptr, block_expert_ptr, n_padded_ptr, pair_slot_ptr,
+    n_pairs, n_chunks, n_experts,
+    E_POW2: tl.constexpr, CHUNKS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, SCAN: tl.constexpr,
+):
+    """Chunk c places its pairs: expert e's padded start + e's pairs in earlier chunks + rank
+    within the chunk. Each program also fills its share of padding and block -> expert rows."""
+    chunk = tl.program_id(0)
+    rows = tl.arange(0, CHUNKS_POW2)
+    bins = tl.arange(0, E_POW2)
+    counts = tl.load(chunk_counts_ptr + rows[:, None] * E_POW2 + bins[None, :],
+                     mask=rows[:, None] < n_chunks, other=0)
+    totals = tl.sum(counts, 0)
+    before = tl.sum(tl.where(rows[:, None] < chunk, counts, 0), 0)
+    padded = (totals + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    starts = ends - padded
+    base = starts + before
+    offs = chunk * SCAN + tl.arange(0, SCAN)
+    ids = tl.load(ids_ptr + offs, mask=offs < n_pairs, other=-1)
+    for expert in range(0, n_experts):
+        match = ids == expert
+        slot = tl.sum(tl.where(bins == expert, base, 0), 0) + tl.cumsum(match.to(tl.int32), 0) - 1
+        tl.store(sorted_ptr + slot, offs, mask=match)
+        tl.store(pair_slot_ptr + offs, slot, mask=match)
+    # padding rows of the experts this program owns (expert % n_chunks == chunk)
+    pad = tl.arange(0, BLOCK_M)
+    for expert in range(chunk, n_experts, n_chunks):
+        e_start = tl.sum(tl.where(bins == expert, starts, 0), 0)
+        e_count = tl.sum(tl.where(bins == expert, totals, 0), 0)
+        e_padded = tl.sum(tl.where(bins == expert, padded, 0), 0)
+        tl.store(sorted_ptr + e_start + e_count + pad, n_pairs, mask=pad < e_padded - e_count)
+    # block -> expert for this program's share of the used blocks
+    n_blocks = tl.sum(padded, 0) // BLOCK_M
+    per = tl.cdiv(n_blocks, n_chunks)
+    for b0 in range(chunk * per, tl.minimum(chunk * per + per, n_blocks), 256):
+        blocks = b0 + tl.arange(0, 256)
+        owner = tl.sum((ends[None, :] <= blocks[:, None] * BLOCK_M).to(tl.int32), 1)
+        tl.store(block_expert_ptr + blocks, owner,
+                 mask=(blocks < n_blocks) & (blocks < chunk * per + per))
+    if chunk == 0:
+        tl.store(n_padded_ptr, tl.sum(padded, 0))
+
+
+def align(topk_ids: torch.Tensor, n_experts: int, block_m: int, scan: int = SCAN) -> RoutingMeta:
     """Sort the (token, slot) pairs of topk_ids [T, k] by expert, padded per expert to block_m.
 
-    Returns a RoutingMeta (see the module docstring) on topk_ids' device; no host sync.
+    Returns a RoutingMeta (see the module docstring) on topk_ids' device; no host sync. Up to
+    `scan` pairs: one launch, one program per expert. More: two launches over chunks of `scan`
+    pairs (per-chunk histograms, then each chunk places its pairs), so that the cost stays flat
+    as the batch grows instead of growing with one program's serial walk over all ids.
     """
     ids = topk_ids.reshape(-1).contiguous()  # any integer dtype
     n_pairs = ids.numel()
@@ -95,8 +156,21 @@ def align(topk_ids: torch.Tensor, n_experts: int, block_m: int) -> RoutingMeta:
     block_expert = torch.empty(max_padded // block_m, dtype=torch.int32, device=device)
     n_padded = torch.empty(1, dtype=torch.int32, device=device)
     pair_slot = torch.empty(n_pairs, dtype=torch.int32, device=device)
-    _align_kernel[(n_experts,)](
-        ids, sorted_pair_ids, block_expert, n_padded, pair_slot, n_pairs,
-        E_POW2=triton.next_power_of_2(n_experts), BLOCK_M=block_m, SCAN=SCAN, num_warps=8,
-    )
+    e_pow2 = triton.next_power_of_2(n_experts)
+    if n_pairs <= scan:
+        _align_kernel[(n_experts,)](
+            ids, sorted_pair_ids, block_expert, n_padded, pair_slot, n_pairs,
+            E_POW2=e_pow2, BLOCK_M=block_m, SCAN=scan, num_warps=8,
+        )
+    else:
+        n_chunks = triton.cdiv(n_pairs, scan)
+        chunk_counts = torch.empty(n_chunks, e_pow2, dtype=torch.int32, device=device)
+        _chunk_hist_kernel[(n_chunks,)](ids, chunk_counts, n_pairs, E_POW2=e_pow2, SCAN=scan,
+                                        num_warps=4)
+        _chunk_scatter_kernel[(n_chunks,)](
+            ids, chunk_counts, sorted_pair_ids, block_expert, n_padded, pair_slot,
+            n_pairs, n_chunks, n_experts, E_POW2=e_pow2,
+            CHUNKS_POW2=triton.next_power_of_2(n_chunks), BLOCK_M=block_m, SCAN=scan,
+            num_warps=8,
+        )
     return RoutingMeta(sorted_pair_ids, block_expert, n_padded, pair_slot, block_m, n_pairs)
