@@ -207,11 +207,37 @@ def check_runner_row(comm, seed):
             assert row["imbalance"] >= 1.0 and np.isfinite(row["predictor_accuracy"])
 
 
+def check_swapped_block(comm, seed):
+    """The generation block with experts split over ranks (replicated tokens + all-reduce) == reference."""
+    from moegps.executor.generate import MoEGPSBlock
+
+    gen = torch.Generator().manual_seed(seed)
+    router_w = torch.randn(E, H, generator=gen)
+
+    class Router(torch.nn.Module):  # Mixtral's router: softmax, top-k, renormalised
+        def forward(self, x):
+            logits = x @ router_w.T
+            top = torch.softmax(logits, -1).topk(K, dim=-1)
+            return logits, top.values / top.values.sum(-1, keepdim=True), top.indices
+
+    block = torch.nn.Module()
+    block.gate = Router()
+    block.experts = torch.nn.Module()
+    mgu, mdown = _master(seed)
+    block.experts.gate_up_proj = torch.nn.Parameter(mgu)
+    block.experts.down_proj = torch.nn.Parameter(mdown)
+    x = torch.randn(2, 5, H, generator=gen)
+    y = MoEGPSBlock(block, comm)(x)
+    _, w, ids = block.gate(x.reshape(-1, H))
+    ref = moe_reference(x.reshape(-1, H).double(), mgu.double(), mdown.double(), ids, w.double())
+    assert (y.reshape(-1, H).double() - ref).norm() / ref.norm() < 1e-5
+
+
 CHECKS = {f.__name__: f for f in (check_random, check_skewed, check_empty_expert_and_rank, check_replicas_even,
                                   check_replicas_proportional, check_tensor_parallel, check_migration,
-                                  check_runner_row)}
+                                  check_runner_row, check_swapped_block)}
 CHECKS_4 = ["check_random", "check_skewed", "check_empty_expert_and_rank", "check_replicas_proportional",
-            "check_tensor_parallel", "check_migration"]
+            "check_tensor_parallel", "check_migration", "check_swapped_block"]
 
 
 def _run_checks(comm, names, seed, out_dir):
