@@ -206,14 +206,14 @@ def local_search(
         obj_swap = _row_objective(new_max, phase_weights, objective)  # [A, G, Sa, Sb]
         ka = kh[:, None, :, None]
         kb = key[:, :, None, :]
-        a_on_g = np.take_along_axis(cnt[:, :, None, :], np.broadcast_to(kh[:, None, :, None], (A, G, S, 1)), -1)[..., 0]
-        b_on_h = cnt[ra, busiest][ra[:, None, None], key]  # [A, G, Sb]
+        gi = ar_g[None, :, None]
+        a_on_g = cnt[ra[:, None, None], gi, kh[:, None, :]]  # [A, G, Sa] copies of a's expert on g
+        b_on_h = cnt[ra[:, None, None], busiest[:, None, None], key]  # [A, G, Sb] copies of b's expert on h
         ok = ((ka == E) | (a_on_g[..., None] == 0)) & ((kb == E) | (b_on_h[:, :, None, :] == 0)) & (ka != kb)
         ok &= ar_g[None, :, None, None] != busiest[:, None, None, None]
-        cost_swap = (~np.take_along_axis(np.concatenate([held, np.ones((A, G, 1), bool)], -1)[:, :, None, :],
-                                         np.broadcast_to(kh[:, None, :, None], (A, G, S, 1)), -1)[..., 0])[..., None].astype(float)
-        held_h = np.concatenate([held[ra, busiest], np.ones((A, 1), bool)], -1)  # [A, E+1]
-        cost_swap = cost_swap + (~held_h[ra[:, None, None], key])[:, :, None, :]
+        held_or_empty = np.concatenate([held, np.ones((A, G, 1), bool)], -1)  # [A, G, E+1]: no copy needed
+        cost_swap = ((~held_or_empty[ra[:, None, None], gi, kh[:, None, :]])[..., None].astype(float)
+                     + (~held_or_empty[ra[:, None, None], busiest[:, None, None], key])[:, :, None, :])
         ok &= cost_swap <= room[:, None, None, None]
         # the busiest GPU must get lighter without the row's objective rising: a lexicographic
         # descent, so ties between several equally busy GPUs are worked off one by one
