@@ -8,8 +8,11 @@ What is recorded, and how:
 - Each batch is left-padded and prefilled in one forward pass (step 0), then decoded greedily one
   token per forward pass with the KV cache (steps 1, 2, ...). ``max_new_tokens`` = N generated
   tokens means the prefill plus N-1 decode steps, as in ``model.generate``: step k processes the
-  k-th generated token. With ``stop_at_eos`` (default) a request leaves the batch once it emits
-  EOS, as it would in a server: its EOS token is never processed, so later steps hold no rows of it.
+  k-th generated token. By default every request decodes all N tokens, EOS or not (a fixed output
+  length, like vLLM's ``--ignore-eos`` benchmarks: the bundled model answers an MMLU question with
+  one letter and EOS, which would leave almost no decode steps). With ``stop_at_eos`` a request
+  leaves the batch once it emits EOS (the tokenizer's or any of ``generation_config.eos_token_id``),
+  as it would in a server: its EOS is never processed, so later steps hold no rows of it.
 - A forward hook on every MoE router (``moegps.models.adapters``) keeps the expert ids and gate
   weights the router returned to its MoE block: exactly what the model computed. Rows of padding
   and of finished requests are dropped. Positions count within the request's own sequence
@@ -91,7 +94,7 @@ class CollectConfig:
     batch_size: int = 16
     max_prompt_tokens: int = 512
     max_new_tokens: int = 32
-    stop_at_eos: bool = True
+    stop_at_eos: bool = False
     device: str = "auto"
     seed: int = 0
     progress: bool = True
@@ -171,7 +174,8 @@ def load_tokenizer(kind: str, source: str, model) -> Tokenizer:
                 f"model vocab_size={model.config.vocab_size} is smaller than the Mixtral tokenizer's "
                 f"{tok.vocab_size}; use 'model.tokenizer=auto'"
             )
-        return Tokenizer(tok.name, lambda t: tok.encode(t, bos=True), tok.decode, tok.pad_id, {tok.eos_id})
+        eos_ids = {tok.eos_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return Tokenizer(tok.name, lambda t: tok.encode(t, bos=True), tok.decode, tok.pad_id, eos_ids)
     if kind == "auto":
         from transformers import AutoTokenizer
 
@@ -453,7 +457,7 @@ def collect(cfg: DictConfig, on_shard: Callable[[Path, int], None] | None = None
                 _write_json(shard.with_suffix(".requests.jsonl"), [
                     dict(request_id=p.request_id, subject=p.subject, source=p.source, prompt_tokens=len(t),
                          prompt_ids=t, generated_ids=g, generated_text=tokenizer.decode(g),
-                         stopped_at_eos=bool(g) and g[-1] in tokenizer.eos_ids)
+                         first_eos=next((i for i, x in enumerate(g) if x in tokenizer.eos_ids), None))
                     for p, t, g in zip(batch, token_ids, generated)
                 ], lines=True)
                 record.to_trace(meta).write(shard)  # the parquet shard is the commit point

@@ -157,7 +157,8 @@ class RouterCalls:
         self.handle.remove()
 
 
-def check_against_reference(family: str, out_dir: Path, calls, batch_size: int, max_new_tokens: int, eos: set[int]):
+def check_against_reference(family: str, out_dir: Path, calls, batch_size: int, max_new_tokens: int, eos: set[int],
+                            stop_at_eos: bool):
     """Walk the router calls batch by batch and compare every real token's routing with the trace."""
     trace = RoutingTrace.read(out_dir)
     L = trace.meta.n_layers
@@ -174,9 +175,12 @@ def check_against_reference(family: str, out_dir: Path, calls, batch_size: int, 
         lens = np.array([r["prompt_tokens"] for r in batch])
         gens = [r["generated_ids"] for r in batch]
         for r, g in zip(batch, gens):
-            assert 1 <= len(g) <= max_new_tokens
-            assert all(t not in eos for t in g[:-1]), "generation continued past EOS"
-            assert len(g) == max_new_tokens or g[-1] in eos
+            if stop_at_eos:
+                assert 1 <= len(g) <= max_new_tokens
+                assert all(t not in eos for t in g[:-1]), "generation continued past EOS"
+                assert len(g) == max_new_tokens or g[-1] in eos
+            else:
+                assert len(g) == max_new_tokens
         S = int(lens.max())
         n_forwards = 1 + max(len(g) - 1 for g in gens)
         for f in range(n_forwards):
@@ -259,7 +263,7 @@ def test_recorded_routing_is_the_routers_own(family, tmp_path, shared, rng):
     ])
     with RouterCalls() as rc:
         out = collect(cfg)
-    trace, requests = check_against_reference(family, out, rc.calls, batch_size, max_new_tokens, {2})
+    trace, requests = check_against_reference(family, out, rc.calls, batch_size, max_new_tokens, {2}, False)
     assert [r["request_id"] for r in requests] == list(range(limit))
     lengths = [r["prompt_tokens"] for r in requests]
     assert len(set(lengths[:batch_size])) > 1 and max(lengths) == max_prompt  # padding and truncation ran
@@ -297,6 +301,36 @@ def test_generation_matches_model_generate_and_padding_changes_nothing(tmp_path,
     same = (a.experts == b.experts).all(axis=1)
     assert same.mean() > 0.99  # float32 noise from padding may flip a near-tie, nothing more
     np.testing.assert_allclose(a.weights[same], b.weights[same], atol=1e-4)
+
+
+def test_stop_at_eos_drops_finished_requests_only(tmp_path, shared, rng):
+    """A request that emits EOS leaves the batch: its rows stop there, everyone else's are unchanged."""
+    model = tiny_mixtral(tmp_path / "model", seed=int(rng.integers(1 << 30)))
+    common = ["limit=4", "batch_size=4", "max_new_tokens=6", "max_prompt_tokens=96", "progress=false", "device=cpu"]
+    free = collect(compose_cfg(common + [f"model.path={tmp_path / 'model'}", f"out_dir={tmp_path / 'free'}"]))
+    free_gen = [json.loads(line)["generated_ids"] for line in (free / "shard-00000.requests.jsonl").open()]
+    # make a mid-sequence token of request 0 (its first occurrence) an end-of-sequence token, through
+    # the model's generation_config EOS list, which collect honours
+    first = next((i for i in range(1, 5) if free_gen[0][i] not in free_gen[0][:i]), 0)
+    stop = free_gen[0][first]
+    model.generation_config.eos_token_id = [2, stop]
+    model.save_pretrained(tmp_path / "model_eos")
+    with RouterCalls() as rc:
+        out = collect(compose_cfg(common + [f"model.path={tmp_path / 'model_eos'}", f"out_dir={tmp_path / 'eos'}",
+                                            "stop_at_eos=true"]))
+    trace, requests = check_against_reference("mixtral", out, rc.calls, 4, 6, {2, stop}, True)
+    want = [g[: g.index(stop) + 1] if stop in g else g for g in free_gen]
+    assert [r["generated_ids"] for r in requests] == want
+    assert [r["first_eos"] for r in requests] == [g.index(stop) if stop in g else None for g in free_gen]
+    assert len(requests[0]["generated_ids"]) == first + 1
+    # the rows kept are exactly the free run's rows up to each request's EOS, bit for bit
+    ref = RoutingTrace.read(free)
+    last_step = {r["request_id"]: len(r["generated_ids"]) - 1 for r in requests}
+    keep = ref.step <= np.array([last_step[int(r)] for r in ref.request_id])
+    sub = ref.select(keep)
+    for name in ("request_id", "step", "position", "token_id", "layer", "experts", "weights"):
+        np.testing.assert_array_equal(getattr(trace, name), getattr(sub, name), err_msg=name)
+    assert len(trace) < len(ref)
 
 
 def test_interrupted_collect_resumes_without_duplicates_or_loss(tmp_path, shared, rng):
