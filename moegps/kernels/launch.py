@@ -121,8 +121,8 @@ def fused_moe(
     x: [T, H] (bf16/fp16/fp32). w_gate_up: [E, 2F, H] (rows 0..F-1 gate w1, F..2F-1 up w3).
     w_down: [E, H, F] (w2). topk_ids: [T, k] int in [0, E). topk_weights: [T, k].
     Returns [T, H] in x's dtype: sum_j topk_weights[t, j] * w2 @ (silu(w1 @ x) * (w3 @ x)) with
-    fp32 accumulation. Ids outside [0, E) are not checked on the device (that would need a host
-    sync); such a pair is dropped by the scan path and undefined on the sorted path.
+    fp32 accumulation (fp32 inputs run on tf32 tensor cores, Triton's default for dot). Ids
+    outside [0, E) are not checked (that would need a host sync): the result is then undefined.
     `config`: see the module docstring; None picks the tuned (or default) one.
     `workspace`: optional preallocated buffers {"h": [T*k, F], "y": [T*k, H]} in x's dtype and
     {"scratch": [E*T*k] int32} (reused by a caller in a loop; the tests fill them with NaN).
