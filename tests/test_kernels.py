@@ -176,7 +176,8 @@ def test_shipped_configs_are_valid_and_run(rng):
 
     files = sorted(CONFIG_DIR.glob("*.json"))
     assert files, "no tuned config file shipped"
-    x, w13, w2, ids, weights = make_problem(rng, 20, 4, 256, 256, 2, torch.float16)
+    # float32: the interpreter's fp16 dot is slow on the large tuned tiles
+    x, w13, w2, ids, weights = make_problem(rng, 20, 4, 256, 256, 2, torch.float32)
     ref = moe_reference(x.double(), w13.double(), w2.double(), ids, weights.double())
     for path in files:
         shapes = _tuned_table(path.stem)
@@ -189,4 +190,4 @@ def test_shipped_configs_are_valid_and_run(rng):
                                               "num_stages"}
         some = list(next(iter(shapes.values())).values())
         for cfg in (some[0], some[-1]):  # decode and large-batch configs
-            assert rel_err(fused_moe(x, w13, w2, ids, weights, config=cfg), ref) < 2e-3
+            assert rel_err(fused_moe(x, w13, w2, ids, weights, config=cfg), ref) < 1e-5
