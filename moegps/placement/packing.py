@@ -140,9 +140,10 @@ def local_search(
 
     slot_key:   [X, G, S] expert id per slot (-1 empty); replicas split their expert evenly.
     norm_loads: [P, X, E] per-phase expert loads, normalised by the phase's mean GPU load.
-    Moves: swap a slot of the busiest GPU with a slot of another GPU (2 expert copies), or
-    rewrite a redundant replica (one of an expert with >= 2) or empty slot, anywhere, into a new
-    replica of an expert on the busiest GPU (1 copy). ``budget [X]`` bounds the copies per row,
+    Moves: swap a slot of the busiest GPU with a slot of another GPU (2 expert copies); rewrite a
+    redundant replica (one of an expert with >= 2) or empty slot, anywhere, into a new replica of
+    an expert on the busiest GPU (1 copy); or rewrite a redundant replica on the busiest GPU into
+    a replica of any other expert (1 copy; cold experts become fine-grained filler). ``budget [X]`` bounds the copies per row,
     counted against ``held_before [X, G, E]`` (a copy is free where the GPU held that expert
     before). ``stop_at [X]``: a row stops once its objective is at or below this (e.g. a bound
     it cannot beat). ``group_size`` consecutive rows (the nodes of one layer) share one max:
@@ -230,43 +231,51 @@ def local_search(
         gain_rw = np.full(A, -np.inf)
         per_cost_rw = np.full(A, -np.inf)
         if rewrites:
-            # candidate slots to give up: empty slots and replicas of replicated experts, coldest first
-            redundant = (key == E) | (reps[ra[:, None, None], np.minimum(key, E - 1)] >= 2)
-            # rank by what the expert's other replicas would carry once this one is gone
+            # candidates (slot to rewrite, expert it gets), two families:
+            # 1. a cold redundant replica (or empty slot) anywhere -> a new replica of an expert on h;
+            # 2. a redundant replica on h itself -> a replica of any expert (cold fillers included).
+            redundant = (key == E) | (reps[ra[:, None, None], np.minimum(key, E - 1)] >= 2)  # [A, G, S]
+            # rank family 1 by what the expert's other replicas would carry once this one is gone
             after = np.concatenate([nl / np.maximum(reps - 1, 1), np.zeros((P, A, 1))], -1).max(0)  # [A, E+1]
             coldness = np.where(redundant, after[ra[:, None, None], key], np.inf).reshape(A, -1)
             K = min(rewrite_candidates, G * S)
             cand = np.argpartition(coldness, K - 1, axis=1)[:, :K] if K < G * S else np.tile(np.arange(G * S), (A, 1))
-            cand_ok = np.isfinite(coldness[ra[:, None], cand])  # [A, K]
-            g0, j0 = np.divmod(cand, S)
-            x = key[ra[:, None], g0, j0]  # [A, K]
-            y = kh  # [A, Sa]
-            cx = np.concatenate([reps, np.full((A, 1), 2)], -1)[ra[:, None], x]  # [A, K]
-            cy = np.concatenate([reps, np.ones((A, 1), int)], -1)[ra[:, None], y]
-            nlx = np.concatenate([nl, np.zeros((P, A, 1))], -1)[:, ra[:, None], x]  # [P, A, K]
-            nly = np.concatenate([nl, np.zeros((P, A, 1))], -1)[:, ra[:, None], y]  # [P, A, Sa]
-            dx = nlx / np.maximum(cx - 1, 1) - nlx / cx
-            dy = nly / (cy + 1) - nly / cy
+            g1, j1 = np.divmod(cand, S)  # [A, K]
+            ok1 = np.isfinite(coldness[ra[:, None], cand])
+            M = min(rewrite_candidates, E)  # family 2 offers the M experts lightest per replica
+            light = per_rep[:, :, :E].max(0)
+            fillers = np.argpartition(light, M - 1, axis=1)[:, :M] if M < E else np.tile(np.arange(E), (A, 1))
+            g0 = np.concatenate([np.repeat(g1, S, 1), np.repeat(busiest[:, None], S * M, 1)], 1)  # [A, C]
+            j0 = np.concatenate([np.repeat(j1, S, 1), np.repeat(np.tile(np.arange(S), (A, 1)), M, 1)], 1)
+            yc = np.concatenate([np.tile(kh, (1, K)), np.tile(fillers, (1, S))], 1)
+            cand_ok = np.concatenate([np.repeat(ok1, S, 1),
+                                      np.repeat(redundant[ra, busiest] & (kh < E), M, 1)], 1) & (yc < E)
+            x = key[ra[:, None], g0, j0]  # [A, C]
+            reps_ext = np.concatenate([reps, np.full((A, 1), 2)], -1)  # an empty slot: as if 2 copies of nothing
+            cx = reps_ext[ra[:, None], x]
+            cy = reps_ext[ra[:, None], np.minimum(yc, E)]
+            nl_ext = np.concatenate([nl, np.zeros((P, A, 1))], -1)
+            nlx = nl_ext[:, ra[:, None], x]  # [P, A, C]
+            nly = nl_ext[:, ra[:, None], yc]
+            dx = nlx / np.maximum(cx - 1, 1) - nlx / cx  # each other replica of x gets heavier
+            dy = nly / (cy + 1) - nly / cy  # each replica of y gets lighter
             cnt_t = cnt.transpose(0, 2, 1)  # [A, E+1, G]
-            nx = cnt_t[ra[:, None], x]  # [A, K, G]
-            ny = cnt_t[ra[:, None], y]  # [A, Sa, G]
-            new = (load[:, :, None, None, :] + nx[None, :, :, None, :] * dx[..., None, None]
-                   + ny[None, :, None, :, :] * dy[:, :, None, :, None])  # [P, A, K, Sa, G]
-            at_g0 = (ar_g[None, None, :] == g0[:, :, None])[None, :, :, None, :]  # [1, A, K, 1, G]
-            shift = (nly[:, :, None, :] / (cy + 1)[None, :, None, :]) - (nlx / np.maximum(cx - 1, 1))[..., None]
-            new = new + at_g0 * shift[..., None]
-            obj_rw = _row_objective(new.max(-1), phase_weights, objective)  # [A, K, Sa]
-            y_on_g0 = cnt[ra[:, None, None], g0[:, :, None], y[:, None, :]]  # [A, K, Sa]
-            okr = cand_ok[..., None] & (x[..., None] != y[:, None, :]) & (y_on_g0 == 0) & (y[:, None, :] < E)
-            cost_rw = (~held[ra[:, None, None], g0[:, :, None], np.minimum(y, E - 1)[:, None, :]]).astype(float)
-            okr &= cost_rw <= room[:, None, None]
-            h_new = _row_objective(np.take_along_axis(new, np.broadcast_to(busiest[None, :, None, None, None], new.shape[:-1] + (1,)), -1)[..., 0],
-                                   phase_weights, objective)  # [A, K, Sa]
-            okr &= (obj_rw <= obj_now[:, None, None] * (1 + 1e-12)) & (h_new < h_now[:, None, None] * (1 - 1e-12))
-            obj_rw = np.where(okr, obj_rw + TIE * h_new, np.inf).reshape(A, -1)
+            at_g0 = ar_g[None, None, :] == g0[:, :, None]  # [A, C, G]
+            shift = nly / (cy + 1) - nlx / np.maximum(cx - 1, 1)
+            new = (load[:, :, None, :] + cnt_t[ra[:, None], x][None] * dx[..., None]
+                   + cnt_t[ra[:, None], yc][None] * dy[..., None] + at_g0[None] * shift[..., None])  # [P, A, C, G]
+            obj_rw = _row_objective(new.max(-1), phase_weights, objective)  # [A, C]
+            y_on_g0 = cnt[ra[:, None], g0, yc]
+            okr = cand_ok & (x != yc) & (y_on_g0 == 0)
+            cost_rw = (~held[ra[:, None], g0, np.minimum(yc, E - 1)]).astype(float)
+            okr &= cost_rw <= room[:, None]
+            h_load = np.take_along_axis(new, np.broadcast_to(busiest[None, :, None, None], new.shape[:-1] + (1,)), -1)
+            h_new = _row_objective(h_load[..., 0], phase_weights, objective)  # [A, C]
+            okr &= (obj_rw <= obj_now[:, None] * (1 + 1e-12)) & (h_new < h_now[:, None] * (1 - 1e-12))
+            obj_rw = np.where(okr, obj_rw + TIE * h_new, np.inf)
             best_rw = obj_rw.argmin(1)
             gain_rw = score_now - obj_rw[ra, best_rw]
-            per_cost_rw = gain_rw / np.maximum(cost_rw.reshape(A, -1)[ra, best_rw], 1)
+            per_cost_rw = gain_rw / np.maximum(cost_rw[ra, best_rw], 1)
 
         eps = 1e-12 * np.maximum(obj_now, 1e-300)
         if budget is None:
@@ -283,9 +292,7 @@ def local_search(
             rows = active[sel]
             h = busiest[sel]
             if is_rw:
-                k, a = np.divmod(best_rw[sel], S)
-                g, j = g0[sel, k], j0[sel, k]
-                yv = slot_key[rows, h, a]
+                g, j, yv = g0[sel, best_rw[sel]], j0[sel, best_rw[sel]], yc[sel, best_rw[sel]]
                 spent[rows] += ~held_before[rows, g, yv]
                 slot_key[rows, g, j] = yv
             else:
