@@ -289,3 +289,17 @@ def test_evaluation_splits_by_request_without_leaks(rng):
     assert table.loc[table.family == "token", "recall_at_k"].notna().all()
     assert table.loc[table.family == "distribution", "recall_at_k"].isna().all()
     assert (table.tv >= 0).all() and (table.tv <= 1).all()
+
+
+def test_measured_latency_reaches_the_cost_report(rng):
+    from moegps.predictors.bench import measure_latency
+
+    tr = random_trace(rng, n_requests=10, n_layers=2, n_experts=6)
+    tokens = token_batch(tr.by_token())
+    past = tr.loads(by="request_step").counts
+    for name in ("global_profile", "token_table"):
+        p = make(name).fit(tr)
+        assert p.cost().latency_s == {}
+        lat = measure_latency(p, tokens, past, sizes=(1, 16), repeats=2)
+        assert set(lat) == {1, 16} and all(v > 0 for v in lat.values())
+        assert p.cost().latency_s == lat and p.cost().gpu_latency_s is None

@@ -66,7 +66,8 @@ def median_time(fn, repeats: int, device: str = "cpu") -> float:
 
 def measure_latency(predictor, tokens, past_loads, sizes=SIZES, repeats: int = 20, device: str = "cpu",
                     rng: np.random.Generator | None = None) -> dict[int, float]:
-    """Median seconds of one call per batch size; also stored in ``predictor.cost()`` via ``latency_s``."""
+    """Median seconds of one call per batch size ``{tokens: s}``; also recorded on the predictor, so
+    that its ``cost().latency_s`` (CPU) or ``cost().gpu_latency_s`` (torch models on CUDA) report it."""
     rng = rng or np.random.default_rng(0)
     out = {}
     for n in sizes:
@@ -82,6 +83,11 @@ def measure_latency(predictor, tokens, past_loads, sizes=SIZES, repeats: int = 2
         else:
             dev = device if getattr(predictor, "device", "cpu") != "cpu" else "cpu"
             out[n] = median_time(lambda: predictor.predict(tb), repeats, dev)
+    on_gpu = device == "cuda" and getattr(predictor, "device", "cpu") != "cpu"
+    if on_gpu:
+        predictor.gpu_latency_s = {**(getattr(predictor, "gpu_latency_s", None) or {}), **out}
+    else:
+        predictor.latency_s = {**getattr(predictor, "latency_s", {}), **out}
     return out
 
 

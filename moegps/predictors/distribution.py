@@ -52,7 +52,9 @@ class _Distribution:
         return self
 
     def _cost(self, **kw) -> PredictorCost:
-        return PredictorCost(name=self.name, family=self.family, **kw)
+        # latencies measured by bench.measure_latency on this predictor (CPU, and CUDA if run there)
+        return PredictorCost(name=self.name, family=self.family, latency_s=dict(getattr(self, "latency_s", {})),
+                             gpu_latency_s=getattr(self, "gpu_latency_s", None), **kw)
 
 
 @register("uniform")
