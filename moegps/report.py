@@ -4,6 +4,9 @@ One function per report, dispatched by name:
 
 - ``routing TRACE [--out DIR] [--domains]``: how a trace routes, side by side with the real
   Mixtral-8x7B (and OLMoE) statistics of ``olmoe-routing`` (see :func:`routing_report`).
+- ``results STORE [--out DIR]``: the tables and plots of a results store (a ``moegps.sweep``
+  folder): predictor accuracy against overhead, decision regions across bandwidth and batch size,
+  imbalance by placement and slots, simulated against measured time (see :func:`results_report`).
 
 The statistics are pure functions of arrays (``load_shares``, ``token_id_hit_rate``,
 ``cross_layer_joint``, ``affinity_summary``) so that notebooks and tests can call them directly.
@@ -442,6 +445,346 @@ def _routing_plots(out: Path, meta, plots: dict, refs: dict, label: str) -> dict
     return files
 
 
+# ---- results: the tables and plots of a results store (a sweep folder) ------------------------------
+#
+# Every function below takes the results table (``moegps.results`` rows, e.g. of ``moegps.sweep``) and
+# returns a DataFrame; the plots take those tables. Speedups are computed here, at read time, against
+# the baseline row of the same run (static contiguous placement, no predictor), never stored.
+
+PREDICTOR, PLACEMENT, FAMILY = "config.predictor.name", "config.placement.name", "config.family"
+LINK, BATCH, SLOTS = "config.system.link_gbps", "config.batch_size", "config.system.extra_slots"
+VARIANT = ["config.trace", "config.system.name", "config.system.n_gpus", LINK, BATCH]  # one simulated system and load
+FAMILY_COLOURS = {"distribution": "#4c78a8", "token": "#f58518", "baseline": "#bab0ac", "oracle": "#54a24b"}
+
+
+def load_results(path: str | Path):
+    """The results store under ``path`` (a sweep folder: its ``runs/``; or any folder/file of shards),
+    with derived columns: ``trace_name`` (file name of the trace), ``baseline_ms`` and ``speedup``
+    (baseline time / time; the baseline row of the same run, ``config.role == "baseline"``),
+    ``predictor_us_per_token`` (predictor time on the critical path per token, microseconds) and
+    ``predictor_work_us_per_token`` (all its work per token, hidden behind GEMMs or not)."""
+    import pandas as pd
+
+    from .results import read_results
+
+    path = Path(path)
+    df = read_results(path / "runs" if (path / "runs").is_dir() else path)
+    for col, default in (("config.role", "run"), ("config.key", ""), (FAMILY, "")):
+        if col not in df:
+            df[col] = default
+    df["trace_name"] = df["config.trace"].astype(str).map(lambda s: Path(s).name) if "config.trace" in df else ""
+    base = df[df["config.role"] == "baseline"].groupby("config.key")["total_ms"].first()
+    df["baseline_ms"] = df["config.key"].map(base)
+    df["speedup"] = df["baseline_ms"] / df["total_ms"]
+    tokens = df["tokens"].where(df["tokens"] > 0)
+    df["predictor_us_per_token"] = df["predictor_ms"] * 1e3 / tokens
+    work = df["config.predictor_cost.work_ms"] if "config.predictor_cost.work_ms" in df else df["predictor_ms"]
+    df["predictor_work_us_per_token"] = work * 1e3 / tokens
+    return df.reset_index(drop=True)
+
+
+def _runs(df, backend: str = "sim"):
+    return df[(df["config.role"] == "run") & (df["backend"] == backend)]
+
+
+def predictor_table(df):
+    """Accuracy against overhead, one row per (trace, predictor): family, accuracy (recall@k for token
+    predictors, 1 - TV for distribution-only), load error (TV), its work per token and the part of it
+    on the critical path (us, from its cost report on the simulated GPU),
+    and the mean and best end-to-end speedup over the baseline across the sweep's other axes."""
+    runs = _runs(df)
+    g = runs.groupby(["trace_name", PREDICTOR, FAMILY], dropna=False)
+    out = g.agg(accuracy=("predictor_accuracy", "mean"), load_error_tv=("predictor_error", "mean"),
+                work_us_per_token=("predictor_work_us_per_token", "mean"),
+                exposed_us_per_token=("predictor_us_per_token", "mean"), speedup_mean=("speedup", "mean"),
+                speedup_best=("speedup", "max"), runs=("total_ms", "size")).reset_index()
+    return out.rename(columns={PREDICTOR: "predictor", FAMILY: "family", "trace_name": "trace"})
+
+
+def decision_table(df):
+    """The MoE-GPS decision regions: per (trace, system, link bandwidth, batch size) the best
+    distribution-only and the best token-to-expert configuration (predictor + placement, by total
+    time), the baseline and oracle times, the winning family and ``gain = t_token / t_distribution - 1``."""
+    import pandas as pd
+
+    runs = _runs(df)
+    refs = df[df["backend"] == "sim"]
+    rows = []
+    for key, sub in runs.groupby(VARIANT, dropna=False):
+        row = dict(zip(["trace", "system", "gpus", "link_gbps", "batch_size"], key))
+        row["trace"] = Path(str(row["trace"])).name
+        same = refs[(refs[VARIANT] == pd.Series(key, index=VARIANT)).all(axis=1)]
+        row["baseline_ms"] = same[same["config.role"] == "baseline"]["total_ms"].min()
+        row["oracle_ms"] = same[same["config.role"] == "oracle"]["total_ms"].min()
+        for family in ("distribution", "token"):
+            fam = sub[sub[FAMILY] == family]
+            best = fam.loc[fam["total_ms"].idxmin()] if len(fam) else None
+            row[f"best_{family}"] = f"{best[PREDICTOR]}+{best[PLACEMENT]}" if best is not None else ""
+            row[f"{family}_ms"] = best["total_ms"] if best is not None else float("nan")
+        d, t = row["distribution_ms"], row["token_ms"]
+        row["gain_dist_over_token"] = t / d - 1 if np.isfinite(d) and np.isfinite(t) else float("nan")
+        both = [(row[f"{f}_ms"], f) for f in ("distribution", "token") if np.isfinite(row[f"{f}_ms"])]
+        row["winner_family"] = min(both)[1] if both else ""
+        row["speedup_vs_baseline"] = row["baseline_ms"] / min(both)[0] if both else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def placement_table(df):
+    """Imbalance by placement algorithm and expert slots: mean max/mean tokens per GPU of the runs
+    (and of the oracle placement from true loads), per (trace, placement, extra slots per GPU, batch size)."""
+    runs = _runs(df)
+    keys = ["trace_name", PLACEMENT, SLOTS, BATCH]
+    out = runs.groupby(keys, dropna=False).agg(imbalance=("imbalance", "mean"), imbalance_max=("imbalance", "max"),
+                                               expert_ms=("expert_ms", "mean"), speedup=("speedup", "mean"),
+                                               runs=("total_ms", "size")).reset_index()
+    oracle = df[df["config.role"] == "oracle"].groupby(keys, dropna=False)["imbalance"].mean()
+    out["oracle_imbalance"] = out.set_index(keys).index.map(oracle)
+    return out.rename(columns={"trace_name": "trace", PLACEMENT: "placement", SLOTS: "extra_slots", BATCH: "batch_size"})
+
+
+PAIR = ["trace_name", PREDICTOR, PLACEMENT, BATCH]  # what a simulated and a measured row must share to be compared
+
+
+def sim_vs_measured(df, pair: list[str] | None = None):
+    """Simulated against measured time per configuration: exec rows paired with the sim rows that share
+    ``pair`` (default trace, predictor, placement, batch size), compared on MoE time per token (the
+    two backends replay different numbers of tokens). Error = simulated / measured - 1. Empty without exec rows."""
+    import pandas as pd
+
+    pair = pair or PAIR
+    measured, simulated = _runs(df, "exec"), _runs(df, "sim")
+    if measured.empty:
+        return pd.DataFrame(columns=pair + ["measured_us_per_token", "simulated_us_per_token", "error", "device"])
+    per_token = lambda t: t["moe_ms"] * 1e3 / t["tokens"]  # noqa: E731
+    m = measured.assign(measured_us_per_token=per_token(measured)).groupby(pair, dropna=False).agg(
+        measured_us_per_token=("measured_us_per_token", "median"), device=("device", "first"))
+    s = simulated.assign(simulated_us_per_token=per_token(simulated)).groupby(pair, dropna=False).agg(
+        simulated_us_per_token=("simulated_us_per_token", "median"), sim_device=("device", "first"))
+    out = m.join(s, how="inner").reset_index()
+    out["error"] = out["simulated_us_per_token"] / out["measured_us_per_token"] - 1
+    return out
+
+
+# ---- plots (each written as PNG and SVG) --------------------------------------------------------------
+
+
+def _save(fig, path: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    files = []
+    for ext in ("png", "svg"):
+        target = path.with_suffix("." + ext)
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, dpi=130, format=ext)
+        files.append(target)
+    plt.close(fig)
+    return files
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_predictors(table, path: Path, title: str = "") -> list[Path]:
+    """Accuracy (y) against the predictor's work per token (x, log), one point per (trace, predictor);
+    filled when some of that work lands on the critical path; label = mean speedup over the baseline."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    floor = 1e-4  # us per token: predictors whose run-time work is a table read of nothing per token sit here
+    for _, r in table.iterrows():
+        x = max(float(r.work_us_per_token) if np.isfinite(r.work_us_per_token) else 0.0, floor)
+        exposed = np.isfinite(r.exposed_us_per_token) and r.exposed_us_per_token > 0
+        colour = FAMILY_COLOURS.get(r.family, "grey")
+        ax.scatter(x, r.accuracy, s=70, color=colour if exposed else "white", edgecolor=colour, linewidth=1.5)
+        ax.annotate(f"{r.predictor} ({r.trace})\n{r.speedup_mean:.3f}x mean, {r.speedup_best:.3f}x best",
+                    (x, r.accuracy), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"predictor work per token (us on the simulated GPU; {floor:g} = none)")
+    ax.set_ylabel("accuracy (token: recall@k; distribution: 1 - TV)")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlim(floor / 3, max(floor * 10, float(np.nanmax(table.work_us_per_token.to_numpy(float), initial=floor)) * 30))
+    for family in ("distribution", "token"):
+        ax.scatter([], [], color=FAMILY_COLOURS[family], label=f"{family} (filled: on the critical path)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(title or "predictor accuracy against overhead", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_decisions(table, path: Path, title: str = "") -> list[Path]:
+    """Decision regions: x = link bandwidth, y = batch size; cell colour = winning family, text = gain
+    t(token) / t(distribution) - 1 and the winning configuration; one panel per (trace, system)."""
+    plt = _plt()
+    from matplotlib.patches import Patch
+
+    panels = list(table.groupby(["trace", "system", "gpus"], sort=True))
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.5, 5.5 * len(panels)), 4.6), squeeze=False)
+    for ax, (key, sub) in zip(axes[0], panels):
+        xs, ys = sorted(sub.link_gbps.unique()), sorted(sub.batch_size.unique())
+        for _, r in sub.iterrows():
+            i, j = xs.index(r.link_gbps), ys.index(r.batch_size)
+            ax.add_patch(plt.Rectangle((i - 0.5, j - 0.5), 1, 1, color=FAMILY_COLOURS.get(r.winner_family, "white"),
+                                       alpha=0.85))
+            best = r[f"best_{r.winner_family}"] if r.winner_family else ""
+            gain = f"{r.gain_dist_over_token:+.1%}" if np.isfinite(r.gain_dist_over_token) else ""
+            ax.text(i, j, f"{gain}\n{best}\n{r.speedup_vs_baseline:.3f}x base", ha="center", va="center", fontsize=6.5)
+        ax.set_xlim(-0.5, len(xs) - 0.5)
+        ax.set_ylim(-0.5, len(ys) - 0.5)
+        ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
+        ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
+        ax.set_xlabel("link bandwidth per GPU per direction (GB/s)")
+        ax.set_ylabel("batch size (requests)")
+        ax.set_title(f"{key[0]} on {key[1]} ({key[2]:g} GPUs)", fontsize=8)
+    fig.legend(handles=[Patch(color=FAMILY_COLOURS[f], label=f"{f} wins") for f in ("distribution", "token")],
+               loc="lower center", ncol=2, fontsize=8)
+    fig.suptitle((title + "\n" if title else "") + "cell: t(best token-to-expert) / t(best distribution-only) - 1, "
+                 "the winner, its speedup over the static baseline", fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.92))
+    return _save(fig, path)
+
+
+def plot_end_to_end(df, path: Path, title: str = "") -> list[Path]:
+    """Speedup over the baseline (y) against link bandwidth (x), one line per predictor (its best
+    placement at each point), one panel per batch size; colour = family."""
+    plt = _plt()
+    runs = _runs(df)
+    batches = sorted(runs[BATCH].unique())
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.3 * len(batches), 3.9), squeeze=False, sharey=True)
+    styles = ["-", "--", ":", "-."]
+    for ax, b in zip(axes[0], batches):
+        sub = runs[runs[BATCH] == b]
+        for n, ((fam, pred), g) in enumerate(sub.groupby([FAMILY, PREDICTOR])):
+            best = g.groupby(LINK)["speedup"].max()
+            ax.plot(best.index, best.values, styles[n % len(styles)], marker="o", ms=3,
+                    color=FAMILY_COLOURS.get(fam, "grey"), label=f"{pred} ({fam})")
+        ax.axhline(1.0, color="black", lw=0.6)
+        ax.set_xscale("log")
+        links = sorted(sub[LINK].unique())
+        ax.set_xticks(links, [f"{x:g}" for x in links])
+        ax.minorticks_off()
+        ax.set_xlabel("link bandwidth (GB/s)")
+        ax.set_title(f"batch size {b:g}", fontsize=9)
+    axes[0][0].set_ylabel("speedup over static baseline (best placement)")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(title or "end-to-end time by predictor across bandwidth and batch size", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_placement(table, path: Path, title: str = "") -> list[Path]:
+    """Imbalance (max/mean tokens per GPU) by placement algorithm; one bar per extra-slot count,
+    one panel per batch size; the oracle placement's imbalance as a black tick."""
+    plt = _plt()
+    batches = sorted(table.batch_size.unique())
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.3 * len(batches), 3.8), squeeze=False, sharey=True)
+    for ax, b in zip(axes[0], batches):
+        sub = table[table.batch_size == b]
+        places = sorted(sub.placement.unique())
+        slots = sorted(sub.extra_slots.dropna().unique()) or [np.nan]
+        width = 0.8 / len(slots)
+        for j, s in enumerate(slots):
+            part = sub[sub.extra_slots == s] if np.isfinite(s) else sub
+            for i, p in enumerate(places):
+                r = part[part.placement == p]
+                if r.empty:
+                    continue
+                x = i - 0.4 + width * (j + 0.5)
+                ax.bar(x, r.imbalance.mean(), width, color=plt.cm.viridis(j / max(len(slots) - 1, 1)),
+                       label=f"{s:g} extra slots" if i == 0 else None)
+                ax.plot([x - width / 2, x + width / 2], [r.oracle_imbalance.mean()] * 2, color="black", lw=1.2)
+        ax.set_xticks(range(len(places)), places, fontsize=8)
+        ax.set_ylim(bottom=0.95)
+        ax.set_title(f"batch size {b:g}", fontsize=9)
+    axes[0][0].set_ylabel("max / mean tokens per GPU (1 = even)")
+    axes[0][-1].legend(fontsize=7, title="bars; tick = oracle placement", title_fontsize=7)
+    fig.suptitle(title or "imbalance by placement algorithm and expert slots (simulated replay)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_sim_vs_measured(table, path: Path, title: str = "") -> list[Path]:
+    """Left: simulated against measured MoE time per token (log-log, y = x dashed); right: error per config."""
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.2))
+    a.scatter(table.measured_us_per_token, table.simulated_us_per_token, color="#4c78a8")
+    lo = float(np.nanmin([table.measured_us_per_token.min(), table.simulated_us_per_token.min()])) * 0.7
+    hi = float(np.nanmax([table.measured_us_per_token.max(), table.simulated_us_per_token.max()])) * 1.4
+    a.plot([lo, hi], [lo, hi], "--", color="black", lw=0.8)
+    a.set_xscale("log")
+    a.set_yscale("log")
+    a.set_xlabel(f"measured MoE time per token (us; {table.device.iloc[0]})")
+    a.set_ylabel("simulated MoE time per token (us)")
+    labels = [f"{r[PREDICTOR]}+{r[PLACEMENT]} b{r[BATCH]:g}" for _, r in table.iterrows()]
+    b.barh(range(len(table)), table.error * 100, color=np.where(table.error > 0, "#f58518", "#4c78a8"))
+    b.set_yticks(range(len(table)), labels, fontsize=7)
+    b.axvline(0, color="black", lw=0.6)
+    b.set_xlabel("simulated / measured - 1 (%)")
+    fig.suptitle(title or "simulated against measured MoE time", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def results_report(path: str | Path, out: str | Path) -> dict[str, Path]:
+    """All tables (CSV, and markdown in ``report.md``) and plots (PNG + SVG) of a results store."""
+    import pandas as pd
+
+    df = load_results(path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sims = df[df["backend"] == "sim"]
+    devices = ", ".join(sorted(sims["device"].unique())) or "-"
+    tables = {"predictors": predictor_table(df), "decision": decision_table(df),
+              "placement": placement_table(df), "sim_vs_measured": sim_vs_measured(df)}
+    files: dict[str, Path] = {}
+    for name, table in tables.items():
+        with atomic_path(out / f"{name}.csv") as tmp:
+            table.to_csv(tmp, index=False)
+        files[f"{name}.csv"] = out / f"{name}.csv"
+    traces = ", ".join(sorted(df["trace_name"].unique()))
+    if len(tables["predictors"]):
+        files["predictors.png"] = plot_predictors(tables["predictors"], out / "predictors",
+                                                  f"predictor accuracy against overhead ({traces}; simulated: {devices})")[0]
+    if len(tables["decision"]):
+        files["decision.png"] = plot_decisions(tables["decision"], out / "decision", f"{traces}, simulated")[0]
+        files["end_to_end.png"] = plot_end_to_end(df, out / "end_to_end",
+                                                  f"end-to-end speedup by predictor ({traces}; {devices})")[0]
+    if len(tables["placement"]):
+        files["placement.png"] = plot_placement(tables["placement"], out / "placement")[0]
+    if len(tables["sim_vs_measured"]):
+        files["sim_vs_measured.png"] = plot_sim_vs_measured(tables["sim_vs_measured"], out / "sim_vs_measured")[0]
+    lines = [f"# Results report: {path}", "",
+             f"{len(df)} rows ({(df['config.role'] == 'run').sum()} runs; backends "
+             f"{', '.join(f'{b}: {n}' for b, n in df['backend'].value_counts().items())}); traces: {traces}; "
+             f"simulated systems: {devices}. Speedup = baseline (static contiguous placement, no predictor) / time.", ""]
+    titles = {"predictors": "Predictor accuracy against overhead", "decision": "Decision regions (best of each family)",
+              "placement": "Imbalance by placement and slots", "sim_vs_measured": "Simulated against measured"}
+    for name, table in tables.items():
+        lines += [f"## {titles[name]}", ""]
+        lines += [_markdown(table) if len(table) else "(no rows: no executor results in this store)\n"]
+    with atomic_path(out / "report.md") as tmp:
+        Path(tmp).write_text("\n".join(lines))
+    files["report.md"] = out / "report.md"
+    return files
+
+
+def _results_main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="python -m moegps.report results",
+                                 description="tables and plots of a results store (a sweep folder)")
+    ap.add_argument("store", help="a sweep folder (its runs/ is read) or any folder/file of results parquet shards")
+    ap.add_argument("--out", default=None, help="output folder (default reports/results/<store name>)")
+    a = ap.parse_args(argv)
+    out = a.out or str(Path("reports/results") / Path(a.store).resolve().name)
+    files = results_report(a.store, out)
+    print((Path(out) / "report.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in files.values()))
+
+
 # ---- dispatcher -----------------------------------------------------------------------------------
 
 
@@ -456,7 +799,7 @@ def _routing_main(argv: list[str]) -> None:
     routing_report(RoutingReportConfig(trace=a.trace, out=out, domains=a.domains, reference=not a.no_reference))
 
 
-REPORTS = {"routing": _routing_main}
+REPORTS = {"routing": _routing_main, "results": _results_main}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -149,10 +149,16 @@ def simulate_run(config: dict[str, Any], key: str) -> list[dict[str, Any]]:
     make_plan = token_plan if hasattr(predictor, "predict") else distribution_plan
     plans = {"run": make_plan(batches, predictor, place, system, int(config["interval"]), config["predictor_name"]),
              "baseline": static_plan(batches), "oracle": oracle_plan(batches, place)}
+    pcost = predictor.cost()
+    work = plans["run"].predictor_s
+    cost_columns = {**pcost.as_row(), "work_ms": float(work.sum() * 1e3) if work is not None else 0.0}
     rows = []
     for role, plan in plans.items():
         result = simulate(batches, plan, shape, system, rcfg)
-        rows.append(result.row({**_row_config(config, key, role, system), "model_shape": shape.name}, system))
+        extra = {"model_shape": shape.name}
+        if role == "run":  # the predictor's whole work, hidden or not (predictor_ms is only its exposed part)
+            extra["predictor_cost"] = cost_columns
+        rows.append(result.row({**_row_config(config, key, role, system), **extra}, system))
     return rows
 
 
