@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -46,7 +45,7 @@ from moegps import __version__
 from moegps.models.adapters import MoERouter, family_of, find_routers, routing_from_output
 from moegps.paths import CONF_DIR, PROJECT_ROOT, data_root, git_commit
 from moegps.prompts import Prompt, load_prompts
-from moegps.trace import DECODE, PREFILL, RoutingTrace, TraceMeta, atomic_path
+from moegps.trace import RoutingTrace, TraceMeta, atomic_path
 
 SHARD_PATTERN = "shard-{:05d}.parquet"
 
@@ -477,7 +476,12 @@ def collect(cfg: DictConfig, on_shard: Callable[[Path, int], None] | None = None
 # entry point works however it is called (python -m, an imported main(), a console script)
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="collect")
 def main(cfg: DictConfig) -> None:
-    out = collect(cfg)
+    from moegps.prompts import PromptError
+
+    try:
+        out = collect(cfg)
+    except (CollectError, PromptError) as e:  # a setting or file to fix: the message says which
+        raise SystemExit(f"collect: {e}") from None
     print(f"trace written to {out} (read it with moegps.trace.RoutingTrace.read)")
 
 
