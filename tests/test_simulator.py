@@ -60,6 +60,15 @@ def test_balanced_loads_give_the_roofline_time(rng):
     np.testing.assert_allclose(res.imbalance, 1.0)
 
 
+def test_smooth_roofline_knee(rng):
+    system = _system(roofline_p=float(rng.uniform(1, 8)), expert_launch=0.0)
+    n = rng.integers(1, 5000, 50).astype(float)
+    mem = (3 * 256 * 512 * 2 + n * 2 * 256 * 2) / system.hbm_bandwidth
+    comp = np.ceil(n / 8) * 8 * 6 * 256 * 512 / system.matmul_flops
+    p = system.roofline_p
+    np.testing.assert_allclose(cost.expert_time(n, SHAPE, system), (mem**p + comp**p) ** (1 / p), rtol=1e-12)
+
+
 def test_one_gpu_holding_all_the_work_takes_n_times(rng):
     system = _system(expert_launch=0.0, hbm_bandwidth=1e18)  # pure compute roofline
     m = 8 * int(rng.integers(1, 50))  # tile multiple

@@ -41,7 +41,11 @@ class Case:
 
 
 def simulate_case(case: Case, shape: ModelShape, system: SystemSpec) -> dict[str, float]:
-    """The cost model's ms for each component of ``case``."""
+    """The cost model's ms for each component of ``case`` (``case.info["shape"]``, when set, overrides
+    ``shape``; a one-GPU case needs ``system`` with ``n_gpus=1``)."""
+    shape = case.info.get("shape", shape)
+    if case.pair_bytes.shape[-1] != system.n_gpus:
+        system = system.replace(n_gpus=case.pair_bytes.shape[-1], gpus_per_node=case.pair_bytes.shape[-1])
     expert = cost.gpu_expert_time(case.tokens_per_gpu_expert, shape, system).max(axis=-1)
     dispatch = cost.all_to_all_time(case.pair_bytes, system)
     combine = cost.all_to_all_time(np.swapaxes(case.pair_bytes, -1, -2), system)
@@ -59,7 +63,9 @@ def fit(cases: list[Case], shape: ModelShape, system: SystemSpec, free: Iterable
     """Fit ``free`` fields of ``system`` to the cases' measurements; returns the fitted profile and
     :func:`error_table` of it. Each field may move ``bounds_factor`` x either way from its start."""
     free = tuple(free)
-    start = np.log([max(getattr(system, name), 1e-9) for name in free])
+    initial = {"roofline_p": 4.0}  # fields that may be unset (None) in a profile start here
+    start = np.log([max(getattr(system, name) if getattr(system, name) is not None else initial[name], 1e-9)
+                    for name in free])
     # fields with a zero start (e.g. no launch cost assumed) start at a small positive value
     start = np.where(np.isfinite(start), start, np.log(1e-7))
 
@@ -103,6 +109,29 @@ def cases_from_results(frame: pd.DataFrame, workload: Callable[[pd.Series], tupl
     return cases
 
 
+KERNEL_SHAPES = {"mixtral": "mixtral-8x7b", "fine64": "deepseek-v2-lite"}
+
+
+def cases_from_kernel_bench(path, method: str = "ours") -> list[Case]:
+    """Measured one-GPU MoE layers from ``moegps.kernels.bench`` output (``bench.csv``, an H100 there):
+    each row's ``tokens`` x ``k`` selections spread evenly over ``active_experts`` experts on one GPU,
+    measured ``<method>_us`` as ``moe_ms`` (the fused kernel includes the routing/alignment work
+    the cost model calls the per-layer overhead)."""
+    frame = pd.read_csv(path)
+    cases = []
+    for _, row in frame.iterrows():
+        if row["shape"] not in KERNEL_SHAPES or not np.isfinite(row[f"{method}_us"]):
+            continue
+        E, k, active = int(row["E"]), int(row["k"]), int(row["active_experts"])
+        shape = model_shape(KERNEL_SHAPES[row["shape"]], hidden=int(row["H"]), expert_ffn=int(row["F"]),
+                            n_experts=E, top_k=k)
+        tokens = np.zeros((1, E))
+        tokens[0, :active] = row["tokens"] * k / active
+        cases.append(Case(tokens, np.zeros((1, 1)), {"moe_ms": row[f"{method}_us"] / 1e3},
+                          name=f"{row['shape']} T={int(row['tokens'])}", info={"shape": shape}))
+    return cases
+
+
 def synthetic_cases(rng: np.random.Generator, shape: ModelShape, truth: SystemSpec, n_cases: int = 40,
                     noise: float = 0.0) -> list[Case]:
     """Cases spanning small to large token counts, balanced to skewed, measured under ``truth``
@@ -131,7 +160,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="mixtral-8x7b")
     parser.add_argument("--noise", type=float, default=0.03, help="relative noise of the synthetic measurements")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kernel-bench", nargs="+", metavar="CSV",
+                        help="calibrate the expert roofline to moegps.kernels.bench results instead: fit on the "
+                             "first file, report the error on all")
     args = parser.parse_args(argv)
+    if args.kernel_bench:
+        return kernel_bench_report(args.kernel_bench, args.system)
     rng = np.random.default_rng(args.seed)
     shape = model_shape(args.model)
     start = load_system(args.system)
@@ -148,6 +182,33 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:>16} {getattr(start, name):12.4g} {getattr(truth, name):12.4g} {getattr(fitted, name):12.4g}")
     for label, table in (("before", before), ("after", after)):
         print(f"{label}: mean |error| {table.abs_error_pct.mean():.2f}%, max {table.abs_error_pct.max():.2f}%")
+
+
+def kernel_bench_report(paths: list[str], system_name: str = "h100_8gpu") -> pd.DataFrame:
+    """Fit HBM bandwidth, matmul throughput, per-expert launch and per-layer overhead to the first
+    kernel-benchmark file; print the error of the profile and of the fit on every file."""
+    start = load_system(system_name)
+    free = ("hbm_bandwidth", "matmul_flops", "expert_launch", "layer_overhead", "roofline_p")
+    train = cases_from_kernel_bench(paths[0])
+    fitted, _ = fit(train, model_shape("mixtral-8x7b"), start, free)
+    print(f"expert-roofline calibration of {system_name} to {paths[0]} ({len(train)} measured MoE layers)")
+    print(f"{'parameter':>16} {'profile':>12} {'fitted':>12}")
+    for name in free:
+        value = getattr(start, name)
+        print(f"{name:>16} {'max' if value is None else format(value, '.4g'):>12} {getattr(fitted, name):12.4g}")
+    tables = []
+    for path in paths:
+        cases = cases_from_kernel_bench(path)
+        for label, spec in (("profile", start), ("fitted", fitted)):
+            t = error_table(cases, model_shape("mixtral-8x7b"), spec).assign(file=str(path), params=label)
+            tables.append(t)
+            print(f"{label:>8} on {path}: mean |error| {t.abs_error_pct.mean():.1f}%, median "
+                  f"{t.abs_error_pct.median():.1f}%, max {t.abs_error_pct.max():.1f}%")
+    table = pd.concat(tables, ignore_index=True)
+    last = table[(table.params == "fitted") & (table.file == str(paths[-1]))]
+    with pd.option_context("display.width", 200, "display.float_format", "{:.3g}".format):
+        print(last[["case", "measured_ms", "simulated_ms", "ratio", "abs_error_pct"]].to_string(index=False))
+    return table
 
 
 if __name__ == "__main__":

@@ -114,6 +114,7 @@ def expert_time(tokens: np.ndarray, shape: ModelShape, system: SystemSpec, table
     """Seconds one GPU spends on one expert given ``tokens [...]`` (0 where it got no tokens).
 
     Roofline: ``launch + max((weights + activations) bytes / HBM, 2 * 3 * h * f * padded / FLOP/s)``
+    (or their ``roofline_p``-norm when the profile sets it: a smooth knee fitted by calibration)
     with tokens padded up to ``system.tile_tokens`` (fractional token counts from replica shares
     are rounded up too).
     """
@@ -123,7 +124,13 @@ def expert_time(tokens: np.ndarray, shape: ModelShape, system: SystemSpec, table
     else:
         padded = np.ceil(np.maximum(n, 0) / system.tile_tokens - 1e-9) * system.tile_tokens
         bytes_moved = shape.expert_weight_bytes + n * 2 * shape.token_bytes
-        t = np.maximum(bytes_moved / system.hbm_bandwidth, padded * shape.expert_flops_per_token / system.matmul_flops)
+        memory = bytes_moved / system.hbm_bandwidth
+        compute = padded * shape.expert_flops_per_token / system.matmul_flops
+        if system.roofline_p is None:
+            t = np.maximum(memory, compute)
+        else:  # a smooth knee: kernels are neither purely memory- nor compute-bound near the ridge
+            p = system.roofline_p
+            t = np.maximum(memory, compute) * (1 + np.minimum(memory, compute) ** p / np.maximum(memory, compute) ** p) ** (1 / p)
         t = t + system.expert_launch
     return np.where(n > 0, t, 0.0)
 

@@ -55,6 +55,7 @@ class SystemSpec:
     expert_launch: float = 3e-6  # seconds of fixed cost per active expert GEMM group
     layer_overhead: float = 2e-5  # seconds of fixed cost per MoE layer (routing, permute, align)
     tile_tokens: int = 16  # expert GEMMs pad each expert's tokens to a multiple of this
+    roofline_p: float | None = None  # None: max(memory, compute); p: (mem^p + compute^p)^(1/p), a smooth knee
     provenance: dict[str, str] = field(default_factory=dict)  # field -> "measured: ..." | "datasheet: ..."
     notes: str = ""
 
@@ -83,6 +84,8 @@ class SystemSpec:
         for name in ("link_latency", "inter_node_latency", "expert_launch", "layer_overhead"):
             if not getattr(self, name) >= 0:
                 bad(name, "a number >= 0")
+        if self.roofline_p is not None and not self.roofline_p > 0:
+            bad("roofline_p", "null (a sharp max) or a positive number")
         if self.tile_tokens < 1:
             bad("tile_tokens", "an int >= 1")
         if self.extra_slots_per_gpu < 0:
@@ -120,7 +123,8 @@ _UNITS: dict[str, tuple[str, float]] = {
     "expert_launch_us": ("expert_launch", 1e-6),
     "layer_overhead_us": ("layer_overhead", 1e-6),
 }
-_PLAIN = ("name", "n_gpus", "gpus_per_node", "topology", "mesh_shape", "extra_slots_per_gpu", "tile_tokens", "notes")
+_PLAIN = ("name", "n_gpus", "gpus_per_node", "topology", "mesh_shape", "extra_slots_per_gpu", "tile_tokens",
+          "roofline_p", "notes")
 
 
 def system_from_dict(raw: dict[str, Any], where: str = "<dict>") -> SystemSpec:
