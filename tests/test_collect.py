@@ -423,6 +423,18 @@ def test_default_config_composes_and_points_at_bundled_model():
         assert compose_cfg([f"dataset={name}"]).dataset.kind in ("mmlu", "text")
 
 
+@pytest.mark.skipif(not (BUNDLED_MODELS / "mixtral-tiny" / "config.json").exists(), reason="bundled model absent")
+def test_default_config_on_the_bundled_model(tmp_path, shared):
+    """The default model and dataset (fewer prompts and tokens), checked against the reference."""
+    cfg = compose_cfg([f"out_dir={tmp_path / 'out'}", "limit=3", "max_new_tokens=4", "progress=false", "device=cpu"])
+    with RouterCalls() as rc:
+        out = collect(cfg)
+    trace, requests = check_against_reference("mixtral", out, rc.calls, cfg.batch_size, 4, {2}, False)
+    check_structure(trace, requests, cfg.max_prompt_tokens)
+    assert trace.meta.model == "mixtral-tiny" and trace.meta.n_experts == 8 and trace.meta.top_k == 2
+    assert trace.meta.tokenizer == mixtral_tokenizer().name and trace.meta.dataset.startswith("mmlu")
+
+
 def test_missing_model_is_named(tmp_path):
     cfg = compose_cfg([f"model.path={tmp_path / 'nowhere'}", f"out_dir={tmp_path / 'out'}", "limit=1"])
     with pytest.raises(CollectError, match="nowhere"):
