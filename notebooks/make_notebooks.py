@@ -1,0 +1,218 @@
+"""Write the four analysis notebooks (outputs stripped) from the cells below: ``python notebooks/make_notebooks.py``.
+
+The notebooks are thin: load, call moegps, show a table and a plot. Edit the cells here, not the .ipynb.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+
+SETUP = """\
+%matplotlib inline
+import numpy as np, pandas as pd, matplotlib.pyplot as plt
+from moegps.paths import PROJECT_ROOT, shared_data
+from moegps.trace import RoutingTrace
+pd.set_option("display.width", 160); pd.set_option("display.precision", 3)
+
+def shipped_trace():
+    \"\"\"The first trace shipped under traces/ (the bundled model's), or None.\"\"\"
+    found = sorted(p for p in (PROJECT_ROOT / "traces").glob("*") if p.suffix == ".parquet" or p.is_dir())
+    return RoutingTrace.read(found[0]) if found else None
+"""
+
+NB01 = [
+    new_markdown_cell("# 1. Routing traces side by side\n\n"
+                      "The bundled model's trace (shipped under `traces/`, when present), the real DeepSeek-V2-Lite "
+                      "trace (imported from the shared data with `moegps.importers`), and the real Mixtral-8x7B "
+                      "expert counts (`olmoe-routing`). For each: how uneven the experts' loads are per layer "
+                      "(max/mean), and how much of a token's routing its id alone explains (in-sample hit rate of "
+                      "a per-token-id table; `moegps.report.token_id_hit_rate`)."),
+    new_code_cell(SETUP),
+    new_code_cell("""\
+from moegps.importers.deepseek_csv import read_deepseek_csv
+from moegps.importers.olmoe_routing import load_expert_counts, LAYER_IDS
+from moegps.report import token_id_hit_rate
+
+sources = {}
+bundled = shipped_trace()
+if bundled is not None:
+    sources[bundled.meta.model] = bundled
+else:
+    print("no trace shipped under traces/ yet: showing the real traces only")
+sources["DeepSeek-V2-Lite (real)"] = read_deepseek_csv(shared_data("traces", "deepseek-v2-lite-puffin"), limit=60)
+mixtral = load_expert_counts("mistral")            # real Mixtral-8x7B counts, per domain, layers 0/7/15
+{k: (v.meta.n_layers, v.meta.n_experts, v.meta.top_k, len(v.requests())) for k, v in sources.items()}"""),
+    new_code_cell("""\
+rows = []
+for name, trace in sources.items():
+    loads = trace.loads(by="all")
+    for l in range(trace.meta.n_layers):
+        sel = trace.layer == l
+        rows.append({"source": name, "layer": l, "max_mean": loads.imbalance()[0, l],
+                     "hit_rate": token_id_hit_rate(trace.token_id[sel], trace.experts[sel], trace.meta.n_experts)})
+imb = mixtral.imbalance()                          # [domain, layer]
+for l, layer_id in enumerate(LAYER_IDS):
+    rows.append({"source": "Mixtral-8x7B (real counts)", "layer": layer_id, "max_mean": imb[:, l].mean(),
+                 "hit_rate": np.nan})
+table = pd.DataFrame(rows)
+table.groupby("source")[["max_mean", "hit_rate"]].agg(["mean", "max"])"""),
+    new_code_cell("""\
+panels = [(n, t.loads(by="all").fractions[0], t.meta.layer_ids) for n, t in sources.items()]
+panels += [(f"Mixtral-8x7B (real), {d}", mixtral.fractions[i], LAYER_IDS)
+           for i, d in enumerate(mixtral.groups["domain"][:2])]
+fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+for ax, (name, shares, layer_ids) in zip(np.atleast_1d(axes), panels):
+    im = ax.imshow(shares * shares.shape[1], aspect="auto", cmap="magma", vmin=0, vmax=3, interpolation="nearest")
+    step = max(1, len(layer_ids) // 6)
+    ax.set_yticks(range(0, len(layer_ids), step), [str(x) for x in list(layer_ids)[::step]])
+    ax.set_title(name, fontsize=8); ax.set_xlabel("expert"); ax.set_ylabel("MoE layer")
+fig.colorbar(im, ax=axes, label="load / mean load"); plt.show()"""),
+    new_markdown_cell("Each panel: one row per MoE layer, one column per expert, colour = the expert's share of "
+                      "the layer's selections over the even share. The full comparison (per phase, per domain, "
+                      "cross-layer affinity) is `python -m moegps.report routing <trace>` (docs/routing_report.md)."),
+]
+
+NB02 = [
+    new_markdown_cell("# 2. Predictors: accuracy against overhead\n\n"
+                      "Fits distribution-only and token-to-expert predictors on half of a trace's requests and "
+                      "scores them on the other half (`moegps.predictors.evaluate.evaluate`): load error (total "
+                      "variation) for both families, recall@k for token predictors, and the measured CPU latency "
+                      "per call beside each predictor's analytical cost."),
+    new_code_cell(SETUP),
+    new_code_cell("""\
+from moegps.predictors import make
+from moegps.predictors.evaluate import evaluate, load_trace
+
+trace = shipped_trace() or load_trace("deepseek", limit=60)
+names = ["uniform", "global_profile", "phase_profile", "ema", "most_frequent", "token_table", "cross_layer"]
+table = evaluate(trace, {n: make(n) for n in names}, test_fraction=0.5, batch_requests=8, progress=False)
+cols = ["predictor", "family", "phase", "tv", "recall_at_k", "latency_batch_s", "flops_per_token", "bytes_per_token"]
+table[table.phase == "all"][[c for c in cols if c in table.columns]].sort_values("tv")"""),
+    new_code_cell("""\
+t = table[table.phase == "all"]
+colours = {"distribution": "#4c78a8", "token": "#f58518"}
+fig, ax = plt.subplots(figsize=(6, 4))
+for _, r in t.iterrows():
+    ax.scatter(r.latency_batch_s * 1e6, r.tv, color=colours[r.family], s=50)
+    ax.annotate(r.predictor, (r.latency_batch_s * 1e6, r.tv), fontsize=7, xytext=(4, 3), textcoords="offset points")
+ax.set_xscale("log"); ax.set_xlabel("latency per batch (us, this CPU)"); ax.set_ylabel("load error (TV; lower is better)")
+ax.set_title(f"{trace.meta.model}: predictors on the held-out requests", fontsize=9); plt.show()"""),
+    new_markdown_cell("Whether a predictor's accuracy pays for its cost end to end is the simulator's question: "
+                      "see notebook 4 and `python -m moegps.sweep -m` (docs/sweeps.md)."),
+]
+
+NB03 = [
+    new_markdown_cell("# 3. Placement: imbalance by algorithm and expert slots\n\n"
+                      "Places the experts of each layer on 8 GPUs from the loads of a trace's first half "
+                      "(`moegps.placement`), with 0-3 extra slots per GPU for replicas, and measures the max/mean "
+                      "GPU load on the second half, beside the lowest imbalance any placement with those slots can "
+                      "reach (`balance_bound`)."),
+    new_code_cell(SETUP),
+    new_code_cell("""\
+from moegps.placement.static import contiguous, round_robin
+from moegps.placement.balanced import balanced_duplication
+from moegps.placement.hierarchical import hierarchical_duplication
+from moegps.placement.metrics import placement_imbalance, balance_bound
+from moegps.predictors.evaluate import load_trace, split_by_request
+
+trace = shipped_trace() or load_trace("deepseek", limit=60)
+fit, held_out = split_by_request(trace, 0.5, seed=0)
+train_loads = fit.loads(by="all").counts[0].astype(float)      # [layer, expert]
+test_loads = held_out.loads(by="all").counts[0].astype(float)
+G, L, E = 8, trace.meta.n_layers, trace.meta.n_experts
+algorithms = {
+    "contiguous": lambda s: contiguous(L, E, G, s),
+    "round_robin": lambda s: round_robin(L, E, G, s),
+    "balanced": lambda s: balanced_duplication(train_loads, G, s),
+    "hierarchical (2 nodes)": lambda s: hierarchical_duplication(train_loads, G, s, n_nodes=2, n_groups=2 if E % 2 == 0 else 1),
+}
+rows = []
+for extra in range(4):
+    slots = -(-E // G) + extra
+    for name, place in algorithms.items():
+        rows.append({"algorithm": name, "extra_slots": extra,
+                     "imbalance": placement_imbalance(place(slots), test_loads).mean(),
+                     "bound": balance_bound(test_loads, G, slots).mean()})
+table = pd.DataFrame(rows)
+table.pivot(index="algorithm", columns="extra_slots", values="imbalance")"""),
+    new_code_cell("""\
+fig, ax = plt.subplots(figsize=(6.5, 3.8))
+for name, g in table.groupby("algorithm"):
+    ax.plot(g.extra_slots, g.imbalance, marker="o", label=name)
+b = table.groupby("extra_slots").bound.first()
+ax.plot(b.index, b.values, "k--", label="bound (any placement)")
+ax.set_xlabel("extra expert slots per GPU"); ax.set_ylabel("max / mean GPU load (held-out half)")
+ax.set_xticks(range(4)); ax.legend(fontsize=8)
+ax.set_title(f"{trace.meta.model}: {E} experts on {G} GPUs, mean over {L} layers", fontsize=9); plt.show()"""),
+    new_markdown_cell("The full study (more algorithms, per-request and per-phase loads, the MILP optimum) is "
+                      "`python -m moegps.placement` (docs/placement.md); the effect on end-to-end time is in "
+                      "notebook 4 and the sweep report's placement table."),
+]
+
+NB04 = [
+    new_markdown_cell("# 4. Simulated against measured speedup\n\n"
+                      "A small sweep in this process (`moegps.sweep.compose_config` + `run_one`, the same code "
+                      "`python -m moegps.sweep -m` runs per point): predictors x placements x link bandwidths "
+                      "in the simulator, speedups over the static baseline computed at read time "
+                      "(`moegps.report.load_results`). Then any executor rows shipped with the project "
+                      "(`results/`, backend `exec`) are paired with the simulated ones "
+                      "(`moegps.report.sim_vs_measured`)."),
+    new_code_cell(SETUP),
+    new_code_cell("""\
+import tempfile
+from pathlib import Path
+from moegps.sweep import compose_config, run_one
+from moegps.report import load_results, decision_table, sim_vs_measured, plot_end_to_end
+
+store = Path(tempfile.mkdtemp()) / "sweep"
+trace = next((str(p) for p in sorted((PROJECT_ROOT / "traces").glob("*.parquet"))), "deepseek")
+for predictor in ("global_profile", "ema", "token_table"):
+    for placement in ("contiguous", "balanced"):
+        for link in (450, 64):
+            run_one(compose_config([f"trace={trace}", "limit=40", f"predictor={predictor}", f"placement={placement}",
+                                    f"system.link_gbps={link}", "batch_size=16", f"out={store}"]))
+df = load_results(store)
+runs = df[df["config.role"] == "run"]
+runs.pivot_table(index=["config.predictor.name", "config.placement.name"], columns="config.system.link_gbps",
+                 values="speedup")"""),
+    new_code_cell("""\
+plot_end_to_end(df, store / "end_to_end", "simulated speedup over the static baseline")
+from IPython.display import Image
+Image(str(store / "end_to_end.png"))"""),
+    new_code_cell("""\
+from moegps.results import read_results
+shipped = sorted((PROJECT_ROOT / "results").rglob("*.parquet")) if (PROJECT_ROOT / "results").is_dir() else []
+measured = pd.concat([read_results(p) for p in shipped], ignore_index=True) if shipped else pd.DataFrame()
+if len(measured) and (measured.get("backend") == "exec").any():
+    both = load_results(store)
+    both = pd.concat([both, measured.assign(**{"config.role": "run", "trace_name": measured.get("config.trace", "")})],
+                     ignore_index=True)
+    pairs = sim_vs_measured(both)
+    print(f"{(measured.backend == 'exec').sum()} executor rows shipped; {len(pairs)} pair with this sweep's configs")
+    display(pairs)
+else:
+    print("No executor results are shipped with the project (results/ holds no backend='exec' rows): "
+          "this notebook shows simulated speedups only. Measured rows come from `python -m moegps.executor` "
+          "or `python -m moegps.sweep -m backend=exec` on a GPU; `python -m moegps.report results <store>` "
+          "then adds the simulated-vs-measured table and plot.")"""),
+]
+
+
+def write(name: str, cells: list) -> Path:
+    nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                            "language": "python"},
+                                             "language_info": {"name": "python"}})
+    path = HERE / name
+    nbformat.write(nb, path)
+    return path
+
+
+if __name__ == "__main__":
+    for name, cells in (("01_routing_traces.ipynb", NB01), ("02_predictors.ipynb", NB02),
+                        ("03_placement.ipynb", NB03), ("04_simulated_vs_measured.ipynb", NB04)):
+        print(write(name, cells))
