@@ -8,7 +8,8 @@ compares balance (max/mean GPU load per layer) with DeepSeek's EPLB when its ``e
 (``--eplb-ref`` or env ``MOEGPS_EPLB_REF``; it needs torch; it is not part of moegps). Loads: the
 real DeepSeek-V2-Lite per-layer loads (26 layers, tiled to 58) when the shared data is there, and
 lognormal synthetic loads (sigma 1.0). The "floor" is one argsort of the loads, which every greedy
-pays. Part 2 measures the heuristics' gap to the exact optimum (scipy MILP) on small instances.
+pays. Part 2 measures the heuristics' gap to the exact optimum (scipy MILP) on small instances;
+part 3 (``--real-milp``) does the same on the real Mixtral-8x7B counts.
 """
 
 from __future__ import annotations
@@ -147,6 +148,28 @@ def part2(args):
           " limit reports its incumbent (then the gap is understated)")
 
 
+def part3(args):
+    """The same yardstick on the real Mixtral-8x7B counts (olmoe-routing, layers 0, 7, 15)."""
+    from moegps.importers.olmoe_routing import load_expert_counts
+
+    w = load_expert_counts("mistral").counts.sum(0).astype(float)  # [3, 8]
+    print("\n== Part 3: real Mixtral-8x7B counts (3 layers, 8 experts): heuristic vs MILP ==")
+    print(f"{'G':>3} {'S':>3} | {'MILP even':>9} {'balanced':>8} {'+restarts':>9} {'max gap %':>9} | "
+          f"{'MILP free':>9} {'+lp split':>9} {'max gap %':>9} | MILP s")
+    for G, extra in ((2, 0), (2, 1), (2, 2), (4, 0), (4, 1), (4, 2), (8, 1), (8, 2)):
+        S = -(-8 // G) + extra
+        t0 = time.perf_counter()
+        _, even_opt = optimal(w, G, S, "even", time_limit=args.milp_time)
+        _, free_opt = optimal(w, G, S, "free", time_limit=args.milp_time)
+        seconds = time.perf_counter() - t0
+        plain = placement_imbalance(balanced_duplication(w, G, S), w)
+        best = balanced_duplication(w, G, S, restarts=16)
+        h = placement_imbalance(best, w)
+        lp = placement_imbalance(split.load_proportional(best, w), w)
+        print(f"{G:3d} {S:3d} | {even_opt.mean():9.4f} {plain.mean():8.4f} {h.mean():9.4f} {100 * (h / even_opt - 1).max():9.2f} | "
+              f"{free_opt.mean():9.4f} {lp.mean():9.4f} {100 * (lp / free_opt - 1).max():9.2f} | {seconds:.0f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--eplb-ref", default=os.environ.get("MOEGPS_EPLB_REF"), help="path to DeepSeek's eplb.py (optional)")
@@ -154,11 +177,16 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--milp-layers", type=int, default=6)
     ap.add_argument("--milp-time", type=float, default=20.0, help="seconds per layer")
+    ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-milp", action="store_true")
+    ap.add_argument("--real-milp", action="store_true", help="also part 3: MILP on the real Mixtral counts (minutes)")
     args = ap.parse_args()
-    part1(args, load_eplb(args.eplb_ref))
+    if not args.skip_speed:
+        part1(args, load_eplb(args.eplb_ref))
     if not args.skip_milp:
         part2(args)
+    if args.real_milp:
+        part3(args)
 
 
 if __name__ == "__main__":
