@@ -262,7 +262,7 @@ def generate_and_record(
     max_new_tokens: int,
     pad_id: int,
     eos_ids: set[int],
-    stop_at_eos: bool = True,
+    stop_at_eos: bool = False,
 ) -> tuple[BatchRecord, list[list[int]]]:
     """Greedy batched generation with the KV cache, recording every real token's routing.
 
@@ -359,6 +359,9 @@ def collect(cfg: DictConfig, on_shard: Callable[[Path, int], None] | None = None
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     if "hydra" in cfg:
         del cfg["hydra"]
+    for name in ("batch_size", "max_prompt_tokens", "max_new_tokens"):
+        if int(cfg[name]) < 1:
+            raise CollectError(f"config: '{name}' is {cfg[name]}, expected a positive integer")
     resolve_model_source(cfg.model)  # fail before any work if the checkpoint is missing
     out_dir = resolve_out_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)

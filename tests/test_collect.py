@@ -435,7 +435,11 @@ def test_default_config_on_the_bundled_model(tmp_path, shared):
     assert trace.meta.tokenizer == mixtral_tokenizer().name and trace.meta.dataset.startswith("mmlu")
 
 
-def test_missing_model_is_named(tmp_path):
+def test_missing_model_and_bad_settings_are_named(tmp_path):
     cfg = compose_cfg([f"model.path={tmp_path / 'nowhere'}", f"out_dir={tmp_path / 'out'}", "limit=1"])
     with pytest.raises(CollectError, match="nowhere"):
         collect(cfg)
+    with pytest.raises(CollectError, match="'max_new_tokens' is 0"):
+        collect(compose_cfg([f"out_dir={tmp_path / 'out'}", "max_new_tokens=0"]))
+    with pytest.raises(CollectError, match="exactly one of 'path'"):
+        collect(compose_cfg([f"out_dir={tmp_path / 'out'}", "model.hub_id=org/model"]))
