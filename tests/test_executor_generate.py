@@ -23,7 +23,13 @@ def test_swapped_model_generates_the_same_tokens(rng):
     assert (ours_logits - plain_logits).abs().max() < 1e-4 * plain_logits.abs().max()
     assert torch.equal(ours, plain)
     # the static-cache decode loop of the benchmark (eager here; CUDA graphs on a GPU) decodes the same
-    from moegps.executor.generate import static_decode
+    from moegps.executor.generate import same_tokens, static_decode
 
     tokens, _ = static_decode(model, ids, 8)
-    assert torch.equal(tokens, plain[:, ids.shape[1]:])
+    assert same_tokens(tokens, plain[:, ids.shape[1]:], model.generation_config.eos_token_id)
+    assert not same_tokens(tokens + 1, plain[:, ids.shape[1]:], 2)
+    with torch.no_grad():  # EOS banned on both sides: the whole sequences agree
+        plain_min = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                                   do_sample=False, pad_token_id=0)
+    tokens, _ = static_decode(model, ids, 8, suppress=[model.generation_config.eos_token_id])
+    assert torch.equal(tokens, plain_min[:, ids.shape[1]:])
