@@ -105,7 +105,9 @@ def bench(trace_spec: str = "random", names=DEFAULT, sizes=SIZES, device: str = 
     past = train.loads(by="request_step").counts[:64]
     bw = memory_bandwidth()
     rows = []
-    for name in names:
+    from tqdm.auto import tqdm
+
+    for name in tqdm(names, desc="bench"):
         p = make(name).fit(train)
         if device == "cuda" and hasattr(p, "to"):
             p.to("cuda")
