@@ -87,6 +87,8 @@ class TrainConfig:
     save_dtype: str = "bfloat16"
     experts_implementation: str = "auto"  # auto: grouped_mm on CUDA if it runs, else eager
     skew_target: tuple[float, float] = (1.08, 1.33)  # real Mixtral-8x7B per-layer max/mean
+    card_tokens_per_domain: int = 16384  # mode=card: text per domain for the trained-vs-untrained routing check
+    card_recompute: bool = False  # mode=card: recompute routing_check.json even if the folder has one
 
 
 # ---------------------------------------------------------------- model
@@ -530,9 +532,18 @@ def real_routing_reference(model: str = "mistral") -> dict:
     return out
 
 
-def write_model_card(folder: Path) -> Path:
-    """MODEL_CARD.md of a trained folder, from its train_log.json and the real routing counts."""
+def write_model_card(folder: Path, cfg: TrainConfig | None = None) -> Path:
+    """MODEL_CARD.md of a trained folder, from its train_log.json, sweep.json (if present), the real
+    routing counts, and a CPU check of trained vs untrained routing on the same text."""
+    cfg = cfg or TrainConfig()
     log = json.loads((folder / "train_log.json").read_text())
+    check_path = folder / "routing_check.json"
+    if check_path.exists() and not cfg.card_recompute:
+        check = json.loads(check_path.read_text())
+    else:
+        check = trained_vs_untrained_routing(folder, cfg)
+        check_path.write_text(json.dumps(check, indent=1))
+    sweep = json.loads((folder / "sweep.json").read_text()) if (folder / "sweep.json").exists() else {}
     c = log["config"]
     shape = c["model"]
     is_fine = shape["num_local_experts"] > 8
@@ -614,19 +625,70 @@ def write_model_card(folder: Path) -> Path:
         f"`train_log.json`) and `python -m moegps.models.train_tiny mode=card model_dir={_rel(folder)}` (this card, "
         "reading the real counts).",
         "",
+        "Trained vs untrained router on the same text (first "
+        f"{check['tokens_per_domain']:,} tokens of each domain, this folder vs the seeded initialisation "
+        "the training started from, computed on a CPU by the card command; `routing_check.json`):",
+        "",
+        "| | max/mean load, range over domains and layers | token-id hit rate per layer (mean over domains) | perplexity on this text (90% of it training text) |",
+        "| --- | --- | --- | --- |",
+        *[f"| {label} | {_range(check[label]['load_skew'])} | "
+          f"{', '.join(f'{v:.2f}' for v in np.mean([check[label]['token_id_hit_rate'][d] for d in CORPUS_DOMAINS], axis=0))} | "
+          f"{check[label]['perplexity']:,.1f} |" for label in ("untrained", "trained")],
+        "",
+        *_sweep_table(sweep.get(log["name"])),
         "## More or less skewed than the real model, and why",
         "",
         *_skew_discussion(log, real, real_name),
+        "",
+        *_why(log, real, real_name, is_fine),
+        "",
+        *_why_untrained(check),
         "",
         "## Files",
         "",
         "`config.json`, `generation_config.json`, `model.safetensors` (weights), `train_log.json` (command, config, "
         "data counts, history, routing statistics), `reference_logits.npz` (float32 CPU logits of the stored "
-        "weights on a fixed input, for `tests/test_bundled_model.py`).",
+        "weights on a fixed input, for `tests/test_bundled_model.py`), `sweep.json` (the runs compared), "
+        "`routing_check.json` (trained vs untrained routing, from the card command).",
     ]
     path = folder / "MODEL_CARD.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def trained_vs_untrained_routing(folder: Path, cfg: TrainConfig) -> dict:
+    """Routing of the bundled model and of its untrained initialisation (same seed, same shape)
+    on the same text: the first ``cfg.card_tokens_per_domain`` tokens of each domain's
+    deduplicated text, on the CPU. Returns {"trained"|"untrained": {"load_skew", "token_id_hit_rate"}}."""
+    from transformers import MixtralForCausalLM
+
+    from moegps.models.data import build_corpus, save_tokens, tokenize_corpus
+
+    log = json.loads((folder / "train_log.json").read_text())
+    tokens = Path(cfg.tokens)
+    if not tokens.exists():
+        s = log["data"]["settings"]
+        save_tokens(tokens, tokenize_corpus(build_corpus(s["heldout_fraction"], s["seed"], s["lines_per_document"])))
+    data = load_tokens(tokens)
+    run_cfg = TrainConfig(**{k: v for k, v in log["config"].items() if k in TrainConfig.__dataclass_fields__
+                             and k not in ("model", "skew_target")})
+    run_cfg.model = ModelShape(**{k: v for k, v in log["config"]["model"].items()})
+    run_cfg.device = "cpu"
+    text = {d: windows(np.concatenate([token_stream(data, SPLIT_TRAIN, d), token_stream(data, SPLIT_HELDOUT, d)]),
+                       run_cfg.seq_len, cfg.card_tokens_per_domain) for d in CORPUS_DOMAINS}
+    device = torch.device("cpu")
+    out = {}
+    for label in ("trained", "untrained"):
+        if label == "trained":
+            model = MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        else:
+            run_cfg.experts_implementation = "eager"
+            model = build_model(run_cfg, device)  # seeded: the initialisation training started from
+        s = summarise(evaluate(model, text, run_cfg, device, with_token_ids=True, batch_size=8))
+        out[label] = dict(load_skew=s["load_skew"], token_id_hit_rate=s["token_id_hit_rate"],
+                          perplexity=s["perplexity"])
+    out["tokens_per_domain"] = int(min(v.size for v in text.values()))
+    return out
 
 
 def _real_domain(d: str) -> str:
@@ -643,6 +705,62 @@ def _rel(folder: Path) -> str:
 def _range(skew: dict) -> str:
     vals = [v for vs in skew.values() for v in vs]
     return f"{min(vals):.2f}-{max(vals):.2f}"
+
+
+def _sweep_table(sweep: dict | None) -> list[str]:
+    if not sweep:
+        return []
+    rows = ["Runs compared (same data, seed and shape; chosen by `choose_run`: within 10% of the best held-out "
+            "perplexity, closest to the target skew range):", "",
+            "| run | aux coef | aux loss | held-out ppl | best epoch | max/mean range (whole text) | chosen |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows += [f"| {r['run']} | {r['aux']} | {'per layer' if r['per_layer'] else 'pooled (transformers)'} | "
+             f"{r['heldout_perplexity']} | {r['best_epoch']} | {r['load_skew_range']} | "
+             f"{'yes' if r['run'] == sweep['chosen'] else ''} |" for r in sweep["runs"]]
+    return rows + [""]
+
+
+def _why(log: dict, real: dict, real_name: str, is_fine: bool) -> list[str]:
+    ours_hit = np.mean([np.mean(log["full_text"]["token_id_hit_rate"][d]) for d in CORPUS_DOMAINS])
+    real_hit = np.mean([np.mean(v) for v in real["token_id_hit_rate"].values()])
+    c = log["config"]
+    lines = [
+        f"Load: the skew is set mostly by the router auxiliary loss (coefficient {c['router_aux_loss_coef']}, "
+        f"{'per layer' if c['aux_loss_per_layer'] else 'pooled over layers'}), and was chosen to land in the real "
+        f"model's range. transformers' Mixtral loss pools token shares and router probabilities over all layers, "
+        "so it is minimised when each layer's hot experts differ from the other layers'; in the sweep it "
+        "left single layers far more skewed than the real model. Applied per layer, it balances each layer.",
+        "",
+        f"Token ids: a token's id explains more of its routing here (oracle hit rate {ours_hit:.2f} on average) "
+        f"than in the real {real_name} ({real_hit:.2f}, layers 0, 7, 15). The bundled model has 4 layers of width "
+        f"{log['config']['model']['hidden_size']} and saw about a million distinct training tokens: its router "
+        "inputs stay close to the token embedding, while the real model's routers see 4096- or 2048-wide states "
+        "mixed over many more layers of context. Both numbers are oracle (fitted and scored on the same tokens) "
+        "and rise as the sample shrinks; here they come from samples of similar size (about 200k tokens per domain).",
+    ]
+    if is_fine:
+        lines += ["", "64 experts with top-8 can be at most 8x the mean (an expert chosen by every token); the real "
+                  "OLMoE reaches 7.8 on arxiv, so fine-grained routing here, as there, concentrates load on a few "
+                  "experts per domain: the regime where placement and duplication matter most."]
+    return lines
+
+
+def _why_untrained(check: dict) -> list[str]:
+    def hit(label):
+        return np.mean([check[label]["token_id_hit_rate"][d] for d in CORPUS_DOMAINS], axis=0)
+
+    u, t = hit("untrained"), hit("trained")
+    mean_skew = {k: np.mean([v for d in CORPUS_DOMAINS for v in check[k]["load_skew"][d]]) for k in ("untrained", "trained")}
+    verb = "spreads" if mean_skew["trained"] < mean_skew["untrained"] else "concentrates"
+    return [
+        f"Untrained vs trained: the randomly initialised router is not even here (max/mean "
+        f"{_range(check['untrained']['load_skew'])}), most likely because its inputs share a common direction "
+        "(random embeddings passed through random layers and normalised), which favours the same experts for "
+        f"most tokens. Training {verb} the load (max/mean {_range(check['trained']['load_skew'])}; mean "
+        f"{mean_skew['untrained']:.2f} -> {mean_skew['trained']:.2f}) and makes routing depend more on the token, "
+        f"most in the deeper layers (token-id hit rate per layer {', '.join(f'{v:.2f}' for v in u)} untrained -> "
+        f"{', '.join(f'{v:.2f}' for v in t)} trained, same text).",
+    ]
 
 
 def _skew_discussion(log: dict, real: dict, real_name: str) -> list[str]:
@@ -663,7 +781,7 @@ def run(cfg: TrainConfig, out_dir: Path) -> None:
     if cfg.mode == "card":
         if not cfg.model_dir:
             raise ValueError("mode=card needs model_dir=<folder with train_log.json>")
-        print(f"wrote {write_model_card(Path(cfg.model_dir))}")
+        print(f"wrote {write_model_card(Path(cfg.model_dir), cfg)}")
         return
     if cfg.mode != "train":
         raise ValueError(f"mode={cfg.mode!r}: expected 'train' or 'card'")
