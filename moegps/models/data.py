@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     corpus = build_corpus(args.heldout_fraction, args.seed, args.lines_per_document)
     arrays = tokenize_corpus(corpus)
     save_tokens(args.out, arrays)
-    print(json.dumps(arrays and load_tokens(args.out)["meta"]["stats"], indent=1))
+    print(json.dumps(asdict(corpus.stats), indent=1))
     print(f"wrote {args.out}: {len(arrays['tokens']):,} tokens in {len(arrays['doc_domain']):,} documents")
 
 
