@@ -459,7 +459,7 @@ FAMILY_COLOURS = {"distribution": "#4c78a8", "token": "#f58518", "baseline": "#b
 
 def load_results(path: str | Path):
     """The results store under ``path`` (a sweep folder: its ``runs/``; or any folder/file of shards),
-    with derived columns: ``trace_name`` (file name of the trace), ``baseline_ms`` and ``speedup``
+    with derived columns: ``trace_name`` (the trace's last two path parts, e.g. ``mixtral-tiny/mmlu-64``), ``baseline_ms`` and ``speedup``
     (baseline time / time; the baseline row of the same run, ``config.role == "baseline"``),
     ``predictor_us_per_token`` (predictor time on the critical path per token, microseconds) and
     ``predictor_work_us_per_token`` (all its work per token, hidden behind GEMMs or not)."""
@@ -472,7 +472,8 @@ def load_results(path: str | Path):
     for col, default in (("config.role", "run"), ("config.key", ""), (FAMILY, "")):
         if col not in df:
             df[col] = default
-    df["trace_name"] = df["config.trace"].astype(str).map(lambda s: Path(s).name) if "config.trace" in df else ""
+    df["trace_name"] = df["config.trace"].astype(str).map(lambda s: "/".join(Path(s).parts[-2:])) \
+        if "config.trace" in df else ""
     base = df[df["config.role"] == "baseline"].groupby("config.key")["total_ms"].first()
     df["baseline_ms"] = df["config.key"].map(base)
     df["speedup"] = df["baseline_ms"] / df["total_ms"]
@@ -504,7 +505,8 @@ def predictor_table(df):
 def decision_table(df):
     """The MoE-GPS decision regions: per (trace, system, link bandwidth, batch size) the best
     distribution-only and the best token-to-expert configuration (predictor + placement, by total
-    time), the baseline and oracle times, the winning family and ``gain = t_token / t_distribution - 1``."""
+    time), the baseline time, the best oracle-placement time (each step placed from its true loads, no
+    predictor cost; a reference, not a bound), the winning family and ``gain = t_token / t_distribution - 1``."""
     import pandas as pd
 
     runs = _runs(df)
@@ -512,10 +514,10 @@ def decision_table(df):
     rows = []
     for key, sub in runs.groupby(VARIANT, dropna=False):
         row = dict(zip(["trace", "system", "gpus", "link_gbps", "batch_size"], key))
-        row["trace"] = Path(str(row["trace"])).name
+        row["trace"] = "/".join(Path(str(row["trace"])).parts[-2:])
         same = refs[(refs[VARIANT] == pd.Series(key, index=VARIANT)).all(axis=1)]
         row["baseline_ms"] = same[same["config.role"] == "baseline"]["total_ms"].min()
-        row["oracle_ms"] = same[same["config.role"] == "oracle"]["total_ms"].min()
+        row["oracle_placement_ms"] = same[same["config.role"] == "oracle"]["total_ms"].min()
         for family in ("distribution", "token"):
             fam = sub[sub[FAMILY] == family]
             best = fam.loc[fam["total_ms"].idxmin()] if len(fam) else None

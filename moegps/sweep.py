@@ -141,7 +141,7 @@ def simulate_run(config: dict[str, Any], key: str) -> list[dict[str, Any]]:
     split = (config["trace"], config.get("limit"), config["seed"], config["test_fraction"])
     full, _, test = load_split(*split)
     predictor = fitted_predictor(json.dumps(config["predictor"], sort_keys=True), *split)
-    shape = shape_for(full.meta, config.get("model"))
+    shape = shape_for(full.meta, config.get("shape"))
     system = resolve_system(dict(config["system"]))
     rcfg = ReplayConfig(batch_size=int(config["batch_size"]), **config["replay"])
     batches = make_batches(test, system.n_gpus, full.meta.n_experts, rcfg)

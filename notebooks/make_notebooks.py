@@ -19,10 +19,11 @@ from moegps.paths import PROJECT_ROOT, shared_data
 from moegps.trace import RoutingTrace
 pd.set_option("display.width", 160); pd.set_option("display.precision", 3)
 
+SHIPPED = PROJECT_ROOT / "traces" / "mixtral-tiny" / "mmlu-64"   # the bundled model's MMLU trace (traces/README.md)
+
 def shipped_trace():
-    \"\"\"The first trace shipped under traces/ (the bundled model's), or None.\"\"\"
-    found = sorted(p for p in (PROJECT_ROOT / "traces").glob("*") if p.suffix == ".parquet" or p.is_dir())
-    return RoutingTrace.read(found[0]) if found else None
+    \"\"\"The bundled model's shipped MMLU trace, or None where it is absent.\"\"\"
+    return RoutingTrace.read(SHIPPED) if SHIPPED.exists() else None
 """
 
 NB01 = [
@@ -170,11 +171,12 @@ from moegps.sweep import compose_config, run_one
 from moegps.report import load_results, decision_table, sim_vs_measured, plot_end_to_end
 
 store = Path(tempfile.mkdtemp()) / "sweep"
-trace = next((str(p) for p in sorted((PROJECT_ROOT / "traces").glob("*.parquet"))), "deepseek")
+# the bundled model's trace, costed at Mixtral-8x7B's expert shape (else the DeepSeek trace, its own shape)
+trace, shape = (str(SHIPPED), "mixtral-8x7b") if SHIPPED.exists() else ("deepseek", "null")
 for predictor in ("global_profile", "ema", "token_table"):
     for placement in ("contiguous", "balanced"):
         for link in (450, 64):
-            run_one(compose_config([f"trace={trace}", "limit=40", f"predictor={predictor}", f"placement={placement}",
+            run_one(compose_config([f"trace={trace}", f"shape={shape}", "limit=40", f"predictor={predictor}", f"placement={placement}",
                                     f"system.link_gbps={link}", "batch_size=16", f"out={store}"]))
 df = load_results(store)
 runs = df[df["config.role"] == "run"]

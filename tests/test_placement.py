@@ -80,9 +80,10 @@ def test_milp_matches_brute_force(rng):
         pf, objf = optimal(w[None], G, S, "free")
         assert balance_bound(w[None], G, S)[0] - 1e-9 <= objf[0] <= truth + 1e-6
         assert placement_imbalance(pf, w[None])[0] == pytest.approx(objf[0], rel=1e-6)
-        # no heuristic beats the optimum (the gap itself is measured in benchmarks/placement_bench.py)
+        # no heuristic beats the free-split optimum (it may beat the even one: EPLB's start can put two
+        # replicas of an expert on one GPU, an uneven split in effect); gaps: benchmarks/placement_bench.py
         h = placement_imbalance(balanced_duplication(w[None], G, S, restarts=8), w[None])[0]
-        assert truth - 1e-9 <= h
+        assert objf[0] - 1e-6 <= h
 
 
 def _reference_greedy(w: np.ndarray, G: int, S: int) -> np.ndarray:

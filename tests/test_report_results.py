@@ -70,7 +70,7 @@ def test_tables_have_the_known_answers(tmp_path, rng):
         assert r.gain_dist_over_token == pytest.approx(best["token"][0] / best["distribution"][0] - 1)
         assert r.winner_family == min(best, key=lambda f: best[f][0])
         assert r.baseline_ms == pytest.approx(100.0 + 10 * (r.link_gbps == 32.0) + r.batch_size)
-        assert r.oracle_ms == 40.0
+        assert r.oracle_placement_ms == 40.0
 
     pl = placement_table(df)
     for _, r in pl.iterrows():
@@ -84,7 +84,7 @@ def test_tables_have_the_known_answers(tmp_path, rng):
 def test_sim_vs_measured_pairs_on_config_and_compares_per_token(tmp_path, rng):
     store, times = _store(tmp_path, rng)
     measured = float(rng.uniform(10, 90))
-    row = make_row({"key": "x1", "role": "run", "trace": "/y/t.parquet", "batch_size": 4,
+    row = make_row({"key": "x1", "role": "run", "trace": "/elsewhere/x/t.parquet", "batch_size": 4,
                     "predictor": {"name": "global_profile"}, "placement": {"name": "balanced"}},
                    backend="exec", device="NVIDIA H100 x1", moe_ms=measured, total_ms=measured, tokens=500)
     write_rows([row], store / "runs" / "x1" / "rows.parquet")

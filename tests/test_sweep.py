@@ -16,7 +16,7 @@ from moegps.paths import PROJECT_ROOT
 from moegps.results import read_results
 from moegps.sweep import compose_config, run_key
 
-SMALL = ["trace=random", "limit=16", "batch_size=4"]
+SMALL = ["trace=random", "limit=16", "batch_size=4", "shape=null"]
 
 
 def _sweep(out: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -128,6 +128,7 @@ def test_default_sweep_is_the_promised_product():
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("sweep", return_hydra_config=True)
+    assert (PROJECT_ROOT / cfg.trace).exists()  # a shipped trace
     params = cfg.hydra.sweeper.params
     sizes = [len(str(params[k]).split(",")) for k in ("predictor", "placement", "system.link_gbps", "batch_size")]
     assert sizes[0] >= 3 and sizes[1] >= 3 and sizes[2] >= 4 and sizes[3] >= 2
