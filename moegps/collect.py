@@ -485,7 +485,20 @@ def main(cfg: DictConfig) -> None:
         out = collect(cfg)
     except (CollectError, PromptError) as e:  # a setting or file to fix: the message says which
         raise SystemExit(f"collect: {e}") from None
-    print(f"trace written to {out} (read it with moegps.trace.RoutingTrace.read)")
+    print(summary(RoutingTrace.read(out), out))
+
+
+def summary(trace: RoutingTrace, out: Path) -> str:
+    """A few lines for the terminal: what was recorded, how skewed each layer is, what to run next."""
+    lines = [f"trace written to {out}: {len(trace.requests())} requests, {trace.n_tokens} tokens x "
+             f"{trace.meta.n_layers} MoE layers = {len(trace)} rows ({trace.meta.model}, "
+             f"{trace.meta.n_experts} experts, top-{trace.meta.top_k})"]
+    for phase in ("prefill", "decode"):
+        if trace.phase_mask(phase).any():
+            skew = trace.loads(by="all", phase=phase).imbalance()[0]
+            lines.append(f"  {phase:7s} max/mean expert load per layer: " + " ".join(f"{x:.2f}" for x in skew))
+    lines.append(f"next: python -m moegps.report routing {out}   (tables and plots of this routing)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

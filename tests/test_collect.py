@@ -443,3 +443,25 @@ def test_missing_model_and_bad_settings_are_named(tmp_path):
         collect(compose_cfg([f"out_dir={tmp_path / 'out'}", "max_new_tokens=0"]))
     with pytest.raises(CollectError, match="exactly one of 'path'"):
         collect(compose_cfg([f"out_dir={tmp_path / 'out'}", "model.hub_id=org/model"]))
+
+
+def test_summary_reports_each_phases_skew(rng):
+    """A hand-built trace: prefill sends every token of layer 0 to experts (0, 1) of 8 (max/mean 4),
+    layer 1 to all 8 experts evenly; decode tokens of layer 0 go to a random pair each."""
+    from moegps.collect import summary
+    from moegps.trace import TraceMeta
+
+    n_prefill, n_decode = int(rng.integers(3, 9)) * 4, int(rng.integers(2, 6))
+    T = n_prefill + n_decode
+    experts = np.empty((T, 2, 2), dtype=np.int16)
+    experts[:n_prefill, 0] = [0, 1]
+    experts[:n_prefill, 1] = np.arange(2 * n_prefill).reshape(-1, 2) % 8
+    experts[n_prefill:] = rng.permutation(8)[:2]  # one fixed pair for every decode token: max/mean 4
+    step = np.r_[np.zeros(n_prefill, int), np.arange(1, n_decode + 1)]
+    trace = RoutingTrace.from_token_major(TraceMeta("hand", 2, 8, 2), np.zeros(T, int), step,
+                                          np.arange(T), rng.integers(0, 100, T), experts)
+    text = summary(trace, Path("somewhere"))
+    assert f"1 requests, {T} tokens x 2 MoE layers = {2 * T} rows" in text
+    assert "prefill max/mean expert load per layer: 4.00 1.00" in text
+    assert "decode  max/mean expert load per layer: 4.00 4.00" in text
+    assert "python -m moegps.report routing somewhere" in text
