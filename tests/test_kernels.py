@@ -27,7 +27,12 @@ CONFIGS = {
     "scan": {"path": "scan", "block_m": 16, "gate_up": dict(TILE), "down": dict(TILE, block_k=64)},
     "sorted": {"path": "sorted", "block_m": 16, "gate_up": dict(TILE, block_n=64),
                "down": dict(TILE, group_m=3)},
+    # F tiles of 16 and H tiles of 32: the test shapes leave partial tiles on both
+    "fused": {"path": "fused", "block_m": 16, "fused": {"block_f": 16, "block_k": 32,
+                                                        "block_n": 32, "num_warps": 4,
+                                                        "num_stages": 2}},
 }
+PATHS = list(CONFIGS)
 
 
 def brute_force(x, w_gate_up, w_down, topk_ids, topk_weights):
@@ -90,14 +95,14 @@ def test_available_under_interpreter():
     assert available()
 
 
-@pytest.mark.parametrize("path", ["scan", "sorted"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_random_routing(rng, path, dtype):
     # 37 tokens (not a multiple of BLOCK_M), F = 40 (partial N tile), H = 48 (partial K tile)
     check(make_problem(rng, 37, 6, 48, 40, 2, dtype), path, dtype)
 
 
-@pytest.mark.parametrize("path", ["scan", "sorted"])
+@pytest.mark.parametrize("path", PATHS)
 def test_empty_experts(rng, path):
     n_experts = 7
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
@@ -106,16 +111,40 @@ def test_empty_experts(rng, path):
     check(make_problem(rng, 21, n_experts, 64, 32, 2, torch.float16, ids=ids), path, torch.float16)
 
 
-@pytest.mark.parametrize("path", ["scan", "sorted"])
+@pytest.mark.parametrize("path", PATHS)
 def test_one_expert_takes_all_tokens_top1(rng, path):
     ids = torch.full((45, 1), 3)  # 45 rows of one expert: three BLOCK_M blocks, the last partial
     check(make_problem(rng, 45, 5, 64, 64, 1, torch.float16, ids=ids), path, torch.float16)
 
 
-@pytest.mark.parametrize("path", ["scan", "sorted"])
+@pytest.mark.parametrize("path", PATHS)
 def test_top4_and_single_token(rng, path):
     check(make_problem(rng, 19, 6, 48, 32, 4, torch.float16), path, torch.float16)
     check(make_problem(rng, 1, 6, 48, 32, 4, torch.float16), path, torch.float16)
+
+
+@pytest.mark.parametrize("n_tokens", range(1, 9))
+def test_fused_decode_token_counts(rng, n_tokens):
+    """The fused (split-F, atomics) path at the decode sizes it is meant for: T = 1..8 tokens,
+    top-3 of 10 experts, H = 40 and F = 24 (neither a multiple of the 32/16 tiles), fp16."""
+    check(make_problem(rng, n_tokens, 10, 40, 24, 3, torch.float16), "fused", torch.float16)
+
+
+def test_fused_expert_in_every_token(rng):
+    """Expert 4 in every token's top-3 (20 rows: two BLOCK_M blocks of one expert, each adding
+    into different tokens' rows), the other two slots random; fp32 against float64."""
+    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    others = torch.stack([torch.randperm(7, generator=gen)[:2] for _ in range(20)])
+    others = others + (others >= 4).long()  # experts 0..7 without 4
+    ids = torch.cat([others[:, :1], torch.full((20, 1), 4), others[:, 1:]], dim=1)
+    check(make_problem(rng, 20, 8, 40, 48, 3, torch.float32, ids=ids), "fused", torch.float32)
+
+
+def test_fused_repeated_expert_in_a_token(rng):
+    """Two slots of one token on the same expert (no router does this, but the sum must still
+    count both): two rows of one atomic tile hit the same output row."""
+    ids = torch.tensor([[2, 2], [0, 2], [1, 1]])
+    check(make_problem(rng, 3, 4, 48, 40, 2, torch.float16, ids=ids), "fused", torch.float16)
 
 
 def test_default_configs_run(rng):

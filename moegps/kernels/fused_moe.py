@@ -18,6 +18,11 @@ gate weight in the down GEMM's epilogue. Two ways of finding an expert's rows:
   order from `routing.align`, with grouped tile ordering (GROUP_M blocks share a weight tile in
   L2), as in vLLM's fused_moe and the Triton matmul tutorial this layout comes from.
 
+* `fused` kernel (decode, T*k small): the `scan` kernels' expert slots, split over F instead of
+  the output columns; each program computes its F tile of h and immediately multiplies it into
+  w2's matching columns, adding into an fp32 output with atomics: one launch for both GEMMs and
+  the combine, no h in memory (NOTES.md, v4).
+
 The launcher (launch.py) picks the path and the block shapes from the tuned configs.
 """
 
@@ -28,12 +33,12 @@ import triton.language as tl
 
 
 @triton.jit
-def _gate_up_tile(
-    x_ptr, w_ptr, h_ptr, tok, pair, valid_m, expert, pid_n, H, F,
-    stride_xt, stride_we, stride_wn, stride_hm,
+def _gate_up_act(
+    x_ptr, w_ptr, tok, valid_m, expert, pid_n, H, F, stride_xt, stride_we, stride_wn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """h[pair, n tile] = silu(x[tok] @ w1[e, n tile]^T) * (x[tok] @ w3[e, n tile]^T)."""
+    """silu(x[tok] @ w1[e, n tile]^T) * (x[tok] @ w3[e, n tile]^T): [BLOCK_M, BLOCK_N] fp32,
+    zero in the columns past F."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < F
@@ -58,9 +63,21 @@ def _gate_up_tile(
         a_ptrs += BLOCK_K
         wg_ptrs += BLOCK_K
         wu_ptrs += BLOCK_K
-    act = acc_gate * tl.sigmoid(acc_gate) * acc_up
+    return acc_gate * tl.sigmoid(acc_gate) * acc_up
+
+
+@triton.jit
+def _gate_up_tile(
+    x_ptr, w_ptr, h_ptr, tok, pair, valid_m, expert, pid_n, H, F,
+    stride_xt, stride_we, stride_wn, stride_hm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """h[pair, n tile] = silu(x[tok] @ w1[e, n tile]^T) * (x[tok] @ w3[e, n tile]^T)."""
+    act = _gate_up_act(x_ptr, w_ptr, tok, valid_m, expert, pid_n, H, F, stride_xt, stride_we,
+                       stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     h_ptrs = h_ptr + pair.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
-    tl.store(h_ptrs, act.to(h_ptr.dtype.element_ty), mask=valid_m[:, None] & n_mask[None, :])
+    tl.store(h_ptrs, act.to(h_ptr.dtype.element_ty), mask=valid_m[:, None] & (offs_n < F)[None, :])
 
 
 @triton.jit
@@ -171,6 +188,55 @@ def down_scan_kernel(
         _down_tile(h_ptr, w_ptr, out_ptr, weights_ptr, pair, valid_m, expert, pid_n, H, F,
                    stride_hm, stride_we, stride_wn, stride_om,
                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+
+
+@triton.jit(do_not_specialize=["n_pairs", "top_k"])
+def fused_scan_kernel(
+    x_ptr, w13_ptr, w2_ptr, out_ptr, weights_ptr, ids_ptr, scratch_ptr, n_pairs, top_k, H, F,
+    stride_xt, stride_w13e, stride_w13n, stride_w2e, stride_w2n, stride_ot,
+    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_K: tl.constexpr, SCAN: tl.constexpr, E_POW2: tl.constexpr,
+):
+    """Both GEMMs and the k-way combine in one launch, split-K over the FFN dimension F.
+
+    Program (slot, f tile): for the slot-th present expert e and its pairs p (token t),
+        out[t, :] += topk_weights[p] * h[p, f tile] @ w2[e, :, f tile]^T,
+        h[p, f tile] = silu(x[t] @ w1[e, f tile]^T) * (x[t] @ w3[e, f tile]^T),
+    h never leaves registers, and the sum over F tiles and over a token's k experts is fp32
+    atomics into out [T, H] (fp32, zeroed by the launcher). Each program reads its f tile of
+    w1, w3 (2 * BLOCK_F * H) and w2 (H * BLOCK_F) once per BLOCK_M rows of the expert: for
+    decode one heavy launch instead of gate/up, down and combine back to back (NOTES.md, v4).
+    The order of the atomics varies from run to run: the last bits of out are not deterministic.
+    """
+    expert = _slot_expert(ids_ptr, n_pairs, tl.program_id(0), E_POW2, SCAN)
+    if expert < 0:
+        return
+    pid_f = tl.program_id(1)
+    count = _expert_pairs(ids_ptr, scratch_ptr, expert, n_pairs, SCAN)
+    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    f_mask = offs_f < F
+    offs_n = tl.arange(0, BLOCK_N)
+    w2_tile = (w2_ptr + expert.to(tl.int64) * stride_w2e
+               + offs_n.to(tl.int64)[None, :] * stride_w2n + offs_f[:, None])  # [BLOCK_F, BLOCK_N]
+    for m0 in range(0, count, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        valid_m = offs_m < count
+        pair = tl.load(scratch_ptr + expert.to(tl.int64) * n_pairs + offs_m, mask=valid_m, other=0)
+        tok = pair // top_k
+        act = _gate_up_act(x_ptr, w13_ptr, tok, valid_m, expert, pid_f, H, F, stride_xt,
+                           stride_w13e, stride_w13n, BLOCK_M, BLOCK_F, BLOCK_K, EVEN_K)
+        act = act.to(w2_ptr.dtype.element_ty)  # h rounded as the two-kernel paths store it
+        gate = tl.load(weights_ptr + pair, mask=valid_m, other=0.0).to(tl.float32)
+        b_ptrs = w2_tile
+        o_ptrs = out_ptr + tok.to(tl.int64)[:, None] * stride_ot + offs_n[None, :]
+        for n0 in range(0, H, BLOCK_N):
+            n_mask = offs_n < H - n0
+            b = tl.load(b_ptrs, mask=f_mask[:, None] & n_mask[None, :], other=0.0)
+            y = tl.dot(act, b) * gate[:, None]
+            # relaxed: only the sum matters, and the launch boundary orders it for readers
+            tl.atomic_add(o_ptrs, y, mask=valid_m[:, None] & n_mask[None, :], sem="relaxed")
+            b_ptrs += BLOCK_N * stride_w2n
+            o_ptrs += BLOCK_N
 
 
 @triton.jit

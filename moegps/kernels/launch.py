@@ -5,6 +5,9 @@ A config is a plain dict (kept as JSON data per device in configs/<device name>.
      "gate_up": {"block_n": 64, "block_k": 128, "group_m": 1, "num_warps": 4, "num_stages": 4},
      "down":    {"block_n": 64, "block_k": 128, "group_m": 1, "num_warps": 4, "num_stages": 4}}
 `block_m` is shared by both GEMMs (the sorted path pads each expert's rows to it once).
+The one-launch decode path (both GEMMs and the combine in one kernel, split over F) has one tile:
+    {"path": "fused", "block_m": 16,
+     "fused": {"block_f": 64, "block_k": 128, "block_n": 128, "num_warps": 4, "num_stages": 3}}
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ import triton
 
 # Kernel names imported directly: the package attribute `fused_moe` is the function below,
 # which shadows the kernel module of the same name.
-from .fused_moe import (down_scan_kernel, down_sorted_kernel, gate_up_scan_kernel,
-                        gate_up_sorted_kernel)
+from .fused_moe import (down_scan_kernel, down_sorted_kernel, fused_scan_kernel,
+                        gate_up_scan_kernel, gate_up_sorted_kernel)
 from .routing import SCAN, align
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -126,6 +129,8 @@ def fused_moe(
     `config`: see the module docstring; None picks the tuned (or default) one.
     `workspace`: optional preallocated buffers {"h": [T*k, F], "y": [T*k, H]} in x's dtype and
     {"scratch": [E*T*k] int32} (reused by a caller in a loop; the tests fill them with NaN).
+    The `fused` path uses only "scratch" and accumulates in a fresh zeroed fp32 [T, H] (its
+    atomics make the last bits of the result vary from run to run).
     """
     n_tokens, hidden, n_experts, ffn, top_k = _check(x, w_gate_up, w_down, topk_ids, topk_weights)
     if config is None:
@@ -139,6 +144,11 @@ def fused_moe(
     if n_tokens == 0:
         return torch.zeros_like(x)
     workspace = workspace or {}
+    if config["path"] == "fused":
+        out = torch.zeros(n_tokens, hidden, dtype=torch.float32, device=x.device)
+        launch_fused(x, w_gate_up, w_down, out, weights, ids,
+                     route(ids, n_experts, config, workspace.get("scratch")), config, top_k)
+        return out.to(x.dtype)
     h = workspace.get("h")
     h = torch.empty(n_pairs, ffn, dtype=x.dtype, device=x.device) if h is None else h
     y = workspace.get("y")
@@ -155,13 +165,14 @@ def fused_moe(
 def route(ids: torch.Tensor, n_experts: int, config: dict, scratch: torch.Tensor | None = None):
     """The routing state a path needs: the scan path's scratch rows [E * T*k] int32 (filled by
     the kernels themselves) or the sorted path's RoutingMeta (one align launch)."""
-    if config["path"] == "scan":
+    if config["path"] in ("scan", "fused"):
         if scratch is None:
             scratch = torch.empty(n_experts * ids.numel(), dtype=torch.int32, device=ids.device)
         return scratch
     if config["path"] == "sorted":
         return align(ids, n_experts, config["block_m"])
-    raise ValueError(f"config field 'path' must be 'scan' or 'sorted', got {config['path']!r}")
+    raise ValueError(f"config field 'path' must be 'scan', 'sorted' or 'fused', "
+                     f"got {config['path']!r}")
 
 
 def launch_gate_up(x, w_gate_up, h, ids, routing, config: dict, top_k: int) -> None:
@@ -202,3 +213,24 @@ def launch_down(h, w_down, y, weights, ids, routing, config: dict) -> None:
             h, w_down, y, weights, routing.sorted_pair_ids, routing.block_expert,
             routing.n_padded, ids.numel(), hidden, ffn, routing.max_blocks, *strides,
             GROUP_M=tile["group_m"], **common)
+
+
+def launch_fused(x, w_gate_up, w_down, out, weights, ids, scratch, config: dict, top_k: int) -> None:
+    """out [T, H] fp32 += sum_j topk_weights * w2 @ (silu(w1 @ x) * (w3 @ x)), one launch.
+
+    out must hold zeros (or a sum to add to); grid (min(E, T*k) expert slots, F / block_f tiles).
+    """
+    n_experts, ffn, hidden = w_gate_up.shape[0], w_gate_up.shape[1] // 2, w_gate_up.shape[2]
+    if out.dtype != torch.float32:
+        raise ValueError(f"the fused path accumulates with fp32 atomics: out must be float32, "
+                         f"got {out.dtype}")
+    tile = config["fused"]
+    grid = (min(n_experts, ids.numel()), triton.cdiv(ffn, tile["block_f"]))
+    fused_scan_kernel[grid](
+        x, w_gate_up, w_down, out, weights, ids, scratch, ids.numel(), top_k, hidden, ffn,
+        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_down.stride(0),
+        w_down.stride(1), out.stride(0),
+        BLOCK_M=config["block_m"], BLOCK_F=tile["block_f"], BLOCK_K=tile["block_k"],
+        BLOCK_N=tile["block_n"], EVEN_K=hidden % tile["block_k"] == 0, SCAN=SCAN,
+        E_POW2=triton.next_power_of_2(n_experts),
+        num_warps=tile["num_warps"], num_stages=tile["num_stages"])
