@@ -169,6 +169,38 @@ def test_phase_profile_and_own_prefill(rng):
                                    s.loads[b] / s.loads[b].sum(-1, keepdims=True))
 
 
+def test_step_profile_learns_per_step_loads(rng):
+    L, E, k, steps = 2, 8, 2, 5
+    shift = rng.integers(0, E, size=L)
+    # prefill: experts {0, 1}; decode step s: {s + shift_l, s + 1 + shift_l} (mod E), whatever the token
+    f = lambda r, s, p, t, l: [0, 1] if s == 0 else [(s + shift[l]) % E, (s + 1 + shift[l]) % E]  # noqa: E731
+    tr = build(f, 24, (3, 6), steps, L, E, k, rng)
+    sp = make("step_profile", prior=0.0).fit(tr)
+    ph = make("phase_profile").fit(tr)
+    s = batch_stream(tr, 4)
+    dec = np.flatnonzero(s.phase == 1)
+    for b in dec:
+        truth = s.loads[b] / s.loads[b].sum(-1, keepdims=True)
+        np.testing.assert_allclose(sp.predict_next(s.loads[:b], batch_context(s, b)), truth, atol=1e-12)
+    # one decode profile cannot tell the steps apart
+    tv = [0.5 * np.abs(ph.predict_next(s.loads[:b], batch_context(s, b)) - s.loads[b] / s.loads[b].sum(-1, keepdims=True)).sum(-1).mean() for b in dec]
+    assert np.mean(tv) > 0.5
+    # a batch mixing steps (continuous batching): the token-weighted mean of the steps' loads, by brute force
+    mix = np.array([1, 1, 1, 3, 3])
+    expect = np.zeros((L, E))
+    for st in mix:
+        for l in range(L):
+            expect[l, [(st + shift[l]) % E, (st + 1 + shift[l]) % E]] += 1 / (k * len(mix))
+    got = sp.predict_next(np.zeros((0, L, E)), BatchContext(phase=1, n_tokens=5, steps=mix))
+    np.testing.assert_allclose(got, expect, atol=1e-12)
+    # steps past the last trained one share its row; no steps known: the phase profile
+    far = sp.predict_next(np.zeros((0, L, E)), BatchContext(phase=1, n_tokens=1, steps=np.array([10_000])))
+    last = sp.predict_next(np.zeros((0, L, E)), BatchContext(phase=1, n_tokens=1, steps=np.array([steps])))
+    np.testing.assert_allclose(far, last)
+    np.testing.assert_allclose(sp.predict_next(np.zeros((0, L, E)), BatchContext(phase=1, n_tokens=1)),
+                               ph.phase_profiles[1])
+
+
 # ---- every registered predictor honours its protocol -------------------------------------
 
 
@@ -303,3 +335,27 @@ def test_measured_latency_reaches_the_cost_report(rng):
         lat = measure_latency(p, tokens, past, sizes=(1, 16), repeats=2)
         assert set(lat) == {1, 16} and all(v > 0 for v in lat.values())
         assert p.cost().latency_s == lat and p.cost().gpu_latency_s is None
+
+
+def test_outputs_report_each_phase_from_a_trace_path(rng, tmp_path):
+    """A trace given as a parquet path evaluates; the markdown table holds each phase's numbers."""
+    from moegps.predictors.evaluate import load_trace, write_outputs
+
+    path = tmp_path / "t.parquet"
+    random_trace(rng, n_requests=20, decode_steps=3, n_layers=2, n_experts=6).write(path)
+    tr = load_trace(str(path))
+    table = evaluate(tr, {"g": make("global_profile"), "t": make("token_table")}, test_fraction=0.3,
+                     batch_requests=4, progress=False)
+    paths = write_outputs(table, tmp_path / "out", {"trace": str(path)})
+    assert all(p.exists() for p in paths.values())
+    head, _, *rows = paths["md"].read_text().splitlines()
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    assert {"recall@k prefill", "recall@k decode", "TV prefill", "TV decode", "TV all"} <= set(cols)
+    cells = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")] for r in rows}
+    assert set(cells) == {"g", "t"}
+    for name, phase in (("g", "decode"), ("t", "prefill")):
+        want = table[(table.predictor == name) & (table.phase == phase)].tv.iloc[0]
+        assert float(cells[name][cols.index(f"TV {phase}")]) == pytest.approx(want, rel=1e-3)
+    want = table[(table.predictor == "t") & (table.phase == "decode")].recall_at_k.iloc[0]
+    assert float(cells["t"][cols.index("recall@k decode")]) == pytest.approx(want, rel=1e-3)
+    assert cells["g"][cols.index("recall@k prefill")] == ""  # distribution rows have no recall

@@ -122,6 +122,8 @@ class BatchContext:
     in ``past_loads`` (``None``: all of ``phase``). ``request_prefill_loads``: ``[request, layer,
     expert]`` counts of each batch request's own prefill (decode batches; ``None`` if unknown).
     ``tokens``: the full :class:`TokenBatch`, for distribution-from-token predictors.
+    ``steps``: ``[n_tokens]`` generation step of each token (0 = prefill, s = s-th decode step;
+    a scheduler knows it for every request), ``None`` if unknown.
     """
 
     phase: int
@@ -131,6 +133,7 @@ class BatchContext:
     past_phase: np.ndarray | None = None
     request_prefill_loads: np.ndarray | None = None
     tokens: TokenBatch | None = None
+    steps: np.ndarray | None = None
 
 
 @runtime_checkable

@@ -136,4 +136,5 @@ def batch_context(stream: BatchStream, b: int, with_tokens: bool = False) -> "Ba
         phase=phase, n_tokens=int(stream.n_tokens[b]), n_requests=int(stream.n_requests[b]),
         token_ids=stream.tokens.token_id[idx], past_phase=stream.phase[:b],
         request_prefill_loads=rpl, tokens=stream.tokens.select(idx) if with_tokens else None,
+        steps=np.full(len(idx), stream.step[b]),  # a static batch is one step of its group
     )

@@ -25,7 +25,7 @@ from .evaluate import load_trace, split_by_request
 from .batching import token_batch
 
 SIZES = (1, 4, 16, 64, 256, 1024, 4096)
-DEFAULT = ("global_profile", "uniform", "phase_profile", "last_batch", "sliding_window", "ema", "own_prefill",
+DEFAULT = ("global_profile", "uniform", "phase_profile", "step_profile", "last_batch", "sliding_window", "ema", "own_prefill",
            "learned", "most_frequent", "token_table", "position_table", "cross_layer", "ffn", "sequence", "lgbm", "mlp")
 
 
@@ -78,6 +78,7 @@ def measure_latency(predictor, tokens, past_loads, sizes=SIZES, repeats: int = 2
             ctx = BatchContext(
                 phase=1, n_tokens=n, n_requests=n, token_ids=tb.token_id, past_phase=np.ones(len(past_loads), np.int8),
                 request_prefill_loads=past_loads[rng.integers(0, len(past_loads), size=n)], tokens=tb,
+                steps=rng.integers(1, 32, size=n),  # requests at mixed decode steps: the costlier case
             )
             out[n] = median_time(lambda: predictor.predict_next(past_loads, ctx), repeats, "cpu")
         else:

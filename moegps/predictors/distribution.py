@@ -9,6 +9,7 @@ name                reads at run time                                           
 uniform             nothing                                                      none
 global_profile      nothing (the per-layer MLE of the training trace: MoE-GPS)   [L, E]
 phase_profile       context.phase                                                [2, L, E]
+step_profile        context.steps (a profile per generation step, offline)       [S, L, E]
 last_batch          past_loads, past_phase (last batch of the same phase)        none
 sliding_window      past_loads, past_phase (last ``window`` same-phase batches)  none
 ema                 past_loads, past_phase (EMA of same-phase batch fractions)   none
@@ -93,6 +94,52 @@ class PhaseProfile(_Distribution):
 
     def cost(self):
         return self._cost(memory_bytes=self.phase_profiles.size * FLOAT, inputs=("phase",))
+
+
+@register("step_profile")
+class StepProfile(_Distribution):
+    """A profile per generation step: prefill (step 0) and each decode step ``s`` get their own MLE.
+
+    Decode batches of a static-batching server hold one step of each request; when requests
+    generate similar text (templates, answer formats), the tokens fed in at step ``s`` and so
+    the loads depend on ``s`` far more than one decode profile says. The table is fitted offline
+    and costs nothing per batch beyond a lookup; a batch mixing steps (continuous batching) gets
+    the token-weighted mean of its steps' profiles. Each step's counts are smoothed towards the
+    phase profile with ``prior`` pseudo-tokens, so rare steps fall back to it; steps beyond
+    ``max_step`` share the row of ``max_step``.
+    """
+
+    name = "step_profile"
+
+    def __init__(self, max_step: int = 256, prior: float = 16.0):
+        if max_step < 1 or prior < 0:
+            raise ValueError(f"step_profile: max_step must be >= 1 and prior >= 0, got {max_step}, {prior}")
+        self.max_step, self.prior = int(max_step), float(prior)
+
+    def fit(self, train):
+        super().fit(train)
+        L, E, k = self.n_layers, self.n_experts, self.top_k
+        S = min(self.max_step, int(train.step.max()) if len(train.step) else 0) + 1
+        step = np.minimum(train.step.astype(np.int64), S - 1)
+        flat = (step[:, None] * L + train.layer[:, None].astype(np.int64)) * E + train.experts
+        counts = np.bincount(flat.reshape(-1), minlength=S * L * E).reshape(S, L, E) / k  # tokens per expert
+        phase_of_step = np.where(np.arange(S) == 0, PREFILL, DECODE)
+        n = counts.sum(-1, keepdims=True)
+        self.table = (counts + self.prior * self.phase_profiles[phase_of_step]) / np.maximum(n + self.prior, 1e-12)
+        return self
+
+    def predict_next(self, past_loads, context):
+        if context.steps is None or len(context.steps) == 0:
+            return self.phase_profiles[context.phase]
+        w = np.bincount(np.minimum(np.asarray(context.steps, dtype=np.int64), len(self.table) - 1),
+                        minlength=len(self.table))
+        return normalize(np.tensordot(w / w.sum(), self.table, axes=1))
+
+    def cost(self):
+        le = self.n_layers * self.n_experts
+        # a static batch is one step: one row read; a mixed batch reads one row per distinct step
+        return self._cost(flops_per_token=1.0, bytes_per_batch=le * FLOAT, memory_bytes=self.table.size * FLOAT,
+                          inputs=("phase", "steps"))
 
 
 def same_phase_history(past_loads: np.ndarray, past_phase: np.ndarray | None, phase: int, m: int) -> np.ndarray:

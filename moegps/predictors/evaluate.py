@@ -7,8 +7,8 @@ phase). Command line (hydra; ``conf/evaluate.yaml``)::
     python -m moegps.predictors.evaluate trace=/path/to/trace.parquet batch_requests=16
     python -m moegps.predictors.evaluate trace=random              # offline smoke run
 
-writes ``predictors.parquet``, ``predictors.csv``, ``predictors.png`` (accuracy vs overhead) and
-``config.yaml`` to ``out`` (default ``outputs/predictors/<trace name>``).
+writes ``predictors.parquet``, ``predictors.csv``, ``predictors.md`` (a compact table per phase),
+``predictors.png`` (accuracy vs overhead, per phase) and ``config.yaml`` to ``out`` (default ``outputs/predictors/<trace name>``).
 
 Protocol. Requests (never tokens) are split into train and test with a seeded permutation;
 predictors are fitted on the train trace only. Test requests are served in trace order by a
@@ -186,7 +186,9 @@ def load_trace(spec: str, limit: int | None = None, seed: int = 0) -> RoutingTra
 
 
 def plot(table: pd.DataFrame, path: Path, title: str = "") -> Path:
-    """Two panels: load error (TV) vs latency per batch (both families); recall@k vs latency per token."""
+    """Accuracy vs overhead, one row of two panels per phase (prefill and decode when the trace has
+    both, else the one phase): load error (TV) vs latency per batch (both families); recall@k vs
+    latency per token (token family)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,33 +196,63 @@ def plot(table: pd.DataFrame, path: Path, title: str = "") -> Path:
 
     from ..trace import atomic_path
 
-    t = table[table.phase == "all"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5.2))
-    for fam, marker, color in (("distribution", "o", "tab:blue"), ("token", "s", "tab:orange")):
-        d = t[t.family == fam]
-        a.scatter(d.latency_batch_s * 1e6, d.tv, marker=marker, color=color, label=fam)
-        for i, (_, r) in enumerate(d.sort_values("latency_batch_s").iterrows()):
-            a.annotate(r.predictor, (r.latency_batch_s * 1e6, r.tv), fontsize=7, xytext=(3, 3 if i % 2 else -9),
-                       textcoords="offset points")  # alternate above/below: neighbours overlap less
-    a.set_xscale("log")
-    a.set_xlabel("latency per batch, median (us, this CPU)")
-    a.set_ylabel("load error: total variation per layer (lower is better)")
-    a.set_title("next-batch load distribution")
-    a.legend()
-    d = t[t.family == "token"]
-    b.scatter(d.latency_token_s * 1e6, d.recall_at_k, marker="s", color="tab:orange")
-    for _, r in d.iterrows():
-        b.annotate(r.predictor, (r.latency_token_s * 1e6, r.recall_at_k), fontsize=7, xytext=(3, 2), textcoords="offset points")
-    b.set_xscale("log")
-    b.set_xlabel("latency per token (us, this CPU)")
-    b.set_ylabel("recall@k (higher is better)")
-    b.set_title("token-to-expert")
+    phases = [ph for ph in ("prefill", "decode") if (table.phase == ph).any()]
+    phases = phases if len(phases) == 2 else ["all"]
+    fig, axes = plt.subplots(len(phases), 2, figsize=(13, 5.2 * len(phases)), squeeze=False)
+    for (a, b), phase in zip(axes, phases):
+        t = table[table.phase == phase]
+        for fam, marker, color in (("distribution", "o", "tab:blue"), ("token", "s", "tab:orange")):
+            d = t[t.family == fam]
+            a.scatter(d.latency_batch_s * 1e6, d.tv, marker=marker, color=color, label=fam)
+            for i, (_, r) in enumerate(d.sort_values("latency_batch_s").iterrows()):
+                a.annotate(r.predictor, (r.latency_batch_s * 1e6, r.tv), fontsize=7, xytext=(3, 3 if i % 2 else -9),
+                           textcoords="offset points")  # alternate above/below: neighbours overlap less
+        a.set_xscale("log")
+        a.set_xlabel("latency per batch, median (us, this CPU)")
+        a.set_ylabel("load error: total variation per layer (lower is better)")
+        a.set_title(f"{phase}: next-batch load distribution")
+        a.legend()
+        d = t[t.family == "token"]
+        b.scatter(d.latency_token_s * 1e6, d.recall_at_k, marker="s", color="tab:orange")
+        for i, (_, r) in enumerate(d.sort_values("recall_at_k").iterrows()):
+            b.annotate(r.predictor, (r.latency_token_s * 1e6, r.recall_at_k), fontsize=7, xytext=(3, 2 if i % 2 else -9),
+                       textcoords="offset points")
+        b.set_xscale("log")
+        b.set_xlabel("latency per token (us, this CPU)")
+        b.set_ylabel("recall@k (higher is better)")
+        b.set_title(f"{phase}: token-to-expert")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """A compact markdown table: one row per predictor, accuracy per phase side by side, then overhead.
+
+    Columns: recall@k and TV for each phase present (``prefill``, ``decode``, ``all``; recall is
+    token-weighted, TV batch-weighted), the median latency per batch and per token over all
+    phases, fit time, FLOPs per token and fitted memory.
+    """
+    phases = [ph for ph in ("prefill", "decode", "all") if (table.phase == ph).any()]
+    if phases == ["prefill", "all"] or phases == ["decode", "all"]:
+        phases = ["all"]  # one phase: "all" says the same
+    wide = table.pivot(index="predictor", columns="phase", values=["recall_at_k", "tv"])
+    alls = table[table.phase == "all"].set_index("predictor")
+    head = ["predictor", "family"] + [f"recall@k {ph}" for ph in phases] + [f"TV {ph}" for ph in phases] + [
+        "latency/batch (us)", "latency/token (us)", "fit (s)", "FLOPs/token", "memory (B)"]
+    fmt = lambda v: "" if pd.isna(v) else f"{v:.4g}"  # noqa: E731
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in dict.fromkeys(table.predictor):
+        r = alls.loc[name]
+        cells = [name, r.family] + [fmt(wide.loc[name, ("recall_at_k", ph)]) for ph in phases] + [
+            fmt(wide.loc[name, ("tv", ph)]) for ph in phases] + [
+            fmt(r.latency_batch_s * 1e6), fmt(r.latency_token_s * 1e6), fmt(r.fit_s), fmt(r.flops_per_token),
+            fmt(r.memory_bytes)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def write_outputs(table: pd.DataFrame, out: Path, config: dict[str, Any]) -> dict[str, Path]:
@@ -228,11 +260,13 @@ def write_outputs(table: pd.DataFrame, out: Path, config: dict[str, Any]) -> dic
 
     out.mkdir(parents=True, exist_ok=True)
     paths = {"parquet": out / "predictors.parquet", "csv": out / "predictors.csv", "png": out / "predictors.png",
-             "config": out / "config.yaml"}
+             "md": out / "predictors.md", "config": out / "config.yaml"}
     with atomic_path(paths["parquet"]) as tmp:
         table.to_parquet(tmp, index=False)
     with atomic_path(paths["csv"]) as tmp:
         table.to_csv(tmp, index=False)
+    with atomic_path(paths["md"]) as tmp:
+        tmp.write_text(markdown_table(table))
     with atomic_path(paths["config"]) as tmp:
         import yaml
 
