@@ -2,6 +2,7 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from moegps.simulator.guide import GuideConfig, placement_study, plot_decisions, run_guide, synthetic_trace
 
@@ -36,3 +37,36 @@ def test_placement_study_rows(rng):
     static = table[table.placement == "static"]
     np.testing.assert_allclose(static.expert_speedup, 1.0)
     assert (table.expert_ms > 0).all()
+
+
+def test_guide_config_takes_a_shape_override(rng):
+    """``shape=`` (not ``model=``, which names the conf/model group) picks the cost shape; the trace keeps its layers."""
+    from hydra import compose, initialize_config_dir
+
+    from moegps.paths import CONF_DIR
+    from moegps.simulator.guide import shape_for
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        raw = compose(config_name="guide", overrides=["shape=mixtral-8x7b", "attention=tp"])
+    assert raw.shape == "mixtral-8x7b" and raw.attention == "tp"
+    trace = synthetic_trace(rng, 1.0, n_requests=4, n_layers=3)
+    shape = shape_for(trace.meta, raw.shape)
+    assert (shape.hidden, shape.expert_ffn, shape.n_layers, shape.n_experts) == (4096, 14336, 3, 8)
+
+
+def test_headline_plot_reads_decision_tables(tmp_path, rng):
+    from moegps.simulator.headline import plot_headline, read_decisions
+
+    gains = rng.uniform(-0.05, 0.3, 8)
+    frame = pd.DataFrame({"batch_size": [1, 4, 1, 4] * 2, "link_gbps": [32, 32, 900, 900] * 2,
+                          "attention": ["dp"] * 4 + ["tp"] * 4, "gain_dist_over_token": gains})
+    frame.to_csv(tmp_path / "decision.csv", index=False)
+    table = read_decisions([f"a trace={tmp_path / 'decision.csv'}"])
+    np.testing.assert_array_equal(table.gain_dist_over_token, gains)
+    assert (table.label == "a trace").all()
+    assert plot_headline(table, tmp_path / "h.png").stat().st_size > 10_000
+    frame.drop(columns="attention").to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(ValueError, match="bad.csv.*attention"):
+        read_decisions([f"x={tmp_path / 'bad.csv'}"])
+    with pytest.raises(ValueError, match="label=path"):
+        read_decisions([str(tmp_path / "decision.csv")])

@@ -43,7 +43,9 @@ DEFAULT_TOKEN = ["most_frequent", "token_table", "position_table", "cross_layer"
 class GuideConfig:
     trace: str = "deepseek"  # "deepseek" | "synthetic" | a RoutingTrace parquet file/folder | CSV folder
     limit: int | None = None  # first N requests
-    model: str | None = None  # model shape (system.MODEL_SHAPES); None: from the trace, else by its expert count
+    # model shape to cost the routing with (system.MODEL_SHAPES); None: from the trace, else by its expert count.
+    # Named "shape" (as in moegps.sweep) because a "model=" override would select the conf/model/ group.
+    shape: str | None = None
     system: Any = "h100_8gpu"  # a profile name, or its fields (the hydra app passes conf/system/<name>.yaml's)
     extra_slots: int | None = None  # override the profile's extra expert slots per GPU (0 = no replicas)
     gpus: list[int] = field(default_factory=lambda: [8])
@@ -187,7 +189,7 @@ def run_guide(cfg: GuideConfig, progress: bool = True) -> tuple[pd.DataFrame, li
     rows, decisions = [], []
     for skew in cfg.skews if cfg.trace == "synthetic" else [float("nan")]:
         trace = load_workload(cfg, skew)
-        shape = shape_for(trace.meta, cfg.model)
+        shape = shape_for(trace.meta, cfg.shape)
         train, test = split_by_request(trace, cfg.test_fraction, cfg.seed)
         preds = fit_predictors(train, cfg.distribution + cfg.token, cfg.predictor_args)
         test_routing = test.by_token()
@@ -269,7 +271,7 @@ def placement_study(cfg: GuideConfig, progress: bool = True) -> tuple[pd.DataFra
 
     base = _base_system(cfg)
     trace = load_workload(cfg, cfg.skews[0] if cfg.skews else 1.0)
-    shape = shape_for(trace.meta, cfg.model)
+    shape = shape_for(trace.meta, cfg.shape)
     train, test = split_by_request(trace, cfg.test_fraction, cfg.seed)
     loads = {ph: train.loads(by="all", phase=ph).counts[0].astype(np.float64) for ph in ("prefill", "decode")}
     all_loads = loads["prefill"] + loads["decode"]

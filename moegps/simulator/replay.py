@@ -653,7 +653,7 @@ def main() -> None:
         t0 = time.perf_counter()
         gcfg = GuideConfig(trace=config["trace"], limit=config["limit"], seed=config["seed"])
         trace = load_workload(gcfg, config.get("skew", 1.0))
-        shape = shape_for(trace.meta, config["model"])
+        shape = shape_for(trace.meta, config["shape"])
         system = resolve_system(config["system"])
         train, test = split_by_request(trace, config["test_fraction"], config["seed"])
         rcfg = ReplayConfig(**config["replay"])
