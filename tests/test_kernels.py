@@ -32,6 +32,9 @@ CONFIGS = {
                                                         "block_n": 32, "num_warps": 4,
                                                         "num_stages": 2}},
 }
+# the same with the in-kernel finish: the last program casts and re-zeros the accumulator
+CONFIGS["fused_last"] = {**CONFIGS["fused"],
+                         "fused": dict(CONFIGS["fused"]["fused"], finish="last_program")}
 PATHS = list(CONFIGS)
 
 
@@ -60,10 +63,12 @@ def make_problem(rng, n_tokens, n_experts, hidden, ffn, top_k, dtype, ids=None):
     return x, w13, w2, ids, weights
 
 
-def poisoned_workspace(n_pairs, n_experts, hidden, ffn, dtype):
+def poisoned_workspace(n_tokens, top_k, n_experts, hidden, ffn, dtype):
+    n_pairs = n_tokens * top_k
     return {"h": torch.full((n_pairs, ffn), float("nan"), dtype=dtype),
             "y": torch.full((n_pairs, hidden), float("nan"), dtype=dtype),
-            "scratch": torch.full((n_experts * n_pairs,), -7, dtype=torch.int32)}
+            "scratch": torch.full((n_experts * n_pairs,), -7, dtype=torch.int32),
+            "out": torch.full((n_tokens, hidden), float("nan"), dtype=dtype)}
 
 
 def rel_err(out, ref):
@@ -75,7 +80,7 @@ def check(problem, path, dtype):
     n_tokens, hidden = x.shape
     n_experts, ffn, top_k = w13.shape[0], w13.shape[1] // 2, ids.shape[1]
     ref = moe_reference(x.double(), w13.double(), w2.double(), ids, weights.double())
-    ws = poisoned_workspace(n_tokens * top_k, n_experts, hidden, ffn, dtype)
+    ws = poisoned_workspace(n_tokens, top_k, n_experts, hidden, ffn, dtype)
     out = fused_moe(x, w13, w2, ids, weights, config=CONFIGS[path], workspace=ws)
     assert out.shape == x.shape and out.dtype == dtype
     assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) rows in the output"
@@ -126,8 +131,24 @@ def test_top4_and_single_token(rng, path):
 @pytest.mark.parametrize("n_tokens", range(1, 9))
 def test_fused_decode_token_counts(rng, n_tokens):
     """The fused (split-F, atomics) path at the decode sizes it is meant for: T = 1..8 tokens,
-    top-3 of 10 experts, H = 40 and F = 24 (neither a multiple of the 32/16 tiles), fp16."""
-    check(make_problem(rng, n_tokens, 10, 40, 24, 3, torch.float16), "fused", torch.float16)
+    top-3 of 10 experts, H = 40 and F = 24 (neither a multiple of the 32/16 tiles), fp16; odd
+    T with the cast finish, even T with the last-program finish."""
+    path = "fused" if n_tokens % 2 else "fused_last"
+    check(make_problem(rng, n_tokens, 10, 40, 24, 3, torch.float16), path, torch.float16)
+
+
+def test_fused_last_program_leaves_zeros_for_the_next_call(rng):
+    """The last-program finish re-zeros its cached accumulator and ticket counter: calls on
+    fresh inputs of one shape stay right, and the cached buffers hold zeros after each."""
+    from moegps.kernels.launch import _FUSED_ZEROS
+
+    for _ in range(3):
+        problem = make_problem(rng, 5, 6, 40, 24, 2, torch.float32)
+        ref = moe_reference(*(t.double() if t.is_floating_point() else t for t in problem))
+        out = fused_moe(*problem, config=CONFIGS["fused_last"])
+        assert rel_err(out, ref) < 1e-5
+        acc, counter = _FUSED_ZEROS[("cpu", 5, 40)]
+        assert not acc.any() and int(counter) == 0
 
 
 def test_fused_expert_in_every_token(rng):

@@ -190,28 +190,14 @@ def down_scan_kernel(
                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
 
 
-@triton.jit(do_not_specialize=["n_pairs", "top_k"])
-def fused_scan_kernel(
-    x_ptr, w13_ptr, w2_ptr, out_ptr, weights_ptr, ids_ptr, scratch_ptr, n_pairs, top_k, H, F,
-    stride_xt, stride_w13e, stride_w13n, stride_w2e, stride_w2n, stride_ot,
+@triton.jit
+def _fused_expert_tile(
+    x_ptr, w13_ptr, w2_ptr, acc_ptr, weights_ptr, ids_ptr, scratch_ptr, expert, pid_f,
+    n_pairs, top_k, H, F, stride_xt, stride_w13e, stride_w13n, stride_w2e, stride_w2n,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_K: tl.constexpr, SCAN: tl.constexpr, E_POW2: tl.constexpr,
+    EVEN_K: tl.constexpr, SCAN: tl.constexpr,
 ):
-    """Both GEMMs and the k-way combine in one launch, split-K over the FFN dimension F.
-
-    Program (slot, f tile): for the slot-th present expert e and its pairs p (token t),
-        out[t, :] += topk_weights[p] * h[p, f tile] @ w2[e, :, f tile]^T,
-        h[p, f tile] = silu(x[t] @ w1[e, f tile]^T) * (x[t] @ w3[e, f tile]^T),
-    h never leaves registers, and the sum over F tiles and over a token's k experts is fp32
-    atomics into out [T, H] (fp32, zeroed by the launcher). Each program reads its f tile of
-    w1, w3 (2 * BLOCK_F * H) and w2 (H * BLOCK_F) once per BLOCK_M rows of the expert: for
-    decode one heavy launch instead of gate/up, down and combine back to back (NOTES.md, v4).
-    The order of the atomics varies from run to run: the last bits of out are not deterministic.
-    """
-    expert = _slot_expert(ids_ptr, n_pairs, tl.program_id(0), E_POW2, SCAN)
-    if expert < 0:
-        return
-    pid_f = tl.program_id(1)
+    """acc[t, :] += topk_weights[p] * h[p, f tile] @ w2[e, :, f tile]^T for expert e's pairs p."""
     count = _expert_pairs(ids_ptr, scratch_ptr, expert, n_pairs, SCAN)
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     f_mask = offs_f < F
@@ -228,15 +214,60 @@ def fused_scan_kernel(
         act = act.to(w2_ptr.dtype.element_ty)  # h rounded as the two-kernel paths store it
         gate = tl.load(weights_ptr + pair, mask=valid_m, other=0.0).to(tl.float32)
         b_ptrs = w2_tile
-        o_ptrs = out_ptr + tok.to(tl.int64)[:, None] * stride_ot + offs_n[None, :]
+        o_ptrs = acc_ptr + tok.to(tl.int64)[:, None] * H + offs_n[None, :]
         for n0 in range(0, H, BLOCK_N):
             n_mask = offs_n < H - n0
             b = tl.load(b_ptrs, mask=f_mask[:, None] & n_mask[None, :], other=0.0)
             y = tl.dot(act, b) * gate[:, None]
-            # relaxed: only the sum matters, and the launch boundary orders it for readers
+            # relaxed: only the sum matters; the launch boundary (or the last program's
+            # acquire, below) orders these adds before anything reads acc
             tl.atomic_add(o_ptrs, y, mask=valid_m[:, None] & n_mask[None, :], sem="relaxed")
             b_ptrs += BLOCK_N * stride_w2n
             o_ptrs += BLOCK_N
+
+
+@triton.jit(do_not_specialize=["n_pairs", "top_k", "n_programs", "n_out"])
+def fused_scan_kernel(
+    x_ptr, w13_ptr, w2_ptr, acc_ptr, weights_ptr, ids_ptr, scratch_ptr, out_ptr, counter_ptr,
+    n_pairs, top_k, H, F, n_programs, n_out,
+    stride_xt, stride_w13e, stride_w13n, stride_w2e, stride_w2n,
+    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_K: tl.constexpr, SCAN: tl.constexpr, E_POW2: tl.constexpr, LAST_CASTS: tl.constexpr,
+):
+    """Both GEMMs and the k-way combine in one launch, split-K over the FFN dimension F.
+
+    Program (slot, f tile): for the slot-th present expert e and its pairs p (token t),
+        acc[t, :] += topk_weights[p] * h[p, f tile] @ w2[e, :, f tile]^T,
+        h[p, f tile] = silu(x[t] @ w1[e, f tile]^T) * (x[t] @ w3[e, f tile]^T),
+    h never leaves registers, and the sums over F tiles and over a token's k experts are fp32
+    atomics into acc [T, H] (contiguous fp32 zeros). Each program reads its f tile of w1, w3
+    (2 * BLOCK_F * H) and w2 (H * BLOCK_F) once per BLOCK_M rows of the expert: for decode one
+    heavy launch instead of gate/up, down and combine back to back (NOTES.md, v4). The order of
+    the atomics varies from run to run: the last bits of the result are not deterministic.
+
+    LAST_CASTS: every program then takes a ticket from counter (int32, 0 at entry); the last
+    one writes out = acc in out's dtype and puts zeros back into acc and counter, so the call
+    needs no memset and no cast launch (the semaphore pattern of serial split-K reductions,
+    e.g. CUTLASS's: barrier, then one release/acquire atomic per program). Otherwise acc is
+    the result and out, counter, n_programs, n_out are unused.
+    """
+    expert = _slot_expert(ids_ptr, n_pairs, tl.program_id(0), E_POW2, SCAN)
+    if expert >= 0:
+        _fused_expert_tile(x_ptr, w13_ptr, w2_ptr, acc_ptr, weights_ptr, ids_ptr, scratch_ptr,
+                           expert, tl.program_id(1), n_pairs, top_k, H, F, stride_xt,
+                           stride_w13e, stride_w13n, stride_w2e, stride_w2n,
+                           BLOCK_M, BLOCK_F, BLOCK_K, BLOCK_N, EVEN_K, SCAN)
+    if LAST_CASTS:
+        tl.debug_barrier()  # all this program's adds are issued before its release below
+        ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+        if ticket == n_programs - 1:
+            for start in range(0, n_out, 1024):
+                offs = start + tl.arange(0, 1024)
+                mask = offs < n_out
+                total = tl.load(acc_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.store(acc_ptr + offs, tl.zeros_like(total), mask=mask)
+            tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit

@@ -7,7 +7,10 @@ A config is a plain dict (kept as JSON data per device in configs/<device name>.
 `block_m` is shared by both GEMMs (the sorted path pads each expert's rows to it once).
 The one-launch decode path (both GEMMs and the combine in one kernel, split over F) has one tile:
     {"path": "fused", "block_m": 16,
-     "fused": {"block_f": 64, "block_k": 128, "block_n": 128, "num_warps": 4, "num_stages": 3}}
+     "fused": {"block_f": 64, "block_k": 128, "block_n": 128, "num_warps": 4, "num_stages": 3,
+               "finish": "cast" | "last_program"}}
+("cast": zero an fp32 accumulator, the kernel, a cast launch; "last_program": the kernel's last
+program casts and re-zeros a cached accumulator, one launch in all; see `launch_fused`.)
 """
 
 from __future__ import annotations
@@ -129,8 +132,9 @@ def fused_moe(
     `config`: see the module docstring; None picks the tuned (or default) one.
     `workspace`: optional preallocated buffers {"h": [T*k, F], "y": [T*k, H]} in x's dtype and
     {"scratch": [E*T*k] int32} (reused by a caller in a loop; the tests fill them with NaN).
-    The `fused` path uses only "scratch" and accumulates in a fresh zeroed fp32 [T, H] (its
-    atomics make the last bits of the result vary from run to run).
+    The `fused` path uses "scratch" and, with finish "last_program", optionally "out" [T, H]
+    in x's dtype, "acc" [T, H] fp32 zeros and "counter" [1] int32 zero (left zeroed after the
+    call); its atomics make the last bits of the result vary from run to run.
     """
     n_tokens, hidden, n_experts, ffn, top_k = _check(x, w_gate_up, w_down, topk_ids, topk_weights)
     if config is None:
@@ -145,10 +149,9 @@ def fused_moe(
         return torch.zeros_like(x)
     workspace = workspace or {}
     if config["path"] == "fused":
-        out = torch.zeros(n_tokens, hidden, dtype=torch.float32, device=x.device)
-        launch_fused(x, w_gate_up, w_down, out, weights, ids,
-                     route(ids, n_experts, config, workspace.get("scratch")), config, top_k)
-        return out.to(x.dtype)
+        return launch_fused(x, w_gate_up, w_down, weights, ids,
+                            route(ids, n_experts, config, workspace.get("scratch")), config,
+                            top_k, workspace)
     h = workspace.get("h")
     h = torch.empty(n_pairs, ffn, dtype=x.dtype, device=x.device) if h is None else h
     y = workspace.get("y")
@@ -215,22 +218,58 @@ def launch_down(h, w_down, y, weights, ids, routing, config: dict) -> None:
             GROUP_M=tile["group_m"], **common)
 
 
-def launch_fused(x, w_gate_up, w_down, out, weights, ids, scratch, config: dict, top_k: int) -> None:
-    """out [T, H] fp32 += sum_j topk_weights * w2 @ (silu(w1 @ x) * (w3 @ x)), one launch.
+# (device, tokens, hidden) -> (fp32 [T, H] accumulator, int32 [1] ticket counter), zeros between
+# calls: the "last_program" finish leaves them so. One per shape and device: concurrent calls of
+# one shape on two streams would share it (pass workspace "acc"/"counter" per stream then).
+_FUSED_ZEROS: dict = {}
 
-    out must hold zeros (or a sum to add to); grid (min(E, T*k) expert slots, F / block_f tiles).
+
+def launch_fused(x, w_gate_up, w_down, weights, ids, scratch, config: dict, top_k: int,
+                 workspace: dict | None = None) -> torch.Tensor:
+    """[T, H] in x's dtype = sum_j topk_weights * w2 @ (silu(w1 @ x) * (w3 @ x)), one heavy launch.
+
+    Grid (min(E, T*k) expert slots, F / block_f tiles); the partial sums meet in an fp32
+    accumulator through atomics. finish "cast": a fresh zeroed accumulator, the kernel, then a
+    cast (two small extra launches; none for fp32 x). "last_program": the kernel's last program
+    writes the output and zeros the accumulator again (one launch in all; the accumulator is
+    cached per device and shape, or taken from workspace "acc"/"counter").
     """
     n_experts, ffn, hidden = w_gate_up.shape[0], w_gate_up.shape[1] // 2, w_gate_up.shape[2]
-    if out.dtype != torch.float32:
-        raise ValueError(f"the fused path accumulates with fp32 atomics: out must be float32, "
-                         f"got {out.dtype}")
+    n_tokens = x.shape[0]
     tile = config["fused"]
+    finish = tile.get("finish", "cast")
+    workspace = workspace or {}
+    if finish == "cast":
+        acc = torch.zeros(n_tokens, hidden, dtype=torch.float32, device=x.device)
+        out, counter = acc, acc  # unused by the kernel
+    elif finish == "last_program":
+        key = (str(x.device), n_tokens, hidden)
+        if "acc" in workspace:
+            acc, counter = workspace["acc"], workspace["counter"]
+        else:
+            if key not in _FUSED_ZEROS:
+                _FUSED_ZEROS[key] = (
+                    torch.zeros(n_tokens, hidden, dtype=torch.float32, device=x.device),
+                    torch.zeros(1, dtype=torch.int32, device=x.device))
+            acc, counter = _FUSED_ZEROS[key]
+        out = workspace.get("out")
+        out = torch.empty(n_tokens, hidden, dtype=x.dtype, device=x.device) if out is None else out
+    else:
+        raise ValueError(f"config field 'fused.finish' must be 'cast' or 'last_program', "
+                         f"got {finish!r}")
+    if acc.dtype != torch.float32 or tuple(acc.shape) != (n_tokens, hidden) or not acc.is_contiguous():
+        raise ValueError(f"workspace 'acc' must be contiguous float32 [{n_tokens}, {hidden}] "
+                         f"zeros, got {acc.dtype} {tuple(acc.shape)}")
     grid = (min(n_experts, ids.numel()), triton.cdiv(ffn, tile["block_f"]))
     fused_scan_kernel[grid](
-        x, w_gate_up, w_down, out, weights, ids, scratch, ids.numel(), top_k, hidden, ffn,
+        x, w_gate_up, w_down, acc, weights, ids, scratch, out, counter,
+        ids.numel(), top_k, hidden, ffn, grid[0] * grid[1], n_tokens * hidden,
         x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_down.stride(0),
-        w_down.stride(1), out.stride(0),
+        w_down.stride(1),
         BLOCK_M=config["block_m"], BLOCK_F=tile["block_f"], BLOCK_K=tile["block_k"],
         BLOCK_N=tile["block_n"], EVEN_K=hidden % tile["block_k"] == 0, SCAN=SCAN,
-        E_POW2=triton.next_power_of_2(n_experts),
+        E_POW2=triton.next_power_of_2(n_experts), LAST_CASTS=finish == "last_program",
         num_warps=tile["num_warps"], num_stages=tile["num_stages"])
+    if finish == "last_program":
+        return out
+    return acc if x.dtype == torch.float32 else acc.to(x.dtype)
