@@ -1,6 +1,7 @@
 """Benchmark (and tuner) of the fused MoE kernels on a GPU.
 
     python -m moegps.kernels.bench [--quick] [--tune] [--out DIR] [--tokens 1 32 ...]
+                                   [--fused] [--skip loop default]
 
 For each shape (Mixtral-8x7B experts: E=8, H=4096, F=14336, top-2; fine-grained: E=64, H=2048,
 F=1408, top-6) and token count, with bf16 inputs and random top-k routing, it times (median of
@@ -13,6 +14,9 @@ device events after warm-up, `triton.testing.do_bench`; L2 flushed before each r
   loop      the torch per-expert loop (reference.py, bf16; eager: it syncs per expert)
 and the floor: max(active-expert weight bytes / measured copy rate, FLOPs / measured 8192^3 bf16
 matmul rate), both measured at the start of the same run. Percent of floor = floor / time.
+`--fused` adds the one-launch decode path (`fused`, NOTES.md v4): its tiles (FUSED_TILES) are
+timed whole with the in-kernel finish, the best also with the cast finish, and the row reports
+the best as `fused_us` beside `ours_us` (whatever path the tuned config takes).
 Every output is checked against an fp32 reference (relative error). `--tune` first searches a
 small config space per (shape, token count), compiling candidates in parallel processes, and
 writes configs/<device>.json (also to --out). Results: a printed table, CSV and JSON in --out.
@@ -39,6 +43,17 @@ SCAN_TILES = [(32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 2), (128, 128, 8, 3
 SORTED_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4),
                 (128, 64, 8, 5), (128, 128, 8, 3), (256, 64, 8, 3), (256, 64, 8, 4),
                 (64, 64, 8, 4)]
+# fused path: (block_f, block_k, block_n, num_warps, num_stages); 64 experts at T=1 with
+# block_f 64 is 6 slots x 22 F tiles = 132 programs, one per H100 SM
+FUSED_TILES = [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 256, 128, 8, 2),
+               (32, 256, 128, 4, 3), (32, 128, 256, 4, 3), (128, 64, 64, 4, 3),
+               (128, 64, 128, 8, 3), (16, 256, 256, 4, 3)]
+
+
+def fused_config(t, finish="last_program") -> dict:
+    return {"path": "fused", "block_m": 16,
+            "fused": {"block_f": t[0], "block_k": t[1], "block_n": t[2], "num_warps": t[3],
+                      "num_stages": t[4], "finish": finish}}
 
 
 def tile(t, group_m=8):
@@ -166,12 +181,22 @@ def _compile_task(task):
     name, (n_experts, hidden, ffn, top_k), path, bm, t = task
     import torch as th
 
-    from moegps.kernels.launch import launch_down, launch_gate_up, route
+    from moegps.kernels.launch import fused_moe, launch_down, launch_gate_up, route
 
-    config = {"path": path, "block_m": bm, "gate_up": tile(t), "down": tile(t)}
     w13 = th.empty(n_experts, 2 * ffn, hidden, dtype=th.bfloat16, device="cuda").normal_()
     w2 = th.empty(n_experts, hidden, ffn, dtype=th.bfloat16, device="cuda").normal_()
     x = th.randn(16, hidden, dtype=th.bfloat16, device="cuda")
+    if path == "fused":  # one kernel; both finishes (LAST_CASTS is a compile-time switch)
+        ids = th.randint(0, n_experts, (16, top_k), device="cuda")
+        try:
+            for finish in ("last_program", "cast"):
+                fused_moe(x, w13, w2, ids, th.rand(16, top_k, device="cuda"),
+                          config=fused_config(t, finish))
+            th.cuda.synchronize()
+            return task, [None]
+        except Exception as exc:
+            return task, [f"{type(exc).__name__}: {str(exc)[:120]}"]
+    config = {"path": path, "block_m": bm, "gate_up": tile(t), "down": tile(t)}
     ids = th.randint(0, n_experts, (16 * top_k,), device="cuda")
     h = th.randn(16 * top_k, ffn, dtype=th.bfloat16, device="cuda")
     y = th.empty(16 * top_k, hidden, dtype=th.bfloat16, device="cuda")
@@ -199,7 +224,8 @@ def precompile(tasks, workers):
     with mp.get_context("spawn").Pool(workers) as pool:
         check = pool.apply_async(check_edge_cases)
         for (name, _, path, bm, t), errors in pool.imap_unordered(_compile_task, tasks):
-            for gemm, err in zip(("gate_up", "down"), errors):
+            gemms = ("fused",) if path == "fused" else ("gate_up", "down")
+            for gemm, err in zip(gemms, errors):
                 if err:
                     failed[(name, path, bm, t, gemm)] = err
         failures = check.get()
@@ -300,22 +326,38 @@ def check_edge_cases() -> list[str]:
         "one_token_top4": (1, 8, 256, 192, 4, None),
         "odd_hidden": (33, 4, 200, 100, 2, None),
         "chunked_align": (700, 6, 256, 192, 2, None),  # 1400 pairs > one align scan
+        # decode sizes of the fused path at the 64-expert shape's ratios (H, F not multiples of 128)
+        **{f"decode_T{T}_top6": (T, 64, 320, 176, 6, None) for T in (1, 2, 3, 5, 8)},
+        "decode_hot_expert": (8, 16, 320, 176, 4, "hot"),
     }
-    for (case, (T, E, H, Fd, k, kind)), path in itertools.product(cases.items(), ("scan", "sorted")):
+    configs = {"scan": dict(tiles, path="scan", block_m=16),
+               "sorted": dict(tiles, path="sorted", block_m=16),
+               "fused_cast": fused_config((64, 64, 64, 4, 3), "cast"),
+               "fused_last": fused_config((64, 64, 64, 4, 3), "last_program")}
+    for (case, (T, E, H, Fd, k, kind)), path in itertools.product(cases.items(), configs):
+        if path == "sorted" and case.startswith("decode"):
+            continue
         x, w13, w2 = make_inputs(E, H, Fd, k, T, seed=7)
         ids, weights = make_routing(T, E, k, seed=7)
         if kind == "empty":
             ids = torch.tensor([0, 1, 4, 6], device="cuda")[make_routing(T, 4, k, seed=3)[0]]
         if kind == "all":
             ids = torch.full((T, 1), 3, device="cuda")
+        if kind == "hot":  # expert 5 in every token's top-k
+            ids[:, 0] = torch.where((ids == 5).any(dim=1), ids[:, 0], 5)
         ref = moe_reference(x.double(), w13.double(), w2.double(), ids, weights.double())
         ws = {"h": torch.full((T * k, Fd), float("nan"), dtype=x.dtype, device="cuda"),
               "y": torch.full((T * k, H), float("nan"), dtype=x.dtype, device="cuda"),
-              "scratch": torch.full((E * T * k,), -7, dtype=torch.int32, device="cuda")}
-        out = fused_moe(x, w13, w2, ids, weights, workspace=ws,
-                        config=dict(tiles, path=path, block_m=16))
-        err = rel_err(out, ref.float())
-        ok = bool(torch.isfinite(out).all()) and err < 1e-2
+              "scratch": torch.full((E * T * k,), -7, dtype=torch.int32, device="cuda"),
+              "out": torch.full((T, H), float("nan"), dtype=x.dtype, device="cuda")}
+        errs, finite = [], True
+        for _ in range(3 if path.startswith("fused") else 1):  # atomics: a race shows as a spread
+            ws["out"].fill_(float("nan"))
+            out = fused_moe(x, w13, w2, ids, weights, workspace=ws, config=configs[path])
+            errs.append(rel_err(out, ref.float()))
+            finite = finite and bool(torch.isfinite(out).all())
+        err = max(errs)
+        ok = finite and err < 1e-2
         print(f"  check {case:22s} {path:6s} rel_err {err:.2e} {'ok' if ok else 'FAIL'}")
         if not ok:
             failures.append(f"{case}/{path}")
@@ -326,7 +368,37 @@ def check_edge_cases() -> list[str]:
 # the benchmark
 
 
-def bench_one(name, shape, n_tokens, ceil, seed=0) -> dict:
+def bench_fused(row, x, w13, w2, ids, weights, ref, failed, name) -> None:
+    """Time every fused tile (in-kernel finish, graph), then the best with the cast finish."""
+    from moegps.kernels import fused_moe
+
+    times = {}
+    for t in FUSED_TILES:
+        if (name, "fused", 16, t, "fused") in failed:
+            continue
+        cfg = fused_config(t)
+        fn = lambda: fused_moe(x, w13, w2, ids, weights, config=cfg)  # noqa: E731
+        err = rel_err(fn(), ref)
+        times[t] = time_us(fn, graph=True, warmup=10, rep=50)
+        print(f"    fused {t}: {times[t]:.1f} us, rel err {err:.1e}", flush=True)
+    if not times:
+        return
+    best = min(times, key=times.get)
+    cfg = fused_config(best)
+    fn = lambda: fused_moe(x, w13, w2, ids, weights, config=cfg)  # noqa: E731
+    row["err_fused"] = max(rel_err(fn(), ref) for _ in range(3))
+    row["fused_us"] = time_us(fn, graph=True)  # re-timed at full repetitions
+    row["fused_eager_us"] = time_us(fn)
+    row["fused_tile"] = "x".join(map(str, best))
+    cast = fused_config(best, "cast")
+    row["fused_cast_us"] = time_us(lambda: fused_moe(x, w13, w2, ids, weights, config=cast),
+                                   graph=True)
+    row["pct_floor_fused"] = 100 * row["floor_us"] / row["fused_us"]
+    row["fused_vs_ours"] = row["ours_us"] / row["fused_us"]
+    row["fused_vs_gmm"] = row["gmm_us"] / row["fused_us"]
+
+
+def bench_one(name, shape, n_tokens, ceil, seed=0, fused=False, skip=(), failed=None) -> dict:
     from moegps.kernels import default_config, fused_moe, get_config, moe_reference
     from moegps.kernels.routing import align
 
@@ -354,6 +426,9 @@ def bench_one(name, shape, n_tokens, ceil, seed=0) -> dict:
         "loop": lambda: moe_reference(x, w13, w2, ids, weights),
     }
     for method, fn in run.items():
+        if method in skip:
+            row[f"{method}_us"] = float("nan")
+            continue
         try:
             row[f"err_{method}"] = rel_err(fn(), ref)
             row[f"{method}_us"] = time_us(fn, graph=method != "loop")
@@ -369,6 +444,8 @@ def bench_one(name, shape, n_tokens, ceil, seed=0) -> dict:
     row["weight_GBps"] = weight_bytes / row["ours_us"] * 1e-3
     row["vs_loop"] = row["loop_us"] / row["ours_us"]
     row["vs_gmm"] = row["gmm_us"] / row["ours_us"]
+    if fused:
+        bench_fused(row, x, w13, w2, ids, weights, ref, failed or {}, name)
     return row
 
 
@@ -378,11 +455,16 @@ COLUMNS = [("shape", "{}"), ("tokens", "{}"), ("path", "{}"), ("ours_us", "{:.1f
            ("gmm_us", "{:.1f}"), ("pct_floor_gmm", "{:.0f}%"), ("loop_us", "{:.1f}"),
            ("vs_gmm", "{:.2f}x"), ("vs_loop", "{:.2f}x"), ("tflops", "{:.0f}"),
            ("weight_GBps", "{:.0f}"), ("align16_us", "{:.1f}"), ("err_ours", "{:.1e}")]
+FUSED_COLUMNS = [("shape", "{}"), ("tokens", "{}"), ("path", "{}"), ("ours_us", "{:.1f}"),
+                 ("fused_us", "{:.1f}"), ("fused_cast_us", "{:.1f}"), ("fused_eager_us", "{:.1f}"),
+                 ("fused_tile", "{}"), ("floor_us", "{:.1f}"), ("pct_floor", "{:.0f}%"),
+                 ("pct_floor_fused", "{:.0f}%"), ("gmm_us", "{:.1f}"), ("fused_vs_ours", "{:.2f}x"),
+                 ("fused_vs_gmm", "{:.2f}x"), ("err_fused", "{:.1e}")]
 
 
-def print_table(rows):
-    header = [c for c, _ in COLUMNS]
-    cells = [[fmt.format(r.get(c, float("nan"))) for c, fmt in COLUMNS] for r in rows]
+def print_table(rows, columns=COLUMNS):
+    header = [c for c, _ in columns]
+    cells = [[fmt.format(r.get(c, float("nan"))) for c, fmt in columns] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
     print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
     for c in cells:
@@ -396,6 +478,10 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="*", choices=sorted(SHAPES), default=list(SHAPES))
     parser.add_argument("--tune", action="store_true", help="tune configs first, write JSON")
     parser.add_argument("--seed", type=int, default=0, help="seed of inputs and routing")
+    parser.add_argument("--fused", action="store_true",
+                        help="also time the one-launch fused decode path's tiles (FUSED_TILES)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["default", "loop", "gmm"],
+                        help="baselines not to time")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = parser.parse_args(argv)
@@ -408,6 +494,7 @@ def main(argv=None):
     device = torch.cuda.get_device_name()
     print(f"device: {device}, torch {torch.__version__}, triton "
           f"{__import__('triton').__version__}", flush=True)
+    failed = {}
     if args.tune:
         tune(shapes, tokens, out_dir, args.workers)  # runs the edge-case checks beside compiles
     else:  # compile the configs the benchmark uses in parallel, checks beside them
@@ -421,14 +508,17 @@ def main(argv=None):
                         g = cfg[gemm]
                         t = (g["block_n"], g["block_k"], g["num_warps"], g["num_stages"])
                         tasks.add((name, shape, cfg["path"], cfg["block_m"], t))
-        precompile(sorted(tasks, key=str), args.workers)
+                if args.fused:
+                    tasks.update((name, shape, "fused", 16, t) for t in FUSED_TILES)
+        failed = precompile(sorted(tasks, key=str), args.workers)
     ceil = ceilings()
     print(f"measured: copy {ceil['copy_Bps'] / 1e12:.2f} TB/s (read+written), "
           f"bf16 8192^3 matmul {ceil['matmul_flops'] / 1e12:.0f} TFLOP/s", flush=True)
     rows = []
     for name, shape in shapes.items():
         for n_tokens in tokens:
-            rows.append(bench_one(name, shape, n_tokens, ceil, seed=args.seed))
+            rows.append(bench_one(name, shape, n_tokens, ceil, seed=args.seed, fused=args.fused,
+                                  skip=args.skip, failed=failed))
             print(f"  {name} T={n_tokens}: ours {rows[-1]['ours_us']:.1f} us, "
                   f"{rows[-1]['pct_floor']:.0f}% of floor", flush=True)
             torch.cuda.empty_cache()
@@ -441,6 +531,9 @@ def main(argv=None):
     print(f"\n{device}; copy {ceil['copy_Bps'] / 1e12:.2f} TB/s, matmul "
           f"{ceil['matmul_flops'] / 1e12:.0f} TFLOP/s; times in us (median, device events)")
     print_table(rows)
+    if args.fused:
+        print("\nfused decode path (best tile, in-kernel finish; cast = zeroed fp32 + kernel + cast)")
+        print_table(rows, FUSED_COLUMNS)
 
 
 if __name__ == "__main__":
