@@ -519,8 +519,12 @@ def main(argv=None):
         for n_tokens in tokens:
             rows.append(bench_one(name, shape, n_tokens, ceil, seed=args.seed, fused=args.fused,
                                   skip=args.skip, failed=failed))
-            print(f"  {name} T={n_tokens}: ours {rows[-1]['ours_us']:.1f} us, "
-                  f"{rows[-1]['pct_floor']:.0f}% of floor", flush=True)
+            r = rows[-1]
+            fused = (f"; fused {r['fused_us']:.1f} us ({r['pct_floor_fused']:.0f}%), cast "
+                     f"finish {r['fused_cast_us']:.1f}" if "fused_us" in r else "")
+            print(f"  {name} T={n_tokens}: ours {r['ours_us']:.1f} us, {r['pct_floor']:.0f}% of "
+                  f"floor (floor {r['floor_us']:.1f}, grouped_mm {r['gmm_us']:.1f}){fused}",
+                  flush=True)
             torch.cuda.empty_cache()
     meta = {"device": device, "torch": torch.__version__,
             "triton": __import__("triton").__version__, **ceil}
