@@ -208,6 +208,7 @@ def plot(table: pd.DataFrame, path: Path, title: str = "") -> Path:
                 a.annotate(r.predictor, (r.latency_batch_s * 1e6, r.tv), fontsize=7, xytext=(3, 3 if i % 2 else -9),
                            textcoords="offset points")  # alternate above/below: neighbours overlap less
         a.set_xscale("log")
+        a.set_yscale("log")  # errors span 0.03-0.8: a linear axis squeezes the good ones together
         a.set_xlabel("latency per batch, median (us, this CPU)")
         a.set_ylabel("load error: total variation per layer (lower is better)")
         a.set_title(f"{phase}: next-batch load distribution")

@@ -466,7 +466,7 @@ class TokenMLP(_TorchToken):
 
     name = "mlp"
 
-    def __init__(self, dim: int = 32, hidden: int = 128, epochs: int = 3, max_train_tokens: int = 50_000, **kw):
+    def __init__(self, dim: int = 32, hidden: int = 128, epochs: int = 3, max_train_tokens: int = 400_000, **kw):
         super().__init__(dim=dim, hidden=hidden, epochs=epochs, max_train_tokens=max_train_tokens, **kw)
 
     def _build(self):
