@@ -32,9 +32,7 @@ CONFIGS = {
                                                         "block_n": 32, "num_warps": 4,
                                                         "num_stages": 2}},
 }
-# the same with the in-kernel finish: the last program casts and re-zeros the accumulator
-CONFIGS["fused_last"] = {**CONFIGS["fused"],
-                         "fused": dict(CONFIGS["fused"]["fused"], finish="last_program")}
+
 PATHS = list(CONFIGS)
 
 
@@ -67,8 +65,7 @@ def poisoned_workspace(n_tokens, top_k, n_experts, hidden, ffn, dtype):
     n_pairs = n_tokens * top_k
     return {"h": torch.full((n_pairs, ffn), float("nan"), dtype=dtype),
             "y": torch.full((n_pairs, hidden), float("nan"), dtype=dtype),
-            "scratch": torch.full((n_experts * n_pairs,), -7, dtype=torch.int32),
-            "out": torch.full((n_tokens, hidden), float("nan"), dtype=dtype)}
+            "scratch": torch.full((n_experts * n_pairs,), -7, dtype=torch.int32)}
 
 
 def rel_err(out, ref):
@@ -131,24 +128,8 @@ def test_top4_and_single_token(rng, path):
 @pytest.mark.parametrize("n_tokens", range(1, 9))
 def test_fused_decode_token_counts(rng, n_tokens):
     """The fused (split-F, atomics) path at the decode sizes it is meant for: T = 1..8 tokens,
-    top-3 of 10 experts, H = 40 and F = 24 (neither a multiple of the 32/16 tiles), fp16; odd
-    T with the cast finish, even T with the last-program finish."""
-    path = "fused" if n_tokens % 2 else "fused_last"
-    check(make_problem(rng, n_tokens, 10, 40, 24, 3, torch.float16), path, torch.float16)
-
-
-def test_fused_last_program_leaves_zeros_for_the_next_call(rng):
-    """The last-program finish re-zeros its cached accumulator and ticket counter: calls on
-    fresh inputs of one shape stay right, and the cached buffers hold zeros after each."""
-    from moegps.kernels.launch import _FUSED_ZEROS
-
-    for _ in range(3):
-        problem = make_problem(rng, 5, 6, 40, 24, 2, torch.float32)
-        ref = moe_reference(*(t.double() if t.is_floating_point() else t for t in problem))
-        out = fused_moe(*problem, config=CONFIGS["fused_last"])
-        assert rel_err(out, ref) < 1e-5
-        acc, counter = _FUSED_ZEROS[("cpu", 5, 40)]
-        assert not acc.any() and int(counter) == 0
+    top-3 of 10 experts, H = 40 and F = 24 (neither a multiple of the 32/16 tiles), fp16."""
+    check(make_problem(rng, n_tokens, 10, 40, 24, 3, torch.float16), "fused", torch.float16)
 
 
 def test_fused_expert_in_every_token(rng):
@@ -173,11 +154,15 @@ def test_default_configs_run(rng):
     x, w13, w2, ids, weights = make_problem(rng, 24, 4, 64, 64, 2, torch.float16)
     ref = moe_reference(x.double(), w13.double(), w2.double(), ids, weights.double())
     paths = set()
-    for n_tokens in (1, 24, 4096):
+    for n_tokens in (1, 13, 24, 4096):
         cfg = default_config(n_tokens, 4, 64, 64, 2)
         paths.add(cfg["path"])
         assert rel_err(fused_moe(x, w13, w2, ids, weights, config=cfg), ref) < 2e-3
-    assert paths == {"scan", "sorted"}
+    assert paths == {"fused", "scan", "sorted"}
+    # the measured regimes (NOTES.md v4): fused for 64-expert decode up to 4 tokens, not for
+    # 64 experts at 8 tokens or Mixtral-sized experts
+    assert [default_config(t, 64, 2048, 1408, 6)["path"] for t in (1, 4, 8)] == ["fused"] * 2 + ["scan"]
+    assert default_config(1, 8, 4096, 14336, 2)["path"] == "scan"
     assert get_config(24, 4, 64, 64, 2)["path"] in paths
 
 
@@ -234,10 +219,17 @@ def test_shipped_configs_are_valid_and_run(rng):
         assert shapes
         for by_tokens in shapes.values():
             for cfg in by_tokens.values():
-                assert cfg["path"] in ("scan", "sorted") and cfg["block_m"] in (16, 32, 64, 128, 256)
+                assert cfg["block_m"] in (16, 32, 64, 128, 256)
+                if cfg["path"] == "fused":
+                    assert set(cfg["fused"]) >= {"block_f", "block_k", "block_n", "num_warps",
+                                                 "num_stages"}
+                    continue
+                assert cfg["path"] in ("scan", "sorted")
                 for gemm in ("gate_up", "down"):
                     assert set(cfg[gemm]) >= {"block_n", "block_k", "group_m", "num_warps",
                                               "num_stages"}
         some = list(next(iter(shapes.values())).values())
-        for cfg in (some[0], some[-1]):  # decode and large-batch configs
+        fused = [c for by_tokens in shapes.values() for c in by_tokens.values()
+                 if c["path"] == "fused"]
+        for cfg in (some[0], some[-1], *fused[:1]):  # decode, large-batch, fused configs
             assert rel_err(fused_moe(x, w13, w2, ids, weights, config=cfg), ref) < 1e-5

@@ -14,9 +14,9 @@ device events after warm-up, `triton.testing.do_bench`; L2 flushed before each r
   loop      the torch per-expert loop (reference.py, bf16; eager: it syncs per expert)
 and the floor: max(active-expert weight bytes / measured copy rate, FLOPs / measured 8192^3 bf16
 matmul rate), both measured at the start of the same run. Percent of floor = floor / time.
-`--fused` adds the one-launch decode path (`fused`, NOTES.md v4): its tiles (FUSED_TILES) are
-timed whole with the in-kernel finish, the best also with the cast finish, and the row reports
-the best as `fused_us` beside `ours_us` (whatever path the tuned config takes).
+`--fused` adds the one-launch decode path (`fused`, NOTES.md v4): each of its tiles
+(FUSED_TILES) is timed whole (graph) and checked, and the row reports the best as `fused_us`
+beside `ours_us` (whatever path the tuned or shipped config takes).
 Every output is checked against an fp32 reference (relative error). `--tune` first searches a
 small config space per (shape, token count), compiling candidates in parallel processes, and
 writes configs/<device>.json (also to --out). Results: a printed table, CSV and JSON in --out.
@@ -50,10 +50,10 @@ FUSED_TILES = [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 256, 128, 8, 2),
                (128, 64, 128, 8, 3), (16, 256, 256, 4, 3)]
 
 
-def fused_config(t, finish="last_program") -> dict:
+def fused_config(t) -> dict:
     return {"path": "fused", "block_m": 16,
             "fused": {"block_f": t[0], "block_k": t[1], "block_n": t[2], "num_warps": t[3],
-                      "num_stages": t[4], "finish": finish}}
+                      "num_stages": t[4]}}
 
 
 def tile(t, group_m=8):
@@ -186,12 +186,10 @@ def _compile_task(task):
     w13 = th.empty(n_experts, 2 * ffn, hidden, dtype=th.bfloat16, device="cuda").normal_()
     w2 = th.empty(n_experts, hidden, ffn, dtype=th.bfloat16, device="cuda").normal_()
     x = th.randn(16, hidden, dtype=th.bfloat16, device="cuda")
-    if path == "fused":  # one kernel; both finishes (LAST_CASTS is a compile-time switch)
+    if path == "fused":  # one kernel
         ids = th.randint(0, n_experts, (16, top_k), device="cuda")
         try:
-            for finish in ("last_program", "cast"):
-                fused_moe(x, w13, w2, ids, th.rand(16, top_k, device="cuda"),
-                          config=fused_config(t, finish))
+            fused_moe(x, w13, w2, ids, th.rand(16, top_k, device="cuda"), config=fused_config(t))
             th.cuda.synchronize()
             return task, [None]
         except Exception as exc:
@@ -332,8 +330,7 @@ def check_edge_cases() -> list[str]:
     }
     configs = {"scan": dict(tiles, path="scan", block_m=16),
                "sorted": dict(tiles, path="sorted", block_m=16),
-               "fused_cast": fused_config((64, 64, 64, 4, 3), "cast"),
-               "fused_last": fused_config((64, 64, 64, 4, 3), "last_program")}
+               "fused": fused_config((64, 64, 64, 4, 3))}
     for (case, (T, E, H, Fd, k, kind)), path in itertools.product(cases.items(), configs):
         if path == "sorted" and case.startswith("decode"):
             continue
@@ -348,11 +345,9 @@ def check_edge_cases() -> list[str]:
         ref = moe_reference(x.double(), w13.double(), w2.double(), ids, weights.double())
         ws = {"h": torch.full((T * k, Fd), float("nan"), dtype=x.dtype, device="cuda"),
               "y": torch.full((T * k, H), float("nan"), dtype=x.dtype, device="cuda"),
-              "scratch": torch.full((E * T * k,), -7, dtype=torch.int32, device="cuda"),
-              "out": torch.full((T, H), float("nan"), dtype=x.dtype, device="cuda")}
+              "scratch": torch.full((E * T * k,), -7, dtype=torch.int32, device="cuda")}
         errs, finite = [], True
-        for _ in range(3 if path.startswith("fused") else 1):  # atomics: a race shows as a spread
-            ws["out"].fill_(float("nan"))
+        for _ in range(3 if path == "fused" else 1):  # atomics: a race shows as a spread
             out = fused_moe(x, w13, w2, ids, weights, workspace=ws, config=configs[path])
             errs.append(rel_err(out, ref.float()))
             finite = finite and bool(torch.isfinite(out).all())
@@ -369,7 +364,7 @@ def check_edge_cases() -> list[str]:
 
 
 def bench_fused(row, x, w13, w2, ids, weights, ref, failed, name) -> None:
-    """Time every fused tile (in-kernel finish, graph), then the best with the cast finish."""
+    """Time every fused tile whole (graph, checked against ref), keep the best in the row."""
     from moegps.kernels import fused_moe
 
     times = {}
@@ -390,9 +385,6 @@ def bench_fused(row, x, w13, w2, ids, weights, ref, failed, name) -> None:
     row["fused_us"] = time_us(fn, graph=True)  # re-timed at full repetitions
     row["fused_eager_us"] = time_us(fn)
     row["fused_tile"] = "x".join(map(str, best))
-    cast = fused_config(best, "cast")
-    row["fused_cast_us"] = time_us(lambda: fused_moe(x, w13, w2, ids, weights, config=cast),
-                                   graph=True)
     row["pct_floor_fused"] = 100 * row["floor_us"] / row["fused_us"]
     row["fused_vs_ours"] = row["ours_us"] / row["fused_us"]
     row["fused_vs_gmm"] = row["gmm_us"] / row["fused_us"]
@@ -456,7 +448,7 @@ COLUMNS = [("shape", "{}"), ("tokens", "{}"), ("path", "{}"), ("ours_us", "{:.1f
            ("vs_gmm", "{:.2f}x"), ("vs_loop", "{:.2f}x"), ("tflops", "{:.0f}"),
            ("weight_GBps", "{:.0f}"), ("align16_us", "{:.1f}"), ("err_ours", "{:.1e}")]
 FUSED_COLUMNS = [("shape", "{}"), ("tokens", "{}"), ("path", "{}"), ("ours_us", "{:.1f}"),
-                 ("fused_us", "{:.1f}"), ("fused_cast_us", "{:.1f}"), ("fused_eager_us", "{:.1f}"),
+                 ("fused_us", "{:.1f}"), ("fused_eager_us", "{:.1f}"),
                  ("fused_tile", "{}"), ("floor_us", "{:.1f}"), ("pct_floor", "{:.0f}%"),
                  ("pct_floor_fused", "{:.0f}%"), ("gmm_us", "{:.1f}"), ("fused_vs_ours", "{:.2f}x"),
                  ("fused_vs_gmm", "{:.2f}x"), ("err_fused", "{:.1e}")]
@@ -520,8 +512,8 @@ def main(argv=None):
             rows.append(bench_one(name, shape, n_tokens, ceil, seed=args.seed, fused=args.fused,
                                   skip=args.skip, failed=failed))
             r = rows[-1]
-            fused = (f"; fused {r['fused_us']:.1f} us ({r['pct_floor_fused']:.0f}%), cast "
-                     f"finish {r['fused_cast_us']:.1f}" if "fused_us" in r else "")
+            fused = (f"; fused {r['fused_us']:.1f} us ({r['pct_floor_fused']:.0f}%)"
+                     if "fused_us" in r else "")
             print(f"  {name} T={n_tokens}: ours {r['ours_us']:.1f} us, {r['pct_floor']:.0f}% of "
                   f"floor (floor {r['floor_us']:.1f}, grouped_mm {r['gmm_us']:.1f}){fused}",
                   flush=True)
@@ -536,7 +528,7 @@ def main(argv=None):
           f"{ceil['matmul_flops'] / 1e12:.0f} TFLOP/s; times in us (median, device events)")
     print_table(rows)
     if args.fused:
-        print("\nfused decode path (best tile, in-kernel finish; cast = zeroed fp32 + kernel + cast)")
+        print("\nfused decode path (best of FUSED_TILES; ours = the tuned/shipped config)")
         print_table(rows, FUSED_COLUMNS)
 
 

@@ -219,20 +219,18 @@ def _fused_expert_tile(
             n_mask = offs_n < H - n0
             b = tl.load(b_ptrs, mask=f_mask[:, None] & n_mask[None, :], other=0.0)
             y = tl.dot(act, b) * gate[:, None]
-            # relaxed: only the sum matters; the launch boundary (or the last program's
-            # acquire, below) orders these adds before anything reads acc
+            # relaxed: only the sum matters, and the launch boundary orders it for readers
             tl.atomic_add(o_ptrs, y, mask=valid_m[:, None] & n_mask[None, :], sem="relaxed")
             b_ptrs += BLOCK_N * stride_w2n
             o_ptrs += BLOCK_N
 
 
-@triton.jit(do_not_specialize=["n_pairs", "top_k", "n_programs", "n_out"])
+@triton.jit(do_not_specialize=["n_pairs", "top_k"])
 def fused_scan_kernel(
-    x_ptr, w13_ptr, w2_ptr, acc_ptr, weights_ptr, ids_ptr, scratch_ptr, out_ptr, counter_ptr,
-    n_pairs, top_k, H, F, n_programs, n_out,
+    x_ptr, w13_ptr, w2_ptr, acc_ptr, weights_ptr, ids_ptr, scratch_ptr, n_pairs, top_k, H, F,
     stride_xt, stride_w13e, stride_w13n, stride_w2e, stride_w2n,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_K: tl.constexpr, SCAN: tl.constexpr, E_POW2: tl.constexpr, LAST_CASTS: tl.constexpr,
+    EVEN_K: tl.constexpr, SCAN: tl.constexpr, E_POW2: tl.constexpr,
 ):
     """Both GEMMs and the k-way combine in one launch, split-K over the FFN dimension F.
 
@@ -244,12 +242,8 @@ def fused_scan_kernel(
     (2 * BLOCK_F * H) and w2 (H * BLOCK_F) once per BLOCK_M rows of the expert: for decode one
     heavy launch instead of gate/up, down and combine back to back (NOTES.md, v4). The order of
     the atomics varies from run to run: the last bits of the result are not deterministic.
-
-    LAST_CASTS: every program then takes a ticket from counter (int32, 0 at entry); the last
-    one writes out = acc in out's dtype and puts zeros back into acc and counter, so the call
-    needs no memset and no cast launch (the semaphore pattern of serial split-K reductions,
-    e.g. CUTLASS's: barrier, then one release/acquire atomic per program). Otherwise acc is
-    the result and out, counter, n_programs, n_out are unused.
+    (A variant whose last program cast and re-zeroed acc itself, behind a ticket counter, gave
+    wrong sums on the H100 and was no faster than the launcher's zero + cast: NOTES.md, v4.)
     """
     expert = _slot_expert(ids_ptr, n_pairs, tl.program_id(0), E_POW2, SCAN)
     if expert >= 0:
@@ -257,17 +251,6 @@ def fused_scan_kernel(
                            expert, tl.program_id(1), n_pairs, top_k, H, F, stride_xt,
                            stride_w13e, stride_w13n, stride_w2e, stride_w2n,
                            BLOCK_M, BLOCK_F, BLOCK_K, BLOCK_N, EVEN_K, SCAN)
-    if LAST_CASTS:
-        tl.debug_barrier()  # all this program's adds are issued before its release below
-        ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-        if ticket == n_programs - 1:
-            for start in range(0, n_out, 1024):
-                offs = start + tl.arange(0, 1024)
-                mask = offs < n_out
-                total = tl.load(acc_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-                tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
-                tl.store(acc_ptr + offs, tl.zeros_like(total), mask=mask)
-            tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit

@@ -7,10 +7,7 @@ A config is a plain dict (kept as JSON data per device in configs/<device name>.
 `block_m` is shared by both GEMMs (the sorted path pads each expert's rows to it once).
 The one-launch decode path (both GEMMs and the combine in one kernel, split over F) has one tile:
     {"path": "fused", "block_m": 16,
-     "fused": {"block_f": 64, "block_k": 128, "block_n": 128, "num_warps": 4, "num_stages": 3,
-               "finish": "cast" | "last_program"}}
-("cast": zero an fp32 accumulator, the kernel, a cast launch; "last_program": the kernel's last
-program casts and re-zeros a cached accumulator, one launch in all; see `launch_fused`.)
+     "fused": {"block_f": 64, "block_k": 128, "block_n": 128, "num_warps": 4, "num_stages": 3}}
 """
 
 from __future__ import annotations
@@ -51,12 +48,22 @@ def device_name(device: torch.device | None = None) -> str:
 def default_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: int) -> dict:
     """A config for a shape no tuned file covers, from the rows each expert gets on average.
 
+    A small decode call (few pairs, under ~0.5 GB of expert weights): the one-launch fused path.
     Few rows per expert (decode): the scan path with BLOCK_M 16 and narrow N tiles for many
     programs (the weights must stream from all SMs at once). More rows: the sorted path, BLOCK_M
     near the rows per expert, then 128x128 tiles for the tensor cores (compute-bound). Chosen
     from what the tuner picked on an H100 (NOTES.md), so that an unseen shape lands near a tuned one.
     """
     rows = n_tokens * top_k / n_experts
+    # One-launch fused path where the call is small: it saves a fixed ~6-10 us of launch ramps
+    # and tails and pays its atomics in proportion to the work. Measured on an H100 (NOTES.md
+    # v4): faster at 64 experts T=1-4 (<= 24 pairs, <= 0.4 GB of weights), a tie or 1-3% slower
+    # at 64 experts T=8 (0.6 GB) and Mixtral T=1-8 (0.7-2.8 GB).
+    active = n_experts * (1 - (1 - min(top_k / n_experts, 1.0)) ** n_tokens)  # expected
+    if n_tokens * top_k <= 24 and active * 3 * hidden * ffn * 2 <= 0.5e9:
+        return {"path": "fused", "block_m": 16,
+                "fused": {"block_f": 64, "block_k": 128, "block_n": 128, "num_warps": 4,
+                          "num_stages": 3}}
     if rows <= 12 and n_tokens * top_k <= 8 * SCAN:
         tile = {"block_n": 64, "block_k": 128, "group_m": 8, "num_warps": 4, "num_stages": 4}
         return {"path": "scan", "block_m": 16, "gate_up": dict(tile), "down": dict(tile)}
@@ -132,9 +139,8 @@ def fused_moe(
     `config`: see the module docstring; None picks the tuned (or default) one.
     `workspace`: optional preallocated buffers {"h": [T*k, F], "y": [T*k, H]} in x's dtype and
     {"scratch": [E*T*k] int32} (reused by a caller in a loop; the tests fill them with NaN).
-    The `fused` path uses "scratch" and, with finish "last_program", optionally "out" [T, H]
-    in x's dtype, "acc" [T, H] fp32 zeros and "counter" [1] int32 zero (left zeroed after the
-    call); its atomics make the last bits of the result vary from run to run.
+    The `fused` path uses only "scratch" and accumulates in a fresh zeroed fp32 [T, H] (its
+    atomics make the last bits of the result vary from run to run).
     """
     n_tokens, hidden, n_experts, ffn, top_k = _check(x, w_gate_up, w_down, topk_ids, topk_weights)
     if config is None:
@@ -150,8 +156,7 @@ def fused_moe(
     workspace = workspace or {}
     if config["path"] == "fused":
         return launch_fused(x, w_gate_up, w_down, weights, ids,
-                            route(ids, n_experts, config, workspace.get("scratch")), config,
-                            top_k, workspace)
+                            route(ids, n_experts, config, workspace.get("scratch")), config, top_k)
     h = workspace.get("h")
     h = torch.empty(n_pairs, ffn, dtype=x.dtype, device=x.device) if h is None else h
     y = workspace.get("y")
@@ -218,58 +223,24 @@ def launch_down(h, w_down, y, weights, ids, routing, config: dict) -> None:
             GROUP_M=tile["group_m"], **common)
 
 
-# (device, tokens, hidden) -> (fp32 [T, H] accumulator, int32 [1] ticket counter), zeros between
-# calls: the "last_program" finish leaves them so. One per shape and device: concurrent calls of
-# one shape on two streams would share it (pass workspace "acc"/"counter" per stream then).
-_FUSED_ZEROS: dict = {}
-
-
-def launch_fused(x, w_gate_up, w_down, weights, ids, scratch, config: dict, top_k: int,
-                 workspace: dict | None = None) -> torch.Tensor:
+def launch_fused(x, w_gate_up, w_down, weights, ids, scratch, config: dict,
+                 top_k: int) -> torch.Tensor:
     """[T, H] in x's dtype = sum_j topk_weights * w2 @ (silu(w1 @ x) * (w3 @ x)), one heavy launch.
 
-    Grid (min(E, T*k) expert slots, F / block_f tiles); the partial sums meet in an fp32
-    accumulator through atomics. finish "cast": a fresh zeroed accumulator, the kernel, then a
-    cast (two small extra launches; none for fp32 x). "last_program": the kernel's last program
-    writes the output and zeros the accumulator again (one launch in all; the accumulator is
-    cached per device and shape, or taken from workspace "acc"/"counter").
+    Grid (min(E, T*k) expert slots, F / block_f tiles); the partial sums meet in a zeroed fp32
+    accumulator through atomics, cast to x's dtype afterwards (a memset and a cast around the
+    kernel: two tiny launches, measured to cost nothing next to it; NOTES.md, v4).
     """
     n_experts, ffn, hidden = w_gate_up.shape[0], w_gate_up.shape[1] // 2, w_gate_up.shape[2]
-    n_tokens = x.shape[0]
     tile = config["fused"]
-    finish = tile.get("finish", "cast")
-    workspace = workspace or {}
-    if finish == "cast":
-        acc = torch.zeros(n_tokens, hidden, dtype=torch.float32, device=x.device)
-        out, counter = acc, acc  # unused by the kernel
-    elif finish == "last_program":
-        key = (str(x.device), n_tokens, hidden)
-        if "acc" in workspace:
-            acc, counter = workspace["acc"], workspace["counter"]
-        else:
-            if key not in _FUSED_ZEROS:
-                _FUSED_ZEROS[key] = (
-                    torch.zeros(n_tokens, hidden, dtype=torch.float32, device=x.device),
-                    torch.zeros(1, dtype=torch.int32, device=x.device))
-            acc, counter = _FUSED_ZEROS[key]
-        out = workspace.get("out")
-        out = torch.empty(n_tokens, hidden, dtype=x.dtype, device=x.device) if out is None else out
-    else:
-        raise ValueError(f"config field 'fused.finish' must be 'cast' or 'last_program', "
-                         f"got {finish!r}")
-    if acc.dtype != torch.float32 or tuple(acc.shape) != (n_tokens, hidden) or not acc.is_contiguous():
-        raise ValueError(f"workspace 'acc' must be contiguous float32 [{n_tokens}, {hidden}] "
-                         f"zeros, got {acc.dtype} {tuple(acc.shape)}")
+    acc = torch.zeros(x.shape[0], hidden, dtype=torch.float32, device=x.device)
     grid = (min(n_experts, ids.numel()), triton.cdiv(ffn, tile["block_f"]))
     fused_scan_kernel[grid](
-        x, w_gate_up, w_down, acc, weights, ids, scratch, out, counter,
-        ids.numel(), top_k, hidden, ffn, grid[0] * grid[1], n_tokens * hidden,
+        x, w_gate_up, w_down, acc, weights, ids, scratch, ids.numel(), top_k, hidden, ffn,
         x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_down.stride(0),
         w_down.stride(1),
         BLOCK_M=config["block_m"], BLOCK_F=tile["block_f"], BLOCK_K=tile["block_k"],
         BLOCK_N=tile["block_n"], EVEN_K=hidden % tile["block_k"] == 0, SCAN=SCAN,
-        E_POW2=triton.next_power_of_2(n_experts), LAST_CASTS=finish == "last_program",
+        E_POW2=triton.next_power_of_2(n_experts),
         num_warps=tile["num_warps"], num_stages=tile["num_stages"])
-    if finish == "last_program":
-        return out
     return acc if x.dtype == torch.float32 else acc.to(x.dtype)
