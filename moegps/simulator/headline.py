@@ -71,7 +71,7 @@ def plot_headline(table: pd.DataFrame, path: Path, title: str = "") -> Path:
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
     axes[0][0].annotate("MoE-GPS: >23%", (0.02, 100 * MOE_GPS_CLAIM), xycoords=("axes fraction", "data"),
-                        color="crimson", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+                        color="crimson", va="top", fontsize=7, xytext=(0, -2), textcoords="offset points")
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=len(bandwidths), fontsize=7, title="link bandwidth",
                title_fontsize=7)
