@@ -4,7 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moegps.simulator.guide import GuideConfig, placement_study, plot_decisions, run_guide, synthetic_trace
+from moegps.simulator.guide import (
+    GuideConfig, placement_study, plot_decisions, plot_placement, run_guide, synthetic_trace,
+)
 
 
 def test_synthetic_skew_is_a_knob(rng):
@@ -30,13 +32,17 @@ def test_guide_sweep_and_plot(tmp_path):
     assert path.stat().st_size > 10_000
 
 
-def test_placement_study_rows(rng):
+def test_placement_study_rows(rng, tmp_path):
     cfg = GuideConfig(trace="synthetic", limit=24, batch_sizes=[8], skews=[1.5], seed=int(rng.integers(1000)))
     table, rows = placement_study(cfg, progress=False)
     assert {"static", "balanced_all", "balanced_prefill", "balanced_decode", "prefill_aware_max"} <= set(table.placement)
     static = table[table.placement == "static"]
     np.testing.assert_allclose(static.expert_speedup, 1.0)
     assert (table.expert_ms > 0).all()
+    # the speedup column is static's expert time over each placement's, per phase
+    ref = static.set_index("phase").expert_ms
+    np.testing.assert_allclose(table.expert_speedup, ref.loc[table.phase].to_numpy() / table.expert_ms.to_numpy())
+    assert plot_placement(table, tmp_path / "p.png").stat().st_size > 10_000
 
 
 def test_guide_config_takes_a_shape_override(rng):

@@ -369,6 +369,62 @@ def plot_decisions(table: pd.DataFrame, path: Path, title: str = "") -> Path:
     return path
 
 
+PREFILL_AWARE_CLAIM = 1.25  # the 2025 data-movement study (arXiv 2510.05497): up to 1.25x on MoE computation
+_PHASE_COLOURS = {"all": "#4c78a8", "prefill": "#f58518", "decode": "#54a24b"}
+
+
+def _short(placement: str) -> str:
+    return placement.replace("balanced_", "bal.\n").replace("prefill_aware_", "pf-aware\n")
+
+
+def plot_placement(table: pd.DataFrame, path: Path, title: str = "") -> Path:
+    """The placement study as bars: per (GPUs, batch size) panel, each placement's speedup of expert
+    time over static contiguous placement on all, prefill and decode steps; dashed line at 1.25x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..trace import atomic_path
+
+    names = [n for n in dict.fromkeys(table["placement"]) if n != "static"]
+    phases = [ph for ph in _PHASE_COLOURS if ph in set(table["phase"])]
+    gpus, batches = sorted(table["gpus"].unique()), sorted(table["batch_size"].unique())
+    fig, axes = plt.subplots(len(gpus), len(batches), figsize=(2.9 * len(batches) + 0.6, 2.6 * len(gpus) + 1.2),
+                             squeeze=False, sharey=True)
+    width = 0.8 / len(phases)
+    for i, g in enumerate(gpus):
+        for j, b in enumerate(batches):
+            ax = axes[i][j]
+            sub = table[(table["gpus"] == g) & (table["batch_size"] == b)].set_index(["placement", "phase"])
+            for k, ph in enumerate(phases):
+                values = [sub["expert_speedup"].get((n, ph), np.nan) for n in names]
+                ax.bar(np.arange(len(names)) + (k - (len(phases) - 1) / 2) * width, values, width,
+                       color=_PHASE_COLOURS[ph], label=f"{ph} steps")
+            ax.axhline(1.0, color="grey", lw=0.7)
+            ax.axhline(PREFILL_AWARE_CLAIM, color="crimson", ls="--", lw=1)
+            ax.set_xticks(range(len(names)), [_short(n) for n in names], fontsize=6)
+            ax.set_title(f"{g} GPUs, batch {b}", fontsize=8)
+            ax.tick_params(axis="y", labelsize=7)
+            ax.grid(axis="y", alpha=0.3)
+            if j == 0:
+                ax.set_ylabel("expert time: static / placement", fontsize=7)
+    low, high = np.nanmin(table["expert_speedup"]), np.nanmax(table["expert_speedup"])
+    axes[0][0].set_ylim(max(0.0, min(low, 1.0) - 0.1), max(high, PREFILL_AWARE_CLAIM) + 0.08)
+    axes[0][0].annotate("2025 study: 1.25x", (0.02, PREFILL_AWARE_CLAIM), xycoords=("axes fraction", "data"),
+                        color="crimson", va="bottom", fontsize=6, xytext=(0, 1), textcoords="offset points")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(phases), fontsize=7)
+    fig.suptitle((title or "placement study: speedup of expert time over static contiguous placement")
+                 + "\nbal. = balanced duplication on the training split's all / prefill / decode loads; "
+                 "pf-aware = prefill-aware (max or token-weighted objective)", fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=130, format="png")
+    plt.close(fig)
+    return path
+
+
 def write_outputs(table: pd.DataFrame, rows: list[dict[str, Any]], out: Path, config: dict[str, Any]) -> dict[str, Path]:
     from ..results import write_rows
     from ..trace import atomic_path
@@ -411,15 +467,23 @@ def main() -> None:
         if cfg.study == "placement":
             from ..results import write_rows
 
+            from ..trace import atomic_path
+
             table, rows = placement_study(cfg)
             out = Path(cfg.out)
             out.mkdir(parents=True, exist_ok=True)
             write_rows(rows, out / "rows.parquet")
-            table.to_csv(out / "placement.csv", index=False)
-            (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+            with atomic_path(out / "placement.csv") as tmp:
+                table.to_csv(tmp, index=False)
+            with atomic_path(out / "config.json") as tmp:
+                Path(tmp).write_text(json.dumps(config, indent=2, default=str))
+            system = config.get("system")
+            system = system.get("name") if isinstance(system, dict) else system
+            plot_placement(table, out / "placement.png", title=f"{cfg.trace} on {system}, extra slots "
+                           f"{table['extra_slots'].iloc[0]}, simulated: expert time, static / placement")
             with pd.option_context("display.width", 250, "display.max_rows", 500, "display.float_format", "{:.4g}".format):
                 print(table.drop(columns=["system", "model_shape", "study"]).to_string(index=False))
-            print(f"wrote {out}/placement.csv and rows.parquet in {time.perf_counter() - t0:.1f} s")
+            print(f"wrote {out}/placement.csv, placement.png and rows.parquet in {time.perf_counter() - t0:.1f} s")
             return
         table, rows = run_guide(cfg)
         paths = write_outputs(table, rows, Path(cfg.out), config)
