@@ -496,6 +496,11 @@ def main(argv=None):
         for name, shape in shapes.items():
             for n_tokens in tokens:
                 for cfg in (get_config(n_tokens, *shape), default_config(n_tokens, *shape)):
+                    if cfg["path"] == "fused":  # one kernel, one tile
+                        f = cfg["fused"]
+                        tasks.add((name, shape, "fused", cfg["block_m"], tuple(
+                            f[k] for k in ("block_f", "block_k", "block_n", "num_warps", "num_stages"))))
+                        continue
                     for gemm in ("gate_up", "down"):
                         g = cfg[gemm]
                         t = (g["block_n"], g["block_k"], g["num_warps"], g["num_stages"])
