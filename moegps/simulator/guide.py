@@ -333,8 +333,6 @@ def plot_decisions(table: pd.DataFrame, path: Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    from ..trace import atomic_path
-
     y_axis = "skew" if table["skew"].nunique() > 1 else "batch_size"
     # synthetic traces are named by their skew, so with a skew axis the panels go by GPUs and batch only
     panel_keys = ["gpus", "batch_size"] if y_axis == "skew" else ["trace", "gpus"]
@@ -363,6 +361,15 @@ def plot_decisions(table: pd.DataFrame, path: Path, title: str = "") -> Path:
     fig.suptitle((title + "\n" if title else "") + "cell: t(best token-to-expert) / t(best distribution-only) - 1\n"
                  "and the plan that wins end to end", fontsize=9)
     fig.tight_layout(rect=(0, 0.07, 1, 0.9))
+    return _save_png(fig, path)
+
+
+def _save_png(fig, path: Path) -> Path:
+    """Write a figure atomically as PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    from ..trace import atomic_path
+
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=130, format="png")
     plt.close(fig)
@@ -384,8 +391,6 @@ def plot_placement(table: pd.DataFrame, path: Path, title: str = "") -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..trace import atomic_path
 
     names = [n for n in dict.fromkeys(table["placement"]) if n != "static"]
     phases = [ph for ph in _PHASE_COLOURS if ph in set(table["phase"])]
@@ -419,10 +424,7 @@ def plot_placement(table: pd.DataFrame, path: Path, title: str = "") -> Path:
                  + "\nbal. = balanced duplication on the training split's all / prefill / decode loads; "
                  "pf-aware = prefill-aware (max or token-weighted objective)", fontsize=8)
     fig.tight_layout(rect=(0, 0.05, 1, 0.96))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130, format="png")
-    plt.close(fig)
-    return path
+    return _save_png(fig, path)
 
 
 def write_outputs(table: pd.DataFrame, rows: list[dict[str, Any]], out: Path, config: dict[str, Any]) -> dict[str, Path]:
