@@ -463,7 +463,6 @@ def load_results(path: str | Path):
     (baseline time / time; the baseline row of the same run, ``config.role == "baseline"``),
     ``predictor_us_per_token`` (predictor time on the critical path per token, microseconds) and
     ``predictor_work_us_per_token`` (all its work per token, hidden behind GEMMs or not)."""
-    import pandas as pd
 
     from .results import read_results
 
@@ -734,7 +733,6 @@ def plot_sim_vs_measured(table, path: Path, title: str = "") -> list[Path]:
 
 def results_report(path: str | Path, out: str | Path) -> dict[str, Path]:
     """All tables (CSV, and markdown in ``report.md``) and plots (PNG + SVG) of a results store."""
-    import pandas as pd
 
     df = load_results(path)
     out = Path(out)

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from .paths import PROJECT_ROOT
-from .results import make_row, write_rows
+from .results import write_rows
 
 # config keys that say where and how a sweep runs, not what a run computes: never hashed
 NOT_HASHED = ("out", "name", "force", "show")

@@ -6,7 +6,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")
 

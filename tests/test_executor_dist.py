@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from moegps.executor import dist as xdist
 from moegps.executor.layer import (ExpertParallelMoE, TensorParallelMoE, choose_slots, moe_reference,
-                                   replica_tables, slot_weights, expert_weights, tp_shard)
+                                   slot_weights, expert_weights, tp_shard)
 from moegps.executor.replace import migrate, plan_moves
 from moegps.placement import Placement
 

@@ -10,7 +10,7 @@ from moegps.simulator.replay import (
     PlaceFn, ReplayConfig, make_batches, oracle_bound, oracle_plan, distribution_plan, shares_from_slots, simulate,
     static_plan, token_plan,
 )
-from moegps.simulator.system import SystemSpec, load_system, model_shape
+from moegps.simulator.system import load_system, model_shape
 from moegps.testing import random_trace
 
 

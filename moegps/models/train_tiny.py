@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -224,7 +223,6 @@ def evaluate(model, batches_by_domain: dict[str, np.ndarray], cfg: TrainConfig, 
     for domain, wins in batches_by_domain.items():
         loss_sum, n_tok = 0.0, 0
         counts = np.zeros((L, E), np.int64)
-        tok_counts = [dict() for _ in range(L)] if with_token_ids else None
         per_layer_ids = [[] for _ in range(L)]
         per_layer_experts = [[] for _ in range(L)]
         for i in range(0, len(wins), batch_size):
@@ -565,7 +563,7 @@ def write_model_card(folder: Path, cfg: TrainConfig | None = None) -> Path:
         "",
         "| field | value |", "| --- | --- |",
         *[f"| {k} | {v} |" for k, v in shape.items()],
-        f"| tied input/output embedding | yes (stored once) |",
+        "| tied input/output embedding | yes (stored once) |",
         f"| parameters | {log['parameters']:,} ({log['parameters_without_embedding']:,} without the embedding) |",
         f"| stored as | {log['storage']['dtype']} safetensors, {size / 2**20:.1f} MiB in this folder |",
         "",

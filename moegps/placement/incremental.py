@@ -72,7 +72,7 @@ def replacement_curve(current: Placement, loads: np.ndarray, budgets: list[float
     """
     before = placement_imbalance(current, loads)
     rows = []
-    candidates = [(f"incremental", b, incremental(current, loads, b)) for b in budgets]
+    candidates = [("incremental", b, incremental(current, loads, b)) for b in budgets]
     fresh = balanced_duplication(loads, current.n_gpus, current.slots_per_gpu)
     candidates += [("from_scratch", None, fresh), ("from_scratch_matched", None, match_gpus(fresh, current))]
     for method, budget, p in candidates:

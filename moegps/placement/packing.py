@@ -352,7 +352,7 @@ def balance_rows(
     if both_starts:  # EPLB's own start: counts without a per-GPU cap, plain greedy packing
         count_sets.append(replicate(key, n_slots, n_slots))
         starts.append((len(count_sets) - 1, False))
-    keys, start_counts = [], []
+    keys = []
     rows = np.arange(X)[:, None]
     for c_index, spread in starts:
         counts = count_sets[c_index]

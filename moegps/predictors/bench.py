@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from .base import BatchContext, normalize
+from .base import BatchContext
 from .evaluate import load_trace, split_by_request
 from .batching import token_batch
 
