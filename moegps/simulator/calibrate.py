@@ -85,11 +85,15 @@ def fit(cases: list[Case], shape: ModelShape, system: SystemSpec, free: Iterable
 
 
 def error_table(cases: list[Case], shape: ModelShape, system: SystemSpec) -> pd.DataFrame:
-    """One row per (case, component): measured ms, simulated ms, simulated/measured, |error| %."""
+    """One row per (case, component): measured ms, simulated ms, simulated/measured, |error| %.
+    Components measured as zero (e.g. no traffic when every token stays on its GPU) have no relative
+    error and are left out, as in :func:`fit`."""
     rows = []
     for i, case in enumerate(cases):
         sim = simulate_case(case, shape, system)
         for key, measured in case.measured_ms.items():
+            if measured <= 0:
+                continue
             rows.append({"case": case.name or str(i), "component": key, "measured_ms": measured,
                          "simulated_ms": sim[key], "ratio": sim[key] / measured,
                          "abs_error_pct": abs(sim[key] / measured - 1) * 100})
