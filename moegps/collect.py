@@ -43,14 +43,13 @@ from tqdm.auto import tqdm
 
 from moegps import __version__
 from moegps.models.adapters import MoERouter, family_of, find_routers, routing_from_output
-from moegps.paths import CONF_DIR, PROJECT_ROOT, data_root, git_commit
+from moegps.paths import CONF_DIR, PROJECT_ROOT, git_commit, register_resolvers
 from moegps.prompts import Prompt, load_prompts
 from moegps.trace import RoutingTrace, TraceMeta, atomic_path
 
 SHARD_PATTERN = "shard-{:05d}.parquet"
 
-OmegaConf.register_new_resolver("moegps.data_root", lambda: str(data_root()), replace=True)
-OmegaConf.register_new_resolver("moegps.project_root", lambda: str(PROJECT_ROOT), replace=True)
+register_resolvers()
 
 
 class CollectError(RuntimeError):

@@ -32,6 +32,23 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
+
+def trace_name(spec: str) -> str:
+    """Short name of a trace spec for output folders: the file or folder stem (``deepseek`` as is)."""
+    return Path(str(spec)).stem or "trace"
+
+
+def register_resolvers() -> None:
+    """The interpolations that conf/ uses: ``${moegps.project_root:}``, ``${moegps.data_root:}`` and
+    ``${trace_name:<spec>}``. Every hydra entry point calls this before composing a config."""
+    from omegaconf import OmegaConf
+
+    for name, resolver in (("moegps.project_root", lambda: str(PROJECT_ROOT)),
+                           ("moegps.data_root", lambda: str(data_root())),
+                           ("trace_name", trace_name)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
+
 @lru_cache(maxsize=1)
 def git_commit() -> str:
     """The project's git commit (with '+dirty' if the tree has changes), or '' outside a checkout."""

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .paths import PROJECT_ROOT
+from .paths import PROJECT_ROOT, register_resolvers
 from .results import write_rows
 
 # config keys that say where and how a sweep runs, not what a run computes: never hashed
@@ -256,14 +256,7 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any
     return resolved_config(cfg, choices)
 
 
-def _register_resolvers() -> None:
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.has_resolver("moegps.project_root"):
-        OmegaConf.register_new_resolver("moegps.project_root", lambda: str(PROJECT_ROOT))
-
-
-_register_resolvers()  # at import: launcher workers unpickle configs that use it
+register_resolvers()  # at import: launcher workers unpickle configs that use it
 
 
 def _app(raw) -> None:

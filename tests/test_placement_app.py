@@ -5,12 +5,12 @@ from __future__ import annotations
 import pandas as pd
 from hydra import compose, initialize_config_dir
 
-from moegps.paths import CONF_DIR
-from moegps.placement.__main__ import _register_resolvers, main
+from moegps.paths import CONF_DIR, register_resolvers
+from moegps.placement.__main__ import main
 
 
 def test_app_writes_tables(tmp_path, capsys):
-    _register_resolvers()
+    register_resolvers()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = compose("placement_app", overrides=[f"out={tmp_path}", "system.gpus=[2,4]", "system.extra_slots=[0,1]",
                                                   "incremental_budgets=[0,2]", "milp.max_cells=32", "restarts=2"])

@@ -245,19 +245,10 @@ def main(cfg) -> pd.DataFrame:
     return df
 
 
-def _register_resolvers():
-    from omegaconf import OmegaConf
-
-    from ..paths import PROJECT_ROOT
-
-    if not OmegaConf.has_resolver("moegps.project_root"):
-        OmegaConf.register_new_resolver("moegps.project_root", lambda: str(PROJECT_ROOT))
-    if not OmegaConf.has_resolver("trace_name"):
-        OmegaConf.register_new_resolver("trace_name", lambda spec: Path(str(spec)).stem or "trace")
-
-
 if __name__ == "__main__":
     import hydra
 
-    _register_resolvers()
+    from ..paths import register_resolvers
+
+    register_resolvers()
     hydra.main(version_base="1.3", config_path="../../conf", config_name="placement_app")(main)()

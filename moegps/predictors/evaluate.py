@@ -292,17 +292,14 @@ class EvaluateConfig:
     predictors: dict[str, Any] = field(default_factory=dict)
 
 
-def _trace_name(spec: str) -> str:
-    return Path(str(spec)).stem or "trace"
-
-
 def main() -> None:
     import hydra
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    if not OmegaConf.has_resolver("trace_name"):
-        OmegaConf.register_new_resolver("trace_name", _trace_name)
+    from ..paths import register_resolvers
+
+    register_resolvers()
 
     @hydra.main(version_base="1.3", config_path="../../conf", config_name="evaluate")
     def app(cfg) -> None:

@@ -453,12 +453,9 @@ def main() -> None:
     import hydra
     from omegaconf import OmegaConf
 
-    from ..paths import PROJECT_ROOT
+    from ..paths import register_resolvers
 
-    if not OmegaConf.has_resolver("moegps.project_root"):
-        OmegaConf.register_new_resolver("moegps.project_root", lambda: str(PROJECT_ROOT))
-    if not OmegaConf.has_resolver("trace_name"):
-        OmegaConf.register_new_resolver("trace_name", lambda spec: Path(str(spec)).stem or "trace")
+    register_resolvers()
 
     @hydra.main(version_base="1.3", config_path="../../conf", config_name="guide")
     def app(raw) -> None:
