@@ -31,6 +31,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .routing import expert_counts
+
 
 @triton.jit
 def _gate_up_act(
@@ -115,13 +117,8 @@ def _down_tile(
 @triton.jit
 def _slot_expert(ids_ptr, n_pairs, slot, E_POW2: tl.constexpr, SCAN: tl.constexpr):
     """The slot-th smallest expert id present in ids, or -1 when fewer experts are present."""
-    counts = tl.zeros([E_POW2], tl.int32)
-    for start in range(0, n_pairs, SCAN):
-        offs = start + tl.arange(0, SCAN)
-        ids = tl.load(ids_ptr + offs, mask=offs < n_pairs, other=0).to(tl.int32)
-        counts += tl.histogram(ids, E_POW2)
+    counts = expert_counts(ids_ptr, n_pairs, E_POW2, SCAN)
     bins = tl.arange(0, E_POW2)
-    counts -= tl.where(bins == 0, tl.cdiv(n_pairs, SCAN) * SCAN - n_pairs, 0)  # masked lanes
     present = counts > 0
     rank = tl.cumsum(present.to(tl.int32), 0) - 1
     found = present & (rank == slot)

@@ -183,14 +183,19 @@ def route(ids: torch.Tensor, n_experts: int, config: dict, scratch: torch.Tensor
                      f"got {config['path']!r}")
 
 
+def _gemm_kwargs(tile: dict, block_m: int, k_dim: int) -> dict:
+    """Launch constants of one GEMM from its tile config; ``k_dim`` is its reduction length."""
+    return dict(BLOCK_M=block_m, BLOCK_N=tile["block_n"], BLOCK_K=tile["block_k"],
+                EVEN_K=k_dim % tile["block_k"] == 0,
+                num_warps=tile["num_warps"], num_stages=tile["num_stages"])
+
+
 def launch_gate_up(x, w_gate_up, h, ids, routing, config: dict, top_k: int) -> None:
     """h [T*k, F] = silu(x @ w1^T) * (x @ w3^T) per pair; x [T, H], w_gate_up [E, 2F, H]."""
     n_experts, ffn, hidden = w_gate_up.shape[0], w_gate_up.shape[1] // 2, w_gate_up.shape[2]
     tile, block_m = config["gate_up"], config["block_m"]
     n_tiles = triton.cdiv(ffn, tile["block_n"])
-    common = dict(BLOCK_M=block_m, BLOCK_N=tile["block_n"], BLOCK_K=tile["block_k"],
-                  EVEN_K=hidden % tile["block_k"] == 0,
-                  num_warps=tile["num_warps"], num_stages=tile["num_stages"])
+    common = _gemm_kwargs(tile, block_m, hidden)
     strides = (x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0))
     if config["path"] == "scan":
         gate_up_scan_kernel[(min(n_experts, ids.numel()), n_tiles)](
@@ -208,9 +213,7 @@ def launch_down(h, w_down, y, weights, ids, routing, config: dict) -> None:
     n_experts, hidden, ffn = w_down.shape
     tile, block_m = config["down"], config["block_m"]
     n_tiles = triton.cdiv(hidden, tile["block_n"])
-    common = dict(BLOCK_M=block_m, BLOCK_N=tile["block_n"], BLOCK_K=tile["block_k"],
-                  EVEN_K=ffn % tile["block_k"] == 0,
-                  num_warps=tile["num_warps"], num_stages=tile["num_stages"])
+    common = _gemm_kwargs(tile, block_m, ffn)
     strides = (h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0))
     if config["path"] == "scan":
         down_scan_kernel[(min(n_experts, ids.numel()), n_tiles)](

@@ -42,6 +42,19 @@ class RoutingMeta:
         return self.block_expert.numel()
 
 
+@triton.jit
+def expert_counts(ids_ptr, n_pairs, E_POW2: tl.constexpr, SCAN: tl.constexpr):
+    """[E_POW2] int32: how many of the n_pairs ids name each expert (one program scans them all)."""
+    counts = tl.zeros([E_POW2], tl.int32)
+    for start in range(0, n_pairs, SCAN):
+        offs = start + tl.arange(0, SCAN)
+        ids = tl.load(ids_ptr + offs, mask=offs < n_pairs, other=0).to(tl.int32)
+        counts += tl.histogram(ids, E_POW2)
+    bins = tl.arange(0, E_POW2)
+    n_masked = tl.cdiv(n_pairs, SCAN) * SCAN - n_pairs  # masked lanes were counted as expert 0
+    return counts - tl.where(bins == 0, n_masked, 0)
+
+
 @triton.jit(do_not_specialize=["n_pairs"])
 def _align_kernel(
     ids_ptr, sorted_ptr, block_expert_ptr, n_padded_ptr, pair_slot_ptr, n_pairs,
@@ -50,14 +63,8 @@ def _align_kernel(
     expert = tl.program_id(0)
     # Pass 1: every program counts all experts (the ids are tiny and sit in L2), so that each
     # knows its own padded offset without a second launch.
-    counts = tl.zeros([E_POW2], tl.int32)
-    for start in range(0, n_pairs, SCAN):
-        offs = start + tl.arange(0, SCAN)
-        ids = tl.load(ids_ptr + offs, mask=offs < n_pairs, other=0).to(tl.int32)
-        counts += tl.histogram(ids, E_POW2)
+    counts = expert_counts(ids_ptr, n_pairs, E_POW2, SCAN)
     bins = tl.arange(0, E_POW2)
-    n_masked = tl.cdiv(n_pairs, SCAN) * SCAN - n_pairs  # masked lanes were counted as expert 0
-    counts -= tl.where(bins == 0, n_masked, 0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, 0)
     my_start = tl.sum(tl.where(bins == expert, ends - padded, 0), 0)
