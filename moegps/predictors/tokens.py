@@ -254,6 +254,20 @@ class _TorchToken(_Token):
         self.threads = threads  # torch CPU threads for fit and predict (None: leave torch's setting)
         self.max_train_tokens, self.seed, self.device = max_train_tokens, seed, device
 
+    def _fit_all_layers(self, tr, window: int):
+        """Train ``self.model`` (one ``[L*E]`` logit row per token) on at most ``max_train_tokens`` of
+        ``tr``'s tokens, the target being each layer's top-k indicator; inputs from ``_inputs``."""
+        import torch
+
+        L, E = self.n_layers, self.n_experts
+        rows = _train_rows(len(tr.token_id), self.max_train_tokens, self.seed)
+        tb = token_batch(tr, window=window, with_routing=False).select(rows)
+        y = torch.as_tensor(expert_counts(tr.experts[rows], E).reshape(len(rows), L * E), dtype=torch.float32)
+        with _torch_threads(self.threads):
+            _torch_fit(self.model, self._inputs(tb), y, self.epochs, self.batch, self.lr, self.seed,
+                       self.min_steps)
+        return self
+
     def _logits_to_ids(self, logits) -> np.ndarray:
         import torch
 
@@ -299,13 +313,7 @@ class TokenFFN(_TorchToken):
             torch.nn.Embedding(len(self.vocab), self.dim), torch.nn.Linear(self.dim, self.hidden), torch.nn.ReLU(),
             torch.nn.Linear(self.hidden, L * E),
         )
-        rows = _train_rows(len(tr.token_id), self.max_train_tokens, self.seed)
-        tb = token_batch(tr, window=1, with_routing=False).select(rows)
-        y = torch.as_tensor(expert_counts(tr.experts[rows], E).reshape(len(rows), L * E), dtype=torch.float32)
-        with _torch_threads(self.threads):
-            _torch_fit(self.model, self._inputs(tb), y, self.epochs, self.batch, self.lr, self.seed,
-                       self.min_steps)
-        return self
+        return self._fit_all_layers(tr, window=1)
 
     def cost(self):
         dense, emb = _dense_params(self.model)
@@ -364,13 +372,7 @@ class TokenSequence(_TorchToken):
         self.vocab = Vocab(tr.token_id)
         L, E = self.n_layers, self.n_experts
         self.model = _GRU.make(len(self.vocab), self.dim, self.hidden, L * E)
-        rows = _train_rows(len(tr.token_id), self.max_train_tokens, self.seed)
-        tb = token_batch(tr, window=self.window, with_routing=False).select(rows)
-        y = torch.as_tensor(expert_counts(tr.experts[rows], E).reshape(len(rows), L * E), dtype=torch.float32)
-        with _torch_threads(self.threads):
-            _torch_fit(self.model, self._inputs(tb), y, self.epochs, self.batch, self.lr, self.seed,
-                       self.min_steps)
-        return self
+        return self._fit_all_layers(tr, window=self.window)
 
     def cost(self):
         d, h = self.dim, self.hidden
