@@ -5,7 +5,8 @@
 
 For each shape (Mixtral-8x7B experts: E=8, H=4096, F=14336, top-2; fine-grained: E=64, H=2048,
 F=1408, top-6) and token count, with bf16 inputs and random top-k routing, it times (median of
-device events after warm-up, `triton.testing.do_bench`; L2 flushed before each run):
+device events after warm-up, `triton.testing.do_bench`'s loop; L2 flushed before each run, by
+do_bench's zero-fill or, with `--flush clean`, by a read that leaves no dirty lines: see FLUSH):
   ours      fused_moe with the tuned config, replayed from a CUDA graph (routing metadata,
             both GEMMs and the k-way combine all inside), and the same launched eagerly
   default   fused_moe with the default config for unseen shapes (graph)
@@ -138,21 +139,88 @@ def capture(fn):
     return graph
 
 
-def time_us(fn, graph=False, warmup=25, rep=100) -> float:
-    """Median device time of fn in microseconds (events; L2 flushed before each run)."""
-    from triton.testing import do_bench
+# How the L2 is emptied before each timed run. "zero" is triton.testing.do_bench's way (and
+# the issue's baselines'): zero-fill a 256 MB buffer, which leaves the 50 MB L2 full of *dirty*
+# lines, so the timed call also pays for writing ~50 MB back to DRAM as its own reads evict them
+# (~17 us at 3 TB/s: a third of a 35 us decode call's floor). "clean" reads the buffer instead
+# (a sum): the L2 is as cold, but clean, and the call pays only for its own bytes. The
+# benchmark's `--flush` picks one for every timing of a run, ceilings included.
+FLUSH = "zero"
+_FLUSH_BUFFER: list = []
 
+
+def _flush_l2() -> None:
+    if not _FLUSH_BUFFER:
+        _FLUSH_BUFFER.append(torch.ones(256 * 2**20 // 4, dtype=torch.int32, device="cuda"))
+    buf = _FLUSH_BUFFER[0]
+    if FLUSH == "zero":
+        buf.zero_()
+    elif FLUSH == "clean":
+        buf.sum()
+    elif FLUSH != "none":
+        raise ValueError(f"flush must be 'zero', 'clean' or 'none', got {FLUSH!r}")
+
+
+def _median_event_us(fn, warmup_ms=25, rep_ms=100) -> float:
+    """do_bench's loop (estimate, warm up, then flush + events around each run; median), with the
+    L2 flush of FLUSH."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        _flush_l2()
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate_ms = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(warmup_ms / estimate_ms))):
+        fn()
+    n = max(1, int(rep_ms / estimate_ms))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for s, e in zip(starts, ends):
+        _flush_l2()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return times[len(times) // 2] * 1e3
+
+
+def time_us(fn, graph=False, warmup=25, rep=100) -> float:
+    """Median device time of fn in microseconds (events; L2 flushed before each run, FLUSH)."""
     if graph:
         try:
             g = capture(fn)
         except Exception as exc:  # not capturable here: time it eagerly instead
             print(f"  (graph capture failed, timing eagerly: {type(exc).__name__}: {exc})")
-            return do_bench(fn, warmup=warmup, rep=rep, return_mode="median") * 1e3
+            return _median_event_us(fn, warmup, rep)
         try:
-            return do_bench(g.replay, warmup=warmup, rep=rep, return_mode="median") * 1e3
+            return _median_event_us(g.replay, warmup, rep)
         finally:
             del g
-    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median") * 1e3
+    return _median_event_us(fn, warmup, rep)
+
+
+def flush_control(sizes_mb=(32, 104, 704)) -> list[dict]:
+    """The cost of the flush itself: a plain read of N MB (torch sum, fp32 accumulation) after
+    each way of flushing. The difference between "zero" and "clean" is the write-back of the
+    zero-fill's dirty lines, paid by whatever runs first after it."""
+    global FLUSH
+    saved, rows = FLUSH, []
+    for mb in sizes_mb:
+        w = torch.randn(mb * 2**20 // 2, dtype=torch.bfloat16, device="cuda")
+        row = {"read_MB": mb}
+        for mode in ("zero", "clean", "none"):
+            FLUSH = mode
+            row[f"{mode}_us"] = time_us(lambda: w.sum(dtype=torch.float32))
+        row["zero_minus_clean_us"] = row["zero_us"] - row["clean_us"]
+        rows.append(row)
+        del w
+    FLUSH = saved
+    return rows
 
 
 def ceilings() -> dict:
@@ -474,6 +542,11 @@ def main(argv=None):
                         help="also time the one-launch fused decode path's tiles (FUSED_TILES)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["default", "loop", "gmm"],
                         help="baselines not to time")
+    parser.add_argument("--flush", choices=["zero", "clean"], default="zero",
+                        help="L2 flush before each timed run: zero-fill (do_bench's, leaves dirty "
+                        "lines) or a read (clean); see FLUSH")
+    parser.add_argument("--flush-control", action="store_true",
+                        help="first time a plain read after each kind of flush")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = parser.parse_args(argv)
@@ -508,7 +581,16 @@ def main(argv=None):
                 if args.fused:
                     tasks.update((name, shape, "fused", 16, t) for t in FUSED_TILES)
         failed = precompile(sorted(tasks, key=str), args.workers)
+    global FLUSH
+    FLUSH = args.flush
+    if args.flush_control:
+        control = flush_control()
+        print("flush control: a plain read after each kind of L2 flush (us)")
+        print_table(control, [("read_MB", "{}"), ("zero_us", "{:.1f}"), ("clean_us", "{:.1f}"),
+                              ("none_us", "{:.1f}"), ("zero_minus_clean_us", "{:.1f}")])
+        (out_dir / "flush_control.json").write_text(json.dumps(control, indent=1))
     ceil = ceilings()
+    print(f"L2 flush before each timed run: {FLUSH}", flush=True)
     print(f"measured: copy {ceil['copy_Bps'] / 1e12:.2f} TB/s (read+written), "
           f"bf16 8192^3 matmul {ceil['matmul_flops'] / 1e12:.0f} TFLOP/s", flush=True)
     rows = []
@@ -523,7 +605,7 @@ def main(argv=None):
                   f"floor (floor {r['floor_us']:.1f}, grouped_mm {r['gmm_us']:.1f}){fused}",
                   flush=True)
             torch.cuda.empty_cache()
-    meta = {"device": device, "torch": torch.__version__,
+    meta = {"device": device, "flush": FLUSH, "torch": torch.__version__,
             "triton": __import__("triton").__version__, **ceil}
     import pandas as pd
 
