@@ -32,6 +32,11 @@ CONFIGS = {
                                                         "block_n": 32, "num_warps": 4,
                                                         "num_stages": 2}},
 }
+# the same with the gate/up GEMM as one interleaved dot (PAIRED); F = 40 leaves a partial pair tile
+for _path in ("scan", "sorted", "fused"):
+    _cfg = {key: dict(val) if isinstance(val, dict) else val for key, val in CONFIGS[_path].items()}
+    _cfg["fused" if _path == "fused" else "gate_up"]["paired"] = True
+    CONFIGS[f"{_path}_paired"] = _cfg
 
 PATHS = list(CONFIGS)
 

@@ -30,6 +30,7 @@ import itertools
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -40,26 +41,41 @@ SHAPES = {"mixtral": (8, 4096, 14336, 2), "fine64": (64, 2048, 1408, 6)}  # E, H
 TOKENS = [1, 8, 32, 128, 512, 2048, 8192, 16384]
 QUICK_TOKENS = [1, 32, 512, 16384]
 # (block_n, block_k, num_warps, num_stages) candidates per path; each GEMM picks its own
-SCAN_TILES = [(32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 2), (128, 128, 8, 3)]
+# A fifth element True marks a gate/up-only tile with the interleaved single dot (PAIRED).
+SCAN_TILES = [(32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 2), (128, 128, 8, 3),
+              (64, 128, 4, 4, True), (32, 256, 4, 3, True)]
 SORTED_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4),
                 (128, 64, 8, 5), (128, 128, 8, 3), (256, 64, 8, 3), (256, 64, 8, 4),
-                (64, 64, 8, 4)]
+                (64, 64, 8, 4), (64, 128, 4, 4, True), (128, 64, 8, 3, True),
+                (128, 64, 8, 4, True), (64, 64, 8, 4, True), (64, 128, 8, 3, True)]
 # fused path: (block_f, block_k, block_n, num_warps, num_stages); 64 experts at T=1 with
 # block_f 64 is 6 slots x 22 F tiles = 132 programs, one per H100 SM
 FUSED_TILES = [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 256, 128, 8, 2),
                (32, 256, 128, 4, 3), (32, 128, 256, 4, 3), (128, 64, 64, 4, 3),
-               (128, 64, 128, 8, 3), (16, 256, 256, 4, 3)]
+               (128, 64, 128, 8, 3), (16, 256, 256, 4, 3), (64, 128, 128, 4, 3, True),
+               (32, 256, 128, 4, 3, True)]
 
 
 def fused_config(t) -> dict:
     return {"path": "fused", "block_m": 16,
             "fused": {"block_f": t[0], "block_k": t[1], "block_n": t[2], "num_warps": t[3],
-                      "num_stages": t[4]}}
+                      "num_stages": t[4], "paired": len(t) > 5 and t[5]}}
+
+
+def paired(t) -> bool:
+    return len(t) > 4 and t[4]
 
 
 def tile(t, group_m=8):
-    return {"block_n": t[0], "block_k": t[1], "group_m": group_m, "num_warps": t[2],
-            "num_stages": t[3]}
+    d = {"block_n": t[0], "block_k": t[1], "group_m": group_m, "num_warps": t[2],
+         "num_stages": t[3]}
+    return dict(d, paired=True) if paired(t) else d
+
+
+def tile_tuple(g: dict) -> tuple:
+    """The candidate tuple of a GEMM's tile dict (inverse of `tile`)."""
+    t = (g["block_n"], g["block_k"], g["num_warps"], g["num_stages"])
+    return t + (True,) if g.get("paired") else t
 
 
 def block_ms(path: str, rows: float) -> list[int]:
@@ -316,7 +332,7 @@ def tune_one(name, shape, n_tokens, failed, seed=0) -> dict:
     best = None
     for path, bm, tiles in candidates(n_tokens, n_experts, top_k):
         gu_tiles = [t for t in tiles if (name, path, bm, t, "gate_up") not in failed]
-        dn_tiles = [t for t in tiles if (name, path, bm, t, "down") not in failed]
+        dn_tiles = [t for t in tiles if not paired(t) and (name, path, bm, t, "down") not in failed]
         if not gu_tiles or not dn_tiles:
             continue
         base = {"path": path, "block_m": bm}
@@ -345,7 +361,7 @@ def tune_one(name, shape, n_tokens, failed, seed=0) -> dict:
     return config
 
 
-def tune(shapes, tokens, out_dir: Path, workers: int) -> Path:
+def tune(shapes, tokens, out_dir: Path, workers: int, command: str) -> Path:
     from moegps.kernels import launch
 
     tasks = set()
@@ -354,18 +370,21 @@ def tune(shapes, tokens, out_dir: Path, workers: int) -> Path:
             for path, bm, tiles in candidates(n_tokens, shape[0], shape[3]):
                 tasks.update((name, shape, path, bm, t) for t in tiles)
             d = launch.default_config(n_tokens, *shape)
-            for gemm in ("gate_up", "down"):
-                g = d[gemm]
-                t = (g["block_n"], g["block_k"], g["num_warps"], g["num_stages"])
-                tasks.add((name, shape, d["path"], d["block_m"], t))
+            if d["path"] != "fused":
+                tasks.update((name, shape, d["path"], d["block_m"], tile_tuple(d[gemm]))
+                             for gemm in ("gate_up", "down"))
     failed = precompile(sorted(tasks, key=str), workers)
-    table = {"device": launch.device_name(), "torch": torch.__version__,
-             "triton": __import__("triton").__version__,
-             "command": "python -m moegps.kernels.bench --tune", "shapes": {}}
-    for name, shape in shapes.items():
-        key = launch.shape_key(*shape)
-        table["shapes"][key] = {str(t): tune_one(name, shape, t, failed) for t in tokens}
+    # Merged into the device's file: token counts not tuned now keep their entries.
     path = launch.CONFIG_DIR / f"{launch.device_name()}.json"
+    table = json.loads(path.read_text()) if path.exists() else {"shapes": {}}
+    table.update({"device": launch.device_name(), "torch": torch.__version__,
+                  "triton": __import__("triton").__version__,
+                  "command": command})
+    for name, shape in shapes.items():
+        by_tokens = table["shapes"].setdefault(launch.shape_key(*shape), {})
+        by_tokens.update({str(t): tune_one(name, shape, t, failed) for t in tokens})
+        table["shapes"][launch.shape_key(*shape)] = dict(sorted(by_tokens.items(),
+                                                                key=lambda kv: int(kv[0])))
     text = json.dumps(table, indent=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     (out_dir / path.name).write_text(text)
@@ -559,9 +578,13 @@ def main(argv=None):
     device = torch.cuda.get_device_name()
     print(f"device: {device}, torch {torch.__version__}, triton "
           f"{__import__('triton').__version__}", flush=True)
+    global FLUSH
+    FLUSH = args.flush
     failed = {}
     if args.tune:
-        tune(shapes, tokens, out_dir, args.workers)  # runs the edge-case checks beside compiles
+        command = "python -m moegps.kernels.bench " + " ".join(
+            sys.argv[1:] if argv is None else argv)
+        tune(shapes, tokens, out_dir, args.workers, command)  # edge-case checks beside compiles
     else:  # compile the configs the benchmark uses in parallel, checks beside them
         from moegps.kernels import default_config, get_config
 
@@ -572,17 +595,14 @@ def main(argv=None):
                     if cfg["path"] == "fused":  # one kernel, one tile
                         f = cfg["fused"]
                         tasks.add((name, shape, "fused", cfg["block_m"], tuple(
-                            f[k] for k in ("block_f", "block_k", "block_n", "num_warps", "num_stages"))))
+                            f[k] for k in ("block_f", "block_k", "block_n", "num_warps", "num_stages"))
+                            + ((True,) if f.get("paired") else ())))
                         continue
-                    for gemm in ("gate_up", "down"):
-                        g = cfg[gemm]
-                        t = (g["block_n"], g["block_k"], g["num_warps"], g["num_stages"])
-                        tasks.add((name, shape, cfg["path"], cfg["block_m"], t))
+                    tasks.update((name, shape, cfg["path"], cfg["block_m"], tile_tuple(cfg[gemm]))
+                                 for gemm in ("gate_up", "down"))
                 if args.fused:
                     tasks.update((name, shape, "fused", 16, t) for t in FUSED_TILES)
         failed = precompile(sorted(tasks, key=str), args.workers)
-    global FLUSH
-    FLUSH = args.flush
     if args.flush_control:
         control = flush_control()
         print("flush control: a plain read after each kind of L2 flush (us)")

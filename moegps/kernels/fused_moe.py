@@ -38,33 +38,63 @@ from .routing import expert_counts
 def _gate_up_act(
     x_ptr, w_ptr, tok, valid_m, expert, pid_n, H, F, stride_xt, stride_we, stride_wn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    PAIRED: tl.constexpr = False,
 ):
     """silu(x[tok] @ w1[e, n tile]^T) * (x[tok] @ w3[e, n tile]^T): [BLOCK_M, BLOCK_N] fp32,
-    zero in the columns past F."""
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    zero in the columns past F.
+
+    PAIRED: one [BLOCK_K, 2*BLOCK_N] weight tile per step whose columns alternate w1 row f, w3 row
+    f, and one dot into a [BLOCK_M, 2*BLOCK_N] accumulator, split into gate and up at the end (in
+    the MMA layout each thread holds adjacent column pairs, so the split stays in registers).
+    Otherwise two [BLOCK_K, BLOCK_N] tiles and two dots. One dot twice as wide halves the
+    shared-memory reads per FLOP on Hopper's wgmma (the two-dot form measured shared-pipe bound
+    at 2048 tokens, NOTES.md call 8). The interleaved layout is that of OpenAI's triton_kernels
+    SwiGLU matmul; here it is formed by the pointers, the weights stay [w1; w3].
+    """
     offs_k = tl.arange(0, BLOCK_K)
-    n_mask = offs_n < F
     a_ptrs = x_ptr + tok.to(tl.int64)[:, None] * stride_xt + offs_k[None, :]
-    wg_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
-               + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None])
-    wu_ptrs = wg_ptrs + F * stride_wn
-    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=valid_m[:, None], other=0.0)
-            b_gate = tl.load(wg_ptrs, mask=n_mask[None, :], other=0.0)
-            b_up = tl.load(wu_ptrs, mask=n_mask[None, :], other=0.0)
-        else:
-            k_mask = offs_k < H - k0
-            a = tl.load(a_ptrs, mask=valid_m[:, None] & k_mask[None, :], other=0.0)
-            b_gate = tl.load(wg_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-            b_up = tl.load(wu_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-        acc_gate = tl.dot(a, b_gate, acc_gate)
-        acc_up = tl.dot(a, b_up, acc_up)
-        a_ptrs += BLOCK_K
-        wg_ptrs += BLOCK_K
-        wu_ptrs += BLOCK_K
+    w_expert = w_ptr + expert.to(tl.int64) * stride_we
+    if PAIRED:
+        offs_c = tl.arange(0, 2 * BLOCK_N)
+        offs_f = pid_n * BLOCK_N + offs_c // 2
+        rows = offs_f + (offs_c % 2) * F  # w1 row f, then w3 row f (row F + f of [w1; w3])
+        c_mask = offs_f < F
+        w_ptrs = w_expert + rows.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
+        acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=valid_m[:, None], other=0.0)
+                b = tl.load(w_ptrs, mask=c_mask[None, :], other=0.0)
+            else:
+                k_mask = offs_k < H - k0
+                a = tl.load(a_ptrs, mask=valid_m[:, None] & k_mask[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=c_mask[None, :] & k_mask[:, None], other=0.0)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        acc_gate, acc_up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < F
+        wg_ptrs = w_expert + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
+        wu_ptrs = wg_ptrs + F * stride_wn
+        acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=valid_m[:, None], other=0.0)
+                b_gate = tl.load(wg_ptrs, mask=n_mask[None, :], other=0.0)
+                b_up = tl.load(wu_ptrs, mask=n_mask[None, :], other=0.0)
+            else:
+                k_mask = offs_k < H - k0
+                a = tl.load(a_ptrs, mask=valid_m[:, None] & k_mask[None, :], other=0.0)
+                b_gate = tl.load(wg_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+                b_up = tl.load(wu_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+            acc_gate = tl.dot(a, b_gate, acc_gate)
+            acc_up = tl.dot(a, b_up, acc_up)
+            a_ptrs += BLOCK_K
+            wg_ptrs += BLOCK_K
+            wu_ptrs += BLOCK_K
     return acc_gate * tl.sigmoid(acc_gate) * acc_up
 
 
@@ -73,10 +103,11 @@ def _gate_up_tile(
     x_ptr, w_ptr, h_ptr, tok, pair, valid_m, expert, pid_n, H, F,
     stride_xt, stride_we, stride_wn, stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    PAIRED: tl.constexpr,
 ):
     """h[pair, n tile] = silu(x[tok] @ w1[e, n tile]^T) * (x[tok] @ w3[e, n tile]^T)."""
     act = _gate_up_act(x_ptr, w_ptr, tok, valid_m, expert, pid_n, H, F, stride_xt, stride_we,
-                       stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+                       stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PAIRED)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     h_ptrs = h_ptr + pair.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
     tl.store(h_ptrs, act.to(h_ptr.dtype.element_ty), mask=valid_m[:, None] & (offs_n < F)[None, :])
@@ -151,6 +182,7 @@ def gate_up_scan_kernel(
     stride_xt, stride_we, stride_wn, stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, SCAN: tl.constexpr, E_POW2: tl.constexpr,
+    PAIRED: tl.constexpr = False,
 ):
     expert = _slot_expert(ids_ptr, n_pairs, tl.program_id(0), E_POW2, SCAN)
     if expert < 0:
@@ -163,7 +195,7 @@ def gate_up_scan_kernel(
         pair = tl.load(scratch_ptr + expert.to(tl.int64) * n_pairs + offs_m, mask=valid_m, other=0)
         _gate_up_tile(x_ptr, w_ptr, h_ptr, pair // top_k, pair, valid_m, expert, pid_n, H, F,
                       stride_xt, stride_we, stride_wn, stride_hm,
-                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PAIRED)
 
 
 @triton.jit(do_not_specialize=["n_pairs"])
@@ -192,7 +224,7 @@ def _fused_expert_tile(
     x_ptr, w13_ptr, w2_ptr, acc_ptr, weights_ptr, ids_ptr, scratch_ptr, expert, pid_f,
     n_pairs, top_k, H, F, stride_xt, stride_w13e, stride_w13n, stride_w2e, stride_w2n,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_K: tl.constexpr, SCAN: tl.constexpr,
+    EVEN_K: tl.constexpr, SCAN: tl.constexpr, PAIRED: tl.constexpr,
 ):
     """acc[t, :] += topk_weights[p] * h[p, f tile] @ w2[e, :, f tile]^T for expert e's pairs p."""
     count = _expert_pairs(ids_ptr, scratch_ptr, expert, n_pairs, SCAN)
@@ -207,7 +239,7 @@ def _fused_expert_tile(
         pair = tl.load(scratch_ptr + expert.to(tl.int64) * n_pairs + offs_m, mask=valid_m, other=0)
         tok = pair // top_k
         act = _gate_up_act(x_ptr, w13_ptr, tok, valid_m, expert, pid_f, H, F, stride_xt,
-                           stride_w13e, stride_w13n, BLOCK_M, BLOCK_F, BLOCK_K, EVEN_K)
+                           stride_w13e, stride_w13n, BLOCK_M, BLOCK_F, BLOCK_K, EVEN_K, PAIRED)
         act = act.to(w2_ptr.dtype.element_ty)  # h rounded as the two-kernel paths store it
         gate = tl.load(weights_ptr + pair, mask=valid_m, other=0.0).to(tl.float32)
         b_ptrs = w2_tile
@@ -228,6 +260,7 @@ def fused_scan_kernel(
     stride_xt, stride_w13e, stride_w13n, stride_w2e, stride_w2n,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_K: tl.constexpr, SCAN: tl.constexpr, E_POW2: tl.constexpr,
+    PAIRED: tl.constexpr = False,
 ):
     """Both GEMMs and the k-way combine in one launch, split-K over the FFN dimension F.
 
@@ -247,7 +280,7 @@ def fused_scan_kernel(
         _fused_expert_tile(x_ptr, w13_ptr, w2_ptr, acc_ptr, weights_ptr, ids_ptr, scratch_ptr,
                            expert, tl.program_id(1), n_pairs, top_k, H, F, stride_xt,
                            stride_w13e, stride_w13n, stride_w2e, stride_w2n,
-                           BLOCK_M, BLOCK_F, BLOCK_K, BLOCK_N, EVEN_K, SCAN)
+                           BLOCK_M, BLOCK_F, BLOCK_K, BLOCK_N, EVEN_K, SCAN, PAIRED)
 
 
 @triton.jit
@@ -267,7 +300,7 @@ def gate_up_sorted_kernel(
     x_ptr, w_ptr, h_ptr, sorted_ptr, block_expert_ptr, n_padded_ptr, n_pairs, top_k, H, F,
     num_pid_m, stride_xt, stride_we, stride_wn, stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PAIRED: tl.constexpr = False,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(F, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(n_padded_ptr):
@@ -277,7 +310,7 @@ def gate_up_sorted_kernel(
     valid_m = pair < n_pairs
     _gate_up_tile(x_ptr, w_ptr, h_ptr, pair // top_k, pair, valid_m, expert, pid_n, H, F,
                   stride_xt, stride_we, stride_wn, stride_hm,
-                  BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+                  BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PAIRED)
 
 
 @triton.jit(do_not_specialize=["n_pairs", "num_pid_m"])

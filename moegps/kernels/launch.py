@@ -190,6 +190,11 @@ def _gemm_kwargs(tile: dict, block_m: int, k_dim: int) -> dict:
                 num_warps=tile["num_warps"], num_stages=tile["num_stages"])
 
 
+def _paired(tile: dict) -> dict:
+    """The gate/up kernels' PAIRED flag (one interleaved dot instead of two), off by default."""
+    return {"PAIRED": bool(tile.get("paired", False))}
+
+
 def launch_gate_up(x, w_gate_up, h, ids, routing, config: dict, top_k: int) -> None:
     """h [T*k, F] = silu(x @ w1^T) * (x @ w3^T) per pair; x [T, H], w_gate_up [E, 2F, H]."""
     n_experts, ffn, hidden = w_gate_up.shape[0], w_gate_up.shape[1] // 2, w_gate_up.shape[2]
@@ -200,12 +205,12 @@ def launch_gate_up(x, w_gate_up, h, ids, routing, config: dict, top_k: int) -> N
     if config["path"] == "scan":
         gate_up_scan_kernel[(min(n_experts, ids.numel()), n_tiles)](
             x, w_gate_up, h, ids, routing, ids.numel(), top_k, hidden, ffn, *strides,
-            SCAN=SCAN, E_POW2=triton.next_power_of_2(n_experts), **common)
+            SCAN=SCAN, E_POW2=triton.next_power_of_2(n_experts), **common, **_paired(tile))
     else:
         gate_up_sorted_kernel[(routing.max_blocks * n_tiles,)](
             x, w_gate_up, h, routing.sorted_pair_ids, routing.block_expert, routing.n_padded,
             ids.numel(), top_k, hidden, ffn, routing.max_blocks, *strides,
-            GROUP_M=tile["group_m"], **common)
+            GROUP_M=tile["group_m"], **common, **_paired(tile))
 
 
 def launch_down(h, w_down, y, weights, ids, routing, config: dict) -> None:
@@ -244,6 +249,6 @@ def launch_fused(x, w_gate_up, w_down, weights, ids, scratch, config: dict,
         w_down.stride(1),
         BLOCK_M=config["block_m"], BLOCK_F=tile["block_f"], BLOCK_K=tile["block_k"],
         BLOCK_N=tile["block_n"], EVEN_K=hidden % tile["block_k"] == 0, SCAN=SCAN,
-        E_POW2=triton.next_power_of_2(n_experts),
+        E_POW2=triton.next_power_of_2(n_experts), **_paired(tile),
         num_warps=tile["num_warps"], num_stages=tile["num_stages"])
     return acc if x.dtype == torch.float32 else acc.to(x.dtype)
