@@ -37,6 +37,9 @@ for _path in ("scan", "sorted", "fused"):
     _cfg = {key: dict(val) if isinstance(val, dict) else val for key, val in CONFIGS[_path].items()}
     _cfg["fused" if _path == "fused" else "gate_up"]["paired"] = True
     CONFIGS[f"{_path}_paired"] = _cfg
+# the sorted path with the weights fed through tensor descriptors (TMA on Hopper)
+CONFIGS["sorted_tma"] = {**CONFIGS["sorted"], "gate_up": dict(CONFIGS["sorted"]["gate_up"], tma=True),
+                         "down": dict(CONFIGS["sorted"]["down"], tma=True)}
 
 PATHS = list(CONFIGS)
 

@@ -41,41 +41,45 @@ SHAPES = {"mixtral": (8, 4096, 14336, 2), "fine64": (64, 2048, 1408, 6)}  # E, H
 TOKENS = [1, 8, 32, 128, 512, 2048, 8192, 16384]
 QUICK_TOKENS = [1, 32, 512, 16384]
 # (block_n, block_k, num_warps, num_stages) candidates per path; each GEMM picks its own
-# A fifth element True marks a gate/up-only tile with the interleaved single dot (PAIRED).
+# A fifth element names a variant: "paired" (gate/up only: one interleaved dot, PAIRED) or
+# "tma" (sorted path: weights through tensor descriptors).
 SCAN_TILES = [(32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 2), (128, 128, 8, 3),
-              (64, 128, 4, 4, True), (32, 256, 4, 3, True)]
+              (64, 128, 4, 4, "paired"), (32, 256, 4, 3, "paired")]
 SORTED_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4),
                 (128, 64, 8, 5), (128, 128, 8, 3), (256, 64, 8, 3), (256, 64, 8, 4),
-                (64, 64, 8, 4), (64, 128, 4, 4, True), (128, 64, 8, 3, True),
-                (128, 64, 8, 4, True), (64, 64, 8, 4, True), (64, 128, 8, 3, True)]
+                (64, 64, 8, 4), (64, 128, 4, 4, "paired"), (128, 64, 8, 3, "paired"),
+                (128, 64, 8, 4, "paired"), (64, 64, 8, 4, "paired"), (64, 128, 8, 3, "paired"),
+                (64, 128, 4, 4, "tma"), (128, 64, 8, 3, "tma"), (128, 64, 8, 4, "tma"),
+                (128, 128, 8, 3, "tma"), (256, 64, 8, 3, "tma"), (256, 64, 8, 4, "tma")]
 # fused path: (block_f, block_k, block_n, num_warps, num_stages); 64 experts at T=1 with
 # block_f 64 is 6 slots x 22 F tiles = 132 programs, one per H100 SM
 FUSED_TILES = [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 256, 128, 8, 2),
                (32, 256, 128, 4, 3), (32, 128, 256, 4, 3), (128, 64, 64, 4, 3),
-               (128, 64, 128, 8, 3), (16, 256, 256, 4, 3), (64, 128, 128, 4, 3, True),
-               (32, 256, 128, 4, 3, True)]
+               (128, 64, 128, 8, 3), (16, 256, 256, 4, 3), (64, 128, 128, 4, 3, "paired"),
+               (32, 256, 128, 4, 3, "paired")]
 
 
 def fused_config(t) -> dict:
     return {"path": "fused", "block_m": 16,
             "fused": {"block_f": t[0], "block_k": t[1], "block_n": t[2], "num_warps": t[3],
-                      "num_stages": t[4], "paired": len(t) > 5 and t[5]}}
+                      "num_stages": t[4], "paired": t[5:] == ("paired",)}}
 
 
 def paired(t) -> bool:
-    return len(t) > 4 and t[4]
+    return t[4:] == ("paired",)
 
 
 def tile(t, group_m=8):
+    """A GEMM's tile dict from a candidate tuple (block_n, block_k, warps, stages[, variant])."""
     d = {"block_n": t[0], "block_k": t[1], "group_m": group_m, "num_warps": t[2],
          "num_stages": t[3]}
-    return dict(d, paired=True) if paired(t) else d
+    return dict(d, **{t[4]: True}) if len(t) > 4 else d
 
 
 def tile_tuple(g: dict) -> tuple:
     """The candidate tuple of a GEMM's tile dict (inverse of `tile`)."""
     t = (g["block_n"], g["block_k"], g["num_warps"], g["num_stages"])
-    return t + (True,) if g.get("paired") else t
+    return t + tuple(v for v in ("paired", "tma") if g.get(v))
 
 
 def block_ms(path: str, rows: float) -> list[int]:
@@ -417,9 +421,13 @@ def check_edge_cases() -> list[str]:
     }
     configs = {"scan": dict(tiles, path="scan", block_m=16),
                "sorted": dict(tiles, path="sorted", block_m=16),
-               "fused": fused_config((64, 64, 64, 4, 3))}
+               "fused": fused_config((64, 64, 64, 4, 3)),
+               "sorted_paired": {"path": "sorted", "block_m": 16, "down": tiles["down"],
+                                 "gate_up": tile((64, 64, 4, 3, "paired"))},
+               "sorted_tma": {"path": "sorted", "block_m": 16, "gate_up": tile((64, 64, 4, 3, "tma")),
+                              "down": tile((64, 64, 4, 3, "tma"))}}
     for (case, (T, E, H, Fd, k, kind)), path in itertools.product(cases.items(), configs):
-        if path == "sorted" and case.startswith("decode"):
+        if path.startswith("sorted") and case.startswith("decode"):
             continue
         x, w13, w2 = make_inputs(E, H, Fd, k, T, seed=7)
         ids, weights = make_routing(T, E, k, seed=7)
@@ -440,7 +448,7 @@ def check_edge_cases() -> list[str]:
             finite = finite and bool(torch.isfinite(out).all())
         err = max(errs)
         ok = finite and err < 1e-2
-        print(f"  check {case:22s} {path:6s} rel_err {err:.2e} {'ok' if ok else 'FAIL'}")
+        print(f"  check {case:22s} {path:13s} rel_err {err:.2e} {'ok' if ok else 'FAIL'}")
         if not ok:
             failures.append(f"{case}/{path}")
     return failures
@@ -596,7 +604,7 @@ def main(argv=None):
                         f = cfg["fused"]
                         tasks.add((name, shape, "fused", cfg["block_m"], tuple(
                             f[k] for k in ("block_f", "block_k", "block_n", "num_warps", "num_stages"))
-                            + ((True,) if f.get("paired") else ())))
+                            + (("paired",) if f.get("paired") else ())))
                         continue
                     tasks.update((name, shape, cfg["path"], cfg["block_m"], tile_tuple(cfg[gemm]))
                                  for gemm in ("gate_up", "down"))

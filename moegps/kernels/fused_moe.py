@@ -38,10 +38,11 @@ from .routing import expert_counts
 def _gate_up_act(
     x_ptr, w_ptr, tok, valid_m, expert, pid_n, H, F, stride_xt, stride_we, stride_wn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    PAIRED: tl.constexpr = False,
+    PAIRED: tl.constexpr = False, TMA: tl.constexpr = False,
 ):
     """silu(x[tok] @ w1[e, n tile]^T) * (x[tok] @ w3[e, n tile]^T): [BLOCK_M, BLOCK_N] fp32,
-    zero in the columns past F.
+    zero in the columns past F (TMA: columns past F hold whatever the next weight rows give;
+    the caller masks them).
 
     PAIRED: one [BLOCK_K, 2*BLOCK_N] weight tile per step whose columns alternate w1 row f, w3 row
     f, and one dot into a [BLOCK_M, 2*BLOCK_N] accumulator, split into gate and up at the end (in
@@ -53,13 +54,28 @@ def _gate_up_act(
     """
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok.to(tl.int64)[:, None] * stride_xt + offs_k[None, :]
-    w_expert = w_ptr + expert.to(tl.int64) * stride_we
-    if PAIRED:
+    if TMA:
+        # w_ptr is a tensor descriptor over [w1; w3] viewed [E * 2F, H] with [BLOCK_N, BLOCK_K]
+        # boxes: the copy engine fetches the weight tiles (no per-thread address math or
+        # cp.async issue for them; K past H comes back as zeros).
+        row_gate = expert * (2 * F) + pid_n * BLOCK_N
+        acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=valid_m[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=valid_m[:, None] & (offs_k < H - k0)[None, :], other=0.0)
+            acc_gate = tl.dot(a, w_ptr.load([row_gate, k0]).T, acc_gate)
+            acc_up = tl.dot(a, w_ptr.load([row_gate + F, k0]).T, acc_up)
+            a_ptrs += BLOCK_K
+    elif PAIRED:
         offs_c = tl.arange(0, 2 * BLOCK_N)
         offs_f = pid_n * BLOCK_N + offs_c // 2
         rows = offs_f + (offs_c % 2) * F  # w1 row f, then w3 row f (row F + f of [w1; w3])
         c_mask = offs_f < F
-        w_ptrs = w_expert + rows.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
+        w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
+                  + rows.to(tl.int64)[None, :] * stride_wn + offs_k[:, None])
         acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
             if EVEN_K:
@@ -76,7 +92,8 @@ def _gate_up_act(
     else:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < F
-        wg_ptrs = w_expert + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
+        wg_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
+                   + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None])
         wu_ptrs = wg_ptrs + F * stride_wn
         acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -103,11 +120,11 @@ def _gate_up_tile(
     x_ptr, w_ptr, h_ptr, tok, pair, valid_m, expert, pid_n, H, F,
     stride_xt, stride_we, stride_wn, stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    PAIRED: tl.constexpr,
+    PAIRED: tl.constexpr, TMA: tl.constexpr = False,
 ):
     """h[pair, n tile] = silu(x[tok] @ w1[e, n tile]^T) * (x[tok] @ w3[e, n tile]^T)."""
     act = _gate_up_act(x_ptr, w_ptr, tok, valid_m, expert, pid_n, H, F, stride_xt, stride_we,
-                       stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PAIRED)
+                       stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PAIRED, TMA)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     h_ptrs = h_ptr + pair.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
     tl.store(h_ptrs, act.to(h_ptr.dtype.element_ty), mask=valid_m[:, None] & (offs_n < F)[None, :])
@@ -118,27 +135,41 @@ def _down_tile(
     h_ptr, w_ptr, out_ptr, weights_ptr, pair, valid_m, expert, pid_n, H, F,
     stride_hm, stride_we, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
-    """out[pair, n tile] = topk_weights[pair] * (h[pair] @ w2[e, n tile]^T)."""
+    """out[pair, n tile] = topk_weights[pair] * (h[pair] @ w2[e, n tile]^T).
+
+    TMA: w_ptr is a tensor descriptor over w2 viewed [E * H, F] with [BLOCK_N, BLOCK_K] boxes.
+    """
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < H
     pair64 = pair.to(tl.int64)
     a_ptrs = h_ptr + pair64[:, None] * stride_hm + offs_k[None, :]
-    b_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
-              + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None])
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, F, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=valid_m[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
-        else:
-            k_mask = offs_k < F - k0
-            a = tl.load(a_ptrs, mask=valid_m[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-        acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+    if TMA:
+        row = expert * H + pid_n * BLOCK_N
+        for k0 in range(0, F, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=valid_m[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=valid_m[:, None] & (offs_k < F - k0)[None, :], other=0.0)
+            acc = tl.dot(a, w_ptr.load([row, k0]).T, acc)
+            a_ptrs += BLOCK_K
+    else:
+        b_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
+                  + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None])
+        for k0 in range(0, F, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=valid_m[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
+            else:
+                k_mask = offs_k < F - k0
+                a = tl.load(a_ptrs, mask=valid_m[:, None] & k_mask[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
     gate = tl.load(weights_ptr + pair, mask=valid_m, other=0.0).to(tl.float32)
     acc = acc * gate[:, None]
     out_ptrs = out_ptr + pair64[:, None] * stride_om + offs_n[None, :]
@@ -301,6 +332,7 @@ def gate_up_sorted_kernel(
     num_pid_m, stride_xt, stride_we, stride_wn, stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PAIRED: tl.constexpr = False,
+    TMA: tl.constexpr = False,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(F, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(n_padded_ptr):
@@ -310,7 +342,7 @@ def gate_up_sorted_kernel(
     valid_m = pair < n_pairs
     _gate_up_tile(x_ptr, w_ptr, h_ptr, pair // top_k, pair, valid_m, expert, pid_n, H, F,
                   stride_xt, stride_we, stride_wn, stride_hm,
-                  BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PAIRED)
+                  BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PAIRED, TMA)
 
 
 @triton.jit(do_not_specialize=["n_pairs", "num_pid_m"])
@@ -318,7 +350,7 @@ def down_sorted_kernel(
     h_ptr, w_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, n_padded_ptr, n_pairs, H, F,
     num_pid_m, stride_hm, stride_we, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr = False,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(H, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(n_padded_ptr):
@@ -328,4 +360,4 @@ def down_sorted_kernel(
     valid_m = pair < n_pairs
     _down_tile(h_ptr, w_ptr, out_ptr, weights_ptr, pair, valid_m, expert, pid_n, H, F,
                stride_hm, stride_we, stride_wn, stride_om,
-               BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+               BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA)

@@ -195,6 +195,21 @@ def _paired(tile: dict) -> dict:
     return {"PAIRED": bool(tile.get("paired", False))}
 
 
+def _weights_operand(w: torch.Tensor, tile: dict):
+    """The sorted kernels' weight operand and TMA flag: with the tile's "tma" (and where the copy
+    engine can address it: 16-byte aligned rows), a tensor descriptor over w viewed
+    [E * rows, cols] in [block_n, block_k] boxes; otherwise the tensor itself."""
+    rows, cols = w.shape[1], w.shape[2]
+    aligned = (cols * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0
+    if not (tile.get("tma") and aligned and not tile.get("paired")):
+        return w, {}
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    desc = TensorDescriptor.from_tensor(w.view(w.shape[0] * rows, cols),
+                                        [tile["block_n"], tile["block_k"]])
+    return desc, {"TMA": True}
+
+
 def launch_gate_up(x, w_gate_up, h, ids, routing, config: dict, top_k: int) -> None:
     """h [T*k, F] = silu(x @ w1^T) * (x @ w3^T) per pair; x [T, H], w_gate_up [E, 2F, H]."""
     n_experts, ffn, hidden = w_gate_up.shape[0], w_gate_up.shape[1] // 2, w_gate_up.shape[2]
@@ -207,10 +222,11 @@ def launch_gate_up(x, w_gate_up, h, ids, routing, config: dict, top_k: int) -> N
             x, w_gate_up, h, ids, routing, ids.numel(), top_k, hidden, ffn, *strides,
             SCAN=SCAN, E_POW2=triton.next_power_of_2(n_experts), **common, **_paired(tile))
     else:
+        w_operand, tma = _weights_operand(w_gate_up, tile)
         gate_up_sorted_kernel[(routing.max_blocks * n_tiles,)](
-            x, w_gate_up, h, routing.sorted_pair_ids, routing.block_expert, routing.n_padded,
+            x, w_operand, h, routing.sorted_pair_ids, routing.block_expert, routing.n_padded,
             ids.numel(), top_k, hidden, ffn, routing.max_blocks, *strides,
-            GROUP_M=tile["group_m"], **common, **_paired(tile))
+            GROUP_M=tile["group_m"], **common, **_paired(tile), **tma)
 
 
 def launch_down(h, w_down, y, weights, ids, routing, config: dict) -> None:
@@ -225,10 +241,11 @@ def launch_down(h, w_down, y, weights, ids, routing, config: dict) -> None:
             h, w_down, y, weights, ids, routing, ids.numel(), hidden, ffn, *strides,
             SCAN=SCAN, E_POW2=triton.next_power_of_2(n_experts), **common)
     else:
+        w_operand, tma = _weights_operand(w_down, tile)
         down_sorted_kernel[(routing.max_blocks * n_tiles,)](
-            h, w_down, y, weights, routing.sorted_pair_ids, routing.block_expert,
+            h, w_operand, y, weights, routing.sorted_pair_ids, routing.block_expert,
             routing.n_padded, ids.numel(), hidden, ffn, routing.max_blocks, *strides,
-            GROUP_M=tile["group_m"], **common)
+            GROUP_M=tile["group_m"], **common, **tma)
 
 
 def launch_fused(x, w_gate_up, w_down, weights, ids, scratch, config: dict,
