@@ -51,7 +51,8 @@ def default_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: 
     A small decode call (few pairs, under ~0.5 GB of expert weights): the one-launch fused path.
     Few rows per expert (decode): the scan path with BLOCK_M 16 and narrow N tiles for many
     programs (the weights must stream from all SMs at once). More rows: the sorted path, BLOCK_M
-    near the rows per expert, then 128x128 tiles for the tensor cores (compute-bound). Chosen
+    near the rows per expert, then TMA-fed 128-row tiles for the tensor cores (compute-bound).
+    Chosen
     from what the tuner picked on an H100 (NOTES.md), so that an unseen shape lands near a tuned one.
     """
     rows = n_tokens * top_k / n_experts
@@ -71,8 +72,14 @@ def default_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: 
         tile = {"block_n": 64, "block_k": 128, "group_m": 8, "num_warps": 4, "num_stages": 4}
         return {"path": "sorted", "block_m": 32 if rows <= 24 else 64, "gate_up": dict(tile),
                 "down": dict(tile)}
-    tile = {"block_n": 128, "block_k": 64, "group_m": 8, "num_warps": 8, "num_stages": 4}
-    return {"path": "sorted", "block_m": 128, "gate_up": dict(tile), "down": dict(tile)}
+    # Compute-bound: weights through the copy engine (TMA; the launcher falls back to pointer
+    # loads where rows are not 16-byte aligned), 128 x 256 down tiles once rows fill them. The
+    # tuner took these at every Mixtral and 64-expert point from 2048 tokens (NOTES.md v6).
+    gate_up = {"block_n": 128, "block_k": 64, "group_m": 8, "num_warps": 8, "num_stages": 4,
+               "tma": True}
+    down = dict(gate_up, block_n=256, num_stages=3) if rows > 160 else dict(gate_up, block_k=128,
+                                                                             num_stages=3)
+    return {"path": "sorted", "block_m": 128, "gate_up": gate_up, "down": down}
 
 
 @functools.lru_cache(maxsize=None)
