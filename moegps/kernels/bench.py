@@ -41,8 +41,9 @@ SHAPES = {"mixtral": (8, 4096, 14336, 2), "fine64": (64, 2048, 1408, 6)}  # E, H
 TOKENS = [1, 8, 32, 128, 512, 2048, 8192, 16384]
 QUICK_TOKENS = [1, 32, 512, 16384]
 # (block_n, block_k, num_warps, num_stages) candidates per path; each GEMM picks its own
-# A fifth element names a variant: "paired" (gate/up only: one interleaved dot, PAIRED) or
-# "tma" (sorted path: weights through tensor descriptors).
+# Elements after the fourth name variants: "paired" (gate/up only: one interleaved dot, PAIRED),
+# "tma" (sorted path: weights through tensor descriptors), "persistent" (sorted path: one
+# program per SM looping over the tiles).
 SCAN_TILES = [(32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 2), (128, 128, 8, 3),
               (64, 128, 4, 4, "paired"), (32, 256, 4, 3, "paired")]
 SORTED_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4),
@@ -50,7 +51,10 @@ SORTED_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 
                 (64, 64, 8, 4), (64, 128, 4, 4, "paired"), (128, 64, 8, 3, "paired"),
                 (128, 64, 8, 4, "paired"), (64, 64, 8, 4, "paired"), (64, 128, 8, 3, "paired"),
                 (64, 128, 4, 4, "tma"), (128, 64, 8, 3, "tma"), (128, 64, 8, 4, "tma"),
-                (128, 128, 8, 3, "tma"), (256, 64, 8, 3, "tma"), (256, 64, 8, 4, "tma")]
+                (128, 128, 8, 3, "tma"), (256, 64, 8, 3, "tma"), (256, 64, 8, 4, "tma"),
+                (128, 64, 8, 3, "tma", "persistent"), (128, 64, 8, 4, "tma", "persistent"),
+                (256, 64, 8, 3, "tma", "persistent"), (256, 64, 8, 4, "tma", "persistent"),
+                (128, 128, 8, 3, "tma", "persistent")]
 # fused path: (block_f, block_k, block_n, num_warps, num_stages); 64 experts at T=1 with
 # block_f 64 is 6 slots x 22 F tiles = 132 programs, one per H100 SM
 FUSED_TILES = [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 256, 128, 8, 2),
@@ -62,24 +66,24 @@ FUSED_TILES = [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 256, 128, 8, 2),
 def fused_config(t) -> dict:
     return {"path": "fused", "block_m": 16,
             "fused": {"block_f": t[0], "block_k": t[1], "block_n": t[2], "num_warps": t[3],
-                      "num_stages": t[4], "paired": t[5:] == ("paired",)}}
+                      "num_stages": t[4], "paired": "paired" in t[5:]}}
 
 
 def paired(t) -> bool:
-    return t[4:] == ("paired",)
+    return "paired" in t[4:]
 
 
 def tile(t, group_m=8):
     """A GEMM's tile dict from a candidate tuple (block_n, block_k, warps, stages[, variant])."""
     d = {"block_n": t[0], "block_k": t[1], "group_m": group_m, "num_warps": t[2],
          "num_stages": t[3]}
-    return dict(d, **{t[4]: True}) if len(t) > 4 else d
+    return dict(d, **dict.fromkeys(t[4:], True))
 
 
 def tile_tuple(g: dict) -> tuple:
     """The candidate tuple of a GEMM's tile dict (inverse of `tile`)."""
     t = (g["block_n"], g["block_k"], g["num_warps"], g["num_stages"])
-    return t + tuple(v for v in ("paired", "tma") if g.get(v))
+    return t + tuple(v for v in ("paired", "tma", "persistent") if g.get(v))
 
 
 def block_ms(path: str, rows: float) -> list[int]:
@@ -425,7 +429,10 @@ def check_edge_cases() -> list[str]:
                "sorted_paired": {"path": "sorted", "block_m": 16, "down": tiles["down"],
                                  "gate_up": tile((64, 64, 4, 3, "paired"))},
                "sorted_tma": {"path": "sorted", "block_m": 16, "gate_up": tile((64, 64, 4, 3, "tma")),
-                              "down": tile((64, 64, 4, 3, "tma"))}}
+                              "down": tile((64, 64, 4, 3, "tma"))},
+               "sorted_persistent": {"path": "sorted", "block_m": 16,
+                                     "gate_up": tile((64, 64, 4, 3, "tma", "persistent")),
+                                     "down": tile((64, 64, 4, 3, "tma", "persistent"))}}
     for (case, (T, E, H, Fd, k, kind)), path in itertools.product(cases.items(), configs):
         if path.startswith("sorted") and case.startswith("decode"):
             continue
@@ -442,10 +449,14 @@ def check_edge_cases() -> list[str]:
               "y": torch.full((T * k, H), float("nan"), dtype=x.dtype, device="cuda"),
               "scratch": torch.full((E * T * k,), -7, dtype=torch.int32, device="cuda")}
         errs, finite = [], True
-        for _ in range(3 if path == "fused" else 1):  # atomics: a race shows as a spread
-            out = fused_moe(x, w13, w2, ids, weights, workspace=ws, config=configs[path])
-            errs.append(rel_err(out, ref.float()))
-            finite = finite and bool(torch.isfinite(out).all())
+        try:
+            for _ in range(3 if path == "fused" else 1):  # atomics: a race shows as a spread
+                out = fused_moe(x, w13, w2, ids, weights, workspace=ws, config=configs[path])
+                errs.append(rel_err(out, ref.float()))
+                finite = finite and bool(torch.isfinite(out).all())
+        except Exception as exc:  # a variant that does not compile here is a failure, not a crash
+            print(f"  check {case} {path}: {type(exc).__name__}: {str(exc)[:200]}")
+            errs, finite = [float("inf")], False
         err = max(errs)
         ok = finite and err < 1e-2
         print(f"  check {case:22s} {path:13s} rel_err {err:.2e} {'ok' if ok else 'FAIL'}")
