@@ -40,10 +40,6 @@ for _path in ("scan", "sorted", "fused"):
 # the sorted path with the weights fed through tensor descriptors (TMA on Hopper)
 CONFIGS["sorted_tma"] = {**CONFIGS["sorted"], "gate_up": dict(CONFIGS["sorted"]["gate_up"], tma=True),
                          "down": dict(CONFIGS["sorted"]["down"], tma=True)}
-# ... and persistent (4 programs under the interpreter walk all used tiles)
-CONFIGS["sorted_tma_persistent"] = {
-    **CONFIGS["sorted"], "gate_up": dict(CONFIGS["sorted"]["gate_up"], tma=True, persistent=True),
-    "down": dict(CONFIGS["sorted"]["down"], tma=True, persistent=True)}
 
 PATHS = list(CONFIGS)
 

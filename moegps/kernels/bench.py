@@ -42,8 +42,7 @@ TOKENS = [1, 8, 32, 128, 512, 2048, 8192, 16384]
 QUICK_TOKENS = [1, 32, 512, 16384]
 # (block_n, block_k, num_warps, num_stages) candidates per path; each GEMM picks its own
 # Elements after the fourth name variants: "paired" (gate/up only: one interleaved dot, PAIRED),
-# "tma" (sorted path: weights through tensor descriptors), "persistent" (sorted path: one
-# program per SM looping over the tiles).
+# "tma" (sorted path: weights through tensor descriptors).
 SCAN_TILES = [(32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 2), (128, 128, 8, 3),
               (64, 128, 4, 4, "paired"), (32, 256, 4, 3, "paired")]
 SORTED_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4),
@@ -51,10 +50,7 @@ SORTED_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 
                 (64, 64, 8, 4), (64, 128, 4, 4, "paired"), (128, 64, 8, 3, "paired"),
                 (128, 64, 8, 4, "paired"), (64, 64, 8, 4, "paired"), (64, 128, 8, 3, "paired"),
                 (64, 128, 4, 4, "tma"), (128, 64, 8, 3, "tma"), (128, 64, 8, 4, "tma"),
-                (128, 128, 8, 3, "tma"), (256, 64, 8, 3, "tma"), (256, 64, 8, 4, "tma"),
-                (128, 64, 8, 3, "tma", "persistent"), (128, 64, 8, 4, "tma", "persistent"),
-                (256, 64, 8, 3, "tma", "persistent"), (256, 64, 8, 4, "tma", "persistent"),
-                (128, 128, 8, 3, "tma", "persistent")]
+                (128, 128, 8, 3, "tma"), (256, 64, 8, 3, "tma"), (256, 64, 8, 4, "tma")]
 # fused path: (block_f, block_k, block_n, num_warps, num_stages); 64 experts at T=1 with
 # block_f 64 is 6 slots x 22 F tiles = 132 programs, one per H100 SM
 FUSED_TILES = [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 256, 128, 8, 2),
@@ -83,7 +79,7 @@ def tile(t, group_m=8):
 def tile_tuple(g: dict) -> tuple:
     """The candidate tuple of a GEMM's tile dict (inverse of `tile`)."""
     t = (g["block_n"], g["block_k"], g["num_warps"], g["num_stages"])
-    return t + tuple(v for v in ("paired", "tma", "persistent") if g.get(v))
+    return t + tuple(v for v in ("paired", "tma") if g.get(v))
 
 
 def block_ms(path: str, rows: float) -> list[int]:
@@ -429,10 +425,7 @@ def check_edge_cases() -> list[str]:
                "sorted_paired": {"path": "sorted", "block_m": 16, "down": tiles["down"],
                                  "gate_up": tile((64, 64, 4, 3, "paired"))},
                "sorted_tma": {"path": "sorted", "block_m": 16, "gate_up": tile((64, 64, 4, 3, "tma")),
-                              "down": tile((64, 64, 4, 3, "tma"))},
-               "sorted_persistent": {"path": "sorted", "block_m": 16,
-                                     "gate_up": tile((64, 64, 4, 3, "tma", "persistent")),
-                                     "down": tile((64, 64, 4, 3, "tma", "persistent"))}}
+                              "down": tile((64, 64, 4, 3, "tma"))}}
     for (case, (T, E, H, Fd, k, kind)), path in itertools.product(cases.items(), configs):
         if path.startswith("sorted") and case.startswith("decode"):
             continue

@@ -332,29 +332,17 @@ def gate_up_sorted_kernel(
     num_pid_m, stride_xt, stride_we, stride_wn, stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PAIRED: tl.constexpr = False,
-    TMA: tl.constexpr = False, PERSISTENT: tl.constexpr = False, NUM_PROGRAMS: tl.constexpr = 1,
+    TMA: tl.constexpr = False,
 ):
-    """One (BLOCK_M block, N tile) per program; PERSISTENT: NUM_PROGRAMS programs (one per SM)
-    walk the used tiles in a flattened loop, so that one tile's epilogue overlaps the next
-    tile's first loads (the pattern of Triton's persistent matmul tutorial)."""
-    num_pid_n = tl.cdiv(F, BLOCK_N)
-    if PERSISTENT:
-        num_m = tl.load(n_padded_ptr) // BLOCK_M  # only blocks in use: no idle tiles
-        for tile_id in tl.range(tl.program_id(0), num_m * num_pid_n, NUM_PROGRAMS, flatten=True):
-            pid_m, pid_n = _grouped_tile(tile_id, num_m, num_pid_n, GROUP_M)
-            pair = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-            _gate_up_tile(x_ptr, w_ptr, h_ptr, pair // top_k, pair, pair < n_pairs,
-                          tl.load(block_expert_ptr + pid_m), pid_n, H, F,
-                          stride_xt, stride_we, stride_wn, stride_hm,
-                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PAIRED, TMA)
-    else:
-        pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
-        if pid_m * BLOCK_M < tl.load(n_padded_ptr):
-            pair = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-            _gate_up_tile(x_ptr, w_ptr, h_ptr, pair // top_k, pair, pair < n_pairs,
-                          tl.load(block_expert_ptr + pid_m), pid_n, H, F,
-                          stride_xt, stride_we, stride_wn, stride_hm,
-                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PAIRED, TMA)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(F, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(n_padded_ptr):
+        return
+    expert = tl.load(block_expert_ptr + pid_m)
+    pair = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid_m = pair < n_pairs
+    _gate_up_tile(x_ptr, w_ptr, h_ptr, pair // top_k, pair, valid_m, expert, pid_n, H, F,
+                  stride_xt, stride_we, stride_wn, stride_hm,
+                  BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PAIRED, TMA)
 
 
 @triton.jit(do_not_specialize=["n_pairs", "num_pid_m"])
@@ -363,24 +351,13 @@ def down_sorted_kernel(
     num_pid_m, stride_hm, stride_we, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr = False,
-    PERSISTENT: tl.constexpr = False, NUM_PROGRAMS: tl.constexpr = 1,
 ):
-    """As gate_up_sorted_kernel, for the down GEMM."""
-    num_pid_n = tl.cdiv(H, BLOCK_N)
-    if PERSISTENT:
-        num_m = tl.load(n_padded_ptr) // BLOCK_M
-        for tile_id in tl.range(tl.program_id(0), num_m * num_pid_n, NUM_PROGRAMS, flatten=True):
-            pid_m, pid_n = _grouped_tile(tile_id, num_m, num_pid_n, GROUP_M)
-            pair = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-            _down_tile(h_ptr, w_ptr, out_ptr, weights_ptr, pair, pair < n_pairs,
-                       tl.load(block_expert_ptr + pid_m), pid_n, H, F,
-                       stride_hm, stride_we, stride_wn, stride_om,
-                       BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA)
-    else:
-        pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
-        if pid_m * BLOCK_M < tl.load(n_padded_ptr):
-            pair = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-            _down_tile(h_ptr, w_ptr, out_ptr, weights_ptr, pair, pair < n_pairs,
-                       tl.load(block_expert_ptr + pid_m), pid_n, H, F,
-                       stride_hm, stride_we, stride_wn, stride_om,
-                       BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(H, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(n_padded_ptr):
+        return
+    expert = tl.load(block_expert_ptr + pid_m)
+    pair = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid_m = pair < n_pairs
+    _down_tile(h_ptr, w_ptr, out_ptr, weights_ptr, pair, valid_m, expert, pid_n, H, F,
+               stride_hm, stride_we, stride_wn, stride_om,
+               BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA)

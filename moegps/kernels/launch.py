@@ -202,17 +202,6 @@ def _paired(tile: dict) -> dict:
     return {"PAIRED": bool(tile.get("paired", False))}
 
 
-def _sorted_grid(tile: dict, n_tiles: int, device: torch.device) -> tuple[tuple, dict]:
-    """Grid and constants of a sorted-path GEMM over n_tiles (BLOCK_M block, N tile) pairs: one
-    program per tile, or with the tile's "persistent" one per SM looping over the used tiles."""
-    if not tile.get("persistent"):
-        return (n_tiles,), {}
-    on_gpu = device.type == "cuda"
-    n_sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 4
-    programs = min(n_sms, n_tiles)
-    return (programs,), {"PERSISTENT": True, "NUM_PROGRAMS": programs}
-
-
 def _weights_operand(w: torch.Tensor, tile: dict):
     """The sorted kernels' weight operand and TMA flag: with the tile's "tma" (and where the copy
     engine can address it: 16-byte aligned rows), a tensor descriptor over w viewed
@@ -241,11 +230,10 @@ def launch_gate_up(x, w_gate_up, h, ids, routing, config: dict, top_k: int) -> N
             SCAN=SCAN, E_POW2=triton.next_power_of_2(n_experts), **common, **_paired(tile))
     else:
         w_operand, tma = _weights_operand(w_gate_up, tile)
-        grid, persistent = _sorted_grid(tile, routing.max_blocks * n_tiles, x.device)
-        gate_up_sorted_kernel[grid](
+        gate_up_sorted_kernel[(routing.max_blocks * n_tiles,)](
             x, w_operand, h, routing.sorted_pair_ids, routing.block_expert, routing.n_padded,
             ids.numel(), top_k, hidden, ffn, routing.max_blocks, *strides,
-            GROUP_M=tile["group_m"], **common, **_paired(tile), **tma, **persistent)
+            GROUP_M=tile["group_m"], **common, **_paired(tile), **tma)
 
 
 def launch_down(h, w_down, y, weights, ids, routing, config: dict) -> None:
@@ -261,11 +249,10 @@ def launch_down(h, w_down, y, weights, ids, routing, config: dict) -> None:
             SCAN=SCAN, E_POW2=triton.next_power_of_2(n_experts), **common)
     else:
         w_operand, tma = _weights_operand(w_down, tile)
-        grid, persistent = _sorted_grid(tile, routing.max_blocks * n_tiles, h.device)
-        down_sorted_kernel[grid](
+        down_sorted_kernel[(routing.max_blocks * n_tiles,)](
             h, w_operand, y, weights, routing.sorted_pair_ids, routing.block_expert,
             routing.n_padded, ids.numel(), hidden, ffn, routing.max_blocks, *strides,
-            GROUP_M=tile["group_m"], **common, **tma, **persistent)
+            GROUP_M=tile["group_m"], **common, **tma)
 
 
 def launch_fused(x, w_gate_up, w_down, weights, ids, scratch, config: dict,
