@@ -35,6 +35,24 @@ from .routing import expert_counts
 
 
 @triton.jit
+def _load_rows(ptrs, valid_m, offs_k, k_left, EVEN_K: tl.constexpr):
+    """A [BLOCK_M, BLOCK_K] tile of gathered activation rows; invalid rows and K past k_left read 0."""
+    mask = valid_m[:, None]
+    if not EVEN_K:
+        mask = mask & (offs_k < k_left)[None, :]
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_weights(ptrs, col_mask, offs_k, k_left, EVEN_K: tl.constexpr):
+    """A [BLOCK_K, N] weight tile (K-major rows); columns off col_mask and K past k_left read 0."""
+    mask = col_mask[None, :]
+    if not EVEN_K:
+        mask = mask & (offs_k < k_left)[:, None]
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _gate_up_act(
     x_ptr, w_ptr, tok, valid_m, expert, pid_n, H, F, stride_xt, stride_we, stride_wn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -62,10 +80,7 @@ def _gate_up_act(
         acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=valid_m[:, None], other=0.0)
-            else:
-                a = tl.load(a_ptrs, mask=valid_m[:, None] & (offs_k < H - k0)[None, :], other=0.0)
+            a = _load_rows(a_ptrs, valid_m, offs_k, H - k0, EVEN_K)
             acc_gate = tl.dot(a, w_ptr.load([row_gate, k0]).T, acc_gate)
             acc_up = tl.dot(a, w_ptr.load([row_gate + F, k0]).T, acc_up)
             a_ptrs += BLOCK_K
@@ -78,14 +93,8 @@ def _gate_up_act(
                   + rows.to(tl.int64)[None, :] * stride_wn + offs_k[:, None])
         acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=valid_m[:, None], other=0.0)
-                b = tl.load(w_ptrs, mask=c_mask[None, :], other=0.0)
-            else:
-                k_mask = offs_k < H - k0
-                a = tl.load(a_ptrs, mask=valid_m[:, None] & k_mask[None, :], other=0.0)
-                b = tl.load(w_ptrs, mask=c_mask[None, :] & k_mask[:, None], other=0.0)
-            acc = tl.dot(a, b, acc)
+            a = _load_rows(a_ptrs, valid_m, offs_k, H - k0, EVEN_K)
+            acc = tl.dot(a, _load_weights(w_ptrs, c_mask, offs_k, H - k0, EVEN_K), acc)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         acc_gate, acc_up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
@@ -98,17 +107,9 @@ def _gate_up_act(
         acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=valid_m[:, None], other=0.0)
-                b_gate = tl.load(wg_ptrs, mask=n_mask[None, :], other=0.0)
-                b_up = tl.load(wu_ptrs, mask=n_mask[None, :], other=0.0)
-            else:
-                k_mask = offs_k < H - k0
-                a = tl.load(a_ptrs, mask=valid_m[:, None] & k_mask[None, :], other=0.0)
-                b_gate = tl.load(wg_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-                b_up = tl.load(wu_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-            acc_gate = tl.dot(a, b_gate, acc_gate)
-            acc_up = tl.dot(a, b_up, acc_up)
+            a = _load_rows(a_ptrs, valid_m, offs_k, H - k0, EVEN_K)
+            acc_gate = tl.dot(a, _load_weights(wg_ptrs, n_mask, offs_k, H - k0, EVEN_K), acc_gate)
+            acc_up = tl.dot(a, _load_weights(wu_ptrs, n_mask, offs_k, H - k0, EVEN_K), acc_up)
             a_ptrs += BLOCK_K
             wg_ptrs += BLOCK_K
             wu_ptrs += BLOCK_K
@@ -150,24 +151,15 @@ def _down_tile(
     if TMA:
         row = expert * H + pid_n * BLOCK_N
         for k0 in range(0, F, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=valid_m[:, None], other=0.0)
-            else:
-                a = tl.load(a_ptrs, mask=valid_m[:, None] & (offs_k < F - k0)[None, :], other=0.0)
+            a = _load_rows(a_ptrs, valid_m, offs_k, F - k0, EVEN_K)
             acc = tl.dot(a, w_ptr.load([row, k0]).T, acc)
             a_ptrs += BLOCK_K
     else:
         b_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
                   + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None])
         for k0 in range(0, F, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=valid_m[:, None], other=0.0)
-                b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
-            else:
-                k_mask = offs_k < F - k0
-                a = tl.load(a_ptrs, mask=valid_m[:, None] & k_mask[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-            acc = tl.dot(a, b, acc)
+            a = _load_rows(a_ptrs, valid_m, offs_k, F - k0, EVEN_K)
+            acc = tl.dot(a, _load_weights(b_ptrs, n_mask, offs_k, F - k0, EVEN_K), acc)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
     gate = tl.load(weights_ptr + pair, mask=valid_m, other=0.0).to(tl.float32)
