@@ -162,8 +162,9 @@ def capture(fn):
 
 # How the L2 is emptied before each timed run. "zero" is triton.testing.do_bench's way (and
 # the issue's baselines'): zero-fill a 256 MB buffer, which leaves the 50 MB L2 full of *dirty*
-# lines, so the timed call also pays for writing ~50 MB back to DRAM as its own reads evict them
-# (~17 us at 3 TB/s: a third of a 35 us decode call's floor). "clean" reads the buffer instead
+# lines, so the timed call also pays for writing some of them back to DRAM as its own reads
+# evict them (measured on an H100 by --flush-control: ~9.5 us on a 104-704 MB read, a quarter of
+# a 35 us decode call's floor). "clean" reads the buffer instead
 # (a sum): the L2 is as cold, but clean, and the call pays only for its own bytes. The
 # benchmark's `--flush` picks one for every timing of a run, ceilings included.
 FLUSH = "zero"
