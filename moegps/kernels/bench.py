@@ -51,7 +51,8 @@ SORTED_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 
                 (128, 64, 8, 4, "paired"), (64, 64, 8, 4, "paired"), (64, 128, 8, 3, "paired"),
                 (64, 128, 4, 4, "tma"), (128, 64, 8, 3, "tma"), (128, 64, 8, 4, "tma"),
                 (128, 128, 8, 3, "tma"), (256, 64, 8, 3, "tma"), (256, 64, 8, 4, "tma"),
-                (128, 64, 4, 2, "tma"), (128, 64, 4, 3, "tma"), (256, 64, 4, 2, "tma")]
+                (128, 64, 4, 2, "tma"), (128, 64, 4, 3, "tma"), (256, 64, 4, 2, "tma"),
+                (64, 64, 8, 3, "tma"), (64, 128, 8, 3, "tma")]
 # fused path: (block_f, block_k, block_n, num_warps, num_stages); 64 experts at T=1 with
 # block_f 64 is 6 slots x 22 F tiles = 132 programs, one per H100 SM
 FUSED_TILES = [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 256, 128, 8, 2),
@@ -89,9 +90,11 @@ def block_ms(path: str, rows: float) -> list[int]:
         return [16] if rows <= 12 else [32] if rows <= 24 else []
     if rows < 2:
         return []
-    if rows > 512:  # 256 never won; 64 with one warp group lets two CTAs share an SM
-        return [64, 128]
-    return [16, 32] if rows <= 24 else [32, 64] if rows <= 96 else [64, 128]
+    if rows > 512:  # 64 (two CTAs per SM) never won (NOTES.md v8)
+        return [128, 256]
+    # above 128 rows a 256-row block holds an expert's rows whole: its weights read once (v9)
+    return [16, 32] if rows <= 24 else [32, 64] if rows <= 96 else [64, 128] if rows <= 128 \
+        else [64, 128, 256]
 
 
 def candidates(n_tokens, n_experts, top_k) -> list[tuple[str, int, list]]:
