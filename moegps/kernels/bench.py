@@ -90,11 +90,9 @@ def block_ms(path: str, rows: float) -> list[int]:
         return [16] if rows <= 12 else [32] if rows <= 24 else []
     if rows < 2:
         return []
-    if rows > 512:  # 64 (two CTAs per SM) never won (NOTES.md v8)
+    if rows > 512:  # 64 (two CTAs per SM) never won, nor did 256 at 128-512 rows (NOTES.md v8, v9)
         return [128, 256]
-    # above 128 rows a 256-row block holds an expert's rows whole: its weights read once (v9)
-    return [16, 32] if rows <= 24 else [32, 64] if rows <= 96 else [64, 128] if rows <= 128 \
-        else [64, 128, 256]
+    return [16, 32] if rows <= 24 else [32, 64] if rows <= 96 else [64, 128]
 
 
 def candidates(n_tokens, n_experts, top_k) -> list[tuple[str, int, list]]:
