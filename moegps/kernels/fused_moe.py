@@ -23,6 +23,11 @@ gate weight in the down GEMM's epilogue. Two ways of finding an expert's rows:
   w2's matching columns, adding into an fp32 output with atomics: one launch for both GEMMs and
   the combine, no h in memory (NOTES.md, v4).
 
+Two variants a config can switch on (constexpr flags): PAIRED, one interleaved gate/up dot of
+twice the width instead of two (NOTES.md v5), and TMA on the sorted kernels, the weight tiles
+through tensor descriptors while the gathered token rows stay on pointer loads (v6: it made the
+compute-bound GEMMs tensor-bound instead of bound by the per-thread copies).
+
 The launcher (launch.py) picks the path and the block shapes from the tuned configs.
 """
 

@@ -8,6 +8,8 @@ A config is a plain dict (kept as JSON data per device in configs/<device name>.
 The one-launch decode path (both GEMMs and the combine in one kernel, split over F) has one tile:
     {"path": "fused", "block_m": 16,
      "fused": {"block_f": 64, "block_k": 128, "block_n": 128, "num_warps": 4, "num_stages": 3}}
+Optional tile flags: "paired" (gate/up and fused tiles: one interleaved dot for w1 and w3) and
+"tma" (sorted-path tiles: the weights through tensor descriptors, Hopper's copy engine).
 """
 
 from __future__ import annotations
