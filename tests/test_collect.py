@@ -39,13 +39,11 @@ def compose_cfg(overrides: list[str]):
 def tiny_mixtral(path: Path, seed: int):
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    torch.manual_seed(seed)
     cfg = MixtralConfig(
         vocab_size=32000, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=1024,
     )
-    model = MixtralForCausalLM(cfg)
-    _spread_routers(model)
+    model = _init_tiny(MixtralForCausalLM, cfg, seed)
     model.save_pretrained(path)
     return model
 
@@ -53,14 +51,12 @@ def tiny_mixtral(path: Path, seed: int):
 def tiny_olmoe(path: Path, seed: int):
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
-    torch.manual_seed(seed)
     cfg = OlmoeConfig(
         vocab_size=32000, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, num_experts=8, num_experts_per_tok=3, norm_topk_prob=False,
         max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
-    model = OlmoeForCausalLM(cfg)
-    _spread_routers(model)
+    model = _init_tiny(OlmoeForCausalLM, cfg, seed)
     model.save_pretrained(path)
     return model
 
@@ -68,14 +64,12 @@ def tiny_olmoe(path: Path, seed: int):
 def tiny_qwen3(path: Path, seed: int):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    torch.manual_seed(seed)
     cfg = Qwen3MoeConfig(
         vocab_size=32000, hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=6, num_experts_per_tok=2,
         norm_topk_prob=True, max_position_embeddings=1024, eos_token_id=2, bos_token_id=1,
     )
-    model = Qwen3MoeForCausalLM(cfg)
-    _spread_routers(model)
+    model = _init_tiny(Qwen3MoeForCausalLM, cfg, seed)
     model.save_pretrained(path)
     return model
 
@@ -83,7 +77,6 @@ def tiny_qwen3(path: Path, seed: int):
 def tiny_deepseek_v3(path: Path, seed: int):
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    torch.manual_seed(seed)
     cfg = DeepseekV3Config(
         vocab_size=32000, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
         first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
@@ -91,8 +84,7 @@ def tiny_deepseek_v3(path: Path, seed: int):
         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=2.5, norm_topk_prob=True,
         max_position_embeddings=1024, eos_token_id=2, bos_token_id=1,
     )
-    model = DeepseekV3ForCausalLM(cfg)
-    _spread_routers(model)
+    model = _init_tiny(DeepseekV3ForCausalLM, cfg, seed)
     with torch.no_grad():  # a non-zero correction bias, so that selection and weights differ
         for layer in model.model.layers[1:]:
             layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.3)
@@ -100,12 +92,16 @@ def tiny_deepseek_v3(path: Path, seed: int):
     return model
 
 
-def _spread_routers(model):
-    """Router weights larger than the 0.02 init, so that routing depends clearly on the token."""
+def _init_tiny(model_cls, cfg, seed: int):
+    """A seeded random model of cfg whose router weights are larger than the 0.02 init, so that
+    routing depends clearly on the token."""
+    torch.manual_seed(seed)
+    model = model_cls(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("mlp.gate.weight"):
                 p.normal_(0.0, 1.0)
+    return model
 
 
 # ---- independent reference -----------------------------------------------------------------
