@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .routing import expert_counts
+from .routing import expert_counts, expert_pairs_in_order
 
 
 @triton.jit
@@ -191,15 +191,9 @@ def _expert_pairs(ids_ptr, scratch_ptr, expert, n_pairs, SCAN: tl.constexpr):
     Every program of the expert writes the same values (a benign race between programs); the
     barrier makes this program's own writes visible to all its threads before they are read.
     """
-    count = expert * 0  # an int32 tensor from the start (a loop-carried value)
     row = scratch_ptr + expert.to(tl.int64) * n_pairs
-    for start in range(0, n_pairs, SCAN):
-        offs = start + tl.arange(0, SCAN)
-        ids = tl.load(ids_ptr + offs, mask=offs < n_pairs, other=-1)
-        match = ids == expert
-        slot = count + tl.cumsum(match.to(tl.int32), 0) - 1
-        tl.store(row + slot, offs, mask=match)
-        count += tl.sum(match.to(tl.int32), 0)
+    # first = expert * 0: an int32 tensor from the start (a loop-carried value)
+    count = expert_pairs_in_order(ids_ptr, row, row, expert, expert * 0, n_pairs, SCAN, False)
     tl.debug_barrier()
     return count
 

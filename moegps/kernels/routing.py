@@ -55,6 +55,24 @@ def expert_counts(ids_ptr, n_pairs, E_POW2: tl.constexpr, SCAN: tl.constexpr):
     return counts - tl.where(bins == 0, n_masked, 0)
 
 
+@triton.jit
+def expert_pairs_in_order(ids_ptr, dest_ptr, pair_slot_ptr, expert, first, n_pairs,
+                          SCAN: tl.constexpr, WRITE_SLOT: tl.constexpr):
+    """A stable scan of the ids: dest[first + i] = the i-th pair routed to expert (and with
+    WRITE_SLOT, pair_slot[pair] = its position). first: an int32 tensor. Returns first + count."""
+    running = first
+    for start in range(0, n_pairs, SCAN):
+        offs = start + tl.arange(0, SCAN)
+        ids = tl.load(ids_ptr + offs, mask=offs < n_pairs, other=-1)
+        match = ids == expert
+        slot = running + tl.cumsum(match.to(tl.int32), 0) - 1
+        tl.store(dest_ptr + slot, offs, mask=match)
+        if WRITE_SLOT:
+            tl.store(pair_slot_ptr + offs, slot, mask=match)
+        running += tl.sum(match.to(tl.int32), 0)
+    return running
+
+
 @triton.jit(do_not_specialize=["n_pairs"])
 def _align_kernel(
     ids_ptr, sorted_ptr, block_expert_ptr, n_padded_ptr, pair_slot_ptr, n_pairs,
@@ -73,15 +91,7 @@ def _align_kernel(
     if expert == 0:
         tl.store(n_padded_ptr, tl.sum(padded, 0))
     # Pass 2: this expert's pairs, in pair order (a stable sort), at my_start onwards.
-    running = my_start
-    for start in range(0, n_pairs, SCAN):
-        offs = start + tl.arange(0, SCAN)
-        ids = tl.load(ids_ptr + offs, mask=offs < n_pairs, other=-1)
-        match = ids == expert
-        slot = running + tl.cumsum(match.to(tl.int32), 0) - 1
-        tl.store(sorted_ptr + slot, offs, mask=match)
-        tl.store(pair_slot_ptr + offs, slot, mask=match)
-        running += tl.sum(match.to(tl.int32), 0)
+    expert_pairs_in_order(ids_ptr, sorted_ptr, pair_slot_ptr, expert, my_start, n_pairs, SCAN, True)
     pad = tl.arange(0, BLOCK_M)
     tl.store(sorted_ptr + my_start + my_count + pad, n_pairs, mask=pad < my_padded - my_count)
     first_block = my_start // BLOCK_M
