@@ -40,6 +40,9 @@ for _path in ("scan", "sorted", "fused"):
 # the sorted path with the weights fed through tensor descriptors (TMA on Hopper)
 CONFIGS["sorted_tma"] = {**CONFIGS["sorted"], "gate_up": dict(CONFIGS["sorted"]["gate_up"], tma=True),
                          "down": dict(CONFIGS["sorted"]["down"], tma=True)}
+# each expert's last block at half height where it fits (32-row blocks, 16-row tails)
+CONFIGS["sorted_half"] = {**CONFIGS["sorted"], "block_m": 32, "half_tail": True}
+CONFIGS["sorted_tma_half"] = {**CONFIGS["sorted_tma"], "block_m": 32, "half_tail": True}
 
 PATHS = list(CONFIGS)
 
@@ -174,19 +177,29 @@ def test_default_configs_run(rng):
     assert get_config(24, 4, 64, 64, 2)["path"] in paths
 
 
-@pytest.mark.parametrize("block_m,scan", [(4, 1024), (16, 1024), (4, 32), (16, 16)])
-def test_align_metadata(rng, block_m, scan):
-    """One launch (few scan chunks) and the chunked two launches (150 pairs > 4 chunks of 16, 32)."""
+@pytest.mark.parametrize("block_m,scan,half_tail", [(4, 1024, False), (16, 1024, False),
+                                                    (4, 32, False), (16, 16, False),
+                                                    (32, 1024, True), (32, 16, True),
+                                                    (64, 32, True)])
+def test_align_metadata(rng, block_m, scan, half_tail):
+    """One launch (few scan chunks) and the chunked two launches (150 pairs > 4 chunks of 16, 32),
+    with whole blocks or half-height tails."""
     n_experts, n_tokens, top_k = 9, 50, 3
     ids = torch.from_numpy(rng.integers(0, n_experts - 2, size=(n_tokens, top_k)))  # 2 empty
     ids[:5] = 0  # one hot expert
-    meta = align(ids, n_experts, block_m, scan=scan)
+    meta = align(ids, n_experts, block_m, scan=scan, half_tail=half_tail)
     flat = ids.reshape(-1).numpy()
     n_pairs = flat.size
     counts = np.bincount(flat, minlength=n_experts)
-    padded = -(-counts // block_m) * block_m
+    pad_m = block_m // 2 if half_tail else block_m
+    padded = -(-counts // pad_m) * pad_m
     n_padded = int(meta.n_padded[0])
     assert n_padded == padded.sum()
+    n_blocks = int(meta.n_blocks[0])
+    assert n_blocks == (-(-counts // block_m)).sum()
+    block_start = meta.block_start[:n_blocks + 1].numpy()
+    block_expert = meta.block_expert[:n_blocks].numpy()
+    assert block_start[-1] == n_padded
     sorted_ids = meta.sorted_pair_ids[:n_padded].numpy()
     start = 0
     for e in range(n_experts):
@@ -194,10 +207,21 @@ def test_align_metadata(rng, block_m, scan):
         # the expert's pairs in pair order (stable), then the sentinel in the padding
         assert (rows[:counts[e]] == np.flatnonzero(flat == e)).all()
         assert (rows[counts[e]:] == n_pairs).all()
-        assert (meta.block_expert[start // block_m:(start + padded[e]) // block_m].numpy() == e).all()
+        # its blocks: consecutive, block_m rows from its first row on, the last one shorter
+        # (half height) only with half tails
+        mine = np.flatnonzero(block_expert == e)
+        assert (block_start[mine] == start + block_m * np.arange(mine.size)).all()
+        heights = np.diff(block_start)[mine]
+        assert heights.sum() == padded[e]
+        assert set(heights[:-1]) <= {block_m} and set(heights[-1:]) <= {block_m, pad_m}
         start += padded[e]
     # inverse map: each pair's sorted row holds that pair
     assert (sorted_ids[meta.pair_slot.numpy()] == np.arange(n_pairs)).all()
+
+
+def test_half_tail_needs_a_block_of_32():
+    with pytest.raises(ValueError, match="half_tail needs block_m"):
+        align(torch.zeros(4, 2, dtype=torch.int64), 3, 16, half_tail=True)
 
 
 def test_bad_shapes_are_named():

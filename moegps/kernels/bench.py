@@ -84,22 +84,38 @@ def tile_tuple(g: dict) -> tuple:
     return t + tuple(v for v in ("paired", "tma") if g.get(v))
 
 
-def block_ms(path: str, rows: float) -> list[int]:
-    """BLOCK_M candidates for a path given the mean rows per expert (empty: path not tried)."""
+def blocks(path: str, rows: float) -> list[tuple[int, bool]]:
+    """(BLOCK_M, half_tail) candidates for a path given the mean rows per expert (empty: path
+    not tried). Half tails from 64-row blocks up: their half blocks still fill a warp group's
+    64-row MMA on Hopper (NOTES.md v10)."""
     if path == "scan":
-        return [16] if rows <= 12 else [32] if rows <= 24 else []
+        return [(16, False)] if rows <= 12 else [(32, False)] if rows <= 24 else []
     if rows < 2:
         return []
     if rows > 512:  # 64 (two CTAs per SM) never won, nor did 256 at 128-512 rows (NOTES.md v8, v9)
-        return [128, 256]
-    return [16, 32] if rows <= 24 else [32, 64] if rows <= 96 else [64, 128]
+        bms = [128, 256]
+    else:
+        bms = [16, 32] if rows <= 24 else [32, 64] if rows <= 96 else [64, 128]
+    return [(bm, half) for bm in bms for half in ((False, True) if bm >= 64 else (False,))]
 
 
-def candidates(n_tokens, n_experts, top_k) -> list[tuple[str, int, list]]:
-    """(path, BLOCK_M, tiles) groups the tuner tries for one (shape, token count)."""
+def base_config(path: str, block: tuple[int, bool]) -> dict:
+    """The routing part of a config: path, block_m and (when set) half_tail."""
+    bm, half = block
+    return {"path": path, "block_m": bm, **({"half_tail": True} if half else {})}
+
+
+def config_block(config: dict) -> tuple[int, bool]:
+    """(BLOCK_M, half_tail) of a config (inverse of `base_config`'s block)."""
+    return config["block_m"], bool(config.get("half_tail", False))
+
+
+def candidates(n_tokens, n_experts, top_k) -> list[tuple[str, tuple[int, bool], list]]:
+    """(path, (BLOCK_M, half_tail), tiles) groups the tuner tries for one (shape, token count)."""
     rows = n_tokens * top_k / n_experts
-    return [(path, bm, tiles) for path, tiles in (("scan", SCAN_TILES), ("sorted", SORTED_TILES))
-            for bm in block_ms(path, rows)]
+    return [(path, block, tiles)
+            for path, tiles in (("scan", SCAN_TILES), ("sorted", SORTED_TILES))
+            for block in blocks(path, rows)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,9 +200,14 @@ def _flush_l2() -> None:
         raise ValueError(f"flush must be 'zero', 'clean' or 'none', got {FLUSH!r}")
 
 
+MIN_RUNS = 20  # timed runs at least, also for calls longer than rep_ms / MIN_RUNS
+
+
 def _median_event_us(fn, warmup_ms=25, rep_ms=100) -> float:
     """do_bench's loop (estimate, warm up, then flush + events around each run; median), with the
-    L2 flush of FLUSH."""
+    L2 flush of FLUSH, and at least 3 warm-up and MIN_RUNS timed runs: do_bench's time budget
+    alone leaves a 19 ms call (Mixtral, 16384 tokens) 1 warm-up and 5 samples, whose median
+    moved 3-5% between runs (NOTES.md v11)."""
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -197,9 +218,9 @@ def _median_event_us(fn, warmup_ms=25, rep_ms=100) -> float:
     end.record()
     torch.cuda.synchronize()
     estimate_ms = max(start.elapsed_time(end) / 5, 1e-3)
-    for _ in range(max(1, int(warmup_ms / estimate_ms))):
+    for _ in range(max(3, int(warmup_ms / estimate_ms))):
         fn()
-    n = max(1, int(rep_ms / estimate_ms))
+    n = max(MIN_RUNS, int(rep_ms / estimate_ms))
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for s, e in zip(starts, ends):
@@ -262,14 +283,36 @@ def rel_err(out, ref) -> float:
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
+def align_times(shapes, tokens, seed=0) -> list[dict]:
+    """Routing metadata alone (CUDA graph), by method: the one-launch walk and the chunked
+    launches, at BLOCK_M 128 with half tails (the large-batch config); the auto choice is the
+    faster below and above routing.ONE_LAUNCH_CHUNKS scan chunks."""
+    from moegps.kernels.routing import SCAN, align
+
+    rows = []
+    for name, (n_experts, _, _, top_k) in shapes.items():
+        for n_tokens in tokens:
+            ids, _ = make_routing(n_tokens, n_experts, top_k, seed)
+            row = {"shape": name, "tokens": n_tokens,
+                   "chunks": -(-n_tokens * top_k // SCAN)}
+            for method in ("one", "chunked"):
+                def run(ids=ids, n_experts=n_experts, method=method):
+                    align(ids, n_experts, 128, half_tail=True, method=method)
+
+                row[f"{method}_us"] = time_us(run, graph=True)
+            rows.append(row)
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # tuning
 
 
 def _compile_task(task):
-    """Pool worker: compile one (path, BLOCK_M, tile) for each GEMM by running it on small inputs.
-    Returns the task and, per GEMM, None or the error (a tile that does not fit is skipped)."""
-    name, (n_experts, hidden, ffn, top_k), path, bm, t = task
+    """Pool worker: compile one (path, (BLOCK_M, half_tail), tile) for each GEMM by running it on
+    small inputs. Returns the task and, per GEMM, None or the error (a tile that does not fit is
+    skipped)."""
+    name, (n_experts, hidden, ffn, top_k), path, block, t = task
     import torch as th
 
     from moegps.kernels.launch import fused_moe, launch_down, launch_gate_up, route
@@ -285,7 +328,7 @@ def _compile_task(task):
             return task, [None]
         except Exception as exc:
             return task, [f"{type(exc).__name__}: {str(exc)[:120]}"]
-    config = {"path": path, "block_m": bm, "gate_up": tile(t), "down": tile(t)}
+    config = dict(base_config(path, block), gate_up=tile(t), down=tile(t))
     ids = th.randint(0, n_experts, (16 * top_k,), device="cuda")
     h = th.randn(16 * top_k, ffn, dtype=th.bfloat16, device="cuda")
     y = th.empty(16 * top_k, hidden, dtype=th.bfloat16, device="cuda")
@@ -305,27 +348,27 @@ def _compile_task(task):
 
 def precompile(tasks, workers):
     """Compile in parallel processes (Triton's disk cache then serves the main process), with the
-    GPU edge-case checks running beside them. Returns {(name, path, bm, tile, gemm): error}."""
+    GPU edge-case checks running beside them. Returns {(name, path, block, tile, gemm): error}."""
     import multiprocessing as mp
 
     failed = {}
     t0 = time.time()
     with mp.get_context("spawn").Pool(workers) as pool:
         check = pool.apply_async(check_edge_cases)
-        for (name, _, path, bm, t), errors in pool.imap_unordered(_compile_task, tasks):
+        for (name, _, path, block, t), errors in pool.imap_unordered(_compile_task, tasks):
             gemms = ("fused",) if path == "fused" else ("gate_up", "down")
             for gemm, err in zip(gemms, errors):
                 if err:
-                    failed[(name, path, bm, t, gemm)] = err
+                    failed[(name, path, block, t, gemm)] = err
         failures = check.get()
-    print(f"precompiled {len(tasks)} (path, BLOCK_M, tile) x 2 GEMMs in {time.time() - t0:.0f} s;"
+    print(f"precompiled {len(tasks)} (path, block, tile) x 2 GEMMs in {time.time() - t0:.0f} s;"
           f" {len(failed)} kernels do not fit (skipped)", flush=True)
     print("edge cases:", "all ok" if not failures else f"FAILED {failures}", flush=True)
     return failed
 
 
 def tune_one(name, shape, n_tokens, failed, seed=0) -> dict:
-    """Best config for one (shape, tokens): each GEMM's tile timed alone per (path, BLOCK_M), then
+    """Best config for one (shape, tokens): each GEMM's tile timed alone per (path, block), then
     the best pair timed whole (routing + both GEMMs + combine, CUDA graph)."""
     from moegps.kernels.launch import fused_moe, launch_down, launch_gate_up, route
 
@@ -337,12 +380,13 @@ def tune_one(name, shape, n_tokens, failed, seed=0) -> dict:
     h = torch.empty(n_pairs, ffn, dtype=x.dtype, device="cuda")
     y = torch.empty(n_pairs, hidden, dtype=x.dtype, device="cuda")
     best = None
-    for path, bm, tiles in candidates(n_tokens, n_experts, top_k):
-        gu_tiles = [t for t in tiles if (name, path, bm, t, "gate_up") not in failed]
-        dn_tiles = [t for t in tiles if not paired(t) and (name, path, bm, t, "down") not in failed]
+    for path, block, tiles in candidates(n_tokens, n_experts, top_k):
+        gu_tiles = [t for t in tiles if (name, path, block, t, "gate_up") not in failed]
+        dn_tiles = [t for t in tiles
+                    if not paired(t) and (name, path, block, t, "down") not in failed]
         if not gu_tiles or not dn_tiles:
             continue
-        base = {"path": path, "block_m": bm}
+        base = base_config(path, block)
         routing = route(flat_ids, n_experts, base)
 
         def gate_up_us(t):
@@ -368,17 +412,17 @@ def tune_one(name, shape, n_tokens, failed, seed=0) -> dict:
     return config
 
 
-def tune(shapes, tokens, out_dir: Path, workers: int, command: str) -> Path:
+def tune(shapes, tokens, out_dir: Path, workers: int, command: str, seed: int = 0) -> Path:
     from moegps.kernels import launch
 
     tasks = set()
     for name, shape in shapes.items():
         for n_tokens in tokens:
-            for path, bm, tiles in candidates(n_tokens, shape[0], shape[3]):
-                tasks.update((name, shape, path, bm, t) for t in tiles)
+            for path, block, tiles in candidates(n_tokens, shape[0], shape[3]):
+                tasks.update((name, shape, path, block, t) for t in tiles)
             d = launch.default_config(n_tokens, *shape)
             if d["path"] != "fused":
-                tasks.update((name, shape, d["path"], d["block_m"], tile_tuple(d[gemm]))
+                tasks.update((name, shape, d["path"], config_block(d), tile_tuple(d[gemm]))
                              for gemm in ("gate_up", "down"))
     failed = precompile(sorted(tasks, key=str), workers)
     # Merged into the device's file: token counts not tuned now keep their entries.
@@ -389,7 +433,9 @@ def tune(shapes, tokens, out_dir: Path, workers: int, command: str) -> Path:
                   "command": command})
     for name, shape in shapes.items():
         by_tokens = table["shapes"].setdefault(launch.shape_key(*shape), {})
-        by_tokens.update({str(t): tune_one(name, shape, t, failed) for t in tokens})
+        # each entry names the command that tuned it (the file merges several runs)
+        by_tokens.update({str(t): dict(tune_one(name, shape, t, failed, seed), tuned_by=command)
+                          for t in tokens})
         table["shapes"][launch.shape_key(*shape)] = dict(sorted(by_tokens.items(),
                                                                 key=lambda kv: int(kv[0])))
     text = json.dumps(table, indent=1)
@@ -417,7 +463,9 @@ def check_edge_cases() -> list[str]:
         "top4": (19, 8, 256, 192, 4, None),
         "one_token_top4": (1, 8, 256, 192, 4, None),
         "odd_hidden": (33, 4, 200, 100, 2, None),
-        "chunked_align": (700, 6, 256, 192, 2, None),  # 1400 pairs > one align scan
+        # more pairs than align's one-launch method takes: the chunked launches
+        "chunked_align": (2100, 6, 256, 192, 2, None),
+        "chunked_align_e64": (800, 64, 256, 192, 6, None),
         # decode sizes of the fused path at the 64-expert shape's ratios (H, F not multiples of 128)
         **{f"decode_T{T}_top6": (T, 64, 320, 176, 6, None) for T in (1, 2, 3, 5, 8)},
         "decode_hot_expert": (8, 16, 320, 176, 4, "hot"),
@@ -428,7 +476,12 @@ def check_edge_cases() -> list[str]:
                "sorted_paired": {"path": "sorted", "block_m": 16, "down": tiles["down"],
                                  "gate_up": tile((64, 64, 4, 3, "paired"))},
                "sorted_tma": {"path": "sorted", "block_m": 16, "gate_up": tile((64, 64, 4, 3, "tma")),
-                              "down": tile((64, 64, 4, 3, "tma"))}}
+                              "down": tile((64, 64, 4, 3, "tma"))},
+               # half tails: 16-row (mma.sync) and 64-row (wgmma) half blocks
+               "sorted_half": dict(tiles, path="sorted", block_m=32, half_tail=True),
+               "sorted_tma_half": {"path": "sorted", "block_m": 128, "half_tail": True,
+                                   "gate_up": tile((64, 64, 8, 3, "tma")),
+                                   "down": tile((64, 64, 8, 3, "tma"))}}
     for (case, (T, E, H, Fd, k, kind)), path in itertools.product(cases.items(), configs):
         if path.startswith("sorted") and case.startswith("decode"):
             continue
@@ -509,6 +562,7 @@ def bench_one(name, shape, n_tokens, ceil, seed=0, fused=False, skip=(), failed=
     floor_flop = flops / ceil["matmul_flops"] * 1e6
     row = {"shape": name, "E": n_experts, "H": hidden, "F": ffn, "k": top_k, "tokens": n_tokens,
            "active_experts": active, "path": config["path"], "block_m": config["block_m"],
+           "half_tail": bool(config.get("half_tail", False)),
            "floor_us": max(floor_mem, floor_flop),
            "bound": "memory" if floor_mem >= floor_flop else "compute"}
 
@@ -579,6 +633,8 @@ def main(argv=None):
     parser.add_argument("--flush", choices=["zero", "clean"], default="zero",
                         help="L2 flush before each timed run: zero-fill (do_bench's, leaves dirty "
                         "lines) or a read (clean); see FLUSH")
+    parser.add_argument("--align", action="store_true",
+                        help="first time the routing metadata alone, by method")
     parser.add_argument("--flush-control", action="store_true",
                         help="first time a plain read after each kind of flush")
     # each compile worker holds one shape's weights on the GPU (Mixtral: ~3-9 GB): 16 ran out of memory
@@ -600,7 +656,7 @@ def main(argv=None):
     if args.tune:
         command = "python -m moegps.kernels.bench " + " ".join(
             sys.argv[1:] if argv is None else argv)
-        tune(shapes, tokens, out_dir, args.workers, command)  # edge-case checks beside compiles
+        tune(shapes, tokens, out_dir, args.workers, command, args.seed)  # edge-case checks beside compiles
     else:  # compile the configs the benchmark uses in parallel, checks beside them
         from moegps.kernels import default_config, get_config
 
@@ -610,14 +666,14 @@ def main(argv=None):
                 for cfg in (get_config(n_tokens, *shape), default_config(n_tokens, *shape)):
                     if cfg["path"] == "fused":  # one kernel, one tile
                         f = cfg["fused"]
-                        tasks.add((name, shape, "fused", cfg["block_m"], tuple(
+                        tasks.add((name, shape, "fused", config_block(cfg), tuple(
                             f[k] for k in ("block_f", "block_k", "block_n", "num_warps", "num_stages"))
                             + (("paired",) if f.get("paired") else ())))
                         continue
-                    tasks.update((name, shape, cfg["path"], cfg["block_m"], tile_tuple(cfg[gemm]))
-                                 for gemm in ("gate_up", "down"))
+                    tasks.update((name, shape, cfg["path"], config_block(cfg),
+                                  tile_tuple(cfg[gemm])) for gemm in ("gate_up", "down"))
                 if args.fused:
-                    tasks.update((name, shape, "fused", 16, t) for t in FUSED_TILES)
+                    tasks.update((name, shape, "fused", (16, False), t) for t in FUSED_TILES)
         failed = precompile(sorted(tasks, key=str), args.workers)
     if args.flush_control:
         control = flush_control()
@@ -625,6 +681,12 @@ def main(argv=None):
         print_table(control, [("read_MB", "{}"), ("zero_us", "{:.1f}"), ("clean_us", "{:.1f}"),
                               ("none_us", "{:.1f}"), ("zero_minus_clean_us", "{:.1f}")])
         (out_dir / "flush_control.json").write_text(json.dumps(control, indent=1))
+    if args.align:
+        align_rows = align_times(shapes, tokens, args.seed)
+        print("routing metadata (align) alone, CUDA graph, us")
+        print_table(align_rows, [("shape", "{}"), ("tokens", "{}"), ("chunks", "{}"),
+                                 ("one_us", "{:.1f}"), ("chunked_us", "{:.1f}")])
+        (out_dir / "align.json").write_text(json.dumps(align_rows, indent=1))
     ceil = ceilings()
     print(f"L2 flush before each timed run: {FLUSH}", flush=True)
     print(f"measured: copy {ceil['copy_Bps'] / 1e12:.2f} TB/s (read+written), "

@@ -317,38 +317,68 @@ def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit(do_not_specialize=["n_pairs", "top_k", "num_pid_m"])
-def gate_up_sorted_kernel(
-    x_ptr, w_ptr, h_ptr, sorted_ptr, block_expert_ptr, n_padded_ptr, n_pairs, top_k, H, F,
-    num_pid_m, stride_xt, stride_we, stride_wn, stride_hm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PAIRED: tl.constexpr = False,
-    TMA: tl.constexpr = False,
-):
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(F, BLOCK_N), GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(n_padded_ptr):
-        return
-    expert = tl.load(block_expert_ptr + pid_m)
-    pair = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    valid_m = pair < n_pairs
-    _gate_up_tile(x_ptr, w_ptr, h_ptr, pair // top_k, pair, valid_m, expert, pid_n, H, F,
+@triton.jit
+def _gate_up_block(x_ptr, w_ptr, h_ptr, sorted_ptr, start, n_pairs, top_k, expert, pid_n, H, F,
+                   stride_xt, stride_we, stride_wn, stride_hm,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   EVEN_K: tl.constexpr, PAIRED: tl.constexpr, TMA: tl.constexpr):
+    """The gate/up tile of the BLOCK_M sorted rows from `start` (padding rows hold n_pairs)."""
+    pair = tl.load(sorted_ptr + start + tl.arange(0, BLOCK_M))
+    _gate_up_tile(x_ptr, w_ptr, h_ptr, pair // top_k, pair, pair < n_pairs, expert, pid_n, H, F,
                   stride_xt, stride_we, stride_wn, stride_hm,
                   BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PAIRED, TMA)
 
 
-@triton.jit(do_not_specialize=["n_pairs", "num_pid_m"])
-def down_sorted_kernel(
-    h_ptr, w_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, n_padded_ptr, n_pairs, H, F,
-    num_pid_m, stride_hm, stride_we, stride_wn, stride_om,
+@triton.jit
+def _down_block(h_ptr, w_ptr, out_ptr, weights_ptr, sorted_ptr, start, n_pairs, expert, pid_n,
+                H, F, stride_hm, stride_we, stride_wn, stride_om,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                EVEN_K: tl.constexpr, TMA: tl.constexpr):
+    """The down tile of the BLOCK_M sorted rows from `start` (padding rows hold n_pairs)."""
+    pair = tl.load(sorted_ptr + start + tl.arange(0, BLOCK_M))
+    _down_tile(h_ptr, w_ptr, out_ptr, weights_ptr, pair, pair < n_pairs, expert, pid_n, H, F,
+               stride_hm, stride_we, stride_wn, stride_om, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA)
+
+
+@triton.jit(do_not_specialize=["n_pairs", "top_k", "num_pid_m"])
+def gate_up_sorted_kernel(
+    x_ptr, w_ptr, h_ptr, sorted_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_pairs,
+    top_k, H, F, num_pid_m, stride_xt, stride_we, stride_wn, stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr = False,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PAIRED: tl.constexpr = False,
+    TMA: tl.constexpr = False, HALF_TAIL: tl.constexpr = False,
 ):
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(H, BLOCK_N), GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(n_padded_ptr):
+    """HALF_TAIL: a block of BLOCK_M / 2 rows (an expert's last, routing.align) runs at that
+    height, a second compiled tile in the same kernel."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(F, BLOCK_N), GROUP_M)
+    if pid_m >= tl.load(n_blocks_ptr):
         return
     expert = tl.load(block_expert_ptr + pid_m)
-    pair = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    valid_m = pair < n_pairs
-    _down_tile(h_ptr, w_ptr, out_ptr, weights_ptr, pair, valid_m, expert, pid_n, H, F,
-               stride_hm, stride_we, stride_wn, stride_om,
-               BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA)
+    start = tl.load(block_start_ptr + pid_m)
+    args = (x_ptr, w_ptr, h_ptr, sorted_ptr, start, n_pairs, top_k, expert, pid_n, H, F,
+            stride_xt, stride_we, stride_wn, stride_hm)
+    if HALF_TAIL and tl.load(block_start_ptr + pid_m + 1) - start <= BLOCK_M // 2:
+        _gate_up_block(*args, BLOCK_M // 2, BLOCK_N, BLOCK_K, EVEN_K, PAIRED, TMA)
+    else:
+        _gate_up_block(*args, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PAIRED, TMA)
+
+
+@triton.jit(do_not_specialize=["n_pairs", "num_pid_m"])
+def down_sorted_kernel(
+    h_ptr, w_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, block_start_ptr,
+    n_blocks_ptr, n_pairs, H, F, num_pid_m, stride_hm, stride_we, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr = False,
+    HALF_TAIL: tl.constexpr = False,
+):
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(H, BLOCK_N), GROUP_M)
+    if pid_m >= tl.load(n_blocks_ptr):
+        return
+    expert = tl.load(block_expert_ptr + pid_m)
+    start = tl.load(block_start_ptr + pid_m)
+    args = (h_ptr, w_ptr, out_ptr, weights_ptr, sorted_ptr, start, n_pairs, expert, pid_n, H, F,
+            stride_hm, stride_we, stride_wn, stride_om)
+    if HALF_TAIL and tl.load(block_start_ptr + pid_m + 1) - start <= BLOCK_M // 2:
+        _down_block(*args, BLOCK_M // 2, BLOCK_N, BLOCK_K, EVEN_K, TMA)
+    else:
+        _down_block(*args, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA)

@@ -10,6 +10,8 @@ The one-launch decode path (both GEMMs and the combine in one kernel, split over
      "fused": {"block_f": 64, "block_k": 128, "block_n": 128, "num_warps": 4, "num_stages": 3}}
 Optional tile flags: "paired" (gate/up and fused tiles: one interleaved dot for w1 and w3) and
 "tma" (sorted-path tiles: the weights through tensor descriptors, Hopper's copy engine).
+A sorted config may set "half_tail": true (block_m >= 32): each expert's rows are padded to
+block_m / 2 only, and its last block runs at half height when that is all it holds.
 """
 
 from __future__ import annotations
@@ -187,7 +189,7 @@ def route(ids: torch.Tensor, n_experts: int, config: dict, scratch: torch.Tensor
             scratch = torch.empty(n_experts * ids.numel(), dtype=torch.int32, device=ids.device)
         return scratch
     if config["path"] == "sorted":
-        return align(ids, n_experts, config["block_m"])
+        return align(ids, n_experts, config["block_m"], half_tail=config.get("half_tail", False))
     raise ValueError(f"config field 'path' must be 'scan', 'sorted' or 'fused', "
                      f"got {config['path']!r}")
 
@@ -219,6 +221,11 @@ def _weights_operand(w: torch.Tensor, tile: dict):
     return desc, {"TMA": True}
 
 
+def _blocks(routing) -> tuple:
+    """The sorted kernels' block arguments from a RoutingMeta."""
+    return (routing.sorted_pair_ids, routing.block_expert, routing.block_start, routing.n_blocks)
+
+
 def launch_gate_up(x, w_gate_up, h, ids, routing, config: dict, top_k: int) -> None:
     """h [T*k, F] = silu(x @ w1^T) * (x @ w3^T) per pair; x [T, H], w_gate_up [E, 2F, H]."""
     n_experts, ffn, hidden = w_gate_up.shape[0], w_gate_up.shape[1] // 2, w_gate_up.shape[2]
@@ -233,9 +240,9 @@ def launch_gate_up(x, w_gate_up, h, ids, routing, config: dict, top_k: int) -> N
     else:
         w_operand, tma = _weights_operand(w_gate_up, tile)
         gate_up_sorted_kernel[(routing.max_blocks * n_tiles,)](
-            x, w_operand, h, routing.sorted_pair_ids, routing.block_expert, routing.n_padded,
-            ids.numel(), top_k, hidden, ffn, routing.max_blocks, *strides,
-            GROUP_M=tile["group_m"], **common, **_paired(tile), **tma)
+            x, w_operand, h, *_blocks(routing), ids.numel(), top_k, hidden, ffn,
+            routing.max_blocks, *strides, GROUP_M=tile["group_m"], HALF_TAIL=routing.half_tail,
+            **common, **_paired(tile), **tma)
 
 
 def launch_down(h, w_down, y, weights, ids, routing, config: dict) -> None:
@@ -252,9 +259,9 @@ def launch_down(h, w_down, y, weights, ids, routing, config: dict) -> None:
     else:
         w_operand, tma = _weights_operand(w_down, tile)
         down_sorted_kernel[(routing.max_blocks * n_tiles,)](
-            h, w_operand, y, weights, routing.sorted_pair_ids, routing.block_expert,
-            routing.n_padded, ids.numel(), hidden, ffn, routing.max_blocks, *strides,
-            GROUP_M=tile["group_m"], **common, **tma)
+            h, w_operand, y, weights, *_blocks(routing), ids.numel(), hidden, ffn,
+            routing.max_blocks, *strides, GROUP_M=tile["group_m"], HALF_TAIL=routing.half_tail,
+            **common, **tma)
 
 
 def launch_fused(x, w_gate_up, w_down, weights, ids, scratch, config: dict,

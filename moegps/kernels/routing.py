@@ -4,10 +4,18 @@ A (token, slot) pair p = t * k + j of `topk_ids [T, k]` is routed to expert topk
 grouped kernels want the pairs sorted by expert, each expert's run padded to a multiple of the
 block size BLOCK_M, so that every block of BLOCK_M sorted rows belongs to one expert:
 
-    sorted_pair_ids [max_padded]  pair index per sorted row; padding rows hold n_pairs (a sentinel)
-    block_expert    [max_blocks]  expert of each BLOCK_M block (valid for blocks < n_padded / BLOCK_M)
-    n_padded        [1]           rows actually used (sum over experts of the padded counts)
-    pair_slot       [n_pairs]     the inverse map: sorted row of each pair
+    sorted_pair_ids [max_padded]    pair index per sorted row; padding rows hold n_pairs (a sentinel)
+    block_expert    [max_blocks]    expert of each block (valid for blocks < n_blocks)
+    block_start     [max_blocks+1]  first sorted row of each block, and n_padded after the last, so
+                                    block b has block_start[b + 1] - block_start[b] rows
+    n_blocks        [1]             blocks actually used
+    n_padded        [1]             rows actually used (sum over experts of the padded counts)
+    pair_slot       [n_pairs]       the inverse map: sorted row of each pair
+
+With `half_tail`, each expert's run is padded only to a multiple of BLOCK_M / 2, and its last
+block has BLOCK_M / 2 rows where that is all it needs. The kernels then run that block at half
+height: at 64 experts and 2048 tokens (~192 rows each) that is 15.6% padded MMA rows instead of
+33% (the issue's "no padded blocks"; NOTES.md v10). Blocks per expert are the same either way.
 
 All sizes are the worst case (n_pairs + E * (BLOCK_M - 1)), so nothing is read back to the host:
 the kernels read `n_padded` and skip blocks past it. One program per expert reads the ids twice
@@ -18,7 +26,6 @@ an eager version takes; vLLM's `moe_align_block_size` does the same job in its o
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -26,16 +33,23 @@ import triton
 import triton.language as tl
 
 SCAN = 1024  # ids read per loop step
+# align's one-launch method up to this many SCAN chunks of pairs, the chunked launches above:
+# measured on an H100 (NOTES.md v11; `bench --align`), one launch 5.8-7.6 us at 1 chunk, 10.9 at
+# 3, 12.2 at 4, 26 at 12; the chunked launches 14-20 us at any size up to 96 chunks.
+ONE_LAUNCH_CHUNKS = 4
 
 
 @dataclass
 class RoutingMeta:
     sorted_pair_ids: torch.Tensor  # [max_padded] int32
     block_expert: torch.Tensor  # [max_blocks] int32
+    block_start: torch.Tensor  # [max_blocks + 1] int32
+    n_blocks: torch.Tensor  # [1] int32, on the device
     n_padded: torch.Tensor  # [1] int32, on the device
     pair_slot: torch.Tensor  # [n_pairs] int32
     block_m: int
     n_pairs: int
+    half_tail: bool = False
 
     @property
     def max_blocks(self) -> int:
@@ -73,31 +87,64 @@ def expert_pairs_in_order(ids_ptr, dest_ptr, pair_slot_ptr, expert, first, n_pai
     return running
 
 
+@triton.jit
+def _padded_layout(counts, BLOCK_M: tl.constexpr, PAD_M: tl.constexpr):
+    """Per expert ([E_POW2] each): padded rows, first sorted row, blocks, first block index."""
+    padded = (counts + PAD_M - 1) // PAD_M * PAD_M
+    blocks = (padded + BLOCK_M - 1) // BLOCK_M
+    return padded, tl.cumsum(padded, 0) - padded, blocks, tl.cumsum(blocks, 0) - blocks
+
+
+@triton.jit
+def _store_totals(block_start_ptr, n_blocks_ptr, n_padded_ptr, padded, blocks):
+    n_blocks = tl.sum(blocks, 0)
+    tl.store(n_padded_ptr, tl.sum(padded, 0))
+    tl.store(n_blocks_ptr, n_blocks)
+    tl.store(block_start_ptr + n_blocks, tl.sum(padded, 0))
+
+
+@triton.jit
+def _expert_layout(counts, expert, BLOCK_M: tl.constexpr, PAD_M: tl.constexpr):
+    """From every expert's count ([E_POW2]): this expert's first sorted row, count, padded rows,
+    blocks and first block, and the [E_POW2] padded rows and blocks of all (for the totals)."""
+    padded, starts, blocks, first_blocks = _padded_layout(counts, BLOCK_M, PAD_M)
+    mine = tl.arange(0, counts.shape[0]) == expert
+    return (tl.sum(tl.where(mine, starts, 0), 0), tl.sum(tl.where(mine, counts, 0), 0),
+            tl.sum(tl.where(mine, padded, 0), 0), tl.sum(tl.where(mine, blocks, 0), 0),
+            tl.sum(tl.where(mine, first_blocks, 0), 0), padded, blocks)
+
+
+@triton.jit
+def _write_expert_blocks(sorted_ptr, block_expert_ptr, block_start_ptr, expert, start, count,
+                         padded, blocks, first_block, n_pairs, BLOCK_M: tl.constexpr):
+    """The expert's padding rows (the sentinel n_pairs) and its blocks' expert and first row."""
+    pad = tl.arange(0, BLOCK_M)
+    tl.store(sorted_ptr + start + count + pad, n_pairs, mask=pad < padded - count)
+    for b in range(0, blocks, BLOCK_M):
+        block = b + tl.arange(0, BLOCK_M)
+        tl.store(block_expert_ptr + first_block + block, expert, mask=block < blocks)
+        tl.store(block_start_ptr + first_block + block, start + block * BLOCK_M,
+                 mask=block < blocks)
+
+
 @triton.jit(do_not_specialize=["n_pairs"])
 def _align_kernel(
-    ids_ptr, sorted_ptr, block_expert_ptr, n_padded_ptr, pair_slot_ptr, n_pairs,
-    E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, SCAN: tl.constexpr,
+    ids_ptr, sorted_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_padded_ptr,
+    pair_slot_ptr, n_pairs,
+    E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, PAD_M: tl.constexpr, SCAN: tl.constexpr,
 ):
     expert = tl.program_id(0)
     # Pass 1: every program counts all experts (the ids are tiny and sit in L2), so that each
     # knows its own padded offset without a second launch.
     counts = expert_counts(ids_ptr, n_pairs, E_POW2, SCAN)
-    bins = tl.arange(0, E_POW2)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, 0)
-    my_start = tl.sum(tl.where(bins == expert, ends - padded, 0), 0)
-    my_count = tl.sum(tl.where(bins == expert, counts, 0), 0)
-    my_padded = tl.sum(tl.where(bins == expert, padded, 0), 0)
+    start, count, padded, blocks, first_block, all_padded, all_blocks = _expert_layout(
+        counts, expert, BLOCK_M, PAD_M)
     if expert == 0:
-        tl.store(n_padded_ptr, tl.sum(padded, 0))
-    # Pass 2: this expert's pairs, in pair order (a stable sort), at my_start onwards.
-    expert_pairs_in_order(ids_ptr, sorted_ptr, pair_slot_ptr, expert, my_start, n_pairs, SCAN, True)
-    pad = tl.arange(0, BLOCK_M)
-    tl.store(sorted_ptr + my_start + my_count + pad, n_pairs, mask=pad < my_padded - my_count)
-    first_block = my_start // BLOCK_M
-    for b in range(0, my_padded // BLOCK_M, BLOCK_M):
-        blocks = b + tl.arange(0, BLOCK_M)
-        tl.store(block_expert_ptr + first_block + blocks, expert, mask=blocks < my_padded // BLOCK_M)
+        _store_totals(block_start_ptr, n_blocks_ptr, n_padded_ptr, all_padded, all_blocks)
+    # Pass 2: this expert's pairs, in pair order (a stable sort), at its first row onwards.
+    expert_pairs_in_order(ids_ptr, sorted_ptr, pair_slot_ptr, expert, start, n_pairs, SCAN, True)
+    _write_expert_blocks(sorted_ptr, block_expert_ptr, block_start_ptr, expert, start, count,
+                         padded, blocks, first_block, n_pairs, BLOCK_M)
 
 
 @triton.jit(do_not_specialize=["n_pairs"])
@@ -113,85 +160,98 @@ def _chunk_hist_kernel(ids_ptr, chunk_counts_ptr, n_pairs, E_POW2: tl.constexpr,
     tl.store(chunk_counts_ptr + chunk * E_POW2 + bins, counts)
 
 
-@triton.jit(do_not_specialize=["n_pairs", "n_chunks", "n_experts"])
-def _chunk_scatter_kernel(
-    ids_ptr, chunk_counts_ptr, sorted_ptr, block_expert_ptr, n_padded_ptr, pair_slot_ptr,
-    n_pairs, n_chunks, n_experts,
-    E_POW2: tl.constexpr, CHUNKS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, SCAN: tl.constexpr,
+@triton.jit(do_not_specialize=["n_pairs", "n_chunks"])
+def _chunk_offsets_kernel(
+    chunk_counts_ptr, delta_ptr, sorted_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
+    n_padded_ptr, n_pairs, n_chunks,
+    E_POW2: tl.constexpr, CHUNKS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, PAD_M: tl.constexpr,
 ):
-    """Chunk c places its pairs: expert e's padded start + e's pairs in earlier chunks + rank
-    within the chunk. Each program also fills its share of padding and block -> expert rows."""
+    """Program e, from the per-chunk counts [n_chunks, E_POW2]: expert e's padding rows and
+    blocks, and its column of delta [n_chunks, E_POW2], where the i-th pair of chunk c in
+    (expert, pair) order, when it belongs to e, goes to sorted row delta[c, e] + i:
+        e's first row + e's pairs in chunks before c - the chunk's pairs of experts before e."""
+    expert = tl.program_id(0)
+    rows = tl.arange(0, CHUNKS_POW2)[:, None]
+    bins = tl.arange(0, E_POW2)[None, :]
+    counts = tl.load(chunk_counts_ptr + rows * E_POW2 + bins, mask=rows < n_chunks, other=0)
+    start, count, padded, blocks, first_block, all_padded, all_blocks = _expert_layout(
+        tl.sum(counts, 0), expert, BLOCK_M, PAD_M)
+    mine = (rows < n_chunks) & (bins == expert)
+    before = tl.cumsum(counts, 0) - counts  # e's pairs in earlier chunks
+    in_chunk = tl.cumsum(counts, 1) - counts  # the chunk's pairs of smaller expert ids
+    tl.store(delta_ptr + rows * E_POW2 + bins, start + before - in_chunk, mask=mine)
+    if expert == 0:
+        _store_totals(block_start_ptr, n_blocks_ptr, n_padded_ptr, all_padded, all_blocks)
+    _write_expert_blocks(sorted_ptr, block_expert_ptr, block_start_ptr, expert, start, count,
+                         padded, blocks, first_block, n_pairs, BLOCK_M)
+
+
+@triton.jit(do_not_specialize=["n_pairs"])
+def _chunk_place_kernel(ids_ptr, delta_ptr, sorted_ptr, pair_slot_ptr, n_pairs,
+                        E_POW2: tl.constexpr, SCAN: tl.constexpr):
+    """Chunk c sorts its pairs by (expert, pair) in registers (one bitonic sort of SCAN keys,
+    instead of a scan per expert) and writes each to sorted row delta[c, expert] + its rank."""
     chunk = tl.program_id(0)
-    rows = tl.arange(0, CHUNKS_POW2)
-    bins = tl.arange(0, E_POW2)
-    counts = tl.load(chunk_counts_ptr + rows[:, None] * E_POW2 + bins[None, :],
-                     mask=rows[:, None] < n_chunks, other=0)
-    totals = tl.sum(counts, 0)
-    before = tl.sum(tl.where(rows[:, None] < chunk, counts, 0), 0)
-    padded = (totals + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, 0)
-    starts = ends - padded
-    base = starts + before
-    offs = chunk * SCAN + tl.arange(0, SCAN)
-    ids = tl.load(ids_ptr + offs, mask=offs < n_pairs, other=-1)
-    for expert in range(0, n_experts):
-        match = ids == expert
-        slot = tl.sum(tl.where(bins == expert, base, 0), 0) + tl.cumsum(match.to(tl.int32), 0) - 1
-        tl.store(sorted_ptr + slot, offs, mask=match)
-        tl.store(pair_slot_ptr + offs, slot, mask=match)
-    # padding rows of the experts this program owns (expert % n_chunks == chunk)
-    pad = tl.arange(0, BLOCK_M)
-    for expert in range(chunk, n_experts, n_chunks):
-        e_start = tl.sum(tl.where(bins == expert, starts, 0), 0)
-        e_count = tl.sum(tl.where(bins == expert, totals, 0), 0)
-        e_padded = tl.sum(tl.where(bins == expert, padded, 0), 0)
-        tl.store(sorted_ptr + e_start + e_count + pad, n_pairs, mask=pad < e_padded - e_count)
-    # block -> expert for this program's share of the used blocks
-    n_blocks = tl.sum(padded, 0) // BLOCK_M
-    per = tl.cdiv(n_blocks, n_chunks)
-    for b0 in range(chunk * per, tl.minimum(chunk * per + per, n_blocks), 256):
-        blocks = b0 + tl.arange(0, 256)
-        owner = tl.sum((ends[None, :] <= blocks[:, None] * BLOCK_M).to(tl.int32), 1)
-        tl.store(block_expert_ptr + blocks, owner,
-                 mask=(blocks < n_blocks) & (blocks < chunk * per + per))
-    if chunk == 0:
-        tl.store(n_padded_ptr, tl.sum(padded, 0))
+    lane = tl.arange(0, SCAN)
+    offs = chunk * SCAN + lane
+    ids = tl.load(ids_ptr + offs, mask=offs < n_pairs, other=E_POW2).to(tl.int32)  # last
+    key = tl.sort(ids * SCAN + lane)
+    expert = key // SCAN
+    pair = chunk * SCAN + key % SCAN
+    real = expert < E_POW2
+    slot = tl.load(delta_ptr + chunk * E_POW2 + expert, mask=real, other=0) + lane
+    tl.store(sorted_ptr + slot, pair, mask=real)
+    tl.store(pair_slot_ptr + pair, slot, mask=real)
 
 
-def align(topk_ids: torch.Tensor, n_experts: int, block_m: int, scan: int = SCAN) -> RoutingMeta:
-    """Sort the (token, slot) pairs of topk_ids [T, k] by expert, padded per expert to block_m.
+def align(topk_ids: torch.Tensor, n_experts: int, block_m: int, scan: int = SCAN,
+          half_tail: bool = False, method: str | None = None) -> RoutingMeta:
+    """Sort the (token, slot) pairs of topk_ids [T, k] by expert, padded per expert to block_m
+    (to block_m / 2 with `half_tail`, whose last block per expert may be a half block).
 
-    Returns a RoutingMeta (see the module docstring) on topk_ids' device; no host sync. Up to a
-    few `scan` chunks of pairs: one launch, one program per expert walking all ids. More: two
-    launches over chunks of `scan` pairs (per-chunk histograms, then each chunk places its
-    pairs), whose cost stays flat as the batch grows instead of growing with the serial walk.
+    Returns a RoutingMeta (see the module docstring) on topk_ids' device; no host sync.
+    method "one": one launch, one program per expert walking all ids (cheapest for a few `scan`
+    chunks of pairs). "chunked": three launches over chunks of `scan` pairs (per-chunk
+    histograms; per-expert offsets, padding and blocks; each chunk sorts and places its pairs),
+    whose cost stays about flat as the batch grows. None: by the number of chunks.
     """
+    if half_tail and (block_m < 32 or block_m & (block_m - 1)):
+        raise ValueError(f"half_tail needs block_m a power of two >= 32 (half blocks of >= 16 "
+                         f"rows for the tensor cores), got block_m={block_m}")
+    pad_m = block_m // 2 if half_tail else block_m
     ids = topk_ids.reshape(-1).contiguous()  # any integer dtype
     n_pairs = ids.numel()
-    max_padded = triton.cdiv(n_pairs + n_experts * (block_m - 1), block_m) * block_m
+    max_padded = triton.cdiv(n_pairs + n_experts * (pad_m - 1), pad_m) * pad_m
+    # an expert's blocks are ceil(count / block_m) either way
+    max_blocks = triton.cdiv(n_pairs + n_experts * (block_m - 1), block_m)
     device = topk_ids.device
     sorted_pair_ids = torch.empty(max_padded, dtype=torch.int32, device=device)
-    block_expert = torch.empty(max_padded // block_m, dtype=torch.int32, device=device)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=device)
+    block_start = torch.empty(max_blocks + 1, dtype=torch.int32, device=device)
+    n_blocks = torch.empty(1, dtype=torch.int32, device=device)
     n_padded = torch.empty(1, dtype=torch.int32, device=device)
     pair_slot = torch.empty(n_pairs, dtype=torch.int32, device=device)
+    outputs = (sorted_pair_ids, block_expert, block_start, n_blocks, n_padded, pair_slot)
     e_pow2 = triton.next_power_of_2(n_experts)
-    # Measured on an H100 (NOTES.md, v3): one launch costs ~4 us + ~2.2 us per scan chunk, the
-    # chunked version ~5 us + ~0.9 us per expert (its per-expert placement loop), so switch
-    # at about 0.4 * E chunks (E=8: past 4096 pairs; E=64: past ~26k pairs).
-    if n_pairs <= scan * max(4, math.ceil(0.4 * n_experts)):
-        _align_kernel[(n_experts,)](
-            ids, sorted_pair_ids, block_expert, n_padded, pair_slot, n_pairs,
-            E_POW2=e_pow2, BLOCK_M=block_m, SCAN=scan, num_warps=8,
-        )
-    else:
+    # One launch costs ~4 us + ~2 us per scan chunk (each program walks all ids twice); the
+    # chunked launches cost about the same at any size (ONE_LAUNCH_CHUNKS).
+    if method is None:
+        method = "one" if n_pairs <= scan * ONE_LAUNCH_CHUNKS else "chunked"
+    if method == "one":
+        _align_kernel[(n_experts,)](ids, *outputs, n_pairs, E_POW2=e_pow2, BLOCK_M=block_m,
+                                    PAD_M=pad_m, SCAN=scan, num_warps=8)
+    elif method == "chunked":
         n_chunks = triton.cdiv(n_pairs, scan)
         chunk_counts = torch.empty(n_chunks, e_pow2, dtype=torch.int32, device=device)
+        delta = torch.empty(n_chunks, e_pow2, dtype=torch.int32, device=device)
         _chunk_hist_kernel[(n_chunks,)](ids, chunk_counts, n_pairs, E_POW2=e_pow2, SCAN=scan,
                                         num_warps=4)
-        _chunk_scatter_kernel[(n_chunks,)](
-            ids, chunk_counts, sorted_pair_ids, block_expert, n_padded, pair_slot,
-            n_pairs, n_chunks, n_experts, E_POW2=e_pow2,
-            CHUNKS_POW2=triton.next_power_of_2(n_chunks), BLOCK_M=block_m, SCAN=scan,
-            num_warps=8,
-        )
-    return RoutingMeta(sorted_pair_ids, block_expert, n_padded, pair_slot, block_m, n_pairs)
+        _chunk_offsets_kernel[(n_experts,)](
+            chunk_counts, delta, *outputs[:5], n_pairs, n_chunks, E_POW2=e_pow2,
+            CHUNKS_POW2=triton.next_power_of_2(n_chunks), BLOCK_M=block_m, PAD_M=pad_m,
+            num_warps=8)
+        _chunk_place_kernel[(n_chunks,)](ids, delta, sorted_pair_ids, pair_slot, n_pairs,
+                                         E_POW2=e_pow2, SCAN=scan, num_warps=8)
+    else:
+        raise ValueError(f"align method must be 'one', 'chunked' or None, got {method!r}")
+    return RoutingMeta(*outputs, block_m, n_pairs, half_tail)
