@@ -165,7 +165,7 @@ def test_default_configs_run(rng):
     x, w13, w2, ids, weights = make_problem(rng, 24, 4, 64, 64, 2, torch.float16)
     ref = moe_reference(x.double(), w13.double(), w2.double(), ids, weights.double())
     paths = set()
-    for n_tokens in (1, 13, 24, 4096):
+    for n_tokens in (1, 13, 24, 300, 4096):  # 300: 128-row blocks with half tails
         cfg = default_config(n_tokens, 4, 64, 64, 2)
         paths.add(cfg["path"])
         assert rel_err(fused_moe(x, w13, w2, ids, weights, config=cfg), ref) < 2e-3
@@ -175,6 +175,8 @@ def test_default_configs_run(rng):
     assert [default_config(t, 64, 2048, 1408, 6)["path"] for t in (1, 4, 8)] == ["fused"] * 2 + ["scan"]
     assert default_config(1, 8, 4096, 14336, 2)["path"] == "scan"
     assert get_config(24, 4, 64, 64, 2)["path"] in paths
+    assert default_config(300, 4, 64, 64, 2)["half_tail"]
+    assert not default_config(4096, 4, 64, 64, 2)["half_tail"]
 
 
 @pytest.mark.parametrize("block_m,scan,half_tail", [(4, 1024, False), (16, 1024, False),

@@ -545,7 +545,11 @@ def bench_fused(row, x, w13, w2, ids, weights, ref, failed, name) -> None:
     row["fused_vs_gmm"] = row["gmm_us"] / row["fused_us"]
 
 
-def bench_one(name, shape, n_tokens, ceil, seed=0, fused=False, skip=(), failed=None) -> dict:
+def bench_one(name, shape, n_tokens, seed=0, fused=False, skip=(), failed=None) -> dict:
+    """One (shape, tokens) row. Its floor comes from copy and matmul rates measured just before
+    it: the 8192^3 matmul rate of one H100 moved between 702 and 793 TFLOP/s from run to run
+    (its clocks under the power limit; NOTES.md v11), so a rate measured once per run put a
+    late compute-bound row's percentage off by as much."""
     from moegps.kernels import default_config, fused_moe, get_config, moe_reference
     from moegps.kernels.routing import align
 
@@ -558,11 +562,13 @@ def bench_one(name, shape, n_tokens, ceil, seed=0, fused=False, skip=(), failed=
     weight_bytes = active * 3 * hidden * ffn * 2
     io_bytes = 2 * n_tokens * hidden * 2
     flops = 2 * n_tokens * top_k * 3 * hidden * ffn
+    ceil = ceilings()
     floor_mem = (weight_bytes + io_bytes) / ceil["copy_Bps"] * 1e6
     floor_flop = flops / ceil["matmul_flops"] * 1e6
     row = {"shape": name, "E": n_experts, "H": hidden, "F": ffn, "k": top_k, "tokens": n_tokens,
            "active_experts": active, "path": config["path"], "block_m": config["block_m"],
            "half_tail": bool(config.get("half_tail", False)),
+           "copy_TBps": ceil["copy_Bps"] / 1e12, "matmul_TFLOPs": ceil["matmul_flops"] / 1e12,
            "floor_us": max(floor_mem, floor_flop),
            "bound": "memory" if floor_mem >= floor_flop else "compute"}
 
@@ -599,6 +605,7 @@ def bench_one(name, shape, n_tokens, ceil, seed=0, fused=False, skip=(), failed=
 
 COLUMNS = [("shape", "{}"), ("tokens", "{}"), ("path", "{}"), ("ours_us", "{:.1f}"),
            ("ours_eager_us", "{:.1f}"), ("floor_us", "{:.1f}"), ("bound", "{}"),
+           ("copy_TBps", "{:.2f}"), ("matmul_TFLOPs", "{:.0f}"),
            ("pct_floor", "{:.0f}%"), ("default_us", "{:.1f}"), ("pct_floor_default", "{:.0f}%"),
            ("gmm_us", "{:.1f}"), ("pct_floor_gmm", "{:.0f}%"), ("loop_us", "{:.1f}"),
            ("vs_gmm", "{:.2f}x"), ("vs_loop", "{:.2f}x"), ("tflops", "{:.0f}"),
@@ -687,14 +694,11 @@ def main(argv=None):
         print_table(align_rows, [("shape", "{}"), ("tokens", "{}"), ("chunks", "{}"),
                                  ("one_us", "{:.1f}"), ("chunked_us", "{:.1f}")])
         (out_dir / "align.json").write_text(json.dumps(align_rows, indent=1))
-    ceil = ceilings()
     print(f"L2 flush before each timed run: {FLUSH}", flush=True)
-    print(f"measured: copy {ceil['copy_Bps'] / 1e12:.2f} TB/s (read+written), "
-          f"bf16 8192^3 matmul {ceil['matmul_flops'] / 1e12:.0f} TFLOP/s", flush=True)
     rows = []
     for name, shape in shapes.items():
         for n_tokens in tokens:
-            rows.append(bench_one(name, shape, n_tokens, ceil, seed=args.seed, fused=args.fused,
+            rows.append(bench_one(name, shape, n_tokens, seed=args.seed, fused=args.fused,
                                   skip=args.skip, failed=failed))
             r = rows[-1]
             fused = (f"; fused {r['fused_us']:.1f} us ({r['pct_floor_fused']:.0f}%)"
@@ -704,13 +708,14 @@ def main(argv=None):
                   flush=True)
             torch.cuda.empty_cache()
     meta = {"device": device, "flush": FLUSH, "torch": torch.__version__,
-            "triton": __import__("triton").__version__, **ceil}
+            "triton": __import__("triton").__version__,
+            "ceilings": "measured before each row: copy_TBps, matmul_TFLOPs"}
     import pandas as pd
 
     pd.DataFrame(rows).to_csv(out_dir / "bench.csv", index=False)
     (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"\n{device}; copy {ceil['copy_Bps'] / 1e12:.2f} TB/s, matmul "
-          f"{ceil['matmul_flops'] / 1e12:.0f} TFLOP/s; times in us (median, device events)")
+    print(f"\n{device}; times in us (median, device events); copy (read+written) and bf16 "
+          "8192^3 matmul rates measured before each row")
     print_table(rows)
     if args.fused:
         print("\nfused decode path (best of FUSED_TILES; ours = the tuned/shipped config)")
