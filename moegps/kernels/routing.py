@@ -1,4 +1,4 @@
-"""Routing metadata for the grouped expert GEMMs, built on the device in one Triton launch.
+"""Routing metadata for the grouped expert GEMMs, built on the device in Triton (no host sync).
 
 A (token, slot) pair p = t * k + j of `topk_ids [T, k]` is routed to expert topk_ids[t, j]. The
 grouped kernels want the pairs sorted by expert, each expert's run padded to a multiple of the
@@ -18,10 +18,12 @@ height: at 64 experts and 2048 tokens (~192 rows each) that is 15.6% padded MMA 
 33% (the issue's "no padded blocks"; NOTES.md v10). Blocks per expert are the same either way.
 
 All sizes are the worst case (n_pairs + E * (BLOCK_M - 1)), so nothing is read back to the host:
-the kernels read `n_padded` and skip blocks past it. One program per expert reads the ids twice
-(a histogram, which gives every expert's padded offset, then its own rows in order), so the
-whole step is a single launch instead of the dozen small torch ops (sort, bincount, cumsum, ...)
-an eager version takes; vLLM's `moe_align_block_size` does the same job in its own CUDA kernel.
+the kernels read `n_blocks` and skip blocks past it. Up to a few thousand pairs, one program per
+expert reads the ids twice (a histogram, which gives every expert's padded offset, then its own
+rows in order): a single launch instead of the dozen small torch ops (sort, bincount, cumsum, ...)
+an eager version takes. Beyond that, three launches over 1024-pair chunks, each chunk sorting
+its pairs in registers, whose cost stays flat (14-20 us on an H100 up to 98k pairs). vLLM's
+`moe_align_block_size` does the same job in its own CUDA kernel.
 """
 
 from __future__ import annotations
