@@ -305,7 +305,7 @@ def _one_rank_stalls(comm):
 def test_raising_rank_fails_the_run_clearly():
     # Which rank's error surfaces first is a race: the planted one, or rank 0's gloo error on
     # losing its peer, whose wording varies (seen: crashing, closed, reset by peer).
-    lost_peer = "remote worker crashing|Connection closed|Connection reset by peer"
+    lost_peer = "gloo/transport|remote worker crashing|Connection closed|Connection reset by peer"
     with pytest.raises(mp.ProcessRaisedException, match=f"planted failure on rank 1|{lost_peer}"):
         xdist.spawn(_one_rank_raises, 2, timeout_s=5)
 
