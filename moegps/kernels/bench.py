@@ -14,7 +14,7 @@ do_bench's zero-fill or, with `--flush clean`, by a read that leaves no dirty li
             GEMM, gate weights, un-permute and sum (graph)
   loop      the torch per-expert loop (reference.py, bf16; eager: it syncs per expert)
 and the floor: max(active-expert weight bytes / measured copy rate, FLOPs / measured 8192^3 bf16
-matmul rate), both measured at the start of the same run. Percent of floor = floor / time.
+matmul rate), both measured just before the row. Percent of floor = floor / time.
 `--fused` adds the one-launch decode path (`fused`, NOTES.md v4): each of its tiles
 (FUSED_TILES) is timed whole (graph) and checked, and the row reports the best as `fused_us`
 beside `ours_us` (whatever path the tuned or shipped config takes).
@@ -82,6 +82,17 @@ def tile_tuple(g: dict) -> tuple:
     """The candidate tuple of a GEMM's tile dict (inverse of `tile`)."""
     t = (g["block_n"], g["block_k"], g["num_warps"], g["num_stages"])
     return t + tuple(v for v in ("paired", "tma") if g.get(v))
+
+
+def config_tasks(name: str, shape: tuple, config: dict) -> set:
+    """The precompile tasks (name, shape, path, block, tile) of one config: its fused tile (the
+    inverse of `fused_config`), or its two GEMM tiles."""
+    if config["path"] == "fused":
+        f = config["fused"]
+        t = tuple(f[k] for k in ("block_f", "block_k", "block_n", "num_warps", "num_stages"))
+        return {(name, shape, "fused", config_block(config), t + (("paired",) if f.get("paired") else ()))}
+    return {(name, shape, config["path"], config_block(config), tile_tuple(config[gemm]))
+            for gemm in ("gate_up", "down")}
 
 
 def blocks(path: str, rows: float) -> list[tuple[int, bool]]:
@@ -422,8 +433,7 @@ def tune(shapes, tokens, out_dir: Path, workers: int, command: str, seed: int = 
                 tasks.update((name, shape, path, block, t) for t in tiles)
             d = launch.default_config(n_tokens, *shape)
             if d["path"] != "fused":
-                tasks.update((name, shape, d["path"], config_block(d), tile_tuple(d[gemm]))
-                             for gemm in ("gate_up", "down"))
+                tasks |= config_tasks(name, shape, d)
     failed = precompile(sorted(tasks, key=str), workers)
     # Merged into the device's file: token counts not tuned now keep their entries.
     path = launch.CONFIG_DIR / f"{launch.device_name()}.json"
@@ -671,14 +681,7 @@ def main(argv=None):
         for name, shape in shapes.items():
             for n_tokens in tokens:
                 for cfg in (get_config(n_tokens, *shape), default_config(n_tokens, *shape)):
-                    if cfg["path"] == "fused":  # one kernel, one tile
-                        f = cfg["fused"]
-                        tasks.add((name, shape, "fused", config_block(cfg), tuple(
-                            f[k] for k in ("block_f", "block_k", "block_n", "num_warps", "num_stages"))
-                            + (("paired",) if f.get("paired") else ())))
-                        continue
-                    tasks.update((name, shape, cfg["path"], config_block(cfg),
-                                  tile_tuple(cfg[gemm])) for gemm in ("gate_up", "down"))
+                    tasks |= config_tasks(name, shape, cfg)
                 if args.fused:
                     tasks.update((name, shape, "fused", (16, False), t) for t in FUSED_TILES)
         failed = precompile(sorted(tasks, key=str), args.workers)

@@ -361,10 +361,10 @@ def plot_decisions(table: pd.DataFrame, path: Path, title: str = "") -> Path:
     fig.suptitle((title + "\n" if title else "") + "cell: t(best token-to-expert) / t(best distribution-only) - 1\n"
                  "and the plan that wins end to end", fontsize=9)
     fig.tight_layout(rect=(0, 0.07, 1, 0.9))
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
-def _save_png(fig, path: Path) -> Path:
+def save_png(fig, path: Path) -> Path:
     """Write a figure atomically as PNG and close it."""
     import matplotlib.pyplot as plt
 
@@ -424,7 +424,7 @@ def plot_placement(table: pd.DataFrame, path: Path, title: str = "") -> Path:
                  + "\nbal. = balanced duplication on the training split's all / prefill / decode loads; "
                  "pf-aware = prefill-aware (max or token-weighted objective)", fontsize=8)
     fig.tight_layout(rect=(0, 0.05, 1, 0.96))
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def write_outputs(table: pd.DataFrame, rows: list[dict[str, Any]], out: Path, config: dict[str, Any]) -> dict[str, Path]:

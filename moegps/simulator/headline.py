@@ -41,7 +41,7 @@ def plot_headline(table: pd.DataFrame, path: Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..trace import atomic_path
+    from .guide import save_png
 
     labels = list(dict.fromkeys(table["label"]))
     modes = [m for m in ("dp", "tp") if m in set(table["attention"])]
@@ -77,10 +77,7 @@ def plot_headline(table: pd.DataFrame, path: Path, title: str = "") -> Path:
                title_fontsize=7)
     fig.suptitle(title or "t(best token-to-expert) / t(best distribution-only) - 1, simulated", fontsize=9)
     fig.tight_layout(rect=(0, 0.09, 1, 0.97))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def main() -> None:
