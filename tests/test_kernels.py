@@ -43,6 +43,11 @@ CONFIGS["sorted_tma"] = {**CONFIGS["sorted"], "gate_up": dict(CONFIGS["sorted"][
 # each expert's last block at half height where it fits (32-row blocks, 16-row tails)
 CONFIGS["sorted_half"] = {**CONFIGS["sorted"], "block_m": 32, "half_tail": True}
 CONFIGS["sorted_tma_half"] = {**CONFIGS["sorted_tma"], "block_m": 32, "half_tail": True}
+# the fused decode path with both weights through tensor descriptors
+CONFIGS["fused_tma"] = {**CONFIGS["fused"], "fused": dict(CONFIGS["fused"]["fused"], tma=True)}
+# the k-way combine as atomics in the down GEMM's epilogue (k = 1 keeps the plain store)
+CONFIGS["scan_atomic"] = {**CONFIGS["scan"], "combine": "atomic"}
+CONFIGS["sorted_tma_half_atomic"] = {**CONFIGS["sorted_tma_half"], "combine": "atomic"}
 
 PATHS = list(CONFIGS)
 
@@ -136,11 +141,19 @@ def test_top4_and_single_token(rng, path):
     check(make_problem(rng, 1, 6, 48, 32, 4, torch.float16), path, torch.float16)
 
 
+@pytest.mark.parametrize("path", ["fused", "fused_tma"])
 @pytest.mark.parametrize("n_tokens", range(1, 9))
-def test_fused_decode_token_counts(rng, n_tokens):
+def test_fused_decode_token_counts(rng, n_tokens, path):
     """The fused (split-F, atomics) path at the decode sizes it is meant for: T = 1..8 tokens,
     top-3 of 10 experts, H = 40 and F = 24 (neither a multiple of the 32/16 tiles), fp16."""
-    check(make_problem(rng, n_tokens, 10, 40, 24, 3, torch.float16), "fused", torch.float16)
+    check(make_problem(rng, n_tokens, 10, 40, 24, 3, torch.float16), path, torch.float16)
+
+
+def test_tma_falls_back_where_rows_are_not_16_byte_aligned(rng):
+    """F = 36 fp16 (72-byte w2 rows): the copy engine cannot address w2, so the TMA configs run
+    on pointer loads; the result must not change."""
+    for path in ("fused_tma", "sorted_tma_half_atomic"):
+        check(make_problem(rng, 11, 5, 48, 36, 2, torch.float16), path, torch.float16)
 
 
 def test_fused_expert_in_every_token(rng):
@@ -237,6 +250,9 @@ def test_bad_shapes_are_named():
         fused_moe(x, w13, w2, ids, torch.rand(4, 3))
     with pytest.raises(ValueError, match="w_gate_up"):
         fused_moe(x, w13[:, :, :8], w2, ids, torch.rand(4, 2))
+    with pytest.raises(ValueError, match="'combine'"):
+        fused_moe(x, w13, w2, ids, torch.rand(4, 2),
+                  config={**CONFIGS["sorted"], "combine": "atomics"})
 
 
 def test_shipped_configs_are_valid_and_run(rng):

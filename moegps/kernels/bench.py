@@ -53,18 +53,23 @@ SORTED_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 
                 (128, 128, 8, 3, "tma"), (256, 64, 8, 3, "tma"), (256, 64, 8, 4, "tma"),
                 (128, 64, 4, 2, "tma"), (128, 64, 4, 3, "tma"), (256, 64, 4, 2, "tma"),
                 (64, 64, 8, 3, "tma"), (64, 128, 8, 3, "tma")]
-# fused path: (block_f, block_k, block_n, num_warps, num_stages); 64 experts at T=1 with
-# block_f 64 is 6 slots x 22 F tiles = 132 programs, one per H100 SM
+# fused path: (block_f, block_k, block_n, num_warps, num_stages[, variant]); 64 experts at T=1
+# with block_f 64 is 6 slots x 22 F tiles = 132 programs, one per H100 SM
 FUSED_TILES = [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 256, 128, 8, 2),
                (32, 256, 128, 4, 3), (32, 128, 256, 4, 3), (128, 64, 64, 4, 3),
                (128, 64, 128, 8, 3), (16, 256, 256, 4, 3), (64, 128, 128, 4, 3, "paired"),
-               (32, 256, 128, 4, 3, "paired")]
+               (32, 256, 128, 4, 3, "paired"), (64, 64, 128, 4, 4, "tma"),
+               (64, 64, 128, 4, 6, "tma"), (64, 128, 128, 4, 3, "tma"), (32, 64, 128, 4, 6, "tma"),
+               (32, 128, 64, 4, 4, "tma"), (64, 64, 64, 4, 6, "tma"), (128, 64, 64, 4, 4, "tma"),
+               (64, 64, 128, 8, 5, "tma")]
+# the tuner tries the fused path up to this many (token, slot) pairs (64 experts T=8: 48)
+FUSED_MAX_PAIRS = 64
 
 
 def fused_config(t) -> dict:
     return {"path": "fused", "block_m": 16,
             "fused": {"block_f": t[0], "block_k": t[1], "block_n": t[2], "num_warps": t[3],
-                      "num_stages": t[4], "paired": "paired" in t[5:]}}
+                      "num_stages": t[4], **dict.fromkeys(t[5:], True)}}
 
 
 def paired(t) -> bool:
@@ -90,7 +95,8 @@ def config_tasks(name: str, shape: tuple, config: dict) -> set:
     if config["path"] == "fused":
         f = config["fused"]
         t = tuple(f[k] for k in ("block_f", "block_k", "block_n", "num_warps", "num_stages"))
-        return {(name, shape, "fused", config_block(config), t + (("paired",) if f.get("paired") else ()))}
+        return {(name, shape, "fused", config_block(config),
+                 t + tuple(v for v in ("paired", "tma") if f.get(v)))}
     return {(name, shape, config["path"], config_block(config), tile_tuple(config[gemm]))
             for gemm in ("gate_up", "down")}
 
@@ -124,9 +130,10 @@ def config_block(config: dict) -> tuple[int, bool]:
 def candidates(n_tokens, n_experts, top_k) -> list[tuple[str, tuple[int, bool], list]]:
     """(path, (BLOCK_M, half_tail), tiles) groups the tuner tries for one (shape, token count)."""
     rows = n_tokens * top_k / n_experts
-    return [(path, block, tiles)
-            for path, tiles in (("scan", SCAN_TILES), ("sorted", SORTED_TILES))
-            for block in blocks(path, rows)]
+    fused = [("fused", (16, False), FUSED_TILES)] if n_tokens * top_k <= FUSED_MAX_PAIRS else []
+    return fused + [(path, block, tiles)
+                    for path, tiles in (("scan", SCAN_TILES), ("sorted", SORTED_TILES))
+                    for block in blocks(path, rows)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,10 +351,15 @@ def _compile_task(task):
     h = th.randn(16 * top_k, ffn, dtype=th.bfloat16, device="cuda")
     y = th.empty(16 * top_k, hidden, dtype=th.bfloat16, device="cuda")
     routing = route(ids, n_experts, config)
+    gates = th.rand(16 * top_k, device="cuda")
+    acc = th.zeros(16, hidden, device="cuda")
     errors = []
     for run in (lambda: launch_gate_up(x, w13, h, ids, routing, config, top_k),
-                lambda: launch_down(h, w2, y, th.rand(16 * top_k, device="cuda"), ids, routing,
-                                    config)):
+                lambda: launch_down(h, w2, y, gates, ids, routing, config, top_k),
+                # the atomic-combine variant of TMA down tiles (the large-batch winners; others
+                # compile when the tuner first times them)
+                lambda: "tma" in t and launch_down(h, w2, acc, gates, ids, routing,
+                                                   dict(config, combine="atomic"), top_k)):
         try:
             run()
             th.cuda.synchronize()
@@ -367,12 +379,12 @@ def precompile(tasks, workers):
     with mp.get_context("spawn").Pool(workers) as pool:
         check = pool.apply_async(check_edge_cases)
         for (name, _, path, block, t), errors in pool.imap_unordered(_compile_task, tasks):
-            gemms = ("fused",) if path == "fused" else ("gate_up", "down")
+            gemms = ("fused",) if path == "fused" else ("gate_up", "down", "down_atomic")
             for gemm, err in zip(gemms, errors):
                 if err:
                     failed[(name, path, block, t, gemm)] = err
         failures = check.get()
-    print(f"precompiled {len(tasks)} (path, block, tile) x 2 GEMMs in {time.time() - t0:.0f} s;"
+    print(f"precompiled {len(tasks)} (path, block, tile) tasks in {time.time() - t0:.0f} s;"
           f" {len(failed)} kernels do not fit (skipped)", flush=True)
     print("edge cases:", "all ok" if not failures else f"FAILED {failures}", flush=True)
     return failed
@@ -380,7 +392,8 @@ def precompile(tasks, workers):
 
 def tune_one(name, shape, n_tokens, failed, seed=0) -> dict:
     """Best config for one (shape, tokens): each GEMM's tile timed alone per (path, block), then
-    the best pair timed whole (routing + both GEMMs + combine, CUDA graph)."""
+    the best pair timed whole (routing + both GEMMs + combine, CUDA graph) with each combine
+    (torch's k-way sum, atomics in the down GEMM); each fused tile (decode) timed whole."""
     from moegps.kernels.launch import fused_moe, launch_down, launch_gate_up, route
 
     n_experts, hidden, ffn, top_k = shape
@@ -391,7 +404,24 @@ def tune_one(name, shape, n_tokens, failed, seed=0) -> dict:
     h = torch.empty(n_pairs, ffn, dtype=x.dtype, device="cuda")
     y = torch.empty(n_pairs, hidden, dtype=x.dtype, device="cuda")
     best = None
+
+    def consider(config):
+        nonlocal best
+        try:
+            us = time_us(lambda: fused_moe(x, w13, w2, ids, weights, config=config), graph=True,
+                         warmup=5, rep=40)
+        except Exception as exc:  # a variant that does not compile here is skipped
+            print(f"  skipped {config}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+            return
+        if best is None or us < best[0]:
+            best = (us, config)
+
     for path, block, tiles in candidates(n_tokens, n_experts, top_k):
+        if path == "fused":
+            for t in tiles:
+                if (name, path, block, t, "fused") not in failed:
+                    consider(fused_config(t))
+            continue
         gu_tiles = [t for t in tiles if (name, path, block, t, "gate_up") not in failed]
         dn_tiles = [t for t in tiles
                     if not paired(t) and (name, path, block, t, "down") not in failed]
@@ -407,17 +437,15 @@ def tune_one(name, shape, n_tokens, failed, seed=0) -> dict:
 
         def down_us(t):
             cfg = dict(base, down=tile(t))
-            return time_us(lambda: launch_down(h, w2, y, flat_w, flat_ids, routing, cfg),
+            return time_us(lambda: launch_down(h, w2, y, flat_w, flat_ids, routing, cfg, top_k),
                            warmup=5, rep=25)
 
         gu = min(gu_tiles, key=gate_up_us)  # also leaves real values in h for the down GEMM
         launch_gate_up(x, w13, h, flat_ids, routing, dict(base, gate_up=tile(gu)), top_k)
         dn = min(dn_tiles, key=down_us)
-        config = dict(base, gate_up=tile(gu), down=tile(dn))
-        us = time_us(lambda: fused_moe(x, w13, w2, ids, weights, config=config), graph=True,
-                     warmup=5, rep=40)
-        if best is None or us < best[0]:
-            best = (us, config)
+        for combine in ("sum", "atomic") if top_k > 1 else ("sum",):
+            consider(dict(base, gate_up=tile(gu), down=tile(dn),
+                          **({"combine": "atomic"} if combine == "atomic" else {})))
     config = dict(best[1], us=round(best[0], 2))
     print(f"  tuned {name} T={n_tokens}: {config}", flush=True)
     return config
@@ -483,6 +511,8 @@ def check_edge_cases() -> list[str]:
     configs = {"scan": dict(tiles, path="scan", block_m=16),
                "sorted": dict(tiles, path="sorted", block_m=16),
                "fused": fused_config((64, 64, 64, 4, 3)),
+               "fused_tma": fused_config((64, 64, 64, 4, 3, "tma")),
+               "scan_atomic": dict(tiles, path="scan", block_m=16, combine="atomic"),
                "sorted_paired": {"path": "sorted", "block_m": 16, "down": tiles["down"],
                                  "gate_up": tile((64, 64, 4, 3, "paired"))},
                "sorted_tma": {"path": "sorted", "block_m": 16, "gate_up": tile((64, 64, 4, 3, "tma")),
@@ -491,7 +521,10 @@ def check_edge_cases() -> list[str]:
                "sorted_half": dict(tiles, path="sorted", block_m=32, half_tail=True),
                "sorted_tma_half": {"path": "sorted", "block_m": 128, "half_tail": True,
                                    "gate_up": tile((64, 64, 8, 3, "tma")),
-                                   "down": tile((64, 64, 8, 3, "tma"))}}
+                                   "down": tile((64, 64, 8, 3, "tma"))},
+               "sorted_tma_atomic": {"path": "sorted", "block_m": 128, "half_tail": True,
+                                     "combine": "atomic", "gate_up": tile((64, 64, 8, 3, "tma")),
+                                     "down": tile((64, 64, 8, 3, "tma"))}}
     for (case, (T, E, H, Fd, k, kind)), path in itertools.product(cases.items(), configs):
         if path.startswith("sorted") and case.startswith("decode"):
             continue
@@ -509,7 +542,8 @@ def check_edge_cases() -> list[str]:
               "scratch": torch.full((E * T * k,), -7, dtype=torch.int32, device="cuda")}
         errs, finite = [], True
         try:
-            for _ in range(3 if path == "fused" else 1):  # atomics: a race shows as a spread
+            # atomics: a race shows as a spread
+            for _ in range(3 if path.startswith("fused") or "atomic" in path else 1):
                 out = fused_moe(x, w13, w2, ids, weights, workspace=ws, config=configs[path])
                 errs.append(rel_err(out, ref.float()))
                 finite = finite and bool(torch.isfinite(out).all())
@@ -534,7 +568,7 @@ def bench_fused(row, x, w13, w2, ids, weights, ref, failed, name) -> None:
 
     times = {}
     for t in FUSED_TILES:
-        if (name, "fused", 16, t, "fused") in failed:
+        if (name, "fused", (16, False), t, "fused") in failed:
             continue
         cfg = fused_config(t)
         fn = lambda: fused_moe(x, w13, w2, ids, weights, config=cfg)  # noqa: E731

@@ -139,13 +139,16 @@ def _gate_up_tile(
 @triton.jit
 def _down_tile(
     h_ptr, w_ptr, out_ptr, weights_ptr, pair, valid_m, expert, pid_n, H, F,
-    stride_hm, stride_we, stride_wn, stride_om,
+    stride_hm, stride_we, stride_wn, stride_om, top_k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    TMA: tl.constexpr = False,
+    TMA: tl.constexpr = False, COMBINE: tl.constexpr = False,
 ):
     """out[pair, n tile] = topk_weights[pair] * (h[pair] @ w2[e, n tile]^T).
 
     TMA: w_ptr is a tensor descriptor over w2 viewed [E * H, F] with [BLOCK_N, BLOCK_K] boxes.
+    COMBINE: out is an fp32 [T, H] accumulator (zeroed) and the tile is added into its token rows
+    pair // top_k with atomics: the k-way combine in the epilogue, no [T*k, H] y round trip
+    through memory (the order of the adds, so the last bits, vary from run to run).
     """
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -169,8 +172,14 @@ def _down_tile(
             b_ptrs += BLOCK_K
     gate = tl.load(weights_ptr + pair, mask=valid_m, other=0.0).to(tl.float32)
     acc = acc * gate[:, None]
-    out_ptrs = out_ptr + pair64[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid_m[:, None] & n_mask[None, :])
+    out_mask = valid_m[:, None] & n_mask[None, :]
+    if COMBINE:
+        out_ptrs = out_ptr + (pair64 // top_k)[:, None] * stride_om + offs_n[None, :]
+        # relaxed: only the sum matters, and the launch boundary orders it for readers
+        tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
+    else:
+        out_ptrs = out_ptr + pair64[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -220,12 +229,13 @@ def gate_up_scan_kernel(
                       BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PAIRED)
 
 
-@triton.jit(do_not_specialize=["n_pairs"])
+@triton.jit(do_not_specialize=["n_pairs", "top_k"])
 def down_scan_kernel(
-    h_ptr, w_ptr, out_ptr, weights_ptr, ids_ptr, scratch_ptr, n_pairs, H, F,
+    h_ptr, w_ptr, out_ptr, weights_ptr, ids_ptr, scratch_ptr, n_pairs, top_k, H, F,
     stride_hm, stride_we, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, SCAN: tl.constexpr, E_POW2: tl.constexpr,
+    COMBINE: tl.constexpr = False,
 ):
     expert = _slot_expert(ids_ptr, n_pairs, tl.program_id(0), E_POW2, SCAN)
     if expert < 0:
@@ -237,8 +247,8 @@ def down_scan_kernel(
         valid_m = offs_m < count
         pair = tl.load(scratch_ptr + expert.to(tl.int64) * n_pairs + offs_m, mask=valid_m, other=0)
         _down_tile(h_ptr, w_ptr, out_ptr, weights_ptr, pair, valid_m, expert, pid_n, H, F,
-                   stride_hm, stride_we, stride_wn, stride_om,
-                   BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+                   stride_hm, stride_we, stride_wn, stride_om, top_k,
+                   BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, False, COMBINE)
 
 
 @triton.jit
@@ -246,33 +256,43 @@ def _fused_expert_tile(
     x_ptr, w13_ptr, w2_ptr, acc_ptr, weights_ptr, ids_ptr, scratch_ptr, expert, pid_f,
     n_pairs, top_k, H, F, stride_xt, stride_w13e, stride_w13n, stride_w2e, stride_w2n,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_K: tl.constexpr, SCAN: tl.constexpr, PAIRED: tl.constexpr,
+    EVEN_K: tl.constexpr, SCAN: tl.constexpr, PAIRED: tl.constexpr, TMA: tl.constexpr,
 ):
-    """acc[t, :] += topk_weights[p] * h[p, f tile] @ w2[e, :, f tile]^T for expert e's pairs p."""
+    """acc[t, :] += topk_weights[p] * h[p, f tile] @ w2[e, :, f tile]^T for expert e's pairs p.
+
+    TMA: w13_ptr and w2_ptr are tensor descriptors over [w1; w3] viewed [E * 2F, H] in
+    [BLOCK_F, BLOCK_K] boxes and w2 viewed [E * H, F] in [BLOCK_N, BLOCK_F] boxes.
+    """
     count = _expert_pairs(ids_ptr, scratch_ptr, expert, n_pairs, SCAN)
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     f_mask = offs_f < F
     offs_n = tl.arange(0, BLOCK_N)
-    w2_tile = (w2_ptr + expert.to(tl.int64) * stride_w2e
-               + offs_n.to(tl.int64)[None, :] * stride_w2n + offs_f[:, None])  # [BLOCK_F, BLOCK_N]
+    if not TMA:
+        w2_tile = (w2_ptr + expert.to(tl.int64) * stride_w2e + offs_n.to(tl.int64)[None, :]
+                   * stride_w2n + offs_f[:, None])  # [BLOCK_F, BLOCK_N]
     for m0 in range(0, count, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         valid_m = offs_m < count
         pair = tl.load(scratch_ptr + expert.to(tl.int64) * n_pairs + offs_m, mask=valid_m, other=0)
         tok = pair // top_k
         act = _gate_up_act(x_ptr, w13_ptr, tok, valid_m, expert, pid_f, H, F, stride_xt,
-                           stride_w13e, stride_w13n, BLOCK_M, BLOCK_F, BLOCK_K, EVEN_K, PAIRED)
-        act = act.to(w2_ptr.dtype.element_ty)  # h rounded as the two-kernel paths store it
+                           stride_w13e, stride_w13n, BLOCK_M, BLOCK_F, BLOCK_K, EVEN_K, PAIRED,
+                           TMA)
+        if TMA:  # columns past F came from the next weight rows: zero them
+            act = tl.where(f_mask[None, :], act, 0.0)
+        act = act.to(x_ptr.dtype.element_ty)  # h rounded as the two-kernel paths store it
         gate = tl.load(weights_ptr + pair, mask=valid_m, other=0.0).to(tl.float32)
-        b_ptrs = w2_tile
         o_ptrs = acc_ptr + tok.to(tl.int64)[:, None] * H + offs_n[None, :]
         for n0 in range(0, H, BLOCK_N):
             n_mask = offs_n < H - n0
-            b = tl.load(b_ptrs, mask=f_mask[:, None] & n_mask[None, :], other=0.0)
+            if TMA:  # rows past H are the next expert's (masked below); F past its end reads 0
+                b = w2_ptr.load([expert * H + n0, pid_f * BLOCK_F]).T
+            else:
+                b = tl.load(w2_tile + n0 * stride_w2n, mask=f_mask[:, None] & n_mask[None, :],
+                            other=0.0)
             y = tl.dot(act, b) * gate[:, None]
             # relaxed: only the sum matters, and the launch boundary orders it for readers
             tl.atomic_add(o_ptrs, y, mask=valid_m[:, None] & n_mask[None, :], sem="relaxed")
-            b_ptrs += BLOCK_N * stride_w2n
             o_ptrs += BLOCK_N
 
 
@@ -282,7 +302,7 @@ def fused_scan_kernel(
     stride_xt, stride_w13e, stride_w13n, stride_w2e, stride_w2n,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_K: tl.constexpr, SCAN: tl.constexpr, E_POW2: tl.constexpr,
-    PAIRED: tl.constexpr = False,
+    PAIRED: tl.constexpr = False, TMA: tl.constexpr = False,
 ):
     """Both GEMMs and the k-way combine in one launch, split-K over the FFN dimension F.
 
@@ -302,7 +322,7 @@ def fused_scan_kernel(
         _fused_expert_tile(x_ptr, w13_ptr, w2_ptr, acc_ptr, weights_ptr, ids_ptr, scratch_ptr,
                            expert, tl.program_id(1), n_pairs, top_k, H, F, stride_xt,
                            stride_w13e, stride_w13n, stride_w2e, stride_w2n,
-                           BLOCK_M, BLOCK_F, BLOCK_K, BLOCK_N, EVEN_K, SCAN, PAIRED)
+                           BLOCK_M, BLOCK_F, BLOCK_K, BLOCK_N, EVEN_K, SCAN, PAIRED, TMA)
 
 
 @triton.jit
@@ -331,13 +351,14 @@ def _gate_up_block(x_ptr, w_ptr, h_ptr, sorted_ptr, start, n_pairs, top_k, exper
 
 @triton.jit
 def _down_block(h_ptr, w_ptr, out_ptr, weights_ptr, sorted_ptr, start, n_pairs, expert, pid_n,
-                H, F, stride_hm, stride_we, stride_wn, stride_om,
+                H, F, stride_hm, stride_we, stride_wn, stride_om, top_k,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                EVEN_K: tl.constexpr, TMA: tl.constexpr):
+                EVEN_K: tl.constexpr, TMA: tl.constexpr, COMBINE: tl.constexpr):
     """The down tile of the BLOCK_M sorted rows from `start` (padding rows hold n_pairs)."""
     pair = tl.load(sorted_ptr + start + tl.arange(0, BLOCK_M))
     _down_tile(h_ptr, w_ptr, out_ptr, weights_ptr, pair, pair < n_pairs, expert, pid_n, H, F,
-               stride_hm, stride_we, stride_wn, stride_om, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA)
+               stride_hm, stride_we, stride_wn, stride_om, top_k,
+               BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE)
 
 
 @triton.jit(do_not_specialize=["n_pairs", "top_k", "num_pid_m"])
@@ -363,13 +384,13 @@ def gate_up_sorted_kernel(
         _gate_up_block(*args, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PAIRED, TMA)
 
 
-@triton.jit(do_not_specialize=["n_pairs", "num_pid_m"])
+@triton.jit(do_not_specialize=["n_pairs", "top_k", "num_pid_m"])
 def down_sorted_kernel(
     h_ptr, w_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, block_start_ptr,
-    n_blocks_ptr, n_pairs, H, F, num_pid_m, stride_hm, stride_we, stride_wn, stride_om,
+    n_blocks_ptr, n_pairs, top_k, H, F, num_pid_m, stride_hm, stride_we, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr = False,
-    HALF_TAIL: tl.constexpr = False,
+    HALF_TAIL: tl.constexpr = False, COMBINE: tl.constexpr = False,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(H, BLOCK_N), GROUP_M)
     if pid_m >= tl.load(n_blocks_ptr):
@@ -377,8 +398,8 @@ def down_sorted_kernel(
     expert = tl.load(block_expert_ptr + pid_m)
     start = tl.load(block_start_ptr + pid_m)
     args = (h_ptr, w_ptr, out_ptr, weights_ptr, sorted_ptr, start, n_pairs, expert, pid_n, H, F,
-            stride_hm, stride_we, stride_wn, stride_om)
+            stride_hm, stride_we, stride_wn, stride_om, top_k)
     if HALF_TAIL and tl.load(block_start_ptr + pid_m + 1) - start <= BLOCK_M // 2:
-        _down_block(*args, BLOCK_M // 2, BLOCK_N, BLOCK_K, EVEN_K, TMA)
+        _down_block(*args, BLOCK_M // 2, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE)
     else:
-        _down_block(*args, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA)
+        _down_block(*args, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE)

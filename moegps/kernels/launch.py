@@ -9,9 +9,12 @@ The one-launch decode path (both GEMMs and the combine in one kernel, split over
     {"path": "fused", "block_m": 16,
      "fused": {"block_f": 64, "block_k": 128, "block_n": 128, "num_warps": 4, "num_stages": 3}}
 Optional tile flags: "paired" (gate/up and fused tiles: one interleaved dot for w1 and w3) and
-"tma" (sorted-path tiles: the weights through tensor descriptors, Hopper's copy engine).
+"tma" (sorted and fused tiles: the weights through tensor descriptors, Hopper's copy engine).
 A sorted config may set "half_tail": true (block_m >= 32): each expert's rows are padded to
 block_m / 2 only, and its last block runs at half height when that is all it holds.
+A scan or sorted config may set "combine": "atomic": the down GEMM adds its tiles into an fp32
+[T, H] accumulator with atomics instead of writing y [T*k, H] for a k-way sum afterwards (the
+default, "sum", is deterministic; "atomic" varies in the last bits from run to run).
 """
 
 from __future__ import annotations
@@ -173,15 +176,27 @@ def fused_moe(
                             route(ids, n_experts, config, workspace.get("scratch")), config, top_k)
     h = workspace.get("h")
     h = torch.empty(n_pairs, ffn, dtype=x.dtype, device=x.device) if h is None else h
-    y = workspace.get("y")
-    y = torch.empty(n_pairs, hidden, dtype=x.dtype, device=x.device) if y is None else y
     routing = route(ids, n_experts, config, workspace.get("scratch"))
     launch_gate_up(x, w_gate_up, h, ids, routing, config, top_k)
-    launch_down(h, w_down, y, weights, ids, routing, config)
+    if combine_atomic(config, top_k):
+        acc = torch.zeros(n_tokens, hidden, dtype=torch.float32, device=x.device)
+        launch_down(h, w_down, acc, weights, ids, routing, config, top_k)
+        return acc if x.dtype == torch.float32 else acc.to(x.dtype)
+    y = workspace.get("y")
+    y = torch.empty(n_pairs, hidden, dtype=x.dtype, device=x.device) if y is None else y
+    launch_down(h, w_down, y, weights, ids, routing, config, top_k)
     if top_k == 1:
         return y
     # k-way combine: torch's sum over a bf16/fp16 dim accumulates in fp32.
     return y.view(n_tokens, top_k, hidden).sum(dim=1)
+
+
+def combine_atomic(config: dict, top_k: int) -> bool:
+    """Whether the down GEMM combines the k outputs itself (config "combine": "atomic", k > 1)."""
+    combine = config.get("combine", "sum")
+    if combine not in ("sum", "atomic"):
+        raise ValueError(f"config field 'combine' must be 'sum' or 'atomic', got {combine!r}")
+    return combine == "atomic" and top_k > 1
 
 
 def route(ids: torch.Tensor, n_experts: int, config: dict, scratch: torch.Tensor | None = None):
@@ -248,21 +263,25 @@ def launch_gate_up(x, w_gate_up, h, ids, routing, config: dict, top_k: int) -> N
             **common, **_paired(tile), **tma)
 
 
-def launch_down(h, w_down, y, weights, ids, routing, config: dict) -> None:
-    """y [T*k, H] = topk_weights * (h @ w2^T) per pair; h [T*k, F], w_down [E, H, F]."""
+def launch_down(h, w_down, y, weights, ids, routing, config: dict, top_k: int) -> None:
+    """y [T*k, H] = topk_weights * (h @ w2^T) per pair; h [T*k, F], w_down [E, H, F].
+
+    With `combine_atomic(config, top_k)`, y is instead an fp32 [T, H] accumulator (zeroed by
+    the caller) into which each pair's row is added: the k-way combine done by the GEMM.
+    """
     n_experts, hidden, ffn = w_down.shape
     tile, block_m = config["down"], config["block_m"]
     n_tiles = triton.cdiv(hidden, tile["block_n"])
-    common = _gemm_kwargs(tile, block_m, ffn)
+    common = dict(_gemm_kwargs(tile, block_m, ffn), COMBINE=combine_atomic(config, top_k))
     strides = (h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0))
     if config["path"] == "scan":
         down_scan_kernel[(min(n_experts, ids.numel()), n_tiles)](
-            h, w_down, y, weights, ids, routing, ids.numel(), hidden, ffn, *strides,
+            h, w_down, y, weights, ids, routing, ids.numel(), top_k, hidden, ffn, *strides,
             SCAN=SCAN, E_POW2=triton.next_power_of_2(n_experts), **common)
     else:
         w_operand, tma = _weights_operand(w_down, tile)
         down_sorted_kernel[(routing.max_blocks * n_tiles,)](
-            h, w_operand, y, weights, *_blocks(routing), ids.numel(), hidden, ffn,
+            h, w_operand, y, weights, *_blocks(routing), ids.numel(), top_k, hidden, ffn,
             routing.max_blocks, *strides, GROUP_M=tile["group_m"], HALF_TAIL=routing.half_tail,
             **common, **tma)
 
@@ -279,12 +298,17 @@ def launch_fused(x, w_gate_up, w_down, weights, ids, scratch, config: dict,
     tile = config["fused"]
     acc = torch.zeros(x.shape[0], hidden, dtype=torch.float32, device=x.device)
     grid = (min(n_experts, ids.numel()), triton.cdiv(ffn, tile["block_f"]))
+    # both weights through the copy engine, or neither (one TMA flag in the kernel)
+    w13_operand, tma = _weights_operand(w_gate_up, dict(tile, block_n=tile["block_f"]))
+    w2_operand, tma2 = _weights_operand(w_down, dict(tile, block_k=tile["block_f"]))
+    if not (tma and tma2):
+        w13_operand, w2_operand, tma = w_gate_up, w_down, {}
     fused_scan_kernel[grid](
-        x, w_gate_up, w_down, acc, weights, ids, scratch, ids.numel(), top_k, hidden, ffn,
+        x, w13_operand, w2_operand, acc, weights, ids, scratch, ids.numel(), top_k, hidden, ffn,
         x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_down.stride(0),
         w_down.stride(1),
         BLOCK_M=config["block_m"], BLOCK_F=tile["block_f"], BLOCK_K=tile["block_k"],
         BLOCK_N=tile["block_n"], EVEN_K=hidden % tile["block_k"] == 0, SCAN=SCAN,
-        E_POW2=triton.next_power_of_2(n_experts), **_paired(tile),
+        E_POW2=triton.next_power_of_2(n_experts), **_paired(tile), **tma,
         num_warps=tile["num_warps"], num_stages=tile["num_stages"])
     return acc if x.dtype == torch.float32 else acc.to(x.dtype)
