@@ -175,17 +175,18 @@ def test_fused_repeated_expert_in_a_token(rng):
 
 def test_default_configs_run(rng):
     """The default for unseen shapes picks both paths across batch sizes; each must be right."""
-    x, w13, w2, ids, weights = make_problem(rng, 24, 4, 64, 64, 2, torch.float16)
+    x, w13, w2, ids, weights = make_problem(rng, 24, 16, 64, 64, 2, torch.float16)
     ref = moe_reference(x.double(), w13.double(), w2.double(), ids, weights.double())
     paths = set()
-    for n_tokens in (1, 13, 24, 300, 4096):  # 300: 128-row blocks with half tails
-        cfg = default_config(n_tokens, 4, 64, 64, 2)
+    # rows per expert 0.1 (fused), 5 (scan), 19 (sorted, TMA), 38, 150 (half tails), 512
+    for n_tokens in (1, 40, 150, 300, 1200, 4096):
+        cfg = default_config(n_tokens, 16, 64, 64, 2)
         paths.add(cfg["path"])
         assert rel_err(fused_moe(x, w13, w2, ids, weights, config=cfg), ref) < 2e-3
     assert paths == {"fused", "scan", "sorted"}
-    # the measured regimes (NOTES.md v4): fused for 64-expert decode up to 4 tokens, not for
-    # 64 experts at 8 tokens or Mixtral-sized experts
-    assert [default_config(t, 64, 2048, 1408, 6)["path"] for t in (1, 4, 8)] == ["fused"] * 2 + ["scan"]
+    # the measured regimes (NOTES.md v4, v12): fused for 64-expert decode up to 64 pairs, not
+    # for Mixtral-sized experts
+    assert [default_config(t, 64, 2048, 1408, 6)["path"] for t in (1, 8, 11)] == ["fused"] * 2 + ["scan"]
     assert default_config(1, 8, 4096, 14336, 2)["path"] == "scan"
     assert get_config(24, 4, 64, 64, 2)["path"] in paths
     assert default_config(300, 4, 64, 64, 2)["half_tail"]

@@ -101,6 +101,16 @@ def config_tasks(name: str, shape: tuple, config: dict) -> set:
             for gemm in ("gate_up", "down")}
 
 
+def describe(config: dict) -> str:
+    """One line naming a config's path, block and tiles (the tuner's log)."""
+    if config["path"] == "fused":
+        return "fused " + "x".join(str(v) for v in config["fused"].values())
+    gemms = " / ".join("x".join(str(v) for v in config[g].values()) for g in ("gate_up", "down"))
+    return (f"{config['path']} block_m {config['block_m']}"
+            f"{' half' if config.get('half_tail') else ''} {gemms}"
+            f" combine {config.get('combine', 'sum')}")
+
+
 def blocks(path: str, rows: float) -> list[tuple[int, bool]]:
     """(BLOCK_M, half_tail) candidates for a path given the mean rows per expert (empty: path
     not tried). Half tails from 64-row blocks up: their half blocks still fill a warp group's
@@ -413,6 +423,7 @@ def tune_one(name, shape, n_tokens, failed, seed=0) -> dict:
         except Exception as exc:  # a variant that does not compile here is skipped
             print(f"  skipped {config}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
             return
+        print(f"    whole call {us:9.1f} us: {describe(config)}", flush=True)
         if best is None or us < best[0]:
             best = (us, config)
 
@@ -642,7 +653,7 @@ def bench_one(name, shape, n_tokens, seed=0, fused=False, skip=(), failed=None) 
     row["weight_GBps"] = weight_bytes / row["ours_us"] * 1e-3
     row["vs_loop"] = row["loop_us"] / row["ours_us"]
     row["vs_gmm"] = row["gmm_us"] / row["ours_us"]
-    if fused:
+    if fused and n_tokens * top_k <= FUSED_MAX_PAIRS:
         bench_fused(row, x, w13, w2, ids, weights, ref, failed or {}, name)
     return row
 
@@ -678,7 +689,8 @@ def main(argv=None):
     parser.add_argument("--tune", action="store_true", help="tune configs first, write JSON")
     parser.add_argument("--seed", type=int, default=0, help="seed of inputs and routing")
     parser.add_argument("--fused", action="store_true",
-                        help="also time the one-launch fused decode path's tiles (FUSED_TILES)")
+                        help="also time the one-launch fused decode path's tiles (FUSED_TILES) "
+                        f"where T*k <= {FUSED_MAX_PAIRS}")
     parser.add_argument("--skip", nargs="*", default=[], choices=["default", "loop", "gmm"],
                         help="baselines not to time")
     parser.add_argument("--flush", choices=["zero", "clean"], default="zero",

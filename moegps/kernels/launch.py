@@ -55,30 +55,33 @@ def device_name(device: torch.device | None = None) -> str:
 def default_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: int) -> dict:
     """A config for a shape no tuned file covers, from the rows each expert gets on average.
 
-    A small decode call (few pairs, under ~0.5 GB of expert weights): the one-launch fused path.
-    Few rows per expert (decode): the scan path with BLOCK_M 16 and narrow N tiles for many
-    programs (the weights must stream from all SMs at once). More rows: the sorted path, BLOCK_M
-    near the rows per expert, then TMA-fed 128-row tiles for the tensor cores (compute-bound).
-    Chosen
-    from what the tuner picked on an H100 (NOTES.md), so that an unseen shape lands near a tuned one.
+    The decode of small (fine-grained) experts: the one-launch fused path. Few rows per expert
+    otherwise: the scan path with BLOCK_M 16 and narrow N tiles for many programs (the weights
+    must stream from all SMs at once). More rows: the sorted path, BLOCK_M near the rows per
+    expert, then TMA-fed 128-row tiles for the tensor cores (compute-bound). Chosen from what the
+    tuner picked on an H100 (NOTES.md), so that an unseen shape lands near a tuned one.
     """
     rows = n_tokens * top_k / n_experts
-    # One-launch fused path where the call is small: it saves a fixed ~6-10 us of launch ramps
-    # and tails and pays its atomics in proportion to the work. Measured on an H100 (NOTES.md
-    # v4): faster at 64 experts T=1-4 (<= 24 pairs, <= 0.4 GB of weights), a tie or 1-3% slower
-    # at 64 experts T=8 (0.6 GB) and Mixtral T=1-8 (0.7-2.8 GB).
-    active = n_experts * (1 - (1 - min(top_k / n_experts, 1.0)) ** n_tokens)  # expected
-    if n_tokens * top_k <= 24 and active * 3 * hidden * ffn * 2 <= 0.5e9:
+    # One-launch fused path for the decode of fine-grained experts (a few MB each): it saves the
+    # launch ramps and tails of gate/up, down and the combine, and pays atomics in proportion to
+    # the pairs. Measured on an H100 (NOTES.md v4, v12): faster at 64 experts T=1-8 (6-48 pairs,
+    # 17 MB experts), slower than the scan path on Mixtral's 350 MB experts at every T.
+    if n_tokens * top_k <= 64 and 3 * hidden * ffn * 2 <= 64e6:
         return {"path": "fused", "block_m": 16,
                 "fused": {"block_f": 64, "block_k": 128, "block_n": 128, "num_warps": 4,
                           "num_stages": 3}}
-    if rows <= 12 and n_tokens * top_k <= 8 * SCAN:
+    if rows <= 8 and n_tokens * top_k <= 8 * SCAN:
         tile = {"block_n": 64, "block_k": 128, "group_m": 8, "num_warps": 4, "num_stages": 4}
         return {"path": "scan", "block_m": 16, "gate_up": dict(tile), "down": dict(tile)}
+    if rows <= 24:  # the tuned 64 experts at 128 tokens (12 rows), 14% faster than the scan path
+        return {"path": "sorted", "block_m": 32,
+                "gate_up": {"block_n": 64, "block_k": 128, "group_m": 8, "num_warps": 4,
+                            "num_stages": 4, "tma": True},
+                "down": {"block_n": 128, "block_k": 128, "group_m": 8, "num_warps": 8,
+                         "num_stages": 3, "tma": True}}
     if rows <= 96:
         tile = {"block_n": 64, "block_k": 128, "group_m": 8, "num_warps": 4, "num_stages": 4}
-        return {"path": "sorted", "block_m": 32 if rows <= 24 else 64, "gate_up": dict(tile),
-                "down": dict(tile)}
+        return {"path": "sorted", "block_m": 64, "gate_up": dict(tile), "down": dict(tile)}
     # Compute-bound: weights through the copy engine (TMA; the launcher falls back to pointer
     # loads where rows are not 16-byte aligned), 128 x 256 down tiles once rows fill them. The
     # tuner took these at every Mixtral and 64-expert point from 2048 tokens (NOTES.md v6).
