@@ -40,11 +40,16 @@ for _path in ("scan", "sorted", "fused"):
 # the sorted path with the weights fed through tensor descriptors (TMA on Hopper)
 CONFIGS["sorted_tma"] = {**CONFIGS["sorted"], "gate_up": dict(CONFIGS["sorted"]["gate_up"], tma=True),
                          "down": dict(CONFIGS["sorted"]["down"], tma=True)}
+# both: the gate and up tiles in one stacked copy, one dot of twice the width
+CONFIGS["sorted_tma_paired"] = {**CONFIGS["sorted_tma"],
+                                "gate_up": dict(CONFIGS["sorted_tma"]["gate_up"], paired=True)}
 # each expert's last block at half height where it fits (32-row blocks, 16-row tails)
 CONFIGS["sorted_half"] = {**CONFIGS["sorted"], "block_m": 32, "half_tail": True}
 CONFIGS["sorted_tma_half"] = {**CONFIGS["sorted_tma"], "block_m": 32, "half_tail": True}
 # the fused decode path with both weights through tensor descriptors
 CONFIGS["fused_tma"] = {**CONFIGS["fused"], "fused": dict(CONFIGS["fused"]["fused"], tma=True)}
+CONFIGS["fused_tma_paired"] = {**CONFIGS["fused"],
+                               "fused": dict(CONFIGS["fused"]["fused"], tma=True, paired=True)}
 # the k-way combine as atomics in the down GEMM's epilogue (k = 1 keeps the plain store)
 CONFIGS["scan_atomic"] = {**CONFIGS["scan"], "combine": "atomic"}
 CONFIGS["sorted_tma_half_atomic"] = {**CONFIGS["sorted_tma_half"], "combine": "atomic"}

@@ -52,7 +52,11 @@ SORTED_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 
                 (64, 128, 4, 4, "tma"), (128, 64, 8, 3, "tma"), (128, 64, 8, 4, "tma"),
                 (128, 128, 8, 3, "tma"), (256, 64, 8, 3, "tma"), (256, 64, 8, 4, "tma"),
                 (128, 64, 4, 2, "tma"), (128, 64, 4, 3, "tma"), (256, 64, 4, 2, "tma"),
-                (64, 64, 8, 3, "tma"), (64, 128, 8, 3, "tma")]
+                (64, 64, 8, 3, "tma"), (64, 128, 8, 3, "tma"),
+                # gate/up only: the gate and up tiles in one stacked copy, one dot of 2 x block_n
+                (128, 64, 8, 4, "paired", "tma"), (128, 64, 8, 3, "paired", "tma"),
+                (64, 64, 8, 4, "paired", "tma"), (64, 128, 8, 3, "paired", "tma"),
+                (64, 128, 4, 4, "paired", "tma")]
 # fused path: (block_f, block_k, block_n, num_warps, num_stages[, variant]); 64 experts at T=1
 # with block_f 64 is 6 slots x 22 F tiles = 132 programs, one per H100 SM
 FUSED_TILES = [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 256, 128, 8, 2),
@@ -61,7 +65,8 @@ FUSED_TILES = [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 256, 128, 8, 2),
                (32, 256, 128, 4, 3, "paired"), (64, 64, 128, 4, 4, "tma"),
                (64, 64, 128, 4, 6, "tma"), (64, 128, 128, 4, 3, "tma"), (32, 64, 128, 4, 6, "tma"),
                (32, 128, 64, 4, 4, "tma"), (64, 64, 64, 4, 6, "tma"), (128, 64, 64, 4, 4, "tma"),
-               (64, 64, 128, 8, 5, "tma")]
+               (64, 64, 128, 8, 5, "tma"), (64, 128, 128, 4, 3, "paired", "tma"),
+               (64, 64, 128, 4, 4, "paired", "tma")]
 # the tuner tries the fused path up to this many (token, slot) pairs (64 experts T=8: 48)
 FUSED_MAX_PAIRS = 64
 
@@ -103,9 +108,13 @@ def config_tasks(name: str, shape: tuple, config: dict) -> set:
 
 def describe(config: dict) -> str:
     """One line naming a config's path, block and tiles (the tuner's log)."""
+    def name(t: dict) -> str:
+        return " ".join(["x".join(str(v) for v in t.values() if not isinstance(v, bool))]
+                        + [k for k, v in t.items() if v is True])
+
     if config["path"] == "fused":
-        return "fused " + "x".join(str(v) for v in config["fused"].values())
-    gemms = " / ".join("x".join(str(v) for v in config[g].values()) for g in ("gate_up", "down"))
+        return "fused " + name(config["fused"])
+    gemms = " / ".join(name(config[g]) for g in ("gate_up", "down"))
     return (f"{config['path']} block_m {config['block_m']}"
             f"{' half' if config.get('half_tail') else ''} {gemms}"
             f" combine {config.get('combine', 'sum')}")
@@ -119,8 +128,8 @@ def blocks(path: str, rows: float) -> list[tuple[int, bool]]:
         return [(16, False)] if rows <= 12 else [(32, False)] if rows <= 24 else []
     if rows < 2:
         return []
-    if rows > 512:  # 64 (two CTAs per SM) never won, nor did 256 at 128-512 rows (NOTES.md v8, v9)
-        bms = [128, 256]
+    if rows > 512:  # 64 (two CTAs per SM) and 256 never won (NOTES.md v8, v9; 256 at 8192-16384
+        bms = [128]     # tokens 3-25% slower in call 25)
     else:
         bms = [16, 32] if rows <= 24 else [32, 64] if rows <= 96 else [64, 128]
     return [(bm, half) for bm in bms for half in ((False, True) if bm >= 64 else (False,))]
@@ -533,6 +542,10 @@ def check_edge_cases() -> list[str]:
                "sorted_tma_half": {"path": "sorted", "block_m": 128, "half_tail": True,
                                    "gate_up": tile((64, 64, 8, 3, "tma")),
                                    "down": tile((64, 64, 8, 3, "tma"))},
+               "sorted_tma_paired": {"path": "sorted", "block_m": 128, "half_tail": True,
+                                     "gate_up": tile((64, 64, 8, 3, "paired", "tma")),
+                                     "down": tile((64, 64, 8, 3, "tma"))},
+               "fused_tma_paired": fused_config((64, 64, 64, 4, 3, "paired", "tma")),
                "sorted_tma_atomic": {"path": "sorted", "block_m": 128, "half_tail": True,
                                      "combine": "atomic", "gate_up": tile((64, 64, 8, 3, "tma")),
                                      "down": tile((64, 64, 8, 3, "tma"))}}

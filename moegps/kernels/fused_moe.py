@@ -69,7 +69,8 @@ def _gate_up_act(
 
     PAIRED: one [BLOCK_K, 2*BLOCK_N] weight tile per step whose columns alternate w1 row f, w3 row
     f, and one dot into a [BLOCK_M, 2*BLOCK_N] accumulator, split into gate and up at the end (in
-    the MMA layout each thread holds adjacent column pairs, so the split stays in registers).
+    the MMA layout each thread holds adjacent column pairs, so the split stays in registers);
+    with TMA the two halves are stacked instead of interleaved (one [2, BLOCK_N, BLOCK_K] box).
     Otherwise two [BLOCK_K, BLOCK_N] tiles and two dots. One dot twice as wide halves the
     shared-memory reads per FLOP on Hopper's wgmma (the two-dot form measured shared-pipe bound
     at 2048 tokens, NOTES.md call 8). The interleaved layout is that of OpenAI's triton_kernels
@@ -77,7 +78,19 @@ def _gate_up_act(
     """
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok.to(tl.int64)[:, None] * stride_xt + offs_k[None, :]
-    if TMA:
+    if TMA and PAIRED:
+        # w_ptr is a tensor descriptor over [w1; w3] viewed [E * 2, F, H] with [2, BLOCK_N,
+        # BLOCK_K] boxes: one copy brings the gate and the up rows of these F columns, stacked
+        # (F past its end reads 0), for one dot of twice the width; gate and up are then the
+        # accumulator's two column halves (held by the same threads in the MMA layout).
+        acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            a = _load_rows(a_ptrs, valid_m, offs_k, H - k0, EVEN_K)
+            w = w_ptr.load([2 * expert, pid_n * BLOCK_N, k0]).reshape([2 * BLOCK_N, BLOCK_K])
+            acc = tl.dot(a, w.T, acc)
+            a_ptrs += BLOCK_K
+        acc_gate, acc_up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), [0, 2, 1]))
+    elif TMA:
         # w_ptr is a tensor descriptor over [w1; w3] viewed [E * 2F, H] with [BLOCK_N, BLOCK_K]
         # boxes: the copy engine fetches the weight tiles (no per-thread address math or
         # cp.async issue for them; K past H comes back as zeros).

@@ -8,8 +8,9 @@ A config is a plain dict (kept as JSON data per device in configs/<device name>.
 The one-launch decode path (both GEMMs and the combine in one kernel, split over F) has one tile:
     {"path": "fused", "block_m": 16,
      "fused": {"block_f": 64, "block_k": 128, "block_n": 128, "num_warps": 4, "num_stages": 3}}
-Optional tile flags: "paired" (gate/up and fused tiles: one interleaved dot for w1 and w3) and
-"tma" (sorted and fused tiles: the weights through tensor descriptors, Hopper's copy engine).
+Optional tile flags: "paired" (gate/up and fused tiles: one dot of twice the width for w1 and
+w3) and "tma" (sorted and fused tiles: the weights through tensor descriptors, Hopper's copy
+engine); both together load the gate and up tiles in one stacked copy.
 A sorted config may set "half_tail": true (block_m >= 32): each expert's rows are padded to
 block_m / 2 only, and its last block runs at half height when that is all it holds.
 A scan or sorted config may set "combine": "atomic": the down GEMM adds its tiles into an fp32
@@ -227,19 +228,31 @@ def _paired(tile: dict) -> dict:
     return {"PAIRED": bool(tile.get("paired", False))}
 
 
-def _weights_operand(w: torch.Tensor, tile: dict):
-    """The sorted kernels' weight operand and TMA flag: with the tile's "tma" (and where the copy
-    engine can address it: 16-byte aligned rows), a tensor descriptor over w viewed
-    [E * rows, cols] in [block_n, block_k] boxes; otherwise the tensor itself."""
+def _weights_operand(w: torch.Tensor, tma: bool, block_n: int, block_k: int,
+                     stacked: bool = False):
+    """A kernel's weight operand and TMA flag: with `tma` (and where the copy engine can address
+    it: 16-byte aligned rows), a tensor descriptor over w [E, rows, cols] viewed
+    [E * rows, cols] in [block_n, block_k] boxes, or with `stacked` ([w1; w3] of a PAIRED
+    gate/up) viewed [E * 2, rows / 2, cols] in [2, block_n, block_k] boxes, the gate and the up
+    tile of the same F columns in one copy; otherwise the tensor itself."""
     rows, cols = w.shape[1], w.shape[2]
     aligned = (cols * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0
-    if not (tile.get("tma") and aligned and not tile.get("paired")):
+    if not (tma and aligned):
         return w, {}
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    desc = TensorDescriptor.from_tensor(w.view(w.shape[0] * rows, cols),
-                                        [tile["block_n"], tile["block_k"]])
+    if stacked:
+        desc = TensorDescriptor.from_tensor(w.view(w.shape[0] * 2, rows // 2, cols),
+                                            [2, block_n, block_k])
+    else:
+        desc = TensorDescriptor.from_tensor(w.view(w.shape[0] * rows, cols), [block_n, block_k])
     return desc, {"TMA": True}
+
+
+def _gate_up_operand(w_gate_up: torch.Tensor, tile: dict, block_n: int):
+    """`_weights_operand` of [w1; w3] for a gate/up or fused tile of `block_n` F columns."""
+    return _weights_operand(w_gate_up, bool(tile.get("tma")), block_n, tile["block_k"],
+                            stacked=bool(tile.get("paired")))
 
 
 def _blocks(routing) -> tuple:
@@ -259,7 +272,7 @@ def launch_gate_up(x, w_gate_up, h, ids, routing, config: dict, top_k: int) -> N
             x, w_gate_up, h, ids, routing, ids.numel(), top_k, hidden, ffn, *strides,
             SCAN=SCAN, E_POW2=triton.next_power_of_2(n_experts), **common, **_paired(tile))
     else:
-        w_operand, tma = _weights_operand(w_gate_up, tile)
+        w_operand, tma = _gate_up_operand(w_gate_up, tile, tile["block_n"])
         gate_up_sorted_kernel[(routing.max_blocks * n_tiles,)](
             x, w_operand, h, *_blocks(routing), ids.numel(), top_k, hidden, ffn,
             routing.max_blocks, *strides, GROUP_M=tile["group_m"], HALF_TAIL=routing.half_tail,
@@ -282,7 +295,8 @@ def launch_down(h, w_down, y, weights, ids, routing, config: dict, top_k: int) -
             h, w_down, y, weights, ids, routing, ids.numel(), top_k, hidden, ffn, *strides,
             SCAN=SCAN, E_POW2=triton.next_power_of_2(n_experts), **common)
     else:
-        w_operand, tma = _weights_operand(w_down, tile)
+        w_operand, tma = _weights_operand(w_down, bool(tile.get("tma")), tile["block_n"],
+                                          tile["block_k"])
         down_sorted_kernel[(routing.max_blocks * n_tiles,)](
             h, w_operand, y, weights, *_blocks(routing), ids.numel(), top_k, hidden, ffn,
             routing.max_blocks, *strides, GROUP_M=tile["group_m"], HALF_TAIL=routing.half_tail,
@@ -302,8 +316,9 @@ def launch_fused(x, w_gate_up, w_down, weights, ids, scratch, config: dict,
     acc = torch.zeros(x.shape[0], hidden, dtype=torch.float32, device=x.device)
     grid = (min(n_experts, ids.numel()), triton.cdiv(ffn, tile["block_f"]))
     # both weights through the copy engine, or neither (one TMA flag in the kernel)
-    w13_operand, tma = _weights_operand(w_gate_up, dict(tile, block_n=tile["block_f"]))
-    w2_operand, tma2 = _weights_operand(w_down, dict(tile, block_k=tile["block_f"]))
+    w13_operand, tma = _gate_up_operand(w_gate_up, tile, tile["block_f"])
+    w2_operand, tma2 = _weights_operand(w_down, bool(tile.get("tma")), tile["block_n"],
+                                        tile["block_f"])
     if not (tma and tma2):
         w13_operand, w2_operand, tma = w_gate_up, w_down, {}
     fused_scan_kernel[grid](
