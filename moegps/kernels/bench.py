@@ -106,15 +106,19 @@ def config_tasks(name: str, shape: tuple, config: dict) -> set:
             for gemm in ("gate_up", "down")}
 
 
+def describe_tile(t: dict | tuple) -> str:
+    """'128x64x8x8x4 paired tma': a tile's sizes, then its flags (a dict or a candidate tuple)."""
+    values = t.values() if isinstance(t, dict) else t
+    flags = [k for k, v in t.items() if v is True] if isinstance(t, dict) else []
+    return " ".join(["x".join(str(v) for v in values if isinstance(v, int) and not isinstance(v, bool))]
+                    + flags + [v for v in values if isinstance(v, str)])
+
+
 def describe(config: dict) -> str:
     """One line naming a config's path, block and tiles (the tuner's log)."""
-    def name(t: dict) -> str:
-        return " ".join(["x".join(str(v) for v in t.values() if not isinstance(v, bool))]
-                        + [k for k, v in t.items() if v is True])
-
     if config["path"] == "fused":
-        return "fused " + name(config["fused"])
-    gemms = " / ".join(name(config[g]) for g in ("gate_up", "down"))
+        return "fused " + describe_tile(config["fused"])
+    gemms = " / ".join(describe_tile(config[g]) for g in ("gate_up", "down"))
     return (f"{config['path']} block_m {config['block_m']}"
             f"{' half' if config.get('half_tail') else ''} {gemms}"
             f" combine {config.get('combine', 'sum')}")
@@ -460,9 +464,16 @@ def tune_one(name, shape, n_tokens, failed, seed=0) -> dict:
             return time_us(lambda: launch_down(h, w2, y, flat_w, flat_ids, routing, cfg, top_k),
                            warmup=5, rep=25)
 
-        gu = min(gu_tiles, key=gate_up_us)  # also leaves real values in h for the down GEMM
+        gu_us = {t: gate_up_us(t) for t in gu_tiles}
+        gu = min(gu_us, key=gu_us.get)
+        # also leaves real values in h for the down GEMM
         launch_gate_up(x, w13, h, flat_ids, routing, dict(base, gate_up=tile(gu)), top_k)
-        dn = min(dn_tiles, key=down_us)
+        dn_us = {t: down_us(t) for t in dn_tiles}
+        dn = min(dn_us, key=dn_us.get)
+        for gemm, us in (("gate_up", gu_us), ("down", dn_us)):  # the log: the three fastest
+            best3 = sorted(us, key=us.get)[:3]
+            print(f"    {path} {block} {gemm}: "
+                  + ", ".join(f"{describe_tile(t)} {us[t]:.1f}" for t in best3), flush=True)
         for combine in ("sum", "atomic") if top_k > 1 else ("sum",):
             consider(dict(base, gate_up=tile(gu), down=tile(dn),
                           **({"combine": "atomic"} if combine == "atomic" else {})))

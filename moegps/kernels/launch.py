@@ -80,16 +80,22 @@ def default_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: 
                             "num_stages": 4, "tma": True},
                 "down": {"block_n": 128, "block_k": 128, "group_m": 8, "num_warps": 8,
                          "num_stages": 3, "tma": True}}
-    if rows <= 96:
-        tile = {"block_n": 64, "block_k": 128, "group_m": 8, "num_warps": 4, "num_stages": 4}
-        return {"path": "sorted", "block_m": 64, "gate_up": dict(tile), "down": dict(tile)}
+    if rows <= 96:  # the tuned 64 experts at 512 tokens (48 rows; NOTES.md v14)
+        return {"path": "sorted", "block_m": 64,
+                "gate_up": {"block_n": 64, "block_k": 128, "group_m": 8, "num_warps": 4,
+                            "num_stages": 4, "paired": True, "tma": True},
+                "down": {"block_n": 64, "block_k": 64, "group_m": 8, "num_warps": 8,
+                         "num_stages": 3, "tma": True}}
     # Compute-bound: weights through the copy engine (TMA; the launcher falls back to pointer
-    # loads where rows are not 16-byte aligned), 128 x 256 down tiles once rows fill them. The
-    # tuner took these at every Mixtral and 64-expert point from 2048 tokens (NOTES.md v6).
+    # loads where rows are not 16-byte aligned), gate and up in one stacked copy and one dot of
+    # 256 columns, 128 x 256 down tiles once rows fill them. The tuner took these at every
+    # Mixtral and 64-expert point from 2048 tokens (NOTES.md v6, v14).
     gate_up = {"block_n": 128, "block_k": 64, "group_m": 8, "num_warps": 8, "num_stages": 4,
-               "tma": True}
-    down = dict(gate_up, block_n=256, num_stages=3) if rows > 160 else dict(gate_up, block_k=128,
-                                                                             num_stages=3)
+               "paired": True, "tma": True}
+    down = {"block_n": 256, "block_k": 64, "group_m": 8, "num_warps": 8, "num_stages": 3,
+            "tma": True}
+    if rows <= 160:
+        down.update(block_n=128, block_k=128)
     # Up to 3 blocks' worth of rows, an expert's last block at half height saves >= 14% of the
     # padded MMA rows (tuned 64 experts at 2048 tokens, 192 rows: 3% faster; NOTES.md v10).
     return {"path": "sorted", "block_m": 128, "half_tail": rows <= 384, "gate_up": gate_up,
