@@ -274,7 +274,8 @@ def _fused_expert_tile(
     """acc[t, :] += topk_weights[p] * h[p, f tile] @ w2[e, :, f tile]^T for expert e's pairs p.
 
     TMA: w13_ptr and w2_ptr are tensor descriptors over [w1; w3] viewed [E * 2F, H] in
-    [BLOCK_F, BLOCK_K] boxes and w2 viewed [E * H, F] in [BLOCK_N, BLOCK_F] boxes.
+    [BLOCK_F, BLOCK_K] boxes (with PAIRED: viewed [E * 2, F, H] in stacked [2, BLOCK_F, BLOCK_K]
+    boxes, see _gate_up_act) and over w2 viewed [E * H, F] in [BLOCK_N, BLOCK_F] boxes.
     """
     count = _expert_pairs(ids_ptr, scratch_ptr, expert, n_pairs, SCAN)
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
@@ -291,7 +292,7 @@ def _fused_expert_tile(
         act = _gate_up_act(x_ptr, w13_ptr, tok, valid_m, expert, pid_f, H, F, stride_xt,
                            stride_w13e, stride_w13n, BLOCK_M, BLOCK_F, BLOCK_K, EVEN_K, PAIRED,
                            TMA)
-        if TMA:  # columns past F came from the next weight rows: zero them
+        if TMA:  # columns past F may hold the next weight rows' products: zero them
             act = tl.where(f_mask[None, :], act, 0.0)
         act = act.to(x_ptr.dtype.element_ty)  # h rounded as the two-kernel paths store it
         gate = tl.load(weights_ptr + pair, mask=valid_m, other=0.0).to(tl.float32)
