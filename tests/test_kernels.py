@@ -46,9 +46,6 @@ CONFIGS["sorted_tma_paired"] = {**CONFIGS["sorted_tma"],
 # each expert's last block at half height where it fits (32-row blocks, 16-row tails)
 CONFIGS["sorted_half"] = {**CONFIGS["sorted"], "block_m": 32, "half_tail": True}
 CONFIGS["sorted_tma_half"] = {**CONFIGS["sorted_tma"], "block_m": 32, "half_tail": True}
-# the down GEMM's h rows through the copy engine too (full and half-height boxes)
-CONFIGS["sorted_tma_half_h"] = {**CONFIGS["sorted_tma_half"],
-                                "down": dict(CONFIGS["sorted_tma_half"]["down"], h_tma=True)}
 # the fused decode path with both weights through tensor descriptors
 CONFIGS["fused_tma"] = {**CONFIGS["fused"], "fused": dict(CONFIGS["fused"]["fused"], tma=True)}
 CONFIGS["fused_tma_paired"] = {**CONFIGS["fused"],
@@ -87,8 +84,7 @@ def make_problem(rng, n_tokens, n_experts, hidden, ffn, top_k, dtype, ids=None):
 
 def poisoned_workspace(n_tokens, top_k, n_experts, hidden, ffn, dtype):
     n_pairs = n_tokens * top_k
-    # h: one row per pair (scan) or per padded sorted row (sorted: at most E + 1 blocks of padding)
-    return {"h": torch.full((n_pairs + (n_experts + 1) * 64, ffn), float("nan"), dtype=dtype),
+    return {"h": torch.full((n_pairs, ffn), float("nan"), dtype=dtype),
             "y": torch.full((n_pairs, hidden), float("nan"), dtype=dtype),
             "scratch": torch.full((n_experts * n_pairs,), -7, dtype=torch.int32)}
 
@@ -260,9 +256,6 @@ def test_bad_shapes_are_named():
         fused_moe(x, w13, w2, ids, torch.rand(4, 3))
     with pytest.raises(ValueError, match="w_gate_up"):
         fused_moe(x, w13[:, :, :8], w2, ids, torch.rand(4, 2))
-    with pytest.raises(ValueError, match="workspace 'h' needs at least"):
-        fused_moe(x, w13, w2, ids, torch.rand(4, 2), config=CONFIGS["sorted"],
-                  workspace={"h": torch.empty(8, 10, dtype=torch.float16)})
     with pytest.raises(ValueError, match="'combine'"):
         fused_moe(x, w13, w2, ids, torch.rand(4, 2),
                   config={**CONFIGS["sorted"], "combine": "atomics"})

@@ -56,11 +56,7 @@ SORTED_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 
                 # gate/up only: the gate and up tiles in one stacked copy, one dot of 2 x block_n
                 (128, 64, 8, 4, "paired", "tma"), (128, 64, 8, 3, "paired", "tma"),
                 (64, 64, 8, 4, "paired", "tma"), (64, 128, 8, 3, "paired", "tma"),
-                (64, 128, 4, 4, "paired", "tma"),
-                # down only: h's rows through the copy engine too
-                (256, 64, 8, 3, "tma", "h_tma"), (256, 64, 8, 4, "tma", "h_tma"),
-                (128, 64, 8, 4, "tma", "h_tma"), (128, 128, 8, 3, "tma", "h_tma"),
-                (128, 64, 4, 3, "tma", "h_tma"), (64, 64, 8, 3, "tma", "h_tma")]
+                (64, 128, 4, 4, "paired", "tma")]
 # fused path: (block_f, block_k, block_n, num_warps, num_stages[, variant]); 64 experts at T=1
 # with block_f 64 is 6 slots x 22 F tiles = 132 programs, one per H100 SM
 FUSED_TILES = [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 256, 128, 8, 2),
@@ -85,10 +81,6 @@ def paired(t) -> bool:
     return "paired" in t[4:]
 
 
-def h_tma(t) -> bool:
-    return "h_tma" in t[4:]
-
-
 def tile(t, group_m=8):
     """A GEMM's tile dict from a candidate tuple (block_n, block_k, warps, stages[, variant])."""
     d = {"block_n": t[0], "block_k": t[1], "group_m": group_m, "num_warps": t[2],
@@ -99,7 +91,7 @@ def tile(t, group_m=8):
 def tile_tuple(g: dict) -> tuple:
     """The candidate tuple of a GEMM's tile dict (inverse of `tile`)."""
     t = (g["block_n"], g["block_k"], g["num_warps"], g["num_stages"])
-    return t + tuple(v for v in ("paired", "tma", "h_tma") if g.get(v))
+    return t + tuple(v for v in ("paired", "tma") if g.get(v))
 
 
 def config_tasks(name: str, shape: tuple, config: dict) -> set:
@@ -364,7 +356,7 @@ def _compile_task(task):
     name, (n_experts, hidden, ffn, top_k), path, block, t = task
     import torch as th
 
-    from moegps.kernels.launch import fused_moe, h_rows_needed, launch_down, launch_gate_up, route
+    from moegps.kernels.launch import fused_moe, launch_down, launch_gate_up, route
 
     w13 = th.empty(n_experts, 2 * ffn, hidden, dtype=th.bfloat16, device="cuda").normal_()
     w2 = th.empty(n_experts, hidden, ffn, dtype=th.bfloat16, device="cuda").normal_()
@@ -379,9 +371,9 @@ def _compile_task(task):
             return task, [f"{type(exc).__name__}: {str(exc)[:120]}"]
     config = dict(base_config(path, block), gate_up=tile(t), down=tile(t))
     ids = th.randint(0, n_experts, (16 * top_k,), device="cuda")
-    routing = route(ids, n_experts, config)
-    h = th.randn(h_rows_needed(routing, ids.numel()), ffn, dtype=th.bfloat16, device="cuda")
+    h = th.randn(16 * top_k, ffn, dtype=th.bfloat16, device="cuda")
     y = th.empty(16 * top_k, hidden, dtype=th.bfloat16, device="cuda")
+    routing = route(ids, n_experts, config)
     gates = th.rand(16 * top_k, device="cuda")
     acc = th.zeros(16, hidden, device="cuda")
     errors = []
@@ -425,13 +417,14 @@ def tune_one(name, shape, n_tokens, failed, seed=0) -> dict:
     """Best config for one (shape, tokens): each GEMM's tile timed alone per (path, block), then
     the best pair timed whole (routing + both GEMMs + combine, CUDA graph) with each combine
     (torch's k-way sum, atomics in the down GEMM); each fused tile (decode) timed whole."""
-    from moegps.kernels.launch import fused_moe, h_rows_needed, launch_down, launch_gate_up, route
+    from moegps.kernels.launch import fused_moe, launch_down, launch_gate_up, route
 
     n_experts, hidden, ffn, top_k = shape
     x, w13, w2 = make_inputs(n_experts, hidden, ffn, top_k, n_tokens, seed)
     ids, weights = make_routing(n_tokens, n_experts, top_k, seed)
     flat_ids, flat_w = ids.reshape(-1), weights.reshape(-1)
     n_pairs = n_tokens * top_k
+    h = torch.empty(n_pairs, ffn, dtype=x.dtype, device="cuda")
     y = torch.empty(n_pairs, hidden, dtype=x.dtype, device="cuda")
     best = None
 
@@ -453,15 +446,13 @@ def tune_one(name, shape, n_tokens, failed, seed=0) -> dict:
                 if (name, path, block, t, "fused") not in failed:
                     consider(fused_config(t))
             continue
-        gu_tiles = [t for t in tiles
-                    if not h_tma(t) and (name, path, block, t, "gate_up") not in failed]
+        gu_tiles = [t for t in tiles if (name, path, block, t, "gate_up") not in failed]
         dn_tiles = [t for t in tiles
                     if not paired(t) and (name, path, block, t, "down") not in failed]
         if not gu_tiles or not dn_tiles:
             continue
         base = base_config(path, block)
         routing = route(flat_ids, n_experts, base)
-        h = torch.empty(h_rows_needed(routing, n_pairs), ffn, dtype=x.dtype, device="cuda")
 
         def gate_up_us(t):
             cfg = dict(base, gate_up=tile(t))
@@ -566,9 +557,6 @@ def check_edge_cases() -> list[str]:
                                      "gate_up": tile((64, 64, 8, 3, "paired", "tma")),
                                      "down": tile((64, 64, 8, 3, "tma"))},
                "fused_tma_paired": fused_config((64, 64, 64, 4, 3, "paired", "tma")),
-               "sorted_tma_h": {"path": "sorted", "block_m": 128, "half_tail": True,
-                                "gate_up": tile((64, 64, 8, 3, "paired", "tma")),
-                                "down": tile((64, 64, 8, 3, "tma", "h_tma"))},
                "sorted_tma_atomic": {"path": "sorted", "block_m": 128, "half_tail": True,
                                      "combine": "atomic", "gate_up": tile((64, 64, 8, 3, "tma")),
                                      "down": tile((64, 64, 8, 3, "tma"))}}
@@ -584,9 +572,7 @@ def check_edge_cases() -> list[str]:
         if kind == "hot":  # expert 5 in every token's top-k
             ids[:, 0] = torch.where((ids == 5).any(dim=1), ids[:, 0], 5)
         ref = moe_reference(x.double(), w13.double(), w2.double(), ids, weights.double())
-        # h: a row per pair (scan) or per padded sorted row (at most E + 1 blocks of 128 more)
-        ws = {"h": torch.full((T * k + (E + 1) * 128, Fd), float("nan"), dtype=x.dtype,
-                              device="cuda"),
+        ws = {"h": torch.full((T * k, Fd), float("nan"), dtype=x.dtype, device="cuda"),
               "y": torch.full((T * k, H), float("nan"), dtype=x.dtype, device="cuda"),
               "scratch": torch.full((E * T * k,), -7, dtype=torch.int32, device="cuda")}
         errs, finite = [], True

@@ -16,9 +16,7 @@ gate weight in the down GEMM's epilogue. Two ways of finding an expert's rows:
   once when an expert's rows fit one BLOCK_M block (decode), the memory-bound regime of this path.
 * `sorted` kernels (large batches): grid over (BLOCK_M block, N tile) of the expert-sorted, padded
   order from `routing.align`, with grouped tile ordering (GROUP_M blocks share a weight tile in
-  L2), as in vLLM's fused_moe and the Triton matmul tutorial this layout comes from. h is kept
-  in that sorted row order (not by pair), so the down GEMM reads each block's rows contiguously
-  and can take them through the copy engine as well (H_TMA).
+  L2), as in vLLM's fused_moe and the Triton matmul tutorial this layout comes from.
 
 * `fused` kernel (decode, T*k small): the `scan` kernels' expert slots, split over F instead of
   the output columns; each program computes its F tile of h and immediately multiplies it into
@@ -138,33 +136,29 @@ def _gate_up_act(
 
 @triton.jit
 def _gate_up_tile(
-    x_ptr, w_ptr, h_ptr, tok, h_row, valid_m, expert, pid_n, H, F,
+    x_ptr, w_ptr, h_ptr, tok, pair, valid_m, expert, pid_n, H, F,
     stride_xt, stride_we, stride_wn, stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     PAIRED: tl.constexpr, TMA: tl.constexpr = False,
 ):
-    """h[h_row, n tile] = silu(x[tok] @ w1[e, n tile]^T) * (x[tok] @ w3[e, n tile]^T)."""
+    """h[pair, n tile] = silu(x[tok] @ w1[e, n tile]^T) * (x[tok] @ w3[e, n tile]^T)."""
     act = _gate_up_act(x_ptr, w_ptr, tok, valid_m, expert, pid_n, H, F, stride_xt, stride_we,
                        stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PAIRED, TMA)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    h_ptrs = h_ptr + h_row.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
+    h_ptrs = h_ptr + pair.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
     tl.store(h_ptrs, act.to(h_ptr.dtype.element_ty), mask=valid_m[:, None] & (offs_n < F)[None, :])
 
 
 @triton.jit
 def _down_tile(
-    h_ptr, w_ptr, out_ptr, weights_ptr, pair, h_row, h_start, valid_m, expert, pid_n, H, F,
+    h_ptr, w_ptr, out_ptr, weights_ptr, pair, valid_m, expert, pid_n, H, F,
     stride_hm, stride_we, stride_wn, stride_om, top_k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    TMA: tl.constexpr = False, COMBINE: tl.constexpr = False, H_TMA: tl.constexpr = False,
+    TMA: tl.constexpr = False, COMBINE: tl.constexpr = False,
 ):
-    """out[pair, n tile] = topk_weights[pair] * (h[h_row] @ w2[e, n tile]^T).
+    """out[pair, n tile] = topk_weights[pair] * (h[pair] @ w2[e, n tile]^T).
 
     TMA: w_ptr is a tensor descriptor over w2 viewed [E * H, F] with [BLOCK_N, BLOCK_K] boxes.
-    H_TMA (sorted path: the tile's h rows are h_start .. h_start + BLOCK_M - 1, contiguous):
-    h_ptr is a tensor descriptor over h [rows, F] with [BLOCK_M, BLOCK_K] boxes, so both
-    operands come through the copy engine (rows past the block's valid ones are read too and
-    dropped at the store).
     COMBINE: out is an fp32 [T, H] accumulator (zeroed) and the tile is added into its token rows
     pair // top_k with atomics: the k-way combine in the epilogue, no [T*k, H] y round trip
     through memory (the order of the adds, so the last bits, vary from run to run).
@@ -173,14 +167,9 @@ def _down_tile(
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < H
     pair64 = pair.to(tl.int64)
+    a_ptrs = h_ptr + pair64[:, None] * stride_hm + offs_k[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if not H_TMA:
-        a_ptrs = h_ptr + h_row.to(tl.int64)[:, None] * stride_hm + offs_k[None, :]
-    if TMA and H_TMA:
-        row = expert * H + pid_n * BLOCK_N
-        for k0 in range(0, F, BLOCK_K):
-            acc = tl.dot(h_ptr.load([h_start, k0]), w_ptr.load([row, k0]).T, acc)
-    elif TMA:
+    if TMA:
         row = expert * H + pid_n * BLOCK_N
         for k0 in range(0, F, BLOCK_K):
             a = _load_rows(a_ptrs, valid_m, offs_k, F - k0, EVEN_K)
@@ -270,8 +259,8 @@ def down_scan_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         valid_m = offs_m < count
         pair = tl.load(scratch_ptr + expert.to(tl.int64) * n_pairs + offs_m, mask=valid_m, other=0)
-        _down_tile(h_ptr, w_ptr, out_ptr, weights_ptr, pair, pair, 0, valid_m, expert, pid_n,
-                   H, F, stride_hm, stride_we, stride_wn, stride_om, top_k,
+        _down_tile(h_ptr, w_ptr, out_ptr, weights_ptr, pair, valid_m, expert, pid_n, H, F,
+                   stride_hm, stride_we, stride_wn, stride_om, top_k,
                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, False, COMBINE)
 
 
@@ -367,11 +356,9 @@ def _gate_up_block(x_ptr, w_ptr, h_ptr, sorted_ptr, start, n_pairs, top_k, exper
                    stride_xt, stride_we, stride_wn, stride_hm,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    EVEN_K: tl.constexpr, PAIRED: tl.constexpr, TMA: tl.constexpr):
-    """The gate/up tile of the BLOCK_M sorted rows from `start` (padding rows hold n_pairs); h
-    is written in sorted row order, so the down GEMM reads each block's rows contiguously."""
-    rows = start + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + rows)
-    _gate_up_tile(x_ptr, w_ptr, h_ptr, pair // top_k, rows, pair < n_pairs, expert, pid_n, H, F,
+    """The gate/up tile of the BLOCK_M sorted rows from `start` (padding rows hold n_pairs)."""
+    pair = tl.load(sorted_ptr + start + tl.arange(0, BLOCK_M))
+    _gate_up_tile(x_ptr, w_ptr, h_ptr, pair // top_k, pair, pair < n_pairs, expert, pid_n, H, F,
                   stride_xt, stride_we, stride_wn, stride_hm,
                   BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PAIRED, TMA)
 
@@ -380,14 +367,12 @@ def _gate_up_block(x_ptr, w_ptr, h_ptr, sorted_ptr, start, n_pairs, top_k, exper
 def _down_block(h_ptr, w_ptr, out_ptr, weights_ptr, sorted_ptr, start, n_pairs, expert, pid_n,
                 H, F, stride_hm, stride_we, stride_wn, stride_om, top_k,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                EVEN_K: tl.constexpr, TMA: tl.constexpr, COMBINE: tl.constexpr,
-                H_TMA: tl.constexpr):
+                EVEN_K: tl.constexpr, TMA: tl.constexpr, COMBINE: tl.constexpr):
     """The down tile of the BLOCK_M sorted rows from `start` (padding rows hold n_pairs)."""
-    rows = start + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + rows)
-    _down_tile(h_ptr, w_ptr, out_ptr, weights_ptr, pair, rows, start, pair < n_pairs, expert,
-               pid_n, H, F, stride_hm, stride_we, stride_wn, stride_om, top_k,
-               BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE, H_TMA)
+    pair = tl.load(sorted_ptr + start + tl.arange(0, BLOCK_M))
+    _down_tile(h_ptr, w_ptr, out_ptr, weights_ptr, pair, pair < n_pairs, expert, pid_n, H, F,
+               stride_hm, stride_we, stride_wn, stride_om, top_k,
+               BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE)
 
 
 @triton.jit(do_not_specialize=["n_pairs", "top_k", "num_pid_m"])
@@ -415,24 +400,20 @@ def gate_up_sorted_kernel(
 
 @triton.jit(do_not_specialize=["n_pairs", "top_k", "num_pid_m"])
 def down_sorted_kernel(
-    h_ptr, h_half_ptr, w_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr,
-    block_start_ptr, n_blocks_ptr, n_pairs, top_k, H, F, num_pid_m, stride_hm, stride_we,
-    stride_wn, stride_om,
+    h_ptr, w_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, block_start_ptr,
+    n_blocks_ptr, n_pairs, top_k, H, F, num_pid_m, stride_hm, stride_we, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr = False,
-    HALF_TAIL: tl.constexpr = False, COMBINE: tl.constexpr = False, H_TMA: tl.constexpr = False,
+    HALF_TAIL: tl.constexpr = False, COMBINE: tl.constexpr = False,
 ):
-    """h is in sorted row order (gate_up_sorted_kernel). H_TMA: h_ptr and h_half_ptr are tensor
-    descriptors over it with [BLOCK_M, BLOCK_K] and [BLOCK_M / 2, BLOCK_K] boxes (the half one
-    for HALF_TAIL's half-height blocks); otherwise both are h itself."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(H, BLOCK_N), GROUP_M)
     if pid_m >= tl.load(n_blocks_ptr):
         return
     expert = tl.load(block_expert_ptr + pid_m)
     start = tl.load(block_start_ptr + pid_m)
-    args = (w_ptr, out_ptr, weights_ptr, sorted_ptr, start, n_pairs, expert, pid_n, H, F,
+    args = (h_ptr, w_ptr, out_ptr, weights_ptr, sorted_ptr, start, n_pairs, expert, pid_n, H, F,
             stride_hm, stride_we, stride_wn, stride_om, top_k)
     if HALF_TAIL and tl.load(block_start_ptr + pid_m + 1) - start <= BLOCK_M // 2:
-        _down_block(h_half_ptr, *args, BLOCK_M // 2, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE, H_TMA)
+        _down_block(*args, BLOCK_M // 2, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE)
     else:
-        _down_block(h_ptr, *args, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE, H_TMA)
+        _down_block(*args, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE)

@@ -10,9 +10,7 @@ The one-launch decode path (both GEMMs and the combine in one kernel, split over
      "fused": {"block_f": 64, "block_k": 128, "block_n": 128, "num_warps": 4, "num_stages": 3}}
 Optional tile flags: "paired" (gate/up and fused tiles: one dot of twice the width for w1 and
 w3) and "tma" (sorted and fused tiles: the weights through tensor descriptors, Hopper's copy
-engine); both together load the gate and up tiles in one stacked copy. "h_tma" (sorted down
-tiles with "tma"): h's rows through the copy engine too (the sorted path keeps h in sorted row
-order, so each block's rows are contiguous).
+engine); both together load the gate and up tiles in one stacked copy.
 A sorted config may set "half_tail": true (block_m >= 32): each expert's rows are padded to
 block_m / 2 only, and its last block runs at half height when that is all it holds.
 A scan or sorted config may set "combine": "atomic": the down GEMM adds its tiles into an fp32
@@ -186,14 +184,9 @@ def fused_moe(
     if config["path"] == "fused":
         return launch_fused(x, w_gate_up, w_down, weights, ids,
                             route(ids, n_experts, config, workspace.get("scratch")), config, top_k)
-    routing = route(ids, n_experts, config, workspace.get("scratch"))
-    h_rows = h_rows_needed(routing, n_pairs)
     h = workspace.get("h")
-    if h is None:
-        h = torch.empty(h_rows, ffn, dtype=x.dtype, device=x.device)
-    elif h.shape[0] < h_rows:
-        raise ValueError(f"workspace 'h' needs at least {h_rows} rows for this config "
-                         f"(the sorted path's padded rows), got shape {tuple(h.shape)}")
+    h = torch.empty(n_pairs, ffn, dtype=x.dtype, device=x.device) if h is None else h
+    routing = route(ids, n_experts, config, workspace.get("scratch"))
     launch_gate_up(x, w_gate_up, h, ids, routing, config, top_k)
     if combine_atomic(config, top_k):
         acc = torch.zeros(n_tokens, hidden, dtype=torch.float32, device=x.device)
@@ -214,11 +207,6 @@ def combine_atomic(config: dict, top_k: int) -> bool:
     if combine not in ("sum", "atomic"):
         raise ValueError(f"config field 'combine' must be 'sum' or 'atomic', got {combine!r}")
     return combine == "atomic" and top_k > 1
-
-
-def h_rows_needed(routing, n_pairs: int) -> int:
-    """Rows of h a path writes: one per pair (scan), one per padded sorted row (sorted)."""
-    return n_pairs if isinstance(routing, torch.Tensor) else routing.sorted_pair_ids.numel()
 
 
 def route(ids: torch.Tensor, n_experts: int, config: dict, scratch: torch.Tensor | None = None):
@@ -246,31 +234,25 @@ def _paired(tile: dict) -> dict:
     return {"PAIRED": bool(tile.get("paired", False))}
 
 
-def _tma_descriptor(t: torch.Tensor, box: list[int]):
-    """A tensor descriptor over t (last dimension contiguous) in `box` boxes for Hopper's copy
-    engine, or None where it cannot address t (rows not 16-byte aligned)."""
-    rows_aligned = all((st * t.element_size()) % 16 == 0 for st in t.stride()[:-1])
-    if t.stride(-1) != 1 or not rows_aligned or t.data_ptr() % 16:
-        return None
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return TensorDescriptor.from_tensor(t, box)
-
-
 def _weights_operand(w: torch.Tensor, tma: bool, block_n: int, block_k: int,
                      stacked: bool = False):
-    """A kernel's weight operand and TMA flag: with `tma` (where the copy engine can address
-    it), a tensor descriptor over w [E, rows, cols] viewed [E * rows, cols] in [block_n, block_k]
-    boxes, or with `stacked` ([w1; w3] of a PAIRED gate/up) viewed [E * 2, rows / 2, cols] in
-    [2, block_n, block_k] boxes, the gate and the up tile of the same F columns in one copy;
-    otherwise the tensor itself."""
-    n_experts, rows, cols = w.shape
-    if tma:
-        desc = (_tma_descriptor(w.view(n_experts * 2, rows // 2, cols), [2, block_n, block_k])
-                if stacked else _tma_descriptor(w.view(n_experts * rows, cols), [block_n, block_k]))
-        if desc is not None:
-            return desc, {"TMA": True}
-    return w, {}
+    """A kernel's weight operand and TMA flag: with `tma` (and where the copy engine can address
+    it: 16-byte aligned rows), a tensor descriptor over w [E, rows, cols] viewed
+    [E * rows, cols] in [block_n, block_k] boxes, or with `stacked` ([w1; w3] of a PAIRED
+    gate/up) viewed [E * 2, rows / 2, cols] in [2, block_n, block_k] boxes, the gate and the up
+    tile of the same F columns in one copy; otherwise the tensor itself."""
+    rows, cols = w.shape[1], w.shape[2]
+    aligned = (cols * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0
+    if not (tma and aligned):
+        return w, {}
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if stacked:
+        desc = TensorDescriptor.from_tensor(w.view(w.shape[0] * 2, rows // 2, cols),
+                                            [2, block_n, block_k])
+    else:
+        desc = TensorDescriptor.from_tensor(w.view(w.shape[0] * rows, cols), [block_n, block_k])
+    return desc, {"TMA": True}
 
 
 def _gate_up_operand(w_gate_up: torch.Tensor, tile: dict, block_n: int):
@@ -304,8 +286,7 @@ def launch_gate_up(x, w_gate_up, h, ids, routing, config: dict, top_k: int) -> N
 
 
 def launch_down(h, w_down, y, weights, ids, routing, config: dict, top_k: int) -> None:
-    """y [T*k, H] = topk_weights * (h @ w2^T) per pair; w_down [E, H, F]; h [T*k, F] indexed by
-    pair (scan path) or [>= padded rows, F] in sorted row order (sorted path).
+    """y [T*k, H] = topk_weights * (h @ w2^T) per pair; h [T*k, F], w_down [E, H, F].
 
     With `combine_atomic(config, top_k)`, y is instead an fp32 [T, H] accumulator (zeroed by
     the caller) into which each pair's row is added: the k-way combine done by the GEMM.
@@ -322,19 +303,10 @@ def launch_down(h, w_down, y, weights, ids, routing, config: dict, top_k: int) -
     else:
         w_operand, tma = _weights_operand(w_down, bool(tile.get("tma")), tile["block_n"],
                                           tile["block_k"])
-        # h's rows through the copy engine too (with weight TMA only): a box per block height
-        h_full = _tma_descriptor(h, [block_m, tile["block_k"]]) if tma and tile.get("h_tma") else None
-        h_half = h_full
-        if h_full is not None and routing.half_tail:
-            h_half = _tma_descriptor(h, [block_m // 2, tile["block_k"]])
-        h_tma = {"H_TMA": True} if h_full is not None else {}
-        if h_full is None:
-            h_full = h_half = h
         down_sorted_kernel[(routing.max_blocks * n_tiles,)](
-            h_full, h_half, w_operand, y, weights, *_blocks(routing), ids.numel(), top_k,
-            hidden, ffn,
+            h, w_operand, y, weights, *_blocks(routing), ids.numel(), top_k, hidden, ffn,
             routing.max_blocks, *strides, GROUP_M=tile["group_m"], HALF_TAIL=routing.half_tail,
-            **common, **tma, **h_tma)
+            **common, **tma)
 
 
 def launch_fused(x, w_gate_up, w_down, weights, ids, scratch, config: dict,
