@@ -1,0 +1,42 @@
+"""The kernel benchmark's plot: series extraction against a shuffled table, the PNG, bad input."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moegps.kernels.plot import CURVES, plot_bench, read_bench, series
+
+TOKENS = [1, 8, 32, 128, 512, 2048, 8192, 16384]
+
+
+def random_bench(rng, path):
+    """A bench.csv of both shapes with random percentages, rows shuffled, one value missing."""
+    rows = [{"shape": shape, "tokens": t, **{c: rng.uniform(20, 100) for c in CURVES.values()}}
+            for shape in ("mixtral", "fine64") for t in TOKENS]
+    df = pd.DataFrame(rows).sample(frac=1.0, random_state=int(rng.integers(2**31)))
+    df.loc[(df["shape"] == "fine64") & (df["tokens"] == 512), "pct_floor_gmm"] = np.nan
+    df.to_csv(path, index=False)
+    return df
+
+
+def test_series_is_one_shape_in_token_order_without_gaps(rng, tmp_path):
+    df = random_bench(rng, tmp_path / "bench.csv")
+    tokens, pct = series(read_bench(tmp_path / "bench.csv"), "fine64", "pct_floor_gmm")
+    assert list(tokens) == [t for t in TOKENS if t != 512]
+    expected = [df[(df["shape"] == "fine64") & (df["tokens"] == t)]["pct_floor_gmm"].item()
+                for t in tokens]
+    np.testing.assert_allclose(pct, expected)
+
+
+def test_plot_writes_a_png(rng, tmp_path):
+    random_bench(rng, tmp_path / "clean.csv")
+    random_bench(rng, tmp_path / "zero.csv")
+    out = plot_bench(tmp_path / "clean.csv", tmp_path / "zero.csv", tmp_path / "img" / "k.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((tmp_path / "img").iterdir()) == [out]  # no temporary file left beside it
+
+
+def test_a_csv_that_is_not_the_benchmarks_is_named(tmp_path):
+    pd.DataFrame({"shape": ["mixtral"], "tokens": [1]}).to_csv(tmp_path / "x.csv", index=False)
+    with pytest.raises(ValueError, match=r"x\.csv: not a moegps.kernels.bench CSV.*pct_floor"):
+        read_bench(tmp_path / "x.csv")
