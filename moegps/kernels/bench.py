@@ -20,7 +20,7 @@ matmul rate), both measured just before the row. Percent of floor = floor / time
 beside `ours_us` (whatever path the tuned or shipped config takes).
 Every output is checked against an fp32 reference (relative error). `--tune` first searches a
 small config space per (shape, token count), compiling candidates in parallel processes, and
-writes configs/<device>.json (also to --out). Results: a printed table, CSV and JSON in --out.
+writes configs/<device>.json (also to --out). Results: a printed table, CSV, JSON and a plot (plot.py) in --out.
 """
 
 from __future__ import annotations
@@ -787,6 +787,10 @@ def main(argv=None):
 
     pd.DataFrame(rows).to_csv(out_dir / "bench.csv", index=False)
     (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    from moegps.kernels.plot import plot_bench
+
+    print("plot:", plot_bench(out_dir / "bench.csv", None, out_dir / "kernels.png", device,
+                              first_flush=FLUSH))
     print(f"\n{device}; times in us (median, device events); copy (read+written) and bf16 "
           "8192^3 matmul rates measured before each row")
     print_table(rows)

@@ -45,8 +45,13 @@ def series(df: pd.DataFrame, shape: str, column: str) -> tuple[np.ndarray, np.nd
     return rows["tokens"].to_numpy(), rows[column].to_numpy(dtype=float)
 
 
-def plot_bench(clean: Path, zero: Path | None, out: Path, device: str = "H100") -> Path:
-    """Write the figure to `out` (PNG, written atomically) and return its path."""
+FLUSH_LABELS = {"clean": "L2 flushed clean", "zero": "do_bench's zero-fill flush"}
+
+
+def plot_bench(clean: Path, zero: Path | None, out: Path, device: str = "H100",
+               first_flush: str = "clean") -> Path:
+    """Write the figure to `out` (PNG, written atomically) and return its path. `clean` is the
+    main run (its flush named by `first_flush`), `zero` an optional zero-flush run beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,11 +65,11 @@ def plot_bench(clean: Path, zero: Path | None, out: Path, device: str = "H100") 
             tokens, pct = series(runs["clean"], shape, column)
             ours = name == "ours"
             ax.plot(tokens, pct, marker="o" if ours else ".", lw=2.2 if ours else 1.2,
-                    label=f"{name} (L2 flushed clean)" if ours else name)
+                    label=f"{name} ({FLUSH_LABELS[first_flush]})" if ours else name)
         if "zero" in runs:
             tokens, pct = series(runs["zero"], shape, "pct_floor")
             ax.plot(tokens, pct, ls="--", marker="o", mfc="none", color="C0", lw=1.2,
-                    label="ours (do_bench's zero-fill flush)")
+                    label=f"ours ({FLUSH_LABELS['zero']})")
         vllm = VLLM_TUNED[shape]
         ax.plot(list(vllm), list(vllm.values()), ls="none", marker="x", ms=8, color="k",
                 label="vLLM fused_moe, tuned (issue's H100 figures)")
