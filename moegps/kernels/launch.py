@@ -89,9 +89,10 @@ def default_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: 
     # Compute-bound: weights through the copy engine (TMA; the launcher falls back to pointer
     # loads where rows are not 16-byte aligned), gate and up in one stacked copy and one dot of
     # 256 columns, 128 x 256 down tiles once rows fill them. The tuner took these at every
-    # Mixtral and 64-expert point from 2048 tokens (NOTES.md v6, v14).
-    gate_up = {"block_n": 128, "block_k": 64, "group_m": 8, "num_warps": 8, "num_stages": 4,
-               "paired": True, "tma": True}
+    # Mixtral and 64-expert point from 2048 tokens (NOTES.md v6, v14), with 3 stages from 2048
+    # rows per expert (Mixtral 8192-16384 tokens; 4 stages read 3-16% slower there).
+    gate_up = {"block_n": 128, "block_k": 64, "group_m": 8, "num_warps": 8,
+               "num_stages": 3 if rows >= 2048 else 4, "paired": True, "tma": True}
     down = {"block_n": 256, "block_k": 64, "group_m": 8, "num_warps": 8, "num_stages": 3,
             "tma": True}
     if rows <= 160:
