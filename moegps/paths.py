@@ -32,7 +32,6 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
-
 def trace_name(spec: str) -> str:
     """Short name of a trace spec for output folders: the file or folder stem (``deepseek`` as is)."""
     return Path(str(spec)).stem or "trace"
@@ -48,6 +47,7 @@ def register_resolvers() -> None:
                            ("trace_name", trace_name)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
+
 
 @lru_cache(maxsize=1)
 def git_commit() -> str:
