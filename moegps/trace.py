@@ -453,6 +453,16 @@ class atomic_path:
         return False
 
 
+def save_png(fig, path: str | os.PathLike, dpi: int = 130) -> Path:
+    """Write a matplotlib figure as PNG through ``atomic_path`` and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
 def _check_range(where: str, name: str, values: np.ndarray, lo: int | None, hi: int | None, expected: str):
     bad = np.zeros(values.shape, dtype=bool)
     if lo is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..trace import atomic_path
+from ..trace import save_png
 
 # The figures for vLLM's Triton fused_moe with a config tuned for an H100 (% of floor),
 # and its bar for moegps's kernel; token counts as keys.
@@ -89,10 +89,7 @@ def plot_bench(clean: Path, zero: Path | None, out: Path, device: str = "H100",
     fig.suptitle(f"Fused MoE expert FFN on one {device}, routing metadata included "
                  "(floor: weight bytes / copy rate or FLOPs / matmul rate)", fontsize=10)
     fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return out
+    return save_png(fig, out, dpi=120)
 
 
 def main(argv=None) -> None:

@@ -194,7 +194,7 @@ def plot(table: pd.DataFrame, path: Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..trace import atomic_path
+    from ..trace import save_png
 
     phases = [ph for ph in ("prefill", "decode") if (table.phase == ph).any()]
     phases = phases if len(phases) == 2 else ["all"]
@@ -224,10 +224,7 @@ def plot(table: pd.DataFrame, path: Path, title: str = "") -> Path:
         b.set_title(f"{phase}: token-to-expert")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=110)
 
 
 def markdown_table(table: pd.DataFrame) -> str:

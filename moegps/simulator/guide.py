@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..trace import RoutingTrace, TraceMeta
+from ..trace import RoutingTrace, TraceMeta, save_png
 from .replay import (
     PlaceFn, ReplayConfig, SimResult, distribution_plan, make_batches, oracle_bound, oracle_plan, predict_tokens,
     simulate, static_plan, token_plan,
@@ -362,18 +362,6 @@ def plot_decisions(table: pd.DataFrame, path: Path, title: str = "") -> Path:
                  "and the plan that wins end to end", fontsize=9)
     fig.tight_layout(rect=(0, 0.07, 1, 0.9))
     return save_png(fig, path)
-
-
-def save_png(fig, path: Path) -> Path:
-    """Write a figure atomically as PNG and close it."""
-    import matplotlib.pyplot as plt
-
-    from ..trace import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130, format="png")
-    plt.close(fig)
-    return path
 
 
 PREFILL_AWARE_CLAIM = 1.25  # the 2025 data-movement study (arXiv 2510.05497): up to 1.25x on MoE computation
