@@ -41,8 +41,9 @@ SHAPES = {"mixtral": (8, 4096, 14336, 2), "fine64": (64, 2048, 1408, 6)}  # E, H
 TOKENS = [1, 8, 32, 128, 512, 2048, 8192, 16384]
 QUICK_TOKENS = [1, 32, 512, 16384]
 # (block_n, block_k, num_warps, num_stages) candidates per path; each GEMM picks its own
-# Elements after the fourth name variants: "paired" (gate/up only: one interleaved dot, PAIRED),
-# "tma" (sorted path: weights through tensor descriptors).
+# Elements after the fourth name variants (in VARIANTS order): "paired" (gate/up only: one dot
+# of twice the width, PAIRED), "tma" (sorted path: weights through tensor descriptors); both: the
+# gate and up tiles in one stacked copy.
 SCAN_TILES = [(32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 2), (128, 128, 8, 3),
               (64, 128, 4, 4, "paired"), (32, 256, 4, 3, "paired")]
 SORTED_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4),
@@ -69,6 +70,12 @@ FUSED_TILES = [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 256, 128, 8, 2),
                (64, 64, 128, 4, 4, "paired", "tma")]
 # the tuner tries the fused path up to this many (token, slot) pairs (64 experts T=8: 48)
 FUSED_MAX_PAIRS = 64
+VARIANTS = ("paired", "tma")  # tile flags, in the order candidate tuples name them
+
+
+def variants(d: dict) -> tuple:
+    """The variant names a tile dict sets, in candidate-tuple order."""
+    return tuple(v for v in VARIANTS if d.get(v))
 
 
 def fused_config(t) -> dict:
@@ -90,8 +97,7 @@ def tile(t, group_m=8):
 
 def tile_tuple(g: dict) -> tuple:
     """The candidate tuple of a GEMM's tile dict (inverse of `tile`)."""
-    t = (g["block_n"], g["block_k"], g["num_warps"], g["num_stages"])
-    return t + tuple(v for v in ("paired", "tma") if g.get(v))
+    return (g["block_n"], g["block_k"], g["num_warps"], g["num_stages"]) + variants(g)
 
 
 def config_tasks(name: str, shape: tuple, config: dict) -> set:
@@ -100,8 +106,7 @@ def config_tasks(name: str, shape: tuple, config: dict) -> set:
     if config["path"] == "fused":
         f = config["fused"]
         t = tuple(f[k] for k in ("block_f", "block_k", "block_n", "num_warps", "num_stages"))
-        return {(name, shape, "fused", config_block(config),
-                 t + tuple(v for v in ("paired", "tma") if f.get(v)))}
+        return {(name, shape, "fused", config_block(config), t + variants(f))}
     return {(name, shape, config["path"], config_block(config), tile_tuple(config[gemm]))
             for gemm in ("gate_up", "down")}
 
@@ -490,9 +495,7 @@ def tune(shapes, tokens, out_dir: Path, workers: int, command: str, seed: int = 
         for n_tokens in tokens:
             for path, block, tiles in candidates(n_tokens, shape[0], shape[3]):
                 tasks.update((name, shape, path, block, t) for t in tiles)
-            d = launch.default_config(n_tokens, *shape)
-            if d["path"] != "fused":
-                tasks |= config_tasks(name, shape, d)
+            tasks |= config_tasks(name, shape, launch.default_config(n_tokens, *shape))
     failed = precompile(sorted(tasks, key=str), workers)
     # Merged into the device's file: token counts not tuned now keep their entries.
     path = launch.CONFIG_DIR / f"{launch.device_name()}.json"

@@ -231,7 +231,7 @@ def _gemm_kwargs(tile: dict, block_m: int, k_dim: int) -> dict:
 
 
 def _paired(tile: dict) -> dict:
-    """The gate/up kernels' PAIRED flag (one interleaved dot instead of two), off by default."""
+    """The gate/up kernels' PAIRED flag (one dot of twice the width instead of two), off by default."""
     return {"PAIRED": bool(tile.get("paired", False))}
 
 
