@@ -4,14 +4,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moegps.kernels.plot import CURVES, plot_bench, read_bench, series
+from moegps.kernels.plot import CURVES, REFERENCES, plot_bench, read_bench, series
 
 TOKENS = [1, 8, 32, 128, 512, 2048, 8192, 16384]
 
 
 def random_bench(rng, path):
     """A bench.csv of both shapes with random percentages, rows shuffled, one value missing."""
-    rows = [{"shape": shape, "tokens": t, **{c: rng.uniform(20, 100) for c in CURVES.values()}}
+    columns = [*CURVES.values(), *REFERENCES.values()]
+    rows = [{"shape": shape, "tokens": t, **{c: rng.uniform(20, 100) for c in columns}}
             for shape in ("mixtral", "fine64") for t in TOKENS]
     df = pd.DataFrame(rows).sample(frac=1.0, random_state=int(rng.integers(2**31)))
     df.loc[(df["shape"] == "fine64") & (df["tokens"] == 512), "pct_floor_gmm"] = np.nan

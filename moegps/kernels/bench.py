@@ -13,7 +13,12 @@ do_bench's zero-fill or, with `--flush clean`, by a read that leaves no dirty li
   gmm       torch._grouped_mm pipeline: sort by expert, gather, grouped GEMM, SiLU*up, grouped
             GEMM, gate weights, un-permute and sum (graph)
   loop      the torch per-expert loop (reference.py, bf16; eager: it syncs per expert)
-and the floor: max(active-expert weight bytes / measured copy rate, FLOPs / measured 8192^3 bf16
+two references that are not MoE pipelines, for what the hardware gives at this size:
+  bmm       cuBLAS's batched GEMM of the two projections alone over the active experts with
+            equal rows each (balanced routing; no gather, SiLU, gate weights or combine; graph)
+  read      a plain read (torch sum) of as many bytes as the active experts' weights
+and, for the scan and sorted paths, `gemms`: ours without the routing metadata and the combine
+(its two GEMM launches on routing computed once; graph). And the floor: max(active-expert weight bytes / measured copy rate, FLOPs / measured 8192^3 bf16
 matmul rate), both measured just before the row. Percent of floor = floor / time.
 `--fused` adds the one-launch decode path (`fused`, NOTES.md v4): each of its tiles
 (FUSED_TILES) is timed whole (graph) and checked, and the row reports the best as `fused_us`
@@ -67,10 +72,15 @@ FUSED_TILES = [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 256, 128, 8, 2),
                (64, 64, 128, 4, 6, "tma"), (64, 128, 128, 4, 3, "tma"), (32, 64, 128, 4, 6, "tma"),
                (32, 128, 64, 4, 4, "tma"), (64, 64, 64, 4, 6, "tma"), (128, 64, 64, 4, 4, "tma"),
                (64, 64, 128, 8, 5, "tma"), (64, 128, 128, 4, 3, "paired", "tma"),
-               (64, 64, 128, 4, 4, "paired", "tma")]
+               (64, 64, 128, 4, 4, "paired", "tma"),
+               # the one-launch finish (last program casts; NOTES.md v16) on the tiles above
+               # that the tuner took (v12, v14)
+               (64, 128, 128, 4, 3, "tma", "ticket"), (64, 128, 128, 4, 3, "ticket"),
+               (64, 128, 128, 4, 3, "paired", "tma", "ticket"),
+               (64, 64, 128, 4, 4, "tma", "ticket"), (32, 128, 64, 4, 4, "tma", "ticket")]
 # the tuner tries the fused path up to this many (token, slot) pairs (64 experts T=8: 48)
 FUSED_MAX_PAIRS = 64
-VARIANTS = ("paired", "tma")  # tile flags, in the order candidate tuples name them
+VARIANTS = ("paired", "tma", "ticket")  # tile flags, in the order candidate tuples name them
 
 
 def variants(d: dict) -> tuple:
@@ -207,6 +217,34 @@ def grouped_mm_moe(x, w13, w2, topk_ids, topk_weights):
     unsorted = torch.empty_like(y)
     unsorted[order] = y
     return unsorted.view(n_tokens, top_k, hidden).sum(dim=1)
+
+
+def balanced_bmm(w13, w2, n_active: int, rows: int):
+    """The two expert GEMMs as cuBLAS batched GEMMs over `n_active` experts of `rows` rows
+    each: [n, rows, H] @ w13[:n]^T -> [n, rows, 2F], then [n, rows, F] @ w2[:n]^T -> [n, rows, H]
+    (the weights as transposed views, as grouped_mm_moe passes them). What a dense GEMM library
+    reaches on the same per-expert shapes when routing is perfectly balanced and free; the
+    down GEMM's input is drawn, not computed, so nothing between the GEMMs is timed."""
+    n, hidden, ffn = n_active, w2.shape[1], w2.shape[2]
+    a = torch.randn(n, rows, hidden, dtype=w13.dtype, device=w13.device)
+    h = torch.randn(n, rows, ffn, dtype=w13.dtype, device=w13.device)
+    return lambda: (torch.bmm(a, w13[:n].transpose(1, 2)), torch.bmm(h, w2[:n].transpose(1, 2)))
+
+
+def gemm_launches(x, w13, w2, ids, weights, config: dict):
+    """Ours without the routing metadata and the k-way combine: the two GEMM launches of a scan
+    or sorted config on routing computed once, into preallocated buffers."""
+    from moegps.kernels.launch import combine_atomic, launch_down, launch_gate_up, route
+
+    n_tokens, top_k = ids.shape
+    flat_ids, gates = ids.reshape(-1), weights.reshape(-1)
+    routing = route(flat_ids, w13.shape[0], config)
+    h = torch.empty(flat_ids.numel(), w2.shape[2], dtype=x.dtype, device=x.device)
+    y = (torch.zeros(n_tokens, x.shape[1], dtype=torch.float32, device=x.device)
+         if combine_atomic(config, top_k) else
+         torch.empty(flat_ids.numel(), x.shape[1], dtype=x.dtype, device=x.device))
+    return lambda: (launch_gate_up(x, w13, h, flat_ids, routing, config, top_k),
+                    launch_down(h, w2, y, gates, flat_ids, routing, config, top_k))
 
 
 def capture(fn):
@@ -560,6 +598,8 @@ def check_edge_cases() -> list[str]:
                                      "gate_up": tile((64, 64, 8, 3, "paired", "tma")),
                                      "down": tile((64, 64, 8, 3, "tma"))},
                "fused_tma_paired": fused_config((64, 64, 64, 4, 3, "paired", "tma")),
+               "fused_ticket": fused_config((64, 64, 64, 4, 3, "ticket")),
+               "fused_tma_ticket": fused_config((64, 64, 64, 4, 3, "tma", "ticket")),
                "sorted_tma_atomic": {"path": "sorted", "block_m": 128, "half_tail": True,
                                      "combine": "atomic", "gate_up": tile((64, 64, 8, 3, "tma")),
                                      "down": tile((64, 64, 8, 3, "tma"))}}
@@ -580,8 +620,10 @@ def check_edge_cases() -> list[str]:
               "scratch": torch.full((E * T * k,), -7, dtype=torch.int32, device="cuda")}
         errs, finite = [], True
         try:
-            # atomics: a race shows as a spread
-            for _ in range(3 if path.startswith("fused") or "atomic" in path else 1):
+            # atomics: a race shows as a spread; the ticket finish (a race between a program's
+            # atomics and the last program's read, v4) many times over
+            repeats = 30 if "ticket" in path else 3 if path.startswith("fused") or "atomic" in path else 1
+            for _ in range(repeats):
                 out = fused_moe(x, w13, w2, ids, weights, workspace=ws, config=configs[path])
                 errs.append(rel_err(out, ref.float()))
                 finite = finite and bool(torch.isfinite(out).all())
@@ -661,7 +703,17 @@ def bench_one(name, shape, n_tokens, seed=0, fused=False, skip=(), failed=None) 
         "gmm": lambda: grouped_mm_moe(x, w13, w2, ids, weights),
         "loop": lambda: moe_reference(x, w13, w2, ids, weights),
     }
+    if config["path"] != "fused":
+        run["gemms"] = gemm_launches(x, w13, w2, ids, weights, config)
+    if "bmm" not in skip:
+        run["bmm"] = balanced_bmm(w13, w2, active, math.ceil(n_tokens * top_k / active))
+    if "read" not in skip:
+        weights_copy = torch.empty(weight_bytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+        run["read"] = lambda: weights_copy.sum(dtype=torch.float32)
     for method, fn in run.items():
+        if method in ("gemms", "bmm", "read"):  # parts and references: timed, not checked
+            row[f"{method}_us"] = time_us(fn, graph=True)
+            continue
         if method in skip:
             row[f"{method}_us"] = float("nan")
             continue
@@ -676,6 +728,11 @@ def bench_one(name, shape, n_tokens, seed=0, fused=False, skip=(), failed=None) 
     row["pct_floor"] = 100 * row["floor_us"] / row["ours_us"]
     row["pct_floor_default"] = 100 * row["floor_us"] / row["default_us"]
     row["pct_floor_gmm"] = 100 * row["floor_us"] / row["gmm_us"]
+    row["pct_floor_bmm"] = 100 * row["floor_us"] / row.get("bmm_us", math.nan)
+    row["pct_floor_gemms"] = 100 * row["floor_us"] / row.get("gemms_us", math.nan)
+    # the read only bounds memory-bound rows (compute-bound ones read far less than they take)
+    row["pct_floor_read"] = (100 * row["floor_us"] / row.get("read_us", math.nan)
+                             if row["bound"] == "memory" else math.nan)
     row["tflops"] = flops / row["ours_us"] * 1e-6
     row["weight_GBps"] = weight_bytes / row["ours_us"] * 1e-3
     row["vs_loop"] = row["loop_us"] / row["ours_us"]
@@ -688,8 +745,11 @@ def bench_one(name, shape, n_tokens, seed=0, fused=False, skip=(), failed=None) 
 COLUMNS = [("shape", "{}"), ("tokens", "{}"), ("path", "{}"), ("ours_us", "{:.1f}"),
            ("ours_eager_us", "{:.1f}"), ("floor_us", "{:.1f}"), ("bound", "{}"),
            ("copy_TBps", "{:.2f}"), ("matmul_TFLOPs", "{:.0f}"),
-           ("pct_floor", "{:.0f}%"), ("default_us", "{:.1f}"), ("pct_floor_default", "{:.0f}%"),
-           ("gmm_us", "{:.1f}"), ("pct_floor_gmm", "{:.0f}%"), ("loop_us", "{:.1f}"),
+           ("pct_floor", "{:.0f}%"), ("gemms_us", "{:.1f}"), ("pct_floor_gemms", "{:.0f}%"),
+           ("default_us", "{:.1f}"), ("pct_floor_default", "{:.0f}%"),
+           ("gmm_us", "{:.1f}"), ("pct_floor_gmm", "{:.0f}%"), ("bmm_us", "{:.1f}"),
+           ("pct_floor_bmm", "{:.0f}%"), ("read_us", "{:.1f}"), ("pct_floor_read", "{:.0f}%"),
+           ("loop_us", "{:.1f}"),
            ("vs_gmm", "{:.2f}x"), ("vs_loop", "{:.2f}x"), ("tflops", "{:.0f}"),
            ("weight_GBps", "{:.0f}"), ("align16_us", "{:.1f}"), ("err_ours", "{:.1e}")]
 FUSED_COLUMNS = [("shape", "{}"), ("tokens", "{}"), ("path", "{}"), ("ours_us", "{:.1f}"),
@@ -718,8 +778,9 @@ def main(argv=None):
     parser.add_argument("--fused", action="store_true",
                         help="also time the one-launch fused decode path's tiles (FUSED_TILES) "
                         f"where T*k <= {FUSED_MAX_PAIRS}")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["default", "loop", "gmm"],
-                        help="baselines not to time")
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["default", "loop", "gmm", "bmm", "read"],
+                        help="baselines and references not to time")
     parser.add_argument("--flush", choices=["zero", "clean"], default="zero",
                         help="L2 flush before each timed run: zero-fill (do_bench's, leaves dirty "
                         "lines) or a read (clean); see FLUSH")

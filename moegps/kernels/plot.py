@@ -5,7 +5,9 @@
 
 One panel per shape (`bench.SHAPES`): ours (the tuned config, whole call) under the clean and,
 if given, the zero-fill L2 flush, the default config, the `torch._grouped_mm` pipeline, vLLM's
-tuned fused_moe as the issue quotes it for an H100, and the issue's bar where it sets one.
+tuned fused_moe as the issue quotes it for an H100, and the issue's bar where it sets one; where
+the CSV has them (runs from session 6 on), the two references of the same run: cuBLAS's batched
+GEMM on balanced routing (the GEMMs alone) and a plain read of the weight bytes.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ TITLES = {"mixtral": "Mixtral-8x7B experts (8, H 4096, F 14336, top-2)",
           "fine64": "64 experts (H 2048, F 1408, top-6)"}
 CURVES = {"ours": "pct_floor", "default config": "pct_floor_default",
           "torch._grouped_mm": "pct_floor_gmm"}
+# drawn dotted, where the CSV has them: references, not MoE pipelines
+REFERENCES = {"cuBLAS bmm, balanced routing, GEMMs only": "pct_floor_bmm",
+              "plain read of the weight bytes (memory-bound rows)": "pct_floor_read"}
 
 
 def read_bench(path: Path) -> pd.DataFrame:
@@ -66,6 +71,10 @@ def plot_bench(clean: Path, zero: Path | None, out: Path, device: str = "H100",
             ours = name == "ours"
             ax.plot(tokens, pct, marker="o" if ours else ".", lw=2.2 if ours else 1.2,
                     label=f"{name} ({FLUSH_LABELS[first_flush]})" if ours else name)
+        for i, (name, column) in enumerate(REFERENCES.items()):
+            if column in runs["clean"]:
+                tokens, pct = series(runs["clean"], shape, column)
+                ax.plot(tokens, pct, ls=":", marker=".", lw=1.2, color=f"C{4 + i}", label=name)
         if "zero" in runs:
             tokens, pct = series(runs["zero"], shape, "pct_floor")
             ax.plot(tokens, pct, ls="--", marker="o", mfc="none", color="C0", lw=1.2,
