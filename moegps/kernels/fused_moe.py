@@ -310,14 +310,13 @@ def _fused_expert_tile(
             o_ptrs += BLOCK_N
 
 
-@triton.jit(do_not_specialize=["n_pairs", "top_k", "n_out"])
+@triton.jit(do_not_specialize=["n_pairs", "top_k"])
 def fused_scan_kernel(
     x_ptr, w13_ptr, w2_ptr, acc_ptr, weights_ptr, ids_ptr, scratch_ptr, n_pairs, top_k, H, F,
-    stride_xt, stride_w13e, stride_w13n, stride_w2e, stride_w2n, out_ptr, ticket_ptr, n_out,
+    stride_xt, stride_w13e, stride_w13n, stride_w2e, stride_w2n,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_K: tl.constexpr, SCAN: tl.constexpr, E_POW2: tl.constexpr,
-    PAIRED: tl.constexpr = False, TMA: tl.constexpr = False, TICKET: tl.constexpr = False,
-    FENCE: tl.constexpr = False,
+    PAIRED: tl.constexpr = False, TMA: tl.constexpr = False,
 ):
     """Both GEMMs and the k-way combine in one launch, split-K over the FFN dimension F.
 
@@ -329,12 +328,9 @@ def fused_scan_kernel(
     (2 * BLOCK_F * H) and w2 (H * BLOCK_F) once per BLOCK_M rows of the expert: for decode one
     heavy launch instead of gate/up, down and combine back to back (NOTES.md, v4). The order of
     the atomics varies from run to run: the last bits of the result are not deterministic.
-
-    TICKET: the last program to finish casts acc into out (n_out = T * H elements, x's dtype)
-    and leaves acc and the ticket counter zeroed for the next call, so the launcher needs no
-    memset and no cast launch around this one (NOTES.md v16). FENCE (on the GPU; the interpreter
-    runs programs one after another) makes every thread's atomics visible GPU-wide before its
-    program takes a ticket.
+    (A variant whose last program casts and re-zeros acc itself, behind a ticket counter, is
+    correct once its zero stores wait at a barrier for every thread's loads, and no faster
+    than the launcher's zero + cast: NOTES.md v4, v16; its code is commit ad73810.)
     """
     expert = _slot_expert(ids_ptr, n_pairs, tl.program_id(0), E_POW2, SCAN)
     if expert >= 0:
@@ -342,45 +338,6 @@ def fused_scan_kernel(
                            expert, tl.program_id(1), n_pairs, top_k, H, F, stride_xt,
                            stride_w13e, stride_w13n, stride_w2e, stride_w2n,
                            BLOCK_M, BLOCK_F, BLOCK_K, BLOCK_N, EVEN_K, SCAN, PAIRED, TMA)
-    if TICKET:
-        _last_program_casts(acc_ptr, out_ptr, ticket_ptr, n_out, FENCE, 1024)
-
-
-@triton.jit
-def _fence_gpu():
-    """fence.acq_rel.gpu in every thread: its earlier writes and atomics are performed for the
-    whole GPU before its later ones (CUDA's __threadfence)."""
-    tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
-def _last_program_casts(acc_ptr, out_ptr, ticket_ptr, n_out, FENCE: tl.constexpr,
-                        BLOCK: tl.constexpr):
-    """The last of the grid's programs to get here copies acc [n_out] fp32 into out (its dtype)
-    and zeros acc and the ticket counter again.
-
-    The pattern of CUDA's threadFenceReduction sample: every thread fences its own atomics, a
-    barrier, then one acq_rel ticket per program; the program that draws the last ticket reads
-    acc through L2 (.cg), where the other programs' atomics were performed. (v4's version of
-    this, without the per-thread fence, read partial sums on the H100.)
-    """
-    if FENCE:
-        _fence_gpu()
-    tl.debug_barrier()
-    n_programs = tl.num_programs(0) * tl.num_programs(1)
-    if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == n_programs - 1:
-        for start in range(0, n_out, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            mask = offs < n_out
-            total = tl.load(acc_ptr + offs, mask=mask, cache_modifier=".cg")
-            # Every thread's loads before any thread's zeros: the compiler may give the zero
-            # stores another thread layout than the loads (it did: v16), and a thread that
-            # zeroed an element before its owner read it lost that element's sum.
-            tl.debug_barrier()
-            tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.store(acc_ptr + offs, tl.zeros_like(total), mask=mask)
-        tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
 
 
 @triton.jit

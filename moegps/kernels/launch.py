@@ -10,8 +10,7 @@ The one-launch decode path (both GEMMs and the combine in one kernel, split over
      "fused": {"block_f": 64, "block_k": 128, "block_n": 128, "num_warps": 4, "num_stages": 3}}
 Optional tile flags: "paired" (gate/up and fused tiles: one dot of twice the width for w1 and
 w3) and "tma" (sorted and fused tiles: the weights through tensor descriptors, Hopper's copy
-engine); both together load the gate and up tiles in one stacked copy. "ticket" (fused tiles):
-the kernel's last program casts the output itself, no memset and cast launches around it.
+engine); both together load the gate and up tiles in one stacked copy.
 A sorted config may set "half_tail": true (block_m >= 32): each expert's rows are padded to
 block_m / 2 only, and its last block runs at half height when that is all it holds.
 A scan or sorted config may set "combine": "atomic": the down GEMM adds its tiles into an fp32
@@ -316,19 +315,12 @@ def launch_fused(x, w_gate_up, w_down, weights, ids, scratch, config: dict,
     """[T, H] in x's dtype = sum_j topk_weights * w2 @ (silu(w1 @ x) * (w3 @ x)), one heavy launch.
 
     Grid (min(E, T*k) expert slots, F / block_f tiles); the partial sums meet in a zeroed fp32
-    accumulator through atomics. By default a memset and a cast launch go around the kernel;
-    with the tile flag "ticket" the kernel's last program casts and re-zeros a persistent
-    accumulator itself (`_ticket_buffers`): one launch in all (NOTES.md v4, v16).
+    accumulator through atomics, cast to x's dtype afterwards (a memset and a cast around the
+    kernel: two tiny launches, measured to cost nothing next to it; NOTES.md, v4).
     """
     n_experts, ffn, hidden = w_gate_up.shape[0], w_gate_up.shape[1] // 2, w_gate_up.shape[2]
     tile = config["fused"]
-    n_out = x.shape[0] * hidden
-    if tile.get("ticket"):
-        acc, ticket = _ticket_buffers(x.device, n_out)
-        out = torch.empty(x.shape[0], hidden, dtype=x.dtype, device=x.device)
-    else:
-        acc = torch.zeros(x.shape[0], hidden, dtype=torch.float32, device=x.device)
-        out = ticket = acc  # unused by the kernel
+    acc = torch.zeros(x.shape[0], hidden, dtype=torch.float32, device=x.device)
     grid = (min(n_experts, ids.numel()), triton.cdiv(ffn, tile["block_f"]))
     # both weights through the copy engine, or neither (one TMA flag in the kernel)
     w13_operand, tma = _gate_up_operand(w_gate_up, tile, tile["block_f"])
@@ -339,34 +331,9 @@ def launch_fused(x, w_gate_up, w_down, weights, ids, scratch, config: dict,
     fused_scan_kernel[grid](
         x, w13_operand, w2_operand, acc, weights, ids, scratch, ids.numel(), top_k, hidden, ffn,
         x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_down.stride(0),
-        w_down.stride(1), out, ticket, n_out,
+        w_down.stride(1),
         BLOCK_M=config["block_m"], BLOCK_F=tile["block_f"], BLOCK_K=tile["block_k"],
         BLOCK_N=tile["block_n"], EVEN_K=hidden % tile["block_k"] == 0, SCAN=SCAN,
-        E_POW2=triton.next_power_of_2(n_experts), TICKET=bool(tile.get("ticket")),
-        FENCE=os.environ.get("TRITON_INTERPRET") != "1", **_paired(tile), **tma,
+        E_POW2=triton.next_power_of_2(n_experts), **_paired(tile), **tma,
         num_warps=tile["num_warps"], num_stages=tile["num_stages"])
-    if tile.get("ticket"):
-        return out
     return acc if x.dtype == torch.float32 else acc.to(x.dtype)
-
-
-# (device, stream) -> (fp32 accumulator, int32 ticket counter), both zero between calls
-_TICKET: dict = {}
-
-
-def _ticket_buffers(device: torch.device, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused ticket kernel's accumulator (>= n_out fp32) and ticket counter ([1] int32).
-
-    Both are zero between calls: allocated zeroed once, and every call's last program zeros
-    them again. One pair per device and stream, so calls on different streams never share
-    one; a bigger accumulator replaces a smaller one (the allocator keeps the old one alive
-    for the kernels already queued on that stream).
-    """
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buffers = _TICKET.get(key)
-    if buffers is None or buffers[0].numel() < n_out:
-        buffers = (torch.zeros(n_out, dtype=torch.float32, device=device),
-                   torch.zeros(1, dtype=torch.int32, device=device))
-        _TICKET[key] = buffers
-    return buffers
