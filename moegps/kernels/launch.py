@@ -97,6 +97,8 @@ def default_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: 
             "tma": True}
     if rows <= 160:
         down.update(block_n=128, block_k=128)
+    if rows >= 4096:  # the tuner's down tile at Mixtral 16384 (the default read 1.02-1.18x there)
+        down["num_stages"] = 4
     # Up to 3 blocks' worth of rows, an expert's last block at half height saves >= 14% of the
     # padded MMA rows (tuned 64 experts at 2048 tokens, 192 rows: 3% faster; NOTES.md v10).
     config = {"path": "sorted", "block_m": 128, "half_tail": rows <= 384, "gate_up": gate_up,
