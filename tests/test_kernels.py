@@ -196,11 +196,6 @@ def test_default_configs_run(rng):
     assert get_config(24, 4, 64, 64, 2)["path"] in paths
     assert default_config(300, 4, 64, 64, 2)["half_tail"]
     assert not default_config(4096, 4, 64, 64, 2)["half_tail"]
-    # top-2 from 2048 rows per expert: the atomic combine (Mixtral 8192+), never with k = 6
-    atomic = default_config(4096, 4, 64, 64, 2)
-    assert atomic.get("combine") == "atomic" and "combine" not in default_config(2048, 4, 64, 64, 2)
-    assert "combine" not in default_config(16384, 8, 64, 64, 6)
-    assert rel_err(fused_moe(x, w13, w2, ids, weights, config=atomic), ref) < 2e-3
 
 
 @pytest.mark.parametrize("block_m,scan,half_tail", [(4, 1024, False), (16, 1024, False),

@@ -97,19 +97,10 @@ def default_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: 
             "tma": True}
     if rows <= 160:
         down.update(block_n=128, block_k=128)
-    if rows >= 4096:  # the tuner's down tile at Mixtral 16384 (the default read 1.02-1.18x there)
-        down["num_stages"] = 4
     # Up to 3 blocks' worth of rows, an expert's last block at half height saves >= 14% of the
     # padded MMA rows (tuned 64 experts at 2048 tokens, 192 rows: 3% faster; NOTES.md v10).
-    config = {"path": "sorted", "block_m": 128, "half_tail": rows <= 384, "gate_up": gate_up,
-              "down": down}
-    # Top-2 with thousands of rows per expert: the combine as fp32 atomics in the down GEMM
-    # (two adds per output element) beats writing y [T*k, H] and summing it. The tuner took it
-    # at Mixtral 8192-16384 tokens; the sum-combine default read 3-13% slower at 16384 in
-    # three runs (NOTES.md v13, session 6). With k = 6 the atomics lost (v13).
-    if top_k <= 2 and rows >= 2048:
-        config["combine"] = "atomic"
-    return config
+    return {"path": "sorted", "block_m": 128, "half_tail": rows <= 384, "gate_up": gate_up,
+            "down": down}
 
 
 @functools.lru_cache(maxsize=None)
