@@ -18,10 +18,10 @@ two references that are not MoE pipelines, for what the hardware gives at this s
             equal rows each (balanced routing; no gather, SiLU, gate weights or combine; graph)
   read      a plain read (torch sum) of as many bytes as the active experts' weights
 and, for the scan and sorted paths, `gemms`: ours without the routing metadata and the combine
-(its two GEMM launches on routing computed once; graph). And the floor: max(active-expert weight bytes / measured copy rate, FLOPs / measured 8192^3 bf16
-matmul rate), both measured in the row, in the same rounds as its methods (time_interleaved: each
-round runs every method once, so a drift of the GPU's clocks reaches all alike). Percent of
-floor = floor / time.
+(its two GEMM launches on routing computed once; graph). And the floor: max(active-expert
+weight bytes / measured copy rate, FLOPs / measured 8192^3 bf16 matmul rate), both measured in
+the row, in the same rounds as its methods (time_interleaved: each round runs every method once,
+so a drift of the GPU's clocks reaches all alike). Percent of floor = floor / time.
 `--fused` adds the one-launch decode path (`fused`, NOTES.md v4): each of its tiles
 (FUSED_TILES) is timed whole (graph) and checked, and the row reports the best as `fused_us`
 beside `ours_us` (whatever path the tuned or shipped config takes).
@@ -285,20 +285,15 @@ def _flush_l2() -> None:
 MIN_RUNS = 20  # timed runs at least, also for calls longer than rep_ms / MIN_RUNS
 
 
-def _median_event_us(fn, warmup_ms=25, rep_ms=100) -> float:
-    """do_bench's loop (estimate, warm up, then flush + events around each run; median), with the
-    L2 flush of FLUSH, and at least 3 warm-up and MIN_RUNS timed runs: do_bench's time budget
-    alone leaves a 19 ms call (Mixtral, 16384 tokens) 1 warm-up and 5 samples, whose median
-    moved 3-5% between runs (NOTES.md v11)."""
-    return time_interleaved({"fn": fn}, warmup_ms, rep_ms)["fn"]
-
-
 def time_interleaved(fns: dict, warmup_ms=25, rep_ms=100) -> dict:
     """{name: median device time in us} of several callables timed in rounds, each round
     running every one once (L2 flushed before each, FLUSH), so that a drift of the GPU's clock
     within the row reaches all of them alike. One after the other, two identical 17 ms
-    configs read 15% apart on an H100 (power and heat; NOTES.md session 6). Per callable the
-    loop is `_median_event_us`'s: estimate, warm up, then at least MIN_RUNS timed runs."""
+    configs read 15% apart on an H100 (power and heat; NOTES.md session 6). Per callable,
+    do_bench's loop (estimate, warm up, then flush + events around each run; median) with at
+    least 3 warm-up and MIN_RUNS timed runs: do_bench's time budget alone leaves a 19 ms call
+    (Mixtral, 16384 tokens) 1 warm-up and 5 samples, whose median moved 3-5% between runs
+    (NOTES.md v11)."""
     estimate_ms = {}
     for name, fn in fns.items():
         fn()
@@ -350,10 +345,7 @@ def time_many(fns: dict, graph=(), warmup=25, rep=100) -> dict:
         except Exception as exc:  # not capturable here: time it eagerly instead
             print(f"  (graph capture of {name} failed, timing eagerly: "
                   f"{type(exc).__name__}: {exc})")
-    try:
-        return time_interleaved(timed, warmup, rep)
-    finally:
-        del graphs
+    return time_interleaved(timed, warmup, rep)  # the graphs live until it returns
 
 
 def flush_control(sizes_mb=(32, 104, 704)) -> list[dict]:
