@@ -1,7 +1,7 @@
 """Plot the kernel benchmark: % of the physical floor against tokens, per expert shape.
 
-    python -m moegps.kernels.plot --clean results/h100_bench_seed20_clean.csv \
-        --zero results/h100_bench_seed20_zero.csv --out docs/img/kernels-h100.png
+    python -m moegps.kernels.plot --clean results/h100_bench_seed29_clean.csv \
+        --zero results/h100_bench_seed29_zero.csv --out docs/img/kernels-h100.png
 
 One panel per shape (`bench.SHAPES`): ours (the tuned config, whole call) under the clean and,
 if given, the zero-fill L2 flush, the default config, the `torch._grouped_mm` pipeline, vLLM's
