@@ -196,6 +196,11 @@ def test_default_configs_run(rng):
     assert get_config(24, 4, 64, 64, 2)["path"] in paths
     assert default_config(300, 4, 64, 64, 2)["half_tail"]
     assert not default_config(4096, 4, 64, 64, 2)["half_tail"]
+    # a dozen row blocks in all (Mixtral at 512 tokens): one group of 16 takes every block
+    one_group = default_config(512, 8, 4096, 14336, 2)
+    assert [one_group[g]["group_m"] for g in ("gate_up", "down")] == [16, 16]
+    assert default_config(2048, 8, 4096, 14336, 2)["gate_up"]["group_m"] == 8
+    assert rel_err(fused_moe(x, w13, w2, ids, weights, config=one_group), ref) < 2e-3
 
 
 @pytest.mark.parametrize("block_m,scan,half_tail", [(4, 1024, False), (16, 1024, False),

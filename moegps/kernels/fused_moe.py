@@ -15,7 +15,7 @@ gate weight in the down GEMM's epilogue. Two ways of finding an expert's rows:
   for an expert without tokens (64 experts at 1 token top-6: 6 slots, not 64). Weights are read
   once when an expert's rows fit one BLOCK_M block (decode), the memory-bound regime of this path.
 * `sorted` kernels (large batches): grid over (BLOCK_M block, N tile) of the expert-sorted, padded
-  order from `routing.align`, with grouped tile ordering (GROUP_M blocks share a weight tile in
+  order from `routing.align`, with grouped tile ordering (group_m blocks share a weight tile in
   L2), as in vLLM's fused_moe and the Triton matmul tutorial this layout comes from.
 
 * `fused` kernel (decode, T*k small): the `scan` kernels' expert slots, split over F instead of
@@ -341,12 +341,13 @@ def fused_scan_kernel(
 
 
 @triton.jit
-def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """Grouped ordering: GROUP_M row blocks walk the N tiles together, sharing weight tiles in L2."""
-    in_group = GROUP_M * num_pid_n
+def _grouped_tile(pid, num_pid_m, num_pid_n, group_m):
+    """Grouped ordering: group_m row blocks walk the N tiles together, sharing weight tiles in L2.
+    A runtime value (one compiled kernel for every group size the tuner tries)."""
+    in_group = group_m * num_pid_n
     group = pid // in_group
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    first_m = group * group_m
+    group_size = tl.minimum(num_pid_m - first_m, group_m)
     pid_m = first_m + (pid % in_group) % group_size
     pid_n = (pid % in_group) // group_size
     return pid_m, pid_n
@@ -376,17 +377,17 @@ def _down_block(h_ptr, w_ptr, out_ptr, weights_ptr, sorted_ptr, start, n_pairs, 
                BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE)
 
 
-@triton.jit(do_not_specialize=["n_pairs", "top_k", "num_pid_m"])
+@triton.jit(do_not_specialize=["n_pairs", "top_k", "num_pid_m", "group_m"])
 def gate_up_sorted_kernel(
     x_ptr, w_ptr, h_ptr, sorted_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_pairs,
-    top_k, H, F, num_pid_m, stride_xt, stride_we, stride_wn, stride_hm,
+    top_k, H, F, num_pid_m, group_m, stride_xt, stride_we, stride_wn, stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PAIRED: tl.constexpr = False,
+    EVEN_K: tl.constexpr, PAIRED: tl.constexpr = False,
     TMA: tl.constexpr = False, HALF_TAIL: tl.constexpr = False,
 ):
     """HALF_TAIL: a block of BLOCK_M / 2 rows (an expert's last, routing.align) runs at that
     height, a second compiled tile in the same kernel."""
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(F, BLOCK_N), GROUP_M)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(F, BLOCK_N), group_m)
     if pid_m >= tl.load(n_blocks_ptr):
         return
     expert = tl.load(block_expert_ptr + pid_m)
@@ -399,15 +400,15 @@ def gate_up_sorted_kernel(
         _gate_up_block(*args, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PAIRED, TMA)
 
 
-@triton.jit(do_not_specialize=["n_pairs", "top_k", "num_pid_m"])
+@triton.jit(do_not_specialize=["n_pairs", "top_k", "num_pid_m", "group_m"])
 def down_sorted_kernel(
     h_ptr, w_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, block_start_ptr,
-    n_blocks_ptr, n_pairs, top_k, H, F, num_pid_m, stride_hm, stride_we, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr = False,
+    n_blocks_ptr, n_pairs, top_k, H, F, num_pid_m, group_m, stride_hm, stride_we, stride_wn,
+    stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, TMA: tl.constexpr = False,
     HALF_TAIL: tl.constexpr = False, COMBINE: tl.constexpr = False,
 ):
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(H, BLOCK_N), GROUP_M)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(H, BLOCK_N), group_m)
     if pid_m >= tl.load(n_blocks_ptr):
         return
     expert = tl.load(block_expert_ptr + pid_m)
