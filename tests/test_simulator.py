@@ -178,6 +178,25 @@ def test_kernel_bench_table_is_per_expert(tmp_path, rng):
     np.testing.assert_allclose(table.seconds, us / np.array([2, 8, 8]) * 1e-6)
 
 
+def test_calibration_cases_from_kernel_bench(tmp_path, rng):
+    """Each bench row becomes one layer: tokens*k selections spread over its active experts, the
+    measured time in ms; a CSV without the shape columns is named with what it lacks."""
+    from moegps.simulator.calibrate import cases_from_kernel_bench
+
+    us = rng.uniform(20, 2000, 2)
+    (tmp_path / "bench.csv").write_text(
+        "shape,E,H,F,k,tokens,active_experts,ours_us\n"
+        f"mixtral,8,4096,14336,2,3,5,{us[0]}\nfine64,64,2048,1408,6,512,64,{us[1]}\n")
+    mixtral, fine = cases_from_kernel_bench(tmp_path / "bench.csv")
+    np.testing.assert_allclose(mixtral.tokens_per_gpu_expert[0], [1.2] * 5 + [0.0] * 3)
+    np.testing.assert_allclose(fine.tokens_per_gpu_expert[0], [48.0] * 64)
+    assert [mixtral.measured_ms["moe_ms"], fine.measured_ms["moe_ms"]] == pytest.approx(us / 1e3)
+    assert fine.info["shape"].n_experts == 64 and mixtral.info["shape"].hidden == 4096
+    (tmp_path / "printed.csv").write_text("shape,tokens,ours_us\nmixtral,1,250\n")
+    with pytest.raises(ValueError, match=r"printed\.csv: .*\['E', 'F', 'H', 'active_experts', 'k'\]"):
+        cases_from_kernel_bench(tmp_path / "printed.csv")
+
+
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), low=st.floats(1e9, 1e12), factor=st.floats(1.0, 50.0),
        topology=st.sampled_from(["switch", "full_mesh"]), attention=st.sampled_from(["dp", "tp"]))

@@ -122,6 +122,9 @@ def cases_from_kernel_bench(path, method: str = "ours") -> list[Case]:
     measured ``<method>_us`` as ``moe_ms`` (the fused kernel includes the routing/alignment work
     the cost model calls the per-layer overhead)."""
     frame = pd.read_csv(path)
+    missing = {"shape", "tokens", "E", "H", "F", "k", "active_experts", f"{method}_us"} - set(frame)
+    if missing:
+        raise ValueError(f"{path}: not a moegps.kernels.bench CSV, missing columns {sorted(missing)}")
     cases = []
     for _, row in frame.iterrows():
         if row["shape"] not in KERNEL_SHAPES or not np.isfinite(row[f"{method}_us"]):
