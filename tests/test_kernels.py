@@ -245,6 +245,22 @@ def test_align_metadata(rng, block_m, scan, half_tail):
     assert (sorted_ids[meta.pair_slot.numpy()] == np.arange(n_pairs)).all()
 
 
+@pytest.mark.parametrize("top_k,hidden", [(2, 300), (6, 2100), (3, 2048)])
+def test_combine_sums_each_tokens_rows(rng, top_k, hidden):
+    """The k-way combine kernel against a float64 sum; H not a multiple of its block, H over one
+    block (2100: two programs per token), the output poisoned so unwritten entries show."""
+    from moegps.kernels.launch import combine_sum
+
+    n_tokens = int(rng.integers(1, 6))
+    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    y = torch.randn(n_tokens * top_k, hidden, generator=gen).to(torch.float16)
+    out = torch.full((n_tokens, hidden), float("nan"), dtype=torch.float16)
+    combine_sum(y, top_k, out)
+    ref = y.double().view(n_tokens, top_k, hidden).sum(dim=1)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1e-3  # one fp16 rounding of an fp32 sum
+
+
 def test_half_tail_needs_a_block_of_32():
     with pytest.raises(ValueError, match="half_tail needs block_m"):
         align(torch.zeros(4, 2, dtype=torch.int64), 3, 16, half_tail=True)

@@ -31,7 +31,7 @@ import triton
 
 # Kernel names imported directly: the package attribute `fused_moe` is the function below,
 # which shadows the kernel module of the same name.
-from .fused_moe import (down_scan_kernel, down_sorted_kernel, fused_scan_kernel,
+from .fused_moe import (combine_kernel, down_scan_kernel, down_sorted_kernel, fused_scan_kernel,
                         gate_up_scan_kernel, gate_up_sorted_kernel)
 from .routing import SCAN, align
 
@@ -213,8 +213,19 @@ def fused_moe(
     launch_down(h, w_down, y, weights, ids, routing, config, top_k)
     if top_k == 1:
         return y
-    # k-way combine: torch's sum over a bf16/fp16 dim accumulates in fp32.
-    return y.view(n_tokens, top_k, hidden).sum(dim=1)
+    return combine_sum(y, top_k)
+
+
+def combine_sum(y: torch.Tensor, top_k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out [T, H] = sum over j of y [T*k, H]'s rows t*k + j (fp32 sums, y's dtype out): the
+    k-way combine, one streaming launch (combine_kernel)."""
+    n_pairs, hidden = y.shape
+    out = torch.empty(n_pairs // top_k, hidden, dtype=y.dtype, device=y.device) if out is None else out
+    block_h = min(2048, triton.next_power_of_2(hidden))
+    combine_kernel[(n_pairs // top_k, triton.cdiv(hidden, block_h))](
+        y.contiguous(), out, hidden, TOP_K=top_k, BLOCK_H=block_h,
+        num_warps=8 if block_h >= 2048 else 4)
+    return out
 
 
 def combine_atomic(config: dict, top_k: int) -> bool:
