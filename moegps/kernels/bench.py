@@ -11,7 +11,7 @@ do_bench's zero-fill or, with `--flush clean`, by a read that leaves no dirty li
             both GEMMs and the k-way combine all inside), and the same launched eagerly
   default   fused_moe with the default config for unseen shapes (graph)
   gmm       torch._grouped_mm pipeline: sort by expert, gather, grouped GEMM, SiLU*up, grouped
-            GEMM, gate weights, un-permute and sum (graph)
+            GEMM, gate weights, un-permute and ours' k-way combine kernel (graph)
   loop      the torch per-expert loop (reference.py, bf16; eager: it syncs per expert)
 two references that are not MoE pipelines, for what the hardware gives at this size:
   bmm       cuBLAS's batched GEMM of the two projections alone over the active experts with
@@ -485,7 +485,7 @@ def precompile(tasks, workers):
 def tune_one(name, shape, n_tokens, failed, seed=0) -> dict:
     """Best config for one (shape, tokens): each GEMM's tile timed alone per (path, block), then
     the best pair timed whole (routing + both GEMMs + combine, CUDA graph) with each combine
-    (torch's k-way sum, atomics in the down GEMM); each fused tile (decode) timed whole."""
+    (the k-way combine kernel, atomics in the down GEMM); each fused tile (decode) timed whole."""
     from moegps.kernels.launch import fused_moe, launch_down, launch_gate_up, route
 
     n_experts, hidden, ffn, top_k = shape
