@@ -1,0 +1,566 @@
+"""Benchmark of the engine against transformers on one GPU (random bf16 weights of a real shape).
+
+    python -m moegps.engine.bench --out benchmarks/results/engine       # everything below
+    python -m moegps.engine.bench --parts decode ttft --batches 1 8 --contexts 128
+
+Parts (``--parts``), each printed as a table and written to ``--out`` (JSON rows, report.md, plot):
+
+* ``checks``: each engine kernel at the shape's sizes in bf16 against a float64 torch reference on
+  fresh random inputs, outputs poisoned with NaN first (relative error; every element written).
+* ``ceilings``: the copy rate (2 GiB device copy, bytes read + written) and the bf16 matmul rate
+  (8192^3 on random data), measured first; every floor below is computed from them.
+* ``agree``: the engine against transformers on the same weights (the engine takes views of the
+  transformers model's tensors): logits' relative error and teacher-forced top-1 agreement, beside
+  transformers' own grouped_mm path against its eager experts (what bf16 rounding alone gives).
+* ``decode``: per-step decode latency and tokens/s at each batch and context (``--new-tokens``
+  steps, one CUDA graph per bucket, median of ``--reps`` runs) against the floor per step:
+  (non-expert weights + lm_head + distinct experts touched per layer x expert bytes + KV-cache
+  bytes) / copy rate. Distinct experts are counted from this run's routing.
+* ``attention``: the decode-attention kernel alone against its floor (KV bytes / copy rate).
+* ``ttft``: time to first token at batch 1 and each ``--prompts`` length against the matmul floor
+  (2 x active parameters x tokens / matmul rate, attention FLOPs included).
+* ``peers``: transformers in the same run: ``generate()`` as shipped, transformers under the
+  project's graphed static-cache loop, and (``--compile``) static cache + torch.compile with
+  grouped_mm kept in decode (its switch to batched_mm set aside: that copies the chosen experts'
+  weights every step).
+* ``breakdown``: where a decode step's time goes (attention, norms, MoE, lm_head, gaps), the
+  engine beside transformers' graphed loop, from the profiler's kernel times; a stacked bar plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ..shapes import ModelShape, from_name
+from .generate import Engine, bucket_for
+from .kernels import decode_attention
+from .model import KVCache, Model, decode_step, from_transformers, prefill, random_model
+
+PARTS = ("checks", "ceilings", "agree", "decode", "attention", "ttft", "peers", "breakdown")
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+
+def device_ms(fn, reps: int = 20, warmup: int = 3) -> float:
+    """Median device time of ``fn()`` in ms, CUDA events around each call."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def ceilings() -> dict:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    copy_ms = device_ms(lambda: dst.copy_(src), reps=20)
+    del src, dst
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_ms = device_ms(lambda: a @ b, reps=20)
+    del a, b
+    torch.cuda.empty_cache()
+    return dict(copy_bytes_per_s=2 * (1 << 30) / (copy_ms * 1e-3), matmul_flops_per_s=2 * 8192 ** 3 / (mm_ms * 1e-3),
+                device=torch.cuda.get_device_name(), torch=torch.__version__)
+
+
+def random_hf_mixtral(shape: ModelShape, seed: int = 0):
+    """transformers' MixtralForCausalLM of ``shape`` in bf16, built on the GPU, weights ~ N(0, fan_in^-1)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=shape.vocab_size, hidden_size=shape.hidden, intermediate_size=shape.expert_ffn,
+                           num_hidden_layers=shape.n_layers, num_attention_heads=shape.n_heads,
+                           num_key_value_heads=shape.n_kv_heads, head_dim=shape.head_dim,
+                           num_local_experts=shape.n_experts, num_experts_per_tok=shape.top_k,
+                           rope_theta=shape.rope_theta, rms_norm_eps=shape.norm_eps, max_position_embeddings=16384,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = MixtralForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, p.shape[-1] ** -0.5)
+            else:
+                p.fill_(1.0)
+    return model
+
+
+def weight_bytes_per_step(model: Model, distinct_experts: list[float]) -> float:
+    """Bytes a decode step must read besides the KV cache: every non-expert weight of every layer,
+    the final norm and lm_head, and each layer's distinct experts touched (``distinct_experts[l]``)."""
+    S = model.shape
+    total = sum(t.numel() for t in (model.norm, model.lm_head)) * S.dtype_bytes
+    for layer, touched in zip(model.layers, distinct_experts):
+        tensors = [layer.wqkv, layer.wo, layer.attn_norm, layer.mlp_norm, layer.router, layer.shared_gate_up,
+                   layer.shared_down]
+        total += sum(t.numel() for t in tensors if t is not None) * S.dtype_bytes
+        if layer.w_gate_up is not None:
+            total += touched * S.expert_weight_bytes
+    return float(total)
+
+
+def distinct_experts_per_layer(engine: Engine, bucket: int, steps: int = 4) -> list[float]:
+    """Mean over ``steps`` eager decode steps of each layer's number of distinct experts chosen."""
+    model = engine.model
+    model.routing_counts = torch.zeros(len(model.layers), model.shape.n_experts, dtype=torch.long,
+                                       device=model.device)
+    touched = torch.zeros(len(model.layers), device=model.device)
+    with torch.inference_mode():
+        for _ in range(steps):
+            model.routing_counts.zero_()
+            logits = decode_step(model, engine.cache, engine.tokens[:bucket], engine.positions[:bucket])
+            touched += (model.routing_counts > 0).sum(1)
+            engine.tokens[:bucket] = logits.argmax(-1)
+    model.routing_counts = None
+    return (touched / steps).tolist()
+
+
+# ---- parts -------------------------------------------------------------------------------------
+
+def part_checks(shape: ModelShape) -> list[dict]:
+    from . import kernels as K
+
+    S, dev, bf = shape, "cuda", torch.bfloat16
+    rows = []
+
+    def rel(out, ref):
+        return float((out.double() - ref).norm() / ref.norm()) if torch.isfinite(out).all() else float("nan")
+
+    T = 37
+    resid, delta, w = (torch.randn(T, S.hidden, device=dev, dtype=bf), torch.randn(T, S.hidden, device=dev, dtype=bf),
+                       torch.randn(S.hidden, device=dev, dtype=bf))
+    out = torch.full_like(resid, float("nan"))
+    r64 = resid.double().clone()
+    K.add_rmsnorm(resid, delta, w, S.norm_eps, out=out)
+    rows.append(dict(kernel="add_rmsnorm", rel_err=rel(out, K.add_rmsnorm_torch(r64, delta.double(), w.double(),
+                                                                                S.norm_eps))))
+    width = (S.n_heads + 2 * S.n_kv_heads) * S.head_dim
+    qkv = torch.randn(T, width, device=dev, dtype=bf)
+    cos, sin = K.rope_tables(8192, S.head_dim, S.rope_theta, dev)
+    pos, slots = torch.randint(0, 8192, (T,), device=dev), torch.randperm(64, device=dev)[:T]
+    kc = torch.full((64, S.n_kv_heads, 8192, S.head_dim), float("nan"), device=dev, dtype=bf)
+    vc = kc.clone()
+    k64, v64 = torch.zeros(kc.shape, dtype=torch.float64, device=dev), torch.zeros(kc.shape, dtype=torch.float64, device=dev)
+    q = K.rope_cache_write(qkv, kc, vc, pos, slots, cos, sin, S.n_heads, S.n_kv_heads)
+    q64 = K.rope_cache_write_torch(qkv.double(), k64, v64, pos, slots, cos.double(), sin.double(), S.n_heads, S.n_kv_heads)
+    rows.append(dict(kernel="rope_cache_write", rel_err=max(rel(q, q64), rel(kc[slots, :, pos], k64[slots, :, pos]),
+                                                           rel(vc[slots, :, pos], v64[slots, :, pos]))))
+    for B, length in ((1, 1), (3, 4096), (32, 1000)):
+        lens = torch.randint(1, length + 1, (B,), device=dev, dtype=torch.int32)
+        lens[0] = length
+        q = torch.randn(B, S.n_heads, S.head_dim, device=dev, dtype=bf)
+        kc = torch.randn(B, S.n_kv_heads, length + 5, S.head_dim, device=dev, dtype=bf)
+        vc = torch.randn_like(kc)
+        out = torch.full_like(q, float("nan"))
+        K.decode_attention(q, kc, vc, lens, out=out)
+        rows.append(dict(kernel=f"decode_attention B={B} context<={length}",
+                         rel_err=rel(out, K.decode_attention_torch(q.double(), kc.double(), vc.double(), lens))))
+    x = torch.randn(T, S.hidden, device=dev, dtype=bf)
+    router = torch.randn(S.n_experts, S.hidden, device=dev, dtype=bf) * S.hidden ** -0.5
+    ids, gates = K.router_topk(x, router, S.top_k, True)
+    ids64, gates64 = K.router_topk_torch(x.double(), router.double(), S.top_k, True)
+    rows.append(dict(kernel="router_topk", rel_err=rel(gates, gates64),
+                     ids_agree=float((ids.sort(-1).values == ids64.sort(-1).values).float().mean())))
+    for r in rows:
+        r["shape"] = S.name
+        print(r, flush=True)
+    return rows
+
+def part_agree(hf, model: Model, prompt_len: int = 128, new: int = 32) -> dict:
+    """Teacher-forced agreement on one random sequence of ``prompt_len + new`` tokens: engine vs
+    transformers (grouped_mm experts) vs transformers (eager experts)."""
+    from ..executor.generate import set_experts_implementation
+
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, model.shape.vocab_size, (1, prompt_len + new), generator=gen).cuda()
+    with torch.inference_mode():
+        set_experts_implementation(hf, "grouped_mm")
+        ref = hf(ids).logits[0, prompt_len - 1:].float()
+        set_experts_implementation(hf, "eager")
+        eager = hf(ids).logits[0, prompt_len - 1:].float()
+        set_experts_implementation(hf, "grouped_mm")
+        cache = KVCache(model.shape, 1, prompt_len + new, model.dtype, model.device)
+        ours = prefill(model, cache, [ids[0]], all_positions=True)[prompt_len - 1:]
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+    return dict(positions=new + 1, engine_vs_grouped_mm_rel_err=rel(ours, ref),
+                engine_vs_grouped_mm_top1=float((ours.argmax(-1) == ref.argmax(-1)).float().mean()),
+                eager_vs_grouped_mm_rel_err=rel(eager, ref),
+                eager_vs_grouped_mm_top1=float((eager.argmax(-1) == ref.argmax(-1)).float().mean()))
+
+
+def part_decode(model: Model, batches, contexts, new: int, reps: int, copy_rate: float) -> list[dict]:
+    rows = []
+    gen = torch.Generator().manual_seed(2)
+    for context in contexts:
+        for batch in batches:
+            kv_bytes = bucket_for(batch) * (context + new) * model.shape.kv_bytes_per_token * model.shape.n_layers
+            if kv_bytes > 0.8 * torch.cuda.mem_get_info()[0]:
+                print(f"skip batch {batch} context {context}: its KV cache ({kv_bytes / 1e9:.0f} GB) does not fit "
+                      "beside the weights", flush=True)
+                continue
+            engine = Engine(model, max_batch=batch, max_len=context + new)
+            prompts = torch.randint(3, model.shape.vocab_size, (batch, context), generator=gen).tolist()
+            times = []
+            for _ in range(reps + 1):  # the first run captures the graph
+                times.append(engine.generate(prompts, new).decode_ms_per_step)
+            ms = statistics.median(times[1:])
+            touched = distinct_experts_per_layer(engine, bucket_for(batch))
+            weights = weight_bytes_per_step(model, touched)
+            # each row reads its context (mean over the steps: context + new / 2) of K and V in every layer
+            kv = batch * (context + new / 2) * model.shape.kv_bytes_per_token * model.shape.n_layers
+            floor = (weights + kv) / copy_rate * 1e3
+            rows.append(dict(shape=model.shape.name, batch=batch, context=context, engine_ms=ms,
+                             tokens_per_s=batch * 1e3 / ms, floor_ms=floor, pct_of_floor=100 * floor / ms,
+                             distinct_experts=statistics.mean(touched[model.shape.dense_layers:]),
+                             weight_gb=weights / 1e9, kv_gb=kv / 1e9))
+            print(rows[-1], flush=True)
+            del engine
+            torch.cuda.empty_cache()
+    return rows
+
+
+def part_attention(shape: ModelShape, batches, contexts, copy_rate: float) -> list[dict]:
+    """The decode-attention kernel of one layer on a full cache row per sequence."""
+    rows = []
+    for context in contexts:
+        for batch in batches:
+            q = torch.randn(batch, shape.n_heads, shape.head_dim, device="cuda", dtype=torch.bfloat16)
+            # several layers' caches in turn so that one call's K/V are not in L2 from the last
+            n_copies = max(2, min(16, int(4e8 // (batch * context * shape.kv_bytes_per_token) + 1)))
+            caches = [(torch.randn(batch, shape.n_kv_heads, context, shape.head_dim, device="cuda",
+                                   dtype=torch.bfloat16),) * 2 for _ in range(n_copies)]
+            lengths = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+
+            def run():
+                for k, v in caches:
+                    decode_attention(q, k, v, lengths)
+            ms = device_ms(run) / n_copies
+            floor = batch * context * shape.kv_bytes_per_token / copy_rate * 1e3
+            rows.append(dict(shape=shape.name, batch=batch, context=context, attention_us=ms * 1e3,
+                             floor_us=floor * 1e3, pct_of_floor=100 * floor / ms))
+            print(rows[-1], flush=True)
+            del caches
+    return rows
+
+
+def part_ttft(model: Model, prompt_lengths, matmul_rate: float, reps: int = 3) -> list[dict]:
+    rows = []
+    S = model.shape
+    gen = torch.Generator().manual_seed(3)
+    active = S.total_params - S.n_moe_layers * (S.n_experts - S.top_k) * 3 * S.hidden * S.expert_ffn - S.vocab_size * S.hidden
+    for n in prompt_lengths:
+        cache = KVCache(S, 1, n, model.dtype, model.device)
+        prompt = torch.randint(3, S.vocab_size, (n,), generator=gen).cuda()
+        with torch.inference_mode():
+            ms = device_ms(lambda: prefill(model, cache, [prompt]), reps=reps, warmup=1)
+        # matmuls: 2 x active params per token (lm_head once) + causal attention's QK^T and PV
+        flops = 2 * (active - S.vocab_size * S.hidden) * n + 2 * S.vocab_size * S.hidden \
+            + 2 * 2 * S.n_layers * S.n_heads * S.head_dim * n * n / 2
+        floor = flops / matmul_rate * 1e3
+        rows.append(dict(shape=S.name, prompt=n, ttft_ms=ms, floor_ms=floor, pct_of_floor=100 * floor / ms))
+        print(rows[-1], flush=True)
+        del cache
+        torch.cuda.empty_cache()
+    return rows
+
+
+@contextlib.contextmanager
+def _keep_grouped_mm(hf):
+    """transformers' generate() switches grouped_mm experts to batched_mm for decode; set that aside."""
+    original = getattr(hf, "_optimize_model_for_decode", None)
+    if original is not None:
+        hf._optimize_model_for_decode = contextlib.nullcontext
+    try:
+        yield
+    finally:
+        if original is not None:
+            del hf._optimize_model_for_decode
+
+
+def part_peers(hf, batches, context: int, new: int, compile_: bool) -> list[dict]:
+    from ..executor.generate import set_experts_implementation, static_decode
+
+    set_experts_implementation(hf, "grouped_mm")
+    rows = []
+    gen = torch.Generator().manual_seed(2)
+    for batch in batches:
+        ids = torch.randint(3, hf.config.vocab_size, (batch, context), generator=gen).cuda()
+        mask = torch.ones_like(ids)
+
+        def wall(fn, reps=2):
+            fn()
+            times = []
+            for _ in range(reps):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                torch.cuda.synchronize()
+                times.append((time.perf_counter() - t0) * 1e3)
+            return statistics.median(times)
+
+        def gen_fn(n, **kw):
+            return lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                       pad_token_id=0, **kw)
+        with torch.inference_mode():
+            one, full = wall(gen_fn(1)), wall(gen_fn(new))
+            rows.append(dict(peer="transformers generate()", batch=batch, context=context,
+                             ms_per_step=(full - one) / (new - 1)))
+            print(rows[-1], flush=True)
+            static_decode(hf, ids, 4, graph=True)
+            _, ms = static_decode(hf, ids, new, graph=True)
+            rows.append(dict(peer="transformers, moegps graphed loop", batch=batch, context=context, ms_per_step=ms))
+            print(rows[-1], flush=True)
+            if compile_:
+                with _keep_grouped_mm(hf):
+                    kw = dict(cache_implementation="static")
+                    one, full = wall(gen_fn(1, **kw)), wall(gen_fn(new, **kw))
+                rows.append(dict(peer="transformers static cache + compile (grouped_mm)", batch=batch,
+                                 context=context, ms_per_step=(full - one) / (new - 1)))
+                print(rows[-1], flush=True)
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ---- where a step's time goes --------------------------------------------------------------------
+
+def _kernel_ms_by_label(fn, labels) -> dict:
+    """Device time of the kernels launched inside each ``record_function`` label during ``fn()``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    totals = {label: 0.0 for label in labels}
+    total_kernels = 0.0
+    for event in prof.key_averages():
+        if event.key in totals:
+            totals[event.key] += event.device_time_total / 1e3
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            total_kernels += event.device_time_total / 1e3
+    totals["other kernels"] = max(0.0, total_kernels - sum(totals.values()))
+    return totals
+
+
+LABELS = ("attention", "norms", "moe", "lm_head")
+
+
+def engine_breakdown(engine: Engine, bucket: int, step_ms: float) -> dict:
+    from . import model as engine_model
+
+    engine_model.PROFILE_LABELS = True
+    try:
+        with torch.inference_mode():
+            parts = _kernel_ms_by_label(lambda: decode_step(engine.model, engine.cache, engine.tokens[:bucket],
+                                                            engine.positions[:bucket]), LABELS)
+    finally:
+        engine_model.PROFILE_LABELS = False
+    parts["gaps"] = max(0.0, step_ms - sum(parts.values()))
+    return parts
+
+
+def hf_breakdown(hf, ids, step_ms: float) -> dict:
+    """transformers' decode step (static cache, eager) with its modules labelled by forward hooks."""
+    from torch.autograd.profiler import record_function
+    from transformers import StaticCache
+
+    handles, open_ranges = [], []
+
+    def label(module, name):
+        def pre(*_):
+            open_ranges.append(record_function(name))
+            open_ranges[-1].__enter__()
+
+        def post(*_):
+            open_ranges.pop().__exit__(None, None, None)
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
+
+    for layer in hf.model.layers:
+        label(layer.self_attn, "attention")
+        label(layer.input_layernorm, "norms")
+        label(layer.post_attention_layernorm, "norms")
+        label(layer.mlp, "moe")
+    label(hf.model.norm, "norms")
+    label(hf.lm_head, "lm_head")
+    B, P = ids.shape
+    cache = StaticCache(config=hf.config, max_cache_len=P + 8)
+    with torch.inference_mode():
+        hf(input_ids=ids, past_key_values=cache, cache_position=torch.arange(P, device=ids.device))
+        token = ids[:, -1:]
+        position = torch.tensor([P], device=ids.device)
+        parts = _kernel_ms_by_label(lambda: hf(input_ids=token, past_key_values=cache, cache_position=position),
+                                    LABELS)
+    for h in handles:
+        h.remove()
+    parts["gaps"] = max(0.0, step_ms - sum(parts.values()))
+    return parts
+
+
+def plot_breakdown(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(LABELS) + ["other kernels", "gaps"]
+    colors = ["#4C72B0", "#DD8452", "#55A868", "#8172B3", "#937860", "#C44E52"]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    names = [f"{r['who']}\nbatch {r['batch']}" for r in rows]
+    bottom = [0.0] * len(rows)
+    for key, color in zip(keys, colors):
+        values = [r["parts"].get(key, 0.0) for r in rows]
+        ax.bar(names, values, bottom=bottom, color=color, label=key)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    for i, r in enumerate(rows):
+        ax.text(i, bottom[i], f"{r['step_ms']:.1f} ms", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("decode step (ms)")
+    ax.set_title(f"Where a decode step's time goes ({rows[0]['shape']}, context 128, {rows[0]['device']})")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- the command ---------------------------------------------------------------------------------
+
+def _markdown(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return "\n".join(lines + ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows])
+
+
+def _attempt(results: dict, key: str, fn):
+    """Run one part; a failure is printed and recorded, and the other parts still run."""
+    import traceback
+
+    try:
+        value = fn()
+    except Exception as e:  # a benchmark reports what broke and goes on
+        traceback.print_exc()
+        results.setdefault("errors", []).append(f"{key}: {type(e).__name__}: {e}")
+        return
+    if isinstance(value, list):
+        results.setdefault(key, []).extend(value)
+    else:
+        results.setdefault(key, []).append(value)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=["mixtral-8x7b", "deepseek-v2-lite"])
+    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 128])
+    ap.add_argument("--contexts", nargs="+", type=int, default=[128, 4096])
+    ap.add_argument("--prompts", nargs="+", type=int, default=[128, 2048, 8192])
+    ap.add_argument("--peer-batches", nargs="+", type=int, default=[1, 8, 32])
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="also time transformers with static cache + compile")
+    ap.add_argument("--out", default="benchmarks/results/engine")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"ceilings": ceilings()}
+    c = results["ceilings"]
+    print(f"{c['device']}, torch {c['torch']}: copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+          f"matmul {c['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
+    for name in args.shapes:
+        shape = from_name(name)
+        # Mixtral-architecture shapes are built as transformers models (peers and agreement share the
+        # weights); others (shared experts, dense layers) as the engine's own shape-only model.
+        hf = random_hf_mixtral(shape) if not (shape.shared_ffn or shape.dense_layers) else None
+        model = from_transformers(hf) if hf is not None else random_model(shape)
+        model.source = f"random {name}"
+        if "checks" in args.parts:
+            _attempt(results, "checks", lambda: part_checks(shape))
+        if "agree" in args.parts and hf is not None:
+            _attempt(results, "agree", lambda: dict(shape=name, **part_agree(hf, model)))
+            print(results.get("agree", [None])[-1], flush=True)
+        if "attention" in args.parts:
+            _attempt(results, "attention", lambda: part_attention(
+                shape, [b for b in args.batches if b >= 8] or args.batches, [4096], c["copy_bytes_per_s"]))
+        if "decode" in args.parts:
+            _attempt(results, "decode", lambda: part_decode(model, args.batches, args.contexts, args.new_tokens,
+                                                           args.reps, c["copy_bytes_per_s"]))
+        if "ttft" in args.parts:
+            _attempt(results, "ttft", lambda: part_ttft(model, args.prompts, c["matmul_flops_per_s"]))
+        if "breakdown" in args.parts:
+            _attempt(results, "breakdown", lambda: _breakdowns(model, hf, shape, args.peer_batches, c["device"]))
+        if "peers" in args.parts and hf is not None:
+            _attempt(results, "peers", lambda: part_peers(hf, args.peer_batches, 128, args.new_tokens, args.compile))
+        del hf, model
+        torch.cuda.empty_cache()
+    breakdown_rows = results.get("breakdown", [])
+    if breakdown_rows:
+        for shape_name in {r["shape"] for r in breakdown_rows}:
+            plot_breakdown([r for r in breakdown_rows if r["shape"] == shape_name], out / f"breakdown-{shape_name}.png")
+    (out / "engine_bench.json").write_text(json.dumps(results, indent=1, default=str))
+    report = [f"device: {c['device']}; torch {c['torch']}; copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s; "
+              f"matmul {c['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s"]
+    for key in ("checks", "agree", "attention", "decode", "ttft", "peers"):
+        if results.get(key):
+            report += ["", f"## {key}", _markdown(results[key])]
+    if breakdown_rows:
+        flat = [dict(who=r["who"].replace("\n", " "), shape=r["shape"], batch=r["batch"], step_ms=r["step_ms"],
+                     **r["parts"]) for r in breakdown_rows]
+        report += ["", "## breakdown (ms per decode step)", _markdown(flat)]
+    report += [f"error: {e}" for e in results.get("errors", [])]
+    text = "\n".join(report)
+    (out / "report.md").write_text(text)
+    print(text)
+
+
+def _breakdowns(model, hf, shape, batches, device) -> list[dict]:
+    rows = []
+    for batch in batches:
+        engine = Engine(model, max_batch=batch, max_len=128 + 8)
+        ids = torch.randint(3, shape.vocab_size, (batch, 128)).cuda()
+        engine.generate(ids.tolist(), 4)
+        step = engine.generate(ids.tolist(), 8).decode_ms_per_step
+        rows.append(dict(who="engine", shape=shape.name, batch=batch, step_ms=step, device=device,
+                         parts=engine_breakdown(engine, bucket_for(batch), step)))
+        print(rows[-1], flush=True)
+        del engine
+        if hf is not None:
+            from ..executor.generate import set_experts_implementation, static_decode
+
+            set_experts_implementation(hf, "grouped_mm")
+            static_decode(hf, ids, 4, graph=True)
+            _, hf_ms = static_decode(hf, ids, 8, graph=True)
+            rows.append(dict(who="transformers\n(graphed)", shape=shape.name, batch=batch, step_ms=hf_ms,
+                             device=device, parts=hf_breakdown(hf, ids, hf_ms)))
+            print(rows[-1], flush=True)
+        torch.cuda.empty_cache()
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""Generation on the engine: batches of prompts of any lengths, greedy or sampled, stop tokens,
+one CUDA graph per batch-size bucket for the decode step.
+
+    python -m moegps.engine.generate --prompt "The capital of France is"            # bundled model, CPU or GPU
+    python -m moegps.engine.generate --model mixtral-8x7b --prompt "..."            # shape-only, random bf16 (GPU)
+    python -m moegps.engine.generate --model path/to/checkpoint --prompt a --prompt b --temperature 0.8
+
+A shape name builds random weights on the device (its text is noise, its speed is real); the
+bundled models (``mixtral-tiny``, ``mixtral-tiny-64e``) and checkpoint folders load real weights.
+
+A batch of n prompts runs in the smallest bucket of ``BUCKETS`` that holds it: the decode step is
+captured once per bucket (inputs, KV cache and outputs at fixed addresses) and replayed for every
+token, so a step costs one graph launch instead of some three hundred kernel launches from Python.
+Rows past n are padding: they decode a dummy token in cache slots no prompt uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..paths import BUNDLED_MODELS
+from ..shapes import SHAPES, from_name
+from .model import KVCache, Model, decode_step, load_checkpoint, prefill, random_model
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+STOP_CHECK_EVERY = 16  # decode steps between the host's looks at the stop tokens (each look syncs)
+
+
+@dataclass
+class Sampling:
+    """``temperature`` 0 is greedy; otherwise sample from softmax(logits / temperature), restricted
+    to the ``top_k`` most likely tokens when ``top_k`` > 0."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"sampling field 'temperature' must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"sampling field 'top_k' must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]      # new tokens of each prompt, up to and including its first stop token
+    prefill_ms: float            # time to first token: prefill of the whole batch and the first choice
+    decode_ms_per_step: float    # device time per decode step (every row advances one token)
+    steps: int                   # decode steps run
+
+
+def bucket_for(n: int) -> int:
+    for size in BUCKETS:
+        if size >= n:
+            return size
+    raise ValueError(f"batch of {n} prompts exceeds the largest bucket {BUCKETS[-1]}")
+
+
+def _timer(device):
+    """``(mark, elapsed_ms)``: CUDA events on a GPU, the host clock (after a sync) elsewhere."""
+    if device.type == "cuda":
+        def mark():
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+
+        def elapsed(a, b):
+            b.synchronize()
+            return a.elapsed_time(b)
+    else:
+        def mark():
+            return time.perf_counter()
+
+        def elapsed(a, b):
+            return (b - a) * 1e3
+    return mark, elapsed
+
+
+class Engine:
+    """A model, its KV cache and its captured decode graphs. ``max_batch`` prompts of up to
+    ``max_len`` tokens in all (prompt + new tokens)."""
+
+    def __init__(self, model: Model, max_batch: int = 8, max_len: int = 2048, cuda_graph: bool = True):
+        self.model = model
+        self.max_len = max_len
+        self.cache = KVCache(model.shape, bucket_for(max_batch), max_len, model.dtype, model.device)
+        model.ensure_rope(max_len)
+        self.cuda_graph = cuda_graph and model.device.type == "cuda"
+        slots = self.cache.slots
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=model.device)     # this step's input
+        self.positions = torch.zeros(slots, dtype=torch.long, device=model.device)  # = each row's length so far
+        self._graphs: dict[int, tuple] = {}
+
+    # ---- one decode step, eager or replayed -----------------------------------------------------------
+
+    def _step_fn(self, bucket: int):
+        tokens, positions = self.tokens[:bucket], self.positions[:bucket]
+
+        def step():
+            return decode_step(self.model, self.cache, tokens, positions)
+        return step
+
+    def _graphed(self, bucket: int):
+        """The bucket's decode step as a graph replay returning the logits buffer; captured on first use."""
+        if bucket not in self._graphs:
+            step = self._step_fn(bucket)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step()  # warm-up: compiles kernels, and writes the same K/V the real step will
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=side):
+                    logits = step()
+            torch.cuda.current_stream().wait_stream(side)
+            self._graphs[bucket] = (graph, logits)
+        graph, logits = self._graphs[bucket]
+
+        def replay():
+            graph.replay()
+            return logits
+        return replay
+
+    def step(self, bucket: int):
+        return self._graphed(bucket) if self.cuda_graph else self._step_fn(bucket)
+
+    # ---- generation ----------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, sampling: Sampling | None = None,
+                 stop_tokens=(), on_token=None) -> Generation:
+        """New tokens for each prompt (token id lists). ``max_new_tokens`` counts the first token (the
+        prefill's). ``on_token(step, tokens [n])`` is called after every token when given (a host sync
+        per token; the timing then counts device time only, outside the callback)."""
+        sampling = sampling or Sampling()
+        n = len(prompts)
+        if not n or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs at least one prompt, each of at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        longest = max(len(p) for p in prompts) + max_new_tokens
+        if longest > self.max_len:
+            raise ValueError(f"prompt + {max_new_tokens} new tokens = {longest} positions exceed the engine's "
+                             f"max_len {self.max_len}")
+        bucket = bucket_for(n)
+        if bucket > self.cache.slots:
+            raise ValueError(f"{n} prompts exceed the engine's max_batch ({self.cache.slots} slots)")
+        device = self.model.device
+        mark, elapsed = _timer(device)
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+        history = torch.empty(bucket, max_new_tokens, dtype=torch.long, device=device)
+        stop = torch.as_tensor(list(stop_tokens), dtype=torch.long, device=device)
+
+        def choose(logits):
+            if sampling.temperature == 0:
+                return logits.argmax(-1)
+            scaled = logits / sampling.temperature
+            if sampling.top_k:
+                kth = scaled.topk(min(sampling.top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
+                scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+            return torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)
+
+        with torch.inference_mode():
+            t0 = mark()
+            first = choose(prefill(self.model, self.cache, [torch.as_tensor(p, dtype=torch.long) for p in prompts]))
+            t1 = mark()
+            prefill_ms = elapsed(t0, t1)
+            self.tokens.zero_()
+            self.positions.zero_()
+            self.tokens[:n] = first
+            self.positions[:n] = torch.tensor([len(p) for p in prompts], device=device)
+            history[:, 0] = self.tokens[:bucket]
+            if on_token:
+                on_token(0, history[:n, 0].tolist())
+            step = self.step(bucket)
+            decode_ms, steps = 0.0, 0
+            start = mark()
+            for i in range(1, max_new_tokens):
+                a = mark() if on_token else None
+                nxt = choose(step())
+                self.tokens[:bucket] = nxt
+                self.positions[:bucket] += 1
+                history[:, i] = nxt
+                steps += 1
+                if on_token:
+                    decode_ms += elapsed(a, mark())
+                    on_token(i, history[:n, i].tolist())
+                if stop.numel() and (i % STOP_CHECK_EVERY == 0 or on_token) and \
+                        bool(torch.isin(history[:n, :i + 1], stop).any(1).all()):
+                    break
+            if not on_token:
+                decode_ms = elapsed(start, mark())
+        rows = history[:n, :steps + 1].tolist()
+        stops = set(stop.tolist())
+        cut = [next((row[:j + 1] for j, t in enumerate(row) if t in stops), row) for row in rows]
+        return Generation(tokens=cut, prefill_ms=prefill_ms, decode_ms_per_step=decode_ms / max(steps, 1),
+                          steps=steps)
+
+
+# ---- building an engine's model by name -------------------------------------------------------------
+
+def build_model(name: str = "mixtral-tiny", device: str | None = None, dtype: str = "auto") -> Model:
+    """A bundled model's name, a checkpoint folder, or a shape name (random weights, built on the device)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype == "auto":
+        torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        torch_dtype = getattr(torch, dtype, None)
+        if not isinstance(torch_dtype, torch.dtype) or torch_dtype not in (torch.bfloat16, torch.float16,
+                                                                          torch.float32):
+            raise ValueError(f"dtype must be one of auto, bfloat16, float16, float32; got {dtype!r}")
+    if (BUNDLED_MODELS / name / "config.json").exists():
+        return load_checkpoint(BUNDLED_MODELS / name, device, torch_dtype)
+    if Path(name).is_dir():
+        return load_checkpoint(name, device, torch_dtype)
+    if name in SHAPES:
+        return random_model(from_name(name), device, torch_dtype)
+    bundled = sorted(p.name for p in BUNDLED_MODELS.iterdir() if (p / "config.json").exists())
+    raise ValueError(f"--model {name!r}: not a bundled model {bundled}, a checkpoint folder, or a shape "
+                     f"name {sorted(SHAPES)}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="mixtral-tiny", help="bundled model, checkpoint folder, or shape name")
+    ap.add_argument("--prompt", action="append", help="a prompt (repeat for a batch); default: one example")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--no-cuda-graph", action="store_true")
+    args = ap.parse_args(argv)
+    from ..models.tokenizer import mixtral_tokenizer
+
+    model = build_model(args.model, args.device, args.dtype)
+    tok = mixtral_tokenizer()
+    if model.shape.vocab_size != tok.vocab_size:
+        print(f"note: {args.model} has a vocabulary of {model.shape.vocab_size}, not the Mixtral tokenizer's "
+              f"{tok.vocab_size}: ids are decoded modulo the tokenizer's vocabulary", file=sys.stderr)
+    prompts = args.prompt or ["Question: What is the capital of France?\nAnswer:"]
+    ids = [tok.encode(p) for p in prompts]
+    engine = Engine(model, max_batch=len(ids), max_len=max(len(i) for i in ids) + args.max_new_tokens,
+                    cuda_graph=not args.no_cuda_graph)
+    out = engine.generate(ids, args.max_new_tokens, Sampling(args.temperature, args.top_k, args.seed),
+                          stop_tokens=[tok.eos_id])
+    random_note = " [random weights: the text is noise]" if model.source.startswith("random") else ""
+    for prompt, new in zip(prompts, out.tokens):
+        print(f"{prompt!r} -> {tok.decode([t % tok.vocab_size for t in new])!r}{random_note}")
+    print(f"{model.source} on {model.device}: time to first token {out.prefill_ms:.1f} ms, "
+          f"{out.decode_ms_per_step:.2f} ms per decode step ({len(ids) * 1e3 / out.decode_ms_per_step:.1f} "
+          f"tokens/s over {out.steps} steps)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""The engine's own Triton kernels, each beside the torch function it must equal.
+
+A decode step of a Mixtral-size model reads about 84 MB of attention weights per layer (20 us at
+the H200's copy rate) but, written with stock torch ops, launches some twenty kernels per layer
+whose gaps and ramps cost far more than the reads. These kernels fuse what sits between the
+matrix products:
+
+* ``add_rmsnorm``: the residual add and the RMSNorm after it, one pass (was: add, pow, mean,
+  rsqrt, mul, cast, mul).
+* ``rope_cache_write``: rotary embedding of q and k from the fused QKV projection's output and
+  the write of k and v into the static KV cache at each token's (slot, position).
+* ``decode_attention``: grouped-query attention of one new token per sequence over its cached
+  keys, all query heads of a KV group in one program (the group's K/V tiles are read once), the
+  context split over programs and merged by log-sum-exp (flash-decoding, Dao et al. 2023).
+* ``router_topk``: the router's logits, softmax, top-k and renormalisation in one launch, writing
+  the ids and gate weights the MoE kernels read.
+
+Every ``*_torch`` function is the plain-torch definition (the CPU path and the tests' reference).
+``use_triton(t)`` decides per tensor: a CUDA tensor, or any tensor under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---- residual add + RMSNorm ----------------------------------------------------------------------
+
+@triton.jit
+def _add_rmsnorm_kernel(resid_ptr, delta_ptr, w_ptr, out_ptr, H, eps, HAS_DELTA: tl.constexpr,
+                        BLOCK_H: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < H
+    x = tl.load(resid_ptr + row * H + cols, mask=mask, other=0.0)
+    if HAS_DELTA:
+        # the sum is rounded to the stream's dtype before the norm, as an unfused model does
+        x = (x.to(tl.float32) + tl.load(delta_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32))
+        x = x.to(resid_ptr.dtype.element_ty)
+        tl.store(resid_ptr + row * H + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
+    normed = (xf * rstd).to(out_ptr.dtype.element_ty)  # cast before the weight, as transformers' Mixtral
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * H + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rmsnorm_torch(resid: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """``resid [T, H] += delta`` (in place, when given), returns ``rmsnorm(resid) * weight [T, H]``."""
+    if delta is not None:
+        resid.add_(delta)
+    x = resid.float()
+    normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(resid.dtype)
+    result = weight * normed
+    if out is not None:
+        out.copy_(result)
+        return out
+    return result
+
+
+def add_rmsnorm(resid: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Fused :func:`add_rmsnorm_torch`: one launch, one program per row. ``resid`` contiguous [T, H]."""
+    if not use_triton(resid):
+        return add_rmsnorm_torch(resid, delta, weight, eps, out)
+    T, H = resid.shape
+    out = torch.empty_like(resid) if out is None else out
+    if T:
+        block = triton.next_power_of_2(H)
+        _add_rmsnorm_kernel[(T,)](resid, delta if delta is not None else resid, weight, out, H, eps,
+                                  HAS_DELTA=delta is not None, BLOCK_H=block,
+                                  num_warps=max(1, min(16, block // 512)))
+    return out
+
+
+# ---- rotary embedding + KV-cache write -------------------------------------------------------------
+
+def rope_tables(max_positions: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` each ``[max_positions, head_dim / 2]`` float32: angle p * theta^(-2i/D)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    angles = torch.arange(max_positions, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]
+    return angles.cos().float(), angles.sin().float()
+
+
+@triton.jit
+def _rope_cache_kernel(qkv_ptr, q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr,
+                       N_HEADS, N_KV, stride_cb, stride_ch, stride_cs, HALF: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)  # 0..N_HEADS-1: query heads; N_HEADS..N_HEADS+N_KV-1: key (and value) heads
+    D = 2 * HALF
+    width = (N_HEADS + 2 * N_KV) * D
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    d = tl.arange(0, HALF)
+    cos = tl.load(cos_ptr + pos * HALF + d)
+    sin = tl.load(sin_ptr + pos * HALF + d)
+    src = qkv_ptr + token * width + head * D
+    x1 = tl.load(src + d).to(tl.float32)
+    x2 = tl.load(src + HALF + d).to(tl.float32)
+    # rotate_half convention (transformers' Llama/Mixtral): [x1, x2] -> [x1 c - x2 s, x2 c + x1 s]
+    r1 = x1 * cos - x2 * sin
+    r2 = x2 * cos + x1 * sin
+    if head < N_HEADS:
+        dst = q_ptr + token * N_HEADS * D + head * D
+        tl.store(dst + d, r1.to(q_ptr.dtype.element_ty))
+        tl.store(dst + HALF + d, r2.to(q_ptr.dtype.element_ty))
+    else:
+        kv = head - N_HEADS
+        slot = tl.load(slot_ptr + token).to(tl.int64)
+        at = slot * stride_cb + kv * stride_ch + pos * stride_cs
+        tl.store(k_cache_ptr + at + d, r1.to(k_cache_ptr.dtype.element_ty))
+        tl.store(k_cache_ptr + at + HALF + d, r2.to(k_cache_ptr.dtype.element_ty))
+        vsrc = qkv_ptr + token * width + (N_HEADS + N_KV + kv) * D
+        tl.store(v_cache_ptr + at + d, tl.load(vsrc + d))
+        tl.store(v_cache_ptr + at + HALF + d, tl.load(vsrc + HALF + d))
+
+
+def rope_cache_write_torch(qkv, k_cache, v_cache, positions, slots, cos, sin, n_heads: int, n_kv: int):
+    """Rotate q and k of ``qkv [T, (n_heads + 2 n_kv) D]`` by each token's position and write k, v to the
+    caches ``[slots, n_kv, max_len, D]`` at ``(slots[t], :, positions[t])``. Returns q ``[T, n_heads, D]``."""
+    T = qkv.shape[0]
+    D = qkv.shape[1] // (n_heads + 2 * n_kv)
+    q, k, v = qkv.view(T, n_heads + 2 * n_kv, D).split([n_heads, n_kv, n_kv], dim=1)
+    c, s = cos[positions][:, None, :], sin[positions][:, None, :]
+
+    def rotate(x):
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+    k_cache[slots, :, positions] = rotate(k).to(k_cache.dtype)
+    v_cache[slots, :, positions] = v.to(v_cache.dtype)
+    return rotate(q)
+
+
+def rope_cache_write(qkv, k_cache, v_cache, positions, slots, cos, sin, n_heads: int, n_kv: int,
+                     q_out: torch.Tensor | None = None):
+    """Fused :func:`rope_cache_write_torch`: one launch, grid (tokens, query + KV heads)."""
+    if not use_triton(qkv):
+        return rope_cache_write_torch(qkv, k_cache, v_cache, positions, slots, cos, sin, n_heads, n_kv)
+    T = qkv.shape[0]
+    D = qkv.shape[1] // (n_heads + 2 * n_kv)
+    q = torch.empty(T, n_heads, D, dtype=qkv.dtype, device=qkv.device) if q_out is None else q_out
+    if T:
+        _rope_cache_kernel[(T, n_heads + n_kv)](
+            qkv, q, k_cache, v_cache, positions, slots, cos, sin, n_heads, n_kv,
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), HALF=D // 2, num_warps=1)
+    return q
+
+
+# ---- decode attention (one query token per sequence, GQA, split context) ----------------------------
+
+@triton.jit
+def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, part_o_ptr, part_lse_ptr, scale,
+                                   N_HEADS, N_KV, MAX_SPLITS, stride_cb, stride_ch, stride_cs,
+                                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
+                                   SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    kv = tl.program_id(1)
+    split = tl.program_id(2)
+    length = tl.load(lens_ptr + b)
+    start = split * SPLIT
+    if start < length:
+        end = tl.minimum(start + SPLIT, length)
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, D)
+        head = kv * GROUP + g
+        q = tl.load(q_ptr + (b * N_HEADS + head)[:, None] * D + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
+        q = (q.to(tl.float32) * (scale * 1.4426950408889634)).to(q_ptr.dtype.element_ty)  # exp2 domain
+        base = b * stride_cb + kv * stride_ch
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, D], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            valid = n < end
+            offs = base + n.to(tl.int64)[:, None] * stride_cs + d[None, :]
+            k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0)
+            v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k))  # [GROUP_PAD, BLOCK_N], already scaled by log2(e) / sqrt(D)
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m - m_new)
+            l = l * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        out = acc / l[:, None]
+        rows = b * N_HEADS + head
+        if SINGLE:
+            tl.store(o_ptr + rows[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty),
+                     mask=(g < GROUP)[:, None])
+        else:
+            at = rows * MAX_SPLITS + split
+            tl.store(part_o_ptr + at[:, None] * D + d[None, :], out, mask=(g < GROUP)[:, None])
+            tl.store(part_lse_ptr + at, m + tl.math.log2(l), mask=g < GROUP)
+
+
+@triton.jit
+def _decode_attention_merge_kernel(lens_ptr, o_ptr, part_o_ptr, part_lse_ptr, N_HEADS, MAX_SPLITS,
+                                   SPLIT: tl.constexpr, SPLITS_POW2: tl.constexpr, D: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    length = tl.load(lens_ptr + b)
+    n_used = tl.cdiv(length, SPLIT)
+    s = tl.arange(0, SPLITS_POW2)
+    used = s < n_used
+    row = b * N_HEADS + head
+    lse = tl.load(part_lse_ptr + row * MAX_SPLITS + s, mask=used, other=float("-inf"))
+    w = tl.math.exp2(lse - tl.max(lse, axis=0))
+    w = tl.where(used, w, 0.0)
+    d = tl.arange(0, D)
+    parts = tl.load(part_o_ptr + (row * MAX_SPLITS + s)[:, None] * D + d[None, :], mask=used[:, None], other=0.0)
+    out = tl.sum(parts * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(o_ptr + row * D + d, out.to(o_ptr.dtype.element_ty))
+
+
+def decode_attention_torch(q, k_cache, v_cache, lengths, scale: float | None = None):
+    """``q [B, n_heads, D]`` attends to the first ``lengths[b]`` positions of its cache row
+    ``k_cache[b], v_cache[b]`` (each ``[n_kv, max_len, D]``); returns ``[B, n_heads, D]``. Rows with
+    length 0 return zeros."""
+    B, n_heads, D = q.shape
+    n_kv, max_len = k_cache.shape[1], k_cache.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    k = k_cache[:B].float().repeat_interleave(n_heads // n_kv, dim=1)  # [B, H, S, D]
+    v = v_cache[:B].float().repeat_interleave(n_heads // n_kv, dim=1)
+    scores = torch.einsum("bhd,bhsd->bhs", q.float(), k) * scale
+    mask = torch.arange(max_len, device=q.device)[None, :] < lengths[:, None]
+    scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+    probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)
+    return torch.einsum("bhs,bhsd->bhd", probs, v).to(q.dtype)
+
+
+def attention_splits(batch: int, n_kv: int, max_len: int, block_n: int = 64, target_programs: int = 528) -> int:
+    """Keys per split program: enough splits that (batch x KV heads x splits) fills the GPU about
+    four times over (528 = 4 x 132 SMs), none shorter than one key block."""
+    splits = max(1, min(math.ceil(target_programs / (batch * n_kv)), math.ceil(max_len / block_n)))
+    return triton.cdiv(triton.cdiv(max_len, splits), block_n) * block_n
+
+
+def decode_attention(q, k_cache, v_cache, lengths, scale: float | None = None, split: int | None = None,
+                     out: torch.Tensor | None = None, block_n: int = 64):
+    """Fused :func:`decode_attention_torch`. ``split`` keys per program (default by
+    :func:`attention_splits`); one split -> one launch, several -> a log-sum-exp merge launch after."""
+    if not use_triton(q):
+        return decode_attention_torch(q, k_cache, v_cache, lengths, scale)
+    B, n_heads, D = q.shape
+    n_kv, max_len = k_cache.shape[1], k_cache.shape[2]
+    group = n_heads // n_kv
+    scale = D ** -0.5 if scale is None else scale
+    split = split or attention_splits(B, n_kv, max_len, block_n)
+    n_splits = triton.cdiv(max_len, split)
+    out = torch.empty_like(q) if out is None else out
+    single = n_splits == 1
+    if single:
+        part_o = part_lse = out  # unused
+    else:
+        part_o = torch.empty(B * n_heads * n_splits, D, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(B * n_heads * n_splits, dtype=torch.float32, device=q.device)
+    _decode_attention_split_kernel[(B, n_kv, n_splits)](
+        q, k_cache, v_cache, lengths, out, part_o, part_lse, scale, n_heads, n_kv, n_splits,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, SPLIT=split, BLOCK_N=block_n, SINGLE=single,
+        num_warps=4, num_stages=3)
+    if not single:
+        _decode_attention_merge_kernel[(B, n_heads)](
+            lengths, out, part_o, part_lse, n_heads, n_splits, SPLIT=split,
+            SPLITS_POW2=triton.next_power_of_2(n_splits), D=D, num_warps=4)
+    return out
+
+
+# ---- router: logits, softmax, top-k ------------------------------------------------------------------
+
+@triton.jit
+def _router_kernel(x_ptr, w_ptr, ids_ptr, weights_ptr, T, H, E, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
+                   RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    e = tl.arange(0, E_PAD)
+    logits = tl.zeros([BLOCK_T, E_PAD], tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + t.to(tl.int64)[:, None] * H + k[None, :], mask=(t < T)[:, None] & (k < H)[None, :],
+                    other=0.0)
+        w = tl.load(w_ptr + e[:, None] * H + k[None, :], mask=(e < E)[:, None] & (k < H)[None, :], other=0.0)
+        logits += tl.dot(x, tl.trans(w))
+    logits = tl.where((e < E)[None, :], logits, float("-inf"))
+    probs = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    probs = probs / tl.sum(probs, axis=1)[:, None]
+    j_col = tl.arange(0, K_PAD)
+    top_w = tl.zeros([BLOCK_T, K_PAD], tl.float32)
+    top_i = tl.zeros([BLOCK_T, K_PAD], tl.int32)
+    for j in tl.static_range(TOP_K):  # k rounds of arg-max, the lowest id winning ties (as torch.topk)
+        best = tl.max(probs, axis=1)
+        chosen = tl.min(tl.where(probs == best[:, None], e[None, :], E_PAD), axis=1)
+        top_w = tl.where(j_col[None, :] == j, best[:, None], top_w)
+        top_i = tl.where(j_col[None, :] == j, chosen[:, None], top_i)
+        probs = tl.where(e[None, :] == chosen[:, None], -1.0, probs)
+    if RENORMALIZE:
+        top_w = top_w / tl.sum(top_w, axis=1)[:, None]
+    out = t.to(tl.int64)[:, None] * TOP_K + j_col[None, :]
+    mask = (t < T)[:, None] & (j_col < TOP_K)[None, :]
+    tl.store(ids_ptr + out, top_i.to(ids_ptr.dtype.element_ty), mask=mask)
+    tl.store(weights_ptr + out, top_w.to(weights_ptr.dtype.element_ty), mask=mask)
+
+
+def router_topk_torch(x, w_router, top_k: int, renormalize: bool):
+    """``x [T, H]``, ``w_router [E, H]`` -> ``(ids [T, k] int32, weights [T, k] in x's dtype)``: softmax of
+    the logits in float32, the top-k, renormalised to sum 1 when ``renormalize`` (Mixtral)."""
+    probs = (x.float() @ w_router.float().T).softmax(-1)
+    weights, ids = probs.topk(top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return ids.to(torch.int32), weights.to(x.dtype)
+
+
+def router_topk(x, w_router, top_k: int, renormalize: bool, ids_out=None, weights_out=None):
+    """Fused :func:`router_topk_torch`: one launch over blocks of 16 tokens (logits accumulated in float32)."""
+    if not use_triton(x):
+        return router_topk_torch(x, w_router, top_k, renormalize)
+    T, H = x.shape
+    E = w_router.shape[0]
+    ids = torch.empty(T, top_k, dtype=torch.int32, device=x.device) if ids_out is None else ids_out
+    weights = torch.empty(T, top_k, dtype=x.dtype, device=x.device) if weights_out is None else weights_out
+    if T:
+        block_t = 16
+        _router_kernel[(triton.cdiv(T, block_t),)](
+            x, w_router, ids, weights, T, H, E, TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k),
+            RENORMALIZE=renormalize, BLOCK_T=block_t, E_PAD=max(16, triton.next_power_of_2(E)),
+            BLOCK_K=min(128, max(16, triton.next_power_of_2(H))), num_warps=4)
+    return ids, weights

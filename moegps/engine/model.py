@@ -1,0 +1,333 @@
+"""A compact MoE decoder: weights, KV cache, prefill and one decode step.
+
+The model is plain tensors in a dataclass (no nn.Module tree to walk at run time), built one of
+three ways: from a Hugging Face checkpoint folder (config.json + safetensors, Mixtral's per-expert
+or fused expert layout), from a transformers model already in memory (sharing its tensors), or as
+a *shape-only* model: random bf16 weights of a named shape (``moegps.shapes``) drawn directly on
+the device, so that a real-size run needs no download and never holds an fp32 copy.
+
+A layer, in order (the kernels are in ``kernels.py``; the routed experts are moegps's fused MoE
+kernels, ``moegps.kernels.fused_moe``):
+
+    x = add_rmsnorm(resid, delta_of_previous_layer)      one launch
+    qkv = x @ wqkv^T                                     one fused QKV GEMM
+    q = rope_cache_write(qkv -> K/V cache)               one launch
+    o = attention(q, cache)                              decode: split-K Triton kernel; prefill: SDPA (flash)
+    x = add_rmsnorm(resid, o @ wo^T)                     GEMM + one launch
+    ids, gates = router_topk(x)                          one launch
+    delta = fused_moe(x, ids, gates) [+ shared expert]
+
+Learned from gpt-fast (a whole decoder in one readable file) and vLLM (static caches, fused
+QKV, fused residual norms). Written for this project.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import fused_moe, moe_reference
+from ..shapes import ModelShape, from_hf_config
+from .kernels import add_rmsnorm, decode_attention, rope_cache_write, rope_tables, router_topk, use_triton
+
+
+PROFILE_LABELS = False  # the benchmark's breakdown sets this: record_function ranges around each part
+
+
+def _label(name: str):
+    return torch.profiler.record_function(name) if PROFILE_LABELS else contextlib.nullcontext()
+
+
+@dataclass
+class Layer:
+    """One decoder layer's weights. ``w_gate_up is None`` marks a dense layer (its MLP in ``shared_*``)."""
+
+    wqkv: torch.Tensor            # [(n_heads + 2 n_kv) D, H]
+    wo: torch.Tensor              # [H, n_heads D]
+    attn_norm: torch.Tensor       # [H]
+    mlp_norm: torch.Tensor        # [H]
+    router: torch.Tensor | None = None      # [E, H]
+    w_gate_up: torch.Tensor | None = None   # [E, 2F, H], rows 0..F-1 gate (w1), F..2F-1 up (w3)
+    w_down: torch.Tensor | None = None      # [E, H, F]
+    shared_gate_up: torch.Tensor | None = None  # [2S, H]: an always-on SwiGLU expert, or a dense MLP
+    shared_down: torch.Tensor | None = None     # [H, S]
+
+
+@dataclass
+class Model:
+    shape: ModelShape
+    embed: torch.Tensor           # [V, H]
+    layers: list[Layer]
+    norm: torch.Tensor            # [H]
+    lm_head: torch.Tensor         # [V, H] (the embedding itself when tied)
+    renormalize: bool = True      # top-k gate weights renormalised to sum 1 (Mixtral, Qwen3); not DeepSeek/OLMoE
+    rope: tuple[torch.Tensor, torch.Tensor] = field(default=None, repr=False)  # (cos, sin) [max_pos, D/2]
+    source: str = ""
+    routing_counts: torch.Tensor | None = field(default=None, repr=False)  # [layers, E] int64: set to record
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def ensure_rope(self, max_positions: int) -> None:
+        if self.rope is None or self.rope[0].shape[0] < max_positions:
+            self.rope = rope_tables(max(max_positions, 4096), self.shape.head_dim, self.shape.rope_theta,
+                                    self.device)
+
+
+class KVCache:
+    """Static K and V caches ``[layers, slots, n_kv, max_len, D]``; a sequence owns one slot (its batch row).
+
+    Zero-filled, not empty: prefill attends over right-padded rows, and although masked positions
+    get zero weight, 0 x NaN from uninitialised memory would still poison the sum.
+    """
+
+    def __init__(self, shape: ModelShape, slots: int, max_len: int, dtype: torch.dtype, device):
+        size = (shape.n_layers, slots, shape.n_kv_heads, max_len, shape.head_dim)
+        self.k = torch.zeros(size, dtype=dtype, device=device)
+        self.v = torch.zeros(size, dtype=dtype, device=device)
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+# ---- building a model ------------------------------------------------------------------------------
+
+def random_model(shape: ModelShape, device="cuda", dtype=torch.bfloat16, seed: int = 0,
+                 renormalize: bool = True) -> Model:
+    """A shape-only model: every weight drawn on ``device`` in ``dtype`` with std fan_in^-0.5 (norms 1).
+
+    Random weights give random text but real timings: routing of a random router is near uniform,
+    which for a batch decides how many distinct experts a step reads (the floor counts them)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    S = shape
+
+    def w(*size):
+        return torch.empty(size, dtype=dtype, device=device).normal_(0, size[-1] ** -0.5, generator=gen)
+
+    def ones(n):
+        return torch.ones(n, dtype=dtype, device=device)
+
+    layers = []
+    for index in range(S.n_layers):
+        layer = Layer(wqkv=w((S.n_heads + 2 * S.n_kv_heads) * S.head_dim, S.hidden), wo=w(S.hidden, S.n_heads * S.head_dim),
+                      attn_norm=ones(S.hidden), mlp_norm=ones(S.hidden))
+        if index < S.dense_layers:
+            layer.shared_gate_up, layer.shared_down = w(2 * S.dense_ffn, S.hidden), w(S.hidden, S.dense_ffn)
+        else:
+            layer.router = w(S.n_experts, S.hidden)
+            layer.w_gate_up, layer.w_down = w(S.n_experts, 2 * S.expert_ffn, S.hidden), w(S.n_experts, S.hidden, S.expert_ffn)
+            if S.shared_ffn:
+                layer.shared_gate_up, layer.shared_down = w(2 * S.shared_ffn, S.hidden), w(S.hidden, S.shared_ffn)
+        layers.append(layer)
+    return Model(shape=S, embed=w(S.vocab_size, S.hidden), layers=layers, norm=ones(S.hidden),
+                 lm_head=w(S.vocab_size, S.hidden), renormalize=renormalize, source=f"random {S.name} (shape only)")
+
+
+def _layer_from_tensors(get, prefix: str, n_experts: int) -> Layer:
+    """One Mixtral-family layer from a tensor lookup ``get(name)``: per-expert (w1/w2/w3, the
+    checkpoint layout) or fused (gate_up_proj/down_proj, transformers 5's in-memory layout) experts."""
+    attn = f"{prefix}.self_attn"
+    layer = Layer(wqkv=torch.cat([get(f"{attn}.q_proj.weight"), get(f"{attn}.k_proj.weight"),
+                                  get(f"{attn}.v_proj.weight")]),
+                  wo=get(f"{attn}.o_proj.weight"), attn_norm=get(f"{prefix}.input_layernorm.weight"),
+                  mlp_norm=get(f"{prefix}.post_attention_layernorm.weight"))
+    fused = get(f"{prefix}.mlp.experts.gate_up_proj", None)
+    if fused is not None:
+        layer.router = get(f"{prefix}.mlp.gate.weight")
+        layer.w_gate_up, layer.w_down = fused, get(f"{prefix}.mlp.experts.down_proj")
+    else:
+        moe = f"{prefix}.block_sparse_moe"
+        layer.router = get(f"{moe}.gate.weight")
+        experts = [f"{moe}.experts.{e}" for e in range(n_experts)]
+        layer.w_gate_up = torch.stack([torch.cat([get(f"{x}.w1.weight"), get(f"{x}.w3.weight")]) for x in experts])
+        layer.w_down = torch.stack([get(f"{x}.w2.weight") for x in experts])
+    return layer
+
+
+def _from_tensors(get, shape: ModelShape, tied: bool, renormalize: bool, source: str) -> Model:
+    if shape.shared_ffn or shape.dense_layers:
+        raise ValueError(f"{source}: loading checkpoints with shared experts or dense layers is not supported yet "
+                         "(Mixtral-family checkpoints only); use a shape name for a random-weight model")
+    layers = [_layer_from_tensors(get, f"model.layers.{i}", shape.n_experts) for i in range(shape.n_layers)]
+    embed = get("model.embed_tokens.weight")
+    lm_head = embed if tied else get("lm_head.weight")
+    return Model(shape=shape, embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=lm_head,
+                 renormalize=renormalize, source=source)
+
+
+def load_checkpoint(folder: str | Path, device="cuda", dtype=torch.bfloat16) -> Model:
+    """A Mixtral-family Hugging Face checkpoint folder (config.json + one or more *.safetensors)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face checkpoint folder)")
+    config = json.loads(config_path.read_text())
+    if config.get("model_type") not in ("mixtral", None):
+        raise ValueError(f"{config_path}: field 'model_type' is {config.get('model_type')!r}; the engine "
+                         "loads 'mixtral' checkpoints (other families: build a shape-only model by name)")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights")
+    where = {}
+    handles = [safe_open(str(f), framework="pt", device=str(device)) for f in files]
+    for handle in handles:
+        for key in handle.keys():
+            where[key] = handle
+    missing = object()
+
+    def get(name, default=missing):
+        if name not in where:
+            if default is not missing:
+                return default
+            raise KeyError(f"{folder}: tensor {name!r} not found in {[f.name for f in files]}")
+        return where[name].get_tensor(name).to(dtype)
+
+    shape = from_hf_config(config, name=folder.name)
+    return _from_tensors(get, shape, bool(config.get("tie_word_embeddings", False)),
+                         renormalize=bool(config.get("norm_topk_prob", True)), source=str(folder))
+
+
+def from_transformers(hf_model) -> Model:
+    """The engine over a transformers Mixtral model's own tensors (views, no copy except the fused QKV)."""
+    state = {name: p.detach() for name, p in hf_model.state_dict().items()}
+    missing = object()
+
+    def get(name, default=missing):
+        if name not in state:
+            if default is not missing:
+                return default
+            raise KeyError(f"{type(hf_model).__name__}: no tensor {name!r}")
+        return state[name]
+
+    config = hf_model.config.to_dict()
+    shape = from_hf_config(config, name=config.get("_name_or_path") or "transformers model")
+    tied = bool(config.get("tie_word_embeddings", False))
+    return _from_tensors(get, shape, tied, renormalize=bool(config.get("norm_topk_prob", True)),
+                         source=f"transformers {type(hf_model).__name__}")
+
+
+# ---- the forward passes --------------------------------------------------------------------------
+
+def _swiglu(x, gate_up, down):
+    """A dense SwiGLU MLP: ``x [T, H]``, ``gate_up [2S, H]``, ``down [H, S]`` -> ``[T, H]``."""
+    g, u = (x @ gate_up.T).chunk(2, dim=-1)
+    return (F.silu(g) * u) @ down.T
+
+
+def _mlp(model: Model, index: int, x: torch.Tensor) -> torch.Tensor:
+    layer = model.layers[index]
+    out = None
+    if layer.w_gate_up is not None:
+        ids, gates = router_topk(x, layer.router, model.shape.top_k, model.renormalize)
+        if model.routing_counts is not None:  # the demo's heat map; two small launches, no host sync
+            flat = ids.reshape(-1).long()
+            model.routing_counts[index].scatter_add_(0, flat, torch.ones_like(flat))
+        experts = fused_moe if use_triton(x) else moe_reference
+        out = experts(x, layer.w_gate_up, layer.w_down, ids, gates)
+    if layer.shared_gate_up is not None:
+        shared = _swiglu(x, layer.shared_gate_up, layer.shared_down)
+        out = shared if out is None else out + shared
+    return out
+
+
+def _layers(model: Model, cache: KVCache, resid: torch.Tensor, positions, slots, attend) -> torch.Tensor:
+    """All layers over ``resid [T, H]`` (updated in place); returns the last layer's MLP output
+    (the caller adds it with the final norm). ``attend(q [T, n_heads, D], layer_index) -> [T, n_heads, D]``."""
+    S = model.shape
+    cos, sin = model.rope
+    delta = None
+    for index, layer in enumerate(model.layers):
+        with _label("norms"):
+            x = add_rmsnorm(resid, delta, layer.attn_norm, S.norm_eps)
+        with _label("attention"):
+            qkv = x @ layer.wqkv.T
+            q = rope_cache_write(qkv, cache.k[index], cache.v[index], positions, slots, cos, sin, S.n_heads,
+                                 S.n_kv_heads)
+            o = attend(q, index)
+            o = o.reshape(o.shape[0], -1) @ layer.wo.T
+        with _label("norms"):
+            x = add_rmsnorm(resid, o, layer.mlp_norm, S.norm_eps)
+        with _label("moe"):
+            delta = _mlp(model, index, x)
+    return delta
+
+
+def decode_step(model: Model, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
+                attention_split: int | None = None) -> torch.Tensor:
+    """One new token per sequence: ``tokens [B]`` at ``positions [B]`` (sequence b in cache slot b,
+    positions[b] = its length so far) -> logits ``[B, V]`` in float32. No host synchronisation:
+    the step can be captured in a CUDA graph."""
+    B = tokens.shape[0]
+    slots = torch.arange(B, device=tokens.device)
+    lengths = (positions + 1).to(torch.int32)
+
+    def attend(q, index):
+        return decode_attention(q, cache.k[index], cache.v[index], lengths, split=attention_split)
+
+    resid = model.embed[tokens]
+    delta = _layers(model, cache, resid, positions, slots, attend)
+    with _label("norms"):
+        x = add_rmsnorm(resid, delta, model.norm, model.shape.norm_eps)
+    with _label("lm_head"):
+        return (x @ model.lm_head.T).float()
+
+
+def prefill(model: Model, cache: KVCache, prompts: list[torch.Tensor], all_positions: bool = False) -> torch.Tensor:
+    """Prompts of any lengths (prompt b in cache slot b, from position 0), packed into one token batch
+    for every GEMM and the MoE; attention per sequence through SDPA on the right-padded batch
+    (causal: no valid query sees a padded key). Returns the last position's logits ``[B, V]`` float32,
+    or with ``all_positions`` every token's ``[sum of lengths, V]`` (teacher-forced checks)."""
+    device = model.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    if len(prompts) > cache.slots or int(lengths.max()) > cache.max_len:
+        raise ValueError(f"{len(prompts)} prompts of up to {int(lengths.max())} tokens do not fit a cache of "
+                         f"{cache.slots} slots x {cache.max_len} positions")
+    model.ensure_rope(cache.max_len)
+    tokens = torch.cat([p.to(device) for p in prompts])
+    slots = torch.repeat_interleave(torch.arange(len(prompts), device=device), lengths)
+    positions = torch.cat([torch.arange(n, device=device) for n in lengths.tolist()])
+    longest = int(lengths.max())
+    S = model.shape
+    single = len(prompts) == 1
+
+    def attend(q, index):
+        k = cache.k[index, :len(prompts), :, :longest]
+        v = cache.v[index, :len(prompts), :, :longest]
+        if single:
+            qp = q.view(1, longest, S.n_heads, S.head_dim).transpose(1, 2)
+        else:
+            qp = q.new_zeros(len(prompts), longest, S.n_heads, S.head_dim)
+            qp[slots, positions] = q
+            qp = qp.transpose(1, 2)
+        o = F.scaled_dot_product_attention(qp, k, v, is_causal=True, enable_gqa=S.n_heads != S.n_kv_heads)
+        o = o.transpose(1, 2)
+        return o.reshape(longest, S.n_heads, S.head_dim) if single else o[slots, positions]
+
+    resid = model.embed[tokens]
+    delta = _layers(model, cache, resid, positions, slots, attend)
+    if all_positions:
+        return (add_rmsnorm(resid, delta, model.norm, S.norm_eps) @ model.lm_head.T).float()
+    last = torch.cumsum(lengths, 0) - 1
+    x = add_rmsnorm(resid[last].contiguous(), delta[last].contiguous(), model.norm, S.norm_eps)
+    return (x @ model.lm_head.T).float()
