@@ -13,7 +13,8 @@ matrix products:
   keys, all query heads of a KV group in one program (the group's K/V tiles are read once), the
   context split over programs and merged by log-sum-exp (flash-decoding, Dao et al. 2023).
 * ``router_topk``: the router's logits, softmax, top-k and renormalisation in one launch, writing
-  the ids and gate weights the MoE kernels read.
+  the ids and gate weights the MoE kernels read; ``add_rmsnorm_router`` fuses it into the norm
+  before the MoE for decode-sized batches (one launch instead of two per layer).
 
 Every ``*_torch`` function is the plain-torch definition (the CPU path and the tests' reference).
 ``use_triton(t)`` decides per tensor: a CUDA tensor, or any tensor under ``TRITON_INTERPRET=1``.
@@ -239,24 +240,32 @@ def decode_attention_torch(q, k_cache, v_cache, lengths, scale: float | None = N
     return torch.einsum("bhs,bhsd->bhd", probs, v).to(q.dtype)
 
 
-def attention_splits(batch: int, n_kv: int, max_len: int, block_n: int = 64, target_programs: int = 528) -> int:
-    """Keys per split program: enough splits that (batch x KV heads x splits) fills the GPU about
-    four times over (528 = 4 x 132 SMs), none shorter than one key block."""
-    splits = max(1, min(math.ceil(target_programs / (batch * n_kv)), math.ceil(max_len / block_n)))
+# Launch settings of decode_attention; the engine benchmark's attention part sweeps them (docs/engine.md).
+ATTENTION_DEFAULTS = dict(block_n=64, num_warps=4, num_stages=3, target_programs=528, min_split=256)
+
+
+def attention_splits(batch: int, n_kv: int, max_len: int, block_n: int = 64, target_programs: int = 528,
+                     min_split: int = 256) -> int:
+    """Keys per split program: enough splits that (batch x KV heads x splits) reaches about
+    ``target_programs`` (528 = 4 per SM of an H100/H200), none shorter than ``min_split`` keys (a short
+    context is one split, one launch: no merge)."""
+    splits = max(1, min(math.ceil(target_programs / (batch * n_kv)), math.ceil(max_len / min_split)))
     return triton.cdiv(triton.cdiv(max_len, splits), block_n) * block_n
 
 
 def decode_attention(q, k_cache, v_cache, lengths, scale: float | None = None, split: int | None = None,
-                     out: torch.Tensor | None = None, block_n: int = 64):
+                     out: torch.Tensor | None = None, **settings):
     """Fused :func:`decode_attention_torch`. ``split`` keys per program (default by
-    :func:`attention_splits`); one split -> one launch, several -> a log-sum-exp merge launch after."""
+    :func:`attention_splits`); one split -> one launch, several -> a log-sum-exp merge launch after.
+    ``settings`` override ATTENTION_DEFAULTS (block_n, num_warps, num_stages, target_programs, min_split)."""
     if not use_triton(q):
         return decode_attention_torch(q, k_cache, v_cache, lengths, scale)
+    cfg = dict(ATTENTION_DEFAULTS, **settings)
     B, n_heads, D = q.shape
     n_kv, max_len = k_cache.shape[1], k_cache.shape[2]
     group = n_heads // n_kv
     scale = D ** -0.5 if scale is None else scale
-    split = split or attention_splits(B, n_kv, max_len, block_n)
+    split = split or attention_splits(B, n_kv, max_len, cfg["block_n"], cfg["target_programs"], cfg["min_split"])
     n_splits = triton.cdiv(max_len, split)
     out = torch.empty_like(q) if out is None else out
     single = n_splits == 1
@@ -268,8 +277,8 @@ def decode_attention(q, k_cache, v_cache, lengths, scale: float | None = None, s
     _decode_attention_split_kernel[(B, n_kv, n_splits)](
         q, k_cache, v_cache, lengths, out, part_o, part_lse, scale, n_heads, n_kv, n_splits,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, SPLIT=split, BLOCK_N=block_n, SINGLE=single,
-        num_warps=4, num_stages=3)
+        GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, SPLIT=split, BLOCK_N=cfg["block_n"], SINGLE=single,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if not single:
         _decode_attention_merge_kernel[(B, n_heads)](
             lengths, out, part_o, part_lse, n_heads, n_splits, SPLIT=split,
@@ -336,3 +345,71 @@ def router_topk(x, w_router, top_k: int, renormalize: bool, ids_out=None, weight
             RENORMALIZE=renormalize, BLOCK_T=block_t, E_PAD=max(16, triton.next_power_of_2(E)),
             BLOCK_K=min(128, max(16, triton.next_power_of_2(H))), num_warps=4)
     return ids, weights
+
+
+# ---- residual add + RMSNorm + router, one launch (decode) ----------------------------------------------
+
+@triton.jit
+def _add_rmsnorm_router_kernel(resid_ptr, delta_ptr, w_ptr, out_ptr, wr_ptr, ids_ptr, gates_ptr, H, E, eps,
+                               TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
+                               BLOCK_H: tl.constexpr, E_PAD: tl.constexpr, E_CHUNK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < H
+    x = (tl.load(resid_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+         + tl.load(delta_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32))
+    x = x.to(resid_ptr.dtype.element_ty)
+    tl.store(resid_ptr + row * H + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
+    normed = (xf * rstd).to(out_ptr.dtype.element_ty)
+    y = (normed * tl.load(w_ptr + cols, mask=mask, other=0.0)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * H + cols, y, mask=mask)
+    yf = y.to(tl.float32)  # the router reads the rounded output, as an unfused model's router does
+    e_all = tl.arange(0, E_PAD)
+    logits = tl.full([E_PAD], float("-inf"), tl.float32)
+    for e0 in range(0, E, E_CHUNK):
+        e = e0 + tl.arange(0, E_CHUNK)
+        wr = tl.load(wr_ptr + e[:, None] * H + cols[None, :], mask=(e < E)[:, None] & mask[None, :], other=0.0)
+        part = tl.sum(wr.to(tl.float32) * yf[None, :], axis=1)  # [E_CHUNK]
+        placed = tl.sum(tl.where(e_all[:, None] == e[None, :], part[None, :], 0.0), axis=1)  # [E_PAD]
+        logits = tl.where((e_all >= e0) & (e_all < e0 + E_CHUNK) & (e_all < E), placed, logits)
+    probs = tl.exp(logits - tl.max(logits, axis=0))
+    probs = probs / tl.sum(probs, axis=0)
+    j_col = tl.arange(0, K_PAD)
+    top_w = tl.zeros([K_PAD], tl.float32)
+    top_i = tl.zeros([K_PAD], tl.int32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(probs, axis=0)
+        chosen = tl.min(tl.where(probs == best, e_all, E_PAD), axis=0)
+        top_w = tl.where(j_col == j, best, top_w)
+        top_i = tl.where(j_col == j, chosen, top_i)
+        probs = tl.where(e_all == chosen, -1.0, probs)
+    if RENORMALIZE:
+        top_w = top_w / tl.sum(top_w, axis=0)
+    tl.store(ids_ptr + row * TOP_K + j_col, top_i.to(ids_ptr.dtype.element_ty), mask=j_col < TOP_K)
+    tl.store(gates_ptr + row * TOP_K + j_col, top_w.to(gates_ptr.dtype.element_ty), mask=j_col < TOP_K)
+
+
+FUSED_ROUTER_MAX_TOKENS = 256  # above this, the tiled router (one weight read per 16 tokens) is cheaper
+
+
+def add_rmsnorm_router(resid, delta, weight, eps: float, w_router, top_k: int, renormalize: bool):
+    """``add_rmsnorm`` then ``router_topk`` on its output: returns ``(normed [T, H], ids [T, k] int32,
+    gates [T, k])``. One launch, one program per token, for up to FUSED_ROUTER_MAX_TOKENS tokens."""
+    T, H = resid.shape
+    if not use_triton(resid) or T > FUSED_ROUTER_MAX_TOKENS:
+        x = add_rmsnorm(resid, delta, weight, eps)
+        return (x, *router_topk(x, w_router, top_k, renormalize))
+    E = w_router.shape[0]
+    out = torch.empty_like(resid)
+    ids = torch.empty(T, top_k, dtype=torch.int32, device=resid.device)
+    gates = torch.empty(T, top_k, dtype=resid.dtype, device=resid.device)
+    if T:
+        block = triton.next_power_of_2(H)
+        e_pad = triton.next_power_of_2(E)
+        _add_rmsnorm_router_kernel[(T,)](
+            resid, delta, weight, out, w_router, ids, gates, H, E, eps, TOP_K=top_k,
+            K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize, BLOCK_H=block, E_PAD=e_pad,
+            E_CHUNK=min(e_pad, max(1, 16384 // block)), num_warps=max(1, min(16, block // 256)))
+    return out, ids, gates

@@ -13,8 +13,7 @@ kernels, ``moegps.kernels.fused_moe``):
     qkv = x @ wqkv^T                                     one fused QKV GEMM
     q = rope_cache_write(qkv -> K/V cache)               one launch
     o = attention(q, cache)                              decode: split-K Triton kernel; prefill: SDPA (flash)
-    x = add_rmsnorm(resid, o @ wo^T)                     GEMM + one launch
-    ids, gates = router_topk(x)                          one launch
+    x, ids, gates = add_rmsnorm_router(resid, o @ wo^T)  GEMM + one launch (norm, router logits, top-k)
     delta = fused_moe(x, ids, gates) [+ shared expert]
 
 Learned from gpt-fast (a whole decoder in one readable file) and vLLM (static caches, fused
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 
 from ..kernels import fused_moe, moe_reference
 from ..shapes import ModelShape, from_hf_config
-from .kernels import add_rmsnorm, decode_attention, rope_cache_write, rope_tables, router_topk, use_triton
+from .kernels import add_rmsnorm, add_rmsnorm_router, decode_attention, rope_cache_write, rope_tables, use_triton
 
 
 PROFILE_LABELS = False  # the benchmark's breakdown sets this: record_function ranges around each part
@@ -235,19 +234,28 @@ def _swiglu(x, gate_up, down):
     return (F.silu(g) * u) @ down.T
 
 
-def _mlp(model: Model, index: int, x: torch.Tensor) -> torch.Tensor:
-    layer = model.layers[index]
+def _mlp(model: Model, index: int, resid: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    """The residual add and norm after attention, then the MoE (router, routed experts, shared expert)
+    or a dense layer's MLP; returns the MLP's output ``[T, H]``."""
+    layer, S = model.layers[index], model.shape
     out = None
-    if layer.w_gate_up is not None:
-        ids, gates = router_topk(x, layer.router, model.shape.top_k, model.renormalize)
+    if layer.w_gate_up is None:
+        with _label("norms"):
+            x = add_rmsnorm(resid, attn_out, layer.mlp_norm, S.norm_eps)
+    else:
+        with _label("moe"):
+            x, ids, gates = add_rmsnorm_router(resid, attn_out, layer.mlp_norm, S.norm_eps, layer.router, S.top_k,
+                                               model.renormalize)
         if model.routing_counts is not None:  # the demo's heat map; two small launches, no host sync
             flat = ids.reshape(-1).long()
             model.routing_counts[index].scatter_add_(0, flat, torch.ones_like(flat))
-        experts = fused_moe if use_triton(x) else moe_reference
-        out = experts(x, layer.w_gate_up, layer.w_down, ids, gates)
+        with _label("moe"):
+            experts = fused_moe if use_triton(x) else moe_reference
+            out = experts(x, layer.w_gate_up, layer.w_down, ids, gates)
     if layer.shared_gate_up is not None:
-        shared = _swiglu(x, layer.shared_gate_up, layer.shared_down)
-        out = shared if out is None else out + shared
+        with _label("moe" if layer.w_gate_up is not None else "dense mlp"):
+            shared = _swiglu(x, layer.shared_gate_up, layer.shared_down)
+            out = shared if out is None else out + shared
     return out
 
 
@@ -266,10 +274,7 @@ def _layers(model: Model, cache: KVCache, resid: torch.Tensor, positions, slots,
                                  S.n_kv_heads)
             o = attend(q, index)
             o = o.reshape(o.shape[0], -1) @ layer.wo.T
-        with _label("norms"):
-            x = add_rmsnorm(resid, o, layer.mlp_norm, S.norm_eps)
-        with _label("moe"):
-            delta = _mlp(model, index, x)
+        delta = _mlp(model, index, resid, o)
     return delta
 
 
