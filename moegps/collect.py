@@ -45,7 +45,8 @@ from moegps import __version__
 from moegps.models.adapters import MoERouter, family_of, find_routers, routing_from_output
 from moegps.paths import CONF_DIR, PROJECT_ROOT, git_commit, register_resolvers
 from moegps.prompts import Prompt, load_prompts
-from moegps.trace import RoutingTrace, TraceMeta, atomic_path
+from moegps.files import atomic_path
+from moegps.trace import RoutingTrace, TraceMeta
 
 SHARD_PATTERN = "shard-{:05d}.parquet"
 

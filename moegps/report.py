@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .trace import RoutingTrace, atomic_path
+from .files import atomic_path
+from .trace import RoutingTrace
 
 # ---- statistics (arrays in, arrays out) ---------------------------------------------------------
 

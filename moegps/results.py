@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from . import __version__
 from .paths import git_commit
-from .trace import atomic_path
+from .files import atomic_path
 
 # field -> meaning; every row carries all of them (NaN where a backend has no value)
 FIELDS: dict[str, str] = {

@@ -201,7 +201,7 @@ def execute_run(config: dict[str, Any], key: str) -> list[dict[str, Any]]:
 
 def run_one(config: dict[str, Any]) -> tuple[str, bool]:
     """Run one point of a sweep unless it has finished before; returns (key, ran)."""
-    from .trace import atomic_path
+    from .files import atomic_path
 
     key = run_key(config)
     out = Path(config["out"])

@@ -13,18 +13,18 @@ def random_bench(rng, path):
     """A bench.csv of both shapes with random percentages, rows shuffled, one value missing."""
     columns = [*CURVES.values(), *REFERENCES.values()]
     rows = [{"shape": shape, "tokens": t, **{c: rng.uniform(20, 100) for c in columns}}
-            for shape in ("mixtral", "fine64") for t in TOKENS]
+            for shape in ("mixtral-8x7b", "deepseek-v2-lite") for t in TOKENS]
     df = pd.DataFrame(rows).sample(frac=1.0, random_state=int(rng.integers(2**31)))
-    df.loc[(df["shape"] == "fine64") & (df["tokens"] == 512), "pct_floor_gmm"] = np.nan
+    df.loc[(df["shape"] == "deepseek-v2-lite") & (df["tokens"] == 512), "pct_floor_gmm"] = np.nan
     df.to_csv(path, index=False)
     return df
 
 
 def test_series_is_one_shape_in_token_order_without_gaps(rng, tmp_path):
     df = random_bench(rng, tmp_path / "bench.csv")
-    tokens, pct = series(read_bench(tmp_path / "bench.csv"), "fine64", "pct_floor_gmm")
+    tokens, pct = series(read_bench(tmp_path / "bench.csv"), "deepseek-v2-lite", "pct_floor_gmm")
     assert list(tokens) == [t for t in TOKENS if t != 512]
-    expected = [df[(df["shape"] == "fine64") & (df["tokens"] == t)]["pct_floor_gmm"].item()
+    expected = [df[(df["shape"] == "deepseek-v2-lite") & (df["tokens"] == t)]["pct_floor_gmm"].item()
                 for t in tokens]
     np.testing.assert_allclose(pct, expected)
 
@@ -38,6 +38,6 @@ def test_plot_writes_a_png(rng, tmp_path):
 
 
 def test_a_csv_that_is_not_the_benchmarks_is_named(tmp_path):
-    pd.DataFrame({"shape": ["mixtral"], "tokens": [1]}).to_csv(tmp_path / "x.csv", index=False)
+    pd.DataFrame({"shape": ["mixtral-8x7b"], "tokens": [1]}).to_csv(tmp_path / "x.csv", index=False)
     with pytest.raises(ValueError, match=r"x\.csv: not a moegps.kernels.bench CSV.*pct_floor"):
         read_bench(tmp_path / "x.csv")

@@ -171,9 +171,9 @@ def test_kernel_bench_table_is_per_expert(tmp_path, rng):
     us = rng.uniform(20, 200, 3)
     (tmp_path / "bench.csv").write_text(
         "shape,E,H,F,k,tokens,active_experts,ours_us\n"
-        + "".join(f"mixtral,8,4096,14336,2,{t},{a},{u}\n" for t, a, u in zip([1, 64, 512], [2, 8, 8], us))
+        + "".join(f"mixtral-8x7b,8,4096,14336,2,{t},{a},{u}\n" for t, a, u in zip([1, 64, 512], [2, 8, 8], us))
         + "other,8,4096,14336,2,1,2,5\n")
-    table = cost.load_kernel_bench(tmp_path / "bench.csv", "mixtral")
+    table = cost.load_kernel_bench(tmp_path / "bench.csv", "mixtral-8x7b")
     np.testing.assert_allclose(table.tokens, [1.0, 16.0, 128.0])
     np.testing.assert_allclose(table.seconds, us / np.array([2, 8, 8]) * 1e-6)
 
@@ -186,13 +186,13 @@ def test_calibration_cases_from_kernel_bench(tmp_path, rng):
     us = rng.uniform(20, 2000, 2)
     (tmp_path / "bench.csv").write_text(
         "shape,E,H,F,k,tokens,active_experts,ours_us\n"
-        f"mixtral,8,4096,14336,2,3,5,{us[0]}\nfine64,64,2048,1408,6,512,64,{us[1]}\n")
+        f"mixtral-8x7b,8,4096,14336,2,3,5,{us[0]}\ndeepseek-v2-lite,64,2048,1408,6,512,64,{us[1]}\n")
     mixtral, fine = cases_from_kernel_bench(tmp_path / "bench.csv")
     np.testing.assert_allclose(mixtral.tokens_per_gpu_expert[0], [1.2] * 5 + [0.0] * 3)
     np.testing.assert_allclose(fine.tokens_per_gpu_expert[0], [48.0] * 64)
     assert [mixtral.measured_ms["moe_ms"], fine.measured_ms["moe_ms"]] == pytest.approx(us / 1e3)
     assert fine.info["shape"].n_experts == 64 and mixtral.info["shape"].hidden == 4096
-    (tmp_path / "printed.csv").write_text("shape,tokens,ours_us\nmixtral,1,250\n")
+    (tmp_path / "printed.csv").write_text("shape,tokens,ours_us\nmixtral-8x7b,1,250\n")
     with pytest.raises(ValueError, match=r"printed\.csv: .*\['E', 'F', 'H', 'active_experts', 'k'\]"):
         cases_from_kernel_bench(tmp_path / "printed.csv")
 

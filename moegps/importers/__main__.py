@@ -39,7 +39,7 @@ def cmd_deepseek_csv(args):
 def cmd_olmoe_counts(args):
     import pandas as pd
 
-    from ..trace import atomic_path
+    from ..files import atomic_path
     from .olmoe_routing import load_expert_counts
 
     loads = load_expert_counts(args.model, args.domains, top1=args.top1)

@@ -1,9 +1,9 @@
 """Plot the kernel benchmark: % of the physical floor against tokens, per expert shape.
 
-    python -m moegps.kernels.plot --clean results/h100_bench_seed29_clean.csv \
-        --zero results/h100_bench_seed29_zero.csv --out docs/img/kernels-h100.png
+    python -m moegps.kernels.plot --clean benchmarks/kernels/logs/h100_bench_seed36_clean.csv \
+        --zero benchmarks/kernels/logs/h100_bench_seed36_zero.csv --out docs/img/kernels-h100.png
 
-One panel per shape (`bench.SHAPES`): ours (the tuned config, whole call) under the clean and,
+One panel per shape of the CSV (names of moegps.shapes): ours (the tuned config, whole call) under the clean and,
 if given, the zero-fill L2 flush, the default config, the `torch._grouped_mm` pipeline, vLLM's
 tuned fused_moe as the issue quotes it for an H100, and the issue's bar where it sets one; where
 the CSV has them (runs from session 6 on), the two references of the same run: cuBLAS's batched
@@ -18,16 +18,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..trace import save_png
+from ..files import save_png
+from ..shapes import from_name
 
 # The issue's figures for vLLM's Triton fused_moe with a config tuned for an H100 (% of floor),
 # and its bar for moegps's kernel; token counts as keys.
-VLLM_TUNED = {"mixtral": {1: 84, 8: 97, 32: 97, 128: 93, 512: 72, 2048: 55, 16384: 62},
-              "fine64": {1: 46, 8: 86, 32: 91, 128: 88, 512: 79, 2048: 51, 16384: 55}}
-BAR = {"mixtral": {512: 80, 2048: 80, 16384: 75},
-       "fine64": {1: 70, 512: 80, 2048: 80, 16384: 75}}
-TITLES = {"mixtral": "Mixtral-8x7B experts (8, H 4096, F 14336, top-2)",
-          "fine64": "64 experts (H 2048, F 1408, top-6)"}
+VLLM_TUNED = {"mixtral-8x7b": {1: 84, 8: 97, 32: 97, 128: 93, 512: 72, 2048: 55, 16384: 62},
+              "deepseek-v2-lite": {1: 46, 8: 86, 32: 91, 128: 88, 512: 79, 2048: 51, 16384: 55}}
+BAR = {"mixtral-8x7b": {512: 80, 2048: 80, 16384: 75},
+       "deepseek-v2-lite": {1: 70, 512: 80, 2048: 80, 16384: 75}}
 CURVES = {"ours": "pct_floor", "default config": "pct_floor_default",
           "torch._grouped_mm": "pct_floor_gmm"}
 # drawn dotted, where the CSV has them: references, not MoE pipelines
@@ -50,6 +49,12 @@ def series(df: pd.DataFrame, shape: str, column: str) -> tuple[np.ndarray, np.nd
     return rows["tokens"].to_numpy(), rows[column].to_numpy(dtype=float)
 
 
+def title(shape: str) -> str:
+    """A panel's title: the registry shape's name and expert sizes."""
+    s = from_name(shape)
+    return f"{shape} experts ({s.n_experts}, H {s.hidden}, F {s.expert_ffn}, top-{s.top_k})"
+
+
 FLUSH_LABELS = {"clean": "L2 flushed clean", "zero": "do_bench's zero-fill flush"}
 
 
@@ -63,7 +68,7 @@ def plot_bench(clean: Path, zero: Path | None, out: Path, device: str = "H100",
     import matplotlib.pyplot as plt
 
     runs = {"clean": read_bench(clean), **({"zero": read_bench(zero)} if zero else {})}
-    shapes = [s for s in TITLES if (runs["clean"]["shape"] == s).any()]
+    shapes = list(dict.fromkeys(runs["clean"]["shape"]))  # in the order the run timed them
     fig, axes = plt.subplots(1, len(shapes), figsize=(6.2 * len(shapes), 4.4), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
         for name, column in CURVES.items():
@@ -79,12 +84,13 @@ def plot_bench(clean: Path, zero: Path | None, out: Path, device: str = "H100",
             tokens, pct = series(runs["zero"], shape, "pct_floor")
             ax.plot(tokens, pct, ls="--", marker="o", mfc="none", color="C0", lw=1.2,
                     label=f"ours ({FLUSH_LABELS['zero']})")
-        vllm = VLLM_TUNED[shape]
-        ax.plot(list(vllm), list(vllm.values()), ls="none", marker="x", ms=8, color="k",
-                label="vLLM fused_moe, tuned (issue's H100 figures)")
-        bar = BAR[shape]
-        ax.plot(list(bar), list(bar.values()), ls="none", marker="_", ms=22, mew=2.5,
-                color="C3", label="the issue's bar")
+        vllm, bar = VLLM_TUNED.get(shape, {}), BAR.get(shape, {})
+        if vllm:
+            ax.plot(list(vllm), list(vllm.values()), ls="none", marker="x", ms=8, color="k",
+                    label="vLLM fused_moe, tuned (issue's H100 figures)")
+        if bar:
+            ax.plot(list(bar), list(bar.values()), ls="none", marker="_", ms=22, mew=2.5,
+                    color="C3", label="the issue's bar")
         ax.set_xscale("log", base=2)
         ticks = sorted(runs["clean"]["tokens"].unique())
         ax.set_xticks(ticks, [f"{t // 1024}k" if t >= 2048 else str(t) for t in ticks])
@@ -92,7 +98,7 @@ def plot_bench(clean: Path, zero: Path | None, out: Path, device: str = "H100",
         ax.set_ylim(0, 105)
         ax.set_xlabel("tokens in the batch")
         ax.set_ylabel("% of the physical floor (higher is better)")
-        ax.set_title(TITLES[shape], fontsize=10)
+        ax.set_title(title(shape), fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7.5, loc="lower left")
     fig.suptitle(f"Fused MoE expert FFN on one {device}, routing metadata included "

@@ -149,7 +149,7 @@ def main(argv=None) -> None:
     print("floor = bytes read / bandwidth (us):")
     print((df.pivot(index="predictor", columns="tokens", values="floor_s") * 1e6).round(3).to_string())
     if a.out:
-        from ..trace import atomic_path
+        from ..files import atomic_path
 
         with atomic_path(a.out) as tmp:
             df.to_csv(tmp, index=False)

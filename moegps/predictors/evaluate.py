@@ -194,7 +194,7 @@ def plot(table: pd.DataFrame, path: Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..trace import save_png
+    from ..files import save_png
 
     phases = [ph for ph in ("prefill", "decode") if (table.phase == ph).any()]
     phases = phases if len(phases) == 2 else ["all"]
@@ -254,7 +254,7 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def write_outputs(table: pd.DataFrame, out: Path, config: dict[str, Any]) -> dict[str, Path]:
-    from ..trace import atomic_path
+    from ..files import atomic_path
 
     out.mkdir(parents=True, exist_ok=True)
     paths = {"parquet": out / "predictors.parquet", "csv": out / "predictors.csv", "png": out / "predictors.png",

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import least_squares
 
+from ..shapes import names as shape_names
 from . import cost
 from .system import ModelShape, SystemSpec, load_system, model_shape
 
@@ -113,9 +114,6 @@ def cases_from_results(frame: pd.DataFrame, workload: Callable[[pd.Series], tupl
     return cases
 
 
-KERNEL_SHAPES = {"mixtral": "mixtral-8x7b", "fine64": "deepseek-v2-lite"}
-
-
 def cases_from_kernel_bench(path, method: str = "ours") -> list[Case]:
     """Measured one-GPU MoE layers from ``moegps.kernels.bench`` output (``bench.csv``, an H100 there):
     each row's ``tokens`` x ``k`` selections spread evenly over ``active_experts`` experts on one GPU,
@@ -127,10 +125,10 @@ def cases_from_kernel_bench(path, method: str = "ours") -> list[Case]:
         raise ValueError(f"{path}: not a moegps.kernels.bench CSV, missing columns {sorted(missing)}")
     cases = []
     for _, row in frame.iterrows():
-        if row["shape"] not in KERNEL_SHAPES or not np.isfinite(row[f"{method}_us"]):
+        if row["shape"] not in shape_names() or not np.isfinite(row[f"{method}_us"]):
             continue
         E, k, active = int(row["E"]), int(row["k"]), int(row["active_experts"])
-        shape = model_shape(KERNEL_SHAPES[row["shape"]], hidden=int(row["H"]), expert_ffn=int(row["F"]),
+        shape = model_shape(row["shape"], hidden=int(row["H"]), expert_ffn=int(row["F"]),
                             n_experts=E, top_k=k)
         tokens = np.zeros((1, E))
         tokens[0, :active] = row["tokens"] * k / active

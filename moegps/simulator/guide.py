@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..trace import RoutingTrace, TraceMeta, save_png
+from ..files import save_png
+from ..trace import RoutingTrace, TraceMeta
 from .replay import (
     PlaceFn, ReplayConfig, SimResult, distribution_plan, make_batches, oracle_bound, oracle_plan, predict_tokens,
     simulate, static_plan, token_plan,
@@ -66,7 +67,7 @@ class GuideConfig:
     predictor_args: dict[str, dict[str, Any]] = field(default_factory=lambda: {"ffn": {"epochs": 2}})
     out: str = "outputs/guide"
     expert_table: str | None = None  # moegps.kernels.bench bench.csv: measured expert time instead of the roofline
-    expert_table_shape: str = "mixtral"  # which shape rows of that table
+    expert_table_shape: str = "mixtral-8x7b"  # which shape rows of that table
     study: str = "predictors"  # "predictors" (the decision sweep) | "placement" (prefill-aware placement study)
 
 
@@ -417,7 +418,7 @@ def plot_placement(table: pd.DataFrame, path: Path, title: str = "") -> Path:
 
 def write_outputs(table: pd.DataFrame, rows: list[dict[str, Any]], out: Path, config: dict[str, Any]) -> dict[str, Path]:
     from ..results import write_rows
-    from ..trace import atomic_path
+    from ..files import atomic_path
 
     out.mkdir(parents=True, exist_ok=True)
     paths = {"rows": write_rows(rows, out / "rows.parquet"), "decision": out / "decision.csv",
@@ -454,7 +455,7 @@ def main() -> None:
         if cfg.study == "placement":
             from ..results import write_rows
 
-            from ..trace import atomic_path
+            from ..files import atomic_path
 
             table, rows = placement_study(cfg)
             out = Path(cfg.out)

@@ -41,7 +41,7 @@ def plot_headline(table: pd.DataFrame, path: Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..trace import save_png
+    from ..files import save_png
 
     labels = list(dict.fromkeys(table["label"]))
     modes = [m for m in ("dp", "tp") if m in set(table["attention"])]

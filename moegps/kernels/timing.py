@@ -1,0 +1,156 @@
+"""Device timing of GPU callables for the kernels' benchmark and tuner: bf16 inputs and random
+routing, CUDA graphs, an L2 flush before each timed run, and interleaved medians of device events.
+
+    from moegps.kernels.timing import make_inputs, make_routing, time_many
+    us = time_many({"a": fn_a, "b": fn_b}, graph={"a", "b"})   # {name: median us}
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def make_inputs(n_experts, hidden, ffn, top_k, n_tokens, seed=0, device="cuda"):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    bf16 = torch.bfloat16
+    x = torch.randn(n_tokens, hidden, generator=gen, device=device, dtype=bf16)
+    w13 = torch.randn(n_experts, 2 * ffn, hidden, generator=gen, device=device, dtype=bf16)
+    w13 /= math.sqrt(hidden)
+    w2 = torch.randn(n_experts, hidden, ffn, generator=gen, device=device, dtype=bf16)
+    w2 /= math.sqrt(ffn)
+    return x, w13, w2
+
+
+def make_routing(n_tokens, n_experts, top_k, seed=0, device="cuda"):
+    """Random top-k routing: k distinct uniformly random experts, softmax gate weights (fp32)."""
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    logits = torch.randn(n_tokens, n_experts, generator=gen, device=device)
+    vals, ids = logits.topk(top_k, dim=1)
+    return ids, torch.softmax(vals, dim=1)
+
+
+def capture(fn):
+    """A CUDA graph of fn (warmed up on a side stream first)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+# How the L2 is emptied before each timed run. "zero" is triton.testing.do_bench's way (and
+# the issue's baselines'): zero-fill a 256 MB buffer, which leaves the 50 MB L2 full of *dirty*
+# lines, so the timed call also pays for writing some of them back to DRAM as its own reads
+# evict them (measured on an H100 by --flush-control: ~9.5 us on a 104-704 MB read, a quarter of
+# a 35 us decode call's floor). "clean" reads the buffer instead
+# (a sum): the L2 is as cold, but clean, and the call pays only for its own bytes. The
+# benchmark's `--flush` picks one for every timing of a run, the floor's rates included.
+FLUSH = "zero"
+_FLUSH_BUFFER: list = []
+
+
+def _flush_l2() -> None:
+    if not _FLUSH_BUFFER:
+        _FLUSH_BUFFER.append(torch.ones(256 * 2**20 // 4, dtype=torch.int32, device="cuda"))
+    buf = _FLUSH_BUFFER[0]
+    if FLUSH == "zero":
+        buf.zero_()
+    elif FLUSH == "clean":
+        buf.sum()
+    elif FLUSH != "none":
+        raise ValueError(f"flush must be 'zero', 'clean' or 'none', got {FLUSH!r}")
+
+
+MIN_RUNS = 20  # timed runs at least, also for calls longer than rep_ms / MIN_RUNS
+
+
+def time_interleaved(fns: dict, warmup_ms=25, rep_ms=100) -> dict:
+    """{name: median device time in us} of several callables timed in rounds, each round
+    running every one once (L2 flushed before each, FLUSH), so that a drift of the GPU's clock
+    within the row reaches all of them alike. One after the other, two identical 17 ms
+    configs read 15% apart on an H100 (power and heat; NOTES.md session 6). Per callable,
+    do_bench's loop (estimate, warm up, then flush + events around each run; median) with at
+    least 3 warm-up and MIN_RUNS timed runs: do_bench's time budget alone leaves a 19 ms call
+    (Mixtral, 16384 tokens) 1 warm-up and 5 samples, whose median moved 3-5% between runs
+    (NOTES.md v11)."""
+    estimate_ms = {}
+    for name, fn in fns.items():
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            _flush_l2()
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        estimate_ms[name] = max(start.elapsed_time(end) / 5, 1e-3)
+    for name, fn in fns.items():
+        for _ in range(max(3, int(warmup_ms / estimate_ms[name]))):
+            fn()
+    runs = {name: max(MIN_RUNS, int(rep_ms / est)) for name, est in estimate_ms.items()}
+    events = {name: [] for name in fns}
+    for i in range(max(runs.values())):
+        for name, fn in fns.items():
+            if i < runs[name]:
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                _flush_l2()
+                s.record()
+                fn()
+                e.record()
+                events[name].append((s, e))
+    torch.cuda.synchronize()
+    medians = {}
+    for name, pairs in events.items():
+        times = sorted(s.elapsed_time(e) for s, e in pairs)
+        medians[name] = times[len(times) // 2] * 1e3
+    return medians
+
+
+def time_us(fn, graph=False, warmup=25, rep=100) -> float:
+    """Median device time of fn in microseconds (events; L2 flushed before each run, FLUSH)."""
+    return time_many({"fn": fn}, graph={"fn"} if graph else (), warmup=warmup, rep=rep)["fn"]
+
+
+def time_many(fns: dict, graph=(), warmup=25, rep=100) -> dict:
+    """`time_interleaved` of fns, those named in `graph` replayed from a CUDA graph each (timed
+    eagerly where capture fails)."""
+    timed = dict(fns)
+    graphs = []
+    for name in graph:
+        try:
+            graphs.append(capture(fns[name]))
+            timed[name] = graphs[-1].replay
+        except Exception as exc:  # not capturable here: time it eagerly instead
+            print(f"  (graph capture of {name} failed, timing eagerly: "
+                  f"{type(exc).__name__}: {exc})")
+    return time_interleaved(timed, warmup, rep)  # the graphs live until it returns
+
+
+def flush_control(sizes_mb=(32, 104, 704)) -> list[dict]:
+    """The cost of the flush itself: a plain read of N MB (torch sum, fp32 accumulation) after
+    each way of flushing. The difference between "zero" and "clean" is the write-back of the
+    zero-fill's dirty lines, paid by whatever runs first after it."""
+    global FLUSH
+    saved, rows = FLUSH, []
+    for mb in sizes_mb:
+        w = torch.randn(mb * 2**20 // 2, dtype=torch.bfloat16, device="cuda")
+        row = {"read_MB": mb}
+        for mode in ("zero", "clean", "none"):
+            FLUSH = mode
+            row[f"{mode}_us"] = time_us(lambda: w.sum(dtype=torch.float32))
+        row["zero_minus_clean_us"] = row["zero_us"] - row["clean_us"]
+        rows.append(row)
+    FLUSH = saved
+    return rows
+
+
+def rel_err(out, ref) -> float:
+    return ((out.float() - ref).norm() / ref.norm()).item()

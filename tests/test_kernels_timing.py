@@ -1,0 +1,73 @@
+"""The kernels' timing loop (moegps.kernels.timing) on the CPU: CUDA events replaced by a fake clock that each
+callable advances by its own duration, so the medians and the round order have known answers."""
+
+import pytest
+import torch
+
+import moegps.kernels.timing as timing
+
+
+class FakeClock:
+    """A device clock: events read `now`; a timed callable adds its duration to it."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def event(self, enable_timing=True):
+        clock = self
+
+        class Event:
+            def record(self):
+                self.t = clock.now
+
+            def elapsed_time(self, end):  # ms, as torch.cuda.Event's
+                return end.t - self.t
+
+        return Event()
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(torch.cuda, "Event", clock.event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(timing, "_flush_l2", lambda: clock.__setattr__("now", clock.now + 5.0))
+    return clock
+
+
+def test_interleaved_rounds_and_medians(clock, rng):
+    """Every callable runs once per round, in rounds, and gets the median of its own runs:
+    durations drawn per run (ms), so a median taken over the wrong runs shows."""
+    durations = {name: rng.uniform(0.5, 3.0, size=400) for name in ("a", "b", "c")}
+    order, runs = [], {name: 0 for name in durations}
+
+    def make(name):
+        def fn():
+            clock.now += durations[name][runs[name] % 400]
+            runs[name] += 1
+            order.append(name)
+        return fn
+
+    medians = timing.time_interleaved({name: make(name) for name in durations})
+    # runs: 1 + 5 estimating + warm-up, then the timed ones, a round at a time
+    n_timed = {name: max(timing.MIN_RUNS, int(100 / _estimate(durations[name]))) for name in
+               durations}
+    timed = order[len(order) - sum(n_timed.values()):]
+    rounds = min(n_timed.values())
+    assert timed[: 3 * rounds] == ["a", "b", "c"] * rounds
+    for name, d in durations.items():
+        first = runs[name] - n_timed[name]
+        own = sorted(d[(first + i) % 400] for i in range(n_timed[name]))
+        assert medians[name] * 1e-3 == pytest.approx(own[len(own) // 2])
+
+
+def _estimate(d):
+    """time_interleaved's estimate (ms): 5 runs after the first, each after a 5 ms flush."""
+    return sum(5.0 + d[i] for i in range(1, 6)) / 5
+
+
+def test_time_us_is_one_callable(clock):
+    def fn():
+        clock.now += 1.5
+
+    assert timing.time_us(fn) == pytest.approx(1500.0)
