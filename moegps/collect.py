@@ -57,7 +57,7 @@ class CollectError(RuntimeError):
     """A collect run that cannot start or continue; the message names the path or setting."""
 
 
-# ---- config schema (conf/collect.yaml and its groups are checked against these) -------------
+# ---- config schema (moegps/conf/collect.yaml and its groups are checked against these) -------------
 
 
 @dataclass
@@ -350,7 +350,7 @@ def resolve_out_dir(cfg) -> Path:
 
 
 def collect(cfg: DictConfig, on_shard: Callable[[Path, int], None] | None = None) -> Path:
-    """Run the collection described by ``cfg`` (``conf/collect.yaml``); returns the output folder.
+    """Run the collection described by ``cfg`` (``moegps/conf/collect.yaml``); returns the output folder.
 
     ``on_shard(path, n_written)`` is called after each shard is safely on disk.
     """
@@ -475,7 +475,7 @@ def collect(cfg: DictConfig, on_shard: Callable[[Path, int], None] | None = None
     return out_dir
 
 
-# config_path: conf/ at the project root (= "../conf" from this file), given absolute so that the
+# config_path: moegps/conf/ (package data), given absolute so that the
 # entry point works however it is called (python -m, an imported main(), a console script)
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="collect")
 def main(cfg: DictConfig) -> None:

@@ -13,8 +13,15 @@ from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 PROJECT_ROOT = PACKAGE_ROOT.parent
-CONF_DIR = PROJECT_ROOT / "conf"
+CONF_DIR = PACKAGE_ROOT / "conf"  # package data: the hydra configs ship in the wheel
 BUNDLED_MODELS = PACKAGE_ROOT / "models" / "bundled"
+
+
+def work_root() -> Path:
+    """Where outputs go by default: the checkout's root when moegps runs from one (a
+    ``pyproject.toml`` beside the package), else the current directory (an installed wheel: never
+    inside site-packages)."""
+    return PROJECT_ROOT if (PROJECT_ROOT / "pyproject.toml").is_file() else Path.cwd()
 
 
 def data_root() -> Path:
@@ -37,14 +44,22 @@ def trace_name(spec: str) -> str:
     return Path(str(spec)).stem or "trace"
 
 
+def workload_name(trace: str, train: str | None = None, test: str | None = None) -> str:
+    """Short name of a workload for output folders: the trace's, or ``<train>-to-<test>``."""
+    if train not in (None, "", "None") and test not in (None, "", "None"):
+        return f"{trace_name(train)}-to-{trace_name(test)}"
+    return trace_name(trace)
+
+
 def register_resolvers() -> None:
-    """The interpolations that conf/ uses: ``${moegps.project_root:}``, ``${moegps.data_root:}`` and
-    ``${trace_name:<spec>}``. Every hydra entry point calls this before composing a config."""
+    """The interpolations that moegps/conf/ uses: ``${moegps.project_root:}`` (:func:`work_root`),
+    ``${moegps.data_root:}``, ``${trace_name:<spec>}`` and ``${workload_name:<trace>,<train>,<test>}``.
+    Every hydra entry point calls this before composing a config."""
     from omegaconf import OmegaConf
 
-    for name, resolver in (("moegps.project_root", lambda: str(PROJECT_ROOT)),
+    for name, resolver in (("moegps.project_root", lambda: str(work_root())),
                            ("moegps.data_root", lambda: str(data_root())),
-                           ("trace_name", trace_name)):
+                           ("trace_name", trace_name), ("workload_name", workload_name)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
 

@@ -118,7 +118,7 @@ def load_text(
 
 
 def load_prompts(cfg) -> list[Prompt]:
-    """Prompts described by a dataset config (``conf/dataset/*.yaml``): ``kind`` is mmlu or text."""
+    """Prompts described by a dataset config (``moegps/conf/dataset/*.yaml``): ``kind`` is mmlu or text."""
     kind = cfg.get("kind", "mmlu")
     limit = cfg.get("limit")
     if kind == "mmlu":

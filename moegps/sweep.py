@@ -2,7 +2,7 @@
 
 ``python -m moegps.sweep -m [sweep=<preset>] [predictor=a,b] [placement=x,y] [system.link_gbps=450,64]
 [batch_size=4,32] [trace=...] [backend=sim|exec] [hydra/launcher=joblib|submitit_local|submitit_slurm|ray]``
-(conf/sweep.yaml; presets in conf/sweep/; docs/sweeps.md).
+(moegps/conf/sweep.yaml; presets in moegps/conf/sweep/; docs/sweeps.md).
 
 A *run* is one point of the product: (trace, predictor, placement, system with its link bandwidth,
 batch size, backend). It is keyed by the hash of its resolved config (:func:`run_key`), and writes to
@@ -36,16 +36,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import OmegaConf
 
-from .paths import PROJECT_ROOT, register_resolvers
-from .results import write_rows
+from .executor.runner import ExecuteConfig, run
+from .files import atomic_path
+from .paths import CONF_DIR, PROJECT_ROOT, register_resolvers
+from .results import flatten, write_rows
+from .simulator.pipeline import fit_predictors, load_workload, predictor_plans, result_rows
+from .simulator.replay import PlaceFn, ReplayConfig, make_batches, oracle_plan, simulate, static_plan
+from .simulator.system import resolve_system
+from .workloads import NAMED_TRACES
 
 # config keys that say where and how a sweep runs, not what a run computes: never hashed
 NOT_HASHED = ("out", "name", "force", "show")
 
-# conf/placement choice -> the simulator's placement function (moegps.simulator.replay.PlaceFn)
-SIM_PLACEMENTS = {"contiguous": "static", "static": "static", "round_robin": "round_robin",
-                  "balanced": "balanced", "hierarchical": "hierarchical", "auto": "auto"}
+# the executor's live model shapes on a GPU (the real model's experts) by the trace's expert count
+EXEC_SHAPES = {8: "mixtral-8x7b", 64: "deepseek-v2-lite"}
 
 
 def run_key(config: dict[str, Any]) -> str:
@@ -63,9 +69,9 @@ def is_done(out: str | Path, key: str) -> bool:
     return (run_dir(out, key) / "rows.parquet").is_file()
 
 
-def resolve_trace_path(spec: str) -> str:
+def resolve_trace_path(spec: str | None) -> str | None:
     """``deepseek`` | ``synthetic`` | ``random`` | a path (relative paths: from the project root if not from here)."""
-    if spec in ("deepseek", "synthetic", "random"):
+    if spec is None or spec in NAMED_TRACES:
         return spec
     path = Path(spec)
     if not path.exists() and not path.is_absolute() and (PROJECT_ROOT / path).exists():
@@ -79,24 +85,25 @@ def resolve_trace_path(spec: str) -> str:
 # ---- per-process caches: a worker loads each trace and fits each predictor once ------------------
 
 
-@lru_cache(maxsize=4)
-def load_split(trace: str, limit: int | None, seed: int, test_fraction: float):
-    """(trace, train, test) of a trace spec, split by whole requests (``moegps.predictors.evaluate``)."""
-    from .predictors.evaluate import split_by_request
-    from .simulator.guide import GuideConfig, load_workload
+def workload_key(config: dict[str, Any]) -> tuple:
+    """The fields that choose a run's train and test requests and its model shape."""
+    return tuple(config.get(k) for k in ("trace", "train", "test", "limit", "seed", "test_fraction", "split", "shape"))
 
-    full = load_workload(GuideConfig(trace=resolve_trace_path(trace), limit=limit, seed=seed), 1.0)
-    train, test = split_by_request(full, test_fraction, seed)
-    return full, train, test
+
+@lru_cache(maxsize=4)
+def cached_workload(trace, train, test, limit, seed, test_fraction, split, shape):
+    """The run's :class:`moegps.simulator.pipeline.Workload` (train and test requests, model shape)."""
+    return load_workload(trace=resolve_trace_path(trace), train=resolve_trace_path(train),
+                         test=resolve_trace_path(test), test_fraction=test_fraction, split=split or "arrival",
+                         seed=seed, limit=limit, shape=shape)
 
 
 @lru_cache(maxsize=32)
-def fitted_predictor(predictor_json: str, trace: str, limit: int | None, seed: int, test_fraction: float):
-    """A predictor from its conf/predictor config (``_target_`` + arguments), fitted on the train split."""
-    from hydra.utils import instantiate
-
-    _, train, _ = load_split(trace, limit, seed, test_fraction)
-    return instantiate(json.loads(predictor_json)).fit(train)
+def fitted_predictor(predictor_json: str, name: str, key: tuple):
+    """A predictor from its moegps/conf/predictor config (``_target_`` + arguments), fitted on the
+    workload's training requests."""
+    work = cached_workload(*key)
+    return fit_predictors(work.data, {name: json.loads(predictor_json)}, skip_failures=False)[name]
 
 
 # ---- one run --------------------------------------------------------------------------------------
@@ -128,81 +135,74 @@ def _row_config(config: dict[str, Any], key: str, role: str, system=None) -> dic
     return out
 
 
-def simulate_run(config: dict[str, Any], key: str) -> list[dict[str, Any]]:
-    """The simulator backend: rows for the run's plan, the static baseline and the oracle placement."""
-    from .simulator.guide import resolve_system, shape_for
-    from .simulator.replay import (PlaceFn, ReplayConfig, distribution_plan, make_batches, oracle_plan, simulate,
-                                   static_plan, token_plan)
+def placement_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """The fields of the run's moegps/conf/placement option (its name and target aside)."""
+    return {k: v for k, v in dict(config["placement"]).items() if k not in ("name", "_target_")}
 
-    if config["placement_name"] not in SIM_PLACEMENTS:
-        raise ValueError(f"placement={config['placement_name']}: the simulator backend sweeps "
-                         f"{sorted(SIM_PLACEMENTS)} (re-placed from the predictor's forecasts); "
-                         "fixed placements (prefill_aware, optimal) are studied by the simulator guide")
-    split = (config["trace"], config.get("limit"), config["seed"], config["test_fraction"])
-    full, _, test = load_split(*split)
-    predictor = fitted_predictor(json.dumps(config["predictor"], sort_keys=True), *split)
-    shape = shape_for(full.meta, config.get("shape"))
+
+def simulate_run(config: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    """The simulator backend: rows for the run's plan, the static baseline and the oracle placement,
+    every placement made with the fields of the run's placement config."""
+    work = cached_workload(*workload_key(config))
+    predictor = fitted_predictor(json.dumps(config["predictor"], sort_keys=True), config["predictor_name"],
+                                 workload_key(config))
     system = resolve_system(dict(config["system"]))
     rcfg = ReplayConfig(batch_size=int(config["batch_size"]), **config["replay"])
-    batches = make_batches(test, system.n_gpus, full.meta.n_experts, rcfg)
-    place = PlaceFn(SIM_PLACEMENTS[config["placement_name"]], system, full.meta.n_experts, shape=shape)
-    make_plan = token_plan if hasattr(predictor, "predict") else distribution_plan
-    plans = {"run": make_plan(batches, predictor, place, system, int(config["interval"]), config["predictor_name"]),
-             "baseline": static_plan(batches), "oracle": oracle_plan(batches, place)}
+    batches = make_batches(work.test_routing, system.n_gpus, work.n_experts, rcfg)
+    try:
+        place = PlaceFn(config["placement_name"], system, work.n_experts, shape=work.shape, **placement_fields(config))
+    except ValueError as e:
+        raise ValueError(f"placement={config['placement_name']}: {e}") from None
+    run_plan = predictor_plans(batches, {config["predictor_name"]: predictor}, place, system,
+                               int(config["interval"]))[0]
+    plans = {"run": run_plan, "baseline": static_plan(batches), "oracle": oracle_plan(batches, place)}
     pcost = predictor.cost()
-    work = plans["run"].predictor_s
-    cost_columns = {**pcost.as_row(), "work_ms": float(work.sum() * 1e3) if work is not None else 0.0}
+    work_s = plans["run"].predictor_s
+    # the predictor's whole work, hidden or not (predictor_ms is only its exposed part)
+    cost_columns = {**pcost.as_row(), "work_ms": float(work_s.sum() * 1e3) if work_s is not None else 0.0}
     rows = []
     for role, plan in plans.items():
-        result = simulate(batches, plan, shape, system, rcfg)
-        extra = {"model_shape": shape.name}
-        if role == "run":  # the predictor's whole work, hidden or not (predictor_ms is only its exposed part)
-            extra["predictor_cost"] = cost_columns
-        rows.append(result.row({**_row_config(config, key, role, system), **extra}, system))
+        result = simulate(batches, plan, work.shape, system, rcfg)
+        extra = {"predictor_cost": cost_columns} if role == "run" else {}
+        rows += result_rows([result], {**_row_config(config, key, role, system), **extra}, system, work)
     return rows
 
 
 def execute_run(config: dict[str, Any], key: str) -> list[dict[str, Any]]:
     """The executor backend: one live run in this process; its row keeps the executor's own config
     under ``config.exec.*`` and the sweep's config beside it."""
-    import torch
+    import torch  # lazy: torch only for the live executor
     from hydra.utils import instantiate
 
-    from .executor.runner import ExecuteConfig, run
-    from .trace import RoutingTrace
-
-    trace = resolve_trace_path(config["trace"])
-    if trace in ("deepseek", "synthetic", "random"):
-        full, _, _ = load_split(config["trace"], config.get("limit"), config["seed"], config["test_fraction"])
-        path = Path(config["out"]) / "cache" / f"trace-{run_key({'t': config['trace'], 'l': config.get('limit')})}"
-        if not path.exists():
-            full.write(path)
-        trace = str(path)
-    meta = RoutingTrace.read(trace).meta
+    work = cached_workload(*workload_key(config))
+    # the executor fits its placement on the training requests and replays the test ones: it reads both
+    paths = {}
+    for part, trace in (("train", work.data.train), ("test", work.data.test)):
+        paths[part] = Path(config["out"]) / "cache" / f"{part}-{run_key({'workload': workload_key(config)})}"
+        if not paths[part].exists():
+            trace.write(paths[part])
+    meta = work.data.meta
     ex = dict(config["exec"])
     shape = ex.pop("shape")
     if shape == "auto":  # the real model's expert shape on a GPU; a tiny one with the trace's experts on a CPU
-        shape = ("mixtral" if meta.n_experts == 8 else "e64") if torch.cuda.is_available() else "tiny"
+        shape = EXEC_SHAPES.get(meta.n_experts, "mixtral-8x7b") if torch.cuda.is_available() else "tiny"
     predictor_name = config["predictor_name"]
     predictor = None if predictor_name in ("none", "oracle", "previous") else instantiate(config["predictor"])
     if predictor is not None and hasattr(predictor, "predict"):
         raise ValueError(f"predictor={predictor_name}: the executor backend takes distribution predictors only")
     placement = {"contiguous": "static"}.get(config["placement_name"], config["placement_name"])
-    ecfg = ExecuteConfig(shape=shape, n_experts=meta.n_experts, top_k=meta.top_k, trace=trace,
+    ecfg = ExecuteConfig(shape=shape, n_experts=meta.n_experts, top_k=meta.top_k, trace=None,
+                         train=str(paths["train"]), test=str(paths["test"]), placement_fields=placement_fields(config),
                          batch_requests=int(config["batch_size"]), placement=placement, predictor=predictor_name,
                          seed=int(config["seed"]), out=str(run_dir(config["out"], key)), **ex)
     row, _ = run(ecfg, write=False, predictor=predictor)
     renamed = {("config.exec." + k[len("config."):] if k.startswith("config.") else k): v for k, v in row.items()}
-    from .results import flatten
-
     renamed.update(flatten(_row_config(config, key, "run")))
     return [renamed]
 
 
 def run_one(config: dict[str, Any]) -> tuple[str, bool]:
     """Run one point of a sweep unless it has finished before; returns (key, ran)."""
-    from .files import atomic_path
-
     key = run_key(config)
     out = Path(config["out"])
     if is_done(out, key) and not config.get("force"):
@@ -210,8 +210,6 @@ def run_one(config: dict[str, Any]) -> tuple[str, bool]:
     folder = run_dir(out, key)
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / "config.yaml") as tmp:
-        from omegaconf import OmegaConf
-
         OmegaConf.save(OmegaConf.create({k: v for k, v in config.items() if k not in ("show",)}), tmp)
     backend = config["backend"]
     if backend == "sim":
@@ -226,8 +224,6 @@ def run_one(config: dict[str, Any]) -> tuple[str, bool]:
 
 def resolved_config(raw, choices: dict[str, Any] | None = None) -> dict[str, Any]:
     """The hydra config as a plain dict, with the chosen group options named (predictor, placement, system)."""
-    from omegaconf import OmegaConf
-
     if choices is None:
         from hydra.core.hydra_config import HydraConfig
 
@@ -240,11 +236,9 @@ def resolved_config(raw, choices: dict[str, Any] | None = None) -> dict[str, Any
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """One run's config from conf/sweep.yaml and ``overrides`` (e.g. ``["predictor=ema", "out=/tmp/s"]``),
+    """One run's config from moegps/conf/sweep.yaml and ``overrides`` (e.g. ``["predictor=ema", "out=/tmp/s"]``),
     without launching: for notebooks and tests, with :func:`run_one`."""
-    from hydra import compose, initialize_config_dir
-
-    from .paths import CONF_DIR
+    from hydra import compose, initialize_config_dir  # lazy: hydra is heavy, only configs need it
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("sweep", overrides=list(overrides), return_hydra_config=True)
@@ -275,11 +269,9 @@ def _plain(value):
 
 
 def main() -> None:
-    import hydra
+    import hydra  # lazy: hydra is heavy, only the command line needs it
 
     np.seterr(all="ignore")
-    from .paths import CONF_DIR
-
     # an absolute config path: the task function lives in moegps.sweep, so that workers can unpickle it
     hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sweep")(_app)()
 

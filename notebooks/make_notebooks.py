@@ -87,7 +87,8 @@ NB02 = [
     new_code_cell(SETUP),
     new_code_cell("""\
 from moegps.predictors import make
-from moegps.predictors.evaluate import evaluate, load_trace
+from moegps.predictors.evaluate import evaluate
+from moegps.workloads import load_trace
 
 trace = shipped_trace() or load_trace("deepseek", limit=60)
 names = ["uniform", "global_profile", "phase_profile", "ema", "most_frequent", "token_table", "cross_layer"]
@@ -119,7 +120,7 @@ from moegps.placement.static import contiguous, round_robin
 from moegps.placement.balanced import balanced_duplication
 from moegps.placement.hierarchical import hierarchical_duplication
 from moegps.placement.metrics import placement_imbalance, balance_bound
-from moegps.predictors.evaluate import load_trace, split_by_request
+from moegps.workloads import load_trace, split_by_request
 
 trace = shipped_trace() or load_trace("deepseek", limit=60)
 fit, held_out = split_by_request(trace, 0.5, seed=0)

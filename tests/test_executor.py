@@ -120,7 +120,7 @@ def test_runner_one_rank_row_and_files(tmp_path):
 
 def test_runner_rejects_mismatched_trace(tmp_path, rng):
     from moegps.executor.runner import ExecuteConfig, run
-    from moegps.testing import random_trace
+    from moegps.workloads import random_trace
 
     path = tmp_path / "t.parquet"
     random_trace(rng, n_experts=4, top_k=2).write(path)

@@ -17,8 +17,10 @@ def test_app_writes_tables(tmp_path, capsys):
     df = main(cfg)
     printed = capsys.readouterr().out
     assert "balanced" in printed and "incremental re-placement" in printed
+    assert "out of sample: random split by request in arrival order" in printed
     summary = pd.read_csv(tmp_path / "summary.csv")
     assert set(summary.phase) == {"all", "prefill", "decode", "per_request"}
+    assert set(summary.data) == {"test", "train"}
     assert {"contiguous", "balanced", "prefill_aware", "locality_first", "optimal"} <= set(summary.algorithm)
     assert (summary.imb_mean >= summary.bound_mean - 1e-9).all()
     assert (pd.read_csv(tmp_path / "incremental.csv").copies >= 0).all()

@@ -8,9 +8,10 @@ from moegps.predictors import REGISTRY, BatchContext, make
 from moegps.predictors.base import TokenBatch, top_k_ids
 from moegps.predictors.batching import batch_context, batch_stream, token_batch
 from moegps.predictors.distribution import loads_from_experts
-from moegps.predictors.evaluate import evaluate, split_by_request
+from moegps.predictors.evaluate import evaluate
+from moegps.workloads import split_by_request
 from moegps.predictors.metrics import distribution_errors, recall_at_k, set_match
-from moegps.testing import random_trace
+from moegps.workloads import random_trace
 from moegps.trace import RoutingTrace, TraceMeta
 
 
@@ -339,7 +340,8 @@ def test_measured_latency_reaches_the_cost_report(rng):
 
 def test_outputs_report_each_phase_from_a_trace_path(rng, tmp_path):
     """A trace given as a parquet path evaluates; the markdown table holds each phase's numbers."""
-    from moegps.predictors.evaluate import load_trace, write_outputs
+    from moegps.predictors.evaluate import write_outputs
+    from moegps.workloads import load_trace
 
     path = tmp_path / "t.parquet"
     random_trace(rng, n_requests=20, decode_steps=3, n_layers=2, n_experts=6).write(path)
@@ -348,7 +350,9 @@ def test_outputs_report_each_phase_from_a_trace_path(rng, tmp_path):
                      batch_requests=4, progress=False)
     paths = write_outputs(table, tmp_path / "out", {"trace": str(path)})
     assert all(p.exists() for p in paths.values())
-    head, _, *rows = paths["md"].read_text().splitlines()
+    protocol, *table_lines = [line for line in paths["md"].read_text().splitlines() if line]
+    assert protocol.startswith("out of sample:") and "arrival order" in protocol  # the split, stated
+    head, _, *rows = table_lines
     cols = [c.strip() for c in head.strip("|").split("|")]
     assert {"recall@k prefill", "recall@k decode", "TV prefill", "TV decode", "TV all"} <= set(cols)
     cells = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")] for r in rows}

@@ -18,7 +18,7 @@ from moegps.report import (
     token_id_hit_rate,
     token_id_hit_rate_heldout,
 )
-from moegps.testing import random_trace
+from moegps.workloads import random_trace
 
 
 def _brute_hit_rate(token_id, experts, k):

@@ -12,13 +12,13 @@ from moegps.simulator import cost
 from moegps.simulator.replay import (
     Plan, ReplayConfig, contiguous_share, make_batches, oracle_bound, oracle_plan, simulate, static_plan,
 )
-from moegps.simulator.system import (
-    ModelShape, SystemSpec, SystemSpecError, available_systems, load_system, model_shape, system_from_dict,
-)
-from moegps.testing import random_trace
+from moegps.shapes import ModelShape, from_name as model_shape
+from moegps.simulator.system import SystemSpec, SystemSpecError, available_systems, load_system, system_from_dict
+from moegps.workloads import random_trace
 from moegps.trace import RoutingTrace, TraceMeta
 
-SHAPE = ModelShape(name="small", hidden=256, expert_ffn=512, n_experts=8, top_k=1, n_layers=2, attention_params=256 * 1024)
+SHAPE = ModelShape(name="small", vocab_size=1000, n_layers=2, hidden=256, n_heads=4, n_kv_heads=4, head_dim=64, expert_ffn=512,
+                   n_experts=8, top_k=1, attention_params_override=256 * 1024)
 
 
 def _system(**kw):
@@ -205,7 +205,7 @@ def test_more_bandwidth_is_never_slower(seed, low, factor, topology, attention):
     trace = random_trace(rng, n_requests=6, n_layers=2, n_experts=8, top_k=2, skew=1.5)
     cfg = ReplayConfig(batch_size=3, attention=attention)
     batches = make_batches(trace, 4, cfg=cfg)
-    shape = model_shape("mixtral-8x7b", n_layers=2)
+    shape = model_shape("mixtral-8x7b")
     plans = [static_plan(batches), oracle_plan(batches, lambda loads: contiguous_share(2, 8, 4))]
     for plan in plans:
         slow = simulate(batches, plan, shape, _system(topology=topology, link_bandwidth=low), cfg)
@@ -224,7 +224,7 @@ def _all_placements(n_layers):
 
 def test_oracle_is_never_beaten(rng):
     trace = random_trace(rng, n_requests=8, n_layers=2, n_experts=4, top_k=2, skew=2.0, decode_steps=4)
-    shape = model_shape("mixtral-8x7b", n_experts=4, n_layers=2)
+    shape = model_shape("mixtral-8x7b", n_experts=4)
     system = _system(n_gpus=2, gpus_per_node=2)
     batches = make_batches(trace, 2, cfg=ReplayConfig(batch_size=4))
     S = batches.n_steps

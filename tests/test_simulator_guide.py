@@ -4,9 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moegps.simulator.guide import (
-    GuideConfig, placement_study, plot_decisions, plot_placement, run_guide, synthetic_trace,
-)
+from moegps.simulator.guide import GuideConfig, placement_study, plot_decisions, plot_placement, run_guide
+from moegps.workloads import synthetic_trace, trace_shape
 
 
 def test_synthetic_skew_is_a_knob(rng):
@@ -46,18 +45,17 @@ def test_placement_study_rows(rng, tmp_path):
 
 
 def test_guide_config_takes_a_shape_override(rng):
-    """``shape=`` (not ``model=``, which names the conf/model group) picks the cost shape; the trace keeps its layers."""
+    """``shape=`` (not ``model=``, which names the moegps/conf/model group) picks the cost shape; the trace keeps its layers."""
     from hydra import compose, initialize_config_dir
 
     from moegps.paths import CONF_DIR
-    from moegps.simulator.guide import shape_for
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         raw = compose(config_name="guide", overrides=["shape=mixtral-8x7b", "attention=tp"])
     assert raw.shape == "mixtral-8x7b" and raw.attention == "tp"
     trace = synthetic_trace(rng, 1.0, n_requests=4, n_layers=3)
-    shape = shape_for(trace.meta, raw.shape)
-    assert (shape.hidden, shape.expert_ffn, shape.n_layers, shape.n_experts) == (4096, 14336, 3, 8)
+    shape = trace_shape(trace.meta, raw.shape)
+    assert (shape.name, shape.hidden, shape.expert_ffn, shape.n_experts) == ("mixtral-8x7b", 4096, 14336, 8)
 
 
 def test_headline_plot_reads_decision_tables(tmp_path, rng):

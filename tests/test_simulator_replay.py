@@ -10,8 +10,9 @@ from moegps.simulator.replay import (
     PlaceFn, ReplayConfig, make_batches, oracle_bound, oracle_plan, distribution_plan, shares_from_slots, simulate,
     static_plan, token_plan,
 )
-from moegps.simulator.system import load_system, model_shape
-from moegps.testing import random_trace
+from moegps.shapes import from_name as model_shape
+from moegps.simulator.system import load_system
+from moegps.workloads import random_trace
 
 
 class _Perfect:
@@ -34,7 +35,7 @@ class _Perfect:
 def test_perfect_token_routing_skips_the_dispatch(rng):
     trace = random_trace(rng, n_requests=6, n_layers=3, n_experts=8, top_k=1, skew=1.0)
     system = load_system("h100_8gpu").replace(n_gpus=4, gpus_per_node=4)
-    shape = model_shape("mixtral-8x7b", n_layers=3, top_k=1)
+    shape = model_shape("mixtral-8x7b", top_k=1)
     batches = make_batches(trace, 4, cfg=ReplayConfig(batch_size=3))
     place = PlaceFn("static", system, 8)
     plan = token_plan(batches, _Perfect(batches.experts), place, system, home_slack=1e9)
@@ -56,7 +57,7 @@ def test_real_predictors_and_placements_replay(rng, tmp_path):
     train = random_trace(rng, n_requests=12, n_layers=2, n_experts=8, top_k=2, skew=1.5, decode_steps=4)
     test = random_trace(rng, n_requests=8, n_layers=2, n_experts=8, top_k=2, skew=1.5, decode_steps=4)
     system = load_system("h100_8gpu").replace(n_gpus=4, gpus_per_node=4)
-    shape = model_shape("mixtral-8x7b", n_layers=2)
+    shape = model_shape("mixtral-8x7b")
     cfg = ReplayConfig(batch_size=4)
     batches = make_batches(test, 4, cfg=cfg)
     place = PlaceFn("balanced", system, 8)

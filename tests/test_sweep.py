@@ -38,8 +38,7 @@ def test_run_key_hashes_what_a_run_computes(rng):
 
 
 def test_multirun_rows_match_direct_simulation_and_resume(tmp_path):
-    from moegps.predictors.evaluate import split_by_request
-    from moegps.simulator.guide import load_workload, GuideConfig, shape_for
+    from moegps.workloads import load_trace, split_by_request, trace_shape
     from moegps.simulator.replay import (PlaceFn, ReplayConfig, distribution_plan, make_batches, simulate,
                                          static_plan, token_plan)
     from moegps.simulator.system import load_system
@@ -61,15 +60,16 @@ def test_multirun_rows_match_direct_simulation_and_resume(tmp_path):
         assert set(read_results(folder / "rows.parquet")["config.key"]) == {folder.name}
 
     # the rows are what the simulator gives when called directly (independent of the sweep's caching)
-    trace = load_workload(GuideConfig(trace="random", limit=16, seed=0), 1.0)
-    train, test = split_by_request(trace, 0.5, 0)
-    shape = shape_for(trace.meta, None)
+    trace = load_trace("random", limit=16, seed=0)
+    train, test = split_by_request(trace, 0.5)  # arrival order: the last 8 requests replayed
+    shape = trace_shape(trace.meta)
     for link in (450.0, 32.0):
         system = load_system("h100_8gpu").replace(link_bandwidth=link * 1e9)
         rcfg = ReplayConfig(batch_size=4)
         batches = make_batches(test, system.n_gpus, trace.meta.n_experts, rcfg)
-        for placement, fn in (("contiguous", "static"), ("balanced", "balanced")):
-            place = PlaceFn(fn, system, trace.meta.n_experts, shape=shape)
+        # the fields of moegps/conf/placement/<name>.yaml reach the placement (balanced: refine, restarts)
+        for placement, fields in (("contiguous", {}), ("balanced", {"refine": True, "restarts": 0})):
+            place = PlaceFn(placement, system, trace.meta.n_experts, shape=shape, **fields)
             for name in ("global_profile", "token_table"):
                 p = make(name).fit(train)
                 plan = (token_plan if hasattr(p, "predict") else distribution_plan)(batches, p, place, system, 1, name)

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from moegps.testing import random_trace
+from moegps.workloads import random_trace
 from moegps.trace import META_KEY, RoutingTrace, TraceError
 
 

@@ -1,11 +1,11 @@
-"""``python -m moegps.executor key=value ...`` (hydra; conf/execute.yaml), under torchrun or alone.
+"""``python -m moegps.executor key=value ...`` (hydra; moegps/conf/execute.yaml), under torchrun or alone.
 
 Examples::
 
     python -m moegps.executor shape=tiny                       # one process, CPU or one GPU
-    python -m moegps.executor shape=mixtral n_layers=2 phase=decode batch_requests=1
-    torchrun --standalone --nproc-per-node=4 -m moegps.executor shape=mixtral trace=<trace> \\
-        placement=balanced extra_slots=1 predictor=last_batch   # conf/placement, conf/predictor groups
+    python -m moegps.executor shape=mixtral-8x7b n_layers=2 phase=decode batch_requests=1
+    torchrun --standalone --nproc-per-node=4 -m moegps.executor shape=mixtral-8x7b trace=<trace> \\
+        placement=balanced extra_slots=1 predictor=last_batch   # moegps/conf/placement, moegps/conf/predictor groups
 """
 
 from __future__ import annotations
@@ -16,16 +16,20 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from ..paths import CONF_DIR
 from .runner import ExecuteConfig, run
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="execute")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="execute")
 def main(cfg: DictConfig) -> None:
     fields = {f.name for f in dataclasses.fields(ExecuteConfig)}
     raw = OmegaConf.to_container(cfg, resolve=True)
-    # the placement and predictor config groups (conf/placement, conf/predictor) are chosen by name
+    # the placement and predictor config groups (moegps/conf/placement, moegps/conf/predictor) are chosen by name
     choices = HydraConfig.get().runtime.choices
+    placement = raw.get("placement") or {}
     raw["placement"] = choices.get("placement") or "contiguous"
+    # the option's fields reach the algorithm (an unknown one is an error there)
+    raw["placement_fields"] = {k: v for k, v in placement.items() if k not in ("name", "_target_")}
     predictor = None
     if raw.get("predictor"):
         predictor = hydra.utils.instantiate(cfg.predictor)
@@ -35,7 +39,7 @@ def main(cfg: DictConfig) -> None:
     raw.pop("forecast", None)
     unknown = sorted(set(raw) - fields)
     if unknown:
-        raise KeyError(f"conf/execute.yaml: unknown field(s) {unknown}; known: {sorted(fields)}")
+        raise KeyError(f"moegps/conf/execute.yaml: unknown field(s) {unknown}; known: {sorted(fields)}")
     row, _ = run(ExecuteConfig(**raw), predictor=predictor)
     if row.get("config.world_size", 1) == 1 or __import__("os").environ.get("RANK", "0") == "0":
         keys = ("device", "moe_ms", "dispatch_ms", "expert_ms", "combine_ms", "predictor_ms", "migration_ms",

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..shapes import from_name
 from .dist import Comm
 from .layer import expert_compute
 
@@ -163,8 +164,10 @@ def copy_bandwidth() -> float:
 
 # ---- benchmark: one MoE layer's decode --------------------------------------------------------------
 
-LAYER_SHAPES = {"mixtral": dict(hidden=4096, ffn=14336, n_experts=8, top_k=2, copies=2),
-                "e64": dict(hidden=2048, ffn=1408, n_experts=64, top_k=6, copies=6)}
+LAYER_COPIES = {"mixtral-8x7b": 2, "deepseek-v2-lite": 6}  # registry shapes (moegps.shapes) and their copies
+LAYER_SHAPES = {name: dict(hidden=shape.hidden, ffn=shape.expert_ffn, n_experts=shape.n_experts, top_k=shape.top_k,
+                           copies=copies)
+                for name, copies in LAYER_COPIES.items() for shape in [from_name(name)]}
 
 
 def bench_layer(shape: str, tokens=(1, 8, 32), dtype=torch.bfloat16, bandwidth: float | None = None) -> list[dict]:
@@ -428,7 +431,7 @@ def _markdown(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mode", choices=["layer", "generate", "all"], default="all")
-    ap.add_argument("--shapes", default="mixtral,e64")
+    ap.add_argument("--shapes", default="mixtral-8x7b,deepseek-v2-lite")
     ap.add_argument("--tokens", default="1,8,32", help="decode batch sizes for the layer benchmark")
     ap.add_argument("--model", default=None, help="Mixtral checkpoint folder (default: the bundled model)")
     ap.add_argument("--batch", type=int, default=1)

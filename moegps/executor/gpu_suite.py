@@ -27,14 +27,14 @@ SUMMARY = ["shape", "phase", "batch_requests", "n_layers", "placement", "predict
 def runner_configs(deepseek_trace: str | None, out: str) -> list[ExecuteConfig]:
     base = dict(out=out, warmup=3, max_batches=12)
     cfgs = [
-        ExecuteConfig(shape="mixtral", n_layers=2, batch_requests=1, **base),
-        ExecuteConfig(shape="mixtral", n_layers=2, batch_requests=8, **base),
-        ExecuteConfig(shape="mixtral", n_layers=2, phase="prefill", batch_requests=2, **{**base, "max_batches": 4}),
-        ExecuteConfig(shape="e64", n_layers=4, batch_requests=1, **base),
-        ExecuteConfig(shape="e64", n_layers=4, batch_requests=8, **base),
+        ExecuteConfig(shape="mixtral-8x7b", n_layers=2, batch_requests=1, **base),
+        ExecuteConfig(shape="mixtral-8x7b", n_layers=2, batch_requests=8, **base),
+        ExecuteConfig(shape="mixtral-8x7b", n_layers=2, phase="prefill", batch_requests=2, **{**base, "max_batches": 4}),
+        ExecuteConfig(shape="deepseek-v2-lite", n_layers=4, batch_requests=1, **base),
+        ExecuteConfig(shape="deepseek-v2-lite", n_layers=4, batch_requests=8, **base),
     ]
     if deepseek_trace:
-        ds = dict(shape="e64", n_layers=4, trace=deepseek_trace, phase="prefill", batch_requests=4, **base)
+        ds = dict(shape="deepseek-v2-lite", n_layers=4, trace=deepseek_trace, phase="prefill", batch_requests=4, **base)
         cfgs += [
             ExecuteConfig(**ds),
             ExecuteConfig(**ds, placement="balanced", predictor="last_batch", window=2),

@@ -4,7 +4,9 @@ The recorded routing decides which tokens go to which experts; hidden states are
 model's shape (the executor measures the MoE layers, not the model's numerics). Each run writes one
 results row (``moegps.results``, backend ``exec``) and a per-layer side table keyed by ``run_id``.
 
-Batches are formed like a static-batching server: ``batch_requests`` requests at a time, one
+Out of sample: the initial placement and the predictor are fitted on training requests and the
+test requests are replayed (``train=``/``test=`` traces, or ``trace=`` split by request in arrival
+order; :func:`moegps.workloads.train_test`). Batches are formed like a static-batching server: ``batch_requests`` requests at a time, one
 prefill batch of their prompts, then one decode batch per step. Expert parallelism splits each
 batch's tokens evenly over the ranks (data-parallel attention); tensor parallelism gives every rank
 the whole batch.
@@ -30,31 +32,36 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..paths import BUNDLED_MODELS
 from ..placement import Placement
+from ..placement.split import load_proportional
+from ..placement.algorithms import place
+from ..predictors.base import BatchContext, make
 from ..results import make_row, write_rows
+from ..shapes import from_name, names as shape_names
 from ..trace import PREFILL, RoutingTrace
+from ..workloads import TrainTest, random_trace, train_test
 from . import dist as xdist
 from .layer import (ExpertParallelMoE, LayerStats, PhaseTimer, TensorParallelMoE, choose_slots, expert_weights,
                     replica_tables, slot_weights, tp_shard)
 from .replace import migrate
 
-# expert shapes: hidden H, ffn F, experts E, top-k
-SHAPES: dict[str, dict[str, int]] = {
-    "mixtral": dict(hidden=4096, ffn=14336, n_experts=8, top_k=2),  # Mixtral-8x7B
-    "e64": dict(hidden=2048, ffn=1408, n_experts=64, top_k=6),  # fine-grained, DeepSeek-V2-Lite-like
-    "tiny": dict(hidden=64, ffn=128, n_experts=8, top_k=2),  # tests
-}
+# besides the model shapes of moegps.shapes: a tiny layer for tests and CPU runs
+TINY = dict(hidden=64, ffn=128, n_experts=8, top_k=2)
 
 
 @dataclass
 class ExecuteConfig:
-    shape: str = "tiny"  # mixtral | e64 | bundled | tiny
+    shape: str = "tiny"  # a moegps.shapes name (mixtral-8x7b, deepseek-v2-lite, ...) | bundled | tiny
     hidden: int = 0  # 0 = from shape
     ffn: int = 0
     n_experts: int = 0
     top_k: int = 0
     n_layers: int = 2  # MoE layers in the stack (trace layers are cycled)
-    trace: str = ""  # RoutingTrace file or folder; "" = a random skewed trace
+    trace: str = ""  # RoutingTrace file or folder, split by request; "" = a random skewed trace
+    train: str | None = None  # with test: fit the placement and predictor on this trace, replay that one
+    test: str | None = None
+    test_fraction: float = 0.5  # one trace: share of requests replayed (the last ones by id)
     phase: str = "decode"  # decode | prefill
     batch_requests: int = 8  # requests per batch
     max_batches: int = 8  # timed batches
@@ -63,6 +70,7 @@ class ExecuteConfig:
     parallel: str = "ep"  # ep (expert parallel) | tp (tensor parallel)
     placement: str = "static"  # static (contiguous) | round_robin | balanced | balanced_lp | prefill_aware
     extra_slots: int = 0  # slots per GPU beyond ceil(E / GPUs), for replicas
+    placement_fields: dict = dataclasses.field(default_factory=dict)  # the algorithm's config fields (refine, ...)
     split: str = "even"  # how a replicated expert's tokens split: even | load_proportional (needs loads)
     predictor: str = "none"  # none | oracle | previous | any moegps.predictors registry name
     window: int = 4  # batches per placement decision
@@ -77,18 +85,19 @@ class ExecuteConfig:
 def resolve_shape(cfg: ExecuteConfig) -> dict[str, int]:
     """H, F, E, k of the config: the named shape, overridden by any non-zero field."""
     if cfg.shape == "bundled":
-        from ..paths import BUNDLED_MODELS
-
         path = BUNDLED_MODELS / "mixtral-tiny" / "config.json"
         if not path.exists():
             raise FileNotFoundError(f"{path}: bundled model not found (shape=bundled needs it)")
         c = json.loads(path.read_text())
         shape = dict(hidden=c["hidden_size"], ffn=c["intermediate_size"], n_experts=c["num_local_experts"],
                      top_k=c["num_experts_per_tok"])
-    elif cfg.shape in SHAPES:
-        shape = dict(SHAPES[cfg.shape])
+    elif cfg.shape == "tiny":
+        shape = dict(TINY)
+    elif cfg.shape in shape_names():
+        s = from_name(cfg.shape)
+        shape = dict(hidden=s.hidden, ffn=s.expert_ffn, n_experts=s.n_experts, top_k=s.top_k)
     else:
-        raise ValueError(f"config field 'shape' is {cfg.shape!r}, expected one of {sorted(SHAPES) + ['bundled']}")
+        raise ValueError(f"config field 'shape' is {cfg.shape!r}, expected one of {shape_names() + ['bundled', 'tiny']}")
     for name in shape:
         if getattr(cfg, name):
             shape[name] = int(getattr(cfg, name))
@@ -106,23 +115,21 @@ class Batch:
     phase: int
 
 
-def load_trace(cfg: ExecuteConfig, shape: dict[str, int]) -> RoutingTrace:
-    if cfg.trace:
-        trace = RoutingTrace.read(cfg.trace)
-    else:
-        from ..testing import random_trace
-
-        rng = np.random.default_rng(cfg.seed)
+def load_workload(cfg: ExecuteConfig, shape: dict[str, int]) -> TrainTest:
+    """Training and test requests of the config's trace(s); a random skewed trace when none is named."""
+    trace = cfg.trace
+    if not trace and cfg.train is None:
         steps = cfg.max_batches + cfg.warmup
-        trace = random_trace(rng, n_requests=2 * cfg.batch_requests, prompt_len=(16, 64), decode_steps=steps,
-                             n_layers=max(1, min(cfg.n_layers, 4)), n_experts=shape["n_experts"],
+        trace = random_trace(np.random.default_rng(cfg.seed), n_requests=4 * cfg.batch_requests, prompt_len=(16, 64),
+                             decode_steps=steps, n_layers=max(1, min(cfg.n_layers, 4)), n_experts=shape["n_experts"],
                              top_k=shape["top_k"], skew=1.0)
-    m = trace.meta
+    data = train_test(trace=trace, train=cfg.train, test=cfg.test, test_fraction=cfg.test_fraction, seed=cfg.seed)
+    m = data.meta
     if (m.n_experts, m.top_k) != (shape["n_experts"], shape["top_k"]):
         raise ValueError(
-            f"trace {cfg.trace or '<random>'} has n_experts={m.n_experts}, top_k={m.top_k}; shape {cfg.shape!r} "
-            f"needs n_experts={shape['n_experts']}, top_k={shape['top_k']} (pick a matching shape or trace)")
-    return trace
+            f"trace {cfg.trace or cfg.test or '<random>'} has n_experts={m.n_experts}, top_k={m.top_k}; shape "
+            f"{cfg.shape!r} needs n_experts={shape['n_experts']}, top_k={shape['top_k']} (pick a matching shape or trace)")
+    return data
 
 
 def make_batches(trace: RoutingTrace, phase: str, batch_requests: int, n: int) -> list[Batch]:
@@ -161,33 +168,18 @@ def batch_loads(batch: Batch, n_experts: int) -> np.ndarray:
 # ---- placement policies and predictors -------------------------------------------------------------
 
 def make_placement(policy: str, loads: np.ndarray | None, n_layers: int, n_experts: int, n_gpus: int,
-                   slots_per_gpu: int, phase: int = 1) -> Placement:
-    """A Placement from policy name and ``loads [layer, expert]`` (None: no load information yet)."""
-    if policy in ("static", "contiguous") or (loads is None and policy != "round_robin"):
-        try:
-            from ..placement.static import contiguous
-        except ImportError:  # fallback while the placement package grows: expert e on GPU e // ceil(E/G)
-            table = np.full((n_gpus, slots_per_gpu), -1, dtype=np.int32)
-            per = math.ceil(n_experts / n_gpus)
-            e = np.arange(n_experts)
-            table[e // per, e % per] = e
-            return Placement(np.broadcast_to(table, (n_layers, n_gpus, slots_per_gpu)).copy(), n_experts)
-        return contiguous(n_layers, n_experts, n_gpus, slots_per_gpu)
-    if policy == "round_robin":
-        from ..placement.static import round_robin
-        return round_robin(n_layers, n_experts, n_gpus, slots_per_gpu)
-    if policy in ("balanced", "balanced_lp"):
-        from ..placement.balanced import balanced_duplication
-        placement = balanced_duplication(loads, n_gpus, slots_per_gpu)
-        if policy == "balanced_lp":  # replicas' shares proportional to what balances the GPUs
-            from ..placement.split import load_proportional
-            placement = load_proportional(placement, loads)
-        return placement
-    if policy == "prefill_aware":
-        from ..placement.prefill_aware import prefill_aware
-        return prefill_aware(np.asarray(loads)[None] if np.ndim(loads) == 2 else loads, n_gpus, slots_per_gpu)
-    raise ValueError(f"config field 'placement' is {policy!r}, expected static | contiguous | round_robin | balanced | "
-                     "balanced_lp | prefill_aware")
+                   slots_per_gpu: int, fields: dict | None = None) -> Placement:
+    """A Placement from the policy's name and config ``fields`` (:func:`moegps.placement.algorithms.place`)
+    and ``loads [layer, expert]`` (None: no load information yet, so the contiguous placement)."""
+    if loads is None:
+        loads, policy, fields = np.ones((n_layers, n_experts)), "contiguous", {}
+    loads = np.asarray(loads, dtype=np.float64)
+    if policy == "prefill_aware" and loads.ndim == 2:
+        loads = loads[None]
+    try:
+        return place(policy, loads, n_gpus, slots_per_gpu, **(fields or {}))
+    except ValueError as e:
+        raise ValueError(f"config field 'placement': {e}") from None
 
 
 class Forecaster:
@@ -196,16 +188,14 @@ class Forecaster:
     ``none``: no forecast (the placement stays). ``oracle``: the true loads of the next window.
     ``previous``: the loads of the window just served (the maximum-likelihood distribution-only
     predictor of MoE-GPS). Other names: a ``moegps.predictors`` DistributionPredictor, fitted on the
-    replayed trace, asked with ``predict_next(past_loads, BatchContext)``.
+    training requests (``train``), asked with ``predict_next(past_loads, BatchContext)``.
     """
 
-    def __init__(self, name: str, trace: RoutingTrace, window: int, model=None):
+    def __init__(self, name: str, train: RoutingTrace, window: int, model=None):
         self.name, self.window = name, window
-        self.model = model.fit(trace) if model is not None else None
+        self.model = model.fit(train) if model is not None else None
         if name not in ("none", "oracle", "previous") and model is None:
-            from ..predictors.base import make  # the predictors' registry
-            import moegps.predictors  # noqa: F401  (registers the predictors)
-            self.model = make(name).fit(trace)
+            self.model = make(name).fit(train)
 
     def forecast(self, past: list[np.ndarray], past_phase: list[int], upcoming: list[Batch]) -> np.ndarray | None:
         if self.name == "none":
@@ -217,8 +207,6 @@ class Forecaster:
             return None
         if self.name == "previous":
             return _fractions(sum(past[-self.window:]))
-        from ..predictors.base import BatchContext
-
         nxt = upcoming[0]
         ctx = BatchContext(phase=nxt.phase, n_tokens=len(nxt.token_ids), n_requests=nxt.n_requests,
                            token_ids=nxt.token_ids, past_phase=np.asarray(past_phase, dtype=np.int8))
@@ -259,15 +247,15 @@ def run(cfg: ExecuteConfig, comm: xdist.Comm | None = None, write: bool = True,
     shape = resolve_shape(cfg)
     H, Fd, E, k = shape["hidden"], shape["ffn"], shape["n_experts"], shape["top_k"]
     G, L = comm.world, cfg.n_layers
-    trace = load_trace(cfg, shape)
-    LT = trace.meta.n_layers
-    batches = make_batches(trace, cfg.phase, cfg.batch_requests, cfg.warmup + cfg.max_batches)
+    data = load_workload(cfg, shape)
+    LT = data.meta.n_layers
+    batches = make_batches(data.test, cfg.phase, cfg.batch_requests, cfg.warmup + cfg.max_batches)
     slots = math.ceil(E / G) + cfg.extra_slots
 
-    # initial placement: the policy on the whole trace's loads (a static profile) unless a predictor decides
-    whole = np.stack([batch_loads(b, E) for b in batches]).sum(0)
-    init_loads = None if cfg.predictor != "none" else _fractions(whole)
-    placement = _stack_placement(cfg.placement, init_loads, L, LT, E, G, slots, cfg.split)
+    # initial placement: the policy on the training requests' loads (a static profile) unless a predictor decides
+    train_loads = data.train.loads(by="all").counts[0]
+    init_loads = None if cfg.predictor != "none" else _fractions(train_loads)
+    placement = _stack_placement(cfg.placement, init_loads, L, LT, E, G, slots, cfg.split, cfg.placement_fields)
     layers = _build_layers(cfg, comm, placement, shape, dtype)
 
     # inputs drawn before timing: this rank's tokens of every batch
@@ -281,7 +269,7 @@ def run(cfg: ExecuteConfig, comm: xdist.Comm | None = None, write: bool = True,
         w = [torch.as_tensor(b.weights[rows, _stack_layer(LT, l)], device=dev).to(dtype) for l in range(L)]
         inputs.append((x, ids, w))
 
-    forecaster = Forecaster(cfg.predictor, trace, cfg.window, predictor)
+    forecaster = Forecaster(cfg.predictor, data.train, cfg.window, predictor)
     side = torch.cuda.Stream(dev) if dev.type == "cuda" else None
     per_layer = np.zeros((L, 3))  # dispatch, expert, combine ms (this rank, timed batches)
     gpu_tokens = np.zeros((L, G))  # assignments per GPU, timed batches, from the routing
@@ -311,7 +299,7 @@ def run(cfg: ExecuteConfig, comm: xdist.Comm | None = None, write: bool = True,
                 true = _fractions(sum(batch_loads(b, E) for b in batches[i:i + cfg.window]))
                 accuracy.append(1 - 0.5 * np.abs(pending - true).sum(-1).mean())
                 t0 = time.perf_counter()
-                new = _stack_placement(cfg.placement, pending, L, LT, E, G, slots, cfg.split)
+                new = _stack_placement(cfg.placement, pending, L, LT, E, G, slots, cfg.split, cfg.placement_fields)
                 policy_ms += (time.perf_counter() - t0) * 1e3
                 if cfg.parallel == "ep":
                     for l, layer in enumerate(layers):
@@ -386,12 +374,11 @@ def run(cfg: ExecuteConfig, comm: xdist.Comm | None = None, write: bool = True,
     return row, layer_rows
 
 
-def _stack_placement(policy, loads, L, LT, E, G, slots, split="even") -> Placement:
+def _stack_placement(policy, loads, L, LT, E, G, slots, split="even", fields=None) -> Placement:
     """Placement for the L-layer stack from trace-layer loads ``[LT, E]`` (layer l uses trace layer l % LT)."""
     stack_loads = None if loads is None else np.asarray(loads)[[_stack_layer(LT, l) for l in range(L)]]
-    placement = make_placement(policy, stack_loads, L, E, G, slots)
+    placement = make_placement(policy, stack_loads, L, E, G, slots, fields)
     if split == "load_proportional" and stack_loads is not None:
-        from ..placement.split import load_proportional
         placement = load_proportional(placement, stack_loads)
     elif split not in ("even", "load_proportional"):
         raise ValueError(f"config field 'split' is {split!r}, expected 'even' or 'load_proportional'")

@@ -15,6 +15,9 @@ import time
 
 import numpy as np
 
+from ..trace import RoutingTrace
+from .deepseek_csv import read_deepseek_csv
+
 
 def _summary(trace) -> str:
     m = trace.meta
@@ -27,11 +30,15 @@ def _summary(trace) -> str:
 
 
 def cmd_deepseek_csv(args):
-    from .deepseek_csv import read_deepseek_csv
-
+    vocab = None
+    if args.vocab_from:
+        vocab = (RoutingTrace.read(args.vocab_from).meta.model_config or {}).get("token_vocab")
+        if not vocab:
+            raise SystemExit(f"--vocab-from {args.vocab_from}: that trace carries no token vocabulary "
+                             "(metadata field model_config.token_vocab)")
     t = time.perf_counter()
-    trace = read_deepseek_csv(args.path, limit=args.limit)
-    print(f"read {args.path} in {time.perf_counter() - t:.1f} s: {_summary(trace)}")
+    trace = read_deepseek_csv(args.path, limit=args.limit, vocab=vocab)
+    print(f"read {' '.join(args.path)} in {time.perf_counter() - t:.1f} s: {_summary(trace)}")
     trace.write(args.out)
     print(f"wrote {args.out}")
 
@@ -108,7 +115,10 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("deepseek-csv", help="DeepSeek-V2-Lite per-token CSVs -> RoutingTrace parquet")
-    p.add_argument("path", help="folder of prompt_<n>_data.csv files, or one file")
+    p.add_argument("path", nargs="+", help="folders of prompt_<n>_data.csv files and/or files; several are "
+                   "read as one trace with one token vocabulary (request ids in the order given)")
+    p.add_argument("--vocab-from", default=None, help="a trace whose token vocabulary the ids extend (so that a "
+                   "test set imported later shares the training set's id space)")
     p.add_argument("--out", required=True, help="output trace (.parquet)")
     p.add_argument("--limit", type=int, default=None, help="first N files by request id")
     p.set_defaults(func=cmd_deepseek_csv)

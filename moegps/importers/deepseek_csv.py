@@ -45,33 +45,41 @@ _LIST_PATTERN = r"^\[\s*-?\d+(\s*,\s*-?\d+)*\s*\]$"
 MAX_VOCAB_IN_META = 100_000
 
 
-def deepseek_files(path: str | os.PathLike | list) -> list[tuple[int, Path]]:
-    """``[(request_id, file)]`` sorted by request id, for a folder, one file, or a list of files."""
-    if isinstance(path, (list, tuple)):
-        files = [Path(p) for p in path]
+def _numbered(path: Path) -> list[tuple[int, Path]]:
+    """``[(n, file)]`` of one folder or file, sorted by n."""
+    if path.is_dir():
+        files = [p for p in path.iterdir() if p.suffix == ".csv"]
+        if not files:
+            raise TraceError(f"{path}: folder holds no prompt_<n>_data.csv files")
+    elif path.exists():
+        files = [path]
     else:
-        path = Path(path)
-        if path.is_dir():
-            files = [p for p in path.iterdir() if p.suffix == ".csv"]
-            if not files:
-                raise TraceError(f"{path}: folder holds no prompt_<n>_data.csv files")
-        elif path.exists():
-            files = [path]
-        else:
-            raise TraceError(f"{path}: no such file or folder")
+        raise TraceError(f"{path}: no such file or folder")
     out = []
     for f in files:
         m = FILE_PATTERN.match(f.name)
         if not m:
             raise TraceError(f"{f}: file name must be prompt_<n>_data.csv (n = request id)")
-        if not f.exists():
-            raise TraceError(f"{f}: no such file")
         out.append((int(m.group(1)), f))
-    out.sort()
+    return sorted(out)
+
+
+def deepseek_files(path: str | os.PathLike | list) -> list[tuple[int, Path]]:
+    """``[(request_id, file)]`` in request order, for a folder, one file, or a list of folders and
+    files. Request ids are the files' ``n``; when the sources of a list repeat an ``n`` (two folders
+    both starting at prompt_0), each source's ids are shifted past the previous source's largest,
+    so the list's order is the requests' arrival order."""
+    sources = [_numbered(Path(p)) for p in (path if isinstance(path, (list, tuple)) else [path])]
+    out = [rf for source in sources for rf in source]
     ids = [r for r, _ in out]
     if len(set(ids)) != len(ids):
-        raise TraceError(f"two files share a request id among {[str(f) for _, f in out]}")
-    return out
+        if len(sources) == 1 or any(len({r for r, _ in s}) != len(s) for s in sources):
+            raise TraceError(f"two files share a request id among {[str(f) for _, f in out]}")
+        out, offset = [], 0
+        for source in sources:
+            out += [(offset + r, f) for r, f in source]
+            offset += max(r for r, _ in source) + 1
+    return sorted(out)
 
 
 def _read_one(path: Path) -> dict[str, np.ndarray]:
@@ -161,11 +169,14 @@ def read_deepseek_tokens(path, limit: int | None = None) -> dict[int, list[str]]
     return {r: p["tokens"].tolist() for (r, _), p in zip(files, parsed)}
 
 
-def read_deepseek_csv(path, limit: int | None = None) -> RoutingTrace:
-    """Read the DeepSeek-V2-Lite CSVs (folder, one file or list of files) into a :class:`RoutingTrace`.
+def read_deepseek_csv(path, limit: int | None = None, vocab: list[str] | None = None) -> RoutingTrace:
+    """Read the DeepSeek-V2-Lite CSVs (a folder, one file, or a list of folders and files) into a
+    :class:`RoutingTrace`. ``limit`` keeps the first ``limit`` files by request id. Rows are ordered
+    (request, position, layer). Errors name the file, row (1-based, header excluded) and column.
 
-    ``limit`` keeps the first ``limit`` files by request id. Rows are ordered (request, position,
-    layer). Errors name the file, row (1-based, header excluded) and column.
+    ``vocab``: token strings whose index is the id (another import's ``token_vocab``), so that two
+    imports share one id space; strings it lacks get ids after it, in sorted order. Without it the
+    vocabulary is the sorted strings of these files. Either way it travels in the trace's metadata.
     """
     files = deepseek_files(path)[:limit]
     if not files:
@@ -174,7 +185,13 @@ def read_deepseek_csv(path, limit: int | None = None) -> RoutingTrace:
         parsed = list(pool.map(lambda rf: _read_one(rf[1]), files))
     lengths = np.array([p["T"] for p in parsed])
     all_tokens = np.concatenate([p["tokens"] for p in parsed])
-    vocab, token_id = np.unique(all_tokens.astype(str), return_inverse=True)
+    strings = all_tokens.astype(str)
+    if vocab is None:
+        vocab, token_id = np.unique(strings, return_inverse=True)
+    else:
+        vocab = np.array(list(vocab) + sorted(set(strings.tolist()) - set(vocab)), dtype=object)
+        index = {s: i for i, s in enumerate(vocab.tolist())}
+        token_id = np.array([index[s] for s in strings.tolist()], dtype=np.int64)
     L = len(LAYER_IDS)
     request = np.repeat([r for r, _ in files], lengths)
     position = np.concatenate([np.arange(t) for t in lengths])
@@ -195,7 +212,7 @@ def read_deepseek_csv(path, limit: int | None = None) -> RoutingTrace:
         dataset="Puffin chat prompts (ngavhane/moe-beyond, training_data_eamc)",
         source="import:deepseek-csv",
         recorded={
-            "path": str(path if not isinstance(path, (list, tuple)) else files[0][1].parent),
+            "path": [str(p) for p in path] if isinstance(path, (list, tuple)) else str(path),
             "files": len(files),
             "phase": "prefill only",
             "quantisation": "8-bit",

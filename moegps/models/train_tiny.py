@@ -15,7 +15,7 @@ on the deduplicated text of :mod:`moegps.models.data` (five domain corpora + MML
   measured on the held-out text during training and on the whole deduplicated text at the end.
 
 Variants: ``train=mixtral_tiny`` (8 experts, top-2) and ``train=mixtral_tiny_64e`` (64 experts,
-top-8), in ``conf/train/``. Every run writes, into ``out_dir`` (default: hydra's run folder):
+top-8), in ``moegps/conf/train/``. Every run writes, into ``out_dir`` (default: hydra's run folder):
 ``model/`` (``save_pretrained`` folder in ``save_dtype`` with ``train_log.json`` and
 ``reference_logits.npz``) and the resolved config. ``mode=card model_dir=...`` writes the model
 card of a trained folder (it needs the shared data's real routing counts for the comparison).
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from moegps.models.data import DOMAINS, MMLU_DOMAIN, SPLIT_HELDOUT, SPLIT_TRAIN, load_tokens
+from moegps.paths import CONF_DIR
 
 CORPUS_DOMAINS = tuple(d for d in DOMAINS if d != MMLU_DOMAIN)
 VOCAB_SIZE = 32000
@@ -812,7 +813,7 @@ def main() -> None:
 
     ConfigStore.instance().store(name="train_tiny_schema", node=TrainConfig)
 
-    @hydra.main(version_base="1.3", config_path="../../conf", config_name="train_tiny")
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train_tiny")
     def _app(dcfg) -> None:
         cfg: TrainConfig = OmegaConf.to_object(dcfg)
         out_dir = Path(cfg.out_dir or HydraConfig.get().runtime.output_dir)

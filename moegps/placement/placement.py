@@ -51,6 +51,18 @@ class Placement:
     def slots_per_gpu(self) -> int:
         return self.slot_expert.shape[2]
 
+    def share(self) -> np.ndarray:
+        """``[layer, expert, gpu]``: the fraction of each expert's tokens that each GPU receives (its
+        replicas' shares summed per GPU); each expert's row sums to 1."""
+        se = self.slot_expert
+        L, G, _ = se.shape
+        share = np.zeros((L, self.n_experts, G))
+        layer = np.broadcast_to(np.arange(L)[:, None, None], se.shape)
+        gpu = np.broadcast_to(np.arange(G)[None, :, None], se.shape)
+        ok = se >= 0
+        np.add.at(share, (layer[ok], se[ok], gpu[ok]), self.replica_share[ok])
+        return share
+
     def replica_count(self) -> np.ndarray:
         """``[layer, expert]`` number of slots holding each expert."""
         L, E = self.n_layers, self.n_experts

@@ -1,6 +1,6 @@
 """Routing predictors: distribution-only and token-to-expert, each with its cost (see ``base``).
 
-``make(name, **kwargs)`` builds one by registry name; ``conf/predictor/<name>.yaml`` names the same
+``make(name, **kwargs)`` builds one by registry name; ``moegps/conf/predictor/<name>.yaml`` names the same
 classes for hydra. ``evaluate`` scores them on a trace; ``bench`` measures their overheads.
 """
 

@@ -20,8 +20,8 @@ import time
 import numpy as np
 import pandas as pd
 
+from ..workloads import load_trace, split_by_request
 from .base import BatchContext
-from .evaluate import load_trace, split_by_request
 from .batching import token_batch
 
 SIZES = (1, 4, 16, 64, 256, 1024, 4096)

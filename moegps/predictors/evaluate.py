@@ -1,18 +1,23 @@
-"""Score every predictor on one trace: accuracy and overhead side by side, per phase.
+"""Score every predictor out of sample: accuracy and overhead side by side, per phase.
 
-Library: ``evaluate(trace, predictors, ...) -> pandas.DataFrame`` (one row per predictor and
-phase). Command line (hydra; ``conf/evaluate.yaml``)::
+Library: ``evaluate(data, predictors, ...) -> pandas.DataFrame`` (one row per predictor and
+phase; ``data`` a :class:`moegps.workloads.TrainTest` or one trace to split). Command line (hydra;
+``moegps/conf/evaluate.yaml``)::
 
     python -m moegps.predictors.evaluate trace=deepseek            # the real DeepSeek-V2-Lite trace
-    python -m moegps.predictors.evaluate trace=/path/to/trace.parquet batch_requests=16
+    python -m moegps.predictors.evaluate train=a.parquet test=b.parquet   # fit on one trace, score on another
+    python -m moegps.predictors.evaluate trace=/path/to/trace.parquet batch_requests=16 split=random seed=3
     python -m moegps.predictors.evaluate trace=random              # offline smoke run
 
 writes ``predictors.parquet``, ``predictors.csv``, ``predictors.md`` (a compact table per phase),
 ``predictors.png`` (accuracy vs overhead, per phase) and ``config.yaml`` to ``out`` (default ``outputs/predictors/<trace name>``).
 
-Protocol. Requests (never tokens) are split into train and test with a seeded permutation;
-predictors are fitted on the train trace only. Test requests are served in trace order by a
-static-batching server (see :mod:`.batching`): each distribution predictor is called once per
+Protocol. Predictors are fitted on training requests only and scored on test requests
+(:func:`moegps.workloads.train_test`): a ``train=`` and a ``test=`` trace, or one trace split by
+whole requests in arrival order (``split=random``: a seeded draw); the output states which. Token
+predictors refuse a test trace whose token ids live in another id space. Test requests are served
+in request-id (arrival) order by a static-batching server, ``batch_requests`` per batch, the last
+batch partial when they do not divide evenly (see :mod:`.batching`): each distribution predictor is called once per
 batch with the loads of the batches before it; each token predictor predicts every test token
 (cross-layer ones given the true experts of the previous layer), and its predictions are also
 aggregated per batch so that both families get the same load metrics. Latency is the median
@@ -31,25 +36,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..files import atomic_path, save_png
+from ..paths import CONF_DIR, register_resolvers
 from ..trace import DECODE, PREFILL, RoutingTrace
+from ..workloads import TrainTest, check_token_space, train_test
 from .base import DistributionPredictor, TokenPredictor, normalize
 from .batching import BatchStream, batch_context, batch_stream
 from .metrics import distribution_errors, recall_at_k
 
 PHASE_NAMES = {PREFILL: "prefill", DECODE: "decode"}
-
-
-def split_by_request(trace: RoutingTrace, test_fraction: float = 0.2, seed: int = 0) -> tuple[RoutingTrace, RoutingTrace]:
-    """(train, test) traces holding disjoint sets of whole requests; ``test_fraction`` of them in test."""
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    ids = trace.requests()
-    if len(ids) < 2:
-        raise ValueError(f"trace '{trace.meta.model}' has {len(ids)} request(s); a split needs at least 2")
-    n_test = min(len(ids) - 1, max(1, int(round(test_fraction * len(ids)))))
-    test_ids = np.sort(np.random.default_rng(seed).permutation(ids)[:n_test])
-    is_test = np.isin(trace.request_id, test_ids)
-    return trace.select(~is_test), trace.select(is_test)
 
 
 def _phase_masks(phases: np.ndarray) -> dict[str, np.ndarray]:
@@ -83,8 +78,14 @@ def _timed(fn, *args) -> float:
     return time.perf_counter() - t0
 
 
+def batching_note(batch_requests: int) -> str:
+    """How the evaluation serves test requests, for its output."""
+    return (f"test requests served in request-id (arrival) order, {batch_requests} per batch, the last batch "
+            "partial when they do not divide evenly")
+
+
 def evaluate(
-    trace: RoutingTrace,
+    data: TrainTest | RoutingTrace,
     predictors: dict[str, DistributionPredictor | TokenPredictor],
     test_fraction: float = 0.2,
     seed: int = 0,
@@ -92,8 +93,12 @@ def evaluate(
     window: int = 8,
     latency_batches: int = 30,
     progress: bool = True,
+    split: str = "arrival",
 ) -> pd.DataFrame:
     """Fit each predictor on the train requests, score it on the test requests; one row per (predictor, phase).
+
+    ``data``: training and test requests (:func:`moegps.workloads.train_test`), or one trace, split
+    here by request (``split``, ``test_fraction``, ``seed``).
 
     Columns: predictor, family, phase, the token metrics (``set_acc``, ``recall_at_k``; token
     family only), the load metrics (``tv``, ``l1``, ``kl``, ``maxload_rel_err``,
@@ -103,17 +108,21 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    train, test = split_by_request(trace, test_fraction, seed)
+    if isinstance(data, RoutingTrace):
+        data = train_test(trace=data, test_fraction=test_fraction, split=split, seed=seed)
+    train, test = data.train, data.test
     stream = batch_stream(test, batch_requests, window=window)
     phases_tok = stream.tokens.phase
     rows: list[dict[str, Any]] = []
     common = {
-        "trace": trace.meta.model, "batch_requests": batch_requests, "test_fraction": test_fraction, "seed": seed,
-        "n_train_requests": len(train.requests()), "n_test_requests": len(test.requests()),
+        "trace": data.name, "batch_requests": batch_requests, "seed": seed, **data.as_row(),
+        "protocol": data.describe(), "batching": batching_note(batch_requests),
     }
     bar = tqdm(predictors.items(), disable=not progress, desc="predictors")
     for label, p in bar:
         bar.set_postfix_str(label)
+        if not hasattr(p, "predict_next"):
+            check_token_space(train, test, where=f"predictor {label!r}")
         fit_s = _timed(p.fit, train)
         timing: dict[str, list[tuple[float, int]]] = {}
         token_metrics: dict[str, dict[str, float]] = {}
@@ -164,27 +173,6 @@ def evaluate(
 # ---- loading traces, the plot, the hydra app ------------------------------------------------
 
 
-def load_trace(spec: str, limit: int | None = None, seed: int = 0) -> RoutingTrace:
-    """``"deepseek"`` (the shared DeepSeek-V2-Lite CSVs), ``"random"`` (a synthetic trace), a
-    folder of DeepSeek-style CSVs, or a RoutingTrace parquet file/folder."""
-    from ..paths import shared_data
-
-    if spec == "random":
-        from ..testing import random_trace
-
-        return random_trace(np.random.default_rng(seed), n_requests=limit or 400, prompt_len=(8, 64),
-                            decode_steps=16, n_layers=4, n_experts=16, top_k=2)
-    path = shared_data("traces", "deepseek-v2-lite-puffin") if spec == "deepseek" else Path(spec)
-    if path.is_dir() and any(path.glob("*.csv")) and not any(path.glob("*.parquet")):
-        from ..importers.deepseek_csv import read_deepseek_csv
-
-        return read_deepseek_csv(path, limit)
-    trace = RoutingTrace.read(path)
-    if limit:
-        trace = trace.with_requests(trace.requests()[:limit])
-    return trace
-
-
 def plot(table: pd.DataFrame, path: Path, title: str = "") -> Path:
     """Accuracy vs overhead, one row of two panels per phase (prefill and decode when the trace has
     both, else the one phase): load error (TV) vs latency per batch (both families); recall@k vs
@@ -193,8 +181,6 @@ def plot(table: pd.DataFrame, path: Path, title: str = "") -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..files import save_png
 
     phases = [ph for ph in ("prefill", "decode") if (table.phase == ph).any()]
     phases = phases if len(phases) == 2 else ["all"]
@@ -254,8 +240,6 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def write_outputs(table: pd.DataFrame, out: Path, config: dict[str, Any]) -> dict[str, Path]:
-    from ..files import atomic_path
-
     out.mkdir(parents=True, exist_ok=True)
     paths = {"parquet": out / "predictors.parquet", "csv": out / "predictors.csv", "png": out / "predictors.png",
              "md": out / "predictors.md", "config": out / "config.yaml"}
@@ -264,13 +248,13 @@ def write_outputs(table: pd.DataFrame, out: Path, config: dict[str, Any]) -> dic
     with atomic_path(paths["csv"]) as tmp:
         table.to_csv(tmp, index=False)
     with atomic_path(paths["md"]) as tmp:
-        tmp.write_text(markdown_table(table))
+        tmp.write_text(f"{table.protocol.iloc[0]}; {table.batching.iloc[0]}.\n\n" + markdown_table(table))
     with atomic_path(paths["config"]) as tmp:
         import yaml
 
         tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-    title = (f"{table.trace.iloc[0]}: {table.n_train_requests.iloc[0]} train / {table.n_test_requests.iloc[0]} test "
-             f"requests, {table.batch_requests.iloc[0]} requests per batch; latency on this CPU")
+    title = (f"{table.trace.iloc[0]}: {table.protocol.iloc[0]};\n{table.batch_requests.iloc[0]} requests per batch "
+             "(arrival order); latency on this CPU")
     plot(table, paths["png"], title)
     return paths
 
@@ -278,8 +262,11 @@ def write_outputs(table: pd.DataFrame, out: Path, config: dict[str, Any]) -> dic
 @dataclass
 class EvaluateConfig:
     trace: str = "random"
+    train: str | None = None  # with test: fit on this trace, score on that one (trace is then unused)
+    test: str | None = None
     limit: int | None = None
     test_fraction: float = 0.2
+    split: str = "arrival"  # arrival | random (seeded)
     seed: int = 0
     batch_requests: int = 8
     window: int = 8
@@ -294,18 +281,18 @@ def main() -> None:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from ..paths import register_resolvers
-
     register_resolvers()
 
-    @hydra.main(version_base="1.3", config_path="../../conf", config_name="evaluate")
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
     def app(cfg) -> None:
         config = OmegaConf.to_container(cfg, resolve=True)
         if cfg.torch_threads:
             import torch
 
             torch.set_num_threads(cfg.torch_threads)  # steadier latencies on a shared CPU
-        trace = load_trace(cfg.trace, cfg.limit, cfg.seed)
+        data = train_test(trace=cfg.trace, train=cfg.train, test=cfg.test, test_fraction=cfg.test_fraction,
+                          split=cfg.split, seed=cfg.seed, limit=cfg.limit)
+        print(f"{data.describe()}; {batching_note(cfg.batch_requests)}")
         preds = {}
         for name, pcfg in cfg.predictors.items():
             if pcfg is None:
@@ -314,7 +301,7 @@ def main() -> None:
             if "batch_requests" in pcfg:  # the learned model trains on batches formed like the evaluation's
                 kw["batch_requests"] = cfg.batch_requests
             preds[name] = instantiate(pcfg, **kw)
-        table = evaluate(trace, preds, cfg.test_fraction, cfg.seed, cfg.batch_requests, cfg.window, cfg.latency_batches)
+        table = evaluate(data, preds, cfg.test_fraction, cfg.seed, cfg.batch_requests, cfg.window, cfg.latency_batches)
         paths = write_outputs(table, Path(cfg.out), config)
         show = table[table.phase != "all"] if (table.phase == "decode").any() else table[table.phase == "all"]
         cols = ["predictor", "phase", "set_acc", "recall_at_k", "tv", "kl", "maxload_rel_err", "latency_batch_s"]

@@ -25,7 +25,8 @@ from scipy.optimize import least_squares
 
 from ..shapes import names as shape_names
 from . import cost
-from .system import ModelShape, SystemSpec, load_system, model_shape
+from ..shapes import ModelShape, from_name as model_shape
+from .system import SystemSpec, load_system
 
 DEFAULT_FREE = ("hbm_bandwidth", "matmul_flops", "expert_launch", "layer_overhead", "link_bandwidth", "link_latency")
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .system import ModelShape, SystemSpec
+from ..shapes import ModelShape
+from .system import SystemSpec
 
 # ---- expert FFN ---------------------------------------------------------------------------------
 
@@ -249,21 +250,20 @@ def other_time(tokens_per_gpu: np.ndarray, shape: ModelShape, system: SystemSpec
 
     ``dp``: each GPU holds all attention weights and runs its own tokens (the slowest GPU sets
     it). ``tp``: weights split over the GPUs, every GPU runs every token, plus a ring all-reduce of
-    the activations. ``shape.other_us_per_token`` adds a per-token cost (KV-cache reads, etc.).
+    the activations. Weights: ``shape.non_expert_params_per_layer`` (attention, router, shared expert, norms).
     """
     n = np.asarray(tokens_per_gpu, dtype=np.float64)
-    weight_bytes = shape.attention_params * shape.dtype_bytes
-    flops_per_token = 2.0 * shape.attention_params
-    extra = shape.other_us_per_token * 1e-6
+    weight_bytes = shape.non_expert_params_per_layer * shape.dtype_bytes
+    flops_per_token = 2.0 * shape.non_expert_params_per_layer
     if attention == "dp":
-        t = np.maximum(weight_bytes / system.hbm_bandwidth, n * flops_per_token / system.matmul_flops) + n * extra
+        t = np.maximum(weight_bytes / system.hbm_bandwidth, n * flops_per_token / system.matmul_flops)
         return np.where(n > 0, t, 0.0).max(axis=-1)
     if attention == "tp":
         g = system.n_gpus
         total = n.sum(axis=-1)
         t = np.maximum(weight_bytes / g / system.hbm_bandwidth, total * flops_per_token / g / system.matmul_flops)
         allreduce = 2 * (g - 1) / g * total * shape.token_bytes / system.link_bandwidth + system.link_latency
-        return np.where(total > 0, t + total / g * extra + (allreduce if g > 1 else 0.0), 0.0)
+        return np.where(total > 0, t + (allreduce if g > 1 else 0.0), 0.0)
     raise ValueError(f"attention must be 'dp' or 'tp', got {attention!r}")
 
 

@@ -1,7 +1,7 @@
 """The predictor-selection guide: which predictor family, and which predictor, wins end to end where.
 
 ``python -m moegps.simulator.guide [trace=deepseek|synthetic|<trace>] [system=h100_8gpu] [link_gbps=[...]]
-[batch_sizes=[...]] [gpus=[...]] [skews=[...]] ...`` (conf/guide.yaml) fits every predictor on a
+[batch_sizes=[...]] [gpus=[...]] [skews=[...]] ...`` (moegps/conf/guide.yaml) fits every predictor on a
 training split of the trace (whole requests), replays the test split under each of them, the
 static baseline and the oracle, for every system variant (GPU count x link bandwidth) and batch size
 (and routing skew, for the synthetic trace), and writes:
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,13 +27,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..files import save_png
-from ..trace import RoutingTrace, TraceMeta
-from .replay import (
-    PlaceFn, ReplayConfig, SimResult, distribution_plan, make_batches, oracle_bound, oracle_plan, predict_tokens,
-    simulate, static_plan, token_plan,
-)
-from .system import ModelShape, SystemSpec, load_system, model_shape, shape_from_meta
+from ..files import atomic_path, save_png
+from ..paths import CONF_DIR, register_resolvers
+from ..placement.algorithms import place
+from ..results import write_rows
+from .cost import load_kernel_bench
+from .pipeline import Workload, fit_predictors, load_workload, replay_plans, result_rows
+from .replay import ReplayConfig, SimResult, make_batches, simulate, static_plan
+from .system import SystemSpec, hydra_system, resolve_system
 
 DEFAULT_DISTRIBUTION = ["uniform", "global_profile", "phase_profile", "last_batch", "ema"]
 DEFAULT_TOKEN = ["most_frequent", "token_table", "position_table", "cross_layer", "ffn"]
@@ -43,11 +43,13 @@ DEFAULT_TOKEN = ["most_frequent", "token_table", "position_table", "cross_layer"
 @dataclass
 class GuideConfig:
     trace: str = "deepseek"  # "deepseek" | "synthetic" | a RoutingTrace parquet file/folder | CSV folder
+    train: str | None = None  # with test: fit on this trace, replay that one (trace is then unused)
+    test: str | None = None
     limit: int | None = None  # first N requests
-    # model shape to cost the routing with (system.MODEL_SHAPES); None: from the trace, else by its expert count.
-    # Named "shape" (as in moegps.sweep) because a "model=" override would select the conf/model/ group.
+    # model shape to cost the routing with (moegps.shapes); None: the trace's model, else by its expert count.
+    # Named "shape" (as in moegps.sweep) because a "model=" override would select the moegps/conf/model/ group.
     shape: str | None = None
-    system: Any = "h100_8gpu"  # a profile name, or its fields (the hydra app passes conf/system/<name>.yaml's)
+    system: Any = "h100_8gpu"  # a profile name, or its fields (the hydra app passes moegps/conf/system/<name>.yaml's)
     extra_slots: int | None = None  # override the profile's extra expert slots per GPU (0 = no replicas)
     gpus: list[int] = field(default_factory=lambda: [8])
     link_gbps: list[float] = field(default_factory=lambda: [900.0, 450.0, 200.0, 64.0, 32.0])
@@ -60,6 +62,7 @@ class GuideConfig:
     placement: str = "auto"
     interval: int = 1
     test_fraction: float = 0.5
+    split: str = "arrival"  # arrival (the last requests by id are replayed) | random (drawn with seed)
     seed: int = 0
     distribution: list[str] = field(default_factory=lambda: list(DEFAULT_DISTRIBUTION))
     token: list[str] = field(default_factory=lambda: list(DEFAULT_TOKEN))
@@ -67,102 +70,25 @@ class GuideConfig:
     predictor_args: dict[str, dict[str, Any]] = field(default_factory=lambda: {"ffn": {"epochs": 2}})
     out: str = "outputs/guide"
     expert_table: str | None = None  # moegps.kernels.bench bench.csv: measured expert time instead of the roofline
-    expert_table_shape: str = "mixtral-8x7b"  # which shape rows of that table
+    expert_table_shape: str | None = None  # which shape rows of that table; None: the trace's model shape
     study: str = "predictors"  # "predictors" (the decision sweep) | "placement" (prefill-aware placement study)
 
 
-# ---- workloads ----------------------------------------------------------------------------------
-
-
-def synthetic_trace(rng: np.random.Generator, skew: float, n_requests: int = 200, prompt_len: tuple[int, int] = (16, 128),
-                    decode_steps: int = 16, n_layers: int = 8, n_experts: int = 8, top_k: int = 2, vocab: int = 2000,
-                    stickiness: float = 0.7) -> RoutingTrace:
-    """A trace whose routing skew is a knob: expert popularity ~ 1 / rank^skew per layer, token ids
-    ~ Zipf; each (token id, layer) has a preferred top-k set drawn from that popularity and an
-    occurrence keeps it with probability ``stickiness`` (so token-id predictors can learn it), else
-    draws afresh. Prefill of random length then ``decode_steps`` decode steps per request."""
-    lens = rng.integers(prompt_len[0], prompt_len[1] + 1, n_requests)
-    per = lens + decode_steps
-    req = np.repeat(np.arange(n_requests), per)
-    pos = np.concatenate([np.arange(n) for n in per])
-    step = np.maximum(pos - np.repeat(lens, per) + 1, 0)
-    T = len(req)
-    freq = 1.0 / np.arange(1, vocab + 1) ** 1.1
-    token = rng.choice(vocab, T, p=freq / freq.sum())
-    experts = np.empty((T, n_layers, top_k), dtype=np.int16)
-    for layer in range(n_layers):
-        logp = -skew * np.log(np.arange(1, n_experts + 1))[rng.permutation(n_experts)]
-        preferred = np.argsort(-(logp + rng.gumbel(size=(vocab, n_experts))), axis=1)[:, :top_k]
-        fresh = np.argsort(-(logp + rng.gumbel(size=(T, n_experts))), axis=1)[:, :top_k]
-        keep = rng.random(T) < stickiness
-        experts[:, layer] = np.where(keep[:, None], preferred[token], fresh)
-    meta = TraceMeta(model=f"synthetic-skew{skew:g}", n_layers=n_layers, n_experts=n_experts, top_k=top_k,
-                     source="synthetic", notes=f"moegps.simulator.guide.synthetic_trace(skew={skew}, stickiness={stickiness})")
-    return RoutingTrace.from_token_major(meta, req, step, pos, token, experts).validate()
-
-
-def load_workload(cfg: GuideConfig, skew: float) -> RoutingTrace:
-    if cfg.trace == "synthetic":
-        kwargs = dict(cfg.synthetic or {})
-        if "prompt_len" in kwargs:
-            kwargs["prompt_len"] = tuple(kwargs["prompt_len"])
-        return synthetic_trace(np.random.default_rng(cfg.seed), skew, n_requests=cfg.limit or 200, **kwargs)
-    from ..predictors.evaluate import load_trace
-
-    return load_trace(cfg.trace, cfg.limit, cfg.seed)
-
-
-def shape_for(meta: TraceMeta, name: str | None) -> ModelShape:
-    """The model shape to cost the trace with: named, from the trace's config, or the real model
-    whose expert counts the trace has (Mixtral-8x7B for 8 experts top-2, DeepSeek-V2-Lite for 64 top-6)."""
-    if name:
-        return model_shape(name, n_experts=meta.n_experts, top_k=meta.top_k, n_layers=meta.n_layers)
-    fallback = "deepseek-v2-lite" if meta.n_experts >= 64 else "mixtral-8x7b"
-    try:
-        return shape_from_meta(meta)
-    except KeyError:
-        return shape_from_meta(meta, fallback)
-
-
-def fit_predictors(train: RoutingTrace, names: list[str], args: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Fit each named predictor of ``moegps.predictors`` on ``train``; one that fails is skipped with a warning."""
-    from ..predictors import make
-
-    fitted = {}
-    for name in names:
-        try:
-            fitted[name] = make(name, **args.get(name, {})).fit(train)
-        except Exception as e:  # a predictor that cannot fit this trace (e.g. needs decode steps) is left out
-            warnings.warn(f"predictor {name!r} skipped: {type(e).__name__}: {e}")
-    return fitted
+def workload(cfg: GuideConfig, skew: float = 1.0) -> Workload:
+    """The guide's workload: train and test requests of its trace(s) and the shape to cost them at."""
+    return load_workload(trace=cfg.trace, train=cfg.train, test=cfg.test, test_fraction=cfg.test_fraction,
+                         split=cfg.split, seed=cfg.seed, limit=cfg.limit, shape=cfg.shape, skew=skew,
+                         synthetic=cfg.synthetic)
 
 
 # ---- the sweep ----------------------------------------------------------------------------------
 
 
-def _expert_table(cfg: GuideConfig):
-    from .cost import load_kernel_bench
-
-    return load_kernel_bench(cfg.expert_table, cfg.expert_table_shape) if cfg.expert_table else None
-
-
-def resolve_system(spec: Any) -> SystemSpec:
-    """A profile from a name, a path, or a mapping of yaml fields (what hydra's ``system`` group gives)."""
-    from .system import system_from_dict
-
-    if isinstance(spec, SystemSpec):
-        return spec
-    if isinstance(spec, dict):
-        return system_from_dict(spec, where=f"conf/system/{spec.get('name', '?')}.yaml")
-    return load_system(spec)
-
-
-def hydra_system(config: dict[str, Any]) -> None:
-    """Name the hydra-composed ``system`` mapping after the profile file it came from."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if isinstance(config.get("system"), dict):
-        config["system"].setdefault("name", HydraConfig.get().runtime.choices.get("system", "custom"))
+def _expert_table(cfg: GuideConfig, work: Workload):
+    """Measured expert times of the kernels' benchmark, for the shape rows of the workload's model."""
+    if not cfg.expert_table:
+        return None
+    return load_kernel_bench(cfg.expert_table, cfg.expert_table_shape or work.shape.name)
 
 
 def _base_system(cfg: GuideConfig) -> SystemSpec:
@@ -183,49 +109,26 @@ def run_guide(cfg: GuideConfig, progress: bool = True) -> tuple[pd.DataFrame, li
     """The whole sweep; returns the decision table and the results rows."""
     from tqdm import tqdm
 
-    from ..predictors.evaluate import split_by_request
-
     base = _base_system(cfg)
-    table = _expert_table(cfg)
     rows, decisions = [], []
-    for skew in cfg.skews if cfg.trace == "synthetic" else [float("nan")]:
-        trace = load_workload(cfg, skew)
-        shape = shape_for(trace.meta, cfg.shape)
-        train, test = split_by_request(trace, cfg.test_fraction, cfg.seed)
-        preds = fit_predictors(train, cfg.distribution + cfg.token, cfg.predictor_args)
-        test_routing = test.by_token()
-        cached_tokens: dict[str, np.ndarray] = {}
+    for skew in cfg.skews if cfg.trace == "synthetic" and cfg.train is None else [float("nan")]:
+        work = workload(cfg, skew)
+        table = _expert_table(cfg, work)
+        preds = fit_predictors(work.data, {n: cfg.predictor_args.get(n, {}) for n in cfg.distribution + cfg.token})
+        token_cache: dict[str, np.ndarray] = {}
         combos = [(g, b) for g in cfg.gpus for b in cfg.batch_sizes]
-        for gpus, batch in tqdm(combos, desc=f"guide {trace.meta.model}", disable=not progress):
+        for gpus, batch in tqdm(combos, desc=f"guide {work.data.name}", disable=not progress):
             system0 = _variant_system(base, gpus, cfg.link_gbps[0])
             rcfg = ReplayConfig(batch_size=batch, source=cfg.source, attention=cfg.attention, phase=cfg.phase)
-            batches = make_batches(test_routing, gpus, trace.meta.n_experts, rcfg)
-            place = PlaceFn(cfg.placement, system0, trace.meta.n_experts, shape=shape)
-            plans = [static_plan(batches), oracle_plan(batches, place)]
-            token_preds = {n: p for n, p in preds.items() if hasattr(p, "predict")}
-            for name, p in preds.items():
-                if name not in token_preds:
-                    plans.append(distribution_plan(batches, p, place, system0, cfg.interval, name))
-            profile = next((pl for pl in plans if pl.name == cfg.token_placement_from), None)
-            for name, p in token_preds.items():
-                if name not in cached_tokens:
-                    cached_tokens[name] = predict_tokens(batches, p)
-                plans.append(token_plan(batches, p, place, system0, cfg.interval, name, cached_tokens[name]))
-                if profile is not None:  # the same predictor routing tokens over the profile's placement
-                    plans.append(token_plan(batches, p, place, system0, cfg.interval, f"{name}+{profile.name}",
-                                            cached_tokens[name], placement_from=profile))
-            for bw in cfg.link_gbps:
-                system = _variant_system(base, gpus, bw)
-                results = [simulate(batches, p, shape, system, rcfg, table) for p in plans]
-                results.append(oracle_bound(results))
-                results[1].plan = "oracle_placement"
-                variant = {"trace": trace.meta.model, "skew": skew, "gpus": gpus, "link_gbps": bw,
+            by_bw = replay_plans(work, preds, system0, rcfg, cfg.placement, cfg.interval, table,
+                                 cfg.token_placement_from, token_cache=token_cache, link_gbps=cfg.link_gbps)
+            for bw, results in by_bw.items():
+                variant = {"trace": work.data.name, "skew": skew, "gpus": gpus, "link_gbps": bw,
                            "batch_size": batch, "phase": cfg.phase, "attention": cfg.attention,
                            "placement": cfg.placement, "interval": cfg.interval, "system": base.name,
-                           "extra_slots": base.extra_slots_per_gpu,
-                           "model_shape": shape.name}
-                rows += [r.row(variant, system) for r in results]
-                decisions.append(decide(variant, results))
+                           "extra_slots": base.extra_slots_per_gpu, "model_shape": work.shape.name}
+                rows += result_rows(results, variant, _variant_system(base, gpus, bw), work)
+                decisions.append({**decide(variant, results), "protocol": work.data.describe()})
     return pd.DataFrame(decisions), rows
 
 
@@ -258,53 +161,48 @@ def decide(variant: dict[str, Any], results: list[SimResult]) -> dict[str, Any]:
 
 def placement_study(cfg: GuideConfig, progress: bool = True) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     """The 2025 study's question on our traces: how much faster is the MoE part with a placement made
-    from the training split's loads (per phase) than with the static one, held fixed over the test replay?
+    from the training requests' loads (per phase) than with the static one, held fixed over the
+    replay of the test requests?
 
     Placements: static contiguous; balanced duplication from all loads, from prefill loads only, from
     decode loads only; prefill-aware (``objective="max"`` and ``"weighted"`` by the phases' shares
     of tokens). One row per (variant, placement, phase) with MoE and total time and the speedup on
     MoE time over static.
     """
-    from ..placement.balanced import balanced_duplication
-    from ..placement.prefill_aware import prefill_aware
-    from ..predictors.evaluate import split_by_request
-    from .replay import placement_share, static_plan
-
     base = _base_system(cfg)
-    trace = load_workload(cfg, cfg.skews[0] if cfg.skews else 1.0)
-    shape = shape_for(trace.meta, cfg.shape)
-    train, test = split_by_request(trace, cfg.test_fraction, cfg.seed)
+    work = workload(cfg, cfg.skews[0] if cfg.skews else 1.0)
+    table_times = _expert_table(cfg, work)
+    train, n_experts = work.data.train, work.n_experts
     loads = {ph: train.loads(by="all", phase=ph).counts[0].astype(np.float64) for ph in ("prefill", "decode")}
     all_loads = loads["prefill"] + loads["decode"]
     has = {ph: loads[ph].sum() > 0 for ph in loads}
     share_tokens = np.array([loads["prefill"].sum(), loads["decode"].sum()], dtype=np.float64)
-    test_routing = test.by_token()
     rows, table = [], []
     for gpus in cfg.gpus:
         system = _variant_system(base, gpus, cfg.link_gbps[0])
-        slots = system.slots_per_gpu(trace.meta.n_experts)
-        candidates = {"static": None, "balanced_all": balanced_duplication(all_loads, gpus, slots, refine=True)}
+        slots = system.slots_per_gpu(n_experts)
+        candidates = {"static": None, "balanced_all": place("balanced", all_loads, gpus, slots)}
         for ph in ("prefill", "decode"):
             if has[ph]:
-                candidates[f"balanced_{ph}"] = balanced_duplication(loads[ph], gpus, slots, refine=True)
+                candidates[f"balanced_{ph}"] = place("balanced", loads[ph], gpus, slots)
         if all(has.values()):
             phase_loads = np.stack([loads["prefill"], loads["decode"]])
-            candidates["prefill_aware_max"] = prefill_aware(phase_loads, gpus, slots, objective="max")
-            candidates["prefill_aware_weighted"] = prefill_aware(phase_loads, gpus, slots,
-                                                                 phase_weights=share_tokens / share_tokens.sum(),
-                                                                 objective="weighted")
+            candidates["prefill_aware_max"] = place("prefill_aware", phase_loads, gpus, slots, objective="max")
+            candidates["prefill_aware_weighted"] = place("prefill_aware", phase_loads, gpus, slots,
+                                                         phase_weights=share_tokens / share_tokens.sum(),
+                                                         objective="weighted")
         for batch in cfg.batch_sizes:
             rcfg = ReplayConfig(batch_size=batch, source=cfg.source, attention=cfg.attention, phase=cfg.phase)
-            batches = make_batches(test_routing, gpus, trace.meta.n_experts, rcfg)
+            batches = make_batches(work.test_routing, gpus, n_experts, rcfg)
             results = {}
             for name, placement in candidates.items():
-                plan = static_plan(batches, None if placement is None else placement_share(placement), name)
-                results[name] = simulate(batches, plan, shape, system, rcfg, _expert_table(cfg))
+                plan = static_plan(batches, None if placement is None else placement.share(), name)
+                results[name] = simulate(batches, plan, work.shape, system, rcfg, table_times)
             for name, res in results.items():
-                variant = {"trace": trace.meta.model, "gpus": gpus, "link_gbps": cfg.link_gbps[0], "batch_size": batch,
-                           "system": base.name, "model_shape": shape.name, "study": "placement",
+                variant = {"trace": work.data.name, "gpus": gpus, "link_gbps": cfg.link_gbps[0], "batch_size": batch,
+                           "system": base.name, "model_shape": work.shape.name, "study": "placement",
                            "extra_slots": base.extra_slots_per_gpu}
-                rows.append(res.row({**variant, "placement": name}, system))
+                rows += result_rows([res], {**variant, "placement": name}, system, work)
                 for phase_name, mask in (("all", np.ones(batches.n_steps, bool)), ("prefill", batches.phase == 0),
                                          ("decode", batches.phase == 1)):
                     if not mask.any():
@@ -316,7 +214,8 @@ def placement_study(cfg: GuideConfig, progress: bool = True) -> tuple[pd.DataFra
                                   "total_ms": res.step_time[mask].sum() * 1e3,
                                   "imbalance": float(res.imbalance[mask].mean()),
                                   "expert_speedup": expert(results["static"]) / expert(res),
-                                  "moe_speedup": moe(results["static"]) / moe(res)})
+                                  "moe_speedup": moe(results["static"]) / moe(res),
+                                  "protocol": work.data.describe()})
     return pd.DataFrame(table), rows
 
 
@@ -417,9 +316,6 @@ def plot_placement(table: pd.DataFrame, path: Path, title: str = "") -> Path:
 
 
 def write_outputs(table: pd.DataFrame, rows: list[dict[str, Any]], out: Path, config: dict[str, Any]) -> dict[str, Path]:
-    from ..results import write_rows
-    from ..files import atomic_path
-
     out.mkdir(parents=True, exist_ok=True)
     paths = {"rows": write_rows(rows, out / "rows.parquet"), "decision": out / "decision.csv",
              "plot": out / "decision.png", "config": out / "config.json"}
@@ -429,8 +325,9 @@ def write_outputs(table: pd.DataFrame, rows: list[dict[str, Any]], out: Path, co
         Path(tmp).write_text(json.dumps(config, indent=2, default=str))
     system = config.get("system")
     system = system.get("name") if isinstance(system, dict) else system
-    plot_decisions(table, paths["plot"], title=f"{config.get('trace')} on {system}, "
-                   f"phase={config.get('phase')}, attention={config.get('attention')}, simulated")
+    protocol = table["protocol"].iloc[0] if "protocol" in table and len(table) else ""
+    plot_decisions(table, paths["plot"], title=f"{table['trace'].iloc[0] if len(table) else config.get('trace')} on "
+                   f"{system}, phase={config.get('phase')}, attention={config.get('attention')}, simulated\n{protocol}")
     return paths
 
 
@@ -439,24 +336,18 @@ SHOW = ["trace", "skew", "gpus", "link_gbps", "batch_size", "baseline_ms", "best
 
 
 def main() -> None:
-    import hydra
+    import hydra  # lazy: hydra is heavy and only the command line needs it
     from omegaconf import OmegaConf
-
-    from ..paths import register_resolvers
 
     register_resolvers()
 
-    @hydra.main(version_base="1.3", config_path="../../conf", config_name="guide")
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="guide")
     def app(raw) -> None:
         config = OmegaConf.to_container(raw, resolve=True)
         hydra_system(config)
         cfg = GuideConfig(**{k: v for k, v in config.items() if k in GuideConfig.__dataclass_fields__})
         t0 = time.perf_counter()
         if cfg.study == "placement":
-            from ..results import write_rows
-
-            from ..files import atomic_path
-
             table, rows = placement_study(cfg)
             out = Path(cfg.out)
             out.mkdir(parents=True, exist_ok=True)
@@ -467,16 +358,19 @@ def main() -> None:
                 Path(tmp).write_text(json.dumps(config, indent=2, default=str))
             system = config.get("system")
             system = system.get("name") if isinstance(system, dict) else system
-            plot_placement(table, out / "placement.png", title=f"{cfg.trace} on {system}, extra slots "
-                           f"{table['extra_slots'].iloc[0]}, simulated: expert time, static / placement")
+            plot_placement(table, out / "placement.png", title=f"{table['trace'].iloc[0]} on {system}, extra slots "
+                           f"{table['extra_slots'].iloc[0]}, simulated: expert time, static / placement\n"
+                           f"{table['protocol'].iloc[0]}")
+            print(table["protocol"].iloc[0])
             with pd.option_context("display.width", 250, "display.max_rows", 500, "display.float_format", "{:.4g}".format):
-                print(table.drop(columns=["system", "model_shape", "study"]).to_string(index=False))
+                print(table.drop(columns=["system", "model_shape", "study", "protocol"]).to_string(index=False))
             print(f"wrote {out}/placement.csv, placement.png and rows.parquet in {time.perf_counter() - t0:.1f} s")
             return
         table, rows = run_guide(cfg)
         paths = write_outputs(table, rows, Path(cfg.out), config)
+        print(table["protocol"].iloc[0])
         show = table[[c for c in SHOW if c in table.columns]]
-        if cfg.trace != "synthetic":
+        if "skew" in show and show["skew"].isna().all():
             show = show.drop(columns="skew")
         with pd.option_context("display.width", 250, "display.max_rows", 500, "display.float_format", "{:.4g}".format):
             print(show.to_string(index=False))

@@ -38,7 +38,10 @@ import pandas as pd
 
 from ..trace import RoutingTrace, TokenRouting
 from . import cost
-from .system import ModelShape, SystemSpec
+from ..placement.algorithms import canonical, check_fields, place
+from ..placement.packing import balance_rows
+from ..shapes import ModelShape
+from .system import SystemSpec
 
 
 @dataclass
@@ -152,15 +155,8 @@ class Plan:
 
 
 def placement_share(placement) -> np.ndarray:
-    """A :class:`moegps.placement.Placement` -> ``share [layer, expert, gpu]``."""
-    se = placement.slot_expert
-    L, G, _ = se.shape
-    share = np.zeros((L, placement.n_experts, G))
-    layer = np.broadcast_to(np.arange(L)[:, None, None], se.shape)
-    gpu = np.broadcast_to(np.arange(G)[None, :, None], se.shape)
-    ok = se >= 0
-    np.add.at(share, (layer[ok], se[ok], gpu[ok]), placement.replica_share[ok])
-    return share
+    """A :class:`moegps.placement.Placement` -> ``share [layer, expert, gpu]`` (its own :meth:`share`)."""
+    return placement.share()
 
 
 def contiguous_share(n_layers: int, n_experts: int, n_gpus: int) -> np.ndarray:
@@ -185,26 +181,35 @@ def shares_from_slots(slot_expert: np.ndarray, n_experts: int) -> np.ndarray:
 
 
 class PlaceFn:
-    """A placement algorithm of ``moegps.placement`` as ``loads [L, E] -> share [L, E, G]``, and
-    ``.many(loads [N, L, E]) -> [N, L, E, G]`` in one vectorised call (identical rows placed once).
+    """A placement algorithm (:mod:`moegps.placement.algorithms`) as ``loads [L, E] -> share [L, E, G]``,
+    and ``.many(loads [N, L, E]) -> [N, L, E, G]`` in one vectorised call (identical rows placed once).
 
-    ``static`` (contiguous), ``round_robin``, ``balanced`` (EPLB-style duplication into the
-    system's extra slots; ``refine`` runs its swap search), ``hierarchical`` (nodes first), and
-    ``auto``: per layer, whichever of static and balanced the cost model expects to give the
-    shorter expert phase for the given loads (a replica costs a second weight read, so when the
+    ``name``: an algorithm of :func:`moegps.placement.algorithms.place` that places from one load
+    matrix quickly enough to re-place per batch (``contiguous``/``static``, ``round_robin``, ``balanced``,
+    ``balanced_lp``, ``hierarchical``), with its config ``fields`` (e.g. ``refine``, ``restarts``: checked, an unknown one is
+    an error), or ``auto``: per layer, whichever of static and balanced the cost model expects to give
+    the shorter expert phase for the given loads (a replica costs a second weight read, so when the
     experts are memory-bound, duplicating can make a layer slower; ``auto`` needs ``shape``).
     """
 
-    NAMES = ("static", "round_robin", "balanced", "hierarchical", "auto")
+    REPLAYABLE = ("contiguous", "round_robin", "balanced", "balanced_lp", "hierarchical")
 
-    def __init__(self, name: str, system: SystemSpec, n_experts: int, refine: bool = False,
-                 shape: ModelShape | None = None):
-        self.name, self.system, self.n_experts, self.refine, self.shape = name, system, n_experts, refine, shape
+    def __init__(self, name: str, system: SystemSpec, n_experts: int, refine: bool | None = None,
+                 shape: ModelShape | None = None, **fields):
+        self.name, self.system, self.n_experts, self.shape = name, system, n_experts, shape
+        if refine is not None:
+            fields["refine"] = refine
         self.slots = system.slots_per_gpu(n_experts)
-        if name not in self.NAMES:
-            raise ValueError(f"unknown placement {name!r}; known: {', '.join(self.NAMES)}")
-        if name == "auto" and shape is None:
-            raise ValueError("placement 'auto' needs the model shape (PlaceFn(..., shape=...))")
+        if name == "auto":
+            self.fields = check_fields("balanced", fields)
+            if shape is None:
+                raise ValueError("placement 'auto' needs the model shape (PlaceFn(..., shape=...))")
+        else:
+            if canonical(name) not in self.REPLAYABLE:
+                raise ValueError(f"placement {name!r} is not re-placed per batch in a replay (it takes {self.REPLAYABLE} "
+                                 "and auto): prefill_aware places from per-phase loads (the guide's study=placement "
+                                 "compares it), optimal solves a MILP per layer (python -m moegps.placement)")
+            self.fields = check_fields(name, fields)
 
     def __call__(self, loads: np.ndarray) -> np.ndarray:
         return self.many(np.asarray(loads)[None])[0]
@@ -213,40 +218,35 @@ class PlaceFn:
         loads = np.asarray(loads, dtype=np.float64)
         N, L, E = loads.shape
         G = self.system.n_gpus
-        if self.name == "static":
-            return np.broadcast_to(contiguous_share(L, E, G), (N, L, E, G)).copy()
         if self.name == "auto":
             static = contiguous_share(L, E, G)[None]
-            balanced = PlaceFn("balanced", self.system, E, self.refine).many(loads)
+            balanced = PlaceFn("balanced", self.system, E, **self.fields).many(loads)
             def expert_phase(share):  # [N, L] expected slowest-GPU expert time
                 per_gpu = np.swapaxes(loads[..., None] * share, -1, -2)  # [N, L, G, E]
                 return cost.gpu_expert_time(per_gpu, self.shape, self.system).max(-1)
             better = expert_phase(balanced) < expert_phase(static)
             return np.where(better[..., None, None], balanced, static)
-        if self.name == "round_robin":
-            from ..placement.static import round_robin
-
-            return np.broadcast_to(placement_share(round_robin(L, E, G, self.slots)), (N, L, E, G)).copy()
+        name = canonical(self.name)
+        if name in ("contiguous", "round_robin"):  # load-blind: one placement
+            share = place(name, loads[0], G, self.slots, self.system.gpus_per_node).share()
+            return np.broadcast_to(share, (N, L, E, G)).copy()
         frac = loads / np.maximum(loads.sum(-1, keepdims=True), 1e-300)
         uniq, inverse = np.unique(np.round(frac, 9).reshape(N, -1), axis=0, return_inverse=True)
         uniq = uniq.reshape(-1, L, E)
-        if self.name == "balanced":
-            from ..placement.packing import balance_rows
-
-            slots = balance_rows(uniq.reshape(1, -1, E), G, self.slots, refine=self.refine).reshape(-1, L, G, self.slots)
+        if name == "balanced" and not self.fields.get("restarts"):
+            # every unique row in one vectorised call (the same algorithm as place("balanced"))
+            slots = balance_rows(uniq.reshape(1, -1, E), G, self.slots,
+                                 refine=self.fields.get("refine", True)).reshape(-1, L, G, self.slots)
             shares = shares_from_slots(slots, E)
         else:
-            from ..placement.hierarchical import hierarchical_duplication
-
-            n = self.system.n_nodes
-            shares = np.stack([placement_share(hierarchical_duplication(u, G, self.slots, n, n, refine=self.refine))
+            shares = np.stack([place(name, u, G, self.slots, self.system.gpus_per_node, **self.fields).share()
                                for u in uniq])
         return shares[np.asarray(inverse).reshape(-1)]
 
 
-def make_place_fn(name: str, system: SystemSpec, n_experts: int, refine: bool = False,
-                  shape: ModelShape | None = None) -> PlaceFn:
-    return PlaceFn(name, system, n_experts, refine, shape)
+def make_place_fn(name: str, system: SystemSpec, n_experts: int, refine: bool | None = None,
+                  shape: ModelShape | None = None, **fields) -> PlaceFn:
+    return PlaceFn(name, system, n_experts, refine, shape, **fields)
 
 
 def _place_many(place, loads: np.ndarray) -> np.ndarray:
@@ -619,75 +619,3 @@ def oracle_bound(results: list[SimResult]) -> SimResult:
 
 def config_dict(cfg: ReplayConfig) -> dict[str, Any]:
     return asdict(cfg)
-
-
-# ---- command line: one replay -------------------------------------------------------------------
-
-
-def main() -> None:
-    """``python -m moegps.simulator.replay [trace=...] [system=...] [predictor=ema] ...`` (conf/simulate.yaml):
-    replay a trace's test split under the baseline, the oracle and the named predictors; write the
-    results rows, the per-layer side table and the resolved config beside them."""
-    import json
-    import time
-    from pathlib import Path
-
-    import hydra
-    from omegaconf import OmegaConf
-
-    from ..paths import register_resolvers
-    from ..results import write_rows
-    from .guide import GuideConfig, fit_predictors, hydra_system, load_workload, resolve_system, shape_for
-
-    register_resolvers()
-
-    @hydra.main(version_base="1.3", config_path="../../conf", config_name="simulate")
-    def app(raw) -> None:
-        from ..predictors.evaluate import split_by_request
-
-        config = OmegaConf.to_container(raw, resolve=True)
-        hydra_system(config)
-        t0 = time.perf_counter()
-        gcfg = GuideConfig(trace=config["trace"], limit=config["limit"], seed=config["seed"])
-        trace = load_workload(gcfg, config.get("skew", 1.0))
-        shape = shape_for(trace.meta, config["shape"])
-        system = resolve_system(config["system"])
-        train, test = split_by_request(trace, config["test_fraction"], config["seed"])
-        rcfg = ReplayConfig(**config["replay"])
-        batches = make_batches(test, system.n_gpus, trace.meta.n_experts, rcfg)
-        place = PlaceFn(config["placement"], system, trace.meta.n_experts, shape=shape)
-        plans = [static_plan(batches), oracle_plan(batches, place)]
-        for name, p in fit_predictors(train, list(config["predictors"]), config.get("predictor_args") or {}).items():
-            if hasattr(p, "predict"):
-                plans.append(token_plan(batches, p, place, system, config["interval"], name))
-            else:
-                plans.append(distribution_plan(batches, p, place, system, config["interval"], name))
-        results = [simulate(batches, p, shape, system, rcfg) for p in plans]
-        results.append(oracle_bound(results))
-        results[1].plan = "oracle_placement"
-        out = Path(config["out"])
-        variant = {k: config[k] for k in ("trace", "placement", "interval", "seed")}
-        variant["system"] = system.name
-        variant.update(replay=config["replay"], model_shape=shape.name)
-        rows = [r.row(variant, system) for r in results]
-        write_rows(rows, out / "rows.parquet")
-        side = pd.concat([r.per_layer(row["run_id"]) for r, row in zip(results, rows)], ignore_index=True)
-        side.to_parquet(out / "per_layer.parquet", index=False)
-        (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        base = results[0].total
-        print(f"{trace.meta.model}: {batches.n_steps} steps, {len(batches.step)} tokens x {batches.n_layers} layers "
-              f"on sim:{system.name} ({time.perf_counter() - t0:.1f} s)")
-        print(f"{'plan':<18} {'family':<13} {'total ms':>10} {'expert':>9} {'dispatch':>9} {'combine':>9} "
-              f"{'other':>8} {'pred':>7} {'migr':>8} {'speedup':>8}")
-        for r in results:
-            ms = r.totals_ms()
-            print(f"{r.plan:<18} {r.family:<13} {ms['total_ms']:10.2f} {ms['expert_ms']:9.2f} {ms['dispatch_ms']:9.2f} "
-                  f"{ms['combine_ms']:9.2f} {ms['other_ms']:8.2f} {ms['predictor_ms']:7.3f} {ms['migration_ms']:8.2f} "
-                  f"{base / r.total:8.3f}")
-        print(f"wrote {out}/rows.parquet, per_layer.parquet, config.json")
-
-    app()
-
-
-if __name__ == "__main__":
-    main()

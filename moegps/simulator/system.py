@@ -1,6 +1,6 @@
-"""What the simulator simulates on: a system profile (``SystemSpec``) and a model's layer shape (``ModelShape``).
+"""What the simulator simulates on: a system profile (``SystemSpec``). Model shapes: :mod:`moegps.shapes`.
 
-Profiles live in ``conf/system/<name>.yaml`` in human units (GB/s, TFLOP/s, microseconds); in
+Profiles live in ``moegps/conf/system/<name>.yaml`` in human units (GB/s, TFLOP/s, microseconds); in
 memory everything is SI (bytes/s, FLOP/s, seconds). Each profile says, per number, whether it is a
 datasheet value or a measurement (``provenance``), because a simulator is only as good as its
 inputs and users must know which inputs were checked.
@@ -175,7 +175,7 @@ def available_systems() -> list[str]:
 
 
 def load_system(name_or_path: str | Path, **overrides) -> SystemSpec:
-    """A profile by name (``conf/system/<name>.yaml``) or path; ``overrides`` in yaml units."""
+    """A profile by name (``moegps/conf/system/<name>.yaml``) or path; ``overrides`` in yaml units."""
     path = Path(name_or_path)
     if not path.suffix:
         path = SYSTEM_DIR / f"{name_or_path}.yaml"
@@ -190,77 +190,18 @@ def load_system(name_or_path: str | Path, **overrides) -> SystemSpec:
     return system_from_dict(raw, where=str(path))
 
 
-# ---- model layer shapes -----------------------------------------------------------------------
+def resolve_system(spec: Any) -> SystemSpec:
+    """A profile from a name, a path, or a mapping of yaml fields (what hydra's ``system`` group gives)."""
+    if isinstance(spec, SystemSpec):
+        return spec
+    if isinstance(spec, dict):
+        return system_from_dict(spec, where=f"moegps/conf/system/{spec.get('name', '?')}.yaml")
+    return load_system(spec)
 
 
-@dataclass
-class ModelShape:
-    """The sizes that set an MoE layer's cost (one MoE layer; all layers alike).
+def hydra_system(config: dict[str, Any]) -> None:
+    """Name the hydra-composed ``system`` mapping after the profile file it came from."""
+    from hydra.core.hydra_config import HydraConfig  # lazy: hydra only where a hydra app runs
 
-    ``attention_params``: weights of the non-MoE part per layer (attention projections, plus any
-    shared/dense experts), read once per step; ``other_flops_per_token`` defaults to 2 x those.
-    """
-
-    name: str = "mixtral-8x7b"
-    hidden: int = 4096
-    expert_ffn: int = 14336
-    n_experts: int = 8
-    top_k: int = 2
-    n_layers: int = 32
-    dtype_bytes: int = 2
-    gated: bool = True  # SwiGLU experts: gate, up and down matrices
-    attention_params: float = 4096 * (2 * 4096 + 2 * 1024)
-    other_us_per_token: float = 0.0  # extra per-token cost of the non-MoE part (e.g. KV-cache reads), us
-
-    @property
-    def expert_weight_bytes(self) -> float:
-        return (3 if self.gated else 2) * self.hidden * self.expert_ffn * self.dtype_bytes
-
-    @property
-    def expert_flops_per_token(self) -> float:
-        return 2.0 * (3 if self.gated else 2) * self.hidden * self.expert_ffn
-
-    @property
-    def token_bytes(self) -> float:
-        """Bytes of one token's hidden state sent in dispatch or combine."""
-        return float(self.hidden * self.dtype_bytes)
-
-
-MODEL_SHAPES: dict[str, ModelShape] = {
-    # Mixtral-8x7B-v0.1 config.json: hidden 4096, intermediate 14336, 8 experts top-2, 32 layers, GQA 32/8 heads
-    "mixtral-8x7b": ModelShape(),
-    # DeepSeek-V2-Lite config.json: hidden 2048, moe_intermediate 1408, 64 routed experts top-6,
-    # 26 MoE layers (layer 0 dense), 2 shared experts (counted with the non-MoE part), MLA attention
-    "deepseek-v2-lite": ModelShape(
-        name="deepseek-v2-lite", hidden=2048, expert_ffn=1408, n_experts=64, top_k=6, n_layers=26,
-        attention_params=2048 * 3072 + 2048 * 576 + 512 * 16 * 256 + 2048 * 2048 + 3 * 2048 * 2816,
-    ),
-}
-
-
-def model_shape(name: str, **overrides) -> ModelShape:
-    if name not in MODEL_SHAPES:
-        raise KeyError(f"unknown model shape {name!r}; known: {sorted(MODEL_SHAPES)} (or pass a ModelShape)")
-    return dataclasses.replace(MODEL_SHAPES[name], **overrides)
-
-
-def shape_from_meta(meta, fallback: str | None = None) -> ModelShape:
-    """A ModelShape from a trace's ``TraceMeta.model_config`` (Hugging Face config keys), or ``fallback``."""
-    cfg = meta.model_config or {}
-    hidden = cfg.get("hidden_size")
-    ffn = cfg.get("moe_intermediate_size") or cfg.get("intermediate_size")
-    if hidden and ffn:
-        heads = cfg.get("num_attention_heads", 1)
-        kv = cfg.get("num_key_value_heads", heads)
-        head_dim = cfg.get("head_dim", hidden // max(heads, 1))
-        attn = hidden * head_dim * (2 * heads + 2 * kv)
-        return ModelShape(
-            name=meta.model, hidden=int(hidden), expert_ffn=int(ffn), n_experts=meta.n_experts,
-            top_k=meta.top_k, n_layers=meta.n_layers, attention_params=float(attn),
-        )
-    if fallback is None:
-        raise KeyError(
-            f"trace of {meta.model!r}: model_config lacks hidden_size/intermediate_size; name a model shape "
-            f"from {sorted(MODEL_SHAPES)}"
-        )
-    return model_shape(fallback, n_experts=meta.n_experts, top_k=meta.top_k, n_layers=meta.n_layers)
+    if isinstance(config.get("system"), dict):
+        config["system"].setdefault("name", HydraConfig.get().runtime.choices.get("system", "custom"))
