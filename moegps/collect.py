@@ -296,7 +296,7 @@ def generate_and_record(
     generated: list[list[int]] = [[] for _ in range(B)]
     active = np.ones(B, dtype=bool)
     next_tokens = out.logits[:, -1].argmax(-1)
-    past = out.past_key_values
+    past = out.cache  # the KV cache (transformers >= 5.2x: `cache`, formerly `past_key_values`)
     for step in range(1, max_new_tokens + 1):
         tokens = next_tokens.cpu().numpy()
         for b in np.flatnonzero(active):
@@ -308,11 +308,11 @@ def generate_and_record(
         mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
         pos = torch.as_tensor(lens + step - 1, dtype=torch.long, device=device)[:, None]
         out = model(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=pos,
-                    past_key_values=past, use_cache=True)
+                    cache=past, use_cache=True)
         experts, weights = recorder.take(B)
         record.add(rid[active], step, (lens + step - 1)[active], tokens[active], experts[:, active], weights[:, active])
         next_tokens = out.logits[:, -1].argmax(-1)
-        past = out.past_key_values
+        past = out.cache
     return record, generated
 
 

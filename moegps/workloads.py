@@ -197,8 +197,13 @@ def align_token_ids(trace: RoutingTrace, reference: RoutingTrace) -> RoutingTrac
 
 def check_token_space(train: RoutingTrace, test: RoutingTrace, where: str = "") -> None:
     """Raise when ``train`` and ``test`` token ids live in different spaces (a token predictor fitted
-    on one and scored on the other would compare unrelated numbers)."""
+    on one and scored on the other would compare unrelated numbers). A test vocabulary that extends
+    the training one (new strings after it, :func:`align_token_ids`) is the same space."""
     a, b = token_space(train.meta), token_space(test.meta)
+    train_vocab = (train.meta.model_config or {}).get("token_vocab")
+    test_vocab = (test.meta.model_config or {}).get("token_vocab")
+    if train_vocab and test_vocab and test_vocab[:len(train_vocab)] == train_vocab:
+        return  # the test vocabulary extends the training one (align_token_ids): one id space
     if a != b:
         raise TraceError(f"{where or 'train/test'}: token ids of the training trace ({train.meta.model}, {a}) and "
                          f"the test trace ({test.meta.model}, {b}) come from different id spaces; token predictors "

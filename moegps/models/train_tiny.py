@@ -14,8 +14,8 @@ on the deduplicated text of :mod:`moegps.models.data` (five domain corpora + MML
 - Routing statistics (per-layer max/mean expert load per domain, oracle token-id hit rate) are
   measured on the held-out text during training and on the whole deduplicated text at the end.
 
-Variants: ``train=mixtral_tiny`` (8 experts, top-2) and ``train=mixtral_tiny_64e`` (64 experts,
-top-8), in ``moegps/conf/train/``. Every run writes, into ``out_dir`` (default: hydra's run folder):
+Variants: ``recipe=mixtral_tiny`` (8 experts, top-2) and ``recipe=mixtral_tiny_64e`` (64 experts,
+top-8), in ``moegps/conf/recipe/``. Every run writes, into ``out_dir`` (default: hydra's run folder):
 ``model/`` (``save_pretrained`` folder in ``save_dtype`` with ``train_log.json`` and
 ``reference_logits.npz``) and the resolved config. ``mode=card model_dir=...`` writes the model
 card of a trained folder (it needs the shared data's real routing counts for the comparison).
