@@ -104,7 +104,10 @@ def _solve_free(norm, G, S, pw, objective, time_limit):
     if res.x is None:
         raise RuntimeError(f"MILP found no placement: {res.message}")
     y = res.x[nx: 2 * nx].reshape(E, G)
-    y = np.where(y > 1e-9, y, 0.0)
+    # a share counts only where the solver placed a replica (x = 1): HiGHS leaves shares of ~1e-7 on
+    # GPUs whose x is zero within its integrality tolerance, which overfilled a GPU's slots
+    held = res.x[:nx].reshape(E, G) > 0.5
+    y = np.where(held & (y > 1e-9), y, 0.0)
     return y / y.sum(1, keepdims=True), float(res.fun)
 
 

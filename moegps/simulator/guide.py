@@ -101,7 +101,7 @@ def _variant_system(base: SystemSpec, gpus: int, link_gbps: float) -> SystemSpec
         if gpus != base.n_gpus:
             raise ValueError(f"{base.name}: a mesh profile keeps its {base.n_gpus} devices; set gpus=[{base.n_gpus}]")
         return base.replace(link_bandwidth=link_gbps * 1e9)
-    per_node = min(base.gpus_per_node, gpus)
+    per_node = gpus if base.topology == "full_mesh" else min(base.gpus_per_node, gpus)
     return base.replace(n_gpus=gpus, gpus_per_node=per_node, link_bandwidth=link_gbps * 1e9)
 
 

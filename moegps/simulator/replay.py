@@ -552,6 +552,8 @@ def simulate(batches: Batches, plan: Plan, shape: ModelShape, system: SystemSpec
         raise ValueError(f"batches were made for {G} GPUs, system {system.name} has {system.n_gpus}")
     if plan.share.shape[1:] != (L, E, G):
         raise ValueError(f"plan {plan.name}: share has shape {plan.share.shape}, expected [P, {L}, {E}, {G}]")
+    # the expert weights a GPU holds (every slot of the model's MoE layers) must fit in its memory
+    system.check_memory(system.slots_per_gpu(E), shape.n_moe_layers, shape.expert_weight_bytes)
     parts = {c: np.zeros((S, L)) for c in COMPONENTS}
     imbalance = np.ones((S, L))
     a2a_bytes = np.zeros((S, L))

@@ -75,6 +75,9 @@ class SystemSpec:
             bad("gpus_per_node", f"a divisor of n_gpus={self.n_gpus}")
         if self.topology not in TOPOLOGIES:
             bad("topology", f"one of {TOPOLOGIES}")
+        if self.topology != "switch" and self.gpus_per_node != self.n_gpus:
+            bad("gpus_per_node", f"n_gpus={self.n_gpus}: topology {self.topology} has no nodes (every device is on one "
+                "fabric), so gpus_per_node cannot be set to anything else")
         if self.topology == "mesh2d":
             if self.mesh_shape is None or len(self.mesh_shape) != 2 or self.mesh_shape[0] * self.mesh_shape[1] != self.n_gpus:
                 bad("mesh_shape", f"(rows, cols) with rows * cols = n_gpus = {self.n_gpus}")
@@ -101,6 +104,15 @@ class SystemSpec:
         import numpy as np
 
         return np.arange(self.n_gpus) // self.gpus_per_node
+
+    def check_memory(self, slots_per_gpu: int, layers: int, expert_bytes: float) -> None:
+        """Raise when ``slots_per_gpu`` expert slots of ``expert_bytes`` for ``layers`` MoE layers exceed a
+        GPU's memory (``memory_gb``): such a placement cannot be served."""
+        need = slots_per_gpu * layers * expert_bytes
+        if need > self.memory_bytes:
+            raise SystemSpecError(f"{self.name}: {slots_per_gpu} expert slots x {layers} MoE layers x "
+                                  f"{expert_bytes / 1e6:.1f} MB = {need / 1e9:.1f} GB per GPU exceed memory_gb="
+                                  f"{self.memory_bytes / 1e9:g}")
 
     def slots_per_gpu(self, n_experts: int) -> int:
         """Expert slots per GPU for a model of ``n_experts``: an even share plus the extra slots."""
@@ -153,6 +165,10 @@ def system_from_dict(raw: dict[str, Any], where: str = "<dict>") -> SystemSpec:
             raise SystemSpecError(
                 f"{where}: unknown field '{key}'; known: {sorted(list(_UNITS) + list(_PLAIN) + ['provenance'])}"
             )
+    unused = [k for k in ("inter_node_gbps", "inter_node_latency_us") if k in raw]
+    if unused and kwargs.get("topology", "switch") != "switch":
+        raise SystemSpecError(f"{where}: field(s) {unused} cannot be set for topology {kwargs['topology']!r}: it has no "
+                              "nodes, so nothing crosses between them (remove them)")
     try:
         spec = SystemSpec(provenance=provenance, **kwargs)
     except SystemSpecError as e:
