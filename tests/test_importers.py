@@ -12,8 +12,8 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
-from moegps.importers import safe_pickle
-from moegps.importers.safe_pickle import UnsafePickleError
+from moegps import safe_pickle
+from moegps.safe_pickle import UnsafePickleError
 from moegps.trace import TraceError
 
 DS_FILES = ["prompt_1_data.csv", "prompt_2_data.csv", "prompt_150_data.csv"]

@@ -16,7 +16,7 @@ pass per sequence recorded the top-k expert ids (by router logit) at layers 0, 7
   the token ids (the model's tokenizer) routed to it. ``olmoe/eid2token/c4.pkl`` is missing upstream.
 
 These are aggregate counts: real load vectors, but with no token order, batches or sequences.
-All files are read through :mod:`moegps.importers.safe_pickle`.
+All files are read through :mod:`moegps.safe_pickle`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import scipy.sparse as sp
 
 from ..paths import shared_data
 from ..trace import ExpertLoads
-from . import safe_pickle
+from .. import safe_pickle
 
 LAYER_IDS = [0, 7, 15]
 LAYER_PAIRS = [(0, 7), (7, 15)]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import string
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,10 +36,12 @@ import numpy as np
 import torch
 
 from moegps.models.data import DOMAINS, MMLU_DOMAIN, SPLIT_HELDOUT, SPLIT_TRAIN, load_tokens
-from moegps.paths import CONF_DIR
+from moegps import safe_pickle
+from moegps.paths import CONF_DIR, shared_data
 
 CORPUS_DOMAINS = tuple(d for d in DOMAINS if d != MMLU_DOMAIN)
 VOCAB_SIZE = 32000
+CARD_TEMPLATE = Path(__file__).with_name("model_card.md")  # the card's prose; write_model_card fills in the numbers
 
 
 @dataclass
@@ -498,28 +501,17 @@ def real_routing_reference(model: str = "mistral") -> dict:
     7, 15; Mixtral-8x7B top-2 for "mistral", OLMoE-1B-7B top-8 for "olmoe"). Returns
     {"load_skew": {domain: [3]}, "token_id_hit_rate": {domain: [3]}, "layers": [0, 7, 15]}.
     """
-    from moegps.paths import shared_data
-
-    try:  # the project's safe loader where it exists; these files are trusted either way
-        from moegps.importers.safe_pickle import load as _load
-    except ImportError:
-        import pickle
-
-        def _load(path):
-            with open(path, "rb") as f:
-                return pickle.load(f)
-
     n_experts, top_k = (8, 2) if model == "mistral" else (64, 8)
     root = shared_data("olmoe-routing", model)
     out = {"layers": [0, 7, 15], "load_skew": {}, "token_id_hit_rate": {}, "top_k": top_k, "n_experts": n_experts}
     for path in sorted((root / "expert_counts").glob("*.pkl")):
-        layers = _load(path)
+        layers = safe_pickle.load(path)
         counts = np.array([[c.get(e, 0) for e in range(n_experts)] for c in layers], np.float64)
         out["load_skew"][path.stem] = load_skew(counts).round(4).tolist()
         e2t = root / "eid2token" / path.name
         if e2t.exists():
             hits = []
-            for per_expert in _load(e2t):
+            for per_expert in safe_pickle.load(e2t):
                 ids = sorted({int(t) for c in per_expert.values() for t in c})
                 index = {t: i for i, t in enumerate(ids)}
                 table = np.zeros((len(ids), n_experts), np.int64)
@@ -552,106 +544,51 @@ def write_model_card(folder: Path, cfg: TrainConfig | None = None) -> Path:
     size = sum(log["storage"]["bytes"].values())
     real_skew = [v for vals in real["load_skew"].values() for v in vals]
     ours_skew = [v for d in CORPUS_DOMAINS for v in log["full_text"]["load_skew"][d]]
-    lines = [
-        f"# {log['name']}: a small trained Mixtral-architecture model (moegps)",
-        "",
-        f"`transformers.MixtralForCausalLM` trained from scratch by moegps for routing studies: {shape['num_local_experts']} "
-        f"experts, top-{shape['num_experts_per_tok']}, real Mixtral tokenizer (mistral-common `tokenizer.model.v1`, "
-        "32,000 tokens). It loads with `MixtralForCausalLM.from_pretrained(<this folder>)`: the same code path as "
-        "a real Mixtral checkpoint. Routing that resembles a real trained router matters more here than fluent text.",
-        "",
-        "## Architecture",
-        "",
-        "| field | value |", "| --- | --- |",
-        *[f"| {k} | {v} |" for k, v in shape.items()],
-        "| tied input/output embedding | yes (stored once) |",
-        f"| parameters | {log['parameters']:,} ({log['parameters_without_embedding']:,} without the embedding) |",
-        f"| stored as | {log['storage']['dtype']} safetensors, {size / 2**20:.1f} MiB in this folder |",
-        "",
-        "## Data",
-        "",
-        "The five domain corpora of `olmoe-routing/text` (the texts of the real Mixtral/OLMoE routing counts) and "
-        "the MMLU dev questions as answered prompts; MMLU test (the tracing workload) is unseen. Each corpus "
-        "file holds its text about twice, so documents are cut by content and duplicates removed before a "
-        f"seeded held-out split by document ({log['data']['settings']}); see `moegps/models/data.py`.",
-        "",
-        "| domain | documents cut | exact dups removed | near dups removed | train docs | held-out docs | train tokens | held-out tokens |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        *[f"| {d} | {stats['documents'][d]} | {stats['exact_duplicates'][d]} | {stats['near_duplicates'][d]} | "
-          f"{stats['train_documents'][d]} | {stats['heldout_documents'][d]} | {stats['train_tokens'][d]:,} | "
-          f"{stats['heldout_tokens'][d]:,} |" for d in DOMAINS],
-        "",
-        "## Training",
-        "",
-        f"Command: `{log['command']}` (resolved config in `train_log.json`). Device: {log['device']}; torch "
-        f"{log['torch']}, transformers {log['transformers']}, experts implementation `{log['experts_implementation']}`.",
-        f"Router aux-loss coefficient {c['router_aux_loss_coef']} "
-        f"({'per layer' if c['aux_loss_per_layer'] else 'transformers Mixtral loss, pooled over layers'}); "
-        f"AdamW lr {c['lr']}, batch {c['batch_size']} x {c['seq_len']} tokens, early stopping on held-out loss "
-        f"(patience {c['patience']} evaluations, {c['evals_per_epoch']} per epoch). Stopped: {log['stop_reason']} after "
-        f"{log['steps']} steps ({log['tokens_seen']:,} tokens, {log['wall_seconds']:.0f} s); best checkpoint at step "
-        f"{log['best']['step']} (epoch {log['best']['epoch']}) kept.",
-        "",
-        "## Held-out perplexity (trained vs untrained)",
-        "",
-        "| domain | untrained | trained (best checkpoint) |", "| --- | --- | --- |",
-        *[f"| {d} | {log['untrained']['perplexity_by_domain'][d]:,.0f} | {log['best']['perplexity_by_domain'][d]:,.1f} |"
-          for d in DOMAINS],
-        f"| **all** | {log['untrained']['perplexity']:,.0f} | **{log['best']['perplexity']:,.1f}** |",
-        "",
-        "## Routing",
-        "",
-        f"Per-layer max/mean expert load (1.0 = perfectly even) of the bundled model on each domain's whole "
-        f"deduplicated text (train + held-out, {c['seq_len']}-token windows), next to the real {real_name} counts "
-        f"(`olmoe-routing/{'olmoe' if is_fine else 'mistral'}/expert_counts`, layers 0, 7, 15 of 16).",
-        "",
-        "| domain | bundled, per layer | real " + real_name + " (layers 0, 7, 15) |", "| --- | --- | --- |",
-        *[f"| {d} | {', '.join(f'{v:.2f}' for v in log['full_text']['load_skew'][d])} | "
-          f"{', '.join(f'{v:.2f}' for v in real['load_skew'].get(_real_domain(d), []))} |" for d in CORPUS_DOMAINS],
-        "",
-        f"Range: bundled {min(ours_skew):.2f}-{max(ours_skew):.2f}; real {real_name} {min(real_skew):.2f}-{max(real_skew):.2f}. "
-        f"Held-out text alone: {_range(log['best']['load_skew'])}.",
-        "",
-        f"Oracle token-id hit rate (share of top-{shape['num_experts_per_tok']} selections that the per-token-id "
-        f"most-frequent experts cover; {shape['num_experts_per_tok'] / shape['num_local_experts']:.2f} = no "
-        "specialisation by token id):",
-        "",
-        "| domain | bundled, per layer | real " + real_name + " (layers 0, 7, 15) |", "| --- | --- | --- |",
-        *[f"| {d} | {', '.join(f'{v:.2f}' for v in log['full_text']['token_id_hit_rate'][d])} | "
-          f"{', '.join(f'{v:.2f}' for v in real['token_id_hit_rate'].get(_real_domain(d), []))} |" for d in CORPUS_DOMAINS],
-        "",
-        "Numbers produced by `python -m moegps.models.train_tiny` (held-out perplexity, load, hit rate; "
-        f"`train_log.json`) and `python -m moegps.models.train_tiny mode=card model_dir={_rel(folder)}` (this card, "
-        "reading the real counts).",
-        "",
-        "Trained vs untrained router on the same text (first "
-        f"{check['tokens_per_domain']:,} tokens of each domain, this folder vs the seeded initialisation "
-        "the training started from, computed on a CPU by the card command; `routing_check.json`):",
-        "",
-        "| | max/mean load, range over domains and layers | token-id hit rate per layer (mean over domains) | perplexity on this text (90% of it training text) |",
-        "| --- | --- | --- | --- |",
-        *[f"| {label} | {_range(check[label]['load_skew'])} | "
-          f"{', '.join(f'{v:.2f}' for v in np.mean([check[label]['token_id_hit_rate'][d] for d in CORPUS_DOMAINS], axis=0))} | "
-          f"{check[label]['perplexity']:,.1f} |" for label in ("untrained", "trained")],
-        "",
-        *_sweep_table(sweep.get(log["name"])),
-        "## More or less skewed than the real model, and why",
-        "",
-        *_skew_discussion(log, real, real_name),
-        "",
-        *_why(log, real, real_name, is_fine),
-        "",
-        *_why_untrained(check),
-        "",
-        "## Files",
-        "",
-        "`config.json`, `generation_config.json`, `model.safetensors` (weights), `train_log.json` (command, config, "
-        "data counts, history, routing statistics), `reference_logits.npz` (float32 CPU logits of the stored "
-        "weights on a fixed input, for `tests/test_bundled_model.py`), `sweep.json` (the runs compared), "
-        "`routing_check.json` (trained vs untrained routing, from the card command).",
-    ]
+    check_labels = ("untrained", "trained")
+    fields = {
+        "name": log["name"], "n_experts": shape["num_local_experts"], "top_k": shape["num_experts_per_tok"],
+        "architecture_rows": "\n".join(f"| {k} | {v} |" for k, v in shape.items()),
+        "parameters": f"{log['parameters']:,}", "parameters_without_embedding": f"{log['parameters_without_embedding']:,}",
+        "dtype": log["storage"]["dtype"], "size_mib": f"{size / 2**20:.1f}", "data_settings": log["data"]["settings"],
+        "data_rows": "\n".join(
+            f"| {d} | {stats['documents'][d]} | {stats['exact_duplicates'][d]} | {stats['near_duplicates'][d]} | "
+            f"{stats['train_documents'][d]} | {stats['heldout_documents'][d]} | {stats['train_tokens'][d]:,} | "
+            f"{stats['heldout_tokens'][d]:,} |" for d in DOMAINS),
+        "command": log["command"], "device": log["device"], "torch": log["torch"], "transformers": log["transformers"],
+        "experts_implementation": log["experts_implementation"], "aux_coef": c["router_aux_loss_coef"],
+        "aux_form": "per layer" if c["aux_loss_per_layer"] else "transformers Mixtral loss, pooled over layers",
+        "lr": c["lr"], "batch_size": c["batch_size"], "seq_len": c["seq_len"], "patience": c["patience"],
+        "evals_per_epoch": c["evals_per_epoch"], "stop_reason": log["stop_reason"], "steps": log["steps"],
+        "tokens_seen": f"{log['tokens_seen']:,}", "wall_seconds": f"{log['wall_seconds']:.0f}",
+        "best_step": log["best"]["step"], "best_epoch": log["best"]["epoch"],
+        "perplexity_rows": "\n".join(
+            f"| {d} | {log['untrained']['perplexity_by_domain'][d]:,.0f} | {log['best']['perplexity_by_domain'][d]:,.1f} |"
+            for d in DOMAINS),
+        "untrained_perplexity": f"{log['untrained']['perplexity']:,.0f}", "best_perplexity": f"{log['best']['perplexity']:,.1f}",
+        "real_name": real_name, "real_folder": "olmoe" if is_fine else "mistral",
+        "skew_rows": "\n".join(
+            f"| {d} | {', '.join(f'{v:.2f}' for v in log['full_text']['load_skew'][d])} | "
+            f"{', '.join(f'{v:.2f}' for v in real['load_skew'].get(_real_domain(d), []))} |" for d in CORPUS_DOMAINS),
+        "ours_range": f"{min(ours_skew):.2f}-{max(ours_skew):.2f}", "real_range": f"{min(real_skew):.2f}-{max(real_skew):.2f}",
+        "heldout_range": _range(log["best"]["load_skew"]),
+        "no_specialisation": f"{shape['num_experts_per_tok'] / shape['num_local_experts']:.2f}",
+        "hit_rows": "\n".join(
+            f"| {d} | {', '.join(f'{v:.2f}' for v in log['full_text']['token_id_hit_rate'][d])} | "
+            f"{', '.join(f'{v:.2f}' for v in real['token_id_hit_rate'].get(_real_domain(d), []))} |" for d in CORPUS_DOMAINS),
+        "folder": _rel(folder), "check_tokens": f"{check['tokens_per_domain']:,}",
+        "check_rows": "\n".join(
+            f"| {label} | {_range(check[label]['load_skew'])} | "
+            f"{', '.join(f'{v:.2f}' for v in np.mean([check[label]['token_id_hit_rate'][d] for d in CORPUS_DOMAINS], axis=0))} | "
+            f"{check[label]['perplexity']:,.1f} |" for label in check_labels),
+        # the sections whose prose depends on the numbers (which model is more skewed, and why)
+        "generated_sections": "\n".join([
+            *_sweep_table(sweep.get(log["name"])),
+            "## More or less skewed than the real model, and why", "", *_skew_discussion(log, real, real_name), "",
+            *_why(log, real, real_name, is_fine), "", *_why_untrained(check), ""]),
+    }
+    text = string.Template(CARD_TEMPLATE.read_text()).substitute(fields)
     path = folder / "MODEL_CARD.md"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(text)
     return path
 
 
