@@ -42,10 +42,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from moegps import __version__
-from moegps.models.adapters import MoERouter, family_of, find_routers, routing_from_output
-from moegps.paths import CONF_DIR, PROJECT_ROOT, git_commit, register_resolvers
-from moegps.prompts import Prompt, load_prompts
 from moegps.files import atomic_path
+from moegps.models.adapters import MoERouter, family_of, find_routers, routing_from_output
+from moegps.models.tokenizer import mixtral_tokenizer
+from moegps.paths import CONF_DIR, PROJECT_ROOT, git_commit, register_resolvers
+from moegps.prompts import Prompt, PromptError, load_prompts
 from moegps.trace import RoutingTrace, TraceMeta
 
 SHARD_PATTERN = "shard-{:05d}.parquet"
@@ -165,7 +166,6 @@ def load_tokenizer(kind: str, source: str, model) -> Tokenizer:
     """``mixtral``: the real Mixtral SentencePiece tokenizer; ``auto``: the checkpoint's own."""
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     if kind == "mixtral":
-        from moegps.models.tokenizer import mixtral_tokenizer
 
         tok = mixtral_tokenizer()
         if model.config.vocab_size < tok.vocab_size:
@@ -479,7 +479,6 @@ def collect(cfg: DictConfig, on_shard: Callable[[Path, int], None] | None = None
 # entry point works however it is called (python -m, an imported main(), a console script)
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="collect")
 def main(cfg: DictConfig) -> None:
-    from moegps.prompts import PromptError
 
     try:
         out = collect(cfg)

@@ -23,6 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from .files import atomic_path
+from .importers.olmoe_routing import (
+    LAYER_IDS, available_domains, load_crosslayer_counts, load_eid2token, load_expert_counts,
+)
+from .results import read_results
 from .trace import RoutingTrace
 
 # ---- statistics (arrays in, arrays out) ---------------------------------------------------------
@@ -178,13 +182,6 @@ def _trace_rows(trace: RoutingTrace, label: str, group: str) -> tuple[list[dict]
 
 def _reference_rows(model: str) -> tuple[list[dict], dict]:
     """The same statistics from the real OLMoE-paper counts of ``model`` (per domain)."""
-    from .importers.olmoe_routing import (
-        LAYER_IDS,
-        available_domains,
-        load_crosslayer_counts,
-        load_eid2token,
-        load_expert_counts,
-    )
 
     loads = load_expert_counts(model, [d for d in available_domains(model) if d != "tulu"])
     label = {"mistral": "real Mixtral-8x7B", "olmoe": "real OLMoE-1B-7B"}[model]
@@ -379,7 +376,6 @@ def _routing_plots(out: Path, meta, plots: dict, refs: dict, label: str) -> dict
     plt.close(fig)
 
     # 2. skew and token-id hit rate per layer, real models as bands (their layers 0, 7, 15)
-    from .importers.olmoe_routing import LAYER_IDS
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 5.2))
     x = np.arange(meta.n_layers)
@@ -464,8 +460,6 @@ def load_results(path: str | Path):
     (baseline time / time; the baseline row of the same run, ``config.role == "baseline"``),
     ``predictor_us_per_token`` (predictor time on the critical path per token, microseconds) and
     ``predictor_work_us_per_token`` (all its work per token, hidden behind GEMMs or not)."""
-
-    from .results import read_results
 
     path = Path(path)
     df = read_results(path / "runs" if (path / "runs").is_dir() else path)

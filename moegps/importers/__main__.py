@@ -15,8 +15,11 @@ import time
 
 import numpy as np
 
+from ..files import atomic_path
 from ..trace import RoutingTrace
 from .deepseek_csv import read_deepseek_csv
+from .olmoe_routing import load_expert_counts
+from .reconstruct import domain_token_stream, fidelity, mmlu_token_stream, reconstruct_mixtral_trace
 
 
 def _summary(trace) -> str:
@@ -46,9 +49,6 @@ def cmd_deepseek_csv(args):
 def cmd_olmoe_counts(args):
     import pandas as pd
 
-    from ..files import atomic_path
-    from .olmoe_routing import load_expert_counts
-
     loads = load_expert_counts(args.model, args.domains, top1=args.top1)
     imb = loads.imbalance()
     print(f"{loads.source}: top_k={loads.top_k}; max/mean expert load per layer")
@@ -71,7 +71,6 @@ def cmd_olmoe_counts(args):
 
 
 def cmd_reconstruct_mixtral(args):
-    from .reconstruct import domain_token_stream, mmlu_token_stream, reconstruct_mixtral_trace
 
     rng = np.random.default_rng(args.seed)
     if args.domain_text:
@@ -96,8 +95,6 @@ def cmd_reconstruct_mixtral(args):
 
 def cmd_reconstruct_fidelity(args):
     import pandas as pd
-
-    from .reconstruct import fidelity
 
     rng = np.random.default_rng(args.seed)
     rows = [r for d in args.domains for r in fidelity(d, rng, smoothing=args.smoothing)]

@@ -37,8 +37,13 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..models.tokenizer import mixtral_tokenizer
+from ..paths import shared_data
+from ..prompts import load_mmlu
 from ..trace import RoutingTrace, TraceMeta
-from .olmoe_routing import DOMAINS, LAYER_IDS, MODELS, load_crosslayer_counts, load_eid2token, load_expert_counts
+from .olmoe_routing import (
+    DOMAINS, LAYER_IDS, MODELS, domain_text_path, load_crosslayer_counts, load_eid2token, load_expert_counts,
+)
 
 MODEL = "mistral"
 N_EXPERTS, TOP_K, VOCAB, MODEL_ID = MODELS[MODEL]
@@ -261,12 +266,9 @@ def reconstruct_mixtral_trace(
 def mmlu_token_stream(limit: int | None = None, split: str = "test") -> tuple[list[np.ndarray], list[str]]:
     """MMLU questions (``shared/data/mmlu/<split>``) as zero-shot prompts tokenised with the Mixtral
     tokenizer (BOS first): ``([token ids per question], [subject per question])``, sorted by file."""
-    from ..models.tokenizer import mixtral_tokenizer
-    from ..paths import shared_data
 
     folder = shared_data("mmlu", split)
     try:
-        from ..prompts import load_mmlu
 
         prompts = load_mmlu(folder, limit=limit)
         texts, subjects = [p.text for p in prompts], [p.subject for p in prompts]
@@ -295,8 +297,6 @@ def domain_token_stream(domain: str, n_tokens: int = 102 * 2048, chunk: int = 20
     """The first ``n_tokens`` Mixtral tokens of a routing-statistics domain text, in ``chunk``-token
     requests: the token stream the real statistics of ``domain`` were counted on (BOS once, at the
     start, as the OLMoE script tokenised the whole file)."""
-    from ..models.tokenizer import mixtral_tokenizer
-    from .olmoe_routing import domain_text_path
 
     text = domain_text_path(domain).read_text(encoding="utf-8")
     # ~2.2 characters per token in these texts: tokenise only a generous prefix

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from moegps.paths import shared_data
+from moegps.models.tokenizer import mixtral_tokenizer
 
 # domain name -> file in olmoe-routing/text (names follow the routing pickles: b3g is "book")
 CORPUS_FILES = {
@@ -208,7 +209,6 @@ def tokenize_corpus(corpus: Corpus, tokenizer=None) -> dict[str, np.ndarray]:
     and ``meta`` (a JSON string: tokenizer, settings and CorpusStats).
     """
     if tokenizer is None:
-        from moegps.models.tokenizer import mixtral_tokenizer
 
         tokenizer = mixtral_tokenizer()
     ids = tokenizer.encode(corpus.texts, bos=True)

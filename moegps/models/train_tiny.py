@@ -35,8 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moegps.models.data import DOMAINS, MMLU_DOMAIN, SPLIT_HELDOUT, SPLIT_TRAIN, load_tokens
 from moegps import safe_pickle
+from moegps.models.data import (
+    DOMAINS, MMLU_DOMAIN, SPLIT_HELDOUT, SPLIT_TRAIN, build_corpus, load_tokens, save_tokens, tokenize_corpus,
+)
 from moegps.paths import CONF_DIR, shared_data
 
 CORPUS_DOMAINS = tuple(d for d in DOMAINS if d != MMLU_DOMAIN)
@@ -597,8 +599,6 @@ def trained_vs_untrained_routing(folder: Path, cfg: TrainConfig) -> dict:
     on the same text: the first ``cfg.card_tokens_per_domain`` tokens of each domain's
     deduplicated text, on the CPU. Returns {"trained"|"untrained": {"load_skew", "token_id_hit_rate"}}."""
     from transformers import MixtralForCausalLM
-
-    from moegps.models.data import build_corpus, save_tokens, tokenize_corpus
 
     log = json.loads((folder / "train_log.json").read_text())
     tokens = Path(cfg.tokens)

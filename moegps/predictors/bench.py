@@ -20,7 +20,9 @@ import time
 import numpy as np
 import pandas as pd
 
+from ..files import atomic_path
 from ..workloads import load_trace, split_by_request
+from . import make
 from .base import BatchContext
 from .batching import token_batch
 
@@ -94,7 +96,6 @@ def measure_latency(predictor, tokens, past_loads, sizes=SIZES, repeats: int = 2
 
 def bench(trace_spec: str = "random", names=DEFAULT, sizes=SIZES, device: str = "cpu", repeats: int = 20,
           limit: int | None = None, threads: int = 1) -> pd.DataFrame:
-    from . import make
 
     if threads:
         import torch
@@ -149,7 +150,6 @@ def main(argv=None) -> None:
     print("floor = bytes read / bandwidth (us):")
     print((df.pivot(index="predictor", columns="tokens", values="floor_s") * 1e6).round(3).to_string())
     if a.out:
-        from ..files import atomic_path
 
         with atomic_path(a.out) as tmp:
             df.to_csv(tmp, index=False)

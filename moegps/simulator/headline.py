@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from ..files import save_png
 
 MOE_GPS_CLAIM = 0.23  # MoE-GPS (arXiv 2506.07366): distribution-only beats token-to-expert by "more than 23%"
 
@@ -40,8 +41,6 @@ def plot_headline(table: pd.DataFrame, path: Path, title: str = "") -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..files import save_png
 
     labels = list(dict.fromkeys(table["label"]))
     modes = [m for m in ("dp", "tp") if m in set(table["attention"])]

@@ -36,11 +36,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..trace import RoutingTrace, TokenRouting
-from . import cost
 from ..placement.algorithms import canonical, check_fields, place
 from ..placement.packing import balance_rows
+from ..predictors.base import BatchContext
+from ..predictors.batching import token_batch
+from ..results import make_row
 from ..shapes import ModelShape
+from ..trace import RoutingTrace, TokenRouting
+from . import cost
 from .system import SystemSpec
 
 
@@ -387,7 +390,6 @@ def distribution_plan(batches: Batches, predictor, place: PlaceFn, system: Syste
     context (phase, size, token ids); its forecast fractions x the batch's selections are the loads
     the placement balances.
     """
-    from ..predictors.base import BatchContext
 
     S, L, E, k = batches.n_steps, batches.n_layers, batches.n_experts, batches.experts.shape[2]
     replan = _replan_steps(S, interval)
@@ -421,7 +423,6 @@ def distribution_plan(batches: Batches, predictor, place: PlaceFn, system: Syste
 def predict_tokens(batches: Batches, predictor, window: int = 8) -> np.ndarray:
     """``[T, L, k]`` a TokenPredictor's forecasts for the replayed tokens (one call, whole trace;
     cross-layer predictors see the true routing of earlier layers only, as their protocol says)."""
-    from ..predictors.batching import token_batch
 
     tb = token_batch(batches.routing, window=window)
     if batches.keep is not None and not batches.keep.all():
@@ -518,7 +519,6 @@ class SimResult:
 
     def row(self, config: dict[str, Any], system: SystemSpec) -> dict[str, Any]:
         """One results row (``moegps.results``) for this run."""
-        from ..results import make_row
 
         return make_row(
             {**config, "plan": self.plan, "family": self.family}, backend="sim", device=f"sim:{system.name}",
