@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from ..predictors import make
-from ..results import write_rows
 from ..shapes import ModelShape
 from ..trace import TokenRouting
 from ..workloads import TrainTest, check_token_space, train_test, trace_shape
@@ -133,10 +132,6 @@ def result_rows(results: list[SimResult], variant: dict[str, Any], system: Syste
     """One ``moegps.results`` row per result, with the variant, the model shape and the split."""
     base = {**variant, "model_shape": work.shape.name, **work.data.as_row(), "protocol": work.data.describe()}
     return [r.row(base, system) for r in results]
-
-
-def write_result_rows(rows: list[dict], path) -> Any:
-    return write_rows(rows, path)
 
 
 def speedups(results: list[SimResult]) -> np.ndarray:

@@ -247,11 +247,6 @@ class PlaceFn:
         return shares[np.asarray(inverse).reshape(-1)]
 
 
-def make_place_fn(name: str, system: SystemSpec, n_experts: int, refine: bool | None = None,
-                  shape: ModelShape | None = None, **fields) -> PlaceFn:
-    return PlaceFn(name, system, n_experts, refine, shape, **fields)
-
-
 def _place_many(place, loads: np.ndarray) -> np.ndarray:
     """Apply any placement callable to ``loads [N, L, E]`` -> ``[N, L, E, G]``."""
     if hasattr(place, "many"):
