@@ -41,7 +41,8 @@ def cmd_deepseek_csv(args):
                              "(metadata field model_config.token_vocab)")
     t = time.perf_counter()
     trace = read_deepseek_csv(args.path, limit=args.limit, vocab=vocab)
-    print(f"read {' '.join(args.path)} in {time.perf_counter() - t:.1f} s: {_summary(trace)}")
+    where = args.path[0] if len(args.path) == 1 else f"{len(args.path)} paths ({args.path[0]} ... {args.path[-1]})"
+    print(f"read {where} in {time.perf_counter() - t:.1f} s: {_summary(trace)}")
     trace.write(args.out)
     print(f"wrote {args.out}")
 
