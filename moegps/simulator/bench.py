@@ -19,7 +19,7 @@ import numpy as np
 
 from ..trace import TokenRouting
 from .replay import PlaceFn, ReplayConfig, make_batches, oracle_plan, simulate, static_plan
-from ..shapes import from_name as model_shape
+from ..shapes import from_name
 from .system import load_system
 
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(0)
     routing = synthetic_routing(rng, args.tokens, args.layers, args.experts, args.top_k)
     system = load_system("h100_8gpu").replace(n_gpus=args.gpus, gpus_per_node=min(args.gpus, 8))
-    shape = model_shape("mixtral-8x7b", n_experts=args.experts, top_k=args.top_k)
+    shape = from_name("mixtral-8x7b", n_experts=args.experts, top_k=args.top_k)
     cfg = ReplayConfig(batch_size=args.batch_size)
     tl = args.tokens * args.layers
 

@@ -25,7 +25,7 @@ from scipy.optimize import least_squares
 
 from ..shapes import names as shape_names
 from . import cost
-from ..shapes import ModelShape, from_name as model_shape
+from ..shapes import ModelShape, from_name
 from .system import SystemSpec, load_system
 
 DEFAULT_FREE = ("hbm_bandwidth", "matmul_flops", "expert_launch", "layer_overhead", "link_bandwidth", "link_latency")
@@ -129,7 +129,7 @@ def cases_from_kernel_bench(path, method: str = "ours") -> list[Case]:
         if row["shape"] not in shape_names() or not np.isfinite(row[f"{method}_us"]):
             continue
         E, k, active = int(row["E"]), int(row["k"]), int(row["active_experts"])
-        shape = model_shape(row["shape"], hidden=int(row["H"]), expert_ffn=int(row["F"]),
+        shape = from_name(row["shape"], hidden=int(row["H"]), expert_ffn=int(row["F"]),
                             n_experts=E, top_k=k)
         tokens = np.zeros((1, E))
         tokens[0, :active] = row["tokens"] * k / active
@@ -163,7 +163,7 @@ def synthetic_cases(rng: np.random.Generator, shape: ModelShape, truth: SystemSp
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--system", default="h100_8gpu")
-    parser.add_argument("--model", default="mixtral-8x7b")
+    parser.add_argument("--model", default="mixtral-8x7b", choices=shape_names(), help="model shape (moegps.shapes)")
     parser.add_argument("--noise", type=float, default=0.03, help="relative noise of the synthetic measurements")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kernel-bench", nargs="+", metavar="CSV",
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.kernel_bench:
         return kernel_bench_report(args.kernel_bench, args.system)
     rng = np.random.default_rng(args.seed)
-    shape = model_shape(args.model)
+    shape = from_name(args.model)
     start = load_system(args.system)
     # the "truth" differs from the profile by factors a real calibration would have to find
     truth = start.replace(hbm_bandwidth=start.hbm_bandwidth * 0.8, matmul_flops=start.matmul_flops * 0.7,
@@ -196,7 +196,7 @@ def kernel_bench_report(paths: list[str], system_name: str = "h100_8gpu") -> pd.
     start = load_system(system_name)
     free = ("hbm_bandwidth", "matmul_flops", "expert_launch", "layer_overhead", "roofline_p")
     train = cases_from_kernel_bench(paths[0])
-    fitted, _ = fit(train, model_shape("mixtral-8x7b"), start, free)
+    fitted, _ = fit(train, from_name("mixtral-8x7b"), start, free)
     print(f"expert-roofline calibration of {system_name} to {paths[0]} ({len(train)} measured MoE layers)")
     print(f"{'parameter':>16} {'profile':>12} {'fitted':>12}")
     for name in free:
@@ -206,7 +206,7 @@ def kernel_bench_report(paths: list[str], system_name: str = "h100_8gpu") -> pd.
     for path in paths:
         cases = cases_from_kernel_bench(path)
         for label, spec in (("profile", start), ("fitted", fitted)):
-            t = error_table(cases, model_shape("mixtral-8x7b"), spec).assign(file=str(path), params=label)
+            t = error_table(cases, from_name("mixtral-8x7b"), spec).assign(file=str(path), params=label)
             tables.append(t)
             print(f"{label:>8} on {path}: mean |error| {t.abs_error_pct.mean():.1f}%, median "
                   f"{t.abs_error_pct.median():.1f}%, max {t.abs_error_pct.max():.1f}%")
