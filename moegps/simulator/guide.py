@@ -1,10 +1,11 @@
 """The predictor-selection guide: which predictor family, and which predictor, wins end to end where.
 
 ``python -m moegps.simulator.guide [trace=deepseek|synthetic|<trace>] [system=h100_8gpu] [link_gbps=[...]]
-[batch_sizes=[...]] [gpus=[...]] [skews=[...]] ...`` (moegps/conf/guide.yaml) fits every predictor on a
-training split of the trace (whole requests), replays the test split under each of them, the
-static baseline and the oracle, for every system variant (GPU count x link bandwidth) and batch size
-(and routing skew, for the synthetic trace), and writes:
+[batch_sizes=[...]] [gpus=[...]] [skews=[...]] [train=A test=B] ...`` (moegps/conf/guide.yaml) fits every
+predictor on the training requests (``train=``, or the first requests of ``trace=`` by id: see
+:func:`moegps.workloads.train_test`), replays the test requests under each of them, the static baseline
+and the oracle through the simulator's pipeline (:mod:`.pipeline`), for every system variant (GPU count x
+link bandwidth) and batch size (and routing skew, for the synthetic trace), and writes:
 
 - ``rows.parquet``: one ``moegps.results`` row per (variant, plan);
 - ``decision.csv``: per variant, the best distribution-only and token-to-expert predictor, their
