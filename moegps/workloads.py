@@ -195,6 +195,10 @@ def align_token_ids(trace: RoutingTrace, reference: RoutingTrace) -> RoutingTrac
     return dataclasses.replace(trace, meta=dataclasses.replace(trace.meta, model_config=config), token_id=new_ids)
 
 
+class TokenSpaceError(TraceError):
+    """Token ids of a training and a test trace that come from different id spaces."""
+
+
 def check_token_space(train: RoutingTrace, test: RoutingTrace, where: str = "") -> None:
     """Raise when ``train`` and ``test`` token ids live in different spaces (a token predictor fitted
     on one and scored on the other would compare unrelated numbers). A test vocabulary that extends
@@ -205,7 +209,7 @@ def check_token_space(train: RoutingTrace, test: RoutingTrace, where: str = "") 
     if train_vocab and test_vocab and test_vocab[:len(train_vocab)] == train_vocab:
         return  # the test vocabulary extends the training one (align_token_ids): one id space
     if a != b:
-        raise TraceError(f"{where or 'train/test'}: token ids of the training trace ({train.meta.model}, {a}) and "
+        raise TokenSpaceError(f"{where or 'train/test'}: token ids of the training trace ({train.meta.model}, {a}) and "
                          f"the test trace ({test.meta.model}, {b}) come from different id spaces; token predictors "
                          "cannot be fitted on one and scored on the other. Import both with one vocabulary "
                          "(python -m moegps.importers deepseek-csv A B ...) or record both with one tokenizer")

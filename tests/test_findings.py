@@ -177,6 +177,10 @@ def test_finding4_imports_share_one_token_id_space(rng, tmp_path):
         check_token_space(a, other)
     with pytest.raises(TraceError, match="different id spaces"):
         evaluate(train_test(train=a, test=other), {"t": make("token_table")}, batch_requests=2, progress=False)
+    from moegps.simulator.pipeline import fit_predictors  # the simulator's pipeline refuses it too, never skips it
+
+    with pytest.raises(TraceError, match="different id spaces"):
+        fit_predictors(train_test(train=a, test=other), {"token_table": {}, "global_profile": {}})
 
 
 # ---- 6 -------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import numpy as np
 from ..predictors import make
 from ..shapes import ModelShape
 from ..trace import TokenRouting
-from ..workloads import TrainTest, check_token_space, train_test, trace_shape
+from ..workloads import TokenSpaceError, TrainTest, check_token_space, train_test, trace_shape
 from .cost import ExpertTimeTable
 from .replay import (
     PlaceFn, Plan, ReplayConfig, SimResult, distribution_plan, make_batches, oracle_bound, oracle_plan,
@@ -57,9 +57,9 @@ def load_workload(trace: Any = None, train: Any = None, test: Any = None, test_f
 def fit_predictors(data: TrainTest, specs: dict[str, Any], skip_failures: bool = True) -> dict[str, Any]:
     """Each predictor of ``specs`` fitted on ``data.train``: ``{name: arguments}`` (``moegps.predictors``
     registry names), ``{name: config with _target_}`` (a ``moegps/conf/predictor`` file), or a
-    predictor object. Token predictors need the test trace's ids in the training trace's id space.
-    With ``skip_failures`` a predictor that cannot fit this trace (e.g. needs decode steps) is left
-    out with a warning; otherwise its error propagates."""
+    predictor object. Token predictors need the test trace's ids in the training trace's id space (an
+    error otherwise, always). With ``skip_failures`` a predictor that cannot be made or fit on this
+    trace (e.g. needs decode steps) is left out with a warning; otherwise its error propagates."""
     from hydra.utils import instantiate  # lazy: hydra is heavy and only configs need it
 
     fitted = {}
@@ -74,6 +74,8 @@ def fit_predictors(data: TrainTest, specs: dict[str, Any], skip_failures: bool =
             if hasattr(predictor, "predict"):
                 check_token_space(data.train, data.test, where=f"predictor {name!r}")
             fitted[name] = predictor.fit(data.train)
+        except TokenSpaceError:
+            raise  # never skipped: scoring ids of another space would be a silent wrong answer
         except Exception as e:
             if not skip_failures:
                 raise
