@@ -36,11 +36,13 @@ class Prompt:
     source: str  # e.g. "abstract_algebra_test.csv:12" or "cais/mmlu:all:test:5"
 
 
-def format_mmlu(subject: str, question: str, choices: list[str]) -> str:
-    """The zero-shot MMLU prompt: subject line, question, lettered choices, then ``Answer:``."""
+def format_mmlu(subject: str, question: str, choices: list[str], answer: int | None = None) -> str:
+    """The MMLU prompt, the one template of the project (collect, the importers' reconstruction, the
+    bundled models' training text): subject line, question, lettered choices, then ``Answer:``; with
+    ``answer`` (0-3) its letter ends the text (an answered example)."""
     lines = [f"The following is a multiple choice question about {subject.replace('_', ' ')}.", "", question.strip()]
     lines += [f"{LETTERS[i]}. {str(c).strip()}" for i, c in enumerate(choices)]
-    lines.append("Answer:")
+    lines.append("Answer:" + (f" {LETTERS[answer]}" if answer is not None else ""))
     return "\n".join(lines)
 
 

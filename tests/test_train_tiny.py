@@ -48,7 +48,9 @@ def test_drop_duplicates_exact_and_near(rng):
 
 
 def test_mmlu_prompt_format():
-    text = D.mmlu_prompt("high_school_physics", "Q?", ["w", "x", "y", "z"], 2)
+    from moegps.prompts import format_mmlu  # the one template (collect's prompts too)
+
+    text = format_mmlu("high_school_physics", " Q? ", ["w", "x ", "y", "z"], 2)
     assert text == ("The following is a multiple choice question about high school physics.\n\nQ?\n"
                     "A. w\nB. x\nC. y\nD. z\nAnswer: C")
 

@@ -266,29 +266,9 @@ def reconstruct_mixtral_trace(
 def mmlu_token_stream(limit: int | None = None, split: str = "test") -> tuple[list[np.ndarray], list[str]]:
     """MMLU questions (``shared/data/mmlu/<split>``) as zero-shot prompts tokenised with the Mixtral
     tokenizer (BOS first): ``([token ids per question], [subject per question])``, sorted by file."""
-
     folder = shared_data("mmlu", split)
-    try:
-
-        prompts = load_mmlu(folder, limit=limit)
-        texts, subjects = [p.text for p in prompts], [p.subject for p in prompts]
-    except ImportError:  # moegps.prompts absent: the same zero-shot template, read here
-        import pandas as pd
-
-        texts, subjects = [], []
-        for f in sorted(folder.glob("*.csv")):
-            subject = f.stem.rsplit("_", 1)[0]
-            for row in pd.read_csv(f, dtype=str, keep_default_na=False).itertuples(index=False):
-                choices = "\n".join(f"{'ABCD'[i]}. {c.strip()}" for i, c in enumerate(row[1:5]))
-                texts.append(
-                    f"The following is a multiple choice question about {subject.replace('_', ' ')}.\n\n"
-                    f"{row[0].strip()}\n{choices}\nAnswer:"
-                )
-                subjects.append(subject)
-                if limit is not None and len(texts) >= limit:
-                    break
-            if limit is not None and len(texts) >= limit:
-                break
+    prompts = load_mmlu(folder, limit=limit)  # moegps.prompts: the project's one MMLU template
+    texts, subjects = [p.text for p in prompts], [p.subject for p in prompts]
     ids = mixtral_tokenizer().encode(texts, bos=True)
     return [np.asarray(x, dtype=np.int64) for x in ids], subjects
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from moegps.paths import shared_data
 from moegps.models.tokenizer import mixtral_tokenizer
+from moegps.prompts import format_mmlu
 
 # domain name -> file in olmoe-routing/text (names follow the routing pickles: b3g is "book")
 CORPUS_FILES = {
@@ -109,15 +110,6 @@ def drop_duplicates(docs: list[str], min_line_chars: int = 20, max_seen_share: f
     return kept, n_exact, n_near
 
 
-def mmlu_prompt(subject: str, question: str, choices: list[str], answer: int | None = None) -> str:
-    """One MMLU question in the usual prompt form; with ``answer`` (0-3) its letter ends the text."""
-    pretty = subject.replace("_", " ")
-    lines = [f"The following is a multiple choice question about {pretty}.", "", question]
-    lines += [f"{letter}. {choice}" for letter, choice in zip("ABCD", choices)]
-    lines.append("Answer:" + (f" {'ABCD'[answer]}" if answer is not None else ""))
-    return "\n".join(lines)
-
-
 def read_mmlu_csv(path: Path) -> list[tuple[str, list[str], int]]:
     """Rows ``question,choice0..choice3,answer`` of one MMLU csv -> (question, choices, answer)."""
     rows = []
@@ -140,7 +132,7 @@ def mmlu_dev_documents(mmlu_dir: Path) -> list[str]:
     docs = []
     for path in files:
         subject = path.name[: -len("_dev.csv")]
-        docs += [mmlu_prompt(subject, q, c, a) for q, c, a in read_mmlu_csv(path)]
+        docs += [format_mmlu(subject, q, c, a) for q, c, a in read_mmlu_csv(path)]
     return docs
 
 
