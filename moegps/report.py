@@ -28,6 +28,7 @@ from .importers.olmoe_routing import (
 )
 from .results import read_results
 from .trace import RoutingTrace
+from .workloads import load_trace
 
 # ---- statistics (arrays in, arrays out) ---------------------------------------------------------
 
@@ -242,7 +243,7 @@ def routing_report(cfg: RoutingReportConfig) -> dict[str, Path]:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    trace = RoutingTrace.read(cfg.trace)
+    trace = load_trace(cfg.trace)
     m = trace.meta
     label = f"trace: {m.model}"
 
@@ -785,7 +786,8 @@ def _results_main(argv: list[str]) -> None:
 
 def _routing_main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m moegps.report routing", description=routing_report.__doc__.split("\n")[0])
-    ap.add_argument("trace", help="a RoutingTrace parquet file or folder of shards")
+    ap.add_argument("trace", help="a trace spec: a RoutingTrace parquet file or folder of shards, a folder of "
+                    "DeepSeek CSVs, deepseek, random or synthetic (moegps.workloads.load_trace)")
     ap.add_argument("--out", default=None, help="output folder (default reports/routing/<trace name>)")
     ap.add_argument("--domains", action="store_true", help="also group by meta.recorded['request_domain']")
     ap.add_argument("--no-reference", action="store_true", help="skip the real Mixtral/OLMoE statistics")
