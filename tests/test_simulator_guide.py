@@ -74,3 +74,38 @@ def test_headline_plot_reads_decision_tables(tmp_path, rng):
         read_decisions([f"x={tmp_path / 'bad.csv'}"])
     with pytest.raises(ValueError, match="label=path"):
         read_decisions([str(tmp_path / "decision.csv")])
+
+
+def test_simulate_command_runs_the_pipeline_out_of_sample(tmp_path):
+    """``python -m moegps.simulator``'s config (moegps/conf/simulate.yaml) through the one pipeline:
+    the baseline, oracle placement, each predictor and the oracle bound, each row stating the split;
+    the static row equals a replay of the last half of the requests made directly."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from moegps.paths import CONF_DIR, register_resolvers
+    from moegps.shapes import from_name
+    from moegps.simulator.__main__ import simulate
+    from moegps.simulator.replay import ReplayConfig, make_batches, simulate as replay_simulate, static_plan
+    from moegps.simulator.system import load_system
+    from moegps.workloads import load_trace
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        raw = compose(config_name="simulate", overrides=["trace=random", "limit=24", "predictors=[global_profile]",
+                                                          f"out={tmp_path}"], return_hydra_config=True)
+    config = OmegaConf.to_container(raw, resolve=False)
+    config.pop("hydra")
+    config = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
+    config["system"] = "h100_8gpu"
+    work, results, rows = simulate(config)
+    assert [r.plan for r in results] == ["static", "oracle_placement", "global_profile", "oracle"]
+    assert all(row["config.split"] == "arrival" and row["config.n_test_requests"] == 12 for row in rows)
+    trace = load_trace("random", limit=24)
+    test = trace.with_requests(trace.requests()[12:])
+    system = load_system("h100_8gpu")
+    rcfg = ReplayConfig(**config["replay"])
+    batches = make_batches(test, system.n_gpus, 16, rcfg)
+    shape = from_name("mixtral-8x7b", n_experts=16, top_k=2)
+    want = replay_simulate(batches, static_plan(batches), shape, system, rcfg).total
+    assert results[0].total == pytest.approx(want, rel=1e-12)
