@@ -89,7 +89,8 @@ def _expert_table(cfg: GuideConfig, work: Workload):
     """Measured expert times of the kernels' benchmark, for the shape rows of the workload's model."""
     if not cfg.expert_table:
         return None
-    return load_kernel_bench(cfg.expert_table, cfg.expert_table_shape or work.shape.name)
+    # a shape chosen by expert count is named 'mixtral-8x7b (by expert count)': its registry name is the first word
+    return load_kernel_bench(cfg.expert_table, cfg.expert_table_shape or work.shape.name.split(" ")[0])
 
 
 def _base_system(cfg: GuideConfig) -> SystemSpec:
