@@ -4,7 +4,7 @@
 classes for hydra. ``evaluate`` scores them on a trace; ``bench`` measures their overheads.
 """
 
-from . import distribution, tokens  # noqa: F401  (registers the predictors)
+from . import distribution, signature, tokens  # noqa: F401  (registers the predictors)
 from .base import (
     REGISTRY,
     BatchContext,

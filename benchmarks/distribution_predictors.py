@@ -1,0 +1,230 @@
+"""Distribution-only predictors against the global profile at batch sizes 1, 4, 16, 64, out of sample.
+
+Protocol (no test request is seen by fitting or selection):
+- Requests are split in two halves by a seeded permutation (2-fold cross-fitting: each half is the
+  test set once, the other half trains), so every request is scored once and B = 64 still has
+  whole batches on a 300-prompt trace.
+- Inside each training half, half of its requests are a validation split: every candidate
+  (predictor x hyper-parameters) is fitted on the rest and scored there; the best per (B, phase)
+  is refitted on the whole training half and scored on the test half.
+- Test batches: ``--partitions`` random partitions of the test requests into groups of B (a
+  static-batching server: one prefill batch, then one batch per decode step); groups short of
+  B requests are dropped. Per batch, TV is the mean over layers.
+- Ceiling: the sampling floor (TV between the batch's distribution and a multinomial draw of the
+  same number of selections from it: what no predictor can beat) and an in-sample oracle
+  (``prev_layer`` fitted on the test requests themselves).
+- CI: 95% percentile bootstrap over test batches (batches of one partition share no request; at
+  B = 64 partitions reuse requests, so the CI there is optimistic).
+
+    python benchmarks/distribution_predictors.py --trace deepseek
+    python benchmarks/distribution_predictors.py --trace traces/mixtral-tiny/mmlu-5000.parquet --limit 1000
+
+writes ``results/distribution_predictors/<name>/{table.csv,table.md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from moegps.predictors import make
+from moegps.predictors.batching import batch_context, batch_stream
+from moegps.predictors.evaluate import load_trace
+from moegps.trace import PREFILL, RoutingTrace
+
+SIZES = (1, 4, 16, 64)
+BASELINE = "global_profile"
+CANDIDATES = {
+    "global_profile": ("global_profile", {}),
+    "phase_profile": ("phase_profile", {}),
+    "step_profile": ("step_profile", {}),
+    **{f"token_mix(prior={p})": ("token_mix", {"prior": p}) for p in (1.0, 5.0, 25.0)},
+    **{f"prev_layer(prior={p},blend={b})": ("prev_layer", {"prior": p, "blend": b})
+       for p in (1.0, 10.0, 100.0) for b in (0.0, 0.3)},
+}
+
+
+def split_requests(trace: RoutingTrace, fraction: float, seed: int) -> tuple[RoutingTrace, RoutingTrace]:
+    """(rest, held) disjoint by request; ``held`` holds ``fraction`` of the requests."""
+    ids = np.random.default_rng(seed).permutation(trace.requests())
+    held = np.isin(trace.request_id, ids[: int(round(fraction * len(ids)))])
+    return trace.select(~held), trace.select(held)
+
+
+def batch_tv(predictors: dict, test: RoutingTrace, B: int, partitions: int, seed: int) -> dict[str, pd.DataFrame]:
+    """Per predictor, one row per full test batch: phase, tokens, TV (mean over layers)."""
+    out = {name: [] for name in predictors}
+    tr = test.by_token()
+    for r in range(partitions):
+        stream = batch_stream(test, batch_requests=B, seed=seed * 1000 + r, tr=tr)
+        full = np.array([len(m) == B for m in stream.members])
+        for b in range(len(stream)):
+            if not full[stream.group[b]]:
+                continue
+            ctx = batch_context(stream, b, with_tokens=True)
+            q = stream.loads[b] / stream.loads[b].sum(-1, keepdims=True)
+            for name, p in predictors.items():
+                tv = 0.5 * np.abs(p.predict_next(stream.loads[:b], ctx) - q).sum(-1).mean()
+                out[name].append((r, b, int(stream.phase[b]), int(stream.loads[b, 0].sum()), tv))
+    return {n: pd.DataFrame(rows, columns=["partition", "batch", "phase", "selections", "tv"]) for n, rows in out.items()}
+
+
+def sampling_floor(test: RoutingTrace, B: int, partitions: int, seed: int, draws: int = 4) -> pd.DataFrame:
+    """Per full test batch: E TV(q, multinomial(n, q) / n) with q the batch's own distribution."""
+    rng = np.random.default_rng(seed)
+    rows, tr = [], test.by_token()
+    for r in range(partitions):
+        stream = batch_stream(test, batch_requests=B, seed=seed * 1000 + r, tr=tr)
+        full = np.array([len(m) == B for m in stream.members])
+        keep = full[stream.group]
+        loads = stream.loads[keep].astype(np.float64)
+        n = loads.sum(-1)  # [batch, layer]
+        q = loads / n[..., None]
+        tv = np.mean([0.5 * np.abs(rng.multinomial(n.astype(np.int64), q) / n[..., None] - q).sum(-1).mean(-1)
+                      for _ in range(draws)], axis=0)
+        rows += list(zip([r] * len(tv), np.flatnonzero(keep), stream.phase[keep], tv))
+    return pd.DataFrame(rows, columns=["partition", "batch", "phase", "tv"])
+
+
+def bootstrap_ci(x: np.ndarray, rng: np.random.Generator, n: int = 1000) -> tuple[float, float]:
+    means = x[rng.integers(0, len(x), size=(n, len(x)))].mean(1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def fit_all(specs: dict, train: RoutingTrace) -> dict:
+    return {name: make(reg, **kw).fit(train) for name, (reg, kw) in specs.items()}
+
+
+def per_cost_ms(p, test: RoutingTrace, B: int, seed: int, repeats: int = 20) -> float:
+    """Median ms of one ``predict_next`` call on the first full prefill batch of B test requests."""
+    stream = batch_stream(test, batch_requests=B, seed=seed)
+    ctx = batch_context(stream, 0, with_tokens=True)
+    for _ in range(3):
+        p.predict_next(stream.loads[:0], ctx)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        p.predict_next(stream.loads[:0], ctx)
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(ts))
+
+
+def token_cost_ms(p, test: RoutingTrace, B: int, seed: int, repeats: int = 20) -> float:
+    """Median ms of a token predictor's ``predict`` on the same batch plus the histogram of its ids."""
+    stream = batch_stream(test, batch_requests=B, seed=seed)
+    tokens = stream.tokens.select(stream.batch_tokens(0))
+    E, L = p.n_experts, p.n_layers
+
+    def call():
+        ids = p.predict(tokens).astype(np.int64)
+        return np.bincount((np.arange(L)[None, :, None] * E + ids).reshape(-1), minlength=L * E)
+
+    for _ in range(3):
+        call()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(ts))
+
+
+def run(trace: RoutingTrace, sizes=SIZES, partitions: int = 4, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    phases = sorted(set(np.unique(trace.phase).tolist()))
+    ids = np.random.default_rng(seed).permutation(trace.requests())
+    halves = np.array_split(ids, 2)
+    rows = []
+    for fold in range(2):
+        test = trace.select(np.isin(trace.request_id, halves[fold]))
+        train = trace.select(np.isin(trace.request_id, halves[1 - fold]))
+        fit_part, val = split_requests(train, 0.5, seed + fold)  # half: B = 64 needs whole validation batches
+        on_fit = fit_all(CANDIDATES, fit_part)
+        on_train = fit_all(CANDIDATES, train)
+        oracle = make("prev_layer", prior=1.0).fit(test)  # in-sample on purpose: a ceiling, not a predictor
+        for B in sizes:
+            val_tv = batch_tv(on_fit, val, B, partitions, seed + 7)
+            test_tv = batch_tv({**on_train, "oracle(in-sample)": oracle}, test, B, partitions, seed + 11 + fold)
+            floor = sampling_floor(test, B, partitions, seed + 11 + fold)
+            for ph in phases:
+                vmeans = {n: d.tv[d.phase == ph].mean() for n, d in val_tv.items()}
+                vmeans = {n: v for n, v in vmeans.items() if np.isfinite(v)}
+                best = min(vmeans, key=vmeans.get) if vmeans else BASELINE
+                for name, d in test_tv.items():
+                    d = d[d.phase == ph]
+                    if len(d):
+                        rows.append(dict(fold=fold, B=B, phase=int(ph), predictor=name, chosen=name == best,
+                                         tv=d.tv.to_numpy(), selections=d.selections.to_numpy()))
+                f = floor[floor.phase == ph]
+                if len(f):
+                    rows.append(dict(fold=fold, B=B, phase=int(ph), predictor="sampling_floor", chosen=False,
+                                     tv=f.tv.to_numpy(), selections=None))
+    raw = pd.DataFrame(rows)
+    return summarise(raw, rng)
+
+
+def summarise(raw: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
+    """One row per (B, phase, predictor): TV over both folds' test batches, CI, reduction vs profile."""
+    out = []
+    for (B, ph), g in raw.groupby(["B", "phase"]):
+        tv = {n: np.concatenate(list(d.tv)) for n, d in g.groupby("predictor")}
+        base = tv[BASELINE]
+        chosen = g[g.chosen]
+        # the validation choice may differ between folds: score each fold's own choice on its own test half
+        best_tv = np.concatenate(list(chosen.sort_values("fold").tv)) if len(chosen) else base
+        tv["best(chosen on validation)"] = best_tv
+        floor = tv["sampling_floor"].mean()
+        for name, x in tv.items():
+            lo, hi = bootstrap_ci(x, rng)
+            red = red_lo = red_hi = np.nan
+            if name != "sampling_floor" and len(x) == len(base):
+                red = 1 - x.mean() / base.mean()  # rows are in the same (fold, batch) order as base's
+                idx = rng.integers(0, len(x), size=(1000, len(x)))
+                red_lo, red_hi = np.quantile(1 - x[idx].mean(1) / base[idx].mean(1), [0.025, 0.975])
+            out.append(dict(B=B, phase="prefill" if ph == PREFILL else "decode", predictor=name,
+                            chosen=",".join(sorted(set(chosen.predictor))) if name.startswith("best") else "",
+                            n_batches=len(x), mean_tv=x.mean(), ci_lo=lo, ci_hi=hi, median_tv=np.median(x),
+                            reduction=red, red_ci_lo=red_lo, red_ci_hi=red_hi,
+                            predictable=1 - floor / base.mean()))
+    return pd.DataFrame(out)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    cols = ["B", "phase", "predictor", "chosen", "n_batches", "mean_tv", "ci_lo", "ci_hi", "median_tv",
+            "reduction", "red_ci_lo", "red_ci_hi", "predictable"]
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for _, r in table.iterrows()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--trace", default="deepseek")
+    ap.add_argument("--limit", type=int, default=None, help="first N requests of the trace")
+    ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    trace = load_trace(a.trace, a.limit)
+    table = run(trace, a.sizes, a.partitions, a.seed)
+    name = Path(a.trace).stem if a.trace != "deepseek" else "deepseek-v2-lite"
+    out = Path(a.out or f"results/distribution_predictors/{name}")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "table.csv.tmp"
+    table.to_csv(tmp, index=False)
+    tmp.replace(out / "table.csv")
+    show = table[table.predictor.isin([BASELINE, "best(chosen on validation)", "sampling_floor", "oracle(in-sample)"])]
+    md = markdown(show)
+    (out / "table.md").write_text(md + "\n")
+    print(md)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
