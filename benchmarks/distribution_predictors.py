@@ -33,7 +33,7 @@ import pandas as pd
 
 from moegps.predictors import make
 from moegps.predictors.batching import batch_context, batch_stream
-from moegps.predictors.evaluate import load_trace
+from moegps.workloads import load_trace
 from moegps.trace import PREFILL, RoutingTrace
 
 SIZES = (1, 4, 16, 64)

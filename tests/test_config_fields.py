@@ -60,7 +60,7 @@ def changed(field: str, value):
     if isinstance(value, int):
         return value * 2
     if isinstance(value, float):
-        return value * 1e-3 if field in ("decay", "learning_rate") else value * 1e3
+        return value * 1e-3 if field in ("decay", "learning_rate", "blend") else value * 1e3
     if value is None and field == "phase_weights":
         return [0.9, 0.1]
     raise AssertionError(f"no rule to change field {field!r} = {value!r}; add one")

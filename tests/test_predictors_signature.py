@@ -6,7 +6,7 @@ import pytest
 from moegps.predictors import make
 from moegps.predictors.batching import batch_context, batch_stream
 from moegps.predictors.signature import layer_transitions
-from moegps.testing import random_trace
+from moegps.workloads import random_trace
 
 
 def test_layer_transitions_match_a_loop():
