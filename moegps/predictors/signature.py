@@ -74,13 +74,19 @@ class PrevLayer(_Distribution):
         return normalize(out)
 
     def predict_next(self, past_loads, context: BatchContext):
-        token_part = self.token_mix.predict_next(past_loads, context)
         routed = None if context.tokens is None else context.tokens.routed
         if routed is None or len(routed) == 0:
-            return token_part
-        E = self.n_experts
-        counts = np.stack([np.bincount(routed[:, l].reshape(-1).astype(np.int64), minlength=E)
-                           for l in range(self.n_layers)])
+            return self.token_mix.predict_next(past_loads, context)
+        L, E = self.n_layers, self.n_experts
+        if self.blend == 0 and context.token_ids is not None and len(context.token_ids):
+            # only layer 0 reads the token table: gather [tokens, E], not [tokens, L, E]
+            token_part = np.zeros((L, E))  # rows 1.. are weighted by blend = 0
+            token_part[0] = normalize(self.token_mix.table[self.token_mix.vocab.index(context.token_ids), 0]
+                                      .mean(axis=0, dtype=np.float64))
+        else:
+            token_part = self.token_mix.predict_next(past_loads, context)
+        flat = np.arange(L)[None, :, None] * E + routed.astype(np.int64)
+        counts = np.bincount(flat.reshape(-1), minlength=L * E).reshape(L, E)
         return self.predict_from_counts(counts, token_part)
 
     def cost(self):
