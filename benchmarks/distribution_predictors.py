@@ -27,7 +27,6 @@ writes ``results/distribution_predictors/<name>/{table.csv,table.md}``.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ import pandas as pd
 
 from moegps.predictors import make
 from moegps.predictors.batching import batch_context, batch_stream
+from moegps.predictors.bench import median_time
 from moegps.workloads import load_trace
 from moegps.trace import PREFILL, RoutingTrace
 
@@ -112,14 +112,7 @@ def per_cost_ms(p, test: RoutingTrace, B: int, seed: int, repeats: int = 20) -> 
     """Median ms of one ``predict_next`` call on the first full prefill batch of B test requests."""
     stream = batch_stream(test, batch_requests=B, seed=seed)
     ctx = batch_context(stream, 0, with_tokens=True)
-    for _ in range(3):
-        p.predict_next(stream.loads[:0], ctx)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        p.predict_next(stream.loads[:0], ctx)
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(ts))
+    return 1e3 * median_time(lambda: p.predict_next(stream.loads[:0], ctx), repeats)
 
 
 def token_cost_ms(p, test: RoutingTrace, B: int, seed: int, repeats: int = 20) -> float:
@@ -132,14 +125,7 @@ def token_cost_ms(p, test: RoutingTrace, B: int, seed: int, repeats: int = 20) -
         ids = p.predict(tokens).astype(np.int64)
         return np.bincount((np.arange(L)[None, :, None] * E + ids).reshape(-1), minlength=L * E)
 
-    for _ in range(3):
-        call()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        call()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(ts))
+    return 1e3 * median_time(call, repeats)
 
 
 def cost_table(trace: RoutingTrace, sizes=SIZES, seed: int = 0) -> pd.DataFrame:
