@@ -64,6 +64,23 @@ def device_ms(fn, reps: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def graph_ms(fn, reps: int = 20) -> float:
+    """Median device time of ``fn()`` captured once in a CUDA graph and replayed: what the engine's
+    graphed decode step sees, without the host's launch cost (a few microseconds per Triton launch
+    from Python, longer than a small kernel: timed eagerly, the host would be measured)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # compiles the kernels outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    ms = device_ms(graph.replay, reps=reps)
+    del graph
+    return ms
+
+
 def ceilings() -> dict:
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
@@ -187,6 +204,14 @@ def part_checks(shape: ModelShape) -> list[dict]:
     ids64, gates64 = K.router_topk_torch(normed64, router.double(), S.top_k, True)
     rows.append(dict(kernel="add_rmsnorm_router", rel_err=max(rel(normed, normed64), rel(gates, gates64)),
                      ids_agree=float((ids.sort(-1).values == ids64.sort(-1).values).float().mean())))
+    for T_ in (1, 8):
+        x = torch.randn(T_, S.hidden, device=dev, dtype=bf)
+        w = torch.randn(width, S.hidden, device=dev, dtype=bf) * S.hidden ** -0.5
+        choice = K._skinny_choice(x, w)
+        out = torch.full((T_, width), float("nan"), device=dev, dtype=bf)
+        K._skinny_launch(x, w, out, choice or K.SKINNY_CONFIGS[0])
+        rows.append(dict(kernel=f"skinny matmul T={T_} (engine uses {'cuBLAS' if choice is None else choice})",
+                         rel_err=rel(out, x.double() @ w.double().T)))
     for r in rows:
         r["shape"] = S.name
         print(r, flush=True)
@@ -272,7 +297,7 @@ def part_attention(shape: ModelShape, batches, contexts, copy_rate: float, sweep
                 def run():
                     for k, v in caches:
                         decode_attention(q, k, v, lengths, **settings)
-                return device_ms(run, reps=10, warmup=2) / n_copies * 1e3
+                return graph_ms(run, reps=10) / n_copies * 1e3
             default_us = time_us({})
             row = dict(shape=shape.name, batch=batch, context=context, floor_us=floor_us, default_us=default_us,
                        pct_of_floor=100 * floor_us / default_us)
@@ -304,8 +329,13 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
         experts = min(S.n_experts, n * S.top_k)
         weight_bytes = S.total_params * S.dtype_bytes - S.n_moe_layers * (S.n_experts - experts) * S.expert_weight_bytes
         floor = max(flops / matmul_rate, weight_bytes / copy_rate) * 1e3
+        with torch.inference_mode():
+            kernels = kernel_trace(lambda: prefill(model, cache, [prompt]))
+        parts = kernel_parts(kernels)
+        print(f"prefill of {n} tokens: costliest kernels\n{_markdown(kernel_table(kernels))}", flush=True)
         rows.append(dict(shape=S.name, prompt=n, ttft_ms=ms, floor_ms=floor, pct_of_floor=100 * floor / ms,
-                         bound="compute" if flops / matmul_rate > weight_bytes / copy_rate else "memory"))
+                         bound="compute" if flops / matmul_rate > weight_bytes / copy_rate else "memory",
+                         **{f"{k}_ms": v for k, v in parts.items()}))
         print(rows[-1], flush=True)
         del cache
         torch.cuda.empty_cache()
@@ -375,7 +405,8 @@ def _kernel_ms_by_label(fn, labels) -> dict:
     """Device time (ms) of the kernels launched inside each ``record_function`` label during one
     eager ``fn()``: each kernel is charged to the nearest labelled range above its launch; kernels
     under no label go to "other kernels". Kernel durations, not the ranges' spans, so the eager
-    launch gaps are not counted (the caller charges the step's remaining time to "gaps")."""
+    launch gaps are not counted (the caller charges the step's remaining time to "gaps").
+    Kernels launched by torch ops only: Triton's launches carry no op (see ``kernel_trace``)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -396,21 +427,77 @@ def _kernel_ms_by_label(fn, labels) -> dict:
     return totals
 
 
+def kernel_trace(fn) -> list[tuple[float, float, str]]:
+    """``(start_us, duration_us, name)`` of every GPU kernel run by one ``fn()`` (a graph replay or
+    eager code), in start order, from the profiler's trace (kernels in a graph are traced one by one)."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.loads(Path(f.name).read_text())["traceEvents"]
+    return sorted((e["ts"], e["dur"], e["name"]) for e in events if e.get("cat") == "kernel")
+
+
+# Kernel names of the engine's parts (its Triton kernels, the moegps MoE kernels, torch's flash
+# attention); the GEMMs (cuBLAS, named by tile, not by purpose) are placed by their neighbours.
+GEMM_NAMES = ("gemm", "gemv", "splitk", "nvjet", "cutlass", "xmma", "sm90", "cublas", "matmul")
+KERNEL_PARTS = (("attention", ("attention", "rope_cache", "flash", "fmha")),
+                ("moe", ("router", "gate_up_", "down_scan", "down_sorted", "fused_scan", "combine_kernel", "_align_kernel",
+                         "_chunk_")),
+                ("norms", ("rmsnorm",)))
+
+
+def kernel_parts(kernels: list[tuple[float, float, str]]) -> dict:
+    """Milliseconds per part from ``kernel_trace`` rows. A GEMM belongs to the attention when the
+    next named kernel is the attention's (QKV projection before rotary) or the previous one is (output
+    projection), to the MoE after an MoE kernel (a shared expert); the step's last GEMM is the lm_head."""
+    def part(name):
+        low = name.lower()
+        return next((p for p, keys in KERNEL_PARTS if any(k in low for k in keys)), None)
+
+    named = [part(name) for _, _, name in kernels]
+    gemms = [i for i, (_, _, name) in enumerate(kernels) if named[i] is None and
+             any(k in name.lower() for k in GEMM_NAMES)]
+    totals = {p: 0.0 for p, _ in KERNEL_PARTS} | {"lm_head": 0.0, "other kernels": 0.0}
+    for i, (_, dur, _) in enumerate(kernels):
+        p = named[i]
+        if p is None and i in gemms:
+            before = next((named[j] for j in range(i - 1, -1, -1) if named[j]), None)
+            after = next((named[j] for j in range(i + 1, len(kernels)) if named[j]), None)
+            p = ("lm_head" if i == gemms[-1] and after is None else "attention" if "attention" in (before, after)
+                 else before if before == "moe" else None)
+        totals[p or "other kernels"] += dur / 1e3
+    return totals
+
+
 LABELS = ("attention", "norms", "moe", "lm_head")
 
 
-def engine_breakdown(engine: Engine, bucket: int, step_ms: float) -> dict:
-    from . import model as engine_model
+def kernel_table(kernels: list[tuple[float, float, str]], top: int = 12) -> list[dict]:
+    """The ``top`` kernels by total time: name, launches, total and mean microseconds."""
+    by_name: dict = {}
+    for _, dur, name in kernels:
+        count, total = by_name.get(name, (0, 0.0))
+        by_name[name] = (count + 1, total + dur)
+    rows = [dict(kernel=name[:60], launches=c, total_us=t, mean_us=t / c) for name, (c, t) in by_name.items()]
+    return sorted(rows, key=lambda r: -r["total_us"])[:top]
 
-    engine_model.PROFILE_LABELS = True
-    try:
-        with torch.inference_mode():
-            parts = _kernel_ms_by_label(lambda: decode_step(engine.model, engine.cache, engine.tokens[:bucket],
-                                                            engine.positions[:bucket]), LABELS)
-    finally:
-        engine_model.PROFILE_LABELS = False
+
+def engine_breakdown(engine: Engine, bucket: int, step_ms: float) -> tuple[dict, list[dict]]:
+    """The graphed decode step's kernels by part (the rest of ``step_ms`` is gaps between kernels),
+    and its costliest kernels."""
+    with torch.inference_mode():
+        kernels = kernel_trace(engine.step(bucket))
+    parts = kernel_parts(kernels)
     parts["gaps"] = max(0.0, step_ms - sum(parts.values()))
-    return parts
+    return parts, kernel_table(kernels)
 
 
 def hf_breakdown(hf, ids, step_ms: float) -> dict:
@@ -577,9 +664,11 @@ def _breakdowns(model, hf, shape, batches, device) -> list[dict]:
         ids = torch.randint(3, shape.vocab_size, (batch, 128)).cuda()
         engine.generate(ids.tolist(), 4)
         step = engine.generate(ids.tolist(), 8).decode_ms_per_step
-        rows.append(dict(who="engine", shape=shape.name, batch=batch, step_ms=step, device=device,
-                         parts=engine_breakdown(engine, bucket_for(batch), step)))
+        parts, top = engine_breakdown(engine, bucket_for(batch), step)
+        rows.append(dict(who="engine", shape=shape.name, batch=batch, step_ms=step, device=device, parts=parts,
+                         kernels=top))
         print(rows[-1], flush=True)
+        print(f"engine batch {batch}: costliest kernels of a step\n{_markdown(top)}", flush=True)
         del engine
         if hf is not None:
             from ..executor.generate import set_experts_implementation, static_decode

@@ -12,6 +12,7 @@ matrix products:
 * ``decode_attention``: grouped-query attention of one new token per sequence over its cached
   keys, all query heads of a KV group in one program (the group's K/V tiles are read once), the
   context split over programs and merged by log-sum-exp (flash-decoding, Dao et al. 2023).
+* ``linear``: a weight-streaming matrix product for decode-sized batches where it beats cuBLAS.
 * ``router_topk``: the router's logits, softmax, top-k and renormalisation in one launch, writing
   the ids and gate weights the MoE kernels read; ``add_rmsnorm_router`` fuses it into the norm
   before the MoE for decode-sized batches (one launch instead of two per layer).
@@ -160,10 +161,15 @@ def rope_cache_write(qkv, k_cache, v_cache, positions, slots, cos, sin, n_heads:
 # ---- decode attention (one query token per sequence, GQA, split context) ----------------------------
 
 @triton.jit
-def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, part_o_ptr, part_lse_ptr, scale,
-                                   N_HEADS, N_KV, MAX_SPLITS, stride_cb, stride_ch, stride_cs,
-                                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-                                   SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr):
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, part_o_ptr, part_lse_ptr, count_ptr, scale,
+                             N_HEADS, N_KV, MAX_SPLITS, stride_cb, stride_ch, stride_cs,
+                             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
+                             SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr):
+    """One program: the GROUP query heads of KV head ``kv`` of sequence ``b`` over keys
+    [split * SPLIT, (split + 1) * SPLIT). With several splits each writes its partial output and
+    log-sum-exp, and the last to finish (a ticket per (b, kv), reset for the next call) merges them:
+    one launch where a separate merge kernel would cost another launch's latency (the "last block
+    reduces" pattern of the CUDA samples' threadFenceReduction and of serial split-K GEMMs)."""
     b = tl.program_id(0).to(tl.int64)
     kv = tl.program_id(1)
     split = tl.program_id(2)
@@ -194,34 +200,49 @@ def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, part_o_
             l = l * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
-        out = acc / l[:, None]
         rows = b * N_HEADS + head
+        real = g < GROUP
         if SINGLE:
-            tl.store(o_ptr + rows[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty),
-                     mask=(g < GROUP)[:, None])
+            tl.store(o_ptr + rows[:, None] * D + d[None, :], (acc / l[:, None]).to(o_ptr.dtype.element_ty),
+                     mask=real[:, None])
         else:
             at = rows * MAX_SPLITS + split
-            tl.store(part_o_ptr + at[:, None] * D + d[None, :], out, mask=(g < GROUP)[:, None])
-            tl.store(part_lse_ptr + at, m + tl.math.log2(l), mask=g < GROUP)
+            tl.store(part_o_ptr + at[:, None] * D + d[None, :], acc / l[:, None], mask=real[:, None])
+            tl.store(part_lse_ptr + at, m + tl.math.log2(l), mask=real)
+            tl.debug_barrier()  # every thread's partials are written before the ticket releases them
+            ticket = tl.atomic_add(count_ptr + b * N_KV + kv, 1)  # acq_rel, GPU scope
+            n_used = tl.cdiv(length, SPLIT)
+            if ticket == n_used - 1:
+                tl.store(count_ptr + b * N_KV + kv, 0)
+                m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+                l = tl.zeros([GROUP_PAD], tl.float32)
+                acc = tl.zeros([GROUP_PAD, D], tl.float32)
+                for i in range(0, n_used):  # online log-sum-exp over the splits' partials, read from L2
+                    at = rows * MAX_SPLITS + i
+                    lse = tl.load(part_lse_ptr + at, mask=real, other=0.0, cache_modifier=".cg")
+                    part = tl.load(part_o_ptr + at[:, None] * D + d[None, :], mask=real[:, None], other=0.0,
+                                   cache_modifier=".cg")
+                    m_new = tl.maximum(m, lse)
+                    alpha = tl.math.exp2(m - m_new)
+                    w = tl.math.exp2(lse - m_new)
+                    l = l * alpha + w
+                    acc = acc * alpha[:, None] + part * w[:, None]
+                    m = m_new
+                tl.store(o_ptr + rows[:, None] * D + d[None, :], (acc / l[:, None]).to(o_ptr.dtype.element_ty),
+                         mask=real[:, None])
 
 
-@triton.jit
-def _decode_attention_merge_kernel(lens_ptr, o_ptr, part_o_ptr, part_lse_ptr, N_HEADS, MAX_SPLITS,
-                                   SPLIT: tl.constexpr, SPLITS_POW2: tl.constexpr, D: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    length = tl.load(lens_ptr + b)
-    n_used = tl.cdiv(length, SPLIT)
-    s = tl.arange(0, SPLITS_POW2)
-    used = s < n_used
-    row = b * N_HEADS + head
-    lse = tl.load(part_lse_ptr + row * MAX_SPLITS + s, mask=used, other=float("-inf"))
-    w = tl.math.exp2(lse - tl.max(lse, axis=0))
-    w = tl.where(used, w, 0.0)
-    d = tl.arange(0, D)
-    parts = tl.load(part_o_ptr + (row * MAX_SPLITS + s)[:, None] * D + d[None, :], mask=used[:, None], other=0.0)
-    out = tl.sum(parts * w[:, None], axis=0) / tl.sum(w, axis=0)
-    tl.store(o_ptr + row * D + d, out.to(o_ptr.dtype.element_ty))
+_TICKETS: dict = {}  # device -> int32 tickets of the last-split merge, all zero between calls
+
+
+def _tickets(n: int, device) -> torch.Tensor:
+    """At least ``n`` zeroed int32 tickets on ``device``, kept across calls (every call leaves them at
+    zero, so a CUDA graph can bake their address). Calls on one stream only: two decode attentions
+    running concurrently on two streams would share them."""
+    have = _TICKETS.get(device)
+    if have is None or have.numel() < n:
+        _TICKETS[device] = have = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return have
 
 
 def decode_attention_torch(q, k_cache, v_cache, lengths, scale: float | None = None):
@@ -241,14 +262,14 @@ def decode_attention_torch(q, k_cache, v_cache, lengths, scale: float | None = N
 
 
 # Launch settings of decode_attention; the engine benchmark's attention part sweeps them (docs/engine.md).
-ATTENTION_DEFAULTS = dict(block_n=64, num_warps=4, num_stages=3, target_programs=528, min_split=256)
+ATTENTION_DEFAULTS = dict(block_n=32, num_warps=4, num_stages=3, target_programs=264, min_split=128)
 
 
-def attention_splits(batch: int, n_kv: int, max_len: int, block_n: int = 64, target_programs: int = 528,
-                     min_split: int = 256) -> int:
+def attention_splits(batch: int, n_kv: int, max_len: int, block_n: int = 32, target_programs: int = 264,
+                     min_split: int = 128) -> int:
     """Keys per split program: enough splits that (batch x KV heads x splits) reaches about
-    ``target_programs`` (528 = 4 per SM of an H100/H200), none shorter than ``min_split`` keys (a short
-    context is one split, one launch: no merge)."""
+    ``target_programs`` (264 = 2 per SM of an H100/H200), none shorter than ``min_split`` keys (a short
+    context is one split: no merge)."""
     splits = max(1, min(math.ceil(target_programs / (batch * n_kv)), math.ceil(max_len / min_split)))
     return triton.cdiv(triton.cdiv(max_len, splits), block_n) * block_n
 
@@ -256,7 +277,7 @@ def attention_splits(batch: int, n_kv: int, max_len: int, block_n: int = 64, tar
 def decode_attention(q, k_cache, v_cache, lengths, scale: float | None = None, split: int | None = None,
                      out: torch.Tensor | None = None, **settings):
     """Fused :func:`decode_attention_torch`. ``split`` keys per program (default by
-    :func:`attention_splits`); one split -> one launch, several -> a log-sum-exp merge launch after.
+    :func:`attention_splits`); one launch either way (with several splits the last one merges).
     ``settings`` override ATTENTION_DEFAULTS (block_n, num_warps, num_stages, target_programs, min_split)."""
     if not use_triton(q):
         return decode_attention_torch(q, k_cache, v_cache, lengths, scale)
@@ -274,16 +295,78 @@ def decode_attention(q, k_cache, v_cache, lengths, scale: float | None = None, s
     else:
         part_o = torch.empty(B * n_heads * n_splits, D, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(B * n_heads * n_splits, dtype=torch.float32, device=q.device)
-    _decode_attention_split_kernel[(B, n_kv, n_splits)](
-        q, k_cache, v_cache, lengths, out, part_o, part_lse, scale, n_heads, n_kv, n_splits,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), GROUP=group,
+    _decode_attention_kernel[(B, n_kv, n_splits)](
+        q, k_cache, v_cache, lengths, out, part_o, part_lse, _tickets(B * n_kv, q.device), scale, n_heads, n_kv,
+        n_splits, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, SPLIT=split, BLOCK_N=cfg["block_n"], SINGLE=single,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if not single:
-        _decode_attention_merge_kernel[(B, n_heads)](
-            lengths, out, part_o, part_lse, n_heads, n_splits, SPLIT=split,
-            SPLITS_POW2=triton.next_power_of_2(n_splits), D=D, num_warps=4)
     return out
+
+
+# ---- skinny matrix product (decode-sized batches) -----------------------------------------------------
+
+@triton.jit
+def _skinny_matmul_kernel(x_ptr, w_ptr, y_ptr, T, N, K, T_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """``y[:, n-block] = x @ w[n-block].T``: each program streams BLOCK_N whole rows of ``w``."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    t = tl.arange(0, T_PAD)
+    w_rows = w_ptr + n.to(tl.int64)[:, None] * K
+    acc = tl.zeros([T_PAD, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            w = tl.load(w_rows + k[None, :], mask=(n < N)[:, None], other=0.0)
+            x = tl.load(x_ptr + t[:, None] * K + k[None, :], mask=(t < T)[:, None], other=0.0)
+        else:
+            w = tl.load(w_rows + k[None, :], mask=(n < N)[:, None] & (k < K)[None, :], other=0.0)
+            x = tl.load(x_ptr + t[:, None] * K + k[None, :], mask=(t < T)[:, None] & (k < K)[None, :], other=0.0)
+        acc += tl.dot(x, tl.trans(w))
+    tl.store(y_ptr + t[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(t < T)[:, None] & (n < N)[None, :])
+
+
+SKINNY_MAX_TOKENS = 16  # one padded 16-row tile of x; larger batches go to cuBLAS
+SKINNY_CONFIGS = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
+                  for bn, bk in ((16, 256), (16, 512), (32, 256), (64, 128)) for w in (4,) for st in (3, 4)]
+_SKINNY_CHOICE: dict = {}  # (device, T_PAD, N, K, dtype) -> the fastest config, or None for cuBLAS
+
+
+def _skinny_launch(x, w, y, cfg):
+    T, K = x.shape
+    N = w.shape[0]
+    _skinny_matmul_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+        x, w, y, T, N, K, T_PAD=16, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], EVEN_K=K % cfg["BLOCK_K"] == 0,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def _skinny_choice(x, w):
+    """The fastest of cuBLAS and SKINNY_CONFIGS for this (N, K), timed once on the device (outside a
+    graph capture; the engine warms every bucket up before capturing it)."""
+    key = (x.device, x.shape[1], w.shape[0], x.dtype)
+    if key not in _SKINNY_CHOICE:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        from triton.testing import do_bench
+
+        y = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+        timed = [(do_bench(lambda: torch.matmul(x, w.T, out=y), warmup=5, rep=20), None)]
+        timed += [(do_bench(lambda c=c: _skinny_launch(x, w, y, c), warmup=5, rep=20), c) for c in SKINNY_CONFIGS]
+        _SKINNY_CHOICE[key] = min(timed, key=lambda tc: tc[0])[1]
+    return _SKINNY_CHOICE[key]
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x [T, K] @ w [N, K].T``. For up to SKINNY_MAX_TOKENS tokens on a GPU, a weight-streaming Triton
+    kernel when it beats cuBLAS at this shape (measured on the H200: cuBLAS reads a 4096x4096 matrix
+    for one token at about 64% of the copy rate, split-K and its reduce launch included)."""
+    if x.is_cuda and x.shape[0] <= SKINNY_MAX_TOKENS and x.is_contiguous() and w.is_contiguous():
+        cfg = _skinny_choice(x, w)
+        if cfg is not None:
+            y = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+            _skinny_launch(x, w, y, cfg)
+            return y
+    return x @ w.T
 
 
 # ---- router: logits, softmax, top-k ------------------------------------------------------------------
@@ -411,5 +494,5 @@ def add_rmsnorm_router(resid, delta, weight, eps: float, w_router, top_k: int, r
         _add_rmsnorm_router_kernel[(T,)](
             resid, delta, weight, out, w_router, ids, gates, H, E, eps, TOP_K=top_k,
             K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize, BLOCK_H=block, E_PAD=e_pad,
-            E_CHUNK=min(e_pad, max(1, 16384 // block)), num_warps=max(1, min(16, block // 256)))
+            E_CHUNK=min(e_pad, max(1, 32768 // block)), num_warps=max(1, min(16, block // 256)))
     return out, ids, gates

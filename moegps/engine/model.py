@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from ..kernels import fused_moe, moe_reference
 from ..shapes import ModelShape, from_hf_config
-from .kernels import add_rmsnorm, add_rmsnorm_router, decode_attention, rope_cache_write, rope_tables, use_triton
+from .kernels import (add_rmsnorm, add_rmsnorm_router, decode_attention, linear, rope_cache_write, rope_tables,
+                      use_triton)
 
 
 PROFILE_LABELS = False  # the benchmark's breakdown sets this: record_function ranges around each part
@@ -230,8 +231,8 @@ def from_transformers(hf_model) -> Model:
 
 def _swiglu(x, gate_up, down):
     """A dense SwiGLU MLP: ``x [T, H]``, ``gate_up [2S, H]``, ``down [H, S]`` -> ``[T, H]``."""
-    g, u = (x @ gate_up.T).chunk(2, dim=-1)
-    return (F.silu(g) * u) @ down.T
+    g, u = linear(x, gate_up).chunk(2, dim=-1)
+    return linear((F.silu(g) * u).contiguous(), down)
 
 
 def _mlp(model: Model, index: int, resid: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
@@ -269,11 +270,11 @@ def _layers(model: Model, cache: KVCache, resid: torch.Tensor, positions, slots,
         with _label("norms"):
             x = add_rmsnorm(resid, delta, layer.attn_norm, S.norm_eps)
         with _label("attention"):
-            qkv = x @ layer.wqkv.T
+            qkv = linear(x, layer.wqkv)
             q = rope_cache_write(qkv, cache.k[index], cache.v[index], positions, slots, cos, sin, S.n_heads,
                                  S.n_kv_heads)
             o = attend(q, index)
-            o = o.reshape(o.shape[0], -1) @ layer.wo.T
+            o = linear(o.reshape(o.shape[0], -1), layer.wo)
         delta = _mlp(model, index, resid, o)
     return delta
 
@@ -295,7 +296,7 @@ def decode_step(model: Model, cache: KVCache, tokens: torch.Tensor, positions: t
     with _label("norms"):
         x = add_rmsnorm(resid, delta, model.norm, model.shape.norm_eps)
     with _label("lm_head"):
-        return (x @ model.lm_head.T).float()
+        return linear(x, model.lm_head).float()
 
 
 def prefill(model: Model, cache: KVCache, prompts: list[torch.Tensor], all_positions: bool = False) -> torch.Tensor:
