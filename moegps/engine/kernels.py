@@ -12,7 +12,6 @@ matrix products:
 * ``decode_attention``: grouped-query attention of one new token per sequence over its cached
   keys, all query heads of a KV group in one program (the group's K/V tiles are read once), the
   context split over programs and merged by log-sum-exp (flash-decoding, Dao et al. 2023).
-* ``linear``: a weight-streaming matrix product for decode-sized batches where it beats cuBLAS.
 * ``router_topk``: the router's logits, softmax, top-k and renormalisation in one launch, writing
   the ids and gate weights the MoE kernels read; ``add_rmsnorm_router`` fuses it into the norm
   before the MoE for decode-sized batches (one launch instead of two per layer).
@@ -96,34 +95,38 @@ def rope_tables(max_positions: int, head_dim: int, theta: float, device) -> tupl
 
 @triton.jit
 def _rope_cache_kernel(qkv_ptr, q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr,
-                       N_HEADS, N_KV, stride_cb, stride_ch, stride_cs, HALF: tl.constexpr):
+                       N_HEADS, N_KV, stride_cb, stride_ch, stride_cs, HALF: tl.constexpr, HEADS: tl.constexpr):
+    """Program (token, j): heads j*HEADS .. j*HEADS+HEADS-1 of the token, counting the query heads
+    first and then the key heads (whose values are copied beside them). A block of heads per
+    program: one head per program made a 2048-token prompt launch 80k programs of 256 bytes each."""
     token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)  # 0..N_HEADS-1: query heads; N_HEADS..N_HEADS+N_KV-1: key (and value) heads
+    head = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
     D = 2 * HALF
     width = (N_HEADS + 2 * N_KV) * D
     pos = tl.load(pos_ptr + token).to(tl.int64)
     d = tl.arange(0, HALF)
-    cos = tl.load(cos_ptr + pos * HALF + d)
-    sin = tl.load(sin_ptr + pos * HALF + d)
-    src = qkv_ptr + token * width + head * D
-    x1 = tl.load(src + d).to(tl.float32)
-    x2 = tl.load(src + HALF + d).to(tl.float32)
+    cos = tl.load(cos_ptr + pos * HALF + d)[None, :]
+    sin = tl.load(sin_ptr + pos * HALF + d)[None, :]
+    is_q = head < N_HEADS
+    is_k = (head >= N_HEADS) & (head < N_HEADS + N_KV)
+    live = (is_q | is_k)[:, None]
+    src = qkv_ptr + token * width + head[:, None] * D + d[None, :]
+    x1 = tl.load(src, mask=live, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=live, other=0.0).to(tl.float32)
     # rotate_half convention (transformers' Llama/Mixtral): [x1, x2] -> [x1 c - x2 s, x2 c + x1 s]
     r1 = x1 * cos - x2 * sin
     r2 = x2 * cos + x1 * sin
-    if head < N_HEADS:
-        dst = q_ptr + token * N_HEADS * D + head * D
-        tl.store(dst + d, r1.to(q_ptr.dtype.element_ty))
-        tl.store(dst + HALF + d, r2.to(q_ptr.dtype.element_ty))
-    else:
-        kv = head - N_HEADS
-        slot = tl.load(slot_ptr + token).to(tl.int64)
-        at = slot * stride_cb + kv * stride_ch + pos * stride_cs
-        tl.store(k_cache_ptr + at + d, r1.to(k_cache_ptr.dtype.element_ty))
-        tl.store(k_cache_ptr + at + HALF + d, r2.to(k_cache_ptr.dtype.element_ty))
-        vsrc = qkv_ptr + token * width + (N_HEADS + N_KV + kv) * D
-        tl.store(v_cache_ptr + at + d, tl.load(vsrc + d))
-        tl.store(v_cache_ptr + at + HALF + d, tl.load(vsrc + HALF + d))
+    dst = q_ptr + token * N_HEADS * D + head[:, None] * D + d[None, :]
+    tl.store(dst, r1.to(q_ptr.dtype.element_ty), mask=is_q[:, None])
+    tl.store(dst + HALF, r2.to(q_ptr.dtype.element_ty), mask=is_q[:, None])
+    kv = tl.where(is_k, head - N_HEADS, 0)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    at = slot * stride_cb + kv[:, None] * stride_ch + pos * stride_cs + d[None, :]
+    tl.store(k_cache_ptr + at, r1.to(k_cache_ptr.dtype.element_ty), mask=is_k[:, None])
+    tl.store(k_cache_ptr + at + HALF, r2.to(k_cache_ptr.dtype.element_ty), mask=is_k[:, None])
+    vsrc = qkv_ptr + token * width + (N_HEADS + N_KV + kv[:, None]) * D + d[None, :]
+    tl.store(v_cache_ptr + at, tl.load(vsrc, mask=is_k[:, None], other=0.0), mask=is_k[:, None])
+    tl.store(v_cache_ptr + at + HALF, tl.load(vsrc + HALF, mask=is_k[:, None], other=0.0), mask=is_k[:, None])
 
 
 def rope_cache_write_torch(qkv, k_cache, v_cache, positions, slots, cos, sin, n_heads: int, n_kv: int):
@@ -145,16 +148,17 @@ def rope_cache_write_torch(qkv, k_cache, v_cache, positions, slots, cos, sin, n_
 
 def rope_cache_write(qkv, k_cache, v_cache, positions, slots, cos, sin, n_heads: int, n_kv: int,
                      q_out: torch.Tensor | None = None):
-    """Fused :func:`rope_cache_write_torch`: one launch, grid (tokens, query + KV heads)."""
+    """Fused :func:`rope_cache_write_torch`: one launch, grid (tokens, blocks of 8 heads)."""
     if not use_triton(qkv):
         return rope_cache_write_torch(qkv, k_cache, v_cache, positions, slots, cos, sin, n_heads, n_kv)
     T = qkv.shape[0]
     D = qkv.shape[1] // (n_heads + 2 * n_kv)
     q = torch.empty(T, n_heads, D, dtype=qkv.dtype, device=qkv.device) if q_out is None else q_out
     if T:
-        _rope_cache_kernel[(T, n_heads + n_kv)](
+        heads = 8
+        _rope_cache_kernel[(T, triton.cdiv(n_heads + n_kv, heads))](
             qkv, q, k_cache, v_cache, positions, slots, cos, sin, n_heads, n_kv,
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), HALF=D // 2, num_warps=1)
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), HALF=D // 2, HEADS=heads, num_warps=2)
     return q
 
 
@@ -303,72 +307,6 @@ def decode_attention(q, k_cache, v_cache, lengths, scale: float | None = None, s
     return out
 
 
-# ---- skinny matrix product (decode-sized batches) -----------------------------------------------------
-
-@triton.jit
-def _skinny_matmul_kernel(x_ptr, w_ptr, y_ptr, T, N, K, T_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """``y[:, n-block] = x @ w[n-block].T``: each program streams BLOCK_N whole rows of ``w``."""
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    t = tl.arange(0, T_PAD)
-    w_rows = w_ptr + n.to(tl.int64)[:, None] * K
-    acc = tl.zeros([T_PAD, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        if EVEN_K:
-            w = tl.load(w_rows + k[None, :], mask=(n < N)[:, None], other=0.0)
-            x = tl.load(x_ptr + t[:, None] * K + k[None, :], mask=(t < T)[:, None], other=0.0)
-        else:
-            w = tl.load(w_rows + k[None, :], mask=(n < N)[:, None] & (k < K)[None, :], other=0.0)
-            x = tl.load(x_ptr + t[:, None] * K + k[None, :], mask=(t < T)[:, None] & (k < K)[None, :], other=0.0)
-        acc += tl.dot(x, tl.trans(w))
-    tl.store(y_ptr + t[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(t < T)[:, None] & (n < N)[None, :])
-
-
-SKINNY_MAX_TOKENS = 16  # one padded 16-row tile of x; larger batches go to cuBLAS
-SKINNY_CONFIGS = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
-                  for bn, bk in ((16, 256), (16, 512), (32, 256), (64, 128)) for w in (4,) for st in (3, 4)]
-_SKINNY_CHOICE: dict = {}  # (device, T_PAD, N, K, dtype) -> the fastest config, or None for cuBLAS
-
-
-def _skinny_launch(x, w, y, cfg):
-    T, K = x.shape
-    N = w.shape[0]
-    _skinny_matmul_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
-        x, w, y, T, N, K, T_PAD=16, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], EVEN_K=K % cfg["BLOCK_K"] == 0,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-
-
-def _skinny_choice(x, w):
-    """The fastest of cuBLAS and SKINNY_CONFIGS for this (N, K), timed once on the device (outside a
-    graph capture; the engine warms every bucket up before capturing it)."""
-    key = (x.device, x.shape[1], w.shape[0], x.dtype)
-    if key not in _SKINNY_CHOICE:
-        if torch.cuda.is_current_stream_capturing():
-            return None
-        from triton.testing import do_bench
-
-        y = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-        timed = [(do_bench(lambda: torch.matmul(x, w.T, out=y), warmup=5, rep=20), None)]
-        timed += [(do_bench(lambda c=c: _skinny_launch(x, w, y, c), warmup=5, rep=20), c) for c in SKINNY_CONFIGS]
-        _SKINNY_CHOICE[key] = min(timed, key=lambda tc: tc[0])[1]
-    return _SKINNY_CHOICE[key]
-
-
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x [T, K] @ w [N, K].T``. For up to SKINNY_MAX_TOKENS tokens on a GPU, a weight-streaming Triton
-    kernel when it beats cuBLAS at this shape (measured on the H200: cuBLAS reads a 4096x4096 matrix
-    for one token at about 64% of the copy rate, split-K and its reduce launch included)."""
-    if x.is_cuda and x.shape[0] <= SKINNY_MAX_TOKENS and x.is_contiguous() and w.is_contiguous():
-        cfg = _skinny_choice(x, w)
-        if cfg is not None:
-            y = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-            _skinny_launch(x, w, y, cfg)
-            return y
-    return x @ w.T
-
-
 # ---- router: logits, softmax, top-k ------------------------------------------------------------------
 
 @triton.jit
@@ -494,5 +432,5 @@ def add_rmsnorm_router(resid, delta, weight, eps: float, w_router, top_k: int, r
         _add_rmsnorm_router_kernel[(T,)](
             resid, delta, weight, out, w_router, ids, gates, H, E, eps, TOP_K=top_k,
             K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize, BLOCK_H=block, E_PAD=e_pad,
-            E_CHUNK=min(e_pad, max(1, 32768 // block)), num_warps=max(1, min(16, block // 256)))
+            E_CHUNK=min(e_pad, max(1, 16384 // block)), num_warps=max(1, min(16, block // 256)))
     return out, ids, gates

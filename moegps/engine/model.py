@@ -30,10 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..kernels import fused_moe, moe_reference
+from ..kernels import fused_moe, moe_padded_bmm, moe_reference
 from ..shapes import ModelShape, from_hf_config
-from .kernels import (add_rmsnorm, add_rmsnorm_router, decode_attention, linear, rope_cache_write, rope_tables,
-                      use_triton)
+from .kernels import add_rmsnorm, add_rmsnorm_router, decode_attention, rope_cache_write, rope_tables, use_triton
 
 
 PROFILE_LABELS = False  # the benchmark's breakdown sets this: record_function ranges around each part
@@ -229,10 +228,13 @@ def from_transformers(hf_model) -> Model:
 
 # ---- the forward passes --------------------------------------------------------------------------
 
+PADDED_BMM_MIN_TOKENS = 1024  # prompts from here on: cuBLAS batched GEMMs (moegps.kernels.padded)
+
+
 def _swiglu(x, gate_up, down):
     """A dense SwiGLU MLP: ``x [T, H]``, ``gate_up [2S, H]``, ``down [H, S]`` -> ``[T, H]``."""
-    g, u = linear(x, gate_up).chunk(2, dim=-1)
-    return linear((F.silu(g) * u).contiguous(), down)
+    g, u = (x @ gate_up.T).chunk(2, dim=-1)
+    return (F.silu(g) * u) @ down.T
 
 
 def _mlp(model: Model, index: int, resid: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
@@ -251,7 +253,8 @@ def _mlp(model: Model, index: int, resid: torch.Tensor, attn_out: torch.Tensor) 
             flat = ids.reshape(-1).long()
             model.routing_counts[index].scatter_add_(0, flat, torch.ones_like(flat))
         with _label("moe"):
-            experts = fused_moe if use_triton(x) else moe_reference
+            experts = (moe_reference if not use_triton(x) else
+                       moe_padded_bmm if x.is_cuda and x.shape[0] >= PADDED_BMM_MIN_TOKENS else fused_moe)
             out = experts(x, layer.w_gate_up, layer.w_down, ids, gates)
     if layer.shared_gate_up is not None:
         with _label("moe" if layer.w_gate_up is not None else "dense mlp"):
@@ -270,11 +273,11 @@ def _layers(model: Model, cache: KVCache, resid: torch.Tensor, positions, slots,
         with _label("norms"):
             x = add_rmsnorm(resid, delta, layer.attn_norm, S.norm_eps)
         with _label("attention"):
-            qkv = linear(x, layer.wqkv)
+            qkv = x @ layer.wqkv.T
             q = rope_cache_write(qkv, cache.k[index], cache.v[index], positions, slots, cos, sin, S.n_heads,
                                  S.n_kv_heads)
             o = attend(q, index)
-            o = linear(o.reshape(o.shape[0], -1), layer.wo)
+            o = o.reshape(o.shape[0], -1) @ layer.wo.T
         delta = _mlp(model, index, resid, o)
     return delta
 
@@ -296,7 +299,7 @@ def decode_step(model: Model, cache: KVCache, tokens: torch.Tensor, positions: t
     with _label("norms"):
         x = add_rmsnorm(resid, delta, model.norm, model.shape.norm_eps)
     with _label("lm_head"):
-        return linear(x, model.lm_head).float()
+        return (x @ model.lm_head.T).float()
 
 
 def prefill(model: Model, cache: KVCache, prompts: list[torch.Tensor], all_positions: bool = False) -> torch.Tensor:
