@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..kernels import fused_moe, moe_padded_bmm, moe_reference
+from ..kernels import fused_moe, moe_reference
 from ..shapes import ModelShape, from_hf_config
 from .kernels import add_rmsnorm, add_rmsnorm_router, decode_attention, rope_cache_write, rope_tables, use_triton
 
@@ -228,9 +228,6 @@ def from_transformers(hf_model) -> Model:
 
 # ---- the forward passes --------------------------------------------------------------------------
 
-PADDED_BMM_MIN_TOKENS = 1024  # prompts from here on: cuBLAS batched GEMMs (moegps.kernels.padded)
-
-
 def _swiglu(x, gate_up, down):
     """A dense SwiGLU MLP: ``x [T, H]``, ``gate_up [2S, H]``, ``down [H, S]`` -> ``[T, H]``."""
     g, u = (x @ gate_up.T).chunk(2, dim=-1)
@@ -253,8 +250,7 @@ def _mlp(model: Model, index: int, resid: torch.Tensor, attn_out: torch.Tensor) 
             flat = ids.reshape(-1).long()
             model.routing_counts[index].scatter_add_(0, flat, torch.ones_like(flat))
         with _label("moe"):
-            experts = (moe_reference if not use_triton(x) else
-                       moe_padded_bmm if x.is_cuda and x.shape[0] >= PADDED_BMM_MIN_TOKENS else fused_moe)
+            experts = fused_moe if use_triton(x) else moe_reference
             out = experts(x, layer.w_gate_up, layer.w_down, ids, gates)
     if layer.shared_gate_up is not None:
         with _label("moe" if layer.w_gate_up is not None else "dense mlp"):
