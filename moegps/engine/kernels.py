@@ -266,11 +266,11 @@ def decode_attention_torch(q, k_cache, v_cache, lengths, scale: float | None = N
 
 
 # Launch settings of decode_attention; the engine benchmark's attention part sweeps them (docs/engine.md).
-ATTENTION_DEFAULTS = dict(block_n=32, num_warps=4, num_stages=3, target_programs=264, min_split=128)
+ATTENTION_DEFAULTS = dict(block_n=32, num_warps=4, num_stages=3, target_programs=264, min_split=256)
 
 
 def attention_splits(batch: int, n_kv: int, max_len: int, block_n: int = 32, target_programs: int = 264,
-                     min_split: int = 128) -> int:
+                     min_split: int = 256) -> int:
     """Keys per split program: enough splits that (batch x KV heads x splits) reaches about
     ``target_programs`` (264 = 2 per SM of an H100/H200), none shorter than ``min_split`` keys (a short
     context is one split: no merge)."""
