@@ -29,23 +29,28 @@ What is recorded, and how:
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import hydra
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from moegps import __version__
+from moegps.configs import (all_or_first_n, checked, device as device_rule, hydra_command, nonnegative, one_of,
+                            positive, validate)
 from moegps.files import atomic_path
 from moegps.models.adapters import MoERouter, family_of, find_routers, routing_from_output
 from moegps.models.tokenizer import mixtral_tokenizer
-from moegps.paths import CONF_DIR, PROJECT_ROOT, git_commit, register_resolvers
+from moegps.paths import PROJECT_ROOT, git_commit, portable_path, register_resolvers
 from moegps.prompts import Prompt, PromptError, load_prompts
 from moegps.trace import RoutingTrace, TraceMeta
 
@@ -66,8 +71,8 @@ class ModelConfig:
     name: str = "mixtral-tiny"
     path: str | None = "moegps/models/bundled/mixtral-tiny"  # local save_pretrained folder
     hub_id: str | None = None  # or a hub id (exactly one of path / hub_id)
-    tokenizer: str = "mixtral"  # mixtral | auto
-    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    tokenizer: str = checked("mixtral", one_of("mixtral", "auto"))  # mixtral | auto
+    dtype: str = checked("float32", one_of("float32", "bfloat16", "float16", "auto"))
     device_map: str | None = None  # e.g. auto: shard over the visible GPUs
     attn_implementation: str | None = None
     trust_remote_code: bool = False
@@ -76,13 +81,13 @@ class ModelConfig:
 @dataclass
 class DatasetConfig:
     name: str = "mmlu"
-    kind: str = "mmlu"  # mmlu | text
+    kind: str = checked("mmlu", one_of("mmlu", "text"))  # mmlu | text
     path: str | None = None  # local file/folder; mmlu falls back to the hub when absent
     hub_id: str | None = "cais/mmlu"
     hub_config: str = "all"
     split: str = "test"
-    split_by: str = "blank_line"  # text: blank_line | line | file
-    min_chars: int = 1
+    split_by: str = checked("blank_line", one_of("blank_line", "line", "file"))  # text: blank_line | line | file
+    min_chars: int = checked(1, nonnegative)
     domain: str | None = None
 
 
@@ -90,13 +95,13 @@ class DatasetConfig:
 class CollectConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    limit: int | None = 64
-    batch_size: int = 16
-    max_prompt_tokens: int = 512
-    max_new_tokens: int = 32
+    limit: int | None = checked(64, all_or_first_n)  # null = all prompts; 0 is an error
+    batch_size: int = checked(16, positive)
+    max_prompt_tokens: int = checked(512, positive)
+    max_new_tokens: int = checked(32, positive)
     stop_at_eos: bool = False
-    device: str = "auto"
-    seed: int = 0
+    device: str = checked("auto", device_rule)
+    seed: int = checked(0, nonnegative)
     progress: bool = True
     overwrite: bool = False
     out_dir: str = "runs/collect/run"
@@ -320,20 +325,59 @@ def generate_and_record(
 
 
 def _fingerprint(cfg) -> dict:
-    """Settings that change what a shard holds: a resumed run must match them."""
+    """Settings that change what a shard holds: a resumed run must match them. Paths as
+    :func:`moegps.paths.portable_path` writes them, so a folder moved with its data still resumes."""
     keep = ("max_prompt_tokens", "max_new_tokens", "stop_at_eos", "batch_size")
     model = {k: v for k, v in cfg.model.items() if k != "device_map"}
-    return {"model": model, "dataset": dict(cfg.dataset), **{k: cfg[k] for k in keep}}
+    dataset = dict(cfg.dataset)
+    model["path"], dataset["path"] = portable_path(model.get("path")), portable_path(dataset.get("path"))
+    return {"model": model, "dataset": dataset, **{k: cfg[k] for k in keep}}
 
 
 def _done_requests(out_dir: Path) -> tuple[set[int], int]:
-    """Request ids already in finished shards, and the next free shard number."""
+    """Request ids already in finished shards, and the next free shard number. A shard that does not
+    read (cut short by a copy or a full disk: collect's own writes are atomic) is an error naming it."""
     done: set[int] = set()
     shards = sorted(out_dir.glob("shard-*.parquet"))
     for shard in shards:
-        done.update(pq.read_table(shard, columns=["request_id"]).column(0).to_numpy().tolist())
+        try:
+            done.update(pq.read_table(shard, columns=["request_id"]).column(0).to_numpy().tolist())
+        except (pa.ArrowException, OSError) as e:
+            raise CollectError(
+                f"{shard}: not a readable parquet shard ({type(e).__name__}: {e}). Delete it and its "
+                f"{shard.with_suffix('.requests.jsonl').name}, then rerun the same command: its requests are "
+                "recorded again, the other shards are kept") from None
     next_index = 1 + max((int(s.stem.split("-")[1]) for s in shards), default=-1)
     return done, next_index
+
+
+class FolderLock:
+    """An exclusive lock on an output folder (``.lock`` in it, ``flock``): a second collect into the
+    same folder stops at once with a message instead of interleaving shards. The kernel drops the
+    lock when the process ends, however it ends."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / ".lock"
+
+    def __enter__(self):
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise CollectError(f"{self.path.parent}: another collect ({holder}) is writing to this folder; wait for "
+                               "it to finish (then rerun to resume) or choose another out_dir") from None
+        self.file.truncate(0)
+        self.file.write(f"pid {os.getpid()}")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+        return False
 
 
 def _write_json(path: Path, obj, lines: bool = False):
@@ -359,12 +403,15 @@ def collect(cfg: DictConfig, on_shard: Callable[[Path, int], None] | None = None
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     if "hydra" in cfg:
         del cfg["hydra"]
-    for name in ("batch_size", "max_prompt_tokens", "max_new_tokens"):
-        if int(cfg[name]) < 1:
-            raise CollectError(f"config: '{name}' is {cfg[name]}, expected a positive integer")
+    validate(cfg, CollectConfig, "collect")  # types, ranges, no +keys: before any work
     resolve_model_source(cfg.model)  # fail before any work if the checkpoint is missing
     out_dir = resolve_out_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out_dir):
+        return _collect(cfg, out_dir, on_shard)
+
+
+def _collect(cfg: DictConfig, out_dir: Path, on_shard) -> Path:
     manifest_path = out_dir / "manifest.json"
     fingerprint = _fingerprint(cfg)
     if manifest_path.exists():
@@ -398,9 +445,9 @@ def collect(cfg: DictConfig, on_shard: Callable[[Path, int], None] | None = None
         n_experts=routers[0].n_experts,
         top_k=routers[0].top_k,
         layer_ids=[r.layer_number for r in routers],
-        model_config={"source": source, "family": family_of(model).name, **json.loads(model.config.to_json_string())},
+        model_config={"source": portable_path(source), "family": family_of(model).name, **json.loads(model.config.to_json_string())},
         tokenizer=tokenizer.name,
-        dataset=f"{cfg.dataset.name}: {cfg.dataset.get('path') or cfg.dataset.get('hub_id')}",
+        dataset=f"{cfg.dataset.name}: {portable_path(cfg.dataset.get('path')) or cfg.dataset.get('hub_id')}",
         source="collect",
         recorded=dict(
             device=str(model.get_input_embeddings().weight.device) if not cfg.model.get("device_map") else f"device_map={cfg.model.device_map}",
@@ -434,12 +481,16 @@ def collect(cfg: DictConfig, on_shard: Callable[[Path, int], None] | None = None
     }
 
     def write_manifest():
+        # what the shards hold, never what this run asked for: a rerun with a smaller limit on a
+        # folder that holds more still counts (and reads back) every request in it
         shards = sorted(out_dir.glob("shard-*.parquet"))
         _write_json(manifest_path, {
             **manifest, "shards": [s.name for s in shards],
-            "requests_done": len(prompts) - todo_left, "complete": not todo_left,
+            "requests_done": len(done), "complete": not todo_left,
+            "requests_beyond_limit": len(done - wanted),
         })
 
+    wanted = {p.request_id for p in prompts}
     todo_left = len(todo)
     write_manifest()
     recorder = RouterRecorder(routers)
@@ -463,6 +514,7 @@ def collect(cfg: DictConfig, on_shard: Callable[[Path, int], None] | None = None
                     for p, t, g in zip(batch, token_ids, generated)
                 ], lines=True)
                 record.to_trace(meta).write(shard)  # the parquet shard is the commit point
+                done.update(p.request_id for p in batch)
                 shard_index += 1
                 written += 1
                 todo_left -= len(batch)
@@ -475,16 +527,16 @@ def collect(cfg: DictConfig, on_shard: Callable[[Path, int], None] | None = None
     return out_dir
 
 
-# config_path: moegps/conf/ (package data), given absolute so that the
-# entry point works however it is called (python -m, an imported main(), a console script)
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="collect")
-def main(cfg: DictConfig) -> None:
-
-    try:
-        out = collect(cfg)
-    except (CollectError, PromptError) as e:  # a setting or file to fix: the message says which
-        raise SystemExit(f"collect: {e}") from None
+def app(cfg: DictConfig) -> None:
+    """The command on a composed config (moegps/conf/collect.yaml): record, then print a summary."""
+    out = collect(cfg)
     print(summary(RoutingTrace.read(out), out))
+
+
+def main() -> None:
+    # a setting or file to fix ends with its message; Ctrl-C with "interrupted: rerun ..." and exit
+    # code 130 (every shard is written atomically, so the rerun resumes at the next batch)
+    hydra_command(app, "collect", "collect", errors=(CollectError, PromptError))
 
 
 def summary(trace: RoutingTrace, out: Path) -> str:

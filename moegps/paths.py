@@ -39,6 +39,26 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
+DATA_ROOT_VAR = "$MOEGPS_DATA"
+
+
+def portable_path(path: str | os.PathLike | None) -> str | None:
+    """A path as it means the same on another machine: under the data root as ``$MOEGPS_DATA/<rest>``,
+    under the project as relative to its root, anything else (a hub id, a path elsewhere) as given.
+    Trace metadata and manifests store paths this way (an absolute data path means nothing elsewhere)."""
+    if path is None or str(path) == "":
+        return path
+    p = Path(str(path)).expanduser()
+    if not p.is_absolute():
+        return str(path)
+    p = p.resolve()
+    if p.is_relative_to(data_root()):
+        return f"{DATA_ROOT_VAR}/{p.relative_to(data_root())}".rstrip("/")
+    if p.is_relative_to(PROJECT_ROOT):
+        return str(p.relative_to(PROJECT_ROOT))
+    return str(p)
+
+
 def trace_name(spec: str) -> str:
     """Short name of a trace spec for output folders: the file or folder stem (``deepseek`` as is)."""
     return Path(str(spec)).stem or "trace"

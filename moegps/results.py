@@ -80,10 +80,59 @@ def write_rows(rows: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
     return Path(path)
 
 
+class ResultsError(RuntimeError):
+    """A results shard that cannot be used; the message names the file and what to do."""
+
+
+def shard_problem(path: str | Path, key: str | None = None) -> str | None:
+    """Why the shard at ``path`` is not a finished set of rows (None when it is): unreadable
+    (truncated, not parquet), no rows, a field of :data:`FIELDS` missing, or (with ``key``) rows
+    of another run. Reads the footer and two columns, not the whole file."""
+    try:
+        file = pq.ParquetFile(path)
+        names = set(file.schema_arrow.names)
+        if file.metadata.num_rows == 0:
+            return "it holds no rows"
+        missing = sorted(set(FIELDS) - names)
+        if missing:
+            return f"it lacks the results field(s) {missing}"
+        if key is not None and "config.key" in names:
+            keys = set(file.read(columns=["config.key"]).column(0).to_pylist())
+            if keys != {key}:
+                return f"its rows belong to run(s) {sorted(map(str, keys))}, not {key}"
+        file.read(columns=["run_id", "total_ms"])  # the data pages, not only the footer, must decode
+    except (pa.ArrowException, OSError) as e:
+        return f"it is not a readable parquet file ({type(e).__name__}: {e})"
+    return None
+
+
+def read_shard(path: str | Path) -> pd.DataFrame:
+    """One results shard as a table; :class:`ResultsError` naming the file and the fix when it is unusable."""
+    problem = shard_problem(path)
+    if problem is None:
+        try:
+            return pd.read_parquet(path)
+        except (pa.ArrowException, OSError) as e:
+            problem = f"it is not a readable parquet file ({type(e).__name__}: {e})"
+    raise ResultsError(f"{path}: not a usable results shard: {problem}. It was cut short or replaced; delete it and "
+                       "rerun the command that wrote it (a sweep reruns only the runs without a usable shard)")
+
+
+# per-layer side tables (simulator: per_layer.parquet; executor: layers/<run_id>.parquet) and the
+# sweep's cached train/test traces live beside results shards; they are not rows
+SIDE_TABLES = ("per_layer.parquet",)
+SIDE_FOLDERS = ("layers", "cache")
+
+
+def _side_table(file: Path, root: Path) -> bool:
+    return file.name in SIDE_TABLES or any(part in SIDE_FOLDERS for part in file.relative_to(root).parts[:-1])
+
+
 def read_results(path: str | Path) -> pd.DataFrame:
-    """All shards under ``path`` (a file or a folder, searched recursively) as one table."""
+    """All shards under ``path`` (a file or a folder, searched recursively) as one table; a shard
+    that cannot be read is an error naming it (never skipped: a missing run would change a mean)."""
     path = Path(path)
-    files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*.parquet") if not _side_table(f, path))
     if not files:
         raise FileNotFoundError(f"{path}: no results parquet files found")
-    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    return pd.concat([read_shard(f) for f in files], ignore_index=True)

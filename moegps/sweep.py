@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -38,14 +39,15 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
+from .configs import ConfigError, all_or_first_n, run_command, checked, fraction, nonnegative, one_of, positive, register, validate
 from .executor.runner import ExecuteConfig, run
 from .files import atomic_path
 from .paths import CONF_DIR, PROJECT_ROOT, register_resolvers
-from .results import flatten, write_rows
+from .results import flatten, shard_problem, write_rows
 from .simulator.pipeline import fit_predictors, load_workload, predictor_plans, result_rows
-from .simulator.replay import PlaceFn, ReplayConfig, make_batches, oracle_plan, simulate, static_plan
+from .simulator.replay import PlaceFn, ReplayConfig, ReplayOptions, make_batches, oracle_plan, simulate, static_plan
 from .simulator.system import resolve_system
-from .workloads import NAMED_TRACES
+from .workloads import NAMED_TRACES, fingerprint
 
 # config keys that say where and how a sweep runs, not what a run computes: never hashed
 NOT_HASHED = ("out", "name", "force", "show")
@@ -54,9 +56,55 @@ NOT_HASHED = ("out", "name", "force", "show")
 EXEC_SHAPES = {8: "mixtral-8x7b", 64: "deepseek-v2-lite"}
 
 
+@dataclass
+class SweepConfig:
+    """One point of a sweep (moegps/conf/sweep.yaml); the groups (predictor, placement, system) are
+    checked by the code they configure, every other field here."""
+
+    name: str = "default"
+    trace: str = "deepseek"
+    train: str | None = None
+    test: str | None = None
+    limit: int | None = checked(60, all_or_first_n)
+    test_fraction: float = checked(0.5, fraction)
+    split: str = checked("arrival", one_of("arrival", "random"))
+    seed: int = checked(0, nonnegative)
+    batch_size: int = checked(16, positive)
+    backend: str = checked("sim", one_of("sim", "exec"))
+    interval: int = checked(1, positive)
+    shape: str | None = None
+    replay: ReplayOptions = field(default_factory=ReplayOptions)
+    exec: dict[str, Any] = field(default_factory=dict)  # ExecuteConfig fields, checked there (backend=exec)
+    force: bool = False
+    out: str = "outputs/sweep/default"
+    predictor: Any = None  # moegps/conf/predictor/<name>.yaml
+    placement: Any = None  # moegps/conf/placement/<name>.yaml
+    system: Any = None  # moegps/conf/system/<name>.yaml
+
+
+register("sweep_schema", SweepConfig)
+
+# keys resolved_config adds beside the schema's: the chosen group options' names
+CHOICE_KEYS = ("predictor_name", "placement_name")
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """:class:`moegps.configs.ConfigError` naming the field for anything the schema refuses."""
+    validate({k: v for k, v in config.items() if k not in CHOICE_KEYS}, SweepConfig, "sweep")
+
+
+def trace_content(config: dict[str, Any]) -> dict[str, str]:
+    """Content fingerprints of the traces a run reads (``train`` and ``test``, else ``trace``): the
+    same path holding other bytes is another run (:func:`moegps.workloads.fingerprint`)."""
+    parts = ("train", "test") if config.get("train") is not None else ("trace",)
+    return {part: fingerprint(resolve_trace_path(config[part])) for part in parts if config.get(part) is not None}
+
+
 def run_key(config: dict[str, Any]) -> str:
-    """16 hex digits of the SHA-256 of the run's config (keys sorted, without :data:`NOT_HASHED`)."""
+    """16 hex digits of the SHA-256 of the run's config (keys sorted, without :data:`NOT_HASHED`)
+    and of the content of its traces (:func:`trace_content`)."""
     body = {k: v for k, v in config.items() if k not in NOT_HASHED}
+    body["trace_content"] = trace_content(config)
     text = json.dumps(body, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -66,7 +114,10 @@ def run_dir(out: str | Path, key: str) -> Path:
 
 
 def is_done(out: str | Path, key: str) -> bool:
-    return (run_dir(out, key) / "rows.parquet").is_file()
+    """Whether the run's ``rows.parquet`` holds its finished rows (readable, with every results field,
+    all of this key); a truncated or foreign file is unfinished and the run is done again."""
+    path = run_dir(out, key) / "rows.parquet"
+    return path.is_file() and shard_problem(path, key) is None
 
 
 def resolve_trace_path(spec: str | None) -> str | None:
@@ -121,6 +172,7 @@ def _row_config(config: dict[str, Any], key: str, role: str, system=None) -> dic
     """The config columns of a row: choices by name, the swept numbers flat, the key."""
     predictor = dict(config["predictor"])
     out = {"key": key, "role": role, "sweep": config.get("name", ""), "trace": config["trace"],
+           "trace_content": ",".join(f"{k}:{v}" for k, v in trace_content(config).items()),
            "limit": config.get("limit"), "seed": config["seed"], "batch_size": config["batch_size"],
            "backend": config["backend"], "predictor": {"name": config["predictor_name"], **predictor},
            "placement": {"name": config["placement_name"], **dict(config["placement"])},
@@ -203,10 +255,14 @@ def execute_run(config: dict[str, Any], key: str) -> list[dict[str, Any]]:
 
 def run_one(config: dict[str, Any]) -> tuple[str, bool]:
     """Run one point of a sweep unless it has finished before; returns (key, ran)."""
+    check_config(config)
     key = run_key(config)
     out = Path(config["out"])
     if is_done(out, key) and not config.get("force"):
         return key, False
+    stale = run_dir(out, key) / "rows.parquet"
+    if stale.exists() and not config.get("force"):
+        print(f"[sweep] {stale}: {shard_problem(stale, key)}; running it again", flush=True)
     folder = run_dir(out, key)
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / "config.yaml") as tmp:
@@ -253,15 +309,93 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any
 register_resolvers()  # at import: launcher workers unpickle configs that use it
 
 
+# set by main() for the launcher's workers (they inherit the environment): the sweep's process, its
+# number of runs and its start time (progress and ETA)
+PARENT_ENV, TOTAL_ENV, START_ENV = "MOEGPS_SWEEP_PID", "MOEGPS_SWEEP_TOTAL", "MOEGPS_SWEEP_START"
+
+
+def _end_with_parent() -> None:
+    """In a launcher worker (joblib/loky), a daemon thread that ends this process once the sweep's
+    process is gone: a sweep killed with kill -9 leaves no idle workers behind (they lived on for as
+    long as the machine ran). Started once per worker."""
+    import os
+    import threading
+
+    parent = int(os.environ.get(PARENT_ENV, "0") or 0)
+    if not parent or parent == os.getpid() or getattr(_end_with_parent, "started", False):
+        return
+    _end_with_parent.started = True
+
+    def watch():
+        while True:
+            try:
+                os.kill(parent, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:
+                pass  # alive, another user's (pid reused): keep watching
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, name="moegps-sweep-parent-watch", daemon=True).start()
+
+
+def progress_note(job_num: int | None) -> str:
+    """``17/72, 12 s, eta 38 s`` for the launcher's job number (0-based), from the sweep's start."""
+    import os
+
+    total, start = int(os.environ.get(TOTAL_ENV, "0") or 0), float(os.environ.get(START_ENV, "0") or 0)
+    if not total or job_num is None:
+        return ""
+    done = job_num + 1
+    elapsed = time.time() - start
+    eta = elapsed / done * (total - done)
+    return f" [{done}/{total}, {elapsed:.0f} s, eta {eta:.0f} s]"
+
+
+def count_runs(overrides: list[str]) -> int:
+    """How many runs ``python -m moegps.sweep -m <overrides>`` launches: the product of the sweep's
+    values per key, the command line's replacing the preset's (as hydra's basic sweeper does)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    plain = [o.input_line for o in parsed if not o.is_sweep_override() and not o.input_line.startswith("hydra")]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("sweep", overrides=plain, return_hydra_config=True)
+    params = dict(cfg.hydra.sweeper.get("params") or {})
+    counts = {key: len(list(parser.parse_override(f"{key}={value}").sweep_iterator()))
+              for key, value in params.items()}
+    for o in parsed:  # a command-line value replaces the preset's swept values, swept or not
+        if not o.input_line.startswith("hydra"):
+            counts[o.get_key_element()] = len(list(o.sweep_iterator())) if o.is_sweep_override() else 1
+    total = 1
+    for n in counts.values():
+        total *= n
+    return total
+
+
 def _app(raw) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    _end_with_parent()
     config = resolved_config(raw)
     t0 = time.perf_counter()
-    key, ran = run_one(config)
+    try:
+        key, ran = run_one(config)
+    except ConfigError as e:  # a setting to fix: the message names it
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the launcher marks the job failed and the sweep exits non-zero
+        raise SystemExit(str(e)) from None
     what = f"ran in {time.perf_counter() - t0:.1f} s" if ran else "finished before, skipped"
-    print(f"[sweep {config.get('name')}] {key} {config['backend']} trace={Path(str(config['trace'])).name} "
+    job = HydraConfig.get().job.get("num") if HydraConfig.initialized() else None
+    print(f"[sweep {config.get('name')}] {key} {config['backend']} "
+          f"trace={Path(str(config['trace'])).name} "
           f"predictor={config['predictor_name']} placement={config['placement_name']} "
           f"system={config['system'].get('name')} link_gbps={_plain(config['system'].get('link_gbps'))} "
-          f"batch_size={config['batch_size']}: {what}", flush=True)
+          f"batch_size={config['batch_size']}: {what}{progress_note(job)}", flush=True)
 
 
 def _plain(value):
@@ -269,11 +403,22 @@ def _plain(value):
 
 
 def main() -> None:
+    import os
+    import sys
+
     import hydra  # lazy: hydra is heavy, only the command line needs it
 
     np.seterr(all="ignore")
+    args = sys.argv[1:]
+    if "-m" in args or "--multirun" in args:
+        overrides = [a for a in args if not a.startswith("-")]
+        try:
+            os.environ[TOTAL_ENV] = str(count_runs(overrides))
+        except Exception:  # noqa: BLE001 - progress is a courtesy; hydra reports a bad override itself
+            pass
+    os.environ[PARENT_ENV], os.environ[START_ENV] = str(os.getpid()), str(time.time())
     # an absolute config path: the task function lives in moegps.sweep, so that workers can unpickle it
-    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sweep")(_app)()
+    run_command(hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sweep")(_app), "sweep")
 
 
 if __name__ == "__main__":

@@ -119,6 +119,8 @@ def load_trace(spec: str, limit: int | None = None, seed: int = 0, skew: float =
     ``synthetic`` arguments), a folder of DeepSeek-style CSVs, or a RoutingTrace parquet file or
     folder. ``limit`` keeps the first N requests by id (the first N files of a CSV folder)."""
     spec = str(spec)
+    if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
+        raise ValueError(f"config field 'limit' is {limit!r}, expected null (all) or a positive integer (the first N)")
     if spec == "random":
         return random_trace(np.random.default_rng(seed), n_requests=limit or 400, prompt_len=(8, 64),
                             decode_steps=16, n_layers=4, n_experts=16, top_k=2)
@@ -132,10 +134,55 @@ def load_trace(spec: str, limit: int | None = None, seed: int = 0, skew: float =
         raise FileNotFoundError(f"trace {spec!r}: not one of {list(NAMED_TRACES)} and no such file or folder "
                                 "(expected a RoutingTrace parquet file/folder or a folder of DeepSeek CSVs)")
     if path.is_dir() and any(path.glob("*.csv")) and not any(path.glob("*.parquet")):
-        return read_deepseek_csv(path, limit)
-    trace = RoutingTrace.read(path)
-    if limit:
+        return require_rows(read_deepseek_csv(path, limit), str(path))
+    trace = require_rows(RoutingTrace.read(path), str(path))
+    if limit is not None:
         trace = trace.with_requests(trace.requests()[:limit])
+    return trace
+
+
+def trace_files(spec: str) -> tuple[Path | None, list[Path]]:
+    """(the folder a trace's files are named from, the files a trace spec reads, sorted); (None, [])
+    for a trace made in code (random, synthetic)."""
+    spec = str(spec)
+    if spec in ("random", "synthetic"):
+        return None, []
+    path = shared_data("traces", "deepseek-v2-lite-puffin") if spec == "deepseek" else Path(spec)
+    if path.is_file():
+        return path.parent, [path]
+    return path, sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def fingerprint(spec: str | None) -> str | None:
+    """16 hex digits of the SHA-256 of a trace's content: every file it reads (names relative to the
+    trace, bytes); the spec itself for a trace made in code (its config fields decide its content).
+    Replacing a file at the same path changes it. Cached per process by each file's size and mtime."""
+    if spec is None:
+        return None
+    root, files = trace_files(spec)
+    if root is None:
+        return str(spec)
+    stats = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if stats not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(str(f.relative_to(root)).encode() + b"\0")
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        _FINGERPRINTS[stats] = h.hexdigest()[:16]
+    return _FINGERPRINTS[stats]
+
+
+def require_rows(trace: RoutingTrace, where: str) -> RoutingTrace:
+    """``trace`` when it holds rows; an error naming ``where`` when it is empty (valid metadata, no
+    tokens): every figure computed from it would be a default (imbalance 1, a blank table), not a result."""
+    if len(trace) == 0:
+        raise TraceError(f"{where}: the trace holds no rows (0 requests, 0 tokens); nothing to fit, place or "
+                         "report. Record or import it again (the recording may have stopped before its first shard)")
     return trace
 
 
@@ -228,7 +275,8 @@ def split_by_request(trace: RoutingTrace, test_fraction: float = 0.2, seed: int 
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     ids = trace.requests()  # sorted: arrival order
     if len(ids) < 2:
-        raise ValueError(f"trace '{trace.meta.model}' has {len(ids)} request(s); a split needs at least 2")
+        raise ValueError(f"trace '{trace.meta.model}' has {len(ids)} request(s); a split into train and test needs at "
+                         "least 2 (raise config field 'limit', or give 'train' and 'test' traces)")
     n_test = min(len(ids) - 1, max(1, int(round(test_fraction * len(ids)))))
     test_ids = ids[-n_test:] if split == "arrival" else np.random.default_rng(seed).permutation(ids)[:n_test]
     is_test = np.isin(trace.request_id, test_ids)

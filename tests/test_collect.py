@@ -18,6 +18,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from moegps.configs import ConfigError
+
 from moegps.collect import CollectError, collect
 from moegps.collect import main as collect_main
 from moegps.models.tokenizer import mixtral_tokenizer
@@ -435,7 +437,7 @@ def test_missing_model_and_bad_settings_are_named(tmp_path):
     cfg = compose_cfg([f"model.path={tmp_path / 'nowhere'}", f"out_dir={tmp_path / 'out'}", "limit=1"])
     with pytest.raises(CollectError, match="nowhere"):
         collect(cfg)
-    with pytest.raises(CollectError, match="'max_new_tokens' is 0"):
+    with pytest.raises(ConfigError, match="'max_new_tokens' is 0"):
         collect(compose_cfg([f"out_dir={tmp_path / 'out'}", "max_new_tokens=0"]))
     with pytest.raises(CollectError, match="exactly one of 'path'"):
         collect(compose_cfg([f"out_dir={tmp_path / 'out'}", "model.hub_id=org/model"]))

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..configs import check_schema, checked, device as device_rule, fraction, nonnegative, one_of, positive
 from ..paths import BUNDLED_MODELS
 from ..placement import Placement
 from ..placement.split import load_proportional
@@ -40,7 +41,7 @@ from ..predictors.base import BatchContext, make
 from ..results import make_row, write_rows
 from ..shapes import from_name, names as shape_names
 from ..trace import PREFILL, RoutingTrace
-from ..workloads import TrainTest, random_trace, train_test
+from ..workloads import TrainTest, fingerprint, random_trace, train_test
 from . import dist as xdist
 from .layer import (ExpertParallelMoE, LayerStats, PhaseTimer, TensorParallelMoE, choose_slots, expert_weights,
                     replica_tables, slot_weights, tp_shard)
@@ -53,32 +54,32 @@ TINY = dict(hidden=64, ffn=128, n_experts=8, top_k=2)
 @dataclass
 class ExecuteConfig:
     shape: str = "tiny"  # a moegps.shapes name (mixtral-8x7b, deepseek-v2-lite, ...) | bundled | tiny
-    hidden: int = 0  # 0 = from shape
-    ffn: int = 0
-    n_experts: int = 0
-    top_k: int = 0
-    n_layers: int = 2  # MoE layers in the stack (trace layers are cycled)
+    hidden: int = checked(0, nonnegative)  # 0 = from shape
+    ffn: int = checked(0, nonnegative)
+    n_experts: int = checked(0, nonnegative)
+    top_k: int = checked(0, nonnegative)
+    n_layers: int = checked(2, positive)  # MoE layers in the stack (trace layers are cycled)
     trace: str = ""  # RoutingTrace file or folder, split by request; "" = a random skewed trace
     train: str | None = None  # with test: fit the placement and predictor on this trace, replay that one
     test: str | None = None
-    test_fraction: float = 0.5  # one trace: share of requests replayed (the last ones by id)
-    phase: str = "decode"  # decode | prefill
-    batch_requests: int = 8  # requests per batch
-    max_batches: int = 8  # timed batches
-    warmup: int = 2  # untimed batches first
+    test_fraction: float = checked(0.5, fraction)  # one trace: share of requests replayed (the last ones by id)
+    phase: str = checked("decode", one_of("decode", "prefill"))  # decode | prefill
+    batch_requests: int = checked(8, positive)  # requests per batch
+    max_batches: int = checked(8, positive)  # timed batches
+    warmup: int = checked(2, nonnegative)  # untimed batches first
     warm_all: bool = True  # also run every timed batch once untimed first (compiles each kernel variant)
-    parallel: str = "ep"  # ep (expert parallel) | tp (tensor parallel)
+    parallel: str = checked("ep", one_of("ep", "tp"))  # ep (expert parallel) | tp (tensor parallel)
     placement: str = "static"  # static (contiguous) | round_robin | balanced | balanced_lp | prefill_aware
-    extra_slots: int = 0  # slots per GPU beyond ceil(E / GPUs), for replicas
+    extra_slots: int = checked(0, nonnegative)  # slots per GPU beyond ceil(E / GPUs), for replicas
     placement_fields: dict = dataclasses.field(default_factory=dict)  # the algorithm's config fields (refine, ...)
-    split: str = "even"  # how a replicated expert's tokens split: even | load_proportional (needs loads)
+    split: str = checked("even", one_of("even", "load_proportional"))  # how a replicated expert's tokens split: even | load_proportional (needs loads)
     predictor: str = "none"  # none | oracle | previous | any moegps.predictors registry name
-    window: int = 4  # batches per placement decision
+    window: int = checked(4, positive)  # batches per placement decision
     predictor_overlap: bool = False  # compute the forecast behind the previous batch's GEMMs
-    dtype: str = "bfloat16"  # bfloat16 | float16 | float32 (CPU runs use float32)
-    device: str = ""  # "" = cuda if available else cpu
-    seed: int = 0
-    timeout_s: float = 300.0  # process-group timeout (every collective)
+    dtype: str = checked("bfloat16", one_of("bfloat16", "float16", "float32"))  # bfloat16 | float16 | float32 (CPU runs use float32)
+    device: str = checked("", device_rule)  # "" = cuda if available else cpu
+    seed: int = checked(0, nonnegative)
+    timeout_s: float = checked(300.0, positive)  # process-group timeout (every collective)
     out: str = "results/execute"  # rows/<run_id>.parquet, layers/<run_id>.parquet, config/<run_id>.json
 
 
@@ -230,6 +231,12 @@ def _dtype(cfg: ExecuteConfig, device: torch.device) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.dtype]
 
 
+def _trace_content(cfg: ExecuteConfig) -> str:
+    """Content fingerprints of the traces the run read (rows say what produced them, not only a path)."""
+    parts = {"train": cfg.train, "test": cfg.test} if cfg.train is not None else {"trace": cfg.trace}
+    return ",".join(f"{k}:{fingerprint(v) if v else 'random'}" for k, v in parts.items())
+
+
 def _stack_layer(trace_layer_count: int, layer: int) -> int:
     return layer % trace_layer_count
 
@@ -241,6 +248,7 @@ def run(cfg: ExecuteConfig, comm: xdist.Comm | None = None, write: bool = True,
     ``predictor``: an unfitted DistributionPredictor object (e.g. instantiated by hydra) used under
     the name ``cfg.predictor``; None = make it from ``cfg.predictor`` by registry name.
     """
+    check_schema(cfg, "executor")
     comm = comm or xdist.init(timeout_s=cfg.timeout_s, device=cfg.device or None)
     dev = comm.device
     dtype = _dtype(cfg, dev)
@@ -349,7 +357,7 @@ def run(cfg: ExecuteConfig, comm: xdist.Comm | None = None, write: bool = True,
     bytes_a2a = comm.sum_over_ranks(stats.bytes_sent)
     n_tokens = sum(len(b.token_ids) for b in batches[cfg.warmup:])
     device = (torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({comm.backend})") + f" x{G}"
-    config = {**dataclasses.asdict(cfg), "world_size": G, **{f"resolved_{k_}": v for k_, v in shape.items()},
+    config = {**dataclasses.asdict(cfg), "trace_content": _trace_content(cfg), "world_size": G, **{f"resolved_{k_}": v for k_, v in shape.items()},
               "slots_per_gpu": slots}
     row = make_row(
         config, backend="exec", device=device, moe_ms=moe_ms, dispatch_ms=per_layer_max[:, 0].sum(),

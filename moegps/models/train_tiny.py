@@ -752,7 +752,9 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train_tiny")
     def _app(dcfg) -> None:
-        cfg: TrainConfig = OmegaConf.to_object(dcfg)
+        from moegps.configs import validate
+
+        cfg: TrainConfig = validate(dcfg, TrainConfig, "train_tiny")  # refuses +keys the schema lacks
         out_dir = Path(cfg.out_dir or HydraConfig.get().runtime.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(dcfg))

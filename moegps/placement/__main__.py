@@ -24,6 +24,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from ..configs import (ConfigError, all_or_first_n, checked, each, fraction, hydra_command, nonnegative, one_of,
+                       optional, positive, register, validate)
 from ..importers.olmoe_routing import load_expert_counts
 from ..paths import CONF_DIR, register_resolvers
 from ..shapes import from_name
@@ -44,6 +46,44 @@ ALGORITHMS = {
     "optimal": ("optimal", "all", ("time_limit",)),
 }
 COUNT_SOURCES = {"mixtral": ("mistral", "mixtral-8x7b"), "olmoe": ("olmoe", "olmoe-1b-7b")}
+
+
+@dataclass
+class SystemGrid:
+    gpus: list[int] = checked([2, 4, 8, 16], each(positive))
+    extra_slots: list[int] = checked([0, 1, 2], each(nonnegative))  # slots per GPU = ceil(experts / gpus) + extra
+    gpus_per_node: int = checked(8, positive)  # hierarchical placement when gpus > gpus_per_node
+
+
+@dataclass
+class MilpLimits:
+    max_cells: int = checked(64, positive)  # solve only when experts x gpus <= this
+    time_limit: float = checked(10.0, positive)  # seconds per layer
+
+
+@dataclass
+class PlacementAppConfig:
+    """moegps/conf/placement_app.yaml."""
+
+    trace: str | None = "random"
+    train: str | None = None
+    test: str | None = None
+    limit: int | None = checked(100, all_or_first_n)
+    test_fraction: float = checked(0.5, fraction)
+    split: str = checked("arrival", one_of("arrival", "random"))
+    domains: list[str] | None = None
+    seed: int = checked(0, nonnegative)
+    system: SystemGrid = field(default_factory=SystemGrid)
+    algorithms: list[str] = checked(list(ALGORITHMS), each(one_of(*ALGORITHMS)))
+    restarts: int = checked(16, positive)
+    milp: MilpLimits = field(default_factory=MilpLimits)
+    expert_bytes: float | None = checked(None, optional(positive))
+    per_layer: str = checked("auto", one_of("auto", "true", "false", "True", "False"))
+    incremental_budgets: list[int] = checked([0, 1, 2, 4, 8], each(nonnegative))
+    out: str = "outputs/placement"
+
+
+register("placement_app_schema", PlacementAppConfig)
 
 
 @dataclass
@@ -101,7 +141,7 @@ def fit(name: str, source: LoadSource, cfg, n_gpus: int, slots: int):
     """Algorithm ``name`` fitted on the training loads; None where it does not apply to this source."""
     algorithm, kind, config_fields = ALGORITHMS[name]
     train = source.train.loads
-    fields = {f: cfg[f] if f in cfg else cfg.milp[f] for f in config_fields}
+    fields = {f: getattr(cfg, f) if hasattr(cfg, f) else getattr(cfg.milp, f) for f in config_fields}
     if kind == "phases" or kind in ("prefill", "decode"):
         if not ("prefill" in train and "decode" in train):
             return None
@@ -186,7 +226,9 @@ def headline(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def main(cfg) -> pd.DataFrame:
+def main(raw) -> pd.DataFrame:
+    """The command on a composed config (moegps/conf/placement_app.yaml); returns the summary table."""
+    cfg = validate(raw, PlacementAppConfig, "placement")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     source = load_source(cfg)
@@ -220,7 +262,7 @@ def main(cfg) -> pd.DataFrame:
     print("\nevery load set (data: test = out of sample, train = in sample):")
     print(df.to_string(index=False, formatters={k: v.format for k, v in fmt.items()}))
     pl = pd.DataFrame(per_layer)
-    show = cfg.per_layer is True or (cfg.per_layer == "auto" and len(systems) == 1)
+    show = str(cfg.per_layer).lower() == "true" or (cfg.per_layer == "auto" and len(systems) == 1)
     if show:
         wide = pl.pivot_table(index=["gpus", "slots", "data", "phase", "layer"], columns="algorithm",
                               values="imbalance")
@@ -239,7 +281,4 @@ def main(cfg) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    import hydra  # lazy: hydra is heavy and only the command line needs it
-
-    register_resolvers()
-    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="placement_app")(main)()
+    hydra_command(main, "placement_app", "placement", errors=(ValueError, FileNotFoundError))

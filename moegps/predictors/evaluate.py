@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..configs import (ConfigError, all_or_first_n, check_arguments, checked, fraction, nonnegative, one_of, optional, positive,
+                       hydra_command, register, validate)
 from ..files import atomic_path, save_png
 from ..paths import CONF_DIR, register_resolvers
 from ..trace import DECODE, PREFILL, RoutingTrace
@@ -264,52 +266,57 @@ class EvaluateConfig:
     trace: str = "random"
     train: str | None = None  # with test: fit on this trace, score on that one (trace is then unused)
     test: str | None = None
-    limit: int | None = None
-    test_fraction: float = 0.2
-    split: str = "arrival"  # arrival | random (seeded)
-    seed: int = 0
-    batch_requests: int = 8
-    window: int = 8
-    latency_batches: int = 30
-    torch_threads: int = 1
+    limit: int | None = checked(None, all_or_first_n)
+    test_fraction: float = checked(0.2, fraction)
+    split: str = checked("arrival", one_of("arrival", "random"))  # arrival | random (seeded)
+    seed: int = checked(0, nonnegative)
+    batch_requests: int = checked(8, positive)
+    window: int = checked(8, positive)
+    latency_batches: int = checked(30, positive)
+    torch_threads: int | None = checked(1, optional(positive))
     out: str = "outputs/predictors/${trace_name:${trace}}"
     predictors: dict[str, Any] = field(default_factory=dict)
 
 
-def main() -> None:
-    import hydra
-    from hydra.utils import instantiate
+register("evaluate_schema", EvaluateConfig)
+
+
+def app(raw) -> None:
+    """The command on a composed config (moegps/conf/evaluate.yaml): fit, score, write, print."""
+    from hydra.utils import get_class, instantiate
     from omegaconf import OmegaConf
 
-    register_resolvers()
+    config = OmegaConf.to_container(raw, resolve=True)
+    cfg = validate(config, EvaluateConfig, "predictors.evaluate")
+    specs = {name: pcfg for name, pcfg in (cfg.predictors or {}).items() if pcfg is not None}
+    for name, pcfg in specs.items():
+        check_arguments(get_class(pcfg["_target_"]), pcfg, f"predictors.evaluate: predictors.{name}")
+    if not specs:
+        raise ConfigError("predictors.evaluate: config field 'predictors' is empty; name at least one predictor")
+    if cfg.torch_threads:
+        import torch
 
-    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
-    def app(cfg) -> None:
-        config = OmegaConf.to_container(cfg, resolve=True)
-        if cfg.torch_threads:
-            import torch
+        torch.set_num_threads(cfg.torch_threads)  # steadier latencies on a shared CPU
+    data = train_test(trace=cfg.trace, train=cfg.train, test=cfg.test, test_fraction=cfg.test_fraction,
+                      split=cfg.split, seed=cfg.seed, limit=cfg.limit)
+    print(f"{data.describe()}; {batching_note(cfg.batch_requests)}")
+    preds = {}
+    for name, pcfg in specs.items():
+        kw = {}
+        if "batch_requests" in pcfg:  # the learned model trains on batches formed like the evaluation's
+            kw["batch_requests"] = cfg.batch_requests
+        preds[name] = instantiate(pcfg, **kw)
+    table = evaluate(data, preds, cfg.test_fraction, cfg.seed, cfg.batch_requests, cfg.window, cfg.latency_batches)
+    paths = write_outputs(table, Path(cfg.out), config)
+    show = table[table.phase != "all"] if (table.phase == "decode").any() else table[table.phase == "all"]
+    cols = ["predictor", "phase", "set_acc", "recall_at_k", "tv", "kl", "maxload_rel_err", "latency_batch_s"]
+    with pd.option_context("display.width", 200, "display.max_rows", 200, "display.float_format", "{:.4g}".format):
+        print(show[cols].to_string(index=False))
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
 
-            torch.set_num_threads(cfg.torch_threads)  # steadier latencies on a shared CPU
-        data = train_test(trace=cfg.trace, train=cfg.train, test=cfg.test, test_fraction=cfg.test_fraction,
-                          split=cfg.split, seed=cfg.seed, limit=cfg.limit)
-        print(f"{data.describe()}; {batching_note(cfg.batch_requests)}")
-        preds = {}
-        for name, pcfg in cfg.predictors.items():
-            if pcfg is None:
-                continue
-            kw = {}
-            if "batch_requests" in pcfg:  # the learned model trains on batches formed like the evaluation's
-                kw["batch_requests"] = cfg.batch_requests
-            preds[name] = instantiate(pcfg, **kw)
-        table = evaluate(data, preds, cfg.test_fraction, cfg.seed, cfg.batch_requests, cfg.window, cfg.latency_batches)
-        paths = write_outputs(table, Path(cfg.out), config)
-        show = table[table.phase != "all"] if (table.phase == "decode").any() else table[table.phase == "all"]
-        cols = ["predictor", "phase", "set_acc", "recall_at_k", "tv", "kl", "maxload_rel_err", "latency_batch_s"]
-        with pd.option_context("display.width", 200, "display.max_rows", 200, "display.float_format", "{:.4g}".format):
-            print(show[cols].to_string(index=False))
-        print(json.dumps({k: str(v) for k, v in paths.items()}))
 
-    app()
+def main() -> None:
+    hydra_command(app, "evaluate", "predictors.evaluate", errors=(ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

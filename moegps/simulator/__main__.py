@@ -9,21 +9,49 @@ placement, each predictor's plan and the oracle bound, and writes the results ro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import hydra
 import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
+from ..configs import all_or_first_n, checked, fraction, hydra_command, nonnegative, one_of, positive, register, validate
 from ..files import atomic_path
-from ..paths import CONF_DIR, register_resolvers
 from ..results import write_rows
 from .pipeline import fit_predictors, load_workload, replay_plans, result_rows, speedups
 from .replay import ReplayConfig
 from .system import hydra_system, resolve_system
+
+
+@dataclass
+class SimulateConfig:
+    """moegps/conf/simulate.yaml."""
+
+    trace: str = "deepseek"
+    train: str | None = None
+    test: str | None = None
+    limit: int | None = checked(None, all_or_first_n)
+    skew: float = checked(1.0, nonnegative)
+    shape: str | None = None
+    placement: str = "auto"
+    placement_fields: dict[str, Any] = field(default_factory=dict)
+    interval: int = checked(1, positive)
+    test_fraction: float = checked(0.5, fraction)
+    split: str = checked("arrival", one_of("arrival", "random"))
+    seed: int = checked(0, nonnegative)
+    predictors: list[str] = field(default_factory=lambda: ["global_profile", "ema", "token_table", "cross_layer"])
+    predictor_args: dict[str, Any] = field(default_factory=dict)
+    replay: ReplayConfig = field(default_factory=lambda: ReplayConfig(batch_size=16))
+    out: str = "outputs/simulate"
+    system: Any = "h100_8gpu"
+
+
+register("simulate_schema", SimulateConfig)
 
 
 def simulate(config: dict) -> tuple:
@@ -42,10 +70,11 @@ def simulate(config: dict) -> tuple:
     return work, results, result_rows(results, variant, system, work)
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="simulate")
-def main(raw) -> None:
+def app(raw) -> None:
+    """The command on a composed config (moegps/conf/simulate.yaml): replay, write, print."""
     config = OmegaConf.to_container(raw, resolve=True)
     hydra_system(config)
+    config = dataclasses.asdict(validate(config, SimulateConfig, "simulator"))
     t0 = time.perf_counter()
     work, results, rows = simulate(config)
     out = Path(config["out"])
@@ -67,7 +96,10 @@ def main(raw) -> None:
     print(f"wrote {out}/rows.parquet, per_layer.parquet, config.json")
 
 
-if __name__ == "__main__":
+def main() -> None:
     np.seterr(all="ignore")
-    register_resolvers()
+    hydra_command(app, "simulate", "simulator", errors=(ValueError, FileNotFoundError))
+
+
+if __name__ == "__main__":
     main()

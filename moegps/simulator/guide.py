@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..configs import (all_or_first_n, checked, each, fraction, hydra_command, nonnegative, one_of, optional, positive,
+                       register, validate)
 from ..files import atomic_path, save_png
 from ..paths import CONF_DIR, register_resolvers
 from ..placement.algorithms import place
@@ -35,7 +37,7 @@ from ..results import write_rows
 from .cost import load_kernel_bench
 from .pipeline import Workload, fit_predictors, load_workload, replay_plans, result_rows
 from .replay import ReplayConfig, SimResult, make_batches, simulate, static_plan
-from .system import SystemSpec, hydra_system, resolve_system
+from .system import SystemSpec, SystemSpecError, hydra_system, resolve_system
 
 DEFAULT_DISTRIBUTION = ["uniform", "global_profile", "phase_profile", "last_batch", "ema"]
 DEFAULT_TOKEN = ["most_frequent", "token_table", "position_table", "cross_layer", "ffn"]
@@ -46,25 +48,25 @@ class GuideConfig:
     trace: str = "deepseek"  # "deepseek" | "synthetic" | a RoutingTrace parquet file/folder | CSV folder
     train: str | None = None  # with test: fit on this trace, replay that one (trace is then unused)
     test: str | None = None
-    limit: int | None = None  # first N requests
+    limit: int | None = checked(None, all_or_first_n)  # first N requests (null = all)
     # model shape to cost the routing with (moegps.shapes); None: the trace's model, else by its expert count.
     # Named "shape" (as in moegps.sweep) because a "model=" override would select the moegps/conf/model/ group.
     shape: str | None = None
     system: Any = "h100_8gpu"  # a profile name, or its fields (the hydra app passes moegps/conf/system/<name>.yaml's)
-    extra_slots: int | None = None  # override the profile's extra expert slots per GPU (0 = no replicas)
-    gpus: list[int] = field(default_factory=lambda: [8])
-    link_gbps: list[float] = field(default_factory=lambda: [900.0, 450.0, 200.0, 64.0, 32.0])
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
-    skews: list[float] = field(default_factory=lambda: [1.0])  # synthetic trace only
+    extra_slots: int | None = checked(None, optional(nonnegative))  # override the profile's extra expert slots per GPU (0 = no replicas)
+    gpus: list[int] = checked([8], each(positive))
+    link_gbps: list[float] = checked([900.0, 450.0, 200.0, 64.0, 32.0], each(positive))  # GB/s
+    batch_sizes: list[int] = checked([1, 4, 16, 64], each(positive))  # requests per batch
+    skews: list[float] = checked([1.0], each(nonnegative))  # synthetic trace only
     synthetic: dict[str, Any] = field(default_factory=dict)  # synthetic_trace arguments, e.g. {prompt_len: [512, 512]}
-    phase: str = "all"
-    attention: str = "dp"
-    source: str = "token"
+    phase: str = checked("all", one_of("prefill", "decode", "all"))
+    attention: str = checked("dp", one_of("dp", "tp"))
+    source: str = checked("token", one_of("token", "request"))
     placement: str = "auto"
-    interval: int = 1
-    test_fraction: float = 0.5
-    split: str = "arrival"  # arrival (the last requests by id are replayed) | random (drawn with seed)
-    seed: int = 0
+    interval: int = checked(1, positive)
+    test_fraction: float = checked(0.5, fraction)
+    split: str = checked("arrival", one_of("arrival", "random"))  # arrival (the last requests by id are replayed) | random (drawn with seed)
+    seed: int = checked(0, nonnegative)
     distribution: list[str] = field(default_factory=lambda: list(DEFAULT_DISTRIBUTION))
     token: list[str] = field(default_factory=lambda: list(DEFAULT_TOKEN))
     token_placement_from: str | None = "global_profile"  # also try each token predictor over this plan's placement
@@ -72,7 +74,10 @@ class GuideConfig:
     out: str = "outputs/guide"
     expert_table: str | None = None  # moegps.kernels.bench bench.csv: measured expert time instead of the roofline
     expert_table_shape: str | None = None  # which shape rows of that table; None: the trace's model shape
-    study: str = "predictors"  # "predictors" (the decision sweep) | "placement" (prefill-aware placement study)
+    study: str = checked("predictors", one_of("predictors", "placement"))  # "predictors" (the decision sweep) | "placement" (prefill-aware placement study)
+
+
+register("guide_schema", GuideConfig)
 
 
 def workload(cfg: GuideConfig, skew: float = 1.0) -> Workload:
@@ -99,6 +104,14 @@ def _base_system(cfg: GuideConfig) -> SystemSpec:
 
 
 def _variant_system(base: SystemSpec, gpus: int, link_gbps: float) -> SystemSpec:
+    try:
+        return _variant(base, gpus, link_gbps)
+    except SystemSpecError as e:  # the variant is the guide's doing: name the fields that made it
+        raise SystemSpecError(f"{e} (config fields 'gpus' = {gpus}, 'link_gbps' = {link_gbps}, 'extra_slots' "
+                              f"= {base.extra_slots_per_gpu}: choose more GPUs or fewer extra slots)") from None
+
+
+def _variant(base: SystemSpec, gpus: int, link_gbps: float) -> SystemSpec:
     if base.topology == "mesh2d":
         if gpus != base.n_gpus:
             raise ValueError(f"{base.name}: a mesh profile keeps its {base.n_gpus} devices; set gpus=[{base.n_gpus}]")
@@ -337,48 +350,47 @@ SHOW = ["trace", "skew", "gpus", "link_gbps", "batch_size", "baseline_ms", "best
         "best_token", "token_ms", "oracle_ms", "gain_dist_over_token", "winner"]
 
 
-def main() -> None:
-    import hydra  # lazy: hydra is heavy and only the command line needs it
+def app(raw) -> None:
+    """The command on a composed config (moegps/conf/guide.yaml): simulate, write, print."""
     from omegaconf import OmegaConf
 
-    register_resolvers()
-
-    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="guide")
-    def app(raw) -> None:
-        config = OmegaConf.to_container(raw, resolve=True)
-        hydra_system(config)
-        cfg = GuideConfig(**{k: v for k, v in config.items() if k in GuideConfig.__dataclass_fields__})
-        t0 = time.perf_counter()
-        if cfg.study == "placement":
-            table, rows = placement_study(cfg)
-            out = Path(cfg.out)
-            out.mkdir(parents=True, exist_ok=True)
-            write_rows(rows, out / "rows.parquet")
-            with atomic_path(out / "placement.csv") as tmp:
-                table.to_csv(tmp, index=False)
-            with atomic_path(out / "config.json") as tmp:
-                Path(tmp).write_text(json.dumps(config, indent=2, default=str))
-            system = config.get("system")
-            system = system.get("name") if isinstance(system, dict) else system
-            plot_placement(table, out / "placement.png", title=f"{table['trace'].iloc[0]} on {system}, extra slots "
-                           f"{table['extra_slots'].iloc[0]}, simulated: expert time, static / placement\n"
-                           f"{table['protocol'].iloc[0]}")
-            print(table["protocol"].iloc[0])
-            with pd.option_context("display.width", 250, "display.max_rows", 500, "display.float_format", "{:.4g}".format):
-                print(table.drop(columns=["system", "model_shape", "study", "protocol"]).to_string(index=False))
-            print(f"wrote {out}/placement.csv, placement.png and rows.parquet in {time.perf_counter() - t0:.1f} s")
-            return
-        table, rows = run_guide(cfg)
-        paths = write_outputs(table, rows, Path(cfg.out), config)
+    config = OmegaConf.to_container(raw, resolve=True)
+    hydra_system(config)
+    cfg = validate(config, GuideConfig, "simulator.guide")
+    t0 = time.perf_counter()
+    if cfg.study == "placement":
+        table, rows = placement_study(cfg)
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_rows(rows, out / "rows.parquet")
+        with atomic_path(out / "placement.csv") as tmp:
+            table.to_csv(tmp, index=False)
+        with atomic_path(out / "config.json") as tmp:
+            Path(tmp).write_text(json.dumps(config, indent=2, default=str))
+        system = config.get("system")
+        system = system.get("name") if isinstance(system, dict) else system
+        plot_placement(table, out / "placement.png", title=f"{table['trace'].iloc[0]} on {system}, extra slots "
+                       f"{table['extra_slots'].iloc[0]}, simulated: expert time, static / placement\n"
+                       f"{table['protocol'].iloc[0]}")
         print(table["protocol"].iloc[0])
-        show = table[[c for c in SHOW if c in table.columns]]
-        if "skew" in show and show["skew"].isna().all():
-            show = show.drop(columns="skew")
         with pd.option_context("display.width", 250, "display.max_rows", 500, "display.float_format", "{:.4g}".format):
-            print(show.to_string(index=False))
-        print(f"{len(rows)} runs simulated in {time.perf_counter() - t0:.1f} s; " + json.dumps({k: str(v) for k, v in paths.items()}))
+            print(table.drop(columns=["system", "model_shape", "study", "protocol"]).to_string(index=False))
+        print(f"wrote {out}/placement.csv, placement.png and rows.parquet in {time.perf_counter() - t0:.1f} s")
+        return
+    table, rows = run_guide(cfg)
+    paths = write_outputs(table, rows, Path(cfg.out), config)
+    print(table["protocol"].iloc[0])
+    show = table[[c for c in SHOW if c in table.columns]]
+    if "skew" in show and show["skew"].isna().all():
+        show = show.drop(columns="skew")
+    with pd.option_context("display.width", 250, "display.max_rows", 500, "display.float_format", "{:.4g}".format):
+        print(show.to_string(index=False))
+    print(f"{len(rows)} runs simulated in {time.perf_counter() - t0:.1f} s; " + json.dumps({k: str(v) for k, v in paths.items()}))
 
-    app()
+
+
+def main() -> None:
+    hydra_command(app, "guide", "simulator.guide", errors=(ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

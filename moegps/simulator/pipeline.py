@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ..predictors import make
+from ..configs import ConfigError, check_arguments
+from ..predictors import REGISTRY, make
 from ..shapes import ModelShape
 from ..trace import TokenRouting
 from ..workloads import TokenSpaceError, TrainTest, check_token_space, train_test, trace_shape
@@ -60,21 +61,24 @@ def fit_predictors(data: TrainTest, specs: dict[str, Any], skip_failures: bool =
     predictor object. Token predictors need the test trace's ids in the training trace's id space (an
     error otherwise, always). With ``skip_failures`` a predictor that cannot be made or fit on this
     trace (e.g. needs decode steps) is left out with a warning; otherwise its error propagates."""
-    from hydra.utils import instantiate  # lazy: hydra is heavy and only configs need it
+    from hydra.utils import get_class, instantiate  # lazy: hydra is heavy and only configs need it
 
     fitted = {}
     for name, spec in specs.items():
         try:
             if isinstance(spec, dict) and "_target_" in spec:
+                check_arguments(get_class(spec["_target_"]), spec, f"predictor={name}")
                 predictor = instantiate(spec)
             elif isinstance(spec, dict) or spec is None:
+                if name in REGISTRY:
+                    check_arguments(REGISTRY[name], spec or {}, f"predictor {name!r}")
                 predictor = make(name, **(spec or {}))
             else:
                 predictor = spec
             if hasattr(predictor, "predict"):
                 check_token_space(data.train, data.test, where=f"predictor {name!r}")
             fitted[name] = predictor.fit(data.train)
-        except TokenSpaceError:
+        except (TokenSpaceError, ConfigError):
             raise  # never skipped: scoring ids of another space would be a silent wrong answer
         except Exception as e:
             if not skip_failures:

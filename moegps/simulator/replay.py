@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..configs import checked, one_of, positive, unit_interval
 from ..placement.algorithms import canonical, check_fields, place
 from ..placement.packing import balance_rows
 from ..predictors.base import BatchContext
@@ -48,15 +49,21 @@ from .system import SystemSpec
 
 
 @dataclass
-class ReplayConfig:
+class ReplayOptions:
+    """Where tokens live and what is replayed (the ``replay:`` section of the sweep's config)."""
+
+    source: str = checked("token", one_of("token", "request"))  # "token": round-robin over a batch's tokens; "request": a request's tokens on one GPU
+    attention: str = checked("dp", one_of("dp", "tp"))  # "dp" (data-parallel attention) | "tp" (tensor-parallel, MoE-GPS's setting)
+    local_first: bool = True  # a selection whose expert has a replica on the token's GPU stays local
+    phase: str = checked("all", one_of("prefill", "decode", "all"))  # replay "prefill", "decode" or "all" steps
+    migration_exposed: float = checked(1.0, unit_interval)  # fraction of a re-placement's weight transfer that stalls serving
+
+
+@dataclass
+class ReplayConfig(ReplayOptions):
     """How the server batches and where tokens live."""
 
-    batch_size: int = 64  # requests per batch
-    source: str = "token"  # "token": round-robin over a batch's tokens; "request": a request's tokens on one GPU
-    attention: str = "dp"  # "dp" (data-parallel attention) | "tp" (tensor-parallel, MoE-GPS's setting)
-    local_first: bool = True  # a selection whose expert has a replica on the token's GPU stays local
-    phase: str = "all"  # replay "prefill", "decode" or "all" steps
-    migration_exposed: float = 1.0  # fraction of a re-placement's weight transfer that stalls serving
+    batch_size: int = checked(64, positive)  # requests per batch
 
 
 # ---- 1. batching -------------------------------------------------------------------------------
