@@ -9,8 +9,16 @@ Triton kernels between the GEMMs; ``generate.py`` batching, sampling and CUDA gr
 the benchmark against transformers.
 """
 
-from .generate import Engine, Generation, Sampling, build_model
 from .model import KVCache, Model, decode_step, from_transformers, load_checkpoint, prefill, random_model
 
 __all__ = ["Engine", "Generation", "Sampling", "build_model", "KVCache", "Model", "decode_step",
            "from_transformers", "load_checkpoint", "prefill", "random_model"]
+
+
+def __getattr__(name: str):
+    # generate.py is also the CLI (python -m moegps.engine.generate): importing it here, before runpy
+    # runs it as __main__, would load it twice (runpy warns); so its names load on first use.
+    if name in ("Engine", "Generation", "Sampling", "build_model"):
+        from . import generate
+        return getattr(generate, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,45 @@
+"""The engine benchmark's bookkeeping (CPU): kernels of a profiled step assigned to their parts."""
+
+import random
+
+import pytest
+
+from moegps.engine.bench import kernel_parts, kernel_table
+
+
+def _layer(rng, with_shared=False):
+    """One decoder layer's kernels in launch order with random durations, and the expected part of each."""
+    names = [("_add_rmsnorm_kernel", "norms"), ("nvjet_sm90_tst_64x8_64x16_4x1_v_bz_TNT", "attention"),
+             ("_rope_cache_kernel", "attention"), ("_decode_attention_kernel", "attention"),
+             ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x64x64", "attention"),
+             ("_add_rmsnorm_router_kernel", "moe"), ("gate_up_scan_kernel", "moe"), ("down_scan_kernel", "moe"),
+             ("combine_kernel", "moe")]
+    if with_shared:  # a shared expert's GEMMs after the routed experts
+        names += [("cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_32x6_tn_align8", "moe"),
+                  ("void at::native::vectorized_elementwise_kernel<4, silu>", "other kernels"),
+                  ("nvjet_sm90_tst_128x64_64x4_1x2_h_bz_TNT", "moe")]
+    return [(name, part, rng.uniform(0.5, 200.0)) for name, part in names]
+
+
+@pytest.mark.parametrize("with_shared", [False, True])
+def test_kernel_parts_sums_each_part_and_finds_the_lm_head(with_shared):
+    rng = random.Random(7)
+    launches = [k for _ in range(rng.randint(2, 5)) for k in _layer(rng, with_shared)]
+    launches += [("_add_rmsnorm_kernel", "norms", rng.uniform(1, 5)),
+                 ("nvjet_sm90_tst_256x8_64x6_2x1_v_bz_TNT", "lm_head", rng.uniform(50, 70)),
+                 ("void at::native::unrolled_elementwise_kernel<copy>", "other kernels", rng.uniform(1, 3))]
+    trace = [(float(i), dur, name) for i, (name, _, dur) in enumerate(launches)]
+    expected = {}
+    for _, part, dur in launches:
+        expected[part] = expected.get(part, 0.0) + dur / 1e3
+    got = kernel_parts(trace)
+    assert set(k for k, v in got.items() if v) == set(expected)
+    for part, ms in expected.items():
+        assert got[part] == pytest.approx(ms, rel=1e-12)
+
+
+def test_kernel_table_orders_by_total_time():
+    trace = [(0.0, 3.0, "a"), (1.0, 10.0, "b"), (2.0, 4.0, "a"), (3.0, 1.0, "c")]
+    rows = kernel_table(trace, top=2)
+    assert [(r["kernel"], r["launches"], r["total_us"]) for r in rows] == [("b", 1, 10.0), ("a", 2, 7.0)]
+    assert rows[1]["mean_us"] == pytest.approx(3.5)
