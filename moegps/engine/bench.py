@@ -38,9 +38,11 @@ from pathlib import Path
 
 import torch
 
+from ..executor.generate import set_experts_implementation, static_decode
 from ..shapes import ModelShape, from_name
+from . import kernels as K
 from .generate import Engine, bucket_for
-from .kernels import decode_attention
+from .kernels import ATTENTION_DEFAULTS, decode_attention
 from .model import KVCache, Model, decode_step, from_transformers, prefill, random_model
 
 PARTS = ("checks", "ceilings", "agree", "decode", "attention", "ttft", "peers", "breakdown")
@@ -155,8 +157,6 @@ def distinct_experts_per_layer(engine: Engine, bucket: int, steps: int = 4) -> l
 # ---- parts -------------------------------------------------------------------------------------
 
 def part_checks(shape: ModelShape) -> list[dict]:
-    from . import kernels as K
-
     S, dev, bf = shape, "cuda", torch.bfloat16
     rows = []
 
@@ -212,8 +212,6 @@ def part_checks(shape: ModelShape) -> list[dict]:
 def part_agree(hf, model: Model, prompt_len: int = 128, new: int = 32) -> dict:
     """Teacher-forced agreement on one random sequence of ``prompt_len + new`` tokens: engine vs
     transformers (grouped_mm experts) vs transformers (eager experts)."""
-    from ..executor.generate import set_experts_implementation
-
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(3, model.shape.vocab_size, (1, prompt_len + new), generator=gen).cuda()
     with torch.inference_mode():
@@ -272,8 +270,6 @@ ATTENTION_SWEEP = [dict(block_n=bn, num_warps=w, num_stages=st, target_programs=
 def part_attention(shape: ModelShape, batches, contexts, copy_rate: float, sweep: bool = True) -> list[dict]:
     """The decode-attention kernel of one layer on full cache rows: the default settings and, with
     ``sweep``, the best of ATTENTION_SWEEP (the defaults are chosen from such a sweep)."""
-    from .kernels import ATTENTION_DEFAULTS
-
     rows = []
     for context in contexts:
         for batch in batches:
@@ -348,8 +344,6 @@ def _keep_grouped_mm(hf):
 
 
 def part_peers(hf, batches, context: int, new: int, compile_: bool) -> list[dict]:
-    from ..executor.generate import set_experts_implementation, static_decode
-
     set_experts_implementation(hf, "grouped_mm")
     rows = []
     gen = torch.Generator().manual_seed(2)
@@ -663,8 +657,6 @@ def _breakdowns(model, hf, shape, batches, device) -> list[dict]:
         print(f"engine batch {batch}: costliest kernels of a step\n{_markdown(top)}", flush=True)
         del engine
         if hf is not None:
-            from ..executor.generate import set_experts_implementation, static_decode
-
             set_experts_implementation(hf, "grouped_mm")
             static_decode(hf, ids, 4, graph=True)
             _, hf_ms = static_decode(hf, ids, 8, graph=True)

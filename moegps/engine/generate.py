@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..models.tokenizer import mixtral_tokenizer
 from ..paths import BUNDLED_MODELS
 from ..shapes import SHAPES, from_name
 from .model import KVCache, Model, decode_step, load_checkpoint, prefill, random_model
@@ -237,8 +238,6 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--no-cuda-graph", action="store_true")
     args = ap.parse_args(argv)
-    from ..models.tokenizer import mixtral_tokenizer
-
     model = build_model(args.model, args.device, args.dtype)
     tok = mixtral_tokenizer()
     if model.shape.vocab_size != tok.vocab_size:
