@@ -93,7 +93,10 @@ class Engine:
         self.max_len = max_len
         self.cache = KVCache(model.shape, bucket_for(max_batch), max_len, model.dtype, model.device)
         model.ensure_rope(max_len)
-        self.cuda_graph = cuda_graph and model.device.type == "cuda"
+        # experts on several ranks (moegps.engine.parallel): every rank runs every step (no early stop),
+        # eagerly (the dispatch reads message sizes on the host, which a captured graph cannot)
+        self.lockstep = any(layer.experts is not None for layer in model.layers)
+        self.cuda_graph = cuda_graph and model.device.type == "cuda" and not self.lockstep
         slots = self.cache.slots
         self.tokens = torch.zeros(slots, dtype=torch.long, device=model.device)     # this step's input
         self.positions = torch.zeros(slots, dtype=torch.long, device=model.device)  # = each row's length so far
@@ -191,7 +194,7 @@ class Engine:
                 if on_token:
                     decode_ms += elapsed(a, mark())
                     on_token(i, history[:n, i].tolist())
-                if stop.numel() and (i % STOP_CHECK_EVERY == 0 or on_token) and \
+                if stop.numel() and not self.lockstep and (i % STOP_CHECK_EVERY == 0 or on_token) and \
                         bool(torch.isin(history[:n, :i + 1], stop).any(1).all()):
                     break
             if not on_token:

@@ -22,8 +22,8 @@ QKV, fused residual norms). Written for this project.
 
 from __future__ import annotations
 
-import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,13 +33,6 @@ import torch.nn.functional as F
 from ..kernels import fused_moe, moe_reference
 from ..shapes import ModelShape, from_hf_config
 from .kernels import add_rmsnorm, add_rmsnorm_router, decode_attention, rope_cache_write, rope_tables, use_triton
-
-
-PROFILE_LABELS = False  # the benchmark's breakdown sets this: record_function ranges around each part
-
-
-def _label(name: str):
-    return torch.profiler.record_function(name) if PROFILE_LABELS else contextlib.nullcontext()
 
 
 @dataclass
@@ -52,7 +45,9 @@ class Layer:
     mlp_norm: torch.Tensor        # [H]
     router: torch.Tensor | None = None      # [E, H]
     w_gate_up: torch.Tensor | None = None   # [E, 2F, H], rows 0..F-1 gate (w1), F..2F-1 up (w3)
-    w_down: torch.Tensor | None = None      # [E, H, F]
+    w_down: torch.Tensor | None = None      # [E, H, F] (with ``experts``: this rank's slots only)
+    experts: Callable | None = None         # ``(x [T, H], ids [T, k], gates [T, k]) -> [T, H]``: the routed
+                                            # experts when they are not all local (moegps.engine.parallel)
     shared_gate_up: torch.Tensor | None = None  # [2S, H]: an always-on SwiGLU expert, or a dense MLP
     shared_down: torch.Tensor | None = None     # [H, S]
 
@@ -240,22 +235,21 @@ def _mlp(model: Model, index: int, resid: torch.Tensor, attn_out: torch.Tensor) 
     layer, S = model.layers[index], model.shape
     out = None
     if layer.w_gate_up is None:
-        with _label("norms"):
-            x = add_rmsnorm(resid, attn_out, layer.mlp_norm, S.norm_eps)
+        x = add_rmsnorm(resid, attn_out, layer.mlp_norm, S.norm_eps)
     else:
-        with _label("moe"):
-            x, ids, gates = add_rmsnorm_router(resid, attn_out, layer.mlp_norm, S.norm_eps, layer.router, S.top_k,
-                                               model.renormalize)
+        x, ids, gates = add_rmsnorm_router(resid, attn_out, layer.mlp_norm, S.norm_eps, layer.router, S.top_k,
+                                           model.renormalize)
         if model.routing_counts is not None:  # the demo's heat map; two small launches, no host sync
             flat = ids.reshape(-1).long()
             model.routing_counts[index].scatter_add_(0, flat, torch.ones_like(flat))
-        with _label("moe"):
+        if layer.experts is not None:
+            out = layer.experts(x, ids, gates)
+        else:
             experts = fused_moe if use_triton(x) else moe_reference
             out = experts(x, layer.w_gate_up, layer.w_down, ids, gates)
     if layer.shared_gate_up is not None:
-        with _label("moe" if layer.w_gate_up is not None else "dense mlp"):
-            shared = _swiglu(x, layer.shared_gate_up, layer.shared_down)
-            out = shared if out is None else out + shared
+        shared = _swiglu(x, layer.shared_gate_up, layer.shared_down)
+        out = shared if out is None else out + shared
     return out
 
 
@@ -266,14 +260,12 @@ def _layers(model: Model, cache: KVCache, resid: torch.Tensor, positions, slots,
     cos, sin = model.rope
     delta = None
     for index, layer in enumerate(model.layers):
-        with _label("norms"):
-            x = add_rmsnorm(resid, delta, layer.attn_norm, S.norm_eps)
-        with _label("attention"):
-            qkv = x @ layer.wqkv.T
-            q = rope_cache_write(qkv, cache.k[index], cache.v[index], positions, slots, cos, sin, S.n_heads,
-                                 S.n_kv_heads)
-            o = attend(q, index)
-            o = o.reshape(o.shape[0], -1) @ layer.wo.T
+        x = add_rmsnorm(resid, delta, layer.attn_norm, S.norm_eps)
+        qkv = x @ layer.wqkv.T
+        q = rope_cache_write(qkv, cache.k[index], cache.v[index], positions, slots, cos, sin, S.n_heads,
+                             S.n_kv_heads)
+        o = attend(q, index)
+        o = o.reshape(o.shape[0], -1) @ layer.wo.T
         delta = _mlp(model, index, resid, o)
     return delta
 
@@ -292,10 +284,8 @@ def decode_step(model: Model, cache: KVCache, tokens: torch.Tensor, positions: t
 
     resid = model.embed[tokens]
     delta = _layers(model, cache, resid, positions, slots, attend)
-    with _label("norms"):
-        x = add_rmsnorm(resid, delta, model.norm, model.shape.norm_eps)
-    with _label("lm_head"):
-        return (x @ model.lm_head.T).float()
+    x = add_rmsnorm(resid, delta, model.norm, model.shape.norm_eps)
+    return (x @ model.lm_head.T).float()
 
 
 def prefill(model: Model, cache: KVCache, prompts: list[torch.Tensor], all_positions: bool = False) -> torch.Tensor:

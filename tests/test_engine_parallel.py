@@ -1,0 +1,62 @@
+"""The engine on several ranks (gloo, CPU processes) against the one-process engine: expert parallel
+under a placement with replicated experts (each rank its own prompts), and tensor parallel."""
+
+import numpy as np
+import pytest
+import torch
+
+from moegps.engine import Engine
+from moegps.engine.model import random_model
+from moegps.engine.parallel import expert_parallel, tensor_parallel
+from moegps.executor import dist as xdist
+from moegps.placement.placement import Placement
+from moegps.shapes import from_name
+
+SHAPE = from_name("mixtral-8x7b").replace(name="tiny", vocab_size=97, n_layers=2, hidden=32, n_heads=4,
+                                          n_kv_heads=2, head_dim=8, expert_ffn=24, n_experts=8, top_k=2)
+
+
+def _prompts(seed: int, n: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, SHAPE.vocab_size, size=int(rng.integers(2, 9))).tolist() for _ in range(n)]
+
+
+def _generate(model, prompts, new=10, stop=()):
+    return Engine(model, max_batch=len(prompts), max_len=32).generate(prompts, max_new_tokens=new,
+                                                                       stop_tokens=stop).tokens
+
+
+def _expert_parallel_rank(comm, seed):
+    torch.manual_seed(seed)
+    model = random_model(SHAPE, device="cpu", dtype=torch.float64, seed=seed)
+    # rank 0 holds experts 0-3 and a replica of expert 5; rank 1 holds 4-7 and a replica of expert 0;
+    # the replicas take uneven shares, so both ranks serve experts 0 and 5
+    row = np.array([[0, 1, 2, 3, 5], [4, 5, 6, 7, 0]])
+    share = np.array([[0.3, 1, 1, 1, 0.6], [1, 0.4, 1, 1, 0.7]])
+    placement = Placement(np.stack([row, row[:, [1, 0, 2, 3, 4]]]), n_experts=8,
+                          replica_share=np.stack([share, share[:, [1, 0, 2, 3, 4]]]), split_rule="fixed")
+    prompts = _prompts(seed + comm.rank, 3 + comm.rank)  # each rank its own prompts, of its own count
+    reference = _generate(model, prompts)
+    assert _generate(expert_parallel(model, comm, placement), prompts) == reference
+    # a stop token that ends this rank's rows early: the rank keeps stepping with the other, then cuts
+    stop = {row[2] for row in reference} if comm.rank == 0 else {-1}
+    assert _generate(expert_parallel(model, comm, placement), prompts, stop=stop) == _generate(model, prompts, stop=stop)
+
+
+def _tensor_parallel_rank(comm, seed):
+    model = random_model(SHAPE, device="cpu", dtype=torch.float64, seed=seed)
+    prompts = _prompts(seed, 3)  # the same prompts on every rank
+    assert _generate(tensor_parallel(model, comm), prompts) == _generate(model, prompts)
+
+
+@pytest.mark.parametrize("rank_fn", [_expert_parallel_rank, _tensor_parallel_rank])
+def test_engine_on_two_ranks_matches_one_process(rank_fn):
+    seed = int(np.random.default_rng().integers(2**20))
+    xdist.spawn(rank_fn, 2, seed, timeout_s=60)
+
+
+def test_expert_parallel_rejects_a_placement_of_another_shape():
+    model = random_model(SHAPE, device="cpu", dtype=torch.float64)
+    wrong = Placement(np.arange(8).reshape(1, 1, 8).repeat(3, 0), n_experts=8)  # 3 layers, the model has 2
+    with pytest.raises(ValueError, match="2 MoE layers, 1 ranks"):
+        expert_parallel(model, xdist.Comm(), wrong)
