@@ -22,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .configs import run_command
 from .files import atomic_path
 from .importers.olmoe_routing import (
     LAYER_IDS, available_domains, load_crosslayer_counts, load_eid2token, load_expert_counts,
 )
-from .results import read_results
+from .results import ResultsError, read_results
 from .trace import RoutingTrace
 from .workloads import load_trace
 
@@ -341,6 +342,24 @@ def routing_report(cfg: RoutingReportConfig) -> dict[str, Path]:
     return files
 
 
+def cross_layer_log_lift(joint: np.ndarray) -> np.ndarray:
+    """``[E, E]`` log2 of P(b | a) / P(b) from a joint count matrix: affinity beyond the next layer's
+    own load profile; NaN where the pair never occurred (no finite lift to show)."""
+    p = joint / max(joint.sum(), 1)
+    lift = p / np.maximum(p.sum(axis=1, keepdims=True) * p.sum(axis=0, keepdims=True), 1e-300)
+    with np.errstate(divide="ignore"):
+        return np.where(p > 0, np.log2(np.where(p > 0, lift, 1.0)), np.nan)
+
+
+def shared_lift_scale(log_lifts: list[np.ndarray], cap: float = 3.0, floor: float = 0.5) -> tuple[float, bool]:
+    """One symmetric colour limit for every panel (the largest finite |log2 lift|, within
+    [``floor``, ``cap``]) and whether any cell lies beyond it (then the plot says it clips)."""
+    finite = np.concatenate([np.abs(x[np.isfinite(x)]) for x in log_lifts]) if log_lifts else np.zeros(0)
+    largest = float(finite.max()) if finite.size else 1.0
+    lim = float(np.clip(largest, floor, cap))
+    return lim, bool(largest > lim)
+
+
 def _routing_plots(out: Path, meta, plots: dict, refs: dict, label: str) -> dict[str, Path]:
     import matplotlib
 
@@ -421,24 +440,23 @@ def _routing_plots(out: Path, meta, plots: dict, refs: dict, label: str) -> dict
         j = sum(v for (d, l), v in refs["mistral"]["joints"].items() if l == 0)
         mats.append(("real Mixtral-8x7B: layer 0 -> 7 (slot, 5 domains)", j))
     if mats:
-        fig, axes = plt.subplots(1, len(mats), figsize=(4.4 * len(mats), 3.9), squeeze=False)
-        for ax, (title, j) in zip(axes[0], mats):
-            # lift P(b | a) / P(b): affinity beyond the next layer's own load profile
-            p = j / max(j.sum(), 1)
-            lift = p / np.maximum(p.sum(axis=1, keepdims=True) * p.sum(axis=0, keepdims=True), 1e-300)
-            with np.errstate(divide="ignore"):
-                log_lift = np.log2(lift)
-            finite = np.isfinite(log_lift) & (p > 0)
-            lim = float(np.clip(np.abs(log_lift[finite]).max() if finite.any() else 1.0, 0.5, 3.0))
-            im = ax.imshow(np.where(finite, log_lift, -lim), cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        lifts = [cross_layer_log_lift(j) for _, j in mats]
+        lim, clipped = shared_lift_scale(lifts)
+        cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#9a9a9a")
+        fig, axes = plt.subplots(1, len(mats), figsize=(4.4 * len(mats), 4.1), squeeze=False)
+        for ax, (title, j), log_lift in zip(axes[0], mats, lifts):
+            im = ax.imshow(np.ma.masked_invalid(log_lift), cmap=cmap, vmin=-lim, vmax=lim, interpolation="nearest")
             s = affinity_summary(j)
             ax.set_title(f"{title}\nMI {s['mi_bits']:.3f} bits, lift of max {s['lift']:.2f}", fontsize=8)
             ax.set_xlabel("expert b at the next layer")
             ax.set_ylabel("expert a")
-            fig.colorbar(im, ax=ax, label="log2 P(b | a) / P(b)")
-        fig.tight_layout()
+        # one scale for every panel (so equal colours mean equal lift), one colour bar; arrows where it clips
+        fig.colorbar(im, ax=list(axes[0]), label="log2 P(b | a) / P(b)", extend="both" if clipped else "neither")
+        fig.suptitle(f"cross-layer affinity, one colour scale: ±{lim:g} (log2 lift)"
+                     + ("; cells beyond it clipped to the end colours" if clipped else "")
+                     + "; grey: pair never seen together", fontsize=8)
         files["cross_layer.png"] = out / "cross_layer.png"
-        fig.savefig(files["cross_layer.png"], dpi=110)
+        fig.savefig(files["cross_layer.png"], dpi=110, bbox_inches="tight")
         plt.close(fig)
     return files
 
@@ -469,6 +487,10 @@ def load_results(path: str | Path):
             df[col] = default
     df["trace_name"] = df["config.trace"].astype(str).map(lambda s: "/".join(Path(s).parts[-2:])) \
         if "config.trace" in df else ""
+    if "config.trace_content" in df:  # one path that held other bytes: never averaged together
+        content = df["config.trace_content"].fillna("").astype(str)
+        several = content.groupby(df["trace_name"]).transform("nunique") > 1
+        df.loc[several, "trace_name"] = df.loc[several, "trace_name"] + " @" + content[several].str.split(":").str[-1].str[:8]
     base = df[df["config.role"] == "baseline"].groupby("config.key")["total_ms"].first()
     df["baseline_ms"] = df["config.key"].map(base)
     df["speedup"] = df["baseline_ms"] / df["total_ms"]
@@ -500,8 +522,11 @@ def predictor_table(df):
 def decision_table(df):
     """The MoE-GPS decision regions: per (trace, system, link bandwidth, batch size) the best
     distribution-only and the best token-to-expert configuration (predictor + placement, by total
-    time), the baseline time, the best oracle-placement time (each step placed from its true loads, no
-    predictor cost; a reference, not a bound), the winning family and ``gain = t_token / t_distribution - 1``."""
+    time), the baseline time, ``true_loads_placement_ms`` (the best over placements of the run's placement
+    algorithm given each step's true loads: no predictor, no migration cost; what a perfect forecast would
+    give that algorithm, and *not* a lower bound on time: it is slower than the static baseline wherever
+    balancing tokens costs more than it saves, e.g. replicas whose weights every GPU must read at small
+    batches), the winning family and ``gain = t_token / t_distribution - 1``."""
     import pandas as pd
 
     runs = _runs(df)
@@ -512,7 +537,7 @@ def decision_table(df):
         row["trace"] = "/".join(Path(str(row["trace"])).parts[-2:])
         same = refs[(refs[VARIANT] == pd.Series(key, index=VARIANT)).all(axis=1)]
         row["baseline_ms"] = same[same["config.role"] == "baseline"]["total_ms"].min()
-        row["oracle_placement_ms"] = same[same["config.role"] == "oracle"]["total_ms"].min()
+        row["true_loads_placement_ms"] = same[same["config.role"] == "oracle"]["total_ms"].min()
         for family in ("distribution", "token"):
             fam = sub[sub[FAMILY] == family]
             best = fam.loc[fam["total_ms"].idxmin()] if len(fam) else None
@@ -529,14 +554,14 @@ def decision_table(df):
 
 def placement_table(df):
     """Imbalance by placement algorithm and expert slots: mean max/mean tokens per GPU of the runs
-    (and of the oracle placement from true loads), per (trace, placement, extra slots per GPU, batch size)."""
+    (and of the same algorithm placed from each step's true loads: ``true_loads_imbalance``), per (trace, placement, extra slots per GPU, batch size)."""
     runs = _runs(df)
     keys = ["trace_name", PLACEMENT, SLOTS, BATCH]
     out = runs.groupby(keys, dropna=False).agg(imbalance=("imbalance", "mean"), imbalance_max=("imbalance", "max"),
                                                expert_ms=("expert_ms", "mean"), speedup=("speedup", "mean"),
                                                runs=("total_ms", "size")).reset_index()
     oracle = df[df["config.role"] == "oracle"].groupby(keys, dropna=False)["imbalance"].mean()
-    out["oracle_imbalance"] = out.set_index(keys).index.map(oracle)
+    out["true_loads_imbalance"] = out.set_index(keys).index.map(oracle)
     return out.rename(columns={"trace_name": "trace", PLACEMENT: "placement", SLOTS: "extra_slots", BATCH: "batch_size"})
 
 
@@ -573,7 +598,7 @@ def _save(fig, path: Path) -> list[Path]:
     for ext in ("png", "svg"):
         target = path.with_suffix("." + ext)
         with atomic_path(target) as tmp:
-            fig.savefig(tmp, dpi=130, format=ext)
+            fig.savefig(tmp, dpi=130, format=ext, bbox_inches="tight")
         files.append(target)
     plt.close(fig)
     return files
@@ -615,22 +640,37 @@ def plot_predictors(table, path: Path, title: str = "") -> list[Path]:
 
 
 def plot_decisions(table, path: Path, title: str = "") -> list[Path]:
-    """Decision regions: x = link bandwidth, y = batch size; cell colour = winning family, text = gain
-    t(token) / t(distribution) - 1 and the winning configuration; one panel per (trace, system)."""
+    """Decision regions: x = link bandwidth, y = batch size; cell colour = the gain
+    t(best token-to-expert) / t(best distribution-only) - 1 on one diverging scale for all panels
+    (blue: distribution-only wins, orange: token-to-expert wins, deeper = by more), so cells that
+    share a winner still show by how much; text = the gain and each family's best configuration
+    with its speedup over the static baseline. One panel per (trace, system)."""
     plt = _plt()
-    from matplotlib.patches import Patch
 
     panels = list(table.groupby(["trace", "system", "gpus"], sort=True))
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.5, 5.5 * len(panels)), 4.6), squeeze=False)
+    gains = table.gain_dist_over_token.to_numpy(float)
+    lim = max(0.01, float(np.nanmax(np.abs(gains), initial=0.0)))
+    norm = plt.Normalize(-lim, lim)
+    cmap = plt.get_cmap("PuOr")  # orange below 0 (token wins), purple-blue above (distribution wins)
+    n_x = max(sub.link_gbps.nunique() for _, sub in panels)
+    n_y = max(sub.batch_size.nunique() for _, sub in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(7.0, 2.3 * n_x * len(panels) + 2), 1.4 * n_y + 2.4),
+                             squeeze=False)
     for ax, (key, sub) in zip(axes[0], panels):
         xs, ys = sorted(sub.link_gbps.unique()), sorted(sub.batch_size.unique())
         for _, r in sub.iterrows():
             i, j = xs.index(r.link_gbps), ys.index(r.batch_size)
-            ax.add_patch(plt.Rectangle((i - 0.5, j - 0.5), 1, 1, color=FAMILY_COLOURS.get(r.winner_family, "white"),
-                                       alpha=0.85))
-            best = r[f"best_{r.winner_family}"] if r.winner_family else ""
-            gain = f"{r.gain_dist_over_token:+.1%}" if np.isfinite(r.gain_dist_over_token) else ""
-            ax.text(i, j, f"{gain}\n{best}\n{r.speedup_vs_baseline:.3f}x base", ha="center", va="center", fontsize=6.5)
+            gain = r.gain_dist_over_token
+            ax.add_patch(plt.Rectangle((i - 0.5, j - 0.5), 1, 1, edgecolor="white",
+                                       facecolor=cmap(norm(gain)) if np.isfinite(gain) else "white"))
+            lines = [f"{gain:+.1%}" if np.isfinite(gain) else f"{r.winner_family} only"]
+            for family, letter in (("distribution", "D"), ("token", "T")):
+                if r.get(f"best_{family}"):
+                    config = str(r[f"best_{family}"]).replace("+", "\n+")
+                    lines.append(f"{letter}: {config} {r.baseline_ms / r[f'{family}_ms']:.3f}x")
+            dark = np.isfinite(gain) and abs(gain) > 0.6 * lim
+            ax.text(i, j, "\n".join(lines), ha="center", va="center", fontsize=6,
+                    color="white" if dark else "black")
         ax.set_xlim(-0.5, len(xs) - 0.5)
         ax.set_ylim(-0.5, len(ys) - 0.5)
         ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
@@ -638,11 +678,11 @@ def plot_decisions(table, path: Path, title: str = "") -> list[Path]:
         ax.set_xlabel("link bandwidth per GPU per direction (GB/s)")
         ax.set_ylabel("batch size (requests)")
         ax.set_title(f"{key[0]} on {key[1]} ({key[2]:g} GPUs)", fontsize=8)
-    fig.legend(handles=[Patch(color=FAMILY_COLOURS[f], label=f"{f} wins") for f in ("distribution", "token")],
-               loc="lower center", ncol=2, fontsize=8)
-    fig.suptitle((title + "\n" if title else "") + "cell: t(best token-to-expert) / t(best distribution-only) - 1, "
-                 "the winner, its speedup over the static baseline", fontsize=8)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.92))
+    bar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=list(axes[0]), fraction=0.04)
+    bar.set_label("t(token) / t(distribution) - 1\n> 0: distribution-only wins; < 0: token-to-expert wins", fontsize=7)
+    bar.ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:+.1%}"))
+    fig.suptitle((title + "\n" if title else "") + "cell: gain; D/T: best distribution-only / token-to-expert "
+                 "predictor+placement and its speedup over the static baseline", fontsize=8)
     return _save(fig, path)
 
 
@@ -675,15 +715,21 @@ def plot_end_to_end(df, path: Path, title: str = "") -> list[Path]:
 
 
 def plot_placement(table, path: Path, title: str = "") -> list[Path]:
-    """Imbalance (max/mean tokens per GPU) by placement algorithm; one bar per extra-slot count,
-    one panel per batch size; the oracle placement's imbalance as a black tick."""
+    """Imbalance (max/mean tokens per GPU) by placement algorithm (one colour each); one bar per
+    extra-slot count (hatched by count), one panel per batch size; the same algorithm placed from each
+    step's true loads as a diamond on its bar (drawn on top, so it shows where it equals the bar)."""
     plt = _plt()
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     batches = sorted(table.batch_size.unique())
+    places = sorted(table.placement.unique())
+    colours = {p: plt.cm.tab10(i % 10) for i, p in enumerate(places)}
+    slots = sorted(table.extra_slots.dropna().unique()) or [np.nan]
+    hatches = ["", "//", "..", "xx", "\\\\", "oo"]
     fig, axes = plt.subplots(1, len(batches), figsize=(4.3 * len(batches), 3.8), squeeze=False, sharey=True)
     for ax, b in zip(axes[0], batches):
         sub = table[table.batch_size == b]
-        places = sorted(sub.placement.unique())
-        slots = sorted(sub.extra_slots.dropna().unique()) or [np.nan]
         width = 0.8 / len(slots)
         for j, s in enumerate(slots):
             part = sub[sub.extra_slots == s] if np.isfinite(s) else sub
@@ -692,14 +738,18 @@ def plot_placement(table, path: Path, title: str = "") -> list[Path]:
                 if r.empty:
                     continue
                 x = i - 0.4 + width * (j + 0.5)
-                ax.bar(x, r.imbalance.mean(), width, color=plt.cm.viridis(j / max(len(slots) - 1, 1)),
-                       label=f"{s:g} extra slots" if i == 0 else None)
-                ax.plot([x - width / 2, x + width / 2], [r.oracle_imbalance.mean()] * 2, color="black", lw=1.2)
+                ax.bar(x, r.imbalance.mean(), width, color=colours[p], edgecolor="black", linewidth=0.4,
+                       hatch=hatches[j % len(hatches)])
+                ax.plot([x], [r.true_loads_imbalance.mean()], marker="D", ms=5, color="black", mec="white", mew=0.8,
+                        zorder=5)
         ax.set_xticks(range(len(places)), places, fontsize=8)
         ax.set_ylim(bottom=0.95)
         ax.set_title(f"batch size {b:g}", fontsize=9)
     axes[0][0].set_ylabel("max / mean tokens per GPU (1 = even)")
-    axes[0][-1].legend(fontsize=7, title="bars; tick = oracle placement", title_fontsize=7)
+    handles = [Patch(facecolor="white", edgecolor="black", hatch=hatches[j % len(hatches)], label=f"{s:g} extra slots")
+               for j, s in enumerate(slots) if np.isfinite(s)]
+    handles.append(Line2D([], [], marker="D", color="black", mec="white", ls="", label="placed from true loads"))
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="upper right")
     fig.suptitle(title or "imbalance by placement algorithm and expert slots (simulated replay)", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
@@ -804,7 +854,8 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in REPORTS:
         print(f"usage: python -m moegps.report {{{','.join(REPORTS)}}} ...", file=sys.stderr)
         raise SystemExit(2)
-    REPORTS[argv[0]](argv[1:])
+    # a file or setting to fix ends with its message (file and fix named), Ctrl-C with exit code 130
+    run_command(lambda: REPORTS[argv[0]](argv[1:]), "report", errors=(ValueError, FileNotFoundError, ResultsError))
 
 
 if __name__ == "__main__":

@@ -80,12 +80,20 @@ class _RestrictedUnpickler(pickle.Unpickler):
 _SCALARS = (int, np.integer, str)  # bool is an int
 
 
-def _check_types(obj, where: str, depth: int = 0):
+MAX_MEMBERS = 50_000_000  # keys + values examined in one file; the real files hold about 1e6
+
+
+def _check_types(obj, where: str, depth: int = 0, seen: set[int] | None = None, budget: list[int] | None = None):
     """Walk containers; raise if any value is of a type outside the admitted set.
 
     Types are collected per container with ``set(map(type, ...))`` (C speed): the Counters of
     ``eid2token`` hold hundreds of thousands of ints, and only containers are descended into.
+    Each container is examined once (``seen``, by id): a pickle can reference one list from many
+    places with a few bytes each (a 269-byte file of nested repeated references is a tree of 1e12
+    nodes), and walking every path would take hours. ``budget`` bounds the members examined in all.
     """
+    seen = set() if seen is None else seen
+    budget = [MAX_MEMBERS] if budget is None else budget
     if depth > 8:
         raise UnsafePickleError(f"{where}: object nests deeper than 8 levels; not a routing-statistics file")
     if not isinstance(obj, _ALLOWED_TYPES):
@@ -98,15 +106,21 @@ def _check_types(obj, where: str, depth: int = 0):
         members = (obj,)
     else:
         return
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
     for collection in members:
+        budget[0] -= len(collection)
+        if budget[0] < 0:
+            raise UnsafePickleError(f"{where}: holds more than {MAX_MEMBERS:,} values; not a routing-statistics file")
         for t in set(map(type, collection)):
             if issubclass(t, _SCALARS):
                 continue
             if not issubclass(t, (dict, list, tuple)):
                 raise UnsafePickleError(f"{where}: holds a value of type {t.__name__}, not admitted")
             for v in collection:
-                if type(v) is t:
-                    _check_types(v, where, depth + 1)
+                if type(v) is t and id(v) not in seen:
+                    _check_types(v, where, depth + 1, seen, budget)
 
 
 def loads(data: bytes, where: str = "<bytes>"):

@@ -70,13 +70,13 @@ def test_tables_have_the_known_answers(tmp_path, rng):
         assert r.gain_dist_over_token == pytest.approx(best["token"][0] / best["distribution"][0] - 1)
         assert r.winner_family == min(best, key=lambda f: best[f][0])
         assert r.baseline_ms == pytest.approx(100.0 + 10 * (r.link_gbps == 32.0) + r.batch_size)
-        assert r.oracle_placement_ms == 40.0
+        assert r.true_loads_placement_ms == 40.0
 
     pl = placement_table(df)
     for _, r in pl.iterrows():
         mine = runs[(runs["config.placement.name"] == r.placement) & (runs["config.batch_size"] == r.batch_size)]
         assert r.imbalance == pytest.approx(mine.imbalance.mean())
-        assert r.oracle_imbalance == 1.0
+        assert r.true_loads_imbalance == 1.0
 
     assert sim_vs_measured(df).empty  # no exec rows
 

@@ -347,7 +347,14 @@ def write_outputs(table: pd.DataFrame, rows: list[dict[str, Any]], out: Path, co
 
 
 SHOW = ["trace", "skew", "gpus", "link_gbps", "batch_size", "baseline_ms", "best_distribution", "distribution_ms",
-        "best_token", "token_ms", "oracle_ms", "gain_dist_over_token", "winner"]
+        "best_token", "token_ms", "oracle_ms", "gain_pct", "winner"]
+
+
+def printed_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The decision table as the terminal shows it: the gain in percent (``gain_pct``, as the plot
+    labels it), not the fraction the CSV keeps (``gain_dist_over_token``)."""
+    table = table.assign(gain_pct=100 * table["gain_dist_over_token"]) if "gain_dist_over_token" in table else table
+    return table[[c for c in SHOW if c in table.columns]]
 
 
 def app(raw) -> None:
@@ -380,7 +387,7 @@ def app(raw) -> None:
     table, rows = run_guide(cfg)
     paths = write_outputs(table, rows, Path(cfg.out), config)
     print(table["protocol"].iloc[0])
-    show = table[[c for c in SHOW if c in table.columns]]
+    show = printed_table(table)
     if "skew" in show and show["skew"].isna().all():
         show = show.drop(columns="skew")
     with pd.option_context("display.width", 250, "display.max_rows", 500, "display.float_format", "{:.4g}".format):
