@@ -144,8 +144,13 @@ table = pd.DataFrame(rows)
 table.pivot(index="algorithm", columns="extra_slots", values="imbalance")"""),
     new_code_cell("""\
 fig, ax = plt.subplots(figsize=(6.5, 3.8))
-for name, g in table.groupby("algorithm"):
-    ax.plot(g.extra_slots, g.imbalance, marker="o", label=name)
+# algorithms whose curves coincide (e.g. contiguous and round_robin when each GPU holds one expert)
+# share one line and one legend entry, so that no line hides another
+curves = {}
+for name, g in table.groupby("algorithm", sort=False):
+    curves.setdefault(tuple(g.imbalance.round(9)), (g.extra_slots, []))[1].append(name)
+for (xs, names), style in zip(curves.values(), ["o-", "s--", "^-.", "D:"]):
+    ax.plot(xs, table[table.algorithm == names[0]].imbalance, style, label=" = ".join(names))
 b = table.groupby("extra_slots").bound.first()
 ax.plot(b.index, b.values, "k--", label="bound (any placement)")
 ax.set_xlabel("extra expert slots per GPU"); ax.set_ylabel("max / mean GPU load (held-out half)")
@@ -189,8 +194,8 @@ from IPython.display import Image
 Image(str(store / "end_to_end.png"))"""),
     new_code_cell("""\
 from moegps.results import read_results
-shipped = sorted((PROJECT_ROOT / "results").rglob("*.parquet")) if (PROJECT_ROOT / "results").is_dir() else []
-measured = pd.concat([read_results(p) for p in shipped], ignore_index=True) if shipped else pd.DataFrame()
+shipped = (PROJECT_ROOT / "results").is_dir() and any((PROJECT_ROOT / "results").rglob("*.parquet"))
+measured = read_results(PROJECT_ROOT / "results") if shipped else pd.DataFrame()  # side tables skipped
 if len(measured) and (measured.get("backend") == "exec").any():
     both = load_results(store)
     both = pd.concat([both, measured.assign(**{"config.role": "run", "trace_name": measured.get("config.trace", "")})],
