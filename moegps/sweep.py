@@ -243,10 +243,12 @@ def execute_run(config: dict[str, Any], key: str) -> list[dict[str, Any]]:
     if predictor is not None and hasattr(predictor, "predict"):
         raise ValueError(f"predictor={predictor_name}: the executor backend takes distribution predictors only")
     placement = {"contiguous": "static"}.get(config["placement_name"], config["placement_name"])
-    ecfg = ExecuteConfig(shape=shape, n_experts=meta.n_experts, top_k=meta.top_k, trace=None,
+    # the exec.* fields meet ExecuteConfig's schema here (an unknown or mistyped one is named)
+    ecfg = validate(dict(shape=shape, n_experts=meta.n_experts, top_k=meta.top_k, trace="",
                          train=str(paths["train"]), test=str(paths["test"]), placement_fields=placement_fields(config),
                          batch_requests=int(config["batch_size"]), placement=placement, predictor=predictor_name,
-                         seed=int(config["seed"]), out=str(run_dir(config["out"], key)), **ex)
+                         seed=int(config["seed"]), out=str(run_dir(config["out"], key)), **ex),
+                    ExecuteConfig, "sweep (exec.*)")
     row, _ = run(ecfg, write=False, predictor=predictor)
     renamed = {("config.exec." + k[len("config."):] if k.startswith("config.") else k): v for k, v in row.items()}
     renamed.update(flatten(_row_config(config, key, "run")))

@@ -20,8 +20,9 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from ..configs import all_or_first_n, checked, fraction, hydra_command, nonnegative, one_of, positive, register, validate
+from ..configs import all_or_first_n, checked, each, fraction, hydra_command, nonnegative, one_of, positive, register, validate
 from ..files import atomic_path
+from ..predictors import REGISTRY
 from ..results import write_rows
 from .pipeline import fit_predictors, load_workload, replay_plans, result_rows, speedups
 from .replay import ReplayConfig
@@ -44,7 +45,7 @@ class SimulateConfig:
     test_fraction: float = checked(0.5, fraction)
     split: str = checked("arrival", one_of("arrival", "random"))
     seed: int = checked(0, nonnegative)
-    predictors: list[str] = field(default_factory=lambda: ["global_profile", "ema", "token_table", "cross_layer"])
+    predictors: list[str] = checked(["global_profile", "ema", "token_table", "cross_layer"], each(one_of(*REGISTRY)))
     predictor_args: dict[str, Any] = field(default_factory=dict)
     replay: ReplayConfig = field(default_factory=lambda: ReplayConfig(batch_size=16))
     out: str = "outputs/simulate"

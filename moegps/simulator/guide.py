@@ -33,6 +33,7 @@ from ..configs import (all_or_first_n, checked, each, fraction, hydra_command, n
 from ..files import atomic_path, save_png
 from ..paths import CONF_DIR, register_resolvers
 from ..placement.algorithms import place
+from ..predictors import REGISTRY
 from ..results import write_rows
 from .cost import load_kernel_bench
 from .pipeline import Workload, fit_predictors, load_workload, replay_plans, result_rows
@@ -67,8 +68,8 @@ class GuideConfig:
     test_fraction: float = checked(0.5, fraction)
     split: str = checked("arrival", one_of("arrival", "random"))  # arrival (the last requests by id are replayed) | random (drawn with seed)
     seed: int = checked(0, nonnegative)
-    distribution: list[str] = field(default_factory=lambda: list(DEFAULT_DISTRIBUTION))
-    token: list[str] = field(default_factory=lambda: list(DEFAULT_TOKEN))
+    distribution: list[str] = checked(list(DEFAULT_DISTRIBUTION), each(one_of(*REGISTRY), nonempty=False))
+    token: list[str] = checked(list(DEFAULT_TOKEN), each(one_of(*REGISTRY), nonempty=False))
     token_placement_from: str | None = "global_profile"  # also try each token predictor over this plan's placement
     predictor_args: dict[str, dict[str, Any]] = field(default_factory=lambda: {"ffn": {"epochs": 2}})
     out: str = "outputs/guide"
