@@ -442,6 +442,31 @@ def test_finding11_placement_bars_have_a_colour_per_algorithm_and_a_visible_true
     assert len(marks) == 3 and all(m.get_zorder() > max(p.get_zorder() for p in ax.patches) for m in marks)
 
 
+def test_finding11_coinciding_lines_share_one_entry_instead_of_hiding_each_other(tmp_path):
+    """ema's curve lay exactly under global_profile's: one line now, labelled with both."""
+    import matplotlib.pyplot as plt
+
+    from moegps import report
+
+    links = [32.0, 64.0, 450.0]
+    rows = [{"config.role": "run", "backend": "sim", report.FAMILY: fam, report.PREDICTOR: pred, report.LINK: link,
+             report.BATCH: 4, "speedup": value(link)}
+            for fam, pred, value in (("distribution", "ema", lambda link: 1.0),
+                                     ("distribution", "global_profile", lambda link: 1.0),
+                                     ("token", "token_table", lambda link: 0.9 + link / 5000))
+            for link in links]
+    captured = {}
+    real_save = report._save
+    report._save = lambda fig, path: captured.setdefault("fig", fig) and real_save(fig, path)
+    try:
+        report.plot_end_to_end(pd.DataFrame(rows), tmp_path / "e2e")
+    finally:
+        report._save = real_save
+    labels = [t.get_text() for t in captured["fig"].axes[0].get_legend().get_texts()]
+    assert labels == ["ema = global_profile (distribution)", "token_table (token)"]
+    plt.close("all")
+
+
 # ---- 12. names and units ------------------------------------------------------------------------------------
 
 
