@@ -334,6 +334,18 @@ def _fingerprint(cfg) -> dict:
     return {"model": model, "dataset": dataset, **{k: cfg[k] for k in keep}}
 
 
+def _portable(fingerprint: dict | None) -> dict | None:
+    """A manifest's fingerprint with its paths written portably (manifests from before portable paths
+    stored the absolute data path; the same folder still resumes)."""
+    if not isinstance(fingerprint, dict):
+        return fingerprint
+    out = json.loads(json.dumps(fingerprint))
+    for part in ("model", "dataset"):
+        if isinstance(out.get(part), dict) and out[part].get("path"):
+            out[part]["path"] = portable_path(out[part]["path"])
+    return out
+
+
 def _done_requests(out_dir: Path) -> tuple[set[int], int]:
     """Request ids already in finished shards, and the next free shard number. A shard that does not
     read (cut short by a copy or a full disk: collect's own writes are atomic) is an error naming it."""
@@ -419,7 +431,7 @@ def _collect(cfg: DictConfig, out_dir: Path, on_shard) -> Path:
         if cfg.get("overwrite"):
             for f in [*out_dir.glob("shard-*"), manifest_path]:
                 f.unlink()
-        elif old.get("fingerprint") != fingerprint:
+        elif _portable(old.get("fingerprint")) != fingerprint:
             raise CollectError(
                 f"{out_dir}: holds a trace recorded with other settings ({manifest_path}); "
                 "choose another out_dir or pass overwrite=true"

@@ -278,6 +278,20 @@ def test_finding8_metadata_and_manifest_carry_no_absolute_data_path(small_collec
     assert trace.meta.model_config["source"] == "moegps/models/bundled/mixtral-tiny"
 
 
+def test_finding8_a_folder_from_before_portable_paths_still_resumes(small_collect, tmp_path):
+    import shutil
+
+    from moegps.collect import collect
+
+    out = tmp_path / "run"
+    shutil.copytree(small_collect, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["fingerprint"]["dataset"]["path"] = str(data_root() / "mmlu" / "test")  # the old, absolute form
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    collect(compose_app("collect", ["limit=4", *COLLECT_SMALL, f"out_dir={out}"]))  # no "other settings" refusal
+    assert json.loads((out / "manifest.json").read_text())["fingerprint"]["dataset"]["path"] == "$MOEGPS_DATA/mmlu/test"
+
+
 # ---- 9. interrupts -----------------------------------------------------------------------------------------
 
 
