@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from .configs import ConfigError, all_or_first_n, run_command, checked, fraction, nonnegative, one_of, positive, register, validate
+from .configs import ConfigError, all_or_first_n, check_arguments, run_command, checked, fraction, nonnegative, one_of, positive, register, validate
 from .executor.runner import ExecuteConfig, run
 from .files import atomic_path
 from .paths import CONF_DIR, PROJECT_ROOT, register_resolvers
@@ -89,8 +89,14 @@ CHOICE_KEYS = ("predictor_name", "placement_name")
 
 
 def check_config(config: dict[str, Any]) -> None:
-    """:class:`moegps.configs.ConfigError` naming the field for anything the schema refuses."""
+    """:class:`moegps.configs.ConfigError` naming the field for anything the schema refuses, or the
+    predictor option's constructor (a field it lacks, a value of the wrong type)."""
     validate({k: v for k, v in config.items() if k not in CHOICE_KEYS}, SweepConfig, "sweep")
+    predictor = config.get("predictor")
+    if isinstance(predictor, dict) and "_target_" in predictor:
+        from hydra.utils import get_class
+
+        check_arguments(get_class(predictor["_target_"]), predictor, f"predictor={config.get('predictor_name')}")
 
 
 def trace_content(config: dict[str, Any]) -> dict[str, str]:
@@ -354,9 +360,10 @@ def progress_note(job_num: int | None) -> str:
     return f" [{done}/{total}, {elapsed:.0f} s, eta {eta:.0f} s]"
 
 
-def count_runs(overrides: list[str]) -> int:
-    """How many runs ``python -m moegps.sweep -m <overrides>`` launches: the product of the sweep's
-    values per key, the command line's replacing the preset's (as hydra's basic sweeper does)."""
+def sweep_axes(overrides: list[str]) -> tuple[list[str], dict[str, list[Any]]]:
+    """The plain overrides of ``python -m moegps.sweep -m <overrides>`` and its swept values per key:
+    the preset's (``hydra.sweeper.params``), a command-line value replacing them (swept or not), as
+    hydra's basic sweeper does."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -366,15 +373,33 @@ def count_runs(overrides: list[str]) -> int:
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("sweep", overrides=plain, return_hydra_config=True)
     params = dict(cfg.hydra.sweeper.get("params") or {})
-    counts = {key: len(list(parser.parse_override(f"{key}={value}").sweep_iterator()))
-              for key, value in params.items()}
-    for o in parsed:  # a command-line value replaces the preset's swept values, swept or not
+    axes = {key: list(parser.parse_override(f"{key}={value}").sweep_iterator()) for key, value in params.items()}
+    for o in parsed:
         if not o.input_line.startswith("hydra"):
-            counts[o.get_key_element()] = len(list(o.sweep_iterator())) if o.is_sweep_override() else 1
+            axes[o.get_key_element()] = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
+    plain = [p for p in plain if p.split("=")[0].lstrip("+~") not in axes] + \
+        [o.input_line for o in parsed if not o.is_sweep_override() and o.input_line.startswith("hydra")]
+    return [p for p in plain if not p.startswith("hydra")], axes
+
+
+def count_runs(overrides: list[str]) -> int:
+    """How many runs ``python -m moegps.sweep -m <overrides>`` launches (the product of its axes)."""
     total = 1
-    for n in counts.values():
-        total *= n
+    for values in sweep_axes(overrides)[1].values():
+        total *= len(values)
     return total
+
+
+def preflight(overrides: list[str]) -> None:
+    """Check every swept value before the sweep starts (each with the others at their first value):
+    a week-long sweep with ``batch_size=4,-4`` stops at once, naming the field, with no run written,
+    instead of failing at its first bad point after many good ones."""
+    plain, axes = sweep_axes(overrides)
+    first = {key: values[0] for key, values in axes.items() if values}
+    for key, values in axes.items():
+        for value in values:
+            point = {**first, key: value}
+            check_config(compose_config(plain + [f"{k}={v}" for k, v in point.items()]))
 
 
 def _app(raw) -> None:
@@ -417,6 +442,12 @@ def main() -> None:
         try:
             os.environ[TOTAL_ENV] = str(count_runs(overrides))
         except Exception:  # noqa: BLE001 - progress is a courtesy; hydra reports a bad override itself
+            pass
+        try:
+            preflight(overrides)
+        except ConfigError as e:
+            raise SystemExit(str(e)) from None
+        except Exception:  # noqa: BLE001 - an override hydra itself refuses: hydra says so, below
             pass
     os.environ[PARENT_ENV], os.environ[START_ENV] = str(os.getpid()), str(time.time())
     # an absolute config path: the task function lives in moegps.sweep, so that workers can unpickle it

@@ -326,6 +326,18 @@ def test_finding9_ctrl_c_in_the_sweep_command_exits_130(tmp_path, capsys, monkey
     assert exit_.value.code == 130 and f"sweep: {INTERRUPTED}" in capsys.readouterr().err
 
 
+def test_finding1_a_multirun_with_one_bad_value_stops_before_any_run(tmp_path, capsys, monkeypatch):
+    """Every swept value is checked first: no good point runs (and writes rows) before a bad one fails."""
+    import moegps.sweep as sweep
+
+    base = [o for o in SWEEP if not o.startswith("batch_size")]
+    monkeypatch.setattr(sys, "argv", ["moegps.sweep", "-m", *base, "batch_size=4,-4", f"out={tmp_path}"])
+    with pytest.raises(SystemExit) as exit_:
+        sweep.main()
+    assert "config field 'batch_size' is -4" in str(exit_.value.code)
+    assert not tmp_path.exists() or no_rows(tmp_path)
+
+
 def test_finding9_sweep_workers_end_when_the_sweep_process_is_gone():
     """A launcher worker watches the sweep's process (kill -9 of the sweep left them idle for good)."""
     parent = subprocess.Popen(["sleep", "60"])
