@@ -40,11 +40,12 @@ class atomic_path:
         return False
 
 
-def save_png(fig, path: str | os.PathLike, dpi: int = 130) -> Path:
-    """Write a matplotlib figure as PNG through ``atomic_path`` and close it; returns the path."""
+def save_png(fig, path: str | os.PathLike, dpi: int = 130, **savefig) -> Path:
+    """Write a matplotlib figure as PNG through ``atomic_path`` and close it; returns the path.
+    ``savefig``: more arguments for ``fig.savefig`` (e.g. ``bbox_inches="tight"``)."""
     import matplotlib.pyplot as plt  # lazy: matplotlib is heavy and only plots need it
 
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
+        fig.savefig(tmp, dpi=dpi, format="png", **savefig)
     plt.close(fig)
     return Path(path)

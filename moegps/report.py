@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .configs import run_command
-from .files import atomic_path
+from .files import atomic_path, save_png
 from .importers.olmoe_routing import (
     LAYER_IDS, available_domains, load_crosslayer_counts, load_eid2token, load_expert_counts,
 )
@@ -392,8 +392,7 @@ def _routing_plots(out: Path, meta, plots: dict, refs: dict, label: str) -> dict
     fig.suptitle(f"Expert load shares: {label}", fontsize=10)
     fig.tight_layout()
     files["load_shares.png"] = out / "load_shares.png"
-    fig.savefig(files["load_shares.png"], dpi=110)
-    plt.close(fig)
+    save_png(fig, files["load_shares.png"], dpi=110)
 
     # 2. skew and token-id hit rate per layer, real models as bands (their layers 0, 7, 15)
 
@@ -427,8 +426,7 @@ def _routing_plots(out: Path, meta, plots: dict, refs: dict, label: str) -> dict
                   frameon=False)
     fig.tight_layout()
     files["skew_hit_rate.png"] = out / "skew_hit_rate.png"
-    fig.savefig(files["skew_hit_rate.png"], dpi=110)
-    plt.close(fig)
+    save_png(fig, files["skew_hit_rate.png"], dpi=110)
 
     # 3. cross-layer affinity: P(b | a) of the trace's first pair beside real Mixtral 0 -> 7
     first = groups[0] if groups else None
@@ -456,8 +454,7 @@ def _routing_plots(out: Path, meta, plots: dict, refs: dict, label: str) -> dict
                      + ("; cells beyond it clipped to the end colours" if clipped else "")
                      + "; grey: pair never seen together", fontsize=8)
         files["cross_layer.png"] = out / "cross_layer.png"
-        fig.savefig(files["cross_layer.png"], dpi=110, bbox_inches="tight")
-        plt.close(fig)
+        save_png(fig, files["cross_layer.png"], dpi=110, bbox_inches="tight")
     return files
 
 
