@@ -1,7 +1,22 @@
 import os
 
-import numpy as np
-import pytest
+# Triton decorates its own standard library (tl.zeros, tl.sum, ...) when it is first imported, for the
+# interpreter or for compilation as TRITON_INTERPRET says at that moment, and the interpreter cannot
+# call compiled ones. Import it under the interpreter here, before any test module can import it
+# through the package, so that test modules may later switch their kernels to the interpreter
+# (tests/test_kernels.py re-decorates them); then unset the variable again, so that code choosing
+# Triton on the CPU only under TRITON_INTERPRET (the engine) keeps its torch path in other tests.
+_interpret = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+import triton  # noqa: E402,F401
+
+if _interpret is None:
+    del os.environ["TRITON_INTERPRET"]
+else:
+    os.environ["TRITON_INTERPRET"] = _interpret
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 from moegps.paths import data_root
 
