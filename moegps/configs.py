@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import os
 import sys
 from typing import Any, Callable
 
@@ -225,14 +226,17 @@ def check_arguments(target: Callable, arguments: dict, where: str) -> None:
 
 def run_command(body: Callable[[], Any], app: str, errors: tuple[type[BaseException], ...] = ()) -> Any:
     """Run a command's ``body``: a :class:`ConfigError` (or one of ``errors``: a file or setting to fix)
-    ends it with the message and exit code 1, Ctrl-C with :data:`INTERRUPTED` and exit code 130.
-    Work already on disk stays (every write is atomic), so rerunning resumes."""
+    ends it with the message and exit code 1 (``MOEGPS_DEBUG=1``: with its traceback), Ctrl-C with
+    :data:`INTERRUPTED` and exit code 130. Work already on disk stays (every write is atomic), so
+    rerunning resumes."""
     try:
         return body()
     except KeyboardInterrupt:
         print(f"\n{app}: {INTERRUPTED}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_INTERRUPTED) from None
     except (ConfigError, *errors) as e:
+        if os.environ.get("MOEGPS_DEBUG"):
+            raise  # the traceback, for a maintainer chasing a bug behind a message
         message = str(e)
         raise SystemExit(message if message.startswith(f"{app}:") else f"{app}: {message}") from None
 
