@@ -241,7 +241,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--no-cuda-graph", action="store_true")
     args = ap.parse_args(argv)
-    model = build_model(args.model, args.device, args.dtype)
+    if args.max_new_tokens < 1:
+        ap.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: no CUDA device here (use --device cpu)")
+    try:  # a bad model name, dtype or sampling field is a usage error, not a traceback
+        sampling = Sampling(args.temperature, args.top_k, args.seed)
+        model = build_model(args.model, args.device, args.dtype)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        ap.error(str(e))
     tok = mixtral_tokenizer()
     if model.shape.vocab_size != tok.vocab_size:
         print(f"note: {args.model} has a vocabulary of {model.shape.vocab_size}, not the Mixtral tokenizer's "
@@ -250,8 +258,7 @@ def main(argv=None) -> int:
     ids = [tok.encode(p) for p in prompts]
     engine = Engine(model, max_batch=len(ids), max_len=max(len(i) for i in ids) + args.max_new_tokens,
                     cuda_graph=not args.no_cuda_graph)
-    out = engine.generate(ids, args.max_new_tokens, Sampling(args.temperature, args.top_k, args.seed),
-                          stop_tokens=[tok.eos_id])
+    out = engine.generate(ids, args.max_new_tokens, sampling, stop_tokens=[tok.eos_id])
     random_note = " [random weights: the text is noise]" if model.source.startswith("random") else ""
     for prompt, new in zip(prompts, out.tokens):
         print(f"{prompt!r} -> {tok.decode([t % tok.vocab_size for t in new])!r}{random_note}")
