@@ -1,0 +1,281 @@
+"""The engine's Triton kernels on the CPU interpreter against float64 references written here.
+
+Each reference below is the definition written from scratch (loops or plain float64 algebra), not
+the module's ``*_torch`` function: a shared mistake in the kernel and its torch twin cannot pass.
+Inputs are fresh random draws each run (the seed is in every assertion message); caches are filled
+with random values, so that a position the kernel should not read or write shows up.
+"""
+
+import importlib
+import os
+import sys
+
+_interpret = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels (conftest.py: its own library)
+
+import pytest
+import torch
+
+import moegps.engine.kernels  # noqa: F401
+import moegps.kernels  # noqa: F401
+
+# Another module may have imported the kernels before the variable was set (Triton decides
+# interpreted or compiled when it decorates): decorate them again, the MoE kernels in dependency
+# order first (see tests/test_kernels.py), then the engine's.
+for _name in ("routing", "fused_moe", "launch", "reference"):
+    importlib.reload(sys.modules[f"moegps.kernels.{_name}"])
+importlib.reload(sys.modules["moegps.kernels"])
+K = importlib.reload(sys.modules["moegps.engine.kernels"])
+# back as it was: the engine picks Triton on the CPU while the variable is set, which the
+# fixture below does for this module's tests only
+if _interpret is None:
+    del os.environ["TRITON_INTERPRET"]
+
+import moegps.engine.model as engine_model  # noqa: E402
+from moegps.engine.model import KVCache, decode_step, prefill, random_model  # noqa: E402
+from moegps.shapes import from_name  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def interpreted(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def gen(rng):
+    """A torch generator freshly seeded from ``rng``; ``gen.initial_seed()`` names the draw in failures."""
+    return torch.Generator().manual_seed(int(rng.integers(2**31)))
+
+
+def rel_err(out, ref) -> float:
+    """Largest absolute difference over the reference's largest magnitude."""
+    return float((out.double() - ref).abs().max() / ref.abs().max())
+
+
+# ---- residual add + RMSNorm --------------------------------------------------------------------------
+
+def rmsnorm_f64(x, w, eps):
+    x = x.double()
+    return x / torch.sqrt((x * x).sum(-1, keepdim=True) / x.shape[-1] + eps) * w.double()
+
+
+@pytest.mark.parametrize("T,H", [(1, 64), (7, 40), (5, 192)])
+@pytest.mark.parametrize("with_delta", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_add_rmsnorm(gen, T, H, with_delta, dtype):
+    resid = torch.randn(T, H, generator=gen).to(dtype)
+    delta = torch.randn(T, H, generator=gen).to(dtype) if with_delta else None
+    w = (1 + 0.5 * torch.randn(H, generator=gen)).to(dtype)
+    eps = 1e-5
+    total = resid.double() + (delta.double() if with_delta else 0)
+    before = resid.clone()
+    out = K.add_rmsnorm(resid, delta, w, eps)
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    assert out.dtype == dtype and out.shape == (T, H)
+    assert rel_err(out, rmsnorm_f64(total, w, eps)) < tol, gen.initial_seed()
+    if with_delta:  # the residual stream now holds the sum, rounded to its dtype
+        assert rel_err(resid, total) < tol, gen.initial_seed()
+    else:
+        assert torch.equal(resid, before)
+
+
+# ---- rotary embedding + KV-cache write ------------------------------------------------------------------
+
+def rotate_f64(x, positions, theta):
+    """Rotary embedding by the definition: pairs (i, i + D/2) turned by angle p * theta^(-2i/D)."""
+    D = x.shape[-1]
+    half = D // 2
+    angle = positions.double()[:, None] * theta ** (-2.0 * torch.arange(half, dtype=torch.float64) / D)
+    c, s = angle.cos()[:, None, :], angle.sin()[:, None, :]
+    x = x.double()
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+@pytest.mark.parametrize("n_heads,n_kv,D", [(4, 4, 16), (8, 2, 32), (16, 2, 16), (6, 2, 32)])
+def test_rope_cache_write(gen, n_heads, n_kv, D):
+    slots, max_len, theta = 3, 40, 1e4
+    # 11 tokens at distinct (slot, position) pairs, positions up to the cache's end
+    pairs = torch.randperm(slots * max_len, generator=gen)[:11]
+    slot, pos = pairs // max_len, pairs % max_len
+    qkv = torch.randn(11, (n_heads + 2 * n_kv) * D, generator=gen)
+    k_cache = torch.randn(slots, n_kv, max_len, D, generator=gen)
+    v_cache = torch.randn(slots, n_kv, max_len, D, generator=gen)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    cos, sin = K.rope_tables(max_len, D, theta, "cpu")
+    q = K.rope_cache_write(qkv, k_cache, v_cache, pos, slot, cos, sin, n_heads, n_kv)
+    parts = qkv.view(11, n_heads + 2 * n_kv, D)
+    q_ref = rotate_f64(parts[:, :n_heads], pos, theta)
+    k_ref = rotate_f64(parts[:, n_heads:n_heads + n_kv], pos, theta)
+    assert q.shape == (11, n_heads, D)
+    assert rel_err(q, q_ref) < 1e-6, gen.initial_seed()
+    written = torch.zeros(slots, max_len, dtype=torch.bool)
+    written[slot, pos] = True
+    for t in range(11):
+        assert rel_err(k_cache[slot[t], :, pos[t]], k_ref[t]) < 1e-6, gen.initial_seed()
+        assert torch.equal(v_cache[slot[t], :, pos[t]], parts[t, n_heads + n_kv:])  # values copied as is
+    untouched = ~written[:, None, :, None].expand_as(k_cache)
+    assert torch.equal(k_cache[untouched], k_before[untouched]) and torch.equal(v_cache[untouched], v_before[untouched])
+
+
+def test_rope_tables_are_the_angles(gen):
+    D, theta = 32, 1e6
+    cos, sin = K.rope_tables(100, D, theta, "cpu")
+    angle = torch.arange(100, dtype=torch.float64)[:, None] * theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    assert rel_err(cos, angle.cos()) < 1e-7 and rel_err(sin, angle.sin()) < 1e-7
+
+
+# ---- decode attention ------------------------------------------------------------------------------------
+
+def attention_f64(q, k_cache, v_cache, lengths, scale):
+    """One query per sequence, a loop over sequences and heads: softmax(q . k / sqrt(D)) v over the
+    first ``lengths[b]`` keys of KV head ``h // group``."""
+    B, n_heads, D = q.shape
+    group = n_heads // k_cache.shape[1]
+    out = torch.empty(B, n_heads, D, dtype=torch.float64)
+    for b in range(B):
+        n = int(lengths[b])
+        for h in range(n_heads):
+            k = k_cache[b, h // group, :n].double()
+            v = v_cache[b, h // group, :n].double()
+            w = torch.softmax(k @ q[b, h].double() * scale, dim=0)
+            out[b, h] = w @ v
+    return out
+
+
+# (name, query heads, KV heads, cache length, lengths, keys per split program or None for the default)
+ATTENTION_CASES = [
+    ("context 1, group 1", 4, 4, 64, [1, 1, 1], None),
+    ("not a multiple of the block, group 4", 8, 2, 100, [45, 77, 1], None),
+    ("full cache, group 8", 8, 1, 96, [96, 96, 50], None),
+    ("several splits, group 4", 8, 2, 200, [200, 129, 33], 64),
+    ("several splits, a split past the context, group 8", 16, 2, 160, [17, 160, 99], 32),
+    ("splits not a multiple of the block, group 1", 2, 2, 150, [150, 61, 7], 48),
+]
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=[c[0] for c in ATTENTION_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_attention(gen, case, dtype):
+    _, n_heads, n_kv, max_len, lengths, split = case
+    D = 16
+    B = len(lengths)
+    q = torch.randn(B, n_heads, D, generator=gen).to(dtype)
+    # keys scaled so that the softmax is far from uniform (a wrong key would show)
+    k_cache = (3 * torch.randn(B + 1, n_kv, max_len, D, generator=gen)).to(dtype)
+    v_cache = torch.randn(B + 1, n_kv, max_len, D, generator=gen).to(dtype)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    ref = attention_f64(q, k_cache, v_cache, lens, D ** -0.5)
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    for _ in range(2):  # twice: the split merge's tickets must be back at zero after a call
+        out = K.decode_attention(q, k_cache, v_cache, lens, split=split)
+        assert out.dtype == dtype and out.shape == q.shape
+        assert rel_err(out, ref) < tol, (gen.initial_seed(), rel_err(out, ref))
+
+
+def test_decode_attention_default_split_is_several_for_long_contexts(gen):
+    """The default split of a long context gives several programs per sequence (the merge runs)."""
+    split = K.attention_splits(1, 1, 1024)
+    assert split < 1024 and split % 32 == 0
+    q = torch.randn(1, 4, 16, generator=gen)
+    k_cache, v_cache = 3 * torch.randn(1, 1, 1024, 16, generator=gen), torch.randn(1, 1, 1024, 16, generator=gen)
+    lens = torch.tensor([1000], dtype=torch.int32)
+    out = K.decode_attention(q, k_cache, v_cache, lens)
+    assert rel_err(out, attention_f64(q, k_cache, v_cache, lens, 0.25)) < 1e-5, gen.initial_seed()
+
+
+# ---- router: softmax, top-k --------------------------------------------------------------------------------
+
+def router_f64(x, w, top_k, renormalize):
+    """Probabilities sorted descending by the definition: ``(ids [T, E], probs [T, E])`` in float64."""
+    probs = torch.softmax(x.double() @ w.double().T, dim=-1)
+    order = torch.argsort(probs, dim=-1, descending=True, stable=True)
+    return order, probs
+
+
+def check_topk(ids, gates, x, w, top_k, renormalize, seed, tol):
+    """``ids`` must be the top-k in order wherever the float64 ranking is clear (neighbours more than
+    1e-5 apart); wherever it is not, the chosen experts' probabilities must equal the true top-k's."""
+    order, probs = router_f64(x, w, top_k, renormalize)
+    top = probs.gather(1, order[:, :top_k + 1])
+    clear = (top[:, :-1] - top[:, 1:]).min(1).values > 1e-5
+    assert clear.float().mean() > 0.5, seed  # the data is mostly ties-free: the test compares ids
+    ids = ids.long()
+    assert torch.equal(ids[clear], order[clear, :top_k]), seed
+    chosen = probs.gather(1, ids)
+    assert (chosen - top[:, :top_k]).abs().max() < 1e-5, seed
+    expect = chosen / chosen.sum(1, keepdim=True) if renormalize else chosen
+    assert rel_err(gates, expect) < tol, seed
+    for row in ids:  # k distinct experts
+        assert len(set(row.tolist())) == top_k
+
+
+ROUTER_CASES = [(1, 64, 8, 2), (17, 40, 8, 2), (40, 48, 64, 6), (33, 64, 64, 8), (9, 32, 60, 6), (5, 200, 128, 8)]
+
+
+@pytest.mark.parametrize("T,H,E,top_k", ROUTER_CASES)
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_router_topk(gen, T, H, E, top_k, renormalize):
+    x = torch.randn(T, H, generator=gen)
+    w = torch.randn(E, H, generator=gen) / H ** 0.5
+    ids, gates = K.router_topk(x, w, top_k, renormalize)
+    assert ids.dtype == torch.int32 and ids.shape == (T, top_k) and gates.shape == (T, top_k)
+    check_topk(ids, gates, x, w, top_k, renormalize, gen.initial_seed(), 1e-5)
+
+
+def test_router_ties_go_to_the_lowest_id():
+    """Hand-built exact ties (logits on a grid of whole numbers): the lowest id wins, as documented."""
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    w = torch.tensor([[1.0, 0.0], [2.0, 0.0], [2.0, 1.0], [1.0, 1.0], [2.0, 0.0], [0.0, 2.0]])
+    # token 0 logits [1, 2, 2, 1, 2, 0]: top-3 = 1, 2, 4; token 1 logits [0, 0, 1, 1, 0, 2]: top-3 = 5, 2, 3
+    ids, _ = K.router_topk(x, w, 3, True)
+    assert ids.tolist() == [[1, 2, 4], [5, 2, 3]]
+    resid = x / 2  # the fused norm + router sees x = resid + delta exactly (halves of small integers)
+    _, fused_ids, _ = K.add_rmsnorm_router(resid, x / 2, torch.ones(2), 1e-5, w, 3, True)
+    assert fused_ids.tolist() == [[1, 2, 4], [5, 2, 3]]
+
+
+@pytest.mark.parametrize("T,H,E,top_k", [(1, 64, 8, 2), (13, 40, 8, 2), (6, 192, 64, 8), (4, 48, 60, 6)])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_add_rmsnorm_router(gen, T, H, E, top_k, renormalize):
+    resid = torch.randn(T, H, generator=gen)
+    delta = torch.randn(T, H, generator=gen)
+    norm_w = 1 + 0.5 * torch.randn(H, generator=gen)
+    w = torch.randn(E, H, generator=gen) / H ** 0.5
+    total = resid.double() + delta.double()
+    x, ids, gates = K.add_rmsnorm_router(resid, delta, norm_w, 1e-5, w, top_k, renormalize)
+    normed = rmsnorm_f64(total, norm_w, 1e-5)
+    assert rel_err(x, normed) < 1e-6 and rel_err(resid, total) < 1e-6, gen.initial_seed()
+    check_topk(ids, gates, normed, w, top_k, renormalize, gen.initial_seed(), 1e-5)
+
+
+# ---- the whole engine on the interpreted kernels -----------------------------------------------------------
+
+def test_engine_on_interpreted_kernels_matches_its_torch_path(rng, monkeypatch):
+    """A tiny random Mixtral (GQA group 4): prefill of two prompts of different lengths and 4 greedy
+    decode steps, every kernel interpreted, against the same model on the torch path (whose agreement
+    with transformers tests/test_engine.py checks): logits within 1e-4, identical tokens."""
+    shape = from_name("mixtral-8x7b").replace(name="tiny", vocab_size=96, n_layers=2, hidden=64, n_heads=8,
+                                              n_kv_heads=2, head_dim=16, expert_ffn=32, n_experts=8, top_k=2)
+    seed = int(rng.integers(2**20))
+    model = random_model(shape, device="cpu", dtype=torch.float32, seed=seed)
+    prompts = [torch.from_numpy(rng.integers(0, 96, size=n)) for n in (5, 11)]
+
+    def run():
+        cache = KVCache(shape, 2, 16, torch.float32, "cpu")
+        logits = [prefill(model, cache, prompts)]
+        positions = torch.tensor([5, 11])
+        for _ in range(4):
+            logits.append(decode_step(model, cache, logits[-1].argmax(-1), positions))
+            positions = positions + 1
+        return torch.stack(logits)
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    torch_path = run()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for name in ("add_rmsnorm", "add_rmsnorm_router", "decode_attention", "rope_cache_write", "use_triton"):
+        monkeypatch.setattr(engine_model, name, getattr(K, name))
+    monkeypatch.setattr(engine_model, "fused_moe", moegps.kernels.fused_moe)
+    triton_path = run()
+    assert rel_err(triton_path, torch_path.double()) < 1e-4, seed
+    assert torch.equal(triton_path.argmax(-1), torch_path.argmax(-1)), seed
