@@ -1,221 +1,390 @@
-"""Live demo: type a prompt, watch the model answer, its speed, and which experts each layer uses.
+"""Live demo: type a prompt, watch transformers and the moegps engine answer it, their speed against
+the hardware floor, and which experts each layer uses.
 
-    python -m moegps.demo                      # the bundled model, interactive
-    python -m moegps.demo --prompt "..."       # one prompt, then exit
-    python -m moegps.demo --model PATH_OR_HUB_ID --device cuda --dtype bfloat16
+    python -m moegps.demo                                  # the bundled model, interactive
+    python -m moegps.demo --prompt "..."                   # one prompt, then exit
+    python -m moegps.demo --model PATH --device cuda       # a Mixtral checkpoint folder
+    python -m moegps.demo --shape mixtral-8x7b             # GPU: the real-size shape, random bf16 weights
 
-For every prompt the model generates greedily twice: once as plain transformers, once with its MoE
-blocks swapped for moegps's layer (fused Triton kernels on a GPU, the torch reference on a CPU; see
-``moegps.executor.generate``). The screen shows the answer as it streams, tokens per second of both
-paths, whether they produced the same tokens, and a heat map of expert load per layer (share of
-this answer's top-k selections) updated every token. It runs on a CPU as well as a GPU.
+Every prompt is answered greedily twice: by plain transformers (its own KV cache) and by the
+moegps engine (``moegps.engine``: fused kernels and one CUDA graph per step on a GPU, its torch
+path on a CPU), on the same weights (the engine takes views of the transformers model's tensors).
+Both are warmed up once at start and timed the same way: each decode step from just before the
+call to just after the device has finished (a sync on either side), the screen's updates and the
+prefill outside that time. The screen shows both answers as they stream, each path's tokens/s and
+its share of the floor (the bytes a batch-1 decode step must read: every non-expert weight, the
+top-k experts of each MoE layer, lm_head and the KV cache, over the device's copy rate measured at
+start; on a CPU that rate is a memcpy's), whether the two produced the same tokens, and a heat map
+of the engine's expert choices per layer during this answer.
+
+``--shape NAME`` (GPU) builds a shape-only model of that name (``moegps.shapes``) with random bf16
+weights on the device: the engine alone runs it (a transformers copy would not fit beside it), at
+real speed, and its text is labelled as noise.
+
+Ctrl-C during an answer ends that answer (what was generated stays on screen) and returns to the
+prompt; Ctrl-C at the prompt ends the demo with exit code 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from .models.adapters import find_routers, routing_from_output
+from .configs import EXIT_INTERRUPTED
+from .engine.generate import Engine, build_model
+from .engine.model import Model, from_transformers, prefill
+from .models.tokenizer import mixtral_tokenizer
 from .paths import BUNDLED_MODELS
+from .shapes import SHAPES
 
 # background colours from cold to hot for the heat map (share of a layer's selections)
 _HEAT = ["grey15", "navy_blue", "blue3", "dodger_blue2", "green3", "yellow3", "dark_orange", "red1"]
+TRANSFORMERS, ENGINE = "transformers", "moegps engine"
+
+
+# ---- the floor -------------------------------------------------------------------------------------
+
+def copy_rate(device: torch.device, nbytes: int | None = None, reps: int = 5) -> float:
+    """Bytes per second of a device-to-same-device copy, read + written (median of ``reps``), the
+    rate the engine benchmark's floors use. ``nbytes`` defaults to 1 GiB on a GPU, 64 MiB on a CPU."""
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 26)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    sync = _sync(device)
+    times = []
+    for _ in range(reps + 1):
+        sync()
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / float(np.median(times[1:]))
+
+
+def step_bytes(model: Model, context: int) -> float:
+    """Bytes a batch-1 decode step reads at ``context`` cached positions: every layer's attention,
+    norm, router and shared/dense MLP weights, its top-k routed experts (one token picks k distinct
+    ones), the final norm, lm_head, one embedding row, and K and V of ``context`` positions."""
+    S = model.shape
+    total = sum(t.nbytes for t in (model.norm, model.lm_head)) + model.embed[0].nbytes
+    for layer in model.layers:
+        total += sum(t.nbytes for t in (layer.wqkv, layer.wo, layer.attn_norm, layer.mlp_norm, layer.router,
+                                        layer.shared_gate_up, layer.shared_down) if t is not None)
+        if layer.w_gate_up is not None:
+            total += S.top_k * (layer.w_gate_up[0].nbytes + layer.w_down[0].nbytes)
+    kv = 2 * S.n_layers * S.n_kv_heads * S.head_dim * model.embed.element_size()
+    return float(total + context * kv)
+
+
+# ---- one path's greedy decode, timed -------------------------------------------------------------------
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def timed_decode(step: Callable, first, max_new_tokens: int, eos_id: int, on_token: Callable,
+                 sync: Callable[[], None], clock: Callable[[], float] = time.perf_counter) -> tuple[list[int], float]:
+    """Greedy decode from the prefill's token ``first``: ``step(previous token) -> next token`` (a
+    0-d tensor) until ``max_new_tokens`` tokens or ``eos_id``. Returns ``(tokens, seconds)`` where
+    seconds count only the steps, each from a sync before the call to a sync after it;
+    ``on_token(tokens so far, seconds so far)`` runs after each token, outside the timed region."""
+    tokens, seconds, token = [int(first)], 0.0, first
+    on_token(tokens, seconds)
+    while len(tokens) < max_new_tokens and tokens[-1] != eos_id:
+        sync()
+        start = clock()
+        token = step(token)
+        sync()
+        seconds += clock() - start
+        tokens.append(int(token))
+        on_token(tokens, seconds)
+    return tokens, seconds
+
+
+def transformers_stepper(hf, prompt: list[int]):
+    """transformers' prefill with its KV cache: ``(first token, step)``."""
+    device = hf.get_input_embeddings().weight.device
+    with torch.inference_mode():
+        out = hf(input_ids=torch.tensor([prompt], device=device), use_cache=True)
+    state = {"cache": out.cache}
+
+    def step(previous):
+        with torch.inference_mode():
+            out = hf(input_ids=previous.view(1, 1), cache=state["cache"], use_cache=True)
+        state["cache"] = out.cache
+        return out.logits[0, -1].argmax()
+
+    return out.logits[0, -1].argmax(), step
+
+
+def engine_stepper(engine: Engine, prompt: list[int]):
+    """The engine's prefill into cache slot 0, then its (graphed) batch-1 decode step: ``(first, step)``.
+    The routing counts start at zero after the prefill (the heat map shows the answer's tokens)."""
+    model = engine.model
+    with torch.inference_mode():
+        first = prefill(model, engine.cache, [torch.tensor(prompt)])[0].argmax()
+        if model.routing_counts is not None:
+            model.routing_counts.zero_()
+        engine.tokens.zero_()
+        engine.positions.zero_()
+        engine.tokens[0] = first
+        engine.positions[0] = len(prompt)
+    run = engine.step(1)
+
+    def step(previous):
+        with torch.inference_mode():
+            token = run()[0].argmax()
+            engine.tokens[0] = token
+            engine.positions[0] += 1
+        return token
+
+    return first, step
+
+
+# ---- what the screen shows ------------------------------------------------------------------------------
+
+@dataclass
+class PathStats:
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    seconds: float = 0.0       # in decode steps (timed_decode)
+    floor_seconds: float = 0.0  # the same steps at the copy rate (step_bytes)
+    ttft_ms: float = 0.0
+    done: bool = False
+
+    @property
+    def tokens_per_s(self) -> float:
+        return (len(self.tokens) - 1) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def floor_share(self) -> float:
+        return self.floor_seconds / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass
-class LiveStats:
-    """What the screen shows; updated by the generation loop."""
-
-    n_layers: int
+class AnswerStats:
+    prompt: str
+    moe_layers: list[int]
     n_experts: int
-    counts: np.ndarray = None  # [layer, expert] selections during decode of this answer
-    answer: str = ""
-    tokens: int = 0
-    speeds: dict[str, float] = field(default_factory=dict)  # path -> tokens/s
+    paths: dict[str, PathStats] = field(default_factory=dict)
+    counts: np.ndarray = None  # [MoE layer, expert] the engine's selections during this answer's decode
+    interrupted: bool = False
     note: str = ""
 
     def __post_init__(self):
-        self.counts = np.zeros((self.n_layers, self.n_experts), dtype=np.int64)
+        self.counts = np.zeros((len(self.moe_layers), self.n_experts), dtype=np.int64)
 
 
-def render(stats: LiveStats, prompt: str) -> Group:
-    speed = Table.grid(padding=(0, 2))
-    for path, tps in stats.speeds.items():
-        speed.add_row(Text(path, style="bold"), Text(f"{tps:8.1f} tokens/s"))
-    heat = Table(title="expert load per layer (share of this answer's selections)", box=None, pad_edge=False)
+def _heat_map(stats: AnswerStats) -> Table:
+    E = stats.n_experts
+    heat = Table(title=f"{ENGINE}: expert load per layer (share of this answer's selections)", box=None,
+                 pad_edge=False)
     heat.add_column("layer", justify="right")
-    for e in range(stats.n_experts):
-        heat.add_column(str(e) if stats.n_experts <= 16 else ("" if e % 8 else str(e)), justify="center")
+    for e in range(E):
+        heat.add_column(str(e) if E <= 16 else ("" if e % 8 else str(e)), justify="center")
     heat.add_column("max/mean", justify="right")
-    for layer in range(stats.n_layers):
-        row = stats.counts[layer]
+    for layer, row in zip(stats.moe_layers, stats.counts):
         total = row.sum()
-        share = row / total if total else np.zeros_like(row, dtype=float)
-        cells = []
-        for s in share:  # colour by share relative to an even split (1/n_experts)
-            level = min(len(_HEAT) - 1, int(s * stats.n_experts * 2))
-            cells.append(Text(f"{100 * s:3.0f}" if stats.n_experts <= 16 else " ", style=f"on {_HEAT[level]}"))
-        imbalance = row.max() / row.mean() if total else 0.0
-        heat.add_row(str(layer), *cells, f"{imbalance:.2f}")
-    body = Text(stats.answer or "…", style="white")
-    return Group(
-        Panel(Text(prompt, style="cyan"), title="prompt"),
-        Panel(body, title=f"answer ({stats.tokens} tokens)"),
-        speed,
-        heat,
-        Text(stats.note, style="dim"),
-    )
+        share = row / total if total else np.zeros(E)
+        cells = [Text(f"{100 * s:3.0f}" if E <= 16 else " ", style=f"on {_HEAT[min(len(_HEAT) - 1, int(s * E * 2))]}")
+                 for s in share]  # coloured by share against an even split (1/E)
+        heat.add_row(str(layer), *cells, f"{row.max() / row.mean():.2f}" if total else "-")
+    return heat
 
 
-class ExpertCounter:
-    """Forward hooks on every MoE router that add each decode token's top-k experts to ``stats.counts``."""
-
-    def __init__(self, model, stats: LiveStats):
-        self.stats = stats
-        self.enabled = False
-        self.handles = [r.module.register_forward_hook(self._hook(r)) for r in find_routers(model)]
-
-    def _hook(self, router):
-        def hook(module, inputs, output):
-            if self.enabled:
-                experts, _ = routing_from_output(output, router.top_k, router.name)
-                np.add.at(self.stats.counts[router.index], experts.reshape(-1).cpu().numpy(), 1)
-
-        return hook
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
-@torch.no_grad()
-def stream_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_id: int, on_token=None) -> tuple[list[int], float]:
-    """Greedy decode with the KV cache; returns ``(new token ids, decode tokens per second)``.
-
-    ``on_token(token_id)`` is called after each token (the display updates there). Tokens per
-    second count decode steps only (the prefill is excluded), synchronising a GPU before timing.
-    """
-    device = model.get_input_embeddings().weight.device
-    ids = torch.tensor([prompt_ids], device=device)
-    out = model(input_ids=ids, use_cache=True)
-    past, token = out.past_key_values, out.logits[:, -1].argmax(-1)
-    generated: list[int] = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(max_new_tokens):
-        generated.append(int(token))
-        if on_token:
-            on_token(generated[-1])
-        if generated[-1] == eos_id:
-            break
-        out = model(input_ids=token[:, None], past_key_values=past, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1].argmax(-1)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
-    return generated, (len(generated) - 1) / elapsed if len(generated) > 1 and elapsed > 0 else 0.0
+def render(stats: AnswerStats, session: "Session") -> Group:
+    parts = [Panel(Text(stats.prompt, style="cyan"), title="prompt")]
+    for name, path in stats.paths.items():
+        label = f"{name} ({len(path.tokens)} tokens)"
+        if name == ENGINE and session.random_weights:
+            label += " [random weights: the text is noise]"
+        parts.append(Panel(Text(path.text or "…"), title=Text(label)))  # Text: brackets are not markup
+    speed = Table(box=None, pad_edge=False)
+    for column in ("path", "tokens/s", "ms/step", "of floor", "first token"):
+        speed.add_column(column, justify="left" if column == "path" else "right")
+    for name, path in stats.paths.items():
+        ms = 1e3 * path.seconds / (len(path.tokens) - 1) if len(path.tokens) > 1 else 0.0
+        speed.add_row(Text(name, style="bold"), f"{path.tokens_per_s:8.1f}", f"{ms:7.2f}",
+                      f"{100 * path.floor_share:5.1f}%", f"{path.ttft_ms:7.1f} ms")
+    parts += [speed, Text(session.floor_note, style="dim")]
+    if session.engine is not None:
+        parts.append(_heat_map(stats))
+    if stats.note:
+        parts.append(Text(stats.note, style="yellow" if stats.interrupted else "bold"))
+    return Group(*parts)
 
 
-def load(model_path: str, device: str, dtype: str):
-    from transformers import AutoModelForCausalLM
+# ---- a session: models, engine, floor ------------------------------------------------------------------------
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
-    return model
+@dataclass
+class Session:
+    tokenizer: object
+    hf: object | None                  # transformers model, or None (shape-only or --no-transformers)
+    engine: Engine | None              # or None (--no-moegps)
+    model: Model                       # the engine's model (its weights define the floor)
+    device: torch.device
+    copy_bytes_per_s: float
+    max_new_tokens: int = 48
+    random_weights: bool = False
+
+    @property
+    def floor_note(self) -> str:
+        where = ("a CPU: floor from a measured memcpy rate" if self.device.type == "cpu"
+                 else f"{torch.cuda.get_device_name(self.device)}: floor from a measured device copy")
+        return (f"{where} of {self.copy_bytes_per_s / 1e9:.1f} GB/s (read + written); a decode step reads "
+                f"{step_bytes(self.model, 0) / 1e6:.1f} MB of weights plus its KV cache")
+
+    def paths(self):
+        if self.hf is not None:
+            yield TRANSFORMERS, lambda prompt: transformers_stepper(self.hf, prompt)
+        if self.engine is not None:
+            yield ENGINE, lambda prompt: engine_stepper(self.engine, prompt)
+
+    def warm_up(self) -> None:
+        """Each path once through prefill and a few steps (kernels compiled, the graph captured)."""
+        answer(self, "Hello", lambda stats: None, max_new_tokens=4)
 
 
-def moegps_variant(model):
-    """The same model with moegps's MoE layer swapped in, or ``(None, reason)`` when unavailable."""
+def build_session(model_name: str, device: str, dtype: str, shape: str | None = None, max_new_tokens: int = 48,
+                  engine_on: bool = True, max_len: int = 1024) -> Session:
+    device = torch.device(device)
+    if shape is not None:  # shape-only: random weights on the device, the engine alone
+        if not engine_on:
+            raise ValueError("--shape runs the engine only; it cannot go with --no-moegps")
+        model = build_model(shape, str(device), "auto" if dtype == "auto" else dtype)
+        hf = None
+    else:
+        from transformers import AutoModelForCausalLM
+
+        torch_dtype = torch.float32 if dtype == "auto" and device.type == "cpu" else \
+            torch.bfloat16 if dtype == "auto" else getattr(torch, dtype)
+        hf = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch_dtype).to(device).eval()
+        model = from_transformers(hf)  # views of the same tensors
+    engine = None
+    if engine_on:
+        model.routing_counts = torch.zeros(len(model.layers), model.shape.n_experts, dtype=torch.long, device=device)
+        engine = Engine(model, max_batch=1, max_len=max_len)  # counts set first: a captured graph keeps them
+    session = Session(mixtral_tokenizer(), hf, engine, model, device, copy_rate(device), max_new_tokens,
+                      random_weights=shape is not None)
+    session.warm_up()
+    return session
+
+
+# ---- one answer -----------------------------------------------------------------------------------------------
+
+def answer(session: Session, prompt: str, display: Callable[[AnswerStats], None],
+           max_new_tokens: int | None = None) -> AnswerStats:
+    """Both paths answer ``prompt``; ``display(stats)`` after every token (outside the timed steps).
+    Ctrl-C (KeyboardInterrupt) anywhere in the answer ends the answer, not the program."""
+    max_new_tokens = max_new_tokens or session.max_new_tokens
+    model, tok = session.model, session.tokenizer
+    moe_layers = [i for i, layer in enumerate(model.layers) if layer.w_gate_up is not None]
+    stats = AnswerStats(prompt, moe_layers, model.shape.n_experts)
+    ids = tok.encode(prompt)
+    if session.engine is not None and len(ids) + max_new_tokens > session.engine.max_len:
+        stats.note = (f"prompt of {len(ids)} tokens + {max_new_tokens} new exceeds the engine's {session.engine.max_len} "
+                      "positions: shorten it")
+        display(stats)
+        return stats
+    sync = _sync(session.device)
     try:
-        from .executor.generate import swap_moe_blocks
-    except ImportError as e:  # the executor is optional for the demo
-        return None, f"moegps path unavailable ({e})"
-    import copy
+        for name, stepper in session.paths():
+            path = stats.paths[name] = PathStats()
+            sync()
+            start = time.perf_counter()
+            first, step = stepper(ids)
+            sync()
+            path.ttft_ms = 1e3 * (time.perf_counter() - start)
 
-    try:
-        fast = copy.deepcopy(model)
-        swap_moe_blocks(fast)  # in place
-        return fast, ""
-    except Exception as e:  # show why rather than crash the demo
-        return None, f"moegps path unavailable ({type(e).__name__}: {e})"
+            def on_token(tokens, seconds, path=path, name=name):
+                path.tokens, path.seconds = list(tokens), seconds
+                path.text = tok.decode([t % tok.vocab_size for t in tokens])
+                if len(tokens) > 1:  # the step that made token i read the prompt and i cached positions
+                    path.floor_seconds += step_bytes(model, len(ids) + len(tokens) - 1) / session.copy_bytes_per_s
+                if name == ENGINE and model.routing_counts is not None:
+                    stats.counts = model.routing_counts[moe_layers].cpu().numpy()
+                display(stats)
 
-
-def answer(prompt: str, model, fast_model, tokenizer, console: Console, max_new_tokens: int, refresh: bool = True):
-    cfg = model.config
-    n_layers = len(find_routers(model))
-    stats = LiveStats(n_layers=n_layers, n_experts=cfg.num_local_experts if hasattr(cfg, "num_local_experts") else cfg.num_experts)
-    prompt_ids = tokenizer.encode(prompt)
-    counter = ExpertCounter(model, stats)
-    with Live(render(stats, prompt), console=console, refresh_per_second=8, auto_refresh=refresh) as live:
-        def on_token(token_id):
-            stats.tokens += 1
-            stats.answer = tokenizer.decode(generated_so_far + [token_id])
-            generated_so_far.append(token_id)
-            live.update(render(stats, prompt))
-
-        generated_so_far: list[int] = []
-        counter.enabled = True
-        plain_ids, plain_tps = stream_greedy(model, prompt_ids, max_new_tokens, tokenizer.eos_id, on_token)
-        counter.enabled = False
-        stats.speeds["transformers"] = plain_tps
-        live.update(render(stats, prompt))
-        if fast_model is not None:
-            fast_ids, fast_tps = stream_greedy(fast_model, prompt_ids, max_new_tokens, tokenizer.eos_id)
-            stats.speeds["moegps"] = fast_tps
-            same = "same tokens" if fast_ids == plain_ids else "DIFFERENT tokens"
-            stats.note = f"moegps vs transformers: {fast_tps / max(plain_tps, 1e-9):.2f}x, {same}"
-        live.update(render(stats, prompt))
-    counter.remove()
+            timed_decode(step, first, max_new_tokens, tok.eos_id, on_token, sync)
+            path.done = True
+    except KeyboardInterrupt:
+        stats.interrupted = True
+        stats.note = "answer interrupted (Ctrl-C): type another prompt, or Ctrl-C again to quit"
+    if not stats.interrupted and len(stats.paths) == 2:
+        a, b = stats.paths[TRANSFORMERS], stats.paths[ENGINE]
+        same = "same tokens" if a.tokens == b.tokens else "DIFFERENT tokens"
+        stats.note = f"{ENGINE} vs {TRANSFORMERS}: {b.tokens_per_s / max(a.tokens_per_s, 1e-9):.2f}x, {same}"
+    display(stats)
     return stats
 
 
-def main(argv: list[str] | None = None):
+# ---- the command line -----------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(BUNDLED_MODELS / "mixtral-tiny"), help="local path or hub id")
+    ap.add_argument("--model", default=str(BUNDLED_MODELS / "mixtral-tiny"), help="Mixtral checkpoint folder or hub id")
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="GPU: random bf16 weights of this shape, engine only")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32", help="float32, bfloat16, float16")
+    ap.add_argument("--dtype", default="auto", help="auto (float32 on a CPU, bfloat16 on a GPU), float32, "
+                                                    "bfloat16, float16")
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--max-len", type=int, default=1024, help="positions of the engine's KV cache")
     ap.add_argument("--prompt", help="answer this prompt and exit (default: ask interactively)")
     ap.add_argument("--no-moegps", action="store_true", help="plain transformers only")
     args = ap.parse_args(argv)
-
-    from .models.tokenizer import mixtral_tokenizer
+    if args.max_new_tokens < 1:
+        ap.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: no CUDA device here (use --device cpu)")
+    if args.shape and not args.device.startswith("cuda"):
+        ap.error(f"--shape {args.shape} builds a real-size model: it needs a GPU (--device cuda)")
+    if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        ap.error(f"--dtype must be one of auto, float32, bfloat16, float16; got {args.dtype!r}")
 
     console = Console()
-    console.print(f"[bold]moegps demo[/] loading {args.model} on {args.device} ({args.dtype}) …")
-    model = load(args.model, args.device, args.dtype)
-    fast_model, why = (None, "moegps path off (--no-moegps)") if args.no_moegps else moegps_variant(model)
-    if why:
-        console.print(f"[yellow]{why}[/]")
-    tokenizer = mixtral_tokenizer()
-    prompts = [args.prompt] if args.prompt else None
-    while True:
-        if prompts is not None:
-            if not prompts:
-                break
-            prompt = prompts.pop()
-        else:
-            try:
-                prompt = console.input("[bold green]prompt>[/] ").strip()
-            except (EOFError, KeyboardInterrupt):
-                break
-            if prompt in ("", "exit", "quit"):
-                if prompt == "":
+    try:
+        source = f"shape {args.shape} (random weights)" if args.shape else args.model
+        console.print(f"[bold]moegps demo[/] loading {escape(source)} on {args.device}, warming up …")
+        try:
+            session = build_session(args.model, args.device, args.dtype, args.shape, args.max_new_tokens,
+                                    engine_on=not args.no_moegps, max_len=args.max_len)
+        except (ValueError, OSError) as e:
+            ap.exit(2, f"{ap.prog}: error: {e}\n")
+        prompts = [args.prompt] if args.prompt else None
+        while prompts is None or prompts:
+            if prompts is not None:
+                prompt = prompts.pop()
+            else:
+                try:
+                    prompt = console.input("[bold green]prompt>[/] ").strip()
+                except EOFError:
+                    break
+                if prompt in ("exit", "quit"):
+                    break
+                if not prompt:
                     continue
-                break
-        answer(prompt, model, fast_model, tokenizer, console, args.max_new_tokens)
+            placeholder = AnswerStats(prompt, [], 1)
+            with Live(render(placeholder, session), console=console, refresh_per_second=8) as live:
+                answer(session, prompt, lambda stats: live.update(render(stats, session)))
+            console.print()
+    except KeyboardInterrupt:  # at the prompt, or while loading: the demo ends
+        console.print("\ninterrupted: bye")
+        return EXIT_INTERRUPTED
     console.print("bye")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

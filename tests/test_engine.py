@@ -87,7 +87,7 @@ def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
     tokens = []
     for _ in range(n):
         tokens.append(int(out.logits[0, -1].argmax()))
-        out = hf(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+        out = hf(input_ids=torch.tensor([[tokens[-1]]]), cache=out.cache, use_cache=True)
     return tokens
 
 
@@ -135,7 +135,6 @@ def tokenizer():
     return mixtral_tokenizer()
 
 
-@pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")  # the name transformers 5.17-5.24 take
 @pytest.mark.parametrize("name", ["mixtral-tiny", "mixtral-tiny-64e"])
 def test_bundled_model_matches_transformers(name, tokenizer):
     """The trained bundled models (8 experts top-2; 64 experts top-8): a batch of three prompts of
