@@ -28,6 +28,7 @@ prompt; Ctrl-C at the prompt ends the demo with exit code 130.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
 from collections.abc import Callable
@@ -116,14 +117,16 @@ def timed_decode(step: Callable, first, max_new_tokens: int, eos_id: int, on_tok
 def transformers_stepper(hf, prompt: list[int]):
     """transformers' prefill with its KV cache: ``(first token, step)``."""
     device = hf.get_input_embeddings().weight.device
+    # transformers 5.24 renamed the cache argument and output past_key_values -> cache (the old name warns)
+    name = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
     with torch.inference_mode():
         out = hf(input_ids=torch.tensor([prompt], device=device), use_cache=True)
-    state = {"cache": out.cache}
+    state = {"cache": out[name]}
 
     def step(previous):
         with torch.inference_mode():
-            out = hf(input_ids=previous.view(1, 1), cache=state["cache"], use_cache=True)
-        state["cache"] = out.cache
+            out = hf(input_ids=previous.view(1, 1), use_cache=True, **{name: state["cache"]})
+        state["cache"] = out[name]
         return out.logits[0, -1].argmax()
 
     return out.logits[0, -1].argmax(), step
@@ -294,8 +297,8 @@ def answer(session: Session, prompt: str, display: Callable[[AnswerStats], None]
     stats = AnswerStats(prompt, moe_layers, model.shape.n_experts)
     ids = tok.encode(prompt)
     if session.engine is not None and len(ids) + max_new_tokens > session.engine.max_len:
-        stats.note = (f"prompt of {len(ids)} tokens + {max_new_tokens} new exceeds the engine's {session.engine.max_len} "
-                      "positions: shorten it")
+        stats.note = (f"prompt of {len(ids)} tokens + {max_new_tokens} new exceeds the engine's "
+                      f"{session.engine.max_len} positions (--max-len): shorten it")
         display(stats)
         return stats
     sync = _sync(session.device)

@@ -90,7 +90,8 @@ def test_ctrl_c_during_an_answer_ends_the_answer_only(session):
     # the session goes on: the next answer is whole, and the same as an uninterrupted one
     again = demo.answer(session, "Water boils at", lambda stats: None)
     assert not again.interrupted and again.paths[demo.ENGINE].tokens == again.paths[demo.TRANSFORMERS].tokens
-    assert again.paths[demo.ENGINE].tokens == demo.answer(session, "Water boils at", lambda s: None).paths[demo.ENGINE].tokens
+    fresh = demo.answer(session, "Water boils at", lambda s: None)
+    assert again.paths[demo.ENGINE].tokens == fresh.paths[demo.ENGINE].tokens
 
 
 def test_main_interrupted_answer_then_ctrl_c_at_the_prompt_exits_130(session, monkeypatch, capsys):
@@ -233,3 +234,8 @@ def test_heat_map_share_colours_do_not_overflow(session):
     console = Console(file=io.StringIO(), width=120)
     console.print(demo.render(stats, session))
     assert "8.00" in console.file.getvalue() and "1.00" in console.file.getvalue()
+
+
+def test_a_prompt_too_long_for_the_engine_is_refused_with_a_note(session):
+    stats = demo.answer(session, "word " * 200, lambda s: None)
+    assert not stats.paths and "exceeds the engine's 128 positions (--max-len)" in stats.note
