@@ -239,3 +239,13 @@ def test_heat_map_share_colours_do_not_overflow(session):
 def test_a_prompt_too_long_for_the_engine_is_refused_with_a_note(session):
     stats = demo.answer(session, "word " * 200, lambda s: None)
     assert not stats.paths and "exceeds the engine's 128 positions (--max-len)" in stats.note
+
+
+def test_transformers_only_session_has_no_engine_path(session):
+    plain = demo.Session(session.tokenizer, session.hf, None, session.model, session.device,
+                         session.copy_bytes_per_s, max_new_tokens=4)
+    stats = demo.answer(plain, "Once upon a time", lambda s: None)
+    assert list(stats.paths) == [demo.TRANSFORMERS] and len(stats.paths[demo.TRANSFORMERS].tokens) == 4
+    console = Console(file=io.StringIO(), width=120)
+    console.print(demo.render(stats, plain))
+    assert "expert load" not in console.file.getvalue()  # the heat map is the engine's

@@ -332,6 +332,8 @@ def test_sampling_and_stop_tokens(rng, tiny_model):
     prompts = random_prompts(rng, 64, (3, 8))
     engine = Engine(tiny_model, max_batch=2, max_len=40)
     greedy = engine.generate(prompts, 20).tokens
+    one = engine.generate(prompts, 1)  # the prefill's token alone, no decode step
+    assert one.tokens == [g[:1] for g in greedy] and one.steps == 0
     # top-k 1 at any temperature is greedy
     assert engine.generate(prompts, 20, Sampling(temperature=1.5, top_k=1, seed=3)).tokens == greedy
     # sampling: the same seed the same tokens; the tokens are not all greedy's at a high temperature
