@@ -26,15 +26,27 @@ def _generate(model, prompts, new=10, stop=()):
                                                                        stop_tokens=stop).tokens
 
 
+def _placement(world: int) -> Placement:
+    """Two MoE layers of 8 experts on ``world`` ranks, some experts replicated with uneven shares."""
+    if world == 2:
+        # rank 0 holds experts 0-3 and a replica of expert 5; rank 1 holds 4-7 and a replica of expert 0;
+        # the replicas take uneven shares, so both ranks serve experts 0 and 5
+        row = np.array([[0, 1, 2, 3, 5], [4, 5, 6, 7, 0]])
+        share = np.array([[0.3, 1, 1, 1, 0.6], [1, 0.4, 1, 1, 0.7]])
+    else:
+        # rank r holds experts 2r and 2r + 1 and a replica of the next rank's first expert (share 0.7
+        # of its tokens; the holder keeps 0.3): the even experts are served by two ranks each
+        row = np.array([[2 * r, 2 * r + 1, (2 * r + 2) % 8] for r in range(world)])
+        share = np.array([[0.3, 1, 0.7] for _ in range(world)])
+    swap = [1, 0, *range(2, row.shape[1])]  # the second layer: the first two slots swapped
+    return Placement(np.stack([row, row[:, swap]]), n_experts=8, replica_share=np.stack([share, share[:, swap]]),
+                     split_rule="fixed")
+
+
 def _expert_parallel_rank(comm, seed):
     torch.manual_seed(seed)
     model = random_model(SHAPE, device="cpu", dtype=torch.float64, seed=seed)
-    # rank 0 holds experts 0-3 and a replica of expert 5; rank 1 holds 4-7 and a replica of expert 0;
-    # the replicas take uneven shares, so both ranks serve experts 0 and 5
-    row = np.array([[0, 1, 2, 3, 5], [4, 5, 6, 7, 0]])
-    share = np.array([[0.3, 1, 1, 1, 0.6], [1, 0.4, 1, 1, 0.7]])
-    placement = Placement(np.stack([row, row[:, [1, 0, 2, 3, 4]]]), n_experts=8,
-                          replica_share=np.stack([share, share[:, [1, 0, 2, 3, 4]]]), split_rule="fixed")
+    placement = _placement(comm.world)
     prompts = _prompts(seed + comm.rank, 3 + comm.rank)  # each rank its own prompts, of its own count
     reference = _generate(model, prompts)
     assert _generate(expert_parallel(model, comm, placement), prompts) == reference
@@ -49,10 +61,11 @@ def _tensor_parallel_rank(comm, seed):
     assert _generate(tensor_parallel(model, comm), prompts) == _generate(model, prompts)
 
 
-@pytest.mark.parametrize("rank_fn", [_expert_parallel_rank, _tensor_parallel_rank])
-def test_engine_on_two_ranks_matches_one_process(rank_fn):
+@pytest.mark.parametrize("rank_fn,world", [(_expert_parallel_rank, 2), (_tensor_parallel_rank, 2),
+                                           (_expert_parallel_rank, 4)])
+def test_engine_on_several_ranks_matches_one_process(rank_fn, world):
     seed = int(np.random.default_rng().integers(2**20))
-    xdist.spawn(rank_fn, 2, seed, timeout_s=60)
+    xdist.spawn(rank_fn, world, seed, timeout_s=60)
 
 
 def test_expert_parallel_rejects_a_placement_of_another_shape():
