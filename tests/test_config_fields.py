@@ -41,7 +41,8 @@ def changed(field: str, value):
     """A value for ``field`` far enough from ``value`` to change what a small run computes."""
     special = {"model": {"ridge": "lightgbm", "lightgbm": "ridge"}, "token": {"token_table": "position_table"},
                "objective": {"max": "weighted"}, "split": {"free": "even", "even": "free"},
-               "topology": {"switch": "full_mesh", "full_mesh": "switch", "mesh2d": "switch"}}
+               "topology": {"switch": "full_mesh", "full_mesh": "switch", "mesh2d": "switch"},
+               "layer0": {"token_mix": "profile", "profile": "token_mix"}}
     if field in special:
         return special[field][value]
     if isinstance(value, bool):

@@ -70,3 +70,52 @@ def test_prev_layer_without_routing_falls_back_to_token_mix():
     np.testing.assert_allclose(p.predict_next(stream.loads[:0], ctx), p.token_mix.predict_next(stream.loads[:0], ctx))
     with pytest.raises(ValueError, match="prev_layer"):
         make("prev_layer", blend=2.0)
+
+
+@pytest.mark.parametrize("layer0", ["profile", "token_mix"])
+def test_prev_layer_ridge_matches_float64_least_squares(layer0):
+    """The ridge map against lstsq on an augmented system, built from a loop over (request, step) groups."""
+    rng = np.random.default_rng(4)
+    train = random_trace(rng, n_requests=14, n_layers=3, n_experts=5, top_k=2)
+    test = random_trace(rng, n_requests=4, n_layers=3, n_experts=5, top_k=2)
+    ridge = 0.05
+    p = make("prev_layer_ridge", prior=2.0, ridge=ridge, layer0=layer0).fit(train)
+    chain = make("prev_layer", prior=2.0, layer0="profile").fit(train)
+    L, E = 3, 5
+    loads = train.loads(by="request_step")
+    for ph in (0, 1):
+        keep = (loads.groups["step"] == 0) == (ph == 0)
+        if keep.sum() < 2:
+            continue
+        xs, ys, ws = [], [], []
+        for c in loads.counts[keep]:
+            q = c / c.sum(-1, keepdims=True)
+            # chain alone for this group: prev_layer with the profile at layer 0
+            ch = chain.predict_from_counts(c, np.tile(chain.profile[0], (L, 1)))
+            xs.append(q[:-1] - p.phase_profiles[ph][:-1])
+            ys.append(q[1:] - ch[1:])
+            ws.append(c[0].sum())
+        xs, ys, ws = np.array(xs), np.array(ys), np.array(ws, dtype=float)
+        for layer in range(1, L):
+            # ridge as least squares on [sqrt(w) X; sqrt(lam * mean w) I] against [sqrt(w) Y; 0]
+            a = np.vstack([np.sqrt(ws)[:, None] * xs[:, layer - 1], np.sqrt(ridge * ws.mean()) * np.eye(E)])
+            b = np.vstack([np.sqrt(ws)[:, None] * ys[:, layer - 1], np.zeros((E, E))])
+            want = np.linalg.lstsq(a, b, rcond=None)[0]
+            np.testing.assert_allclose(p.maps[ph, layer], want, rtol=1e-7, atol=1e-10)
+    stream = batch_stream(test, batch_requests=2)
+    for b in range(len(stream)):
+        ctx = batch_context(stream, b, with_tokens=True)
+        got = p.predict_next(stream.loads[:b], ctx)
+        c = stream.loads[b]
+        q = c / c.sum(-1, keepdims=True)
+        ch = chain.predict_from_counts(c, np.tile(chain.profile[0], (L, 1)))
+        want = ch[1:] + np.einsum("le,lef->lf", q[:-1] - p.phase_profiles[ctx.phase][:-1], p.maps[ctx.phase, 1:])
+        want = np.maximum(want, 0)
+        want /= want.sum(-1, keepdims=True)
+        np.testing.assert_allclose(got[1:], want, rtol=1e-9, atol=1e-12)
+        first = p.phase_profiles[ctx.phase][0] if layer0 == "profile" else p.token_mix.predict_next(stream.loads[:b], ctx)[0]
+        np.testing.assert_allclose(got[0], first, rtol=1e-9)
+    with pytest.raises(ValueError, match="ridge"):
+        make("prev_layer_ridge", ridge=0.0)
+    with pytest.raises(ValueError, match="layer0"):
+        make("prev_layer", layer0="nope")

@@ -13,13 +13,21 @@ so it can steer per-layer decisions taken between layers (how to split a replica
 which replica to send to) but not a placement that must be in memory before the batch starts.
 Cost per batch: a histogram of layer ``l - 1``'s selections (already kept by the server) and one
 ``[E] @ [E, E]`` product per layer, i.e. ``L * E**2`` multiply-adds whatever the batch size.
+
+``prev_layer_ridge`` adds what the token-level chain misses: a batch that leans off the profile at
+layer ``l - 1`` (a language, a domain) leans off it at layer ``l`` in ways that single tokens'
+transitions do not carry. It corrects the chain with a per-layer linear map of the batch's
+deviation from the profile at ``l - 1``: ``p_l = chain_l + (q_{l-1} - profile_{l-1}) @ W_l``,
+``W_l`` ``[E, E]`` a ridge regression fitted on the training trace's (request, step) groups
+(token-weighted, one map per phase), clipped at zero and renormalised. Same inputs and critical
+path as ``prev_layer``; one more ``L * E**2`` product.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..trace import RoutingTrace
+from ..trace import DECODE, PREFILL, RoutingTrace
 from .base import BatchContext, normalize, register
 from .distribution import TokenMix, _Distribution
 
@@ -41,16 +49,24 @@ def layer_transitions(experts: np.ndarray, n_experts: int) -> np.ndarray:
     return out
 
 
+def layer_counts(routed: np.ndarray, n_experts: int) -> np.ndarray:
+    """``routed`` ``[token, layer, k]`` expert ids -> ``[layer, E]`` selection counts (int64)."""
+    L = routed.shape[1]
+    flat = np.arange(L)[None, :, None] * n_experts + routed.astype(np.int64)
+    return np.bincount(flat.reshape(-1), minlength=L * n_experts).reshape(L, n_experts)
+
+
 @register("prev_layer")
 class PrevLayer(_Distribution):
     """Layer ``l`` from the batch's layer ``l - 1`` routing counts through a fitted transition matrix."""
 
     name = "prev_layer"
 
-    def __init__(self, prior: float = 10.0, blend: float = 0.0, token_prior: float = 5.0):
-        if prior < 0 or not 0 <= blend <= 1 or token_prior < 0:
-            raise ValueError(f"prev_layer: need prior >= 0, 0 <= blend <= 1, token_prior >= 0; got {prior}, {blend}, {token_prior}")
-        self.prior, self.blend, self.token_prior = float(prior), float(blend), float(token_prior)
+    def __init__(self, prior: float = 10.0, blend: float = 0.0, token_prior: float = 5.0, layer0: str = "token_mix"):
+        if prior < 0 or not 0 <= blend <= 1 or token_prior < 0 or layer0 not in ("token_mix", "profile"):
+            raise ValueError(f"{self.name}: need prior >= 0, 0 <= blend <= 1, token_prior >= 0, layer0 in "
+                             f"('token_mix', 'profile'); got {prior}, {blend}, {token_prior}, {layer0!r}")
+        self.prior, self.blend, self.token_prior, self.layer0 = float(prior), float(blend), float(token_prior), layer0
 
     def fit(self, train: RoutingTrace):
         super().fit(train)
@@ -78,23 +94,93 @@ class PrevLayer(_Distribution):
         if routed is None or len(routed) == 0:
             return self.token_mix.predict_next(past_loads, context)
         L, E = self.n_layers, self.n_experts
-        if self.blend == 0 and context.token_ids is not None and len(context.token_ids):
+        if self.blend > 0:
+            token_part = np.array(self.token_mix.predict_next(past_loads, context))
+        elif self.layer0 == "token_mix" and context.token_ids is not None and len(context.token_ids):
             # only layer 0 reads the token table: gather [tokens, E], not [tokens, L, E]
             token_part = np.zeros((L, E))  # rows 1.. are weighted by blend = 0
             token_part[0] = normalize(self.token_mix.table[self.token_mix.vocab.index(context.token_ids), 0]
                                       .mean(axis=0, dtype=np.float64))
         else:
-            token_part = self.token_mix.predict_next(past_loads, context)
-        flat = np.arange(L)[None, :, None] * E + routed.astype(np.int64)
-        counts = np.bincount(flat.reshape(-1), minlength=L * E).reshape(L, E)
-        return self.predict_from_counts(counts, token_part)
+            token_part = np.tile(self.phase_profiles[context.phase][0], (L, 1))
+        if self.layer0 == "profile":
+            token_part[0] = self.phase_profiles[context.phase][0]  # no per-token work for layer 0
+        return self.predict_from_counts(layer_counts(routed, E), token_part)
 
     def cost(self):
         L, E, k = self.n_layers, self.n_experts, self.top_k
         tm = self.token_mix.cost()
+        # share of token_mix's per-token work still done: all layers with blend > 0, layer 0 only
+        # with blend = 0 and layer0 = token_mix, none with blend = 0 and layer0 = profile
+        share = 1.0 if self.blend > 0 else (1.0 / L if self.layer0 == "token_mix" else 0.0)
         return self._cost(
-            flops_per_batch=2.0 * L * E * E, flops_per_token=L * k + tm.flops_per_token,
-            bytes_per_batch=self.transition.nbytes, bytes_per_token=tm.bytes_per_token,
-            memory_bytes=self.transition.nbytes + tm.memory_bytes,
-            on_critical_path=True, inputs=("routed[l-1]", "token_ids"),
+            flops_per_batch=2.0 * L * E * E, flops_per_token=L * k + share * tm.flops_per_token,
+            bytes_per_batch=self.transition.nbytes, bytes_per_token=share * tm.bytes_per_token,
+            memory_bytes=self.transition.nbytes + (tm.memory_bytes if share else 0),
+            on_critical_path=True, inputs=("routed[l-1]", "token_ids") if share else ("routed[l-1]",),
         )
+
+
+@register("prev_layer_ridge")
+class PrevLayerRidge(PrevLayer):
+    """``prev_layer`` plus a ridge map of the batch's layer ``l - 1`` deviation from the profile."""
+
+    name = "prev_layer_ridge"
+
+    def __init__(self, prior: float = 10.0, ridge: float = 0.01, token_prior: float = 5.0, layer0: str = "token_mix"):
+        super().__init__(prior=prior, blend=0.0, token_prior=token_prior, layer0=layer0)
+        if ridge <= 0:
+            raise ValueError(f"prev_layer_ridge: ridge must be > 0 (the deviations sum to 0, so the least-squares "
+                             f"problem is singular without it); got {ridge}")
+        self.ridge = float(ridge)
+
+    def fit(self, train: RoutingTrace):
+        super().fit(train)
+        L, E = self.n_layers, self.n_experts
+        self.maps = np.zeros((2, L, E, E))  # [phase, layer, E, E]; row 0 of each phase unused
+        groups = train.loads(by="request_step")
+        for ph in (PREFILL, DECODE):
+            keep = (groups.groups["step"] == 0) == (ph == PREFILL)
+            if keep.sum() < 2:
+                self.maps[ph] = self.maps[1 - ph]  # a phase the trace lacks borrows the other's map
+                continue
+            counts = groups.counts[keep].astype(np.float64)  # [group, L, E]
+            n = counts[:, 0].sum(-1)  # selections per group: its weight
+            q = normalize(counts)
+            dev = q[:, :-1] - self.phase_profiles[ph][None, :-1]  # [group, L-1, E] input at layer l-1
+            resid = q[:, 1:] - self.chain(counts)  # [group, L-1, E] what the chain misses at layer l
+            xw = dev * n[:, None, None]
+            gram = np.einsum("gle,glf->lef", xw, dev) + self.ridge * n.mean() * np.eye(E)
+            self.maps[ph, 1:] = np.linalg.solve(gram, np.einsum("gle,glf->lef", xw, resid))
+        return self
+
+    def chain(self, counts: np.ndarray) -> np.ndarray:
+        """``counts`` ``[..., L, E]`` -> ``[..., L-1, E]`` the chain's fractions for layers ``1..L-1``."""
+        c = np.einsum("...le,lef->...lf", counts[..., :-1, :].astype(np.float64), self.transition[1:])
+        return normalize(np.where(c.sum(-1, keepdims=True) > 0, c, self.profile[1:]))
+
+    def predict_from_counts(self, prev_counts: np.ndarray, token_part: np.ndarray, phase: int = PREFILL) -> np.ndarray:
+        dev = normalize(prev_counts[:-1]) - self.phase_profiles[phase][:-1]
+        out = np.empty_like(token_part)
+        out[0] = token_part[0]
+        out[1:] = self.chain(prev_counts) + np.einsum("le,lef->lf", dev, self.maps[phase, 1:])
+        return normalize(np.maximum(out, 0.0))
+
+    def predict_next(self, past_loads, context: BatchContext):
+        routed = None if context.tokens is None else context.tokens.routed
+        if routed is None or len(routed) == 0:
+            return self.token_mix.predict_next(past_loads, context)
+        if self.layer0 == "profile":
+            token_part = self.phase_profiles[context.phase]
+        else:
+            token_part = np.zeros((self.n_layers, self.n_experts))
+            token_part[0] = normalize(self.token_mix.table[self.token_mix.vocab.index(context.token_ids), 0]
+                                      .mean(axis=0, dtype=np.float64))
+        return self.predict_from_counts(layer_counts(routed, self.n_experts), token_part, int(context.phase))
+
+    def cost(self):
+        c = super().cost()
+        c.flops_per_batch += 2.0 * self.n_layers * self.n_experts ** 2
+        c.bytes_per_batch += self.maps[0].nbytes
+        c.memory_bytes += self.maps.nbytes
+        return c
