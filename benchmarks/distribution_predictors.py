@@ -40,6 +40,7 @@ import pandas as pd
 from moegps.predictors import make
 from moegps.predictors.batching import batch_context, batch_stream
 from moegps.predictors.bench import median_time
+from moegps.predictors.signature import layer_counts
 from moegps.workloads import load_trace
 from moegps.trace import PREFILL, RoutingTrace
 
@@ -51,10 +52,10 @@ CANDIDATES = {
     "step_profile": ("step_profile", {}),
     **{f"token_mix(prior={p})": ("token_mix", {"prior": p}) for p in (1.0, 5.0, 25.0)},
     **{f"prev_layer(prior={p},blend={b},token_prior={t})": ("prev_layer", {"prior": p, "blend": b, "token_prior": t})
-       for p in (1.0, 10.0) for b in (0.0, 0.3, 0.6) for t in (1.0, 5.0)},
+       for p in (1.0, 10.0) for b in (0.0, 0.3) for t in (5.0,)},
     **{f"prev_layer_ridge(prior={p},ridge={r},layer0={l0},token_prior={t})":
        ("prev_layer_ridge", {"prior": p, "ridge": r, "layer0": l0, "token_prior": t})
-       for p in (1.0, 10.0) for r in (0.003, 0.01, 0.03) for l0, t in (("profile", 5.0), ("token_mix", 5.0), ("token_mix", 25.0))},
+       for p in (1.0, 10.0) for r in (0.003, 0.01, 0.03) for l0, t in (("profile", 5.0), ("token_mix", 5.0))},
 }
 
 
@@ -116,43 +117,59 @@ def fit_all(specs: dict, train: RoutingTrace) -> dict:
     return {name: make(reg, **kw).fit(train) for name, (reg, kw) in specs.items()}
 
 
-def per_cost_ms(p, test: RoutingTrace, B: int, seed: int, repeats: int = 20) -> float:
-    """Median ms of one ``predict_next`` call on the first full prefill batch of B test requests."""
+def per_cost_call(p, test: RoutingTrace, B: int, seed: int):
+    """One ``predict_next`` call on the first full prefill batch of B test requests, as a thunk."""
     stream = batch_stream(test, batch_requests=B, seed=seed)
     ctx = batch_context(stream, 0, with_tokens=True)
-    return 1e3 * median_time(lambda: p.predict_next(stream.loads[:0], ctx), repeats)
+    return lambda: p.predict_next(stream.loads[:0], ctx)
 
 
-def token_cost_ms(p, test: RoutingTrace, B: int, seed: int, repeats: int = 20) -> float:
-    """Median ms of a token predictor's ``predict`` on the same batch plus the histogram of its ids."""
+def interleaved_ms(calls: dict, rounds: int = 7, repeats: int = 10) -> dict[str, float]:
+    """Median ms per call of each thunk, timed in interleaved rounds (on a shared, noisy CPU a
+    sequential run would charge each predictor whatever load happened to fall on its turn)."""
+    times = {n: [] for n in calls}
+    for _ in range(rounds):
+        for n, fn in calls.items():
+            times[n].append(median_time(fn, repeats))
+    return {n: 1e3 * float(np.median(t)) for n, t in times.items()}
+
+
+def token_cost_call(p, test: RoutingTrace, B: int, seed: int):
+    """A token predictor's ``predict`` on the same batch plus the per-layer histogram of its ids
+    (``layer_counts``, the same histogram the signature predictors time), as a thunk."""
     stream = batch_stream(test, batch_requests=B, seed=seed)
     tokens = stream.tokens.select(stream.batch_tokens(0))
-    E, L = p.n_experts, p.n_layers
+    return lambda: layer_counts(p.predict(tokens), p.n_experts)
 
-    def call():
-        ids = p.predict(tokens).astype(np.int64)
-        return np.bincount((np.arange(L)[None, :, None] * E + ids).reshape(-1), minlength=L * E)
 
-    return 1e3 * median_time(call, repeats)
+def counts_cost_call(p, test: RoutingTrace, B: int, seed: int):
+    """``predict_from_counts`` alone, as a thunk: the signature predictor's work when the server's
+    per-expert counts of layer ``l - 1`` (which its MoE dispatch computes anyway) are handed to it."""
+    counts = batch_stream(test, batch_requests=B, seed=seed).loads[0]
+    layer0 = p.phase_profiles[PREFILL]
+    return lambda: p.predict_from_counts(counts, layer0, PREFILL)
 
 
 def cost_table(trace: RoutingTrace, sizes=SIZES, seed: int = 0) -> pd.DataFrame:
     """CPU ms per batch of the distribution predictors and of token_table (the cheapest token-to-expert
-    predictor that reads its input), fitted on one half, timed on a prefill batch of B other requests."""
+    predictor that reads its input), fitted on one half, timed on a prefill batch of B other requests.
+    ``prev_layer_ridge_ms`` includes its histogram of the batch's routing; ``..._given_counts_ms``
+    is the product alone (the counts a server already holds)."""
     ids = np.random.default_rng(seed).permutation(trace.requests())
     train = trace.select(np.isin(trace.request_id, ids[: len(ids) // 2]))
     test = trace.select(~np.isin(trace.request_id, ids[: len(ids) // 2]))
-    dist = {n: make(n).fit(train) for n in ("global_profile", "token_mix", "prev_layer")}
-    dist["prev_layer_ridge(layer0=profile)"] = make("prev_layer_ridge", layer0="profile").fit(train)
-    dist["prev_layer_ridge(layer0=token_mix)"] = make("prev_layer_ridge", layer0="token_mix").fit(train)
+    dist = {n: make(n).fit(train) for n in ("global_profile", "step_profile", "token_mix", "prev_layer")}
+    dist["prev_layer_ridge"] = ridge = make("prev_layer_ridge", layer0="profile").fit(train)
     token = make("token_table").fit(train)
     rows = []
     for B in sizes:
         if B > len(ids) - len(ids) // 2:
             continue
-        row = {"B": B, **{f"{n}_ms": per_cost_ms(p, test, B, seed) for n, p in dist.items()},
-               "token_table_ms": token_cost_ms(token, test, B, seed)}
-        rows.append(row)
+        tokens = int(batch_stream(test, batch_requests=B, seed=seed).n_tokens[0])
+        calls = {**{f"{n}_ms": per_cost_call(p, test, B, seed) for n, p in dist.items()},
+                 "prev_layer_ridge_given_counts_ms": counts_cost_call(ridge, test, B, seed),
+                 "token_table_ms": token_cost_call(token, test, B, seed)}
+        rows.append({"B": B, "tokens": tokens, **interleaved_ms(calls)})
     return pd.DataFrame(rows)
 
 
@@ -171,9 +188,13 @@ def run(trace: RoutingTrace, sizes=SIZES, partitions: int = 4, seed: int = 0) ->
         # in-sample on purpose (fitted on the test requests, the scored batch included): a reference
         # for what the family could do with perfectly matched data, not a predictor and not a bound
         oracle = make("prev_layer_ridge", layer0="profile").fit(test)
+        token_ref = make("from_tokens", token="token_table").fit(train)
         for B in sizes:
             val_tv = batch_tv(on_fit, val, B, partitions, seed + 7)
-            test_tv = batch_tv({**on_train, "in-sample: prev_layer_ridge fit on test": oracle}, test, B, partitions, seed + 11 + fold)
+            # token_table's per-token experts counted per layer: the cheapest token-to-expert predictor's
+            # load error, scored beside the distribution predictors (never a candidate for "best")
+            refs = {"in-sample: prev_layer_ridge fit on test": oracle, "reference: token_table": token_ref}
+            test_tv = batch_tv({**on_train, **refs}, test, B, partitions, seed + 11 + fold)
             floor = sampling_floor(test, B, partitions, seed + 11 + fold)
             for ph in phases:
                 vmeans = {n: d.tv[d.phase == ph].mean() for n, d in val_tv.items()}
@@ -240,6 +261,69 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+# predictors drawn in the accuracy-vs-cost figure: table name -> (cost.csv column, label)
+FIGURE = {
+    "global_profile": ("global_profile_ms", "global profile (MoE-GPS)"),
+    "step_profile": ("step_profile_ms", "step_profile"),
+    "token_mix(prior=5.0)": ("token_mix_ms", "token_mix"),
+    "prev_layer(prior=10.0,blend=0.0,token_prior=5.0)": ("prev_layer_ms", "prev_layer"),
+    "prev_layer_ridge(prior=10.0,ridge=0.01,layer0=profile,token_prior=5.0)": ("prev_layer_ridge_ms", "prev_layer_ridge"),
+    "reference: token_table": ("token_table_ms", "token_table (token-to-expert)"),
+}
+
+
+def figure(folders: list[Path], png: Path) -> Path:
+    """Accuracy vs cost: one panel per (trace, phase); x = CPU ms per batch (cost.csv, prefill
+    batches), y = test TV relative to the global profile's at the same B; one line per predictor
+    through B = 1, 4, 16, 64 (labelled at its points); grey bars: the sampling floor's relative TV
+    at each B; dotted: the 20% bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moegps.files import save_png
+    from moegps.predictors.plot import place_labels
+
+    panels = []
+    for folder in folders:
+        table, cost = pd.read_csv(folder / "table.csv"), pd.read_csv(folder / "cost.csv")
+        panels += [(folder.name, ph, table[table.phase == ph], cost) for ph in ("prefill", "decode") if (table.phase == ph).any()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 5.0), squeeze=False)
+    floor_ms = 2e-3  # where cost-free predictors (the profiles) are drawn on the log axis
+    for ax, (name, phase, t, cost) in zip(axes[0], panels):
+        base = t[t.predictor == BASELINE].set_index("B").mean_tv
+        xs, ys, labels = [], [], []
+        for n, (col, label) in FIGURE.items():
+            d = t[t.predictor == n].set_index("B")
+            if d.empty or col not in cost:
+                continue
+            c = cost.set_index("B")[col].reindex(d.index)
+            x = np.maximum(c.to_numpy(float), floor_ms)
+            y = (d.mean_tv / base.reindex(d.index)).to_numpy()
+            line, = ax.plot(x, y, marker="o", ms=4, lw=1, label=label, zorder=3,
+                            ls="--" if n.startswith("reference") else "-")
+            xs += list(x)
+            ys += list(y)
+            labels += [f"B={b}" for b in d.index]
+        for B, f in t[t.predictor == "sampling_floor"].set_index("B").floor_tv.items():
+            ax.axhline(f / base[B], color="grey", lw=0.6, alpha=0.6)
+            ax.text(1.0, f / base[B], f" floor B={B}", transform=ax.get_yaxis_transform(), fontsize=6, color="grey",
+                    va="center")
+        ax.axhline(0.8, color="black", ls=":", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"CPU ms per batch (prefill batch of B requests; {floor_ms:g} = no run-time work)")
+        ax.set_ylabel("test TV / global profile's TV at the same B (lower is better)")
+        ax.set_title(f"{name}, {phase}: dotted = the 20% bar, grey = sampling floor", fontsize=8)
+        ax.set_ylim(0, 1.35)
+        ax.legend(fontsize=7, loc="upper left")
+        place_labels(ax, np.array(xs), np.array(ys), labels, fontsize=6, marker_pts=5)
+    fig.suptitle("distribution-only predictors: out-of-sample error relative to the global profile vs CPU cost "
+                 "(validation-chosen hyper-parameters not shown: see table.md)", fontsize=9)
+    fig.tight_layout()
+    return save_png(fig, png, dpi=110)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trace", default="deepseek")
@@ -248,7 +332,13 @@ def main(argv=None) -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--figure", nargs="+", default=None, metavar="FOLDER",
+                    help="only draw the accuracy-vs-cost figure from finished result folders (to --png)")
+    ap.add_argument("--png", default="docs/img/distribution-predictors.png")
     a = ap.parse_args(argv)
+    if a.figure:
+        print(f"wrote {figure([Path(f) for f in a.figure], Path(a.png))}")
+        return
     trace = load_trace(a.trace, a.limit)
     table = run(trace, a.sizes, a.partitions, a.seed)
     name = Path(a.trace).stem if a.trace != "deepseek" else "deepseek-v2-lite"

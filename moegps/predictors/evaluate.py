@@ -38,13 +38,14 @@ import pandas as pd
 
 from ..configs import (ConfigError, all_or_first_n, check_arguments, checked, fraction, nonnegative, one_of, optional, positive,
                        hydra_command, register, validate)
-from ..files import atomic_path, save_png
+from ..files import atomic_path
 from ..paths import CONF_DIR, register_resolvers
 from ..trace import DECODE, PREFILL, RoutingTrace
 from ..workloads import TrainTest, check_token_space, train_test
 from .base import DistributionPredictor, TokenPredictor, normalize
 from .batching import BatchStream, batch_context, batch_stream
 from .metrics import distribution_errors, recall_at_k
+from .plot import predictors_figure
 
 PHASE_NAMES = {PREFILL: "prefill", DECODE: "decode"}
 
@@ -175,46 +176,6 @@ def evaluate(
 # ---- loading traces, the plot, the hydra app ------------------------------------------------
 
 
-def plot(table: pd.DataFrame, path: Path, title: str = "") -> Path:
-    """Accuracy vs overhead, one row of two panels per phase (prefill and decode when the trace has
-    both, else the one phase): load error (TV) vs latency per batch (both families); recall@k vs
-    latency per token (token family)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    phases = [ph for ph in ("prefill", "decode") if (table.phase == ph).any()]
-    phases = phases if len(phases) == 2 else ["all"]
-    fig, axes = plt.subplots(len(phases), 2, figsize=(13, 5.2 * len(phases)), squeeze=False)
-    for (a, b), phase in zip(axes, phases):
-        t = table[table.phase == phase]
-        for fam, marker, color in (("distribution", "o", "tab:blue"), ("token", "s", "tab:orange")):
-            d = t[t.family == fam]
-            a.scatter(d.latency_batch_s * 1e6, d.tv, marker=marker, color=color, label=fam)
-            for i, (_, r) in enumerate(d.sort_values("latency_batch_s").iterrows()):
-                a.annotate(r.predictor, (r.latency_batch_s * 1e6, r.tv), fontsize=7, xytext=(3, 3 if i % 2 else -9),
-                           textcoords="offset points")  # alternate above/below: neighbours overlap less
-        a.set_xscale("log")
-        a.set_yscale("log")  # errors span 0.03-0.8: a linear axis squeezes the good ones together
-        a.set_xlabel("latency per batch, median (us, this CPU)")
-        a.set_ylabel("load error: total variation per layer (lower is better)")
-        a.set_title(f"{phase}: next-batch load distribution")
-        a.legend()
-        d = t[t.family == "token"]
-        b.scatter(d.latency_token_s * 1e6, d.recall_at_k, marker="s", color="tab:orange")
-        for i, (_, r) in enumerate(d.sort_values("recall_at_k").iterrows()):
-            b.annotate(r.predictor, (r.latency_token_s * 1e6, r.recall_at_k), fontsize=7, xytext=(3, 2 if i % 2 else -9),
-                       textcoords="offset points")
-        b.set_xscale("log")
-        b.set_xlabel("latency per token (us, this CPU)")
-        b.set_ylabel("recall@k (higher is better)")
-        b.set_title(f"{phase}: token-to-expert")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return save_png(fig, path, dpi=110)
-
-
 def markdown_table(table: pd.DataFrame) -> str:
     """A compact markdown table: one row per predictor, accuracy per phase side by side, then overhead.
 
@@ -257,7 +218,7 @@ def write_outputs(table: pd.DataFrame, out: Path, config: dict[str, Any]) -> dic
         tmp.write_text(yaml.safe_dump(config, sort_keys=False))
     title = (f"{table.trace.iloc[0]}: {table.protocol.iloc[0]};\n{table.batch_requests.iloc[0]} requests per batch "
              "(arrival order); latency on this CPU")
-    plot(table, paths["png"], title)
+    predictors_figure(table, paths["png"], title)
     return paths
 
 

@@ -49,10 +49,18 @@ def layer_transitions(experts: np.ndarray, n_experts: int) -> np.ndarray:
     return out
 
 
+_INT_MAX = {np.dtype(t): np.iinfo(t).max for t in (np.int8, np.int16, np.int32, np.int64)}  # iinfo per call costs ~5 us
+
+
 def layer_counts(routed: np.ndarray, n_experts: int) -> np.ndarray:
-    """``routed`` ``[token, layer, k]`` expert ids -> ``[layer, E]`` selection counts (int64)."""
-    L = routed.shape[1]
-    flat = np.arange(L)[None, :, None] * n_experts + routed.astype(np.int64)
+    """``routed`` ``[token, layer, k]`` expert ids -> ``[layer, E]`` selection counts (int64).
+
+    Offsets are added in the ids' own integer type when ``layer * E`` fits it (int16 ids: up to
+    32,767 = L * E), which is ~4x faster than widening every id to int64 first."""
+    T, L, k = routed.shape
+    dtype = routed.dtype if _INT_MAX.get(routed.dtype, 0) >= L * n_experts else np.dtype(np.int64)
+    offsets = np.repeat(np.arange(L) * n_experts, k).astype(dtype)
+    flat = routed.reshape(T, L * k).astype(dtype, copy=False) + offsets
     return np.bincount(flat.reshape(-1), minlength=L * n_experts).reshape(L, n_experts)
 
 
@@ -152,6 +160,13 @@ class PrevLayerRidge(PrevLayer):
             xw = dev * n[:, None, None]
             gram = np.einsum("gle,glf->lef", xw, dev) + self.ridge * n.mean() * np.eye(E)
             self.maps[ph, 1:] = np.linalg.solve(gram, np.einsum("gle,glf->lef", xw, resid))
+        # the transition's rows sum to 1, so chain_l = q_{l-1} @ T_l and the whole prediction is one
+        # affine map per layer: p_l = q_{l-1} @ (T_l + W_l) - profile_{l-1} @ W_l (then clip, renormalise)
+        # float32: one [E] @ [E, E] product per layer is the whole run-time work; float32 halves it.
+        # The offset rides in the product as a last input row that always holds 1.
+        offset = -np.einsum("ple,plef->plf", self.phase_profiles[:, :-1], self.maps[:, 1:])  # [phase, L-1, E]
+        affine = self.transition[None, 1:] + self.maps[:, 1:]  # [phase, L-1, E, E]
+        self.affine = np.concatenate([affine, offset[:, :, None, :]], axis=2).astype(np.float32)  # [phase, L-1, E+1, E]
         return self
 
     def chain(self, counts: np.ndarray) -> np.ndarray:
@@ -160,11 +175,18 @@ class PrevLayerRidge(PrevLayer):
         return normalize(np.where(c.sum(-1, keepdims=True) > 0, c, self.profile[1:]))
 
     def predict_from_counts(self, prev_counts: np.ndarray, token_part: np.ndarray, phase: int = PREFILL) -> np.ndarray:
-        dev = normalize(prev_counts[:-1]) - self.phase_profiles[phase][:-1]
-        out = np.empty_like(token_part)
+        """``prev_counts`` ``[layer, E]`` the batch's counts, ``token_part[0]`` layer 0's fractions ->
+        ``[layer, E]``: ``chain_l + (q_{l-1} - profile_{l-1}) @ W_l``, clipped at 0, rows summing to 1."""
+        # every layer of a batch holds the same number of selections (tokens * k): one scalar divides all
+        L, E = self.n_layers, self.n_experts
+        q = np.empty((L - 1, 1, E + 1), dtype=np.float32)
+        np.multiply(prev_counts[:-1], 1.0 / max(prev_counts[0].sum(), 1), out=q[:, 0, :E], casting="unsafe")
+        q[:, 0, E] = 1.0
+        out = np.empty((L, E))
         out[0] = token_part[0]
-        out[1:] = self.chain(prev_counts) + np.einsum("le,lef->lf", dev, self.maps[phase, 1:])
-        return normalize(np.maximum(out, 0.0))
+        np.maximum(np.matmul(q, self.affine[phase])[:, 0], 0.0, out=out[1:])
+        total = out.sum(-1, keepdims=True)
+        return out / total if (total > 0).all() else normalize(out)
 
     def predict_next(self, past_loads, context: BatchContext):
         routed = None if context.tokens is None else context.tokens.routed
