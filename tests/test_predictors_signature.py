@@ -9,14 +9,15 @@ from moegps.predictors.signature import layer_counts, layer_transitions
 from moegps.workloads import random_trace
 
 
-@pytest.mark.parametrize("dtype,n_experts", [(np.int16, 6), (np.int8, 100), (np.int64, 6)])
-def test_layer_counts_match_a_loop(dtype, n_experts):
-    """int8 ids with L * E past int8's range take the int64 path; the others add offsets in place."""
+@pytest.mark.parametrize("dtype,n_experts,n_layers", [(np.int16, 6, 4), (np.int8, 100, 4), (np.int64, 6, 4),
+                                                       (np.int16, 4000, 9)])
+def test_layer_counts_match_a_loop(dtype, n_experts, n_layers):
+    """int8 ids with L * E past int8's range are widened; L * E past int16's takes the int64 path."""
     rng = np.random.default_rng(5)
-    routed = rng.integers(0, n_experts, size=(37, 4, 3)).astype(dtype)
-    want = np.zeros((4, n_experts), dtype=np.int64)
+    routed = rng.integers(0, min(n_experts, np.iinfo(dtype).max), size=(37, n_layers, 3)).astype(dtype)
+    want = np.zeros((n_layers, n_experts), dtype=np.int64)
     for t in range(37):
-        for layer in range(4):
+        for layer in range(n_layers):
             for e in routed[t, layer]:
                 want[layer, e] += 1
     np.testing.assert_array_equal(layer_counts(routed, n_experts), want)

@@ -22,9 +22,10 @@ _OFFSETS = [(5, 3), (5, -10), (-5, 3), (-5, -10), (5, 12), (5, -19), (-5, 12), (
             (-24, -52)]
 
 
-def coinciding_groups(x: np.ndarray, y: np.ndarray, x_factor: float = 1.25, y_rel: float = 1e-6) -> list[list[int]]:
+def coinciding_groups(x: np.ndarray, y: np.ndarray, x_factor: float = 2.0, y_rel: float = 1e-6) -> list[list[int]]:
     """Indices of points that would be drawn on one spot: ``y`` equal within ``y_rel`` (relative) and
-    ``x`` within a factor ``x_factor`` (the axes are logarithmic). Each group is sorted by ``x``;
+    ``x`` within a factor ``x_factor`` (the axes are logarithmic, and latencies of one table read
+    measured on a shared CPU differ by up to ~2x from call to call). Each group is sorted by ``x``;
     groups are in order of their first member."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     groups: list[list[int]] = []
@@ -52,6 +53,8 @@ def place_labels(ax, x, y, labels, fontsize: float = 7, marker_pts: float = 7) -
     half = marker_pts * to_px / 2
     markers = [(px - half, py - half, px + half, py + half) for px, py in pts]
     placed: list[tuple[float, float, float, float]] = []
+    frame = ax.get_window_extent(renderer)
+    frame = (frame.x0, frame.y0, frame.x1, frame.y1)
     out = []
     for i in np.argsort(-pts[:, 1], kind="stable"):
         best, best_cost = None, np.inf
@@ -60,7 +63,8 @@ def place_labels(ax, x, y, labels, fontsize: float = 7, marker_pts: float = 7) -
                                ha="left" if dx >= 0 else "right")
             bb = text.get_window_extent(renderer)
             box = (bb.x0, bb.y0, bb.x1, bb.y1)
-            cost = sum(_overlap(box, b) for b in placed) + sum(_overlap(box, m) for m in markers)
+            outside = (box[2] - box[0]) * (box[3] - box[1]) - _overlap(box, frame)  # labels stay in the axes
+            cost = sum(_overlap(box, b) for b in placed) + sum(_overlap(box, m) for m in markers) + 10 * outside
             if cost < best_cost:
                 if best is not None:
                     best[0].remove()
@@ -70,7 +74,7 @@ def place_labels(ax, x, y, labels, fontsize: float = 7, marker_pts: float = 7) -
             if cost == 0:
                 break
         text, box, (dx, dy) = best
-        if abs(dy) > 20:  # moved far from its point: say which point it names
+        if (dx, dy) not in _OFFSETS[:2]:  # not right beside its point: a leader line says which point it names
             text.remove()
             text = ax.annotate(labels[i], (x[i], y[i]), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
                                ha="left" if dx >= 0 else "right",
