@@ -184,6 +184,19 @@ def test_decode_attention_default_split_is_several_for_long_contexts(gen):
     assert rel_err(out, attention_f64(q, k_cache, v_cache, lens, 0.25)) < 1e-5, gen.initial_seed()
 
 
+def test_decode_attention_empty_rows_are_zeros(gen):
+    """A row of length 0 attends to nothing: zeros (the torch definition), in a NaN-filled output,
+    beside rows that split and merge."""
+    q = torch.randn(3, 8, 16, generator=gen)
+    k_cache, v_cache = 3 * torch.randn(3, 2, 300, 16, generator=gen), torch.randn(3, 2, 300, 16, generator=gen)
+    lens = torch.tensor([0, 300, 5], dtype=torch.int32)
+    for split in (None, 64):
+        out = K.decode_attention(q, k_cache, v_cache, lens, split=split, out=torch.full_like(q, float("nan")))
+        assert torch.equal(out[0], torch.zeros_like(out[0]))
+        assert rel_err(out[1:], attention_f64(q[1:], k_cache[1:], v_cache[1:], lens[1:], 0.25)) < 1e-5, \
+            gen.initial_seed()
+
+
 # ---- router: softmax, top-k --------------------------------------------------------------------------------
 
 def router_f64(x, w, top_k, renormalize):

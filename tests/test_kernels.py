@@ -4,7 +4,8 @@ import importlib
 import os
 import sys
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels
+_interpret = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels (conftest.py: its own library)
 
 import numpy as np
 import pytest
@@ -19,8 +20,18 @@ import moegps.kernels  # noqa: F401  (imports its submodules)
 for _name in ("routing", "fused_moe", "launch", "reference"):
     importlib.reload(sys.modules[f"moegps.kernels.{_name}"])
 importlib.reload(sys.modules["moegps.kernels"])
+# back as it was once decorated: other modules' code picks Triton on the CPU while the variable is set
+# (the engine), so it is set for this module's tests only, by the fixture below
+if _interpret is None:
+    del os.environ["TRITON_INTERPRET"]
 
 from moegps.kernels import align, available, default_config, fused_moe, get_config, moe_reference  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def interpreted(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
 
 TILE = {"block_n": 32, "block_k": 32, "group_m": 2, "num_warps": 4, "num_stages": 2}
 CONFIGS = {

@@ -234,6 +234,12 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, part_o_ptr, p
                     m = m_new
                 tl.store(o_ptr + rows[:, None] * D + d[None, :], (acc / l[:, None]).to(o_ptr.dtype.element_ty),
                          mask=real[:, None])
+    elif split == 0:  # an empty row attends to nothing: zeros, as decode_attention_torch defines it
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, D)
+        rows = b * N_HEADS + kv * GROUP + g
+        tl.store(o_ptr + rows[:, None] * D + d[None, :], tl.zeros([GROUP_PAD, D], o_ptr.dtype.element_ty),
+                 mask=(g < GROUP)[:, None])
 
 
 _TICKETS: dict = {}  # device -> int32 tickets of the last-split merge, all zero between calls
