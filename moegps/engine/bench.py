@@ -83,15 +83,20 @@ def graph_ms(fn, reps: int = 20) -> float:
     return ms
 
 
-def ceilings() -> dict:
+def _copy_ms() -> float:
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
-    copy_ms = device_ms(lambda: dst.copy_(src), reps=20)
-    del src, dst
+    return device_ms(lambda: dst.copy_(src), reps=20)
+
+
+def _matmul_ms() -> float:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    mm_ms = device_ms(lambda: a @ b, reps=20)
-    del a, b
+    return device_ms(lambda: a @ b, reps=20)
+
+
+def ceilings() -> dict:
+    copy_ms, mm_ms = _copy_ms(), _matmul_ms()  # each frees its buffers on return
     torch.cuda.empty_cache()
     return dict(copy_bytes_per_s=2 * (1 << 30) / (copy_ms * 1e-3), matmul_flops_per_s=2 * 8192 ** 3 / (mm_ms * 1e-3),
                 device=torch.cuda.get_device_name(), torch=torch.__version__)
@@ -179,9 +184,11 @@ def part_checks(shape: ModelShape) -> list[dict]:
     pos, slots = torch.randint(0, 8192, (T,), device=dev), torch.randperm(64, device=dev)[:T]
     kc = torch.full((64, S.n_kv_heads, 8192, S.head_dim), float("nan"), device=dev, dtype=bf)
     vc = kc.clone()
-    k64, v64 = torch.zeros(kc.shape, dtype=torch.float64, device=dev), torch.zeros(kc.shape, dtype=torch.float64, device=dev)
+    k64 = torch.zeros(kc.shape, dtype=torch.float64, device=dev)
+    v64 = torch.zeros_like(k64)
     q = K.rope_cache_write(qkv, kc, vc, pos, slots, cos, sin, S.n_heads, S.n_kv_heads)
-    q64 = K.rope_cache_write_torch(qkv.double(), k64, v64, pos, slots, cos.double(), sin.double(), S.n_heads, S.n_kv_heads)
+    q64 = K.rope_cache_write_torch(qkv.double(), k64, v64, pos, slots, cos.double(), sin.double(), S.n_heads,
+                                   S.n_kv_heads)
     rows.append(dict(kernel="rope_cache_write", rel_err=max(rel(q, q64), rel(kc[slots, :, pos], k64[slots, :, pos]),
                                                            rel(vc[slots, :, pos], v64[slots, :, pos]))))
     for B, length in ((1, 1), (3, 4096), (32, 1000)):
@@ -298,7 +305,7 @@ def part_attention(shape: ModelShape, batches, contexts, copy_rate: float, sweep
                            best={k: v for k, v in best.items() if ATTENTION_DEFAULTS[k] != v})
             rows.append(row)
             print(rows[-1], flush=True)
-            del caches
+            caches = None  # freed before the next size's
     return rows
 
 
@@ -306,7 +313,8 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
     rows = []
     S = model.shape
     gen = torch.Generator().manual_seed(3)
-    active = S.total_params - S.n_moe_layers * (S.n_experts - S.top_k) * 3 * S.hidden * S.expert_ffn - S.vocab_size * S.hidden
+    inactive_experts = S.n_moe_layers * (S.n_experts - S.top_k) * 3 * S.hidden * S.expert_ffn
+    active = S.total_params - inactive_experts - S.vocab_size * S.hidden
     for n in prompt_lengths:
         cache = KVCache(S, 1, n, model.dtype, model.device)
         prompt = torch.randint(3, S.vocab_size, (n,), generator=gen).cuda()
@@ -327,7 +335,7 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
                          bound="compute" if flops / matmul_rate > weight_bytes / copy_rate else "memory",
                          **{f"{k}_ms": v for k, v in parts.items()}))
         print(rows[-1], flush=True)
-        del cache
+        cache = None  # freed before the next prompt's
         torch.cuda.empty_cache()
     return rows
 
@@ -437,8 +445,8 @@ def kernel_trace(fn) -> list[tuple[float, float, str]]:
 # attention); the GEMMs (cuBLAS, named by tile, not by purpose) are placed by their neighbours.
 GEMM_NAMES = ("gemm", "gemv", "splitk", "nvjet", "cutlass", "xmma", "sm90", "cublas", "matmul")
 KERNEL_PARTS = (("attention", ("attention", "rope_cache", "flash", "fmha")),
-                ("moe", ("router", "gate_up_", "down_scan", "down_sorted", "fused_scan", "combine_kernel", "_align_kernel",
-                         "_chunk_")),
+                ("moe", ("router", "gate_up_", "down_scan", "down_sorted", "fused_scan", "combine_kernel",
+                         "_align_kernel", "_chunk_")),
                 ("norms", ("rmsnorm",)))
 
 
@@ -618,12 +626,13 @@ def main(argv=None) -> None:
             _attempt(results, "decode", lambda: part_decode(model, args.batches, args.contexts, args.new_tokens,
                                                            args.reps, c["copy_bytes_per_s"]))
         if "ttft" in args.parts:
-            _attempt(results, "ttft", lambda: part_ttft(model, args.prompts, c["matmul_flops_per_s"], c["copy_bytes_per_s"]))
+            _attempt(results, "ttft", lambda: part_ttft(model, args.prompts, c["matmul_flops_per_s"],
+                                                       c["copy_bytes_per_s"]))
         if "breakdown" in args.parts:
             _attempt(results, "breakdown", lambda: _breakdowns(model, hf, shape, args.peer_batches, c["device"]))
         if "peers" in args.parts and hf is not None:
             _attempt(results, "peers", lambda: part_peers(hf, args.peer_batches, 128, args.new_tokens, args.compile))
-        del hf, model
+        hf = model = None  # freed before the next shape's
         torch.cuda.empty_cache()
     breakdown_rows = results.get("breakdown", [])
     if breakdown_rows:

@@ -188,7 +188,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, part_o_ptr, p
         q = (q.to(tl.float32) * (scale * 1.4426950408889634)).to(q_ptr.dtype.element_ty)  # exp2 domain
         base = b * stride_cb + kv * stride_ch
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        l = tl.zeros([GROUP_PAD], tl.float32)
+        l_sum = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, D], tl.float32)
         for n0 in range(start, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
@@ -201,25 +201,25 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, part_o_ptr, p
             m_new = tl.maximum(m, tl.max(s, axis=1))
             p = tl.math.exp2(s - m_new[:, None])
             alpha = tl.math.exp2(m - m_new)
-            l = l * alpha + tl.sum(p, axis=1)
+            l_sum = l_sum * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
         rows = b * N_HEADS + head
         real = g < GROUP
         if SINGLE:
-            tl.store(o_ptr + rows[:, None] * D + d[None, :], (acc / l[:, None]).to(o_ptr.dtype.element_ty),
+            tl.store(o_ptr + rows[:, None] * D + d[None, :], (acc / l_sum[:, None]).to(o_ptr.dtype.element_ty),
                      mask=real[:, None])
         else:
             at = rows * MAX_SPLITS + split
-            tl.store(part_o_ptr + at[:, None] * D + d[None, :], acc / l[:, None], mask=real[:, None])
-            tl.store(part_lse_ptr + at, m + tl.math.log2(l), mask=real)
+            tl.store(part_o_ptr + at[:, None] * D + d[None, :], acc / l_sum[:, None], mask=real[:, None])
+            tl.store(part_lse_ptr + at, m + tl.math.log2(l_sum), mask=real)
             tl.debug_barrier()  # every thread's partials are written before the ticket releases them
             ticket = tl.atomic_add(count_ptr + b * N_KV + kv, 1)  # acq_rel, GPU scope
             n_used = tl.cdiv(length, SPLIT)
             if ticket == n_used - 1:
                 tl.store(count_ptr + b * N_KV + kv, 0)
                 m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-                l = tl.zeros([GROUP_PAD], tl.float32)
+                l_sum = tl.zeros([GROUP_PAD], tl.float32)
                 acc = tl.zeros([GROUP_PAD, D], tl.float32)
                 for i in range(0, n_used):  # online log-sum-exp over the splits' partials, read from L2
                     at = rows * MAX_SPLITS + i
@@ -229,10 +229,10 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, part_o_ptr, p
                     m_new = tl.maximum(m, lse)
                     alpha = tl.math.exp2(m - m_new)
                     w = tl.math.exp2(lse - m_new)
-                    l = l * alpha + w
+                    l_sum = l_sum * alpha + w
                     acc = acc * alpha[:, None] + part * w[:, None]
                     m = m_new
-                tl.store(o_ptr + rows[:, None] * D + d[None, :], (acc / l[:, None]).to(o_ptr.dtype.element_ty),
+                tl.store(o_ptr + rows[:, None] * D + d[None, :], (acc / l_sum[:, None]).to(o_ptr.dtype.element_ty),
                          mask=real[:, None])
     elif split == 0:  # an empty row attends to nothing: zeros, as decode_attention_torch defines it
         g = tl.arange(0, GROUP_PAD)

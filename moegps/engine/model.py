@@ -122,13 +122,15 @@ def random_model(shape: ModelShape, device="cuda", dtype=torch.bfloat16, seed: i
 
     layers = []
     for index in range(S.n_layers):
-        layer = Layer(wqkv=w((S.n_heads + 2 * S.n_kv_heads) * S.head_dim, S.hidden), wo=w(S.hidden, S.n_heads * S.head_dim),
+        layer = Layer(wqkv=w((S.n_heads + 2 * S.n_kv_heads) * S.head_dim, S.hidden),
+                      wo=w(S.hidden, S.n_heads * S.head_dim),
                       attn_norm=ones(S.hidden), mlp_norm=ones(S.hidden))
         if index < S.dense_layers:
             layer.shared_gate_up, layer.shared_down = w(2 * S.dense_ffn, S.hidden), w(S.hidden, S.dense_ffn)
         else:
             layer.router = w(S.n_experts, S.hidden)
-            layer.w_gate_up, layer.w_down = w(S.n_experts, 2 * S.expert_ffn, S.hidden), w(S.n_experts, S.hidden, S.expert_ffn)
+            layer.w_gate_up = w(S.n_experts, 2 * S.expert_ffn, S.hidden)
+            layer.w_down = w(S.n_experts, S.hidden, S.expert_ffn)
             if S.shared_ffn:
                 layer.shared_gate_up, layer.shared_down = w(2 * S.shared_ffn, S.hidden), w(S.hidden, S.shared_ffn)
         layers.append(layer)
