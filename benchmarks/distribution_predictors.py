@@ -32,6 +32,7 @@ writes ``results/distribution_predictors/<name>/{table.csv,table.md,cost.csv}``.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import numpy as np
@@ -251,6 +252,35 @@ def summarise(raw: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def short_name(name: str) -> str:
+    """``prev_layer_ridge(prior=1.0,ridge=0.01,layer0=profile,token_prior=5.0)`` -> ``prev_layer_ridge(1,0.01,profile,5)``."""
+    if "(" not in name:
+        return name
+    head, args = name.rstrip(")").split("(", 1)
+    vals = [a.split("=", 1)[-1] for a in args.split(",")]
+    return f"{head}({','.join(v[:-2] if v.endswith('.0') else v for v in vals)})"
+
+
+def summary_markdown(table: pd.DataFrame, label: str) -> str:
+    """One row per (phase, B): the profile's and the validation-chosen best's test TV with 95% CIs,
+    the reduction, the sampling floor, the predictable reduction, the share of it reached, the bar."""
+    lines = []
+    for (ph, B), g in table.groupby(["phase", "B"], sort=False):
+        base = g[g.predictor == BASELINE].iloc[0]
+        best = g[g.predictor == "best(chosen on validation)"].iloc[0]
+        # one choice per fold, joined by "," (names hold commas too: split after a closing parenthesis)
+        chosen = " / ".join(short_name(c) for c in re.split(r"(?<=\)),", str(best.chosen)) if c and c != "nan")
+        lines.append(f"| {label} {ph} | {B} | {base.mean_tv:.3f} [{base.ci_lo:.3f}, {base.ci_hi:.3f}] | "
+                     f"{best.mean_tv:.3f} [{best.ci_lo:.3f}, {best.ci_hi:.3f}] {chosen} | "
+                     f"{100 * best.reduction:.1f}% [{100 * best.red_ci_lo:.1f}, {100 * best.red_ci_hi:.1f}] | "
+                     f"{best.floor_tv:.3f} | {100 * best.predictable:.0f}% | "
+                     f"{100 * best.share_of_predictable:.0f}% [{100 * best.share_ci_lo:.0f}, {100 * best.share_ci_hi:.0f}] | "
+                     f"{'met' if best.meets_bar else 'not met'} |")
+    head = ("| trace, phase | B | global profile TV [95% CI] | best, chosen on validation [95% CI] | reduction [95% CI] "
+            "| sampling floor | predictable | share of predictable reached [95% CI] | bar |\n|---|---|---|---|---|---|---|---|---|")
+    return head + "\n" + "\n".join(lines)
+
+
 def markdown(table: pd.DataFrame) -> str:
     cols = ["B", "phase", "predictor", "chosen", "n_batches", "mean_tv", "ci_lo", "ci_hi", "reduction",
             "red_ci_lo", "red_ci_hi", "floor_tv", "predictable", "share_of_predictable", "share_ci_lo",
@@ -350,6 +380,7 @@ def main(argv=None) -> None:
     show = table[table.predictor.isin([BASELINE, "best(chosen on validation)", "sampling_floor", "in-sample: prev_layer_ridge fit on test"])]
     md = markdown(show)
     (out / "table.md").write_text(md + "\n")
+    (out / "summary.md").write_text(summary_markdown(table, name) + "\n")
     print(md)
     cost = cost_table(trace, a.sizes, a.seed)
     cost.to_csv(out / "cost.csv", index=False)

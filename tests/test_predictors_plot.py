@@ -20,7 +20,8 @@ def _crowded_table(rng) -> pd.DataFrame:
     """A table like a prefill-only evaluation: three profiles with identical error at ~2 us, plus a
     crowd of predictors within a factor of two of each other on both axes."""
     rows = [dict(predictor=n, family="distribution", latency_batch_s=l * 1e-6, tv=0.368, recall_at_k=np.nan,
-                 latency_token_s=np.nan) for n, l in (("global_profile", 1.90), ("phase_profile", 1.92), ("own_prefill", 1.99))]
+                 latency_token_s=np.nan) for n, l in (("global_profile", 1.90), ("phase_profile", 1.92), ("own_prefill", 1.99),
+                                                      ("step_profile", 24.0))]
     for i in range(12):
         fam = "token" if i % 2 else "distribution"
         rows.append(dict(predictor=f"predictor_{i}_{rng.integers(1000)}", family=fam,
@@ -61,5 +62,6 @@ def test_predictors_figure_labels_do_not_overlap_and_name_coinciding_points(tmp_
         if ax.get_title().startswith("all: next-batch"):
             assert "global_profile = phase_profile = own_prefill" in labels  # one label for one spot
             assert not any(lab == "phase_profile" for lab in labels)
+            assert "step_profile (same error as global_profile)" in labels  # apart on x, same error: said
             assert len(labels) == len(table) - 2  # every other predictor labelled once
     plt.close(fig)

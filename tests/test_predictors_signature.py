@@ -94,7 +94,9 @@ def test_prev_layer_ridge_matches_float64_least_squares(layer0):
     test = random_trace(rng, n_requests=4, n_layers=3, n_experts=5, top_k=2)
     ridge = 0.05
     p = make("prev_layer_ridge", prior=2.0, ridge=ridge, layer0=layer0).fit(train)
-    chain = make("prev_layer", prior=2.0, layer0="profile").fit(train)
+    # one chain per phase: prev_layer fitted on that phase's rows alone (shrunk to that phase's profile)
+    chains = [make("prev_layer", prior=2.0, layer0="profile").fit(train.select(train.phase == ph)) for ph in (0, 1)]
+    assert (train.phase == 1).any() and (test.phase == 1).any()  # both phases exercised
     L, E = 3, 5
     loads = train.loads(by="request_step")
     for ph in (0, 1):
@@ -105,7 +107,7 @@ def test_prev_layer_ridge_matches_float64_least_squares(layer0):
         for c in loads.counts[keep]:
             q = c / c.sum(-1, keepdims=True)
             # chain alone for this group: prev_layer with the profile at layer 0
-            ch = chain.predict_from_counts(c, np.tile(chain.profile[0], (L, 1)))
+            ch = chains[ph].predict_from_counts(c, np.tile(chains[ph].profile[0], (L, 1)))
             xs.append(q[:-1] - p.phase_profiles[ph][:-1])
             ys.append(q[1:] - ch[1:])
             ws.append(c[0].sum())
@@ -122,7 +124,7 @@ def test_prev_layer_ridge_matches_float64_least_squares(layer0):
         got = p.predict_next(stream.loads[:b], ctx)
         c = stream.loads[b]
         q = c / c.sum(-1, keepdims=True)
-        ch = chain.predict_from_counts(c, np.tile(chain.profile[0], (L, 1)))
+        ch = chains[ctx.phase].predict_from_counts(c, np.tile(chains[ctx.phase].profile[0], (L, 1)))
         want = ch[1:] + np.einsum("le,lef->lf", q[:-1] - p.phase_profiles[ctx.phase][:-1], p.maps[ctx.phase, 1:])
         want = np.maximum(want, 0)
         want /= want.sum(-1, keepdims=True)

@@ -133,8 +133,12 @@ def _label_groups(ax, x, y, names) -> list:
     ok = np.isfinite(x) & np.isfinite(y) & (x > 0)
     x, y, names = x[ok], y[ok], [n for n, k in zip(names, ok) if k]
     groups = coinciding_groups(x, y)
-    return place_labels(ax, x[[g[0] for g in groups]], y[[g[0] for g in groups]],
-                        [" = ".join(names[i] for i in g) for g in groups])
+    labels = [" = ".join(names[i] for i in g) for g in groups]
+    for a, g in enumerate(groups):  # identical error elsewhere on the axis: say so rather than let it pass
+        same = [h for h in groups[:a] if abs(y[h[0]] - y[g[0]]) <= 1e-6 * abs(y[g[0]])]
+        if same:
+            labels[a] += f" (same error as {names[same[0][0]]})"
+    return place_labels(ax, x[[g[0] for g in groups]], y[[g[0] for g in groups]], labels)
 
 
 def _pad_log(ax, x, y) -> None:

@@ -61,6 +61,18 @@ def layer_counts(routed: np.ndarray, n_experts: int) -> np.ndarray:
     return np.bincount(flat.reshape(-1), minlength=L * n_experts).reshape(L, n_experts)
 
 
+def shrunk_transition(experts: np.ndarray, profile: np.ndarray, prior: float, top_k: int) -> np.ndarray:
+    """Token-major ``experts`` ``[token, layer, k]``, ``profile`` ``[layer, E]`` -> ``[layer, E, E]``
+    ``P(e at l | e' at l - 1)``, each source row shrunk towards layer ``l``'s profile with ``prior``
+    pseudo-selections (empirical Bayes: rare source experts fall back to the profile); rows sum to 1."""
+    co = layer_transitions(experts, profile.shape[1]).astype(np.float64)
+    co /= top_k  # each source selection spreads one unit over its k successors
+    row = co.sum(-1, keepdims=True)
+    out = (co + prior * profile[:, None, :]) / np.maximum(row + prior, 1e-12)
+    out[0] = profile[0]  # unused: layer 0 has no predecessor
+    return out
+
+
 @register("prev_layer")
 class PrevLayer(_Distribution):
     """Layer ``l`` from the batch's layer ``l - 1`` routing counts through a fitted transition matrix."""
@@ -76,12 +88,7 @@ class PrevLayer(_Distribution):
     def fit(self, train: RoutingTrace):
         super().fit(train)
         self.token_mix = TokenMix(prior=self.token_prior).fit(train)
-        co = layer_transitions(train.by_token().experts, self.n_experts).astype(np.float64)
-        co /= self.top_k  # each source selection spreads one unit over its k successors
-        row = co.sum(-1, keepdims=True)
-        # shrink each source expert's row towards the target layer's profile (empirical Bayes)
-        self.transition = (co + self.prior * self.profile[:, None, :]) / np.maximum(row + self.prior, 1e-12)
-        self.transition[0] = self.profile[0]  # unused: layer 0 has no predecessor
+        self.transition = shrunk_transition(train.by_token().experts, self.profile, self.prior, self.top_k)
         return self
 
     def predict_from_counts(self, prev_counts: np.ndarray, token_part: np.ndarray) -> np.ndarray:
@@ -143,7 +150,16 @@ class PrevLayerRidge(PrevLayer):
         super().fit(train)
         L, E = self.n_layers, self.n_experts
         self.maps = np.zeros((2, L, E, E))  # [phase, layer, E, E]; row 0 of each phase unused
+        # one chain per phase: a decode step routes unlike a prompt, and a pooled transition drags
+        # prefill batches towards decode (on the bundled MMLU trace it was worse than the profile)
+        self.transitions = np.stack([self.transition, self.transition])
         groups = train.loads(by="request_step")
+        for ph in (PREFILL, DECODE):
+            keep = (groups.groups["step"] == 0) == (ph == PREFILL)
+            if keep.sum() < 2:
+                continue
+            rows = train.select(train.phase == ph)
+            self.transitions[ph] = shrunk_transition(rows.by_token().experts, self.phase_profiles[ph], self.prior, self.top_k)
         for ph in (PREFILL, DECODE):
             keep = (groups.groups["step"] == 0) == (ph == PREFILL)
             if keep.sum() < 2:
@@ -153,7 +169,7 @@ class PrevLayerRidge(PrevLayer):
             n = counts[:, 0].sum(-1)  # selections per group: its weight
             q = normalize(counts)
             dev = q[:, :-1] - self.phase_profiles[ph][None, :-1]  # [group, L-1, E] input at layer l-1
-            resid = q[:, 1:] - self.chain(counts)  # [group, L-1, E] what the chain misses at layer l
+            resid = q[:, 1:] - self.chain(counts, ph)  # [group, L-1, E] what the chain misses at layer l
             xw = dev * n[:, None, None]
             gram = np.einsum("gle,glf->lef", xw, dev) + self.ridge * n.mean() * np.eye(E)
             self.maps[ph, 1:] = np.linalg.solve(gram, np.einsum("gle,glf->lef", xw, resid))
@@ -162,14 +178,14 @@ class PrevLayerRidge(PrevLayer):
         # float32: one [E] @ [E, E] product per layer is the whole run-time work; float32 halves it.
         # The offset rides in the product as a last input row that always holds 1.
         offset = -np.einsum("ple,plef->plf", self.phase_profiles[:, :-1], self.maps[:, 1:])  # [phase, L-1, E]
-        affine = self.transition[None, 1:] + self.maps[:, 1:]  # [phase, L-1, E, E]
+        affine = self.transitions[:, 1:] + self.maps[:, 1:]  # [phase, L-1, E, E]
         self.affine = np.concatenate([affine, offset[:, :, None, :]], axis=2).astype(np.float32)  # [phase, L-1, E+1, E]
         return self
 
-    def chain(self, counts: np.ndarray) -> np.ndarray:
-        """``counts`` ``[..., L, E]`` -> ``[..., L-1, E]`` the chain's fractions for layers ``1..L-1``."""
-        c = np.einsum("...le,lef->...lf", counts[..., :-1, :].astype(np.float64), self.transition[1:])
-        return normalize(np.where(c.sum(-1, keepdims=True) > 0, c, self.profile[1:]))
+    def chain(self, counts: np.ndarray, phase: int) -> np.ndarray:
+        """``counts`` ``[..., L, E]`` -> ``[..., L-1, E]`` the phase's chain fractions for layers ``1..L-1``."""
+        c = np.einsum("...le,lef->...lf", counts[..., :-1, :].astype(np.float64), self.transitions[phase, 1:])
+        return normalize(np.where(c.sum(-1, keepdims=True) > 0, c, self.phase_profiles[phase][1:]))
 
     def predict_from_counts(self, prev_counts: np.ndarray, token_part: np.ndarray, phase: int = PREFILL) -> np.ndarray:
         """``prev_counts`` ``[layer, E]`` the batch's counts, ``token_part[0]`` layer 0's fractions ->

@@ -40,7 +40,7 @@ from .pipeline import Workload, fit_predictors, load_workload, replay_plans, res
 from .replay import ReplayConfig, SimResult, make_batches, simulate, static_plan
 from .system import SystemSpec, SystemSpecError, hydra_system, resolve_system
 
-DEFAULT_DISTRIBUTION = ["uniform", "global_profile", "phase_profile", "last_batch", "ema"]
+DEFAULT_DISTRIBUTION = ["uniform", "global_profile", "phase_profile", "step_profile", "last_batch", "ema", "token_mix"]
 DEFAULT_TOKEN = ["most_frequent", "token_table", "position_table", "cross_layer", "ffn"]
 
 
