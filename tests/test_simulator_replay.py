@@ -100,3 +100,34 @@ def test_calibration_recovers_known_parameters(rng):
     for name in calibrate.DEFAULT_FREE:
         assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-3), name
     assert table.abs_error_pct.max() < 0.1
+
+
+def test_distribution_plan_hands_each_token_its_generation_step(rng):
+    """step_profile reads context.steps; the replay must pass every token's generation step (0 prefill,
+    s the s-th decode step), else it silently answers with the phase profile."""
+    from moegps.predictors.base import PredictorCost
+
+    test = random_trace(rng, n_requests=6, n_layers=2, n_experts=8, top_k=2, decode_steps=3)
+    batches = make_batches(test, 4, cfg=ReplayConfig(batch_size=3))
+    seen = []
+
+    class Spy:
+        name = "spy"
+
+        def predict_next(self, past_loads, context):
+            seen.append((context.phase, np.asarray(context.steps)))
+            return np.full((2, 8), 1 / 8)
+
+        def cost(self):
+            return PredictorCost(name="spy", family="distribution")
+
+    system = load_system("h100_8gpu").replace(n_gpus=4, gpus_per_node=4)
+    distribution_plan(batches, Spy(), PlaceFn("balanced", system, 8), system)
+    order = np.argsort(batches.step, kind="stable")
+    want = batches.routing.step[batches.keep][order]
+    bounds = np.searchsorted(batches.step[order], np.arange(batches.n_steps + 1))
+    assert len(seen) == batches.n_steps
+    for s, (phase, steps) in enumerate(seen):
+        np.testing.assert_array_equal(steps, want[bounds[s]:bounds[s + 1]])
+        assert (steps == 0).all() == (phase == 0)
+    assert max(int(steps.max()) for _, steps in seen) == 3  # decode steps 1..3 reached

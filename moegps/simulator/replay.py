@@ -401,12 +401,16 @@ def distribution_plan(batches: Batches, predictor, place: PlaceFn, system: Syste
     prefill = batches.phase[batches.step] == 0
     flat = (token_request[prefill, None, None] * L + np.arange(L)[None, :, None]) * E + batches.experts[prefill]
     prefill_loads = np.bincount(flat.ravel(), minlength=len(requests) * L * E).reshape(len(requests), L, E)
+    # each token's generation step (0 prefill, s the s-th decode step), for step-aware predictors
+    gen_step = (batches.routing.step[batches.keep] if batches.routing is not None and batches.keep is not None
+                else None)
     predicted, errors = [], []
     for s in replan:
         members = np.unique(token_request[order[bounds[s]:bounds[s + 1]]])
         ctx = BatchContext(phase=int(batches.phase[s]), n_tokens=int(batches.n_tokens[s]), n_requests=len(members),
                            token_ids=batches.token_id[order[bounds[s]:bounds[s + 1]]], past_phase=batches.phase[:s],
-                           request_prefill_loads=prefill_loads[members] if batches.phase[s] else None)
+                           request_prefill_loads=prefill_loads[members] if batches.phase[s] else None,
+                           steps=None if gen_step is None else gen_step[order[bounds[s]:bounds[s + 1]]])
         frac = np.asarray(predictor.predict_next(batches.loads[:s], ctx), dtype=np.float64)
         predicted.append(frac * _typical_selections(batches, s))
         true = batches.loads[s] / np.maximum(batches.loads[s].sum(-1, keepdims=True), 1)
