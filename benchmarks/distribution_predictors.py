@@ -23,10 +23,13 @@ Protocol (no test request is seen by fitting or selection):
 - CI: 95% percentile bootstrap over test batches (batches of one partition share no request; at
   B = 64 partitions reuse requests, so the CI there is optimistic).
 
-    python benchmarks/distribution_predictors.py --trace deepseek
-    python benchmarks/distribution_predictors.py --trace traces/mixtral-tiny/mmlu-5000.parquet --limit 600
+    python benchmarks/distribution_predictors.py --trace deepseek --partitions 2
+    python benchmarks/distribution_predictors.py --trace traces/mixtral-tiny/mmlu-5000.parquet --limit 600 --partitions 2
+    python benchmarks/distribution_predictors.py --figure results/distribution_predictors/deepseek-v2-lite \
+        results/distribution_predictors/mmlu-5000 --png docs/img/distribution-predictors.png
 
-writes ``results/distribution_predictors/<name>/{table.csv,table.md,cost.csv}``.
+writes ``results/distribution_predictors/<name>/{table.csv,table.md,summary.md,cost.csv}``; ``--figure``
+draws the accuracy-vs-cost figure from finished folders.
 """
 
 from __future__ import annotations
