@@ -45,8 +45,8 @@ from moegps.predictors import make
 from moegps.predictors.batching import batch_context, batch_stream
 from moegps.predictors.bench import median_time
 from moegps.predictors.signature import layer_counts
-from moegps.workloads import load_trace
 from moegps.trace import PREFILL, RoutingTrace
+from moegps.workloads import load_trace
 
 SIZES = (1, 4, 16, 64)
 BASELINE = "global_profile"
@@ -261,7 +261,7 @@ def short_name(name: str) -> str:
         return name
     head, args = name.rstrip(")").split("(", 1)
     vals = [a.split("=", 1)[-1] for a in args.split(",")]
-    return f"{head}({','.join(v[:-2] if v.endswith('.0') else v for v in vals)})"
+    return f"{head}({','.join(v.removesuffix('.0') for v in vals)})"
 
 
 def summary_markdown(table: pd.DataFrame, label: str) -> str:
@@ -288,7 +288,7 @@ def markdown(table: pd.DataFrame) -> str:
     cols = ["B", "phase", "predictor", "chosen", "n_batches", "mean_tv", "ci_lo", "ci_hi", "reduction",
             "red_ci_lo", "red_ci_hi", "floor_tv", "predictable", "share_of_predictable", "share_ci_lo",
             "share_ci_hi", "meets_bar"]
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for _, r in table.iterrows()]
     return "\n".join(lines)
@@ -334,8 +334,8 @@ def figure(folders: list[Path], png: Path) -> Path:
             c = cost.set_index("B")[col].reindex(d.index)
             x = np.maximum(c.to_numpy(float), floor_ms)
             y = (d.mean_tv / base.reindex(d.index)).to_numpy()
-            line, = ax.plot(x, y, marker="o", ms=4, lw=1, label=label, zorder=3,
-                            ls="--" if n.startswith("reference") else "-")
+            ax.plot(x, y, marker="o", ms=4, lw=1, label=label, zorder=3,
+                    ls="--" if n.startswith("reference") else "-")
             xs += list(x)
             ys += list(y)
             labels += [f"B={b}" for b in d.index]
