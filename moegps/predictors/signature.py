@@ -139,7 +139,7 @@ class PrevLayerRidge(PrevLayer):
 
     name = "prev_layer_ridge"
 
-    def __init__(self, prior: float = 10.0, ridge: float = 0.01, token_prior: float = 5.0, layer0: str = "token_mix"):
+    def __init__(self, prior: float = 10.0, ridge: float = 0.01, token_prior: float = 5.0, layer0: str = "profile"):
         super().__init__(prior=prior, blend=0.0, token_prior=token_prior, layer0=layer0)
         if ridge <= 0:
             raise ValueError(f"prev_layer_ridge: ridge must be > 0 (the deviations sum to 0, so the least-squares "
@@ -214,8 +214,10 @@ class PrevLayerRidge(PrevLayer):
         return self.predict_from_counts(layer_counts(routed, self.n_experts), token_part, int(context.phase))
 
     def cost(self):
+        # run time: the histogram of layer l-1's selections (per token), then one [E+1] @ [E+1, E]
+        # float32 product per layer from one phase's maps (per batch); layer 0 as prev_layer's
         c = super().cost()
-        c.flops_per_batch += 2.0 * self.n_layers * self.n_experts ** 2
-        c.bytes_per_batch += self.maps[0].nbytes
-        c.memory_bytes += self.maps.nbytes
+        c.flops_per_batch = 2.0 * self.affine[0].size
+        c.bytes_per_batch = self.affine[0].nbytes
+        c.memory_bytes = self.affine.nbytes + (c.memory_bytes - self.transition.nbytes)
         return c
