@@ -14,7 +14,8 @@ _spec.loader.exec_module(bench)
 
 
 def _raw(base, floor, best):
-    rows = [dict(fold=0, B=4, phase=0, predictor=n, chosen=n == "cand", tv=np.array(x), selections=None)
+    rows = [dict(fold=0, B=4, phase=0, predictor=n, chosen=n == "cand", chosen_cheap=n == "global_profile",
+                 tv=np.array(x), selections=None)
             for n, x in (("global_profile", base), ("sampling_floor", floor), ("cand", best))]
     return pd.DataFrame(rows)
 
@@ -43,3 +44,17 @@ def test_short_names_and_fold_choices_split_outside_parentheses():
     t = bench.summarise(_raw([0.4, 0.2], [0.1, 0.1], [0.25, 0.15]), np.random.default_rng(0))
     t.loc[t.predictor.str.startswith("best"), "chosen"] = "step_profile,token_mix(prior=1.0)"
     assert "step_profile / token_mix(1)" in bench.summary_markdown(t, "x")
+
+
+def test_the_cost_bar_keeps_families_cheaper_than_token_table_at_each_batch_size():
+    cost = pd.DataFrame([dict(B=1, global_profile_ms=0.01, token_mix_ms=0.05, prev_layer_ridge_ms=0.09,
+                              prev_layer_ridge_given_counts_ms=0.02, token_table_ms=0.04),
+                         dict(B=4, global_profile_ms=0.01, token_mix_ms=0.03, prev_layer_ridge_ms=0.2,
+                              prev_layer_ridge_given_counts_ms=0.05, token_table_ms=0.04)])
+    assert bench.cheaper_than_token_table(cost) == {1: {"global_profile", "prev_layer_ridge"},
+                                                    4: {"global_profile", "token_mix"}}
+    assert bench.family("token_mix(prior=5.0)") == "token_mix"
+    # the summary reports the cheaper choice beside the unconstrained one (here: the profile itself)
+    t = bench.summarise(_raw([0.4, 0.2], [0.1, 0.1], [0.25, 0.15]), np.random.default_rng(0))
+    cheap = t[t.predictor == bench.BEST_CHEAP].iloc[0]
+    assert cheap.chosen == "global_profile" and cheap.reduction == pytest.approx(0.0)
