@@ -45,7 +45,7 @@ from rich.text import Text
 
 from .configs import EXIT_INTERRUPTED
 from .engine.generate import Engine, build_model
-from .engine.model import Model, from_transformers, prefill
+from .engine.model import Model, from_transformers, prefill, weight_bytes_per_step
 from .models.tokenizer import mixtral_tokenizer
 from .paths import BUNDLED_MODELS
 from .shapes import SHAPES
@@ -79,14 +79,9 @@ def step_bytes(model: Model, context: int) -> float:
     norm, router and shared/dense MLP weights, its top-k routed experts (one token picks k distinct
     ones), the final norm, lm_head, one embedding row, and K and V of ``context`` positions."""
     S = model.shape
-    total = sum(t.nbytes for t in (model.norm, model.lm_head)) + model.embed[0].nbytes
-    for layer in model.layers:
-        total += sum(t.nbytes for t in (layer.wqkv, layer.wo, layer.attn_norm, layer.mlp_norm, layer.router,
-                                        layer.shared_gate_up, layer.shared_down) if t is not None)
-        if layer.w_gate_up is not None:
-            total += S.top_k * (layer.w_gate_up[0].nbytes + layer.w_down[0].nbytes)
+    weights = weight_bytes_per_step(model, [S.top_k] * len(model.layers))
     kv = 2 * S.n_layers * S.n_kv_heads * S.head_dim * model.embed.element_size()
-    return float(total + context * kv)
+    return weights + model.embed[0].nbytes + context * kv
 
 
 # ---- one path's greedy decode, timed -------------------------------------------------------------------

@@ -38,56 +38,21 @@ from pathlib import Path
 
 import torch
 
-from ..executor.generate import set_experts_implementation, static_decode
+from ..executor.generate import copy_bandwidth, device_ms, set_experts_implementation, static_decode
 from ..shapes import ModelShape, from_name
 from . import kernels as K
 from .generate import Engine, bucket_for
 from .kernels import ATTENTION_DEFAULTS, decode_attention
-from .model import KVCache, Model, decode_step, from_transformers, prefill, random_model
+from .model import (KVCache, Model, decode_step, from_transformers, prefill, random_model,
+                    weight_bytes_per_step)
 
 PARTS = ("checks", "ceilings", "agree", "decode", "attention", "ttft", "peers", "breakdown")
 
 
 # ---- measuring ---------------------------------------------------------------------------------
-
-def device_ms(fn, reps: int = 20, warmup: int = 3) -> float:
-    """Median device time of ``fn()`` in ms, CUDA events around each call."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
-def graph_ms(fn, reps: int = 20) -> float:
-    """Median device time of ``fn()`` captured once in a CUDA graph and replayed: what the engine's
-    graphed decode step sees, without the host's launch cost (a few microseconds per Triton launch
-    from Python, longer than a small kernel: timed eagerly, the host would be measured)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # compiles the kernels outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    ms = device_ms(graph.replay, reps=reps)
-    del graph
-    return ms
-
-
-def _copy_ms() -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    return device_ms(lambda: dst.copy_(src), reps=20)
-
+# device_ms and copy_bandwidth are the executor's. Small kernels are timed with graph=True (a captured
+# graph's replay, as the engine runs its decode step): timed eagerly, the host's launch cost of a few
+# microseconds per Triton launch from Python would be measured instead of the kernel.
 
 def _matmul_ms() -> float:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -96,9 +61,9 @@ def _matmul_ms() -> float:
 
 
 def ceilings() -> dict:
-    copy_ms, mm_ms = _copy_ms(), _matmul_ms()  # each frees its buffers on return
+    copy_rate, mm_ms = copy_bandwidth(), _matmul_ms()  # each frees its buffers on return
     torch.cuda.empty_cache()
-    return dict(copy_bytes_per_s=2 * (1 << 30) / (copy_ms * 1e-3), matmul_flops_per_s=2 * 8192 ** 3 / (mm_ms * 1e-3),
+    return dict(copy_bytes_per_s=copy_rate, matmul_flops_per_s=2 * 8192 ** 3 / (mm_ms * 1e-3),
                 device=torch.cuda.get_device_name(), torch=torch.__version__)
 
 
@@ -127,22 +92,6 @@ def random_hf_mixtral(shape: ModelShape, seed: int = 0):
             else:
                 p.fill_(1.0)
     return model
-
-
-def weight_bytes_per_step(model: Model, distinct_experts: list[float]) -> float:
-    """Bytes a decode step must read besides the KV cache: every non-expert weight of every layer,
-    the final norm and lm_head, and each layer's distinct experts touched (``distinct_experts[l]``),
-    at the tensors' own element sizes."""
-    def nbytes(*tensors):
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-    total = nbytes(model.norm, model.lm_head)
-    for layer, touched in zip(model.layers, distinct_experts):
-        total += nbytes(layer.wqkv, layer.wo, layer.attn_norm, layer.mlp_norm, layer.router, layer.shared_gate_up,
-                        layer.shared_down)
-        if layer.w_gate_up is not None:
-            total += touched * nbytes(layer.w_gate_up[0], layer.w_down[0])
-    return float(total)
 
 
 def distinct_experts_per_layer(engine: Engine, bucket: int, steps: int = 4) -> list[float]:
@@ -294,7 +243,7 @@ def part_attention(shape: ModelShape, batches, contexts, copy_rate: float, sweep
                 def run():
                     for k, v in caches:
                         decode_attention(q, k, v, lengths, **settings)
-                return graph_ms(run, reps=10) / n_copies * 1e3
+                return device_ms(run, reps=10, warmup=2, graph=True) / n_copies * 1e3
             default_us = time_us({})
             row = dict(shape=shape.name, batch=batch, context=context, floor_us=floor_us, default_us=default_us,
                        pct_of_floor=100 * floor_us / default_us)

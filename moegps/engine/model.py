@@ -223,6 +223,22 @@ def from_transformers(hf_model) -> Model:
                          source=f"transformers {type(hf_model).__name__}")
 
 
+def weight_bytes_per_step(model: Model, distinct_experts: list[float]) -> float:
+    """Bytes a decode step must read besides the KV cache: every non-expert weight of every layer,
+    the final norm and lm_head, and each layer's distinct experts touched (``distinct_experts[l]``),
+    at the tensors' own element sizes."""
+    def nbytes(*tensors):
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    total = nbytes(model.norm, model.lm_head)
+    for layer, touched in zip(model.layers, distinct_experts):
+        total += nbytes(layer.wqkv, layer.wo, layer.attn_norm, layer.mlp_norm, layer.router, layer.shared_gate_up,
+                        layer.shared_down)
+        if layer.w_gate_up is not None:
+            total += touched * nbytes(layer.w_gate_up[0], layer.w_down[0])
+    return float(total)
+
+
 # ---- the forward passes --------------------------------------------------------------------------
 
 def _swiglu(x, gate_up, down):
