@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .configs import all_or_first_n
 from .importers.deepseek_csv import read_deepseek_csv
 from .paths import shared_data
 from .shapes import SHAPES, ModelShape, from_hf_config, from_name
@@ -119,8 +120,9 @@ def load_trace(spec: str, limit: int | None = None, seed: int = 0, skew: float =
     ``synthetic`` arguments), a folder of DeepSeek-style CSVs, or a RoutingTrace parquet file or
     folder. ``limit`` keeps the first N requests by id (the first N files of a CSV folder)."""
     spec = str(spec)
-    if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
-        raise ValueError(f"config field 'limit' is {limit!r}, expected null (all) or a positive integer (the first N)")
+    expected = all_or_first_n(limit)  # the commands' own rule, for callers that bypass their configs
+    if expected:
+        raise ValueError(f"config field 'limit' is {limit!r}, expected {expected}")
     if spec == "random":
         return random_trace(np.random.default_rng(seed), n_requests=limit or 400, prompt_len=(8, 64),
                             decode_steps=16, n_layers=4, n_experts=16, top_k=2)
