@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import hydra
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq

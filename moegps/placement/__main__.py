@@ -24,10 +24,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ..configs import (ConfigError, all_or_first_n, checked, each, fraction, hydra_command, nonnegative, one_of,
+from ..configs import (all_or_first_n, checked, each, fraction, hydra_command, nonnegative, one_of,
                        optional, positive, register, validate)
 from ..importers.olmoe_routing import load_expert_counts
-from ..paths import CONF_DIR, register_resolvers
 from ..shapes import from_name
 from ..workloads import train_test, trace_shape
 from . import split

@@ -39,7 +39,6 @@ import pandas as pd
 from ..configs import (ConfigError, all_or_first_n, check_arguments, checked, fraction, nonnegative, one_of, optional, positive,
                        hydra_command, register, validate)
 from ..files import atomic_path
-from ..paths import CONF_DIR, register_resolvers
 from ..trace import DECODE, PREFILL, RoutingTrace
 from ..workloads import TrainTest, check_token_space, train_test
 from .base import DistributionPredictor, TokenPredictor, normalize

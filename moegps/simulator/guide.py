@@ -31,7 +31,6 @@ import pandas as pd
 from ..configs import (all_or_first_n, checked, each, fraction, hydra_command, nonnegative, one_of, optional, positive,
                        register, validate)
 from ..files import atomic_path, save_png
-from ..paths import CONF_DIR, register_resolvers
 from ..placement.algorithms import place
 from ..predictors import REGISTRY
 from ..results import write_rows
