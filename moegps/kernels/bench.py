@@ -46,11 +46,12 @@ import torch.nn.functional as F
 from moegps import shapes as shape_registry
 from moegps.kernels import timing
 from moegps.kernels.launch import (combine_atomic, combine_sum, default_config, fused_moe, get_config,
-                                   launch_down, launch_gate_up, route)
+                                   h_rows, launch_down, launch_gate_up, route)
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.routing import SCAN, align
 from moegps.kernels.timing import flush_control, make_inputs, make_routing, rel_err, time_many, time_us
 from moegps.kernels.tune import FUSED_MAX_PAIRS, FUSED_TILES, config_tasks, fused_config, precompile, tune
+from moegps.kernels.tune import PATHS as TUNE_PATHS
 
 
 
@@ -105,7 +106,8 @@ def gemm_launches(x, w13, w2, ids, weights, config: dict):
     n_tokens, top_k = ids.shape
     flat_ids, gates = ids.reshape(-1), weights.reshape(-1)
     routing = route(flat_ids, w13.shape[0], config)
-    h = torch.empty(flat_ids.numel(), w2.shape[2], dtype=x.dtype, device=x.device)
+    h = torch.empty(h_rows(config, routing, flat_ids.numel()), w2.shape[2], dtype=x.dtype,
+                    device=x.device)
     y = (torch.zeros(n_tokens, x.shape[1], dtype=torch.float32, device=x.device)
          if combine_atomic(config, top_k) else
          torch.empty(flat_ids.numel(), x.shape[1], dtype=x.dtype, device=x.device))
@@ -285,6 +287,9 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="*", choices=shape_registry.names(), default=list(DEFAULT_SHAPES),
                         help="model shapes (moegps.shapes) whose expert sizes are timed")
     parser.add_argument("--tune", action="store_true", help="tune configs first, write JSON")
+    parser.add_argument("--tune-paths", nargs="*", choices=TUNE_PATHS, default=list(TUNE_PATHS),
+                        help="with --tune, search these paths only (each token count's current "
+                        "config competes, so a narrower search keeps it unless beaten)")
     parser.add_argument("--seed", type=int, default=0, help="seed of inputs and routing")
     parser.add_argument("--fused", action="store_true",
                         help="also time the one-launch fused decode path's tiles (FUSED_TILES) "
@@ -317,7 +322,8 @@ def main(argv=None):
     if args.tune:
         command = "python -m moegps.kernels.bench " + " ".join(
             sys.argv[1:] if argv is None else argv)
-        tune(shapes, tokens, out_dir, args.workers, command, args.seed)  # edge-case checks beside compiles
+        # edge-case checks beside the compiles
+        tune(shapes, tokens, out_dir, args.workers, command, args.seed, args.tune_paths)
     else:  # compile the configs the benchmark uses in parallel, checks beside them
         tasks = set()
         for name, shape in shapes.items():

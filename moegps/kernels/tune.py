@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
+from moegps.files import atomic_path
 from moegps.kernels import launch
-from moegps.kernels.launch import fused_moe, launch_down, launch_gate_up, route
+from moegps.kernels.launch import fused_moe, h_rows, launch_down, launch_gate_up, route
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.timing import make_inputs, make_routing, rel_err, time_many
 
@@ -43,6 +44,15 @@ SORTED_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 
                 (128, 64, 8, 4, "paired", "tma"), (128, 64, 8, 3, "paired", "tma"),
                 (64, 64, 8, 4, "paired", "tma"), (64, 128, 8, 3, "paired", "tma"),
                 (64, 128, 4, 4, "paired", "tma")]
+# sorted path in expert order (config "order": "expert", both operands of both GEMMs through TMA;
+# "paired" and "tma" are implied there and mark here the gate/up tiles (one dot of 2 x block_n)
+# apart from the down tiles): the compute-bound regime's tiles, 128 x 256 and 128 x 128 MMA
+# tiles of cuBLAS's own Hopper kernels among them
+EXPERT_ORDER_TILES = [(128, 64, 8, 3, "paired"), (128, 64, 8, 4, "paired"),
+                      (64, 64, 8, 4, "paired"), (64, 128, 8, 3, "paired"),
+                      (64, 64, 4, 4, "paired"), (64, 128, 4, 3, "paired"),
+                      (256, 64, 8, 3), (256, 64, 8, 4), (128, 64, 8, 4), (128, 128, 8, 3),
+                      (128, 64, 4, 3), (128, 64, 4, 4), (64, 128, 4, 4)]
 # fused path: (block_f, block_k, block_n, num_warps, num_stages[, variant]); 64 experts at T=1
 # with block_f 64 is 6 slots x 22 F tiles = 132 programs, one per H100 SM
 FUSED_TILES = [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 256, 128, 8, 2),
@@ -97,7 +107,7 @@ def config_tasks(name: str, shape: tuple, config: dict) -> set:
         f = config["fused"]
         t = tuple(f[k] for k in ("block_f", "block_k", "block_n", "num_warps", "num_stages"))
         return {(name, shape, "fused", config_block(config), t + variants(f))}
-    return {(name, shape, config["path"], config_block(config), tile_tuple(config[gemm]))
+    return {(name, shape, config_path(config), config_block(config), tile_tuple(config[gemm]))
             for gemm in ("gate_up", "down")}
 
 
@@ -114,7 +124,7 @@ def describe(config: dict) -> str:
     if config["path"] == "fused":
         return "fused " + describe_tile(config["fused"])
     gemms = " / ".join(describe_tile(config[g]) for g in ("gate_up", "down"))
-    return (f"{config['path']} block_m {config['block_m']}"
+    return (f"{config_path(config)} block_m {config['block_m']}"
             f"{' half' if config.get('half_tail') else ''} {gemms}"
             f" combine {config.get('combine', 'sum')}")
 
@@ -134,10 +144,20 @@ def blocks(path: str, rows: float) -> list[tuple[int, bool]]:
     return [(bm, half) for bm in bms for half in ((False, True) if bm >= 64 else (False,))]
 
 
+# the tuner's name of the sorted path in expert order (a config's "path" stays "sorted")
+EXPERT_ORDER = "sorted-expert"
+
+
 def base_config(path: str, block: tuple[int, bool]) -> dict:
-    """The routing part of a config: path, block_m and (when set) half_tail."""
+    """The routing part of a config: path, block_m and (when set) half_tail and order."""
     bm, half = block
-    return {"path": path, "block_m": bm, **({"half_tail": True} if half else {})}
+    order = {"path": "sorted", "order": "expert"} if path == EXPERT_ORDER else {"path": path}
+    return {**order, "block_m": bm, **({"half_tail": True} if half else {})}
+
+
+def config_path(config: dict) -> str:
+    """The tuner's path name of a config (inverse of `base_config`'s path)."""
+    return EXPERT_ORDER if launch.expert_order(config) else config["path"]
 
 
 def config_block(config: dict) -> tuple[int, bool]:
@@ -145,13 +165,21 @@ def config_block(config: dict) -> tuple[int, bool]:
     return config["block_m"], bool(config.get("half_tail", False))
 
 
-def candidates(n_tokens, n_experts, top_k) -> list[tuple[str, tuple[int, bool], list]]:
-    """(path, (BLOCK_M, half_tail), tiles) groups the tuner tries for one (shape, token count)."""
+PATHS = ("fused", "scan", "sorted", EXPERT_ORDER)  # the tuner's path names
+
+
+def candidates(n_tokens, n_experts, top_k, paths=PATHS) -> list[tuple[str, tuple[int, bool], list]]:
+    """(path, (BLOCK_M, half_tail), tiles) groups the tuner tries for one (shape, token count),
+    of the named paths only."""
     rows = n_tokens * top_k / n_experts
     fused = [("fused", (16, False), FUSED_TILES)] if n_tokens * top_k <= FUSED_MAX_PAIRS else []
-    return fused + [(path, block, tiles)
-                    for path, tiles in (("scan", SCAN_TILES), ("sorted", SORTED_TILES))
-                    for block in blocks(path, rows)]
+    # expert order where the GEMMs are compute-bound (its row copy is one more launch)
+    expert = [(EXPERT_ORDER, block, EXPERT_ORDER_TILES)
+              for block in blocks("sorted", rows) if block[0] >= 64]
+    groups = fused + [(path, block, tiles)
+                      for path, tiles in (("scan", SCAN_TILES), ("sorted", SORTED_TILES))
+                      for block in blocks(path, rows)] + expert
+    return [group for group in groups if group[0] in paths]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,9 +223,16 @@ def check_edge_cases() -> list[str]:
                "fused_tma_paired": fused_config((64, 64, 64, 4, 3, "paired", "tma")),
                "sorted_tma_atomic": {"path": "sorted", "block_m": 128, "half_tail": True,
                                      "combine": "atomic", "gate_up": tile((64, 64, 8, 3, "tma")),
-                                     "down": tile((64, 64, 8, 3, "tma"))}}
+                                     "down": tile((64, 64, 8, 3, "tma"))},
+               "expert_half": {"path": "sorted", "order": "expert", "block_m": 128,
+                               "half_tail": True, "gate_up": tile((64, 64, 8, 3)),
+                               "down": tile((64, 64, 8, 3))},
+               "expert_atomic": {"path": "sorted", "order": "expert", "block_m": 64,
+                                 "combine": "atomic", "gate_up": tile((64, 64, 4, 3)),
+                                 "down": tile((64, 64, 4, 3))}}
     for (case, (T, E, H, Fd, k, kind)), path in itertools.product(cases.items(), configs):
-        if path.startswith("sorted") and case.startswith("decode"):
+        if (path.startswith(("sorted", "expert")) and case.startswith("decode")
+                or path.startswith("expert") and case == "odd_hidden"):  # F=100: not TMA rows
             continue
         x, w13, w2 = make_inputs(E, H, Fd, k, T, seed=7)
         ids, weights = make_routing(T, E, k, seed=7)
@@ -208,7 +243,9 @@ def check_edge_cases() -> list[str]:
         if kind == "hot":  # expert 5 in every token's top-k
             ids[:, 0] = torch.where((ids == 5).any(dim=1), ids[:, 0], 5)
         ref = moe_reference(x.double(), w13.double(), w2.double(), ids, weights.double())
-        ws = {"h": torch.full((T * k, Fd), float("nan"), dtype=x.dtype, device="cuda"),
+        ws = {"h": torch.full((T * k + E * 128, Fd), float("nan"), dtype=x.dtype, device="cuda"),
+              "x_sorted": torch.full((T * k + E * 128, H), float("nan"), dtype=x.dtype,
+                                     device="cuda"),
               "y": torch.full((T * k, H), float("nan"), dtype=x.dtype, device="cuda"),
               "scratch": torch.full((E * T * k,), -7, dtype=torch.int32, device="cuda")}
         errs, finite = [], True
@@ -251,9 +288,9 @@ def _compile_task(task):
             return task, [f"{type(exc).__name__}: {str(exc)[:120]}"]
     config = dict(base_config(path, block), gate_up=tile(t), down=tile(t))
     ids = torch.randint(0, n_experts, (16 * top_k,), device="cuda")
-    h = torch.randn(16 * top_k, ffn, dtype=torch.bfloat16, device="cuda")
-    y = torch.empty(16 * top_k, hidden, dtype=torch.bfloat16, device="cuda")
     routing = route(ids, n_experts, config)
+    h = torch.randn(h_rows(config, routing, ids.numel()), ffn, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty(16 * top_k, hidden, dtype=torch.bfloat16, device="cuda")
     gates = torch.rand(16 * top_k, device="cuda")
     acc = torch.zeros(16, hidden, device="cuda")
     errors = []
@@ -261,7 +298,7 @@ def _compile_task(task):
                 lambda: launch_down(h, w2, y, gates, ids, routing, config, top_k),
                 # the atomic-combine variant of TMA down tiles (the large-batch winners; others
                 # compile when the tuner first times them)
-                lambda: "tma" in t and launch_down(h, w2, acc, gates, ids, routing,
+                lambda: ("tma" in t or path == EXPERT_ORDER) and launch_down(h, w2, acc, gates, ids, routing,
                                                    dict(config, combine="atomic"), top_k)):
         try:
             run()
@@ -291,25 +328,31 @@ def precompile(tasks, workers):
     return failed
 
 
-def tune_one(name, shape, n_tokens, failed, seed=0) -> dict:
+def tune_one(name, shape, n_tokens, failed, seed=0, paths=PATHS, incumbent=None) -> dict:
     """Best config for one (shape, tokens): each GEMM's tile timed alone per (path, block), then
     the best pair timed whole (routing + both GEMMs + combine, CUDA graph) with each combine
-    (the k-way combine kernel, atomics in the down GEMM); each fused tile (decode) timed whole."""
+    (the k-way combine kernel, atomics in the down GEMM); each fused tile (decode) timed whole.
+    `incumbent` (the file's config for these tokens, if any) competes in the whole-call round,
+    so a search of fewer `paths` keeps it unless something beats it."""
     n_experts, hidden, ffn, top_k = shape
     x, w13, w2 = make_inputs(n_experts, hidden, ffn, top_k, n_tokens, seed)
     ids, weights = make_routing(n_tokens, n_experts, top_k, seed)
     flat_ids, flat_w = ids.reshape(-1), weights.reshape(-1)
     n_pairs = n_tokens * top_k
-    h = torch.empty(n_pairs, ffn, dtype=x.dtype, device="cuda")
+    # rows for any config: expert order keeps a row per sorted row, padding included
+    h = torch.empty(n_pairs + n_experts * 128, ffn, dtype=x.dtype, device="cuda")
     y = torch.empty(n_pairs, hidden, dtype=x.dtype, device="cuda")
-    whole = []  # the whole-call candidates, timed together at the end
+    # the whole-call candidates, timed together at the end
+    whole = [{k: v for k, v in incumbent.items()
+              if k not in ("us", "tuned_by", "tuned_on", "kept_by")}] if incumbent else []
 
-    for path, block, tiles in candidates(n_tokens, n_experts, top_k):
+    for path, block, tiles in candidates(n_tokens, n_experts, top_k, paths):
         if path == "fused":
             whole += [fused_config(t) for t in tiles
                       if (name, path, block, t, "fused") not in failed]
             continue
-        gu_tiles = [t for t in tiles if (name, path, block, t, "gate_up") not in failed]
+        gu_tiles = [t for t in tiles if (name, path, block, t, "gate_up") not in failed
+                    and (paired(t) or path != EXPERT_ORDER)]
         dn_tiles = [t for t in tiles
                     if not paired(t) and (name, path, block, t, "down") not in failed]
         if not gu_tiles or not dn_tiles:
@@ -331,7 +374,7 @@ def tune_one(name, shape, n_tokens, failed, seed=0) -> dict:
             best3 = sorted(us, key=us.get)[:3]  # the log: the three fastest
             print(f"    {path} {block} {gemm}: "
                   + ", ".join(f"{describe_tile(t)} {us[t]:.1f}" for t in best3), flush=True)
-            if path != "sorted":  # the scan path's grid has no row-block order
+            if path == "scan":  # the scan path's grid has no row-block order
                 return tile(best3[0])
             us = time_many({g: run(tile(best3[0], group_m=g)) for g in GROUP_MS},
                            warmup=5, rep=25)
@@ -359,36 +402,46 @@ def tune_one(name, shape, n_tokens, failed, seed=0) -> dict:
     for i in runs:
         print(f"    whole call {us[i]:9.1f} us: {describe(whole[i])}", flush=True)
     best = min(us, key=us.get)
+    if incumbent and best == 0:  # kept: it stays as it was tuned (its own record)
+        print(f"  kept {name} T={n_tokens}: {describe(whole[0])}", flush=True)
+        return incumbent
     config = dict(whole[best], us=round(us[best], 2))
     print(f"  tuned {name} T={n_tokens}: {config}", flush=True)
     return config
 
 
-def tune(shapes, tokens, out_dir: Path, workers: int, command: str, seed: int = 0) -> Path:
+def tune(shapes, tokens, out_dir: Path, workers: int, command: str, seed: int = 0,
+         paths=PATHS) -> Path:
+    """Tune each (shape, tokens) over `paths` and merge the results into configs/<device>.json
+    (and a copy in out_dir), rewritten after each one (temporary file, then rename): a run cut
+    short keeps what it finished. Token counts not tuned now keep their entries; with fewer
+    paths than all, each entry's current config competes (tune_one's incumbent)."""
     tasks = set()
     for name, shape in shapes.items():
         for n_tokens in tokens:
-            for path, block, tiles in candidates(n_tokens, shape[0], shape[3]):
+            for path, block, tiles in candidates(n_tokens, shape[0], shape[3], paths):
                 tasks.update((name, shape, path, block, t) for t in tiles)
             tasks |= config_tasks(name, shape, launch.default_config(n_tokens, *shape))
     failed = precompile(sorted(tasks, key=str), workers)
-    # Merged into the device's file: token counts not tuned now keep their entries.
     path = launch.CONFIG_DIR / f"{launch.device_name()}.json"
     table = json.loads(path.read_text()) if path.exists() else {"shapes": {}}
     table.update({"device": launch.device_name(), "torch": torch.__version__,
                   "triton": __import__("triton").__version__,
                   "command": command})
     for name, shape in shapes.items():
-        by_tokens = table["shapes"].setdefault(launch.shape_key(*shape), {})
-        # each entry names the command that tuned it (the file merges several runs)
-        by_tokens.update({str(t): dict(tune_one(name, shape, t, failed, seed), tuned_by=command)
-                          for t in tokens})
-        table["shapes"][launch.shape_key(*shape)] = dict(sorted(by_tokens.items(),
-                                                                key=lambda kv: int(kv[0])))
-    text = json.dumps(table, indent=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    (out_dir / path.name).write_text(text)
-    path.write_text(text)
-    launch._tuned_table.cache_clear()
+        key = launch.shape_key(*shape)
+        for n_tokens in tokens:
+            by_tokens = table["shapes"].setdefault(key, {})
+            incumbent = by_tokens.get(str(n_tokens)) if set(paths) != set(PATHS) else None
+            config = tune_one(name, shape, n_tokens, failed, seed, paths, incumbent)
+            # each entry names the command that tuned it (the file merges several runs)
+            by_tokens[str(n_tokens)] = (dict(config, kept_by=command) if config is incumbent
+                                        else dict(config, tuned_by=command))
+            table["shapes"][key] = dict(sorted(by_tokens.items(), key=lambda kv: int(kv[0])))
+            text = json.dumps(table, indent=1)
+            for target in (out_dir / path.name, path):
+                with atomic_path(target) as tmp:
+                    tmp.write_text(text)
+            launch._tuned_table.cache_clear()
     print(f"wrote {path} and {out_dir / path.name}", flush=True)
     return path
