@@ -16,8 +16,9 @@ block_m / 2 only, and its last block runs at half height when that is all it hol
 A sorted config may set "order": "expert": the token rows are first copied into expert order
 (one streaming launch), so that both GEMMs read both operands through the copy engine and h
 stays in expert order between them (its buffer then has one row per sorted row, padding
-included: `h_rows`); the tiles' "paired" and "tma" flags are implied. Hidden and FFN sizes must
-give 16-byte rows. The default, "pair", gathers rows through pointers and keeps h in pair order.
+included: `h_rows`); the tiles' "paired" and "tma" flags are implied, and a tile may set "ws"
+(Triton's automatic warp specialization of its K loop). Hidden and FFN sizes must give 16-byte
+rows. The default, "pair", gathers rows through pointers and keeps h in pair order.
 A scan or sorted config may set "combine": "atomic": the down GEMM adds its tiles into an fp32
 [T, H] accumulator with atomics instead of writing y [T*k, H] for a k-way sum afterwards (the
 default, "sum", is deterministic; "atomic" varies in the last bits from run to run).
@@ -362,7 +363,7 @@ def launch_gate_up(x, w_gate_up, h, ids, routing, config: dict, top_k: int,
             _descriptor(h, block_m, bn, "h"), _descriptor(h, half, bn, "h"),
             routing.block_expert, routing.block_start, routing.n_blocks, hidden, ffn,
             routing.max_blocks, tile["group_m"], BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
-            HALF_TAIL=routing.half_tail, num_warps=tile["num_warps"],
+            HALF_TAIL=routing.half_tail, WS=bool(tile.get("ws")), num_warps=tile["num_warps"],
             num_stages=tile["num_stages"])
         return
     common = _gemm_kwargs(tile, block_m, hidden)
@@ -400,8 +401,8 @@ def launch_down(h, w_down, y, weights, ids, routing, config: dict, top_k: int) -
             *_blocks(routing), ids.numel(), top_k, hidden, ffn, routing.max_blocks,
             tile["group_m"], y.stride(0), BLOCK_M=block_m, BLOCK_N=tile["block_n"],
             BLOCK_K=tile["block_k"], HALF_TAIL=routing.half_tail,
-            COMBINE=combine_atomic(config, top_k), num_warps=tile["num_warps"],
-            num_stages=tile["num_stages"])
+            COMBINE=combine_atomic(config, top_k), WS=bool(tile.get("ws")),
+            num_warps=tile["num_warps"], num_stages=tile["num_stages"])
         return
     common = dict(_gemm_kwargs(tile, block_m, ffn), COMBINE=combine_atomic(config, top_k))
     strides = (h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0))

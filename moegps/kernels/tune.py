@@ -49,10 +49,10 @@ SORTED_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 
 # apart from the down tiles): the compute-bound regime's tiles, 128 x 256 and 128 x 128 MMA
 # tiles of cuBLAS's own Hopper kernels among them
 EXPERT_ORDER_TILES = [(128, 64, 8, 3, "paired"), (128, 64, 8, 4, "paired"),
-                      (64, 64, 8, 4, "paired"), (64, 128, 8, 3, "paired"),
                       (64, 64, 4, 4, "paired"), (64, 128, 4, 3, "paired"),
-                      (256, 64, 8, 3), (256, 64, 8, 4), (128, 64, 8, 4), (128, 128, 8, 3),
-                      (128, 64, 4, 3), (128, 64, 4, 4), (64, 128, 4, 4)]
+                      (256, 64, 8, 4), (128, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 3)]
+# ... and each with "ws": Triton's automatic warp specialization of the K loop
+EXPERT_ORDER_TILES += [t + ("ws",) for t in EXPERT_ORDER_TILES]
 # fused path: (block_f, block_k, block_n, num_warps, num_stages[, variant]); 64 experts at T=1
 # with block_f 64 is 6 slots x 22 F tiles = 132 programs, one per H100 SM
 FUSED_TILES = [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 256, 128, 8, 2),
@@ -70,7 +70,7 @@ FUSED_TILES = [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 256, 128, 8, 2),
 GROUP_MS = (8, 16, 32)
 # the tuner tries the fused path up to this many (token, slot) pairs (64 experts T=8: 48)
 FUSED_MAX_PAIRS = 64
-VARIANTS = ("paired", "tma")  # tile flags, in the order candidate tuples name them
+VARIANTS = ("paired", "tma", "ws")  # tile flags, in the order candidate tuples name them
 
 
 def variants(d: dict) -> tuple:
@@ -227,6 +227,9 @@ def check_edge_cases() -> list[str]:
                "expert_half": {"path": "sorted", "order": "expert", "block_m": 128,
                                "half_tail": True, "gate_up": tile((64, 64, 8, 3)),
                                "down": tile((64, 64, 8, 3))},
+               "expert_ws": {"path": "sorted", "order": "expert", "block_m": 128,
+                             "half_tail": True, "gate_up": tile((64, 64, 8, 3, "ws")),
+                             "down": tile((64, 64, 8, 3, "ws"))},
                "expert_atomic": {"path": "sorted", "order": "expert", "block_m": 64,
                                  "combine": "atomic", "gate_up": tile((64, 64, 4, 3)),
                                  "down": tile((64, 64, 4, 3))}}
@@ -389,6 +392,16 @@ def tune_one(name, shape, n_tokens, failed, seed=0, paths=PATHS, incumbent=None)
         for combine in ("sum", "atomic") if top_k > 1 else ("sum",):
             whole.append(dict(base, gate_up=gu, down=dn,
                               **({"combine": "atomic"} if combine == "atomic" else {})))
+    if incumbent and incumbent["path"] != "fused":  # its GEMMs alone, beside the log's others
+        current = whole[0]
+        routing = route(flat_ids, n_experts, current)
+        launch_gate_up(x, w13, h, flat_ids, routing, current, top_k)
+        us = time_many({"gate_up": lambda: launch_gate_up(x, w13, h, flat_ids, routing, current,
+                                                          top_k),
+                        "down": lambda: launch_down(h, w2, y, flat_w, flat_ids, routing,
+                                                    dict(current, combine="sum"), top_k)},
+                       warmup=5, rep=25)
+        print(f"    incumbent gate_up {us['gate_up']:.1f}, down {us['down']:.1f}", flush=True)
     runs = {}
     for i, config in enumerate(whole):
         run = functools.partial(fused_moe, x, w13, w2, ids, weights, config=config)
