@@ -64,11 +64,6 @@ CONFIGS["fused_tma_paired"] = {**CONFIGS["fused"],
 # the k-way combine as atomics in the down GEMM's epilogue (k = 1 keeps the plain store)
 CONFIGS["scan_atomic"] = {**CONFIGS["scan"], "combine": "atomic"}
 CONFIGS["sorted_tma_half_atomic"] = {**CONFIGS["sorted_tma_half"], "combine": "atomic"}
-# rows copied into expert order first: both GEMMs read both operands through tensor descriptors
-# and h stays in expert order (full blocks, half tails, the atomic combine)
-CONFIGS["sorted_expert"] = {**CONFIGS["sorted"], "order": "expert"}
-CONFIGS["sorted_expert_half_atomic"] = {**CONFIGS["sorted_half"], "order": "expert",
-                                        "combine": "atomic"}
 
 PATHS = list(CONFIGS)
 
@@ -100,9 +95,7 @@ def make_problem(rng, n_tokens, n_experts, hidden, ffn, top_k, dtype, ids=None):
 
 def poisoned_workspace(n_tokens, top_k, n_experts, hidden, ffn, dtype):
     n_pairs = n_tokens * top_k
-    rows = n_pairs + n_experts * 32  # expert order: every sorted row, padding included
-    return {"h": torch.full((rows, ffn), float("nan"), dtype=dtype),
-            "x_sorted": torch.full((rows, hidden), float("nan"), dtype=dtype),
+    return {"h": torch.full((n_pairs, ffn), float("nan"), dtype=dtype),
             "y": torch.full((n_pairs, hidden), float("nan"), dtype=dtype),
             "scratch": torch.full((n_experts * n_pairs,), -7, dtype=torch.int32)}
 
@@ -177,18 +170,6 @@ def test_tma_falls_back_where_rows_are_not_16_byte_aligned(rng):
     on pointer loads; the result must not change."""
     for path in ("fused_tma", "sorted_tma_half_atomic"):
         check(make_problem(rng, 11, 5, 48, 36, 2, torch.float16), path, torch.float16)
-
-
-def test_expert_order_refuses_rows_the_copy_engine_cannot_address(rng):
-    """Expert order has no pointer fallback (h's layout depends on it): F = 36 fp16 is a clear
-    error naming the field, not a wrong answer; a config field of an unknown value too."""
-    x, w13, w2, ids, weights = make_problem(rng, 11, 5, 48, 36, 2, torch.float16)
-    with pytest.raises(ValueError, match="'order': 'expert' reads .*16-byte"):
-        fused_moe(x, w13, w2, ids, weights, config=CONFIGS["sorted_expert"])
-    with pytest.raises(ValueError, match="config field 'order'"):
-        fused_moe(x, w13, w2, ids, weights, config=dict(CONFIGS["sorted"], order="token"))
-    with pytest.raises(ValueError, match="config field 'order'"):
-        fused_moe(x, w13, w2, ids, weights, config=dict(CONFIGS["scan"], order="expert"))
 
 
 def test_fused_expert_in_every_token(rng):

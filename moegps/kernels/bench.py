@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from moegps import shapes as shape_registry
 from moegps.kernels import timing
 from moegps.kernels.launch import (combine_atomic, combine_sum, default_config, fused_moe, get_config,
-                                   h_rows, launch_down, launch_gate_up, route)
+                                   launch_down, launch_gate_up, route)
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.routing import SCAN, align
 from moegps.kernels.timing import flush_control, make_inputs, make_routing, rel_err, time_many, time_us
@@ -106,8 +106,7 @@ def gemm_launches(x, w13, w2, ids, weights, config: dict):
     n_tokens, top_k = ids.shape
     flat_ids, gates = ids.reshape(-1), weights.reshape(-1)
     routing = route(flat_ids, w13.shape[0], config)
-    h = torch.empty(h_rows(config, routing, flat_ids.numel()), w2.shape[2], dtype=x.dtype,
-                    device=x.device)
+    h = torch.empty(flat_ids.numel(), w2.shape[2], dtype=x.dtype, device=x.device)
     y = (torch.zeros(n_tokens, x.shape[1], dtype=torch.float32, device=x.device)
          if combine_atomic(config, top_k) else
          torch.empty(flat_ids.numel(), x.shape[1], dtype=x.dtype, device=x.device))

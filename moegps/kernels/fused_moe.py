@@ -186,18 +186,9 @@ def _down_tile(
             acc = tl.dot(a, _load_weights(b_ptrs, n_mask, offs_k, F - k0, EVEN_K), acc)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
-    _down_epilogue(acc, out_ptr, weights_ptr, pair, valid_m, offs_n, H, stride_om, top_k, COMBINE)
-
-
-@triton.jit
-def _down_epilogue(acc, out_ptr, weights_ptr, pair, valid_m, offs_n, H, stride_om, top_k,
-                   COMBINE: tl.constexpr):
-    """Scale a down tile's rows by their gate weights and write them: to y[pair] (store), or with
-    COMBINE added into the fp32 [T, H] accumulator's token rows pair // top_k (atomics)."""
     gate = tl.load(weights_ptr + pair, mask=valid_m, other=0.0).to(tl.float32)
     acc = acc * gate[:, None]
-    out_mask = valid_m[:, None] & (offs_n < H)[None, :]
-    pair64 = pair.to(tl.int64)
+    out_mask = valid_m[:, None] & n_mask[None, :]
     if COMBINE:
         out_ptrs = out_ptr + (pair64 // top_k)[:, None] * stride_om + offs_n[None, :]
         # relaxed: only the sum matters, and the launch boundary orders it for readers
@@ -431,101 +422,6 @@ def down_sorted_kernel(
         _down_block(*args, BLOCK_M // 2, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE)
     else:
         _down_block(*args, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE)
-
-
-@triton.jit
-def gather_rows_kernel(x_ptr, xs_ptr, sorted_ptr, n_padded_ptr, n_pairs, top_k, H, stride_xt,
-                       BLOCK_H: tl.constexpr):
-    """xs[s] = x[sorted_pair_ids[s] // top_k] for each sorted row s < n_padded, padding rows 0:
-    the token rows copied into expert order (grid: one program per sorted row of the worst case;
-    those past n_padded return at once). What the expert-order GEMMs read through TMA."""
-    s = tl.program_id(0)
-    if s >= tl.load(n_padded_ptr):
-        return
-    pair = tl.load(sorted_ptr + s)
-    tok = (pair // top_k).to(tl.int64)
-    read = tl.where(pair < n_pairs, H, 0)  # a padding row reads nothing and is written as 0
-    for h0 in range(0, H, BLOCK_H):
-        offs = h0 + tl.arange(0, BLOCK_H)
-        row = tl.load(x_ptr + tok * stride_xt + offs, mask=offs < read, other=0.0)
-        tl.store(xs_ptr + s.to(tl.int64) * H + offs, row, mask=offs < H)
-
-
-@triton.jit
-def _gate_up_rows(xs_desc, w_desc, h_desc, row, expert, pid_n, H,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  WS: tl.constexpr):
-    """h[row:row+BLOCK_M, n tile] = silu(xs @ w1[e, n tile]^T) * (xs @ w3[e, n tile]^T) of the
-    expert-ordered rows from `row`: A and the stacked gate/up weight tile both through the copy
-    engine (one [2, BLOCK_N, BLOCK_K] box, one dot of 2 * BLOCK_N columns, as _gate_up_act's
-    TMA + PAIRED branch), and the result back through it (columns past F are not written).
-    WS: Triton's automatic warp specialization of the loop (loads and MMAs in separate warps;
-    it needs both operands on descriptors, which is what expert order gives)."""
-    acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
-    for k0 in tl.range(0, H, BLOCK_K, warp_specialize=WS):
-        w = w_desc.load([2 * expert, pid_n * BLOCK_N, k0]).reshape([2 * BLOCK_N, BLOCK_K])
-        acc = tl.dot(xs_desc.load([row, k0]), w.T, acc)
-    gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), [0, 2, 1]))
-    h_desc.store([row, pid_n * BLOCK_N], (gate * tl.sigmoid(gate) * up).to(h_desc.dtype))
-
-
-@triton.jit
-def _down_rows(h_desc, w_desc, out_ptr, weights_ptr, sorted_ptr, row, n_pairs, expert, pid_n,
-               H, F, stride_om, top_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr, COMBINE: tl.constexpr, WS: tl.constexpr):
-    """The down tile of the expert-ordered h rows from `row`, both operands through the copy
-    engine (K past F reads 0 from both), written to their pairs' rows by _down_epilogue."""
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in tl.range(0, F, BLOCK_K, warp_specialize=WS):
-        acc = tl.dot(h_desc.load([row, k0]), w_desc.load([expert * H + pid_n * BLOCK_N, k0]).T,
-                     acc)
-    pair = tl.load(sorted_ptr + row + tl.arange(0, BLOCK_M))
-    _down_epilogue(acc, out_ptr, weights_ptr, pair, pair < n_pairs,
-                   pid_n * BLOCK_N + tl.arange(0, BLOCK_N), H, stride_om, top_k, COMBINE)
-
-
-@triton.jit(do_not_specialize=["num_pid_m", "group_m"])
-def gate_up_expert_order_kernel(
-    xs_desc, xs_half_desc, w_desc, h_desc, h_half_desc, block_expert_ptr, block_start_ptr,
-    n_blocks_ptr, H, F, num_pid_m, group_m,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HALF_TAIL: tl.constexpr = False, WS: tl.constexpr = False,
-):
-    """The sorted path's gate/up GEMM on rows in expert order (config "order": "expert"): the
-    same grid and tile order as gate_up_sorted_kernel; a half tail block uses the half-height
-    descriptors (the box height is fixed per descriptor)."""
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(F, BLOCK_N), group_m)
-    if pid_m >= tl.load(n_blocks_ptr):
-        return
-    expert = tl.load(block_expert_ptr + pid_m)
-    start = tl.load(block_start_ptr + pid_m)
-    if HALF_TAIL and tl.load(block_start_ptr + pid_m + 1) - start <= BLOCK_M // 2:
-        _gate_up_rows(xs_half_desc, w_desc, h_half_desc, start, expert, pid_n, H,
-                      BLOCK_M // 2, BLOCK_N, BLOCK_K, WS)
-    else:
-        _gate_up_rows(xs_desc, w_desc, h_desc, start, expert, pid_n, H, BLOCK_M, BLOCK_N, BLOCK_K,
-                      WS)
-
-
-@triton.jit(do_not_specialize=["n_pairs", "top_k", "num_pid_m", "group_m"])
-def down_expert_order_kernel(
-    h_desc, h_half_desc, w_desc, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr,
-    block_start_ptr, n_blocks_ptr, n_pairs, top_k, H, F, num_pid_m, group_m, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HALF_TAIL: tl.constexpr = False, COMBINE: tl.constexpr = False, WS: tl.constexpr = False,
-):
-    """The sorted path's down GEMM on h in expert order (gate_up_expert_order_kernel's output)."""
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(H, BLOCK_N), group_m)
-    if pid_m >= tl.load(n_blocks_ptr):
-        return
-    expert = tl.load(block_expert_ptr + pid_m)
-    start = tl.load(block_start_ptr + pid_m)
-    args = (w_desc, out_ptr, weights_ptr, sorted_ptr, start, n_pairs, expert, pid_n, H, F,
-            stride_om, top_k)
-    if HALF_TAIL and tl.load(block_start_ptr + pid_m + 1) - start <= BLOCK_M // 2:
-        _down_rows(h_half_desc, *args, BLOCK_M // 2, BLOCK_N, BLOCK_K, COMBINE, WS)
-    else:
-        _down_rows(h_desc, *args, BLOCK_M, BLOCK_N, BLOCK_K, COMBINE, WS)
 
 
 @triton.jit

@@ -13,12 +13,6 @@ w3) and "tma" (sorted and fused tiles: the weights through tensor descriptors, H
 engine); both together load the gate and up tiles in one stacked copy.
 A sorted config may set "half_tail": true (block_m >= 32): each expert's rows are padded to
 block_m / 2 only, and its last block runs at half height when that is all it holds.
-A sorted config may set "order": "expert": the token rows are first copied into expert order
-(one streaming launch), so that both GEMMs read both operands through the copy engine and h
-stays in expert order between them (its buffer then has one row per sorted row, padding
-included: `h_rows`); the tiles' "paired" and "tma" flags are implied, and a tile may set "ws"
-(Triton's automatic warp specialization of its K loop). Hidden and FFN sizes must give 16-byte
-rows. The default, "pair", gathers rows through pointers and keeps h in pair order.
 A scan or sorted config may set "combine": "atomic": the down GEMM adds its tiles into an fp32
 [T, H] accumulator with atomics instead of writing y [T*k, H] for a k-way sum afterwards (the
 default, "sum", is deterministic; "atomic" varies in the last bits from run to run).
@@ -37,9 +31,8 @@ import triton
 
 # Kernel names imported directly: the package attribute `fused_moe` is the function below,
 # which shadows the kernel module of the same name.
-from .fused_moe import (combine_kernel, down_expert_order_kernel, down_scan_kernel,
-                        down_sorted_kernel, fused_scan_kernel, gate_up_expert_order_kernel,
-                        gate_up_scan_kernel, gate_up_sorted_kernel, gather_rows_kernel)
+from .fused_moe import (combine_kernel, down_scan_kernel, down_sorted_kernel, fused_scan_kernel,
+                        gate_up_scan_kernel, gate_up_sorted_kernel)
 from .routing import SCAN, align
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -187,9 +180,8 @@ def fused_moe(
     fp32 accumulation (fp32 inputs run on tf32 tensor cores, Triton's default for dot). Ids
     outside [0, E) are not checked (that would need a host sync): the result is then undefined.
     `config`: see the module docstring; None picks the tuned (or default) one.
-    `workspace`: optional preallocated buffers {"h": [>= h_rows, F], "y": [T*k, H]} in x's dtype
-    ({"x_sorted": [>= h_rows, H] too in expert order) and {"scratch": [E*T*k] int32} (reused by
-    a caller in a loop; the tests fill them with NaN).
+    `workspace`: optional preallocated buffers {"h": [T*k, F], "y": [T*k, H]} in x's dtype and
+    {"scratch": [E*T*k] int32} (reused by a caller in a loop; the tests fill them with NaN).
     The `fused` path uses only "scratch" and accumulates in a fresh zeroed fp32 [T, H] (its
     atomics make the last bits of the result vary from run to run).
     """
@@ -208,16 +200,10 @@ def fused_moe(
     if config["path"] == "fused":
         return launch_fused(x, w_gate_up, w_down, weights, ids,
                             route(ids, n_experts, config, workspace.get("scratch")), config, top_k)
-    routing = route(ids, n_experts, config, workspace.get("scratch"))
-    rows = h_rows(config, routing, n_pairs)
     h = workspace.get("h")
-    h = torch.empty(rows, ffn, dtype=x.dtype, device=x.device) if h is None else h[:rows]
-    x_sorted = workspace.get("x_sorted")
-    for name, buffer in (("h", h), ("x_sorted", x_sorted)):
-        if buffer is not None and buffer.shape[0] < rows:
-            raise ValueError(f"workspace {name!r} has {buffer.shape[0]} rows; this config needs "
-                             f">= {rows} (h_rows)")
-    launch_gate_up(x, w_gate_up, h, ids, routing, config, top_k, x_sorted=x_sorted)
+    h = torch.empty(n_pairs, ffn, dtype=x.dtype, device=x.device) if h is None else h
+    routing = route(ids, n_experts, config, workspace.get("scratch"))
+    launch_gate_up(x, w_gate_up, h, ids, routing, config, top_k)
     if combine_atomic(config, top_k):
         acc = torch.zeros(n_tokens, hidden, dtype=torch.float32, device=x.device)
         launch_down(h, w_down, acc, weights, ids, routing, config, top_k)
@@ -261,36 +247,6 @@ def route(ids: torch.Tensor, n_experts: int, config: dict, scratch: torch.Tensor
         return align(ids, n_experts, config["block_m"], half_tail=config.get("half_tail", False))
     raise ValueError(f"config field 'path' must be 'scan', 'sorted' or 'fused', "
                      f"got {config['path']!r}")
-
-
-def expert_order(config: dict) -> bool:
-    """Whether a config runs the sorted path's GEMMs on rows in expert order ("order": "expert")."""
-    order = config.get("order", "pair")
-    if order not in ("pair", "expert") or (order == "expert" and config["path"] != "sorted"):
-        raise ValueError(f"config field 'order' must be 'pair', or 'expert' on the sorted path; "
-                         f"got {order!r} on path {config['path']!r}")
-    return order == "expert"
-
-
-def h_rows(config: dict, routing, n_pairs: int) -> int:
-    """Rows of the h buffer between the two GEMMs: one per (token, slot) pair, or in expert order
-    one per sorted row of the worst case (routing.sorted_pair_ids, padding rows included)."""
-    return routing.sorted_pair_ids.numel() if expert_order(config) else n_pairs
-
-
-_UNALIGNED = ("config 'order': 'expert' reads {} (shape {}) through TMA, which needs a 16-byte "
-              "aligned start and rows (hidden and ffn multiples of 8 in 16-bit types); use "
-              "'order': 'pair'")
-
-
-def _descriptor(t: torch.Tensor, rows: int, cols: int, what: str):
-    """A TMA tensor descriptor over a 2-D tensor t in [rows, cols] boxes; a clear error where the
-    copy engine cannot address it."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    if (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16 or t.stride(1) != 1:
-        raise ValueError(_UNALIGNED.format(what, tuple(t.shape)))
-    return TensorDescriptor.from_tensor(t, [rows, cols])
 
 
 def _gemm_kwargs(tile: dict, block_m: int, k_dim: int) -> dict:
@@ -337,35 +293,11 @@ def _blocks(routing) -> tuple:
     return (routing.sorted_pair_ids, routing.block_expert, routing.block_start, routing.n_blocks)
 
 
-def launch_gate_up(x, w_gate_up, h, ids, routing, config: dict, top_k: int,
-                   x_sorted: torch.Tensor | None = None) -> None:
-    """h [T*k, F] = silu(x @ w1^T) * (x @ w3^T) per pair; x [T, H], w_gate_up [E, 2F, H].
-    In expert order h is [h_rows, F] in sorted-row order, and x is first copied in that order
-    into `x_sorted` ([>= h_rows, H], allocated when None)."""
+def launch_gate_up(x, w_gate_up, h, ids, routing, config: dict, top_k: int) -> None:
+    """h [T*k, F] = silu(x @ w1^T) * (x @ w3^T) per pair; x [T, H], w_gate_up [E, 2F, H]."""
     n_experts, ffn, hidden = w_gate_up.shape[0], w_gate_up.shape[1] // 2, w_gate_up.shape[2]
     tile, block_m = config["gate_up"], config["block_m"]
     n_tiles = triton.cdiv(ffn, tile["block_n"])
-    if config["path"] == "sorted" and expert_order(config):
-        rows = h_rows(config, routing, ids.numel())
-        xs = (torch.empty(rows, hidden, dtype=x.dtype, device=x.device) if x_sorted is None
-              else x_sorted[:rows])
-        gather_rows_kernel[(rows,)](x, xs, routing.sorted_pair_ids, routing.n_padded,
-                                    ids.numel(), top_k, hidden, x.stride(0),
-                                    BLOCK_H=min(2048, triton.next_power_of_2(hidden)))
-        w_operand, tma = _gate_up_operand(w_gate_up, dict(tile, tma=True, paired=True),
-                                          tile["block_n"])
-        if not tma:
-            raise ValueError(_UNALIGNED.format("w_gate_up", tuple(w_gate_up.shape)))
-        half = block_m // 2 if routing.half_tail else block_m
-        bn, bk = tile["block_n"], tile["block_k"]
-        gate_up_expert_order_kernel[(routing.max_blocks * n_tiles,)](
-            _descriptor(xs, block_m, bk, "x"), _descriptor(xs, half, bk, "x"), w_operand,
-            _descriptor(h, block_m, bn, "h"), _descriptor(h, half, bn, "h"),
-            routing.block_expert, routing.block_start, routing.n_blocks, hidden, ffn,
-            routing.max_blocks, tile["group_m"], BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
-            HALF_TAIL=routing.half_tail, WS=bool(tile.get("ws")), num_warps=tile["num_warps"],
-            num_stages=tile["num_stages"])
-        return
     common = _gemm_kwargs(tile, block_m, hidden)
     strides = (x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0))
     if config["path"] == "scan":
@@ -381,8 +313,7 @@ def launch_gate_up(x, w_gate_up, h, ids, routing, config: dict, top_k: int,
 
 
 def launch_down(h, w_down, y, weights, ids, routing, config: dict, top_k: int) -> None:
-    """y [T*k, H] = topk_weights * (h @ w2^T) per pair; h [T*k, F] (in expert order
-    [h_rows, F], as launch_gate_up wrote it), w_down [E, H, F].
+    """y [T*k, H] = topk_weights * (h @ w2^T) per pair; h [T*k, F], w_down [E, H, F].
 
     With `combine_atomic(config, top_k)`, y is instead an fp32 [T, H] accumulator (zeroed by
     the caller) into which each pair's row is added: the k-way combine done by the GEMM.
@@ -390,20 +321,6 @@ def launch_down(h, w_down, y, weights, ids, routing, config: dict, top_k: int) -
     n_experts, hidden, ffn = w_down.shape
     tile, block_m = config["down"], config["block_m"]
     n_tiles = triton.cdiv(hidden, tile["block_n"])
-    if config["path"] == "sorted" and expert_order(config):
-        w_operand, tma = _weights_operand(w_down, True, tile["block_n"], tile["block_k"])
-        if not tma:
-            raise ValueError(_UNALIGNED.format("w_down", tuple(w_down.shape)))
-        half = block_m // 2 if routing.half_tail else block_m
-        down_expert_order_kernel[(routing.max_blocks * n_tiles,)](
-            _descriptor(h, block_m, tile["block_k"], "h"),
-            _descriptor(h, half, tile["block_k"], "h"), w_operand, y, weights,
-            *_blocks(routing), ids.numel(), top_k, hidden, ffn, routing.max_blocks,
-            tile["group_m"], y.stride(0), BLOCK_M=block_m, BLOCK_N=tile["block_n"],
-            BLOCK_K=tile["block_k"], HALF_TAIL=routing.half_tail,
-            COMBINE=combine_atomic(config, top_k), WS=bool(tile.get("ws")),
-            num_warps=tile["num_warps"], num_stages=tile["num_stages"])
-        return
     common = dict(_gemm_kwargs(tile, block_m, ffn), COMBINE=combine_atomic(config, top_k))
     strides = (h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0))
     if config["path"] == "scan":

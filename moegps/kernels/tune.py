@@ -22,7 +22,7 @@ import torch
 
 from moegps.files import atomic_path
 from moegps.kernels import launch
-from moegps.kernels.launch import fused_moe, h_rows, launch_down, launch_gate_up, route
+from moegps.kernels.launch import fused_moe, launch_down, launch_gate_up, route
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.timing import make_inputs, make_routing, rel_err, time_many
 
@@ -44,15 +44,6 @@ SORTED_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 
                 (128, 64, 8, 4, "paired", "tma"), (128, 64, 8, 3, "paired", "tma"),
                 (64, 64, 8, 4, "paired", "tma"), (64, 128, 8, 3, "paired", "tma"),
                 (64, 128, 4, 4, "paired", "tma")]
-# sorted path in expert order (config "order": "expert", both operands of both GEMMs through TMA;
-# "paired" and "tma" are implied there and mark here the gate/up tiles (one dot of 2 x block_n)
-# apart from the down tiles): the compute-bound regime's tiles, 128 x 256 and 128 x 128 MMA
-# tiles of cuBLAS's own Hopper kernels among them
-EXPERT_ORDER_TILES = [(128, 64, 8, 3, "paired"), (128, 64, 8, 4, "paired"),
-                      (64, 64, 4, 4, "paired"), (64, 128, 4, 3, "paired"),
-                      (256, 64, 8, 4), (128, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 3)]
-# ... and each with "ws": Triton's automatic warp specialization of the K loop
-EXPERT_ORDER_TILES += [t + ("ws",) for t in EXPERT_ORDER_TILES]
 # fused path: (block_f, block_k, block_n, num_warps, num_stages[, variant]); 64 experts at T=1
 # with block_f 64 is 6 slots x 22 F tiles = 132 programs, one per H100 SM
 FUSED_TILES = [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 256, 128, 8, 2),
@@ -70,7 +61,7 @@ FUSED_TILES = [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 256, 128, 8, 2),
 GROUP_MS = (8, 16, 32)
 # the tuner tries the fused path up to this many (token, slot) pairs (64 experts T=8: 48)
 FUSED_MAX_PAIRS = 64
-VARIANTS = ("paired", "tma", "ws")  # tile flags, in the order candidate tuples name them
+VARIANTS = ("paired", "tma")  # tile flags, in the order candidate tuples name them
 
 
 def variants(d: dict) -> tuple:
@@ -107,7 +98,7 @@ def config_tasks(name: str, shape: tuple, config: dict) -> set:
         f = config["fused"]
         t = tuple(f[k] for k in ("block_f", "block_k", "block_n", "num_warps", "num_stages"))
         return {(name, shape, "fused", config_block(config), t + variants(f))}
-    return {(name, shape, config_path(config), config_block(config), tile_tuple(config[gemm]))
+    return {(name, shape, config["path"], config_block(config), tile_tuple(config[gemm]))
             for gemm in ("gate_up", "down")}
 
 
@@ -124,7 +115,7 @@ def describe(config: dict) -> str:
     if config["path"] == "fused":
         return "fused " + describe_tile(config["fused"])
     gemms = " / ".join(describe_tile(config[g]) for g in ("gate_up", "down"))
-    return (f"{config_path(config)} block_m {config['block_m']}"
+    return (f"{config['path']} block_m {config['block_m']}"
             f"{' half' if config.get('half_tail') else ''} {gemms}"
             f" combine {config.get('combine', 'sum')}")
 
@@ -144,20 +135,10 @@ def blocks(path: str, rows: float) -> list[tuple[int, bool]]:
     return [(bm, half) for bm in bms for half in ((False, True) if bm >= 64 else (False,))]
 
 
-# the tuner's name of the sorted path in expert order (a config's "path" stays "sorted")
-EXPERT_ORDER = "sorted-expert"
-
-
 def base_config(path: str, block: tuple[int, bool]) -> dict:
-    """The routing part of a config: path, block_m and (when set) half_tail and order."""
+    """The routing part of a config: path, block_m and (when set) half_tail."""
     bm, half = block
-    order = {"path": "sorted", "order": "expert"} if path == EXPERT_ORDER else {"path": path}
-    return {**order, "block_m": bm, **({"half_tail": True} if half else {})}
-
-
-def config_path(config: dict) -> str:
-    """The tuner's path name of a config (inverse of `base_config`'s path)."""
-    return EXPERT_ORDER if launch.expert_order(config) else config["path"]
+    return {"path": path, "block_m": bm, **({"half_tail": True} if half else {})}
 
 
 def config_block(config: dict) -> tuple[int, bool]:
@@ -165,7 +146,7 @@ def config_block(config: dict) -> tuple[int, bool]:
     return config["block_m"], bool(config.get("half_tail", False))
 
 
-PATHS = ("fused", "scan", "sorted", EXPERT_ORDER)  # the tuner's path names
+PATHS = ("fused", "scan", "sorted")  # the paths the tuner can search
 
 
 def candidates(n_tokens, n_experts, top_k, paths=PATHS) -> list[tuple[str, tuple[int, bool], list]]:
@@ -173,12 +154,9 @@ def candidates(n_tokens, n_experts, top_k, paths=PATHS) -> list[tuple[str, tuple
     of the named paths only."""
     rows = n_tokens * top_k / n_experts
     fused = [("fused", (16, False), FUSED_TILES)] if n_tokens * top_k <= FUSED_MAX_PAIRS else []
-    # expert order where the GEMMs are compute-bound (its row copy is one more launch)
-    expert = [(EXPERT_ORDER, block, EXPERT_ORDER_TILES)
-              for block in blocks("sorted", rows) if block[0] >= 64]
     groups = fused + [(path, block, tiles)
                       for path, tiles in (("scan", SCAN_TILES), ("sorted", SORTED_TILES))
-                      for block in blocks(path, rows)] + expert
+                      for block in blocks(path, rows)]
     return [group for group in groups if group[0] in paths]
 
 
@@ -223,19 +201,9 @@ def check_edge_cases() -> list[str]:
                "fused_tma_paired": fused_config((64, 64, 64, 4, 3, "paired", "tma")),
                "sorted_tma_atomic": {"path": "sorted", "block_m": 128, "half_tail": True,
                                      "combine": "atomic", "gate_up": tile((64, 64, 8, 3, "tma")),
-                                     "down": tile((64, 64, 8, 3, "tma"))},
-               "expert_half": {"path": "sorted", "order": "expert", "block_m": 128,
-                               "half_tail": True, "gate_up": tile((64, 64, 8, 3)),
-                               "down": tile((64, 64, 8, 3))},
-               "expert_ws": {"path": "sorted", "order": "expert", "block_m": 128,
-                             "half_tail": True, "gate_up": tile((64, 64, 8, 3, "ws")),
-                             "down": tile((64, 64, 8, 3, "ws"))},
-               "expert_atomic": {"path": "sorted", "order": "expert", "block_m": 64,
-                                 "combine": "atomic", "gate_up": tile((64, 64, 4, 3)),
-                                 "down": tile((64, 64, 4, 3))}}
+                                     "down": tile((64, 64, 8, 3, "tma"))}}
     for (case, (T, E, H, Fd, k, kind)), path in itertools.product(cases.items(), configs):
-        if (path.startswith(("sorted", "expert")) and case.startswith("decode")
-                or path.startswith("expert") and case == "odd_hidden"):  # F=100: not TMA rows
+        if path.startswith("sorted") and case.startswith("decode"):
             continue
         x, w13, w2 = make_inputs(E, H, Fd, k, T, seed=7)
         ids, weights = make_routing(T, E, k, seed=7)
@@ -246,9 +214,7 @@ def check_edge_cases() -> list[str]:
         if kind == "hot":  # expert 5 in every token's top-k
             ids[:, 0] = torch.where((ids == 5).any(dim=1), ids[:, 0], 5)
         ref = moe_reference(x.double(), w13.double(), w2.double(), ids, weights.double())
-        ws = {"h": torch.full((T * k + E * 128, Fd), float("nan"), dtype=x.dtype, device="cuda"),
-              "x_sorted": torch.full((T * k + E * 128, H), float("nan"), dtype=x.dtype,
-                                     device="cuda"),
+        ws = {"h": torch.full((T * k, Fd), float("nan"), dtype=x.dtype, device="cuda"),
               "y": torch.full((T * k, H), float("nan"), dtype=x.dtype, device="cuda"),
               "scratch": torch.full((E * T * k,), -7, dtype=torch.int32, device="cuda")}
         errs, finite = [], True
@@ -291,9 +257,9 @@ def _compile_task(task):
             return task, [f"{type(exc).__name__}: {str(exc)[:120]}"]
     config = dict(base_config(path, block), gate_up=tile(t), down=tile(t))
     ids = torch.randint(0, n_experts, (16 * top_k,), device="cuda")
-    routing = route(ids, n_experts, config)
-    h = torch.randn(h_rows(config, routing, ids.numel()), ffn, dtype=torch.bfloat16, device="cuda")
+    h = torch.randn(16 * top_k, ffn, dtype=torch.bfloat16, device="cuda")
     y = torch.empty(16 * top_k, hidden, dtype=torch.bfloat16, device="cuda")
+    routing = route(ids, n_experts, config)
     gates = torch.rand(16 * top_k, device="cuda")
     acc = torch.zeros(16, hidden, device="cuda")
     errors = []
@@ -301,7 +267,7 @@ def _compile_task(task):
                 lambda: launch_down(h, w2, y, gates, ids, routing, config, top_k),
                 # the atomic-combine variant of TMA down tiles (the large-batch winners; others
                 # compile when the tuner first times them)
-                lambda: ("tma" in t or path == EXPERT_ORDER) and launch_down(h, w2, acc, gates, ids, routing,
+                lambda: "tma" in t and launch_down(h, w2, acc, gates, ids, routing,
                                                    dict(config, combine="atomic"), top_k)):
         try:
             run()
@@ -342,8 +308,7 @@ def tune_one(name, shape, n_tokens, failed, seed=0, paths=PATHS, incumbent=None)
     ids, weights = make_routing(n_tokens, n_experts, top_k, seed)
     flat_ids, flat_w = ids.reshape(-1), weights.reshape(-1)
     n_pairs = n_tokens * top_k
-    # rows for any config: expert order keeps a row per sorted row, padding included
-    h = torch.empty(n_pairs + n_experts * 128, ffn, dtype=x.dtype, device="cuda")
+    h = torch.empty(n_pairs, ffn, dtype=x.dtype, device="cuda")
     y = torch.empty(n_pairs, hidden, dtype=x.dtype, device="cuda")
     # the whole-call candidates, timed together at the end
     whole = [{k: v for k, v in incumbent.items()
@@ -354,8 +319,7 @@ def tune_one(name, shape, n_tokens, failed, seed=0, paths=PATHS, incumbent=None)
             whole += [fused_config(t) for t in tiles
                       if (name, path, block, t, "fused") not in failed]
             continue
-        gu_tiles = [t for t in tiles if (name, path, block, t, "gate_up") not in failed
-                    and (paired(t) or path != EXPERT_ORDER)]
+        gu_tiles = [t for t in tiles if (name, path, block, t, "gate_up") not in failed]
         dn_tiles = [t for t in tiles
                     if not paired(t) and (name, path, block, t, "down") not in failed]
         if not gu_tiles or not dn_tiles:
@@ -377,7 +341,7 @@ def tune_one(name, shape, n_tokens, failed, seed=0, paths=PATHS, incumbent=None)
             best3 = sorted(us, key=us.get)[:3]  # the log: the three fastest
             print(f"    {path} {block} {gemm}: "
                   + ", ".join(f"{describe_tile(t)} {us[t]:.1f}" for t in best3), flush=True)
-            if path == "scan":  # the scan path's grid has no row-block order
+            if path != "sorted":  # the scan path's grid has no row-block order
                 return tile(best3[0])
             us = time_many({g: run(tile(best3[0], group_m=g)) for g in GROUP_MS},
                            warmup=5, rep=25)
