@@ -218,31 +218,39 @@ def reference_decoder(model, tokens: list[int]) -> torch.Tensor:
         x = norm(h, layer.mlp_norm)
         mlp = torch.zeros_like(x)
         if layer.w_gate_up is not None:
+            E = S.n_experts
             probs = (x @ d(layer.router).T).softmax(-1)
             gates, ids = probs.topk(S.top_k, dim=-1)
             if model.renormalize:
                 gates = gates / gates.sum(-1, keepdim=True)
             F_ = S.expert_ffn  # every expert on every token, [T, E, H]
-            h_ = torch.einsum("th,efh->tef", x, d(layer.w_gate_up))
-            every = torch.einsum("tef,ehf->teh", torch.nn.functional.silu(h_[..., :F_]) * h_[..., F_:], d(layer.w_down))
+            h_ = torch.einsum("th,efh->tef", x, d(layer.w_gate_up[:E]))
+            every = torch.einsum("tef,ehf->teh", torch.nn.functional.silu(h_[..., :F_]) * h_[..., F_:],
+                                 d(layer.w_down[:E]))
             mlp = (every.gather(1, ids[..., None].expand(-1, -1, S.hidden)) * gates[..., None]).sum(1)
+            for piece in range(E, E + layer.n_shared):  # a shared expert held as extra experts
+                mlp = mlp + swiglu(x, layer.w_gate_up[piece], layer.w_down[piece])
         if layer.shared_gate_up is not None:
             mlp = mlp + swiglu(x, layer.shared_gate_up, layer.shared_down)
         h = h + mlp
     return norm(h, model.norm) @ d(model.lm_head).T
 
 
-@pytest.mark.parametrize("renormalize", [True, False])
-def test_shared_expert_and_dense_layer_match_a_float64_decoder(rng, renormalize):
+@pytest.mark.parametrize("renormalize,shared_ffn", [(True, 40), (False, 40), (False, 48)])
+def test_shared_expert_and_dense_layer_match_a_float64_decoder(rng, renormalize, shared_ffn):
     """A DeepSeek-like shape (dense first layer, 16 experts top-4 plus a shared expert), random float64
     weights: 32 greedy tokens for three prompts, logits within 1e-5 of the reference decoder (the
-    rotary tables are float32), tokens identical where the reference's top two are apart."""
+    rotary tables are float32), tokens identical where the reference's top two are apart. A shared
+    expert twice an expert's width (48) is held as two extra experts (Layer.n_shared); 40 beside them."""
     shape = from_name("deepseek-v2-lite").replace(
         name="tiny-shared", vocab_size=120, n_layers=3, hidden=48, n_heads=4, n_kv_heads=2, head_dim=16,
-        expert_ffn=24, n_experts=16, top_k=4, shared_ffn=40, dense_layers=1, dense_ffn=56,
+        expert_ffn=24, n_experts=16, top_k=4, shared_ffn=shared_ffn, dense_layers=1, dense_ffn=56,
         attention_params_override=None)
     seed = int(rng.integers(2**31))
     model = random_model(shape, device="cpu", dtype=torch.float64, seed=seed, renormalize=renormalize)
+    moe_layers = model.layers[shape.dense_layers:]
+    assert [layer.n_shared for layer in moe_layers] == [shared_ffn // 24 if shared_ffn % 24 == 0 else 0] * 2
+    assert all((layer.shared_gate_up is None) == (layer.n_shared > 0) for layer in moe_layers)
     for layer in model.layers:  # norms away from 1, so that a norm weight used wrongly shows
         for w in (layer.attn_norm, layer.mlp_norm):
             w.uniform_(0.5, 1.5)

@@ -250,26 +250,38 @@ def test_router_ties_go_to_the_lowest_id():
 
 @pytest.mark.parametrize("T,H,E,top_k", [(1, 64, 8, 2), (13, 40, 8, 2), (6, 192, 64, 8), (4, 48, 60, 6)])
 @pytest.mark.parametrize("renormalize", [True, False])
-def test_add_rmsnorm_router(gen, T, H, E, top_k, renormalize):
+@pytest.mark.parametrize("shared", [0, 2])
+@pytest.mark.parametrize("fused", [True, False])
+def test_add_rmsnorm_router(gen, T, H, E, top_k, renormalize, shared, fused, monkeypatch):
+    """The fused launch, and (fused=False) the two launches it falls back to for many tokens; with
+    ``shared``, the columns after the top-k name experts E, E+1, ... with gate 1 (Layer.n_shared)."""
+    if not fused:
+        monkeypatch.setattr(K, "FUSED_ROUTER_MAX_TOKENS", 0)
     resid = torch.randn(T, H, generator=gen)
     delta = torch.randn(T, H, generator=gen)
     norm_w = 1 + 0.5 * torch.randn(H, generator=gen)
     w = torch.randn(E, H, generator=gen) / H ** 0.5
     total = resid.double() + delta.double()
-    x, ids, gates = K.add_rmsnorm_router(resid, delta, norm_w, 1e-5, w, top_k, renormalize)
+    x, ids, gates = K.add_rmsnorm_router(resid, delta, norm_w, 1e-5, w, top_k, renormalize, shared=shared)
     normed = rmsnorm_f64(total, norm_w, 1e-5)
     assert rel_err(x, normed) < 1e-6 and rel_err(resid, total) < 1e-6, gen.initial_seed()
-    check_topk(ids, gates, normed, w, top_k, renormalize, gen.initial_seed(), 1e-5)
+    assert ids.shape == gates.shape == (T, top_k + shared) and ids.dtype == torch.int32
+    check_topk(ids[:, :top_k], gates[:, :top_k], normed, w, top_k, renormalize, gen.initial_seed(), 1e-5)
+    assert ids[:, top_k:].tolist() == [list(range(E, E + shared))] * T
+    assert torch.equal(gates[:, top_k:], torch.ones(T, shared))
 
 
 # ---- the whole engine on the interpreted kernels -----------------------------------------------------------
 
-def test_engine_on_interpreted_kernels_matches_its_torch_path(rng, monkeypatch):
+@pytest.mark.parametrize("shared_ffn", [0, 64])
+def test_engine_on_interpreted_kernels_matches_its_torch_path(rng, monkeypatch, shared_ffn):
     """A tiny random Mixtral (GQA group 4): prefill of two prompts of different lengths and 4 greedy
     decode steps, every kernel interpreted, against the same model on the torch path (whose agreement
-    with transformers tests/test_engine.py checks): logits within 1e-4, identical tokens."""
+    with transformers tests/test_engine.py checks): logits within 1e-4, identical tokens. With
+    ``shared_ffn`` 64, a shared expert of two experts' width held as two extra experts."""
     shape = from_name("mixtral-8x7b").replace(name="tiny", vocab_size=96, n_layers=2, hidden=64, n_heads=8,
-                                              n_kv_heads=2, head_dim=16, expert_ffn=32, n_experts=8, top_k=2)
+                                              n_kv_heads=2, head_dim=16, expert_ffn=32, n_experts=8, top_k=2,
+                                              shared_ffn=shared_ffn)
     seed = int(rng.integers(2**20))
     model = random_model(shape, device="cpu", dtype=torch.float32, seed=seed)
     prompts = [torch.from_numpy(rng.integers(0, 96, size=n)) for n in (5, 11)]

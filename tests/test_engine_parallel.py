@@ -57,7 +57,9 @@ def _expert_parallel_rank(comm, seed):
 
 
 def _tensor_parallel_rank(comm, seed):
-    model = random_model(SHAPE, device="cpu", dtype=torch.float64, seed=seed)
+    # with a shared expert held as two extra experts (Layer.n_shared): split like the routed ones
+    model = random_model(SHAPE.replace(shared_ffn=48), device="cpu", dtype=torch.float64, seed=seed)
+    assert model.layers[0].n_shared == 2
     prompts = _prompts(seed, 3)  # the same prompts on every rank
     assert _generate(tensor_parallel(model, comm), prompts) == _generate(model, prompts)
 
@@ -74,3 +76,12 @@ def test_expert_parallel_rejects_a_placement_of_another_shape():
     wrong = Placement(np.arange(8).reshape(1, 1, 8).repeat(3, 0), n_experts=8)  # 3 layers, the model has 2
     with pytest.raises(ValueError, match="2 MoE layers, 1 ranks"):
         expert_parallel(model, xdist.Comm(), wrong)
+
+
+def test_expert_parallel_refuses_a_shared_expert_held_among_the_experts():
+    """A shared expert held as extra experts (Layer.n_shared) is outside any placement of the routed
+    experts: a clear error, not a model that silently drops it."""
+    model = random_model(SHAPE.replace(shared_ffn=48), device="cpu", dtype=torch.float32)
+    assert model.layers[0].n_shared == 2
+    with pytest.raises(ValueError, match="shared expert among its experts"):
+        expert_parallel(model, None, _placement(2))

@@ -547,6 +547,9 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--attention-sweep", action="store_true", help="time every ATTENTION_SWEEP setting too")
     ap.add_argument("--compile", action="store_true", help="also time transformers with static cache + compile")
+    ap.add_argument("--shared-expert", choices=["folded", "beside"], default="folded",
+                    help="a shared expert held as extra experts in the routed kernels (where its width is whole "
+                    "experts'), or run beside them as its own GEMMs")
     ap.add_argument("--out", default="benchmarks/results/engine")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -560,7 +563,8 @@ def main(argv=None) -> None:
         # Mixtral-architecture shapes are built as transformers models (peers and agreement share the
         # weights); others (shared experts, dense layers) as the engine's own shape-only model.
         hf = random_hf_mixtral(shape) if not (shape.shared_ffn or shape.dense_layers) else None
-        model = from_transformers(hf) if hf is not None else random_model(shape)
+        model = (from_transformers(hf) if hf is not None
+                 else random_model(shape, fold_shared=args.shared_expert == "folded"))
         model.source = f"random {name}"
         model.shape = model.shape.replace(name=name)
         if "checks" in args.parts:

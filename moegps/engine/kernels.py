@@ -379,7 +379,8 @@ def router_topk(x, w_router, top_k: int, renormalize: bool, ids_out=None, weight
 @triton.jit
 def _add_rmsnorm_router_kernel(resid_ptr, delta_ptr, w_ptr, out_ptr, wr_ptr, ids_ptr, gates_ptr, H, E, eps,
                                TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
-                               BLOCK_H: tl.constexpr, E_PAD: tl.constexpr, E_CHUNK: tl.constexpr):
+                               BLOCK_H: tl.constexpr, E_PAD: tl.constexpr, E_CHUNK: tl.constexpr,
+                               SHARED: tl.constexpr = 0):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
@@ -414,29 +415,41 @@ def _add_rmsnorm_router_kernel(resid_ptr, delta_ptr, w_ptr, out_ptr, wr_ptr, ids
         probs = tl.where(e_all == chosen, -1.0, probs)
     if RENORMALIZE:
         top_w = top_w / tl.sum(top_w, axis=0)
-    tl.store(ids_ptr + row * TOP_K + j_col, top_i.to(ids_ptr.dtype.element_ty), mask=j_col < TOP_K)
-    tl.store(gates_ptr + row * TOP_K + j_col, top_w.to(gates_ptr.dtype.element_ty), mask=j_col < TOP_K)
+    # SHARED more columns after the top-k: experts E, E+1, ... with gate 1 (see add_rmsnorm_router)
+    row_start = row * (TOP_K + SHARED)
+    tl.store(ids_ptr + row_start + j_col, top_i.to(ids_ptr.dtype.element_ty), mask=j_col < TOP_K)
+    tl.store(gates_ptr + row_start + j_col, top_w.to(gates_ptr.dtype.element_ty), mask=j_col < TOP_K)
+    for j in tl.static_range(SHARED):
+        tl.store(ids_ptr + row_start + TOP_K + j, (E + j).to(ids_ptr.dtype.element_ty))
+        tl.store(gates_ptr + row_start + TOP_K + j, tl.full([], 1.0, gates_ptr.dtype.element_ty))
 
 
 FUSED_ROUTER_MAX_TOKENS = 256  # above this, the tiled router (one weight read per 16 tokens) is cheaper
 
 
-def add_rmsnorm_router(resid, delta, weight, eps: float, w_router, top_k: int, renormalize: bool):
-    """``add_rmsnorm`` then ``router_topk`` on its output: returns ``(normed [T, H], ids [T, k] int32,
-    gates [T, k])``. One launch, one program per token, for up to FUSED_ROUTER_MAX_TOKENS tokens."""
+def add_rmsnorm_router(resid, delta, weight, eps: float, w_router, top_k: int, renormalize: bool,
+                       shared: int = 0):
+    """``add_rmsnorm`` then ``router_topk`` on its output: returns ``(normed [T, H], ids [T, k + shared]
+    int32, gates [T, k + shared])``, where the last ``shared`` columns name experts E, E+1, ... with
+    gate 1 (a shared expert held as extra experts, see ``model.Layer.n_shared``). One launch, one
+    program per token, for up to FUSED_ROUTER_MAX_TOKENS tokens."""
     T, H = resid.shape
+    E = w_router.shape[0]
     if not use_triton(resid) or T > FUSED_ROUTER_MAX_TOKENS:
         x = add_rmsnorm(resid, delta, weight, eps)
-        return (x, *router_topk(x, w_router, top_k, renormalize))
-    E = w_router.shape[0]
+        ids, gates = router_topk(x, w_router, top_k, renormalize)
+        if shared:
+            ids = torch.cat([ids, torch.arange(E, E + shared, dtype=ids.dtype, device=ids.device).expand(T, -1)], 1)
+            gates = torch.cat([gates, gates.new_ones(T, shared)], 1)
+        return x, ids, gates
     out = torch.empty_like(resid)
-    ids = torch.empty(T, top_k, dtype=torch.int32, device=resid.device)
-    gates = torch.empty(T, top_k, dtype=resid.dtype, device=resid.device)
+    ids = torch.empty(T, top_k + shared, dtype=torch.int32, device=resid.device)
+    gates = torch.empty(T, top_k + shared, dtype=resid.dtype, device=resid.device)
     if T:
         block = triton.next_power_of_2(H)
         e_pad = triton.next_power_of_2(E)
         _add_rmsnorm_router_kernel[(T,)](
             resid, delta, weight, out, w_router, ids, gates, H, E, eps, TOP_K=top_k,
             K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize, BLOCK_H=block, E_PAD=e_pad,
-            E_CHUNK=min(e_pad, max(1, 16384 // block)), num_warps=max(1, min(16, block // 256)))
+            E_CHUNK=min(e_pad, max(1, 16384 // block)), SHARED=shared, num_warps=max(1, min(16, block // 256)))
     return out, ids, gates

@@ -14,7 +14,7 @@ kernels, ``moegps.kernels.fused_moe``):
     q = rope_cache_write(qkv -> K/V cache)               one launch
     o = attention(q, cache)                              decode: split-K Triton kernel; prefill: SDPA (flash)
     x, ids, gates = add_rmsnorm_router(resid, o @ wo^T)  GEMM + one launch (norm, router logits, top-k)
-    delta = fused_moe(x, ids, gates) [+ shared expert]
+    delta = fused_moe(x, ids, gates) [+ shared expert: in it, or beside it]
 
 Learned from gpt-fast (a whole decoder in one readable file) and vLLM (static caches, fused
 QKV, fused residual norms). Written for this project.
@@ -44,8 +44,10 @@ class Layer:
     attn_norm: torch.Tensor       # [H]
     mlp_norm: torch.Tensor        # [H]
     router: torch.Tensor | None = None      # [E, H]
-    w_gate_up: torch.Tensor | None = None   # [E, 2F, H], rows 0..F-1 gate (w1), F..2F-1 up (w3)
-    w_down: torch.Tensor | None = None      # [E, H, F] (with ``experts``: this rank's slots only)
+    w_gate_up: torch.Tensor | None = None   # [E (+ n_shared), 2F, H], rows 0..F-1 gate (w1), F..2F-1 up (w3)
+    w_down: torch.Tensor | None = None      # [E (+ n_shared), H, F] (with ``experts``: this rank's slots only)
+    n_shared: int = 0                       # the last n_shared experts are a shared expert cut along its FFN
+                                            # into expert-sized pieces, chosen by every token with gate 1
     experts: Callable | None = None         # ``(x [T, H], ids [T, k], gates [T, k]) -> [T, H]``: the routed
                                             # experts when they are not all local (moegps.engine.parallel)
     shared_gate_up: torch.Tensor | None = None  # [2S, H]: an always-on SwiGLU expert, or a dense MLP
@@ -106,8 +108,9 @@ class KVCache:
 # ---- building a model ------------------------------------------------------------------------------
 
 def random_model(shape: ModelShape, device="cuda", dtype=torch.bfloat16, seed: int = 0,
-                 renormalize: bool = True) -> Model:
+                 renormalize: bool = True, fold_shared: bool = True) -> Model:
     """A shape-only model: every weight drawn on ``device`` in ``dtype`` with std fan_in^-0.5 (norms 1).
+    ``fold_shared``: hold a shared expert as extra experts where its width allows (Layer.n_shared).
 
     Random weights give random text but real timings: routing of a random router is near uniform,
     which for a batch decides how many distinct experts a step reads (the floor counts them)."""
@@ -129,9 +132,18 @@ def random_model(shape: ModelShape, device="cuda", dtype=torch.bfloat16, seed: i
             layer.shared_gate_up, layer.shared_down = w(2 * S.dense_ffn, S.hidden), w(S.hidden, S.dense_ffn)
         else:
             layer.router = w(S.n_experts, S.hidden)
-            layer.w_gate_up = w(S.n_experts, 2 * S.expert_ffn, S.hidden)
-            layer.w_down = w(S.n_experts, S.hidden, S.expert_ffn)
-            if S.shared_ffn:
+            # A shared expert whose width is a whole number of experts' widths rides in the routed
+            # kernels as that many extra experts (SwiGLU sums over its FFN columns, so cutting it
+            # there changes nothing): one fused MoE launch instead of routed + shared GEMMs and their
+            # elementwise ops (SGLang's shared-experts fusion for DeepSeek does the same).
+            fold = (S.shared_ffn // S.expert_ffn
+                    if fold_shared and S.shared_ffn and S.shared_ffn % S.expert_ffn == 0 else 0)
+            layer.w_gate_up = w(S.n_experts + fold, 2 * S.expert_ffn, S.hidden)
+            layer.w_down = w(S.n_experts + fold, S.hidden, S.expert_ffn)
+            if fold:  # the shared expert's down projection has fan-in shared_ffn, not expert_ffn
+                layer.w_down[S.n_experts:].normal_(0, S.shared_ffn ** -0.5, generator=gen)
+                layer.n_shared = fold
+            elif S.shared_ffn:
                 layer.shared_gate_up, layer.shared_down = w(2 * S.shared_ffn, S.hidden), w(S.hidden, S.shared_ffn)
         layers.append(layer)
     return Model(shape=S, embed=w(S.vocab_size, S.hidden), layers=layers, norm=ones(S.hidden),
@@ -226,7 +238,7 @@ def from_transformers(hf_model) -> Model:
 def weight_bytes_per_step(model: Model, distinct_experts: list[float]) -> float:
     """Bytes a decode step must read besides the KV cache: every non-expert weight of every layer,
     the final norm and lm_head, and each layer's distinct experts touched (``distinct_experts[l]``),
-    at the tensors' own element sizes."""
+    (and its shared expert's pieces), at the tensors' own element sizes."""
     def nbytes(*tensors):
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -235,7 +247,7 @@ def weight_bytes_per_step(model: Model, distinct_experts: list[float]) -> float:
         total += nbytes(layer.wqkv, layer.wo, layer.attn_norm, layer.mlp_norm, layer.router, layer.shared_gate_up,
                         layer.shared_down)
         if layer.w_gate_up is not None:
-            total += touched * nbytes(layer.w_gate_up[0], layer.w_down[0])
+            total += (touched + layer.n_shared) * nbytes(layer.w_gate_up[0], layer.w_down[0])
     return float(total)
 
 
@@ -256,9 +268,9 @@ def _mlp(model: Model, index: int, resid: torch.Tensor, attn_out: torch.Tensor) 
         x = add_rmsnorm(resid, attn_out, layer.mlp_norm, S.norm_eps)
     else:
         x, ids, gates = add_rmsnorm_router(resid, attn_out, layer.mlp_norm, S.norm_eps, layer.router, S.top_k,
-                                           model.renormalize)
+                                           model.renormalize, shared=layer.n_shared)
         if model.routing_counts is not None:  # the demo's heat map; two small launches, no host sync
-            flat = ids.reshape(-1).long()
+            flat = ids[:, :S.top_k].reshape(-1).long()
             model.routing_counts[index].scatter_add_(0, flat, torch.ones_like(flat))
         if layer.experts is not None:
             out = layer.experts(x, ids, gates)

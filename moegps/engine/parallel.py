@@ -33,6 +33,9 @@ def expert_parallel(model: Model, comm: Comm, placement: Placement) -> Model:
     ``placement``'s layer j on ``comm``'s ranks; this rank keeps the weights of its slots only."""
     moe = _moe_layers(model)
     S = model.shape
+    if any(model.layers[i].n_shared for i in moe):
+        raise ValueError("expert_parallel: this model holds a shared expert among its experts (Layer.n_shared), "
+                         "which a placement of the routed experts does not cover; tensor_parallel splits it")
     if placement.n_experts != S.n_experts:
         raise ValueError(f"placement is for {placement.n_experts} experts, the model has {S.n_experts}")
     if placement.n_layers != len(moe) or placement.n_gpus != comm.world:
