@@ -258,6 +258,7 @@ class Session:
 def build_session(model_name: str, device: str, dtype: str, shape: str | None = None, max_new_tokens: int = 48,
                   engine_on: bool = True, max_len: int = 1024) -> Session:
     device = torch.device(device)
+    tokenizer = mixtral_tokenizer()  # before any model: a missing tokenizer fails in seconds, not after 93 GB
     if shape is not None:  # shape-only: random weights on the device, the engine alone
         if not engine_on:
             raise ValueError("--shape runs the engine only; it cannot go with --no-moegps")
@@ -274,7 +275,7 @@ def build_session(model_name: str, device: str, dtype: str, shape: str | None = 
     if engine_on:
         model.routing_counts = torch.zeros(len(model.layers), model.shape.n_experts, dtype=torch.long, device=device)
         engine = Engine(model, max_batch=1, max_len=max_len)  # counts set first: a captured graph keeps them
-    session = Session(mixtral_tokenizer(), hf, engine, model, device, copy_rate(device), max_new_tokens,
+    session = Session(tokenizer, hf, engine, model, device, copy_rate(device), max_new_tokens,
                       random_weights=shape is not None)
     session.warm_up()
     return session

@@ -249,3 +249,21 @@ def test_transformers_only_session_has_no_engine_path(session):
     console = Console(file=io.StringIO(), width=120)
     console.print(demo.render(stats, plain))
     assert "expert load" not in console.file.getvalue()  # the heat map is the engine's
+
+
+def test_a_missing_tokenizer_fails_before_any_model_is_built(monkeypatch):
+    """On the GPU a shape-only model is 93 GB of random weights: a missing tokenizer package must end
+    the demo before that work, not after it (seen on the H200 without mistral-common)."""
+    def no_tokenizer():
+        raise FileNotFoundError("package 'mistral-common' is not installed: pip install mistral-common")
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("a model was built before the tokenizer was checked")
+
+    monkeypatch.setattr(demo, "mixtral_tokenizer", no_tokenizer)
+    monkeypatch.setattr(demo, "build_model", must_not_build)
+    monkeypatch.setattr(demo, "from_transformers", must_not_build)
+    with pytest.raises(FileNotFoundError, match="mistral-common"):
+        demo.build_session("unused", "cpu", "auto", shape="mixtral-8x7b")
+    with pytest.raises(FileNotFoundError, match="mistral-common"):
+        demo.build_session(str(BUNDLED_MODELS / "mixtral-tiny"), "cpu", "auto")

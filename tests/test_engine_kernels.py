@@ -228,12 +228,15 @@ ROUTER_CASES = [(1, 64, 8, 2), (17, 40, 8, 2), (40, 48, 64, 6), (33, 64, 64, 8),
 
 @pytest.mark.parametrize("T,H,E,top_k", ROUTER_CASES)
 @pytest.mark.parametrize("renormalize", [True, False])
-def test_router_topk(gen, T, H, E, top_k, renormalize):
+@pytest.mark.parametrize("shared", [0, 2])
+def test_router_topk(gen, T, H, E, top_k, renormalize, shared):
     x = torch.randn(T, H, generator=gen)
     w = torch.randn(E, H, generator=gen) / H ** 0.5
-    ids, gates = K.router_topk(x, w, top_k, renormalize)
-    assert ids.dtype == torch.int32 and ids.shape == (T, top_k) and gates.shape == (T, top_k)
-    check_topk(ids, gates, x, w, top_k, renormalize, gen.initial_seed(), 1e-5)
+    ids, gates = K.router_topk(x, w, top_k, renormalize, shared=shared)
+    assert ids.dtype == torch.int32 and ids.shape == gates.shape == (T, top_k + shared)
+    check_topk(ids[:, :top_k], gates[:, :top_k], x, w, top_k, renormalize, gen.initial_seed(), 1e-5)
+    assert ids[:, top_k:].tolist() == [list(range(E, E + shared))] * T
+    assert torch.equal(gates[:, top_k:], torch.ones(T, shared))
 
 
 def test_router_ties_go_to_the_lowest_id():
@@ -253,16 +256,20 @@ def test_router_ties_go_to_the_lowest_id():
 @pytest.mark.parametrize("shared", [0, 2])
 @pytest.mark.parametrize("fused", [True, False])
 def test_add_rmsnorm_router(gen, T, H, E, top_k, renormalize, shared, fused, monkeypatch):
-    """The fused launch, and (fused=False) the two launches it falls back to for many tokens; with
-    ``shared``, the columns after the top-k name experts E, E+1, ... with gate 1 (Layer.n_shared)."""
+    """The fused launch (up to FUSED_ROUTER_MAX_EXPERTS experts), and (fused=False, or more experts) the
+    two launches it falls back to; with ``shared``, the columns after the top-k name experts E, E+1, ...
+    with gate 1 (Layer.n_shared)."""
     if not fused:
-        monkeypatch.setattr(K, "FUSED_ROUTER_MAX_TOKENS", 0)
+        monkeypatch.setattr(K, "FUSED_ROUTER_MAX_TOKENS", 0)  # the dispatcher's two launches
     resid = torch.randn(T, H, generator=gen)
     delta = torch.randn(T, H, generator=gen)
     norm_w = 1 + 0.5 * torch.randn(H, generator=gen)
     w = torch.randn(E, H, generator=gen) / H ** 0.5
     total = resid.double() + delta.double()
-    x, ids, gates = K.add_rmsnorm_router(resid, delta, norm_w, 1e-5, w, top_k, renormalize, shared=shared)
+    if fused:  # the one-launch form at every size (add_rmsnorm_router takes it for few experts only)
+        x, ids, gates = K._add_rmsnorm_router_fused(resid, delta, norm_w, 1e-5, w, top_k, renormalize, shared)
+    else:
+        x, ids, gates = K.add_rmsnorm_router(resid, delta, norm_w, 1e-5, w, top_k, renormalize, shared=shared)
     normed = rmsnorm_f64(total, norm_w, 1e-5)
     assert rel_err(x, normed) < 1e-6 and rel_err(resid, total) < 1e-6, gen.initial_seed()
     assert ids.shape == gates.shape == (T, top_k + shared) and ids.dtype == torch.int32

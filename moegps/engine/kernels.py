@@ -317,7 +317,8 @@ def decode_attention(q, k_cache, v_cache, lengths, scale: float | None = None, s
 
 @triton.jit
 def _router_kernel(x_ptr, w_ptr, ids_ptr, weights_ptr, T, H, E, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
-                   RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
+                   RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
+                   SHARED: tl.constexpr = 0):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.arange(0, E_PAD)
     logits = tl.zeros([BLOCK_T, E_PAD], tl.float32)
@@ -341,10 +342,15 @@ def _router_kernel(x_ptr, w_ptr, ids_ptr, weights_ptr, T, H, E, TOP_K: tl.conste
         probs = tl.where(e[None, :] == chosen[:, None], -1.0, probs)
     if RENORMALIZE:
         top_w = top_w / tl.sum(top_w, axis=1)[:, None]
-    out = t.to(tl.int64)[:, None] * TOP_K + j_col[None, :]
+    row_start = t.to(tl.int64) * (TOP_K + SHARED)  # SHARED more columns: see add_rmsnorm_router
+    out = row_start[:, None] + j_col[None, :]
     mask = (t < T)[:, None] & (j_col < TOP_K)[None, :]
     tl.store(ids_ptr + out, top_i.to(ids_ptr.dtype.element_ty), mask=mask)
     tl.store(weights_ptr + out, top_w.to(weights_ptr.dtype.element_ty), mask=mask)
+    for j in tl.static_range(SHARED):
+        tl.store(ids_ptr + row_start + TOP_K + j, tl.full([BLOCK_T], E + j, ids_ptr.dtype.element_ty), mask=t < T)
+        tl.store(weights_ptr + row_start + TOP_K + j, tl.full([BLOCK_T], 1.0, weights_ptr.dtype.element_ty),
+                 mask=t < T)
 
 
 def router_topk_torch(x, w_router, top_k: int, renormalize: bool):
@@ -357,20 +363,30 @@ def router_topk_torch(x, w_router, top_k: int, renormalize: bool):
     return ids.to(torch.int32), weights.to(x.dtype)
 
 
-def router_topk(x, w_router, top_k: int, renormalize: bool, ids_out=None, weights_out=None):
-    """Fused :func:`router_topk_torch`: one launch over blocks of 16 tokens (logits accumulated in float32)."""
-    if not use_triton(x):
-        return router_topk_torch(x, w_router, top_k, renormalize)
-    T, H = x.shape
+def _with_shared(ids, gates, n_experts: int, shared: int):
+    """``ids``, ``gates [T, k]`` with ``shared`` more columns: experts E, E+1, ... with gate 1 (torch path)."""
+    if not shared:
+        return ids, gates
+    T = ids.shape[0]
+    extra = torch.arange(n_experts, n_experts + shared, dtype=ids.dtype, device=ids.device).expand(T, -1)
+    return torch.cat([ids, extra], 1), torch.cat([gates, gates.new_ones(T, shared)], 1)
+
+
+def router_topk(x, w_router, top_k: int, renormalize: bool, shared: int = 0):
+    """Fused :func:`router_topk_torch`: one launch over blocks of 16 tokens (logits accumulated in float32).
+    ``shared``: that many more columns, experts E, E+1, ... with gate 1 (see add_rmsnorm_router)."""
     E = w_router.shape[0]
-    ids = torch.empty(T, top_k, dtype=torch.int32, device=x.device) if ids_out is None else ids_out
-    weights = torch.empty(T, top_k, dtype=x.dtype, device=x.device) if weights_out is None else weights_out
+    if not use_triton(x):
+        return _with_shared(*router_topk_torch(x, w_router, top_k, renormalize), E, shared)
+    T, H = x.shape
+    ids = torch.empty(T, top_k + shared, dtype=torch.int32, device=x.device)
+    weights = torch.empty(T, top_k + shared, dtype=x.dtype, device=x.device)
     if T:
         block_t = 16
         _router_kernel[(triton.cdiv(T, block_t),)](
             x, w_router, ids, weights, T, H, E, TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k),
             RENORMALIZE=renormalize, BLOCK_T=block_t, E_PAD=max(16, triton.next_power_of_2(E)),
-            BLOCK_K=min(128, max(16, triton.next_power_of_2(H))), num_warps=4)
+            BLOCK_K=min(128, max(16, triton.next_power_of_2(H))), SHARED=shared, num_warps=4)
     return ids, weights
 
 
@@ -425,6 +441,11 @@ def _add_rmsnorm_router_kernel(resid_ptr, delta_ptr, w_ptr, out_ptr, wr_ptr, ids
 
 
 FUSED_ROUTER_MAX_TOKENS = 256  # above this, the tiled router (one weight read per 16 tokens) is cheaper
+# One program per token walks the whole router matrix in the fused launch: cheap for a few long rows,
+# not for many. Measured on an H200 (benchmarks/engine/router_probe.py, graph-replayed, 1-128 tokens):
+# Mixtral's 8 x 4096 fused 4.1-4.9 us against 11.5-12.8 us for add_rmsnorm + router_topk; 64 x 2048
+# fused 18.2-19.4 us against 11.0-11.3 us (and 32 us a layer inside the DeepSeek-V2-Lite decode step).
+FUSED_ROUTER_MAX_EXPERTS = 16
 
 
 def add_rmsnorm_router(resid, delta, weight, eps: float, w_router, top_k: int, renormalize: bool,
@@ -432,16 +453,19 @@ def add_rmsnorm_router(resid, delta, weight, eps: float, w_router, top_k: int, r
     """``add_rmsnorm`` then ``router_topk`` on its output: returns ``(normed [T, H], ids [T, k + shared]
     int32, gates [T, k + shared])``, where the last ``shared`` columns name experts E, E+1, ... with
     gate 1 (a shared expert held as extra experts, see ``model.Layer.n_shared``). One launch, one
-    program per token, for up to FUSED_ROUTER_MAX_TOKENS tokens."""
+    program per token, for up to FUSED_ROUTER_MAX_TOKENS tokens and FUSED_ROUTER_MAX_EXPERTS experts;
+    otherwise ``add_rmsnorm`` and ``router_topk``."""
+    T, E = resid.shape[0], w_router.shape[0]
+    if not use_triton(resid) or T > FUSED_ROUTER_MAX_TOKENS or E > FUSED_ROUTER_MAX_EXPERTS:
+        x = add_rmsnorm(resid, delta, weight, eps)
+        return (x, *router_topk(x, w_router, top_k, renormalize, shared=shared))
+    return _add_rmsnorm_router_fused(resid, delta, weight, eps, w_router, top_k, renormalize, shared)
+
+
+def _add_rmsnorm_router_fused(resid, delta, weight, eps, w_router, top_k, renormalize, shared=0):
+    """The one-launch form of add_rmsnorm_router, whatever the sizes (the GPU's)."""
     T, H = resid.shape
     E = w_router.shape[0]
-    if not use_triton(resid) or T > FUSED_ROUTER_MAX_TOKENS:
-        x = add_rmsnorm(resid, delta, weight, eps)
-        ids, gates = router_topk(x, w_router, top_k, renormalize)
-        if shared:
-            ids = torch.cat([ids, torch.arange(E, E + shared, dtype=ids.dtype, device=ids.device).expand(T, -1)], 1)
-            gates = torch.cat([gates, gates.new_ones(T, shared)], 1)
-        return x, ids, gates
     out = torch.empty_like(resid)
     ids = torch.empty(T, top_k + shared, dtype=torch.int32, device=resid.device)
     gates = torch.empty(T, top_k + shared, dtype=resid.dtype, device=resid.device)
