@@ -1,0 +1,72 @@
+"""The tuner's bookkeeping on the CPU (its timing needs a GPU): which paths it searches, the incumbent
+that a narrower search must beat, and a config file that survives a run cut short."""
+
+import json
+
+import pytest
+
+from moegps.kernels import launch, tune
+
+SHAPE = (8, 64, 96, 2)  # E, H, F, k
+
+
+def test_candidates_keep_the_named_paths_only():
+    assert {path for path, _, _ in tune.candidates(4, 8, 2)} == {"fused", "scan"}  # 1 row an expert
+    assert {path for path, _, _ in tune.candidates(40, 8, 2)} == {"scan", "sorted"}  # 10 rows
+    assert {path for path, _, _ in tune.candidates(40, 8, 2, paths=("sorted",))} == {"sorted"}
+    assert tune.candidates(4, 8, 2, paths=("sorted",)) == []  # too few rows for the sorted path
+
+
+@pytest.fixture
+def config_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(launch, "CONFIG_DIR", tmp_path / "configs")
+    monkeypatch.setattr(launch, "device_name", lambda device=None: "TEST_GPU")
+    monkeypatch.setattr(tune, "precompile", lambda tasks, workers: {})
+    launch._tuned_table.cache_clear()
+    yield tmp_path / "configs" / "TEST_GPU.json"
+    launch._tuned_table.cache_clear()
+
+
+def test_a_narrow_search_passes_the_incumbent_and_keeps_it(config_dir, tmp_path, monkeypatch):
+    old = {"path": "scan", "block_m": 16, "us": 9.0, "tuned_by": "an older run"}
+    config_dir.parent.mkdir()
+    config_dir.write_text(json.dumps({"shapes": {launch.shape_key(*SHAPE): {"32": old}}}))
+    seen = {}
+
+    def fake_tune_one(name, shape, n_tokens, failed, seed, paths, incumbent):
+        seen[n_tokens] = (paths, incumbent)
+        if incumbent is not None:
+            return incumbent  # nothing beat it
+        return {"path": "sorted", "block_m": 64, "us": 1.0}
+
+    monkeypatch.setattr(tune, "tune_one", fake_tune_one)
+    tune.tune({"tiny": SHAPE}, [32, 512], tmp_path / "out", 1, "the command", paths=("sorted",))
+    assert seen[32] == (("sorted",), old) and seen[512] == (("sorted",), None)
+    table = json.loads(config_dir.read_text())["shapes"][launch.shape_key(*SHAPE)]
+    assert table["32"] == dict(old, kept_by="the command")  # its own record, and who kept it
+    assert table["512"] == {"path": "sorted", "block_m": 64, "us": 1.0, "tuned_by": "the command"}
+    assert json.loads((tmp_path / "out" / "TEST_GPU.json").read_text())["shapes"] == \
+        json.loads(config_dir.read_text())["shapes"]
+
+
+def test_a_full_search_has_no_incumbent(config_dir, tmp_path, monkeypatch):
+    config_dir.parent.mkdir()
+    config_dir.write_text(json.dumps({"shapes": {launch.shape_key(*SHAPE): {"32": {"path": "scan"}}}}))
+    seen = []
+    monkeypatch.setattr(tune, "tune_one", lambda *args: seen.append(args[-1]) or {"path": "sorted"})
+    tune.tune({"tiny": SHAPE}, [32], tmp_path / "out", 1, "cmd")
+    assert seen == [None]
+
+
+def test_a_run_cut_short_keeps_the_points_it_finished(config_dir, tmp_path, monkeypatch):
+    def tune_one(name, shape, n_tokens, *rest):
+        if n_tokens == 512:
+            raise KeyboardInterrupt  # the second point is interrupted
+        return {"path": "scan", "block_m": 16}
+
+    monkeypatch.setattr(tune, "tune_one", tune_one)
+    with pytest.raises(KeyboardInterrupt):
+        tune.tune({"tiny": SHAPE}, [32, 512], tmp_path / "out", 1, "cmd")
+    table = json.loads(config_dir.read_text())["shapes"][launch.shape_key(*SHAPE)]
+    assert set(table) == {"32"}
+    assert not list(config_dir.parent.glob("*.tmp"))  # no half-written file left beside it
