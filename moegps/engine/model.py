@@ -48,7 +48,7 @@ class Layer:
     w_down: torch.Tensor | None = None      # [E (+ n_shared), H, F] (with ``experts``: this rank's slots only)
     n_shared: int = 0                       # the last n_shared experts are a shared expert cut along its FFN
                                             # into expert-sized pieces, chosen by every token with gate 1
-    experts: Callable | None = None         # ``(x [T, H], ids [T, k], gates [T, k]) -> [T, H]``: the routed
+    experts: Callable | None = None         # ``(x [T, H], ids, gates [T, k + n_shared]) -> [T, H]``: the routed
                                             # experts when they are not all local (moegps.engine.parallel)
     shared_gate_up: torch.Tensor | None = None  # [2S, H]: an always-on SwiGLU expert, or a dense MLP
     shared_down: torch.Tensor | None = None     # [H, S]
@@ -237,8 +237,8 @@ def from_transformers(hf_model) -> Model:
 
 def weight_bytes_per_step(model: Model, distinct_experts: list[float]) -> float:
     """Bytes a decode step must read besides the KV cache: every non-expert weight of every layer,
-    the final norm and lm_head, and each layer's distinct experts touched (``distinct_experts[l]``),
-    (and its shared expert's pieces), at the tensors' own element sizes."""
+    the final norm and lm_head, and each layer's distinct experts touched (``distinct_experts[l]``)
+    and shared expert pieces (``Layer.n_shared``), at the tensors' own element sizes."""
     def nbytes(*tensors):
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
