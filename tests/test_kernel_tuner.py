@@ -1,9 +1,11 @@
 """The tuner's bookkeeping on the CPU (its timing needs a GPU): which paths it searches, the incumbent
-that a narrower search must beat, and a config file that survives a run cut short."""
+that a narrower search must beat, a config file that survives a run cut short, and the shape and
+routing of the engine's call with a shared expert among the experts."""
 
 import json
 
 import pytest
+import torch
 
 from moegps.kernels import launch, tune
 
@@ -70,3 +72,29 @@ def test_a_run_cut_short_keeps_the_points_it_finished(config_dir, tmp_path, monk
     table = json.loads(config_dir.read_text())["shapes"][launch.shape_key(*SHAPE)]
     assert set(table) == {"32"}
     assert not list(config_dir.parent.glob("*.tmp"))  # no half-written file left beside it
+
+
+def test_the_engines_call_with_a_shared_expert_is_a_shape_of_its_own():
+    """deepseek-v2-lite+shared: the (E, k) that the engine's fused_moe sees with the shared expert held
+    among the experts (2816 = 2 x 1408), so that the configs it looks up are the ones tuned for it."""
+    assert tune.expert_dims("deepseek-v2-lite") == (64, 2048, 1408, 6)
+    assert tune.expert_dims("deepseek-v2-lite+shared") == (66, 2048, 1408, 8)
+    assert tune.shared_columns("deepseek-v2-lite+shared") == 2 and tune.shared_columns("deepseek-v2-lite") == 0
+    assert "deepseek-v2-lite+shared" in tune.shape_names() and "mixtral-8x7b+shared" not in tune.shape_names()
+    with pytest.raises(ValueError, match="no shared expert"):
+        tune.shared_columns("mixtral-8x7b+shared")
+
+
+def test_routing_with_shared_columns():
+    """make_routing(shared=2): k - 2 distinct routed experts among the first E - 2 with softmax gates,
+    then the last two experts with gate 1, on every token."""
+    from moegps.kernels.timing import make_routing
+
+    ids, gates = make_routing(37, 66, 8, seed=5, device="cpu", shared=2)
+    assert ids.shape == gates.shape == (37, 8)
+    routed = ids[:, :6]
+    assert int(routed.max()) < 64 and all(len(set(row)) == 6 for row in routed.tolist())
+    assert ids[:, 6:].tolist() == [[64, 65]] * 37 and torch.equal(gates[:, 6:], torch.ones(37, 2))
+    assert torch.allclose(gates[:, :6].sum(1), torch.ones(37))
+    plain_ids, _ = make_routing(37, 64, 6, seed=5, device="cpu")
+    assert torch.equal(plain_ids, routed)  # the routed part is the plain routing of the routed experts

@@ -4,7 +4,9 @@
                                    [--fused] [--skip loop default] [--shapes mixtral-8x7b ...]
 
 For each shape (`--shapes`, names of moegps.shapes; by default mixtral-8x7b: E=8, H=4096,
-F=14336, top-2, and deepseek-v2-lite: E=64, H=2048, F=1408, top-6) and token count, with bf16 inputs and random top-k routing, it times (median of
+F=14336, top-2, and deepseek-v2-lite: E=64, H=2048, F=1408, top-6; deepseek-v2-lite+shared is the
+engine's call for it, its shared expert held as 2 more experts every token picks: E=66, top-8) and
+token count, with bf16 inputs and random top-k routing, it times (median of
 device events after warm-up, `triton.testing.do_bench`'s loop; L2 flushed before each run, by
 do_bench's zero-fill or, with `--flush clean`, by a read that leaves no dirty lines: see timing.FLUSH):
   ours      fused_moe with the tuned config, replayed from a CUDA graph (routing metadata,
@@ -43,22 +45,16 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from moegps import shapes as shape_registry
 from moegps.kernels import timing
 from moegps.kernels.launch import (combine_atomic, combine_sum, default_config, fused_moe, get_config,
                                    launch_down, launch_gate_up, route)
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.routing import SCAN, align
 from moegps.kernels.timing import flush_control, make_inputs, make_routing, rel_err, time_many, time_us
-from moegps.kernels.tune import FUSED_MAX_PAIRS, FUSED_TILES, config_tasks, fused_config, precompile, tune
+from moegps.kernels.tune import (FUSED_MAX_PAIRS, FUSED_TILES, config_tasks, expert_dims, fused_config, precompile,
+                                 shape_names, shared_columns, tune)
 from moegps.kernels.tune import PATHS as TUNE_PATHS
 
-
-
-def expert_dims(name: str) -> tuple[int, int, int, int]:
-    """(E, H, F, k) of a registry shape (moegps.shapes): the sizes the expert kernels see."""
-    s = shape_registry.from_name(name)
-    return s.n_experts, s.hidden, s.expert_ffn, s.top_k
 
 
 # the shapes timed by default: Mixtral-8x7B's 8 wide experts, DeepSeek-V2-Lite's 64 narrow ones
@@ -137,7 +133,7 @@ def align_times(shapes, tokens, seed=0) -> list[dict]:
     rows = []
     for name, (n_experts, _, _, top_k) in shapes.items():
         for n_tokens in tokens:
-            ids, _ = make_routing(n_tokens, n_experts, top_k, seed)
+            ids, _ = make_routing(n_tokens, n_experts, top_k, seed, shared=shared_columns(name))
             row = {"shape": name, "tokens": n_tokens,
                    "chunks": -(-n_tokens * top_k // SCAN)}
             for method in ("one", "chunked"):
@@ -186,7 +182,7 @@ def bench_one(name, shape, n_tokens, seed=0, fused=False, skip=(), failed=None) 
     every time and rate in a row is taken under the same clocks."""
     n_experts, hidden, ffn, top_k = shape
     x, w13, w2 = make_inputs(n_experts, hidden, ffn, top_k, n_tokens, seed)
-    ids, weights = make_routing(n_tokens, n_experts, top_k, seed)
+    ids, weights = make_routing(n_tokens, n_experts, top_k, seed, shared=shared_columns(name))
     config = get_config(n_tokens, n_experts, hidden, ffn, top_k)
     dflt = default_config(n_tokens, n_experts, hidden, ffn, top_k)
     active = int(torch.unique(ids).numel())
@@ -283,8 +279,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"tokens {QUICK_TOKENS} only")
     parser.add_argument("--tokens", type=int, nargs="*", help="token counts (overrides --quick)")
-    parser.add_argument("--shapes", nargs="*", choices=shape_registry.names(), default=list(DEFAULT_SHAPES),
-                        help="model shapes (moegps.shapes) whose expert sizes are timed")
+    parser.add_argument("--shapes", nargs="*", choices=shape_names(), default=list(DEFAULT_SHAPES),
+                        help="model shapes (moegps.shapes) whose expert sizes are timed; NAME+shared: the "
+                        "engine's call with NAME's shared expert held among the experts")
     parser.add_argument("--tune", action="store_true", help="tune configs first, write JSON")
     parser.add_argument("--tune-paths", nargs="*", choices=TUNE_PATHS, default=list(TUNE_PATHS),
                         help="with --tune, search these paths only (each token count's current "

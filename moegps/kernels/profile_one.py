@@ -15,7 +15,7 @@ import torch
 
 from moegps import shapes
 from moegps.kernels import fused_moe
-from moegps.kernels.bench import expert_dims
+from moegps.kernels.tune import expert_dims
 from moegps.kernels.timing import make_inputs, make_routing
 
 

@@ -23,12 +23,20 @@ def make_inputs(n_experts, hidden, ffn, top_k, n_tokens, seed=0, device="cuda"):
     return x, w13, w2
 
 
-def make_routing(n_tokens, n_experts, top_k, seed=0, device="cuda"):
-    """Random top-k routing: k distinct uniformly random experts, softmax gate weights (fp32)."""
+def make_routing(n_tokens, n_experts, top_k, seed=0, device="cuda", shared=0):
+    """Random top-k routing: k distinct uniformly random experts, softmax gate weights (fp32).
+    ``shared`` > 0: the last ``shared`` of the k columns are the last ``shared`` experts with gate 1
+    for every token (a shared expert held among the experts, engine.model.Layer.n_shared), the
+    others drawn from the first n_experts - shared."""
     gen = torch.Generator(device=device).manual_seed(seed + 1)
-    logits = torch.randn(n_tokens, n_experts, generator=gen, device=device)
-    vals, ids = logits.topk(top_k, dim=1)
-    return ids, torch.softmax(vals, dim=1)
+    logits = torch.randn(n_tokens, n_experts - shared, generator=gen, device=device)
+    vals, ids = logits.topk(top_k - shared, dim=1)
+    gates = torch.softmax(vals, dim=1)
+    if shared:
+        fixed = torch.arange(n_experts - shared, n_experts, device=device).expand(n_tokens, -1)
+        ids = torch.cat([ids, fixed], 1)
+        gates = torch.cat([gates, gates.new_ones(n_tokens, shared)], 1)
+    return ids, gates
 
 
 def capture(fn):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from moegps import shapes as shape_registry
 from moegps.files import atomic_path
 from moegps.kernels import launch
 from moegps.kernels.launch import fused_moe, launch_down, launch_gate_up, route
@@ -158,6 +159,40 @@ def candidates(n_tokens, n_experts, top_k, paths=PATHS) -> list[tuple[str, tuple
                       for path, tiles in (("scan", SCAN_TILES), ("sorted", SORTED_TILES))
                       for block in blocks(path, rows)]
     return [group for group in groups if group[0] in paths]
+
+
+# ---------------------------------------------------------------------------------------------
+# the shapes: registry names, and NAME+shared for the call the engine makes with a shared expert
+
+SHARED_SUFFIX = "+shared"
+
+
+def shared_columns(name: str) -> int:
+    """How many experts of shape ``name`` are a shared expert's pieces: 0 for a registry name;
+    for 'NAME+shared', NAME's shared expert cut into experts' widths (engine.model.Layer.n_shared)."""
+    if not name.endswith(SHARED_SUFFIX):
+        return 0
+    base = name.removesuffix(SHARED_SUFFIX)
+    s = shape_registry.from_name(base)
+    if not s.shared_ffn or s.shared_ffn % s.expert_ffn:
+        raise ValueError(f"shape {name!r}: {base} has no shared expert of a whole number of experts' widths "
+                         f"(shared_ffn {s.shared_ffn}, expert_ffn {s.expert_ffn})")
+    return s.shared_ffn // s.expert_ffn
+
+
+def expert_dims(name: str) -> tuple[int, int, int, int]:
+    """(E, H, F, k) the expert kernels see for a registry shape (moegps.shapes), or for 'NAME+shared'
+    the engine's call with NAME's shared expert among the experts: E + n experts, top-(k + n)."""
+    s = shape_registry.from_name(name.removesuffix(SHARED_SUFFIX))
+    n = shared_columns(name)
+    return s.n_experts + n, s.hidden, s.expert_ffn, s.top_k + n
+
+
+def shape_names() -> list[str]:
+    """Registry names, and NAME+shared for each shape whose shared expert is whole experts wide."""
+    names = shape_registry.names()
+    return names + [n + SHARED_SUFFIX for n in names
+                    if (s := shape_registry.from_name(n)).shared_ffn and s.shared_ffn % s.expert_ffn == 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,7 +340,7 @@ def tune_one(name, shape, n_tokens, failed, seed=0, paths=PATHS, incumbent=None)
     so a search of fewer `paths` keeps it unless something beats it."""
     n_experts, hidden, ffn, top_k = shape
     x, w13, w2 = make_inputs(n_experts, hidden, ffn, top_k, n_tokens, seed)
-    ids, weights = make_routing(n_tokens, n_experts, top_k, seed)
+    ids, weights = make_routing(n_tokens, n_experts, top_k, seed, shared=shared_columns(name))
     flat_ids, flat_w = ids.reshape(-1), weights.reshape(-1)
     n_pairs = n_tokens * top_k
     h = torch.empty(n_pairs, ffn, dtype=x.dtype, device="cuda")
