@@ -45,6 +45,7 @@ from rich.text import Text
 
 from .configs import EXIT_INTERRUPTED
 from .engine.generate import Engine, build_model
+from .executor.generate import copy_bandwidth
 from .engine.model import Model, from_transformers, prefill, weight_bytes_per_step
 from .models.tokenizer import mixtral_tokenizer
 from .paths import BUNDLED_MODELS
@@ -57,19 +58,18 @@ TRANSFORMERS, ENGINE = "transformers", "moegps engine"
 
 # ---- the floor -------------------------------------------------------------------------------------
 
-def copy_rate(device: torch.device, nbytes: int | None = None, reps: int = 5) -> float:
-    """Bytes per second of a device-to-same-device copy, read + written (median of ``reps``), the
-    rate the engine benchmark's floors use. ``nbytes`` defaults to 1 GiB on a GPU, 64 MiB on a CPU."""
-    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 26)
+def copy_rate(device: torch.device, nbytes: int = 1 << 26, reps: int = 5) -> float:
+    """Bytes per second of a device-to-same-device copy, read + written: on a GPU the engine
+    benchmark's own measurement (executor's copy_bandwidth, device events), on a CPU the median
+    of ``reps`` host-timed copies of ``nbytes``."""
+    if device.type == "cuda":
+        return copy_bandwidth()
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
-    sync = _sync(device)
     times = []
     for _ in range(reps + 1):
-        sync()
         start = time.perf_counter()
         dst.copy_(src)
-        sync()
         times.append(time.perf_counter() - start)
     return 2 * nbytes / float(np.median(times[1:]))
 
