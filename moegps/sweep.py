@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -382,19 +383,15 @@ def sweep_axes(overrides: list[str]) -> tuple[list[str], dict[str, list[Any]]]:
     return [p for p in plain if not p.startswith("hydra")], axes
 
 
-def count_runs(overrides: list[str]) -> int:
-    """How many runs ``python -m moegps.sweep -m <overrides>`` launches (the product of its axes)."""
-    total = 1
-    for values in sweep_axes(overrides)[1].values():
-        total *= len(values)
-    return total
+def count_runs(axes: dict[str, list]) -> int:
+    """How many runs a sweep of these axes (``sweep_axes(overrides)[1]``) launches: their product."""
+    return math.prod(len(values) for values in axes.values())
 
 
-def preflight(overrides: list[str]) -> None:
+def preflight(plain: list[str], axes: dict[str, list]) -> None:
     """Check every swept value before the sweep starts (each with the others at their first value):
     a week-long sweep with ``batch_size=4,-4`` stops at once, naming the field, with no run written,
-    instead of failing at its first bad point after many good ones."""
-    plain, axes = sweep_axes(overrides)
+    instead of failing at its first bad point after many good ones. ``plain, axes = sweep_axes(...)``."""
     first = {key: values[0] for key, values in axes.items() if values}
     for key, values in axes.items():
         for value in values:
@@ -440,15 +437,17 @@ def main() -> None:
     if "-m" in args or "--multirun" in args:
         overrides = [a for a in args if not a.startswith("-")]
         try:
-            os.environ[TOTAL_ENV] = str(count_runs(overrides))
-        except Exception:  # noqa: BLE001 - progress is a courtesy; hydra reports a bad override itself
-            pass
-        try:
-            preflight(overrides)
-        except ConfigError as e:
-            raise SystemExit(str(e)) from None
+            plain, axes = sweep_axes(overrides)  # composed once, for the count and the checks
         except Exception:  # noqa: BLE001 - an override hydra itself refuses: hydra says so, below
-            pass
+            axes = None
+        if axes is not None:
+            os.environ[TOTAL_ENV] = str(count_runs(axes))
+            try:
+                preflight(plain, axes)
+            except ConfigError as e:
+                raise SystemExit(str(e)) from None
+            except Exception:  # noqa: BLE001 - a value hydra itself refuses: hydra says so, below
+                pass
     os.environ[PARENT_ENV], os.environ[START_ENV] = str(os.getpid()), str(time.time())
     # an absolute config path: the task function lives in moegps.sweep, so that workers can unpickle it
     run_command(hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sweep")(_app), "sweep")

@@ -519,9 +519,12 @@ def test_finding12_guide_prints_the_gain_in_percent():
 def test_finding12_sweep_prints_progress_and_eta(monkeypatch):
     from moegps import sweep
 
-    assert sweep.count_runs(["sweep=default"]) == 72
-    assert sweep.count_runs(["sweep=smoke", "batch_size=4,8,16"]) == 24
-    assert sweep.count_runs(["predictor=ema"]) == 24  # a plain value replaces the preset's swept list
+    def count(overrides):
+        return sweep.count_runs(sweep.sweep_axes(overrides)[1])
+
+    assert count(["sweep=default"]) == 72
+    assert count(["sweep=smoke", "batch_size=4,8,16"]) == 24
+    assert count(["predictor=ema"]) == 24  # a plain value replaces the preset's swept list
     monkeypatch.setenv(sweep.TOTAL_ENV, "72")
     monkeypatch.setenv(sweep.START_ENV, str(time.time() - 30))
     note = sweep.progress_note(16)
