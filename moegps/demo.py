@@ -289,7 +289,7 @@ def answer(session: Session, prompt: str, display: Callable[[AnswerStats], None]
     Ctrl-C (KeyboardInterrupt) anywhere in the answer ends the answer, not the program."""
     max_new_tokens = max_new_tokens or session.max_new_tokens
     model, tok = session.model, session.tokenizer
-    moe_layers = [i for i, layer in enumerate(model.layers) if layer.w_gate_up is not None]
+    moe_layers = model.moe_layers
     stats = AnswerStats(prompt, moe_layers, model.shape.n_experts)
     ids = tok.encode(prompt)
     if session.engine is not None and len(ids) + max_new_tokens > session.engine.max_len:

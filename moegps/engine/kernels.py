@@ -316,6 +316,16 @@ def decode_attention(q, k_cache, v_cache, lengths, scale: float | None = None, s
 # ---- router: logits, softmax, top-k ------------------------------------------------------------------
 
 @triton.jit
+def _store_shared(ids_ptr, gates_ptr, row_start, E, mask, TOP_K: tl.constexpr, SHARED: tl.constexpr):
+    """Columns TOP_K .. TOP_K+SHARED-1 of the rows starting at ``row_start`` (a scalar or a vector):
+    experts E, E+1, ... with gate 1, a shared expert held among the experts (add_rmsnorm_router)."""
+    for j in tl.static_range(SHARED):
+        at = row_start + TOP_K + j
+        tl.store(ids_ptr + at, (at * 0 + E + j).to(ids_ptr.dtype.element_ty), mask=mask)
+        tl.store(gates_ptr + at, (at * 0 + 1).to(gates_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _router_kernel(x_ptr, w_ptr, ids_ptr, weights_ptr, T, H, E, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
                    RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
                    SHARED: tl.constexpr = 0):
@@ -347,10 +357,7 @@ def _router_kernel(x_ptr, w_ptr, ids_ptr, weights_ptr, T, H, E, TOP_K: tl.conste
     mask = (t < T)[:, None] & (j_col < TOP_K)[None, :]
     tl.store(ids_ptr + out, top_i.to(ids_ptr.dtype.element_ty), mask=mask)
     tl.store(weights_ptr + out, top_w.to(weights_ptr.dtype.element_ty), mask=mask)
-    for j in tl.static_range(SHARED):
-        tl.store(ids_ptr + row_start + TOP_K + j, tl.full([BLOCK_T], E + j, ids_ptr.dtype.element_ty), mask=t < T)
-        tl.store(weights_ptr + row_start + TOP_K + j, tl.full([BLOCK_T], 1.0, weights_ptr.dtype.element_ty),
-                 mask=t < T)
+    _store_shared(ids_ptr, weights_ptr, row_start, E, t < T, TOP_K, SHARED)
 
 
 def router_topk_torch(x, w_router, top_k: int, renormalize: bool):
@@ -435,9 +442,7 @@ def _add_rmsnorm_router_kernel(resid_ptr, delta_ptr, w_ptr, out_ptr, wr_ptr, ids
     row_start = row * (TOP_K + SHARED)
     tl.store(ids_ptr + row_start + j_col, top_i.to(ids_ptr.dtype.element_ty), mask=j_col < TOP_K)
     tl.store(gates_ptr + row_start + j_col, top_w.to(gates_ptr.dtype.element_ty), mask=j_col < TOP_K)
-    for j in tl.static_range(SHARED):
-        tl.store(ids_ptr + row_start + TOP_K + j, (E + j).to(ids_ptr.dtype.element_ty))
-        tl.store(gates_ptr + row_start + TOP_K + j, tl.full([], 1.0, gates_ptr.dtype.element_ty))
+    _store_shared(ids_ptr, gates_ptr, row_start, E, row_start >= 0, TOP_K, SHARED)  # one row: all true
 
 
 FUSED_ROUTER_MAX_TOKENS = 256  # above this, the tiled router (one weight read per 16 tokens) is cheaper

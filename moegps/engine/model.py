@@ -74,6 +74,11 @@ class Model:
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
 
+    @property
+    def moe_layers(self) -> list[int]:
+        """Indices of the layers with routed experts (the others are dense)."""
+        return [i for i, layer in enumerate(self.layers) if layer.w_gate_up is not None]
+
     def ensure_rope(self, max_positions: int) -> None:
         if self.rope is None or self.rope[0].shape[0] < max_positions:
             self.rope = rope_tables(max(max_positions, 4096), self.shape.head_dim, self.shape.rope_theta,

@@ -24,14 +24,10 @@ from ..placement.placement import Placement
 from .model import Model
 
 
-def _moe_layers(model: Model) -> list[int]:
-    return [i for i, layer in enumerate(model.layers) if layer.w_gate_up is not None]
-
-
 def expert_parallel(model: Model, comm: Comm, placement: Placement) -> Model:
     """A copy of ``model`` (attention weights shared, not copied) whose MoE layer j runs under
     ``placement``'s layer j on ``comm``'s ranks; this rank keeps the weights of its slots only."""
-    moe = _moe_layers(model)
+    moe = model.moe_layers
     S = model.shape
     if any(model.layers[i].n_shared for i in moe):
         raise ValueError("expert_parallel: this model holds a shared expert among its experts (Layer.n_shared), "
@@ -56,7 +52,7 @@ def expert_parallel(model: Model, comm: Comm, placement: Placement) -> Model:
 def tensor_parallel(model: Model, comm: Comm) -> Model:
     """A copy of ``model`` whose experts are split ``comm.world`` ways along the FFN dimension."""
     layers = list(model.layers)
-    for i in _moe_layers(model):
+    for i in model.moe_layers:
         layer = layers[i]
         w_gate_up, w_down = tp_shard(layer.w_gate_up, layer.w_down, comm.rank, comm.world)
         layers[i] = dataclasses.replace(layer, w_gate_up=w_gate_up, w_down=w_down,

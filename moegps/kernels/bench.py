@@ -51,9 +51,8 @@ from moegps.kernels.launch import (combine_atomic, combine_sum, default_config, 
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.routing import SCAN, align
 from moegps.kernels.timing import flush_control, make_inputs, make_routing, rel_err, time_many, time_us
-from moegps.kernels.tune import (FUSED_MAX_PAIRS, FUSED_TILES, config_tasks, expert_dims, fused_config, precompile,
-                                 shape_names, shared_columns, tune)
-from moegps.kernels.tune import PATHS as TUNE_PATHS
+from moegps.kernels.tune import (FUSED_MAX_PAIRS, FUSED_TILES, PATHS as TUNE_PATHS, config_tasks, expert_dims,
+                                 fused_config, precompile, shape_names, shared_columns, tune)
 
 
 
