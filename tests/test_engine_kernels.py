@@ -22,7 +22,7 @@ import moegps.kernels  # noqa: F401
 # Another module may have imported the kernels before the variable was set (Triton decides
 # interpreted or compiled when it decorates): decorate them again, the MoE kernels in dependency
 # order first (see tests/test_kernels.py), then the engine's.
-for _name in ("routing", "fused_moe", "launch", "reference", "per_expert"):
+for _name in ("routing", "fused_moe", "launch", "reference"):
     importlib.reload(sys.modules[f"moegps.kernels.{_name}"])
 importlib.reload(sys.modules["moegps.kernels"])
 K = importlib.reload(sys.modules["moegps.engine.kernels"])
@@ -280,13 +280,12 @@ def test_add_rmsnorm_router(gen, T, H, E, top_k, renormalize, shared, fused, mon
 
 # ---- the whole engine on the interpreted kernels -----------------------------------------------------------
 
-@pytest.mark.parametrize("shared_ffn,experts", [(0, "triton"), (64, "triton"), (64, "per-expert")])
-def test_engine_on_interpreted_kernels_matches_its_torch_path(rng, monkeypatch, shared_ffn, experts):
+@pytest.mark.parametrize("shared_ffn", [0, 64])
+def test_engine_on_interpreted_kernels_matches_its_torch_path(rng, monkeypatch, shared_ffn):
     """A tiny random Mixtral (GQA group 4): prefill of two prompts of different lengths and 4 greedy
     decode steps, every kernel interpreted, against the same model on the torch path (whose agreement
     with transformers tests/test_engine.py checks): logits within 1e-4, identical tokens. With
-    ``shared_ffn`` 64, a shared expert of two experts' width held as two extra experts; ``experts``:
-    prefill's routed experts on the fused kernels or as a GEMM per expert."""
+    ``shared_ffn`` 64, a shared expert of two experts' width held as two extra experts."""
     shape = from_name("mixtral-8x7b").replace(name="tiny", vocab_size=96, n_layers=2, hidden=64, n_heads=8,
                                               n_kv_heads=2, head_dim=16, expert_ffn=32, n_experts=8, top_k=2,
                                               shared_ffn=shared_ffn)
@@ -296,7 +295,7 @@ def test_engine_on_interpreted_kernels_matches_its_torch_path(rng, monkeypatch, 
 
     def run():
         cache = KVCache(shape, 2, 16, torch.float32, "cpu")
-        logits = [prefill(model, cache, prompts, experts=experts)]
+        logits = [prefill(model, cache, prompts)]
         positions = torch.tensor([5, 11])
         for _ in range(4):
             logits.append(decode_step(model, cache, logits[-1].argmax(-1), positions))
@@ -309,7 +308,6 @@ def test_engine_on_interpreted_kernels_matches_its_torch_path(rng, monkeypatch, 
     for name in ("add_rmsnorm", "add_rmsnorm_router", "decode_attention", "rope_cache_write", "use_triton"):
         monkeypatch.setattr(engine_model, name, getattr(K, name))
     monkeypatch.setattr(engine_model, "fused_moe", moegps.kernels.fused_moe)
-    monkeypatch.setattr(engine_model, "moe_per_expert", moegps.kernels.moe_per_expert)
     triton_path = run()
     assert rel_err(triton_path, torch_path.double()) < 1e-4, seed
     assert torch.equal(triton_path.argmax(-1), torch_path.argmax(-1)), seed

@@ -17,7 +17,7 @@ import moegps.kernels  # noqa: F401  (imports its submodules)
 # Another test module may have imported the kernels before the variable was set (Triton decides
 # interpreted or compiled when it decorates): decorate them again, in dependency order. (The
 # package attribute `fused_moe` is the function, so the submodules come from sys.modules.)
-for _name in ("routing", "fused_moe", "launch", "reference", "per_expert"):
+for _name in ("routing", "fused_moe", "launch", "reference"):
     importlib.reload(sys.modules[f"moegps.kernels.{_name}"])
 importlib.reload(sys.modules["moegps.kernels"])
 # back as it was once decorated: other modules' code picks Triton on the CPU while the variable is set
@@ -321,32 +321,3 @@ def test_shipped_configs_are_valid_and_run(rng):
                  if c["path"] == "fused"]
         for cfg in (some[0], some[-1], *fused[:1]):  # decode, large-batch, fused configs
             assert rel_err(fused_moe(x, w13, w2, ids, weights, config=cfg), ref) < 1e-5
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_per_expert_path(rng, dtype):
-    """The per-expert GEMM path (moe_per_expert) against the float64 brute force: random top-k,
-    an expert left empty, a partial silu block (F = 40), the indexed combine."""
-    from moegps.kernels.per_expert import moe_per_expert
-
-    n_experts = 5
-    x, w13, w2, ids, weights = make_problem(rng, int(rng.integers(3, 12)), n_experts, 48, 40, 2, dtype)
-    ids[ids == int(rng.integers(n_experts))] = int(rng.integers(n_experts))  # one expert loses its tokens
-    # (a token may now hold one expert twice: the path must still add both)
-    out = moe_per_expert(x, w13, w2, ids, weights)
-    assert out.shape == x.shape and out.dtype == dtype
-    tol = 2e-3 if dtype == torch.float16 else 1e-5
-    assert rel_err(out, brute_force(x, w13, w2, ids, weights)) < tol
-
-
-@pytest.mark.parametrize("top_k", [1, 3])
-def test_indexed_combine(rng, top_k):
-    """combine_sum with rows: each token's rows found through a random permutation."""
-    from moegps.kernels.launch import combine_sum
-
-    n_tokens, hidden = int(rng.integers(1, 7)), 2100
-    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
-    y = torch.randn(n_tokens * top_k, hidden, generator=gen)
-    rows = torch.randperm(n_tokens * top_k, generator=gen)
-    out = combine_sum(y, top_k, rows=rows)
-    assert rel_err(out, y.double()[rows].view(n_tokens, top_k, hidden).sum(dim=1)) < 1e-6

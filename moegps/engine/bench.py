@@ -43,7 +43,7 @@ from ..shapes import ModelShape, from_name
 from . import kernels as K
 from .generate import Engine, bucket_for
 from .kernels import ATTENTION_DEFAULTS, decode_attention
-from .model import (EXPERT_PATHS, KVCache, Model, decode_step, from_transformers, prefill, random_model,
+from .model import (KVCache, Model, decode_step, from_transformers, prefill, random_model,
                     weight_bytes_per_step)
 
 PARTS = ("checks", "ceilings", "agree", "decode", "attention", "ttft", "peers", "breakdown")
@@ -258,9 +258,7 @@ def part_attention(shape: ModelShape, batches, contexts, copy_rate: float, sweep
     return rows
 
 
-def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float, reps: int = 3,
-              expert_paths=("triton", "per-expert")) -> list[dict]:
-    """Time to first token, batch 1, one row per prompt length and routed-experts path (model.EXPERT_PATHS)."""
+def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float, reps: int = 3) -> list[dict]:
     rows = []
     S = model.shape
     gen = torch.Generator().manual_seed(3)
@@ -269,6 +267,8 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
     for n in prompt_lengths:
         cache = KVCache(S, 1, n, model.dtype, model.device)
         prompt = torch.randint(3, S.vocab_size, (n,), generator=gen).cuda()
+        with torch.inference_mode():
+            ms = device_ms(lambda: prefill(model, cache, [prompt]), reps=reps, warmup=1)
         # matmuls: 2 x active params per token (lm_head once) + causal attention's QK^T and PV; bytes: every
         # weight read once (the experts that n tokens can touch at most)
         flops = 2 * (active - S.vocab_size * S.hidden) * n + 2 * S.vocab_size * S.hidden \
@@ -276,21 +276,14 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
         experts = min(S.n_experts, n * S.top_k)
         weight_bytes = S.total_params * S.dtype_bytes - S.n_moe_layers * (S.n_experts - experts) * S.expert_weight_bytes
         floor = max(flops / matmul_rate, weight_bytes / copy_rate) * 1e3
-        for path in expert_paths:
-            def run(path=path):
-                return prefill(model, cache, [prompt], experts=path)
-
-            with torch.inference_mode():
-                ms = device_ms(run, reps=reps, warmup=1)
-                kernels = kernel_trace(run)
-            parts = kernel_parts(kernels)
-            print(f"prefill of {n} tokens, experts {path}: costliest kernels\n{_markdown(kernel_table(kernels))}",
-                  flush=True)
-            rows.append(dict(shape=S.name, prompt=n, experts=path, ttft_ms=ms, floor_ms=floor,
-                             pct_of_floor=100 * floor / ms,
-                             bound="compute" if flops / matmul_rate > weight_bytes / copy_rate else "memory",
-                             **{f"{k}_ms": v for k, v in parts.items()}))
-            print(rows[-1], flush=True)
+        with torch.inference_mode():
+            kernels = kernel_trace(lambda: prefill(model, cache, [prompt]))
+        parts = kernel_parts(kernels)
+        print(f"prefill of {n} tokens: costliest kernels\n{_markdown(kernel_table(kernels))}", flush=True)
+        rows.append(dict(shape=S.name, prompt=n, ttft_ms=ms, floor_ms=floor, pct_of_floor=100 * floor / ms,
+                         bound="compute" if flops / matmul_rate > weight_bytes / copy_rate else "memory",
+                         **{f"{k}_ms": v for k, v in parts.items()}))
+        print(rows[-1], flush=True)
         cache = None  # freed before the next prompt's
         torch.cuda.empty_cache()
     return rows
@@ -557,8 +550,6 @@ def main(argv=None) -> None:
     ap.add_argument("--shared-expert", choices=["folded", "beside"], default="folded",
                     help="a shared expert held as extra experts in the routed kernels (where its width is whole "
                     "experts'), or run beside them as its own GEMMs")
-    ap.add_argument("--prefill-experts", nargs="+", choices=EXPERT_PATHS, default=["triton", "per-expert"],
-                    help="the routed experts' paths whose time to first token is measured (model.EXPERT_PATHS)")
     ap.add_argument("--out", default="benchmarks/results/engine")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -589,7 +580,7 @@ def main(argv=None) -> None:
                                                            args.reps, c["copy_bytes_per_s"]))
         if "ttft" in args.parts:
             _attempt(results, "ttft", lambda: part_ttft(model, args.prompts, c["matmul_flops_per_s"],
-                                                       c["copy_bytes_per_s"], expert_paths=args.prefill_experts))
+                                                       c["copy_bytes_per_s"]))
         if "breakdown" in args.parts:
             _attempt(results, "breakdown", lambda: _breakdowns(model, hf, shape, args.peer_batches, c["device"]))
         if "peers" in args.parts and hf is not None:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..kernels import fused_moe, moe_per_expert, moe_reference
+from ..kernels import fused_moe, moe_reference
 from ..shapes import ModelShape, from_hf_config
 from .kernels import add_rmsnorm, add_rmsnorm_router, decode_attention, rope_cache_write, rope_tables, use_triton
 
@@ -258,35 +258,13 @@ def weight_bytes_per_step(model: Model, distinct_experts: list[float]) -> float:
 
 # ---- the forward passes --------------------------------------------------------------------------
 
-# Rows per expert (tokens x k / experts, on average) from which an eager call runs the routed experts
-# as one cuBLAS GEMM per expert (moegps.kernels.per_expert) instead of the Triton grouped GEMMs.
-# Measured on the H200 (docs/engine.md, "Prefill"): the kernels benchmark's `experts` column.
-PER_EXPERT_MIN_ROWS = 256
-EXPERT_PATHS = ("auto", "triton", "per-expert")
-
-
-def _routed_experts(x: torch.Tensor, n_experts: int, top_k: int, path: str) -> Callable:
-    """The routed experts' implementation for ``x [T, H]``: ``path`` "triton" (the fused kernels, no
-    host sync: decode and graphs), "per-expert" (a GEMM per expert: one host sync) or "auto" (per-expert
-    on a GPU from PER_EXPERT_MIN_ROWS rows per expert, outside graph capture). Without a GPU or
-    Triton's interpreter, the torch reference."""
-    if path not in EXPERT_PATHS:
-        raise ValueError(f"experts path must be one of {EXPERT_PATHS}, got {path!r}")
-    if not use_triton(x):
-        return moe_reference
-    if path == "auto":
-        wide = x.shape[0] * top_k >= PER_EXPERT_MIN_ROWS * n_experts
-        path = "per-expert" if x.is_cuda and wide and not torch.cuda.is_current_stream_capturing() else "triton"
-    return moe_per_expert if path == "per-expert" else fused_moe
-
-
 def _swiglu(x, gate_up, down):
     """A dense SwiGLU MLP: ``x [T, H]``, ``gate_up [2S, H]``, ``down [H, S]`` -> ``[T, H]``."""
     g, u = (x @ gate_up.T).chunk(2, dim=-1)
     return (F.silu(g) * u) @ down.T
 
 
-def _mlp(model: Model, index: int, resid: torch.Tensor, attn_out: torch.Tensor, experts_path: str) -> torch.Tensor:
+def _mlp(model: Model, index: int, resid: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
     """The residual add and norm after attention, then the MoE (router, routed experts, shared expert)
     or a dense layer's MLP; returns the MLP's output ``[T, H]``."""
     layer, S = model.layers[index], model.shape
@@ -302,7 +280,7 @@ def _mlp(model: Model, index: int, resid: torch.Tensor, attn_out: torch.Tensor, 
         if layer.experts is not None:
             out = layer.experts(x, ids, gates)
         else:
-            experts = _routed_experts(x, layer.w_gate_up.shape[0], ids.shape[1], experts_path)
+            experts = fused_moe if use_triton(x) else moe_reference
             out = experts(x, layer.w_gate_up, layer.w_down, ids, gates)
     if layer.shared_gate_up is not None:
         shared = _swiglu(x, layer.shared_gate_up, layer.shared_down)
@@ -310,8 +288,7 @@ def _mlp(model: Model, index: int, resid: torch.Tensor, attn_out: torch.Tensor, 
     return out
 
 
-def _layers(model: Model, cache: KVCache, resid: torch.Tensor, positions, slots, attend,
-            experts_path: str = "triton") -> torch.Tensor:
+def _layers(model: Model, cache: KVCache, resid: torch.Tensor, positions, slots, attend) -> torch.Tensor:
     """All layers over ``resid [T, H]`` (updated in place); returns the last layer's MLP output
     (the caller adds it with the final norm). ``attend(q [T, n_heads, D], layer_index) -> [T, n_heads, D]``."""
     S = model.shape
@@ -324,7 +301,7 @@ def _layers(model: Model, cache: KVCache, resid: torch.Tensor, positions, slots,
                              S.n_kv_heads)
         o = attend(q, index)
         o = o.reshape(o.shape[0], -1) @ layer.wo.T
-        delta = _mlp(model, index, resid, o, experts_path)
+        delta = _mlp(model, index, resid, o)
     return delta
 
 
@@ -346,13 +323,11 @@ def decode_step(model: Model, cache: KVCache, tokens: torch.Tensor, positions: t
     return (x @ model.lm_head.T).float()
 
 
-def prefill(model: Model, cache: KVCache, prompts: list[torch.Tensor], all_positions: bool = False,
-            experts: str = "auto") -> torch.Tensor:
+def prefill(model: Model, cache: KVCache, prompts: list[torch.Tensor], all_positions: bool = False) -> torch.Tensor:
     """Prompts of any lengths (prompt b in cache slot b, from position 0), packed into one token batch
     for every GEMM and the MoE; attention per sequence through SDPA on the right-padded batch
     (causal: no valid query sees a padded key). Returns the last position's logits ``[B, V]`` float32,
-    or with ``all_positions`` every token's ``[sum of lengths, V]`` (teacher-forced checks).
-    ``experts``: the routed experts' path (EXPERT_PATHS; see _routed_experts)."""
+    or with ``all_positions`` every token's ``[sum of lengths, V]`` (teacher-forced checks)."""
     device = model.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     if len(prompts) > cache.slots or int(lengths.max()) > cache.max_len:
@@ -380,7 +355,7 @@ def prefill(model: Model, cache: KVCache, prompts: list[torch.Tensor], all_posit
         return o.reshape(longest, S.n_heads, S.head_dim) if single else o[slots, positions]
 
     resid = model.embed[tokens]
-    delta = _layers(model, cache, resid, positions, slots, attend, experts)
+    delta = _layers(model, cache, resid, positions, slots, attend)
     if all_positions:
         return (add_rmsnorm(resid, delta, model.norm, S.norm_eps) @ model.lm_head.T).float()
     last = torch.cumsum(lengths, 0) - 1

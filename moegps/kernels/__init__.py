@@ -7,9 +7,8 @@ The CPU path (and the tests' reference) is `moegps.kernels.reference.moe_referen
 """
 
 from .launch import available, default_config, fused_moe, get_config
-from .per_expert import moe_per_expert
 from .reference import moe_reference
 from .routing import RoutingMeta, align
 
-__all__ = ["available", "default_config", "fused_moe", "get_config", "moe_per_expert", "moe_reference",
+__all__ = ["available", "default_config", "fused_moe", "get_config", "moe_reference",
            "RoutingMeta", "align"]

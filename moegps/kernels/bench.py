@@ -15,8 +15,6 @@ do_bench's zero-fill or, with `--flush clean`, by a read that leaves no dirty li
   gmm       torch._grouped_mm pipeline: sort by expert, gather, grouped GEMM, SiLU*up, grouped
             GEMM, gate weights, un-permute and ours' k-way combine kernel (graph)
   loop      the torch per-expert loop (reference.py, bf16; eager: it syncs per expert)
-  experts   the per-expert GEMM path (per_expert.py: one cuBLAS GEMM per expert and projection,
-            fused SiLU*up*gate and indexed combine; eager: it syncs once for the row counts)
 two references that are not MoE pipelines, for what the hardware gives at this size:
   bmm       cuBLAS's batched GEMM of the two projections alone over the active experts with
             equal rows each (balanced routing; no gather, SiLU, gate weights or combine; graph)
@@ -50,7 +48,6 @@ import torch.nn.functional as F
 from moegps.kernels import timing
 from moegps.kernels.launch import (combine_atomic, combine_sum, default_config, fused_moe, get_config,
                                    launch_down, launch_gate_up, route)
-from moegps.kernels.per_expert import moe_per_expert
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.routing import SCAN, align
 from moegps.kernels.timing import flush_control, make_inputs, make_routing, rel_err, time_many, time_us
@@ -199,7 +196,6 @@ def bench_one(name, shape, n_tokens, seed=0, fused=False, skip=(), failed=None) 
         "ours": lambda: fused_moe(x, w13, w2, ids, weights, config=config),
         "default": lambda: fused_moe(x, w13, w2, ids, weights, config=dflt),
         "gmm": lambda: grouped_mm_moe(x, w13, w2, ids, weights),
-        "experts": lambda: moe_per_expert(x, w13, w2, ids, weights),
     }
     timed = {}  # the row's runs timed together, in rounds (time_interleaved)
     for method, fn in checked.items():
@@ -219,9 +215,9 @@ def bench_one(name, shape, n_tokens, seed=0, fused=False, skip=(), failed=None) 
         weights_copy = torch.empty(weight_bytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
         timed["read"] = lambda: weights_copy.sum(dtype=torch.float32)
     ceiling = ceiling_runs()
-    times = time_many({**ceiling, **timed}, graph=set(timed) - {"experts"})  # it syncs: eager
+    times = time_many({**ceiling, **timed}, graph=set(timed))
     del ceiling
-    for method in ("ours", "default", "gmm", "experts", "gemms", "bmm", "read"):
+    for method in ("ours", "default", "gmm", "gemms", "bmm", "read"):
         row[f"{method}_us"] = times.get(method, math.nan)
     rate = rates(times)
     floor_mem = (weight_bytes + io_bytes) / rate["copy_Bps"] * 1e6
@@ -238,7 +234,6 @@ def bench_one(name, shape, n_tokens, seed=0, fused=False, skip=(), failed=None) 
     row["pct_floor"] = 100 * row["floor_us"] / row["ours_us"]
     row["pct_floor_default"] = 100 * row["floor_us"] / row["default_us"]
     row["pct_floor_gmm"] = 100 * row["floor_us"] / row["gmm_us"]
-    row["pct_floor_experts"] = 100 * row["floor_us"] / row["experts_us"]
     row["pct_floor_bmm"] = 100 * row["floor_us"] / row["bmm_us"]
     row["pct_floor_gemms"] = 100 * row["floor_us"] / row["gemms_us"]
     # the read only bounds memory-bound rows (compute-bound ones read far less than they take)
@@ -258,8 +253,7 @@ COLUMNS = [("shape", "{}"), ("tokens", "{}"), ("path", "{}"), ("ours_us", "{:.1f
            ("copy_TBps", "{:.2f}"), ("matmul_TFLOPs", "{:.0f}"),
            ("pct_floor", "{:.0f}%"), ("gemms_us", "{:.1f}"), ("pct_floor_gemms", "{:.0f}%"),
            ("default_us", "{:.1f}"), ("pct_floor_default", "{:.0f}%"),
-           ("gmm_us", "{:.1f}"), ("pct_floor_gmm", "{:.0f}%"), ("experts_us", "{:.1f}"),
-           ("pct_floor_experts", "{:.0f}%"), ("bmm_us", "{:.1f}"),
+           ("gmm_us", "{:.1f}"), ("pct_floor_gmm", "{:.0f}%"), ("bmm_us", "{:.1f}"),
            ("pct_floor_bmm", "{:.0f}%"), ("read_us", "{:.1f}"), ("pct_floor_read", "{:.0f}%"),
            ("loop_us", "{:.1f}"),
            ("vs_gmm", "{:.2f}x"), ("vs_loop", "{:.2f}x"), ("tflops", "{:.0f}"),
@@ -296,7 +290,7 @@ def main(argv=None):
                         help="also time the one-launch fused decode path's tiles (FUSED_TILES) "
                         f"where T*k <= {FUSED_MAX_PAIRS}")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["default", "loop", "gmm", "experts", "bmm", "read"],
+                        choices=["default", "loop", "gmm", "bmm", "read"],
                         help="baselines and references not to time")
     parser.add_argument("--flush", choices=["zero", "clean"], default="zero",
                         help="L2 flush before each timed run: zero-fill (do_bench's, leaves dirty "

@@ -425,21 +425,15 @@ def down_sorted_kernel(
 
 
 @triton.jit
-def combine_kernel(y_ptr, out_ptr, rows_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr,
-                   INDEXED: tl.constexpr):
-    """out[t, h tile] = sum_j y[row(t, j), h tile], added in fp32 and rounded once: the k-way
-    combine after the down GEMM. row(t, j) = t * TOP_K + j, or with INDEXED rows[t * TOP_K + j]
-    (y in another order, e.g. sorted by expert). y [*, H] and out [T, H] are contiguous; grid
-    (T, cdiv(H, BLOCK_H)). A plain streaming kernel: torch's sum over the k dim of y viewed
-    [T, k, H] ran at 1.0-2.1 TB/s on an H100, this one at 2.7-3.05 (NOTES.md v17)."""
+def combine_kernel(y_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t, h tile] = sum_j y[t * TOP_K + j, h tile], added in fp32 and rounded once: the k-way
+    combine after the down GEMM of the scan and sorted paths. y [T*k, H] and out [T, H] are
+    contiguous; grid (T, cdiv(H, BLOCK_H)). A plain streaming kernel: torch's sum over the k dim
+    of y viewed [T, k, H] ran at 1.0-2.1 TB/s on an H100, this one at 2.7-3.05 (NOTES.md v17)."""
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = offs < H
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
     for j in tl.static_range(TOP_K):
-        if INDEXED:
-            row = tl.load(rows_ptr + t * TOP_K + j).to(tl.int64)
-        else:
-            row = t * TOP_K + j
-        acc += tl.load(y_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(y_ptr + (t * TOP_K + j) * H + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)

@@ -216,19 +216,15 @@ def fused_moe(
     return combine_sum(y, top_k)
 
 
-def combine_sum(y: torch.Tensor, top_k: int, out: torch.Tensor | None = None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
-    """out [T, H] = sum over j of y [T*k, H]'s rows t*k + j, or with ``rows`` [T*k] (int) the rows
-    rows[t*k + j] (fp32 sums, y's dtype out): the k-way combine, one streaming launch (combine_kernel)."""
+def combine_sum(y: torch.Tensor, top_k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out [T, H] = sum over j of y [T*k, H]'s rows t*k + j (fp32 sums, y's dtype out): the
+    k-way combine, one streaming launch (combine_kernel)."""
     n_pairs, hidden = y.shape
-    if rows is not None:
-        n_pairs = rows.numel()
     out = torch.empty(n_pairs // top_k, hidden, dtype=y.dtype, device=y.device) if out is None else out
     block_h = min(2048, triton.next_power_of_2(hidden))
-    y = y.contiguous()
     combine_kernel[(n_pairs // top_k, triton.cdiv(hidden, block_h))](
-        y, out, y if rows is None else rows.contiguous(), hidden, TOP_K=top_k, BLOCK_H=block_h,
-        INDEXED=rows is not None, num_warps=8 if block_h >= 2048 else 4)
+        y.contiguous(), out, hidden, TOP_K=top_k, BLOCK_H=block_h,
+        num_warps=8 if block_h >= 2048 else 4)
     return out
 
 
