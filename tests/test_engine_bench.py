@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from moegps.engine.bench import kernel_parts, kernel_table
+from moegps.engine.bench import kernel_parts, kernel_table, trace_gaps
 
 
 def _layer(rng, with_shared=False):
@@ -43,3 +43,29 @@ def test_kernel_table_orders_by_total_time():
     rows = kernel_table(trace, top=2)
     assert [(r["kernel"], r["launches"], r["total_us"]) for r in rows] == [("b", 1, 10.0), ("a", 2, 7.0)]
     assert rows[1]["mean_us"] == pytest.approx(3.5)
+
+
+def test_trace_gaps_counts_idle_time_once():
+    """Random kernels on an integer timeline, back to back, overlapping (two streams) or apart, against
+    a brute-force count: the time units between the first start and the last end that no kernel covers,
+    and the runs of such units as the gaps."""
+    rng = random.Random()
+    trace, t = [], 0
+    for i in range(60):
+        dur = rng.randint(1, 100)
+        trace.append((float(t), float(dur), f"k{i}"))
+        t += rng.choice([dur, dur // 2, dur + rng.randint(1, 30)])
+    end = int(max(s + d for s, d, _ in trace))
+    covered = [False] * end
+    for s_, d, _ in trace:
+        covered[int(s_):int(s_ + d)] = [True] * int(d)
+    runs, run = [], 0
+    for c in covered:
+        if not c:
+            run += 1
+        elif run:
+            runs.append(run)
+            run = 0
+    idle_ms, top = trace_gaps(trace, top=3)
+    assert idle_ms == pytest.approx(covered.count(False) / 1e3)
+    assert [g["gap_us"] for g in top] == sorted(runs, reverse=True)[:3]

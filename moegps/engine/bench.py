@@ -278,11 +278,18 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
         floor = max(flops / matmul_rate, weight_bytes / copy_rate) * 1e3
         with torch.inference_mode():
             kernels = kernel_trace(lambda: prefill(model, cache, [prompt]))
+            torch.cuda.synchronize()
+            start = time.perf_counter()  # the host's time to issue the whole prefill (no sync inside)
+            prefill(model, cache, [prompt])
+            host_ms = (time.perf_counter() - start) * 1e3
+            torch.cuda.synchronize()
         parts = kernel_parts(kernels)
-        print(f"prefill of {n} tokens: costliest kernels\n{_markdown(kernel_table(kernels))}", flush=True)
+        idle_ms, gaps = trace_gaps(kernels)
+        print(f"prefill of {n} tokens: costliest kernels\n{_markdown(kernel_table(kernels))}\n"
+              f"GPU idle between kernels {idle_ms:.2f} ms; the longest gaps:\n{_markdown(gaps)}", flush=True)
         rows.append(dict(shape=S.name, prompt=n, ttft_ms=ms, floor_ms=floor, pct_of_floor=100 * floor / ms,
                          bound="compute" if flops / matmul_rate > weight_bytes / copy_rate else "memory",
-                         **{f"{k}_ms": v for k, v in parts.items()}))
+                         host_issue_ms=host_ms, idle_ms=idle_ms, **{f"{k}_ms": v for k, v in parts.items()}))
         print(rows[-1], flush=True)
         cache = None  # freed before the next prompt's
         torch.cuda.empty_cache()
@@ -388,6 +395,19 @@ def kernel_trace(fn) -> list[tuple[float, float, str]]:
         prof.export_chrome_trace(f.name)
         events = json.loads(Path(f.name).read_text())["traceEvents"]
     return sorted((e["ts"], e["dur"], e["name"]) for e in events if e.get("cat") == "kernel")
+
+
+def trace_gaps(kernels: list[tuple[float, float, str]], top: int = 8) -> tuple[float, list[dict]]:
+    """The GPU's idle time between the kernels of a ``kernel_trace`` in ms, and the ``top`` longest gaps
+    (microseconds, the kernel's index in the trace, the kernels on either side)."""
+    gaps, end, before = [], None, ""
+    for index, (start, dur, name) in enumerate(kernels):
+        if end is not None and start > end:
+            gaps.append(dict(gap_us=start - end, index=index, before=before[:40], after=name[:40]))
+        if end is None or start + dur > end:
+            end, before = start + dur, name
+    idle_ms = sum(g["gap_us"] for g in gaps) / 1e3
+    return idle_ms, sorted(gaps, key=lambda g: -g["gap_us"])[:top]
 
 
 # Kernel names of the engine's parts (its Triton kernels, the moegps MoE kernels, torch's flash
