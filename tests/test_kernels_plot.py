@@ -9,11 +9,11 @@ from moegps.kernels.plot import CURVES, REFERENCES, plot_bench, read_bench, seri
 TOKENS = [1, 8, 32, 128, 512, 2048, 8192, 16384]
 
 
-def random_bench(rng, path):
-    """A bench.csv of both shapes with random percentages, rows shuffled, one value missing."""
+def random_bench(rng, path, shapes=("mixtral-8x7b", "deepseek-v2-lite")):
+    """A bench.csv of the shapes with random percentages, rows shuffled, one value missing."""
     columns = [*CURVES.values(), *REFERENCES.values()]
     rows = [{"shape": shape, "tokens": t, **{c: rng.uniform(20, 100) for c in columns}}
-            for shape in ("mixtral-8x7b", "deepseek-v2-lite") for t in TOKENS]
+            for shape in shapes for t in TOKENS]
     df = pd.DataFrame(rows).sample(frac=1.0, random_state=int(rng.integers(2**31)))
     df.loc[(df["shape"] == "deepseek-v2-lite") & (df["tokens"] == 512), "pct_floor_gmm"] = np.nan
     df.to_csv(path, index=False)
@@ -35,6 +35,12 @@ def test_plot_writes_a_png(rng, tmp_path):
     out = plot_bench(tmp_path / "clean.csv", tmp_path / "zero.csv", tmp_path / "img" / "k.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((tmp_path / "img").iterdir()) == [out]  # no temporary file left beside it
+
+
+def test_plot_of_a_shape_with_its_shared_expert_among_the_experts(rng, tmp_path):
+    random_bench(rng, tmp_path / "clean.csv", shapes=("deepseek-v2-lite", "deepseek-v2-lite+shared"))
+    out = plot_bench(tmp_path / "clean.csv", None, tmp_path / "k.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_csv_that_is_not_the_benchmarks_is_named(tmp_path):

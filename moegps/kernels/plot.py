@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ..files import save_png
-from ..shapes import from_name
+from .tune import expert_dims
 
 # The issue's figures for vLLM's Triton fused_moe with a config tuned for an H100 (% of floor),
 # and its bar for moegps's kernel; token counts as keys.
@@ -50,9 +50,9 @@ def series(df: pd.DataFrame, shape: str, column: str) -> tuple[np.ndarray, np.nd
 
 
 def title(shape: str) -> str:
-    """A panel's title: the registry shape's name and expert sizes."""
-    s = from_name(shape)
-    return f"{shape} experts ({s.n_experts}, H {s.hidden}, F {s.expert_ffn}, top-{s.top_k})"
+    """A panel's title: the shape's name (moegps.kernels.tune.shape_names) and the expert sizes its kernels see."""
+    n_experts, hidden, ffn, top_k = expert_dims(shape)
+    return f"{shape} experts ({n_experts}, H {hidden}, F {ffn}, top-{top_k})"
 
 
 FLUSH_LABELS = {"clean": "L2 flushed clean", "zero": "do_bench's zero-fill flush"}
