@@ -18,7 +18,9 @@ Parts (``--parts``), each printed as a table and written to ``--out`` (JSON rows
   bytes) / copy rate. Distinct experts are counted from this run's routing.
 * ``attention``: the decode-attention kernel alone against its floor (KV bytes / copy rate).
 * ``ttft``: time to first token at batch 1 and each ``--prompts`` length against the matmul floor
-  (2 x active parameters x tokens / matmul rate, attention FLOPs included).
+  (2 x active parameters x tokens / matmul rate, attention FLOPs included), at the ceilings' rate and
+  at the rate of matmul bursts timed in rounds beside the prompt (same power and heat); the GPU's
+  idle time between kernels and the host's time to issue the prefill.
 * ``peers``: transformers in the same run: ``generate()`` as shipped, transformers under the
   project's graphed static-cache loop, and (``--compile``) static cache + torch.compile with
   grouped_mm kept in decode (its switch to batched_mm set aside: that copies the chosen experts'
@@ -258,7 +260,30 @@ def part_attention(shape: ModelShape, batches, contexts, copy_rate: float, sweep
     return rows
 
 
-def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float, reps: int = 3) -> list[dict]:
+def _beside_matmuls(fn, reps: int) -> tuple[float, float]:
+    """(median ms of ``fn()``, median bf16 matmul rate in FLOP/s) from ``reps`` rounds of one ``fn()`` then a
+    burst of 8192^3 matmuls as long as it, each started on an idle GPU. The ceilings' 20 matmuls (28 ms)
+    run cooler than a long compute-bound prefill: on the H200 the 8192^3 rate read 741-803 TFLOP/s at the
+    start of runs and 684-700 inside the kernels benchmark's long rows (its rounds share the clocks), so a
+    prompt's matmul floor is also given at the rate measured beside it, under the same power and heat."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b, c = torch.randn_like(a), torch.empty_like(a)
+    one = device_ms(lambda: torch.mm(a, b, out=c), reps=5)
+    fn_ms = device_ms(fn, reps=1, warmup=1)
+    burst = max(1, round(fn_ms / one))
+
+    def matmuls():
+        for _ in range(burst):
+            torch.mm(a, b, out=c)
+
+    times, rates = [], []
+    for _ in range(reps):
+        times.append(device_ms(fn, reps=1, warmup=0))
+        rates.append(2 * 8192 ** 3 * burst / (device_ms(matmuls, reps=1, warmup=0) * 1e-3))
+    return statistics.median(times), statistics.median(rates)
+
+
+def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float, reps: int = 5) -> list[dict]:
     rows = []
     S = model.shape
     gen = torch.Generator().manual_seed(3)
@@ -268,7 +293,7 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
         cache = KVCache(S, 1, n, model.dtype, model.device)
         prompt = torch.randint(3, S.vocab_size, (n,), generator=gen).cuda()
         with torch.inference_mode():
-            ms = device_ms(lambda: prefill(model, cache, [prompt]), reps=reps, warmup=1)
+            ms, rate_beside = _beside_matmuls(lambda: prefill(model, cache, [prompt]), reps)
         # matmuls: 2 x active params per token (lm_head once) + causal attention's QK^T and PV; bytes: every
         # weight read once (the experts that n tokens can touch at most)
         flops = 2 * (active - S.vocab_size * S.hidden) * n + 2 * S.vocab_size * S.hidden \
@@ -276,6 +301,7 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
         experts = min(S.n_experts, n * S.top_k)
         weight_bytes = S.total_params * S.dtype_bytes - S.n_moe_layers * (S.n_experts - experts) * S.expert_weight_bytes
         floor = max(flops / matmul_rate, weight_bytes / copy_rate) * 1e3
+        floor_beside = max(flops / rate_beside, weight_bytes / copy_rate) * 1e3
         with torch.inference_mode():
             kernels = kernel_trace(lambda: prefill(model, cache, [prompt]))
             torch.cuda.synchronize()
@@ -288,6 +314,8 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
         print(f"prefill of {n} tokens: costliest kernels\n{_markdown(kernel_table(kernels))}\n"
               f"GPU idle between kernels {idle_ms:.2f} ms; the longest gaps:\n{_markdown(gaps)}", flush=True)
         rows.append(dict(shape=S.name, prompt=n, ttft_ms=ms, floor_ms=floor, pct_of_floor=100 * floor / ms,
+                         matmul_beside_tflops=rate_beside / 1e12, floor_beside_ms=floor_beside,
+                         pct_of_floor_beside=100 * floor_beside / ms,
                          bound="compute" if flops / matmul_rate > weight_bytes / copy_rate else "memory",
                          host_issue_ms=host_ms, idle_ms=idle_ms, **{f"{k}_ms": v for k, v in parts.items()}))
         print(rows[-1], flush=True)
