@@ -260,8 +260,8 @@ def part_attention(shape: ModelShape, batches, contexts, copy_rate: float, sweep
     return rows
 
 
-def _beside_matmuls(fn, reps: int) -> tuple[float, float]:
-    """(median ms of ``fn()``, median bf16 matmul rate in FLOP/s) from ``reps`` rounds of one ``fn()`` then a
+def _beside_matmuls(fn, reps: int) -> tuple[list[float], float]:
+    """(ms of each ``fn()``, median bf16 matmul rate in FLOP/s) from ``reps`` rounds of one ``fn()`` then a
     burst of 8192^3 matmuls as long as it, each started on an idle GPU. The ceilings' 20 matmuls (28 ms)
     run cooler than a long compute-bound prefill: on the H200 the 8192^3 rate read 741-803 TFLOP/s at the
     start of runs and 684-700 inside the kernels benchmark's long rows (its rounds share the clocks), so a
@@ -280,7 +280,7 @@ def _beside_matmuls(fn, reps: int) -> tuple[float, float]:
     for _ in range(reps):
         times.append(device_ms(fn, reps=1, warmup=0))
         rates.append(2 * 8192 ** 3 * burst / (device_ms(matmuls, reps=1, warmup=0) * 1e-3))
-    return statistics.median(times), statistics.median(rates)
+    return times, statistics.median(rates)
 
 
 def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float, reps: int = 5) -> list[dict]:
@@ -293,7 +293,8 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
         cache = KVCache(S, 1, n, model.dtype, model.device)
         prompt = torch.randint(3, S.vocab_size, (n,), generator=gen).cuda()
         with torch.inference_mode():
-            ms, rate_beside = _beside_matmuls(lambda: prefill(model, cache, [prompt]), reps)
+            times, rate_beside = _beside_matmuls(lambda: prefill(model, cache, [prompt]), reps)
+            ms = statistics.median(times)
         # matmuls: 2 x active params per token (lm_head once) + causal attention's QK^T and PV; bytes: every
         # weight read once (the experts that n tokens can touch at most)
         flops = 2 * (active - S.vocab_size * S.hidden) * n + 2 * S.vocab_size * S.hidden \
@@ -313,7 +314,8 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
         idle_ms, gaps = trace_gaps(kernels)
         print(f"prefill of {n} tokens: costliest kernels\n{_markdown(kernel_table(kernels))}\n"
               f"GPU idle between kernels {idle_ms:.2f} ms; the longest gaps:\n{_markdown(gaps)}", flush=True)
-        rows.append(dict(shape=S.name, prompt=n, ttft_ms=ms, floor_ms=floor, pct_of_floor=100 * floor / ms,
+        rows.append(dict(shape=S.name, prompt=n, ttft_ms=ms, ttft_min_ms=min(times), ttft_max_ms=max(times),
+                         floor_ms=floor, pct_of_floor=100 * floor / ms,
                          matmul_beside_tflops=rate_beside / 1e12, floor_beside_ms=floor_beside,
                          pct_of_floor_beside=100 * floor_beside / ms,
                          bound="compute" if flops / matmul_rate > weight_bytes / copy_rate else "memory",
