@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from moegps.engine import Engine, KVCache, Sampling, decode_step, from_transformers, load_checkpoint, prefill
-from moegps.engine.generate import build_model, main
+from moegps.engine.generate import PrefillGraphs, build_model, main
 from moegps.engine.model import random_model
 from moegps.models.tokenizer import mixtral_tokenizer
 from moegps.paths import BUNDLED_MODELS
@@ -334,6 +334,39 @@ def tiny_model():
     shape = from_name("mixtral-8x7b").replace(name="tiny", vocab_size=64, n_layers=2, hidden=32, n_heads=4,
                                               n_kv_heads=2, head_dim=8, expert_ffn=24, n_experts=8, top_k=2)
     return random_model(shape, device="cpu", dtype=torch.float32, seed=int(np.random.default_rng().integers(2**20)))
+
+
+def test_padded_prefill_of_the_graphs_matches_the_plain_prefill(rng, tiny_model):
+    """PrefillGraphs' padded prefill (run eagerly on the CPU: the same inputs a captured graph replays)
+    against the plain prefill of the same prompt: the last position's logits, then 6 greedy decode
+    steps over the cache it left (padding rows' K/V past the prompt must not leak into decode). Length
+    classes: rounded up to ``round_to``, clamped to the cache, the oldest dropped past ``max_graphs``."""
+    shape = tiny_model.shape
+    for n in (1, 5, 8, 11):
+        prompt = torch.from_numpy(rng.integers(0, shape.vocab_size, size=n))
+        runs = []
+        for padded in (False, True):
+            cache = KVCache(shape, 1, 24, torch.float32, "cpu")
+            if padded:
+                graphs = PrefillGraphs(tiny_model, cache, round_to=8, max_graphs=2)
+                assert graphs.padded_length(n) == -(-n // 8) * 8
+                logits = [graphs(prompt)]
+            else:
+                logits = [prefill(tiny_model, cache, [prompt])]
+            position = torch.tensor([n])
+            for _ in range(6):
+                logits.append(decode_step(tiny_model, cache, logits[-1].argmax(-1), position))
+                position = position + 1
+            runs.append(torch.cat(logits))
+        assert rel_err(runs[1], runs[0]) < TOL, n
+        assert torch.equal(runs[1].argmax(-1), runs[0].argmax(-1)), n
+    graphs = PrefillGraphs(tiny_model, KVCache(shape, 1, 20, torch.float32, "cpu"), round_to=8, max_graphs=2)
+    assert graphs.padded_length(19) == 20  # not past the cache
+    for n in (3, 12, 17):
+        graphs(torch.from_numpy(rng.integers(0, shape.vocab_size, size=n)))
+    assert list(graphs._graphs) == [16, 20]
+    with pytest.raises(ValueError, match="21 tokens does not fit a cache of 20"):
+        graphs(torch.zeros(21, dtype=torch.long))
 
 
 def test_sampling_and_stop_tokens(rng, tiny_model):

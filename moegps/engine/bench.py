@@ -20,7 +20,8 @@ Parts (``--parts``), each printed as a table and written to ``--out`` (JSON rows
 * ``ttft``: time to first token at batch 1 and each ``--prompts`` length against the matmul floor
   (2 x active parameters x tokens / matmul rate, attention FLOPs included), at the ceilings' rate and
   at the rate of matmul bursts timed in rounds beside the prompt (same power and heat); the GPU's
-  idle time between kernels and the host's time to issue the prefill.
+  idle time between kernels and the host's time to issue the prefill; eager and as a CUDA graph
+  (PrefillGraphs, what the engine runs for one prompt).
 * ``peers``: transformers in the same run: ``generate()`` as shipped, transformers under the
   project's graphed static-cache loop, and (``--compile``) static cache + torch.compile with
   grouped_mm kept in decode (its switch to batched_mm set aside: that copies the chosen experts'
@@ -43,7 +44,7 @@ import torch
 from ..executor.generate import copy_bandwidth, device_ms, set_experts_implementation, static_decode
 from ..shapes import ModelShape, from_name
 from . import kernels as K
-from .generate import Engine, bucket_for
+from .generate import Engine, PrefillGraphs, bucket_for
 from .kernels import ATTENTION_DEFAULTS, decode_attention
 from .model import (KVCache, Model, decode_step, from_transformers, prefill, random_model,
                     weight_bytes_per_step)
@@ -292,9 +293,6 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
     for n in prompt_lengths:
         cache = KVCache(S, 1, n, model.dtype, model.device)
         prompt = torch.randint(3, S.vocab_size, (n,), generator=gen).cuda()
-        with torch.inference_mode():
-            times, rate_beside = _beside_matmuls(lambda: prefill(model, cache, [prompt]), reps)
-            ms = statistics.median(times)
         # matmuls: 2 x active params per token (lm_head once) + causal attention's QK^T and PV; bytes: every
         # weight read once (the experts that n tokens can touch at most)
         flops = 2 * (active - S.vocab_size * S.hidden) * n + 2 * S.vocab_size * S.hidden \
@@ -302,26 +300,31 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
         experts = min(S.n_experts, n * S.top_k)
         weight_bytes = S.total_params * S.dtype_bytes - S.n_moe_layers * (S.n_experts - experts) * S.expert_weight_bytes
         floor = max(flops / matmul_rate, weight_bytes / copy_rate) * 1e3
-        floor_beside = max(flops / rate_beside, weight_bytes / copy_rate) * 1e3
-        with torch.inference_mode():
-            kernels = kernel_trace(lambda: prefill(model, cache, [prompt]))
-            torch.cuda.synchronize()
-            start = time.perf_counter()  # the host's time to issue the whole prefill (no sync inside)
-            prefill(model, cache, [prompt])
-            host_ms = (time.perf_counter() - start) * 1e3
-            torch.cuda.synchronize()
-        parts = kernel_parts(kernels)
-        idle_ms, gaps = trace_gaps(kernels)
-        print(f"prefill of {n} tokens: costliest kernels\n{_markdown(kernel_table(kernels))}\n"
-              f"GPU idle between kernels {idle_ms:.2f} ms; the longest gaps:\n{_markdown(gaps)}", flush=True)
-        rows.append(dict(shape=S.name, prompt=n, ttft_ms=ms, ttft_min_ms=min(times), ttft_max_ms=max(times),
-                         floor_ms=floor, pct_of_floor=100 * floor / ms,
-                         matmul_beside_tflops=rate_beside / 1e12, floor_beside_ms=floor_beside,
-                         pct_of_floor_beside=100 * floor_beside / ms,
-                         bound="compute" if flops / matmul_rate > weight_bytes / copy_rate else "memory",
-                         host_issue_ms=host_ms, idle_ms=idle_ms, **{f"{k}_ms": v for k, v in parts.items()}))
-        print(rows[-1], flush=True)
-        cache = None  # freed before the next prompt's
+        graphs = PrefillGraphs(model, cache, max_graphs=1)
+        for mode, run in (("eager", lambda: prefill(model, cache, [prompt])), ("graph", lambda: graphs(prompt))):
+            with torch.inference_mode():
+                run()  # a graph's capture happens here, outside the timing
+                times, rate_beside = _beside_matmuls(run, reps)
+                ms = statistics.median(times)
+                kernels = kernel_trace(run)
+                torch.cuda.synchronize()
+                start = time.perf_counter()  # the host's time to issue the whole prefill (no sync inside)
+                run()
+                host_ms = (time.perf_counter() - start) * 1e3
+                torch.cuda.synchronize()
+            floor_beside = max(flops / rate_beside, weight_bytes / copy_rate) * 1e3
+            parts = kernel_parts(kernels)
+            idle_ms, gaps = trace_gaps(kernels)
+            print(f"prefill of {n} tokens, {mode}: costliest kernels\n{_markdown(kernel_table(kernels))}\n"
+                  f"GPU idle between kernels {idle_ms:.2f} ms; the longest gaps:\n{_markdown(gaps)}", flush=True)
+            rows.append(dict(shape=S.name, prompt=n, prefill=mode, ttft_ms=ms, ttft_min_ms=min(times),
+                             ttft_max_ms=max(times), floor_ms=floor, pct_of_floor=100 * floor / ms,
+                             matmul_beside_tflops=rate_beside / 1e12, floor_beside_ms=floor_beside,
+                             pct_of_floor_beside=100 * floor_beside / ms,
+                             bound="compute" if flops / matmul_rate > weight_bytes / copy_rate else "memory",
+                             host_issue_ms=host_ms, idle_ms=idle_ms, **{f"{k}_ms": v for k, v in parts.items()}))
+            print(rows[-1], flush=True)
+        cache = graphs = None  # freed before the next prompt's
         torch.cuda.empty_cache()
     return rows
 

@@ -11,7 +11,9 @@ bundled models (``mixtral-tiny``, ``mixtral-tiny-64e``) and checkpoint folders l
 A batch of n prompts runs in the smallest bucket of ``BUCKETS`` that holds it: the decode step is
 captured once per bucket (inputs, KV cache and outputs at fixed addresses) and replayed for every
 token, so a step costs one graph launch instead of some three hundred kernel launches from Python.
-Rows past n are padding: they decode a dummy token in cache slots no prompt uses.
+Rows past n are padding: they decode a dummy token in cache slots no prompt uses. A single prompt's
+prefill is a graph too, one per 128-token length class (PrefillGraphs); batches of prompts prefill
+eagerly.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from ..models.tokenizer import mixtral_tokenizer
 from ..paths import BUNDLED_MODELS
 from ..shapes import SHAPES, from_name
-from .model import KVCache, Model, decode_step, load_checkpoint, prefill, random_model
+from .model import KVCache, Model, decode_step, load_checkpoint, prefill, prefill_packed, random_model
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 STOP_CHECK_EVERY = 16  # decode steps between the host's looks at the stop tokens (each look syncs)
@@ -84,6 +86,68 @@ def _timer(device):
     return mark, elapsed
 
 
+class PrefillGraphs:
+    """One prompt's prefill as a CUDA graph, one graph per length class: the prompt is padded with
+    token 0 to a multiple of ``round_to`` (at most the cache's length) and the graph of that length is
+    replayed. Eager, the host issues a layer's ~15 launches in about 1 ms (Triton's Python launch path
+    first; benchmarks/engine/host_probe.py), longer than the GPU runs a layer of a short prompt, so the
+    GPU waited; a replay is one launch. The padding rows are computed and discarded: causal attention
+    keeps them out of the prompt's rows, and the K/V they leave past the prompt are overwritten by
+    decode before they are read. A new length class pays a warm-up prefill and the capture; at most
+    ``max_graphs`` are kept (the oldest dropped), all in one memory pool (they never run at once).
+    Without a GPU the same padded prefill runs eagerly (how the tests check the padding)."""
+
+    def __init__(self, model: Model, cache: KVCache, round_to: int = 128, max_graphs: int = 4):
+        self.model, self.cache, self.round_to, self.max_graphs = model, cache, round_to, max_graphs
+        self._graphs: dict[int, tuple] = {}
+        self._pool = torch.cuda.graph_pool_handle() if model.device.type == "cuda" else None
+
+    def padded_length(self, n: int) -> int:
+        return min(-(-n // self.round_to) * self.round_to, self.cache.max_len)
+
+    def _capture(self, length: int) -> tuple:
+        device = self.model.device
+        tokens = torch.zeros(length, dtype=torch.long, device=device)
+        slots = torch.zeros(length, dtype=torch.long, device=device)
+        positions = torch.arange(length, device=device)
+        last = torch.zeros(1, dtype=torch.long, device=device)
+        self.model.ensure_rope(self.cache.max_len)
+
+        def run():
+            return prefill_packed(self.model, self.cache, tokens, slots, positions, last, [length])
+
+        if self._pool is None:
+            return run, tokens, last, None
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()  # warm-up: compiles kernels and fills the allocator outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=side, pool=self._pool):
+                logits = run()
+        torch.cuda.current_stream().wait_stream(side)
+        return graph, tokens, last, logits
+
+    def __call__(self, prompt: torch.Tensor) -> torch.Tensor:
+        """``prompt [n]`` token ids (slot 0 of the cache) -> the last position's logits ``[1, V]`` float32."""
+        n = len(prompt)
+        if n > self.cache.max_len:
+            raise ValueError(f"a prompt of {n} tokens does not fit a cache of {self.cache.max_len} positions")
+        length = self.padded_length(n)
+        if length not in self._graphs:
+            if len(self._graphs) >= self.max_graphs:
+                self._graphs.pop(next(iter(self._graphs)))
+            self._graphs[length] = self._capture(length)
+        graph, tokens, last, logits = self._graphs[length]
+        tokens[:n].copy_(prompt)
+        tokens[n:].zero_()
+        last.fill_(n - 1)
+        if logits is None:  # no GPU: `graph` is the eager prefill
+            return graph()
+        graph.replay()
+        return logits.clone()  # the pool is shared: the next graph's replay may reuse this buffer
+
+
 class Engine:
     """A model, its KV cache and its captured decode graphs. ``max_batch`` prompts of up to
     ``max_len`` tokens in all (prompt + new tokens)."""
@@ -101,6 +165,7 @@ class Engine:
         self.tokens = torch.zeros(slots, dtype=torch.long, device=model.device)     # this step's input
         self.positions = torch.zeros(slots, dtype=torch.long, device=model.device)  # = each row's length so far
         self._graphs: dict[int, tuple] = {}
+        self.prefill_graphs = PrefillGraphs(model, self.cache) if self.cuda_graph else None
 
     # ---- one decode step, eager or replayed -----------------------------------------------------------
 
@@ -171,7 +236,10 @@ class Engine:
 
         with torch.inference_mode():
             t0 = mark()
-            first = choose(prefill(self.model, self.cache, [torch.as_tensor(p, dtype=torch.long) for p in prompts]))
+            inputs = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
+            logits = (self.prefill_graphs(inputs[0]) if self.prefill_graphs is not None and n == 1
+                      else prefill(self.model, self.cache, inputs))
+            first = choose(logits)
             t1 = mark()
             prefill_ms = elapsed(t0, t1)
             self.tokens.zero_()

@@ -342,16 +342,26 @@ def prefill(model: Model, cache: KVCache, prompts: list[torch.Tensor], all_posit
     slots = torch.cat([torch.full((n,), b) for b, n in enumerate(lengths)]).to(device)
     positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
     last = (torch.tensor(lengths).cumsum(0) - 1).to(device)  # each prompt's last row in the packed batch
+    return prefill_packed(model, cache, tokens, slots, positions, last, lengths, all_positions)
+
+
+def prefill_packed(model: Model, cache: KVCache, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                   last: torch.Tensor, lengths: list[int], all_positions: bool = False) -> torch.Tensor:
+    """``prefill`` on its device inputs: ``tokens``, ``slots``, ``positions`` ``[sum of lengths]`` (prompt b's
+    tokens, its cache slot b, positions from 0), ``last [B]`` (each prompt's last row); ``lengths`` on the
+    host fixes every shape. Call ``model.ensure_rope(cache.max_len)`` first. No host synchronisation:
+    capturable in a CUDA graph (generate.PrefillGraphs)."""
+    longest = max(lengths)
     S = model.shape
-    single = len(prompts) == 1
+    single = len(lengths) == 1
 
     def attend(q, index):
-        k = cache.k[index, :len(prompts), :, :longest]
-        v = cache.v[index, :len(prompts), :, :longest]
+        k = cache.k[index, :len(lengths), :, :longest]
+        v = cache.v[index, :len(lengths), :, :longest]
         if single:
             qp = q.view(1, longest, S.n_heads, S.head_dim).transpose(1, 2)
         else:
-            qp = q.new_zeros(len(prompts), longest, S.n_heads, S.head_dim)
+            qp = q.new_zeros(len(lengths), longest, S.n_heads, S.head_dim)
             qp[slots, positions] = q
             qp = qp.transpose(1, 2)
         o = F.scaled_dot_product_attention(qp, k, v, is_causal=True, enable_gqa=S.n_heads != S.n_kv_heads)
