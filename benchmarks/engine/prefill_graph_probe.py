@@ -1,0 +1,46 @@
+"""A single prompt's prefill captured as a CUDA graph (PrefillGraphs) against the eager prefill, on a
+shape cut to a few layers, with SDPA restricted to one backend: which attention backends replay
+correctly inside a graph here. One backend per process (an illegal access ends the CUDA context).
+
+    PYTHONPATH=. python benchmarks/engine/prefill_graph_probe.py --shape mixtral-8x7b --backend flash
+"""
+
+import argparse
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from moegps.engine.generate import PrefillGraphs
+from moegps.engine.model import KVCache, prefill, random_model
+from moegps.shapes import from_name
+
+BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="mixtral-8x7b")
+    ap.add_argument("--backend", choices=BACKENDS, default="default")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[128, 2048])
+    ap.add_argument("--layers", type=int, default=2)
+    args = ap.parse_args()
+    shape = from_name(args.shape).replace(n_layers=args.layers)
+    model = random_model(shape)
+    backend = BACKENDS[args.backend]
+    for n in args.tokens:
+        prompt = torch.randint(3, shape.vocab_size, (n,), device="cuda")
+        with torch.inference_mode(), (sdpa_kernel(backend) if backend is not None else torch.no_grad()):
+            eager = prefill(model, KVCache(shape, 1, n, model.dtype, model.device), [prompt])
+            graphs = PrefillGraphs(model, KVCache(shape, 1, n, model.dtype, model.device))
+            graphed = graphs(prompt)
+            torch.cuda.synchronize()
+            again = graphs(prompt)
+            torch.cuda.synchronize()
+        err = ((graphed - eager).norm() / eager.norm()).item()
+        print(f"{args.shape} {n} tokens, SDPA {args.backend}: graph vs eager rel err {err:.2e}, "
+              f"replays agree {torch.equal(graphed, again)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
