@@ -10,6 +10,7 @@ import argparse
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from moegps.engine.bench import kernel_trace
 from moegps.engine.generate import PrefillGraphs
 from moegps.engine.model import KVCache, prefill, random_model
 from moegps.shapes import from_name
@@ -24,6 +25,7 @@ def main() -> None:
     ap.add_argument("--backend", choices=BACKENDS, default="default")
     ap.add_argument("--tokens", type=int, nargs="+", default=[128, 2048])
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--profile-first", action="store_true", help="profile an eager prefill before the capture")
     args = ap.parse_args()
     shape = from_name(args.shape).replace(n_layers=args.layers)
     model = random_model(shape)
@@ -31,7 +33,10 @@ def main() -> None:
     for n in args.tokens:
         prompt = torch.randint(3, shape.vocab_size, (n,), device="cuda")
         with torch.inference_mode(), (sdpa_kernel(backend) if backend is not None else torch.no_grad()):
-            eager = prefill(model, KVCache(shape, 1, n, model.dtype, model.device), [prompt])
+            cache = KVCache(shape, 1, n, model.dtype, model.device)
+            eager = prefill(model, cache, [prompt])
+            if args.profile_first:
+                kernel_trace(lambda: prefill(model, cache, [prompt]))  # noqa: B023
             graphs = PrefillGraphs(model, KVCache(shape, 1, n, model.dtype, model.device))
             graphed = graphs(prompt)
             torch.cuda.synchronize()
