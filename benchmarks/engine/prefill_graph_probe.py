@@ -10,9 +10,9 @@ import argparse
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from moegps.engine.bench import kernel_trace
+from moegps.engine.bench import kernel_trace, random_hf_mixtral
 from moegps.engine.generate import PrefillGraphs
-from moegps.engine.model import KVCache, prefill, random_model
+from moegps.engine.model import KVCache, from_transformers, prefill, random_model
 from moegps.shapes import from_name
 
 BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -25,10 +25,12 @@ def main() -> None:
     ap.add_argument("--backend", choices=BACKENDS, default="default")
     ap.add_argument("--tokens", type=int, nargs="+", default=[128, 2048])
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--transformers", action="store_true",
+                    help="the model as the engine bench builds Mixtral: views of a random transformers model")
     ap.add_argument("--profile-first", action="store_true", help="profile an eager prefill before the capture")
     args = ap.parse_args()
     shape = from_name(args.shape).replace(n_layers=args.layers)
-    model = random_model(shape)
+    model = from_transformers(random_hf_mixtral(shape)) if args.transformers else random_model(shape)
     backend = BACKENDS[args.backend]
     for n in args.tokens:
         prompt = torch.randint(3, shape.vocab_size, (n,), device="cuda")
