@@ -117,7 +117,7 @@ class PrefillGraphs:
             return prefill_packed(self.model, self.cache, tokens, slots, positions, last, [length])
 
         if self._pool is None:
-            return run, tokens, last, None
+            return run, (tokens, slots, positions, last), None
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -126,7 +126,10 @@ class PrefillGraphs:
             with torch.cuda.graph(graph, stream=side, pool=self._pool):
                 logits = run()
         torch.cuda.current_stream().wait_stream(side)
-        return graph, tokens, last, logits
+        # every input the graph reads is kept with it: a freed one's memory would be handed to the next
+        # allocation while the graph still reads it (slots and positions once were not: the replay
+        # after a later allocation wrote the KV cache out of bounds)
+        return graph, (tokens, slots, positions, last), logits
 
     def __call__(self, prompt: torch.Tensor) -> torch.Tensor:
         """``prompt [n]`` token ids (slot 0 of the cache) -> the last position's logits ``[1, V]`` float32."""
@@ -138,7 +141,7 @@ class PrefillGraphs:
             if len(self._graphs) >= self.max_graphs:
                 self._graphs.pop(next(iter(self._graphs)))
             self._graphs[length] = self._capture(length)
-        graph, tokens, last, logits = self._graphs[length]
+        graph, (tokens, _, _, last), logits = self._graphs[length]
         tokens[:n].copy_(prompt)
         tokens[n:].zero_()
         last.fill_(n - 1)
