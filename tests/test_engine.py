@@ -338,35 +338,37 @@ def tiny_model():
 
 def test_padded_prefill_of_the_graphs_matches_the_plain_prefill(rng, tiny_model):
     """PrefillGraphs' padded prefill (run eagerly on the CPU: the same inputs a captured graph replays)
-    against the plain prefill of the same prompt: the last position's logits, then 6 greedy decode
-    steps over the cache it left (padding rows' K/V past the prompt must not leak into decode). Length
-    classes: rounded up to ``round_to``, clamped to the cache, the oldest dropped past ``max_graphs``."""
+    against the plain prefill of the same prompts: the last positions' logits, then 6 greedy decode
+    steps over the cache it left (padding rows' K/V past a prompt must not leak into decode); one prompt
+    and a batch of two of different lengths. Shapes: the longest prompt rounded up to ``round_to``,
+    clamped to the cache, the oldest dropped past ``max_graphs``."""
     shape = tiny_model.shape
-    for n in (1, 5, 8, 11):
-        prompt = torch.from_numpy(rng.integers(0, shape.vocab_size, size=n))
+    for lengths in ((1,), (5,), (8,), (11,), (5, 11), (3, 2)):
+        prompts = [torch.from_numpy(rng.integers(0, shape.vocab_size, size=n)) for n in lengths]
         runs = []
         for padded in (False, True):
-            cache = KVCache(shape, 1, 24, torch.float32, "cpu")
+            cache = KVCache(shape, 2, 24, torch.float32, "cpu")
             if padded:
                 graphs = PrefillGraphs(tiny_model, cache, round_to=8, max_graphs=2)
-                assert graphs.padded_length(n) == -(-n // 8) * 8
-                logits = [graphs(prompt)]
+                assert graphs.padded_length(max(lengths)) == -(-max(lengths) // 8) * 8
+                logits = [graphs(prompts)]
             else:
-                logits = [prefill(tiny_model, cache, [prompt])]
-            position = torch.tensor([n])
+                logits = [prefill(tiny_model, cache, prompts)]
+            positions = torch.tensor(lengths)
             for _ in range(6):
-                logits.append(decode_step(tiny_model, cache, logits[-1].argmax(-1), position))
-                position = position + 1
+                logits.append(decode_step(tiny_model, cache, logits[-1].argmax(-1), positions))
+                positions = positions + 1
             runs.append(torch.cat(logits))
-        assert rel_err(runs[1], runs[0]) < TOL, n
-        assert torch.equal(runs[1].argmax(-1), runs[0].argmax(-1)), n
-    graphs = PrefillGraphs(tiny_model, KVCache(shape, 1, 20, torch.float32, "cpu"), round_to=8, max_graphs=2)
+        assert rel_err(runs[1], runs[0]) < TOL, lengths
+        assert torch.equal(runs[1].argmax(-1), runs[0].argmax(-1)), lengths
+    graphs = PrefillGraphs(tiny_model, KVCache(shape, 2, 20, torch.float32, "cpu"), round_to=8, max_graphs=2)
     assert graphs.padded_length(19) == 20  # not past the cache
+    assert graphs.pays([8, 8]) and graphs.pays([5, 3]) and not graphs.pays([1, 9])  # 32 rows for 10 tokens
     for n in (3, 12, 17):
-        graphs(torch.from_numpy(rng.integers(0, shape.vocab_size, size=n)))
-    assert list(graphs._graphs) == [16, 20]
-    with pytest.raises(ValueError, match="21 tokens does not fit a cache of 20"):
-        graphs(torch.zeros(21, dtype=torch.long))
+        graphs([torch.from_numpy(rng.integers(0, shape.vocab_size, size=n))])
+    assert list(graphs._graphs) == [(1, 16), (1, 20)]
+    with pytest.raises(ValueError, match="of up to 21 tokens do not fit a cache of 2 slots x 20"):
+        graphs([torch.zeros(21, dtype=torch.long)])
 
 
 def test_sampling_and_stop_tokens(rng, tiny_model):

@@ -301,7 +301,7 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
         weight_bytes = S.total_params * S.dtype_bytes - S.n_moe_layers * (S.n_experts - experts) * S.expert_weight_bytes
         floor = max(flops / matmul_rate, weight_bytes / copy_rate) * 1e3
         graphs = PrefillGraphs(model, cache, max_graphs=1)
-        for mode, run in (("eager", lambda: prefill(model, cache, [prompt])), ("graph", lambda: graphs(prompt))):
+        for mode, run in (("eager", lambda: prefill(model, cache, [prompt])), ("graph", lambda: graphs([prompt]))):
             with torch.inference_mode():
                 run()  # a graph's capture happens here, outside the timing
                 times, rate_beside = _beside_matmuls(run, reps)

@@ -11,9 +11,9 @@ bundled models (``mixtral-tiny``, ``mixtral-tiny-64e``) and checkpoint folders l
 A batch of n prompts runs in the smallest bucket of ``BUCKETS`` that holds it: the decode step is
 captured once per bucket (inputs, KV cache and outputs at fixed addresses) and replayed for every
 token, so a step costs one graph launch instead of some three hundred kernel launches from Python.
-Rows past n are padding: they decode a dummy token in cache slots no prompt uses. A single prompt's
-prefill is a graph too, one per 128-token length class (PrefillGraphs); batches of prompts prefill
-eagerly.
+Rows past n are padding: they decode a dummy token in cache slots no prompt uses. Prefill is a graph
+too, one per batch size and 128-token length class (PrefillGraphs), unless padding the prompts to one
+length would more than double the work.
 """
 
 from __future__ import annotations
@@ -87,34 +87,41 @@ def _timer(device):
 
 
 class PrefillGraphs:
-    """One prompt's prefill as a CUDA graph, one graph per length class: the prompt is padded with
-    token 0 to a multiple of ``round_to`` (at most the cache's length) and the graph of that length is
-    replayed. Eager, the host issues a layer's ~15 launches in about 1 ms (Triton's Python launch path
-    first; benchmarks/engine/host_probe.py), longer than the GPU runs a layer of a short prompt, so the
-    GPU waited; a replay is one launch. The padding rows are computed and discarded: causal attention
-    keeps them out of the prompt's rows, and the K/V they leave past the prompt are overwritten by
-    decode before they are read. A new length class pays a warm-up prefill and the capture; at most
-    ``max_graphs`` are kept (the oldest dropped), all in one memory pool (they never run at once).
-    Without a GPU the same padded prefill runs eagerly (how the tests check the padding)."""
+    """Prefill as a CUDA graph, one graph per batch size and length class: each prompt is padded with
+    token 0 to the longest one's length rounded up to ``round_to`` (at most the cache's length), and
+    the graph of that shape is replayed. Eager, the host issues a layer's ~15 launches in about 1 ms
+    (Triton's Python launch path first; benchmarks/engine/host_probe.py), longer than the GPU runs a
+    layer of a short prompt, so the GPU waited; a replay is one launch. The padding rows are computed
+    and discarded: causal attention keeps them out of the prompt's rows, and the K/V they leave past a
+    prompt are overwritten by decode before they are read. A new shape pays a warm-up prefill and the
+    capture; at most ``max_graphs`` are kept (the oldest dropped), all in one memory pool (they never
+    run at once). Without a GPU the same padded prefill runs eagerly (how the tests check the padding).
+    A graph reads ``model.routing_counts`` as it was at capture (set it before, as for decode graphs)."""
+
+    MAX_PADDING = 2.0  # padded tokens per prompt token above which ``pays`` says to prefill eagerly
 
     def __init__(self, model: Model, cache: KVCache, round_to: int = 128, max_graphs: int = 4):
         self.model, self.cache, self.round_to, self.max_graphs = model, cache, round_to, max_graphs
-        self._graphs: dict[int, tuple] = {}
+        self._graphs: dict[tuple[int, int], tuple] = {}
         self._pool = torch.cuda.graph_pool_handle() if model.device.type == "cuda" else None
 
     def padded_length(self, n: int) -> int:
         return min(-(-n // self.round_to) * self.round_to, self.cache.max_len)
 
-    def _capture(self, length: int) -> tuple:
+    def pays(self, lengths: list[int]) -> bool:
+        """Whether padding prompts of these lengths to one length class costs at most MAX_PADDING x the work."""
+        return len(lengths) * self.padded_length(max(lengths)) <= self.MAX_PADDING * sum(lengths)
+
+    def _capture(self, batch: int, length: int) -> tuple:
         device = self.model.device
-        tokens = torch.zeros(length, dtype=torch.long, device=device)
-        slots = torch.zeros(length, dtype=torch.long, device=device)
-        positions = torch.arange(length, device=device)
-        last = torch.zeros(1, dtype=torch.long, device=device)
+        tokens = torch.zeros(batch * length, dtype=torch.long, device=device)
+        slots = torch.arange(batch, device=device).repeat_interleave(length)
+        positions = torch.arange(length, device=device).repeat(batch)
+        last = torch.zeros(batch, dtype=torch.long, device=device)
         self.model.ensure_rope(self.cache.max_len)
 
         def run():
-            return prefill_packed(self.model, self.cache, tokens, slots, positions, last, [length])
+            return prefill_packed(self.model, self.cache, tokens, slots, positions, last, [length] * batch)
 
         if self._pool is None:
             return run, (tokens, slots, positions, last), None
@@ -131,20 +138,25 @@ class PrefillGraphs:
         # after a later allocation wrote the KV cache out of bounds)
         return graph, (tokens, slots, positions, last), logits
 
-    def __call__(self, prompt: torch.Tensor) -> torch.Tensor:
-        """``prompt [n]`` token ids (slot 0 of the cache) -> the last position's logits ``[1, V]`` float32."""
-        n = len(prompt)
-        if n > self.cache.max_len:
-            raise ValueError(f"a prompt of {n} tokens does not fit a cache of {self.cache.max_len} positions")
-        length = self.padded_length(n)
-        if length not in self._graphs:
+    def __call__(self, prompts: list[torch.Tensor]) -> torch.Tensor:
+        """``prompts``: token ids, prompt b in cache slot b -> each one's last position's logits ``[B, V]``
+        float32."""
+        lengths = [len(p) for p in prompts]
+        if len(prompts) > self.cache.slots or max(lengths) > self.cache.max_len:
+            raise ValueError(f"{len(prompts)} prompts of up to {max(lengths)} tokens do not fit a cache of "
+                             f"{self.cache.slots} slots x {self.cache.max_len} positions")
+        key = (len(prompts), self.padded_length(max(lengths)))
+        if key not in self._graphs:
             if len(self._graphs) >= self.max_graphs:
                 self._graphs.pop(next(iter(self._graphs)))
-            self._graphs[length] = self._capture(length)
-        graph, (tokens, _, _, last), logits = self._graphs[length]
-        tokens[:n].copy_(prompt)
-        tokens[n:].zero_()
-        last.fill_(n - 1)
+            self._graphs[key] = self._capture(*key)
+        graph, (tokens, _, _, last), logits = self._graphs[key]
+        batch, length = key
+        padded = tokens.view(batch, length)
+        padded.zero_()
+        for row, prompt in zip(padded, prompts):
+            row[:len(prompt)].copy_(prompt)
+        last.copy_(torch.tensor([b * length + n - 1 for b, n in enumerate(lengths)]))
         if logits is None:  # no GPU: `graph` is the eager prefill
             return graph()
         graph.replay()
@@ -240,8 +252,8 @@ class Engine:
         with torch.inference_mode():
             t0 = mark()
             inputs = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
-            logits = (self.prefill_graphs(inputs[0]) if self.prefill_graphs is not None and n == 1
-                      else prefill(self.model, self.cache, inputs))
+            graphed = self.prefill_graphs is not None and self.prefill_graphs.pays([len(p) for p in prompts])
+            logits = self.prefill_graphs(inputs) if graphed else prefill(self.model, self.cache, inputs)
             first = choose(logits)
             t1 = mark()
             prefill_ms = elapsed(t0, t1)
