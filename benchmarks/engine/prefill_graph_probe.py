@@ -43,9 +43,9 @@ def main() -> None:
             if args.profile_first:
                 kernel_trace(lambda: prefill(model, cache, [prompt]))  # noqa: B023
             graphs = PrefillGraphs(model, KVCache(shape, 1, n, model.dtype, model.device))
-            graphed = graphs(prompt)
+            graphed = graphs([prompt])
             torch.cuda.synchronize()
-            again = graphs(prompt)
+            again = graphs([prompt])
             torch.cuda.synchronize()
         err = ((graphed - eager).norm() / eager.norm()).item()
         print(f"{args.shape} {n} tokens, SDPA {args.backend}: graph vs eager rel err {err:.2e}, "
