@@ -52,7 +52,7 @@ def main() -> None:
         print(f"## {name}, {args.layers} layers, {args.tokens} tokens: host issues a prefill in {host_ms:.2f} ms "
               f"({host_ms / args.layers:.3f} per layer), the GPU runs it in {gpu_ms:.2f} ms\n{text.getvalue()}",
               flush=True)
-        del model, cache
+        model = cache = None  # freed before the next shape's
         torch.cuda.empty_cache()
 
 
