@@ -365,6 +365,8 @@ def test_padded_prefill_of_the_graphs_matches_the_plain_prefill(rng, tiny_model)
     assert graphs.padded_length(19) == 20  # not past the cache
     assert graphs.pays([1]) and graphs.pays([9]) and graphs.pays([8, 8]) and graphs.pays([7, 8])
     assert not graphs.pays([5, 3]) and not graphs.pays([1, 9])  # 16 rows for 8 tokens, 32 for 10
+    capped = PrefillGraphs(tiny_model, KVCache(shape, 4, 40, torch.float32, "cpu"), round_to=8, max_tokens=16)
+    assert capped.pays([16]) and capped.pays([8, 8]) and not capped.pays([17]) and not capped.pays([8, 8, 8])
     for n in (3, 12, 17):
         graphs([torch.from_numpy(rng.integers(0, shape.vocab_size, size=n))])
     assert list(graphs._graphs) == [(1, 16), (1, 20)]

@@ -12,8 +12,8 @@ A batch of n prompts runs in the smallest bucket of ``BUCKETS`` that holds it: t
 captured once per bucket (inputs, KV cache and outputs at fixed addresses) and replayed for every
 token, so a step costs one graph launch instead of some three hundred kernel launches from Python.
 Rows past n are padding: they decode a dummy token in cache slots no prompt uses. Prefill is a graph
-too, one per batch size and 128-token length class (PrefillGraphs), for one prompt or a batch of
-prompts of about one length (PrefillGraphs.pays).
+too, one per batch size and 128-token length class (PrefillGraphs), for up to 8192 tokens of one prompt
+or of a batch of prompts of about one length (PrefillGraphs.pays).
 """
 
 from __future__ import annotations
@@ -104,8 +104,10 @@ class PrefillGraphs:
     # prompt is always graphed: at most 127 padding tokens, and short prompts are where the host waits.
     MAX_PADDING = 1.25
 
-    def __init__(self, model: Model, cache: KVCache, round_to: int = 128, max_graphs: int = 4):
+    def __init__(self, model: Model, cache: KVCache, round_to: int = 128, max_graphs: int = 4,
+                 max_tokens: int = 8192):
         self.model, self.cache, self.round_to, self.max_graphs = model, cache, round_to, max_graphs
+        self.max_tokens = max_tokens
         self._graphs: dict[tuple[int, int], tuple] = {}
         self._pool = torch.cuda.graph_pool_handle() if model.device.type == "cuda" else None
 
@@ -113,9 +115,12 @@ class PrefillGraphs:
         return min(-(-n // self.round_to) * self.round_to, self.cache.max_len)
 
     def pays(self, lengths: list[int]) -> bool:
-        """Whether to graph the prefill of prompts of these lengths: one prompt, or a batch whose padding to
-        one length class costs at most MAX_PADDING x the work."""
-        return len(lengths) == 1 or len(lengths) * self.padded_length(max(lengths)) <= self.MAX_PADDING * sum(lengths)
+        """Whether to graph the prefill of prompts of these lengths: at most ``max_tokens`` padded tokens (a
+        longer prefill keeps the GPU busier than the host, measured equal eager and graphed at 2048 and 8192
+        tokens, and a capture holds a second set of its activations), and one prompt or a batch whose
+        padding to one length class costs at most MAX_PADDING x the work."""
+        padded = len(lengths) * self.padded_length(max(lengths))
+        return padded <= self.max_tokens and (len(lengths) == 1 or padded <= self.MAX_PADDING * sum(lengths))
 
     def _capture(self, batch: int, length: int) -> tuple:
         device = self.model.device
