@@ -351,13 +351,16 @@ def main(argv=None) -> int:
     ids = [tok.encode(p) for p in prompts]
     engine = Engine(model, max_batch=len(ids), max_len=max(len(i) for i in ids) + args.max_new_tokens,
                     cuda_graph=not args.no_cuda_graph)
+    warm = model.device.type == "cuda"
+    if warm:  # compiles the kernels and captures this shape's graphs, so that the times below are the engine's
+        engine.generate(ids, min(2, args.max_new_tokens), sampling)
     out = engine.generate(ids, args.max_new_tokens, sampling, stop_tokens=[tok.eos_id])
     random_note = " [random weights: the text is noise]" if model.source.startswith("random") else ""
     for prompt, new in zip(prompts, out.tokens):
         print(f"{prompt!r} -> {tok.decode([t % tok.vocab_size for t in new])!r}{random_note}")
     print(f"{model.source} on {model.device}: time to first token {out.prefill_ms:.1f} ms, "
           f"{out.decode_ms_per_step:.2f} ms per decode step ({len(ids) * 1e3 / out.decode_ms_per_step:.1f} "
-          f"tokens/s over {out.steps} steps)")
+          f"tokens/s over {out.steps} steps){' after a warm-up run' if warm else ''}")
     return 0
 
 
