@@ -15,6 +15,7 @@ runs its CPU path, whatever another test module set in the environment.
 """
 
 import json
+import math
 import os
 
 import numpy as np
@@ -24,7 +25,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from moegps.engine import Engine, KVCache, Sampling, decode_step, from_transformers, load_checkpoint, prefill
-from moegps.engine.generate import PrefillGraphs, build_model, main
+from moegps.engine.generate import PrefillGraphs, build_model, main, sampling_logits
 from moegps.engine.model import random_model
 from moegps.models.tokenizer import mixtral_tokenizer
 from moegps.paths import BUNDLED_MODELS
@@ -380,8 +381,9 @@ def test_sampling_and_stop_tokens(rng, tiny_model):
     greedy = engine.generate(prompts, 20).tokens
     one = engine.generate(prompts, 1)  # the prefill's token alone, no decode step
     assert one.tokens == [g[:1] for g in greedy] and one.steps == 0
-    # top-k 1 at any temperature is greedy
+    # top-k 1 at any temperature is greedy, and so is a nucleus too small to hold a second token
     assert engine.generate(prompts, 20, Sampling(temperature=1.5, top_k=1, seed=3)).tokens == greedy
+    assert engine.generate(prompts, 20, Sampling(temperature=1.5, top_p=1e-6, seed=3)).tokens == greedy
     # sampling: the same seed the same tokens; the tokens are not all greedy's at a high temperature
     hot = Sampling(temperature=5.0, seed=int(rng.integers(2**20)))
     first = engine.generate(prompts, 20, hot).tokens
@@ -397,6 +399,29 @@ def test_sampling_and_stop_tokens(rng, tiny_model):
     engine.generate(prompts, 6, on_token=lambda step, toks: seen.append((step, toks)))
     assert [s for s, _ in seen] == list(range(6))
     assert [t for _, t in seen] == [list(column) for column in zip(*[g[:6] for g in greedy])]
+
+
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_sampling_logits_keep_the_top_k_then_the_nucleus(rng, top_k):
+    """The tokens left finite against a brute force per row in float64: the top_k largest logits, then,
+    renormalised over those, the fewest most likely whose probabilities reach top_p."""
+    logits = torch.from_numpy(rng.normal(0, 2, size=(4, 30)))
+    top_p, temperature = float(rng.uniform(0.2, 0.95)), float(rng.uniform(0.5, 2.0))
+    kept = torch.isfinite(sampling_logits(logits, Sampling(temperature=temperature, top_k=top_k, top_p=top_p)))
+    for row, got in zip(logits.tolist(), kept.tolist()):
+        ranked = sorted(range(len(row)), key=lambda i: -row[i])[:top_k or len(row)]
+        weights = [math.exp(row[i] / temperature) for i in ranked]
+        mass, want = 0.0, set()
+        for i, w in zip(ranked, weights):
+            want.add(i)
+            mass += w / sum(weights)
+            if mass >= top_p:
+                break
+        assert {i for i, g in enumerate(got) if g} == want
+    everything = sampling_logits(logits, Sampling(temperature=1.0, top_p=1.0))
+    assert torch.isfinite(everything).all()
+    with pytest.raises(ValueError, match="'top_p' must be in"):
+        Sampling(temperature=1.0, top_p=0.0)
 
 
 def test_generate_rejects_what_does_not_fit(tiny_model):

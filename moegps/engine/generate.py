@@ -38,17 +38,35 @@ STOP_CHECK_EVERY = 16  # decode steps between the host's looks at the stop token
 @dataclass
 class Sampling:
     """``temperature`` 0 is greedy; otherwise sample from softmax(logits / temperature), restricted
-    to the ``top_k`` most likely tokens when ``top_k`` > 0."""
+    to the ``top_k`` most likely tokens when ``top_k`` > 0, then to the nucleus: the fewest most likely
+    tokens whose probability adds up to ``top_p`` (Holtzman et al., 2020), when ``top_p`` < 1."""
 
     temperature: float = 0.0
     top_k: int = 0
     seed: int = 0
+    top_p: float = 1.0
 
     def __post_init__(self):
         if self.temperature < 0:
             raise ValueError(f"sampling field 'temperature' must be >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"sampling field 'top_k' must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling field 'top_p' must be in (0, 1], got {self.top_p}")
+
+
+def sampling_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """``logits [B, V]`` / temperature, with the tokens outside the top-k and outside the top-p nucleus
+    (taken on the distribution left by top-k) set to -inf: what ``Sampling`` draws from (temperature > 0)."""
+    scaled = logits / sampling.temperature
+    if sampling.top_k:
+        kth = scaled.topk(min(sampling.top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if sampling.top_p < 1:
+        probs, order = scaled.softmax(-1).sort(-1, descending=True)
+        outside = probs.cumsum(-1) - probs >= sampling.top_p  # the mass before it already reaches top_p
+        scaled = scaled.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
+    return scaled
 
 
 @dataclass
@@ -253,11 +271,8 @@ class Engine:
         def choose(logits):
             if sampling.temperature == 0:
                 return logits.argmax(-1)
-            scaled = logits / sampling.temperature
-            if sampling.top_k:
-                kth = scaled.topk(min(sampling.top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
-                scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-            return torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)
+            return torch.multinomial(sampling_logits(logits, sampling).softmax(-1), 1,
+                                     generator=generator).squeeze(-1)
 
         with torch.inference_mode():
             t0 = mark()
@@ -329,6 +344,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the most likely tokens up to this mass")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     ap.add_argument("--dtype", default="auto")
@@ -339,7 +355,7 @@ def main(argv=None) -> int:
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: no CUDA device here (use --device cpu)")
     try:  # a bad model name, dtype or sampling field is a usage error, not a traceback
-        sampling = Sampling(args.temperature, args.top_k, args.seed)
+        sampling = Sampling(args.temperature, args.top_k, args.seed, args.top_p)
         model = build_model(args.model, args.device, args.dtype)
     except (ValueError, FileNotFoundError, KeyError) as e:
         ap.error(str(e))
