@@ -8,6 +8,7 @@ importing ``mistral_common`` (whose import pulls in pydantic and more): only its
 from __future__ import annotations
 
 import importlib.util
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,11 +18,23 @@ MIXTRAL_TOKENIZER_FILE = "tokenizer.model.v1"
 BOS_ID, EOS_ID = 1, 2
 
 
+TOKENIZER_ENV = "MOEGPS_MIXTRAL_TOKENIZER"  # a copy of the file, where mistral-common is not installed
+
+
 def mixtral_tokenizer_path() -> Path:
-    """Path of ``mistral_common/data/tokenizer.model.v1``, with a clear error if the package is missing."""
+    """Path of ``$MOEGPS_MIXTRAL_TOKENIZER`` when set (a machine without mistral-common, e.g. a lent GPU
+    with no package registry, can be handed the 0.5 MB file alone), else of
+    ``mistral_common/data/tokenizer.model.v1``, with a clear error if neither is there."""
+    override = os.environ.get(TOKENIZER_ENV)
+    if override:
+        if not Path(override).is_file():
+            raise FileNotFoundError(f"{override}: ${TOKENIZER_ENV} names no file (expected Mixtral's SentencePiece "
+                                    f"{MIXTRAL_TOKENIZER_FILE})")
+        return Path(override)
     spec = importlib.util.find_spec("mistral_common")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package 'mistral-common' is not installed: pip install mistral-common")
+        raise FileNotFoundError(f"package 'mistral-common' is not installed: pip install mistral-common (or set "
+                                f"${TOKENIZER_ENV} to a copy of its data/{MIXTRAL_TOKENIZER_FILE})")
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / MIXTRAL_TOKENIZER_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: mistral-common does not ship {MIXTRAL_TOKENIZER_FILE}")
