@@ -29,7 +29,7 @@ import torch
 from ..models.tokenizer import mixtral_tokenizer
 from ..paths import BUNDLED_MODELS
 from ..shapes import SHAPES, from_name
-from .model import KVCache, Model, decode_step, load_checkpoint, prefill, prefill_packed, random_model
+from .model import KVCache, Model, check_fits, decode_step, load_checkpoint, prefill, prefill_packed, random_model
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 STOP_CHECK_EVERY = 16  # decode steps between the host's looks at the stop tokens (each look syncs)
@@ -104,6 +104,21 @@ def _timer(device):
     return mark, elapsed
 
 
+def capture(fn, pool=None) -> tuple:
+    """``(graph, output)``: ``fn()`` captured as a CUDA graph on a side stream, after one eager warm-up run
+    there (it compiles the kernels and fills the allocator outside the capture; a decode step's warm-up
+    writes the same K/V the real step will). ``pool``: a memory pool shared with other graphs."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side, pool=pool):
+            output = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    return graph, output
+
+
 class PrefillGraphs:
     """Prefill as a CUDA graph, one graph per batch size and length class: each prompt is padded with
     token 0 to the longest one's length rounded up to ``round_to`` (at most the cache's length), and
@@ -153,14 +168,7 @@ class PrefillGraphs:
 
         if self._pool is None:
             return run, (tokens, slots, positions, last), None
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            run()  # warm-up: compiles kernels and fills the allocator outside the capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=side, pool=self._pool):
-                logits = run()
-        torch.cuda.current_stream().wait_stream(side)
+        graph, logits = capture(run, self._pool)
         # every input the graph reads is kept with it: a freed one's memory would be handed to the next
         # allocation while the graph still reads it (slots and positions once were not: the replay
         # after a later allocation wrote the KV cache out of bounds)
@@ -170,9 +178,7 @@ class PrefillGraphs:
         """``prompts``: token ids, prompt b in cache slot b -> each one's last position's logits ``[B, V]``
         float32."""
         lengths = [len(p) for p in prompts]
-        if len(prompts) > self.cache.slots or max(lengths) > self.cache.max_len:
-            raise ValueError(f"{len(prompts)} prompts of up to {max(lengths)} tokens do not fit a cache of "
-                             f"{self.cache.slots} slots x {self.cache.max_len} positions")
+        check_fits(self.cache, lengths)
         key = (len(prompts), self.padded_length(max(lengths)))
         if key not in self._graphs:
             if len(self._graphs) >= self.max_graphs:
@@ -222,16 +228,7 @@ class Engine:
     def _graphed(self, bucket: int):
         """The bucket's decode step as a graph replay returning the logits buffer; captured on first use."""
         if bucket not in self._graphs:
-            step = self._step_fn(bucket)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                step()  # warm-up: compiles kernels, and writes the same K/V the real step will
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=side):
-                    logits = step()
-            torch.cuda.current_stream().wait_stream(side)
-            self._graphs[bucket] = (graph, logits)
+            self._graphs[bucket] = capture(self._step_fn(bucket))
         graph, logits = self._graphs[bucket]
 
         def replay():

@@ -323,6 +323,13 @@ def decode_step(model: Model, cache: KVCache, tokens: torch.Tensor, positions: t
     return (x @ model.lm_head.T).float()
 
 
+def check_fits(cache: KVCache, lengths: list[int]) -> None:
+    """A clear error when prompts of these lengths (prompt b in slot b) do not fit the cache."""
+    if len(lengths) > cache.slots or max(lengths) > cache.max_len:
+        raise ValueError(f"{len(lengths)} prompts of up to {max(lengths)} tokens do not fit a cache of "
+                         f"{cache.slots} slots x {cache.max_len} positions")
+
+
 def prefill(model: Model, cache: KVCache, prompts: list[torch.Tensor], all_positions: bool = False) -> torch.Tensor:
     """Prompts of any lengths (prompt b in cache slot b, from position 0), packed into one token batch
     for every GEMM and the MoE; attention per sequence through SDPA on the right-padded batch
@@ -333,10 +340,7 @@ def prefill(model: Model, cache: KVCache, prompts: list[torch.Tensor], all_posit
     # tensor back to the host (or a copy from pageable memory behind queued work) makes the host wait
     # for the GPU, which then idles while the host queues what follows
     lengths = [len(p) for p in prompts]
-    longest = max(lengths)
-    if len(prompts) > cache.slots or longest > cache.max_len:
-        raise ValueError(f"{len(prompts)} prompts of up to {longest} tokens do not fit a cache of "
-                         f"{cache.slots} slots x {cache.max_len} positions")
+    check_fits(cache, lengths)
     model.ensure_rope(cache.max_len)
     tokens = torch.cat([p.to(device) for p in prompts])
     slots = torch.cat([torch.full((n,), b) for b, n in enumerate(lengths)]).to(device)
