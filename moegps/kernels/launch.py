@@ -33,6 +33,7 @@ import triton
 # which shadows the kernel module of the same name.
 from .fused_moe import (combine_kernel, down_scan_kernel, down_sorted_kernel, fused_scan_kernel,
                         gate_up_scan_kernel, gate_up_sorted_kernel)
+from . import wgmma_moe
 from .routing import SCAN, align
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -200,6 +201,8 @@ def fused_moe(
     if config["path"] == "fused":
         return launch_fused(x, w_gate_up, w_down, weights, ids,
                             route(ids, n_experts, config, workspace.get("scratch")), config, top_k)
+    if config["path"] == "wgmma":
+        return _fused_moe_wgmma(x, w_gate_up, w_down, ids, weights, config, top_k, workspace)
     h = workspace.get("h")
     h = torch.empty(n_pairs, ffn, dtype=x.dtype, device=x.device) if h is None else h
     routing = route(ids, n_experts, config, workspace.get("scratch"))
@@ -214,6 +217,20 @@ def fused_moe(
     if top_k == 1:
         return y
     return combine_sum(y, top_k)
+
+
+def _fused_moe_wgmma(x, w_gate_up, w_down, ids, weights, config, top_k, workspace) -> torch.Tensor:
+    """fused_moe on the Hopper-only Gluon kernels (wgmma_moe.py): h stays in expert order."""
+    if not wgmma_moe.supported(x.device):
+        raise ValueError("config path 'wgmma' runs only on a Hopper GPU (sm_90) with Gluon; "
+                         "use 'sorted' elsewhere")
+    wgmma_moe.check_config(config, x)
+    routing = route(ids, w_gate_up.shape[0], config)
+    h = wgmma_moe.launch_gate_up(x, w_gate_up, routing, config, top_k)
+    y = workspace.get("y")
+    y = torch.empty(ids.numel(), x.shape[1], dtype=x.dtype, device=x.device) if y is None else y
+    wgmma_moe.launch_down(h, w_down, y, weights, routing, config)
+    return y if top_k == 1 else combine_sum(y, top_k)
 
 
 def combine_sum(y: torch.Tensor, top_k: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -243,9 +260,9 @@ def route(ids: torch.Tensor, n_experts: int, config: dict, scratch: torch.Tensor
         if scratch is None:
             scratch = torch.empty(n_experts * ids.numel(), dtype=torch.int32, device=ids.device)
         return scratch
-    if config["path"] == "sorted":
+    if config["path"] in ("sorted", "wgmma"):
         return align(ids, n_experts, config["block_m"], half_tail=config.get("half_tail", False))
-    raise ValueError(f"config field 'path' must be 'scan', 'sorted' or 'fused', "
+    raise ValueError(f"config field 'path' must be 'scan', 'sorted', 'wgmma' or 'fused', "
                      f"got {config['path']!r}")
 
 

@@ -1,0 +1,158 @@
+"""Probe of the Hopper-only Gluon path (moegps/kernels/wgmma_moe.py) against the shipped Triton
+config and cuBLAS bmm, on one H100/H200.
+
+    python benchmarks/kernels/wgmma_probe.py [--tokens 512 2048 8192] [--shapes ...] [--quick]
+
+1. Checks: the wgmma path against an fp32 reference (relative error, the bench's rel_err) on
+   random routing, routing that leaves experts empty, one expert for every token, and a few
+   token counts that leave ragged blocks; a row fails above 1e-2.
+2. Times (time_many: every method of a row in the same rounds, graphs, L2 flushed by a clean
+   read): the shipped config ("ours"), wgmma variants (tiles below), balanced cuBLAS bmm, and the
+   floor = max(weight bytes / copy rate, FLOPs / 8192^3 matmul rate), both measured in the row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import torch
+import triton
+
+from moegps.kernels import timing
+from moegps.kernels.launch import fused_moe, get_config
+from moegps.kernels.reference import moe_reference
+from moegps.kernels.timing import make_inputs, make_routing, rel_err, time_many
+from moegps.kernels.tune import expert_dims
+
+sys.path.insert(0, "benchmarks/kernels")
+
+
+def wgmma_config(block_m=128, gu_n=128, down_n=256, stages=4, group=8, block_k=64,
+                 coalesce=False) -> dict:
+    tile = {"block_k": block_k, "num_stages": stages, "group_m": group, "coalesce": coalesce}
+    return {"path": "wgmma", "block_m": block_m, "gate_up": {"block_n": gu_n, **tile},
+            "down": {"block_n": down_n, **tile}}
+
+
+VARIANTS = {
+    "w128": wgmma_config(),
+    "w128_co": wgmma_config(coalesce=True),
+    "w128_g16": wgmma_config(group=16),
+    "w128_d128": wgmma_config(down_n=128),
+    "w64": wgmma_config(block_m=64),
+}
+
+
+def gemm_parts(x, w13, w2, ids, weights, config) -> dict:
+    """Each GEMM alone on routing computed once: the shipped Triton launches, or the wgmma
+    ones (gate/up including its row gather, and the gather alone)."""
+    from moegps.kernels import launch, wgmma_moe
+    n_tokens, top_k = ids.shape
+    flat, gates = ids.reshape(-1), weights.reshape(-1)
+    routing = launch.route(flat, w13.shape[0], config)
+    y = torch.empty(flat.numel(), x.shape[1], dtype=x.dtype, device=x.device)
+    if config["path"] != "wgmma":
+        h = torch.empty(flat.numel(), w2.shape[2], dtype=x.dtype, device=x.device)
+        return {"gate_up": lambda: launch.launch_gate_up(x, w13, h, flat, routing, config, top_k),
+                "down": lambda: launch.launch_down(h, w2, y, gates, flat, routing, config, top_k)}
+    h = wgmma_moe.launch_gate_up(x, w13, routing, config, top_k)
+    return {"gate_up": lambda: wgmma_moe.launch_gate_up(x, w13, routing, config, top_k),
+            "gather": lambda: wgmma_moe.gather_rows(x, routing.sorted_pair_ids, top_k),
+            "down": lambda: wgmma_moe.launch_down(h, w2, y, gates, routing, config)}
+
+
+def check(name, dims, n_tokens, routing_kind, seed) -> bool:
+    n_experts, hidden, ffn, top_k = dims
+    x, w13, w2 = make_inputs(n_experts, hidden, ffn, top_k, n_tokens, seed)
+    ids, weights = make_routing(n_tokens, n_experts, top_k, seed)
+    if routing_kind == "empty_experts":  # only experts 0..k: most experts get no row
+        ids = torch.stack([torch.randperm(top_k + 1, device="cuda")[:top_k]
+                           for _ in range(n_tokens)])
+    if routing_kind == "one_expert":
+        ids = torch.zeros(n_tokens, 1, dtype=ids.dtype, device="cuda")
+        weights = torch.ones(n_tokens, 1, dtype=weights.dtype, device="cuda")
+    ref = moe_reference(x.float(), w13.float(), w2.float(), ids, weights.float()).float()
+    ok = True
+    for variant in ("w128", "w128_co", "w64"):
+        out = fused_moe(x, w13, w2, ids, weights, config=VARIANTS[variant])
+        err = rel_err(out, ref)
+        shipped = rel_err(fused_moe(x, w13, w2, ids, weights), ref)
+        good = err < 1e-2 and bool(torch.isfinite(out).all())
+        ok &= good
+        print(f"  check {name:18s} T={n_tokens:5d} {routing_kind:14s} {variant:5s} "
+              f"rel_err {err:.2e} (shipped {shipped:.2e}) {'ok' if good else 'FAIL'}", flush=True)
+    return ok
+
+
+def bench_row(name, dims, n_tokens, seed) -> dict:
+    n_experts, hidden, ffn, top_k = dims
+    x, w13, w2 = make_inputs(n_experts, hidden, ffn, top_k, n_tokens, seed)
+    ids, weights = make_routing(n_tokens, n_experts, top_k, seed)
+    active = int(torch.unique(ids).numel())
+    rows = math.ceil(n_tokens * top_k / active)
+    a = torch.randn(active, rows, hidden, dtype=x.dtype, device="cuda")
+    h = torch.randn(active, rows, ffn, dtype=x.dtype, device="cuda")
+    big = torch.empty(2**29, dtype=torch.bfloat16, device="cuda").normal_()
+    big2 = torch.empty_like(big)
+    m = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    fns = {"copy": lambda: big2.copy_(big), "matmul": lambda: m @ m,
+           "ours": lambda: fused_moe(x, w13, w2, ids, weights),
+           "bmm": lambda: (torch.bmm(a, w13[:active].transpose(1, 2)),
+                           torch.bmm(h, w2[:active].transpose(1, 2)))}
+    for variant, config in VARIANTS.items():
+        fns[variant] = (lambda c=config: fused_moe(x, w13, w2, ids, weights, config=c))
+    shipped = get_config(n_tokens, *dims)
+    for part, fn in gemm_parts(x, w13, w2, ids, weights, shipped).items():
+        fns[f"ours.{part}"] = fn
+    for part, fn in gemm_parts(x, w13, w2, ids, weights, VARIANTS["w128"]).items():
+        fns[f"w128.{part}"] = fn
+    times = time_many(fns, graph=set(fns) - {"copy", "matmul"})
+    copy_bps = 2 * 2**29 * 2 / (times["copy"] * 1e-6)
+    flops_rate = 2 * 8192**3 / (times["matmul"] * 1e-6)
+    weight_bytes = active * 3 * hidden * ffn * 2
+    flops = 2 * n_tokens * top_k * 3 * hidden * ffn
+    floor = max(weight_bytes / copy_bps, flops / flops_rate) * 1e6
+    row = {"shape": name, "tokens": n_tokens, "floor_us": floor,
+           "matmul_TFLOPs": flops_rate / 1e12, "shipped": get_config(n_tokens, *dims)["path"]}
+    for method in ["ours", "bmm", *VARIANTS]:
+        row[f"{method}_us"] = times[method]
+        row[f"{method}_pct"] = 100 * floor / times[method]
+    row["parts"] = {k: round(v, 1) for k, v in times.items() if "." in k}
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", nargs="*", default=["mixtral-8x7b", "deepseek-v2-lite"])
+    parser.add_argument("--tokens", type=int, nargs="*", default=[512, 2048, 8192])
+    parser.add_argument("--seed", type=int, default=50)
+    parser.add_argument("--skip-checks", action="store_true")
+    args = parser.parse_args(argv)
+    timing.FLUSH = "clean"
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"triton {triton.__version__}", flush=True)
+    ok = True
+    if not args.skip_checks:
+        for name in args.shapes:
+            dims = expert_dims(name)
+            for n_tokens, kind in [(1, "random"), (7, "random"), (300, "random"),
+                                   (2048, "random"), (200, "empty_experts"), (333, "one_expert")]:
+                ok &= check(name, dims, n_tokens, kind, args.seed)
+        print("checks:", "all ok" if ok else "FAILED", flush=True)
+    rows = []
+    for name in args.shapes:
+        for n_tokens in args.tokens:
+            row = bench_row(name, expert_dims(name), n_tokens, args.seed)
+            rows.append(row)
+            print(f"{name} T={n_tokens}: floor {row['floor_us']:.1f} us "
+                  f"(matmul {row['matmul_TFLOPs']:.0f} TFLOP/s); " + ", ".join(
+                      f"{m} {row[m + '_us']:.1f} us {row[m + '_pct']:.0f}%"
+                      for m in ["ours", "bmm", *VARIANTS]) + f"; parts (us) {row['parts']}",
+                  flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Hopper-only grouped expert GEMMs in Gluon: persistent and warp-specialised (the "wgmma" path).
+
+The Triton kernels of fused_moe.py stay 10-20 points under cuBLAS's batched GEMM at
+compute-bound sizes (Mixtral at 2048 tokens 84% of floor against 100%; NOTES.md, session 8):
+their warps both issue the copies and run the tensor cores, and Triton 3.6's own warp
+specialisation does not compile those loops on Hopper. Here the schedule is written out, the way
+CUTLASS's "TMA warp-specialised cooperative" kernels and the Gluon tutorials (08, warp
+specialisation) lay it out:
+
+    one producer warp       walks the tiles, waits for a free stage, issues the TMA copies of
+                            the token rows [BLOCK_M, BLOCK_K] and the weight rows [BLOCK_N, BLOCK_K]
+    two consumer warpgroups (the default partition, 8 warps) wait for a full stage, run wgmma
+                            asynchronously, free the stage of the step before, then at the end of
+                            a tile run the epilogue (SiLU * up into h, or routing weight * y)
+
+One program per SM walks tiles (row block, N tile) with the row blocks of a group adjacent, so
+the programs running at once share each expert's weight slab through L2.
+
+Operands are in expert order (rows sorted by expert, each expert padded to BLOCK_M by
+routing.align): TMA has no row gather on Hopper, so `gather_rows` copies the token rows into that
+order first (one launch, ~1% of a compute-bound call), and h stays in it. Padding rows compute
+garbage that no store writes out.
+
+GPU-only: Gluon has no CPU interpreter. The Triton sorted path (fused_moe.py) is its reference:
+the GPU checks of `python -m moegps.kernels.bench` compare the two, and `tests/test_wgmma_moe.py`
+tests, on the CPU, everything here that is not the device code (the tile order, the row gather,
+the config's checks).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+try:  # Gluon ships with Triton >= 3.4; its Hopper modules are only needed on a Hopper GPU
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - depends on the Triton build
+    HAVE_GLUON = False
+
+
+def supported(device: torch.device | None = None) -> bool:
+    """True on a Hopper GPU (sm_90) with Gluon: the only place these kernels run."""
+    return (HAVE_GLUON and torch.cuda.is_available()
+            and torch.cuda.get_device_capability(device) == (9, 0))
+
+
+def tile_order(tile: int, n_blocks: int, n_tiles_n: int, group: int) -> tuple[int, int]:
+    """(row block, N tile) of the tile-th tile: row blocks in groups of `group`, and within a
+    group the row blocks fastest, so tiles that run at once share a weight slab. The kernels'
+    `_tile` is the same arithmetic; this copy is what the CPU tests check it with."""
+    per_group = group * n_tiles_n
+    first = (tile // per_group) * group
+    size = min(n_blocks - first, group)
+    within = tile % per_group
+    return first + within % size, within // size
+
+
+def gather_rows(x: torch.Tensor, sorted_pair_ids: torch.Tensor, top_k: int) -> torch.Tensor:
+    """[max_padded, H] = x's row of each sorted pair. Padding rows, and the rows past the used
+    ones (align leaves them unwritten: any int32), read a valid row; nothing stores them."""
+    n_pairs = x.shape[0] * top_k
+    rows = torch.clamp(sorted_pair_ids, min=0, max=n_pairs - 1) // top_k
+    return x.index_select(0, rows)
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _tile(tile, n_blocks, n_tiles_n, group):
+        per_group = group * n_tiles_n
+        first = (tile // per_group) * group
+        size = gl.minimum(n_blocks - first, group)
+        within = tile % per_group
+        return first + within % size, within // size
+
+    @gluon.jit
+    def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, block_expert_ptr,
+                  block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim, b_rows, up_offset,
+                  GATE_UP: gl.constexpr):
+        """One warp: TMA copies of every tile's operands into the ring of stages."""
+        STAGES: gl.constexpr = a_bufs.shape[0]
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+        if GATE_UP:
+            nbytes: gl.constexpr = a_desc.block_type.nbytes + 2 * b_desc.block_type.nbytes
+        else:
+            nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        n_tiles = gl.load(n_blocks_ptr) * n_tiles_n
+        step = 0
+        for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+            block, tile_n = _tile(tile, gl.load(n_blocks_ptr), n_tiles_n, group)
+            row = gl.load(block_start_ptr + block)
+            w_row = gl.load(block_expert_ptr + block) * b_rows + tile_n * BLOCK_N
+            for k in range(0, k_dim, BLOCK_K):
+                stage = step % STAGES
+                # a fresh mbarrier counts as having completed the phase before phase 0
+                mbarrier.wait(empty.index(stage), ((step // STAGES) & 1) ^ 1)
+                bar = ready.index(stage)
+                mbarrier.expect(bar, nbytes)
+                tma.async_copy_global_to_shared(a_desc, [row, k], bar, a_bufs.index(stage))
+                if GATE_UP:  # gate rows over up rows, one [2 * BLOCK_N, BLOCK_K] stage buffer
+                    b = b_bufs.index(stage)
+                    tma.async_copy_global_to_shared(b_desc, [w_row, k], bar, b.slice(0, BLOCK_N))
+                    tma.async_copy_global_to_shared(b_desc, [w_row + up_offset, k], bar,
+                                                    b.slice(BLOCK_N, BLOCK_N))
+                else:
+                    tma.async_copy_global_to_shared(b_desc, [w_row, k], bar, b_bufs.index(stage))
+                step += 1
+
+    @gluon.jit
+    def _consumer(a_bufs, b_bufs, ready, empty, out_ptr, sorted_ptr, weights_ptr,
+                  block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim, n_pairs, n_cols,
+                  stride_out, GATE_UP: gl.constexpr, COALESCE: gl.constexpr,
+                  BLOCK_K: gl.constexpr, num_warps: gl.constexpr):
+        """The default partition (two warpgroups): wgmma over the stages, then the epilogue."""
+        STAGES: gl.constexpr = a_bufs.shape[0]
+        BLOCK_M: gl.constexpr = a_bufs.shape[1]
+        WIDTH: gl.constexpr = b_bufs.shape[1]  # gate/up: gate and up columns side by side
+        BLOCK_N: gl.constexpr = WIDTH // 2 if GATE_UP else WIDTH
+        layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, WIDTH, 16])
+        n_tiles = gl.load(n_blocks_ptr) * n_tiles_n
+        step = 0
+        for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+            block, tile_n = _tile(tile, gl.load(n_blocks_ptr), n_tiles_n, group)
+            acc = gl.zeros([BLOCK_M, WIDTH], gl.float32, layout)
+            first = step
+            for k in range(0, k_dim, BLOCK_K):
+                stage = step % STAGES
+                mbarrier.wait(ready.index(stage), (step // STAGES) & 1)
+                acc = warpgroup_mma(a_bufs.index(stage), b_bufs.index(stage).permute((1, 0)), acc,
+                                    is_async=True)
+                # this step's MMA may run on; the step before's is done with its stage
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+                mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), pred=step > first)
+                step += 1
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES))
+
+            start = gl.load(block_start_ptr + block)
+            end = gl.load(block_start_ptr + block + 1)
+            if GATE_UP:  # h in expert order: h[row] = silu(gate) * up
+                gate, up = acc.reshape([BLOCK_M, 2, BLOCK_N]).permute(0, 2, 1).split()
+                value = (gate / (1.0 + gl.exp(-gate)) * up).to(out_ptr.dtype.element_ty)
+            else:  # y in pair order: y[pair] = routing weight * (h @ w2^T)
+                rows = start + gl.arange(0, BLOCK_M, gl.SliceLayout(1, layout))
+                pair = gl.load(sorted_ptr + rows, mask=rows < end, other=n_pairs)
+                weight = gl.load(weights_ptr + pair, mask=pair < n_pairs, other=0.0)
+                value = (acc * weight.to(gl.float32)[:, None]).to(out_ptr.dtype.element_ty)
+            if COALESCE:  # 16 bytes of a row per thread for the stores (through shared memory)
+                value = gl.convert_layout(value, gl.BlockedLayout(
+                    [1, 8], [32 * 8 // BLOCK_N, BLOCK_N // 8], [num_warps, 1], [1, 0]))
+            rows = start + gl.arange(0, BLOCK_M, gl.SliceLayout(1, value.type.layout))
+            cols = tile_n * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, value.type.layout))
+            mask = (rows < end)[:, None] & (cols < n_cols)[None, :]
+            if GATE_UP:
+                out_rows = rows
+            else:
+                out_rows = gl.load(sorted_ptr + rows, mask=rows < end, other=n_pairs)
+                mask = mask & (out_rows < n_pairs)[:, None]
+            offsets = out_rows.to(gl.int64)[:, None] * stride_out + cols[None, :]
+            gl.store(out_ptr + offsets, value, mask=mask)
+
+    @gluon.jit
+    def grouped_gemm_kernel(a_desc, b_desc, out_ptr, sorted_ptr, weights_ptr, block_expert_ptr,
+                            block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim, n_pairs,
+                            n_cols, b_rows, up_offset, stride_out, GATE_UP: gl.constexpr,
+                            STAGES: gl.constexpr, COALESCE: gl.constexpr,
+                            num_warps: gl.constexpr):
+        """GATE_UP: out = h [max_padded, F] (expert order) = silu(A @ w1^T) * (A @ w3^T), with A
+        the gathered token rows and b_desc over w_gate_up [E * 2F, H] (up rows at +up_offset).
+        Otherwise: out = y [T*k, H] (pair order) = routing weight * (h @ w2^T), b_desc over
+        w_down [E * H, F]. b_rows: weight rows per expert (2F or H)."""
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+        WIDTH: gl.constexpr = 2 * BLOCK_N if GATE_UP else BLOCK_N
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape,
+                                           a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, WIDTH, BLOCK_K], b_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        gl.warp_specialize([
+            (_consumer, (a_bufs, b_bufs, ready, empty, out_ptr, sorted_ptr, weights_ptr,
+                         block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim, n_pairs, n_cols,
+                         stride_out, GATE_UP, COALESCE, BLOCK_K, num_warps)),
+            (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, block_expert_ptr,
+                         block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim, b_rows,
+                         up_offset, GATE_UP)),
+        ], [1], [24])
+
+
+def _descriptor(t: torch.Tensor, block: list[int]):
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if t.dtype == torch.bfloat16
+                                                  else gl.float16)
+    return TensorDescriptor.from_tensor(t, block, layout)
+
+
+def _launch(a, w2d, out, sorted_ids, weights, routing, tile: dict, n_cols: int, b_rows: int,
+            up_offset: int, n_pairs: int, gate_up: bool) -> None:
+    block_m, block_n, block_k = routing.block_m, tile["block_n"], tile["block_k"]
+    n_tiles_n = triton.cdiv(n_cols, block_n)
+    programs = min(torch.cuda.get_device_properties(a.device).multi_processor_count,
+                   routing.max_blocks * n_tiles_n)
+    grouped_gemm_kernel[(programs,)](
+        _descriptor(a, [block_m, block_k]), _descriptor(w2d, [block_n, block_k]), out,
+        sorted_ids, weights, routing.block_expert, routing.block_start, routing.n_blocks,
+        n_tiles_n, tile.get("group_m", 8), a.shape[1], n_pairs, n_cols, b_rows, up_offset,
+        out.stride(0), GATE_UP=gate_up, STAGES=tile["num_stages"],
+        COALESCE=bool(tile.get("coalesce", False)), num_warps=block_m // 16,
+        # registers: 168 x (8 + 4) warps fill the SM's 64k; the producer's warpgroup gives all
+        # but 24 of its own to the consumers (setmaxnreg), which leaves them 240
+        maxnreg=168 if block_m == 128 else 232)
+
+
+def check_config(config: dict, x: torch.Tensor) -> None:
+    """A wgmma config's constraints, as errors naming the field."""
+    if config.get("half_tail"):
+        raise ValueError("config field 'half_tail' must be false on the 'wgmma' path "
+                         "(each block is one TMA box of block_m rows)")
+    if config["block_m"] not in (64, 128):
+        raise ValueError(f"config field 'block_m' must be 64 or 128 on the 'wgmma' path, "
+                         f"got {config['block_m']}")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"the 'wgmma' path takes bf16 or fp16 x, got {x.dtype}")
+    for gemm in ("gate_up", "down"):
+        tile = config[gemm]
+        if tile["block_k"] * x.element_size() % 128:
+            raise ValueError(f"config field '{gemm}.block_k' must span a multiple of 128 bytes, "
+                             f"got {tile['block_k']}")
+
+
+def launch_gate_up(x, w_gate_up, routing, config: dict, top_k: int) -> torch.Tensor:
+    """h [max_padded, F] in expert order = silu(x @ w1^T) * (x @ w3^T) per sorted row."""
+    n_experts, two_f, hidden = w_gate_up.shape
+    rows = gather_rows(x, routing.sorted_pair_ids, top_k)
+    h = torch.empty(rows.shape[0], two_f // 2, dtype=x.dtype, device=x.device)
+    _launch(rows, w_gate_up.view(n_experts * two_f, hidden), h, routing.sorted_pair_ids,
+            routing.sorted_pair_ids, routing, config["gate_up"], two_f // 2, two_f, two_f // 2,
+            routing.n_pairs, gate_up=True)
+    return h
+
+
+def launch_down(h, w_down, y, weights, routing, config: dict) -> None:
+    """y [T*k, H] = topk_weights * (h @ w2^T) per pair, h in expert order (launch_gate_up)."""
+    n_experts, hidden, ffn = w_down.shape
+    _launch(h, w_down.view(n_experts * hidden, ffn), y, routing.sorted_pair_ids, weights,
+            routing, config["down"], hidden, hidden, 0, routing.n_pairs, gate_up=False)
