@@ -272,6 +272,22 @@ def test_combine_sums_each_tokens_rows(rng, top_k, hidden):
     assert rel_err(out, ref) < 1e-3  # one fp16 rounding of an fp32 sum
 
 
+def test_combine_gathers_rows_of_expert_order(rng):
+    """combine_sum with slots (the wgmma path: y in expert order, with padding rows): out[t] =
+    sum_j y[slots[t*k + j]], against a loop in float64."""
+    from moegps.kernels.launch import combine_sum
+
+    n_tokens, top_k, hidden = int(rng.integers(1, 6)), 3, 300
+    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    padded = n_tokens * top_k + 7
+    y = torch.randn(padded, hidden, generator=gen).to(torch.float16)
+    slots = torch.randperm(padded, generator=gen)[:n_tokens * top_k].to(torch.int32)
+    out = combine_sum(y, top_k, slots=slots)
+    ref = torch.stack([sum(y[int(slots[t * top_k + j])].double() for j in range(top_k))
+                       for t in range(n_tokens)])
+    assert rel_err(out, ref) < 1e-3
+
+
 def test_half_tail_needs_a_block_of_32():
     with pytest.raises(ValueError, match="half_tail needs block_m"):
         align(torch.zeros(4, 2, dtype=torch.int64), 3, 16, half_tail=True)

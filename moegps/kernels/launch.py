@@ -227,21 +227,22 @@ def _fused_moe_wgmma(x, w_gate_up, w_down, ids, weights, config, top_k, workspac
     wgmma_moe.check_config(config, x)
     routing = route(ids, w_gate_up.shape[0], config)
     h = wgmma_moe.launch_gate_up(x, w_gate_up, routing, config, top_k)
-    y = workspace.get("y")
-    y = torch.empty(ids.numel(), x.shape[1], dtype=x.dtype, device=x.device) if y is None else y
-    wgmma_moe.launch_down(h, w_down, y, weights, routing, config)
-    return y if top_k == 1 else combine_sum(y, top_k)
+    y = wgmma_moe.launch_down(h, w_down, weights, routing, config)
+    return combine_sum(y, top_k, slots=routing.pair_slot)
 
 
-def combine_sum(y: torch.Tensor, top_k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def combine_sum(y: torch.Tensor, top_k: int, out: torch.Tensor | None = None,
+                slots: torch.Tensor | None = None) -> torch.Tensor:
     """out [T, H] = sum over j of y [T*k, H]'s rows t*k + j (fp32 sums, y's dtype out): the
-    k-way combine, one streaming launch (combine_kernel)."""
-    n_pairs, hidden = y.shape
+    k-way combine, one streaming launch (combine_kernel). With `slots` [T*k] (RoutingMeta's
+    pair_slot), y is in expert order and pair p's row is y[slots[p]]."""
+    hidden = y.shape[1]
+    n_pairs = y.shape[0] if slots is None else slots.numel()
     out = torch.empty(n_pairs // top_k, hidden, dtype=y.dtype, device=y.device) if out is None else out
     block_h = min(2048, triton.next_power_of_2(hidden))
     combine_kernel[(n_pairs // top_k, triton.cdiv(hidden, block_h))](
-        y.contiguous(), out, hidden, TOP_K=top_k, BLOCK_H=block_h,
-        num_warps=8 if block_h >= 2048 else 4)
+        y.contiguous(), y if slots is None else slots, out, hidden, TOP_K=top_k, BLOCK_H=block_h,
+        GATHER=slots is not None, num_warps=8 if block_h >= 2048 else 4)
     return out
 
 

@@ -35,11 +35,13 @@ import triton
 try:  # Gluon ships with Triton >= 3.4; its Hopper modules are only needed on a Hopper GPU
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
+                                                                  tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     HAVE_GLUON = True
-except ImportError:  # pragma: no cover - depends on the Triton build
+except (ImportError, AssertionError):  # pragma: no cover - depends on the Triton build
+    # (Gluon's module asserts at import when Triton's CPU interpreter replaced triton.jit)
     HAVE_GLUON = False
 
 
@@ -113,10 +115,9 @@ if HAVE_GLUON:
                 step += 1
 
     @gluon.jit
-    def _consumer(a_bufs, b_bufs, ready, empty, out_ptr, sorted_ptr, weights_ptr,
-                  block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim, n_pairs, n_cols,
-                  stride_out, GATE_UP: gl.constexpr, COALESCE: gl.constexpr,
-                  BLOCK_K: gl.constexpr, num_warps: gl.constexpr):
+    def _consumer(a_bufs, b_bufs, ready, empty, out_desc, out_smem, sorted_ptr, weights_ptr,
+                  block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim, n_pairs,
+                  GATE_UP: gl.constexpr, BLOCK_K: gl.constexpr, num_warps: gl.constexpr):
         """The default partition (two warpgroups): wgmma over the stages, then the epilogue."""
         STAGES: gl.constexpr = a_bufs.shape[0]
         BLOCK_M: gl.constexpr = a_bufs.shape[1]
@@ -142,35 +143,38 @@ if HAVE_GLUON:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES))
 
+            # Epilogue through shared memory and TMA stores, which run on while the next
+            # tile's MMAs start (every block is BLOCK_M rows of the sorted order: align pads
+            # each expert to it, so a whole box never reaches into another block's rows).
             start = gl.load(block_start_ptr + block)
-            end = gl.load(block_start_ptr + block + 1)
             if GATE_UP:  # h in expert order: h[row] = silu(gate) * up
                 gate, up = acc.reshape([BLOCK_M, 2, BLOCK_N]).permute(0, 2, 1).split()
-                value = (gate / (1.0 + gl.exp(-gate)) * up).to(out_ptr.dtype.element_ty)
-            else:  # y in pair order: y[pair] = routing weight * (h @ w2^T)
+                _store(out_desc, out_smem, gate / (1.0 + gl.exp(-gate)) * up, start,
+                       tile_n * BLOCK_N)
+            else:  # y in expert order: y[row] = routing weight of the row's pair * (h @ w2^T)
                 rows = start + gl.arange(0, BLOCK_M, gl.SliceLayout(1, layout))
-                pair = gl.load(sorted_ptr + rows, mask=rows < end, other=n_pairs)
+                pair = gl.load(sorted_ptr + rows)  # padding rows hold n_pairs
                 weight = gl.load(weights_ptr + pair, mask=pair < n_pairs, other=0.0)
-                value = (acc * weight.to(gl.float32)[:, None]).to(out_ptr.dtype.element_ty)
-            if COALESCE:  # 16 bytes of a row per thread for the stores (through shared memory)
-                value = gl.convert_layout(value, gl.BlockedLayout(
-                    [1, 8], [32 * 8 // BLOCK_N, BLOCK_N // 8], [num_warps, 1], [1, 0]))
-            rows = start + gl.arange(0, BLOCK_M, gl.SliceLayout(1, value.type.layout))
-            cols = tile_n * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, value.type.layout))
-            mask = (rows < end)[:, None] & (cols < n_cols)[None, :]
-            if GATE_UP:
-                out_rows = rows
-            else:
-                out_rows = gl.load(sorted_ptr + rows, mask=rows < end, other=n_pairs)
-                mask = mask & (out_rows < n_pairs)[:, None]
-            offsets = out_rows.to(gl.int64)[:, None] * stride_out + cols[None, :]
-            gl.store(out_ptr + offsets, value, mask=mask)
+                value = acc * weight.to(gl.float32)[:, None]
+                if out_smem.shape[1] == BLOCK_N:
+                    _store(out_desc, out_smem, value, start, tile_n * BLOCK_N)
+                else:  # two column halves through one buffer
+                    left, right = value.reshape([BLOCK_M, 2, BLOCK_N // 2]).permute(0, 2, 1).split()
+                    _store(out_desc, out_smem, left, start, tile_n * BLOCK_N)
+                    _store(out_desc, out_smem, right, start, tile_n * BLOCK_N + BLOCK_N // 2)
+        tma.store_wait(0)
 
     @gluon.jit
-    def grouped_gemm_kernel(a_desc, b_desc, out_ptr, sorted_ptr, weights_ptr, block_expert_ptr,
+    def _store(out_desc, out_smem, value, row, col):
+        tma.store_wait(0)  # the previous store has read the buffer
+        out_smem.store(value.to(out_desc.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(out_desc, [row, col], out_smem)
+
+    @gluon.jit
+    def grouped_gemm_kernel(a_desc, b_desc, out_desc, sorted_ptr, weights_ptr, block_expert_ptr,
                             block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim, n_pairs,
-                            n_cols, b_rows, up_offset, stride_out, GATE_UP: gl.constexpr,
-                            STAGES: gl.constexpr, COALESCE: gl.constexpr,
+                            b_rows, up_offset, GATE_UP: gl.constexpr, STAGES: gl.constexpr,
                             num_warps: gl.constexpr):
         """GATE_UP: out = h [max_padded, F] (expert order) = silu(A @ w1^T) * (A @ w3^T), with A
         the gathered token rows and b_desc over w_gate_up [E * 2F, H] (up rows at +up_offset).
@@ -182,15 +186,17 @@ if HAVE_GLUON:
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape,
                                            a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, WIDTH, BLOCK_K], b_desc.layout)
+        out_smem = gl.allocate_shared_memory(out_desc.dtype, out_desc.block_type.shape,
+                                             out_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
         gl.warp_specialize([
-            (_consumer, (a_bufs, b_bufs, ready, empty, out_ptr, sorted_ptr, weights_ptr,
-                         block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim, n_pairs, n_cols,
-                         stride_out, GATE_UP, COALESCE, BLOCK_K, num_warps)),
+            (_consumer, (a_bufs, b_bufs, ready, empty, out_desc, out_smem, sorted_ptr,
+                         weights_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim,
+                         n_pairs, GATE_UP, BLOCK_K, num_warps)),
             (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, block_expert_ptr,
                          block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim, b_rows,
                          up_offset, GATE_UP)),
@@ -203,18 +209,20 @@ def _descriptor(t: torch.Tensor, block: list[int]):
     return TensorDescriptor.from_tensor(t, block, layout)
 
 
-def _launch(a, w2d, out, sorted_ids, weights, routing, tile: dict, n_cols: int, b_rows: int,
-            up_offset: int, n_pairs: int, gate_up: bool) -> None:
+def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: int,
+            gate_up: bool) -> None:
+    """One grouped GEMM: a [max_padded, K] and out [max_padded, N] in expert order, w2d the
+    weights [E * b_rows, K]; one program per SM."""
     block_m, block_n, block_k = routing.block_m, tile["block_n"], tile["block_k"]
-    n_tiles_n = triton.cdiv(n_cols, block_n)
+    n_tiles_n = triton.cdiv(out.shape[1], block_n)
     programs = min(torch.cuda.get_device_properties(a.device).multi_processor_count,
                    routing.max_blocks * n_tiles_n)
     grouped_gemm_kernel[(programs,)](
-        _descriptor(a, [block_m, block_k]), _descriptor(w2d, [block_n, block_k]), out,
-        sorted_ids, weights, routing.block_expert, routing.block_start, routing.n_blocks,
-        n_tiles_n, tile.get("group_m", 8), a.shape[1], n_pairs, n_cols, b_rows, up_offset,
-        out.stride(0), GATE_UP=gate_up, STAGES=tile["num_stages"],
-        COALESCE=bool(tile.get("coalesce", False)), num_warps=block_m // 16,
+        _descriptor(a, [block_m, block_k]), _descriptor(w2d, [block_n, block_k]),
+        _descriptor(out, [block_m, min(block_n, 128)]), routing.sorted_pair_ids, weights,
+        routing.block_expert, routing.block_start, routing.n_blocks, n_tiles_n,
+        tile.get("group_m", 8), a.shape[1], routing.n_pairs, b_rows, up_offset,
+        GATE_UP=gate_up, STAGES=tile["num_stages"], num_warps=block_m // 16,
         # registers: 168 x (8 + 4) warps fill the SM's 64k; the producer's warpgroup gives all
         # but 24 of its own to the consumers (setmaxnreg), which leaves them 240
         maxnreg=168 if block_m == 128 else 232)
@@ -243,13 +251,15 @@ def launch_gate_up(x, w_gate_up, routing, config: dict, top_k: int) -> torch.Ten
     rows = gather_rows(x, routing.sorted_pair_ids, top_k)
     h = torch.empty(rows.shape[0], two_f // 2, dtype=x.dtype, device=x.device)
     _launch(rows, w_gate_up.view(n_experts * two_f, hidden), h, routing.sorted_pair_ids,
-            routing.sorted_pair_ids, routing, config["gate_up"], two_f // 2, two_f, two_f // 2,
-            routing.n_pairs, gate_up=True)
+            routing, config["gate_up"], two_f, two_f // 2, gate_up=True)
     return h
 
 
-def launch_down(h, w_down, y, weights, routing, config: dict) -> None:
-    """y [T*k, H] = topk_weights * (h @ w2^T) per pair, h in expert order (launch_gate_up)."""
+def launch_down(h, w_down, weights, routing, config: dict) -> torch.Tensor:
+    """y [max_padded, H] in expert order = the routing weight of each sorted row's pair *
+    (h @ w2^T), h from launch_gate_up; `combine_sum(y, k, slots=routing.pair_slot)` sums it."""
     n_experts, hidden, ffn = w_down.shape
-    _launch(h, w_down.view(n_experts * hidden, ffn), y, routing.sorted_pair_ids, weights,
-            routing, config["down"], hidden, hidden, 0, routing.n_pairs, gate_up=False)
+    y = torch.empty(h.shape[0], hidden, dtype=h.dtype, device=h.device)
+    _launch(h, w_down.view(n_experts * hidden, ffn), y, weights, routing, config["down"],
+            hidden, 0, gate_up=False)
+    return y

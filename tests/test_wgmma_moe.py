@@ -1,0 +1,77 @@
+"""The Hopper-only wgmma path (moegps/kernels/wgmma_moe.py) on the CPU: its tile order, row
+gather and config checks. Its kernels run only on an sm_90 GPU, where
+benchmarks/kernels/wgmma_probe.py checks them against the fp32 reference."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moegps.kernels import launch, wgmma_moe
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_blocks=st.integers(1, 40), n_tiles_n=st.integers(1, 12), group=st.integers(1, 20))
+def test_tile_order_visits_every_tile_once(n_blocks, n_tiles_n, group):
+    seen = [wgmma_moe.tile_order(t, n_blocks, n_tiles_n, group)
+            for t in range(n_blocks * n_tiles_n)]
+    assert sorted(seen) == [(b, n) for b in range(n_blocks) for n in range(n_tiles_n)]
+
+
+def test_tile_order_keeps_a_group_of_blocks_on_one_weight_slab():
+    # 10 blocks in groups of 4 (the last group has 2), 3 N tiles: within a group the blocks run
+    # fastest, so consecutive tiles read the same N slab
+    order = [wgmma_moe.tile_order(t, 10, 3, 4) for t in range(30)]
+    assert order[:12] == [(b, n) for n in range(3) for b in range(4)]
+    assert order[24:] == [(b, n) for n in range(3) for b in (8, 9)]
+
+
+def test_gather_rows_matches_a_loop():
+    gen = torch.Generator().manual_seed(3)
+    n_tokens, top_k, n_experts = 37, 2, 5
+    x = torch.randn(n_tokens, 16, generator=gen)
+    ids = torch.stack([torch.randperm(n_experts, generator=gen)[:top_k] for _ in range(n_tokens)])
+    # a sorted order with padding sentinels and unwritten (garbage) entries, built by hand
+    pairs = torch.argsort(ids.reshape(-1), stable=True).to(torch.int32)
+    sentinel = torch.full((5,), n_tokens * top_k, dtype=torch.int32)
+    garbage = torch.tensor([-7, 2**31 - 1, 123456], dtype=torch.int32)
+    sorted_ids = torch.cat([pairs[:30], sentinel, pairs[30:], garbage])
+    rows = wgmma_moe.gather_rows(x, sorted_ids, top_k)
+    assert rows.shape == (sorted_ids.numel(), 16)
+    for i, p in enumerate(sorted_ids.tolist()):
+        if 0 <= p < n_tokens * top_k:
+            assert torch.equal(rows[i], x[p // top_k])
+        else:  # any valid row: only that it did not read out of bounds
+            assert any(torch.equal(rows[i], r) for r in x)
+
+
+def _inputs():
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    w13 = torch.randn(4, 64, 64, dtype=torch.bfloat16)
+    w2 = torch.randn(4, 64, 32, dtype=torch.bfloat16)
+    ids = torch.randint(0, 4, (5, 2))
+    return x, w13, w2, ids, torch.rand(5, 2)
+
+
+def test_wgmma_path_off_hopper_is_a_clear_error():
+    if wgmma_moe.supported():
+        pytest.skip("a Hopper GPU is present")
+    config = {"path": "wgmma", "block_m": 128,
+              "gate_up": {"block_n": 128, "block_k": 64, "num_stages": 4},
+              "down": {"block_n": 256, "block_k": 64, "num_stages": 4}}
+    with pytest.raises(ValueError, match="Hopper"):
+        launch.fused_moe(*_inputs(), config=config)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"half_tail": True}, "half_tail"),
+    ({"block_m": 32}, "block_m"),
+    ({"gate_up": {"block_n": 128, "block_k": 16, "num_stages": 4}}, "gate_up.block_k"),
+])
+def test_check_config_names_the_field(change, field):
+    config = {"path": "wgmma", "block_m": 128,
+              "gate_up": {"block_n": 128, "block_k": 64, "num_stages": 4},
+              "down": {"block_n": 256, "block_k": 64, "num_stages": 4}, **change}
+    with pytest.raises(ValueError, match=field):
+        wgmma_moe.check_config(config, torch.randn(3, 64, dtype=torch.bfloat16))
+
