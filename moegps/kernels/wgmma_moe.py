@@ -81,10 +81,11 @@ if HAVE_GLUON:
         return first + within % size, within // size
 
     @gluon.jit
-    def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, block_expert_ptr,
-                  block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim, b_rows, up_offset,
-                  GATE_UP: gl.constexpr):
+    def _producer(p, GATE_UP: gl.constexpr):
         """One warp: TMA copies of every tile's operands into the ring of stages."""
+        (a_desc, b_desc, out_desc, a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr,
+         weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim,
+         n_pairs, b_rows, up_offset) = p
         STAGES: gl.constexpr = a_bufs.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
@@ -115,27 +116,34 @@ if HAVE_GLUON:
                 step += 1
 
     @gluon.jit
-    def _consumer(a_bufs, b_bufs, ready, empty, out_desc, out_smem, sorted_ptr, weights_ptr,
-                  block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim, n_pairs,
-                  GATE_UP: gl.constexpr, BLOCK_K: gl.constexpr, num_warps: gl.constexpr):
-        """The default partition (two warpgroups): wgmma over the stages, then the epilogue."""
+    def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr):
+        """One warpgroup: rows HALF * BLOCK_M / 2 onwards of every tile. wgmma over the stages
+        (each consumer frees a stage once: its barrier counts two arrivals), then the epilogue
+        through shared memory and TMA stores, which run on while the next tile's MMAs start
+        (every block is BLOCK_M rows of the sorted order: align pads each expert to it, so a
+        box never reaches into another block's rows)."""
+        (a_desc, b_desc, out_desc, a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr,
+         weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim,
+         n_pairs, b_rows, up_offset) = p
         STAGES: gl.constexpr = a_bufs.shape[0]
-        BLOCK_M: gl.constexpr = a_bufs.shape[1]
+        BLOCK_K: gl.constexpr = a_bufs.shape[2]
+        ROWS: gl.constexpr = a_bufs.shape[1] // 2
         WIDTH: gl.constexpr = b_bufs.shape[1]  # gate/up: gate and up columns side by side
         BLOCK_N: gl.constexpr = WIDTH // 2 if GATE_UP else WIDTH
         layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, WIDTH, 16])
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, WIDTH, 16])
+        out_smem = out_bufs.index(HALF)
         n_tiles = gl.load(n_blocks_ptr) * n_tiles_n
         step = 0
         for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
             block, tile_n = _tile(tile, gl.load(n_blocks_ptr), n_tiles_n, group)
-            acc = gl.zeros([BLOCK_M, WIDTH], gl.float32, layout)
+            acc = gl.zeros([ROWS, WIDTH], gl.float32, layout)
             first = step
             for k in range(0, k_dim, BLOCK_K):
                 stage = step % STAGES
                 mbarrier.wait(ready.index(stage), (step // STAGES) & 1)
-                acc = warpgroup_mma(a_bufs.index(stage), b_bufs.index(stage).permute((1, 0)), acc,
-                                    is_async=True)
+                acc = warpgroup_mma(a_bufs.index(stage).slice(HALF * ROWS, ROWS),
+                                    b_bufs.index(stage).permute((1, 0)), acc, is_async=True)
                 # this step's MMA may run on; the step before's is done with its stage
                 acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
                 mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), pred=step > first)
@@ -143,26 +151,31 @@ if HAVE_GLUON:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES))
 
-            # Epilogue through shared memory and TMA stores, which run on while the next
-            # tile's MMAs start (every block is BLOCK_M rows of the sorted order: align pads
-            # each expert to it, so a whole box never reaches into another block's rows).
-            start = gl.load(block_start_ptr + block)
+            start = gl.load(block_start_ptr + block) + HALF * ROWS
             if GATE_UP:  # h in expert order: h[row] = silu(gate) * up
-                gate, up = acc.reshape([BLOCK_M, 2, BLOCK_N]).permute(0, 2, 1).split()
+                gate, up = acc.reshape([ROWS, 2, BLOCK_N]).permute(0, 2, 1).split()
                 _store(out_desc, out_smem, gate / (1.0 + gl.exp(-gate)) * up, start,
                        tile_n * BLOCK_N)
             else:  # y in expert order: y[row] = routing weight of the row's pair * (h @ w2^T)
-                rows = start + gl.arange(0, BLOCK_M, gl.SliceLayout(1, layout))
+                rows = start + gl.arange(0, ROWS, gl.SliceLayout(1, layout))
                 pair = gl.load(sorted_ptr + rows)  # padding rows hold n_pairs
                 weight = gl.load(weights_ptr + pair, mask=pair < n_pairs, other=0.0)
                 value = acc * weight.to(gl.float32)[:, None]
                 if out_smem.shape[1] == BLOCK_N:
                     _store(out_desc, out_smem, value, start, tile_n * BLOCK_N)
                 else:  # two column halves through one buffer
-                    left, right = value.reshape([BLOCK_M, 2, BLOCK_N // 2]).permute(0, 2, 1).split()
+                    left, right = value.reshape([ROWS, 2, BLOCK_N // 2]).permute(0, 2, 1).split()
                     _store(out_desc, out_smem, left, start, tile_n * BLOCK_N)
                     _store(out_desc, out_smem, right, start, tile_n * BLOCK_N + BLOCK_N // 2)
         tma.store_wait(0)
+
+    @gluon.jit
+    def _consumer_low(p, GATE_UP: gl.constexpr):
+        _consumer(p, GATE_UP, 0)
+
+    @gluon.jit
+    def _consumer_high(p, GATE_UP: gl.constexpr):
+        _consumer(p, GATE_UP, 1)
 
     @gluon.jit
     def _store(out_desc, out_smem, value, row, col):
@@ -174,33 +187,32 @@ if HAVE_GLUON:
     @gluon.jit
     def grouped_gemm_kernel(a_desc, b_desc, out_desc, sorted_ptr, weights_ptr, block_expert_ptr,
                             block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim, n_pairs,
-                            b_rows, up_offset, GATE_UP: gl.constexpr, STAGES: gl.constexpr,
-                            num_warps: gl.constexpr):
+                            b_rows, up_offset, GATE_UP: gl.constexpr, STAGES: gl.constexpr):
         """GATE_UP: out = h [max_padded, F] (expert order) = silu(A @ w1^T) * (A @ w3^T), with A
         the gathered token rows and b_desc over w_gate_up [E * 2F, H] (up rows at +up_offset).
-        Otherwise: out = y [T*k, H] (pair order) = routing weight * (h @ w2^T), b_desc over
-        w_down [E * H, F]. b_rows: weight rows per expert (2F or H)."""
+        Otherwise: out = y [max_padded, H] (expert order) = routing weight * (h @ w2^T), b_desc
+        over w_down [E * H, F]. b_rows: weight rows per expert (2F or H). Four warps (the
+        default partition: the low half of each tile's rows) and two worker partitions: the
+        high half's warpgroup and the producer warp."""
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         WIDTH: gl.constexpr = 2 * BLOCK_N if GATE_UP else BLOCK_N
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape,
                                            a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, WIDTH, BLOCK_K], b_desc.layout)
-        out_smem = gl.allocate_shared_memory(out_desc.dtype, out_desc.block_type.shape,
+        out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape,
                                              out_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
-        gl.warp_specialize([
-            (_consumer, (a_bufs, b_bufs, ready, empty, out_desc, out_smem, sorted_ptr,
-                         weights_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim,
-                         n_pairs, GATE_UP, BLOCK_K, num_warps)),
-            (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, block_expert_ptr,
-                         block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim, b_rows,
-                         up_offset, GATE_UP)),
-        ], [1], [24])
+            mbarrier.init(empty.index(i), count=2)
+        p = (a_desc, b_desc, out_desc, a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr,
+             weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim,
+             n_pairs, b_rows, up_offset)
+        gl.warp_specialize([(_consumer_low, (p, GATE_UP)), (_consumer_high, (p, GATE_UP)),
+                            (_producer, (p, GATE_UP))],
+                           [4, 1], [232, 24])
 
 
 def _descriptor(t: torch.Tensor, block: list[int]):
@@ -219,13 +231,13 @@ def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: i
                    routing.max_blocks * n_tiles_n)
     grouped_gemm_kernel[(programs,)](
         _descriptor(a, [block_m, block_k]), _descriptor(w2d, [block_n, block_k]),
-        _descriptor(out, [block_m, min(block_n, 128)]), routing.sorted_pair_ids, weights,
+        _descriptor(out, [block_m // 2, min(block_n, 128)]), routing.sorted_pair_ids, weights,
         routing.block_expert, routing.block_start, routing.n_blocks, n_tiles_n,
         tile.get("group_m", 8), a.shape[1], routing.n_pairs, b_rows, up_offset,
-        GATE_UP=gate_up, STAGES=tile["num_stages"], num_warps=block_m // 16,
-        # registers: 168 x (8 + 4) warps fill the SM's 64k; the producer's warpgroup gives all
-        # but 24 of its own to the consumers (setmaxnreg), which leaves them 240
-        maxnreg=168 if block_m == 128 else 232)
+        GATE_UP=gate_up, STAGES=tile["num_stages"], num_warps=4,
+        # registers: 168 x 3 warpgroups fill the SM's 64k; the producer's gives all but 24 of its
+        # own to the consumers (setmaxnreg), which leaves them 232-248 each
+        maxnreg=168)
 
 
 def check_config(config: dict, x: torch.Tensor) -> None:
@@ -233,9 +245,9 @@ def check_config(config: dict, x: torch.Tensor) -> None:
     if config.get("half_tail"):
         raise ValueError("config field 'half_tail' must be false on the 'wgmma' path "
                          "(each block is one TMA box of block_m rows)")
-    if config["block_m"] not in (64, 128):
-        raise ValueError(f"config field 'block_m' must be 64 or 128 on the 'wgmma' path, "
-                         f"got {config['block_m']}")
+    if config["block_m"] != 128:
+        raise ValueError(f"config field 'block_m' must be 128 on the 'wgmma' path (a warpgroup's "
+                         f"64 rows each for two), got {config['block_m']}")
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"the 'wgmma' path takes bf16 or fp16 x, got {x.dtype}")
     for gemm in ("gate_up", "down"):
