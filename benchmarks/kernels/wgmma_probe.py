@@ -130,6 +130,9 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, nargs="*", default=[512, 2048, 8192])
     parser.add_argument("--seed", type=int, default=50)
     parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--write-config", action="store_true",
+                        help="where the best wgmma variant beats the shipped config by >= 2%%, "
+                             "write it into configs/<device>.json for that shape and token count")
     args = parser.parse_args(argv)
     timing.FLUSH = "clean"
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
@@ -152,7 +155,33 @@ def main(argv=None):
                       f"{m} {row[m + '_us']:.1f} us {row[m + '_pct']:.0f}%"
                       for m in ["ours", "bmm", *VARIANTS]) + f"; parts (us) {row['parts']}",
                   flush=True)
+    if args.write_config and ok:
+        write_winners(rows, " ".join(["python benchmarks/kernels/wgmma_probe.py", *(argv or sys.argv[1:])]))
     return 0 if ok else 1
+
+
+def write_winners(rows, command: str) -> None:
+    """Merge the rows' winning wgmma variants into the device's config table (atomic rewrite)."""
+    import json
+
+    from moegps.kernels import launch
+    from moegps.files import atomic_path
+
+    path = launch.CONFIG_DIR / f"{launch.device_name()}.json"
+    table = json.loads(path.read_text()) if path.exists() else {"shapes": {}}
+    for row in rows:
+        best = min(VARIANTS, key=lambda v: row[f"{v}_us"])
+        if row[f"{best}_us"] > 0.98 * row["ours_us"]:
+            continue
+        key = launch.shape_key(*expert_dims(row["shape"]))
+        entry = dict(VARIANTS[best], us=round(row[f"{best}_us"], 2), tuned_by=command)
+        table["shapes"].setdefault(key, {})[str(row["tokens"])] = entry
+        table["shapes"][key] = dict(sorted(table["shapes"][key].items(), key=lambda kv: int(kv[0])))
+        print(f"config: {row['shape']} T={row['tokens']} -> {best} ({row[f'{best}_us']:.1f} us "
+              f"against {row['ours_us']:.1f})", flush=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(table, indent=1))
+    launch._tuned_table.cache_clear()
 
 
 if __name__ == "__main__":
