@@ -79,26 +79,6 @@ def test_add_rmsnorm(gen, T, H, with_delta, dtype):
         assert torch.equal(resid, before)
 
 
-@pytest.mark.parametrize("triton_path", [True, False])
-def test_add_rmsnorm_rounds_an_fp32_delta_first(gen, triton_path, monkeypatch):
-    """fused_moe(fp32_partial=True) hands its fp32 accumulator to the next add_rmsnorm, which must
-    give bit for bit what the cast it replaces gave (delta rounded to the stream's dtype, then
-    added). fp16 here (the interpreter's bf16 is not the GPU's); on a GPU in bf16:
-    benchmarks/engine/fp32_delta_check.py."""
-    if not triton_path:
-        monkeypatch.setattr(K, "use_triton", lambda t: False)
-    T, H = 3, 200
-    resid = torch.randn(T, H, generator=gen).to(torch.float16)
-    delta = torch.randn(T, H, generator=gen) * 3  # fp32 with bits below fp16's
-    w = (1 + 0.5 * torch.randn(H, generator=gen)).to(torch.float16)
-    before, resid_cast = resid.clone(), resid.clone()
-    out = K.add_rmsnorm(resid, delta, w, 1e-5)
-    out_cast = K.add_rmsnorm(resid_cast, delta.to(torch.float16), w, 1e-5)
-    assert torch.equal(resid, resid_cast) and torch.equal(out, out_cast), gen.initial_seed()
-    # an add without the rounding differs, so the test can tell
-    assert not torch.equal((before.float() + delta).to(torch.float16), resid_cast)
-
-
 # ---- rotary embedding + KV-cache write ------------------------------------------------------------------
 
 def rotate_f64(x, positions, theta):

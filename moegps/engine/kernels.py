@@ -44,10 +44,8 @@ def _add_rmsnorm_kernel(resid_ptr, delta_ptr, w_ptr, out_ptr, H, eps, HAS_DELTA:
     mask = cols < H
     x = tl.load(resid_ptr + row * H + cols, mask=mask, other=0.0)
     if HAS_DELTA:
-        # the sum is rounded to the stream's dtype before the norm, as an unfused model does; so is
-        # an fp32 delta (fused_moe's fp32_partial) before the add, as its own cast would have
-        delta = tl.load(delta_ptr + row * H + cols, mask=mask, other=0.0)
-        x = x.to(tl.float32) + delta.to(resid_ptr.dtype.element_ty).to(tl.float32)
+        # the sum is rounded to the stream's dtype before the norm, as an unfused model does
+        x = (x.to(tl.float32) + tl.load(delta_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32))
         x = x.to(resid_ptr.dtype.element_ty)
         tl.store(resid_ptr + row * H + cols, x, mask=mask)
     xf = x.to(tl.float32)
@@ -59,10 +57,9 @@ def _add_rmsnorm_kernel(resid_ptr, delta_ptr, w_ptr, out_ptr, H, eps, HAS_DELTA:
 
 def add_rmsnorm_torch(resid: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
                       out: torch.Tensor | None = None) -> torch.Tensor:
-    """``resid [T, H] += delta`` (in place, when given; an fp32 delta rounded to resid's dtype first),
-    returns ``rmsnorm(resid) * weight [T, H]``."""
+    """``resid [T, H] += delta`` (in place, when given), returns ``rmsnorm(resid) * weight [T, H]``."""
     if delta is not None:
-        resid.add_(delta.to(resid.dtype))
+        resid.add_(delta)
     x = resid.float()
     normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(resid.dtype)
     result = weight * normed

@@ -279,13 +279,9 @@ def _mlp(model: Model, index: int, resid: torch.Tensor, attn_out: torch.Tensor) 
             model.routing_counts[index].scatter_add_(0, flat, torch.ones_like(flat))
         if layer.experts is not None:
             out = layer.experts(x, ids, gates)
-        elif use_triton(x):
-            # an fp32 result goes to the next add_rmsnorm as it is, which rounds it on load (no
-            # cast launch); a dense shared expert below is added to it in the stream's dtype
-            out = fused_moe(x, layer.w_gate_up, layer.w_down, ids, gates,
-                            fp32_partial=layer.shared_gate_up is None)
         else:
-            out = moe_reference(x, layer.w_gate_up, layer.w_down, ids, gates)
+            experts = fused_moe if use_triton(x) else moe_reference
+            out = experts(x, layer.w_gate_up, layer.w_down, ids, gates)
     if layer.shared_gate_up is not None:
         shared = _swiglu(x, layer.shared_gate_up, layer.shared_down)
         out = shared if out is None else out + shared

@@ -172,7 +172,6 @@ def fused_moe(
     config: dict | None = None,
     *,
     workspace: dict | None = None,
-    fp32_partial: bool = False,
 ) -> torch.Tensor:
     """Mixtral/SwiGLU expert FFN of routed tokens on the Triton kernels.
 
@@ -186,9 +185,6 @@ def fused_moe(
     {"scratch": [E*T*k] int32} (reused by a caller in a loop; the tests fill them with NaN).
     The `fused` path uses only "scratch" and accumulates in a fresh zeroed fp32 [T, H] (its
     atomics make the last bits of the result vary from run to run).
-    `fp32_partial`: where the result is an fp32 accumulator (the `fused` path, "combine":
-    "atomic"), return it as is and leave the cast to x's dtype to the caller (the engine's next
-    add_rmsnorm rounds it on load: one launch fewer per layer in decode).
     """
     n_tokens, hidden, n_experts, ffn, top_k = _check(x, w_gate_up, w_down, topk_ids, topk_weights)
     if config is None:
@@ -203,9 +199,8 @@ def fused_moe(
         return torch.zeros_like(x)
     workspace = workspace or {}
     if config["path"] == "fused":
-        acc = launch_fused(x, w_gate_up, w_down, weights, ids,
-                           route(ids, n_experts, config, workspace.get("scratch")), config, top_k)
-        return acc if fp32_partial or x.dtype == torch.float32 else acc.to(x.dtype)
+        return launch_fused(x, w_gate_up, w_down, weights, ids,
+                            route(ids, n_experts, config, workspace.get("scratch")), config, top_k)
     if config["path"] == "wgmma":
         return _fused_moe_wgmma(x, w_gate_up, w_down, ids, weights, config, top_k, workspace)
     h = workspace.get("h")
@@ -215,7 +210,7 @@ def fused_moe(
     if combine_atomic(config, top_k):
         acc = torch.zeros(n_tokens, hidden, dtype=torch.float32, device=x.device)
         launch_down(h, w_down, acc, weights, ids, routing, config, top_k)
-        return acc if fp32_partial or x.dtype == torch.float32 else acc.to(x.dtype)
+        return acc if x.dtype == torch.float32 else acc.to(x.dtype)
     y = workspace.get("y")
     y = torch.empty(n_pairs, hidden, dtype=x.dtype, device=x.device) if y is None else y
     launch_down(h, w_down, y, weights, ids, routing, config, top_k)
@@ -361,11 +356,11 @@ def launch_down(h, w_down, y, weights, ids, routing, config: dict, top_k: int) -
 
 def launch_fused(x, w_gate_up, w_down, weights, ids, scratch, config: dict,
                  top_k: int) -> torch.Tensor:
-    """[T, H] fp32 = sum_j topk_weights * w2 @ (silu(w1 @ x) * (w3 @ x)), one heavy launch.
+    """[T, H] in x's dtype = sum_j topk_weights * w2 @ (silu(w1 @ x) * (w3 @ x)), one heavy launch.
 
     Grid (min(E, T*k) expert slots, F / block_f tiles); the partial sums meet in a zeroed fp32
-    accumulator through atomics (zeroed by a memset before the kernel; fused_moe casts it to x's
-    dtype after, unless its caller rounds it itself: `fp32_partial`).
+    accumulator through atomics, cast to x's dtype afterwards (a memset and a cast around the
+    kernel: two tiny launches, measured to cost nothing next to it; NOTES.md, v4).
     """
     n_experts, ffn, hidden = w_gate_up.shape[0], w_gate_up.shape[1] // 2, w_gate_up.shape[2]
     tile = config["fused"]
@@ -385,4 +380,4 @@ def launch_fused(x, w_gate_up, w_down, weights, ids, scratch, config: dict,
         BLOCK_N=tile["block_n"], EVEN_K=hidden % tile["block_k"] == 0, SCAN=SCAN,
         E_POW2=triton.next_power_of_2(n_experts), **_paired(tile), **tma,
         num_warps=tile["num_warps"], num_stages=tile["num_stages"])
-    return acc
+    return acc if x.dtype == torch.float32 else acc.to(x.dtype)
