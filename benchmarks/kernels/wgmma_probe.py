@@ -40,7 +40,8 @@ VARIANTS = {
     "w128_s3": wgmma_config(stages=3),
     "w128_g16": wgmma_config(group=16),
     "w128_d128": wgmma_config(down_n=128),
-    "w128_s2k128": wgmma_config(stages=2, block_k=128),
+    "w128_d128_g16": wgmma_config(down_n=128, group=16),
+    "w128_d128_g4": wgmma_config(down_n=128, group=4),
 }
 
 
@@ -76,7 +77,7 @@ def check(name, dims, n_tokens, routing_kind, seed) -> bool:
         weights = torch.ones(n_tokens, 1, dtype=weights.dtype, device="cuda")
     ref = moe_reference(x.float(), w13.float(), w2.float(), ids, weights.float()).float()
     ok = True
-    for variant in ("w128", "w128_s2k128"):
+    for variant in ("w128", "w128_d128"):
         out = fused_moe(x, w13, w2, ids, weights, config=VARIANTS[variant])
         err = rel_err(out, ref)
         shipped = rel_err(fused_moe(x, w13, w2, ids, weights), ref)
