@@ -45,7 +45,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from moegps.kernels import timing
+from moegps.kernels import timing, wgmma_moe
 from moegps.kernels.launch import (combine_atomic, combine_sum, default_config, fused_moe, get_config,
                                    launch_down, launch_gate_up, route)
 from moegps.kernels.reference import moe_reference
@@ -101,6 +101,10 @@ def gemm_launches(x, w13, w2, ids, weights, config: dict):
     n_tokens, top_k = ids.shape
     flat_ids, gates = ids.reshape(-1), weights.reshape(-1)
     routing = route(flat_ids, w13.shape[0], config)
+    if config["path"] == "wgmma":  # its gate/up includes the gather of rows into expert order
+        h = wgmma_moe.launch_gate_up(x, w13, routing, config, top_k)
+        return lambda: (wgmma_moe.launch_gate_up(x, w13, routing, config, top_k),
+                        wgmma_moe.launch_down(h, w2, gates, routing, config))
     h = torch.empty(flat_ids.numel(), w2.shape[2], dtype=x.dtype, device=x.device)
     y = (torch.zeros(n_tokens, x.shape[1], dtype=torch.float32, device=x.device)
          if combine_atomic(config, top_k) else

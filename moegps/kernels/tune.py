@@ -94,7 +94,10 @@ def tile_tuple(g: dict) -> tuple:
 
 def config_tasks(name: str, shape: tuple, config: dict) -> set:
     """The precompile tasks (name, shape, path, block, tile) of one config: its fused tile (the
-    inverse of `fused_config`), or its two GEMM tiles."""
+    inverse of `fused_config`), or its two GEMM tiles; none for the Gluon kernels of the
+    "wgmma" path, which compile on first use (the tuner does not search them)."""
+    if config["path"] == "wgmma":
+        return set()
     if config["path"] == "fused":
         f = config["fused"]
         t = tuple(f[k] for k in ("block_f", "block_k", "block_n", "num_warps", "num_stages"))
