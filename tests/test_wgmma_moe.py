@@ -64,7 +64,6 @@ def test_wgmma_path_off_hopper_is_a_clear_error():
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"half_tail": True}, "half_tail"),
     ({"block_m": 64}, "block_m"),
     ({"gate_up": {"block_n": 128, "block_k": 16, "num_stages": 4}}, "gate_up.block_k"),
 ])

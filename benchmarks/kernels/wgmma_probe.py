@@ -24,24 +24,26 @@ from moegps.kernels import timing
 from moegps.kernels.launch import fused_moe, get_config
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.timing import make_inputs, make_routing, rel_err, time_many
-from moegps.kernels.tune import expert_dims
+from moegps.kernels.tune import expert_dims, shared_columns
 
 sys.path.insert(0, "benchmarks/kernels")
 
 
-def wgmma_config(block_m=128, gu_n=128, down_n=256, stages=4, group=8, block_k=64) -> dict:
+def wgmma_config(block_m=128, gu_n=128, down_n=256, stages=4, group=8, block_k=64,
+                 half_tail=False) -> dict:
     tile = {"block_k": block_k, "num_stages": stages, "group_m": group}
-    return {"path": "wgmma", "block_m": block_m, "gate_up": {"block_n": gu_n, **tile},
-            "down": {"block_n": down_n, **tile}}
+    return {"path": "wgmma", "block_m": block_m, "half_tail": half_tail,
+            "gate_up": {"block_n": gu_n, **tile}, "down": {"block_n": down_n, **tile}}
 
 
 VARIANTS = {
     "w128": wgmma_config(),
-    "w128_s3": wgmma_config(stages=3),
     "w128_g16": wgmma_config(group=16),
     "w128_d128": wgmma_config(down_n=128),
-    "w128_d128_g16": wgmma_config(down_n=128, group=16),
-    "w128_d128_g4": wgmma_config(down_n=128, group=4),
+    "ht": wgmma_config(half_tail=True),
+    "ht_g16": wgmma_config(half_tail=True, group=16),
+    "ht_d128": wgmma_config(half_tail=True, down_n=128),
+    "ht_d128_g16": wgmma_config(half_tail=True, down_n=128, group=16),
 }
 
 
@@ -68,7 +70,7 @@ def gemm_parts(x, w13, w2, ids, weights, config) -> dict:
 def check(name, dims, n_tokens, routing_kind, seed) -> bool:
     n_experts, hidden, ffn, top_k = dims
     x, w13, w2 = make_inputs(n_experts, hidden, ffn, top_k, n_tokens, seed)
-    ids, weights = make_routing(n_tokens, n_experts, top_k, seed)
+    ids, weights = make_routing(n_tokens, n_experts, top_k, seed, shared=shared_columns(name))
     if routing_kind == "empty_experts":  # only experts 0..k: most experts get no row
         ids = torch.stack([torch.randperm(top_k + 1, device="cuda")[:top_k]
                            for _ in range(n_tokens)])
@@ -77,7 +79,7 @@ def check(name, dims, n_tokens, routing_kind, seed) -> bool:
         weights = torch.ones(n_tokens, 1, dtype=weights.dtype, device="cuda")
     ref = moe_reference(x.float(), w13.float(), w2.float(), ids, weights.float()).float()
     ok = True
-    for variant in ("w128", "w128_d128"):
+    for variant in ("w128", "ht", "ht_d128"):
         out = fused_moe(x, w13, w2, ids, weights, config=VARIANTS[variant])
         err = rel_err(out, ref)
         shipped = rel_err(fused_moe(x, w13, w2, ids, weights), ref)
@@ -91,7 +93,7 @@ def check(name, dims, n_tokens, routing_kind, seed) -> bool:
 def bench_row(name, dims, n_tokens, seed) -> dict:
     n_experts, hidden, ffn, top_k = dims
     x, w13, w2 = make_inputs(n_experts, hidden, ffn, top_k, n_tokens, seed)
-    ids, weights = make_routing(n_tokens, n_experts, top_k, seed)
+    ids, weights = make_routing(n_tokens, n_experts, top_k, seed, shared=shared_columns(name))
     active = int(torch.unique(ids).numel())
     rows = math.ceil(n_tokens * top_k / active)
     a = torch.randn(active, rows, hidden, dtype=x.dtype, device="cuda")

@@ -117,11 +117,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr):
-        """One warpgroup: rows HALF * BLOCK_M / 2 onwards of every tile. wgmma over the stages
-        (each consumer frees a stage once: its barrier counts two arrivals), then the epilogue
-        through shared memory and TMA stores, which run on while the next tile's MMAs start
-        (every block is BLOCK_M rows of the sorted order: align pads each expert to it, so a
-        box never reaches into another block's rows)."""
+        """One warpgroup: rows HALF * BLOCK_M / 2 onwards of every tile (each consumer frees
+        each stage once: a stage's barrier counts two arrivals)."""
         (a_desc, b_desc, out_desc, a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr,
          weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim,
          n_pairs, b_rows, up_offset) = p
@@ -129,45 +126,70 @@ if HAVE_GLUON:
         BLOCK_K: gl.constexpr = a_bufs.shape[2]
         ROWS: gl.constexpr = a_bufs.shape[1] // 2
         WIDTH: gl.constexpr = b_bufs.shape[1]  # gate/up: gate and up columns side by side
-        BLOCK_N: gl.constexpr = WIDTH // 2 if GATE_UP else WIDTH
         layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, WIDTH, 16])
-        out_smem = out_bufs.index(HALF)
         n_tiles = gl.load(n_blocks_ptr) * n_tiles_n
         step = 0
         for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
             block, tile_n = _tile(tile, gl.load(n_blocks_ptr), n_tiles_n, group)
-            acc = gl.zeros([ROWS, WIDTH], gl.float32, layout)
-            first = step
-            for k in range(0, k_dim, BLOCK_K):
-                stage = step % STAGES
-                mbarrier.wait(ready.index(stage), (step // STAGES) & 1)
-                acc = warpgroup_mma(a_bufs.index(stage).slice(HALF * ROWS, ROWS),
-                                    b_bufs.index(stage).permute((1, 0)), acc, is_async=True)
-                # this step's MMA may run on; the step before's is done with its stage
-                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-                mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), pred=step > first)
-                step += 1
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES))
-
-            start = gl.load(block_start_ptr + block) + HALF * ROWS
-            if GATE_UP:  # h in expert order: h[row] = silu(gate) * up
-                gate, up = acc.reshape([ROWS, 2, BLOCK_N]).permute(0, 2, 1).split()
-                _store(out_desc, out_smem, gate / (1.0 + gl.exp(-gate)) * up, start,
-                       tile_n * BLOCK_N)
-            else:  # y in expert order: y[row] = routing weight of the row's pair * (h @ w2^T)
-                rows = start + gl.arange(0, ROWS, gl.SliceLayout(1, layout))
-                pair = gl.load(sorted_ptr + rows)  # padding rows hold n_pairs
-                weight = gl.load(weights_ptr + pair, mask=pair < n_pairs, other=0.0)
-                value = acc * weight.to(gl.float32)[:, None]
-                if out_smem.shape[1] == BLOCK_N:
-                    _store(out_desc, out_smem, value, start, tile_n * BLOCK_N)
-                else:  # two column halves through one buffer
-                    left, right = value.reshape([ROWS, 2, BLOCK_N // 2]).permute(0, 2, 1).split()
-                    _store(out_desc, out_smem, left, start, tile_n * BLOCK_N)
-                    _store(out_desc, out_smem, right, start, tile_n * BLOCK_N + BLOCK_N // 2)
+            start = gl.load(block_start_ptr + block)
+            # a half-height block (an expert's last, align's half_tail) has no rows for the high
+            # warpgroup: it only frees each stage, and the low one has the tensor cores alone
+            if gl.load(block_start_ptr + block + 1) - start > HALF * ROWS:
+                step = _tile_mma(p, GATE_UP, HALF, layout, step, start + HALF * ROWS, tile_n)
+            else:
+                for k in range(0, k_dim, BLOCK_K):
+                    stage = step % STAGES
+                    mbarrier.wait(ready.index(stage), (step // STAGES) & 1)
+                    mbarrier.arrive(empty.index(stage))
+                    step += 1
         tma.store_wait(0)
+
+    @gluon.jit
+    def _tile_mma(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, layout: gl.constexpr, step,
+                  start, tile_n):
+        """One warpgroup's share of a tile, rows start.. (its half): the MMAs over K, then the
+        epilogue through shared memory and a TMA store, which runs on while the next tile's MMAs
+        start (every block is a whole number of half-blocks of the sorted order: align pads each
+        expert to one, so a box never reaches into another block's rows). Returns the step count."""
+        (a_desc, b_desc, out_desc, a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr,
+         weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim,
+         n_pairs, b_rows, up_offset) = p
+        STAGES: gl.constexpr = a_bufs.shape[0]
+        BLOCK_K: gl.constexpr = a_bufs.shape[2]
+        ROWS: gl.constexpr = a_bufs.shape[1] // 2
+        WIDTH: gl.constexpr = b_bufs.shape[1]
+        BLOCK_N: gl.constexpr = WIDTH // 2 if GATE_UP else WIDTH
+        out_smem = out_bufs.index(HALF)
+        acc = gl.zeros([ROWS, WIDTH], gl.float32, layout)
+        first = step
+        for k in range(0, k_dim, BLOCK_K):
+            stage = step % STAGES
+            mbarrier.wait(ready.index(stage), (step // STAGES) & 1)
+            acc = warpgroup_mma(a_bufs.index(stage).slice(HALF * ROWS, ROWS),
+                                b_bufs.index(stage).permute((1, 0)), acc, is_async=True)
+            # this step's MMA may run on; the step before's is done with its stage
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), pred=step > first)
+            step += 1
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES))
+
+        if GATE_UP:  # h in expert order: h[row] = silu(gate) * up
+            gate, up = acc.reshape([ROWS, 2, BLOCK_N]).permute(0, 2, 1).split()
+            _store(out_desc, out_smem, gate / (1.0 + gl.exp(-gate)) * up, start, tile_n * BLOCK_N)
+        else:  # y in expert order: y[row] = routing weight of the row's pair * (h @ w2^T)
+            rows = start + gl.arange(0, ROWS, gl.SliceLayout(1, layout))
+            pair = gl.load(sorted_ptr + rows)  # padding rows hold n_pairs
+            weight = gl.load(weights_ptr + pair, mask=pair < n_pairs, other=0.0)
+            value = acc * weight.to(gl.float32)[:, None]
+            if out_smem.shape[1] == BLOCK_N:
+                _store(out_desc, out_smem, value, start, tile_n * BLOCK_N)
+            else:  # two column halves through one buffer
+                left, right = value.reshape([ROWS, 2, BLOCK_N // 2]).permute(0, 2, 1).split()
+                _store(out_desc, out_smem, left, start, tile_n * BLOCK_N)
+                _store(out_desc, out_smem, right, start, tile_n * BLOCK_N + BLOCK_N // 2)
+        return step
 
     @gluon.jit
     def _consumer_low(p, GATE_UP: gl.constexpr):
@@ -242,9 +264,6 @@ def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: i
 
 def check_config(config: dict, x: torch.Tensor) -> None:
     """A wgmma config's constraints, as errors naming the field."""
-    if config.get("half_tail"):
-        raise ValueError("config field 'half_tail' must be false on the 'wgmma' path "
-                         "(each block is one TMA box of block_m rows)")
     if config["block_m"] != 128:
         raise ValueError(f"config field 'block_m' must be 128 on the 'wgmma' path (a warpgroup's "
                          f"64 rows each for two), got {config['block_m']}")
