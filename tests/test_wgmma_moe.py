@@ -74,3 +74,42 @@ def test_check_config_names_the_field(change, field):
     with pytest.raises(ValueError, match=field):
         wgmma_moe.check_config(config, torch.randn(3, 64, dtype=torch.bfloat16))
 
+
+
+@pytest.mark.parametrize("gate_up, block_n", [(True, 128), (False, 256)])
+def test_kernels_compile_for_hopper_without_spills(gate_up, block_n, monkeypatch):
+    """The device code compiled for sm_90 here, with no GPU (Triton ships ptxas): it must build
+    with this Triton's Gluon, keep its accumulators in registers (no local memory) and fit the
+    227 KB of shared memory an H100/H200 block may use."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    # conftest.py imported Triton under its interpreter, which Gluon's module then insists on
+    # at import (wgmma_moe then finds no Gluon): import it again that way
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    module = importlib.reload(wgmma_moe)
+    if not module.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    def desc(block):
+        layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
+        return f"tensordesc<bf16[{block[0]}, {block[1]}],{layout!r}>"
+
+    signature = {"a_desc": desc([128, 64]), "b_desc": desc([block_n, 64]),
+                 "out_desc": desc([64, 128]), "sorted_ptr": "*i32", "weights_ptr": "*fp32",
+                 "block_expert_ptr": "*i32", "block_start_ptr": "*i32", "n_blocks_ptr": "*i32",
+                 **{name: "i32" for name in ("n_tiles_n", "group", "k_dim", "n_pairs", "b_rows",
+                                             "up_offset")},
+                 "GATE_UP": "constexpr", "STAGES": "constexpr"}
+    source = GluonASTSource(module.grouped_gemm_kernel, signature=signature,
+                            constexprs={"GATE_UP": gate_up, "STAGES": 4})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 4, "maxnreg": 168})
+    ptx = compiled.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx  # tensor cores, register handoff
+    assert "ld.local" not in ptx and "st.local" not in ptx  # no spills
+    assert compiled.metadata.shared <= 227 * 1024

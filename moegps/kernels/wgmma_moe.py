@@ -39,6 +39,10 @@ try:  # Gluon ships with Triton >= 3.4; its Hopper modules are only needed on a 
                                                                   tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    # Triton 3.6 (the lent GPU's) names the TMA copies async_copy_global_to_shared and
+    # async_copy_shared_to_global; later releases async_load and async_store (old names raise)
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     HAVE_GLUON = True
 except (ImportError, AssertionError):  # pragma: no cover - depends on the Triton build
     # (Gluon's module asserts at import when Triton's CPU interpreter replaced triton.jit)
@@ -105,14 +109,14 @@ if HAVE_GLUON:
                 mbarrier.wait(empty.index(stage), ((step // STAGES) & 1) ^ 1)
                 bar = ready.index(stage)
                 mbarrier.expect(bar, nbytes)
-                tma.async_copy_global_to_shared(a_desc, [row, k], bar, a_bufs.index(stage))
+                _tma_load(a_desc, [row, k], bar, a_bufs.index(stage))
                 if GATE_UP:  # gate rows over up rows, one [2 * BLOCK_N, BLOCK_K] stage buffer
                     b = b_bufs.index(stage)
-                    tma.async_copy_global_to_shared(b_desc, [w_row, k], bar, b.slice(0, BLOCK_N))
-                    tma.async_copy_global_to_shared(b_desc, [w_row + up_offset, k], bar,
+                    _tma_load(b_desc, [w_row, k], bar, b.slice(0, BLOCK_N))
+                    _tma_load(b_desc, [w_row + up_offset, k], bar,
                                                     b.slice(BLOCK_N, BLOCK_N))
                 else:
-                    tma.async_copy_global_to_shared(b_desc, [w_row, k], bar, b_bufs.index(stage))
+                    _tma_load(b_desc, [w_row, k], bar, b_bufs.index(stage))
                 step += 1
 
     @gluon.jit
@@ -204,7 +208,7 @@ if HAVE_GLUON:
         tma.store_wait(0)  # the previous store has read the buffer
         out_smem.store(value.to(out_desc.dtype))
         fence_async_shared()
-        tma.async_copy_shared_to_global(out_desc, [row, col], out_smem)
+        _tma_store(out_desc, [row, col], out_smem)
 
     @gluon.jit
     def grouped_gemm_kernel(a_desc, b_desc, out_desc, sorted_ptr, weights_ptr, block_expert_ptr,
