@@ -3,28 +3,31 @@
 The Triton kernels of fused_moe.py stay 10-20 points under cuBLAS's batched GEMM at
 compute-bound sizes (Mixtral at 2048 tokens 84% of floor against 100%; NOTES.md, session 8):
 their warps both issue the copies and run the tensor cores, and Triton 3.6's own warp
-specialisation does not compile those loops on Hopper. Here the schedule is written out, the way
-CUTLASS's "TMA warp-specialised cooperative" kernels and the Gluon tutorials (08, warp
-specialisation) lay it out:
+specialisation does not compile those loops on Hopper. Here the schedule is written out, after
+CUTLASS's "TMA warp-specialised" Hopper kernels and the Gluon tutorials (warp specialisation):
 
-    one producer warp       walks the tiles, waits for a free stage, issues the TMA copies of
-                            the token rows [BLOCK_M, BLOCK_K] and the weight rows [BLOCK_N, BLOCK_K]
-    two consumer warpgroups (the default partition, 8 warps) wait for a full stage, run wgmma
-                            asynchronously, free the stage of the step before, then at the end of
-                            a tile run the epilogue (SiLU * up into h, or routing weight * y)
+    a producer warp         walks the tiles, waits for a free stage of the ring, issues the TMA
+                            copies of the token rows [128, BLOCK_K] and the weight rows
+                            [BLOCK_N, BLOCK_K] (gate/up: the gate and the up rows side by side)
+    two consumer warpgroups one partition each, 64 rows of every tile each: wait for a full
+                            stage, run wgmma asynchronously, free the stage of the step before
+                            (a stage's barrier counts one arrival per warpgroup), then store
+                            the tile's epilogue (SiLU(gate) * up into h, or the routing weight
+                            times the down projection into y) through shared memory and TMA
 
 One program per SM walks tiles (row block, N tile) with the row blocks of a group adjacent, so
-the programs running at once share each expert's weight slab through L2.
+the programs running at once share each expert's weight slab through L2. On an expert's last
+block of 64 rows (align's half_tail) the high warpgroup only frees the stages.
 
-Operands are in expert order (rows sorted by expert, each expert padded to BLOCK_M by
+Operands are in expert order (rows sorted by expert, each expert padded to whole blocks by
 routing.align): TMA has no row gather on Hopper, so `gather_rows` copies the token rows into that
-order first (one launch, ~1% of a compute-bound call), and h stays in it. Padding rows compute
-garbage that no store writes out.
+order first (one launch, ~1% of a compute-bound Mixtral call); h and y stay in it and the k-way
+combine reads y through the routing's inverse map. Padding rows compute garbage that is never read.
 
-GPU-only: Gluon has no CPU interpreter. The Triton sorted path (fused_moe.py) is its reference:
-the GPU checks of `python -m moegps.kernels.bench` compare the two, and `tests/test_wgmma_moe.py`
-tests, on the CPU, everything here that is not the device code (the tile order, the row gather,
-the config's checks).
+GPU-only: Gluon has no CPU interpreter. benchmarks/kernels/wgmma_probe.py checks the kernels on
+the GPU against the fp32 reference; tests/test_wgmma_moe.py compiles them for sm_90 on the CPU
+(no spills, shared memory within bounds) and tests the rest (tile order, row gather, config
+checks). NOTES.md, session 9, has the measurements.
 """
 
 from __future__ import annotations
@@ -113,8 +116,7 @@ if HAVE_GLUON:
                 if GATE_UP:  # gate rows over up rows, one [2 * BLOCK_N, BLOCK_K] stage buffer
                     b = b_bufs.index(stage)
                     _tma_load(b_desc, [w_row, k], bar, b.slice(0, BLOCK_N))
-                    _tma_load(b_desc, [w_row + up_offset, k], bar,
-                                                    b.slice(BLOCK_N, BLOCK_N))
+                    _tma_load(b_desc, [w_row + up_offset, k], bar, b.slice(BLOCK_N, BLOCK_N))
                 else:
                     _tma_load(b_desc, [w_row, k], bar, b_bufs.index(stage))
                 step += 1
