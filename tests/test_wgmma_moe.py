@@ -113,3 +113,16 @@ def test_kernels_compile_for_hopper_without_spills(gate_up, block_n, monkeypatch
     assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx  # tensor cores, register handoff
     assert "ld.local" not in ptx and "st.local" not in ptx  # no spills
     assert compiled.metadata.shared <= 227 * 1024
+
+
+def test_get_config_skips_wgmma_entries_where_they_cannot_run(monkeypatch):
+    """A device table with a wgmma entry nearest: without a Hopper GPU and Gluon, the nearest entry
+    this machine can run is taken instead."""
+    table = {launch.shape_key(8, 64, 32, 2): {
+        "512": {"path": "sorted", "block_m": 64, "gate_up": {}, "down": {}},
+        "2048": {"path": "wgmma", "block_m": 128, "gate_up": {}, "down": {}}}}
+    monkeypatch.setattr(launch, "_tuned_table", lambda name: table)
+    monkeypatch.setattr(wgmma_moe, "supported", lambda device=None: False)
+    assert launch.get_config(2000, 8, 64, 32, 2)["path"] == "sorted"
+    monkeypatch.setattr(wgmma_moe, "supported", lambda device=None: True)
+    assert launch.get_config(2000, 8, 64, 32, 2)["path"] == "wgmma"

@@ -13,6 +13,10 @@ w3) and "tma" (sorted and fused tiles: the weights through tensor descriptors, H
 engine); both together load the gate and up tiles in one stacked copy.
 A sorted config may set "half_tail": true (block_m >= 32): each expert's rows are padded to
 block_m / 2 only, and its last block runs at half height when that is all it holds.
+The Hopper-only Gluon kernels (wgmma_moe.py) have their own path, written into a device's table
+by benchmarks/kernels/wgmma_probe.py where they win, never chosen by default_config:
+    {"path": "wgmma", "block_m": 128[, "half_tail": true],
+     "gate_up": {"block_n": 128, "block_k": 64, "num_stages": 4, "group_m": 8}, "down": {...}}
 A scan or sorted config may set "combine": "atomic": the down GEMM adds its tiles into an fp32
 [T, H] accumulator with atomics instead of writing y [T*k, H] for a k-way sum afterwards (the
 default, "sum", is deterministic; "atomic" varies in the last bits from run to run).
@@ -136,6 +140,8 @@ def get_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: int,
                device: torch.device | None = None) -> dict:
     """Tuned config of the nearest tuned token count for this shape and device, else the default."""
     by_tokens = _tuned_table(device_name(device)).get(shape_key(n_experts, hidden, ffn, top_k))
+    if by_tokens and not wgmma_moe.supported(device):  # a Triton without Gluon skips those entries
+        by_tokens = {t: c for t, c in by_tokens.items() if c["path"] != "wgmma"}
     if not by_tokens:
         return default_config(n_tokens, n_experts, hidden, ffn, top_k)
     nearest = min(by_tokens, key=lambda t: abs(int(t) - n_tokens))
@@ -202,7 +208,7 @@ def fused_moe(
         return launch_fused(x, w_gate_up, w_down, weights, ids,
                             route(ids, n_experts, config, workspace.get("scratch")), config, top_k)
     if config["path"] == "wgmma":
-        return _fused_moe_wgmma(x, w_gate_up, w_down, ids, weights, config, top_k, workspace)
+        return _fused_moe_wgmma(x, w_gate_up, w_down, ids, weights, config, top_k)
     h = workspace.get("h")
     h = torch.empty(n_pairs, ffn, dtype=x.dtype, device=x.device) if h is None else h
     routing = route(ids, n_experts, config, workspace.get("scratch"))
@@ -219,7 +225,7 @@ def fused_moe(
     return combine_sum(y, top_k)
 
 
-def _fused_moe_wgmma(x, w_gate_up, w_down, ids, weights, config, top_k, workspace) -> torch.Tensor:
+def _fused_moe_wgmma(x, w_gate_up, w_down, ids, weights, config, top_k) -> torch.Tensor:
     """fused_moe on the Hopper-only Gluon kernels (wgmma_moe.py): h stays in expert order."""
     if not wgmma_moe.supported(x.device):
         raise ValueError("config path 'wgmma' runs only on a Hopper GPU (sm_90) with Gluon; "

@@ -32,6 +32,8 @@ checks). NOTES.md, session 9, has the measurements.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -54,8 +56,16 @@ except (ImportError, AssertionError):  # pragma: no cover - depends on the Trito
 
 def supported(device: torch.device | None = None) -> bool:
     """True on a Hopper GPU (sm_90) with Gluon: the only place these kernels run."""
-    return (HAVE_GLUON and torch.cuda.is_available()
-            and torch.cuda.get_device_capability(device) == (9, 0))
+    if not (HAVE_GLUON and torch.cuda.is_available()):
+        return False
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    return device.type == "cuda" and _capability(device) == (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The device's compute capability, asked once (get_config asks on every MoE call)."""
+    return torch.cuda.get_device_capability(device)
 
 
 def tile_order(tile: int, n_blocks: int, n_tiles_n: int, group: int) -> tuple[int, int]:
