@@ -1,14 +1,20 @@
 """Probe of the Hopper-only Gluon path (moegps/kernels/wgmma_moe.py) against the shipped Triton
 config and cuBLAS bmm, on one H100/H200.
 
-    python benchmarks/kernels/wgmma_probe.py [--tokens 512 2048 8192] [--shapes ...] [--quick]
+    python benchmarks/kernels/wgmma_probe.py [--shapes ...] [--tokens 512 2048 8192]
+                                             [--skip-checks] [--write-config]
+
+(`--tokens` with no values: the checks only.)
 
 1. Checks: the wgmma path against an fp32 reference (relative error, the bench's rel_err) on
    random routing, routing that leaves experts empty, one expert for every token, and a few
    token counts that leave ragged blocks; a row fails above 1e-2.
 2. Times (time_many: every method of a row in the same rounds, graphs, L2 flushed by a clean
    read): the shipped config ("ours"), wgmma variants (tiles below), balanced cuBLAS bmm, and the
-   floor = max(weight bytes / copy rate, FLOPs / 8192^3 matmul rate), both measured in the row.
+   floor = max(weight bytes / copy rate, FLOPs / 8192^3 matmul rate), both measured in the row;
+   and each GEMM alone ("parts": the shipped launches and the wgmma ones, gather and combine).
+3. `--write-config`: where the fastest wgmma variant beats the shipped config by >= 2% in the
+   same rounds, it goes into the device's table (moegps/kernels/configs/<device>.json).
 """
 
 from __future__ import annotations
@@ -20,13 +26,11 @@ import sys
 import torch
 import triton
 
-from moegps.kernels import timing
+from moegps.kernels import launch, timing, wgmma_moe
 from moegps.kernels.launch import fused_moe, get_config
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.timing import make_inputs, make_routing, rel_err, time_many
 from moegps.kernels.tune import expert_dims, shared_columns
-
-sys.path.insert(0, "benchmarks/kernels")
 
 
 def wgmma_config(block_m=128, gu_n=128, down_n=256, stages=4, group=8, block_k=64,
@@ -50,8 +54,7 @@ VARIANTS = {
 def gemm_parts(x, w13, w2, ids, weights, config) -> dict:
     """Each GEMM alone on routing computed once: the shipped Triton launches, or the wgmma
     ones (gate/up including its row gather, and the gather alone)."""
-    from moegps.kernels import launch, wgmma_moe
-    n_tokens, top_k = ids.shape
+    top_k = ids.shape[1]
     flat, gates = ids.reshape(-1), weights.reshape(-1)
     routing = launch.route(flat, w13.shape[0], config)
     y = torch.empty(flat.numel(), x.shape[1], dtype=x.dtype, device=x.device)
@@ -167,7 +170,6 @@ def write_winners(rows, command: str) -> None:
     """Merge the rows' winning wgmma variants into the device's config table (atomic rewrite)."""
     import json
 
-    from moegps.kernels import launch
     from moegps.files import atomic_path
 
     path = launch.CONFIG_DIR / f"{launch.device_name()}.json"
