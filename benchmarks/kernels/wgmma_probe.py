@@ -27,6 +27,7 @@ import torch
 import triton
 
 from moegps.kernels import launch, timing, wgmma_moe
+from moegps.kernels.bench import gemm_parts
 from moegps.kernels.launch import fused_moe, get_config
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.timing import make_inputs, make_routing, rel_err, time_many
@@ -51,23 +52,18 @@ VARIANTS = {
 }
 
 
-def gemm_parts(x, w13, w2, ids, weights, config) -> dict:
-    """Each GEMM alone on routing computed once: the shipped Triton launches, or the wgmma
-    ones (gate/up including its row gather, and the gather alone)."""
-    top_k = ids.shape[1]
-    flat, gates = ids.reshape(-1), weights.reshape(-1)
-    routing = launch.route(flat, w13.shape[0], config)
-    y = torch.empty(flat.numel(), x.shape[1], dtype=x.dtype, device=x.device)
-    if config["path"] != "wgmma":
-        h = torch.empty(flat.numel(), w2.shape[2], dtype=x.dtype, device=x.device)
-        return {"gate_up": lambda: launch.launch_gate_up(x, w13, h, flat, routing, config, top_k),
-                "down": lambda: launch.launch_down(h, w2, y, gates, flat, routing, config, top_k)}
-    h = wgmma_moe.launch_gate_up(x, w13, routing, config, top_k)
-    y = wgmma_moe.launch_down(h, w2, gates, routing, config)
-    return {"gate_up": lambda: wgmma_moe.launch_gate_up(x, w13, routing, config, top_k),
-            "gather": lambda: wgmma_moe.gather_rows(x, routing.sorted_pair_ids, top_k),
-            "down": lambda: wgmma_moe.launch_down(h, w2, gates, routing, config),
-            "combine": lambda: launch.combine_sum(y, top_k, slots=routing.pair_slot)}
+def parts(x, w13, w2, ids, weights, config) -> dict:
+    """Each GEMM alone (the kernels bench's gemm_parts) and, for a wgmma config, its row gather
+    and its gathering combine alone too."""
+    timed = gemm_parts(x, w13, w2, ids, weights, config)
+    if config["path"] == "wgmma":
+        top_k = ids.shape[1]
+        routing = launch.route(ids.reshape(-1), w13.shape[0], config)
+        h = wgmma_moe.launch_gate_up(x, w13, routing, config, top_k)
+        y = wgmma_moe.launch_down(h, w2, weights.reshape(-1), routing, config)
+        timed["gather"] = lambda: wgmma_moe.gather_rows(x, routing.sorted_pair_ids, top_k)
+        timed["combine"] = lambda: launch.combine_sum(y, top_k, slots=routing.pair_slot)
+    return timed
 
 
 def check(name, dims, n_tokens, routing_kind, seed) -> bool:
@@ -111,9 +107,9 @@ def bench_row(name, dims, n_tokens, seed) -> dict:
     for variant, config in VARIANTS.items():
         fns[variant] = (lambda c=config: fused_moe(x, w13, w2, ids, weights, config=c))
     shipped = get_config(n_tokens, *dims)
-    for part, fn in gemm_parts(x, w13, w2, ids, weights, shipped).items():
+    for part, fn in parts(x, w13, w2, ids, weights, shipped).items():
         fns[f"ours.{part}"] = fn
-    for part, fn in gemm_parts(x, w13, w2, ids, weights, VARIANTS["w128"]).items():
+    for part, fn in parts(x, w13, w2, ids, weights, VARIANTS["w128"]).items():
         fns[f"w128.{part}"] = fn
     times = time_many(fns, graph=set(fns) - {"copy", "matmul"})
     copy_bps = 2 * 2**29 * 2 / (times["copy"] * 1e-6)

@@ -95,22 +95,29 @@ def balanced_bmm(w13, w2, n_active: int, rows: int):
     return lambda: (torch.bmm(a, w13[:n].transpose(1, 2)), torch.bmm(h, w2[:n].transpose(1, 2)))
 
 
-def gemm_launches(x, w13, w2, ids, weights, config: dict):
-    """Ours without the routing metadata and the k-way combine: the two GEMM launches of a scan
-    or sorted config on routing computed once, into preallocated buffers."""
+def gemm_parts(x, w13, w2, ids, weights, config: dict) -> dict:
+    """{"gate_up": fn, "down": fn}: ours' two GEMM launches each alone, on routing computed once,
+    into preallocated buffers (a wgmma config's gate/up includes its gather of rows into expert
+    order). No routing metadata, no k-way combine."""
     n_tokens, top_k = ids.shape
     flat_ids, gates = ids.reshape(-1), weights.reshape(-1)
     routing = route(flat_ids, w13.shape[0], config)
-    if config["path"] == "wgmma":  # its gate/up includes the gather of rows into expert order
+    if config["path"] == "wgmma":
         h = wgmma_moe.launch_gate_up(x, w13, routing, config, top_k)
-        return lambda: (wgmma_moe.launch_gate_up(x, w13, routing, config, top_k),
-                        wgmma_moe.launch_down(h, w2, gates, routing, config))
+        return {"gate_up": lambda: wgmma_moe.launch_gate_up(x, w13, routing, config, top_k),
+                "down": lambda: wgmma_moe.launch_down(h, w2, gates, routing, config)}
     h = torch.empty(flat_ids.numel(), w2.shape[2], dtype=x.dtype, device=x.device)
     y = (torch.zeros(n_tokens, x.shape[1], dtype=torch.float32, device=x.device)
          if combine_atomic(config, top_k) else
          torch.empty(flat_ids.numel(), x.shape[1], dtype=x.dtype, device=x.device))
-    return lambda: (launch_gate_up(x, w13, h, flat_ids, routing, config, top_k),
-                    launch_down(h, w2, y, gates, flat_ids, routing, config, top_k))
+    return {"gate_up": lambda: launch_gate_up(x, w13, h, flat_ids, routing, config, top_k),
+            "down": lambda: launch_down(h, w2, y, gates, flat_ids, routing, config, top_k)}
+
+
+def gemm_launches(x, w13, w2, ids, weights, config: dict):
+    """Ours without the routing metadata and the k-way combine: both of `gemm_parts`' launches."""
+    parts = gemm_parts(x, w13, w2, ids, weights, config)
+    return lambda: (parts["gate_up"](), parts["down"]())
 
 
 def ceiling_runs() -> dict:
