@@ -141,9 +141,6 @@ if HAVE_GLUON:
         STAGES: gl.constexpr = a_bufs.shape[0]
         BLOCK_K: gl.constexpr = a_bufs.shape[2]
         ROWS: gl.constexpr = a_bufs.shape[1] // 2
-        WIDTH: gl.constexpr = b_bufs.shape[1]  # gate/up: gate and up columns side by side
-        layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, WIDTH, 16])
         n_tiles = gl.load(n_blocks_ptr) * n_tiles_n
         step = 0
         for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
@@ -152,7 +149,9 @@ if HAVE_GLUON:
             # a half-height block (an expert's last, align's half_tail) has no rows for the high
             # warpgroup: it only frees each stage, and the low one has the tensor cores alone
             if gl.load(block_start_ptr + block + 1) - start > HALF * ROWS:
-                step = _tile_mma(p, GATE_UP, HALF, layout, step, start + HALF * ROWS, tile_n)
+                step = _tile_mma(a_bufs, b_bufs, out_desc, out_bufs.index(HALF), ready, empty,
+                                 sorted_ptr, weights_ptr, k_dim, n_pairs, step,
+                                 start + HALF * ROWS, tile_n, GATE_UP, HALF)
             else:
                 for k in range(0, k_dim, BLOCK_K):
                     stage = step % STAGES
@@ -162,21 +161,20 @@ if HAVE_GLUON:
         tma.store_wait(0)
 
     @gluon.jit
-    def _tile_mma(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, layout: gl.constexpr, step,
-                  start, tile_n):
+    def _tile_mma(a_bufs, b_bufs, out_desc, out_smem, ready, empty, sorted_ptr, weights_ptr,
+                  k_dim, n_pairs, step, start, tile_n, GATE_UP: gl.constexpr,
+                  HALF: gl.constexpr):
         """One warpgroup's share of a tile, rows start.. (its half): the MMAs over K, then the
         epilogue through shared memory and a TMA store, which runs on while the next tile's MMAs
         start (every block is a whole number of half-blocks of the sorted order: align pads each
         expert to one, so a box never reaches into another block's rows). Returns the step count."""
-        (a_desc, b_desc, out_desc, a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr,
-         weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim,
-         n_pairs, b_rows, up_offset) = p
         STAGES: gl.constexpr = a_bufs.shape[0]
         BLOCK_K: gl.constexpr = a_bufs.shape[2]
         ROWS: gl.constexpr = a_bufs.shape[1] // 2
-        WIDTH: gl.constexpr = b_bufs.shape[1]
+        WIDTH: gl.constexpr = b_bufs.shape[1]  # gate/up: gate and up columns side by side
         BLOCK_N: gl.constexpr = WIDTH // 2 if GATE_UP else WIDTH
-        out_smem = out_bufs.index(HALF)
+        layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, WIDTH, 16])
         acc = gl.zeros([ROWS, WIDTH], gl.float32, layout)
         first = step
         for k in range(0, k_dim, BLOCK_K):
@@ -206,14 +204,6 @@ if HAVE_GLUON:
                 _store(out_desc, out_smem, left, start, tile_n * BLOCK_N)
                 _store(out_desc, out_smem, right, start, tile_n * BLOCK_N + BLOCK_N // 2)
         return step
-
-    @gluon.jit
-    def _consumer_low(p, GATE_UP: gl.constexpr):
-        _consumer(p, GATE_UP, 0)
-
-    @gluon.jit
-    def _consumer_high(p, GATE_UP: gl.constexpr):
-        _consumer(p, GATE_UP, 1)
 
     @gluon.jit
     def _store(out_desc, out_smem, value, row, col):
@@ -248,9 +238,8 @@ if HAVE_GLUON:
         p = (a_desc, b_desc, out_desc, a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr,
              weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim,
              n_pairs, b_rows, up_offset)
-        gl.warp_specialize([(_consumer_low, (p, GATE_UP)), (_consumer_high, (p, GATE_UP)),
-                            (_producer, (p, GATE_UP))],
-                           [4, 1], [232, 24])
+        gl.warp_specialize([(_consumer, (p, GATE_UP, 0)), (_consumer, (p, GATE_UP, 1)),
+                            (_producer, (p, GATE_UP))], [4, 1], [232, 24])
 
 
 def _descriptor(t: torch.Tensor, block: list[int]):
