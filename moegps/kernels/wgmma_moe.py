@@ -251,14 +251,16 @@ def _descriptor(t: torch.Tensor, block: list[int]):
 def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: int,
             gate_up: bool) -> None:
     """One grouped GEMM: a [max_padded, K] and out [max_padded, N] in expert order, w2d the
-    weights [E * b_rows, K]; one program per SM."""
+    weights [E * b_rows, K], `weights` the routing weights [T*k] (the down GEMM's; None for
+    gate/up); one program per SM."""
     block_m, block_n, block_k = routing.block_m, tile["block_n"], tile["block_k"]
     n_tiles_n = triton.cdiv(out.shape[1], block_n)
     programs = min(torch.cuda.get_device_properties(a.device).multi_processor_count,
                    routing.max_blocks * n_tiles_n)
     grouped_gemm_kernel[(programs,)](
         _descriptor(a, [block_m, block_k]), _descriptor(w2d, [block_n, block_k]),
-        _descriptor(out, [block_m // 2, min(block_n, 128)]), routing.sorted_pair_ids, weights,
+        _descriptor(out, [block_m // 2, min(block_n, 128)]), routing.sorted_pair_ids,
+        routing.sorted_pair_ids if weights is None else weights,  # gate/up never reads it
         routing.block_expert, routing.block_start, routing.n_blocks, n_tiles_n,
         tile.get("group_m", 8), a.shape[1], routing.n_pairs, b_rows, up_offset,
         GATE_UP=gate_up, STAGES=tile["num_stages"], num_warps=4,
@@ -286,8 +288,8 @@ def launch_gate_up(x, w_gate_up, routing, config: dict, top_k: int) -> torch.Ten
     n_experts, two_f, hidden = w_gate_up.shape
     rows = gather_rows(x, routing.sorted_pair_ids, top_k)
     h = torch.empty(rows.shape[0], two_f // 2, dtype=x.dtype, device=x.device)
-    _launch(rows, w_gate_up.view(n_experts * two_f, hidden), h, routing.sorted_pair_ids,
-            routing, config["gate_up"], two_f, two_f // 2, gate_up=True)
+    _launch(rows, w_gate_up.view(n_experts * two_f, hidden), h, None, routing,
+            config["gate_up"], two_f, two_f // 2, gate_up=True)
     return h
 
 
