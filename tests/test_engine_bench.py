@@ -1,17 +1,23 @@
 """The engine benchmark's bookkeeping (CPU): kernels of a profiled step assigned to their parts."""
 
+import os
 import random
 
 import pytest
 
+from moegps.engine import bench
 from moegps.engine.bench import kernel_parts, kernel_table, trace_gaps
 
 
-def _layer(rng, with_shared=False):
+SKINNY = "_skinny_linear_kernel"  # the engine's own projection kernel at decode sizes
+
+
+def _layer(rng, with_shared=False, skinny=False):
     """One decoder layer's kernels in launch order with random durations, and the expected part of each."""
-    names = [("_add_rmsnorm_kernel", "norms"), ("nvjet_sm90_tst_64x8_64x16_4x1_v_bz_TNT", "attention"),
+    names = [("_add_rmsnorm_kernel", "norms"), (SKINNY if skinny else "nvjet_sm90_tst_64x8_64x16_4x1_v_bz_TNT",
+                                                 "attention"),
              ("_rope_cache_kernel", "attention"), ("_decode_attention_kernel", "attention"),
-             ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x64x64", "attention"),
+             (SKINNY if skinny else "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x64x64", "attention"),
              ("_add_rmsnorm_router_kernel", "moe"), ("gate_up_scan_kernel", "moe"), ("down_scan_kernel", "moe"),
              ("combine_kernel", "moe")]
     if with_shared:  # a shared expert's GEMMs after the routed experts
@@ -21,12 +27,12 @@ def _layer(rng, with_shared=False):
     return [(name, part, rng.uniform(0.5, 200.0)) for name, part in names]
 
 
-@pytest.mark.parametrize("with_shared", [False, True])
-def test_kernel_parts_sums_each_part_and_finds_the_lm_head(with_shared):
+@pytest.mark.parametrize("with_shared, skinny", [(False, False), (True, False), (False, True), (True, True)])
+def test_kernel_parts_sums_each_part_and_finds_the_lm_head(with_shared, skinny):
     rng = random.Random(7)
-    launches = [k for _ in range(rng.randint(2, 5)) for k in _layer(rng, with_shared)]
+    launches = [k for _ in range(rng.randint(2, 5)) for k in _layer(rng, with_shared, skinny)]
     launches += [("_add_rmsnorm_kernel", "norms", rng.uniform(1, 5)),
-                 ("nvjet_sm90_tst_256x8_64x6_2x1_v_bz_TNT", "lm_head", rng.uniform(50, 70)),
+                 (SKINNY if skinny else "nvjet_sm90_tst_256x8_64x6_2x1_v_bz_TNT", "lm_head", rng.uniform(50, 70)),
                  ("void at::native::unrolled_elementwise_kernel<copy>", "other kernels", rng.uniform(1, 3))]
     trace = [(float(i), dur, name) for i, (name, _, dur) in enumerate(launches)]
     expected = {}
@@ -69,3 +75,15 @@ def test_trace_gaps_counts_idle_time_once():
     idle_ms, top = trace_gaps(trace, top=3)
     assert idle_ms == pytest.approx(covered.count(False) / 1e3)
     assert [g["gap_us"] for g in top] == sorted(runs, reverse=True)[:3]
+
+
+def test_decode_variant_sets_and_restores_the_switches(monkeypatch):
+    from moegps.engine import kernels as K
+
+    monkeypatch.delenv("MOEGPS_PDL", raising=False)
+    rows = K.SKINNY_MAX_ROWS
+    with bench.decode_variant("cuBLAS projections, no PDL"):
+        assert os.environ["MOEGPS_PDL"] == "0" and K.SKINNY_MAX_ROWS == 0
+    with bench.decode_variant("engine"):
+        assert os.environ["MOEGPS_PDL"] == "1" and K.SKINNY_MAX_ROWS == rows
+    assert "MOEGPS_PDL" not in os.environ and K.SKINNY_MAX_ROWS == rows

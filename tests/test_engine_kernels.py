@@ -22,7 +22,7 @@ import moegps.kernels  # noqa: F401
 # Another module may have imported the kernels before the variable was set (Triton decides
 # interpreted or compiled when it decorates): decorate them again, the MoE kernels in dependency
 # order first (see tests/test_kernels.py), then the engine's.
-for _name in ("routing", "fused_moe", "launch", "reference"):
+for _name in ("pdl", "routing", "fused_moe", "launch", "reference"):
     importlib.reload(sys.modules[f"moegps.kernels.{_name}"])
 importlib.reload(sys.modules["moegps.kernels"])
 K = importlib.reload(sys.modules["moegps.engine.kernels"])
@@ -77,6 +77,42 @@ def test_add_rmsnorm(gen, T, H, with_delta, dtype):
         assert rel_err(resid, total) < tol, gen.initial_seed()
     else:
         assert torch.equal(resid, before)
+
+
+# ---- skinny linear -----------------------------------------------------------------------------------------
+
+class _Spy:
+    """Counts the launches of a kernel (so a test knows the kernel ran, not the fallback)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("T,N,K_dim,block_n", [(1, 48, 256, 16), (5, 40, 512, 16), (16, 33, 256, 32)])
+def test_linear_skinny_kernel(gen, monkeypatch, T, N, K_dim, block_n):
+    """x @ w^T for decode-sized batches, N not always a multiple of the tile (masked columns), in fp32
+    (the interpreter's bf16 dot is not exact; bf16 is checked on the GPU by linear_probe.py)."""
+    spy = _Spy(K._skinny_linear_kernel)
+    monkeypatch.setattr(K, "_skinny_linear_kernel", spy)
+    x = torch.randn(T, K_dim, generator=gen)
+    w = torch.randn(N, K_dim, generator=gen)
+    out = K.linear(x, w, block_n=block_n)
+    assert spy.launches == 1 and out.shape == (T, N)
+    assert rel_err(out, x.double() @ w.double().T) < 1e-5, gen.initial_seed()
+
+
+@pytest.mark.parametrize("T,K_dim", [(K.SKINNY_MAX_ROWS + 1, 256), (3, 200)])
+def test_linear_falls_back_to_matmul(gen, monkeypatch, T, K_dim):
+    """More rows than the kernel takes, or K not a multiple of its K tile: torch's matmul, exactly."""
+    spy = _Spy(K._skinny_linear_kernel)
+    monkeypatch.setattr(K, "_skinny_linear_kernel", spy)
+    x = torch.randn(T, K_dim, generator=gen)
+    w = torch.randn(24, K_dim, generator=gen)
+    assert torch.equal(K.linear(x, w), x @ w.T) and spy.launches == 0
 
 
 # ---- rotary embedding + KV-cache write ------------------------------------------------------------------
@@ -305,7 +341,8 @@ def test_engine_on_interpreted_kernels_matches_its_torch_path(rng, monkeypatch, 
     monkeypatch.delenv("TRITON_INTERPRET")
     torch_path = run()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for name in ("add_rmsnorm", "add_rmsnorm_router", "decode_attention", "rope_cache_write", "use_triton"):
+    for name in ("add_rmsnorm", "add_rmsnorm_router", "decode_attention", "linear", "rope_cache_write",
+                 "use_triton"):
         monkeypatch.setattr(engine_model, name, getattr(K, name))
     monkeypatch.setattr(engine_model, "fused_moe", moegps.kernels.fused_moe)
     triton_path = run()

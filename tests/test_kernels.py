@@ -17,7 +17,7 @@ import moegps.kernels  # noqa: F401  (imports its submodules)
 # Another test module may have imported the kernels before the variable was set (Triton decides
 # interpreted or compiled when it decorates): decorate them again, in dependency order. (The
 # package attribute `fused_moe` is the function, so the submodules come from sys.modules.)
-for _name in ("routing", "fused_moe", "launch", "reference"):
+for _name in ("pdl", "routing", "fused_moe", "launch", "reference"):
     importlib.reload(sys.modules[f"moegps.kernels.{_name}"])
 importlib.reload(sys.modules["moegps.kernels"])
 # back as it was once decorated: other modules' code picks Triton on the CPU while the variable is set

@@ -15,7 +15,8 @@ Parts (``--parts``), each printed as a table and written to ``--out`` (JSON rows
 * ``decode``: per-step decode latency and tokens/s at each batch and context (``--new-tokens``
   steps, one CUDA graph per bucket, median of ``--reps`` runs) against the floor per step:
   (non-expert weights + lm_head + distinct experts touched per layer x expert bytes + KV-cache
-  bytes) / copy rate. Distinct experts are counted from this run's routing.
+  bytes) / copy rate. Distinct experts are counted from this run's routing. ``--decode-variants``
+  also times the step with programmatic dependent launch off and with cuBLAS projections, side by side.
 * ``attention``: the decode-attention kernel alone against its floor (KV bytes / copy rate).
 * ``ttft``: time to first token at batch 1 and each ``--prompts`` length against the matmul floor
   (2 x active parameters x tokens / matmul rate, attention FLOPs included), at the ceilings' rate and
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -153,6 +155,10 @@ def part_checks(shape: ModelShape) -> list[dict]:
         K.decode_attention(q, kc, vc, lens, out=out)
         rows.append(dict(kernel=f"decode_attention B={B} context<={length}",
                          rel_err=rel(out, K.decode_attention_torch(q.double(), kc.double(), vc.double(), lens))))
+    for rows_in in (1, 8, K.SKINNY_MAX_ROWS):  # the skinny projection kernel (bf16 in, fp32 sums)
+        x = torch.randn(rows_in, S.hidden, device=dev, dtype=bf)
+        w_qkv = torch.randn(width, S.hidden, device=dev, dtype=bf) * S.hidden ** -0.5
+        rows.append(dict(kernel=f"linear T={rows_in}", rel_err=rel(K.linear(x, w_qkv), x.double() @ w_qkv.double().T)))
     x = torch.randn(T, S.hidden, device=dev, dtype=bf)
     router = torch.randn(S.n_experts, S.hidden, device=dev, dtype=bf) * S.hidden ** -0.5
     ids, gates = K.router_topk(x, router, S.top_k, True)
@@ -192,7 +198,31 @@ def part_agree(hf, model: Model, prompt_len: int = 128, new: int = 32) -> dict:
                 eager_vs_grouped_mm_top1=float((eager.argmax(-1) == ref.argmax(-1)).float().mean()))
 
 
-def part_decode(model: Model, batches, contexts, new: int, reps: int, copy_rate: float) -> list[dict]:
+# The engine's decode as it runs (skinny projections, PDL) and with each of the two taken away, for a
+# measurement of what each gives in one run (--decode-variants).
+DECODE_VARIANTS = {"engine": dict(pdl="1", skinny=True), "no PDL": dict(pdl="0", skinny=True),
+                   "cuBLAS projections, no PDL": dict(pdl="0", skinny=False)}
+
+
+@contextlib.contextmanager
+def decode_variant(name: str):
+    """Set a DECODE_VARIANTS entry while an engine captures its graphs (launch options are baked in)."""
+    variant = DECODE_VARIANTS[name]
+    old_pdl, old_rows = os.environ.get("MOEGPS_PDL"), K.SKINNY_MAX_ROWS
+    os.environ["MOEGPS_PDL"] = variant["pdl"]
+    K.SKINNY_MAX_ROWS = old_rows if variant["skinny"] else 0
+    try:
+        yield
+    finally:
+        K.SKINNY_MAX_ROWS = old_rows
+        if old_pdl is None:
+            del os.environ["MOEGPS_PDL"]
+        else:
+            os.environ["MOEGPS_PDL"] = old_pdl
+
+
+def part_decode(model: Model, batches, contexts, new: int, reps: int, copy_rate: float,
+                variants=("engine",)) -> list[dict]:
     rows = []
     gen = torch.Generator().manual_seed(2)
     for context in contexts:
@@ -202,25 +232,33 @@ def part_decode(model: Model, batches, contexts, new: int, reps: int, copy_rate:
                 print(f"skip batch {batch} context {context}: its KV cache ({kv_bytes / 1e9:.0f} GB) does not fit "
                       "beside the weights", flush=True)
                 continue
-            engine = Engine(model, max_batch=batch, max_len=context + new)
             prompts = torch.randint(3, model.shape.vocab_size, (batch, context), generator=gen).tolist()
-            times = []
-            for _ in range(reps + 1):  # the first run captures the graph
-                times.append(engine.generate(prompts, new).decode_ms_per_step)
-            ms = statistics.median(times[1:])
-            touched = distinct_experts_per_layer(engine, bucket_for(batch))
-            weights = weight_bytes_per_step(model, touched)
-            # each row reads its context (mean over the steps: context + new / 2) of K and V in every layer
-            kv = batch * (context + new / 2) * model.shape.kv_bytes_per_token * model.shape.n_layers
-            floor = (weights + kv) / copy_rate * 1e3
-            rows.append(dict(shape=model.shape.name, batch=batch, context=context, engine_ms=ms,
-                             tokens_per_s=batch * 1e3 / ms, floor_ms=floor, pct_of_floor=100 * floor / ms,
-                             distinct_experts=statistics.mean(touched[model.shape.dense_layers:]),
-                             weight_gb=weights / 1e9, kv_gb=kv / 1e9))
-            print(rows[-1], flush=True)
-            del engine
-            torch.cuda.empty_cache()
+            for variant in variants:  # side by side, so that the machine's state is the same for each
+                with decode_variant(variant):
+                    engine = Engine(model, max_batch=batch, max_len=context + new)
+                    times = []
+                    for _ in range(reps + 1):  # the first run captures the graph
+                        times.append(engine.generate(prompts, new).decode_ms_per_step)
+                rows.append(_decode_row(model, engine, batch, context, new, statistics.median(times[1:]), copy_rate))
+                rows[-1]["variant"] = variant
+                print(rows[-1], flush=True)
+                del engine
+                torch.cuda.empty_cache()
     return rows
+
+
+def _decode_row(model: Model, engine: Engine, batch: int, context: int, new: int, ms: float,
+                copy_rate: float) -> dict:
+    """A decode row: the step time against the floor of the weights and KV bytes the step reads."""
+    touched = distinct_experts_per_layer(engine, bucket_for(batch))
+    weights = weight_bytes_per_step(model, touched)
+    # each row reads its context (mean over the steps: context + new / 2) of K and V in every layer
+    kv = batch * (context + new / 2) * model.shape.kv_bytes_per_token * model.shape.n_layers
+    floor = (weights + kv) / copy_rate * 1e3
+    return dict(shape=model.shape.name, batch=batch, context=context, engine_ms=ms,
+                tokens_per_s=batch * 1e3 / ms, floor_ms=floor, pct_of_floor=100 * floor / ms,
+                distinct_experts=statistics.mean(touched[model.shape.dense_layers:]),
+                weight_gb=weights / 1e9, kv_gb=kv / 1e9)
 
 
 ATTENTION_SWEEP = [dict(block_n=bn, num_warps=w, num_stages=st, target_programs=tp, min_split=ms)
@@ -445,7 +483,8 @@ def trace_gaps(kernels: list[tuple[float, float, str]], top: int = 8) -> tuple[f
 
 # Kernel names of the engine's parts (its Triton kernels, the moegps MoE kernels, torch's flash
 # attention); the GEMMs (cuBLAS, named by tile, not by purpose) are placed by their neighbours.
-GEMM_NAMES = ("gemm", "gemv", "splitk", "nvjet", "cutlass", "xmma", "sm90", "cublas", "matmul")
+GEMM_NAMES = ("gemm", "gemv", "splitk", "nvjet", "cutlass", "xmma", "sm90", "cublas", "matmul",
+              "skinny_linear")
 KERNEL_PARTS = (("attention", ("attention", "rope_cache", "flash", "fmha")),
                 ("moe", ("router", "gate_up_", "down_scan", "down_sorted", "fused_scan", "combine_kernel",
                          "_align_kernel", "_chunk_")),
@@ -598,6 +637,8 @@ def main(argv=None) -> None:
     ap.add_argument("--peer-batches", nargs="+", type=int, default=[1, 8, 32])
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--decode-variants", nargs="+", default=["engine"], choices=list(DECODE_VARIANTS),
+                    help="decode as the engine runs it, and/or with PDL or the skinny projections taken away")
     ap.add_argument("--attention-sweep", action="store_true", help="time every ATTENTION_SWEEP setting too")
     ap.add_argument("--compile", action="store_true", help="also time transformers with static cache + compile")
     ap.add_argument("--shared-expert", choices=["folded", "beside"], default="folded",
@@ -630,7 +671,8 @@ def main(argv=None) -> None:
                                                                  c["copy_bytes_per_s"], sweep=args.attention_sweep))
         if "decode" in args.parts:
             _attempt(results, "decode", lambda: part_decode(model, args.batches, args.contexts, args.new_tokens,
-                                                           args.reps, c["copy_bytes_per_s"]))
+                                                           args.reps, c["copy_bytes_per_s"],
+                                                           args.decode_variants))
         if "ttft" in args.parts:
             _attempt(results, "ttft", lambda: part_ttft(model, args.prompts, c["matmul_flops_per_s"],
                                                        c["copy_bytes_per_s"]))

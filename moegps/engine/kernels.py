@@ -7,6 +7,8 @@ matrix products:
 
 * ``add_rmsnorm``: the residual add and the RMSNorm after it, one pass (was: add, pow, mean,
   rsqrt, mul, cast, mul).
+* ``linear``: the projections of decode-sized batches (fused QKV, output, lm_head), each program
+  streaming a few weight rows; cuBLAS for larger batches.
 * ``rope_cache_write``: rotary embedding of q and k from the fused QKV projection's output and
   the write of k and v into the static KV cache at each token's (slot, position).
 * ``decode_attention``: grouped-query attention of one new token per sequence over its cached
@@ -15,6 +17,9 @@ matrix products:
 * ``router_topk``: the router's logits, softmax, top-k and renormalisation in one launch, writing
   the ids and gate weights the MoE kernels read; ``add_rmsnorm_router`` fuses it into the norm
   before the MoE for decode-sized batches (one launch instead of two per layer).
+
+Every kernel launches with programmatic dependent launch on Hopper (``moegps.kernels.pdl``): it is
+scheduled while the kernel before it drains, and waits for it before its first load.
 
 Every ``*_torch`` function is the plain-torch definition (the CPU path and the tests' reference).
 ``use_triton(t)`` decides per tensor: a CUDA tensor, or any tensor under ``TRITON_INTERPRET=1``.
@@ -29,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moegps.kernels.pdl import launch_flags, wait_then_release
+
 
 def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
@@ -38,7 +45,8 @@ def use_triton(t: torch.Tensor) -> bool:
 
 @triton.jit
 def _add_rmsnorm_kernel(resid_ptr, delta_ptr, w_ptr, out_ptr, H, eps, HAS_DELTA: tl.constexpr,
-                        BLOCK_H: tl.constexpr):
+                        BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
+    wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
@@ -80,7 +88,59 @@ def add_rmsnorm(resid: torch.Tensor, delta: torch.Tensor | None, weight: torch.T
         block = triton.next_power_of_2(H)
         _add_rmsnorm_kernel[(T,)](resid, delta if delta is not None else resid, weight, out, H, eps,
                                   HAS_DELTA=delta is not None, BLOCK_H=block,
-                                  num_warps=max(1, min(16, block // 512)))
+                                  num_warps=max(1, min(16, block // 512)), **launch_flags(resid))
+    return out
+
+
+# ---- skinny linear: the decode projections -----------------------------------------------------------
+
+# Up to this many rows (tokens), the projections run as `_skinny_linear_kernel`: at batch 1 cuBLAS read
+# the QKV and output projections' weights at 77% and 65% of the copy rate (H200, docs/engine.md).
+SKINNY_MAX_ROWS = 16
+# Launch settings; benchmarks/engine/linear_probe.py sweeps them against cuBLAS.
+LINEAR_DEFAULTS = dict(block_n=16, block_k=256, num_warps=4, num_stages=4)
+
+
+@triton.jit
+def _skinny_linear_kernel(x_ptr, w_ptr, out_ptr, T, N, K, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
+    """Program j: out[:, j*BLOCK_N : (j+1)*BLOCK_N] of out [T, N] = x [T, K] @ w [N, K]^T, T <= BLOCK_T, K a
+    multiple of BLOCK_K. Each program streams its BLOCK_N weight rows once; small tiles make enough
+    programs (N / BLOCK_N) to keep every SM's loads in flight, which is all a batch-1 product needs."""
+    wait_then_release(PDL)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    t_mask = offs_t < T
+    n_mask = offs_n < N
+    x_ptrs = x_ptr + offs_t[:, None] * K + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
+    acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+    for _ in range(0, K, BLOCK_K):
+        a = tl.load(x_ptrs, mask=t_mask[:, None], other=0.0)
+        b = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee" if IEEE else None)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    tl.store(out_ptr + offs_t[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=t_mask[:, None] & n_mask[None, :])
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, **settings) -> torch.Tensor:
+    """``x [T, K] @ w [N, K]^T -> [T, N]``: for up to SKINNY_MAX_ROWS contiguous rows on the GPU (or under
+    the interpreter) one `_skinny_linear_kernel` launch, otherwise torch's matmul (cuBLAS). ``settings``
+    override LINEAR_DEFAULTS (block_n, block_k, num_warps, num_stages)."""
+    cfg = dict(LINEAR_DEFAULTS, **settings)
+    T, K = x.shape
+    if not (use_triton(x) and 0 < T <= SKINNY_MAX_ROWS and K % cfg["block_k"] == 0 and x.is_contiguous()
+            and w.is_contiguous()):
+        return x @ w.T
+    N = w.shape[0]
+    out = torch.empty(T, N, dtype=x.dtype, device=x.device)
+    _skinny_linear_kernel[(triton.cdiv(N, cfg["block_n"]),)](
+        x, w, out, T, N, K, BLOCK_T=16, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
+        IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **launch_flags(x))
     return out
 
 
@@ -95,10 +155,12 @@ def rope_tables(max_positions: int, head_dim: int, theta: float, device) -> tupl
 
 @triton.jit
 def _rope_cache_kernel(qkv_ptr, q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr,
-                       N_HEADS, N_KV, stride_cb, stride_ch, stride_cs, HALF: tl.constexpr, HEADS: tl.constexpr):
+                       N_HEADS, N_KV, stride_cb, stride_ch, stride_cs, HALF: tl.constexpr, HEADS: tl.constexpr,
+                       PDL: tl.constexpr = False):
     """Program (token, j): heads j*HEADS .. j*HEADS+HEADS-1 of the token, counting the query heads
     first and then the key heads (whose values are copied beside them). A block of heads per
     program: one head per program made a 2048-token prompt launch 80k programs of 256 bytes each."""
+    wait_then_release(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
     D = 2 * HALF
@@ -158,7 +220,8 @@ def rope_cache_write(qkv, k_cache, v_cache, positions, slots, cos, sin, n_heads:
         heads = 8
         _rope_cache_kernel[(T, triton.cdiv(n_heads + n_kv, heads))](
             qkv, q, k_cache, v_cache, positions, slots, cos, sin, n_heads, n_kv,
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), HALF=D // 2, HEADS=heads, num_warps=2)
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), HALF=D // 2, HEADS=heads, num_warps=2,
+            **launch_flags(qkv))
     return q
 
 
@@ -168,12 +231,14 @@ def rope_cache_write(qkv, k_cache, v_cache, positions, slots, cos, sin, n_heads:
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, part_o_ptr, part_lse_ptr, count_ptr, scale,
                              N_HEADS, N_KV, MAX_SPLITS, stride_cb, stride_ch, stride_cs,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-                             SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr):
+                             SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
+                             PDL: tl.constexpr = False):
     """One program: the GROUP query heads of KV head ``kv`` of sequence ``b`` over keys
     [split * SPLIT, (split + 1) * SPLIT). With several splits each writes its partial output and
     log-sum-exp, and the last to finish (a ticket per (b, kv), reset for the next call) merges them:
     one launch where a separate merge kernel would cost another launch's latency (the "last block
     reduces" pattern of the CUDA samples' threadFenceReduction and of serial split-K GEMMs)."""
+    wait_then_release(PDL)
     b = tl.program_id(0).to(tl.int64)
     kv = tl.program_id(1)
     split = tl.program_id(2)
@@ -309,7 +374,7 @@ def decode_attention(q, k_cache, v_cache, lengths, scale: float | None = None, s
         q, k_cache, v_cache, lengths, out, part_o, part_lse, _tickets(B * n_kv, q.device), scale, n_heads, n_kv,
         n_splits, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, SPLIT=split, BLOCK_N=cfg["block_n"], SINGLE=single,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_flags(q))
     return out
 
 
@@ -328,7 +393,8 @@ def _store_shared(ids_ptr, gates_ptr, row_start, E, mask, TOP_K: tl.constexpr, S
 @triton.jit
 def _router_kernel(x_ptr, w_ptr, ids_ptr, weights_ptr, T, H, E, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
                    RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
-                   SHARED: tl.constexpr = 0):
+                   SHARED: tl.constexpr = 0, PDL: tl.constexpr = False):
+    wait_then_release(PDL)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.arange(0, E_PAD)
     logits = tl.zeros([BLOCK_T, E_PAD], tl.float32)
@@ -393,7 +459,8 @@ def router_topk(x, w_router, top_k: int, renormalize: bool, shared: int = 0):
         _router_kernel[(triton.cdiv(T, block_t),)](
             x, w_router, ids, weights, T, H, E, TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k),
             RENORMALIZE=renormalize, BLOCK_T=block_t, E_PAD=max(16, triton.next_power_of_2(E)),
-            BLOCK_K=min(128, max(16, triton.next_power_of_2(H))), SHARED=shared, num_warps=4)
+            BLOCK_K=min(128, max(16, triton.next_power_of_2(H))), SHARED=shared, num_warps=4,
+            **launch_flags(x))
     return ids, weights
 
 
@@ -403,7 +470,8 @@ def router_topk(x, w_router, top_k: int, renormalize: bool, shared: int = 0):
 def _add_rmsnorm_router_kernel(resid_ptr, delta_ptr, w_ptr, out_ptr, wr_ptr, ids_ptr, gates_ptr, H, E, eps,
                                TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
                                BLOCK_H: tl.constexpr, E_PAD: tl.constexpr, E_CHUNK: tl.constexpr,
-                               SHARED: tl.constexpr = 0):
+                               SHARED: tl.constexpr = 0, PDL: tl.constexpr = False):
+    wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
@@ -480,5 +548,6 @@ def _add_rmsnorm_router_fused(resid, delta, weight, eps, w_router, top_k, renorm
         _add_rmsnorm_router_kernel[(T,)](
             resid, delta, weight, out, w_router, ids, gates, H, E, eps, TOP_K=top_k,
             K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize, BLOCK_H=block, E_PAD=e_pad,
-            E_CHUNK=min(e_pad, max(1, 16384 // block)), SHARED=shared, num_warps=max(1, min(16, block // 256)))
+            E_CHUNK=min(e_pad, max(1, 16384 // block)), SHARED=shared, num_warps=max(1, min(16, block // 256)),
+            **launch_flags(resid))
     return out, ids, gates

@@ -10,7 +10,7 @@ A layer, in order (the kernels are in ``kernels.py``; the routed experts are moe
 kernels, ``moegps.kernels.fused_moe``):
 
     x = add_rmsnorm(resid, delta_of_previous_layer)      one launch
-    qkv = x @ wqkv^T                                     one fused QKV GEMM
+    qkv = x @ wqkv^T                                     one fused QKV GEMM (decode: engine's skinny kernel)
     q = rope_cache_write(qkv -> K/V cache)               one launch
     o = attention(q, cache)                              decode: split-K Triton kernel; prefill: SDPA (flash)
     x, ids, gates = add_rmsnorm_router(resid, o @ wo^T)  GEMM + one launch (norm, router logits, top-k)
@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from ..kernels import fused_moe, moe_reference
 from ..shapes import ModelShape, from_hf_config
-from .kernels import add_rmsnorm, add_rmsnorm_router, decode_attention, rope_cache_write, rope_tables, use_triton
+from .kernels import (add_rmsnorm, add_rmsnorm_router, decode_attention, linear, rope_cache_write, rope_tables,
+                      use_triton)
 
 
 @dataclass
@@ -296,11 +297,11 @@ def _layers(model: Model, cache: KVCache, resid: torch.Tensor, positions, slots,
     delta = None
     for index, layer in enumerate(model.layers):
         x = add_rmsnorm(resid, delta, layer.attn_norm, S.norm_eps)
-        qkv = x @ layer.wqkv.T
+        qkv = linear(x, layer.wqkv)
         q = rope_cache_write(qkv, cache.k[index], cache.v[index], positions, slots, cos, sin, S.n_heads,
                              S.n_kv_heads)
         o = attend(q, index)
-        o = o.reshape(o.shape[0], -1) @ layer.wo.T
+        o = linear(o.reshape(o.shape[0], -1), layer.wo)
         delta = _mlp(model, index, resid, o)
     return delta
 
@@ -320,7 +321,7 @@ def decode_step(model: Model, cache: KVCache, tokens: torch.Tensor, positions: t
     resid = model.embed[tokens]
     delta = _layers(model, cache, resid, positions, slots, attend)
     x = add_rmsnorm(resid, delta, model.norm, model.shape.norm_eps)
-    return (x @ model.lm_head.T).float()
+    return linear(x, model.lm_head).float()
 
 
 def check_fits(cache: KVCache, lengths: list[int]) -> None:
@@ -375,6 +376,6 @@ def prefill_packed(model: Model, cache: KVCache, tokens: torch.Tensor, slots: to
     resid = model.embed[tokens]
     delta = _layers(model, cache, resid, positions, slots, attend)
     if all_positions:
-        return (add_rmsnorm(resid, delta, model.norm, S.norm_eps) @ model.lm_head.T).float()
+        return linear(add_rmsnorm(resid, delta, model.norm, S.norm_eps), model.lm_head).float()
     x = add_rmsnorm(resid[last].contiguous(), delta[last].contiguous(), model.norm, S.norm_eps)
-    return (x @ model.lm_head.T).float()
+    return linear(x, model.lm_head).float()

@@ -38,6 +38,7 @@ import triton
 from .fused_moe import (combine_kernel, down_scan_kernel, down_sorted_kernel, fused_scan_kernel,
                         gate_up_scan_kernel, gate_up_sorted_kernel)
 from . import wgmma_moe
+from .pdl import launch_flags
 from .routing import SCAN, align
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -248,7 +249,7 @@ def combine_sum(y: torch.Tensor, top_k: int, out: torch.Tensor | None = None,
     block_h = min(2048, triton.next_power_of_2(hidden))
     combine_kernel[(n_pairs // top_k, triton.cdiv(hidden, block_h))](
         y.contiguous(), y if slots is None else slots, out, hidden, TOP_K=top_k, BLOCK_H=block_h,
-        GATHER=slots is not None, num_warps=8 if block_h >= 2048 else 4)
+        GATHER=slots is not None, num_warps=8 if block_h >= 2048 else 4, **launch_flags(y))
     return out
 
 
@@ -327,13 +328,14 @@ def launch_gate_up(x, w_gate_up, h, ids, routing, config: dict, top_k: int) -> N
     if config["path"] == "scan":
         gate_up_scan_kernel[(min(n_experts, ids.numel()), n_tiles)](
             x, w_gate_up, h, ids, routing, ids.numel(), top_k, hidden, ffn, *strides,
-            SCAN=SCAN, E_POW2=triton.next_power_of_2(n_experts), **common, **_paired(tile))
+            SCAN=SCAN, E_POW2=triton.next_power_of_2(n_experts), **common, **_paired(tile),
+            **launch_flags(x))
     else:
         w_operand, tma = _gate_up_operand(w_gate_up, tile, tile["block_n"])
         gate_up_sorted_kernel[(routing.max_blocks * n_tiles,)](
             x, w_operand, h, *_blocks(routing), ids.numel(), top_k, hidden, ffn,
             routing.max_blocks, tile["group_m"], *strides, HALF_TAIL=routing.half_tail,
-            **common, **_paired(tile), **tma)
+            **common, **_paired(tile), **tma, **launch_flags(x))
 
 
 def launch_down(h, w_down, y, weights, ids, routing, config: dict, top_k: int) -> None:
@@ -350,14 +352,14 @@ def launch_down(h, w_down, y, weights, ids, routing, config: dict, top_k: int) -
     if config["path"] == "scan":
         down_scan_kernel[(min(n_experts, ids.numel()), n_tiles)](
             h, w_down, y, weights, ids, routing, ids.numel(), top_k, hidden, ffn, *strides,
-            SCAN=SCAN, E_POW2=triton.next_power_of_2(n_experts), **common)
+            SCAN=SCAN, E_POW2=triton.next_power_of_2(n_experts), **common, **launch_flags(h))
     else:
         w_operand, tma = _weights_operand(w_down, bool(tile.get("tma")), tile["block_n"],
                                           tile["block_k"])
         down_sorted_kernel[(routing.max_blocks * n_tiles,)](
             h, w_operand, y, weights, *_blocks(routing), ids.numel(), top_k, hidden, ffn,
             routing.max_blocks, tile["group_m"], *strides, HALF_TAIL=routing.half_tail,
-            **common, **tma)
+            **common, **tma, **launch_flags(h))
 
 
 def launch_fused(x, w_gate_up, w_down, weights, ids, scratch, config: dict,
@@ -385,5 +387,5 @@ def launch_fused(x, w_gate_up, w_down, weights, ids, scratch, config: dict,
         BLOCK_M=config["block_m"], BLOCK_F=tile["block_f"], BLOCK_K=tile["block_k"],
         BLOCK_N=tile["block_n"], EVEN_K=hidden % tile["block_k"] == 0, SCAN=SCAN,
         E_POW2=triton.next_power_of_2(n_experts), **_paired(tile), **tma,
-        num_warps=tile["num_warps"], num_stages=tile["num_stages"])
+        num_warps=tile["num_warps"], num_stages=tile["num_stages"], **launch_flags(x))
     return acc if x.dtype == torch.float32 else acc.to(x.dtype)

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_flags, wait_then_release
+
 SCAN = 1024  # ids read per loop step
 # align's one-launch method up to this many SCAN chunks of pairs, the chunked launches above:
 # measured on an H100 (NOTES.md v11; `bench --align`), one launch 5.8-7.6 us at 1 chunk, 10.9 at
@@ -134,7 +136,9 @@ def _align_kernel(
     ids_ptr, sorted_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_padded_ptr,
     pair_slot_ptr, n_pairs,
     E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, PAD_M: tl.constexpr, SCAN: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_then_release(PDL)
     expert = tl.program_id(0)
     # Pass 1: every program counts all experts (the ids are tiny and sit in L2), so that each
     # knows its own padded offset without a second launch.
@@ -150,8 +154,10 @@ def _align_kernel(
 
 
 @triton.jit(do_not_specialize=["n_pairs"])
-def _chunk_hist_kernel(ids_ptr, chunk_counts_ptr, n_pairs, E_POW2: tl.constexpr, SCAN: tl.constexpr):
+def _chunk_hist_kernel(ids_ptr, chunk_counts_ptr, n_pairs, E_POW2: tl.constexpr, SCAN: tl.constexpr,
+                       PDL: tl.constexpr = False):
     """chunk_counts[c, e] = pairs of chunk c (SCAN ids) routed to expert e."""
+    wait_then_release(PDL)
     chunk = tl.program_id(0)
     offs = chunk * SCAN + tl.arange(0, SCAN)
     ids = tl.load(ids_ptr + offs, mask=offs < n_pairs, other=0).to(tl.int32)
@@ -167,11 +173,13 @@ def _chunk_offsets_kernel(
     chunk_counts_ptr, delta_ptr, sorted_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
     n_padded_ptr, n_pairs, n_chunks,
     E_POW2: tl.constexpr, CHUNKS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, PAD_M: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Program e, from the per-chunk counts [n_chunks, E_POW2]: expert e's padding rows and
     blocks, and its column of delta [n_chunks, E_POW2], where the i-th pair of chunk c in
     (expert, pair) order, when it belongs to e, goes to sorted row delta[c, e] + i:
         e's first row + e's pairs in chunks before c - the chunk's pairs of experts before e."""
+    wait_then_release(PDL)
     expert = tl.program_id(0)
     rows = tl.arange(0, CHUNKS_POW2)[:, None]
     bins = tl.arange(0, E_POW2)[None, :]
@@ -190,9 +198,10 @@ def _chunk_offsets_kernel(
 
 @triton.jit(do_not_specialize=["n_pairs"])
 def _chunk_place_kernel(ids_ptr, delta_ptr, sorted_ptr, pair_slot_ptr, n_pairs,
-                        E_POW2: tl.constexpr, SCAN: tl.constexpr):
+                        E_POW2: tl.constexpr, SCAN: tl.constexpr, PDL: tl.constexpr = False):
     """Chunk c sorts its pairs by (expert, pair) in registers (one bitonic sort of SCAN keys,
     instead of a scan per expert) and writes each to sorted row delta[c, expert] + its rank."""
+    wait_then_release(PDL)
     chunk = tl.program_id(0)
     lane = tl.arange(0, SCAN)
     offs = chunk * SCAN + lane
@@ -239,21 +248,22 @@ def align(topk_ids: torch.Tensor, n_experts: int, block_m: int, scan: int = SCAN
     # chunked launches cost about the same at any size (ONE_LAUNCH_CHUNKS).
     if method is None:
         method = "one" if n_pairs <= scan * ONE_LAUNCH_CHUNKS else "chunked"
+    pdl = launch_flags(topk_ids)
     if method == "one":
         _align_kernel[(n_experts,)](ids, *outputs, n_pairs, E_POW2=e_pow2, BLOCK_M=block_m,
-                                    PAD_M=pad_m, SCAN=scan, num_warps=8)
+                                    PAD_M=pad_m, SCAN=scan, num_warps=8, **pdl)
     elif method == "chunked":
         n_chunks = triton.cdiv(n_pairs, scan)
         chunk_counts = torch.empty(n_chunks, e_pow2, dtype=torch.int32, device=device)
         delta = torch.empty(n_chunks, e_pow2, dtype=torch.int32, device=device)
         _chunk_hist_kernel[(n_chunks,)](ids, chunk_counts, n_pairs, E_POW2=e_pow2, SCAN=scan,
-                                        num_warps=4)
+                                        num_warps=4, **pdl)
         _chunk_offsets_kernel[(n_experts,)](
             chunk_counts, delta, *outputs[:5], n_pairs, n_chunks, E_POW2=e_pow2,
             CHUNKS_POW2=triton.next_power_of_2(n_chunks), BLOCK_M=block_m, PAD_M=pad_m,
-            num_warps=8)
+            num_warps=8, **pdl)
         _chunk_place_kernel[(n_chunks,)](ids, delta, sorted_pair_ids, pair_slot, n_pairs,
-                                         E_POW2=e_pow2, SCAN=scan, num_warps=8)
+                                         E_POW2=e_pow2, SCAN=scan, num_warps=8, **pdl)
     else:
         raise ValueError(f"align method must be 'one', 'chunked' or None, got {method!r}")
     return RoutingMeta(*outputs, block_m, n_pairs, half_tail)
