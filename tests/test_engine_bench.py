@@ -82,8 +82,8 @@ def test_decode_variant_sets_and_restores_the_switches(monkeypatch):
 
     monkeypatch.delenv("MOEGPS_PDL", raising=False)
     rows = K.SKINNY_MAX_ROWS
-    with bench.decode_variant("cuBLAS projections, no PDL"):
-        assert os.environ["MOEGPS_PDL"] == "0" and K.SKINNY_MAX_ROWS == 0
-    with bench.decode_variant("engine"):
-        assert os.environ["MOEGPS_PDL"] == "1" and K.SKINNY_MAX_ROWS == rows
+    with bench.decode_variant("cuBLAS projections"):
+        assert "MOEGPS_PDL" not in os.environ and K.SKINNY_MAX_ROWS == 0
+    with bench.decode_variant("PDL at exit"):
+        assert os.environ["MOEGPS_PDL"] == "exit" and K.SKINNY_MAX_ROWS == rows
     assert "MOEGPS_PDL" not in os.environ and K.SKINNY_MAX_ROWS == rows

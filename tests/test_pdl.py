@@ -2,10 +2,12 @@
 and without it. The launches themselves need a Hopper GPU: linear_probe.py and the engine
 benchmark compare outputs and times with MOEGPS_PDL=0 and 1 there."""
 
+import json
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from moegps.kernels import pdl
@@ -33,7 +35,7 @@ cases = {
 }
 ptx = {}
 for name, (kernel, signature, constexprs) in cases.items():
-    for flag in (False, True):
+    for flag in (0, 1, 2):
         source = ASTSource(kernel, signature=signature, constexprs={**constexprs, "PDL": flag})
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
         ptx[f"{name} {flag}"] = compiled.asm["ptx"]
@@ -42,22 +44,25 @@ print(json.dumps(ptx))
 
 
 def test_kernels_wait_for_their_predecessor_before_any_load():
+    """Mode 1 ("early") waits, then releases the next kernel, both before the first load; mode 2
+    ("exit") only waits; mode 0 has neither."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    import json
-
     ptx = json.loads(done.stdout.strip().splitlines()[-1])
     for name in ("linear", "combine"):
-        with_pdl, without = ptx[f"{name} True"], ptx[f"{name} False"]
-        assert "griddepcontrol" not in without, name
-        wait = with_pdl.index("griddepcontrol.wait")
-        release = with_pdl.index("griddepcontrol.launch_dependents")
-        first_load = min(i for i in (with_pdl.find("ld.global"), with_pdl.find("cp.async")) if i >= 0)
-        assert wait < release < first_load, name
+        assert "griddepcontrol" not in ptx[f"{name} 0"], name
+        for mode in (1, 2):
+            code = ptx[f"{name} {mode}"]
+            first_load = min(i for i in (code.find("ld.global"), code.find("cp.async")) if i >= 0)
+            assert code.index("griddepcontrol.wait") < first_load, (name, mode)
+            release = code.find("griddepcontrol.launch_dependents")
+            assert (0 <= release < first_load) if mode == 1 else release < 0, (name, mode)
 
 
-def test_no_pdl_off_the_gpu(monkeypatch):
-    assert pdl.launch_flags(torch.zeros(2)) == {}
-    monkeypatch.setenv("MOEGPS_PDL", "0")
-    assert not pdl.enabled(torch.zeros(2))
+def test_pdl_mode_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MOEGPS_PDL", "early")
+    assert pdl.launch_flags(torch.zeros(2)) == {}  # no GPU: off whatever the variable says
+    monkeypatch.setenv("MOEGPS_PDL", "1")
+    with pytest.raises(ValueError, match="MOEGPS_PDL"):
+        pdl.mode(torch.zeros(2))

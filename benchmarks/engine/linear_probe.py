@@ -6,9 +6,9 @@ launch settings swept (why LINEAR_DEFAULTS in moegps/engine/kernels.py).
 
 A time is the median over 10 replays of a CUDA graph of 24 back-to-back products, each on the next of
 enough weight copies (>= 400 MB) that none is still in L2 when it comes round again, as in a decode step.
-Floor: the weight bytes over the copy rate measured here. "chain" rows capture the same 24 products
-with PDL on and off: the difference is what the launch boundaries cost. Every product is first
-checked against an fp32 matmul of the same bf16 inputs.
+Floor: the weight bytes over the copy rate measured here. The skinny kernel is timed with PDL off and in
+both modes of moegps.kernels.pdl: the difference is what the 24 launch boundaries cost. Every product
+is first checked against an fp32 matmul of the same bf16 inputs.
 """
 
 import argparse
@@ -18,6 +18,7 @@ import os
 import statistics
 
 import torch
+import triton
 
 from moegps.engine import kernels as K
 from moegps.executor.generate import copy_bandwidth
@@ -34,9 +35,9 @@ def projections(name: str) -> dict[str, tuple[int, int]]:
 
 
 @contextlib.contextmanager
-def pdl(on: bool):
+def pdl(mode: str):
     old = os.environ.get("MOEGPS_PDL")
-    os.environ["MOEGPS_PDL"] = "1" if on else "0"
+    os.environ["MOEGPS_PDL"] = mode
     try:
         yield
     finally:
@@ -81,9 +82,9 @@ def main() -> None:
     rate = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: copy {rate / 1e12:.2f} TB/s; "
           f"defaults {K.LINEAR_DEFAULTS}")
-    print("| weight [N, K] | batch | cuBLAS us | skinny us | skinny + PDL us | floor us | cuBLAS % | skinny + PDL % | "
-          "max rel err |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| weight [N, K] | batch | cuBLAS us | skinny us | + PDL early us | + PDL at exit us | floor us | cuBLAS % | "
+          "skinny % | max rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     sweep_rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name, (N, Kd) in {k: v for s in args.shapes for k, v in projections(s).items()}.items():
@@ -94,24 +95,25 @@ def main() -> None:
         for T in args.batches:
             x = torch.randn(T, Kd, device="cuda", dtype=torch.bfloat16, generator=gen)
             ref = x.float() @ weights[0].float().T
-            with pdl(True):
-                err = ((K.linear(x, weights[0]).float() - ref).abs().max() / ref.abs().max()).item()
+            err = ((K.linear(x, weights[0]).float() - ref).abs().max() / ref.abs().max()).item()
             cublas = graph_us(lambda w: x @ w.T, weights)
-            with pdl(False):
-                skinny = graph_us(lambda w: K.linear(x, w), weights)
-            with pdl(True):
-                chained = graph_us(lambda w: K.linear(x, w), weights)
-            print(f"| {name} [{N}, {Kd}] | {T} | {cublas:.2f} | {skinny:.2f} | {chained:.2f} | {floor:.2f} | "
-                  f"{100 * floor / cublas:.1f} | {100 * floor / chained:.1f} | {err:.1e} |", flush=True)
+            us = {}
+            for mode in ("off", "early", "exit"):
+                with pdl(mode):
+                    us[mode] = graph_us(lambda w: K.linear(x, w), weights)
+            print(f"| {name} [{N}, {Kd}] | {T} | {cublas:.2f} | {us['off']:.2f} | {us['early']:.2f} | {us['exit']:.2f} | "
+                  f"{floor:.2f} | {100 * floor / cublas:.1f} | {100 * floor / us['off']:.1f} | {err:.1e} |", flush=True)
             if args.sweep and T in (1, 8) and name.startswith(args.shapes[0]):
-                with pdl(True):
-                    for s in SWEEP:
-                        us = graph_us(lambda w: K.linear(x, w, **s), weights)
-                        sweep_rows.append((name, T, us, 100 * floor / us, s))
+                for s in SWEEP:
+                    try:
+                        t = graph_us(lambda w: K.linear(x, w, **s), weights)
+                    except triton.runtime.errors.OutOfResources:
+                        continue
+                    sweep_rows.append((name, T, t, 100 * floor / t, s))
         del weights
         torch.cuda.empty_cache()
     if sweep_rows:
-        print("\nbest settings per weight and batch (skinny + PDL):")
+        print("\nbest settings per weight and batch (skinny, PDL off):")
         for (name, T), rows in itertools.groupby(sweep_rows, key=lambda r: r[:2]):
             rows = sorted(rows, key=lambda r: r[2])
             print(f"{name} batch {T}: " + "; ".join(f"{us:.2f} us ({pct:.0f}%) {s}" for _, _, us, pct, s in rows[:3]))

@@ -16,7 +16,7 @@ Parts (``--parts``), each printed as a table and written to ``--out`` (JSON rows
   steps, one CUDA graph per bucket, median of ``--reps`` runs) against the floor per step:
   (non-expert weights + lm_head + distinct experts touched per layer x expert bytes + KV-cache
   bytes) / copy rate. Distinct experts are counted from this run's routing. ``--decode-variants``
-  also times the step with programmatic dependent launch off and with cuBLAS projections, side by side.
+  also times the step with programmatic dependent launch and with cuBLAS projections, side by side.
 * ``attention``: the decode-attention kernel alone against its floor (KV bytes / copy rate).
 * ``ttft``: time to first token at batch 1 and each ``--prompts`` length against the matmul floor
   (2 x active parameters x tokens / matmul rate, attention FLOPs included), at the ceilings' rate and
@@ -198,10 +198,10 @@ def part_agree(hf, model: Model, prompt_len: int = 128, new: int = 32) -> dict:
                 eager_vs_grouped_mm_top1=float((eager.argmax(-1) == ref.argmax(-1)).float().mean()))
 
 
-# The engine's decode as it runs (skinny projections, PDL) and with each of the two taken away, for a
-# measurement of what each gives in one run (--decode-variants).
-DECODE_VARIANTS = {"engine": dict(pdl="1", skinny=True), "no PDL": dict(pdl="0", skinny=True),
-                   "cuBLAS projections, no PDL": dict(pdl="0", skinny=False)}
+# The engine's decode as it runs, beside it with programmatic dependent launch in either mode
+# (moegps.kernels.pdl) and with cuBLAS for the projections: what each gives, in one run (--decode-variants).
+DECODE_VARIANTS = {"engine": {}, "PDL early": {"pdl": "early"}, "PDL at exit": {"pdl": "exit"},
+                   "cuBLAS projections": {"skinny": False}}
 
 
 @contextlib.contextmanager
@@ -209,14 +209,16 @@ def decode_variant(name: str):
     """Set a DECODE_VARIANTS entry while an engine captures its graphs (launch options are baked in)."""
     variant = DECODE_VARIANTS[name]
     old_pdl, old_rows = os.environ.get("MOEGPS_PDL"), K.SKINNY_MAX_ROWS
-    os.environ["MOEGPS_PDL"] = variant["pdl"]
-    K.SKINNY_MAX_ROWS = old_rows if variant["skinny"] else 0
+    if "pdl" in variant:
+        os.environ["MOEGPS_PDL"] = variant["pdl"]
+    if not variant.get("skinny", True):
+        K.SKINNY_MAX_ROWS = 0
     try:
         yield
     finally:
         K.SKINNY_MAX_ROWS = old_rows
         if old_pdl is None:
-            del os.environ["MOEGPS_PDL"]
+            os.environ.pop("MOEGPS_PDL", None)
         else:
             os.environ["MOEGPS_PDL"] = old_pdl
 
@@ -638,7 +640,7 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--decode-variants", nargs="+", default=["engine"], choices=list(DECODE_VARIANTS),
-                    help="decode as the engine runs it, and/or with PDL or the skinny projections taken away")
+                    help="decode as the engine runs it, and/or with PDL in either mode or cuBLAS projections")
     ap.add_argument("--attention-sweep", action="store_true", help="time every ATTENTION_SWEEP setting too")
     ap.add_argument("--compile", action="store_true", help="also time transformers with static cache + compile")
     ap.add_argument("--shared-expert", choices=["folded", "beside"], default="folded",

@@ -45,7 +45,7 @@ def use_triton(t: torch.Tensor) -> bool:
 
 @triton.jit
 def _add_rmsnorm_kernel(resid_ptr, delta_ptr, w_ptr, out_ptr, H, eps, HAS_DELTA: tl.constexpr,
-                        BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
+                        BLOCK_H: tl.constexpr, PDL: tl.constexpr = 0):
     wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
@@ -103,7 +103,7 @@ LINEAR_DEFAULTS = dict(block_n=16, block_k=256, num_warps=4, num_stages=4)
 
 @triton.jit
 def _skinny_linear_kernel(x_ptr, w_ptr, out_ptr, T, N, K, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
+                          BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0):
     """Program j: out[:, j*BLOCK_N : (j+1)*BLOCK_N] of out [T, N] = x [T, K] @ w [N, K]^T, T <= BLOCK_T, K a
     multiple of BLOCK_K. Each program streams its BLOCK_N weight rows once; small tiles make enough
     programs (N / BLOCK_N) to keep every SM's loads in flight, which is all a batch-1 product needs."""
@@ -156,7 +156,7 @@ def rope_tables(max_positions: int, head_dim: int, theta: float, device) -> tupl
 @triton.jit
 def _rope_cache_kernel(qkv_ptr, q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr,
                        N_HEADS, N_KV, stride_cb, stride_ch, stride_cs, HALF: tl.constexpr, HEADS: tl.constexpr,
-                       PDL: tl.constexpr = False):
+                       PDL: tl.constexpr = 0):
     """Program (token, j): heads j*HEADS .. j*HEADS+HEADS-1 of the token, counting the query heads
     first and then the key heads (whose values are copied beside them). A block of heads per
     program: one head per program made a 2048-token prompt launch 80k programs of 256 bytes each."""
@@ -232,7 +232,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, part_o_ptr, p
                              N_HEADS, N_KV, MAX_SPLITS, stride_cb, stride_ch, stride_cs,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
                              SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
-                             PDL: tl.constexpr = False):
+                             PDL: tl.constexpr = 0):
     """One program: the GROUP query heads of KV head ``kv`` of sequence ``b`` over keys
     [split * SPLIT, (split + 1) * SPLIT). With several splits each writes its partial output and
     log-sum-exp, and the last to finish (a ticket per (b, kv), reset for the next call) merges them:
@@ -393,7 +393,7 @@ def _store_shared(ids_ptr, gates_ptr, row_start, E, mask, TOP_K: tl.constexpr, S
 @triton.jit
 def _router_kernel(x_ptr, w_ptr, ids_ptr, weights_ptr, T, H, E, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
                    RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
-                   SHARED: tl.constexpr = 0, PDL: tl.constexpr = False):
+                   SHARED: tl.constexpr = 0, PDL: tl.constexpr = 0):
     wait_then_release(PDL)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.arange(0, E_PAD)
@@ -470,7 +470,7 @@ def router_topk(x, w_router, top_k: int, renormalize: bool, shared: int = 0):
 def _add_rmsnorm_router_kernel(resid_ptr, delta_ptr, w_ptr, out_ptr, wr_ptr, ids_ptr, gates_ptr, H, E, eps,
                                TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
                                BLOCK_H: tl.constexpr, E_PAD: tl.constexpr, E_CHUNK: tl.constexpr,
-                               SHARED: tl.constexpr = 0, PDL: tl.constexpr = False):
+                               SHARED: tl.constexpr = 0, PDL: tl.constexpr = 0):
     wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)

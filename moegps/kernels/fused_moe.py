@@ -230,7 +230,7 @@ def gate_up_scan_kernel(
     stride_xt, stride_we, stride_wn, stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, SCAN: tl.constexpr, E_POW2: tl.constexpr,
-    PAIRED: tl.constexpr = False, PDL: tl.constexpr = False,
+    PAIRED: tl.constexpr = False, PDL: tl.constexpr = 0,
 ):
     wait_then_release(PDL)
     expert = _slot_expert(ids_ptr, n_pairs, tl.program_id(0), E_POW2, SCAN)
@@ -253,7 +253,7 @@ def down_scan_kernel(
     stride_hm, stride_we, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, SCAN: tl.constexpr, E_POW2: tl.constexpr,
-    COMBINE: tl.constexpr = False, PDL: tl.constexpr = False,
+    COMBINE: tl.constexpr = False, PDL: tl.constexpr = 0,
 ):
     wait_then_release(PDL)
     expert = _slot_expert(ids_ptr, n_pairs, tl.program_id(0), E_POW2, SCAN)
@@ -322,7 +322,7 @@ def fused_scan_kernel(
     stride_xt, stride_w13e, stride_w13n, stride_w2e, stride_w2n,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_K: tl.constexpr, SCAN: tl.constexpr, E_POW2: tl.constexpr,
-    PAIRED: tl.constexpr = False, TMA: tl.constexpr = False, PDL: tl.constexpr = False,
+    PAIRED: tl.constexpr = False, TMA: tl.constexpr = False, PDL: tl.constexpr = 0,
 ):
     """Both GEMMs and the k-way combine in one launch, split-K over the FFN dimension F.
 
@@ -390,7 +390,7 @@ def gate_up_sorted_kernel(
     top_k, H, F, num_pid_m, group_m, stride_xt, stride_we, stride_wn, stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, PAIRED: tl.constexpr = False,
-    TMA: tl.constexpr = False, HALF_TAIL: tl.constexpr = False, PDL: tl.constexpr = False,
+    TMA: tl.constexpr = False, HALF_TAIL: tl.constexpr = False, PDL: tl.constexpr = 0,
 ):
     """HALF_TAIL: a block of BLOCK_M / 2 rows (an expert's last, routing.align) runs at that
     height, a second compiled tile in the same kernel."""
@@ -414,7 +414,7 @@ def down_sorted_kernel(
     n_blocks_ptr, n_pairs, top_k, H, F, num_pid_m, group_m, stride_hm, stride_we, stride_wn,
     stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, TMA: tl.constexpr = False,
-    HALF_TAIL: tl.constexpr = False, COMBINE: tl.constexpr = False, PDL: tl.constexpr = False,
+    HALF_TAIL: tl.constexpr = False, COMBINE: tl.constexpr = False, PDL: tl.constexpr = 0,
 ):
     wait_then_release(PDL)
     pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(H, BLOCK_N), group_m)
@@ -432,7 +432,7 @@ def down_sorted_kernel(
 
 @triton.jit
 def combine_kernel(y_ptr, slot_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr,
-                   GATHER: tl.constexpr = False, PDL: tl.constexpr = False):
+                   GATHER: tl.constexpr = False, PDL: tl.constexpr = 0):
     """out[t, h tile] = sum_j y[t * TOP_K + j, h tile], added in fp32 and rounded once: the k-way
     combine after the down GEMM of the scan and sorted paths. y [T*k, H] and out [T, H] are
     contiguous; grid (T, cdiv(H, BLOCK_H)). GATHER: y is in expert order (the wgmma path), pair

@@ -27,12 +27,16 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
+MODES = {"off": 0, "early": 1, "exit": 2}
+
+
 @triton.jit
 def wait_then_release(PDL: tl.constexpr):
-    """Wait for the previous kernel in the stream, then let the next one be scheduled (no-op
-    without PDL)."""
-    if PDL:
+    """PDL 0: nothing. 1 ("early"): wait for the previous kernel in the stream, then let the next one
+    be scheduled. 2 ("exit"): wait only; the next kernel is scheduled as this one's programs end."""
+    if PDL >= 1:
         gdc_wait()
+    if PDL == 1:
         gdc_launch_dependents()
 
 
@@ -41,15 +45,21 @@ def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
-def enabled(t: torch.Tensor) -> bool:
-    """Whether kernels on ``t``'s device launch with PDL: a GPU of compute capability 9.0 or
-    later, unless the environment sets ``MOEGPS_PDL=0`` (read at every launch, so a benchmark can
-    time both in one process: a CUDA graph keeps the launches of its capture)."""
-    return (t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
-            and os.environ.get("MOEGPS_PDL", "1") != "0" and _capable(t.device.index or 0))
+def mode(t: torch.Tensor) -> int:
+    """The PDL mode of kernels on ``t``'s device (MODES): ``$MOEGPS_PDL`` ("off", "early" or "exit",
+    default "off"; read at every launch, so a benchmark can time each in one process: a CUDA graph
+    keeps the launches of its capture) on a GPU of compute capability 9.0 or later, else off."""
+    name = os.environ.get("MOEGPS_PDL", "off")
+    if name not in MODES:
+        raise ValueError(f"environment variable MOEGPS_PDL must be one of {sorted(MODES)}, got {name!r}")
+    if not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return 0
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return MODES[name] if _capable(index) else 0
 
 
 def launch_flags(t: torch.Tensor) -> dict:
-    """Keyword arguments of a kernel launch on ``t``'s device: the kernel's ``PDL`` flag and
+    """Keyword arguments of a kernel launch on ``t``'s device: the kernel's ``PDL`` mode and
     Triton's ``launch_pdl`` option, or nothing (both default to off)."""
-    return {"PDL": True, "launch_pdl": True} if enabled(t) else {}
+    pdl = mode(t)
+    return {"PDL": pdl, "launch_pdl": True} if pdl else {}

@@ -136,7 +136,7 @@ def _align_kernel(
     ids_ptr, sorted_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_padded_ptr,
     pair_slot_ptr, n_pairs,
     E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, PAD_M: tl.constexpr, SCAN: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     wait_then_release(PDL)
     expert = tl.program_id(0)
@@ -155,7 +155,7 @@ def _align_kernel(
 
 @triton.jit(do_not_specialize=["n_pairs"])
 def _chunk_hist_kernel(ids_ptr, chunk_counts_ptr, n_pairs, E_POW2: tl.constexpr, SCAN: tl.constexpr,
-                       PDL: tl.constexpr = False):
+                       PDL: tl.constexpr = 0):
     """chunk_counts[c, e] = pairs of chunk c (SCAN ids) routed to expert e."""
     wait_then_release(PDL)
     chunk = tl.program_id(0)
@@ -173,7 +173,7 @@ def _chunk_offsets_kernel(
     chunk_counts_ptr, delta_ptr, sorted_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
     n_padded_ptr, n_pairs, n_chunks,
     E_POW2: tl.constexpr, CHUNKS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, PAD_M: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     """Program e, from the per-chunk counts [n_chunks, E_POW2]: expert e's padding rows and
     blocks, and its column of delta [n_chunks, E_POW2], where the i-th pair of chunk c in
@@ -198,7 +198,7 @@ def _chunk_offsets_kernel(
 
 @triton.jit(do_not_specialize=["n_pairs"])
 def _chunk_place_kernel(ids_ptr, delta_ptr, sorted_ptr, pair_slot_ptr, n_pairs,
-                        E_POW2: tl.constexpr, SCAN: tl.constexpr, PDL: tl.constexpr = False):
+                        E_POW2: tl.constexpr, SCAN: tl.constexpr, PDL: tl.constexpr = 0):
     """Chunk c sorts its pairs by (expert, pair) in registers (one bitonic sort of SCAN keys,
     instead of a scan per expert) and writes each to sorted row delta[c, expert] + its rank."""
     wait_then_release(PDL)
