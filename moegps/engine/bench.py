@@ -46,6 +46,7 @@ import torch
 from ..executor.generate import copy_bandwidth, device_ms, set_experts_implementation, static_decode
 from ..shapes import ModelShape, from_name
 from . import kernels as K
+from . import model as engine_model
 from .generate import Engine, PrefillGraphs, bucket_for
 from .kernels import ATTENTION_DEFAULTS, decode_attention
 from .model import (KVCache, Model, decode_step, from_transformers, prefill, random_model,
@@ -199,16 +200,18 @@ def part_agree(hf, model: Model, prompt_len: int = 128, new: int = 32) -> dict:
 
 
 # The engine's decode as it runs, beside it with programmatic dependent launch in either mode
-# (moegps.kernels.pdl) and with cuBLAS for the projections: what each gives, in one run (--decode-variants).
+# (moegps.kernels.pdl), with cuBLAS for the projections and without the L2 prefetch: what each gives, in
+# one run (--decode-variants).
 DECODE_VARIANTS = {"engine": {}, "PDL early": {"pdl": "early"}, "PDL at exit": {"pdl": "exit"},
-                   "cuBLAS projections": {"skinny": False}}
+                   "cuBLAS projections": {"skinny": False}, "no L2 prefetch": {"prefetch": False}}
 
 
 @contextlib.contextmanager
 def decode_variant(name: str):
     """Set a DECODE_VARIANTS entry while an engine captures its graphs (launch options are baked in)."""
     variant = DECODE_VARIANTS[name]
-    old_pdl, old_rows = os.environ.get("MOEGPS_PDL"), K.SKINNY_MAX_ROWS
+    old_pdl, old_rows, old_prefetch = os.environ.get("MOEGPS_PDL"), K.SKINNY_MAX_ROWS, engine_model.L2_PREFETCH
+    engine_model.L2_PREFETCH = variant.get("prefetch", old_prefetch)
     if "pdl" in variant:
         os.environ["MOEGPS_PDL"] = variant["pdl"]
     if not variant.get("skinny", True):
@@ -216,7 +219,7 @@ def decode_variant(name: str):
     try:
         yield
     finally:
-        K.SKINNY_MAX_ROWS = old_rows
+        K.SKINNY_MAX_ROWS, engine_model.L2_PREFETCH = old_rows, old_prefetch
         if old_pdl is None:
             os.environ.pop("MOEGPS_PDL", None)
         else:
@@ -235,14 +238,18 @@ def part_decode(model: Model, batches, contexts, new: int, reps: int, copy_rate:
                       "beside the weights", flush=True)
                 continue
             prompts = torch.randint(3, model.shape.vocab_size, (batch, context), generator=gen).tolist()
+            first_tokens = None
             for variant in variants:  # side by side, so that the machine's state is the same for each
                 with decode_variant(variant):
                     engine = Engine(model, max_batch=batch, max_len=context + new)
                     times = []
                     for _ in range(reps + 1):  # the first run captures the graph
-                        times.append(engine.generate(prompts, new).decode_ms_per_step)
+                        out = engine.generate(prompts, new)
+                        times.append(out.decode_ms_per_step)
                 rows.append(_decode_row(model, engine, batch, context, new, statistics.median(times[1:]), copy_rate))
-                rows[-1]["variant"] = variant
+                first_tokens = first_tokens or out.tokens
+                # greedy tokens as the first variant's: a launch option or a prefetch changes no value
+                rows[-1].update(variant=variant, same_tokens=out.tokens == first_tokens)
                 print(rows[-1], flush=True)
                 del engine
                 torch.cuda.empty_cache()
