@@ -81,9 +81,11 @@ def test_decode_variant_sets_and_restores_the_switches(monkeypatch):
     from moegps.engine import kernels as K
 
     monkeypatch.delenv("MOEGPS_PDL", raising=False)
-    rows = K.SKINNY_MAX_ROWS
+    rows, attention = K.SKINNY_MAX_ROWS, dict(K.ATTENTION_DEFAULTS)
     with bench.decode_variant("cuBLAS projections"):
         assert "MOEGPS_PDL" not in os.environ and K.SKINNY_MAX_ROWS == 0
-    with bench.decode_variant("PDL at exit"):
-        assert os.environ["MOEGPS_PDL"] == "exit" and K.SKINNY_MAX_ROWS == rows
-    assert "MOEGPS_PDL" not in os.environ and K.SKINNY_MAX_ROWS == rows
+    with bench.decode_variant("no PDL"):
+        assert os.environ["MOEGPS_PDL"] == "0" and K.SKINNY_MAX_ROWS == rows
+    with bench.decode_variant("attention splits >= 64 keys"):
+        assert K.ATTENTION_DEFAULTS == {**attention, "min_split": 64}
+    assert "MOEGPS_PDL" not in os.environ and K.SKINNY_MAX_ROWS == rows and K.ATTENTION_DEFAULTS == attention

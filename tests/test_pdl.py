@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from moegps.kernels import pdl
@@ -35,7 +34,7 @@ cases = {
 }
 ptx = {}
 for name, (kernel, signature, constexprs) in cases.items():
-    for flag in (0, 1, 2):
+    for flag in (False, True):
         source = ASTSource(kernel, signature=signature, constexprs={**constexprs, "PDL": flag})
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
         ptx[f"{name} {flag}"] = compiled.asm["ptx"]
@@ -44,25 +43,20 @@ print(json.dumps(ptx))
 
 
 def test_kernels_wait_for_their_predecessor_before_any_load():
-    """Mode 1 ("early") waits, then releases the next kernel, both before the first load; mode 2
-    ("exit") only waits; mode 0 has neither."""
+    """With PDL the kernel waits before its first load and never releases its successor early;
+    without it, neither."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     ptx = json.loads(done.stdout.strip().splitlines()[-1])
     for name in ("linear", "combine"):
-        assert "griddepcontrol" not in ptx[f"{name} 0"], name
-        for mode in (1, 2):
-            code = ptx[f"{name} {mode}"]
-            first_load = min(i for i in (code.find("ld.global"), code.find("cp.async")) if i >= 0)
-            assert code.index("griddepcontrol.wait") < first_load, (name, mode)
-            release = code.find("griddepcontrol.launch_dependents")
-            assert (0 <= release < first_load) if mode == 1 else release < 0, (name, mode)
+        assert "griddepcontrol" not in ptx[f"{name} False"], name
+        code = ptx[f"{name} True"]
+        first_load = min(i for i in (code.find("ld.global"), code.find("cp.async")) if i >= 0)
+        assert 0 <= code.find("griddepcontrol.wait") < first_load, name
+        assert "launch_dependents" not in code, name
 
 
-def test_pdl_mode_from_the_environment(monkeypatch):
-    monkeypatch.setenv("MOEGPS_PDL", "early")
-    assert pdl.launch_flags(torch.zeros(2)) == {}  # no GPU: off whatever the variable says
+def test_no_pdl_off_the_gpu(monkeypatch):
     monkeypatch.setenv("MOEGPS_PDL", "1")
-    with pytest.raises(ValueError, match="MOEGPS_PDL"):
-        pdl.mode(torch.zeros(2))
+    assert pdl.launch_flags(torch.zeros(2)) == {} and not pdl.enabled(torch.zeros(2))

@@ -6,9 +6,9 @@ launch settings swept (why LINEAR_DEFAULTS in moegps/engine/kernels.py).
 
 A time is the median over 10 replays of a CUDA graph of 24 back-to-back products, each on the next of
 enough weight copies (>= 400 MB) that none is still in L2 when it comes round again, as in a decode step.
-Floor: the weight bytes over the copy rate measured here. The skinny kernel is timed with PDL off and in
-both modes of moegps.kernels.pdl: the difference is what the 24 launch boundaries cost. Every product
-is first checked against an fp32 matmul of the same bf16 inputs.
+Floor: the weight bytes over the copy rate measured here. The skinny kernel is timed with programmatic
+dependent launch (moegps.kernels.pdl) off and on: the difference is what the 24 launch boundaries cost.
+Every product is first checked against an fp32 matmul of the same bf16 inputs.
 """
 
 import argparse
@@ -82,9 +82,9 @@ def main() -> None:
     rate = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: copy {rate / 1e12:.2f} TB/s; "
           f"defaults {K.LINEAR_DEFAULTS}")
-    print("| weight [N, K] | batch | cuBLAS us | skinny us | + PDL early us | + PDL at exit us | floor us | cuBLAS % | "
-          "skinny % | max rel err |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| weight [N, K] | batch | cuBLAS us | skinny us | skinny, PDL us | floor us | cuBLAS % | skinny, PDL % | "
+          "max rel err |")
+    print("|---|---|---|---|---|---|---|---|---|")
     sweep_rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name, (N, Kd) in {k: v for s in args.shapes for k, v in projections(s).items()}.items():
@@ -98,11 +98,11 @@ def main() -> None:
             err = ((K.linear(x, weights[0]).float() - ref).abs().max() / ref.abs().max()).item()
             cublas = graph_us(lambda w: x @ w.T, weights)
             us = {}
-            for mode in ("off", "early", "exit"):
+            for mode in ("0", "1"):
                 with pdl(mode):
                     us[mode] = graph_us(lambda w: K.linear(x, w), weights)
-            print(f"| {name} [{N}, {Kd}] | {T} | {cublas:.2f} | {us['off']:.2f} | {us['early']:.2f} | {us['exit']:.2f} | "
-                  f"{floor:.2f} | {100 * floor / cublas:.1f} | {100 * floor / us['off']:.1f} | {err:.1e} |", flush=True)
+            print(f"| {name} [{N}, {Kd}] | {T} | {cublas:.2f} | {us['0']:.2f} | {us['1']:.2f} | {floor:.2f} | "
+                  f"{100 * floor / cublas:.1f} | {100 * floor / us['1']:.1f} | {err:.1e} |", flush=True)
             if args.sweep and T in (1, 8) and name.startswith(args.shapes[0]):
                 for s in SWEEP:
                     try:
@@ -113,7 +113,7 @@ def main() -> None:
         del weights
         torch.cuda.empty_cache()
     if sweep_rows:
-        print("\nbest settings per weight and batch (skinny, PDL off):")
+        print("\nbest settings per weight and batch (skinny, PDL as the environment says):")
         for (name, T), rows in itertools.groupby(sweep_rows, key=lambda r: r[:2]):
             rows = sorted(rows, key=lambda r: r[2])
             print(f"{name} batch {T}: " + "; ".join(f"{us:.2f} us ({pct:.0f}%) {s}" for _, _, us, pct, s in rows[:3]))

@@ -16,7 +16,7 @@ Parts (``--parts``), each printed as a table and written to ``--out`` (JSON rows
   steps, one CUDA graph per bucket, median of ``--reps`` runs) against the floor per step:
   (non-expert weights + lm_head + distinct experts touched per layer x expert bytes + KV-cache
   bytes) / copy rate. Distinct experts are counted from this run's routing. ``--decode-variants``
-  also times the step with programmatic dependent launch and with cuBLAS projections, side by side.
+  also times the step with one of the engine's choices changed (DECODE_VARIANTS), side by side.
 * ``attention``: the decode-attention kernel alone against its floor (KV bytes / copy rate).
 * ``ttft``: time to first token at batch 1 and each ``--prompts`` length against the matmul floor
   (2 x active parameters x tokens / matmul rate, attention FLOPs included), at the ceilings' rate and
@@ -46,7 +46,6 @@ import torch
 from ..executor.generate import copy_bandwidth, device_ms, set_experts_implementation, static_decode
 from ..shapes import ModelShape, from_name
 from . import kernels as K
-from . import model as engine_model
 from .generate import Engine, PrefillGraphs, bucket_for
 from .kernels import ATTENTION_DEFAULTS, decode_attention
 from .model import (KVCache, Model, decode_step, from_transformers, prefill, random_model,
@@ -199,27 +198,29 @@ def part_agree(hf, model: Model, prompt_len: int = 128, new: int = 32) -> dict:
                 eager_vs_grouped_mm_top1=float((eager.argmax(-1) == ref.argmax(-1)).float().mean()))
 
 
-# The engine's decode as it runs, beside it with programmatic dependent launch in either mode
-# (moegps.kernels.pdl), with cuBLAS for the projections and without the L2 prefetch: what each gives, in
-# one run (--decode-variants).
-DECODE_VARIANTS = {"engine": {}, "PDL early": {"pdl": "early"}, "PDL at exit": {"pdl": "exit"},
-                   "cuBLAS projections": {"skinny": False}, "no L2 prefetch": {"prefetch": False}}
+# The engine's decode as it runs and beside it with one of its choices changed: without programmatic
+# dependent launch (moegps.kernels.pdl), with cuBLAS for the projections, with shorter attention splits at
+# short contexts. What each gives, measured in one run (--decode-variants).
+DECODE_VARIANTS = {"engine": {}, "no PDL": {"pdl": "0"}, "cuBLAS projections": {"skinny": False},
+                   "attention splits >= 64 keys": {"attention": {"min_split": 64}}}
 
 
 @contextlib.contextmanager
 def decode_variant(name: str):
     """Set a DECODE_VARIANTS entry while an engine captures its graphs (launch options are baked in)."""
     variant = DECODE_VARIANTS[name]
-    old_pdl, old_rows, old_prefetch = os.environ.get("MOEGPS_PDL"), K.SKINNY_MAX_ROWS, engine_model.L2_PREFETCH
-    engine_model.L2_PREFETCH = variant.get("prefetch", old_prefetch)
+    old_pdl, old_rows, old_attention = os.environ.get("MOEGPS_PDL"), K.SKINNY_MAX_ROWS, dict(K.ATTENTION_DEFAULTS)
     if "pdl" in variant:
         os.environ["MOEGPS_PDL"] = variant["pdl"]
     if not variant.get("skinny", True):
         K.SKINNY_MAX_ROWS = 0
+    K.ATTENTION_DEFAULTS.update(variant.get("attention", {}))
     try:
         yield
     finally:
-        K.SKINNY_MAX_ROWS, engine_model.L2_PREFETCH = old_rows, old_prefetch
+        K.SKINNY_MAX_ROWS = old_rows
+        K.ATTENTION_DEFAULTS.clear()
+        K.ATTENTION_DEFAULTS.update(old_attention)
         if old_pdl is None:
             os.environ.pop("MOEGPS_PDL", None)
         else:
@@ -248,7 +249,7 @@ def part_decode(model: Model, batches, contexts, new: int, reps: int, copy_rate:
                         times.append(out.decode_ms_per_step)
                 rows.append(_decode_row(model, engine, batch, context, new, statistics.median(times[1:]), copy_rate))
                 first_tokens = first_tokens or out.tokens
-                # greedy tokens as the first variant's: a launch option or a prefetch changes no value
+                # greedy tokens as the first variant's (a launch option changes no value; cuBLAS's sums may)
                 rows[-1].update(variant=variant, same_tokens=out.tokens == first_tokens)
                 print(rows[-1], flush=True)
                 del engine
@@ -647,7 +648,7 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--decode-variants", nargs="+", default=["engine"], choices=list(DECODE_VARIANTS),
-                    help="decode as the engine runs it, and/or with PDL in either mode or cuBLAS projections")
+                    help="decode as the engine runs it, and/or with one of its choices changed")
     ap.add_argument("--attention-sweep", action="store_true", help="time every ATTENTION_SWEEP setting too")
     ap.add_argument("--compile", action="store_true", help="also time transformers with static cache + compile")
     ap.add_argument("--shared-expert", choices=["folded", "beside"], default="folded",

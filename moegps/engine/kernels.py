@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moegps.kernels.pdl import launch_flags, wait_then_release
+from moegps.kernels.pdl import launch_flags, wait_for_predecessor
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -45,8 +45,8 @@ def use_triton(t: torch.Tensor) -> bool:
 
 @triton.jit
 def _add_rmsnorm_kernel(resid_ptr, delta_ptr, w_ptr, out_ptr, H, eps, HAS_DELTA: tl.constexpr,
-                        BLOCK_H: tl.constexpr, PDL: tl.constexpr = 0):
-    wait_then_release(PDL)
+                        BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_predecessor(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
@@ -95,19 +95,21 @@ def add_rmsnorm(resid: torch.Tensor, delta: torch.Tensor | None, weight: torch.T
 # ---- skinny linear: the decode projections -----------------------------------------------------------
 
 # Up to this many rows (tokens), the projections run as `_skinny_linear_kernel`: at batch 1 cuBLAS read
-# the QKV and output projections' weights at 77% and 65% of the copy rate (H200, docs/engine.md).
+# the output projection's and lm_head's weights at 63% and 94% of the copy rate on an H200, this kernel
+# at 69% and 99% (the QKV projection: 75% and 77%; benchmarks/engine/linear_probe.py).
 SKINNY_MAX_ROWS = 16
-# Launch settings; benchmarks/engine/linear_probe.py sweeps them against cuBLAS.
-LINEAR_DEFAULTS = dict(block_n=16, block_k=256, num_warps=4, num_stages=4)
+# Launch settings: the best geometric mean over Mixtral's three projections at batch 1 and 8 of the 36
+# that benchmarks/engine/linear_probe.py --sweep times (H200, benchmarks/engine/h200-2026-12-04/call2).
+LINEAR_DEFAULTS = dict(block_n=32, block_k=128, num_warps=4, num_stages=6)
 
 
 @triton.jit
 def _skinny_linear_kernel(x_ptr, w_ptr, out_ptr, T, N, K, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0):
+                          BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
     """Program j: out[:, j*BLOCK_N : (j+1)*BLOCK_N] of out [T, N] = x [T, K] @ w [N, K]^T, T <= BLOCK_T, K a
     multiple of BLOCK_K. Each program streams its BLOCK_N weight rows once; small tiles make enough
     programs (N / BLOCK_N) to keep every SM's loads in flight, which is all a batch-1 product needs."""
-    wait_then_release(PDL)
+    wait_for_predecessor(PDL)
     offs_t = tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -144,28 +146,6 @@ def linear(x: torch.Tensor, w: torch.Tensor, **settings) -> torch.Tensor:
     return out
 
 
-# ---- L2 prefetch ----------------------------------------------------------------------------------------
-
-@triton.jit
-def _l2_prefetch_kernel(ptr, n_lines, LINES: tl.constexpr):
-    """Program i: one L2 prefetch (evict-last) per 128-byte line of lines i*LINES .. (i+1)*LINES - 1 of
-    the buffer at ``ptr`` (bytes), clamped to its last line. Fire and forget: nothing comes back to the SM."""
-    line = tl.minimum(tl.program_id(0).to(tl.int64) * LINES + tl.arange(0, LINES), n_lines - 1)
-    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l", [ptr + line * 128],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-def l2_prefetch(t: torch.Tensor) -> None:
-    """Ask the GPU's L2 to fetch ``t``'s bytes (contiguous) now, to be read soon by another kernel. The
-    decode step issues it on a side stream while latency-bound kernels leave the memory idle. GPU only
-    (a no-op elsewhere: it changes no value)."""
-    if not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        return
-    n_lines = triton.cdiv(t.numel() * t.element_size(), 128)
-    lines = 1024
-    _l2_prefetch_kernel[(triton.cdiv(n_lines, lines),)](t.view(torch.uint8), n_lines, LINES=lines, num_warps=4)
-
-
 # ---- rotary embedding + KV-cache write -------------------------------------------------------------
 
 def rope_tables(max_positions: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,11 +158,11 @@ def rope_tables(max_positions: int, head_dim: int, theta: float, device) -> tupl
 @triton.jit
 def _rope_cache_kernel(qkv_ptr, q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr,
                        N_HEADS, N_KV, stride_cb, stride_ch, stride_cs, HALF: tl.constexpr, HEADS: tl.constexpr,
-                       PDL: tl.constexpr = 0):
+                       PDL: tl.constexpr = False):
     """Program (token, j): heads j*HEADS .. j*HEADS+HEADS-1 of the token, counting the query heads
     first and then the key heads (whose values are copied beside them). A block of heads per
     program: one head per program made a 2048-token prompt launch 80k programs of 256 bytes each."""
-    wait_then_release(PDL)
+    wait_for_predecessor(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
     D = 2 * HALF
@@ -254,13 +234,13 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, part_o_ptr, p
                              N_HEADS, N_KV, MAX_SPLITS, stride_cb, stride_ch, stride_cs,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
                              SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
-                             PDL: tl.constexpr = 0):
+                             PDL: tl.constexpr = False):
     """One program: the GROUP query heads of KV head ``kv`` of sequence ``b`` over keys
     [split * SPLIT, (split + 1) * SPLIT). With several splits each writes its partial output and
     log-sum-exp, and the last to finish (a ticket per (b, kv), reset for the next call) merges them:
     one launch where a separate merge kernel would cost another launch's latency (the "last block
     reduces" pattern of the CUDA samples' threadFenceReduction and of serial split-K GEMMs)."""
-    wait_then_release(PDL)
+    wait_for_predecessor(PDL)
     b = tl.program_id(0).to(tl.int64)
     kv = tl.program_id(1)
     split = tl.program_id(2)
@@ -415,8 +395,8 @@ def _store_shared(ids_ptr, gates_ptr, row_start, E, mask, TOP_K: tl.constexpr, S
 @triton.jit
 def _router_kernel(x_ptr, w_ptr, ids_ptr, weights_ptr, T, H, E, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
                    RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
-                   SHARED: tl.constexpr = 0, PDL: tl.constexpr = 0):
-    wait_then_release(PDL)
+                   SHARED: tl.constexpr = 0, PDL: tl.constexpr = False):
+    wait_for_predecessor(PDL)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.arange(0, E_PAD)
     logits = tl.zeros([BLOCK_T, E_PAD], tl.float32)
@@ -492,11 +472,15 @@ def router_topk(x, w_router, top_k: int, renormalize: bool, shared: int = 0):
 def _add_rmsnorm_router_kernel(resid_ptr, delta_ptr, w_ptr, out_ptr, wr_ptr, ids_ptr, gates_ptr, H, E, eps,
                                TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
                                BLOCK_H: tl.constexpr, E_PAD: tl.constexpr, E_CHUNK: tl.constexpr,
-                               SHARED: tl.constexpr = 0, PDL: tl.constexpr = 0):
-    wait_then_release(PDL)
+                               SHARED: tl.constexpr = 0, PDL: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
+    # the router's weights depend on no earlier kernel: the first chunk's load is issued before the
+    # wait and the norm, and each later chunk's before the chunk before it is used
+    e = tl.arange(0, E_CHUNK)
+    wr = tl.load(wr_ptr + e[:, None] * H + cols[None, :], mask=(e < E)[:, None] & mask[None, :], other=0.0)
+    wait_for_predecessor(PDL)
     x = (tl.load(resid_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
          + tl.load(delta_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32))
     x = x.to(resid_ptr.dtype.element_ty)
@@ -511,10 +495,13 @@ def _add_rmsnorm_router_kernel(resid_ptr, delta_ptr, w_ptr, out_ptr, wr_ptr, ids
     logits = tl.full([E_PAD], float("-inf"), tl.float32)
     for e0 in range(0, E, E_CHUNK):
         e = e0 + tl.arange(0, E_CHUNK)
-        wr = tl.load(wr_ptr + e[:, None] * H + cols[None, :], mask=(e < E)[:, None] & mask[None, :], other=0.0)
+        e_next = e + E_CHUNK
+        wr_next = tl.load(wr_ptr + e_next[:, None] * H + cols[None, :], mask=(e_next < E)[:, None] & mask[None, :],
+                          other=0.0)
         part = tl.sum(wr.to(tl.float32) * yf[None, :], axis=1)  # [E_CHUNK]
         placed = tl.sum(tl.where(e_all[:, None] == e[None, :], part[None, :], 0.0), axis=1)  # [E_PAD]
         logits = tl.where((e_all >= e0) & (e_all < e0 + E_CHUNK) & (e_all < E), placed, logits)
+        wr = wr_next
     probs = tl.exp(logits - tl.max(logits, axis=0))
     probs = probs / tl.sum(probs, axis=0)
     j_col = tl.arange(0, K_PAD)

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from ..kernels import fused_moe, moe_reference
 from ..shapes import ModelShape, from_hf_config
-from .kernels import (add_rmsnorm, add_rmsnorm_router, decode_attention, l2_prefetch, linear, rope_cache_write,
-                      rope_tables, use_triton)
+from .kernels import (add_rmsnorm, add_rmsnorm_router, decode_attention, linear, rope_cache_write, rope_tables,
+                      use_triton)
 
 
 @dataclass
@@ -289,42 +289,18 @@ def _mlp(model: Model, index: int, resid: torch.Tensor, attn_out: torch.Tensor) 
     return out
 
 
-# Decode on a GPU: the output projection's weights are fetched into L2 on a side stream while rotary and
-# attention, latency-bound launches of a few programs each, leave the memory idle (the bench's
-# --decode-variants "no L2 prefetch" takes it away).
-L2_PREFETCH = True
-_SIDE_STREAMS: dict = {}
-
-
-def _side_stream(device) -> torch.cuda.Stream:
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
-
-
-def _layers(model: Model, cache: KVCache, resid: torch.Tensor, positions, slots, attend,
-            prefetch: bool = False) -> torch.Tensor:
+def _layers(model: Model, cache: KVCache, resid: torch.Tensor, positions, slots, attend) -> torch.Tensor:
     """All layers over ``resid [T, H]`` (updated in place); returns the last layer's MLP output
-    (the caller adds it with the final norm). ``attend(q [T, n_heads, D], layer_index) -> [T, n_heads, D]``.
-    ``prefetch``: L2-prefetch each layer's output projection beside its attention (see L2_PREFETCH)."""
+    (the caller adds it with the final norm). ``attend(q [T, n_heads, D], layer_index) -> [T, n_heads, D]``."""
     S = model.shape
     cos, sin = model.rope
     delta = None
-    prefetch = prefetch and L2_PREFETCH and resid.is_cuda
-    main = torch.cuda.current_stream(resid.device) if prefetch else None
     for index, layer in enumerate(model.layers):
         x = add_rmsnorm(resid, delta, layer.attn_norm, S.norm_eps)
         qkv = linear(x, layer.wqkv)
-        if prefetch:  # after the QKV projection's reads, beside rotary and attention
-            side = _side_stream(resid.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                l2_prefetch(layer.wo)
         q = rope_cache_write(qkv, cache.k[index], cache.v[index], positions, slots, cos, sin, S.n_heads,
                              S.n_kv_heads)
         o = attend(q, index)
-        if prefetch:
-            main.wait_stream(side)
         o = linear(o.reshape(o.shape[0], -1), layer.wo)
         delta = _mlp(model, index, resid, o)
     return delta
@@ -343,7 +319,7 @@ def decode_step(model: Model, cache: KVCache, tokens: torch.Tensor, positions: t
         return decode_attention(q, cache.k[index], cache.v[index], lengths, split=attention_split)
 
     resid = model.embed[tokens]
-    delta = _layers(model, cache, resid, positions, slots, attend, prefetch=True)
+    delta = _layers(model, cache, resid, positions, slots, attend)
     x = add_rmsnorm(resid, delta, model.norm, model.shape.norm_eps)
     return linear(x, model.lm_head).float()
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .pdl import wait_then_release
+from .pdl import wait_for_predecessor
 from .routing import expert_counts, expert_pairs_in_order
 
 
@@ -230,9 +230,9 @@ def gate_up_scan_kernel(
     stride_xt, stride_we, stride_wn, stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, SCAN: tl.constexpr, E_POW2: tl.constexpr,
-    PAIRED: tl.constexpr = False, PDL: tl.constexpr = 0,
+    PAIRED: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
-    wait_then_release(PDL)
+    wait_for_predecessor(PDL)
     expert = _slot_expert(ids_ptr, n_pairs, tl.program_id(0), E_POW2, SCAN)
     if expert < 0:
         return
@@ -253,9 +253,9 @@ def down_scan_kernel(
     stride_hm, stride_we, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, SCAN: tl.constexpr, E_POW2: tl.constexpr,
-    COMBINE: tl.constexpr = False, PDL: tl.constexpr = 0,
+    COMBINE: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
-    wait_then_release(PDL)
+    wait_for_predecessor(PDL)
     expert = _slot_expert(ids_ptr, n_pairs, tl.program_id(0), E_POW2, SCAN)
     if expert < 0:
         return
@@ -322,7 +322,7 @@ def fused_scan_kernel(
     stride_xt, stride_w13e, stride_w13n, stride_w2e, stride_w2n,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_K: tl.constexpr, SCAN: tl.constexpr, E_POW2: tl.constexpr,
-    PAIRED: tl.constexpr = False, TMA: tl.constexpr = False, PDL: tl.constexpr = 0,
+    PAIRED: tl.constexpr = False, TMA: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """Both GEMMs and the k-way combine in one launch, split-K over the FFN dimension F.
 
@@ -338,7 +338,7 @@ def fused_scan_kernel(
     correct once its zero stores wait at a barrier for every thread's loads, and no faster
     than the launcher's zero + cast: NOTES.md v4, v16; its code is commit ad73810.)
     """
-    wait_then_release(PDL)
+    wait_for_predecessor(PDL)
     expert = _slot_expert(ids_ptr, n_pairs, tl.program_id(0), E_POW2, SCAN)
     if expert >= 0:
         _fused_expert_tile(x_ptr, w13_ptr, w2_ptr, acc_ptr, weights_ptr, ids_ptr, scratch_ptr,
@@ -390,11 +390,11 @@ def gate_up_sorted_kernel(
     top_k, H, F, num_pid_m, group_m, stride_xt, stride_we, stride_wn, stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, PAIRED: tl.constexpr = False,
-    TMA: tl.constexpr = False, HALF_TAIL: tl.constexpr = False, PDL: tl.constexpr = 0,
+    TMA: tl.constexpr = False, HALF_TAIL: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """HALF_TAIL: a block of BLOCK_M / 2 rows (an expert's last, routing.align) runs at that
     height, a second compiled tile in the same kernel."""
-    wait_then_release(PDL)
+    wait_for_predecessor(PDL)
     pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(F, BLOCK_N), group_m)
     if pid_m >= tl.load(n_blocks_ptr):
         return
@@ -414,9 +414,9 @@ def down_sorted_kernel(
     n_blocks_ptr, n_pairs, top_k, H, F, num_pid_m, group_m, stride_hm, stride_we, stride_wn,
     stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, TMA: tl.constexpr = False,
-    HALF_TAIL: tl.constexpr = False, COMBINE: tl.constexpr = False, PDL: tl.constexpr = 0,
+    HALF_TAIL: tl.constexpr = False, COMBINE: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
-    wait_then_release(PDL)
+    wait_for_predecessor(PDL)
     pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(H, BLOCK_N), group_m)
     if pid_m >= tl.load(n_blocks_ptr):
         return
@@ -432,13 +432,13 @@ def down_sorted_kernel(
 
 @triton.jit
 def combine_kernel(y_ptr, slot_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr,
-                   GATHER: tl.constexpr = False, PDL: tl.constexpr = 0):
+                   GATHER: tl.constexpr = False, PDL: tl.constexpr = False):
     """out[t, h tile] = sum_j y[t * TOP_K + j, h tile], added in fp32 and rounded once: the k-way
     combine after the down GEMM of the scan and sorted paths. y [T*k, H] and out [T, H] are
     contiguous; grid (T, cdiv(H, BLOCK_H)). GATHER: y is in expert order (the wgmma path), pair
     p's row is y[slot[p]]. A plain streaming kernel: torch's sum over the k dim
     of y viewed [T, k, H] ran at 1.0-2.1 TB/s on an H100, this one at 2.7-3.05 (NOTES.md v17)."""
-    wait_then_release(PDL)
+    wait_for_predecessor(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = offs < H

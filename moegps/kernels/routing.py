@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import launch_flags, wait_then_release
+from .pdl import launch_flags, wait_for_predecessor
 
 SCAN = 1024  # ids read per loop step
 # align's one-launch method up to this many SCAN chunks of pairs, the chunked launches above:
@@ -136,9 +136,9 @@ def _align_kernel(
     ids_ptr, sorted_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_padded_ptr,
     pair_slot_ptr, n_pairs,
     E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, PAD_M: tl.constexpr, SCAN: tl.constexpr,
-    PDL: tl.constexpr = 0,
+    PDL: tl.constexpr = False,
 ):
-    wait_then_release(PDL)
+    wait_for_predecessor(PDL)
     expert = tl.program_id(0)
     # Pass 1: every program counts all experts (the ids are tiny and sit in L2), so that each
     # knows its own padded offset without a second launch.
@@ -155,9 +155,9 @@ def _align_kernel(
 
 @triton.jit(do_not_specialize=["n_pairs"])
 def _chunk_hist_kernel(ids_ptr, chunk_counts_ptr, n_pairs, E_POW2: tl.constexpr, SCAN: tl.constexpr,
-                       PDL: tl.constexpr = 0):
+                       PDL: tl.constexpr = False):
     """chunk_counts[c, e] = pairs of chunk c (SCAN ids) routed to expert e."""
-    wait_then_release(PDL)
+    wait_for_predecessor(PDL)
     chunk = tl.program_id(0)
     offs = chunk * SCAN + tl.arange(0, SCAN)
     ids = tl.load(ids_ptr + offs, mask=offs < n_pairs, other=0).to(tl.int32)
@@ -173,13 +173,13 @@ def _chunk_offsets_kernel(
     chunk_counts_ptr, delta_ptr, sorted_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
     n_padded_ptr, n_pairs, n_chunks,
     E_POW2: tl.constexpr, CHUNKS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, PAD_M: tl.constexpr,
-    PDL: tl.constexpr = 0,
+    PDL: tl.constexpr = False,
 ):
     """Program e, from the per-chunk counts [n_chunks, E_POW2]: expert e's padding rows and
     blocks, and its column of delta [n_chunks, E_POW2], where the i-th pair of chunk c in
     (expert, pair) order, when it belongs to e, goes to sorted row delta[c, e] + i:
         e's first row + e's pairs in chunks before c - the chunk's pairs of experts before e."""
-    wait_then_release(PDL)
+    wait_for_predecessor(PDL)
     expert = tl.program_id(0)
     rows = tl.arange(0, CHUNKS_POW2)[:, None]
     bins = tl.arange(0, E_POW2)[None, :]
@@ -198,10 +198,10 @@ def _chunk_offsets_kernel(
 
 @triton.jit(do_not_specialize=["n_pairs"])
 def _chunk_place_kernel(ids_ptr, delta_ptr, sorted_ptr, pair_slot_ptr, n_pairs,
-                        E_POW2: tl.constexpr, SCAN: tl.constexpr, PDL: tl.constexpr = 0):
+                        E_POW2: tl.constexpr, SCAN: tl.constexpr, PDL: tl.constexpr = False):
     """Chunk c sorts its pairs by (expert, pair) in registers (one bitonic sort of SCAN keys,
     instead of a scan per expert) and writes each to sorted row delta[c, expert] + its rank."""
-    wait_then_release(PDL)
+    wait_for_predecessor(PDL)
     chunk = tl.program_id(0)
     lane = tl.arange(0, SCAN)
     offs = chunk * SCAN + lane
