@@ -101,8 +101,9 @@ def test_kernels_compile_for_hopper_without_spills(gate_up, block_n, monkeypatch
         layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
         return f"tensordesc<bf16[{block[0]}, {block[1]}],{layout!r}>"
 
-    signature = {"a_desc": desc([128, 64]), "b_desc": desc([block_n, 64]),
-                 "out_desc": desc([64, 128]), "sorted_ptr": "*i32", "weights_ptr": "*fp32",
+    signature = {"a_desc": desc([128, 64]), "b_desc": desc([block_n, 64]), "b_half_desc": desc([block_n // 2, 64]),
+                 "out_desc": desc([64, 128]), "out_half_desc": desc([64, block_n // 2]),
+                 "sorted_ptr": "*i32", "weights_ptr": "*fp32",
                  "block_expert_ptr": "*i32", "block_start_ptr": "*i32", "n_blocks_ptr": "*i32",
                  **{name: "i32" for name in ("n_tiles_n", "group", "k_dim", "n_pairs", "b_rows",
                                              "up_offset")},

@@ -17,7 +17,8 @@ CUTLASS's "TMA warp-specialised" Hopper kernels and the Gluon tutorials (warp sp
 
 One program per SM walks tiles (row block, N tile) with the row blocks of a group adjacent, so
 the programs running at once share each expert's weight slab through L2. On an expert's last
-block of 64 rows (align's half_tail) the high warpgroup only frees the stages.
+block of 64 rows (align's half_tail) the warpgroups split the columns instead of the rows, so
+the block costs half a tile (with one warpgroup idle it had cost a whole one).
 
 Operands are in expert order (rows sorted by expert, each expert padded to whole blocks by
 routing.align): TMA has no row gather on Hopper, so `gather_rows` copies the token rows into that
@@ -48,6 +49,8 @@ try:  # Gluon ships with Triton >= 3.4; its Hopper modules are only needed on a 
     # async_copy_shared_to_global; later releases async_load and async_store (old names raise)
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    # and a shared buffer's reinterpretation _reinterpret (3.9: reinterpret)
+    _NEW_REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
     HAVE_GLUON = True
 except (ImportError, AssertionError):  # pragma: no cover - depends on the Triton build
     # (Gluon's module asserts at import when Triton's CPU interpreter replaced triton.jit)
@@ -100,12 +103,14 @@ if HAVE_GLUON:
     @gluon.jit
     def _producer(p, GATE_UP: gl.constexpr):
         """One warp: TMA copies of every tile's operands into the ring of stages."""
-        (a_desc, b_desc, out_desc, a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr,
-         weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim,
-         n_pairs, b_rows, up_offset) = p
+        (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, a_bufs, b_bufs, out_bufs, ready,
+         empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n,
+         group, k_dim, n_pairs, b_rows, up_offset) = p
         STAGES: gl.constexpr = a_bufs.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+        ROWS: gl.constexpr = a_desc.block_type.shape[0] // 2
+        QUARTER: gl.constexpr = BLOCK_N // 2
         if GATE_UP:
             nbytes: gl.constexpr = a_desc.block_type.nbytes + 2 * b_desc.block_type.nbytes
         else:
@@ -115,6 +120,7 @@ if HAVE_GLUON:
         for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
             block, tile_n = _tile(tile, gl.load(n_blocks_ptr), n_tiles_n, group)
             row = gl.load(block_start_ptr + block)
+            half_block = gl.load(block_start_ptr + block + 1) - row <= ROWS
             w_row = gl.load(block_expert_ptr + block) * b_rows + tile_n * BLOCK_N
             for k in range(0, k_dim, BLOCK_K):
                 stage = step % STAGES
@@ -125,54 +131,63 @@ if HAVE_GLUON:
                 _tma_load(a_desc, [row, k], bar, a_bufs.index(stage))
                 if GATE_UP:  # gate rows over up rows, one [2 * BLOCK_N, BLOCK_K] stage buffer
                     b = b_bufs.index(stage)
-                    _tma_load(b_desc, [w_row, k], bar, b.slice(0, BLOCK_N))
-                    _tma_load(b_desc, [w_row + up_offset, k], bar, b.slice(BLOCK_N, BLOCK_N))
+                    if half_block:  # each warpgroup's column half: its gate rows over its up rows
+                        _tma_load(b_half_desc, [w_row, k], bar, b.slice(0, QUARTER))
+                        _tma_load(b_half_desc, [w_row + up_offset, k], bar, b.slice(QUARTER, QUARTER))
+                        _tma_load(b_half_desc, [w_row + QUARTER, k], bar, b.slice(BLOCK_N, QUARTER))
+                        _tma_load(b_half_desc, [w_row + up_offset + QUARTER, k], bar,
+                                  b.slice(BLOCK_N + QUARTER, QUARTER))
+                    else:
+                        _tma_load(b_desc, [w_row, k], bar, b.slice(0, BLOCK_N))
+                        _tma_load(b_desc, [w_row + up_offset, k], bar, b.slice(BLOCK_N, BLOCK_N))
                 else:
                     _tma_load(b_desc, [w_row, k], bar, b_bufs.index(stage))
                 step += 1
 
     @gluon.jit
     def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr):
-        """One warpgroup: rows HALF * BLOCK_M / 2 onwards of every tile (each consumer frees
-        each stage once: a stage's barrier counts two arrivals)."""
-        (a_desc, b_desc, out_desc, a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr,
-         weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim,
-         n_pairs, b_rows, up_offset) = p
-        STAGES: gl.constexpr = a_bufs.shape[0]
-        BLOCK_K: gl.constexpr = a_bufs.shape[2]
+        """One warpgroup: rows HALF * BLOCK_M / 2 onwards of every tile, or on a block of at most
+        BLOCK_M / 2 rows all its rows and column half HALF (each consumer frees each stage once: a
+        stage's barrier counts two arrivals)."""
+        (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, a_bufs, b_bufs, out_bufs, ready,
+         empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n,
+         group, k_dim, n_pairs, b_rows, up_offset) = p
         ROWS: gl.constexpr = a_bufs.shape[1] // 2
         n_tiles = gl.load(n_blocks_ptr) * n_tiles_n
         step = 0
         for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
             block, tile_n = _tile(tile, gl.load(n_blocks_ptr), n_tiles_n, group)
             start = gl.load(block_start_ptr + block)
-            # a half-height block (an expert's last, align's half_tail) has no rows for the high
-            # warpgroup: it only frees each stage, and the low one has the tensor cores alone
-            if gl.load(block_start_ptr + block + 1) - start > HALF * ROWS:
+            if gl.load(block_start_ptr + block + 1) - start > ROWS:
                 step = _tile_mma(a_bufs, b_bufs, out_desc, out_bufs.index(HALF), ready, empty,
                                  sorted_ptr, weights_ptr, k_dim, n_pairs, step,
-                                 start + HALF * ROWS, tile_n, GATE_UP, HALF)
-            else:
-                for k in range(0, k_dim, BLOCK_K):
-                    stage = step % STAGES
-                    mbarrier.wait(ready.index(stage), (step // STAGES) & 1)
-                    mbarrier.arrive(empty.index(stage))
-                    step += 1
+                                 start + HALF * ROWS, tile_n, GATE_UP, HALF, False)
+            else:  # a half-height block (an expert's last, align's half_tail): its rows, half the columns
+                out_smem = _view_as(out_bufs.index(HALF), out_half_desc)
+                step = _tile_mma(a_bufs, b_bufs, out_half_desc, out_smem, ready, empty,
+                                 sorted_ptr, weights_ptr, k_dim, n_pairs, step, start, tile_n,
+                                 GATE_UP, HALF, True)
         tma.store_wait(0)
 
     @gluon.jit
     def _tile_mma(a_bufs, b_bufs, out_desc, out_smem, ready, empty, sorted_ptr, weights_ptr,
                   k_dim, n_pairs, step, start, tile_n, GATE_UP: gl.constexpr,
-                  HALF: gl.constexpr):
-        """One warpgroup's share of a tile, rows start.. (its half): the MMAs over K, then the
-        epilogue through shared memory and a TMA store, which runs on while the next tile's MMAs
-        start (every block is a whole number of half-blocks of the sorted order: align pads each
-        expert to one, so a box never reaches into another block's rows). Returns the step count."""
+                  HALF: gl.constexpr, SPLIT_N: gl.constexpr):
+        """One warpgroup's share of a tile: rows start.. (its row half; with SPLIT_N the tile's
+        only rows, and its column half HALF), the MMAs over K, then the epilogue through shared
+        memory and a TMA store, which runs on while the next tile's MMAs start (every block is a
+        whole number of half-blocks of the sorted order: align pads each expert to one, so a box
+        never reaches into another block's rows). Returns the step count."""
         STAGES: gl.constexpr = a_bufs.shape[0]
         BLOCK_K: gl.constexpr = a_bufs.shape[2]
         ROWS: gl.constexpr = a_bufs.shape[1] // 2
-        WIDTH: gl.constexpr = b_bufs.shape[1]  # gate/up: gate and up columns side by side
+        TILE_N: gl.constexpr = b_bufs.shape[1] // 2 if GATE_UP else b_bufs.shape[1]  # output columns
+        # this warpgroup's weight rows of the stage (gate/up: gate and up columns side by side)
+        WIDTH: gl.constexpr = b_bufs.shape[1] // 2 if SPLIT_N else b_bufs.shape[1]
         BLOCK_N: gl.constexpr = WIDTH // 2 if GATE_UP else WIDTH
+        A_ROW: gl.constexpr = 0 if SPLIT_N else HALF * ROWS
+        B_ROW: gl.constexpr = HALF * WIDTH if SPLIT_N else 0
+        col = tile_n * TILE_N + (HALF * BLOCK_N if SPLIT_N else 0)
         layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, WIDTH, 16])
         acc = gl.zeros([ROWS, WIDTH], gl.float32, layout)
@@ -180,8 +195,9 @@ if HAVE_GLUON:
         for k in range(0, k_dim, BLOCK_K):
             stage = step % STAGES
             mbarrier.wait(ready.index(stage), (step // STAGES) & 1)
-            acc = warpgroup_mma(a_bufs.index(stage).slice(HALF * ROWS, ROWS),
-                                b_bufs.index(stage).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(a_bufs.index(stage).slice(A_ROW, ROWS),
+                                b_bufs.index(stage).slice(B_ROW, WIDTH).permute((1, 0)), acc,
+                                is_async=True)
             # this step's MMA may run on; the step before's is done with its stage
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
             mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), pred=step > first)
@@ -191,19 +207,27 @@ if HAVE_GLUON:
 
         if GATE_UP:  # h in expert order: h[row] = silu(gate) * up
             gate, up = acc.reshape([ROWS, 2, BLOCK_N]).permute(0, 2, 1).split()
-            _store(out_desc, out_smem, gate / (1.0 + gl.exp(-gate)) * up, start, tile_n * BLOCK_N)
+            _store(out_desc, out_smem, gate / (1.0 + gl.exp(-gate)) * up, start, col)
         else:  # y in expert order: y[row] = routing weight of the row's pair * (h @ w2^T)
             rows = start + gl.arange(0, ROWS, gl.SliceLayout(1, layout))
             pair = gl.load(sorted_ptr + rows)  # padding rows hold n_pairs
             weight = gl.load(weights_ptr + pair, mask=pair < n_pairs, other=0.0)
             value = acc * weight.to(gl.float32)[:, None]
             if out_smem.shape[1] == BLOCK_N:
-                _store(out_desc, out_smem, value, start, tile_n * BLOCK_N)
+                _store(out_desc, out_smem, value, start, col)
             else:  # two column halves through one buffer
                 left, right = value.reshape([ROWS, 2, BLOCK_N // 2]).permute(0, 2, 1).split()
-                _store(out_desc, out_smem, left, start, tile_n * BLOCK_N)
-                _store(out_desc, out_smem, right, start, tile_n * BLOCK_N + BLOCK_N // 2)
+                _store(out_desc, out_smem, left, start, col)
+                _store(out_desc, out_smem, right, start, col + BLOCK_N // 2)
         return step
+
+    @gluon.jit
+    def _view_as(buffer, desc):
+        """The start of a shared buffer as a buffer of desc's box (its dtype, shape and layout)."""
+        if _NEW_REINTERPRET:
+            return buffer.reinterpret(desc.dtype, desc.block_type.shape, desc.layout)
+        else:
+            return buffer._reinterpret(desc.dtype, desc.block_type.shape, desc.layout)
 
     @gluon.jit
     def _store(out_desc, out_smem, value, row, col):
@@ -213,15 +237,17 @@ if HAVE_GLUON:
         _tma_store(out_desc, [row, col], out_smem)
 
     @gluon.jit
-    def grouped_gemm_kernel(a_desc, b_desc, out_desc, sorted_ptr, weights_ptr, block_expert_ptr,
-                            block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim, n_pairs,
-                            b_rows, up_offset, GATE_UP: gl.constexpr, STAGES: gl.constexpr):
+    def grouped_gemm_kernel(a_desc, b_desc, b_half_desc, out_desc, out_half_desc, sorted_ptr,
+                            weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
+                            n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset,
+                            GATE_UP: gl.constexpr, STAGES: gl.constexpr):
         """GATE_UP: out = h [max_padded, F] (expert order) = silu(A @ w1^T) * (A @ w3^T), with A
         the gathered token rows and b_desc over w_gate_up [E * 2F, H] (up rows at +up_offset).
         Otherwise: out = y [max_padded, H] (expert order) = routing weight * (h @ w2^T), b_desc
-        over w_down [E * H, F]. b_rows: weight rows per expert (2F or H). Four warps (the
-        default partition: the low half of each tile's rows) and two worker partitions: the
-        high half's warpgroup and the producer warp."""
+        over w_down [E * H, F]. b_rows: weight rows per expert (2F or H). b_half_desc and
+        out_half_desc: the same tensors in boxes of half the columns (the blocks of half height).
+        Four warps (the default partition: the low half of each tile's rows) and two worker
+        partitions: the high half's warpgroup and the producer warp."""
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         WIDTH: gl.constexpr = 2 * BLOCK_N if GATE_UP else BLOCK_N
@@ -235,9 +261,9 @@ if HAVE_GLUON:
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)
-        p = (a_desc, b_desc, out_desc, a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr,
-             weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n, group, k_dim,
-             n_pairs, b_rows, up_offset)
+        p = (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, a_bufs, b_bufs, out_bufs, ready,
+             empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
+             n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset)
         gl.warp_specialize([(_consumer, (p, GATE_UP, 0)), (_consumer, (p, GATE_UP, 1)),
                             (_producer, (p, GATE_UP))], [4, 1], [232, 24])
 
@@ -259,7 +285,8 @@ def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: i
                    routing.max_blocks * n_tiles_n)
     grouped_gemm_kernel[(programs,)](
         _descriptor(a, [block_m, block_k]), _descriptor(w2d, [block_n, block_k]),
-        _descriptor(out, [block_m // 2, min(block_n, 128)]), routing.sorted_pair_ids,
+        _descriptor(w2d, [block_n // 2, block_k]), _descriptor(out, [block_m // 2, min(block_n, 128)]),
+        _descriptor(out, [block_m // 2, block_n // 2]), routing.sorted_pair_ids,
         routing.sorted_pair_ids if weights is None else weights,  # gate/up never reads it
         routing.block_expert, routing.block_start, routing.n_blocks, n_tiles_n,
         tile.get("group_m", 8), a.shape[1], routing.n_pairs, b_rows, up_offset,
