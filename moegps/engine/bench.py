@@ -602,6 +602,7 @@ def plot_breakdown(rows: list[dict], path: Path) -> None:
         bottom = [b + v for b, v in zip(bottom, values)]
     for i, r in enumerate(rows):
         ax.text(i, bottom[i], f"{r['step_ms']:.1f} ms", ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, max(bottom) * 1.1)  # room for the totals under the title
     ax.set_ylabel("decode step (ms)")
     ax.set_title(f"Where a decode step's time goes ({rows[0]['shape']}, context 128, {rows[0]['device']})")
     ax.legend(loc="upper left", fontsize=8)
