@@ -4,7 +4,7 @@ launch settings swept (why LINEAR_DEFAULTS in moegps/engine/kernels.py).
 
     PYTHONPATH=. python benchmarks/engine/linear_probe.py [--sweep]
 
-A time is the median over 10 replays of a CUDA graph of 24 back-to-back products, each on the next of
+A time is the median over 10 replays of a CUDA graph of 24 back-to-back products (router_probe.graph_us), each on the next of
 enough weight copies (>= 400 MB) that none is still in L2 when it comes round again, as in a decode step.
 Floor: the weight bytes over the copy rate measured here. The skinny kernel is timed with programmatic
 dependent launch (moegps.kernels.pdl) off and on: the difference is what the 24 launch boundaries cost.
@@ -23,6 +23,7 @@ import triton
 from moegps.engine import kernels as K
 from moegps.executor.generate import copy_bandwidth
 from moegps.shapes import from_name
+from router_probe import graph_us  # this folder's: the scripts run from it
 
 CALLS = 24
 
@@ -47,25 +48,10 @@ def pdl(mode: str):
             os.environ["MOEGPS_PDL"] = old
 
 
-def graph_us(fn, weights: list[torch.Tensor], reps: int = 10) -> float:
-    """Median us per product of CALLS products fn(weights[i % len]) replayed as one CUDA graph."""
-    for w in weights[:2]:
-        fn(w)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(CALLS):
-            fn(weights[i % len(weights)])
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / CALLS)
-    return statistics.median(times)
+def rotating_us(fn, weights: list[torch.Tensor]) -> float:
+    """Median us per product of CALLS products fn(w), w walking through ``weights``, as one CUDA graph."""
+    walk = itertools.cycle(weights)
+    return graph_us(lambda: fn(next(walk)), calls=CALLS)
 
 
 SWEEP = [dict(block_n=bn, block_k=bk, num_warps=w, num_stages=st)
@@ -96,17 +82,17 @@ def main() -> None:
             x = torch.randn(T, Kd, device="cuda", dtype=torch.bfloat16, generator=gen)
             ref = x.float() @ weights[0].float().T
             err = ((K.linear(x, weights[0]).float() - ref).abs().max() / ref.abs().max()).item()
-            cublas = graph_us(lambda w: x @ w.T, weights)
+            cublas = rotating_us(lambda w: x @ w.T, weights)
             us = {}
             for mode in ("0", "1"):
                 with pdl(mode):
-                    us[mode] = graph_us(lambda w: K.linear(x, w), weights)
+                    us[mode] = rotating_us(lambda w: K.linear(x, w), weights)
             print(f"| {name} [{N}, {Kd}] | {T} | {cublas:.2f} | {us['0']:.2f} | {us['1']:.2f} | {floor:.2f} | "
                   f"{100 * floor / cublas:.1f} | {100 * floor / us['1']:.1f} | {err:.1e} |", flush=True)
             if args.sweep and T in (1, 8) and name.startswith(args.shapes[0]):
                 for s in SWEEP:
                     try:
-                        t = graph_us(lambda w: K.linear(x, w, **s), weights)
+                        t = rotating_us(lambda w: K.linear(x, w, **s), weights)
                     except triton.runtime.errors.OutOfResources:
                         continue
                     sweep_rows.append((name, T, t, 100 * floor / t, s))

@@ -94,9 +94,10 @@ def add_rmsnorm(resid: torch.Tensor, delta: torch.Tensor | None, weight: torch.T
 
 # ---- skinny linear: the decode projections -----------------------------------------------------------
 
-# Up to this many rows (tokens), the projections run as `_skinny_linear_kernel`: at batch 1 cuBLAS read
-# the output projection's and lm_head's weights at 63% and 94% of the copy rate on an H200, this kernel
-# at 69% and 99% (the QKV projection: 75% and 77%; benchmarks/engine/linear_probe.py).
+# Up to this many rows (tokens), the projections run as `_skinny_linear_kernel`. Against cuBLAS on an H200,
+# share of the weights' read floor at batch 1 (benchmarks/engine/linear_probe.py; h200-2026-12-04 calls 3
+# and 7): Mixtral's output projection 73% against 65%, QKV 82% against 81%, lm_head 98% against 101%;
+# DeepSeek-V2-Lite's lm_head 106% against 98%. In the engine's step: 1.6-1.8% faster at batch 1.
 SKINNY_MAX_ROWS = 16
 # Launch settings: the best geometric mean over Mixtral's three projections at batch 1 and 8 of the 36
 # that benchmarks/engine/linear_probe.py --sweep times (H200, benchmarks/engine/h200-2026-12-04/call2).
