@@ -4,8 +4,9 @@ launch settings swept (why LINEAR_DEFAULTS in moegps/engine/kernels.py).
 
     PYTHONPATH=. python benchmarks/engine/linear_probe.py [--sweep]
 
-A time is the median over 10 replays of a CUDA graph of 24 back-to-back products (router_probe.graph_us), each on the next of
-enough weight copies (>= 400 MB) that none is still in L2 when it comes round again, as in a decode step.
+A time is the median over 10 replays of a CUDA graph of 24 back-to-back products (router_probe.graph_us),
+each on the next of enough weight copies (>= 400 MB) that none is still in L2 when it comes round again,
+as in a decode step.
 Floor: the weight bytes over the copy rate measured here. The skinny kernel is timed with programmatic
 dependent launch (moegps.kernels.pdl) off and on: the difference is what the 24 launch boundaries cost.
 Every product is first checked against an fp32 matmul of the same bf16 inputs.

@@ -18,7 +18,8 @@ CUTLASS's "TMA warp-specialised" Hopper kernels and the Gluon tutorials (warp sp
 One program per SM walks tiles (row block, N tile) with the row blocks of a group adjacent, so
 the programs running at once share each expert's weight slab through L2. On an expert's last
 block of 64 rows (align's half_tail) the warpgroups split the columns instead of the rows, so
-the block costs half a tile (with one warpgroup idle it had cost a whole one).
+its MMAs take half a tile's time; its weight loads do not shrink, and where they set the pace it
+gains nothing over one warpgroup idling (NOTES.md, session 10).
 
 Operands are in expert order (rows sorted by expert, each expert padded to whole blocks by
 routing.align): TMA has no row gather on Hopper, so `gather_rows` copies the token rows into that
