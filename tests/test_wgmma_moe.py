@@ -75,55 +75,72 @@ def test_check_config_names_the_field(change, field):
         wgmma_moe.check_config(_config(**change), torch.randn(3, 64, dtype=torch.bfloat16))
 
 
+# Compiled in a fresh interpreter without TRITON_INTERPRET: this one has run Triton's CPU interpreter,
+# which leaves parts of triton.language patched for it (the code generator then fails), and Gluon's
+# module refuses to import under it.
+COMPILE = r"""
+import json, re, subprocess, sys, tempfile
+from pathlib import Path
+import triton
+from triton.backends.compiler import GPUTarget
+from moegps.kernels import wgmma_moe
+if not wgmma_moe.HAVE_GLUON:
+    print(json.dumps({"skip": "this Triton has no Gluon"})); sys.exit()
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+gate_up, block_n = json.loads(sys.argv[1])
+
+def desc(block):
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
+    return f"tensordesc<bf16[{block[0]}, {block[1]}],{layout!r}>"
+
+signature = {"a_desc": desc([128, 64]), "b_desc": desc([block_n, 64]), "b_half_desc": desc([block_n // 2, 64]),
+             "out_desc": desc([64, 128]), "out_half_desc": desc([64, block_n // 2]),
+             "sorted_ptr": "*i32", "weights_ptr": "*fp32",
+             "block_expert_ptr": "*i32", "block_start_ptr": "*i32", "n_blocks_ptr": "*i32",
+             **{name: "i32" for name in ("n_tiles_n", "group", "k_dim", "n_pairs", "b_rows", "up_offset")},
+             "GATE_UP": "constexpr", "STAGES": "constexpr"}
+source = GluonASTSource(wgmma_moe.grouped_gemm_kernel, signature=signature,
+                        constexprs={"GATE_UP": gate_up, "STAGES": 4})
+compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": 168})
+ptx = compiled.asm["ptx"]
+# spills are ptxas's: read the binary's local memory with the cuobjdump Triton ships
+cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+usage = None
+if cuobjdump.exists():
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.cubin").write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([str(cuobjdump), "-res-usage", str(Path(tmp) / "k.cubin")],
+                               capture_output=True, text=True, check=True).stdout
+print(json.dumps({"wgmma": "wgmma.mma_async" in ptx, "setmaxnreg": "setmaxnreg" in ptx,
+                  "shared": compiled.metadata.shared, "usage": usage}))
+"""
+
+
 @pytest.mark.parametrize("gate_up, block_n", [(True, 128), (False, 256)])
-def test_kernels_compile_for_hopper_without_spills(gate_up, block_n, monkeypatch, tmp_path):
+def test_kernels_compile_for_hopper_without_spills(gate_up, block_n):
     """The device code compiled for sm_90 here, with no GPU (Triton ships ptxas): it must build
     with this Triton's Gluon, keep its accumulators in registers (no local memory) and fit the
     227 KB of shared memory an H100/H200 block may use."""
-    import importlib
+    import json
+    import os
     import re
     import subprocess
-    from pathlib import Path
+    import sys
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    # conftest.py imported Triton under its interpreter, which Gluon's module then insists on
-    # at import (wgmma_moe then finds no Gluon): import it again that way
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    module = importlib.reload(wgmma_moe)
-    if not module.HAVE_GLUON:
-        pytest.skip("this Triton has no Gluon")
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    def desc(block):
-        layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
-        return f"tensordesc<bf16[{block[0]}, {block[1]}],{layout!r}>"
-
-    signature = {"a_desc": desc([128, 64]), "b_desc": desc([block_n, 64]), "b_half_desc": desc([block_n // 2, 64]),
-                 "out_desc": desc([64, 128]), "out_half_desc": desc([64, block_n // 2]),
-                 "sorted_ptr": "*i32", "weights_ptr": "*fp32",
-                 "block_expert_ptr": "*i32", "block_start_ptr": "*i32", "n_blocks_ptr": "*i32",
-                 **{name: "i32" for name in ("n_tiles_n", "group", "k_dim", "n_pairs", "b_rows",
-                                             "up_offset")},
-                 "GATE_UP": "constexpr", "STAGES": "constexpr"}
-    source = GluonASTSource(module.grouped_gemm_kernel, signature=signature,
-                            constexprs={"GATE_UP": gate_up, "STAGES": 4})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": 4, "maxnreg": 168})
-    ptx = compiled.asm["ptx"]
-    assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx  # tensor cores, register handoff
-    assert compiled.metadata.shared <= 227 * 1024
-    # spills are ptxas's: read the binary's local memory with the cuobjdump Triton ships
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not cuobjdump.exists():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE, json.dumps([gate_up, block_n])], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if "skip" in result:
+        pytest.skip(result["skip"])
+    assert result["wgmma"] and result["setmaxnreg"]  # tensor cores, register handoff
+    assert result["shared"] <= 227 * 1024
+    if result["usage"] is None:
         pytest.skip("this Triton ships no cuobjdump")
-    (tmp_path / "k.cubin").write_bytes(compiled.asm["cubin"])
-    usage = subprocess.run([str(cuobjdump), "-res-usage", str(tmp_path / "k.cubin")],
-                           capture_output=True, text=True, check=True).stdout
-    local = re.search(r"LOCAL:(\d+)", usage)
-    assert local and int(local.group(1)) == 0, usage
+    local = re.search(r"LOCAL:(\d+)", result["usage"])
+    assert local and int(local.group(1)) == 0, result["usage"]
 
 
 def test_get_config_skips_wgmma_entries_where_they_cannot_run(monkeypatch):
