@@ -9,11 +9,12 @@ kernel's launch; with PDL that overlaps the previous kernel's last programs. Lea
 programming guide ("Programmatic Dependent Launch") and from SGLang and FlashInfer, which launch
 their decode kernels this way.
 
-Every kernel that takes a ``PDL`` flag calls :func:`wait_for_predecessor` before its first load,
-so reads and writes keep plain stream order (each earlier kernel finished before its successor's
-wait returned). None releases its successor early: releasing right after the wait
-(``launch_dependents``) made an H200's batch-1 decode step 11% slower and a chain of projections
-20% slower, where waiting only was 1-4% faster (benchmarks/engine/h200-2026-12-04, docs/engine.md).
+Every kernel that takes a ``PDL`` flag calls :func:`wait_for_predecessor` before it reads anything
+an earlier kernel writes, and before any write, so reads and writes keep plain stream order (each
+earlier kernel finished before its successor's wait returned). None releases its successor early:
+releasing right after the wait (``launch_dependents``) made an H200's decode step 1-9% slower and
+a chain of projections 21% slower, where waiting only was 0.6% faster on the step and 2-10% on the
+chain (benchmarks/engine/h200-2026-12-04, docs/engine.md).
 """
 
 from __future__ import annotations
