@@ -31,7 +31,7 @@ from moegps.kernels.bench import gemm_parts
 from moegps.kernels.launch import fused_moe, get_config
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.timing import make_inputs, make_routing, rel_err, time_many
-from moegps.kernels.tune import expert_dims, shared_columns
+from moegps.kernels.tune import device_table, expert_dims, put_entry, shared_columns, write_table
 
 
 def wgmma_config(block_m=128, gu_n=128, down_n=256, stages=4, group=8, block_k=64,
@@ -164,25 +164,16 @@ def main(argv=None):
 
 def write_winners(rows, command: str) -> None:
     """Merge the rows' winning wgmma variants into the device's config table (atomic rewrite)."""
-    import json
-
-    from moegps.files import atomic_path
-
-    path = launch.CONFIG_DIR / f"{launch.device_name()}.json"
-    table = json.loads(path.read_text()) if path.exists() else {"shapes": {}}
+    path, table = device_table()
     for row in rows:
         best = min(VARIANTS, key=lambda v: row[f"{v}_us"])
         if row[f"{best}_us"] > 0.98 * row["ours_us"]:
             continue
-        key = launch.shape_key(*expert_dims(row["shape"]))
-        entry = dict(VARIANTS[best], us=round(row[f"{best}_us"], 2), tuned_by=command)
-        table["shapes"].setdefault(key, {})[str(row["tokens"])] = entry
-        table["shapes"][key] = dict(sorted(table["shapes"][key].items(), key=lambda kv: int(kv[0])))
+        put_entry(table, launch.shape_key(*expert_dims(row["shape"])), row["tokens"],
+                  dict(VARIANTS[best], us=round(row[f"{best}_us"], 2), tuned_by=command))
         print(f"config: {row['shape']} T={row['tokens']} -> {best} ({row[f'{best}_us']:.1f} us "
               f"against {row['ours_us']:.1f})", flush=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(table, indent=1))
-    launch._tuned_table.cache_clear()
+    write_table(table, (path,))
 
 
 if __name__ == "__main__":

@@ -425,6 +425,28 @@ def tune_one(name, shape, n_tokens, failed, seed=0, paths=PATHS, incumbent=None)
     return config
 
 
+def device_table() -> tuple[Path, dict]:
+    """This device's config file (configs/<device>.json) and its table ({"shapes": {}} if new)."""
+    path = launch.CONFIG_DIR / f"{launch.device_name()}.json"
+    return path, json.loads(path.read_text()) if path.exists() else {"shapes": {}}
+
+
+def put_entry(table: dict, key: str, n_tokens: int, entry: dict) -> None:
+    """Set the table's config of (shape key, token count), its token counts kept in order."""
+    by_tokens = table["shapes"].setdefault(key, {})
+    by_tokens[str(n_tokens)] = entry
+    table["shapes"][key] = dict(sorted(by_tokens.items(), key=lambda kv: int(kv[0])))
+
+
+def write_table(table: dict, targets) -> None:
+    """Write the table to each target (temporary file, then rename) and drop launch's cached copy."""
+    text = json.dumps(table, indent=1)
+    for target in targets:
+        with atomic_path(target) as tmp:
+            tmp.write_text(text)
+    launch._tuned_table.cache_clear()
+
+
 def tune(shapes, tokens, out_dir: Path, workers: int, command: str, seed: int = 0,
          paths=PATHS) -> Path:
     """Tune each (shape, tokens) over `paths` and merge the results into configs/<device>.json
@@ -438,25 +460,19 @@ def tune(shapes, tokens, out_dir: Path, workers: int, command: str, seed: int = 
                 tasks.update((name, shape, path, block, t) for t in tiles)
             tasks |= config_tasks(name, shape, launch.default_config(n_tokens, *shape))
     failed = precompile(sorted(tasks, key=str), workers)
-    path = launch.CONFIG_DIR / f"{launch.device_name()}.json"
-    table = json.loads(path.read_text()) if path.exists() else {"shapes": {}}
+    path, table = device_table()
     table.update({"device": launch.device_name(), "torch": torch.__version__,
                   "triton": __import__("triton").__version__,
                   "command": command})
     for name, shape in shapes.items():
         key = launch.shape_key(*shape)
         for n_tokens in tokens:
-            by_tokens = table["shapes"].setdefault(key, {})
-            incumbent = by_tokens.get(str(n_tokens)) if set(paths) != set(PATHS) else None
+            incumbent = (table["shapes"].get(key, {}).get(str(n_tokens)) if set(paths) != set(PATHS)
+                         else None)
             config = tune_one(name, shape, n_tokens, failed, seed, paths, incumbent)
             # each entry names the command that tuned it (the file merges several runs)
-            by_tokens[str(n_tokens)] = (dict(config, kept_by=command) if config is incumbent
-                                        else dict(config, tuned_by=command))
-            table["shapes"][key] = dict(sorted(by_tokens.items(), key=lambda kv: int(kv[0])))
-            text = json.dumps(table, indent=1)
-            for target in (out_dir / path.name, path):
-                with atomic_path(target) as tmp:
-                    tmp.write_text(text)
-            launch._tuned_table.cache_clear()
+            put_entry(table, key, n_tokens, dict(config, kept_by=command) if config is incumbent
+                      else dict(config, tuned_by=command))
+            write_table(table, (out_dir / path.name, path))
     print(f"wrote {path} and {out_dir / path.name}", flush=True)
     return path
