@@ -13,10 +13,10 @@ Every product is first checked against an fp32 matmul of the same bf16 inputs.
 """
 
 import argparse
-import contextlib
 import itertools
 import os
 import statistics
+from unittest import mock
 
 import torch
 import triton
@@ -34,19 +34,6 @@ def projections(name: str) -> dict[str, tuple[int, int]]:
     s = from_name(name)
     return {f"{name} qkv": ((s.n_heads + 2 * s.n_kv_heads) * s.head_dim, s.hidden),
             f"{name} out": (s.hidden, s.n_heads * s.head_dim), f"{name} lm_head": (s.vocab_size, s.hidden)}
-
-
-@contextlib.contextmanager
-def pdl(mode: str):
-    old = os.environ.get("MOEGPS_PDL")
-    os.environ["MOEGPS_PDL"] = mode
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["MOEGPS_PDL"]
-        else:
-            os.environ["MOEGPS_PDL"] = old
 
 
 def rotating_us(fn, weights: list[torch.Tensor]) -> float:
@@ -86,7 +73,7 @@ def main() -> None:
             cublas = rotating_us(lambda w: x @ w.T, weights)
             us = {}
             for mode in ("0", "1"):
-                with pdl(mode):
+                with mock.patch.dict(os.environ, {"MOEGPS_PDL": mode}):
                     us[mode] = rotating_us(lambda w: K.linear(x, w), weights)
             print(f"| {name} [{N}, {Kd}] | {T} | {cublas:.2f} | {us['0']:.2f} | {us['1']:.2f} | {floor:.2f} | "
                   f"{100 * floor / cublas:.1f} | {100 * floor / us['1']:.1f} | {err:.1e} |", flush=True)

@@ -40,6 +40,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -205,26 +206,17 @@ DECODE_VARIANTS = {"engine": {}, "no PDL": {"pdl": "0"}, "cuBLAS projections": {
                    "attention splits >= 64 keys": {"attention": {"min_split": 64}}}
 
 
-@contextlib.contextmanager
-def decode_variant(name: str):
-    """Set a DECODE_VARIANTS entry while an engine captures its graphs (launch options are baked in)."""
+def decode_variant(name: str) -> contextlib.ExitStack:
+    """A context that sets a DECODE_VARIANTS entry while an engine captures its graphs (launch options
+    are baked in), and restores everything after."""
     variant = DECODE_VARIANTS[name]
-    old_pdl, old_rows, old_attention = os.environ.get("MOEGPS_PDL"), K.SKINNY_MAX_ROWS, dict(K.ATTENTION_DEFAULTS)
+    stack = contextlib.ExitStack()
     if "pdl" in variant:
-        os.environ["MOEGPS_PDL"] = variant["pdl"]
+        stack.enter_context(mock.patch.dict(os.environ, {"MOEGPS_PDL": variant["pdl"]}))
     if not variant.get("skinny", True):
-        K.SKINNY_MAX_ROWS = 0
-    K.ATTENTION_DEFAULTS.update(variant.get("attention", {}))
-    try:
-        yield
-    finally:
-        K.SKINNY_MAX_ROWS = old_rows
-        K.ATTENTION_DEFAULTS.clear()
-        K.ATTENTION_DEFAULTS.update(old_attention)
-        if old_pdl is None:
-            os.environ.pop("MOEGPS_PDL", None)
-        else:
-            os.environ["MOEGPS_PDL"] = old_pdl
+        stack.enter_context(mock.patch.object(K, "SKINNY_MAX_ROWS", 0))
+    stack.enter_context(mock.patch.dict(K.ATTENTION_DEFAULTS, variant.get("attention", {})))
+    return stack
 
 
 def part_decode(model: Model, batches, contexts, new: int, reps: int, copy_rate: float,
