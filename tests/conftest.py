@@ -36,3 +36,24 @@ def shared():
             pytest.fail(f"shared data missing at {root} (set MOEGPS_DATA)")
         pytest.skip(f"shared data not found at {root}")
     return root
+
+
+@pytest.fixture
+def compiling_python():
+    """``run(script, *args) -> object``: a Python script run in a fresh interpreter without
+    TRITON_INTERPRET, its last line of output read as JSON. For tests that compile kernels for a GPU
+    on this machine: this process has run Triton's CPU interpreter, which leaves parts of
+    triton.language patched for it (the code generator then fails), and Gluon refuses to import
+    under it."""
+    import json
+    import subprocess
+    import sys
+
+    def run(script: str, *args: str):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    return run

@@ -2,17 +2,11 @@
 and without it. The launches themselves need a Hopper GPU: linear_probe.py and the engine
 benchmark compare outputs and times with MOEGPS_PDL=0 and 1 there."""
 
-import json
-import os
-import subprocess
-import sys
-
 import torch
 
 from moegps.kernels import pdl
 
-# Compiled in a fresh interpreter without TRITON_INTERPRET (conftest.py imports Triton under it,
-# and an interpreted kernel cannot be compiled).
+# Compiled in a fresh interpreter (conftest.py's compiling_python).
 SCRIPT = r"""
 import json
 import triton
@@ -42,13 +36,10 @@ print(json.dumps(ptx))
 """
 
 
-def test_kernels_wait_for_their_predecessor_before_any_load():
+def test_kernels_wait_for_their_predecessor_before_any_load(compiling_python):
     """With PDL the kernel waits before its first load and never releases its successor early;
     without it, neither."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ptx = json.loads(done.stdout.strip().splitlines()[-1])
+    ptx = compiling_python(SCRIPT)
     for name in ("linear", "combine"):
         assert "griddepcontrol" not in ptx[f"{name} False"], name
         code = ptx[f"{name} True"]

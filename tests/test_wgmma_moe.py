@@ -75,9 +75,7 @@ def test_check_config_names_the_field(change, field):
         wgmma_moe.check_config(_config(**change), torch.randn(3, 64, dtype=torch.bfloat16))
 
 
-# Compiled in a fresh interpreter without TRITON_INTERPRET: this one has run Triton's CPU interpreter,
-# which leaves parts of triton.language patched for it (the code generator then fails), and Gluon's
-# module refuses to import under it.
+# Compiled in a fresh interpreter (conftest.py's compiling_python).
 COMPILE = r"""
 import json, re, subprocess, sys, tempfile
 from pathlib import Path
@@ -118,21 +116,14 @@ print(json.dumps({"wgmma": "wgmma.mma_async" in ptx, "setmaxnreg": "setmaxnreg" 
 
 
 @pytest.mark.parametrize("gate_up, block_n", [(True, 128), (False, 256)])
-def test_kernels_compile_for_hopper_without_spills(gate_up, block_n):
+def test_kernels_compile_for_hopper_without_spills(gate_up, block_n, compiling_python):
     """The device code compiled for sm_90 here, with no GPU (Triton ships ptxas): it must build
     with this Triton's Gluon, keep its accumulators in registers (no local memory) and fit the
     227 KB of shared memory an H100/H200 block may use."""
     import json
-    import os
     import re
-    import subprocess
-    import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE, json.dumps([gate_up, block_n])], capture_output=True,
-                          text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = compiling_python(COMPILE, json.dumps([gate_up, block_n]))
     if "skip" in result:
         pytest.skip(result["skip"])
     assert result["wgmma"] and result["setmaxnreg"]  # tensor cores, register handoff
