@@ -98,3 +98,22 @@ def test_routing_with_shared_columns():
     assert torch.allclose(gates[:, :6].sum(1), torch.ones(37))
     plain_ids, _ = make_routing(37, 64, 6, seed=5, device="cpu")
     assert torch.equal(plain_ids, routed)  # the routed part is the plain routing of the routed experts
+
+
+def test_balanced_routing():
+    """make_routing(balanced=True): k distinct experts a token, every expert n * k / E rows (one more
+    or less where that does not divide), the shared columns as in random routing."""
+    from moegps.kernels.timing import make_routing
+
+    for n_tokens, n_experts, top_k, shared in [(512, 8, 2, 0), (37, 66, 8, 2), (100, 7, 3, 0)]:
+        ids, gates = make_routing(n_tokens, n_experts, top_k, seed=3, device="cpu", shared=shared,
+                                  balanced=True)
+        routed = ids[:, :top_k - shared]
+        assert all(len(set(row)) == top_k - shared for row in routed.tolist())
+        counts = torch.bincount(routed.reshape(-1), minlength=n_experts - shared)
+        assert len(counts) == n_experts - shared and int(counts.max() - counts.min()) <= 1
+        assert int(counts.sum()) == n_tokens * (top_k - shared)
+        random_ids, random_gates = make_routing(n_tokens, n_experts, top_k, seed=3, device="cpu",
+                                                shared=shared)
+        assert torch.equal(gates, random_gates) and torch.equal(ids[:, top_k - shared:],
+                                                                random_ids[:, top_k - shared:])

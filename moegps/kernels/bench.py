@@ -11,6 +11,9 @@ device events after warm-up, `triton.testing.do_bench`'s loop; L2 flushed before
 do_bench's zero-fill or, with `--flush clean`, by a read that leaves no dirty lines: see timing.FLUSH):
   ours      fused_moe with the tuned config, replayed from a CUDA graph (routing metadata,
             both GEMMs and the k-way combine all inside), and the same launched eagerly
+  balanced  ours on balanced routing (every expert n * k / E rows, timing.make_routing): the
+            work bmm below is given, so that ours against bmm compares the kernels, and ours
+            against balanced says what the unevenness of random routing costs (padding, tails)
   default   fused_moe with the default config for unseen shapes (graph)
   gmm       torch._grouped_mm pipeline: sort by expert, gather, grouped GEMM, SiLU*up, grouped
             GEMM, gate weights, un-permute and ours' k-way combine kernel (graph)
@@ -193,6 +196,8 @@ def bench_one(name, shape, n_tokens, seed=0, fused=False, skip=(), failed=None) 
     n_experts, hidden, ffn, top_k = shape
     x, w13, w2 = make_inputs(n_experts, hidden, ffn, top_k, n_tokens, seed)
     ids, weights = make_routing(n_tokens, n_experts, top_k, seed, shared=shared_columns(name))
+    even_ids, even_weights = make_routing(n_tokens, n_experts, top_k, seed, shared=shared_columns(name),
+                                          balanced=True)
     config = get_config(n_tokens, n_experts, hidden, ffn, top_k)
     dflt = default_config(n_tokens, n_experts, hidden, ffn, top_k)
     active = int(torch.unique(ids).numel())
@@ -203,17 +208,19 @@ def bench_one(name, shape, n_tokens, seed=0, fused=False, skip=(), failed=None) 
     row = {"shape": name, "E": n_experts, "H": hidden, "F": ffn, "k": top_k, "tokens": n_tokens,
            "active_experts": active, "path": config["path"], "block_m": config["block_m"],
            "half_tail": bool(config.get("half_tail", False))}
-    checked = {
-        "ours": lambda: fused_moe(x, w13, w2, ids, weights, config=config),
-        "default": lambda: fused_moe(x, w13, w2, ids, weights, config=dflt),
-        "gmm": lambda: grouped_mm_moe(x, w13, w2, ids, weights),
+    even_ref = moe_reference(x.float(), w13.float(), w2.float(), even_ids, even_weights.float()).float()
+    checked = {  # method: (run, its fp32 reference)
+        "ours": (lambda: fused_moe(x, w13, w2, ids, weights, config=config), ref),
+        "balanced": (lambda: fused_moe(x, w13, w2, even_ids, even_weights, config=config), even_ref),
+        "default": (lambda: fused_moe(x, w13, w2, ids, weights, config=dflt), ref),
+        "gmm": (lambda: grouped_mm_moe(x, w13, w2, ids, weights), ref),
     }
     timed = {}  # the row's runs timed together, in rounds (time_interleaved)
-    for method, fn in checked.items():
+    for method, (fn, method_ref) in checked.items():
         if method in skip:
             continue
         try:
-            row[f"err_{method}"] = rel_err(fn(), ref)
+            row[f"err_{method}"] = rel_err(fn(), method_ref)
             timed[method] = fn
         except Exception as exc:  # a baseline that cannot run here is reported, not fatal
             print(f"  {method} failed at {name} T={n_tokens}: {type(exc).__name__}: {exc}")
@@ -228,7 +235,7 @@ def bench_one(name, shape, n_tokens, seed=0, fused=False, skip=(), failed=None) 
     ceiling = ceiling_runs()
     times = time_many({**ceiling, **timed}, graph=set(timed))
     del ceiling
-    for method in ("ours", "default", "gmm", "gemms", "bmm", "read"):
+    for method in ("ours", "balanced", "default", "gmm", "gemms", "bmm", "read"):
         row[f"{method}_us"] = times.get(method, math.nan)
     rate = rates(times)
     floor_mem = (weight_bytes + io_bytes) / rate["copy_Bps"] * 1e6
@@ -240,9 +247,10 @@ def bench_one(name, shape, n_tokens, seed=0, fused=False, skip=(), failed=None) 
     if "loop" not in skip:  # eager (it syncs per expert), alone
         row["err_loop"] = rel_err(moe_reference(x, w13, w2, ids, weights), ref)
         row["loop_us"] = time_us(lambda: moe_reference(x, w13, w2, ids, weights))
-    row["ours_eager_us"] = time_us(checked["ours"])
+    row["ours_eager_us"] = time_us(checked["ours"][0])
     row["align16_us"] = time_us(lambda: align(ids, n_experts, 16), graph=True)
     row["pct_floor"] = 100 * row["floor_us"] / row["ours_us"]
+    row["pct_floor_balanced"] = 100 * row["floor_us"] / row["balanced_us"]
     row["pct_floor_default"] = 100 * row["floor_us"] / row["default_us"]
     row["pct_floor_gmm"] = 100 * row["floor_us"] / row["gmm_us"]
     row["pct_floor_bmm"] = 100 * row["floor_us"] / row["bmm_us"]
@@ -262,8 +270,8 @@ def bench_one(name, shape, n_tokens, seed=0, fused=False, skip=(), failed=None) 
 COLUMNS = [("shape", "{}"), ("tokens", "{}"), ("path", "{}"), ("ours_us", "{:.1f}"),
            ("ours_eager_us", "{:.1f}"), ("floor_us", "{:.1f}"), ("bound", "{}"),
            ("copy_TBps", "{:.2f}"), ("matmul_TFLOPs", "{:.0f}"),
-           ("pct_floor", "{:.0f}%"), ("gemms_us", "{:.1f}"), ("pct_floor_gemms", "{:.0f}%"),
-           ("default_us", "{:.1f}"), ("pct_floor_default", "{:.0f}%"),
+           ("pct_floor", "{:.0f}%"), ("balanced_us", "{:.1f}"), ("pct_floor_balanced", "{:.0f}%"),
+           ("gemms_us", "{:.1f}"), ("pct_floor_gemms", "{:.0f}%"), ("default_us", "{:.1f}"), ("pct_floor_default", "{:.0f}%"),
            ("gmm_us", "{:.1f}"), ("pct_floor_gmm", "{:.0f}%"), ("bmm_us", "{:.1f}"),
            ("pct_floor_bmm", "{:.0f}%"), ("read_us", "{:.1f}"), ("pct_floor_read", "{:.0f}%"),
            ("loop_us", "{:.1f}"),
@@ -301,7 +309,7 @@ def main(argv=None):
                         help="also time the one-launch fused decode path's tiles (FUSED_TILES) "
                         f"where T*k <= {FUSED_MAX_PAIRS}")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["default", "loop", "gmm", "bmm", "read"],
+                        choices=["balanced", "default", "loop", "gmm", "bmm", "read"],
                         help="baselines and references not to time")
     parser.add_argument("--flush", choices=["zero", "clean"], default="zero",
                         help="L2 flush before each timed run: zero-fill (do_bench's, leaves dirty "

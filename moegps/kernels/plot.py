@@ -29,6 +29,8 @@ BAR = {"mixtral-8x7b": {512: 80, 2048: 80, 16384: 75},
        "deepseek-v2-lite": {1: 70, 512: 80, 2048: 80, 16384: 75}}
 CURVES = {"ours": "pct_floor", "default config": "pct_floor_default",
           "torch._grouped_mm": "pct_floor_gmm"}
+# drawn where the CSV has it (runs from 2026-12-04 "f" on): ours given bmm's balanced routing
+OPTIONAL_CURVES = {"ours, balanced routing": "pct_floor_balanced"}
 # drawn dotted, where the CSV has them: references, not MoE pipelines
 REFERENCES = {"cuBLAS bmm, balanced routing, GEMMs only": "pct_floor_bmm",
               "plain read of the weight bytes (memory-bound rows)": "pct_floor_read"}
@@ -76,6 +78,10 @@ def plot_bench(clean: Path, zero: Path | None, out: Path, device: str = "H100",
             ours = name == "ours"
             ax.plot(tokens, pct, marker="o" if ours else ".", lw=2.2 if ours else 1.2,
                     label=f"{name} ({FLUSH_LABELS[first_flush]})" if ours else name)
+        for name, column in OPTIONAL_CURVES.items():
+            if column in runs["clean"]:
+                tokens, pct = series(runs["clean"], shape, column)
+                ax.plot(tokens, pct, marker="s", mfc="none", lw=1.2, color="C0", label=name)
         for i, (name, column) in enumerate(REFERENCES.items()):
             if column in runs["clean"]:
                 tokens, pct = series(runs["clean"], shape, column)

@@ -23,14 +23,21 @@ def make_inputs(n_experts, hidden, ffn, top_k, n_tokens, seed=0, device="cuda"):
     return x, w13, w2
 
 
-def make_routing(n_tokens, n_experts, top_k, seed=0, device="cuda", shared=0):
+def make_routing(n_tokens, n_experts, top_k, seed=0, device="cuda", shared=0, balanced=False):
     """Random top-k routing: k distinct uniformly random experts, softmax gate weights (fp32).
     ``shared`` > 0: the last ``shared`` of the k columns are the last ``shared`` experts with gate 1
     for every token (a shared expert held among the experts, engine.model.Layer.n_shared), the
-    others drawn from the first n_experts - shared."""
+    others drawn from the first n_experts - shared.
+    ``balanced``: the routed columns of token t are experts (t * k + j) mod E, j < k (k, E counting
+    routed ones only): still k distinct experts a token, but every expert gets n_tokens * k / E
+    rows, give or take one. The work cuBLAS's batched GEMM is timed on (bench.balanced_bmm)."""
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     logits = torch.randn(n_tokens, n_experts - shared, generator=gen, device=device)
     vals, ids = logits.topk(top_k - shared, dim=1)
+    if balanced:
+        routed_k = top_k - shared
+        ids = (torch.arange(n_tokens, device=device)[:, None] * routed_k
+               + torch.arange(routed_k, device=device)) % (n_experts - shared)
     gates = torch.softmax(vals, dim=1)
     if shared:
         fixed = torch.arange(n_experts - shared, n_experts, device=device).expand(n_tokens, -1)
