@@ -86,7 +86,7 @@ if not wgmma_moe.HAVE_GLUON:
     print(json.dumps({"skip": "this Triton has no Gluon"})); sys.exit()
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
-gate_up, block_n = json.loads(sys.argv[1])
+gate_up, block_n, dynamic = json.loads(sys.argv[1])
 
 def desc(block):
     layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
@@ -97,9 +97,9 @@ signature = {"a_desc": desc([128, 64]), "b_desc": desc([block_n, 64]), "b_half_d
              "sorted_ptr": "*i32", "weights_ptr": "*fp32",
              "block_expert_ptr": "*i32", "block_start_ptr": "*i32", "n_blocks_ptr": "*i32",
              **{name: "i32" for name in ("n_tiles_n", "group", "k_dim", "n_pairs", "b_rows", "up_offset")},
-             "GATE_UP": "constexpr", "STAGES": "constexpr"}
+             "tile_counter_ptr": "*i32", "GATE_UP": "constexpr", "STAGES": "constexpr", "DYNAMIC": "constexpr"}
 source = GluonASTSource(wgmma_moe.grouped_gemm_kernel, signature=signature,
-                        constexprs={"GATE_UP": gate_up, "STAGES": 4})
+                        constexprs={"GATE_UP": gate_up, "STAGES": 4, "DYNAMIC": dynamic})
 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": 168})
 ptx = compiled.asm["ptx"]
 # spills are ptxas's: read the binary's local memory with the cuobjdump Triton ships
@@ -111,22 +111,26 @@ if cuobjdump.exists():
         usage = subprocess.run([str(cuobjdump), "-res-usage", str(Path(tmp) / "k.cubin")],
                                capture_output=True, text=True, check=True).stdout
 print(json.dumps({"wgmma": "wgmma.mma_async" in ptx, "setmaxnreg": "setmaxnreg" in ptx,
+                  "atomics": len(re.findall(r"atom\.global[.\w]*\.add", ptx)),
                   "shared": compiled.metadata.shared, "usage": usage}))
 """
 
 
-@pytest.mark.parametrize("gate_up, block_n", [(True, 128), (False, 256)])
-def test_kernels_compile_for_hopper_without_spills(gate_up, block_n, compiling_python):
+@pytest.mark.parametrize("gate_up, block_n, dynamic", [(True, 128, True), (False, 256, True),
+                                                     (True, 128, False)])
+def test_kernels_compile_for_hopper_without_spills(gate_up, block_n, dynamic, compiling_python):
     """The device code compiled for sm_90 here, with no GPU (Triton ships ptxas): it must build
     with this Triton's Gluon, keep its accumulators in registers (no local memory) and fit the
-    227 KB of shared memory an H100/H200 block may use."""
+    227 KB of shared memory an H100/H200 block may use. With dynamic tiles, the producer's two
+    claims of the tile counter are its only atomics (one thread each, the compiler's lowering)."""
     import json
     import re
 
-    result = compiling_python(COMPILE, json.dumps([gate_up, block_n]))
+    result = compiling_python(COMPILE, json.dumps([gate_up, block_n, dynamic]))
     if "skip" in result:
         pytest.skip(result["skip"])
     assert result["wgmma"] and result["setmaxnreg"]  # tensor cores, register handoff
+    assert result["atomics"] == (2 if dynamic else 0)
     assert result["shared"] <= 227 * 1024
     if result["usage"] is None:
         pytest.skip("this Triton ships no cuobjdump")

@@ -35,8 +35,8 @@ from moegps.kernels.tune import device_table, expert_dims, put_entry, shared_col
 
 
 def wgmma_config(block_m=128, gu_n=128, down_n=256, stages=4, group=8, block_k=64,
-                 half_tail=False) -> dict:
-    tile = {"block_k": block_k, "num_stages": stages, "group_m": group}
+                 half_tail=False, dynamic=True) -> dict:
+    tile = {"block_k": block_k, "num_stages": stages, "group_m": group, "dynamic": dynamic}
     return {"path": "wgmma", "block_m": block_m, "half_tail": half_tail,
             "gate_up": {"block_n": gu_n, **tile}, "down": {"block_n": down_n, **tile}}
 
@@ -49,6 +49,9 @@ VARIANTS = {
     "ht_g16": wgmma_config(half_tail=True, group=16),
     "ht_d128": wgmma_config(half_tail=True, down_n=128),
     "ht_d128_g16": wgmma_config(half_tail=True, down_n=128, group=16),
+    # tiles in a fixed stride over the programs (before session 11), for the same-run comparison
+    "ht_static": wgmma_config(half_tail=True, dynamic=False),
+    "ht_d128_g16_static": wgmma_config(half_tail=True, down_n=128, group=16, dynamic=False),
 }
 
 

@@ -92,6 +92,7 @@ def gather_rows(x: torch.Tensor, sorted_pair_ids: torch.Tensor, top_k: int) -> t
 
 
 if HAVE_GLUON:
+    TILE_RING = gl.constexpr(4)  # tile ids in flight from the producer to the consumers
 
     @gluon.jit
     def _tile(tile, n_blocks, n_tiles_n, group):
@@ -102,11 +103,47 @@ if HAVE_GLUON:
         return first + within % size, within // size
 
     @gluon.jit
-    def _producer(p, GATE_UP: gl.constexpr):
-        """One warp: TMA copies of every tile's operands into the ring of stages."""
+    def _claim(tile_counter_ptr, i, DYNAMIC: gl.constexpr):
+        """The producer's i-th tile: the next of the launch's tile counter (DYNAMIC), or this
+        program's i-th in a fixed stride over the programs."""
+        if DYNAMIC:
+            return gl.atomic_add(tile_counter_ptr, 1)
+        else:
+            return gl.program_id(0) + i * gl.num_programs(0)
+
+    @gluon.jit
+    def _publish(tile_ids, tile_full, tile_empty, i, tile):
+        """The producer hands its i-th tile to both consumer partitions (a ring of tile ids)."""
+        D: gl.constexpr = tile_ids.shape[0]
+        slot = i % D
+        mbarrier.wait(tile_empty.index(slot), ((i // D) & 1) ^ 1)
+        tile_ids.index(slot).store(gl.full([1], tile, gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
+        mbarrier.arrive(tile_full.index(slot))
+
+    @gluon.jit
+    def _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC: gl.constexpr):
+        """A consumer's i-th tile: the one the producer handed over (DYNAMIC), or the same fixed
+        stride as the producer's."""
+        if DYNAMIC:
+            D: gl.constexpr = tile_ids.shape[0]
+            slot = i % D
+            mbarrier.wait(tile_full.index(slot), (i // D) & 1)
+            tile = tile_ids.index(slot).load(gl.BlockedLayout([1], [32], [gl.num_warps()], [0]))
+            mbarrier.arrive(tile_empty.index(slot))
+            return gl.max(tile, 0)
+        else:
+            return gl.program_id(0) + i * gl.num_programs(0)
+
+    @gluon.jit
+    def _producer(p, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr):
+        """One warp: TMA copies of every tile's operands into the ring of stages. DYNAMIC: it
+        claims each next tile from the launch's counter and hands it to the consumers, so the
+        tiles that run at once are always a window of consecutive ones (they share weight slabs
+        through L2) however much the programs' paces differ (NOTES.md, session 11)."""
         (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, a_bufs, b_bufs, out_bufs, ready,
          empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n,
-         group, k_dim, n_pairs, b_rows, up_offset) = p
+         group, k_dim, n_pairs, b_rows, up_offset, tile_ids, tile_full, tile_empty,
+         tile_counter_ptr) = p
         STAGES: gl.constexpr = a_bufs.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
@@ -118,7 +155,11 @@ if HAVE_GLUON:
             nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
         n_tiles = gl.load(n_blocks_ptr) * n_tiles_n
         step = 0
-        for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        i = 0
+        tile = _claim(tile_counter_ptr, i, DYNAMIC)
+        while tile < n_tiles:
+            if DYNAMIC:
+                _publish(tile_ids, tile_full, tile_empty, i, tile)
             block, tile_n = _tile(tile, gl.load(n_blocks_ptr), n_tiles_n, group)
             row = gl.load(block_start_ptr + block)
             half_block = gl.load(block_start_ptr + block + 1) - row <= ROWS
@@ -144,19 +185,26 @@ if HAVE_GLUON:
                 else:
                     _tma_load(b_desc, [w_row, k], bar, b_bufs.index(stage))
                 step += 1
+            i += 1
+            tile = _claim(tile_counter_ptr, i, DYNAMIC)
+        if DYNAMIC:  # past the last tile: the consumers stop
+            _publish(tile_ids, tile_full, tile_empty, i, tile)
 
     @gluon.jit
-    def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr):
+    def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr):
         """One warpgroup: rows HALF * BLOCK_M / 2 onwards of every tile, or on a block of at most
         BLOCK_M / 2 rows all its rows and column half HALF (each consumer frees each stage once: a
         stage's barrier counts two arrivals)."""
         (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, a_bufs, b_bufs, out_bufs, ready,
          empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n,
-         group, k_dim, n_pairs, b_rows, up_offset) = p
+         group, k_dim, n_pairs, b_rows, up_offset, tile_ids, tile_full, tile_empty,
+         tile_counter_ptr) = p
         ROWS: gl.constexpr = a_bufs.shape[1] // 2
         n_tiles = gl.load(n_blocks_ptr) * n_tiles_n
         step = 0
-        for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        i = 0
+        tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
+        while tile < n_tiles:
             block, tile_n = _tile(tile, gl.load(n_blocks_ptr), n_tiles_n, group)
             start = gl.load(block_start_ptr + block)
             if gl.load(block_start_ptr + block + 1) - start > ROWS:
@@ -168,6 +216,8 @@ if HAVE_GLUON:
                 step = _tile_mma(a_bufs, b_bufs, out_half_desc, out_smem, ready, empty,
                                  sorted_ptr, weights_ptr, k_dim, n_pairs, step, start, tile_n,
                                  GATE_UP, HALF, True)
+            i += 1
+            tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
         tma.store_wait(0)
 
     @gluon.jit
@@ -240,15 +290,17 @@ if HAVE_GLUON:
     @gluon.jit
     def grouped_gemm_kernel(a_desc, b_desc, b_half_desc, out_desc, out_half_desc, sorted_ptr,
                             weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
-                            n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset,
-                            GATE_UP: gl.constexpr, STAGES: gl.constexpr):
+                            n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset, tile_counter_ptr,
+                            GATE_UP: gl.constexpr, STAGES: gl.constexpr, DYNAMIC: gl.constexpr):
         """GATE_UP: out = h [max_padded, F] (expert order) = silu(A @ w1^T) * (A @ w3^T), with A
         the gathered token rows and b_desc over w_gate_up [E * 2F, H] (up rows at +up_offset).
         Otherwise: out = y [max_padded, H] (expert order) = routing weight * (h @ w2^T), b_desc
         over w_down [E * H, F]. b_rows: weight rows per expert (2F or H). b_half_desc and
         out_half_desc: the same tensors in boxes of half the columns (the blocks of half height).
         Four warps (the default partition: the low half of each tile's rows) and two worker
-        partitions: the high half's warpgroup and the producer warp."""
+        partitions: the high half's warpgroup and the producer warp. DYNAMIC: tiles are claimed
+        from tile_counter_ptr (one int32, zero at launch), else each program takes every
+        num_programs-th."""
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         WIDTH: gl.constexpr = 2 * BLOCK_N if GATE_UP else BLOCK_N
@@ -259,14 +311,23 @@ if HAVE_GLUON:
                                              out_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        # the ring of claimed tile ids, producer to consumers (DYNAMIC)
+        tile_ids = gl.allocate_shared_memory(gl.int32, [TILE_RING, 1],
+                                             gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        tile_full = gl.allocate_shared_memory(gl.int64, [TILE_RING, 1], mbarrier.MBarrierLayout())
+        tile_empty = gl.allocate_shared_memory(gl.int64, [TILE_RING, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)
+        for i in gl.static_range(TILE_RING):
+            mbarrier.init(tile_full.index(i), count=1)
+            mbarrier.init(tile_empty.index(i), count=2)
         p = (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, a_bufs, b_bufs, out_bufs, ready,
              empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
-             n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset)
-        gl.warp_specialize([(_consumer, (p, GATE_UP, 0)), (_consumer, (p, GATE_UP, 1)),
-                            (_producer, (p, GATE_UP))], [4, 1], [232, 24])
+             n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset, tile_ids, tile_full, tile_empty,
+             tile_counter_ptr)
+        gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC)), (_consumer, (p, GATE_UP, 1, DYNAMIC)),
+                            (_producer, (p, GATE_UP, DYNAMIC))], [4, 1], [232, 24])
 
 
 def _descriptor(t: torch.Tensor, block: list[int]):
@@ -291,7 +352,8 @@ def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: i
         routing.sorted_pair_ids if weights is None else weights,  # gate/up never reads it
         routing.block_expert, routing.block_start, routing.n_blocks, n_tiles_n,
         tile.get("group_m", 8), a.shape[1], routing.n_pairs, b_rows, up_offset,
-        GATE_UP=gate_up, STAGES=tile["num_stages"], num_warps=4,
+        torch.zeros(1, dtype=torch.int32, device=a.device),  # the tile counter (a memset)
+        GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=tile.get("dynamic", True), num_warps=4,
         # registers: 168 x 3 warpgroups fill the SM's 64k; the producer's gives all but 24 of its
         # own to the consumers (setmaxnreg), which leaves them 232-248 each
         maxnreg=168)
