@@ -102,7 +102,7 @@ signature = {"a_desc": desc([64, 64]), "b_desc": desc([block_n, 64]), "b_half_de
 source = GluonASTSource(wgmma_moe.grouped_gemm_kernel, signature=signature,
                         constexprs={"GATE_UP": gate_up, "STAGES": 4, "DYNAMIC": dynamic, "N_WG": block_m // 64})
 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": 4, "maxnreg": 168 if block_m == 128 else 152})
+                          options={"num_warps": 4, "maxnreg": wgmma_moe.max_registers(block_m)})
 ptx = compiled.asm["ptx"]
 # spills are ptxas's: read the binary's local memory with the cuobjdump Triton ships
 cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -114,7 +114,7 @@ if cuobjdump.exists():
                                capture_output=True, text=True, check=True).stdout
 print(json.dumps({"wgmma": "wgmma.mma_async" in ptx, "setmaxnreg": "setmaxnreg" in ptx,
                   "atomics": len(re.findall(r"atom\.global[.\w]*\.add", ptx)),
-                  "shared": compiled.metadata.shared, "usage": usage}))
+                  "shared": compiled.metadata.shared, "warps": compiled.metadata.num_warps, "usage": usage}))
 """
 
 
@@ -140,6 +140,10 @@ def test_kernels_compile_for_hopper_without_spills(gate_up, block_m, block_n, dy
         pytest.skip("this Triton ships no cuobjdump")
     local = re.search(r"LOCAL:(\d+)", result["usage"])
     assert local and int(local.group(1)) == 0, result["usage"]
+    # launchable: every thread of the block (Gluon pads the partitions to whole warpgroups) gets
+    # the kernel's register count from the SM's 64k
+    registers = int(re.search(r"REG:(\d+)", result["usage"]).group(1))
+    assert result["warps"] * 32 * registers <= 65536, (result["warps"], registers)
 
 
 def test_get_config_skips_wgmma_entries_where_they_cannot_run(monkeypatch):

@@ -386,11 +386,15 @@ def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: i
         tile.get("group_m", 8), a.shape[1], routing.n_pairs, b_rows, up_offset,
         torch.zeros(1, dtype=torch.int32, device=a.device),  # the tile counter (a memset)
         GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=tile.get("dynamic", True),
-        N_WG=block_m // 64, num_warps=4,
-        # registers: 168 x 3 warpgroups fill the SM's 64k; the producer's gives all but 24 of its
-        # own to the consumers (setmaxnreg), which leaves them 232-248 each. Three consumer
-        # warpgroups and the producer warp: 13 warps of 152
-        maxnreg=168 if block_m == 128 else 152)
+        N_WG=block_m // 64, num_warps=4, maxnreg=max_registers(block_m))
+
+
+def max_registers(block_m: int) -> int:
+    """The kernel's registers a thread at launch for blocks of block_m rows. Two consumer
+    warpgroups and the producer's: 168 x 384 threads fill the SM's 64k, and the producer gives
+    all but 24 of its own to the consumers (setmaxnreg), which leaves them 232-248 each. Three
+    and the producer's (Gluon pads its warp to a warpgroup): 128 x 512."""
+    return 168 if block_m == 128 else 128
 
 
 def check_config(config: dict, x: torch.Tensor) -> None:
