@@ -114,6 +114,7 @@ if cuobjdump.exists():
                                capture_output=True, text=True, check=True).stdout
 print(json.dumps({"wgmma": "wgmma.mma_async" in ptx, "setmaxnreg": "setmaxnreg" in ptx,
                   "atomics": len(re.findall(r"atom\.global[.\w]*\.add", ptx)),
+                  "barrier_counts": sorted({int(c) for c in re.findall(r"mbarrier\.init\.shared[:\w.]*\s+\[[^]]+\],\s*(\d+)", ptx)}),
                   "shared": compiled.metadata.shared, "warps": compiled.metadata.num_warps, "usage": usage}))
 """
 
@@ -135,6 +136,8 @@ def test_kernels_compile_for_hopper_without_spills(gate_up, block_m, block_n, dy
         pytest.skip(result["skip"])
     assert result["wgmma"] and result["setmaxnreg"]  # tensor cores, register handoff
     assert result["atomics"] == (2 if dynamic else 0)
+    # barriers wait for the producer (1) or for every consumer warpgroup (block_m / 64)
+    assert result["barrier_counts"] == [1, block_m // 64], result["barrier_counts"]
     assert result["shared"] <= 227 * 1024
     if result["usage"] is None:
         pytest.skip("this Triton ships no cuobjdump")

@@ -348,7 +348,7 @@ if HAVE_GLUON:
             mbarrier.init(empty.index(i), count=N_WG)
         for i in gl.static_range(TILE_RING):
             mbarrier.init(tile_full.index(i), count=1)
-            mbarrier.init(tile_empty.index(i), count=2)
+            mbarrier.init(tile_empty.index(i), count=N_WG)
         p = (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, a_bufs, b_bufs, out_bufs, ready,
              empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
              n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset, tile_ids, tile_full, tile_empty,
