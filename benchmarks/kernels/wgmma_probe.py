@@ -43,10 +43,7 @@ def wgmma_config(block_m=128, gu_n=128, down_n=256, stages=4, group=8, block_k=6
 
 VARIANTS = {
     "w128": wgmma_config(),
-    "w128_g16": wgmma_config(group=16),
-    "w128_d128": wgmma_config(down_n=128),
     "ht": wgmma_config(half_tail=True),
-    "ht_g16": wgmma_config(half_tail=True, group=16),
     "ht_d128": wgmma_config(half_tail=True, down_n=128),
     "ht_d128_g16": wgmma_config(half_tail=True, down_n=128, group=16),
     # three warpgroups of 64 rows: an expert of up to 192 rows loads its weight slab once
@@ -54,7 +51,6 @@ VARIANTS = {
     "b192_g16": wgmma_config(block_m=192, gu_n=64, down_n=128, half_tail=True, group=16),
     "b192_d64": wgmma_config(block_m=192, gu_n=64, down_n=64, half_tail=True),
     # tiles in a fixed stride over the programs (before session 11), for the same-run comparison
-    "ht_static": wgmma_config(half_tail=True, dynamic=False),
     "ht_d128_g16_static": wgmma_config(half_tail=True, down_n=128, group=16, dynamic=False),
 }
 
