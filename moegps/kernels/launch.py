@@ -269,9 +269,7 @@ def route(ids: torch.Tensor, n_experts: int, config: dict, scratch: torch.Tensor
             scratch = torch.empty(n_experts * ids.numel(), dtype=torch.int32, device=ids.device)
         return scratch
     if config["path"] in ("sorted", "wgmma"):
-        # the wgmma path's tails are whole warpgroups (64 rows) under blocks of 128 or 192
-        return align(ids, n_experts, config["block_m"], half_tail=config.get("half_tail", False),
-                     tail_m=64 if config["path"] == "wgmma" else None)
+        return align(ids, n_experts, config["block_m"], half_tail=config.get("half_tail", False))
     raise ValueError(f"config field 'path' must be 'scan', 'sorted', 'wgmma' or 'fused', "
                      f"got {config['path']!r}")
 

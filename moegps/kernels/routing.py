@@ -12,9 +12,8 @@ block size BLOCK_M, so that every block of BLOCK_M sorted rows belongs to one ex
     n_padded        [1]             rows actually used (sum over experts of the padded counts)
     pair_slot       [n_pairs]       the inverse map: sorted row of each pair
 
-With `half_tail`, each expert's run is padded only to a multiple of BLOCK_M / 2 (or of
-`tail_m`, a power of two that divides BLOCK_M, which need not be one: the wgmma path's blocks of
-192 rows end in blocks of 64 or 128), and its last block has only the rows it needs. The kernels then run that block at half
+With `half_tail`, each expert's run is padded only to a multiple of BLOCK_M / 2, and its last
+block has BLOCK_M / 2 rows where that is all it needs. The kernels then run that block at half
 height: at 64 experts and 2048 tokens (~192 rows each) that is 15.6% padded MMA rows instead of
 33% (the issue's "no padded blocks"; NOTES.md v10). Blocks per expert are the same either way.
 
@@ -55,7 +54,6 @@ class RoutingMeta:
     block_m: int
     n_pairs: int
     half_tail: bool = False
-    tail_m: int = 0  # with half_tail: the padding granularity (rows)
 
     @property
     def max_blocks(self) -> int:
@@ -122,14 +120,12 @@ def _expert_layout(counts, expert, BLOCK_M: tl.constexpr, PAD_M: tl.constexpr):
 
 @triton.jit
 def _write_expert_blocks(sorted_ptr, block_expert_ptr, block_start_ptr, expert, start, count,
-                         padded, blocks, first_block, n_pairs, BLOCK_M: tl.constexpr,
-                         PAD_M: tl.constexpr):
-    """The expert's padding rows (the sentinel n_pairs; fewer than PAD_M) and its blocks' expert
-    and first row (PAD_M block indices a step: any power of two will do, BLOCK_M may not be one)."""
-    pad = tl.arange(0, PAD_M)
+                         padded, blocks, first_block, n_pairs, BLOCK_M: tl.constexpr):
+    """The expert's padding rows (the sentinel n_pairs) and its blocks' expert and first row."""
+    pad = tl.arange(0, BLOCK_M)
     tl.store(sorted_ptr + start + count + pad, n_pairs, mask=pad < padded - count)
-    for b in range(0, blocks, PAD_M):
-        block = b + tl.arange(0, PAD_M)
+    for b in range(0, blocks, BLOCK_M):
+        block = b + tl.arange(0, BLOCK_M)
         tl.store(block_expert_ptr + first_block + block, expert, mask=block < blocks)
         tl.store(block_start_ptr + first_block + block, start + block * BLOCK_M,
                  mask=block < blocks)
@@ -154,7 +150,7 @@ def _align_kernel(
     # Pass 2: this expert's pairs, in pair order (a stable sort), at its first row onwards.
     expert_pairs_in_order(ids_ptr, sorted_ptr, pair_slot_ptr, expert, start, n_pairs, SCAN, True)
     _write_expert_blocks(sorted_ptr, block_expert_ptr, block_start_ptr, expert, start, count,
-                         padded, blocks, first_block, n_pairs, BLOCK_M, PAD_M)
+                         padded, blocks, first_block, n_pairs, BLOCK_M)
 
 
 @triton.jit(do_not_specialize=["n_pairs"])
@@ -197,7 +193,7 @@ def _chunk_offsets_kernel(
     if expert == 0:
         _store_totals(block_start_ptr, n_blocks_ptr, n_padded_ptr, all_padded, all_blocks)
     _write_expert_blocks(sorted_ptr, block_expert_ptr, block_start_ptr, expert, start, count,
-                         padded, blocks, first_block, n_pairs, BLOCK_M, PAD_M)
+                         padded, blocks, first_block, n_pairs, BLOCK_M)
 
 
 @triton.jit(do_not_specialize=["n_pairs"])
@@ -220,9 +216,9 @@ def _chunk_place_kernel(ids_ptr, delta_ptr, sorted_ptr, pair_slot_ptr, n_pairs,
 
 
 def align(topk_ids: torch.Tensor, n_experts: int, block_m: int, scan: int = SCAN,
-          half_tail: bool = False, method: str | None = None, tail_m: int | None = None) -> RoutingMeta:
+          half_tail: bool = False, method: str | None = None) -> RoutingMeta:
     """Sort the (token, slot) pairs of topk_ids [T, k] by expert, padded per expert to block_m
-    (with `half_tail` to tail_m, by default block_m / 2: an expert's last block may be shorter).
+    (to block_m / 2 with `half_tail`, whose last block per expert may be a half block).
 
     Returns a RoutingMeta (see the module docstring) on topk_ids' device; no host sync.
     method "one": one launch, one program per expert walking all ids (cheapest for a few `scan`
@@ -230,11 +226,10 @@ def align(topk_ids: torch.Tensor, n_experts: int, block_m: int, scan: int = SCAN
     histograms; per-expert offsets, padding and blocks; each chunk sorts and places its pairs),
     whose cost stays about flat as the batch grows. None: by the number of chunks.
     """
-    pad_m = (tail_m or block_m // 2) if half_tail else block_m
-    if pad_m & (pad_m - 1) or block_m % pad_m or (half_tail and pad_m < 16):
-        raise ValueError(f"align pads each expert to a power of two that divides block_m, and with "
-                         f"half_tail of at least 16 rows (for the tensor cores): got block_m={block_m}, "
-                         f"half_tail={half_tail}, tail_m={tail_m}")
+    if half_tail and (block_m < 32 or block_m & (block_m - 1)):
+        raise ValueError(f"half_tail needs block_m a power of two >= 32 (half blocks of >= 16 "
+                         f"rows for the tensor cores), got block_m={block_m}")
+    pad_m = block_m // 2 if half_tail else block_m
     ids = topk_ids.reshape(-1).contiguous()  # any integer dtype
     n_pairs = ids.numel()
     max_padded = triton.cdiv(n_pairs + n_experts * (pad_m - 1), pad_m) * pad_m
@@ -271,4 +266,4 @@ def align(topk_ids: torch.Tensor, n_experts: int, block_m: int, scan: int = SCAN
                                          E_POW2=e_pow2, SCAN=scan, num_warps=8, **pdl)
     else:
         raise ValueError(f"align method must be 'one', 'chunked' or None, got {method!r}")
-    return RoutingMeta(*outputs, block_m, n_pairs, half_tail, pad_m if half_tail else 0)
+    return RoutingMeta(*outputs, block_m, n_pairs, half_tail)

@@ -93,7 +93,6 @@ def gather_rows(x: torch.Tensor, sorted_pair_ids: torch.Tensor, top_k: int) -> t
 
 if HAVE_GLUON:
     TILE_RING = gl.constexpr(4)  # tile ids in flight from the producer to the consumers
-    WG_ROWS = gl.constexpr(64)  # rows of a tile per consumer warpgroup (a wgmma's M)
 
     @gluon.jit
     def _tile(tile, n_blocks, n_tiles_n, group):
@@ -145,13 +144,15 @@ if HAVE_GLUON:
          empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n,
          group, k_dim, n_pairs, b_rows, up_offset, tile_ids, tile_full, tile_empty,
          tile_counter_ptr) = p
-        STAGES: gl.constexpr = ready.shape[0]
-        N_WG: gl.constexpr = a_bufs.shape[0] // STAGES
+        STAGES: gl.constexpr = a_bufs.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+        ROWS: gl.constexpr = a_desc.block_type.shape[0] // 2
         QUARTER: gl.constexpr = BLOCK_N // 2
-        A_BYTES: gl.constexpr = a_desc.block_type.nbytes  # one warpgroup's rows
-        B_BYTES: gl.constexpr = (2 if GATE_UP else 1) * b_desc.block_type.nbytes
+        if GATE_UP:
+            nbytes: gl.constexpr = a_desc.block_type.nbytes + 2 * b_desc.block_type.nbytes
+        else:
+            nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
         n_tiles = gl.load(n_blocks_ptr) * n_tiles_n
         step = 0
         i = 0
@@ -161,26 +162,18 @@ if HAVE_GLUON:
                 _publish(tile_ids, tile_full, tile_empty, i, tile)
             block, tile_n = _tile(tile, gl.load(n_blocks_ptr), n_tiles_n, group)
             row = gl.load(block_start_ptr + block)
-            n_rows = gl.load(block_start_ptr + block + 1) - row
-            active = gl.minimum((n_rows + WG_ROWS - 1) // WG_ROWS, N_WG)  # warpgroups with rows
-            if N_WG == 2:  # the two warpgroups split a block of 64 rows by columns (_consumer)
-                split_n = n_rows <= WG_ROWS
-            else:
-                split_n = False
+            half_block = gl.load(block_start_ptr + block + 1) - row <= ROWS
             w_row = gl.load(block_expert_ptr + block) * b_rows + tile_n * BLOCK_N
             for k in range(0, k_dim, BLOCK_K):
                 stage = step % STAGES
                 # a fresh mbarrier counts as having completed the phase before phase 0
                 mbarrier.wait(empty.index(stage), ((step // STAGES) & 1) ^ 1)
                 bar = ready.index(stage)
-                for w in gl.static_range(N_WG):  # the stage's bytes: exactly one of these
-                    mbarrier.expect(bar, (w + 1) * A_BYTES + B_BYTES, active == w + 1)
-                for w in gl.static_range(N_WG):  # the rows of the warpgroups that have rows
-                    _tma_load(a_desc, [row + w * WG_ROWS, k], bar, a_bufs.index(stage * N_WG + w),
-                              pred=w < active)
+                mbarrier.expect(bar, nbytes)
+                _tma_load(a_desc, [row, k], bar, a_bufs.index(stage))
                 if GATE_UP:  # gate rows over up rows, one [2 * BLOCK_N, BLOCK_K] stage buffer
                     b = b_bufs.index(stage)
-                    if split_n:  # each warpgroup's column half: its gate rows over its up rows
+                    if half_block:  # each warpgroup's column half: its gate rows over its up rows
                         _tma_load(b_half_desc, [w_row, k], bar, b.slice(0, QUARTER))
                         _tma_load(b_half_desc, [w_row + up_offset, k], bar, b.slice(QUARTER, QUARTER))
                         _tma_load(b_half_desc, [w_row + QUARTER, k], bar, b.slice(BLOCK_N, QUARTER))
@@ -199,15 +192,14 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr):
-        """Warpgroup HALF of the N_WG (BLOCK_M / 64): rows HALF * 64 onwards of every tile. A block
-        shorter than BLOCK_M (an expert's last, align's half_tail): with two warpgroups and 64 rows
-        both take its rows, each a column half; with three, a warpgroup past its rows only frees
-        the stages (each consumer frees each stage once: a stage's barrier counts N_WG arrivals)."""
+        """One warpgroup: rows HALF * BLOCK_M / 2 onwards of every tile, or on a block of at most
+        BLOCK_M / 2 rows all its rows and column half HALF (each consumer frees each stage once: a
+        stage's barrier counts two arrivals)."""
         (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, a_bufs, b_bufs, out_bufs, ready,
          empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n,
          group, k_dim, n_pairs, b_rows, up_offset, tile_ids, tile_full, tile_empty,
          tile_counter_ptr) = p
-        N_WG: gl.constexpr = a_bufs.shape[0] // ready.shape[0]
+        ROWS: gl.constexpr = a_bufs.shape[1] // 2
         n_tiles = gl.load(n_blocks_ptr) * n_tiles_n
         step = 0
         i = 0
@@ -215,33 +207,18 @@ if HAVE_GLUON:
         while tile < n_tiles:
             block, tile_n = _tile(tile, gl.load(n_blocks_ptr), n_tiles_n, group)
             start = gl.load(block_start_ptr + block)
-            n_rows = gl.load(block_start_ptr + block + 1) - start
-            if n_rows > (WG_ROWS if N_WG == 2 else HALF * WG_ROWS):
+            if gl.load(block_start_ptr + block + 1) - start > ROWS:
                 step = _tile_mma(a_bufs, b_bufs, out_desc, out_bufs.index(HALF), ready, empty,
                                  sorted_ptr, weights_ptr, k_dim, n_pairs, step,
-                                 start + HALF * WG_ROWS, tile_n, GATE_UP, HALF, False)
-            elif N_WG == 2:  # a block of 64 rows: its rows, half the columns
+                                 start + HALF * ROWS, tile_n, GATE_UP, HALF, False)
+            else:  # a half-height block (an expert's last, align's half_tail): its rows, half the columns
                 out_smem = _view_as(out_bufs.index(HALF), out_half_desc)
                 step = _tile_mma(a_bufs, b_bufs, out_half_desc, out_smem, ready, empty,
                                  sorted_ptr, weights_ptr, k_dim, n_pairs, step, start, tile_n,
                                  GATE_UP, HALF, True)
-            else:
-                step = _skip_tile(ready, empty, k_dim, a_bufs.shape[2], step)
             i += 1
             tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
         tma.store_wait(0)
-
-    @gluon.jit
-    def _skip_tile(ready, empty, k_dim, BLOCK_K: gl.constexpr, step):
-        """A warpgroup with no rows in a tile: it waits for each stage (keeping its phases in step
-        with the producer's) and frees it. Returns the step count."""
-        STAGES: gl.constexpr = ready.shape[0]
-        for k in range(0, k_dim, BLOCK_K):
-            stage = step % STAGES
-            mbarrier.wait(ready.index(stage), (step // STAGES) & 1)
-            mbarrier.arrive(empty.index(stage))
-            step += 1
-        return step
 
     @gluon.jit
     def _tile_mma(a_bufs, b_bufs, out_desc, out_smem, ready, empty, sorted_ptr, weights_ptr,
@@ -252,15 +229,14 @@ if HAVE_GLUON:
         memory and a TMA store, which runs on while the next tile's MMAs start (every block is a
         whole number of half-blocks of the sorted order: align pads each expert to one, so a box
         never reaches into another block's rows). Returns the step count."""
-        STAGES: gl.constexpr = ready.shape[0]
-        N_WG: gl.constexpr = a_bufs.shape[0] // STAGES
+        STAGES: gl.constexpr = a_bufs.shape[0]
         BLOCK_K: gl.constexpr = a_bufs.shape[2]
-        ROWS: gl.constexpr = WG_ROWS
+        ROWS: gl.constexpr = a_bufs.shape[1] // 2
         TILE_N: gl.constexpr = b_bufs.shape[1] // 2 if GATE_UP else b_bufs.shape[1]  # output columns
         # this warpgroup's weight rows of the stage (gate/up: gate and up columns side by side)
         WIDTH: gl.constexpr = b_bufs.shape[1] // 2 if SPLIT_N else b_bufs.shape[1]
         BLOCK_N: gl.constexpr = WIDTH // 2 if GATE_UP else WIDTH
-        A_BUF: gl.constexpr = 0 if SPLIT_N else HALF  # whose rows: a stage holds one box a warpgroup
+        A_ROW: gl.constexpr = 0 if SPLIT_N else HALF * ROWS
         B_ROW: gl.constexpr = HALF * WIDTH if SPLIT_N else 0
         col = tile_n * TILE_N + (HALF * BLOCK_N if SPLIT_N else 0)
         layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -270,7 +246,7 @@ if HAVE_GLUON:
         for k in range(0, k_dim, BLOCK_K):
             stage = step % STAGES
             mbarrier.wait(ready.index(stage), (step // STAGES) & 1)
-            acc = warpgroup_mma(a_bufs.index(stage * N_WG + A_BUF),
+            acc = warpgroup_mma(a_bufs.index(stage).slice(A_ROW, ROWS),
                                 b_bufs.index(stage).slice(B_ROW, WIDTH).permute((1, 0)), acc,
                                 is_async=True)
             # this step's MMA may run on; the step before's is done with its stage
@@ -315,8 +291,7 @@ if HAVE_GLUON:
     def grouped_gemm_kernel(a_desc, b_desc, b_half_desc, out_desc, out_half_desc, sorted_ptr,
                             weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
                             n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset, tile_counter_ptr,
-                            GATE_UP: gl.constexpr, STAGES: gl.constexpr, DYNAMIC: gl.constexpr,
-                            N_WG: gl.constexpr):
+                            GATE_UP: gl.constexpr, STAGES: gl.constexpr, DYNAMIC: gl.constexpr):
         """GATE_UP: out = h [max_padded, F] (expert order) = silu(A @ w1^T) * (A @ w3^T), with A
         the gathered token rows and b_desc over w_gate_up [E * 2F, H] (up rows at +up_offset).
         Otherwise: out = y [max_padded, H] (expert order) = routing weight * (h @ w2^T), b_desc
@@ -329,12 +304,10 @@ if HAVE_GLUON:
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         WIDTH: gl.constexpr = 2 * BLOCK_N if GATE_UP else BLOCK_N
-        # a stage: one [64, BLOCK_K] box of token rows a warpgroup (TMA boxes are powers of two:
-        # 192 rows are three), the weight rows [WIDTH, BLOCK_K]
-        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES * N_WG] + a_desc.block_type.shape,
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape,
                                            a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, WIDTH, BLOCK_K], b_desc.layout)
-        out_bufs = gl.allocate_shared_memory(out_desc.dtype, [N_WG] + out_desc.block_type.shape,
+        out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape,
                                              out_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -345,21 +318,16 @@ if HAVE_GLUON:
         tile_empty = gl.allocate_shared_memory(gl.int64, [TILE_RING, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=N_WG)
+            mbarrier.init(empty.index(i), count=2)
         for i in gl.static_range(TILE_RING):
             mbarrier.init(tile_full.index(i), count=1)
-            mbarrier.init(tile_empty.index(i), count=N_WG)
+            mbarrier.init(tile_empty.index(i), count=2)
         p = (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, a_bufs, b_bufs, out_bufs, ready,
              empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
              n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset, tile_ids, tile_full, tile_empty,
              tile_counter_ptr)
-        if N_WG == 2:
-            gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC)), (_consumer, (p, GATE_UP, 1, DYNAMIC)),
-                                (_producer, (p, GATE_UP, DYNAMIC))], [4, 1], [232, 24])
-        else:
-            gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC)), (_consumer, (p, GATE_UP, 1, DYNAMIC)),
-                                (_consumer, (p, GATE_UP, 2, DYNAMIC)), (_producer, (p, GATE_UP, DYNAMIC))],
-                               [4, 4, 1], [168, 168, 24])
+        gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC)), (_consumer, (p, GATE_UP, 1, DYNAMIC)),
+                            (_producer, (p, GATE_UP, DYNAMIC))], [4, 1], [232, 24])
 
 
 def _descriptor(t: torch.Tensor, block: list[int]):
@@ -378,38 +346,24 @@ def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: i
     programs = min(torch.cuda.get_device_properties(a.device).multi_processor_count,
                    routing.max_blocks * n_tiles_n)
     grouped_gemm_kernel[(programs,)](
-        _descriptor(a, [64, block_k]), _descriptor(w2d, [block_n, block_k]),
-        _descriptor(w2d, [block_n // 2, block_k]), _descriptor(out, [64, min(block_n, 128)]),
-        _descriptor(out, [64, block_n // 2]), routing.sorted_pair_ids,
+        _descriptor(a, [block_m, block_k]), _descriptor(w2d, [block_n, block_k]),
+        _descriptor(w2d, [block_n // 2, block_k]), _descriptor(out, [block_m // 2, min(block_n, 128)]),
+        _descriptor(out, [block_m // 2, block_n // 2]), routing.sorted_pair_ids,
         routing.sorted_pair_ids if weights is None else weights,  # gate/up never reads it
         routing.block_expert, routing.block_start, routing.n_blocks, n_tiles_n,
         tile.get("group_m", 8), a.shape[1], routing.n_pairs, b_rows, up_offset,
         torch.zeros(1, dtype=torch.int32, device=a.device),  # the tile counter (a memset)
-        GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=tile.get("dynamic", True),
-        N_WG=block_m // 64, num_warps=4, maxnreg=max_registers(block_m))
-
-
-def max_registers(block_m: int) -> int:
-    """The kernel's registers a thread at launch for blocks of block_m rows. Two consumer
-    warpgroups and the producer's: 168 x 384 threads fill the SM's 64k, and the producer gives
-    all but 24 of its own to the consumers (setmaxnreg), which leaves them 232-248 each. Three
-    and the producer's (Gluon pads its warp to a warpgroup): 128 x 512."""
-    return 168 if block_m == 128 else 128
+        GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=tile.get("dynamic", True), num_warps=4,
+        # registers: 168 x 3 warpgroups fill the SM's 64k; the producer's gives all but 24 of its
+        # own to the consumers (setmaxnreg), which leaves them 232-248 each
+        maxnreg=168)
 
 
 def check_config(config: dict, x: torch.Tensor) -> None:
     """A wgmma config's constraints, as errors naming the field."""
-    if config["block_m"] not in (128, 192):
-        raise ValueError(f"config field 'block_m' must be 128 or 192 on the 'wgmma' path (64 rows "
-                         f"for each of two or three warpgroups), got {config['block_m']}")
-    if config["block_m"] == 192:  # 13 warps leave 152-168 registers a thread: 64 x 128 fp32 accumulators
-        if not config.get("half_tail"):
-            raise ValueError("config field 'half_tail' must be true with 'block_m' 192 on the "
-                             "'wgmma' path (experts padded to 64 rows, not 192)")
-        for gemm, widest in (("gate_up", 64), ("down", 128)):
-            if config[gemm]["block_n"] > widest:
-                raise ValueError(f"config field '{gemm}.block_n' must be at most {widest} with "
-                                 f"'block_m' 192 on the 'wgmma' path, got {config[gemm]['block_n']}")
+    if config["block_m"] != 128:
+        raise ValueError(f"config field 'block_m' must be 128 on the 'wgmma' path (a warpgroup's "
+                         f"64 rows each for two), got {config['block_m']}")
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"the 'wgmma' path takes bf16 or fp16 x, got {x.dtype}")
     for gemm in ("gate_up", "down"):
