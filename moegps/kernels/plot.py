@@ -60,6 +60,15 @@ def title(shape: str) -> str:
 FLUSH_LABELS = {"clean": "L2 flushed clean", "zero": "do_bench's zero-fill flush"}
 
 
+def _curve(ax, df: pd.DataFrame, shape: str, column: str, label: str, **style) -> None:
+    """One column's series for the shape, if the run has any value of it (no empty legend entries:
+    a run may skip methods)."""
+    if column in df:
+        tokens, pct = series(df, shape, column)
+        if len(tokens):
+            ax.plot(tokens, pct, label=label, **style)
+
+
 def plot_bench(clean: Path, zero: Path | None, out: Path, device: str = "H100",
                first_flush: str = "clean") -> Path:
     """Write the figure to `out` (PNG, written atomically) and return its path. `clean` is the
@@ -73,32 +82,31 @@ def plot_bench(clean: Path, zero: Path | None, out: Path, device: str = "H100",
     shapes = list(dict.fromkeys(runs["clean"]["shape"]))  # in the order the run timed them
     fig, axes = plt.subplots(1, len(shapes), figsize=(6.2 * len(shapes), 4.4), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
+        clean = runs["clean"]
         for name, column in CURVES.items():
-            tokens, pct = series(runs["clean"], shape, column)
             ours = name == "ours"
-            ax.plot(tokens, pct, marker="o" if ours else ".", lw=2.2 if ours else 1.2,
-                    label=f"{name} ({FLUSH_LABELS[first_flush]})" if ours else name)
+            _curve(ax, clean, shape, column, f"{name} ({FLUSH_LABELS[first_flush]})" if ours else name,
+                   marker="o" if ours else ".", lw=2.2 if ours else 1.2)
         for name, column in OPTIONAL_CURVES.items():
-            if column in runs["clean"]:
-                tokens, pct = series(runs["clean"], shape, column)
-                ax.plot(tokens, pct, marker="s", mfc="none", lw=1.2, color="C0", label=name)
+            _curve(ax, clean, shape, column, name, marker="s", mfc="none", lw=1.2, color="C0")
         for i, (name, column) in enumerate(REFERENCES.items()):
-            if column in runs["clean"]:
-                tokens, pct = series(runs["clean"], shape, column)
-                ax.plot(tokens, pct, ls=":", marker=".", lw=1.2, color=f"C{4 + i}", label=name)
+            _curve(ax, clean, shape, column, name, ls=":", marker=".", lw=1.2, color=f"C{4 + i}")
+        if "pct_floor_bmm" in clean:  # the engine issue's bar: within 10 points of bmm
+            tokens, pct = series(clean, shape, "pct_floor_bmm")
+            ax.fill_between(tokens, pct - 10, pct, color="C4", alpha=0.12, lw=0,
+                            label="within 10 points of bmm (the engine issue's bar)")
         if "zero" in runs:
-            tokens, pct = series(runs["zero"], shape, "pct_floor")
-            ax.plot(tokens, pct, ls="--", marker="o", mfc="none", color="C0", lw=1.2,
-                    label=f"ours ({FLUSH_LABELS['zero']})")
+            _curve(ax, runs["zero"], shape, "pct_floor", f"ours ({FLUSH_LABELS['zero']})",
+                   ls="--", marker="o", mfc="none", color="C0", lw=1.2)
         vllm, bar = VLLM_TUNED.get(shape, {}), BAR.get(shape, {})
         if vllm:
             ax.plot(list(vllm), list(vllm.values()), ls="none", marker="x", ms=8, color="k",
                     label="vLLM fused_moe, tuned (issue's H100 figures)")
         if bar:
             ax.plot(list(bar), list(bar.values()), ls="none", marker="_", ms=22, mew=2.5,
-                    color="C3", label="the issue's bar")
+                    color="C3", label="the kernels issue's bar (H100)")
         ax.set_xscale("log", base=2)
-        ticks = sorted(runs["clean"]["tokens"].unique())
+        ticks = sorted({*clean["tokens"].unique(), *vllm, *bar})
         ax.set_xticks(ticks, [f"{t // 1024}k" if t >= 2048 else str(t) for t in ticks])
         ax.minorticks_off()
         ax.set_ylim(0, 105)
