@@ -120,7 +120,7 @@ def test_recent_history_predictors_on_alternating_loads(rng):
     past = np.stack([A, B] * 5 + [A])  # next would be B
     ctx = BatchContext(phase=0, n_tokens=10, past_phase=np.zeros(len(past), np.int8))
     tr = random_trace(rng, n_layers=L, n_experts=E)
-    fa, fb = A / A.sum(-1, keepdims=True), B / B.sum(-1, keepdims=True)
+    fa = A / A.sum(-1, keepdims=True)
     np.testing.assert_allclose(make("last_batch").fit(tr).predict_next(past, ctx), fa)
     np.testing.assert_allclose(make("sliding_window", window=2).fit(tr).predict_next(past, ctx),
                                (A + B) / (A + B).sum(-1, keepdims=True))

@@ -253,7 +253,7 @@ def run(cfg: ExecuteConfig, comm: xdist.Comm | None = None, write: bool = True,
     dev = comm.device
     dtype = _dtype(cfg, dev)
     shape = resolve_shape(cfg)
-    H, Fd, E, k = shape["hidden"], shape["ffn"], shape["n_experts"], shape["top_k"]
+    H, E, k = shape["hidden"], shape["n_experts"], shape["top_k"]
     G, L = comm.world, cfg.n_layers
     data = load_workload(cfg, shape)
     LT = data.meta.n_layers

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..trace import PREFILL, RoutingTrace, TokenRouting
-from .base import TokenBatch
+from .base import BatchContext, TokenBatch
 
 
 def token_batch(tr: TokenRouting, window: int = 8, with_routing: bool = True) -> TokenBatch:
@@ -119,14 +119,12 @@ def batch_stream(
     )
 
 
-def batch_context(stream: BatchStream, b: int, with_tokens: bool = False) -> "BatchContext":
+def batch_context(stream: BatchStream, b: int, with_tokens: bool = False) -> BatchContext:
     """What the scheduler knows of batch ``b`` before it runs (see :class:`BatchContext`).
 
     ``past_phase`` covers batches ``0..b-1``; the caller passes ``stream.loads[:b]`` as the past.
     ``tokens`` carries ``routed`` only if the stream's tokens do (the evaluation's cross-layer case).
     """
-    from .base import BatchContext
-
     idx = stream.batch_tokens(b)
     phase = int(stream.phase[b])
     rpl = None

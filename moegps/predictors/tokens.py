@@ -145,7 +145,7 @@ class CrossLayer(_Token):
 
     def fit(self, train):
         tr = self._shape(train)
-        L, E, k = self.n_layers, self.n_experts, self.top_k
+        L, E = self.n_layers, self.n_experts
         self.first = TokenTable(self.smoothing).fit(train)
         self.transition = np.zeros((L, E, E))  # [layer, prev expert, expert]
         for l in range(1, L):

@@ -129,7 +129,7 @@ def make_batches(routing: TokenRouting | RoutingTrace, n_gpus: int, n_experts: i
     else:
         raise ValueError(f"ReplayConfig.source must be 'token' or 'request', got {cfg.source!r}")
     experts = routing.experts[keep]
-    L, k = experts.shape[1], experts.shape[2]
+    L = experts.shape[1]
     phase = np.zeros(S, dtype=np.int8)
     phase[step] = routing.phase[keep]
     loads = np.zeros((S, L, n_experts), dtype=np.int64)
@@ -393,7 +393,7 @@ def distribution_plan(batches: Batches, predictor, place: PlaceFn, system: Syste
     the placement balances.
     """
 
-    S, L, E, k = batches.n_steps, batches.n_layers, batches.n_experts, batches.experts.shape[2]
+    S, L, E = batches.n_steps, batches.n_layers, batches.n_experts
     replan = _replan_steps(S, interval)
     order = np.argsort(batches.step, kind="stable")
     bounds = np.searchsorted(batches.step[order], np.arange(S + 1))
@@ -448,7 +448,7 @@ def token_plan(batches: Batches, predictor, place: PlaceFn, system: SystemSpec, 
     placing from the aggregated token predictions; the token predictor then only routes tokens.
     """
     S, L = batches.n_steps, batches.n_layers
-    E, k = batches.n_experts, batches.experts.shape[2]
+    E = batches.n_experts
     if predicted is None:
         predicted = predict_tokens(batches, predictor)
     predicted = predicted.astype(np.int64)
