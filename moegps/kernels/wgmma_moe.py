@@ -6,8 +6,9 @@ their warps both issue the copies and run the tensor cores, and Triton 3.6's own
 specialisation does not compile those loops on Hopper. Here the schedule is written out, after
 CUTLASS's "TMA warp-specialised" Hopper kernels and the Gluon tutorials (warp specialisation):
 
-    a producer warp         walks the tiles, waits for a free stage of the ring, issues the TMA
-                            copies of the token rows [128, BLOCK_K] and the weight rows
+    a producer warp         claims each next tile from the launch's counter (an atomic add),
+                            hands its index to the consumers, waits for a free stage of the
+                            ring, issues the TMA copies of the token rows [128, BLOCK_K] and the weight rows
                             [BLOCK_N, BLOCK_K] (gate/up: the gate and the up rows side by side)
     two consumer warpgroups one partition each, 64 rows of every tile each: wait for a full
                             stage, run wgmma asynchronously, free the stage of the step before
@@ -15,9 +16,12 @@ CUTLASS's "TMA warp-specialised" Hopper kernels and the Gluon tutorials (warp sp
                             the tile's epilogue (SiLU(gate) * up into h, or the routing weight
                             times the down projection into y) through shared memory and TMA
 
-One program per SM walks tiles (row block, N tile) with the row blocks of a group adjacent, so
-the programs running at once share each expert's weight slab through L2. On an expert's last
-block of 64 rows (align's half_tail) the warpgroups split the columns instead of the rows, so
+One program per SM; the tiles (row block, N tile) are numbered with the row blocks of a group
+adjacent and claimed in that order, so the tiles running at once are always consecutive ones and
+share each expert's weight slab through L2. (A fixed stride, program p taking tiles p, p + 132,
+..., let the programs drift apart on uneven routing, whose short tail blocks run faster: the
+weights were read from DRAM about three times at Mixtral's 2048 tokens; NOTES.md, session 11.)
+On an expert's last block of 64 rows (align's half_tail) the warpgroups split the columns instead of the rows, so
 its MMAs take half a tile's time; its weight loads do not shrink, and where they set the pace it
 gains nothing over one warpgroup idling (NOTES.md, session 10).
 
