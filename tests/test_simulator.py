@@ -178,6 +178,27 @@ def test_kernel_bench_table_is_per_expert(tmp_path, rng):
     np.testing.assert_allclose(table.seconds, us / np.array([2, 8, 8]) * 1e-6)
 
 
+def test_kernel_bench_table_reads_balanced_routing_where_timed(tmp_path, rng):
+    """By default the even-split reading takes the run's balanced-routing times (every expert got
+    tokens * k / E rows there), ours on random routing only in runs that lack them; a method named
+    is read as named, and a named method the table lacks is an error naming the column."""
+    from moegps.simulator.calibrate import cases_from_kernel_bench
+
+    ours, balanced = rng.uniform(100, 900, 2), rng.uniform(100, 900, 2)
+    (tmp_path / "bench.csv").write_text(
+        "shape,E,H,F,k,tokens,active_experts,ours_us,balanced_us\n"
+        + "".join(f"mixtral-8x7b,8,4096,14336,2,{t},8,{o},{b}\n" for t, o, b in zip([512, 2048], ours, balanced)))
+    table = cost.load_kernel_bench(tmp_path / "bench.csv", "mixtral-8x7b")
+    np.testing.assert_allclose(table.tokens, [128.0, 512.0])
+    np.testing.assert_allclose(table.seconds, balanced / 8 * 1e-6)
+    np.testing.assert_allclose(cost.load_kernel_bench(tmp_path / "bench.csv", "mixtral-8x7b", "ours").seconds,
+                               ours / 8 * 1e-6)
+    assert [c.measured_ms["moe_ms"] for c in cases_from_kernel_bench(tmp_path / "bench.csv")] == \
+        pytest.approx(balanced / 1e3)
+    with pytest.raises(ValueError, match="gmm_us"):
+        cost.load_kernel_bench(tmp_path / "bench.csv", "mixtral-8x7b", "gmm")
+
+
 def test_calibration_cases_from_kernel_bench(tmp_path, rng):
     """Each bench row becomes one layer: tokens*k selections spread over its active experts, the
     measured time in ms; a CSV without the shape columns is named with what it lacks."""

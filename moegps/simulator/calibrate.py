@@ -115,25 +115,27 @@ def cases_from_results(frame: pd.DataFrame, workload: Callable[[pd.Series], tupl
     return cases
 
 
-def cases_from_kernel_bench(path, method: str = "ours") -> list[Case]:
-    """Measured one-GPU MoE layers from ``moegps.kernels.bench`` output (``bench.csv``, an H100 there):
+def cases_from_kernel_bench(path, method: str | None = None) -> list[Case]:
+    """Measured one-GPU MoE layers from ``moegps.kernels.bench`` output (``bench.csv``):
     each row's ``tokens`` x ``k`` selections spread evenly over ``active_experts`` experts on one GPU,
     measured ``<method>_us`` as ``moe_ms`` (the fused kernel includes the routing/alignment work
-    the cost model calls the per-layer overhead)."""
+    the cost model calls the per-layer overhead); the method by ``cost.kernel_bench_column``
+    (balanced routing where the run timed it: the even split these cases assume)."""
     frame = pd.read_csv(path)
-    missing = {"shape", "tokens", "E", "H", "F", "k", "active_experts", f"{method}_us"} - set(frame)
+    column = cost.kernel_bench_column(frame, method)
+    missing = {"shape", "tokens", "E", "H", "F", "k", "active_experts", column} - set(frame)
     if missing:
         raise ValueError(f"{path}: not a moegps.kernels.bench CSV, missing columns {sorted(missing)}")
     cases = []
     for _, row in frame.iterrows():
-        if row["shape"] not in shape_names() or not np.isfinite(row[f"{method}_us"]):
+        if row["shape"] not in shape_names() or not np.isfinite(row[column]):
             continue
         E, k, active = int(row["E"]), int(row["k"]), int(row["active_experts"])
         shape = from_name(row["shape"], hidden=int(row["H"]), expert_ffn=int(row["F"]),
                             n_experts=E, top_k=k)
         tokens = np.zeros((1, E))
         tokens[0, :active] = row["tokens"] * k / active
-        cases.append(Case(tokens, np.zeros((1, 1)), {"moe_ms": row[f"{method}_us"] / 1e3},
+        cases.append(Case(tokens, np.zeros((1, 1)), {"moe_ms": row[column] / 1e3},
                           name=f"{row['shape']} T={int(row['tokens'])}", info={"shape": shape}))
     return cases
 

@@ -87,28 +87,43 @@ def load_expert_table(path: str | Path, **filters) -> ExpertTimeTable:
     return ExpertTimeTable(grouped.index.to_numpy(), grouped.to_numpy() * _TIME_COLUMNS[column], source=str(path))
 
 
-def load_kernel_bench(path: str | Path, shape: str, method: str = "ours") -> ExpertTimeTable:
-    """An :class:`ExpertTimeTable` from ``moegps.kernels.bench``'s ``bench.csv`` (one H100 there).
+def kernel_bench_column(frame, method: str | None = None) -> str:
+    """The time column of a ``moegps.kernels.bench`` table to read: ``<method>_us``, or by default
+    ``balanced_us`` where the table has it (runs from December 2026: the MoE call on routing that
+    gives every active expert ``tokens * k / active_experts`` rows, which is what the per-expert
+    readings below assume) and ``ours_us`` before (random routing: the rows' experts got uneven
+    counts, so the even-split reading is an approximation that includes their padding)."""
+    if method is not None:
+        return f"{method}_us"
+    if "balanced_us" in frame and frame["balanced_us"].notna().any():
+        return "balanced_us"
+    return "ours_us"
+
+
+def load_kernel_bench(path: str | Path, shape: str, method: str | None = None) -> ExpertTimeTable:
+    """An :class:`ExpertTimeTable` from ``moegps.kernels.bench``'s ``bench.csv``.
 
     That table times a whole MoE layer of ``tokens`` tokens (``k`` selections each) spread over
-    ``active_experts`` experts, in microseconds (``<method>_us``); per expert this is
-    ``tokens * k / active_experts`` tokens in ``<method>_us / active_experts`` (an even split, which
-    is how the benchmark routes).
+    ``active_experts`` experts, in microseconds (``<method>_us``; the method by
+    :func:`kernel_bench_column`); per expert this is ``tokens * k / active_experts`` tokens in
+    ``<method>_us / active_experts``.
     """
     import pandas as pd
 
     path = Path(path)
     frame = pd.read_csv(path)
-    need = {"shape", "tokens", "k", "active_experts", f"{method}_us"}
+    frame = frame[frame["shape"] == shape] if "shape" in frame else frame
+    column = kernel_bench_column(frame, method)
+    need = {"shape", "tokens", "k", "active_experts", column}
     if not need <= set(frame.columns):
         raise ValueError(f"{path}: needs columns {sorted(need)}; has {list(frame.columns)}")
-    frame = frame[(frame["shape"] == shape) & frame[f"{method}_us"].notna()]
+    frame = frame[frame[column].notna()]
     if frame.empty:
-        raise ValueError(f"{path}: no rows for shape {shape!r} with a {method}_us time")
+        raise ValueError(f"{path}: no rows for shape {shape!r} with a {column} time")
     per_expert_tokens = frame["tokens"] * frame["k"] / frame["active_experts"]
-    seconds = frame[f"{method}_us"] * 1e-6 / frame["active_experts"]
+    seconds = frame[column] * 1e-6 / frame["active_experts"]
     grouped = pd.Series(seconds.to_numpy(), index=per_expert_tokens.to_numpy()).groupby(level=0).mean()
-    return ExpertTimeTable(grouped.index.to_numpy(), grouped.to_numpy(), source=f"{path} ({shape}, {method})")
+    return ExpertTimeTable(grouped.index.to_numpy(), grouped.to_numpy(), source=f"{path} ({shape}, {column})")
 
 
 def expert_time(tokens: np.ndarray, shape: ModelShape, system: SystemSpec, table: ExpertTimeTable | None = None) -> np.ndarray:
