@@ -19,14 +19,13 @@ import torch
 
 from moegps import shapes
 from moegps.kernels import fused_moe
+from moegps.kernels.bench import balanced_bmm, gemm_parts
 from moegps.kernels.launch import get_config
 from moegps.kernels.tune import expert_dims, shared_columns
 from moegps.kernels.timing import make_inputs, make_routing
 
 
 def main() -> None:
-    from moegps.kernels.bench import balanced_bmm, gemm_parts
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=shapes.names(), default="deepseek-v2-lite")
     ap.add_argument("--tokens", type=int, default=1)
