@@ -100,7 +100,7 @@ signature = {"a_desc": desc([128, 64]), "b_desc": desc([block_n, 64]), "b_half_d
              "tile_counter_ptr": "*i32", "GATE_UP": "constexpr", "STAGES": "constexpr", "DYNAMIC": "constexpr"}
 source = GluonASTSource(wgmma_moe.grouped_gemm_kernel, signature=signature,
                         constexprs={"GATE_UP": gate_up, "STAGES": 4, "DYNAMIC": dynamic})
-compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": 168})
+compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": wgmma_moe.MAX_REGISTERS})
 ptx = compiled.asm["ptx"]
 # spills are ptxas's: read the binary's local memory with the cuobjdump Triton ships
 cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"

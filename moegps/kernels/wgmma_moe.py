@@ -334,6 +334,11 @@ if HAVE_GLUON:
                             (_producer, (p, GATE_UP, DYNAMIC))], [4, 1], [232, 24])
 
 
+# Registers a thread at launch: 168 x 3 warpgroups fill the SM's 64k; the producer's gives all but 24
+# of its own to the consumers (setmaxnreg), which leaves them 232-248 each.
+MAX_REGISTERS = 168
+
+
 def _descriptor(t: torch.Tensor, block: list[int]):
     layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if t.dtype == torch.bfloat16
                                                   else gl.float16)
@@ -358,9 +363,7 @@ def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: i
         tile.get("group_m", 8), a.shape[1], routing.n_pairs, b_rows, up_offset,
         torch.zeros(1, dtype=torch.int32, device=a.device),  # the tile counter (a memset)
         GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=tile.get("dynamic", True), num_warps=4,
-        # registers: 168 x 3 warpgroups fill the SM's 64k; the producer's gives all but 24 of its
-        # own to the consumers (setmaxnreg), which leaves them 232-248 each
-        maxnreg=168)
+        maxnreg=MAX_REGISTERS)
 
 
 def check_config(config: dict, x: torch.Tensor) -> None:
