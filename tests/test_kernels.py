@@ -288,6 +288,34 @@ def test_combine_gathers_rows_of_expert_order(rng):
     assert rel_err(out, ref) < 1e-3
 
 
+@pytest.mark.parametrize("hidden,block_h,half_tail", [(16, 1024, False), (40, 16, True)])
+def test_gather_copies_each_sorted_rows_token_row(rng, hidden, block_h, half_tail):
+    """launch.gather_rows (the wgmma path's rows in expert order) on align's own output: every
+    used row that holds a pair is that pair's token row, bit for bit; H in one column tile and in
+    several with a partial last one. Padding rows and the rows past the used ones (whose ids align
+    left unwritten) are skipped: the output is poisoned, and they must still hold the poison."""
+    from moegps.kernels.launch import gather_rows
+
+    n_tokens, top_k, n_experts = int(rng.integers(1, 40)), 2, 5
+    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    x = torch.randn(n_tokens, hidden, generator=gen).to(torch.float16)
+    ids = torch.stack([torch.randperm(n_experts, generator=gen)[:top_k] for _ in range(n_tokens)])
+    meta = align(ids.reshape(-1), n_experts, 32, half_tail=half_tail)
+    used = int(meta.n_padded)
+    assert used < meta.sorted_pair_ids.numel()
+    meta.sorted_pair_ids[used:] = 0  # unwritten ids may look like a valid pair's
+    rows = torch.full((meta.sorted_pair_ids.numel(), hidden), float("nan"), dtype=x.dtype)
+    gather_rows(x, meta, top_k, out=rows, block_r=4, block_h=block_h)
+    sorted_ids = meta.sorted_pair_ids.tolist()
+    copied = {r: p for r, p in enumerate(sorted_ids[:used]) if p < n_tokens * top_k}
+    assert sorted(copied.values()) == list(range(n_tokens * top_k))
+    for r in range(len(sorted_ids)):
+        if r in copied:
+            assert torch.equal(rows[r], x[copied[r] // top_k]), (r, copied[r])
+        else:
+            assert rows[r].isnan().all(), r
+
+
 def test_half_tail_needs_a_block_of_32():
     with pytest.raises(ValueError, match="half_tail needs block_m"):
         align(torch.zeros(4, 2, dtype=torch.int64), 3, 16, half_tail=True)

@@ -58,9 +58,9 @@ def parts(x, w13, w2, ids, weights, config) -> dict:
     if config["path"] == "wgmma":
         top_k = ids.shape[1]
         routing = launch.route(ids.reshape(-1), w13.shape[0], config)
-        h = wgmma_moe.launch_gate_up(x, w13, routing, config, top_k)
+        h = wgmma_moe.launch_gate_up(launch.gather_rows(x, routing, top_k), w13, routing, config)
         y = wgmma_moe.launch_down(h, w2, weights.reshape(-1), routing, config)
-        timed["gather"] = lambda: wgmma_moe.gather_rows(x, routing.sorted_pair_ids, top_k)
+        timed["gather"] = lambda: launch.gather_rows(x, routing, top_k)
         timed["combine"] = lambda: launch.combine_sum(y, top_k, slots=routing.pair_slot)
     return timed
 

@@ -20,8 +20,10 @@ Parts (``--parts``), each printed as a table and written to ``--out`` (JSON rows
 * ``attention``: the decode-attention kernel alone against its floor (KV bytes / copy rate).
 * ``ttft``: time to first token at batch 1 and each ``--prompts`` length against the matmul floor
   (2 x active parameters x tokens / matmul rate, attention FLOPs included), at the ceilings' rate and
-  at the rate of matmul bursts timed in rounds beside the prompt (same power and heat); the GPU's
-  idle time between kernels and the host's time to issue the prefill; eager and as a CUDA graph
+  at the rate of matmul bursts timed in rounds beside the prompt (same power and heat); timed back to
+  back with those bursts (a GPU kept busy) and, ``--rest-s``, each after the GPU idled (a prompt
+  arriving at an idle server), against bursts started from the same rest; the GPU's idle time
+  between kernels and the host's time to issue the prefill; eager and as a CUDA graph
   (PrefillGraphs, what the engine runs for one prompt).
 * ``peers``: transformers in the same run: ``generate()`` as shipped, transformers under the
   project's graphed static-cache loop, and (``--compile``) static cache + torch.compile with
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import statistics
 import time
@@ -301,12 +304,14 @@ def part_attention(shape: ModelShape, batches, contexts, copy_rate: float, sweep
     return rows
 
 
-def _beside_matmuls(fn, reps: int) -> tuple[list[float], float]:
+def _beside_matmuls(fn, reps: int, rest_s: float = 0.0) -> tuple[list[float], float]:
     """(ms of each ``fn()``, median bf16 matmul rate in FLOP/s) from ``reps`` rounds of one ``fn()`` then a
-    burst of 8192^3 matmuls as long as it, each started on an idle GPU. The ceilings' 20 matmuls (28 ms)
-    run cooler than a long compute-bound prefill: on the H200 the 8192^3 rate read 741-803 TFLOP/s at the
-    start of runs and 684-700 inside the kernels benchmark's long rows (its rounds share the clocks), so a
-    prompt's matmul floor is also given at the rate measured beside it, under the same power and heat."""
+    burst of 8192^3 matmuls as long as it. The ceilings' 20 matmuls (28 ms) run cooler than a long
+    compute-bound prefill: on the H200 the 8192^3 rate read 741-803 TFLOP/s at the start of runs and
+    684-700 inside the kernels benchmark's long rows (its rounds share the clocks), so a prompt's matmul
+    floor is also given at the rate measured beside it, under the same power and heat. With ``rest_s``,
+    the GPU idles that long before each ``fn()`` and each burst: a prompt arriving at an idle GPU (the
+    usual reading of time to first token), against matmuls started from the same rest."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b, c = torch.randn_like(a), torch.empty_like(a)
     one = device_ms(lambda: torch.mm(a, b, out=c), reps=5)
@@ -319,12 +324,15 @@ def _beside_matmuls(fn, reps: int) -> tuple[list[float], float]:
 
     times, rates = [], []
     for _ in range(reps):
+        time.sleep(rest_s)
         times.append(device_ms(fn, reps=1, warmup=0))
+        time.sleep(rest_s)
         rates.append(2 * 8192 ** 3 * burst / (device_ms(matmuls, reps=1, warmup=0) * 1e-3))
     return times, statistics.median(rates)
 
 
-def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float, reps: int = 5) -> list[dict]:
+def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float, reps: int = 5,
+              rest_s: float = 1.0) -> list[dict]:
     rows = []
     S = model.shape
     gen = torch.Generator().manual_seed(3)
@@ -346,6 +354,8 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
                 run()  # a graph's capture happens here, outside the timing
                 times, rate_beside = _beside_matmuls(run, reps)
                 ms = statistics.median(times)
+                rested, rate_rested = _beside_matmuls(run, reps, rest_s) if rest_s > 0 else ([math.nan], math.nan)
+                rested_ms = statistics.median(rested)
                 kernels = kernel_trace(run)
                 torch.cuda.synchronize()
                 start = time.perf_counter()  # the host's time to issue the whole prefill (no sync inside)
@@ -361,6 +371,10 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
                              ttft_max_ms=max(times), floor_ms=floor, pct_of_floor=100 * floor / ms,
                              matmul_beside_tflops=rate_beside / 1e12, floor_beside_ms=floor_beside,
                              pct_of_floor_beside=100 * floor_beside / ms,
+                             ttft_rested_ms=rested_ms, pct_of_floor_rested=100 * floor / rested_ms,
+                             matmul_rested_tflops=rate_rested / 1e12,
+                             pct_of_floor_rested_burst=100 * max(flops / rate_rested, weight_bytes / copy_rate) * 1e3
+                             / rested_ms,
                              bound="compute" if flops / matmul_rate > weight_bytes / copy_rate else "memory",
                              host_issue_ms=host_ms, idle_ms=idle_ms, **{f"{k}_ms": v for k, v in parts.items()}))
             print(rows[-1], flush=True)
@@ -642,6 +656,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--decode-variants", nargs="+", default=["engine"], choices=list(DECODE_VARIANTS),
                     help="decode as the engine runs it, and/or with one of its choices changed")
+    ap.add_argument("--rest-s", type=float, default=1.0,
+                    help="ttft: also time each prompt after the GPU idled this long (0: only back to back)")
     ap.add_argument("--attention-sweep", action="store_true", help="time every ATTENTION_SWEEP setting too")
     ap.add_argument("--compile", action="store_true", help="also time transformers with static cache + compile")
     ap.add_argument("--shared-expert", choices=["folded", "beside"], default="folded",
@@ -678,7 +694,7 @@ def main(argv=None) -> None:
                                                            args.decode_variants))
         if "ttft" in args.parts:
             _attempt(results, "ttft", lambda: part_ttft(model, args.prompts, c["matmul_flops_per_s"],
-                                                       c["copy_bytes_per_s"]))
+                                                       c["copy_bytes_per_s"], rest_s=args.rest_s))
         if "breakdown" in args.parts:
             _attempt(results, "breakdown", lambda: _breakdowns(model, hf, shape, args.peer_batches, c["device"]))
         if "peers" in args.parts and hf is not None:

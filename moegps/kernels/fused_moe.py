@@ -25,6 +25,8 @@ gate weight in the down GEMM's epilogue. Two ways of finding an expert's rows:
 
 * `combine` kernel: the k-way sum of the down GEMM's y [T*k, H] rows into out [T, H] (when the
   down GEMM does not combine with atomics itself).
+* `gather` kernel: its mirror for the wgmma path, whose TMA copies need the token rows in expert
+  order in memory: each sorted row's token row of x, padding rows skipped.
 
 Two variants a config can switch on (constexpr flags): PAIRED, one interleaved gate/up dot of
 twice the width instead of two (NOTES.md v5), and TMA on the sorted kernels, the weight tiles
@@ -449,3 +451,26 @@ def combine_kernel(y_ptr, slot_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl
             row = tl.load(slot_ptr + row).to(tl.int64)
         acc += tl.load(y_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gather_kernel(x_ptr, sorted_ptr, out_ptr, n_padded_ptr, n_pairs, H, TOP_K: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
+    """out[r] = x[sorted[r] // TOP_K] for the BLOCK_R sorted rows from program_id(0) * BLOCK_R,
+    in column tiles of BLOCK_H: the token rows in expert order (the wgmma path's operand). Rows
+    past the used ones (n_padded_ptr[0]) and padding rows (sorted id n_pairs) are left unwritten:
+    they only ever produce padding rows of h and y, which nothing reads. One launch in place of
+    torch's index_select plus the clamp and division before it (NOTES.md, session 12)."""
+    wait_for_predecessor(PDL)
+    first = tl.program_id(0) * BLOCK_R
+    n_used = tl.load(n_padded_ptr)
+    if first < n_used:
+        r = first + tl.arange(0, BLOCK_R)
+        pair = tl.load(sorted_ptr + r, mask=r < n_used, other=-1)
+        keep = (pair >= 0) & (pair < n_pairs)
+        token = tl.where(keep, pair // TOP_K, 0).to(tl.int64)
+        for h0 in range(0, H, BLOCK_H):
+            h = h0 + tl.arange(0, BLOCK_H)
+            mask = keep[:, None] & (h < H)[None, :]
+            row = tl.load(x_ptr + token[:, None] * H + h[None, :], mask=mask)
+            tl.store(out_ptr + r.to(tl.int64)[:, None] * H + h[None, :], row, mask=mask)

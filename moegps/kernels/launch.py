@@ -37,7 +37,7 @@ import triton
 # Kernel names imported directly: the package attribute `fused_moe` is the function below,
 # which shadows the kernel module of the same name.
 from .fused_moe import (combine_kernel, down_scan_kernel, down_sorted_kernel, fused_scan_kernel,
-                        gate_up_scan_kernel, gate_up_sorted_kernel)
+                        gate_up_scan_kernel, gate_up_sorted_kernel, gather_kernel)
 from . import wgmma_moe
 from .pdl import launch_flags
 from .routing import SCAN, align
@@ -234,7 +234,7 @@ def _fused_moe_wgmma(x, w_gate_up, w_down, ids, weights, config, top_k) -> torch
                          "use 'sorted' elsewhere")
     wgmma_moe.check_config(config, x)
     routing = route(ids, w_gate_up.shape[0], config)
-    h = wgmma_moe.launch_gate_up(x, w_gate_up, routing, config, top_k)
+    h = wgmma_moe.launch_gate_up(gather_rows(x, routing, top_k), w_gate_up, routing, config)
     y = wgmma_moe.launch_down(h, w_down, weights, routing, config)
     return combine_sum(y, top_k, slots=routing.pair_slot)
 
@@ -251,6 +251,22 @@ def combine_sum(y: torch.Tensor, top_k: int, out: torch.Tensor | None = None,
     combine_kernel[(n_pairs // top_k, triton.cdiv(hidden, block_h))](
         y.contiguous(), y if slots is None else slots, out, hidden, TOP_K=top_k, BLOCK_H=block_h,
         GATHER=slots is not None, num_warps=8 if block_h >= 2048 else 4, **launch_flags(y))
+    return out
+
+
+def gather_rows(x: torch.Tensor, routing, top_k: int, out: torch.Tensor | None = None, block_r: int = 4,
+                block_h: int = 1024, num_warps: int = 4) -> torch.Tensor:
+    """[max_padded, H]: row r = x's row of the routing's sorted pair r (x [T, H], routing a
+    RoutingMeta): the token rows in expert order, which the wgmma path's TMA copies read (TMA has
+    no row gather on Hopper). Padding rows and the rows past the used ones are left unwritten:
+    they feed only padding rows of h and y, which nothing reads. One launch (gather_kernel)."""
+    n_rows, hidden = routing.sorted_pair_ids.numel(), x.shape[1]
+    out = torch.empty(n_rows, hidden, dtype=x.dtype, device=x.device) if out is None else out
+    if n_rows:
+        gather_kernel[(triton.cdiv(n_rows, block_r),)](
+            x.contiguous(), routing.sorted_pair_ids, out, routing.n_padded, routing.n_pairs, hidden,
+            TOP_K=top_k, BLOCK_R=block_r, BLOCK_H=min(block_h, triton.next_power_of_2(hidden)),
+            num_warps=num_warps, **launch_flags(x))
     return out
 
 

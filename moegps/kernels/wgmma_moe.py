@@ -26,14 +26,14 @@ its MMAs take half a tile's time; its weight loads do not shrink, and where they
 gains nothing over one warpgroup idling (NOTES.md, session 10).
 
 Operands are in expert order (rows sorted by expert, each expert padded to whole blocks by
-routing.align): TMA has no row gather on Hopper, so `gather_rows` copies the token rows into that
-order first (one launch, ~1% of a compute-bound Mixtral call); h and y stay in it and the k-way
-combine reads y through the routing's inverse map. Padding rows compute garbage that is never read.
+routing.align): TMA has no row gather on Hopper, so launch.gather_rows copies the token rows into
+that order first (one launch, ~1% of a compute-bound Mixtral call); h and y stay in it and the
+k-way combine reads y through the routing's inverse map. Padding rows are not copied: they hold
+whatever the buffer held and compute garbage that is never read.
 
 GPU-only: Gluon has no CPU interpreter. benchmarks/kernels/wgmma_probe.py checks the kernels on
 the GPU against the fp32 reference; tests/test_wgmma_moe.py compiles them for sm_90 on the CPU
-(no spills, shared memory within bounds) and tests the rest (tile order, row gather, config
-checks). NOTES.md, session 9, has the measurements.
+(no spills, shared memory within bounds) and tests the rest (tile order, config checks). NOTES.md, session 9, has the measurements.
 """
 
 from __future__ import annotations
@@ -85,14 +85,6 @@ def tile_order(tile: int, n_blocks: int, n_tiles_n: int, group: int) -> tuple[in
     size = min(n_blocks - first, group)
     within = tile % per_group
     return first + within % size, within // size
-
-
-def gather_rows(x: torch.Tensor, sorted_pair_ids: torch.Tensor, top_k: int) -> torch.Tensor:
-    """[max_padded, H] = x's row of each sorted pair. Padding rows, and the rows past the used
-    ones (align leaves them unwritten: any int32), read a valid row; nothing stores them."""
-    n_pairs = x.shape[0] * top_k
-    rows = torch.clamp(sorted_pair_ids, min=0, max=n_pairs - 1) // top_k
-    return x.index_select(0, rows)
 
 
 if HAVE_GLUON:
@@ -380,11 +372,11 @@ def check_config(config: dict, x: torch.Tensor) -> None:
                              f"got {tile['block_k']}")
 
 
-def launch_gate_up(x, w_gate_up, routing, config: dict, top_k: int) -> torch.Tensor:
-    """h [max_padded, F] in expert order = silu(x @ w1^T) * (x @ w3^T) per sorted row."""
+def launch_gate_up(rows, w_gate_up, routing, config: dict) -> torch.Tensor:
+    """h [max_padded, F] in expert order = silu(rows @ w1^T) * (rows @ w3^T), rows [max_padded, H]
+    the token rows in expert order (launch.gather_rows)."""
     n_experts, two_f, hidden = w_gate_up.shape
-    rows = gather_rows(x, routing.sorted_pair_ids, top_k)
-    h = torch.empty(rows.shape[0], two_f // 2, dtype=x.dtype, device=x.device)
+    h = torch.empty(rows.shape[0], two_f // 2, dtype=rows.dtype, device=rows.device)
     _launch(rows, w_gate_up.view(n_experts * two_f, hidden), h, None, routing,
             config["gate_up"], two_f, two_f // 2, gate_up=True)
     return h
