@@ -371,7 +371,8 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
                              ttft_max_ms=max(times), floor_ms=floor, pct_of_floor=100 * floor / ms,
                              matmul_beside_tflops=rate_beside / 1e12, floor_beside_ms=floor_beside,
                              pct_of_floor_beside=100 * floor_beside / ms,
-                             ttft_rested_ms=rested_ms, pct_of_floor_rested=100 * floor / rested_ms,
+                             ttft_rested_ms=rested_ms, ttft_rested_min_ms=min(rested), ttft_rested_max_ms=max(rested),
+                             pct_of_floor_rested=100 * floor / rested_ms,
                              matmul_rested_tflops=rate_rested / 1e12,
                              pct_of_floor_rested_burst=100 * max(flops / rate_rested, weight_bytes / copy_rate) * 1e3
                              / rested_ms,
