@@ -67,7 +67,7 @@ if not wgmma_moe.HAVE_GLUON:
     print(json.dumps({"skip": "this Triton has no Gluon"})); sys.exit()
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
-gate_up, block_n, dynamic = json.loads(sys.argv[1])
+gate_up, block_n, dynamic, gather = json.loads(sys.argv[1])
 
 def desc(block):
     layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
@@ -78,9 +78,12 @@ signature = {"a_desc": desc([128, 64]), "b_desc": desc([block_n, 64]), "b_half_d
              "sorted_ptr": "*i32", "weights_ptr": "*fp32",
              "block_expert_ptr": "*i32", "block_start_ptr": "*i32", "n_blocks_ptr": "*i32",
              **{name: "i32" for name in ("n_tiles_n", "group", "k_dim", "n_pairs", "b_rows", "up_offset")},
-             "tile_counter_ptr": "*i32", "GATE_UP": "constexpr", "STAGES": "constexpr", "DYNAMIC": "constexpr"}
+             "tile_counter_ptr": "*i32", "x_ptr": "*bf16", "top_k": "i32",
+             "GATE_UP": "constexpr", "STAGES": "constexpr", "DYNAMIC": "constexpr", "GATHER": "constexpr"}
+# x_ptr 16-byte aligned, as Triton's launcher specialises an aligned pointer (the gather's cp.async)
 source = GluonASTSource(wgmma_moe.grouped_gemm_kernel, signature=signature,
-                        constexprs={"GATE_UP": gate_up, "STAGES": 4, "DYNAMIC": dynamic})
+                        constexprs={"GATE_UP": gate_up, "STAGES": 4, "DYNAMIC": dynamic, "GATHER": gather},
+                        attrs={(list(signature).index("x_ptr"),): [["tt.divisibility", 16]]})
 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": wgmma_moe.MAX_REGISTERS})
 ptx = compiled.asm["ptx"]
 # spills are ptxas's: read the binary's local memory with the cuobjdump Triton ships
@@ -92,29 +95,35 @@ if cuobjdump.exists():
         usage = subprocess.run([str(cuobjdump), "-res-usage", str(Path(tmp) / "k.cubin")],
                                capture_output=True, text=True, check=True).stdout
 print(json.dumps({"wgmma": "wgmma.mma_async" in ptx, "setmaxnreg": "setmaxnreg" in ptx,
+                  "cp_async": len(re.findall(r"cp\.async\.c[ag]\.shared", ptx)),
+                  "cp_async_arrive": len(re.findall(r"cp\.async\.mbarrier\.arrive\.noinc", ptx)),
                   "atomics": len(re.findall(r"atom\.global[.\w]*\.add", ptx)),
                   "barrier_counts": sorted({int(c) for c in re.findall(r"mbarrier\.init\.shared[:\w.]*\s+\[[^]]+\],\s*(\d+)", ptx)}),
                   "shared": compiled.metadata.shared, "warps": compiled.metadata.num_warps, "usage": usage}))
 """
 
 
-@pytest.mark.parametrize("gate_up, block_n, dynamic", [(True, 128, True), (False, 256, True),
-                                                     (True, 128, False)])
-def test_kernels_compile_for_hopper_without_spills(gate_up, block_n, dynamic, compiling_python):
+@pytest.mark.parametrize("gate_up, block_n, dynamic, gather", [
+    (True, 128, True, False), (False, 256, True, False), (True, 128, False, False), (True, 128, True, True)])
+def test_kernels_compile_for_hopper_without_spills(gate_up, block_n, dynamic, gather, compiling_python):
     """The device code compiled for sm_90 here, with no GPU (Triton ships ptxas): it must build
     with this Triton's Gluon, keep its accumulators in registers (no local memory) and fit the
     227 KB of shared memory an H100/H200 block may use. With dynamic tiles, the producer's two
-    claims of the tile counter are its only atomics (one thread each, the compiler's lowering)."""
+    claims of the tile counter are its only atomics (one thread each, the compiler's lowering).
+    With the producer gathering the token rows (cp.async), a stage's barrier waits for its TMA
+    copies' arrival and one arrival from each of the producer warpgroup's 128 threads."""
     import json
     import re
 
-    result = compiling_python(COMPILE, json.dumps([gate_up, block_n, dynamic]))
+    result = compiling_python(COMPILE, json.dumps([gate_up, block_n, dynamic, gather]))
     if "skip" in result:
         pytest.skip(result["skip"])
     assert result["wgmma"] and result["setmaxnreg"]  # tensor cores, register handoff
     assert result["atomics"] == (2 if dynamic else 0)
-    # barriers wait for the producer (1) or for both consumer warpgroups (2)
-    assert result["barrier_counts"] == [1, 2], result["barrier_counts"]
+    assert (result["cp_async"] > 0, result["cp_async_arrive"] > 0) == (gather, gather)
+    # barriers wait for the producer (1), for both consumer warpgroups (2), or (gather) for the
+    # producer's TMA copies and its 128 threads' row copies (129)
+    assert result["barrier_counts"] == ([1, 2, 129] if gather else [1, 2]), result["barrier_counts"]
     assert result["shared"] <= 227 * 1024
     if result["usage"] is None:
         pytest.skip("this Triton ships no cuobjdump")

@@ -35,10 +35,11 @@ from moegps.kernels.tune import device_table, expert_dims, put_entry, shared_col
 
 
 def wgmma_config(block_m=128, gu_n=128, down_n=256, stages=4, group=8, block_k=64,
-                 half_tail=False, dynamic=True) -> dict:
+                 half_tail=False, dynamic=True, gather=False) -> dict:
     tile = {"block_k": block_k, "num_stages": stages, "group_m": group, "dynamic": dynamic}
+    gate_up = {"block_n": gu_n, **tile, **({"gather": True} if gather else {})}
     return {"path": "wgmma", "block_m": block_m, "half_tail": half_tail,
-            "gate_up": {"block_n": gu_n, **tile}, "down": {"block_n": down_n, **tile}}
+            "gate_up": gate_up, "down": {"block_n": down_n, **tile}}
 
 
 VARIANTS = {
@@ -46,8 +47,10 @@ VARIANTS = {
     "ht": wgmma_config(half_tail=True),
     "ht_d128": wgmma_config(half_tail=True, down_n=128),
     "ht_d128_g16": wgmma_config(half_tail=True, down_n=128, group=16),
-    # tiles in a fixed stride over the programs (before session 11), for the same-run comparison
-    "ht_d128_g16_static": wgmma_config(half_tail=True, down_n=128, group=16, dynamic=False),
+    # the gate/up producer gathering the token rows itself (cp.async; NOTES.md v21)
+    "w128_ga": wgmma_config(gather=True),
+    "ht_ga": wgmma_config(half_tail=True, gather=True),
+    "ht_d128_g16_ga": wgmma_config(half_tail=True, down_n=128, group=16, gather=True),
 }
 
 
@@ -58,9 +61,10 @@ def parts(x, w13, w2, ids, weights, config) -> dict:
     if config["path"] == "wgmma":
         top_k = ids.shape[1]
         routing = launch.route(ids.reshape(-1), w13.shape[0], config)
-        h = wgmma_moe.launch_gate_up(launch.gather_rows(x, routing, top_k), w13, routing, config)
+        h = launch.wgmma_gate_up(x, w13, routing, config, top_k)
         y = wgmma_moe.launch_down(h, w2, weights.reshape(-1), routing, config)
-        timed["gather"] = lambda: launch.gather_rows(x, routing, top_k)
+        if not config["gate_up"].get("gather"):  # else its gate/up gathers the rows itself
+            timed["gather"] = lambda: launch.gather_rows(x, routing, top_k)
         timed["combine"] = lambda: launch.combine_sum(y, top_k, slots=routing.pair_slot)
     return timed
 
@@ -77,13 +81,13 @@ def check(name, dims, n_tokens, routing_kind, seed) -> bool:
         weights = torch.ones(n_tokens, 1, dtype=weights.dtype, device="cuda")
     ref = moe_reference(x.float(), w13.float(), w2.float(), ids, weights.float()).float()
     ok = True
-    for variant in ("w128", "ht", "ht_d128"):
+    for variant in ("w128", "ht", "ht_d128", "w128_ga", "ht_ga"):
         out = fused_moe(x, w13, w2, ids, weights, config=VARIANTS[variant])
         err = rel_err(out, ref)
         shipped = rel_err(fused_moe(x, w13, w2, ids, weights), ref)
         good = err < 1e-2 and bool(torch.isfinite(out).all())
         ok &= good
-        print(f"  check {name:18s} T={n_tokens:5d} {routing_kind:14s} {variant:5s} "
+        print(f"  check {name:18s} T={n_tokens:5d} {routing_kind:14s} {variant:7s} "
               f"rel_err {err:.2e} (shipped {shipped:.2e}) {'ok' if good else 'FAIL'}", flush=True)
     return ok
 

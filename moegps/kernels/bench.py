@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from moegps.kernels import timing, wgmma_moe
-from moegps.kernels.launch import (combine_atomic, combine_sum, default_config, fused_moe, gather_rows, get_config,
-                                   launch_down, launch_gate_up, route)
+from moegps.kernels.launch import (combine_atomic, combine_sum, default_config, fused_moe, get_config,
+                                   launch_down, launch_gate_up, route, wgmma_gate_up)
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.routing import SCAN, align
 from moegps.kernels.timing import flush_control, make_inputs, make_routing, rel_err, time_many, time_us
@@ -106,8 +106,8 @@ def gemm_parts(x, w13, w2, ids, weights, config: dict) -> dict:
     flat_ids, gates = ids.reshape(-1), weights.reshape(-1)
     routing = route(flat_ids, w13.shape[0], config)
     if config["path"] == "wgmma":
-        h = wgmma_moe.launch_gate_up(gather_rows(x, routing, top_k), w13, routing, config)
-        return {"gate_up": lambda: wgmma_moe.launch_gate_up(gather_rows(x, routing, top_k), w13, routing, config),
+        h = wgmma_gate_up(x, w13, routing, config, top_k)
+        return {"gate_up": lambda: wgmma_gate_up(x, w13, routing, config, top_k),
                 "down": lambda: wgmma_moe.launch_down(h, w2, gates, routing, config)}
     h = torch.empty(flat_ids.numel(), w2.shape[2], dtype=x.dtype, device=x.device)
     y = (torch.zeros(n_tokens, x.shape[1], dtype=torch.float32, device=x.device)

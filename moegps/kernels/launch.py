@@ -234,9 +234,17 @@ def _fused_moe_wgmma(x, w_gate_up, w_down, ids, weights, config, top_k) -> torch
                          "use 'sorted' elsewhere")
     wgmma_moe.check_config(config, x)
     routing = route(ids, w_gate_up.shape[0], config)
-    h = wgmma_moe.launch_gate_up(gather_rows(x, routing, top_k), w_gate_up, routing, config)
+    h = wgmma_gate_up(x, w_gate_up, routing, config, top_k)
     y = wgmma_moe.launch_down(h, w_down, weights, routing, config)
     return combine_sum(y, top_k, slots=routing.pair_slot)
+
+
+def wgmma_gate_up(x, w_gate_up, routing, config: dict, top_k: int) -> torch.Tensor:
+    """The wgmma path's gate/up GEMM on x [T, H]: its producer gathers the token rows itself where
+    the tile says "gather", else they are copied into expert order first (gather_rows)."""
+    if config["gate_up"].get("gather", False):
+        return wgmma_moe.launch_gate_up(x.contiguous(), w_gate_up, routing, config, top_k=top_k)
+    return wgmma_moe.launch_gate_up(gather_rows(x, routing, top_k), w_gate_up, routing, config)
 
 
 def combine_sum(y: torch.Tensor, top_k: int, out: torch.Tensor | None = None,

@@ -49,11 +49,14 @@ try:  # Gluon ships with Triton >= 3.4; its Hopper modules are only needed on a 
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
                                                                   tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     # Triton 3.6 (the lent GPU's) names the TMA copies async_copy_global_to_shared and
     # async_copy_shared_to_global; later releases async_load and async_store (old names raise)
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    # cp.async (the rows a producer gathers itself): 3.6's async_copy_global_to_shared, later async_load
+    _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
     # and a shared buffer's reinterpretation _reinterpret (3.9: reinterpret)
     _NEW_REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
     HAVE_GLUON = True
@@ -113,7 +116,7 @@ if HAVE_GLUON:
         D: gl.constexpr = tile_ids.shape[0]
         slot = i % D
         mbarrier.wait(tile_empty.index(slot), ((i // D) & 1) ^ 1)
-        tile_ids.index(slot).store(gl.full([1], tile, gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
+        tile_ids.index(slot).store(gl.full([1], tile, gl.int32, gl.BlockedLayout([1], [32], [gl.num_warps()], [0])))
         mbarrier.arrive(tile_full.index(slot))
 
     @gluon.jit
@@ -131,7 +134,7 @@ if HAVE_GLUON:
             return gl.program_id(0) + i * gl.num_programs(0)
 
     @gluon.jit
-    def _producer(p, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr):
+    def _producer(p, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr, GATHER: gl.constexpr):
         """One warp: TMA copies of every tile's operands into the ring of stages. DYNAMIC: it
         claims each next tile from the launch's counter and hands it to the consumers, so the
         tiles that run at once are always a window of consecutive ones (they share weight slabs
@@ -139,16 +142,21 @@ if HAVE_GLUON:
         (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, a_bufs, b_bufs, out_bufs, ready,
          empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n,
          group, k_dim, n_pairs, b_rows, up_offset, tile_ids, tile_full, tile_empty,
-         tile_counter_ptr) = p
+         tile_counter_ptr, x_ptr, top_k) = p
         STAGES: gl.constexpr = a_bufs.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
-        ROWS: gl.constexpr = a_desc.block_type.shape[0] // 2
+        BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+        ROWS: gl.constexpr = BLOCK_M // 2
         QUARTER: gl.constexpr = BLOCK_N // 2
+        # the bytes a stage's TMA copies bring (GATHER: the token rows come by cp.async instead)
+        A_BYTES: gl.constexpr = 0 if GATHER else a_desc.block_type.nbytes
         if GATE_UP:
-            nbytes: gl.constexpr = a_desc.block_type.nbytes + 2 * b_desc.block_type.nbytes
+            nbytes: gl.constexpr = A_BYTES + 2 * b_desc.block_type.nbytes
         else:
-            nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+            nbytes: gl.constexpr = A_BYTES + b_desc.block_type.nbytes
+        # GATHER: 16-byte pieces of the token rows, 8 rows x 4 pieces a warp
+        ROW_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [gl.num_warps(), 1], [1, 0])
         n_tiles = gl.load(n_blocks_ptr) * n_tiles_n
         step = 0
         i = 0
@@ -158,15 +166,29 @@ if HAVE_GLUON:
                 _publish(tile_ids, tile_full, tile_empty, i, tile)
             block, tile_n = _tile(tile, gl.load(n_blocks_ptr), n_tiles_n, group)
             row = gl.load(block_start_ptr + block)
-            half_block = gl.load(block_start_ptr + block + 1) - row <= ROWS
+            n_rows = gl.load(block_start_ptr + block + 1) - row
+            half_block = n_rows <= ROWS
             w_row = gl.load(block_expert_ptr + block) * b_rows + tile_n * BLOCK_N
+            if GATHER:  # the block's token rows of x (padding rows and those past the block: none)
+                r = gl.arange(0, BLOCK_M, gl.SliceLayout(1, ROW_LAYOUT))
+                c = gl.arange(0, BLOCK_K, gl.SliceLayout(0, ROW_LAYOUT))
+                pair = gl.load(sorted_ptr + row + r, mask=r < n_rows, other=-1)
+                keep = (pair >= 0) & (pair < n_pairs)
+                # k_dim (H) is a multiple of 8 (TMA already needs the weights' rows 16-byte aligned),
+                # so every row starts 16-byte aligned: one cp.async per 8 columns
+                start = gl.multiple_of(gl.where(keep, pair // top_k, 0).to(gl.int64) * k_dim, 8)
+                src = x_ptr + start[:, None] + c[None, :]
             for k in range(0, k_dim, BLOCK_K):
                 stage = step % STAGES
                 # a fresh mbarrier counts as having completed the phase before phase 0
                 mbarrier.wait(empty.index(stage), ((step // STAGES) & 1) ^ 1)
                 bar = ready.index(stage)
                 mbarrier.expect(bar, nbytes)
-                _tma_load(a_desc, [row, k], bar, a_bufs.index(stage))
+                if GATHER:  # each thread's copies arrive on the stage's barrier when they land
+                    _cp_async(a_bufs.index(stage), src + k, mask=keep[:, None])
+                    async_copy.mbarrier_arrive(bar, increment_count=False)
+                else:
+                    _tma_load(a_desc, [row, k], bar, a_bufs.index(stage))
                 if GATE_UP:  # gate rows over up rows, one [2 * BLOCK_N, BLOCK_K] stage buffer
                     b = b_bufs.index(stage)
                     if half_block:  # each warpgroup's column half: its gate rows over its up rows
@@ -187,14 +209,14 @@ if HAVE_GLUON:
             _publish(tile_ids, tile_full, tile_empty, i, tile)
 
     @gluon.jit
-    def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr):
+    def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr, GATHER: gl.constexpr):
         """One warpgroup: rows HALF * BLOCK_M / 2 onwards of every tile, or on a block of at most
         BLOCK_M / 2 rows all its rows and column half HALF (each consumer frees each stage once: a
         stage's barrier counts two arrivals)."""
         (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, a_bufs, b_bufs, out_bufs, ready,
          empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n,
          group, k_dim, n_pairs, b_rows, up_offset, tile_ids, tile_full, tile_empty,
-         tile_counter_ptr) = p
+         tile_counter_ptr, x_ptr, top_k) = p
         ROWS: gl.constexpr = a_bufs.shape[1] // 2
         n_tiles = gl.load(n_blocks_ptr) * n_tiles_n
         step = 0
@@ -206,12 +228,12 @@ if HAVE_GLUON:
             if gl.load(block_start_ptr + block + 1) - start > ROWS:
                 step = _tile_mma(a_bufs, b_bufs, out_desc, out_bufs.index(HALF), ready, empty,
                                  sorted_ptr, weights_ptr, k_dim, n_pairs, step,
-                                 start + HALF * ROWS, tile_n, GATE_UP, HALF, False)
+                                 start + HALF * ROWS, tile_n, GATE_UP, HALF, False, GATHER)
             else:  # a half-height block (an expert's last, align's half_tail): its rows, half the columns
                 out_smem = _view_as(out_bufs.index(HALF), out_half_desc)
                 step = _tile_mma(a_bufs, b_bufs, out_half_desc, out_smem, ready, empty,
                                  sorted_ptr, weights_ptr, k_dim, n_pairs, step, start, tile_n,
-                                 GATE_UP, HALF, True)
+                                 GATE_UP, HALF, True, GATHER)
             i += 1
             tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
         tma.store_wait(0)
@@ -219,7 +241,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _tile_mma(a_bufs, b_bufs, out_desc, out_smem, ready, empty, sorted_ptr, weights_ptr,
                   k_dim, n_pairs, step, start, tile_n, GATE_UP: gl.constexpr,
-                  HALF: gl.constexpr, SPLIT_N: gl.constexpr):
+                  HALF: gl.constexpr, SPLIT_N: gl.constexpr, GATHER: gl.constexpr):
         """One warpgroup's share of a tile: rows start.. (its row half; with SPLIT_N the tile's
         only rows, and its column half HALF), the MMAs over K, then the epilogue through shared
         memory and a TMA store, which runs on while the next tile's MMAs start (every block is a
@@ -242,6 +264,8 @@ if HAVE_GLUON:
         for k in range(0, k_dim, BLOCK_K):
             stage = step % STAGES
             mbarrier.wait(ready.index(stage), (step // STAGES) & 1)
+            if GATHER:  # rows written by cp.async (generic proxy), read by wgmma (async proxy)
+                fence_async_shared()
             acc = warpgroup_mma(a_bufs.index(stage).slice(A_ROW, ROWS),
                                 b_bufs.index(stage).slice(B_ROW, WIDTH).permute((1, 0)), acc,
                                 is_async=True)
@@ -287,7 +311,8 @@ if HAVE_GLUON:
     def grouped_gemm_kernel(a_desc, b_desc, b_half_desc, out_desc, out_half_desc, sorted_ptr,
                             weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
                             n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset, tile_counter_ptr,
-                            GATE_UP: gl.constexpr, STAGES: gl.constexpr, DYNAMIC: gl.constexpr):
+                            x_ptr, top_k, GATE_UP: gl.constexpr, STAGES: gl.constexpr,
+                            DYNAMIC: gl.constexpr, GATHER: gl.constexpr):
         """GATE_UP: out = h [max_padded, F] (expert order) = silu(A @ w1^T) * (A @ w3^T), with A
         the gathered token rows and b_desc over w_gate_up [E * 2F, H] (up rows at +up_offset).
         Otherwise: out = y [max_padded, H] (expert order) = routing weight * (h @ w2^T), b_desc
@@ -312,8 +337,11 @@ if HAVE_GLUON:
                                              gl.SwizzledSharedLayout(1, 1, 1, [0]))
         tile_full = gl.allocate_shared_memory(gl.int64, [TILE_RING, 1], mbarrier.MBarrierLayout())
         tile_empty = gl.allocate_shared_memory(gl.int64, [TILE_RING, 1], mbarrier.MBarrierLayout())
+        # GATHER: a warpgroup producer (its cp.async copies need the threads) that arrives on a
+        # stage once for its TMA copies and once a thread for its row copies
+        PRODUCER_WARPS: gl.constexpr = 4 if GATHER else 1
         for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(ready.index(i), count=1 + (32 * PRODUCER_WARPS if GATHER else 0))
             mbarrier.init(empty.index(i), count=2)
         for i in gl.static_range(TILE_RING):
             mbarrier.init(tile_full.index(i), count=1)
@@ -321,9 +349,11 @@ if HAVE_GLUON:
         p = (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, a_bufs, b_bufs, out_bufs, ready,
              empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
              n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset, tile_ids, tile_full, tile_empty,
-             tile_counter_ptr)
-        gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC)), (_consumer, (p, GATE_UP, 1, DYNAMIC)),
-                            (_producer, (p, GATE_UP, DYNAMIC))], [4, 1], [232, 24])
+             tile_counter_ptr, x_ptr, top_k)
+        gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC, GATHER)),
+                            (_consumer, (p, GATE_UP, 1, DYNAMIC, GATHER)),
+                            (_producer, (p, GATE_UP, DYNAMIC, GATHER))],
+                           [4, PRODUCER_WARPS], [232, 80 if GATHER else 24])
 
 
 # Registers a thread at launch: 168 x 3 warpgroups fill the SM's 64k; the producer's gives all but 24
@@ -338,10 +368,11 @@ def _descriptor(t: torch.Tensor, block: list[int]):
 
 
 def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: int,
-            gate_up: bool) -> None:
+            gate_up: bool, top_k: int | None = None) -> None:
     """One grouped GEMM: a [max_padded, K] and out [max_padded, N] in expert order, w2d the
     weights [E * b_rows, K], `weights` the routing weights [T*k] (the down GEMM's; None for
-    gate/up); one program per SM."""
+    gate/up); one program per SM. With top_k, a is x [T, K] in token order instead and the
+    producer gathers each block's rows itself (gate/up only)."""
     block_m, block_n, block_k = routing.block_m, tile["block_n"], tile["block_k"]
     n_tiles_n = triton.cdiv(out.shape[1], block_n)
     programs = min(torch.cuda.get_device_properties(a.device).multi_processor_count,
@@ -354,8 +385,9 @@ def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: i
         routing.block_expert, routing.block_start, routing.n_blocks, n_tiles_n,
         tile.get("group_m", 8), a.shape[1], routing.n_pairs, b_rows, up_offset,
         torch.zeros(1, dtype=torch.int32, device=a.device),  # the tile counter (a memset)
-        GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=tile.get("dynamic", True), num_warps=4,
-        maxnreg=MAX_REGISTERS)
+        a, top_k or 1,  # GATHER's x and k (its descriptor above only gives the stages' layout)
+        GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=tile.get("dynamic", True),
+        GATHER=top_k is not None, num_warps=4, maxnreg=MAX_REGISTERS)
 
 
 def check_config(config: dict, x: torch.Tensor) -> None:
@@ -372,13 +404,14 @@ def check_config(config: dict, x: torch.Tensor) -> None:
                              f"got {tile['block_k']}")
 
 
-def launch_gate_up(rows, w_gate_up, routing, config: dict) -> torch.Tensor:
-    """h [max_padded, F] in expert order = silu(rows @ w1^T) * (rows @ w3^T), rows [max_padded, H]
-    the token rows in expert order (launch.gather_rows)."""
+def launch_gate_up(a, w_gate_up, routing, config: dict, top_k: int | None = None) -> torch.Tensor:
+    """h [max_padded, F] in expert order = silu(rows @ w1^T) * (rows @ w3^T) per sorted row: a is
+    the token rows in expert order (launch.gather_rows), or with top_k, x [T, H] in token order,
+    whose rows the kernel's producer gathers itself (cp.async; the tile's "gather")."""
     n_experts, two_f, hidden = w_gate_up.shape
-    h = torch.empty(rows.shape[0], two_f // 2, dtype=rows.dtype, device=rows.device)
-    _launch(rows, w_gate_up.view(n_experts * two_f, hidden), h, None, routing,
-            config["gate_up"], two_f, two_f // 2, gate_up=True)
+    h = torch.empty(routing.sorted_pair_ids.numel(), two_f // 2, dtype=a.dtype, device=a.device)
+    _launch(a, w_gate_up.view(n_experts * two_f, hidden), h, None, routing,
+            config["gate_up"], two_f, two_f // 2, gate_up=True, top_k=top_k)
     return h
 
 
