@@ -16,8 +16,10 @@ block_m / 2 only, and its last block runs at half height when that is all it hol
 The Hopper-only Gluon kernels (wgmma_moe.py) have their own path, written into a device's table
 by benchmarks/kernels/wgmma_probe.py where they win, never chosen by default_config:
     {"path": "wgmma", "block_m": 128[, "half_tail": true],
-     "gate_up": {"block_n": 128, "block_k": 64, "num_stages": 4, "group_m": 8[, "dynamic": false]},
+     "gate_up": {"block_n": 128, "block_k": 64, "num_stages": 4, "group_m": 8[, "dynamic": false]
+                 [, "gather": true]},
      "down": {...}}
+("gather": the gate/up kernel's producer copies the token rows from x itself, no gather launch.)
 A scan or sorted config may set "combine": "atomic": the down GEMM adds its tiles into an fp32
 [T, H] accumulator with atomics instead of writing y [T*k, H] for a k-way sum afterwards (the
 default, "sum", is deterministic; "atomic" varies in the last bits from run to run).
