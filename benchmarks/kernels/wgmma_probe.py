@@ -35,9 +35,9 @@ from moegps.kernels.tune import device_table, expert_dims, put_entry, shared_col
 
 
 def wgmma_config(block_m=128, gu_n=128, down_n=256, stages=4, group=8, block_k=64,
-                 half_tail=False, dynamic=True, gather=False) -> dict:
+                 half_tail=False, dynamic=True, gather=0) -> dict:
     tile = {"block_k": block_k, "num_stages": stages, "group_m": group, "dynamic": dynamic}
-    gate_up = {"block_n": gu_n, **tile, **({"gather": True} if gather else {})}
+    gate_up = {"block_n": gu_n, **tile, **({"gather": gather} if gather else {})}
     return {"path": "wgmma", "block_m": block_m, "half_tail": half_tail,
             "gate_up": gate_up, "down": {"block_n": down_n, **tile}}
 
@@ -47,10 +47,11 @@ VARIANTS = {
     "ht": wgmma_config(half_tail=True),
     "ht_d128": wgmma_config(half_tail=True, down_n=128),
     "ht_d128_g16": wgmma_config(half_tail=True, down_n=128, group=16),
-    # the gate/up producer gathering the token rows itself (cp.async; NOTES.md v21)
-    "w128_ga": wgmma_config(gather=True),
-    "ht_ga": wgmma_config(half_tail=True, gather=True),
-    "ht_d128_g16_ga": wgmma_config(half_tail=True, down_n=128, group=16, gather=True),
+    # the gate/up producer, of 4 or 1 warps, gathering the token rows itself (cp.async; NOTES.md v21-22)
+    "ht_ga": wgmma_config(half_tail=True, gather=4),
+    "ht_ga1": wgmma_config(half_tail=True, gather=1),
+    "w128_ga1": wgmma_config(gather=1),
+    "ht_d128_g16_ga1": wgmma_config(half_tail=True, down_n=128, group=16, gather=1),
 }
 
 
@@ -81,7 +82,7 @@ def check(name, dims, n_tokens, routing_kind, seed) -> bool:
         weights = torch.ones(n_tokens, 1, dtype=weights.dtype, device="cuda")
     ref = moe_reference(x.float(), w13.float(), w2.float(), ids, weights.float()).float()
     ok = True
-    for variant in ("w128", "ht", "ht_d128", "w128_ga", "ht_ga"):
+    for variant in ("w128", "ht", "ht_d128", "ht_ga", "ht_ga1", "w128_ga1"):
         out = fused_moe(x, w13, w2, ids, weights, config=VARIANTS[variant])
         err = rel_err(out, ref)
         shipped = rel_err(fused_moe(x, w13, w2, ids, weights), ref)

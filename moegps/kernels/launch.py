@@ -17,9 +17,10 @@ The Hopper-only Gluon kernels (wgmma_moe.py) have their own path, written into a
 by benchmarks/kernels/wgmma_probe.py where they win, never chosen by default_config:
     {"path": "wgmma", "block_m": 128[, "half_tail": true],
      "gate_up": {"block_n": 128, "block_k": 64, "num_stages": 4, "group_m": 8[, "dynamic": false]
-                 [, "gather": true]},
+                 [, "gather": 4]},
      "down": {...}}
-("gather": the gate/up kernel's producer copies the token rows from x itself, no gather launch.)
+("gather": the gate/up kernel's producer, of that many warps, copies the token rows from x itself:
+no gather launch.)
 A scan or sorted config may set "combine": "atomic": the down GEMM adds its tiles into an fp32
 [T, H] accumulator with atomics instead of writing y [T*k, H] for a k-way sum afterwards (the
 default, "sum", is deterministic; "atomic" varies in the last bits from run to run).
@@ -243,8 +244,8 @@ def _fused_moe_wgmma(x, w_gate_up, w_down, ids, weights, config, top_k) -> torch
 
 def wgmma_gate_up(x, w_gate_up, routing, config: dict, top_k: int) -> torch.Tensor:
     """The wgmma path's gate/up GEMM on x [T, H]: its producer gathers the token rows itself where
-    the tile says "gather", else they are copied into expert order first (gather_rows)."""
-    if config["gate_up"].get("gather", False):
+    the tile says "gather" (its warps), else they are copied into expert order first (gather_rows)."""
+    if config["gate_up"].get("gather", 0):
         return wgmma_moe.launch_gate_up(x.contiguous(), w_gate_up, routing, config, top_k=top_k)
     return wgmma_moe.launch_gate_up(gather_rows(x, routing, top_k), w_gate_up, routing, config)
 

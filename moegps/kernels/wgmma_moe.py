@@ -337,11 +337,11 @@ if HAVE_GLUON:
                                              gl.SwizzledSharedLayout(1, 1, 1, [0]))
         tile_full = gl.allocate_shared_memory(gl.int64, [TILE_RING, 1], mbarrier.MBarrierLayout())
         tile_empty = gl.allocate_shared_memory(gl.int64, [TILE_RING, 1], mbarrier.MBarrierLayout())
-        # GATHER: a warpgroup producer (its cp.async copies need the threads) that arrives on a
-        # stage once for its TMA copies and once a thread for its row copies
-        PRODUCER_WARPS: gl.constexpr = 4 if GATHER else 1
+        # GATHER (> 0): a producer of that many warps, which arrives on a stage once for its TMA
+        # copies and once a thread for its row copies
+        PRODUCER_WARPS: gl.constexpr = GATHER if GATHER else 1
         for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1 + (32 * PRODUCER_WARPS if GATHER else 0))
+            mbarrier.init(ready.index(i), count=1 + 32 * GATHER)
             mbarrier.init(empty.index(i), count=2)
         for i in gl.static_range(TILE_RING):
             mbarrier.init(tile_full.index(i), count=1)
@@ -387,7 +387,7 @@ def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: i
         torch.zeros(1, dtype=torch.int32, device=a.device),  # the tile counter (a memset)
         a, top_k or 1,  # GATHER's x and k (its descriptor above only gives the stages' layout)
         GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=tile.get("dynamic", True),
-        GATHER=top_k is not None, num_warps=4, maxnreg=MAX_REGISTERS)
+        GATHER=0 if top_k is None else tile["gather"], num_warps=4, maxnreg=MAX_REGISTERS)
 
 
 def check_config(config: dict, x: torch.Tensor) -> None:
@@ -402,12 +402,17 @@ def check_config(config: dict, x: torch.Tensor) -> None:
         if tile["block_k"] * x.element_size() % 128:
             raise ValueError(f"config field '{gemm}.block_k' must span a multiple of 128 bytes, "
                              f"got {tile['block_k']}")
+    if config["gate_up"].get("gather", 0) not in (0, 1, 2, 4):
+        raise ValueError(f"config field 'gate_up.gather' is the producer's warps that copy the token "
+                         f"rows (1, 2 or 4; 0 or absent: a launch of their own), got {config['gate_up']['gather']!r}")
+    if "gather" in config["down"]:
+        raise ValueError("config field 'down.gather': only the gate/up GEMM reads token rows")
 
 
 def launch_gate_up(a, w_gate_up, routing, config: dict, top_k: int | None = None) -> torch.Tensor:
     """h [max_padded, F] in expert order = silu(rows @ w1^T) * (rows @ w3^T) per sorted row: a is
     the token rows in expert order (launch.gather_rows), or with top_k, x [T, H] in token order,
-    whose rows the kernel's producer gathers itself (cp.async; the tile's "gather")."""
+    whose rows the kernel's producer gathers itself (cp.async; the tile's "gather": its warps)."""
     n_experts, two_f, hidden = w_gate_up.shape
     h = torch.empty(routing.sorted_pair_ids.numel(), two_f // 2, dtype=a.dtype, device=a.device)
     _launch(a, w_gate_up.view(n_experts * two_f, hidden), h, None, routing,
