@@ -460,7 +460,7 @@ def gather_kernel(x_ptr, sorted_ptr, out_ptr, n_padded_ptr, n_pairs, H, TOP_K: t
     in column tiles of BLOCK_H: the token rows in expert order (the wgmma path's operand). Rows
     past the used ones (n_padded_ptr[0]) and padding rows (sorted id n_pairs) are left unwritten:
     they only ever produce padding rows of h and y, which nothing reads. One launch in place of
-    torch's index_select plus the clamp and division before it (NOTES.md, session 12)."""
+    torch's index_select plus the clamp and division before it (NOTES.md v20)."""
     wait_for_predecessor(PDL)
     first = tl.program_id(0) * BLOCK_R
     n_used = tl.load(n_padded_ptr)

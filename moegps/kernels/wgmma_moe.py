@@ -27,13 +27,16 @@ gains nothing over one warpgroup idling (NOTES.md, session 10).
 
 Operands are in expert order (rows sorted by expert, each expert padded to whole blocks by
 routing.align): TMA has no row gather on Hopper, so launch.gather_rows copies the token rows into
-that order first (one launch, ~1% of a compute-bound Mixtral call); h and y stay in it and the
-k-way combine reads y through the routing's inverse map. Padding rows are not copied: they hold
-whatever the buffer held and compute garbage that is never read.
+that order first (one launch, ~1% of a compute-bound Mixtral call), or, with the gate/up tile's
+"gather" (GATHER warps), the producer is a warpgroup that copies each block's rows straight from x
+by cp.async (the 64 experts from 8192 tokens: 1-6% faster; Mixtral 2-6% slower; NOTES.md v21-22).
+h and y stay in expert order and the k-way combine reads y through the routing's inverse map.
+Padding rows are not copied: they hold whatever the buffer held and compute garbage never read.
 
 GPU-only: Gluon has no CPU interpreter. benchmarks/kernels/wgmma_probe.py checks the kernels on
 the GPU against the fp32 reference; tests/test_wgmma_moe.py compiles them for sm_90 on the CPU
-(no spills, shared memory within bounds) and tests the rest (tile order, config checks). NOTES.md, session 9, has the measurements.
+(no spills, shared memory within bounds) and tests the rest (tile order, config checks).
+NOTES.md, session 9 on, has the measurements.
 """
 
 from __future__ import annotations
@@ -135,7 +138,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _producer(p, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr, GATHER: gl.constexpr):
-        """One warp: TMA copies of every tile's operands into the ring of stages. DYNAMIC: it
+        """One warp (GATHER: that many): copies of every tile's operands into the ring of stages, by
+        TMA, or for GATHER the token rows by cp.async, each thread arriving on the stage. DYNAMIC: it
         claims each next tile from the launch's counter and hands it to the consumers, so the
         tiles that run at once are always a window of consecutive ones (they share weight slabs
         through L2) however much the programs' paces differ (NOTES.md, session 11)."""
@@ -321,7 +325,9 @@ if HAVE_GLUON:
         Four warps (the default partition: the low half of each tile's rows) and two worker
         partitions: the high half's warpgroup and the producer warp. DYNAMIC: tiles are claimed
         from tile_counter_ptr (one int32, zero at launch), else each program takes every
-        num_programs-th."""
+        num_programs-th. GATHER > 0 (gate/up): A is x [T, H] in token order (x_ptr; a_desc only
+        gives the stages' box and layout) and a producer of GATHER warps copies each block's rows
+        of the sorted pairs' tokens (pair // top_k) itself."""
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         WIDTH: gl.constexpr = 2 * BLOCK_N if GATE_UP else BLOCK_N
