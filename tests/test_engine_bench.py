@@ -89,3 +89,23 @@ def test_decode_variant_sets_and_restores_the_switches(monkeypatch):
     with bench.decode_variant("attention splits >= 64 keys"):
         assert K.ATTENTION_DEFAULTS == {**attention, "min_split": 64}
     assert "MOEGPS_PDL" not in os.environ and K.SKINNY_MAX_ROWS == rows and K.ATTENTION_DEFAULTS == attention
+
+
+def test_plot_ttft_draws_the_graphed_rows_of_each_shape(tmp_path, rng):
+    """The TTFT figure from rows as part_ttft writes them (eager and graph, two shapes, a run
+    without the rested timing): one PNG, which matplotlib can read back."""
+    import matplotlib.image
+
+    rows = []
+    for shape in ("mixtral-8x7b", "deepseek-v2-lite"):
+        for prompt in (128, 2048):
+            for prefill in ("eager", "graph"):
+                pct = rng.uniform(40, 110, size=3)
+                rows.append(dict(shape=shape, prompt=prompt, prefill=prefill, device="test GPU",
+                                 ttft_ms=rng.uniform(5, 400), ttft_rested_ms=float("nan") if prompt == 128 else 90.0,
+                                 pct_of_floor=pct[0], pct_of_floor_beside=pct[1],
+                                 pct_of_floor_rested=float("nan") if prompt == 128 else pct[2]))
+    path = tmp_path / "ttft.png"
+    bench.plot_ttft(rows, path)
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 300 and image.shape[1] > 800  # two panels side by side

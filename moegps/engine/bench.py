@@ -2,6 +2,7 @@
 
     python -m moegps.engine.bench --out benchmarks/results/engine       # everything below
     python -m moegps.engine.bench --parts decode ttft --batches 1 8 --contexts 128
+    python -m moegps.engine.bench --replot runs/engine_bench.json --out figures   # a saved run's plots
 
 Parts (``--parts``), each printed as a table and written to ``--out`` (JSON rows, report.md, plot):
 
@@ -618,6 +619,47 @@ def plot_breakdown(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_ttft(rows: list[dict], path: Path) -> None:
+    """Time to first token of the graphed prefill (what the engine runs for one prompt) as a share
+    of its floor (matmul time at the start-of-run rate, or weight reads where they take longer):
+    from an idle GPU and back to back with full-power matmuls, beside the back-to-back share at the
+    rate the GPU then sustains; one panel a shape, each bar labelled with its TTFT, the issue's 75%
+    bar (set at 2048 tokens) dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["prefill"] == "graph"]
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    bars = [("from an idle GPU", "pct_of_floor_rested", "ttft_rested_ms", "#4C72B0"),
+            ("back to back", "pct_of_floor", "ttft_ms", "#DD8452"),
+            ("back to back, floor at the rate then sustained", "pct_of_floor_beside", "ttft_ms", "#C9A27E")]
+    fig, axes = plt.subplots(1, len(shapes), figsize=(max(7.0, 5.5 * len(shapes)), 4.8), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        mine = sorted((r for r in rows if r["shape"] == shape), key=lambda r: r["prompt"])
+        width = 0.8 / len(bars)
+        for j, (label, pct, ms, color) in enumerate(bars):
+            xs = [i + (j - 1) * width for i in range(len(mine))]
+            heights = [r.get(pct, float("nan")) for r in mine]
+            ax.bar(xs, heights, width, color=color, label=label)
+            for x, r, h in zip(xs, mine, heights):
+                if h == h:  # not NaN
+                    ax.text(x, h, f"{r[ms]:.0f}", ha="center", va="bottom", fontsize=7)
+        ax.axhline(75, color="#C44E52", linestyle="--", linewidth=1, label="the issue's bar at 2048 tokens (75%)")
+        ax.set_xticks(range(len(mine)), [f"{r['prompt']} tokens" for r in mine])
+        ax.set_ylim(0, 125)
+        ax.set_ylabel("% of the floor (bar labels: TTFT in ms)")
+        ax.set_title(f"{shape}, batch 1, graphed prefill")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    columns = 4 if len(shapes) > 1 else 2
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8)
+    fig.suptitle(f"Time to first token against its floor ({rows[0].get('device', 'GPU')})", fontsize=10)
+    fig.tight_layout(rect=(0, 0.07 if columns == 4 else 0.12, 1, 1))  # the legend under the panels
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # ---- the command ---------------------------------------------------------------------------------
 
 def _markdown(rows: list[dict]) -> str:
@@ -665,9 +707,14 @@ def main(argv=None) -> None:
                     help="a shared expert held as extra experts in the routed kernels (where its width is whole "
                     "experts'), or run beside them as its own GEMMs")
     ap.add_argument("--out", default="benchmarks/results/engine")
+    ap.add_argument("--replot", metavar="ENGINE_BENCH_JSON",
+                    help="no GPU run: draw the figures of a saved run's engine_bench.json into --out")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        draw_plots(json.loads(Path(args.replot).read_text()), out)
+        return
     results: dict = {"ceilings": ceilings()}
     c = results["ceilings"]
     print(f"{c['device']}, torch {c['torch']}: copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
@@ -702,10 +749,8 @@ def main(argv=None) -> None:
             _attempt(results, "peers", lambda: part_peers(hf, args.peer_batches, 128, args.new_tokens, args.compile))
         hf = model = None  # freed before the next shape's
         torch.cuda.empty_cache()
+    draw_plots(results, out)
     breakdown_rows = results.get("breakdown", [])
-    if breakdown_rows:
-        for shape_name in {r["shape"] for r in breakdown_rows}:
-            plot_breakdown([r for r in breakdown_rows if r["shape"] == shape_name], out / f"breakdown-{shape_name}.png")
     (out / "engine_bench.json").write_text(json.dumps(results, indent=1, default=str))
     report = [f"device: {c['device']}; torch {c['torch']}; copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s; "
               f"matmul {c['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s"]
@@ -720,6 +765,17 @@ def main(argv=None) -> None:
     text = "\n".join(report)
     (out / "report.md").write_text(text)
     print(text)
+
+
+def draw_plots(results: dict, out: Path) -> None:
+    """The figures of a run's results (engine_bench.json's content) into ``out``: ttft.png and one
+    breakdown-<shape>.png a shape, where the run has those parts."""
+    ttft_rows = [dict(r, device=results["ceilings"]["device"]) for r in results.get("ttft", [])]
+    if any(r["prefill"] == "graph" for r in ttft_rows):
+        plot_ttft(ttft_rows, out / "ttft.png")
+    breakdown_rows = results.get("breakdown", [])
+    for shape_name in {r["shape"] for r in breakdown_rows}:
+        plot_breakdown([r for r in breakdown_rows if r["shape"] == shape_name], out / f"breakdown-{shape_name}.png")
 
 
 def _breakdowns(model, hf, shape, batches, device) -> list[dict]:
