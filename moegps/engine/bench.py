@@ -648,6 +648,8 @@ def plot_ttft(rows: list[dict], path: Path) -> None:
                     ax.text(x, h, f"{r[ms]:.0f}", ha="center", va="bottom", fontsize=7)
         ax.axhline(75, color="#C44E52", linestyle="--", linewidth=1, label="the issue's bar at 2048 tokens (75%)")
         ax.set_xticks(range(len(mine)), [f"{r['prompt']} tokens" for r in mine])
+        middle, half = (len(mine) - 1) / 2, max(len(mine), 2) / 2  # one prompt: bars of the usual width
+        ax.set_xlim(middle - half, middle + half)
         ax.set_ylim(0, 125)
         ax.set_ylabel("% of the floor (bar labels: TTFT in ms)")
         ax.set_title(f"{shape}, batch 1, graphed prefill")
