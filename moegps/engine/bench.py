@@ -348,7 +348,11 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
             + 2 * 2 * S.n_layers * S.n_heads * S.head_dim * n * n / 2
         experts = min(S.n_experts, n * S.top_k)
         weight_bytes = S.total_params * S.dtype_bytes - S.n_moe_layers * (S.n_experts - experts) * S.expert_weight_bytes
-        floor = max(flops / matmul_rate, weight_bytes / copy_rate) * 1e3
+
+        def floor_ms(rate):  # the prompt's floor at a matmul rate in FLOP/s
+            return max(flops / rate, weight_bytes / copy_rate) * 1e3
+
+        floor = floor_ms(matmul_rate)
         graphs = PrefillGraphs(model, cache, max_graphs=1)
         for mode, run in (("eager", lambda: prefill(model, cache, [prompt])), ("graph", lambda: graphs([prompt]))):
             with torch.inference_mode():
@@ -363,7 +367,7 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
                 run()
                 host_ms = (time.perf_counter() - start) * 1e3
                 torch.cuda.synchronize()
-            floor_beside = max(flops / rate_beside, weight_bytes / copy_rate) * 1e3
+            floor_beside = floor_ms(rate_beside)
             parts = kernel_parts(kernels)
             idle_ms, gaps = trace_gaps(kernels)
             print(f"prefill of {n} tokens, {mode}: costliest kernels\n{_markdown(kernel_table(kernels))}\n"
@@ -375,8 +379,7 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
                              ttft_rested_ms=rested_ms, ttft_rested_min_ms=min(rested), ttft_rested_max_ms=max(rested),
                              pct_of_floor_rested=100 * floor / rested_ms,
                              matmul_rested_tflops=rate_rested / 1e12,
-                             pct_of_floor_rested_burst=100 * max(flops / rate_rested, weight_bytes / copy_rate) * 1e3
-                             / rested_ms,
+                             pct_of_floor_rested_burst=100 * floor_ms(rate_rested) / rested_ms,
                              bound="compute" if flops / matmul_rate > weight_bytes / copy_rate else "memory",
                              host_issue_ms=host_ms, idle_ms=idle_ms, **{f"{k}_ms": v for k, v in parts.items()}))
             print(rows[-1], flush=True)
