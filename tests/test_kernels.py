@@ -64,6 +64,11 @@ CONFIGS["fused_tma_paired"] = {**CONFIGS["fused"],
 # the k-way combine as atomics in the down GEMM's epilogue (k = 1 keeps the plain store)
 CONFIGS["scan_atomic"] = {**CONFIGS["scan"], "combine": "atomic"}
 CONFIGS["sorted_tma_half_atomic"] = {**CONFIGS["sorted_tma_half"], "combine": "atomic"}
+# the swap path (weights on the MMA's rows, an expert's tokens on its columns), 256- and 128-row
+# blocks, pointer and TMA weights, both combines
+CONFIGS["swap"] = {**CONFIGS["sorted"], "path": "swap", "block_m": 256}
+CONFIGS["swap_tma_128_atomic"] = {**CONFIGS["sorted_tma"], "path": "swap", "block_m": 128,
+                                  "combine": "atomic"}
 
 PATHS = list(CONFIGS)
 
@@ -163,6 +168,24 @@ def test_fused_decode_token_counts(rng, n_tokens, path):
     """The fused (split-F, atomics) path at the decode sizes it is meant for: T = 1..8 tokens,
     top-3 of 10 experts, H = 40 and F = 24 (neither a multiple of the 32/16 tiles), fp16."""
     check(make_problem(rng, n_tokens, 10, 40, 24, 3, torch.float16), path, torch.float16)
+
+
+@pytest.mark.parametrize("path", ["swap", "swap_tma_128_atomic"])
+def test_swap_every_column_split(rng, path):
+    """Experts of 1 to 300 rows in the first slot: every block height the swap kernels split into
+    column parts (32 to 256 rows in steps of 32, each a compiled variant), an expert of two blocks
+    and one with no rows; the second slot takes experts 11 and 12 (several blocks each). H = 48 and
+    F = 40 (partial tiles)."""
+    counts = [1, 40, 70, 100, 128, 150, 190, 220, 250, 300, 0]
+    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    first = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    first = first[torch.randperm(first.numel(), generator=gen)]
+    ids = torch.stack([first, 11 + torch.arange(first.numel()) % 2], dim=1)
+    meta = align(ids, 13, CONFIGS[path]["block_m"], pad_m=32)
+    heights = torch.diff(meta.block_start[:int(meta.n_blocks[0]) + 1])
+    assert set(heights.tolist()) == set(range(32, CONFIGS[path]["block_m"] + 1, 32))
+    check(make_problem(rng, first.numel(), 13, 48, 40, 2, torch.float32, ids=ids), path,
+          torch.float32)
 
 
 def test_tma_falls_back_where_rows_are_not_16_byte_aligned(rng):
@@ -364,7 +387,7 @@ def test_shipped_configs_are_valid_and_run(rng):
                     for gemm in ("gate_up", "down"):
                         assert set(cfg[gemm]) >= {"block_n", "block_k", "num_stages"}
                     continue
-                assert cfg["path"] in ("scan", "sorted")
+                assert cfg["path"] in ("scan", "sorted", "swap")
                 for gemm in ("gate_up", "down"):
                     assert set(cfg[gemm]) >= {"block_n", "block_k", "group_m", "num_warps",
                                               "num_stages"}

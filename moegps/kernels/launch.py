@@ -21,7 +21,11 @@ by benchmarks/kernels/wgmma_probe.py where they win, never chosen by default_con
      "down": {...}}
 ("gather": the gate/up kernel's producer, of that many warps, copies the token rows from x itself:
 no gather launch.)
-A scan or sorted config may set "combine": "atomic": the down GEMM adds its tiles into an fp32
+The swap path (swap_moe.py) runs the sorted GEMMs transposed, weights on the MMA's rows and an
+expert's tokens (up to block_m of 128 or 256, padded to 32) on its columns, so that each weight
+tile is loaded by one program; its tiles are those of the sorted path, without "paired":
+    {"path": "swap", "block_m": 256, "gate_up": {"block_n": 64, ..., "tma": true}, "down": {...}}
+A scan, sorted or swap config may set "combine": "atomic": the down GEMM adds its tiles into an fp32
 [T, H] accumulator with atomics instead of writing y [T*k, H] for a k-way sum afterwards (the
 default, "sum", is deterministic; "atomic" varies in the last bits from run to run).
 """
@@ -43,6 +47,7 @@ from .fused_moe import (combine_kernel, down_scan_kernel, down_sorted_kernel, fu
                         gate_up_scan_kernel, gate_up_sorted_kernel, gather_kernel)
 from . import wgmma_moe
 from .pdl import launch_flags
+from .swap_moe import PAD_M as SWAP_PAD_M, down_swap_kernel, gate_up_swap_kernel
 from .routing import SCAN, align
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -298,7 +303,12 @@ def route(ids: torch.Tensor, n_experts: int, config: dict, scratch: torch.Tensor
         return scratch
     if config["path"] in ("sorted", "wgmma"):
         return align(ids, n_experts, config["block_m"], half_tail=config.get("half_tail", False))
-    raise ValueError(f"config field 'path' must be 'scan', 'sorted', 'wgmma' or 'fused', "
+    if config["path"] == "swap":
+        if config["block_m"] not in (128, 256) or config.get("half_tail"):
+            raise ValueError(f"a swap config's block_m must be 128 or 256 (no half_tail), got "
+                             f"block_m={config['block_m']}, half_tail={config.get('half_tail')}")
+        return align(ids, n_experts, config["block_m"], pad_m=SWAP_PAD_M)
+    raise ValueError(f"config field 'path' must be 'scan', 'sorted', 'swap', 'wgmma' or 'fused', "
                      f"got {config['path']!r}")
 
 
@@ -358,6 +368,15 @@ def launch_gate_up(x, w_gate_up, h, ids, routing, config: dict, top_k: int) -> N
             x, w_gate_up, h, ids, routing, ids.numel(), top_k, hidden, ffn, *strides,
             SCAN=SCAN, E_POW2=triton.next_power_of_2(n_experts), **common, **_paired(tile),
             **launch_flags(x))
+    elif config["path"] == "swap":
+        if tile.get("paired"):
+            raise ValueError("a swap config's gate_up tile cannot be 'paired' (gate and up are "
+                             "two dots against the same token columns already)")
+        w_operand, tma = _weights_operand(w_gate_up, bool(tile.get("tma")), tile["block_n"],
+                                          tile["block_k"])
+        gate_up_swap_kernel[(routing.max_blocks * n_tiles,)](
+            x, w_operand, h, *_blocks(routing), ids.numel(), top_k, hidden, ffn,
+            routing.max_blocks, tile["group_m"], *strides, **common, **tma, **launch_flags(x))
     else:
         w_operand, tma = _gate_up_operand(w_gate_up, tile, tile["block_n"])
         gate_up_sorted_kernel[(routing.max_blocks * n_tiles,)](
@@ -384,10 +403,12 @@ def launch_down(h, w_down, y, weights, ids, routing, config: dict, top_k: int) -
     else:
         w_operand, tma = _weights_operand(w_down, bool(tile.get("tma")), tile["block_n"],
                                           tile["block_k"])
-        down_sorted_kernel[(routing.max_blocks * n_tiles,)](
+        kernel, flags = ((down_swap_kernel, {}) if config["path"] == "swap" else
+                         (down_sorted_kernel, {"HALF_TAIL": routing.half_tail}))
+        kernel[(routing.max_blocks * n_tiles,)](
             h, w_operand, y, weights, *_blocks(routing), ids.numel(), top_k, hidden, ffn,
-            routing.max_blocks, tile["group_m"], *strides, HALF_TAIL=routing.half_tail,
-            **common, **tma, **launch_flags(h))
+            routing.max_blocks, tile["group_m"], *strides, **flags, **common, **tma,
+            **launch_flags(h))
 
 
 def launch_fused(x, w_gate_up, w_down, weights, ids, scratch, config: dict,

@@ -16,6 +16,8 @@ With `half_tail`, each expert's run is padded only to a multiple of BLOCK_M / 2,
 block has BLOCK_M / 2 rows where that is all it needs. The kernels then run that block at half
 height: at 64 experts and 2048 tokens (~192 rows each) that is 15.6% padded MMA rows instead of
 33% (the issue's "no padded blocks"; NOTES.md v10). Blocks per expert are the same either way.
+With `pad_m`, a divisor of BLOCK_M, runs are padded to a multiple of pad_m and an expert's last
+block has as many rows as it needs of them (the swap path: BLOCK_M 256, pad_m 32).
 
 All sizes are the worst case (n_pairs + E * (BLOCK_M - 1)), so nothing is read back to the host:
 the kernels read `n_blocks` and skip blocks past it. Up to a few thousand pairs, one program per
@@ -54,6 +56,7 @@ class RoutingMeta:
     block_m: int
     n_pairs: int
     half_tail: bool = False
+    pad_m: int = 0  # each expert's rows padded to a multiple of this (0: block_m)
 
     @property
     def max_blocks(self) -> int:
@@ -216,9 +219,11 @@ def _chunk_place_kernel(ids_ptr, delta_ptr, sorted_ptr, pair_slot_ptr, n_pairs,
 
 
 def align(topk_ids: torch.Tensor, n_experts: int, block_m: int, scan: int = SCAN,
-          half_tail: bool = False, method: str | None = None) -> RoutingMeta:
+          half_tail: bool = False, method: str | None = None,
+          pad_m: int | None = None) -> RoutingMeta:
     """Sort the (token, slot) pairs of topk_ids [T, k] by expert, padded per expert to block_m
-    (to block_m / 2 with `half_tail`, whose last block per expert may be a half block).
+    (to block_m / 2 with `half_tail`, whose last block per expert may be a half block; to `pad_m`,
+    a divisor of block_m, where given: the swap path's blocks of up to 256 rows padded to 32).
 
     Returns a RoutingMeta (see the module docstring) on topk_ids' device; no host sync.
     method "one": one launch, one program per expert walking all ids (cheapest for a few `scan`
@@ -229,7 +234,11 @@ def align(topk_ids: torch.Tensor, n_experts: int, block_m: int, scan: int = SCAN
     if half_tail and (block_m < 32 or block_m & (block_m - 1)):
         raise ValueError(f"half_tail needs block_m a power of two >= 32 (half blocks of >= 16 "
                          f"rows for the tensor cores), got block_m={block_m}")
-    pad_m = block_m // 2 if half_tail else block_m
+    if pad_m is None:
+        pad_m = block_m // 2 if half_tail else block_m
+    elif half_tail or pad_m < 1 or block_m % pad_m:
+        raise ValueError(f"pad_m must divide block_m={block_m} (and not come with half_tail), "
+                         f"got pad_m={pad_m}")
     ids = topk_ids.reshape(-1).contiguous()  # any integer dtype
     n_pairs = ids.numel()
     max_padded = triton.cdiv(n_pairs + n_experts * (pad_m - 1), pad_m) * pad_m
@@ -266,4 +275,4 @@ def align(topk_ids: torch.Tensor, n_experts: int, block_m: int, scan: int = SCAN
                                          E_POW2=e_pow2, SCAN=scan, num_warps=8, **pdl)
     else:
         raise ValueError(f"align method must be 'one', 'chunked' or None, got {method!r}")
-    return RoutingMeta(*outputs, block_m, n_pairs, half_tail)
+    return RoutingMeta(*outputs, block_m, n_pairs, half_tail, pad_m)

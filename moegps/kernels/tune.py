@@ -45,6 +45,11 @@ SORTED_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 
                 (128, 64, 8, 4, "paired", "tma"), (128, 64, 8, 3, "paired", "tma"),
                 (64, 64, 8, 4, "paired", "tma"), (64, 128, 8, 3, "paired", "tma"),
                 (64, 128, 4, 4, "paired", "tma")]
+# swap path (swap_moe.py): block_n is the weight rows per program (gate/up: that many gate and
+# as many up rows); 8 warps split an expert's up to 256 token columns (4 would hold twice the
+# accumulators: at block_m 256 and block_n 64 they already take 254 registers, compiled for sm_90)
+SWAP_TILES = [(64, 64, 8, 3, "tma"), (64, 64, 8, 4, "tma"), (128, 64, 8, 3, "tma"),
+              (128, 64, 8, 4, "tma"), (32, 64, 8, 4, "tma")]
 # fused path: (block_f, block_k, block_n, num_warps, num_stages[, variant]); 64 experts at T=1
 # with block_f 64 is 6 slots x 22 F tiles = 132 programs, one per H100 SM
 FUSED_TILES = [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 256, 128, 8, 2),
@@ -130,6 +135,8 @@ def blocks(path: str, rows: float) -> list[tuple[int, bool]]:
     64-row MMA on Hopper (NOTES.md v10)."""
     if path == "scan":
         return [(16, False)] if rows <= 12 else [(32, False)] if rows <= 24 else []
+    if path == "swap":  # an expert's rows in one block of up to 128 or 256 (padded to 32)
+        return [(128, False), (256, False)] if 16 <= rows <= 320 else []
     if rows < 2:
         return []
     if rows > 512:  # 64 (two CTAs per SM) and 256 never won (NOTES.md v8, v9; 256 at 8192-16384
@@ -150,7 +157,7 @@ def config_block(config: dict) -> tuple[int, bool]:
     return config["block_m"], bool(config.get("half_tail", False))
 
 
-PATHS = ("fused", "scan", "sorted")  # the paths the tuner can search
+PATHS = ("fused", "scan", "sorted", "swap")  # the paths the tuner can search
 
 
 def candidates(n_tokens, n_experts, top_k, paths=PATHS) -> list[tuple[str, tuple[int, bool], list]]:
@@ -159,7 +166,8 @@ def candidates(n_tokens, n_experts, top_k, paths=PATHS) -> list[tuple[str, tuple
     rows = n_tokens * top_k / n_experts
     fused = [("fused", (16, False), FUSED_TILES)] if n_tokens * top_k <= FUSED_MAX_PAIRS else []
     groups = fused + [(path, block, tiles)
-                      for path, tiles in (("scan", SCAN_TILES), ("sorted", SORTED_TILES))
+                      for path, tiles in (("scan", SCAN_TILES), ("sorted", SORTED_TILES),
+                                          ("swap", SWAP_TILES))
                       for block in blocks(path, rows)]
     return [group for group in groups if group[0] in paths]
 
@@ -239,7 +247,12 @@ def check_edge_cases() -> list[str]:
                "fused_tma_paired": fused_config((64, 64, 64, 4, 3, "paired", "tma")),
                "sorted_tma_atomic": {"path": "sorted", "block_m": 128, "half_tail": True,
                                      "combine": "atomic", "gate_up": tile((64, 64, 8, 3, "tma")),
-                                     "down": tile((64, 64, 8, 3, "tma"))}}
+                                     "down": tile((64, 64, 8, 3, "tma"))},
+               # the swap path's column parts: one block of up to 256 rows, pointers or TMA
+               "swap": {"path": "swap", "block_m": 256, "gate_up": tile((64, 64, 8, 3)),
+                        "down": tile((64, 64, 8, 3))},
+               "swap_tma": {"path": "swap", "block_m": 128, "gate_up": tile((64, 64, 8, 3, "tma")),
+                            "down": tile((64, 64, 8, 3, "tma"))}}
     for (case, (T, E, H, Fd, k, kind)), path in itertools.product(cases.items(), configs):
         if path.startswith("sorted") and case.startswith("decode"):
             continue
@@ -379,7 +392,7 @@ def tune_one(name, shape, n_tokens, failed, seed=0, paths=PATHS, incumbent=None)
             best3 = sorted(us, key=us.get)[:3]  # the log: the three fastest
             print(f"    {path} {block} {gemm}: "
                   + ", ".join(f"{describe_tile(t)} {us[t]:.1f}" for t in best3), flush=True)
-            if path != "sorted":  # the scan path's grid has no row-block order
+            if path == "scan":  # the scan path's grid has no row-block order
                 return tile(best3[0])
             us = time_many({g: run(tile(best3[0], group_m=g)) for g in GROUP_MS},
                            warmup=5, rep=25)
