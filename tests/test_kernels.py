@@ -69,6 +69,7 @@ CONFIGS["sorted_tma_half_atomic"] = {**CONFIGS["sorted_tma_half"], "combine": "a
 CONFIGS["swap"] = {**CONFIGS["sorted"], "path": "swap", "block_m": 256}
 CONFIGS["swap_tma_128_atomic"] = {**CONFIGS["sorted_tma"], "path": "swap", "block_m": 128,
                                   "combine": "atomic"}
+CONFIGS["swap_tma_160"] = {**CONFIGS["sorted_tma"], "path": "swap", "block_m": 160}
 
 PATHS = list(CONFIGS)
 
@@ -170,7 +171,7 @@ def test_fused_decode_token_counts(rng, n_tokens, path):
     check(make_problem(rng, n_tokens, 10, 40, 24, 3, torch.float16), path, torch.float16)
 
 
-@pytest.mark.parametrize("path", ["swap", "swap_tma_128_atomic"])
+@pytest.mark.parametrize("path", ["swap", "swap_tma_128_atomic", "swap_tma_160"])
 def test_swap_every_column_split(rng, path):
     """Experts of 1 to 300 rows in the first slot: every block height the swap kernels split into
     column parts (32 to 256 rows in steps of 32, each a compiled variant), an expert of two blocks
@@ -237,21 +238,22 @@ def test_default_configs_run(rng):
     assert rel_err(fused_moe(x, w13, w2, ids, weights, config=one_group), ref) < 2e-3
 
 
-@pytest.mark.parametrize("block_m,scan,half_tail", [(4, 1024, False), (16, 1024, False),
-                                                    (4, 32, False), (16, 16, False),
-                                                    (32, 1024, True), (32, 16, True),
-                                                    (64, 32, True)])
-def test_align_metadata(rng, block_m, scan, half_tail):
+@pytest.mark.parametrize("block_m,scan,half_tail,pad_m", [
+    (4, 1024, False, None), (16, 1024, False, None), (4, 32, False, None), (16, 16, False, None),
+    (32, 1024, True, None), (32, 16, True, None), (64, 32, True, None),
+    (160, 1024, False, 32), (160, 32, False, 32), (24, 1024, False, 8)])
+def test_align_metadata(rng, block_m, scan, half_tail, pad_m):
     """One launch (few scan chunks) and the chunked two launches (150 pairs > 4 chunks of 16, 32),
-    with whole blocks or half-height tails."""
+    with whole blocks, half-height tails, or any padding (blocks not a power of two high)."""
     n_experts, n_tokens, top_k = 9, 50, 3
     ids = torch.from_numpy(rng.integers(0, n_experts - 2, size=(n_tokens, top_k)))  # 2 empty
     ids[:5] = 0  # one hot expert
-    meta = align(ids, n_experts, block_m, scan=scan, half_tail=half_tail)
+    meta = align(ids, n_experts, block_m, scan=scan, half_tail=half_tail, pad_m=pad_m)
     flat = ids.reshape(-1).numpy()
     n_pairs = flat.size
     counts = np.bincount(flat, minlength=n_experts)
-    pad_m = block_m // 2 if half_tail else block_m
+    if pad_m is None:
+        pad_m = block_m // 2 if half_tail else block_m
     padded = -(-counts // pad_m) * pad_m
     n_padded = int(meta.n_padded[0])
     assert n_padded == padded.sum()
@@ -268,12 +270,13 @@ def test_align_metadata(rng, block_m, scan, half_tail):
         assert (rows[:counts[e]] == np.flatnonzero(flat == e)).all()
         assert (rows[counts[e]:] == n_pairs).all()
         # its blocks: consecutive, block_m rows from its first row on, the last one shorter
-        # (half height) only with half tails
+        # (a multiple of pad_m) only with half tails or pad_m
         mine = np.flatnonzero(block_expert == e)
         assert (block_start[mine] == start + block_m * np.arange(mine.size)).all()
         heights = np.diff(block_start)[mine]
         assert heights.sum() == padded[e]
-        assert set(heights[:-1]) <= {block_m} and set(heights[-1:]) <= {block_m, pad_m}
+        assert set(heights[:-1]) <= {block_m}
+        assert all(0 < h <= block_m and h % pad_m == 0 for h in heights[-1:])
         start += padded[e]
     # inverse map: each pair's sorted row holds that pair
     assert (sorted_ids[meta.pair_slot.numpy()] == np.arange(n_pairs)).all()
@@ -377,7 +380,7 @@ def test_shipped_configs_are_valid_and_run(rng):
         assert shapes
         for by_tokens in shapes.values():
             for cfg in by_tokens.values():
-                assert cfg["block_m"] in (16, 32, 64, 128, 256)
+                assert cfg["block_m"] in (16, 32, 64, 128, 160, 256)
                 if cfg["path"] == "fused":
                     assert set(cfg["fused"]) >= {"block_f", "block_k", "block_n", "num_warps",
                                                  "num_stages"}

@@ -22,7 +22,7 @@ by benchmarks/kernels/wgmma_probe.py where they win, never chosen by default_con
 ("gather": the gate/up kernel's producer, of that many warps, copies the token rows from x itself:
 no gather launch.)
 The swap path (swap_moe.py) runs the sorted GEMMs transposed, weights on the MMA's rows and an
-expert's tokens (up to block_m of 128 or 256, padded to 32) on its columns, so that each weight
+expert's tokens (up to block_m of 128, 160 or 256, padded to 32) on its columns, so that each weight
 tile is loaded by one program; its tiles are those of the sorted path, without "paired":
     {"path": "swap", "block_m": 256, "gate_up": {"block_n": 64, ..., "tma": true}, "down": {...}}
 A scan, sorted or swap config may set "combine": "atomic": the down GEMM adds its tiles into an fp32
@@ -304,8 +304,8 @@ def route(ids: torch.Tensor, n_experts: int, config: dict, scratch: torch.Tensor
     if config["path"] in ("sorted", "wgmma"):
         return align(ids, n_experts, config["block_m"], half_tail=config.get("half_tail", False))
     if config["path"] == "swap":
-        if config["block_m"] not in (128, 256) or config.get("half_tail"):
-            raise ValueError(f"a swap config's block_m must be 128 or 256 (no half_tail), got "
+        if config["block_m"] not in (128, 160, 256) or config.get("half_tail"):
+            raise ValueError(f"a swap config's block_m must be 128, 160 or 256 (no half_tail), got "
                              f"block_m={config['block_m']}, half_tail={config.get('half_tail')}")
         return align(ids, n_experts, config["block_m"], pad_m=SWAP_PAD_M)
     raise ValueError(f"config field 'path' must be 'scan', 'sorted', 'swap', 'wgmma' or 'fused', "

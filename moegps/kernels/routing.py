@@ -123,12 +123,14 @@ def _expert_layout(counts, expert, BLOCK_M: tl.constexpr, PAD_M: tl.constexpr):
 
 @triton.jit
 def _write_expert_blocks(sorted_ptr, block_expert_ptr, block_start_ptr, expert, start, count,
-                         padded, blocks, first_block, n_pairs, BLOCK_M: tl.constexpr):
-    """The expert's padding rows (the sentinel n_pairs) and its blocks' expert and first row."""
-    pad = tl.arange(0, BLOCK_M)
+                         padded, blocks, first_block, n_pairs, BLOCK_M: tl.constexpr,
+                         PAD_M: tl.constexpr):
+    """The expert's padding rows (the sentinel n_pairs, fewer than PAD_M) and its blocks' expert
+    and first row (BLOCK_M need not be a power of two: the swap path's 160)."""
+    pad = tl.arange(0, PAD_M)
     tl.store(sorted_ptr + start + count + pad, n_pairs, mask=pad < padded - count)
-    for b in range(0, blocks, BLOCK_M):
-        block = b + tl.arange(0, BLOCK_M)
+    for b in range(0, blocks, 64):
+        block = b + tl.arange(0, 64)
         tl.store(block_expert_ptr + first_block + block, expert, mask=block < blocks)
         tl.store(block_start_ptr + first_block + block, start + block * BLOCK_M,
                  mask=block < blocks)
@@ -153,7 +155,7 @@ def _align_kernel(
     # Pass 2: this expert's pairs, in pair order (a stable sort), at its first row onwards.
     expert_pairs_in_order(ids_ptr, sorted_ptr, pair_slot_ptr, expert, start, n_pairs, SCAN, True)
     _write_expert_blocks(sorted_ptr, block_expert_ptr, block_start_ptr, expert, start, count,
-                         padded, blocks, first_block, n_pairs, BLOCK_M)
+                         padded, blocks, first_block, n_pairs, BLOCK_M, PAD_M)
 
 
 @triton.jit(do_not_specialize=["n_pairs"])
@@ -196,7 +198,7 @@ def _chunk_offsets_kernel(
     if expert == 0:
         _store_totals(block_start_ptr, n_blocks_ptr, n_padded_ptr, all_padded, all_blocks)
     _write_expert_blocks(sorted_ptr, block_expert_ptr, block_start_ptr, expert, start, count,
-                         padded, blocks, first_block, n_pairs, BLOCK_M)
+                         padded, blocks, first_block, n_pairs, BLOCK_M, PAD_M)
 
 
 @triton.jit(do_not_specialize=["n_pairs"])
@@ -236,9 +238,12 @@ def align(topk_ids: torch.Tensor, n_experts: int, block_m: int, scan: int = SCAN
                          f"rows for the tensor cores), got block_m={block_m}")
     if pad_m is None:
         pad_m = block_m // 2 if half_tail else block_m
-    elif half_tail or pad_m < 1 or block_m % pad_m:
+    elif half_tail or block_m % pad_m:
         raise ValueError(f"pad_m must divide block_m={block_m} (and not come with half_tail), "
                          f"got pad_m={pad_m}")
+    if pad_m < 1 or pad_m & (pad_m - 1):
+        raise ValueError(f"the padding (block_m, or pad_m where given) must be a power of two, "
+                         f"got {pad_m}")
     ids = topk_ids.reshape(-1).contiguous()  # any integer dtype
     n_pairs = ids.numel()
     max_padded = triton.cdiv(n_pairs + n_experts * (pad_m - 1), pad_m) * pad_m

@@ -15,9 +15,11 @@ GEMMs use for small batches; written here for Triton.
 The rows of a block are a multiple of 32 (`routing.align` with pad_m 32) and are taken in up to
 three column parts whose widths are powers of two (Triton's blocks are): 32, 64, 64 + 32, 128,
 128 + 32, 128 + 64, 128 + 64 + 32, 256; each part is one more dot per K step against the same
-weight tile, and each combination a compiled variant chosen per block at run time. An expert of
-more than BLOCK_M rows takes several blocks, each loading its weight tile (through L2 when they
-run together, as group_m orders them).
+weight tile, and each combination a compiled variant chosen per block at run time. BLOCK_M (the
+most rows a block takes) is 128, 160 or 256: 160 compiles the variants up to 128 + 32 only, whose
+accumulators leave room for 128 gate and 128 up rows a program. An expert of more than BLOCK_M
+rows takes several blocks, each loading its weight tile (through L2 when they run together, as
+group_m orders them).
 
 The grid, the routing metadata, the weight operands (TMA descriptors or pointers) and the k-way
 combine are those of the sorted path (fused_moe.py, launch.py).
@@ -198,7 +200,7 @@ def gate_up_swap_kernel(
     TMA: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """Grid (max blocks x F tiles), grouped; each block's rows (a multiple of 32, <= BLOCK_M in
-    {128, 256}) in the column parts named in the module docstring."""
+    {128, 160, 256}) in the column parts named in the module docstring."""
     wait_for_predecessor(PDL)
     pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(F, BLOCK_N), group_m)
     if pid_m >= tl.load(n_blocks_ptr):
@@ -216,6 +218,9 @@ def gate_up_swap_kernel(
         elif parts == 6:
             _gate_up_swap_block(*args, 128, 64, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA)
         elif parts == 5:
+            _gate_up_swap_block(*args, 128, 32, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA)
+    if BLOCK_M == 160:
+        if parts == 5:
             _gate_up_swap_block(*args, 128, 32, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA)
     if parts == 4:
         _gate_up_swap_block(*args, 128, 0, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA)
@@ -256,6 +261,10 @@ def down_swap_kernel(
             _down_swap_block(*args, 128, 64, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA,
                              COMBINE)
         elif parts == 5:
+            _down_swap_block(*args, 128, 32, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA,
+                             COMBINE)
+    if BLOCK_M == 160:
+        if parts == 5:
             _down_swap_block(*args, 128, 32, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA,
                              COMBINE)
     if parts == 4:

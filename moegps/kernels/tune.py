@@ -47,9 +47,11 @@ SORTED_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 
                 (64, 128, 4, 4, "paired", "tma")]
 # swap path (swap_moe.py): block_n is the weight rows per program (gate/up: that many gate and
 # as many up rows); 8 warps split an expert's up to 256 token columns (4 would hold twice the
-# accumulators: at block_m 256 and block_n 64 they already take 254 registers, compiled for sm_90)
+# accumulators). Compiled for sm_90: gate/up at block_m 256 takes 254 registers with block_n 64
+# and spills with 128; block_m 160 holds block_n 128 (255) and down block_n 256 (253), unspilled.
 SWAP_TILES = [(64, 64, 8, 3, "tma"), (64, 64, 8, 4, "tma"), (128, 64, 8, 3, "tma"),
-              (128, 64, 8, 4, "tma"), (32, 64, 8, 4, "tma")]
+              (128, 64, 8, 4, "tma"), (32, 64, 8, 4, "tma"), (128, 64, 8, 5, "tma"),
+              (128, 64, 8, 6, "tma"), (128, 128, 8, 3, "tma"), (256, 64, 8, 4, "tma")]
 # fused path: (block_f, block_k, block_n, num_warps, num_stages[, variant]); 64 experts at T=1
 # with block_f 64 is 6 slots x 22 F tiles = 132 programs, one per H100 SM
 FUSED_TILES = [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 256, 128, 8, 2),
@@ -136,7 +138,7 @@ def blocks(path: str, rows: float) -> list[tuple[int, bool]]:
     if path == "scan":
         return [(16, False)] if rows <= 12 else [(32, False)] if rows <= 24 else []
     if path == "swap":  # an expert's rows in one block of up to 128 or 256 (padded to 32)
-        return [(128, False), (256, False)] if 16 <= rows <= 320 else []
+        return [(128, False), (160, False), (256, False)] if 16 <= rows <= 320 else []
     if rows < 2:
         return []
     if rows > 512:  # 64 (two CTAs per SM) and 256 never won (NOTES.md v8, v9; 256 at 8192-16384
@@ -252,7 +254,10 @@ def check_edge_cases() -> list[str]:
                "swap": {"path": "swap", "block_m": 256, "gate_up": tile((64, 64, 8, 3)),
                         "down": tile((64, 64, 8, 3))},
                "swap_tma": {"path": "swap", "block_m": 128, "gate_up": tile((64, 64, 8, 3, "tma")),
-                            "down": tile((64, 64, 8, 3, "tma"))}}
+                            "down": tile((64, 64, 8, 3, "tma"))},
+               "swap_tma_160": {"path": "swap", "block_m": 160,
+                                "gate_up": tile((128, 64, 8, 3, "tma")),
+                                "down": tile((256, 64, 8, 3, "tma"))}}
     for (case, (T, E, H, Fd, k, kind)), path in itertools.product(cases.items(), configs):
         if path.startswith("sorted") and case.startswith("decode"):
             continue
@@ -407,7 +412,7 @@ def tune_one(name, shape, n_tokens, failed, seed=0, paths=PATHS, incumbent=None)
         for combine in ("sum", "atomic") if top_k > 1 else ("sum",):
             whole.append(dict(base, gate_up=gu, down=dn,
                               **({"combine": "atomic"} if combine == "atomic" else {})))
-    if incumbent and incumbent["path"] != "fused":  # its GEMMs alone, beside the log's others
+    if incumbent and incumbent["path"] in ("scan", "sorted", "swap"):  # its GEMMs alone, in the log
         current = whole[0]
         routing = route(flat_ids, n_experts, current)
         launch_gate_up(x, w13, h, flat_ids, routing, current, top_k)
