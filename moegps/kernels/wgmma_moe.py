@@ -408,9 +408,11 @@ def check_config(config: dict, x: torch.Tensor) -> None:
         if tile["block_k"] * x.element_size() % 128:
             raise ValueError(f"config field '{gemm}.block_k' must span a multiple of 128 bytes, "
                              f"got {tile['block_k']}")
-    if config["gate_up"].get("gather", 0) not in (0, 1, 2, 4):
+    # one warp (NOTES.md v22) was 5-18% slower, and its producer spills registers (56 bytes of
+    # stack, compiled for sm_90 under Triton 3.9): not offered
+    if config["gate_up"].get("gather", 0) not in (0, 2, 4):
         raise ValueError(f"config field 'gate_up.gather' is the producer's warps that copy the token "
-                         f"rows (1, 2 or 4; 0 or absent: a launch of their own), got {config['gate_up']['gather']!r}")
+                         f"rows (2 or 4; 0 or absent: a launch of their own), got {config['gate_up']['gather']!r}")
     if "gather" in config["down"]:
         raise ValueError("config field 'down.gather': only the gate/up GEMM reads token rows")
 

@@ -1,0 +1,88 @@
+"""The swap path's Triton kernels compiled for Hopper (sm_90) on this machine, no GPU needed.
+
+Their correctness runs under the CPU interpreter in test_kernels.py; what the interpreter cannot
+show is what the GPU build does with an expert's up to 160 or 256 token columns held as fp32
+accumulators: spilled registers, or more shared memory than a block may use. Every swap config of
+the shipped device tables is compiled here with the specialisations Triton's launcher gives real
+tensors (16-byte aligned pointers, strides and sizes divisible by 16)."""
+
+import json
+
+import pytest
+
+from moegps.kernels.launch import CONFIG_DIR
+
+COMPILE = r"""
+import json, re, subprocess, sys, tempfile
+from pathlib import Path
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from moegps.kernels import swap_moe
+
+gemm, block_m, tile = json.loads(sys.argv[1])
+box = f"tensordesc<bf16[{tile['block_n']}, {tile['block_k']}]>"
+if gemm == "gate_up":
+    kernel = swap_moe.gate_up_swap_kernel
+    signature = {"x_ptr": "*bf16", "w_ptr": box, "h_ptr": "*bf16"}
+    strides = ("stride_xt", "stride_we", "stride_wn", "stride_hm")
+else:
+    kernel = swap_moe.down_swap_kernel
+    signature = {"h_ptr": "*bf16", "w_ptr": box, "out_ptr": "*bf16", "weights_ptr": "*bf16"}
+    strides = ("stride_hm", "stride_we", "stride_wn", "stride_om")
+signature |= {"sorted_ptr": "*i32", "block_expert_ptr": "*i32", "block_start_ptr": "*i32",
+              "n_blocks_ptr": "*i32"}
+signature |= {name: "i32" for name in ("n_pairs", "top_k", "H", "F", "num_pid_m", "group_m", *strides)}
+constants = {"BLOCK_M": block_m, "BLOCK_N": tile["block_n"], "BLOCK_K": tile["block_k"], "EVEN_K": True,
+             "TMA": True, "PDL": True, **({"COMBINE": False} if gemm == "down" else {})}
+signature |= dict.fromkeys(constants, "constexpr")
+names = list(signature)
+aligned = [n for n in names if signature[n].startswith("*") or n in ("H", "F", *strides)]
+source = ASTSource(kernel, signature=signature, constexprs=constants,
+                   attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": tile["num_warps"], "num_stages": tile["num_stages"]})
+cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+usage = None
+if cuobjdump.exists():
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.cubin").write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([str(cuobjdump), "-res-usage", str(Path(tmp) / "k.cubin")],
+                               capture_output=True, text=True, check=True).stdout
+print(json.dumps({"wgmma": "wgmma.mma_async" in compiled.asm["ptx"], "shared": compiled.metadata.shared,
+                  "warps": compiled.metadata.num_warps, "usage": usage}))
+"""
+
+
+def shipped_swap_gemms() -> list:
+    """(gemm, block_m, tile) of every swap config in the shipped tables, each once."""
+    found = set()
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        for by_tokens in json.loads(path.read_text())["shapes"].values():
+            for config in by_tokens.values():
+                if config["path"] == "swap":
+                    for gemm in ("gate_up", "down"):
+                        found.add((gemm, config["block_m"], json.dumps(config[gemm], sort_keys=True)))
+    return sorted(found)
+
+
+@pytest.mark.parametrize("gemm, block_m, tile", shipped_swap_gemms())
+def test_shipped_swap_configs_compile_for_hopper_unspilled(gemm, block_m, tile, compiling_python):
+    import re
+
+    result = compiling_python(COMPILE, json.dumps([gemm, block_m, json.loads(tile)]))
+    assert result["wgmma"]  # the tensor cores' Hopper instruction
+    assert result["shared"] <= 227 * 1024
+    if result["usage"] is None:
+        pytest.skip("this Triton ships no cuobjdump")
+    # spilled registers live in the stack frame (local memory)
+    for field in ("STACK", "LOCAL"):
+        found = re.search(rf"{field}:(\d+)", result["usage"])
+        assert found and int(found.group(1)) == 0, result["usage"]
+    registers = int(re.search(r"REG:(\d+)", result["usage"]).group(1))
+    assert result["warps"] * 32 * registers <= 65536, (result["warps"], registers)
+
+
+def test_the_tables_ship_a_swap_config():
+    """The compile test above has something to compile (the H200 table's Mixtral 512 entry)."""
+    assert shipped_swap_gemms()
