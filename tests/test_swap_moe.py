@@ -1,4 +1,5 @@
-"""The swap path's Triton kernels compiled for Hopper (sm_90) on this machine, no GPU needed.
+"""The swap path's Triton kernels compiled for Hopper (sm_90) on this machine, no GPU needed, and
+where get_config takes a swap entry.
 
 Their correctness runs under the CPU interpreter in test_kernels.py; what the interpreter cannot
 show is what the GPU build does with an expert's up to 160 or 256 token columns held as fp32
@@ -10,6 +11,7 @@ import json
 
 import pytest
 
+from moegps.kernels import launch
 from moegps.kernels.launch import CONFIG_DIR
 
 COMPILE = r"""
@@ -86,3 +88,17 @@ def test_shipped_swap_configs_compile_for_hopper_unspilled(gemm, block_m, tile, 
 def test_the_tables_ship_a_swap_config():
     """The compile test above has something to compile (the H200 table's Mixtral 512 entry)."""
     assert shipped_swap_gemms()
+
+
+def test_get_config_takes_a_swap_entry_only_where_experts_fit_its_blocks(monkeypatch):
+    """Nearest token count, except that a swap entry of 160-row blocks serves only up to 128 rows an
+    expert on average (SWAP_FILL): beyond, most experts would take two blocks."""
+    table = {launch.shape_key(8, 64, 32, 2): {
+        "128": {"path": "sorted", "block_m": 64, "gate_up": {}, "down": {}},
+        "512": {"path": "swap", "block_m": 160, "gate_up": {}, "down": {}},
+        "2048": {"path": "sorted", "block_m": 128, "gate_up": {}, "down": {}}}}
+    monkeypatch.setattr(launch, "_tuned_table", lambda name: table)
+    path = lambda tokens: (c := launch.get_config(tokens, 8, 64, 32, 2))["path"] + str(c["block_m"])  # noqa: E731
+    # past 512 tokens the nearest entry that is not a swap one: 128 tokens' up to 1087, then 2048's
+    assert [path(t) for t in (100, 384, 512, 513, 1087, 1089)] == [
+        "sorted64", "swap160", "swap160", "sorted64", "sorted64", "sorted128"]

@@ -51,6 +51,9 @@ from .swap_moe import PAD_M as SWAP_PAD_M, down_swap_kernel, gate_up_swap_kernel
 from .routing import SCAN, align
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+# get_config takes a swap entry only up to this mean fill of its blocks (random routing's spread
+# keeps the fullest experts of 128 rows within a 160-row block)
+SWAP_FILL = 0.8
 
 
 def available() -> bool:
@@ -148,10 +151,19 @@ def _tuned_table(name: str) -> dict:
 
 def get_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: int,
                device: torch.device | None = None) -> dict:
-    """Tuned config of the nearest tuned token count for this shape and device, else the default."""
+    """Tuned config of the nearest tuned token count for this shape and device, else the default.
+
+    A swap config is taken only where an expert's rows, on average, fill at most SWAP_FILL of its
+    block: the path is fast only while nearly every expert fits one block (Mixtral on an H200, the
+    512-token entry of 160-row blocks: 91% of the floor at 384 tokens, but 48% at 768, where each
+    expert's 192 rows take two blocks that each stream the weights, against 68% for the default;
+    benchmarks/kernels/logs/h200-2026-12-04-h/call4-*)."""
     by_tokens = _tuned_table(device_name(device)).get(shape_key(n_experts, hidden, ffn, top_k))
     if by_tokens and not wgmma_moe.supported(device):  # a Triton without Gluon skips those entries
         by_tokens = {t: c for t, c in by_tokens.items() if c["path"] != "wgmma"}
+    rows = n_tokens * top_k / n_experts
+    by_tokens = {t: c for t, c in (by_tokens or {}).items()
+                 if c["path"] != "swap" or rows <= SWAP_FILL * c["block_m"]}
     if not by_tokens:
         return default_config(n_tokens, n_experts, hidden, ffn, top_k)
     nearest = min(by_tokens, key=lambda t: abs(int(t) - n_tokens))
