@@ -77,8 +77,9 @@ def default_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: 
 
     The decode of small (fine-grained) experts: the one-launch fused path. Few rows per expert
     otherwise: the scan path with BLOCK_M 16 and narrow N tiles for many programs (the weights
-    must stream from all SMs at once). More rows: the sorted path, BLOCK_M near the rows per
-    expert, then TMA-fed 128-row tiles for the tensor cores (compute-bound). Chosen from what the
+    must stream from all SMs at once). Large experts at 64-128 rows each: the swap path. More
+    rows: the sorted path, BLOCK_M near the rows per expert, then TMA-fed 128-row tiles for the
+    tensor cores (compute-bound). Chosen from what the
     tuner picked on an H100 (NOTES.md), so that an unseen shape lands near a tuned one.
     """
     config = _default_by_rows(n_tokens, n_experts, hidden, ffn, top_k)
@@ -107,6 +108,16 @@ def _default_by_rows(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k
     if rows <= 8 and n_tokens * top_k <= 8 * SCAN:
         tile = {"block_n": 64, "block_k": 128, "group_m": 8, "num_warps": 4, "num_stages": 4}
         return {"path": "scan", "block_m": 16, "gate_up": dict(tile), "down": dict(tile)}
+    # Large experts at 64-128 rows each (memory-bound): the swap path, every expert's rows in one
+    # block, each weight tile streamed once. Mixtral on an H200 (NOTES.md v23): 90-91% of the floor
+    # at 256-384 tokens against 67-79% for the sorted default below, 86% at 512 against 77%.
+    if 64 <= rows <= 128 and 3 * hidden * ffn * 2 >= 64e6:
+        block_m = 128 if rows <= SWAP_FILL * 128 else 160
+        return {"path": "swap", "block_m": block_m,
+                "gate_up": {"block_n": 128, "block_k": 64, "group_m": 8, "num_warps": 8,
+                            "num_stages": 4, "tma": True},
+                "down": {"block_n": 128 if block_m == 128 else 256, "block_k": 64, "group_m": 8,
+                         "num_warps": 8, "num_stages": 5 if block_m == 128 else 4, "tma": True}}
     if rows <= 24:  # the tuned 64 experts at 128 tokens (12 rows), 14% faster than the scan path
         return {"path": "sorted", "block_m": 32,
                 "gate_up": {"block_n": 64, "block_k": 128, "group_m": 8, "num_warps": 4,
