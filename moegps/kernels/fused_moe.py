@@ -18,6 +18,9 @@ gate weight in the down GEMM's epilogue. Two ways of finding an expert's rows:
   order from `routing.align`, with grouped tile ordering (group_m blocks share a weight tile in
   L2), as in vLLM's fused_moe and the Triton matmul tutorial this layout comes from.
 
+* `swap` kernels (swap_moe.py; large experts at 64-128 rows each): the sorted grid and routing with
+  both GEMMs transposed, an expert's rows as the MMA's columns, so that one program takes them all.
+
 * `fused` kernel (decode, T*k small): the `scan` kernels' expert slots, split over F instead of
   the output columns; each program computes its F tile of h and immediately multiplies it into
   w2's matching columns, adding into an fp32 output with atomics: one launch for both GEMMs and
