@@ -15,8 +15,20 @@ if _interpret is None:
 else:
     os.environ["TRITON_INTERPRET"] = _interpret
 
+import importlib  # noqa: E402
+import sys  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+
+def redecorate_kernels() -> None:
+    """Decorate the MoE kernels again, for the interpreter while TRITON_INTERPRET is set: another
+    test module may have imported them compiled. Submodules in dependency order; the package
+    attribute `fused_moe` is the function, so they come from sys.modules."""
+    for name in ("pdl", "routing", "fused_moe", "swap_moe", "launch", "reference"):
+        importlib.reload(sys.modules[f"moegps.kernels.{name}"])
+    importlib.reload(sys.modules["moegps.kernels"])
 
 from moegps.paths import data_root
 

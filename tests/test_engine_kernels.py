@@ -18,13 +18,12 @@ import torch
 
 import moegps.engine.kernels  # noqa: F401
 import moegps.kernels  # noqa: F401
+from conftest import redecorate_kernels
 
 # Another module may have imported the kernels before the variable was set (Triton decides
 # interpreted or compiled when it decorates): decorate them again, the MoE kernels in dependency
 # order first (see tests/test_kernels.py), then the engine's.
-for _name in ("pdl", "routing", "fused_moe", "launch", "reference"):
-    importlib.reload(sys.modules[f"moegps.kernels.{_name}"])
-importlib.reload(sys.modules["moegps.kernels"])
+redecorate_kernels()
 K = importlib.reload(sys.modules["moegps.engine.kernels"])
 # back as it was: the engine picks Triton on the CPU while the variable is set, which the
 # fixture below does for this module's tests only

@@ -1,8 +1,6 @@
 """Fused MoE Triton kernels on the CPU interpreter (fp16/fp32), against a float64 reference."""
 
-import importlib
 import os
-import sys
 
 _interpret = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels (conftest.py: its own library)
@@ -13,13 +11,11 @@ import torch
 import torch.nn.functional as F
 
 import moegps.kernels  # noqa: F401  (imports its submodules)
+from conftest import redecorate_kernels
 
 # Another test module may have imported the kernels before the variable was set (Triton decides
-# interpreted or compiled when it decorates): decorate them again, in dependency order. (The
-# package attribute `fused_moe` is the function, so the submodules come from sys.modules.)
-for _name in ("pdl", "routing", "fused_moe", "launch", "reference"):
-    importlib.reload(sys.modules[f"moegps.kernels.{_name}"])
-importlib.reload(sys.modules["moegps.kernels"])
+# interpreted or compiled when it decorates): decorate them again.
+redecorate_kernels()
 # back as it was once decorated: other modules' code picks Triton on the CPU while the variable is set
 # (the engine), so it is set for this module's tests only, by the fixture below
 if _interpret is None:
