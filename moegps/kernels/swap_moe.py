@@ -1,4 +1,4 @@
-"""The `swap` path: the sorted GEMMs transposed, weights as the MMA's rows and tokens as its columns.
+"""The `swap` path: the sorted GEMMs transposed, weights as the MMA's rows, tokens as its columns.
 
     gate_up:  h[p, f tile]^T = silu(w1[e, f tile] @ x[rows]^T) * (w3[e, f tile] @ x[rows]^T)
     down:     y[p, n tile]^T = topk_weights[p] * (w2[e, n tile] @ h[rows]^T)
@@ -74,9 +74,10 @@ def _gate_up_swap_block(
     x_ptr, w_ptr, h_ptr, sorted_ptr, start, n_pairs, top_k, expert, pid_n, H, F,
     stride_xt, stride_we, stride_wn, stride_hm,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr, COMBINE: tl.constexpr,
 ):
-    """h of sorted rows start .. start + T0 + T1 + T2 (T1, T2 may be 0) at F columns pid_n."""
+    """h of sorted rows start .. start + T0 + T1 + T2 (T1, T2 may be 0) at F columns pid_n.
+    (COMBINE, the down block's flag, is unused: both blocks share _by_column_parts.)"""
     offs_k = tl.arange(0, BLOCK_K)
     offs_f = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     f_mask = offs_f < F
@@ -192,6 +193,34 @@ def _down_swap_block(
                  COMBINE)
 
 
+@triton.jit
+def _by_column_parts(block: tl.constexpr, args, parts, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
+                     COMBINE: tl.constexpr):
+    """`block` (either GEMM's block function) on a block of `parts` x 32 rows, cut into the column
+    parts of the module docstring: one compiled variant per height up to BLOCK_M."""
+    if BLOCK_M == 256:
+        if parts == 8:
+            block(*args, 256, 0, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE)
+        elif parts == 7:
+            block(*args, 128, 64, 32, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE)
+        elif parts == 6:
+            block(*args, 128, 64, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE)
+        elif parts == 5:
+            block(*args, 128, 32, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE)
+    if BLOCK_M == 160:
+        if parts == 5:
+            block(*args, 128, 32, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE)
+    if parts == 4:
+        block(*args, 128, 0, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE)
+    elif parts == 3:
+        block(*args, 64, 32, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE)
+    elif parts == 2:
+        block(*args, 64, 0, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE)
+    elif parts == 1:
+        block(*args, 32, 0, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE)
+
+
 @triton.jit(do_not_specialize=["n_pairs", "top_k", "num_pid_m", "group_m"])
 def gate_up_swap_kernel(
     x_ptr, w_ptr, h_ptr, sorted_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_pairs,
@@ -207,29 +236,10 @@ def gate_up_swap_kernel(
         return
     expert = tl.load(block_expert_ptr + pid_m)
     start = tl.load(block_start_ptr + pid_m)
-    parts = (tl.load(block_start_ptr + pid_m + 1) - start) // 32
     args = (x_ptr, w_ptr, h_ptr, sorted_ptr, start, n_pairs, top_k, expert, pid_n, H, F,
             stride_xt, stride_we, stride_wn, stride_hm)
-    if BLOCK_M == 256:
-        if parts == 8:
-            _gate_up_swap_block(*args, 256, 0, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA)
-        elif parts == 7:
-            _gate_up_swap_block(*args, 128, 64, 32, BLOCK_N, BLOCK_K, EVEN_K, TMA)
-        elif parts == 6:
-            _gate_up_swap_block(*args, 128, 64, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA)
-        elif parts == 5:
-            _gate_up_swap_block(*args, 128, 32, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA)
-    if BLOCK_M == 160:
-        if parts == 5:
-            _gate_up_swap_block(*args, 128, 32, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA)
-    if parts == 4:
-        _gate_up_swap_block(*args, 128, 0, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA)
-    elif parts == 3:
-        _gate_up_swap_block(*args, 64, 32, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA)
-    elif parts == 2:
-        _gate_up_swap_block(*args, 64, 0, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA)
-    elif parts == 1:
-        _gate_up_swap_block(*args, 32, 0, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA)
+    parts = (tl.load(block_start_ptr + pid_m + 1) - start) // 32
+    _by_column_parts(_gate_up_swap_block, args, parts, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, False)
 
 
 @triton.jit(do_not_specialize=["n_pairs", "top_k", "num_pid_m", "group_m"])
@@ -247,35 +257,7 @@ def down_swap_kernel(
         return
     expert = tl.load(block_expert_ptr + pid_m)
     start = tl.load(block_start_ptr + pid_m)
-    parts = (tl.load(block_start_ptr + pid_m + 1) - start) // 32
     args = (h_ptr, w_ptr, out_ptr, weights_ptr, sorted_ptr, start, n_pairs, top_k, expert, pid_n,
             H, F, stride_hm, stride_we, stride_wn, stride_om)
-    if BLOCK_M == 256:
-        if parts == 8:
-            _down_swap_block(*args, 256, 0, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA,
-                             COMBINE)
-        elif parts == 7:
-            _down_swap_block(*args, 128, 64, 32, BLOCK_N, BLOCK_K, EVEN_K, TMA,
-                             COMBINE)
-        elif parts == 6:
-            _down_swap_block(*args, 128, 64, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA,
-                             COMBINE)
-        elif parts == 5:
-            _down_swap_block(*args, 128, 32, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA,
-                             COMBINE)
-    if BLOCK_M == 160:
-        if parts == 5:
-            _down_swap_block(*args, 128, 32, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA,
-                             COMBINE)
-    if parts == 4:
-        _down_swap_block(*args, 128, 0, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA,
-                             COMBINE)
-    elif parts == 3:
-        _down_swap_block(*args, 64, 32, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA,
-                             COMBINE)
-    elif parts == 2:
-        _down_swap_block(*args, 64, 0, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA,
-                             COMBINE)
-    elif parts == 1:
-        _down_swap_block(*args, 32, 0, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA,
-                             COMBINE)
+    parts = (tl.load(block_start_ptr + pid_m + 1) - start) // 32
+    _by_column_parts(_down_swap_block, args, parts, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE)
