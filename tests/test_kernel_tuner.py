@@ -30,23 +30,28 @@ def config_dir(tmp_path, monkeypatch):
 
 
 def test_a_narrow_search_passes_the_incumbent_and_keeps_it(config_dir, tmp_path, monkeypatch):
+    """The entry of a token count competes, or where there is none the one get_config would serve
+    (the nearest); a nearest one that wins is not copied to the new token count."""
     old = {"path": "scan", "block_m": 16, "us": 9.0, "tuned_by": "an older run"}
     config_dir.parent.mkdir()
     config_dir.write_text(json.dumps({"shapes": {launch.shape_key(*SHAPE): {"32": old}}}))
     seen = {}
+    new = {"path": "sorted", "block_m": 64, "us": 1.0}
 
     def fake_tune_one(name, shape, n_tokens, failed, seed, paths, incumbent):
         seen[n_tokens] = (paths, incumbent)
-        if incumbent is not None:
-            return incumbent  # nothing beat it
-        return {"path": "sorted", "block_m": 64, "us": 1.0}
+        return new if n_tokens == 512 else incumbent  # 512: a new config beats the nearest
 
     monkeypatch.setattr(tune, "tune_one", fake_tune_one)
-    tune.tune({"tiny": SHAPE}, [32, 512], tmp_path / "out", 1, "the command", paths=("sorted",))
-    assert seen[32] == (("sorted",), old) and seen[512] == (("sorted",), None)
+    tune.tune({"tiny": SHAPE}, [32, 512, 48], tmp_path / "out", 1, "the command", paths=("sorted",))
+    kept = dict(old, kept_by="the command")
+    assert seen[32] == (("sorted",), old)
+    assert seen[512] == (("sorted",), kept)  # the only entry is the nearest
+    assert seen[48] == (("sorted",), kept)  # 32's entry is nearer than 512's
     table = json.loads(config_dir.read_text())["shapes"][launch.shape_key(*SHAPE)]
-    assert table["32"] == dict(old, kept_by="the command")  # its own record, and who kept it
-    assert table["512"] == {"path": "sorted", "block_m": 64, "us": 1.0, "tuned_by": "the command"}
+    assert table["32"] == kept  # its own record, and who kept it
+    assert table["512"] == dict(new, tuned_by="the command")
+    assert "48" not in table  # the nearest entry won there, and keeps serving
     assert json.loads((tmp_path / "out" / "TEST_GPU.json").read_text())["shapes"] == \
         json.loads(config_dir.read_text())["shapes"]
 

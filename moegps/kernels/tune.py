@@ -469,8 +469,11 @@ def tune(shapes, tokens, out_dir: Path, workers: int, command: str, seed: int = 
          paths=PATHS) -> Path:
     """Tune each (shape, tokens) over `paths` and merge the results into configs/<device>.json
     (and a copy in out_dir), rewritten after each one (temporary file, then rename): a run cut
-    short keeps what it finished. Token counts not tuned now keep their entries; with fewer
-    paths than all, each entry's current config competes (tune_one's incumbent)."""
+    short keeps what it finished. Token counts not tuned now keep their entries. With fewer
+    paths than all, what serves the token count now competes (tune_one's incumbent): its entry,
+    or where it has none the nearest one `get_config` takes (or the default); when that one wins,
+    no entry is written (the nearest keeps serving), so that a search of one path cannot put a
+    slower config where another path's entry served."""
     tasks = set()
     for name, shape in shapes.items():
         for n_tokens in tokens:
@@ -485,9 +488,14 @@ def tune(shapes, tokens, out_dir: Path, workers: int, command: str, seed: int = 
     for name, shape in shapes.items():
         key = launch.shape_key(*shape)
         for n_tokens in tokens:
-            incumbent = (table["shapes"].get(key, {}).get(str(n_tokens)) if set(paths) != set(PATHS)
-                         else None)
+            own = table["shapes"].get(key, {}).get(str(n_tokens))
+            incumbent = None
+            if set(paths) != set(PATHS):
+                incumbent = own or launch.get_config(n_tokens, *shape)
             config = tune_one(name, shape, n_tokens, failed, seed, paths, incumbent)
+            if config is incumbent and own is None:
+                print(f"  {name} T={n_tokens}: the nearest entry (or the default) stays", flush=True)
+                continue
             # each entry names the command that tuned it (the file merges several runs)
             put_entry(table, key, n_tokens, dict(config, kept_by=command) if config is incumbent
                       else dict(config, tuned_by=command))
