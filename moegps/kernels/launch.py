@@ -24,7 +24,8 @@ no gather launch.)
 The swap path (swap_moe.py) runs the sorted GEMMs transposed, weights on the MMA's rows and an
 expert's tokens (up to block_m of 128, 160 or 256, padded to 32) on its columns, so that each weight
 tile is loaded by one program; its tiles are those of the sorted path, without "paired":
-    {"path": "swap", "block_m": 256, "gate_up": {"block_n": 64, ..., "tma": true}, "down": {...}}
+    {"path": "swap", "block_m": 160, "gate_up": {"block_n": 128, ..., "tma": true},
+     "down": {"block_n": 256, ...}}
 A scan, sorted or swap config may set "combine": "atomic": the down GEMM adds its tiles into an fp32
 [T, H] accumulator with atomics instead of writing y [T*k, H] for a k-way sum afterwards (the
 default, "sum", is deterministic; "atomic" varies in the last bits from run to run).
@@ -79,8 +80,8 @@ def default_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: 
     otherwise: the scan path with BLOCK_M 16 and narrow N tiles for many programs (the weights
     must stream from all SMs at once). Large experts at 64-128 rows each: the swap path. More
     rows: the sorted path, BLOCK_M near the rows per expert, then TMA-fed 128-row tiles for the
-    tensor cores (compute-bound). Chosen from what the
-    tuner picked on an H100 (NOTES.md), so that an unseen shape lands near a tuned one.
+    tensor cores (compute-bound). Chosen from what the tuner picked on an H100 and an H200
+    (NOTES.md), so that an unseen shape lands near a tuned one.
     """
     config = _default_by_rows(n_tokens, n_experts, hidden, ffn, top_k)
     rows = n_tokens * top_k / n_experts
@@ -110,7 +111,7 @@ def _default_by_rows(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k
         return {"path": "scan", "block_m": 16, "gate_up": dict(tile), "down": dict(tile)}
     # Large experts at 64-128 rows each (memory-bound): the swap path, every expert's rows in one
     # block, each weight tile streamed once. Mixtral on an H200 (NOTES.md v23): 90-91% of the floor
-    # at 256-384 tokens against 67-79% for the sorted default below, 86% at 512 against 77%.
+    # at 256-384 tokens against 67-79% for the sorted default below, 83-86% at 512 against 77%.
     if 64 <= rows <= 128 and 3 * hidden * ffn * 2 >= 64e6:
         block_m = 128 if rows <= SWAP_FILL * 128 else 160
         return {"path": "swap", "block_m": block_m,

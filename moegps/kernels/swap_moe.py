@@ -5,12 +5,14 @@
 
 Why: on Hopper a warpgroup's MMA is 64 rows tall and 8 to 256 columns wide. The sorted path puts
 tokens on the rows, so an expert's rows are padded to 64 (half tails) or 128, and an expert of
-128 + r rows runs a second block that loads the whole weight tile again for its r rows (Mixtral
-at 512 tokens, 128 +- 11 rows an expert: 77% of the floor on random routing against 87% on
-balanced, NOTES.md session 12). With the weights on the rows, a program takes all of an expert's
-rows (up to BLOCK_M = 256) as the columns of its MMAs, padded to 32 only: each weight tile is
-loaded once, by one program. This is the "swap AB" that TensorRT-LLM's and vLLM's CUTLASS MoE
-GEMMs use for small batches; written here for Triton.
+128 + r rows runs a second block that reads the whole weight tile again for its r rows. With the
+weights on the rows, a program takes all of an expert's rows (up to BLOCK_M) as the columns of
+its MMAs, padded to 32 only: each weight tile is read once, by one program. This is the "swap AB"
+that TensorRT-LLM's and vLLM's CUTLASS MoE GEMMs use for small batches; written here for Triton.
+What it buys, as measured (NOTES.md v23): at Mixtral 512 tokens both GEMMs are bound by L2 (86-92%
+of its throughput in Nsight Compute), not DRAM, and a program reads (weight rows + token rows) /
+weight rows L2 bytes per weight byte; blocks of 160 rows against 256 weight rows make that about
+1.56 instead of 2, and the call 77% -> 83-86% of the floor (256-384 tokens: 90-95%).
 
 The rows of a block are a multiple of 32 (`routing.align` with pad_m 32) and are taken in up to
 three column parts whose widths are powers of two (Triton's blocks are): 32, 64, 64 + 32, 128,

@@ -137,7 +137,7 @@ def blocks(path: str, rows: float) -> list[tuple[int, bool]]:
     64-row MMA on Hopper (NOTES.md v10)."""
     if path == "scan":
         return [(16, False)] if rows <= 12 else [(32, False)] if rows <= 24 else []
-    if path == "swap":  # an expert's rows in one block of up to 128 or 256 (padded to 32)
+    if path == "swap":  # an expert's rows in one block of up to 128, 160 or 256 (padded to 32)
         return [(128, False), (160, False), (256, False)] if 16 <= rows <= 320 else []
     if rows < 2:
         return []
