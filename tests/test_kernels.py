@@ -349,6 +349,23 @@ def test_half_tail_needs_a_block_of_32():
         align(torch.zeros(4, 2, dtype=torch.int64), 3, 16, half_tail=True)
 
 
+def test_bad_padding_and_swap_blocks_are_named():
+    ids = torch.zeros(4, 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="power of two"):
+        align(ids, 3, 160)  # a block of 160 rows needs a pad_m
+    with pytest.raises(ValueError, match="pad_m must divide"):
+        align(ids, 3, 128, pad_m=48)
+    with pytest.raises(ValueError, match="power of two"):
+        align(ids, 3, 96, pad_m=48)
+    x = torch.randn(4, 16)
+    w13, w2 = torch.randn(3, 20, 16), torch.randn(3, 16, 10)
+    with pytest.raises(ValueError, match="block_m must be 128, 160 or 256"):
+        fused_moe(x, w13, w2, ids, torch.rand(4, 2), config={**CONFIGS["swap"], "block_m": 64})
+    paired = {**CONFIGS["swap"], "gate_up": dict(CONFIGS["swap"]["gate_up"], paired=True)}
+    with pytest.raises(ValueError, match="'paired'"):
+        fused_moe(x, w13, w2, ids, torch.rand(4, 2), config=paired)
+
+
 def test_bad_shapes_are_named():
     x = torch.randn(4, 16, dtype=torch.float16)
     w13 = torch.randn(3, 20, 16, dtype=torch.float16)
