@@ -227,11 +227,11 @@ def test_default_configs_run(rng):
     assert get_config(24, 4, 64, 64, 2)["path"] in paths
     assert default_config(300, 4, 64, 64, 2)["half_tail"]
     assert not default_config(4096, 4, 64, 64, 2)["half_tail"]
-    # Mixtral-sized experts at 64-128 rows each: the swap path, blocks each expert's rows fill to
+    # Mixtral-sized experts at 64-144 rows each: the swap path, blocks each expert's rows fill to
     # at most SWAP_FILL (its kernels are tested above on the CONFIGS that cover every block height)
     assert [(c["path"], c["block_m"]) for c in (default_config(t, 8, 4096, 14336, 2)
-                                                for t in (255, 256, 384, 512, 513))] == [
-        ("sorted", 64), ("swap", 128), ("swap", 128), ("swap", 160), ("sorted", 128)]
+                                                for t in (255, 256, 460, 461, 576, 577))] == [
+        ("sorted", 64), ("swap", 128), ("swap", 128), ("swap", 160), ("swap", 160), ("sorted", 128)]
     assert default_config(512, 8, 2048, 4096, 2)["path"] == "sorted"  # 50 MB experts
     # a dozen row blocks in all (8 experts of 50 MB at 512 tokens): one group of 16 takes them all
     one_group = default_config(512, 8, 2048, 4096, 2)

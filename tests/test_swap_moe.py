@@ -91,14 +91,14 @@ def test_the_tables_ship_a_swap_config():
 
 
 def test_get_config_takes_a_swap_entry_only_where_experts_fit_its_blocks(monkeypatch):
-    """Nearest token count, except that a swap entry of 160-row blocks serves only up to 128 rows an
-    expert on average (SWAP_FILL): beyond, most experts would take two blocks."""
+    """Nearest token count, except that a swap entry of 160-row blocks serves only up to 144 rows an
+    expert on average (SWAP_FILL 0.9): beyond, most experts would take two blocks."""
     table = {launch.shape_key(8, 64, 32, 2): {
         "128": {"path": "sorted", "block_m": 64, "gate_up": {}, "down": {}},
         "512": {"path": "swap", "block_m": 160, "gate_up": {}, "down": {}},
         "2048": {"path": "sorted", "block_m": 128, "gate_up": {}, "down": {}}}}
     monkeypatch.setattr(launch, "_tuned_table", lambda name: table)
     path = lambda tokens: (c := launch.get_config(tokens, 8, 64, 32, 2))["path"] + str(c["block_m"])  # noqa: E731
-    # past 512 tokens the nearest entry that is not a swap one: 128 tokens' up to 1087, then 2048's
-    assert [path(t) for t in (100, 384, 512, 513, 1087, 1089)] == [
+    # past 576 tokens the nearest entry that is not a swap one: 128 tokens' up to 1087, then 2048's
+    assert [path(t) for t in (100, 384, 576, 577, 1087, 1089)] == [
         "sorted64", "swap160", "swap160", "sorted64", "sorted64", "sorted128"]

@@ -52,9 +52,10 @@ from .swap_moe import PAD_M as SWAP_PAD_M, down_swap_kernel, gate_up_swap_kernel
 from .routing import SCAN, align
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-# get_config takes a swap entry only up to this mean fill of its blocks (random routing's spread
-# keeps the fullest experts of 128 rows within a 160-row block)
-SWAP_FILL = 0.8
+# get_config takes a swap entry only up to this mean fill of its blocks: Mixtral on an H200 with
+# 160-row blocks (NOTES.md v23b) was 15% faster than the sorted path at a fill of 0.9 (576 tokens),
+# and 1.4x slower at 1.2 (768 tokens), where most experts take two blocks
+SWAP_FILL = 0.9
 
 
 def available() -> bool:
@@ -78,7 +79,7 @@ def default_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: 
 
     The decode of small (fine-grained) experts: the one-launch fused path. Few rows per expert
     otherwise: the scan path with BLOCK_M 16 and narrow N tiles for many programs (the weights
-    must stream from all SMs at once). Large experts at 64-128 rows each: the swap path. More
+    must stream from all SMs at once). Large experts at 64-144 rows each: the swap path. More
     rows: the sorted path, BLOCK_M near the rows per expert, then TMA-fed 128-row tiles for the
     tensor cores (compute-bound). Chosen from what the tuner picked on an H100 and an H200
     (NOTES.md), so that an unseen shape lands near a tuned one.
@@ -109,10 +110,11 @@ def _default_by_rows(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k
     if rows <= 8 and n_tokens * top_k <= 8 * SCAN:
         tile = {"block_n": 64, "block_k": 128, "group_m": 8, "num_warps": 4, "num_stages": 4}
         return {"path": "scan", "block_m": 16, "gate_up": dict(tile), "down": dict(tile)}
-    # Large experts at 64-128 rows each (memory-bound): the swap path, every expert's rows in one
+    # Large experts at 64-144 rows each (memory-bound): the swap path, every expert's rows in one
     # block, each weight tile streamed once. Mixtral on an H200 (NOTES.md v23): 90-91% of the floor
-    # at 256-384 tokens against 67-79% for the sorted default below, 83-86% at 512 against 77%.
-    if 64 <= rows <= 128 and 3 * hidden * ffn * 2 >= 64e6:
+    # at 256-384 tokens against 67-79% for the sorted default below, 83-86% at 512 against 77%, 77%
+    # at 576 against the tuned sorted config's 65%.
+    if 64 <= rows <= SWAP_FILL * 160 and 3 * hidden * ffn * 2 >= 64e6:
         block_m = 128 if rows <= SWAP_FILL * 128 else 160
         return {"path": "swap", "block_m": block_m,
                 "gate_up": {"block_n": 128, "block_k": 64, "group_m": 8, "num_warps": 8,
@@ -169,7 +171,8 @@ def get_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: int,
     block: the path is fast only while nearly every expert fits one block (Mixtral on an H200, the
     512-token entry of 160-row blocks: 91% of the floor at 384 tokens, but 48% at 768, where each
     expert's 192 rows take two blocks that each stream the weights, against 68% for the default;
-    benchmarks/kernels/logs/h200-2026-12-04-h/call4-*)."""
+    benchmarks/kernels/logs/h200-2026-12-04-h/call4-*; at 576 tokens, a fill of 0.9, the swap
+    entry was 867 against 1019 us, call 8)."""
     by_tokens = _tuned_table(device_name(device)).get(shape_key(n_experts, hidden, ffn, top_k))
     if by_tokens and not wgmma_moe.supported(device):  # a Triton without Gluon skips those entries
         by_tokens = {t: c for t, c in by_tokens.items() if c["path"] != "wgmma"}
