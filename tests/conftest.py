@@ -33,6 +33,32 @@ def redecorate_kernels() -> None:
 from moegps.paths import data_root
 
 
+def assert_unspilled(cubin_b64: str, warps: int) -> None:
+    """A kernel compiled for a GPU (its cubin, base64, as a compile script of `compiling_python`
+    prints it) spills no registers, neither to the stack frame nor to local memory, and every thread
+    of its block of `warps` gets its register count from the SM's 64k. Read with the cuobjdump that
+    Triton ships (the test skips where it ships none)."""
+    import base64
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        pytest.skip("this Triton ships no cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(base64.b64decode(cubin_b64))
+        usage = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True,
+                               check=True).stdout
+    for field in ("STACK", "LOCAL"):
+        found = re.search(rf"{field}:(\d+)", usage)
+        assert found and int(found.group(1)) == 0, usage
+    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    assert warps * 32 * registers <= 65536, (warps, registers)
+
+
 @pytest.fixture
 def rng():
     """Fresh random inputs each run (seed printed on failure by the assertion messages that use it)."""
