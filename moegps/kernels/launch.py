@@ -48,7 +48,8 @@ from .fused_moe import (combine_kernel, down_scan_kernel, down_sorted_kernel, fu
                         gate_up_scan_kernel, gate_up_sorted_kernel, gather_kernel)
 from . import wgmma_moe
 from .pdl import launch_flags
-from .swap_moe import PAD_M as SWAP_PAD_M, down_swap_kernel, gate_up_swap_kernel
+from . import swap_moe
+from .swap_moe import down_swap_kernel, gate_up_swap_kernel
 from .routing import SCAN, align
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -56,6 +57,11 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 # 160-row blocks (NOTES.md v23b) was 15% faster than the sorted path at a fill of 0.9 (576 tokens),
 # and 1.4x slower at 1.2 (768 tokens), where most experts take two blocks
 SWAP_FILL = 0.9
+
+
+def swap_fits(rows: float, block_m: int) -> bool:
+    """Whether experts of `rows` rows on average fill swap blocks of `block_m` at most SWAP_FILL."""
+    return rows <= SWAP_FILL * block_m
 
 
 def available() -> bool:
@@ -114,8 +120,8 @@ def _default_by_rows(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k
     # block, each weight tile streamed once. Mixtral on an H200 (NOTES.md v23): 90-91% of the floor
     # at 256-384 tokens against 67-79% for the sorted default below, 83-86% at 512 against 77%, 77%
     # at 576 against the tuned sorted config's 65%.
-    if 64 <= rows <= SWAP_FILL * 160 and 3 * hidden * ffn * 2 >= 64e6:
-        block_m = 128 if rows <= SWAP_FILL * 128 else 160
+    if rows >= 64 and swap_fits(rows, 160) and 3 * hidden * ffn * 2 >= 64e6:
+        block_m = 128 if swap_fits(rows, 128) else 160
         return {"path": "swap", "block_m": block_m,
                 "gate_up": {"block_n": 128, "block_k": 64, "group_m": 8, "num_warps": 8,
                             "num_stages": 4, "tma": True},
@@ -178,7 +184,7 @@ def get_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: int,
         by_tokens = {t: c for t, c in by_tokens.items() if c["path"] != "wgmma"}
     rows = n_tokens * top_k / n_experts
     by_tokens = {t: c for t, c in (by_tokens or {}).items()
-                 if c["path"] != "swap" or rows <= SWAP_FILL * c["block_m"]}
+                 if c["path"] != "swap" or swap_fits(rows, c["block_m"])}
     if not by_tokens:
         return default_config(n_tokens, n_experts, hidden, ffn, top_k)
     nearest = min(by_tokens, key=lambda t: abs(int(t) - n_tokens))
@@ -331,10 +337,12 @@ def route(ids: torch.Tensor, n_experts: int, config: dict, scratch: torch.Tensor
     if config["path"] in ("sorted", "wgmma"):
         return align(ids, n_experts, config["block_m"], half_tail=config.get("half_tail", False))
     if config["path"] == "swap":
-        if config["block_m"] not in (128, 160, 256) or config.get("half_tail"):
-            raise ValueError(f"a swap config's block_m must be 128, 160 or 256 (no half_tail), got "
-                             f"block_m={config['block_m']}, half_tail={config.get('half_tail')}")
-        return align(ids, n_experts, config["block_m"], pad_m=SWAP_PAD_M)
+        if config["block_m"] not in swap_moe.BLOCK_MS or config.get("half_tail"):
+            *first, last = swap_moe.BLOCK_MS
+            raise ValueError(f"a swap config's block_m must be {', '.join(map(str, first))} or {last} "
+                             f"(no half_tail), got block_m={config['block_m']}, "
+                             f"half_tail={config.get('half_tail')}")
+        return align(ids, n_experts, config["block_m"], pad_m=swap_moe.PAD_M)
     raise ValueError(f"config field 'path' must be 'scan', 'sorted', 'swap', 'wgmma' or 'fused', "
                      f"got {config['path']!r}")
 

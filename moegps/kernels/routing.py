@@ -56,7 +56,6 @@ class RoutingMeta:
     block_m: int
     n_pairs: int
     half_tail: bool = False
-    pad_m: int = 0  # each expert's rows padded to a multiple of this (0: block_m)
 
     @property
     def max_blocks(self) -> int:
@@ -280,4 +279,4 @@ def align(topk_ids: torch.Tensor, n_experts: int, block_m: int, scan: int = SCAN
                                          E_POW2=e_pow2, SCAN=scan, num_warps=8, **pdl)
     else:
         raise ValueError(f"align method must be 'one', 'chunked' or None, got {method!r}")
-    return RoutingMeta(*outputs, block_m, n_pairs, half_tail, pad_m)
+    return RoutingMeta(*outputs, block_m, n_pairs, half_tail)

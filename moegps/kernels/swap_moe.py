@@ -36,6 +36,7 @@ from .fused_moe import _grouped_tile, _load_rows
 from .pdl import wait_for_predecessor
 
 PAD_M = 32  # an expert's rows are padded to this (align's pad_m for the swap path)
+BLOCK_MS = (128, 160, 256)  # the block heights _by_column_parts compiles variants for
 
 
 @triton.jit

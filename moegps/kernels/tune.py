@@ -22,7 +22,7 @@ import torch
 
 from moegps import shapes as shape_registry
 from moegps.files import atomic_path
-from moegps.kernels import launch
+from moegps.kernels import launch, swap_moe
 from moegps.kernels.launch import fused_moe, launch_down, launch_gate_up, route
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.timing import make_inputs, make_routing, rel_err, time_many
@@ -138,7 +138,7 @@ def blocks(path: str, rows: float) -> list[tuple[int, bool]]:
     if path == "scan":
         return [(16, False)] if rows <= 12 else [(32, False)] if rows <= 24 else []
     if path == "swap":  # an expert's rows in one block of up to 128, 160 or 256 (padded to 32)
-        return [(128, False), (160, False), (256, False)] if 16 <= rows <= 320 else []
+        return [(bm, False) for bm in swap_moe.BLOCK_MS] if 16 <= rows <= 320 else []
     if rows < 2:
         return []
     if rows > 512:  # 64 (two CTAs per SM) and 256 never won (NOTES.md v8, v9; 256 at 8192-16384
