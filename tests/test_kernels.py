@@ -66,6 +66,7 @@ CONFIGS["swap"] = {**CONFIGS["sorted"], "path": "swap", "block_m": 256}
 CONFIGS["swap_tma_128_atomic"] = {**CONFIGS["sorted_tma"], "path": "swap", "block_m": 128,
                                   "combine": "atomic"}
 CONFIGS["swap_tma_160"] = {**CONFIGS["sorted_tma"], "path": "swap", "block_m": 160}
+CONFIGS["swap_tma_192"] = {**CONFIGS["sorted_tma"], "path": "swap", "block_m": 192}
 
 PATHS = list(CONFIGS)
 
@@ -167,7 +168,7 @@ def test_fused_decode_token_counts(rng, n_tokens, path):
     check(make_problem(rng, n_tokens, 10, 40, 24, 3, torch.float16), path, torch.float16)
 
 
-@pytest.mark.parametrize("path", ["swap", "swap_tma_128_atomic", "swap_tma_160"])
+@pytest.mark.parametrize("path", ["swap", "swap_tma_128_atomic", "swap_tma_160", "swap_tma_192"])
 def test_swap_every_column_split(rng, path):
     """Experts of 1 to 300 rows in the first slot: every block height the swap kernels split into
     column parts (32 to 256 rows in steps of 32, each a compiled variant), an expert of two blocks
@@ -243,7 +244,7 @@ def test_default_configs_run(rng):
 @pytest.mark.parametrize("block_m,scan,half_tail,pad_m", [
     (4, 1024, False, None), (16, 1024, False, None), (4, 32, False, None), (16, 16, False, None),
     (32, 1024, True, None), (32, 16, True, None), (64, 32, True, None),
-    (160, 1024, False, 32), (160, 32, False, 32), (24, 1024, False, 8)])
+    (160, 1024, False, 32), (160, 32, False, 32), (192, 32, False, 32), (24, 1024, False, 8)])
 def test_align_metadata(rng, block_m, scan, half_tail, pad_m):
     """One launch (few scan chunks) and the chunked two launches (150 pairs > 4 chunks of 16, 32),
     with whole blocks, half-height tails, or any padding (blocks not a power of two high)."""
@@ -254,6 +255,7 @@ def test_align_metadata(rng, block_m, scan, half_tail, pad_m):
     flat = ids.reshape(-1).numpy()
     n_pairs = flat.size
     counts = np.bincount(flat, minlength=n_experts)
+    given_pad_m = pad_m is not None
     if pad_m is None:
         pad_m = block_m // 2 if half_tail else block_m
     padded = -(-counts // pad_m) * pad_m
@@ -271,14 +273,18 @@ def test_align_metadata(rng, block_m, scan, half_tail, pad_m):
         # the expert's pairs in pair order (stable), then the sentinel in the padding
         assert (rows[:counts[e]] == np.flatnonzero(flat == e)).all()
         assert (rows[counts[e]:] == n_pairs).all()
-        # its blocks: consecutive, block_m rows from its first row on, the last one shorter
-        # (a multiple of pad_m) only with half tails or pad_m
+        # its blocks: consecutive from its first row on; block_m rows each and the last one
+        # shorter (a multiple of pad_m) with half tails; with pad_m, multiples of pad_m at most
+        # block_m high and at most pad_m apart (the rows split evenly)
         mine = np.flatnonzero(block_expert == e)
-        assert (block_start[mine] == start + block_m * np.arange(mine.size)).all()
         heights = np.diff(block_start)[mine]
+        assert block_start[mine[0]] == start if mine.size else counts[e] == 0
         assert heights.sum() == padded[e]
-        assert set(heights[:-1]) <= {block_m}
-        assert all(0 < h <= block_m and h % pad_m == 0 for h in heights[-1:])
+        assert all(0 < h <= block_m and h % pad_m == 0 for h in heights)
+        if given_pad_m and mine.size:
+            assert heights.max() - heights.min() <= pad_m
+        else:
+            assert set(heights[:-1]) <= {block_m}
         start += padded[e]
     # inverse map: each pair's sorted row holds that pair
     assert (sorted_ids[meta.pair_slot.numpy()] == np.arange(n_pairs)).all()
@@ -359,7 +365,7 @@ def test_bad_padding_and_swap_blocks_are_named():
         align(ids, 3, 96, pad_m=48)
     x = torch.randn(4, 16)
     w13, w2 = torch.randn(3, 20, 16), torch.randn(3, 16, 10)
-    with pytest.raises(ValueError, match="block_m must be 128, 160 or 256"):
+    with pytest.raises(ValueError, match="block_m must be 128, 160, 192 or 256"):
         fused_moe(x, w13, w2, ids, torch.rand(4, 2), config={**CONFIGS["swap"], "block_m": 64})
     paired = {**CONFIGS["swap"], "gate_up": dict(CONFIGS["swap"]["gate_up"], paired=True)}
     with pytest.raises(ValueError, match="'paired'"):

@@ -53,15 +53,22 @@ from .swap_moe import down_swap_kernel, gate_up_swap_kernel
 from .routing import SCAN, align
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-# get_config takes a swap entry only up to this mean fill of its blocks: Mixtral on an H200 with
-# 160-row blocks (NOTES.md v23b) was 15% faster than the sorted path at a fill of 0.9 (576 tokens),
-# and 1.4x slower at 1.2 (768 tokens), where most experts take two blocks
+# An expert of `rows` rows on average is counted to take ceil(rows / (SWAP_FILL * block_m)) swap
+# blocks: Mixtral on an H200 with 160-row blocks (NOTES.md v23b) was 15% faster than the sorted
+# path at a fill of 0.9 (576 tokens), and 1.4x slower at 1.2 (768 tokens), where most experts take
+# two blocks. get_config takes a swap entry only where experts take the blocks they took where it
+# was tuned.
 SWAP_FILL = 0.9
 
 
+def swap_blocks(rows: float, block_m: int) -> int:
+    """Swap blocks of `block_m` rows an expert of `rows` rows (a mean) is counted to take."""
+    return max(1, math.ceil(rows / (SWAP_FILL * block_m)))
+
+
 def swap_fits(rows: float, block_m: int) -> bool:
-    """Whether experts of `rows` rows on average fill swap blocks of `block_m` at most SWAP_FILL."""
-    return rows <= SWAP_FILL * block_m
+    """Whether experts of `rows` rows on average fit one swap block of `block_m` (SWAP_FILL)."""
+    return swap_blocks(rows, block_m) == 1
 
 
 def available() -> bool:
@@ -173,18 +180,19 @@ def get_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: int,
                device: torch.device | None = None) -> dict:
     """Tuned config of the nearest tuned token count for this shape and device, else the default.
 
-    A swap config is taken only where an expert's rows, on average, fill at most SWAP_FILL of its
-    block: the path is fast only while nearly every expert fits one block (Mixtral on an H200, the
-    512-token entry of 160-row blocks: 91% of the floor at 384 tokens, but 48% at 768, where each
-    expert's 192 rows take two blocks that each stream the weights, against 68% for the default;
-    benchmarks/kernels/logs/h200-2026-12-04-h/call4-*; at 576 tokens, a fill of 0.9, the swap
-    entry was 867 against 1019 us, call 8)."""
+    A swap config is taken only where an expert takes as many blocks (`swap_blocks`) as where it
+    was tuned: each block streams the expert's weights, so an entry tuned with one block an expert
+    is slow where most experts take two (Mixtral on an H200, the 512-token entry of 160-row blocks:
+    91% of the floor at 384 tokens, but 48% at 768, where each expert's 192 rows take two blocks,
+    against 68% for the default; benchmarks/kernels/logs/h200-2026-12-04-h/call4-*; at 576 tokens,
+    a fill of 0.9, the swap entry was 867 against 1019 us, call 8)."""
     by_tokens = _tuned_table(device_name(device)).get(shape_key(n_experts, hidden, ffn, top_k))
     if by_tokens and not wgmma_moe.supported(device):  # a Triton without Gluon skips those entries
         by_tokens = {t: c for t, c in by_tokens.items() if c["path"] != "wgmma"}
     rows = n_tokens * top_k / n_experts
     by_tokens = {t: c for t, c in (by_tokens or {}).items()
-                 if c["path"] != "swap" or swap_fits(rows, c["block_m"])}
+                 if c["path"] != "swap" or swap_blocks(rows, c["block_m"])
+                 == swap_blocks(int(t) * top_k / n_experts, c["block_m"])}
     if not by_tokens:
         return default_config(n_tokens, n_experts, hidden, ffn, top_k)
     nearest = min(by_tokens, key=lambda t: abs(int(t) - n_tokens))

@@ -16,8 +16,10 @@ With `half_tail`, each expert's run is padded only to a multiple of BLOCK_M / 2,
 block has BLOCK_M / 2 rows where that is all it needs. The kernels then run that block at half
 height: at 64 experts and 2048 tokens (~192 rows each) that is 15.6% padded MMA rows instead of
 33% (the issue's "no padded blocks"; NOTES.md v10). Blocks per expert are the same either way.
-With `pad_m`, a divisor of BLOCK_M, runs are padded to a multiple of pad_m and an expert's last
-block has as many rows as it needs of them (the swap path: BLOCK_M 256, pad_m 32).
+With `pad_m`, a divisor of BLOCK_M, runs are padded to a multiple of pad_m and an expert's run
+is split into its ceil(padded / BLOCK_M) blocks as evenly as pad_m allows (the swap path: BLOCK_M
+up to 256, pad_m 32): an expert of 544 padded rows in blocks of up to 160 takes 128, 128, 128 and
+160 rows, not 160, 160, 160 and 64, since a short block reads a whole weight tile for few columns.
 
 All sizes are the worst case (n_pairs + E * (BLOCK_M - 1)), so nothing is read back to the host:
 the kernels read `n_blocks` and skip blocks past it. Up to a few thousand pairs, one program per
@@ -123,24 +125,29 @@ def _expert_layout(counts, expert, BLOCK_M: tl.constexpr, PAD_M: tl.constexpr):
 @triton.jit
 def _write_expert_blocks(sorted_ptr, block_expert_ptr, block_start_ptr, expert, start, count,
                          padded, blocks, first_block, n_pairs, BLOCK_M: tl.constexpr,
-                         PAD_M: tl.constexpr):
+                         PAD_M: tl.constexpr, EVEN: tl.constexpr):
     """The expert's padding rows (the sentinel n_pairs, fewer than PAD_M) and its blocks' expert
-    and first row (BLOCK_M need not be a power of two: the swap path's 160)."""
+    and first row (BLOCK_M need not be a power of two: the swap path's 160). EVEN: the padded rows
+    split into `blocks` blocks of as equal heights as PAD_M allows, else BLOCK_M rows each and the
+    rest in the last."""
     pad = tl.arange(0, PAD_M)
     tl.store(sorted_ptr + start + count + pad, n_pairs, mask=pad < padded - count)
     for b in range(0, blocks, 64):
         block = b + tl.arange(0, 64)
+        if EVEN:
+            first_row = start + block * (padded // PAD_M) // blocks * PAD_M
+        else:
+            first_row = start + block * BLOCK_M
         tl.store(block_expert_ptr + first_block + block, expert, mask=block < blocks)
-        tl.store(block_start_ptr + first_block + block, start + block * BLOCK_M,
-                 mask=block < blocks)
+        tl.store(block_start_ptr + first_block + block, first_row, mask=block < blocks)
 
 
 @triton.jit(do_not_specialize=["n_pairs"])
 def _align_kernel(
     ids_ptr, sorted_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_padded_ptr,
     pair_slot_ptr, n_pairs,
-    E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, PAD_M: tl.constexpr, SCAN: tl.constexpr,
-    PDL: tl.constexpr = False,
+    E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, PAD_M: tl.constexpr, EVEN: tl.constexpr,
+    SCAN: tl.constexpr, PDL: tl.constexpr = False,
 ):
     wait_for_predecessor(PDL)
     expert = tl.program_id(0)
@@ -154,7 +161,7 @@ def _align_kernel(
     # Pass 2: this expert's pairs, in pair order (a stable sort), at its first row onwards.
     expert_pairs_in_order(ids_ptr, sorted_ptr, pair_slot_ptr, expert, start, n_pairs, SCAN, True)
     _write_expert_blocks(sorted_ptr, block_expert_ptr, block_start_ptr, expert, start, count,
-                         padded, blocks, first_block, n_pairs, BLOCK_M, PAD_M)
+                         padded, blocks, first_block, n_pairs, BLOCK_M, PAD_M, EVEN)
 
 
 @triton.jit(do_not_specialize=["n_pairs"])
@@ -177,7 +184,7 @@ def _chunk_offsets_kernel(
     chunk_counts_ptr, delta_ptr, sorted_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
     n_padded_ptr, n_pairs, n_chunks,
     E_POW2: tl.constexpr, CHUNKS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, PAD_M: tl.constexpr,
-    PDL: tl.constexpr = False,
+    EVEN: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Program e, from the per-chunk counts [n_chunks, E_POW2]: expert e's padding rows and
     blocks, and its column of delta [n_chunks, E_POW2], where the i-th pair of chunk c in
@@ -197,7 +204,7 @@ def _chunk_offsets_kernel(
     if expert == 0:
         _store_totals(block_start_ptr, n_blocks_ptr, n_padded_ptr, all_padded, all_blocks)
     _write_expert_blocks(sorted_ptr, block_expert_ptr, block_start_ptr, expert, start, count,
-                         padded, blocks, first_block, n_pairs, BLOCK_M, PAD_M)
+                         padded, blocks, first_block, n_pairs, BLOCK_M, PAD_M, EVEN)
 
 
 @triton.jit(do_not_specialize=["n_pairs"])
@@ -224,7 +231,8 @@ def align(topk_ids: torch.Tensor, n_experts: int, block_m: int, scan: int = SCAN
           pad_m: int | None = None) -> RoutingMeta:
     """Sort the (token, slot) pairs of topk_ids [T, k] by expert, padded per expert to block_m
     (to block_m / 2 with `half_tail`, whose last block per expert may be a half block; to `pad_m`,
-    a divisor of block_m, where given: the swap path's blocks of up to 256 rows padded to 32).
+    a divisor of block_m, where given: the swap path's blocks of up to 256 rows padded to 32, each
+    expert's run split evenly over its blocks).
 
     Returns a RoutingMeta (see the module docstring) on topk_ids' device; no host sync.
     method "one": one launch, one program per expert walking all ids (cheapest for a few `scan`
@@ -235,6 +243,7 @@ def align(topk_ids: torch.Tensor, n_experts: int, block_m: int, scan: int = SCAN
     if half_tail and (block_m < 32 or block_m & (block_m - 1)):
         raise ValueError(f"half_tail needs block_m a power of two >= 32 (half blocks of >= 16 "
                          f"rows for the tensor cores), got block_m={block_m}")
+    even = pad_m is not None
     if pad_m is None:
         pad_m = block_m // 2 if half_tail else block_m
     elif half_tail or block_m % pad_m:
@@ -264,7 +273,7 @@ def align(topk_ids: torch.Tensor, n_experts: int, block_m: int, scan: int = SCAN
     pdl = launch_flags(topk_ids)
     if method == "one":
         _align_kernel[(n_experts,)](ids, *outputs, n_pairs, E_POW2=e_pow2, BLOCK_M=block_m,
-                                    PAD_M=pad_m, SCAN=scan, num_warps=8, **pdl)
+                                    PAD_M=pad_m, EVEN=even, SCAN=scan, num_warps=8, **pdl)
     elif method == "chunked":
         n_chunks = triton.cdiv(n_pairs, scan)
         chunk_counts = torch.empty(n_chunks, e_pow2, dtype=torch.int32, device=device)
@@ -274,7 +283,7 @@ def align(topk_ids: torch.Tensor, n_experts: int, block_m: int, scan: int = SCAN
         _chunk_offsets_kernel[(n_experts,)](
             chunk_counts, delta, *outputs[:5], n_pairs, n_chunks, E_POW2=e_pow2,
             CHUNKS_POW2=triton.next_power_of_2(n_chunks), BLOCK_M=block_m, PAD_M=pad_m,
-            num_warps=8, **pdl)
+            EVEN=even, num_warps=8, **pdl)
         _chunk_place_kernel[(n_chunks,)](ids, delta, sorted_pair_ids, pair_slot, n_pairs,
                                          E_POW2=e_pow2, SCAN=scan, num_warps=8, **pdl)
     else:

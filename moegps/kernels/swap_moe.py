@@ -18,10 +18,10 @@ The rows of a block are a multiple of 32 (`routing.align` with pad_m 32) and are
 three column parts whose widths are powers of two (Triton's blocks are): 32, 64, 64 + 32, 128,
 128 + 32, 128 + 64, 128 + 64 + 32, 256; each part is one more dot per K step against the same
 weight tile, and each combination a compiled variant chosen per block at run time. BLOCK_M (the
-most rows a block takes) is 128, 160 or 256: 160 compiles the variants up to 128 + 32 only, whose
-accumulators leave room for 128 gate and 128 up rows a program. An expert of more than BLOCK_M
-rows takes several blocks, each loading its weight tile (through L2 when they run together, as
-group_m orders them).
+most rows a block takes) is 128, 160, 192 or 256: 160 and 192 compile the variants up to 128 + 32
+and 128 + 64 only, whose accumulators leave room for 128 gate and 128 up rows a program. An
+expert of more than BLOCK_M rows takes several blocks, its rows split evenly over them (align),
+each loading its weight tile (through L2 when they run together, as group_m orders them).
 
 The grid, the routing metadata, the weight operands (TMA descriptors or pointers) and the k-way
 combine are those of the sorted path (fused_moe.py, launch.py).
@@ -36,7 +36,7 @@ from .fused_moe import _grouped_tile, _load_rows
 from .pdl import wait_for_predecessor
 
 PAD_M = 32  # an expert's rows are padded to this (align's pad_m for the swap path)
-BLOCK_MS = (128, 160, 256)  # the block heights _by_column_parts compiles variants for
+BLOCK_MS = (128, 160, 192, 256)  # the block heights _by_column_parts compiles variants for
 
 
 @triton.jit
@@ -207,11 +207,10 @@ def _by_column_parts(block: tl.constexpr, args, parts, BLOCK_M: tl.constexpr, BL
             block(*args, 256, 0, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE)
         elif parts == 7:
             block(*args, 128, 64, 32, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE)
-        elif parts == 6:
+    if BLOCK_M >= 192:
+        if parts == 6:
             block(*args, 128, 64, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE)
-        elif parts == 5:
-            block(*args, 128, 32, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE)
-    if BLOCK_M == 160:
+    if BLOCK_M >= 160:
         if parts == 5:
             block(*args, 128, 32, 0, BLOCK_N, BLOCK_K, EVEN_K, TMA, COMBINE)
     if parts == 4:
@@ -232,7 +231,7 @@ def gate_up_swap_kernel(
     TMA: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """Grid (max blocks x F tiles), grouped; each block's rows (a multiple of 32, <= BLOCK_M in
-    {128, 160, 256}) in the column parts named in the module docstring."""
+    BLOCK_MS) in the column parts named in the module docstring."""
     wait_for_predecessor(PDL)
     pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(F, BLOCK_N), group_m)
     if pid_m >= tl.load(n_blocks_ptr):

@@ -48,7 +48,9 @@ SORTED_TILES = [(64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 
 # swap path (swap_moe.py): block_n is the weight rows per program (gate/up: that many gate and
 # as many up rows); 8 warps split an expert's up to 256 token columns (4 would hold twice the
 # accumulators). Compiled for sm_90: gate/up at block_m 256 takes 254 registers with block_n 64
-# and spills with 128; block_m 160 holds block_n 128 (255) and down block_n 256 (253), unspilled.
+# and spills with 128; block_m 160 holds block_n 128 (255) and down block_n 256 (253), unspilled;
+# block_m 192 gate/up block_n 128 at 4 stages (255; 8 bytes spill at 3) and down block_n 128 (211;
+# 256 spills 304 bytes).
 SWAP_TILES = [(64, 64, 8, 3, "tma"), (64, 64, 8, 4, "tma"), (128, 64, 8, 3, "tma"),
               (128, 64, 8, 4, "tma"), (32, 64, 8, 4, "tma"), (128, 64, 8, 5, "tma"),
               (128, 64, 8, 6, "tma"), (128, 128, 8, 3, "tma"), (256, 64, 8, 4, "tma")]
@@ -137,8 +139,11 @@ def blocks(path: str, rows: float) -> list[tuple[int, bool]]:
     64-row MMA on Hopper (NOTES.md v10)."""
     if path == "scan":
         return [(16, False)] if rows <= 12 else [(32, False)] if rows <= 24 else []
-    if path == "swap":  # an expert's rows in one block of up to 128, 160 or 256 (padded to 32)
-        return [(bm, False) for bm in swap_moe.BLOCK_MS] if 16 <= rows <= 320 else []
+    if path == "swap":  # an expert's rows in blocks of up to 128-256 (padded to 32); past 320
+        # rows an expert, the heights that hold 256 weight rows against over 128 token rows
+        if not 16 <= rows <= 1024:
+            return []
+        return [(bm, False) for bm in swap_moe.BLOCK_MS if rows <= 320 or bm in (160, 192)]
     if rows < 2:
         return []
     if rows > 512:  # 64 (two CTAs per SM) and 256 never won (NOTES.md v8, v9; 256 at 8192-16384
