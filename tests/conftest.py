@@ -33,11 +33,12 @@ def redecorate_kernels() -> None:
 from moegps.paths import data_root
 
 
-def assert_unspilled(cubin_b64: str, warps: int) -> None:
+def assert_unspilled(cubin_b64: str, warps: int, stack_bytes: int = 0) -> None:
     """A kernel compiled for a GPU (its cubin, base64, as a compile script of `compiling_python`
-    prints it) spills no registers, neither to the stack frame nor to local memory, and every thread
-    of its block of `warps` gets its register count from the SM's 64k. Read with the cuobjdump that
-    Triton ships (the test skips where it ships none)."""
+    prints it) spills no registers, neither to the stack frame (beyond `stack_bytes`, for a spill
+    measured not to cost) nor to local memory, and every thread of its block of `warps` gets its
+    register count from the SM's 64k. Read with the cuobjdump that Triton ships (the test skips
+    where it ships none)."""
     import base64
     import re
     import subprocess
@@ -52,9 +53,9 @@ def assert_unspilled(cubin_b64: str, warps: int) -> None:
         cubin.write_bytes(base64.b64decode(cubin_b64))
         usage = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True,
                                check=True).stdout
-    for field in ("STACK", "LOCAL"):
+    for field, allowed in (("STACK", stack_bytes), ("LOCAL", 0)):
         found = re.search(rf"{field}:(\d+)", usage)
-        assert found and int(found.group(1)) == 0, usage
+        assert found and int(found.group(1)) <= allowed, usage
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
     assert warps * 32 * registers <= 65536, (warps, registers)
 
