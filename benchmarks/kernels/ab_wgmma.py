@@ -1,0 +1,84 @@
+"""A/B of the wgmma path's kernels against a baseline copy of wgmma_moe.py, in the same rounds.
+
+    git show <rev>:moegps/kernels/wgmma_moe.py > /tmp/wgmma_base.py
+    python benchmarks/kernels/ab_wgmma.py --baseline /tmp/wgmma_base.py \
+        [--shapes mixtral-8x7b deepseek-v2-lite] [--tokens 2048 8192]
+
+For each (shape, tokens): the shipped config where it is a wgmma one, else the probe's "ht" tile;
+routing computed once; each GEMM launch of both versions timed by time_many (interleaved rounds,
+CUDA graphs, L2 flushed by a clean read); both versions' h and y compared on the rows that hold
+pairs (they compute the same sums in the same order, so they must agree bit for bit). One
+NVIDIA Hopper GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+import torch
+
+from moegps.kernels import launch, wgmma_moe
+from moegps.kernels.launch import gather_rows, get_config
+from moegps.kernels import timing
+from moegps.kernels.timing import make_inputs, make_routing, time_many
+from moegps.kernels.tune import expert_dims, shared_columns
+
+HT = {"path": "wgmma", "block_m": 128, "half_tail": True,
+      "gate_up": {"block_n": 128, "block_k": 64, "num_stages": 4, "group_m": 8},
+      "down": {"block_n": 256, "block_k": 64, "num_stages": 4, "group_m": 8}}
+
+
+def load(path: str):
+    spec = importlib.util.spec_from_file_location("wgmma_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def launches(module, x, w13, w2, gates, routing, config, top_k):
+    """{gate_up, down} of one version of the kernels, on buffers made once (h from a first run)."""
+    def gate_up():
+        if config["gate_up"].get("gather"):
+            return module.launch_gate_up(x, w13, routing, config, top_k=top_k)
+        return module.launch_gate_up(gather_rows(x, routing, top_k), w13, routing, config)
+    h = gate_up()
+    return {"gate_up": gate_up, "down": lambda: module.launch_down(h, w2, gates, routing, config)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--baseline", required=True, help="a copy of wgmma_moe.py to compare with")
+    parser.add_argument("--shapes", nargs="*", default=["mixtral-8x7b", "deepseek-v2-lite"])
+    parser.add_argument("--tokens", type=int, nargs="*", default=[2048, 8192])
+    args = parser.parse_args(argv)
+    base = load(args.baseline)
+    timing.FLUSH = "clean"
+    print(f"device: {torch.cuda.get_device_name()}, baseline {args.baseline}")
+    for name in args.shapes:
+        dims = expert_dims(name)
+        n_experts, hidden, ffn, top_k = dims
+        for n_tokens in args.tokens:
+            config = get_config(n_tokens, *dims)
+            config = config if config["path"] == "wgmma" else HT
+            x, w13, w2 = make_inputs(n_experts, hidden, ffn, top_k, n_tokens)
+            ids, weights = make_routing(n_tokens, n_experts, top_k, shared=shared_columns(name))
+            routing = launch.route(ids.reshape(-1), n_experts, config)
+            gates = weights.reshape(-1)
+            fns = {}
+            for label, module in (("base", base), ("new", wgmma_moe)):
+                for part, fn in launches(module, x, w13, w2, gates, routing, config, top_k).items():
+                    fns[f"{label}.{part}"] = fn
+            outs = {k: fn() for k, fn in fns.items()}
+            real = routing.sorted_pair_ids[:int(routing.n_padded[0])] < routing.n_pairs  # not padding
+            same = all(torch.equal(outs[f"base.{p}"][:real.numel()][real], outs[f"new.{p}"][:real.numel()][real])
+                       for p in ("gate_up", "down"))
+            us = time_many(fns, graph=set(fns))
+            cells = ", ".join(f"{p} {us[f'base.{p}']:.1f} -> {us[f'new.{p}']:.1f} us "
+                              f"({us[f'base.{p}'] / us[f'new.{p}']:.3f}x)" for p in ("gate_up", "down"))
+            print(f"{name:18s} T={n_tokens:6d} {'shipped' if config is not HT else 'ht'}: {cells}; "
+                  f"outputs {'identical' if same else 'DIFFER'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
