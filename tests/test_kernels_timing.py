@@ -71,3 +71,35 @@ def test_time_us_is_one_callable(clock):
         clock.now += 1.5
 
     assert timing.time_us(fn) == pytest.approx(1500.0)
+
+
+def test_gpu_clocks_reads_the_samples_while_the_block_runs(tmp_path, monkeypatch):
+    """A stand-in for nvidia-smi prints samples every period until terminated (a line the GPU could
+    not read, "[N/A]", among them); gpu_clocks takes their medians and least clock, and asks for the
+    GPU CUDA_VISIBLE_DEVICES names."""
+    import random
+    import time
+
+    clocks = [random.randint(1100, 1980) for _ in range(5)]
+    power = [round(random.uniform(300, 700), 1) for _ in range(5)]
+    lines = [f"{c}, {p}" for c, p in zip(clocks, power)] + ["[N/A], [N/A]"]
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho \"$1\" > " + str(tmp_path / "args") + "\n"
+                    + "".join(f"echo '{line}'\n" for line in lines) + "exec sleep 30\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with timing.gpu_clocks(nvidia_smi=str(fake)) as stats:
+        time.sleep(0.5)  # the stand-in has printed its lines by now
+    assert stats["sm_MHz"] == sorted(clocks)[2]
+    assert stats["sm_MHz_min"] == min(clocks)
+    assert abs(stats["power_W"] - sorted(power)[2]) < 1e-9
+    assert (tmp_path / "args").read_text().strip() == "--id=3"
+
+
+def test_gpu_clocks_without_nvidia_smi_gives_nan(monkeypatch):
+    import math
+
+    monkeypatch.setattr(timing.shutil, "which", lambda name: None)
+    with timing.gpu_clocks() as stats:
+        pass
+    assert all(math.isnan(v) for v in stats.values())

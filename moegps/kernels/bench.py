@@ -53,7 +53,8 @@ from moegps.kernels.launch import (combine_atomic, combine_sum, default_config, 
                                    launch_down, launch_gate_up, route, wgmma_gate_up)
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.routing import SCAN, align
-from moegps.kernels.timing import flush_control, make_inputs, make_routing, rel_err, time_many, time_us
+from moegps.kernels.timing import (flush_control, gpu_clocks, make_inputs, make_routing, rel_err,
+                                   time_many, time_us)
 from moegps.kernels.tune import (FUSED_MAX_PAIRS, FUSED_TILES, PATHS as TUNE_PATHS, config_tasks, expert_dims,
                                  fused_config, precompile, shape_names, shared_columns, tune)
 
@@ -233,7 +234,9 @@ def bench_one(name, shape, n_tokens, seed=0, fused=False, skip=(), failed=None) 
         weights_copy = torch.empty(weight_bytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
         timed["read"] = lambda: weights_copy.sum(dtype=torch.float32)
     ceiling = ceiling_runs()
-    times = time_many({**ceiling, **timed}, graph=set(timed))
+    with gpu_clocks() as clocks:  # L2- and tensor-bound kernels run at the SM clock, copies not
+        times = time_many({**ceiling, **timed}, graph=set(timed))
+    row.update(clocks)
     del ceiling
     for method in ("ours", "balanced", "default", "gmm", "gemms", "bmm", "read"):
         row[f"{method}_us"] = times.get(method, math.nan)
@@ -277,7 +280,8 @@ COLUMNS = [("shape", "{}"), ("tokens", "{}"), ("path", "{}"), ("ours_us", "{:.1f
            ("pct_floor_bmm", "{:.0f}%"), ("read_us", "{:.1f}"), ("pct_floor_read", "{:.0f}%"),
            ("loop_us", "{:.1f}"),
            ("vs_gmm", "{:.2f}x"), ("vs_loop", "{:.2f}x"), ("tflops", "{:.0f}"),
-           ("weight_GBps", "{:.0f}"), ("align16_us", "{:.1f}"), ("err_ours", "{:.1e}")]
+           ("weight_GBps", "{:.0f}"), ("align16_us", "{:.1f}"), ("sm_MHz", "{:.0f}"),
+           ("sm_MHz_min", "{:.0f}"), ("power_W", "{:.0f}"), ("err_ours", "{:.1e}")]
 FUSED_COLUMNS = [("shape", "{}"), ("tokens", "{}"), ("path", "{}"), ("ours_us", "{:.1f}"),
                  ("fused_us", "{:.1f}"), ("fused_eager_us", "{:.1f}"),
                  ("fused_tile", "{}"), ("floor_us", "{:.1f}"), ("pct_floor", "{:.0f}%"),

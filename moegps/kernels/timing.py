@@ -3,11 +3,18 @@ routing, CUDA graphs, an L2 flush before each timed run, and interleaved medians
 
     from moegps.kernels.timing import make_inputs, make_routing, time_many
     us = time_many({"a": fn_a, "b": fn_b}, graph={"a", "b"})   # {name: median us}
+    with gpu_clocks() as clocks:                               # the SM clock while they ran
+        us = time_many(...)
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import shutil
+import statistics
+import subprocess
 
 import torch
 
@@ -169,3 +176,48 @@ def flush_control(sizes_mb=(32, 104, 704)) -> list[dict]:
 
 def rel_err(out, ref) -> float:
     return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+@contextlib.contextmanager
+def gpu_clocks(period_ms: int = 100, nvidia_smi: str | None = None):
+    """Yield a dict that on exit holds the GPU's SM clock (MHz: median "sm_MHz", least
+    "sm_MHz_min") and power draw (W, median "power_W") that nvidia-smi sampled every period_ms
+    while the block ran; NaN where nvidia-smi is absent or sent nothing. Why: a kernel bound by L2
+    or the tensor cores runs at the SM clock, which the power cap lowers under load and which
+    differs from machine to machine, while a copy bound by DRAM does not (Mixtral's experts at 512
+    tokens read 77-86% of the floor on five H200s; benchmarks/kernels/NOTES.md, session 14)."""
+    stats = {"sm_MHz": math.nan, "sm_MHz_min": math.nan, "power_W": math.nan}
+    exe = nvidia_smi or shutil.which("nvidia-smi")
+    if exe is None:
+        yield stats
+        return
+    proc = subprocess.Popen([exe, f"--id={_nvidia_smi_index()}", "--query-gpu=clocks.sm,power.draw",
+                             "--format=csv,noheader,nounits", f"--loop-ms={period_ms}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        yield stats
+    finally:
+        proc.terminate()
+        try:
+            out = proc.communicate(timeout=10)[0]
+        except subprocess.TimeoutExpired:  # it did not stop: its samples so far
+            proc.kill()
+            out = proc.communicate()[0]
+        samples = []
+        for line in out.splitlines():
+            try:
+                samples.append([float(v) for v in line.split(",")][:2])
+            except ValueError:  # "[N/A]" or a line cut short by the termination
+                continue
+        samples = [s for s in samples if len(s) == 2]
+        if samples:
+            clocks, power = zip(*samples)
+            stats.update(sm_MHz=statistics.median(clocks), sm_MHz_min=min(clocks),
+                         power_W=statistics.median(power))
+
+
+def _nvidia_smi_index() -> int:
+    """nvidia-smi's index of the GPU torch runs on (torch counts within CUDA_VISIBLE_DEVICES)."""
+    index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    return int(visible[index]) if index < len(visible) and visible[index].strip().isdigit() else index
