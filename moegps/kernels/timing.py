@@ -185,7 +185,7 @@ def gpu_clocks(period_ms: int = 100, nvidia_smi: str | None = None):
     while the block ran; NaN where nvidia-smi is absent or sent nothing. Why: a kernel bound by L2
     or the tensor cores runs at the SM clock, which the power cap lowers under load and which
     differs from machine to machine, while a copy bound by DRAM does not (Mixtral's experts at 512
-    tokens read 77-86% of the floor on five H200s; benchmarks/kernels/NOTES.md, session 14)."""
+    tokens read 77-86% of the floor on six H200s; benchmarks/kernels/NOTES.md, session 14)."""
     stats = {"sm_MHz": math.nan, "sm_MHz_min": math.nan, "power_W": math.nan}
     exe = nvidia_smi or shutil.which("nvidia-smi")
     if exe is None:
