@@ -32,6 +32,11 @@ Parts (``--parts``), each printed as a table and written to ``--out`` (JSON rows
   weights every step).
 * ``breakdown``: where a decode step's time goes (attention, norms, MoE, lm_head, gaps), the
   engine beside transformers' graphed loop, from the profiler's kernel times; a stacked bar plot.
+
+Decode and time-to-first-token rows also record the SM clock (median ``sm_MHz``, least
+``sm_MHz_min``) and power (``power_W``) that nvidia-smi sampled while they were timed
+(``kernels.timing.gpu_clocks``): the power cap moves the clock, and with it whatever is bound by
+the tensor cores or L2.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from unittest import mock
 import torch
 
 from ..executor.generate import copy_bandwidth, device_ms, set_experts_implementation, static_decode
+from ..kernels.timing import gpu_clocks
 from ..shapes import ModelShape, from_name
 from . import kernels as K
 from .generate import Engine, PrefillGraphs, bucket_for
@@ -240,10 +246,13 @@ def part_decode(model: Model, batches, contexts, new: int, reps: int, copy_rate:
                 with decode_variant(variant):
                     engine = Engine(model, max_batch=batch, max_len=context + new)
                     times = []
-                    for _ in range(reps + 1):  # the first run captures the graph
-                        out = engine.generate(prompts, new)
-                        times.append(out.decode_ms_per_step)
-                rows.append(_decode_row(model, engine, batch, context, new, statistics.median(times[1:]), copy_rate))
+                    out = engine.generate(prompts, new)  # captures the graph
+                    with gpu_clocks() as clocks:  # the SM clock the steps ran at (the weights' reads do not)
+                        for _ in range(reps):
+                            out = engine.generate(prompts, new)
+                            times.append(out.decode_ms_per_step)
+                rows.append(_decode_row(model, engine, batch, context, new, statistics.median(times), copy_rate))
+                rows[-1].update(clocks)
                 first_tokens = first_tokens or out.tokens
                 # greedy tokens as the first variant's (a launch option changes no value; cuBLAS's sums may)
                 rows[-1].update(variant=variant, same_tokens=out.tokens == first_tokens)
@@ -357,7 +366,8 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
         for mode, run in (("eager", lambda: prefill(model, cache, [prompt])), ("graph", lambda: graphs([prompt]))):
             with torch.inference_mode():
                 run()  # a graph's capture happens here, outside the timing
-                times, rate_beside = _beside_matmuls(run, reps)
+                with gpu_clocks() as clocks:  # the SM clock of the prompts and their matmul bursts
+                    times, rate_beside = _beside_matmuls(run, reps)
                 ms = statistics.median(times)
                 rested, rate_rested = _beside_matmuls(run, reps, rest_s) if rest_s > 0 else ([math.nan], math.nan)
                 rested_ms = statistics.median(rested)
@@ -381,7 +391,8 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
                              matmul_rested_tflops=rate_rested / 1e12,
                              pct_of_floor_rested_burst=100 * floor_ms(rate_rested) / rested_ms,
                              bound="compute" if flops / matmul_rate > weight_bytes / copy_rate else "memory",
-                             host_issue_ms=host_ms, idle_ms=idle_ms, **{f"{k}_ms": v for k, v in parts.items()}))
+                             host_issue_ms=host_ms, idle_ms=idle_ms, **clocks,
+                             **{f"{k}_ms": v for k, v in parts.items()}))
             print(rows[-1], flush=True)
         cache = graphs = None  # freed before the next prompt's
         torch.cuda.empty_cache()
