@@ -96,10 +96,15 @@ def test_gpu_clocks_reads_the_samples_while_the_block_runs(tmp_path, monkeypatch
     assert (tmp_path / "args").read_text().strip() == "--id=3"
 
 
-def test_gpu_clocks_without_nvidia_smi_gives_nan(monkeypatch):
+def test_gpu_clocks_without_a_runnable_nvidia_smi_gives_nan(monkeypatch, tmp_path):
+    """Absent, or there but not executable: no samples (NaN), and the timed block still runs."""
     import math
 
     monkeypatch.setattr(timing.shutil, "which", lambda name: None)
-    with timing.gpu_clocks() as stats:
-        pass
-    assert all(math.isnan(v) for v in stats.values())
+    not_runnable = tmp_path / "nvidia-smi"
+    not_runnable.write_text("not a program")
+    for exe in (None, str(not_runnable)):
+        ran = False
+        with timing.gpu_clocks(nvidia_smi=exe) as stats:
+            ran = True
+        assert ran and all(math.isnan(v) for v in stats.values())
