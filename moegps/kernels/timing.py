@@ -188,14 +188,15 @@ def gpu_clocks(period_ms: int = 100, nvidia_smi: str | None = None):
     tokens read 77-86% of the floor on six H200s; benchmarks/kernels/NOTES.md, session 14)."""
     stats = {"sm_MHz": math.nan, "sm_MHz_min": math.nan, "power_W": math.nan}
     exe = nvidia_smi or shutil.which("nvidia-smi")
-    try:
-        proc = exe and subprocess.Popen(
-            [exe, f"--id={_nvidia_smi_index()}", "--query-gpu=clocks.sm,power.draw",
-             "--format=csv,noheader,nounits", f"--loop-ms={period_ms}"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    except OSError:  # there but not runnable here: no samples, not a failed benchmark
-        proc = None
-    if not proc:
+    proc = None
+    if exe:
+        try:
+            proc = subprocess.Popen([exe, f"--id={_nvidia_smi_index()}", "--query-gpu=clocks.sm,power.draw",
+                                     "--format=csv,noheader,nounits", f"--loop-ms={period_ms}"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:  # there but not runnable here: no samples, not a failed benchmark
+            pass
+    if proc is None:
         yield stats
         return
     try:
