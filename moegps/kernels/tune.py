@@ -139,11 +139,10 @@ def blocks(path: str, rows: float) -> list[tuple[int, bool]]:
     64-row MMA on Hopper (NOTES.md v10)."""
     if path == "scan":
         return [(16, False)] if rows <= 12 else [(32, False)] if rows <= 24 else []
-    if path == "swap":  # an expert's rows in blocks of up to 128-256 (padded to 32); past 320
-        # rows an expert, the heights that hold 256 weight rows against over 128 token rows
-        if not 16 <= rows <= 1024:
-            return []
-        return [(bm, False) for bm in swap_moe.BLOCK_MS if rows <= 320 or bm in (160, 192)]
+    if path == "swap":  # an expert's rows in blocks of up to 128-256 (padded to 32). Past 320 rows
+        # an expert it lost everywhere it was tried: Mixtral at 1024 and 2048 tokens (256 and 512
+        # rows; 8% and 10% slower than the wgmma entries), the 64 experts at 2048 (NOTES.md v24)
+        return [(bm, False) for bm in swap_moe.BLOCK_MS] if 16 <= rows <= 320 else []
     if rows < 2:
         return []
     if rows > 512:  # 64 (two CTAs per SM) and 256 never won (NOTES.md v8, v9; 256 at 8192-16384
