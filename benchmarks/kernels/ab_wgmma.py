@@ -19,7 +19,7 @@ import importlib.util
 import torch
 
 from moegps.kernels import launch, wgmma_moe
-from moegps.kernels.launch import gather_rows, get_config
+from moegps.kernels.launch import get_config
 from moegps.kernels import timing
 from moegps.kernels.timing import make_inputs, make_routing, time_many
 from moegps.kernels.tune import expert_dims, shared_columns
@@ -39,9 +39,7 @@ def load(path: str):
 def launches(module, x, w13, w2, gates, routing, config, top_k):
     """{gate_up, down} of one version of the kernels, on buffers made once (h from a first run)."""
     def gate_up():
-        if config["gate_up"].get("gather"):
-            return module.launch_gate_up(x, w13, routing, config, top_k=top_k)
-        return module.launch_gate_up(gather_rows(x, routing, top_k), w13, routing, config)
+        return launch.wgmma_gate_up(x, w13, routing, config, top_k, kernels=module)
     h = gate_up()
     return {"gate_up": gate_up, "down": lambda: module.launch_down(h, w2, gates, routing, config)}
 

@@ -22,8 +22,8 @@ by benchmarks/kernels/wgmma_probe.py where they win, never chosen by default_con
 ("gather": the gate/up kernel's producer, of that many warps, copies the token rows from x itself:
 no gather launch.)
 The swap path (swap_moe.py) runs the sorted GEMMs transposed, weights on the MMA's rows and an
-expert's tokens (up to block_m of 128, 160 or 256, padded to 32) on its columns, so that each weight
-tile is loaded by one program; its tiles are those of the sorted path, without "paired":
+expert's tokens (up to block_m of 128, 160, 192 or 256, padded to 32) on its columns, so that each
+weight tile is loaded by one program; its tiles are those of the sorted path, without "paired":
     {"path": "swap", "block_m": 160, "gate_up": {"block_n": 128, ..., "tma": true},
      "down": {"block_n": 256, ...}}
 A scan, sorted or swap config may set "combine": "atomic": the down GEMM adds its tiles into an fp32
@@ -288,12 +288,14 @@ def _fused_moe_wgmma(x, w_gate_up, w_down, ids, weights, config, top_k) -> torch
     return combine_sum(y, top_k, slots=routing.pair_slot)
 
 
-def wgmma_gate_up(x, w_gate_up, routing, config: dict, top_k: int) -> torch.Tensor:
+def wgmma_gate_up(x, w_gate_up, routing, config: dict, top_k: int, kernels=wgmma_moe) -> torch.Tensor:
     """The wgmma path's gate/up GEMM on x [T, H]: its producer gathers the token rows itself where
-    the tile says "gather" (its warps), else they are copied into expert order first (gather_rows)."""
+    the tile says "gather" (its warps), else they are copied into expert order first (gather_rows).
+    `kernels`: the module whose launch_gate_up runs (benchmarks/kernels/ab_wgmma.py passes an older
+    copy of wgmma_moe)."""
     if config["gate_up"].get("gather", 0):
-        return wgmma_moe.launch_gate_up(x.contiguous(), w_gate_up, routing, config, top_k=top_k)
-    return wgmma_moe.launch_gate_up(gather_rows(x, routing, top_k), w_gate_up, routing, config)
+        return kernels.launch_gate_up(x.contiguous(), w_gate_up, routing, config, top_k=top_k)
+    return kernels.launch_gate_up(gather_rows(x, routing, top_k), w_gate_up, routing, config)
 
 
 def combine_sum(y: torch.Tensor, top_k: int, out: torch.Tensor | None = None,
