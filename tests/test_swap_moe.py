@@ -45,6 +45,7 @@ source = ASTSource(kernel, signature=signature, constexprs=constants,
 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": tile["num_warps"], "num_stages": tile["num_stages"]})
 print(json.dumps({"wgmma": "wgmma.mma_async" in compiled.asm["ptx"], "shared": compiled.metadata.shared,
+                  "tanh": "tanh.approx.f32" in compiled.asm["ptx"],
                   "warps": compiled.metadata.num_warps,
                   "cubin": base64.b64encode(compiled.asm["cubin"]).decode()}))
 """
@@ -73,6 +74,7 @@ def shipped_swap_gemms() -> list:
 def test_shipped_swap_configs_compile_for_hopper_unspilled(gemm, block_m, tile, compiling_python):
     result = compiling_python(COMPILE, json.dumps([gemm, block_m, json.loads(tile)]))
     assert result["wgmma"]  # the tensor cores' Hopper instruction
+    assert result["tanh"] == (gemm == "gate_up")  # fused_moe.silu_mul's one MUFU op an element
     assert result["shared"] <= 227 * 1024
     stack = MEASURED_SPILLS.get((gemm, block_m, json.loads(tile)["block_n"]), 0)
     assert_unspilled(result["cubin"], result["warps"], stack_bytes=stack)

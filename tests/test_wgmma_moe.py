@@ -90,6 +90,7 @@ source = GluonASTSource(wgmma_moe.grouped_gemm_kernel, signature=signature,
 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": wgmma_moe.MAX_REGISTERS})
 ptx = compiled.asm["ptx"]
 print(json.dumps({"wgmma": "wgmma.mma_async" in ptx, "setmaxnreg": "setmaxnreg" in ptx,
+                  "tanh": "tanh.approx.f32" in ptx, "ex2": "ex2.approx" in ptx,
                   "cp_async": len(re.findall(r"cp\.async\.c[ag]\.shared", ptx)),
                   "cp_async_arrive": len(re.findall(r"cp\.async\.mbarrier\.arrive\.noinc", ptx)),
                   "atomics": len(re.findall(r"atom\.global[.\w]*\.add", ptx)),
@@ -114,6 +115,8 @@ def test_kernels_compile_for_hopper_without_spills(gate_up, block_n, dynamic, ga
     if "skip" in result:
         pytest.skip(result["skip"])
     assert result["wgmma"] and result["setmaxnreg"]  # tensor cores, register handoff
+    # gate/up's SiLU: one tanh.approx an element, no exp (wgmma_moe._silu)
+    assert (result["tanh"], result["ex2"]) == (gate_up, False)
     assert result["atomics"] == (2 if dynamic else 0)
     assert (result["cp_async"] > 0, result["cp_async_arrive"] > 0) == (bool(gather), bool(gather))
     # barriers wait for the producer (1), for both consumer warpgroups (2), or (gather) for the

@@ -41,11 +41,31 @@ The launcher (launch.py) picks the path and the block shapes from the tuned conf
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
 from .pdl import wait_for_predecessor
 from .routing import expert_counts, expert_pairs_in_order
+
+# tanh.approx.f32 is PTX, which Triton's CPU interpreter cannot run: where TRITON_INTERPRET=1 as
+# these kernels are decorated (the interpreter is chosen then too), silu_mul takes the sigmoid
+_TANH_SILU = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+
+
+@triton.jit
+def silu_mul(gate, up):
+    """silu(gate) * up, fp32. On the GPU silu(x) = x/2 (1 + tanh(x/2)) by tanh.approx.f32: one
+    MUFU op an element where x * sigmoid(x) takes two and a division's range check (NOTES.md v27;
+    error at most |x| 2^-12 absolute, as wgmma_moe._silu)."""
+    if _TANH_SILU:
+        half = 0.5 * gate
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [half], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        return (half + half * t) * up
+    else:
+        return gate * tl.sigmoid(gate) * up
 
 
 @triton.jit
@@ -140,7 +160,7 @@ def _gate_up_act(
             a_ptrs += BLOCK_K
             wg_ptrs += BLOCK_K
             wu_ptrs += BLOCK_K
-    return acc_gate * tl.sigmoid(acc_gate) * acc_up
+    return silu_mul(acc_gate, acc_up)
 
 
 @triton.jit

@@ -32,7 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .fused_moe import _grouped_tile, _load_rows
+from .fused_moe import _grouped_tile, _load_rows, silu_mul
 from .pdl import wait_for_predecessor
 
 PAD_M = 32  # an expert's rows are padded to this (align's pad_m for the swap path)
@@ -67,7 +67,7 @@ def _weight_tile(w_ptr, ptrs, row, k0, row_mask, offs_k, k_left, TMA: tl.constex
 
 @triton.jit
 def _store_h(h_ptr, gate, up, pair, valid, offs_f, f_mask, stride_hm):
-    act = gate * tl.sigmoid(gate) * up  # [BLOCK_N, T]: column j is pair j's h
+    act = silu_mul(gate, up)  # [BLOCK_N, T]: column j is pair j's h
     ptrs = h_ptr + pair.to(tl.int64)[None, :] * stride_hm + offs_f[:, None]
     tl.store(ptrs, act.to(h_ptr.dtype.element_ty), mask=f_mask[:, None] & valid[None, :])
 

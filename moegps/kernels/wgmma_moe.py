@@ -282,7 +282,7 @@ if HAVE_GLUON:
 
         if GATE_UP:  # h in expert order: h[row] = silu(gate) * up
             gate, up = acc.reshape([ROWS, 2, BLOCK_N]).permute(0, 2, 1).split()
-            _store(out_desc, out_smem, gate / (1.0 + gl.exp(-gate)) * up, start, col)
+            _store(out_desc, out_smem, _silu(gate) * up, start, col)
         else:  # y in expert order: y[row] = routing weight of the row's pair * (h @ w2^T)
             rows = start + gl.arange(0, ROWS, gl.SliceLayout(1, layout))
             pair = gl.load(sorted_ptr + rows)  # padding rows hold n_pairs
@@ -295,6 +295,18 @@ if HAVE_GLUON:
                 _store(out_desc, out_smem, left, start, col)
                 _store(out_desc, out_smem, right, start, col + BLOCK_N // 2)
         return step
+
+    @gluon.jit
+    def _silu(x):
+        """x * sigmoid(x) as x/2 (1 + tanh(x/2)), by tanh.approx.f32: one MUFU op an element, where
+        x / (1 + exp(-x)) takes two (EX2, RCP) and a division's range check; while the tensor cores
+        wait for the epilogue, MUFU sets its pace (16 results a cycle an SM; NOTES.md v27). The
+        error is tanh.approx's (2^-11) times |x| / 2: at most |x| 2^-12 absolute, which shows only
+        where silu is near 0 (x << 0), as a bf16 rounding of x itself would."""
+        half = 0.5 * x
+        t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [half], dtype=gl.float32,
+                                      is_pure=True, pack=1)
+        return half + half * t
 
     @gluon.jit
     def _view_as(buffer, desc):
