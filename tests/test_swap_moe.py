@@ -85,15 +85,18 @@ def test_the_tables_ship_a_swap_config():
     assert shipped_swap_gemms()
 
 
+def served(monkeypatch, table: dict):
+    """tokens -> "<path><block_m>" that get_config serves at a small shape (E=8, top-2) whose tuned
+    entries are `table`: {token count: (path, block_m)}."""
+    entries = {str(t): {"path": path, "block_m": bm, "gate_up": {}, "down": {}} for t, (path, bm) in table.items()}
+    monkeypatch.setattr(launch, "_tuned_table", lambda name: {launch.shape_key(8, 64, 32, 2): entries})
+    return lambda tokens: (c := launch.get_config(tokens, 8, 64, 32, 2))["path"] + str(c["block_m"])
+
+
 def test_get_config_takes_a_swap_entry_only_where_experts_fit_its_blocks(monkeypatch):
     """Nearest token count, except that a swap entry of 160-row blocks serves only up to 144 rows an
     expert on average (SWAP_FILL 0.9): beyond, most experts would take two blocks."""
-    table = {launch.shape_key(8, 64, 32, 2): {
-        "128": {"path": "sorted", "block_m": 64, "gate_up": {}, "down": {}},
-        "512": {"path": "swap", "block_m": 160, "gate_up": {}, "down": {}},
-        "2048": {"path": "sorted", "block_m": 128, "gate_up": {}, "down": {}}}}
-    monkeypatch.setattr(launch, "_tuned_table", lambda name: table)
-    path = lambda tokens: (c := launch.get_config(tokens, 8, 64, 32, 2))["path"] + str(c["block_m"])  # noqa: E731
+    path = served(monkeypatch, {128: ("sorted", 64), 512: ("swap", 160), 2048: ("sorted", 128)})
     # past 576 tokens the nearest entry that is not a swap one: 128 tokens' up to 1087, then 2048's
     assert [path(t) for t in (100, 384, 576, 577, 1087, 1089)] == [
         "sorted64", "swap160", "swap160", "sorted64", "sorted64", "sorted128"]
@@ -104,12 +107,7 @@ def test_get_config_serves_a_swap_entry_where_experts_take_its_blocks(monkeypatc
     blocks (`swap_blocks`, at most SWAP_FILL of each) as where it was tuned. An entry of 192-row
     blocks tuned at 640 tokens (160 rows: one block) serves up to 172.8 rows (691 tokens); one of
     160-row blocks tuned at 2048 tokens (512 rows: four blocks) serves 432-576 rows (1729-2304)."""
-    table = {launch.shape_key(8, 64, 32, 2): {
-        "640": {"path": "swap", "block_m": 192, "gate_up": {}, "down": {}},
-        "768": {"path": "sorted", "block_m": 128, "gate_up": {}, "down": {}},
-        "2048": {"path": "swap", "block_m": 160, "gate_up": {}, "down": {}}}}
-    monkeypatch.setattr(launch, "_tuned_table", lambda name: table)
-    path = lambda tokens: (c := launch.get_config(tokens, 8, 64, 32, 2))["path"] + str(c["block_m"])  # noqa: E731
+    path = served(monkeypatch, {640: ("swap", 192), 768: ("sorted", 128), 2048: ("swap", 160)})
     assert [path(t) for t in (300, 691, 692, 1728, 1729, 2304, 2305)] == [
         "swap192", "swap192", "sorted128", "sorted128", "swap160", "swap160", "sorted128"]
     assert [launch.swap_blocks(r, 160) for r in (1, 144, 145, 288, 289, 512)] == [1, 1, 2, 2, 3, 4]

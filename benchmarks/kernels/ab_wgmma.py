@@ -21,6 +21,7 @@ import torch
 
 from moegps.kernels import launch, wgmma_moe
 from moegps.kernels.launch import get_config
+from moegps.kernels.reference import swiglu
 from moegps.kernels import timing
 from moegps.kernels.timing import make_inputs, make_routing, time_many
 from moegps.kernels.tune import expert_dims, shared_columns
@@ -47,13 +48,11 @@ def launches(module, x, w13, w2, gates, routing, config, top_k):
 
 def reference_h(x, w13, ids, sorted_pairs, top_k):
     """fp32 h of the given sorted rows (pair ids): silu(x[t] @ w1[e]^T) * (x[t] @ w3[e]^T)."""
-    ffn = w13.shape[1] // 2
     experts = ids.reshape(-1)[sorted_pairs]
-    h = torch.empty(sorted_pairs.numel(), ffn, device=x.device)
+    h = torch.empty(sorted_pairs.numel(), w13.shape[1] // 2, device=x.device)
     for e in experts.unique().tolist():
         rows = experts == e
-        gate_up = x[sorted_pairs[rows] // top_k].float() @ w13[e].float().T
-        h[rows] = torch.nn.functional.silu(gate_up[:, :ffn]) * gate_up[:, ffn:]
+        h[rows] = swiglu(x[sorted_pairs[rows] // top_k].float(), w13[e].float())
     return h
 
 

@@ -17,18 +17,10 @@ import math
 import torch
 
 from moegps.kernels import timing
-from moegps.kernels.bench import ceiling_runs, gemm_parts, rates
+from moegps.kernels.bench import balanced_bmm_parts, ceiling_runs, gemm_parts, rates
 from moegps.kernels.launch import get_config
 from moegps.kernels.timing import make_inputs, make_routing, time_many
 from moegps.kernels.tune import describe, expert_dims, shared_columns
-
-
-def bmm_parts(w13, w2, rows: int) -> dict:
-    """cuBLAS's two batched GEMMs over every expert, `rows` rows each (bench.balanced_bmm, apart)."""
-    n, hidden, ffn = w13.shape[0], w2.shape[1], w2.shape[2]
-    a = torch.randn(n, rows, hidden, dtype=w13.dtype, device=w13.device)
-    h = torch.randn(n, rows, ffn, dtype=w13.dtype, device=w13.device)
-    return {"gate_up": lambda: torch.bmm(a, w13.transpose(1, 2)), "down": lambda: torch.bmm(h, w2.transpose(1, 2))}
 
 
 def main(argv=None):
@@ -54,7 +46,7 @@ def main(argv=None):
                           f"max {counts.max().item()}", flush=True)
                 for part, fn in gemm_parts(x, w13, w2, ids, weights, config).items():
                     fns[f"{part}.{routing_name}"] = fn
-            for part, fn in bmm_parts(w13, w2, math.ceil(n_tokens * top_k / n_experts)).items():
+            for part, fn in balanced_bmm_parts(w13, w2, n_experts, math.ceil(n_tokens * top_k / n_experts)).items():
                 fns[f"{part}.bmm"] = fn
             ceilings = ceiling_runs()
             us = time_many({**fns, **ceilings}, graph=set(fns))

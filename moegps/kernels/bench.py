@@ -87,16 +87,23 @@ def grouped_mm_moe(x, w13, w2, topk_ids, topk_weights):
     return combine_sum(unsorted, top_k)  # ours' combine, so that the ratio compares the GEMMs
 
 
-def balanced_bmm(w13, w2, n_active: int, rows: int):
-    """The two expert GEMMs as cuBLAS batched GEMMs over `n_active` experts of `rows` rows
-    each: [n, rows, H] @ w13[:n]^T -> [n, rows, 2F], then [n, rows, F] @ w2[:n]^T -> [n, rows, H]
-    (the weights as transposed views, as grouped_mm_moe passes them). What a dense GEMM library
-    reaches on the same per-expert shapes when routing is perfectly balanced and free; the
-    down GEMM's input is drawn, not computed, so nothing between the GEMMs is timed."""
+def balanced_bmm_parts(w13, w2, n_active: int, rows: int) -> dict:
+    """{"gate_up": fn, "down": fn}: the two expert GEMMs as cuBLAS batched GEMMs over `n_active`
+    experts of `rows` rows each: [n, rows, H] @ w13[:n]^T -> [n, rows, 2F], and [n, rows, F] @
+    w2[:n]^T -> [n, rows, H] (the weights as transposed views, as grouped_mm_moe passes them). What
+    a dense GEMM library reaches on the same per-expert shapes when routing is perfectly balanced
+    and free; the down GEMM's input is drawn, not computed, so nothing between the GEMMs is timed."""
     n, hidden, ffn = n_active, w2.shape[1], w2.shape[2]
     a = torch.randn(n, rows, hidden, dtype=w13.dtype, device=w13.device)
     h = torch.randn(n, rows, ffn, dtype=w13.dtype, device=w13.device)
-    return lambda: (torch.bmm(a, w13[:n].transpose(1, 2)), torch.bmm(h, w2[:n].transpose(1, 2)))
+    return {"gate_up": lambda: torch.bmm(a, w13[:n].transpose(1, 2)),
+            "down": lambda: torch.bmm(h, w2[:n].transpose(1, 2))}
+
+
+def balanced_bmm(w13, w2, n_active: int, rows: int):
+    """Both of `balanced_bmm_parts`' GEMMs in one call."""
+    parts = balanced_bmm_parts(w13, w2, n_active, rows)
+    return lambda: (parts["gate_up"](), parts["down"]())
 
 
 def gemm_parts(x, w13, w2, ids, weights, config: dict) -> dict:

@@ -11,6 +11,14 @@ import torch
 import torch.nn.functional as F
 
 
+def swiglu(x: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:
+    """One expert's hidden activations: x [m, H] rows, w_gate_up [2F, H] (w1 rows, then w3 rows)
+    -> silu(x @ w1^T) * (x @ w3^T), [m, F] in x's dtype."""
+    ffn = w_gate_up.shape[0] // 2
+    gate_up = x @ w_gate_up.T  # [m, 2F]
+    return F.silu(gate_up[:, :ffn]) * gate_up[:, ffn:]
+
+
 def moe_reference(
     x: torch.Tensor,
     w_gate_up: torch.Tensor,
@@ -28,8 +36,7 @@ def moe_reference(
     `config` is accepted (and ignored) so that this function and `fused_moe` are interchangeable.
     """
     n_tokens, hidden = x.shape
-    n_experts, two_ffn, _ = w_gate_up.shape
-    ffn = two_ffn // 2
+    n_experts = w_gate_up.shape[0]
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     out = torch.zeros(n_tokens, hidden, dtype=acc_dtype, device=x.device)
     ids = topk_ids.long()
@@ -37,9 +44,7 @@ def moe_reference(
         token, slot = (ids == expert).nonzero(as_tuple=True)
         if token.numel() == 0:
             continue
-        gate_up = x[token] @ w_gate_up[expert].T  # [m, 2F]
-        act = F.silu(gate_up[:, :ffn]) * gate_up[:, ffn:]
-        y = act @ w_down[expert].T  # [m, H]
+        y = swiglu(x[token], w_gate_up[expert]) @ w_down[expert].T  # [m, H]
         gate = topk_weights[token, slot].to(acc_dtype)[:, None]
         out.index_add_(0, token, y.to(acc_dtype) * gate)
     return out.to(x.dtype)
