@@ -244,7 +244,8 @@ def test_default_configs_run(rng):
 @pytest.mark.parametrize("block_m,scan,half_tail,pad_m", [
     (4, 1024, False, None), (16, 1024, False, None), (4, 32, False, None), (16, 16, False, None),
     (32, 1024, True, None), (32, 16, True, None), (64, 32, True, None),
-    (160, 1024, False, 32), (160, 32, False, 32), (192, 32, False, 32), (24, 1024, False, 8)])
+    (160, 1024, False, 32), (160, 32, False, 32), (192, 32, False, 32), (24, 1024, False, 8),
+    (192, 1024, False, 64), (192, 32, False, 64)])  # the last two: wgmma_swap's blocks
 def test_align_metadata(rng, block_m, scan, half_tail, pad_m):
     """One launch (few scan chunks) and the chunked two launches (150 pairs > 4 chunks of 16, 32),
     with whole blocks, half-height tails, or any padding (blocks not a power of two high)."""

@@ -48,9 +48,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from moegps.kernels import timing, wgmma_moe
+from moegps.kernels import timing
 from moegps.kernels.launch import (combine_atomic, combine_sum, default_config, fused_moe, get_config,
-                                   launch_down, launch_gate_up, route, wgmma_gate_up)
+                                   launch_down, launch_gate_up, route, wgmma_down,
+                                   wgmma_gate_up)
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.routing import SCAN, align
 from moegps.kernels.timing import (flush_control, gpu_clocks, make_inputs, make_routing, rel_err,
@@ -116,7 +117,7 @@ def gemm_parts(x, w13, w2, ids, weights, config: dict) -> dict:
     if config["path"] == "wgmma":
         h = wgmma_gate_up(x, w13, routing, config, top_k)
         return {"gate_up": lambda: wgmma_gate_up(x, w13, routing, config, top_k),
-                "down": lambda: wgmma_moe.launch_down(h, w2, gates, routing, config)}
+                "down": lambda: wgmma_down(h, w2, gates, routing, config)}
     h = torch.empty(flat_ids.numel(), w2.shape[2], dtype=x.dtype, device=x.device)
     y = (torch.zeros(n_tokens, x.shape[1], dtype=torch.float32, device=x.device)
          if combine_atomic(config, top_k) else

@@ -20,7 +20,10 @@ by benchmarks/kernels/wgmma_probe.py where they win, never chosen by default_con
                  [, "gather": 4]},
      "down": {...}}
 ("gather": the gate/up kernel's producer, of that many warps, copies the token rows from x itself:
-no gather launch.)
+no gather launch.) With "swap": true the wgmma path runs wgmma_swap.py's kernels, weights on the
+MMA's rows and blocks of up to 192 token rows on its columns (block_m 192, tiles of 256 weight rows):
+    {"path": "wgmma", "swap": true, "block_m": 192,
+     "gate_up": {"block_k": 32, "num_stages": 6, "group_m": 8}, "down": {...}}
 The swap path (swap_moe.py) runs the sorted GEMMs transposed, weights on the MMA's rows and an
 expert's tokens (up to block_m of 128, 160, 192 or 256, padded to 32) on its columns, so that each
 weight tile is loaded by one program; its tiles are those of the sorted path, without "paired":
@@ -46,7 +49,7 @@ import triton
 # which shadows the kernel module of the same name.
 from .fused_moe import (combine_kernel, down_scan_kernel, down_sorted_kernel, fused_scan_kernel,
                         gate_up_scan_kernel, gate_up_sorted_kernel, gather_kernel)
-from . import wgmma_moe
+from . import wgmma_moe, wgmma_swap
 from .pdl import launch_flags
 from . import swap_moe
 from .swap_moe import down_swap_kernel, gate_up_swap_kernel
@@ -281,21 +284,30 @@ def _fused_moe_wgmma(x, w_gate_up, w_down, ids, weights, config, top_k) -> torch
     if not wgmma_moe.supported(x.device):
         raise ValueError("config path 'wgmma' runs only on a Hopper GPU (sm_90) with Gluon; "
                          "use 'sorted' elsewhere")
-    wgmma_moe.check_config(config, x)
+    (wgmma_swap if config.get("swap") else wgmma_moe).check_config(config, x)
     routing = route(ids, w_gate_up.shape[0], config)
     h = wgmma_gate_up(x, w_gate_up, routing, config, top_k)
-    y = wgmma_moe.launch_down(h, w_down, weights, routing, config)
+    y = wgmma_down(h, w_down, weights, routing, config)
     return combine_sum(y, top_k, slots=routing.pair_slot)
 
 
 def wgmma_gate_up(x, w_gate_up, routing, config: dict, top_k: int, kernels=wgmma_moe) -> torch.Tensor:
     """The wgmma path's gate/up GEMM on x [T, H]: its producer gathers the token rows itself where
-    the tile says "gather" (its warps), else they are copied into expert order first (gather_rows).
+    the tile says "gather" (its warps), else they are copied into expert order first (gather_rows);
+    with "swap", on the weights-as-rows kernels (wgmma_swap.py).
     `kernels`: the module whose launch_gate_up runs (benchmarks/kernels/ab_wgmma.py passes an older
     copy of wgmma_moe)."""
+    if config.get("swap"):
+        return wgmma_swap.launch_gate_up(gather_rows(x, routing, top_k), w_gate_up, routing, config)
     if config["gate_up"].get("gather", 0):
         return kernels.launch_gate_up(x.contiguous(), w_gate_up, routing, config, top_k=top_k)
     return kernels.launch_gate_up(gather_rows(x, routing, top_k), w_gate_up, routing, config)
+
+
+def wgmma_down(h, w_down, weights, routing, config: dict) -> torch.Tensor:
+    """The wgmma path's down GEMM: y [max_padded, H] in expert order (see wgmma_gate_up)."""
+    kernels = wgmma_swap if config.get("swap") else wgmma_moe
+    return kernels.launch_down(h, w_down, weights, routing, config)
 
 
 def combine_sum(y: torch.Tensor, top_k: int, out: torch.Tensor | None = None,
@@ -344,6 +356,8 @@ def route(ids: torch.Tensor, n_experts: int, config: dict, scratch: torch.Tensor
         if scratch is None:
             scratch = torch.empty(n_experts * ids.numel(), dtype=torch.int32, device=ids.device)
         return scratch
+    if config["path"] == "wgmma" and config.get("swap"):
+        return align(ids, n_experts, wgmma_swap.BLOCK_M, pad_m=wgmma_swap.PAD_M)
     if config["path"] in ("sorted", "wgmma"):
         return align(ids, n_experts, config["block_m"], half_tail=config.get("half_tail", False))
     if config["path"] == "swap":

@@ -128,7 +128,7 @@ def describe(config: dict) -> str:
     if config["path"] == "fused":
         return "fused " + describe_tile(config["fused"])
     gemms = " / ".join(describe_tile(config[g]) for g in ("gate_up", "down"))
-    return (f"{config['path']} block_m {config['block_m']}"
+    return (f"{config['path']}{' swap' if config.get('swap') else ''} block_m {config['block_m']}"
             f"{' half' if config.get('half_tail') else ''} {gemms}"
             f" combine {config.get('combine', 'sum')}")
 

@@ -1,0 +1,130 @@
+"""The weights-as-rows Gluon kernels (moegps/kernels/wgmma_swap.py) against the shipped config and
+cuBLAS's batched GEMM, checked and timed in the same rounds.
+
+    python benchmarks/kernels/swap_probe.py [--shapes deepseek-v2-lite mixtral-8x7b] \
+        [--tokens 512 2048 8192] [--variants 3x64 6x32] [--groups 8] [--skip-checks]
+
+Checks first (unless --skip-checks): whole calls (routing, row gather, both GEMMs, k-way combine)
+against the fp32 reference at 1, 7, 100 and 2048 tokens (empty experts, blocks of 64, 128 and 192
+rows), one expert for all, and balanced routing. Then for each (shape, tokens): the medians of
+time_many (interleaved rounds, CUDA graphs, L2 flushed by a clean read) of each GEMM launch and
+of the whole call, for every variant and for the shipped config, beside cuBLAS's bmm of the same
+projections on balanced rows, each as % of the floor measured in the same rounds (the bench's:
+weight + io bytes over the copy rate, or FLOPs over the 8192^3 matmul rate, the larger). One
+NVIDIA Hopper GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from moegps.kernels import timing, wgmma_swap
+from moegps.kernels.bench import balanced_bmm_parts, ceiling_runs, gemm_parts, rates
+from moegps.kernels.launch import combine_sum, fused_moe, gather_rows, get_config
+from moegps.kernels.reference import moe_reference
+from moegps.kernels.routing import align
+from moegps.kernels.timing import make_inputs, make_routing, rel_err, time_many
+from moegps.kernels.tune import describe, expert_dims, shared_columns
+
+
+def swap_call(x, w13, w2, ids, weights, config):
+    """The whole MoE call on the swap kernels: (run, {gate_up, down} on routing computed once)."""
+    n_experts, top_k = w13.shape[0], ids.shape[1]
+    gates = weights.reshape(-1)
+
+    def run():
+        routing = align(ids.reshape(-1), n_experts, wgmma_swap.BLOCK_M, pad_m=wgmma_swap.PAD_M)
+        h = wgmma_swap.launch_gate_up(gather_rows(x, routing, top_k), w13, routing, config)
+        y = wgmma_swap.launch_down(h, w2, gates, routing, config)
+        return combine_sum(y, top_k, slots=routing.pair_slot)
+
+    routing = align(ids.reshape(-1), n_experts, wgmma_swap.BLOCK_M, pad_m=wgmma_swap.PAD_M)
+    h = wgmma_swap.launch_gate_up(gather_rows(x, routing, top_k), w13, routing, config)
+    parts = {"gate_up": lambda: wgmma_swap.launch_gate_up(gather_rows(x, routing, top_k), w13,
+                                                          routing, config),
+             "down": lambda: wgmma_swap.launch_down(h, w2, gates, routing, config)}
+    return run, parts
+
+
+def variant(stages: int, block_k: int, group: int) -> dict:
+    tile = {"block_k": block_k, "num_stages": stages, "group_m": group}
+    return {"gate_up": dict(tile), "down": dict(tile)}
+
+
+def checks(configs) -> bool:
+    ok = True
+    for name in ("deepseek-v2-lite", "mixtral-8x7b"):
+        n_experts, hidden, ffn, top_k = expert_dims(name)
+        for n_tokens, how in ((1, "random"), (7, "random"), (100, "random"), (2048, "random"),
+                              (300, "one expert"), (2048, "balanced")):
+            x, w13, w2 = make_inputs(n_experts, hidden, ffn, top_k, n_tokens, seed=3)
+            ids, weights = make_routing(n_tokens, n_experts, top_k, seed=3, balanced=how == "balanced")
+            if how == "one expert":  # every token's first choice the same expert
+                ids[:, 0] = 5
+                ids[:, 1:] = (ids[:, 1:] % (n_experts - 6)) + 6
+            ref = moe_reference(x.float(), w13.float(), w2.float(), ids, weights.float())
+            for label, config in configs.items():
+                err = rel_err(swap_call(x, w13, w2, ids, weights, config)[0](), ref)
+                good = err < 1e-2
+                ok &= good
+                print(f"  check {name} T={n_tokens} {how} {label}: rel err {err:.2e} "
+                      f"{'ok' if good else 'FAILED'}", flush=True)
+    return ok
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", nargs="*", default=["deepseek-v2-lite", "mixtral-8x7b"])
+    parser.add_argument("--tokens", type=int, nargs="*", default=[512, 2048, 8192])
+    parser.add_argument("--groups", type=int, nargs="*", default=[8])
+    parser.add_argument("--variants", nargs="*", default=["3x64", "6x32"],
+                        help="stages x block_k of each variant")
+    parser.add_argument("--skip-checks", action="store_true")
+    args = parser.parse_args(argv)
+    timing.FLUSH = "clean"
+    configs = {f"s{v}g{g}": variant(*map(int, v.split("x")), g) for v in args.variants for g in args.groups}
+    print(f"device: {torch.cuda.get_device_name()}")
+    if not args.skip_checks and not checks(configs):
+        raise SystemExit("a check failed")
+    for name in args.shapes:
+        n_experts, hidden, ffn, top_k = dims = expert_dims(name)
+        for n_tokens in args.tokens:
+            shipped = get_config(n_tokens, *dims)
+            x, w13, w2 = make_inputs(n_experts, hidden, ffn, top_k, n_tokens)
+            ids, weights = make_routing(n_tokens, n_experts, top_k, shared=shared_columns(name))
+            ref = moe_reference(x.float(), w13.float(), w2.float(), ids, weights.float())
+            fns = {"shipped.call": lambda: fused_moe(x, w13, w2, ids, weights, config=shipped)}
+            errs = {"shipped": rel_err(fns["shipped.call"](), ref)}
+            for part, fn in gemm_parts(x, w13, w2, ids, weights, shipped).items():
+                fns[f"shipped.{part}"] = fn
+            for label, config in configs.items():
+                run, parts = swap_call(x, w13, w2, ids, weights, config)
+                errs[label] = rel_err(run(), ref)
+                fns[f"{label}.call"] = run
+                for part, fn in parts.items():
+                    fns[f"{label}.{part}"] = fn
+            active = int(torch.unique(ids).numel())
+            for part, fn in balanced_bmm_parts(w13, w2, active, math.ceil(n_tokens * top_k / active)).items():
+                fns[f"bmm.{part}"] = fn
+            us = time_many({**fns, **ceiling_runs()}, graph=set(fns))
+            rate = rates(us)
+            pairs = n_tokens * top_k
+            floors = {}
+            for part, (n_rows, k_dim) in {"gate_up": (2 * ffn, hidden), "down": (hidden, ffn)}.items():
+                floors[part] = 1e6 * max(active * n_rows * k_dim * 2 / rate["copy_Bps"],
+                                         2 * pairs * n_rows * k_dim / rate["matmul_flops"])
+            floors["call"] = 1e6 * max((active * 3 * hidden * ffn * 2 + 2 * n_tokens * hidden * 2)
+                                       / rate["copy_Bps"], 2 * pairs * 3 * hidden * ffn / rate["matmul_flops"])
+            print(f"{name} T={n_tokens}: shipped {describe(shipped)}; errors "
+                  + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)
+            for part in ("call", "gate_up", "down"):
+                cells = ", ".join(f"{label} {us[f'{label}.{part}']:.1f} us ({100 * floors[part] / us[f'{label}.{part}']:.0f}%)"
+                                  for label in ["shipped", *configs, "bmm"] if f"{label}.{part}" in us)
+                print(f"  {part:8s} floor {floors[part]:.1f} us: {cells}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

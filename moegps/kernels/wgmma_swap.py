@@ -1,0 +1,318 @@
+"""Hopper-only grouped expert GEMMs with the weights as the MMA's rows (the "wgmma" path's `swap`).
+
+    gate_up:  h[rows, f tile]^T = silu(w1[e, f tile] @ x[rows]^T) * (w3[e, f tile] @ x[rows]^T)
+    down:     y[rows, n tile]^T = routing weight * (w2[e, n tile] @ h[rows]^T)
+
+Why: cuBLAS's batched GEMM, which the benchmark holds ours against, takes every expert shape of
+the bench this way round (NOTES.md session 16, its kernels' names in a profile): 256 or 320 weight
+rows against 96 or 128 token rows a CTA, in clusters of two that share one copy of the weights.
+With the tokens on the MMA's N side a block can hold an expert's 192 rows (wgmma N = 128 + 64), so
+each weight tile is read once per expert where today's wgmma_moe.py (tokens on M, 64-row
+multiples) runs a block of 128 rows and a second, half-height one that reads the whole weight tile
+again: the 64 experts at 2048 tokens (192 +- 14 rows an expert) and Mixtral at 512 (128 +- 11).
+
+The schedule is wgmma_moe's (its docstring): one program per SM, a producer warp issuing TMA
+copies into a ring of stages, two consumer warpgroups, tiles claimed from a counter. A tile is
+256 weight rows (gate/up: 128 gate and the matching 128 up rows; each warpgroup 64 of each, so
+SiLU(gate) * up pairs registers of one thread) against one block of 64, 128 or 192 token rows
+(routing.align with pad_m 64, block_m 192: each expert's rows padded to 64 and split evenly over
+its blocks). A warpgroup holds 2 x 64 x 192 fp32 accumulators at most (192 registers a thread).
+Its epilogue stores h or y transposed, in expert order, through shared memory and TMA.
+
+GPU-only, like wgmma_moe; tests/test_wgmma_moe.py compiles it for sm_90 on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import wgmma_moe
+from .wgmma_moe import HAVE_GLUON
+
+BLOCK_M = 192  # the most token rows a block takes (wgmma N: one part of 128 and one of 64)
+PAD_M = 64  # an expert's rows are padded to this (align's pad_m)
+W_ROWS = 256  # weight rows a tile: 4 slices of 64, two a consumer warpgroup
+
+if HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
+                                                                  tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from .wgmma_moe import (TILE_RING, _claim, _next_tile, _publish, _silu, _tile, _tma_load,
+                            _tma_store, _view_as)
+
+    @gluon.jit
+    def _producer(p, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr):
+        """One warp: per tile, per K step, the four 64-row slices of weights and the block's token
+        rows (a box of 128 and/or one of 64) into a stage, announced by their bytes."""
+        (w_desc, t_desc, t64_desc, out_desc, out64_desc, w_bufs, t_bufs, t64_bufs, out_bufs,
+         ready, empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
+         n_tiles_m, group, k_dim, n_pairs, w_rows, up_offset, tile_ids, tile_full, tile_empty,
+         tile_counter_ptr) = p
+        STAGES: gl.constexpr = w_bufs.shape[0]
+        BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
+        W_BYTES: gl.constexpr = 4 * w_desc.block_type.nbytes
+        T_BYTES: gl.constexpr = t_desc.block_type.nbytes
+        T64_BYTES: gl.constexpr = t64_desc.block_type.nbytes
+        n_tiles = gl.load(n_blocks_ptr) * n_tiles_m
+        step = 0
+        i = 0
+        tile = _claim(tile_counter_ptr, i, DYNAMIC)
+        while tile < n_tiles:
+            if DYNAMIC:
+                _publish(tile_ids, tile_full, tile_empty, i, tile)
+            block, tile_m = _tile(tile, gl.load(n_blocks_ptr), n_tiles_m, group)
+            row = gl.load(block_start_ptr + block)
+            n_rows = gl.load(block_start_ptr + block + 1) - row
+            expert_row = gl.load(block_expert_ptr + block) * w_rows
+            for k in range(0, k_dim, BLOCK_K):
+                stage = step % STAGES
+                mbarrier.wait(empty.index(stage), ((step // STAGES) & 1) ^ 1)
+                bar = ready.index(stage)
+                if n_rows > 128:  # rows 0-127 and 128-191
+                    mbarrier.expect(bar, W_BYTES + T_BYTES + T64_BYTES)
+                    _tma_load(t_desc, [row, k], bar, t_bufs.index(stage))
+                    _tma_load(t64_desc, [row + 128, k], bar, t64_bufs.index(stage))
+                elif n_rows > 64:
+                    mbarrier.expect(bar, W_BYTES + T_BYTES)
+                    _tma_load(t_desc, [row, k], bar, t_bufs.index(stage))
+                else:
+                    mbarrier.expect(bar, W_BYTES + T64_BYTES)
+                    _tma_load(t64_desc, [row, k], bar, t64_bufs.index(stage))
+                w = w_bufs.index(stage)
+                for s in gl.static_range(4):  # slice s: warpgroup s // 2, its gate (s even) or up rows
+                    if GATE_UP:
+                        w_row = expert_row + tile_m * 128 + (s // 2) * 64 + (s % 2) * up_offset
+                    else:
+                        w_row = expert_row + tile_m * 256 + s * 64
+                    _tma_load(w_desc, [w_row, k], bar, w.slice(s * 64, 64))
+                step += 1
+            i += 1
+            tile = _claim(tile_counter_ptr, i, DYNAMIC)
+        if DYNAMIC:  # past the last tile: the consumers stop
+            _publish(tile_ids, tile_full, tile_empty, i, tile)
+
+    @gluon.jit
+    def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr):
+        """One warpgroup: weight slices 2 * HALF and 2 * HALF + 1 of every tile, against all its
+        token rows; the MMAs' widths by the block's rows (a compiled variant each)."""
+        (w_desc, t_desc, t64_desc, out_desc, out64_desc, w_bufs, t_bufs, t64_bufs, out_bufs,
+         ready, empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
+         n_tiles_m, group, k_dim, n_pairs, w_rows, up_offset, tile_ids, tile_full, tile_empty,
+         tile_counter_ptr) = p
+        n_tiles = gl.load(n_blocks_ptr) * n_tiles_m
+        out_smem = out_bufs.index(HALF)
+        step = 0
+        i = 0
+        tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
+        while tile < n_tiles:
+            block, tile_m = _tile(tile, gl.load(n_blocks_ptr), n_tiles_m, group)
+            start = gl.load(block_start_ptr + block)
+            n_rows = gl.load(block_start_ptr + block + 1) - start
+            # output columns of this warpgroup's slices: gate/up 64 h columns, down 2 x 64 y columns
+            col = tile_m * 128 + HALF * 64 if GATE_UP else tile_m * 256 + HALF * 128
+            if n_rows > 128:
+                step = _tile_mma(w_bufs, t_bufs, t64_bufs, out_desc, out64_desc, out_smem, ready,
+                                 empty, sorted_ptr, weights_ptr, k_dim, n_pairs, step, start, col,
+                                 GATE_UP, HALF, 128, 64)
+            elif n_rows > 64:
+                step = _tile_mma(w_bufs, t_bufs, t64_bufs, out_desc, out64_desc, out_smem, ready,
+                                 empty, sorted_ptr, weights_ptr, k_dim, n_pairs, step, start, col,
+                                 GATE_UP, HALF, 128, 0)
+            else:
+                step = _tile_mma(w_bufs, t_bufs, t64_bufs, out_desc, out64_desc, out_smem, ready,
+                                 empty, sorted_ptr, weights_ptr, k_dim, n_pairs, step, start, col,
+                                 GATE_UP, HALF, 64, 0)
+            i += 1
+            tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _tile_mma(w_bufs, t_bufs, t64_bufs, out_desc, out64_desc, out_smem, ready, empty,
+                  sorted_ptr, weights_ptr, k_dim, n_pairs, step, start, col,
+                  GATE_UP: gl.constexpr, HALF: gl.constexpr, N0: gl.constexpr, N1: gl.constexpr):
+        """A warpgroup's two weight slices (a, b) against the block's token rows in parts of N0
+        (the 128-row box, or the 64-row one where N0 is 64) and N1 (the 64-row box, or none):
+        up to four accumulators, then the epilogue. Returns the step count."""
+        STAGES: gl.constexpr = w_bufs.shape[0]
+        BLOCK_K: gl.constexpr = w_bufs.shape[2]
+        layout0: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                          instr_shape=[16, N0, 16])
+        acc_a0 = gl.zeros([64, N0], gl.float32, layout0)
+        acc_b0 = gl.zeros([64, N0], gl.float32, layout0)
+        if N1 > 0:
+            layout1: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                              instr_shape=[16, N1, 16])
+            acc_a1 = gl.zeros([64, N1], gl.float32, layout1)
+            acc_b1 = gl.zeros([64, N1], gl.float32, layout1)
+        first = step
+        for k in range(0, k_dim, BLOCK_K):
+            stage = step % STAGES
+            mbarrier.wait(ready.index(stage), (step // STAGES) & 1)
+            w = w_bufs.index(stage)
+            a = w.slice(HALF * 128, 64)
+            b = w.slice(HALF * 128 + 64, 64)
+            if N0 == 128:
+                tokens0 = t_bufs.index(stage).permute((1, 0))
+            else:
+                tokens0 = t64_bufs.index(stage).permute((1, 0))
+            acc_a0 = warpgroup_mma(a, tokens0, acc_a0, is_async=True)
+            acc_b0 = warpgroup_mma(b, tokens0, acc_b0, is_async=True)
+            if N1 > 0:
+                tokens1 = t64_bufs.index(stage).permute((1, 0))
+                acc_a1 = warpgroup_mma(a, tokens1, acc_a1, is_async=True)
+                acc_b1 = warpgroup_mma(b, tokens1, acc_b1, is_async=True)
+                # this step's four MMAs may run on; the step before's are done with its stage
+                acc_a0, acc_b0, acc_a1, acc_b1 = warpgroup_mma_wait(
+                    num_outstanding=4, deps=(acc_a0, acc_b0, acc_a1, acc_b1))
+            else:
+                acc_a0, acc_b0 = warpgroup_mma_wait(num_outstanding=2, deps=(acc_a0, acc_b0))
+            mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), pred=step > first)
+            step += 1
+        if N1 > 0:
+            acc_a0, acc_b0, acc_a1, acc_b1 = warpgroup_mma_wait(
+                num_outstanding=0, deps=(acc_a0, acc_b0, acc_a1, acc_b1))
+        else:
+            acc_a0, acc_b0 = warpgroup_mma_wait(num_outstanding=0, deps=(acc_a0, acc_b0))
+        mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES))
+
+        _epilogue(acc_a0, acc_b0, out_desc, out64_desc, out_smem, sorted_ptr, weights_ptr,
+                  n_pairs, start, col, GATE_UP)
+        if N1 > 0:
+            _epilogue(acc_a1, acc_b1, out_desc, out64_desc, out_smem, sorted_ptr, weights_ptr,
+                      n_pairs, start + N0, col, GATE_UP)
+        return step
+
+    @gluon.jit
+    def _epilogue(acc_a, acc_b, out_desc, out64_desc, out_smem, sorted_ptr, weights_ptr, n_pairs,
+                  row, col, GATE_UP: gl.constexpr):
+        """One part's accumulators [64 weight rows, N token rows] out: h[rows, col..+64] =
+        silu(a) * b (a the gate slice, b the up slice), or y[rows, col..+128] = the rows' routing
+        weights times (a over b), each stored transposed through the warpgroup's buffer."""
+        N: gl.constexpr = acc_a.shape[1]
+        if N == 128:
+            desc = out_desc
+            smem = out_smem
+        else:
+            desc = out64_desc
+            smem = _view_as(out_smem, out64_desc)
+        if GATE_UP:
+            _store_t(desc, smem, _silu(acc_a) * acc_b, row, col)
+        else:
+            rows = row + gl.arange(0, N, gl.SliceLayout(0, acc_a.type.layout))
+            pair = gl.load(sorted_ptr + rows)  # padding rows hold n_pairs
+            weight = gl.load(weights_ptr + pair, mask=pair < n_pairs, other=0.0).to(gl.float32)
+            _store_t(desc, smem, acc_a * weight[None, :], row, col)
+            _store_t(desc, smem, acc_b * weight[None, :], row, col + 64)
+
+    @gluon.jit
+    def _store_t(out_desc, out_smem, value, row, col):
+        """value [64 columns, N rows] into out [row.., col..] (TMA) through out_smem [N, 64]."""
+        tma.store_wait(0)  # the previous store has read the buffer
+        out_smem.store(gl.permute(value, (1, 0)).to(out_desc.dtype))
+        fence_async_shared()
+        _tma_store(out_desc, [row, col], out_smem)
+
+    @gluon.jit
+    def grouped_gemm_kernel(w_desc, t_desc, t64_desc, out_desc, out64_desc, sorted_ptr,
+                            weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
+                            n_tiles_m, group, k_dim, n_pairs, w_rows, up_offset, tile_counter_ptr,
+                            GATE_UP: gl.constexpr, STAGES: gl.constexpr, DYNAMIC: gl.constexpr):
+        """GATE_UP: out = h [max_padded, F] (expert order), w_desc over w_gate_up [E * 2F, H] in
+        [64, BLOCK_K] boxes (up rows at +up_offset), t_desc / t64_desc over the token rows in
+        expert order [max_padded, H] in boxes of 128 / 64 rows. Otherwise out = y [max_padded, H],
+        w_desc over w_down [E * H, F], the token rows being h. w_rows: weight rows per expert (2F
+        or H). out_desc / out64_desc: out in [128, 64] / [64, 64] boxes. Four warps (the default
+        partition: slices 0-1 of each tile) and two workers: slices 2-3, and the producer warp."""
+        BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
+        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, 4 * 64, BLOCK_K], w_desc.layout)
+        t_bufs = gl.allocate_shared_memory(t_desc.dtype, [STAGES] + t_desc.block_type.shape,
+                                           t_desc.layout)
+        t64_bufs = gl.allocate_shared_memory(t64_desc.dtype, [STAGES] + t64_desc.block_type.shape,
+                                             t64_desc.layout)
+        out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape,
+                                             out_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        tile_ids = gl.allocate_shared_memory(gl.int32, [TILE_RING, 1],
+                                             gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        tile_full = gl.allocate_shared_memory(gl.int64, [TILE_RING, 1], mbarrier.MBarrierLayout())
+        tile_empty = gl.allocate_shared_memory(gl.int64, [TILE_RING, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
+        for i in gl.static_range(TILE_RING):
+            mbarrier.init(tile_full.index(i), count=1)
+            mbarrier.init(tile_empty.index(i), count=2)
+        p = (w_desc, t_desc, t64_desc, out_desc, out64_desc, w_bufs, t_bufs, t64_bufs, out_bufs,
+             ready, empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
+             n_tiles_m, group, k_dim, n_pairs, w_rows, up_offset, tile_ids, tile_full, tile_empty,
+             tile_counter_ptr)
+        gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC)),
+                            (_consumer, (p, GATE_UP, 1, DYNAMIC)),
+                            (_producer, (p, GATE_UP, DYNAMIC))],
+                           [4, 1], [232, 24])
+
+
+def check_config(config: dict, x: torch.Tensor) -> None:
+    """A swap config's constraints, as errors naming the field."""
+    if config["block_m"] != BLOCK_M or config.get("half_tail"):
+        raise ValueError(f"config field 'block_m' must be {BLOCK_M} on the 'wgmma' path with 'swap' "
+                         f"(blocks of 64, 128 or 192 token rows; no half_tail), got {config['block_m']}")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"the 'wgmma' path takes bf16 or fp16 x, got {x.dtype}")
+    for gemm in ("gate_up", "down"):
+        tile = config[gemm]
+        if tile["block_k"] * x.element_size() not in (64, 128):
+            raise ValueError(f"config field '{gemm}.block_k' must span 64 or 128 bytes, got {tile['block_k']}")
+        # a stage holds 256 weight rows and 192 token rows; two [128, 64] buffers for the epilogues
+        shared = tile["num_stages"] * (W_ROWS + BLOCK_M) * tile["block_k"] * x.element_size() + 2 * 128 * 64 * 2
+        if shared > 227 * 1024:
+            raise ValueError(f"config field '{gemm}.num_stages' x block_k needs {shared // 1024} KB of shared "
+                             f"memory, over the 227 KB a block may use")
+        if "gather" in tile or "block_n" in tile:
+            raise ValueError(f"config fields '{gemm}.gather' and '{gemm}.block_n' are not the swap "
+                             f"kernels' (tiles are 256 weight rows; the rows are gathered by one launch)")
+
+
+def _launch(a, w2d, out, weights, routing, tile: dict, w_rows: int, up_offset: int,
+            gate_up: bool) -> None:
+    """One grouped GEMM: a [max_padded, K] (token rows, or h, in expert order), out [max_padded,
+    N] in expert order, w2d the weights [E * w_rows, K], `weights` the routing weights [T*k] (the
+    down GEMM's; None for gate/up); one program per SM."""
+    desc = wgmma_moe._descriptor
+    block_k = tile["block_k"]
+    n_tiles_m = triton.cdiv(out.shape[1], 128 if gate_up else 256)
+    programs = min(torch.cuda.get_device_properties(a.device).multi_processor_count,
+                   routing.max_blocks * n_tiles_m)
+    grouped_gemm_kernel[(programs,)](
+        desc(w2d, [64, block_k]), desc(a, [128, block_k]), desc(a, [64, block_k]),
+        desc(out, [128, 64]), desc(out, [64, 64]), routing.sorted_pair_ids,
+        routing.sorted_pair_ids if weights is None else weights,  # gate/up never reads it
+        routing.block_expert, routing.block_start, routing.n_blocks, n_tiles_m,
+        tile.get("group_m", 8), a.shape[1], routing.n_pairs, w_rows, up_offset,
+        torch.zeros(1, dtype=torch.int32, device=a.device),  # the tile counter (a memset)
+        GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=True, num_warps=4,
+        maxnreg=wgmma_moe.MAX_REGISTERS)
+
+
+def launch_gate_up(a, w_gate_up, routing, config: dict) -> torch.Tensor:
+    """h [max_padded, F] in expert order = silu(rows @ w1^T) * (rows @ w3^T) per sorted row, a the
+    token rows in expert order (launch.gather_rows)."""
+    n_experts, two_f, hidden = w_gate_up.shape
+    h = torch.empty(routing.sorted_pair_ids.numel(), two_f // 2, dtype=a.dtype, device=a.device)
+    _launch(a, w_gate_up.view(n_experts * two_f, hidden), h, None, routing, config["gate_up"],
+            two_f, two_f // 2, gate_up=True)
+    return h
+
+
+def launch_down(h, w_down, weights, routing, config: dict) -> torch.Tensor:
+    """y [max_padded, H] in expert order = the routing weight of each sorted row's pair *
+    (h @ w2^T)."""
+    n_experts, hidden, ffn = w_down.shape
+    y = torch.empty(h.shape[0], hidden, dtype=h.dtype, device=h.device)
+    _launch(h, w_down.view(n_experts * hidden, ffn), y, weights, routing, config["down"],
+            hidden, 0, gate_up=False)
+    return y
