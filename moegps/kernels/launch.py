@@ -284,7 +284,7 @@ def _fused_moe_wgmma(x, w_gate_up, w_down, ids, weights, config, top_k) -> torch
     if not wgmma_moe.supported(x.device):
         raise ValueError("config path 'wgmma' runs only on a Hopper GPU (sm_90) with Gluon; "
                          "use 'sorted' elsewhere")
-    (wgmma_swap if config.get("swap") else wgmma_moe).check_config(config, x)
+    wgmma_kernels(config).check_config(config, x)
     routing = route(ids, w_gate_up.shape[0], config)
     h = wgmma_gate_up(x, w_gate_up, routing, config, top_k)
     y = wgmma_down(h, w_down, weights, routing, config)
@@ -304,10 +304,14 @@ def wgmma_gate_up(x, w_gate_up, routing, config: dict, top_k: int, kernels=wgmma
     return kernels.launch_gate_up(gather_rows(x, routing, top_k), w_gate_up, routing, config)
 
 
+def wgmma_kernels(config: dict):
+    """The module of a wgmma config's kernels: wgmma_swap.py with "swap", else wgmma_moe.py."""
+    return wgmma_swap if config.get("swap") else wgmma_moe
+
+
 def wgmma_down(h, w_down, weights, routing, config: dict) -> torch.Tensor:
     """The wgmma path's down GEMM: y [max_padded, H] in expert order (see wgmma_gate_up)."""
-    kernels = wgmma_swap if config.get("swap") else wgmma_moe
-    return kernels.launch_down(h, w_down, weights, routing, config)
+    return wgmma_kernels(config).launch_down(h, w_down, weights, routing, config)
 
 
 def combine_sum(y: torch.Tensor, top_k: int, out: torch.Tensor | None = None,
