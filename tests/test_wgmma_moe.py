@@ -149,7 +149,9 @@ def _swap_config(**change) -> dict:
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"block_m": 128}, "block_m"),
+    ({"block_m": 256}, "block_m"),
+    ({"block_m": 160}, "block_m"),  # not a multiple of the default pad_m, 64
+    ({"pad_m": 16}, "pad_m"),
     ({"half_tail": True}, "block_m"),
     ({"gate_up": {"block_k": 16, "num_stages": 6}}, "gate_up.block_k"),
     ({"down": {"block_k": 64, "num_stages": 4}}, "down.num_stages"),  # 4 x 56 KB + 32 KB > 227 KB
@@ -163,14 +165,15 @@ def test_swap_check_config_names_the_field(change, field):
 
 
 def test_swap_route_pads_to_64_in_blocks_of_at_most_192(monkeypatch):
-    """The kernels take a block's rows as one MMA part of 128 and/or one of 64 (their three
-    compiled variants), so a swap config routes with align's blocks of at most 192 rows padded to
-    64 (tests/test_kernels.py's test_align_metadata checks align at those sizes)."""
+    """The kernels take a block's rows as one MMA part of up to 128 and one of up to 64 (their
+    compiled variants), so a swap config routes with align's blocks of at most block_m rows padded
+    to pad_m, 64 unless given (tests/test_kernels.py's test_align_metadata checks align there)."""
     seen = []
     monkeypatch.setattr(launch, "align", lambda ids, n_experts, block_m, **kw: seen.append((block_m, kw)))
     launch.route(torch.zeros(6, dtype=torch.int64), 8, _swap_config())
     launch.route(torch.zeros(6, dtype=torch.int64), 8, _config(half_tail=True))
-    assert seen == [(192, {"pad_m": 64}), (128, {"half_tail": True})]
+    launch.route(torch.zeros(6, dtype=torch.int64), 8, _swap_config(block_m=160, pad_m=32))
+    assert seen == [(192, {"pad_m": 64}), (128, {"half_tail": True}), (160, {"pad_m": 32})]
 
 
 SWAP_COMPILE = r"""
@@ -182,20 +185,22 @@ if not wgmma_moe.HAVE_GLUON:
     print(json.dumps({"skip": "this Triton has no Gluon"})); sys.exit()
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
-gate_up, stages, block_k = json.loads(sys.argv[1])
+gate_up, stages, block_k, pad = json.loads(sys.argv[1])
 
 def desc(block):
     layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
     return f"tensordesc<bf16[{block[0]}, {block[1]}],{layout!r}>"
 
 signature = {"w_desc": desc([64, block_k]), "t_desc": desc([128, block_k]), "t64_desc": desc([64, block_k]),
-             "out_desc": desc([128, 64]), "out64_desc": desc([64, 64]), "sorted_ptr": "*i32",
+             "t32_desc": desc([32, block_k]), "out_desc": desc([128, 64]), "out64_desc": desc([64, 64]),
+             "out32_desc": desc([32, 64]), "sorted_ptr": "*i32",
              "weights_ptr": "*fp32", "block_expert_ptr": "*i32", "block_start_ptr": "*i32",
              "n_blocks_ptr": "*i32",
              **{name: "i32" for name in ("n_tiles_m", "group", "k_dim", "n_pairs", "w_rows", "up_offset")},
-             "tile_counter_ptr": "*i32", "GATE_UP": "constexpr", "STAGES": "constexpr", "DYNAMIC": "constexpr"}
+             "tile_counter_ptr": "*i32", "GATE_UP": "constexpr", "STAGES": "constexpr", "DYNAMIC": "constexpr",
+             "PAD": "constexpr"}
 source = GluonASTSource(wgmma_swap.grouped_gemm_kernel, signature=signature,
-                        constexprs={"GATE_UP": gate_up, "STAGES": stages, "DYNAMIC": True})
+                        constexprs={"GATE_UP": gate_up, "STAGES": stages, "DYNAMIC": True, "PAD": pad})
 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": 4, "maxnreg": wgmma_moe.MAX_REGISTERS})
 ptx = compiled.asm["ptx"]
@@ -205,22 +210,23 @@ print(json.dumps({"mma": sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned
 """.replace("import base64, json, sys", "import base64, json, re, sys")
 
 # Stack bytes the swap kernels were measured to spill under Triton 3.9's ptxas (sm_90): a few of
-# the prologue's scalars (STL before the partitions start), none in the K loops; timed as such
-# on the H200 (NOTES.md session 16). Anything more fails the test.
-SWAP_SPILLS = {(False, 6, 32): 32, (True, 3, 64): 32}
+# the prologue's scalars (stored before the partitions start, reloaded once a tile), none in the
+# K loops; timed as such on the H200 (NOTES.md session 16). Anything more fails the test.
+SWAP_SPILLS = {(False, 6, 32, 64): 32, (True, 3, 64, 64): 32, (False, 6, 32, 32): 32}
 
 
-@pytest.mark.parametrize("gate_up, stages, block_k", [(True, 6, 32), (False, 6, 32), (True, 3, 64)])
-def test_swap_kernels_compile_for_hopper(gate_up, stages, block_k, compiling_python):
-    """Compiled for sm_90 on the CPU: MMAs of 128 and 64 token columns (a block's two parts), the
-    SiLU's tanh.approx in gate/up only, within 227 KB of shared memory, launchable, unspilled (but
-    for the measured prologue scalars above)."""
+@pytest.mark.parametrize("gate_up, stages, block_k, pad", [
+    (True, 6, 32, 64), (False, 6, 32, 64), (True, 3, 64, 64), (True, 6, 32, 32), (False, 6, 32, 32)])
+def test_swap_kernels_compile_for_hopper(gate_up, stages, block_k, pad, compiling_python):
+    """Compiled for sm_90 on the CPU: MMAs of 128 and 64 token columns (a block's parts; and 32
+    where rows are padded to 32), the SiLU's tanh.approx in gate/up only, within 227 KB of shared
+    memory, launchable, unspilled (but for the measured prologue scalars above)."""
     import json
 
-    result = compiling_python(SWAP_COMPILE, json.dumps([gate_up, stages, block_k]))
+    result = compiling_python(SWAP_COMPILE, json.dumps([gate_up, stages, block_k, pad]))
     if "skip" in result:
         pytest.skip(result["skip"])
-    assert result["mma"] == ["m64n128k16", "m64n64k16"]
+    assert set(result["mma"]) == {"m64n128k16", "m64n64k16"} | ({"m64n32k16"} if pad == 32 else set())
     assert result["tanh"] == gate_up
     assert result["shared"] <= 227 * 1024
-    assert_unspilled(result["cubin"], result["warps"], stack_bytes=SWAP_SPILLS.get((gate_up, stages, block_k), 0))
+    assert_unspilled(result["cubin"], result["warps"], stack_bytes=SWAP_SPILLS.get((gate_up, stages, block_k, pad), 0))

@@ -2,7 +2,7 @@
 cuBLAS's batched GEMM, checked and timed in the same rounds.
 
     python benchmarks/kernels/swap_probe.py [--shapes deepseek-v2-lite mixtral-8x7b] \
-        [--tokens 512 2048 8192] [--variants 3x64 6x32] [--groups 8] [--skip-checks]
+        [--tokens 512 2048 8192] [--variants 6x32 6x32:160/32] [--groups 8] [--skip-checks]
 
 Checks first (unless --skip-checks): whole calls (routing, row gather, both GEMMs, k-way combine)
 against the fp32 reference at 1, 7, 100 and 2048 tokens (empty experts, blocks of 64, 128 and 192
@@ -17,41 +17,27 @@ NVIDIA Hopper GPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 
 import torch
 
-from moegps.kernels import timing, wgmma_swap
+from moegps.kernels import timing
 from moegps.kernels.bench import balanced_bmm_parts, ceiling_runs, gemm_parts, rates
-from moegps.kernels.launch import combine_sum, fused_moe, gather_rows, get_config
+from moegps.kernels.launch import fused_moe, get_config
 from moegps.kernels.reference import moe_reference
-from moegps.kernels.routing import align
 from moegps.kernels.timing import make_inputs, make_routing, rel_err, time_many
 from moegps.kernels.tune import describe, expert_dims, shared_columns
 
 
-def swap_call(x, w13, w2, ids, weights, config):
-    """The whole MoE call on the swap kernels: (run, {gate_up, down} on routing computed once)."""
-    n_experts, top_k = w13.shape[0], ids.shape[1]
-    gates = weights.reshape(-1)
-
-    def run():
-        routing = align(ids.reshape(-1), n_experts, wgmma_swap.BLOCK_M, pad_m=wgmma_swap.PAD_M)
-        h = wgmma_swap.launch_gate_up(gather_rows(x, routing, top_k), w13, routing, config)
-        y = wgmma_swap.launch_down(h, w2, gates, routing, config)
-        return combine_sum(y, top_k, slots=routing.pair_slot)
-
-    routing = align(ids.reshape(-1), n_experts, wgmma_swap.BLOCK_M, pad_m=wgmma_swap.PAD_M)
-    h = wgmma_swap.launch_gate_up(gather_rows(x, routing, top_k), w13, routing, config)
-    parts = {"gate_up": lambda: wgmma_swap.launch_gate_up(gather_rows(x, routing, top_k), w13,
-                                                          routing, config),
-             "down": lambda: wgmma_swap.launch_down(h, w2, gates, routing, config)}
-    return run, parts
-
-
-def variant(stages: int, block_k: int, group: int) -> dict:
+def variant(spec: str, group: int) -> dict:
+    """A swap config from "STAGESxBLOCK_K[:BLOCK_M/PAD_M]" (block_m 192, pad_m 64 where not given)."""
+    tiles, _, block = spec.partition(":")
+    stages, block_k = map(int, tiles.split("x"))
+    block_m, pad_m = map(int, (block or "192/64").split("/"))
     tile = {"block_k": block_k, "num_stages": stages, "group_m": group}
-    return {"gate_up": dict(tile), "down": dict(tile)}
+    return {"path": "wgmma", "swap": True, "block_m": block_m, "pad_m": pad_m,
+            "gate_up": dict(tile), "down": dict(tile)}
 
 
 def checks(configs) -> bool:
@@ -67,7 +53,7 @@ def checks(configs) -> bool:
                 ids[:, 1:] = (ids[:, 1:] % (n_experts - 6)) + 6
             ref = moe_reference(x.float(), w13.float(), w2.float(), ids, weights.float())
             for label, config in configs.items():
-                err = rel_err(swap_call(x, w13, w2, ids, weights, config)[0](), ref)
+                err = rel_err(fused_moe(x, w13, w2, ids, weights, config=config), ref)
                 good = err < 1e-2
                 ok &= good
                 print(f"  check {name} T={n_tokens} {how} {label}: rel err {err:.2e} "
@@ -81,11 +67,11 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, nargs="*", default=[512, 2048, 8192])
     parser.add_argument("--groups", type=int, nargs="*", default=[8])
     parser.add_argument("--variants", nargs="*", default=["3x64", "6x32"],
-                        help="stages x block_k of each variant")
+                        help="each variant's STAGESxBLOCK_K[:BLOCK_M/PAD_M] (block_m 192, pad_m 64 if not given)")
     parser.add_argument("--skip-checks", action="store_true")
     args = parser.parse_args(argv)
     timing.FLUSH = "clean"
-    configs = {f"s{v}g{g}": variant(*map(int, v.split("x")), g) for v in args.variants for g in args.groups}
+    configs = {f"s{v}g{g}": variant(v, g) for v in args.variants for g in args.groups}
     print(f"device: {torch.cuda.get_device_name()}")
     if not args.skip_checks and not checks(configs):
         raise SystemExit("a check failed")
@@ -101,10 +87,9 @@ def main(argv=None):
             for part, fn in gemm_parts(x, w13, w2, ids, weights, shipped).items():
                 fns[f"shipped.{part}"] = fn
             for label, config in configs.items():
-                run, parts = swap_call(x, w13, w2, ids, weights, config)
-                errs[label] = rel_err(run(), ref)
-                fns[f"{label}.call"] = run
-                for part, fn in parts.items():
+                fns[f"{label}.call"] = functools.partial(fused_moe, x, w13, w2, ids, weights, config=config)
+                errs[label] = rel_err(fns[f"{label}.call"](), ref)
+                for part, fn in gemm_parts(x, w13, w2, ids, weights, config).items():
                     fns[f"{label}.{part}"] = fn
             active = int(torch.unique(ids).numel())
             for part, fn in balanced_bmm_parts(w13, w2, active, math.ceil(n_tokens * top_k / active)).items():

@@ -21,8 +21,9 @@ by benchmarks/kernels/wgmma_probe.py where they win, never chosen by default_con
      "down": {...}}
 ("gather": the gate/up kernel's producer, of that many warps, copies the token rows from x itself:
 no gather launch.) With "swap": true the wgmma path runs wgmma_swap.py's kernels, weights on the
-MMA's rows and blocks of up to 192 token rows on its columns (block_m 192, tiles of 256 weight rows):
-    {"path": "wgmma", "swap": true, "block_m": 192,
+MMA's rows and blocks of up to block_m (128, 160, 192) token rows on its columns, an expert's rows
+padded to pad_m (64, the default, or 32); tiles of 256 weight rows:
+    {"path": "wgmma", "swap": true, "block_m": 192[, "pad_m": 32],
      "gate_up": {"block_k": 32, "num_stages": 6, "group_m": 8}, "down": {...}}
 The swap path (swap_moe.py) runs the sorted GEMMs transposed, weights on the MMA's rows and an
 expert's tokens (up to block_m of 128, 160, 192 or 256, padded to 32) on its columns, so that each
@@ -361,7 +362,7 @@ def route(ids: torch.Tensor, n_experts: int, config: dict, scratch: torch.Tensor
             scratch = torch.empty(n_experts * ids.numel(), dtype=torch.int32, device=ids.device)
         return scratch
     if config["path"] == "wgmma" and config.get("swap"):
-        return align(ids, n_experts, wgmma_swap.BLOCK_M, pad_m=wgmma_swap.PAD_M)
+        return align(ids, n_experts, config["block_m"], pad_m=config.get("pad_m", wgmma_swap.PADS[0]))
     if config["path"] in ("sorted", "wgmma"):
         return align(ids, n_experts, config["block_m"], half_tail=config.get("half_tail", False))
     if config["path"] == "swap":

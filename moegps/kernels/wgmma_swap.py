@@ -30,9 +30,10 @@ import triton
 from . import wgmma_moe
 from .wgmma_moe import HAVE_GLUON
 
-BLOCK_M = 192  # the most token rows a block takes (wgmma N: one part of 128 and one of 64)
-PAD_M = 64  # an expert's rows are padded to this (align's pad_m)
+BLOCK_MS = (128, 160, 192)  # the most token rows a block may take (config "block_m")
+PADS = (64, 32)  # an expert's rows are padded to this (config "pad_m", align's pad_m; 64 by default)
 W_ROWS = 256  # weight rows a tile: 4 slices of 64, two a consumer warpgroup
+T_ROWS = 128 + 64  # token rows a stage holds: a part of up to 128 and one of up to 64
 
 if HAVE_GLUON:
     from triton.experimental import gluon
@@ -44,18 +45,46 @@ if HAVE_GLUON:
                             _tma_store, _view_as)
 
     @gluon.jit
-    def _producer(p, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr):
-        """One warp: per tile, per K step, the four 64-row slices of weights and the block's token
-        rows (a box of 128 and/or one of 64) into a stage, announced by their bytes."""
-        (w_desc, t_desc, t64_desc, out_desc, out64_desc, w_bufs, t_bufs, t64_bufs, out_bufs,
-         ready, empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
-         n_tiles_m, group, k_dim, n_pairs, w_rows, up_offset, tile_ids, tile_full, tile_empty,
-         tile_counter_ptr) = p
+    def _box(descs, N: gl.constexpr):
+        """Of descs, descriptors in boxes of 128, 64 and 32 rows, the one of N rows."""
+        if N == 128:
+            d = descs[0]
+        elif N == 64:
+            d = descs[1]
+        else:
+            d = descs[2]
+        return d
+
+    @gluon.jit
+    def _load_stage(w_desc, t_descs, w_bufs, t_bufs, t_tail_bufs, bar, stage, row, k, expert_row,
+                    tile_m, up_offset, GATE_UP: gl.constexpr, N0: gl.constexpr, N1: gl.constexpr):
+        """A K step's copies into a stage: the block's token rows as a part of N0 rows (into the
+        128-row buffer) and one of N1 (into the tail buffer; none where 0), then the four 64-row
+        weight slices (slice s: warpgroup s // 2, its gate rows where s is even, else its up rows);
+        the barrier expects their bytes."""
+        BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
+        ELEM: gl.constexpr = w_desc.block_type.nbytes // (64 * BLOCK_K)
+        mbarrier.expect(bar, (4 * 64 + N0 + N1) * BLOCK_K * ELEM)
+        _tma_load(_box(t_descs, N0), [row, k], bar, t_bufs.index(stage).slice(0, N0))
+        if N1 > 0:
+            _tma_load(_box(t_descs, N1), [row + N0, k], bar, t_tail_bufs.index(stage).slice(0, N1))
+        w = w_bufs.index(stage)
+        for s in gl.static_range(4):
+            if GATE_UP:
+                w_row = expert_row + tile_m * 128 + (s // 2) * 64 + (s % 2) * up_offset
+            else:
+                w_row = expert_row + tile_m * 256 + s * 64
+            _tma_load(w_desc, [w_row, k], bar, w.slice(s * 64, 64))
+
+    @gluon.jit
+    def _producer(p, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr, PAD: gl.constexpr):
+        """One warp: per tile, per K step, a stage's copies (_load_stage), the token rows' parts by
+        the block's rows (PAD: the rows are a multiple of 32 or of 64)."""
+        (w_desc, t_descs, out_descs, w_bufs, t_bufs, t_tail_bufs, out_bufs, ready, empty,
+         sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_m, group,
+         k_dim, n_pairs, w_rows, up_offset, tile_ids, tile_full, tile_empty, tile_counter_ptr) = p
         STAGES: gl.constexpr = w_bufs.shape[0]
         BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
-        W_BYTES: gl.constexpr = 4 * w_desc.block_type.nbytes
-        T_BYTES: gl.constexpr = t_desc.block_type.nbytes
-        T64_BYTES: gl.constexpr = t64_desc.block_type.nbytes
         n_tiles = gl.load(n_blocks_ptr) * n_tiles_m
         step = 0
         i = 0
@@ -71,23 +100,24 @@ if HAVE_GLUON:
                 stage = step % STAGES
                 mbarrier.wait(empty.index(stage), ((step // STAGES) & 1) ^ 1)
                 bar = ready.index(stage)
-                if n_rows > 128:  # rows 0-127 and 128-191
-                    mbarrier.expect(bar, W_BYTES + T_BYTES + T64_BYTES)
-                    _tma_load(t_desc, [row, k], bar, t_bufs.index(stage))
-                    _tma_load(t64_desc, [row + 128, k], bar, t64_bufs.index(stage))
-                elif n_rows > 64:
-                    mbarrier.expect(bar, W_BYTES + T_BYTES)
-                    _tma_load(t_desc, [row, k], bar, t_bufs.index(stage))
-                else:
-                    mbarrier.expect(bar, W_BYTES + T64_BYTES)
-                    _tma_load(t64_desc, [row, k], bar, t64_bufs.index(stage))
-                w = w_bufs.index(stage)
-                for s in gl.static_range(4):  # slice s: warpgroup s // 2, its gate (s even) or up rows
-                    if GATE_UP:
-                        w_row = expert_row + tile_m * 128 + (s // 2) * 64 + (s % 2) * up_offset
+                a = (w_desc, t_descs, w_bufs, t_bufs, t_tail_bufs, bar, stage, row, k, expert_row,
+                     tile_m, up_offset)
+                if n_rows > 160:
+                    _load_stage(*a, GATE_UP, 128, 64)
+                elif n_rows > 128:
+                    if PAD == 32:
+                        _load_stage(*a, GATE_UP, 128, 32)
                     else:
-                        w_row = expert_row + tile_m * 256 + s * 64
-                    _tma_load(w_desc, [w_row, k], bar, w.slice(s * 64, 64))
+                        _load_stage(*a, GATE_UP, 128, 64)
+                elif n_rows > 64:
+                    if PAD == 32 and n_rows <= 96:
+                        _load_stage(*a, GATE_UP, 64, 32)
+                    else:
+                        _load_stage(*a, GATE_UP, 128, 0)
+                elif n_rows > 32 or PAD == 64:
+                    _load_stage(*a, GATE_UP, 64, 0)
+                else:
+                    _load_stage(*a, GATE_UP, 32, 0)
                 step += 1
             i += 1
             tile = _claim(tile_counter_ptr, i, DYNAMIC)
@@ -95,13 +125,13 @@ if HAVE_GLUON:
             _publish(tile_ids, tile_full, tile_empty, i, tile)
 
     @gluon.jit
-    def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr):
+    def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr,
+                  PAD: gl.constexpr):
         """One warpgroup: weight slices 2 * HALF and 2 * HALF + 1 of every tile, against all its
-        token rows; the MMAs' widths by the block's rows (a compiled variant each)."""
-        (w_desc, t_desc, t64_desc, out_desc, out64_desc, w_bufs, t_bufs, t64_bufs, out_bufs,
-         ready, empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
-         n_tiles_m, group, k_dim, n_pairs, w_rows, up_offset, tile_ids, tile_full, tile_empty,
-         tile_counter_ptr) = p
+        token rows, in the producer's parts (a compiled variant each)."""
+        (w_desc, t_descs, out_descs, w_bufs, t_bufs, t_tail_bufs, out_bufs, ready, empty,
+         sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_m, group,
+         k_dim, n_pairs, w_rows, up_offset, tile_ids, tile_full, tile_empty, tile_counter_ptr) = p
         n_tiles = gl.load(n_blocks_ptr) * n_tiles_m
         out_smem = out_bufs.index(HALF)
         step = 0
@@ -113,28 +143,34 @@ if HAVE_GLUON:
             n_rows = gl.load(block_start_ptr + block + 1) - start
             # output columns of this warpgroup's slices: gate/up 64 h columns, down 2 x 64 y columns
             col = tile_m * 128 + HALF * 64 if GATE_UP else tile_m * 256 + HALF * 128
-            if n_rows > 128:
-                step = _tile_mma(w_bufs, t_bufs, t64_bufs, out_desc, out64_desc, out_smem, ready,
-                                 empty, sorted_ptr, weights_ptr, k_dim, n_pairs, step, start, col,
-                                 GATE_UP, HALF, 128, 64)
+            a = (w_bufs, t_bufs, t_tail_bufs, out_descs, out_smem, ready, empty, sorted_ptr,
+                 weights_ptr, k_dim, n_pairs, step, start, col)
+            if n_rows > 160:
+                step = _tile_mma(*a, GATE_UP, HALF, 128, 64)
+            elif n_rows > 128:
+                if PAD == 32:
+                    step = _tile_mma(*a, GATE_UP, HALF, 128, 32)
+                else:
+                    step = _tile_mma(*a, GATE_UP, HALF, 128, 64)
             elif n_rows > 64:
-                step = _tile_mma(w_bufs, t_bufs, t64_bufs, out_desc, out64_desc, out_smem, ready,
-                                 empty, sorted_ptr, weights_ptr, k_dim, n_pairs, step, start, col,
-                                 GATE_UP, HALF, 128, 0)
+                if PAD == 32 and n_rows <= 96:
+                    step = _tile_mma(*a, GATE_UP, HALF, 64, 32)
+                else:
+                    step = _tile_mma(*a, GATE_UP, HALF, 128, 0)
+            elif n_rows > 32 or PAD == 64:
+                step = _tile_mma(*a, GATE_UP, HALF, 64, 0)
             else:
-                step = _tile_mma(w_bufs, t_bufs, t64_bufs, out_desc, out64_desc, out_smem, ready,
-                                 empty, sorted_ptr, weights_ptr, k_dim, n_pairs, step, start, col,
-                                 GATE_UP, HALF, 64, 0)
+                step = _tile_mma(*a, GATE_UP, HALF, 32, 0)
             i += 1
             tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
         tma.store_wait(0)
 
     @gluon.jit
-    def _tile_mma(w_bufs, t_bufs, t64_bufs, out_desc, out64_desc, out_smem, ready, empty,
-                  sorted_ptr, weights_ptr, k_dim, n_pairs, step, start, col,
-                  GATE_UP: gl.constexpr, HALF: gl.constexpr, N0: gl.constexpr, N1: gl.constexpr):
-        """A warpgroup's two weight slices (a, b) against the block's token rows in parts of N0
-        (the 128-row box, or the 64-row one where N0 is 64) and N1 (the 64-row box, or none):
+    def _tile_mma(w_bufs, t_bufs, t_tail_bufs, out_descs, out_smem, ready, empty, sorted_ptr,
+                  weights_ptr, k_dim, n_pairs, step, start, col, GATE_UP: gl.constexpr,
+                  HALF: gl.constexpr, N0: gl.constexpr, N1: gl.constexpr):
+        """A warpgroup's two weight slices (a, b) against the block's token rows in a part of N0
+        (the 128-row buffer's first N0) and one of N1 (the tail buffer's first N1; none where 0):
         up to four accumulators, then the epilogue. Returns the step count."""
         STAGES: gl.constexpr = w_bufs.shape[0]
         BLOCK_K: gl.constexpr = w_bufs.shape[2]
@@ -154,14 +190,11 @@ if HAVE_GLUON:
             w = w_bufs.index(stage)
             a = w.slice(HALF * 128, 64)
             b = w.slice(HALF * 128 + 64, 64)
-            if N0 == 128:
-                tokens0 = t_bufs.index(stage).permute((1, 0))
-            else:
-                tokens0 = t64_bufs.index(stage).permute((1, 0))
+            tokens0 = t_bufs.index(stage).slice(0, N0).permute((1, 0))
             acc_a0 = warpgroup_mma(a, tokens0, acc_a0, is_async=True)
             acc_b0 = warpgroup_mma(b, tokens0, acc_b0, is_async=True)
             if N1 > 0:
-                tokens1 = t64_bufs.index(stage).permute((1, 0))
+                tokens1 = t_tail_bufs.index(stage).slice(0, N1).permute((1, 0))
                 acc_a1 = warpgroup_mma(a, tokens1, acc_a1, is_async=True)
                 acc_b1 = warpgroup_mma(b, tokens1, acc_b1, is_async=True)
                 # this step's four MMAs may run on; the step before's are done with its stage
@@ -178,26 +211,22 @@ if HAVE_GLUON:
             acc_a0, acc_b0 = warpgroup_mma_wait(num_outstanding=0, deps=(acc_a0, acc_b0))
         mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES))
 
-        _epilogue(acc_a0, acc_b0, out_desc, out64_desc, out_smem, sorted_ptr, weights_ptr,
-                  n_pairs, start, col, GATE_UP)
+        _epilogue(acc_a0, acc_b0, out_descs, out_smem, sorted_ptr, weights_ptr, n_pairs, start,
+                  col, GATE_UP)
         if N1 > 0:
-            _epilogue(acc_a1, acc_b1, out_desc, out64_desc, out_smem, sorted_ptr, weights_ptr,
-                      n_pairs, start + N0, col, GATE_UP)
+            _epilogue(acc_a1, acc_b1, out_descs, out_smem, sorted_ptr, weights_ptr, n_pairs,
+                      start + N0, col, GATE_UP)
         return step
 
     @gluon.jit
-    def _epilogue(acc_a, acc_b, out_desc, out64_desc, out_smem, sorted_ptr, weights_ptr, n_pairs,
-                  row, col, GATE_UP: gl.constexpr):
+    def _epilogue(acc_a, acc_b, out_descs, out_smem, sorted_ptr, weights_ptr, n_pairs, row, col,
+                  GATE_UP: gl.constexpr):
         """One part's accumulators [64 weight rows, N token rows] out: h[rows, col..+64] =
         silu(a) * b (a the gate slice, b the up slice), or y[rows, col..+128] = the rows' routing
         weights times (a over b), each stored transposed through the warpgroup's buffer."""
         N: gl.constexpr = acc_a.shape[1]
-        if N == 128:
-            desc = out_desc
-            smem = out_smem
-        else:
-            desc = out64_desc
-            smem = _view_as(out_smem, out64_desc)
+        desc = _box(out_descs, N)
+        smem = _view_as(out_smem, desc)
         if GATE_UP:
             _store_t(desc, smem, _silu(acc_a) * acc_b, row, col)
         else:
@@ -216,22 +245,24 @@ if HAVE_GLUON:
         _tma_store(out_desc, [row, col], out_smem)
 
     @gluon.jit
-    def grouped_gemm_kernel(w_desc, t_desc, t64_desc, out_desc, out64_desc, sorted_ptr,
-                            weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
+    def grouped_gemm_kernel(w_desc, t_desc, t64_desc, t32_desc, out_desc, out64_desc, out32_desc,
+                            sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
                             n_tiles_m, group, k_dim, n_pairs, w_rows, up_offset, tile_counter_ptr,
-                            GATE_UP: gl.constexpr, STAGES: gl.constexpr, DYNAMIC: gl.constexpr):
+                            GATE_UP: gl.constexpr, STAGES: gl.constexpr, DYNAMIC: gl.constexpr,
+                            PAD: gl.constexpr):
         """GATE_UP: out = h [max_padded, F] (expert order), w_desc over w_gate_up [E * 2F, H] in
-        [64, BLOCK_K] boxes (up rows at +up_offset), t_desc / t64_desc over the token rows in
-        expert order [max_padded, H] in boxes of 128 / 64 rows. Otherwise out = y [max_padded, H],
-        w_desc over w_down [E * H, F], the token rows being h. w_rows: weight rows per expert (2F
-        or H). out_desc / out64_desc: out in [128, 64] / [64, 64] boxes. Four warps (the default
-        partition: slices 0-1 of each tile) and two workers: slices 2-3, and the producer warp."""
+        [64, BLOCK_K] boxes (up rows at +up_offset), t_desc / t64_desc / t32_desc over the token
+        rows in expert order [max_padded, H] in boxes of 128 / 64 / 32 rows. Otherwise out = y
+        [max_padded, H], w_desc over w_down [E * H, F], the token rows being h. w_rows: weight rows
+        per expert (2F or H). out_desc / out64_desc / out32_desc: out in boxes of 128 / 64 / 32
+        rows of 64 columns. PAD: the blocks' rows are multiples of it (32 or 64). Four warps (the
+        default partition: slices 0-1 of each tile) and two workers: slices 2-3, and the producer."""
         BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
         w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, 4 * 64, BLOCK_K], w_desc.layout)
         t_bufs = gl.allocate_shared_memory(t_desc.dtype, [STAGES] + t_desc.block_type.shape,
                                            t_desc.layout)
-        t64_bufs = gl.allocate_shared_memory(t64_desc.dtype, [STAGES] + t64_desc.block_type.shape,
-                                             t64_desc.layout)
+        t_tail_bufs = gl.allocate_shared_memory(t64_desc.dtype, [STAGES] + t64_desc.block_type.shape,
+                                                t64_desc.layout)
         out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape,
                                              out_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -246,29 +277,32 @@ if HAVE_GLUON:
         for i in gl.static_range(TILE_RING):
             mbarrier.init(tile_full.index(i), count=1)
             mbarrier.init(tile_empty.index(i), count=2)
-        p = (w_desc, t_desc, t64_desc, out_desc, out64_desc, w_bufs, t_bufs, t64_bufs, out_bufs,
-             ready, empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
-             n_tiles_m, group, k_dim, n_pairs, w_rows, up_offset, tile_ids, tile_full, tile_empty,
-             tile_counter_ptr)
-        gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC)),
-                            (_consumer, (p, GATE_UP, 1, DYNAMIC)),
-                            (_producer, (p, GATE_UP, DYNAMIC))],
+        p = (w_desc, (t_desc, t64_desc, t32_desc), (out_desc, out64_desc, out32_desc), w_bufs,
+             t_bufs, t_tail_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
+             block_start_ptr, n_blocks_ptr, n_tiles_m, group, k_dim, n_pairs, w_rows, up_offset,
+             tile_ids, tile_full, tile_empty, tile_counter_ptr)
+        gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC, PAD)),
+                            (_consumer, (p, GATE_UP, 1, DYNAMIC, PAD)),
+                            (_producer, (p, GATE_UP, DYNAMIC, PAD))],
                            [4, 1], [232, 24])
 
 
 def check_config(config: dict, x: torch.Tensor) -> None:
     """A swap config's constraints, as errors naming the field."""
-    if config["block_m"] != BLOCK_M or config.get("half_tail"):
-        raise ValueError(f"config field 'block_m' must be {BLOCK_M} on the 'wgmma' path with 'swap' "
-                         f"(blocks of 64, 128 or 192 token rows; no half_tail), got {config['block_m']}")
+    pad = config.get("pad_m", PADS[0])
+    if pad not in PADS:
+        raise ValueError(f"config field 'pad_m' must be 64 or 32 on the 'wgmma' path with 'swap', got {pad!r}")
+    if config["block_m"] not in BLOCK_MS or config["block_m"] % pad or config.get("half_tail"):
+        raise ValueError(f"config field 'block_m' must be 128, 160 or 192 and a multiple of pad_m={pad} on the "
+                         f"'wgmma' path with 'swap' (no half_tail), got {config['block_m']}")
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"the 'wgmma' path takes bf16 or fp16 x, got {x.dtype}")
     for gemm in ("gate_up", "down"):
         tile = config[gemm]
         if tile["block_k"] * x.element_size() not in (64, 128):
             raise ValueError(f"config field '{gemm}.block_k' must span 64 or 128 bytes, got {tile['block_k']}")
-        # a stage holds 256 weight rows and 192 token rows; two [128, 64] buffers for the epilogues
-        shared = tile["num_stages"] * (W_ROWS + BLOCK_M) * tile["block_k"] * x.element_size() + 2 * 128 * 64 * 2
+        # a stage's weight and token rows, and two [128, 64] buffers for the epilogues
+        shared = tile["num_stages"] * (W_ROWS + T_ROWS) * tile["block_k"] * x.element_size() + 2 * 128 * 64 * 2
         if shared > 227 * 1024:
             raise ValueError(f"config field '{gemm}.num_stages' x block_k needs {shared // 1024} KB of shared "
                              f"memory, over the 227 KB a block may use")
@@ -278,23 +312,23 @@ def check_config(config: dict, x: torch.Tensor) -> None:
 
 
 def _launch(a, w2d, out, weights, routing, tile: dict, w_rows: int, up_offset: int,
-            gate_up: bool) -> None:
+            gate_up: bool, pad: int) -> None:
     """One grouped GEMM: a [max_padded, K] (token rows, or h, in expert order), out [max_padded,
     N] in expert order, w2d the weights [E * w_rows, K], `weights` the routing weights [T*k] (the
-    down GEMM's; None for gate/up); one program per SM."""
+    down GEMM's; None for gate/up); the routing's blocks multiples of `pad` rows; one program per SM."""
     desc = wgmma_moe._descriptor
     block_k = tile["block_k"]
     n_tiles_m = triton.cdiv(out.shape[1], 128 if gate_up else 256)
     programs = min(torch.cuda.get_device_properties(a.device).multi_processor_count,
                    routing.max_blocks * n_tiles_m)
     grouped_gemm_kernel[(programs,)](
-        desc(w2d, [64, block_k]), desc(a, [128, block_k]), desc(a, [64, block_k]),
-        desc(out, [128, 64]), desc(out, [64, 64]), routing.sorted_pair_ids,
+        desc(w2d, [64, block_k]), *(desc(a, [rows, block_k]) for rows in (128, 64, 32)),
+        *(desc(out, [rows, 64]) for rows in (128, 64, 32)), routing.sorted_pair_ids,
         routing.sorted_pair_ids if weights is None else weights,  # gate/up never reads it
         routing.block_expert, routing.block_start, routing.n_blocks, n_tiles_m,
         tile.get("group_m", 8), a.shape[1], routing.n_pairs, w_rows, up_offset,
         torch.zeros(1, dtype=torch.int32, device=a.device),  # the tile counter (a memset)
-        GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=True, num_warps=4,
+        GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=True, PAD=pad, num_warps=4,
         maxnreg=wgmma_moe.MAX_REGISTERS)
 
 
@@ -304,7 +338,7 @@ def launch_gate_up(a, w_gate_up, routing, config: dict) -> torch.Tensor:
     n_experts, two_f, hidden = w_gate_up.shape
     h = torch.empty(routing.sorted_pair_ids.numel(), two_f // 2, dtype=a.dtype, device=a.device)
     _launch(a, w_gate_up.view(n_experts * two_f, hidden), h, None, routing, config["gate_up"],
-            two_f, two_f // 2, gate_up=True)
+            two_f, two_f // 2, gate_up=True, pad=config.get("pad_m", PADS[0]))
     return h
 
 
@@ -314,5 +348,5 @@ def launch_down(h, w_down, weights, routing, config: dict) -> torch.Tensor:
     n_experts, hidden, ffn = w_down.shape
     y = torch.empty(h.shape[0], hidden, dtype=h.dtype, device=h.device)
     _launch(h, w_down.view(n_experts * hidden, ffn), y, weights, routing, config["down"],
-            hidden, 0, gate_up=False)
+            hidden, 0, gate_up=False, pad=config.get("pad_m", PADS[0]))
     return y
