@@ -105,6 +105,32 @@ if HAVE_GLUON:
         return first + within % size, within // size
 
     @gluon.jit
+    def _block(tile, n_blocks_ptr, n_tiles_n, group, block_start_ptr):
+        """(row block, N tile, the block's first sorted row, its rows) of the tile-th tile."""
+        block, tile_n = _tile(tile, gl.load(n_blocks_ptr), n_tiles_n, group)
+        row = gl.load(block_start_ptr + block)
+        return block, tile_n, row, gl.load(block_start_ptr + block + 1) - row
+
+    @gluon.jit
+    def _barriers(STAGES: gl.constexpr, READY_COUNT: gl.constexpr):
+        """The schedule's barriers, initialised: each stage's ready (READY_COUNT arrivals, the
+        producer's) and empty (one arrival from each consumer warpgroup), and the ring of claimed
+        tile ids, producer to consumers, with its full and empty barriers."""
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        tile_ids = gl.allocate_shared_memory(gl.int32, [TILE_RING, 1],
+                                             gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        tile_full = gl.allocate_shared_memory(gl.int64, [TILE_RING, 1], mbarrier.MBarrierLayout())
+        tile_empty = gl.allocate_shared_memory(gl.int64, [TILE_RING, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=READY_COUNT)
+            mbarrier.init(empty.index(i), count=2)
+        for i in gl.static_range(TILE_RING):
+            mbarrier.init(tile_full.index(i), count=1)
+            mbarrier.init(tile_empty.index(i), count=2)
+        return ready, empty, tile_ids, tile_full, tile_empty
+
+    @gluon.jit
     def _claim(tile_counter_ptr, i, DYNAMIC: gl.constexpr):
         """The producer's i-th tile: the next of the launch's tile counter (DYNAMIC), or this
         program's i-th in a fixed stride over the programs."""
@@ -168,9 +194,7 @@ if HAVE_GLUON:
         while tile < n_tiles:
             if DYNAMIC:
                 _publish(tile_ids, tile_full, tile_empty, i, tile)
-            block, tile_n = _tile(tile, gl.load(n_blocks_ptr), n_tiles_n, group)
-            row = gl.load(block_start_ptr + block)
-            n_rows = gl.load(block_start_ptr + block + 1) - row
+            block, tile_n, row, n_rows = _block(tile, n_blocks_ptr, n_tiles_n, group, block_start_ptr)
             half_block = n_rows <= ROWS
             w_row = gl.load(block_expert_ptr + block) * b_rows + tile_n * BLOCK_N
             if GATHER:  # the block's token rows of x (padding rows and those past the block: none)
@@ -227,9 +251,8 @@ if HAVE_GLUON:
         i = 0
         tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
         while tile < n_tiles:
-            block, tile_n = _tile(tile, gl.load(n_blocks_ptr), n_tiles_n, group)
-            start = gl.load(block_start_ptr + block)
-            if gl.load(block_start_ptr + block + 1) - start > ROWS:
+            block, tile_n, start, n_rows = _block(tile, n_blocks_ptr, n_tiles_n, group, block_start_ptr)
+            if n_rows > ROWS:
                 step = _tile_mma(a_bufs, b_bufs, out_desc, out_bufs.index(HALF), ready, empty,
                                  sorted_ptr, weights_ptr, k_dim, n_pairs, step,
                                  start + HALF * ROWS, tile_n, GATE_UP, HALF, False, GATHER)
@@ -348,22 +371,10 @@ if HAVE_GLUON:
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, WIDTH, BLOCK_K], b_desc.layout)
         out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape,
                                              out_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        # the ring of claimed tile ids, producer to consumers (DYNAMIC)
-        tile_ids = gl.allocate_shared_memory(gl.int32, [TILE_RING, 1],
-                                             gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        tile_full = gl.allocate_shared_memory(gl.int64, [TILE_RING, 1], mbarrier.MBarrierLayout())
-        tile_empty = gl.allocate_shared_memory(gl.int64, [TILE_RING, 1], mbarrier.MBarrierLayout())
         # GATHER (> 0): a producer of that many warps, which arrives on a stage once for its TMA
         # copies and once a thread for its row copies
         PRODUCER_WARPS: gl.constexpr = GATHER if GATHER else 1
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1 + 32 * GATHER)
-            mbarrier.init(empty.index(i), count=2)
-        for i in gl.static_range(TILE_RING):
-            mbarrier.init(tile_full.index(i), count=1)
-            mbarrier.init(tile_empty.index(i), count=2)
+        ready, empty, tile_ids, tile_full, tile_empty = _barriers(STAGES, 1 + 32 * GATHER)
         p = (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, a_bufs, b_bufs, out_bufs, ready,
              empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
              n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset, tile_ids, tile_full, tile_empty,

@@ -41,7 +41,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
                                                                   tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
-    from .wgmma_moe import (TILE_RING, _claim, _next_tile, _publish, _silu, _tile, _tma_load,
+    from .wgmma_moe import (_barriers, _block, _claim, _next_tile, _publish, _silu, _tma_load,
                             _tma_store, _view_as)
 
     @gluon.jit
@@ -92,9 +92,7 @@ if HAVE_GLUON:
         while tile < n_tiles:
             if DYNAMIC:
                 _publish(tile_ids, tile_full, tile_empty, i, tile)
-            block, tile_m = _tile(tile, gl.load(n_blocks_ptr), n_tiles_m, group)
-            row = gl.load(block_start_ptr + block)
-            n_rows = gl.load(block_start_ptr + block + 1) - row
+            block, tile_m, row, n_rows = _block(tile, n_blocks_ptr, n_tiles_m, group, block_start_ptr)
             expert_row = gl.load(block_expert_ptr + block) * w_rows
             for k in range(0, k_dim, BLOCK_K):
                 stage = step % STAGES
@@ -138,9 +136,7 @@ if HAVE_GLUON:
         i = 0
         tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
         while tile < n_tiles:
-            block, tile_m = _tile(tile, gl.load(n_blocks_ptr), n_tiles_m, group)
-            start = gl.load(block_start_ptr + block)
-            n_rows = gl.load(block_start_ptr + block + 1) - start
+            block, tile_m, start, n_rows = _block(tile, n_blocks_ptr, n_tiles_m, group, block_start_ptr)
             # output columns of this warpgroup's slices: gate/up 64 h columns, down 2 x 64 y columns
             col = tile_m * 128 + HALF * 64 if GATE_UP else tile_m * 256 + HALF * 128
             a = (w_bufs, t_bufs, t_tail_bufs, out_descs, out_smem, ready, empty, sorted_ptr,
@@ -265,18 +261,7 @@ if HAVE_GLUON:
                                                 t64_desc.layout)
         out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape,
                                              out_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        tile_ids = gl.allocate_shared_memory(gl.int32, [TILE_RING, 1],
-                                             gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        tile_full = gl.allocate_shared_memory(gl.int64, [TILE_RING, 1], mbarrier.MBarrierLayout())
-        tile_empty = gl.allocate_shared_memory(gl.int64, [TILE_RING, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)
-        for i in gl.static_range(TILE_RING):
-            mbarrier.init(tile_full.index(i), count=1)
-            mbarrier.init(tile_empty.index(i), count=2)
+        ready, empty, tile_ids, tile_full, tile_empty = _barriers(STAGES, 1)
         p = (w_desc, (t_desc, t64_desc, t32_desc), (out_desc, out64_desc, out32_desc), w_bufs,
              t_bufs, t_tail_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
              block_start_ptr, n_blocks_ptr, n_tiles_m, group, k_dim, n_pairs, w_rows, up_offset,
