@@ -60,22 +60,25 @@ def test_check_config_names_the_field(change, field):
         wgmma_moe.check_config(_config(**change), torch.randn(3, 64, dtype=torch.bfloat16))
 
 
-# Compiled in a fresh interpreter (conftest.py's compiling_python).
-COMPILE = r"""
+# Compiled in a fresh interpreter (conftest.py's compiling_python): the scripts' common head, then
+# each kernel's signature and checks.
+COMPILE_HEAD = r"""
 import base64, json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
-from moegps.kernels import wgmma_moe
+from moegps.kernels import wgmma_moe, wgmma_swap
 if not wgmma_moe.HAVE_GLUON:
     print(json.dumps({"skip": "this Triton has no Gluon"})); sys.exit()
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
-gate_up, block_n, dynamic, gather = json.loads(sys.argv[1])
 
 def desc(block):
     layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
     return f"tensordesc<bf16[{block[0]}, {block[1]}],{layout!r}>"
+"""
 
+COMPILE = COMPILE_HEAD + r"""
+gate_up, block_n, dynamic, gather = json.loads(sys.argv[1])
 signature = {"a_desc": desc([128, 64]), "b_desc": desc([block_n, 64]), "b_half_desc": desc([block_n // 2, 64]),
              "out_desc": desc([64, 128]), "out_half_desc": desc([64, block_n // 2]),
              "sorted_ptr": "*i32", "weights_ptr": "*fp32",
@@ -176,21 +179,8 @@ def test_swap_route_pads_to_64_in_blocks_of_at_most_192(monkeypatch):
     assert seen == [(192, {"pad_m": 64}), (128, {"half_tail": True}), (160, {"pad_m": 32})]
 
 
-SWAP_COMPILE = r"""
-import base64, json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from moegps.kernels import wgmma_moe, wgmma_swap
-if not wgmma_moe.HAVE_GLUON:
-    print(json.dumps({"skip": "this Triton has no Gluon"})); sys.exit()
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon._runtime import GluonASTSource
+SWAP_COMPILE = COMPILE_HEAD + r"""
 gate_up, stages, block_k, pad = json.loads(sys.argv[1])
-
-def desc(block):
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
-    return f"tensordesc<bf16[{block[0]}, {block[1]}],{layout!r}>"
-
 signature = {"w_desc": desc([64, block_k]), "t_desc": desc([128, block_k]), "t64_desc": desc([64, block_k]),
              "t32_desc": desc([32, block_k]), "out_desc": desc([128, 64]), "out64_desc": desc([64, 64]),
              "out32_desc": desc([32, 64]), "sorted_ptr": "*i32",
@@ -207,7 +197,7 @@ ptx = compiled.asm["ptx"]
 print(json.dumps({"mma": sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m64n\d+k16)", ptx))),
                   "tanh": "tanh.approx.f32" in ptx, "shared": compiled.metadata.shared,
                   "warps": compiled.metadata.num_warps, "cubin": base64.b64encode(compiled.asm["cubin"]).decode()}))
-""".replace("import base64, json, sys", "import base64, json, re, sys")
+"""
 
 # Stack bytes the swap kernels were measured to spill under Triton 3.9's ptxas (sm_90): a few of
 # the prologue's scalars (stored before the partitions start, reloaded once a tile), none in the
