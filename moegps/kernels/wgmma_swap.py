@@ -6,18 +6,21 @@
 Why: cuBLAS's batched GEMM, which the benchmark holds ours against, takes every expert shape of
 the bench this way round (NOTES.md session 16, its kernels' names in a profile): 256 or 320 weight
 rows against 96 or 128 token rows a CTA, in clusters of two that share one copy of the weights.
-With the tokens on the MMA's N side a block can hold an expert's 192 rows (wgmma N = 128 + 64), so
-each weight tile is read once per expert where today's wgmma_moe.py (tokens on M, 64-row
-multiples) runs a block of 128 rows and a second, half-height one that reads the whole weight tile
-again: the 64 experts at 2048 tokens (192 +- 14 rows an expert) and Mixtral at 512 (128 +- 11).
+With the tokens on the MMA's N side a block can hold all of an expert's rows up to 192 (wgmma N =
+128 + 64), so each weight tile is read once per expert where wgmma_moe.py and the sorted kernels
+(tokens on M) run blocks of 64 or 128 rows that each read the whole weight tile. Measured (NOTES.md
+v29): faster where an expert's 64-192 rows fit one block and the GEMMs are not yet compute-bound
+(the 64 experts at 768-1536 tokens, 10-12%; Mixtral at 2048 tokens, 3%), slower elsewhere, where
+cuBLAS's clusters of two (one copy of the weights for two CTAs) are what this kernel lacks.
 
 The schedule is wgmma_moe's (its docstring): one program per SM, a producer warp issuing TMA
 copies into a ring of stages, two consumer warpgroups, tiles claimed from a counter. A tile is
 256 weight rows (gate/up: 128 gate and the matching 128 up rows; each warpgroup 64 of each, so
-SiLU(gate) * up pairs registers of one thread) against one block of 64, 128 or 192 token rows
-(routing.align with pad_m 64, block_m 192: each expert's rows padded to 64 and split evenly over
-its blocks). A warpgroup holds 2 x 64 x 192 fp32 accumulators at most (192 registers a thread).
-Its epilogue stores h or y transposed, in expert order, through shared memory and TMA.
+SiLU(gate) * up pairs registers of one thread) against one block of token rows (routing.align with
+the config's pad_m, 64 or 32, and block_m, up to 192: each expert's rows padded and split evenly
+over its blocks), taken as a part of up to 128 columns and one of up to 64 (a compiled variant per
+pair of widths). A warpgroup holds 2 x 64 x 192 fp32 accumulators at most (192 registers a
+thread). Its epilogue stores h or y transposed, in expert order, through shared memory and TMA.
 
 GPU-only, like wgmma_moe; tests/test_wgmma_moe.py compiles it for sm_90 on the CPU.
 """
