@@ -122,3 +122,21 @@ def test_balanced_routing():
                                                 shared=shared)
         assert torch.equal(gates, random_gates) and torch.equal(ids[:, top_k - shared:],
                                                                 random_ids[:, top_k - shared:])
+
+
+def test_a_probe_writes_only_variants_that_beat_the_shipped_config_by_2_percent(config_dir):
+    """tune.write_winners (the wgmma and swap probes' --write-config): a variant 3% faster than the
+    shipped config goes into the device's table with its time and command; 1% faster does not, nor
+    does the shipped config itself timed as a variant."""
+    config_dir.parent.mkdir()
+    dims = tune.expert_dims("mixtral-8x7b")
+    fast = {"path": "wgmma", "swap": True, "block_m": 192, "gate_up": {"block_k": 32}, "down": {"block_k": 32}}
+    shipped_512 = launch.get_config(512, *dims)  # this device's table is empty: the default config
+    rows = [{"shape": "mixtral-8x7b", "tokens": 2048, "ours_us": 100.0, "fast_us": 97.0, "same_us": 99.0},
+            {"shape": "mixtral-8x7b", "tokens": 1024, "ours_us": 100.0, "fast_us": 99.0, "same_us": 99.5},
+            {"shape": "mixtral-8x7b", "tokens": 512, "ours_us": 100.0, "fast_us": 99.0, "same_us": 90.0}]
+    tune.write_winners(rows, {"fast": fast, "same": shipped_512}, "python probe.py")
+    entries = json.loads(config_dir.read_text())["shapes"][launch.shape_key(*dims)]
+    assert list(entries) == ["2048"]
+    assert entries["2048"] == dict(fast, us=97.0, tuned_by="python probe.py")
+    assert "2048" in launch._tuned_table("TEST_GPU")[launch.shape_key(*dims)]  # the cached copy was dropped

@@ -2,7 +2,7 @@
 cuBLAS's batched GEMM, checked and timed in the same rounds.
 
     python benchmarks/kernels/swap_probe.py [--shapes deepseek-v2-lite mixtral-8x7b] \
-        [--tokens 512 2048 8192] [--variants 6x32 6x32:160/32] [--groups 8] [--skip-checks]
+        [--tokens 512 2048 8192] [--variants 6x32 6x32:160/32] [--groups 8] [--skip-checks] [--write-config]
 
 Checks first (unless --skip-checks): whole calls (routing, row gather, both GEMMs, k-way combine)
 against the fp32 reference at 1, 7, 100 and 2048 tokens (empty experts, blocks of 64, 128 and 192
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import sys
 
 import torch
 
@@ -27,7 +28,7 @@ from moegps.kernels.bench import balanced_bmm_parts, ceiling_runs, gemm_parts, r
 from moegps.kernels.launch import fused_moe, get_config
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.timing import make_inputs, make_routing, rel_err, time_many
-from moegps.kernels.tune import describe, expert_dims, shared_columns
+from moegps.kernels.tune import describe, expert_dims, shared_columns, write_winners
 
 
 def variant(spec: str, group: int) -> dict:
@@ -69,12 +70,16 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="*", default=["3x64", "6x32"],
                         help="each variant's STAGESxBLOCK_K[:BLOCK_M/PAD_M] (block_m 192, pad_m 64 if not given)")
     parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--write-config", action="store_true",
+                        help="where the fastest variant's whole call beats the shipped config's by >= 2%%, "
+                             "write it into configs/<device>.json for that shape and token count")
     args = parser.parse_args(argv)
     timing.FLUSH = "clean"
     configs = {f"s{v}g{g}": variant(v, g) for v in args.variants for g in args.groups}
     print(f"device: {torch.cuda.get_device_name()}")
     if not args.skip_checks and not checks(configs):
         raise SystemExit("a check failed")
+    rows = []
     for name in args.shapes:
         n_experts, hidden, ffn, top_k = dims = expert_dims(name)
         for n_tokens in args.tokens:
@@ -109,6 +114,10 @@ def main(argv=None):
                 cells = ", ".join(f"{label} {us[f'{label}.{part}']:.1f} us ({100 * floors[part] / us[f'{label}.{part}']:.0f}%)"
                                   for label in ["shipped", *configs, "bmm"] if f"{label}.{part}" in us)
                 print(f"  {part:8s} floor {floors[part]:.1f} us: {cells}", flush=True)
+            rows.append({"shape": name, "tokens": n_tokens, "ours_us": us["shipped.call"],
+                         **{f"{label}_us": us[f"{label}.call"] for label in configs}})
+    if args.write_config:
+        write_winners(rows, configs, " ".join(["python benchmarks/kernels/swap_probe.py", *(argv or sys.argv[1:])]))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from moegps.kernels.bench import gemm_parts
 from moegps.kernels.launch import fused_moe, get_config
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.timing import make_inputs, make_routing, rel_err, time_many
-from moegps.kernels.tune import device_table, expert_dims, put_entry, shared_columns, write_table
+from moegps.kernels.tune import expert_dims, shared_columns, write_winners
 
 
 def wgmma_config(block_m=128, gu_n=128, down_n=256, stages=4, group=8, block_k=64,
@@ -160,28 +160,8 @@ def main(argv=None):
                       for m in ["ours", "bmm", *VARIANTS]) + f"; parts (us) {row['parts']}",
                   flush=True)
     if args.write_config and ok:
-        write_winners(rows, " ".join(["python benchmarks/kernels/wgmma_probe.py", *(argv or sys.argv[1:])]))
+        write_winners(rows, VARIANTS, " ".join(["python benchmarks/kernels/wgmma_probe.py", *(argv or sys.argv[1:])]))
     return 0 if ok else 1
-
-
-def write_winners(rows, command: str) -> None:
-    """Merge the rows' winning wgmma variants into the device's config table (atomic rewrite)."""
-    path, table = device_table()
-    record = ("us", "tuned_by", "kept_by")  # an entry's record of its timing, not its config
-    for row in rows:
-        best = min(VARIANTS, key=lambda v: row[f"{v}_us"])
-        if row[f"{best}_us"] > 0.98 * row["ours_us"]:
-            continue
-        shipped = get_config(row["tokens"], *expert_dims(row["shape"]))
-        if {k: v for k, v in shipped.items() if k not in record} == VARIANTS[best]:
-            # the shipped config itself, timed as a variant (session 14 call 7: Mixtral 8192 as
-            # "ht" 2.2% faster than as "ours" in the same rounds)
-            continue
-        put_entry(table, launch.shape_key(*expert_dims(row["shape"])), row["tokens"],
-                  dict(VARIANTS[best], us=round(row[f"{best}_us"], 2), tuned_by=command))
-        print(f"config: {row['shape']} T={row['tokens']} -> {best} ({row[f'{best}_us']:.1f} us "
-              f"against {row['ours_us']:.1f})", flush=True)
-    write_table(table, (path,))
 
 
 if __name__ == "__main__":

@@ -469,6 +469,29 @@ def write_table(table: dict, targets) -> None:
     launch._tuned_table.cache_clear()
 
 
+def write_winners(rows, variants: dict, command: str) -> None:
+    """Merge a probe's winning variants into the device's config table (atomic rewrite). rows:
+    {"shape", "tokens", "ours_us" (the shipped config's whole call), "<variant>_us" for each of
+    `variants` ({name: config}), timed in the same rounds}; a variant goes in where it beats the
+    shipped config by 2% or more and is not that config itself."""
+    path, table = device_table()
+    record = ("us", "tuned_by", "kept_by")  # an entry's record of its timing, not its config
+    for row in rows:
+        best = min(variants, key=lambda v: row[f"{v}_us"])
+        if row[f"{best}_us"] > 0.98 * row["ours_us"]:
+            continue
+        shipped = launch.get_config(row["tokens"], *expert_dims(row["shape"]))
+        if {k: v for k, v in shipped.items() if k not in record} == variants[best]:
+            # the shipped config itself, timed as a variant (session 14 call 7: Mixtral 8192 as
+            # "ht" 2.2% faster than as "ours" in the same rounds)
+            continue
+        put_entry(table, launch.shape_key(*expert_dims(row["shape"])), row["tokens"],
+                  dict(variants[best], us=round(row[f"{best}_us"], 2), tuned_by=command))
+        print(f"config: {row['shape']} T={row['tokens']} -> {best} ({row[f'{best}_us']:.1f} us "
+              f"against {row['ours_us']:.1f})", flush=True)
+    write_table(table, (path,))
+
+
 def tune(shapes, tokens, out_dir: Path, workers: int, command: str, seed: int = 0,
          paths=PATHS) -> Path:
     """Tune each (shape, tokens) over `paths` and merge the results into configs/<device>.json
