@@ -51,13 +51,6 @@ print(json.dumps({"wgmma": "wgmma.mma_async" in compiled.asm["ptx"], "shared": c
 """
 
 
-# Spills measured not to cost, each with the most stack bytes it may take (Triton 3.9 compiles
-# 304 here): the H200 table's 640-token entry, blocks of 192 rows against 256 weight rows in the
-# down GEMM, took 288.7 us against 330.2 for the fastest unspilled tile in the same rounds
-# (NOTES.md v24; benchmarks/kernels/logs/h200-2026-12-04-i/call2-tune.log).
-MEASURED_SPILLS = {("down", 192, 256): 320}
-
-
 def shipped_swap_gemms() -> list:
     """(gemm, block_m, tile) of every swap config in the shipped tables, each once."""
     found = set()
@@ -76,8 +69,9 @@ def test_shipped_swap_configs_compile_for_hopper_unspilled(gemm, block_m, tile, 
     assert result["wgmma"]  # the tensor cores' Hopper instruction
     assert result["tanh"] == (gemm == "gate_up")  # fused_moe.silu_mul's one MUFU op an element
     assert result["shared"] <= 227 * 1024
-    stack = MEASURED_SPILLS.get((gemm, block_m, json.loads(tile)["block_n"]), 0)
-    assert_unspilled(result["cubin"], result["warps"], stack_bytes=stack)
+    # (the one spill once shipped, 192-row blocks against 256 weight rows in the down GEMM of the
+    # Mixtral 640 entry, went with that entry to the wgmma swap kernels: NOTES.md session 16)
+    assert_unspilled(result["cubin"], result["warps"])
 
 
 def test_the_tables_ship_a_swap_config():
