@@ -179,6 +179,17 @@ def test_swap_route_pads_to_64_in_blocks_of_at_most_192(monkeypatch):
     assert seen == [(192, {"pad_m": 64}), (128, {"half_tail": True}), (160, {"pad_m": 32})]
 
 
+@pytest.mark.parametrize("pad", wgmma_swap.PADS)
+def test_swap_token_parts_cover_every_block_exactly(pad):
+    """Every block height align can give (a multiple of pad up to 192 rows) runs as MMA parts the
+    kernels compile (N0 of 32/64/128 into the 128-row buffer, N1 of 0/32/64 into the 64-row one)
+    that add up to its rows: no row left out, no part wider than the rows it holds."""
+    for n_rows in range(pad, max(wgmma_swap.BLOCK_MS) + 1, pad):
+        n0, n1 = wgmma_swap.token_parts(n_rows, pad)
+        assert n0 in (32, 64, 128) and n1 in (0, 32, 64)
+        assert n0 + n1 == n_rows, (n_rows, pad, n0, n1)
+
+
 SWAP_COMPILE = COMPILE_HEAD + r"""
 gate_up, stages, block_k, pad = json.loads(sys.argv[1])
 signature = {"w_desc": desc([64, block_k]), "t_desc": desc([128, block_k]), "t64_desc": desc([64, block_k]),

@@ -38,6 +38,19 @@ PADS = (64, 32)  # an expert's rows are padded to this (config "pad_m", align's 
 W_ROWS = 256  # weight rows a tile: 4 slices of 64, two a consumer warpgroup
 T_ROWS = 128 + 64  # token rows a stage holds: a part of up to 128 and one of up to 64
 
+def token_parts(n_rows: int, pad: int) -> tuple[int, int]:
+    """(N0, N1): the MMA widths a block of n_rows token rows (a multiple of pad) runs as, one part
+    of N0 columns and one of N1 (0: none). The producer's and the consumers' if-chains below are
+    this rule; this copy is what the CPU tests check it with."""
+    if n_rows > 160:
+        return 128, 64
+    if n_rows > 128:
+        return (128, 32) if pad == 32 else (128, 64)
+    if n_rows > 64:
+        return (64, 32) if pad == 32 and n_rows <= 96 else (128, 0)
+    return (64, 0) if n_rows > 32 or pad == 64 else (32, 0)
+
+
 if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -82,7 +95,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _producer(p, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr, PAD: gl.constexpr):
         """One warp: per tile, per K step, a stage's copies (_load_stage), the token rows' parts by
-        the block's rows (PAD: the rows are a multiple of 32 or of 64)."""
+        the block's rows (PAD: the rows are a multiple of 32 or of 64; token_parts' rule)."""
         (w_desc, t_descs, out_descs, w_bufs, t_bufs, t_tail_bufs, out_bufs, ready, empty,
          sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_m, group,
          k_dim, n_pairs, w_rows, up_offset, tile_ids, tile_full, tile_empty, tile_counter_ptr) = p
@@ -129,7 +142,7 @@ if HAVE_GLUON:
     def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr,
                   PAD: gl.constexpr):
         """One warpgroup: weight slices 2 * HALF and 2 * HALF + 1 of every tile, against all its
-        token rows, in the producer's parts (a compiled variant each)."""
+        token rows, in the producer's parts (token_parts' rule; a compiled variant each)."""
         (w_desc, t_descs, out_descs, w_bufs, t_bufs, t_tail_bufs, out_bufs, ready, empty,
          sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_m, group,
          k_dim, n_pairs, w_rows, up_offset, tile_ids, tile_full, tile_empty, tile_counter_ptr) = p
