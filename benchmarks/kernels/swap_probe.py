@@ -5,8 +5,8 @@ cuBLAS's batched GEMM, checked and timed in the same rounds.
         [--tokens 512 2048 8192] [--variants 6x32 6x32:160/32] [--groups 8] [--skip-checks] [--write-config]
 
 Checks first (unless --skip-checks): whole calls (routing, row gather, both GEMMs, k-way combine)
-against the fp32 reference at 1, 7, 100 and 2048 tokens (empty experts, blocks of 64, 128 and 192
-rows), one expert for all, and balanced routing. Then for each (shape, tokens): the medians of
+against the fp32 reference at 1, 7, 100 and 2048 tokens (empty experts, blocks of every height the
+variant's padding gives), one expert for all, and balanced routing, for every variant. Then for each (shape, tokens): the medians of
 time_many (interleaved rounds, CUDA graphs, L2 flushed by a clean read) of each GEMM launch and
 of the whole call, for every variant and for the shipped config, beside cuBLAS's bmm of the same
 projections on balanced rows, each as % of the floor measured in the same rounds (the bench's:
