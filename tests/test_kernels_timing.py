@@ -108,3 +108,16 @@ def test_gpu_clocks_without_a_runnable_nvidia_smi_gives_nan(monkeypatch, tmp_pat
         with timing.gpu_clocks(nvidia_smi=exe) as stats:
             ran = True
         assert ran and all(math.isnan(v) for v in stats.values())
+
+
+def test_floors_are_weight_bytes_over_the_copy_rate_or_flops_over_the_matmul_rate():
+    """bench.floors_us on a hand-worked case: 2 experts, H 4, F 3, 5 tokens, top-2, a copy rate of
+    1e6 B/s and a matmul rate of 1e6 FLOP/s (us = 1e6 x bytes or FLOPs / rate)."""
+    from moegps.kernels.bench import floors_us
+
+    floors = floors_us(2, 4, 3, 5, 2, {"copy_Bps": 1e6, "matmul_flops": 1e6})
+    # gate/up: 2 experts x 6 x 4 bf16 weights = 96 bytes; 10 pairs x 2 x 6 x 4 = 480 FLOPs
+    assert floors["gate_up"] == pytest.approx((96e6 / 1e6, 480e6 / 1e6))
+    assert floors["down"] == pytest.approx((48.0, 240.0))  # 2 x 4 x 3 x 2 bytes; 10 x 2 x 4 x 3
+    # the call: all 144 weight bytes, x read and the output written (2 x 5 x 4 bf16 = 80), 720 FLOPs
+    assert floors["call"] == pytest.approx((224.0, 720.0))

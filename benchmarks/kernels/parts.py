@@ -17,7 +17,7 @@ import math
 import torch
 
 from moegps.kernels import timing
-from moegps.kernels.bench import balanced_bmm_parts, ceiling_runs, gemm_parts, rates
+from moegps.kernels.bench import balanced_bmm_parts, ceiling_runs, floors_us, gemm_parts, rates
 from moegps.kernels.launch import get_config
 from moegps.kernels.timing import make_inputs, make_routing, time_many
 from moegps.kernels.tune import describe, expert_dims, shared_columns
@@ -50,11 +50,9 @@ def main(argv=None):
                 fns[f"{part}.bmm"] = fn
             ceilings = ceiling_runs()
             us = time_many({**fns, **ceilings}, graph=set(fns))
-            rate = rates(us)
-            pairs = n_tokens * top_k
-            for part, (n_rows, k_dim) in {"gate_up": (2 * ffn, hidden), "down": (hidden, ffn)}.items():
-                floor = 1e6 * max(n_experts * n_rows * k_dim * 2 / rate["copy_Bps"],
-                                  2 * pairs * n_rows * k_dim / rate["matmul_flops"])
+            floors = floors_us(n_experts, hidden, ffn, n_tokens, top_k, rates(us))
+            for part in ("gate_up", "down"):
+                floor = max(floors[part])
                 cells = ", ".join(f"{r} {us[f'{part}.{r}']:.1f} us ({100 * floor / us[f'{part}.{r}']:.0f}%)"
                                   for r in ("random", "balanced", "bmm"))
                 print(f"  {part:8s} floor {floor:.1f} us: {cells}", flush=True)

@@ -24,7 +24,7 @@ import sys
 import torch
 
 from moegps.kernels import timing
-from moegps.kernels.bench import balanced_bmm_parts, ceiling_runs, gemm_parts, rates
+from moegps.kernels.bench import balanced_bmm_parts, ceiling_runs, floors_us, gemm_parts, rates
 from moegps.kernels.launch import fused_moe, get_config
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.timing import make_inputs, make_routing, rel_err, time_many
@@ -100,14 +100,7 @@ def main(argv=None):
             for part, fn in balanced_bmm_parts(w13, w2, active, math.ceil(n_tokens * top_k / active)).items():
                 fns[f"bmm.{part}"] = fn
             us = time_many({**fns, **ceiling_runs()}, graph=set(fns))
-            rate = rates(us)
-            pairs = n_tokens * top_k
-            floors = {}
-            for part, (n_rows, k_dim) in {"gate_up": (2 * ffn, hidden), "down": (hidden, ffn)}.items():
-                floors[part] = 1e6 * max(active * n_rows * k_dim * 2 / rate["copy_Bps"],
-                                         2 * pairs * n_rows * k_dim / rate["matmul_flops"])
-            floors["call"] = 1e6 * max((active * 3 * hidden * ffn * 2 + 2 * n_tokens * hidden * 2)
-                                       / rate["copy_Bps"], 2 * pairs * 3 * hidden * ffn / rate["matmul_flops"])
+            floors = {part: max(f) for part, f in floors_us(active, hidden, ffn, n_tokens, top_k, rates(us)).items()}
             print(f"{name} T={n_tokens}: shipped {describe(shipped)}; errors "
                   + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)
             for part in ("call", "gate_up", "down"):

@@ -148,6 +148,21 @@ def rates(times_us: dict) -> dict:
             "matmul_flops": 2 * 8192**3 / (times_us["matmul"] * 1e-6)}
 
 
+def floors_us(n_active: int, hidden: int, ffn: int, n_tokens: int, top_k: int, rate: dict) -> dict:
+    """{"gate_up", "down", "call"}: (memory floor, compute floor) in us of each expert GEMM and of
+    the whole call, at the rates measured beside them (`rates`): the `n_active` experts' weight
+    bytes (the call's plus x read and the output written) over the copy rate, and the FLOPs of the
+    n_tokens * top_k pairs over the matmul rate. The floor is the larger of the two."""
+    pairs = n_tokens * top_k
+    out = {}
+    for part, (n_rows, k_dim) in {"gate_up": (2 * ffn, hidden), "down": (hidden, ffn)}.items():
+        out[part] = (1e6 * n_active * n_rows * k_dim * 2 / rate["copy_Bps"],
+                     1e6 * 2 * pairs * n_rows * k_dim / rate["matmul_flops"])
+    out["call"] = (1e6 * (n_active * 3 * hidden * ffn * 2 + 2 * n_tokens * hidden * 2) / rate["copy_Bps"],
+                   1e6 * 2 * pairs * 3 * hidden * ffn / rate["matmul_flops"])
+    return out
+
+
 def align_times(shapes, tokens, seed=0) -> list[dict]:
     """Routing metadata alone (CUDA graph), by method: the one-launch walk and the chunked
     launches, at BLOCK_M 128 with half tails (the large-batch config); the auto choice is the
@@ -211,7 +226,6 @@ def bench_one(name, shape, n_tokens, seed=0, fused=False, skip=(), failed=None) 
     dflt = default_config(n_tokens, n_experts, hidden, ffn, top_k)
     active = int(torch.unique(ids).numel())
     weight_bytes = active * 3 * hidden * ffn * 2
-    io_bytes = 2 * n_tokens * hidden * 2
     flops = 2 * n_tokens * top_k * 3 * hidden * ffn
     ref = moe_reference(x.float(), w13.float(), w2.float(), ids, weights.float()).float()
     row = {"shape": name, "E": n_experts, "H": hidden, "F": ffn, "k": top_k, "tokens": n_tokens,
@@ -249,8 +263,7 @@ def bench_one(name, shape, n_tokens, seed=0, fused=False, skip=(), failed=None) 
     for method in ("ours", "balanced", "default", "gmm", "gemms", "bmm", "read"):
         row[f"{method}_us"] = times.get(method, math.nan)
     rate = rates(times)
-    floor_mem = (weight_bytes + io_bytes) / rate["copy_Bps"] * 1e6
-    floor_flop = flops / rate["matmul_flops"] * 1e6
+    floor_mem, floor_flop = floors_us(active, hidden, ffn, n_tokens, top_k, rate)["call"]
     row.update(copy_TBps=rate["copy_Bps"] / 1e12, matmul_TFLOPs=rate["matmul_flops"] / 1e12,
                floor_us=max(floor_mem, floor_flop),
                bound="memory" if floor_mem >= floor_flop else "compute")
