@@ -362,7 +362,7 @@ def route(ids: torch.Tensor, n_experts: int, config: dict, scratch: torch.Tensor
             scratch = torch.empty(n_experts * ids.numel(), dtype=torch.int32, device=ids.device)
         return scratch
     if config["path"] == "wgmma" and config.get("swap"):
-        return align(ids, n_experts, config["block_m"], pad_m=config.get("pad_m", wgmma_swap.PADS[0]))
+        return align(ids, n_experts, config["block_m"], pad_m=wgmma_swap.pad_m(config))
     if config["path"] in ("sorted", "wgmma"):
         return align(ids, n_experts, config["block_m"], half_tail=config.get("half_tail", False))
     if config["path"] == "swap":

@@ -38,6 +38,11 @@ PADS = (64, 32)  # an expert's rows are padded to this (config "pad_m", align's 
 W_ROWS = 256  # weight rows a tile: 4 slices of 64, two a consumer warpgroup
 T_ROWS = 128 + 64  # token rows a stage holds: a part of up to 128 and one of up to 64
 
+def pad_m(config: dict) -> int:
+    """The rows a swap config pads each expert's run to (its "pad_m", else PADS[0])."""
+    return config.get("pad_m", PADS[0])
+
+
 def token_parts(n_rows: int, pad: int) -> tuple[int, int]:
     """(N0, N1): the MMA widths a block of n_rows token rows (a multiple of pad) runs as, one part
     of N0 columns and one of N1 (0: none). The producer's and the consumers' if-chains below are
@@ -290,7 +295,7 @@ if HAVE_GLUON:
 
 def check_config(config: dict, x: torch.Tensor) -> None:
     """A swap config's constraints, as errors naming the field."""
-    pad = config.get("pad_m", PADS[0])
+    pad = pad_m(config)
     if pad not in PADS:
         raise ValueError(f"config field 'pad_m' must be 64 or 32 on the 'wgmma' path with 'swap', got {pad!r}")
     if config["block_m"] not in BLOCK_MS or config["block_m"] % pad or config.get("half_tail"):
@@ -339,7 +344,7 @@ def launch_gate_up(a, w_gate_up, routing, config: dict) -> torch.Tensor:
     n_experts, two_f, hidden = w_gate_up.shape
     h = torch.empty(routing.sorted_pair_ids.numel(), two_f // 2, dtype=a.dtype, device=a.device)
     _launch(a, w_gate_up.view(n_experts * two_f, hidden), h, None, routing, config["gate_up"],
-            two_f, two_f // 2, gate_up=True, pad=config.get("pad_m", PADS[0]))
+            two_f, two_f // 2, gate_up=True, pad=pad_m(config))
     return h
 
 
@@ -349,5 +354,5 @@ def launch_down(h, w_down, weights, routing, config: dict) -> torch.Tensor:
     n_experts, hidden, ffn = w_down.shape
     y = torch.empty(h.shape[0], hidden, dtype=h.dtype, device=h.device)
     _launch(h, w_down.view(n_experts * hidden, ffn), y, weights, routing, config["down"],
-            hidden, 0, gate_up=False, pad=config.get("pad_m", PADS[0]))
+            hidden, 0, gate_up=False, pad=pad_m(config))
     return y
