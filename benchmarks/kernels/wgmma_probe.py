@@ -11,7 +11,8 @@ config and cuBLAS bmm, on one H100/H200.
    token counts that leave ragged blocks; a row fails above 1e-2.
 2. Times (time_many: every method of a row in the same rounds, graphs, L2 flushed by a clean
    read): the shipped config ("ours"), wgmma variants (tiles below), balanced cuBLAS bmm, and the
-   floor = max(weight bytes / copy rate, FLOPs / 8192^3 matmul rate), both measured in the row;
+   call's floor (bench.floors_us: weight bytes plus x read and the output written over the copy
+   rate, or FLOPs over the 8192^3 matmul rate, both measured in the row's rounds);
    and each GEMM alone ("parts": the shipped launches and the wgmma ones, gather and combine).
 3. `--write-config`: where the fastest wgmma variant beats the shipped config by >= 2% in the
    same rounds, it goes into the device's table (moegps/kernels/configs/<device>.json).
@@ -27,7 +28,7 @@ import torch
 import triton
 
 from moegps.kernels import launch, timing, wgmma_moe
-from moegps.kernels.bench import gemm_parts
+from moegps.kernels.bench import balanced_bmm, ceiling_runs, floors_us, gemm_parts, rates
 from moegps.kernels.launch import fused_moe, get_config
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.timing import make_inputs, make_routing, rel_err, time_many
@@ -96,16 +97,8 @@ def bench_row(name, dims, n_tokens, seed) -> dict:
     x, w13, w2 = make_inputs(n_experts, hidden, ffn, top_k, n_tokens, seed)
     ids, weights = make_routing(n_tokens, n_experts, top_k, seed, shared=shared_columns(name))
     active = int(torch.unique(ids).numel())
-    rows = math.ceil(n_tokens * top_k / active)
-    a = torch.randn(active, rows, hidden, dtype=x.dtype, device="cuda")
-    h = torch.randn(active, rows, ffn, dtype=x.dtype, device="cuda")
-    big = torch.empty(2**29, dtype=torch.bfloat16, device="cuda").normal_()
-    big2 = torch.empty_like(big)
-    m = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    fns = {"copy": lambda: big2.copy_(big), "matmul": lambda: m @ m,
-           "ours": lambda: fused_moe(x, w13, w2, ids, weights),
-           "bmm": lambda: (torch.bmm(a, w13[:active].transpose(1, 2)),
-                           torch.bmm(h, w2[:active].transpose(1, 2)))}
+    fns = {"ours": lambda: fused_moe(x, w13, w2, ids, weights),
+           "bmm": balanced_bmm(w13, w2, active, math.ceil(n_tokens * top_k / active))}
     for variant, config in VARIANTS.items():
         fns[variant] = (lambda c=config: fused_moe(x, w13, w2, ids, weights, config=c))
     shipped = get_config(n_tokens, *dims)
@@ -113,14 +106,11 @@ def bench_row(name, dims, n_tokens, seed) -> dict:
         fns[f"ours.{part}"] = fn
     for part, fn in parts(x, w13, w2, ids, weights, VARIANTS["w128"]).items():
         fns[f"w128.{part}"] = fn
-    times = time_many(fns, graph=set(fns) - {"copy", "matmul"})
-    copy_bps = 2 * 2**29 * 2 / (times["copy"] * 1e-6)
-    flops_rate = 2 * 8192**3 / (times["matmul"] * 1e-6)
-    weight_bytes = active * 3 * hidden * ffn * 2
-    flops = 2 * n_tokens * top_k * 3 * hidden * ffn
-    floor = max(weight_bytes / copy_bps, flops / flops_rate) * 1e6
+    times = time_many({**fns, **ceiling_runs()}, graph=set(fns))
+    rate = rates(times)
+    floor = max(floors_us(active, hidden, ffn, n_tokens, top_k, rate)["call"])
     row = {"shape": name, "tokens": n_tokens, "floor_us": floor,
-           "matmul_TFLOPs": flops_rate / 1e12, "shipped": get_config(n_tokens, *dims)["path"]}
+           "matmul_TFLOPs": rate["matmul_flops"] / 1e12, "shipped": get_config(n_tokens, *dims)["path"]}
     for method in ["ours", "bmm", *VARIANTS]:
         row[f"{method}_us"] = times[method]
         row[f"{method}_pct"] = 100 * floor / times[method]
