@@ -140,3 +140,42 @@ def test_a_probe_writes_only_variants_that_beat_the_shipped_config_by_2_percent(
     assert list(entries) == ["2048"]
     assert entries["2048"] == dict(fast, us=97.0, tuned_by="python probe.py")
     assert "2048" in launch._tuned_table("TEST_GPU")[launch.shape_key(*dims)]  # the cached copy was dropped
+
+
+def test_a_one_mma_winner_keeps_the_entry_it_replaces_for_tritons_that_cannot_build_it(config_dir, monkeypatch):
+    """A winning swap config with "one" (its MMAs inline PTX, Triton >= 3.9) is written with the
+    config it beat as its "else"; get_config takes the entry where this Triton builds it, else the
+    "else" (a Triton 3.6 machine keeps what it ran before)."""
+    from moegps.kernels import wgmma_moe, wgmma_swap
+
+    config_dir.parent.mkdir()
+    dims = tune.expert_dims("mixtral-8x7b")
+    monkeypatch.setattr(wgmma_moe, "supported", lambda device=None: True)
+    one = {"path": "wgmma", "swap": True, "one": True, "block_m": 192, "pad_m": 32,
+           "gate_up": {"block_k": 32}, "down": {"block_k": 32}}
+    before = launch.get_config(2048, *dims)
+    tune.write_winners([{"shape": "mixtral-8x7b", "tokens": 2048, "ours_us": 100.0, "one_us": 97.0}],
+                       {"one": one}, "python probe.py")
+    entry = json.loads(config_dir.read_text())["shapes"][launch.shape_key(*dims)]["2048"]
+    assert entry == dict(one, us=97.0, tuned_by="python probe.py", **{"else": before})
+    monkeypatch.setattr(wgmma_swap, "HAVE_ONE", True)
+    assert launch.get_config(2048, *dims) == entry
+    monkeypatch.setattr(wgmma_swap, "HAVE_ONE", False)
+    assert launch.get_config(2048, *dims) == before
+
+
+def test_runnable_entry_walks_the_else_chain_to_what_this_machine_runs(monkeypatch):
+    """An entry's "else" chain ends at the first config this machine can run: a one-MMA entry
+    where Triton builds it, the wgmma entry it replaced where Gluon lacks inline PTX, the Triton
+    entry below that without Gluon, or None where nothing runs."""
+    from moegps.kernels import wgmma_swap
+
+    triton_entry = {"path": "swap", "block_m": 160}
+    gluon_entry = {"path": "wgmma", "swap": True, "block_m": 192, "else": triton_entry}
+    one_entry = {"path": "wgmma", "swap": True, "one": True, "block_m": 192, "else": gluon_entry}
+    monkeypatch.setattr(wgmma_swap, "HAVE_ONE", True)
+    assert launch.runnable_entry(one_entry, gluon=True) is one_entry
+    assert launch.runnable_entry(one_entry, gluon=False) is triton_entry
+    monkeypatch.setattr(wgmma_swap, "HAVE_ONE", False)
+    assert launch.runnable_entry(one_entry, gluon=True) is gluon_entry
+    assert launch.runnable_entry({"path": "wgmma", "one": True}, gluon=True) is None

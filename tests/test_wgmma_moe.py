@@ -167,6 +167,12 @@ def test_swap_check_config_names_the_field(change, field):
     wgmma_swap.check_config(_swap_config(), torch.randn(3, 64, dtype=torch.bfloat16))  # the default passes
 
 
+def test_swap_one_mma_config_is_a_clear_error_where_this_triton_cannot_build_it(monkeypatch):
+    monkeypatch.setattr(wgmma_swap, "HAVE_ONE", False)
+    with pytest.raises(ValueError, match="'one'"):
+        wgmma_swap.check_config(_swap_config(one=True), torch.randn(3, 64, dtype=torch.bfloat16))
+
+
 def test_swap_route_pads_to_64_in_blocks_of_at_most_192(monkeypatch):
     """The kernels take a block's rows as one MMA part of up to 128 and one of up to 64 (their
     compiled variants), so a swap config routes with align's blocks of at most block_m rows padded
@@ -191,7 +197,9 @@ def test_swap_token_parts_cover_every_block_exactly(pad):
 
 
 SWAP_COMPILE = COMPILE_HEAD + r"""
-gate_up, stages, block_k, pad = json.loads(sys.argv[1])
+gate_up, stages, block_k, pad, one = json.loads(sys.argv[1])
+if one and not hasattr(gl, "inline_asm"):
+    print(json.dumps({"skip": "this Triton's Gluon has no inline_asm on shared buffers"})); sys.exit()
 signature = {"w_desc": desc([64, block_k]), "t_desc": desc([128, block_k]), "t64_desc": desc([64, block_k]),
              "t32_desc": desc([32, block_k]), "out_desc": desc([128, 64]), "out64_desc": desc([64, 64]),
              "out32_desc": desc([32, 64]), "sorted_ptr": "*i32",
@@ -199,9 +207,9 @@ signature = {"w_desc": desc([64, block_k]), "t_desc": desc([128, block_k]), "t64
              "n_blocks_ptr": "*i32",
              **{name: "i32" for name in ("n_tiles_m", "group", "k_dim", "n_pairs", "w_rows", "up_offset")},
              "tile_counter_ptr": "*i32", "GATE_UP": "constexpr", "STAGES": "constexpr", "DYNAMIC": "constexpr",
-             "PAD": "constexpr"}
+             "PAD": "constexpr", "ONE": "constexpr"}
 source = GluonASTSource(wgmma_swap.grouped_gemm_kernel, signature=signature,
-                        constexprs={"GATE_UP": gate_up, "STAGES": stages, "DYNAMIC": True, "PAD": pad})
+                        constexprs={"GATE_UP": gate_up, "STAGES": stages, "DYNAMIC": True, "PAD": pad, "ONE": one})
 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": 4, "maxnreg": wgmma_moe.MAX_REGISTERS})
 ptx = compiled.asm["ptx"]
@@ -213,21 +221,29 @@ print(json.dumps({"mma": sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned
 # Stack bytes the swap kernels were measured to spill under Triton 3.9's ptxas (sm_90): a few of
 # the prologue's scalars (stored before the partitions start, reloaded once a tile), none in the
 # K loops; timed as such on the H200 (NOTES.md session 16). Anything more fails the test.
-SWAP_SPILLS = {(False, 6, 32, 64): 32, (True, 3, 64, 64): 32, (False, 6, 32, 32): 32}
+SWAP_SPILLS = {(False, 6, 32, 64, False): 32, (True, 3, 64, 64, False): 32, (False, 6, 32, 32, False): 32,
+               (True, 6, 32, 64, True): 16, (False, 6, 32, 64, True): 32, (False, 6, 32, 32, True): 32}
 
 
-@pytest.mark.parametrize("gate_up, stages, block_k, pad", [
-    (True, 6, 32, 64), (False, 6, 32, 64), (True, 3, 64, 64), (True, 6, 32, 32), (False, 6, 32, 32)])
-def test_swap_kernels_compile_for_hopper(gate_up, stages, block_k, pad, compiling_python):
+@pytest.mark.parametrize("gate_up, stages, block_k, pad, one", [
+    (True, 6, 32, 64, False), (False, 6, 32, 64, False), (True, 3, 64, 64, False), (True, 6, 32, 32, False),
+    (False, 6, 32, 32, False), (True, 6, 32, 32, True), (False, 6, 32, 32, True), (True, 6, 32, 64, True),
+    (False, 6, 32, 64, True)])
+def test_swap_kernels_compile_for_hopper(gate_up, stages, block_k, pad, one, compiling_python):
     """Compiled for sm_90 on the CPU: MMAs of 128 and 64 token columns (a block's parts; and 32
-    where rows are padded to 32), the SiLU's tanh.approx in gate/up only, within 227 KB of shared
-    memory, launchable, unspilled (but for the measured prologue scalars above)."""
+    where rows are padded to 32; with `one`, blocks of 160 and 192 rows as one MMA of that width),
+    the SiLU's tanh.approx in gate/up only, within 227 KB of shared memory, launchable, unspilled
+    (but for the measured prologue scalars above)."""
     import json
 
-    result = compiling_python(SWAP_COMPILE, json.dumps([gate_up, stages, block_k, pad]))
+    result = compiling_python(SWAP_COMPILE, json.dumps([gate_up, stages, block_k, pad, one]))
     if "skip" in result:
         pytest.skip(result["skip"])
-    assert set(result["mma"]) == {"m64n128k16", "m64n64k16"} | ({"m64n32k16"} if pad == 32 else set())
+    widths = {"m64n128k16", "m64n64k16"} | ({"m64n32k16"} if pad == 32 else set())
+    if one:
+        widths |= {"m64n192k16"} | ({"m64n160k16"} if pad == 32 else set())
+    assert set(result["mma"]) == widths
     assert result["tanh"] == gate_up
     assert result["shared"] <= 227 * 1024
-    assert_unspilled(result["cubin"], result["warps"], stack_bytes=SWAP_SPILLS.get((gate_up, stages, block_k, pad), 0))
+    assert_unspilled(result["cubin"], result["warps"],
+                     stack_bytes=SWAP_SPILLS.get((gate_up, stages, block_k, pad, one), 0))

@@ -23,6 +23,7 @@ import sys
 
 import torch
 
+import carried
 from moegps.kernels import timing
 from moegps.kernels.bench import balanced_bmm_parts, ceiling_runs, floors_us, gemm_parts, rates
 from moegps.kernels.launch import fused_moe, get_config
@@ -32,13 +33,17 @@ from moegps.kernels.tune import describe, expert_dims, shared_columns, write_win
 
 
 def variant(spec: str, group: int) -> dict:
-    """A swap config from "STAGESxBLOCK_K[:BLOCK_M/PAD_M]" (block_m 192, pad_m 64 where not given)."""
+    """A swap config from "STAGESxBLOCK_K[:BLOCK_M/PAD_M[o]]" (block_m 192, pad_m 64 where not given;
+    "o": blocks of 160 or 192 rows as one MMA, `one`)."""
     tiles, _, block = spec.partition(":")
     stages, block_k = map(int, tiles.split("x"))
-    block_m, pad_m = map(int, (block or "192/64").split("/"))
+    block_m, pad_m = map(int, (block.rstrip("o") or "192/64").split("/"))
     tile = {"block_k": block_k, "num_stages": stages, "group_m": group}
-    return {"path": "wgmma", "swap": True, "block_m": block_m, "pad_m": pad_m,
-            "gate_up": dict(tile), "down": dict(tile)}
+    config = {"path": "wgmma", "swap": True, "block_m": block_m, "pad_m": pad_m,
+              "gate_up": dict(tile), "down": dict(tile)}
+    if block.endswith("o"):  # blocks of 160 or 192 rows as one MMA
+        config["one"] = True
+    return config
 
 
 def checks(configs) -> bool:
@@ -70,11 +75,15 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="*", default=["3x64", "6x32"],
                         help="each variant's STAGESxBLOCK_K[:BLOCK_M/PAD_M] (block_m 192, pad_m 64 if not given)")
     parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--cubins", help="where this Triton cannot compile the one-MMA kernels: the folder "
+                        "benchmarks/kernels/carried.py compiled them into")
     parser.add_argument("--write-config", action="store_true",
                         help="where the fastest variant's whole call beats the shipped config's by >= 2%%, "
                              "write it into configs/<device>.json for that shape and token count")
     args = parser.parse_args(argv)
     timing.FLUSH = "clean"
+    if args.cubins:
+        carried.install(args.cubins)
     configs = {f"s{v}g{g}": variant(v, g) for v in args.variants for g in args.groups}
     print(f"device: {torch.cuda.get_device_name()}")
     if not args.skip_checks and not checks(configs):

@@ -23,8 +23,10 @@ by benchmarks/kernels/wgmma_probe.py where they win, never chosen by default_con
 no gather launch.) With "swap": true the wgmma path runs wgmma_swap.py's kernels, weights on the
 MMA's rows and blocks of up to block_m (128, 160, 192) token rows on its columns, an expert's rows
 padded to pad_m (64, the default, or 32); tiles of 256 weight rows:
-    {"path": "wgmma", "swap": true, "block_m": 192[, "pad_m": 32],
+    {"path": "wgmma", "swap": true, "block_m": 192[, "pad_m": 32][, "one": true],
      "gate_up": {"block_k": 32, "num_stages": 6, "group_m": 8}, "down": {...}}
+("one": blocks of 160 or 192 rows as one MMA, which needs Triton >= 3.9; a table entry with it
+carries an "else", the entry it replaced, which get_config takes where this Triton cannot build it.)
 The swap path (swap_moe.py) runs the sorted GEMMs transposed, weights on the MMA's rows and an
 expert's tokens (up to block_m of 128, 160, 192 or 256, padded to 32) on its columns, so that each
 weight tile is loaded by one program; its tiles are those of the sorted path, without "paired":
@@ -190,9 +192,9 @@ def get_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: int,
     91% of the floor at 384 tokens, but 48% at 768, where each expert's 192 rows take two blocks,
     against 68% for the default; benchmarks/kernels/logs/h200-2026-12-04-h/call4-*; at 576 tokens,
     a fill of 0.9, the swap entry was 867 against 1019 us, call 8)."""
-    by_tokens = _tuned_table(device_name(device)).get(shape_key(n_experts, hidden, ffn, top_k))
-    if by_tokens and not wgmma_moe.supported(device):  # a Triton without Gluon skips those entries
-        by_tokens = {t: c for t, c in by_tokens.items() if c["path"] != "wgmma"}
+    by_tokens = _tuned_table(device_name(device)).get(shape_key(n_experts, hidden, ffn, top_k)) or {}
+    gluon = wgmma_moe.supported(device)
+    by_tokens = {t: c for t, c in ((t, runnable_entry(c, gluon)) for t, c in by_tokens.items()) if c}
     rows = n_tokens * top_k / n_experts
     by_tokens = {t: c for t, c in (by_tokens or {}).items()
                  if c["path"] != "swap" or swap_blocks(rows, c["block_m"])
@@ -201,6 +203,16 @@ def get_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: int,
         return default_config(n_tokens, n_experts, hidden, ffn, top_k)
     nearest = min(by_tokens, key=lambda t: abs(int(t) - n_tokens))
     return by_tokens[nearest]
+
+
+def runnable_entry(config: dict | None, gluon: bool) -> dict | None:
+    """A table entry, or where this machine cannot run it the entry it replaced (its "else", a
+    one-MMA swap entry's: tune.write_winners keeps it), or None: a Triton without Gluon skips the
+    wgmma entries, one whose Gluon lacks inline PTX on shared buffers the one-MMA ones."""
+    while config is not None and ((config["path"] == "wgmma" and not gluon)
+                                  or (config.get("one") and not wgmma_swap.HAVE_ONE)):
+        config = config.get("else")
+    return config
 
 
 def _check(x, w_gate_up, w_down, topk_ids, topk_weights):

@@ -22,7 +22,7 @@ import torch
 
 from moegps import shapes as shape_registry
 from moegps.files import atomic_path
-from moegps.kernels import launch, swap_moe
+from moegps.kernels import launch, swap_moe, wgmma_moe
 from moegps.kernels.launch import fused_moe, launch_down, launch_gate_up, route
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.timing import make_inputs, make_routing, rel_err, time_many
@@ -128,7 +128,8 @@ def describe(config: dict) -> str:
     if config["path"] == "fused":
         return "fused " + describe_tile(config["fused"])
     gemms = " / ".join(describe_tile(config[g]) for g in ("gate_up", "down"))
-    return (f"{config['path']}{' swap' if config.get('swap') else ''} block_m {config['block_m']}"
+    return (f"{config['path']}{' swap' if config.get('swap') else ''}{' one' if config.get('one') else ''}"
+            f" block_m {config['block_m']}"
             f"{' half' if config.get('half_tail') else ''} {gemms}"
             f" combine {config.get('combine', 'sum')}")
 
@@ -485,8 +486,10 @@ def write_winners(rows, variants: dict, command: str) -> None:
             # the shipped config itself, timed as a variant (session 14 call 7: Mixtral 8192 as
             # "ht" 2.2% faster than as "ours" in the same rounds)
             continue
-        put_entry(table, launch.shape_key(*expert_dims(row["shape"])), row["tokens"],
-                  dict(variants[best], us=round(row[f"{best}_us"], 2), tuned_by=command))
+        entry = dict(variants[best], us=round(row[f"{best}_us"], 2), tuned_by=command)
+        if entry.get("one"):  # what a Triton that cannot build its MMAs runs instead (get_config)
+            entry["else"] = shipped
+        put_entry(table, launch.shape_key(*expert_dims(row["shape"])), row["tokens"], entry)
         print(f"config: {row['shape']} T={row['tokens']} -> {best} ({row[f'{best}_us']:.1f} us "
               f"against {row['ours_us']:.1f})", flush=True)
     write_table(table, (path,))
@@ -516,11 +519,14 @@ def tune(shapes, tokens, out_dir: Path, workers: int, command: str, seed: int = 
         key = launch.shape_key(*shape)
         for n_tokens in tokens:
             own = table["shapes"].get(key, {}).get(str(n_tokens))
+            # what this machine runs of its own entry (a one-MMA entry's "else" where it cannot
+            # build it; that entry stays where its "else" keeps winning)
+            runnable = launch.runnable_entry(own, wgmma_moe.supported()) if own else None
             incumbent = None
             if set(paths) != set(PATHS):
-                incumbent = own or launch.get_config(n_tokens, *shape)
+                incumbent = runnable or launch.get_config(n_tokens, *shape)
             config = tune_one(name, shape, n_tokens, failed, seed, paths, incumbent)
-            if config is incumbent and own is None:
+            if config is incumbent and (own is None or runnable is not own):
                 print(f"  {name} T={n_tokens}: the nearest entry (or the default) stays", flush=True)
                 continue
             # each entry names the command that tuned it (the file merges several runs)

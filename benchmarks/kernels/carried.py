@@ -1,0 +1,115 @@
+"""wgmma_swap's one-MMA kernels compiled here by Triton >= 3.9 and run on a GPU machine whose Triton is older.
+
+    python benchmarks/kernels/carried.py carry/one       # here: compile for sm_90, write the files
+    (then, on the GPU machine) carried.install("carry/one") before the kernels are called
+    (swap_probe.py --cubins carry/one does it)
+
+Why: the `one` variant's MMAs are inline PTX on shared buffers' addresses (`gl.inline_asm`, Triton
+3.9's Gluon); the lent H200 has Triton 3.6 and no registry, and a 3.9 wheel (286 MB) is over what a
+device call can carry. A compiled kernel is a cubin and a metadata file; 3.6's CompiledKernel loads
+one from those files and builds its launcher from the kernel's signature and that metadata (the
+TMA descriptors' boxes, the shared memory). The kernel-parameter ABI is the same in both releases
+(each descriptor a 128-byte CUtensorMap, its sizes and strides, then the arguments, then two
+scratch pointers); 3.9's ptxas is CUDA 12.9's, which the H200's driver runs (NOTES.md session 17).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+from moegps.kernels import wgmma_moe, wgmma_swap
+
+# (GATE_UP, STAGES, BLOCK_K, PAD) of the kernels carried, all with ONE
+VARIANTS = [(gate_up, 6, 32, pad) for gate_up in (True, False) for pad in (32, 64)]
+ARGS = ["w_desc", "t_desc", "t64_desc", "t32_desc", "out_desc", "out64_desc", "out32_desc", "sorted_ptr",
+        "weights_ptr", "block_expert_ptr", "block_start_ptr", "n_blocks_ptr", "n_tiles_m", "group", "k_dim",
+        "n_pairs", "w_rows", "up_offset", "tile_counter_ptr", "GATE_UP", "STAGES", "DYNAMIC", "PAD", "ONE"]
+BOXES = {"w_desc": 64, "t_desc": 128, "t64_desc": 64, "t32_desc": 32, "out_desc": 128, "out64_desc": 64,
+         "out32_desc": 32}
+
+
+def signature(block_k: int, layouts: bool) -> dict:
+    """The kernel's signature; descriptors as 'tensordesc<bf16[rows, cols],layout>' (the layout
+    where this Triton compiles the kernel; the launcher reads the shape alone)."""
+    sig = {}
+    for name in ARGS:
+        if name in BOXES:
+            block = [BOXES[name], 64 if name.startswith("out") else block_k]
+            layout = ""
+            if layouts:
+                from triton.experimental.gluon import language as gl
+                layout = "," + repr(gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
+            sig[name] = f"tensordesc<bf16[{block[0]}, {block[1]}]{layout}>"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32" if name == "weights_ptr" else "*i32"
+        else:
+            sig[name] = "constexpr" if name.isupper() else "i32"
+    return sig
+
+
+def folder_name(gate_up: bool, stages: int, block_k: int, pad: int) -> str:
+    return f"{int(gate_up)}-{stages}x{block_k}-{pad}"
+
+
+def compile_all(out: Path) -> None:
+    """Each variant compiled for sm_90 into out/<variant>/ (cubin, json)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    for gate_up, stages, block_k, pad in VARIANTS:
+        source = GluonASTSource(wgmma_swap.grouped_gemm_kernel, signature=signature(block_k, True),
+                                constexprs={"GATE_UP": gate_up, "STAGES": stages, "DYNAMIC": True,
+                                            "PAD": pad, "ONE": True})
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": 4, "maxnreg": wgmma_moe.MAX_REGISTERS})
+        folder = out / folder_name(gate_up, stages, block_k, pad)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, path in kernel.metadata_group.items():
+            if name.endswith((".json", ".cubin")):
+                shutil.copy(path, folder / name)
+        print(folder, kernel.metadata.shared, "bytes of shared memory")
+
+
+class Carried:
+    """Stands for wgmma_swap.grouped_gemm_kernel: kernel[grid](*args, ..., ONE=True) runs the carried
+    variant of those constexprs; without ONE, the kernel as this Triton compiles it."""
+
+    def __init__(self, folder: Path, jit_kernel):
+        from triton.compiler.compiler import CompiledKernel
+
+        self.jit_kernel = jit_kernel
+        self.kernels = {}
+        for gate_up, stages, block_k, pad in VARIANTS:
+            files = folder / folder_name(gate_up, stages, block_k, pad)
+            constants = {"GATE_UP": gate_up, "STAGES": stages, "DYNAMIC": True, "PAD": pad, "ONE": True}
+            src = SimpleNamespace(signature=signature(block_k, False), constants=constants,
+                                  fn=SimpleNamespace(arg_names=ARGS))
+            group = {p.name: str(p) for p in files.iterdir()}
+            self.kernels[gate_up, stages, block_k, pad] = CompiledKernel(src, group, files.name)
+
+    def __getitem__(self, grid):
+        def run(*args, GATE_UP, STAGES, DYNAMIC, PAD, ONE=False, **options):
+            if not ONE:
+                return self.jit_kernel[grid](*args, GATE_UP=GATE_UP, STAGES=STAGES, DYNAMIC=DYNAMIC,
+                                             PAD=PAD, ONE=False, **options)
+            kernel = self.kernels[GATE_UP, STAGES, args[0].block_shape[1], PAD]
+            kernel[(grid[0], 1, 1)](*args, GATE_UP, STAGES, DYNAMIC, PAD, ONE)
+        return run
+
+
+def install(folder: str | Path) -> None:
+    """Make wgmma_swap run its one-MMA variants from the kernels compiled into folder."""
+    if wgmma_swap.HAVE_ONE:  # this Triton compiles them itself
+        return
+    wgmma_swap.grouped_gemm_kernel = Carried(Path(folder), wgmma_swap.grouped_gemm_kernel)
+    wgmma_swap.HAVE_ONE = True  # check_config and get_config take the one-MMA entries
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    compile_all(parser.parse_args().out)
