@@ -73,7 +73,8 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, nargs="*", default=[512, 2048, 8192])
     parser.add_argument("--groups", type=int, nargs="*", default=[8])
     parser.add_argument("--variants", nargs="*", default=["3x64", "6x32"],
-                        help="each variant's STAGESxBLOCK_K[:BLOCK_M/PAD_M] (block_m 192, pad_m 64 if not given)")
+                        help="each variant's STAGESxBLOCK_K[:BLOCK_M/PAD_M[o]] (block_m 192, pad_m 64 if not "
+                             "given; o: blocks of 160 or 192 rows as one MMA)")
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--cubins", help="where this Triton cannot compile the one-MMA kernels: the folder "
                         "benchmarks/kernels/carried.py compiled them into")

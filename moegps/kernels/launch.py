@@ -196,7 +196,7 @@ def get_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: int,
     gluon = wgmma_moe.supported(device)
     by_tokens = {t: c for t, c in ((t, runnable_entry(c, gluon)) for t, c in by_tokens.items()) if c}
     rows = n_tokens * top_k / n_experts
-    by_tokens = {t: c for t, c in (by_tokens or {}).items()
+    by_tokens = {t: c for t, c in by_tokens.items()
                  if c["path"] != "swap" or swap_blocks(rows, c["block_m"])
                  == swap_blocks(int(t) * top_k / n_experts, c["block_m"])}
     if not by_tokens:

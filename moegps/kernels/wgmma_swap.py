@@ -100,7 +100,7 @@ if HAVE_GLUON:
         mbarrier.expect(bar, (4 * 64 + N0 + N1) * BLOCK_K * ELEM)
         _tma_load(_box(t_descs, N0), [row, k], bar, t_bufs.index(stage).slice(0, N0))
         if N1 > 0:
-            # (ONE: t_tail_bufs is the stage's whole token buffer of 256 rows, the tail from row 128)
+            # (ONE: t_tail_bufs is the stage's one token buffer of 256 rows, the tail from row 128)
             TAIL_AT: gl.constexpr = 128 if t_tail_bufs.shape[1] == 256 else 0
             _tma_load(_box(t_descs, N1), [row + N0, k], bar, t_tail_bufs.index(stage).slice(TAIL_AT, N1))
         w = w_bufs.index(stage)
@@ -252,6 +252,10 @@ if HAVE_GLUON:
                                                               instr_shape=[16, N1, 16])
             acc_a1 = gl.zeros([64, N1], gl.float32, layout1)
             acc_b1 = gl.zeros([64, N1], gl.float32, layout1)
+        # ONE: a part of 128 and a second one as one MMA (_one_mma), the second's rows from row 128
+        # of the stage's one token buffer (t_tail_bufs is t_bufs, 256 rows)
+        WIDE: gl.constexpr = ONE and N1 > 0 and N0 == 128
+        TAIL_AT: gl.constexpr = 128 if t_tail_bufs.shape[1] == 256 else 0
         first = step
         for k in range(0, k_dim, BLOCK_K):
             stage = step % STAGES
@@ -259,25 +263,23 @@ if HAVE_GLUON:
             w = w_bufs.index(stage)
             a = w.slice(HALF * 128, 64)
             b = w.slice(HALF * 128 + 64, 64)
-            if not (ONE and N1 > 0 and N0 == 128):
-                tokens0 = t_bufs.index(stage).slice(0, N0).permute((1, 0))
-                acc_a0 = warpgroup_mma(a, tokens0, acc_a0, is_async=True)
-                acc_b0 = warpgroup_mma(b, tokens0, acc_b0, is_async=True)
-            if ONE and N1 > 0 and N0 == 128:
-                # the tail's rows follow the first part's in one buffer: one MMA of N0 + N1
+            if WIDE:  # the tail's rows follow the first part's in one buffer: one MMA of both
                 acc_a0, acc_a1 = _one_mma(a, t_bufs.index(stage), acc_a0, acc_a1)
                 acc_b0, acc_b1 = _one_mma(b, t_bufs.index(stage), acc_b0, acc_b1)
                 acc_a0, acc_b0, acc_a1, acc_b1 = warpgroup_mma_wait(
                     num_outstanding=2, deps=(acc_a0, acc_b0, acc_a1, acc_b1))
-            elif N1 > 0:
-                TAIL_AT: gl.constexpr = 128 if t_tail_bufs.shape[1] == 256 else 0
+            else:
+                tokens0 = t_bufs.index(stage).slice(0, N0).permute((1, 0))
+                acc_a0 = warpgroup_mma(a, tokens0, acc_a0, is_async=True)
+                acc_b0 = warpgroup_mma(b, tokens0, acc_b0, is_async=True)
+            if N1 > 0 and not WIDE:
                 tokens1 = t_tail_bufs.index(stage).slice(TAIL_AT, N1).permute((1, 0))
                 acc_a1 = warpgroup_mma(a, tokens1, acc_a1, is_async=True)
                 acc_b1 = warpgroup_mma(b, tokens1, acc_b1, is_async=True)
                 # this step's four MMAs may run on; the step before's are done with its stage
                 acc_a0, acc_b0, acc_a1, acc_b1 = warpgroup_mma_wait(
                     num_outstanding=4, deps=(acc_a0, acc_b0, acc_a1, acc_b1))
-            else:
+            elif N1 == 0:
                 acc_a0, acc_b0 = warpgroup_mma_wait(num_outstanding=2, deps=(acc_a0, acc_b0))
             mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), pred=step > first)
             step += 1
@@ -376,7 +378,8 @@ def check_config(config: dict, x: torch.Tensor) -> None:
         if tile["block_k"] * x.element_size() not in (64, 128):
             raise ValueError(f"config field '{gemm}.block_k' must span 64 or 128 bytes, got {tile['block_k']}")
         # a stage's weight and token rows, and two [128, 64] buffers for the epilogues
-        shared = tile["num_stages"] * (W_ROWS + T_ROWS) * tile["block_k"] * x.element_size() + 2 * 128 * 64 * 2
+        rows = W_ROWS + (256 if config.get("one") else T_ROWS)  # (one: a token buffer of 256 rows)
+        shared = tile["num_stages"] * rows * tile["block_k"] * x.element_size() + 2 * 128 * 64 * 2
         if shared > 227 * 1024:
             raise ValueError(f"config field '{gemm}.num_stages' x block_k needs {shared // 1024} KB of shared "
                              f"memory, over the 227 KB a block may use")
