@@ -247,3 +247,49 @@ def test_swap_kernels_compile_for_hopper(gate_up, stages, block_k, pad, one, com
     assert result["shared"] <= 227 * 1024
     assert_unspilled(result["cubin"], result["warps"],
                      stack_bytes=SWAP_SPILLS.get((gate_up, stages, block_k, pad, one), 0))
+
+
+def _probe_module(name):
+    """A script of benchmarks/kernels/ imported as a module (its siblings importable)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks" / "kernels")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
+
+
+def test_swap_probe_variants_name_their_blocks_and_the_one_mma_flag():
+    probe = _probe_module("swap_probe")
+    one = probe.variant("6x32:160/32o", 8)
+    assert (one["block_m"], one["pad_m"], one.get("one")) == (160, 32, True)
+    assert one["gate_up"] == one["down"] == {"block_k": 32, "num_stages": 6, "group_m": 8}
+    plain = probe.variant("3x64", 16)
+    assert (plain["block_m"], plain["pad_m"], plain.get("one")) == (192, 64, None)
+    assert plain["gate_up"]["group_m"] == 16
+
+
+CARRIED_SIGNATURE = r"""
+import inspect, json, sys
+sys.path.insert(0, sys.argv[1])
+from moegps.kernels import wgmma_moe, wgmma_swap
+if not wgmma_moe.HAVE_GLUON:
+    print(json.dumps({"skip": "this Triton has no Gluon"})); sys.exit()
+import carried
+params = list(inspect.signature(wgmma_swap.grouped_gemm_kernel.fn).parameters)
+print(json.dumps({"params": params, "args": carried.ARGS, "signature": list(carried.signature(32, layouts=True))}))
+"""
+
+
+def test_carried_kernels_signature_is_the_kernels(compiling_python):
+    """The carried cubins' launcher is built from carried.ARGS and carried.signature: the kernel's
+    own parameters, in order (checked where Gluon imports, outside the CPU interpreter)."""
+    from pathlib import Path
+
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks" / "kernels")
+    result = compiling_python(CARRIED_SIGNATURE, folder)
+    if "skip" in result:
+        pytest.skip(result["skip"])
+    assert result["args"] == result["params"] == result["signature"]
