@@ -200,14 +200,7 @@ SWAP_COMPILE = COMPILE_HEAD + r"""
 gate_up, stages, block_k, pad, one = json.loads(sys.argv[1])
 if one and not hasattr(gl, "inline_asm"):
     print(json.dumps({"skip": "this Triton's Gluon has no inline_asm on shared buffers"})); sys.exit()
-signature = {"w_desc": desc([64, block_k]), "t_desc": desc([128, block_k]), "t64_desc": desc([64, block_k]),
-             "t32_desc": desc([32, block_k]), "out_desc": desc([128, 64]), "out64_desc": desc([64, 64]),
-             "out32_desc": desc([32, 64]), "sorted_ptr": "*i32",
-             "weights_ptr": "*fp32", "block_expert_ptr": "*i32", "block_start_ptr": "*i32",
-             "n_blocks_ptr": "*i32",
-             **{name: "i32" for name in ("n_tiles_m", "group", "k_dim", "n_pairs", "w_rows", "up_offset")},
-             "tile_counter_ptr": "*i32", "GATE_UP": "constexpr", "STAGES": "constexpr", "DYNAMIC": "constexpr",
-             "PAD": "constexpr", "ONE": "constexpr"}
+signature = wgmma_swap.compile_signature(block_k)
 source = GluonASTSource(wgmma_swap.grouped_gemm_kernel, signature=signature,
                         constexprs={"GATE_UP": gate_up, "STAGES": stages, "DYNAMIC": True, "PAD": pad, "ONE": one})
 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
@@ -249,20 +242,13 @@ def test_swap_kernels_compile_for_hopper(gate_up, stages, block_k, pad, one, com
                      stack_bytes=SWAP_SPILLS.get((gate_up, stages, block_k, pad, one), 0))
 
 
-def _probe_module(name):
-    """A script of benchmarks/kernels/ imported as a module (its siblings importable)."""
+def test_swap_probe_variants_name_their_blocks_and_the_one_mma_flag(monkeypatch):
+    """benchmarks/kernels/swap_probe.py's variant spelling (imported with its folder on the path)."""
     import importlib
-    import sys
     from pathlib import Path
 
-    folder = str(Path(__file__).resolve().parents[1] / "benchmarks" / "kernels")
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    return importlib.import_module(name)
-
-
-def test_swap_probe_variants_name_their_blocks_and_the_one_mma_flag():
-    probe = _probe_module("swap_probe")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks" / "kernels"))
+    probe = importlib.import_module("swap_probe")
     one = probe.variant("6x32:160/32o", 8)
     assert (one["block_m"], one["pad_m"], one.get("one")) == (160, 32, True)
     assert one["gate_up"] == one["down"] == {"block_k": 32, "num_stages": 6, "group_m": 8}
@@ -271,25 +257,21 @@ def test_swap_probe_variants_name_their_blocks_and_the_one_mma_flag():
     assert plain["gate_up"]["group_m"] == 16
 
 
-CARRIED_SIGNATURE = r"""
-import inspect, json, sys
-sys.path.insert(0, sys.argv[1])
+SIGNATURE = r"""
+import inspect, json
 from moegps.kernels import wgmma_moe, wgmma_swap
 if not wgmma_moe.HAVE_GLUON:
-    print(json.dumps({"skip": "this Triton has no Gluon"})); sys.exit()
-import carried
-params = list(inspect.signature(wgmma_swap.grouped_gemm_kernel.fn).parameters)
-print(json.dumps({"params": params, "args": carried.ARGS, "signature": list(carried.signature(32, layouts=True))}))
+    print(json.dumps({"skip": "this Triton has no Gluon"})); raise SystemExit
+print(json.dumps({"params": list(inspect.signature(wgmma_swap.grouped_gemm_kernel.fn).parameters),
+                  "signature": list(wgmma_swap.compile_signature(32))}))
 """
 
 
-def test_carried_kernels_signature_is_the_kernels(compiling_python):
-    """The carried cubins' launcher is built from carried.ARGS and carried.signature: the kernel's
-    own parameters, in order (checked where Gluon imports, outside the CPU interpreter)."""
-    from pathlib import Path
-
-    folder = str(Path(__file__).resolve().parents[1] / "benchmarks" / "kernels")
-    result = compiling_python(CARRIED_SIGNATURE, folder)
+def test_swap_compile_signature_is_the_kernels(compiling_python):
+    """The signature the swap kernels are compiled ahead with (the tests above; the cubins
+    benchmarks/kernels/carried.py builds and launches) names the kernel's parameters, in order
+    (checked where Gluon imports, outside the CPU interpreter)."""
+    result = compiling_python(SIGNATURE)
     if "skip" in result:
         pytest.skip(result["skip"])
-    assert result["args"] == result["params"] == result["signature"]
+    assert result["signature"] == result["params"]

@@ -24,30 +24,6 @@ from moegps.kernels import wgmma_moe, wgmma_swap
 
 # (GATE_UP, STAGES, BLOCK_K, PAD) of the kernels carried, all with ONE
 VARIANTS = [(gate_up, 6, 32, pad) for gate_up in (True, False) for pad in (32, 64)]
-ARGS = ["w_desc", "t_desc", "t64_desc", "t32_desc", "out_desc", "out64_desc", "out32_desc", "sorted_ptr",
-        "weights_ptr", "block_expert_ptr", "block_start_ptr", "n_blocks_ptr", "n_tiles_m", "group", "k_dim",
-        "n_pairs", "w_rows", "up_offset", "tile_counter_ptr", "GATE_UP", "STAGES", "DYNAMIC", "PAD", "ONE"]
-BOXES = {"w_desc": 64, "t_desc": 128, "t64_desc": 64, "t32_desc": 32, "out_desc": 128, "out64_desc": 64,
-         "out32_desc": 32}
-
-
-def signature(block_k: int, layouts: bool) -> dict:
-    """The kernel's signature; descriptors as 'tensordesc<bf16[rows, cols],layout>' (the layout
-    where this Triton compiles the kernel; the launcher reads the shape alone)."""
-    sig = {}
-    for name in ARGS:
-        if name in BOXES:
-            block = [BOXES[name], 64 if name.startswith("out") else block_k]
-            layout = ""
-            if layouts:
-                from triton.experimental.gluon import language as gl
-                layout = "," + repr(gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
-            sig[name] = f"tensordesc<bf16[{block[0]}, {block[1]}]{layout}>"
-        elif name.endswith("_ptr"):
-            sig[name] = "*fp32" if name == "weights_ptr" else "*i32"
-        else:
-            sig[name] = "constexpr" if name.isupper() else "i32"
-    return sig
 
 
 def folder_name(gate_up: bool, stages: int, block_k: int, pad: int) -> str:
@@ -61,7 +37,7 @@ def compile_all(out: Path) -> None:
     from triton.experimental.gluon._runtime import GluonASTSource
 
     for gate_up, stages, block_k, pad in VARIANTS:
-        source = GluonASTSource(wgmma_swap.grouped_gemm_kernel, signature=signature(block_k, True),
+        source = GluonASTSource(wgmma_swap.grouped_gemm_kernel, signature=wgmma_swap.compile_signature(block_k),
                                 constexprs={"GATE_UP": gate_up, "STAGES": stages, "DYNAMIC": True,
                                             "PAD": pad, "ONE": True})
         kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
@@ -86,8 +62,10 @@ class Carried:
         for gate_up, stages, block_k, pad in VARIANTS:
             files = folder / folder_name(gate_up, stages, block_k, pad)
             constants = {"GATE_UP": gate_up, "STAGES": stages, "DYNAMIC": True, "PAD": pad, "ONE": True}
-            src = SimpleNamespace(signature=signature(block_k, False), constants=constants,
-                                  fn=SimpleNamespace(arg_names=ARGS))
+            # (3.6's launcher reads each descriptor's dtype and box from the signature, not its layout)
+            signature = wgmma_swap.compile_signature(block_k)
+            src = SimpleNamespace(signature=signature, constants=constants,
+                                  fn=SimpleNamespace(arg_names=list(signature)))
             group = {p.name: str(p) for p in files.iterdir()}
             self.kernels[gate_up, stages, block_k, pad] = CompiledKernel(src, group, files.name)
 

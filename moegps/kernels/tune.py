@@ -521,7 +521,7 @@ def tune(shapes, tokens, out_dir: Path, workers: int, command: str, seed: int = 
             own = table["shapes"].get(key, {}).get(str(n_tokens))
             # what this machine runs of its own entry (a one-MMA entry's "else" where it cannot
             # build it; that entry stays where its "else" keeps winning)
-            runnable = launch.runnable_entry(own, wgmma_moe.supported()) if own else None
+            runnable = launch.runnable_entry(own, wgmma_moe.supported())
             incumbent = None
             if set(paths) != set(PATHS):
                 incumbent = runnable or launch.get_config(n_tokens, *shape)

@@ -388,6 +388,24 @@ def check_config(config: dict, x: torch.Tensor) -> None:
                              f"kernels' (tiles are 256 weight rows; the rows are gathered by one launch)")
 
 
+def compile_signature(block_k: int) -> dict:
+    """grouped_gemm_kernel's signature for compiling it ahead of a launch (triton.compile of a
+    GluonASTSource: the sm_90 compile tests, benchmarks/kernels/carried.py): its parameters in
+    order, the descriptors as bf16 boxes of _launch's shapes."""
+    def desc(rows: int, cols: int) -> str:
+        layout = gl.NVMMASharedLayout.get_default_for([rows, cols], gl.bfloat16)
+        return f"tensordesc<bf16[{rows}, {cols}],{layout!r}>"
+
+    return {"w_desc": desc(64, block_k),
+            **{name: desc(rows, block_k) for name, rows in (("t_desc", 128), ("t64_desc", 64), ("t32_desc", 32))},
+            **{name: desc(rows, 64) for name, rows in (("out_desc", 128), ("out64_desc", 64), ("out32_desc", 32))},
+            "sorted_ptr": "*i32", "weights_ptr": "*fp32", "block_expert_ptr": "*i32", "block_start_ptr": "*i32",
+            "n_blocks_ptr": "*i32",
+            **{name: "i32" for name in ("n_tiles_m", "group", "k_dim", "n_pairs", "w_rows", "up_offset")},
+            "tile_counter_ptr": "*i32",
+            **{name: "constexpr" for name in ("GATE_UP", "STAGES", "DYNAMIC", "PAD", "ONE")}}
+
+
 def _launch(a, w2d, out, weights, routing, tile: dict, w_rows: int, up_offset: int,
             gate_up: bool, pad: int, one: bool) -> None:
     """One grouped GEMM: a [max_padded, K] (token rows, or h, in expert order), out [max_padded,
