@@ -2,6 +2,9 @@
 sm_90, its tile order, config checks and config lookup. The kernels run only on an
 sm_90 GPU, where benchmarks/kernels/wgmma_probe.py checks them against the fp32 reference."""
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -78,17 +81,19 @@ def desc(block):
 """
 
 COMPILE = COMPILE_HEAD + r"""
-gate_up, block_n, dynamic, gather = json.loads(sys.argv[1])
+gate_up, block_n, dynamic, gather, timeline = json.loads(sys.argv[1])
 signature = {"a_desc": desc([128, 64]), "b_desc": desc([block_n, 64]), "b_half_desc": desc([block_n // 2, 64]),
              "out_desc": desc([64, 128]), "out_half_desc": desc([64, block_n // 2]),
              "sorted_ptr": "*i32", "weights_ptr": "*fp32",
              "block_expert_ptr": "*i32", "block_start_ptr": "*i32", "n_blocks_ptr": "*i32",
              **{name: "i32" for name in ("n_tiles_n", "group", "k_dim", "n_pairs", "b_rows", "up_offset")},
-             "tile_counter_ptr": "*i32", "x_ptr": "*bf16", "top_k": "i32",
-             "GATE_UP": "constexpr", "STAGES": "constexpr", "DYNAMIC": "constexpr", "GATHER": "constexpr"}
+             "tile_counter_ptr": "*i32", "x_ptr": "*bf16", "top_k": "i32", "timeline_ptr": "*i64",
+             "GATE_UP": "constexpr", "STAGES": "constexpr", "DYNAMIC": "constexpr", "GATHER": "constexpr",
+             "TIMELINE": "constexpr"}
 # x_ptr 16-byte aligned, as Triton's launcher specialises an aligned pointer (the gather's cp.async)
 source = GluonASTSource(wgmma_moe.grouped_gemm_kernel, signature=signature,
-                        constexprs={"GATE_UP": gate_up, "STAGES": 4, "DYNAMIC": dynamic, "GATHER": gather},
+                        constexprs={"GATE_UP": gate_up, "STAGES": 4, "DYNAMIC": dynamic, "GATHER": gather,
+                                    "TIMELINE": timeline},
                         attrs={(list(signature).index("x_ptr"),): [["tt.divisibility", 16]]})
 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": wgmma_moe.MAX_REGISTERS})
 ptx = compiled.asm["ptx"]
@@ -97,30 +102,34 @@ print(json.dumps({"wgmma": "wgmma.mma_async" in ptx, "setmaxnreg": "setmaxnreg" 
                   "cp_async": len(re.findall(r"cp\.async\.c[ag]\.shared", ptx)),
                   "cp_async_arrive": len(re.findall(r"cp\.async\.mbarrier\.arrive\.noinc", ptx)),
                   "atomics": len(re.findall(r"atom\.global[.\w]*\.add", ptx)),
+                  "clocks": len(re.findall(r"%clock64", ptx)),
                   "barrier_counts": sorted({int(c) for c in re.findall(r"mbarrier\.init\.shared[:\w.]*\s+\[[^]]+\],\s*(\d+)", ptx)}),
                   "shared": compiled.metadata.shared, "warps": compiled.metadata.num_warps,
                   "cubin": base64.b64encode(compiled.asm["cubin"]).decode()}))
 """
 
 
-@pytest.mark.parametrize("gate_up, block_n, dynamic, gather", [
-    (True, 128, True, 0), (False, 256, True, 0), (True, 128, False, 0), (True, 128, True, 4), (True, 128, True, 2)])
-def test_kernels_compile_for_hopper_without_spills(gate_up, block_n, dynamic, gather, compiling_python):
+@pytest.mark.parametrize("gate_up, block_n, dynamic, gather, timeline", [
+    (True, 128, True, 0, False), (False, 256, True, 0, False), (True, 128, False, 0, False),
+    (True, 128, True, 4, False), (True, 128, True, 2, False), (True, 128, True, 4, True), (False, 256, True, 0, True)])
+def test_kernels_compile_for_hopper_without_spills(gate_up, block_n, dynamic, gather, timeline, compiling_python):
     """The device code compiled for sm_90 here, with no GPU (Triton ships ptxas): it must build
     with this Triton's Gluon, keep its accumulators in registers (no local memory) and fit the
     227 KB of shared memory an H100/H200 block may use. With dynamic tiles, the producer's two
     claims of the tile counter are its only atomics (one thread each, the compiler's lowering).
     With the producer gathering the token rows (cp.async, `gather` warps), a stage's barrier waits
-    for its TMA copies' arrival and one arrival from each of the producer's threads."""
+    for its TMA copies' arrival and one arrival from each of the producer's threads. With the
+    timeline (benchmarks/kernels/timeline.py), the clock is read only then, and still no spills."""
     import json
 
-    result = compiling_python(COMPILE, json.dumps([gate_up, block_n, dynamic, gather]))
+    result = compiling_python(COMPILE, json.dumps([gate_up, block_n, dynamic, gather, timeline]))
     if "skip" in result:
         pytest.skip(result["skip"])
     assert result["wgmma"] and result["setmaxnreg"]  # tensor cores, register handoff
     # gate/up's SiLU: one tanh.approx an element, no exp (wgmma_moe._silu)
     assert (result["tanh"], result["ex2"]) == (gate_up, False)
     assert result["atomics"] == (2 if dynamic else 0)
+    assert (result["clocks"] > 0) == timeline
     assert (result["cp_async"] > 0, result["cp_async_arrive"] > 0) == (bool(gather), bool(gather))
     # barriers wait for the producer (1), for both consumer warpgroups (2), or (gather) for the
     # producer's TMA copies and each of its threads' row copies (1 + 32 x warps)
@@ -245,7 +254,6 @@ def test_swap_kernels_compile_for_hopper(gate_up, stages, block_k, pad, one, com
 def test_swap_probe_variants_name_their_blocks_and_the_one_mma_flag(monkeypatch):
     """benchmarks/kernels/swap_probe.py's variant spelling (imported with its folder on the path)."""
     import importlib
-    from pathlib import Path
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks" / "kernels"))
     probe = importlib.import_module("swap_probe")
@@ -275,3 +283,48 @@ def test_swap_compile_signature_is_the_kernels(compiling_python):
     if "skip" in result:
         pytest.skip(result["skip"])
     assert result["signature"] == result["params"]
+
+
+def _timeline_script(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks" / "kernels"))
+    import timeline
+    return timeline
+
+
+def test_timeline_reader_on_a_hand_built_launch(monkeypatch):
+    """benchmarks/kernels/timeline.py's reading of the kernels' TIMELINE records, on a launch built
+    by hand with known phases: two programs, each consumer two tiles, clocks at 2 cycles a ns."""
+    timeline = _timeline_script(monkeypatch)
+    rng = np.random.default_rng(7)
+    buf = torch.full((2, 3, 8, 6), -1, dtype=torch.int64)
+    ghz = 2.0
+    expected = {"first_stage": [], "k_loop": [], "k_waits": [], "epilogue": [], "between": []}
+    for prog in range(2):
+        base = int(rng.integers(10**6, 10**9))  # each SM's clock starts anywhere
+        ns0 = 5000 + 300 * prog  # the second program starts 300 ns late
+        buf[prog, 2, 0] = torch.tensor([0, base, base + 40, base + 900, 80, ns0])
+        buf[prog, 2, 1] = torch.tensor([1, base + 4000, base + 4040, base + 4900, 0, ns0 + 2000])
+        for c in range(2):
+            t = base + 100 + 10 * c
+            for i in range(2):
+                first, loop, waited, epi = (int(v) for v in rng.integers([50, 800, 0, 100], [300, 1500, 300, 400]))
+                buf[prog, c, i] = torch.tensor([2 * i + c, t, t + first, t + first + loop, t + first + loop + epi, waited])
+                for key, v in (("first_stage", first), ("k_loop", loop), ("k_waits", waited), ("epilogue", epi)):
+                    expected[key].append(v / ghz / 1e3)
+                t += first + loop + epi
+                if i == 0:
+                    gap = int(rng.integers(20, 200))
+                    expected["between"].append(gap / ghz / 1e3)
+                    t += gap
+    progs = timeline.records(buf)
+    assert timeline.clock_ghz(progs) == pytest.approx(ghz)
+    s = timeline.summarize(progs, ghz, mma_floor_us=1.0)
+    for key, values in expected.items():
+        assert s["tile_median_us"][key] == pytest.approx(float(np.median(values)))
+    # every consumer's span is its ramp, its tiles' phases, the gaps between them and its tail
+    assert sum(s["share"].values()) == pytest.approx(1.0)
+    assert s["share"]["k_waits"] * 4 * s["span_us"] == pytest.approx(sum(expected["k_waits"]))
+    assert s["producer"]["claim_to_metadata_us"] == pytest.approx(40 / ghz / 1e3)
+    buf[0, 0, :, 0] = 3  # a partition that filled every slot: its last tiles were lost
+    with pytest.raises(ValueError, match="TIMELINE_TILES"):
+        timeline.records(buf)

@@ -95,6 +95,29 @@ def tile_order(tile: int, n_blocks: int, n_tiles_n: int, group: int) -> tuple[in
 
 if HAVE_GLUON:
     TILE_RING = gl.constexpr(4)  # tile ids in flight from the producer to the consumers
+    # TIMELINE: each partition's record of its tiles (benchmarks/kernels/timeline.py reads it):
+    # int64 [programs, 3 partitions (consumer 0, consumer 1, producer), TIMELINE_TILES, FIELDS]
+    TIMELINE_TILES = gl.constexpr(256)
+    FIELDS = gl.constexpr(6)
+
+    @gluon.jit
+    def _clock():
+        """The SM's cycle counter (%clock64)."""
+        return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=gl.int64,
+                                         is_pure=False, pack=1)
+
+    @gluon.jit
+    def _globaltimer():
+        """The GPU's nanosecond timer (%globaltimer), the same on every SM."""
+        return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64,
+                                         is_pure=False, pack=1)
+
+    @gluon.jit
+    def _record(timeline_ptr, role, i):
+        """The first field of partition `role`'s record of its i-th tile (past TIMELINE_TILES, the
+        last record, taken over and over: new_timeline's reader refuses a launch that got there)."""
+        slot = gl.minimum(i, TIMELINE_TILES - 1)
+        return timeline_ptr + ((gl.program_id(0) * 3 + role) * TIMELINE_TILES + slot) * FIELDS
 
     @gluon.jit
     def _tile(tile, n_blocks, n_tiles_n, group):
@@ -163,7 +186,8 @@ if HAVE_GLUON:
             return gl.program_id(0) + i * gl.num_programs(0)
 
     @gluon.jit
-    def _producer(p, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr, GATHER: gl.constexpr):
+    def _producer(p, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr, GATHER: gl.constexpr,
+                  TIMELINE: gl.constexpr):
         """One warp (GATHER: that many): copies of every tile's operands into the ring of stages, by
         TMA, or for GATHER the token rows by cp.async, each thread arriving on the stage. DYNAMIC: it
         claims each next tile from the launch's counter and hands it to the consumers, so the
@@ -172,7 +196,7 @@ if HAVE_GLUON:
         (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, a_bufs, b_bufs, out_bufs, ready,
          empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n,
          group, k_dim, n_pairs, b_rows, up_offset, tile_ids, tile_full, tile_empty,
-         tile_counter_ptr, x_ptr, top_k) = p
+         tile_counter_ptr, x_ptr, top_k, timeline_ptr) = p
         STAGES: gl.constexpr = a_bufs.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
@@ -192,11 +216,19 @@ if HAVE_GLUON:
         i = 0
         tile = _claim(tile_counter_ptr, i, DYNAMIC)
         while tile < n_tiles:
+            if TIMELINE:  # tile, claimed (clock), then below: metadata read, last copy issued, waits
+                record = _record(timeline_ptr, 2, i)
+                gl.store(record, tile.to(gl.int64))
+                gl.store(record + 1, _clock())
+                gl.store(record + 5, _globaltimer())
+                waited = gl.to_tensor(0).to(gl.int64)
             if DYNAMIC:
                 _publish(tile_ids, tile_full, tile_empty, i, tile)
             block, tile_n, row, n_rows = _block(tile, n_blocks_ptr, n_tiles_n, group, block_start_ptr)
             half_block = n_rows <= ROWS
             w_row = gl.load(block_expert_ptr + block) * b_rows + tile_n * BLOCK_N
+            if TIMELINE:
+                gl.store(record + 2, _clock())
             if GATHER:  # the block's token rows of x (padding rows and those past the block: none)
                 r = gl.arange(0, BLOCK_M, gl.SliceLayout(1, ROW_LAYOUT))
                 c = gl.arange(0, BLOCK_K, gl.SliceLayout(0, ROW_LAYOUT))
@@ -208,8 +240,12 @@ if HAVE_GLUON:
                 src = x_ptr + start[:, None] + c[None, :]
             for k in range(0, k_dim, BLOCK_K):
                 stage = step % STAGES
+                if TIMELINE:
+                    before = _clock()
                 # a fresh mbarrier counts as having completed the phase before phase 0
                 mbarrier.wait(empty.index(stage), ((step // STAGES) & 1) ^ 1)
+                if TIMELINE:
+                    waited += _clock() - before
                 bar = ready.index(stage)
                 mbarrier.expect(bar, nbytes)
                 if GATHER:  # each thread's copies arrive on the stage's barrier when they land
@@ -231,36 +267,46 @@ if HAVE_GLUON:
                 else:
                     _tma_load(b_desc, [w_row, k], bar, b_bufs.index(stage))
                 step += 1
+            if TIMELINE:
+                gl.store(record + 3, _clock())
+                gl.store(record + 4, waited)
             i += 1
             tile = _claim(tile_counter_ptr, i, DYNAMIC)
         if DYNAMIC:  # past the last tile: the consumers stop
             _publish(tile_ids, tile_full, tile_empty, i, tile)
 
     @gluon.jit
-    def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr, GATHER: gl.constexpr):
+    def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr,
+                  GATHER: gl.constexpr, TIMELINE: gl.constexpr):
         """One warpgroup: rows HALF * BLOCK_M / 2 onwards of every tile, or on a block of at most
         BLOCK_M / 2 rows all its rows and column half HALF (each consumer frees each stage once: a
         stage's barrier counts two arrivals)."""
         (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, a_bufs, b_bufs, out_bufs, ready,
          empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n,
          group, k_dim, n_pairs, b_rows, up_offset, tile_ids, tile_full, tile_empty,
-         tile_counter_ptr, x_ptr, top_k) = p
+         tile_counter_ptr, x_ptr, top_k, timeline_ptr) = p
         ROWS: gl.constexpr = a_bufs.shape[1] // 2
         n_tiles = gl.load(n_blocks_ptr) * n_tiles_n
         step = 0
         i = 0
         tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
         while tile < n_tiles:
+            record = timeline_ptr
+            if TIMELINE:  # tile, its start (clock), then in _tile_mma: first stage, MMAs, epilogue
+                record = _record(timeline_ptr, HALF, i)
+                gl.store(record, tile.to(gl.int64))
+                gl.store(record + 1, _clock())
             block, tile_n, start, n_rows = _block(tile, n_blocks_ptr, n_tiles_n, group, block_start_ptr)
             if n_rows > ROWS:
                 step = _tile_mma(a_bufs, b_bufs, out_desc, out_bufs.index(HALF), ready, empty,
                                  sorted_ptr, weights_ptr, k_dim, n_pairs, step,
-                                 start + HALF * ROWS, tile_n, GATE_UP, HALF, False, GATHER)
+                                 start + HALF * ROWS, tile_n, GATE_UP, HALF, False, GATHER,
+                                 record, TIMELINE)
             else:  # a half-height block (an expert's last, align's half_tail): its rows, half the columns
                 out_smem = _view_as(out_bufs.index(HALF), out_half_desc)
                 step = _tile_mma(a_bufs, b_bufs, out_half_desc, out_smem, ready, empty,
                                  sorted_ptr, weights_ptr, k_dim, n_pairs, step, start, tile_n,
-                                 GATE_UP, HALF, True, GATHER)
+                                 GATE_UP, HALF, True, GATHER, record, TIMELINE)
             i += 1
             tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
         tma.store_wait(0)
@@ -268,12 +314,15 @@ if HAVE_GLUON:
     @gluon.jit
     def _tile_mma(a_bufs, b_bufs, out_desc, out_smem, ready, empty, sorted_ptr, weights_ptr,
                   k_dim, n_pairs, step, start, tile_n, GATE_UP: gl.constexpr,
-                  HALF: gl.constexpr, SPLIT_N: gl.constexpr, GATHER: gl.constexpr):
+                  HALF: gl.constexpr, SPLIT_N: gl.constexpr, GATHER: gl.constexpr, record,
+                  TIMELINE: gl.constexpr):
         """One warpgroup's share of a tile: rows start.. (its row half; with SPLIT_N the tile's
         only rows, and its column half HALF), the MMAs over K, then the epilogue through shared
         memory and a TMA store, which runs on while the next tile's MMAs start (every block is a
         whole number of half-blocks of the sorted order: align pads each expert to one, so a box
-        never reaches into another block's rows). Returns the step count."""
+        never reaches into another block's rows). Returns the step count. TIMELINE: the tile's
+        record gets the clock at its first full stage, at its MMAs' end and after its epilogue,
+        and the cycles its K loop spent waiting for the other stages."""
         STAGES: gl.constexpr = a_bufs.shape[0]
         BLOCK_K: gl.constexpr = a_bufs.shape[2]
         ROWS: gl.constexpr = a_bufs.shape[1] // 2
@@ -288,9 +337,18 @@ if HAVE_GLUON:
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, WIDTH, 16])
         acc = gl.zeros([ROWS, WIDTH], gl.float32, layout)
         first = step
+        if TIMELINE:
+            waited = gl.to_tensor(0).to(gl.int64)
         for k in range(0, k_dim, BLOCK_K):
             stage = step % STAGES
+            if TIMELINE:
+                before = _clock()
             mbarrier.wait(ready.index(stage), (step // STAGES) & 1)
+            if TIMELINE:  # the first stage's wait is the record's own field
+                now = _clock()
+                waited += gl.where(step == first, 0, now - before)
+                if step == first:
+                    gl.store(record + 2, now)
             if GATHER:  # rows written by cp.async (generic proxy), read by wgmma (async proxy)
                 fence_async_shared()
             acc = warpgroup_mma(a_bufs.index(stage).slice(A_ROW, ROWS),
@@ -302,6 +360,9 @@ if HAVE_GLUON:
             step += 1
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES))
+        if TIMELINE:
+            gl.store(record + 3, _clock())
+            gl.store(record + 5, waited)
 
         if GATE_UP:  # h in expert order: h[row] = silu(gate) * up
             gate, up = acc.reshape([ROWS, 2, BLOCK_N]).permute(0, 2, 1).split()
@@ -317,6 +378,8 @@ if HAVE_GLUON:
                 left, right = value.reshape([ROWS, 2, BLOCK_N // 2]).permute(0, 2, 1).split()
                 _store(out_desc, out_smem, left, start, col)
                 _store(out_desc, out_smem, right, start, col + BLOCK_N // 2)
+        if TIMELINE:
+            gl.store(record + 4, _clock())
         return step
 
     @gluon.jit
@@ -350,8 +413,9 @@ if HAVE_GLUON:
     def grouped_gemm_kernel(a_desc, b_desc, b_half_desc, out_desc, out_half_desc, sorted_ptr,
                             weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
                             n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset, tile_counter_ptr,
-                            x_ptr, top_k, GATE_UP: gl.constexpr, STAGES: gl.constexpr,
-                            DYNAMIC: gl.constexpr, GATHER: gl.constexpr):
+                            x_ptr, top_k, timeline_ptr, GATE_UP: gl.constexpr,
+                            STAGES: gl.constexpr, DYNAMIC: gl.constexpr, GATHER: gl.constexpr,
+                            TIMELINE: gl.constexpr = False):
         """GATE_UP: out = h [max_padded, F] (expert order) = silu(A @ w1^T) * (A @ w3^T), with A
         the gathered token rows and b_desc over w_gate_up [E * 2F, H] (up rows at +up_offset).
         Otherwise: out = y [max_padded, H] (expert order) = routing weight * (h @ w2^T), b_desc
@@ -362,7 +426,9 @@ if HAVE_GLUON:
         from tile_counter_ptr (one int32, zero at launch), else each program takes every
         num_programs-th. GATHER > 0 (gate/up): A is x [T, H] in token order (x_ptr; a_desc only
         gives the stages' box and layout) and a producer of GATHER warps copies each block's rows
-        of the sorted pairs' tokens (pair // top_k) itself."""
+        of the sorted pairs' tokens (pair // top_k) itself. TIMELINE: each partition records its
+        tiles' times into timeline_ptr (int64, TIMELINE_TILES records of FIELDS a partition and
+        program; otherwise it is never read)."""
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         WIDTH: gl.constexpr = 2 * BLOCK_N if GATE_UP else BLOCK_N
@@ -378,10 +444,10 @@ if HAVE_GLUON:
         p = (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, a_bufs, b_bufs, out_bufs, ready,
              empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
              n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset, tile_ids, tile_full, tile_empty,
-             tile_counter_ptr, x_ptr, top_k)
-        gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC, GATHER)),
-                            (_consumer, (p, GATE_UP, 1, DYNAMIC, GATHER)),
-                            (_producer, (p, GATE_UP, DYNAMIC, GATHER))],
+             tile_counter_ptr, x_ptr, top_k, timeline_ptr)
+        gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC, GATHER, TIMELINE)),
+                            (_consumer, (p, GATE_UP, 1, DYNAMIC, GATHER, TIMELINE)),
+                            (_producer, (p, GATE_UP, DYNAMIC, GATHER, TIMELINE))],
                            [4, PRODUCER_WARPS], [232, 80 if GATHER else 24])
 
 
@@ -397,11 +463,12 @@ def _descriptor(t: torch.Tensor, block: list[int]):
 
 
 def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: int,
-            gate_up: bool, top_k: int | None = None) -> None:
+            gate_up: bool, top_k: int | None = None, timeline: torch.Tensor | None = None) -> None:
     """One grouped GEMM: a [max_padded, K] and out [max_padded, N] in expert order, w2d the
     weights [E * b_rows, K], `weights` the routing weights [T*k] (the down GEMM's; None for
     gate/up); one program per SM. With top_k, a is x [T, K] in token order instead and the
-    producer gathers each block's rows itself (gate/up only)."""
+    producer gathers each block's rows itself (gate/up only). With `timeline` (int64, from
+    new_timeline), the kernel records its tiles' times into it."""
     block_m, block_n, block_k = routing.block_m, tile["block_n"], tile["block_k"]
     n_tiles_n = triton.cdiv(out.shape[1], block_n)
     programs = min(torch.cuda.get_device_properties(a.device).multi_processor_count,
@@ -415,8 +482,22 @@ def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: i
         tile.get("group_m", 8), a.shape[1], routing.n_pairs, b_rows, up_offset,
         torch.zeros(1, dtype=torch.int32, device=a.device),  # the tile counter (a memset)
         a, top_k or 1,  # GATHER's x and k (its descriptor above only gives the stages' layout)
+        routing.n_blocks if timeline is None else timeline,  # (never read without TIMELINE)
         GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=tile.get("dynamic", True),
-        GATHER=0 if top_k is None else tile["gather"], num_warps=4, maxnreg=MAX_REGISTERS)
+        GATHER=0 if top_k is None else tile["gather"], TIMELINE=timeline is not None,
+        num_warps=4, maxnreg=MAX_REGISTERS)
+
+
+def new_timeline(device) -> torch.Tensor:
+    """A buffer for one launch's TIMELINE records: int64 [programs (one an SM), 3 partitions
+    (consumer warpgroups 0 and 1, producer), tiles (the first TIMELINE_TILES), fields]. A
+    consumer's fields: tile, clocks at its start, first full stage, MMAs done, epilogue issued, and
+    the cycles spent waiting for full stages after the first; the producer's: tile, clocks at its claim, metadata
+    read, last copy issued, the cycles spent waiting for free stages, and %globaltimer (ns) at its
+    claim. Clocks are the SM's %clock64; records of tiles never run stay -1."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return torch.full((sms, 3, TIMELINE_TILES.value, FIELDS.value), -1, dtype=torch.int64,
+                      device=device)
 
 
 def check_config(config: dict, x: torch.Tensor) -> None:
@@ -440,22 +521,24 @@ def check_config(config: dict, x: torch.Tensor) -> None:
         raise ValueError("config field 'down.gather': only the gate/up GEMM reads token rows")
 
 
-def launch_gate_up(a, w_gate_up, routing, config: dict, top_k: int | None = None) -> torch.Tensor:
+def launch_gate_up(a, w_gate_up, routing, config: dict, top_k: int | None = None,
+                   timeline: torch.Tensor | None = None) -> torch.Tensor:
     """h [max_padded, F] in expert order = silu(rows @ w1^T) * (rows @ w3^T) per sorted row: a is
     the token rows in expert order (launch.gather_rows), or with top_k, x [T, H] in token order,
     whose rows the kernel's producer gathers itself (cp.async; the tile's "gather": its warps)."""
     n_experts, two_f, hidden = w_gate_up.shape
     h = torch.empty(routing.sorted_pair_ids.numel(), two_f // 2, dtype=a.dtype, device=a.device)
     _launch(a, w_gate_up.view(n_experts * two_f, hidden), h, None, routing,
-            config["gate_up"], two_f, two_f // 2, gate_up=True, top_k=top_k)
+            config["gate_up"], two_f, two_f // 2, gate_up=True, top_k=top_k, timeline=timeline)
     return h
 
 
-def launch_down(h, w_down, weights, routing, config: dict) -> torch.Tensor:
+def launch_down(h, w_down, weights, routing, config: dict,
+                timeline: torch.Tensor | None = None) -> torch.Tensor:
     """y [max_padded, H] in expert order = the routing weight of each sorted row's pair *
     (h @ w2^T), h from launch_gate_up; `combine_sum(y, k, slots=routing.pair_slot)` sums it."""
     n_experts, hidden, ffn = w_down.shape
     y = torch.empty(h.shape[0], hidden, dtype=h.dtype, device=h.device)
     _launch(h, w_down.view(n_experts * hidden, ffn), y, weights, routing, config["down"],
-            hidden, 0, gate_up=False)
+            hidden, 0, gate_up=False, timeline=timeline)
     return y

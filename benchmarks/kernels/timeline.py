@@ -1,0 +1,236 @@
+"""Where a wgmma grouped GEMM's time goes, tile by tile, read from the kernel's own clocks.
+
+    python benchmarks/kernels/timeline.py [--shapes deepseek-v2-lite] [--tokens 8192]
+                                          [--variant shipped|ht|...] [--routing random balanced]
+                                          [--out DIR]
+
+Nsight Compute gives a kernel's averages; it cannot say whether the tensor cores idle between
+tiles (epilogue, metadata, the ring's refill) or inside them (waiting for copies). Built with
+TIMELINE, wgmma_moe's kernels record, for every tile of every SM's three partitions, the SM's
+clock at a few points (wgmma_moe.new_timeline lists the fields). This script runs each GEMM of a
+row (the shipped config's, or a wgmma_probe variant's) with the records on, after a warm-up, and
+reads them back:
+
+    per tile (median, us)  first stage: from the tile's start to its first full stage
+                           K loop: first full stage to the MMAs' end; waits: its waits for stages
+                           epilogue: MMAs' end to the output's store issued
+                           between: the store issued to the next tile's start
+    share of the launch    each of those summed over an SM's consumer warpgroup 0, over the
+                           launch's span, plus the tail: an SM idle after its last tile
+    producer               claim to metadata read (us, median), its waits for free stages (share)
+    MMA floor a tile       the tile's FLOPs over an SM's share of the 8192^3 matmul rate measured
+                           in the same run
+
+and each GEMM's time without the records in the same rounds (time_many; the records cost a few
+clock reads a K step). Clocks become microseconds at the SM clock that the producer's records
+give (clock cycles over %globaltimer nanoseconds between its first and last claim). Writes
+`timeline.json` and a picture of a few SMs' tiles (`timeline-<row>.png`) into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from moegps.kernels import launch, wgmma_moe
+from moegps.kernels.bench import ceiling_runs, rates
+from moegps.kernels.launch import get_config
+from moegps.kernels.timing import make_inputs, make_routing, time_many
+from moegps.kernels.tune import expert_dims, shared_columns
+
+CONSUMER_FIELDS = ("tile", "start", "first", "mma_done", "epilogue_done", "waited")
+PRODUCER_FIELDS = ("tile", "claimed", "metadata", "last_copy", "waited", "ns")
+
+
+def records(timeline: torch.Tensor) -> list[dict]:
+    """The launch's records as one dict a program: "consumers" (two lists) and "producer" (a list)
+    of field dicts, tiles in the order the partition ran them; programs that ran no tile are left
+    out. Refuses a launch whose partitions ran more tiles than the buffer holds."""
+    t = timeline.cpu()
+    n_slots = t.shape[2]
+    out = []
+    for prog in t:
+        parts = []
+        for role, names in ((0, CONSUMER_FIELDS), (1, CONSUMER_FIELDS), (2, PRODUCER_FIELDS)):
+            rows = [dict(zip(names, r.tolist())) for r in prog[role] if r[0] >= 0]
+            if len(rows) == n_slots:
+                raise ValueError(f"a program ran {n_slots}+ tiles: more than wgmma_moe.TIMELINE_TILES holds")
+            parts.append(rows)
+        if parts[2]:
+            out.append({"consumers": parts[:2], "producer": parts[2]})
+    return out
+
+
+def clock_ghz(progs: list[dict]) -> float:
+    """Cycles per nanosecond, from the producers' first and last claims (median over programs)."""
+    ratios = [(p["producer"][-1]["claimed"] - p["producer"][0]["claimed"])
+              / (p["producer"][-1]["ns"] - p["producer"][0]["ns"])
+              for p in progs if len(p["producer"]) > 1 and p["producer"][-1]["ns"] > p["producer"][0]["ns"]]
+    return statistics.median(ratios)
+
+
+def summarize(progs: list[dict], ghz: float, mma_floor_us: float) -> dict:
+    """Per-tile medians (us) and each phase's share of the launch's span over all consumer
+    warpgroups (see the module docstring)."""
+    us = 1e-3 / ghz  # us a cycle
+    phases = {"first_stage": [], "k_loop": [], "k_waits": [], "epilogue": [], "between": []}
+    totals = dict.fromkeys(["mma", "k_waits", "first_stage", "epilogue", "between", "tail"], 0.0)
+    # each SM's clock starts anywhere: the span is measured per program, from its producer's first
+    # claim to the last epilogue of any program, mapped through that program's clock and timer
+    ends_ns = []
+    for p in progs:
+        base_clock, base_ns = p["producer"][0]["claimed"], p["producer"][0]["ns"]
+        for rows in p["consumers"]:
+            if rows:
+                ends_ns.append(base_ns + (rows[-1]["epilogue_done"] - base_clock) / ghz)
+    starts_ns = [p["producer"][0]["ns"] for p in progs if p["producer"]]
+    span_ns = max(ends_ns) - min(starts_ns)
+    for p in progs:
+        base_clock, base_ns = p["producer"][0]["claimed"], p["producer"][0]["ns"]
+        for rows in p["consumers"]:
+            for i, r in enumerate(rows):
+                phases["first_stage"].append((r["first"] - r["start"]) * us)
+                phases["k_loop"].append((r["mma_done"] - r["first"]) * us)
+                phases["k_waits"].append(r["waited"] * us)
+                phases["epilogue"].append((r["epilogue_done"] - r["mma_done"]) * us)
+                totals["mma"] += (r["mma_done"] - r["first"] - r["waited"]) * us
+                totals["k_waits"] += r["waited"] * us
+                totals["first_stage"] += (r["first"] - r["start"]) * us
+                totals["epilogue"] += (r["epilogue_done"] - r["mma_done"]) * us
+                if i + 1 < len(rows):
+                    phases["between"].append((rows[i + 1]["start"] - r["epilogue_done"]) * us)
+                    totals["between"] += phases["between"][-1]
+            if rows:  # before the first tile and after the last: the launch's ramp and tail
+                first_ns = base_ns + (rows[0]["start"] - base_clock) / ghz
+                last_ns = base_ns + (rows[-1]["epilogue_done"] - base_clock) / ghz
+                totals["tail"] += ((first_ns - min(starts_ns)) + (max(ends_ns) - last_ns)) * 1e-3
+    n_consumers = sum(1 for p in progs for rows in p["consumers"] if rows)
+    producer_meta = [(r["metadata"] - r["claimed"]) * us for p in progs for r in p["producer"]]
+    producer_wait = sum(r["waited"] for p in progs for r in p["producer"]) * us
+    return {"span_us": span_ns * 1e-3, "clock_ghz": ghz,
+            "tiles_per_sm": statistics.mean(len(p["producer"]) for p in progs),
+            "tile_median_us": {k: statistics.median(v) if v else 0.0 for k, v in phases.items()},
+            "mma_floor_us": mma_floor_us,
+            "share": {k: v / (n_consumers * span_ns * 1e-3) for k, v in totals.items()},
+            "producer": {"claim_to_metadata_us": statistics.median(producer_meta),
+                         "waits_share": producer_wait / (len(progs) * span_ns * 1e-3)}}
+
+
+def plot(progs: list[dict], ghz: float, path: Path, title: str, n_sms: int = 8) -> None:
+    """Each of the first n_sms programs' two consumer warpgroups as a row of bars: a tile's first-
+    stage wait, its K loop and its epilogue, on the launch's time axis (us)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t0 = min(p["producer"][0]["ns"] for p in progs if p["producer"])
+    fig, ax = plt.subplots(figsize=(12, 0.5 * 2 * n_sms + 1.2))
+    colors = {"first stage": "#d62728", "K loop": "#1f77b4", "epilogue": "#ff7f0e"}
+    for s, p in enumerate(progs[:n_sms]):
+        base_clock, base_ns = p["producer"][0]["claimed"], p["producer"][0]["ns"]
+        at = lambda c: (base_ns + (c - base_clock) / ghz - t0) * 1e-3  # noqa: E731
+        for c, rows in enumerate(p["consumers"]):
+            y = 2 * s + c
+            for r in rows:
+                for (a, b), name in (((r["start"], r["first"]), "first stage"),
+                                     ((r["first"], r["mma_done"]), "K loop"),
+                                     ((r["mma_done"], r["epilogue_done"]), "epilogue")):
+                    ax.barh(y, at(b) - at(a), left=at(a), height=0.8, color=colors[name], linewidth=0)
+    ax.set_yticks(range(2 * min(n_sms, len(progs))),
+                  [f"SM {s} wg {c}" for s in range(min(n_sms, len(progs))) for c in (0, 1)], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("us from the launch's first claim")
+    ax.set_title(title, fontsize=9)
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=v) for v in colors.values()],
+              labels=list(colors), loc="upper right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def gemms(x, w13, w2, ids, weights, config: dict) -> tuple[dict, torch.Tensor]:
+    """{"gate_up": fn(timeline), "down": fn(timeline)}: the wgmma config's two launches on routing
+    computed once (timeline None: the records off), and which rows of their outputs hold a pair."""
+    top_k = ids.shape[1]
+    routing = launch.route(ids.reshape(-1), w13.shape[0], config)
+    gather = config["gate_up"].get("gather", 0)
+    a = x.contiguous() if gather else launch.gather_rows(x, routing, top_k)
+    h = wgmma_moe.launch_gate_up(a, w13, routing, config, top_k if gather else None)
+    fns = {"gate_up": lambda tl=None: wgmma_moe.launch_gate_up(a, w13, routing, config,
+                                                                top_k if gather else None, timeline=tl),
+           "down": lambda tl=None: wgmma_moe.launch_down(h, w2, weights.reshape(-1), routing, config,
+                                                         timeline=tl)}
+    return fns, routing.sorted_pair_ids < routing.n_pairs
+
+
+def main(argv=None) -> None:
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from wgmma_probe import VARIANTS
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=["deepseek-v2-lite"])
+    ap.add_argument("--tokens", nargs="+", type=int, default=[8192])
+    ap.add_argument("--variant", default="shipped", help="'shipped' or a wgmma_probe variant")
+    ap.add_argument("--routing", nargs="+", choices=["random", "balanced"], default=["random", "balanced"])
+    ap.add_argument("--out", type=Path, default=Path("timeline-out"))
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result_path = args.out / "timeline.json"
+    results = json.loads(result_path.read_text()) if result_path.exists() else {}
+    timeline = wgmma_moe.new_timeline("cuda")
+    sms = timeline.shape[0]
+    for shape in args.shapes:
+        n_experts, hidden, ffn, top_k = expert_dims(shape)
+        for n_tokens in args.tokens:
+            config = (get_config(n_tokens, n_experts, hidden, ffn, top_k) if args.variant == "shipped"
+                      else VARIANTS[args.variant])
+            if config["path"] != "wgmma" or config.get("swap"):
+                print(f"{shape} {n_tokens}: the config is not wgmma_moe's ({config['path']}); skipped")
+                continue
+            x, w13, w2 = make_inputs(n_experts, hidden, ffn, top_k, n_tokens)
+            for kind in args.routing:
+                ids, weights = make_routing(n_tokens, n_experts, top_k, shared=shared_columns(shape),
+                                            balanced=kind == "balanced")
+                fns, real_rows = gemms(x, w13, w2, ids, weights, config)
+                runs = ceiling_runs()
+                timed = time_many({**{g: fns[g] for g in fns}, **runs}, graph=list(fns), rep=30)
+                per_sm_flops = rates(timed)["matmul_flops"] / sms
+                for gemm, fn in fns.items():
+                    for _ in range(3):  # warm: compiled, and the L2 in the state time_many left
+                        timeline.fill_(-1)
+                        out = fn(timeline)
+                    torch.cuda.synchronize()
+                    # the records change no result: the rows that hold a pair, bit for bit
+                    if not torch.equal(out[real_rows], fn()[real_rows]):
+                        raise RuntimeError(f"{shape} {n_tokens} {kind} {gemm}: TIMELINE changed the output")
+                    progs = records(timeline)
+                    ghz = clock_ghz(progs)
+                    rows_n, k_dim = (2 * ffn, hidden) if gemm == "gate_up" else (hidden, ffn)
+                    tile_n = config[gemm]["block_n"] * (2 if gemm == "gate_up" else 1)
+                    floor = 2 * config["block_m"] * min(tile_n, rows_n) * k_dim / per_sm_flops * 1e6
+                    row = f"{shape} T={n_tokens} {kind} {gemm}"
+                    s = summarize(progs, ghz, floor)
+                    s["untimed_us"] = timed[gemm]
+                    results[row] = s
+                    print(f"{row}: {s['untimed_us']:.1f} us without records, span {s['span_us']:.1f} us "
+                          f"with, {s['tiles_per_sm']:.1f} tiles an SM at {ghz:.2f} GHz")
+                    print("  per tile (median us): " + ", ".join(f"{k} {v:.2f}" for k, v in s["tile_median_us"].items())
+                          + f"; MMA floor {floor:.2f}")
+                    print("  share of the span:    " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in s["share"].items()))
+                    print(f"  producer: claim to metadata {s['producer']['claim_to_metadata_us']:.2f} us, "
+                          f"waiting for free stages {100 * s['producer']['waits_share']:.1f}%")
+                    plot(progs, ghz, args.out / f"timeline-{shape}-{n_tokens}-{kind}-{gemm}.png", row)
+                tmp = result_path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(results, indent=1))
+                tmp.replace(result_path)
+                del fns
+    print(f"wrote {result_path}")
+
+
+if __name__ == "__main__":
+    main()
