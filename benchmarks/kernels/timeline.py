@@ -172,7 +172,9 @@ def gemms(x, w13, w2, ids, weights, config: dict) -> tuple[dict, torch.Tensor]:
                                                                 top_k if gather else None, timeline=tl),
            "down": lambda tl=None: wgmma_moe.launch_down(h, w2, weights.reshape(-1), routing, config,
                                                          timeline=tl)}
-    return fns, routing.sorted_pair_ids < routing.n_pairs
+    # rows of the blocks (past the last block the buffers hold rows no launch writes) that hold a pair
+    in_blocks = torch.arange(h.shape[0], device=h.device) < routing.block_start[routing.n_blocks]
+    return fns, in_blocks & (routing.sorted_pair_ids < routing.n_pairs)
 
 
 def main(argv=None) -> None:

@@ -36,9 +36,8 @@ from moegps.kernels.tune import expert_dims, shared_columns, write_winners
 
 
 def wgmma_config(block_m=128, gu_n=128, down_n=256, stages=4, group=8, block_k=64,
-                 half_tail=False, dynamic=True, gather=0, prefetch=False) -> dict:
-    tile = {"block_k": block_k, "num_stages": stages, "group_m": group, "dynamic": dynamic,
-            **({"prefetch": True} if prefetch else {})}
+                 half_tail=False, dynamic=True, gather=0) -> dict:
+    tile = {"block_k": block_k, "num_stages": stages, "group_m": group, "dynamic": dynamic}
     gate_up = {"block_n": gu_n, **tile, **({"gather": gather} if gather else {})}
     return {"path": "wgmma", "block_m": block_m, "half_tail": half_tail,
             "gate_up": gate_up, "down": {"block_n": down_n, **tile}}
@@ -52,9 +51,6 @@ VARIANTS = {
     # the gate/up producer, a warpgroup, gathering the token rows itself (cp.async; NOTES.md v21;
     # with one warp it was 5-18% slower everywhere, v22)
     "ht_ga": wgmma_config(half_tail=True, gather=4),
-    # the producer asks L2 for each weight slab whole on its group's first tile of it (NOTES.md v34)
-    "ht_pf": wgmma_config(half_tail=True, prefetch=True),
-    "ht_ga_pf": wgmma_config(half_tail=True, gather=4, prefetch=True),
 }
 
 
@@ -85,7 +81,7 @@ def check(name, dims, n_tokens, routing_kind, seed) -> bool:
         weights = torch.ones(n_tokens, 1, dtype=weights.dtype, device="cuda")
     ref = moe_reference(x.float(), w13.float(), w2.float(), ids, weights.float()).float()
     ok = True
-    for variant in ("w128", "ht", "ht_d128", "ht_ga", "ht_pf", "ht_ga_pf"):
+    for variant in ("w128", "ht", "ht_d128", "ht_ga"):
         out = fused_moe(x, w13, w2, ids, weights, config=VARIANTS[variant])
         err = rel_err(out, ref)
         shipped = rel_err(fused_moe(x, w13, w2, ids, weights), ref)
@@ -108,7 +104,7 @@ def bench_row(name, dims, n_tokens, seed) -> dict:
     shipped = get_config(n_tokens, *dims)
     for part, fn in parts(x, w13, w2, ids, weights, shipped).items():
         fns[f"ours.{part}"] = fn
-    for variant in ("w128", "ht_ga", "ht_ga_pf"):
+    for variant in ("w128", "ht_ga"):
         for part, fn in parts(x, w13, w2, ids, weights, VARIANTS[variant]).items():
             fns[f"{variant}.{part}"] = fn
     times = time_many({**fns, **ceiling_runs()}, graph=set(fns))

@@ -187,7 +187,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _producer(p, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr, GATHER: gl.constexpr,
-                  TIMELINE: gl.constexpr, PREFETCH: gl.constexpr):
+                  TIMELINE: gl.constexpr):
         """One warp (GATHER: that many): copies of every tile's operands into the ring of stages, by
         TMA, or for GATHER the token rows by cp.async, each thread arriving on the stage. DYNAMIC: it
         claims each next tile from the launch's counter and hands it to the consumers, so the
@@ -196,7 +196,7 @@ if HAVE_GLUON:
         (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, a_bufs, b_bufs, out_bufs, ready,
          empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n,
          group, k_dim, n_pairs, b_rows, up_offset, tile_ids, tile_full, tile_empty,
-         tile_counter_ptr, x_ptr, top_k, timeline_ptr, w_ptr) = p
+         tile_counter_ptr, x_ptr, top_k, timeline_ptr) = p
         STAGES: gl.constexpr = a_bufs.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
@@ -226,11 +226,7 @@ if HAVE_GLUON:
                 _publish(tile_ids, tile_full, tile_empty, i, tile)
             block, tile_n, row, n_rows = _block(tile, n_blocks_ptr, n_tiles_n, group, block_start_ptr)
             half_block = n_rows <= ROWS
-            expert = gl.load(block_expert_ptr + block)
-            w_row = expert * b_rows + tile_n * BLOCK_N
-            if PREFETCH:
-                _prefetch_slab(w_ptr, w_row, up_offset, k_dim, tile, block, expert, n_tiles_n,
-                               group, block_expert_ptr, BLOCK_N, GATE_UP)
+            w_row = gl.load(block_expert_ptr + block) * b_rows + tile_n * BLOCK_N
             if TIMELINE:
                 gl.store(record + 2, _clock())
             if GATHER:  # the block's token rows of x (padding rows and those past the block: none)
@@ -280,30 +276,6 @@ if HAVE_GLUON:
             _publish(tile_ids, tile_full, tile_empty, i, tile)
 
     @gluon.jit
-    def _prefetch_slab(w_ptr, w_row, up_offset, k_dim, tile, block, expert, n_tiles_n, group,
-                       block_expert_ptr, BLOCK_N: gl.constexpr, GATE_UP: gl.constexpr):
-        """On the first tile of its group to read a weight slab (the expert's BLOCK_N rows of this
-        N tile, gate/up: and the up rows), ask L2 for the whole slab at once, one bulk prefetch a
-        row (cp.async.bulk.prefetch.L2: no shared memory, no wait). The tiles of a slab run side by
-        side and step through K together, so without it each K step of all of them waits for the
-        same DRAM read; with it only the first steps do (NOTES.md v34)."""
-        first_block = (tile // (group * n_tiles_n)) * group
-        previous = gl.load(block_expert_ptr + gl.maximum(block - 1, 0))
-        if (block == first_block) | (previous != expert):
-            # a row a thread at a time: the producer warp has 24 registers
-            CHUNK: gl.constexpr = 32 * gl.num_warps()
-            layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-            r = gl.arange(0, CHUNK, layout)
-            nbytes = gl.full([CHUNK], 0, gl.int32, layout) + k_dim * 2
-            for part in gl.static_range(2 if GATE_UP else 1):
-                for first_row in gl.static_range(0, BLOCK_N, CHUNK):
-                    rows = w_row + part * up_offset + first_row + r
-                    gl.inline_asm_elementwise(
-                        "cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
-                        [w_ptr + rows.to(gl.int64) * k_dim, nbytes], dtype=gl.int32, is_pure=False,
-                        pack=1)
-
-    @gluon.jit
     def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr,
                   GATHER: gl.constexpr, TIMELINE: gl.constexpr):
         """One warpgroup: rows HALF * BLOCK_M / 2 onwards of every tile, or on a block of at most
@@ -312,7 +284,7 @@ if HAVE_GLUON:
         (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, a_bufs, b_bufs, out_bufs, ready,
          empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n,
          group, k_dim, n_pairs, b_rows, up_offset, tile_ids, tile_full, tile_empty,
-         tile_counter_ptr, x_ptr, top_k, timeline_ptr, w_ptr) = p
+         tile_counter_ptr, x_ptr, top_k, timeline_ptr) = p
         ROWS: gl.constexpr = a_bufs.shape[1] // 2
         n_tiles = gl.load(n_blocks_ptr) * n_tiles_n
         step = 0
@@ -364,6 +336,11 @@ if HAVE_GLUON:
         layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, WIDTH, 16])
         acc = gl.zeros([ROWS, WIDTH], gl.float32, layout)
+        if not GATE_UP:  # the rows' routing weights, read while the MMAs run: in the epilogue their
+            # two dependent loads left the tensor cores idle (NOTES.md v34)
+            rows = start + gl.arange(0, ROWS, gl.SliceLayout(1, layout))
+            pair = gl.load(sorted_ptr + rows)  # padding rows hold n_pairs
+            weight = gl.load(weights_ptr + pair, mask=pair < n_pairs, other=0.0).to(gl.float32)
         first = step
         if TIMELINE:
             waited = gl.to_tensor(0).to(gl.int64)
@@ -396,10 +373,7 @@ if HAVE_GLUON:
             gate, up = acc.reshape([ROWS, 2, BLOCK_N]).permute(0, 2, 1).split()
             _store(out_desc, out_smem, _silu(gate) * up, start, col)
         else:  # y in expert order: y[row] = routing weight of the row's pair * (h @ w2^T)
-            rows = start + gl.arange(0, ROWS, gl.SliceLayout(1, layout))
-            pair = gl.load(sorted_ptr + rows)  # padding rows hold n_pairs
-            weight = gl.load(weights_ptr + pair, mask=pair < n_pairs, other=0.0)
-            value = acc * weight.to(gl.float32)[:, None]
+            value = acc * weight[:, None]
             if out_smem.shape[1] == BLOCK_N:
                 _store(out_desc, out_smem, value, start, col)
             else:  # two column halves through one buffer
@@ -441,9 +415,9 @@ if HAVE_GLUON:
     def grouped_gemm_kernel(a_desc, b_desc, b_half_desc, out_desc, out_half_desc, sorted_ptr,
                             weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
                             n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset, tile_counter_ptr,
-                            x_ptr, top_k, timeline_ptr, w_ptr, GATE_UP: gl.constexpr,
+                            x_ptr, top_k, timeline_ptr, GATE_UP: gl.constexpr,
                             STAGES: gl.constexpr, DYNAMIC: gl.constexpr, GATHER: gl.constexpr,
-                            TIMELINE: gl.constexpr = False, PREFETCH: gl.constexpr = False):
+                            TIMELINE: gl.constexpr = False):
         """GATE_UP: out = h [max_padded, F] (expert order) = silu(A @ w1^T) * (A @ w3^T), with A
         the gathered token rows and b_desc over w_gate_up [E * 2F, H] (up rows at +up_offset).
         Otherwise: out = y [max_padded, H] (expert order) = routing weight * (h @ w2^T), b_desc
@@ -456,8 +430,7 @@ if HAVE_GLUON:
         gives the stages' box and layout) and a producer of GATHER warps copies each block's rows
         of the sorted pairs' tokens (pair // top_k) itself. TIMELINE: each partition records its
         tiles' times into timeline_ptr (int64, TIMELINE_TILES records of FIELDS a partition and
-        program; otherwise it is never read). PREFETCH: the producer asks L2 for each weight slab
-        ahead, whole (w_ptr: the weights b_desc covers, as a pointer; read only then)."""
+        program; otherwise it is never read)."""
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         WIDTH: gl.constexpr = 2 * BLOCK_N if GATE_UP else BLOCK_N
@@ -473,10 +446,10 @@ if HAVE_GLUON:
         p = (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, a_bufs, b_bufs, out_bufs, ready,
              empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
              n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset, tile_ids, tile_full, tile_empty,
-             tile_counter_ptr, x_ptr, top_k, timeline_ptr, w_ptr)
+             tile_counter_ptr, x_ptr, top_k, timeline_ptr)
         gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC, GATHER, TIMELINE)),
                             (_consumer, (p, GATE_UP, 1, DYNAMIC, GATHER, TIMELINE)),
-                            (_producer, (p, GATE_UP, DYNAMIC, GATHER, TIMELINE, PREFETCH))],
+                            (_producer, (p, GATE_UP, DYNAMIC, GATHER, TIMELINE))],
                            [4, PRODUCER_WARPS], [232, 80 if GATHER else 24])
 
 
@@ -512,9 +485,8 @@ def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: i
         torch.zeros(1, dtype=torch.int32, device=a.device),  # the tile counter (a memset)
         a, top_k or 1,  # GATHER's x and k (its descriptor above only gives the stages' layout)
         routing.n_blocks if timeline is None else timeline,  # (never read without TIMELINE)
-        w2d, GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=tile.get("dynamic", True),
+        GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=tile.get("dynamic", True),
         GATHER=0 if top_k is None else tile["gather"], TIMELINE=timeline is not None,
-        PREFETCH=tile.get("prefetch", False),
         num_warps=4, maxnreg=MAX_REGISTERS)
 
 
