@@ -4,8 +4,8 @@
     python benchmarks/kernels/ab_wgmma.py --baseline /tmp/wgmma_base.py \
         [--shapes mixtral-8x7b deepseek-v2-lite] [--tokens 2048 8192]
 
-For each (shape, tokens): the shipped config where it is a wgmma one, else the probe's "ht" tile;
-routing computed once; each GEMM launch of both versions timed by time_many (interleaved rounds,
+For each (shape, tokens): the shipped config where it is a wgmma_moe one (not swap), else the
+probe's "ht" tile; routing computed once; each GEMM launch of both versions timed by time_many (interleaved rounds,
 CUDA graphs, L2 flushed by a clean read); both versions' h and y compared on the rows that hold
 pairs: identical bit for bit where the change keeps the arithmetic, else each version's h against
 an fp32 reference (relative error), which is what a change of the arithmetic must keep. One
@@ -70,7 +70,8 @@ def main(argv=None):
         n_experts, hidden, ffn, top_k = dims
         for n_tokens in args.tokens:
             config = get_config(n_tokens, *dims)
-            config = config if config["path"] == "wgmma" else HT
+            # (a swap config runs wgmma_swap.py's kernels, which this A/B does not load)
+            config = config if config["path"] == "wgmma" and not config.get("swap") else HT
             x, w13, w2 = make_inputs(n_experts, hidden, ffn, top_k, n_tokens)
             ids, weights = make_routing(n_tokens, n_experts, top_k, shared=shared_columns(name))
             routing = launch.route(ids.reshape(-1), n_experts, config)
