@@ -337,7 +337,7 @@ if HAVE_GLUON:
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, WIDTH, 16])
         acc = gl.zeros([ROWS, WIDTH], gl.float32, layout)
         if not GATE_UP:  # the rows' routing weights, read while the MMAs run: in the epilogue their
-            # two dependent loads left the tensor cores idle (NOTES.md v34)
+            # two dependent loads left the tensor cores idle (NOTES.md v35)
             rows = start + gl.arange(0, ROWS, gl.SliceLayout(1, layout))
             pair = gl.load(sorted_ptr + rows)  # padding rows hold n_pairs
             weight = gl.load(weights_ptr + pair, mask=pair < n_pairs, other=0.0).to(gl.float32)
