@@ -324,7 +324,7 @@ def test_timeline_reader_on_a_hand_built_launch(monkeypatch):
     # every consumer's span is its ramp, its tiles' phases, the gaps between them and its tail
     assert sum(s["share"].values()) == pytest.approx(1.0)
     assert s["share"]["k_waits"] * 4 * s["span_us"] == pytest.approx(sum(expected["k_waits"]))
-    assert s["producer"]["claim_to_metadata_us"] == pytest.approx(40 / ghz / 1e3)
+    assert s["producer"]["metadata_us"] == pytest.approx(40 / ghz / 1e3)
     buf[0, 0, :, 0] = 3  # a partition that filled every slot: its last tiles were lost
     with pytest.raises(ValueError, match="TIMELINE_TILES"):
         timeline.records(buf)

@@ -17,13 +17,14 @@ reads them back:
                            between: the store issued to the next tile's start
     share of the launch    each of those summed over an SM's consumer warpgroup 0, over the
                            launch's span, plus the tail: an SM idle after its last tile
-    producer               claim to metadata read (us, median), its waits for free stages (share)
+    producer               its tile start to the metadata read (us, median), its waits for free
+                           stages (share)
     MMA floor a tile       the tile's FLOPs over an SM's share of the 8192^3 matmul rate measured
                            in the same run
 
 and each GEMM's time without the records in the same rounds (time_many; the records cost a few
 clock reads a K step), and whether its outputs repeat bit for bit, with and without the records. Clocks become microseconds at the SM clock that the producer's records
-give (clock cycles over %globaltimer nanoseconds between its first and last claim). Writes
+give (clock cycles over %globaltimer nanoseconds between its first and last tile). Writes
 `timeline.json` and a picture of a few SMs' tiles (`timeline-<row>.png`) into --out.
 """
 
@@ -43,7 +44,7 @@ from moegps.kernels.timing import make_inputs, make_routing, time_many
 from moegps.kernels.tune import expert_dims, shared_columns
 
 CONSUMER_FIELDS = ("tile", "start", "first", "mma_done", "epilogue_done", "waited")
-PRODUCER_FIELDS = ("tile", "claimed", "metadata", "last_copy", "waited", "ns")
+PRODUCER_FIELDS = ("tile", "start", "metadata", "last_copy", "waited", "ns")
 
 
 def records(timeline: torch.Tensor) -> list[dict]:
@@ -66,8 +67,8 @@ def records(timeline: torch.Tensor) -> list[dict]:
 
 
 def clock_ghz(progs: list[dict]) -> float:
-    """Cycles per nanosecond, from the producers' first and last claims (median over programs)."""
-    ratios = [(p["producer"][-1]["claimed"] - p["producer"][0]["claimed"])
+    """Cycles per nanosecond, from the producers' first and last tiles (median over programs)."""
+    ratios = [(p["producer"][-1]["start"] - p["producer"][0]["start"])
               / (p["producer"][-1]["ns"] - p["producer"][0]["ns"])
               for p in progs if len(p["producer"]) > 1 and p["producer"][-1]["ns"] > p["producer"][0]["ns"]]
     return statistics.median(ratios)
@@ -80,17 +81,17 @@ def summarize(progs: list[dict], ghz: float, mma_floor_us: float) -> dict:
     phases = {"first_stage": [], "k_loop": [], "k_waits": [], "epilogue": [], "between": []}
     totals = dict.fromkeys(["mma", "k_waits", "first_stage", "epilogue", "between", "tail"], 0.0)
     # each SM's clock starts anywhere: the span is measured per program, from its producer's first
-    # claim to the last epilogue of any program, mapped through that program's clock and timer
+    # tile to the last epilogue of any program, mapped through that program's clock and timer
     ends_ns = []
     for p in progs:
-        base_clock, base_ns = p["producer"][0]["claimed"], p["producer"][0]["ns"]
+        base_clock, base_ns = p["producer"][0]["start"], p["producer"][0]["ns"]
         for rows in p["consumers"]:
             if rows:
                 ends_ns.append(base_ns + (rows[-1]["epilogue_done"] - base_clock) / ghz)
     starts_ns = [p["producer"][0]["ns"] for p in progs if p["producer"]]
     span_ns = max(ends_ns) - min(starts_ns)
     for p in progs:
-        base_clock, base_ns = p["producer"][0]["claimed"], p["producer"][0]["ns"]
+        base_clock, base_ns = p["producer"][0]["start"], p["producer"][0]["ns"]
         for rows in p["consumers"]:
             for i, r in enumerate(rows):
                 phases["first_stage"].append((r["first"] - r["start"]) * us)
@@ -109,14 +110,14 @@ def summarize(progs: list[dict], ghz: float, mma_floor_us: float) -> dict:
                 last_ns = base_ns + (rows[-1]["epilogue_done"] - base_clock) / ghz
                 totals["tail"] += ((first_ns - min(starts_ns)) + (max(ends_ns) - last_ns)) * 1e-3
     n_consumers = sum(1 for p in progs for rows in p["consumers"] if rows)
-    producer_meta = [(r["metadata"] - r["claimed"]) * us for p in progs for r in p["producer"]]
+    producer_meta = [(r["metadata"] - r["start"]) * us for p in progs for r in p["producer"]]
     producer_wait = sum(r["waited"] for p in progs for r in p["producer"]) * us
     return {"span_us": span_ns * 1e-3, "clock_ghz": ghz,
             "tiles_per_sm": statistics.mean(len(p["producer"]) for p in progs),
             "tile_median_us": {k: statistics.median(v) if v else 0.0 for k, v in phases.items()},
             "mma_floor_us": mma_floor_us,
             "share": {k: v / (n_consumers * span_ns * 1e-3) for k, v in totals.items()},
-            "producer": {"claim_to_metadata_us": statistics.median(producer_meta),
+            "producer": {"metadata_us": statistics.median(producer_meta),
                          "waits_share": producer_wait / (len(progs) * span_ns * 1e-3)}}
 
 
@@ -131,7 +132,7 @@ def plot(progs: list[dict], ghz: float, path: Path, title: str, n_sms: int = 8) 
     fig, ax = plt.subplots(figsize=(12, 0.5 * 2 * n_sms + 1.2))
     colors = {"first stage": "#d62728", "K loop": "#1f77b4", "epilogue": "#ff7f0e"}
     for s, p in enumerate(progs[:n_sms]):
-        base_clock, base_ns = p["producer"][0]["claimed"], p["producer"][0]["ns"]
+        base_clock, base_ns = p["producer"][0]["start"], p["producer"][0]["ns"]
         at = lambda c: (base_ns + (c - base_clock) / ghz - t0) * 1e-3  # noqa: E731
         for c, rows in enumerate(p["consumers"]):
             y = 2 * s + c
@@ -143,7 +144,7 @@ def plot(progs: list[dict], ghz: float, path: Path, title: str, n_sms: int = 8) 
     ax.set_yticks(range(2 * min(n_sms, len(progs))),
                   [f"SM {s} wg {c}" for s in range(min(n_sms, len(progs))) for c in (0, 1)], fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("us from the launch's first claim")
+    ax.set_xlabel("us from the launch's first tile")
     ax.set_title(title, fontsize=9)
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=v) for v in colors.values()],
               labels=list(colors), loc="upper right", fontsize=7)
@@ -235,7 +236,7 @@ def main(argv=None) -> None:
                     print("  per tile (median us): " + ", ".join(f"{k} {v:.2f}" for k, v in s["tile_median_us"].items())
                           + f"; MMA floor {floor:.2f}")
                     print("  share of the span:    " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in s["share"].items()))
-                    print(f"  producer: claim to metadata {s['producer']['claim_to_metadata_us']:.2f} us, "
+                    print(f"  producer: metadata read in {s['producer']['metadata_us']:.2f} us, "
                           f"waiting for free stages {100 * s['producer']['waits_share']:.1f}%")
                     plot(progs, ghz, args.out / f"timeline-{shape}-{n_tokens}-{kind}-{gemm}.png", row)
                 tmp = result_path.with_suffix(".tmp")

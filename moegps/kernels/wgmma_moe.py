@@ -212,18 +212,22 @@ if HAVE_GLUON:
         # GATHER: 16-byte pieces of the token rows, 8 rows x 4 pieces a warp
         ROW_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [gl.num_warps(), 1], [1, 0])
         n_tiles = gl.load(n_blocks_ptr) * n_tiles_n
+        # each next tile is claimed and handed over while this one's copies fill the ring, where
+        # the producer waits for free stages anyway: at a tile's end neither the claim's round trip
+        # nor the consumers' wait for the next tile id stands between two tiles (NOTES.md v36)
+        CLAIM_STEP = gl.minimum(STAGES - 1, (k_dim + BLOCK_K - 1) // BLOCK_K - 1)
         step = 0
         i = 0
         tile = _claim(tile_counter_ptr, i, DYNAMIC)
+        if DYNAMIC:  # (past the last tile: the consumers stop)
+            _publish(tile_ids, tile_full, tile_empty, i, tile)
         while tile < n_tiles:
-            if TIMELINE:  # tile, claimed (clock), then below: metadata read, last copy issued, waits
+            if TIMELINE:  # tile, its start (clock), then below: metadata read, last copy issued, waits
                 record = _record(timeline_ptr, 2, i)
                 gl.store(record, tile.to(gl.int64))
                 gl.store(record + 1, _clock())
                 gl.store(record + 5, _globaltimer())
                 waited = gl.to_tensor(0).to(gl.int64)
-            if DYNAMIC:
-                _publish(tile_ids, tile_full, tile_empty, i, tile)
             block, tile_n, row, n_rows = _block(tile, n_blocks_ptr, n_tiles_n, group, block_start_ptr)
             half_block = n_rows <= ROWS
             w_row = gl.load(block_expert_ptr + block) * b_rows + tile_n * BLOCK_N
@@ -238,6 +242,7 @@ if HAVE_GLUON:
                 # so every row starts 16-byte aligned: one cp.async per 8 columns
                 start = gl.multiple_of(gl.where(keep, pair // top_k, 0).to(gl.int64) * k_dim, 8)
                 src = x_ptr + start[:, None] + c[None, :]
+            next_tile = tile
             for k in range(0, k_dim, BLOCK_K):
                 stage = step % STAGES
                 if TIMELINE:
@@ -266,14 +271,16 @@ if HAVE_GLUON:
                         _tma_load(b_desc, [w_row + up_offset, k], bar, b.slice(BLOCK_N, BLOCK_N))
                 else:
                     _tma_load(b_desc, [w_row, k], bar, b_bufs.index(stage))
+                if k == CLAIM_STEP * BLOCK_K:
+                    next_tile = _claim(tile_counter_ptr, i + 1, DYNAMIC)
+                    if DYNAMIC:
+                        _publish(tile_ids, tile_full, tile_empty, i + 1, next_tile)
                 step += 1
             if TIMELINE:
                 gl.store(record + 3, _clock())
                 gl.store(record + 4, waited)
             i += 1
-            tile = _claim(tile_counter_ptr, i, DYNAMIC)
-        if DYNAMIC:  # past the last tile: the consumers stop
-            _publish(tile_ids, tile_full, tile_empty, i, tile)
+            tile = next_tile
 
     @gluon.jit
     def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr,
@@ -494,9 +501,9 @@ def new_timeline(device) -> torch.Tensor:
     """A buffer for one launch's TIMELINE records: int64 [programs (one an SM), 3 partitions
     (consumer warpgroups 0 and 1, producer), tiles (the first TIMELINE_TILES), fields]. A
     consumer's fields: tile, clocks at its start, first full stage, MMAs done, epilogue issued, and
-    the cycles spent waiting for full stages after the first; the producer's: tile, clocks at its claim, metadata
-    read, last copy issued, the cycles spent waiting for free stages, and %globaltimer (ns) at its
-    claim. Clocks are the SM's %clock64; records of tiles never run stay -1."""
+    the cycles spent waiting for full stages after the first; the producer's: tile, clocks at its
+    start, metadata read, last copy issued, the cycles spent waiting for free stages, and
+    %globaltimer (ns) at its start. Clocks are the SM's %clock64; records of tiles never run stay -1."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return torch.full((sms, 3, TIMELINE_TILES.value, FIELDS.value), -1, dtype=torch.int64,
                       device=device)
