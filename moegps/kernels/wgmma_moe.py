@@ -135,24 +135,13 @@ if HAVE_GLUON:
         return block, tile_n, row, gl.load(block_start_ptr + block + 1) - row
 
     @gluon.jit
-    def _block_ahead(tile, n_tiles, n_blocks, n_tiles_n, group, block_start_ptr, block_expert_ptr):
-        """(N tile, the block's first sorted row, its rows, its expert) of a tile the producer may
-        have claimed past the last (then zeros, and no load reaches past the tables)."""
-        valid = tile < n_tiles
-        block, tile_n = _tile(gl.where(valid, tile, 0), gl.maximum(n_blocks, 1), n_tiles_n, group)
-        row = gl.load(block_start_ptr + block, mask=valid, other=0)
-        n_rows = gl.load(block_start_ptr + block + 1, mask=valid, other=0) - row
-        return tile_n, row, n_rows, gl.load(block_expert_ptr + block, mask=valid, other=0)
-
-    @gluon.jit
-    def _barriers(STAGES: gl.constexpr, READY_COUNT: gl.constexpr, TILE_FIELDS: gl.constexpr):
+    def _barriers(STAGES: gl.constexpr, READY_COUNT: gl.constexpr):
         """The schedule's barriers, initialised: each stage's ready (READY_COUNT arrivals, the
         producer's) and empty (one arrival from each consumer warpgroup), and the ring of claimed
-        tiles, producer to consumers (TILE_FIELDS int32 a tile: its id, or 4: its id, its block's
-        first sorted row and rows, and a spare), with its full and empty barriers."""
+        tile ids, producer to consumers, with its full and empty barriers."""
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        tile_ids = gl.allocate_shared_memory(gl.int32, [TILE_RING, TILE_FIELDS],
+        tile_ids = gl.allocate_shared_memory(gl.int32, [TILE_RING, 1],
                                              gl.SwizzledSharedLayout(1, 1, 1, [0]))
         tile_full = gl.allocate_shared_memory(gl.int64, [TILE_RING, 1], mbarrier.MBarrierLayout())
         tile_empty = gl.allocate_shared_memory(gl.int64, [TILE_RING, 1], mbarrier.MBarrierLayout())
@@ -174,37 +163,27 @@ if HAVE_GLUON:
             return gl.program_id(0) + i * gl.num_programs(0)
 
     @gluon.jit
-    def _publish(tile_ids, tile_full, tile_empty, i, tile, row, n_rows):
-        """The producer hands its i-th tile to both consumer partitions (the ring of tiles; with
-        four fields a tile, its block's first sorted row and rows too)."""
+    def _publish(tile_ids, tile_full, tile_empty, i, tile):
+        """The producer hands its i-th tile to both consumer partitions (a ring of tile ids)."""
         D: gl.constexpr = tile_ids.shape[0]
-        W: gl.constexpr = tile_ids.shape[1]
         slot = i % D
         mbarrier.wait(tile_empty.index(slot), ((i // D) & 1) ^ 1)
-        field = gl.arange(0, W, gl.BlockedLayout([1], [32], [gl.num_warps()], [0]))
-        tile_ids.index(slot).store(gl.where(field == 0, tile, gl.where(field == 1, row, n_rows)))
+        tile_ids.index(slot).store(gl.full([1], tile, gl.int32, gl.BlockedLayout([1], [32], [gl.num_warps()], [0])))
         mbarrier.arrive(tile_full.index(slot))
 
     @gluon.jit
     def _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC: gl.constexpr):
-        """A consumer's i-th tile, its block's first sorted row and rows: as the producer handed
-        them over (DYNAMIC; the rows only where the ring has four fields a tile, else 0), or the
-        tile of the same fixed stride as the producer's (rows 0: the consumer reads them)."""
+        """A consumer's i-th tile: the one the producer handed over (DYNAMIC), or the same fixed
+        stride as the producer's."""
         if DYNAMIC:
             D: gl.constexpr = tile_ids.shape[0]
-            W: gl.constexpr = tile_ids.shape[1]
             slot = i % D
             mbarrier.wait(tile_full.index(slot), (i // D) & 1)
-            layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-            fields = tile_ids.index(slot).load(layout)
+            tile = tile_ids.index(slot).load(gl.BlockedLayout([1], [32], [gl.num_warps()], [0]))
             mbarrier.arrive(tile_empty.index(slot))
-            field = gl.arange(0, W, layout)
-            return (gl.sum(gl.where(field == 0, fields, 0), 0),
-                    gl.sum(gl.where(field == 1, fields, 0), 0),
-                    gl.sum(gl.where(field == 2, fields, 0), 0))
+            return gl.max(tile, 0)
         else:
-            tile = gl.program_id(0) + i * gl.num_programs(0)
-            return tile, tile * 0, tile * 0
+            return gl.program_id(0) + i * gl.num_programs(0)
 
     @gluon.jit
     def _producer(p, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr, GATHER: gl.constexpr,
@@ -232,20 +211,16 @@ if HAVE_GLUON:
             nbytes: gl.constexpr = A_BYTES + b_desc.block_type.nbytes
         # GATHER: 16-byte pieces of the token rows, 8 rows x 4 pieces a warp
         ROW_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [gl.num_warps(), 1], [1, 0])
-        n_blocks = gl.load(n_blocks_ptr)
-        n_tiles = n_blocks * n_tiles_n
-        # each next tile is claimed, its block's rows read and both handed over while this one's
-        # copies fill the ring, where the producer waits for free stages anyway: at a tile's end
-        # neither the claim's round trip, nor the metadata's loads, nor the consumers' wait for the
-        # next tile stands between two tiles (NOTES.md v36-v37)
+        n_tiles = gl.load(n_blocks_ptr) * n_tiles_n
+        # each next tile is claimed and handed over while this one's copies fill the ring, where
+        # the producer waits for free stages anyway: at a tile's end neither the claim's round trip
+        # nor the consumers' wait for the next tile id stands between two tiles (NOTES.md v36)
         CLAIM_STEP = gl.minimum(STAGES - 1, (k_dim + BLOCK_K - 1) // BLOCK_K - 1)
         step = 0
         i = 0
         tile = _claim(tile_counter_ptr, i, DYNAMIC)
-        tile_n, row, n_rows, expert = _block_ahead(tile, n_tiles, n_blocks, n_tiles_n, group,
-                                                   block_start_ptr, block_expert_ptr)
         if DYNAMIC:  # (past the last tile: the consumers stop)
-            _publish(tile_ids, tile_full, tile_empty, i, tile, row, n_rows)
+            _publish(tile_ids, tile_full, tile_empty, i, tile)
         while tile < n_tiles:
             if TIMELINE:  # tile, its start (clock), then below: metadata read, last copy issued, waits
                 record = _record(timeline_ptr, 2, i)
@@ -253,8 +228,9 @@ if HAVE_GLUON:
                 gl.store(record + 1, _clock())
                 gl.store(record + 5, _globaltimer())
                 waited = gl.to_tensor(0).to(gl.int64)
+            block, tile_n, row, n_rows = _block(tile, n_blocks_ptr, n_tiles_n, group, block_start_ptr)
             half_block = n_rows <= ROWS
-            w_row = expert * b_rows + tile_n * BLOCK_N
+            w_row = gl.load(block_expert_ptr + block) * b_rows + tile_n * BLOCK_N
             if TIMELINE:
                 gl.store(record + 2, _clock())
             if GATHER:  # the block's token rows of x (padding rows and those past the block: none)
@@ -266,7 +242,7 @@ if HAVE_GLUON:
                 # so every row starts 16-byte aligned: one cp.async per 8 columns
                 start = gl.multiple_of(gl.where(keep, pair // top_k, 0).to(gl.int64) * k_dim, 8)
                 src = x_ptr + start[:, None] + c[None, :]
-            next_tile, next_tile_n, next_row, next_n_rows, next_expert = tile, tile_n, row, n_rows, expert
+            next_tile = tile
             for k in range(0, k_dim, BLOCK_K):
                 stage = step % STAGES
                 if TIMELINE:
@@ -297,18 +273,14 @@ if HAVE_GLUON:
                     _tma_load(b_desc, [w_row, k], bar, b_bufs.index(stage))
                 if k == CLAIM_STEP * BLOCK_K:
                     next_tile = _claim(tile_counter_ptr, i + 1, DYNAMIC)
-                    next_tile_n, next_row, next_n_rows, next_expert = _block_ahead(
-                        next_tile, n_tiles, n_blocks, n_tiles_n, group, block_start_ptr,
-                        block_expert_ptr)
                     if DYNAMIC:
-                        _publish(tile_ids, tile_full, tile_empty, i + 1, next_tile, next_row,
-                                 next_n_rows)
+                        _publish(tile_ids, tile_full, tile_empty, i + 1, next_tile)
                 step += 1
             if TIMELINE:
                 gl.store(record + 3, _clock())
                 gl.store(record + 4, waited)
             i += 1
-            tile, tile_n, row, n_rows, expert = next_tile, next_tile_n, next_row, next_n_rows, next_expert
+            tile = next_tile
 
     @gluon.jit
     def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr,
@@ -321,21 +293,17 @@ if HAVE_GLUON:
          group, k_dim, n_pairs, b_rows, up_offset, tile_ids, tile_full, tile_empty,
          tile_counter_ptr, x_ptr, top_k, timeline_ptr) = p
         ROWS: gl.constexpr = a_bufs.shape[1] // 2
-        n_blocks = gl.load(n_blocks_ptr)
-        n_tiles = n_blocks * n_tiles_n
+        n_tiles = gl.load(n_blocks_ptr) * n_tiles_n
         step = 0
         i = 0
-        tile, start, n_rows = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
+        tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
         while tile < n_tiles:
             record = timeline_ptr
             if TIMELINE:  # tile, its start (clock), then in _tile_mma: first stage, MMAs, epilogue
                 record = _record(timeline_ptr, HALF, i)
                 gl.store(record, tile.to(gl.int64))
                 gl.store(record + 1, _clock())
-            if DYNAMIC:  # the block's rows came with the tile
-                block, tile_n = _tile(tile, n_blocks, n_tiles_n, group)
-            else:
-                block, tile_n, start, n_rows = _block(tile, n_blocks_ptr, n_tiles_n, group, block_start_ptr)
+            block, tile_n, start, n_rows = _block(tile, n_blocks_ptr, n_tiles_n, group, block_start_ptr)
             if n_rows > ROWS:
                 step = _tile_mma(a_bufs, b_bufs, out_desc, out_bufs.index(HALF), ready, empty,
                                  sorted_ptr, weights_ptr, k_dim, n_pairs, step,
@@ -347,7 +315,7 @@ if HAVE_GLUON:
                                  sorted_ptr, weights_ptr, k_dim, n_pairs, step, start, tile_n,
                                  GATE_UP, HALF, True, GATHER, record, TIMELINE)
             i += 1
-            tile, start, n_rows = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
+            tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
         tma.store_wait(0)
 
     @gluon.jit
@@ -376,11 +344,10 @@ if HAVE_GLUON:
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, WIDTH, 16])
         acc = gl.zeros([ROWS, WIDTH], gl.float32, layout)
         if not GATE_UP:  # the rows' routing weights, read while the MMAs run: in the epilogue their
-            # two dependent loads left the tensor cores idle (NOTES.md v35); the weights' load, which
-            # waits for the pair ids, goes out once the first MMA runs
+            # two dependent loads left the tensor cores idle (NOTES.md v35)
             rows = start + gl.arange(0, ROWS, gl.SliceLayout(1, layout))
             pair = gl.load(sorted_ptr + rows)  # padding rows hold n_pairs
-            weight = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, layout))
+            weight = gl.load(weights_ptr + pair, mask=pair < n_pairs, other=0.0).to(gl.float32)
         first = step
         if TIMELINE:
             waited = gl.to_tensor(0).to(gl.int64)
@@ -399,9 +366,6 @@ if HAVE_GLUON:
             acc = warpgroup_mma(a_bufs.index(stage).slice(A_ROW, ROWS),
                                 b_bufs.index(stage).slice(B_ROW, WIDTH).permute((1, 0)), acc,
                                 is_async=True)
-            if not GATE_UP:
-                if step == first:
-                    weight = gl.load(weights_ptr + pair, mask=pair < n_pairs, other=0.0).to(gl.float32)
             # this step's MMA may run on; the step before's is done with its stage
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
             mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), pred=step > first)
@@ -485,7 +449,7 @@ if HAVE_GLUON:
         # GATHER (> 0): a producer of that many warps, which arrives on a stage once for its TMA
         # copies and once a thread for its row copies
         PRODUCER_WARPS: gl.constexpr = GATHER if GATHER else 1
-        ready, empty, tile_ids, tile_full, tile_empty = _barriers(STAGES, 1 + 32 * GATHER, 4)
+        ready, empty, tile_ids, tile_full, tile_empty = _barriers(STAGES, 1 + 32 * GATHER)
         p = (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, a_bufs, b_bufs, out_bufs, ready,
              empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
              n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset, tile_ids, tile_full, tile_empty,

@@ -126,7 +126,7 @@ if HAVE_GLUON:
         tile = _claim(tile_counter_ptr, i, DYNAMIC)
         while tile < n_tiles:
             if DYNAMIC:
-                _publish(tile_ids, tile_full, tile_empty, i, tile, 0, 0)
+                _publish(tile_ids, tile_full, tile_empty, i, tile)
             block, tile_m, row, n_rows = _block(tile, n_blocks_ptr, n_tiles_m, group, block_start_ptr)
             expert_row = gl.load(block_expert_ptr + block) * w_rows
             for k in range(0, k_dim, BLOCK_K):
@@ -155,7 +155,7 @@ if HAVE_GLUON:
             i += 1
             tile = _claim(tile_counter_ptr, i, DYNAMIC)
         if DYNAMIC:  # past the last tile: the consumers stop
-            _publish(tile_ids, tile_full, tile_empty, i, tile, 0, 0)
+            _publish(tile_ids, tile_full, tile_empty, i, tile)
 
     @gluon.jit
     def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr,
@@ -169,7 +169,7 @@ if HAVE_GLUON:
         out_smem = out_bufs.index(HALF)
         step = 0
         i = 0
-        tile, _, _ = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
+        tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
         while tile < n_tiles:
             block, tile_m, start, n_rows = _block(tile, n_blocks_ptr, n_tiles_m, group, block_start_ptr)
             # output columns of this warpgroup's slices: gate/up 64 h columns, down 2 x 64 y columns
@@ -193,7 +193,7 @@ if HAVE_GLUON:
             else:
                 step = _tile_mma(*a, GATE_UP, HALF, 32, 0, ONE)
             i += 1
-            tile, _, _ = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
+            tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
         tma.store_wait(0)
 
     @gluon.constexpr_function
@@ -349,7 +349,7 @@ if HAVE_GLUON:
                                                     t64_desc.layout)
         out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape,
                                              out_desc.layout)
-        ready, empty, tile_ids, tile_full, tile_empty = _barriers(STAGES, 1, 1)
+        ready, empty, tile_ids, tile_full, tile_empty = _barriers(STAGES, 1)
         p = (w_desc, (t_desc, t64_desc, t32_desc), (out_desc, out64_desc, out32_desc), w_bufs,
              t_bufs, t_tail_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
              block_start_ptr, n_blocks_ptr, n_tiles_m, group, k_dim, n_pairs, w_rows, up_offset,
