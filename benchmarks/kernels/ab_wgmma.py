@@ -39,8 +39,7 @@ def load(path: str):
 
 
 def launches(module, x, w13, w2, gates, routing, config, top_k):
-    """{gate_up, down} of one version of the kernels, on buffers made once (h from a first run);
-    gates None: the down GEMM leaves the routing weights to the combine."""
+    """{gate_up, down} of one version of the kernels, on buffers made once (h from a first run)."""
     def gate_up():
         return launch.wgmma_gate_up(x, w13, routing, config, top_k, kernels=module)
     h = gate_up()
@@ -62,9 +61,6 @@ def main(argv=None):
     parser.add_argument("--baseline", required=True, help="a copy of wgmma_moe.py to compare with")
     parser.add_argument("--shapes", nargs="*", default=["mixtral-8x7b", "deepseek-v2-lite"])
     parser.add_argument("--tokens", type=int, nargs="*", default=[2048, 8192])
-    parser.add_argument("--new-down-unweighted", action="store_true",
-                        help="the new down GEMM without the routing weights (launch.wgmma_down's way "
-                             "since NOTES.md v38): its y times each row's weight is compared with the base's")
     args = parser.parse_args(argv)
     base = load(args.baseline)
     timing.FLUSH = "clean"
@@ -81,20 +77,14 @@ def main(argv=None):
             routing = launch.route(ids.reshape(-1), n_experts, config)
             gates = weights.reshape(-1)
             fns = {}
-            for label, module, down_gates in (("base", base, gates),
-                                              ("new", wgmma_moe, None if args.new_down_unweighted else gates)):
-                for part, fn in launches(module, x, w13, w2, down_gates, routing, config, top_k).items():
+            for label, module in (("base", base), ("new", wgmma_moe)):
+                for part, fn in launches(module, x, w13, w2, gates, routing, config, top_k).items():
                     fns[f"{label}.{part}"] = fn
             outs = {k: fn() for k, fn in fns.items()}
             pairs = routing.sorted_pair_ids[:int(routing.n_padded[0])]
             real = pairs < routing.n_pairs  # not padding
             rows = {k: out[:real.numel()][real] for k, out in outs.items()}
-            if args.new_down_unweighted:  # each row's weight applied here, as the combine does
-                weighted = rows["new.down"].float() * gates[pairs[real].long()].float()[:, None]
-                print(f"  new down times the weights against base down: rel_err "
-                      f"{timing.rel_err(weighted, rows['base.down'].float()):.2e}")
-            compared = ("gate_up",) if args.new_down_unweighted else ("gate_up", "down")
-            same = all(torch.equal(rows[f"base.{p}"], rows[f"new.{p}"]) for p in compared)
+            same = all(torch.equal(rows[f"base.{p}"], rows[f"new.{p}"]) for p in ("gate_up", "down"))
             if same:
                 verdict = "outputs identical"
             else:

@@ -171,8 +171,8 @@ def gemms(x, w13, w2, ids, weights, config: dict) -> tuple[dict, torch.Tensor]:
     h = wgmma_moe.launch_gate_up(a, w13, routing, config, top_k if gather else None)
     fns = {"gate_up": lambda tl=None: wgmma_moe.launch_gate_up(a, w13, routing, config,
                                                                 top_k if gather else None, timeline=tl),
-           # as launch.wgmma_down runs it: the routing weights left to the combine
-           "down": lambda tl=None: wgmma_moe.launch_down(h, w2, None, routing, config, timeline=tl)}
+           "down": lambda tl=None: wgmma_moe.launch_down(h, w2, weights.reshape(-1), routing, config,
+                                                         timeline=tl)}
     # rows of the blocks (past the last block the buffers hold rows no launch writes) that hold a pair
     in_blocks = torch.arange(h.shape[0], device=h.device) < routing.block_start[routing.n_blocks]
     return fns, in_blocks & (routing.sorted_pair_ids < routing.n_pairs)

@@ -27,7 +27,7 @@ import sys
 import torch
 import triton
 
-from moegps.kernels import launch, timing
+from moegps.kernels import launch, timing, wgmma_moe
 from moegps.kernels.bench import balanced_bmm, ceiling_runs, floors_us, gemm_parts, rates
 from moegps.kernels.launch import fused_moe, get_config
 from moegps.kernels.reference import moe_reference
@@ -62,10 +62,10 @@ def parts(x, w13, w2, ids, weights, config) -> dict:
         top_k = ids.shape[1]
         routing = launch.route(ids.reshape(-1), w13.shape[0], config)
         h = launch.wgmma_gate_up(x, w13, routing, config, top_k)
-        y, weights_left = launch.wgmma_down(h, w2, weights.reshape(-1), routing, config)
+        y = wgmma_moe.launch_down(h, w2, weights.reshape(-1), routing, config)
         if not config["gate_up"].get("gather"):  # else its gate/up gathers the rows itself
             timed["gather"] = lambda: launch.gather_rows(x, routing, top_k)
-        timed["combine"] = lambda: launch.combine_sum(y, top_k, slots=routing.pair_slot, weights=weights_left)
+        timed["combine"] = lambda: launch.combine_sum(y, top_k, slots=routing.pair_slot)
     return timed
 
 

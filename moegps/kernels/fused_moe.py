@@ -456,15 +456,13 @@ def down_sorted_kernel(
 
 
 @triton.jit
-def combine_kernel(y_ptr, slot_ptr, weight_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr,
-                   GATHER: tl.constexpr = False, WEIGHTED: tl.constexpr = False, PDL: tl.constexpr = False):
+def combine_kernel(y_ptr, slot_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr,
+                   GATHER: tl.constexpr = False, PDL: tl.constexpr = False):
     """out[t, h tile] = sum_j y[t * TOP_K + j, h tile], added in fp32 and rounded once: the k-way
     combine after the down GEMM of the scan and sorted paths. y [T*k, H] and out [T, H] are
     contiguous; grid (T, cdiv(H, BLOCK_H)). GATHER: y is in expert order (the wgmma path), pair
-    p's row is y[slot[p]]. WEIGHTED: each row times its pair's routing weight (weight_ptr [T*k],
-    fp32), where the down GEMM left them out (wgmma_moe; NOTES.md v38). A plain streaming kernel:
-    torch's sum over the k dim of y viewed [T, k, H] ran at 1.0-2.1 TB/s on an H100, this one at
-    2.7-3.05 (NOTES.md v17)."""
+    p's row is y[slot[p]]. A plain streaming kernel: torch's sum over the k dim
+    of y viewed [T, k, H] ran at 1.0-2.1 TB/s on an H100, this one at 2.7-3.05 (NOTES.md v17)."""
     wait_for_predecessor(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -472,11 +470,9 @@ def combine_kernel(y_ptr, slot_ptr, weight_ptr, out_ptr, H, TOP_K: tl.constexpr,
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
     for j in tl.static_range(TOP_K):
         row = t * TOP_K + j
-        value = tl.load(y_ptr + (tl.load(slot_ptr + row).to(tl.int64) if GATHER else row) * H + offs,
-                        mask=mask, other=0.0).to(tl.float32)
-        if WEIGHTED:
-            value *= tl.load(weight_ptr + row).to(tl.float32)
-        acc += value
+        if GATHER:
+            row = tl.load(slot_ptr + row).to(tl.int64)
+        acc += tl.load(y_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 

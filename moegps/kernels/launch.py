@@ -300,8 +300,8 @@ def _fused_moe_wgmma(x, w_gate_up, w_down, ids, weights, config, top_k) -> torch
     wgmma_kernels(config).check_config(config, x)
     routing = route(ids, w_gate_up.shape[0], config)
     h = wgmma_gate_up(x, w_gate_up, routing, config, top_k)
-    y, weights_left = wgmma_down(h, w_down, weights, routing, config)
-    return combine_sum(y, top_k, slots=routing.pair_slot, weights=weights_left)
+    y = wgmma_down(h, w_down, weights, routing, config)
+    return combine_sum(y, top_k, slots=routing.pair_slot)
 
 
 def wgmma_gate_up(x, w_gate_up, routing, config: dict, top_k: int, kernels=wgmma_moe) -> torch.Tensor:
@@ -322,29 +322,23 @@ def wgmma_kernels(config: dict):
     return wgmma_swap if config.get("swap") else wgmma_moe
 
 
-def wgmma_down(h, w_down, weights, routing, config: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The wgmma path's down GEMM: y [max_padded, H] in expert order (see wgmma_gate_up), and the
-    routing weights [T*k] that the combine still has to apply: wgmma_moe's kernels leave them to it
-    (their epilogue waited on the weights' loads; NOTES.md v38), wgmma_swap's apply them (None)."""
-    if config.get("swap"):
-        return wgmma_swap.launch_down(h, w_down, weights, routing, config), None
-    return wgmma_moe.launch_down(h, w_down, None, routing, config), weights
+def wgmma_down(h, w_down, weights, routing, config: dict) -> torch.Tensor:
+    """The wgmma path's down GEMM: y [max_padded, H] in expert order (see wgmma_gate_up)."""
+    return wgmma_kernels(config).launch_down(h, w_down, weights, routing, config)
 
 
 def combine_sum(y: torch.Tensor, top_k: int, out: torch.Tensor | None = None,
-                slots: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+                slots: torch.Tensor | None = None) -> torch.Tensor:
     """out [T, H] = sum over j of y [T*k, H]'s rows t*k + j (fp32 sums, y's dtype out): the
     k-way combine, one streaming launch (combine_kernel). With `slots` [T*k] (RoutingMeta's
-    pair_slot), y is in expert order and pair p's row is y[slots[p]]. With `weights` [T*k], each
-    pair's row is scaled by its routing weight first."""
+    pair_slot), y is in expert order and pair p's row is y[slots[p]]."""
     hidden = y.shape[1]
     n_pairs = y.shape[0] if slots is None else slots.numel()
     out = torch.empty(n_pairs // top_k, hidden, dtype=y.dtype, device=y.device) if out is None else out
     block_h = min(2048, triton.next_power_of_2(hidden))
     combine_kernel[(n_pairs // top_k, triton.cdiv(hidden, block_h))](
-        y.contiguous(), y if slots is None else slots, y if weights is None else weights.reshape(-1), out,
-        hidden, TOP_K=top_k, BLOCK_H=block_h, GATHER=slots is not None, WEIGHTED=weights is not None,
-        num_warps=8 if block_h >= 2048 else 4, **launch_flags(y))
+        y.contiguous(), y if slots is None else slots, out, hidden, TOP_K=top_k, BLOCK_H=block_h,
+        GATHER=slots is not None, num_warps=8 if block_h >= 2048 else 4, **launch_flags(y))
     return out
 
 

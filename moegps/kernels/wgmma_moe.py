@@ -284,7 +284,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr,
-                  GATHER: gl.constexpr, TIMELINE: gl.constexpr, WEIGHTED: gl.constexpr):
+                  GATHER: gl.constexpr, TIMELINE: gl.constexpr):
         """One warpgroup: rows HALF * BLOCK_M / 2 onwards of every tile, or on a block of at most
         BLOCK_M / 2 rows all its rows and column half HALF (each consumer frees each stage once: a
         stage's barrier counts two arrivals)."""
@@ -308,12 +308,12 @@ if HAVE_GLUON:
                 step = _tile_mma(a_bufs, b_bufs, out_desc, out_bufs.index(HALF), ready, empty,
                                  sorted_ptr, weights_ptr, k_dim, n_pairs, step,
                                  start + HALF * ROWS, tile_n, GATE_UP, HALF, False, GATHER,
-                                 record, TIMELINE, WEIGHTED)
+                                 record, TIMELINE)
             else:  # a half-height block (an expert's last, align's half_tail): its rows, half the columns
                 out_smem = _view_as(out_bufs.index(HALF), out_half_desc)
                 step = _tile_mma(a_bufs, b_bufs, out_half_desc, out_smem, ready, empty,
                                  sorted_ptr, weights_ptr, k_dim, n_pairs, step, start, tile_n,
-                                 GATE_UP, HALF, True, GATHER, record, TIMELINE, WEIGHTED)
+                                 GATE_UP, HALF, True, GATHER, record, TIMELINE)
             i += 1
             tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
         tma.store_wait(0)
@@ -322,7 +322,7 @@ if HAVE_GLUON:
     def _tile_mma(a_bufs, b_bufs, out_desc, out_smem, ready, empty, sorted_ptr, weights_ptr,
                   k_dim, n_pairs, step, start, tile_n, GATE_UP: gl.constexpr,
                   HALF: gl.constexpr, SPLIT_N: gl.constexpr, GATHER: gl.constexpr, record,
-                  TIMELINE: gl.constexpr, WEIGHTED: gl.constexpr):
+                  TIMELINE: gl.constexpr):
         """One warpgroup's share of a tile: rows start.. (its row half; with SPLIT_N the tile's
         only rows, and its column half HALF), the MMAs over K, then the epilogue through shared
         memory and a TMA store, which runs on while the next tile's MMAs start (every block is a
@@ -343,7 +343,7 @@ if HAVE_GLUON:
         layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, WIDTH, 16])
         acc = gl.zeros([ROWS, WIDTH], gl.float32, layout)
-        if WEIGHTED:  # the rows' routing weights, read while the MMAs run: in the epilogue their
+        if not GATE_UP:  # the rows' routing weights, read while the MMAs run: in the epilogue their
             # two dependent loads left the tensor cores idle (NOTES.md v35)
             rows = start + gl.arange(0, ROWS, gl.SliceLayout(1, layout))
             pair = gl.load(sorted_ptr + rows)  # padding rows hold n_pairs
@@ -379,10 +379,8 @@ if HAVE_GLUON:
         if GATE_UP:  # h in expert order: h[row] = silu(gate) * up
             gate, up = acc.reshape([ROWS, 2, BLOCK_N]).permute(0, 2, 1).split()
             _store(out_desc, out_smem, _silu(gate) * up, start, col)
-        else:  # y in expert order: y[row] = h @ w2^T (WEIGHTED: times the routing weight of the row's pair)
-            value = acc
-            if WEIGHTED:
-                value = acc * weight[:, None]
+        else:  # y in expert order: y[row] = routing weight of the row's pair * (h @ w2^T)
+            value = acc * weight[:, None]
             if out_smem.shape[1] == BLOCK_N:
                 _store(out_desc, out_smem, value, start, col)
             else:  # two column halves through one buffer
@@ -426,11 +424,10 @@ if HAVE_GLUON:
                             n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset, tile_counter_ptr,
                             x_ptr, top_k, timeline_ptr, GATE_UP: gl.constexpr,
                             STAGES: gl.constexpr, DYNAMIC: gl.constexpr, GATHER: gl.constexpr,
-                            TIMELINE: gl.constexpr = False, WEIGHTED: gl.constexpr = False):
+                            TIMELINE: gl.constexpr = False):
         """GATE_UP: out = h [max_padded, F] (expert order) = silu(A @ w1^T) * (A @ w3^T), with A
         the gathered token rows and b_desc over w_gate_up [E * 2F, H] (up rows at +up_offset).
-        Otherwise: out = y [max_padded, H] (expert order) = h @ w2^T (WEIGHTED: times each row's
-        routing weight, weights_ptr [T*k]; else the combine applies them), b_desc
+        Otherwise: out = y [max_padded, H] (expert order) = routing weight * (h @ w2^T), b_desc
         over w_down [E * H, F]. b_rows: weight rows per expert (2F or H). b_half_desc and
         out_half_desc: the same tensors in boxes of half the columns (the blocks of half height).
         Four warps (the default partition: the low half of each tile's rows) and two worker
@@ -457,8 +454,8 @@ if HAVE_GLUON:
              empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
              n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset, tile_ids, tile_full, tile_empty,
              tile_counter_ptr, x_ptr, top_k, timeline_ptr)
-        gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC, GATHER, TIMELINE, WEIGHTED)),
-                            (_consumer, (p, GATE_UP, 1, DYNAMIC, GATHER, TIMELINE, WEIGHTED)),
+        gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC, GATHER, TIMELINE)),
+                            (_consumer, (p, GATE_UP, 1, DYNAMIC, GATHER, TIMELINE)),
                             (_producer, (p, GATE_UP, DYNAMIC, GATHER, TIMELINE))],
                            [4, PRODUCER_WARPS], [232, 80 if GATHER else 24])
 
@@ -477,8 +474,8 @@ def _descriptor(t: torch.Tensor, block: list[int]):
 def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: int,
             gate_up: bool, top_k: int | None = None, timeline: torch.Tensor | None = None) -> None:
     """One grouped GEMM: a [max_padded, K] and out [max_padded, N] in expert order, w2d the
-    weights [E * b_rows, K], `weights` the routing weights [T*k] that the down GEMM applies (None:
-    none applied; gate/up never applies them); one program per SM. With top_k, a is x [T, K] in token order instead and the
+    weights [E * b_rows, K], `weights` the routing weights [T*k] (the down GEMM's; None for
+    gate/up); one program per SM. With top_k, a is x [T, K] in token order instead and the
     producer gathers each block's rows itself (gate/up only). With `timeline` (int64, from
     new_timeline), the kernel records its tiles' times into it."""
     block_m, block_n, block_k = routing.block_m, tile["block_n"], tile["block_k"]
@@ -489,7 +486,7 @@ def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: i
         _descriptor(a, [block_m, block_k]), _descriptor(w2d, [block_n, block_k]),
         _descriptor(w2d, [block_n // 2, block_k]), _descriptor(out, [block_m // 2, min(block_n, 128)]),
         _descriptor(out, [block_m // 2, block_n // 2]), routing.sorted_pair_ids,
-        routing.sorted_pair_ids if weights is None else weights,  # read only with WEIGHTED
+        routing.sorted_pair_ids if weights is None else weights,  # gate/up never reads it
         routing.block_expert, routing.block_start, routing.n_blocks, n_tiles_n,
         tile.get("group_m", 8), a.shape[1], routing.n_pairs, b_rows, up_offset,
         torch.zeros(1, dtype=torch.int32, device=a.device),  # the tile counter (a memset)
@@ -497,7 +494,6 @@ def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: i
         routing.n_blocks if timeline is None else timeline,  # (never read without TIMELINE)
         GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=tile.get("dynamic", True),
         GATHER=0 if top_k is None else tile["gather"], TIMELINE=timeline is not None,
-        WEIGHTED=weights is not None,
         num_warps=4, maxnreg=MAX_REGISTERS)
 
 
@@ -548,11 +544,8 @@ def launch_gate_up(a, w_gate_up, routing, config: dict, top_k: int | None = None
 
 def launch_down(h, w_down, weights, routing, config: dict,
                 timeline: torch.Tensor | None = None) -> torch.Tensor:
-    """y [max_padded, H] in expert order = h @ w2^T per sorted row, h from launch_gate_up; with
-    `weights` [T*k], each row times its pair's routing weight. `combine_sum(y, k,
-    slots=routing.pair_slot, weights=...)` sums it (passing the weights if this did not apply them).
-    launch.wgmma_down leaves them to the combine: in the epilogue their loads wait on memory
-    between two tiles (NOTES.md v38)."""
+    """y [max_padded, H] in expert order = the routing weight of each sorted row's pair *
+    (h @ w2^T), h from launch_gate_up; `combine_sum(y, k, slots=routing.pair_slot)` sums it."""
     n_experts, hidden, ffn = w_down.shape
     y = torch.empty(h.shape[0], hidden, dtype=h.dtype, device=h.device)
     _launch(h, w_down.view(n_experts * hidden, ffn), y, weights, routing, config["down"],
