@@ -51,6 +51,11 @@ VARIANTS = {
     # the gate/up producer, a warpgroup, gathering the token rows itself (cp.async; NOTES.md v21;
     # with one warp it was 5-18% slower everywhere, v22)
     "ht_ga": wgmma_config(half_tail=True, gather=4),
+    # the tile order's group of row blocks (which tiles run side by side, sharing weight slabs and token
+    # rows through L2) around the shipped 8
+    "ht_ga_g4": wgmma_config(half_tail=True, gather=4, group=4),
+    "ht_ga_g16": wgmma_config(half_tail=True, gather=4, group=16),
+    "ht_ga_g32": wgmma_config(half_tail=True, gather=4, group=32),
 }
 
 
