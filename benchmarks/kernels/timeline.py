@@ -12,20 +12,23 @@ row (the shipped config's, or a wgmma_probe variant's) with the records on, afte
 reads them back:
 
     per tile (median, us)  first stage: from the tile's start to its first full stage
-                           K loop: first full stage to the MMAs' end; waits: its waits for stages
+                           K loop: first full stage to the MMAs' end; waits: its waits for the
+                           later stages (they overlap the MMAs already issued)
                            epilogue: MMAs' end to the output's store issued
                            between: the store issued to the next tile's start
-    share of the launch    each of those summed over an SM's consumer warpgroup 0, over the
-                           launch's span, plus the tail: an SM idle after its last tile
+    share of the launch    each of those summed over every consumer warpgroup, over the launch's
+                           span times their number, plus the tail: a warpgroup idle before its
+                           first tile and after its last
     producer               its tile start to the metadata read (us, median), its waits for free
                            stages (share)
     MMA floor a tile       the tile's FLOPs over an SM's share of the 8192^3 matmul rate measured
                            in the same run
 
 and each GEMM's time without the records in the same rounds (time_many; the records cost a few
-clock reads a K step), and whether its outputs repeat bit for bit, with and without the records. Clocks become microseconds at the SM clock that the producer's records
-give (clock cycles over %globaltimer nanoseconds between its first and last tile). Writes
-`timeline.json` and a picture of a few SMs' tiles (`timeline-<row>.png`) into --out.
+clock reads a K step), and whether its outputs repeat bit for bit, with and without the records.
+Clocks become microseconds at the SM clock that the producer's records give (clock cycles over
+%globaltimer nanoseconds between its first and last tile). Writes `timeline.json` and a picture of
+a few SMs' tiles (`timeline-<row>.png`) into --out. NOTES.md session 18 has what it found.
 """
 
 from __future__ import annotations
@@ -76,10 +79,12 @@ def clock_ghz(progs: list[dict]) -> float:
 
 def summarize(progs: list[dict], ghz: float, mma_floor_us: float) -> dict:
     """Per-tile medians (us) and each phase's share of the launch's span over all consumer
-    warpgroups (see the module docstring)."""
+    warpgroups (see the module docstring): k_loop, first_stage, epilogue, between and tail add up
+    to 1; k_waits is the part of k_loop spent waiting for stages."""
     us = 1e-3 / ghz  # us a cycle
     phases = {"first_stage": [], "k_loop": [], "k_waits": [], "epilogue": [], "between": []}
-    totals = dict.fromkeys(["mma", "k_waits", "first_stage", "epilogue", "between", "tail"], 0.0)
+    # the K loop's waits overlap the MMAs already issued: a part of the K loop, not a phase of its own
+    totals = dict.fromkeys(["k_loop", "first_stage", "epilogue", "between", "tail", "k_waits"], 0.0)
     # each SM's clock starts anywhere: the span is measured per program, from its producer's first
     # tile to the last epilogue of any program, mapped through that program's clock and timer
     ends_ns = []
@@ -98,7 +103,7 @@ def summarize(progs: list[dict], ghz: float, mma_floor_us: float) -> dict:
                 phases["k_loop"].append((r["mma_done"] - r["first"]) * us)
                 phases["k_waits"].append(r["waited"] * us)
                 phases["epilogue"].append((r["epilogue_done"] - r["mma_done"]) * us)
-                totals["mma"] += (r["mma_done"] - r["first"] - r["waited"]) * us
+                totals["k_loop"] += (r["mma_done"] - r["first"]) * us
                 totals["k_waits"] += r["waited"] * us
                 totals["first_stage"] += (r["first"] - r["start"]) * us
                 totals["epilogue"] += (r["epilogue_done"] - r["mma_done"]) * us
@@ -235,7 +240,9 @@ def main(argv=None) -> None:
                     print(f"  outputs: {same}")
                     print("  per tile (median us): " + ", ".join(f"{k} {v:.2f}" for k, v in s["tile_median_us"].items())
                           + f"; MMA floor {floor:.2f}")
-                    print("  share of the span:    " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in s["share"].items()))
+                    print("  share of the span:    " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in s["share"].items()
+                                                             if k != "k_waits")
+                          + f" (K loop's waits {100 * s['share']['k_waits']:.1f}%)")
                     print(f"  producer: metadata read in {s['producer']['metadata_us']:.2f} us, "
                           f"waiting for free stages {100 * s['producer']['waits_share']:.1f}%")
                     plot(progs, ghz, args.out / f"timeline-{shape}-{n_tokens}-{kind}-{gemm}.png", row)
