@@ -115,7 +115,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _record(timeline_ptr, role, i):
         """The first field of partition `role`'s record of its i-th tile (past TIMELINE_TILES, the
-        last record, taken over and over: new_timeline's reader refuses a launch that got there)."""
+        last record, taken over and over: benchmarks/kernels/timeline.py refuses such a launch)."""
         slot = gl.minimum(i, TIMELINE_TILES - 1)
         return timeline_ptr + ((gl.program_id(0) * 3 + role) * TIMELINE_TILES + slot) * FIELDS
 
