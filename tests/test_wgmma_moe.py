@@ -253,10 +253,7 @@ def test_swap_kernels_compile_for_hopper(gate_up, stages, block_k, pad, one, com
 
 def test_swap_probe_variants_name_their_blocks_and_the_one_mma_flag(monkeypatch):
     """benchmarks/kernels/swap_probe.py's variant spelling (imported with its folder on the path)."""
-    import importlib
-
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks" / "kernels"))
-    probe = importlib.import_module("swap_probe")
+    probe = _kernels_script(monkeypatch, "swap_probe")
     one = probe.variant("6x32:160/32o", 8)
     assert (one["block_m"], one["pad_m"], one.get("one")) == (160, 32, True)
     assert one["gate_up"] == one["down"] == {"block_k": 32, "num_stages": 6, "group_m": 8}
@@ -285,16 +282,18 @@ def test_swap_compile_signature_is_the_kernels(compiling_python):
     assert result["signature"] == result["params"]
 
 
-def _timeline_script(monkeypatch):
+def _kernels_script(monkeypatch, name: str):
+    """A script of benchmarks/kernels, imported with its folder on the path."""
+    import importlib
+
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks" / "kernels"))
-    import timeline
-    return timeline
+    return importlib.import_module(name)
 
 
 def test_timeline_reader_on_a_hand_built_launch(monkeypatch):
     """benchmarks/kernels/timeline.py's reading of the kernels' TIMELINE records, on a launch built
     by hand with known phases: two programs, each consumer two tiles, clocks at 2 cycles a ns."""
-    timeline = _timeline_script(monkeypatch)
+    timeline = _kernels_script(monkeypatch, "timeline")
     rng = np.random.default_rng(7)
     buf = torch.full((2, 3, 8, 6), -1, dtype=torch.int64)
     ghz = 2.0
