@@ -22,12 +22,21 @@ from types import SimpleNamespace
 
 from moegps.kernels import wgmma_moe, wgmma_swap
 
-# (GATE_UP, STAGES, BLOCK_K, PAD) of the kernels carried, all with ONE
-VARIANTS = [(gate_up, 6, 32, pad) for gate_up in (True, False) for pad in (32, 64)]
+# (GATE_UP, STAGES, BLOCK_K, PAD, BLOCK_M) of the kernels carried, all with ONE: the table's
+# entries (six stages of 32 columns, blocks of up to 160 or 192 rows) and three stages of 64 columns
+# (NOTES.md v39)
+VARIANTS = [(gate_up, stages, block_k, pad, block_m) for gate_up in (True, False)
+            for stages, block_k, pad, block_m in ((6, 32, 64, 192), (6, 32, 32, 192), (6, 32, 32, 160),
+                                                   (3, 64, 32, 160), (3, 64, 32, 192))]
 
 
-def folder_name(gate_up: bool, stages: int, block_k: int, pad: int) -> str:
-    return f"{int(gate_up)}-{stages}x{block_k}-{pad}"
+def folder_name(gate_up: bool, stages: int, block_k: int, pad: int, block_m: int) -> str:
+    return f"{int(gate_up)}-{stages}x{block_k}-{pad}-{block_m}"
+
+
+def _constants(gate_up: bool, stages: int, pad: int, block_m: int) -> dict:
+    return {"GATE_UP": gate_up, "STAGES": stages, "DYNAMIC": True, "PAD": pad, "ONE": True,
+            "BLOCK_M": block_m}
 
 
 def compile_all(out: Path) -> None:
@@ -36,13 +45,12 @@ def compile_all(out: Path) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    for gate_up, stages, block_k, pad in VARIANTS:
+    for gate_up, stages, block_k, pad, block_m in VARIANTS:
         source = GluonASTSource(wgmma_swap.grouped_gemm_kernel, signature=wgmma_swap.compile_signature(block_k),
-                                constexprs={"GATE_UP": gate_up, "STAGES": stages, "DYNAMIC": True,
-                                            "PAD": pad, "ONE": True})
+                                constexprs=_constants(gate_up, stages, pad, block_m))
         kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                 options={"num_warps": 4, "maxnreg": wgmma_moe.MAX_REGISTERS})
-        folder = out / folder_name(gate_up, stages, block_k, pad)
+        folder = out / folder_name(gate_up, stages, block_k, pad, block_m)
         folder.mkdir(parents=True, exist_ok=True)
         for name, path in kernel.metadata_group.items():
             if name.endswith((".json", ".cubin")):
@@ -59,23 +67,22 @@ class Carried:
 
         self.jit_kernel = jit_kernel
         self.kernels = {}
-        for gate_up, stages, block_k, pad in VARIANTS:
-            files = folder / folder_name(gate_up, stages, block_k, pad)
-            constants = {"GATE_UP": gate_up, "STAGES": stages, "DYNAMIC": True, "PAD": pad, "ONE": True}
+        for gate_up, stages, block_k, pad, block_m in VARIANTS:
+            files = folder / folder_name(gate_up, stages, block_k, pad, block_m)
             # (3.6's launcher reads each descriptor's dtype and box from the signature, not its layout)
             signature = wgmma_swap.compile_signature(block_k)
-            src = SimpleNamespace(signature=signature, constants=constants,
+            src = SimpleNamespace(signature=signature, constants=_constants(gate_up, stages, pad, block_m),
                                   fn=SimpleNamespace(arg_names=list(signature)))
             group = {p.name: str(p) for p in files.iterdir()}
-            self.kernels[gate_up, stages, block_k, pad] = CompiledKernel(src, group, files.name)
+            self.kernels[gate_up, stages, block_k, pad, block_m] = CompiledKernel(src, group, files.name)
 
     def __getitem__(self, grid):
-        def run(*args, GATE_UP, STAGES, DYNAMIC, PAD, ONE=False, **options):
+        def run(*args, GATE_UP, STAGES, DYNAMIC, PAD, ONE=False, BLOCK_M=192, **options):
             if not ONE:
                 return self.jit_kernel[grid](*args, GATE_UP=GATE_UP, STAGES=STAGES, DYNAMIC=DYNAMIC,
-                                             PAD=PAD, ONE=False, **options)
-            kernel = self.kernels[GATE_UP, STAGES, args[0].block_shape[1], PAD]
-            kernel[(grid[0], 1, 1)](*args, GATE_UP, STAGES, DYNAMIC, PAD, ONE)
+                                             PAD=PAD, ONE=False, BLOCK_M=BLOCK_M, **options)
+            kernel = self.kernels[GATE_UP, STAGES, args[0].block_shape[1], PAD, BLOCK_M]
+            kernel[(grid[0], 1, 1)](*args, GATE_UP, STAGES, DYNAMIC, PAD, ONE, BLOCK_M)
         return run
 
 

@@ -45,7 +45,6 @@ from .wgmma_moe import HAVE_GLUON
 BLOCK_MS = (128, 160, 192)  # the most token rows a block may take (config "block_m")
 PADS = (64, 32)  # an expert's rows are padded to this (config "pad_m", align's pad_m; 64 by default)
 W_ROWS = 256  # weight rows a tile: 4 slices of 64, two a consumer warpgroup
-T_ROWS = 128 + 64  # token rows a stage holds: a part of up to 128 and one of up to 64
 
 def pad_m(config: dict) -> int:
     """The rows a swap config pads each expert's run to (its "pad_m", else PADS[0])."""
@@ -65,6 +64,34 @@ def token_parts(n_rows: int, pad: int) -> tuple[int, int]:
     return (64, 0) if n_rows > 32 or pad == 64 else (32, 0)
 
 
+SHARED_BYTES = 227 * 1024  # the most shared memory a block may use on sm_90
+
+
+def _token_rows(block_m, pad, one):
+    """Token rows a stage holds: with `one`, a buffer of 256 (the tail's rows from row 128, so that
+    one MMA reads both parts; Gluon's buffers are powers of two); else a part of up to 128 and a
+    tail buffer of 64, or of 32 where blocks of at most 160 rows are padded to 32."""
+    if one:
+        return 256
+    return 128 + (32 if pad == 32 and block_m <= 160 else 64)
+
+
+def _out_rows(stages, block_k, token_rows):
+    """Rows of each consumer's epilogue buffer (of 64 columns): 128, or 64 where the ring of
+    stages leaves no room for two of 128 (then a part of 128 rows is stored in two halves)."""
+    ring = stages * (W_ROWS + token_rows) * block_k * 2
+    return 128 if ring + 2 * 128 * 64 * 2 <= SHARED_BYTES else 64
+
+
+def shared_layout(stages: int, block_k: int, block_m: int, pad: int, one: bool) -> tuple[int, int, int]:
+    """(token rows a stage, epilogue buffer rows, bytes of shared memory less the barriers) of a
+    swap kernel's variant: what grouped_gemm_kernel allocates."""
+    token_rows = _token_rows(block_m, pad, one)
+    out_rows = _out_rows(stages, block_k, token_rows)
+    return (token_rows, out_rows,
+            stages * (W_ROWS + token_rows) * block_k * 2 + 2 * out_rows * 64 * 2)
+
+
 HAVE_ONE = False  # whether this Triton builds the one-MMA blocks (config "one"; gl.inline_asm, 3.9)
 if HAVE_GLUON:
     from triton.experimental import gluon
@@ -76,6 +103,8 @@ if HAVE_GLUON:
                             _tma_store, _view_as)
 
     HAVE_ONE = hasattr(gl, "inline_asm")
+    _token_rows_jit = gluon.constexpr_function(_token_rows)
+    _out_rows_jit = gluon.constexpr_function(_out_rows)
 
     @gluon.jit
     def _box(descs, N: gl.constexpr):
@@ -87,6 +116,12 @@ if HAVE_GLUON:
         else:
             d = descs[2]
         return d
+
+    @gluon.constexpr_function
+    def _tail_at(t_tail_bufs):
+        """The row of a stage's tail buffer where a block's second part starts: 128 in the one
+        token buffer of the one-MMA kernels (ONE), else 0 (a buffer of its own, 64 rows)."""
+        return 128 if t_tail_bufs.shape[1] > 64 else 0
 
     @gluon.jit
     def _load_stage(w_desc, t_descs, w_bufs, t_bufs, t_tail_bufs, bar, stage, row, k, expert_row,
@@ -100,8 +135,8 @@ if HAVE_GLUON:
         mbarrier.expect(bar, (4 * 64 + N0 + N1) * BLOCK_K * ELEM)
         _tma_load(_box(t_descs, N0), [row, k], bar, t_bufs.index(stage).slice(0, N0))
         if N1 > 0:
-            # (ONE: t_tail_bufs is the stage's one token buffer of 256 rows, the tail from row 128)
-            TAIL_AT: gl.constexpr = 128 if t_tail_bufs.shape[1] == 256 else 0
+            # (ONE: t_tail_bufs is the stage's one token buffer, the tail from row 128)
+            TAIL_AT: gl.constexpr = _tail_at(t_tail_bufs)
             _tma_load(_box(t_descs, N1), [row + N0, k], bar, t_tail_bufs.index(stage).slice(TAIL_AT, N1))
         w = w_bufs.index(stage)
         for s in gl.static_range(4):
@@ -120,6 +155,7 @@ if HAVE_GLUON:
          k_dim, n_pairs, w_rows, up_offset, tile_ids, tile_full, tile_empty, tile_counter_ptr) = p
         STAGES: gl.constexpr = w_bufs.shape[0]
         BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
+        TAIL_64: gl.constexpr = _tail_at(t_tail_bufs) + 64 <= t_tail_bufs.shape[1]  # (128, 64) parts
         n_tiles = gl.load(n_blocks_ptr) * n_tiles_m
         step = 0
         i = 0
@@ -136,11 +172,12 @@ if HAVE_GLUON:
                 a = (w_desc, t_descs, w_bufs, t_bufs, t_tail_bufs, bar, stage, row, k, expert_row,
                      tile_m, up_offset)
                 if n_rows > 160:
-                    _load_stage(*a, GATE_UP, 128, 64)
+                    if TAIL_64:
+                        _load_stage(*a, GATE_UP, 128, 64)
                 elif n_rows > 128:
                     if PAD == 32:
                         _load_stage(*a, GATE_UP, 128, 32)
-                    else:
+                    elif TAIL_64:
                         _load_stage(*a, GATE_UP, 128, 64)
                 elif n_rows > 64:
                     if PAD == 32 and n_rows <= 96:
@@ -166,6 +203,7 @@ if HAVE_GLUON:
          sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_m, group,
          k_dim, n_pairs, w_rows, up_offset, tile_ids, tile_full, tile_empty, tile_counter_ptr) = p
         n_tiles = gl.load(n_blocks_ptr) * n_tiles_m
+        TAIL_64: gl.constexpr = _tail_at(t_tail_bufs) + 64 <= t_tail_bufs.shape[1]  # (128, 64) parts
         out_smem = out_bufs.index(HALF)
         step = 0
         i = 0
@@ -177,11 +215,12 @@ if HAVE_GLUON:
             a = (w_bufs, t_bufs, t_tail_bufs, out_descs, out_smem, ready, empty, sorted_ptr,
                  weights_ptr, k_dim, n_pairs, step, start, col)
             if n_rows > 160:
-                step = _tile_mma(*a, GATE_UP, HALF, 128, 64, ONE)
+                if TAIL_64:
+                    step = _tile_mma(*a, GATE_UP, HALF, 128, 64, ONE)
             elif n_rows > 128:
                 if PAD == 32:
                     step = _tile_mma(*a, GATE_UP, HALF, 128, 32, ONE)
-                else:
+                elif TAIL_64:
                     step = _tile_mma(*a, GATE_UP, HALF, 128, 64, ONE)
             elif n_rows > 64:
                 if PAD == 32 and n_rows <= 96:
@@ -253,9 +292,9 @@ if HAVE_GLUON:
             acc_a1 = gl.zeros([64, N1], gl.float32, layout1)
             acc_b1 = gl.zeros([64, N1], gl.float32, layout1)
         # ONE: a part of 128 and a second one as one MMA (_one_mma), the second's rows from row 128
-        # of the stage's one token buffer (t_tail_bufs is t_bufs, 256 rows)
+        # of the stage's one token buffer (t_tail_bufs is t_bufs)
         WIDE: gl.constexpr = ONE and N1 > 0 and N0 == 128
-        TAIL_AT: gl.constexpr = 128 if t_tail_bufs.shape[1] == 256 else 0
+        TAIL_AT: gl.constexpr = _tail_at(t_tail_bufs)
         first = step
         for k in range(0, k_dim, BLOCK_K):
             stage = step % STAGES
@@ -304,16 +343,29 @@ if HAVE_GLUON:
         silu(a) * b (a the gate slice, b the up slice), or y[rows, col..+128] = the rows' routing
         weights times (a over b), each stored transposed through the warpgroup's buffer."""
         N: gl.constexpr = acc_a.shape[1]
-        desc = _box(out_descs, N)
-        smem = _view_as(out_smem, desc)
         if GATE_UP:
-            _store_t(desc, smem, _silu(acc_a) * acc_b, row, col)
+            _store_rows(out_descs, out_smem, _silu(acc_a) * acc_b, row, col)
         else:
             rows = row + gl.arange(0, N, gl.SliceLayout(0, acc_a.type.layout))
             pair = gl.load(sorted_ptr + rows)  # padding rows hold n_pairs
             weight = gl.load(weights_ptr + pair, mask=pair < n_pairs, other=0.0).to(gl.float32)
-            _store_t(desc, smem, acc_a * weight[None, :], row, col)
-            _store_t(desc, smem, acc_b * weight[None, :], row, col + 64)
+            _store_rows(out_descs, out_smem, acc_a * weight[None, :], row, col)
+            _store_rows(out_descs, out_smem, acc_b * weight[None, :], row, col + 64)
+
+    @gluon.jit
+    def _store_rows(out_descs, out_smem, value, row, col):
+        """value [64 columns, N rows] into out [row.., col..]: through the buffer at once, or where
+        the buffer holds fewer rows (64: the stages took the room), in two halves of N / 2."""
+        N: gl.constexpr = value.shape[1]
+        if N > out_smem.shape[0]:
+            first, second = value.reshape([64, 2, N // 2]).permute(0, 2, 1).split()
+            desc = _box(out_descs, N // 2)
+            smem = _view_as(out_smem, desc)
+            _store_t(desc, smem, first, row, col)
+            _store_t(desc, smem, second, row + N // 2, col)
+        else:
+            desc = _box(out_descs, N)
+            _store_t(desc, _view_as(out_smem, desc), value, row, col)
 
     @gluon.jit
     def _store_t(out_desc, out_smem, value, row, col):
@@ -328,27 +380,34 @@ if HAVE_GLUON:
                             sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
                             n_tiles_m, group, k_dim, n_pairs, w_rows, up_offset, tile_counter_ptr,
                             GATE_UP: gl.constexpr, STAGES: gl.constexpr, DYNAMIC: gl.constexpr,
-                            PAD: gl.constexpr, ONE: gl.constexpr = False):
+                            PAD: gl.constexpr, ONE: gl.constexpr = False,
+                            BLOCK_M: gl.constexpr = 192):
         """GATE_UP: out = h [max_padded, F] (expert order), w_desc over w_gate_up [E * 2F, H] in
         [64, BLOCK_K] boxes (up rows at +up_offset), t_desc / t64_desc / t32_desc over the token
         rows in expert order [max_padded, H] in boxes of 128 / 64 / 32 rows. Otherwise out = y
         [max_padded, H], w_desc over w_down [E * H, F], the token rows being h. w_rows: weight rows
         per expert (2F or H). out_desc / out64_desc / out32_desc: out in boxes of 128 / 64 / 32
-        rows of 64 columns. PAD: the blocks' rows are multiples of it (32 or 64). Four warps (the
-        default partition: slices 0-1 of each tile) and two workers: slices 2-3, and the producer."""
+        rows of 64 columns. PAD: the blocks' rows are multiples of it (32 or 64); BLOCK_M: the most
+        rows a block has. Four warps (the default partition: slices 0-1 of each tile) and two
+        workers: slices 2-3, and the producer. The buffers' sizes are shared_layout's."""
         BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
+        TOKEN_ROWS: gl.constexpr = _token_rows_jit(BLOCK_M, PAD, ONE)
         w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, 4 * 64, BLOCK_K], w_desc.layout)
         if ONE:  # the tail's rows right after the first part's, in one buffer a stage
-            t_bufs = gl.allocate_shared_memory(t_desc.dtype, [STAGES, 256, BLOCK_K], t_desc.layout)
+            t_bufs = gl.allocate_shared_memory(t_desc.dtype, [STAGES, TOKEN_ROWS, BLOCK_K],
+                                               t_desc.layout)
             t_tail_bufs = t_bufs
         else:
             t_bufs = gl.allocate_shared_memory(t_desc.dtype, [STAGES] + t_desc.block_type.shape,
                                                t_desc.layout)
-            t_tail_bufs = gl.allocate_shared_memory(t64_desc.dtype,
-                                                    [STAGES] + t64_desc.block_type.shape,
+            t_tail_bufs = gl.allocate_shared_memory(t64_desc.dtype, [STAGES, TOKEN_ROWS - 128, BLOCK_K],
                                                     t64_desc.layout)
-        out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape,
-                                             out_desc.layout)
+        if _out_rows_jit(STAGES, BLOCK_K, TOKEN_ROWS) == 128:
+            out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape,
+                                                 out_desc.layout)
+        else:  # the ring took the room of two 128-row buffers: each part stored in halves
+            out_bufs = gl.allocate_shared_memory(out64_desc.dtype, [2] + out64_desc.block_type.shape,
+                                                 out64_desc.layout)
         ready, empty, tile_ids, tile_full, tile_empty = _barriers(STAGES, 1)
         p = (w_desc, (t_desc, t64_desc, t32_desc), (out_desc, out64_desc, out32_desc), w_bufs,
              t_bufs, t_tail_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
@@ -377,10 +436,9 @@ def check_config(config: dict, x: torch.Tensor) -> None:
         tile = config[gemm]
         if tile["block_k"] * x.element_size() not in (64, 128):
             raise ValueError(f"config field '{gemm}.block_k' must span 64 or 128 bytes, got {tile['block_k']}")
-        # a stage's weight and token rows, and two [128, 64] buffers for the epilogues
-        rows = W_ROWS + (256 if config.get("one") else T_ROWS)  # (one: a token buffer of 256 rows)
-        shared = tile["num_stages"] * rows * tile["block_k"] * x.element_size() + 2 * 128 * 64 * 2
-        if shared > 227 * 1024:
+        shared = shared_layout(tile["num_stages"], tile["block_k"], config["block_m"], pad,
+                               config.get("one", False))[2]
+        if shared > SHARED_BYTES:
             raise ValueError(f"config field '{gemm}.num_stages' x block_k needs {shared // 1024} KB of shared "
                              f"memory, over the 227 KB a block may use")
         if "gather" in tile or "block_n" in tile:
@@ -403,7 +461,7 @@ def compile_signature(block_k: int) -> dict:
             "n_blocks_ptr": "*i32",
             **{name: "i32" for name in ("n_tiles_m", "group", "k_dim", "n_pairs", "w_rows", "up_offset")},
             "tile_counter_ptr": "*i32",
-            **{name: "constexpr" for name in ("GATE_UP", "STAGES", "DYNAMIC", "PAD", "ONE")}}
+            **{name: "constexpr" for name in ("GATE_UP", "STAGES", "DYNAMIC", "PAD", "ONE", "BLOCK_M")}}
 
 
 def _launch(a, w2d, out, weights, routing, tile: dict, w_rows: int, up_offset: int,
@@ -423,8 +481,8 @@ def _launch(a, w2d, out, weights, routing, tile: dict, w_rows: int, up_offset: i
         routing.block_expert, routing.block_start, routing.n_blocks, n_tiles_m,
         tile.get("group_m", 8), a.shape[1], routing.n_pairs, w_rows, up_offset,
         torch.zeros(1, dtype=torch.int32, device=a.device),  # the tile counter (a memset)
-        GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=True, PAD=pad, ONE=one, num_warps=4,
-        maxnreg=wgmma_moe.MAX_REGISTERS)
+        GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=True, PAD=pad, ONE=one,
+        BLOCK_M=routing.block_m, num_warps=4, maxnreg=wgmma_moe.MAX_REGISTERS)
 
 
 def launch_gate_up(a, w_gate_up, routing, config: dict) -> torch.Tensor:
