@@ -22,6 +22,14 @@ over its blocks), taken as a part of up to 128 columns and one of up to 64 (a co
 pair of widths). A warpgroup holds 2 x 64 x 192 fp32 accumulators at most (192 registers a
 thread). Its epilogue stores h or y transposed, in expert order, through shared memory and TMA.
 
+Stages of 64 columns (128 bytes of each weight row a copy) stream the weights faster than stages
+of 32: a copy-only probe of these tiles (benchmarks/kernels/stream_probe.py) reads Mixtral's gate/up
+weights beside 128 token rows at 90% of the copy rate in [256, 32] boxes, 95% in [256, 64] (four
+stages) and 98% in [256, 128]. Four stages of 64 fit in shared memory where blocks hold at most 160
+rows padded to 32 (a tail buffer of 32 rows) and each consumer's epilogue buffer holds 64 rows,
+through which a part of 128 is stored in two halves (shared_layout): the 64 experts at 768-1024
+tokens 3.5-7% faster than six stages of 32 (NOTES.md v39).
+
 With config "one" (ONE, Triton >= 3.9: HAVE_ONE), a block of 160 or 192 rows (parts 128 + 32 or
 128 + 64) is one MMA of that width: wgmma takes any N in steps of 8, Gluon's tensors only powers of
 two, so `_one_mma` issues `wgmma.mma_async.m64n160k16` / `m64n192k16` as inline PTX on the stage
