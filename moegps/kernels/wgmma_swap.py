@@ -128,7 +128,7 @@ if HAVE_GLUON:
     @gluon.constexpr_function
     def _tail_at(t_tail_bufs):
         """The row of a stage's tail buffer where a block's second part starts: 128 in the one
-        token buffer of the one-MMA kernels (ONE), else 0 (a buffer of its own, 64 rows)."""
+        token buffer of the one-MMA kernels (ONE), else 0 (a buffer of its own, 32 or 64 rows)."""
         return 128 if t_tail_bufs.shape[1] > 64 else 0
 
     @gluon.jit
