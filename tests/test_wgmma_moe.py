@@ -232,14 +232,16 @@ SWAP_SPILLS = {(False, 6, 32, 64, False): 32, (True, 3, 64, 64, False): 32, (Fal
     (True, 6, 32, 64, False, 192), (False, 6, 32, 64, False, 192), (True, 3, 64, 64, False, 192),
     (True, 6, 32, 32, False, 192), (False, 6, 32, 32, False, 192), (True, 6, 32, 32, True, 192),
     (False, 6, 32, 32, True, 192), (True, 6, 32, 64, True, 192), (False, 6, 32, 64, True, 192),
-    (True, 4, 64, 32, False, 160), (False, 4, 64, 32, False, 160)])
+    (True, 4, 64, 32, False, 160), (False, 4, 64, 32, False, 160), (True, 4, 64, 32, True, 160),
+    (False, 4, 64, 32, True, 160)])
 def test_swap_kernels_compile_for_hopper(gate_up, stages, block_k, pad, one, block_m, compiling_python):
     """Compiled for sm_90 on the CPU: MMAs of 128 and 64 token columns (a block's parts; and 32
     where rows are padded to 32; with `one`, blocks of 160 and 192 rows as one MMA of that width),
     the SiLU's tanh.approx in gate/up only, the shared memory wgmma_swap.shared_layout counts (its
     barriers aside) within 227 KB, launchable, unspilled (but for the measured prologue scalars
-    above). Four stages of 64 columns for blocks of at most 160 rows (a 32-row tail buffer) leave
-    room for epilogue buffers of 64 rows only, through which a part of 128 is stored in halves."""
+    above). Four stages of 64 columns for blocks of at most 160 rows: with two MMAs (a 32-row tail
+    buffer) they leave room for epilogue buffers of 64 rows only, through which a part of 128 is
+    stored in halves; with one, packed (no epilogue buffers, weight slice 3 in the token buffer)."""
     import json
 
     result = compiling_python(SWAP_COMPILE, json.dumps([gate_up, stages, block_k, pad, one, block_m]))
@@ -247,7 +249,7 @@ def test_swap_kernels_compile_for_hopper(gate_up, stages, block_k, pad, one, blo
         pytest.skip(result["skip"])
     widths = {"m64n128k16", "m64n64k16"} | ({"m64n32k16"} if pad == 32 else set())
     if one:
-        widths |= {"m64n192k16"} | ({"m64n160k16"} if pad == 32 else set())
+        widths |= ({"m64n192k16"} if block_m > 160 else set()) | ({"m64n160k16"} if pad == 32 else set())
     assert set(result["mma"]) == widths
     assert result["tanh"] == gate_up
     counted = wgmma_swap.shared_layout(stages, block_k, block_m, pad, one)[2]

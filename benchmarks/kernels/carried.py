@@ -23,11 +23,11 @@ from types import SimpleNamespace
 from moegps.kernels import wgmma_moe, wgmma_swap
 
 # (GATE_UP, STAGES, BLOCK_K, PAD, BLOCK_M) of the kernels carried, all with ONE: the table's
-# entries (six stages of 32 columns, blocks of up to 160 or 192 rows) and three stages of 64 columns
-# (NOTES.md v39)
+# entries (six stages of 32 columns, blocks of up to 160 or 192 rows), three stages of 64 columns
+# (NOTES.md v39) and four, packed (v40)
 VARIANTS = [(gate_up, stages, block_k, pad, block_m) for gate_up in (True, False)
             for stages, block_k, pad, block_m in ((6, 32, 64, 192), (6, 32, 32, 192), (6, 32, 32, 160),
-                                                   (3, 64, 32, 160), (3, 64, 32, 192))]
+                                                   (3, 64, 32, 192), (4, 64, 32, 160))]
 
 
 def folder_name(gate_up: bool, stages: int, block_k: int, pad: int, block_m: int) -> str:

@@ -75,6 +75,14 @@ def token_parts(n_rows: int, pad: int) -> tuple[int, int]:
 SHARED_BYTES = 227 * 1024  # the most shared memory a block may use on sm_90
 
 
+def _packed(block_k, block_m, pad, one):
+    """Whether a one-MMA variant packs its stages (blocks of at most 160 rows padded to 32, K steps
+    of 64 columns): the 256-row token buffer's rows 192-255 hold weight slice 3, the other slices
+    lie in buffers of 128 and 64 rows, and each warpgroup's epilogue goes through its own weight
+    slices of the tile's last stage (no buffers of its own), so that four stages fit."""
+    return bool(one) and block_k == 64 and pad == 32 and block_m <= 160
+
+
 def _token_rows(block_m, pad, one):
     """Token rows a stage holds: with `one`, a buffer of 256 (the tail's rows from row 128, so that
     one MMA reads both parts; Gluon's buffers are powers of two); else a part of up to 128 and a
@@ -93,8 +101,11 @@ def _out_rows(stages, block_k, token_rows):
 
 def shared_layout(stages: int, block_k: int, block_m: int, pad: int, one: bool) -> tuple[int, int, int]:
     """(token rows a stage, epilogue buffer rows, bytes of shared memory less the barriers) of a
-    swap kernel's variant: what grouped_gemm_kernel allocates."""
+    swap kernel's variant: what grouped_gemm_kernel allocates (packed: _packed's, no epilogue
+    buffers, weight slice 3 inside the token buffer)."""
     token_rows = _token_rows(block_m, pad, one)
+    if _packed(block_k, block_m, pad, one):
+        return token_rows, 0, stages * (W_ROWS - 64 + token_rows) * block_k * 2
     out_rows = _out_rows(stages, block_k, token_rows)
     return (token_rows, out_rows,
             stages * (W_ROWS + token_rows) * block_k * 2 + 2 * out_rows * 64 * 2)
@@ -112,6 +123,7 @@ if HAVE_GLUON:
 
     HAVE_ONE = hasattr(gl, "inline_asm")
     _token_rows_jit = gluon.constexpr_function(_token_rows)
+    _packed_jit = gluon.constexpr_function(_packed)
     _out_rows_jit = gluon.constexpr_function(_out_rows)
 
     @gluon.jit
@@ -132,6 +144,21 @@ if HAVE_GLUON:
         return 128 if t_tail_bufs.shape[1] > 64 else 0
 
     @gluon.jit
+    def _w_slice(w_bufs, stage, s: gl.constexpr):
+        """Weight slice s (64 rows) of a stage: of w_bufs = (the [STAGES, 256, K] buffer,), or
+        packed (_packed) = (slices 0-1 [STAGES, 128, K], slice 2 [STAGES, 64, K], the token buffer
+        [STAGES, 256, K], whose rows 192-255 hold slice 3: a view starts at a multiple of its size)."""
+        if len(w_bufs) == 1:
+            view = w_bufs[0].index(stage).slice(s * 64, 64)
+        elif s < 2:
+            view = w_bufs[0].index(stage).slice(s * 64, 64)
+        elif s == 2:
+            view = w_bufs[1].index(stage)
+        else:
+            view = w_bufs[2].index(stage).slice(192, 64)
+        return view
+
+    @gluon.jit
     def _load_stage(w_desc, t_descs, w_bufs, t_bufs, t_tail_bufs, bar, stage, row, k, expert_row,
                     tile_m, up_offset, GATE_UP: gl.constexpr, N0: gl.constexpr, N1: gl.constexpr):
         """A K step's copies into a stage: the block's token rows as a part of N0 rows (into the
@@ -146,13 +173,12 @@ if HAVE_GLUON:
             # (ONE: t_tail_bufs is the stage's one token buffer, the tail from row 128)
             TAIL_AT: gl.constexpr = _tail_at(t_tail_bufs)
             _tma_load(_box(t_descs, N1), [row + N0, k], bar, t_tail_bufs.index(stage).slice(TAIL_AT, N1))
-        w = w_bufs.index(stage)
         for s in gl.static_range(4):
             if GATE_UP:
                 w_row = expert_row + tile_m * 128 + (s // 2) * 64 + (s % 2) * up_offset
             else:
                 w_row = expert_row + tile_m * 256 + s * 64
-            _tma_load(w_desc, [w_row, k], bar, w.slice(s * 64, 64))
+            _tma_load(w_desc, [w_row, k], bar, _w_slice(w_bufs, stage, s))
 
     @gluon.jit
     def _producer(p, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr, PAD: gl.constexpr):
@@ -161,9 +187,10 @@ if HAVE_GLUON:
         (w_desc, t_descs, out_descs, w_bufs, t_bufs, t_tail_bufs, out_bufs, ready, empty,
          sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_m, group,
          k_dim, n_pairs, w_rows, up_offset, tile_ids, tile_full, tile_empty, tile_counter_ptr) = p
-        STAGES: gl.constexpr = w_bufs.shape[0]
+        STAGES: gl.constexpr = w_bufs[0].shape[0]
         BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
-        TAIL_64: gl.constexpr = _tail_at(t_tail_bufs) + 64 <= t_tail_bufs.shape[1]  # (128, 64) parts
+        # (128, 64) parts: where the tail buffer holds them (packed: rows 160-223 are a weight slice)
+        TAIL_64: gl.constexpr = _tail_at(t_tail_bufs) + 64 <= t_tail_bufs.shape[1] and len(w_bufs) == 1
         n_tiles = gl.load(n_blocks_ptr) * n_tiles_m
         step = 0
         i = 0
@@ -211,8 +238,8 @@ if HAVE_GLUON:
          sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_m, group,
          k_dim, n_pairs, w_rows, up_offset, tile_ids, tile_full, tile_empty, tile_counter_ptr) = p
         n_tiles = gl.load(n_blocks_ptr) * n_tiles_m
-        TAIL_64: gl.constexpr = _tail_at(t_tail_bufs) + 64 <= t_tail_bufs.shape[1]  # (128, 64) parts
-        out_smem = out_bufs.index(HALF)
+        TAIL_64: gl.constexpr = _tail_at(t_tail_bufs) + 64 <= t_tail_bufs.shape[1] and len(w_bufs) == 1
+        out_smem = out_bufs.index(HALF)  # (packed: unused, _tile_mma picks its own)
         step = 0
         i = 0
         tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
@@ -288,8 +315,9 @@ if HAVE_GLUON:
         """A warpgroup's two weight slices (a, b) against the block's token rows in a part of N0
         (the 128-row buffer's first N0) and one of N1 (the tail buffer's first N1; none where 0):
         up to four accumulators, then the epilogue. Returns the step count."""
-        STAGES: gl.constexpr = w_bufs.shape[0]
-        BLOCK_K: gl.constexpr = w_bufs.shape[2]
+        STAGES: gl.constexpr = w_bufs[0].shape[0]
+        BLOCK_K: gl.constexpr = w_bufs[0].shape[2]
+        PACKED: gl.constexpr = len(w_bufs) > 1
         layout0: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                           instr_shape=[16, N0, 16])
         acc_a0 = gl.zeros([64, N0], gl.float32, layout0)
@@ -307,9 +335,8 @@ if HAVE_GLUON:
         for k in range(0, k_dim, BLOCK_K):
             stage = step % STAGES
             mbarrier.wait(ready.index(stage), (step // STAGES) & 1)
-            w = w_bufs.index(stage)
-            a = w.slice(HALF * 128, 64)
-            b = w.slice(HALF * 128 + 64, 64)
+            a = _w_slice(w_bufs, stage, 2 * HALF)
+            b = _w_slice(w_bufs, stage, 2 * HALF + 1)
             if WIDE:  # the tail's rows follow the first part's in one buffer: one MMA of both
                 acc_a0, acc_a1 = _one_mma(a, t_bufs.index(stage), acc_a0, acc_a1)
                 acc_b0, acc_b1 = _one_mma(b, t_bufs.index(stage), acc_b0, acc_b1)
@@ -335,13 +362,24 @@ if HAVE_GLUON:
                 num_outstanding=0, deps=(acc_a0, acc_b0, acc_a1, acc_b1))
         else:
             acc_a0, acc_b0 = warpgroup_mma_wait(num_outstanding=0, deps=(acc_a0, acc_b0))
-        mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES))
+        last = (step + STAGES - 1) % STAGES
+        if PACKED:  # the epilogue through this warpgroup's own weight slices of the last stage,
+            # which the producer refills only once the stores have read them
+            out_smem = (_w_slice(w_bufs, last, 2 * HALF), _w_slice(w_bufs, last, 2 * HALF + 1))
+            if HALF == 0:  # (slices 0-1: one buffer of 128 rows)
+                out_smem = (w_bufs[0].index(last),)
+        else:
+            mbarrier.arrive(empty.index(last))
+            out_smem = (out_smem,)
 
         _epilogue(acc_a0, acc_b0, out_descs, out_smem, sorted_ptr, weights_ptr, n_pairs, start,
                   col, GATE_UP)
         if N1 > 0:
             _epilogue(acc_a1, acc_b1, out_descs, out_smem, sorted_ptr, weights_ptr, n_pairs,
                       start + N0, col, GATE_UP)
+        if PACKED:
+            tma.store_wait(0)
+            mbarrier.arrive(empty.index(last))
         return step
 
     @gluon.jit
@@ -362,18 +400,18 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _store_rows(out_descs, out_smem, value, row, col):
-        """value [64 columns, N rows] into out [row.., col..]: through the buffer at once, or where
-        the buffer holds fewer rows (64: the stages took the room), in two halves of N / 2."""
+        """value [64 columns, N rows] into out [row.., col..] through out_smem, a tuple of one or two
+        buffers: at once where the first holds N rows, else in two halves of N / 2 (through the
+        first and the last buffer: the same one twice where there is one)."""
         N: gl.constexpr = value.shape[1]
-        if N > out_smem.shape[0]:
+        if N > out_smem[0].shape[0]:
             first, second = value.reshape([64, 2, N // 2]).permute(0, 2, 1).split()
             desc = _box(out_descs, N // 2)
-            smem = _view_as(out_smem, desc)
-            _store_t(desc, smem, first, row, col)
-            _store_t(desc, smem, second, row + N // 2, col)
+            _store_t(desc, _view_as(out_smem[0], desc), first, row, col)
+            _store_t(desc, _view_as(out_smem[len(out_smem) - 1], desc), second, row + N // 2, col)
         else:
             desc = _box(out_descs, N)
-            _store_t(desc, _view_as(out_smem, desc), value, row, col)
+            _store_t(desc, _view_as(out_smem[0], desc), value, row, col)
 
     @gluon.jit
     def _store_t(out_desc, out_smem, value, row, col):
@@ -400,7 +438,9 @@ if HAVE_GLUON:
         workers: slices 2-3, and the producer. The buffers' sizes are shared_layout's."""
         BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
         TOKEN_ROWS: gl.constexpr = _token_rows_jit(BLOCK_M, PAD, ONE)
-        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, 4 * 64, BLOCK_K], w_desc.layout)
+        PACKED: gl.constexpr = _packed_jit(BLOCK_K, BLOCK_M, PAD, ONE)
+        if not PACKED:
+            w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, 4 * 64, BLOCK_K], w_desc.layout)
         if ONE:  # the tail's rows right after the first part's, in one buffer a stage
             t_bufs = gl.allocate_shared_memory(t_desc.dtype, [STAGES, TOKEN_ROWS, BLOCK_K],
                                                t_desc.layout)
@@ -410,12 +450,19 @@ if HAVE_GLUON:
                                                t_desc.layout)
             t_tail_bufs = gl.allocate_shared_memory(t64_desc.dtype, [STAGES, TOKEN_ROWS - 128, BLOCK_K],
                                                     t64_desc.layout)
-        if _out_rows_jit(STAGES, BLOCK_K, TOKEN_ROWS) == 128:
-            out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape,
-                                                 out_desc.layout)
-        else:  # the ring took the room of two 128-row buffers: each part stored in halves
-            out_bufs = gl.allocate_shared_memory(out64_desc.dtype, [2] + out64_desc.block_type.shape,
-                                                 out64_desc.layout)
+        if PACKED:  # (shared_layout; the epilogues go through the weight slices, _tile_mma)
+            w_low = gl.allocate_shared_memory(w_desc.dtype, [STAGES, 2 * 64, BLOCK_K], w_desc.layout)
+            w_two = gl.allocate_shared_memory(w_desc.dtype, [STAGES, 64, BLOCK_K], w_desc.layout)
+            w_bufs = (w_low, w_two, t_bufs)
+            out_bufs = w_low
+        else:
+            w_bufs = (w_bufs,)
+            if _out_rows_jit(STAGES, BLOCK_K, TOKEN_ROWS) == 128:
+                out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape,
+                                                     out_desc.layout)
+            else:  # the ring took the room of two 128-row buffers: each part stored in halves
+                out_bufs = gl.allocate_shared_memory(out64_desc.dtype, [2] + out64_desc.block_type.shape,
+                                                     out64_desc.layout)
         ready, empty, tile_ids, tile_full, tile_empty = _barriers(STAGES, 1)
         p = (w_desc, (t_desc, t64_desc, t32_desc), (out_desc, out64_desc, out32_desc), w_bufs,
              t_bufs, t_tail_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
