@@ -28,7 +28,9 @@ weights beside 128 token rows at 90% of the copy rate in [256, 32] boxes, 95% in
 stages) and 98% in [256, 128]. Four stages of 64 fit in shared memory where blocks hold at most 160
 rows padded to 32 (a tail buffer of 32 rows) and each consumer's epilogue buffer holds 64 rows,
 through which a part of 128 is stored in two halves (shared_layout): the 64 experts at 768-1024
-tokens 3.5-7% faster than six stages of 32 (NOTES.md v39).
+tokens 3.5-7% faster than six stages of 32 (NOTES.md v39). With one MMA (below) they are packed
+(_packed): weight slice 3 in the token buffer's spare rows, and each warpgroup's epilogue through
+its own weight slices of the tile's last stage: Mixtral at 512 tokens 4.5% faster (v40).
 
 With config "one" (ONE, Triton >= 3.9: HAVE_ONE), a block of 160 or 192 rows (parts 128 + 32 or
 128 + 64) is one MMA of that width: wgmma takes any N in steps of 8, Gluon's tensors only powers of
