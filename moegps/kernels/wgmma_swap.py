@@ -150,9 +150,7 @@ if HAVE_GLUON:
         """Weight slice s (64 rows) of a stage: of w_bufs = (the [STAGES, 256, K] buffer,), or
         packed (_packed) = (slices 0-1 [STAGES, 128, K], slice 2 [STAGES, 64, K], the token buffer
         [STAGES, 256, K], whose rows 192-255 hold slice 3: a view starts at a multiple of its size)."""
-        if len(w_bufs) == 1:
-            view = w_bufs[0].index(stage).slice(s * 64, 64)
-        elif s < 2:
+        if len(w_bufs) == 1 or s < 2:
             view = w_bufs[0].index(stage).slice(s * 64, 64)
         elif s == 2:
             view = w_bufs[1].index(stage)
@@ -191,7 +189,7 @@ if HAVE_GLUON:
          k_dim, n_pairs, w_rows, up_offset, tile_ids, tile_full, tile_empty, tile_counter_ptr) = p
         STAGES: gl.constexpr = w_bufs[0].shape[0]
         BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
-        # (128, 64) parts: where the tail buffer holds them (packed: rows 160-223 are a weight slice)
+        # (128, 64) parts: where the tail buffer holds them (packed: rows 192-255 are a weight slice)
         TAIL_64: gl.constexpr = _tail_at(t_tail_bufs) + 64 <= t_tail_bufs.shape[1] and len(w_bufs) == 1
         n_tiles = gl.load(n_blocks_ptr) * n_tiles_m
         step = 0
@@ -367,9 +365,10 @@ if HAVE_GLUON:
         last = (step + STAGES - 1) % STAGES
         if PACKED:  # the epilogue through this warpgroup's own weight slices of the last stage,
             # which the producer refills only once the stores have read them
-            out_smem = (_w_slice(w_bufs, last, 2 * HALF), _w_slice(w_bufs, last, 2 * HALF + 1))
-            if HALF == 0:  # (slices 0-1: one buffer of 128 rows)
+            if HALF == 0:  # slices 0-1: one buffer of 128 rows
                 out_smem = (w_bufs[0].index(last),)
+            else:  # slices 2 and 3: two of 64
+                out_smem = (_w_slice(w_bufs, last, 2), _w_slice(w_bufs, last, 3))
         else:
             mbarrier.arrive(empty.index(last))
             out_smem = (out_smem,)
