@@ -27,7 +27,7 @@ from moegps.kernels import wgmma_moe, wgmma_swap
 # (NOTES.md v39) and four, packed (v40)
 VARIANTS = [(gate_up, stages, block_k, pad, block_m) for gate_up in (True, False)
             for stages, block_k, pad, block_m in ((6, 32, 64, 192), (6, 32, 32, 192), (6, 32, 32, 160),
-                                                   (3, 64, 32, 192), (4, 64, 32, 160))]
+                                                   (3, 64, 32, 192), (4, 64, 32, 160), (4, 64, 32, 192))]
 
 
 def folder_name(gate_up: bool, stages: int, block_k: int, pad: int, block_m: int) -> str:

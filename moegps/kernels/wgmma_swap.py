@@ -29,8 +29,9 @@ stages) and 98% in [256, 128]. Four stages of 64 fit in shared memory where bloc
 rows padded to 32 (a tail buffer of 32 rows) and each consumer's epilogue buffer holds 64 rows,
 through which a part of 128 is stored in two halves (shared_layout): the 64 experts at 768-1024
 tokens 3.5-7% faster than six stages of 32 (NOTES.md v39). With one MMA (below) they are packed
-(_packed): weight slice 3 in the token buffer's spare rows, and each warpgroup's epilogue through
-its own weight slices of the tile's last stage: Mixtral at 512 tokens 4.5% faster (v40).
+(_packed), for blocks of up to 192 rows: weight slice 3 in the token buffer's rows past them, and
+each warpgroup's epilogue through its own weight slices of the tile's last stage: Mixtral at 512
+tokens 4.5% faster (v40).
 
 With config "one" (ONE, Triton >= 3.9: HAVE_ONE), a block of 160 or 192 rows (parts 128 + 32 or
 128 + 64) is one MMA of that width: wgmma takes any N in steps of 8, Gluon's tensors only powers of
@@ -78,11 +79,11 @@ SHARED_BYTES = 227 * 1024  # the most shared memory a block may use on sm_90
 
 
 def _packed(block_k, block_m, pad, one):
-    """Whether a one-MMA variant packs its stages (blocks of at most 160 rows padded to 32, K steps
-    of 64 columns): the 256-row token buffer's rows 192-255 hold weight slice 3, the other slices
+    """Whether a one-MMA variant packs its stages (K steps of 64 columns): the 256-row token
+    buffer's rows 192-255 (past a block's at most 192 rows) hold weight slice 3, the other slices
     lie in buffers of 128 and 64 rows, and each warpgroup's epilogue goes through its own weight
     slices of the tile's last stage (no buffers of its own), so that four stages fit."""
-    return bool(one) and block_k == 64 and pad == 32 and block_m <= 160
+    return bool(one) and block_k == 64
 
 
 def _token_rows(block_m, pad, one):
@@ -181,7 +182,8 @@ if HAVE_GLUON:
             _tma_load(w_desc, [w_row, k], bar, _w_slice(w_bufs, stage, s))
 
     @gluon.jit
-    def _producer(p, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr, PAD: gl.constexpr):
+    def _producer(p, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr, PAD: gl.constexpr,
+                  BLOCK_M: gl.constexpr):
         """One warp: per tile, per K step, a stage's copies (_load_stage), the token rows' parts by
         the block's rows (PAD: the rows are a multiple of 32 or of 64; token_parts' rule)."""
         (w_desc, t_descs, out_descs, w_bufs, t_bufs, t_tail_bufs, out_bufs, ready, empty,
@@ -189,8 +191,7 @@ if HAVE_GLUON:
          k_dim, n_pairs, w_rows, up_offset, tile_ids, tile_full, tile_empty, tile_counter_ptr) = p
         STAGES: gl.constexpr = w_bufs[0].shape[0]
         BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
-        # (128, 64) parts: where the tail buffer holds them (packed: rows 192-255 are a weight slice)
-        TAIL_64: gl.constexpr = _tail_at(t_tail_bufs) + 64 <= t_tail_bufs.shape[1] and len(w_bufs) == 1
+        TAIL_64: gl.constexpr = BLOCK_M > 160  # (blocks of 129-160 rows padded to 64 take 192)
         n_tiles = gl.load(n_blocks_ptr) * n_tiles_m
         step = 0
         i = 0
@@ -231,14 +232,14 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr,
-                  PAD: gl.constexpr, ONE: gl.constexpr):
+                  PAD: gl.constexpr, ONE: gl.constexpr, BLOCK_M: gl.constexpr):
         """One warpgroup: weight slices 2 * HALF and 2 * HALF + 1 of every tile, against all its
         token rows, in the producer's parts (token_parts' rule; a compiled variant each)."""
         (w_desc, t_descs, out_descs, w_bufs, t_bufs, t_tail_bufs, out_bufs, ready, empty,
          sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_m, group,
          k_dim, n_pairs, w_rows, up_offset, tile_ids, tile_full, tile_empty, tile_counter_ptr) = p
         n_tiles = gl.load(n_blocks_ptr) * n_tiles_m
-        TAIL_64: gl.constexpr = _tail_at(t_tail_bufs) + 64 <= t_tail_bufs.shape[1] and len(w_bufs) == 1
+        TAIL_64: gl.constexpr = BLOCK_M > 160  # (128, 64) parts: blocks of more than 160 rows
         out_smem = out_bufs.index(HALF)  # (packed: unused, _tile_mma picks its own)
         step = 0
         i = 0
@@ -469,9 +470,9 @@ if HAVE_GLUON:
              t_bufs, t_tail_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
              block_start_ptr, n_blocks_ptr, n_tiles_m, group, k_dim, n_pairs, w_rows, up_offset,
              tile_ids, tile_full, tile_empty, tile_counter_ptr)
-        gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC, PAD, ONE)),
-                            (_consumer, (p, GATE_UP, 1, DYNAMIC, PAD, ONE)),
-                            (_producer, (p, GATE_UP, DYNAMIC, PAD))],
+        gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC, PAD, ONE, BLOCK_M)),
+                            (_consumer, (p, GATE_UP, 1, DYNAMIC, PAD, ONE, BLOCK_M)),
+                            (_producer, (p, GATE_UP, DYNAMIC, PAD, BLOCK_M))],
                            [4, 1], [232, 24])
 
 
