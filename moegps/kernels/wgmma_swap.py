@@ -78,7 +78,7 @@ def token_parts(n_rows: int, pad: int) -> tuple[int, int]:
 SHARED_BYTES = 227 * 1024  # the most shared memory a block may use on sm_90
 
 
-def _packed(block_k, block_m, pad, one):
+def _packed(block_k, one):
     """Whether a one-MMA variant packs its stages (K steps of 64 columns): the 256-row token
     buffer's rows 192-255 (past a block's at most 192 rows) hold weight slice 3, the other slices
     lie in buffers of 128 and 64 rows, and each warpgroup's epilogue goes through its own weight
@@ -107,7 +107,7 @@ def shared_layout(stages: int, block_k: int, block_m: int, pad: int, one: bool) 
     swap kernel's variant: what grouped_gemm_kernel allocates (packed: _packed's, no epilogue
     buffers, weight slice 3 inside the token buffer)."""
     token_rows = _token_rows(block_m, pad, one)
-    if _packed(block_k, block_m, pad, one):
+    if _packed(block_k, one):
         return token_rows, 0, stages * (W_ROWS - 64 + token_rows) * block_k * 2
     out_rows = _out_rows(stages, block_k, token_rows)
     return (token_rows, out_rows,
@@ -440,7 +440,7 @@ if HAVE_GLUON:
         workers: slices 2-3, and the producer. The buffers' sizes are shared_layout's."""
         BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
         TOKEN_ROWS: gl.constexpr = _token_rows_jit(BLOCK_M, PAD, ONE)
-        PACKED: gl.constexpr = _packed_jit(BLOCK_K, BLOCK_M, PAD, ONE)
+        PACKED: gl.constexpr = _packed_jit(BLOCK_K, ONE)
         if not PACKED:
             w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, 4 * 64, BLOCK_K], w_desc.layout)
         if ONE:  # the tail's rows right after the first part's, in one buffer a stage
