@@ -441,7 +441,7 @@ if HAVE_GLUON:
         BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
         TOKEN_ROWS: gl.constexpr = _token_rows_jit(BLOCK_M, PAD, ONE)
         PACKED: gl.constexpr = _packed_jit(BLOCK_K, ONE)
-        if not PACKED:
+        if not PACKED:  # (allocated first, as before packing: these variants' layout unchanged)
             w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, 4 * 64, BLOCK_K], w_desc.layout)
         if ONE:  # the tail's rows right after the first part's, in one buffer a stage
             t_bufs = gl.allocate_shared_memory(t_desc.dtype, [STAGES, TOKEN_ROWS, BLOCK_K],
