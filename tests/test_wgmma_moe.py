@@ -339,3 +339,27 @@ def test_timeline_reader_on_a_hand_built_launch(monkeypatch):
     buf[0, 0, :, 0] = 3  # a partition that filled every slot: its last tiles were lost
     with pytest.raises(ValueError, match="TIMELINE_TILES"):
         timeline.records(buf)
+
+
+def test_stream_probe_kernel_streams_every_box_once(monkeypatch):
+    """benchmarks/kernels/stream_probe.py's kernel under the interpreter, three programs striding
+    over the tiles: its outputs add up to the weights' sum (each box read once) plus, with token
+    rows, each tile's expert's token rows once a tile; float64 references."""
+    import importlib
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    probe = importlib.reload(_kernels_script(monkeypatch, "stream_probe"))  # decorated for the interpreter
+    gen = torch.Generator().manual_seed(11)
+    n_experts, rows, k_dim, n_tok = 2, 64, 256, 16
+    w = torch.randn(n_experts * rows, k_dim, generator=gen).to(torch.bfloat16)
+    tokens = torch.randn(n_experts * n_tok, k_dim, generator=gen).to(torch.bfloat16)
+    per_expert = tokens.double().view(n_experts, n_tok, k_dim).sum(dim=(1, 2))
+    for box in ((32, 64, 2), (64, 128, 3)):
+        tiles_per_expert = rows // box[0]
+        for toks, extra in ((None, 0.0), (tokens, tiles_per_expert * per_expert.sum().item())):
+            out = torch.full((3,), float("nan"))
+            probe.stream(w, toks, rows, box, 3, out)()
+            programs = min(3, n_experts * tiles_per_expert)
+            expected = w.double().sum().item() + extra
+            scale = w.double().abs().sum().item() + tiles_per_expert * tokens.double().abs().sum().item()
+            assert abs(out[:programs].double().sum().item() - expected) <= 1e-6 * scale, (box, toks is None)
