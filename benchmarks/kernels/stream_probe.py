@@ -10,11 +10,11 @@ BLOCK_K] in a ring of STAGES (Triton's software pipeline), adding each box into 
 nothing is dropped; with --tokens, each K step also copies a box of that many token rows (the
 GEMM's other operand, from L2) as the kernels do.
 
-    python benchmarks/kernels/stream_probe.py [--shapes mixtral-8x7b] [--tokens 0 192]
+    python benchmarks/kernels/stream_probe.py [--shapes mixtral-8x7b] [--tokens 0 128]
 
 prints, per weight matrix (gate/up [E * 2F, H] and down [E * H, F]) and box, the median time, the
 rate (weight bytes / time), its share of the copy rate measured in the same rounds (bench's
-ceiling: a 2 GiB copy) and the time against the first box of the list (the swap kernels'
+ceiling: a 1 GiB copy, 2 GiB moved) and the time against the first box of the list (the swap kernels'
 256 x 32). GPU only (TMA); Triton >= 3.4.
 """
 
@@ -93,6 +93,9 @@ def main(argv=None) -> int:
                         help="token rows copied beside each weight box (0: weights alone)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
+    for n_tok in args.tokens:  # (a tensor's dimension in the kernel: a power of two)
+        if n_tok < 0 or (n_tok and n_tok & (n_tok - 1)):
+            parser.error(f"--tokens: each value must be 0 or a power of two, got {n_tok}")
     if TensorDescriptor is None or not torch.cuda.is_available():
         print("stream_probe needs a GPU and Triton >= 3.4 (TMA descriptors)")
         return 2
