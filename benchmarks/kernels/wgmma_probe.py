@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 
 import torch
@@ -62,8 +63,12 @@ VARIANTS = {
     "ht_1": wgmma_config(half_tail=True, one_launch=True),
     "ht_ga_1": wgmma_config(half_tail=True, gather=4, one_launch=True),
     "ht_ga_g16_1": wgmma_config(half_tail=True, gather=4, group=16, one_launch=True),
+    "ht_ga_1s1": {**wgmma_config(half_tail=True, gather=4, one_launch=True), "sync": 1},
+    "ht_ga_1s2": {**wgmma_config(half_tail=True, gather=4, one_launch=True), "sync": 2},
+    "ht_1s1": {**wgmma_config(half_tail=True, one_launch=True), "sync": 1},
+    "ht_1s2": {**wgmma_config(half_tail=True, one_launch=True), "sync": 2},
 }
-CHECKED = ("w128", "ht", "ht_d128", "ht_ga", "w128_1", "ht_1", "ht_ga_1")
+CHECKED = ("w128", "ht", "ht_d128", "ht_ga", "w128_1", "ht_1", "ht_ga_1", "ht_ga_1s2", "ht_1s2")
 
 
 def parts(x, w13, w2, ids, weights, config) -> dict:
@@ -100,7 +105,8 @@ def check(name, dims, n_tokens, routing_kind, seed) -> bool:
         shipped = rel_err(fused_moe(x, w13, w2, ids, weights), ref)
         good = err < 1e-2 and bool(torch.isfinite(out).all())
         # one launch runs the same tiles as two: the same output, bit for bit (and again: no race)
-        two = outs.get(variant.removesuffix("_1")) if variant.endswith("_1") else None
+        base = re.sub(r"_1(s\d)?$", "", variant)
+        two = outs.get(base) if base != variant else None
         if two is not None:
             again = fused_moe(x, w13, w2, ids, weights, config=VARIANTS[variant])
             good &= bool(torch.equal(out, two)) and bool(torch.equal(again, two))

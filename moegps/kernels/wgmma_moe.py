@@ -208,19 +208,20 @@ if HAVE_GLUON:
             if FUSED:  # (as in _consumer, a branch for each)
                 if tile >= n_first:  # once h of its block is in: every gate/up tile's two stores
                     step, tile = _produce_tile(second, s, tile, n_first, step, i, False, DYNAMIC, 0,
-                                               GATHER, TIMELINE, 2 * first[5])
+                                               GATHER, TIMELINE, 2 * first[5] if FUSED > 1 else 0,
+                                               FUSED == 2)
                 else:
                     step, tile = _produce_tile(first, s, tile, 0, step, i, GATE_UP, DYNAMIC, GATHER,
-                                               GATHER, TIMELINE, 0)
+                                               GATHER, TIMELINE, 0, False)
             else:
                 step, tile = _produce_tile(first, s, tile, 0, step, i, GATE_UP, DYNAMIC, GATHER,
-                                           GATHER, TIMELINE, 0)
+                                           GATHER, TIMELINE, 0, False)
             i += 1
 
     @gluon.jit
     def _produce_tile(g, s, tile, tile_base, step, i, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr,
                       GATHER: gl.constexpr, ROW_ARRIVALS: gl.constexpr, TIMELINE: gl.constexpr,
-                      h_ready):
+                      h_ready, LIGHT: gl.constexpr):
         """The producer's copies of one tile (tile - tile_base of GEMM g) into the ring; returns the
         step count and the next tile, claimed while this one's copies fill the ring. ROW_ARRIVALS:
         the producer's warps whose every thread arrives on each stage (the kernel's GATHER, whose
@@ -270,7 +271,7 @@ if HAVE_GLUON:
             start = gl.multiple_of(gl.where(keep, pair // top_k, 0).to(gl.int64) * k_dim, 8)
             src = x_ptr + start[:, None] + c[None, :]
         if h_ready > 0:
-            _wait_count(tile_counter_ptr + 1 + block, h_ready)
+            _wait_count(tile_counter_ptr + 1 + block, h_ready, LIGHT)
         next_tile = tile
         for k in range(0, k_dim, BLOCK_K):
             stage = step % STAGES
@@ -340,27 +341,29 @@ if HAVE_GLUON:
             if FUSED:
                 if tile >= n_first:
                     if pending >= 0:
-                        _count_stores(tile_counter_ptr + 1 + pending)
+                        _count_stores(tile_counter_ptr + 1 + pending, FUSED == 2)
                         pending = n_blocks * 0 - 1
                     step, block = _consume_tile(second, s, tile - n_first, step, False, HALF, 0,
-                                                record, TIMELINE, tile_counter_ptr, pending)
+                                                record, TIMELINE, tile_counter_ptr, pending, False)
                 else:
-                    step, pending = _consume_tile(first, s, tile, step, GATE_UP, HALF, GATHER,
-                                                  record, TIMELINE, tile_counter_ptr, pending)
+                    step, block = _consume_tile(first, s, tile, step, GATE_UP, HALF, GATHER,
+                                                record, TIMELINE, tile_counter_ptr, pending, FUSED == 2)
+                    if FUSED > 1:
+                        pending = block
             else:
                 step, block = _consume_tile(first, s, tile, step, GATE_UP, HALF, GATHER, record,
-                                            TIMELINE, tile_counter_ptr, pending)
+                                            TIMELINE, tile_counter_ptr, pending, False)
             i += 1
             tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
         tma.store_wait(0)
         if FUSED:
             if pending >= 0:
-                _count_stores(tile_counter_ptr + 1 + pending)
+                _count_stores(tile_counter_ptr + 1 + pending, FUSED == 2)
 
     @gluon.jit
     def _consume_tile(g, s, tile, step, GATE_UP: gl.constexpr, HALF: gl.constexpr,
                       GATHER: gl.constexpr, record, TIMELINE: gl.constexpr, tile_counter_ptr,
-                      pending):
+                      pending, LIGHT: gl.constexpr):
         """One warpgroup's part of tile `tile` of GEMM g (_tile_mma, after the block's shape);
         returns the step count and the tile's row block."""
         (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, n_tiles_n, k_dim, b_rows, up_offset) = g
@@ -373,19 +376,19 @@ if HAVE_GLUON:
             step = _tile_mma(a_bufs, b_bufs, out_desc, _view_as(out_bufs.index(HALF), out_desc),
                              ready, empty, sorted_ptr, weights_ptr, k_dim, n_pairs, step,
                              start + HALF * ROWS, tile_n, GATE_UP, HALF, False, GATHER, record,
-                             TIMELINE, tile_counter_ptr, pending)
+                             TIMELINE, tile_counter_ptr, pending, LIGHT)
         else:  # a half-height block (an expert's last, align's half_tail): its rows, half the columns
             step = _tile_mma(a_bufs, b_bufs, out_half_desc,
                              _view_as(out_bufs.index(HALF), out_half_desc), ready, empty,
                              sorted_ptr, weights_ptr, k_dim, n_pairs, step, start, tile_n, GATE_UP,
-                             HALF, True, GATHER, record, TIMELINE, tile_counter_ptr, pending)
+                             HALF, True, GATHER, record, TIMELINE, tile_counter_ptr, pending, LIGHT)
         return step, block
 
     @gluon.jit
     def _tile_mma(a_bufs, b_bufs, out_desc, out_smem, ready, empty, sorted_ptr, weights_ptr,
                   k_dim, n_pairs, step, start, tile_n, GATE_UP: gl.constexpr,
                   HALF: gl.constexpr, SPLIT_N: gl.constexpr, GATHER: gl.constexpr, record,
-                  TIMELINE: gl.constexpr, tile_counter_ptr, pending):
+                  TIMELINE: gl.constexpr, tile_counter_ptr, pending, LIGHT: gl.constexpr):
         """One warpgroup's share of a tile: rows start.. (its row half; with SPLIT_N the tile's
         only rows, and its column half HALF), the MMAs over K, then the epilogue through shared
         memory and a TMA store, which runs on while the next tile's MMAs start (every block is a
@@ -440,7 +443,7 @@ if HAVE_GLUON:
             gl.store(record + 3, _clock())
             gl.store(record + 5, waited)
         if pending >= 0:
-            _count_stores(tile_counter_ptr + 1 + pending)
+            _count_stores(tile_counter_ptr + 1 + pending, LIGHT)
 
         if GATE_UP:  # h in expert order: h[row] = silu(gate) * up
             gate, up = acc.reshape([ROWS, 2, BLOCK_N]).permute(0, 2, 1).split()
@@ -458,23 +461,35 @@ if HAVE_GLUON:
         return step
 
     @gluon.jit
-    def _count_stores(count_ptr):
+    def _count_stores(count_ptr, LIGHT: gl.constexpr):
         """Once this warpgroup's TMA stores are in memory, one more on *count_ptr (release, GPU
         scope): the down tiles' producers wait for a block's count before their copies read h.
         Triton issues a TMA store from one elected thread of the warpgroup's first warp: every
         thread waits for its own stores (none but that one's), orders them (async proxy) before
         its generic accesses and syncs its warp; then the warpgroup's first thread counts."""
-        gl.inline_asm_elementwise(
-            "{ .reg .pred pf; .reg .b32 tt;\n"
-            "cp.async.bulk.wait_group 0;\n"
-            "fence.proxy.async.global;\n"
-            "bar.warp.sync -1;\n"
-            "mov.u32 tt, %tid.x;\n"
-            "and.b32 tt, tt, 127;\n"
-            "setp.eq.u32 pf, tt, 0;\n"
-            "@pf red.release.gpu.global.add.s32 [$1], 1;\n"
-            "mov.u32 $0, 0; }",
-            "=r,l", [count_ptr], dtype=gl.int32, is_pure=False, pack=1)
+        if LIGHT:  # only the warpgroup's first thread (the stores' own, Triton's election)
+            gl.inline_asm_elementwise(
+                "{ .reg .pred pf; .reg .b32 tt;\n"
+                "mov.u32 tt, %tid.x;\n"
+                "and.b32 tt, tt, 127;\n"
+                "setp.eq.u32 pf, tt, 0;\n"
+                "@pf cp.async.bulk.wait_group 0;\n"
+                "@pf fence.proxy.async.global;\n"
+                "@pf red.release.gpu.global.add.s32 [$1], 1;\n"
+                "mov.u32 $0, 0; }",
+                "=r,l", [count_ptr], dtype=gl.int32, is_pure=False, pack=1)
+        else:
+            gl.inline_asm_elementwise(
+                "{ .reg .pred pf; .reg .b32 tt;\n"
+                "cp.async.bulk.wait_group 0;\n"
+                "fence.proxy.async.global;\n"
+                "bar.warp.sync -1;\n"
+                "mov.u32 tt, %tid.x;\n"
+                "and.b32 tt, tt, 127;\n"
+                "setp.eq.u32 pf, tt, 0;\n"
+                "@pf red.release.gpu.global.add.s32 [$1], 1;\n"
+                "mov.u32 $0, 0; }",
+                "=r,l", [count_ptr], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
     def _load_acquire(ptr):
@@ -482,14 +497,23 @@ if HAVE_GLUON:
                                          dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
-    def _wait_count(count_ptr, target):
+    def _wait_count(count_ptr, target, LIGHT: gl.constexpr):
         """Spin until *count_ptr (acquire, GPU scope) reaches target, then order this thread's
         later TMA copies (async proxy) after what it read."""
         count = _load_acquire(count_ptr)
         while count < target:
             count = _load_acquire(count_ptr)
-        gl.inline_asm_elementwise("fence.proxy.async.global;\nmov.u32 $0, 0;", "=r", [],
-                                  dtype=gl.int32, is_pure=False, pack=1)
+        if LIGHT:
+            gl.inline_asm_elementwise(
+                "{ .reg .pred pf; .reg .b32 tt;\n"
+                "mov.u32 tt, %tid.x;\n"
+                "and.b32 tt, tt, 127;\n"
+                "setp.eq.u32 pf, tt, 0;\n"
+                "@pf fence.proxy.async.global;\n"
+                "mov.u32 $0, 0; }", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        else:
+            gl.inline_asm_elementwise("fence.proxy.async.global;\nmov.u32 $0, 0;", "=r", [],
+                                      dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
     def _silu(x):
@@ -714,6 +738,6 @@ def launch_moe(a, w_gate_up, w_down, weights, routing, config: dict,
         routing.n_blocks, first[5], gate_up.get("group_m", 8), first[6], routing.n_pairs, first[7],
         first[8], counters, a, top_k or 1, routing.n_blocks, *second[:8],
         GATE_UP=True, STAGES=gate_up["num_stages"], DYNAMIC=True,
-        GATHER=0 if top_k is None else gate_up["gather"], FUSED=True,
+        GATHER=0 if top_k is None else gate_up["gather"], FUSED=config.get("sync", 3),
         num_warps=4, maxnreg=MAX_REGISTERS)
     return y
