@@ -204,24 +204,31 @@ if HAVE_GLUON:
         tile = _claim(tile_counter_ptr, i, DYNAMIC)
         if DYNAMIC:  # (past the last tile: the consumers stop)
             _publish(s[12], s[13], s[14], i, tile)
+        # experiment (v41): FUSED 1 no counts; 2 light counts, wait at the start with a light fence;
+        # 3 full; 4 light counts, no wait; 5 light counts, spin without fence; 6 light counts, the
+        # next tile's count read at its claim
+        WAIT: gl.constexpr = 3 if FUSED == 6 else 2 if FUSED == 5 else 1 if FUSED == 2 or FUSED == 3 else 0
+        seen = n_blocks * 0
         while tile < n_tiles:
             if FUSED:  # (as in _consumer, a branch for each)
                 if tile >= n_first:  # once h of its block is in: every gate/up tile's two stores
-                    step, tile = _produce_tile(second, s, tile, n_first, step, i, False, DYNAMIC, 0,
-                                               GATHER, TIMELINE, 2 * first[5] if FUSED > 1 else 0,
-                                               FUSED == 2)
+                    step, tile, seen = _produce_tile(second, s, tile, n_first, step, i, False, DYNAMIC,
+                                                     0, GATHER, TIMELINE, 2 * first[5], FUSED == 2,
+                                                     WAIT, seen, n_first, second[5])
                 else:
-                    step, tile = _produce_tile(first, s, tile, 0, step, i, GATE_UP, DYNAMIC, GATHER,
-                                               GATHER, TIMELINE, 0, False)
+                    step, tile, seen = _produce_tile(first, s, tile, 0, step, i, GATE_UP, DYNAMIC,
+                                                     GATHER, GATHER, TIMELINE, 0, False, WAIT, seen,
+                                                     n_first, second[5])
             else:
-                step, tile = _produce_tile(first, s, tile, 0, step, i, GATE_UP, DYNAMIC, GATHER,
-                                           GATHER, TIMELINE, 0, False)
+                step, tile, seen = _produce_tile(first, s, tile, 0, step, i, GATE_UP, DYNAMIC, GATHER,
+                                                 GATHER, TIMELINE, 0, False, 0, seen, n_first, 0)
             i += 1
 
     @gluon.jit
     def _produce_tile(g, s, tile, tile_base, step, i, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr,
                       GATHER: gl.constexpr, ROW_ARRIVALS: gl.constexpr, TIMELINE: gl.constexpr,
-                      h_ready, LIGHT: gl.constexpr):
+                      h_ready, LIGHT: gl.constexpr, WAIT: gl.constexpr, seen, peek_base,
+                      peek_tiles_n):
         """The producer's copies of one tile (tile - tile_base of GEMM g) into the ring; returns the
         step count and the next tile, claimed while this one's copies fill the ring. ROW_ARRIVALS:
         the producer's warps whose every thread arrives on each stage (the kernel's GATHER, whose
@@ -270,9 +277,19 @@ if HAVE_GLUON:
             # so every row starts 16-byte aligned: one cp.async per 8 columns
             start = gl.multiple_of(gl.where(keep, pair // top_k, 0).to(gl.int64) * k_dim, 8)
             src = x_ptr + start[:, None] + c[None, :]
-        if h_ready > 0:
-            _wait_count(tile_counter_ptr + 1 + block, h_ready, LIGHT)
+        if WAIT > 0:
+            if h_ready > 0:
+                if WAIT == 1:
+                    _wait_count(tile_counter_ptr + 1 + block, h_ready, LIGHT)
+                elif WAIT == 2:
+                    count = _load_acquire(tile_counter_ptr + 1 + block)
+                    while count < h_ready:
+                        count = _load_acquire(tile_counter_ptr + 1 + block)
+                else:
+                    if seen < h_ready:
+                        _wait_count(tile_counter_ptr + 1 + block, h_ready, True)
         next_tile = tile
+        next_seen = seen * 0
         for k in range(0, k_dim, BLOCK_K):
             stage = step % STAGES
             if TIMELINE:
@@ -306,11 +323,18 @@ if HAVE_GLUON:
                 next_tile = _claim(tile_counter_ptr, i + 1, DYNAMIC)
                 if DYNAMIC:
                     _publish(tile_ids, tile_full, tile_empty, i + 1, next_tile)
+                if WAIT == 3:
+                    n_blocks = gl.load(n_blocks_ptr)
+                    peek = next_tile - peek_base
+                    if (peek >= 0) & (peek < n_blocks * peek_tiles_n):
+                        peek_block, peek_n = _tile(peek, n_blocks, peek_tiles_n, group)
+                        next_seen = _load_acquire(tile_counter_ptr + 1 + peek_block)
+                        _fence_light()
             step += 1
         if TIMELINE:
             gl.store(record + 3, _clock())
             gl.store(record + 4, waited)
-        return step, next_tile
+        return step, next_tile, next_seen
 
     @gluon.jit
     def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr,
@@ -341,13 +365,13 @@ if HAVE_GLUON:
             if FUSED:
                 if tile >= n_first:
                     if pending >= 0:
-                        _count_stores(tile_counter_ptr + 1 + pending, FUSED == 2)
+                        _count_stores(tile_counter_ptr + 1 + pending, FUSED != 3)
                         pending = n_blocks * 0 - 1
                     step, block = _consume_tile(second, s, tile - n_first, step, False, HALF, 0,
                                                 record, TIMELINE, tile_counter_ptr, pending, False)
                 else:
                     step, block = _consume_tile(first, s, tile, step, GATE_UP, HALF, GATHER,
-                                                record, TIMELINE, tile_counter_ptr, pending, FUSED == 2)
+                                                record, TIMELINE, tile_counter_ptr, pending, FUSED != 3)
                     if FUSED > 1:
                         pending = block
             else:
@@ -358,7 +382,7 @@ if HAVE_GLUON:
         tma.store_wait(0)
         if FUSED:
             if pending >= 0:
-                _count_stores(tile_counter_ptr + 1 + pending, FUSED == 2)
+                _count_stores(tile_counter_ptr + 1 + pending, FUSED != 3)
 
     @gluon.jit
     def _consume_tile(g, s, tile, step, GATE_UP: gl.constexpr, HALF: gl.constexpr,
@@ -490,6 +514,16 @@ if HAVE_GLUON:
                 "@pf red.release.gpu.global.add.s32 [$1], 1;\n"
                 "mov.u32 $0, 0; }",
                 "=r,l", [count_ptr], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _fence_light():
+        gl.inline_asm_elementwise(
+            "{ .reg .pred pf; .reg .b32 tt;\n"
+            "mov.u32 tt, %tid.x;\n"
+            "and.b32 tt, tt, 127;\n"
+            "setp.eq.u32 pf, tt, 0;\n"
+            "@pf fence.proxy.async.global;\n"
+            "mov.u32 $0, 0; }", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
     def _load_acquire(ptr):
