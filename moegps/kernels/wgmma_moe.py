@@ -207,7 +207,7 @@ if HAVE_GLUON:
         # experiment (v41): FUSED 1 no counts; 2 light counts, wait at the start with a light fence;
         # 3 full; 4 light counts, no wait; 5 light counts, spin without fence; 6 light counts, the
         # next tile's count read at its claim
-        WAIT: gl.constexpr = 3 if FUSED == 6 else 2 if FUSED == 5 else 1 if FUSED == 2 or FUSED == 3 else 0
+        WAIT: gl.constexpr = 3 if FUSED == 6 or FUSED == 7 else 2 if FUSED == 5 else 1 if FUSED == 2 or FUSED == 3 else 0
         seen = n_blocks * 0
         while tile < n_tiles:
             if FUSED:  # (as in _consumer, a branch for each)
@@ -353,6 +353,10 @@ if HAVE_GLUON:
         step = 0
         i = 0
         pending = n_blocks * 0 - 1  # the block of this warpgroup's last stores not yet counted
+        pend0 = pending
+        pend1 = pending
+        pend2 = pending
+        pend3 = pending
         tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
         while tile < n_tiles:
             record = timeline_ptr
@@ -362,32 +366,59 @@ if HAVE_GLUON:
                 gl.store(record + 1, _clock())
             # (Triton 3.6 miscompiles the unfused kernel where one `if` over a static False picks
             # the GEMM: its own branch for each)
+            none = n_blocks * 0 - 1
             if FUSED:
                 if tile >= n_first:
                     if pending >= 0:
                         _count_stores(tile_counter_ptr + 1 + pending, FUSED != 3)
-                        pending = n_blocks * 0 - 1
+                        pending = none
+                    if FUSED == 7:
+                        _flush_some(tile_counter_ptr, pend0, pend1, pend2, pend3)
+                        pend0, pend1, pend2, pend3 = none, none, none, none
                     step, block = _consume_tile(second, s, tile - n_first, step, False, HALF, 0,
-                                                record, TIMELINE, tile_counter_ptr, pending, False)
+                                                record, TIMELINE, tile_counter_ptr,
+                                                (none, none, none, none), False)
                 else:
+                    if FUSED == 7:  # four blocks' counts at once, after this tile's MMAs
+                        full = pend3 >= 0
+                        flush = (gl.where(full, pend0, none), gl.where(full, pend1, none),
+                                 gl.where(full, pend2, none), gl.where(full, pend3, none))
+                    else:
+                        flush = (pending, none, none, none)
                     step, block = _consume_tile(first, s, tile, step, GATE_UP, HALF, GATHER,
-                                                record, TIMELINE, tile_counter_ptr, pending, FUSED != 3)
-                    if FUSED > 1:
+                                                record, TIMELINE, tile_counter_ptr, flush, FUSED != 3)
+                    if FUSED == 7:
+                        pend0 = gl.where(full, none, pend0)
+                        pend1 = gl.where(full, none, pend1)
+                        pend2 = gl.where(full, none, pend2)
+                        pend3 = gl.where(full, none, pend3)
+                        # into the first free of the four (they fill in order)
+                        free0 = pend0 < 0
+                        free1 = (pend0 >= 0) & (pend1 < 0)
+                        free2 = (pend1 >= 0) & (pend2 < 0)
+                        free3 = (pend2 >= 0) & (pend3 < 0)
+                        pend0 = gl.where(free0, block, pend0)
+                        pend1 = gl.where(free1, block, pend1)
+                        pend2 = gl.where(free2, block, pend2)
+                        pend3 = gl.where(free3, block, pend3)
+                    elif FUSED > 1:
                         pending = block
             else:
                 step, block = _consume_tile(first, s, tile, step, GATE_UP, HALF, GATHER, record,
-                                            TIMELINE, tile_counter_ptr, pending, False)
+                                            TIMELINE, tile_counter_ptr, (none, none, none, none), False)
             i += 1
             tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
         tma.store_wait(0)
         if FUSED:
             if pending >= 0:
                 _count_stores(tile_counter_ptr + 1 + pending, FUSED != 3)
+            if FUSED == 7:
+                _flush_some(tile_counter_ptr, pend0, pend1, pend2, pend3)
 
     @gluon.jit
     def _consume_tile(g, s, tile, step, GATE_UP: gl.constexpr, HALF: gl.constexpr,
                       GATHER: gl.constexpr, record, TIMELINE: gl.constexpr, tile_counter_ptr,
-                      pending, LIGHT: gl.constexpr):
+                      flush, LIGHT: gl.constexpr):
         """One warpgroup's part of tile `tile` of GEMM g (_tile_mma, after the block's shape);
         returns the step count and the tile's row block."""
         (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, n_tiles_n, k_dim, b_rows, up_offset) = g
@@ -400,19 +431,19 @@ if HAVE_GLUON:
             step = _tile_mma(a_bufs, b_bufs, out_desc, _view_as(out_bufs.index(HALF), out_desc),
                              ready, empty, sorted_ptr, weights_ptr, k_dim, n_pairs, step,
                              start + HALF * ROWS, tile_n, GATE_UP, HALF, False, GATHER, record,
-                             TIMELINE, tile_counter_ptr, pending, LIGHT)
+                             TIMELINE, tile_counter_ptr, flush, LIGHT)
         else:  # a half-height block (an expert's last, align's half_tail): its rows, half the columns
             step = _tile_mma(a_bufs, b_bufs, out_half_desc,
                              _view_as(out_bufs.index(HALF), out_half_desc), ready, empty,
                              sorted_ptr, weights_ptr, k_dim, n_pairs, step, start, tile_n, GATE_UP,
-                             HALF, True, GATHER, record, TIMELINE, tile_counter_ptr, pending, LIGHT)
+                             HALF, True, GATHER, record, TIMELINE, tile_counter_ptr, flush, LIGHT)
         return step, block
 
     @gluon.jit
     def _tile_mma(a_bufs, b_bufs, out_desc, out_smem, ready, empty, sorted_ptr, weights_ptr,
                   k_dim, n_pairs, step, start, tile_n, GATE_UP: gl.constexpr,
                   HALF: gl.constexpr, SPLIT_N: gl.constexpr, GATHER: gl.constexpr, record,
-                  TIMELINE: gl.constexpr, tile_counter_ptr, pending, LIGHT: gl.constexpr):
+                  TIMELINE: gl.constexpr, tile_counter_ptr, flush, LIGHT: gl.constexpr):
         """One warpgroup's share of a tile: rows start.. (its row half; with SPLIT_N the tile's
         only rows, and its column half HALF), the MMAs over K, then the epilogue through shared
         memory and a TMA store, which runs on while the next tile's MMAs start (every block is a
@@ -466,8 +497,12 @@ if HAVE_GLUON:
         if TIMELINE:
             gl.store(record + 3, _clock())
             gl.store(record + 5, waited)
-        if pending >= 0:
-            _count_stores(tile_counter_ptr + 1 + pending, LIGHT)
+        q0, q1, q2, q3 = flush
+        if q0 >= 0:
+            if q3 >= 0:
+                _count_four(tile_counter_ptr, q0, q1, q2, q3)
+            else:
+                _count_stores(tile_counter_ptr + 1 + q0, LIGHT)
 
         if GATE_UP:  # h in expert order: h[row] = silu(gate) * up
             gate, up = acc.reshape([ROWS, 2, BLOCK_N]).permute(0, 2, 1).split()
@@ -514,6 +549,38 @@ if HAVE_GLUON:
                 "@pf red.release.gpu.global.add.s32 [$1], 1;\n"
                 "mov.u32 $0, 0; }",
                 "=r,l", [count_ptr], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _count_four(counts_ptr, b0, b1, b2, b3):
+        """One more on each of four blocks' counts, once this warpgroup's TMA stores are in memory:
+        one wait, one proxy fence and one release fence for the four (thread 0, the stores' own)."""
+        gl.inline_asm_elementwise(
+            "{ .reg .pred pf; .reg .b32 tt;\n"
+            "mov.u32 tt, %tid.x;\n"
+            "and.b32 tt, tt, 127;\n"
+            "setp.eq.u32 pf, tt, 0;\n"
+            "@pf cp.async.bulk.wait_group 0;\n"
+            "@pf fence.proxy.async.global;\n"
+            "@pf fence.acq_rel.gpu;\n"
+            "@pf red.relaxed.gpu.global.add.s32 [$1], 1;\n"
+            "@pf red.relaxed.gpu.global.add.s32 [$2], 1;\n"
+            "@pf red.relaxed.gpu.global.add.s32 [$3], 1;\n"
+            "@pf red.relaxed.gpu.global.add.s32 [$4], 1;\n"
+            "mov.u32 $0, 0; }",
+            "=r,l,l,l,l", [counts_ptr + 1 + b0, counts_ptr + 1 + b1, counts_ptr + 1 + b2,
+                           counts_ptr + 1 + b3], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _flush_some(counts_ptr, b0, b1, b2, b3):
+        """The counts of up to four pending blocks (those >= 0), one at a time."""
+        if b0 >= 0:
+            _count_stores(counts_ptr + 1 + b0, True)
+        if b1 >= 0:
+            _count_stores(counts_ptr + 1 + b1, True)
+        if b2 >= 0:
+            _count_stores(counts_ptr + 1 + b2, True)
+        if b3 >= 0:
+            _count_stores(counts_ptr + 1 + b3, True)
 
     @gluon.jit
     def _fence_light():
