@@ -207,7 +207,7 @@ if HAVE_GLUON:
         # experiment (v41): FUSED 1 no counts; 2 light counts, wait at the start with a light fence;
         # 3 full; 4 light counts, no wait; 5 light counts, spin without fence; 6 light counts, the
         # next tile's count read at its claim
-        WAIT: gl.constexpr = 3 if FUSED == 6 or FUSED == 7 else 2 if FUSED == 5 else 1 if FUSED == 2 or FUSED == 3 else 0
+        WAIT: gl.constexpr = 3 if FUSED >= 6 else 2 if FUSED == 5 else 1 if FUSED == 2 or FUSED == 3 else 0
         seen = n_blocks * 0
         while tile < n_tiles:
             if FUSED:  # (as in _consumer, a branch for each)
@@ -372,22 +372,22 @@ if HAVE_GLUON:
                     if pending >= 0:
                         _count_stores(tile_counter_ptr + 1 + pending, FUSED != 3)
                         pending = none
-                    if FUSED == 7:
+                    if FUSED >= 7 and FUSED <= 9:
                         _flush_some(tile_counter_ptr, pend0, pend1, pend2, pend3)
                         pend0, pend1, pend2, pend3 = none, none, none, none
                     step, block = _consume_tile(second, s, tile - n_first, step, False, HALF, 0,
                                                 record, TIMELINE, tile_counter_ptr,
                                                 (none, none, none, none), False)
                 else:
-                    if FUSED == 7:  # four blocks' counts at once, after this tile's MMAs
+                    if FUSED >= 7 and FUSED <= 9:  # four blocks' counts at once, after this tile's MMAs
                         full = pend3 >= 0
                         flush = (gl.where(full, pend0, none), gl.where(full, pend1, none),
                                  gl.where(full, pend2, none), gl.where(full, pend3, none))
                     else:
                         flush = (pending, none, none, none)
                     step, block = _consume_tile(first, s, tile, step, GATE_UP, HALF, GATHER,
-                                                record, TIMELINE, tile_counter_ptr, flush, FUSED != 3)
-                    if FUSED == 7:
+                                                record, TIMELINE, tile_counter_ptr, flush, FUSED if FUSED >= 7 else FUSED != 3)
+                    if FUSED >= 7 and FUSED <= 9:
                         pend0 = gl.where(full, none, pend0)
                         pend1 = gl.where(full, none, pend1)
                         pend2 = gl.where(full, none, pend2)
@@ -412,7 +412,7 @@ if HAVE_GLUON:
         if FUSED:
             if pending >= 0:
                 _count_stores(tile_counter_ptr + 1 + pending, FUSED != 3)
-            if FUSED == 7:
+            if FUSED >= 7 and FUSED <= 9:
                 _flush_some(tile_counter_ptr, pend0, pend1, pend2, pend3)
 
     @gluon.jit
@@ -500,7 +500,7 @@ if HAVE_GLUON:
         q0, q1, q2, q3 = flush
         if q0 >= 0:
             if q3 >= 0:
-                _count_four(tile_counter_ptr, q0, q1, q2, q3)
+                _count_four(tile_counter_ptr, q0, q1, q2, q3, LIGHT)
             else:
                 _count_stores(tile_counter_ptr + 1 + q0, LIGHT)
 
@@ -526,7 +526,17 @@ if HAVE_GLUON:
         Triton issues a TMA store from one elected thread of the warpgroup's first warp: every
         thread waits for its own stores (none but that one's), orders them (async proxy) before
         its generic accesses and syncs its warp; then the warpgroup's first thread counts."""
-        if LIGHT:  # only the warpgroup's first thread (the stores' own, Triton's election)
+        if LIGHT == 10:  # (no proxy fence: a bulk copy's completion implies one)
+            gl.inline_asm_elementwise(
+                "{ .reg .pred pf; .reg .b32 tt;\n"
+                "mov.u32 tt, %tid.x;\n"
+                "and.b32 tt, tt, 127;\n"
+                "setp.eq.u32 pf, tt, 0;\n"
+                "@pf cp.async.bulk.wait_group 0;\n"
+                "@pf red.release.gpu.global.add.s32 [$1], 1;\n"
+                "mov.u32 $0, 0; }",
+                "=r,l", [count_ptr], dtype=gl.int32, is_pure=False, pack=1)
+        elif LIGHT:  # only the warpgroup's first thread (the stores' own, Triton's election)
             gl.inline_asm_elementwise(
                 "{ .reg .pred pf; .reg .b32 tt;\n"
                 "mov.u32 tt, %tid.x;\n"
@@ -551,17 +561,18 @@ if HAVE_GLUON:
                 "=r,l", [count_ptr], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
-    def _count_four(counts_ptr, b0, b1, b2, b3):
+    def _count_four(counts_ptr, b0, b1, b2, b3, MODE: gl.constexpr):
         """One more on each of four blocks' counts, once this warpgroup's TMA stores are in memory:
-        one wait, one proxy fence and one release fence for the four (thread 0, the stores' own)."""
+        one wait, one proxy fence and one release fence for the four (thread 0, the stores' own).
+        MODE 8: no proxy fence; 9: no fences (timing only)."""
+        PROXY: gl.constexpr = "@pf fence.proxy.async.global;\n" if MODE == 7 else ""
+        RELEASE: gl.constexpr = "@pf fence.acq_rel.gpu;\n" if MODE <= 8 else ""
         gl.inline_asm_elementwise(
             "{ .reg .pred pf; .reg .b32 tt;\n"
             "mov.u32 tt, %tid.x;\n"
             "and.b32 tt, tt, 127;\n"
             "setp.eq.u32 pf, tt, 0;\n"
-            "@pf cp.async.bulk.wait_group 0;\n"
-            "@pf fence.proxy.async.global;\n"
-            "@pf fence.acq_rel.gpu;\n"
+            "@pf cp.async.bulk.wait_group 0;\n" + PROXY + RELEASE +
             "@pf red.relaxed.gpu.global.add.s32 [$1], 1;\n"
             "@pf red.relaxed.gpu.global.add.s32 [$2], 1;\n"
             "@pf red.relaxed.gpu.global.add.s32 [$3], 1;\n"
