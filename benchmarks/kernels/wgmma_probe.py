@@ -68,13 +68,14 @@ VARIANTS = {
     "ht_1s1": {**wgmma_config(half_tail=True, one_launch=True), "sync": 1},
     "ht_1s2": {**wgmma_config(half_tail=True, one_launch=True), "sync": 2},
     **{f"ht_ga_1s{level}": {**wgmma_config(half_tail=True, gather=4, one_launch=True), "sync": level}
-       for level in (4, 5, 6, 7, 8, 9, 10)},
+       for level in (4, 5, 6, 7, 8, 9, 10, 11)},
+    "ht_1s11": {**wgmma_config(half_tail=True, one_launch=True), "sync": 11},
     "ht_1s6": {**wgmma_config(half_tail=True, one_launch=True), "sync": 6},
     "ht_1s7": {**wgmma_config(half_tail=True, one_launch=True), "sync": 7},
     "w128_1s7": {**wgmma_config(one_launch=True), "sync": 7},
 }
 CHECKED = ("w128", "ht", "ht_d128", "ht_ga", "w128_1", "ht_1", "ht_ga_1", "ht_ga_1s2", "ht_1s2", "ht_ga_1s5",
-           "ht_ga_1s6", "ht_1s6", "ht_ga_1s7", "ht_1s7", "w128_1s7", "ht_ga_1s8", "ht_ga_1s10")
+           "ht_ga_1s6", "ht_1s6", "ht_ga_1s7", "ht_1s7", "w128_1s7", "ht_ga_1s8", "ht_ga_1s10", "ht_ga_1s11", "ht_1s11")
 
 
 def parts(x, w13, w2, ids, weights, config) -> dict:

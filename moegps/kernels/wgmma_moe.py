@@ -383,6 +383,8 @@ if HAVE_GLUON:
                         full = pend3 >= 0
                         flush = (gl.where(full, pend0, none), gl.where(full, pend1, none),
                                  gl.where(full, pend2, none), gl.where(full, pend3, none))
+                    elif FUSED == 11:  # counted after this tile's epilogue instead
+                        flush = (none, none, none, none)
                     else:
                         flush = (pending, none, none, none)
                     step, block = _consume_tile(first, s, tile, step, GATE_UP, HALF, GATHER,
@@ -401,6 +403,10 @@ if HAVE_GLUON:
                         pend1 = gl.where(free1, block, pend1)
                         pend2 = gl.where(free2, block, pend2)
                         pend3 = gl.where(free3, block, pend3)
+                    elif FUSED == 11:  # the tile before's store (all but this tile's) is in memory
+                        if pending >= 0:
+                            _count_behind(tile_counter_ptr + 1 + pending)
+                        pending = block
                     elif FUSED > 1:
                         pending = block
             else:
@@ -580,6 +586,20 @@ if HAVE_GLUON:
             "mov.u32 $0, 0; }",
             "=r,l,l,l,l", [counts_ptr + 1 + b0, counts_ptr + 1 + b1, counts_ptr + 1 + b2,
                            counts_ptr + 1 + b3], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _count_behind(count_ptr):
+        """One more on *count_ptr once all but this warpgroup's last TMA store group are in memory
+        (thread 0, the stores' own; a bulk copy's completion implies the proxy fence)."""
+        gl.inline_asm_elementwise(
+            "{ .reg .pred pf; .reg .b32 tt;\n"
+            "mov.u32 tt, %tid.x;\n"
+            "and.b32 tt, tt, 127;\n"
+            "setp.eq.u32 pf, tt, 0;\n"
+            "@pf cp.async.bulk.wait_group 1;\n"
+            "@pf red.release.gpu.global.add.s32 [$1], 1;\n"
+            "mov.u32 $0, 0; }",
+            "=r,l", [count_ptr], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
     def _flush_some(counts_ptr, b0, b1, b2, b3):
