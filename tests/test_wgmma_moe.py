@@ -81,20 +81,19 @@ def desc(block):
 """
 
 COMPILE = COMPILE_HEAD + r"""
-gate_up, block_n, dynamic, gather, timeline, tail = json.loads(sys.argv[1])
+gate_up, block_n, dynamic, gather, timeline = json.loads(sys.argv[1])
 signature = {"a_desc": desc([128, 64]), "b_desc": desc([block_n, 64]), "b_half_desc": desc([block_n // 2, 64]),
              "out_desc": desc([64, 128]), "out_half_desc": desc([64, block_n // 2]),
              "sorted_ptr": "*i32", "weights_ptr": "*fp32",
              "block_expert_ptr": "*i32", "block_start_ptr": "*i32", "n_blocks_ptr": "*i32",
              **{name: "i32" for name in ("n_tiles_n", "group", "k_dim", "n_pairs", "b_rows", "up_offset")},
              "tile_counter_ptr": "*i32", "x_ptr": "*bf16", "top_k": "i32", "timeline_ptr": "*i64",
-             "a_half_desc": desc([64, 64]),
              "GATE_UP": "constexpr", "STAGES": "constexpr", "DYNAMIC": "constexpr", "GATHER": "constexpr",
-             "TIMELINE": "constexpr", "TAIL": "constexpr"}
+             "TIMELINE": "constexpr"}
 # x_ptr 16-byte aligned, as Triton's launcher specialises an aligned pointer (the gather's cp.async)
 source = GluonASTSource(wgmma_moe.grouped_gemm_kernel, signature=signature,
-                        constexprs={"GATE_UP": gate_up, "STAGES": 3 if tail else 4, "DYNAMIC": dynamic,
-                                    "GATHER": gather, "TIMELINE": timeline, "TAIL": tail},
+                        constexprs={"GATE_UP": gate_up, "STAGES": 4, "DYNAMIC": dynamic, "GATHER": gather,
+                                    "TIMELINE": timeline},
                         attrs={(list(signature).index("x_ptr"),): [["tt.divisibility", 16]]})
 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": wgmma_moe.MAX_REGISTERS})
 ptx = compiled.asm["ptx"]
@@ -110,14 +109,10 @@ print(json.dumps({"wgmma": "wgmma.mma_async" in ptx, "setmaxnreg": "setmaxnreg" 
 """
 
 
-@pytest.mark.parametrize("gate_up, block_n, dynamic, gather, timeline, tail", [
-    (True, 128, True, 0, False, False), (False, 256, True, 0, False, False), (True, 128, False, 0, False, False),
-    (True, 128, True, 4, False, False), (True, 128, True, 2, False, False), (True, 128, True, 4, True, False),
-    (False, 256, True, 0, True, False),
-    # blocks of 192 rows: the third slab's MMAs and stages (three) beside the first two's
-    (True, 128, True, 0, False, True), (False, 256, True, 0, False, True)])
-def test_kernels_compile_for_hopper_without_spills(gate_up, block_n, dynamic, gather, timeline, tail,
-                                                   compiling_python):
+@pytest.mark.parametrize("gate_up, block_n, dynamic, gather, timeline", [
+    (True, 128, True, 0, False), (False, 256, True, 0, False), (True, 128, False, 0, False),
+    (True, 128, True, 4, False), (True, 128, True, 2, False), (True, 128, True, 4, True), (False, 256, True, 0, True)])
+def test_kernels_compile_for_hopper_without_spills(gate_up, block_n, dynamic, gather, timeline, compiling_python):
     """The device code compiled for sm_90 here, with no GPU (Triton ships ptxas): it must build
     with this Triton's Gluon, keep its accumulators in registers (no local memory) and fit the
     227 KB of shared memory an H100/H200 block may use. With dynamic tiles, the producer's two
@@ -127,7 +122,7 @@ def test_kernels_compile_for_hopper_without_spills(gate_up, block_n, dynamic, ga
     timeline (benchmarks/kernels/timeline.py), the clock is read only then, and still no spills."""
     import json
 
-    result = compiling_python(COMPILE, json.dumps([gate_up, block_n, dynamic, gather, timeline, tail]))
+    result = compiling_python(COMPILE, json.dumps([gate_up, block_n, dynamic, gather, timeline]))
     if "skip" in result:
         pytest.skip(result["skip"])
     assert result["wgmma"] and result["setmaxnreg"]  # tensor cores, register handoff

@@ -56,10 +56,6 @@ VARIANTS = {
     "ht_ga_g4": wgmma_config(half_tail=True, gather=4, group=4),
     "ht_ga_g16": wgmma_config(half_tail=True, gather=4, group=16),
     "ht_ga_g32": wgmma_config(half_tail=True, gather=4, group=32),
-    # blocks of up to 192 rows, the third slab of 64 split between the warpgroups by columns (v42;
-    # three stages: 56 KB each)
-    "b192": wgmma_config(block_m=192, stages=3),
-    "b192_g16": wgmma_config(block_m=192, stages=3, group=16),
 }
 
 
@@ -90,7 +86,7 @@ def check(name, dims, n_tokens, routing_kind, seed) -> bool:
         weights = torch.ones(n_tokens, 1, dtype=weights.dtype, device="cuda")
     ref = moe_reference(x.float(), w13.float(), w2.float(), ids, weights.float()).float()
     ok = True
-    for variant in [v for v in ("w128", "ht", "ht_d128", "ht_ga", "b192") if v in VARIANTS]:
+    for variant in [v for v in ("w128", "ht", "ht_d128", "ht_ga") if v in VARIANTS]:
         out = fused_moe(x, w13, w2, ids, weights, config=VARIANTS[variant])
         err = rel_err(out, ref)
         shipped = rel_err(fused_moe(x, w13, w2, ids, weights), ref)
@@ -113,7 +109,7 @@ def bench_row(name, dims, n_tokens, seed) -> dict:
     shipped = get_config(n_tokens, *dims)
     for part, fn in parts(x, w13, w2, ids, weights, shipped).items():
         fns[f"ours.{part}"] = fn
-    for variant in [v for v in ("w128", "ht_ga", "b192") if v in VARIANTS]:
+    for variant in [v for v in ("w128", "ht_ga") if v in VARIANTS]:
         for part, fn in parts(x, w13, w2, ids, weights, VARIANTS[variant]).items():
             fns[f"{variant}.{part}"] = fn
     times = time_many({**fns, **ceiling_runs()}, graph=set(fns))

@@ -375,8 +375,6 @@ def route(ids: torch.Tensor, n_experts: int, config: dict, scratch: torch.Tensor
         return scratch
     if config["path"] == "wgmma" and config.get("swap"):
         return align(ids, n_experts, config["block_m"], pad_m=wgmma_swap.pad_m(config))
-    if config["path"] == "wgmma" and config["block_m"] == 192:  # blocks of 64-192 rows (v42)
-        return align(ids, n_experts, 192, pad_m=64)
     if config["path"] in ("sorted", "wgmma"):
         return align(ids, n_experts, config["block_m"], half_tail=config.get("half_tail", False))
     if config["path"] == "swap":

@@ -187,7 +187,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _producer(p, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr, GATHER: gl.constexpr,
-                  TIMELINE: gl.constexpr, TAIL: gl.constexpr):
+                  TIMELINE: gl.constexpr):
         """One warp (GATHER: that many): copies of every tile's operands into the ring of stages, by
         TMA, or for GATHER the token rows by cp.async, each thread arriving on the stage. DYNAMIC: it
         claims each next tile from the launch's counter and hands it to the consumers, so the
@@ -196,7 +196,7 @@ if HAVE_GLUON:
         (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, a_bufs, b_bufs, out_bufs, ready,
          empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n,
          group, k_dim, n_pairs, b_rows, up_offset, tile_ids, tile_full, tile_empty,
-         tile_counter_ptr, x_ptr, top_k, timeline_ptr, a_half_desc, t_bufs) = p
+         tile_counter_ptr, x_ptr, top_k, timeline_ptr) = p
         STAGES: gl.constexpr = a_bufs.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
@@ -209,8 +209,6 @@ if HAVE_GLUON:
             nbytes: gl.constexpr = A_BYTES + 2 * b_desc.block_type.nbytes
         else:
             nbytes: gl.constexpr = A_BYTES + b_desc.block_type.nbytes
-        # TAIL: a block of more than BLOCK_M rows brings its third slab of ROWS rows too
-        TAIL_BYTES: gl.constexpr = nbytes + (0 if GATHER else a_half_desc.block_type.nbytes)
         # GATHER: 16-byte pieces of the token rows, 8 rows x 4 pieces a warp
         ROW_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [gl.num_warps(), 1], [1, 0])
         n_tiles = gl.load(n_blocks_ptr) * n_tiles_n
@@ -232,7 +230,6 @@ if HAVE_GLUON:
                 waited = gl.to_tensor(0).to(gl.int64)
             block, tile_n, row, n_rows = _block(tile, n_blocks_ptr, n_tiles_n, group, block_start_ptr)
             half_block = n_rows <= ROWS
-            has_tail = n_rows > BLOCK_M  # (TAIL only)
             w_row = gl.load(block_expert_ptr + block) * b_rows + tile_n * BLOCK_N
             if TIMELINE:
                 gl.store(record + 2, _clock())
@@ -245,12 +242,6 @@ if HAVE_GLUON:
                 # so every row starts 16-byte aligned: one cp.async per 8 columns
                 start = gl.multiple_of(gl.where(keep, pair // top_k, 0).to(gl.int64) * k_dim, 8)
                 src = x_ptr + start[:, None] + c[None, :]
-                if TAIL:  # and the third slab's
-                    r_t = BLOCK_M + gl.arange(0, ROWS, gl.SliceLayout(1, ROW_LAYOUT))
-                    pair_t = gl.load(sorted_ptr + row + r_t, mask=r_t < n_rows, other=-1)
-                    keep_t = (pair_t >= 0) & (pair_t < n_pairs)
-                    start_t = gl.multiple_of(gl.where(keep_t, pair_t // top_k, 0).to(gl.int64) * k_dim, 8)
-                    src_t = x_ptr + start_t[:, None] + c[None, :]
             next_tile = tile
             for k in range(0, k_dim, BLOCK_K):
                 stage = step % STAGES
@@ -261,24 +252,12 @@ if HAVE_GLUON:
                 if TIMELINE:
                     waited += _clock() - before
                 bar = ready.index(stage)
-                if TAIL:
-                    if has_tail:
-                        mbarrier.expect(bar, TAIL_BYTES)
-                    else:
-                        mbarrier.expect(bar, nbytes)
-                else:
-                    mbarrier.expect(bar, nbytes)
+                mbarrier.expect(bar, nbytes)
                 if GATHER:  # each thread's copies arrive on the stage's barrier when they land
                     _cp_async(a_bufs.index(stage), src + k, mask=keep[:, None])
-                    if TAIL:
-                        if has_tail:
-                            _cp_async(t_bufs.index(stage), src_t + k, mask=keep_t[:, None])
                     async_copy.mbarrier_arrive(bar, increment_count=False)
                 else:
                     _tma_load(a_desc, [row, k], bar, a_bufs.index(stage))
-                    if TAIL:
-                        if has_tail:
-                            _tma_load(a_half_desc, [row + BLOCK_M, k], bar, t_bufs.index(stage))
                 if GATE_UP:  # gate rows over up rows, one [2 * BLOCK_N, BLOCK_K] stage buffer
                     b = b_bufs.index(stage)
                     if half_block:  # each warpgroup's column half: its gate rows over its up rows
@@ -305,14 +284,14 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr,
-                  GATHER: gl.constexpr, TIMELINE: gl.constexpr, TAIL: gl.constexpr):
+                  GATHER: gl.constexpr, TIMELINE: gl.constexpr):
         """One warpgroup: rows HALF * BLOCK_M / 2 onwards of every tile, or on a block of at most
         BLOCK_M / 2 rows all its rows and column half HALF (each consumer frees each stage once: a
         stage's barrier counts two arrivals)."""
         (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, a_bufs, b_bufs, out_bufs, ready,
          empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n,
          group, k_dim, n_pairs, b_rows, up_offset, tile_ids, tile_full, tile_empty,
-         tile_counter_ptr, x_ptr, top_k, timeline_ptr, a_half_desc, t_bufs) = p
+         tile_counter_ptr, x_ptr, top_k, timeline_ptr) = p
         ROWS: gl.constexpr = a_bufs.shape[1] // 2
         n_tiles = gl.load(n_blocks_ptr) * n_tiles_n
         step = 0
@@ -326,31 +305,15 @@ if HAVE_GLUON:
                 gl.store(record + 1, _clock())
             block, tile_n, start, n_rows = _block(tile, n_blocks_ptr, n_tiles_n, group, block_start_ptr)
             if n_rows > ROWS:
-                # (TAIL: a branch for each block height; Triton 3.6 miscompiles an `if` that only a
-                # static flag keeps from running, NOTES.md v41)
-                if TAIL:
-                    if n_rows > 2 * ROWS:  # its third slab: the warpgroup's column half of it
-                        step = _tile_mma(a_bufs, b_bufs, out_desc, out_bufs.index(HALF), ready,
-                                         empty, sorted_ptr, weights_ptr, k_dim, n_pairs, step,
-                                         start + HALF * ROWS, tile_n, GATE_UP, HALF, False, GATHER,
-                                         record, TIMELINE, t_bufs, out_half_desc, start + 2 * ROWS,
-                                         True)
-                    else:
-                        step = _tile_mma(a_bufs, b_bufs, out_desc, out_bufs.index(HALF), ready,
-                                         empty, sorted_ptr, weights_ptr, k_dim, n_pairs, step,
-                                         start + HALF * ROWS, tile_n, GATE_UP, HALF, False, GATHER,
-                                         record, TIMELINE, t_bufs, out_half_desc, start, False)
-                else:
-                    step = _tile_mma(a_bufs, b_bufs, out_desc, out_bufs.index(HALF), ready, empty,
-                                     sorted_ptr, weights_ptr, k_dim, n_pairs, step,
-                                     start + HALF * ROWS, tile_n, GATE_UP, HALF, False, GATHER,
-                                     record, TIMELINE, t_bufs, out_half_desc, start, False)
+                step = _tile_mma(a_bufs, b_bufs, out_desc, out_bufs.index(HALF), ready, empty,
+                                 sorted_ptr, weights_ptr, k_dim, n_pairs, step,
+                                 start + HALF * ROWS, tile_n, GATE_UP, HALF, False, GATHER,
+                                 record, TIMELINE)
             else:  # a half-height block (an expert's last, align's half_tail): its rows, half the columns
                 out_smem = _view_as(out_bufs.index(HALF), out_half_desc)
                 step = _tile_mma(a_bufs, b_bufs, out_half_desc, out_smem, ready, empty,
                                  sorted_ptr, weights_ptr, k_dim, n_pairs, step, start, tile_n,
-                                 GATE_UP, HALF, True, GATHER, record, TIMELINE, t_bufs,
-                                 out_half_desc, start, False)
+                                 GATE_UP, HALF, True, GATHER, record, TIMELINE)
             i += 1
             tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
         tma.store_wait(0)
@@ -359,7 +322,7 @@ if HAVE_GLUON:
     def _tile_mma(a_bufs, b_bufs, out_desc, out_smem, ready, empty, sorted_ptr, weights_ptr,
                   k_dim, n_pairs, step, start, tile_n, GATE_UP: gl.constexpr,
                   HALF: gl.constexpr, SPLIT_N: gl.constexpr, GATHER: gl.constexpr, record,
-                  TIMELINE: gl.constexpr, t_bufs, tail_desc, tail_start, TAIL_PART: gl.constexpr):
+                  TIMELINE: gl.constexpr):
         """One warpgroup's share of a tile: rows start.. (its row half; with SPLIT_N the tile's
         only rows, and its column half HALF), the MMAs over K, then the epilogue through shared
         memory and a TMA store, which runs on while the next tile's MMAs start (every block is a
@@ -385,22 +348,6 @@ if HAVE_GLUON:
             rows = start + gl.arange(0, ROWS, gl.SliceLayout(1, layout))
             pair = gl.load(sorted_ptr + rows)  # padding rows hold n_pairs
             weight = gl.load(weights_ptr + pair, mask=pair < n_pairs, other=0.0).to(gl.float32)
-        # TAIL_PART: the block's third slab of ROWS rows (t_bufs), this warpgroup's column half of
-        # it: gate/up its gate and up quarter-columns, two accumulators; down one (NOTES.md v42)
-        QUARTER: gl.constexpr = BLOCK_N // 2
-        if TAIL_PART:
-            if GATE_UP:
-                t_layout: gl.constexpr = gl.NVMMADistributedLayout(
-                    version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, QUARTER, 16])
-                acc_tg = gl.zeros([ROWS, QUARTER], gl.float32, t_layout)
-                acc_tu = gl.zeros([ROWS, QUARTER], gl.float32, t_layout)
-            else:
-                t_layout: gl.constexpr = gl.NVMMADistributedLayout(
-                    version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, WIDTH // 2, 16])
-                acc_t = gl.zeros([ROWS, WIDTH // 2], gl.float32, t_layout)
-                rows_t = tail_start + gl.arange(0, ROWS, gl.SliceLayout(1, t_layout))
-                pair_t = gl.load(sorted_ptr + rows_t)
-                weight_t = gl.load(weights_ptr + pair_t, mask=pair_t < n_pairs, other=0.0).to(gl.float32)
         first = step
         if TIMELINE:
             waited = gl.to_tensor(0).to(gl.int64)
@@ -419,32 +366,11 @@ if HAVE_GLUON:
             acc = warpgroup_mma(a_bufs.index(stage).slice(A_ROW, ROWS),
                                 b_bufs.index(stage).slice(B_ROW, WIDTH).permute((1, 0)), acc,
                                 is_async=True)
-            # this step's MMAs may run on; the step before's are done with its stage
-            if TAIL_PART:
-                tail = t_bufs.index(stage)
-                b = b_bufs.index(stage)
-                if GATE_UP:  # (the stage's weights: gate rows over up rows)
-                    acc_tg = warpgroup_mma(tail, b.slice(HALF * QUARTER, QUARTER).permute((1, 0)),
-                                           acc_tg, is_async=True)
-                    acc_tu = warpgroup_mma(tail, b.slice(BLOCK_N + HALF * QUARTER, QUARTER).permute((1, 0)),
-                                           acc_tu, is_async=True)
-                    acc, acc_tg, acc_tu = warpgroup_mma_wait(num_outstanding=3,
-                                                             deps=(acc, acc_tg, acc_tu))
-                else:
-                    acc_t = warpgroup_mma(tail, b.slice(HALF * (WIDTH // 2), WIDTH // 2).permute((1, 0)),
-                                          acc_t, is_async=True)
-                    acc, acc_t = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc_t))
-            else:
-                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            # this step's MMA may run on; the step before's is done with its stage
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
             mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), pred=step > first)
             step += 1
-        if TAIL_PART:
-            if GATE_UP:
-                acc, acc_tg, acc_tu = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_tg, acc_tu))
-            else:
-                acc, acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_t))
-        else:
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES))
         if TIMELINE:
             gl.store(record + 3, _clock())
@@ -461,13 +387,6 @@ if HAVE_GLUON:
                 left, right = value.reshape([ROWS, 2, BLOCK_N // 2]).permute(0, 2, 1).split()
                 _store(out_desc, out_smem, left, start, col)
                 _store(out_desc, out_smem, right, start, col + BLOCK_N // 2)
-        if TAIL_PART:  # the third slab's column half, through the same buffer
-            tail_smem = _view_as(out_smem, tail_desc)
-            if GATE_UP:
-                _store(tail_desc, tail_smem, _silu(acc_tg) * acc_tu, tail_start, col + HALF * QUARTER)
-            else:
-                _store(tail_desc, tail_smem, acc_t * weight_t[:, None], tail_start,
-                       col + HALF * (WIDTH // 2))
         if TIMELINE:
             gl.store(record + 4, _clock())
         return step
@@ -503,9 +422,9 @@ if HAVE_GLUON:
     def grouped_gemm_kernel(a_desc, b_desc, b_half_desc, out_desc, out_half_desc, sorted_ptr,
                             weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
                             n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset, tile_counter_ptr,
-                            x_ptr, top_k, timeline_ptr, a_half_desc, GATE_UP: gl.constexpr,
+                            x_ptr, top_k, timeline_ptr, GATE_UP: gl.constexpr,
                             STAGES: gl.constexpr, DYNAMIC: gl.constexpr, GATHER: gl.constexpr,
-                            TIMELINE: gl.constexpr = False, TAIL: gl.constexpr = False):
+                            TIMELINE: gl.constexpr = False):
         """GATE_UP: out = h [max_padded, F] (expert order) = silu(A @ w1^T) * (A @ w3^T), with A
         the gathered token rows and b_desc over w_gate_up [E * 2F, H] (up rows at +up_offset).
         Otherwise: out = y [max_padded, H] (expert order) = routing weight * (h @ w2^T), b_desc
@@ -518,10 +437,7 @@ if HAVE_GLUON:
         gives the stages' box and layout) and a producer of GATHER warps copies each block's rows
         of the sorted pairs' tokens (pair // top_k) itself. TIMELINE: each partition records its
         tiles' times into timeline_ptr (int64, TIMELINE_TILES records of FIELDS a partition and
-        program; otherwise it is never read). TAIL: blocks of up to 3 x 64 rows (align's pad_m 64,
-        block_m 192): a block's third slab of 64 rows (a_half_desc's box, its own stage buffer) runs
-        beside the first two, each warpgroup taking half its columns, so the weight tile is read
-        once for 1.5 blocks' MMAs (NOTES.md v42); otherwise a_half_desc is never read."""
+        program; otherwise it is never read)."""
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         WIDTH: gl.constexpr = 2 * BLOCK_N if GATE_UP else BLOCK_N
@@ -530,11 +446,6 @@ if HAVE_GLUON:
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, WIDTH, BLOCK_K], b_desc.layout)
         out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape,
                                              out_desc.layout)
-        if TAIL:
-            t_bufs = gl.allocate_shared_memory(a_half_desc.dtype, [STAGES] + a_half_desc.block_type.shape,
-                                               a_half_desc.layout)
-        else:
-            t_bufs = a_bufs
         # GATHER (> 0): a producer of that many warps, which arrives on a stage once for its TMA
         # copies and once a thread for its row copies
         PRODUCER_WARPS: gl.constexpr = GATHER if GATHER else 1
@@ -542,10 +453,10 @@ if HAVE_GLUON:
         p = (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, a_bufs, b_bufs, out_bufs, ready,
              empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
              n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset, tile_ids, tile_full, tile_empty,
-             tile_counter_ptr, x_ptr, top_k, timeline_ptr, a_half_desc, t_bufs)
-        gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC, GATHER, TIMELINE, TAIL)),
-                            (_consumer, (p, GATE_UP, 1, DYNAMIC, GATHER, TIMELINE, TAIL)),
-                            (_producer, (p, GATE_UP, DYNAMIC, GATHER, TIMELINE, TAIL))],
+             tile_counter_ptr, x_ptr, top_k, timeline_ptr)
+        gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC, GATHER, TIMELINE)),
+                            (_consumer, (p, GATE_UP, 1, DYNAMIC, GATHER, TIMELINE)),
+                            (_producer, (p, GATE_UP, DYNAMIC, GATHER, TIMELINE))],
                            [4, PRODUCER_WARPS], [232, 80 if GATHER else 24])
 
 
@@ -567,25 +478,23 @@ def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: i
     gate/up); one program per SM. With top_k, a is x [T, K] in token order instead and the
     producer gathers each block's rows itself (gate/up only). With `timeline` (int64, from
     new_timeline), the kernel records its tiles' times into it."""
-    # a warpgroup's 64 rows of a block, two in the stages' box; blocks of 192 rows: a third (TAIL)
-    rows, block_n, block_k = 64, tile["block_n"], tile["block_k"]
+    block_m, block_n, block_k = routing.block_m, tile["block_n"], tile["block_k"]
     n_tiles_n = triton.cdiv(out.shape[1], block_n)
     programs = min(torch.cuda.get_device_properties(a.device).multi_processor_count,
                    routing.max_blocks * n_tiles_n)
     grouped_gemm_kernel[(programs,)](
-        _descriptor(a, [2 * rows, block_k]), _descriptor(w2d, [block_n, block_k]),
-        _descriptor(w2d, [block_n // 2, block_k]), _descriptor(out, [rows, min(block_n, 128)]),
-        _descriptor(out, [rows, block_n // 2]), routing.sorted_pair_ids,
+        _descriptor(a, [block_m, block_k]), _descriptor(w2d, [block_n, block_k]),
+        _descriptor(w2d, [block_n // 2, block_k]), _descriptor(out, [block_m // 2, min(block_n, 128)]),
+        _descriptor(out, [block_m // 2, block_n // 2]), routing.sorted_pair_ids,
         routing.sorted_pair_ids if weights is None else weights,  # gate/up never reads it
         routing.block_expert, routing.block_start, routing.n_blocks, n_tiles_n,
         tile.get("group_m", 8), a.shape[1], routing.n_pairs, b_rows, up_offset,
         torch.zeros(1, dtype=torch.int32, device=a.device),  # the tile counter (a memset)
         a, top_k or 1,  # GATHER's x and k (its descriptor above only gives the stages' layout)
         routing.n_blocks if timeline is None else timeline,  # (never read without TIMELINE)
-        _descriptor(a, [rows, block_k]),  # a block's third slab (TAIL; else never read)
         GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=tile.get("dynamic", True),
         GATHER=0 if top_k is None else tile["gather"], TIMELINE=timeline is not None,
-        TAIL=routing.block_m == 3 * rows, num_warps=4, maxnreg=MAX_REGISTERS)
+        num_warps=4, maxnreg=MAX_REGISTERS)
 
 
 def new_timeline(device) -> torch.Tensor:
@@ -602,21 +511,9 @@ def new_timeline(device) -> torch.Tensor:
 
 def check_config(config: dict, x: torch.Tensor) -> None:
     """A wgmma config's constraints, as errors naming the field."""
-    if config["block_m"] not in (128, 192):
+    if config["block_m"] != 128:
         raise ValueError(f"config field 'block_m' must be 128 on the 'wgmma' path (a warpgroup's "
-                         f"64 rows each for two) or 192 (a third slab of 64 rows, half its columns "
-                         f"each), got {config['block_m']}")
-    if config["block_m"] == 192:
-        for gemm in ("gate_up", "down"):  # the third slab's stage buffers: 3 x 56 KB and the epilogue's
-            if config[gemm]["num_stages"] > 3:
-                raise ValueError(f"config field '{gemm}.num_stages' must be at most 3 with block_m 192 "
-                                 f"(the stages' shared memory), got {config[gemm]['num_stages']}")
-        if config.get("half_tail"):
-            raise ValueError("config field 'half_tail': with block_m 192 an expert's rows are split "
-                             "into blocks of 64-192 rows (align's pad_m 64), no half tail")
-        if config["gate_up"].get("gather", 0):  # its pointers to the third slab's rows: 248 bytes
-            raise ValueError("config field 'gate_up.gather' is not offered with block_m 192 (the "
-                             "gathering producer spills its registers there)")
+                         f"64 rows each for two), got {config['block_m']}")
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"the 'wgmma' path takes bf16 or fp16 x, got {x.dtype}")
     for gemm in ("gate_up", "down"):
