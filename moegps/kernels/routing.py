@@ -25,8 +25,9 @@ All sizes are the worst case (n_pairs + E * (BLOCK_M - 1)), so nothing is read b
 the kernels read `n_blocks` and skip blocks past it. Up to a few thousand pairs, one program per
 expert reads the ids twice (a histogram, which gives every expert's padded offset, then its own
 rows in order): a single launch instead of the dozen small torch ops (sort, bincount, cumsum, ...)
-an eager version takes. Beyond that, three launches over 1024-pair chunks, each chunk sorting
-its pairs in registers, whose cost stays flat (14-20 us on an H100 up to 98k pairs). vLLM's
+an eager version takes. Beyond that, two launches over 1024-pair chunks, each chunk sorting
+its pairs in registers, whose cost stays about flat (12.6-19.1 us on an H200 from 1k to 131k pairs,
+CUDA graphs, L2 flushed; NOTES.md session 20). vLLM's
 `moe_align_block_size` does the same job in its own CUDA kernel.
 """
 
@@ -179,51 +180,49 @@ def _chunk_hist_kernel(ids_ptr, chunk_counts_ptr, n_pairs, E_POW2: tl.constexpr,
     tl.store(chunk_counts_ptr + chunk * E_POW2 + bins, counts)
 
 
-@triton.jit(do_not_specialize=["n_pairs", "n_chunks"])
-def _chunk_offsets_kernel(
-    chunk_counts_ptr, delta_ptr, sorted_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
-    n_padded_ptr, n_pairs, n_chunks,
-    E_POW2: tl.constexpr, CHUNKS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, PAD_M: tl.constexpr,
-    EVEN: tl.constexpr, PDL: tl.constexpr = False,
+@triton.jit(do_not_specialize=["n_pairs", "n_chunks", "n_experts"])
+def _chunk_place_kernel(
+    ids_ptr, chunk_counts_ptr, delta_ptr, sorted_ptr, block_expert_ptr, block_start_ptr,
+    n_blocks_ptr, n_padded_ptr, pair_slot_ptr, n_pairs, n_chunks, n_experts,
+    E_POW2: tl.constexpr, CHUNKS_POW2: tl.constexpr, SCAN: tl.constexpr, BLOCK_M: tl.constexpr,
+    PAD_M: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr = False,
 ):
-    """Program e, from the per-chunk counts [n_chunks, E_POW2]: expert e's padding rows and
-    blocks, and its column of delta [n_chunks, E_POW2], where the i-th pair of chunk c in
-    (expert, pair) order, when it belongs to e, goes to sorted row delta[c, e] + i:
-        e's first row + e's pairs in chunks before c - the chunk's pairs of experts before e."""
+    """From the per-chunk counts [n_chunks, E_POW2] (every program reads them all: a few KB in
+    L2), program p writes expert p's padding rows and blocks (p < n_experts) and places chunk p's
+    pairs (p < n_chunks): it sorts them by (expert, pair) in registers (one bitonic sort of SCAN
+    keys, instead of a scan per expert) and writes the i-th pair of expert e to sorted row
+        delta[e] + i = e's first row + e's pairs in earlier chunks - the chunk's pairs of smaller experts.
+    Each program works out every expert's layout itself, so no launch between the counts and the
+    placing (three launches before: the offsets had one of their own)."""
     wait_for_predecessor(PDL)
-    expert = tl.program_id(0)
+    program = tl.program_id(0)
     rows = tl.arange(0, CHUNKS_POW2)[:, None]
-    bins = tl.arange(0, E_POW2)[None, :]
-    counts = tl.load(chunk_counts_ptr + rows * E_POW2 + bins, mask=rows < n_chunks, other=0)
+    bins = tl.arange(0, E_POW2)
+    counts = tl.load(chunk_counts_ptr + rows * E_POW2 + bins[None, :], mask=rows < n_chunks, other=0)
     start, count, padded, blocks, first_block, all_padded, all_blocks = _expert_layout(
-        tl.sum(counts, 0), expert, BLOCK_M, PAD_M)
-    mine = (rows < n_chunks) & (bins == expert)
-    before = tl.cumsum(counts, 0) - counts  # e's pairs in earlier chunks
-    in_chunk = tl.cumsum(counts, 1) - counts  # the chunk's pairs of smaller expert ids
-    tl.store(delta_ptr + rows * E_POW2 + bins, start + before - in_chunk, mask=mine)
-    if expert == 0:
+        tl.sum(counts, 0), program, BLOCK_M, PAD_M)
+    if program == 0:
         _store_totals(block_start_ptr, n_blocks_ptr, n_padded_ptr, all_padded, all_blocks)
-    _write_expert_blocks(sorted_ptr, block_expert_ptr, block_start_ptr, expert, start, count,
-                         padded, blocks, first_block, n_pairs, BLOCK_M, PAD_M, EVEN)
-
-
-@triton.jit(do_not_specialize=["n_pairs"])
-def _chunk_place_kernel(ids_ptr, delta_ptr, sorted_ptr, pair_slot_ptr, n_pairs,
-                        E_POW2: tl.constexpr, SCAN: tl.constexpr, PDL: tl.constexpr = False):
-    """Chunk c sorts its pairs by (expert, pair) in registers (one bitonic sort of SCAN keys,
-    instead of a scan per expert) and writes each to sorted row delta[c, expert] + its rank."""
-    wait_for_predecessor(PDL)
-    chunk = tl.program_id(0)
-    lane = tl.arange(0, SCAN)
-    offs = chunk * SCAN + lane
-    ids = tl.load(ids_ptr + offs, mask=offs < n_pairs, other=E_POW2).to(tl.int32)  # last
-    key = tl.sort(ids * SCAN + lane)
-    expert = key // SCAN
-    pair = chunk * SCAN + key % SCAN
-    real = expert < E_POW2
-    slot = tl.load(delta_ptr + chunk * E_POW2 + expert, mask=real, other=0) + lane
-    tl.store(sorted_ptr + slot, pair, mask=real)
-    tl.store(pair_slot_ptr + pair, slot, mask=real)
+    if program < n_experts:
+        _write_expert_blocks(sorted_ptr, block_expert_ptr, block_start_ptr, program, start, count,
+                             padded, blocks, first_block, n_pairs, BLOCK_M, PAD_M, EVEN)
+    if program < n_chunks:
+        starts = tl.cumsum(all_padded, 0) - all_padded  # every expert's first sorted row
+        before = tl.sum(tl.where(rows < program, counts, 0), 0)  # its pairs in earlier chunks
+        mine = tl.sum(tl.where(rows == program, counts, 0), 0)
+        # (through memory: a register tensor cannot be indexed by each pair's expert)
+        tl.store(delta_ptr + program * E_POW2 + bins, starts + before - (tl.cumsum(mine, 0) - mine))
+        tl.debug_barrier()
+        lane = tl.arange(0, SCAN)
+        offs = program * SCAN + lane
+        ids = tl.load(ids_ptr + offs, mask=offs < n_pairs, other=E_POW2).to(tl.int32)  # last
+        key = tl.sort(ids * SCAN + lane)
+        expert = key // SCAN
+        pair = program * SCAN + key % SCAN
+        real = expert < E_POW2
+        slot = tl.load(delta_ptr + program * E_POW2 + expert, mask=real, other=0) + lane
+        tl.store(sorted_ptr + slot, pair, mask=real)
+        tl.store(pair_slot_ptr + pair, slot, mask=real)
 
 
 def align(topk_ids: torch.Tensor, n_experts: int, block_m: int, scan: int = SCAN,
@@ -236,9 +235,10 @@ def align(topk_ids: torch.Tensor, n_experts: int, block_m: int, scan: int = SCAN
 
     Returns a RoutingMeta (see the module docstring) on topk_ids' device; no host sync.
     method "one": one launch, one program per expert walking all ids (cheapest for a few `scan`
-    chunks of pairs). "chunked": three launches over chunks of `scan` pairs (per-chunk
-    histograms; per-expert offsets, padding and blocks; each chunk sorts and places its pairs),
-    whose cost stays about flat as the batch grows. None: by the number of chunks.
+    chunks of pairs). "chunked": two launches over chunks of `scan` pairs (per-chunk
+    histograms; then each program works out every expert's offsets from them, writes one
+    expert's padding and blocks and sorts and places one chunk's pairs), whose cost stays about
+    flat as the batch grows. None: by the number of chunks.
     """
     if half_tail and (block_m < 32 or block_m & (block_m - 1)):
         raise ValueError(f"half_tail needs block_m a power of two >= 32 (half blocks of >= 16 "
@@ -280,12 +280,10 @@ def align(topk_ids: torch.Tensor, n_experts: int, block_m: int, scan: int = SCAN
         delta = torch.empty(n_chunks, e_pow2, dtype=torch.int32, device=device)
         _chunk_hist_kernel[(n_chunks,)](ids, chunk_counts, n_pairs, E_POW2=e_pow2, SCAN=scan,
                                         num_warps=4, **pdl)
-        _chunk_offsets_kernel[(n_experts,)](
-            chunk_counts, delta, *outputs[:5], n_pairs, n_chunks, E_POW2=e_pow2,
-            CHUNKS_POW2=triton.next_power_of_2(n_chunks), BLOCK_M=block_m, PAD_M=pad_m,
-            EVEN=even, num_warps=8, **pdl)
-        _chunk_place_kernel[(n_chunks,)](ids, delta, sorted_pair_ids, pair_slot, n_pairs,
-                                         E_POW2=e_pow2, SCAN=scan, num_warps=8, **pdl)
+        _chunk_place_kernel[(max(n_chunks, n_experts),)](
+            ids, chunk_counts, delta, *outputs[:5], pair_slot, n_pairs, n_chunks, n_experts,
+            E_POW2=e_pow2, CHUNKS_POW2=triton.next_power_of_2(n_chunks), SCAN=scan,
+            BLOCK_M=block_m, PAD_M=pad_m, EVEN=even, num_warps=8, **pdl)
     else:
         raise ValueError(f"align method must be 'one', 'chunked' or None, got {method!r}")
     return RoutingMeta(*outputs, block_m, n_pairs, half_tail)
