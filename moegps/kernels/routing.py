@@ -44,7 +44,8 @@ from .pdl import launch_flags, wait_for_predecessor
 SCAN = 1024  # ids read per loop step
 # align's one-launch method up to this many SCAN chunks of pairs, the chunked launches above:
 # measured on an H100 (NOTES.md v11; `bench --align`), one launch 5.8-7.6 us at 1 chunk, 10.9 at
-# 3, 12.2 at 4, 26 at 12; the chunked launches 14-20 us at any size up to 96 chunks.
+# 3, 12.2 at 4, 26 at 12; the chunked launches 14-20 us at any size up to 96 chunks (on an H200, two of
+# them: 12.6-19.1 us up to 128 chunks, the one launch 6.3-12.7 us up to 4; NOTES.md session 20).
 ONE_LAUNCH_CHUNKS = 4
 
 
