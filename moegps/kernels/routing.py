@@ -192,7 +192,8 @@ def _chunk_place_kernel(
     L2), program p writes expert p's padding rows and blocks (p < n_experts) and places chunk p's
     pairs (p < n_chunks): it sorts them by (expert, pair) in registers (one bitonic sort of SCAN
     keys, instead of a scan per expert) and writes the i-th pair of expert e to sorted row
-        delta[e] + i = e's first row + e's pairs in earlier chunks - the chunk's pairs of smaller experts.
+    delta[p, e] + i, where delta (scratch, [n_chunks, E_POW2], row p its own) is
+        e's first row + e's pairs in earlier chunks - the chunk's pairs of smaller experts.
     Each program works out every expert's layout itself, so no launch between the counts and the
     placing (three launches before: the offsets had one of their own)."""
     wait_for_predecessor(PDL)
