@@ -1,4 +1,4 @@
-"""A/B of the routing metadata (routing.align) against a baseline copy of routing.py, in the same rounds.
+r"""A/B of the routing metadata (routing.align) against a baseline copy of routing.py, in the same rounds.
 
     git show <rev>:moegps/kernels/routing.py | sed 's/^from \.pdl/from moegps.kernels.pdl/' > /tmp/routing_base.py
     python benchmarks/kernels/ab_align.py --baseline /tmp/routing_base.py \
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 
 import torch
 
@@ -25,6 +26,7 @@ from moegps.kernels.tune import expert_dims, shared_columns
 def load(path: str):
     spec = importlib.util.spec_from_file_location("routing_baseline", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (its dataclass looks its module up there)
     spec.loader.exec_module(module)
     return module
 
