@@ -211,10 +211,10 @@ if HAVE_GLUON:
             _publish(s[12], s[13], s[14], i, tile)
         while tile < n_tiles:
             if FUSED:  # (as in _consumer, a branch for each)
-                if tile >= n_first:  # once h of its block is in: every gate/up tile's two stores
+                if tile >= n_first:  # once h of its block is in: every gate/up tile's stores
+                    # (the producer counts each gate/up tile's two stores once: first[5] a block)
                     step, tile, hand = _produce_tile(second, s, tile, n_first, step, i, False, DYNAMIC,
-                                                     0, GATHER, TIMELINE, 2 * first[5], first, hand,
-                                                     True)
+                                                     0, GATHER, TIMELINE, first[5], first, hand, True)
                 else:
                     step, tile, hand = _produce_tile(first, s, tile, 0, step, i, GATE_UP, DYNAMIC,
                                                      GATHER, GATHER, TIMELINE, 0, first, hand, True)
@@ -606,7 +606,7 @@ if HAVE_GLUON:
         FUSED (with GATE_UP and DYNAMIC): both GEMMs in one launch, the down GEMM's (the *2
         arguments, over h = out and y) tiles numbered after the gate/up GEMM's; tile_counter_ptr
         is then int32 [1 + max_blocks], zeros: the tile counter, then each block's count of h
-        stores (two a gate/up tile), which its down tiles wait for. The stages are shared: the down
+        stores (one count a gate/up tile, by the producer), which its down tiles wait for. The stages are shared: the down
         GEMM's boxes must be the gate/up GEMM's (launch_moe checks). Otherwise the *2 arguments
         are never read."""
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
