@@ -240,7 +240,6 @@ if HAVE_GLUON:
          k_dim, n_pairs, w_rows, up_offset, tile_ids, tile_full, tile_empty, tile_counter_ptr) = p
         n_tiles = gl.load(n_blocks_ptr) * n_tiles_m
         TAIL_64: gl.constexpr = BLOCK_M > 160  # (128, 64) parts: blocks of more than 160 rows
-        out_smem = out_bufs.index(HALF)  # (packed: unused, _tile_mma picks its own)
         step = 0
         i = 0
         tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
@@ -248,7 +247,7 @@ if HAVE_GLUON:
             block, tile_m, start, n_rows = _block(tile, n_blocks_ptr, n_tiles_m, group, block_start_ptr)
             # output columns of this warpgroup's slices: gate/up 64 h columns, down 2 x 64 y columns
             col = tile_m * 128 + HALF * 64 if GATE_UP else tile_m * 256 + HALF * 128
-            a = (w_bufs, t_bufs, t_tail_bufs, out_descs, out_smem, ready, empty, sorted_ptr,
+            a = (w_bufs, t_bufs, t_tail_bufs, out_descs, out_bufs, ready, empty, sorted_ptr,
                  weights_ptr, k_dim, n_pairs, step, start, col)
             if n_rows > 160:
                 if TAIL_64:
@@ -310,12 +309,13 @@ if HAVE_GLUON:
                              [acc0, acc1, w, tokens], (acc0.type, acc1.type), is_pure=False)
 
     @gluon.jit
-    def _tile_mma(w_bufs, t_bufs, t_tail_bufs, out_descs, out_smem, ready, empty, sorted_ptr,
+    def _tile_mma(w_bufs, t_bufs, t_tail_bufs, out_descs, out_bufs, ready, empty, sorted_ptr,
                   weights_ptr, k_dim, n_pairs, step, start, col, GATE_UP: gl.constexpr,
                   HALF: gl.constexpr, N0: gl.constexpr, N1: gl.constexpr, ONE: gl.constexpr):
         """A warpgroup's two weight slices (a, b) against the block's token rows in a part of N0
         (the 128-row buffer's first N0) and one of N1 (the tail buffer's first N1; none where 0):
-        up to four accumulators, then the epilogue. Returns the step count."""
+        up to four accumulators, then the epilogue, through the warpgroup's buffer of out_bufs (or,
+        packed, its weight slices of the last stage). Returns the step count."""
         STAGES: gl.constexpr = w_bufs[0].shape[0]
         BLOCK_K: gl.constexpr = w_bufs[0].shape[2]
         PACKED: gl.constexpr = len(w_bufs) > 1
@@ -372,7 +372,7 @@ if HAVE_GLUON:
                 out_smem = (_w_slice(w_bufs, last, 2), _w_slice(w_bufs, last, 3))
         else:
             mbarrier.arrive(empty.index(last))
-            out_smem = (out_smem,)
+            out_smem = (out_bufs.index(HALF),)
 
         _epilogue(acc_a0, acc_b0, out_descs, out_smem, sorted_ptr, weights_ptr, n_pairs, start,
                   col, GATE_UP)
