@@ -13,8 +13,6 @@ block tables, the inverse map). One NVIDIA GPU.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 
 import torch
 
@@ -22,13 +20,7 @@ from moegps.kernels import routing, timing
 from moegps.kernels.timing import make_routing, time_many
 from moegps.kernels.tune import expert_dims, shared_columns
 
-
-def load(path: str):
-    spec = importlib.util.spec_from_file_location("routing_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # (its dataclass looks its module up there)
-    spec.loader.exec_module(module)
-    return module
+from ab_wgmma import load  # (this script's folder is on the path when it runs)
 
 
 def same(a, b) -> bool:
@@ -49,7 +41,7 @@ def main(argv=None):
     parser.add_argument("--method", default="chunked", choices=["one", "chunked"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    base = load(args.baseline)
+    base = load(args.baseline, "routing_baseline")
     timing.FLUSH = "clean"
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     for name in args.shapes:

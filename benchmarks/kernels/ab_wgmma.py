@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 
 import torch
 
@@ -31,9 +32,12 @@ HT = {"path": "wgmma", "block_m": 128, "half_tail": True,
       "down": {"block_n": 256, "block_k": 64, "num_stages": 4, "group_m": 8}}
 
 
-def load(path: str):
-    spec = importlib.util.spec_from_file_location("wgmma_baseline", path)
+def load(path: str, name: str = "wgmma_baseline"):
+    """A baseline copy of a module, from its file, as module `name` (registered before it runs:
+    a dataclass looks its module up in sys.modules). benchmarks/kernels/ab_align.py loads with it too."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
