@@ -116,12 +116,13 @@ def _store_totals(block_start_ptr, n_blocks_ptr, n_padded_ptr, padded, blocks):
 @triton.jit
 def _expert_layout(counts, expert, BLOCK_M: tl.constexpr, PAD_M: tl.constexpr):
     """From every expert's count ([E_POW2]): this expert's first sorted row, count, padded rows,
-    blocks and first block, and the [E_POW2] padded rows and blocks of all (for the totals)."""
+    blocks and first block, and the [E_POW2] padded rows and blocks of all (for the totals) and
+    first sorted rows of all."""
     padded, starts, blocks, first_blocks = _padded_layout(counts, BLOCK_M, PAD_M)
     mine = tl.arange(0, counts.shape[0]) == expert
     return (tl.sum(tl.where(mine, starts, 0), 0), tl.sum(tl.where(mine, counts, 0), 0),
             tl.sum(tl.where(mine, padded, 0), 0), tl.sum(tl.where(mine, blocks, 0), 0),
-            tl.sum(tl.where(mine, first_blocks, 0), 0), padded, blocks)
+            tl.sum(tl.where(mine, first_blocks, 0), 0), padded, blocks, starts)
 
 
 @triton.jit
@@ -156,7 +157,7 @@ def _align_kernel(
     # Pass 1: every program counts all experts (the ids are tiny and sit in L2), so that each
     # knows its own padded offset without a second launch.
     counts = expert_counts(ids_ptr, n_pairs, E_POW2, SCAN)
-    start, count, padded, blocks, first_block, all_padded, all_blocks = _expert_layout(
+    start, count, padded, blocks, first_block, all_padded, all_blocks, _ = _expert_layout(
         counts, expert, BLOCK_M, PAD_M)
     if expert == 0:
         _store_totals(block_start_ptr, n_blocks_ptr, n_padded_ptr, all_padded, all_blocks)
@@ -201,7 +202,7 @@ def _chunk_place_kernel(
     rows = tl.arange(0, CHUNKS_POW2)[:, None]
     bins = tl.arange(0, E_POW2)
     counts = tl.load(chunk_counts_ptr + rows * E_POW2 + bins[None, :], mask=rows < n_chunks, other=0)
-    start, count, padded, blocks, first_block, all_padded, all_blocks = _expert_layout(
+    start, count, padded, blocks, first_block, all_padded, all_blocks, starts = _expert_layout(
         tl.sum(counts, 0), program, BLOCK_M, PAD_M)
     if program == 0:
         _store_totals(block_start_ptr, n_blocks_ptr, n_padded_ptr, all_padded, all_blocks)
@@ -209,10 +210,10 @@ def _chunk_place_kernel(
         _write_expert_blocks(sorted_ptr, block_expert_ptr, block_start_ptr, program, start, count,
                              padded, blocks, first_block, n_pairs, BLOCK_M, PAD_M, EVEN)
     if program < n_chunks:
-        starts = tl.cumsum(all_padded, 0) - all_padded  # every expert's first sorted row
         before = tl.sum(tl.where(rows < program, counts, 0), 0)  # its pairs in earlier chunks
         mine = tl.sum(tl.where(rows == program, counts, 0), 0)
-        # (through memory: a register tensor cannot be indexed by each pair's expert)
+        # e's first sorted row + its pairs in earlier chunks - this chunk's pairs of smaller experts,
+        # through memory: a register tensor cannot be indexed by each pair's expert
         tl.store(delta_ptr + program * E_POW2 + bins, starts + before - (tl.cumsum(mine, 0) - mine))
         tl.debug_barrier()
         lane = tl.arange(0, SCAN)
