@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from moegps.kernels.bench import ceiling_runs, rates  # noqa: E402
-from moegps.kernels.tune import expert_dims  # noqa: E402
-from moegps.kernels.timing import gpu_clocks, time_many  # noqa: E402
+from moegps.kernels.bench import ceiling_runs, rates
+from moegps.kernels.tune import expert_dims
+from moegps.kernels.timing import gpu_clocks, time_many
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
