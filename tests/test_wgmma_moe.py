@@ -57,10 +57,23 @@ def test_wgmma_path_off_hopper_is_a_clear_error():
     ({"gate_up": {"block_n": 128, "block_k": 64, "num_stages": 4, "gather": 3}}, "gate_up.gather"),
     ({"gate_up": {"block_n": 128, "block_k": 64, "num_stages": 4, "gather": 1}}, "gate_up.gather"),
     ({"down": {"block_n": 256, "block_k": 64, "num_stages": 4, "gather": 4}}, "down.gather"),
+    # one launch: the GEMMs share their stages (the down tile twice the gate/up tile's columns, which
+    # it stacks gate over up) and the tile order, and a down tile may wait (dynamic tiles only)
+    ({"one_launch": True, "down": {"block_n": 128, "block_k": 64, "num_stages": 4}}, "down.block_n"),
+    ({"one_launch": True, "down": {"block_n": 256, "block_k": 32, "num_stages": 4}}, "down.block_k"),
+    ({"one_launch": True, "down": {"block_n": 256, "block_k": 64, "num_stages": 3}}, "down.num_stages"),
+    ({"one_launch": True, "down": {"block_n": 256, "block_k": 64, "num_stages": 4, "group_m": 16}},
+     "down.group_m"),
+    ({"one_launch": True, "down": {"block_n": 256, "block_k": 64, "num_stages": 4, "dynamic": False}},
+     "dynamic"),
 ])
 def test_check_config_names_the_field(change, field):
     with pytest.raises(ValueError, match=field):
         wgmma_moe.check_config(_config(**change), torch.randn(3, 64, dtype=torch.bfloat16))
+
+
+def test_check_config_takes_one_launch_of_matching_tiles():
+    wgmma_moe.check_config(_config(one_launch=True), torch.randn(3, 64, dtype=torch.bfloat16))
 
 
 # Compiled in a fresh interpreter (conftest.py's compiling_python): the scripts' common head, then
@@ -81,19 +94,22 @@ def desc(block):
 """
 
 COMPILE = COMPILE_HEAD + r"""
-gate_up, block_n, dynamic, gather, timeline = json.loads(sys.argv[1])
-signature = {"a_desc": desc([128, 64]), "b_desc": desc([block_n, 64]), "b_half_desc": desc([block_n // 2, 64]),
-             "out_desc": desc([64, 128]), "out_half_desc": desc([64, block_n // 2]),
-             "sorted_ptr": "*i32", "weights_ptr": "*fp32",
+gate_up, block_n, dynamic, gather, timeline, fused = json.loads(sys.argv[1])
+def gemm(suffix, block_n):  # one GEMM's descriptors and sizes (fused: the down GEMM's are the second)
+    return {f"a{suffix}_desc": desc([128, 64]), f"b{suffix}_desc": desc([block_n, 64]),
+            f"b{suffix}_half_desc": desc([block_n // 2, 64]), f"out{suffix}_desc": desc([64, 128]),
+            f"out{suffix}_half_desc": desc([64, block_n // 2])}
+signature = {**gemm("", block_n), "sorted_ptr": "*i32", "weights_ptr": "*fp32",
              "block_expert_ptr": "*i32", "block_start_ptr": "*i32", "n_blocks_ptr": "*i32",
              **{name: "i32" for name in ("n_tiles_n", "group", "k_dim", "n_pairs", "b_rows", "up_offset")},
              "tile_counter_ptr": "*i32", "x_ptr": "*bf16", "top_k": "i32", "timeline_ptr": "*i64",
+             **gemm("2", 2 * block_n), **{name: "i32" for name in ("n_tiles_n2", "k_dim2", "b_rows2")},
              "GATE_UP": "constexpr", "STAGES": "constexpr", "DYNAMIC": "constexpr", "GATHER": "constexpr",
-             "TIMELINE": "constexpr"}
+             "TIMELINE": "constexpr", "FUSED": "constexpr"}
 # x_ptr 16-byte aligned, as Triton's launcher specialises an aligned pointer (the gather's cp.async)
 source = GluonASTSource(wgmma_moe.grouped_gemm_kernel, signature=signature,
                         constexprs={"GATE_UP": gate_up, "STAGES": 4, "DYNAMIC": dynamic, "GATHER": gather,
-                                    "TIMELINE": timeline},
+                                    "TIMELINE": timeline, "FUSED": fused},
                         attrs={(list(signature).index("x_ptr"),): [["tt.divisibility", 16]]})
 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": wgmma_moe.MAX_REGISTERS})
 ptx = compiled.asm["ptx"]
@@ -101,7 +117,9 @@ print(json.dumps({"wgmma": "wgmma.mma_async" in ptx, "setmaxnreg": "setmaxnreg" 
                   "tanh": "tanh.approx.f32" in ptx, "ex2": "ex2.approx" in ptx,
                   "cp_async": len(re.findall(r"cp\.async\.c[ag]\.shared", ptx)),
                   "cp_async_arrive": len(re.findall(r"cp\.async\.mbarrier\.arrive\.noinc", ptx)),
-                  "atomics": len(re.findall(r"atom\.global[.\w]*\.add", ptx)),
+                  "atomics": len(re.findall(r"atom\.global\.gpu\.acq_rel\.add", ptx)),
+                  "counts": len(re.findall(r"(?:red|atom)\.global\.gpu\.release\.add", ptx)),
+                  "count_waits": len(re.findall(r"ld\.global\.acquire\.gpu", ptx)),
                   "clocks": len(re.findall(r"%clock64", ptx)),
                   "barrier_counts": sorted({int(c) for c in re.findall(r"mbarrier\.init\.shared[:\w.]*\s+\[[^]]+\],\s*(\d+)", ptx)}),
                   "shared": compiled.metadata.shared, "warps": compiled.metadata.num_warps,
@@ -109,10 +127,12 @@ print(json.dumps({"wgmma": "wgmma.mma_async" in ptx, "setmaxnreg": "setmaxnreg" 
 """
 
 
-@pytest.mark.parametrize("gate_up, block_n, dynamic, gather, timeline", [
-    (True, 128, True, 0, False), (False, 256, True, 0, False), (True, 128, False, 0, False),
-    (True, 128, True, 4, False), (True, 128, True, 2, False), (True, 128, True, 4, True), (False, 256, True, 0, True)])
-def test_kernels_compile_for_hopper_without_spills(gate_up, block_n, dynamic, gather, timeline, compiling_python):
+@pytest.mark.parametrize("gate_up, block_n, dynamic, gather, timeline, fused", [
+    (True, 128, True, 0, False, False), (False, 256, True, 0, False, False), (True, 128, False, 0, False, False),
+    (True, 128, True, 4, False, False), (True, 128, True, 2, False, False), (True, 128, True, 4, True, False),
+    (False, 256, True, 0, True, False), (True, 128, True, 4, False, True), (True, 128, True, 0, False, True)])
+def test_kernels_compile_for_hopper_without_spills(gate_up, block_n, dynamic, gather, timeline, fused,
+                                                   compiling_python):
     """The device code compiled for sm_90 here, with no GPU (Triton ships ptxas): it must build
     with this Triton's Gluon, keep its accumulators in registers (no local memory) and fit the
     227 KB of shared memory an H100/H200 block may use. With dynamic tiles, the producer's two
@@ -122,13 +142,16 @@ def test_kernels_compile_for_hopper_without_spills(gate_up, block_n, dynamic, ga
     timeline (benchmarks/kernels/timeline.py), the clock is read only then, and still no spills."""
     import json
 
-    result = compiling_python(COMPILE, json.dumps([gate_up, block_n, dynamic, gather, timeline]))
+    result = compiling_python(COMPILE, json.dumps([gate_up, block_n, dynamic, gather, timeline, fused]))
     if "skip" in result:
         pytest.skip(result["skip"])
     assert result["wgmma"] and result["setmaxnreg"]  # tensor cores, register handoff
     # gate/up's SiLU: one tanh.approx an element, no exp (wgmma_moe._silu)
     assert (result["tanh"], result["ex2"]) == (gate_up, False)
-    assert result["atomics"] == (2 if dynamic else 0)
+    # (fused: the claim in the loop over K is compiled once for each GEMM)
+    assert result["atomics"] == ((3 if fused else 2) if dynamic else 0)
+    # fused: h stores counted on their block (release), waited for by the down tiles (acquire)
+    assert (result["counts"] > 0, result["count_waits"] > 0) == (fused, fused)
     assert (result["clocks"] > 0) == timeline
     assert (result["cp_async"] > 0, result["cp_async_arrive"] > 0) == (bool(gather), bool(gather))
     # barriers wait for the producer (1), for both consumer warpgroups (2), or (gather) for the
@@ -136,7 +159,8 @@ def test_kernels_compile_for_hopper_without_spills(gate_up, block_n, dynamic, ga
     assert result["barrier_counts"] == sorted({1, 2, 1 + 32 * gather}), result["barrier_counts"]
     assert result["shared"] <= 227 * 1024
     # launchable: the block's warps (Gluon pads the partitions to whole warpgroups) and no spills
-    assert_unspilled(result["cubin"], result["warps"])
+    # (fused without the gather: 16 bytes of stack for a few scalars, as the swap kernels' prologues)
+    assert_unspilled(result["cubin"], result["warps"], stack_bytes=16 if fused and not gather else 0)
 
 
 def test_get_config_skips_wgmma_entries_where_they_cannot_run(monkeypatch):

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from moegps.kernels import timing
 from moegps.kernels.launch import (combine_atomic, combine_sum, default_config, fused_moe, get_config,
                                    launch_down, launch_gate_up, route, wgmma_down,
-                                   wgmma_gate_up)
+                                   wgmma_gate_up, wgmma_gemms)
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.routing import SCAN, align
 from moegps.kernels.timing import (flush_control, gpu_clocks, make_inputs, make_routing, rel_err,
@@ -110,10 +110,13 @@ def balanced_bmm(w13, w2, n_active: int, rows: int):
 def gemm_parts(x, w13, w2, ids, weights, config: dict) -> dict:
     """{"gate_up": fn, "down": fn}: ours' two GEMM launches each alone, on routing computed once,
     into preallocated buffers (a wgmma config's gate/up includes its gather of rows into expert
-    order). No routing metadata, no k-way combine."""
+    order), or {"gate_up+down": fn} for a wgmma config whose GEMMs are one launch ("one_launch").
+    No routing metadata, no k-way combine."""
     n_tokens, top_k = ids.shape
     flat_ids, gates = ids.reshape(-1), weights.reshape(-1)
     routing = route(flat_ids, w13.shape[0], config)
+    if config["path"] == "wgmma" and config.get("one_launch"):  # both GEMMs are one launch
+        return {"gate_up+down": lambda: wgmma_gemms(x, w13, w2, gates, routing, config, top_k)}
     if config["path"] == "wgmma":
         h = wgmma_gate_up(x, w13, routing, config, top_k)
         return {"gate_up": lambda: wgmma_gate_up(x, w13, routing, config, top_k),
@@ -127,9 +130,9 @@ def gemm_parts(x, w13, w2, ids, weights, config: dict) -> dict:
 
 
 def gemm_launches(x, w13, w2, ids, weights, config: dict):
-    """Ours without the routing metadata and the k-way combine: both of `gemm_parts`' launches."""
+    """Ours without the routing metadata and the k-way combine: all of `gemm_parts`' launches."""
     parts = gemm_parts(x, w13, w2, ids, weights, config)
-    return lambda: (parts["gate_up"](), parts["down"]())
+    return lambda: [run() for run in parts.values()]
 
 
 def ceiling_runs() -> dict:

@@ -299,8 +299,11 @@ def _fused_moe_wgmma(x, w_gate_up, w_down, ids, weights, config, top_k) -> torch
                          "use 'sorted' elsewhere")
     wgmma_kernels(config).check_config(config, x)
     routing = route(ids, w_gate_up.shape[0], config)
-    h = wgmma_gate_up(x, w_gate_up, routing, config, top_k)
-    y = wgmma_down(h, w_down, weights, routing, config)
+    if config.get("one_launch"):
+        y = wgmma_gemms(x, w_gate_up, w_down, weights, routing, config, top_k)
+    else:
+        h = wgmma_gate_up(x, w_gate_up, routing, config, top_k)
+        y = wgmma_down(h, w_down, weights, routing, config)
     return combine_sum(y, top_k, slots=routing.pair_slot)
 
 
@@ -315,6 +318,16 @@ def wgmma_gate_up(x, w_gate_up, routing, config: dict, top_k: int, kernels=wgmma
     if config["gate_up"].get("gather", 0):
         return kernels.launch_gate_up(x.contiguous(), w_gate_up, routing, config, top_k=top_k)
     return kernels.launch_gate_up(gather_rows(x, routing, top_k), w_gate_up, routing, config)
+
+
+def wgmma_gemms(x, w_gate_up, w_down, weights, routing, config: dict, top_k: int) -> torch.Tensor:
+    """y [max_padded, H] in expert order from x [T, H] in one launch (config "one_launch",
+    wgmma_moe.launch_moe), the token rows gathered as in wgmma_gate_up."""
+    if config.get("swap"):
+        raise ValueError("config field 'one_launch' is the wgmma_moe kernels' (no 'swap')")
+    gather = config["gate_up"].get("gather", 0)
+    return wgmma_moe.launch_moe(x.contiguous() if gather else gather_rows(x, routing, top_k),
+                                w_gate_up, w_down, weights, routing, config, top_k if gather else None)
 
 
 def wgmma_kernels(config: dict):

@@ -59,6 +59,7 @@ try:  # Gluon ships with Triton >= 3.4; its Hopper modules are only needed on a 
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     # cp.async (the rows a producer gathers itself): 3.6's async_copy_global_to_shared, later async_load
+    _partition_barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # (3.9's name, 3.6's)
     _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
     # and a shared buffer's reinterpretation _reinterpret (3.9: reinterpret)
     _NEW_REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
@@ -187,16 +188,63 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _producer(p, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr, GATHER: gl.constexpr,
-                  TIMELINE: gl.constexpr):
+                  TIMELINE: gl.constexpr, FUSED: gl.constexpr):
         """One warp (GATHER: that many): copies of every tile's operands into the ring of stages, by
         TMA, or for GATHER the token rows by cp.async, each thread arriving on the stage. DYNAMIC: it
         claims each next tile from the launch's counter and hands it to the consumers, so the
         tiles that run at once are always a window of consecutive ones (they share weight slabs
-        through L2) however much the programs' paces differ (NOTES.md, session 11)."""
-        (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, a_bufs, b_bufs, out_bufs, ready,
-         empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n,
-         group, k_dim, n_pairs, b_rows, up_offset, tile_ids, tile_full, tile_empty,
-         tile_counter_ptr, x_ptr, top_k, timeline_ptr) = p
+        through L2) however much the programs' paces differ (NOTES.md, session 11). FUSED: the
+        tiles past the first GEMM's are the down GEMM's, each started once its block's h is stored."""
+        first, second, s = p
+        tile_counter_ptr = s[15]
+        n_blocks = gl.load(s[9])
+        n_first = n_blocks * first[5]
+        n_tiles = n_first + n_blocks * second[5] if FUSED else n_first
+        step = 0
+        i = 0
+        none = n_blocks * 0 - 1
+        # FUSED: the gate/up tile before's h in the consumers' epilogue buffers, to store (its block,
+        # first row, column, half height: prev_block >= 0), the block whose stores are not yet
+        # counted, and the hand-overs stored so far
+        hand = (none, none, none, none, none, n_blocks * 0)
+        tile = _claim(tile_counter_ptr, i, DYNAMIC)
+        if DYNAMIC:  # (past the last tile: the consumers stop)
+            _publish(s[12], s[13], s[14], i, tile)
+        while tile < n_tiles:
+            if FUSED:  # (as in _consumer, a branch for each)
+                if tile >= n_first:  # once h of its block is in: every gate/up tile's stores
+                    # (the producer counts each gate/up tile's two stores once: first[5] a block)
+                    step, tile, hand = _produce_tile(second, s, tile, n_first, step, i, False, DYNAMIC,
+                                                     0, GATHER, TIMELINE, first[5], first, hand, True)
+                else:
+                    step, tile, hand = _produce_tile(first, s, tile, 0, step, i, GATE_UP, DYNAMIC,
+                                                     GATHER, GATHER, TIMELINE, 0, first, hand, True)
+            else:
+                step, tile, hand = _produce_tile(first, s, tile, 0, step, i, GATE_UP, DYNAMIC, GATHER,
+                                                 GATHER, TIMELINE, 0, first, hand, False)
+            i += 1
+        if FUSED:  # the last gate/up tile's h, if the launch ended on one, and the last count
+            prev_block, prev_row, prev_col, prev_half, pend, n_stored = hand
+            if prev_block >= 0:
+                pend, n_stored = _store_handed(s, first, prev_block, prev_row, prev_col, prev_half,
+                                               pend, n_stored)
+            if pend >= 0:
+                _count_stores(tile_counter_ptr + 1 + pend)
+
+    @gluon.jit
+    def _produce_tile(g, s, tile, tile_base, step, i, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr,
+                      GATHER: gl.constexpr, ROW_ARRIVALS: gl.constexpr, TIMELINE: gl.constexpr,
+                      h_ready, hand_g, hand, FUSED: gl.constexpr):
+        """The producer's copies of one tile (tile - tile_base of GEMM g) into the ring; returns the
+        step count and the next tile, claimed while this one's copies fill the ring. ROW_ARRIVALS:
+        the producer's warps whose every thread arrives on each stage (the kernel's GATHER, whose
+        barriers count them, whether or not this GEMM gathers). h_ready > 0: wait for the block's
+        counter (after the tile counter) to reach it before the first copy."""
+        (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, n_tiles_n, k_dim, b_rows, up_offset) = g
+        (a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
+         block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
+         tile_counter_ptr, x_ptr, top_k, timeline_ptr, out_full, out_free) = s
+        prev_block, prev_row, prev_col, prev_half, pend, n_stored = hand
         STAGES: gl.constexpr = a_bufs.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
@@ -211,91 +259,137 @@ if HAVE_GLUON:
             nbytes: gl.constexpr = A_BYTES + b_desc.block_type.nbytes
         # GATHER: 16-byte pieces of the token rows, 8 rows x 4 pieces a warp
         ROW_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [gl.num_warps(), 1], [1, 0])
-        n_tiles = gl.load(n_blocks_ptr) * n_tiles_n
         # each next tile is claimed and handed over while this one's copies fill the ring, where
         # the producer waits for free stages anyway: at a tile's end neither the claim's round trip
         # nor the consumers' wait for the next tile id stands between two tiles (NOTES.md v36)
         CLAIM_STEP = gl.minimum(STAGES - 1, (k_dim + BLOCK_K - 1) // BLOCK_K - 1)
-        step = 0
-        i = 0
-        tile = _claim(tile_counter_ptr, i, DYNAMIC)
-        if DYNAMIC:  # (past the last tile: the consumers stop)
-            _publish(tile_ids, tile_full, tile_empty, i, tile)
-        while tile < n_tiles:
-            if TIMELINE:  # tile, its start (clock), then below: metadata read, last copy issued, waits
-                record = _record(timeline_ptr, 2, i)
-                gl.store(record, tile.to(gl.int64))
-                gl.store(record + 1, _clock())
-                gl.store(record + 5, _globaltimer())
-                waited = gl.to_tensor(0).to(gl.int64)
-            block, tile_n, row, n_rows = _block(tile, n_blocks_ptr, n_tiles_n, group, block_start_ptr)
-            half_block = n_rows <= ROWS
-            w_row = gl.load(block_expert_ptr + block) * b_rows + tile_n * BLOCK_N
+        if TIMELINE:  # tile, its start (clock), then below: metadata read, last copy issued, waits
+            record = _record(timeline_ptr, 2, i)
+            gl.store(record, tile.to(gl.int64))
+            gl.store(record + 1, _clock())
+            gl.store(record + 5, _globaltimer())
+            waited = gl.to_tensor(0).to(gl.int64)
+        block, tile_n, row, n_rows = _block(tile - tile_base, n_blocks_ptr, n_tiles_n, group,
+                                            block_start_ptr)
+        half_block = n_rows <= ROWS
+        w_row = gl.load(block_expert_ptr + block) * b_rows + tile_n * BLOCK_N
+        if TIMELINE:
+            gl.store(record + 2, _clock())
+        if GATHER:  # the block's token rows of x (padding rows and those past the block: none)
+            r = gl.arange(0, BLOCK_M, gl.SliceLayout(1, ROW_LAYOUT))
+            c = gl.arange(0, BLOCK_K, gl.SliceLayout(0, ROW_LAYOUT))
+            pair = gl.load(sorted_ptr + row + r, mask=r < n_rows, other=-1)
+            keep = (pair >= 0) & (pair < n_pairs)
+            # k_dim (H) is a multiple of 8 (TMA already needs the weights' rows 16-byte aligned),
+            # so every row starts 16-byte aligned: one cp.async per 8 columns
+            start = gl.multiple_of(gl.where(keep, pair // top_k, 0).to(gl.int64) * k_dim, 8)
+            src = x_ptr + start[:, None] + c[None, :]
+        if h_ready > 0:  # (FUSED) the gate/up tiles' stores this producer holds first: none may wait
+            if prev_block >= 0:
+                pend, n_stored = _store_handed(s, hand_g, prev_block, prev_row, prev_col, prev_half,
+                                               pend, n_stored)
+                prev_block = prev_block * 0 - 1
+            if pend >= 0:
+                _count_stores(tile_counter_ptr + 1 + pend)
+                pend = pend * 0 - 1
+            _wait_count(tile_counter_ptr + 1 + block, h_ready)
+        # the consumers' epilogue of the tile before ends about when this tile's first STAGES copies
+        # are in the ring, where the producer waits for a free stage anyway: its h is stored then
+        STORE_STEP = gl.minimum(STAGES, (k_dim + BLOCK_K - 1) // BLOCK_K - 1)
+        next_tile = tile
+        for k in range(0, k_dim, BLOCK_K):
+            stage = step % STAGES
             if TIMELINE:
-                gl.store(record + 2, _clock())
-            if GATHER:  # the block's token rows of x (padding rows and those past the block: none)
-                r = gl.arange(0, BLOCK_M, gl.SliceLayout(1, ROW_LAYOUT))
-                c = gl.arange(0, BLOCK_K, gl.SliceLayout(0, ROW_LAYOUT))
-                pair = gl.load(sorted_ptr + row + r, mask=r < n_rows, other=-1)
-                keep = (pair >= 0) & (pair < n_pairs)
-                # k_dim (H) is a multiple of 8 (TMA already needs the weights' rows 16-byte aligned),
-                # so every row starts 16-byte aligned: one cp.async per 8 columns
-                start = gl.multiple_of(gl.where(keep, pair // top_k, 0).to(gl.int64) * k_dim, 8)
-                src = x_ptr + start[:, None] + c[None, :]
-            next_tile = tile
-            for k in range(0, k_dim, BLOCK_K):
-                stage = step % STAGES
-                if TIMELINE:
-                    before = _clock()
-                # a fresh mbarrier counts as having completed the phase before phase 0
-                mbarrier.wait(empty.index(stage), ((step // STAGES) & 1) ^ 1)
-                if TIMELINE:
-                    waited += _clock() - before
-                bar = ready.index(stage)
-                mbarrier.expect(bar, nbytes)
-                if GATHER:  # each thread's copies arrive on the stage's barrier when they land
-                    _cp_async(a_bufs.index(stage), src + k, mask=keep[:, None])
-                    async_copy.mbarrier_arrive(bar, increment_count=False)
-                else:
-                    _tma_load(a_desc, [row, k], bar, a_bufs.index(stage))
-                if GATE_UP:  # gate rows over up rows, one [2 * BLOCK_N, BLOCK_K] stage buffer
-                    b = b_bufs.index(stage)
-                    if half_block:  # each warpgroup's column half: its gate rows over its up rows
-                        _tma_load(b_half_desc, [w_row, k], bar, b.slice(0, QUARTER))
-                        _tma_load(b_half_desc, [w_row + up_offset, k], bar, b.slice(QUARTER, QUARTER))
-                        _tma_load(b_half_desc, [w_row + QUARTER, k], bar, b.slice(BLOCK_N, QUARTER))
-                        _tma_load(b_half_desc, [w_row + up_offset + QUARTER, k], bar,
-                                  b.slice(BLOCK_N + QUARTER, QUARTER))
-                    else:
-                        _tma_load(b_desc, [w_row, k], bar, b.slice(0, BLOCK_N))
-                        _tma_load(b_desc, [w_row + up_offset, k], bar, b.slice(BLOCK_N, BLOCK_N))
-                else:
-                    _tma_load(b_desc, [w_row, k], bar, b_bufs.index(stage))
-                if k == CLAIM_STEP * BLOCK_K:
-                    next_tile = _claim(tile_counter_ptr, i + 1, DYNAMIC)
-                    if DYNAMIC:
-                        _publish(tile_ids, tile_full, tile_empty, i + 1, next_tile)
-                step += 1
+                before = _clock()
+            # a fresh mbarrier counts as having completed the phase before phase 0
+            mbarrier.wait(empty.index(stage), ((step // STAGES) & 1) ^ 1)
             if TIMELINE:
-                gl.store(record + 3, _clock())
-                gl.store(record + 4, waited)
-            i += 1
-            tile = next_tile
+                waited += _clock() - before
+            bar = ready.index(stage)
+            mbarrier.expect(bar, nbytes)
+            if GATHER:  # each thread's copies arrive on the stage's barrier when they land
+                _cp_async(a_bufs.index(stage), src + k, mask=keep[:, None])
+            else:
+                _tma_load(a_desc, [row, k], bar, a_bufs.index(stage))
+            if ROW_ARRIVALS:  # (with no copies of its own, a thread's arrival is at once)
+                async_copy.mbarrier_arrive(bar, increment_count=False)
+            if GATE_UP:  # gate rows over up rows, one [2 * BLOCK_N, BLOCK_K] stage buffer
+                b = b_bufs.index(stage)
+                if half_block:  # each warpgroup's column half: its gate rows over its up rows
+                    _tma_load(b_half_desc, [w_row, k], bar, b.slice(0, QUARTER))
+                    _tma_load(b_half_desc, [w_row + up_offset, k], bar, b.slice(QUARTER, QUARTER))
+                    _tma_load(b_half_desc, [w_row + QUARTER, k], bar, b.slice(BLOCK_N, QUARTER))
+                    _tma_load(b_half_desc, [w_row + up_offset + QUARTER, k], bar,
+                              b.slice(BLOCK_N + QUARTER, QUARTER))
+                else:
+                    _tma_load(b_desc, [w_row, k], bar, b.slice(0, BLOCK_N))
+                    _tma_load(b_desc, [w_row + up_offset, k], bar, b.slice(BLOCK_N, BLOCK_N))
+            else:
+                _tma_load(b_desc, [w_row, k], bar, b_bufs.index(stage))
+            if k == CLAIM_STEP * BLOCK_K:
+                next_tile = _claim(tile_counter_ptr, i + 1, DYNAMIC)
+                if DYNAMIC:
+                    _publish(tile_ids, tile_full, tile_empty, i + 1, next_tile)
+            if FUSED:
+                if k == STORE_STEP * BLOCK_K:
+                    if prev_block >= 0:
+                        pend, n_stored = _store_handed(s, hand_g, prev_block, prev_row, prev_col,
+                                                       prev_half, pend, n_stored)
+                        prev_block = prev_block * 0 - 1
+            step += 1
+        if TIMELINE:
+            gl.store(record + 3, _clock())
+            gl.store(record + 4, waited)
+        if FUSED:
+            if GATE_UP:  # this tile's h: the consumers hand it over at their epilogue
+                prev_block = block
+                prev_row = row
+                prev_col = tile_n * BLOCK_N
+                prev_half = half_block.to(gl.int32)
+        return step, next_tile, (prev_block, prev_row, prev_col, prev_half, pend, n_stored)
+
+    @gluon.jit
+    def _store_handed(s, g, block, row, col, half, pend, n_stored):
+        """The producer stores a gate/up tile's h that the consumers handed over in their epilogue
+        buffers (FUSED: its TMA stores and their count are then off the tensor cores' path,
+        NOTES.md v43), frees the buffers once the stores have read them, and counts the stores of
+        the tile before (`pend`), which are in memory by now. Returns (block, hand-overs stored)."""
+        out_desc, out_half_desc = g[3], g[4]
+        out_bufs, out_full, out_free, tile_counter_ptr = s[2], s[19], s[20], s[15]
+        if pend >= 0:
+            _count_stores(tile_counter_ptr + 1 + pend)
+        mbarrier.wait(out_full.index(0), n_stored & 1)
+        mbarrier.wait(out_full.index(1), n_stored & 1)
+        if half > 0:  # each warpgroup's column half of the block's rows
+            HALF_N: gl.constexpr = out_half_desc.block_type.shape[1]
+            _tma_store(out_half_desc, [row, col], _view_as(out_bufs.index(0), out_half_desc))
+            _tma_store(out_half_desc, [row, col + HALF_N], _view_as(out_bufs.index(1), out_half_desc))
+        else:  # each warpgroup's rows
+            ROWS: gl.constexpr = out_desc.block_type.shape[0]
+            _tma_store(out_desc, [row, col], out_bufs.index(0))
+            _tma_store(out_desc, [row + ROWS, col], out_bufs.index(1))
+        tma.store_wait(0)  # (read: the buffers are free)
+        mbarrier.arrive(out_free.index(0))
+        mbarrier.arrive(out_free.index(1))
+        return block, n_stored + 1
 
     @gluon.jit
     def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr,
-                  GATHER: gl.constexpr, TIMELINE: gl.constexpr):
+                  GATHER: gl.constexpr, TIMELINE: gl.constexpr, FUSED: gl.constexpr):
         """One warpgroup: rows HALF * BLOCK_M / 2 onwards of every tile, or on a block of at most
         BLOCK_M / 2 rows all its rows and column half HALF (each consumer frees each stage once: a
-        stage's barrier counts two arrivals)."""
-        (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, a_bufs, b_bufs, out_bufs, ready,
-         empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr, n_tiles_n,
-         group, k_dim, n_pairs, b_rows, up_offset, tile_ids, tile_full, tile_empty,
-         tile_counter_ptr, x_ptr, top_k, timeline_ptr) = p
-        ROWS: gl.constexpr = a_bufs.shape[1] // 2
-        n_tiles = gl.load(n_blocks_ptr) * n_tiles_n
+        stage's barrier counts two arrivals). FUSED: the down GEMM's tiles follow the gate/up
+        GEMM's; each gate/up tile's stores are counted on its block once they are in memory, at the
+        end of the next tile's MMAs (by then they are), or before a down tile, which may wait for
+        them (NOTES.md v41)."""
+        first, second, s = p
+        tile_ids, tile_full, tile_empty, timeline_ptr = s[12], s[13], s[14], s[18]
+        n_blocks = gl.load(s[9])
+        n_first = n_blocks * first[5]
+        n_tiles = n_first + n_blocks * second[5] if FUSED else n_first
         step = 0
         i = 0
+        n_hand = n_blocks * 0  # FUSED: gate/up epilogues handed to the producer to store
         tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
         while tile < n_tiles:
             record = timeline_ptr
@@ -303,33 +397,63 @@ if HAVE_GLUON:
                 record = _record(timeline_ptr, HALF, i)
                 gl.store(record, tile.to(gl.int64))
                 gl.store(record + 1, _clock())
-            block, tile_n, start, n_rows = _block(tile, n_blocks_ptr, n_tiles_n, group, block_start_ptr)
-            if n_rows > ROWS:
-                step = _tile_mma(a_bufs, b_bufs, out_desc, out_bufs.index(HALF), ready, empty,
-                                 sorted_ptr, weights_ptr, k_dim, n_pairs, step,
-                                 start + HALF * ROWS, tile_n, GATE_UP, HALF, False, GATHER,
-                                 record, TIMELINE)
-            else:  # a half-height block (an expert's last, align's half_tail): its rows, half the columns
-                out_smem = _view_as(out_bufs.index(HALF), out_half_desc)
-                step = _tile_mma(a_bufs, b_bufs, out_half_desc, out_smem, ready, empty,
-                                 sorted_ptr, weights_ptr, k_dim, n_pairs, step, start, tile_n,
-                                 GATE_UP, HALF, True, GATHER, record, TIMELINE)
+            # (Triton 3.6 miscompiles the unfused kernel where one `if` over a static False picks
+            # the GEMM: its own branch for each)
+            if FUSED:
+                if tile >= n_first:
+                    step = _consume_tile(second, s, tile - n_first, step, False, HALF, 0, record,
+                                         TIMELINE, n_hand, True)
+                else:
+                    step = _consume_tile(first, s, tile, step, GATE_UP, HALF, GATHER, record,
+                                         TIMELINE, n_hand, True)
+                    n_hand += 1
+            else:
+                step = _consume_tile(first, s, tile, step, GATE_UP, HALF, GATHER, record, TIMELINE,
+                                     n_hand, False)
             i += 1
             tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
         tma.store_wait(0)
 
     @gluon.jit
+    def _consume_tile(g, s, tile, step, GATE_UP: gl.constexpr, HALF: gl.constexpr,
+                      GATHER: gl.constexpr, record, TIMELINE: gl.constexpr, n_hand,
+                      FUSED: gl.constexpr):
+        """One warpgroup's part of tile `tile` of GEMM g (_tile_mma, after the block's shape);
+        returns the step count. FUSED: the epilogue buffer is the producer's until it has stored
+        the last hand-over (n_hand of them so far), and a gate/up tile hands its h over."""
+        (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, n_tiles_n, k_dim, b_rows, up_offset) = g
+        (a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
+         block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
+         tile_counter_ptr, x_ptr, top_k, timeline_ptr, out_full, out_free) = s
+        hand = (out_full, out_free, n_hand)
+        ROWS: gl.constexpr = a_bufs.shape[1] // 2
+        block, tile_n, start, n_rows = _block(tile, n_blocks_ptr, n_tiles_n, group, block_start_ptr)
+        if n_rows > ROWS:
+            step = _tile_mma(a_bufs, b_bufs, out_desc, _view_as(out_bufs.index(HALF), out_desc),
+                             ready, empty, sorted_ptr, weights_ptr, k_dim, n_pairs, step,
+                             start + HALF * ROWS, tile_n, GATE_UP, HALF, False, GATHER, record,
+                             TIMELINE, hand, FUSED)
+        else:  # a half-height block (an expert's last, align's half_tail): its rows, half the columns
+            step = _tile_mma(a_bufs, b_bufs, out_half_desc,
+                             _view_as(out_bufs.index(HALF), out_half_desc), ready, empty,
+                             sorted_ptr, weights_ptr, k_dim, n_pairs, step, start, tile_n, GATE_UP,
+                             HALF, True, GATHER, record, TIMELINE, hand, FUSED)
+        return step
+
+    @gluon.jit
     def _tile_mma(a_bufs, b_bufs, out_desc, out_smem, ready, empty, sorted_ptr, weights_ptr,
                   k_dim, n_pairs, step, start, tile_n, GATE_UP: gl.constexpr,
                   HALF: gl.constexpr, SPLIT_N: gl.constexpr, GATHER: gl.constexpr, record,
-                  TIMELINE: gl.constexpr):
+                  TIMELINE: gl.constexpr, hand, FUSED: gl.constexpr):
         """One warpgroup's share of a tile: rows start.. (its row half; with SPLIT_N the tile's
         only rows, and its column half HALF), the MMAs over K, then the epilogue through shared
         memory and a TMA store, which runs on while the next tile's MMAs start (every block is a
         whole number of half-blocks of the sorted order: align pads each expert to one, so a box
-        never reaches into another block's rows). Returns the step count. TIMELINE: the tile's
-        record gets the clock at its first full stage, at its MMAs' end and after its epilogue,
-        and the cycles its K loop spent waiting for the other stages."""
+        never reaches into another block's rows). Returns the step count. FUSED (hand: the
+        epilogue buffers' barriers and the hand-overs so far): the buffer is written once the
+        producer has stored the last hand-over from it, and gate/up's h is handed over, not stored.
+        TIMELINE: the tile's record gets the clock at its first full stage, at its MMAs' end and
+        after its epilogue, and the cycles its K loop spent waiting for the other stages."""
         STAGES: gl.constexpr = a_bufs.shape[0]
         BLOCK_K: gl.constexpr = a_bufs.shape[2]
         ROWS: gl.constexpr = a_bufs.shape[1] // 2
@@ -375,10 +499,17 @@ if HAVE_GLUON:
         if TIMELINE:
             gl.store(record + 3, _clock())
             gl.store(record + 5, waited)
-
+        if FUSED:
+            out_full, out_free, n_hand = hand
+            mbarrier.wait(out_free.index(HALF), (n_hand & 1) ^ 1)
         if GATE_UP:  # h in expert order: h[row] = silu(gate) * up
             gate, up = acc.reshape([ROWS, 2, BLOCK_N]).permute(0, 2, 1).split()
-            _store(out_desc, out_smem, _silu(gate) * up, start, col)
+            if FUSED:  # handed to the producer, which stores it and counts it for the down tiles
+                out_smem.store((_silu(gate) * up).to(out_desc.dtype))
+                fence_async_shared()
+                mbarrier.arrive(out_full.index(HALF))
+            else:
+                _store(out_desc, out_smem, _silu(gate) * up, start, col)
         else:  # y in expert order: y[row] = routing weight of the row's pair * (h @ w2^T)
             value = acc * weight[:, None]
             if out_smem.shape[1] == BLOCK_N:
@@ -390,6 +521,34 @@ if HAVE_GLUON:
         if TIMELINE:
             gl.store(record + 4, _clock())
         return step
+
+    @gluon.jit
+    def _count_stores(count_ptr):
+        """Once this partition's TMA stores are in memory, one more on *count_ptr (release, GPU
+        scope): the down tiles' producers wait for a block's count before their copies read h.
+        Every thread waits for its own stores (only the issuing thread has any) and orders them
+        (async proxy) before its generic accesses; the partition's barrier orders them before the
+        count, which Triton issues from one thread of the partition (as the tile claims). The
+        partition's warps need not start at a warpgroup: a one-warp producer runs as warp 10."""
+        gl.inline_asm_elementwise("cp.async.bulk.wait_group 0;\nfence.proxy.async.global;\nmov.u32 $0, 0;",
+                                  "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        _partition_barrier()
+        gl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
+
+    @gluon.jit
+    def _load_acquire(ptr):
+        return gl.inline_asm_elementwise("ld.global.acquire.gpu.b32 $0, [$1];", "=r,l", [ptr],
+                                         dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _wait_count(count_ptr, target):
+        """Spin until *count_ptr (acquire, GPU scope) reaches target, then order this thread's
+        later TMA copies (async proxy) after what it read."""
+        count = _load_acquire(count_ptr)
+        while count < target:
+            count = _load_acquire(count_ptr)
+        gl.inline_asm_elementwise("fence.proxy.async.global;\nmov.u32 $0, 0;", "=r", [],
+                                  dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
     def _silu(x):
@@ -422,9 +581,10 @@ if HAVE_GLUON:
     def grouped_gemm_kernel(a_desc, b_desc, b_half_desc, out_desc, out_half_desc, sorted_ptr,
                             weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
                             n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset, tile_counter_ptr,
-                            x_ptr, top_k, timeline_ptr, GATE_UP: gl.constexpr,
+                            x_ptr, top_k, timeline_ptr, a2_desc, b2_desc, b2_half_desc, out2_desc,
+                            out2_half_desc, n_tiles_n2, k_dim2, b_rows2, GATE_UP: gl.constexpr,
                             STAGES: gl.constexpr, DYNAMIC: gl.constexpr, GATHER: gl.constexpr,
-                            TIMELINE: gl.constexpr = False):
+                            TIMELINE: gl.constexpr = False, FUSED: gl.constexpr = False):
         """GATE_UP: out = h [max_padded, F] (expert order) = silu(A @ w1^T) * (A @ w3^T), with A
         the gathered token rows and b_desc over w_gate_up [E * 2F, H] (up rows at +up_offset).
         Otherwise: out = y [max_padded, H] (expert order) = routing weight * (h @ w2^T), b_desc
@@ -437,7 +597,13 @@ if HAVE_GLUON:
         gives the stages' box and layout) and a producer of GATHER warps copies each block's rows
         of the sorted pairs' tokens (pair // top_k) itself. TIMELINE: each partition records its
         tiles' times into timeline_ptr (int64, TIMELINE_TILES records of FIELDS a partition and
-        program; otherwise it is never read)."""
+        program; otherwise it is never read).
+        FUSED (with GATE_UP and DYNAMIC): both GEMMs in one launch, the down GEMM's (the *2
+        arguments, over h = out and y) tiles numbered after the gate/up GEMM's; tile_counter_ptr
+        is then int32 [1 + max_blocks], zeros: the tile counter, then each block's count of h
+        stores (one count a gate/up tile, by the producer), which its down tiles wait for. The stages are shared: the down
+        GEMM's boxes must be the gate/up GEMM's (launch_moe checks). Otherwise the *2 arguments
+        are never read."""
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         WIDTH: gl.constexpr = 2 * BLOCK_N if GATE_UP else BLOCK_N
@@ -450,13 +616,23 @@ if HAVE_GLUON:
         # copies and once a thread for its row copies
         PRODUCER_WARPS: gl.constexpr = GATHER if GATHER else 1
         ready, empty, tile_ids, tile_full, tile_empty = _barriers(STAGES, 1 + 32 * GATHER)
-        p = (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, a_bufs, b_bufs, out_bufs, ready,
-             empty, sorted_ptr, weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
-             n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset, tile_ids, tile_full, tile_empty,
-             tile_counter_ptr, x_ptr, top_k, timeline_ptr)
-        gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC, GATHER, TIMELINE)),
-                            (_consumer, (p, GATE_UP, 1, DYNAMIC, GATHER, TIMELINE)),
-                            (_producer, (p, GATE_UP, DYNAMIC, GATHER, TIMELINE))],
+        first = (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, n_tiles_n, k_dim, b_rows,
+                 up_offset)
+        second = (a2_desc, b2_desc, b2_half_desc, out2_desc, out2_half_desc, n_tiles_n2, k_dim2,
+                  b_rows2, 0)
+        # FUSED: each consumer's epilogue buffer handed to the producer (full) and back (free)
+        out_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        out_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for h in gl.static_range(2):
+            mbarrier.init(out_full.index(h), count=1)
+            mbarrier.init(out_free.index(h), count=1)
+        shared = (a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
+                  block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
+                  tile_counter_ptr, x_ptr, top_k, timeline_ptr, out_full, out_free)
+        p = (first, second, shared)
+        gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC, GATHER, TIMELINE, FUSED)),
+                            (_consumer, (p, GATE_UP, 1, DYNAMIC, GATHER, TIMELINE, FUSED)),
+                            (_producer, (p, GATE_UP, DYNAMIC, GATHER, TIMELINE, FUSED))],
                            [4, PRODUCER_WARPS], [232, 80 if GATHER else 24])
 
 
@@ -471,6 +647,24 @@ def _descriptor(t: torch.Tensor, block: list[int]):
     return TensorDescriptor.from_tensor(t, block, layout)
 
 
+def _gemm(a, w2d, out, tile: dict, block_m: int, b_rows: int, up_offset: int) -> tuple:
+    """One GEMM's kernel arguments: descriptors of a [max_padded, K] (its boxes: a block's rows),
+    the weights w2d [E * b_rows, K] and out [max_padded, N] (whole and half-width boxes), then its
+    N tiles, K, b_rows and up_offset."""
+    block_n, block_k = tile["block_n"], tile["block_k"]
+    return (_descriptor(a, [block_m, block_k]), _descriptor(w2d, [block_n, block_k]),
+            _descriptor(w2d, [block_n // 2, block_k]),
+            _descriptor(out, [block_m // 2, min(block_n, 128)]),
+            _descriptor(out, [block_m // 2, block_n // 2]), triton.cdiv(out.shape[1], block_n),
+            a.shape[1], b_rows, up_offset)
+
+
+def _programs(device, routing, n_tiles_n: int) -> int:
+    """One program per SM, or fewer where the first GEMM has fewer tiles."""
+    return min(torch.cuda.get_device_properties(device).multi_processor_count,
+               routing.max_blocks * n_tiles_n)
+
+
 def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: int,
             gate_up: bool, top_k: int | None = None, timeline: torch.Tensor | None = None) -> None:
     """One grouped GEMM: a [max_padded, K] and out [max_padded, N] in expert order, w2d the
@@ -478,20 +672,17 @@ def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: i
     gate/up); one program per SM. With top_k, a is x [T, K] in token order instead and the
     producer gathers each block's rows itself (gate/up only). With `timeline` (int64, from
     new_timeline), the kernel records its tiles' times into it."""
-    block_m, block_n, block_k = routing.block_m, tile["block_n"], tile["block_k"]
-    n_tiles_n = triton.cdiv(out.shape[1], block_n)
-    programs = min(torch.cuda.get_device_properties(a.device).multi_processor_count,
-                   routing.max_blocks * n_tiles_n)
-    grouped_gemm_kernel[(programs,)](
-        _descriptor(a, [block_m, block_k]), _descriptor(w2d, [block_n, block_k]),
-        _descriptor(w2d, [block_n // 2, block_k]), _descriptor(out, [block_m // 2, min(block_n, 128)]),
-        _descriptor(out, [block_m // 2, block_n // 2]), routing.sorted_pair_ids,
+    gemm = _gemm(a, w2d, out, tile, routing.block_m, b_rows, up_offset)
+    desc, (n_tiles_n, k_dim, b_rows, up_offset) = gemm[:5], gemm[5:]
+    grouped_gemm_kernel[(_programs(a.device, routing, n_tiles_n),)](
+        *desc, routing.sorted_pair_ids,
         routing.sorted_pair_ids if weights is None else weights,  # gate/up never reads it
         routing.block_expert, routing.block_start, routing.n_blocks, n_tiles_n,
-        tile.get("group_m", 8), a.shape[1], routing.n_pairs, b_rows, up_offset,
+        tile.get("group_m", 8), k_dim, routing.n_pairs, b_rows, up_offset,
         torch.zeros(1, dtype=torch.int32, device=a.device),  # the tile counter (a memset)
         a, top_k or 1,  # GATHER's x and k (its descriptor above only gives the stages' layout)
         routing.n_blocks if timeline is None else timeline,  # (never read without TIMELINE)
+        *gemm[:8],  # (no second GEMM: never read)
         GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=tile.get("dynamic", True),
         GATHER=0 if top_k is None else tile["gather"], TIMELINE=timeline is not None,
         num_warps=4, maxnreg=MAX_REGISTERS)
@@ -528,6 +719,18 @@ def check_config(config: dict, x: torch.Tensor) -> None:
                          f"rows (2 or 4; 0 or absent: a launch of their own), got {config['gate_up']['gather']!r}")
     if "gather" in config["down"]:
         raise ValueError("config field 'down.gather': only the gate/up GEMM reads token rows")
+    if config.get("one_launch"):  # both GEMMs in one launch share the stages and the tile order
+        gate_up, down = config["gate_up"], config["down"]
+        shared = [(f"down.{field}", down.get(field, default), f"gate_up.{field}", gate_up.get(field, default))
+                  for field, default in (("block_k", None), ("num_stages", None), ("group_m", 8))]
+        shared.append(("down.block_n", down["block_n"], "2 x gate_up.block_n", 2 * gate_up["block_n"]))
+        for name, value, other, want in shared:
+            if value != want:
+                raise ValueError(f"config field 'one_launch' needs {name} = {other} (the GEMMs share "
+                                 f"the stages and the tile order), got {value} against {want}")
+        if not (gate_up.get("dynamic", True) and down.get("dynamic", True)):
+            raise ValueError("config field 'one_launch' needs dynamic tiles (gate_up/down.dynamic "
+                             "true or absent): a down tile may wait for gate/up tiles")
 
 
 def launch_gate_up(a, w_gate_up, routing, config: dict, top_k: int | None = None,
@@ -550,4 +753,32 @@ def launch_down(h, w_down, weights, routing, config: dict,
     y = torch.empty(h.shape[0], hidden, dtype=h.dtype, device=h.device)
     _launch(h, w_down.view(n_experts * hidden, ffn), y, weights, routing, config["down"],
             hidden, 0, gate_up=False, timeline=timeline)
+    return y
+
+
+def launch_moe(a, w_gate_up, w_down, weights, routing, config: dict,
+               top_k: int | None = None) -> torch.Tensor:
+    """y [max_padded, H] in expert order, as launch_down(launch_gate_up(...)) but in one launch
+    (config "one_launch"): the gate/up GEMM's tiles, then the down GEMM's, each down tile's copies
+    waiting until its block's h is stored. An SM that finishes its last gate/up tile goes on to
+    down tiles instead of idling through the gate/up launch's tail, and the second launch's start
+    is gone (NOTES.md v41). a and top_k as launch_gate_up; the GEMMs share their stages, so the
+    config's down tile is the gate/up tile's width (check_config)."""
+    n_experts, two_f, hidden = w_gate_up.shape
+    gate_up, down = config["gate_up"], config["down"]
+    rows = routing.sorted_pair_ids.numel()
+    h = torch.empty(rows, two_f // 2, dtype=a.dtype, device=a.device)
+    y = torch.empty(rows, hidden, dtype=a.dtype, device=a.device)
+    first = _gemm(a, w_gate_up.view(n_experts * two_f, hidden), h, gate_up, routing.block_m, two_f,
+                  two_f // 2)
+    second = _gemm(h, w_down.view(n_experts * hidden, two_f // 2), y, down, routing.block_m, hidden, 0)
+    # the tile counter, then each block's count of h stores (a memset)
+    counters = torch.zeros(1 + routing.max_blocks, dtype=torch.int32, device=a.device)
+    grouped_gemm_kernel[(_programs(a.device, routing, first[5] + second[5]),)](
+        *first[:5], routing.sorted_pair_ids, weights, routing.block_expert, routing.block_start,
+        routing.n_blocks, first[5], gate_up.get("group_m", 8), first[6], routing.n_pairs, first[7],
+        first[8], counters, a, top_k or 1, routing.n_blocks, *second[:8],
+        GATE_UP=True, STAGES=gate_up["num_stages"], DYNAMIC=True,
+        GATHER=0 if top_k is None else gate_up["gather"], FUSED=True,
+        num_warps=4, maxnreg=MAX_REGISTERS)
     return y
