@@ -60,6 +60,8 @@ VARIANTS = {
     # both GEMMs in one launch, gate/up's h stored and counted by the producer (NOTES.md v43)
     "ht_1": wgmma_config(half_tail=True, one_launch=True),
     "ht_ga_1": wgmma_config(half_tail=True, gather=4, one_launch=True),
+    "ht_ga_g4_1": wgmma_config(half_tail=True, gather=4, group=4, one_launch=True),
+    "ht_ga_g16_1": wgmma_config(half_tail=True, gather=4, group=16, one_launch=True),
 }
 
 
