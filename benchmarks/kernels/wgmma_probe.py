@@ -44,13 +44,6 @@ def wgmma_config(block_m=128, gu_n=128, down_n=256, stages=4, group=8, block_k=6
             **({"one_launch": True} if one_launch else {})}
 
 
-def tall_config(group=8, stages=4) -> dict:
-    """wgmma_tall's tiles: blocks of up to 256 rows over 128 weight rows (NOTES.md v44)."""
-    tile = {"block_k": 64, "num_stages": stages, "group_m": group, "dynamic": True}
-    return {"path": "wgmma", "tall": True, "block_m": 256, "gate_up": {"block_n": 64, **tile},
-            "down": {"block_n": 128, **tile}}
-
-
 VARIANTS = {
     "w128": wgmma_config(),
     "ht": wgmma_config(half_tail=True),
@@ -69,9 +62,6 @@ VARIANTS = {
     "ht_ga_1": wgmma_config(half_tail=True, gather=4, one_launch=True),
     "ht_ga_g4_1": wgmma_config(half_tail=True, gather=4, group=4, one_launch=True),
     "ht_ga_g16_1": wgmma_config(half_tail=True, gather=4, group=16, one_launch=True),
-    "tall": tall_config(),
-    "tall_g4": tall_config(group=4),
-    "tall_g16": tall_config(group=16),
 }
 
 
@@ -103,7 +93,7 @@ def check(name, dims, n_tokens, routing_kind, seed) -> bool:
     ref = moe_reference(x.float(), w13.float(), w2.float(), ids, weights.float()).float()
     ok = True
     outs = {}
-    for variant in [v for v in ("w128", "ht", "ht_d128", "ht_ga", "ht_1", "ht_ga_1", "tall") if v in VARIANTS]:
+    for variant in [v for v in ("w128", "ht", "ht_d128", "ht_ga", "ht_1", "ht_ga_1") if v in VARIANTS]:
         out = outs[variant] = fused_moe(x, w13, w2, ids, weights, config=VARIANTS[variant])
         err = rel_err(out, ref)
         shipped = rel_err(fused_moe(x, w13, w2, ids, weights), ref)
@@ -133,7 +123,7 @@ def bench_row(name, dims, n_tokens, seed) -> dict:
     shipped = get_config(n_tokens, *dims)
     for part, fn in parts(x, w13, w2, ids, weights, shipped).items():
         fns[f"ours.{part}"] = fn
-    for variant in [v for v in ("w128", "ht_ga", "tall") if v in VARIANTS]:
+    for variant in [v for v in ("w128", "ht_ga") if v in VARIANTS]:
         for part, fn in parts(x, w13, w2, ids, weights, VARIANTS[variant]).items():
             fns[f"{variant}.{part}"] = fn
     times = time_many({**fns, **ceiling_runs()}, graph=set(fns))

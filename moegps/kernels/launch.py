@@ -52,7 +52,7 @@ import triton
 # which shadows the kernel module of the same name.
 from .fused_moe import (combine_kernel, down_scan_kernel, down_sorted_kernel, fused_scan_kernel,
                         gate_up_scan_kernel, gate_up_sorted_kernel, gather_kernel)
-from . import wgmma_moe, wgmma_swap, wgmma_tall
+from . import wgmma_moe, wgmma_swap
 from .pdl import launch_flags
 from . import swap_moe
 from .swap_moe import down_swap_kernel, gate_up_swap_kernel
@@ -313,9 +313,8 @@ def wgmma_gate_up(x, w_gate_up, routing, config: dict, top_k: int, kernels=wgmma
     with "swap", on the weights-as-rows kernels (wgmma_swap.py).
     `kernels`: the module whose launch_gate_up runs (benchmarks/kernels/ab_wgmma.py passes an older
     copy of wgmma_moe)."""
-    if config.get("swap") or config.get("tall"):
-        return wgmma_kernels(config).launch_gate_up(gather_rows(x, routing, top_k), w_gate_up,
-                                                    routing, config)
+    if config.get("swap"):
+        return wgmma_swap.launch_gate_up(gather_rows(x, routing, top_k), w_gate_up, routing, config)
     if config["gate_up"].get("gather", 0):
         return kernels.launch_gate_up(x.contiguous(), w_gate_up, routing, config, top_k=top_k)
     return kernels.launch_gate_up(gather_rows(x, routing, top_k), w_gate_up, routing, config)
@@ -324,17 +323,16 @@ def wgmma_gate_up(x, w_gate_up, routing, config: dict, top_k: int, kernels=wgmma
 def wgmma_gemms(x, w_gate_up, w_down, weights, routing, config: dict, top_k: int) -> torch.Tensor:
     """y [max_padded, H] in expert order from x [T, H] in one launch (config "one_launch",
     wgmma_moe.launch_moe), the token rows gathered as in wgmma_gate_up."""
-    if config.get("swap") or config.get("tall"):
-        raise ValueError("config field 'one_launch' is the wgmma_moe kernels' (no 'swap' or 'tall')")
+    if config.get("swap"):
+        raise ValueError("config field 'one_launch' is the wgmma_moe kernels' (no 'swap')")
     gather = config["gate_up"].get("gather", 0)
     return wgmma_moe.launch_moe(x.contiguous() if gather else gather_rows(x, routing, top_k),
                                 w_gate_up, w_down, weights, routing, config, top_k if gather else None)
 
 
 def wgmma_kernels(config: dict):
-    """The module of a wgmma config's kernels: wgmma_swap.py with "swap", wgmma_tall.py with
-    "tall", else wgmma_moe.py."""
-    return wgmma_swap if config.get("swap") else wgmma_tall if config.get("tall") else wgmma_moe
+    """The module of a wgmma config's kernels: wgmma_swap.py with "swap", else wgmma_moe.py."""
+    return wgmma_swap if config.get("swap") else wgmma_moe
 
 
 def wgmma_down(h, w_down, weights, routing, config: dict) -> torch.Tensor:
@@ -390,8 +388,6 @@ def route(ids: torch.Tensor, n_experts: int, config: dict, scratch: torch.Tensor
         return scratch
     if config["path"] == "wgmma" and config.get("swap"):
         return align(ids, n_experts, config["block_m"], pad_m=wgmma_swap.pad_m(config))
-    if config["path"] == "wgmma" and config.get("tall"):  # blocks of up to four 64-row slabs
-        return align(ids, n_experts, config["block_m"], pad_m=wgmma_tall.SLAB)
     if config["path"] in ("sorted", "wgmma"):
         return align(ids, n_experts, config["block_m"], half_tail=config.get("half_tail", False))
     if config["path"] == "swap":
