@@ -20,7 +20,9 @@ by benchmarks/kernels/wgmma_probe.py where they win, never chosen by default_con
                  [, "gather": 4]},
      "down": {...}}
 ("gather": the gate/up kernel's producer, of that many warps, copies the token rows from x itself:
-no gather launch.) With "swap": true the wgmma path runs wgmma_swap.py's kernels, weights on the
+no gather launch; "one_launch": true at the top level runs both GEMMs as one launch, the down
+tiles after the gate/up tiles, which needs the down tile twice the gate/up block_n and the same
+block_k, stages and group_m: wgmma_moe.launch_moe.) With "swap": true the wgmma path runs wgmma_swap.py's kernels, weights on the
 MMA's rows and blocks of up to block_m (128, 160, 192) token rows on its columns, an expert's rows
 padded to pad_m (64, the default, or 32); tiles of 256 weight rows:
     {"path": "wgmma", "swap": true, "block_m": 192[, "pad_m": 32][, "one": true],

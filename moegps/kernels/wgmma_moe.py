@@ -33,6 +33,14 @@ by cp.async (the 64 experts from 8192 tokens: 1-6% faster; Mixtral 2-6% slower; 
 h and y stay in expert order and the k-way combine reads y through the routing's inverse map.
 Padding rows are not copied: they hold whatever the buffer held and compute garbage never read.
 
+With config "one_launch" (launch_moe) both GEMMs are one launch: the down GEMM's tiles are numbered
+after the gate/up GEMM's, so an SM done with gate/up goes on to down tiles instead of idling
+through the first launch's tail. A down tile reads h that other SMs wrote: the consumers hand
+each gate/up tile's h to the producer in their epilogue buffers, the producer stores it by TMA,
+waits for the stores and counts them on the block (a release add), and a down tile's producer
+waits for its block's count (an acquire load) before its copies. The counting is the producer's so
+that the tensor cores' warpgroups never wait on a store (NOTES.md v41, v43).
+
 GPU-only: Gluon has no CPU interpreter. benchmarks/kernels/wgmma_probe.py checks the kernels on
 the GPU against the fp32 reference; tests/test_wgmma_moe.py compiles them for sm_90 on the CPU
 (no spills, shared memory within bounds) and tests the rest (tile order, config checks).
@@ -379,9 +387,9 @@ if HAVE_GLUON:
         """One warpgroup: rows HALF * BLOCK_M / 2 onwards of every tile, or on a block of at most
         BLOCK_M / 2 rows all its rows and column half HALF (each consumer frees each stage once: a
         stage's barrier counts two arrivals). FUSED: the down GEMM's tiles follow the gate/up
-        GEMM's; each gate/up tile's stores are counted on its block once they are in memory, at the
-        end of the next tile's MMAs (by then they are), or before a down tile, which may wait for
-        them (NOTES.md v41)."""
+        GEMM's, and a gate/up tile's h goes to the producer through the epilogue buffer, which
+        stores and counts it (NOTES.md v43): a count on the warpgroup's own path cost it more than
+        one launch gains (v41)."""
         first, second, s = p
         tile_ids, tile_full, tile_empty, timeline_ptr = s[12], s[13], s[14], s[18]
         n_blocks = gl.load(s[9])
@@ -762,8 +770,9 @@ def launch_moe(a, w_gate_up, w_down, weights, routing, config: dict,
     (config "one_launch"): the gate/up GEMM's tiles, then the down GEMM's, each down tile's copies
     waiting until its block's h is stored. An SM that finishes its last gate/up tile goes on to
     down tiles instead of idling through the gate/up launch's tail, and the second launch's start
-    is gone (NOTES.md v41). a and top_k as launch_gate_up; the GEMMs share their stages, so the
-    config's down tile is the gate/up tile's width (check_config)."""
+    is gone (NOTES.md v41, v43: 1-4% faster at the 64 experts' 640-4096 tokens, none from 8192).
+    a and top_k as launch_gate_up; the GEMMs share their stages, so the config's down tile is the
+    gate/up tile's width (check_config)."""
     n_experts, two_f, hidden = w_gate_up.shape
     gate_up, down = config["gate_up"], config["down"]
     rows = routing.sorted_pair_ids.numel()
