@@ -302,8 +302,12 @@ if HAVE_GLUON:
                 pend = pend * 0 - 1
             _wait_count(tile_counter_ptr + 1 + block, h_ready)
         # the consumers' epilogue of the tile before ends about when this tile's first STAGES copies
-        # are in the ring, where the producer waits for a free stage anyway: its h is stored then
+        # are in the ring, where the producer waits for a free stage anyway: its h is stored then,
+        # and the buffers are freed STAGES steps on, when the stores have long read them (the
+        # consumers need them again only at this tile's end)
         STORE_STEP = gl.minimum(STAGES, (k_dim + BLOCK_K - 1) // BLOCK_K - 1)
+        FREE_STEP = gl.minimum(STORE_STEP + STAGES, (k_dim + BLOCK_K - 1) // BLOCK_K - 1)
+        stored_before = n_stored
         next_tile = tile
         for k in range(0, k_dim, BLOCK_K):
             stage = step % STAGES
@@ -341,9 +345,12 @@ if HAVE_GLUON:
             if FUSED:
                 if k == STORE_STEP * BLOCK_K:
                     if prev_block >= 0:
-                        pend, n_stored = _store_handed(s, hand_g, prev_block, prev_row, prev_col,
+                        pend, n_stored = _issue_handed(s, hand_g, prev_block, prev_row, prev_col,
                                                        prev_half, pend, n_stored)
                         prev_block = prev_block * 0 - 1
+                if k == FREE_STEP * BLOCK_K:
+                    if n_stored > stored_before:
+                        _free_handed(s)
             step += 1
         if TIMELINE:
             gl.store(record + 3, _clock())
@@ -358,12 +365,19 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _store_handed(s, g, block, row, col, half, pend, n_stored):
+        """_issue_handed, then _free_handed at once (before a down tile or at the launch's end)."""
+        pend, n_stored = _issue_handed(s, g, block, row, col, half, pend, n_stored)
+        _free_handed(s)
+        return pend, n_stored
+
+    @gluon.jit
+    def _issue_handed(s, g, block, row, col, half, pend, n_stored):
         """The producer stores a gate/up tile's h that the consumers handed over in their epilogue
         buffers (FUSED: its TMA stores and their count are then off the tensor cores' path,
-        NOTES.md v43), frees the buffers once the stores have read them, and counts the stores of
-        the tile before (`pend`), which are in memory by now. Returns (block, hand-overs stored)."""
+        NOTES.md v43), first counting the stores of the tile before (`pend`), which are in memory
+        by now. Returns (block, hand-overs stored); _free_handed gives the buffers back."""
         out_desc, out_half_desc = g[3], g[4]
-        out_bufs, out_full, out_free, tile_counter_ptr = s[2], s[19], s[20], s[15]
+        out_bufs, out_full, tile_counter_ptr = s[2], s[19], s[15]
         if pend >= 0:
             _count_stores(tile_counter_ptr + 1 + pend)
         mbarrier.wait(out_full.index(0), n_stored & 1)
@@ -376,10 +390,15 @@ if HAVE_GLUON:
             ROWS: gl.constexpr = out_desc.block_type.shape[0]
             _tma_store(out_desc, [row, col], out_bufs.index(0))
             _tma_store(out_desc, [row + ROWS, col], out_bufs.index(1))
-        tma.store_wait(0)  # (read: the buffers are free)
+        return block, n_stored + 1
+
+    @gluon.jit
+    def _free_handed(s):
+        """Once the producer's stores have read the epilogue buffers, give them back."""
+        out_free = s[20]
+        tma.store_wait(0)
         mbarrier.arrive(out_free.index(0))
         mbarrier.arrive(out_free.index(1))
-        return block, n_stored + 1
 
     @gluon.jit
     def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr,
