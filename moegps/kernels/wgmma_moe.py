@@ -789,7 +789,7 @@ def launch_moe(a, w_gate_up, w_down, weights, routing, config: dict,
     (config "one_launch"): the gate/up GEMM's tiles, then the down GEMM's, each down tile's copies
     waiting until its block's h is stored. An SM that finishes its last gate/up tile goes on to
     down tiles instead of idling through the gate/up launch's tail, and the second launch's start
-    is gone (NOTES.md v41, v43: 1-4% faster at the 64 experts' 640-4096 tokens, none from 8192).
+    is gone (NOTES.md v41, v43, v45: 1-4% faster at the 64 experts' 640-4096 tokens, about 1% at 8192, none at 16384).
     a and top_k as launch_gate_up; the GEMMs share their stages, so the config's down tile is the
     gate/up tile's width (check_config)."""
     n_experts, two_f, hidden = w_gate_up.shape
