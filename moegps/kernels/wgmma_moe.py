@@ -50,6 +50,7 @@ NOTES.md, session 9 on, has the measurements.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -195,6 +196,18 @@ if HAVE_GLUON:
             return gl.program_id(0) + i * gl.num_programs(0)
 
     @gluon.jit
+    def _tile_counts(first, second, n_blocks_ptr, FUSED: gl.constexpr):
+        """(the first GEMM's N tiles a block, its tiles, the launch's tiles: FUSED, the down GEMM's
+        follow) from each GEMM's tuple (launch's _gemm)."""
+        (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, n_tiles_n, k_dim, b_rows,
+         up_offset) = first
+        (a2_desc, b2_desc, b2_half_desc, out2_desc, out2_half_desc, n_tiles_n2, k_dim2, b_rows2,
+         up_offset2) = second
+        n_blocks = gl.load(n_blocks_ptr)
+        n_first = n_blocks * n_tiles_n
+        return n_tiles_n, n_first, n_first + n_blocks * n_tiles_n2 if FUSED else n_first
+
+    @gluon.jit
     def _producer(p, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr, GATHER: gl.constexpr,
                   TIMELINE: gl.constexpr, FUSED: gl.constexpr):
         """One warp (GATHER: that many): copies of every tile's operands into the ring of stages, by
@@ -204,26 +217,26 @@ if HAVE_GLUON:
         through L2) however much the programs' paces differ (NOTES.md, session 11). FUSED: the
         tiles past the first GEMM's are the down GEMM's, each started once its block's h is stored."""
         first, second, s = p
-        tile_counter_ptr = s[15]
-        n_blocks = gl.load(s[9])
-        n_first = n_blocks * first[5]
-        n_tiles = n_first + n_blocks * second[5] if FUSED else n_first
+        (a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
+         block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
+         tile_counter_ptr, x_ptr, top_k, timeline_ptr, out_full, out_free) = s
+        n_tiles_n, n_first, n_tiles = _tile_counts(first, second, n_blocks_ptr, FUSED)
         step = 0
         i = 0
-        none = n_blocks * 0 - 1
+        none = n_first * 0 - 1
         # FUSED: the gate/up tile before's h in the consumers' epilogue buffers, to store (its block,
         # first row, column, half height: prev_block >= 0), the block whose stores are not yet
         # counted, and the hand-overs stored so far
-        hand = (none, none, none, none, none, n_blocks * 0)
+        hand = (none, none, none, none, none, n_first * 0)
         tile = _claim(tile_counter_ptr, i, DYNAMIC)
         if DYNAMIC:  # (past the last tile: the consumers stop)
-            _publish(s[12], s[13], s[14], i, tile)
+            _publish(tile_ids, tile_full, tile_empty, i, tile)
         while tile < n_tiles:
             if FUSED:  # (as in _consumer, a branch for each)
-                if tile >= n_first:  # once h of its block is in: every gate/up tile's stores
-                    # (the producer counts each gate/up tile's two stores once: first[5] a block)
+                if tile >= n_first:  # once h of its block is in: a count for each of its gate/up
+                    # tiles (the producer counts a tile's two stores once)
                     step, tile, hand = _produce_tile(second, s, tile, n_first, step, i, False, DYNAMIC,
-                                                     0, GATHER, TIMELINE, first[5], first, hand, True)
+                                                     0, GATHER, TIMELINE, n_tiles_n, first, hand, True)
                 else:
                     step, tile, hand = _produce_tile(first, s, tile, 0, step, i, GATE_UP, DYNAMIC,
                                                      GATHER, GATHER, TIMELINE, 0, first, hand, True)
@@ -350,7 +363,7 @@ if HAVE_GLUON:
                         prev_block = prev_block * 0 - 1
                 if k == FREE_STEP * BLOCK_K:
                     if n_stored > stored_before:
-                        _free_handed(s)
+                        _free_handed(out_free)
             step += 1
         if TIMELINE:
             gl.store(record + 3, _clock())
@@ -366,8 +379,11 @@ if HAVE_GLUON:
     @gluon.jit
     def _store_handed(s, g, block, row, col, half, pend, n_stored):
         """_issue_handed, then _free_handed at once (before a down tile or at the launch's end)."""
+        (a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
+         block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
+         tile_counter_ptr, x_ptr, top_k, timeline_ptr, out_full, out_free) = s
         pend, n_stored = _issue_handed(s, g, block, row, col, half, pend, n_stored)
-        _free_handed(s)
+        _free_handed(out_free)
         return pend, n_stored
 
     @gluon.jit
@@ -376,8 +392,10 @@ if HAVE_GLUON:
         buffers (FUSED: its TMA stores and their count are then off the tensor cores' path,
         NOTES.md v43), first counting the stores of the tile before (`pend`), which are in memory
         by now. Returns (block, hand-overs stored); _free_handed gives the buffers back."""
-        out_desc, out_half_desc = g[3], g[4]
-        out_bufs, out_full, tile_counter_ptr = s[2], s[19], s[15]
+        (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, n_tiles_n, k_dim, b_rows, up_offset) = g
+        (a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
+         block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
+         tile_counter_ptr, x_ptr, top_k, timeline_ptr, out_full, out_free) = s
         if pend >= 0:
             _count_stores(tile_counter_ptr + 1 + pend)
         mbarrier.wait(out_full.index(0), n_stored & 1)
@@ -393,9 +411,8 @@ if HAVE_GLUON:
         return block, n_stored + 1
 
     @gluon.jit
-    def _free_handed(s):
+    def _free_handed(out_free):
         """Once the producer's stores have read the epilogue buffers, give them back."""
-        out_free = s[20]
         tma.store_wait(0)
         mbarrier.arrive(out_free.index(0))
         mbarrier.arrive(out_free.index(1))
@@ -410,13 +427,13 @@ if HAVE_GLUON:
         stores and counts it (NOTES.md v43): a count on the warpgroup's own path cost it more than
         one launch gains (v41)."""
         first, second, s = p
-        tile_ids, tile_full, tile_empty, timeline_ptr = s[12], s[13], s[14], s[18]
-        n_blocks = gl.load(s[9])
-        n_first = n_blocks * first[5]
-        n_tiles = n_first + n_blocks * second[5] if FUSED else n_first
+        (a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
+         block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
+         tile_counter_ptr, x_ptr, top_k, timeline_ptr, out_full, out_free) = s
+        n_tiles_n, n_first, n_tiles = _tile_counts(first, second, n_blocks_ptr, FUSED)
         step = 0
         i = 0
-        n_hand = n_blocks * 0  # FUSED: gate/up epilogues handed to the producer to store
+        n_hand = n_first * 0  # FUSED: gate/up epilogues handed to the producer to store
         tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
         while tile < n_tiles:
             record = timeline_ptr
@@ -674,16 +691,30 @@ def _descriptor(t: torch.Tensor, block: list[int]):
     return TensorDescriptor.from_tensor(t, block, layout)
 
 
-def _gemm(a, w2d, out, tile: dict, block_m: int, b_rows: int, up_offset: int) -> tuple:
+class _Gemm(NamedTuple):
+    """One GEMM's kernel arguments (_gemm)."""
+    descs: tuple  # a, the weights, the weights in half-width boxes, out, out in half-width boxes
+    n_tiles_n: int
+    k_dim: int
+    b_rows: int
+    up_offset: int
+
+    def as_second(self) -> tuple:
+        """The kernel's arguments of the second GEMM (a2_desc ... out2_half_desc, n_tiles_n2,
+        k_dim2, b_rows2)."""
+        return (*self.descs, self.n_tiles_n, self.k_dim, self.b_rows)
+
+
+def _gemm(a, w2d, out, tile: dict, block_m: int, b_rows: int, up_offset: int) -> _Gemm:
     """One GEMM's kernel arguments: descriptors of a [max_padded, K] (its boxes: a block's rows),
     the weights w2d [E * b_rows, K] and out [max_padded, N] (whole and half-width boxes), then its
     N tiles, K, b_rows and up_offset."""
     block_n, block_k = tile["block_n"], tile["block_k"]
-    return (_descriptor(a, [block_m, block_k]), _descriptor(w2d, [block_n, block_k]),
-            _descriptor(w2d, [block_n // 2, block_k]),
-            _descriptor(out, [block_m // 2, min(block_n, 128)]),
-            _descriptor(out, [block_m // 2, block_n // 2]), triton.cdiv(out.shape[1], block_n),
-            a.shape[1], b_rows, up_offset)
+    descs = (_descriptor(a, [block_m, block_k]), _descriptor(w2d, [block_n, block_k]),
+             _descriptor(w2d, [block_n // 2, block_k]),
+             _descriptor(out, [block_m // 2, min(block_n, 128)]),
+             _descriptor(out, [block_m // 2, block_n // 2]))
+    return _Gemm(descs, triton.cdiv(out.shape[1], block_n), a.shape[1], b_rows, up_offset)
 
 
 def _programs(device, routing, n_tiles_n: int) -> int:
@@ -699,17 +730,16 @@ def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: i
     gate/up); one program per SM. With top_k, a is x [T, K] in token order instead and the
     producer gathers each block's rows itself (gate/up only). With `timeline` (int64, from
     new_timeline), the kernel records its tiles' times into it."""
-    gemm = _gemm(a, w2d, out, tile, routing.block_m, b_rows, up_offset)
-    desc, (n_tiles_n, k_dim, b_rows, up_offset) = gemm[:5], gemm[5:]
-    grouped_gemm_kernel[(_programs(a.device, routing, n_tiles_n),)](
-        *desc, routing.sorted_pair_ids,
+    g = _gemm(a, w2d, out, tile, routing.block_m, b_rows, up_offset)
+    grouped_gemm_kernel[(_programs(a.device, routing, g.n_tiles_n),)](
+        *g.descs, routing.sorted_pair_ids,
         routing.sorted_pair_ids if weights is None else weights,  # gate/up never reads it
-        routing.block_expert, routing.block_start, routing.n_blocks, n_tiles_n,
-        tile.get("group_m", 8), k_dim, routing.n_pairs, b_rows, up_offset,
+        routing.block_expert, routing.block_start, routing.n_blocks, g.n_tiles_n,
+        tile.get("group_m", 8), g.k_dim, routing.n_pairs, g.b_rows, g.up_offset,
         torch.zeros(1, dtype=torch.int32, device=a.device),  # the tile counter (a memset)
         a, top_k or 1,  # GATHER's x and k (its descriptor above only gives the stages' layout)
         routing.n_blocks if timeline is None else timeline,  # (never read without TIMELINE)
-        *gemm[:8],  # (no second GEMM: never read)
+        *g.as_second(),  # (no second GEMM: never read)
         GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=tile.get("dynamic", True),
         GATHER=0 if top_k is None else tile["gather"], TIMELINE=timeline is not None,
         num_warps=4, maxnreg=MAX_REGISTERS)
@@ -802,10 +832,10 @@ def launch_moe(a, w_gate_up, w_down, weights, routing, config: dict,
     second = _gemm(h, w_down.view(n_experts * hidden, two_f // 2), y, down, routing.block_m, hidden, 0)
     # the tile counter, then each block's count of h stores (a memset)
     counters = torch.zeros(1 + routing.max_blocks, dtype=torch.int32, device=a.device)
-    grouped_gemm_kernel[(_programs(a.device, routing, first[5] + second[5]),)](
-        *first[:5], routing.sorted_pair_ids, weights, routing.block_expert, routing.block_start,
-        routing.n_blocks, first[5], gate_up.get("group_m", 8), first[6], routing.n_pairs, first[7],
-        first[8], counters, a, top_k or 1, routing.n_blocks, *second[:8],
+    grouped_gemm_kernel[(_programs(a.device, routing, first.n_tiles_n + second.n_tiles_n),)](
+        *first.descs, routing.sorted_pair_ids, weights, routing.block_expert, routing.block_start,
+        routing.n_blocks, first.n_tiles_n, gate_up.get("group_m", 8), first.k_dim, routing.n_pairs,
+        first.b_rows, first.up_offset, counters, a, top_k or 1, routing.n_blocks, *second.as_second(),
         GATE_UP=True, STAGES=gate_up["num_stages"], DYNAMIC=True,
         GATHER=0 if top_k is None else gate_up["gather"], FUSED=True,
         num_warps=4, maxnreg=MAX_REGISTERS)
