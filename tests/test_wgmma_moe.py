@@ -130,7 +130,8 @@ print(json.dumps({"wgmma": "wgmma.mma_async" in ptx, "setmaxnreg": "setmaxnreg" 
 @pytest.mark.parametrize("gate_up, block_n, dynamic, gather, timeline, fused", [
     (True, 128, True, 0, False, False), (False, 256, True, 0, False, False), (True, 128, False, 0, False, False),
     (True, 128, True, 4, False, False), (True, 128, True, 2, False, False), (True, 128, True, 4, True, False),
-    (False, 256, True, 0, True, False), (True, 128, True, 4, False, True), (True, 128, True, 0, False, True)])
+    (False, 256, True, 0, True, False), (True, 128, True, 4, False, True), (True, 128, True, 0, False, True),
+    (True, 128, True, 4, True, True)])
 def test_kernels_compile_for_hopper_without_spills(gate_up, block_n, dynamic, gather, timeline, fused,
                                                    compiling_python):
     """The device code compiled for sm_90 here, with no GPU (Triton ships ptxas): it must build
@@ -333,6 +334,7 @@ def test_timeline_reader_on_a_hand_built_launch(monkeypatch):
     buf = torch.full((2, 3, 8, 6), -1, dtype=torch.int64)
     ghz = 2.0
     expected = {"first_stage": [], "k_loop": [], "k_waits": [], "epilogue": [], "between": []}
+    consumer_1 = {key: [] for key in expected}  # the same of consumer 1's tiles (odd numbers) alone
     for prog in range(2):
         base = int(rng.integers(10**6, 10**9))  # each SM's clock starts anywhere
         ns0 = 5000 + 300 * prog  # the second program starts 300 ns late
@@ -345,10 +347,14 @@ def test_timeline_reader_on_a_hand_built_launch(monkeypatch):
                 buf[prog, c, i] = torch.tensor([2 * i + c, t, t + first, t + first + loop, t + first + loop + epi, waited])
                 for key, v in (("first_stage", first), ("k_loop", loop), ("k_waits", waited), ("epilogue", epi)):
                     expected[key].append(v / ghz / 1e3)
+                    if c == 1:
+                        consumer_1[key].append(v / ghz / 1e3)
                 t += first + loop + epi
                 if i == 0:
                     gap = int(rng.integers(20, 200))
                     expected["between"].append(gap / ghz / 1e3)
+                    if c == 1:
+                        consumer_1["between"].append(gap / ghz / 1e3)
                     t += gap
     progs = timeline.records(buf)
     assert timeline.clock_ghz(progs) == pytest.approx(ghz)
@@ -359,6 +365,11 @@ def test_timeline_reader_on_a_hand_built_launch(monkeypatch):
     assert sum(v for k, v in s["share"].items() if k != "k_waits") == pytest.approx(1.0)
     assert s["share"]["k_waits"] * 4 * s["span_us"] == pytest.approx(sum(expected["k_waits"]))
     assert s["producer"]["metadata_us"] == pytest.approx(40 / ghz / 1e3)
+    # a one launch's GEMMs apart (by tile number): the medians of the tiles taken, the shares of all
+    odd = timeline.summarize(progs, ghz, mma_floor_us=1.0, tiles=lambda tile: tile % 2 == 1)
+    for key, values in consumer_1.items():
+        assert odd["tile_median_us"][key] == pytest.approx(float(np.median(values)))
+    assert odd["share"] == pytest.approx(s["share"])
     buf[0, 0, :, 0] = 3  # a partition that filled every slot: its last tiles were lost
     with pytest.raises(ValueError, match="TIMELINE_TILES"):
         timeline.records(buf)

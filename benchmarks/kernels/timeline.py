@@ -77,10 +77,11 @@ def clock_ghz(progs: list[dict]) -> float:
     return statistics.median(ratios)
 
 
-def summarize(progs: list[dict], ghz: float, mma_floor_us: float) -> dict:
-    """Per-tile medians (us) and each phase's share of the launch's span over all consumer
-    warpgroups (see the module docstring): k_loop, first_stage, epilogue, between and tail add up
-    to 1; k_waits is the part of k_loop spent waiting for stages."""
+def summarize(progs: list[dict], ghz: float, mma_floor_us: float, tiles=lambda tile: True) -> dict:
+    """Per-tile medians (us) of the tiles `tiles` takes (by tile number: a one-launch config's
+    GEMMs apart) and each phase's share of the launch's span over all consumer warpgroups and all
+    tiles (see the module docstring): k_loop, first_stage, epilogue, between and tail add up to 1;
+    k_waits is the part of k_loop spent waiting for stages."""
     us = 1e-3 / ghz  # us a cycle
     phases = {"first_stage": [], "k_loop": [], "k_waits": [], "epilogue": [], "between": []}
     # the K loop's waits overlap the MMAs already issued: a part of the K loop, not a phase of its own
@@ -99,17 +100,20 @@ def summarize(progs: list[dict], ghz: float, mma_floor_us: float) -> dict:
         base_clock, base_ns = p["producer"][0]["start"], p["producer"][0]["ns"]
         for rows in p["consumers"]:
             for i, r in enumerate(rows):
-                phases["first_stage"].append((r["first"] - r["start"]) * us)
-                phases["k_loop"].append((r["mma_done"] - r["first"]) * us)
-                phases["k_waits"].append(r["waited"] * us)
-                phases["epilogue"].append((r["epilogue_done"] - r["mma_done"]) * us)
+                if tiles(r["tile"]):
+                    phases["first_stage"].append((r["first"] - r["start"]) * us)
+                    phases["k_loop"].append((r["mma_done"] - r["first"]) * us)
+                    phases["k_waits"].append(r["waited"] * us)
+                    phases["epilogue"].append((r["epilogue_done"] - r["mma_done"]) * us)
                 totals["k_loop"] += (r["mma_done"] - r["first"]) * us
                 totals["k_waits"] += r["waited"] * us
                 totals["first_stage"] += (r["first"] - r["start"]) * us
                 totals["epilogue"] += (r["epilogue_done"] - r["mma_done"]) * us
                 if i + 1 < len(rows):
-                    phases["between"].append((rows[i + 1]["start"] - r["epilogue_done"]) * us)
-                    totals["between"] += phases["between"][-1]
+                    between = (rows[i + 1]["start"] - r["epilogue_done"]) * us
+                    totals["between"] += between
+                    if tiles(r["tile"]):
+                        phases["between"].append(between)
             if rows:  # before the first tile and after the last: the launch's ramp and tail
                 first_ns = base_ns + (rows[0]["start"] - base_clock) / ghz
                 last_ns = base_ns + (rows[-1]["epilogue_done"] - base_clock) / ghz
@@ -166,21 +170,30 @@ def differences(a: torch.Tensor, b: torch.Tensor) -> dict:
             "max_abs": float((a.float() - b.float())[differ].abs().max()) if differ.any() else 0.0}
 
 
-def gemms(x, w13, w2, ids, weights, config: dict) -> tuple[dict, torch.Tensor]:
+def gemms(x, w13, w2, ids, weights, config: dict) -> tuple[dict, torch.Tensor, int]:
     """{"gate_up": fn(timeline), "down": fn(timeline)}: the wgmma config's two launches on routing
-    computed once (timeline None: the records off), and which rows of their outputs hold a pair."""
+    computed once (timeline None: the records off), or {"gate_up+down": fn} for a one-launch
+    config; which rows of their outputs hold a pair; and the gate/up GEMM's tiles (a one launch's
+    tiles from there on are the down GEMM's)."""
     top_k = ids.shape[1]
     routing = launch.route(ids.reshape(-1), w13.shape[0], config)
     gather = config["gate_up"].get("gather", 0)
     a = x.contiguous() if gather else launch.gather_rows(x, routing, top_k)
-    h = wgmma_moe.launch_gate_up(a, w13, routing, config, top_k if gather else None)
-    fns = {"gate_up": lambda tl=None: wgmma_moe.launch_gate_up(a, w13, routing, config,
-                                                                top_k if gather else None, timeline=tl),
-           "down": lambda tl=None: wgmma_moe.launch_down(h, w2, weights.reshape(-1), routing, config,
-                                                         timeline=tl)}
+    rows_k = top_k if gather else None
+    if config.get("one_launch"):
+        fns = {"gate_up+down": lambda tl=None: wgmma_moe.launch_moe(
+            a, w13, w2, weights.reshape(-1), routing, config, rows_k, timeline=tl)}
+    else:
+        h = wgmma_moe.launch_gate_up(a, w13, routing, config, rows_k)
+        fns = {"gate_up": lambda tl=None: wgmma_moe.launch_gate_up(a, w13, routing, config, rows_k,
+                                                                    timeline=tl),
+               "down": lambda tl=None: wgmma_moe.launch_down(h, w2, weights.reshape(-1), routing,
+                                                             config, timeline=tl)}
     # rows of the blocks (past the last block the buffers hold rows no launch writes) that hold a pair
-    in_blocks = torch.arange(h.shape[0], device=h.device) < routing.block_start[routing.n_blocks]
-    return fns, in_blocks & (routing.sorted_pair_ids < routing.n_pairs)
+    rows = routing.sorted_pair_ids.numel()
+    in_blocks = torch.arange(rows, device=x.device) < routing.block_start[routing.n_blocks]
+    n_first = int(routing.n_blocks) * -(-(w13.shape[1] // 2) // config["gate_up"]["block_n"])
+    return fns, in_blocks & (routing.sorted_pair_ids < routing.n_pairs), n_first
 
 
 def main(argv=None) -> None:
@@ -212,7 +225,7 @@ def main(argv=None) -> None:
             for kind in args.routing:
                 ids, weights = make_routing(n_tokens, n_experts, top_k, shared=shared_columns(shape),
                                             balanced=kind == "balanced")
-                fns, real_rows = gemms(x, w13, w2, ids, weights, config)
+                fns, real_rows, n_first = gemms(x, w13, w2, ids, weights, config)
                 timed = time_many({**fns, **ceiling_runs()}, graph=list(fns), rep=30)
                 per_sm_flops = rates(timed)["matmul_flops"] / sms
                 for gemm, fn in fns.items():
@@ -226,24 +239,28 @@ def main(argv=None) -> None:
                             "records": differences(out[real_rows], fn()[real_rows])}
                     progs = records(timeline)
                     ghz = clock_ghz(progs)
-                    rows_n, k_dim = (2 * ffn, hidden) if gemm == "gate_up" else (hidden, ffn)
-                    tile_n = config[gemm]["block_n"] * (2 if gemm == "gate_up" else 1)
-                    floor = 2 * config["block_m"] * min(tile_n, rows_n) * k_dim / per_sm_flops * 1e6
                     row = f"{shape} T={n_tokens} {kind} {gemm}"
-                    s = summarize(progs, ghz, floor)
-                    s["untimed_us"] = timed[gemm]
-                    s["differences"] = same
-                    results[row] = s
-                    print(f"{row}: {s['untimed_us']:.1f} us without records, span {s['span_us']:.1f} us "
-                          f"with, {s['tiles_per_sm']:.1f} tiles an SM at {ghz:.2f} GHz")
-                    print(f"  outputs: {same}")
-                    print("  per tile (median us): " + ", ".join(f"{k} {v:.2f}" for k, v in s["tile_median_us"].items())
-                          + f"; MMA floor {floor:.2f}")
-                    print("  share of the span:    " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in s["share"].items()
-                                                             if k != "k_waits")
-                          + f" (K loop's waits {100 * s['share']['k_waits']:.1f}%)")
-                    print(f"  producer: metadata read in {s['producer']['metadata_us']:.2f} us, "
-                          f"waiting for free stages {100 * s['producer']['waits_share']:.1f}%")
+                    # (one launch: per-tile medians of each GEMM's tiles, shares of the whole launch)
+                    for part in gemm.split("+"):
+                        rows_n, k_dim = (2 * ffn, hidden) if part == "gate_up" else (hidden, ffn)
+                        tile_n = config[part]["block_n"] * (2 if part == "gate_up" else 1)
+                        floor = 2 * config["block_m"] * min(tile_n, rows_n) * k_dim / per_sm_flops * 1e6
+                        s = summarize(progs, ghz, floor, tiles=(lambda t: t < n_first) if part == "gate_up"
+                                      else (lambda t: t >= n_first) if "+" in gemm else (lambda t: True))
+                        s["untimed_us"] = timed[gemm]
+                        s["differences"] = same
+                        results[row if part == gemm else f"{row} ({part} tiles)"] = s
+                        print(f"{row}{'' if part == gemm else f' ({part} tiles)'}: {s['untimed_us']:.1f} us "
+                              f"without records, span {s['span_us']:.1f} us with, {s['tiles_per_sm']:.1f} "
+                              f"tiles an SM at {ghz:.2f} GHz")
+                        print(f"  outputs: {same}")
+                        print("  per tile (median us): " + ", ".join(f"{k} {v:.2f}" for k, v in s["tile_median_us"].items())
+                              + f"; MMA floor {floor:.2f}")
+                        print("  share of the span:    " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in s["share"].items()
+                                                                 if k != "k_waits")
+                              + f" (K loop's waits {100 * s['share']['k_waits']:.1f}%)")
+                        print(f"  producer: metadata read in {s['producer']['metadata_us']:.2f} us, "
+                              f"waiting for free stages {100 * s['producer']['waits_share']:.1f}%")
                     plot(progs, ghz, args.out / f"timeline-{shape}-{n_tokens}-{kind}-{gemm}.png", row)
                 tmp = result_path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(results, indent=1))

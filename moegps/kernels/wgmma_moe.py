@@ -813,15 +813,16 @@ def launch_down(h, w_down, weights, routing, config: dict,
     return y
 
 
-def launch_moe(a, w_gate_up, w_down, weights, routing, config: dict,
-               top_k: int | None = None) -> torch.Tensor:
+def launch_moe(a, w_gate_up, w_down, weights, routing, config: dict, top_k: int | None = None,
+               timeline: torch.Tensor | None = None) -> torch.Tensor:
     """y [max_padded, H] in expert order, as launch_down(launch_gate_up(...)) but in one launch
     (config "one_launch"): the gate/up GEMM's tiles, then the down GEMM's, each down tile's copies
     waiting until its block's h is stored. An SM that finishes its last gate/up tile goes on to
     down tiles instead of idling through the gate/up launch's tail, and the second launch's start
     is gone (NOTES.md v41, v43, v45: 1-4% faster at the 64 experts' 640-4096 tokens, about 1% at 8192, none at 16384).
-    a and top_k as launch_gate_up; the GEMMs share their stages, so the config's down tile is the
-    gate/up tile's width (check_config)."""
+    a, top_k and timeline as launch_gate_up (the records of both GEMMs' tiles, the down ones
+    numbered after the gate/up ones); the GEMMs share their stages, so the config's down tile is
+    the gate/up tile's width (check_config)."""
     n_experts, two_f, hidden = w_gate_up.shape
     gate_up, down = config["gate_up"], config["down"]
     rows = routing.sorted_pair_ids.numel()
@@ -835,8 +836,9 @@ def launch_moe(a, w_gate_up, w_down, weights, routing, config: dict,
     grouped_gemm_kernel[(_programs(a.device, routing, first.n_tiles_n + second.n_tiles_n),)](
         *first.descs, routing.sorted_pair_ids, weights, routing.block_expert, routing.block_start,
         routing.n_blocks, first.n_tiles_n, gate_up.get("group_m", 8), first.k_dim, routing.n_pairs,
-        first.b_rows, first.up_offset, counters, a, top_k or 1, routing.n_blocks, *second.as_second(),
+        first.b_rows, first.up_offset, counters, a, top_k or 1,
+        routing.n_blocks if timeline is None else timeline, *second.as_second(),
         GATE_UP=True, STAGES=gate_up["num_stages"], DYNAMIC=True,
-        GATHER=0 if top_k is None else gate_up["gather"], FUSED=True,
+        GATHER=0 if top_k is None else gate_up["gather"], TIMELINE=timeline is not None, FUSED=True,
         num_warps=4, maxnreg=MAX_REGISTERS)
     return y
