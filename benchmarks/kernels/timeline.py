@@ -261,7 +261,7 @@ def main(argv=None) -> None:
                               + f" (K loop's waits {100 * s['share']['k_waits']:.1f}%)")
                         print(f"  producer: metadata read in {s['producer']['metadata_us']:.2f} us, "
                               f"waiting for free stages {100 * s['producer']['waits_share']:.1f}%")
-                    plot(progs, ghz, args.out / f"timeline-{shape}-{n_tokens}-{kind}-{gemm}.png", row)
+                    plot(progs, ghz, args.out / f"timeline-{shape}-{n_tokens}-{kind}-{gemm.replace('+', '-')}.png", row)
                 tmp = result_path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(results, indent=1))
                 tmp.replace(result_path)
