@@ -36,9 +36,8 @@ from moegps.kernels.tune import expert_dims, shared_columns, write_winners
 
 
 def wgmma_config(block_m=128, gu_n=128, down_n=256, stages=4, group=8, block_k=64,
-                 half_tail=False, dynamic=True, gather=0, one_launch=False, defer=False) -> dict:
-    tile = {"block_k": block_k, "num_stages": stages, "group_m": group, "dynamic": dynamic,
-            **({"defer": True} if defer else {})}
+                 half_tail=False, dynamic=True, gather=0, one_launch=False) -> dict:
+    tile = {"block_k": block_k, "num_stages": stages, "group_m": group, "dynamic": dynamic}
     gate_up = {"block_n": gu_n, **tile, **({"gather": gather} if gather else {})}
     return {"path": "wgmma", "block_m": block_m, "half_tail": half_tail,
             "gate_up": gate_up, "down": {"block_n": down_n, **tile},
@@ -63,9 +62,6 @@ VARIANTS = {
     "ht_ga_1": wgmma_config(half_tail=True, gather=4, one_launch=True),
     "ht_ga_g4_1": wgmma_config(half_tail=True, gather=4, group=4, one_launch=True),
     "ht_ga_g16_1": wgmma_config(half_tail=True, gather=4, group=16, one_launch=True),
-    # each full tile's epilogue after the next tile's first MMA (NOTES.md v46)
-    "ht_d": wgmma_config(half_tail=True, defer=True),
-    "ht_ga_d": wgmma_config(half_tail=True, gather=4, defer=True),
 }
 
 
@@ -97,7 +93,7 @@ def check(name, dims, n_tokens, routing_kind, seed) -> bool:
     ref = moe_reference(x.float(), w13.float(), w2.float(), ids, weights.float()).float()
     ok = True
     outs = {}
-    for variant in [v for v in ("w128", "ht", "ht_d128", "ht_ga", "ht_1", "ht_ga_1", "ht_d", "ht_ga_d") if v in VARIANTS]:
+    for variant in [v for v in ("w128", "ht", "ht_d128", "ht_ga", "ht_1", "ht_ga_1") if v in VARIANTS]:
         out = outs[variant] = fused_moe(x, w13, w2, ids, weights, config=VARIANTS[variant])
         err = rel_err(out, ref)
         shipped = rel_err(fused_moe(x, w13, w2, ids, weights), ref)

@@ -567,146 +567,6 @@ if HAVE_GLUON:
         return step
 
     @gluon.jit
-    def _consumer_deferred(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr,
-                           GATHER: gl.constexpr, TIMELINE: gl.constexpr):
-        """_consumer's work (one GEMM a launch) with each full tile's epilogue deferred: the tile's
-        outputs are held in registers in the output dtype (gate/up: the gate and up values; down:
-        the weighted values) and stored while the next tile's first MMA runs, so that the tensor
-        cores do not idle through the epilogue (NOTES.md v46). A half-height tile keeps its
-        epilogue in place, after the held one is stored. TIMELINE: a full tile's epilogue field
-        is its outputs' conversion; their store falls in the next tile's K loop."""
-        first, second, s = p
-        (a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
-         block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
-         tile_counter_ptr, x_ptr, top_k, timeline_ptr, out_full, out_free) = s
-        (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, n_tiles_n, k_dim, b_rows,
-         up_offset) = first
-        ROWS: gl.constexpr = a_bufs.shape[1] // 2
-        WIDTH: gl.constexpr = b_bufs.shape[1]
-        layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, WIDTH, 16])
-        out_smem = _view_as(out_bufs.index(HALF), out_desc)
-        n_tiles = gl.load(n_blocks_ptr) * n_tiles_n
-        held = gl.zeros([ROWS, WIDTH], out_desc.dtype, layout)
-        held_row = n_tiles * 0 - 1  # (none held)
-        held_col = n_tiles * 0
-        step = 0
-        i = 0
-        tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
-        while tile < n_tiles:
-            record = timeline_ptr
-            if TIMELINE:
-                record = _record(timeline_ptr, HALF, i)
-                gl.store(record, tile.to(gl.int64))
-                gl.store(record + 1, _clock())
-            block, tile_n, start, n_rows = _block(tile, n_blocks_ptr, n_tiles_n, group, block_start_ptr)
-            if n_rows > ROWS:
-                step, held, held_row, held_col = _tile_mma_deferred(
-                    a_bufs, b_bufs, out_desc, out_smem, ready, empty, sorted_ptr, weights_ptr, k_dim,
-                    n_pairs, step, start + HALF * ROWS, tile_n, GATE_UP, HALF, GATHER, record,
-                    TIMELINE, held, held_row, held_col)
-            else:  # a half-height block: the held tile stored first, then this one as _consumer does
-                if held_row >= 0:
-                    _store_held(out_desc, out_smem, held, held_row, held_col, GATE_UP)
-                    held_row = held_row * 0 - 1
-                step = _tile_mma(a_bufs, b_bufs, out_half_desc,
-                                 _view_as(out_bufs.index(HALF), out_half_desc), ready, empty,
-                                 sorted_ptr, weights_ptr, k_dim, n_pairs, step, start, tile_n, GATE_UP,
-                                 HALF, True, GATHER, record, TIMELINE, (out_full, out_free, 0), False)
-            i += 1
-            tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
-        if held_row >= 0:
-            _store_held(out_desc, out_smem, held, held_row, held_col, GATE_UP)
-        tma.store_wait(0)
-
-    @gluon.jit
-    def _store_held(out_desc, out_smem, held, row, col, GATE_UP: gl.constexpr):
-        """The epilogue of a full tile held in registers (_tile_mma_deferred): gate/up's h =
-        silu(gate) * up from the held gate and up values, or the held y in two column halves
-        through the one buffer."""
-        ROWS: gl.constexpr = held.shape[0]
-        WIDTH: gl.constexpr = held.shape[1]
-        if GATE_UP:
-            gate, up = held.to(gl.float32).reshape([ROWS, 2, WIDTH // 2]).permute(0, 2, 1).split()
-            _store(out_desc, out_smem, _silu(gate) * up, row, col)
-        else:
-            left, right = held.reshape([ROWS, 2, WIDTH // 2]).permute(0, 2, 1).split()
-            _store(out_desc, out_smem, left, row, col)
-            _store(out_desc, out_smem, right, row, col + WIDTH // 2)
-
-    @gluon.jit
-    def _tile_mma_deferred(a_bufs, b_bufs, out_desc, out_smem, ready, empty, sorted_ptr,
-                           weights_ptr, k_dim, n_pairs, step, start, tile_n, GATE_UP: gl.constexpr,
-                           HALF: gl.constexpr, GATHER: gl.constexpr, record, TIMELINE: gl.constexpr,
-                           held, held_row, held_col):
-        """_tile_mma's full tile (rows start.., this warpgroup's half) with the epilogue of the
-        tile before (held, at held_row >= 0) stored once this tile's first two MMAs are issued. The
-        first two K steps are peeled so that `held` is dead in the K loop (its registers free). Returns
-        (step count, this tile's outputs in the output dtype, their first row, their column)."""
-        STAGES: gl.constexpr = a_bufs.shape[0]
-        BLOCK_K: gl.constexpr = a_bufs.shape[2]
-        ROWS: gl.constexpr = a_bufs.shape[1] // 2
-        WIDTH: gl.constexpr = b_bufs.shape[1]
-        TILE_N: gl.constexpr = WIDTH // 2 if GATE_UP else WIDTH  # output columns
-        layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, WIDTH, 16])
-        acc = gl.zeros([ROWS, WIDTH], gl.float32, layout)
-        if not GATE_UP:  # the rows' routing weights, read while the MMAs run (NOTES.md v35)
-            rows = start + gl.arange(0, ROWS, gl.SliceLayout(1, layout))
-            pair = gl.load(sorted_ptr + rows)  # padding rows hold n_pairs
-            weight = gl.load(weights_ptr + pair, mask=pair < n_pairs, other=0.0).to(gl.float32)
-        if TIMELINE:
-            waited = gl.to_tensor(0).to(gl.int64)
-        stage = step % STAGES
-        mbarrier.wait(ready.index(stage), (step // STAGES) & 1)
-        if TIMELINE:
-            gl.store(record + 2, _clock())
-        if GATHER:  # rows written by cp.async (generic proxy), read by wgmma (async proxy)
-            fence_async_shared()
-        acc = warpgroup_mma(a_bufs.index(stage).slice(HALF * ROWS, ROWS),
-                            b_bufs.index(stage).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))  # (returns at once: it runs on)
-        step += 1
-        stage = step % STAGES  # the second K step's MMA too (check_config: K >= 2 block_k)
-        mbarrier.wait(ready.index(stage), (step // STAGES) & 1)
-        if GATHER:
-            fence_async_shared()
-        acc = warpgroup_mma(a_bufs.index(stage).slice(HALF * ROWS, ROWS),
-                            b_bufs.index(stage).permute((1, 0)), acc, is_async=True)
-        if held_row >= 0:  # the tile before's epilogue, while this tile's first two MMAs run
-            _store_held(out_desc, out_smem, held, held_row, held_col, GATE_UP)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-        mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES))
-        step += 1
-        for k in range(2 * BLOCK_K, k_dim, BLOCK_K):
-            stage = step % STAGES
-            if TIMELINE:
-                before = _clock()
-            mbarrier.wait(ready.index(stage), (step // STAGES) & 1)
-            if TIMELINE:
-                waited += _clock() - before
-            if GATHER:
-                fence_async_shared()
-            acc = warpgroup_mma(a_bufs.index(stage).slice(HALF * ROWS, ROWS),
-                                b_bufs.index(stage).permute((1, 0)), acc, is_async=True)
-            # this step's MMA may run on; the step before's is done with its stage
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES))
-            step += 1
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES))
-        if TIMELINE:
-            gl.store(record + 3, _clock())
-            gl.store(record + 5, waited)
-        if GATE_UP:
-            value = acc.to(out_desc.dtype)
-        else:
-            value = (acc * weight[:, None]).to(out_desc.dtype)
-        if TIMELINE:
-            gl.store(record + 4, _clock())
-        return step, value, start, tile_n * TILE_N
-
-    @gluon.jit
     def _count_stores(count_ptr):
         """Once this partition's TMA stores are in memory, one more on *count_ptr (release, GPU
         scope): the down tiles' producers wait for a block's count before their copies read h.
@@ -768,8 +628,7 @@ if HAVE_GLUON:
                             x_ptr, top_k, timeline_ptr, a2_desc, b2_desc, b2_half_desc, out2_desc,
                             out2_half_desc, n_tiles_n2, k_dim2, b_rows2, GATE_UP: gl.constexpr,
                             STAGES: gl.constexpr, DYNAMIC: gl.constexpr, GATHER: gl.constexpr,
-                            TIMELINE: gl.constexpr = False, FUSED: gl.constexpr = False,
-                            DEFER: gl.constexpr = False):
+                            TIMELINE: gl.constexpr = False, FUSED: gl.constexpr = False):
         """GATE_UP: out = h [max_padded, F] (expert order) = silu(A @ w1^T) * (A @ w3^T), with A
         the gathered token rows and b_desc over w_gate_up [E * 2F, H] (up rows at +up_offset).
         Otherwise: out = y [max_padded, H] (expert order) = routing weight * (h @ w2^T), b_desc
@@ -815,16 +674,10 @@ if HAVE_GLUON:
                   block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
                   tile_counter_ptr, x_ptr, top_k, timeline_ptr, out_full, out_free)
         p = (first, second, shared)
-        if DEFER:  # (one GEMM a launch) each full tile's epilogue after the next tile's first MMA
-            gl.warp_specialize([(_consumer_deferred, (p, GATE_UP, 0, DYNAMIC, GATHER, TIMELINE)),
-                                (_consumer_deferred, (p, GATE_UP, 1, DYNAMIC, GATHER, TIMELINE)),
-                                (_producer, (p, GATE_UP, DYNAMIC, GATHER, TIMELINE, FUSED))],
-                               [4, PRODUCER_WARPS], [232, 80 if GATHER else 24])
-        else:
-            gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC, GATHER, TIMELINE, FUSED)),
-                                (_consumer, (p, GATE_UP, 1, DYNAMIC, GATHER, TIMELINE, FUSED)),
-                                (_producer, (p, GATE_UP, DYNAMIC, GATHER, TIMELINE, FUSED))],
-                               [4, PRODUCER_WARPS], [232, 80 if GATHER else 24])
+        gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC, GATHER, TIMELINE, FUSED)),
+                            (_consumer, (p, GATE_UP, 1, DYNAMIC, GATHER, TIMELINE, FUSED)),
+                            (_producer, (p, GATE_UP, DYNAMIC, GATHER, TIMELINE, FUSED))],
+                           [4, PRODUCER_WARPS], [232, 80 if GATHER else 24])
 
 
 # Registers a thread at launch: 168 x 3 warpgroups fill the SM's 64k; the producer's gives all but 24
@@ -889,7 +742,7 @@ def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: i
         *g.as_second(),  # (no second GEMM: never read)
         GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=tile.get("dynamic", True),
         GATHER=0 if top_k is None else tile["gather"], TIMELINE=timeline is not None,
-        DEFER=bool(tile.get("defer")), num_warps=4, maxnreg=MAX_REGISTERS)
+        num_warps=4, maxnreg=MAX_REGISTERS)
 
 
 def new_timeline(device) -> torch.Tensor:
@@ -923,10 +776,6 @@ def check_config(config: dict, x: torch.Tensor) -> None:
                          f"rows (2 or 4; 0 or absent: a launch of their own), got {config['gate_up']['gather']!r}")
     if "gather" in config["down"]:
         raise ValueError("config field 'down.gather': only the gate/up GEMM reads token rows")
-    for gemm, k_dim in (("gate_up", x.shape[1]), ("down", None)):
-        if config[gemm].get("defer") and k_dim is not None and k_dim < 2 * config[gemm]["block_k"]:
-            raise ValueError(f"config field '{gemm}.defer' needs K >= 2 block_k (two K steps before "
-                             f"the held epilogue), got K {k_dim}")
     if config.get("one_launch"):  # both GEMMs in one launch share the stages and the tile order
         gate_up, down = config["gate_up"], config["down"]
         shared = [(f"down.{field}", down.get(field, default), f"gate_up.{field}", gate_up.get(field, default))
@@ -936,9 +785,6 @@ def check_config(config: dict, x: torch.Tensor) -> None:
             if value != want:
                 raise ValueError(f"config field 'one_launch' needs {name} = {other} (the GEMMs share "
                                  f"the stages and the tile order), got {value} against {want}")
-        if gate_up.get("defer") or down.get("defer"):
-            raise ValueError("config field 'one_launch' takes no 'gate_up/down.defer' (the deferred "
-                             "epilogues are the two-launch kernels')")
         if not (gate_up.get("dynamic", True) and down.get("dynamic", True)):
             raise ValueError("config field 'one_launch' needs dynamic tiles (gate_up/down.dynamic "
                              "true or absent): a down tile may wait for gate/up tiles")
