@@ -397,3 +397,21 @@ def test_stream_probe_kernel_streams_every_box_once(monkeypatch):
             expected = w.double().sum().item() + extra
             scale = w.double().abs().sum().item() + tiles_per_expert * tokens.double().abs().sum().item()
             assert abs(out[:programs].double().sum().item() - expected) <= 1e-6 * scale, (box, toks is None)
+
+
+def test_probe_deadline_names_the_step_that_overran(monkeypatch, capsys):
+    """benchmarks/kernels/deadline.py: a step that overruns its deadline is named on stderr and
+    the expiry action runs (the probes end the process there); a step done in time leaves no
+    trace once the deadline would have passed."""
+    import time
+
+    deadline = _kernels_script(monkeypatch, "deadline").deadline
+    fired = []
+    with deadline(0.05, "check mixtral T=7", on_expiry=lambda: fired.append(True)):
+        time.sleep(0.3)
+    assert fired == [True]
+    assert "HUNG: check mixtral T=7" in capsys.readouterr().err
+    with deadline(0.1, "timing", on_expiry=lambda: fired.append(False)):
+        pass
+    time.sleep(0.25)
+    assert fired == [True] and capsys.readouterr().err == ""

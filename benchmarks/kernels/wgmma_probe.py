@@ -3,6 +3,7 @@ config and cuBLAS bmm, on one H100/H200.
 
     python benchmarks/kernels/wgmma_probe.py [--shapes ...] [--tokens 512 2048 8192]
                                              [--variants ...] [--skip-checks] [--write-config]
+                                             [--hang-seconds 150]
 
 (`--tokens` with no values: the checks only.)
 
@@ -16,6 +17,9 @@ config and cuBLAS bmm, on one H100/H200.
    and each GEMM alone ("parts": the shipped launches and the wgmma ones, gather and combine).
 3. `--write-config`: where the fastest wgmma variant beats the shipped config by >= 2% in the
    same rounds, it goes into the device's table (moegps/kernels/configs/<device>.json).
+
+A check or row that takes longer than `--hang-seconds` (a kernel that never ends) ends the run
+with "HUNG: <which>" on stderr and exit status 3 (deadline.py).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from moegps.kernels.launch import fused_moe, get_config
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.timing import make_inputs, make_routing, rel_err, time_many
 from moegps.kernels.tune import expert_dims, shared_columns, write_winners
+
+from deadline import deadline  # (a sibling script: this folder is on the path when it runs)
 
 
 def wgmma_config(block_m=128, gu_n=128, down_n=256, stages=4, group=8, block_k=64,
@@ -146,6 +152,8 @@ def main(argv=None):
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--variants", nargs="*", choices=sorted(VARIANTS),
                         help="time (and check) only these wgmma variants")
+    parser.add_argument("--hang-seconds", type=float, default=150,
+                        help="end the run, saying where, when one check or row takes longer (a hung kernel)")
     parser.add_argument("--write-config", action="store_true",
                         help="where the best wgmma variant beats the shipped config by >= 2%%, "
                              "write it into configs/<device>.json for that shape and token count")
@@ -162,12 +170,14 @@ def main(argv=None):
             for n_tokens, kind in [(1, "random"), (7, "random"), (300, "random"),
                                    (2048, "random"), (8192, "random"), (200, "empty_experts"),
                                    (333, "one_expert")]:
-                ok &= check(name, dims, n_tokens, kind, args.seed)
+                with deadline(args.hang_seconds, f"check {name} T={n_tokens} {kind}"):
+                    ok &= check(name, dims, n_tokens, kind, args.seed)
         print("checks:", "all ok" if ok else "FAILED", flush=True)
     rows = []
     for name in args.shapes:
         for n_tokens in args.tokens:
-            row = bench_row(name, expert_dims(name), n_tokens, args.seed)
+            with deadline(args.hang_seconds, f"timing {name} T={n_tokens}"):
+                row = bench_row(name, expert_dims(name), n_tokens, args.seed)
             rows.append(row)
             print(f"{name} T={n_tokens}: floor {row['floor_us']:.1f} us "
                   f"(matmul {row['matmul_TFLOPs']:.0f} TFLOP/s); " + ", ".join(
