@@ -245,12 +245,7 @@ if HAVE_GLUON:
                                                  GATHER, TIMELINE, 0, first, hand, False)
             i += 1
         if FUSED:  # the last gate/up tile's h, if the launch ended on one, and the last count
-            prev_block, prev_row, prev_col, prev_half, pend, n_stored = hand
-            if prev_block >= 0:
-                pend, n_stored = _store_handed(s, first, prev_block, prev_row, prev_col, prev_half,
-                                               pend, n_stored)
-            if pend >= 0:
-                _count_stores(tile_counter_ptr + 1 + pend)
+            _flush_handed(s, first, hand)
 
     @gluon.jit
     def _produce_tile(g, s, tile, tile_base, step, i, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr,
@@ -306,13 +301,9 @@ if HAVE_GLUON:
             start = gl.multiple_of(gl.where(keep, pair // top_k, 0).to(gl.int64) * k_dim, 8)
             src = x_ptr + start[:, None] + c[None, :]
         if h_ready > 0:  # (FUSED) the gate/up tiles' stores this producer holds first: none may wait
-            if prev_block >= 0:
-                pend, n_stored = _store_handed(s, hand_g, prev_block, prev_row, prev_col, prev_half,
-                                               pend, n_stored)
-                prev_block = prev_block * 0 - 1
-            if pend >= 0:
-                _count_stores(tile_counter_ptr + 1 + pend)
-                pend = pend * 0 - 1
+            n_stored = _flush_handed(s, hand_g, hand)
+            prev_block = prev_block * 0 - 1
+            pend = pend * 0 - 1
             _wait_count(tile_counter_ptr + 1 + block, h_ready)
         # the consumers' epilogue of the tile before ends about when this tile's first STAGES copies
         # are in the ring, where the producer waits for a free stage anyway: its h is stored then,
@@ -377,14 +368,21 @@ if HAVE_GLUON:
         return step, next_tile, (prev_block, prev_row, prev_col, prev_half, pend, n_stored)
 
     @gluon.jit
-    def _store_handed(s, g, block, row, col, half, pend, n_stored):
-        """_issue_handed, then _free_handed at once (before a down tile or at the launch's end)."""
+    def _flush_handed(s, g, hand):
+        """Everything the producer holds, at once (before a down tile, which may wait for it, or at
+        the launch's end): the handed-over h it has not stored (stored, the buffers freed) and
+        every count it owes. Returns the hand-overs stored; nothing is held or owed after."""
         (a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
          block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
          tile_counter_ptr, x_ptr, top_k, timeline_ptr, out_full, out_free) = s
-        pend, n_stored = _issue_handed(s, g, block, row, col, half, pend, n_stored)
-        _free_handed(out_free)
-        return pend, n_stored
+        prev_block, prev_row, prev_col, prev_half, pend, n_stored = hand
+        if prev_block >= 0:
+            pend, n_stored = _issue_handed(s, g, prev_block, prev_row, prev_col, prev_half, pend,
+                                           n_stored)
+            _free_handed(out_free)
+        if pend >= 0:
+            _count_stores(tile_counter_ptr + 1 + pend)
+        return n_stored
 
     @gluon.jit
     def _issue_handed(s, g, block, row, col, half, pend, n_stored):
@@ -717,10 +715,28 @@ def _gemm(a, w2d, out, tile: dict, block_m: int, b_rows: int, up_offset: int) ->
     return _Gemm(descs, triton.cdiv(out.shape[1], block_n), a.shape[1], b_rows, up_offset)
 
 
-def _programs(device, routing, n_tiles_n: int) -> int:
-    """One program per SM, or fewer where the first GEMM has fewer tiles."""
-    return min(torch.cuda.get_device_properties(device).multi_processor_count,
-               routing.max_blocks * n_tiles_n)
+def _run(first: _Gemm, second: _Gemm | None, a, weights, routing, tile: dict, gate_up: bool,
+         top_k: int | None, timeline: torch.Tensor | None) -> None:
+    """grouped_gemm_kernel on GEMM `first` (its tile settings `tile`), and with `second` the down
+    GEMM's tiles after it in the same launch (FUSED); one program per SM, or fewer where there are
+    fewer tiles. a: the first GEMM's A (x itself where top_k is given: the producer gathers)."""
+    fused = second is not None
+    n_tiles_n = first.n_tiles_n + (second.n_tiles_n if fused else 0)
+    programs = min(torch.cuda.get_device_properties(a.device).multi_processor_count,
+                   routing.max_blocks * n_tiles_n)
+    grouped_gemm_kernel[(programs,)](
+        *first.descs, routing.sorted_pair_ids,
+        routing.sorted_pair_ids if weights is None else weights,  # gate/up never reads it
+        routing.block_expert, routing.block_start, routing.n_blocks, first.n_tiles_n,
+        tile.get("group_m", 8), first.k_dim, routing.n_pairs, first.b_rows, first.up_offset,
+        # the tile counter, then (FUSED) each block's count of h stores: a memset
+        torch.zeros(1 + (routing.max_blocks if fused else 0), dtype=torch.int32, device=a.device),
+        a, top_k or 1,  # GATHER's x and k (its descriptor above only gives the stages' layout)
+        routing.n_blocks if timeline is None else timeline,  # (never read without TIMELINE)
+        *(second or first).as_second(),  # (no second GEMM: never read)
+        GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=fused or tile.get("dynamic", True),
+        GATHER=0 if top_k is None else tile["gather"], TIMELINE=timeline is not None,
+        FUSED=fused, num_warps=4, maxnreg=MAX_REGISTERS)
 
 
 def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: int,
@@ -730,19 +746,8 @@ def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: i
     gate/up); one program per SM. With top_k, a is x [T, K] in token order instead and the
     producer gathers each block's rows itself (gate/up only). With `timeline` (int64, from
     new_timeline), the kernel records its tiles' times into it."""
-    g = _gemm(a, w2d, out, tile, routing.block_m, b_rows, up_offset)
-    grouped_gemm_kernel[(_programs(a.device, routing, g.n_tiles_n),)](
-        *g.descs, routing.sorted_pair_ids,
-        routing.sorted_pair_ids if weights is None else weights,  # gate/up never reads it
-        routing.block_expert, routing.block_start, routing.n_blocks, g.n_tiles_n,
-        tile.get("group_m", 8), g.k_dim, routing.n_pairs, g.b_rows, g.up_offset,
-        torch.zeros(1, dtype=torch.int32, device=a.device),  # the tile counter (a memset)
-        a, top_k or 1,  # GATHER's x and k (its descriptor above only gives the stages' layout)
-        routing.n_blocks if timeline is None else timeline,  # (never read without TIMELINE)
-        *g.as_second(),  # (no second GEMM: never read)
-        GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=tile.get("dynamic", True),
-        GATHER=0 if top_k is None else tile["gather"], TIMELINE=timeline is not None,
-        num_warps=4, maxnreg=MAX_REGISTERS)
+    _run(_gemm(a, w2d, out, tile, routing.block_m, b_rows, up_offset), None, a, weights, routing,
+         tile, gate_up, top_k, timeline)
 
 
 def new_timeline(device) -> torch.Tensor:
@@ -831,14 +836,5 @@ def launch_moe(a, w_gate_up, w_down, weights, routing, config: dict, top_k: int 
     first = _gemm(a, w_gate_up.view(n_experts * two_f, hidden), h, gate_up, routing.block_m, two_f,
                   two_f // 2)
     second = _gemm(h, w_down.view(n_experts * hidden, two_f // 2), y, down, routing.block_m, hidden, 0)
-    # the tile counter, then each block's count of h stores (a memset)
-    counters = torch.zeros(1 + routing.max_blocks, dtype=torch.int32, device=a.device)
-    grouped_gemm_kernel[(_programs(a.device, routing, first.n_tiles_n + second.n_tiles_n),)](
-        *first.descs, routing.sorted_pair_ids, weights, routing.block_expert, routing.block_start,
-        routing.n_blocks, first.n_tiles_n, gate_up.get("group_m", 8), first.k_dim, routing.n_pairs,
-        first.b_rows, first.up_offset, counters, a, top_k or 1,
-        routing.n_blocks if timeline is None else timeline, *second.as_second(),
-        GATE_UP=True, STAGES=gate_up["num_stages"], DYNAMIC=True,
-        GATHER=0 if top_k is None else gate_up["gather"], TIMELINE=timeline is not None, FUSED=True,
-        num_warps=4, maxnreg=MAX_REGISTERS)
+    _run(first, second, a, weights, routing, gate_up, True, top_k, timeline)
     return y
