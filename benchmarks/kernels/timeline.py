@@ -177,9 +177,7 @@ def gemms(x, w13, w2, ids, weights, config: dict) -> tuple[dict, torch.Tensor, i
     tiles from there on are the down GEMM's)."""
     top_k = ids.shape[1]
     routing = launch.route(ids.reshape(-1), w13.shape[0], config)
-    gather = config["gate_up"].get("gather", 0)
-    a = x.contiguous() if gather else launch.gather_rows(x, routing, top_k)
-    rows_k = top_k if gather else None
+    a, rows_k = launch.gate_up_rows(x, routing, config, top_k)
     if config.get("one_launch"):
         fns = {"gate_up+down": lambda tl=None: wgmma_moe.launch_moe(
             a, w13, w2, weights.reshape(-1), routing, config, rows_k, timeline=tl)}

@@ -317,9 +317,17 @@ def wgmma_gate_up(x, w_gate_up, routing, config: dict, top_k: int, kernels=wgmma
     copy of wgmma_moe)."""
     if config.get("swap"):
         return wgmma_swap.launch_gate_up(gather_rows(x, routing, top_k), w_gate_up, routing, config)
+    a, rows_top_k = gate_up_rows(x, routing, config, top_k)
+    return kernels.launch_gate_up(a, w_gate_up, routing, config, top_k=rows_top_k)
+
+
+def gate_up_rows(x, routing, config: dict, top_k: int) -> tuple[torch.Tensor, int | None]:
+    """The wgmma_moe gate/up kernel's A and the top_k it gathers with: x itself and top_k where
+    the tile says "gather" (its producer copies each block's rows), else the token rows copied
+    into expert order first (gather_rows) and None."""
     if config["gate_up"].get("gather", 0):
-        return kernels.launch_gate_up(x.contiguous(), w_gate_up, routing, config, top_k=top_k)
-    return kernels.launch_gate_up(gather_rows(x, routing, top_k), w_gate_up, routing, config)
+        return x.contiguous(), top_k
+    return gather_rows(x, routing, top_k), None
 
 
 def wgmma_gemms(x, w_gate_up, w_down, weights, routing, config: dict, top_k: int) -> torch.Tensor:
@@ -327,9 +335,8 @@ def wgmma_gemms(x, w_gate_up, w_down, weights, routing, config: dict, top_k: int
     wgmma_moe.launch_moe), the token rows gathered as in wgmma_gate_up."""
     if config.get("swap"):
         raise ValueError("config field 'one_launch' is the wgmma_moe kernels' (no 'swap')")
-    gather = config["gate_up"].get("gather", 0)
-    return wgmma_moe.launch_moe(x.contiguous() if gather else gather_rows(x, routing, top_k),
-                                w_gate_up, w_down, weights, routing, config, top_k if gather else None)
+    a, rows_top_k = gate_up_rows(x, routing, config, top_k)
+    return wgmma_moe.launch_moe(a, w_gate_up, w_down, weights, routing, config, rows_top_k)
 
 
 def wgmma_kernels(config: dict):
