@@ -22,7 +22,8 @@ by benchmarks/kernels/wgmma_probe.py where they win, never chosen by default_con
 ("gather": the gate/up kernel's producer, of that many warps, copies the token rows from x itself:
 no gather launch; "one_launch": true at the top level runs both GEMMs as one launch, the down
 tiles after the gate/up tiles, which needs the down tile twice the gate/up block_n and the same
-block_k, stages and group_m: wgmma_moe.launch_moe.) With "swap": true the wgmma path runs wgmma_swap.py's kernels, weights on the
+block_k, stages and group_m: wgmma_moe.launch_moe; with it, "combine": "in_launch" sums each token's
+k rows in that launch too, past its tiles, with the same bits as the combine's own launch.) With "swap": true the wgmma path runs wgmma_swap.py's kernels, weights on the
 MMA's rows and blocks of up to block_m (128, 160, 192) token rows on its columns, an expert's rows
 padded to pad_m (64, the default, or 32); tiles of 256 weight rows:
     {"path": "wgmma", "swap": true, "block_m": 192[, "pad_m": 32][, "one": true],
@@ -301,6 +302,8 @@ def _fused_moe_wgmma(x, w_gate_up, w_down, ids, weights, config, top_k) -> torch
                          "use 'sorted' elsewhere")
     wgmma_kernels(config).check_config(config, x)
     routing = route(ids, w_gate_up.shape[0], config)
+    if config.get("combine") == "in_launch":  # (check_config: with one_launch)
+        return wgmma_gemms(x, w_gate_up, w_down, weights, routing, config, top_k, combine=True)
     if config.get("one_launch"):
         y = wgmma_gemms(x, w_gate_up, w_down, weights, routing, config, top_k)
     else:
@@ -330,13 +333,16 @@ def gate_up_rows(x, routing, config: dict, top_k: int) -> tuple[torch.Tensor, in
     return gather_rows(x, routing, top_k), None
 
 
-def wgmma_gemms(x, w_gate_up, w_down, weights, routing, config: dict, top_k: int) -> torch.Tensor:
+def wgmma_gemms(x, w_gate_up, w_down, weights, routing, config: dict, top_k: int,
+                combine: bool = False) -> torch.Tensor:
     """y [max_padded, H] in expert order from x [T, H] in one launch (config "one_launch",
-    wgmma_moe.launch_moe), the token rows gathered as in wgmma_gate_up."""
+    wgmma_moe.launch_moe), the token rows gathered as in wgmma_gate_up; with `combine`, the
+    output [T, H] itself, y's k rows of each token summed in that launch too."""
     if config.get("swap"):
         raise ValueError("config field 'one_launch' is the wgmma_moe kernels' (no 'swap')")
     a, rows_top_k = gate_up_rows(x, routing, config, top_k)
-    return wgmma_moe.launch_moe(a, w_gate_up, w_down, weights, routing, config, rows_top_k)
+    return wgmma_moe.launch_moe(a, w_gate_up, w_down, weights, routing, config, rows_top_k,
+                                combine_k=top_k if combine else 0)
 
 
 def wgmma_kernels(config: dict):

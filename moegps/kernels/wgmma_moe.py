@@ -105,6 +105,7 @@ def tile_order(tile: int, n_blocks: int, n_tiles_n: int, group: int) -> tuple[in
 
 if HAVE_GLUON:
     TILE_RING = gl.constexpr(4)  # tile ids in flight from the producer to the consumers
+    COMBINE_TOKENS = gl.constexpr(16)  # tokens a chunk of the in-launch combine (COMBINE)
     # TIMELINE: each partition's record of its tiles (benchmarks/kernels/timeline.py reads it):
     # int64 [programs, 3 partitions (consumer 0, consumer 1, producer), TIMELINE_TILES, FIELDS]
     TIMELINE_TILES = gl.constexpr(256)
@@ -209,14 +210,16 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _producer(p, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr, GATHER: gl.constexpr,
-                  TIMELINE: gl.constexpr, FUSED: gl.constexpr):
+                  TIMELINE: gl.constexpr, FUSED: gl.constexpr, COMBINE: gl.constexpr):
         """One warp (GATHER: that many): copies of every tile's operands into the ring of stages, by
         TMA, or for GATHER the token rows by cp.async, each thread arriving on the stage. DYNAMIC: it
         claims each next tile from the launch's counter and hands it to the consumers, so the
         tiles that run at once are always a window of consecutive ones (they share weight slabs
         through L2) however much the programs' paces differ (NOTES.md, session 11). FUSED: the
-        tiles past the first GEMM's are the down GEMM's, each started once its block's h is stored."""
-        first, second, s = p
+        tiles past the first GEMM's are the down GEMM's, each started once its block's h is stored.
+        COMBINE: after the tiles it hands out the k-way combine's chunks of tokens (_combine_chunk)
+        as tile numbers past the last tile's, and then one past those, which stops the consumers."""
+        first, second, s, comb = p
         (a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
          block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
          tile_counter_ptr, x_ptr, top_k, timeline_ptr, out_full, out_free) = s
@@ -246,6 +249,12 @@ if HAVE_GLUON:
             i += 1
         if FUSED:  # the last gate/up tile's h, if the launch ended on one, and the last count
             _flush_handed(s, first, hand)
+        if COMBINE:  # (the tile that ended the loop was handed over as the i-th)
+            n_ids = n_tiles + _combine_chunks(comb)
+            while tile < n_ids:
+                i += 1
+                tile = _claim(tile_counter_ptr, i, DYNAMIC)
+                _publish(tile_ids, tile_full, tile_empty, i, tile)
 
     @gluon.jit
     def _produce_tile(g, s, tile, tile_base, step, i, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr,
@@ -381,7 +390,7 @@ if HAVE_GLUON:
                                            n_stored)
             _free_handed(out_free)
         if pend >= 0:
-            _count_stores(tile_counter_ptr + 1 + pend)
+            _count_stores(tile_counter_ptr + 1 + pend, 1)
         return n_stored
 
     @gluon.jit
@@ -395,7 +404,7 @@ if HAVE_GLUON:
          block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
          tile_counter_ptr, x_ptr, top_k, timeline_ptr, out_full, out_free) = s
         if pend >= 0:
-            _count_stores(tile_counter_ptr + 1 + pend)
+            _count_stores(tile_counter_ptr + 1 + pend, 1)
         mbarrier.wait(out_full.index(0), n_stored & 1)
         mbarrier.wait(out_full.index(1), n_stored & 1)
         if half > 0:  # each warpgroup's column half of the block's rows
@@ -417,21 +426,30 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr,
-                  GATHER: gl.constexpr, TIMELINE: gl.constexpr, FUSED: gl.constexpr):
+                  GATHER: gl.constexpr, TIMELINE: gl.constexpr, FUSED: gl.constexpr,
+                  COMBINE: gl.constexpr):
         """One warpgroup: rows HALF * BLOCK_M / 2 onwards of every tile, or on a block of at most
         BLOCK_M / 2 rows all its rows and column half HALF (each consumer frees each stage once: a
         stage's barrier counts two arrivals). FUSED: the down GEMM's tiles follow the gate/up
         GEMM's, and a gate/up tile's h goes to the producer through the epilogue buffer, which
         stores and counts it (NOTES.md v43): a count on the warpgroup's own path cost it more than
-        one launch gains (v41)."""
-        first, second, s = p
+        one launch gains (v41). COMBINE: each down tile's y stores are counted on its rows' 64-row
+        slots (a release add, made at the warpgroup's next epilogue, when the stores are long done),
+        and past the tiles the warpgroup sums the k rows of its half of each chunk of tokens it is
+        handed, once their slots' counts are complete (_combine_chunk)."""
+        first, second, s, comb = p
         (a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
          block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
          tile_counter_ptr, x_ptr, top_k, timeline_ptr, out_full, out_free) = s
+        y_ptr, combined_ptr, pair_slot_ptr, y_count_ptr, n_tokens, hidden = comb
         n_tiles_n, n_first, n_tiles = _tile_counts(first, second, n_blocks_ptr, FUSED)
         step = 0
         i = 0
         n_hand = n_first * 0  # FUSED: gate/up epilogues handed to the producer to store
+        # COMBINE: the slot of the last down tile's rows whose stores are not yet counted, and by how
+        # much (a block of 128 rows: 2 on each warpgroup's slot; of 64: 1 from each column half)
+        pend = n_first * 0 - 1
+        amount = n_first * 0
         tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
         while tile < n_tiles:
             record = timeline_ptr
@@ -443,50 +461,70 @@ if HAVE_GLUON:
             # the GEMM: its own branch for each)
             if FUSED:
                 if tile >= n_first:
-                    step = _consume_tile(second, s, tile - n_first, step, False, HALF, 0, record,
-                                         TIMELINE, n_hand, True)
+                    step, pend, amount = _consume_tile(
+                        second, s, tile - n_first, step, False, HALF, 0, record, TIMELINE,
+                        (n_hand, y_count_ptr, pend, amount), True, COMBINE > 0)
                 else:
-                    step = _consume_tile(first, s, tile, step, GATE_UP, HALF, GATHER, record,
-                                         TIMELINE, n_hand, True)
+                    step, _slot, _amount = _consume_tile(
+                        first, s, tile, step, GATE_UP, HALF, GATHER, record, TIMELINE,
+                        (n_hand, y_count_ptr, pend, amount), True, False)
                     n_hand += 1
             else:
-                step = _consume_tile(first, s, tile, step, GATE_UP, HALF, GATHER, record, TIMELINE,
-                                     n_hand, False)
+                step, _slot, _amount = _consume_tile(
+                    first, s, tile, step, GATE_UP, HALF, GATHER, record, TIMELINE,
+                    (n_hand, y_count_ptr, pend, amount), False, False)
             i += 1
             tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
+        if COMBINE:
+            if pend >= 0:
+                _count_stores(y_count_ptr + pend, amount)
+            (a2_desc, b2_desc, b2_half_desc, out2_desc, out2_half_desc, n_tiles_n2, k_dim2, b_rows2,
+             up_offset2) = second
+            n_ids = n_tiles + _combine_chunks(comb)
+            while tile < n_ids:
+                _combine_chunk(comb, tile - n_tiles, HALF, 2 * n_tiles_n2, COMBINE)
+                i += 1
+                tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
         tma.store_wait(0)
 
     @gluon.jit
     def _consume_tile(g, s, tile, step, GATE_UP: gl.constexpr, HALF: gl.constexpr,
-                      GATHER: gl.constexpr, record, TIMELINE: gl.constexpr, n_hand,
-                      FUSED: gl.constexpr):
+                      GATHER: gl.constexpr, record, TIMELINE: gl.constexpr, hand,
+                      FUSED: gl.constexpr, COUNT: gl.constexpr):
         """One warpgroup's part of tile `tile` of GEMM g (_tile_mma, after the block's shape);
-        returns the step count. FUSED: the epilogue buffer is the producer's until it has stored
-        the last hand-over (n_hand of them so far), and a gate/up tile hands its h over."""
+        returns the step count and this warpgroup's 64-row slot of the tile's rows with what its
+        stores count there (see _consumer). hand: the hand-overs so far (FUSED: the epilogue
+        buffer is the producer's until it has stored the last of them, and a gate/up tile hands
+        its h over), then (COUNT) the count the tile before left to make once its stores are done."""
         (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, n_tiles_n, k_dim, b_rows, up_offset) = g
         (a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
          block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
          tile_counter_ptr, x_ptr, top_k, timeline_ptr, out_full, out_free) = s
-        hand = (out_full, out_free, n_hand)
+        n_hand, y_count_ptr, pend, amount = hand
+        hand = (out_full, out_free, n_hand, y_count_ptr, pend, amount)
         ROWS: gl.constexpr = a_bufs.shape[1] // 2
         block, tile_n, start, n_rows = _block(tile, n_blocks_ptr, n_tiles_n, group, block_start_ptr)
         if n_rows > ROWS:
             step = _tile_mma(a_bufs, b_bufs, out_desc, _view_as(out_bufs.index(HALF), out_desc),
                              ready, empty, sorted_ptr, weights_ptr, k_dim, n_pairs, step,
                              start + HALF * ROWS, tile_n, GATE_UP, HALF, False, GATHER, record,
-                             TIMELINE, hand, FUSED)
+                             TIMELINE, hand, FUSED, COUNT)
+            slot = start // ROWS + HALF
+            amount = start * 0 + 2
         else:  # a half-height block (an expert's last, align's half_tail): its rows, half the columns
             step = _tile_mma(a_bufs, b_bufs, out_half_desc,
                              _view_as(out_bufs.index(HALF), out_half_desc), ready, empty,
                              sorted_ptr, weights_ptr, k_dim, n_pairs, step, start, tile_n, GATE_UP,
-                             HALF, True, GATHER, record, TIMELINE, hand, FUSED)
-        return step
+                             HALF, True, GATHER, record, TIMELINE, hand, FUSED, COUNT)
+            slot = start // ROWS
+            amount = start * 0 + 1
+        return step, slot, amount
 
     @gluon.jit
     def _tile_mma(a_bufs, b_bufs, out_desc, out_smem, ready, empty, sorted_ptr, weights_ptr,
                   k_dim, n_pairs, step, start, tile_n, GATE_UP: gl.constexpr,
                   HALF: gl.constexpr, SPLIT_N: gl.constexpr, GATHER: gl.constexpr, record,
-                  TIMELINE: gl.constexpr, hand, FUSED: gl.constexpr):
+                  TIMELINE: gl.constexpr, hand, FUSED: gl.constexpr, COUNT: gl.constexpr):
         """One warpgroup's share of a tile: rows start.. (its row half; with SPLIT_N the tile's
         only rows, and its column half HALF), the MMAs over K, then the epilogue through shared
         memory and a TMA store, which runs on while the next tile's MMAs start (every block is a
@@ -542,7 +580,10 @@ if HAVE_GLUON:
             gl.store(record + 3, _clock())
             gl.store(record + 5, waited)
         if FUSED:
-            out_full, out_free, n_hand = hand
+            out_full, out_free, n_hand, y_count_ptr, pend, amount = hand
+            if COUNT:  # the tile before's y stores, done long since (_consumer)
+                if pend >= 0:
+                    _count_stores(y_count_ptr + pend, amount)
             mbarrier.wait(out_free.index(HALF), (n_hand & 1) ^ 1)
         if GATE_UP:  # h in expert order: h[row] = silu(gate) * up
             gate, up = acc.reshape([ROWS, 2, BLOCK_N]).permute(0, 2, 1).split()
@@ -565,9 +606,10 @@ if HAVE_GLUON:
         return step
 
     @gluon.jit
-    def _count_stores(count_ptr):
-        """Once this partition's TMA stores are in memory, one more on *count_ptr (release, GPU
-        scope): the down tiles' producers wait for a block's count before their copies read h.
+    def _count_stores(count_ptr, amount):
+        """Once this partition's TMA stores are in memory, `amount` more on *count_ptr (release, GPU
+        scope): the down tiles' producers wait for a block's count before their copies read h, the
+        combine (COMBINE) for a 64-row slot's before it reads y.
         Every thread waits for its own stores (only the issuing thread has any) and orders them
         (async proxy) before its generic accesses; the partition's barrier orders them before the
         count, which Triton issues from one thread of the partition (as the tile claims). The
@@ -575,7 +617,7 @@ if HAVE_GLUON:
         gl.inline_asm_elementwise("cp.async.bulk.wait_group 0;\nfence.proxy.async.global;\nmov.u32 $0, 0;",
                                   "=r", [], dtype=gl.int32, is_pure=False, pack=1)
         _partition_barrier()
-        gl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
+        gl.atomic_add(count_ptr, amount, sem="release", scope="gpu")
 
     @gluon.jit
     def _load_acquire(ptr):
@@ -591,6 +633,50 @@ if HAVE_GLUON:
             count = _load_acquire(count_ptr)
         gl.inline_asm_elementwise("fence.proxy.async.global;\nmov.u32 $0, 0;", "=r", [],
                                   dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _combine_chunks(comb):
+        """The k-way combine's chunks of COMBINE_TOKENS tokens (COMBINE)."""
+        y_ptr, combined_ptr, pair_slot_ptr, y_count_ptr, n_tokens, hidden = comb
+        return (n_tokens + COMBINE_TOKENS - 1) // COMBINE_TOKENS
+
+    @gluon.jit
+    def _combine_chunk(comb, chunk, HALF: gl.constexpr, complete, K: gl.constexpr):
+        """One warpgroup's half of a chunk of tokens: out[t] = sum over j of y[pair_slot[t k + j]],
+        added in fp32 in slot order and rounded once (launch.combine_sum's arithmetic, so the same
+        bits), once the count of each of those rows' 64-row slots is `complete` (every down tile
+        over them has stored its y; acquire, GPU scope). Run by the consumers past their last tile,
+        on SMs that would otherwise idle through the launch's tail."""
+        y_ptr, combined_ptr, pair_slot_ptr, y_count_ptr, n_tokens, hidden = comb
+        TOKENS: gl.constexpr = COMBINE_TOKENS // 2
+        COLS: gl.constexpr = 256
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
+        first_token = chunk * COMBINE_TOKENS + HALF * TOKENS
+        # the counts of all the tokens' rows at once ([TOKENS, 8]: k <= 8, check_config), one
+        # round trip a poll
+        pairs: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [4, 1], [1, 0])
+        pair_t = first_token + gl.arange(0, TOKENS, gl.SliceLayout(1, pairs))
+        pair_j = gl.arange(0, 8, gl.SliceLayout(0, pairs))
+        real = (pair_t < n_tokens)[:, None] & (pair_j < K)[None, :]
+        slot_counts = y_count_ptr + gl.load(pair_slot_ptr + pair_t[:, None] * K + pair_j[None, :],
+                                            mask=real, other=0) // 64
+        count = _load_acquire(slot_counts)
+        while gl.min(gl.min(gl.where(real, count, complete), 1), 0) < complete:
+            count = _load_acquire(slot_counts)
+        t = first_token + gl.arange(0, TOKENS, gl.SliceLayout(1, layout))
+        valid = t < n_tokens
+        cols = gl.arange(0, COLS, gl.SliceLayout(0, layout))
+        out_rows = t.to(gl.int64)[:, None] * hidden
+        for first_col in range(0, hidden, COLS):
+            col = first_col + cols
+            keep = valid[:, None] & (col < hidden)[None, :]
+            acc = gl.zeros([TOKENS, COLS], gl.float32, layout)
+            for j in gl.static_range(K):
+                row = gl.load(pair_slot_ptr + t * K + j, mask=valid, other=0).to(gl.int64)
+                acc += gl.load(y_ptr + row[:, None] * hidden + col[None, :], mask=keep, other=0.0,
+                               cache_modifier=".cg").to(gl.float32)
+            gl.store(combined_ptr + out_rows + col[None, :], acc.to(combined_ptr.dtype.element_ty),
+                     mask=keep)
 
     @gluon.jit
     def _silu(x):
@@ -624,9 +710,11 @@ if HAVE_GLUON:
                             weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
                             n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset, tile_counter_ptr,
                             x_ptr, top_k, timeline_ptr, a2_desc, b2_desc, b2_half_desc, out2_desc,
-                            out2_half_desc, n_tiles_n2, k_dim2, b_rows2, GATE_UP: gl.constexpr,
+                            out2_half_desc, n_tiles_n2, k_dim2, b_rows2, y_ptr, combined_ptr,
+                            pair_slot_ptr, y_count_ptr, n_tokens, hidden, GATE_UP: gl.constexpr,
                             STAGES: gl.constexpr, DYNAMIC: gl.constexpr, GATHER: gl.constexpr,
-                            TIMELINE: gl.constexpr = False, FUSED: gl.constexpr = False):
+                            TIMELINE: gl.constexpr = False, FUSED: gl.constexpr = False,
+                            COMBINE: gl.constexpr = 0):
         """GATE_UP: out = h [max_padded, F] (expert order) = silu(A @ w1^T) * (A @ w3^T), with A
         the gathered token rows and b_desc over w_gate_up [E * 2F, H] (up rows at +up_offset).
         Otherwise: out = y [max_padded, H] (expert order) = routing weight * (h @ w2^T), b_desc
@@ -645,7 +733,11 @@ if HAVE_GLUON:
         is then int32 [1 + max_blocks], zeros: the tile counter, then each block's count of h
         stores (one count a gate/up tile, by the producer), which its down tiles wait for. The stages are shared: the down
         GEMM's boxes must be the gate/up GEMM's (launch_moe checks). Otherwise the *2 arguments
-        are never read."""
+        are never read.
+        COMBINE = k (with FUSED): the k-way combine in the same launch, past the tiles:
+        combined [n_tokens, hidden] = the sum of y's rows pair_slot[t k + j] ([T k] int32, the
+        routing's inverse map; y_ptr: y itself), each once y_count_ptr (int32 [max_padded / 64],
+        zeros) shows its 64-row slot's down tiles stored. COMBINE = 0: those are never read."""
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         WIDTH: gl.constexpr = 2 * BLOCK_N if GATE_UP else BLOCK_N
@@ -671,10 +763,11 @@ if HAVE_GLUON:
         shared = (a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
                   block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
                   tile_counter_ptr, x_ptr, top_k, timeline_ptr, out_full, out_free)
-        p = (first, second, shared)
-        gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC, GATHER, TIMELINE, FUSED)),
-                            (_consumer, (p, GATE_UP, 1, DYNAMIC, GATHER, TIMELINE, FUSED)),
-                            (_producer, (p, GATE_UP, DYNAMIC, GATHER, TIMELINE, FUSED))],
+        p = (first, second, shared,
+             (y_ptr, combined_ptr, pair_slot_ptr, y_count_ptr, n_tokens, hidden))
+        gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC, GATHER, TIMELINE, FUSED, COMBINE)),
+                            (_consumer, (p, GATE_UP, 1, DYNAMIC, GATHER, TIMELINE, FUSED, COMBINE)),
+                            (_producer, (p, GATE_UP, DYNAMIC, GATHER, TIMELINE, FUSED, COMBINE))],
                            [4, PRODUCER_WARPS], [232, 80 if GATHER else 24])
 
 
@@ -716,27 +809,35 @@ def _gemm(a, w2d, out, tile: dict, block_m: int, b_rows: int, up_offset: int) ->
 
 
 def _run(first: _Gemm, second: _Gemm | None, a, weights, routing, tile: dict, gate_up: bool,
-         top_k: int | None, timeline: torch.Tensor | None) -> None:
+         top_k: int | None, timeline: torch.Tensor | None,
+         combine: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> None:
     """grouped_gemm_kernel on GEMM `first` (its tile settings `tile`), and with `second` the down
     GEMM's tiles after it in the same launch (FUSED); one program per SM, or fewer where there are
-    fewer tiles. a: the first GEMM's A (x itself where top_k is given: the producer gathers)."""
+    fewer tiles. a: the first GEMM's A (x itself where top_k is given: the producer gathers).
+    combine (FUSED only): (y, out [T, H], k), the k-way combine of y into out in the same launch."""
     fused = second is not None
     n_tiles_n = first.n_tiles_n + (second.n_tiles_n if fused else 0)
     programs = min(torch.cuda.get_device_properties(a.device).multi_processor_count,
                    routing.max_blocks * n_tiles_n)
+    # the tile counter, then (FUSED) each block's count of h stores, then (combine) each 64-row
+    # slot's count of y stores: one memset
+    n_slots = routing.sorted_pair_ids.numel() // 64 if combine else 0
+    counters = torch.zeros(1 + (routing.max_blocks if fused else 0) + n_slots, dtype=torch.int32,
+                           device=a.device)
+    y, combined, combine_k = combine or (a, a, 0)  # (no combine: never read)
     grouped_gemm_kernel[(programs,)](
         *first.descs, routing.sorted_pair_ids,
         routing.sorted_pair_ids if weights is None else weights,  # gate/up never reads it
         routing.block_expert, routing.block_start, routing.n_blocks, first.n_tiles_n,
         tile.get("group_m", 8), first.k_dim, routing.n_pairs, first.b_rows, first.up_offset,
-        # the tile counter, then (FUSED) each block's count of h stores: a memset
-        torch.zeros(1 + (routing.max_blocks if fused else 0), dtype=torch.int32, device=a.device),
-        a, top_k or 1,  # GATHER's x and k (its descriptor above only gives the stages' layout)
+        counters, a, top_k or 1,  # GATHER's x and k (its descriptor above only gives the stages' layout)
         routing.n_blocks if timeline is None else timeline,  # (never read without TIMELINE)
         *(second or first).as_second(),  # (no second GEMM: never read)
+        y, combined, routing.pair_slot, counters[counters.numel() - n_slots:], combined.shape[0],
+        y.shape[1],
         GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=fused or tile.get("dynamic", True),
         GATHER=0 if top_k is None else tile["gather"], TIMELINE=timeline is not None,
-        FUSED=fused, num_warps=4, maxnreg=MAX_REGISTERS)
+        FUSED=fused, COMBINE=combine_k, num_warps=4, maxnreg=MAX_REGISTERS)
 
 
 def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: int,
@@ -793,6 +894,13 @@ def check_config(config: dict, x: torch.Tensor) -> None:
         if not (gate_up.get("dynamic", True) and down.get("dynamic", True)):
             raise ValueError("config field 'one_launch' needs dynamic tiles (gate_up/down.dynamic "
                              "true or absent): a down tile may wait for gate/up tiles")
+    combine = config.get("combine", "sum")
+    if combine not in ("sum", "in_launch"):
+        raise ValueError(f"config field 'combine' on the 'wgmma' path must be 'sum' (a launch of its "
+                         f"own) or 'in_launch', got {combine!r}")
+    if combine == "in_launch" and not config.get("one_launch"):
+        raise ValueError("config field 'combine': 'in_launch' needs 'one_launch' (the combine runs "
+                         "past the down tiles of the same launch)")
 
 
 def launch_gate_up(a, w_gate_up, routing, config: dict, top_k: int | None = None,
@@ -819,7 +927,7 @@ def launch_down(h, w_down, weights, routing, config: dict,
 
 
 def launch_moe(a, w_gate_up, w_down, weights, routing, config: dict, top_k: int | None = None,
-               timeline: torch.Tensor | None = None) -> torch.Tensor:
+               timeline: torch.Tensor | None = None, combine_k: int = 0) -> torch.Tensor:
     """y [max_padded, H] in expert order, as launch_down(launch_gate_up(...)) but in one launch
     (config "one_launch"): the gate/up GEMM's tiles, then the down GEMM's, each down tile's copies
     waiting until its block's h is stored. An SM that finishes its last gate/up tile goes on to
@@ -827,7 +935,9 @@ def launch_moe(a, w_gate_up, w_down, weights, routing, config: dict, top_k: int 
     is gone (NOTES.md v41, v43, v45: 1-4% faster at the 64 experts' 640-4096 tokens, about 1% at 8192, none at 16384).
     a, top_k and timeline as launch_gate_up (the records of both GEMMs' tiles, the down ones
     numbered after the gate/up ones); the GEMMs share their stages, so the config's down tile is
-    the gate/up tile's width (check_config)."""
+    the gate/up tile's width (check_config). combine_k = k > 0 (config "combine": "in_launch"):
+    returns out [T, H] instead, y's k rows of each token summed in the same launch past the tiles,
+    by SMs that would idle through its tail (the bits of launch.combine_sum(y, k, slots=...))."""
     n_experts, two_f, hidden = w_gate_up.shape
     gate_up, down = config["gate_up"], config["down"]
     rows = routing.sorted_pair_ids.numel()
@@ -836,5 +946,12 @@ def launch_moe(a, w_gate_up, w_down, weights, routing, config: dict, top_k: int 
     first = _gemm(a, w_gate_up.view(n_experts * two_f, hidden), h, gate_up, routing.block_m, two_f,
                   two_f // 2)
     second = _gemm(h, w_down.view(n_experts * hidden, two_f // 2), y, down, routing.block_m, hidden, 0)
-    _run(first, second, a, weights, routing, gate_up, True, top_k, timeline)
-    return y
+    if not combine_k:
+        _run(first, second, a, weights, routing, gate_up, True, top_k, timeline)
+        return y
+    if combine_k > 8:
+        raise ValueError(f"config field 'combine': 'in_launch' sums at most 8 rows a token, got top_k "
+                         f"{combine_k}")
+    out = torch.empty(routing.n_pairs // combine_k, hidden, dtype=a.dtype, device=a.device)
+    _run(first, second, a, weights, routing, gate_up, True, top_k, timeline, (y, out, combine_k))
+    return out
