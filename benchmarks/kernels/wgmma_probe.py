@@ -42,13 +42,13 @@ from deadline import deadline  # (a sibling script: this folder is on the path w
 
 
 def wgmma_config(block_m=128, gu_n=128, down_n=256, stages=4, group=8, block_k=64,
-                 half_tail=False, dynamic=True, gather=0, one_launch=False, in_launch=False) -> dict:
+                 half_tail=False, dynamic=True, gather=0, one_launch=False, overlap=False) -> dict:
     tile = {"block_k": block_k, "num_stages": stages, "group_m": group, "dynamic": dynamic}
     gate_up = {"block_n": gu_n, **tile, **({"gather": gather} if gather else {})}
     return {"path": "wgmma", "block_m": block_m, "half_tail": half_tail,
             "gate_up": gate_up, "down": {"block_n": down_n, **tile},
-            **({"one_launch": True} if one_launch or in_launch else {}),
-            **({"combine": "in_launch"} if in_launch else {})}
+            **({"one_launch": True} if one_launch or overlap else {}),
+            **({"combine": "overlap"} if overlap else {})}
 
 
 VARIANTS = {
@@ -69,12 +69,12 @@ VARIANTS = {
     "ht_ga_1": wgmma_config(half_tail=True, gather=4, one_launch=True),
     "ht_ga_g4_1": wgmma_config(half_tail=True, gather=4, group=4, one_launch=True),
     "ht_ga_g16_1": wgmma_config(half_tail=True, gather=4, group=16, one_launch=True),
-    # and the k-way combine in that launch too, past the tiles ("combine": "in_launch")
-    "ht_ga_1c": wgmma_config(half_tail=True, gather=4, in_launch=True),
-    "ht_ga_g4_1c": wgmma_config(half_tail=True, gather=4, group=4, in_launch=True),
+    # and the k-way combine started while that launch ends ("combine": "overlap", NOTES.md v47)
+    "ht_ga_1c": wgmma_config(half_tail=True, gather=4, overlap=True),
+    "ht_ga_g4_1c": wgmma_config(half_tail=True, gather=4, group=4, overlap=True),
 }
 # the variants whose output must equal another's bit for bit: the same tiles in one launch as in
-# two, and the combine in that launch as in its own
+# two, and the combine overlapping the launch as after it
 SAME_BITS = {"ht_1": "ht", "ht_ga_1": "ht_ga", "ht_ga_1c": "ht_ga"}
 
 

@@ -105,7 +105,6 @@ def tile_order(tile: int, n_blocks: int, n_tiles_n: int, group: int) -> tuple[in
 
 if HAVE_GLUON:
     TILE_RING = gl.constexpr(4)  # tile ids in flight from the producer to the consumers
-    COMBINE_TOKENS = gl.constexpr(16)  # tokens a chunk of the in-launch combine (COMBINE)
     # TIMELINE: each partition's record of its tiles (benchmarks/kernels/timeline.py reads it):
     # int64 [programs, 3 partitions (consumer 0, consumer 1, producer), TIMELINE_TILES, FIELDS]
     TIMELINE_TILES = gl.constexpr(256)
@@ -129,6 +128,14 @@ if HAVE_GLUON:
         last record, taken over and over: benchmarks/kernels/timeline.py refuses such a launch)."""
         slot = gl.minimum(i, TIMELINE_TILES - 1)
         return timeline_ptr + ((gl.program_id(0) * 3 + role) * TIMELINE_TILES + slot) * FIELDS
+
+    @gluon.jit
+    def _launch_dependents():
+        """Let the kernel launched next with PDL be scheduled now (griddepcontrol.launch_dependents,
+        every thread of every partition): COUNT_Y's combine, which gets an SM only as this
+        launch's programs leave (their registers fill it) and reads each row once it is counted."""
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents;\nmov.u32 $0, 0;", "=r", [],
+                                  dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
     def _tile(tile, n_blocks, n_tiles_n, group):
@@ -210,20 +217,21 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _producer(p, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr, GATHER: gl.constexpr,
-                  TIMELINE: gl.constexpr, FUSED: gl.constexpr, COMBINE: gl.constexpr):
+                  TIMELINE: gl.constexpr, FUSED: gl.constexpr, COUNT_Y: gl.constexpr):
         """One warp (GATHER: that many): copies of every tile's operands into the ring of stages, by
         TMA, or for GATHER the token rows by cp.async, each thread arriving on the stage. DYNAMIC: it
         claims each next tile from the launch's counter and hands it to the consumers, so the
         tiles that run at once are always a window of consecutive ones (they share weight slabs
         through L2) however much the programs' paces differ (NOTES.md, session 11). FUSED: the
         tiles past the first GEMM's are the down GEMM's, each started once its block's h is stored.
-        COMBINE: after the tiles it hands out the k-way combine's chunks of tokens (_combine_chunk)
-        as tile numbers past the last tile's, and then one past those, which stops the consumers."""
-        first, second, s, comb = p
+        """
+        first, second, s, y_count_ptr = p
         (a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
          block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
          tile_counter_ptr, x_ptr, top_k, timeline_ptr, out_full, out_free) = s
         n_tiles_n, n_first, n_tiles = _tile_counts(first, second, n_blocks_ptr, FUSED)
+        if COUNT_Y:
+            _launch_dependents()
         step = 0
         i = 0
         none = n_first * 0 - 1
@@ -249,12 +257,6 @@ if HAVE_GLUON:
             i += 1
         if FUSED:  # the last gate/up tile's h, if the launch ended on one, and the last count
             _flush_handed(s, first, hand)
-        if COMBINE:  # (the tile that ended the loop was handed over as the i-th)
-            n_ids = n_tiles + _combine_chunks(comb)
-            while tile < n_ids:
-                i += 1
-                tile = _claim(tile_counter_ptr, i, DYNAMIC)
-                _publish(tile_ids, tile_full, tile_empty, i, tile)
 
     @gluon.jit
     def _produce_tile(g, s, tile, tile_base, step, i, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr,
@@ -427,26 +429,27 @@ if HAVE_GLUON:
     @gluon.jit
     def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr,
                   GATHER: gl.constexpr, TIMELINE: gl.constexpr, FUSED: gl.constexpr,
-                  COMBINE: gl.constexpr):
+                  COUNT_Y: gl.constexpr):
         """One warpgroup: rows HALF * BLOCK_M / 2 onwards of every tile, or on a block of at most
         BLOCK_M / 2 rows all its rows and column half HALF (each consumer frees each stage once: a
         stage's barrier counts two arrivals). FUSED: the down GEMM's tiles follow the gate/up
         GEMM's, and a gate/up tile's h goes to the producer through the epilogue buffer, which
         stores and counts it (NOTES.md v43): a count on the warpgroup's own path cost it more than
-        one launch gains (v41). COMBINE: each down tile's y stores are counted on its rows' 64-row
-        slots (a release add, made at the warpgroup's next epilogue, when the stores are long done),
-        and past the tiles the warpgroup sums the k rows of its half of each chunk of tokens it is
-        handed, once their slots' counts are complete (_combine_chunk)."""
-        first, second, s, comb = p
+        one launch gains (v41). COUNT_Y: each down tile's y stores are counted on its rows' 64-row
+        slots (a release add, made at the warpgroup's next epilogue, when the stores are long
+        done), for a combine that starts while the launch's last tiles run (launch.combine_sum's
+        `counts`)."""
+        first, second, s, y_count_ptr = p
         (a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
          block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
          tile_counter_ptr, x_ptr, top_k, timeline_ptr, out_full, out_free) = s
-        y_ptr, combined_ptr, pair_slot_ptr, y_count_ptr, n_tokens, hidden = comb
         n_tiles_n, n_first, n_tiles = _tile_counts(first, second, n_blocks_ptr, FUSED)
+        if COUNT_Y:
+            _launch_dependents()
         step = 0
         i = 0
         n_hand = n_first * 0  # FUSED: gate/up epilogues handed to the producer to store
-        # COMBINE: the slot of the last down tile's rows whose stores are not yet counted, and by how
+        # COUNT_Y: the slot of the last down tile's rows whose stores are not yet counted, and by how
         # much (a block of 128 rows: 2 on each warpgroup's slot; of 64: 1 from each column half)
         pend = n_first * 0 - 1
         amount = n_first * 0
@@ -463,7 +466,7 @@ if HAVE_GLUON:
                 if tile >= n_first:
                     step, pend, amount = _consume_tile(
                         second, s, tile - n_first, step, False, HALF, 0, record, TIMELINE,
-                        (n_hand, y_count_ptr, pend, amount), True, COMBINE > 0)
+                        (n_hand, y_count_ptr, pend, amount), True, COUNT_Y)
                 else:
                     step, _slot, _amount = _consume_tile(
                         first, s, tile, step, GATE_UP, HALF, GATHER, record, TIMELINE,
@@ -475,16 +478,9 @@ if HAVE_GLUON:
                     (n_hand, y_count_ptr, pend, amount), False, False)
             i += 1
             tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
-        if COMBINE:
+        if COUNT_Y:
             if pend >= 0:
                 _count_stores(y_count_ptr + pend, amount)
-            (a2_desc, b2_desc, b2_half_desc, out2_desc, out2_half_desc, n_tiles_n2, k_dim2, b_rows2,
-             up_offset2) = second
-            n_ids = n_tiles + _combine_chunks(comb)
-            while tile < n_ids:
-                _combine_chunk(comb, tile - n_tiles, HALF, 2 * n_tiles_n2, COMBINE)
-                i += 1
-                tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
         tma.store_wait(0)
 
     @gluon.jit
@@ -609,7 +605,7 @@ if HAVE_GLUON:
     def _count_stores(count_ptr, amount):
         """Once this partition's TMA stores are in memory, `amount` more on *count_ptr (release, GPU
         scope): the down tiles' producers wait for a block's count before their copies read h, the
-        combine (COMBINE) for a 64-row slot's before it reads y.
+        combine (COUNT_Y) for a 64-row slot's before it reads y.
         Every thread waits for its own stores (only the issuing thread has any) and orders them
         (async proxy) before its generic accesses; the partition's barrier orders them before the
         count, which Triton issues from one thread of the partition (as the tile claims). The
@@ -633,50 +629,6 @@ if HAVE_GLUON:
             count = _load_acquire(count_ptr)
         gl.inline_asm_elementwise("fence.proxy.async.global;\nmov.u32 $0, 0;", "=r", [],
                                   dtype=gl.int32, is_pure=False, pack=1)
-
-    @gluon.jit
-    def _combine_chunks(comb):
-        """The k-way combine's chunks of COMBINE_TOKENS tokens (COMBINE)."""
-        y_ptr, combined_ptr, pair_slot_ptr, y_count_ptr, n_tokens, hidden = comb
-        return (n_tokens + COMBINE_TOKENS - 1) // COMBINE_TOKENS
-
-    @gluon.jit
-    def _combine_chunk(comb, chunk, HALF: gl.constexpr, complete, K: gl.constexpr):
-        """One warpgroup's half of a chunk of tokens: out[t] = sum over j of y[pair_slot[t k + j]],
-        added in fp32 in slot order and rounded once (launch.combine_sum's arithmetic, so the same
-        bits), once the count of each of those rows' 64-row slots is `complete` (every down tile
-        over them has stored its y; acquire, GPU scope). Run by the consumers past their last tile,
-        on SMs that would otherwise idle through the launch's tail."""
-        y_ptr, combined_ptr, pair_slot_ptr, y_count_ptr, n_tokens, hidden = comb
-        TOKENS: gl.constexpr = COMBINE_TOKENS // 2
-        COLS: gl.constexpr = 256
-        layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
-        first_token = chunk * COMBINE_TOKENS + HALF * TOKENS
-        # the counts of all the tokens' rows at once ([TOKENS, 8]: k <= 8, check_config), one
-        # round trip a poll
-        pairs: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [4, 1], [1, 0])
-        pair_t = first_token + gl.arange(0, TOKENS, gl.SliceLayout(1, pairs))
-        pair_j = gl.arange(0, 8, gl.SliceLayout(0, pairs))
-        real = (pair_t < n_tokens)[:, None] & (pair_j < K)[None, :]
-        slot_counts = y_count_ptr + gl.load(pair_slot_ptr + pair_t[:, None] * K + pair_j[None, :],
-                                            mask=real, other=0) // 64
-        count = _load_acquire(slot_counts)
-        while gl.min(gl.min(gl.where(real, count, complete), 1), 0) < complete:
-            count = _load_acquire(slot_counts)
-        t = first_token + gl.arange(0, TOKENS, gl.SliceLayout(1, layout))
-        valid = t < n_tokens
-        cols = gl.arange(0, COLS, gl.SliceLayout(0, layout))
-        out_rows = t.to(gl.int64)[:, None] * hidden
-        for first_col in range(0, hidden, COLS):
-            col = first_col + cols
-            keep = valid[:, None] & (col < hidden)[None, :]
-            acc = gl.zeros([TOKENS, COLS], gl.float32, layout)
-            for j in gl.static_range(K):
-                row = gl.load(pair_slot_ptr + t * K + j, mask=valid, other=0).to(gl.int64)
-                acc += gl.load(y_ptr + row[:, None] * hidden + col[None, :], mask=keep, other=0.0,
-                               cache_modifier=".cg").to(gl.float32)
-            gl.store(combined_ptr + out_rows + col[None, :], acc.to(combined_ptr.dtype.element_ty),
-                     mask=keep)
 
     @gluon.jit
     def _silu(x):
@@ -710,11 +662,10 @@ if HAVE_GLUON:
                             weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
                             n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset, tile_counter_ptr,
                             x_ptr, top_k, timeline_ptr, a2_desc, b2_desc, b2_half_desc, out2_desc,
-                            out2_half_desc, n_tiles_n2, k_dim2, b_rows2, y_ptr, combined_ptr,
-                            pair_slot_ptr, y_count_ptr, n_tokens, hidden, GATE_UP: gl.constexpr,
-                            STAGES: gl.constexpr, DYNAMIC: gl.constexpr, GATHER: gl.constexpr,
-                            TIMELINE: gl.constexpr = False, FUSED: gl.constexpr = False,
-                            COMBINE: gl.constexpr = 0):
+                            out2_half_desc, n_tiles_n2, k_dim2, b_rows2, y_count_ptr,
+                            GATE_UP: gl.constexpr, STAGES: gl.constexpr, DYNAMIC: gl.constexpr,
+                            GATHER: gl.constexpr, TIMELINE: gl.constexpr = False,
+                            FUSED: gl.constexpr = False, COUNT_Y: gl.constexpr = False):
         """GATE_UP: out = h [max_padded, F] (expert order) = silu(A @ w1^T) * (A @ w3^T), with A
         the gathered token rows and b_desc over w_gate_up [E * 2F, H] (up rows at +up_offset).
         Otherwise: out = y [max_padded, H] (expert order) = routing weight * (h @ w2^T), b_desc
@@ -734,10 +685,12 @@ if HAVE_GLUON:
         stores (one count a gate/up tile, by the producer), which its down tiles wait for. The stages are shared: the down
         GEMM's boxes must be the gate/up GEMM's (launch_moe checks). Otherwise the *2 arguments
         are never read.
-        COMBINE = k (with FUSED): the k-way combine in the same launch, past the tiles:
-        combined [n_tokens, hidden] = the sum of y's rows pair_slot[t k + j] ([T k] int32, the
-        routing's inverse map; y_ptr: y itself), each once y_count_ptr (int32 [max_padded / 64],
-        zeros) shows its 64-row slot's down tiles stored. COMBINE = 0: those are never read."""
+        COUNT_Y (with FUSED): each down tile's y stores counted on its rows' 64-row slots,
+        y_count_ptr (int32 [max_padded / 64], zeros; 2 from each of a slot's down tiles when
+        stored), and the launch lets the kernel behind it start at once (programmatic dependent
+        launch): the k-way combine, which reads each token's rows once their slots are complete
+        (launch.combine_sum's `counts`) and so runs on SMs that would idle through the tail.
+        Without COUNT_Y, y_count_ptr is never read."""
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         WIDTH: gl.constexpr = 2 * BLOCK_N if GATE_UP else BLOCK_N
@@ -763,11 +716,10 @@ if HAVE_GLUON:
         shared = (a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
                   block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
                   tile_counter_ptr, x_ptr, top_k, timeline_ptr, out_full, out_free)
-        p = (first, second, shared,
-             (y_ptr, combined_ptr, pair_slot_ptr, y_count_ptr, n_tokens, hidden))
-        gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC, GATHER, TIMELINE, FUSED, COMBINE)),
-                            (_consumer, (p, GATE_UP, 1, DYNAMIC, GATHER, TIMELINE, FUSED, COMBINE)),
-                            (_producer, (p, GATE_UP, DYNAMIC, GATHER, TIMELINE, FUSED, COMBINE))],
+        p = (first, second, shared, y_count_ptr)
+        gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC, GATHER, TIMELINE, FUSED, COUNT_Y)),
+                            (_consumer, (p, GATE_UP, 1, DYNAMIC, GATHER, TIMELINE, FUSED, COUNT_Y)),
+                            (_producer, (p, GATE_UP, DYNAMIC, GATHER, TIMELINE, FUSED, COUNT_Y))],
                            [4, PRODUCER_WARPS], [232, 80 if GATHER else 24])
 
 
@@ -810,21 +762,22 @@ def _gemm(a, w2d, out, tile: dict, block_m: int, b_rows: int, up_offset: int) ->
 
 def _run(first: _Gemm, second: _Gemm | None, a, weights, routing, tile: dict, gate_up: bool,
          top_k: int | None, timeline: torch.Tensor | None,
-         combine: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> None:
+         count_y: bool = False) -> torch.Tensor | None:
     """grouped_gemm_kernel on GEMM `first` (its tile settings `tile`), and with `second` the down
     GEMM's tiles after it in the same launch (FUSED); one program per SM, or fewer where there are
     fewer tiles. a: the first GEMM's A (x itself where top_k is given: the producer gathers).
-    combine (FUSED only): (y, out [T, H], k), the k-way combine of y into out in the same launch."""
+    count_y (FUSED only): the down tiles' stores counted on their rows' 64-row slots (COUNT_Y);
+    returns those counts (int32 [max_padded / 64]), else None."""
     fused = second is not None
     n_tiles_n = first.n_tiles_n + (second.n_tiles_n if fused else 0)
     programs = min(torch.cuda.get_device_properties(a.device).multi_processor_count,
                    routing.max_blocks * n_tiles_n)
-    # the tile counter, then (FUSED) each block's count of h stores, then (combine) each 64-row
+    # the tile counter, then (FUSED) each block's count of h stores, then (count_y) each 64-row
     # slot's count of y stores: one memset
-    n_slots = routing.sorted_pair_ids.numel() // 64 if combine else 0
-    counters = torch.zeros(1 + (routing.max_blocks if fused else 0) + n_slots, dtype=torch.int32,
-                           device=a.device)
-    y, combined, combine_k = combine or (a, a, 0)  # (no combine: never read)
+    first_y = 1 + (routing.max_blocks if fused else 0)
+    counters = torch.zeros(first_y + (routing.sorted_pair_ids.numel() // 64 if count_y else 1),
+                           dtype=torch.int32, device=a.device)
+    y_counts = counters[first_y:]  # (never read without count_y)
     grouped_gemm_kernel[(programs,)](
         *first.descs, routing.sorted_pair_ids,
         routing.sorted_pair_ids if weights is None else weights,  # gate/up never reads it
@@ -833,11 +786,11 @@ def _run(first: _Gemm, second: _Gemm | None, a, weights, routing, tile: dict, ga
         counters, a, top_k or 1,  # GATHER's x and k (its descriptor above only gives the stages' layout)
         routing.n_blocks if timeline is None else timeline,  # (never read without TIMELINE)
         *(second or first).as_second(),  # (no second GEMM: never read)
-        y, combined, routing.pair_slot, counters[counters.numel() - n_slots:], combined.shape[0],
-        y.shape[1],
-        GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=fused or tile.get("dynamic", True),
-        GATHER=0 if top_k is None else tile["gather"], TIMELINE=timeline is not None,
-        FUSED=fused, COMBINE=combine_k, num_warps=4, maxnreg=MAX_REGISTERS)
+        y_counts, GATE_UP=gate_up, STAGES=tile["num_stages"],
+        DYNAMIC=fused or tile.get("dynamic", True), GATHER=0 if top_k is None else tile["gather"],
+        TIMELINE=timeline is not None, FUSED=fused, COUNT_Y=count_y, num_warps=4,
+        maxnreg=MAX_REGISTERS)
+    return y_counts if count_y else None
 
 
 def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: int,
@@ -895,12 +848,12 @@ def check_config(config: dict, x: torch.Tensor) -> None:
             raise ValueError("config field 'one_launch' needs dynamic tiles (gate_up/down.dynamic "
                              "true or absent): a down tile may wait for gate/up tiles")
     combine = config.get("combine", "sum")
-    if combine not in ("sum", "in_launch"):
-        raise ValueError(f"config field 'combine' on the 'wgmma' path must be 'sum' (a launch of its "
-                         f"own) or 'in_launch', got {combine!r}")
-    if combine == "in_launch" and not config.get("one_launch"):
-        raise ValueError("config field 'combine': 'in_launch' needs 'one_launch' (the combine runs "
-                         "past the down tiles of the same launch)")
+    if combine not in ("sum", "overlap"):
+        raise ValueError(f"config field 'combine' on the 'wgmma' path must be 'sum' (after the GEMMs) "
+                         f"or 'overlap', got {combine!r}")
+    if combine == "overlap" and not config.get("one_launch"):
+        raise ValueError("config field 'combine': 'overlap' needs 'one_launch' (the combine starts "
+                         "while that launch's down tiles end)")
 
 
 def launch_gate_up(a, w_gate_up, routing, config: dict, top_k: int | None = None,
@@ -927,7 +880,7 @@ def launch_down(h, w_down, weights, routing, config: dict,
 
 
 def launch_moe(a, w_gate_up, w_down, weights, routing, config: dict, top_k: int | None = None,
-               timeline: torch.Tensor | None = None, combine_k: int = 0) -> torch.Tensor:
+               timeline: torch.Tensor | None = None, count_y: bool = False):
     """y [max_padded, H] in expert order, as launch_down(launch_gate_up(...)) but in one launch
     (config "one_launch"): the gate/up GEMM's tiles, then the down GEMM's, each down tile's copies
     waiting until its block's h is stored. An SM that finishes its last gate/up tile goes on to
@@ -935,9 +888,10 @@ def launch_moe(a, w_gate_up, w_down, weights, routing, config: dict, top_k: int 
     is gone (NOTES.md v41, v43, v45: 1-4% faster at the 64 experts' 640-4096 tokens, about 1% at 8192, none at 16384).
     a, top_k and timeline as launch_gate_up (the records of both GEMMs' tiles, the down ones
     numbered after the gate/up ones); the GEMMs share their stages, so the config's down tile is
-    the gate/up tile's width (check_config). combine_k = k > 0 (config "combine": "in_launch"):
-    returns out [T, H] instead, y's k rows of each token summed in the same launch past the tiles,
-    by SMs that would idle through its tail (the bits of launch.combine_sum(y, k, slots=...))."""
+    the gate/up tile's width (check_config). count_y (config "combine": "overlap"): returns (y,
+    y_counts), y_counts int32 [max_padded / 64] on which the down tiles count their stores (see
+    grouped_gemm_kernel's COUNT_Y), and the kernel launched next may start before this one ends:
+    it must be launch.combine_sum(y, k, slots=..., counts=(y_counts, y_complete(...)))."""
     n_experts, two_f, hidden = w_gate_up.shape
     gate_up, down = config["gate_up"], config["down"]
     rows = routing.sorted_pair_ids.numel()
@@ -946,12 +900,11 @@ def launch_moe(a, w_gate_up, w_down, weights, routing, config: dict, top_k: int 
     first = _gemm(a, w_gate_up.view(n_experts * two_f, hidden), h, gate_up, routing.block_m, two_f,
                   two_f // 2)
     second = _gemm(h, w_down.view(n_experts * hidden, two_f // 2), y, down, routing.block_m, hidden, 0)
-    if not combine_k:
-        _run(first, second, a, weights, routing, gate_up, True, top_k, timeline)
-        return y
-    if combine_k > 8:
-        raise ValueError(f"config field 'combine': 'in_launch' sums at most 8 rows a token, got top_k "
-                         f"{combine_k}")
-    out = torch.empty(routing.n_pairs // combine_k, hidden, dtype=a.dtype, device=a.device)
-    _run(first, second, a, weights, routing, gate_up, True, top_k, timeline, (y, out, combine_k))
-    return out
+    y_counts = _run(first, second, a, weights, routing, gate_up, True, top_k, timeline, count_y)
+    return (y, y_counts) if count_y else y
+
+
+def y_complete(hidden: int, config: dict) -> int:
+    """A 64-row slot's y count once every down tile over it has stored (launch_moe's count_y): 2
+    from each of its down tiles, one a column tile of y."""
+    return 2 * triton.cdiv(hidden, config["down"]["block_n"])
