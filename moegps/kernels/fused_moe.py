@@ -473,9 +473,10 @@ def combine_kernel(y_ptr, slot_ptr, out_ptr, H, count_ptr, complete, TOP_K: tl.c
     if COUNTED:
         j = tl.arange(0, K_POW2)
         slot_count = count_ptr + tl.load(slot_ptr + t * TOP_K + j, mask=j < TOP_K, other=0) // 64
-        count = tl.atomic_add(slot_count, 0, sem="acquire", scope="gpu")
-        while tl.min(tl.where(j < TOP_K, count, complete), 0) < complete:
-            count = tl.atomic_add(slot_count, 0, sem="acquire", scope="gpu")
+        waiting = True  # (a scalar carried by the loop: Triton 3.6 fails on a tensor there)
+        while waiting:
+            count = tl.atomic_add(slot_count, 0, mask=j < TOP_K, sem="acquire", scope="gpu")
+            waiting = tl.min(tl.where(j < TOP_K, count, complete), 0) < complete
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = offs < H
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
