@@ -456,27 +456,15 @@ def down_sorted_kernel(
 
 
 @triton.jit
-def combine_kernel(y_ptr, slot_ptr, out_ptr, H, count_ptr, complete, TOP_K: tl.constexpr,
-                   K_POW2: tl.constexpr, BLOCK_H: tl.constexpr, GATHER: tl.constexpr = False,
-                   COUNTED: tl.constexpr = False, PDL: tl.constexpr = False):
+def combine_kernel(y_ptr, slot_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr,
+                   GATHER: tl.constexpr = False, PDL: tl.constexpr = False):
     """out[t, h tile] = sum_j y[t * TOP_K + j, h tile], added in fp32 and rounded once: the k-way
     combine after the down GEMM of the scan and sorted paths. y [T*k, H] and out [T, H] are
     contiguous; grid (T, cdiv(H, BLOCK_H)). GATHER: y is in expert order (the wgmma path), pair
     p's row is y[slot[p]]. A plain streaming kernel: torch's sum over the k dim
-    of y viewed [T, k, H] ran at 1.0-2.1 TB/s on an H100, this one at 2.7-3.05 (NOTES.md v17).
-    COUNTED (with GATHER): the kernel before is still storing y and let this one start (its
-    tail): each row is read once count_ptr[row // 64] (acquire) reaches `complete`, and the
-    wait for that kernel's end comes last, so that what follows this one starts after both."""
-    if not COUNTED:
-        wait_for_predecessor(PDL)
+    of y viewed [T, k, H] ran at 1.0-2.1 TB/s on an H100, this one at 2.7-3.05 (NOTES.md v17)."""
+    wait_for_predecessor(PDL)
     t = tl.program_id(0).to(tl.int64)
-    if COUNTED:
-        j = tl.arange(0, K_POW2)
-        slot_count = count_ptr + tl.load(slot_ptr + t * TOP_K + j, mask=j < TOP_K, other=0) // 64
-        waiting = True  # (a scalar carried by the loop: Triton 3.6 fails on a tensor there)
-        while waiting:
-            count = tl.atomic_add(slot_count, 0, mask=j < TOP_K, sem="acquire", scope="gpu")
-            waiting = tl.min(tl.where(j < TOP_K, count, complete), 0) < complete
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = offs < H
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -486,8 +474,6 @@ def combine_kernel(y_ptr, slot_ptr, out_ptr, H, count_ptr, complete, TOP_K: tl.c
             row = tl.load(slot_ptr + row).to(tl.int64)
         acc += tl.load(y_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    if COUNTED:
-        wait_for_predecessor(PDL)
 
 
 @triton.jit

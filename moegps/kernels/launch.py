@@ -22,8 +22,7 @@ by benchmarks/kernels/wgmma_probe.py where they win, never chosen by default_con
 ("gather": the gate/up kernel's producer, of that many warps, copies the token rows from x itself:
 no gather launch; "one_launch": true at the top level runs both GEMMs as one launch, the down
 tiles after the gate/up tiles, which needs the down tile twice the gate/up block_n and the same
-block_k, stages and group_m: wgmma_moe.launch_moe; with it, "combine": "overlap" sums each token's
-k rows while that launch's last tiles run (it counts each down tile's stores; the same bits). With "swap": true the wgmma path runs wgmma_swap.py's kernels, weights on the
+block_k, stages and group_m: wgmma_moe.launch_moe.) With "swap": true the wgmma path runs wgmma_swap.py's kernels, weights on the
 MMA's rows and blocks of up to block_m (128, 160, 192) token rows on its columns, an expert's rows
 padded to pad_m (64, the default, or 32); tiles of 256 weight rows:
     {"path": "wgmma", "swap": true, "block_m": 192[, "pad_m": 32][, "one": true],
@@ -302,10 +301,6 @@ def _fused_moe_wgmma(x, w_gate_up, w_down, ids, weights, config, top_k) -> torch
                          "use 'sorted' elsewhere")
     wgmma_kernels(config).check_config(config, x)
     routing = route(ids, w_gate_up.shape[0], config)
-    if config.get("combine") == "overlap":  # (check_config: with one_launch)
-        y, y_counts = wgmma_gemms(x, w_gate_up, w_down, weights, routing, config, top_k, count_y=True)
-        return combine_sum(y, top_k, slots=routing.pair_slot,
-                           counts=(y_counts, wgmma_moe.y_complete(x.shape[1], config)))
     if config.get("one_launch"):
         y = wgmma_gemms(x, w_gate_up, w_down, weights, routing, config, top_k)
     else:
@@ -335,16 +330,13 @@ def gate_up_rows(x, routing, config: dict, top_k: int) -> tuple[torch.Tensor, in
     return gather_rows(x, routing, top_k), None
 
 
-def wgmma_gemms(x, w_gate_up, w_down, weights, routing, config: dict, top_k: int,
-                count_y: bool = False):
+def wgmma_gemms(x, w_gate_up, w_down, weights, routing, config: dict, top_k: int) -> torch.Tensor:
     """y [max_padded, H] in expert order from x [T, H] in one launch (config "one_launch",
-    wgmma_moe.launch_moe), the token rows gathered as in wgmma_gate_up; with `count_y`, (y, its
-    rows' store counts) for a combine that overlaps the launch's end (launch_moe)."""
+    wgmma_moe.launch_moe), the token rows gathered as in wgmma_gate_up."""
     if config.get("swap"):
         raise ValueError("config field 'one_launch' is the wgmma_moe kernels' (no 'swap')")
     a, rows_top_k = gate_up_rows(x, routing, config, top_k)
-    return wgmma_moe.launch_moe(a, w_gate_up, w_down, weights, routing, config, rows_top_k,
-                                count_y=count_y)
+    return wgmma_moe.launch_moe(a, w_gate_up, w_down, weights, routing, config, rows_top_k)
 
 
 def wgmma_kernels(config: dict):
@@ -358,23 +350,17 @@ def wgmma_down(h, w_down, weights, routing, config: dict) -> torch.Tensor:
 
 
 def combine_sum(y: torch.Tensor, top_k: int, out: torch.Tensor | None = None,
-                slots: torch.Tensor | None = None,
-                counts: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+                slots: torch.Tensor | None = None) -> torch.Tensor:
     """out [T, H] = sum over j of y [T*k, H]'s rows t*k + j (fp32 sums, y's dtype out): the
     k-way combine, one streaming launch (combine_kernel). With `slots` [T*k] (RoutingMeta's
-    pair_slot), y is in expert order and pair p's row is y[slots[p]]. With `counts` (int32 counts
-    of y's 64-row slots, the count of a complete one; with slots), the kernel before this one is
-    still storing y (wgmma_moe.launch_moe's count_y): each row is read once its slot is complete."""
+    pair_slot), y is in expert order and pair p's row is y[slots[p]]."""
     hidden = y.shape[1]
     n_pairs = y.shape[0] if slots is None else slots.numel()
     out = torch.empty(n_pairs // top_k, hidden, dtype=y.dtype, device=y.device) if out is None else out
     block_h = min(2048, triton.next_power_of_2(hidden))
-    slot_counts, complete = counts if counts is not None else (out, 0)  # (never read without)
     combine_kernel[(n_pairs // top_k, triton.cdiv(hidden, block_h))](
-        y.contiguous(), y if slots is None else slots, out, hidden, slot_counts, complete,
-        TOP_K=top_k, K_POW2=triton.next_power_of_2(top_k), BLOCK_H=block_h,
-        GATHER=slots is not None, COUNTED=counts is not None,
-        num_warps=8 if block_h >= 2048 else 4, **launch_flags(y))
+        y.contiguous(), y if slots is None else slots, out, hidden, TOP_K=top_k, BLOCK_H=block_h,
+        GATHER=slots is not None, num_warps=8 if block_h >= 2048 else 4, **launch_flags(y))
     return out
 
 

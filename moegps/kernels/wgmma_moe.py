@@ -130,14 +130,6 @@ if HAVE_GLUON:
         return timeline_ptr + ((gl.program_id(0) * 3 + role) * TIMELINE_TILES + slot) * FIELDS
 
     @gluon.jit
-    def _launch_dependents():
-        """Let the kernel launched next with PDL be scheduled now (griddepcontrol.launch_dependents,
-        every thread of every partition): COUNT_Y's combine, which gets an SM only as this
-        launch's programs leave (their registers fill it) and reads each row once it is counted."""
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents;\nmov.u32 $0, 0;", "=r", [],
-                                  dtype=gl.int32, is_pure=False, pack=1)
-
-    @gluon.jit
     def _tile(tile, n_blocks, n_tiles_n, group):
         per_group = group * n_tiles_n
         first = (tile // per_group) * group
@@ -217,21 +209,18 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _producer(p, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr, GATHER: gl.constexpr,
-                  TIMELINE: gl.constexpr, FUSED: gl.constexpr, COUNT_Y: gl.constexpr):
+                  TIMELINE: gl.constexpr, FUSED: gl.constexpr):
         """One warp (GATHER: that many): copies of every tile's operands into the ring of stages, by
         TMA, or for GATHER the token rows by cp.async, each thread arriving on the stage. DYNAMIC: it
         claims each next tile from the launch's counter and hands it to the consumers, so the
         tiles that run at once are always a window of consecutive ones (they share weight slabs
         through L2) however much the programs' paces differ (NOTES.md, session 11). FUSED: the
-        tiles past the first GEMM's are the down GEMM's, each started once its block's h is stored.
-        """
-        first, second, s, y_count_ptr = p
+        tiles past the first GEMM's are the down GEMM's, each started once its block's h is stored."""
+        first, second, s = p
         (a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
          block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
          tile_counter_ptr, x_ptr, top_k, timeline_ptr, out_full, out_free) = s
         n_tiles_n, n_first, n_tiles = _tile_counts(first, second, n_blocks_ptr, FUSED)
-        if COUNT_Y:
-            _launch_dependents()
         step = 0
         i = 0
         none = n_first * 0 - 1
@@ -392,7 +381,7 @@ if HAVE_GLUON:
                                            n_stored)
             _free_handed(out_free)
         if pend >= 0:
-            _count_stores(tile_counter_ptr + 1 + pend, 1)
+            _count_stores(tile_counter_ptr + 1 + pend)
         return n_stored
 
     @gluon.jit
@@ -406,7 +395,7 @@ if HAVE_GLUON:
          block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
          tile_counter_ptr, x_ptr, top_k, timeline_ptr, out_full, out_free) = s
         if pend >= 0:
-            _count_stores(tile_counter_ptr + 1 + pend, 1)
+            _count_stores(tile_counter_ptr + 1 + pend)
         mbarrier.wait(out_full.index(0), n_stored & 1)
         mbarrier.wait(out_full.index(1), n_stored & 1)
         if half > 0:  # each warpgroup's column half of the block's rows
@@ -428,31 +417,21 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr,
-                  GATHER: gl.constexpr, TIMELINE: gl.constexpr, FUSED: gl.constexpr,
-                  COUNT_Y: gl.constexpr):
+                  GATHER: gl.constexpr, TIMELINE: gl.constexpr, FUSED: gl.constexpr):
         """One warpgroup: rows HALF * BLOCK_M / 2 onwards of every tile, or on a block of at most
         BLOCK_M / 2 rows all its rows and column half HALF (each consumer frees each stage once: a
         stage's barrier counts two arrivals). FUSED: the down GEMM's tiles follow the gate/up
         GEMM's, and a gate/up tile's h goes to the producer through the epilogue buffer, which
         stores and counts it (NOTES.md v43): a count on the warpgroup's own path cost it more than
-        one launch gains (v41). COUNT_Y: each down tile's y stores are counted on its rows' 64-row
-        slots (a release add, made at the warpgroup's next epilogue, when the stores are long
-        done), for a combine that starts while the launch's last tiles run (launch.combine_sum's
-        `counts`)."""
-        first, second, s, y_count_ptr = p
+        one launch gains (v41)."""
+        first, second, s = p
         (a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
          block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
          tile_counter_ptr, x_ptr, top_k, timeline_ptr, out_full, out_free) = s
         n_tiles_n, n_first, n_tiles = _tile_counts(first, second, n_blocks_ptr, FUSED)
-        if COUNT_Y:
-            _launch_dependents()
         step = 0
         i = 0
         n_hand = n_first * 0  # FUSED: gate/up epilogues handed to the producer to store
-        # COUNT_Y: the slot of the last down tile's rows whose stores are not yet counted, and by how
-        # much (a block of 128 rows: 2 on each warpgroup's slot; of 64: 1 from each column half)
-        pend = n_first * 0 - 1
-        amount = n_first * 0
         tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
         while tile < n_tiles:
             record = timeline_ptr
@@ -464,63 +443,50 @@ if HAVE_GLUON:
             # the GEMM: its own branch for each)
             if FUSED:
                 if tile >= n_first:
-                    step, pend, amount = _consume_tile(
-                        second, s, tile - n_first, step, False, HALF, 0, record, TIMELINE,
-                        (n_hand, y_count_ptr, pend, amount), True, COUNT_Y)
+                    step = _consume_tile(second, s, tile - n_first, step, False, HALF, 0, record,
+                                         TIMELINE, n_hand, True)
                 else:
-                    step, _slot, _amount = _consume_tile(
-                        first, s, tile, step, GATE_UP, HALF, GATHER, record, TIMELINE,
-                        (n_hand, y_count_ptr, pend, amount), True, False)
+                    step = _consume_tile(first, s, tile, step, GATE_UP, HALF, GATHER, record,
+                                         TIMELINE, n_hand, True)
                     n_hand += 1
             else:
-                step, _slot, _amount = _consume_tile(
-                    first, s, tile, step, GATE_UP, HALF, GATHER, record, TIMELINE,
-                    (n_hand, y_count_ptr, pend, amount), False, False)
+                step = _consume_tile(first, s, tile, step, GATE_UP, HALF, GATHER, record, TIMELINE,
+                                     n_hand, False)
             i += 1
             tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
-        if COUNT_Y:
-            if pend >= 0:
-                _count_stores(y_count_ptr + pend, amount)
         tma.store_wait(0)
 
     @gluon.jit
     def _consume_tile(g, s, tile, step, GATE_UP: gl.constexpr, HALF: gl.constexpr,
-                      GATHER: gl.constexpr, record, TIMELINE: gl.constexpr, hand,
-                      FUSED: gl.constexpr, COUNT: gl.constexpr):
+                      GATHER: gl.constexpr, record, TIMELINE: gl.constexpr, n_hand,
+                      FUSED: gl.constexpr):
         """One warpgroup's part of tile `tile` of GEMM g (_tile_mma, after the block's shape);
-        returns the step count and this warpgroup's 64-row slot of the tile's rows with what its
-        stores count there (see _consumer). hand: the hand-overs so far (FUSED: the epilogue
-        buffer is the producer's until it has stored the last of them, and a gate/up tile hands
-        its h over), then (COUNT) the count the tile before left to make once its stores are done."""
+        returns the step count. FUSED: the epilogue buffer is the producer's until it has stored
+        the last hand-over (n_hand of them so far), and a gate/up tile hands its h over."""
         (a_desc, b_desc, b_half_desc, out_desc, out_half_desc, n_tiles_n, k_dim, b_rows, up_offset) = g
         (a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
          block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
          tile_counter_ptr, x_ptr, top_k, timeline_ptr, out_full, out_free) = s
-        n_hand, y_count_ptr, pend, amount = hand
-        hand = (out_full, out_free, n_hand, y_count_ptr, pend, amount)
+        hand = (out_full, out_free, n_hand)
         ROWS: gl.constexpr = a_bufs.shape[1] // 2
         block, tile_n, start, n_rows = _block(tile, n_blocks_ptr, n_tiles_n, group, block_start_ptr)
         if n_rows > ROWS:
             step = _tile_mma(a_bufs, b_bufs, out_desc, _view_as(out_bufs.index(HALF), out_desc),
                              ready, empty, sorted_ptr, weights_ptr, k_dim, n_pairs, step,
                              start + HALF * ROWS, tile_n, GATE_UP, HALF, False, GATHER, record,
-                             TIMELINE, hand, FUSED, COUNT)
-            slot = start // ROWS + HALF
-            amount = start * 0 + 2
+                             TIMELINE, hand, FUSED)
         else:  # a half-height block (an expert's last, align's half_tail): its rows, half the columns
             step = _tile_mma(a_bufs, b_bufs, out_half_desc,
                              _view_as(out_bufs.index(HALF), out_half_desc), ready, empty,
                              sorted_ptr, weights_ptr, k_dim, n_pairs, step, start, tile_n, GATE_UP,
-                             HALF, True, GATHER, record, TIMELINE, hand, FUSED, COUNT)
-            slot = start // ROWS
-            amount = start * 0 + 1
-        return step, slot, amount
+                             HALF, True, GATHER, record, TIMELINE, hand, FUSED)
+        return step
 
     @gluon.jit
     def _tile_mma(a_bufs, b_bufs, out_desc, out_smem, ready, empty, sorted_ptr, weights_ptr,
                   k_dim, n_pairs, step, start, tile_n, GATE_UP: gl.constexpr,
                   HALF: gl.constexpr, SPLIT_N: gl.constexpr, GATHER: gl.constexpr, record,
-                  TIMELINE: gl.constexpr, hand, FUSED: gl.constexpr, COUNT: gl.constexpr):
+                  TIMELINE: gl.constexpr, hand, FUSED: gl.constexpr):
         """One warpgroup's share of a tile: rows start.. (its row half; with SPLIT_N the tile's
         only rows, and its column half HALF), the MMAs over K, then the epilogue through shared
         memory and a TMA store, which runs on while the next tile's MMAs start (every block is a
@@ -576,10 +542,7 @@ if HAVE_GLUON:
             gl.store(record + 3, _clock())
             gl.store(record + 5, waited)
         if FUSED:
-            out_full, out_free, n_hand, y_count_ptr, pend, amount = hand
-            if COUNT:  # the tile before's y stores, done long since (_consumer)
-                if pend >= 0:
-                    _count_stores(y_count_ptr + pend, amount)
+            out_full, out_free, n_hand = hand
             mbarrier.wait(out_free.index(HALF), (n_hand & 1) ^ 1)
         if GATE_UP:  # h in expert order: h[row] = silu(gate) * up
             gate, up = acc.reshape([ROWS, 2, BLOCK_N]).permute(0, 2, 1).split()
@@ -602,10 +565,9 @@ if HAVE_GLUON:
         return step
 
     @gluon.jit
-    def _count_stores(count_ptr, amount):
-        """Once this partition's TMA stores are in memory, `amount` more on *count_ptr (release, GPU
-        scope): the down tiles' producers wait for a block's count before their copies read h, the
-        combine (COUNT_Y) for a 64-row slot's before it reads y.
+    def _count_stores(count_ptr):
+        """Once this partition's TMA stores are in memory, one more on *count_ptr (release, GPU
+        scope): the down tiles' producers wait for a block's count before their copies read h.
         Every thread waits for its own stores (only the issuing thread has any) and orders them
         (async proxy) before its generic accesses; the partition's barrier orders them before the
         count, which Triton issues from one thread of the partition (as the tile claims). The
@@ -613,7 +575,7 @@ if HAVE_GLUON:
         gl.inline_asm_elementwise("cp.async.bulk.wait_group 0;\nfence.proxy.async.global;\nmov.u32 $0, 0;",
                                   "=r", [], dtype=gl.int32, is_pure=False, pack=1)
         _partition_barrier()
-        gl.atomic_add(count_ptr, amount, sem="release", scope="gpu")
+        gl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
 
     @gluon.jit
     def _load_acquire(ptr):
@@ -662,10 +624,9 @@ if HAVE_GLUON:
                             weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
                             n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset, tile_counter_ptr,
                             x_ptr, top_k, timeline_ptr, a2_desc, b2_desc, b2_half_desc, out2_desc,
-                            out2_half_desc, n_tiles_n2, k_dim2, b_rows2, y_count_ptr,
-                            GATE_UP: gl.constexpr, STAGES: gl.constexpr, DYNAMIC: gl.constexpr,
-                            GATHER: gl.constexpr, TIMELINE: gl.constexpr = False,
-                            FUSED: gl.constexpr = False, COUNT_Y: gl.constexpr = False):
+                            out2_half_desc, n_tiles_n2, k_dim2, b_rows2, GATE_UP: gl.constexpr,
+                            STAGES: gl.constexpr, DYNAMIC: gl.constexpr, GATHER: gl.constexpr,
+                            TIMELINE: gl.constexpr = False, FUSED: gl.constexpr = False):
         """GATE_UP: out = h [max_padded, F] (expert order) = silu(A @ w1^T) * (A @ w3^T), with A
         the gathered token rows and b_desc over w_gate_up [E * 2F, H] (up rows at +up_offset).
         Otherwise: out = y [max_padded, H] (expert order) = routing weight * (h @ w2^T), b_desc
@@ -684,13 +645,7 @@ if HAVE_GLUON:
         is then int32 [1 + max_blocks], zeros: the tile counter, then each block's count of h
         stores (one count a gate/up tile, by the producer), which its down tiles wait for. The stages are shared: the down
         GEMM's boxes must be the gate/up GEMM's (launch_moe checks). Otherwise the *2 arguments
-        are never read.
-        COUNT_Y (with FUSED): each down tile's y stores counted on its rows' 64-row slots,
-        y_count_ptr (int32 [max_padded / 64], zeros; 2 from each of a slot's down tiles when
-        stored), and the launch lets the kernel behind it start at once (programmatic dependent
-        launch): the k-way combine, which reads each token's rows once their slots are complete
-        (launch.combine_sum's `counts`) and so runs on SMs that would idle through the tail.
-        Without COUNT_Y, y_count_ptr is never read."""
+        are never read."""
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         WIDTH: gl.constexpr = 2 * BLOCK_N if GATE_UP else BLOCK_N
@@ -716,10 +671,10 @@ if HAVE_GLUON:
         shared = (a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
                   block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
                   tile_counter_ptr, x_ptr, top_k, timeline_ptr, out_full, out_free)
-        p = (first, second, shared, y_count_ptr)
-        gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC, GATHER, TIMELINE, FUSED, COUNT_Y)),
-                            (_consumer, (p, GATE_UP, 1, DYNAMIC, GATHER, TIMELINE, FUSED, COUNT_Y)),
-                            (_producer, (p, GATE_UP, DYNAMIC, GATHER, TIMELINE, FUSED, COUNT_Y))],
+        p = (first, second, shared)
+        gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC, GATHER, TIMELINE, FUSED)),
+                            (_consumer, (p, GATE_UP, 1, DYNAMIC, GATHER, TIMELINE, FUSED)),
+                            (_producer, (p, GATE_UP, DYNAMIC, GATHER, TIMELINE, FUSED))],
                            [4, PRODUCER_WARPS], [232, 80 if GATHER else 24])
 
 
@@ -761,36 +716,27 @@ def _gemm(a, w2d, out, tile: dict, block_m: int, b_rows: int, up_offset: int) ->
 
 
 def _run(first: _Gemm, second: _Gemm | None, a, weights, routing, tile: dict, gate_up: bool,
-         top_k: int | None, timeline: torch.Tensor | None,
-         count_y: bool = False) -> torch.Tensor | None:
+         top_k: int | None, timeline: torch.Tensor | None) -> None:
     """grouped_gemm_kernel on GEMM `first` (its tile settings `tile`), and with `second` the down
     GEMM's tiles after it in the same launch (FUSED); one program per SM, or fewer where there are
-    fewer tiles. a: the first GEMM's A (x itself where top_k is given: the producer gathers).
-    count_y (FUSED only): the down tiles' stores counted on their rows' 64-row slots (COUNT_Y);
-    returns those counts (int32 [max_padded / 64]), else None."""
+    fewer tiles. a: the first GEMM's A (x itself where top_k is given: the producer gathers)."""
     fused = second is not None
     n_tiles_n = first.n_tiles_n + (second.n_tiles_n if fused else 0)
     programs = min(torch.cuda.get_device_properties(a.device).multi_processor_count,
                    routing.max_blocks * n_tiles_n)
-    # the tile counter, then (FUSED) each block's count of h stores, then (count_y) each 64-row
-    # slot's count of y stores: one memset
-    first_y = 1 + (routing.max_blocks if fused else 0)
-    counters = torch.zeros(first_y + (routing.sorted_pair_ids.numel() // 64 if count_y else 1),
-                           dtype=torch.int32, device=a.device)
-    y_counts = counters[first_y:]  # (never read without count_y)
     grouped_gemm_kernel[(programs,)](
         *first.descs, routing.sorted_pair_ids,
         routing.sorted_pair_ids if weights is None else weights,  # gate/up never reads it
         routing.block_expert, routing.block_start, routing.n_blocks, first.n_tiles_n,
         tile.get("group_m", 8), first.k_dim, routing.n_pairs, first.b_rows, first.up_offset,
-        counters, a, top_k or 1,  # GATHER's x and k (its descriptor above only gives the stages' layout)
+        # the tile counter, then (FUSED) each block's count of h stores: a memset
+        torch.zeros(1 + (routing.max_blocks if fused else 0), dtype=torch.int32, device=a.device),
+        a, top_k or 1,  # GATHER's x and k (its descriptor above only gives the stages' layout)
         routing.n_blocks if timeline is None else timeline,  # (never read without TIMELINE)
         *(second or first).as_second(),  # (no second GEMM: never read)
-        y_counts, GATE_UP=gate_up, STAGES=tile["num_stages"],
-        DYNAMIC=fused or tile.get("dynamic", True), GATHER=0 if top_k is None else tile["gather"],
-        TIMELINE=timeline is not None, FUSED=fused, COUNT_Y=count_y, num_warps=4,
-        maxnreg=MAX_REGISTERS)
-    return y_counts if count_y else None
+        GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=fused or tile.get("dynamic", True),
+        GATHER=0 if top_k is None else tile["gather"], TIMELINE=timeline is not None,
+        FUSED=fused, num_warps=4, maxnreg=MAX_REGISTERS)
 
 
 def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: int,
@@ -847,13 +793,6 @@ def check_config(config: dict, x: torch.Tensor) -> None:
         if not (gate_up.get("dynamic", True) and down.get("dynamic", True)):
             raise ValueError("config field 'one_launch' needs dynamic tiles (gate_up/down.dynamic "
                              "true or absent): a down tile may wait for gate/up tiles")
-    combine = config.get("combine", "sum")
-    if combine not in ("sum", "overlap"):
-        raise ValueError(f"config field 'combine' on the 'wgmma' path must be 'sum' (after the GEMMs) "
-                         f"or 'overlap', got {combine!r}")
-    if combine == "overlap" and not config.get("one_launch"):
-        raise ValueError("config field 'combine': 'overlap' needs 'one_launch' (the combine starts "
-                         "while that launch's down tiles end)")
 
 
 def launch_gate_up(a, w_gate_up, routing, config: dict, top_k: int | None = None,
@@ -880,7 +819,7 @@ def launch_down(h, w_down, weights, routing, config: dict,
 
 
 def launch_moe(a, w_gate_up, w_down, weights, routing, config: dict, top_k: int | None = None,
-               timeline: torch.Tensor | None = None, count_y: bool = False):
+               timeline: torch.Tensor | None = None) -> torch.Tensor:
     """y [max_padded, H] in expert order, as launch_down(launch_gate_up(...)) but in one launch
     (config "one_launch"): the gate/up GEMM's tiles, then the down GEMM's, each down tile's copies
     waiting until its block's h is stored. An SM that finishes its last gate/up tile goes on to
@@ -888,10 +827,7 @@ def launch_moe(a, w_gate_up, w_down, weights, routing, config: dict, top_k: int 
     is gone (NOTES.md v41, v43, v45: 1-4% faster at the 64 experts' 640-4096 tokens, about 1% at 8192, none at 16384).
     a, top_k and timeline as launch_gate_up (the records of both GEMMs' tiles, the down ones
     numbered after the gate/up ones); the GEMMs share their stages, so the config's down tile is
-    the gate/up tile's width (check_config). count_y (config "combine": "overlap"): returns (y,
-    y_counts), y_counts int32 [max_padded / 64] on which the down tiles count their stores (see
-    grouped_gemm_kernel's COUNT_Y), and the kernel launched next may start before this one ends:
-    it must be launch.combine_sum(y, k, slots=..., counts=(y_counts, y_complete(...)))."""
+    the gate/up tile's width (check_config)."""
     n_experts, two_f, hidden = w_gate_up.shape
     gate_up, down = config["gate_up"], config["down"]
     rows = routing.sorted_pair_ids.numel()
@@ -900,11 +836,5 @@ def launch_moe(a, w_gate_up, w_down, weights, routing, config: dict, top_k: int 
     first = _gemm(a, w_gate_up.view(n_experts * two_f, hidden), h, gate_up, routing.block_m, two_f,
                   two_f // 2)
     second = _gemm(h, w_down.view(n_experts * hidden, two_f // 2), y, down, routing.block_m, hidden, 0)
-    y_counts = _run(first, second, a, weights, routing, gate_up, True, top_k, timeline, count_y)
-    return (y, y_counts) if count_y else y
-
-
-def y_complete(hidden: int, config: dict) -> int:
-    """A 64-row slot's y count once every down tile over it has stored (launch_moe's count_y): 2
-    from each of its down tiles, one a column tile of y."""
-    return 2 * triton.cdiv(hidden, config["down"]["block_n"])
+    _run(first, second, a, weights, routing, gate_up, True, top_k, timeline)
+    return y
