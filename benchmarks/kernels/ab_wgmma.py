@@ -43,11 +43,16 @@ def load(path: str, name: str = "wgmma_baseline"):
 
 
 def launches(module, x, w13, w2, gates, routing, config, top_k):
-    """{gate_up, down} of one version of the kernels, on buffers made once (h from a first run)."""
+    """{gate_up, down} of one version of the kernels, on buffers made once (h from a first run),
+    and for a one-launch config both GEMMs in one launch too ("gate_up+down": y)."""
     def gate_up():
         return launch.wgmma_gate_up(x, w13, routing, config, top_k, kernels=module)
     h = gate_up()
-    return {"gate_up": gate_up, "down": lambda: module.launch_down(h, w2, gates, routing, config)}
+    fns = {"gate_up": gate_up, "down": lambda: module.launch_down(h, w2, gates, routing, config)}
+    if config.get("one_launch"):
+        a, rows_top_k = launch.gate_up_rows(x, routing, config, top_k)
+        fns["gate_up+down"] = lambda: module.launch_moe(a, w13, w2, gates, routing, config, rows_top_k)
+    return fns
 
 
 def reference_h(x, w13, ids, sorted_pairs, top_k):
@@ -88,7 +93,8 @@ def main(argv=None):
             pairs = routing.sorted_pair_ids[:int(routing.n_padded[0])]
             real = pairs < routing.n_pairs  # not padding
             rows = {k: out[:real.numel()][real] for k, out in outs.items()}
-            same = all(torch.equal(rows[f"base.{p}"], rows[f"new.{p}"]) for p in ("gate_up", "down"))
+            parts = [k.removeprefix("new.") for k in fns if k.startswith("new.")]
+            same = all(torch.equal(rows[f"base.{p}"], rows[f"new.{p}"]) for p in parts)
             if same:
                 verdict = "outputs identical"
             else:
@@ -97,7 +103,7 @@ def main(argv=None):
                            f"new {timing.rel_err(rows['new.gate_up'], ref):.2e}")
             us = time_many(fns, graph=set(fns))
             cells = ", ".join(f"{p} {us[f'base.{p}']:.1f} -> {us[f'new.{p}']:.1f} us "
-                              f"({us[f'base.{p}'] / us[f'new.{p}']:.3f}x)" for p in ("gate_up", "down"))
+                              f"({us[f'base.{p}'] / us[f'new.{p}']:.3f}x)" for p in parts)
             print(f"{name:18s} T={n_tokens:6d} {'shipped' if config is not HT else 'ht'}: {cells}; {verdict}",
                   flush=True)
 
