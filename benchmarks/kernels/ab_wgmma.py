@@ -5,7 +5,8 @@
         [--shapes mixtral-8x7b deepseek-v2-lite] [--tokens 2048 8192]
 
 For each (shape, tokens): the shipped config where it is a wgmma_moe one (not swap), else the
-probe's "ht" tile; routing computed once; each GEMM launch of both versions timed by time_many (interleaved rounds,
+probe's "ht" tile; routing computed once; each GEMM launch of both versions (and for a one-launch config
+its launch of both GEMMs too) timed by time_many (interleaved rounds,
 CUDA graphs, L2 flushed by a clean read); both versions' h and y compared on the rows that hold
 pairs: identical bit for bit where the change keeps the arithmetic, else each version's h against
 an fp32 reference (relative error), which is what a change of the arithmetic must keep. One
