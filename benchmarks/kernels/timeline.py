@@ -39,6 +39,7 @@ import statistics
 from pathlib import Path
 
 import torch
+import triton
 
 from moegps.kernels import launch, wgmma_moe
 from moegps.kernels.bench import ceiling_runs, rates
@@ -190,7 +191,7 @@ def gemms(x, w13, w2, ids, weights, config: dict) -> tuple[dict, torch.Tensor, i
     # rows of the blocks (past the last block the buffers hold rows no launch writes) that hold a pair
     rows = routing.sorted_pair_ids.numel()
     in_blocks = torch.arange(rows, device=x.device) < routing.block_start[routing.n_blocks]
-    n_first = int(routing.n_blocks) * -(-(w13.shape[1] // 2) // config["gate_up"]["block_n"])
+    n_first = int(routing.n_blocks) * triton.cdiv(w13.shape[1] // 2, config["gate_up"]["block_n"])
     return fns, in_blocks & (routing.sorted_pair_ids < routing.n_pairs), n_first
 
 
@@ -243,8 +244,10 @@ def main(argv=None) -> None:
                         rows_n, k_dim = (2 * ffn, hidden) if part == "gate_up" else (hidden, ffn)
                         tile_n = config[part]["block_n"] * (2 if part == "gate_up" else 1)
                         floor = 2 * config["block_m"] * min(tile_n, rows_n) * k_dim / per_sm_flops * 1e6
-                        s = summarize(progs, ghz, floor, tiles=(lambda t: t < n_first) if part == "gate_up"
-                                      else (lambda t: t >= n_first) if "+" in gemm else (lambda t: True))
+                        # a one launch's GEMMs apart (its gate/up tiles first); a launch of its own: all
+                        tiles = ({"gate_up": lambda t: t < n_first, "down": lambda t: t >= n_first}[part]
+                                 if "+" in gemm else lambda t: True)
+                        s = summarize(progs, ghz, floor, tiles=tiles)
                         s["untimed_us"] = timed[gemm]
                         s["differences"] = same
                         results[row if part == gemm else f"{row} ({part} tiles)"] = s
