@@ -2,7 +2,8 @@
 
     python benchmarks/kernels/carried.py carry/one       # here: compile for sm_90, write the files
     (then, on the GPU machine) carried.install("carry/one") before the kernels are called
-    (swap_probe.py --cubins carry/one does it)
+    (swap_probe.py --cubins carry/one does it), or for any module with a main(argv):
+    python benchmarks/kernels/carried.py carry/one --run moegps.engine.bench --parts ttft ...
 
 Why: the `one` variant's MMAs are inline PTX on shared buffers' addresses (`gl.inline_asm`, Triton
 3.9's Gluon); the lent H200 has Triton 3.6 and no registry, and a 3.9 wheel (286 MB) is over what a
@@ -16,6 +17,7 @@ scratch pointers); 3.9's ptxas is CUDA 12.9's, which the H200's driver runs (NOT
 from __future__ import annotations
 
 import argparse
+import importlib
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -96,5 +98,14 @@ def install(folder: str | Path) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("out", type=Path)
-    compile_all(parser.parse_args().out)
+    parser.add_argument("folder", type=Path, help="where the compiled kernels go (or, with --run, are)")
+    parser.add_argument("--run", metavar="MODULE",
+                        help="install the kernels in folder, then run MODULE's main with the other arguments")
+    args, rest = parser.parse_known_args()
+    if args.run:
+        install(args.folder)
+        importlib.import_module(args.run).main(rest)
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    else:
+        compile_all(args.folder)
