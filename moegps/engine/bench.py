@@ -53,7 +53,8 @@ from unittest import mock
 
 import torch
 
-from ..executor.generate import copy_bandwidth, device_ms, set_experts_implementation, static_decode
+from ..executor.generate import (copy_bandwidth, device_ms, set_experts_implementation, static_decode,
+                                 wall_ms)
 from ..kernels.timing import gpu_clocks
 from ..shapes import ModelShape, from_name
 from . import kernels as K
@@ -420,16 +421,8 @@ def part_peers(hf, batches, context: int, new: int, compile_: bool) -> list[dict
         ids = torch.randint(3, hf.config.vocab_size, (batch, context), generator=gen).cuda()
         mask = torch.ones_like(ids)
 
-        def wall(fn, reps=2):
-            fn()
-            times = []
-            for _ in range(reps):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                fn()
-                torch.cuda.synchronize()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
+        def wall(fn):
+            return wall_ms(fn, reps=2, warmup=1)
 
         def gen_fn(n, **kw):
             return lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,

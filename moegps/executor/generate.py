@@ -276,7 +276,11 @@ def same_tokens(tokens: torch.Tensor, reference: torch.Tensor, eos: int | list |
     return True
 
 
-def _wall_ms(fn, reps=3) -> float:
+def wall_ms(fn, reps: int = 3, warmup: int = 0) -> float:
+    """Median host wall time of ``fn()`` in ms, the device synchronised around each call: for work that
+    syncs inside (``generate()``), where device events would miss the host's share."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(reps):
         torch.cuda.synchronize()
@@ -304,8 +308,8 @@ def bench_generate(model_path: str | None = None, batch: int = 1, prompt_len: in
             set_experts_implementation(model, variant)
         with torch.no_grad():
             tokens[variant] = _generate(model, ids, n_new)[:, prompt_len:].cpu()
-            t_one = _wall_ms(lambda: _generate(model, ids, 1))
-            t_all = _wall_ms(lambda: _generate(model, ids, n_new))
+            t_one = wall_ms(lambda: _generate(model, ids, 1))
+            t_all = wall_ms(lambda: _generate(model, ids, n_new))
         per_token = (t_all - t_one) / (n_new - 1)
         rows.append(dict(model=source, variant=variant, batch=batch, prompt_len=prompt_len, new_tokens=n_new,
                          decode_ms_per_token=per_token, tokens_per_s=batch * n_new / (t_all * 1e-3),
@@ -392,9 +396,9 @@ def decode_breakdown(model, ids, n_new) -> dict:
     with torch.no_grad():
         for b in blocks:
             b.time_ms = []
-        t_one = _wall_ms(lambda: _generate(model, ids, 1), reps=1)
+        t_one = wall_ms(lambda: _generate(model, ids, 1), reps=1)
         n_one = len(blocks[0].time_ms)
-        t_all = _wall_ms(lambda: _generate(model, ids, n_new), reps=1)
+        t_all = wall_ms(lambda: _generate(model, ids, n_new), reps=1)
         torch.cuda.synchronize()
         decode_moe = sum(a.elapsed_time(b) for blk in blocks for a, b in blk.time_ms[2 * n_one:])
         for b in blocks:
