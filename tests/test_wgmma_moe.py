@@ -2,7 +2,6 @@
 sm_90, its tile order, config checks and config lookup. The kernels run only on an
 sm_90 GPU, where benchmarks/kernels/wgmma_probe.py checks them against the fp32 reference."""
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +94,7 @@ def desc(block):
 """
 
 COMPILE = COMPILE_HEAD + r"""
-gate_up, block_n, dynamic, gather, timeline, fused, reduce = json.loads(sys.argv[1])
+gate_up, block_n, dynamic, gather, timeline, fused = json.loads(sys.argv[1])
 def gemm(suffix, block_n):  # one GEMM's descriptors and sizes (fused: the down GEMM's are the second)
     return {f"a{suffix}_desc": desc([128, 64]), f"b{suffix}_desc": desc([block_n, 64]),
             f"b{suffix}_half_desc": desc([block_n // 2, 64]), f"out{suffix}_desc": desc([64, 128]),
@@ -105,12 +104,12 @@ signature = {**gemm("", block_n), "sorted_ptr": "*i32", "weights_ptr": "*fp32",
              **{name: "i32" for name in ("n_tiles_n", "group", "k_dim", "n_pairs", "b_rows", "up_offset")},
              "tile_counter_ptr": "*i32", "x_ptr": "*bf16", "top_k": "i32", "timeline_ptr": "*i64",
              **gemm("2", 2 * block_n), **{name: "i32" for name in ("n_tiles_n2", "k_dim2", "b_rows2")},
-             "red_ptr": "*i32", "GATE_UP": "constexpr", "STAGES": "constexpr", "DYNAMIC": "constexpr",
-             "GATHER": "constexpr", "TIMELINE": "constexpr", "FUSED": "constexpr", "REDUCE": "constexpr"}
+             "GATE_UP": "constexpr", "STAGES": "constexpr", "DYNAMIC": "constexpr", "GATHER": "constexpr",
+             "TIMELINE": "constexpr", "FUSED": "constexpr"}
 # x_ptr 16-byte aligned, as Triton's launcher specialises an aligned pointer (the gather's cp.async)
 source = GluonASTSource(wgmma_moe.grouped_gemm_kernel, signature=signature,
                         constexprs={"GATE_UP": gate_up, "STAGES": 4, "DYNAMIC": dynamic, "GATHER": gather,
-                                    "TIMELINE": timeline, "FUSED": fused, "REDUCE": reduce},
+                                    "TIMELINE": timeline, "FUSED": fused},
                         attrs={(list(signature).index("x_ptr"),): [["tt.divisibility", 16]]})
 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": wgmma_moe.MAX_REGISTERS})
 ptx = compiled.asm["ptx"]
@@ -122,34 +121,29 @@ print(json.dumps({"wgmma": "wgmma.mma_async" in ptx, "setmaxnreg": "setmaxnreg" 
                   "counts": len(re.findall(r"(?:red|atom)\.global\.gpu\.release\.add", ptx)),
                   "count_waits": len(re.findall(r"ld\.global\.acquire\.gpu", ptx)),
                   "clocks": len(re.findall(r"%clock64", ptx)),
-                  "reductions": re.findall(r"red\.global\.add\.noftz\.v4\.bf16x2 \[[^]]+\], \{[^}]+\}", ptx),
                   "barrier_counts": sorted({int(c) for c in re.findall(r"mbarrier\.init\.shared[:\w.]*\s+\[[^]]+\],\s*(\d+)", ptx)}),
                   "shared": compiled.metadata.shared, "warps": compiled.metadata.num_warps,
                   "cubin": base64.b64encode(compiled.asm["cubin"]).decode()}))
 """
 
 
-@pytest.mark.parametrize("gate_up, block_n, dynamic, gather, timeline, fused, reduce", [
-    (True, 128, True, 0, False, False, False), (False, 256, True, 0, False, False, False),
-    (True, 128, False, 0, False, False, False), (True, 128, True, 4, False, False, False),
-    (True, 128, True, 2, False, False, False), (True, 128, True, 4, True, False, False),
-    (False, 256, True, 0, True, False, False), (True, 128, True, 4, False, True, False),
-    (True, 128, True, 0, False, True, False), (True, 128, True, 4, True, True, False),
-    (False, 256, True, 0, False, False, True), (True, 128, True, 4, False, True, True)])
+@pytest.mark.parametrize("gate_up, block_n, dynamic, gather, timeline, fused", [
+    (True, 128, True, 0, False, False), (False, 256, True, 0, False, False), (True, 128, False, 0, False, False),
+    (True, 128, True, 4, False, False), (True, 128, True, 2, False, False), (True, 128, True, 4, True, False),
+    (False, 256, True, 0, True, False), (True, 128, True, 4, False, True), (True, 128, True, 0, False, True),
+    (True, 128, True, 4, True, True)])
 def test_kernels_compile_for_hopper_without_spills(gate_up, block_n, dynamic, gather, timeline, fused,
-                                                   reduce, compiling_python):
+                                                   compiling_python):
     """The device code compiled for sm_90 here, with no GPU (Triton ships ptxas): it must build
     with this Triton's Gluon, keep its accumulators in registers (no local memory) and fit the
     227 KB of shared memory an H100/H200 block may use. With dynamic tiles, the producer's two
     claims of the tile counter are its only atomics (one thread each, the compiler's lowering).
     With the producer gathering the token rows (cp.async, `gather` warps), a stage's barrier waits
     for its TMA copies' arrival and one arrival from each of the producer's threads. With the
-    timeline (benchmarks/kernels/timeline.py), the clock is read only then, and still no spills.
-    With the down GEMM's combine ("atomic", REDUCE), its rows leave as 16-byte bf16 reductions, a
-    thread's four packed ints at its first one's address, and nowhere else."""
+    timeline (benchmarks/kernels/timeline.py), the clock is read only then, and still no spills."""
     import json
 
-    result = compiling_python(COMPILE, json.dumps([gate_up, block_n, dynamic, gather, timeline, fused, reduce]))
+    result = compiling_python(COMPILE, json.dumps([gate_up, block_n, dynamic, gather, timeline, fused]))
     if "skip" in result:
         pytest.skip(result["skip"])
     assert result["wgmma"] and result["setmaxnreg"]  # tensor cores, register handoff
@@ -160,9 +154,6 @@ def test_kernels_compile_for_hopper_without_spills(gate_up, block_n, dynamic, ga
     # fused: h stores counted on their block (release), waited for by the down tiles (acquire)
     assert (result["counts"] > 0, result["count_waits"] > 0) == (fused, fused)
     assert (result["clocks"] > 0) == timeline
-    assert (len(result["reductions"]) > 0) == reduce
-    for red in result["reductions"]:  # four distinct value registers an instruction
-        assert len(set(re.findall(r"%r\d+", red.split("{")[1]))) == 4, red
     assert (result["cp_async"] > 0, result["cp_async_arrive"] > 0) == (bool(gather), bool(gather))
     # barriers wait for the producer (1), for both consumer warpgroups (2), or (gather) for the
     # producer's TMA copies and each of its threads' row copies (1 + 32 x warps)
@@ -424,20 +415,3 @@ def test_probe_deadline_names_the_step_that_overran(monkeypatch, capsys):
         pass
     time.sleep(0.25)
     assert fired == [True] and capsys.readouterr().err == ""
-
-
-def test_atomic_combine_adds_into_a_zeroed_output_of_the_tokens():
-    """"combine": "atomic" on the wgmma path: the down kernel adds each row into an output of one
-    row a token (pairs / k), which must start at zero, and y only shapes its descriptors (a box's
-    rows); it adds bf16, so other dtypes are a clear error naming the field."""
-    from types import SimpleNamespace
-
-    routing = SimpleNamespace(n_pairs=6 * 37, block_m=128)
-    h = torch.randn(512, 24, dtype=torch.bfloat16).add_(1)  # nonzero: a dirty allocation stands for one
-    y, reduce = wgmma_moe._down_output(h, 40, routing, None)
-    assert y.shape == (512, 40) and reduce is None
-    y, (out, k) = wgmma_moe._down_output(h, 40, routing, 6)
-    assert (out.shape, out.dtype, k) == ((37, 40), torch.bfloat16, 6) and not out.any()
-    assert y.shape == (64, 40)
-    with pytest.raises(ValueError, match="combine"):
-        wgmma_moe._down_output(h.half(), 40, routing, 6)

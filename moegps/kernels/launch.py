@@ -36,10 +36,7 @@ weight tile is loaded by one program; its tiles are those of the sorted path, wi
      "down": {"block_n": 256, ...}}
 A scan, sorted or swap config may set "combine": "atomic": the down GEMM adds its tiles into an fp32
 [T, H] accumulator with atomics instead of writing y [T*k, H] for a k-way sum afterwards (the
-default, "sum", is deterministic; "atomic" varies in the last bits from run to run). On the wgmma
-path (its wgmma_moe kernels, bf16), "atomic" adds each row into the bf16 output by 16-byte
-reductions in L2 (wgmma_moe._reduce_rows): y is never written nor read back, and a token's k adds
-round to bf16 in an order that varies from run to run.
+default, "sum", is deterministic; "atomic" varies in the last bits from run to run).
 """
 
 from __future__ import annotations
@@ -303,17 +300,13 @@ def _fused_moe_wgmma(x, w_gate_up, w_down, ids, weights, config, top_k) -> torch
         raise ValueError("config path 'wgmma' runs only on a Hopper GPU (sm_90) with Gluon; "
                          "use 'sorted' elsewhere")
     wgmma_kernels(config).check_config(config, x)
-    combine_k = top_k if combine_atomic(config, top_k) else None  # the down GEMM sums the k rows
-    if combine_k and config.get("swap"):
-        raise ValueError("config field 'combine': 'atomic' on the wgmma path runs in the wgmma_moe "
-                         "kernels (a config without 'swap')")
     routing = route(ids, w_gate_up.shape[0], config)
     if config.get("one_launch"):
-        y = wgmma_gemms(x, w_gate_up, w_down, weights, routing, config, top_k, combine_k)
+        y = wgmma_gemms(x, w_gate_up, w_down, weights, routing, config, top_k)
     else:
         h = wgmma_gate_up(x, w_gate_up, routing, config, top_k)
-        y = wgmma_down(h, w_down, weights, routing, config, combine_k)
-    return y if combine_k else combine_sum(y, top_k, slots=routing.pair_slot)
+        y = wgmma_down(h, w_down, weights, routing, config)
+    return combine_sum(y, top_k, slots=routing.pair_slot)
 
 
 def wgmma_gate_up(x, w_gate_up, routing, config: dict, top_k: int, kernels=wgmma_moe) -> torch.Tensor:
@@ -337,16 +330,13 @@ def gate_up_rows(x, routing, config: dict, top_k: int) -> tuple[torch.Tensor, in
     return gather_rows(x, routing, top_k), None
 
 
-def wgmma_gemms(x, w_gate_up, w_down, weights, routing, config: dict, top_k: int,
-                combine_k: int | None = None) -> torch.Tensor:
+def wgmma_gemms(x, w_gate_up, w_down, weights, routing, config: dict, top_k: int) -> torch.Tensor:
     """y [max_padded, H] in expert order from x [T, H] in one launch (config "one_launch",
-    wgmma_moe.launch_moe), the token rows gathered as in wgmma_gate_up; with combine_k, the
-    output [T, H] summed by the down tiles instead."""
+    wgmma_moe.launch_moe), the token rows gathered as in wgmma_gate_up."""
     if config.get("swap"):
         raise ValueError("config field 'one_launch' is the wgmma_moe kernels' (no 'swap')")
     a, rows_top_k = gate_up_rows(x, routing, config, top_k)
-    return wgmma_moe.launch_moe(a, w_gate_up, w_down, weights, routing, config, rows_top_k,
-                                combine_k=combine_k)
+    return wgmma_moe.launch_moe(a, w_gate_up, w_down, weights, routing, config, rows_top_k)
 
 
 def wgmma_kernels(config: dict):
@@ -354,11 +344,8 @@ def wgmma_kernels(config: dict):
     return wgmma_swap if config.get("swap") else wgmma_moe
 
 
-def wgmma_down(h, w_down, weights, routing, config: dict, combine_k: int | None = None) -> torch.Tensor:
-    """The wgmma path's down GEMM: y [max_padded, H] in expert order (see wgmma_gate_up), or with
-    combine_k (wgmma_moe's kernels only) the output [T, H], the k rows summed by the GEMM."""
-    if combine_k:
-        return wgmma_moe.launch_down(h, w_down, weights, routing, config, combine_k=combine_k)
+def wgmma_down(h, w_down, weights, routing, config: dict) -> torch.Tensor:
+    """The wgmma path's down GEMM: y [max_padded, H] in expert order (see wgmma_gate_up)."""
     return wgmma_kernels(config).launch_down(h, w_down, weights, routing, config)
 
 

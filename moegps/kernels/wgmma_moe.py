@@ -416,16 +416,14 @@ if HAVE_GLUON:
         mbarrier.arrive(out_free.index(1))
 
     @gluon.jit
-    def _consumer(p, red_ptr, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr,
-                  GATHER: gl.constexpr, TIMELINE: gl.constexpr, FUSED: gl.constexpr,
-                  REDUCE: gl.constexpr):
+    def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr,
+                  GATHER: gl.constexpr, TIMELINE: gl.constexpr, FUSED: gl.constexpr):
         """One warpgroup: rows HALF * BLOCK_M / 2 onwards of every tile, or on a block of at most
         BLOCK_M / 2 rows all its rows and column half HALF (each consumer frees each stage once: a
         stage's barrier counts two arrivals). FUSED: the down GEMM's tiles follow the gate/up
         GEMM's, and a gate/up tile's h goes to the producer through the epilogue buffer, which
         stores and counts it (NOTES.md v43): a count on the warpgroup's own path cost it more than
-        one launch gains (v41). REDUCE: the down GEMM's tiles add their rows into the output at
-        red_ptr (_reduce_rows) instead of storing y."""
+        one launch gains (v41)."""
         first, second, s = p
         (a_bufs, b_bufs, out_bufs, ready, empty, sorted_ptr, weights_ptr, block_expert_ptr,
          block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
@@ -446,14 +444,14 @@ if HAVE_GLUON:
             if FUSED:
                 if tile >= n_first:
                     step = _consume_tile(second, s, tile - n_first, step, False, HALF, 0, record,
-                                         TIMELINE, n_hand, True, red_ptr, REDUCE)
+                                         TIMELINE, n_hand, True)
                 else:
                     step = _consume_tile(first, s, tile, step, GATE_UP, HALF, GATHER, record,
-                                         TIMELINE, n_hand, True, red_ptr, False)
+                                         TIMELINE, n_hand, True)
                     n_hand += 1
             else:
                 step = _consume_tile(first, s, tile, step, GATE_UP, HALF, GATHER, record, TIMELINE,
-                                     n_hand, False, red_ptr, REDUCE)
+                                     n_hand, False)
             i += 1
             tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
         tma.store_wait(0)
@@ -461,7 +459,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _consume_tile(g, s, tile, step, GATE_UP: gl.constexpr, HALF: gl.constexpr,
                       GATHER: gl.constexpr, record, TIMELINE: gl.constexpr, n_hand,
-                      FUSED: gl.constexpr, red_ptr, REDUCE: gl.constexpr):
+                      FUSED: gl.constexpr):
         """One warpgroup's part of tile `tile` of GEMM g (_tile_mma, after the block's shape);
         returns the step count. FUSED: the epilogue buffer is the producer's until it has stored
         the last hand-over (n_hand of them so far), and a gate/up tile hands its h over."""
@@ -470,26 +468,25 @@ if HAVE_GLUON:
          block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
          tile_counter_ptr, x_ptr, top_k, timeline_ptr, out_full, out_free) = s
         hand = (out_full, out_free, n_hand)
-        reduce = (red_ptr, top_k, b_rows // 2)  # REDUCE: the output, k, its rows' length in int32
         ROWS: gl.constexpr = a_bufs.shape[1] // 2
         block, tile_n, start, n_rows = _block(tile, n_blocks_ptr, n_tiles_n, group, block_start_ptr)
         if n_rows > ROWS:
             step = _tile_mma(a_bufs, b_bufs, out_desc, _view_as(out_bufs.index(HALF), out_desc),
                              ready, empty, sorted_ptr, weights_ptr, k_dim, n_pairs, step,
                              start + HALF * ROWS, tile_n, GATE_UP, HALF, False, GATHER, record,
-                             TIMELINE, hand, FUSED, reduce, REDUCE)
+                             TIMELINE, hand, FUSED)
         else:  # a half-height block (an expert's last, align's half_tail): its rows, half the columns
             step = _tile_mma(a_bufs, b_bufs, out_half_desc,
                              _view_as(out_bufs.index(HALF), out_half_desc), ready, empty,
                              sorted_ptr, weights_ptr, k_dim, n_pairs, step, start, tile_n, GATE_UP,
-                             HALF, True, GATHER, record, TIMELINE, hand, FUSED, reduce, REDUCE)
+                             HALF, True, GATHER, record, TIMELINE, hand, FUSED)
         return step
 
     @gluon.jit
     def _tile_mma(a_bufs, b_bufs, out_desc, out_smem, ready, empty, sorted_ptr, weights_ptr,
                   k_dim, n_pairs, step, start, tile_n, GATE_UP: gl.constexpr,
                   HALF: gl.constexpr, SPLIT_N: gl.constexpr, GATHER: gl.constexpr, record,
-                  TIMELINE: gl.constexpr, hand, FUSED: gl.constexpr, reduce, REDUCE: gl.constexpr):
+                  TIMELINE: gl.constexpr, hand, FUSED: gl.constexpr):
         """One warpgroup's share of a tile: rows start.. (its row half; with SPLIT_N the tile's
         only rows, and its column half HALF), the MMAs over K, then the epilogue through shared
         memory and a TMA store, which runs on while the next tile's MMAs start (every block is a
@@ -498,9 +495,7 @@ if HAVE_GLUON:
         epilogue buffers' barriers and the hand-overs so far): the buffer is written once the
         producer has stored the last hand-over from it, and gate/up's h is handed over, not stored.
         TIMELINE: the tile's record gets the clock at its first full stage, at its MMAs' end and
-        after its epilogue, and the cycles its K loop spent waiting for the other stages. REDUCE
-        (down): the rows are added into the output (reduce: its pointer, k, its row length in int32)
-        through the epilogue buffer (_reduce_rows), not stored."""
+        after its epilogue, and the cycles its K loop spent waiting for the other stages."""
         STAGES: gl.constexpr = a_bufs.shape[0]
         BLOCK_K: gl.constexpr = a_bufs.shape[2]
         ROWS: gl.constexpr = a_bufs.shape[1] // 2
@@ -559,9 +554,7 @@ if HAVE_GLUON:
                 _store(out_desc, out_smem, _silu(gate) * up, start, col)
         else:  # y in expert order: y[row] = routing weight of the row's pair * (h @ w2^T)
             value = acc * weight[:, None]
-            if REDUCE:
-                _reduce_rows(out_smem, value, start, col, sorted_ptr, n_pairs, reduce)
-            elif out_smem.shape[1] == BLOCK_N:
+            if out_smem.shape[1] == BLOCK_N:
                 _store(out_desc, out_smem, value, start, col)
             else:  # two column halves through one buffer
                 left, right = value.reshape([ROWS, 2, BLOCK_N // 2]).permute(0, 2, 1).split()
@@ -627,66 +620,13 @@ if HAVE_GLUON:
         _tma_store(out_desc, [row, col], out_smem)
 
     @gluon.jit
-    def _reduce_rows(buffer, value, start, col, sorted_ptr, n_pairs, reduce):
-        """The k-way combine in the down GEMM's epilogue (config "combine": "atomic"): the tile's
-        rows start.. (value [ROWS, WIDTH] fp32, already times their routing weights, columns col..)
-        added into out[pair // k] in bf16, 16 bytes an instruction (red.global.add.noftz.v4.bf16x2,
-        the adds done by L2), so y [T*k, H] is never written nor read back by a combine launch. The
-        order of a token's k adds varies from run to run, and each rounds to bf16. A thread's
-        accumulator holds two adjacent columns at a time; the epilogue buffer (16 KB) turns 128
-        columns at a time into runs of eight a thread (RED_LAYOUT). Padding rows add nothing."""
-        red_ptr, top_k, row_ints = reduce
-        ROWS: gl.constexpr = value.shape[0]
-        WIDTH: gl.constexpr = value.shape[1]
-        PART: gl.constexpr = 128  # columns a pass through the buffer: [ROWS, 64] int32
-        RED_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0])
-        STAGE_LAYOUT: gl.constexpr = gl.SwizzledSharedLayout(4, 1, 8, [1, 0])
-        if _NEW_REINTERPRET:  # (as _view_as)
-            stage = buffer.reinterpret(gl.int32, [ROWS, PART // 2], STAGE_LAYOUT)
-        else:
-            stage = buffer._reinterpret(gl.int32, [ROWS, PART // 2], STAGE_LAYOUT)
-        r = gl.arange(0, ROWS, gl.SliceLayout(1, RED_LAYOUT))
-        c = gl.arange(0, PART // 2, gl.SliceLayout(0, RED_LAYOUT))
-        pair = gl.load(sorted_ptr + start + r)  # padding rows hold n_pairs
-        keep = (pair < n_pairs).to(gl.int32)
-        row_ptr = red_ptr + (gl.minimum(pair, n_pairs - 1) // top_k).to(gl.int64) * row_ints + col // 2
-        if WIDTH == PART:
-            _reduce_part(stage, value, row_ptr, c, keep, RED_LAYOUT)
-        else:  # two column halves through one buffer
-            left, right = value.reshape([ROWS, 2, PART]).permute(0, 2, 1).split()
-            _reduce_part(stage, left, row_ptr, c, keep, RED_LAYOUT)
-            _reduce_part(stage, right, row_ptr + PART // 2, c, keep, RED_LAYOUT)
-
-    @gluon.jit
-    def _reduce_part(stage, part, row_ptr, c, keep, RED_LAYOUT: gl.constexpr):
-        """_reduce_rows' pass over 128 columns: packed to bf16 pairs, through `stage` into
-        RED_LAYOUT, added by 16-byte reductions where `keep`."""
-        ROWS: gl.constexpr = part.shape[0]
-        even, odd = part.reshape([ROWS, part.shape[1] // 2, 2]).split()
-        packed = gl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,f,f", [even, odd],
-                                           dtype=gl.int32, is_pure=True, pack=1)
-        _partition_barrier()  # every warp has read the pass before out of the buffer
-        stage.store(packed)
-        _partition_barrier()
-        chunk = stage.load(RED_LAYOUT)
-        ptrs = row_ptr[:, None] + c[None, :]
-        # four ints (eight bf16) a thread and instruction; the outputs are placeholders
-        gl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $12, 0; "
-            "@p red.global.add.noftz.v4.bf16x2 [$4], {$8, $9, $10, $11}; "
-            "mov.u32 $0, 0; mov.u32 $1, 0; mov.u32 $2, 0; mov.u32 $3, 0; }",
-            "=r,=r,=r,=r,l,l,l,l,r,r,r,r,r,r,r,r", [ptrs, chunk, chunk * 0 + keep[:, None]],
-            dtype=gl.int32, is_pure=False, pack=4)
-
-    @gluon.jit
     def grouped_gemm_kernel(a_desc, b_desc, b_half_desc, out_desc, out_half_desc, sorted_ptr,
                             weights_ptr, block_expert_ptr, block_start_ptr, n_blocks_ptr,
                             n_tiles_n, group, k_dim, n_pairs, b_rows, up_offset, tile_counter_ptr,
                             x_ptr, top_k, timeline_ptr, a2_desc, b2_desc, b2_half_desc, out2_desc,
-                            out2_half_desc, n_tiles_n2, k_dim2, b_rows2, red_ptr, GATE_UP: gl.constexpr,
+                            out2_half_desc, n_tiles_n2, k_dim2, b_rows2, GATE_UP: gl.constexpr,
                             STAGES: gl.constexpr, DYNAMIC: gl.constexpr, GATHER: gl.constexpr,
-                            TIMELINE: gl.constexpr = False, FUSED: gl.constexpr = False,
-                            REDUCE: gl.constexpr = False):
+                            TIMELINE: gl.constexpr = False, FUSED: gl.constexpr = False):
         """GATE_UP: out = h [max_padded, F] (expert order) = silu(A @ w1^T) * (A @ w3^T), with A
         the gathered token rows and b_desc over w_gate_up [E * 2F, H] (up rows at +up_offset).
         Otherwise: out = y [max_padded, H] (expert order) = routing weight * (h @ w2^T), b_desc
@@ -705,10 +645,7 @@ if HAVE_GLUON:
         is then int32 [1 + max_blocks], zeros: the tile counter, then each block's count of h
         stores (one count a gate/up tile, by the producer), which its down tiles wait for. The stages are shared: the down
         GEMM's boxes must be the gate/up GEMM's (launch_moe checks). Otherwise the *2 arguments
-        are never read.
-        REDUCE (the down GEMM, alone or FUSED): no y; each row is added into red_ptr, the output
-        [T, H] (zeroed) as int32 pairs of bf16, at its token pair // top_k (_reduce_rows).
-        Otherwise red_ptr is never read."""
+        are never read."""
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         WIDTH: gl.constexpr = 2 * BLOCK_N if GATE_UP else BLOCK_N
@@ -735,8 +672,8 @@ if HAVE_GLUON:
                   block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
                   tile_counter_ptr, x_ptr, top_k, timeline_ptr, out_full, out_free)
         p = (first, second, shared)
-        gl.warp_specialize([(_consumer, (p, red_ptr, GATE_UP, 0, DYNAMIC, GATHER, TIMELINE, FUSED, REDUCE)),
-                            (_consumer, (p, red_ptr, GATE_UP, 1, DYNAMIC, GATHER, TIMELINE, FUSED, REDUCE)),
+        gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC, GATHER, TIMELINE, FUSED)),
+                            (_consumer, (p, GATE_UP, 1, DYNAMIC, GATHER, TIMELINE, FUSED)),
                             (_producer, (p, GATE_UP, DYNAMIC, GATHER, TIMELINE, FUSED))],
                            [4, PRODUCER_WARPS], [232, 80 if GATHER else 24])
 
@@ -779,11 +716,10 @@ def _gemm(a, w2d, out, tile: dict, block_m: int, b_rows: int, up_offset: int) ->
 
 
 def _run(first: _Gemm, second: _Gemm | None, a, weights, routing, tile: dict, gate_up: bool,
-         top_k: int | None, timeline: torch.Tensor | None, reduce: tuple | None = None) -> None:
+         top_k: int | None, timeline: torch.Tensor | None) -> None:
     """grouped_gemm_kernel on GEMM `first` (its tile settings `tile`), and with `second` the down
     GEMM's tiles after it in the same launch (FUSED); one program per SM, or fewer where there are
-    fewer tiles. a: the first GEMM's A (x itself where top_k is given: the producer gathers).
-    reduce: (out [T, H], k): the down GEMM adds its rows into out (REDUCE) instead of writing y."""
+    fewer tiles. a: the first GEMM's A (x itself where top_k is given: the producer gathers)."""
     fused = second is not None
     n_tiles_n = first.n_tiles_n + (second.n_tiles_n if fused else 0)
     programs = min(torch.cuda.get_device_properties(a.device).multi_processor_count,
@@ -795,27 +731,23 @@ def _run(first: _Gemm, second: _Gemm | None, a, weights, routing, tile: dict, ga
         tile.get("group_m", 8), first.k_dim, routing.n_pairs, first.b_rows, first.up_offset,
         # the tile counter, then (FUSED) each block's count of h stores: a memset
         torch.zeros(1 + (routing.max_blocks if fused else 0), dtype=torch.int32, device=a.device),
-        # GATHER's x and k (its descriptor above only gives the stages' layout; REDUCE's k too)
-        a, top_k or (reduce[1] if reduce else 1),
+        a, top_k or 1,  # GATHER's x and k (its descriptor above only gives the stages' layout)
         routing.n_blocks if timeline is None else timeline,  # (never read without TIMELINE)
         *(second or first).as_second(),  # (no second GEMM: never read)
-        routing.n_blocks if reduce is None else reduce[0].view(torch.int32),  # (read with REDUCE)
         GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=fused or tile.get("dynamic", True),
         GATHER=0 if top_k is None else tile["gather"], TIMELINE=timeline is not None,
-        FUSED=fused, REDUCE=reduce is not None, num_warps=4, maxnreg=MAX_REGISTERS)
+        FUSED=fused, num_warps=4, maxnreg=MAX_REGISTERS)
 
 
 def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: int,
-            gate_up: bool, top_k: int | None = None, timeline: torch.Tensor | None = None,
-            reduce: tuple | None = None) -> None:
+            gate_up: bool, top_k: int | None = None, timeline: torch.Tensor | None = None) -> None:
     """One grouped GEMM: a [max_padded, K] and out [max_padded, N] in expert order, w2d the
     weights [E * b_rows, K], `weights` the routing weights [T*k] (the down GEMM's; None for
     gate/up); one program per SM. With top_k, a is x [T, K] in token order instead and the
     producer gathers each block's rows itself (gate/up only). With `timeline` (int64, from
-    new_timeline), the kernel records its tiles' times into it. reduce: as _run's (out is then
-    only the descriptors' shape: never written)."""
+    new_timeline), the kernel records its tiles' times into it."""
     _run(_gemm(a, w2d, out, tile, routing.block_m, b_rows, up_offset), None, a, weights, routing,
-         tile, gate_up, top_k, timeline, reduce)
+         tile, gate_up, top_k, timeline)
 
 
 def new_timeline(device) -> torch.Tensor:
@@ -876,31 +808,18 @@ def launch_gate_up(a, w_gate_up, routing, config: dict, top_k: int | None = None
 
 
 def launch_down(h, w_down, weights, routing, config: dict,
-                timeline: torch.Tensor | None = None, combine_k: int | None = None) -> torch.Tensor:
+                timeline: torch.Tensor | None = None) -> torch.Tensor:
     """y [max_padded, H] in expert order = the routing weight of each sorted row's pair *
-    (h @ w2^T), h from launch_gate_up; `combine_sum(y, k, slots=routing.pair_slot)` sums it.
-    With combine_k (config "combine": "atomic"), the kernel sums them itself: the output [T, H]."""
+    (h @ w2^T), h from launch_gate_up; `combine_sum(y, k, slots=routing.pair_slot)` sums it."""
     n_experts, hidden, ffn = w_down.shape
-    y, reduce = _down_output(h, hidden, routing, combine_k)
+    y = torch.empty(h.shape[0], hidden, dtype=h.dtype, device=h.device)
     _launch(h, w_down.view(n_experts * hidden, ffn), y, weights, routing, config["down"],
-            hidden, 0, gate_up=False, timeline=timeline, reduce=reduce)
-    return y if reduce is None else reduce[0]
-
-
-def _down_output(h, hidden: int, routing, combine_k: int | None) -> tuple[torch.Tensor, tuple | None]:
-    """The down GEMM's y [max_padded, H] and, with combine_k, (the output [T, H], zeroed, k) that
-    its rows are added into instead (y then only shapes the descriptors: a box's rows, never
-    written)."""
-    if combine_k is None:
-        return torch.empty(h.shape[0], hidden, dtype=h.dtype, device=h.device), None
-    if h.dtype != torch.bfloat16:
-        raise ValueError(f"config field 'combine': 'atomic' on the wgmma path adds bf16 (got {h.dtype})")
-    out = torch.zeros(routing.n_pairs // combine_k, hidden, dtype=h.dtype, device=h.device)
-    return h.new_empty(routing.block_m // 2, hidden), (out, combine_k)
+            hidden, 0, gate_up=False, timeline=timeline)
+    return y
 
 
 def launch_moe(a, w_gate_up, w_down, weights, routing, config: dict, top_k: int | None = None,
-               timeline: torch.Tensor | None = None, combine_k: int | None = None) -> torch.Tensor:
+               timeline: torch.Tensor | None = None) -> torch.Tensor:
     """y [max_padded, H] in expert order, as launch_down(launch_gate_up(...)) but in one launch
     (config "one_launch"): the gate/up GEMM's tiles, then the down GEMM's, each down tile's copies
     waiting until its block's h is stored. An SM that finishes its last gate/up tile goes on to
@@ -908,14 +827,14 @@ def launch_moe(a, w_gate_up, w_down, weights, routing, config: dict, top_k: int 
     is gone (NOTES.md v41, v43, v45: 1-4% faster at the 64 experts' 640-4096 tokens, about 1% at 8192, none at 16384).
     a, top_k and timeline as launch_gate_up (the records of both GEMMs' tiles, the down ones
     numbered after the gate/up ones); the GEMMs share their stages, so the config's down tile is
-    the gate/up tile's width (check_config). combine_k: as launch_down's."""
+    the gate/up tile's width (check_config)."""
     n_experts, two_f, hidden = w_gate_up.shape
     gate_up, down = config["gate_up"], config["down"]
     rows = routing.sorted_pair_ids.numel()
     h = torch.empty(rows, two_f // 2, dtype=a.dtype, device=a.device)
-    y, reduce = _down_output(h, hidden, routing, combine_k)
+    y = torch.empty(rows, hidden, dtype=a.dtype, device=a.device)
     first = _gemm(a, w_gate_up.view(n_experts * two_f, hidden), h, gate_up, routing.block_m, two_f,
                   two_f // 2)
     second = _gemm(h, w_down.view(n_experts * hidden, two_f // 2), y, down, routing.block_m, hidden, 0)
-    _run(first, second, a, weights, routing, gate_up, True, top_k, timeline, reduce)
-    return y if reduce is None else reduce[0]
+    _run(first, second, a, weights, routing, gate_up, True, top_k, timeline)
+    return y
