@@ -109,3 +109,17 @@ def test_plot_ttft_draws_the_graphed_rows_of_each_shape(tmp_path, rng):
     bench.plot_ttft(rows, path)
     image = matplotlib.image.imread(path)
     assert image.shape[0] > 300 and image.shape[1] > 800  # two panels side by side
+
+
+def test_host_cpu_names_the_model_and_cores(tmp_path, monkeypatch):
+    """The report's host line (generate()'s batch-1 peer is bound by the host's Python): the CPU
+    model from /proc/cpuinfo where there is one, and the core count."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 48)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: Made Up\nmodel name\t: Test CPU 9000 @ 3.1GHz\nflags\t: x\n")
+    real_path = bench.Path
+    monkeypatch.setattr(bench, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
+    assert bench.host_cpu() == "Test CPU 9000 @ 3.1GHz, 48 cores"
+    monkeypatch.setattr(bench, "Path", lambda p: tmp_path / "absent" if p == "/proc/cpuinfo" else real_path(p))
+    monkeypatch.setattr(bench.platform, "processor", lambda: "")
+    assert bench.host_cpu() == "unknown CPU, 48 cores"

@@ -46,6 +46,7 @@ import contextlib
 import json
 import math
 import os
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -81,7 +82,17 @@ def ceilings() -> dict:
     copy_rate, mm_ms = copy_bandwidth(), _matmul_ms()  # each frees its buffers on return
     torch.cuda.empty_cache()
     return dict(copy_bytes_per_s=copy_rate, matmul_flops_per_s=2 * 8192 ** 3 / (mm_ms * 1e-3),
-                device=torch.cuda.get_device_name(), torch=torch.__version__)
+                device=torch.cuda.get_device_name(), torch=torch.__version__, host=host_cpu())
+
+
+def host_cpu() -> str:
+    """The host's CPU model and cores: transformers' generate() at batch 1 is bound by the host's
+    Python (26.9-28.7 ms a step on one H200 machine's host, 36-43 ms on others'; docs/engine.md)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                 platform.processor() or "unknown CPU")
+    return f"{model}, {os.cpu_count()} cores"
 
 
 def random_hf_mixtral(shape: ModelShape, seed: int = 0):
@@ -762,7 +773,7 @@ def main(argv=None) -> None:
     breakdown_rows = results.get("breakdown", [])
     (out / "engine_bench.json").write_text(json.dumps(results, indent=1, default=str))
     report = [f"device: {c['device']}; torch {c['torch']}; copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s; "
-              f"matmul {c['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s"]
+              f"matmul {c['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s; host: {c['host']}"]
     for key in ("checks", "agree", "attention", "decode", "ttft", "peers"):
         if results.get(key):
             report += ["", f"## {key}", _markdown(results[key])]
