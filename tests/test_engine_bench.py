@@ -117,9 +117,6 @@ def test_host_cpu_names_the_model_and_cores(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 48)
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nvendor_id\t: Made Up\nmodel name\t: Test CPU 9000 @ 3.1GHz\nflags\t: x\n")
-    real_path = bench.Path
-    monkeypatch.setattr(bench, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
-    assert bench.host_cpu() == "Test CPU 9000 @ 3.1GHz, 48 cores"
-    monkeypatch.setattr(bench, "Path", lambda p: tmp_path / "absent" if p == "/proc/cpuinfo" else real_path(p))
+    assert bench.host_cpu(cpuinfo) == "Test CPU 9000 @ 3.1GHz, 48 cores"
     monkeypatch.setattr(bench.platform, "processor", lambda: "")
-    assert bench.host_cpu() == "unknown CPU, 48 cores"
+    assert bench.host_cpu(tmp_path / "absent") == "unknown CPU, 48 cores"

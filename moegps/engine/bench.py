@@ -85,10 +85,10 @@ def ceilings() -> dict:
                 device=torch.cuda.get_device_name(), torch=torch.__version__, host=host_cpu())
 
 
-def host_cpu() -> str:
-    """The host's CPU model and cores: transformers' generate() at batch 1 is bound by the host's
-    Python (26.9-28.7 ms a step on one H200 machine's host, 36-43 ms on others'; docs/engine.md)."""
-    cpuinfo = Path("/proc/cpuinfo")
+def host_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The host's CPU model (from `cpuinfo`, Linux's) and cores: transformers' generate() at batch 1
+    is bound by the host's Python (26.9-28.7 ms a step on one H200 machine's host, 36-43 ms on
+    others'; docs/engine.md)."""
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
                  platform.processor() or "unknown CPU")
