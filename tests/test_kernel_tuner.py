@@ -106,22 +106,28 @@ def test_routing_with_shared_columns():
 
 
 def test_balanced_routing():
-    """make_routing(balanced=True): k distinct experts a token, every expert n * k / E rows (one more
-    or less where that does not divide), the shared columns as in random routing."""
+    """make_routing(balanced=True): k distinct experts a token, over exactly the experts the random
+    routing of the same seed touches, each n * k / A rows (one more or less where that does not
+    divide; A of them), the shared columns as in random routing. At a few tokens (8 tokens, 64
+    experts, top-6) the random routing touches fewer experts than n * k, and so must balanced."""
     from moegps.kernels.timing import make_routing
 
-    for n_tokens, n_experts, top_k, shared in [(512, 8, 2, 0), (37, 66, 8, 2), (100, 7, 3, 0)]:
+    for n_tokens, n_experts, top_k, shared in [(512, 8, 2, 0), (37, 66, 8, 2), (100, 7, 3, 0), (8, 64, 6, 0),
+                                               (3, 8, 2, 0)]:
         ids, gates = make_routing(n_tokens, n_experts, top_k, seed=3, device="cpu", shared=shared,
                                   balanced=True)
-        routed = ids[:, :top_k - shared]
-        assert all(len(set(row)) == top_k - shared for row in routed.tolist())
-        counts = torch.bincount(routed.reshape(-1), minlength=n_experts - shared)
-        assert len(counts) == n_experts - shared and int(counts.max() - counts.min()) <= 1
-        assert int(counts.sum()) == n_tokens * (top_k - shared)
         random_ids, random_gates = make_routing(n_tokens, n_experts, top_k, seed=3, device="cpu",
                                                 shared=shared)
+        routed, random_routed = ids[:, :top_k - shared], random_ids[:, :top_k - shared]
+        assert all(len(set(row)) == top_k - shared for row in routed.tolist())
+        assert set(routed.reshape(-1).tolist()) == set(random_routed.reshape(-1).tolist())
+        counts = torch.bincount(routed.reshape(-1), minlength=n_experts - shared)
+        counts = counts[counts > 0]
+        assert int(counts.max() - counts.min()) <= 1 and int(counts.sum()) == n_tokens * (top_k - shared)
         assert torch.equal(gates, random_gates) and torch.equal(ids[:, top_k - shared:],
                                                                 random_ids[:, top_k - shared:])
+    few, _ = make_routing(8, 64, 6, seed=3, device="cpu", balanced=True)
+    assert torch.unique(few).numel() < 48  # fewer than n * k: the random routing's draws collide
 
 
 def test_a_probe_writes_only_variants_that_beat_the_shipped_config_by_2_percent(config_dir):

@@ -11,9 +11,10 @@ device events after warm-up, `triton.testing.do_bench`'s loop; L2 flushed before
 do_bench's zero-fill or, with `--flush clean`, by a read that leaves no dirty lines: see timing.FLUSH):
   ours      fused_moe with the tuned config, replayed from a CUDA graph (routing metadata,
             both GEMMs and the k-way combine all inside), and the same launched eagerly
-  balanced  ours on balanced routing (every expert n * k / E rows, timing.make_routing): the
-            work bmm below is given, so that ours against bmm compares the kernels, and ours
-            against balanced says what the unevenness of random routing costs (padding, tails)
+  balanced  ours on balanced routing (the random routing's A active experts, n * k / A rows
+            each, timing.make_routing): the work bmm below and the floor are given, so that
+            ours against bmm compares the kernels, and ours against balanced says what the
+            unevenness of random routing costs (padding, tails)
   default   fused_moe with the default config for unseen shapes (graph)
   gmm       torch._grouped_mm pipeline: sort by expert, gather, grouped GEMM, SiLU*up, grouped
             GEMM, gate weights, un-permute and ours' k-way combine kernel (graph)

@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1)
     ap.add_argument("--calls", type=int, default=30)
     ap.add_argument("--part", choices=["call", "gate_up", "down", "bmm"], default="call")
-    ap.add_argument("--balanced", action="store_true", help="every expert n * k / E rows")
+    ap.add_argument("--balanced", action="store_true", help="the random routing's A experts, n * k / A rows each")
     args = ap.parse_args()
     n_experts, hidden, ffn, top_k = expert_dims(args.shape)
     x, w13, w2 = make_inputs(n_experts, hidden, ffn, top_k, args.tokens)

@@ -35,16 +35,20 @@ def make_routing(n_tokens, n_experts, top_k, seed=0, device="cuda", shared=0, ba
     ``shared`` > 0: the last ``shared`` of the k columns are the last ``shared`` experts with gate 1
     for every token (a shared expert held among the experts, engine.model.Layer.n_shared), the
     others drawn from the first n_experts - shared.
-    ``balanced``: the routed columns of token t are experts (t * k + j) mod E, j < k (k, E counting
-    routed ones only): still k distinct experts a token, but every expert gets n_tokens * k / E
-    rows, give or take one. The work cuBLAS's batched GEMM is timed on (bench.balanced_bmm)."""
+    ``balanced``: the same experts as the random routing of this seed touches (A of them, routed
+    ones only), each given n_tokens * k / A rows, give or take one: the routed columns of token t are
+    the (t * k + j) mod A-th of them, j < k, still k distinct experts a token. The work cuBLAS's
+    batched GEMM and the floor are given (bench.balanced_bmm, bench.floors_us: the random routing's
+    active experts, equal rows each), so that at a few tokens balanced routing does not read more
+    experts' weights than the random routing it is compared with."""
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     logits = torch.randn(n_tokens, n_experts - shared, generator=gen, device=device)
     vals, ids = logits.topk(top_k - shared, dim=1)
     if balanced:
         routed_k = top_k - shared
-        ids = (torch.arange(n_tokens, device=device)[:, None] * routed_k
-               + torch.arange(routed_k, device=device)) % (n_experts - shared)
+        active = torch.unique(ids)
+        ids = active[(torch.arange(n_tokens, device=device)[:, None] * routed_k
+                      + torch.arange(routed_k, device=device)) % active.numel()]
     gates = torch.softmax(vals, dim=1)
     if shared:
         fixed = torch.arange(n_experts - shared, n_experts, device=device).expand(n_tokens, -1)
