@@ -85,7 +85,7 @@ APPS = {
     "simulator": (hydra_app("simulate", "moegps.simulator.__main__"),
                   ["trace=random", "limit=8", "predictors=[global_profile]", "replay.batch_size=2"],
                   ["replay.batch_size", "limit", "interval", "test_fraction", "replay.migration_exposed",
-                   "replay.source", "skew", "+replay.batchsize"], "rows.parquet"),
+                   "replay.source", "skew", "placement", "expert_time", "+replay.batchsize"], "rows.parquet"),
     "predictors.evaluate": (hydra_app("evaluate", "moegps.predictors.evaluate"),
                             ["trace=random", "limit=8", "latency_batches=1"] + [
                                 f"~predictors.{p}" for p in (
@@ -154,3 +154,21 @@ def test_any_override_runs_or_names_the_field(name, tmp_path_factory):
         check_app(name, field, value, tmp_path_factory.mktemp(name.replace(".", "_")))
 
     prop()
+
+
+def test_the_simulator_takes_a_placement_option(tmp_path):
+    """`placement=balanced placement.refine=false` picks moegps/conf/placement/balanced.yaml with a field
+    changed (a string field of that name collided with the config group: hydra refused every value);
+    none picked is "auto"; a name without an option file is an error naming the group."""
+    from moegps.results import read_results
+
+    runner = APPS["simulator"][0]
+    base = APPS["simulator"][1]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        runner([*base, "placement=balanced", "placement.refine=false"], tmp_path / "a")
+        runner(base, tmp_path / "b")
+    assert set(read_results(tmp_path / "a" / "rows.parquet")["config.placement"]) == {"balanced"}
+    assert set(read_results(tmp_path / "b" / "rows.parquet")["config.placement"]) == {"auto"}
+    with pytest.raises(Exception, match="placement"):
+        runner([*base, "placement=nope"], tmp_path / "c")

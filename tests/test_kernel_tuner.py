@@ -185,3 +185,26 @@ def test_runnable_entry_walks_the_else_chain_to_what_this_machine_runs(monkeypat
     monkeypatch.setattr(wgmma_swap, "HAVE_ONE", False)
     assert launch.runnable_entry(one_entry, gluon=True) is gluon_entry
     assert launch.runnable_entry({"path": "wgmma", "one": True}, gluon=True) is None
+
+
+def test_a_top_k_without_a_table_takes_the_same_experts_table_by_selections(config_dir):
+    """get_config for a top-k no table has (top-1: an expert-parallel rank's compacted rows) takes the
+    entry of the same experts' nearest top-k table with the nearest number of selections (tokens x
+    top-k), not the default config; a table of the asked top-k wins; other experts' tables do not
+    serve; with none, the default."""
+    config_dir.parent.mkdir()
+    few = {"path": "scan", "block_m": 16, "tuned_by": "test"}
+    many = {"path": "sorted", "block_m": 64, "tuned_by": "test"}
+    shapes = {launch.shape_key(8, 64, 128, 2): {"8": few, "512": many},
+              launch.shape_key(80, 64, 128, 1): {"1": {"path": "sorted", "block_m": 32, "tuned_by": "other E"}}}
+    config_dir.write_text(json.dumps({"shapes": shapes}))
+    launch._tuned_table.cache_clear()
+    assert launch.get_config(16, 8, 64, 128, 1) == few  # 16 selections: 8 tokens of top-2
+    assert launch.get_config(600, 8, 64, 128, 1) == many  # 600 selections: nearer 512 x 2 than 8 x 2
+    assert launch.get_config(300, 8, 64, 128, 3) == many  # 900 selections, from the top-2 table
+    assert launch.get_config(600, 8, 64, 128, 2) == many  # its own table: 600 tokens, nearest 512
+    assert launch.get_config(5, 16, 64, 128, 1) == launch.default_config(5, 16, 64, 128, 1)
+    shapes[launch.shape_key(8, 64, 128, 1)] = {"600": {"path": "scan", "block_m": 32, "tuned_by": "top-1"}}
+    config_dir.write_text(json.dumps({"shapes": shapes}))
+    launch._tuned_table.cache_clear()
+    assert launch.get_config(16, 8, 64, 128, 1)["tuned_by"] == "top-1"

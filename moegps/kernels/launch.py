@@ -193,17 +193,29 @@ def get_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: int,
     is slow where most experts take two (Mixtral on an H200, the 512-token entry of 160-row blocks:
     91% of the floor at 384 tokens, but 48% at 768, where each expert's 192 rows take two blocks,
     against 68% for the default; benchmarks/kernels/logs/h200-2026-12-04-h/call4-*; at 576 tokens,
-    a fill of 0.9, the swap entry was 867 against 1019 us, call 8)."""
-    by_tokens = _tuned_table(device_name(device)).get(shape_key(n_experts, hidden, ffn, top_k)) or {}
+    a fill of 0.9, the swap entry was 867 against 1019 us, call 8).
+
+    Where no table has this top-k, the table of the same experts with the nearest other top-k
+    serves, its entries matched by selections (tokens x top-k: the rows the experts get): an
+    expert-parallel rank computes the tokens whose k experts are not all its own one row per
+    selection, top-1 (executor.layer.expert_compute), on the experts a k-way table was tuned for."""
+    table = _tuned_table(device_name(device))
+    tuned_k, by_tokens = top_k, table.get(shape_key(n_experts, hidden, ffn, top_k)) or {}
+    if not by_tokens:
+        same = [int(key.rsplit("k=", 1)[1]) for key in table
+                if key.startswith(shape_key(n_experts, hidden, ffn, 0)[:-1])]
+        if same:
+            tuned_k = min(same, key=lambda k: (abs(k - top_k), k))
+            by_tokens = table[shape_key(n_experts, hidden, ffn, tuned_k)]
     gluon = wgmma_moe.supported(device)
     by_tokens = {t: c for t, c in ((t, runnable_entry(c, gluon)) for t, c in by_tokens.items()) if c}
     rows = n_tokens * top_k / n_experts
     by_tokens = {t: c for t, c in by_tokens.items()
                  if c["path"] != "swap" or swap_blocks(rows, c["block_m"])
-                 == swap_blocks(int(t) * top_k / n_experts, c["block_m"])}
+                 == swap_blocks(int(t) * tuned_k / n_experts, c["block_m"])}
     if not by_tokens:
         return default_config(n_tokens, n_experts, hidden, ffn, top_k)
-    nearest = min(by_tokens, key=lambda t: abs(int(t) - n_tokens))
+    nearest = min(by_tokens, key=lambda t: abs(int(t) * tuned_k - n_tokens * top_k))
     return by_tokens[nearest]
 
 

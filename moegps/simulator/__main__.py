@@ -39,7 +39,7 @@ class SimulateConfig:
     limit: int | None = checked(None, all_or_first_n)
     skew: float = checked(1.0, nonnegative)
     shape: str | None = None
-    placement: str = "auto"
+    placement: Any = "auto"  # "auto", an algorithm's name, or its moegps/conf/placement option (a mapping)
     placement_fields: dict[str, Any] = field(default_factory=dict)
     interval: int = checked(1, positive)
     test_fraction: float = checked(0.5, fraction)
@@ -50,6 +50,7 @@ class SimulateConfig:
     replay: ReplayConfig = field(default_factory=lambda: ReplayConfig(batch_size=16))
     out: str = "outputs/simulate"
     system: Any = "h100_8gpu"
+    expert_time: str = checked("roofline", one_of("roofline", "kernels"))
 
 
 register("simulate_schema", SimulateConfig)
@@ -64,10 +65,23 @@ def simulate(config: dict) -> tuple:
     rcfg = ReplayConfig(**config["replay"])
     args = config.get("predictor_args") or {}
     fitted = fit_predictors(work.data, {name: args.get(name, {}) for name in config["predictors"]})
-    results = next(iter(replay_plans(work, fitted, system, rcfg, config["placement"], config["interval"],
-                                     placement_fields=config.get("placement_fields") or {}).values()))
-    variant = {k: config[k] for k in ("trace", "placement", "interval", "seed")}
-    variant.update(system=system.name, replay=config["replay"])
+    timer = None
+    if config.get("expert_time") == "kernels":  # imported here: the roofline needs no torch
+        from .kernel_timer import KernelExpertTimer
+        timer = KernelExpertTimer(work.shape)
+    placement, fields = config["placement"], dict(config.get("placement_fields") or {})
+    if isinstance(placement, dict):  # a moegps/conf/placement option: its name and fields
+        fields = {**{k: v for k, v in placement.items() if k not in ("name", "_target_")}, **fields}
+        placement = placement["name"]
+    results = next(iter(replay_plans(work, fitted, system, rcfg, placement, config["interval"], timer,
+                                     placement_fields=fields).values()))
+    variant = {k: config[k] for k in ("trace", "interval", "seed")}
+    variant["placement"] = placement
+    variant.update(system=system.name, replay=config["replay"],
+                   expert_time="roofline" if timer is None else f"kernels:{timer.device_name}")
+    if timer is not None:
+        print(f"expert time measured on {timer.device_name}: {timer.measured} distinct GPU shares timed for "
+              f"{timer.calls} (step, GPU) pairs")
     return work, results, result_rows(results, variant, system, work)
 
 

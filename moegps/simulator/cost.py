@@ -152,8 +152,14 @@ def expert_time(tokens: np.ndarray, shape: ModelShape, system: SystemSpec, table
 
 
 def gpu_expert_time(tokens_per_gpu_expert: np.ndarray, shape: ModelShape, system: SystemSpec,
-                    table: ExpertTimeTable | None = None) -> np.ndarray:
-    """``[..., gpu, expert]`` tokens each GPU computes for each expert -> ``[..., gpu]`` seconds."""
+                    table=None) -> np.ndarray:
+    """``[..., gpu, expert]`` tokens each GPU computes for each expert -> ``[..., gpu]`` seconds.
+
+    ``table``: None (the roofline), an :class:`ExpertTimeTable` (each expert's measured time by its
+    tokens, summed over a GPU's experts), or anything with ``gpu_seconds`` that times a GPU's whole
+    share at once (``kernel_timer.KernelExpertTimer``: the kernels run on this device)."""
+    if hasattr(table, "gpu_seconds"):
+        return table.gpu_seconds(tokens_per_gpu_expert)
     return expert_time(tokens_per_gpu_expert, shape, system, table).sum(axis=-1)
 
 

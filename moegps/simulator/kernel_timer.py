@@ -1,0 +1,115 @@
+"""Expert time measured instead of modelled: each GPU's share of a layer run through moegps's kernels.
+
+The simulator's expert part is a roofline (``cost.expert_time``) calibrated to whole MoE calls on
+balanced routing. A placement changes what it is asked about: how many experts a GPU holds, how
+uneven their rows are, a replica's share of an expert. ``KernelExpertTimer`` answers that with the
+kernels themselves, on the one GPU at hand: for every (step, GPU) of a replay it builds the rows
+that GPU computes (``per_gpu [S, G, E]`` from ``cost.route_tokens``), runs them through the expert
+kernel the executor runs (``executor.layer.expert_compute``'s: ``moegps.kernels.fused_moe`` on a
+GPU, the torch loop on a CPU) on random weights of the model's expert shape, and times it. The
+layer's expert time is then the busiest GPU's, as in the roofline; only the expert part changes,
+dispatch and combine stay modelled.
+
+What it stands for, and what not: each GPU's expert call is timed alone, from a cold L2 (the
+benchmark's clean flush) and replayed from a CUDA graph, as ``moegps.kernels.bench`` times the
+calibration's calls; G GPUs run concurrently in a real system and do not share this GPU's L2 or
+clocks, so one GPU timing them in turn measures each of them. The rows are one per selection
+(top-1 calls), which is how the executor computes a rank's tokens whose k experts are not all
+local (``expert_compute``'s compaction): the same rows per expert as a k-way call, without its
+k-way combine. The rows run on the weight tensor of all the model's experts, so the calls get the
+tuned table of the model's expert shape (its k-way entries serve top-1 calls by selections,
+``kernels.launch.get_config``); the executor's rank, holding only its slots, gets the default config.
+Fractional token counts (replica shares) are rounded to whole rows.
+
+First run (one H200, docs/simulator.md): 1.4-1.8x the roofline's expert time on the bundled model's MMLU
+traces at Mixtral-8x7B's shape, every ranking of plans unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..shapes import ModelShape
+
+
+class KernelExpertTimer:
+    """``per_gpu [..., G, E]`` tokens each GPU computes for each expert -> ``[..., G]`` seconds,
+    measured (see the module docstring). Use as the ``table`` of ``replay.simulate`` /
+    ``pipeline.replay_plans`` (``cost.gpu_expert_time`` hands it the per-GPU rows).
+
+    One timing per distinct row-count vector (memoised: decode steps repeat them); ``measured``
+    counts the timings, ``calls`` the (step, GPU) pairs asked for."""
+
+    def __init__(self, shape: ModelShape, device: str | torch.device | None = None, seed: int = 0,
+                 dtype: torch.dtype = torch.bfloat16, warmup_ms: float = 1.0, rep_ms: float = 5.0):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.shape, self.warmup_ms, self.rep_ms = shape, warmup_ms, rep_ms
+        E, H, F = shape.n_experts, shape.hidden, shape.expert_ffn
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        dtype = dtype if self.device.type == "cuda" else torch.float32
+        # std fan_in^-0.5 keeps the activations O(1): the kernels' times do not depend on the values,
+        # but a random model that overflowed would not be the model being timed
+        self.w_gate_up = torch.randn(E, 2 * F, H, generator=gen, device=self.device, dtype=dtype) * H ** -0.5
+        self.w_down = torch.randn(E, H, F, generator=gen, device=self.device, dtype=dtype) * F ** -0.5
+        self._x = torch.empty(0, H, device=self.device, dtype=dtype)
+        self._gen = gen
+        self._seconds: dict[tuple[int, ...], float] = {}
+        self.calls = 0
+
+    @property
+    def measured(self) -> int:
+        return len(self._seconds)
+
+    @property
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+
+    def gpu_seconds(self, per_gpu: np.ndarray) -> np.ndarray:
+        """``[..., G, E]`` tokens (fractions rounded to whole rows) -> ``[..., G]`` seconds."""
+        rows = np.rint(np.asarray(per_gpu, dtype=np.float64)).astype(np.int64)
+        if rows.shape[-1] != self.shape.n_experts:
+            raise ValueError(f"per_gpu has {rows.shape[-1]} experts, the timer's shape {self.shape.name} "
+                             f"has {self.shape.n_experts}")
+        flat = rows.reshape(-1, rows.shape[-1])
+        self.calls += len(flat)
+        return np.array([self.seconds(tuple(r)) for r in flat.tolist()]).reshape(rows.shape[:-1])
+
+    def seconds(self, rows: tuple[int, ...]) -> float:
+        """Seconds one GPU spends on ``rows[e]`` tokens of each expert e (0 for none)."""
+        if sum(rows) == 0:
+            return 0.0
+        if rows not in self._seconds:
+            self._seconds[rows] = self._time(rows)
+        return self._seconds[rows]
+
+    def _time(self, rows: tuple[int, ...]) -> float:
+        from ..executor.layer import expert_compute
+
+        counts = torch.tensor(rows, device=self.device)
+        ids = torch.repeat_interleave(torch.arange(len(rows), device=self.device), counts)[:, None]
+        n = ids.shape[0]
+        if self._x.shape[0] < n:  # fresh rows only when more are needed than ever before
+            self._x = torch.randn(max(n, 2 * self._x.shape[0]), self.shape.hidden, generator=self._gen,
+                                  device=self.device, dtype=self._x.dtype)
+        x, gates = self._x[:n], torch.ones(n, 1, device=self.device, dtype=self._x.dtype)
+
+        def call():
+            return expert_compute(x, self.w_gate_up, self.w_down, ids, gates, dense=True)
+
+        if self.device.type != "cuda":  # the CPU's torch loop: host clock, median of three
+            import time
+
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - t0)
+            return float(np.median(times))
+        from ..kernels import timing
+
+        saved, timing.FLUSH = timing.FLUSH, "clean"  # as the calibration's kernel runs were timed
+        try:
+            return timing.time_us(call, graph=True, warmup=self.warmup_ms, rep=self.rep_ms) * 1e-6
+        finally:
+            timing.FLUSH = saved

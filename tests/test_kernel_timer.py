@@ -1,0 +1,104 @@
+"""simulator.kernel_timer: expert time measured by running each GPU's rows through the kernels."""
+
+import numpy as np
+import pytest
+import torch
+
+from moegps.shapes import ModelShape
+from moegps.simulator import cost
+from moegps.simulator.kernel_timer import KernelExpertTimer
+from moegps.simulator.replay import ReplayConfig, make_batches, oracle_plan, contiguous_share, simulate, static_plan
+from moegps.simulator.system import SystemSpec
+from moegps.workloads import random_trace
+
+TINY = ModelShape(name="tiny", vocab_size=100, n_layers=2, hidden=32, n_heads=2, n_kv_heads=2, head_dim=16,
+                  expert_ffn=48, n_experts=6, top_k=2)
+
+
+def _system():
+    return SystemSpec(name="test", n_gpus=3, gpus_per_node=3, hbm_bandwidth=1e12, matmul_flops=1e14,
+                      link_bandwidth=1e11, link_latency=3e-6, expert_launch=2e-6, layer_overhead=0.0, tile_tokens=8)
+
+
+def test_the_timer_runs_each_gpus_rows_and_times_each_distinct_share_once(monkeypatch, rng):
+    """Every (step, GPU) with rows runs the executor's expert kernel on exactly those rows (fractions
+    rounded), one row per selection, the weights of the model's shape; none is run for a GPU without
+    rows (0 s); a row-count vector seen before is not timed again; a shape mismatch is named."""
+    from moegps.executor import layer
+
+    ran = []
+    real = layer.expert_compute
+
+    def spy(x, w_gate_up, w_down, ids, gates, dense=False):
+        ran.append(torch.bincount(ids.reshape(-1), minlength=TINY.n_experts).tolist())
+        assert ids.shape[1] == 1 and x.shape == (ids.shape[0], TINY.hidden) and w_gate_up.shape == (6, 96, 32)
+        return real(x, w_gate_up, w_down, ids, gates, dense=dense)
+
+    monkeypatch.setattr(layer, "expert_compute", spy)
+    timer = KernelExpertTimer(TINY, device="cpu")
+    per_gpu = rng.integers(0, 5, size=(4, 3, 6)).astype(np.float64)
+    per_gpu[1, 2] = 0.0  # a GPU with no rows at one step
+    per_gpu[3] = per_gpu[0]  # a step that repeats another's shares exactly
+    per_gpu[2, 0, 1] += 0.4  # a replica's fraction, rounded away
+    seconds = timer.gpu_seconds(per_gpu)
+    assert seconds.shape == (4, 3) and seconds[1, 2] == 0.0
+    assert (seconds[per_gpu.sum(-1) > 0] > 0).all()
+    np.testing.assert_array_equal(seconds[3], seconds[0])
+    distinct = {tuple(r) for r in np.rint(per_gpu).astype(int).reshape(-1, 6).tolist() if sum(r)}
+    assert set(map(tuple, ran)) == distinct and timer.measured == len(distinct) and timer.calls == 12
+    before = len(ran)
+    np.testing.assert_array_equal(timer.gpu_seconds(per_gpu[::-1]), seconds[::-1])
+    assert len(ran) == before and timer.calls == 24  # all seen before: nothing run again
+    with pytest.raises(ValueError, match="7 experts.*tiny has 6"):
+        timer.gpu_seconds(np.ones((2, 7)))
+
+
+def test_simulate_takes_the_busiest_gpus_measured_time(rng):
+    """With a timer as the table, each layer's expert part is the busiest GPU's measured time of the
+    rows the placement sends it (a hand-made timer: 1 ms a row plus 10 ms an expert held with rows,
+    against a max over GPUs worked out here from route_tokens' per-GPU rows); the rest is unchanged."""
+
+    class RowTimer:
+        def gpu_seconds(self, per_gpu):
+            per_gpu = np.rint(per_gpu)
+            return 1e-3 * per_gpu.sum(-1) + 1e-2 * (per_gpu > 0).sum(-1)
+
+    trace = random_trace(rng, n_requests=6, n_layers=2, n_experts=6, top_k=2, skew=1.5, decode_steps=3)
+    batches = make_batches(trace, 3, cfg=ReplayConfig(batch_size=2))
+    system = _system()
+    for plan in (static_plan(batches), oracle_plan(batches, lambda loads: contiguous_share(2, 6, 3))):
+        measured = simulate(batches, plan, TINY, system, table=RowTimer())
+        modelled = simulate(batches, plan, TINY, system)
+        for layer in range(2):
+            share = plan.share[plan.placement_of_step, layer]
+            counts = np.zeros((batches.n_steps, 3, 6))
+            for j in range(batches.experts.shape[-1]):  # each of a token's k selections
+                np.add.at(counts, (batches.step, batches.source, batches.experts[:, layer, j]), 1.0)
+            _, per_gpu = cost.route_tokens(counts, share)
+            want = (1e-3 * np.rint(per_gpu).sum(-1) + 1e-2 * (np.rint(per_gpu) > 0).sum(-1)).max(-1)
+            np.testing.assert_allclose(measured.parts["expert"][:, layer], want)
+        np.testing.assert_allclose(measured.parts["dispatch"], modelled.parts["dispatch"])
+
+
+def test_the_simulator_command_times_experts_with_the_kernels():
+    """The simulator's config with ``expert_time=kernels`` replays with the timer (here the CPU's torch
+    loop on the bundled model's expert shape) and its rows say so; the default stays the roofline; a
+    value that is neither is an error naming the field."""
+    import dataclasses
+    from pathlib import Path
+
+    from moegps.configs import validate
+    from moegps.simulator.__main__ import SimulateConfig, simulate as run
+
+    trace = str(Path(__file__).resolve().parents[1] / "traces" / "mixtral-tiny" / "mmlu-64")
+    rows = {}
+    for how in ("roofline", "kernels"):
+        config = dataclasses.asdict(SimulateConfig(trace=trace, limit=4, predictors=["global_profile"],
+                                                   system="h200_8gpu", expert_time=how))
+        _, results, rows[how] = run(config)
+        assert all(r.parts["expert"].sum() > 0 for r in results)
+    assert {r["config.expert_time"] for r in rows["kernels"]} == {"kernels:cpu"}
+    assert {r["config.expert_time"] for r in rows["roofline"]} == {"roofline"}
+    assert [r["dispatch_ms"] for r in rows["kernels"]] == pytest.approx([r["dispatch_ms"] for r in rows["roofline"]])
+    with pytest.raises(Exception, match="expert_time"):
+        validate({"expert_time": "measured"}, SimulateConfig, "simulator")
