@@ -22,16 +22,24 @@ def _system():
 
 def test_the_timer_runs_each_gpus_rows_and_times_each_distinct_share_once(monkeypatch, rng):
     """Every (step, GPU) with rows runs the executor's expert kernel on exactly those rows (fractions
-    rounded), one row per selection, the weights of the model's shape; none is run for a GPU without
-    rows (0 s); a row-count vector seen before is not timed again; a shape mismatch is named."""
+    rounded), one row per selection, holding the weights of exactly the experts with rows (as a rank
+    holds its slots); none is run for a GPU without rows (0 s); a row-count vector seen before is not
+    timed again; a shape mismatch is named."""
     from moegps.executor import layer
 
     ran = []
     real = layer.expert_compute
 
     def spy(x, w_gate_up, w_down, ids, gates, dense=False):
-        ran.append(torch.bincount(ids.reshape(-1), minlength=TINY.n_experts).tolist())
-        assert ids.shape[1] == 1 and x.shape == (ids.shape[0], TINY.hidden) and w_gate_up.shape == (6, 96, 32)
+        # which of the timer's experts these slots are: match each slot's weights to the model's
+        held = [int(((timer.w_gate_up - w).abs().amax((1, 2)) == 0).nonzero()) for w in w_gate_up]
+        assert torch.equal(w_down, timer.w_down[held])
+        rows = [0] * TINY.n_experts
+        for slot, n in enumerate(torch.bincount(ids.reshape(-1), minlength=len(held)).tolist()):
+            rows[held[slot]] = n
+        assert min(rows[e] for e in held) > 0  # only experts with rows are held, as on a rank
+        assert ids.shape[1] == 1 and x.shape == (ids.shape[0], TINY.hidden) and w_gate_up.shape[1:] == (96, 32)
+        ran.append(rows)
         return real(x, w_gate_up, w_down, ids, gates, dense=dense)
 
     monkeypatch.setattr(layer, "expert_compute", spy)

@@ -208,3 +208,4 @@ def test_a_top_k_without_a_table_takes_the_same_experts_table_by_selections(conf
     config_dir.write_text(json.dumps({"shapes": shapes}))
     launch._tuned_table.cache_clear()
     assert launch.get_config(16, 8, 64, 128, 1)["tuned_by"] == "top-1"
+

@@ -9,6 +9,7 @@ the default config, beside the floor (active experts' weight bytes over the copy
 matmul rate, both measured in the same rounds):
 
     python benchmarks/kernels/top1_probe.py [--shapes mixtral-8x7b deepseek-v2-lite] [--selections 2 16 ...]
+                                            [--experts N [--slots]]
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def main(argv=None) -> None:
     ap.add_argument("--selections", type=int, nargs="+", default=[2, 16, 64, 256, 1024, 4096, 12288])
     ap.add_argument("--experts", type=int, default=None,
                     help="the picks on the first N experts only: one GPU's share under expert parallelism")
+    ap.add_argument("--slots", action="store_true",
+                    help="with --experts: the weights of those N experts only, as an expert-parallel rank "
+                         "holds them (no table is tuned for so few experts: both columns are the default config)")
     args = ap.parse_args(argv)
     timing.FLUSH = "clean"
     ceiling = ceiling_runs()
@@ -38,13 +42,15 @@ def main(argv=None) -> None:
           f"{'default_us':>10} {'floor_us':>9} {'%floor':>7} {'vs_default':>10}")
     for name in args.shapes:
         E, H, F, k = expert_dims(name)
-        x_all, w13, w2 = timing.make_inputs(E, H, F, k, max(args.selections), seed=1)
+        x_all, w13_all, w2_all = timing.make_inputs(E, H, F, k, max(args.selections), seed=1)
         for n in args.selections:
             ids = timing.make_routing(-(-n // k), E, k, seed=n)[0].reshape(-1)[:n, None]  # k-way picks, a row each
             if args.experts:
                 ids = ids % args.experts
             x, gates = x_all[:n], torch.ones(n, 1, device="cuda", dtype=x_all.dtype)
-            served, default = get_config(n, E, H, F, 1), default_config(n, E, H, F, 1)
+            experts = args.experts if args.slots else E
+            w13, w2 = w13_all[:experts], w2_all[:experts]
+            served, default = get_config(n, experts, H, F, 1), default_config(n, experts, H, F, 1)
             out = fused_moe(x, w13, w2, ids, gates, config=served)
             ref = moe_reference(x.float(), w13.float(), w2.float(), ids, gates.float())
             err = timing.rel_err(out, ref)

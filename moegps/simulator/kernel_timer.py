@@ -16,13 +16,14 @@ calibration's calls; G GPUs run concurrently in a real system and do not share t
 clocks, so one GPU timing them in turn measures each of them. The rows are one per selection
 (top-1 calls), which is how the executor computes a rank's tokens whose k experts are not all
 local (``expert_compute``'s compaction): the same rows per expert as a k-way call, without its
-k-way combine. The rows run on the weight tensor of all the model's experts, so the calls get the
-tuned table of the model's expert shape (its k-way entries serve top-1 calls by selections,
-``kernels.launch.get_config``); the executor's rank, holding only its slots, gets the default config.
+k-way combine. As on an executor rank, the call holds only the experts it computes (a copy of their
+weights), so the kernels pick the config a rank gets: no table is tuned for such few-expert shapes, so
+the default config (``kernels.launch.default_config``).
 Fractional token counts (replica shares) are rounded to whole rows.
 
-First run (one H200, docs/simulator.md): 1.4-1.8x the roofline's expert time on the bundled model's MMLU
-traces at Mixtral-8x7B's shape, every ranking of plans unchanged.
+First runs (one H200, docs/simulator.md): 1.1-1.8x the roofline's expert time on the bundled model's MMLU
+traces at Mixtral-8x7B's shape; whether duplication pays on the prefill-heavy one turned on the configs one
+GPU's few experts run with.
 """
 
 from __future__ import annotations
@@ -86,8 +87,11 @@ class KernelExpertTimer:
     def _time(self, rows: tuple[int, ...]) -> float:
         from ..executor.layer import expert_compute
 
-        counts = torch.tensor(rows, device=self.device)
-        ids = torch.repeat_interleave(torch.arange(len(rows), device=self.device), counts)[:, None]
+        held = [e for e, r in enumerate(rows) if r > 0]  # the experts this GPU computes, in slot order
+        counts = torch.tensor([rows[e] for e in held], device=self.device)
+        ids = torch.repeat_interleave(torch.arange(len(held), device=self.device), counts)[:, None]
+        index = torch.tensor(held, device=self.device)
+        w_gate_up, w_down = self.w_gate_up.index_select(0, index), self.w_down.index_select(0, index)
         n = ids.shape[0]
         if self._x.shape[0] < n:  # fresh rows only when more are needed than ever before
             self._x = torch.randn(max(n, 2 * self._x.shape[0]), self.shape.hidden, generator=self._gen,
@@ -95,7 +99,7 @@ class KernelExpertTimer:
         x, gates = self._x[:n], torch.ones(n, 1, device=self.device, dtype=self._x.dtype)
 
         def call():
-            return expert_compute(x, self.w_gate_up, self.w_down, ids, gates, dense=True)
+            return expert_compute(x, w_gate_up, w_down, ids, gates, dense=True)
 
         if self.device.type != "cuda":  # the CPU's torch loop: host clock, median of three
             import time
