@@ -202,10 +202,11 @@ def get_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: int,
     table = _tuned_table(device_name(device))
     tuned_k, by_tokens = top_k, table.get(shape_key(n_experts, hidden, ffn, top_k)) or {}
     if not by_tokens:
-        same = [int(key.rsplit("k=", 1)[1]) for key in table
-                if key.startswith(shape_key(n_experts, hidden, ffn, 0)[:-1])]
-        if same:
-            tuned_k = min(same, key=lambda k: (abs(k - top_k), k))
+        these_experts = shape_key(n_experts, hidden, ffn, top_k).removesuffix(f"k={top_k}")
+        other_ks = [int(key.removeprefix(these_experts + "k=")) for key in table
+                    if key.startswith(these_experts + "k=")]
+        if other_ks:
+            tuned_k = min(other_ks, key=lambda k: (abs(k - top_k), k))
             by_tokens = table[shape_key(n_experts, hidden, ffn, tuned_k)]
     gluon = wgmma_moe.supported(device)
     by_tokens = {t: c for t, c in ((t, runnable_entry(c, gluon)) for t, c in by_tokens.items()) if c}

@@ -28,6 +28,8 @@ GPU's few experts run with.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -102,8 +104,6 @@ class KernelExpertTimer:
             return expert_compute(x, w_gate_up, w_down, ids, gates, dense=True)
 
         if self.device.type != "cuda":  # the CPU's torch loop: host clock, median of three
-            import time
-
             times = []
             for _ in range(3):
                 t0 = time.perf_counter()
