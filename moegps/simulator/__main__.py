@@ -66,8 +66,9 @@ def simulate(config: dict) -> tuple:
     args = config.get("predictor_args") or {}
     fitted = fit_predictors(work.data, {name: args.get(name, {}) for name in config["predictors"]})
     timer = None
-    if config.get("expert_time") == "kernels":  # imported here: the roofline needs no torch
-        from .kernel_timer import KernelExpertTimer
+    if config.get("expert_time") == "kernels":
+        # lazy: torch and the kernels, which the roofline needs none of (DESIGN.md, import rule 5)
+        from ..executor.expert_timer import KernelExpertTimer
         timer = KernelExpertTimer(work.shape)
     placement, fields = config["placement"], dict(config.get("placement_fields") or {})
     if isinstance(placement, dict):  # a moegps/conf/placement option: its name and fields

@@ -157,7 +157,7 @@ def gpu_expert_time(tokens_per_gpu_expert: np.ndarray, shape: ModelShape, system
 
     ``table``: None (the roofline), an :class:`ExpertTimeTable` (each expert's measured time by its
     tokens, summed over a GPU's experts), or anything with ``gpu_seconds`` that times a GPU's whole
-    share at once (``kernel_timer.KernelExpertTimer``: the kernels run on this device)."""
+    share at once (``executor.expert_timer.KernelExpertTimer``: the kernels run on this device)."""
     if hasattr(table, "gpu_seconds"):
         return table.gpu_seconds(tokens_per_gpu_expert)
     return expert_time(tokens_per_gpu_expert, shape, system, table).sum(axis=-1)

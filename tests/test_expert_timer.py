@@ -1,4 +1,4 @@
-"""simulator.kernel_timer: expert time measured by running each GPU's rows through the kernels."""
+"""executor.expert_timer: the simulator's expert time measured by running each GPU's rows through the kernels."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from moegps.shapes import ModelShape
 from moegps.simulator import cost
-from moegps.simulator.kernel_timer import KernelExpertTimer
+from moegps.executor.expert_timer import KernelExpertTimer
 from moegps.simulator.replay import ReplayConfig, make_batches, oracle_plan, contiguous_share, simulate, static_plan
 from moegps.simulator.system import SystemSpec
 from moegps.workloads import random_trace
@@ -25,10 +25,10 @@ def test_the_timer_runs_each_gpus_rows_and_times_each_distinct_share_once(monkey
     rounded), one row per selection, holding the weights of exactly the experts with rows (as a rank
     holds its slots); none is run for a GPU without rows (0 s); a row-count vector seen before is not
     timed again; a shape mismatch is named."""
-    from moegps.executor import layer
+    from moegps.executor import expert_timer
 
     ran = []
-    real = layer.expert_compute
+    real = expert_timer.expert_compute
 
     def spy(x, w_gate_up, w_down, ids, gates, dense=False):
         # which of the timer's experts these slots are: match each slot's weights to the model's
@@ -42,7 +42,7 @@ def test_the_timer_runs_each_gpus_rows_and_times_each_distinct_share_once(monkey
         ran.append(rows)
         return real(x, w_gate_up, w_down, ids, gates, dense=dense)
 
-    monkeypatch.setattr(layer, "expert_compute", spy)
+    monkeypatch.setattr(expert_timer, "expert_compute", spy)
     timer = KernelExpertTimer(TINY, device="cpu")
     per_gpu = rng.integers(0, 5, size=(4, 3, 6)).astype(np.float64)
     per_gpu[1, 2] = 0.0  # a GPU with no rows at one step

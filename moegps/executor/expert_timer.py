@@ -1,4 +1,5 @@
-"""Expert time measured instead of modelled: each GPU's share of a layer run through moegps's kernels.
+"""The simulator's expert part measured instead of modelled: each GPU's share of a layer run through
+moegps's kernels (``python -m moegps.simulator expert_time=kernels``).
 
 The simulator's expert part is a roofline (``cost.expert_time``) calibrated to whole MoE calls on
 balanced routing. A placement changes what it is asked about: how many experts a GPU holds, how
@@ -34,12 +35,14 @@ import numpy as np
 import torch
 
 from ..shapes import ModelShape
+from .layer import expert_compute
 
 
 class KernelExpertTimer:
     """``per_gpu [..., G, E]`` tokens each GPU computes for each expert -> ``[..., G]`` seconds,
-    measured (see the module docstring). Use as the ``table`` of ``replay.simulate`` /
-    ``pipeline.replay_plans`` (``cost.gpu_expert_time`` hands it the per-GPU rows).
+    measured (see the module docstring). Use as the ``table`` of ``simulator.replay.simulate`` /
+    ``simulator.pipeline.replay_plans`` (``simulator.cost.gpu_expert_time`` hands it the per-GPU rows;
+    the simulator itself never imports this module: its command line does, for ``expert_time=kernels``).
 
     One timing per distinct row-count vector (memoised: decode steps repeat them); ``measured``
     counts the timings, ``calls`` the (step, GPU) pairs asked for."""
@@ -87,8 +90,6 @@ class KernelExpertTimer:
         return self._seconds[rows]
 
     def _time(self, rows: tuple[int, ...]) -> float:
-        from ..executor.layer import expert_compute
-
         held = [e for e, r in enumerate(rows) if r > 0]  # the experts this GPU computes, in slot order
         counts = torch.tensor([rows[e] for e in held], device=self.device)
         ids = torch.repeat_interleave(torch.arange(len(held), device=self.device), counts)[:, None]
@@ -110,7 +111,7 @@ class KernelExpertTimer:
                 call()
                 times.append(time.perf_counter() - t0)
             return float(np.median(times))
-        from ..kernels import timing
+        from ..kernels import timing  # lazy: Triton, for the GPU only
 
         saved, timing.FLUSH = timing.FLUSH, "clean"  # as the calibration's kernel runs were timed
         try:
