@@ -110,3 +110,32 @@ def test_the_simulator_command_times_experts_with_the_kernels():
     assert [r["dispatch_ms"] for r in rows["kernels"]] == pytest.approx([r["dispatch_ms"] for r in rows["roofline"]])
     with pytest.raises(Exception, match="expert_time"):
         validate({"expert_time": "measured"}, SimulateConfig, "simulator")
+
+
+def test_the_plot_reads_the_simulators_printed_plan_table(tmp_path):
+    """benchmarks/simulator/plot_expert_time.py reads the speedups the simulator command prints (the
+    runs of a lent GPU whose files did not come back): the same numbers as the rows it wrote, and a log
+    without the table is named."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from moegps.results import read_results
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("plot_expert_time", root / "benchmarks/simulator/plot_expert_time.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    printed = subprocess.run([sys.executable, "-m", "moegps.simulator", "trace=random", "limit=8",
+                              "predictors=[global_profile]", "replay.batch_size=2", f"out={tmp_path}/run"],
+                             capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    log = tmp_path / "run.log"
+    log.write_text(printed)
+    read = plot.plan_speedups(log)
+    rows = read_results(tmp_path / "run" / "rows.parquet").set_index("config.plan")["total_ms"]
+    assert list(read) == list(rows.index) and read["static"] == 1.0
+    assert [read[plan] for plan in rows.index] == pytest.approx(list(rows["static"] / rows), abs=5e-4)
+    (tmp_path / "empty.log").write_text("nothing here\n")
+    with pytest.raises(ValueError, match="empty.log: no plan table"):
+        plot.plan_speedups(tmp_path / "empty.log")

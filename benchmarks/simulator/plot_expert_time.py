@@ -1,0 +1,78 @@
+"""Speedup over static placement per plan, the expert part modelled against measured: one panel a trace.
+
+Reads what `python -m moegps.simulator` prints (its plan table), so that runs made on a lent GPU whose
+files did not all come back can still be drawn side by side:
+
+    python benchmarks/simulator/plot_expert_time.py --out docs/img/expert-time-h200.png \
+        "decode-dominated (mmlu-5000)|roofline=RUN.log" "decode-dominated (mmlu-5000)|kernels=RUN.log" ...
+
+Each argument is "PANEL|LABEL=LOG"; bars keep the order the labels first appear in.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+PLANS = {"oracle_placement": "balanced,\ntrue loads", "global_profile": "global_profile\n(distribution)",
+         "step_profile": "step_profile\n(distribution)", "token_table": "token_table\n(token)",
+         "oracle": "oracle\n(bound)"}
+
+
+def plan_speedups(log: Path) -> dict[str, float]:
+    """{plan: speedup over static} from a simulator run's printed table (the last column)."""
+    out, table = {}, False
+    for line in log.read_text().splitlines():
+        if line.startswith("plan "):
+            table = True
+        elif table and line.startswith("wrote "):
+            break
+        elif table and line.split():
+            fields = line.split()
+            out[fields[0]] = float(fields[-1])
+    if not out:
+        raise ValueError(f"{log}: no plan table (the lines between 'plan ...' and 'wrote ...' of the simulator)")
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="+", help='"PANEL|LABEL=LOG"')
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--title", default="")
+    args = ap.parse_args(argv)
+    panels: dict[str, dict[str, dict[str, float]]] = {}
+    for run in args.runs:
+        panel, rest = run.split("|", 1)
+        label, log = rest.split("=", 1)
+        panels.setdefault(panel, {})[label] = plan_speedups(Path(log))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False, sharey=True)
+    for ax, (panel, runs) in zip(axes[0], panels.items()):
+        x = np.arange(len(PLANS))
+        width = 0.8 / len(runs)
+        for i, (label, speedups) in enumerate(runs.items()):
+            values = [speedups.get(plan, np.nan) for plan in PLANS]
+            bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, values, width, label=label)
+            ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xticks(x, list(PLANS.values()), fontsize=8)
+        ax.set_title(panel, fontsize=10)
+        ax.set_ylim(0.5, 1.3)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("speedup over static placement (end to end)")
+    axes[0][0].legend(fontsize=8, loc="upper left")
+    if args.title:
+        fig.suptitle(args.title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=130)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
