@@ -81,7 +81,7 @@ APPS = {
               ["trace=random", "limit=8", "gpus=[8]", "link_gbps=[64]", "batch_sizes=[2]",
                "distribution=[global_profile]", "token=[token_table]", "token_placement_from=null"],
               ["gpus", "link_gbps", "batch_sizes", "limit", "test_fraction", "interval", "phase", "extra_slots",
-               "+batchsize"], "rows.parquet"),
+               "placement", "+batchsize"], "rows.parquet"),
     "simulator": (hydra_app("simulate", "moegps.simulator.__main__"),
                   ["trace=random", "limit=8", "predictors=[global_profile]", "replay.batch_size=2"],
                   ["replay.batch_size", "limit", "interval", "test_fraction", "replay.migration_exposed",
@@ -156,14 +156,14 @@ def test_any_override_runs_or_names_the_field(name, tmp_path_factory):
     prop()
 
 
-def test_the_simulator_takes_a_placement_option(tmp_path):
+@pytest.mark.parametrize("app", ["simulator", "guide"])
+def test_the_simulator_and_the_guide_take_a_placement_option(app, tmp_path):
     """`placement=balanced placement.refine=false` picks moegps/conf/placement/balanced.yaml with a field
     changed (a string field of that name collided with the config group: hydra refused every value);
     none picked is "auto"; a name without an option file is an error naming the group."""
     from moegps.results import read_results
 
-    runner = APPS["simulator"][0]
-    base = APPS["simulator"][1]
+    runner, base = APPS[app][0], APPS[app][1]
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         runner([*base, "placement=balanced", "placement.refine=false"], tmp_path / "a")

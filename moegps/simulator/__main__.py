@@ -24,7 +24,7 @@ from ..configs import all_or_first_n, checked, each, fraction, hydra_command, no
 from ..files import atomic_path
 from ..predictors import REGISTRY
 from ..results import write_rows
-from .pipeline import fit_predictors, load_workload, replay_plans, result_rows, speedups
+from .pipeline import fit_predictors, load_workload, placement_choice, replay_plans, result_rows, speedups
 from .replay import ReplayConfig
 from .system import hydra_system, resolve_system
 
@@ -70,10 +70,7 @@ def simulate(config: dict) -> tuple:
         # lazy: torch and the kernels, which the roofline needs none of (DESIGN.md, import rule 5)
         from ..executor.expert_timer import KernelExpertTimer
         timer = KernelExpertTimer(work.shape)
-    placement, fields = config["placement"], dict(config.get("placement_fields") or {})
-    if isinstance(placement, dict):  # a moegps/conf/placement option: its name and fields
-        fields = {**{k: v for k, v in placement.items() if k not in ("name", "_target_")}, **fields}
-        placement = placement["name"]
+    placement, fields = placement_choice(config["placement"], config.get("placement_fields"))
     results = next(iter(replay_plans(work, fitted, system, rcfg, placement, config["interval"], timer,
                                      placement_fields=fields).values()))
     variant = {k: config[k] for k in ("trace", "interval", "seed")}

@@ -35,7 +35,7 @@ from ..placement.algorithms import place
 from ..predictors import REGISTRY
 from ..results import write_rows
 from .cost import load_kernel_bench
-from .pipeline import Workload, fit_predictors, load_workload, replay_plans, result_rows
+from .pipeline import Workload, fit_predictors, load_workload, placement_choice, replay_plans, result_rows
 from .replay import ReplayConfig, SimResult, make_batches, simulate, static_plan
 from .system import SystemSpec, SystemSpecError, hydra_system, resolve_system
 
@@ -62,7 +62,7 @@ class GuideConfig:
     phase: str = checked("all", one_of("prefill", "decode", "all"))
     attention: str = checked("dp", one_of("dp", "tp"))
     source: str = checked("token", one_of("token", "request"))
-    placement: str = "auto"
+    placement: Any = "auto"  # "auto", or the moegps/conf/placement option picked (placement=balanced)
     interval: int = checked(1, positive)
     test_fraction: float = checked(0.5, fraction)
     split: str = checked("arrival", one_of("arrival", "random"))  # arrival (the last requests by id are replayed) | random (drawn with seed)
@@ -125,6 +125,7 @@ def run_guide(cfg: GuideConfig, progress: bool = True) -> tuple[pd.DataFrame, li
     from tqdm import tqdm
 
     base = _base_system(cfg)
+    placement, fields = placement_choice(cfg.placement)
     rows, decisions = [], []
     for skew in cfg.skews if cfg.trace == "synthetic" and cfg.train is None else [float("nan")]:
         work = workload(cfg, skew)
@@ -135,12 +136,13 @@ def run_guide(cfg: GuideConfig, progress: bool = True) -> tuple[pd.DataFrame, li
         for gpus, batch in tqdm(combos, desc=f"guide {work.data.name}", disable=not progress):
             system0 = _variant_system(base, gpus, cfg.link_gbps[0])
             rcfg = ReplayConfig(batch_size=batch, source=cfg.source, attention=cfg.attention, phase=cfg.phase)
-            by_bw = replay_plans(work, preds, system0, rcfg, cfg.placement, cfg.interval, table,
-                                 cfg.token_placement_from, token_cache=token_cache, link_gbps=cfg.link_gbps)
+            by_bw = replay_plans(work, preds, system0, rcfg, placement, cfg.interval, table,
+                                 cfg.token_placement_from, placement_fields=fields, token_cache=token_cache,
+                                 link_gbps=cfg.link_gbps)
             for bw, results in by_bw.items():
                 variant = {"trace": work.data.name, "skew": skew, "gpus": gpus, "link_gbps": bw,
                            "batch_size": batch, "phase": cfg.phase, "attention": cfg.attention,
-                           "placement": cfg.placement, "interval": cfg.interval, "system": base.name,
+                           "placement": placement, "interval": cfg.interval, "system": base.name,
                            "extra_slots": base.extra_slots_per_gpu, "model_shape": work.shape.name}
                 rows += result_rows(results, variant, _variant_system(base, gpus, bw), work)
                 decisions.append({**decide(variant, results), "protocol": work.data.describe()})

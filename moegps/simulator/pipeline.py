@@ -111,6 +111,17 @@ def predictor_plans(batches, predictors: dict[str, Any], place: PlaceFn, system:
     return out
 
 
+def placement_choice(placement: Any, fields: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """A command's ``placement`` -> ``(algorithm name, its fields)``: a name as it is ("auto" when no
+    ``moegps/conf/placement`` option was picked), or the option hydra composed from that group (a
+    mapping with its ``name``; the ``placement.<field>=`` overrides are its fields), ``fields`` on top."""
+    fields = dict(fields or {})
+    if isinstance(placement, dict):
+        fields = {**{k: v for k, v in placement.items() if k not in ("name", "_target_")}, **fields}
+        placement = placement["name"]
+    return placement, fields
+
+
 def replay_plans(work: Workload, predictors: dict[str, Any], system: SystemSpec, rcfg: ReplayConfig,
                  placement: str | PlaceFn = "auto", interval: int = 1, table: ExpertTimeTable | None = None,
                  token_placement_from: str | None = None, placement_fields: dict | None = None,
