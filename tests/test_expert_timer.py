@@ -139,3 +139,26 @@ def test_the_plot_reads_the_simulators_printed_plan_table(tmp_path):
     (tmp_path / "empty.log").write_text("nothing here\n")
     with pytest.raises(ValueError, match="empty.log: no plan table"):
         plot.plan_speedups(tmp_path / "empty.log")
+
+
+def test_the_guide_times_experts_with_the_kernels_when_asked(tmp_path):
+    """The guide's ``expert_time=kernels`` hands every replay the timer (here the CPU's torch loop on the
+    bundled model's shape): the expert part differs from the roofline's, dispatch does not; asking for
+    the kernels and a benchmark table at once is an error naming both fields."""
+    from pathlib import Path
+
+    from moegps.configs import ConfigError
+    from moegps.simulator.guide import GuideConfig, run_guide
+
+    trace = str(Path(__file__).resolve().parents[1] / "traces" / "mixtral-tiny" / "mmlu-64")
+    base = dict(trace=trace, limit=4, gpus=[2], link_gbps=[64.0], batch_sizes=[2], system="h200_8gpu",
+                distribution=["global_profile"], token=["token_table"], token_placement_from=None)
+    _, modelled = run_guide(GuideConfig(**base), progress=False)
+    _, measured = run_guide(GuideConfig(**base, expert_time="kernels"), progress=False)
+    plans = [r for r in measured if r["config.plan"] != "oracle"]  # the bound picks by total time, each step
+    assert [r["dispatch_ms"] for r in plans] == pytest.approx(
+        [r["dispatch_ms"] for r in modelled if r["config.plan"] != "oracle"])
+    assert all(m["expert_ms"] > 0 for m in measured)
+    assert [m["expert_ms"] for m in measured] != pytest.approx([r["expert_ms"] for r in modelled])
+    with pytest.raises(ConfigError, match="'expert_time'.*'expert_table'"):
+        run_guide(GuideConfig(**base, expert_time="kernels", expert_table="bench.csv"), progress=False)

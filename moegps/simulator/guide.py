@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..configs import (all_or_first_n, checked, each, fraction, hydra_command, nonnegative, one_of, optional, positive,
-                       register, validate)
+from ..configs import (ConfigError, all_or_first_n, checked, each, fraction, hydra_command, nonnegative, one_of, optional,
+                       positive, register, validate)
 from ..files import atomic_path, save_png
 from ..placement.algorithms import place
 from ..predictors import REGISTRY
@@ -74,6 +74,7 @@ class GuideConfig:
     out: str = "outputs/guide"
     expert_table: str | None = None  # moegps.kernels.bench bench.csv: measured expert time instead of the roofline
     expert_table_shape: str | None = None  # which shape rows of that table; None: the trace's model shape
+    expert_time: str = checked("roofline", one_of("roofline", "kernels"))  # kernels: each GPU's share timed on this device
     study: str = checked("predictors", one_of("predictors", "placement"))  # "predictors" (the decision sweep) | "placement" (prefill-aware placement study)
 
 
@@ -91,7 +92,15 @@ def workload(cfg: GuideConfig, skew: float = 1.0) -> Workload:
 
 
 def _expert_table(cfg: GuideConfig, work: Workload):
-    """Measured expert times of the kernels' benchmark, for the shape rows of the workload's model."""
+    """The expert part's measurements, if any: each GPU's share timed on this device's kernels
+    (``expert_time=kernels``), or the kernels' benchmark times for the workload's model shape."""
+    if cfg.expert_time == "kernels":
+        if cfg.expert_table:
+            raise ConfigError("config fields 'expert_time' = kernels and 'expert_table' both measure the expert part: "
+                              "set one")
+        # lazy: torch and the kernels, which the roofline needs none of (DESIGN.md, import rule 5)
+        from ..executor.expert_timer import KernelExpertTimer
+        return KernelExpertTimer(work.shape)
     if not cfg.expert_table:
         return None
     # a shape chosen by expert count is named 'mixtral-8x7b (by expert count)': its registry name is the first word
