@@ -45,7 +45,7 @@ from .executor.runner import ExecuteConfig, run
 from .files import atomic_path
 from .paths import CONF_DIR, PROJECT_ROOT, register_resolvers
 from .results import flatten, shard_problem, write_rows
-from .simulator.pipeline import fit_predictors, load_workload, predictor_plans, result_rows
+from .simulator.pipeline import fit_predictors, load_workload, placement_choice, predictor_plans, result_rows
 from .simulator.replay import PlaceFn, ReplayConfig, ReplayOptions, make_batches, oracle_plan, simulate, static_plan
 from .simulator.system import resolve_system
 from .workloads import NAMED_TRACES, fingerprint
@@ -194,11 +194,6 @@ def _row_config(config: dict[str, Any], key: str, role: str, system=None) -> dic
     return out
 
 
-def placement_fields(config: dict[str, Any]) -> dict[str, Any]:
-    """The fields of the run's moegps/conf/placement option (its name and target aside)."""
-    return {k: v for k, v in dict(config["placement"]).items() if k not in ("name", "_target_")}
-
-
 def simulate_run(config: dict[str, Any], key: str) -> list[dict[str, Any]]:
     """The simulator backend: rows for the run's plan, the static baseline and the oracle placement,
     every placement made with the fields of the run's placement config."""
@@ -209,7 +204,8 @@ def simulate_run(config: dict[str, Any], key: str) -> list[dict[str, Any]]:
     rcfg = ReplayConfig(batch_size=int(config["batch_size"]), **config["replay"])
     batches = make_batches(work.test_routing, system.n_gpus, work.n_experts, rcfg)
     try:
-        place = PlaceFn(config["placement_name"], system, work.n_experts, shape=work.shape, **placement_fields(config))
+        _, fields = placement_choice(config["placement"])
+        place = PlaceFn(config["placement_name"], system, work.n_experts, shape=work.shape, **fields)
     except ValueError as e:
         raise ValueError(f"placement={config['placement_name']}: {e}") from None
     run_plan = predictor_plans(batches, {config["predictor_name"]: predictor}, place, system,
@@ -250,9 +246,10 @@ def execute_run(config: dict[str, Any], key: str) -> list[dict[str, Any]]:
     if predictor is not None and hasattr(predictor, "predict"):
         raise ValueError(f"predictor={predictor_name}: the executor backend takes distribution predictors only")
     placement = {"contiguous": "static"}.get(config["placement_name"], config["placement_name"])
+    _, fields = placement_choice(config["placement"])
     # the exec.* fields meet ExecuteConfig's schema here (an unknown or mistyped one is named)
     ecfg = validate(dict(shape=shape, n_experts=meta.n_experts, top_k=meta.top_k, trace="",
-                         train=str(paths["train"]), test=str(paths["test"]), placement_fields=placement_fields(config),
+                         train=str(paths["train"]), test=str(paths["test"]), placement_fields=fields,
                          batch_requests=int(config["batch_size"]), placement=placement, predictor=predictor_name,
                          seed=int(config["seed"]), out=str(run_dir(config["out"], key)), **ex),
                     ExecuteConfig, "sweep (exec.*)")

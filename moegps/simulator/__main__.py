@@ -74,8 +74,7 @@ def simulate(config: dict) -> tuple:
     results = next(iter(replay_plans(work, fitted, system, rcfg, placement, config["interval"], timer,
                                      placement_fields=fields).values()))
     variant = {k: config[k] for k in ("trace", "interval", "seed")}
-    variant["placement"] = placement
-    variant.update(system=system.name, replay=config["replay"],
+    variant.update(placement=placement, system=system.name, replay=config["replay"],
                    expert_time="roofline" if timer is None else f"kernels:{timer.device_name}")
     if timer is not None:
         print(f"expert time measured on {timer.device_name}: {timer.measured} distinct GPU shares timed for "

@@ -14,6 +14,7 @@ the test requests are replayed (:func:`moegps.workloads.train_test`).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,8 +117,8 @@ def placement_choice(placement: Any, fields: dict[str, Any] | None = None) -> tu
     ``moegps/conf/placement`` option was picked), or the option hydra composed from that group (a
     mapping with its ``name``; the ``placement.<field>=`` overrides are its fields), ``fields`` on top."""
     fields = dict(fields or {})
-    if isinstance(placement, dict):
-        fields = {**{k: v for k, v in placement.items() if k not in ("name", "_target_")}, **fields}
+    if isinstance(placement, Mapping):  # a dict, or hydra's DictConfig
+        fields = {**{k: v for k, v in dict(placement).items() if k not in ("name", "_target_")}, **fields}
         placement = placement["name"]
     return placement, fields
 
