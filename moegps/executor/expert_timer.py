@@ -29,12 +29,11 @@ GPU's few experts run with.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 
 from ..shapes import ModelShape
+from .generate import wall_ms
 from .layer import expert_compute
 
 
@@ -105,12 +104,7 @@ class KernelExpertTimer:
             return expert_compute(x, w_gate_up, w_down, ids, gates, dense=True)
 
         if self.device.type != "cuda":  # the CPU's torch loop: host clock, median of three
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - t0)
-            return float(np.median(times))
+            return wall_ms(call, reps=3) * 1e-3
         from ..kernels import timing  # lazy: Triton, for the GPU only
 
         saved, timing.FLUSH = timing.FLUSH, "clean"  # as the calibration's kernel runs were timed

@@ -277,16 +277,18 @@ def same_tokens(tokens: torch.Tensor, reference: torch.Tensor, eos: int | list |
 
 
 def wall_ms(fn, reps: int = 3, warmup: int = 0) -> float:
-    """Median host wall time of ``fn()`` in ms, the device synchronised around each call: for work that
-    syncs inside (``generate()``), where device events would miss the host's share."""
+    """Median host wall time of ``fn()`` in ms, the device (where there is one) synchronised around each
+    call: for work that syncs inside (``generate()``), where device events would miss the host's share,
+    and for work on the CPU."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
