@@ -370,7 +370,7 @@ def test_padded_prefill_of_the_graphs_matches_the_plain_prefill(rng, tiny_model)
     assert capped.pays([16]) and capped.pays([8, 8]) and not capped.pays([17]) and not capped.pays([8, 8, 8])
     for n in (3, 12, 17):
         graphs([torch.from_numpy(rng.integers(0, shape.vocab_size, size=n))])
-    assert list(graphs._graphs) == [(1, 16), (1, 20)]
+    assert list(graphs._graphs) == [(1, 16, False), (1, 20, False)]
     with pytest.raises(ValueError, match="of up to 21 tokens do not fit a cache of 2 slots x 20"):
         graphs([torch.zeros(21, dtype=torch.long)])
 

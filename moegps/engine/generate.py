@@ -69,6 +69,13 @@ def sampling_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     return scaled
 
 
+def choose_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
+    """The next token of each row of ``logits [B, V]``: ``[B]`` long, greedy or drawn with ``generator``."""
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(sampling_logits(logits, sampling).softmax(-1), 1, generator=generator).squeeze(-1)
+
+
 @dataclass
 class Generation:
     tokens: list[list[int]]      # new tokens of each prompt, up to and including its first stop token
@@ -155,42 +162,49 @@ class PrefillGraphs:
         padded = len(lengths) * self.padded_length(max(lengths))
         return padded <= self.max_tokens and (len(lengths) == 1 or padded <= self.MAX_PADDING * sum(lengths))
 
-    def _capture(self, batch: int, length: int) -> tuple:
+    def _capture(self, batch: int, length: int, gathered: bool) -> tuple:
         device = self.model.device
         tokens = torch.zeros(batch * length, dtype=torch.long, device=device)
-        slots = torch.arange(batch, device=device).repeat_interleave(length)
+        rows = torch.arange(batch, device=device).repeat_interleave(length)
         positions = torch.arange(length, device=device).repeat(batch)
         last = torch.zeros(batch, dtype=torch.long, device=device)
+        prompt_slots = torch.arange(batch, device=device) if gathered else None
         self.model.ensure_rope(self.cache.max_len)
 
         def run():
-            return prefill_packed(self.model, self.cache, tokens, slots, positions, last, [length] * batch)
+            return prefill_packed(self.model, self.cache, tokens, rows, positions, last, [length] * batch,
+                                  prompt_slots=prompt_slots)
 
+        inputs = (tokens, rows, positions, last, prompt_slots)
         if self._pool is None:
-            return run, (tokens, slots, positions, last), None
+            return run, inputs, None
         graph, logits = capture(run, self._pool)
         # every input the graph reads is kept with it: a freed one's memory would be handed to the next
-        # allocation while the graph still reads it (slots and positions once were not: the replay
+        # allocation while the graph still reads it (rows and positions once were not: the replay
         # after a later allocation wrote the KV cache out of bounds)
-        return graph, (tokens, slots, positions, last), logits
+        return graph, inputs, logits
 
-    def __call__(self, prompts: list[torch.Tensor]) -> torch.Tensor:
-        """``prompts``: token ids, prompt b in cache slot b -> each one's last position's logits ``[B, V]``
-        float32."""
+    def __call__(self, prompts: list[torch.Tensor], slots: list[int] | None = None) -> torch.Tensor:
+        """``prompts``: token ids, prompt b in cache slot ``slots[b]`` (default b) -> each one's last position's
+        logits ``[B, V]`` float32. Prompts in other slots than 0..B-1 run a graph of their own, whose
+        attention gathers its slots' K/V (the serving loop's newcomers)."""
         lengths = [len(p) for p in prompts]
-        check_fits(self.cache, lengths)
-        key = (len(prompts), self.padded_length(max(lengths)))
+        check_fits(self.cache, lengths, slots)
+        gathered = slots is not None and list(slots) != list(range(len(prompts)))
+        key = (len(prompts), self.padded_length(max(lengths)), gathered)
         if key not in self._graphs:
             if len(self._graphs) >= self.max_graphs:
                 self._graphs.pop(next(iter(self._graphs)))
             self._graphs[key] = self._capture(*key)
-        graph, (tokens, _, _, last), logits = self._graphs[key]
-        batch, length = key
+        graph, (tokens, _, _, last, prompt_slots), logits = self._graphs[key]
+        batch, length, _ = key
         padded = tokens.view(batch, length)
         padded.zero_()
         for row, prompt in zip(padded, prompts):
             row[:len(prompt)].copy_(prompt)
         last.copy_(torch.tensor([b * length + n - 1 for b, n in enumerate(lengths)]))
+        if gathered:
+            prompt_slots.copy_(torch.tensor(slots))
         if logits is None:  # no GPU: `graph` is the eager prefill
             return graph()
         graph.replay()
@@ -265,18 +279,12 @@ class Engine:
         history = torch.empty(bucket, max_new_tokens, dtype=torch.long, device=device)
         stop = torch.as_tensor(list(stop_tokens), dtype=torch.long, device=device)
 
-        def choose(logits):
-            if sampling.temperature == 0:
-                return logits.argmax(-1)
-            return torch.multinomial(sampling_logits(logits, sampling).softmax(-1), 1,
-                                     generator=generator).squeeze(-1)
-
         with torch.inference_mode():
             t0 = mark()
             inputs = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
             graphed = self.prefill_graphs is not None and self.prefill_graphs.pays([len(p) for p in prompts])
             logits = self.prefill_graphs(inputs) if graphed else prefill(self.model, self.cache, inputs)
-            first = choose(logits)
+            first = choose_tokens(logits, sampling, generator)
             t1 = mark()
             prefill_ms = elapsed(t0, t1)
             self.tokens.zero_()
@@ -291,7 +299,7 @@ class Engine:
             start = mark()
             for i in range(1, max_new_tokens):
                 a = mark() if on_token else None
-                nxt = choose(step())
+                nxt = choose_tokens(step(), sampling, generator)
                 self.tokens[:bucket] = nxt
                 self.positions[:bucket] += 1
                 history[:, i] = nxt

@@ -324,54 +324,70 @@ def decode_step(model: Model, cache: KVCache, tokens: torch.Tensor, positions: t
     return linear(x, model.lm_head).float()
 
 
-def check_fits(cache: KVCache, lengths: list[int]) -> None:
-    """A clear error when prompts of these lengths (prompt b in slot b) do not fit the cache."""
+def check_fits(cache: KVCache, lengths: list[int], slots: list[int] | None = None) -> None:
+    """A clear error when prompts of these lengths (prompt b in slot ``slots[b]``, default b) do not fit the
+    cache."""
     if len(lengths) > cache.slots or max(lengths) > cache.max_len:
         raise ValueError(f"{len(lengths)} prompts of up to {max(lengths)} tokens do not fit a cache of "
                          f"{cache.slots} slots x {cache.max_len} positions")
+    if slots is not None and (len(slots) != len(lengths) or len(set(slots)) != len(slots)
+                              or not all(0 <= s < cache.slots for s in slots)):
+        raise ValueError(f"cache slots {slots} for {len(lengths)} prompts: need one distinct slot per prompt in "
+                         f"[0, {cache.slots})")
 
 
-def prefill(model: Model, cache: KVCache, prompts: list[torch.Tensor], all_positions: bool = False) -> torch.Tensor:
-    """Prompts of any lengths (prompt b in cache slot b, from position 0), packed into one token batch
-    for every GEMM and the MoE; attention per sequence through SDPA on the right-padded batch
-    (causal: no valid query sees a padded key). Returns the last position's logits ``[B, V]`` float32,
-    or with ``all_positions`` every token's ``[sum of lengths, V]`` (teacher-forced checks)."""
+def prefill(model: Model, cache: KVCache, prompts: list[torch.Tensor], all_positions: bool = False,
+            slots: list[int] | None = None) -> torch.Tensor:
+    """Prompts of any lengths (prompt b in cache slot ``slots[b]``, by default b, from position 0), packed into
+    one token batch for every GEMM and the MoE; attention per sequence through SDPA on the right-padded
+    batch (causal: no valid query sees a padded key). Returns the last position's logits ``[B, V]`` float32,
+    or with ``all_positions`` every token's ``[sum of lengths, V]`` (teacher-forced checks). Other slots'
+    cache entries are left as they are (the serving loop prefills newcomers beside running sequences)."""
     device = model.device
     # the index tensors are built on the host and copied before any kernel is queued: a read of a device
     # tensor back to the host (or a copy from pageable memory behind queued work) makes the host wait
     # for the GPU, which then idles while the host queues what follows
     lengths = [len(p) for p in prompts]
-    check_fits(cache, lengths)
+    check_fits(cache, lengths, slots)
     model.ensure_rope(cache.max_len)
     tokens = torch.cat([p.to(device) for p in prompts])
-    slots = torch.cat([torch.full((n,), b) for b, n in enumerate(lengths)]).to(device)
+    rows = torch.cat([torch.full((n,), b) for b, n in enumerate(lengths)]).to(device)
     positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
     last = (torch.tensor(lengths).cumsum(0) - 1).to(device)  # each prompt's last row in the packed batch
-    return prefill_packed(model, cache, tokens, slots, positions, last, lengths, all_positions)
+    prompt_slots = None if slots is None or list(slots) == list(range(len(lengths))) else \
+        torch.tensor(slots).to(device)
+    return prefill_packed(model, cache, tokens, rows, positions, last, lengths, all_positions, prompt_slots)
 
 
-def prefill_packed(model: Model, cache: KVCache, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-                   last: torch.Tensor, lengths: list[int], all_positions: bool = False) -> torch.Tensor:
-    """``prefill`` on its device inputs: ``tokens``, ``slots``, ``positions`` ``[sum of lengths]`` (prompt b's
-    tokens, its cache slot b, positions from 0), ``last [B]`` (each prompt's last row); ``lengths`` on the
-    host fixes every shape. Call ``model.ensure_rope(cache.max_len)`` first. No host synchronisation:
-    capturable in a CUDA graph (generate.PrefillGraphs)."""
+def prefill_packed(model: Model, cache: KVCache, tokens: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                   last: torch.Tensor, lengths: list[int], all_positions: bool = False,
+                   prompt_slots: torch.Tensor | None = None) -> torch.Tensor:
+    """``prefill`` on its device inputs: ``tokens``, ``rows``, ``positions`` ``[sum of lengths]`` (prompt b's
+    tokens, b, positions from 0), ``last [B]`` (each prompt's last row), ``prompt_slots [B]`` (prompt b's
+    cache slot; None: slot b, read as a view of the cache, the others gathered); ``lengths`` on the host
+    fixes every shape. Call ``model.ensure_rope(cache.max_len)`` first. No host synchronisation: capturable
+    in a CUDA graph (generate.PrefillGraphs)."""
     longest = max(lengths)
     S = model.shape
     single = len(lengths) == 1
+    slots = rows if prompt_slots is None else prompt_slots[rows]
 
     def attend(q, index):
-        k = cache.k[index, :len(lengths), :, :longest]
-        v = cache.v[index, :len(lengths), :, :longest]
+        if prompt_slots is None:
+            k = cache.k[index, :len(lengths), :, :longest]
+            v = cache.v[index, :len(lengths), :, :longest]
+        else:
+            k = cache.k[index][prompt_slots, :, :longest]
+            v = cache.v[index][prompt_slots, :, :longest]
         if single:
             qp = q.view(1, longest, S.n_heads, S.head_dim).transpose(1, 2)
         else:
             qp = q.new_zeros(len(lengths), longest, S.n_heads, S.head_dim)
-            qp[slots, positions] = q
+            qp[rows, positions] = q
             qp = qp.transpose(1, 2)
         o = F.scaled_dot_product_attention(qp, k, v, is_causal=True, enable_gqa=S.n_heads != S.n_kv_heads)
         o = o.transpose(1, 2)
-        return o.reshape(longest, S.n_heads, S.head_dim) if single else o[slots, positions]
+        return o.reshape(longest, S.n_heads, S.head_dim) if single else o[rows, positions]
 
     resid = model.embed[tokens]
     delta = _layers(model, cache, resid, positions, slots, attend)

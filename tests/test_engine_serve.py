@@ -1,0 +1,160 @@
+"""Serving on the engine (moegps.engine.serve): requests arriving over time, admitted at every decode step
+(continuous) or only when every slot is free (static), on a float64 random model on the CPU.
+
+The reference for every answer is ``Engine.generate`` of that request alone: in float64 a request's greedy
+tokens cannot depend on which others share its batch, its slot or its bucket. Arrivals run on a fake
+clock (every look at it moves it on by one tick), so the admissions a test sees are the same on every
+machine. Prefill into chosen cache slots is checked against the plain prefill, K/V entry by entry.
+"""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from moegps.engine import Engine, KVCache, prefill
+from moegps.engine.generate import PrefillGraphs
+from moegps.engine.model import random_model
+from moegps.engine.serve import Request, Served, main, serve, summarize
+from moegps.shapes import from_name
+
+
+@pytest.fixture(autouse=True)
+def engine_cpu_path(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.fixture(scope="module")
+def model():
+    shape = from_name("mixtral-8x7b").replace(name="tiny", vocab_size=64, n_layers=2, hidden=32, n_heads=4,
+                                              n_kv_heads=2, head_dim=8, expert_ffn=24, n_experts=8, top_k=2)
+    return random_model(shape, device="cpu", dtype=torch.float64, seed=int(np.random.default_rng().integers(2**20)))
+
+
+class FakeClock:
+    """``clock()`` returns the time and moves it on by ``tick`` s; ``sleep(s)`` moves it on by s."""
+
+    def __init__(self, tick: float = 0.001):
+        self.t, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.t += self.tick
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def random_requests(rng, n: int, vocab: int, spread_s: float) -> list[Request]:
+    return [Request(rng.integers(0, vocab, size=int(rng.integers(1, 12))).tolist(), int(rng.integers(1, 14)),
+                    float(rng.uniform(0, spread_s))) for _ in range(n)]
+
+
+def alone(model, requests, stop_tokens=()) -> list[list[int]]:
+    engine = Engine(model, max_batch=1, max_len=32)
+    return [engine.generate([r.prompt], r.max_new_tokens, stop_tokens=stop_tokens).tokens[0] for r in requests]
+
+
+def concurrency(served: list[Served], at: float) -> int:
+    return sum(s.first_token_s <= at < s.finish_s for s in served)
+
+
+@pytest.mark.parametrize("prefill_graphs", [False, True])
+def test_served_answers_equal_each_request_alone(rng, model, prefill_graphs):
+    """Nine requests over four slots, arriving while others decode: continuous and static serving give
+    every request the greedy tokens it gets alone (a stop token from one answer cuts the others where it
+    occurs too); at most four run at once; static batches never overlap, continuous ones do."""
+    requests = random_requests(rng, 9, model.shape.vocab_size, spread_s=0.05)
+    stop = alone(model, requests[:1])[0][-1]
+    want = alone(model, requests, stop_tokens=[stop])
+    runs = {}
+    for continuous in (True, False):
+        engine = Engine(model, max_batch=3, max_len=32)  # 3 rounds up to the bucket of 4 slots
+        if prefill_graphs:  # the padded prefill a GPU replays, run eagerly: slots other than 0 gathered
+            engine.prefill_graphs = PrefillGraphs(model, engine.cache, round_to=8)
+        clock = FakeClock()
+        served = runs[continuous] = serve(engine, requests, stop_tokens=[stop], continuous=continuous,
+                                          clock=clock, sleep=clock.sleep)
+        assert [s.tokens for s in served] == want
+        assert not engine.positions.any()  # free slots are parked at position 0, not run past the cache
+        for s, r in zip(served, requests):
+            assert r.arrival_s == s.arrival_s <= s.first_token_s <= s.finish_s
+        assert max(concurrency(served, s.first_token_s) for s in served) <= engine.cache.slots == 4
+    static = sorted(runs[False], key=lambda s: s.first_token_s)
+    for s in static:  # a request-level batch starts when every earlier one has ended
+        assert all(o.finish_s <= s.first_token_s for o in static if o.first_token_s < s.first_token_s)
+    assert any(concurrency(runs[True], s.first_token_s) > 1 and s.first_token_s > min(o.first_token_s for o in runs[True])
+               for s in runs[True])  # someone joined a running batch
+
+
+def test_a_late_request_joins_a_running_batch(model):
+    """Hand-built: a long answer starts alone; a short request arriving mid-way gets its first token
+    before the long one ends (continuous) or only after it (static), and a third arriving when nothing
+    runs is served after the clock sleeps to its arrival."""
+    requests = [Request([1, 2, 3], 12, 0.0), Request([4, 5], 2, 0.004), Request([6], 3, 5.0)]
+    for continuous in (True, False):
+        clock = FakeClock()
+        long, short, late = serve(Engine(model, max_batch=2, max_len=32), requests, continuous=continuous,
+                                  clock=clock, sleep=clock.sleep)
+        assert (short.first_token_s < long.finish_s) == continuous
+        assert (short.finish_s < long.finish_s) == continuous
+        assert late.first_token_s >= 5.0 and len(long.tokens) == 12 and len(short.tokens) == 2
+
+
+def test_prefill_into_chosen_slots(rng, model):
+    """Prompts prefilled into slots (2, 0) of a 4-slot cache give the logits and K/V of the plain prefill
+    into (0, 1), and leave slots 1 and 3 as they were; PrefillGraphs' padded prefill into a slot too."""
+    prompts = [torch.from_numpy(rng.integers(0, 64, size=n)) for n in (5, 9)]
+    plain = KVCache(model.shape, 2, 16, torch.float64, "cpu")
+    want = prefill(model, plain, prompts)
+    cache = KVCache(model.shape, 4, 16, torch.float64, "cpu")
+    cache.k.normal_(), cache.v.normal_()
+    before_k, before_v = cache.k.clone(), cache.v.clone()
+    got = prefill(model, cache, prompts, slots=[2, 0])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for b, (slot, n) in enumerate(zip((2, 0), (5, 9))):
+        assert torch.equal(cache.k[:, slot, :, :n], plain.k[:, b, :, :n])
+        assert torch.equal(cache.v[:, slot, :, :n], plain.v[:, b, :, :n])
+    for slot in (1, 3):
+        assert torch.equal(cache.k[:, slot], before_k[:, slot]) and torch.equal(cache.v[:, slot], before_v[:, slot])
+    graphs = PrefillGraphs(model, cache, round_to=8)
+    torch.testing.assert_close(graphs(prompts[1:], slots=[3]), want[1:], rtol=1e-12, atol=1e-12)
+    assert torch.equal(cache.k[:, 3, :, :9], plain.k[:, 1, :, :9])
+    with pytest.raises(ValueError, match=r"cache slots \[1, 1\] for 2 prompts: need one distinct slot"):
+        prefill(model, cache, prompts, slots=[1, 1])
+    with pytest.raises(ValueError, match=r"cache slots \[4\] for 1 prompts"):
+        prefill(model, cache, prompts[:1], slots=[4])
+
+
+def test_serve_rejects_what_it_cannot_serve(model):
+    engine = Engine(model, max_batch=2, max_len=16)
+    for request, message in ((Request([]), "request 0: empty prompt"),
+                             (Request([1], 0), "request 0: max_new_tokens must be >= 1"),
+                             (Request([1] * 10, 7), "request 0: 10 prompt \\+ 7 new tokens exceed the engine's max_len 16"),
+                             (Request([1], 2, -1.0), "request 0: arrival_s must be >= 0")):
+        with pytest.raises(ValueError, match=message):
+            serve(engine, [request])
+
+
+def test_summarize_a_hand_built_run():
+    served = [Served([1, 2, 3], 0.0, 0.1, 0.3), Served([4], 1.0, 1.5, 1.5)]
+    s = summarize(served)
+    assert s["new_tokens"] == 4 and s["span_s"] == pytest.approx(1.5) and s["tokens_per_s"] == pytest.approx(4 / 1.5)
+    assert s["ttft_p50_ms"] == pytest.approx(300.0) and s["tpot_p50_ms"] == pytest.approx(100.0)
+    assert s["latency_p90_ms"] == pytest.approx(300 + 0.9 * 200)
+
+
+def test_cli_on_the_bundled_model(tmp_path, capsys):
+    out = tmp_path / "serve.csv"
+    assert main(["--requests", "3", "--max-batch", "2", "--max-new-tokens", "3", "--rate", "50",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "continuous" in text and "static" in text and "tokens/s" in text
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and {r["policy"] for r in rows} == {"continuous", "static"}
+    assert all(1 <= int(r["new_tokens"]) <= 3 for r in rows)
+    with pytest.raises(SystemExit):
+        main(["--requests", "0"])
+    assert "--requests must be >= 1" in capsys.readouterr().err
