@@ -90,6 +90,29 @@ def test_the_engines_call_with_a_shared_expert_is_a_shape_of_its_own():
         tune.shared_columns("mixtral-8x7b+shared")
 
 
+def test_one_ranks_call_is_a_shape_of_its_own(config_dir, capsys):
+    """NAME@N: the call an expert-parallel rank makes (N of NAME's experts, top-1), a shape the bench times
+    and tunes; its table entry is what get_config serves the rank's call (the expert timer's) with."""
+    assert tune.expert_dims("mixtral-8x7b@2") == (2, 4096, 14336, 1)
+    assert tune.expert_dims("deepseek-v2-lite@8") == (8, 2048, 1408, 1)
+    for bad in ("mixtral-8x7b@9", "mixtral-8x7b@0", "mixtral-8x7b@two"):
+        with pytest.raises(ValueError, match="the number of experts a rank holds, 1 to 8"):
+            tune.expert_dims(bad)
+    from moegps.kernels import bench
+    with pytest.raises(SystemExit):
+        bench.main(["--shapes", "mixtral-8x7b@9"])
+    assert "1 to 8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--shapes", "no-such-model"])
+    assert "mixtral-8x7b" in capsys.readouterr().err  # the names it takes
+    entry = {"path": "scan", "block_m": 16, "tuned_by": "a rank's table"}
+    config_dir.parent.mkdir()
+    key = launch.shape_key(*tune.expert_dims("mixtral-8x7b@2"))
+    config_dir.write_text(json.dumps({"shapes": {key: {"64": entry}}}))
+    assert launch.get_config(60, 2, 4096, 14336, 1)["tuned_by"] == "a rank's table"
+    assert "tuned_by" not in launch.get_config(60, 3, 4096, 14336, 1)  # three experts: no table, the default
+
+
 def test_routing_with_shared_columns():
     """make_routing(shared=2): k - 2 distinct routed experts among the first E - 2 with softmax gates,
     then the last two experts with gate 1, on every token."""

@@ -5,8 +5,8 @@
     out = engine.generate([[1, 415, 5565]], max_new_tokens=16)
 
 ``model.py`` holds the weights, the KV cache and the forward passes; ``kernels.py`` the fused
-Triton kernels between the GEMMs; ``generate.py`` batching, sampling and CUDA graphs; ``bench.py``
-the benchmark against transformers.
+Triton kernels between the GEMMs; ``generate.py`` batching, sampling and CUDA graphs; ``serve.py``
+requests arriving over time, batched continuously; ``bench.py`` the benchmark against transformers.
 """
 
 from .model import KVCache, Model, decode_step, from_transformers, load_checkpoint, prefill, random_model

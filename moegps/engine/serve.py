@@ -8,7 +8,7 @@ prefilled into the cache slots that ended answers freed, beside the sequences st
 decode on with them from the next step.
 
     python -m moegps.engine.serve                                   # bundled model, MMLU prompts, both policies
-    python -m moegps.engine.serve --requests 64 --rate 4 --max-batch 8 --max-new-tokens 64
+    python -m moegps.engine.serve --requests 64 --rate 2 4 8 --max-batch 8 --max-new-tokens 64 --out serve.csv
     python -m moegps.engine.serve --model mixtral-8x7b --requests 256 --rate 20 --max-batch 32    # GPU
 
 Both policies run through the same loop (``serve``), so a comparison differs only in when requests
@@ -181,16 +181,16 @@ def mmlu_requests(n: int, rate: float, max_new_tokens: int, seed: int = 0, token
                   mmlu=None) -> list[Request]:
     """``n`` MMLU questions drawn at random (without replacement, all subjects) from ``mmlu`` (a folder of
     per-subject files; default ``../shared/data/mmlu/test``), tokenised; arrivals a Poisson process of
-    ``rate`` requests a second (0: all at once); answer lengths uniform in [1, max_new_tokens] (a random
-    model's stop token rarely comes, so the lengths are drawn)."""
+    ``rate`` requests a second (0: all at once; other rates of one seed scale the same gaps); answer lengths
+    uniform in [1, max_new_tokens] (a random model's stop token rarely comes, so the lengths are drawn)."""
     tokenizer = tokenizer or mixtral_tokenizer()
     prompts = load_mmlu(mmlu or shared_data("mmlu", "test"))
     if n > len(prompts):
         raise ValueError(f"{n} requests asked for, {len(prompts)} MMLU questions available")
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(prompts), size=n, replace=False)
-    gaps = rng.exponential(1 / rate, size=n) if rate > 0 else np.zeros(n)
-    arrivals = np.cumsum(gaps) - gaps[0]
+    gaps = rng.standard_exponential(size=n) / rate if rate > 0 else np.zeros(n)  # drawn at any rate: the same
+    arrivals = np.cumsum(gaps) - gaps[0]                                          # seed, the same prompts
     lengths = rng.integers(1, max_new_tokens + 1, size=n)
     return [Request(tokenizer.encode(prompts[p].text), int(m), float(a)) for p, m, a in zip(picked, lengths, arrivals)]
 
@@ -214,7 +214,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="mixtral-tiny", help="bundled model, checkpoint folder, or shape name")
     ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--rate", type=float, default=0.0, help="Poisson arrivals, requests a second (0: all at once)")
+    ap.add_argument("--rate", type=float, nargs="+", default=[0.0],
+                    help="Poisson arrivals, requests a second (0: all at once); several: one run each")
     ap.add_argument("--max-batch", type=int, default=8, help="cache slots: requests decoded together at most")
     ap.add_argument("--max-new-tokens", type=int, default=32, help="answer lengths are drawn in [1, this]")
     ap.add_argument("--policy", choices=("continuous", "static", "both"), default="both")
@@ -224,46 +225,48 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--no-cuda-graph", action="store_true")
-    ap.add_argument("--out", default=None, help="CSV of every request's times, one row per request and policy")
+    ap.add_argument("--out", default=None, help="CSV of every request's times, a row per rate, policy and request")
     args = ap.parse_args(argv)
     for name in ("requests", "max_batch", "max_new_tokens"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.rate < 0:
-        ap.error(f"--rate must be >= 0, got {args.rate}")
+    if min(args.rate) < 0:
+        ap.error(f"--rate must be >= 0, got {min(args.rate)}")
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: no CUDA device here (use --device cpu)")
     try:
         sampling = Sampling(args.temperature, seed=args.seed)
-        requests = mmlu_requests(args.requests, args.rate, args.max_new_tokens, args.seed, mmlu=args.mmlu)
+        workloads = {rate: mmlu_requests(args.requests, rate, args.max_new_tokens, args.seed, mmlu=args.mmlu)
+                     for rate in args.rate}
         model = build_model(args.model, args.device, args.dtype)
     except (ValueError, FileNotFoundError, KeyError) as e:
         ap.error(str(e))
+    requests = workloads[args.rate[0]]
     max_len = max(len(r.prompt) + r.max_new_tokens for r in requests)
     engine = Engine(model, max_batch=args.max_batch, max_len=max_len, cuda_graph=not args.no_cuda_graph)
     warm_up(engine, requests)
     policies = ("continuous", "static") if args.policy == "both" else (args.policy,)
     print(f"{model.source} on {model.device}: {args.requests} MMLU requests, prompts of "
           f"{min(len(r.prompt) for r in requests)}-{max(len(r.prompt) for r in requests)} tokens, answers of "
-          f"1-{args.max_new_tokens}, arrivals {'all at once' if not args.rate else f'Poisson at {args.rate}/s'}, "
-          f"{engine.cache.slots} slots")
-    rows, header = [], f"{'policy':<11} {'tokens/s':>9} {'span s':>8} {'TTFT p50':>9} {'TTFT p90':>9} " \
-                       f"{'TPOT p50':>9} {'latency p50':>12} {'latency p90':>12}"
-    print(header)
-    results = {}
-    for policy in policies:
-        served = serve(engine, requests, sampling, continuous=policy == "continuous")
-        s = results[policy] = summarize(served)
-        print(f"{policy:<11} {s['tokens_per_s']:>9.1f} {s['span_s']:>8.2f} {s['ttft_p50_ms']:>9.1f} "
-              f"{s['ttft_p90_ms']:>9.1f} {s['tpot_p50_ms']:>9.2f} {s['latency_p50_ms']:>12.1f} "
-              f"{s['latency_p90_ms']:>12.1f}")
-        rows += [{"policy": policy, "request": i, "prompt_tokens": len(r.prompt), "new_tokens": len(a.tokens),
-                  **{k: v for k, v in asdict(a).items() if k != "tokens"}} for i, (r, a) in enumerate(zip(requests, served))]
-    if len(results) == 2:
-        c, s = results["continuous"], results["static"]
-        print(f"continuous / static: {c['tokens_per_s'] / s['tokens_per_s']:.2f}x tokens/s, "
-              f"{s['latency_p50_ms'] / c['latency_p50_ms']:.2f}x shorter median latency (times in ms; "
-              f"host clock, each step's tokens read back)")
+          f"1-{args.max_new_tokens} tokens, {engine.cache.slots} slots; host clock, ms")
+    print(f"{'rate/s':>7} {'policy':<11} {'tokens/s':>9} {'span s':>8} {'TTFT p50':>9} {'TTFT p90':>9} "
+          f"{'TPOT p50':>9} {'latency p50':>12} {'latency p90':>12}")
+    rows = []
+    for rate, requests in workloads.items():  # a row a run: its progress
+        results = {}
+        for policy in policies:
+            served = serve(engine, requests, sampling, continuous=policy == "continuous")
+            s = results[policy] = summarize(served)
+            print(f"{rate:>7g} {policy:<11} {s['tokens_per_s']:>9.1f} {s['span_s']:>8.2f} "
+                  f"{s['ttft_p50_ms']:>9.1f} {s['ttft_p90_ms']:>9.1f} {s['tpot_p50_ms']:>9.2f} "
+                  f"{s['latency_p50_ms']:>12.1f} {s['latency_p90_ms']:>12.1f}", flush=True)
+            rows += [{"rate": rate, "policy": policy, "request": i, "prompt_tokens": len(r.prompt),
+                      "new_tokens": len(a.tokens), **{k: v for k, v in asdict(a).items() if k != "tokens"}}
+                     for i, (r, a) in enumerate(zip(requests, served))]
+        if len(results) == 2:
+            c, s = results["continuous"], results["static"]
+            print(f"{'':>7} continuous / static: {c['tokens_per_s'] / s['tokens_per_s']:.2f}x tokens/s, "
+                  f"{s['latency_p50_ms'] / c['latency_p50_ms']:.2f}x shorter median latency", flush=True)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

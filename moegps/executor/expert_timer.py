@@ -18,8 +18,9 @@ clocks, so one GPU timing them in turn measures each of them. The rows are one p
 (top-1 calls), which is how the executor computes a rank's tokens whose k experts are not all
 local (``expert_compute``'s compaction): the same rows per expert as a k-way call, without its
 k-way combine. As on an executor rank, the call holds only the experts it computes (a copy of their
-weights), so the kernels pick the config a rank gets: no table is tuned for such few-expert shapes, so
-the default config (``kernels.launch.default_config``).
+weights), so the kernels pick the config a rank gets: the default (``kernels.launch.default_config``) unless
+a table for that many experts at top-1 has been tuned (``python -m moegps.kernels.bench --tune --shapes
+mixtral-8x7b@2``; none is shipped yet).
 Fractional token counts (replica shares) are rounded to whole rows.
 
 First runs (one H200, docs/simulator.md): 1.1-1.8x the roofline's expert time on the bundled model's MMLU

@@ -58,7 +58,7 @@ from moegps.kernels.routing import SCAN, align
 from moegps.kernels.timing import (flush_control, gpu_clocks, make_inputs, make_routing, rel_err,
                                    time_many, time_us)
 from moegps.kernels.tune import (FUSED_MAX_PAIRS, FUSED_TILES, PATHS as TUNE_PATHS, config_tasks, expert_dims,
-                                 fused_config, precompile, shape_names, shared_columns, tune)
+                                 fused_config, precompile, shape_arg, shape_names, shared_columns, tune)
 
 
 
@@ -327,9 +327,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"tokens {QUICK_TOKENS} only")
     parser.add_argument("--tokens", type=int, nargs="*", help="token counts (overrides --quick)")
-    parser.add_argument("--shapes", nargs="*", choices=shape_names(), default=list(DEFAULT_SHAPES),
-                        help="model shapes (moegps.shapes) whose expert sizes are timed; NAME+shared: the "
-                        "engine's call with NAME's shared expert held among the experts")
+    parser.add_argument("--shapes", nargs="*", type=shape_arg, default=list(DEFAULT_SHAPES),
+                        help=f"model shapes {shape_names()} whose expert sizes are timed; NAME+shared: the "
+                        "engine's call with NAME's shared expert held among the experts; NAME@N: one "
+                        "expert-parallel rank's call, N of NAME's experts, top-1 (tuned: a table of its own)")
     parser.add_argument("--tune", action="store_true", help="tune configs first, write JSON")
     parser.add_argument("--tune-paths", nargs="*", choices=TUNE_PATHS, default=list(TUNE_PATHS),
                         help="with --tune, search these paths only (each token count's current "

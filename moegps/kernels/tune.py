@@ -11,6 +11,7 @@ decode tiles timed whole from CUDA graphs; the fastest whole call is written.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import itertools
 import json
@@ -198,12 +199,23 @@ def shared_columns(name: str) -> int:
     return s.shared_ffn // s.expert_ffn
 
 
+RANK_SEPARATOR = "@"
+
+
 def expert_dims(name: str) -> tuple[int, int, int, int]:
-    """(E, H, F, k) the expert kernels see for a registry shape (moegps.shapes), or for 'NAME+shared'
-    the engine's call with NAME's shared expert among the experts: E + n experts, top-(k + n)."""
-    s = shape_registry.from_name(name.removesuffix(SHARED_SUFFIX))
-    n = shared_columns(name)
-    return s.n_experts + n, s.hidden, s.expert_ffn, s.top_k + n
+    """(E, H, F, k) the expert kernels see for a registry shape (moegps.shapes); for 'NAME+shared' the
+    engine's call with NAME's shared expert among the experts: E + n experts, top-(k + n); for 'NAME@N' one
+    expert-parallel rank's call: N of NAME's experts, top-1 (a rank computes a selection of one of its
+    experts as a row of its own, executor.layer.expert_compute, and holds only those experts' weights)."""
+    base, _, held = name.partition(RANK_SEPARATOR)
+    s = shape_registry.from_name(base.removesuffix(SHARED_SUFFIX))
+    n = shared_columns(base)
+    if not held:
+        return s.n_experts + n, s.hidden, s.expert_ffn, s.top_k + n
+    if not held.isdigit() or not 1 <= int(held) <= s.n_experts + n:
+        raise ValueError(f"shape {name!r}: after {RANK_SEPARATOR!r} the number of experts a rank holds, 1 to "
+                         f"{s.n_experts + n}")
+    return int(held), s.hidden, s.expert_ffn, 1
 
 
 def shape_names() -> list[str]:
@@ -211,6 +223,16 @@ def shape_names() -> list[str]:
     names = shape_registry.names()
     return names + [n + SHARED_SUFFIX for n in names
                     if (s := shape_registry.from_name(n)).shared_ffn and s.shared_ffn % s.expert_ffn == 0]
+
+
+def shape_arg(name: str) -> str:
+    """``name`` if ``expert_dims`` takes it (a command line's type: its error lists the names)."""
+    try:
+        expert_dims(name)
+    except (KeyError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"{name!r}: {e}; expected one of {shape_names()}, or NAME"
+                                         f"{RANK_SEPARATOR}N for one rank's N experts (top-1)") from None
+    return name
 
 
 # ---------------------------------------------------------------------------------------------
