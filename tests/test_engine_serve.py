@@ -60,22 +60,24 @@ def concurrency(served: list[Served], at: float) -> int:
     return sum(s.first_token_s <= at < s.finish_s for s in served)
 
 
-@pytest.mark.parametrize("prefill_graphs", [False, True])
-def test_served_answers_equal_each_request_alone(rng, model, prefill_graphs):
-    """Nine requests over four slots, arriving while others decode: continuous and static serving give
-    every request the greedy tokens it gets alone (a stop token from one answer cuts the others where it
-    occurs too); at most four run at once; static batches never overlap, continuous ones do."""
+@pytest.mark.parametrize("prefill", ["whole", "graphs", "chunks of 3", "chunks of 8"])
+def test_served_answers_equal_each_request_alone(rng, model, prefill):
+    """Nine requests over four slots, arriving while others decode: continuous (prompts prefilled whole,
+    through the padded prefill graphs, or in chunks beside the decode) and static serving give every
+    request the greedy tokens it gets alone (a stop token from one answer cuts the others where it occurs
+    too); at most four run at once; static batches never overlap, continuous ones do."""
     requests = random_requests(rng, 9, model.shape.vocab_size, spread_s=0.05)
     stop = alone(model, requests[:1])[0][-1]
     want = alone(model, requests, stop_tokens=[stop])
+    chunk = int(prefill.split()[-1]) if prefill.startswith("chunks") else 0
     runs = {}
     for continuous in (True, False):
         engine = Engine(model, max_batch=3, max_len=32)  # 3 rounds up to the bucket of 4 slots
-        if prefill_graphs:  # the padded prefill a GPU replays, run eagerly: slots other than 0 gathered
+        if prefill == "graphs":  # the padded prefill a GPU replays, run eagerly: slots other than 0 gathered
             engine.prefill_graphs = PrefillGraphs(model, engine.cache, round_to=8)
         clock = FakeClock()
         served = runs[continuous] = serve(engine, requests, stop_tokens=[stop], continuous=continuous,
-                                          clock=clock, sleep=clock.sleep)
+                                          chunk=chunk if continuous else 0, clock=clock, sleep=clock.sleep)
         assert [s.tokens for s in served] == want
         assert not engine.positions.any()  # free slots are parked at position 0, not run past the cache
         for s, r in zip(served, requests):
@@ -136,6 +138,8 @@ def test_serve_rejects_what_it_cannot_serve(model):
                              (Request([1], 2, -1.0), "request 0: arrival_s must be >= 0")):
         with pytest.raises(ValueError, match=message):
             serve(engine, [request])
+    with pytest.raises(ValueError, match="chunk must be 0 .* or > 0 with continuous batching, got 4"):
+        serve(engine, [Request([1])], continuous=False, chunk=4)
 
 
 def test_summarize_a_hand_built_run():
@@ -149,14 +153,16 @@ def test_summarize_a_hand_built_run():
 def test_cli_on_the_bundled_model(tmp_path, capsys):
     out = tmp_path / "serve.csv"
     assert main(["--requests", "3", "--max-batch", "2", "--max-new-tokens", "3", "--rate", "50", "100",
-                 "--out", str(out)]) == 0
+                 "--chunk", "16", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "continuous" in text and "static" in text and "tokens/s" in text
+    assert "chunks of 16 tokens" in text and "chunked / static" in text and "continuous / static" in text
     with open(out) as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 12 and {(r["rate"], r["policy"]) for r in rows} == {(a, b) for a in ("50.0", "100.0")
-                                                                        for b in ("continuous", "static")}
+    assert len(rows) == 18 and {(r["rate"], r["policy"]) for r in rows} == \
+        {(a, b) for a in ("50.0", "100.0") for b in ("continuous", "chunked", "static")}
     assert all(1 <= int(r["new_tokens"]) <= 3 for r in rows)
-    with pytest.raises(SystemExit):
-        main(["--requests", "0"])
-    assert "--requests must be >= 1" in capsys.readouterr().err
+    for argv, message in ((["--requests", "0"], "--requests must be >= 1"), (["--chunk", "0"], "--chunk must be >= 1"),
+                          (["--policy", "fast"], "invalid choice: 'fast'")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err

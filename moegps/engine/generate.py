@@ -29,7 +29,8 @@ import torch
 from ..models.tokenizer import mixtral_tokenizer
 from ..paths import BUNDLED_MODELS
 from ..shapes import SHAPES, from_name
-from .model import KVCache, Model, check_fits, decode_step, load_checkpoint, prefill, prefill_packed, random_model
+from .model import (KVCache, Model, check_fits, decode_step, decode_step_with_chunk, load_checkpoint, prefill,
+                    prefill_packed, random_model)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 STOP_CHECK_EVERY = 16  # decode steps between the host's looks at the stop tokens (each look syncs)
@@ -227,31 +228,47 @@ class Engine:
         slots = self.cache.slots
         self.tokens = torch.zeros(slots, dtype=torch.long, device=model.device)     # this step's input
         self.positions = torch.zeros(slots, dtype=torch.long, device=model.device)  # = each row's length so far
-        self._graphs: dict[int, tuple] = {}
+        self._graphs: dict[tuple[int, int], tuple] = {}  # (bucket, chunk tokens) -> captured step
+        self._chunk_inputs: dict[int, tuple] = {}
         self.prefill_graphs = PrefillGraphs(model, self.cache) if self.cuda_graph else None
 
     # ---- one decode step, eager or replayed -----------------------------------------------------------
 
-    def _step_fn(self, bucket: int):
+    def chunk_inputs(self, size: int) -> tuple:
+        """The inputs of a decode step with a prompt chunk of ``size`` tokens beside it, at fixed addresses
+        (the graphs of that size read them): chunk tokens ``[size]``, its cache slot, first position and last
+        prompt row, ``[1]`` each (model.decode_step_with_chunk)."""
+        if size not in self._chunk_inputs:
+            device = self.model.device
+            self._chunk_inputs[size] = (torch.zeros(size, dtype=torch.long, device=device),
+                                        *(torch.zeros(1, dtype=torch.long, device=device) for _ in range(3)))
+        return self._chunk_inputs[size]
+
+    def _step_fn(self, bucket: int, chunk: int = 0):
         tokens, positions = self.tokens[:bucket], self.positions[:bucket]
+        inputs = self.chunk_inputs(chunk) if chunk else None
 
         def step():
+            if chunk:
+                return decode_step_with_chunk(self.model, self.cache, tokens, positions, *inputs)
             return decode_step(self.model, self.cache, tokens, positions)
         return step
 
-    def _graphed(self, bucket: int):
-        """The bucket's decode step as a graph replay returning the logits buffer; captured on first use."""
-        if bucket not in self._graphs:
-            self._graphs[bucket] = capture(self._step_fn(bucket))
-        graph, logits = self._graphs[bucket]
+    def _graphed(self, bucket: int, chunk: int = 0):
+        """The step as a graph replay returning its logits buffer; captured on first use."""
+        if (bucket, chunk) not in self._graphs:
+            self._graphs[bucket, chunk] = capture(self._step_fn(bucket, chunk))
+        graph, logits = self._graphs[bucket, chunk]
 
         def replay():
             graph.replay()
             return logits
         return replay
 
-    def step(self, bucket: int):
-        return self._graphed(bucket) if self.cuda_graph else self._step_fn(bucket)
+    def step(self, bucket: int, chunk: int = 0):
+        """The decode step of slots 0..bucket-1, with a prompt chunk of ``chunk`` tokens beside it when
+        nonzero (its inputs in ``chunk_inputs(chunk)``): a function returning the logits."""
+        return self._graphed(bucket, chunk) if self.cuda_graph else self._step_fn(bucket, chunk)
 
     # ---- generation ----------------------------------------------------------------------------------
 

@@ -324,6 +324,40 @@ def decode_step(model: Model, cache: KVCache, tokens: torch.Tensor, positions: t
     return linear(x, model.lm_head).float()
 
 
+def decode_step_with_chunk(model: Model, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
+                           chunk: torch.Tensor, chunk_slot: torch.Tensor, chunk_start: torch.Tensor,
+                           chunk_last: torch.Tensor) -> torch.Tensor:
+    """``decode_step`` of ``tokens [B]`` at ``positions [B]`` (slots 0..B-1) and, in the same GEMMs and MoE
+    calls, a chunk of a prompt being prefilled: ``chunk [C]`` tokens at positions ``chunk_start [1]`` + 0..C-1
+    of cache slot ``chunk_slot [1]``, whose positions before ``chunk_start`` the chunks before it filled
+    (chunked prefill beside decode: Sarathi-Serve, Agrawal et al., OSDI 2024). Rows of the chunk past the
+    prompt's end are padding: their K/V land past it (clamped to the cache), where nothing valid is yet and
+    what follows overwrites them before any read. The slot's own row among the B decode rows must not
+    write inside the prompt: park it at the chunk's end. Returns ``[B + 1, V]`` float32: the decode rows'
+    logits, then those of the chunk's row ``chunk_last [1]`` (the prompt's last token, in its last chunk).
+    No host synchronisation: capturable in a CUDA graph."""
+    B, C, S = tokens.shape[0], chunk.shape[0], model.shape
+    device = tokens.device
+    chunk_positions = (chunk_start + torch.arange(C, device=device)).clamp(max=cache.max_len - 1)
+    slots = torch.cat([torch.arange(B, device=device), chunk_slot.expand(C)])
+    lengths = (positions + 1).to(torch.int32)
+    # chunk row i sees the slot's keys 0..chunk_start + i (the chunks before it and its own rows up to i)
+    visible = torch.arange(cache.max_len, device=device)[None, :] <= chunk_positions[:, None]
+
+    def attend(q, index):
+        decoded = decode_attention(q[:B], cache.k[index], cache.v[index], lengths)
+        k, v = cache.k[index].index_select(0, chunk_slot), cache.v[index].index_select(0, chunk_slot)
+        o = F.scaled_dot_product_attention(q[B:].transpose(0, 1)[None], k, v, attn_mask=visible,
+                                           enable_gqa=S.n_heads != S.n_kv_heads)
+        return torch.cat([decoded, o[0].transpose(0, 1)])
+
+    resid = model.embed[torch.cat([tokens, chunk])]
+    delta = _layers(model, cache, resid, torch.cat([positions, chunk_positions]), slots, attend)
+    rows = torch.cat([torch.arange(B, device=device), B + chunk_last])
+    x = add_rmsnorm(resid[rows].contiguous(), delta[rows].contiguous(), model.norm, S.norm_eps)
+    return linear(x, model.lm_head).float()
+
+
 def check_fits(cache: KVCache, lengths: list[int], slots: list[int] | None = None) -> None:
     """A clear error when prompts of these lengths (prompt b in slot ``slots[b]``, default b) do not fit the
     cache."""

@@ -7,7 +7,7 @@ vLLM's and SGLang's schedulers) looks at the queue before every decode step: wai
 prefilled into the cache slots that ended answers freed, beside the sequences still running, and
 decode on with them from the next step.
 
-    python -m moegps.engine.serve                                   # bundled model, MMLU prompts, both policies
+    python -m moegps.engine.serve                                   # bundled model, MMLU prompts, all policies
     python -m moegps.engine.serve --requests 64 --rate 2 4 8 --max-batch 8 --max-new-tokens 64 --out serve.csv
     python -m moegps.engine.serve --model mixtral-8x7b --requests 256 --rate 20 --max-batch 32    # GPU
 
@@ -18,7 +18,12 @@ requests; free slots inside the bucket decode a dummy token at position 0 of the
 next newcomer there overwrites. Each step reads its tokens back to the host to see which answers ended
 (one synchronisation a step, as in vLLM: a step without it cannot admit into a slot freed by it).
 A lone newcomer is prefilled through the engine's prefill graphs (``PrefillGraphs`` with its slot);
-several in one packed eager prefill, at most ``max_prefill_tokens`` prompt tokens at a time.
+several in one packed eager prefill, at most ``max_prefill_tokens`` prompt tokens at a time. Meanwhile the
+running answers wait: a long prompt stalls them for its whole prefill. The ``chunked`` policy instead
+prefills ``chunk`` tokens of one prompt a step, in the same GEMMs and MoE calls as the decode rows
+(Sarathi-Serve's chunked prefill, Agrawal et al., OSDI 2024; vLLM's default scheduler does the same), each
+bucket's step with a chunk beside it a CUDA graph of its own. The MoE layers then see mixed batches of
+prompt and decode tokens, as a served model's do.
 """
 
 from __future__ import annotations
@@ -37,8 +42,11 @@ import torch
 from ..models.tokenizer import mixtral_tokenizer
 from ..paths import shared_data
 from ..prompts import load_mmlu
-from .generate import Engine, Sampling, bucket_for, build_model, choose_tokens
+from .generate import BUCKETS, Engine, Sampling, bucket_for, build_model, choose_tokens
 from .model import prefill
+
+
+POLICIES = ("continuous", "chunked", "static")
 
 
 @dataclass(frozen=True)
@@ -71,17 +79,24 @@ def check_requests(engine: Engine, requests: list[Request]) -> None:
 
 
 def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = None, stop_tokens=(),
-          continuous: bool = True, max_prefill_tokens: int = 8192, clock=time.perf_counter,
+          continuous: bool = True, chunk: int = 0, max_prefill_tokens: int = 8192, clock=time.perf_counter,
           sleep=time.sleep) -> list[Served]:
     """Serve ``requests`` (in the order of their arrival, ties by index) on ``engine``'s cache slots; returns
     each request's answer and times (host clock, seconds since the call began), in the requests' order.
+
     ``continuous``: admit waiting requests before every decode step (iteration-level); otherwise only when
-    every slot is free (request-level). ``clock``/``sleep`` are injectable so tests can run on a fake
-    clock. Greedy answers equal ``engine.generate`` of each request alone (up to rounding in the batch's
-    GEMMs); sampled ones draw from one generator shared by the batch."""
+    every slot is free (request-level). Admitted prompts are prefilled whole, the decode of the others
+    waiting meanwhile, or with ``chunk`` > 0 (continuous only) ``chunk`` tokens of one prompt a step in the
+    same GEMMs and MoE calls as the decode rows (``Engine.step(bucket, chunk)``), so that a long prompt
+    does not stall the running answers for its whole prefill. ``clock``/``sleep`` are injectable so tests
+    can run on a fake clock. Greedy answers equal ``engine.generate`` of each request alone (up to rounding
+    in the batch's GEMMs); sampled ones draw from one generator shared by the batch."""
     if engine.lockstep:
         raise ValueError("serve needs a one-process engine: expert-parallel ranks step in lockstep and would "
                          "admit different requests")
+    if chunk < 0 or (chunk and not continuous):
+        raise ValueError(f"chunk must be 0 (whole prompts) or > 0 with continuous batching, got {chunk} "
+                         f"with continuous={continuous}")
     check_requests(engine, requests)
     sampling = sampling or Sampling()
     model, device, slots = engine.model, engine.model.device, engine.cache.slots
@@ -90,6 +105,7 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
     order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i))
     waiting = list(reversed(order))   # a stack: the next to arrive last
     free = list(range(slots))         # a heap: the lowest free slot first
+    prefilling: list[list[int]] = []  # [request, slot, prompt tokens done], in admission order (chunked)
     running: dict[int, int] = {}      # slot -> request index
     answers: dict[int, list[int]] = {}
     first_s: dict[int, float] = {}
@@ -114,28 +130,11 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
             engine.tokens[slot] = 0
             engine.positions[slot] = 0
 
-    def admit() -> None:
-        newcomers: list[int] = []
-        budget = max_prefill_tokens
-        while waiting and len(newcomers) < len(free) and requests[waiting[-1]].arrival_s <= now():
-            n = len(requests[waiting[-1]].prompt)
-            if newcomers and n > budget:
-                break
-            newcomers.append(waiting.pop())
-            budget -= n
-        if not newcomers:
-            return
-        into = [heapq.heappop(free) for _ in newcomers]
-        prompts = [torch.as_tensor(requests[i].prompt, dtype=torch.long) for i in newcomers]
-        graphs = engine.prefill_graphs
-        if graphs is not None and len(prompts) == 1 and graphs.pays([len(prompts[0])]):
-            logits = graphs(prompts, slots=into)
-        else:
-            logits = prefill(model, engine.cache, prompts, slots=into)
-        first = choose_tokens(logits, sampling, generator)
+    def begin(into: list[int], newcomers: list[int], first: torch.Tensor) -> None:
+        """Newcomers whose prompts are in the cache start decoding from their first tokens ``first``."""
         index = torch.tensor(into, device=device)
         engine.tokens[index] = first
-        engine.positions[index] = torch.tensor([len(p) for p in prompts], device=device)
+        engine.positions[index] = torch.tensor([len(requests[i].prompt) for i in newcomers], device=device)
         live[index] = 1
         tokens = first.tolist()  # waits for the prefill
         at = now()
@@ -143,22 +142,63 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
             running[slot], answers[i], first_s[i] = i, [], at
             take(slot, token, at)
 
+    def admit() -> None:
+        newcomers: list[int] = []
+        budget = max_prefill_tokens
+        while waiting and len(newcomers) < len(free) and requests[waiting[-1]].arrival_s <= now():
+            n = len(requests[waiting[-1]].prompt)
+            if newcomers and n > budget and not chunk:
+                break
+            newcomers.append(waiting.pop())
+            budget -= n
+        into = [heapq.heappop(free) for _ in newcomers]
+        if chunk:  # prefilled a chunk a step by decode()
+            prefilling.extend([i, slot, 0] for i, slot in zip(newcomers, into))
+            return
+        if not newcomers:
+            return
+        prompts = [torch.as_tensor(requests[i].prompt, dtype=torch.long) for i in newcomers]
+        graphs = engine.prefill_graphs
+        if graphs is not None and len(prompts) == 1 and graphs.pays([len(prompts[0])]):
+            logits = graphs(prompts, slots=into)
+        else:
+            logits = prefill(model, engine.cache, prompts, slots=into)
+        begin(into, newcomers, choose_tokens(logits, sampling, generator))
+
+    def decode() -> None:
+        """One step of the running requests' decode, and of the next prompt chunk when there is one."""
+        bucket = bucket_for(max(running, default=0) + 1)
+        size = chunk if prefilling else 0
+        if size:
+            i, slot, done = prefilling[0]
+            piece = requests[i].prompt[done:done + size]
+            tokens, chunk_slot, chunk_start, chunk_last = engine.chunk_inputs(size)
+            tokens.zero_()
+            tokens[:len(piece)] = torch.as_tensor(piece)
+            chunk_slot.fill_(slot), chunk_start.fill_(done), chunk_last.fill_(len(piece) - 1)
+            engine.positions[slot] = done + len(piece)  # the slot's decode row (if in the bucket) parks there
+        nxt = choose_tokens(engine.step(bucket, size)(), sampling, generator)
+        engine.tokens[:bucket] = nxt[:bucket]
+        engine.positions[:bucket] += live[:bucket]
+        host = nxt.tolist()
+        at = now()
+        for row in list(running):
+            take(row, host[row], at)
+        if size:
+            prefilling[0][2] += len(piece)
+            if prefilling[0][2] == len(requests[i].prompt):
+                prefilling.pop(0)
+                begin([slot], [i], nxt[bucket:])
+
     with torch.inference_mode():
-        while waiting or running:
+        while waiting or running or prefilling:
             if continuous or not running:
                 admit()
-            if not running:  # nothing to decode: wait for the next arrival
+            if not running and not prefilling:  # nothing to run: wait for the next arrival
                 if waiting:
                     sleep(max(0.0, requests[waiting[-1]].arrival_s - now()))
                 continue
-            bucket = bucket_for(max(running) + 1)
-            nxt = choose_tokens(engine.step(bucket)(), sampling, generator)
-            engine.tokens[:bucket] = nxt
-            engine.positions[:bucket] += live[:bucket]
-            host = nxt.tolist()
-            at = now()
-            for slot in list(running):
-                take(slot, host[slot], at)
+            decode()
     return [served[i] for i in range(len(requests))]
 
 
@@ -195,18 +235,20 @@ def mmlu_requests(n: int, rate: float, max_new_tokens: int, seed: int = 0, token
     return [Request(tokenizer.encode(prompts[p].text), int(m), float(a)) for p, m, a in zip(picked, lengths, arrivals)]
 
 
-def warm_up(engine: Engine, requests: list[Request]) -> None:
-    """Compile the kernels and capture what serving these requests replays (GPU): the decode graph of every
-    bucket up to the engine's slots, and each prompt length class's prefill graph in slot 0 and in another
-    slot, so that no capture falls inside a timed run."""
+def warm_up(engine: Engine, requests: list[Request], chunk: int = 0) -> None:
+    """Compile the kernels and capture what serving these requests replays (GPU), so that no capture falls
+    inside a timed run: the decode graph of every bucket up to the engine's slots (with a prompt chunk of
+    ``chunk`` tokens beside it too, when chunked), and each prompt length class's prefill graph in slot 0
+    and in another slot."""
     if engine.prefill_graphs is None:
         return
     engine.prefill_graphs.max_graphs = max(engine.prefill_graphs.max_graphs, 2 * len(requests))
     for r in requests:
         for slot in range(min(2, engine.cache.slots)):
             engine.prefill_graphs([torch.as_tensor(r.prompt)], slots=[slot])
-    for bucket in (b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= engine.cache.slots):
-        engine.step(bucket)()
+    for bucket in (b for b in BUCKETS if b <= engine.cache.slots):
+        for size in {0, chunk}:
+            engine.step(bucket, size)()
     torch.cuda.synchronize()
 
 
@@ -218,7 +260,10 @@ def main(argv=None) -> int:
                     help="Poisson arrivals, requests a second (0: all at once); several: one run each")
     ap.add_argument("--max-batch", type=int, default=8, help="cache slots: requests decoded together at most")
     ap.add_argument("--max-new-tokens", type=int, default=32, help="answer lengths are drawn in [1, this]")
-    ap.add_argument("--policy", choices=("continuous", "static", "both"), default="both")
+    ap.add_argument("--policy", nargs="+", choices=POLICIES, default=list(POLICIES),
+                    help="continuous: admit before every step, prompts prefilled whole; chunked: the same with "
+                    "prompts prefilled --chunk tokens a step beside the decode; static: admit when all slots are free")
+    ap.add_argument("--chunk", type=int, default=128, help="prompt tokens a step of the chunked policy")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mmlu", default=None, help="folder of MMLU files (default ../shared/data/mmlu/test)")
@@ -227,7 +272,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cuda-graph", action="store_true")
     ap.add_argument("--out", default=None, help="CSV of every request's times, a row per rate, policy and request")
     args = ap.parse_args(argv)
-    for name in ("requests", "max_batch", "max_new_tokens"):
+    for name in ("requests", "max_batch", "max_new_tokens", "chunk"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if min(args.rate) < 0:
@@ -244,18 +289,20 @@ def main(argv=None) -> int:
     requests = workloads[args.rate[0]]
     max_len = max(len(r.prompt) + r.max_new_tokens for r in requests)
     engine = Engine(model, max_batch=args.max_batch, max_len=max_len, cuda_graph=not args.no_cuda_graph)
-    warm_up(engine, requests)
-    policies = ("continuous", "static") if args.policy == "both" else (args.policy,)
+    warm_up(engine, requests, args.chunk if "chunked" in args.policy else 0)
+    policies = [p for p in POLICIES if p in args.policy]
     print(f"{model.source} on {model.device}: {args.requests} MMLU requests, prompts of "
           f"{min(len(r.prompt) for r in requests)}-{max(len(r.prompt) for r in requests)} tokens, answers of "
-          f"1-{args.max_new_tokens} tokens, {engine.cache.slots} slots; host clock, ms")
+          f"1-{args.max_new_tokens} tokens, {engine.cache.slots} slots"
+          f"{f', chunks of {args.chunk} tokens' if 'chunked' in policies else ''}; host clock, ms")
     print(f"{'rate/s':>7} {'policy':<11} {'tokens/s':>9} {'span s':>8} {'TTFT p50':>9} {'TTFT p90':>9} "
           f"{'TPOT p50':>9} {'latency p50':>12} {'latency p90':>12}")
     rows = []
     for rate, requests in workloads.items():  # a row a run: its progress
         results = {}
         for policy in policies:
-            served = serve(engine, requests, sampling, continuous=policy == "continuous")
+            served = serve(engine, requests, sampling, continuous=policy != "static",
+                           chunk=args.chunk if policy == "chunked" else 0)
             s = results[policy] = summarize(served)
             print(f"{rate:>7g} {policy:<11} {s['tokens_per_s']:>9.1f} {s['span_s']:>8.2f} "
                   f"{s['ttft_p50_ms']:>9.1f} {s['ttft_p90_ms']:>9.1f} {s['tpot_p50_ms']:>9.2f} "
@@ -263,10 +310,12 @@ def main(argv=None) -> int:
             rows += [{"rate": rate, "policy": policy, "request": i, "prompt_tokens": len(r.prompt),
                       "new_tokens": len(a.tokens), **{k: v for k, v in asdict(a).items() if k != "tokens"}}
                      for i, (r, a) in enumerate(zip(requests, served))]
-        if len(results) == 2:
-            c, s = results["continuous"], results["static"]
-            print(f"{'':>7} continuous / static: {c['tokens_per_s'] / s['tokens_per_s']:.2f}x tokens/s, "
-                  f"{s['latency_p50_ms'] / c['latency_p50_ms']:.2f}x shorter median latency", flush=True)
+        if "static" in results:
+            base = results["static"]
+            for policy in (p for p in results if p != "static"):
+                c = results[policy]
+                print(f"{'':>7} {policy} / static: {c['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s, "
+                      f"{base['latency_p50_ms'] / c['latency_p50_ms']:.2f}x shorter median latency", flush=True)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
