@@ -16,7 +16,7 @@ import torch
 from moegps.engine import Engine, KVCache, prefill
 from moegps.engine.generate import PrefillGraphs
 from moegps.engine.model import random_model
-from moegps.engine.serve import Request, Served, main, serve, summarize
+from moegps.engine.serve import Request, Served, main, serve, summarize, warm_up
 from moegps.shapes import from_name
 
 
@@ -128,6 +128,16 @@ def test_prefill_into_chosen_slots(rng, model):
         prefill(model, cache, prompts, slots=[1, 1])
     with pytest.raises(ValueError, match=r"cache slots \[4\] for 1 prompts"):
         prefill(model, cache, prompts[:1], slots=[4])
+
+
+def test_warm_up_captures_a_prefill_graph_per_length_class_and_slot_kind(rng, model):
+    """On a GPU each capture inside a timed run would count in it; warm_up takes one prompt per padded length
+    class, in slot 0 (a view of the cache) and slot 1 (gathered): here the keys PrefillGraphs would capture
+    (run eagerly on the CPU)."""
+    engine = Engine(model, max_batch=2, max_len=32)
+    engine.prefill_graphs = PrefillGraphs(model, engine.cache, round_to=8)
+    warm_up(engine, [Request([1] * n) for n in (3, 5, 9, 17, 16)], chunk=4)
+    assert set(engine.prefill_graphs._graphs) == {(1, n, gathered) for n in (8, 16, 24) for gathered in (False, True)}
 
 
 def test_serve_rejects_what_it_cannot_serve(model):

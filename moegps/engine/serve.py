@@ -242,14 +242,17 @@ def warm_up(engine: Engine, requests: list[Request], chunk: int = 0) -> None:
     and in another slot."""
     if engine.prefill_graphs is None:
         return
-    engine.prefill_graphs.max_graphs = max(engine.prefill_graphs.max_graphs, 2 * len(requests))
-    for r in requests:
+    graphs = engine.prefill_graphs
+    one_of_each = {graphs.padded_length(len(r.prompt)): r.prompt for r in requests}  # a prompt a length class
+    graphs.max_graphs = max(graphs.max_graphs, 2 * len(one_of_each))
+    for prompt in one_of_each.values():
         for slot in range(min(2, engine.cache.slots)):
-            engine.prefill_graphs([torch.as_tensor(r.prompt)], slots=[slot])
+            graphs([torch.as_tensor(prompt)], slots=[slot])
     for bucket in (b for b in BUCKETS if b <= engine.cache.slots):
         for size in {0, chunk}:
             engine.step(bucket, size)()
-    torch.cuda.synchronize()
+    if engine.model.device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def main(argv=None) -> int:

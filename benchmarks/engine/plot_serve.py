@@ -1,0 +1,82 @@
+"""Continuous against static batching over offered load, from the CSV of `python -m moegps.engine.serve --out`:
+
+    python -m moegps.engine.serve --requests 48 --rate 1 2 4 8 --max-batch 8 --max-new-tokens 64 --out RUN.csv
+    python benchmarks/engine/plot_serve.py RUN.csv --title "mixtral-tiny, CPU" --out docs/img/serve-cpu.png
+
+Four panels against the arrival rate: throughput (new tokens a second), time to first token, time per
+output token and end-to-end latency (median; the 90th percentile dashed), one line per policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import ScalarFormatter  # noqa: E402
+
+from moegps.engine.serve import Served, summarize  # noqa: E402
+
+COLOURS = {"continuous": "tab:orange", "chunked": "tab:blue", "static": "tab:gray"}
+FIELDS = ("rate", "policy", "new_tokens", "arrival_s", "first_token_s", "finish_s")
+
+
+def runs(path: Path) -> dict[str, dict[float, dict[str, float]]]:
+    """{policy: {rate: summarize(...)}} from the serve command's CSV."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    missing = [k for k in FIELDS if rows and k not in rows[0]]
+    if not rows or missing:
+        raise ValueError(f"{path}: expected the CSV of `python -m moegps.engine.serve --out` with columns "
+                         f"{', '.join(FIELDS)}; {'no rows' if not rows else f'missing {missing}'}")
+    groups = defaultdict(list)
+    for r in rows:  # the token ids are not in the CSV: their count stands in for them
+        groups[r["policy"], float(r["rate"])].append(
+            Served([0] * int(r["new_tokens"]), float(r["arrival_s"]), float(r["first_token_s"]), float(r["finish_s"])))
+    out: dict[str, dict[float, dict[str, float]]] = defaultdict(dict)
+    for (policy, rate), served in sorted(groups.items()):
+        out[policy][rate] = summarize(served)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("csv", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--title", default="")
+    args = ap.parse_args(argv)
+    data = runs(args.csv)
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.9))
+    for policy, by_rate in sorted(data.items()):
+        colour = COLOURS.get(policy, "tab:gray")
+        rates = sorted(by_rate)
+        figure = {k: [by_rate[r][k] for r in rates] for k in by_rate[rates[0]]}
+        axes[0].plot(rates, figure["tokens_per_s"], "o-", color=colour, label=policy)
+        axes[2].plot(rates, figure["tpot_p50_ms"], "o-", color=colour, label=f"{policy} median")
+        for ax, key in ((axes[1], "ttft"), (axes[3], "latency")):
+            ax.plot(rates, [v / 1e3 for v in figure[f"{key}_p50_ms"]], "o-", color=colour, label=f"{policy} median")
+            ax.plot(rates, [v / 1e3 for v in figure[f"{key}_p90_ms"]], "o--", color=colour, alpha=0.5,
+                    label=f"{policy} p90")
+    labels = ("new tokens / s", "time to first token (s)", "time per output token (ms)", "request latency (s)")
+    for ax, label in zip(axes, labels):
+        ax.set_xlabel("arrival rate (requests / s)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in (axes[1], axes[3]):
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+    fig.suptitle(args.title or args.csv.parent.name)
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
