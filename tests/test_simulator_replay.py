@@ -131,3 +131,82 @@ def test_distribution_plan_hands_each_token_its_generation_step(rng):
         np.testing.assert_array_equal(steps, want[bounds[s]:bounds[s + 1]])
         assert (steps == 0).all() == (phase == 0)
     assert max(int(steps.max()) for _, steps in seen) == 3  # decode steps 1..3 reached
+
+
+# ---- continuous batching --------------------------------------------------------------------------------------
+
+def routing_of(rng, prompts: list[int], decodes: list[int], n_layers: int = 2, n_experts: int = 8, top_k: int = 2):
+    """A token-major trace of requests with these prompt lengths and decode step counts, random experts."""
+    from moegps.trace import TokenRouting
+
+    req = np.concatenate([np.full(p + d, r) for r, (p, d) in enumerate(zip(prompts, decodes))])
+    step = np.concatenate([np.r_[np.zeros(p, int), np.arange(1, d + 1)] for p, d in zip(prompts, decodes)])
+    position = np.concatenate([np.arange(p + d) for p, d in zip(prompts, decodes)])
+    experts = np.argsort(rng.random((len(req), n_layers, n_experts)), -1)[..., :top_k].astype(np.int16)
+    return TokenRouting(request_id=req, step=step.astype(np.int32), phase=(step > 0).astype(np.int8),
+                        position=position, token_id=rng.integers(0, 100, len(req)), experts=experts, weights=None)
+
+
+def brute_force_schedule(decode_steps, slots):
+    """The serving loop written out: each iteration, the queue's next requests fill the free slots (lowest
+    first), then every running request takes one decode step; a request leaves after its last one (after
+    its prefill with none)."""
+    queue, running = list(range(len(decode_steps))), {}  # slot -> [request, decode steps left]
+    admitted, slot_of, t = {}, {}, 0
+    while queue or running:
+        for s in range(slots):
+            if s not in running and queue:
+                r = queue.pop(0)
+                admitted[r], slot_of[r], running[s] = t, s, [r, decode_steps[r]]
+        for s in list(running):
+            if running[s][1] == 0:
+                del running[s]
+            else:
+                running[s][1] -= 1
+                if running[s][1] == 0:
+                    del running[s]
+        t += 1
+    return [admitted[r] for r in range(len(decode_steps))], [slot_of[r] for r in range(len(decode_steps))]
+
+
+def test_continuous_schedule_is_the_serving_loop(rng):
+    from moegps.simulator.replay import continuous_schedule
+
+    for _ in range(30):
+        decodes, slots = rng.integers(0, 7, size=int(rng.integers(1, 15))), int(rng.integers(1, 5))
+        admitted, slot = continuous_schedule(decodes, slots)
+        assert (admitted.tolist(), slot.tolist()) == brute_force_schedule(decodes.tolist(), slots)
+
+
+def test_continuous_batches_of_a_hand_built_trace(rng):
+    """Two slots, requests with 2, 0 and 1 decode steps (prompts of 2, 3, 1 tokens): iteration 0 prefills
+    r0 and r1 (5 tokens; r1 is done) and decodes r0's step 1; iteration 1 prefills r2 into r1's slot and
+    decodes r0's step 2 beside r2's step 1."""
+    routing = routing_of(rng, [2, 3, 1], [2, 0, 1])
+    b = make_batches(routing, 2, 8, ReplayConfig(batch_size=2, batching="continuous", source="request"))
+    assert b.phase.tolist() == [0, 1, 0, 1] and b.n_tokens.tolist() == [5, 1, 1, 2]
+    assert sorted(zip(b.request_id[b.step == 3].tolist(), b.position[b.step == 3].tolist())) == [(0, 3), (2, 1)]
+    assert b.source[b.request_id == 2].tolist() == [1, 1]  # r1's slot, on GPU 1
+    assert b.loads.sum() == routing.experts.shape[0] * 2 * 2
+    static = make_batches(routing, 2, 8, ReplayConfig(batch_size=2))
+    assert static.phase.tolist() == [0, 1, 1, 0, 1] and static.n_tokens.tolist() == [5, 1, 1, 1, 1]
+    decode_only = make_batches(routing, 2, 8, ReplayConfig(batch_size=2, batching="continuous", phase="decode"))
+    assert decode_only.n_tokens.tolist() == [1, 2]  # the same decode steps, prefill steps left out
+
+
+def test_continuous_batching_replays_whole_and_keeps_steps_full(rng):
+    """Random answer lengths: every token replayed once, no decode step above the slots, and decode steps
+    fuller on average than static batching's (whose batches thin out as their answers end); simulate runs."""
+    decodes = rng.integers(0, 12, size=20)
+    routing = routing_of(rng, rng.integers(1, 6, size=20).tolist(), decodes.tolist())
+    cont = make_batches(routing, 4, 8, ReplayConfig(batch_size=4, batching="continuous"))
+    static = make_batches(routing, 4, 8, ReplayConfig(batch_size=4))
+    assert cont.n_tokens.sum() == static.n_tokens.sum() == len(routing.step)
+    assert (cont.n_tokens[cont.phase == 1] <= 4).all()
+    assert cont.n_tokens[cont.phase == 1].mean() > static.n_tokens[static.phase == 1].mean()
+    assert (cont.phase == 1).sum() < (static.phase == 1).sum()  # fewer decode steps for the same tokens
+    system = load_system("h100_8gpu").replace(n_gpus=4, gpus_per_node=4)
+    res = simulate(cont, static_plan(cont), model_shape("mixtral-8x7b"), system)
+    assert np.isfinite(res.total) and res.step_time.shape == (cont.n_steps,)
+    with pytest.raises(ValueError, match="batching must be 'static' or 'continuous', got 'dynamic'"):
+        make_batches(routing, 4, 8, ReplayConfig(batching="dynamic"))

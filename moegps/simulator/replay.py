@@ -3,7 +3,8 @@
 The pipeline, all vectorised over tokens (one Python loop over layers, none over tokens):
 
 1. :func:`make_batches` groups requests into batches of ``batch_size`` requests (static batching:
-   one prefill step with all their prompts, then one decode step per generated token), and gives
+   one prefill step with all their prompts, then one decode step per generated token; or continuous
+   batching, a request joining whenever an answer ends, with a prefill step of its own), and gives
    each token the GPU its attention runs on (``source``: round-robin over the batch's tokens, or
    by request, as data-parallel attention does).
 2. A :class:`Plan` says, for every step, which placement holds (``share [placement, layer, expert,
@@ -30,6 +31,7 @@ token's residual when its home changes between layers. With tensor-parallel atte
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -63,7 +65,11 @@ class ReplayOptions:
 class ReplayConfig(ReplayOptions):
     """How the server batches and where tokens live."""
 
-    batch_size: int = checked(64, positive)  # requests per batch
+    batch_size: int = checked(64, positive)  # requests per batch (static) or cache slots (continuous)
+    # static: batch_size requests from their prefill to their longest answer, then the next batch_size;
+    # continuous: a request joins as soon as an answer ends and frees a slot (iteration-level batching,
+    # moegps.engine.serve's continuous policy), every request queued from the start
+    batching: str = checked("static", one_of("static", "continuous"))
 
 
 # ---- 1. batching -------------------------------------------------------------------------------
@@ -96,9 +102,25 @@ class Batches:
         return self.experts.shape[1]
 
 
+def continuous_schedule(decode_steps: np.ndarray, slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Iteration-level batching of requests all queued at the start, served in order: each takes the slot
+    that frees first (the lowest of those freeing together), is prefilled at that iteration and runs its
+    ``decode_steps[r]`` decode steps in the iterations from there, one each; its slot frees for the next
+    iteration after its last (after the prefill's own, with none). ``decode_steps [R]`` ->
+    ``(admitted [R], slot [R])``: each request's admission iteration and cache slot."""
+    free = [(0, s) for s in range(slots)]  # (iteration the slot is free from, slot): a heap
+    admitted = np.empty(len(decode_steps), dtype=np.int64)
+    slot = np.empty(len(decode_steps), dtype=np.int64)
+    for r, d in enumerate(np.asarray(decode_steps).tolist()):
+        admitted[r], slot[r] = heapq.heappop(free)
+        heapq.heappush(free, (int(admitted[r]) + max(d, 1), int(slot[r])))
+    return admitted, slot
+
+
 def make_batches(routing: TokenRouting | RoutingTrace, n_gpus: int, n_experts: int | None = None,
                  cfg: ReplayConfig | None = None) -> Batches:
-    """Group a trace's tokens into server steps (static batching of ``cfg.batch_size`` requests)."""
+    """Group a trace's tokens into server steps: static batching of ``cfg.batch_size`` requests, or
+    continuous batching over ``cfg.batch_size`` slots (``cfg.batching``, :func:`continuous_schedule`)."""
     cfg = cfg or ReplayConfig()
     if isinstance(routing, RoutingTrace):
         n_experts = routing.meta.n_experts if n_experts is None else n_experts
@@ -113,9 +135,24 @@ def make_batches(routing: TokenRouting | RoutingTrace, n_gpus: int, n_experts: i
     req, stp = routing.request_id[keep], routing.step[keep].astype(np.int64)
     if len(req) == 0:
         raise ValueError(f"no tokens to replay (phase={cfg.phase!r})")
-    rank = np.unique(req, return_inverse=True)[1]  # request order = sorted id
-    chunk = rank // cfg.batch_size
-    key = chunk * (int(stp.max()) + 1) + stp
+    if cfg.batching == "static":
+        rank = np.unique(req, return_inverse=True)[1]  # request order = sorted id
+        slot = rank % cfg.batch_size
+        key = rank // cfg.batch_size * (int(stp.max()) + 1) + stp
+    elif cfg.batching == "continuous":
+        # the schedule of every request of the trace, whatever phase is replayed: a request's decode steps
+        # hold its slot whether or not they are replayed
+        ids, rank_all = np.unique(routing.request_id, return_inverse=True)
+        decode_steps = np.zeros(len(ids), dtype=np.int64)
+        np.maximum.at(decode_steps, rank_all, routing.step.astype(np.int64))
+        admitted, slot_of = continuous_schedule(decode_steps, cfg.batch_size)
+        rank = rank_all[keep]
+        slot = slot_of[rank]
+        # iteration t: the prefill of the requests admitted at t, then the decode step of those running;
+        # decode step j of a request admitted at t falls in iteration t + j - 1
+        key = 2 * (admitted[rank] + np.maximum(stp - 1, 0)) + (stp > 0)
+    else:
+        raise ValueError(f"ReplayConfig.batching must be 'static' or 'continuous', got {cfg.batching!r}")
     uniq, step = np.unique(key, return_inverse=True)
     S, T = len(uniq), len(step)
     order = np.argsort(step, kind="stable")
@@ -125,7 +162,7 @@ def make_batches(routing: TokenRouting | RoutingTrace, n_gpus: int, n_experts: i
         within[order] = np.arange(T) - first[step[order]]
         source = within % n_gpus
     elif cfg.source == "request":
-        source = (rank % cfg.batch_size) % n_gpus
+        source = slot % n_gpus
     else:
         raise ValueError(f"ReplayConfig.source must be 'token' or 'request', got {cfg.source!r}")
     experts = routing.experts[keep]
