@@ -1,29 +1,28 @@
-"""Serving on the engine: requests that arrive over time, batched at every decode step.
+"""Serving on the engine: requests that arrive over time, on the engine's cache slots, three ways.
 
-Request-level ("static") batching admits the requests that are waiting, runs them until the longest
-answer ends, then admits the next: a slot whose answer ended idles while the others run, and a request
-that arrives meanwhile waits for the whole batch. Iteration-level scheduling (Orca, Yu et al., OSDI 2022;
-vLLM's and SGLang's schedulers) looks at the queue before every decode step: waiting requests are
-prefilled into the cache slots that ended answers freed, beside the sequences still running, and
-decode on with them from the next step.
+- ``static`` (request-level batching): the waiting requests are admitted when every slot is free and run
+  until the longest answer ends; a slot whose answer ended idles, a request arriving meanwhile waits.
+- ``continuous`` (iteration-level: Orca, Yu et al., OSDI 2022; vLLM's and SGLang's schedulers): before
+  every decode step the waiting requests are prefilled into the slots that ended answers freed, and
+  decode on beside the others from the next step. The running answers wait during that prefill.
+- ``chunked`` (Sarathi-Serve's chunked prefill, Agrawal et al., OSDI 2024; vLLM's default): as continuous,
+  but a prompt is prefilled ``chunk`` tokens a step in the same GEMMs and MoE calls as the decode rows, so
+  that a long prompt does not stall the running answers; the MoE layers then see mixed batches of prompt
+  and decode tokens, as a served model's do.
 
     python -m moegps.engine.serve                                   # bundled model, MMLU prompts, all policies
     python -m moegps.engine.serve --requests 64 --rate 2 4 8 --max-batch 8 --max-new-tokens 64 --out serve.csv
-    python -m moegps.engine.serve --model mixtral-8x7b --requests 256 --rate 20 --max-batch 32    # GPU
+    python -m moegps.engine.serve --model mixtral-8x7b --requests 256 --rate 20 --max-batch 32 --chunk 256  # GPU
 
-Both policies run through the same loop (``serve``), so a comparison differs only in when requests
-are admitted. The decode step is the engine's: one CUDA graph per batch-size bucket over cache slots
-0..bucket-1. A newcomer takes the lowest free slot, so the bucket follows the number of running
-requests; free slots inside the bucket decode a dummy token at position 0 of their own slot, which the
-next newcomer there overwrites. Each step reads its tokens back to the host to see which answers ended
-(one synchronisation a step, as in vLLM: a step without it cannot admit into a slot freed by it).
-A lone newcomer is prefilled through the engine's prefill graphs (``PrefillGraphs`` with its slot);
-several in one packed eager prefill, at most ``max_prefill_tokens`` prompt tokens at a time. Meanwhile the
-running answers wait: a long prompt stalls them for its whole prefill. The ``chunked`` policy instead
-prefills ``chunk`` tokens of one prompt a step, in the same GEMMs and MoE calls as the decode rows
-(Sarathi-Serve's chunked prefill, Agrawal et al., OSDI 2024; vLLM's default scheduler does the same), each
-bucket's step with a chunk beside it a CUDA graph of its own. The MoE layers then see mixed batches of
-prompt and decode tokens, as a served model's do.
+All three run through one loop (``serve``), so a comparison differs only in when requests are admitted
+and how prompts are prefilled. The decode step is the engine's: a CUDA graph per batch-size bucket over
+cache slots 0..bucket-1 (and per bucket and chunk size with a chunk beside it). A newcomer takes the
+lowest free slot, so the bucket follows the number of running requests; free slots inside the bucket
+decode a dummy token parked at position 0 of their own slot, which the next newcomer there overwrites.
+Each step reads its tokens back to the host to see which answers ended (one synchronisation a step, as
+in vLLM: a step without it cannot admit into a slot freed by it). Whole prompts: a lone newcomer through
+the engine's prefill graphs (``PrefillGraphs`` with its slot), several in one packed eager prefill of at
+most ``max_prefill_tokens`` prompt tokens.
 """
 
 from __future__ import annotations
