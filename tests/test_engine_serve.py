@@ -176,3 +176,72 @@ def test_cli_on_the_bundled_model(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err
+
+
+# ---- sampling keyed by (seed, tokens generated): the same draw in any batch -----------------------------------
+
+def splitmix_reference(seed: int, counter: int, column: int) -> float:
+    """counter_uniforms written with Python's unbounded ints, reduced mod 2^64 by hand."""
+    m = (1 << 64) - 1
+    x = (seed * 0x9E3779B97F4A7C15 + counter * 0xD1B54A32D192ED03 + column * 0x8CB92BA72F3D8DD7) & m
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+    x ^= x >> 31
+    return ((x >> 11) + 0.5) * 2.0 ** -53
+
+
+def test_counter_uniforms_are_splitmix64_on_wrapping_int64(rng):
+    from moegps.engine.generate import counter_uniforms
+
+    seeds, counters = rng.integers(0, 2**40, size=5), rng.integers(0, 10**6, size=5)
+    got = counter_uniforms(torch.from_numpy(seeds), torch.from_numpy(counters), 7)
+    want = [[splitmix_reference(int(s), int(c), v) for v in range(7)] for s, c in zip(seeds, counters)]
+    assert got.tolist() == want
+    assert 0 < got.min() and got.max() < 1
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (3, 1.0), (0, 0.7), (4, 0.8)])
+def test_gumbel_max_draws_follow_the_restricted_softmax(rng, top_k, top_p):
+    """20,000 draws of one row of logits (a fresh seed, counters 0..19,999) against the probabilities of
+    softmax over sampling_logits: never a token outside top-k / the nucleus, and a chi-square statistic
+    a correct sampler exceeds with probability 1e-6."""
+    from scipy import stats
+
+    from moegps.engine.generate import Sampling, choose_tokens, sampling_logits
+
+    logits = torch.from_numpy(rng.normal(0, 1.5, size=(1, 8)))
+    draw = Sampling(temperature=float(rng.uniform(0.5, 2)), top_k=top_k, top_p=top_p, seed=int(rng.integers(2**31)))
+    n = 20_000
+    tokens = choose_tokens(logits.expand(n, 8), [draw] * n, torch.arange(n))
+    p = sampling_logits(logits, draw).softmax(-1)[0].double().numpy()
+    counts = np.bincount(tokens.numpy(), minlength=8)
+    assert (counts[p == 0] == 0).all()
+    keep = p > 0
+    if keep.sum() > 1:
+        chi2 = ((counts[keep] - n * p[keep]) ** 2 / (n * p[keep])).sum()
+        assert stats.chi2.sf(chi2, keep.sum() - 1) > 1e-6, (counts, n * p)
+
+
+def test_sampled_answers_do_not_depend_on_the_batch(rng, model):
+    """Requests with their own sampling (temperatures, top-k, top-p, seeds) served continuously, in chunks
+    and statically over two slots give each the answer it gets alone from Engine.generate; a request
+    without one takes serve's sampling with seed + its index; another seed gives another answer."""
+    from moegps.engine.generate import Sampling
+
+    requests = random_requests(rng, 6, model.shape.vocab_size, spread_s=0.02)
+    draws = [Sampling(temperature=float(rng.uniform(0.7, 3)), top_k=int(rng.choice([0, 5])),
+                      top_p=float(rng.choice([1.0, 0.9])), seed=int(rng.integers(2**31))) for _ in requests]
+    default = Sampling(temperature=2.0, seed=int(rng.integers(2**20)))
+    requests = [Request(r.prompt, r.max_new_tokens, r.arrival_s, d if i % 3 else None)
+                for i, (r, d) in enumerate(zip(requests, draws))]
+    engine = Engine(model, max_batch=1, max_len=32)
+    want = [engine.generate([r.prompt], r.max_new_tokens, r.sampling or Sampling(2.0, seed=default.seed + i)).tokens[0]
+            for i, r in enumerate(requests)]
+    for continuous, chunk in ((True, 0), (True, 4), (False, 0)):
+        clock = FakeClock()
+        served = serve(Engine(model, max_batch=2, max_len=32), requests, default, continuous=continuous, chunk=chunk,
+                       clock=clock, sleep=clock.sleep)
+        assert [s.tokens for s in served] == want, (continuous, chunk)
+    long = Request(requests[0].prompt, 12)
+    one, other = (engine.generate([long.prompt], 12, Sampling(5.0, seed=s)).tokens[0] for s in (1, 2))
+    assert one != other

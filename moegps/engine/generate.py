@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,7 +40,9 @@ STOP_CHECK_EVERY = 16  # decode steps between the host's looks at the stop token
 class Sampling:
     """``temperature`` 0 is greedy; otherwise sample from softmax(logits / temperature), restricted
     to the ``top_k`` most likely tokens when ``top_k`` > 0, then to the nucleus: the fewest most likely
-    tokens whose probability adds up to ``top_p`` (Holtzman et al., 2020), when ``top_p`` < 1."""
+    tokens whose probability adds up to ``top_p`` (Holtzman et al., 2020), when ``top_p`` < 1. A draw is a
+    function of ``seed`` and the tokens generated so far (``counter_uniforms``): the same prompt, seed and
+    settings give the same answer in any batch (``Engine.generate`` gives its row b the seed ``seed + b``)."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -56,25 +58,61 @@ class Sampling:
             raise ValueError(f"sampling field 'top_p' must be in (0, 1], got {self.top_p}")
 
 
-def sampling_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+def sampling_logits(logits: torch.Tensor, sampling: Sampling | list[Sampling]) -> torch.Tensor:
     """``logits [B, V]`` / temperature, with the tokens outside the top-k and outside the top-p nucleus
-    (taken on the distribution left by top-k) set to -inf: what ``Sampling`` draws from (temperature > 0)."""
-    scaled = logits / sampling.temperature
-    if sampling.top_k:
-        kth = scaled.topk(min(sampling.top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
+    (taken on the distribution left by top-k) set to -inf: what ``Sampling`` draws from (temperature > 0).
+    ``sampling``: one for every row, or a list of one per row."""
+    rows = sampling if isinstance(sampling, list) else [sampling] * logits.shape[0]
+    device, V = logits.device, logits.shape[-1]
+    temperature = torch.tensor([r.temperature or 1.0 for r in rows], dtype=logits.dtype, device=device)
+    top_k = torch.tensor([min(r.top_k, V) or V for r in rows], device=device)
+    top_p = torch.tensor([r.top_p for r in rows], dtype=logits.dtype, device=device)
+    scaled = logits / temperature[:, None]
+    if (top_k < V).any():
+        kth = scaled.sort(-1, descending=True).values.gather(-1, top_k[:, None] - 1)
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    if sampling.top_p < 1:
+    if (top_p < 1).any():
         probs, order = scaled.softmax(-1).sort(-1, descending=True)
-        outside = probs.cumsum(-1) - probs >= sampling.top_p  # the mass before it already reaches top_p
+        outside = probs.cumsum(-1) - probs >= top_p[:, None]  # the mass before it already reaches top_p
         scaled = scaled.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
     return scaled
 
 
-def choose_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
-    """The next token of each row of ``logits [B, V]``: ``[B]`` long, greedy or drawn with ``generator``."""
-    if sampling.temperature == 0:
-        return logits.argmax(-1)
-    return torch.multinomial(sampling_logits(logits, sampling).softmax(-1), 1, generator=generator).squeeze(-1)
+def _int64(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shift_right(x: torch.Tensor, n: int) -> torch.Tensor:
+    return (x >> n) & ((1 << (64 - n)) - 1)  # a logical shift of int64's bits (>> copies the sign bit)
+
+
+def counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor, n: int) -> torch.Tensor:
+    """``[B, n]`` float64 uniforms in (0, 1), a pure function of (``seeds[b]``, ``counters[b]``, column): the
+    SplitMix64 finaliser (Steele et al., OOPSLA 2014) of a combination of the three, in int64 arithmetic
+    that wraps. So a request's draw depends on its seed and how many tokens it has generated, never on the
+    rows beside it in the batch (vLLM gives seeded requests the same guarantee with a generator each)."""
+    x = (seeds.long()[:, None] * _int64(0x9E3779B97F4A7C15) + counters.long()[:, None] * _int64(0xD1B54A32D192ED03)
+         + torch.arange(n, device=seeds.device)[None, :] * _int64(0x8CB92BA72F3D8DD7))
+    x = (x ^ _shift_right(x, 30)) * _int64(0xBF58476D1CE4E5B9)
+    x = (x ^ _shift_right(x, 27)) * _int64(0x94D049BB133111EB)
+    x = x ^ _shift_right(x, 31)
+    return (_shift_right(x, 11).double() + 0.5) * 2.0 ** -53
+
+
+def choose_tokens(logits: torch.Tensor, sampling: Sampling | list[Sampling], counters) -> torch.Tensor:
+    """The next token of each row of ``logits [B, V]``: ``[B]`` long. Greedy rows (temperature 0) take the
+    argmax; the others draw from ``sampling_logits`` by the Gumbel-max trick, their noise keyed by the row's
+    seed and ``counters[b]`` (the tokens the row has generated so far: an int for every row, or ``[B]``)."""
+    rows = sampling if isinstance(sampling, list) else [sampling] * logits.shape[0]
+    greedy = logits.argmax(-1)
+    if all(r.temperature == 0 for r in rows):
+        return greedy
+    device = logits.device
+    seeds = torch.tensor([r.seed for r in rows], device=device)
+    counters = torch.as_tensor(counters, device=device).expand(len(rows))
+    gumbel = -torch.log(-torch.log(counter_uniforms(seeds, counters, logits.shape[-1])))
+    drawn = (sampling_logits(logits, rows).double() + gumbel).argmax(-1)
+    return torch.where(torch.tensor([r.temperature == 0 for r in rows], device=device), greedy, drawn)
 
 
 @dataclass
@@ -292,7 +330,7 @@ class Engine:
             raise ValueError(f"{n} prompts exceed the engine's max_batch ({self.cache.slots} slots)")
         device = self.model.device
         mark, elapsed = _timer(device)
-        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+        rows = [replace(sampling, seed=sampling.seed + b) for b in range(bucket)]  # row b's draws: seed + b
         history = torch.empty(bucket, max_new_tokens, dtype=torch.long, device=device)
         stop = torch.as_tensor(list(stop_tokens), dtype=torch.long, device=device)
 
@@ -301,7 +339,7 @@ class Engine:
             inputs = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
             graphed = self.prefill_graphs is not None and self.prefill_graphs.pays([len(p) for p in prompts])
             logits = self.prefill_graphs(inputs) if graphed else prefill(self.model, self.cache, inputs)
-            first = choose_tokens(logits, sampling, generator)
+            first = choose_tokens(logits, rows[:n], 0)
             t1 = mark()
             prefill_ms = elapsed(t0, t1)
             self.tokens.zero_()
@@ -316,7 +354,7 @@ class Engine:
             start = mark()
             for i in range(1, max_new_tokens):
                 a = mark() if on_token else None
-                nxt = choose_tokens(step(), sampling, generator)
+                nxt = choose_tokens(step(), rows, i)
                 self.tokens[:bucket] = nxt
                 self.positions[:bucket] += 1
                 history[:, i] = nxt

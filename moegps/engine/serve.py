@@ -32,7 +32,7 @@ import csv
 import heapq
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +50,10 @@ POLICIES = ("continuous", "chunked", "static")
 
 @dataclass(frozen=True)
 class Request:
-    prompt: list[int]          # token ids
-    max_new_tokens: int = 32   # counts the first token (the prefill's)
-    arrival_s: float = 0.0     # seconds after serving starts
+    prompt: list[int]                # token ids
+    max_new_tokens: int = 32         # counts the first token (the prefill's)
+    arrival_s: float = 0.0           # seconds after serving starts
+    sampling: Sampling | None = None  # None: serve's, with seed + the request's index
 
 
 @dataclass
@@ -88,8 +89,9 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
     waiting meanwhile, or with ``chunk`` > 0 (continuous only) ``chunk`` tokens of one prompt a step in the
     same GEMMs and MoE calls as the decode rows (``Engine.step(bucket, chunk)``), so that a long prompt
     does not stall the running answers for its whole prefill. ``clock``/``sleep`` are injectable so tests
-    can run on a fake clock. Greedy answers equal ``engine.generate`` of each request alone (up to rounding
-    in the batch's GEMMs); sampled ones draw from one generator shared by the batch."""
+    can run on a fake clock. A request's answer equals ``engine.generate`` of it alone with its sampling
+    (up to rounding in the batch's GEMMs), sampled ones too: each draw is keyed by the request's seed and
+    its count of tokens (``generate.counter_uniforms``), not by the batch."""
     if engine.lockstep:
         raise ValueError("serve needs a one-process engine: expert-parallel ranks step in lockstep and would "
                          "admit different requests")
@@ -99,7 +101,8 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
     check_requests(engine, requests)
     sampling = sampling or Sampling()
     model, device, slots = engine.model, engine.model.device, engine.cache.slots
-    generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    draws = [r.sampling or replace(sampling, seed=sampling.seed + i) for i, r in enumerate(requests)]
+    idle = Sampling()  # a free slot's dummy row: greedy
     stops = set(int(t) for t in stop_tokens)
     order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i))
     waiting = list(reversed(order))   # a stack: the next to arrive last
@@ -162,7 +165,7 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
             logits = graphs(prompts, slots=into)
         else:
             logits = prefill(model, engine.cache, prompts, slots=into)
-        begin(into, newcomers, choose_tokens(logits, sampling, generator))
+        begin(into, newcomers, choose_tokens(logits, [draws[i] for i in newcomers], 0))
 
     def decode() -> None:
         """One step of the running requests' decode, and of the next prompt chunk when there is one."""
@@ -176,7 +179,11 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
             tokens[:len(piece)] = torch.as_tensor(piece)
             chunk_slot.fill_(slot), chunk_start.fill_(done), chunk_last.fill_(len(piece) - 1)
             engine.positions[slot] = done + len(piece)  # the slot's decode row (if in the bucket) parks there
-        nxt = choose_tokens(engine.step(bucket, size)(), sampling, generator)
+        rows = [draws[running[b]] if b in running else idle for b in range(bucket)]
+        counts = [len(answers[running[b]]) if b in running else 0 for b in range(bucket)]
+        if size:  # the chunk's row: its request's first token
+            rows, counts = rows + [draws[i]], counts + [0]
+        nxt = choose_tokens(engine.step(bucket, size)(), rows, counts)
         engine.tokens[:bucket] = nxt[:bucket]
         engine.positions[:bucket] += live[:bucket]
         host = nxt.tolist()
@@ -266,7 +273,9 @@ def main(argv=None) -> int:
                     help="continuous: admit before every step, prompts prefilled whole; chunked: the same with "
                     "prompts prefilled --chunk tokens a step beside the decode; static: admit when all slots are free")
     ap.add_argument("--chunk", type=int, default=128, help="prompt tokens a step of the chunked policy")
-    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mmlu", default=None, help="folder of MMLU files (default ../shared/data/mmlu/test)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
@@ -282,7 +291,7 @@ def main(argv=None) -> int:
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: no CUDA device here (use --device cpu)")
     try:
-        sampling = Sampling(args.temperature, seed=args.seed)
+        sampling = Sampling(args.temperature, args.top_k, args.seed, args.top_p)
         workloads = {rate: mmlu_requests(args.requests, rate, args.max_new_tokens, args.seed, mmlu=args.mmlu)
                      for rate in args.rate}
         model = build_model(args.model, args.device, args.dtype)
