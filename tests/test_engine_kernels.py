@@ -31,7 +31,7 @@ if _interpret is None:
     del os.environ["TRITON_INTERPRET"]
 
 import moegps.engine.model as engine_model  # noqa: E402
-from moegps.engine.model import KVCache, decode_step, prefill, random_model  # noqa: E402
+from moegps.engine.model import KVCache, decode_step, decode_step_with_chunk, prefill, random_model  # noqa: E402
 from moegps.shapes import from_name  # noqa: E402
 
 
@@ -319,8 +319,9 @@ def test_add_rmsnorm_router(gen, T, H, E, top_k, renormalize, shared, fused, mon
 
 @pytest.mark.parametrize("shared_ffn", [0, 64])
 def test_engine_on_interpreted_kernels_matches_its_torch_path(rng, monkeypatch, shared_ffn):
-    """A tiny random Mixtral (GQA group 4): prefill of two prompts of different lengths and 4 greedy
-    decode steps, every kernel interpreted, against the same model on the torch path (whose agreement
+    """A tiny random Mixtral (GQA group 4): prefill of two prompts of different lengths, 4 greedy decode
+    steps, a decode step with a prompt chunk beside it and a prefill into slots (2, 0), every kernel
+    interpreted, against the same model on the torch path (whose agreement
     with transformers tests/test_engine.py checks): logits within 1e-4, identical tokens. With
     ``shared_ffn`` 64, a shared expert of two experts' width held as two extra experts."""
     shape = from_name("mixtral-8x7b").replace(name="tiny", vocab_size=96, n_layers=2, hidden=64, n_heads=8,
@@ -330,14 +331,20 @@ def test_engine_on_interpreted_kernels_matches_its_torch_path(rng, monkeypatch, 
     model = random_model(shape, device="cpu", dtype=torch.float32, seed=seed)
     prompts = [torch.from_numpy(rng.integers(0, 96, size=n)) for n in (5, 11)]
 
+    chunk = torch.from_numpy(rng.integers(0, 96, size=4))
+
     def run():
-        cache = KVCache(shape, 2, 16, torch.float32, "cpu")
+        cache = KVCache(shape, 3, 16, torch.float32, "cpu")
         logits = [prefill(model, cache, prompts)]
         positions = torch.tensor([5, 11])
         for _ in range(4):
             logits.append(decode_step(model, cache, logits[-1].argmax(-1), positions))
             positions = positions + 1
-        return torch.stack(logits)
+        # a decode step with 3 tokens of a third prompt (and a padding row) beside it, into slot 2
+        both = decode_step_with_chunk(model, cache, logits[-1].argmax(-1), positions, chunk, torch.tensor([2]),
+                                      torch.tensor([0]), torch.tensor([2]))
+        gathered = prefill(model, KVCache(shape, 3, 16, torch.float32, "cpu"), prompts, slots=[2, 0])
+        return torch.cat([torch.stack(logits + [both[:2], gathered]).flatten(0, 1), both[2:]])
 
     monkeypatch.delenv("TRITON_INTERPRET")
     torch_path = run()
