@@ -3,8 +3,9 @@
     python -m moegps.engine.serve --requests 48 --rate 1 2 4 8 --max-batch 8 --max-new-tokens 64 --out RUN.csv
     python benchmarks/engine/plot_serve.py RUN.csv --title "mixtral-tiny, CPU" --out docs/img/serve-cpu.png
 
-Four panels against the arrival rate: throughput (new tokens a second), time to first token, time per
-output token and end-to-end latency (median; the 90th percentile dashed), one line per policy.
+Four panels against the arrival rate: throughput (new tokens a second, with the run's decode ceiling
+dotted), time to first token, time per output token and end-to-end latency (median; the 90th percentile
+dashed), one line per policy.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import ScalarFormatter  # noqa: E402
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
 from moegps.engine.serve import Served, summarize  # noqa: E402
 
@@ -44,11 +45,20 @@ def runs(path: Path) -> dict[str, dict[float, dict[str, float]]]:
     return out
 
 
+def ceiling_of(path: Path) -> float | None:
+    """The run's decode ceiling (new tokens/s), from the CSV's decode_ceiling column when it has one."""
+    with open(path, newline="") as f:
+        row = next(csv.DictReader(f), {})
+    return float(row["decode_ceiling"]) if row.get("decode_ceiling") else None
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("csv", type=Path)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--title", default="")
+    ap.add_argument("--ceiling", type=float, default=None,
+                    help="the decode ceiling (new tokens/s) where the CSV has no decode_ceiling column")
     args = ap.parse_args(argv)
     data = runs(args.csv)
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.9))
@@ -70,7 +80,13 @@ def main(argv=None) -> None:
         ax.legend(fontsize=7)
     for ax in (axes[1], axes[3]):
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ceiling = args.ceiling or ceiling_of(args.csv)
+    if ceiling:
+        axes[0].axhline(ceiling, color="k", ls=":", lw=1)
+        axes[0].text(0.02, ceiling, "decode ceiling", transform=axes[0].get_yaxis_transform(), va="bottom", fontsize=8)
     fig.suptitle(args.title or args.csv.parent.name)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -332,8 +332,9 @@ def main(argv=None) -> int:
                   f"{s['span_s']:>8.2f} "
                   f"{s['ttft_p50_ms']:>9.1f} {s['ttft_p90_ms']:>9.1f} {s['tpot_p50_ms']:>9.2f} "
                   f"{s['latency_p50_ms']:>12.1f} {s['latency_p90_ms']:>12.1f}", flush=True)
-            rows += [{"rate": rate, "policy": policy, "request": i, "prompt_tokens": len(r.prompt),
-                      "new_tokens": len(a.tokens), **{k: v for k, v in asdict(a).items() if k != "tokens"}}
+            rows += [{"rate": rate, "policy": policy, "decode_ceiling": ceiling, "request": i,
+                      "prompt_tokens": len(r.prompt), "new_tokens": len(a.tokens),
+                      **{k: v for k, v in asdict(a).items() if k != "tokens"}}
                      for i, (r, a) in enumerate(zip(requests, served))]
         if "static" in results:
             base = results["static"]
