@@ -60,7 +60,7 @@ def concurrency(served: list[Served], at: float) -> int:
     return sum(s.first_token_s <= at < s.finish_s for s in served)
 
 
-@pytest.mark.parametrize("prefill", ["whole", "graphs", "chunks of 3", "chunks of 8"])
+@pytest.mark.parametrize("prefill", ["whole", "one prompt a prefill", "graphs", "chunks of 3", "chunks of 8"])
 def test_served_answers_equal_each_request_alone(rng, model, prefill):
     """Nine requests over four slots, arriving while others decode: continuous (prompts prefilled whole,
     through the padded prefill graphs, or in chunks beside the decode) and static serving give every
@@ -76,8 +76,10 @@ def test_served_answers_equal_each_request_alone(rng, model, prefill):
         if prefill == "graphs":  # the padded prefill a GPU replays, run eagerly: slots other than 0 gathered
             engine.prefill_graphs = PrefillGraphs(model, engine.cache, round_to=8)
         clock = FakeClock()
+        budget = 1 if prefill == "one prompt a prefill" else 8192  # max_prefill_tokens: at least one prompt
         served = runs[continuous] = serve(engine, requests, stop_tokens=[stop], continuous=continuous,
-                                          chunk=chunk if continuous else 0, clock=clock, sleep=clock.sleep)
+                                          chunk=chunk if continuous else 0, max_prefill_tokens=budget,
+                                          clock=clock, sleep=clock.sleep)
         assert [s.tokens for s in served] == want
         assert not engine.positions.any()  # free slots are parked at position 0, not run past the cache
         for s, r in zip(served, requests):
