@@ -341,15 +341,19 @@ def decode_step_with_chunk(model: Model, cache: KVCache, tokens: torch.Tensor, p
     chunk_positions = (chunk_start + torch.arange(C, device=device)).clamp(max=cache.max_len - 1)
     slots = torch.cat([torch.arange(B, device=device), chunk_slot.expand(C)])
     lengths = (positions + 1).to(torch.int32)
-    # chunk row i sees the slot's keys 0..chunk_start + i (the chunks before it and its own rows up to i)
-    visible = torch.arange(cache.max_len, device=device)[None, :] <= chunk_positions[:, None]
+    group, D = S.n_heads // S.n_kv_heads, S.head_dim
+    # chunk row i sees the slot's keys 0..chunk_start + i (the chunks before it and its own rows up to i);
+    # its query heads of one KV group are rows of one sequence (row i * group + g), so SDPA needs no GQA
+    # expansion: with a mask, enable_gqa has only the math backend on a GPU, which holds every score
+    visible = (torch.arange(cache.max_len, device=device)[None, :] <= chunk_positions[:, None]).repeat_interleave(
+        group, 0)
 
     def attend(q, index):
         decoded = decode_attention(q[:B], cache.k[index], cache.v[index], lengths)
         k, v = cache.k[index].index_select(0, chunk_slot), cache.v[index].index_select(0, chunk_slot)
-        o = F.scaled_dot_product_attention(q[B:].transpose(0, 1)[None], k, v, attn_mask=visible,
-                                           enable_gqa=S.n_heads != S.n_kv_heads)
-        return torch.cat([decoded, o[0].transpose(0, 1)])
+        rows = q[B:].reshape(C, S.n_kv_heads, group, D).transpose(0, 1).reshape(1, S.n_kv_heads, C * group, D)
+        o = F.scaled_dot_product_attention(rows, k, v, attn_mask=visible)
+        return torch.cat([decoded, o.view(S.n_kv_heads, C, group, D).transpose(0, 1).reshape(C, S.n_heads, D)])
 
     resid = model.embed[torch.cat([tokens, chunk])]
     delta = _layers(model, cache, resid, torch.cat([positions, chunk_positions]), slots, attend)
