@@ -16,7 +16,7 @@ import torch
 from moegps.engine import Engine, KVCache, prefill
 from moegps.engine.generate import PrefillGraphs
 from moegps.engine.model import random_model
-from moegps.engine.serve import Request, Served, main, serve, summarize, warm_up
+from moegps.engine.serve import Request, Served, decode_ceiling, main, serve, summarize, warm_up
 from moegps.shapes import from_name
 
 
@@ -140,6 +140,14 @@ def test_warm_up_captures_a_prefill_graph_per_length_class_and_slot_kind(rng, mo
     engine.prefill_graphs = PrefillGraphs(model, engine.cache, round_to=8)
     warm_up(engine, [Request([1] * n) for n in (3, 5, 9, 17, 16)], chunk=4)
     assert set(engine.prefill_graphs._graphs) == {(1, n, gathered) for n in (8, 16, 24) for gathered in (False, True)}
+
+
+def test_the_decode_ceiling_fits_the_cache(model):
+    """The ceiling's full-bucket steps run on the shortest prompts, as many as the cache leaves them: here
+    one, where the longest request (9 + 2 tokens) sets the cache's length."""
+    engine = Engine(model, max_batch=2, max_len=11)
+    ceiling = decode_ceiling(engine, [Request([1] * 9, 2), Request([2] * 8, 1)])
+    assert np.isfinite(ceiling) and ceiling > 0
 
 
 def test_serve_rejects_what_it_cannot_serve(model):

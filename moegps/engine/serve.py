@@ -243,10 +243,12 @@ def mmlu_requests(n: int, rate: float, max_new_tokens: int, seed: int = 0, token
 
 def decode_ceiling(engine: Engine, requests: list[Request], steps: int = 16) -> float:
     """New tokens a second if every step were a decode step of a full bucket: the engine's slots over the
-    median of ``steps`` such steps (``Engine.generate`` on the first requests' prompts, measured now, after a
-    warm-up run). No policy can pass it, since prefill only adds work; how near one comes is what its
-    schedule loses."""
-    prompts = [r.prompt for r in (requests * engine.cache.slots)[:engine.cache.slots]]
+    median of up to ``steps`` such steps (``Engine.generate`` on the shortest prompts, as many steps as the
+    cache leaves them, measured now, after a warm-up run). No policy can pass it, since prefill only adds
+    work; how near one comes is what its schedule loses."""
+    shortest = sorted((r.prompt for r in requests), key=len)
+    prompts = (shortest * engine.cache.slots)[:engine.cache.slots]
+    steps = max(1, min(steps, engine.max_len - max(len(p) for p in prompts) - 1))
     engine.generate(prompts, 2)
     return engine.cache.slots * 1e3 / engine.generate(prompts, steps + 1).decode_ms_per_step
 
