@@ -171,17 +171,24 @@ def test_summarize_a_hand_built_run():
 
 
 def test_cli_on_the_bundled_model(tmp_path, capsys):
+    """Two rates, three policies: 18 rows of request times; a call cut short after the first rate is
+    resumed by the next call with the same settings (the first rate's runs read back, not run again); a call
+    with other settings is refused that file."""
     out = tmp_path / "serve.csv"
-    assert main(["--requests", "3", "--max-batch", "2", "--max-new-tokens", "3", "--rate", "50", "100",
-                 "--chunk", "16", "--out", str(out)]) == 0
+    argv = ["--requests", "3", "--max-batch", "2", "--max-new-tokens", "3", "--chunk", "16", "--out", str(out)]
+    assert main(argv + ["--rate", "50"]) == 0
+    first = capsys.readouterr().out
+    assert "chunks of 16 tokens" in first and "chunked / static" in first and "continuous / static" in first
+    assert main(argv + ["--rate", "50", "100"]) == 0
     text = capsys.readouterr().out
-    assert "chunks of 16 tokens" in text and "chunked / static" in text and "continuous / static" in text
+    assert text.count("(from the earlier run's file)") == 3
     with open(out) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 18 and {(r["rate"], r["policy"]) for r in rows} == \
         {(a, b) for a in ("50.0", "100.0") for b in ("continuous", "chunked", "static")}
     assert all(1 <= int(r["new_tokens"]) <= 3 for r in rows)
-    for argv, message in ((["--requests", "0"], "--requests must be >= 1"), (["--chunk", "0"], "--chunk must be >= 1"),
+    for argv, message in ((argv[:5] + ["4"] + argv[6:], "holds runs of other settings"),
+                          (["--requests", "0"], "--requests must be >= 1"), (["--chunk", "0"], "--chunk must be >= 1"),
                           (["--policy", "fast"], "invalid choice: 'fast'")):
         with pytest.raises(SystemExit):
             main(argv)

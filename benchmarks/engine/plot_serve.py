@@ -21,10 +21,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
-from moegps.engine.serve import Served, summarize  # noqa: E402
+from moegps.engine.serve import served_by_run, summarize  # noqa: E402
 
 COLOURS = {"continuous": "tab:orange", "chunked": "tab:blue", "static": "tab:gray"}
-FIELDS = ("rate", "policy", "new_tokens", "arrival_s", "first_token_s", "finish_s")
+FIELDS = ("rate", "policy", "request", "new_tokens", "arrival_s", "first_token_s", "finish_s")
 
 
 def runs(path: Path) -> dict[str, dict[float, dict[str, float]]]:
@@ -35,12 +35,8 @@ def runs(path: Path) -> dict[str, dict[float, dict[str, float]]]:
     if not rows or missing:
         raise ValueError(f"{path}: expected the CSV of `python -m moegps.engine.serve --out` with columns "
                          f"{', '.join(FIELDS)}; {'no rows' if not rows else f'missing {missing}'}")
-    groups = defaultdict(list)
-    for r in rows:  # the token ids are not in the CSV: their count stands in for them
-        groups[r["policy"], float(r["rate"])].append(
-            Served([0] * int(r["new_tokens"]), float(r["arrival_s"]), float(r["first_token_s"]), float(r["finish_s"])))
     out: dict[str, dict[float, dict[str, float]]] = defaultdict(dict)
-    for (policy, rate), served in sorted(groups.items()):
+    for (policy, rate), served in sorted(served_by_run(rows).items()):
         out[policy][rate] = summarize(served)
     return out
 

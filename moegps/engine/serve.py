@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import heapq
+import json
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -38,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import atomic_path
 from ..models.tokenizer import mixtral_tokenizer
 from ..paths import shared_data
 from ..prompts import load_mmlu
@@ -273,6 +275,41 @@ def warm_up(engine: Engine, requests: list[Request], chunk: int = 0) -> None:
         torch.cuda.synchronize()
 
 
+# ---- the command's file: every request's times, rewritten after each run, so that a restart resumes ----------
+
+def served_by_run(rows: list[dict]) -> dict[tuple[str, float], list[Served]]:
+    """{(policy, rate): each request's times} from the rows of the command's CSV (as read: strings); the
+    answers' token counts stand for their tokens, which the file does not keep."""
+    runs: dict[tuple[str, float], list[Served]] = {}
+    for r in sorted(rows, key=lambda r: int(r["request"])):
+        runs.setdefault((r["policy"], float(r["rate"])), []).append(
+            Served([0] * int(r["new_tokens"]), float(r["arrival_s"]), float(r["first_token_s"]), float(r["finish_s"])))
+    return runs
+
+
+def read_runs(out: Path, settings: dict) -> list[dict]:
+    """The rows an earlier call with these ``settings`` left in ``out`` (none if there is no file); an error
+    naming both files if it was written with other settings (its ``.json`` beside it says which)."""
+    if not out.exists():
+        return []
+    sidecar = out.with_name(out.name + ".json")
+    written = json.loads(sidecar.read_text()) if sidecar.exists() else None
+    if written != settings:
+        raise ValueError(f"--out {out} holds runs of other settings ({sidecar}: {written}; now: {settings}): remove "
+                         "it or choose another --out")
+    with open(out, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_runs(out: Path, rows: list[dict], settings: dict) -> None:
+    with atomic_path(out.with_name(out.name + ".json")) as tmp:
+        tmp.write_text(json.dumps(settings, indent=1))
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="mixtral-tiny", help="bundled model, checkpoint folder, or shape name")
@@ -293,7 +330,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--no-cuda-graph", action="store_true")
-    ap.add_argument("--out", default=None, help="CSV of every request's times, a row per rate, policy and request")
+    ap.add_argument("--out", default=None, help="CSV of every request's times, a row per rate, policy and request; "
+                    "rewritten after each run, and a call with the same settings resumes from it")
     args = ap.parse_args(argv)
     for name in ("requests", "max_batch", "max_new_tokens", "chunk"):
         if getattr(args, name) < 1:
@@ -302,7 +340,10 @@ def main(argv=None) -> int:
         ap.error(f"--rate must be >= 0, got {min(args.rate)}")
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: no CUDA device here (use --device cpu)")
+    out = Path(args.out) if args.out else None
+    settings = {k: v for k, v in vars(args).items() if k not in ("rate", "policy", "out")}  # what a resume must share
     try:
+        rows = read_runs(out, settings) if out else []
         sampling = Sampling(args.temperature, args.top_k, args.seed, args.top_p)
         workloads = {rate: mmlu_requests(args.requests, rate, args.max_new_tokens, args.seed, mmlu=args.mmlu)
                      for rate in args.rate}
@@ -323,36 +364,32 @@ def main(argv=None) -> int:
           f"measured now); 'ceiling' below: tokens/s over it")
     print(f"{'rate/s':>7} {'policy':<11} {'tokens/s':>9} {'ceiling':>8} {'span s':>8} {'TTFT p50':>9} {'TTFT p90':>9} "
           f"{'TPOT p50':>9} {'latency p50':>12} {'latency p90':>12}")
-    rows = []
+    earlier = served_by_run(rows)
     for rate, requests in workloads.items():  # a row a run: its progress
         results = {}
         for policy in policies:
-            served = serve(engine, requests, sampling, continuous=policy != "static",
-                           chunk=args.chunk if policy == "chunked" else 0)
+            if (policy, rate) in earlier:  # finished by an earlier, interrupted call with these settings
+                served, note = earlier[policy, rate], "  (from the earlier run's file)"
+            else:
+                served, note = serve(engine, requests, sampling, continuous=policy != "static",
+                                     chunk=args.chunk if policy == "chunked" else 0), ""
+                rows += [{"rate": rate, "policy": policy, "decode_ceiling": ceiling, "request": i,
+                          "prompt_tokens": len(r.prompt), "new_tokens": len(a.tokens),
+                          **{k: v for k, v in asdict(a).items() if k != "tokens"}}
+                         for i, (r, a) in enumerate(zip(requests, served))]
+                if out:
+                    write_runs(out, rows, settings)
             s = results[policy] = summarize(served)
             print(f"{rate:>7g} {policy:<11} {s['tokens_per_s']:>9.1f} {s['tokens_per_s'] / ceiling:>8.0%} "
-                  f"{s['span_s']:>8.2f} "
-                  f"{s['ttft_p50_ms']:>9.1f} {s['ttft_p90_ms']:>9.1f} {s['tpot_p50_ms']:>9.2f} "
-                  f"{s['latency_p50_ms']:>12.1f} {s['latency_p90_ms']:>12.1f}", flush=True)
-            rows += [{"rate": rate, "policy": policy, "decode_ceiling": ceiling, "request": i,
-                      "prompt_tokens": len(r.prompt), "new_tokens": len(a.tokens),
-                      **{k: v for k, v in asdict(a).items() if k != "tokens"}}
-                     for i, (r, a) in enumerate(zip(requests, served))]
+                  f"{s['span_s']:>8.2f} {s['ttft_p50_ms']:>9.1f} {s['ttft_p90_ms']:>9.1f} {s['tpot_p50_ms']:>9.2f} "
+                  f"{s['latency_p50_ms']:>12.1f} {s['latency_p90_ms']:>12.1f}{note}", flush=True)
         if "static" in results:
             base = results["static"]
             for policy in (p for p in results if p != "static"):
                 c = results[policy]
                 print(f"{'':>7} {policy} / static: {c['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s, "
                       f"{base['latency_p50_ms'] / c['latency_p50_ms']:.2f}x shorter median latency", flush=True)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(out)
+    if out:
         print(f"wrote {out}")
     return 0
 
