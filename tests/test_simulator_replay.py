@@ -208,5 +208,72 @@ def test_continuous_batching_replays_whole_and_keeps_steps_full(rng):
     system = load_system("h100_8gpu").replace(n_gpus=4, gpus_per_node=4)
     res = simulate(cont, static_plan(cont), model_shape("mixtral-8x7b"), system)
     assert np.isfinite(res.total) and res.step_time.shape == (cont.n_steps,)
-    with pytest.raises(ValueError, match="batching must be 'static' or 'continuous', got 'dynamic'"):
+    with pytest.raises(ValueError, match="batching must be 'static', 'continuous' or 'chunked', got 'dynamic'"):
         make_batches(routing, 4, 8, ReplayConfig(batching="dynamic"))
+
+
+def brute_force_chunked(prompts, decode_steps, slots, chunk):
+    """The engine's chunked serving loop written out (moegps.engine.serve, chunk > 0): each iteration the
+    queue fills the free slots (lowest first), then one step runs every running request's decode and the
+    next chunk of the oldest admitted prompt; a prompt's last chunk gives its first token, its decode starts
+    the iteration after; a request leaves after its last decode step (after its last chunk with none).
+    Returns {(request, kind, index): iteration}, kind "p" for prompt token index, "d" for decode step."""
+    queue, prefilling, running, free = list(range(len(prompts))), [], {}, list(range(slots))
+    at, t = {}, 0
+    while queue or prefilling or running:
+        while queue and free:
+            prefilling.append([queue.pop(0), free.pop(free.index(min(free))), 0])
+        for s in list(running):
+            r, done = running[s]
+            at[r, "d", done + 1] = t
+            running[s][1] += 1
+            if running[s][1] == decode_steps[r]:
+                del running[s]
+                free.append(s)
+        if prefilling:
+            r, s, done = prefilling[0]
+            for j in range(done, min(done + chunk, prompts[r])):
+                at[r, "p", j] = t
+            prefilling[0][2] = min(done + chunk, prompts[r])
+            if prefilling[0][2] == prompts[r]:
+                prefilling.pop(0)
+                if decode_steps[r]:
+                    running[s] = [r, 0]
+                else:
+                    free.append(s)
+        t += 1
+    return at
+
+
+def test_chunked_schedule_is_the_engines_chunked_loop(rng):
+    from moegps.simulator.replay import chunked_schedule
+
+    for _ in range(30):
+        n = int(rng.integers(1, 12))
+        prompts, decodes = rng.integers(1, 10, size=n), rng.integers(0, 6, size=n)
+        slots, chunk = int(rng.integers(1, 4)), int(rng.integers(1, 5))
+        first, decode_from, _ = chunked_schedule(prompts, decodes, slots, chunk)
+        want = brute_force_chunked(prompts.tolist(), decodes.tolist(), slots, chunk)
+        got = {(r, "p", j): int(first[r]) + j // chunk for r in range(n) for j in range(prompts[r])}
+        got |= {(r, "d", k): int(decode_from[r]) + k - 1 for r in range(n) for k in range(1, decodes[r] + 1)}
+        assert got == want
+
+
+def test_chunked_batches_mix_prompt_chunks_with_decode(rng):
+    """Two slots, chunks of 2: r0 (prompt 3, 2 decode steps) is chunked in iterations 0-1 and decodes in
+    2-3; r1 (prompt 2, 1 step) in slot 1 is chunked in iteration 2 beside r0's first decode step and
+    decodes in 3. Mixed steps take the phase of most of their tokens; every token is replayed once; the
+    decode-only replay keeps the same iterations' decode tokens."""
+    routing = routing_of(rng, [3, 2], [2, 1])
+    b = make_batches(routing, 2, 8, ReplayConfig(batch_size=2, batching="chunked", chunk=2, source="request"))
+    assert b.n_tokens.tolist() == [2, 1, 3, 2] and b.phase.tolist() == [0, 0, 0, 1]
+    assert sorted(zip(b.request_id[b.step == 2].tolist(), b.position[b.step == 2].tolist())) == [(0, 3), (1, 0), (1, 1)]
+    decode_only = make_batches(routing, 2, 8, ReplayConfig(batch_size=2, batching="chunked", chunk=2, phase="decode"))
+    assert decode_only.n_tokens.tolist() == [1, 2]
+    random = routing_of(rng, rng.integers(1, 9, size=12).tolist(), rng.integers(0, 8, size=12).tolist())
+    chunked = make_batches(random, 4, 8, ReplayConfig(batch_size=4, batching="chunked", chunk=3))
+    assert chunked.n_tokens.sum() == len(random.step) and (chunked.n_tokens <= 4 + 3).all()
+    system = load_system("h100_8gpu").replace(n_gpus=4, gpus_per_node=4)
+    plan = distribution_plan(chunked, make("global_profile").fit(random_trace(rng, n_requests=4)), PlaceFn(
+        "balanced", system, 8), system)
+    assert np.isfinite(simulate(chunked, plan, model_shape("mixtral-8x7b"), system).total)

@@ -65,11 +65,13 @@ class ReplayOptions:
 class ReplayConfig(ReplayOptions):
     """How the server batches and where tokens live."""
 
-    batch_size: int = checked(64, positive)  # requests per batch (static) or cache slots (continuous)
+    batch_size: int = checked(64, positive)  # requests per batch (static) or cache slots (continuous, chunked)
     # static: batch_size requests from their prefill to their longest answer, then the next batch_size;
     # continuous: a request joins as soon as an answer ends and frees a slot (iteration-level batching,
-    # moegps.engine.serve's continuous policy), every request queued from the start
-    batching: str = checked("static", one_of("static", "continuous"))
+    # moegps.engine.serve's continuous policy), every request queued from the start; chunked: the same with
+    # the prompts prefilled `chunk` tokens a step beside the decode (the engine's chunked policy)
+    batching: str = checked("static", one_of("static", "continuous", "chunked"))
+    chunk: int = checked(256, positive)  # prompt tokens a step (batching=chunked)
 
 
 # ---- 1. batching -------------------------------------------------------------------------------
@@ -117,10 +119,32 @@ def continuous_schedule(decode_steps: np.ndarray, slots: int) -> tuple[np.ndarra
     return admitted, slot
 
 
+def chunked_schedule(prompt_tokens: np.ndarray, decode_steps: np.ndarray, slots: int,
+                     chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Continuous batching with chunked prefill (``moegps.engine.serve``'s chunked policy), every request queued
+    from the start and served in order: a request takes the slot that frees first; its prompt is prefilled
+    ``chunk`` tokens an iteration, in the same step as the running requests' decode, one prompt at a time in
+    admission order; its first token comes with its last chunk, and its decode steps follow in the next
+    iterations, one each; its slot frees for the iteration after its last. ``prompt_tokens``,
+    ``decode_steps [R]`` -> ``(first_chunk [R], decode_from [R], slot [R])``: the iteration of each request's
+    first chunk, the iteration of its first decode step (its last chunk's + 1), and its cache slot."""
+    free = [(0, s) for s in range(slots)]  # (iteration the slot is free from, slot): a heap
+    R = len(decode_steps)
+    first_chunk, decode_from, slot = (np.empty(R, dtype=np.int64) for _ in range(3))
+    prefilled_until = 0  # the iteration after the previous prompt's last chunk
+    for r, (p, d) in enumerate(zip(np.asarray(prompt_tokens).tolist(), np.asarray(decode_steps).tolist())):
+        admitted, slot[r] = heapq.heappop(free)
+        first_chunk[r] = max(admitted, prefilled_until)
+        decode_from[r] = prefilled_until = int(first_chunk[r]) + -(-p // chunk)
+        heapq.heappush(free, (int(decode_from[r]) + d, int(slot[r])))
+    return first_chunk, decode_from, slot
+
+
 def make_batches(routing: TokenRouting | RoutingTrace, n_gpus: int, n_experts: int | None = None,
                  cfg: ReplayConfig | None = None) -> Batches:
     """Group a trace's tokens into server steps: static batching of ``cfg.batch_size`` requests, or
-    continuous batching over ``cfg.batch_size`` slots (``cfg.batching``, :func:`continuous_schedule`)."""
+    continuous batching over ``cfg.batch_size`` slots (``cfg.batching``, :func:`continuous_schedule`), its
+    prompts whole or in chunks beside the decode (:func:`chunked_schedule`)."""
     cfg = cfg or ReplayConfig()
     if isinstance(routing, RoutingTrace):
         n_experts = routing.meta.n_experts if n_experts is None else n_experts
@@ -139,20 +163,29 @@ def make_batches(routing: TokenRouting | RoutingTrace, n_gpus: int, n_experts: i
         rank = np.unique(req, return_inverse=True)[1]  # request order = sorted id
         slot = rank % cfg.batch_size
         key = rank // cfg.batch_size * (int(stp.max()) + 1) + stp
-    elif cfg.batching == "continuous":
+    elif cfg.batching in ("continuous", "chunked"):
         # the schedule of every request of the trace, whatever phase is replayed: a request's decode steps
         # hold its slot whether or not they are replayed
         ids, rank_all = np.unique(routing.request_id, return_inverse=True)
         decode_steps = np.zeros(len(ids), dtype=np.int64)
         np.maximum.at(decode_steps, rank_all, routing.step.astype(np.int64))
-        admitted, slot_of = continuous_schedule(decode_steps, cfg.batch_size)
         rank = rank_all[keep]
+        if cfg.batching == "continuous":
+            admitted, slot_of = continuous_schedule(decode_steps, cfg.batch_size)
+            # iteration t: the prefill of the requests admitted at t, then the decode step of those running;
+            # decode step j of a request admitted at t falls in iteration t + j - 1
+            key = 2 * (admitted[rank] + np.maximum(stp - 1, 0)) + (stp > 0)
+        else:
+            prompt_tokens = np.bincount(rank_all[routing.step == 0], minlength=len(ids))
+            first_chunk, decode_from, slot_of = chunked_schedule(prompt_tokens, decode_steps, cfg.batch_size,
+                                                                 cfg.chunk)
+            # one step an iteration: a prompt token j (its position) in its request's chunk j // chunk, decode
+            # step j in iteration decode_from + j - 1
+            position = routing.position[keep].astype(np.int64)
+            key = np.where(stp == 0, first_chunk[rank] + position // cfg.chunk, decode_from[rank] + stp - 1)
         slot = slot_of[rank]
-        # iteration t: the prefill of the requests admitted at t, then the decode step of those running;
-        # decode step j of a request admitted at t falls in iteration t + j - 1
-        key = 2 * (admitted[rank] + np.maximum(stp - 1, 0)) + (stp > 0)
     else:
-        raise ValueError(f"ReplayConfig.batching must be 'static' or 'continuous', got {cfg.batching!r}")
+        raise ValueError(f"ReplayConfig.batching must be 'static', 'continuous' or 'chunked', got {cfg.batching!r}")
     uniq, step = np.unique(key, return_inverse=True)
     S, T = len(uniq), len(step)
     order = np.argsort(step, kind="stable")
@@ -167,8 +200,9 @@ def make_batches(routing: TokenRouting | RoutingTrace, n_gpus: int, n_experts: i
         raise ValueError(f"ReplayConfig.source must be 'token' or 'request', got {cfg.source!r}")
     experts = routing.experts[keep]
     L = experts.shape[1]
-    phase = np.zeros(S, dtype=np.int8)
-    phase[step] = routing.phase[keep]
+    # a step's phase: its tokens' (a chunked step of prompt and decode tokens: the phase of most of them)
+    decode_tokens = np.bincount(step, weights=routing.phase[keep] == 1, minlength=S)
+    phase = (2 * decode_tokens > np.bincount(step, minlength=S)).astype(np.int8)
     loads = np.zeros((S, L, n_experts), dtype=np.int64)
     for layer in range(L):
         idx = step[:, None] * n_experts + experts[:, layer, :]
@@ -435,7 +469,9 @@ def distribution_plan(batches: Batches, predictor, place: PlaceFn, system: Syste
     order = np.argsort(batches.step, kind="stable")
     bounds = np.searchsorted(batches.step[order], np.arange(S + 1))
     requests, token_request = np.unique(batches.request_id, return_inverse=True)
-    prefill = batches.phase[batches.step] == 0
+    # each token's own phase (a chunked step holds both)
+    prefill = (batches.routing.phase[batches.keep] == 0 if batches.routing is not None and batches.keep is not None
+               else batches.phase[batches.step] == 0)
     flat = (token_request[prefill, None, None] * L + np.arange(L)[None, :, None]) * E + batches.experts[prefill]
     prefill_loads = np.bincount(flat.ravel(), minlength=len(requests) * L * E).reshape(len(requests), L, E)
     # each token's generation step (0 prefill, s the s-th decode step), for step-aware predictors
