@@ -31,6 +31,20 @@ def test_guide_sweep_and_plot(tmp_path):
     assert path.stat().st_size > 10_000
 
 
+def test_guide_replays_the_servers_batching(rng):
+    """batching= reaches the replay: on one synthetic trace, continuous batching (its requests all decode the
+    same number of steps) gives the static decision table, chunked prefill another one."""
+    seed = int(rng.integers(1000))
+    tables = {}
+    for batching in ("static", "continuous", "chunked"):
+        cfg = GuideConfig(trace="synthetic", limit=16, batch_sizes=[4], link_gbps=[450.0], seed=seed,
+                          distribution=["global_profile"], token=["token_table"], batching=batching, chunk=32)
+        tables[batching] = run_guide(cfg, progress=False)[0]
+    cols = ["baseline_ms", "distribution_ms", "token_ms", "oracle_ms"]
+    np.testing.assert_allclose(tables["continuous"][cols], tables["static"][cols])
+    assert not np.allclose(tables["chunked"][cols], tables["static"][cols])
+
+
 def test_placement_study_rows(rng, tmp_path):
     cfg = GuideConfig(trace="synthetic", limit=24, batch_sizes=[8], skews=[1.5], seed=int(rng.integers(1000)))
     table, rows = placement_study(cfg, progress=False)

@@ -56,7 +56,9 @@ class GuideConfig:
     extra_slots: int | None = checked(None, optional(nonnegative))  # override the profile's extra expert slots per GPU (0 = no replicas)
     gpus: list[int] = checked([8], each(positive))
     link_gbps: list[float] = checked([900.0, 450.0, 200.0, 64.0, 32.0], each(positive))  # GB/s
-    batch_sizes: list[int] = checked([1, 4, 16, 64], each(positive))  # requests per batch
+    batch_sizes: list[int] = checked([1, 4, 16, 64], each(positive))  # requests per batch (slots when not static)
+    batching: str = checked("static", one_of("static", "continuous", "chunked"))  # the server's (ReplayConfig.batching)
+    chunk: int = checked(256, positive)  # prompt tokens a step, batching=chunked
     skews: list[float] = checked([1.0], each(nonnegative))  # synthetic trace only
     synthetic: dict[str, Any] = field(default_factory=dict)  # synthetic_trace arguments, e.g. {prompt_len: [512, 512]}
     phase: str = checked("all", one_of("prefill", "decode", "all"))
@@ -144,7 +146,8 @@ def run_guide(cfg: GuideConfig, progress: bool = True) -> tuple[pd.DataFrame, li
         combos = [(g, b) for g in cfg.gpus for b in cfg.batch_sizes]
         for gpus, batch in tqdm(combos, desc=f"guide {work.data.name}", disable=not progress):
             system0 = _variant_system(base, gpus, cfg.link_gbps[0])
-            rcfg = ReplayConfig(batch_size=batch, source=cfg.source, attention=cfg.attention, phase=cfg.phase)
+            rcfg = ReplayConfig(batch_size=batch, source=cfg.source, attention=cfg.attention, phase=cfg.phase,
+                                batching=cfg.batching, chunk=cfg.chunk)
             by_bw = replay_plans(work, preds, system0, rcfg, placement, cfg.interval, table,
                                  cfg.token_placement_from, placement_fields=fields, token_cache=token_cache,
                                  link_gbps=cfg.link_gbps)
@@ -218,7 +221,8 @@ def placement_study(cfg: GuideConfig, progress: bool = True) -> tuple[pd.DataFra
                                                          phase_weights=share_tokens / share_tokens.sum(),
                                                          objective="weighted")
         for batch in cfg.batch_sizes:
-            rcfg = ReplayConfig(batch_size=batch, source=cfg.source, attention=cfg.attention, phase=cfg.phase)
+            rcfg = ReplayConfig(batch_size=batch, source=cfg.source, attention=cfg.attention, phase=cfg.phase,
+                                batching=cfg.batching, chunk=cfg.chunk)
             batches = make_batches(work.test_routing, gpus, n_experts, rcfg)
             results = {}
             for name, placement in candidates.items():
