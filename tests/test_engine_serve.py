@@ -262,3 +262,28 @@ def test_sampled_answers_do_not_depend_on_the_batch(rng, model):
     long = Request(requests[0].prompt, 12)
     one, other = (engine.generate([long.prompt], 12, Sampling(5.0, seed=s)).tokens[0] for s in (1, 2))
     assert one != other
+
+
+# ---- the engine's schedule is the one the simulator replays ----------------------------------------------------
+
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_the_engines_steps_are_the_simulators_schedule(rng, model, chunk):
+    """Requests all queued at the start, served greedily with no stop token: the engine step of each one's
+    first and last token equals what moegps.simulator.replay's schedule puts there (continuous_schedule, or
+    chunked_schedule with the same chunk), for a trace of the same prompt lengths and decode steps (an answer of
+    n tokens runs n - 1 decode steps)."""
+    from moegps.simulator.replay import chunked_schedule, continuous_schedule
+
+    requests = [Request(r.prompt, r.max_new_tokens) for r in random_requests(rng, 10, model.shape.vocab_size, 0.0)]
+    served = serve(Engine(model, max_batch=3, max_len=32), requests, chunk=chunk)
+    slots = 4  # max_batch 3 rounds up to the bucket of 4
+    prompts = np.array([len(r.prompt) for r in requests])
+    decodes = np.array([r.max_new_tokens - 1 for r in requests])
+    if chunk:  # the first token comes with the last chunk's step, the decode steps follow it
+        _, decode_from, _ = chunked_schedule(prompts, decodes, slots, chunk)
+        first, last = decode_from - 1, decode_from - 1 + decodes
+    else:  # the first token comes with the prefill before the admission step's decode, which is the first
+        first, _ = continuous_schedule(decodes, slots)
+        last = first + np.maximum(decodes - 1, 0)
+    assert [s.first_step for s in served] == first.tolist()
+    assert [s.finish_step for s in served] == last.tolist()

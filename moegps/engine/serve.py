@@ -64,6 +64,8 @@ class Served:
     arrival_s: float           # seconds after serving started, as the others
     first_token_s: float       # when its first token was on the host
     finish_s: float            # when its last token was on the host
+    first_step: int = -1       # the engine step (0, 1, ...: decode steps run) its first token came with or before
+    finish_step: int = -1      # the step of its last token (replay.continuous_schedule / chunked_schedule's)
 
 
 def check_requests(engine: Engine, requests: list[Request]) -> None:
@@ -112,8 +114,9 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
     prefilling: list[list[int]] = []  # [request, slot, prompt tokens done], in admission order (chunked)
     running: dict[int, int] = {}      # slot -> request index
     answers: dict[int, list[int]] = {}
-    first_s: dict[int, float] = {}
+    first_s: dict[int, tuple[float, int]] = {}  # request -> (time, step) of its first token
     served: dict[int, Served] = {}
+    steps = 0  # decode steps run: the index of the next
     live = torch.zeros(slots, dtype=torch.long, device=device)  # 1 where a slot holds a running request
     engine.tokens.zero_()
     engine.positions.zero_()
@@ -127,7 +130,8 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
         i = running[slot]
         answers[i].append(token)
         if token in stops or len(answers[i]) == requests[i].max_new_tokens:
-            served[i] = Served(answers.pop(i), requests[i].arrival_s, first_s.pop(i), at)
+            first_at, first_step = first_s.pop(i)
+            served[i] = Served(answers.pop(i), requests[i].arrival_s, first_at, at, first_step, steps)
             del running[slot]
             heapq.heappush(free, slot)
             live[slot] = 0
@@ -143,7 +147,7 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
         tokens = first.tolist()  # waits for the prefill
         at = now()
         for slot, i, token in zip(into, newcomers, tokens):
-            running[slot], answers[i], first_s[i] = i, [], at
+            running[slot], answers[i], first_s[i] = i, [], (at, steps)
             take(slot, token, at)
 
     def admit() -> None:
@@ -171,6 +175,7 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
 
     def decode() -> None:
         """One step of the running requests' decode, and of the next prompt chunk when there is one."""
+        nonlocal steps
         bucket = bucket_for(max(running, default=0) + 1)
         size = chunk if prefilling else 0
         if size:
@@ -197,6 +202,7 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
             if prefilling[0][2] == len(requests[i].prompt):
                 prefilling.pop(0)
                 begin([slot], [i], nxt[bucket:])
+        steps += 1
 
     with torch.inference_mode():
         while waiting or running or prefilling:
