@@ -120,3 +120,24 @@ def test_host_cpu_names_the_model_and_cores(tmp_path, monkeypatch):
     assert bench.host_cpu(cpuinfo) == "Test CPU 9000 @ 3.1GHz, 48 cores"
     monkeypatch.setattr(bench.platform, "processor", lambda: "")
     assert bench.host_cpu(tmp_path / "absent") == "unknown CPU, 48 cores"
+
+
+def test_part_chunk_runs_on_the_cpu(monkeypatch):
+    """The chunk part's bookkeeping on a tiny float32 model (its timings are the GPU's to take): a row per
+    batch and chunk size, each time positive, the extra of a chunk beside the decode step the difference of
+    the two steps, floors from the rates given."""
+    import torch
+
+    from moegps.engine.model import random_model
+    from moegps.shapes import from_name
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    shape = from_name("mixtral-8x7b").replace(name="tiny", vocab_size=64, n_layers=2, hidden=32, n_heads=4,
+                                              n_kv_heads=2, head_dim=8, expert_ffn=24, n_experts=8, top_k=2)
+    model = random_model(shape, device="cpu", dtype=torch.float32, seed=random.Random().randrange(2**20))
+    rows = bench.part_chunk(model, [1, 3], [4, 6], context=8, copy_rate=1e10, matmul_rate=1e12, reps=2)
+    assert [(r["batch"], r["chunk"]) for r in rows] == [(1, 4), (1, 6), (3, 4), (3, 6)]
+    for r in rows:
+        assert min(r["decode_ms"], r["with_chunk_ms"], r["chunk_alone_ms"], r["decode_floor_ms"]) > 0
+        assert r["chunk_extra_ms"] == pytest.approx(r["with_chunk_ms"] - r["decode_ms"])
+        assert r["chunk_matmul_floor_ms"] == pytest.approx(2 * bench.active_params(shape) * r["chunk"] / 1e12 * 1e3)

@@ -26,6 +26,8 @@ Parts (``--parts``), each printed as a table and written to ``--out`` (JSON rows
   arriving at an idle server), against bursts started from the same rest; the GPU's idle time
   between kernels and the host's time to issue the prefill; eager and as a CUDA graph
   (PrefillGraphs, what the engine runs for one prompt).
+* ``chunk``: chunked prefill's price (``part_chunk``): per batch (``--batches``) and chunk size (``--chunks``),
+  the decode step alone, with a prompt chunk beside it, and the chunk prefilled alone, at ``--chunk-context``.
 * ``peers``: transformers in the same run: ``generate()`` as shipped, transformers under the
   project's graphed static-cache loop, and (``--compile``) static cache + torch.compile with
   grouped_mm kept in decode (its switch to batched_mm set aside: that copies the chosen experts'
@@ -64,7 +66,7 @@ from .kernels import ATTENTION_DEFAULTS, decode_attention
 from .model import (KVCache, Model, decode_step, from_transformers, prefill, random_model,
                     weight_bytes_per_step)
 
-PARTS = ("checks", "ceilings", "agree", "decode", "attention", "ttft", "peers", "breakdown")
+PARTS = ("checks", "ceilings", "agree", "decode", "attention", "ttft", "chunk", "peers", "breakdown")
 
 
 # ---- measuring ---------------------------------------------------------------------------------
@@ -326,6 +328,56 @@ def part_attention(shape: ModelShape, batches, contexts, copy_rate: float, sweep
     return rows
 
 
+def active_params(shape: ModelShape) -> int:
+    """Weights a token multiplies by (its top-k experts, the non-expert weights, the lm_head once)."""
+    inactive_experts = shape.n_moe_layers * (shape.n_experts - shape.top_k) * 3 * shape.hidden * shape.expert_ffn
+    return shape.total_params - inactive_experts - shape.vocab_size * shape.hidden
+
+
+def part_chunk(model: Model, batches, chunks, context: int, copy_rate: float, matmul_rate: float,
+               reps: int = 20) -> list[dict]:
+    """What chunked prefill (``moegps.engine.serve``'s chunked policy) costs on this device, per decode batch
+    and chunk size: the graphed decode step of ``batch`` sequences at ``context`` tokens alone; the same step
+    with a chunk of a prompt beside it (its rows attending over ``context`` earlier positions of its own
+    slot, one slot past the bucket); and the chunk's tokens prefilled alone as a prompt (the engine's prefill
+    graph, as the continuous policy runs a lone newcomer). ``saved``: the share of that prefill the chunk's
+    ride on the decode step's weight reads saves. Floors: the decode step's bytes over the copy rate, the
+    chunk's matmuls (2 x active parameters a token) over the matmul rate."""
+    rows = []
+    S = model.shape
+    gen = torch.Generator().manual_seed(4)
+    timed = device_ms if model.device.type == "cuda" else wall_ms
+    for batch in batches:
+        bucket = bucket_for(batch)
+        for size in chunks:
+            engine = Engine(model, max_batch=bucket + 1, max_len=context + size + 2)  # the chunk's slot: `bucket`
+            prompts = torch.randint(3, S.vocab_size, (batch, context), generator=gen).tolist()
+            engine.generate(prompts, 1)  # the batch's K/V, tokens and positions as after its prefill
+            chunk = torch.randint(3, S.vocab_size, (size,), generator=gen)
+            tokens, slot, start, last = engine.chunk_inputs(size)
+            tokens.copy_(chunk)
+            slot.fill_(bucket), start.fill_(context), last.fill_(size - 1)
+            graphs, cache = engine.prefill_graphs, engine.cache
+            with torch.inference_mode():
+                runs = {"decode": engine.step(bucket), "with_chunk": engine.step(bucket, size),
+                        "chunk_alone": (lambda: graphs([chunk], slots=[bucket])) if graphs is not None else
+                        (lambda: prefill(model, cache, [chunk], slots=[bucket]))}
+                ms = {name: timed(run, reps) for name, run in runs.items()}  # each warmed up (and captured) first
+            touched = distinct_experts_per_layer(engine, bucket)
+            kv = batch * context * S.kv_bytes_per_token * S.n_layers
+            decode_floor = (weight_bytes_per_step(model, touched) + kv) / copy_rate * 1e3
+            extra = ms["with_chunk"] - ms["decode"]
+            rows.append(dict(shape=S.name, batch=batch, context=context, chunk=size,
+                             **{f"{k}_ms": v for k, v in ms.items()}, chunk_extra_ms=extra,
+                             saved=1 - extra / ms["chunk_alone"], decode_floor_ms=decode_floor,
+                             chunk_matmul_floor_ms=2 * active_params(S) * size / matmul_rate * 1e3))
+            print(rows[-1], flush=True)
+            del engine
+            if model.device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
 def _beside_matmuls(fn, reps: int, rest_s: float = 0.0) -> tuple[list[float], float]:
     """(ms of each ``fn()``, median bf16 matmul rate in FLOP/s) from ``reps`` rounds of one ``fn()`` then a
     burst of 8192^3 matmuls as long as it. The ceilings' 20 matmuls (28 ms) run cooler than a long
@@ -358,8 +410,7 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
     rows = []
     S = model.shape
     gen = torch.Generator().manual_seed(3)
-    inactive_experts = S.n_moe_layers * (S.n_experts - S.top_k) * 3 * S.hidden * S.expert_ffn
-    active = S.total_params - inactive_experts - S.vocab_size * S.hidden
+    active = active_params(S)
     for n in prompt_lengths:
         cache = KVCache(S, 1, n, model.dtype, model.device)
         prompt = torch.randint(3, S.vocab_size, (n,), generator=gen).cuda()
@@ -715,6 +766,8 @@ def main(argv=None) -> None:
     ap.add_argument("--contexts", nargs="+", type=int, default=[128, 4096])
     ap.add_argument("--prompts", nargs="+", type=int, default=[128, 2048, 8192])
     ap.add_argument("--peer-batches", nargs="+", type=int, default=[1, 8, 32])
+    ap.add_argument("--chunks", nargs="+", type=int, default=[64, 256, 1024], help="chunk: prompt tokens a step")
+    ap.add_argument("--chunk-context", type=int, default=512, help="chunk: the decode rows' and the chunk's context")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--decode-variants", nargs="+", default=["engine"], choices=list(DECODE_VARIANTS),
@@ -763,6 +816,9 @@ def main(argv=None) -> None:
         if "ttft" in args.parts:
             _attempt(results, "ttft", lambda: part_ttft(model, args.prompts, c["matmul_flops_per_s"],
                                                        c["copy_bytes_per_s"], rest_s=args.rest_s))
+        if "chunk" in args.parts:
+            _attempt(results, "chunk", lambda: part_chunk(model, args.batches, args.chunks, args.chunk_context,
+                                                         c["copy_bytes_per_s"], c["matmul_flops_per_s"]))
         if "breakdown" in args.parts:
             _attempt(results, "breakdown", lambda: _breakdowns(model, hf, shape, args.peer_batches, c["device"]))
         if "peers" in args.parts and hf is not None:
@@ -774,7 +830,7 @@ def main(argv=None) -> None:
     (out / "engine_bench.json").write_text(json.dumps(results, indent=1, default=str))
     report = [f"device: {c['device']}; torch {c['torch']}; copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s; "
               f"matmul {c['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s; host: {c['host']}"]
-    for key in ("checks", "agree", "attention", "decode", "ttft", "peers"):
+    for key in ("checks", "agree", "attention", "decode", "ttft", "chunk", "peers"):
         if results.get(key):
             report += ["", f"## {key}", _markdown(results[key])]
     if breakdown_rows:
