@@ -208,7 +208,7 @@ def test_continuous_batching_replays_whole_and_keeps_steps_full(rng):
     system = load_system("h100_8gpu").replace(n_gpus=4, gpus_per_node=4)
     res = simulate(cont, static_plan(cont), model_shape("mixtral-8x7b"), system)
     assert np.isfinite(res.total) and res.step_time.shape == (cont.n_steps,)
-    with pytest.raises(ValueError, match="batching must be 'static', 'continuous' or 'chunked', got 'dynamic'"):
+    with pytest.raises(ValueError, match="batching must be 'static', 'continuous', 'chunked' or 'packed', got 'dynamic'"):
         make_batches(routing, 4, 8, ReplayConfig(batching="dynamic"))
 
 
@@ -277,3 +277,48 @@ def test_chunked_batches_mix_prompt_chunks_with_decode(rng):
     plan = distribution_plan(chunked, make("global_profile").fit(random_trace(rng, n_requests=4)), PlaceFn(
         "balanced", system, 8), system)
     assert np.isfinite(simulate(chunked, plan, model_shape("mixtral-8x7b"), system).total)
+
+
+def test_packed_batches_share_a_token_budget(rng):
+    """Two slots, 4 tokens a step: step 0 packs r0's whole prompt (3) and r1's first token; step 1 r0's first
+    decode step beside r1's last prompt token; step 2 both decode; r2 waits for a slot and prefills alone in
+    step 3. A tie of prompt and decode tokens counts as prefill."""
+    routing = routing_of(rng, [3, 2, 1], [2, 1, 0])
+    b = make_batches(routing, 2, 8, ReplayConfig(batch_size=2, batching="packed", chunk=4, source="request"))
+    assert b.n_tokens.tolist() == [4, 2, 2, 1] and b.phase.tolist() == [0, 0, 1, 0]
+    assert sorted(zip(b.request_id[b.step == 1].tolist(), b.position[b.step == 1].tolist())) == [(0, 3), (1, 1)]
+    assert b.source[b.request_id == 2].tolist() == [0]  # r0's slot, freed first
+
+
+def test_packed_schedule_keeps_its_promises(rng):
+    """Random requests: no step over the budget unless its decode rows alone are; every prompt in order, its
+    decode right after its last prompt token; admissions in order, never more requests holding slots than
+    slots; and no step leaves budget unused while an admitted prompt still waits (work-conserving)."""
+    from moegps.simulator.replay import packed_schedule
+
+    for _ in range(30):
+        n = int(rng.integers(1, 14))
+        prompts, decodes = rng.integers(1, 12, size=n), rng.integers(0, 7, size=n)
+        slots, budget = int(rng.integers(1, 5)), int(rng.integers(2, 9))
+        prompt_step, decode_from, slot = packed_schedule(prompts, decodes, slots, budget)
+        offsets = np.concatenate([[0], np.cumsum(prompts)])
+        per_request = [prompt_step[offsets[r]:offsets[r + 1]] for r in range(n)]
+        assert all((np.diff(p) >= 0).all() and decode_from[r] == p[-1] + 1 for r, p in enumerate(per_request))
+        assert (np.diff([p[0] for p in per_request]) >= 0).all()  # prefills start in admission order
+        steps = int(max(decode_from + decodes)) + 1
+        prompt_count = np.bincount(prompt_step, minlength=steps)
+        decode_count = np.zeros(steps, int)
+        for r in range(n):
+            decode_count[decode_from[r]:decode_from[r] + decodes[r]] += 1
+        assert ((prompt_count + decode_count <= budget) | (prompt_count == 0)).all()
+        holding = np.zeros(steps, int)  # a request holds its slot at least from its first prompt step to its last
+        for r in range(n):
+            holding[per_request[r][0]:decode_from[r] + decodes[r]] += 1
+        assert (holding <= slots).all()
+        for t in range(steps):  # budget left over while a started prompt still has tokens after the step: never
+            if any(p[0] <= t < p[-1] for p in per_request):
+                assert prompt_count[t] + decode_count[t] == budget or decode_count[t] >= budget
+        by_slot = {}
+        for r in range(n):
+            by_slot.setdefault(int(slot[r]), []).append(r)
+        assert all(r < s for rs in by_slot.values() for r, s in zip(rs, rs[1:]))

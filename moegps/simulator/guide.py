@@ -57,8 +57,8 @@ class GuideConfig:
     gpus: list[int] = checked([8], each(positive))
     link_gbps: list[float] = checked([900.0, 450.0, 200.0, 64.0, 32.0], each(positive))  # GB/s
     batch_sizes: list[int] = checked([1, 4, 16, 64], each(positive))  # requests per batch (slots when not static)
-    batching: str = checked("static", one_of("static", "continuous", "chunked"))  # the server's (ReplayConfig.batching)
-    chunk: int = checked(256, positive)  # prompt tokens a step, batching=chunked
+    batching: str = checked("static", one_of("static", "continuous", "chunked", "packed"))  # ReplayConfig.batching
+    chunk: int = checked(256, positive)  # prompt tokens a step (chunked), or tokens a step (packed)
     skews: list[float] = checked([1.0], each(nonnegative))  # synthetic trace only
     synthetic: dict[str, Any] = field(default_factory=dict)  # synthetic_trace arguments, e.g. {prompt_len: [512, 512]}
     phase: str = checked("all", one_of("prefill", "decode", "all"))

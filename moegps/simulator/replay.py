@@ -32,6 +32,7 @@ token's residual when its home changes between layers. With tensor-parallel atte
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -69,9 +70,11 @@ class ReplayConfig(ReplayOptions):
     # static: batch_size requests from their prefill to their longest answer, then the next batch_size;
     # continuous: a request joins as soon as an answer ends and frees a slot (iteration-level batching,
     # moegps.engine.serve's continuous policy), every request queued from the start; chunked: the same with
-    # the prompts prefilled `chunk` tokens a step beside the decode (the engine's chunked policy)
-    batching: str = checked("static", one_of("static", "continuous", "chunked"))
-    chunk: int = checked(256, positive)  # prompt tokens a step (batching=chunked)
+    # the prompts prefilled `chunk` tokens a step beside the decode (the engine's chunked policy); packed: a
+    # step of at most `chunk` tokens, the running requests' decode first, then as many prompts' tokens as fit
+    # (vLLM's token budget; Sarathi-Serve's stall-free batching)
+    batching: str = checked("static", one_of("static", "continuous", "chunked", "packed"))
+    chunk: int = checked(256, positive)  # prompt tokens a step (chunked), or tokens a step (packed)
 
 
 # ---- 1. batching -------------------------------------------------------------------------------
@@ -140,6 +143,53 @@ def chunked_schedule(prompt_tokens: np.ndarray, decode_steps: np.ndarray, slots:
     return first_chunk, decode_from, slot
 
 
+def packed_schedule(prompt_tokens: np.ndarray, decode_steps: np.ndarray, slots: int,
+                    budget: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Continuous batching with a token budget a step (vLLM's scheduler; Sarathi-Serve's stall-free batching),
+    every request queued from the start and admitted in order into the slot that frees first: each step runs
+    one decode step of every running request, then fills what is left of ``budget`` with prompt tokens of the
+    admitted requests in admission order, several prompts a step and a prompt over several steps; a request's
+    first token comes with its prompt's last token and its decode steps follow, one a step.
+    ``prompt_tokens``, ``decode_steps [R]`` -> ``(prompt_step [sum of prompt_tokens], decode_from [R], slot [R])``:
+    the step of every prompt token (request by request, in order), each request's first decode step, its slot."""
+    prompt_tokens, decode_steps = np.asarray(prompt_tokens), np.asarray(decode_steps)
+    offsets = np.concatenate([[0], np.cumsum(prompt_tokens)])
+    prompt_step = np.empty(offsets[-1], dtype=np.int64)
+    decode_from = np.empty(len(prompt_tokens), dtype=np.int64)
+    slot = np.empty(len(prompt_tokens), dtype=np.int64)
+    free = list(range(slots))        # a heap
+    waiting = deque(range(len(prompt_tokens)))
+    prefilling: deque = deque()      # [request, prompt tokens done]
+    running: dict[int, int] = {}     # request -> decode steps left
+    t = 0
+    while waiting or prefilling or running:
+        while waiting and free:
+            r = waiting.popleft()
+            slot[r] = heapq.heappop(free)
+            prefilling.append([r, 0])
+        room = budget - len(running)
+        for r in list(running):
+            running[r] -= 1
+            if not running[r]:
+                del running[r]
+                heapq.heappush(free, int(slot[r]))  # for the next step's admissions
+        while room > 0 and prefilling:
+            r, done = prefilling[0]
+            take = min(room, int(prompt_tokens[r]) - done)
+            prompt_step[offsets[r] + done:offsets[r] + done + take] = t
+            prefilling[0][1] += take
+            room -= take
+            if prefilling[0][1] == prompt_tokens[r]:
+                prefilling.popleft()
+                decode_from[r] = t + 1
+                if decode_steps[r]:
+                    running[r] = int(decode_steps[r])
+                else:
+                    heapq.heappush(free, int(slot[r]))
+        t += 1
+    return prompt_step, decode_from, slot
+
+
 def make_batches(routing: TokenRouting | RoutingTrace, n_gpus: int, n_experts: int | None = None,
                  cfg: ReplayConfig | None = None) -> Batches:
     """Group a trace's tokens into server steps: static batching of ``cfg.batch_size`` requests, or
@@ -163,7 +213,7 @@ def make_batches(routing: TokenRouting | RoutingTrace, n_gpus: int, n_experts: i
         rank = np.unique(req, return_inverse=True)[1]  # request order = sorted id
         slot = rank % cfg.batch_size
         key = rank // cfg.batch_size * (int(stp.max()) + 1) + stp
-    elif cfg.batching in ("continuous", "chunked"):
+    elif cfg.batching in ("continuous", "chunked", "packed"):
         # the schedule of every request of the trace, whatever phase is replayed: a request's decode steps
         # hold its slot whether or not they are replayed
         ids, rank_all = np.unique(routing.request_id, return_inverse=True)
@@ -177,15 +227,22 @@ def make_batches(routing: TokenRouting | RoutingTrace, n_gpus: int, n_experts: i
             key = 2 * (admitted[rank] + np.maximum(stp - 1, 0)) + (stp > 0)
         else:
             prompt_tokens = np.bincount(rank_all[routing.step == 0], minlength=len(ids))
-            first_chunk, decode_from, slot_of = chunked_schedule(prompt_tokens, decode_steps, cfg.batch_size,
-                                                                 cfg.chunk)
-            # one step an iteration: a prompt token j (its position) in its request's chunk j // chunk, decode
-            # step j in iteration decode_from + j - 1
-            position = routing.position[keep].astype(np.int64)
-            key = np.where(stp == 0, first_chunk[rank] + position // cfg.chunk, decode_from[rank] + stp - 1)
+            position = routing.position[keep].astype(np.int64)  # a prompt token's index in its prompt
+            if cfg.batching == "chunked":
+                first_chunk, decode_from, slot_of = chunked_schedule(prompt_tokens, decode_steps, cfg.batch_size,
+                                                                     cfg.chunk)
+                prompt_key = first_chunk[rank] + position // cfg.chunk
+            else:
+                prompt_step, decode_from, slot_of = packed_schedule(prompt_tokens, decode_steps, cfg.batch_size,
+                                                                    cfg.chunk)
+                offsets = np.concatenate([[0], np.cumsum(prompt_tokens)])
+                prompt_key = prompt_step[np.minimum(offsets[rank] + position, len(prompt_step) - 1)]
+            # one step an iteration; decode step j in iteration decode_from + j - 1
+            key = np.where(stp == 0, prompt_key, decode_from[rank] + stp - 1)
         slot = slot_of[rank]
     else:
-        raise ValueError(f"ReplayConfig.batching must be 'static', 'continuous' or 'chunked', got {cfg.batching!r}")
+        raise ValueError(f"ReplayConfig.batching must be 'static', 'continuous', 'chunked' or 'packed', "
+                         f"got {cfg.batching!r}")
     uniq, step = np.unique(key, return_inverse=True)
     S, T = len(uniq), len(step)
     order = np.argsort(step, kind="stable")
