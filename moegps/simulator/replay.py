@@ -193,8 +193,9 @@ def packed_schedule(prompt_tokens: np.ndarray, decode_steps: np.ndarray, slots: 
 def make_batches(routing: TokenRouting | RoutingTrace, n_gpus: int, n_experts: int | None = None,
                  cfg: ReplayConfig | None = None) -> Batches:
     """Group a trace's tokens into server steps: static batching of ``cfg.batch_size`` requests, or
-    continuous batching over ``cfg.batch_size`` slots (``cfg.batching``, :func:`continuous_schedule`), its
-    prompts whole or in chunks beside the decode (:func:`chunked_schedule`)."""
+    continuous batching over ``cfg.batch_size`` slots (``cfg.batching``): prompts whole
+    (:func:`continuous_schedule`), in chunks of one prompt beside the decode (:func:`chunked_schedule`), or
+    packed into a token budget a step (:func:`packed_schedule`)."""
     cfg = cfg or ReplayConfig()
     if isinstance(routing, RoutingTrace):
         n_experts = routing.meta.n_experts if n_experts is None else n_experts
@@ -236,6 +237,7 @@ def make_batches(routing: TokenRouting | RoutingTrace, n_gpus: int, n_experts: i
                 prompt_step, decode_from, slot_of = packed_schedule(prompt_tokens, decode_steps, cfg.batch_size,
                                                                     cfg.chunk)
                 offsets = np.concatenate([[0], np.cumsum(prompt_tokens)])
+                # (clipped: np.where below reads only the prompt rows', a decode row's index may run past the end)
                 prompt_key = prompt_step[np.minimum(offsets[rank] + position, len(prompt_step) - 1)]
             # one step an iteration; decode step j in iteration decode_from + j - 1
             key = np.where(stp == 0, prompt_key, decode_from[rank] + stp - 1)
