@@ -208,7 +208,7 @@ def test_continuous_batching_replays_whole_and_keeps_steps_full(rng):
     system = load_system("h100_8gpu").replace(n_gpus=4, gpus_per_node=4)
     res = simulate(cont, static_plan(cont), model_shape("mixtral-8x7b"), system)
     assert np.isfinite(res.total) and res.step_time.shape == (cont.n_steps,)
-    with pytest.raises(ValueError, match="batching must be 'static', 'continuous', 'chunked' or 'packed', got 'dynamic'"):
+    with pytest.raises(ValueError, match="batching must be 'static', 'continuous', 'chunked' or 'packed', got 'dyn"):
         make_batches(routing, 4, 8, ReplayConfig(batching="dynamic"))
 
 
@@ -322,3 +322,28 @@ def test_packed_schedule_keeps_its_promises(rng):
         for r in range(n):
             by_slot.setdefault(int(slot[r]), []).append(r)
         assert all(r < s for rs in by_slot.values() for r, s in zip(rs, rs[1:]))
+
+
+def test_answers_cut_at_drawn_lengths(rng):
+    """answers="uniform": every prompt kept whole; each request's decode steps cut after a number drawn from
+    0 to its last, the same in every replay (seeded by the request id), covering both ends over many requests;
+    on a trace of equal answers, continuous batching then needs fewer decode steps than static for the same
+    tokens."""
+    from moegps.simulator.replay import cut_answers
+
+    routing = routing_of(rng, rng.integers(1, 6, size=60).tolist(), [9] * 60)
+    cut = cut_answers(routing)
+    assert (cut.step == 0).sum() == (routing.step == 0).sum()
+    kept = np.zeros(60, int)
+    np.maximum.at(kept, cut.request_id, cut.step)
+    assert kept.min() == 0 and kept.max() == 9 and len(set(kept.tolist())) > 5
+    for r in range(60):  # its whole prompt, then decode steps 1..kept
+        prompt = (routing.request_id == r).sum() - 9
+        assert np.sort(cut.step[cut.request_id == r]).tolist() == [0] * prompt + list(range(1, kept[r] + 1))
+    assert (cut_answers(routing).step == cut.step).all()
+    static = make_batches(routing, 4, 8, ReplayConfig(batch_size=8, answers="uniform"))
+    cont = make_batches(routing, 4, 8, ReplayConfig(batch_size=8, answers="uniform", batching="continuous"))
+    assert static.n_tokens.sum() == cont.n_tokens.sum() == len(cut.step)
+    assert (cont.phase == 1).sum() < (static.phase == 1).sum()
+    whole = make_batches(routing, 4, 8, ReplayConfig(batch_size=8, batching="continuous"))
+    assert (whole.phase == 1).sum() == (make_batches(routing, 4, 8, ReplayConfig(batch_size=8)).phase == 1).sum()

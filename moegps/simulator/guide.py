@@ -59,6 +59,7 @@ class GuideConfig:
     batch_sizes: list[int] = checked([1, 4, 16, 64], each(positive))  # requests per batch (slots when not static)
     batching: str = checked("static", one_of("static", "continuous", "chunked", "packed"))  # ReplayConfig.batching
     chunk: int = checked(256, positive)  # prompt tokens a step (chunked), or tokens a step (packed)
+    answers: str = checked("trace", one_of("trace", "uniform"))  # ReplayConfig.answers (uniform: drawn lengths)
     skews: list[float] = checked([1.0], each(nonnegative))  # synthetic trace only
     synthetic: dict[str, Any] = field(default_factory=dict)  # synthetic_trace arguments, e.g. {prompt_len: [512, 512]}
     phase: str = checked("all", one_of("prefill", "decode", "all"))
@@ -147,7 +148,7 @@ def run_guide(cfg: GuideConfig, progress: bool = True) -> tuple[pd.DataFrame, li
         for gpus, batch in tqdm(combos, desc=f"guide {work.data.name}", disable=not progress):
             system0 = _variant_system(base, gpus, cfg.link_gbps[0])
             rcfg = ReplayConfig(batch_size=batch, source=cfg.source, attention=cfg.attention, phase=cfg.phase,
-                                batching=cfg.batching, chunk=cfg.chunk)
+                                batching=cfg.batching, chunk=cfg.chunk, answers=cfg.answers)
             by_bw = replay_plans(work, preds, system0, rcfg, placement, cfg.interval, table,
                                  cfg.token_placement_from, placement_fields=fields, token_cache=token_cache,
                                  link_gbps=cfg.link_gbps)
@@ -222,7 +223,7 @@ def placement_study(cfg: GuideConfig, progress: bool = True) -> tuple[pd.DataFra
                                                          objective="weighted")
         for batch in cfg.batch_sizes:
             rcfg = ReplayConfig(batch_size=batch, source=cfg.source, attention=cfg.attention, phase=cfg.phase,
-                                batching=cfg.batching, chunk=cfg.chunk)
+                                batching=cfg.batching, chunk=cfg.chunk, answers=cfg.answers)
             batches = make_batches(work.test_routing, gpus, n_experts, rcfg)
             results = {}
             for name, placement in candidates.items():

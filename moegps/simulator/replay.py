@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -75,6 +75,11 @@ class ReplayConfig(ReplayOptions):
     # (vLLM's token budget; Sarathi-Serve's stall-free batching)
     batching: str = checked("static", one_of("static", "continuous", "chunked", "packed"))
     chunk: int = checked(256, positive)  # prompt tokens a step (chunked), or tokens a step (packed)
+    # trace: every request decodes the steps its trace holds; uniform: each answer cut after a number of decode
+    # steps drawn uniformly from 0 to those (per request id, the same in every replay), so that answers end at
+    # different steps, as served ones do, on a trace collected at a fixed length (the kept tokens' routing is
+    # the trace's)
+    answers: str = checked("trace", one_of("trace", "uniform"))
 
 
 # ---- 1. batching -------------------------------------------------------------------------------
@@ -190,6 +195,18 @@ def packed_schedule(prompt_tokens: np.ndarray, decode_steps: np.ndarray, slots: 
     return prompt_step, decode_from, slot
 
 
+def cut_answers(routing: TokenRouting) -> TokenRouting:
+    """``routing`` with each request's decode steps cut after a number drawn uniformly from 0 to its last
+    (inclusive), by a generator seeded with the request id: the same requests, answers of drawn lengths."""
+    ids, rank = np.unique(routing.request_id, return_inverse=True)
+    last = np.zeros(len(ids), dtype=np.int64)
+    np.maximum.at(last, rank, routing.step.astype(np.int64))
+    kept_steps = np.array([np.random.default_rng(int(i)).integers(0, m + 1) for i, m in zip(ids.tolist(), last)])
+    keep = routing.step <= kept_steps[rank]
+    return TokenRouting(**{f.name: (None if getattr(routing, f.name) is None else getattr(routing, f.name)[keep])
+                           for f in fields(TokenRouting)})
+
+
 def make_batches(routing: TokenRouting | RoutingTrace, n_gpus: int, n_experts: int | None = None,
                  cfg: ReplayConfig | None = None) -> Batches:
     """Group a trace's tokens into server steps: static batching of ``cfg.batch_size`` requests, or
@@ -202,6 +219,10 @@ def make_batches(routing: TokenRouting | RoutingTrace, n_gpus: int, n_experts: i
         routing = routing.by_token()
     if n_experts is None:
         n_experts = int(routing.experts.max()) + 1
+    if cfg.answers == "uniform":
+        routing = cut_answers(routing)
+    elif cfg.answers != "trace":
+        raise ValueError(f"ReplayConfig.answers must be 'trace' or 'uniform', got {cfg.answers!r}")
     keep = np.ones(len(routing.step), dtype=bool)
     if cfg.phase != "all":
         if cfg.phase not in ("prefill", "decode"):
