@@ -61,7 +61,7 @@ from ..executor.generate import (copy_bandwidth, device_ms, set_experts_implemen
 from ..kernels.timing import gpu_clocks
 from ..shapes import ModelShape, from_name
 from . import kernels as K
-from .generate import Engine, PrefillGraphs, bucket_for
+from .generate import BUCKETS, Engine, PrefillGraphs, bucket_for
 from .kernels import ATTENTION_DEFAULTS, decode_attention
 from .model import (KVCache, Model, decode_step, from_transformers, prefill, random_model,
                     weight_bytes_per_step)
@@ -349,6 +349,9 @@ def part_chunk(model: Model, batches, chunks, context: int, copy_rate: float, ma
     timed = device_ms if model.device.type == "cuda" else wall_ms
     for batch in batches:
         bucket = bucket_for(batch)
+        if bucket == BUCKETS[-1]:
+            print(f"chunk: skip batch {batch}: the chunk's slot would be past the largest bucket", flush=True)
+            continue
         for size in chunks:
             engine = Engine(model, max_batch=bucket + 1, max_len=context + size + 2)  # the chunk's slot: `bucket`
             prompts = torch.randint(3, S.vocab_size, (batch, context), generator=gen).tolist()
