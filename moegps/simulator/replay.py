@@ -4,7 +4,8 @@ The pipeline, all vectorised over tokens (one Python loop over layers, none over
 
 1. :func:`make_batches` groups requests into batches of ``batch_size`` requests (static batching:
    one prefill step with all their prompts, then one decode step per generated token; or continuous
-   batching, a request joining whenever an answer ends, with a prefill step of its own), and gives
+   batching, a request joining whenever an answer ends, its prompt whole, in chunks, or packed into a
+   token budget a step), and gives
    each token the GPU its attention runs on (``source``: round-robin over the batch's tokens, or
    by request, as data-parallel attention does).
 2. A :class:`Plan` says, for every step, which placement holds (``share [placement, layer, expert,
@@ -195,12 +196,19 @@ def packed_schedule(prompt_tokens: np.ndarray, decode_steps: np.ndarray, slots: 
     return prompt_step, decode_from, slot
 
 
-def cut_answers(routing: TokenRouting) -> TokenRouting:
-    """``routing`` with each request's decode steps cut after a number drawn uniformly from 0 to its last
-    (inclusive), by a generator seeded with the request id: the same requests, answers of drawn lengths."""
+def request_decode_steps(routing: TokenRouting) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids [R], rank [tokens], decode_steps [R])``: the trace's request ids in order, each token's index
+    among them, and each request's last decode step (0: prefill only)."""
     ids, rank = np.unique(routing.request_id, return_inverse=True)
     last = np.zeros(len(ids), dtype=np.int64)
     np.maximum.at(last, rank, routing.step.astype(np.int64))
+    return ids, rank, last
+
+
+def cut_answers(routing: TokenRouting) -> TokenRouting:
+    """``routing`` with each request's decode steps cut after a number drawn uniformly from 0 to its last
+    (inclusive), by a generator seeded with the request id: the same requests, answers of drawn lengths."""
+    ids, rank, last = request_decode_steps(routing)
     kept_steps = np.array([np.random.default_rng(int(i)).integers(0, m + 1) for i, m in zip(ids.tolist(), last)])
     keep = routing.step <= kept_steps[rank]
     return TokenRouting(**{f.name: (None if getattr(routing, f.name) is None else getattr(routing, f.name)[keep])
@@ -238,9 +246,7 @@ def make_batches(routing: TokenRouting | RoutingTrace, n_gpus: int, n_experts: i
     elif cfg.batching in ("continuous", "chunked", "packed"):
         # the schedule of every request of the trace, whatever phase is replayed: a request's decode steps
         # hold its slot whether or not they are replayed
-        ids, rank_all = np.unique(routing.request_id, return_inverse=True)
-        decode_steps = np.zeros(len(ids), dtype=np.int64)
-        np.maximum.at(decode_steps, rank_all, routing.step.astype(np.int64))
+        ids, rank_all, decode_steps = request_decode_steps(routing)
         rank = rank_all[keep]
         if cfg.batching == "continuous":
             admitted, slot_of = continuous_schedule(decode_steps, cfg.batch_size)
@@ -280,9 +286,9 @@ def make_batches(routing: TokenRouting | RoutingTrace, n_gpus: int, n_experts: i
         raise ValueError(f"ReplayConfig.source must be 'token' or 'request', got {cfg.source!r}")
     experts = routing.experts[keep]
     L = experts.shape[1]
+    n_tokens = np.bincount(step, minlength=S)
     # a step's phase: its tokens' (a chunked step of prompt and decode tokens: the phase of most of them)
-    decode_tokens = np.bincount(step, weights=routing.phase[keep] == 1, minlength=S)
-    phase = (2 * decode_tokens > np.bincount(step, minlength=S)).astype(np.int8)
+    phase = (2 * np.bincount(step, weights=routing.phase[keep] == 1, minlength=S) > n_tokens).astype(np.int8)
     loads = np.zeros((S, L, n_experts), dtype=np.int64)
     for layer in range(L):
         idx = step[:, None] * n_experts + experts[:, layer, :]
@@ -290,7 +296,7 @@ def make_batches(routing: TokenRouting | RoutingTrace, n_gpus: int, n_experts: i
     return Batches(
         step=step, source=source.astype(np.int64), experts=experts, token_id=routing.token_id[keep],
         position=routing.position[keep], request_id=req, phase=phase,
-        n_tokens=np.bincount(step, minlength=S), loads=loads, n_gpus=n_gpus, n_experts=n_experts,
+        n_tokens=n_tokens, loads=loads, n_gpus=n_gpus, n_experts=n_experts,
         routing=routing, keep=keep,
     )
 
