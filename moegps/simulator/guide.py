@@ -94,6 +94,12 @@ def workload(cfg: GuideConfig, skew: float = 1.0) -> Workload:
 # ---- the sweep ----------------------------------------------------------------------------------
 
 
+def replay_config(cfg: GuideConfig, batch: int) -> ReplayConfig:
+    """The replay the guide's fields describe, at one of its batch sizes."""
+    return ReplayConfig(batch_size=batch, source=cfg.source, attention=cfg.attention, phase=cfg.phase,
+                        batching=cfg.batching, chunk=cfg.chunk, answers=cfg.answers)
+
+
 def _expert_table(cfg: GuideConfig, work: Workload):
     """The expert part's measurements, if any: each GPU's share timed on this device's kernels
     (``expert_time=kernels``), or the kernels' benchmark times for the workload's model shape."""
@@ -147,8 +153,7 @@ def run_guide(cfg: GuideConfig, progress: bool = True) -> tuple[pd.DataFrame, li
         combos = [(g, b) for g in cfg.gpus for b in cfg.batch_sizes]
         for gpus, batch in tqdm(combos, desc=f"guide {work.data.name}", disable=not progress):
             system0 = _variant_system(base, gpus, cfg.link_gbps[0])
-            rcfg = ReplayConfig(batch_size=batch, source=cfg.source, attention=cfg.attention, phase=cfg.phase,
-                                batching=cfg.batching, chunk=cfg.chunk, answers=cfg.answers)
+            rcfg = replay_config(cfg, batch)
             by_bw = replay_plans(work, preds, system0, rcfg, placement, cfg.interval, table,
                                  cfg.token_placement_from, placement_fields=fields, token_cache=token_cache,
                                  link_gbps=cfg.link_gbps)
@@ -222,8 +227,7 @@ def placement_study(cfg: GuideConfig, progress: bool = True) -> tuple[pd.DataFra
                                                          phase_weights=share_tokens / share_tokens.sum(),
                                                          objective="weighted")
         for batch in cfg.batch_sizes:
-            rcfg = ReplayConfig(batch_size=batch, source=cfg.source, attention=cfg.attention, phase=cfg.phase,
-                                batching=cfg.batching, chunk=cfg.chunk, answers=cfg.answers)
+            rcfg = replay_config(cfg, batch)
             batches = make_batches(work.test_routing, gpus, n_experts, rcfg)
             results = {}
             for name, placement in candidates.items():
