@@ -29,8 +29,8 @@ import torch
 from ..models.tokenizer import mixtral_tokenizer
 from ..paths import BUNDLED_MODELS
 from ..shapes import SHAPES, from_name
-from .model import (KVCache, Model, check_fits, decode_step, decode_step_with_chunk, load_checkpoint, prefill,
-                    prefill_packed, random_model)
+from .model import (KVCache, Model, check_fits, decode_step, decode_step_with_chunk, gathered_slots, load_checkpoint,
+                    prefill, prefill_packed, random_model)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 STOP_CHECK_EVERY = 16  # decode steps between the host's looks at the stop tokens (each look syncs)
@@ -229,7 +229,7 @@ class PrefillGraphs:
         attention gathers its slots' K/V (the serving loop's newcomers)."""
         lengths = [len(p) for p in prompts]
         check_fits(self.cache, lengths, slots)
-        gathered = slots is not None and list(slots) != list(range(len(prompts)))
+        gathered = gathered_slots(slots, len(prompts))
         key = (len(prompts), self.padded_length(max(lengths)), gathered)
         if key not in self._graphs:
             if len(self._graphs) >= self.max_graphs:

@@ -362,6 +362,11 @@ def decode_step_with_chunk(model: Model, cache: KVCache, tokens: torch.Tensor, p
     return linear(x, model.lm_head).float()
 
 
+def gathered_slots(slots: list[int] | None, n: int) -> bool:
+    """Whether ``n`` prompts go to other cache slots than 0..n-1 (their attention then gathers its K/V)."""
+    return slots is not None and list(slots) != list(range(n))
+
+
 def check_fits(cache: KVCache, lengths: list[int], slots: list[int] | None = None) -> None:
     """A clear error when prompts of these lengths (prompt b in slot ``slots[b]``, default b) do not fit the
     cache."""
@@ -392,8 +397,7 @@ def prefill(model: Model, cache: KVCache, prompts: list[torch.Tensor], all_posit
     rows = torch.cat([torch.full((n,), b) for b, n in enumerate(lengths)]).to(device)
     positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
     last = (torch.tensor(lengths).cumsum(0) - 1).to(device)  # each prompt's last row in the packed batch
-    prompt_slots = None if slots is None or list(slots) == list(range(len(lengths))) else \
-        torch.tensor(slots).to(device)
+    prompt_slots = torch.tensor(slots).to(device) if gathered_slots(slots, len(lengths)) else None
     return prefill_packed(model, cache, tokens, rows, positions, last, lengths, all_positions, prompt_slots)
 
 
