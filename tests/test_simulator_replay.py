@@ -347,3 +347,72 @@ def test_answers_cut_at_drawn_lengths(rng):
     assert (cont.phase == 1).sum() < (static.phase == 1).sum()
     whole = make_batches(routing, 4, 8, ReplayConfig(batch_size=8, batching="continuous"))
     assert (whole.phase == 1).sum() == (make_batches(routing, 4, 8, ReplayConfig(batch_size=8)).phase == 1).sum()
+
+
+def reference_other(b, shape, system, attention, context: bool, history: int = 0, home=None):
+    """The non-MoE part of every step, a loop over its tokens: weights once, each token's projections on its
+    GPU (``home`` [T], default its source), each decode token's K/V up to its position (after ``history``
+    cached tokens) and each token's QK/PV FLOPs over its context on its source GPU, where its request's cache
+    is (``[S]`` seconds)."""
+    G, out = b.n_gpus, np.zeros(b.n_steps)
+    home = b.source if home is None else home
+    weights = shape.non_expert_params_per_layer * shape.dtype_bytes
+    phase = b.routing.phase[b.keep]
+    for s in range(b.n_steps):
+        kv, flops, busy = np.zeros(G), np.zeros(G), np.zeros(G, dtype=bool)
+        for t in np.flatnonzero(b.step == s):
+            g = b.source[t]
+            busy[home[t]] = True
+            flops[home[t]] += 2 * shape.non_expert_params_per_layer
+            if context:
+                busy[g] = True
+                attended = history + b.position[t] + 1
+                flops[g] += 4 * shape.n_heads * shape.head_dim * attended
+                kv[g] += attended * shape.kv_bytes_per_token if phase[t] == 1 else 0
+        if attention == "dp":
+            out[s] = max(max((weights + kv[g]) / system.hbm_bandwidth, flops[g] / system.matmul_flops)
+                         for g in range(G) if busy[g])
+        else:
+            n = (b.step == s).sum()
+            out[s] = (max((weights + kv.sum()) / G / system.hbm_bandwidth, flops.sum() / G / system.matmul_flops)
+                      + 2 * (G - 1) / G * n * shape.token_bytes / system.link_bandwidth + system.link_latency)
+    return out
+
+
+@pytest.mark.parametrize("batching", ["static", "chunked"])
+def test_attention_context_charges_each_tokens_context(rng, batching):
+    """With ``attention_context`` the non-MoE part of every step and layer equals a loop over its tokens (decode
+    tokens read their K/V up to their position; a chunked step's prompt tokens read none), with the memory or
+    the FLOPs binding, data- or tensor-parallel; without it, the weights alone, at every position alike."""
+    routing = routing_of(rng, rng.integers(1, 40, size=6).tolist(), rng.integers(0, 30, size=6).tolist())
+    shape = model_shape("mixtral-8x7b")
+    for system in (load_system("h200_8gpu").replace(n_gpus=2, gpus_per_node=2),
+                   load_system("h200_8gpu").replace(n_gpus=2, gpus_per_node=2, matmul_flops=2e12)):
+        for attention in ("dp", "tp"):
+            for context, history in ((True, 0), (True, 3000), (False, 0)):
+                cfg = ReplayConfig(batch_size=3, batching=batching, chunk=5, attention=attention,
+                                   attention_context=context, history_tokens=history)
+                b = make_batches(routing, 2, 8, cfg)
+                other = simulate(b, static_plan(b), shape, system, cfg).parts["other"]
+                want = reference_other(b, shape, system, attention, context, history)
+                np.testing.assert_allclose(other, np.repeat(want[:, None], b.n_layers, 1), rtol=1e-12)
+    # a plan that moves tokens to their experts' GPUs moves their projections, not their requests' caches
+    system = load_system("h200_8gpu").replace(n_gpus=2, gpus_per_node=2)
+    cfg = ReplayConfig(batch_size=3, batching=batching, chunk=5, attention_context=True, history_tokens=2000)
+    b = make_batches(routing, 2, 8, cfg)
+    plan = token_plan(b, _Perfect(b.experts), PlaceFn("static", system, 8), system, home_slack=1e9)
+    assert (plan.home != b.source[:, None]).any()
+    other = simulate(b, plan, shape, system, cfg).parts["other"]
+    for layer in range(b.n_layers):
+        np.testing.assert_allclose(other[:, layer], reference_other(b, shape, system, "dp", True, 2000,
+                                                                    plan.home[:, layer]), rtol=1e-12)
+    # a hand-built case: one decode token at position 4095 reads 4096 positions of 4 KiB in each layer
+    assert shape.kv_bytes_per_token == 4096
+    b = make_batches(routing_of(rng, [4095], [1]), 1, 8, ReplayConfig(batch_size=1, phase="decode",
+                                                                     attention_context=True))
+    one = load_system("h200_8gpu").replace(n_gpus=1, gpus_per_node=1)
+    other = simulate(b, static_plan(b), shape, one, ReplayConfig(attention_context=True)).parts["other"]
+    weights = shape.non_expert_params_per_layer * 2
+    np.testing.assert_allclose(other, (weights + 4096 * 4096) / one.hbm_bandwidth, rtol=1e-12)
+    with pytest.raises(ValueError, match="history_tokens=5 needs attention_context=True"):
+        simulate(b, static_plan(b), shape, one, ReplayConfig(history_tokens=5))

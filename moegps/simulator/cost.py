@@ -266,23 +266,37 @@ def all_to_all_time(pair_bytes: np.ndarray, system: SystemSpec) -> np.ndarray:
 # ---- non-MoE part, predictor, re-placement ------------------------------------------------------
 
 
-def other_time(tokens_per_gpu: np.ndarray, shape: ModelShape, system: SystemSpec, attention: str = "dp") -> np.ndarray:
-    """Non-MoE part of a layer (attention projections, shared experts, norms): ``[..., gpu]`` -> ``[...]``.
+def other_time(tokens_per_gpu: np.ndarray, shape: ModelShape, system: SystemSpec, attention: str = "dp",
+               context_per_gpu: np.ndarray | None = None, kv_read_per_gpu: np.ndarray | None = None) -> np.ndarray:
+    """Non-MoE part of a layer (attention, shared experts, norms): ``[..., gpu]`` -> ``[...]``.
 
     ``dp``: each GPU holds all attention weights and runs its own tokens (the slowest GPU sets
     it). ``tp``: weights split over the GPUs, every GPU runs every token, plus a ring all-reduce of
     the activations. Weights: ``shape.non_expert_params_per_layer`` (attention, router, shared expert, norms).
+
+    The attention over the context, when given (``[..., gpu]`` like ``tokens_per_gpu``):
+    ``context_per_gpu``, the positions the GPU's tokens attend to (a token at position p: p + 1),
+    costs ``4 * n_heads * head_dim`` FLOPs each (QK and PV); ``kv_read_per_gpu``, the positions whose
+    K and V its decode tokens read from memory, ``shape.kv_bytes_per_token`` bytes each (a prompt's
+    attention keeps its K and V on chip: FlashAttention). Both go into the same roofline as the
+    weights: a decode step at batch 32 and context 4096 reads 17 GB of Mixtral-8x7B's cache. (A GPU's
+    context may belong to tokens another GPU projects: the cache stays where the request's tokens came from.)
     """
     n = np.asarray(tokens_per_gpu, dtype=np.float64)
+    context = np.zeros_like(n) if context_per_gpu is None else np.asarray(context_per_gpu, dtype=np.float64)
+    kv_read = np.zeros_like(n) if kv_read_per_gpu is None else np.asarray(kv_read_per_gpu, dtype=np.float64)
     weight_bytes = shape.non_expert_params_per_layer * shape.dtype_bytes
-    flops_per_token = 2.0 * shape.non_expert_params_per_layer
+    flops = 2.0 * shape.non_expert_params_per_layer * n + 4.0 * shape.n_heads * shape.head_dim * context
+    kv_bytes = kv_read * shape.kv_bytes_per_token
     if attention == "dp":
-        t = np.maximum(weight_bytes / system.hbm_bandwidth, n * flops_per_token / system.matmul_flops)
-        return np.where(n > 0, t, 0.0).max(axis=-1)
+        t = np.maximum((weight_bytes + kv_bytes) / system.hbm_bandwidth, flops / system.matmul_flops)
+        return np.where((n > 0) | (context > 0), t, 0.0).max(axis=-1)
     if attention == "tp":
+        # every GPU runs every token on its share of the heads (and of the weights)
         g = system.n_gpus
         total = n.sum(axis=-1)
-        t = np.maximum(weight_bytes / g / system.hbm_bandwidth, total * flops_per_token / g / system.matmul_flops)
+        t = np.maximum((weight_bytes + kv_bytes.sum(axis=-1)) / g / system.hbm_bandwidth,
+                       flops.sum(axis=-1) / g / system.matmul_flops)
         allreduce = 2 * (g - 1) / g * total * shape.token_bytes / system.link_bandwidth + system.link_latency
         return np.where(total > 0, t + (allreduce if g > 1 else 0.0), 0.0)
     raise ValueError(f"attention must be 'dp' or 'tp', got {attention!r}")

@@ -60,6 +60,8 @@ class GuideConfig:
     batching: str = checked("static", one_of("static", "continuous", "chunked", "packed"))  # ReplayConfig.batching
     chunk: int = checked(256, positive)  # prompt tokens a step (chunked), or tokens a step (packed)
     answers: str = checked("trace", one_of("trace", "uniform"))  # ReplayConfig.answers (uniform: drawn lengths)
+    attention_context: bool = False  # ReplayConfig.attention_context (KV-cache reads and attention FLOPs by position)
+    history_tokens: int = checked(0, nonnegative)  # ReplayConfig.history_tokens (cached context before the trace)
     skews: list[float] = checked([1.0], each(nonnegative))  # synthetic trace only
     synthetic: dict[str, Any] = field(default_factory=dict)  # synthetic_trace arguments, e.g. {prompt_len: [512, 512]}
     phase: str = checked("all", one_of("prefill", "decode", "all"))
@@ -97,7 +99,8 @@ def workload(cfg: GuideConfig, skew: float = 1.0) -> Workload:
 def replay_config(cfg: GuideConfig, batch: int) -> ReplayConfig:
     """The replay the guide's fields describe, at one of its batch sizes."""
     return ReplayConfig(batch_size=batch, source=cfg.source, attention=cfg.attention, phase=cfg.phase,
-                        batching=cfg.batching, chunk=cfg.chunk, answers=cfg.answers)
+                        batching=cfg.batching, chunk=cfg.chunk, answers=cfg.answers,
+                        attention_context=cfg.attention_context, history_tokens=cfg.history_tokens)
 
 
 def _expert_table(cfg: GuideConfig, work: Workload):

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..configs import checked, one_of, positive, unit_interval
+from ..configs import checked, nonnegative, one_of, positive, unit_interval
 from ..placement.algorithms import canonical, check_fields, place
 from ..placement.packing import balance_rows
 from ..predictors.base import BatchContext
@@ -81,6 +81,15 @@ class ReplayConfig(ReplayOptions):
     # different steps, as served ones do, on a trace collected at a fixed length (the kept tokens' routing is
     # the trace's)
     answers: str = checked("trace", one_of("trace", "uniform"))
+    # charge attention over each token's context besides its weights: a decode token reads its request's K and V
+    # up to its position (a step at batch 32 and context 4096 reads 17 GB of Mixtral-8x7B's cache), every token's
+    # QK and PV FLOPs grow with it (cost.other_time). Off: the non-MoE part costs the same at every position, as
+    # the figures in docs/simulator.md were made
+    attention_context: bool = False
+    # with attention_context: tokens of context every request holds before its trace's first token (a conversation's
+    # history or a shared system prompt, cached earlier, its routing not in the trace): its prompt attends to them,
+    # its decode steps read their K/V
+    history_tokens: int = checked(0, nonnegative)
 
 
 # ---- 1. batching -------------------------------------------------------------------------------
@@ -94,13 +103,14 @@ class Batches:
     source: np.ndarray  # [T] GPU each token's attention runs on by default
     experts: np.ndarray  # [T, L, k] true experts
     token_id: np.ndarray  # [T]
-    position: np.ndarray  # [T]
+    position: np.ndarray  # [T] position in its request's sequence (0-based): it attends to position + 1 tokens
     request_id: np.ndarray  # [T]
     phase: np.ndarray  # [S] 0 prefill / 1 decode
     n_tokens: np.ndarray  # [S]
     loads: np.ndarray  # [S, L, E] true selection counts
     n_gpus: int
     n_experts: int
+    token_phase: np.ndarray | None = None  # [T] 0 prompt / 1 decode (None: each token its step's phase)
     routing: TokenRouting | None = None  # the full token-major trace these tokens came from
     keep: np.ndarray | None = None  # [tokens of routing] bool: which were replayed
 
@@ -297,7 +307,7 @@ def make_batches(routing: TokenRouting | RoutingTrace, n_gpus: int, n_experts: i
         step=step, source=source.astype(np.int64), experts=experts, token_id=routing.token_id[keep],
         position=routing.position[keep], request_id=req, phase=phase,
         n_tokens=n_tokens, loads=loads, n_gpus=n_gpus, n_experts=n_experts,
-        routing=routing, keep=keep,
+        token_phase=routing.phase[keep].astype(np.int8), routing=routing, keep=keep,
     )
 
 
@@ -725,6 +735,18 @@ def simulate(batches: Batches, plan: Plan, shape: ModelShape, system: SystemSpec
     step = batches.step
     pidx = plan.placement_of_step
     moves_home = plan.home is not None and cfg.attention == "dp"
+    if cfg.history_tokens and not cfg.attention_context:
+        raise ValueError(f"ReplayConfig.history_tokens={cfg.history_tokens} needs attention_context=True "
+                         "(without it the non-MoE part does not depend on the context)")
+    per_gpu_context = per_gpu_kv = None
+    if cfg.attention_context:
+        # the attention over the context runs where the request's K/V cache is: the token's own GPU, also under a
+        # plan that moves tokens to their experts' GPUs (which moves its projections, not its request's cache)
+        context = batches.position.astype(np.float64) + 1.0 + cfg.history_tokens  # [T] positions a token attends to
+        phase = batches.phase[step] if batches.token_phase is None else batches.token_phase
+        at = step * G + batches.source
+        per_gpu_context = np.bincount(at, weights=context, minlength=S * G).reshape(S, G)
+        per_gpu_kv = np.bincount(at, weights=np.where(phase == 1, context, 0.0), minlength=S * G).reshape(S, G)
     for layer in range(L):
         src = batches.source if plan.home is None else plan.home[:, layer]
         share = plan.share[pidx, layer]  # [S, E, G]
@@ -749,7 +771,8 @@ def simulate(batches: Batches, plan: Plan, shape: ModelShape, system: SystemSpec
         tokens_gpu = per_gpu.sum(axis=-1)
         imbalance[:, layer] = tokens_gpu.max(-1) / np.maximum(tokens_gpu.mean(-1), 1e-12)
         attn_tokens = np.bincount(step * G + src, minlength=S * G).reshape(S, G)
-        parts["other"][:, layer] = cost.other_time(attn_tokens, shape, system, cfg.attention)
+        parts["other"][:, layer] = cost.other_time(attn_tokens, shape, system, cfg.attention, per_gpu_context,
+                                                   per_gpu_kv)
     parts["overhead"][:] = system.layer_overhead
     if plan.predictor_s is not None:
         # spread over layers; off the critical path it hides behind the previous layer's expert GEMMs
