@@ -1,6 +1,8 @@
 """The engine on several ranks (gloo, CPU processes) against the one-process engine: expert parallel
 under a placement with replicated experts (each rank its own prompts), and tensor parallel."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -85,3 +87,55 @@ def test_expert_parallel_refuses_a_shared_expert_held_among_the_experts():
     assert model.layers[0].n_shared == 2
     with pytest.raises(ValueError, match="shared expert among its experts"):
         expert_parallel(model, None, _placement(2))
+
+
+def _serving_rank(comm, seed):
+    """Each rank serves its own share of twelve requests on a fake clock of its own (so the ranks admit at
+    different steps and prefill at different times); every answer equals that request alone on the
+    one-process model, under continuous, chunked and static batching."""
+    from moegps.engine.serve import Request, rank_requests, serve
+
+    model = random_model(SHAPE, device="cpu", dtype=torch.float64, seed=seed)
+    rng = np.random.default_rng(seed)  # the same requests on every rank
+    requests = [Request(rng.integers(1, SHAPE.vocab_size, size=int(rng.integers(1, 10))).tolist(),
+                        int(rng.integers(1, 9)), float(rng.uniform(0, 0.05))) for _ in range(12)]
+    mine = rank_requests(requests, comm.rank, comm.world)
+    assert len(mine) == 12 // comm.world and all(r in requests for r in mine)
+    alone = Engine(model, max_batch=1, max_len=32)
+    want = [alone.generate([r.prompt], r.max_new_tokens).tokens[0] for r in mine]
+    ep = expert_parallel(model, comm, _placement(comm.world))
+    tick = 0.001 * (comm.rank + 1)  # each rank's clock runs at its own pace
+    for continuous, chunk in ((True, 0), (True, 3), (False, 0)):
+        clock = _FakeClock(tick)
+        served = serve(Engine(ep, max_batch=3, max_len=32), mine, continuous=continuous, chunk=chunk,
+                       clock=clock, sleep=clock.sleep)
+        assert [s.tokens for s in served] == want, (continuous, chunk)
+
+
+class _FakeClock:
+    def __init__(self, tick: float):
+        self.t, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.t += self.tick
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def test_expert_parallel_ranks_serve_their_own_requests():
+    xdist.spawn(_serving_rank, 2, int(np.random.default_rng().integers(2**20)), timeout_s=120)
+
+
+def test_serving_refuses_tensor_parallel_ranks():
+    from moegps.engine.parallel import serving_comm
+    from moegps.executor.layer import TensorParallelMoE
+
+    model = random_model(SHAPE, device="cpu", dtype=torch.float64)
+    assert serving_comm(model) is None
+    layer = model.layers[0]
+    tp = dataclasses.replace(model, layers=[dataclasses.replace(layer, experts=TensorParallelMoE(
+        xdist.Comm(), layer.w_gate_up, layer.w_down)), *model.layers[1:]])
+    with pytest.raises(ValueError, match="tensor-parallel ranks would have to admit the same requests"):
+        serving_comm(tp)

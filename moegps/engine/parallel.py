@@ -9,7 +9,9 @@
 
 Every rank must run the same number of MoE layer calls (the same number of prefills and decode
 steps, stop tokens left out), and decode runs eagerly: the dispatch's message sizes are read on the
-host, which a captured CUDA graph cannot do.
+host, which a captured CUDA graph cannot do. ``serve`` keeps expert-parallel ranks in step while each
+serves its own requests (``serving_comm``; a rank with no prompt to prefill joins the others' prefill
+through ``idle_moe_calls``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import torch
 
 from ..executor.dist import Comm
 from ..executor.layer import ExpertParallelMoE, TensorParallelMoE, tp_shard
@@ -58,3 +61,27 @@ def tensor_parallel(model: Model, comm: Comm) -> Model:
         layers[i] = dataclasses.replace(layer, w_gate_up=w_gate_up, w_down=w_down,
                                         experts=TensorParallelMoE(comm, w_gate_up, w_down))
     return dataclasses.replace(model, layers=layers)
+
+
+def serving_comm(model: Model) -> Comm | None:
+    """The ranks whose steps ``model``'s MoE layers join, when each rank serves requests of its own (expert
+    parallel); None for a one-process model. Tensor-parallel ranks must run the same requests, admitted at
+    the same steps, which serving on each rank's own clock cannot promise: refused."""
+    experts = [layer.experts for layer in model.layers if layer.experts is not None]
+    if not experts:
+        return None
+    if not all(isinstance(e, ExpertParallelMoE) for e in experts):
+        raise ValueError("serving needs a one-process or an expert-parallel model (engine.parallel.expert_parallel): "
+                         "tensor-parallel ranks would have to admit the same requests at the same steps")
+    return experts[0].comm
+
+
+def idle_moe_calls(model: Model) -> None:
+    """Every MoE layer's call with no tokens, in layer order: what a prefill does on the ranks that have no
+    prompt to prefill while another rank prefills (each layer's dispatch needs every rank)."""
+    S = model.shape
+    x = torch.empty(0, S.hidden, dtype=model.dtype, device=model.device)
+    ids = torch.empty(0, S.top_k, dtype=torch.int32, device=model.device)
+    gates = torch.empty(0, S.top_k, dtype=model.dtype, device=model.device)
+    for i in model.moe_layers:
+        model.layers[i].experts(x, ids, gates)

@@ -23,6 +23,12 @@ Each step reads its tokens back to the host to see which answers ended (one sync
 in vLLM: a step without it cannot admit into a slot freed by it). Whole prompts: a lone newcomer through
 the engine's prefill graphs (``PrefillGraphs`` with its slot), several in one packed eager prefill of at
 most ``max_prefill_tokens`` prompt tokens.
+
+On expert-parallel ranks (``engine.parallel.expert_parallel``: data-parallel attention) each rank serves
+requests of its own (``rank_requests``) on its own slots and clock, and the ranks agree before every prefill
+and every step (two small all-reduces): when one rank prefills, the others join its MoE layers' dispatches
+with no tokens; while any rank has a running answer, every rank steps (a rank with none decodes a dummy
+row); when none has, all wait for the earliest next arrival on any rank.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ..files import atomic_path
 from ..models.tokenizer import mixtral_tokenizer
@@ -45,6 +52,7 @@ from ..paths import shared_data
 from ..prompts import load_mmlu
 from .generate import BUCKETS, Engine, Sampling, bucket_for, build_model, choose_tokens
 from .model import prefill
+from .parallel import idle_moe_calls, serving_comm
 
 
 POLICIES = ("continuous", "chunked", "static")
@@ -87,6 +95,7 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
           sleep=time.sleep) -> list[Served]:
     """Serve ``requests`` (in the order of their arrival, ties by index) on ``engine``'s cache slots; returns
     each request's answer and times (host clock, seconds since the call began), in the requests' order.
+    On expert-parallel ranks, every rank calls this with its own requests at the same time (module docstring).
 
     ``continuous``: admit waiting requests before every decode step (iteration-level); otherwise only when
     every slot is free (request-level). Admitted prompts are prefilled whole, the decode of the others
@@ -96,9 +105,7 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
     can run on a fake clock. A request's answer equals ``engine.generate`` of it alone with its sampling
     (up to rounding in the batch's GEMMs), sampled ones too: each draw is keyed by the request's seed and
     its count of tokens (``generate.counter_uniforms``), not by the batch."""
-    if engine.lockstep:
-        raise ValueError("serve needs a one-process engine: expert-parallel ranks step in lockstep and would "
-                         "admit different requests")
+    comm = serving_comm(engine.model)  # None: one process
     if chunk < 0 or (chunk and not continuous):
         raise ValueError(f"chunk must be 0 (whole prompts) or > 0 with continuous batching, got {chunk} "
                          f"with continuous={continuous}")
@@ -150,7 +157,16 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
             running[slot], answers[i], first_s[i] = i, [], (at, steps)
             take(slot, token, at)
 
-    def admit() -> None:
+    def agree(flags: list[float]) -> list[float]:
+        """The largest of every rank's ``flags`` (expert-parallel ranks decide together), else ``flags``."""
+        if comm is None:
+            return flags
+        combined = torch.tensor(flags, dtype=torch.float64, device=comm.device)
+        dist.all_reduce(combined, op=dist.ReduceOp.MAX, group=comm.group)
+        return combined.tolist()
+
+    def admit() -> tuple[list[int], list[int]]:
+        """The arrived requests that fit, and their slots; with chunks they join the prefilling queue."""
         newcomers: list[int] = []
         budget = max_prefill_tokens
         while waiting and len(newcomers) < len(free) and requests[waiting[-1]].arrival_s <= now():
@@ -162,8 +178,12 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
         into = [heapq.heappop(free) for _ in newcomers]
         if chunk:  # prefilled a chunk a step by decode()
             prefilling.extend([i, slot, 0] for i, slot in zip(newcomers, into))
-            return
-        if not newcomers:
+            return [], []
+        return newcomers, into
+
+    def prefill_whole(newcomers: list[int], into: list[int]) -> None:
+        if not newcomers:  # another rank prefills: join its MoE layers' dispatches
+            idle_moe_calls(model)
             return
         prompts = [torch.as_tensor(requests[i].prompt, dtype=torch.long) for i in newcomers]
         graphs = engine.prefill_graphs
@@ -205,15 +225,27 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
         steps += 1
 
     with torch.inference_mode():
-        while waiting or running or prefilling:
-            if continuous or not running:
-                admit()
-            if not running and not prefilling:  # nothing to run: wait for the next arrival
-                if waiting:
-                    sleep(max(0.0, requests[waiting[-1]].arrival_s - now()))
-                continue
-            decode()
+        while True:
+            newcomers, into = admit() if continuous or not running else ([], [])
+            if agree([bool(newcomers)])[0]:
+                prefill_whole(newcomers, into)
+            # the wait for this rank's next arrival, negated: the largest over the ranks is the shortest wait
+            wait = requests[waiting[-1]].arrival_s - now() if waiting else float("inf")
+            busy, queued, less_wait = agree([bool(running or prefilling), bool(waiting), -wait])
+            if busy:
+                decode()
+            elif queued:  # nothing to run anywhere: wait for the next arrival on any rank
+                sleep(max(0.0, -less_wait))
+            else:
+                break
     return [served[i] for i in range(len(requests))]
+
+
+def rank_requests(requests: list[Request], rank: int, world: int) -> list[Request]:
+    """This rank's share of ``requests`` under data-parallel attention: every ``world``-th in order of arrival
+    (ties by index), from the ``rank``-th, as a round-robin front end would hand them out."""
+    order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i))
+    return [requests[i] for i in order[rank::world]]
 
 
 def summarize(served: list[Served]) -> dict[str, float]:
