@@ -463,3 +463,29 @@ def test_cli_bad_arguments_say_what_is_wrong(capsys, argv, message):
         main(argv if "--device" in argv else argv + ["--device", "cpu"])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@torch.no_grad()
+def test_expert_loads_count_the_routers_choices(rng):
+    """serve.expert_loads (what a served placement is fitted on) against transformers' own router logits:
+    per MoE layer, how many prompt tokens put each expert among their top 2. Prompts whose routing has a
+    near tie (two logits within 1e-4 at the k-th place, where float32 rounding could flip the choice) are
+    drawn again."""
+    from moegps.engine.serve import expert_loads
+
+    hf = hf_random_mixtral(int(rng.integers(2**20)))
+    model = from_transformers(hf)
+    want, prompts = np.zeros((2, 8), dtype=np.int64), []
+    while len(prompts) < 4:
+        prompt = rng.integers(0, 160, size=int(rng.integers(3, 20))).tolist()
+        logits = torch.stack(hf(torch.tensor([prompt]), output_router_logits=True).router_logits)  # [L, T, E]
+        top = logits.sort(-1, descending=True).values
+        if (top[..., 1] - top[..., 2]).min() < 1e-4:
+            continue
+        prompts.append(prompt)
+        for layer, ids in enumerate(logits.topk(2, -1).indices):
+            want[layer] += np.bincount(ids.reshape(-1).numpy(), minlength=8)
+    loads = expert_loads(model, prompts)
+    assert loads.shape == (2, 8) and loads.sum() == 2 * 2 * sum(map(len, prompts))
+    np.testing.assert_array_equal(loads, want)
+    assert model.routing_counts is None  # the counting is undone

@@ -139,3 +139,26 @@ def test_serving_refuses_tensor_parallel_ranks():
         xdist.Comm(), layer.w_gate_up, layer.w_down)), *model.layers[1:]])
     with pytest.raises(ValueError, match="tensor-parallel ranks would have to admit the same requests"):
         serving_comm(tp)
+
+
+def _serve_command_rank(comm, out):
+    """The serving command on two ranks: the placement fitted on held-out questions, every request served
+    once and written by the first rank, the process group left to its caller."""
+    import csv
+
+    from moegps.engine.serve import main
+
+    argv = ["--requests", "4", "--max-batch", "2", "--max-new-tokens", "3", "--policy", "continuous", "static",
+            "--placement", "balanced", "--calibration", "4", "--rate", "100", "--out", out]
+    assert main(argv) == 0
+    assert torch.distributed.is_initialized()
+    if comm.rank == 0:
+        with open(out) as f:
+            rows = list(csv.DictReader(f))
+        assert sorted((r["policy"], r["request"]) for r in rows) == \
+            sorted((p, str(i)) for p in ("continuous", "static") for i in range(4))
+        assert all(1 <= int(r["new_tokens"]) <= 3 for r in rows)
+
+
+def test_serve_command_on_two_ranks(tmp_path):
+    xdist.spawn(_serve_command_rank, 2, str(tmp_path / "serve.csv"), timeout_s=120)

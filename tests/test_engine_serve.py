@@ -189,10 +189,21 @@ def test_cli_on_the_bundled_model(tmp_path, capsys):
     assert all(1 <= int(r["new_tokens"]) <= 3 for r in rows)
     for argv, message in ((argv[:5] + ["4"] + argv[6:], "holds runs of other settings"),
                           (["--requests", "0"], "--requests must be >= 1"), (["--chunk", "0"], "--chunk must be >= 1"),
-                          (["--policy", "fast"], "invalid choice: 'fast'")):
+                          (["--policy", "fast"], "invalid choice: 'fast'"),
+                          (["--placement", "balanced"], "here 1 rank(s) and --placement balanced")):
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err
+
+
+def test_held_out_prompts_are_not_the_served_ones():
+    from moegps.engine.serve import held_out_prompts, mmlu_requests
+
+    served = mmlu_requests(40, 0, 4, seed=3)
+    held = held_out_prompts(served, 25, seed=3)
+    assert len(held) == 25 and len({tuple(p) for p in held}) == 25
+    assert not {tuple(p) for p in held} & {tuple(r.prompt) for r in served}
+    assert held_out_prompts(served, 25, seed=3) == held and held_out_prompts(served, 25, seed=4) != held
 
 
 # ---- sampling keyed by (seed, tokens generated): the same draw in any batch -----------------------------------

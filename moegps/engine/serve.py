@@ -13,6 +13,7 @@
     python -m moegps.engine.serve                                   # bundled model, MMLU prompts, all policies
     python -m moegps.engine.serve --requests 64 --rate 2 4 8 --max-batch 8 --max-new-tokens 64 --out serve.csv
     python -m moegps.engine.serve --model mixtral-8x7b --requests 256 --rate 20 --max-batch 32 --chunk 256  # GPU
+    torchrun --nproc-per-node 8 -m moegps.engine.serve --model mixtral-8x7b --placement balanced ...  # 8 GPUs, EP
 
 All three run through one loop (``serve``), so a comparison differs only in when requests are admitted
 and how prompts are prefilled. The decode step is the engine's: a CUDA graph per batch-size bucket over
@@ -46,13 +47,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..executor import dist as xdist
 from ..files import atomic_path
 from ..models.tokenizer import mixtral_tokenizer
 from ..paths import shared_data
 from ..prompts import load_mmlu
 from .generate import BUCKETS, Engine, Sampling, bucket_for, build_model, choose_tokens
-from .model import prefill
-from .parallel import idle_moe_calls, serving_comm
+from .model import KVCache, Model, prefill
+from .parallel import expert_parallel, idle_moe_calls, serving_comm
 
 
 POLICIES = ("continuous", "chunked", "static")
@@ -241,11 +243,14 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
     return [served[i] for i in range(len(requests))]
 
 
+def rank_order(requests: list[Request], rank: int, world: int) -> list[int]:
+    """The indices of this rank's share of ``requests`` under data-parallel attention: every ``world``-th in
+    order of arrival (ties by index), from the ``rank``-th, as a round-robin front end hands them out."""
+    return sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i))[rank::world]
+
+
 def rank_requests(requests: list[Request], rank: int, world: int) -> list[Request]:
-    """This rank's share of ``requests`` under data-parallel attention: every ``world``-th in order of arrival
-    (ties by index), from the ``rank``-th, as a round-robin front end would hand them out."""
-    order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i))
-    return [requests[i] for i in order[rank::world]]
+    return [requests[i] for i in rank_order(requests, rank, world)]
 
 
 def summarize(served: list[Served]) -> dict[str, float]:
@@ -279,6 +284,37 @@ def mmlu_requests(n: int, rate: float, max_new_tokens: int, seed: int = 0, token
     arrivals = np.cumsum(gaps) - gaps[0]                                          # seed, the same prompts
     lengths = rng.integers(1, max_new_tokens + 1, size=n)
     return [Request(tokenizer.encode(prompts[p].text), int(m), float(a)) for p, m, a in zip(picked, lengths, arrivals)]
+
+
+def held_out_prompts(requests: list[Request], n: int, seed: int = 0, tokenizer=None, mmlu=None) -> list[list[int]]:
+    """``n`` tokenised MMLU questions drawn at random (seed + 1) among those that are not ``requests``' prompts:
+    what a placement is fitted on, so that the served requests are out of its sample."""
+    tokenizer = tokenizer or mixtral_tokenizer()
+    prompts = load_mmlu(mmlu or shared_data("mmlu", "test"))
+    served = {tuple(r.prompt) for r in requests}
+    out = []
+    for p in np.random.default_rng(seed + 1).permutation(len(prompts)):
+        tokens = tokenizer.encode(prompts[p].text)
+        if tuple(tokens) not in served:
+            out.append(tokens)
+        if len(out) == n:
+            return out
+    raise ValueError(f"{n} held-out MMLU questions asked for, {len(out)} left beside the {len(requests)} served")
+
+
+def expert_loads(model: Model, prompts: list[list[int]]) -> np.ndarray:
+    """``[MoE layers, experts]``: how many of ``prompts``' tokens chose each expert, counted while prefilling
+    them one at a time on a one-process ``model`` (its router's top-k, the shared expert left out)."""
+    cache = KVCache(model.shape, 1, max(len(p) for p in prompts), model.dtype, model.device)
+    model.ensure_rope(cache.max_len)
+    model.routing_counts = torch.zeros(len(model.layers), model.shape.n_experts, dtype=torch.long, device=model.device)
+    try:
+        with torch.inference_mode():
+            for p in prompts:
+                prefill(model, cache, [torch.as_tensor(p, dtype=torch.long)])
+        return model.routing_counts[model.moe_layers].cpu().numpy()
+    finally:
+        model.routing_counts = None
 
 
 def decode_ceiling(engine: Engine, requests: list[Request], steps: int = 16) -> float:
@@ -370,6 +406,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cuda-graph", action="store_true")
     ap.add_argument("--out", default=None, help="CSV of every request's times, a row per rate, policy and request; "
                     "rewritten after each run, and a call with the same settings resumes from it")
+    ap.add_argument("--placement", default=None,
+                    help="under torchrun (several ranks): expert parallel, each rank serving every world-th request "
+                    "with its own cache slots, the experts placed by this moegps.placement algorithm (static, "
+                    "balanced, ...) on the loads counted on --calibration held-out MMLU questions")
+    ap.add_argument("--extra-slots", type=int, default=1, help="expert slots a rank holds beyond experts / ranks")
+    ap.add_argument("--calibration", type=int, default=32, help="held-out questions the placement is fitted on")
     args = ap.parse_args(argv)
     for name in ("requests", "max_batch", "max_new_tokens", "chunk"):
         if getattr(args, name) < 1:
@@ -378,29 +420,41 @@ def main(argv=None) -> int:
         ap.error(f"--rate must be >= 0, got {min(args.rate)}")
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: no CUDA device here (use --device cpu)")
+    joined = dist.is_available() and dist.is_initialized()  # a caller's process group: left for it to end
+    comm = xdist.init(device=args.device)  # one rank unless started by torchrun
+    if comm.distributed != bool(args.placement):
+        ap.error(f"--placement places the experts over several ranks (torchrun --nproc-per-node N -m "
+                 f"moegps.engine.serve --placement balanced ...); here {comm.world} rank(s) and --placement "
+                 f"{args.placement}")
     out = Path(args.out) if args.out else None
     settings = {k: v for k, v in vars(args).items() if k not in ("rate", "policy", "out")}  # what a resume must share
+    settings["ranks"] = comm.world
     try:
         rows = read_runs(out, settings) if out else []
         sampling = Sampling(args.temperature, args.top_k, args.seed, args.top_p)
         workloads = {rate: mmlu_requests(args.requests, rate, args.max_new_tokens, args.seed, mmlu=args.mmlu)
                      for rate in args.rate}
-        model = build_model(args.model, args.device, args.dtype)
+        model = build_model(args.model, str(comm.device) if comm.distributed else args.device, args.dtype)
+        if comm.distributed:
+            model = placed_over_ranks(model, comm, args, workloads[args.rate[0]])
     except (ValueError, FileNotFoundError, KeyError) as e:
         ap.error(str(e))
+    say = print if comm.rank == 0 else (lambda *a, **k: None)  # the first rank speaks for all
     requests = workloads[args.rate[0]]
     max_len = max(len(r.prompt) + r.max_new_tokens for r in requests)
     engine = Engine(model, max_batch=args.max_batch, max_len=max_len, cuda_graph=not args.no_cuda_graph)
     warm_up(engine, requests, args.chunk if "chunked" in args.policy else 0)
     policies = [p for p in POLICIES if p in args.policy]
-    ceiling = decode_ceiling(engine, requests)
-    print(f"{model.source} on {model.device}: {args.requests} MMLU requests, prompts of "
+    ceiling = decode_ceiling(engine, requests) * comm.world  # the ranks' slots decode in the same step
+    say(f"{model.source} on {model.device}: {args.requests} MMLU requests, prompts of "
           f"{min(len(r.prompt) for r in requests)}-{max(len(r.prompt) for r in requests)} tokens, answers of "
           f"1-{args.max_new_tokens} tokens, {engine.cache.slots} slots"
+          f"{f' on each of {comm.world} expert-parallel ranks ({args.placement} placement)' if comm.distributed else ''}"
           f"{f', chunks of {args.chunk} tokens' if 'chunked' in policies else ''}; host clock, ms")
-    print(f"decode ceiling: {ceiling:.1f} new tokens/s ({engine.cache.slots} slots over a full bucket's decode step, "
+    say(f"decode ceiling: {ceiling:.1f} new tokens/s ({comm.world * engine.cache.slots} slots over a full bucket's "
+          f"decode step, "
           f"measured now); 'ceiling' below: tokens/s over it")
-    print(f"{'rate/s':>7} {'policy':<11} {'tokens/s':>9} {'ceiling':>8} {'span s':>8} {'TTFT p50':>9} {'TTFT p90':>9} "
+    say(f"{'rate/s':>7} {'policy':<11} {'tokens/s':>9} {'ceiling':>8} {'span s':>8} {'TTFT p50':>9} {'TTFT p90':>9} "
           f"{'TPOT p50':>9} {'latency p50':>12} {'latency p90':>12}")
     earlier = served_by_run(rows)
     for rate, requests in workloads.items():  # a row a run: its progress
@@ -409,27 +463,57 @@ def main(argv=None) -> int:
             if (policy, rate) in earlier:  # finished by an earlier, interrupted call with these settings
                 served, note = earlier[policy, rate], "  (from the earlier run's file)"
             else:
-                served, note = serve(engine, requests, sampling, continuous=policy != "static",
-                                     chunk=args.chunk if policy == "chunked" else 0), ""
+                served, note = serve_on_ranks(comm, engine, requests, sampling, continuous=policy != "static",
+                                              chunk=args.chunk if policy == "chunked" else 0), ""
                 rows += [{"rate": rate, "policy": policy, "decode_ceiling": ceiling, "request": i,
                           "prompt_tokens": len(r.prompt), "new_tokens": len(a.tokens),
                           **{k: v for k, v in asdict(a).items() if k != "tokens"}}
                          for i, (r, a) in enumerate(zip(requests, served))]
-                if out:
+                if out and comm.rank == 0:
                     write_runs(out, rows, settings)
             s = results[policy] = summarize(served)
-            print(f"{rate:>7g} {policy:<11} {s['tokens_per_s']:>9.1f} {s['tokens_per_s'] / ceiling:>8.0%} "
+            say(f"{rate:>7g} {policy:<11} {s['tokens_per_s']:>9.1f} {s['tokens_per_s'] / ceiling:>8.0%} "
                   f"{s['span_s']:>8.2f} {s['ttft_p50_ms']:>9.1f} {s['ttft_p90_ms']:>9.1f} {s['tpot_p50_ms']:>9.2f} "
                   f"{s['latency_p50_ms']:>12.1f} {s['latency_p90_ms']:>12.1f}{note}", flush=True)
         if "static" in results:
             base = results["static"]
             for policy in (p for p in results if p != "static"):
                 c = results[policy]
-                print(f"{'':>7} {policy} / static: {c['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s, "
+                say(f"{'':>7} {policy} / static: {c['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s, "
                       f"{base['latency_p50_ms'] / c['latency_p50_ms']:.2f}x shorter median latency", flush=True)
     if out:
-        print(f"wrote {out}")
+        say(f"wrote {out}")
+    if not joined:
+        xdist.shutdown(comm)
     return 0
+
+
+def placed_over_ranks(model: Model, comm, args, requests: list[Request]) -> Model:
+    """``model`` expert-parallel over ``comm``'s ranks, placed by ``args.placement`` on the expert loads of
+    ``args.calibration`` held-out MMLU questions (counted on the first rank, the same placement on all)."""
+    from ..placement.algorithms import place
+
+    box = [None]
+    if comm.rank == 0:
+        loads = expert_loads(model, held_out_prompts(requests, args.calibration, args.seed, mmlu=args.mmlu))
+        E = model.shape.n_experts
+        box[0] = place(args.placement, loads, comm.world, -(-E // comm.world) + args.extra_slots)
+    dist.broadcast_object_list(box, src=0, group=comm.group)
+    return expert_parallel(model, comm, box[0])
+
+
+def serve_on_ranks(comm, engine: Engine, requests: list[Request], sampling: Sampling, **policy) -> list[Served]:
+    """``serve`` on one process, or on every expert-parallel rank with its share of ``requests``: every
+    request's answer and times, in ``requests``' order (each rank's times on its own clock, started together)."""
+    if not comm.distributed:
+        return serve(engine, requests, sampling, **policy)
+    mine = rank_order(requests, comm.rank, comm.world)
+    dist.barrier(group=comm.group)
+    served = serve(engine, [requests[i] for i in mine], sampling, **policy)
+    everyone = [None] * comm.world
+    dist.all_gather_object(everyone, (mine, served), group=comm.group)
+    by_index = {i: s for indices, answers in everyone for i, s in zip(indices, answers)}
+    return [by_index[i] for i in range(len(requests))]
 
 
 if __name__ == "__main__":
