@@ -196,6 +196,16 @@ def test_cli_on_the_bundled_model(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_rank_order_hands_out_requests_round_robin_by_arrival(rng):
+    from moegps.engine.serve import rank_order
+
+    requests = random_requests(rng, 11, 64, spread_s=1.0)
+    shares = [rank_order(requests, rank, 3) for rank in range(3)]
+    by_arrival = sorted(range(11), key=lambda i: requests[i].arrival_s)
+    assert sorted(sum(shares, [])) == list(range(11)) and [len(s) for s in shares] == [4, 4, 3]
+    assert all(share == by_arrival[rank::3] for rank, share in enumerate(shares))
+
+
 def test_held_out_prompts_are_not_the_served_ones():
     from moegps.engine.serve import held_out_prompts, mmlu_requests
 

@@ -26,7 +26,7 @@ the engine's prefill graphs (``PrefillGraphs`` with its slot), several in one pa
 most ``max_prefill_tokens`` prompt tokens.
 
 On expert-parallel ranks (``engine.parallel.expert_parallel``: data-parallel attention) each rank serves
-requests of its own (``rank_requests``) on its own slots and clock, and the ranks agree before every prefill
+requests of its own (``rank_order``) on its own slots and clock, and the ranks agree before every prefill
 and every step (two small all-reduces): when one rank prefills, the others join its MoE layers' dispatches
 with no tokens; while any rank has a running answer, every rank steps (a rank with none decodes a dummy
 row); when none has, all wait for the earliest next arrival on any rank.
@@ -247,10 +247,6 @@ def rank_order(requests: list[Request], rank: int, world: int) -> list[int]:
     """The indices of this rank's share of ``requests`` under data-parallel attention: every ``world``-th in
     order of arrival (ties by index), from the ``rank``-th, as a round-robin front end hands them out."""
     return sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i))[rank::world]
-
-
-def rank_requests(requests: list[Request], rank: int, world: int) -> list[Request]:
-    return [requests[i] for i in rank_order(requests, rank, world)]
 
 
 def summarize(served: list[Served]) -> dict[str, float]:
