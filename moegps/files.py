@@ -4,6 +4,7 @@
     with atomic_path("out/rows.csv") as tmp:   # write tmp; renamed onto out/rows.csv on success
         frame.to_csv(tmp)
     save_png(fig, "out/figure.png")            # a matplotlib figure, written atomically, closed
+    markdown_table(rows)                       # dict rows as a markdown table (reports, logs)
 """
 
 from __future__ import annotations
@@ -49,3 +50,14 @@ def save_png(fig, path: str | os.PathLike, dpi: int = 130, **savefig) -> Path:
         fig.savefig(tmp, dpi=dpi, format="png", **savefig)
     plt.close(fig)
     return Path(path)
+
+
+def markdown_table(rows: list[dict], number: str = "{:.4g}") -> str:
+    """``rows`` (dicts; the first one's keys are the columns, a key a row lacks is left blank) as a markdown
+    table, floats written with ``number``; "" for no rows."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    cell = lambda v: number.format(v) if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return "\n".join(lines + ["| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in rows])

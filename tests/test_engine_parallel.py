@@ -94,6 +94,7 @@ def _serving_rank(comm, seed):
     different steps and prefill at different times); every answer equals that request alone on the
     one-process model, under continuous, chunked and static batching."""
     from moegps.engine.serve import Request, rank_order, serve
+    from test_engine_serve import FakeClock
 
     model = random_model(SHAPE, device="cpu", dtype=torch.float64, seed=seed)
     rng = np.random.default_rng(seed)  # the same requests on every rank
@@ -106,22 +107,10 @@ def _serving_rank(comm, seed):
     ep = expert_parallel(model, comm, _placement(comm.world))
     tick = 0.001 * (comm.rank + 1)  # each rank's clock runs at its own pace
     for continuous, chunk in ((True, 0), (True, 3), (False, 0)):
-        clock = _FakeClock(tick)
+        clock = FakeClock(tick)
         served = serve(Engine(ep, max_batch=3, max_len=32), mine, continuous=continuous, chunk=chunk,
                        clock=clock, sleep=clock.sleep)
         assert [s.tokens for s in served] == want, (continuous, chunk)
-
-
-class _FakeClock:
-    def __init__(self, tick: float):
-        self.t, self.tick = 0.0, tick
-
-    def __call__(self) -> float:
-        self.t += self.tick
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.t += seconds
 
 
 def test_expert_parallel_ranks_serve_their_own_requests():

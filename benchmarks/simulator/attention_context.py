@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moegps.files import markdown_table
 from moegps.shapes import ModelShape, from_name, names
 from moegps.simulator.cost import other_time
 from moegps.simulator.system import SystemSpec, load_system
@@ -93,16 +94,6 @@ def prefill_rows(path: Path, system: SystemSpec) -> list[dict]:
     return out
 
 
-def table(rows: list[dict]) -> str:
-    if not rows:
-        return "(no rows)"
-    keys = list(rows[0])
-    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--decode", nargs="*", type=Path, default=[], help="engine_bench.json files with decode rows")
@@ -115,10 +106,10 @@ def main(argv=None) -> int:
           f"matmul {system.matmul_flops / 1e12:.0f} TFLOP/s\n")
     if args.decode:
         print("## Decode: growth of a step's time with the context (ms)\n")
-        print(table([r for f in args.decode for r in decode_rows(f, system, args.new_tokens)]), "\n")
+        print(markdown_table([r for f in args.decode for r in decode_rows(f, system, args.new_tokens)], "{:.2f}"), "\n")
     if args.prefill:
         print("## Prefill: the attention part of the prompt's time (ms)\n")
-        print(table([r for f in args.prefill for r in prefill_rows(f, system)]))
+        print(markdown_table([r for f in args.prefill for r in prefill_rows(f, system)], "{:.2f}"))
     return 0
 
 

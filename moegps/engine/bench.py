@@ -56,6 +56,7 @@ from unittest import mock
 
 import torch
 
+from ..files import markdown_table
 from ..executor.generate import (copy_bandwidth, device_ms, set_experts_implementation, static_decode,
                                  wall_ms)
 from ..kernels.timing import gpu_clocks
@@ -446,8 +447,8 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
             floor_beside = floor_ms(rate_beside)
             parts = kernel_parts(kernels)
             idle_ms, gaps = trace_gaps(kernels)
-            print(f"prefill of {n} tokens, {mode}: costliest kernels\n{_markdown(kernel_table(kernels))}\n"
-                  f"GPU idle between kernels {idle_ms:.2f} ms; the longest gaps:\n{_markdown(gaps)}", flush=True)
+            print(f"prefill of {n} tokens, {mode}: costliest kernels\n{markdown_table(kernel_table(kernels))}\n"
+                  f"GPU idle between kernels {idle_ms:.2f} ms; the longest gaps:\n{markdown_table(gaps)}", flush=True)
             rows.append(dict(shape=S.name, prompt=n, prefill=mode, ttft_ms=ms, ttft_min_ms=min(times),
                              ttft_max_ms=max(times), floor_ms=floor, pct_of_floor=100 * floor / ms,
                              matmul_beside_tflops=rate_beside / 1e12, floor_beside_ms=floor_beside,
@@ -736,15 +737,6 @@ def plot_ttft(rows: list[dict], path: Path) -> None:
 
 # ---- the command ---------------------------------------------------------------------------------
 
-def _markdown(rows: list[dict]) -> str:
-    if not rows:
-        return ""
-    keys = list(rows[0])
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    return "\n".join(lines + ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows])
-
-
 def _attempt(results: dict, key: str, fn):
     """Run one part; a failure is printed and recorded, and the other parts still run."""
     import traceback
@@ -835,11 +827,11 @@ def main(argv=None) -> None:
               f"matmul {c['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s; host: {c['host']}"]
     for key in ("checks", "agree", "attention", "decode", "ttft", "chunk", "peers"):
         if results.get(key):
-            report += ["", f"## {key}", _markdown(results[key])]
+            report += ["", f"## {key}", markdown_table(results[key])]
     if breakdown_rows:
         flat = [dict(who=r["who"].replace("\n", " "), shape=r["shape"], batch=r["batch"], step_ms=r["step_ms"],
                      **r["parts"]) for r in breakdown_rows]
-        report += ["", "## breakdown (ms per decode step)", _markdown(flat)]
+        report += ["", "## breakdown (ms per decode step)", markdown_table(flat)]
     report += [f"error: {e}" for e in results.get("errors", [])]
     text = "\n".join(report)
     (out / "report.md").write_text(text)
@@ -868,7 +860,7 @@ def _breakdowns(model, hf, shape, batches, device) -> list[dict]:
         rows.append(dict(who="engine", shape=shape.name, batch=batch, step_ms=step, device=device, parts=parts,
                          kernels=top))
         print(rows[-1], flush=True)
-        print(f"engine batch {batch}: costliest kernels of a step\n{_markdown(top)}", flush=True)
+        print(f"engine batch {batch}: costliest kernels of a step\n{markdown_table(top)}", flush=True)
         del engine
         if hf is not None:
             set_experts_implementation(hf, "grouped_mm")

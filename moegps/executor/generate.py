@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..files import markdown_table
 from ..shapes import from_name
 from .dist import Comm
 from .layer import expert_compute
@@ -424,16 +425,6 @@ def decode_breakdown(model, ids, n_new) -> dict:
                 gpu_kernel_ms_per_token=gpu_busy, launch_and_host_ms=step - gpu_busy if gpu_busy == gpu_busy else None)
 
 
-def _markdown(rows: list[dict]) -> str:
-    if not rows:
-        return ""
-    keys = list(rows[0])
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mode", choices=["layer", "generate", "all"], default="all")
@@ -455,12 +446,12 @@ def main(argv=None) -> None:
         for shape in args.shapes.split(","):
             rows += bench_layer(shape, tuple(int(t) for t in args.tokens.split(",")), bandwidth=bw)
         (out / "layer_decode.json").write_text(json.dumps(rows, indent=1))
-        report += ["", "## MoE layer decode latency (per layer, ms)", _markdown(rows)]
+        report += ["", "## MoE layer decode latency (per layer, ms)", markdown_table(rows)]
     if args.mode in ("generate", "all"):
         rows, breakdown = bench_generate(args.model, args.batch, n_new=args.new_tokens)
         (out / "generate.json").write_text(json.dumps(dict(rows=rows, breakdown=breakdown), indent=1))
-        report += ["", "## Generation (greedy)", _markdown(rows), "", "## moegps decode step breakdown (ms/token)",
-                   _markdown([breakdown])]
+        report += ["", "## Generation (greedy)", markdown_table(rows), "", "## moegps decode step breakdown (ms/token)",
+                   markdown_table([breakdown])]
     text = "\n".join(report)
     (out / "report.md").write_text(text)
     print(text)

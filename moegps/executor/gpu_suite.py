@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ..files import markdown_table
 from . import generate
 from .runner import ExecuteConfig, run
 
@@ -73,7 +74,7 @@ def main(argv=None) -> None:
             table.columns = [c.removeprefix("config.") for c in table.columns]
             table["ms_per_layer_batch"] = table["moe_ms"] / (table["n_layers"] * table["max_batches"])
             table["trace"] = table["trace"].map(lambda t: Path(t).name if t else "random")
-            md = f"device: {rows[0]['device']}\n\n" + generate._markdown(table[SUMMARY].to_dict("records"))
+            md = f"device: {rows[0]['device']}\n\n" + markdown_table(table[SUMMARY].to_dict("records"))
             (out / "exec.md").write_text(md)
             print(md, flush=True)
     if not args.skip_bench:
