@@ -93,14 +93,16 @@ def _serving_rank(comm, seed):
     """Each rank serves its own share of twelve requests on a fake clock of its own (so the ranks admit at
     different steps and prefill at different times); every answer equals that request alone on the
     one-process model, under continuous, chunked and static batching."""
-    from moegps.engine.serve import Request, rank_order, serve
+    from moegps.engine import Sampling
+    from moegps.engine.serve import Request, rank_order, serve, serve_on_ranks
     from test_engine_serve import FakeClock
 
     model = random_model(SHAPE, device="cpu", dtype=torch.float64, seed=seed)
     rng = np.random.default_rng(seed)  # the same requests on every rank
     requests = [Request(rng.integers(1, SHAPE.vocab_size, size=int(rng.integers(1, 10))).tolist(),
                         int(rng.integers(1, 9)), float(rng.uniform(0, 0.05))) for _ in range(12)]
-    mine = [requests[i] for i in rank_order(requests, comm.rank, comm.world)]
+    indices = rank_order(requests, comm.rank, comm.world)
+    mine = [requests[i] for i in indices]
     assert len(mine) == 12 // comm.world
     alone = Engine(model, max_batch=1, max_len=32)
     want = [alone.generate([r.prompt], r.max_new_tokens).tokens[0] for r in mine]
@@ -111,6 +113,15 @@ def _serving_rank(comm, seed):
         served = serve(Engine(ep, max_batch=3, max_len=32), mine, continuous=continuous, chunk=chunk,
                        clock=clock, sleep=clock.sleep)
         assert [s.tokens for s in served] == want, (continuous, chunk)
+    # sampled: a request draws as it does on one process (its seed from its index among all the requests)
+    sampling = Sampling(temperature=1.0, top_k=5, seed=int(rng.integers(2**20)))
+    clock = FakeClock(0.001)
+    one_process = serve(Engine(model, max_batch=3, max_len=32), requests, sampling, clock=clock, sleep=clock.sleep)
+    clock = FakeClock(tick)
+    on_ranks = serve_on_ranks(comm, Engine(ep, max_batch=3, max_len=32), requests, sampling, clock=clock,
+                              sleep=clock.sleep)
+    assert [s.tokens for s in on_ranks] == [s.tokens for s in one_process]
+    assert any(on_ranks[i].tokens != greedy for i, greedy in zip(indices, want))  # drawn, not greedy
 
 
 def test_expert_parallel_ranks_serve_their_own_requests():

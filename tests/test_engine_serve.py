@@ -190,7 +190,8 @@ def test_cli_on_the_bundled_model(tmp_path, capsys):
     for argv, message in ((argv[:5] + ["4"] + argv[6:], "holds runs of other settings"),
                           (["--requests", "0"], "--requests must be >= 1"), (["--chunk", "0"], "--chunk must be >= 1"),
                           (["--policy", "fast"], "invalid choice: 'fast'"),
-                          (["--placement", "balanced"], "here 1 rank(s) and --placement balanced")):
+                          (["--placement", "balanced"], "here 1 rank(s) and --placement balanced"),
+                          (["--placement", "bogus"], "--placement: ")):
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err

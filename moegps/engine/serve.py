@@ -54,6 +54,7 @@ from ..paths import shared_data
 from ..prompts import load_mmlu
 from .generate import BUCKETS, Engine, Sampling, bucket_for, build_model, choose_tokens
 from .model import KVCache, Model, prefill
+from ..placement.algorithms import canonical, place
 from .parallel import expert_parallel, idle_moe_calls, serving_comm
 
 
@@ -418,6 +419,11 @@ def main(argv=None) -> int:
         ap.error(f"--device {args.device}: no CUDA device here (use --device cpu)")
     joined = dist.is_available() and dist.is_initialized()  # a caller's process group: left for it to end
     comm = xdist.init(device=args.device)  # one rank unless started by torchrun
+    if args.placement:
+        try:
+            canonical(args.placement)  # on every rank, before they wait for the first to place
+        except ValueError as e:
+            ap.error(f"--placement: {e}")
     if comm.distributed != bool(args.placement):
         ap.error(f"--placement places the experts over several ranks (torchrun --nproc-per-node N -m "
                  f"moegps.engine.serve --placement balanced ...); here {comm.world} rank(s) and --placement "
@@ -443,15 +449,14 @@ def main(argv=None) -> int:
     policies = [p for p in POLICIES if p in args.policy]
     ceiling = decode_ceiling(engine, requests) * comm.world  # the ranks' slots decode in the same step
     say(f"{model.source} on {model.device}: {args.requests} MMLU requests, prompts of "
-          f"{min(len(r.prompt) for r in requests)}-{max(len(r.prompt) for r in requests)} tokens, answers of "
-          f"1-{args.max_new_tokens} tokens, {engine.cache.slots} slots"
-          f"{f' on each of {comm.world} expert-parallel ranks ({args.placement} placement)' if comm.distributed else ''}"
-          f"{f', chunks of {args.chunk} tokens' if 'chunked' in policies else ''}; host clock, ms")
+        f"{min(len(r.prompt) for r in requests)}-{max(len(r.prompt) for r in requests)} tokens, answers of "
+        f"1-{args.max_new_tokens} tokens, {engine.cache.slots} slots"
+        f"{f' on each of {comm.world} expert-parallel ranks ({args.placement} placement)' if comm.distributed else ''}"
+        f"{f', chunks of {args.chunk} tokens' if 'chunked' in policies else ''}; host clock, ms")
     say(f"decode ceiling: {ceiling:.1f} new tokens/s ({comm.world * engine.cache.slots} slots over a full bucket's "
-          f"decode step, "
-          f"measured now); 'ceiling' below: tokens/s over it")
+        f"decode step, measured now); 'ceiling' below: tokens/s over it")
     say(f"{'rate/s':>7} {'policy':<11} {'tokens/s':>9} {'ceiling':>8} {'span s':>8} {'TTFT p50':>9} {'TTFT p90':>9} "
-          f"{'TPOT p50':>9} {'latency p50':>12} {'latency p90':>12}")
+        f"{'TPOT p50':>9} {'latency p50':>12} {'latency p90':>12}")
     earlier = served_by_run(rows)
     for rate, requests in workloads.items():  # a row a run: its progress
         results = {}
@@ -469,14 +474,14 @@ def main(argv=None) -> int:
                     write_runs(out, rows, settings)
             s = results[policy] = summarize(served)
             say(f"{rate:>7g} {policy:<11} {s['tokens_per_s']:>9.1f} {s['tokens_per_s'] / ceiling:>8.0%} "
-                  f"{s['span_s']:>8.2f} {s['ttft_p50_ms']:>9.1f} {s['ttft_p90_ms']:>9.1f} {s['tpot_p50_ms']:>9.2f} "
-                  f"{s['latency_p50_ms']:>12.1f} {s['latency_p90_ms']:>12.1f}{note}", flush=True)
+                f"{s['span_s']:>8.2f} {s['ttft_p50_ms']:>9.1f} {s['ttft_p90_ms']:>9.1f} {s['tpot_p50_ms']:>9.2f} "
+                f"{s['latency_p50_ms']:>12.1f} {s['latency_p90_ms']:>12.1f}{note}", flush=True)
         if "static" in results:
             base = results["static"]
             for policy in (p for p in results if p != "static"):
                 c = results[policy]
                 say(f"{'':>7} {policy} / static: {c['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s, "
-                      f"{base['latency_p50_ms'] / c['latency_p50_ms']:.2f}x shorter median latency", flush=True)
+                    f"{base['latency_p50_ms'] / c['latency_p50_ms']:.2f}x shorter median latency", flush=True)
     if out:
         say(f"wrote {out}")
     if not joined:
@@ -487,8 +492,6 @@ def main(argv=None) -> int:
 def placed_over_ranks(model: Model, comm, args, requests: list[Request]) -> Model:
     """``model`` expert-parallel over ``comm``'s ranks, placed by ``args.placement`` on the expert loads of
     ``args.calibration`` held-out MMLU questions (counted on the first rank, the same placement on all)."""
-    from ..placement.algorithms import place
-
     box = [None]
     if comm.rank == 0:
         loads = expert_loads(model, held_out_prompts(requests, args.calibration, args.seed, mmlu=args.mmlu))
@@ -504,8 +507,12 @@ def serve_on_ranks(comm, engine: Engine, requests: list[Request], sampling: Samp
     if not comm.distributed:
         return serve(engine, requests, sampling, **policy)
     mine = rank_order(requests, comm.rank, comm.world)
+    # each request draws with the seed it has on one process (serve gives request i the seed + i)
+    sampling = sampling or Sampling()
+    own = [replace(requests[i], sampling=requests[i].sampling or replace(sampling, seed=sampling.seed + i))
+           for i in mine]
     dist.barrier(group=comm.group)
-    served = serve(engine, [requests[i] for i in mine], sampling, **policy)
+    served = serve(engine, own, sampling, **policy)
     everyone = [None] * comm.world
     dist.all_gather_object(everyone, (mine, served), group=comm.group)
     by_index = {i: s for indices, answers in everyone for i, s in zip(indices, answers)}
