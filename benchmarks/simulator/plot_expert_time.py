@@ -46,7 +46,10 @@ def main(argv=None) -> None:
     ap.add_argument("runs", nargs="+", help='"PANEL|LABEL=LOG"')
     ap.add_argument("--out", required=True)
     ap.add_argument("--title", default="")
+    ap.add_argument("--plans", nargs="+", choices=list(PLANS), default=list(PLANS), help="plans drawn, in this order")
+    ap.add_argument("--ylim", type=float, nargs=2, default=(0.5, 1.3))
     args = ap.parse_args(argv)
+    plans = {plan: PLANS[plan] for plan in args.plans}
     panels: dict[str, dict[str, dict[str, float]]] = {}
     for run in args.runs:
         panel, rest = run.split("|", 1)
@@ -54,16 +57,16 @@ def main(argv=None) -> None:
         panels.setdefault(panel, {})[label] = plan_speedups(Path(log))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False, sharey=True)
     for ax, (panel, runs) in zip(axes[0], panels.items()):
-        x = np.arange(len(PLANS))
+        x = np.arange(len(plans))
         width = 0.8 / len(runs)
         for i, (label, speedups) in enumerate(runs.items()):
-            values = [speedups.get(plan, np.nan) for plan in PLANS]
+            values = [speedups.get(plan, np.nan) for plan in plans]
             bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, values, width, label=label)
             ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
         ax.axhline(1.0, color="black", lw=0.8)
-        ax.set_xticks(x, list(PLANS.values()), fontsize=8)
+        ax.set_xticks(x, list(plans.values()), fontsize=8)
         ax.set_title(panel, fontsize=10)
-        ax.set_ylim(0.5, 1.3)
+        ax.set_ylim(*args.ylim)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("speedup over static placement (end to end)")
     axes[0][0].legend(fontsize=8, loc="upper left")
