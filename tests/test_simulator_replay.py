@@ -416,3 +416,26 @@ def test_attention_context_charges_each_tokens_context(rng, batching):
     np.testing.assert_allclose(other, (weights + 4096 * 4096) / one.hbm_bandwidth, rtol=1e-12)
     with pytest.raises(ValueError, match="history_tokens=5 needs attention_context=True"):
         simulate(b, static_plan(b), shape, one, ReplayConfig(history_tokens=5))
+
+
+def test_kv_memory_bounds_the_history(rng):
+    """Two requests (prompts of 3 and 5 tokens, 2 and 1 decode steps) in one static batch of Mixtral-8x7B on 8
+    H200s: the step holding most K/V is the first decode step (positions 4 and 6, plus the history each). Its
+    bytes against what 8 GPUs keep beside the weights, counted by hand: two expert slots of 32 layers a GPU,
+    and every GPU the rest of the model (data-parallel attention)."""
+    from moegps.simulator.system import SystemSpecError
+
+    shape, system = model_shape("mixtral-8x7b"), load_system("h200_8gpu")
+    b = make_batches(routing_of(rng, [3, 5], [2, 1]), 8, 8, ReplayConfig(batch_size=2))
+    expert = 3 * 4096 * 14336 * 2
+    weights = 2 * 32 * expert + (93_405_585_408 - 8 * 32 * expert)
+    room = 8 * (141e9 - weights)
+    per_position = 4096 * 32  # 4 KiB a position and layer
+    history = int((room / per_position - 10) // 2)  # (4 + h) + (6 + h) positions fit, one more does not
+    for h, fits in ((history, True), (history + 1, False)):
+        cfg = ReplayConfig(batch_size=2, attention_context=True, history_tokens=h)
+        if fits:
+            simulate(b, static_plan(b), shape, system, cfg)
+        else:
+            with pytest.raises(SystemSpecError, match=r"step 1 holds .* lower replay.batch_size or replay.history"):
+                simulate(b, static_plan(b), shape, system, cfg)

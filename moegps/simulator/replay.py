@@ -49,7 +49,7 @@ from ..results import make_row
 from ..shapes import ModelShape
 from ..trace import RoutingTrace, TokenRouting
 from . import cost
-from .system import SystemSpec
+from .system import SystemSpec, SystemSpecError
 
 
 @dataclass
@@ -718,6 +718,31 @@ def _source_counts(step, src, experts_l, S, G, E) -> np.ndarray:
     return np.bincount(idx.ravel(), minlength=S * G * E).reshape(S, G, E).astype(np.float64)
 
 
+def check_kv_memory(batches: Batches, history_tokens: int, shape: ModelShape, system: SystemSpec,
+                    attention: str = "dp") -> None:
+    """Raise when some step's requests hold more K/V (each its cache up to its furthest token in the step, after
+    ``history_tokens`` cached ones) than the GPUs have left beside the weights: such a batch cannot be served."""
+    req = np.unique(batches.request_id, return_inverse=True)[1].astype(np.int64)
+    n_req = int(req.max()) + 1
+    pair, where = np.unique(batches.step.astype(np.int64) * n_req + req, return_inverse=True)
+    furthest = np.zeros(len(pair))
+    np.maximum.at(furthest, where, batches.position + 1.0 + history_tokens)
+    held = np.bincount(pair // n_req, weights=furthest, minlength=batches.n_steps)  # [S] cached positions
+    per_position = shape.kv_bytes_per_token * shape.n_layers
+    routed = shape.n_moe_layers * shape.n_experts * shape.expert_weight_bytes
+    rest = shape.total_params * shape.dtype_bytes - routed  # attention, dense layers, embeddings: on every GPU (dp)
+    weights = system.slots_per_gpu(shape.n_experts) * shape.n_moe_layers * shape.expert_weight_bytes + (
+        rest / system.n_gpus if attention == "tp" else rest)
+    room = system.n_gpus * (system.memory_bytes - weights)
+    worst = int(held.argmax())
+    if held[worst] * per_position > room:
+        raise SystemSpecError(
+            f"{system.name}: step {worst} holds {held[worst]:.0f} positions of K/V ({held[worst] * per_position / 1e9:.1f} "
+            f"GB at {per_position / 1e6:.2f} MB a position, history_tokens={history_tokens}), where {system.n_gpus} "
+            f"GPUs of memory_gb={system.memory_bytes / 1e9:g} keep {room / 1e9:.1f} GB beside the weights: lower "
+            f"replay.batch_size or replay.history_tokens")
+
+
 def simulate(batches: Batches, plan: Plan, shape: ModelShape, system: SystemSpec, cfg: ReplayConfig | None = None,
              table: cost.ExpertTimeTable | None = None) -> SimResult:
     """Time every step and layer of ``batches`` under ``plan`` (see the module docstring)."""
@@ -740,6 +765,7 @@ def simulate(batches: Batches, plan: Plan, shape: ModelShape, system: SystemSpec
                          "(without it the non-MoE part does not depend on the context)")
     per_gpu_context = per_gpu_kv = None
     if cfg.attention_context:
+        check_kv_memory(batches, cfg.history_tokens, shape, system, cfg.attention)
         # the attention over the context runs where the request's K/V cache is: the token's own GPU, also under a
         # plan that moves tokens to their experts' GPUs (which moves its projections, not its request's cache)
         context = batches.position.astype(np.float64) + 1.0 + cfg.history_tokens  # [T] positions a token attends to
