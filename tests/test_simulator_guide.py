@@ -43,6 +43,13 @@ def test_guide_replays_the_servers_batching(rng):
     cols = ["baseline_ms", "distribution_ms", "token_ms", "oracle_ms"]
     np.testing.assert_allclose(tables["continuous"][cols], tables["static"][cols])
     assert not np.allclose(tables["chunked"][cols], tables["static"][cols])
+    # each table says how it was replayed; the attention over a cached history reaches the replay too
+    assert (tables["chunked"].batching == "chunked").all() and (tables["chunked"].chunk == 32).all()
+    cfg = GuideConfig(trace="synthetic", limit=16, batch_sizes=[4], link_gbps=[450.0], seed=seed,
+                      distribution=["global_profile"], token=["token_table"], attention_context=True,
+                      history_tokens=4096)
+    longer = run_guide(cfg, progress=False)[0]
+    assert (longer.history_tokens == 4096).all() and (longer.baseline_ms > tables["static"].baseline_ms).all()
 
 
 def test_placement_study_rows(rng, tmp_path):

@@ -96,11 +96,17 @@ def workload(cfg: GuideConfig, skew: float = 1.0) -> Workload:
 # ---- the sweep ----------------------------------------------------------------------------------
 
 
+def replay_columns(cfg: GuideConfig) -> dict[str, Any]:
+    """The replay settings every table and results row of a guide run carries, so that runs differing only
+    there are told apart by their rows, not only by their config.json."""
+    return {"source": cfg.source, "phase": cfg.phase, "attention": cfg.attention, "batching": cfg.batching,
+            "chunk": cfg.chunk, "answers": cfg.answers, "attention_context": cfg.attention_context,
+            "history_tokens": cfg.history_tokens}
+
+
 def replay_config(cfg: GuideConfig, batch: int) -> ReplayConfig:
     """The replay the guide's fields describe, at one of its batch sizes."""
-    return ReplayConfig(batch_size=batch, source=cfg.source, attention=cfg.attention, phase=cfg.phase,
-                        batching=cfg.batching, chunk=cfg.chunk, answers=cfg.answers,
-                        attention_context=cfg.attention_context, history_tokens=cfg.history_tokens)
+    return ReplayConfig(batch_size=batch, **replay_columns(cfg))
 
 
 def _expert_table(cfg: GuideConfig, work: Workload):
@@ -162,8 +168,7 @@ def run_guide(cfg: GuideConfig, progress: bool = True) -> tuple[pd.DataFrame, li
                                  link_gbps=cfg.link_gbps)
             for bw, results in by_bw.items():
                 variant = {"trace": work.data.name, "skew": skew, "gpus": gpus, "link_gbps": bw,
-                           "batch_size": batch, "phase": cfg.phase, "attention": cfg.attention,
-                           "placement": placement, "interval": cfg.interval, "system": base.name,
+                           "batch_size": batch, **replay_columns(cfg), "placement": placement, "interval": cfg.interval, "system": base.name,
                            "extra_slots": base.extra_slots_per_gpu, "model_shape": work.shape.name}
                 rows += result_rows(results, variant, _variant_system(base, gpus, bw), work)
                 decisions.append({**decide(variant, results), "protocol": work.data.describe()})
@@ -238,8 +243,8 @@ def placement_study(cfg: GuideConfig, progress: bool = True) -> tuple[pd.DataFra
                 results[name] = simulate(batches, plan, work.shape, system, rcfg, table_times)
             for name, res in results.items():
                 variant = {"trace": work.data.name, "gpus": gpus, "link_gbps": cfg.link_gbps[0], "batch_size": batch,
-                           "system": base.name, "model_shape": work.shape.name, "study": "placement",
-                           "extra_slots": base.extra_slots_per_gpu}
+                           **replay_columns(cfg), "system": base.name, "model_shape": work.shape.name,
+                           "study": "placement", "extra_slots": base.extra_slots_per_gpu}
                 rows += result_rows([res], {**variant, "placement": name}, system, work)
                 for phase_name, mask in (("all", np.ones(batches.n_steps, bool)), ("prefill", batches.phase == 0),
                                          ("decode", batches.phase == 1)):
