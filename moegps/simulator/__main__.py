@@ -96,8 +96,10 @@ def app(raw) -> None:
         side.to_parquet(tmp, index=False)
     with atomic_path(out / "config.json") as tmp:
         tmp.write_text(json.dumps(config, indent=2, default=str))
-    print(f"{work.data.describe()}; costed as {work.shape.name} on sim:{rows[0]['device'][4:]} "
-          f"({time.perf_counter() - t0:.1f} s)")
+    default = dataclasses.asdict(ReplayConfig())
+    changed = ", ".join(f"{k}={v}" for k, v in config["replay"].items() if default.get(k) != v)
+    print(f"{work.data.describe()}; costed as {work.shape.name} on sim:{rows[0]['device'][4:]}"
+          f"{f'; replay {changed}' if changed else ''} ({time.perf_counter() - t0:.1f} s)")
     print(f"{'plan':<18} {'family':<13} {'total ms':>10} {'expert':>9} {'dispatch':>9} {'combine':>9} "
           f"{'other':>8} {'pred':>7} {'migr':>8} {'speedup':>8}")
     for r, speedup in zip(results, speedups(results)):
