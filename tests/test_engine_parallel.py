@@ -91,8 +91,9 @@ def test_expert_parallel_refuses_a_shared_expert_held_among_the_experts():
 
 def _serving_rank(comm, seed):
     """Each rank serves its own share of twelve requests on a fake clock of its own (so the ranks admit at
-    different steps and prefill at different times); every answer equals that request alone on the
-    one-process model, under continuous, chunked and static batching."""
+    different steps and prefill at different times): every greedy answer equals that request alone on the
+    one-process model, under continuous, chunked and static batching, and every sampled answer the one it
+    gets when one process serves all twelve."""
     from moegps.engine import Sampling
     from moegps.engine.serve import Request, rank_order, serve, serve_on_ranks
     from test_engine_serve import FakeClock
