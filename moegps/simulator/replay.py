@@ -110,7 +110,6 @@ class Batches:
     loads: np.ndarray  # [S, L, E] true selection counts
     n_gpus: int
     n_experts: int
-    token_phase: np.ndarray | None = None  # [T] 0 prompt / 1 decode (None: each token its step's phase)
     routing: TokenRouting | None = None  # the full token-major trace these tokens came from
     keep: np.ndarray | None = None  # [tokens of routing] bool: which were replayed
 
@@ -121,6 +120,14 @@ class Batches:
     @property
     def n_layers(self) -> int:
         return self.experts.shape[1]
+
+    @property
+    def token_phase(self) -> np.ndarray:
+        """``[T]`` 0 prompt / 1 decode: each token's own phase (a chunked step holds both); its step's when the
+        batches do not keep the trace they came from."""
+        if self.routing is not None and self.keep is not None:
+            return self.routing.phase[self.keep]
+        return self.phase[self.step]
 
 
 def continuous_schedule(decode_steps: np.ndarray, slots: int) -> tuple[np.ndarray, np.ndarray]:
@@ -307,7 +314,7 @@ def make_batches(routing: TokenRouting | RoutingTrace, n_gpus: int, n_experts: i
         step=step, source=source.astype(np.int64), experts=experts, token_id=routing.token_id[keep],
         position=routing.position[keep], request_id=req, phase=phase,
         n_tokens=n_tokens, loads=loads, n_gpus=n_gpus, n_experts=n_experts,
-        token_phase=routing.phase[keep].astype(np.int8), routing=routing, keep=keep,
+        routing=routing, keep=keep,
     )
 
 
@@ -565,9 +572,7 @@ def distribution_plan(batches: Batches, predictor, place: PlaceFn, system: Syste
     order = np.argsort(batches.step, kind="stable")
     bounds = np.searchsorted(batches.step[order], np.arange(S + 1))
     requests, token_request = np.unique(batches.request_id, return_inverse=True)
-    # each token's own phase (a chunked step holds both)
-    prefill = (batches.routing.phase[batches.keep] == 0 if batches.routing is not None and batches.keep is not None
-               else batches.phase[batches.step] == 0)
+    prefill = batches.token_phase == 0
     flat = (token_request[prefill, None, None] * L + np.arange(L)[None, :, None]) * E + batches.experts[prefill]
     prefill_loads = np.bincount(flat.ravel(), minlength=len(requests) * L * E).reshape(len(requests), L, E)
     # each token's generation step (0 prefill, s the s-th decode step), for step-aware predictors
@@ -769,10 +774,10 @@ def simulate(batches: Batches, plan: Plan, shape: ModelShape, system: SystemSpec
         # the attention over the context runs where the request's K/V cache is: the token's own GPU, also under a
         # plan that moves tokens to their experts' GPUs (which moves its projections, not its request's cache)
         context = batches.position.astype(np.float64) + 1.0 + cfg.history_tokens  # [T] positions a token attends to
-        phase = batches.phase[step] if batches.token_phase is None else batches.token_phase
         at = step * G + batches.source
         per_gpu_context = np.bincount(at, weights=context, minlength=S * G).reshape(S, G)
-        per_gpu_kv = np.bincount(at, weights=np.where(phase == 1, context, 0.0), minlength=S * G).reshape(S, G)
+        decode = batches.token_phase == 1
+        per_gpu_kv = np.bincount(at, weights=np.where(decode, context, 0.0), minlength=S * G).reshape(S, G)
     for layer in range(L):
         src = batches.source if plan.home is None else plan.home[:, layer]
         share = plan.share[pidx, layer]  # [S, E, G]
