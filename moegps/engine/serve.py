@@ -51,10 +51,10 @@ from ..executor import dist as xdist
 from ..files import atomic_path
 from ..models.tokenizer import mixtral_tokenizer
 from ..paths import shared_data
-from ..prompts import load_mmlu
+from ..placement.algorithms import canonical, place
+from ..prompts import Prompt, load_mmlu
 from .generate import BUCKETS, Engine, Sampling, bucket_for, build_model, choose_tokens
 from .model import KVCache, Model, prefill
-from ..placement.algorithms import canonical, place
 from .parallel import expert_parallel, idle_moe_calls, serving_comm
 
 
@@ -93,6 +93,11 @@ def check_requests(engine: Engine, requests: list[Request]) -> None:
             raise ValueError(f"request {i}: arrival_s must be >= 0, got {r.arrival_s}")
 
 
+def request_draws(requests: list[Request], sampling: Sampling) -> list[Sampling]:
+    """Each request's sampling: its own, else ``sampling`` with the seed + the request's index."""
+    return [r.sampling or replace(sampling, seed=sampling.seed + i) for i, r in enumerate(requests)]
+
+
 def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = None, stop_tokens=(),
           continuous: bool = True, chunk: int = 0, max_prefill_tokens: int = 8192, clock=time.perf_counter,
           sleep=time.sleep) -> list[Served]:
@@ -115,7 +120,7 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
     check_requests(engine, requests)
     sampling = sampling or Sampling()
     model, device, slots = engine.model, engine.model.device, engine.cache.slots
-    draws = [r.sampling or replace(sampling, seed=sampling.seed + i) for i, r in enumerate(requests)]
+    draws = request_draws(requests, sampling)
     idle = Sampling()  # a free slot's dummy row: greedy
     stops = set(int(t) for t in stop_tokens)
     order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i))
@@ -265,14 +270,19 @@ def summarize(served: list[Served]) -> dict[str, float]:
             "latency_p50_ms": float(np.median(latency)), "latency_p90_ms": float(np.percentile(latency, 90))}
 
 
+def mmlu_questions(mmlu: str | Path | None = None) -> list[Prompt]:
+    """The MMLU questions in ``mmlu`` (a folder of per-subject files; default ``../shared/data/mmlu/test``)."""
+    return load_mmlu(mmlu or shared_data("mmlu", "test"))
+
+
 def mmlu_requests(n: int, rate: float, max_new_tokens: int, seed: int = 0, tokenizer=None,
-                  mmlu=None) -> list[Request]:
-    """``n`` MMLU questions drawn at random (without replacement, all subjects) from ``mmlu`` (a folder of
-    per-subject files; default ``../shared/data/mmlu/test``), tokenised; arrivals a Poisson process of
+                  questions: list[Prompt] | None = None) -> list[Request]:
+    """``n`` MMLU questions drawn at random (without replacement, all subjects) from ``questions`` (default
+    :func:`mmlu_questions`'s), tokenised; arrivals a Poisson process of
     ``rate`` requests a second (0: all at once; other rates of one seed scale the same gaps); answer lengths
     uniform in [1, max_new_tokens] (a random model's stop token rarely comes, so the lengths are drawn)."""
     tokenizer = tokenizer or mixtral_tokenizer()
-    prompts = load_mmlu(mmlu or shared_data("mmlu", "test"))
+    prompts = questions if questions is not None else mmlu_questions()
     if n > len(prompts):
         raise ValueError(f"{n} requests asked for, {len(prompts)} MMLU questions available")
     rng = np.random.default_rng(seed)
@@ -283,11 +293,12 @@ def mmlu_requests(n: int, rate: float, max_new_tokens: int, seed: int = 0, token
     return [Request(tokenizer.encode(prompts[p].text), int(m), float(a)) for p, m, a in zip(picked, lengths, arrivals)]
 
 
-def held_out_prompts(requests: list[Request], n: int, seed: int = 0, tokenizer=None, mmlu=None) -> list[list[int]]:
+def held_out_prompts(requests: list[Request], n: int, seed: int = 0, tokenizer=None,
+                     questions: list[Prompt] | None = None) -> list[list[int]]:
     """``n`` tokenised MMLU questions drawn at random (seed + 1) among those that are not ``requests``' prompts:
     what a placement is fitted on, so that the served requests are out of its sample."""
     tokenizer = tokenizer or mixtral_tokenizer()
-    prompts = load_mmlu(mmlu or shared_data("mmlu", "test"))
+    prompts = questions if questions is not None else mmlu_questions()
     served = {tuple(r.prompt) for r in requests}
     out = []
     for p in np.random.default_rng(seed + 1).permutation(len(prompts)):
@@ -434,11 +445,12 @@ def main(argv=None) -> int:
     try:
         rows = read_runs(out, settings) if out else []
         sampling = Sampling(args.temperature, args.top_k, args.seed, args.top_p)
-        workloads = {rate: mmlu_requests(args.requests, rate, args.max_new_tokens, args.seed, mmlu=args.mmlu)
+        questions = mmlu_questions(args.mmlu)  # read once: every rate's requests and the held-out ones
+        workloads = {rate: mmlu_requests(args.requests, rate, args.max_new_tokens, args.seed, questions=questions)
                      for rate in args.rate}
         model = build_model(args.model, str(comm.device) if comm.distributed else args.device, args.dtype)
         if comm.distributed:
-            model = placed_over_ranks(model, comm, args, workloads[args.rate[0]])
+            model = placed_over_ranks(model, comm, args, workloads[args.rate[0]], questions)
     except (ValueError, FileNotFoundError, KeyError) as e:
         ap.error(str(e))
     say = print if comm.rank == 0 else (lambda *a, **k: None)  # the first rank speaks for all
@@ -489,12 +501,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def placed_over_ranks(model: Model, comm, args, requests: list[Request]) -> Model:
+def placed_over_ranks(model: Model, comm, args, requests: list[Request], questions: list[Prompt]) -> Model:
     """``model`` expert-parallel over ``comm``'s ranks, placed by ``args.placement`` on the expert loads of
     ``args.calibration`` held-out MMLU questions (counted on the first rank, the same placement on all)."""
     box = [None]
     if comm.rank == 0:
-        loads = expert_loads(model, held_out_prompts(requests, args.calibration, args.seed, mmlu=args.mmlu))
+        loads = expert_loads(model, held_out_prompts(requests, args.calibration, args.seed, questions=questions))
         E = model.shape.n_experts
         box[0] = place(args.placement, loads, comm.world, -(-E // comm.world) + args.extra_slots)
     dist.broadcast_object_list(box, src=0, group=comm.group)
@@ -507,10 +519,8 @@ def serve_on_ranks(comm, engine: Engine, requests: list[Request], sampling: Samp
     if not comm.distributed:
         return serve(engine, requests, sampling, **policy)
     mine = rank_order(requests, comm.rank, comm.world)
-    # each request draws with the seed it has on one process (serve gives request i the seed + i)
-    sampling = sampling or Sampling()
-    own = [replace(requests[i], sampling=requests[i].sampling or replace(sampling, seed=sampling.seed + i))
-           for i in mine]
+    draws = request_draws(requests, sampling or Sampling())  # each request's seed as on one process
+    own = [replace(requests[i], sampling=draws[i]) for i in mine]
     dist.barrier(group=comm.group)
     served = serve(engine, own, sampling, **policy)
     everyone = [None] * comm.world
