@@ -273,7 +273,7 @@ def build_session(model_name: str, device: str, dtype: str, shape: str | None = 
         model = from_transformers(hf)  # views of the same tensors
     engine = None
     if engine_on:
-        model.routing_counts = torch.zeros(len(model.layers), model.shape.n_experts, dtype=torch.long, device=device)
+        model.count_routes()
         engine = Engine(model, max_batch=1, max_len=max_len)  # counts set first: a captured graph keeps them
     session = Session(tokenizer, hf, engine, model, device, copy_rate(device), max_new_tokens,
                       random_weights=shape is not None)

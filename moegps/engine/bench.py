@@ -128,14 +128,13 @@ def random_hf_mixtral(shape: ModelShape, seed: int = 0):
 def distinct_experts_per_layer(engine: Engine, bucket: int, steps: int = 4) -> list[float]:
     """Mean over ``steps`` eager decode steps of each layer's number of distinct experts chosen."""
     model = engine.model
-    model.routing_counts = torch.zeros(len(model.layers), model.shape.n_experts, dtype=torch.long,
-                                       device=model.device)
+    counts = model.count_routes()
     touched = torch.zeros(len(model.layers), device=model.device)
     with torch.inference_mode():
         for _ in range(steps):
-            model.routing_counts.zero_()
+            counts.zero_()
             logits = decode_step(model, engine.cache, engine.tokens[:bucket], engine.positions[:bucket])
-            touched += (model.routing_counts > 0).sum(1)
+            touched += (counts > 0).sum(1)
             engine.tokens[:bucket] = logits.argmax(-1)
     model.routing_counts = None
     return (touched / steps).tolist()

@@ -85,6 +85,14 @@ class Model:
             self.rope = rope_tables(max(max_positions, 4096), self.shape.head_dim, self.shape.rope_theta,
                                     self.device)
 
+    def count_routes(self) -> torch.Tensor:
+        """Start counting the experts chosen: ``routing_counts [layers, E]`` set to zeros and returned; every MoE
+        layer then adds its tokens' top-k (a CUDA graph captured after this adds to it too). Set
+        ``routing_counts`` to None to stop."""
+        self.routing_counts = torch.zeros(len(self.layers), self.shape.n_experts, dtype=torch.long,
+                                          device=self.device)
+        return self.routing_counts
+
 
 class KVCache:
     """Static K and V caches ``[layers, slots, n_kv, max_len, D]``; a sequence owns one slot (its batch row).

@@ -315,12 +315,12 @@ def expert_loads(model: Model, prompts: list[list[int]]) -> np.ndarray:
     them one at a time on a one-process ``model`` (its router's top-k, the shared expert left out)."""
     cache = KVCache(model.shape, 1, max(len(p) for p in prompts), model.dtype, model.device)
     model.ensure_rope(cache.max_len)
-    model.routing_counts = torch.zeros(len(model.layers), model.shape.n_experts, dtype=torch.long, device=model.device)
+    counts = model.count_routes()
     try:
         with torch.inference_mode():
             for p in prompts:
                 prefill(model, cache, [torch.as_tensor(p, dtype=torch.long)])
-        return model.routing_counts[model.moe_layers].cpu().numpy()
+        return counts[model.moe_layers].cpu().numpy()
     finally:
         model.routing_counts = None
 
