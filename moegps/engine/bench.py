@@ -56,9 +56,9 @@ from unittest import mock
 
 import torch
 
-from ..files import markdown_table
 from ..executor.generate import (copy_bandwidth, device_ms, set_experts_implementation, static_decode,
                                  wall_ms)
+from ..files import markdown_table
 from ..kernels.timing import gpu_clocks
 from ..shapes import ModelShape, from_name
 from . import kernels as K
