@@ -31,7 +31,8 @@ def config_dir(tmp_path, monkeypatch):
 
 def test_a_narrow_search_passes_the_incumbent_and_keeps_it(config_dir, tmp_path, monkeypatch):
     """The entry of a token count competes, or where there is none the one get_config would serve
-    (the nearest); a nearest one that wins is not copied to the new token count."""
+    (the nearest, or the default past twice the largest entry); a nearest one that wins is not copied to
+    the new token count."""
     old = {"path": "scan", "block_m": 16, "us": 9.0, "tuned_by": "an older run"}
     config_dir.parent.mkdir()
     config_dir.write_text(json.dumps({"shapes": {launch.shape_key(*SHAPE): {"32": old}}}))
@@ -46,7 +47,8 @@ def test_a_narrow_search_passes_the_incumbent_and_keeps_it(config_dir, tmp_path,
     tune.tune({"tiny": SHAPE}, [32, 512, 48], tmp_path / "out", 1, "the command", paths=("sorted",))
     kept = dict(old, kept_by="the command")
     assert seen[32] == (("sorted",), old)
-    assert seen[512] == (("sorted",), kept)  # the only entry is the nearest
+    # 512 is past twice the only entry's 32 tokens: what serves it, and so competes, is the default
+    assert seen[512] == (("sorted",), launch.default_config(512, *SHAPE))
     assert seen[48] == (("sorted",), kept)  # 32's entry is nearer than 512's
     table = json.loads(config_dir.read_text())["shapes"][launch.shape_key(*SHAPE)]
     assert table["32"] == kept  # its own record, and who kept it
@@ -214,7 +216,7 @@ def test_a_top_k_without_a_table_takes_the_same_experts_table_by_selections(conf
     """get_config for a top-k no table has (top-1: an expert-parallel rank's compacted rows) takes the
     entry of the same experts' nearest top-k table with the nearest number of selections (tokens x
     top-k), not the default config; a table of the asked top-k wins; other experts' tables do not
-    serve; with none, the default."""
+    serve; with none, or past twice the table's most selections, the default."""
     config_dir.parent.mkdir()
     few = {"path": "scan", "block_m": 16, "tuned_by": "test"}
     many = {"path": "sorted", "block_m": 64, "tuned_by": "test"}
@@ -226,6 +228,9 @@ def test_a_top_k_without_a_table_takes_the_same_experts_table_by_selections(conf
     assert launch.get_config(600, 8, 64, 128, 1) == many  # 600 selections: nearer 512 x 2 than 8 x 2
     assert launch.get_config(300, 8, 64, 128, 3) == many  # 900 selections, from the top-2 table
     assert launch.get_config(600, 8, 64, 128, 2) == many  # its own table: 600 tokens, nearest 512
+    assert launch.get_config(1024, 8, 64, 128, 2) == many  # twice the largest tuned count: still the table's
+    assert launch.get_config(1025, 8, 64, 128, 2) == launch.default_config(1025, 8, 64, 128, 2)  # beyond: default
+    assert launch.get_config(2049, 8, 64, 128, 1) == launch.default_config(2049, 8, 64, 128, 1)  # by selections
     assert launch.get_config(5, 16, 64, 128, 1) == launch.default_config(5, 16, 64, 128, 1)
     shapes[launch.shape_key(8, 64, 128, 1)] = {"600": {"path": "scan", "block_m": 32, "tuned_by": "top-1"}}
     config_dir.write_text(json.dumps({"shapes": shapes}))

@@ -186,7 +186,8 @@ def _tuned_table(name: str) -> dict:
 
 def get_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: int,
                device: torch.device | None = None) -> dict:
-    """Tuned config of the nearest tuned token count for this shape and device, else the default.
+    """Tuned config of the nearest tuned token count for this shape and device, else the default (also past
+    twice the largest tuned count: a table says nothing of sizes far beyond it).
 
     A swap config is taken only where an expert takes as many blocks (`swap_blocks`) as where it
     was tuned: each block streams the expert's weights, so an entry tuned with one block an expert
@@ -214,7 +215,10 @@ def get_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: int,
     by_tokens = {t: c for t, c in by_tokens.items()
                  if c["path"] != "swap" or swap_blocks(rows, c["block_m"])
                  == swap_blocks(int(t) * tuned_k / n_experts, c["block_m"])}
-    if not by_tokens:
+    # Past twice the most selections a table was tuned at, its nearest entry is no evidence: a rank's table tuned
+    # at 1-256 rows served its 128-row tiles to prefill shares of thousands of rows, 1.36x the default's time
+    # (benchmarks/simulator/h200-2026-12-05-v/, the prefill-heavy replay).
+    if not by_tokens or n_tokens * top_k > 2 * max(int(t) * tuned_k for t in by_tokens):
         return default_config(n_tokens, n_experts, hidden, ffn, top_k)
     nearest = min(by_tokens, key=lambda t: abs(int(t) * tuned_k - n_tokens * top_k))
     return by_tokens[nearest]
