@@ -1,0 +1,259 @@
+"""Serving in simulated time: the engine's scheduler over requests that arrive, every model call costed by the cost model.
+
+``moegps.engine.serve`` measures time to first token and latency at a request rate on a GPU; this predicts them
+without one. :func:`serve_times` runs the engine's loop (``engine.serve.serve``: its admission, slots, decode
+buckets, whole or chunked prefill, static or continuous batching) on a clock that each model call moves on by
+:func:`call_seconds`, the cost model's time for that call on one GPU (``cost.other_time`` for the attention block
+with its context, ``cost.expert_time`` for the experts the call's tokens pick, the profile's per-layer overhead,
+the vocabulary projection). The requests are the engine command's own (``mmlu_requests``, same seed: the same
+prompts, answer lengths and arrivals), so a simulated run and a measured one can be laid side by side
+(``benchmarks/engine/plot_serve.py``).
+
+Routing: a random-weight model's router spreads its picks near uniformly, so a call's ``n`` tokens are taken to
+pick each expert with probability ``k / E`` independently; an expert's time is averaged over its binomial count
+(the number of distinct experts read is what sets a decode step's weight traffic).
+
+    python -m moegps.simulator.serving --shape mixtral-8x7b --system h200_8gpu --requests 128 --rate 5 10 20 40 \\
+        --max-batch 32 --max-new-tokens 128 --chunk 256 --out sim-serve.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import binom
+
+from ..shapes import ModelShape, from_name, names
+from . import cost
+from .system import SystemSpec, load_system
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # the engine's decode graph sizes (engine.generate.BUCKETS; a test ties them)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One model call of the serving loop: whole prompts prefilled together, or a decode step over ``bucket``
+    cache slots (a free slot's dummy row included, as the engine's graph computes it) with ``chunk`` tokens of one
+    prompt beside it, from position ``chunk_start``."""
+
+    prompts: tuple[int, ...] = ()           # prompt lengths of a whole-prompt prefill
+    decode_positions: tuple[int, ...] = ()  # the bucket's rows: each row's position (it attends to position + 1)
+    chunk: int = 0                          # the chunk's rows (the graph's size: a last piece is padded)
+    chunk_start: int = 0
+
+    @property
+    def bucket(self) -> int:
+        return len(self.decode_positions)
+
+
+def bucket_for(n: int) -> int:
+    """The smallest decode bucket holding ``n`` slots (engine.generate.bucket_for)."""
+    for size in BUCKETS:
+        if size >= n:
+            return size
+    raise ValueError(f"{n} slots exceed the largest decode bucket {BUCKETS[-1]}")
+
+
+def expected_expert_seconds(n_tokens: float, shape: ModelShape, system: SystemSpec) -> float:
+    """Seconds one GPU holding all of ``shape``'s experts spends on one MoE layer's experts for ``n_tokens`` tokens
+    routed uniformly: each expert's count is Binomial(n, k / E), its time ``cost.expert_time`` of that count,
+    averaged over the distribution (0 tokens: not read)."""
+    n = int(round(n_tokens))
+    if n <= 0:
+        return 0.0
+    counts = np.arange(n + 1)
+    p = binom.pmf(counts, n, shape.top_k / shape.n_experts)
+    return float(shape.n_experts * (p * cost.expert_time(counts, shape, system)).sum())
+
+
+def call_seconds(call: Call, shape: ModelShape, system: SystemSpec) -> float:
+    """The cost model's seconds for one serving call on one GPU: every layer's attention block over its tokens'
+    contexts (a whole prompt's token at position p attends to p + 1 positions in the prompt, a decode row reads its
+    K/V up to its position, a chunk's rows attend from ``chunk_start``), its experts (or its dense MLP, in the
+    non-expert weights), the profile's per-layer overhead; and the vocabulary projection (its weights once, two
+    FLOPs a weight for each row that yields a token: a prompt's last, a decode row, the chunk's last)."""
+    prompts = np.asarray(call.prompts, dtype=np.float64)
+    positions = np.asarray(call.decode_positions, dtype=np.float64)
+    chunk_context = call.chunk * call.chunk_start + call.chunk * (call.chunk + 1) / 2
+    tokens = prompts.sum() + len(positions) + call.chunk
+    if tokens == 0:
+        return 0.0
+    context = (prompts * (prompts + 1) / 2).sum() + (positions + 1).sum() + chunk_context
+    other = float(cost.other_time(np.array([[tokens]]), shape, system, "dp", np.array([[context]]),
+                                  np.array([[(positions + 1).sum()]]))[0])
+    dense_mlp = 3.0 * shape.hidden * shape.dense_ffn  # a leading dense layer's MLP weights (DeepSeek's first)
+    layers = (shape.n_layers * (other + system.layer_overhead)
+              + shape.n_moe_layers * expected_expert_seconds(tokens, shape, system)
+              + shape.dense_layers * max(dense_mlp * shape.dtype_bytes / system.hbm_bandwidth,
+                                         2.0 * dense_mlp * tokens / system.matmul_flops))
+    rows_out = len(prompts) + len(positions) + (1 if call.chunk else 0)
+    vocab = max(shape.vocab_size * shape.hidden * shape.dtype_bytes / system.hbm_bandwidth,
+                2.0 * rows_out * shape.vocab_size * shape.hidden / system.matmul_flops)
+    return layers + vocab
+
+
+@dataclass
+class Timed:
+    """One request's times in a simulated run (seconds after serving starts), as ``engine.serve.Served``'s."""
+
+    arrival_s: float
+    first_token_s: float
+    finish_s: float
+    new_tokens: int
+
+
+def serve_times(prompt_tokens, new_tokens, arrival_s, slots: int, seconds, continuous: bool = True, chunk: int = 0,
+                max_prefill_tokens: int = 8192) -> list[Timed]:
+    """The engine's serving loop (``engine.serve.serve``, the same admissions, slots and buckets) over requests of
+    ``prompt_tokens [R]`` tokens asking for ``new_tokens [R]`` (no stop token: every answer runs to its length),
+    arriving at ``arrival_s [R]``, on ``slots`` cache slots; each model call (a :class:`Call`) takes
+    ``seconds(call)``. Returns each request's times in the requests' order."""
+    prompt_tokens, new_tokens = [int(p) for p in prompt_tokens], [int(n) for n in new_tokens]
+    arrival_s = [float(a) for a in arrival_s]
+    if chunk < 0 or (chunk and not continuous):
+        raise ValueError(f"chunk must be 0 (whole prompts) or > 0 with continuous batching, got {chunk} "
+                         f"with continuous={continuous}")
+    if min(new_tokens, default=1) < 1:
+        raise ValueError(f"every request asks for at least one new token, got {min(new_tokens)}")
+    R = len(prompt_tokens)
+    order = sorted(range(R), key=lambda i: (arrival_s[i], i))
+    waiting = list(reversed(order))   # a stack: the next to arrive last
+    free = list(range(slots))         # a heap: the lowest free slot first
+    prefilling: list[list[int]] = []  # [request, slot, prompt tokens done]
+    running: dict[int, int] = {}      # slot -> request
+    made = [0] * R
+    first = [0.0] * R
+    done: dict[int, Timed] = {}
+    position = [0] * slots            # the position a slot's next decode row writes (0: a free slot's dummy row)
+    now = 0.0
+
+    def take(slot: int) -> None:
+        i = running[slot]
+        made[i] += 1
+        if made[i] == new_tokens[i]:
+            done[i] = Timed(arrival_s[i], first[i], now, made[i])
+            del running[slot]
+            heapq.heappush(free, slot)
+            position[slot] = 0
+
+    def begin(into: list[int], newcomers: list[int]) -> None:
+        for slot, i in zip(into, newcomers):
+            running[slot], first[i], position[slot] = i, now, prompt_tokens[i]
+            take(slot)
+
+    def admit() -> tuple[list[int], list[int]]:
+        newcomers: list[int] = []
+        budget = max_prefill_tokens
+        while waiting and len(newcomers) < len(free) and arrival_s[waiting[-1]] <= now:
+            n = prompt_tokens[waiting[-1]]
+            if newcomers and n > budget and not chunk:
+                break
+            newcomers.append(waiting.pop())
+            budget -= n
+        into = [heapq.heappop(free) for _ in newcomers]
+        if chunk:
+            prefilling.extend([i, slot, 0] for i, slot in zip(newcomers, into))
+            return [], []
+        return newcomers, into
+
+    while True:
+        newcomers, into = admit() if continuous or not running else ([], [])
+        if newcomers:
+            now += seconds(Call(prompts=tuple(prompt_tokens[i] for i in newcomers)))
+            begin(into, newcomers)
+        if running or prefilling:
+            bucket = bucket_for(max(running, default=0) + 1)
+            size = chunk if prefilling else 0
+            if size:
+                i, slot, start = prefilling[0]
+                piece = min(size, prompt_tokens[i] - start)
+                position[slot] = start + piece  # the slot's decode row (if in the bucket) parks there
+            now += seconds(Call(decode_positions=tuple(position[:bucket]), chunk=size,
+                                chunk_start=start if size else 0))
+            for row in range(bucket):
+                position[row] += row in running
+            for row in list(running):
+                take(row)
+            if size:
+                prefilling[0][2] += piece
+                if prefilling[0][2] == prompt_tokens[i]:
+                    prefilling.pop(0)
+                    begin([slot], [i])
+        elif waiting:
+            now = max(now, arrival_s[waiting[-1]])
+        else:
+            break
+    return [done[i] for i in range(R)]
+
+
+def main(argv=None) -> int:
+    from ..engine.serve import POLICIES, mmlu_questions, mmlu_requests, summarize, write_runs
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="mixtral-8x7b", choices=names(), help="the model whose calls are costed")
+    ap.add_argument("--system", default="h200_8gpu", help="system profile (name or YAML); one of its GPUs serves")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--rate", type=float, nargs="+", default=[0.0],
+                    help="Poisson arrivals, requests a second (0: all at once); several: one run each")
+    ap.add_argument("--max-batch", type=int, default=8, help="cache slots: requests decoded together at most")
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="answer lengths are drawn in [1, this]")
+    ap.add_argument("--policy", nargs="+", choices=POLICIES, default=list(POLICIES))
+    ap.add_argument("--chunk", type=int, default=128, help="prompt tokens a step of the chunked policy")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mmlu", default=None, help="folder of MMLU files (default ../shared/data/mmlu/test)")
+    ap.add_argument("--out", default=None, help="CSV of every request's times, the engine command's columns")
+    args = ap.parse_args(argv)
+    for name in ("requests", "max_batch", "max_new_tokens", "chunk"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if min(args.rate) < 0:
+        ap.error(f"--rate must be >= 0, got {min(args.rate)}")
+    try:
+        shape = from_name(args.shape)
+        system = replace(load_system(args.system), n_gpus=1, gpus_per_node=1)
+        questions = mmlu_questions(args.mmlu)
+        workloads = {rate: mmlu_requests(args.requests, rate, args.max_new_tokens, args.seed, questions=questions)
+                     for rate in args.rate}
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        ap.error(str(e))
+    slots = bucket_for(args.max_batch)  # the engine rounds its slots up to a decode bucket
+    seconds = lambda call: call_seconds(call, shape, system)  # noqa: E731
+    shortest = min(len(r.prompt) for r in workloads[args.rate[0]])
+    ceiling = slots / seconds(Call(decode_positions=(shortest,) * slots))
+    print(f"{shape.name} on one GPU of {system.name} (cost model, uniform routing): {args.requests} MMLU requests, "
+          f"{slots} slots; decode ceiling {ceiling:.1f} new tokens/s; simulated clock, ms")
+    print(f"{'rate/s':>7} {'policy':<11} {'tokens/s':>9} {'ceiling':>8} {'span s':>8} {'TTFT p50':>9} {'TTFT p90':>9} "
+          f"{'TPOT p50':>9} {'latency p50':>12} {'latency p90':>12}")
+    rows = []
+    for rate, requests in workloads.items():
+        for policy in (p for p in POLICIES if p in args.policy):
+            timed = serve_times([len(r.prompt) for r in requests], [r.max_new_tokens for r in requests],
+                                [r.arrival_s for r in requests], slots, seconds, continuous=policy != "static",
+                                chunk=args.chunk if policy == "chunked" else 0)
+            rows += [{"rate": rate, "policy": policy, "decode_ceiling": ceiling, "request": i,
+                      "prompt_tokens": len(r.prompt), "new_tokens": t.new_tokens, "arrival_s": t.arrival_s,
+                      "first_token_s": t.first_token_s, "finish_s": t.finish_s}
+                     for i, (r, t) in enumerate(zip(requests, timed))]
+            s = summarize(_as_served(timed))
+            print(f"{rate:>7g} {policy:<11} {s['tokens_per_s']:>9.1f} {s['tokens_per_s'] / ceiling:>8.0%} "
+                  f"{s['span_s']:>8.2f} {s['ttft_p50_ms']:>9.1f} {s['ttft_p90_ms']:>9.1f} {s['tpot_p50_ms']:>9.2f} "
+                  f"{s['latency_p50_ms']:>12.1f} {s['latency_p90_ms']:>12.1f}", flush=True)
+    if args.out:
+        write_runs(Path(args.out), rows, {**{k: v for k, v in vars(args).items() if k not in ("rate", "policy", "out")},
+                                          "simulated": True})
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _as_served(timed: list[Timed]):
+    from ..engine.serve import Served
+
+    return [Served([0] * t.new_tokens, t.arrival_s, t.first_token_s, t.finish_s) for t in timed]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

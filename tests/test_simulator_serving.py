@@ -1,0 +1,149 @@
+"""Serving in simulated time (moegps.simulator.serving).
+
+The simulator's copy of the serving loop is checked against the engine's loop itself (``engine.serve.serve`` on a
+float64 random model): both run on clocks that every model call moves on by the same cost of that call, read from
+the engine's own arguments and state (prompt lengths, bucket, the slots' positions, the chunk and where it starts),
+so every request's first-token and finish times agree only if the admissions, slots, buckets and positions do. The
+cost of one call is checked against a sum written out by hand.
+"""
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import moegps.engine.serve as engine_serve
+from moegps.engine import Engine
+from moegps.engine.generate import BUCKETS
+from moegps.engine.model import random_model
+from moegps.engine.serve import Request
+from moegps.shapes import from_name
+from moegps.simulator import cost, serving
+from moegps.simulator.serving import Call, call_seconds, serve_times
+from moegps.simulator.system import load_system
+
+
+@pytest.fixture(autouse=True)
+def engine_cpu_path(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.fixture(scope="module")
+def model():
+    shape = from_name("mixtral-8x7b").replace(name="tiny", vocab_size=64, n_layers=2, hidden=32, n_heads=4,
+                                              n_kv_heads=2, head_dim=8, expert_ffn=24, n_experts=8, top_k=2)
+    return random_model(shape, device="cpu", dtype=torch.float64, seed=3)
+
+
+class ChargedClock:
+    """Time that only the model calls (``charge``) and the waits for arrivals (``sleep``) move on."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def test_the_buckets_are_the_engines():
+    assert serving.BUCKETS == BUCKETS
+
+
+@pytest.mark.parametrize("policy", ["continuous", "chunked 3", "chunked 8", "static", "one prompt a prefill"])
+def test_serve_times_follows_the_engines_loop(rng, model, monkeypatch, policy):
+    """Eleven requests over four slots (max_batch 3, rounded up to the bucket of 4), arriving while others run and
+    after idle gaps, each model call costing a random linear function of its prompt tokens, bucket, the bucket's
+    positions and its chunk: every request's first-token and finish time from serve_times equals the engine's."""
+    coef = rng.uniform(0.1, 1.0, size=6) * np.array([1e-3, 1e-2, 1e-4, 1e-5, 1e-4, 1e-5])
+
+    def seconds(call: Call) -> float:
+        return float(coef[0] * sum(call.prompts) + coef[1] + coef[2] * call.bucket
+                     + coef[3] * sum(call.decode_positions) + coef[4] * call.chunk + coef[5] * call.chunk_start)
+
+    requests = [Request(rng.integers(0, 64, size=int(rng.integers(1, 12))).tolist(), int(rng.integers(1, 14)),
+                        float(rng.uniform(0, 0.3)) + (1.0 if i > 8 else 0.0)) for i in range(11)]
+    chunk = int(policy.split()[-1]) if policy.startswith("chunked") else 0
+    continuous = policy != "static"
+    budget = 1 if policy == "one prompt a prefill" else 8192
+    clock = ChargedClock()
+    engine = Engine(model, max_batch=3, max_len=32)
+    assert engine.prefill_graphs is None  # every prefill goes through engine.serve.prefill
+    whole_prefill, step = engine_serve.prefill, engine.step
+
+    def charged_prefill(model, cache, prompts, **kwargs):
+        clock.t += seconds(Call(prompts=tuple(len(p) for p in prompts)))
+        return whole_prefill(model, cache, prompts, **kwargs)
+
+    def charged_step(bucket, size=0):
+        run = step(bucket, size)
+
+        def call():
+            start = int(engine.chunk_inputs(size)[2]) if size else 0
+            clock.t += seconds(Call(decode_positions=tuple(engine.positions[:bucket].tolist()), chunk=size,
+                                    chunk_start=start))
+            return run()
+        return call
+
+    monkeypatch.setattr(engine_serve, "prefill", charged_prefill)
+    monkeypatch.setattr(engine, "step", charged_step)
+    served = engine_serve.serve(engine, requests, continuous=continuous, chunk=chunk, max_prefill_tokens=budget,
+                                clock=clock, sleep=clock.sleep)
+    timed = serve_times([len(r.prompt) for r in requests], [r.max_new_tokens for r in requests],
+                        [r.arrival_s for r in requests], engine.cache.slots, seconds, continuous=continuous,
+                        chunk=chunk, max_prefill_tokens=budget)
+    for s, t, r in zip(served, timed, requests):
+        assert len(s.tokens) == t.new_tokens == r.max_new_tokens
+        assert t.arrival_s == pytest.approx(s.arrival_s, abs=1e-12)
+        assert t.first_token_s == pytest.approx(s.first_token_s, abs=1e-12)
+        assert t.finish_s == pytest.approx(s.finish_s, abs=1e-12)
+    assert any(t.first_token_s > t.arrival_s for t in timed)  # some waited: the schedule was tested, not only costs
+
+
+def test_serve_times_rejects_bad_requests():
+    with pytest.raises(ValueError, match="chunk must be 0"):
+        serve_times([3], [2], [0.0], 4, lambda call: 1.0, continuous=False, chunk=8)
+    with pytest.raises(ValueError, match="at least one new token"):
+        serve_times([3], [0], [0.0], 4, lambda call: 1.0)
+
+
+def test_call_seconds_by_hand():
+    """A decode step of four rows at positions 0, 10, 100, 1000 beside a chunk of 16 tokens from position 32, on
+    Mixtral-8x7B and the H200 profile: per layer the attention block's roofline over its weights, the rows' K/V
+    reads and the context's FLOPs, plus each expert's time averaged over Binomial(20, 2/8) counts written out with
+    math.comb, plus the layer overhead; and the vocabulary projection's weights once."""
+    shape, system = from_name("mixtral-8x7b"), load_system("h200_8gpu")
+    call = Call(decode_positions=(0, 10, 100, 1000), chunk=16, chunk_start=32)
+    tokens = 20
+    context = (1 + 11 + 101 + 1001) + sum(32 + j + 1 for j in range(16))
+    kv = 1 + 11 + 101 + 1001
+    attention = max((shape.non_expert_params_per_layer * 2 + kv * shape.kv_bytes_per_token) / system.hbm_bandwidth,
+                    (2 * shape.non_expert_params_per_layer * tokens + 4 * shape.n_heads * shape.head_dim * context)
+                    / system.matmul_flops)
+    p = shape.top_k / shape.n_experts
+    experts = shape.n_experts * sum(math.comb(tokens, c) * p ** c * (1 - p) ** (tokens - c)
+                                    * float(cost.expert_time(np.array([c]), shape, system)[0])
+                                    for c in range(1, tokens + 1))
+    vocab = shape.vocab_size * shape.hidden * 2 / system.hbm_bandwidth  # 5 rows: memory-bound
+    want = 32 * (attention + experts + system.layer_overhead) + vocab
+    assert call_seconds(call, shape, system) == pytest.approx(want, rel=1e-9)
+    assert call_seconds(Call(), shape, system) == 0.0
+
+
+def test_the_command_writes_the_engines_columns(tmp_path, capsys):
+    """The command's CSV has the columns of ``python -m moegps.engine.serve --out`` (benchmarks/engine/plot_serve.py
+    reads either), a row per request, rate and policy."""
+    out = tmp_path / "sim.csv"
+    assert serving.main(["--requests", "6", "--rate", "0", "50", "--max-batch", "2", "--max-new-tokens", "8",
+                         "--chunk", "16", "--out", str(out)]) == 0
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 * 2 * 3
+    assert {"rate", "policy", "request", "new_tokens", "arrival_s", "first_token_s", "finish_s"} <= set(rows[0])
+    assert {r["policy"] for r in rows} == {"continuous", "chunked", "static"}
+    assert all(float(r["arrival_s"]) <= float(r["first_token_s"]) <= float(r["finish_s"]) for r in rows)
+    assert "mixtral-8x7b on one GPU of h200_8gpu" in capsys.readouterr().out
