@@ -5,7 +5,11 @@
 
 Four panels against the arrival rate: throughput (new tokens a second, with the run's decode ceiling
 dotted), time to first token, time per output token and end-to-end latency (median; the 90th percentile
-dashed), one line per policy.
+dashed), one line per policy. With `--simulated SIM.csv` (`python -m moegps.simulator.serving --out`, the same
+requests in the cost model's time) each policy's simulated medians are drawn beside the measured ones (dotted,
+crosses) in place of the 90th percentiles:
+
+    python benchmarks/engine/plot_serve.py RUN.csv --simulated SIM.csv --out serve-vs-sim.png
 """
 
 from __future__ import annotations
@@ -53,10 +57,13 @@ def main(argv=None) -> None:
     ap.add_argument("csv", type=Path)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--title", default="")
+    ap.add_argument("--simulated", type=Path, default=None,
+                    help="CSV of `python -m moegps.simulator.serving --out` for the same requests, drawn beside")
     ap.add_argument("--ceiling", type=float, default=None,
                     help="the decode ceiling (new tokens/s) where the CSV has no decode_ceiling column")
     args = ap.parse_args(argv)
     data = runs(args.csv)
+    simulated = runs(args.simulated) if args.simulated else {}
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.9))
     for policy, by_rate in sorted(data.items()):
         colour = COLOURS.get(policy, "tab:gray")
@@ -66,8 +73,17 @@ def main(argv=None) -> None:
         axes[2].plot(rates, figure["tpot_p50_ms"], "o-", color=colour, label=f"{policy} median")
         for ax, key in ((axes[1], "ttft"), (axes[3], "latency")):
             ax.plot(rates, [v / 1e3 for v in figure[f"{key}_p50_ms"]], "o-", color=colour, label=f"{policy} median")
-            ax.plot(rates, [v / 1e3 for v in figure[f"{key}_p90_ms"]], "o--", color=colour, alpha=0.5,
-                    label=f"{policy} p90")
+            if not simulated:
+                ax.plot(rates, [v / 1e3 for v in figure[f"{key}_p90_ms"]], "o--", color=colour, alpha=0.5,
+                        label=f"{policy} p90")
+    for policy, by_rate in sorted(simulated.items()):
+        colour = COLOURS.get(policy, "tab:gray")
+        rates = sorted(by_rate)
+        figure = {k: [by_rate[r][k] for r in rates] for k in by_rate[rates[0]]}
+        axes[0].plot(rates, figure["tokens_per_s"], "x:", color=colour, label=f"{policy} simulated")
+        axes[2].plot(rates, figure["tpot_p50_ms"], "x:", color=colour, label=f"{policy} simulated")
+        for ax, key in ((axes[1], "ttft"), (axes[3], "latency")):
+            ax.plot(rates, [v / 1e3 for v in figure[f"{key}_p50_ms"]], "x:", color=colour, label=f"{policy} simulated")
     labels = ("new tokens / s", "time to first token (s)", "time per output token (ms)", "request latency (s)")
     for ax, label in zip(axes, labels):
         ax.set_xlabel("arrival rate (requests / s)")
