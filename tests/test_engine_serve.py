@@ -16,7 +16,9 @@ import torch
 from moegps.engine import Engine, KVCache, prefill
 from moegps.engine.generate import PrefillGraphs
 from moegps.engine.model import random_model
-from moegps.engine.serve import Request, Served, decode_ceiling, main, serve, summarize, warm_up
+from moegps.engine import serve as serve_module
+from moegps.engine.serve import (Request, Served, decode_ceiling, main, packed_prefill_sizes, serve, summarize,
+                                 warm_up)
 from moegps.shapes import from_name
 
 
@@ -140,6 +142,31 @@ def test_warm_up_captures_a_prefill_graph_per_length_class_and_slot_kind(rng, mo
     engine.prefill_graphs = PrefillGraphs(model, engine.cache, round_to=8)
     warm_up(engine, [Request([1] * n) for n in (3, 5, 9, 17, 16)], chunk=4)
     assert set(engine.prefill_graphs._graphs) == {(1, n, gathered) for n in (8, 16, 24) for gathered in (False, True)}
+
+
+def test_packed_prefill_sizes_cover_every_config_a_pack_can_choose(rng, model, monkeypatch):
+    """A packed eager prefill's MoE config is chosen by its token count; warm_up runs one prefill per config
+    that the packs of these prompts can reach. Against a brute-force pass over every possible pack's total,
+    under a stand-in table of configs that change at random token counts (the CPU has no tuned table)."""
+    edges = np.sort(rng.choice(np.arange(2, 200), size=6, replace=False))
+    asked = []
+
+    def fake_config(tokens, experts, hidden, ffn, top_k, device=None):
+        asked.append((experts, hidden, ffn, top_k))
+        return {"path": "sorted", "bucket": int(np.searchsorted(edges, tokens))}
+
+    monkeypatch.setattr(serve_module, "get_config", fake_config)
+    engine = Engine(model, max_batch=4, max_len=40)
+    lengths = rng.integers(3, 30, size=9).tolist()
+    sizes = packed_prefill_sizes(engine, lengths, max_prefill_tokens=90)
+    # every pack: 2..4 prompts (the slots) within the 90-token budget
+    ordered = sorted(lengths)
+    totals = range(ordered[0] + ordered[1], min(90, sum(ordered[-4:])) + 1)
+    assert sorted({fake_config(t, 0, 0, 0, 0)["bucket"] for t in totals}) == \
+        sorted(fake_config(t, 0, 0, 0, 0)["bucket"] for t in sizes)
+    assert all(t in totals for t in sizes) and len(set(sizes)) == len(sizes)
+    assert asked[0] == (8, 32, 24, 2)  # the model's experts, hidden, expert FFN and top-k
+    assert packed_prefill_sizes(Engine(model, max_batch=1, max_len=40), lengths) == []  # one slot: no packs
 
 
 def test_the_decode_ceiling_fits_the_cache(model):
