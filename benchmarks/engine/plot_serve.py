@@ -7,7 +7,7 @@ Four panels against the arrival rate: throughput (new tokens a second, with the 
 dotted), time to first token, time per output token and end-to-end latency (median; the 90th percentile
 dashed), one line per policy. With `--simulated SIM.csv` (`python -m moegps.simulator.serving --out`, the same
 requests in the cost model's time) each policy's simulated medians are drawn beside the measured ones (dotted,
-crosses) in place of the 90th percentiles:
+crosses) in place of the 90th percentiles, and a table of both with the simulated over the measured is printed:
 
     python benchmarks/engine/plot_serve.py RUN.csv --simulated SIM.csv --out serve-vs-sim.png
 """
@@ -52,6 +52,18 @@ def ceiling_of(path: Path) -> float | None:
     return float(row["decode_ceiling"]) if row.get("decode_ceiling") else None
 
 
+def print_comparison(measured: dict, simulated: dict) -> None:
+    """Each (rate, policy) run's medians, measured and simulated, and simulated / measured."""
+    keys = (("tokens_per_s", "tokens/s"), ("ttft_p50_ms", "TTFT p50 ms"), ("tpot_p50_ms", "TPOT p50 ms"),
+            ("latency_p50_ms", "latency p50 ms"))
+    print(f"{'rate':>6} {'policy':<11}" + "".join(f" {label + ': measured / simulated (x)':>44}" for _, label in keys))
+    for rate in sorted({r for by_rate in measured.values() for r in by_rate}):
+        for policy in (p for p in COLOURS if rate in measured.get(p, {}) and rate in simulated.get(p, {})):
+            m, s = measured[policy][rate], simulated[policy][rate]
+            cells = "".join(f" {m[k]:>18.1f} / {s[k]:>9.1f} ({s[k] / m[k]:.2f}x)" for k, _ in keys)
+            print(f"{rate:>6g} {policy:<11}{cells}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("csv", type=Path)
@@ -64,6 +76,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     data = runs(args.csv)
     simulated = runs(args.simulated) if args.simulated else {}
+    if simulated:
+        print_comparison(data, simulated)
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.9))
     for policy, by_rate in sorted(data.items()):
         colour = COLOURS.get(policy, "tab:gray")
