@@ -345,7 +345,7 @@ def warm_up(engine: Engine, requests: list[Request], chunk: int = 0) -> None:
     prompt chunk of ``chunk`` tokens beside it too, when chunked), each prompt length class's prefill graph in
     slot 0 and in another slot, and an eager prefill of each size in ``packed_prefill_sizes`` (several
     newcomers at once). Without the last, the first static run on an H200 stalled on the MoE kernels'
-    compiles: a 17 s median time to first token at 5 requests a second, against 3.8 s at 10."""
+    compiles (session v: a 17 s median time to first token at 5 requests a second, 3.8 s at 10)."""
     if engine.prefill_graphs is None:
         return
     graphs = engine.prefill_graphs
@@ -371,8 +371,8 @@ def packed_prefill_sizes(engine: Engine, prompt_tokens: list[int],
                          max_prefill_tokens: int = MAX_PREFILL_TOKENS) -> list[int]:
     """Token counts of eager prefills that, between them, run every MoE kernel config (``get_config``) a
     packed prefill of these prompts can choose: from two of the shortest prompts to as many of the longest as
-    the slots and ``max_prefill_tokens`` take, the smallest count of each config. On expert-parallel ranks
-    (their own expert calls) or without MoE layers, powers of two over the same range."""
+    the slots and ``max_prefill_tokens`` take, the smallest count of each config. None without MoE kernels of
+    this process's own (no MoE layers, or expert-parallel ranks, which run eagerly and compile as they go)."""
     lengths = sorted(prompt_tokens)
     slots = engine.cache.slots
     if slots < 2 or len(lengths) < 2:
@@ -381,7 +381,7 @@ def packed_prefill_sizes(engine: Engine, prompt_tokens: list[int],
     high = min(max_prefill_tokens, sum(lengths[-slots:]), slots * (engine.max_len - 1))
     layer = next((x for x in engine.model.layers if x.w_gate_up is not None), None)
     if layer is None or layer.experts is not None:
-        return [t for t in (2 ** i for i in range(20)) if low <= t <= high] or [low]
+        return []
     experts, two_ffn, hidden = layer.w_gate_up.shape
     top_k = engine.model.shape.top_k + layer.n_shared
     first_of_config: dict[str, int] = {}
