@@ -131,7 +131,21 @@ def test_call_seconds_by_hand():
     vocab = shape.vocab_size * shape.hidden * 2 / system.hbm_bandwidth  # 5 rows: memory-bound
     want = 32 * (attention + experts + system.layer_overhead) + vocab
     assert call_seconds(call, shape, system) == pytest.approx(want, rel=1e-9)
+    assert call_seconds(call, shape, system, eager_layer_s=1.0) == pytest.approx(want, rel=1e-9)  # graphed: no host
     assert call_seconds(Call(), shape, system) == 0.0
+
+
+def test_an_eager_prefill_takes_the_hosts_time_at_least(rng):
+    """Several prompts in one prefill run eagerly in the engine: the call takes max(GPU time, layers x the host's
+    time a layer); one prompt (a graph replay) keeps the GPU time whatever the host's."""
+    shape, system = from_name("mixtral-8x7b"), load_system("h200_8gpu")
+    lengths = tuple(int(n) for n in rng.integers(20, 200, size=3))
+    gpu = call_seconds(Call(prompts=lengths), shape, system)
+    slow_host = 2 * gpu / shape.n_layers
+    assert call_seconds(Call(prompts=lengths), shape, system, slow_host) == pytest.approx(2 * gpu, rel=1e-12)
+    assert call_seconds(Call(prompts=lengths), shape, system, slow_host / 4) == gpu
+    one = Call(prompts=lengths[:1])
+    assert call_seconds(one, shape, system, slow_host) == call_seconds(one, shape, system)
 
 
 def test_the_command_writes_the_engines_columns(tmp_path, capsys):
