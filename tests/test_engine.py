@@ -338,39 +338,54 @@ def tiny_model():
 
 
 def test_padded_prefill_of_the_graphs_matches_the_plain_prefill(rng, tiny_model):
-    """PrefillGraphs' padded prefill (run eagerly on the CPU: the same inputs a captured graph replays)
+    """PrefillGraphs' padded prefills (run eagerly on the CPU: the same inputs a captured graph replays)
     against the plain prefill of the same prompts: the last positions' logits, then 6 greedy decode
-    steps over the cache it left (padding rows' K/V past a prompt must not leak into decode); one prompt
-    and a batch of two of different lengths. Shapes: the longest prompt rounded up to ``round_to``,
-    clamped to the cache, the oldest dropped past ``max_graphs``."""
+    steps over the cache it left (padding's K/V must not leak into decode); one prompt, and packs of two
+    and three of different lengths, in slots 0.. and in others (the serving loop's newcomers; the slots
+    between them hold another sequence's K/V, which must stay as they were). Shapes: one prompt's length
+    rounded up to ``round_to`` and clamped to the cache, a pack's token count rounded up; the oldest
+    graph dropped past ``max_graphs``."""
     shape = tiny_model.shape
-    for lengths in ((1,), (5,), (8,), (11,), (5, 11), (3, 2)):
+    for lengths, slots in (((1,), None), ((5,), None), ((8,), None), ((11,), [2]), ((5, 11), None),
+                           ((3, 2), [3, 1]), ((7, 1, 9), [2, 0, 3])):
         prompts = [torch.from_numpy(rng.integers(0, shape.vocab_size, size=n)) for n in lengths]
-        runs = []
+        runs, caches = [], []
         for padded in (False, True):
-            cache = KVCache(shape, 2, 24, torch.float32, "cpu")
+            torch.manual_seed(int(rng.integers(2**31)))
+            cache = KVCache(shape, 4, 24, torch.float32, "cpu")
+            cache.k.normal_(), cache.v.normal_()  # another sequence's entries, where no prompt goes
             if padded:
+                cache.k.copy_(caches[0][0]), cache.v.copy_(caches[0][1])
                 graphs = PrefillGraphs(tiny_model, cache, round_to=8, max_graphs=2)
-                assert graphs.padded_length(max(lengths)) == -(-max(lengths) // 8) * 8
-                logits = [graphs(prompts)]
+                logits = [graphs(prompts, slots=slots)]
+                key = graphs.key(lengths, slots)
+                assert list(graphs._graphs) == [key]
+                assert key[1] == (-(-lengths[0] // 8) * 8 if len(lengths) == 1 else -(-sum(lengths) // 8) * 8)
             else:
-                logits = [prefill(tiny_model, cache, prompts)]
+                caches.append((cache.k.clone(), cache.v.clone()))
+                logits = [prefill(tiny_model, cache, prompts, slots=slots)]
+            used = list(range(len(lengths))) if slots is None else slots
+            others = [s for s in range(4) if s not in used]
+            assert torch.equal(cache.k[:, others], caches[0][0][:, others]), lengths
+            # decode on in the prompts' slots: gather them to rows 0..B-1 of a cache of their own
+            own = KVCache(shape, len(lengths), 24, torch.float32, "cpu")
+            own.k.copy_(cache.k[:, used]), own.v.copy_(cache.v[:, used])
             positions = torch.tensor(lengths)
             for _ in range(6):
-                logits.append(decode_step(tiny_model, cache, logits[-1].argmax(-1), positions))
+                logits.append(decode_step(tiny_model, own, logits[-1].argmax(-1), positions))
                 positions = positions + 1
             runs.append(torch.cat(logits))
         assert rel_err(runs[1], runs[0]) < TOL, lengths
         assert torch.equal(runs[1].argmax(-1), runs[0].argmax(-1)), lengths
     graphs = PrefillGraphs(tiny_model, KVCache(shape, 2, 20, torch.float32, "cpu"), round_to=8, max_graphs=2)
     assert graphs.padded_length(19) == 20  # not past the cache
-    assert graphs.pays([1]) and graphs.pays([9]) and graphs.pays([8, 8]) and graphs.pays([7, 8])
-    assert not graphs.pays([5, 3]) and not graphs.pays([1, 9])  # 16 rows for 8 tokens, 32 for 10
-    capped = PrefillGraphs(tiny_model, KVCache(shape, 4, 40, torch.float32, "cpu"), round_to=8, max_tokens=16)
-    assert capped.pays([16]) and capped.pays([8, 8]) and not capped.pays([17]) and not capped.pays([8, 8, 8])
+    assert graphs.pays([1]) and graphs.pays([9]) and graphs.pays([5, 3]) and graphs.pays([1, 19])
+    capped = PrefillGraphs(tiny_model, KVCache(shape, 4, 40, torch.float32, "cpu"), round_to=8, max_tokens=16,
+                           max_packed_tokens=24)
+    assert capped.pays([16]) and not capped.pays([17]) and capped.pays([8, 8, 8]) and not capped.pays([8, 8, 9])
     for n in (3, 12, 17):
         graphs([torch.from_numpy(rng.integers(0, shape.vocab_size, size=n))])
-    assert list(graphs._graphs) == [(1, 16, False), (1, 20, False)]
+    assert list(graphs._graphs) == [("prompt", 16, False), ("prompt", 20, False)]
     with pytest.raises(ValueError, match="of up to 21 tokens do not fit a cache of 2 slots x 20"):
         graphs([torch.zeros(21, dtype=torch.long)])
 

@@ -129,23 +129,26 @@ def rotate_f64(x, positions, theta):
 
 @pytest.mark.parametrize("n_heads,n_kv,D", [(4, 4, 16), (8, 2, 32), (16, 2, 16), (6, 2, 32)])
 def test_rope_cache_write(gen, n_heads, n_kv, D):
+    """11 tokens at distinct (slot, position) pairs, positions up to the cache's end, and 3 of slot -1 (a packed
+    prefill's padding): every query rotated, the K/V of slot -1 written nowhere."""
     slots, max_len, theta = 3, 40, 1e4
-    # 11 tokens at distinct (slot, position) pairs, positions up to the cache's end
     pairs = torch.randperm(slots * max_len, generator=gen)[:11]
     slot, pos = pairs // max_len, pairs % max_len
-    qkv = torch.randn(11, (n_heads + 2 * n_kv) * D, generator=gen)
+    slot = torch.cat([slot, torch.full((3,), -1)])
+    pos = torch.cat([pos, torch.randint(0, max_len, (3,), generator=gen)])
+    qkv = torch.randn(14, (n_heads + 2 * n_kv) * D, generator=gen)
     k_cache = torch.randn(slots, n_kv, max_len, D, generator=gen)
     v_cache = torch.randn(slots, n_kv, max_len, D, generator=gen)
     k_before, v_before = k_cache.clone(), v_cache.clone()
     cos, sin = K.rope_tables(max_len, D, theta, "cpu")
     q = K.rope_cache_write(qkv, k_cache, v_cache, pos, slot, cos, sin, n_heads, n_kv)
-    parts = qkv.view(11, n_heads + 2 * n_kv, D)
+    parts = qkv.view(14, n_heads + 2 * n_kv, D)
     q_ref = rotate_f64(parts[:, :n_heads], pos, theta)
     k_ref = rotate_f64(parts[:, n_heads:n_heads + n_kv], pos, theta)
-    assert q.shape == (11, n_heads, D)
+    assert q.shape == (14, n_heads, D)
     assert rel_err(q, q_ref) < 1e-6, gen.initial_seed()
     written = torch.zeros(slots, max_len, dtype=torch.bool)
-    written[slot, pos] = True
+    written[slot[:11], pos[:11]] = True
     for t in range(11):
         assert rel_err(k_cache[slot[t], :, pos[t]], k_ref[t]) < 1e-6, gen.initial_seed()
         assert torch.equal(v_cache[slot[t], :, pos[t]], parts[t, n_heads + n_kv:])  # values copied as is

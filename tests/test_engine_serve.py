@@ -134,14 +134,17 @@ def test_prefill_into_chosen_slots(rng, model):
         prefill(model, cache, prompts[:1], slots=[4])
 
 
-def test_warm_up_captures_a_prefill_graph_per_length_class_and_slot_kind(rng, model):
+def test_warm_up_captures_every_prefill_graph_the_requests_can_replay(rng, model):
     """On a GPU each capture inside a timed run would count in it; warm_up takes one prompt per padded length
-    class, in slot 0 (a view of the cache) and slot 1 (gathered): here the keys PrefillGraphs would capture
-    (run eagerly on the CPU)."""
+    class, in slot 0 (a view of the cache) and slot 1 (gathered), and a pack of every token count that two
+    newcomers (the slots) can make, from the two shortest prompts (3 + 5) to the two longest (16 + 17),
+    rounded up to 8: here the keys PrefillGraphs would capture (run eagerly on the CPU)."""
     engine = Engine(model, max_batch=2, max_len=32)
     engine.prefill_graphs = PrefillGraphs(model, engine.cache, round_to=8)
     warm_up(engine, [Request([1] * n) for n in (3, 5, 9, 17, 16)], chunk=4)
-    assert set(engine.prefill_graphs._graphs) == {(1, n, gathered) for n in (8, 16, 24) for gathered in (False, True)}
+    assert set(engine.prefill_graphs._graphs) == (
+        {("prompt", n, gathered) for n in (8, 16, 24) for gathered in (False, True)}
+        | {("pack", n) for n in (8, 16, 24, 32, 40)})
 
 
 def test_packed_prefill_sizes_cover_every_config_a_pack_can_choose(rng, model, monkeypatch):

@@ -26,6 +26,8 @@ Parts (``--parts``), each printed as a table and written to ``--out`` (JSON rows
   arriving at an idle server), against bursts started from the same rest; the GPU's idle time
   between kernels and the host's time to issue the prefill; eager and as a CUDA graph
   (PrefillGraphs, what the engine runs for one prompt).
+* ``pack``: several prompts prefilled at once (``--packs``: their counts, lengths drawn in 40-250 tokens), eager
+  against the packed prefill graph (``part_pack``), with the pack's floor.
 * ``chunk``: chunked prefill's price (``part_chunk``): per batch (``--batches``) and chunk size (``--chunks``),
   the decode step alone, with a prompt chunk beside it, and the chunk prefilled alone, at ``--chunk-context``.
 * ``peers``: transformers in the same run: ``generate()`` as shipped, transformers under the
@@ -67,7 +69,7 @@ from .kernels import ATTENTION_DEFAULTS, decode_attention
 from .model import (KVCache, Model, decode_step, from_transformers, prefill, random_model,
                     weight_bytes_per_step)
 
-PARTS = ("checks", "ceilings", "agree", "decode", "attention", "ttft", "chunk", "peers", "breakdown")
+PARTS = ("checks", "ceilings", "agree", "decode", "attention", "ttft", "pack", "chunk", "peers", "breakdown")
 
 
 # ---- measuring ---------------------------------------------------------------------------------
@@ -334,6 +336,50 @@ def active_params(shape: ModelShape) -> int:
     return shape.total_params - inactive_experts - shape.vocab_size * shape.hidden
 
 
+def prefill_work(S: ModelShape, lengths: list[int]) -> tuple[float, float]:
+    """(FLOPs, weight bytes) of prefilling prompts of these lengths at once: matmuls of 2 x active parameters
+    a token (the lm_head once a prompt) and each prompt's causal attention (QK^T and PV); every weight read
+    once, of the experts only as many as the tokens can touch."""
+    T = sum(lengths)
+    flops = 2 * (active_params(S) - S.vocab_size * S.hidden) * T + 2 * S.vocab_size * S.hidden * len(lengths) \
+        + 2 * 2 * S.n_layers * S.n_heads * S.head_dim * sum(n * n for n in lengths) / 2
+    experts = min(S.n_experts, T * S.top_k)
+    weight_bytes = S.total_params * S.dtype_bytes - S.n_moe_layers * (S.n_experts - experts) * S.expert_weight_bytes
+    return flops, weight_bytes
+
+
+def part_pack(model: Model, counts, copy_rate: float, matmul_rate: float, reps: int = 10) -> list[dict]:
+    """Several prompts prefilled at once, as a serving loop admits newcomers: for each count of prompts, lengths
+    drawn in MMLU questions' range (40-250 tokens), the eager packed prefill (``prefill``: SDPA on the padded
+    batch, every kernel launched from Python) against the packed prefill graph (``PrefillGraphs``: one graph
+    per 128-token multiple, block-diagonal attention), the eager prefill the baseline. Floor: the pack's matmuls
+    over the matmul rate or its weights over the copy rate, whichever is longer (``prefill_work``)."""
+    rows = []
+    S = model.shape
+    gen = torch.Generator().manual_seed(5)
+    for count in counts:
+        lengths = torch.randint(40, 251, (count,), generator=gen).tolist()
+        prompts = [torch.randint(3, S.vocab_size, (n,), generator=gen).cuda() for n in lengths]
+        cache = KVCache(S, count, max(lengths), model.dtype, model.device)
+        graphs = PrefillGraphs(model, cache, max_graphs=1)
+        runs = {"eager": lambda: prefill(model, cache, prompts), "graph": lambda: graphs(prompts)}  # noqa: B023
+        with torch.inference_mode():
+            logits = {mode: run() for mode, run in runs.items()}  # the graph's capture here, outside the timing
+            ms = {mode: device_ms(run, reps) for mode, run in runs.items()}
+        flops, weight_bytes = prefill_work(S, lengths)
+        floor = max(flops / matmul_rate, weight_bytes / copy_rate) * 1e3
+        eager, graphed = logits["eager"], logits["graph"]
+        rows.append(dict(shape=S.name, prompts=count, tokens=sum(lengths), padded=graphs.packed_length(sum(lengths)),
+                         eager_ms=ms["eager"], graph_ms=ms["graph"], graph_vs_eager=ms["eager"] / ms["graph"],
+                         floor_ms=floor, graph_pct_of_floor=100 * floor / ms["graph"],
+                         rel_err=((graphed - eager).norm() / eager.norm()).item(),
+                         top1_agree=(graphed.argmax(-1) == eager.argmax(-1)).float().mean().item()))
+        print(rows[-1], flush=True)
+        cache = graphs = None  # freed before the next pack's
+        torch.cuda.empty_cache()
+    return rows
+
+
 def part_chunk(model: Model, batches, chunks, context: int, copy_rate: float, matmul_rate: float,
                reps: int = 20) -> list[dict]:
     """What chunked prefill (``moegps.engine.serve``'s chunked policy) costs on this device, per decode batch
@@ -413,16 +459,10 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
     rows = []
     S = model.shape
     gen = torch.Generator().manual_seed(3)
-    active = active_params(S)
     for n in prompt_lengths:
         cache = KVCache(S, 1, n, model.dtype, model.device)
         prompt = torch.randint(3, S.vocab_size, (n,), generator=gen).cuda()
-        # matmuls: 2 x active params per token (lm_head once) + causal attention's QK^T and PV; bytes: every
-        # weight read once (the experts that n tokens can touch at most)
-        flops = 2 * (active - S.vocab_size * S.hidden) * n + 2 * S.vocab_size * S.hidden \
-            + 2 * 2 * S.n_layers * S.n_heads * S.head_dim * n * n / 2
-        experts = min(S.n_experts, n * S.top_k)
-        weight_bytes = S.total_params * S.dtype_bytes - S.n_moe_layers * (S.n_experts - experts) * S.expert_weight_bytes
+        flops, weight_bytes = prefill_work(S, [n])
 
         def floor_ms(rate):  # the prompt's floor at a matmul rate in FLOP/s
             return max(flops / rate, weight_bytes / copy_rate) * 1e3
@@ -760,6 +800,7 @@ def main(argv=None) -> None:
     ap.add_argument("--contexts", nargs="+", type=int, default=[128, 4096])
     ap.add_argument("--prompts", nargs="+", type=int, default=[128, 2048, 8192])
     ap.add_argument("--peer-batches", nargs="+", type=int, default=[1, 8, 32])
+    ap.add_argument("--packs", nargs="+", type=int, default=[2, 4, 8], help="pack: prompts prefilled at once")
     ap.add_argument("--chunks", nargs="+", type=int, default=[64, 256, 1024], help="chunk: prompt tokens a step")
     ap.add_argument("--chunk-context", type=int, default=512, help="chunk: the decode rows' and the chunk's context")
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -810,6 +851,9 @@ def main(argv=None) -> None:
         if "ttft" in args.parts:
             _attempt(results, "ttft", lambda: part_ttft(model, args.prompts, c["matmul_flops_per_s"],
                                                        c["copy_bytes_per_s"], rest_s=args.rest_s))
+        if "pack" in args.parts:
+            _attempt(results, "pack", lambda: part_pack(model, args.packs, c["copy_bytes_per_s"],
+                                                       c["matmul_flops_per_s"]))
         if "chunk" in args.parts:
             _attempt(results, "chunk", lambda: part_chunk(model, args.batches, args.chunks, args.chunk_context,
                                                          c["copy_bytes_per_s"], c["matmul_flops_per_s"]))
@@ -824,7 +868,7 @@ def main(argv=None) -> None:
     (out / "engine_bench.json").write_text(json.dumps(results, indent=1, default=str))
     report = [f"device: {c['device']}; torch {c['torch']}; copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s; "
               f"matmul {c['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s; host: {c['host']}"]
-    for key in ("checks", "agree", "attention", "decode", "ttft", "chunk", "peers"):
+    for key in ("checks", "agree", "attention", "decode", "ttft", "pack", "chunk", "peers"):
         if results.get(key):
             report += ["", f"## {key}", markdown_table(results[key])]
     if breakdown_rows:

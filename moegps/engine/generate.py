@@ -12,8 +12,8 @@ A batch of n prompts runs in the smallest bucket of ``BUCKETS`` that holds it: t
 captured once per bucket (inputs, KV cache and outputs at fixed addresses) and replayed for every
 token, so a step costs one graph launch instead of some three hundred kernel launches from Python.
 Rows past n are padding: they decode a dummy token in cache slots no prompt uses. Prefill is a graph
-too, one per batch size and 128-token length class (PrefillGraphs), for up to 8192 tokens of one prompt
-or of a batch of prompts of about one length (PrefillGraphs.pays).
+too (PrefillGraphs): one per 128-token length class for one prompt of up to 8192 tokens, one per
+128-token multiple for several prompts packed, up to 2048 tokens in all.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ..models.tokenizer import mixtral_tokenizer
 from ..paths import BUNDLED_MODELS
 from ..shapes import SHAPES, from_name
 from .model import (KVCache, Model, check_fits, decode_step, decode_step_with_chunk, gathered_slots, load_checkpoint,
-                    prefill, prefill_packed, random_model)
+                    prefill, prefill_block_diagonal, prefill_packed, random_model)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 STOP_CHECK_EVERY = 16  # decode steps between the host's looks at the stop tokens (each look syncs)
@@ -166,55 +166,75 @@ def capture(fn, pool=None) -> tuple:
 
 
 class PrefillGraphs:
-    """Prefill as a CUDA graph, one graph per batch size and length class: each prompt is padded with
-    token 0 to the longest one's length rounded up to ``round_to`` (at most the cache's length), and
-    the graph of that shape is replayed. Eager, the host issues a layer's ~15 launches in about 1 ms
-    (Triton's Python launch path first; benchmarks/engine/host_probe.py), longer than the GPU runs a
-    layer of a short prompt, so the GPU waited; a replay is one launch. The padding rows are computed
-    and discarded: causal attention keeps them out of the prompt's rows, and the K/V they leave past a
-    prompt are overwritten by decode before they are read. A new shape pays a warm-up prefill and the
-    capture; at most ``max_graphs`` are kept (the oldest dropped), all in one memory pool (they never
-    run at once). Without a GPU the same padded prefill runs eagerly (how the tests check the padding).
-    A graph reads ``model.routing_counts`` as it was at capture (set it before, as for decode graphs)."""
+    """Prefill as CUDA graphs. Eager, the host issues a layer's ~15 launches in about 1 ms (Triton's Python
+    launch path first; benchmarks/engine/host_probe.py), longer than the GPU runs a layer of a short prompt,
+    so the GPU waited; a replay is one launch. Two kinds of graph:
 
-    # Padded tokens per prompt token above which a batch prefills eagerly. A graph only removes the
-    # host's launch time, which a batch of long prompts already hides: 8 prompts of 37-250 tokens (997)
-    # padded to 8 x 256 took 98.1 ms graphed against 57.8 eager (H200, Mixtral size, call 12). A single
-    # prompt is always graphed: at most 127 padding tokens, and short prompts are where the host waits.
-    MAX_PADDING = 1.25
+    - one prompt, padded with token 0 to its length rounded up to ``round_to`` (at most the cache's length):
+      a graph per length class, causal attention over the padded prompt (``prefill_packed``); the padding
+      rows are computed and discarded, causal attention keeps them out of the prompt's rows, and the K/V
+      they leave past the prompt are overwritten by decode before they are read;
+    - several prompts packed one after another and padded to a multiple of ``round_to`` tokens: a graph per
+      padded count T, whatever the prompts' number and lengths (``prefill_block_diagonal``: attention under
+      a block-diagonal mask; padding writes no K/V), up to ``max_packed_tokens``, past which a pack stays
+      eager (its GPU time hides the host's, and its attention's T^2 pairs would grow against the prompts').
+
+    A new shape pays a warm-up prefill and the capture; at most ``max_graphs`` are kept (the oldest dropped),
+    all in one memory pool (they never run at once). Without a GPU the same padded prefills run eagerly (how
+    the tests check the padding). A graph reads ``model.routing_counts`` as it was at capture (set it before,
+    as for decode graphs), and counts its padding's routing too."""
 
     def __init__(self, model: Model, cache: KVCache, round_to: int = 128, max_graphs: int = 4,
-                 max_tokens: int = 8192):
+                 max_tokens: int = 8192, max_packed_tokens: int = 2048):
         self.model, self.cache, self.round_to, self.max_graphs = model, cache, round_to, max_graphs
-        self.max_tokens = max_tokens
-        self._graphs: dict[tuple[int, int], tuple] = {}
+        self.max_tokens, self.max_packed_tokens = max_tokens, max_packed_tokens
+        self._graphs: dict[tuple, tuple] = {}
         self._pool = torch.cuda.graph_pool_handle() if model.device.type == "cuda" else None
 
     def padded_length(self, n: int) -> int:
-        return min(-(-n // self.round_to) * self.round_to, self.cache.max_len)
+        return min(self.packed_length(n), self.cache.max_len)
+
+    def packed_length(self, n: int) -> int:
+        return -(-n // self.round_to) * self.round_to
 
     def pays(self, lengths: list[int]) -> bool:
-        """Whether to graph the prefill of prompts of these lengths: at most ``max_tokens`` padded tokens (a
-        longer prefill keeps the GPU busier than the host, measured equal eager and graphed at 2048 and 8192
-        tokens, and a capture holds a second set of its activations), and one prompt or a batch whose
-        padding to one length class costs at most MAX_PADDING x the work."""
-        padded = len(lengths) * self.padded_length(max(lengths))
-        return padded <= self.max_tokens and (len(lengths) == 1 or padded <= self.MAX_PADDING * sum(lengths))
+        """Whether to graph the prefill of prompts of these lengths: one prompt of at most ``max_tokens`` padded
+        tokens (a longer prefill keeps the GPU busier than the host, measured equal eager and graphed at 2048 and
+        8192 tokens, and a capture holds a second set of its activations), or several of at most
+        ``max_packed_tokens`` packed."""
+        if len(lengths) == 1:
+            return self.padded_length(lengths[0]) <= self.max_tokens
+        return self.packed_length(sum(lengths)) <= self.max_packed_tokens
 
-    def _capture(self, batch: int, length: int, gathered: bool) -> tuple:
+    def key(self, lengths: list[int], slots: list[int] | None = None) -> tuple:
+        """The graph these prompts replay: ``("prompt", length class, gathered)`` or ``("pack", T)``."""
+        if len(lengths) == 1:
+            return "prompt", self.padded_length(lengths[0]), gathered_slots(slots, 1)
+        return "pack", self.packed_length(sum(lengths))
+
+    def _capture(self, key: tuple) -> tuple:
         device = self.model.device
-        tokens = torch.zeros(batch * length, dtype=torch.long, device=device)
-        rows = torch.arange(batch, device=device).repeat_interleave(length)
-        positions = torch.arange(length, device=device).repeat(batch)
-        last = torch.zeros(batch, dtype=torch.long, device=device)
-        prompt_slots = torch.arange(batch, device=device) if gathered else None
         self.model.ensure_rope(self.cache.max_len)
+        if key[0] == "prompt":
+            _, length, gathered = key
+            tokens = torch.zeros(length, dtype=torch.long, device=device)
+            rows = torch.zeros(length, dtype=torch.long, device=device)
+            positions = torch.arange(length, device=device)
+            last = torch.zeros(1, dtype=torch.long, device=device)
+            slots = torch.zeros(1, dtype=torch.long, device=device) if gathered else None
+            inputs = (tokens, rows, positions, slots, last)
 
-        def run():
-            return prefill_packed(self.model, self.cache, tokens, rows, positions, last, [length] * batch,
-                                  prompt_slots=prompt_slots)
+            def run():
+                return prefill_packed(self.model, self.cache, tokens, rows, positions, last, [length],
+                                      prompt_slots=slots)
+        else:
+            T = key[1]
+            tokens, rows, positions, slots = (torch.zeros(T, dtype=torch.long, device=device) for _ in range(4))
+            last = torch.zeros(self.cache.slots, dtype=torch.long, device=device)  # up to one prompt a slot
+            inputs = (tokens, rows, positions, slots, last)
 
-        inputs = (tokens, rows, positions, last, prompt_slots)
+            def run():
+                return prefill_block_diagonal(self.model, self.cache, *inputs)
         if self._pool is None:
             return run, inputs, None
         graph, logits = capture(run, self._pool)
@@ -225,29 +245,34 @@ class PrefillGraphs:
 
     def __call__(self, prompts: list[torch.Tensor], slots: list[int] | None = None) -> torch.Tensor:
         """``prompts``: token ids, prompt b in cache slot ``slots[b]`` (default b) -> each one's last position's
-        logits ``[B, V]`` float32. Prompts in other slots than 0..B-1 run a graph of their own, whose
-        attention gathers its slots' K/V (the serving loop's newcomers)."""
+        logits ``[B, V]`` float32. A lone prompt in another slot than 0 runs a graph of its own, whose attention
+        gathers its slot's K/V (the serving loop's newcomers)."""
         lengths = [len(p) for p in prompts]
         check_fits(self.cache, lengths, slots)
-        gathered = gathered_slots(slots, len(prompts))
-        key = (len(prompts), self.padded_length(max(lengths)), gathered)
+        slots = list(range(len(prompts))) if slots is None else list(slots)
+        key = self.key(lengths, slots)
         if key not in self._graphs:
             if len(self._graphs) >= self.max_graphs:
                 self._graphs.pop(next(iter(self._graphs)))
-            self._graphs[key] = self._capture(*key)
-        graph, (tokens, _, _, last, prompt_slots), logits = self._graphs[key]
-        batch, length, _ = key
-        padded = tokens.view(batch, length)
-        padded.zero_()
-        for row, prompt in zip(padded, prompts):
-            row[:len(prompt)].copy_(prompt)
-        last.copy_(torch.tensor([b * length + n - 1 for b, n in enumerate(lengths)]))
-        if gathered:
-            prompt_slots.copy_(torch.tensor(slots))
+            self._graphs[key] = self._capture(key)
+        graph, (tokens, rows, positions, slot_of, last), logits = self._graphs[key]
+        tokens.zero_()
+        tokens[:sum(lengths)].copy_(torch.cat(prompts))
+        if key[0] == "prompt":
+            last.fill_(lengths[0] - 1)
+            if slot_of is not None:
+                slot_of.fill_(slots[0])
+        else:  # each token's prompt, position and slot; padding: row and slot -1, position 0
+            pad = len(tokens) - sum(lengths)
+            rows.copy_(torch.tensor([b for b, n in enumerate(lengths) for _ in range(n)] + [-1] * pad))
+            positions.copy_(torch.tensor([t for n in lengths for t in range(n)] + [0] * pad))
+            slot_of.copy_(torch.tensor([s for s, n in zip(slots, lengths) for _ in range(n)] + [-1] * pad))
+            last.zero_()
+            last[:len(lengths)] = torch.tensor(lengths).cumsum(0) - 1
         if logits is None:  # no GPU: `graph` is the eager prefill
-            return graph()
+            return graph()[:len(prompts)]
         graph.replay()
-        return logits.clone()  # the pool is shared: the next graph's replay may reuse this buffer
+        return logits[:len(prompts)].clone()  # the pool is shared: the next graph's replay may reuse this buffer
 
 
 class Engine:

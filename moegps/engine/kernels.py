@@ -162,7 +162,8 @@ def _rope_cache_kernel(qkv_ptr, q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, slot_p
                        PDL: tl.constexpr = False):
     """Program (token, j): heads j*HEADS .. j*HEADS+HEADS-1 of the token, counting the query heads
     first and then the key heads (whose values are copied beside them). A block of heads per
-    program: one head per program made a 2048-token prompt launch 80k programs of 256 bytes each."""
+    program: one head per program made a 2048-token prompt launch 80k programs of 256 bytes each.
+    A token of slot -1 (a packed prefill's padding) writes no K/V."""
     wait_for_predecessor(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
@@ -186,6 +187,7 @@ def _rope_cache_kernel(qkv_ptr, q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, slot_p
     tl.store(dst + HALF, r2.to(q_ptr.dtype.element_ty), mask=is_q[:, None])
     kv = tl.where(is_k, head - N_HEADS, 0)
     slot = tl.load(slot_ptr + token).to(tl.int64)
+    is_k = is_k & (head * 0 + slot >= 0)  # broadcast first: a scalar's & left a mask of a dtype stores refuse
     at = slot * stride_cb + kv[:, None] * stride_ch + pos * stride_cs + d[None, :]
     tl.store(k_cache_ptr + at, r1.to(k_cache_ptr.dtype.element_ty), mask=is_k[:, None])
     tl.store(k_cache_ptr + at + HALF, r2.to(k_cache_ptr.dtype.element_ty), mask=is_k[:, None])
@@ -196,7 +198,8 @@ def _rope_cache_kernel(qkv_ptr, q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, slot_p
 
 def rope_cache_write_torch(qkv, k_cache, v_cache, positions, slots, cos, sin, n_heads: int, n_kv: int):
     """Rotate q and k of ``qkv [T, (n_heads + 2 n_kv) D]`` by each token's position and write k, v to the
-    caches ``[slots, n_kv, max_len, D]`` at ``(slots[t], :, positions[t])``. Returns q ``[T, n_heads, D]``."""
+    caches ``[slots, n_kv, max_len, D]`` at ``(slots[t], :, positions[t])``, but for tokens of slot -1 (a
+    packed prefill's padding). Returns q ``[T, n_heads, D]``."""
     T = qkv.shape[0]
     D = qkv.shape[1] // (n_heads + 2 * n_kv)
     q, k, v = qkv.view(T, n_heads + 2 * n_kv, D).split([n_heads, n_kv, n_kv], dim=1)
@@ -206,8 +209,9 @@ def rope_cache_write_torch(qkv, k_cache, v_cache, positions, slots, cos, sin, n_
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
-    k_cache[slots, :, positions] = rotate(k).to(k_cache.dtype)
-    v_cache[slots, :, positions] = v.to(v_cache.dtype)
+    keep = slots >= 0
+    k_cache[slots[keep], :, positions[keep]] = rotate(k)[keep].to(k_cache.dtype)
+    v_cache[slots[keep], :, positions[keep]] = v[keep].to(v_cache.dtype)
     return rotate(q)
 
 

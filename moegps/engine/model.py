@@ -445,3 +445,33 @@ def prefill_packed(model: Model, cache: KVCache, tokens: torch.Tensor, rows: tor
         return linear(add_rmsnorm(resid, delta, model.norm, S.norm_eps), model.lm_head).float()
     x = add_rmsnorm(resid[last].contiguous(), delta[last].contiguous(), model.norm, S.norm_eps)
     return linear(x, model.lm_head).float()
+
+
+def prefill_block_diagonal(model: Model, cache: KVCache, tokens: torch.Tensor, rows: torch.Tensor,
+                           positions: torch.Tensor, slots: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Prompts packed as one sequence: ``tokens``, ``rows``, ``positions``, ``slots`` ``[T]`` (each token's prompt,
+    its position from 0 and its prompt's cache slot; row and slot -1: padding, which writes no K/V and whose
+    outputs are dropped) -> the logits ``[P, V]`` float32 of rows ``last [P]`` of the pack. Attention runs over the
+    whole pack under a block-diagonal causal mask built on the device (a token sees its own prompt's tokens up
+    to its position), so every shape is T's: one CUDA graph per T serves any number of prompts of any lengths
+    (generate.PrefillGraphs), where ``prefill_packed``'s shapes follow the prompts' count and longest length.
+    The price: attention over T^2 pairs against the sum of the prompts' squared lengths, small beside the GEMMs
+    for the short packs this serves (a serving loop's newcomers). Call ``model.ensure_rope(cache.max_len)``
+    first. No host synchronisation."""
+    S = model.shape
+    group = S.n_heads // S.n_kv_heads
+    mask = (rows[:, None] == rows[None, :]) & (positions[None, :] <= positions[:, None])
+    readable = slots.clamp(min=0)  # padding reads slot 0's first entry, which the mask hides from prompts
+
+    def attend(q, index):
+        k, v = (c[index][readable, :, positions] for c in (cache.k, cache.v))  # [T, n_kv, D]
+        # the heads of a group repeated rather than SDPA's enable_gqa, which not every version's masked
+        # (memory-efficient) kernel takes
+        k, v = (x.repeat_interleave(group, dim=1).transpose(0, 1)[None] for x in (k, v))
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask)
+        return o[0].transpose(0, 1)
+
+    resid = model.embed[tokens]
+    delta = _layers(model, cache, resid, positions, slots, attend)
+    x = add_rmsnorm(resid[last].contiguous(), delta[last].contiguous(), model.norm, S.norm_eps)
+    return linear(x, model.lm_head).float()

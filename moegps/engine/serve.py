@@ -22,8 +22,9 @@ lowest free slot, so the bucket follows the number of running requests; free slo
 decode a dummy token parked at position 0 of their own slot, which the next newcomer there overwrites.
 Each step reads its tokens back to the host to see which answers ended (one synchronisation a step, as
 in vLLM: a step without it cannot admit into a slot freed by it). Whole prompts: a lone newcomer through
-the engine's prefill graphs (``PrefillGraphs`` with its slot), several in one packed eager prefill of at
-most ``max_prefill_tokens`` prompt tokens.
+the engine's prefill graphs (``PrefillGraphs``, with their slots): one graph per length class for a lone
+newcomer, one per 128-token multiple for several packed (up to 2048 tokens; an eager packed prefill
+beyond, of at most ``max_prefill_tokens`` prompt tokens).
 
 On expert-parallel ranks (``engine.parallel.expert_parallel``: data-parallel attention) each rank serves
 requests of its own (``rank_order``) on its own slots and clock, and the ranks agree before every prefill
@@ -197,7 +198,7 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
             return
         prompts = [torch.as_tensor(requests[i].prompt, dtype=torch.long) for i in newcomers]
         graphs = engine.prefill_graphs
-        if graphs is not None and len(prompts) == 1 and graphs.pays([len(prompts[0])]):
+        if graphs is not None and graphs.pays([len(p) for p in prompts]):
             logits = graphs(prompts, slots=into)
         else:
             logits = prefill(model, engine.cache, prompts, slots=into)
@@ -339,24 +340,36 @@ def decode_ceiling(engine: Engine, requests: list[Request], steps: int = 16) -> 
     return engine.cache.slots * 1e3 / engine.generate(prompts, steps + 1).decode_ms_per_step
 
 
-def warm_up(engine: Engine, requests: list[Request], chunk: int = 0) -> None:
+def warm_up(engine: Engine, requests: list[Request], chunk: int = 0,
+            max_prefill_tokens: int = MAX_PREFILL_TOKENS) -> None:
     """Compile the kernels and capture what serving these requests replays (GPU), so that no capture or
     compile falls inside a timed run: the decode graph of every bucket up to the engine's slots (with a
     prompt chunk of ``chunk`` tokens beside it too, when chunked), each prompt length class's prefill graph in
-    slot 0 and in another slot, and an eager prefill of each size in ``packed_prefill_sizes`` (several
-    newcomers at once). Without the last, the first static run on an H200 stalled on the MoE kernels'
-    compiles (session v: a 17 s median time to first token at 5 requests a second, 3.8 s at 10)."""
+    slot 0 and in another slot, the packed prefill graph of every token count several newcomers can make, and
+    an eager prefill of each size in ``packed_prefill_sizes`` (packs past the graphs). Without the last, the
+    first static run on an H200 stalled on the MoE kernels' compiles (session v: a 17 s median time to first
+    token at 5 requests a second, 3.8 s at 10)."""
     if engine.prefill_graphs is None:
         return
-    graphs = engine.prefill_graphs
+    graphs, slots = engine.prefill_graphs, engine.cache.slots
     one_of_each = {graphs.padded_length(len(r.prompt)): r.prompt for r in requests}  # a prompt a length class
-    graphs.max_graphs = max(graphs.max_graphs, 2 * len(one_of_each))
+    lengths = sorted(len(r.prompt) for r in requests)
+    pack_sizes = []
+    if slots > 1 and len(lengths) > 1:
+        most = min(max_prefill_tokens, sum(lengths[-slots:]), graphs.max_packed_tokens)
+        pack_sizes = range(graphs.packed_length(lengths[0] + lengths[1]), graphs.packed_length(most) + 1,
+                           graphs.round_to)
+    graphs.max_graphs = max(graphs.max_graphs, 2 * len(one_of_each) + len(pack_sizes))
     for prompt in one_of_each.values():
-        for slot in range(min(2, engine.cache.slots)):
+        for slot in range(min(2, slots)):
             graphs([torch.as_tensor(prompt)], slots=[slot])
     stream = torch.as_tensor([t for r in requests for t in r.prompt])
     piece = engine.max_len - 1
-    for size in packed_prefill_sizes(engine, [len(r.prompt) for r in requests]):
+    for size in pack_sizes:  # at least two prompts, each within the cache
+        tokens = stream.repeat(-(-size // len(stream)))[:size]
+        parts = list(tokens.tensor_split(max(2, -(-size // piece))))
+        graphs(parts, slots=list(range(len(parts))))
+    for size in packed_prefill_sizes(engine, lengths, max_prefill_tokens):
         tokens = stream.repeat(-(-size // len(stream)))[:size]
         with torch.inference_mode():
             prefill(engine.model, engine.cache, list(tokens.split(piece)))
