@@ -459,6 +459,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--no-cuda-graph", action="store_true")
+    ap.add_argument("--packed-graph-tokens", type=int, default=2048,
+                    help="several newcomers' prefill replays a CUDA graph up to this many tokens (0: always eager)")
     ap.add_argument("--out", default=None, help="CSV of every request's times, a row per rate, policy and request; "
                     "rewritten after each run, and a call with the same settings resumes from it")
     ap.add_argument("--placement", default=None,
@@ -504,6 +506,8 @@ def main(argv=None) -> int:
     requests = workloads[args.rate[0]]
     max_len = max(len(r.prompt) + r.max_new_tokens for r in requests)
     engine = Engine(model, max_batch=args.max_batch, max_len=max_len, cuda_graph=not args.no_cuda_graph)
+    if engine.prefill_graphs is not None:
+        engine.prefill_graphs.max_packed_tokens = args.packed_graph_tokens
     warm_up(engine, requests, args.chunk if "chunked" in args.policy else 0)
     policies = [p for p in POLICIES if p in args.policy]
     ceiling = decode_ceiling(engine, requests) * comm.world  # the ranks' slots decode in the same step
