@@ -136,16 +136,21 @@ def test_call_seconds_by_hand():
 
 
 def test_an_eager_prefill_takes_the_hosts_time_at_least(rng):
-    """Several prompts in one prefill run eagerly in the engine: the call takes max(GPU time, layers x the host's
-    time a layer); one prompt (a graph replay) keeps the GPU time whatever the host's."""
+    """Several prompts in one prefill past the packed graphs' tokens run eagerly in the engine: the call takes
+    max(GPU time, layers x the host's time a layer); one prompt or a pack within a graph (a replay) keeps the
+    GPU time whatever the host's."""
     shape, system = from_name("mixtral-8x7b"), load_system("h200_8gpu")
     lengths = tuple(int(n) for n in rng.integers(20, 200, size=3))
+    padded = -(-sum(lengths) // 128) * 128
     gpu = call_seconds(Call(prompts=lengths), shape, system)
     slow_host = 2 * gpu / shape.n_layers
-    assert call_seconds(Call(prompts=lengths), shape, system, slow_host) == pytest.approx(2 * gpu, rel=1e-12)
-    assert call_seconds(Call(prompts=lengths), shape, system, slow_host / 4) == gpu
+    for graphed_up_to in (0, padded - 1):
+        eager = call_seconds(Call(prompts=lengths), shape, system, slow_host, packed_graph_tokens=graphed_up_to)
+        assert eager == pytest.approx(2 * gpu, rel=1e-12)
+        assert call_seconds(Call(prompts=lengths), shape, system, slow_host / 4, graphed_up_to) == gpu
+    assert call_seconds(Call(prompts=lengths), shape, system, slow_host, packed_graph_tokens=padded) == gpu
     one = Call(prompts=lengths[:1])
-    assert call_seconds(one, shape, system, slow_host) == call_seconds(one, shape, system)
+    assert call_seconds(one, shape, system, slow_host, packed_graph_tokens=0) == call_seconds(one, shape, system)
 
 
 def test_the_command_writes_the_engines_columns(tmp_path, capsys):

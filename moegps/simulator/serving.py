@@ -70,16 +70,21 @@ def expected_expert_seconds(n_tokens: float, shape: ModelShape, system: SystemSp
     return float(shape.n_experts * (p * cost.expert_time(counts, shape, system)).sum())
 
 
-def call_seconds(call: Call, shape: ModelShape, system: SystemSpec, eager_layer_s: float = 0.0) -> float:
+PREFILL_ROUND_TO = 128  # a packed prefill graph's token counts are multiples of this (engine.generate.PrefillGraphs)
+
+
+def call_seconds(call: Call, shape: ModelShape, system: SystemSpec, eager_layer_s: float = 0.0,
+                 packed_graph_tokens: int = 2048) -> float:
     """The cost model's seconds for one serving call on one GPU: every layer's attention block over its tokens'
     contexts (a whole prompt's token at position p attends to p + 1 positions in the prompt, a decode row reads its
     K/V up to its position, a chunk's rows attend from ``chunk_start``), its experts (or its dense MLP, in the
     non-expert weights), the profile's per-layer overhead; and the vocabulary projection (its weights once, two
     FLOPs a weight for each row that yields a token: a prompt's last, a decode row, the chunk's last).
 
-    ``eager_layer_s``: the host's seconds to issue one layer of a prefill the engine runs eagerly, several
-    prompts at once (one prompt, decode steps and chunks replay CUDA graphs); such a call takes at least
-    ``n_layers`` times that, however little the GPU has to do."""
+    ``eager_layer_s``: the host's seconds to issue one layer of a prefill the engine runs eagerly: several prompts
+    at once of more than ``packed_graph_tokens`` tokens rounded up to 128 (one prompt, smaller packs, decode steps
+    and chunks replay CUDA graphs); such a call takes at least ``n_layers`` times that, however little the GPU
+    has to do."""
     prompts = np.asarray(call.prompts, dtype=np.float64)
     positions = np.asarray(call.decode_positions, dtype=np.float64)
     chunk_context = call.chunk * call.chunk_start + call.chunk * (call.chunk + 1) / 2
@@ -97,7 +102,8 @@ def call_seconds(call: Call, shape: ModelShape, system: SystemSpec, eager_layer_
     rows_out = len(prompts) + len(positions) + (1 if call.chunk else 0)
     vocab = max(shape.vocab_size * shape.hidden * shape.dtype_bytes / system.hbm_bandwidth,
                 2.0 * rows_out * shape.vocab_size * shape.hidden / system.matmul_flops)
-    host = shape.n_layers * eager_layer_s if len(prompts) > 1 else 0.0
+    eager = len(prompts) > 1 and -(-prompts.sum() // PREFILL_ROUND_TO) * PREFILL_ROUND_TO > packed_graph_tokens
+    host = shape.n_layers * eager_layer_s if eager else 0.0
     return max(layers + vocab, host)
 
 
@@ -213,6 +219,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eager-layer-s", type=float, default=1e-3,
                     help="host seconds to issue a layer of an eager prefill of several prompts (0.9-1.2 ms on the "
                     "H200 machine, benchmarks/engine/host_probe.py; docs/engine.md); 0: the GPU's time alone")
+    ap.add_argument("--packed-graph-tokens", type=int, default=2048,
+                    help="several prompts' prefill replays a graph up to this many tokens, as the engine's (0: eager)")
     ap.add_argument("--out", default=None, help="CSV of every request's times, the engine command's columns")
     args = ap.parse_args(argv)
     for name in ("requests", "max_batch", "max_new_tokens", "chunk"):
@@ -231,7 +239,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, KeyError) as e:
         ap.error(str(e))
     slots = bucket_for(args.max_batch)  # the engine rounds its slots up to a decode bucket
-    seconds = lambda call: call_seconds(call, shape, system, args.eager_layer_s)  # noqa: E731
+    seconds = lambda call: call_seconds(call, shape, system, args.eager_layer_s, args.packed_graph_tokens)  # noqa: E731
     shortest = min(len(r.prompt) for r in workloads[args.rate[0]])
     ceiling = slots / seconds(Call(decode_positions=(shortest,) * slots))
     print(f"{shape.name} on one GPU of {system.name} (cost model, uniform routing): {args.requests} MMLU requests, "
