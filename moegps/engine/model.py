@@ -22,6 +22,7 @@ QKV, fused residual norms). Written for this project.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..kernels import fused_moe, moe_reference
 from ..shapes import ModelShape, from_hf_config
@@ -409,6 +411,14 @@ def prefill(model: Model, cache: KVCache, prompts: list[torch.Tensor], all_posit
     return prefill_packed(model, cache, tokens, rows, positions, last, lengths, all_positions, prompt_slots)
 
 
+# SDPA's backends for a padded batch of several prompts, eager: its shape is new with almost every batch, and
+# the cuDNN backend (first in torch 2.11's order on Hopper) builds an execution plan for each new shape, a
+# one-time cost of seconds that a serving run paid mid-run (benchmarks/engine/first_call_probe.py; pytorch#155958
+# makes it rebuild less); flash and memory-efficient kernels build nothing. One prompt keeps the default order:
+# its shapes are the prefill graphs' length classes, each planned once at capture.
+PADDED_BATCH_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def prefill_packed(model: Model, cache: KVCache, tokens: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                    last: torch.Tensor, lengths: list[int], all_positions: bool = False,
                    prompt_slots: torch.Tensor | None = None) -> torch.Tensor:
@@ -440,7 +450,8 @@ def prefill_packed(model: Model, cache: KVCache, tokens: torch.Tensor, rows: tor
         return o.reshape(longest, S.n_heads, S.head_dim) if single else o[rows, positions]
 
     resid = model.embed[tokens]
-    delta = _layers(model, cache, resid, positions, slots, attend)
+    with (sdpa_kernel(PADDED_BATCH_SDPA) if not single and tokens.is_cuda else contextlib.nullcontext()):
+        delta = _layers(model, cache, resid, positions, slots, attend)
     if all_positions:
         return linear(add_rmsnorm(resid, delta, model.norm, S.norm_eps), model.lm_head).float()
     x = add_rmsnorm(resid[last].contiguous(), delta[last].contiguous(), model.norm, S.norm_eps)
