@@ -149,7 +149,7 @@ def test_warm_up_captures_every_prefill_graph_the_requests_can_replay(rng, model
 
 def test_packed_prefill_sizes_cover_every_config_a_pack_can_choose(rng, model, monkeypatch):
     """A packed eager prefill's MoE config is chosen by its token count; warm_up runs one prefill per config
-    that the packs of these prompts can reach. Against a brute-force pass over every possible pack's total,
+    and specialisation class that the packs of these prompts can reach. Against a brute-force pass over every possible pack's total,
     under a stand-in table of configs that change at random token counts (the CPU has no tuned table)."""
     edges = np.sort(rng.choice(np.arange(2, 200), size=6, replace=False))
     asked = []
@@ -162,12 +162,15 @@ def test_packed_prefill_sizes_cover_every_config_a_pack_can_choose(rng, model, m
     engine = Engine(model, max_batch=4, max_len=40)
     lengths = rng.integers(3, 30, size=9).tolist()
     sizes = packed_prefill_sizes(engine, lengths, max_prefill_tokens=90)
-    # every pack: 2..4 prompts (the slots) within the 90-token budget
+    # every pack: 2..4 prompts (the slots) within the 90-token budget; a kernel compiles once per config and
+    # per Triton specialisation of the token and selection (top-2) counts: divisible by 16 or not
     ordered = sorted(lengths)
     totals = range(ordered[0] + ordered[1], min(90, sum(ordered[-4:])) + 1)
-    assert sorted({fake_config(t, 0, 0, 0, 0)["bucket"] for t in totals}) == \
-        sorted(fake_config(t, 0, 0, 0, 0)["bucket"] for t in sizes)
-    assert all(t in totals for t in sizes) and len(set(sizes)) == len(sizes)
+
+    def kind(t):
+        return fake_config(t, 0, 0, 0, 0)["bucket"], t % 16 == 0, 2 * t % 16 == 0
+    assert {kind(t) for t in totals} == {kind(t) for t in sizes} and len({kind(t) for t in sizes}) == len(sizes)
+    assert all(t in totals for t in sizes) and all(min(u for u in totals if kind(u) == kind(t)) == t for t in sizes)
     assert asked[0] == (8, 32, 24, 2)  # the model's experts, hidden, expert FFN and top-k
     assert packed_prefill_sizes(Engine(model, max_batch=1, max_len=40), lengths) == []  # one slot: no packs
 
