@@ -147,11 +147,15 @@ def test_warm_up_captures_every_prefill_graph_the_requests_can_replay(rng, model
         | {("pack", n) for n in (8, 16, 24, 32, 40)})
 
 
-def test_packed_prefill_sizes_cover_every_config_a_pack_can_choose(rng, model, monkeypatch):
-    """A packed eager prefill's MoE config is chosen by its token count; warm_up runs one prefill per config
-    and specialisation class that the packs of these prompts can reach. Against a brute-force pass over every possible pack's total,
-    under a stand-in table of configs that change at random token counts (the CPU has no tuned table)."""
-    edges = np.sort(rng.choice(np.arange(2, 200), size=6, replace=False))
+@pytest.mark.parametrize("longest,budget", [(30, 90), (2200, 8192)])
+def test_packed_prefill_sizes_cover_every_kernel_a_pack_can_compile(rng, model, monkeypatch, longest, budget):
+    """A packed eager prefill's MoE kernels are chosen by its token count; warm_up runs one prefill per config,
+    Triton specialisation class (token and selection counts divisible by 16 or not) and routing sort variant
+    (``align_variant``) that the packs of these prompts can reach. Against a brute-force pass over every
+    possible pack's total, under a stand-in table of configs that change at random token counts (the CPU has no
+    tuned table); short prompts (every sort one launch) and long ones (packs of up to 8,800 selections: one
+    launch, then chunked sorts of 8 and 16 chunks)."""
+    edges = np.sort(rng.choice(np.arange(2, 2 * longest), size=6, replace=False))
     asked = []
 
     def fake_config(tokens, experts, hidden, ffn, top_k, device=None):
@@ -159,16 +163,17 @@ def test_packed_prefill_sizes_cover_every_config_a_pack_can_choose(rng, model, m
         return {"path": "sorted", "bucket": int(np.searchsorted(edges, tokens))}
 
     monkeypatch.setattr(serve_module, "get_config", fake_config)
-    engine = Engine(model, max_batch=4, max_len=40)
-    lengths = rng.integers(3, 30, size=9).tolist()
-    sizes = packed_prefill_sizes(engine, lengths, max_prefill_tokens=90)
-    # every pack: 2..4 prompts (the slots) within the 90-token budget; a kernel compiles once per config and
-    # per Triton specialisation of the token and selection (top-2) counts: divisible by 16 or not
+    engine = Engine(model, max_batch=4, max_len=longest + 10)
+    lengths = rng.integers(3, longest, size=9).tolist()
+    sizes = packed_prefill_sizes(engine, lengths, max_prefill_tokens=budget)
+    # every pack: 2..4 prompts (the slots) within the budget
     ordered = sorted(lengths)
-    totals = range(ordered[0] + ordered[1], min(90, sum(ordered[-4:])) + 1)
+    totals = range(ordered[0] + ordered[1], min(budget, sum(ordered[-4:])) + 1)
 
-    def kind(t):
-        return fake_config(t, 0, 0, 0, 0)["bucket"], t % 16 == 0, 2 * t % 16 == 0
+    def kind(t):  # top-2: 2t selections
+        chunks = -(-2 * t // 1024)
+        sort = "one" if chunks <= 4 else 1 << (chunks - 1).bit_length()
+        return fake_config(t, 0, 0, 0, 0)["bucket"], t % 16 == 0, 2 * t % 16 == 0, sort
     assert {kind(t) for t in totals} == {kind(t) for t in sizes} and len({kind(t) for t in sizes}) == len(sizes)
     assert all(t in totals for t in sizes) and all(min(u for u in totals if kind(u) == kind(t)) == t for t in sizes)
     assert asked[0] == (8, 32, 24, 2)  # the model's experts, hidden, expert FFN and top-k

@@ -1,19 +1,24 @@
-"""Which prefills pay a one-time cost after the serving loop's warm-up, and whether SDPA's backend is the cause.
+"""Which prefills pay a one-time cost after the serving loop's warm-up, and where it goes.
 
 Session x: a static serving run at 40 requests a second stalled 3.2 s before the eager prefill of 30 prompts
-(2,700 tokens), a padded batch of a shape no earlier call had. SDPA's cuDNN backend, first in torch 2.11's
-order on Hopper, builds an execution plan for every new shape (pytorch/pytorch#155958). Two measurements, host
-wall clock with the GPU synchronised, each the first call at a shape and then the same call again:
+(2,700 tokens), a padded batch of a shape no earlier call had. Two measurements, host wall clock with the GPU
+synchronised, each the first call at a shape and then the same call again:
 
 1. SDPA alone on random q, k, v of padded batches of new shapes (the model's heads, GQA as the engine calls it),
-   in the default backend order and in ``model.PADDED_BATCH_SDPA`` (no cuDNN);
+   in the default backend order (cuDNN first on Hopper: a plan per new shape) and in ``model.PADDED_BATCH_SDPA``;
 2. the engine's packed prefill of several MMLU prompts after ``engine.serve.warm_up``, as
-   ``python -m moegps.engine.serve`` runs it (eager past the packed graphs' 2048 tokens, a graph within).
+   ``python -m moegps.engine.serve`` runs it (eager past the packed graphs' 2048 tokens, a graph within); a first
+   call over a second is profiled on the host (cProfile; a Triton compile shows as LLVM and ptxas). Run it with
+   ``TRITON_CACHE_DIR`` a fresh folder: kernels that an earlier process compiled load from the cache in
+   milliseconds, and the stall a first serving run meets does not show.
 
-    PYTHONPATH=. python benchmarks/engine/first_call_probe.py --model deepseek-v2-lite --mmlu carry/mmlu
+    TRITON_CACHE_DIR=$(mktemp -d) PYTHONPATH=. python benchmarks/engine/first_call_probe.py --model deepseek-v2-lite --mmlu carry/mmlu
 """
 
 import argparse
+import cProfile
+import io
+import pstats
 import time
 
 import torch
@@ -62,6 +67,7 @@ def main() -> None:
     engine = Engine(model, max_batch=args.max_batch, max_len=max(len(r.prompt) + r.max_new_tokens for r in requests))
     warm_up(engine, requests)
     print("\n| prompts | tokens | prefill | first call ms | again ms |\n|---|---|---|---|---|")
+    slow = []
     for count in args.packs:
         prompts = [torch.as_tensor(r.prompt) for r in requests[:count]]
         graphed = engine.prefill_graphs.pays([len(p) for p in prompts])
@@ -69,8 +75,15 @@ def main() -> None:
         def run():
             with torch.inference_mode():
                 engine.prefill_graphs(prompts) if graphed else prefill(model, engine.cache, prompts)  # noqa: B023
+        profiler = cProfile.Profile()
+        first = timed_ms(lambda: profiler.runcall(run))  # noqa: B023
         print(f"| {count} | {sum(len(p) for p in prompts)} | {'graph' if graphed else 'eager'} | "
-              f"{timed_ms(run):.1f} | {timed_ms(run):.1f} |", flush=True)
+              f"{first:.1f} | {timed_ms(run):.1f} |", flush=True)
+        if first > 1000:  # where a first call's seconds went, on the host
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats("moegps|jit.py|compiler.py", 30)
+            slow.append(text.getvalue())
+    print(*slow, sep="\n")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ import torch.distributed as dist
 from ..executor import dist as xdist
 from ..files import atomic_path
 from ..kernels.launch import get_config
+from ..kernels.routing import align_variant
 from ..models.tokenizer import mixtral_tokenizer
 from ..paths import shared_data
 from ..placement.algorithms import canonical, place
@@ -384,11 +385,13 @@ def packed_prefill_sizes(engine: Engine, prompt_tokens: list[int],
                          max_prefill_tokens: int = MAX_PREFILL_TOKENS) -> list[int]:
     """Token counts of eager prefills that, between them, compile every MoE kernel a packed prefill of these
     prompts can run: from two of the shortest prompts to as many of the longest as the slots and
-    ``max_prefill_tokens`` take, the smallest count of each kernel config (``get_config``) in each of Triton's
+    ``max_prefill_tokens`` take, the smallest count of each kernel config (``get_config``), of each of Triton's
     specialisation classes of the token and selection counts (an integer argument divisible by 16 compiles a
-    kernel of its own: after a warm-up of one class, the first eager pack of 2,449 tokens took 2.9 s on an H100
-    against 38 ms for the next, benchmarks/engine/first_call_probe.py). None without MoE kernels of this
-    process's own (no MoE layers, or expert-parallel ranks, which run eagerly and compile as they go)."""
+    kernel of its own) and of each compiled variant of the routing's sort (``routing.align_variant``: its chunk
+    count's power of two is a constexpr). Without the last, the first eager pack of 2,449 tokens after the
+    warm-up took 2.2-4.1 s on an H100 with a fresh Triton cache against 32-46 ms for the next: a compile
+    (benchmarks/engine/first_call_probe.py). None without MoE kernels of this process's own (no MoE layers, or
+    expert-parallel ranks, which run eagerly and compile as they go)."""
     lengths = sorted(prompt_tokens)
     slots = engine.cache.slots
     if slots < 2 or len(lengths) < 2:
@@ -403,7 +406,8 @@ def packed_prefill_sizes(engine: Engine, prompt_tokens: list[int],
     first_of_kind: dict[tuple, int] = {}
     for tokens in range(low, high + 1):
         config = get_config(tokens, experts, hidden, two_ffn // 2, top_k, engine.model.device)
-        kind = json.dumps(config, sort_keys=True), tokens % 16 == 0, tokens * top_k % 16 == 0
+        kind = (json.dumps(config, sort_keys=True), tokens % 16 == 0, tokens * top_k % 16 == 0,
+                align_variant(tokens * top_k))
         first_of_kind.setdefault(kind, tokens)
     return sorted(first_of_kind.values())
 

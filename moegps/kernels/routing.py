@@ -228,6 +228,15 @@ def _chunk_place_kernel(
         tl.store(pair_slot_ptr + pair, slot, mask=real)
 
 
+def align_variant(n_pairs: int, scan: int = SCAN) -> tuple:
+    """What of ``n_pairs`` picks a compiled kernel of ``align``: its method (``"one"`` up to ONE_LAUNCH_CHUNKS
+    chunks of ``scan`` pairs, else ``"chunked"``) and, chunked, the chunk count's next power of two (a constexpr).
+    A warm-up that means to compile every kernel a range of token counts runs covers each
+    (engine.serve.packed_prefill_sizes)."""
+    chunks = triton.cdiv(n_pairs, scan)
+    return ("one",) if chunks <= ONE_LAUNCH_CHUNKS else ("chunked", triton.next_power_of_2(chunks))
+
+
 def align(topk_ids: torch.Tensor, n_experts: int, block_m: int, scan: int = SCAN,
           half_tail: bool = False, method: str | None = None,
           pad_m: int | None = None) -> RoutingMeta:
@@ -272,7 +281,7 @@ def align(topk_ids: torch.Tensor, n_experts: int, block_m: int, scan: int = SCAN
     # One launch costs ~4 us + ~2 us per scan chunk (each program walks all ids twice); the
     # chunked launches cost about the same at any size (ONE_LAUNCH_CHUNKS).
     if method is None:
-        method = "one" if n_pairs <= scan * ONE_LAUNCH_CHUNKS else "chunked"
+        method = align_variant(n_pairs, scan)[0]
     pdl = launch_flags(topk_ids)
     if method == "one":
         _align_kernel[(n_experts,)](ids, *outputs, n_pairs, E_POW2=e_pow2, BLOCK_M=block_m,
