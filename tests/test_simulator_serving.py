@@ -16,7 +16,7 @@ import torch
 
 import moegps.engine.serve as engine_serve
 from moegps.engine import Engine
-from moegps.engine.generate import BUCKETS
+from moegps.engine.generate import BUCKETS, MAX_PACKED_TOKENS, PREFILL_ROUND_TO
 from moegps.engine.model import random_model
 from moegps.engine.serve import Request
 from moegps.shapes import from_name
@@ -50,8 +50,9 @@ class ChargedClock:
         self.t += seconds
 
 
-def test_the_buckets_are_the_engines():
+def test_the_buckets_and_prefill_graphs_are_the_engines():
     assert serving.BUCKETS == BUCKETS
+    assert (serving.PREFILL_ROUND_TO, serving.MAX_PACKED_TOKENS) == (PREFILL_ROUND_TO, MAX_PACKED_TOKENS)
 
 
 @pytest.mark.parametrize("policy", ["continuous", "chunked 3", "chunked 8", "static", "one prompt a prefill"])

@@ -16,6 +16,7 @@ synchronised, each the first call at a shape and then the same call again:
 """
 
 import argparse
+import contextlib
 import cProfile
 import io
 import pstats
@@ -59,7 +60,7 @@ def main() -> None:
                     for _ in range(2))
 
             def run():
-                with sdpa_kernel(backends) if backends is not None else torch.inference_mode():
+                with sdpa_kernel(backends) if backends is not None else contextlib.nullcontext():
                     F.scaled_dot_product_attention(q, k, v, is_causal=True,  # noqa: B023
                                                    enable_gqa=S.n_heads != S.n_kv_heads)
             print(f"| {name} | {batch} x {length} | {timed_ms(run):.1f} | {timed_ms(run):.1f} |", flush=True)

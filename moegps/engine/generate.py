@@ -33,6 +33,8 @@ from .model import (KVCache, Model, check_fits, decode_step, decode_step_with_ch
                     prefill, prefill_block_diagonal, prefill_packed, random_model)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+PREFILL_ROUND_TO = 128     # a prefill graph's token counts are multiples of this (PrefillGraphs)
+MAX_PACKED_TOKENS = 2048   # several prompts' prefill replays a graph up to this many tokens in all (PrefillGraphs)
 STOP_CHECK_EVERY = 16  # decode steps between the host's looks at the stop tokens (each look syncs)
 
 
@@ -184,8 +186,8 @@ class PrefillGraphs:
     the tests check the padding). A graph reads ``model.routing_counts`` as it was at capture (set it before,
     as for decode graphs), and counts its padding's routing too."""
 
-    def __init__(self, model: Model, cache: KVCache, round_to: int = 128, max_graphs: int = 4,
-                 max_tokens: int = 8192, max_packed_tokens: int = 2048):
+    def __init__(self, model: Model, cache: KVCache, round_to: int = PREFILL_ROUND_TO, max_graphs: int = 4,
+                 max_tokens: int = 8192, max_packed_tokens: int = MAX_PACKED_TOKENS):
         self.model, self.cache, self.round_to, self.max_graphs = model, cache, round_to, max_graphs
         self.max_tokens, self.max_packed_tokens = max_tokens, max_packed_tokens
         self._graphs: dict[tuple, tuple] = {}

@@ -56,7 +56,7 @@ from ..models.tokenizer import mixtral_tokenizer
 from ..paths import shared_data
 from ..placement.algorithms import canonical, place
 from ..prompts import Prompt, load_mmlu
-from .generate import BUCKETS, Engine, Sampling, bucket_for, build_model, choose_tokens
+from .generate import BUCKETS, MAX_PACKED_TOKENS, Engine, Sampling, bucket_for, build_model, choose_tokens
 from .model import KVCache, Model, prefill
 from .parallel import expert_parallel, idle_moe_calls, serving_comm
 
@@ -366,14 +366,15 @@ def warm_up(engine: Engine, requests: list[Request], chunk: int = 0,
             graphs([torch.as_tensor(prompt)], slots=[slot])
     stream = torch.as_tensor([t for r in requests for t in r.prompt])
     piece = engine.max_len - 1
+
+    def first_tokens(size: int) -> torch.Tensor:  # the requests' prompt tokens, in a row, as many as size
+        return stream.repeat(-(-size // len(stream)))[:size]
     for size in pack_sizes:  # at least two prompts, each within the cache
-        tokens = stream.repeat(-(-size // len(stream)))[:size]
-        parts = list(tokens.tensor_split(max(2, -(-size // piece))))
+        parts = list(first_tokens(size).tensor_split(max(2, -(-size // piece))))
         graphs(parts, slots=list(range(len(parts))))
     for size in packed_prefill_sizes(engine, lengths, max_prefill_tokens):
-        tokens = stream.repeat(-(-size // len(stream)))[:size]
         with torch.inference_mode():
-            prefill(engine.model, engine.cache, list(tokens.split(piece)))
+            prefill(engine.model, engine.cache, list(first_tokens(size).split(piece)))
     for bucket in (b for b in BUCKETS if b <= engine.cache.slots):
         for size in {0, chunk}:
             engine.step(bucket, size)()
@@ -467,7 +468,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--no-cuda-graph", action="store_true")
-    ap.add_argument("--packed-graph-tokens", type=int, default=2048,
+    ap.add_argument("--packed-graph-tokens", type=int, default=MAX_PACKED_TOKENS,
                     help="several newcomers' prefill replays a CUDA graph up to this many tokens (0: always eager)")
     ap.add_argument("--out", default=None, help="CSV of every request's times, a row per rate, policy and request; "
                     "rewritten after each run, and a call with the same settings resumes from it")

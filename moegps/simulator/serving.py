@@ -70,11 +70,14 @@ def expected_expert_seconds(n_tokens: float, shape: ModelShape, system: SystemSp
     return float(shape.n_experts * (p * cost.expert_time(counts, shape, system)).sum())
 
 
-PREFILL_ROUND_TO = 128  # a packed prefill graph's token counts are multiples of this (engine.generate.PrefillGraphs)
+# the engine's packed prefill graphs (engine.generate.PrefillGraphs; a test ties them): their token counts are
+# multiples of PREFILL_ROUND_TO, up to MAX_PACKED_TOKENS
+PREFILL_ROUND_TO = 128
+MAX_PACKED_TOKENS = 2048
 
 
 def call_seconds(call: Call, shape: ModelShape, system: SystemSpec, eager_layer_s: float = 0.0,
-                 packed_graph_tokens: int = 2048) -> float:
+                 packed_graph_tokens: int = MAX_PACKED_TOKENS) -> float:
     """The cost model's seconds for one serving call on one GPU: every layer's attention block over its tokens'
     contexts (a whole prompt's token at position p attends to p + 1 positions in the prompt, a decode row reads its
     K/V up to its position, a chunk's rows attend from ``chunk_start``), its experts (or its dense MLP, in the
@@ -219,7 +222,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eager-layer-s", type=float, default=1e-3,
                     help="host seconds to issue a layer of an eager prefill of several prompts (0.9-1.2 ms on the "
                     "H200 machine, benchmarks/engine/host_probe.py; docs/engine.md); 0: the GPU's time alone")
-    ap.add_argument("--packed-graph-tokens", type=int, default=2048,
+    ap.add_argument("--packed-graph-tokens", type=int, default=MAX_PACKED_TOKENS,
                     help="several prompts' prefill replays a graph up to this many tokens, as the engine's (0: eager)")
     ap.add_argument("--out", default=None, help="CSV of every request's times, the engine command's columns")
     args = ap.parse_args(argv)
