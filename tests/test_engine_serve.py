@@ -8,6 +8,7 @@ machine. Prefill into chosen cache slots is checked against the plain prefill, K
 """
 
 import csv
+from itertools import groupby
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from moegps.engine import serve as serve_module
 from moegps.engine.serve import (Request, Served, decode_ceiling, main, packed_prefill_sizes, serve, summarize,
                                  warm_up)
 from moegps.shapes import from_name
+from moegps.simulator.serving import main as simulator_main
 
 
 @pytest.fixture(autouse=True)
@@ -225,6 +227,22 @@ def test_cli_on_the_bundled_model(tmp_path, capsys):
     assert len(rows) == 18 and {(r["rate"], r["policy"]) for r in rows} == \
         {(a, b) for a in ("50.0", "100.0") for b in ("continuous", "chunked", "static")}
     assert all(1 <= int(r["new_tokens"]) <= 3 for r in rows)
+    with open(tmp_path / "serve-calls.csv") as f:  # every model call of the six runs, the first rate's kept
+        calls = list(csv.DictReader(f))
+    for (rate, policy), run in groupby(calls, key=lambda c: (c["rate"], c["policy"])):
+        run = list(run)
+        mine = [r for r in rows if (r["rate"], r["policy"]) == (rate, policy)]
+        answered = {r["request"]: int(r["new_tokens"]) for r in mine}
+        prompt_lengths = [int(r["prompt_tokens"]) for r in mine]
+        prompts = [int(n) for c in run for n in c["prompts"].split()]
+        assert [int(c["call"]) for c in run] == list(range(len(run)))
+        assert sorted(prompts) == ([] if policy == "chunked" else sorted(prompt_lengths))  # chunked: in the steps
+        assert sum(bool(c["positions"]) for c in run) >= max(answered.values()) - 1  # the decode steps
+        assert all(float(c["start_s"]) < float(c["end_s"]) for c in run)
+    assert {(c["rate"], c["policy"]) for c in calls} == {(r["rate"], r["policy"]) for r in rows}
+    assert simulator_main(["--shape", "mixtral-8x7b", "--system", "h100_8gpu", "--calls",
+                           str(tmp_path / "serve-calls.csv")]) == 0
+    assert "between calls" in capsys.readouterr().out
     for argv, message in ((argv[:5] + ["4"] + argv[6:], "holds runs of other settings"),
                           (["--requests", "0"], "--requests must be >= 1"), (["--chunk", "0"], "--chunk must be >= 1"),
                           (["--policy", "fast"], "invalid choice: 'fast'"),

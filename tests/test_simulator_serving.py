@@ -59,7 +59,10 @@ def test_the_buckets_and_prefill_graphs_are_the_engines():
 def test_serve_times_follows_the_engines_loop(rng, model, monkeypatch, policy):
     """Eleven requests over four slots (max_batch 3, rounded up to the bucket of 4), arriving while others run and
     after idle gaps, each model call costing a random linear function of its prompt tokens, bucket, the bucket's
-    positions and its chunk: every request's first-token and finish time from serve_times equals the engine's."""
+    positions and its chunk: every request's first-token and finish time from serve_times equals the engine's.
+    The engine's records of its calls (serve's ``calls``, kept on the host) are the calls its model saw (read from
+    its device state) and the calls serve_times costs, in order; their times are those costs, and nothing else
+    (compare_calls: measured = modelled in every class, the loop's gaps 0 once its sleeps are taken out)."""
     coef = rng.uniform(0.1, 1.0, size=6) * np.array([1e-3, 1e-2, 1e-4, 1e-5, 1e-4, 1e-5])
 
     def seconds(call: Call) -> float:
@@ -72,12 +75,14 @@ def test_serve_times_follows_the_engines_loop(rng, model, monkeypatch, policy):
     continuous = policy != "static"
     budget = 1 if policy == "one prompt a prefill" else 8192
     clock = ChargedClock()
+    seen: list[Call] = []  # the calls as the model ran them
     engine = Engine(model, max_batch=3, max_len=32)
     assert engine.prefill_graphs is None  # every prefill goes through engine.serve.prefill
     whole_prefill, step = engine_serve.prefill, engine.step
 
     def charged_prefill(model, cache, prompts, **kwargs):
-        clock.t += seconds(Call(prompts=tuple(len(p) for p in prompts)))
+        seen.append(Call(prompts=tuple(len(p) for p in prompts)))
+        clock.t += seconds(seen[-1])
         return whole_prefill(model, cache, prompts, **kwargs)
 
     def charged_step(bucket, size=0):
@@ -85,18 +90,28 @@ def test_serve_times_follows_the_engines_loop(rng, model, monkeypatch, policy):
 
         def call():
             start = int(engine.chunk_inputs(size)[2]) if size else 0
-            clock.t += seconds(Call(decode_positions=tuple(engine.positions[:bucket].tolist()), chunk=size,
-                                    chunk_start=start))
+            seen.append(Call(decode_positions=tuple(engine.positions[:bucket].tolist()), chunk=size,
+                             chunk_start=start))
+            clock.t += seconds(seen[-1])
             return run()
         return call
 
     monkeypatch.setattr(engine_serve, "prefill", charged_prefill)
     monkeypatch.setattr(engine, "step", charged_step)
+    records: list[dict] = []
     served = engine_serve.serve(engine, requests, continuous=continuous, chunk=chunk, max_prefill_tokens=budget,
-                                clock=clock, sleep=clock.sleep)
+                                clock=clock, sleep=clock.sleep, calls=records)
+    simulated: list[Call] = []
     timed = serve_times([len(r.prompt) for r in requests], [r.max_new_tokens for r in requests],
-                        [r.arrival_s for r in requests], engine.cache.slots, seconds, continuous=continuous,
+                        [r.arrival_s for r in requests], engine.cache.slots,
+                        lambda call: simulated.append(call) or seconds(call), continuous=continuous,
                         chunk=chunk, max_prefill_tokens=budget)
+    assert [serving.call_of(r) for r in records] == seen == simulated
+    assert sum(r["slept_s"] for r in records) > 0  # the loop waited for arrivals
+    compared = serving.compare_calls(records, seconds)
+    assert sum(row["calls"] for row in compared[:-1]) == len(seen) and compared[-1]["class"] == "between calls"
+    for row in compared:
+        assert row["measured_s"] == pytest.approx(row["modelled_s"], abs=1e-9)
     for s, t, r in zip(served, timed, requests):
         assert len(s.tokens) == t.new_tokens == r.max_new_tokens
         assert t.arrival_s == pytest.approx(s.arrival_s, abs=1e-12)

@@ -104,7 +104,7 @@ def request_draws(requests: list[Request], sampling: Sampling) -> list[Sampling]
 
 def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = None, stop_tokens=(),
           continuous: bool = True, chunk: int = 0, max_prefill_tokens: int = MAX_PREFILL_TOKENS, clock=time.perf_counter,
-          sleep=time.sleep) -> list[Served]:
+          sleep=time.sleep, calls: list[dict] | None = None) -> list[Served]:
     """Serve ``requests`` (in the order of their arrival, ties by index) on ``engine``'s cache slots; returns
     each request's answer and times (host clock, seconds since the call began), in the requests' order.
     On expert-parallel ranks, every rank calls this with its own requests at the same time (module docstring).
@@ -116,7 +116,15 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
     does not stall the running answers for its whole prefill. ``clock``/``sleep`` are injectable so tests
     can run on a fake clock. A request's answer equals ``engine.generate`` of it alone with its sampling
     (up to rounding in the batch's GEMMs), sampled ones too: each draw is keyed by the request's seed and
-    its count of tokens (``generate.counter_uniforms``), not by the batch."""
+    its count of tokens (``generate.counter_uniforms``), not by the batch.
+
+    ``calls``: a list that gets one record per model call, in order, what the serving simulator costs
+    (``simulator.serving.Call``): ``prompts`` (a whole-prompt prefill's prompt lengths, space-separated),
+    ``positions`` (a decode step's bucket rows' positions), ``chunk`` and ``chunk_start`` (the prompt chunk
+    beside them), ``graph`` (a CUDA graph replay), and the call's ``start_s`` and ``end_s`` on the run's clock:
+    from the loop's turn to the call until its tokens are on the host (the step's one synchronisation); and
+    ``slept_s``, what the loop slept waiting for arrivals since the call before, so that the rest of the time
+    between two calls is the loop's own host work."""
     comm = serving_comm(engine.model)  # None: one process
     if chunk < 0 or (chunk and not continuous):
         raise ValueError(f"chunk must be 0 (whole prompts) or > 0 with continuous batching, got {chunk} "
@@ -136,6 +144,8 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
     first_s: dict[int, tuple[float, int]] = {}  # request -> (time, step) of its first token
     served: dict[int, Served] = {}
     steps = 0  # decode steps run: the index of the next
+    position = [0] * slots  # engine.positions as the host knows it without a synchronisation (the calls' records)
+    slept = [0.0]  # waits for arrivals since the last call (the calls' records)
     live = torch.zeros(slots, dtype=torch.long, device=device)  # 1 where a slot holds a running request
     engine.tokens.zero_()
     engine.positions.zero_()
@@ -155,19 +165,30 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
             heapq.heappush(free, slot)
             live[slot] = 0
             engine.tokens[slot] = 0
-            engine.positions[slot] = 0
+            engine.positions[slot] = position[slot] = 0
 
-    def begin(into: list[int], newcomers: list[int], first: torch.Tensor) -> None:
-        """Newcomers whose prompts are in the cache start decoding from their first tokens ``first``."""
+    def begin(into: list[int], newcomers: list[int], first: torch.Tensor) -> float:
+        """Newcomers whose prompts are in the cache start decoding from their first tokens ``first``; returns
+        when those were on the host."""
         index = torch.tensor(into, device=device)
+        lengths = [len(requests[i].prompt) for i in newcomers]
         engine.tokens[index] = first
-        engine.positions[index] = torch.tensor([len(requests[i].prompt) for i in newcomers], device=device)
+        engine.positions[index] = torch.tensor(lengths, device=device)
         live[index] = 1
         tokens = first.tolist()  # waits for the prefill
         at = now()
-        for slot, i, token in zip(into, newcomers, tokens):
-            running[slot], answers[i], first_s[i] = i, [], (at, steps)
+        for slot, i, token, length in zip(into, newcomers, tokens, lengths):
+            running[slot], answers[i], first_s[i], position[slot] = i, [], (at, steps), length
             take(slot, token, at)
+        return at
+
+    def record(start_s: float, end_s: float, graph: bool, prompts=(), positions=(), chunk_size=0,
+               chunk_start=0) -> None:
+        if calls is not None:
+            calls.append({"prompts": " ".join(map(str, prompts)), "positions": " ".join(map(str, positions)),
+                          "chunk": chunk_size, "chunk_start": chunk_start, "graph": graph, "start_s": start_s,
+                          "end_s": end_s, "slept_s": slept[0]})
+        slept[0] = 0.0
 
     def agree(flags: list[float]) -> list[float]:
         """The largest of every rank's ``flags`` (expert-parallel ranks decide together), else ``flags``."""
@@ -197,17 +218,21 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
         if not newcomers:  # another rank prefills: join its MoE layers' dispatches
             idle_moe_calls(model)
             return
+        start_s = now()
         prompts = [torch.as_tensor(requests[i].prompt, dtype=torch.long) for i in newcomers]
         graphs = engine.prefill_graphs
-        if graphs is not None and graphs.pays([len(p) for p in prompts]):
+        graphed = graphs is not None and graphs.pays([len(p) for p in prompts])
+        if graphed:
             logits = graphs(prompts, slots=into)
         else:
             logits = prefill(model, engine.cache, prompts, slots=into)
-        begin(into, newcomers, choose_tokens(logits, [draws[i] for i in newcomers], 0))
+        end_s = begin(into, newcomers, choose_tokens(logits, [draws[i] for i in newcomers], 0))
+        record(start_s, end_s, graphed, prompts=[len(p) for p in prompts])
 
     def decode() -> None:
         """One step of the running requests' decode, and of the next prompt chunk when there is one."""
         nonlocal steps
+        start_s = now()
         bucket = bucket_for(max(running, default=0) + 1)
         size = chunk if prefilling else 0
         if size:
@@ -217,7 +242,9 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
             tokens.zero_()
             tokens[:len(piece)] = torch.as_tensor(piece)
             chunk_slot.fill_(slot), chunk_start.fill_(done), chunk_last.fill_(len(piece) - 1)
-            engine.positions[slot] = done + len(piece)  # the slot's decode row (if in the bucket) parks there
+            # the slot's decode row (if in the bucket) parks there
+            engine.positions[slot] = position[slot] = done + len(piece)
+        positions = position[:bucket]
         rows = [draws[running[b]] if b in running else idle for b in range(bucket)]
         counts = [len(answers[running[b]]) if b in running else 0 for b in range(bucket)]
         if size:  # the chunk's row: its request's first token
@@ -225,8 +252,11 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
         nxt = choose_tokens(engine.step(bucket, size)(), rows, counts)
         engine.tokens[:bucket] = nxt[:bucket]
         engine.positions[:bucket] += live[:bucket]
+        for row in running:  # every running slot is in the bucket
+            position[row] += 1
         host = nxt.tolist()
         at = now()
+        record(start_s, at, engine.cuda_graph, positions=positions, chunk_size=size, chunk_start=done if size else 0)
         for row in list(running):
             take(row, host[row], at)
         if size:
@@ -247,7 +277,9 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
             if busy:
                 decode()
             elif queued:  # nothing to run anywhere: wait for the next arrival on any rank
+                before = now()
                 sleep(max(0.0, -less_wait))
+                slept[0] += now() - before
             else:
                 break
     return [served[i] for i in range(len(requests))]
@@ -442,10 +474,29 @@ def read_runs(out: Path, settings: dict) -> list[dict]:
 def write_runs(out: Path, rows: list[dict], settings: dict) -> None:
     with atomic_path(out.with_name(out.name + ".json")) as tmp:
         tmp.write_text(json.dumps(settings, indent=1))
-    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
+    write_rows(out, rows)
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def calls_path(out: Path) -> Path:
+    """Where the command keeps every model call of the runs whose requests' times are in ``out``."""
+    return out.with_name(f"{out.stem}-calls.csv")
+
+
+def read_call_rows(path: Path, rows: list[dict]) -> list[dict]:
+    """The call records in ``path`` of the runs (policy, rate) that ``rows`` (the requests' file) holds: those
+    written after each run, before its requests' rows (an interrupted run's are dropped)."""
+    if not path.exists():
+        return []
+    finished = {(r["policy"], float(r["rate"])) for r in rows}
+    with open(path, newline="") as f:
+        return [c for c in csv.DictReader(f) if (c["policy"], float(c["rate"])) in finished]
 
 
 def main(argv=None) -> int:
@@ -471,7 +522,8 @@ def main(argv=None) -> int:
     ap.add_argument("--packed-graph-tokens", type=int, default=MAX_PACKED_TOKENS,
                     help="several newcomers' prefill replays a CUDA graph up to this many tokens (0: always eager)")
     ap.add_argument("--out", default=None, help="CSV of every request's times, a row per rate, policy and request; "
-                    "rewritten after each run, and a call with the same settings resumes from it")
+                    "rewritten after each run, and a call with the same settings resumes from it; beside it "
+                    "OUT-calls.csv, every model call of each run (serve's calls records; the first rank's)")
     ap.add_argument("--placement", default=None,
                     help="under torchrun (several ranks): expert parallel, each rank serving every world-th request "
                     "with its own cache slots, the experts placed by this moegps.placement algorithm (static, "
@@ -502,6 +554,7 @@ def main(argv=None) -> int:
     settings["ranks"] = comm.world
     try:
         rows = read_runs(out, settings) if out else []
+        call_rows = read_call_rows(calls_path(out), rows) if out else []
         sampling = Sampling(args.temperature, args.top_k, args.seed, args.top_p)
         questions = mmlu_questions(args.mmlu)  # read once: every rate's requests and the held-out ones
         workloads = {rate: mmlu_requests(args.requests, rate, args.max_new_tokens, args.seed, questions=questions)
@@ -536,13 +589,16 @@ def main(argv=None) -> int:
             if (policy, rate) in earlier:  # finished by an earlier, interrupted call with these settings
                 served, note = earlier[policy, rate], "  (from the earlier run's file)"
             else:
+                calls: list[dict] = []
                 served, note = serve_on_ranks(comm, engine, requests, sampling, continuous=policy != "static",
-                                              chunk=args.chunk if policy == "chunked" else 0), ""
+                                              chunk=args.chunk if policy == "chunked" else 0, calls=calls), ""
+                call_rows += [{"rate": rate, "policy": policy, "call": j, **c} for j, c in enumerate(calls)]
                 rows += [{"rate": rate, "policy": policy, "decode_ceiling": ceiling, "request": i,
                           "prompt_tokens": len(r.prompt), "new_tokens": len(a.tokens),
                           **{k: v for k, v in asdict(a).items() if k != "tokens"}}
                          for i, (r, a) in enumerate(zip(requests, served))]
                 if out and comm.rank == 0:
+                    write_rows(calls_path(out), call_rows)
                     write_runs(out, rows, settings)
             s = results[policy] = summarize(served)
             say(f"{rate:>7g} {policy:<11} {s['tokens_per_s']:>9.1f} {s['tokens_per_s'] / ceiling:>8.0%} "

@@ -20,6 +20,7 @@ pick each expert with probability ``k / E`` independently; an expert's time is a
 from __future__ import annotations
 
 import argparse
+import csv
 import heapq
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -108,6 +109,53 @@ def call_seconds(call: Call, shape: ModelShape, system: SystemSpec, eager_layer_
     eager = len(prompts) > 1 and -(-prompts.sum() // PREFILL_ROUND_TO) * PREFILL_ROUND_TO > packed_graph_tokens
     host = shape.n_layers * eager_layer_s if eager else 0.0
     return max(layers + vocab, host)
+
+
+def call_of(record: dict) -> Call:
+    """The :class:`Call` that a record of the engine's serving loop describes (``engine.serve.serve``'s ``calls``, or
+    a row of the serve command's OUT-calls.csv, as read: strings)."""
+    def ints(text) -> tuple[int, ...]:
+        return tuple(int(v) for v in str(text).split())
+    return Call(prompts=ints(record["prompts"]), decode_positions=ints(record["positions"]),
+                chunk=int(record["chunk"]), chunk_start=int(record["chunk_start"]))
+
+
+def call_class(call: Call, packed_graph_tokens: int = MAX_PACKED_TOKENS) -> str:
+    """What kind of engine call this is, for tables: a prompt's prefill, a pack of several (graphed or eager, as
+    :func:`call_seconds` has it), or a decode step of its bucket (with a prompt chunk)."""
+    if call.prompts:
+        if len(call.prompts) == 1:
+            return "prefill, one prompt"
+        padded = -(-sum(call.prompts) // PREFILL_ROUND_TO) * PREFILL_ROUND_TO
+        return f"prefill, pack {'eager' if padded > packed_graph_tokens else 'graph'}"
+    return f"step, bucket {call.bucket:>3}" + (f" + chunk {call.chunk}" if call.chunk else "")
+
+
+def compare_calls(records: list[dict], seconds, packed_graph_tokens: int = MAX_PACKED_TOKENS) -> list[dict]:
+    """The classes of a measured serving run's calls (``records``: the engine's call records, with ``start_s``,
+    ``end_s`` and ``slept_s``) against ``seconds(call)``, the model's time for the same calls: per class the count
+    of calls, median and summed seconds measured and modelled. A last row, ``between calls``, is the loop's own
+    host time from one call's end to the next's start, less its sleeps for arrivals, which the model does not
+    charge (modelled 0). Records of several runs may be mixed: gaps are taken within a run (the ``rate`` and
+    ``policy`` fields, where given)."""
+    by_class: dict[str, list[tuple[float, float]]] = {}
+    gaps, previous = [], None
+    for r in records:
+        call = call_of(r)
+        start, end = float(r["start_s"]), float(r["end_s"])
+        by_class.setdefault(call_class(call, packed_graph_tokens), []).append((end - start, seconds(call)))
+        run = (r.get("rate"), r.get("policy"))
+        if previous is not None and previous[0] == run:
+            gaps.append((start - previous[1] - float(r["slept_s"]), 0.0))
+        previous = (run, end)
+    by_class["between calls"] = gaps or [(0.0, 0.0)]
+    rows = []
+    for name, pairs in by_class.items():
+        measured, modelled = np.array(pairs).T
+        rows.append({"class": name, "calls": len(pairs), "measured_median_s": float(np.median(measured)),
+                     "modelled_median_s": float(np.median(modelled)), "measured_s": float(measured.sum()),
+                     "modelled_s": float(modelled.sum())})
+    return sorted(rows[:-1], key=lambda row: row["class"]) + rows[-1:]
 
 
 @dataclass
@@ -225,6 +273,9 @@ def main(argv=None) -> int:
     ap.add_argument("--packed-graph-tokens", type=int, default=MAX_PACKED_TOKENS,
                     help="several prompts' prefill replays a graph up to this many tokens, as the engine's (0: eager)")
     ap.add_argument("--out", default=None, help="CSV of every request's times, the engine command's columns")
+    ap.add_argument("--calls", default=None, help="instead of simulating: the calls of a measured run "
+                    "(`python -m moegps.engine.serve --out RUN.csv` writes RUN-calls.csv) against the model's times "
+                    "for the same calls, by class (--shape and --system as the run's)")
     args = ap.parse_args(argv)
     for name in ("requests", "max_batch", "max_new_tokens", "chunk"):
         if getattr(args, name) < 1:
@@ -236,13 +287,17 @@ def main(argv=None) -> int:
     try:
         shape = from_name(args.shape)
         system = replace(load_system(args.system), n_gpus=1, gpus_per_node=1)
+        seconds = lambda call: call_seconds(call, shape, system, args.eager_layer_s, args.packed_graph_tokens)  # noqa: E731
+        if args.calls:
+            print_call_comparison(read_call_records(Path(args.calls)), seconds, args.packed_graph_tokens,
+                                  f"{args.calls} against {shape.name} on one GPU of {system.name}")
+            return 0
         questions = mmlu_questions(args.mmlu)
         workloads = {rate: mmlu_requests(args.requests, rate, args.max_new_tokens, args.seed, questions=questions)
                      for rate in args.rate}
     except (ValueError, FileNotFoundError, KeyError) as e:
         ap.error(str(e))
     slots = bucket_for(args.max_batch)  # the engine rounds its slots up to a decode bucket
-    seconds = lambda call: call_seconds(call, shape, system, args.eager_layer_s, args.packed_graph_tokens)  # noqa: E731
     shortest = min(len(r.prompt) for r in workloads[args.rate[0]])
     ceiling = slots / seconds(Call(decode_positions=(shortest,) * slots))
     print(f"{shape.name} on one GPU of {system.name} (cost model, uniform routing): {args.requests} MMLU requests, "
@@ -268,6 +323,34 @@ def main(argv=None) -> int:
                                           "simulated": True})
         print(f"wrote {args.out}")
     return 0
+
+
+CALL_FIELDS = ("prompts", "positions", "chunk", "chunk_start", "start_s", "end_s", "slept_s")
+
+
+def read_call_records(path: Path) -> list[dict]:
+    """The rows of a serve command's OUT-calls.csv; an error naming the file and the columns it lacks."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    missing = [k for k in CALL_FIELDS if rows and k not in rows[0]]
+    if not rows or missing:
+        raise ValueError(f"{path}: expected the calls CSV of `python -m moegps.engine.serve --out RUN.csv` "
+                         f"(RUN-calls.csv) with columns {', '.join(CALL_FIELDS)}; "
+                         f"{'no rows' if not rows else f'missing {missing}'}")
+    return rows
+
+
+def print_call_comparison(records: list[dict], seconds, packed_graph_tokens: int, title: str) -> None:
+    rows = compare_calls(records, seconds, packed_graph_tokens)
+    total = sum(r["measured_s"] for r in rows)
+    print(f"{title}: {len(records)} calls, {total:.2f} s measured (calls and the loop between them)")
+    print(f"{'class':<28} {'calls':>6} {'measured p50 ms':>16} {'modelled p50 ms':>16} {'measured s':>11} "
+          f"{'modelled s':>11} {'measured / modelled':>20} {'share':>6}")
+    for r in rows:
+        ratio = f"{r['measured_s'] / r['modelled_s']:.2f}x" if r["modelled_s"] else "-"
+        print(f"{r['class']:<28} {r['calls']:>6} {1e3 * r['measured_median_s']:>16.2f} "
+              f"{1e3 * r['modelled_median_s']:>16.2f} {r['measured_s']:>11.3f} {r['modelled_s']:>11.3f} {ratio:>20} "
+              f"{r['measured_s'] / total:>6.1%}")
 
 
 def _as_served(timed: list[Timed]):
