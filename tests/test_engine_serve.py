@@ -111,6 +111,31 @@ def test_a_late_request_joins_a_running_batch(model):
         assert late.first_token_s >= 5.0 and len(long.tokens) == 12 and len(short.tokens) == 2
 
 
+def test_free_rows_all_decode_token_0(rng, model, monkeypatch):
+    """Every decode step's free rows (position 0: no answer in the slot) carry token 0, whenever their slot was
+    freed, so that they all route to the same experts; the running rows carry their answers' last tokens."""
+    requests = random_requests(rng, 7, model.shape.vocab_size, 0.0)
+    engine = Engine(model, max_batch=5, max_len=32)  # 8 slots: buckets with holes and free rows
+    seen, step = [], engine.step
+
+    def watched(bucket, size=0):
+        run = step(bucket, size)
+
+        def call():
+            seen.append((engine.tokens[:bucket].tolist(), engine.positions[:bucket].tolist()))
+            return run()
+        return call
+
+    monkeypatch.setattr(engine, "step", watched)
+    served = serve(engine, requests)
+    free_rows = [(row, token) for tokens, positions in seen for row, (token, p) in enumerate(zip(tokens, positions))
+                 if p == 0]
+    assert len(free_rows) > 5 and len({row for row, _ in free_rows}) > 1
+    assert all(token == 0 for row, token in free_rows)
+    answered = {t for s in served for t in s.tokens}
+    assert all(token in answered for tokens, positions in seen for token, p in zip(tokens, positions) if p > 0)
+
+
 def test_prefill_into_chosen_slots(rng, model):
     """Prompts prefilled into slots (2, 0) of a 4-slot cache give the logits and K/V of the plain prefill
     into (0, 1), and leave slots 1 and 3 as they were; PrefillGraphs' padded prefill into a slot too."""

@@ -182,3 +182,62 @@ def test_the_command_writes_the_engines_columns(tmp_path, capsys):
     assert {r["policy"] for r in rows} == {"continuous", "chunked", "static"}
     assert all(float(r["arrival_s"]) <= float(r["first_token_s"]) <= float(r["finish_s"]) for r in rows)
     assert "mixtral-8x7b on one GPU of h200_8gpu" in capsys.readouterr().out
+
+
+def test_fit_calls_recovers_a_known_profile(rng, tmp_path, capsys):
+    """Call records timed by a known profile (a weight rate and a per-call cost other than the start's): fit_calls
+    from the shipped profile recovers both within 1%; the CLI fits on one rate's records, compares on the other's and
+    writes a profile that loads back with the fitted values."""
+    import csv
+    from dataclasses import replace
+
+    from moegps.simulator.system import load_system
+
+    shape = from_name("deepseek-v2-lite")
+    start = replace(load_system("h100_8gpu"), n_gpus=1, gpus_per_node=1)
+    truth = start.replace(hbm_bandwidth=start.hbm_bandwidth * float(rng.uniform(1.1, 1.4)),
+                          call_overhead=float(rng.uniform(3e-4, 2e-3)))
+    records = []
+    for i in range(300):
+        bucket = int(rng.choice([1, 2, 4, 8, 16, 32]))
+        positions = rng.integers(0, 400, size=bucket)
+        positions[rng.random(bucket) < 0.3] = 0  # free rows
+        prompts = tuple(int(p) for p in rng.integers(20, 300, size=int(rng.integers(1, 4)))) if i % 10 == 0 else ()
+        call = Call(prompts=prompts) if prompts else Call(decode_positions=tuple(int(p) for p in positions))
+        seconds = call_seconds(call, shape, truth)
+        records.append({"rate": 10.0 if i % 2 else 40.0, "policy": "continuous", "prompts": " ".join(map(str, prompts)),
+                        "positions": "" if prompts else " ".join(map(str, positions)), "chunk": 0, "chunk_start": 0,
+                        "start_s": 0.0, "end_s": seconds, "slept_s": 0.0})
+    fitted = serving.fit_calls(records, shape, start)
+    assert fitted.hbm_bandwidth == pytest.approx(truth.hbm_bandwidth, rel=1e-2)
+    assert fitted.call_overhead == pytest.approx(truth.call_overhead, rel=1e-2)
+
+    path, out = tmp_path / "run-calls.csv", tmp_path / "fitted.yaml"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    argv = ["--shape", "deepseek-v2-lite", "--system", "h100_8gpu", "--calls", str(path), "--eager-layer-s", "0"]
+    assert serving.main(argv + ["--fit-rates", "40", "--fitted-system", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "held-out calls against fitted" in text and "wrote" in text
+    loaded = load_system(out)
+    assert loaded.call_overhead == pytest.approx(truth.call_overhead, rel=1e-2)
+    assert loaded.hbm_bandwidth == pytest.approx(truth.hbm_bandwidth, rel=1e-2)
+    with pytest.raises(SystemExit):
+        serving.main(argv + ["--fit-rates", "5"])
+    assert "leaves no calls to fit on" in capsys.readouterr().err
+
+
+def test_free_rows_route_as_one_token(monkeypatch):
+    """A decode step's free rows (position 0) all decode token 0 in the engine and pick the same experts: the experts
+    are costed for the running rows, the chunk and one token for all the free rows, the attention block for every row."""
+    shape, system = from_name("deepseek-v2-lite"), load_system("h100_8gpu")
+    routed = []
+    expert_seconds = serving.expected_expert_seconds
+    monkeypatch.setattr(serving, "expected_expert_seconds",
+                        lambda n, *a: routed.append(float(n)) or expert_seconds(n, *a))
+    for positions, chunk, want in (((0, 0, 0, 5), 0, 2), ((7, 9, 0, 0, 0, 0, 0, 0), 16, 19), ((3, 4), 0, 2),
+                                   ((0,), 0, 1)):
+        call_seconds(Call(decode_positions=positions, chunk=chunk, chunk_start=4), shape, system)
+        assert routed.pop() == want

@@ -19,7 +19,8 @@ All three run through one loop (``serve``), so a comparison differs only in when
 and how prompts are prefilled. The decode step is the engine's: a CUDA graph per batch-size bucket over
 cache slots 0..bucket-1 (and per bucket and chunk size with a chunk beside it). A newcomer takes the
 lowest free slot, so the bucket follows the number of running requests; free slots inside the bucket
-decode a dummy token parked at position 0 of their own slot, which the next newcomer there overwrites.
+decode token 0 parked at position 0 of their own slot (all alike, so they route to the same
+experts), which the next newcomer there overwrites.
 Each step reads its tokens back to the host to see which answers ended (one synchronisation a step, as
 in vLLM: a step without it cannot admit into a slot freed by it). Whole prompts: a lone newcomer through
 the engine's prefill graphs (``PrefillGraphs``, with their slots): one graph per length class for a lone
@@ -147,6 +148,11 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
     position = [0] * slots  # engine.positions as the host knows it without a synchronisation (the calls' records)
     slept = [0.0]  # waits for arrivals since the last call (the calls' records)
     live = torch.zeros(slots, dtype=torch.long, device=device)  # 1 where a slot holds a running request
+    # Every free slot's dummy row decodes token 0 at position 0, every step (its output is dropped): rows of one
+    # token at one position route alike, so the free rows of a step add at most one token's experts to the weights
+    # it reads. Left to decode their own outputs, free rows freed at different steps carry different tokens and
+    # each reads experts of its own: a 32-row step with 8 answers running took 11.3 ms that way on the H100, 8.1
+    # with the free rows pinned, with one running 11.3 against 4.0 (benchmarks/engine/free_rows_probe.py).
     engine.tokens.zero_()
     engine.positions.zero_()
     start = clock()
@@ -250,7 +256,7 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
         if size:  # the chunk's row: its request's first token
             rows, counts = rows + [draws[i]], counts + [0]
         nxt = choose_tokens(engine.step(bucket, size)(), rows, counts)
-        engine.tokens[:bucket] = nxt[:bucket]
+        engine.tokens[:bucket] = nxt[:bucket] * live[:bucket]  # free rows back to token 0
         engine.positions[:bucket] += live[:bucket]
         for row in running:  # every running slot is in the bucket
             position[row] += 1

@@ -82,8 +82,12 @@ def call_seconds(call: Call, shape: ModelShape, system: SystemSpec, eager_layer_
     """The cost model's seconds for one serving call on one GPU: every layer's attention block over its tokens'
     contexts (a whole prompt's token at position p attends to p + 1 positions in the prompt, a decode row reads its
     K/V up to its position, a chunk's rows attend from ``chunk_start``), its experts (or its dense MLP, in the
-    non-expert weights), the profile's per-layer overhead; and the vocabulary projection (its weights once, two
-    FLOPs a weight for each row that yields a token: a prompt's last, a decode row, the chunk's last).
+    non-expert weights), the profile's per-layer overhead; the vocabulary projection (its weights once, two
+    FLOPs a weight for each row that yields a token: a prompt's last, a decode row, the chunk's last); and the
+    profile's ``call_overhead`` (0 unless fitted to a measured run's calls by :func:`fit_calls`).
+
+    The experts see the call's tokens routed uniformly at random, but a decode step's free rows (position 0) as one
+    token: the engine's free rows all decode token 0 at position 0 and pick the same experts.
 
     ``eager_layer_s``: the host's seconds to issue one layer of a prefill the engine runs eagerly: several prompts
     at once of more than ``packed_graph_tokens`` tokens rounded up to 128 (one prompt, smaller packs, decode steps
@@ -98,9 +102,12 @@ def call_seconds(call: Call, shape: ModelShape, system: SystemSpec, eager_layer_
     context = (prompts * (prompts + 1) / 2).sum() + (positions + 1).sum() + chunk_context
     other = float(cost.other_time(np.array([[tokens]]), shape, system, "dp", np.array([[context]]),
                                   np.array([[(positions + 1).sum()]]))[0])
+    # free slots' rows (position 0: a running row is past its prompt) all decode token 0 and route alike, one
+    # token's experts between them (engine.serve pins them)
+    routed = tokens - (positions == 0).sum() + (positions == 0).any()
     dense_mlp = 3.0 * shape.hidden * shape.dense_ffn  # a leading dense layer's MLP weights (DeepSeek's first)
     layers = (shape.n_layers * (other + system.layer_overhead)
-              + shape.n_moe_layers * expected_expert_seconds(tokens, shape, system)
+              + shape.n_moe_layers * expected_expert_seconds(routed, shape, system)
               + shape.dense_layers * max(dense_mlp * shape.dtype_bytes / system.hbm_bandwidth,
                                          2.0 * dense_mlp * tokens / system.matmul_flops))
     rows_out = len(prompts) + len(positions) + (1 if call.chunk else 0)
@@ -108,7 +115,7 @@ def call_seconds(call: Call, shape: ModelShape, system: SystemSpec, eager_layer_
                 2.0 * rows_out * shape.vocab_size * shape.hidden / system.matmul_flops)
     eager = len(prompts) > 1 and -(-prompts.sum() // PREFILL_ROUND_TO) * PREFILL_ROUND_TO > packed_graph_tokens
     host = shape.n_layers * eager_layer_s if eager else 0.0
-    return max(layers + vocab, host)
+    return max(layers + vocab + system.call_overhead, host)
 
 
 def call_of(record: dict) -> Call:
@@ -156,6 +163,46 @@ def compare_calls(records: list[dict], seconds, packed_graph_tokens: int = MAX_P
                      "modelled_median_s": float(np.median(modelled)), "measured_s": float(measured.sum()),
                      "modelled_s": float(modelled.sum())})
     return sorted(rows[:-1], key=lambda row: row["class"]) + rows[-1:]
+
+
+SERVING_FREE = ("hbm_bandwidth", "call_overhead")
+
+
+def fit_calls(records: list[dict], shape: ModelShape, system: SystemSpec, free=SERVING_FREE,
+              eager_layer_s: float = 0.0, packed_graph_tokens: int = MAX_PACKED_TOKENS,
+              per_class: int = 200, seed: int = 0) -> SystemSpec:
+    """``system`` with its ``free`` fields fitted to a measured run's calls (``records``, the engine's call records):
+    least squares on each class's summed time (:func:`call_class`), measured against :func:`call_seconds`, as a
+    relative error, over at most ``per_class`` calls a class drawn at random; the fields in log space, within 100x
+    of their start (a zero start from 100 us). With the defaults, the rate whole-model calls stream weights at and a
+    fixed cost a call (launch gaps and the tokens' read-back, which no roofline holds)."""
+    from scipy.optimize import least_squares
+
+    rng = np.random.default_rng(seed)
+    by_class: dict[str, list[tuple[Call, float]]] = {}
+    for r in records:
+        call = call_of(r)
+        by_class.setdefault(call_class(call, packed_graph_tokens), []).append(
+            (call, float(r["end_s"]) - float(r["start_s"])))
+    sample = [[pairs[i] for i in rng.permutation(len(pairs))[:per_class]] for pairs in by_class.values()]
+    measured = np.array([sum(t for _, t in pairs) for pairs in sample])
+    start = np.log([getattr(system, name) or 1e-4 for name in free])
+
+    def fitted(log_values) -> SystemSpec:
+        return system.replace(**{name: float(v) for name, v in zip(free, np.exp(log_values))})
+
+    def residuals(log_values) -> np.ndarray:
+        spec = fitted(log_values)
+        modelled = np.array([sum(call_seconds(c, shape, spec, eager_layer_s, packed_graph_tokens) for c, _ in pairs)
+                             for pairs in sample])
+        return modelled / measured - 1.0
+
+    span = np.log(100.0)
+    result = least_squares(residuals, start, bounds=(start - span, start + span))
+    spec = fitted(result.x)
+    spec.provenance = {**system.provenance, **{name: "fitted to a measured serving run's calls (fit_calls)"
+                                               for name in free}}
+    return spec
 
 
 @dataclass
@@ -276,6 +323,11 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", default=None, help="instead of simulating: the calls of a measured run "
                     "(`python -m moegps.engine.serve --out RUN.csv` writes RUN-calls.csv) against the model's times "
                     "for the same calls, by class (--shape and --system as the run's)")
+    ap.add_argument("--fit-rates", type=float, nargs="+", default=None,
+                    help="with --calls: fit the profile's weight rate and per-call cost (fit_calls) to these rates' "
+                    "calls, and compare on the other rates' (held out)")
+    ap.add_argument("--fitted-system", default=None, help="with --fit-rates: write the fitted profile (YAML) here, "
+                    "for --system")
     args = ap.parse_args(argv)
     for name in ("requests", "max_batch", "max_new_tokens", "chunk"):
         if getattr(args, name) < 1:
@@ -289,8 +341,7 @@ def main(argv=None) -> int:
         system = replace(load_system(args.system), n_gpus=1, gpus_per_node=1)
         seconds = lambda call: call_seconds(call, shape, system, args.eager_layer_s, args.packed_graph_tokens)  # noqa: E731
         if args.calls:
-            print_call_comparison(read_call_records(Path(args.calls)), seconds, args.packed_graph_tokens,
-                                  f"{args.calls} against {shape.name} on one GPU of {system.name}")
+            compare_or_fit(args, shape, system)
             return 0
         questions = mmlu_questions(args.mmlu)
         workloads = {rate: mmlu_requests(args.requests, rate, args.max_new_tokens, args.seed, questions=questions)
@@ -338,6 +389,39 @@ def read_call_records(path: Path) -> list[dict]:
                          f"(RUN-calls.csv) with columns {', '.join(CALL_FIELDS)}; "
                          f"{'no rows' if not rows else f'missing {missing}'}")
     return rows
+
+
+def compare_or_fit(args, shape: ModelShape, system: SystemSpec) -> None:
+    """The ``--calls`` command: the run's calls against the profile, or with ``--fit-rates`` the profile fitted
+    to some rates' calls and both profiles against the other rates' (and the fitted one written)."""
+    records = read_call_records(Path(args.calls))
+    where = f"{shape.name} on one GPU of {system.name}"
+    if not args.fit_rates:
+        print_call_comparison(records, lambda c: call_seconds(c, shape, system, args.eager_layer_s,
+                                                              args.packed_graph_tokens), args.packed_graph_tokens,
+                              f"{args.calls} against {where}")
+        return
+    fit_on = [r for r in records if float(r["rate"]) in args.fit_rates]
+    held = [r for r in records if float(r["rate"]) not in args.fit_rates]
+    if not fit_on or not held:
+        raise ValueError(f"{args.calls}: --fit-rates {args.fit_rates} leaves no calls to fit on or none held out "
+                         f"(rates in the file: {sorted({float(r['rate']) for r in records})})")
+    fitted = fit_calls(fit_on, shape, system, eager_layer_s=args.eager_layer_s,
+                       packed_graph_tokens=args.packed_graph_tokens)
+    print(f"fitted to the calls at {args.fit_rates} requests/s: " + ", ".join(
+        f"{name} {getattr(system, name):.4g} -> {getattr(fitted, name):.4g}" for name in SERVING_FREE) + " (SI units)")
+    for label, spec in (("the profile as it was", system), ("fitted", fitted)):
+        print_call_comparison(held, lambda c: call_seconds(c, shape, spec, args.eager_layer_s, args.packed_graph_tokens),
+                              args.packed_graph_tokens, f"held-out calls against {label}")
+    if args.fitted_system:
+        import yaml
+
+        from .system import system_to_dict
+
+        fitted.name = Path(args.fitted_system).stem
+        fitted.notes = f"{system.name} with {', '.join(SERVING_FREE)} fitted to {args.calls} at {args.fit_rates}/s"
+        Path(args.fitted_system).write_text(yaml.safe_dump(system_to_dict(fitted), sort_keys=False))
+        print(f"wrote {args.fitted_system}")
 
 
 def print_call_comparison(records: list[dict], seconds, packed_graph_tokens: int, title: str) -> None:
