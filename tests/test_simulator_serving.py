@@ -189,6 +189,7 @@ def test_fit_calls_recovers_a_known_profile(rng, tmp_path, capsys):
     from the shipped profile recovers both within 1%; the CLI fits on one rate's records, compares on the other's and
     writes a profile that loads back with the fitted values."""
     import csv
+    import gzip
     from dataclasses import replace
 
     from moegps.simulator.system import load_system
@@ -224,6 +225,9 @@ def test_fit_calls_recovers_a_known_profile(rng, tmp_path, capsys):
     loaded = load_system(out)
     assert loaded.call_overhead == pytest.approx(truth.call_overhead, rel=1e-2)
     assert loaded.hbm_bandwidth == pytest.approx(truth.hbm_bandwidth, rel=1e-2)
+    zipped = tmp_path / "run-calls.csv.gz"
+    zipped.write_bytes(gzip.compress(path.read_bytes()))
+    assert serving.read_call_records(zipped) == serving.read_call_records(path)
     with pytest.raises(SystemExit):
         serving.main(argv + ["--fit-rates", "5"])
     assert "leaves no calls to fit on" in capsys.readouterr().err

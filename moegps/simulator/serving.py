@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import heapq
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -380,8 +381,8 @@ CALL_FIELDS = ("prompts", "positions", "chunk", "chunk_start", "start_s", "end_s
 
 
 def read_call_records(path: Path) -> list[dict]:
-    """The rows of a serve command's OUT-calls.csv; an error naming the file and the columns it lacks."""
-    with open(path, newline="") as f:
+    """The rows of a serve command's OUT-calls.csv (or .csv.gz); an error naming the file and the columns it lacks."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", newline="") as f:
         rows = list(csv.DictReader(f))
     missing = [k for k in CALL_FIELDS if rows and k not in rows[0]]
     if not rows or missing:
