@@ -18,25 +18,10 @@ with 8 running 11.31 ms against 8.06 pinned, with 1 running 11.31 against 3.99; 
 
 import argparse
 
-import numpy as np
 import torch
 
 from moegps.engine.generate import Engine, build_model
-
-
-def step_ms(engine: Engine, bucket: int, reps: int) -> float:
-    step = engine.step(bucket)
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return float(np.median(times))
+from moegps.executor.generate import device_ms
 
 
 def main() -> None:
@@ -65,7 +50,7 @@ def main() -> None:
                 positions = torch.where(free & (how != "parked long"), 0, args.context)
                 engine.tokens[:args.bucket] = tokens
                 engine.positions[:args.bucket] = positions
-                print(f"| {running} | {how} | {step_ms(engine, args.bucket, args.reps):.2f} |", flush=True)
+                print(f"| {running} | {how} | {device_ms(engine.step(args.bucket), args.reps, warmup=3):.2f} |", flush=True)
 
 
 if __name__ == "__main__":
