@@ -9,12 +9,20 @@ the vocabulary projection). The requests are the engine command's own (``mmlu_re
 prompts, answer lengths and arrivals), so a simulated run and a measured one can be laid side by side
 (``benchmarks/engine/plot_serve.py``).
 
-Routing: a random-weight model's router spreads its picks near uniformly, so a call's ``n`` tokens are taken to
-pick each expert with probability ``k / E`` independently; an expert's time is averaged over its binomial count
-(the number of distinct experts read is what sets a decode step's weight traffic).
+Routing: a call's ``n`` tokens are taken to pick each expert with probability ``k / E`` independently, as a
+random-weight router spreads its picks; an expert's time is averaged over its binomial count (the number of
+distinct experts read is what sets a decode step's weight traffic). A decode step's free rows count as one token
+(the engine pins them all to token 0). Measured (session y), a random-weight model's rows over a written cache pick
+fewer distinct experts than that: its 32-row steps come out 11-15% slower here than on the GPU.
+
+The calls of a measured run (``engine.serve``'s ``calls``, the command's OUT-calls.csv) can be costed one by one
+against their measured times (:func:`compare_calls`, ``--calls``), and a profile's weight rate and per-call cost
+fitted to them (:func:`fit_calls`, ``--fit-rates``), out of sample by rate.
 
     python -m moegps.simulator.serving --shape mixtral-8x7b --system h200_8gpu --requests 128 --rate 5 10 20 40 \\
         --max-batch 32 --max-new-tokens 128 --chunk 256 --out sim-serve.csv
+    python -m moegps.simulator.serving --shape deepseek-v2-lite --system h100_8gpu --calls RUN-calls.csv \\
+        --fit-rates 40 --fitted-system fitted.yaml
 """
 
 from __future__ import annotations
