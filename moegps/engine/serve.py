@@ -395,7 +395,7 @@ def warm_up(engine: Engine, requests: list[Request], chunk: int = 0,
     lengths = sorted(len(r.prompt) for r in requests)
     pack_sizes = []
     if slots > 1 and len(lengths) > 1:
-        most = min(max_prefill_tokens, sum(lengths[-slots:]), graphs.max_packed_tokens)
+        most = min(largest_pack(engine, lengths, max_prefill_tokens), graphs.max_packed_tokens)
         pack_sizes = range(graphs.packed_length(lengths[0] + lengths[1]), graphs.packed_length(most) + 1,
                            graphs.round_to)
     graphs.max_graphs = max(graphs.max_graphs, 2 * len(one_of_each) + len(pack_sizes))
@@ -420,6 +420,13 @@ def warm_up(engine: Engine, requests: list[Request], chunk: int = 0,
         torch.cuda.synchronize()
 
 
+def largest_pack(engine: Engine, lengths: list[int], max_prefill_tokens: int = MAX_PREFILL_TOKENS) -> int:
+    """The most prompt tokens newcomers of these prompt ``lengths`` (sorted) can be prefilled with at once: the
+    longest prompts, as many as the slots, within the prefill budget and the cache."""
+    slots = engine.cache.slots
+    return min(max_prefill_tokens, sum(lengths[-slots:]), slots * (engine.max_len - 1))
+
+
 def packed_prefill_sizes(engine: Engine, prompt_tokens: list[int],
                          max_prefill_tokens: int = MAX_PREFILL_TOKENS) -> list[int]:
     """Token counts of eager prefills that, between them, compile every MoE kernel a packed prefill of these
@@ -435,8 +442,7 @@ def packed_prefill_sizes(engine: Engine, prompt_tokens: list[int],
     slots = engine.cache.slots
     if slots < 2 or len(lengths) < 2:
         return []
-    low = lengths[0] + lengths[1]
-    high = min(max_prefill_tokens, sum(lengths[-slots:]), slots * (engine.max_len - 1))
+    low, high = lengths[0] + lengths[1], largest_pack(engine, lengths, max_prefill_tokens)
     layer = next((x for x in engine.model.layers if x.w_gate_up is not None), None)
     if layer is None or layer.experts is not None:
         return []
