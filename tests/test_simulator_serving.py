@@ -245,3 +245,48 @@ def test_free_rows_route_as_one_token(monkeypatch):
                                    ((0,), 0, 1)):
         call_seconds(Call(decode_positions=positions, chunk=chunk, chunk_start=4), shape, system)
         assert routed.pop() == want
+
+
+def test_expert_time_from_a_routing_trace(rng):
+    """trace_expert_seconds: every token of a hand-built trace picking experts 0 and 1 at every layer costs each layer
+    two experts of n tokens, exactly; a trace routed uniformly at random costs what the binomial model does (within
+    3%); a skewed one costs less at 32 tokens (fewer distinct experts read); a trace of another model is refused
+    naming the field."""
+    from moegps.simulator.serving import expected_expert_seconds, trace_expert_seconds
+    from moegps.workloads import synthetic_trace
+
+    shape, system = from_name("mixtral-8x7b").replace(name="eight", n_layers=8), load_system("h200_8gpu")
+    hand = synthetic_trace(rng, skew=0.0, n_requests=20, n_layers=8)
+    hand.experts[:] = np.array([0, 1])
+    seconds = trace_expert_seconds(hand, shape, system, samples=2)
+    for n in (1, 7, 300):
+        assert seconds(n) == pytest.approx(8 * 2 * float(cost.expert_time(np.array([n]), shape, system)[0]), rel=1e-12)
+    assert seconds(0) == 0.0
+
+    uniform = synthetic_trace(rng, skew=0.0, n_requests=400, n_layers=8, stickiness=0.0)
+    picks = np.argsort(rng.random((len(uniform.experts), 8)), axis=1)[:, :2]  # two distinct experts, uniformly
+    uniform.experts[:] = picks
+    seconds = trace_expert_seconds(uniform, shape, system, samples=64)
+    for n in (1, 4, 32, 256):
+        assert seconds(n) == pytest.approx(8 * expected_expert_seconds(n, shape, system), rel=0.03)
+    skewed = trace_expert_seconds(synthetic_trace(rng, skew=2.0, n_requests=400, n_layers=8), shape, system, samples=64)
+    assert skewed(2) < 0.97 * seconds(2)
+
+    with pytest.raises(ValueError, match="n_layers is 8, expected 32"):
+        trace_expert_seconds(hand, from_name("mixtral-8x7b"), system)
+
+
+def test_cli_with_a_routing_trace(rng, tmp_path, capsys):
+    from moegps.workloads import synthetic_trace
+
+    path = tmp_path / "trace.parquet"
+    synthetic_trace(rng, skew=1.0, n_requests=30, n_layers=26, n_experts=64, top_k=6).write(path)
+    argv = ["--shape", "deepseek-v2-lite", "--system", "h100_8gpu", "--requests", "6", "--rate", "20", "--max-batch", "4"]
+    assert serving.main(argv + ["--routing-trace", str(path)]) == 0
+    assert f"routing drawn from {path}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        serving.main(argv + ["--routing-trace", str(path), "--calls", str(path)])
+    assert "give one of them" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        serving.main(["--shape", "mixtral-8x7b", "--routing-trace", str(path)])
+    assert "metadata field n_experts is 64, expected 8" in capsys.readouterr().err

@@ -38,6 +38,7 @@ import numpy as np
 from scipy.stats import binom
 
 from ..shapes import ModelShape, from_name, names
+from ..trace import RoutingTrace
 from . import cost
 from .system import SystemSpec, load_system
 
@@ -80,6 +81,37 @@ def expected_expert_seconds(n_tokens: float, shape: ModelShape, system: SystemSp
     return float(shape.n_experts * (p * cost.expert_time(counts, shape, system)).sum())
 
 
+def trace_expert_seconds(trace, shape: ModelShape, system: SystemSpec, samples: int = 16, seed: int = 0):
+    """A function ``n -> seconds`` that one GPU holding all of ``shape``'s experts spends on the experts ``n``
+    tokens pick at all its MoE layers, the tokens drawn at random (with replacement) from ``trace``'s, each with
+    the experts it chose at every layer, averaged over ``samples`` draws and cached by ``n``: routing as a real
+    router skews it (a trained model's tokens pick fewer distinct experts than uniform ones). ``trace``: a
+    :class:`moegps.trace.RoutingTrace` of ``shape``'s experts, top-k and MoE layers."""
+    meta = trace.meta
+    for field, want in (("n_experts", shape.n_experts), ("top_k", shape.top_k), ("n_layers", shape.n_moe_layers)):
+        if getattr(meta, field) != want:
+            raise ValueError(f"routing trace of {meta.model!r}: metadata field {field} is {getattr(meta, field)}, "
+                             f"expected {want} for shape {shape.name} (a trace of the model whose calls are costed)")
+    routing = trace.by_token().experts.astype(np.int64)  # [tokens, layers, k]
+    offsets = np.arange(meta.n_layers)[:, None] * shape.n_experts
+    rng = np.random.default_rng(seed)
+    cache: dict[int, float] = {}
+
+    def seconds(n_tokens: float) -> float:
+        n = int(round(n_tokens))
+        if n <= 0:
+            return 0.0
+        if n not in cache:
+            total = 0.0
+            for _ in range(samples):
+                picks = routing[rng.integers(0, len(routing), size=n)] + offsets  # [n, layers, k]
+                counts = np.bincount(picks.ravel(), minlength=meta.n_layers * shape.n_experts)
+                total += float(cost.expert_time(counts, shape, system).sum())
+            cache[n] = total / samples
+        return cache[n]
+    return seconds
+
+
 # the engine's packed prefill graphs (engine.generate.PrefillGraphs; a test ties them): their token counts are
 # multiples of PREFILL_ROUND_TO, up to MAX_PACKED_TOKENS
 PREFILL_ROUND_TO = 128
@@ -87,7 +119,7 @@ MAX_PACKED_TOKENS = 2048
 
 
 def call_seconds(call: Call, shape: ModelShape, system: SystemSpec, eager_layer_s: float = 0.0,
-                 packed_graph_tokens: int = MAX_PACKED_TOKENS) -> float:
+                 packed_graph_tokens: int = MAX_PACKED_TOKENS, expert_seconds=None) -> float:
     """The cost model's seconds for one serving call on one GPU: every layer's attention block over its tokens'
     contexts (a whole prompt's token at position p attends to p + 1 positions in the prompt, a decode row reads its
     K/V up to its position, a chunk's rows attend from ``chunk_start``), its experts (or its dense MLP, in the
@@ -95,8 +127,9 @@ def call_seconds(call: Call, shape: ModelShape, system: SystemSpec, eager_layer_
     FLOPs a weight for each row that yields a token: a prompt's last, a decode row, the chunk's last); and the
     profile's ``call_overhead`` (0 unless fitted to a measured run's calls by :func:`fit_calls`).
 
-    The experts see the call's tokens routed uniformly at random, but a decode step's free rows (position 0) as one
-    token: the engine's free rows all decode token 0 at position 0 and pick the same experts.
+    The experts see the call's tokens routed uniformly at random, or ``expert_seconds(n)`` where given (all MoE
+    layers' expert seconds for ``n`` tokens, e.g. :func:`trace_expert_seconds`); a decode step's free rows (position
+    0) count as one token: the engine's free rows all decode token 0 at position 0 and pick the same experts.
 
     ``eager_layer_s``: the host's seconds to issue one layer of a prefill the engine runs eagerly: several prompts
     at once of more than ``packed_graph_tokens`` tokens rounded up to 128 (one prompt, smaller packs, decode steps
@@ -116,7 +149,8 @@ def call_seconds(call: Call, shape: ModelShape, system: SystemSpec, eager_layer_
     routed = tokens - (positions == 0).sum() + (positions == 0).any()
     dense_mlp = 3.0 * shape.hidden * shape.dense_ffn  # a leading dense layer's MLP weights (DeepSeek's first)
     layers = (shape.n_layers * (other + system.layer_overhead)
-              + shape.n_moe_layers * expected_expert_seconds(routed, shape, system)
+              + (expert_seconds(routed) if expert_seconds is not None
+                 else shape.n_moe_layers * expected_expert_seconds(routed, shape, system))
               + shape.dense_layers * max(dense_mlp * shape.dtype_bytes / system.hbm_bandwidth,
                                          2.0 * dense_mlp * tokens / system.matmul_flops))
     rows_out = len(prompts) + len(positions) + (1 if call.chunk else 0)
@@ -329,6 +363,9 @@ def main(argv=None) -> int:
     ap.add_argument("--packed-graph-tokens", type=int, default=MAX_PACKED_TOKENS,
                     help="several prompts' prefill replays a graph up to this many tokens, as the engine's (0: eager)")
     ap.add_argument("--out", default=None, help="CSV of every request's times, the engine command's columns")
+    ap.add_argument("--routing-trace", default=None, help="a RoutingTrace (parquet) of the shape's model: each call's "
+                    "tokens pick experts as tokens drawn from it did, not uniformly (trace_expert_seconds); not with "
+                    "--calls, whose runs are the engine's random-weight ones")
     ap.add_argument("--calls", default=None, help="instead of simulating: the calls of a measured run "
                     "(`python -m moegps.engine.serve --out RUN.csv` writes RUN-calls.csv) against the model's times "
                     "for the same calls, by class (--shape and --system as the run's)")
@@ -348,7 +385,13 @@ def main(argv=None) -> int:
     try:
         shape = from_name(args.shape)
         system = replace(load_system(args.system), n_gpus=1, gpus_per_node=1)
-        seconds = lambda call: call_seconds(call, shape, system, args.eager_layer_s, args.packed_graph_tokens)  # noqa: E731
+        if args.calls and args.routing_trace:
+            raise ValueError("--routing-trace costs a trained model's routing; --calls compares runs of the engine's "
+                             "random-weight models: give one of them")
+        experts = trace_expert_seconds(RoutingTrace.read(args.routing_trace), shape, system) \
+            if args.routing_trace else None
+        seconds = lambda call: call_seconds(call, shape, system, args.eager_layer_s, args.packed_graph_tokens,  # noqa: E731
+                                            experts)
         if args.calls:
             compare_or_fit(args, shape, system)
             return 0
@@ -360,7 +403,8 @@ def main(argv=None) -> int:
     slots = bucket_for(args.max_batch)  # the engine rounds its slots up to a decode bucket
     shortest = min(len(r.prompt) for r in workloads[args.rate[0]])
     ceiling = slots / seconds(Call(decode_positions=(shortest,) * slots))
-    print(f"{shape.name} on one GPU of {system.name} (cost model, uniform routing): {args.requests} MMLU requests, "
+    routing = f"routing drawn from {args.routing_trace}" if args.routing_trace else "uniform routing"
+    print(f"{shape.name} on one GPU of {system.name} (cost model, {routing}): {args.requests} MMLU requests, "
           f"{slots} slots; decode ceiling {ceiling:.1f} new tokens/s; simulated clock, ms")
     print(f"{'rate/s':>7} {'policy':<11} {'tokens/s':>9} {'ceiling':>8} {'span s':>8} {'TTFT p50':>9} {'TTFT p90':>9} "
           f"{'TPOT p50':>9} {'latency p50':>12} {'latency p90':>12}")
