@@ -12,7 +12,7 @@ prompts, answer lengths and arrivals), so a simulated run and a measured one can
 Routing: a call's ``n`` tokens are taken to pick each expert with probability ``k / E`` independently, as a
 random-weight router spreads its picks; an expert's time is averaged over its binomial count (the number of
 distinct experts read is what sets a decode step's weight traffic). A decode step's free rows count as one token
-(the engine pins them all to token 0). Measured (session y), a random-weight model's rows over a written cache pick
+(the engine pins them all to token 0). Measured (session y), a random-weight model's rows over MMLU prompts pick
 fewer distinct experts than that: its 32-row steps come out 11-15% slower here than on the GPU.
 
 The calls of a measured run (``engine.serve``'s ``calls``, the command's OUT-calls.csv) can be costed one by one
