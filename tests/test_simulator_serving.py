@@ -231,6 +231,13 @@ def test_fit_calls_recovers_a_known_profile(rng, tmp_path, capsys):
     with pytest.raises(SystemExit):
         serving.main(argv + ["--fit-rates", "5"])
     assert "leaves no calls to fit on" in capsys.readouterr().err
+    simulate = ["--shape", "deepseek-v2-lite", "--system", "h100_8gpu", "--requests", "6", "--rate", "20",
+                "--max-batch", "4", "--call-times", str(zipped)]
+    assert serving.main(simulate + ["--call-times-rates", "40"]) == 0
+    assert "calls timed as measured" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        serving.main(simulate + ["--call-times-rates", "5"])
+    assert "no calls at rates [5.0]" in capsys.readouterr().err
 
 
 def test_free_rows_route_as_one_token(monkeypatch):
@@ -290,3 +297,20 @@ def test_cli_with_a_routing_trace(rng, tmp_path, capsys):
     with pytest.raises(SystemExit):
         serving.main(["--shape", "mixtral-8x7b", "--routing-trace", str(path)])
     assert "metadata field n_experts is 64, expected 8" in capsys.readouterr().err
+
+
+def test_measured_call_seconds_looks_up_the_median_of_its_kind():
+    """Hand-built records: a decode step is costed by the median of the steps of its bucket with as many rows running,
+    else of its bucket, a prefill by its class's; a kind never recorded falls back to the given model."""
+    def record(seconds, prompts="", positions="", chunk=0):
+        return {"prompts": prompts, "positions": positions, "chunk": chunk, "chunk_start": 0, "start_s": 1.0,
+                "end_s": 1.0 + seconds, "slept_s": 0.0}
+
+    records = [record(0.010, positions="5 0 0 0"), record(0.012, positions="0 7 0 0"), record(0.030, positions="5 0 0 0"),
+               record(0.050, positions="5 6 7 8"), record(0.1, prompts="40"), record(0.3, prompts="60")]
+    seconds = serving.measured_call_seconds(records, lambda call: 99.0)
+    assert seconds(Call(decode_positions=(9, 0, 0, 0))) == pytest.approx(0.012)   # one running: 10, 12, 30
+    assert seconds(Call(decode_positions=(9, 8, 7, 6))) == pytest.approx(0.050)   # four running
+    assert seconds(Call(decode_positions=(9, 8, 0, 0))) == pytest.approx(0.021)   # none with two: the bucket's
+    assert seconds(Call(prompts=(123,))) == pytest.approx(0.2)                    # one prompt: 0.1, 0.3
+    assert seconds(Call(decode_positions=(1, 2))) == 99.0                         # bucket 2: never recorded

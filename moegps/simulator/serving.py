@@ -208,6 +208,29 @@ def compare_calls(records: list[dict], seconds, packed_graph_tokens: int = MAX_P
     return sorted(rows[:-1], key=lambda row: row["class"]) + rows[-1:]
 
 
+def measured_call_seconds(records: list[dict], fallback, packed_graph_tokens: int = MAX_PACKED_TOKENS):
+    """A function ``call -> seconds`` that costs a call by the median measured time of the recorded calls
+    (``records``, the engine's call records) of its class (:func:`call_class`) with as many rows running (a decode
+    step's rows past position 0), else of its class, else by ``fallback(call)``: the serving loop replayed on
+    measured call times, which separates what the loop predicts from what the cost model does."""
+    def key(call: Call) -> tuple:
+        return call_class(call, packed_graph_tokens), sum(p > 0 for p in call.decode_positions)
+
+    times: dict[tuple, list[float]] = {}
+    for r in records:
+        call, seconds = call_of(r), float(r["end_s"]) - float(r["start_s"])
+        times.setdefault(key(call), []).append(seconds)
+        times.setdefault((key(call)[0],), []).append(seconds)
+    median = {k: float(np.median(v)) for k, v in times.items()}
+
+    def seconds(call: Call) -> float:
+        k = key(call)
+        if k in median:
+            return median[k]
+        return median[k[:1]] if k[:1] in median else fallback(call)
+    return seconds
+
+
 SERVING_FREE = ("hbm_bandwidth", "call_overhead")
 
 
@@ -366,6 +389,11 @@ def main(argv=None) -> int:
     ap.add_argument("--routing-trace", default=None, help="a RoutingTrace (parquet) of the shape's model: each call's "
                     "tokens pick experts as tokens drawn from it did, not uniformly (trace_expert_seconds); not with "
                     "--calls, whose runs are the engine's random-weight ones")
+    ap.add_argument("--call-times", default=None, help="cost each call by the median measured time of the calls of "
+                    "its kind in this RUN-calls.csv (measured_call_seconds; the cost model where it has none): the "
+                    "loop on measured call times")
+    ap.add_argument("--call-times-rates", type=float, nargs="+", default=None,
+                    help="with --call-times: only these rates' calls (so that other rates are out of sample)")
     ap.add_argument("--calls", default=None, help="instead of simulating: the calls of a measured run "
                     "(`python -m moegps.engine.serve --out RUN.csv` writes RUN-calls.csv) against the model's times "
                     "for the same calls, by class (--shape and --system as the run's)")
@@ -392,6 +420,12 @@ def main(argv=None) -> int:
             if args.routing_trace else None
         seconds = lambda call: call_seconds(call, shape, system, args.eager_layer_s, args.packed_graph_tokens,  # noqa: E731
                                             experts)
+        if args.call_times:
+            records = [r for r in read_call_records(Path(args.call_times))
+                       if not args.call_times_rates or float(r["rate"]) in args.call_times_rates]
+            if not records:
+                raise ValueError(f"--call-times {args.call_times}: no calls at rates {args.call_times_rates}")
+            seconds = measured_call_seconds(records, seconds, args.packed_graph_tokens)
         if args.calls:
             compare_or_fit(args, shape, system)
             return 0
@@ -404,6 +438,8 @@ def main(argv=None) -> int:
     shortest = min(len(r.prompt) for r in workloads[args.rate[0]])
     ceiling = slots / seconds(Call(decode_positions=(shortest,) * slots))
     routing = f"routing drawn from {args.routing_trace}" if args.routing_trace else "uniform routing"
+    if args.call_times:
+        routing = f"calls timed as measured in {args.call_times}"
     print(f"{shape.name} on one GPU of {system.name} (cost model, {routing}): {args.requests} MMLU requests, "
           f"{slots} slots; decode ceiling {ceiling:.1f} new tokens/s; simulated clock, ms")
     print(f"{'rate/s':>7} {'policy':<11} {'tokens/s':>9} {'ceiling':>8} {'span s':>8} {'TTFT p50':>9} {'TTFT p90':>9} "
