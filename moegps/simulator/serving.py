@@ -16,8 +16,9 @@ distinct experts read is what sets a decode step's weight traffic). A decode ste
 fewer distinct experts than that: its 32-row steps come out 11-15% slower here than on the GPU.
 
 The calls of a measured run (``engine.serve``'s ``calls``, the command's OUT-calls.csv) can be costed one by one
-against their measured times (:func:`compare_calls`, ``--calls``), and a profile's weight rate and per-call cost
-fitted to them (:func:`fit_calls`, ``--fit-rates``), out of sample by rate.
+against their measured times (:func:`compare_calls`, ``--calls``), a profile's weight rate and per-call cost
+fitted to them (:func:`fit_calls`, ``--fit-rates``), out of sample by rate, and the loop run on their measured
+times instead of the cost model's (:func:`measured_call_seconds`, ``--call-times``).
 
     python -m moegps.simulator.serving --shape mixtral-8x7b --system h200_8gpu --requests 128 --rate 5 10 20 40 \\
         --max-batch 32 --max-new-tokens 128 --chunk 256 --out sim-serve.csv
