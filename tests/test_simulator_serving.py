@@ -314,3 +314,32 @@ def test_measured_call_seconds_looks_up_the_median_of_its_kind():
     assert seconds(Call(decode_positions=(9, 8, 0, 0))) == pytest.approx(0.021)   # none with two: the bucket's
     assert seconds(Call(prompts=(123,))) == pytest.approx(0.2)                    # one prompt: 0.1, 0.3
     assert seconds(Call(decode_positions=(1, 2))) == 99.0                         # bucket 2: never recorded
+
+
+def test_plot_calls_breaks_a_run_into_its_parts():
+    """benchmarks/engine/plot_calls.py's breakdown of hand-built records: each call's time to its kind, the sleeps
+    to waiting, the rest between calls to the loop; the parts of a run add up to its span; runs kept apart."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "plot_calls", Path(__file__).resolve().parents[1] / "benchmarks/engine/plot_calls.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+
+    def record(rate, start, end, slept=0.0, prompts="", positions="", chunk=0):
+        return {"rate": rate, "policy": "continuous", "prompts": prompts, "positions": positions, "chunk": chunk,
+                "chunk_start": 0, "start_s": start, "end_s": end, "slept_s": slept}
+
+    records = [record(10, 0.0, 0.5, prompts="30"), record(10, 0.6, 0.8, positions="31"),
+               record(10, 2.0, 2.3, slept=1.1, prompts="12 40"), record(10, 2.35, 2.5, positions="13 41", chunk=16),
+               record(20, 0.0, 0.25, positions="3 0")]
+    parts = plot.breakdown(records)
+    ten = parts[(10.0, "continuous")]
+    assert ten["prefill, one prompt"] == pytest.approx(0.5) and ten["prefill, several packed"] == pytest.approx(0.3)
+    assert ten["decode steps"] == pytest.approx(0.2) and ten["decode steps with a chunk"] == pytest.approx(0.15)
+    assert ten["waiting for arrivals"] == pytest.approx(1.1)
+    assert ten["loop between calls"] == pytest.approx(0.1 + 0.1 + 0.05)
+    assert sum(ten.values()) == pytest.approx(2.5)
+    assert parts[(20.0, "continuous")]["decode steps"] == pytest.approx(0.25)
+    assert sum(parts[(20.0, "continuous")].values()) == pytest.approx(0.25)
