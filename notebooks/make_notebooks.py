@@ -208,6 +208,39 @@ else:
           "this notebook shows simulated speedups only. Measured rows come from `python -m moegps.executor` "
           "or `python -m moegps.sweep -m backend=exec` on a GPU; `python -m moegps.report results <store>` "
           "then adds the simulated-vs-measured table and plot.")"""),
+    new_markdown_cell("## Serving, call by call\n\n"
+                      "A serving run of the engine on one H100 (`python -m moegps.engine.serve --out RUN.csv`, the "
+                      "64-expert shape, random bf16 weights, 10 / 40 / 80 requests a second; "
+                      "`benchmarks/engine/serve-calls-h100-2026-12-05-y/`) recorded every model call. The serving "
+                      "simulator's cost model costs the same calls (`moegps.simulator.serving.compare_calls`), with the "
+                      "shipped H100 profile and with its weight rate and per-call cost fitted to the 40 req/s run's calls "
+                      "(`fit_calls`); the table and plot are the 10 and 80 req/s runs' calls, held out."),
+    new_code_cell("""\
+from moegps.shapes import from_name
+from moegps.simulator.serving import call_seconds, compare_calls, fit_calls, read_call_records
+from moegps.simulator.system import load_system
+
+RUN = PROJECT_ROOT / "benchmarks" / "engine" / "serve-calls-h100-2026-12-05-y" / "pinned" / "measured-calls.csv.gz"
+records = read_call_records(RUN)
+shape, system = from_name("deepseek-v2-lite"), load_system("h100_8gpu").replace(n_gpus=1, gpus_per_node=1)
+fitted = fit_calls([r for r in records if float(r["rate"]) == 40], shape, system, eager_layer_s=1e-3)
+held = [r for r in records if float(r["rate"]) != 40]
+by_class = {label: pd.DataFrame(compare_calls(held, lambda c, spec=spec: call_seconds(c, shape, spec, 1e-3))).set_index("class")
+            for label, spec in (("shipped profile", system), ("fitted on 40 req/s", fitted))}
+table = by_class["shipped profile"][["calls", "measured_s"]].assign(
+    **{f"measured / modelled, {label}": t["measured_s"] / t["modelled_s"] for label, t in by_class.items()})
+print(f"fitted: {fitted.hbm_bandwidth / 1e12:.2f} TB/s, {fitted.call_overhead * 1e3:.2f} ms a call")
+table.drop(index="between calls")"""),
+    new_code_cell("""\
+ratios = table.drop(index="between calls").filter(like="measured / modelled")
+fig, ax = plt.subplots(figsize=(10, 5))
+ratios.plot.barh(ax=ax)
+ax.axvline(1.0, color="k", lw=0.8)
+ax.set_xlim(0.5, 1.6); ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+ax.set_xlabel("measured / modelled time, summed over the class's held-out calls")
+ax.invert_yaxis(); fig.tight_layout()
+fig.savefig(store / "serving_calls.png", dpi=110)  # an earlier cell's plots left matplotlib on Agg
+Image(str(store / "serving_calls.png"))"""),
 ]
 
 
