@@ -174,7 +174,7 @@ NB04 = [
 import tempfile
 from pathlib import Path
 from moegps.sweep import compose_config, run_one
-from moegps.report import load_results, decision_table, sim_vs_measured, plot_end_to_end
+from moegps.report import load_results, sim_vs_measured, plot_end_to_end
 
 store = Path(tempfile.mkdtemp()) / "sweep"
 # the bundled model's trace, costed at Mixtral-8x7B's expert shape (else the DeepSeek trace, its own shape)
