@@ -229,7 +229,7 @@ by_class = {label: pd.DataFrame(compare_calls(held, lambda c, spec=spec: call_se
             for label, spec in (("shipped profile", system), ("fitted on 40 req/s", fitted))}
 table = by_class["shipped profile"][["calls", "measured_s"]].assign(
     **{f"measured / modelled, {label}": t["measured_s"] / t["modelled_s"] for label, t in by_class.items()})
-print(f"fitted: {fitted.hbm_bandwidth / 1e12:.2f} TB/s, {fitted.call_overhead * 1e3:.2f} ms a call")
+print(f"fitted: {fitted.hbm_bandwidth / 1e12:.2f} TB/s, {fitted.block_overhead * 1e6:.1f} us a layer a call")
 table.drop(index="between calls")"""),
     new_code_cell("""\
 ratios = table.drop(index="between calls").filter(like="measured / modelled")

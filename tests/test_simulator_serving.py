@@ -131,7 +131,8 @@ def test_call_seconds_by_hand():
     """A decode step of four rows at positions 0, 10, 100, 1000 beside a chunk of 16 tokens from position 32, on
     Mixtral-8x7B and the H200 profile: per layer the attention block's roofline over its weights, the rows' K/V
     reads and the context's FLOPs, plus each expert's time averaged over Binomial(20, 2/8) counts written out with
-    math.comb, plus the layer overhead; and the vocabulary projection's weights once."""
+    math.comb, plus the layer overhead and the profile's fixed cost a layer; and the vocabulary projection's weights
+    once."""
     shape, system = from_name("mixtral-8x7b"), load_system("h200_8gpu")
     call = Call(decode_positions=(0, 10, 100, 1000), chunk=16, chunk_start=32)
     tokens = 20
@@ -145,7 +146,8 @@ def test_call_seconds_by_hand():
                                     * float(cost.expert_time(np.array([c]), shape, system)[0])
                                     for c in range(1, tokens + 1))
     vocab = shape.vocab_size * shape.hidden * 2 / system.hbm_bandwidth  # 5 rows: memory-bound
-    want = 32 * (attention + experts + system.layer_overhead) + vocab
+    want = 32 * (attention + experts + system.layer_overhead + system.block_overhead) + vocab
+    assert system.block_overhead > 0  # the profile's calibrated per-layer cost of a call
     assert call_seconds(call, shape, system) == pytest.approx(want, rel=1e-9)
     assert call_seconds(call, shape, system, eager_layer_s=1.0) == pytest.approx(want, rel=1e-9)  # graphed: no host
     assert call_seconds(Call(), shape, system) == 0.0
@@ -197,7 +199,7 @@ def test_fit_calls_recovers_a_known_profile(rng, tmp_path, capsys):
     shape = from_name("deepseek-v2-lite")
     start = replace(load_system("h100_8gpu"), n_gpus=1, gpus_per_node=1)
     truth = start.replace(hbm_bandwidth=start.hbm_bandwidth * float(rng.uniform(1.1, 1.4)),
-                          call_overhead=float(rng.uniform(3e-4, 2e-3)))
+                          block_overhead=float(rng.uniform(1e-5, 8e-5)))
     records = []
     for i in range(300):
         bucket = int(rng.choice([1, 2, 4, 8, 16, 32]))
@@ -211,7 +213,7 @@ def test_fit_calls_recovers_a_known_profile(rng, tmp_path, capsys):
                         "start_s": 0.0, "end_s": seconds, "slept_s": 0.0})
     fitted = serving.fit_calls(records, shape, start)
     assert fitted.hbm_bandwidth == pytest.approx(truth.hbm_bandwidth, rel=1e-2)
-    assert fitted.call_overhead == pytest.approx(truth.call_overhead, rel=1e-2)
+    assert fitted.block_overhead == pytest.approx(truth.block_overhead, rel=1e-2)
 
     path, out = tmp_path / "run-calls.csv", tmp_path / "fitted.yaml"
     with open(path, "w", newline="") as f:
@@ -223,7 +225,7 @@ def test_fit_calls_recovers_a_known_profile(rng, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "held-out calls against fitted" in text and "wrote" in text
     loaded = load_system(out)
-    assert loaded.call_overhead == pytest.approx(truth.call_overhead, rel=1e-2)
+    assert loaded.block_overhead == pytest.approx(truth.block_overhead, rel=1e-2)
     assert loaded.hbm_bandwidth == pytest.approx(truth.hbm_bandwidth, rel=1e-2)
     zipped = tmp_path / "run-calls.csv.gz"
     zipped.write_bytes(gzip.compress(path.read_bytes()))

@@ -16,7 +16,7 @@ distinct experts read is what sets a decode step's weight traffic). A decode ste
 fewer distinct experts than that: its 32-row steps come out 11-15% slower here than on the GPU.
 
 The calls of a measured run (``engine.serve``'s ``calls``, the command's OUT-calls.csv) can be costed one by one
-against their measured times (:func:`compare_calls`, ``--calls``), a profile's weight rate and per-call cost
+against their measured times (:func:`compare_calls`, ``--calls``), a profile's weight rate and per-layer fixed cost
 fitted to them (:func:`fit_calls`, ``--fit-rates``), out of sample by rate, and the loop run on their measured
 times instead of the cost model's (:func:`measured_call_seconds`, ``--call-times``).
 
@@ -126,7 +126,8 @@ def call_seconds(call: Call, shape: ModelShape, system: SystemSpec, eager_layer_
     K/V up to its position, a chunk's rows attend from ``chunk_start``), its experts (or its dense MLP, in the
     non-expert weights), the profile's per-layer overhead; the vocabulary projection (its weights once, two
     FLOPs a weight for each row that yields a token: a prompt's last, a decode row, the chunk's last); and the
-    profile's ``call_overhead`` (0 unless fitted to a measured run's calls by :func:`fit_calls`).
+    profile's ``block_overhead`` for every layer (calibrated on the engine's decode steps, or fitted to a measured
+    run's calls by :func:`fit_calls`).
 
     The experts see the call's tokens routed uniformly at random, or ``expert_seconds(n)`` where given (all MoE
     layers' expert seconds for ``n`` tokens, e.g. :func:`trace_expert_seconds`); a decode step's free rows (position
@@ -159,7 +160,7 @@ def call_seconds(call: Call, shape: ModelShape, system: SystemSpec, eager_layer_
                 2.0 * rows_out * shape.vocab_size * shape.hidden / system.matmul_flops)
     eager = len(prompts) > 1 and -(-prompts.sum() // PREFILL_ROUND_TO) * PREFILL_ROUND_TO > packed_graph_tokens
     host = shape.n_layers * eager_layer_s if eager else 0.0
-    return max(layers + vocab + system.call_overhead, host)
+    return max(layers + shape.n_layers * system.block_overhead + vocab, host)
 
 
 def call_of(record: dict) -> Call:
@@ -232,7 +233,7 @@ def measured_call_seconds(records: list[dict], fallback, packed_graph_tokens: in
     return seconds
 
 
-SERVING_FREE = ("hbm_bandwidth", "call_overhead")
+SERVING_FREE = ("hbm_bandwidth", "block_overhead")
 
 
 def fit_calls(records: list[dict], shape: ModelShape, system: SystemSpec, free=SERVING_FREE,
@@ -241,8 +242,8 @@ def fit_calls(records: list[dict], shape: ModelShape, system: SystemSpec, free=S
     """``system`` with its ``free`` fields fitted to a measured run's calls (``records``, the engine's call records):
     least squares on each class's summed time (:func:`call_class`), measured against :func:`call_seconds`, as a
     relative error, over at most ``per_class`` calls a class drawn at random; the fields in log space, within 100x
-    of their start (a zero start from 100 us). With the defaults, the rate whole-model calls stream weights at and a
-    fixed cost a call (launch gaps and the tokens' read-back, which no roofline holds)."""
+    of their start (a zero start from 10 us). With the defaults, the rate whole-model calls stream weights at and the
+    fixed cost of each layer of a call (the launches and tails of its small kernels, which no roofline holds)."""
     from scipy.optimize import least_squares
 
     rng = np.random.default_rng(seed)
@@ -253,7 +254,7 @@ def fit_calls(records: list[dict], shape: ModelShape, system: SystemSpec, free=S
             (call, float(r["end_s"]) - float(r["start_s"])))
     sample = [[pairs[i] for i in rng.permutation(len(pairs))[:per_class]] for pairs in by_class.values()]
     measured = np.array([sum(t for _, t in pairs) for pairs in sample])
-    start = np.log([getattr(system, name) or 1e-4 for name in free])
+    start = np.log([getattr(system, name) or 1e-5 for name in free])
 
     def fitted(log_values) -> SystemSpec:
         return system.replace(**{name: float(v) for name, v in zip(free, np.exp(log_values))})
@@ -399,7 +400,7 @@ def main(argv=None) -> int:
                     "(`python -m moegps.engine.serve --out RUN.csv` writes RUN-calls.csv) against the model's times "
                     "for the same calls, by class (--shape and --system as the run's)")
     ap.add_argument("--fit-rates", type=float, nargs="+", default=None,
-                    help="with --calls: fit the profile's weight rate and per-call cost (fit_calls) to these rates' "
+                    help="with --calls: fit the profile's weight rate and per-layer fixed cost (fit_calls) to these rates' "
                     "calls, and compare on the other rates' (held out)")
     ap.add_argument("--fitted-system", default=None, help="with --fit-rates: write the fitted profile (YAML) here, "
                     "for --system")

@@ -54,7 +54,9 @@ class SystemSpec:
     extra_slots_per_gpu: int = 0  # expert slots beyond n_experts / n_gpus (room for replicas)
     expert_launch: float = 3e-6  # seconds of fixed cost per active expert GEMM group
     layer_overhead: float = 2e-5  # seconds of fixed cost per MoE layer (routing, permute, align)
-    call_overhead: float = 0.0  # seconds of fixed cost per whole-model call on one GPU (serving: launch gaps, read-back)
+    # seconds of fixed cost per layer of a whole-model call beyond its rooflines (serving): the attention block's
+    # small kernels' launches and tails (norms, rope and cache write, attention, router)
+    block_overhead: float = 0.0
     tile_tokens: int = 16  # expert GEMMs pad each expert's tokens to a multiple of this
     roofline_p: float | None = None  # None: max(memory, compute); p: (mem^p + compute^p)^(1/p), a smooth knee
     provenance: dict[str, str] = field(default_factory=dict)  # field -> "measured: ..." | "datasheet: ..."
@@ -85,7 +87,7 @@ class SystemSpec:
         for name in ("hbm_bandwidth", "matmul_flops", "link_bandwidth", "inter_node_bandwidth", "memory_bytes"):
             if not getattr(self, name) > 0:
                 bad(name, "a positive number")
-        for name in ("link_latency", "inter_node_latency", "expert_launch", "layer_overhead", "call_overhead"):
+        for name in ("link_latency", "inter_node_latency", "expert_launch", "layer_overhead", "block_overhead"):
             if not getattr(self, name) >= 0:
                 bad(name, "a number >= 0")
         if self.roofline_p is not None and not self.roofline_p > 0:
@@ -135,7 +137,7 @@ _UNITS: dict[str, tuple[str, float]] = {
     "memory_gb": ("memory_bytes", 1e9),
     "expert_launch_us": ("expert_launch", 1e-6),
     "layer_overhead_us": ("layer_overhead", 1e-6),
-    "call_overhead_us": ("call_overhead", 1e-6),
+    "block_overhead_us": ("block_overhead", 1e-6),
 }
 _PLAIN = ("name", "n_gpus", "gpus_per_node", "topology", "mesh_shape", "extra_slots_per_gpu", "tile_tokens",
           "roofline_p", "notes")
