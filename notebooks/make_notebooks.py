@@ -213,7 +213,7 @@ else:
                       "64-expert shape, random bf16 weights, 10 / 40 / 80 requests a second; "
                       "`benchmarks/engine/serve-calls-h100-2026-12-05-y/`) recorded every model call. The serving "
                       "simulator's cost model costs the same calls (`moegps.simulator.serving.compare_calls`), with the "
-                      "shipped H100 profile and with its weight rate and per-call cost fitted to the 40 req/s run's calls "
+                      "shipped H100 profile and with its weight rate and per-layer cost fitted to the 40 req/s run's calls "
                       "(`fit_calls`); the table and plot are the 10 and 80 req/s runs' calls, held out."),
     new_code_cell("""\
 from moegps.shapes import from_name

@@ -187,7 +187,7 @@ def test_the_command_writes_the_engines_columns(tmp_path, capsys):
 
 
 def test_fit_calls_recovers_a_known_profile(rng, tmp_path, capsys):
-    """Call records timed by a known profile (a weight rate and a per-call cost other than the start's): fit_calls
+    """Call records timed by a known profile (a weight rate and a per-layer cost other than the start's): fit_calls
     from the shipped profile recovers both within 1%; the CLI fits on one rate's records, compares on the other's and
     writes a profile that loads back with the fitted values."""
     import csv
