@@ -22,6 +22,7 @@ from moegps.placement.algorithms import place
 from moegps.predictors.batching import batch_context, batch_stream
 from moegps.predictors.evaluate import _predict_tokens
 from moegps.shapes import from_name
+from moegps.simulator import serving
 from moegps.simulator.replay import PlaceFn, ReplayConfig, make_batches, oracle_plan, simulate, static_plan
 from moegps.simulator.system import system_from_dict
 from moegps.workloads import split_by_request, synthetic_trace
@@ -186,6 +187,7 @@ def replay(workload):
 
 
 SYSTEM_FIELDS = [(o, f) for o in options("system") for f in read("system", o) if f not in DESCRIPTIVE]
+SERVING_ONLY = ("block_overhead_us",)  # the fixed cost a layer of a whole-model call (moegps.simulator.serving)
 
 
 def _sim_total(raw: dict, test) -> float:
@@ -217,6 +219,11 @@ def test_system_field_reaches_the_cost_model(option, field, replay):
         new = value / 100  # a hundred times slower link, memory, compute or fixed cost
     else:
         new = changed(field, value)
+    if field in SERVING_ONLY:  # read by the serving simulator's cost of a call, not by the replay's
+        call, shape = serving.Call(decode_positions=(100, 7)), from_name("mixtral-8x7b")
+        assert serving.call_seconds(call, shape, system_from_dict({**raw, field: new})) != \
+            serving.call_seconds(call, shape, system_from_dict(raw)), f"system/{option}.yaml: {field} changes nothing"
+        return
     base = _sim_total(raw, replay)
     try:
         other = _sim_total({**raw, field: new}, replay)
