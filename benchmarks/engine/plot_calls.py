@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from moegps.simulator.serving import call_of, read_call_records  # noqa: E402
+from moegps.simulator.serving import call_of, loop_seconds, read_call_records, timed_call  # noqa: E402
 
 PARTS = {  # kind: colour
     "prefill, one prompt": "tab:purple",
@@ -41,16 +41,12 @@ def kind(record: dict) -> str:
 def breakdown(records: list[dict]) -> dict[tuple[float, str], dict[str, float]]:
     """{(rate, policy): {part: seconds}} over each run's calls (in the file's order)."""
     runs: dict[tuple[float, str], dict[str, float]] = defaultdict(lambda: dict.fromkeys(PARTS, 0.0))
-    previous_end: dict[tuple[float, str], float] = {}
-    for r in records:
-        run = (float(r["rate"]), r["policy"])
-        start, end, slept = float(r["start_s"]), float(r["end_s"]), float(r["slept_s"])
-        parts = runs[run]
-        parts[kind(r)] += end - start
-        if run in previous_end:
-            parts["waiting for arrivals"] += slept
-            parts["loop between calls"] += start - previous_end[run] - slept
-        previous_end[run] = end
+    for r, loop in zip(records, loop_seconds(records)):
+        parts = runs[float(r["rate"]), r["policy"]]
+        parts[kind(r)] += timed_call(r)[1]
+        if loop is not None:  # not the run's first call
+            parts["waiting for arrivals"] += float(r["slept_s"])
+            parts["loop between calls"] += loop
     return dict(runs)
 
 

@@ -16,6 +16,7 @@ checks it on others (another shape: out of sample), printing measured and modell
 import argparse
 import json
 from dataclasses import replace
+from pathlib import Path
 
 from moegps.shapes import from_name
 from moegps.simulator.serving import Call, call_seconds, fit_calls
@@ -25,7 +26,7 @@ from moegps.simulator.system import load_system
 def decode_records(path: str, new_tokens: int) -> list[tuple[str, dict]]:
     """(shape name, call record) for each decode row of an engine benchmark file (the engine's own variant): a step
     of ``batch`` rows at the mean position of the benchmark's decode, timed at its ``engine_ms``."""
-    rows = json.load(open(path)).get("decode") or []
+    rows = json.loads(Path(path).read_text()).get("decode") or []
     if not rows:
         raise SystemExit(f"{path}: no 'decode' rows (the JSON of `python -m moegps.engine.bench --parts decode`)")
     return [(r["shape"], {"prompts": "", "positions": " ".join([str(r["context"] + new_tokens // 2)] * r["batch"]),

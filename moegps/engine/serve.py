@@ -146,7 +146,7 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
     served: dict[int, Served] = {}
     steps = 0  # decode steps run: the index of the next
     position = [0] * slots  # engine.positions as the host knows it without a synchronisation (the calls' records)
-    slept = [0.0]  # waits for arrivals since the last call (the calls' records)
+    slept = 0.0  # waits for arrivals since the last call (the calls' records)
     live = torch.zeros(slots, dtype=torch.long, device=device)  # 1 where a slot holds a running request
     # Every free slot's dummy row decodes token 0 at position 0, every step (its output is dropped): rows of one
     # token at one position route alike, so the free rows of a step add at most one token's experts to the weights
@@ -190,11 +190,12 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
 
     def record(start_s: float, end_s: float, graph: bool, prompts=(), positions=(), chunk_size=0,
                chunk_start=0) -> None:
+        nonlocal slept
         if calls is not None:
             calls.append({"prompts": " ".join(map(str, prompts)), "positions": " ".join(map(str, positions)),
                           "chunk": chunk_size, "chunk_start": chunk_start, "graph": graph, "start_s": start_s,
-                          "end_s": end_s, "slept_s": slept[0]})
-        slept[0] = 0.0
+                          "end_s": end_s, "slept_s": slept})
+        slept = 0.0
 
     def agree(flags: list[float]) -> list[float]:
         """The largest of every rank's ``flags`` (expert-parallel ranks decide together), else ``flags``."""
@@ -285,7 +286,7 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
             elif queued:  # nothing to run anywhere: wait for the next arrival on any rank
                 before = now()
                 sleep(max(0.0, -less_wait))
-                slept[0] += now() - before
+                slept += now() - before
             else:
                 break
     return [served[i] for i in range(len(requests))]

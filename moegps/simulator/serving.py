@@ -119,6 +119,12 @@ PREFILL_ROUND_TO = 128
 MAX_PACKED_TOKENS = 2048
 
 
+def eager_pack(call: Call, packed_graph_tokens: int = MAX_PACKED_TOKENS) -> bool:
+    """Whether the engine prefills this call's prompts eagerly: several of more than ``packed_graph_tokens`` in
+    all, rounded up to PREFILL_ROUND_TO (one prompt, smaller packs, decode steps and chunks replay graphs)."""
+    return len(call.prompts) > 1 and -(-sum(call.prompts) // PREFILL_ROUND_TO) * PREFILL_ROUND_TO > packed_graph_tokens
+
+
 def call_seconds(call: Call, shape: ModelShape, system: SystemSpec, eager_layer_s: float = 0.0,
                  packed_graph_tokens: int = MAX_PACKED_TOKENS, expert_seconds=None) -> float:
     """The cost model's seconds for one serving call on one GPU: every layer's attention block over its tokens'
@@ -158,8 +164,7 @@ def call_seconds(call: Call, shape: ModelShape, system: SystemSpec, eager_layer_
     rows_out = len(prompts) + len(positions) + (1 if call.chunk else 0)
     vocab = max(shape.vocab_size * shape.hidden * shape.dtype_bytes / system.hbm_bandwidth,
                 2.0 * rows_out * shape.vocab_size * shape.hidden / system.matmul_flops)
-    eager = len(prompts) > 1 and -(-prompts.sum() // PREFILL_ROUND_TO) * PREFILL_ROUND_TO > packed_graph_tokens
-    host = shape.n_layers * eager_layer_s if eager else 0.0
+    host = shape.n_layers * eager_layer_s if eager_pack(call, packed_graph_tokens) else 0.0
     return max(layers + shape.n_layers * system.block_overhead + vocab, host)
 
 
@@ -172,14 +177,31 @@ def call_of(record: dict) -> Call:
                 chunk=int(record["chunk"]), chunk_start=int(record["chunk_start"]))
 
 
+def timed_call(record: dict) -> tuple[Call, float]:
+    """A call record's :class:`Call` and its measured seconds."""
+    return call_of(record), float(record["end_s"]) - float(record["start_s"])
+
+
+def loop_seconds(records: list[dict]) -> list[float | None]:
+    """For each call record, the serving loop's own host time before it: from the previous call's end to its start,
+    less the loop's sleeps for arrivals (``slept_s``); None for the first call of a run (records of several runs
+    may be mixed, told apart by their ``rate`` and ``policy`` fields where given)."""
+    out, previous = [], None
+    for r in records:
+        run = (r.get("rate"), r.get("policy"))
+        out.append(float(r["start_s"]) - previous[1] - float(r["slept_s"])
+                   if previous is not None and previous[0] == run else None)
+        previous = (run, float(r["end_s"]))
+    return out
+
+
 def call_class(call: Call, packed_graph_tokens: int = MAX_PACKED_TOKENS) -> str:
     """What kind of engine call this is, for tables: a prompt's prefill, a pack of several (graphed or eager, as
     :func:`call_seconds` has it), or a decode step of its bucket (with a prompt chunk)."""
     if call.prompts:
         if len(call.prompts) == 1:
             return "prefill, one prompt"
-        padded = -(-sum(call.prompts) // PREFILL_ROUND_TO) * PREFILL_ROUND_TO
-        return f"prefill, pack {'eager' if padded > packed_graph_tokens else 'graph'}"
+        return f"prefill, pack {'eager' if eager_pack(call, packed_graph_tokens) else 'graph'}"
     return f"step, bucket {call.bucket:>3}" + (f" + chunk {call.chunk}" if call.chunk else "")
 
 
@@ -191,16 +213,10 @@ def compare_calls(records: list[dict], seconds, packed_graph_tokens: int = MAX_P
     charge (modelled 0). Records of several runs may be mixed: gaps are taken within a run (the ``rate`` and
     ``policy`` fields, where given)."""
     by_class: dict[str, list[tuple[float, float]]] = {}
-    gaps, previous = [], None
     for r in records:
-        call = call_of(r)
-        start, end = float(r["start_s"]), float(r["end_s"])
-        by_class.setdefault(call_class(call, packed_graph_tokens), []).append((end - start, seconds(call)))
-        run = (r.get("rate"), r.get("policy"))
-        if previous is not None and previous[0] == run:
-            gaps.append((start - previous[1] - float(r["slept_s"]), 0.0))
-        previous = (run, end)
-    by_class["between calls"] = gaps or [(0.0, 0.0)]
+        call, measured = timed_call(r)
+        by_class.setdefault(call_class(call, packed_graph_tokens), []).append((measured, seconds(call)))
+    by_class["between calls"] = [(gap, 0.0) for gap in loop_seconds(records) if gap is not None] or [(0.0, 0.0)]
     rows = []
     for name, pairs in by_class.items():
         measured, modelled = np.array(pairs).T
@@ -220,7 +236,7 @@ def measured_call_seconds(records: list[dict], fallback, packed_graph_tokens: in
 
     times: dict[tuple, list[float]] = {}
     for r in records:
-        call, seconds = call_of(r), float(r["end_s"]) - float(r["start_s"])
+        call, seconds = timed_call(r)
         times.setdefault(key(call), []).append(seconds)
         times.setdefault((key(call)[0],), []).append(seconds)
     median = {k: float(np.median(v)) for k, v in times.items()}
@@ -249,9 +265,8 @@ def fit_calls(records: list[dict], shape: ModelShape, system: SystemSpec, free=S
     rng = np.random.default_rng(seed)
     by_class: dict[str, list[tuple[Call, float]]] = {}
     for r in records:
-        call = call_of(r)
-        by_class.setdefault(call_class(call, packed_graph_tokens), []).append(
-            (call, float(r["end_s"]) - float(r["start_s"])))
+        call, seconds = timed_call(r)
+        by_class.setdefault(call_class(call, packed_graph_tokens), []).append((call, seconds))
     sample = [[pairs[i] for i in rng.permutation(len(pairs))[:per_class]] for pairs in by_class.values()]
     measured = np.array([sum(t for _, t in pairs) for pairs in sample])
     start = np.log([getattr(system, name) or 1e-5 for name in free])
