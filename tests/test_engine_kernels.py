@@ -84,10 +84,11 @@ class _Spy:
     """Counts the launches of a kernel (so a test knows the kernel ran, not the fallback)."""
 
     def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
+        self.kernel, self.launches, self.grids = kernel, 0, []
 
     def __getitem__(self, grid):
         self.launches += 1
+        self.grids.append(grid)
         return self.kernel[grid]
 
 
@@ -102,6 +103,17 @@ def test_linear_skinny_kernel(gen, monkeypatch, T, N, K_dim, block_n):
     out = K.linear(x, w, block_n=block_n)
     assert spy.launches == 1 and out.shape == (T, N)
     assert rel_err(out, x.double() @ w.double().T) < 1e-5, gen.initial_seed()
+
+
+@pytest.mark.parametrize("min_programs,grid", [(0, (2,)), (3, (4,)), (99, (4,))])
+def test_linear_min_programs_halves_the_tile(gen, monkeypatch, min_programs, grid):
+    """64 weight rows in tiles of 32 are 2 programs; asked for 3 or more, tiles of 16 (never smaller)."""
+    spy = _Spy(K._skinny_linear_kernel)
+    monkeypatch.setattr(K, "_skinny_linear_kernel", spy)
+    x = torch.randn(2, 256, generator=gen)
+    w = torch.randn(64, 256, generator=gen)
+    out = K.linear(x, w, block_n=32, min_programs=min_programs)
+    assert spy.grids == [grid] and rel_err(out, x.double() @ w.double().T) < 1e-5
 
 
 @pytest.mark.parametrize("T,K_dim", [(K.SKINNY_MAX_ROWS + 1, 256), (3, 200)])
@@ -289,33 +301,38 @@ def test_router_ties_go_to_the_lowest_id():
     assert fused_ids.tolist() == [[1, 2, 4], [5, 2, 3]]
 
 
-# (2, 8192, 11, 3): the fused kernel walks the router in chunks of 2 experts, the last one half empty
+# (2, 8192, 11, 3): the fused kernel walks the router in chunks of 2 experts, the last one half empty;
+# split over programs of 4 experts, E = 11 and 60 leave the last program's experts partly past E
 @pytest.mark.parametrize("T,H,E,top_k", [(1, 64, 8, 2), (13, 40, 8, 2), (6, 192, 64, 8), (4, 48, 60, 6),
                                          (2, 8192, 11, 3)])
 @pytest.mark.parametrize("renormalize", [True, False])
 @pytest.mark.parametrize("shared", [0, 2])
-@pytest.mark.parametrize("fused", [True, False])
-def test_add_rmsnorm_router(gen, T, H, E, top_k, renormalize, shared, fused, monkeypatch):
-    """The fused launch (up to FUSED_ROUTER_MAX_EXPERTS experts), and (fused=False, or more experts) the
-    two launches it falls back to; with ``shared``, the columns after the top-k name experts E, E+1, ...
-    with gate 1 (Layer.n_shared)."""
-    if not fused:
-        monkeypatch.setattr(K, "FUSED_ROUTER_MAX_TOKENS", 0)  # the dispatcher's two launches
-    resid = torch.randn(T, H, generator=gen)
-    delta = torch.randn(T, H, generator=gen)
-    norm_w = 1 + 0.5 * torch.randn(H, generator=gen)
-    w = torch.randn(E, H, generator=gen) / H ** 0.5
-    total = resid.double() + delta.double()
-    if fused:  # the one-launch form at every size (add_rmsnorm_router takes it for few experts only)
-        x, ids, gates = K._add_rmsnorm_router_fused(resid, delta, norm_w, 1e-5, w, top_k, renormalize, shared)
-    else:
-        x, ids, gates = K.add_rmsnorm_router(resid, delta, norm_w, 1e-5, w, top_k, renormalize, shared=shared)
-    normed = rmsnorm_f64(total, norm_w, 1e-5)
-    assert rel_err(x, normed) < 1e-6 and rel_err(resid, total) < 1e-6, gen.initial_seed()
-    assert ids.shape == gates.shape == (T, top_k + shared) and ids.dtype == torch.int32
-    check_topk(ids[:, :top_k], gates[:, :top_k], normed, w, top_k, renormalize, gen.initial_seed(), 1e-5)
-    assert ids[:, top_k:].tolist() == [list(range(E, E + shared))] * T
-    assert torch.equal(gates[:, top_k:], torch.ones(T, shared))
+@pytest.mark.parametrize("path", ["one program a token", "split", "two launches"])
+def test_add_rmsnorm_router(gen, T, H, E, top_k, renormalize, shared, path, monkeypatch):
+    """The fused launch with a token's whole router in one program or split over programs of 4 experts
+    (the last to finish picks the top-k), and the two launches it falls back to past
+    FUSED_ROUTER_MAX_TOKENS; with ``shared``, the columns after the top-k name experts E, E+1, ... with
+    gate 1 (Layer.n_shared). Two calls on fresh inputs: the split form's tickets must be back at zero
+    for the second (a ticket left over picks no top-k: the ids would be whatever the buffer held)."""
+    if path == "two launches":
+        monkeypatch.setattr(K, "FUSED_ROUTER_MAX_TOKENS", 0)
+    for _ in range(2):
+        resid = torch.randn(T, H, generator=gen)
+        delta = torch.randn(T, H, generator=gen)
+        norm_w = 1 + 0.5 * torch.randn(H, generator=gen)
+        w = torch.randn(E, H, generator=gen) / H ** 0.5
+        total = resid.double() + delta.double()
+        if path == "two launches":
+            x, ids, gates = K.add_rmsnorm_router(resid, delta, norm_w, 1e-5, w, top_k, renormalize, shared=shared)
+        else:
+            x, ids, gates = K._add_rmsnorm_router_fused(resid, delta, norm_w, 1e-5, w, top_k, renormalize, shared,
+                                                        experts_per_program=4 if path == "split" else 128)
+        normed = rmsnorm_f64(total, norm_w, 1e-5)
+        assert rel_err(x, normed) < 1e-6 and rel_err(resid, total) < 1e-6, gen.initial_seed()
+        assert ids.shape == gates.shape == (T, top_k + shared) and ids.dtype == torch.int32
+        check_topk(ids[:, :top_k], gates[:, :top_k], normed, w, top_k, renormalize, gen.initial_seed(), 1e-5)
+        assert ids[:, top_k:].tolist() == [list(range(E, E + shared))] * T
+        assert torch.equal(gates[:, top_k:], torch.ones(T, shared))
 
 
 # ---- the whole engine on the interpreted kernels -----------------------------------------------------------

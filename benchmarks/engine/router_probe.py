@@ -1,12 +1,13 @@
-"""The residual norm + router at decode sizes on a GPU: the fused one-launch kernel against
-add_rmsnorm + router_topk, per router shape (why FUSED_ROUTER_MAX_EXPERTS in moegps/engine/kernels.py).
+"""The residual norm + router at decode sizes on a GPU: the fused one-launch kernel, a token's router
+in one program or split over programs of n experts, against add_rmsnorm + router_topk, per router shape
+(why ROUTER_EXPERTS_PER_PROGRAM in moegps/engine/kernels.py).
 
     PYTHONPATH=. python benchmarks/engine/router_probe.py
 
 Each number is the median of 10 replays of a CUDA graph of 20 back-to-back calls (so the router's
 weights sit in L2: inside a decode step, where they do not, both are slower). Floor: the bytes one
 call must read and write (router weights, residual, delta, normed output) over the copy rate
-measured here; both paths are far from it (one program per token or per 16 tokens: latency-bound).
+measured here; every path is far from it (a few programs a token or one per 16 tokens: latency-bound).
 """
 
 import functools
@@ -45,8 +46,8 @@ def two_launches(resid, delta, norm_w, eps, router, top_k, renormalize):
 def main() -> None:
     rate = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: copy {rate / 1e12:.2f} TB/s")
-    print("| router | tokens | fused us | add_rmsnorm + router_topk us | floor us | fused / two launches |")
-    print("|---|---|---|---|---|---|")
+    print("| router | tokens | experts a program | fused us | add_rmsnorm + router_topk us | floor us | fused / two launches |")
+    print("|---|---|---|---|---|---|---|")
     for name, (H, E, k) in SHAPES.items():
         for T in (1, 8, 32, 128):
             resid = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
@@ -54,10 +55,14 @@ def main() -> None:
             norm_w = torch.ones(H, device="cuda", dtype=torch.bfloat16)
             router = torch.randn(E, H, device="cuda", dtype=torch.bfloat16) * H ** -0.5
             args = (resid, delta, norm_w, 1e-6, router, k, True)
-            fused = graph_us(functools.partial(K._add_rmsnorm_router_fused, *args))
             two = graph_us(functools.partial(two_launches, *args))
             floor = (E * H + 4 * T * H) * 2 / rate * 1e6
-            print(f"| {name} | {T} | {fused:.2f} | {two:.2f} | {floor:.3f} | {fused / two:.2f} |", flush=True)
+            per_program = E
+            while per_program >= 2:
+                fused = graph_us(functools.partial(K._add_rmsnorm_router_fused, *args, experts_per_program=per_program))
+                print(f"| {name} | {T} | {per_program} | {fused:.2f} | {two:.2f} | {floor:.3f} | {fused / two:.2f} |",
+                      flush=True)
+                per_program //= 2
 
 
 if __name__ == "__main__":

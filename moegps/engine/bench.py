@@ -227,9 +227,16 @@ def part_agree(hf, model: Model, prompt_len: int = 128, new: int = 32) -> dict:
 
 # The engine's decode as it runs and beside it with one of its choices changed: without programmatic
 # dependent launch (moegps.kernels.pdl), with cuBLAS for the projections, with shorter attention splits at
-# short contexts. What each gives, measured in one run (--decode-variants).
-DECODE_VARIANTS = {"engine": {}, "no PDL": {"pdl": "0"}, "cuBLAS projections": {"skinny": False},
-                   "attention splits >= 64 keys": {"attention": {"min_split": 64}}}
+# short contexts, with the norm + router as two launches (the tiled router) or a token's router split
+# otherwise. What each gives, measured in one run (--decode-variants). "kernels": moegps.engine.kernels
+# settings patched while the engine captures its graphs.
+DECODE_VARIANTS = {"engine": {}, "no PDL": {"pdl": "0"}, "cuBLAS projections": {"kernels": {"SKINNY_MAX_ROWS": 0}},
+                   "attention splits >= 64 keys": {"attention": {"min_split": 64}},
+                   "norm + router as two launches": {"kernels": {"FUSED_ROUTER_MAX_TOKENS": 0}},
+                   "projections >= 128 programs": {"kernels": {"LINEAR_DEFAULTS": {**K.LINEAR_DEFAULTS,
+                                                                                   "min_programs": 128}}},
+                   **{f"router {n} experts a program": {"kernels": {"ROUTER_EXPERTS_PER_PROGRAM": n}}
+                      for n in (4, 8, 16, 32, 64)}}
 
 
 def decode_variant(name: str) -> contextlib.ExitStack:
@@ -239,8 +246,8 @@ def decode_variant(name: str) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     if "pdl" in variant:
         stack.enter_context(mock.patch.dict(os.environ, {"MOEGPS_PDL": variant["pdl"]}))
-    if not variant.get("skinny", True):
-        stack.enter_context(mock.patch.object(K, "SKINNY_MAX_ROWS", 0))
+    for setting, value in variant.get("kernels", {}).items():
+        stack.enter_context(mock.patch.object(K, setting, value))
     stack.enter_context(mock.patch.dict(K.ATTENTION_DEFAULTS, variant.get("attention", {})))
     return stack
 

@@ -101,7 +101,9 @@ def add_rmsnorm(resid: torch.Tensor, delta: torch.Tensor | None, weight: torch.T
 SKINNY_MAX_ROWS = 16
 # Launch settings: the best geometric mean over Mixtral's three projections at batch 1 and 8 of the 36
 # that benchmarks/engine/linear_probe.py --sweep times (H200, benchmarks/engine/h200-2026-12-04/call2).
-LINEAR_DEFAULTS = dict(block_n=32, block_k=128, num_warps=4, num_stages=6)
+# min_programs: halve block_n (down to 16) while the product has fewer programs than this (DeepSeek-V2-Lite's
+# 2048-row output projection is 64 programs of 32 rows on 132 SMs); 0 keeps block_n.
+LINEAR_DEFAULTS = dict(block_n=32, block_k=128, num_warps=4, num_stages=6, min_programs=0)
 
 
 @triton.jit
@@ -132,16 +134,19 @@ def _skinny_linear_kernel(x_ptr, w_ptr, out_ptr, T, N, K, BLOCK_T: tl.constexpr,
 def linear(x: torch.Tensor, w: torch.Tensor, **settings) -> torch.Tensor:
     """``x [T, K] @ w [N, K]^T -> [T, N]``: for up to SKINNY_MAX_ROWS contiguous rows on the GPU (or under
     the interpreter) one `_skinny_linear_kernel` launch, otherwise torch's matmul (cuBLAS). ``settings``
-    override LINEAR_DEFAULTS (block_n, block_k, num_warps, num_stages)."""
+    override LINEAR_DEFAULTS (block_n, block_k, num_warps, num_stages, min_programs)."""
     cfg = dict(LINEAR_DEFAULTS, **settings)
     T, K = x.shape
     if not (use_triton(x) and 0 < T <= SKINNY_MAX_ROWS and K % cfg["block_k"] == 0 and x.is_contiguous()
             and w.is_contiguous()):
         return x @ w.T
     N = w.shape[0]
+    block_n = cfg["block_n"]
+    while block_n > 16 and triton.cdiv(N, block_n) < cfg["min_programs"]:
+        block_n //= 2
     out = torch.empty(T, N, dtype=x.dtype, device=x.device)
-    _skinny_linear_kernel[(triton.cdiv(N, cfg["block_n"]),)](
-        x, w, out, T, N, K, BLOCK_T=16, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
+    _skinny_linear_kernel[(triton.cdiv(N, block_n),)](
+        x, w, out, T, N, K, BLOCK_T=16, BLOCK_N=block_n, BLOCK_K=cfg["block_k"],
         IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **launch_flags(x))
     return out
@@ -474,39 +479,11 @@ def router_topk(x, w_router, top_k: int, renormalize: bool, shared: int = 0):
 # ---- residual add + RMSNorm + router, one launch (decode) ----------------------------------------------
 
 @triton.jit
-def _add_rmsnorm_router_kernel(resid_ptr, delta_ptr, w_ptr, out_ptr, wr_ptr, ids_ptr, gates_ptr, H, E, eps,
-                               TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
-                               BLOCK_H: tl.constexpr, E_PAD: tl.constexpr, E_CHUNK: tl.constexpr,
-                               SHARED: tl.constexpr = 0, PDL: tl.constexpr = False):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_H)
-    mask = cols < H
-    # the router's weights depend on no earlier kernel: the first chunk's load is issued before the
-    # wait and the norm, and each later chunk's before the chunk before it is used
-    e = tl.arange(0, E_CHUNK)
-    wr = tl.load(wr_ptr + e[:, None] * H + cols[None, :], mask=(e < E)[:, None] & mask[None, :], other=0.0)
-    wait_for_predecessor(PDL)
-    x = (tl.load(resid_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
-         + tl.load(delta_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32))
-    x = x.to(resid_ptr.dtype.element_ty)
-    tl.store(resid_ptr + row * H + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
-    normed = (xf * rstd).to(out_ptr.dtype.element_ty)
-    y = (normed * tl.load(w_ptr + cols, mask=mask, other=0.0)).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + row * H + cols, y, mask=mask)
-    yf = y.to(tl.float32)  # the router reads the rounded output, as an unfused model's router does
+def _topk_store(logits, row, ids_ptr, gates_ptr, E, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
+                RENORMALIZE: tl.constexpr, E_PAD: tl.constexpr, SHARED: tl.constexpr):
+    """Softmax of one token's ``logits [E_PAD]`` (-inf past E), its top-k (the lowest id winning ties, as
+    torch.topk), renormalised when asked, stored as row ``row`` of ids and gates with SHARED more columns."""
     e_all = tl.arange(0, E_PAD)
-    logits = tl.full([E_PAD], float("-inf"), tl.float32)
-    for e0 in range(0, E, E_CHUNK):
-        e = e0 + tl.arange(0, E_CHUNK)
-        e_next = e + E_CHUNK
-        wr_next = tl.load(wr_ptr + e_next[:, None] * H + cols[None, :], mask=(e_next < E)[:, None] & mask[None, :],
-                          other=0.0)
-        part = tl.sum(wr.to(tl.float32) * yf[None, :], axis=1)  # [E_CHUNK]
-        placed = tl.sum(tl.where(e_all[:, None] == e[None, :], part[None, :], 0.0), axis=1)  # [E_PAD]
-        logits = tl.where((e_all >= e0) & (e_all < e0 + E_CHUNK) & (e_all < E), placed, logits)
-        wr = wr_next
     probs = tl.exp(logits - tl.max(logits, axis=0))
     probs = probs / tl.sum(probs, axis=0)
     j_col = tl.arange(0, K_PAD)
@@ -527,30 +504,97 @@ def _add_rmsnorm_router_kernel(resid_ptr, delta_ptr, w_ptr, out_ptr, wr_ptr, ids
     _store_shared(ids_ptr, gates_ptr, row_start, E, row_start >= 0, TOP_K, SHARED)  # one row: all true
 
 
+@triton.jit
+def _add_rmsnorm_router_kernel(resid_ptr, delta_ptr, w_ptr, out_ptr, wr_ptr, ids_ptr, gates_ptr, logits_ptr,
+                               count_ptr, H, E, eps, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
+                               RENORMALIZE: tl.constexpr, BLOCK_H: tl.constexpr, E_PAD: tl.constexpr,
+                               E_CHUNK: tl.constexpr, E_SPLIT: tl.constexpr, SHARED: tl.constexpr = 0,
+                               PDL: tl.constexpr = False):
+    """Program (token ``row``, ``split``): the residual add and norm of the token (every split computes
+    them: 2 x H elements from L2), then the router logits of experts [split * E_SPLIT, (split + 1) *
+    E_SPLIT). With one split the program goes on to the softmax and top-k; with several, each writes its
+    logits and the last to take the token's ticket (reset for the next call) reads them all back, stores
+    the residual and the normed row (after every split has read the old residual) and picks the top-k."""
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    ONE: tl.constexpr = E_SPLIT >= E_PAD
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < H
+    e_first = split * E_SPLIT
+    # the router's weights depend on no earlier kernel: the first chunk's load is issued before the
+    # wait and the norm, and each later chunk's before the chunk before it is used
+    e = e_first + tl.arange(0, E_CHUNK)
+    wr = tl.load(wr_ptr + e[:, None] * H + cols[None, :], mask=(e < E)[:, None] & mask[None, :], other=0.0)
+    wait_for_predecessor(PDL)
+    x = (tl.load(resid_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+         + tl.load(delta_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32))
+    x = x.to(resid_ptr.dtype.element_ty)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
+    normed = (xf * rstd).to(out_ptr.dtype.element_ty)
+    y = (normed * tl.load(w_ptr + cols, mask=mask, other=0.0)).to(out_ptr.dtype.element_ty)
+    if ONE:
+        tl.store(resid_ptr + row * H + cols, x, mask=mask)
+        tl.store(out_ptr + row * H + cols, y, mask=mask)
+    yf = y.to(tl.float32)  # the router reads the rounded output, as an unfused model's router does
+    e_all = tl.arange(0, E_PAD)
+    logits = tl.full([E_PAD], float("-inf"), tl.float32)
+    for c0 in range(0, E_SPLIT, E_CHUNK):
+        e = e_first + c0 + tl.arange(0, E_CHUNK)
+        e_next = e + E_CHUNK
+        wr_next = tl.load(wr_ptr + e_next[:, None] * H + cols[None, :],
+                          mask=((e_next < E) & (c0 + E_CHUNK < E_SPLIT))[:, None] & mask[None, :], other=0.0)
+        part = tl.sum(wr.to(tl.float32) * yf[None, :], axis=1)  # [E_CHUNK]
+        if ONE:
+            placed = tl.sum(tl.where(e_all[:, None] == e[None, :], part[None, :], 0.0), axis=1)  # [E_PAD]
+            logits = tl.where((e_all >= c0) & (e_all < c0 + E_CHUNK) & (e_all < E), placed, logits)  # split 0
+        else:
+            tl.store(logits_ptr + row * E_PAD + e, part, mask=e < E)
+        wr = wr_next
+    if ONE:
+        _topk_store(logits, row, ids_ptr, gates_ptr, E, TOP_K, K_PAD, RENORMALIZE, E_PAD, SHARED)
+    else:
+        tl.debug_barrier()  # every thread's logits are written (and the residual read) before the ticket
+        ticket = tl.atomic_add(count_ptr + row, 1)  # acq_rel, GPU scope
+        if ticket == tl.num_programs(1) - 1:
+            tl.store(count_ptr + row, 0)
+            tl.store(resid_ptr + row * H + cols, x, mask=mask)
+            tl.store(out_ptr + row * H + cols, y, mask=mask)
+            logits = tl.load(logits_ptr + row * E_PAD + e_all, mask=e_all < E, other=float("-inf"),
+                             cache_modifier=".cg")
+            _topk_store(logits, row, ids_ptr, gates_ptr, E, TOP_K, K_PAD, RENORMALIZE, E_PAD, SHARED)
+
+
 FUSED_ROUTER_MAX_TOKENS = 256  # above this, the tiled router (one weight read per 16 tokens) is cheaper
-# One program per token walks the whole router matrix in the fused launch: cheap for a few long rows,
-# not for many. Measured on an H200 (benchmarks/engine/router_probe.py, graph-replayed, 1-128 tokens):
-# Mixtral's 8 x 4096 fused 4.1-4.9 us against 11.5-12.8 us for add_rmsnorm + router_topk; 64 x 2048
-# fused 18.2-19.4 us against 11.0-11.3 us (and 32 us a layer inside the DeepSeek-V2-Lite decode step).
-FUSED_ROUTER_MAX_EXPERTS = 16
+# One program per token walking the whole router matrix in the fused launch is cheap for a few long
+# rows (Mixtral's 8 x 4096: 4.1-4.9 us against 11.5-12.8 us for add_rmsnorm + router_topk on an H200,
+# benchmarks/engine/router_probe.py, 1-128 tokens), not for many: 64 x 2048 took 18.2-19.4 us against
+# 11.0-11.3 (32 us a layer inside the DeepSeek-V2-Lite decode step). So a router of more than
+# ROUTER_EXPERTS_PER_PROGRAM experts is split over programs of that many experts each, the last of a
+# token's programs picking its top-k.
+ROUTER_EXPERTS_PER_PROGRAM = 16
 
 
 def add_rmsnorm_router(resid, delta, weight, eps: float, w_router, top_k: int, renormalize: bool,
                        shared: int = 0):
     """``add_rmsnorm`` then ``router_topk`` on its output: returns ``(normed [T, H], ids [T, k + shared]
     int32, gates [T, k + shared])``, where the last ``shared`` columns name experts E, E+1, ... with
-    gate 1 (a shared expert held as extra experts, see ``model.Layer.n_shared``). One launch, one
-    program per token, for up to FUSED_ROUTER_MAX_TOKENS tokens and FUSED_ROUTER_MAX_EXPERTS experts;
-    otherwise ``add_rmsnorm`` and ``router_topk``."""
-    T, E = resid.shape[0], w_router.shape[0]
-    if not use_triton(resid) or T > FUSED_ROUTER_MAX_TOKENS or E > FUSED_ROUTER_MAX_EXPERTS:
+    gate 1 (a shared expert held as extra experts, see ``model.Layer.n_shared``). One launch for up to
+    FUSED_ROUTER_MAX_TOKENS tokens; otherwise ``add_rmsnorm`` and ``router_topk``."""
+    T = resid.shape[0]
+    if not use_triton(resid) or T > FUSED_ROUTER_MAX_TOKENS:
         x = add_rmsnorm(resid, delta, weight, eps)
         return (x, *router_topk(x, w_router, top_k, renormalize, shared=shared))
     return _add_rmsnorm_router_fused(resid, delta, weight, eps, w_router, top_k, renormalize, shared)
 
 
-def _add_rmsnorm_router_fused(resid, delta, weight, eps, w_router, top_k, renormalize, shared=0):
-    """The one-launch form of add_rmsnorm_router, whatever the sizes (the GPU's)."""
+_ROUTER_TICKETS: dict = {}  # device -> int32 tickets of the routers' last splits, all zero between calls
+
+
+def _add_rmsnorm_router_fused(resid, delta, weight, eps, w_router, top_k, renormalize, shared=0,
+                              experts_per_program: int | None = None):
+    """The one-launch form of add_rmsnorm_router, whatever the sizes (the GPU's): grid (tokens, splits
+    of ``experts_per_program`` experts, default ROUTER_EXPERTS_PER_PROGRAM, a power of two)."""
     T, H = resid.shape
     E = w_router.shape[0]
     out = torch.empty_like(resid)
@@ -559,9 +603,16 @@ def _add_rmsnorm_router_fused(resid, delta, weight, eps, w_router, top_k, renorm
     if T:
         block = triton.next_power_of_2(H)
         e_pad = triton.next_power_of_2(E)
-        _add_rmsnorm_router_kernel[(T,)](
-            resid, delta, weight, out, w_router, ids, gates, H, E, eps, TOP_K=top_k,
+        e_split = min(e_pad, experts_per_program or ROUTER_EXPERTS_PER_PROGRAM)
+        splits = triton.cdiv(E, e_split)
+        logits = torch.empty(T if splits > 1 else 1, e_pad, dtype=torch.float32, device=resid.device)
+        tickets = _ROUTER_TICKETS.get(resid.device)
+        if tickets is None or tickets.numel() < T:
+            _ROUTER_TICKETS[resid.device] = tickets = torch.zeros(max(T, FUSED_ROUTER_MAX_TOKENS), dtype=torch.int32,
+                                                                  device=resid.device)
+        _add_rmsnorm_router_kernel[(T, splits)](
+            resid, delta, weight, out, w_router, ids, gates, logits, tickets, H, E, eps, TOP_K=top_k,
             K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize, BLOCK_H=block, E_PAD=e_pad,
-            E_CHUNK=min(e_pad, max(1, 16384 // block)), SHARED=shared, num_warps=max(1, min(16, block // 256)),
-            **launch_flags(resid))
+            E_CHUNK=min(e_split, max(1, 16384 // block)), E_SPLIT=e_split, SHARED=shared,
+            num_warps=max(1, min(16, block // 256)), **launch_flags(resid))
     return out, ids, gates
