@@ -84,11 +84,10 @@ class _Spy:
     """Counts the launches of a kernel (so a test knows the kernel ran, not the fallback)."""
 
     def __init__(self, kernel):
-        self.kernel, self.launches, self.grids = kernel, 0, []
+        self.kernel, self.launches = kernel, 0
 
     def __getitem__(self, grid):
         self.launches += 1
-        self.grids.append(grid)
         return self.kernel[grid]
 
 
@@ -103,17 +102,6 @@ def test_linear_skinny_kernel(gen, monkeypatch, T, N, K_dim, block_n):
     out = K.linear(x, w, block_n=block_n)
     assert spy.launches == 1 and out.shape == (T, N)
     assert rel_err(out, x.double() @ w.double().T) < 1e-5, gen.initial_seed()
-
-
-@pytest.mark.parametrize("min_programs,grid", [(0, (2,)), (3, (4,)), (99, (4,))])
-def test_linear_min_programs_halves_the_tile(gen, monkeypatch, min_programs, grid):
-    """64 weight rows in tiles of 32 are 2 programs; asked for 3 or more, tiles of 16 (never smaller)."""
-    spy = _Spy(K._skinny_linear_kernel)
-    monkeypatch.setattr(K, "_skinny_linear_kernel", spy)
-    x = torch.randn(2, 256, generator=gen)
-    w = torch.randn(64, 256, generator=gen)
-    out = K.linear(x, w, block_n=32, min_programs=min_programs)
-    assert spy.grids == [grid] and rel_err(out, x.double() @ w.double().T) < 1e-5
 
 
 @pytest.mark.parametrize("T,K_dim", [(K.SKINNY_MAX_ROWS + 1, 256), (3, 200)])
@@ -311,11 +299,11 @@ def test_router_ties_go_to_the_lowest_id():
 def test_add_rmsnorm_router(gen, T, H, E, top_k, renormalize, shared, path, monkeypatch):
     """The fused launch with a token's whole router in one program or split over programs of 4 experts
     (the last to finish picks the top-k), and the two launches it falls back to past
-    FUSED_ROUTER_MAX_TOKENS; with ``shared``, the columns after the top-k name experts E, E+1, ... with
+    FUSED_ROUTER_MAX_PROGRAMS; with ``shared``, the columns after the top-k name experts E, E+1, ... with
     gate 1 (Layer.n_shared). Two calls on fresh inputs: the split form's tickets must be back at zero
     for the second (a ticket left over picks no top-k: the ids would be whatever the buffer held)."""
     if path == "two launches":
-        monkeypatch.setattr(K, "FUSED_ROUTER_MAX_TOKENS", 0)
+        monkeypatch.setattr(K, "FUSED_ROUTER_MAX_PROGRAMS", 0)
     for _ in range(2):
         resid = torch.randn(T, H, generator=gen)
         delta = torch.randn(T, H, generator=gen)
@@ -333,6 +321,25 @@ def test_add_rmsnorm_router(gen, T, H, E, top_k, renormalize, shared, path, monk
         check_topk(ids[:, :top_k], gates[:, :top_k], normed, w, top_k, renormalize, gen.initial_seed(), 1e-5)
         assert ids[:, top_k:].tolist() == [list(range(E, E + shared))] * T
         assert torch.equal(gates[:, top_k:], torch.ones(T, shared))
+
+
+@pytest.mark.parametrize("T,E,fused", [(32, 64, True), (33, 64, False), (256, 8, True), (257, 8, False)])
+def test_add_rmsnorm_router_takes_the_fused_launch_up_to_its_programs(gen, monkeypatch, T, E, fused):
+    """One launch while tokens x programs a token stay within FUSED_ROUTER_MAX_PROGRAMS (64 experts: 8 programs
+    a token; 8 experts: one), add_rmsnorm and the tiled router beyond; the same outputs either way."""
+    monkeypatch.setattr(K, "ROUTER_EXPERTS_PER_PROGRAM", 8)
+    monkeypatch.setattr(K, "FUSED_ROUTER_MAX_PROGRAMS", 256)
+    spy = _Spy(K._add_rmsnorm_router_kernel)
+    monkeypatch.setattr(K, "_add_rmsnorm_router_kernel", spy)
+    H = 16
+    resid, delta = torch.randn(T, H, generator=gen), torch.randn(T, H, generator=gen)
+    w = torch.randn(E, H, generator=gen) / H ** 0.5
+    total = resid.double() + delta.double()
+    x, ids, gates = K.add_rmsnorm_router(resid, delta, torch.ones(H), 1e-5, w, 2, True)
+    assert spy.launches == int(fused)
+    normed = rmsnorm_f64(total, torch.ones(H), 1e-5)
+    assert rel_err(x, normed) < 1e-6
+    check_topk(ids, gates, normed, w, 2, True, gen.initial_seed(), 1e-5)
 
 
 # ---- the whole engine on the interpreted kernels -----------------------------------------------------------

@@ -232,9 +232,7 @@ def part_agree(hf, model: Model, prompt_len: int = 128, new: int = 32) -> dict:
 # settings patched while the engine captures its graphs.
 DECODE_VARIANTS = {"engine": {}, "no PDL": {"pdl": "0"}, "cuBLAS projections": {"kernels": {"SKINNY_MAX_ROWS": 0}},
                    "attention splits >= 64 keys": {"attention": {"min_split": 64}},
-                   "norm + router as two launches": {"kernels": {"FUSED_ROUTER_MAX_TOKENS": 0}},
-                   "projections >= 128 programs": {"kernels": {"LINEAR_DEFAULTS": {**K.LINEAR_DEFAULTS,
-                                                                                   "min_programs": 128}}},
+                   "norm + router as two launches": {"kernels": {"FUSED_ROUTER_MAX_PROGRAMS": 0}},
                    **{f"router {n} experts a program": {"kernels": {"ROUTER_EXPERTS_PER_PROGRAM": n}}
                       for n in (4, 8, 16, 32, 64)}}
 

@@ -101,9 +101,10 @@ def add_rmsnorm(resid: torch.Tensor, delta: torch.Tensor | None, weight: torch.T
 SKINNY_MAX_ROWS = 16
 # Launch settings: the best geometric mean over Mixtral's three projections at batch 1 and 8 of the 36
 # that benchmarks/engine/linear_probe.py --sweep times (H200, benchmarks/engine/h200-2026-12-04/call2).
-# min_programs: halve block_n (down to 16) while the product has fewer programs than this (DeepSeek-V2-Lite's
-# 2048-row output projection is 64 programs of 32 rows on 132 SMs); 0 keeps block_n.
-LINEAR_DEFAULTS = dict(block_n=32, block_k=128, num_warps=4, num_stages=6, min_programs=0)
+# Tiles of 16 rows for DeepSeek-V2-Lite's 2048-row output projection (128 programs instead of 64) were no
+# faster, in the probe (6.05 against 6.02 us, 47% of the floor: latency, not programs) or the step (0.5%,
+# one H100, benchmarks/engine/h100-2026-12-05-z).
+LINEAR_DEFAULTS = dict(block_n=32, block_k=128, num_warps=4, num_stages=6)
 
 
 @triton.jit
@@ -134,19 +135,16 @@ def _skinny_linear_kernel(x_ptr, w_ptr, out_ptr, T, N, K, BLOCK_T: tl.constexpr,
 def linear(x: torch.Tensor, w: torch.Tensor, **settings) -> torch.Tensor:
     """``x [T, K] @ w [N, K]^T -> [T, N]``: for up to SKINNY_MAX_ROWS contiguous rows on the GPU (or under
     the interpreter) one `_skinny_linear_kernel` launch, otherwise torch's matmul (cuBLAS). ``settings``
-    override LINEAR_DEFAULTS (block_n, block_k, num_warps, num_stages, min_programs)."""
+    override LINEAR_DEFAULTS (block_n, block_k, num_warps, num_stages)."""
     cfg = dict(LINEAR_DEFAULTS, **settings)
     T, K = x.shape
     if not (use_triton(x) and 0 < T <= SKINNY_MAX_ROWS and K % cfg["block_k"] == 0 and x.is_contiguous()
             and w.is_contiguous()):
         return x @ w.T
     N = w.shape[0]
-    block_n = cfg["block_n"]
-    while block_n > 16 and triton.cdiv(N, block_n) < cfg["min_programs"]:
-        block_n //= 2
     out = torch.empty(T, N, dtype=x.dtype, device=x.device)
-    _skinny_linear_kernel[(triton.cdiv(N, block_n),)](
-        x, w, out, T, N, K, BLOCK_T=16, BLOCK_N=block_n, BLOCK_K=cfg["block_k"],
+    _skinny_linear_kernel[(triton.cdiv(N, cfg["block_n"]),)](
+        x, w, out, T, N, K, BLOCK_T=16, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
         IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **launch_flags(x))
     return out
@@ -565,30 +563,39 @@ def _add_rmsnorm_router_kernel(resid_ptr, delta_ptr, w_ptr, out_ptr, wr_ptr, ids
             _topk_store(logits, row, ids_ptr, gates_ptr, E, TOP_K, K_PAD, RENORMALIZE, E_PAD, SHARED)
 
 
-FUSED_ROUTER_MAX_TOKENS = 256  # above this, the tiled router (one weight read per 16 tokens) is cheaper
-# One program per token walking the whole router matrix in the fused launch is cheap for a few long
-# rows (Mixtral's 8 x 4096: 4.1-4.9 us against 11.5-12.8 us for add_rmsnorm + router_topk on an H200,
-# benchmarks/engine/router_probe.py, 1-128 tokens), not for many: 64 x 2048 took 18.2-19.4 us against
-# 11.0-11.3 (32 us a layer inside the DeepSeek-V2-Lite decode step). So a router of more than
-# ROUTER_EXPERTS_PER_PROGRAM experts is split over programs of that many experts each, the last of a
-# token's programs picking its top-k.
-ROUTER_EXPERTS_PER_PROGRAM = 16
+# The fused launch splits a token's router over programs of ROUTER_EXPERTS_PER_PROGRAM experts (the last of
+# a token's programs picks its top-k) and runs for up to FUSED_ROUTER_MAX_PROGRAMS programs; beyond, the
+# tiled router (one weight read per 16 tokens) after add_rmsnorm. One NVIDIA H100, graph-replayed
+# (benchmarks/engine/router_probe.py, benchmarks/engine/h100-2026-12-05-z): Mixtral's 8 x 4096 router in one
+# program a token 3.6-4.2 us at 1-128 tokens against 11.0-11.7 us for the two launches (splitting it gains
+# nothing); DeepSeek-V2-Lite's 64 x 2048 in one program 10.7-11.1 us against 10.2-10.3, in programs of 8
+# experts 5.1 / 5.3 / 6.2 us at 1 / 8 / 32 tokens, 11.1 at 128 (1024 programs; two launches 10.3). In the
+# 64-expert model's decode step: 2.630 ms at batch 1 against 2.841 for the two launches, 7.04 / 11.49 ms at
+# batch 8 / 32 against 7.25 / 11.64 (programs of 4: the same; of 16: 2.670 ms; of 32: 2.698).
+ROUTER_EXPERTS_PER_PROGRAM = 8
+FUSED_ROUTER_MAX_PROGRAMS = 256
 
 
 def add_rmsnorm_router(resid, delta, weight, eps: float, w_router, top_k: int, renormalize: bool,
                        shared: int = 0):
     """``add_rmsnorm`` then ``router_topk`` on its output: returns ``(normed [T, H], ids [T, k + shared]
     int32, gates [T, k + shared])``, where the last ``shared`` columns name experts E, E+1, ... with
-    gate 1 (a shared expert held as extra experts, see ``model.Layer.n_shared``). One launch for up to
-    FUSED_ROUTER_MAX_TOKENS tokens; otherwise ``add_rmsnorm`` and ``router_topk``."""
+    gate 1 (a shared expert held as extra experts, see ``model.Layer.n_shared``). One launch of up to
+    FUSED_ROUTER_MAX_PROGRAMS programs; otherwise ``add_rmsnorm`` and ``router_topk``."""
     T = resid.shape[0]
-    if not use_triton(resid) or T > FUSED_ROUTER_MAX_TOKENS:
+    if not use_triton(resid) or T * router_splits(w_router.shape[0]) > FUSED_ROUTER_MAX_PROGRAMS:
         x = add_rmsnorm(resid, delta, weight, eps)
         return (x, *router_topk(x, w_router, top_k, renormalize, shared=shared))
     return _add_rmsnorm_router_fused(resid, delta, weight, eps, w_router, top_k, renormalize, shared)
 
 
 _ROUTER_TICKETS: dict = {}  # device -> int32 tickets of the routers' last splits, all zero between calls
+
+
+def router_splits(n_experts: int, experts_per_program: int | None = None) -> int:
+    """Programs a token of the fused norm + router: ``n_experts`` in programs of ``experts_per_program``
+    (default ROUTER_EXPERTS_PER_PROGRAM; a power of two)."""
+    return triton.cdiv(n_experts, experts_per_program or ROUTER_EXPERTS_PER_PROGRAM)
 
 
 def _add_rmsnorm_router_fused(resid, delta, weight, eps, w_router, top_k, renormalize, shared=0,
@@ -604,11 +611,11 @@ def _add_rmsnorm_router_fused(resid, delta, weight, eps, w_router, top_k, renorm
         block = triton.next_power_of_2(H)
         e_pad = triton.next_power_of_2(E)
         e_split = min(e_pad, experts_per_program or ROUTER_EXPERTS_PER_PROGRAM)
-        splits = triton.cdiv(E, e_split)
+        splits = router_splits(E, e_split)
         logits = torch.empty(T if splits > 1 else 1, e_pad, dtype=torch.float32, device=resid.device)
         tickets = _ROUTER_TICKETS.get(resid.device)
         if tickets is None or tickets.numel() < T:
-            _ROUTER_TICKETS[resid.device] = tickets = torch.zeros(max(T, FUSED_ROUTER_MAX_TOKENS), dtype=torch.int32,
+            _ROUTER_TICKETS[resid.device] = tickets = torch.zeros(max(T, 4096), dtype=torch.int32,
                                                                   device=resid.device)
         _add_rmsnorm_router_kernel[(T, splits)](
             resid, delta, weight, out, w_router, ids, gates, logits, tickets, H, E, eps, TOP_K=top_k,
