@@ -3,11 +3,12 @@
 Session y (benchmarks/engine/serve-calls-h100-2026-12-05-y/README.md) found the 64-expert shape's full 32-row decode
 step at 8.8 ms over MMLU prompts and 11.6 ms over random-token prompts (the engine bench's) on one H100, the answers
 not degenerate, and read it as the rows picking fewer distinct experts over real text. This counts them: for each
-kind of prompt, 32 prompts of the same lengths through ``Engine.generate`` (32 new tokens), then the 32-row step's
-device time (CUDA events, median) and the distinct experts each MoE layer's 32 rows pick over 4 eager steps
-(``engine.bench.distinct_experts_per_layer``, as the bench's floor counts them). GPU.
+kind of prompt and each row count, that many prompts of the same lengths through ``Engine.generate`` (32 new
+tokens), then the full step's device time (CUDA events, median) and the distinct experts each MoE layer's rows pick
+over 4 eager steps (``engine.bench.distinct_experts_per_layer``, as the bench's floor counts them), beside what
+uniform routing (the serving simulator's) expects. GPU.
 
-    PYTHONPATH=. python benchmarks/engine/routing_context_probe.py --model deepseek-v2-lite --mmlu carry/mmlu
+    PYTHONPATH=. python benchmarks/engine/routing_context_probe.py --model deepseek-v2-lite --rows 8 16 32 --mmlu carry/mmlu
 """
 
 import argparse
@@ -21,27 +22,37 @@ from moegps.engine.serve import mmlu_questions, mmlu_requests
 from moegps.executor.generate import device_ms
 
 
+def uniform_distinct(n_rows: int, n_experts: int, top_k: int) -> float:
+    """Distinct experts ``n_rows`` rows pick in a layer when each picks ``top_k`` of ``n_experts`` uniformly: each
+    expert is missed by a row with probability 1 - k/E (the serving simulator's uniform routing)."""
+    return n_experts * (1 - (1 - top_k / n_experts) ** n_rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="deepseek-v2-lite")
     ap.add_argument("--mmlu", default=None)
-    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--rows", type=int, nargs="+", default=[32])
     args = ap.parse_args()
     model = build_model(args.model, "cuda")
-    mmlu = [r.prompt for r in mmlu_requests(args.rows, 0.0, 32, 0, questions=mmlu_questions(args.mmlu))]
+    S = model.shape
+    most = max(args.rows)
+    mmlu = [r.prompt for r in mmlu_requests(most, 0.0, 32, 0, questions=mmlu_questions(args.mmlu))]
     gen = torch.Generator().manual_seed(0)
-    rand = [torch.randint(3, model.shape.vocab_size, (len(p),), generator=gen).tolist() for p in mmlu]
-    print(f"{torch.cuda.get_device_name()}: {model.source}, {args.rows} rows")
-    print("| prompts | step ms | distinct experts a MoE layer (mean, min-max) |\n|---|---|---|")
-    for name, prompts in (("MMLU", mmlu), ("random tokens, same lengths", rand)):
-        engine = Engine(model, max_batch=args.rows, max_len=max(map(len, prompts)) + 64)
-        engine.generate(prompts, max_new_tokens=32)
-        ms = device_ms(engine.step(args.rows), 20, warmup=3)
-        touched = distinct_experts_per_layer(engine, args.rows)[model.shape.dense_layers:]
-        print(f"| {name} | {ms:.2f} | {statistics.mean(touched):.1f} of {model.shape.n_experts} "
-              f"({min(touched):.0f}-{max(touched):.0f}) |", flush=True)
-        del engine
-        torch.cuda.empty_cache()
+    rand = [torch.randint(3, S.vocab_size, (len(p),), generator=gen).tolist() for p in mmlu]
+    print(f"{torch.cuda.get_device_name()}: {model.source}")
+    print("| rows | prompts | step ms | distinct experts a MoE layer: mean (min-max) | uniform routing |\n|---|---|---|---|---|")
+    for rows in args.rows:
+        for name, prompts in (("MMLU", mmlu[:rows]), ("random tokens, same lengths", rand[:rows])):
+            engine = Engine(model, max_batch=rows, max_len=max(map(len, prompts)) + 64)
+            engine.generate(prompts, max_new_tokens=32)
+            ms = device_ms(engine.step(rows), 20, warmup=3)
+            touched = distinct_experts_per_layer(engine, rows)[S.dense_layers:]
+            print(f"| {rows} | {name} | {ms:.2f} | {statistics.mean(touched):.2f} of {S.n_experts} "
+                  f"({min(touched):.1f}-{max(touched):.1f}) | {uniform_distinct(rows, S.n_experts, S.top_k):.2f} |",
+                  flush=True)
+            del engine
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
