@@ -301,6 +301,52 @@ def test_cli_with_a_routing_trace(rng, tmp_path, capsys):
     assert "metadata field n_experts is 64, expected 8" in capsys.readouterr().err
 
 
+def test_expert_time_from_measured_active_experts():
+    """active_expert_seconds on hand-built counts: at a measured point a(n) experts share n * k picks evenly; between
+    points (and from a(1) = k) a(n) is interpolated in log n (n = 2 halfway from 1 to 4, n = 8 halfway from 4 to 16);
+    past the last point, uniform routing exactly; counts equal to uniform routing's means cost what its binomial model
+    does; impossible counts and malformed items are refused, naming them."""
+    from moegps.simulator.serving import (active_expert_seconds, expected_expert_seconds, parse_active_experts,
+                                          uniform_active_experts)
+
+    shape, system = from_name("deepseek-v2-lite"), load_system("h100_8gpu")
+    layers, k = shape.n_moe_layers, shape.top_k
+
+    def even(a, n):  # a experts sharing n * k picks, every MoE layer
+        return layers * a * float(cost.expert_time(np.array([n * k / a]), shape, system)[0])
+
+    seconds = active_expert_seconds({4: 12.0, 16: 24.0}, shape, system)
+    for n, a in ((1, 6.0), (2, 9.0), (4, 12.0), (8, 18.0), (16, 24.0)):
+        assert seconds(n) == pytest.approx(even(a, n), rel=1e-12), n
+    assert seconds(17) == pytest.approx(layers * expected_expert_seconds(17, shape, system), rel=1e-12)
+    assert seconds(0) == 0.0
+
+    uniform = active_expert_seconds({n: uniform_active_experts(n, 64, k) for n in (8, 32)}, shape, system)
+    for n in (8, 32):
+        assert uniform(n) == pytest.approx(layers * expected_expert_seconds(n, shape, system), rel=0.01)
+
+    with pytest.raises(ValueError, match="at most min\\(E, n \\* k\\) = 24"):
+        active_expert_seconds({4: 30.0}, shape, system)
+    with pytest.raises(ValueError, match="at least top_k = 6"):
+        active_expert_seconds({4: 3.0}, shape, system)
+    assert parse_active_experts(["8=24.5", "32=40"]) == {8: 24.5, 32: 40.0}
+    with pytest.raises(ValueError, match="'8:3': expected TOKENS=EXPERTS"):
+        parse_active_experts(["8:3"])
+
+
+def test_cli_with_measured_active_experts(capsys):
+    argv = ["--shape", "deepseek-v2-lite", "--system", "h100_8gpu", "--requests", "6", "--rate", "20", "--max-batch", "4"]
+    assert serving.main(argv + ["--active-experts", "4=12", "16=24"]) == 0
+    out = capsys.readouterr().out
+    assert "distinct experts as measured: 4=12 16=24" in out
+    uniform_out = (serving.main(argv), capsys.readouterr().out)[1]
+    ceiling = lambda text: float(text.split("decode ceiling ")[1].split()[0])  # noqa: E731
+    assert ceiling(out) > ceiling(uniform_out)  # 4 slots reading 12 experts a layer, not uniform routing's 21
+    with pytest.raises(SystemExit):
+        serving.main(argv + ["--active-experts", "4=12", "--fit-rates", "20", "--calls", "x.csv"])
+    assert "give --active-experts without them" in capsys.readouterr().err
+
+
 def test_measured_call_seconds_looks_up_the_median_of_its_kind():
     """Hand-built records: a decode step is costed by the median of the steps of its bucket with as many rows running,
     else of its bucket, a prefill by its class's; a kind never recorded falls back to the given model."""

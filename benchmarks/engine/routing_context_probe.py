@@ -20,12 +20,7 @@ from moegps.engine.bench import distinct_experts_per_layer
 from moegps.engine.generate import Engine, build_model
 from moegps.engine.serve import mmlu_questions, mmlu_requests
 from moegps.executor.generate import device_ms
-
-
-def uniform_distinct(n_rows: int, n_experts: int, top_k: int) -> float:
-    """Distinct experts ``n_rows`` rows pick in a layer when each picks ``top_k`` of ``n_experts`` uniformly: each
-    expert is missed by a row with probability 1 - k/E (the serving simulator's uniform routing)."""
-    return n_experts * (1 - (1 - top_k / n_experts) ** n_rows)
+from moegps.simulator.serving import uniform_active_experts
 
 
 def main() -> None:
@@ -49,7 +44,7 @@ def main() -> None:
             ms = device_ms(engine.step(rows), 20, warmup=3)
             touched = distinct_experts_per_layer(engine, rows)[S.dense_layers:]
             print(f"| {rows} | {name} | {ms:.2f} | {statistics.mean(touched):.2f} of {S.n_experts} "
-                  f"({min(touched):.1f}-{max(touched):.1f}) | {uniform_distinct(rows, S.n_experts, S.top_k):.2f} |",
+                  f"({min(touched):.1f}-{max(touched):.1f}) | {uniform_active_experts(rows, S.n_experts, S.top_k):.2f} |",
                   flush=True)
             del engine
             torch.cuda.empty_cache()

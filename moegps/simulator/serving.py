@@ -12,8 +12,10 @@ prompts, answer lengths and arrivals), so a simulated run and a measured one can
 Routing: a call's ``n`` tokens are taken to pick each expert with probability ``k / E`` independently, as a
 random-weight router spreads its picks; an expert's time is averaged over its binomial count (the number of
 distinct experts read is what sets a decode step's weight traffic). A decode step's free rows count as one token
-(the engine pins them all to token 0). Measured (session y), a random-weight model's rows over MMLU prompts pick
-fewer distinct experts than that: its 32-row steps come out 11-15% slower here than on the GPU.
+(the engine pins them all to token 0). A random-weight model's decode rows over MMLU prompts pick far fewer distinct
+experts than that (session z, one H100: 40 of 64 at 32 rows against uniform routing's 61); given those counts as
+measured (:func:`active_expert_seconds`, ``--active-experts``) the steps are costed on them. A trained model's
+routing comes from a trace of it (:func:`trace_expert_seconds`, ``--routing-trace``).
 
 The calls of a measured run (``engine.serve``'s ``calls``, the command's OUT-calls.csv) can be costed one by one
 against their measured times (:func:`compare_calls`, ``--calls``), a profile's weight rate and per-layer fixed cost
@@ -80,6 +82,40 @@ def expected_expert_seconds(n_tokens: float, shape: ModelShape, system: SystemSp
     counts = np.arange(n + 1)
     p = binom.pmf(counts, n, shape.top_k / shape.n_experts)
     return float(shape.n_experts * (p * cost.expert_time(counts, shape, system)).sum())
+
+
+def uniform_active_experts(n_tokens: float, n_experts: int, top_k: int) -> float:
+    """Distinct experts ``n_tokens`` tokens pick in a layer when each picks ``top_k`` of ``n_experts`` uniformly (each
+    expert missed by a token with probability 1 - k / E): the mean of the routing expected_expert_seconds costs."""
+    return n_experts * (1 - (1 - top_k / n_experts) ** n_tokens)
+
+
+def active_expert_seconds(points: dict[int, float], shape: ModelShape, system: SystemSpec):
+    """A function ``n -> seconds`` one GPU holding all of ``shape``'s experts spends on the experts of ``n`` tokens at all
+    its MoE layers, where ``n`` tokens pick a(n) distinct experts a layer as measured and share them evenly:
+    ``points`` {tokens: mean distinct experts a MoE layer}, e.g. the decode steps' rows of
+    ``benchmarks/engine/routing_context_probe.py`` (an engine's random-weight rows over MMLU prompts pick far fewer
+    than uniform routing: 40 of 64 at 32 rows against 61). Between the points (and from a(1) = k) a(n) is
+    interpolated in log n; past the last point the routing is uniform (expected_expert_seconds), since what was
+    measured were decode steps and calls with more tokens carry prompts."""
+    E, k = shape.n_experts, shape.top_k
+    for n, active in points.items():
+        if not (n >= 1 and k <= active <= min(E, n * k)):
+            raise ValueError(f"active experts {n}={active}: expected at least top_k = {k} and at most min(E, n * k) = "
+                             f"{min(E, n * k)} distinct experts for {n} tokens of {shape.name}")
+    tokens = np.array([1.0, *sorted(points)])
+    active = np.array([float(k), *(points[n] for n in sorted(points))])
+
+    def seconds(n_tokens: float) -> float:
+        n = int(round(n_tokens))
+        if n <= 0:
+            return 0.0
+        if n > tokens[-1]:
+            return shape.n_moe_layers * expected_expert_seconds(n, shape, system)
+        a = float(np.interp(np.log(n), np.log(tokens), active))
+        return shape.n_moe_layers * a * float(cost.expert_time(np.array([n * k / a]), shape, system)[0])
+
+    return seconds
 
 
 def trace_expert_seconds(trace, shape: ModelShape, system: SystemSpec, samples: int = 16, seed: int = 0):
@@ -406,6 +442,10 @@ def main(argv=None) -> int:
     ap.add_argument("--routing-trace", default=None, help="a RoutingTrace (parquet) of the shape's model: each call's "
                     "tokens pick experts as tokens drawn from it did, not uniformly (trace_expert_seconds); not with "
                     "--calls, whose runs are the engine's random-weight ones")
+    ap.add_argument("--active-experts", nargs="+", default=None, metavar="TOKENS=EXPERTS",
+                    help="distinct experts a MoE layer that many tokens pick, as measured (e.g. 8=24.7 16=32.7 32=40.1, "
+                    "benchmarks/engine/routing_context_probe.py): calls of up to the last count route so "
+                    "(active_expert_seconds), larger ones uniformly; with --calls too")
     ap.add_argument("--call-times", default=None, help="cost each call by the median measured time of the calls of "
                     "its kind in this RUN-calls.csv (measured_call_seconds; the cost model where it has none): the "
                     "loop on measured call times")
@@ -433,8 +473,12 @@ def main(argv=None) -> int:
         if args.calls and args.routing_trace:
             raise ValueError("--routing-trace costs a trained model's routing; --calls compares runs of the engine's "
                              "random-weight models: give one of them")
-        experts = trace_expert_seconds(RoutingTrace.read(args.routing_trace), shape, system) \
-            if args.routing_trace else None
+        if args.active_experts and (args.routing_trace or args.fit_rates):
+            raise ValueError("--active-experts sets the routing, as --routing-trace does, and the fit of --fit-rates "
+                             "assumes uniform routing: give --active-experts without them")
+        experts = (trace_expert_seconds(RoutingTrace.read(args.routing_trace), shape, system) if args.routing_trace
+                   else active_expert_seconds(parse_active_experts(args.active_experts), shape, system)
+                   if args.active_experts else None)
         seconds = lambda call: call_seconds(call, shape, system, args.eager_layer_s, args.packed_graph_tokens,  # noqa: E731
                                             experts)
         if args.call_times:
@@ -444,7 +488,7 @@ def main(argv=None) -> int:
                 raise ValueError(f"--call-times {args.call_times}: no calls at rates {args.call_times_rates}")
             seconds = measured_call_seconds(records, seconds, args.packed_graph_tokens)
         if args.calls:
-            compare_or_fit(args, shape, system)
+            compare_or_fit(args, shape, system, experts)
             return 0
         questions = mmlu_questions(args.mmlu)
         workloads = {rate: mmlu_requests(args.requests, rate, args.max_new_tokens, args.seed, questions=questions)
@@ -454,7 +498,9 @@ def main(argv=None) -> int:
     slots = bucket_for(args.max_batch)  # the engine rounds its slots up to a decode bucket
     shortest = min(len(r.prompt) for r in workloads[args.rate[0]])
     ceiling = slots / seconds(Call(decode_positions=(shortest,) * slots))
-    routing = f"routing drawn from {args.routing_trace}" if args.routing_trace else "uniform routing"
+    routing = (f"routing drawn from {args.routing_trace}" if args.routing_trace
+               else f"distinct experts as measured: {' '.join(args.active_experts)} tokens=experts"
+               if args.active_experts else "uniform routing")
     if args.call_times:
         routing = f"calls timed as measured in {args.call_times}"
     print(f"{shape.name} on one GPU of {system.name} (cost model, {routing}): {args.requests} MMLU requests, "
@@ -497,15 +543,28 @@ def read_call_records(path: Path) -> list[dict]:
     return rows
 
 
-def compare_or_fit(args, shape: ModelShape, system: SystemSpec) -> None:
+def parse_active_experts(items: list[str]) -> dict[int, float]:
+    """``["8=24.7", "16=32.7"]`` -> {8: 24.7, 16: 32.7}; an error naming the item and the form expected."""
+    points = {}
+    for item in items:
+        try:
+            n, active = item.split("=")
+            points[int(n)] = float(active)
+        except ValueError:
+            raise ValueError(f"--active-experts {item!r}: expected TOKENS=EXPERTS, e.g. 32=40.1") from None
+    return points
+
+
+def compare_or_fit(args, shape: ModelShape, system: SystemSpec, expert_seconds=None) -> None:
     """The ``--calls`` command: the run's calls against the profile, or with ``--fit-rates`` the profile fitted
-    to some rates' calls and both profiles against the other rates' (and the fitted one written)."""
+    to some rates' calls and both profiles against the other rates' (and the fitted one written).
+    ``expert_seconds``: the routing of the comparison (call_seconds'), uniform when None; the fit's is uniform."""
     records = read_call_records(Path(args.calls))
     where = f"{shape.name} on one GPU of {system.name}"
     if not args.fit_rates:
         print_call_comparison(records, lambda c: call_seconds(c, shape, system, args.eager_layer_s,
-                                                              args.packed_graph_tokens), args.packed_graph_tokens,
-                              f"{args.calls} against {where}")
+                                                              args.packed_graph_tokens, expert_seconds),
+                              args.packed_graph_tokens, f"{args.calls} against {where}")
         return
     fit_on = [r for r in records if float(r["rate"]) in args.fit_rates]
     held = [r for r in records if float(r["rate"]) not in args.fit_rates]
