@@ -1,0 +1,63 @@
+"""Where a chunked-prefill step's time goes as decode rows are added beside its chunk: for each row count, the
+graphed step of that many decode rows with a chunk of ``--chunk`` prompt tokens (as ``engine.bench``'s chunk
+part sets it up: the rows at ``--context`` tokens, the chunk's rows after ``--context`` earlier positions of its
+own slot), its device time and its kernels by name (``engine.bench.kernel_trace``), then each kernel's time at
+the most rows less at the fewest. GPU.
+
+    PYTHONPATH=. python benchmarks/engine/chunk_probe.py --shape deepseek-v2-lite --rows 1 24 --chunk 256
+"""
+
+import argparse
+
+import torch
+
+from moegps.engine.bench import kernel_trace
+from moegps.engine.generate import Engine, bucket_for
+from moegps.engine.model import random_model
+from moegps.executor.generate import device_ms
+from moegps.files import markdown_table
+from moegps.shapes import from_name
+
+
+def step_kernels(model, rows: int, chunk: int, context: int, gen: torch.Generator) -> tuple[float, dict]:
+    """(ms of the graphed step, {kernel name: summed us}) for ``rows`` decode rows and a chunk of ``chunk`` tokens."""
+    S, bucket = model.shape, bucket_for(rows)
+    engine = Engine(model, max_batch=bucket + 1, max_len=context + chunk + 2)  # the chunk's slot: `bucket`
+    engine.generate(torch.randint(3, S.vocab_size, (rows, context), generator=gen).tolist(), 1)
+    tokens, slot, start, last = engine.chunk_inputs(chunk)
+    tokens.copy_(torch.randint(3, S.vocab_size, (chunk,), generator=gen))
+    slot.fill_(bucket), start.fill_(context), last.fill_(chunk - 1)
+    with torch.inference_mode():
+        run = engine.step(bucket, chunk)
+        ms = device_ms(run, 20, warmup=3)
+        by_name: dict = {}
+        for _, dur, name in kernel_trace(run):
+            by_name[name[:70]] = by_name.get(name[:70], 0.0) + dur
+    del engine
+    torch.cuda.empty_cache()
+    return ms, by_name
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="deepseek-v2-lite")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 24])
+    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--context", type=int, default=512)
+    args = ap.parse_args()
+    model = random_model(from_name(args.shape))
+    gen = torch.Generator().manual_seed(4)
+    runs = {rows: step_kernels(model, rows, args.chunk, args.context, gen) for rows in args.rows}
+    print(f"{torch.cuda.get_device_name()}: {args.shape}, chunk of {args.chunk} tokens after {args.context}, "
+          "decode rows at context " + str(args.context))
+    for rows, (ms, _) in runs.items():
+        print(f"{rows} rows + chunk: {ms:.3f} ms a step (bucket {bucket_for(rows)})")
+    fewest, most = runs[min(runs)][1], runs[max(runs)][1]
+    table = [dict(kernel=name, **{f"us at {min(runs)} rows": fewest.get(name, 0.0),
+                                  f"us at {max(runs)} rows": most.get(name, 0.0)},
+                  more_us=most.get(name, 0.0) - fewest.get(name, 0.0)) for name in set(fewest) | set(most)]
+    print(markdown_table(sorted(table, key=lambda r: -abs(r["more_us"]))[:16]))
+
+
+if __name__ == "__main__":
+    main()
