@@ -6,7 +6,8 @@ not degenerate, and read it as the rows picking fewer distinct experts over real
 kind of prompt and each row count, that many prompts of the same lengths through ``Engine.generate`` (32 new
 tokens), then the full step's device time (CUDA events, median) and the distinct experts each MoE layer's rows pick
 over 4 eager steps (``engine.bench.distinct_experts_per_layer``, as the bench's floor counts them), beside what
-uniform routing (the serving simulator's) expects. GPU.
+uniform routing (the serving simulator's) expects; last, the MMLU counts as the serving simulator's
+``--active-experts`` argument. GPU.
 
     PYTHONPATH=. python benchmarks/engine/routing_context_probe.py --model deepseek-v2-lite --rows 8 16 32 --mmlu carry/mmlu
 """
@@ -37,6 +38,7 @@ def main() -> None:
     rand = [torch.randint(3, S.vocab_size, (len(p),), generator=gen).tolist() for p in mmlu]
     print(f"{torch.cuda.get_device_name()}: {model.source}")
     print("| rows | prompts | step ms | distinct experts a MoE layer: mean (min-max) | uniform routing |\n|---|---|---|---|---|")
+    measured = {}  # rows -> mean distinct experts over MMLU prompts
     for rows in args.rows:
         for name, prompts in (("MMLU", mmlu[:rows]), ("random tokens, same lengths", rand[:rows])):
             engine = Engine(model, max_batch=rows, max_len=max(map(len, prompts)) + 64)
@@ -46,8 +48,12 @@ def main() -> None:
             print(f"| {rows} | {name} | {ms:.2f} | {statistics.mean(touched):.2f} of {S.n_experts} "
                   f"({min(touched):.1f}-{max(touched):.1f}) | {uniform_active_experts(rows, S.n_experts, S.top_k):.2f} |",
                   flush=True)
+            if name == "MMLU":
+                measured[rows] = statistics.mean(touched)
             del engine
             torch.cuda.empty_cache()
+    print("for the serving simulator (python -m moegps.simulator.serving --calls RUN-calls.csv ...): --active-experts "
+          + " ".join(f"{rows}={active:.2f}" for rows, active in measured.items()))
 
 
 if __name__ == "__main__":
