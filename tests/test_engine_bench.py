@@ -88,13 +88,13 @@ def test_decode_variant_sets_and_restores_the_switches(monkeypatch):
         assert os.environ["MOEGPS_PDL"] == "0" and K.SKINNY_MAX_ROWS == rows
     with bench.decode_variant("attention splits >= 64 keys"):
         assert K.ATTENTION_DEFAULTS == {**attention, "min_split": 64}
-    per_program, fused_tokens = K.ROUTER_EXPERTS_PER_PROGRAM, K.FUSED_ROUTER_MAX_PROGRAMS
+    per_program, fused_programs = K.ROUTER_EXPERTS_PER_PROGRAM, K.FUSED_ROUTER_MAX_PROGRAMS
     with bench.decode_variant("router 4 experts a program"):
-        assert K.ROUTER_EXPERTS_PER_PROGRAM == 4 != per_program and K.FUSED_ROUTER_MAX_PROGRAMS == fused_tokens
+        assert K.ROUTER_EXPERTS_PER_PROGRAM == 4 != per_program and K.FUSED_ROUTER_MAX_PROGRAMS == fused_programs
     with bench.decode_variant("norm + router as two launches"):
         assert K.FUSED_ROUTER_MAX_PROGRAMS == 0 and K.ROUTER_EXPERTS_PER_PROGRAM == per_program
     assert "MOEGPS_PDL" not in os.environ and K.SKINNY_MAX_ROWS == rows and K.ATTENTION_DEFAULTS == attention
-    assert (K.ROUTER_EXPERTS_PER_PROGRAM, K.FUSED_ROUTER_MAX_PROGRAMS) == (per_program, fused_tokens)
+    assert (K.ROUTER_EXPERTS_PER_PROGRAM, K.FUSED_ROUTER_MAX_PROGRAMS) == (per_program, fused_programs)
 
 
 def test_plot_ttft_draws_the_graphed_rows_of_each_shape(tmp_path, rng):
