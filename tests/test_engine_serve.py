@@ -136,6 +136,73 @@ def test_free_rows_all_decode_token_0(rng, model, monkeypatch):
     assert all(token in answered for tokens, positions in seen for token, p in zip(tokens, positions) if p > 0)
 
 
+def test_aliased_rows_compute_a_running_rows_experts(rng, model, monkeypatch):
+    """decode_step with route_as: a row routed as itself gets exactly the logits it gets without route_as, and a
+    row routed as another hands the MoE that row's expert ids at every layer (which, without route_as, are not
+    its own everywhere)."""
+    import moegps.engine.model as engine_model
+    from moegps.engine.model import decode_step
+
+    cache = KVCache(model.shape, 4, 32, torch.float64, "cpu")
+    prefill(model, cache, [torch.from_numpy(rng.integers(0, 64, size=n)) for n in (5, 3, 7, 2)])
+    tokens, positions = torch.from_numpy(rng.integers(0, 64, size=4)), torch.tensor([5, 3, 7, 2])
+    seen = []
+    reference = engine_model.moe_reference
+
+    def spy(x, w_gate_up, w_down, ids, gates):
+        seen.append(ids.clone())
+        return reference(x, w_gate_up, w_down, ids, gates)
+
+    monkeypatch.setattr(engine_model, "moe_reference", spy)
+    plain = decode_step(model, cache, tokens, positions)
+    own = list(seen)
+    seen.clear()
+    aliased = decode_step(model, cache, tokens, positions, route_as=torch.tensor([0, 1, 1, 0]))
+    assert torch.equal(aliased[:2], plain[:2])
+    assert len(seen) == len(own) == model.shape.n_layers
+    assert all(torch.equal(ids[2], ids[1]) and torch.equal(ids[3], ids[0]) for ids in seen)
+    assert any(not torch.equal(ids[2], ids[1]) or not torch.equal(ids[3], ids[0]) for ids in own)
+
+
+def test_generate_with_aliased_padding_rows(rng, model):
+    """Three prompts fill a bucket of four: with alias_free_rows the padding row routes as row 0, and the three
+    answers are the ones the engine gives without it."""
+    prompts = [rng.integers(0, 64, size=n).tolist() for n in (4, 6, 2)]
+    plain = Engine(model, max_batch=3, max_len=32).generate(prompts, 8).tokens
+    engine = Engine(model, max_batch=3, max_len=32, alias_free_rows=True)
+    assert engine.generate(prompts, 8).tokens == plain
+    assert engine.route_as.tolist() == [0, 1, 2, 0]
+
+
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_served_answers_with_aliased_free_rows(rng, model, monkeypatch, chunk):
+    """Engine(alias_free_rows=True): every answer is still the one its request gets alone (a running row routed
+    as another would change its answer), and each step routes every row of its bucket that holds no answer as
+    the lowest row that does (checked without chunks, where the rows at position 0 are the ones that hold none;
+    with chunks the slot being prefilled parks its row past position 0)."""
+    requests = random_requests(rng, 7, model.shape.vocab_size, spread_s=0.03)
+    engine = Engine(model, max_batch=5, max_len=32, alias_free_rows=True)  # 8 slots
+    seen, step = [], engine.step
+
+    def watched(bucket, size=0):
+        run = step(bucket, size)
+
+        def call():
+            seen.append((engine.route_as[:bucket].tolist(), engine.positions[:bucket].tolist()))
+            return run()
+        return call
+
+    monkeypatch.setattr(engine, "step", watched)
+    clock = FakeClock()
+    served = serve(engine, requests, chunk=chunk, clock=clock, sleep=clock.sleep)
+    assert [s.tokens for s in served] == alone(model, requests)
+    assert sum(route != list(range(len(route))) for route, _ in seen) > 3  # steps with free rows
+    for route, positions in seen if not chunk else ():
+        running = [b for b, p in enumerate(positions) if p > 0]
+        if running:
+            assert route == [b if b in running else running[0] for b in range(len(route))]
+
+
 def test_prefill_into_chosen_slots(rng, model):
     """Prompts prefilled into slots (2, 0) of a 4-slot cache give the logits and K/V of the plain prefill
     into (0, 1), and leave slots 1 and 3 as they were; PrefillGraphs' padded prefill into a slot too."""

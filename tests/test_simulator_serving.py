@@ -242,18 +242,25 @@ def test_fit_calls_recovers_a_known_profile(rng, tmp_path, capsys):
     assert "no calls at rates [5.0]" in capsys.readouterr().err
 
 
-def test_free_rows_route_as_one_token(monkeypatch):
+def test_free_rows_route_as_one_token_or_none(monkeypatch):
     """A decode step's free rows (position 0) all decode token 0 in the engine and pick the same experts: the experts
-    are costed for the running rows, the chunk and one token for all the free rows, the attention block for every row."""
+    are costed for the running rows, the chunk and one token for all the free rows, the attention block for every row;
+    aliased (Engine.alias_free_rows), the free rows add no token to the experts while a row runs, and one (row 0's)
+    when none does."""
     shape, system = from_name("deepseek-v2-lite"), load_system("h100_8gpu")
     routed = []
     expert_seconds = serving.expected_expert_seconds
     monkeypatch.setattr(serving, "expected_expert_seconds",
                         lambda n, *a: routed.append(float(n)) or expert_seconds(n, *a))
-    for positions, chunk, want in (((0, 0, 0, 5), 0, 2), ((7, 9, 0, 0, 0, 0, 0, 0), 16, 19), ((3, 4), 0, 2),
-                                   ((0,), 0, 1)):
-        call_seconds(Call(decode_positions=positions, chunk=chunk, chunk_start=4), shape, system)
+    for positions, chunk, want, aliased in (((0, 0, 0, 5), 0, 2, 1), ((7, 9, 0, 0, 0, 0, 0, 0), 16, 19, 18),
+                                            ((3, 4), 0, 2, 2), ((0, 0), 8, 9, 9)):
+        call = Call(decode_positions=positions, chunk=chunk, chunk_start=4)
+        call_seconds(call, shape, system)
         assert routed.pop() == want
+        call_seconds(call, shape, system, free_rows="alias")
+        assert routed.pop() == aliased
+    with pytest.raises(ValueError, match="free_rows must be 'token0' or 'alias'"):
+        call_seconds(Call(decode_positions=(3,)), shape, system, free_rows="pinned")
 
 
 def test_expert_time_from_a_routing_trace(rng):

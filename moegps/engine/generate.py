@@ -281,7 +281,8 @@ class Engine:
     """A model, its KV cache and its captured decode graphs. ``max_batch`` prompts of up to
     ``max_len`` tokens in all (prompt + new tokens)."""
 
-    def __init__(self, model: Model, max_batch: int = 8, max_len: int = 2048, cuda_graph: bool = True):
+    def __init__(self, model: Model, max_batch: int = 8, max_len: int = 2048, cuda_graph: bool = True,
+                 alias_free_rows: bool = False):
         self.model = model
         self.max_len = max_len
         self.cache = KVCache(model.shape, bucket_for(max_batch), max_len, model.dtype, model.device)
@@ -293,6 +294,12 @@ class Engine:
         slots = self.cache.slots
         self.tokens = torch.zeros(slots, dtype=torch.long, device=model.device)     # this step's input
         self.positions = torch.zeros(slots, dtype=torch.long, device=model.device)  # = each row's length so far
+        # alias_free_rows: a bucket's rows that hold no sequence (a batch's padding, serving's free slots) compute
+        # the experts of the row route_as names instead of their own, so that they read no expert weights the
+        # running rows do not (one index_select a MoE layer of buckets over 1); route_as is the identity
+        # elsewhere, written by generate and by the serving loop
+        self.alias_free_rows = alias_free_rows
+        self.route_as = torch.arange(slots, device=model.device)
         self._graphs: dict[tuple[int, int], tuple] = {}  # (bucket, chunk tokens) -> captured step
         self._chunk_inputs: dict[int, tuple] = {}
         self.prefill_graphs = PrefillGraphs(model, self.cache) if self.cuda_graph else None
@@ -313,10 +320,12 @@ class Engine:
         tokens, positions = self.tokens[:bucket], self.positions[:bucket]
         inputs = self.chunk_inputs(chunk) if chunk else None
 
+        route_as = self.route_as[:bucket] if self.alias_free_rows and bucket > 1 else None
+
         def step():
             if chunk:
-                return decode_step_with_chunk(self.model, self.cache, tokens, positions, *inputs)
-            return decode_step(self.model, self.cache, tokens, positions)
+                return decode_step_with_chunk(self.model, self.cache, tokens, positions, *inputs, route_as=route_as)
+            return decode_step(self.model, self.cache, tokens, positions, route_as=route_as)
         return step
 
     def _graphed(self, bucket: int, chunk: int = 0):
@@ -373,6 +382,9 @@ class Engine:
             self.positions.zero_()
             self.tokens[:n] = first
             self.positions[:n] = torch.tensor([len(p) for p in prompts], device=device)
+            if self.alias_free_rows:  # the padding rows route as row 0
+                index = torch.arange(self.cache.slots)
+                self.route_as.copy_(index.where(index < n, 0))
             history[:, 0] = self.tokens[:bucket]
             if on_token:
                 on_token(0, history[:n, 0].tolist())

@@ -275,9 +275,12 @@ def _swiglu(x, gate_up, down):
     return (F.silu(g) * u) @ down.T
 
 
-def _mlp(model: Model, index: int, resid: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+def _mlp(model: Model, index: int, resid: torch.Tensor, attn_out: torch.Tensor,
+         route_as: torch.Tensor | None = None) -> torch.Tensor:
     """The residual add and norm after attention, then the MoE (router, routed experts, shared expert)
-    or a dense layer's MLP; returns the MLP's output ``[T, H]``."""
+    or a dense layer's MLP; returns the MLP's output ``[T, H]``. ``route_as [T]``: row t computes the
+    experts row ``route_as[t]`` picked (a decode bucket's free rows, whose outputs are dropped, then read
+    no expert of their own); None: every row its own."""
     layer, S = model.layers[index], model.shape
     out = None
     if layer.w_gate_up is None:
@@ -288,6 +291,8 @@ def _mlp(model: Model, index: int, resid: torch.Tensor, attn_out: torch.Tensor) 
         if model.routing_counts is not None:  # the demo's heat map; two small launches, no host sync
             flat = ids[:, :S.top_k].reshape(-1).long()
             model.routing_counts[index].scatter_add_(0, flat, torch.ones_like(flat))
+        if route_as is not None:
+            ids = ids.index_select(0, route_as)
         if layer.experts is not None:
             out = layer.experts(x, ids, gates)
         else:
@@ -299,9 +304,11 @@ def _mlp(model: Model, index: int, resid: torch.Tensor, attn_out: torch.Tensor) 
     return out
 
 
-def _layers(model: Model, cache: KVCache, resid: torch.Tensor, positions, slots, attend) -> torch.Tensor:
+def _layers(model: Model, cache: KVCache, resid: torch.Tensor, positions, slots, attend,
+            route_as: torch.Tensor | None = None) -> torch.Tensor:
     """All layers over ``resid [T, H]`` (updated in place); returns the last layer's MLP output
-    (the caller adds it with the final norm). ``attend(q [T, n_heads, D], layer_index) -> [T, n_heads, D]``."""
+    (the caller adds it with the final norm). ``attend(q [T, n_heads, D], layer_index) -> [T, n_heads, D]``;
+    ``route_as``: see ``_mlp``."""
     S = model.shape
     cos, sin = model.rope
     delta = None
@@ -312,15 +319,16 @@ def _layers(model: Model, cache: KVCache, resid: torch.Tensor, positions, slots,
                              S.n_kv_heads)
         o = attend(q, index)
         o = linear(o.reshape(o.shape[0], -1), layer.wo)
-        delta = _mlp(model, index, resid, o)
+        delta = _mlp(model, index, resid, o, route_as)
     return delta
 
 
 def decode_step(model: Model, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
-                attention_split: int | None = None) -> torch.Tensor:
+                attention_split: int | None = None, route_as: torch.Tensor | None = None) -> torch.Tensor:
     """One new token per sequence: ``tokens [B]`` at ``positions [B]`` (sequence b in cache slot b,
-    positions[b] = its length so far) -> logits ``[B, V]`` in float32. No host synchronisation:
-    the step can be captured in a CUDA graph."""
+    positions[b] = its length so far) -> logits ``[B, V]`` in float32. ``route_as [B]``: row b's MoE
+    layers compute the experts row ``route_as[b]`` picked (``_mlp``). No host synchronisation: the step
+    can be captured in a CUDA graph."""
     B = tokens.shape[0]
     slots = torch.arange(B, device=tokens.device)
     lengths = (positions + 1).to(torch.int32)
@@ -329,14 +337,14 @@ def decode_step(model: Model, cache: KVCache, tokens: torch.Tensor, positions: t
         return decode_attention(q, cache.k[index], cache.v[index], lengths, split=attention_split)
 
     resid = model.embed[tokens]
-    delta = _layers(model, cache, resid, positions, slots, attend)
+    delta = _layers(model, cache, resid, positions, slots, attend, route_as)
     x = add_rmsnorm(resid, delta, model.norm, model.shape.norm_eps)
     return linear(x, model.lm_head).float()
 
 
 def decode_step_with_chunk(model: Model, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
                            chunk: torch.Tensor, chunk_slot: torch.Tensor, chunk_start: torch.Tensor,
-                           chunk_last: torch.Tensor) -> torch.Tensor:
+                           chunk_last: torch.Tensor, route_as: torch.Tensor | None = None) -> torch.Tensor:
     """``decode_step`` of ``tokens [B]`` at ``positions [B]`` (slots 0..B-1) and, in the same GEMMs and MoE
     calls, a chunk of a prompt being prefilled: ``chunk [C]`` tokens at positions ``chunk_start [1]`` + 0..C-1
     of cache slot ``chunk_slot [1]``, whose positions before ``chunk_start`` the chunks before it filled
@@ -345,6 +353,7 @@ def decode_step_with_chunk(model: Model, cache: KVCache, tokens: torch.Tensor, p
     what follows overwrites them before any read. The slot's own row among the B decode rows must not
     write inside the prompt: park it at the chunk's end. Returns ``[B + 1, V]`` float32: the decode rows'
     logits, then those of the chunk's row ``chunk_last [1]`` (the prompt's last token, in its last chunk).
+    ``route_as [B]``: as in ``decode_step``, for the decode rows (the chunk's rows route as themselves).
     No host synchronisation: capturable in a CUDA graph."""
     B, C, S = tokens.shape[0], chunk.shape[0], model.shape
     device = tokens.device
@@ -365,8 +374,10 @@ def decode_step_with_chunk(model: Model, cache: KVCache, tokens: torch.Tensor, p
         o = F.scaled_dot_product_attention(rows, k, v, attn_mask=visible)
         return torch.cat([decoded, o.view(S.n_kv_heads, C, group, D).transpose(0, 1).reshape(C, S.n_heads, D)])
 
+    if route_as is not None:
+        route_as = torch.cat([route_as, torch.arange(B, B + C, device=device)])
     resid = model.embed[torch.cat([tokens, chunk])]
-    delta = _layers(model, cache, resid, torch.cat([positions, chunk_positions]), slots, attend)
+    delta = _layers(model, cache, resid, torch.cat([positions, chunk_positions]), slots, attend, route_as)
     rows = torch.cat([torch.arange(B, device=device), B + chunk_last])
     x = add_rmsnorm(resid[rows].contiguous(), delta[rows].contiguous(), model.norm, S.norm_eps)
     return linear(x, model.lm_head).float()

@@ -155,6 +155,9 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
     # with the free rows pinned, with one running 11.3 against 4.0 (benchmarks/engine/free_rows_probe.py).
     engine.tokens.zero_()
     engine.positions.zero_()
+    # With engine.alias_free_rows, the free rows (and a prefilling slot's parked row) route as the lowest running
+    # row and read no expert of their own: route_as is rewritten when the running slots change.
+    routed_as: list[int] = []
     start = clock()
 
     def now() -> float:
@@ -256,6 +259,12 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
         counts = [len(answers[running[b]]) if b in running else 0 for b in range(bucket)]
         if size:  # the chunk's row: its request's first token
             rows, counts = rows + [draws[i]], counts + [0]
+        if engine.alias_free_rows:
+            anchor = min(running, default=0)
+            route = [b if b in running else anchor for b in range(bucket)]
+            if route != routed_as[:bucket]:
+                engine.route_as[:bucket] = torch.tensor(route, device=device)
+                routed_as[:bucket] = route
         nxt = choose_tokens(engine.step(bucket, size)(), rows, counts)
         engine.tokens[:bucket] = nxt[:bucket] * live[:bucket]  # free rows back to token 0
         engine.positions[:bucket] += live[:bucket]
@@ -532,6 +541,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--no-cuda-graph", action="store_true")
+    ap.add_argument("--free-rows", choices=["token0", "alias"], default="token0",
+                    help="a decode bucket's free rows decode token 0 and pick its experts (token0), or compute the "
+                    "experts of a running row and read none of their own (alias: Engine.alias_free_rows)")
     ap.add_argument("--packed-graph-tokens", type=int, default=MAX_PACKED_TOKENS,
                     help="several newcomers' prefill replays a CUDA graph up to this many tokens (0: always eager)")
     ap.add_argument("--out", default=None, help="CSV of every request's times, a row per rate, policy and request; "
@@ -580,7 +592,8 @@ def main(argv=None) -> int:
     say = print if comm.rank == 0 else (lambda *a, **k: None)  # the first rank speaks for all
     requests = workloads[args.rate[0]]
     max_len = max(len(r.prompt) + r.max_new_tokens for r in requests)
-    engine = Engine(model, max_batch=args.max_batch, max_len=max_len, cuda_graph=not args.no_cuda_graph)
+    engine = Engine(model, max_batch=args.max_batch, max_len=max_len, cuda_graph=not args.no_cuda_graph,
+                    alias_free_rows=args.free_rows == "alias")
     if engine.prefill_graphs is not None:
         engine.prefill_graphs.max_packed_tokens = args.packed_graph_tokens
     warm_up(engine, requests, args.chunk if "chunked" in args.policy else 0)

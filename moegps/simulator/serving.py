@@ -162,7 +162,7 @@ def eager_pack(call: Call, packed_graph_tokens: int = MAX_PACKED_TOKENS) -> bool
 
 
 def call_seconds(call: Call, shape: ModelShape, system: SystemSpec, eager_layer_s: float = 0.0,
-                 packed_graph_tokens: int = MAX_PACKED_TOKENS, expert_seconds=None) -> float:
+                 packed_graph_tokens: int = MAX_PACKED_TOKENS, expert_seconds=None, free_rows: str = "token0") -> float:
     """The cost model's seconds for one serving call on one GPU: every layer's attention block over its tokens'
     contexts (a whole prompt's token at position p attends to p + 1 positions in the prompt, a decode row reads its
     K/V up to its position, a chunk's rows attend from ``chunk_start``), its experts (or its dense MLP, in the
@@ -173,7 +173,9 @@ def call_seconds(call: Call, shape: ModelShape, system: SystemSpec, eager_layer_
 
     The experts see the call's tokens routed uniformly at random, or ``expert_seconds(n)`` where given (all MoE
     layers' expert seconds for ``n`` tokens, e.g. :func:`trace_expert_seconds`); a decode step's free rows (position
-    0) count as one token: the engine's free rows all decode token 0 at position 0 and pick the same experts.
+    0) count as one token: the engine's free rows all decode token 0 at position 0 and pick the same experts
+    (``free_rows="token0"``), or as none (``"alias"``: ``Engine.alias_free_rows``, they compute a running row's;
+    with no row running, all of them row 0's: one token).
 
     ``eager_layer_s``: the host's seconds to issue one layer of a prefill the engine runs eagerly: several prompts
     at once of more than ``packed_graph_tokens`` tokens rounded up to 128 (one prompt, smaller packs, decode steps
@@ -190,7 +192,11 @@ def call_seconds(call: Call, shape: ModelShape, system: SystemSpec, eager_layer_
                                   np.array([[(positions + 1).sum()]]))[0])
     # free slots' rows (position 0: a running row is past its prompt) all decode token 0 and route alike, one
     # token's experts between them (engine.serve pins them)
-    routed = tokens - (positions == 0).sum() + (positions == 0).any()
+    if free_rows not in ("token0", "alias"):
+        raise ValueError(f"free_rows must be 'token0' or 'alias', got {free_rows!r}")
+    free = (positions == 0).sum()
+    # aliased free rows add nothing while a row runs; with none running they all route as row 0, one token
+    routed = tokens - free + ((free > 0) if free_rows == "token0" else (free == len(positions) > 0))
     dense_mlp = 3.0 * shape.hidden * shape.dense_ffn  # a leading dense layer's MLP weights (DeepSeek's first)
     layers = (shape.n_layers * (other + system.layer_overhead)
               + (expert_seconds(routed) if expert_seconds is not None
@@ -446,6 +452,8 @@ def main(argv=None) -> int:
                     help="distinct experts a MoE layer that many tokens pick, as measured (e.g. 8=24.7 16=32.7 32=40.1, "
                     "benchmarks/engine/routing_context_probe.py): calls of up to the last count route so "
                     "(active_expert_seconds), larger ones uniformly; with --calls too")
+    ap.add_argument("--free-rows", choices=["token0", "alias"], default="token0",
+                    help="the engine's free decode rows pick token 0's experts, or none (its serve --free-rows)")
     ap.add_argument("--call-times", default=None, help="cost each call by the median measured time of the calls of "
                     "its kind in this RUN-calls.csv (measured_call_seconds; the cost model where it has none): the "
                     "loop on measured call times")
@@ -480,7 +488,7 @@ def main(argv=None) -> int:
                    else active_expert_seconds(parse_active_experts(args.active_experts), shape, system)
                    if args.active_experts else None)
         seconds = lambda call: call_seconds(call, shape, system, args.eager_layer_s, args.packed_graph_tokens,  # noqa: E731
-                                            experts)
+                                            experts, args.free_rows)
         if args.call_times:
             records = [r for r in read_call_records(Path(args.call_times))
                        if not args.call_times_rates or float(r["rate"]) in args.call_times_rates]
@@ -563,7 +571,7 @@ def compare_or_fit(args, shape: ModelShape, system: SystemSpec, expert_seconds=N
     where = f"{shape.name} on one GPU of {system.name}"
     if not args.fit_rates:
         print_call_comparison(records, lambda c: call_seconds(c, shape, system, args.eager_layer_s,
-                                                              args.packed_graph_tokens, expert_seconds),
+                                                              args.packed_graph_tokens, expert_seconds, args.free_rows),
                               args.packed_graph_tokens, f"{args.calls} against {where}")
         return
     fit_on = [r for r in records if float(r["rate"]) in args.fit_rates]
