@@ -60,6 +60,22 @@ def alone(model, requests, stop_tokens=()) -> list[list[int]]:
     return [engine.generate([r.prompt], r.max_new_tokens, stop_tokens=stop_tokens).tokens[0] for r in requests]
 
 
+def watch_steps(engine: Engine, monkeypatch, look) -> list:
+    """A list that gets ``look(bucket)`` just before each decode step the engine runs (its inputs as the step sees them)."""
+    seen, step = [], engine.step
+
+    def watched(bucket, size=0):
+        run = step(bucket, size)
+
+        def call():
+            seen.append(look(bucket))
+            return run()
+        return call
+
+    monkeypatch.setattr(engine, "step", watched)
+    return seen
+
+
 def concurrency(served: list[Served], at: float) -> int:
     return sum(s.first_token_s <= at < s.finish_s for s in served)
 
@@ -116,17 +132,8 @@ def test_free_rows_all_decode_token_0(rng, model, monkeypatch):
     freed, so that they all route to the same experts; the running rows carry their answers' last tokens."""
     requests = random_requests(rng, 7, model.shape.vocab_size, 0.0)
     engine = Engine(model, max_batch=5, max_len=32)  # 8 slots: buckets with holes and free rows
-    seen, step = [], engine.step
-
-    def watched(bucket, size=0):
-        run = step(bucket, size)
-
-        def call():
-            seen.append((engine.tokens[:bucket].tolist(), engine.positions[:bucket].tolist()))
-            return run()
-        return call
-
-    monkeypatch.setattr(engine, "step", watched)
+    seen = watch_steps(engine, monkeypatch, lambda bucket: (engine.tokens[:bucket].tolist(),
+                                                            engine.positions[:bucket].tolist()))
     served = serve(engine, requests)
     free_rows = [(row, token) for tokens, positions in seen for row, (token, p) in enumerate(zip(tokens, positions))
                  if p == 0]
@@ -182,17 +189,8 @@ def test_served_answers_with_aliased_free_rows(rng, model, monkeypatch, chunk):
     with chunks the slot being prefilled parks its row past position 0)."""
     requests = random_requests(rng, 7, model.shape.vocab_size, spread_s=0.03)
     engine = Engine(model, max_batch=5, max_len=32, alias_free_rows=True)  # 8 slots
-    seen, step = [], engine.step
-
-    def watched(bucket, size=0):
-        run = step(bucket, size)
-
-        def call():
-            seen.append((engine.route_as[:bucket].tolist(), engine.positions[:bucket].tolist()))
-            return run()
-        return call
-
-    monkeypatch.setattr(engine, "step", watched)
+    seen = watch_steps(engine, monkeypatch, lambda bucket: (engine.route_as[:bucket].tolist(),
+                                                            engine.positions[:bucket].tolist()))
     clock = FakeClock()
     served = serve(engine, requests, chunk=chunk, clock=clock, sleep=clock.sleep)
     assert [s.tokens for s in served] == alone(model, requests)
