@@ -317,16 +317,16 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, part_o_ptr, p
                  mask=(g < GROUP)[:, None])
 
 
-_TICKETS: dict = {}  # device -> int32 tickets of the last-split merge, all zero between calls
+_TICKETS: dict = {}  # (kernel, device) -> int32 tickets of a "last program finishes" launch, zero between calls
 
 
-def _tickets(n: int, device) -> torch.Tensor:
-    """At least ``n`` zeroed int32 tickets on ``device``, kept across calls (every call leaves them at
-    zero, so a CUDA graph can bake their address). Calls on one stream only: two decode attentions
-    running concurrently on two streams would share them."""
-    have = _TICKETS.get(device)
+def _tickets(n: int, device, kernel: str = "attention") -> torch.Tensor:
+    """At least ``n`` zeroed int32 tickets of ``kernel``'s on ``device``, kept across calls (every call leaves
+    them at zero, so a CUDA graph can bake their address). Calls on one stream only: two launches of the
+    kernel running concurrently on two streams would share them."""
+    have = _TICKETS.get((kernel, device))
     if have is None or have.numel() < n:
-        _TICKETS[device] = have = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _TICKETS[kernel, device] = have = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
     return have
 
 
@@ -589,9 +589,6 @@ def add_rmsnorm_router(resid, delta, weight, eps: float, w_router, top_k: int, r
     return _add_rmsnorm_router_fused(resid, delta, weight, eps, w_router, top_k, renormalize, shared)
 
 
-_ROUTER_TICKETS: dict = {}  # device -> int32 tickets of the routers' last splits, all zero between calls
-
-
 def router_splits(n_experts: int, experts_per_program: int | None = None) -> int:
     """Programs a token of the fused norm + router: ``n_experts`` in programs of ``experts_per_program``
     (default ROUTER_EXPERTS_PER_PROGRAM; a power of two)."""
@@ -613,12 +610,9 @@ def _add_rmsnorm_router_fused(resid, delta, weight, eps, w_router, top_k, renorm
         e_split = min(e_pad, experts_per_program or ROUTER_EXPERTS_PER_PROGRAM)
         splits = router_splits(E, e_split)
         logits = torch.empty(T if splits > 1 else 1, e_pad, dtype=torch.float32, device=resid.device)
-        tickets = _ROUTER_TICKETS.get(resid.device)
-        if tickets is None or tickets.numel() < T:
-            _ROUTER_TICKETS[resid.device] = tickets = torch.zeros(max(T, 4096), dtype=torch.int32,
-                                                                  device=resid.device)
         _add_rmsnorm_router_kernel[(T, splits)](
-            resid, delta, weight, out, w_router, ids, gates, logits, tickets, H, E, eps, TOP_K=top_k,
+            resid, delta, weight, out, w_router, ids, gates, logits, _tickets(T, resid.device, "router"), H, E, eps,
+            TOP_K=top_k,
             K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize, BLOCK_H=block, E_PAD=e_pad,
             E_CHUNK=min(e_split, max(1, 16384 // block)), E_SPLIT=e_split, SHARED=shared,
             num_warps=max(1, min(16, block // 256)), **launch_flags(resid))
