@@ -296,7 +296,7 @@ SERVING_FREE = ("hbm_bandwidth", "block_overhead")
 
 def fit_calls(records: list[dict], shape: ModelShape, system: SystemSpec, free=SERVING_FREE,
               eager_layer_s: float = 0.0, packed_graph_tokens: int = MAX_PACKED_TOKENS,
-              per_class: int = 200, seed: int = 0) -> SystemSpec:
+              per_class: int = 200, seed: int = 0, free_rows: str = "token0") -> SystemSpec:
     """``system`` with its ``free`` fields fitted to a measured run's calls (``records``, the engine's call records):
     least squares on each class's summed time (:func:`call_class`), measured against :func:`call_seconds`, as a
     relative error, over at most ``per_class`` calls a class drawn at random; the fields in log space, within 100x
@@ -318,8 +318,8 @@ def fit_calls(records: list[dict], shape: ModelShape, system: SystemSpec, free=S
 
     def residuals(log_values) -> np.ndarray:
         spec = fitted(log_values)
-        modelled = np.array([sum(call_seconds(c, shape, spec, eager_layer_s, packed_graph_tokens) for c, _ in pairs)
-                             for pairs in sample])
+        modelled = np.array([sum(call_seconds(c, shape, spec, eager_layer_s, packed_graph_tokens, free_rows=free_rows)
+                                 for c, _ in pairs) for pairs in sample])
         return modelled / measured - 1.0
 
     span = np.log(100.0)
@@ -566,13 +566,16 @@ def parse_active_experts(items: list[str]) -> dict[int, float]:
 def compare_or_fit(args, shape: ModelShape, system: SystemSpec, expert_seconds=None) -> None:
     """The ``--calls`` command: the run's calls against the profile, or with ``--fit-rates`` the profile fitted
     to some rates' calls and both profiles against the other rates' (and the fitted one written).
-    ``expert_seconds``: the routing of the comparison (call_seconds'), uniform when None; the fit's is uniform."""
+    ``expert_seconds``: the routing (call_seconds'), uniform when None, as it must be with a fit (the fit's is)."""
     records = read_call_records(Path(args.calls))
     where = f"{shape.name} on one GPU of {system.name}"
+
+    def costed(spec: SystemSpec):
+        return lambda c: call_seconds(c, shape, spec, args.eager_layer_s, args.packed_graph_tokens, expert_seconds,
+                                      args.free_rows)
+
     if not args.fit_rates:
-        print_call_comparison(records, lambda c: call_seconds(c, shape, system, args.eager_layer_s,
-                                                              args.packed_graph_tokens, expert_seconds, args.free_rows),
-                              args.packed_graph_tokens, f"{args.calls} against {where}")
+        print_call_comparison(records, costed(system), args.packed_graph_tokens, f"{args.calls} against {where}")
         return
     fit_on = [r for r in records if float(r["rate"]) in args.fit_rates]
     held = [r for r in records if float(r["rate"]) not in args.fit_rates]
@@ -580,12 +583,11 @@ def compare_or_fit(args, shape: ModelShape, system: SystemSpec, expert_seconds=N
         raise ValueError(f"{args.calls}: --fit-rates {args.fit_rates} leaves no calls to fit on or none held out "
                          f"(rates in the file: {sorted({float(r['rate']) for r in records})})")
     fitted = fit_calls(fit_on, shape, system, eager_layer_s=args.eager_layer_s,
-                       packed_graph_tokens=args.packed_graph_tokens)
+                       packed_graph_tokens=args.packed_graph_tokens, free_rows=args.free_rows)
     print(f"fitted to the calls at {args.fit_rates} requests/s: " + ", ".join(
         f"{name} {getattr(system, name):.4g} -> {getattr(fitted, name):.4g}" for name in SERVING_FREE) + " (SI units)")
     for label, spec in (("the profile as it was", system), ("fitted", fitted)):
-        print_call_comparison(held, lambda c: call_seconds(c, shape, spec, args.eager_layer_s, args.packed_graph_tokens),
-                              args.packed_graph_tokens, f"held-out calls against {label}")
+        print_call_comparison(held, costed(spec), args.packed_graph_tokens, f"held-out calls against {label}")
     if args.fitted_system:
         import yaml
 
