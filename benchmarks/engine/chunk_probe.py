@@ -1,7 +1,7 @@
 """Where a chunked-prefill step's time goes as decode rows are added beside its chunk: for each row count, the
-graphed step of that many decode rows with a chunk of ``--chunk`` prompt tokens (as ``engine.bench``'s chunk
-part sets it up: the rows at ``--context`` tokens, the chunk's rows after ``--context`` earlier positions of its
-own slot), its device time and its kernels by name (``engine.bench.kernel_trace``), then each kernel's time at
+graphed step of that many decode rows with a chunk of ``--chunk`` prompt tokens (``engine.bench.chunk_step_engine``,
+as the bench's chunk part: the rows at ``--context`` tokens, the chunk's rows after ``--context`` earlier positions
+of its own slot), its device time and its kernels by name (``engine.bench.kernel_trace``), then each kernel's time at
 the most rows less at the fewest. GPU.
 
     PYTHONPATH=. python benchmarks/engine/chunk_probe.py --shape deepseek-v2-lite --rows 1 24 --chunk 256
@@ -11,8 +11,8 @@ import argparse
 
 import torch
 
-from moegps.engine.bench import kernel_trace
-from moegps.engine.generate import Engine, bucket_for
+from moegps.engine.bench import chunk_step_engine, kernel_trace
+from moegps.engine.generate import bucket_for
 from moegps.engine.model import random_model
 from moegps.executor.generate import device_ms
 from moegps.files import markdown_table
@@ -21,14 +21,9 @@ from moegps.shapes import from_name
 
 def step_kernels(model, rows: int, chunk: int, context: int, gen: torch.Generator) -> tuple[float, dict]:
     """(ms of the graphed step, {kernel name: summed us}) for ``rows`` decode rows and a chunk of ``chunk`` tokens."""
-    S, bucket = model.shape, bucket_for(rows)
-    engine = Engine(model, max_batch=bucket + 1, max_len=context + chunk + 2)  # the chunk's slot: `bucket`
-    engine.generate(torch.randint(3, S.vocab_size, (rows, context), generator=gen).tolist(), 1)
-    tokens, slot, start, last = engine.chunk_inputs(chunk)
-    tokens.copy_(torch.randint(3, S.vocab_size, (chunk,), generator=gen))
-    slot.fill_(bucket), start.fill_(context), last.fill_(chunk - 1)
+    engine, _ = chunk_step_engine(model, rows, chunk, context, gen)
     with torch.inference_mode():
-        run = engine.step(bucket, chunk)
+        run = engine.step(bucket_for(rows), chunk)
         ms = device_ms(run, 20, warmup=3)
         by_name: dict = {}
         for _, dur, name in kernel_trace(run):

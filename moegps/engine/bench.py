@@ -385,6 +385,22 @@ def part_pack(model: Model, counts, copy_rate: float, matmul_rate: float, reps: 
     return rows
 
 
+def chunk_step_engine(model: Model, batch: int, size: int, context: int,
+                      gen: torch.Generator) -> tuple[Engine, torch.Tensor]:
+    """An engine whose ``step(bucket_for(batch), size)`` decodes ``batch`` rows of random tokens at ``context`` and a
+    chunk of ``size`` random prompt tokens in the slot past the bucket, after ``context`` earlier positions of it;
+    and that chunk."""
+    bucket = bucket_for(batch)
+    engine = Engine(model, max_batch=bucket + 1, max_len=context + size + 2)  # the chunk's slot: `bucket`
+    prompts = torch.randint(3, model.shape.vocab_size, (batch, context), generator=gen).tolist()
+    engine.generate(prompts, 1)  # the batch's K/V, tokens and positions as after its prefill
+    chunk = torch.randint(3, model.shape.vocab_size, (size,), generator=gen)
+    tokens, slot, start, last = engine.chunk_inputs(size)
+    tokens.copy_(chunk)
+    slot.fill_(bucket), start.fill_(context), last.fill_(size - 1)
+    return engine, chunk
+
+
 def part_chunk(model: Model, batches, chunks, context: int, copy_rate: float, matmul_rate: float,
                reps: int = 20) -> list[dict]:
     """What chunked prefill (``moegps.engine.serve``'s chunked policy) costs on this device, per decode batch
@@ -404,13 +420,7 @@ def part_chunk(model: Model, batches, chunks, context: int, copy_rate: float, ma
             print(f"chunk: skip batch {batch}: the chunk's slot would be past the largest bucket", flush=True)
             continue
         for size in chunks:
-            engine = Engine(model, max_batch=bucket + 1, max_len=context + size + 2)  # the chunk's slot: `bucket`
-            prompts = torch.randint(3, S.vocab_size, (batch, context), generator=gen).tolist()
-            engine.generate(prompts, 1)  # the batch's K/V, tokens and positions as after its prefill
-            chunk = torch.randint(3, S.vocab_size, (size,), generator=gen)
-            tokens, slot, start, last = engine.chunk_inputs(size)
-            tokens.copy_(chunk)
-            slot.fill_(bucket), start.fill_(context), last.fill_(size - 1)
+            engine, chunk = chunk_step_engine(model, batch, size, context, gen)
             graphs, cache = engine.prefill_graphs, engine.cache
             with torch.inference_mode():
                 runs = {"decode": engine.step(bucket), "with_chunk": engine.step(bucket, size),
