@@ -130,9 +130,9 @@ def test_serve_times_rejects_bad_requests():
 def test_call_seconds_by_hand():
     """A decode step of four rows at positions 0, 10, 100, 1000 beside a chunk of 16 tokens from position 32, on
     Mixtral-8x7B and the H200 profile: per layer the attention block's roofline over its weights, the rows' K/V
-    reads and the context's FLOPs, plus each expert's time averaged over Binomial(20, 2/8) counts written out with
-    math.comb, plus the layer overhead and the profile's fixed cost a layer; and the vocabulary projection's weights
-    once."""
+    reads and the context's FLOPs over all 20 tokens, plus each expert's time averaged over Binomial(19, 2/8) counts
+    written out with math.comb (the free row at position 0 routes as a running row: no token of its own), plus the
+    layer overhead and the profile's fixed cost a layer; and the vocabulary projection's weights once."""
     shape, system = from_name("mixtral-8x7b"), load_system("h200_8gpu")
     call = Call(decode_positions=(0, 10, 100, 1000), chunk=16, chunk_start=32)
     tokens = 20
@@ -142,9 +142,10 @@ def test_call_seconds_by_hand():
                     (2 * shape.non_expert_params_per_layer * tokens + 4 * shape.n_heads * shape.head_dim * context)
                     / system.matmul_flops)
     p = shape.top_k / shape.n_experts
-    experts = shape.n_experts * sum(math.comb(tokens, c) * p ** c * (1 - p) ** (tokens - c)
+    routed = tokens - 1
+    experts = shape.n_experts * sum(math.comb(routed, c) * p ** c * (1 - p) ** (routed - c)
                                     * float(cost.expert_time(np.array([c]), shape, system)[0])
-                                    for c in range(1, tokens + 1))
+                                    for c in range(1, routed + 1))
     vocab = shape.vocab_size * shape.hidden * 2 / system.hbm_bandwidth  # 5 rows: memory-bound
     want = 32 * (attention + experts + system.layer_overhead + system.block_overhead) + vocab
     assert system.block_overhead > 0  # the profile's calibrated per-layer cost of a call
@@ -255,9 +256,9 @@ def test_free_rows_route_as_one_token_or_none(monkeypatch):
     for positions, chunk, want, aliased in (((0, 0, 0, 5), 0, 2, 1), ((7, 9, 0, 0, 0, 0, 0, 0), 16, 19, 18),
                                             ((3, 4), 0, 2, 2), ((0, 0), 8, 9, 9)):
         call = Call(decode_positions=positions, chunk=chunk, chunk_start=4)
-        call_seconds(call, shape, system)
+        call_seconds(call, shape, system, free_rows="token0")
         assert routed.pop() == want
-        call_seconds(call, shape, system, free_rows="alias")
+        call_seconds(call, shape, system)  # alias, the engine's default
         assert routed.pop() == aliased
     with pytest.raises(ValueError, match="free_rows must be 'token0' or 'alias'"):
         call_seconds(Call(decode_positions=(3,)), shape, system, free_rows="pinned")

@@ -155,8 +155,8 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
     # with the free rows pinned, with one running 11.3 against 4.0 (benchmarks/engine/free_rows_probe.py).
     engine.tokens.zero_()
     engine.positions.zero_()
-    # With engine.alias_free_rows, the free rows (and a prefilling slot's parked row) route as the lowest running
-    # row and read no expert of their own: route_as is rewritten when the running slots change.
+    # With engine.alias_free_rows (the default), the free rows (and a prefilling slot's parked row) route as the
+    # lowest running row and read no expert of their own: route_as is rewritten when the running slots change.
     routed_as: list[int] = []
     start = clock()
 
@@ -541,7 +541,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--no-cuda-graph", action="store_true")
-    ap.add_argument("--free-rows", choices=["token0", "alias"], default="token0",
+    ap.add_argument("--free-rows", choices=["token0", "alias"], default="alias",
                     help="a decode bucket's free rows decode token 0 and pick its experts (token0), or compute the "
                     "experts of a running row and read none of their own (alias: Engine.alias_free_rows)")
     ap.add_argument("--packed-graph-tokens", type=int, default=MAX_PACKED_TOKENS,

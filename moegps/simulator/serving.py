@@ -11,11 +11,12 @@ prompts, answer lengths and arrivals), so a simulated run and a measured one can
 
 Routing: a call's ``n`` tokens are taken to pick each expert with probability ``k / E`` independently, as a
 random-weight router spreads its picks; an expert's time is averaged over its binomial count (the number of
-distinct experts read is what sets a decode step's weight traffic). A decode step's free rows count as one token
-(the engine pins them all to token 0). A random-weight model's decode rows over MMLU prompts pick far fewer distinct
-experts than that (session z, one H100: 40 of 64 at 32 rows against uniform routing's 61); given those counts as
-measured (:func:`active_expert_seconds`, ``--active-experts``) the steps are costed on them. A trained model's
-routing comes from a trace of it (:func:`trace_expert_seconds`, ``--routing-trace``).
+distinct experts read is what sets a decode step's weight traffic). A decode step's free rows add no token while a
+row runs (the engine routes them as a running row: ``Engine.alias_free_rows``), or one with ``--free-rows token0``
+(the engine's way before session aa: all of them decode token 0). A random-weight model's decode rows over MMLU
+prompts pick far fewer distinct experts than that (session z, one H100: 40 of 64 at 32 rows against uniform
+routing's 61); given those counts as measured (:func:`active_expert_seconds`, ``--active-experts``) the steps are
+costed on them. A trained model's routing comes from a trace of it (:func:`trace_expert_seconds`, ``--routing-trace``).
 
 The calls of a measured run (``engine.serve``'s ``calls``, the command's OUT-calls.csv) can be costed one by one
 against their measured times (:func:`compare_calls`, ``--calls``), a profile's weight rate and per-layer fixed cost
@@ -162,7 +163,7 @@ def eager_pack(call: Call, packed_graph_tokens: int = MAX_PACKED_TOKENS) -> bool
 
 
 def call_seconds(call: Call, shape: ModelShape, system: SystemSpec, eager_layer_s: float = 0.0,
-                 packed_graph_tokens: int = MAX_PACKED_TOKENS, expert_seconds=None, free_rows: str = "token0") -> float:
+                 packed_graph_tokens: int = MAX_PACKED_TOKENS, expert_seconds=None, free_rows: str = "alias") -> float:
     """The cost model's seconds for one serving call on one GPU: every layer's attention block over its tokens'
     contexts (a whole prompt's token at position p attends to p + 1 positions in the prompt, a decode row reads its
     K/V up to its position, a chunk's rows attend from ``chunk_start``), its experts (or its dense MLP, in the
@@ -173,9 +174,9 @@ def call_seconds(call: Call, shape: ModelShape, system: SystemSpec, eager_layer_
 
     The experts see the call's tokens routed uniformly at random, or ``expert_seconds(n)`` where given (all MoE
     layers' expert seconds for ``n`` tokens, e.g. :func:`trace_expert_seconds`); a decode step's free rows (position
-    0) count as one token: the engine's free rows all decode token 0 at position 0 and pick the same experts
-    (``free_rows="token0"``), or as none (``"alias"``: ``Engine.alias_free_rows``, they compute a running row's;
-    with no row running, all of them row 0's: one token).
+    0) count as none (``"alias"``: ``Engine.alias_free_rows``, the default, they compute a running row's; with no row
+    running, all of them row 0's: one token), or as one token (``free_rows="token0"``: they all decode token 0 at
+    position 0 and pick the same experts).
 
     ``eager_layer_s``: the host's seconds to issue one layer of a prefill the engine runs eagerly: several prompts
     at once of more than ``packed_graph_tokens`` tokens rounded up to 128 (one prompt, smaller packs, decode steps
@@ -296,7 +297,7 @@ SERVING_FREE = ("hbm_bandwidth", "block_overhead")
 
 def fit_calls(records: list[dict], shape: ModelShape, system: SystemSpec, free=SERVING_FREE,
               eager_layer_s: float = 0.0, packed_graph_tokens: int = MAX_PACKED_TOKENS,
-              per_class: int = 200, seed: int = 0, free_rows: str = "token0") -> SystemSpec:
+              per_class: int = 200, seed: int = 0, free_rows: str = "alias") -> SystemSpec:
     """``system`` with its ``free`` fields fitted to a measured run's calls (``records``, the engine's call records):
     least squares on each class's summed time (:func:`call_class`), measured against :func:`call_seconds`, as a
     relative error, over at most ``per_class`` calls a class drawn at random; the fields in log space, within 100x
@@ -452,8 +453,10 @@ def main(argv=None) -> int:
                     help="distinct experts a MoE layer that many tokens pick, as measured (e.g. 8=24.7 16=32.7 32=40.1, "
                     "benchmarks/engine/routing_context_probe.py): calls of up to the last count route so "
                     "(active_expert_seconds), larger ones uniformly; with --calls too")
-    ap.add_argument("--free-rows", choices=["token0", "alias"], default="token0",
-                    help="the engine's free decode rows pick token 0's experts, or none (its serve --free-rows)")
+    ap.add_argument("--free-rows", choices=["token0", "alias"], default="alias",
+                    help="the engine's free decode rows pick token 0's experts, or none (its serve --free-rows); with "
+                    "--calls or --fit-rates, the mode of that run (its measured.csv.json's free_rows; runs without "
+                    "one, before session aa, were token0)")
     ap.add_argument("--call-times", default=None, help="cost each call by the median measured time of the calls of "
                     "its kind in this RUN-calls.csv (measured_call_seconds; the cost model where it has none): the "
                     "loop on measured call times")
