@@ -247,15 +247,16 @@ def test_shared_expert_and_dense_layer_match_a_float64_decoder(rng, renormalize,
         name="tiny-shared", vocab_size=120, n_layers=3, hidden=48, n_heads=4, n_kv_heads=2, head_dim=16,
         expert_ffn=24, n_experts=16, top_k=4, shared_ffn=shared_ffn, dense_layers=1, dense_ffn=56,
         attention_params_override=None)
-    seed = int(rng.integers(2**31))
+    seed = int(rng.integers(2**31))  # the weights and the prompts: a failure's seed reproduces it
     model = random_model(shape, device="cpu", dtype=torch.float64, seed=seed, renormalize=renormalize)
     moe_layers = model.layers[shape.dense_layers:]
     assert [layer.n_shared for layer in moe_layers] == [shared_ffn // 24 if shared_ffn % 24 == 0 else 0] * 2
     assert all((layer.shared_gate_up is None) == (layer.n_shared > 0) for layer in moe_layers)
+    norms = torch.Generator().manual_seed(seed)
     for layer in model.layers:  # norms away from 1, so that a norm weight used wrongly shows
         for w in (layer.attn_norm, layer.mlp_norm):
-            w.uniform_(0.5, 1.5)
-    prompts = random_prompts(rng, shape.vocab_size, (2, 13, 6))
+            w.uniform_(0.5, 1.5, generator=norms)
+    prompts = random_prompts(np.random.default_rng(seed), shape.vocab_size, (2, 13, 6))
     out = Engine(model, max_batch=3, max_len=64).generate(prompts, NEW_TOKENS)
     engine = engine_teacher_forced(model, prompts, out.tokens)
     for b, (prompt, new) in enumerate(zip(prompts, out.tokens)):
