@@ -10,6 +10,11 @@ uniform routing (the serving simulator's) expects; last, the MMLU counts as the 
 ``--active-experts`` argument. GPU.
 
     PYTHONPATH=. python benchmarks/engine/routing_context_probe.py --model deepseek-v2-lite --rows 8 16 32 --mmlu carry/mmlu
+
+``--layers N`` builds a shape name's random model with its first N layers only, so that Mixtral-8x7B's routing can be
+counted on a GPU that does not hold all 32 (its first 16 take 47 GB): random layers are drawn alike and a layer's
+routing does not depend on the layers after it, so these are the whole model's first N layers' counts; the distinct
+experts of each layer are printed too, to show whether they drift with depth.
 """
 
 import argparse
@@ -19,8 +24,10 @@ import torch
 
 from moegps.engine.bench import distinct_experts_per_layer
 from moegps.engine.generate import Engine, build_model
+from moegps.engine.model import random_model
 from moegps.engine.serve import mmlu_questions, mmlu_requests
 from moegps.executor.generate import device_ms
+from moegps.shapes import from_name
 from moegps.simulator.serving import uniform_active_experts
 
 
@@ -29,14 +36,18 @@ def main() -> None:
     ap.add_argument("--model", default="deepseek-v2-lite")
     ap.add_argument("--mmlu", default=None)
     ap.add_argument("--rows", type=int, nargs="+", default=[32])
+    ap.add_argument("--layers", type=int, default=None, help="a shape name's first N layers only (random weights)")
     args = ap.parse_args()
-    model = build_model(args.model, "cuda")
+    if args.layers:
+        model = random_model(from_name(args.model).replace(n_layers=args.layers), "cuda", torch.bfloat16)
+    else:
+        model = build_model(args.model, "cuda")
     S = model.shape
     most = max(args.rows)
     mmlu = [r.prompt for r in mmlu_requests(most, 0.0, 32, 0, questions=mmlu_questions(args.mmlu))]
     gen = torch.Generator().manual_seed(0)
     rand = [torch.randint(3, S.vocab_size, (len(p),), generator=gen).tolist() for p in mmlu]
-    print(f"{torch.cuda.get_device_name()}: {model.source}")
+    print(f"{torch.cuda.get_device_name()}: {model.source}, {S.n_layers} layers")
     print("| rows | prompts | step ms | distinct experts a MoE layer: mean (min-max) | uniform routing |\n|---|---|---|---|---|")
     measured = {}  # rows -> mean distinct experts over MMLU prompts
     for rows in args.rows:
@@ -50,6 +61,7 @@ def main() -> None:
                   flush=True)
             if name == "MMLU":
                 measured[rows] = statistics.mean(touched)
+                print(f"|   | by layer | | {' '.join(f'{t:.1f}' for t in touched)} | |", flush=True)
             del engine
             torch.cuda.empty_cache()
     print("for the serving simulator (python -m moegps.simulator.serving --calls RUN-calls.csv ...): --active-experts "
