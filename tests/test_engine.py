@@ -179,10 +179,12 @@ def test_random_mixtral_matches_transformers(rng, config):
 
 # ---- shared experts and dense layers: a float64 decoder written from the definitions ------------------------
 
-def reference_decoder(model, tokens: list[int]) -> torch.Tensor:
+def reference_decoder(model, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``[len, V]`` float64 of one sequence, no cache: RMSNorm, GQA attention with rotary
     embedding (rotate-half pairs), softmax router top-k (renormalised or not), SwiGLU experts
-    computed densely and picked by the router, shared expert, dense layers."""
+    computed densely and picked by the router, shared expert, dense layers; and each position's
+    routing margin ``[len]``: over the MoE layers, the least gap between the k-th and the next
+    expert's probability (where it is tiny, rounding may pick the other expert)."""
     S = model.shape
     d = lambda t: t.double()  # noqa: E731
     T, D = len(tokens), S.head_dim
@@ -204,6 +206,7 @@ def reference_decoder(model, tokens: list[int]) -> torch.Tensor:
 
     h = d(model.embed)[torch.tensor(tokens)]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
+    margin = torch.full((T,), float("inf"), dtype=torch.float64)
     for layer in model.layers:
         x = norm(h, layer.attn_norm)
         qkv = x @ d(layer.wqkv).T
@@ -222,6 +225,7 @@ def reference_decoder(model, tokens: list[int]) -> torch.Tensor:
             E = S.n_experts
             probs = (x @ d(layer.router).T).softmax(-1)
             gates, ids = probs.topk(S.top_k, dim=-1)
+            margin = margin.minimum(gates[:, -1] - probs.topk(S.top_k + 1, dim=-1).values[:, -1])
             if model.renormalize:
                 gates = gates / gates.sum(-1, keepdim=True)
             F_ = S.expert_ffn  # every expert on every token, [T, E, H]
@@ -234,15 +238,17 @@ def reference_decoder(model, tokens: list[int]) -> torch.Tensor:
         if layer.shared_gate_up is not None:
             mlp = mlp + swiglu(x, layer.shared_gate_up, layer.shared_down)
         h = h + mlp
-    return norm(h, model.norm) @ d(model.lm_head).T
+    return norm(h, model.norm) @ d(model.lm_head).T, margin
 
 
 @pytest.mark.parametrize("renormalize,shared_ffn", [(True, 40), (False, 40), (False, 48)])
 def test_shared_expert_and_dense_layer_match_a_float64_decoder(rng, renormalize, shared_ffn):
     """A DeepSeek-like shape (dense first layer, 16 experts top-4 plus a shared expert), random float64
     weights: 32 greedy tokens for three prompts, logits within 1e-5 of the reference decoder (the
-    rotary tables are float32), tokens identical where the reference's top two are apart. A shared
-    expert twice an expert's width (48) is held as two extra experts (Layer.n_shared); 40 beside them."""
+    rotary tables are float32) where the reference's routing is not within 1e-6 of a tie (seed 2228:
+    a gap of 2.3e-8, and the engine picked the other expert), tokens identical where the reference's
+    top two are apart. A shared expert twice an expert's width (48) is held as two extra experts
+    (Layer.n_shared); 40 beside them."""
     shape = from_name("deepseek-v2-lite").replace(
         name="tiny-shared", vocab_size=120, n_layers=3, hidden=48, n_heads=4, n_kv_heads=2, head_dim=16,
         expert_ffn=24, n_experts=16, top_k=4, shared_ffn=shared_ffn, dense_layers=1, dense_ffn=56,
@@ -260,10 +266,12 @@ def test_shared_expert_and_dense_layer_match_a_float64_decoder(rng, renormalize,
     out = Engine(model, max_batch=3, max_len=64).generate(prompts, NEW_TOKENS)
     engine = engine_teacher_forced(model, prompts, out.tokens)
     for b, (prompt, new) in enumerate(zip(prompts, out.tokens)):
-        ref = reference_decoder(model, prompt + new)[len(prompt) - 1:-1]
-        assert rel_err(engine[b], ref) < 1e-5, (seed, b, rel_err(engine[b], ref))
+        ref, margin = (x[len(prompt) - 1:-1] for x in reference_decoder(model, prompt + new))
+        routed = margin > 1e-6  # positions whose experts rounding cannot change
+        assert routed.sum() >= len(new) - 2, (seed, b, margin.min())  # a tie is rare: the check stays whole
+        assert rel_err(engine[b][routed], ref[routed]) < 1e-5, (seed, b, rel_err(engine[b][routed], ref[routed]))
         top2 = ref.topk(2, dim=-1).values
-        clear = (top2[:, 0] - top2[:, 1]) > 1e-6 * ref.abs().max()
+        clear = routed & ((top2[:, 0] - top2[:, 1]) > 1e-6 * ref.abs().max())
         assert torch.equal(torch.tensor(new)[clear], ref.argmax(-1)[clear]), seed
 
 
