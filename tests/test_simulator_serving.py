@@ -399,3 +399,36 @@ def test_plot_calls_breaks_a_run_into_its_parts():
     assert sum(ten.values()) == pytest.approx(2.5)
     assert parts[(20.0, "continuous")]["decode steps"] == pytest.approx(0.25)
     assert sum(parts[(20.0, "continuous")].values()) == pytest.approx(0.25)
+
+
+def test_ab_serve_prints_b_over_a(tmp_path, capsys, monkeypatch):
+    """benchmarks/engine/ab_serve.py on two simulated runs of the same requests (free rows as token 0, then aliased):
+    each run's throughput and medians of B over A, as summarize gives them from each CSV; with --predicted, the
+    same files' ratios beside (here equal)."""
+    from pathlib import Path
+
+    from moegps.engine.serve import summarize
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks" / "engine"))
+    import ab_serve
+
+    files = []
+    for mode in ("token0", "alias"):
+        files.append(tmp_path / f"{mode}.csv")
+        assert serving.main(["--shape", "deepseek-v2-lite", "--system", "h100_8gpu", "--requests", "12", "--rate", "20",
+                             "--max-batch", "8", "--max-new-tokens", "16", "--chunk", "32", "--free-rows", mode,
+                             "--out", str(files[-1])]) == 0
+    capsys.readouterr()
+    ab_serve.main([str(files[0]), str(files[1]), "--predicted", str(files[0]), str(files[1])])
+    lines = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| 20 |")}
+    assert {policy for _, policy in lines} == {"continuous", "chunked", "static"}
+    by_run = [{policy: summarize(served) for (policy, _), served in engine_serve.served_by_run(
+        list(csv.DictReader(open(f, newline="")))).items()} for f in files]
+    for (_, policy), line in lines.items():
+        cells = [c.strip() for c in line.split("|")[3:-1]]
+        for cell, key in zip(cells, ("tokens_per_s", "ttft_p50_ms", "tpot_p50_ms", "latency_p50_ms")):
+            want = by_run[1][policy][key] / by_run[0][policy][key]
+            measured, predicted = (float(x) for x in cell.split(" / "))
+            assert measured == predicted == pytest.approx(want, abs=5e-4), (policy, key)
+    assert any(float(line.split("|")[5].split(" / ")[0]) < 0.999 for line in lines.values())  # aliasing changed TPOT
