@@ -521,9 +521,9 @@ def read_call_rows(path: Path, rows: list[dict]) -> list[dict]:
         return [c for c in csv.DictReader(f) if (c["policy"], float(c["rate"])) in finished]
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="mixtral-tiny", help="bundled model, checkpoint folder, or shape name")
+def add_workload_arguments(ap: argparse.ArgumentParser) -> None:
+    """The requests, slots and policies of a serving run: this command's and the serving simulator's
+    (``moegps.simulator.serving``), which replays the same requests; ``check_workload_arguments`` checks them."""
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--rate", type=float, nargs="+", default=[0.0],
                     help="Poisson arrivals, requests a second (0: all at once); several: one run each")
@@ -533,11 +533,25 @@ def main(argv=None) -> int:
                     help="continuous: admit before every step, prompts prefilled whole; chunked: the same with "
                     "prompts prefilled --chunk tokens a step beside the decode; static: admit when all slots are free")
     ap.add_argument("--chunk", type=int, default=128, help="prompt tokens a step of the chunked policy")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mmlu", default=None, help="folder of MMLU files (default ../shared/data/mmlu/test)")
+
+
+def check_workload_arguments(ap: argparse.ArgumentParser, args) -> None:
+    for name in ("requests", "max_batch", "max_new_tokens", "chunk"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if min(args.rate) < 0:
+        ap.error(f"--rate must be >= 0, got {min(args.rate)}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="mixtral-tiny", help="bundled model, checkpoint folder, or shape name")
+    add_workload_arguments(ap)
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--mmlu", default=None, help="folder of MMLU files (default ../shared/data/mmlu/test)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--no-cuda-graph", action="store_true")
@@ -556,11 +570,7 @@ def main(argv=None) -> int:
     ap.add_argument("--extra-slots", type=int, default=1, help="expert slots a rank holds beyond experts / ranks")
     ap.add_argument("--calibration", type=int, default=32, help="held-out questions the placement is fitted on")
     args = ap.parse_args(argv)
-    for name in ("requests", "max_batch", "max_new_tokens", "chunk"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if min(args.rate) < 0:
-        ap.error(f"--rate must be >= 0, got {min(args.rate)}")
+    check_workload_arguments(ap, args)
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: no CUDA device here (use --device cpu)")
     joined = dist.is_available() and dist.is_initialized()  # a caller's process group: left for it to end

@@ -426,20 +426,13 @@ def serve_times(prompt_tokens, new_tokens, arrival_s, slots: int, seconds, conti
 
 
 def main(argv=None) -> int:
-    from ..engine.serve import POLICIES, mmlu_questions, mmlu_requests, summarize, write_runs
+    from ..engine.serve import (POLICIES, add_workload_arguments, check_workload_arguments, mmlu_questions,
+                                mmlu_requests, summarize, write_runs)
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="mixtral-8x7b", choices=names(), help="the model whose calls are costed")
     ap.add_argument("--system", default="h200_8gpu", help="system profile (name or YAML); one of its GPUs serves")
-    ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--rate", type=float, nargs="+", default=[0.0],
-                    help="Poisson arrivals, requests a second (0: all at once); several: one run each")
-    ap.add_argument("--max-batch", type=int, default=8, help="cache slots: requests decoded together at most")
-    ap.add_argument("--max-new-tokens", type=int, default=32, help="answer lengths are drawn in [1, this]")
-    ap.add_argument("--policy", nargs="+", choices=POLICIES, default=list(POLICIES))
-    ap.add_argument("--chunk", type=int, default=128, help="prompt tokens a step of the chunked policy")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--mmlu", default=None, help="folder of MMLU files (default ../shared/data/mmlu/test)")
+    add_workload_arguments(ap)  # the engine command's: the same requests
     ap.add_argument("--eager-layer-s", type=float, default=1e-3,
                     help="host seconds to issue a layer of an eager prefill of several prompts (0.9-1.2 ms on the "
                     "H200 machine, benchmarks/engine/host_probe.py; docs/engine.md); 0: the GPU's time alone")
@@ -471,11 +464,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fitted-system", default=None, help="with --fit-rates: write the fitted profile (YAML) here, "
                     "for --system")
     args = ap.parse_args(argv)
-    for name in ("requests", "max_batch", "max_new_tokens", "chunk"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if min(args.rate) < 0:
-        ap.error(f"--rate must be >= 0, got {min(args.rate)}")
+    check_workload_arguments(ap, args)
     if args.eager_layer_s < 0:
         ap.error(f"--eager-layer-s must be >= 0, got {args.eager_layer_s}")
     try:
