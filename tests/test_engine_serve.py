@@ -18,8 +18,8 @@ from moegps.engine import Engine, KVCache, prefill
 from moegps.engine.generate import PrefillGraphs
 from moegps.engine.model import random_model
 from moegps.engine import serve as serve_module
-from moegps.engine.serve import (Request, Served, decode_ceiling, main, packed_prefill_sizes, serve, summarize,
-                                 warm_up)
+from moegps.engine.serve import (Request, Served, chunk_sizes, decode_ceiling, main, packed_prefill_sizes, serve,
+                                 summarize, warm_up)
 from moegps.shapes import from_name
 from moegps.simulator.serving import main as simulator_main
 
@@ -80,16 +80,19 @@ def concurrency(served: list[Served], at: float) -> int:
     return sum(s.first_token_s <= at < s.finish_s for s in served)
 
 
-@pytest.mark.parametrize("prefill", ["whole", "one prompt a prefill", "graphs", "chunks of 3", "chunks of 8"])
+@pytest.mark.parametrize("prefill", ["whole", "one prompt a prefill", "graphs", "chunks of 3", "chunks of 8",
+                                     "chunks of 8, 4 or 2"])
 def test_served_answers_equal_each_request_alone(rng, model, prefill):
     """Nine requests over four slots, arriving while others decode: continuous (prompts prefilled whole,
-    through the padded prefill graphs, or in chunks beside the decode) and static serving give every
+    through the padded prefill graphs, or in chunks beside the decode, padded to 8 tokens or to the smallest
+    of 8, 4 and 2) and static serving give every
     request the greedy tokens it gets alone (a stop token from one answer cuts the others where it occurs
     too); at most four run at once; static batches never overlap, continuous ones do."""
     requests = random_requests(rng, 9, model.shape.vocab_size, spread_s=0.05)
     stop = alone(model, requests[:1])[0][-1]
     want = alone(model, requests, stop_tokens=[stop])
-    chunk = int(prefill.split()[-1]) if prefill.startswith("chunks") else 0
+    chunk = int(prefill.split()[2].rstrip(",")) if prefill.startswith("chunks") else 0
+    graphs = 3 if prefill.endswith("or 2") else 1
     runs = {}
     for continuous in (True, False):
         engine = Engine(model, max_batch=3, max_len=32)  # 3 rounds up to the bucket of 4 slots
@@ -99,7 +102,7 @@ def test_served_answers_equal_each_request_alone(rng, model, prefill):
         budget = 1 if prefill == "one prompt a prefill" else 8192  # max_prefill_tokens: at least one prompt
         served = runs[continuous] = serve(engine, requests, stop_tokens=[stop], continuous=continuous,
                                           chunk=chunk if continuous else 0, max_prefill_tokens=budget,
-                                          clock=clock, sleep=clock.sleep)
+                                          clock=clock, sleep=clock.sleep, chunk_graphs=graphs)
         assert [s.tokens for s in served] == want
         assert not engine.positions.any()  # free slots are parked at position 0, not run past the cache
         for s, r in zip(served, requests):
@@ -230,10 +233,14 @@ def test_warm_up_captures_every_prefill_graph_the_requests_can_replay(rng, model
     """On a GPU each capture inside a timed run would count in it; warm_up takes one prompt per padded length
     class, in slot 0 (a view of the cache) and slot 1 (gathered), and a pack of every token count that two
     newcomers (the slots) can make, from the two shortest prompts (3 + 5) to the two longest (16 + 17),
-    rounded up to 8: here the keys PrefillGraphs would capture (run eagerly on the CPU)."""
+    rounded up to 8: here the keys PrefillGraphs would capture (run eagerly on the CPU); and the decode step of
+    each bucket alone and beside a chunk of each size."""
     engine = Engine(model, max_batch=2, max_len=32)
     engine.prefill_graphs = PrefillGraphs(model, engine.cache, round_to=8)
-    warm_up(engine, [Request([1] * n) for n in (3, 5, 9, 17, 16)], chunk=4)
+    steps, step = [], engine.step
+    engine.step = lambda bucket, size=0: steps.append((bucket, size)) or step(bucket, size)
+    warm_up(engine, [Request([1] * n) for n in (3, 5, 9, 17, 16)], chunk=4, chunk_graphs=2)
+    assert sorted(steps) == [(b, size) for b in (1, 2) for size in (0, 2, 4)]  # every step serving can replay
     assert set(engine.prefill_graphs._graphs) == (
         {("prompt", n, gathered) for n in (8, 16, 24) for gathered in (False, True)}
         | {("pack", n) for n in (8, 16, 24, 32, 40)})
@@ -290,6 +297,13 @@ def test_serve_rejects_what_it_cannot_serve(model):
             serve(engine, [request])
     with pytest.raises(ValueError, match="chunk must be 0 .* or > 0 with continuous batching, got 4"):
         serve(engine, [Request([1])], continuous=False, chunk=4)
+
+
+def test_chunk_sizes_halve_while_even():
+    assert chunk_sizes(256) == [256]
+    assert chunk_sizes(256, 4) == [256, 128, 64, 32]
+    assert chunk_sizes(12, 5) == [12, 6, 3]
+    assert chunk_sizes(7, 3) == [7]
 
 
 def test_summarize_a_hand_built_run():

@@ -55,11 +55,13 @@ def test_the_buckets_and_prefill_graphs_are_the_engines():
     assert (serving.PREFILL_ROUND_TO, serving.MAX_PACKED_TOKENS) == (PREFILL_ROUND_TO, MAX_PACKED_TOKENS)
 
 
-@pytest.mark.parametrize("policy", ["continuous", "chunked 3", "chunked 8", "static", "one prompt a prefill"])
+@pytest.mark.parametrize("policy", ["continuous", "chunked 3", "chunked 8", "chunked 8 in 3 graphs", "static",
+                                    "one prompt a prefill"])
 def test_serve_times_follows_the_engines_loop(rng, model, monkeypatch, policy):
     """Eleven requests over four slots (max_batch 3, rounded up to the bucket of 4), arriving while others run and
     after idle gaps, each model call costing a random linear function of its prompt tokens, bucket, the bucket's
-    positions and its chunk: every request's first-token and finish time from serve_times equals the engine's.
+    positions and its chunk (chunks of 8 tokens, or a piece padded to the smallest of 8, 4 and 2 that holds it):
+    every request's first-token and finish time from serve_times equals the engine's.
     The engine's records of its calls (serve's ``calls``, kept on the host) are the calls its model saw (read from
     its device state) and the calls serve_times costs, in order; their times are those costs, and nothing else
     (compare_calls: measured = modelled in every class, the loop's gaps 0 once its sleeps are taken out)."""
@@ -71,7 +73,8 @@ def test_serve_times_follows_the_engines_loop(rng, model, monkeypatch, policy):
 
     requests = [Request(rng.integers(0, 64, size=int(rng.integers(1, 12))).tolist(), int(rng.integers(1, 14)),
                         float(rng.uniform(0, 0.3)) + (1.0 if i > 8 else 0.0)) for i in range(11)]
-    chunk = int(policy.split()[-1]) if policy.startswith("chunked") else 0
+    chunk = int(policy.split()[1]) if policy.startswith("chunked") else 0
+    graphs = 3 if policy.endswith("graphs") else 1
     continuous = policy != "static"
     budget = 1 if policy == "one prompt a prefill" else 8192
     clock = ChargedClock()
@@ -100,13 +103,15 @@ def test_serve_times_follows_the_engines_loop(rng, model, monkeypatch, policy):
     monkeypatch.setattr(engine, "step", charged_step)
     records: list[dict] = []
     served = engine_serve.serve(engine, requests, continuous=continuous, chunk=chunk, max_prefill_tokens=budget,
-                                clock=clock, sleep=clock.sleep, calls=records)
+                                clock=clock, sleep=clock.sleep, calls=records, chunk_graphs=graphs)
     simulated: list[Call] = []
     timed = serve_times([len(r.prompt) for r in requests], [r.max_new_tokens for r in requests],
                         [r.arrival_s for r in requests], engine.cache.slots,
                         lambda call: simulated.append(call) or seconds(call), continuous=continuous,
-                        chunk=chunk, max_prefill_tokens=budget)
+                        chunk=chunk, max_prefill_tokens=budget, chunk_sizes=engine_serve.chunk_sizes(chunk, graphs))
     assert [serving.call_of(r) for r in records] == seen == simulated
+    if graphs > 1:  # pieces of every size ran
+        assert {c.chunk for c in seen if c.chunk} == {8, 4, 2}
     assert sum(r["slept_s"] for r in records) > 0  # the loop waited for arrivals
     compared = serving.compare_calls(records, seconds)
     assert sum(row["calls"] for row in compared[:-1]) == len(seen) and compared[-1]["class"] == "between calls"

@@ -103,9 +103,19 @@ def request_draws(requests: list[Request], sampling: Sampling) -> list[Sampling]
     return [r.sampling or replace(sampling, seed=sampling.seed + i) for i, r in enumerate(requests)]
 
 
+def chunk_sizes(chunk: int, graphs: int = 1) -> list[int]:
+    """The chunk sizes a chunked run's steps are captured at: ``chunk`` and up to ``graphs - 1`` halvings of it
+    (while even), largest first. A prompt's piece (its last is often short) is padded up to the smallest that
+    holds it, as vLLM pads a mixed batch to its nearest captured size: the padding rows are computed too."""
+    sizes = [chunk]
+    while len(sizes) < graphs and sizes[-1] % 2 == 0:
+        sizes.append(sizes[-1] // 2)
+    return sizes
+
+
 def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = None, stop_tokens=(),
           continuous: bool = True, chunk: int = 0, max_prefill_tokens: int = MAX_PREFILL_TOKENS, clock=time.perf_counter,
-          sleep=time.sleep, calls: list[dict] | None = None) -> list[Served]:
+          sleep=time.sleep, calls: list[dict] | None = None, chunk_graphs: int = 1) -> list[Served]:
     """Serve ``requests`` (in the order of their arrival, ties by index) on ``engine``'s cache slots; returns
     each request's answer and times (host clock, seconds since the call began), in the requests' order.
     On expert-parallel ranks, every rank calls this with its own requests at the same time (module docstring).
@@ -114,7 +124,8 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
     every slot is free (request-level). Admitted prompts are prefilled whole, the decode of the others
     waiting meanwhile, or with ``chunk`` > 0 (continuous only) ``chunk`` tokens of one prompt a step in the
     same GEMMs and MoE calls as the decode rows (``Engine.step(bucket, chunk)``), so that a long prompt
-    does not stall the running answers for its whole prefill. ``clock``/``sleep`` are injectable so tests
+    does not stall the running answers for its whole prefill; a piece of it replays the smallest of
+    ``chunk_sizes(chunk, chunk_graphs)`` that holds it. ``clock``/``sleep`` are injectable so tests
     can run on a fake clock. A request's answer equals ``engine.generate`` of it alone with its sampling
     (up to rounding in the batch's GEMMs), sampled ones too: each draw is keyed by the request's seed and
     its count of tokens (``generate.counter_uniforms``), not by the batch.
@@ -131,6 +142,7 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
         raise ValueError(f"chunk must be 0 (whole prompts) or > 0 with continuous batching, got {chunk} "
                          f"with continuous={continuous}")
     check_requests(engine, requests)
+    sizes = chunk_sizes(chunk, chunk_graphs)
     sampling = sampling or Sampling()
     model, device, slots = engine.model, engine.model.device, engine.cache.slots
     draws = request_draws(requests, sampling)
@@ -247,7 +259,8 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
         size = chunk if prefilling else 0
         if size:
             i, slot, done = prefilling[0]
-            piece = requests[i].prompt[done:done + size]
+            piece = requests[i].prompt[done:done + chunk]
+            size = min(s for s in sizes if s >= len(piece))
             tokens, chunk_slot, chunk_start, chunk_last = engine.chunk_inputs(size)
             tokens.zero_()
             tokens[:len(piece)] = torch.as_tensor(piece)
@@ -390,10 +403,11 @@ def decode_ceiling(engine: Engine, requests: list[Request], steps: int = 16) -> 
 
 
 def warm_up(engine: Engine, requests: list[Request], chunk: int = 0,
-            max_prefill_tokens: int = MAX_PREFILL_TOKENS) -> None:
+            max_prefill_tokens: int = MAX_PREFILL_TOKENS, chunk_graphs: int = 1) -> None:
     """Compile the kernels and capture what serving these requests replays (GPU), so that no capture or
     compile falls inside a timed run: the decode graph of every bucket up to the engine's slots (with a
-    prompt chunk of ``chunk`` tokens beside it too, when chunked), each prompt length class's prefill graph in
+    prompt chunk of each of ``chunk_sizes(chunk, chunk_graphs)`` beside it too, when chunked), each prompt length
+    class's prefill graph in
     slot 0 and in another slot, the packed prefill graph of every token count several newcomers can make, and
     an eager prefill of each size in ``packed_prefill_sizes`` (packs past the graphs). Without the last, the
     first static run on an H200 stalled on the MoE kernels' compiles (session v: a 17 s median time to first
@@ -424,7 +438,7 @@ def warm_up(engine: Engine, requests: list[Request], chunk: int = 0,
         with torch.inference_mode():
             prefill(engine.model, engine.cache, list(first_tokens(size).split(piece)))
     for bucket in (b for b in BUCKETS if b <= engine.cache.slots):
-        for size in {0, chunk}:
+        for size in [0] + (chunk_sizes(chunk, chunk_graphs) if chunk else []):
             engine.step(bucket, size)()
     if engine.model.device.type == "cuda":
         torch.cuda.synchronize()
@@ -533,12 +547,15 @@ def add_workload_arguments(ap: argparse.ArgumentParser) -> None:
                     help="continuous: admit before every step, prompts prefilled whole; chunked: the same with "
                     "prompts prefilled --chunk tokens a step beside the decode; static: admit when all slots are free")
     ap.add_argument("--chunk", type=int, default=128, help="prompt tokens a step of the chunked policy")
+    ap.add_argument("--chunk-graphs", type=int, default=1,
+                    help="chunk sizes captured: --chunk and its halvings, this many in all; a prompt's piece is padded "
+                    "up to the smallest that holds it (1: every piece to --chunk)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mmlu", default=None, help="folder of MMLU files (default ../shared/data/mmlu/test)")
 
 
 def check_workload_arguments(ap: argparse.ArgumentParser, args) -> None:
-    for name in ("requests", "max_batch", "max_new_tokens", "chunk"):
+    for name in ("requests", "max_batch", "max_new_tokens", "chunk", "chunk_graphs"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if min(args.rate) < 0:
@@ -606,7 +623,7 @@ def main(argv=None) -> int:
                     alias_free_rows=args.free_rows == "alias")
     if engine.prefill_graphs is not None:
         engine.prefill_graphs.max_packed_tokens = args.packed_graph_tokens
-    warm_up(engine, requests, args.chunk if "chunked" in args.policy else 0)
+    warm_up(engine, requests, args.chunk if "chunked" in args.policy else 0, chunk_graphs=args.chunk_graphs)
     policies = [p for p in POLICIES if p in args.policy]
     ceiling = decode_ceiling(engine, requests) * comm.world  # the ranks' slots decode in the same step
     say(f"{model.source} on {model.device}: {args.requests} MMLU requests, prompts of "
@@ -627,7 +644,8 @@ def main(argv=None) -> int:
             else:
                 calls: list[dict] = []
                 served, note = serve_on_ranks(comm, engine, requests, sampling, continuous=policy != "static",
-                                              chunk=args.chunk if policy == "chunked" else 0, calls=calls), ""
+                                              chunk=args.chunk if policy == "chunked" else 0, calls=calls,
+                                              chunk_graphs=args.chunk_graphs), ""
                 call_rows += [{"rate": rate, "policy": policy, "call": j, **c} for j, c in enumerate(calls)]
                 rows += [{"rate": rate, "policy": policy, "decode_ceiling": ceiling, "request": i,
                           "prompt_tokens": len(r.prompt), "new_tokens": len(a.tokens),

@@ -342,11 +342,12 @@ class Timed:
 
 
 def serve_times(prompt_tokens, new_tokens, arrival_s, slots: int, seconds, continuous: bool = True, chunk: int = 0,
-                max_prefill_tokens: int = 8192) -> list[Timed]:
+                max_prefill_tokens: int = 8192, chunk_sizes=None) -> list[Timed]:
     """The engine's serving loop (``engine.serve.serve``, the same admissions, slots and buckets) over requests of
     ``prompt_tokens [R]`` tokens asking for ``new_tokens [R]`` (no stop token: every answer runs to its length),
     arriving at ``arrival_s [R]``, on ``slots`` cache slots; each model call (a :class:`Call`) takes
-    ``seconds(call)``. Returns each request's times in the requests' order."""
+    ``seconds(call)``. A prompt's piece runs as the smallest of ``chunk_sizes`` that holds it (default ``chunk``
+    alone; ``engine.serve.chunk_sizes``). Returns each request's times in the requests' order."""
     prompt_tokens, new_tokens = [int(p) for p in prompt_tokens], [int(n) for n in new_tokens]
     arrival_s = [float(a) for a in arrival_s]
     if chunk < 0 or (chunk and not continuous):
@@ -354,6 +355,7 @@ def serve_times(prompt_tokens, new_tokens, arrival_s, slots: int, seconds, conti
                          f"with continuous={continuous}")
     if min(new_tokens, default=1) < 1:
         raise ValueError(f"every request asks for at least one new token, got {min(new_tokens)}")
+    sizes = list(chunk_sizes or [chunk])
     R = len(prompt_tokens)
     order = sorted(range(R), key=lambda i: (arrival_s[i], i))
     waiting = list(reversed(order))   # a stack: the next to arrive last
@@ -405,7 +407,8 @@ def serve_times(prompt_tokens, new_tokens, arrival_s, slots: int, seconds, conti
             size = chunk if prefilling else 0
             if size:
                 i, slot, start = prefilling[0]
-                piece = min(size, prompt_tokens[i] - start)
+                piece = min(chunk, prompt_tokens[i] - start)
+                size = min(s for s in sizes if s >= piece)
                 position[slot] = start + piece  # the slot's decode row (if in the bucket) parks there
             now += seconds(Call(decode_positions=tuple(position[:bucket]), chunk=size,
                                 chunk_start=start if size else 0))
@@ -426,8 +429,8 @@ def serve_times(prompt_tokens, new_tokens, arrival_s, slots: int, seconds, conti
 
 
 def main(argv=None) -> int:
-    from ..engine.serve import (POLICIES, add_workload_arguments, check_workload_arguments, mmlu_questions,
-                                mmlu_requests, summarize, write_runs)
+    from ..engine.serve import (POLICIES, add_workload_arguments, check_workload_arguments, chunk_sizes,
+                                mmlu_questions, mmlu_requests, summarize, write_runs)
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="mixtral-8x7b", choices=names(), help="the model whose calls are costed")
@@ -512,7 +515,8 @@ def main(argv=None) -> int:
         for policy in (p for p in POLICIES if p in args.policy):
             timed = serve_times([len(r.prompt) for r in requests], [r.max_new_tokens for r in requests],
                                 [r.arrival_s for r in requests], slots, seconds, continuous=policy != "static",
-                                chunk=args.chunk if policy == "chunked" else 0)
+                                chunk=args.chunk if policy == "chunked" else 0,
+                                chunk_sizes=chunk_sizes(args.chunk, args.chunk_graphs))
             rows += [{"rate": rate, "policy": policy, "decode_ceiling": ceiling, "request": i,
                       "prompt_tokens": len(r.prompt), "new_tokens": t.new_tokens, "arrival_s": t.arrival_s,
                       "first_token_s": t.first_token_s, "finish_s": t.finish_s}
