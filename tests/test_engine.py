@@ -94,8 +94,11 @@ class NearTie(Exception):
 
 def least_routing_gap(router_probs, top_k: int) -> float:
     """The least gap, over per-layer router probabilities ``[len, E]``, between the k-th and the next expert."""
-    return min(float((lambda v: (v[:, -2] - v[:, -1]).min())(p.double().topk(top_k + 1, dim=-1).values))
-               for p in router_probs)
+    gaps = []
+    for probs in router_probs:
+        top = probs.double().topk(top_k + 1, dim=-1).values
+        gaps.append(float((top[:, -2] - top[:, -1]).min()))
+    return min(gaps)
 
 
 def redrawn_on_near_tie(rng, case, tries: int = 4):
