@@ -377,6 +377,20 @@ def test_held_out_prompts_are_not_the_served_ones():
     assert held_out_prompts(served, 25, seed=3) == held and held_out_prompts(served, 25, seed=4) != held
 
 
+def test_every_rate_of_a_seed_serves_the_same_requests():
+    """The prompts and answer lengths of one seed do not depend on the rate, 0 (all at once) included, and the
+    arrivals of one rate are another's scaled (the command runs every rate in one engine sized for the first:
+    at rate 0 the lengths were once drawn from another point of the stream, and a prompt overran the cache)."""
+    from moegps.engine.serve import mmlu_requests
+
+    runs = {rate: mmlu_requests(12, rate, 40, seed=5) for rate in (0, 4, 8)}
+    for rate, requests in runs.items():
+        assert [(r.prompt, r.max_new_tokens) for r in requests] == [(r.prompt, r.max_new_tokens) for r in runs[4]]
+    assert not any(r.arrival_s for r in runs[0])
+    assert [r.arrival_s for r in runs[4]] == pytest.approx([2 * r.arrival_s for r in runs[8]], rel=1e-12)
+    assert max(r.arrival_s for r in runs[4]) > 0
+
+
 # ---- sampling keyed by (seed, tokens generated): the same draw in any batch -----------------------------------
 
 def splitmix_reference(seed: int, counter: int, column: int) -> float:
