@@ -352,8 +352,8 @@ def mmlu_requests(n: int, rate: float, max_new_tokens: int, seed: int = 0, token
         raise ValueError(f"{n} requests asked for, {len(prompts)} MMLU questions available")
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(prompts), size=n, replace=False)
-    # drawn at any rate, 0 too: every rate of one seed gets the same prompts and answer lengths
-    gaps = rng.standard_exponential(size=n) / rate if rate > 0 else 0.0 * rng.standard_exponential(size=n)
+    draws = rng.standard_exponential(size=n)  # at any rate, 0 too: every rate of a seed, the same answer lengths
+    gaps = draws / rate if rate > 0 else np.zeros(n)
     arrivals = np.cumsum(gaps) - gaps[0]
     lengths = rng.integers(1, max_new_tokens + 1, size=n)
     return [Request(tokenizer.encode(prompts[p].text), int(m), float(a)) for p, m, a in zip(picked, lengths, arrivals)]
@@ -619,7 +619,7 @@ def main(argv=None) -> int:
         ap.error(str(e))
     say = print if comm.rank == 0 else (lambda *a, **k: None)  # the first rank speaks for all
     requests = workloads[args.rate[0]]
-    max_len = max(len(r.prompt) + r.max_new_tokens for rate in workloads.values() for r in rate)
+    max_len = max(len(r.prompt) + r.max_new_tokens for run in workloads.values() for r in run)  # every rate's
     engine = Engine(model, max_batch=args.max_batch, max_len=max_len, cuda_graph=not args.no_cuda_graph,
                     alias_free_rows=args.free_rows == "alias")
     if engine.prefill_graphs is not None:

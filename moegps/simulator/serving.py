@@ -191,12 +191,11 @@ def call_seconds(call: Call, shape: ModelShape, system: SystemSpec, eager_layer_
     context = (prompts * (prompts + 1) / 2).sum() + (positions + 1).sum() + chunk_context
     other = float(cost.other_time(np.array([[tokens]]), shape, system, "dp", np.array([[context]]),
                                   np.array([[(positions + 1).sum()]]))[0])
-    # free slots' rows (position 0: a running row is past its prompt) all decode token 0 and route alike, one
-    # token's experts between them (engine.serve pins them)
+    # free slots' rows (position 0: a running row is past its prompt): as token 0 they all route alike, one token's
+    # experts between them; aliased they add nothing while a row runs, and with none running route as row 0, one token
     if free_rows not in ("token0", "alias"):
         raise ValueError(f"free_rows must be 'token0' or 'alias', got {free_rows!r}")
     free = (positions == 0).sum()
-    # aliased free rows add nothing while a row runs; with none running they all route as row 0, one token
     routed = tokens - free + ((free > 0) if free_rows == "token0" else (free == len(positions) > 0))
     dense_mlp = 3.0 * shape.hidden * shape.dense_ffn  # a leading dense layer's MLP weights (DeepSeek's first)
     layers = (shape.n_layers * (other + system.layer_overhead)
