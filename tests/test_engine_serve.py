@@ -132,9 +132,10 @@ def test_a_late_request_joins_a_running_batch(model):
 
 def test_free_rows_all_decode_token_0(rng, model, monkeypatch):
     """Every decode step's free rows (position 0: no answer in the slot) carry token 0, whenever their slot was
-    freed, so that they all route to the same experts; the running rows carry their answers' last tokens."""
+    freed, so that they all route to the same experts where they are not aliased (serve --free-rows token0); the
+    running rows carry their answers' last tokens, and every answer is its request's alone."""
     requests = random_requests(rng, 7, model.shape.vocab_size, 0.0)
-    engine = Engine(model, max_batch=5, max_len=32)  # 8 slots: buckets with holes and free rows
+    engine = Engine(model, max_batch=5, max_len=32, alias_free_rows=False)  # 8 slots: buckets with holes, free rows
     seen = watch_steps(engine, monkeypatch, lambda bucket: (engine.tokens[:bucket].tolist(),
                                                             engine.positions[:bucket].tolist()))
     served = serve(engine, requests)
@@ -144,6 +145,7 @@ def test_free_rows_all_decode_token_0(rng, model, monkeypatch):
     assert all(token == 0 for row, token in free_rows)
     answered = {t for s in served for t in s.tokens}
     assert all(token in answered for tokens, positions in seen for token, p in zip(tokens, positions) if p > 0)
+    assert [s.tokens for s in served] == alone(model, requests)
 
 
 def test_aliased_rows_compute_a_running_rows_experts(rng, model, monkeypatch):
@@ -178,7 +180,7 @@ def test_generate_with_aliased_padding_rows(rng, model):
     """Three prompts fill a bucket of four: with alias_free_rows the padding row routes as row 0, and the three
     answers are the ones the engine gives without it."""
     prompts = [rng.integers(0, 64, size=n).tolist() for n in (4, 6, 2)]
-    plain = Engine(model, max_batch=3, max_len=32).generate(prompts, 8).tokens
+    plain = Engine(model, max_batch=3, max_len=32, alias_free_rows=False).generate(prompts, 8).tokens
     engine = Engine(model, max_batch=3, max_len=32, alias_free_rows=True)
     assert engine.generate(prompts, 8).tokens == plain
     assert engine.route_as.tolist() == [0, 1, 2, 0]
