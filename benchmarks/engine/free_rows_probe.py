@@ -33,7 +33,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=50)
     args = ap.parse_args()
     model = build_model(args.model, "cuda")
-    engine = Engine(model, max_batch=args.bucket, max_len=args.context + 64)
+    # the free rows as session y's engine ran them: routed as themselves (no aliasing, Engine.alias_free_rows)
+    engine = Engine(model, max_batch=args.bucket, max_len=args.context + 64, alias_free_rows=False)
     gen = torch.Generator(device="cuda").manual_seed(0)
     vocab = model.shape.vocab_size
     print(f"{torch.cuda.get_device_name()}: {model.source}, bucket {args.bucket}, context {args.context}")
