@@ -19,8 +19,8 @@ All three run through one loop (``serve``), so a comparison differs only in when
 and how prompts are prefilled. The decode step is the engine's: a CUDA graph per batch-size bucket over
 cache slots 0..bucket-1 (and per bucket and chunk size with a chunk beside it). A newcomer takes the
 lowest free slot, so the bucket follows the number of running requests; free slots inside the bucket
-decode token 0 parked at position 0 of their own slot (all alike, so they route to the same
-experts), which the next newcomer there overwrites.
+decode token 0 parked at position 0 of their own slot, which the next newcomer there overwrites, and by
+default (``Engine.alias_free_rows``) route as a running row, so that they read no experts of their own.
 Each step reads its tokens back to the host to see which answers ended (one synchronisation a step, as
 in vLLM: a step without it cannot admit into a slot freed by it). Whole prompts: a lone newcomer through
 the engine's prefill graphs (``PrefillGraphs``, with their slots): one graph per length class for a lone
