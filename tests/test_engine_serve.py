@@ -176,6 +176,38 @@ def test_aliased_rows_compute_a_running_rows_experts(rng, model, monkeypatch):
     assert any(not torch.equal(ids[2], ids[1]) or not torch.equal(ids[3], ids[0]) for ids in own)
 
 
+def test_a_chunks_padding_rows_route_as_its_prompt_rows(rng, model, monkeypatch):
+    """decode_step_with_chunk with route_as: a chunk of 7 rows holding 3 prompt tokens (chunk_last 2) hands the MoE
+    rows 0, 1, 2, 0, 1, 2, 0's expert ids for its rows at every layer (its padding rows' own ids are not those
+    everywhere), and the decode rows' and the prompt's last row's logits are exactly those without route_as."""
+    import moegps.engine.model as engine_model
+    from moegps.engine.model import decode_step_with_chunk
+
+    cache = KVCache(model.shape, 3, 32, torch.float64, "cpu")
+    prefill(model, cache, [torch.from_numpy(rng.integers(0, 64, size=n)) for n in (5, 4, 6)])
+    tokens, positions = torch.from_numpy(rng.integers(0, 64, size=2)), torch.tensor([5, 4])
+    chunk = torch.tensor(rng.integers(1, 64, size=3).tolist() + [0] * 4)  # padded as serve pads a piece
+    inputs = (chunk, torch.tensor([2]), torch.tensor([6]), torch.tensor([2]))  # slot 2, after its 6 positions
+    seen = []
+    reference = engine_model.moe_reference
+
+    def spy(x, w_gate_up, w_down, ids, gates):
+        seen.append(ids[2:].clone())  # the chunk's rows
+        return reference(x, w_gate_up, w_down, ids, gates)
+
+    monkeypatch.setattr(engine_model, "moe_reference", spy)
+    plain = decode_step_with_chunk(model, cache, tokens, positions, *inputs)
+    own = list(seen)
+    seen.clear()
+    aliased = decode_step_with_chunk(model, cache, tokens, positions, *inputs, route_as=torch.tensor([0, 1]))
+    assert torch.equal(aliased, plain)
+    assert len(seen) == len(own) == model.shape.n_layers
+    cycle = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    assert all(torch.equal(ids, ids[cycle]) for ids in seen)
+    assert all(torch.equal(ids[:3], first[:3]) for ids, first in zip(seen, own))
+    assert any(not torch.equal(ids, ids[cycle]) for ids in own)
+
+
 def test_generate_with_aliased_padding_rows(rng, model):
     """Three prompts fill a bucket of four: with alias_free_rows the padding row routes as row 0, and the three
     answers are the ones the engine gives without it."""

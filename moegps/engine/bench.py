@@ -385,19 +385,24 @@ def part_pack(model: Model, counts, copy_rate: float, matmul_rate: float, reps: 
     return rows
 
 
-def chunk_step_engine(model: Model, batch: int, size: int, context: int,
-                      gen: torch.Generator) -> tuple[Engine, torch.Tensor]:
+def chunk_step_engine(model: Model, batch: int, size: int, context: int, gen: torch.Generator,
+                      piece: list[int] | None = None, alias_free_rows: bool = True) -> tuple[Engine, torch.Tensor]:
     """An engine whose ``step(bucket_for(batch), size)`` decodes ``batch`` rows of random tokens at ``context`` and a
     chunk of ``size`` random prompt tokens in the slot past the bucket, after ``context`` earlier positions of it;
-    and that chunk."""
+    and that chunk. ``piece``: the chunk is these tokens padded with token 0 to ``size``, as serving pads a
+    prompt's last piece."""
     bucket = bucket_for(batch)
-    engine = Engine(model, max_batch=bucket + 1, max_len=context + size + 2)  # the chunk's slot: `bucket`
+    engine = Engine(model, max_batch=bucket + 1, max_len=context + size + 2,  # the chunk's slot: `bucket`
+                    alias_free_rows=alias_free_rows)
     prompts = torch.randint(3, model.shape.vocab_size, (batch, context), generator=gen).tolist()
     engine.generate(prompts, 1)  # the batch's K/V, tokens and positions as after its prefill
-    chunk = torch.randint(3, model.shape.vocab_size, (size,), generator=gen)
+    if piece is None:
+        chunk = torch.randint(3, model.shape.vocab_size, (size,), generator=gen)
+    else:
+        chunk = torch.tensor(list(piece) + [0] * (size - len(piece)), dtype=torch.long)
     tokens, slot, start, last = engine.chunk_inputs(size)
     tokens.copy_(chunk)
-    slot.fill_(bucket), start.fill_(context), last.fill_(size - 1)
+    slot.fill_(bucket), start.fill_(context), last.fill_(size - 1 if piece is None else len(piece) - 1)
     return engine, chunk
 
 

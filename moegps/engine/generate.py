@@ -296,7 +296,8 @@ class Engine:
         self.positions = torch.zeros(slots, dtype=torch.long, device=model.device)  # = each row's length so far
         # alias_free_rows: a bucket's rows that hold no sequence (a batch's padding, serving's free slots) compute
         # the experts of the row route_as names instead of their own, so that they read no expert weights the
-        # running rows do not (one index_select a MoE layer of buckets over 1); route_as is the identity
+        # running rows do not (one index_select a MoE layer of buckets over 1 and of steps with a chunk, whose
+        # padding rows route as its prompt rows: model.decode_step_with_chunk); route_as is the identity
         # elsewhere, written by generate and by the serving loop. On by default: serving on an H100 (64 experts,
         # benchmarks/engine/serve-free-rows-h100-2026-12-05-aa/) ran a 2-row step with one answer running in 2.79 ms
         # against 3.79 with the free row routing as token 0, time per output token 8-10% shorter at 10 requests/s
@@ -322,7 +323,7 @@ class Engine:
         tokens, positions = self.tokens[:bucket], self.positions[:bucket]
         inputs = self.chunk_inputs(chunk) if chunk else None
 
-        route_as = self.route_as[:bucket] if self.alias_free_rows and bucket > 1 else None
+        route_as = self.route_as[:bucket] if self.alias_free_rows and (bucket > 1 or chunk) else None
 
         def step():
             if chunk:

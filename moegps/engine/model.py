@@ -353,7 +353,11 @@ def decode_step_with_chunk(model: Model, cache: KVCache, tokens: torch.Tensor, p
     what follows overwrites them before any read. The slot's own row among the B decode rows must not
     write inside the prompt: park it at the chunk's end. Returns ``[B + 1, V]`` float32: the decode rows'
     logits, then those of the chunk's row ``chunk_last [1]`` (the prompt's last token, in its last chunk).
-    ``route_as [B]``: as in ``decode_step``, for the decode rows (the chunk's rows route as themselves).
+    ``route_as [B]``: as in ``decode_step``, for the decode rows; given, the chunk's padding rows route as its
+    prompt rows, cyclically (row i as row i mod (chunk_last + 1)): left to route as themselves, token 0 at
+    consecutive positions picks the same few experts in every layer and piles up to a whole chunk's rows on them
+    (a 90-token piece padded to 256 on random Mixtral-size layers: 179 and 214 rows on two of the eight experts,
+    one more 128-row block each), where cycling keeps each expert's share of the prompt's rows and adds no expert.
     No host synchronisation: capturable in a CUDA graph."""
     B, C, S = tokens.shape[0], chunk.shape[0], model.shape
     device = tokens.device
@@ -375,7 +379,7 @@ def decode_step_with_chunk(model: Model, cache: KVCache, tokens: torch.Tensor, p
         return torch.cat([decoded, o.view(S.n_kv_heads, C, group, D).transpose(0, 1).reshape(C, S.n_heads, D)])
 
     if route_as is not None:
-        route_as = torch.cat([route_as, torch.arange(B, B + C, device=device)])
+        route_as = torch.cat([route_as, B + torch.arange(C, device=device) % (chunk_last + 1)])
     resid = model.embed[torch.cat([tokens, chunk])]
     delta = _layers(model, cache, resid, torch.cat([positions, chunk_positions]), slots, attend, route_as)
     rows = torch.cat([torch.arange(B, device=device), B + chunk_last])
