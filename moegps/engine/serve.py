@@ -64,6 +64,9 @@ from .parallel import expert_parallel, idle_moe_calls, serving_comm
 
 POLICIES = ("continuous", "chunked", "static")
 MAX_PREFILL_TOKENS = 8192  # prompt tokens of one packed eager prefill at most
+# chunk sizes captured (a chunk and its halvings, chunk_sizes): on an H100, the 64-expert shape's chunked serving
+# ran time to first token 2-6% shorter with 4 than with 1 (benchmarks/engine/serve-chunk-graphs-h100-2026-12-05-ab/)
+CHUNK_GRAPHS = 4
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,7 @@ def chunk_sizes(chunk: int, graphs: int = 1) -> list[int]:
 
 def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = None, stop_tokens=(),
           continuous: bool = True, chunk: int = 0, max_prefill_tokens: int = MAX_PREFILL_TOKENS, clock=time.perf_counter,
-          sleep=time.sleep, calls: list[dict] | None = None, chunk_graphs: int = 1) -> list[Served]:
+          sleep=time.sleep, calls: list[dict] | None = None, chunk_graphs: int = CHUNK_GRAPHS) -> list[Served]:
     """Serve ``requests`` (in the order of their arrival, ties by index) on ``engine``'s cache slots; returns
     each request's answer and times (host clock, seconds since the call began), in the requests' order.
     On expert-parallel ranks, every rank calls this with its own requests at the same time (module docstring).
@@ -404,7 +407,7 @@ def decode_ceiling(engine: Engine, requests: list[Request], steps: int = 16) -> 
 
 
 def warm_up(engine: Engine, requests: list[Request], chunk: int = 0,
-            max_prefill_tokens: int = MAX_PREFILL_TOKENS, chunk_graphs: int = 1) -> None:
+            max_prefill_tokens: int = MAX_PREFILL_TOKENS, chunk_graphs: int = CHUNK_GRAPHS) -> None:
     """Compile the kernels and capture what serving these requests replays (GPU), so that no capture or
     compile falls inside a timed run: the decode graph of every bucket up to the engine's slots (with a
     prompt chunk of each of ``chunk_sizes(chunk, chunk_graphs)`` beside it too, when chunked), each prompt length
@@ -548,7 +551,7 @@ def add_workload_arguments(ap: argparse.ArgumentParser) -> None:
                     help="continuous: admit before every step, prompts prefilled whole; chunked: the same with "
                     "prompts prefilled --chunk tokens a step beside the decode; static: admit when all slots are free")
     ap.add_argument("--chunk", type=int, default=128, help="prompt tokens a step of the chunked policy")
-    ap.add_argument("--chunk-graphs", type=int, default=1,
+    ap.add_argument("--chunk-graphs", type=int, default=CHUNK_GRAPHS,
                     help="chunk sizes captured: --chunk and its halvings, this many in all; a prompt's piece is padded "
                     "up to the smallest that holds it (1: every piece to --chunk)")
     ap.add_argument("--seed", type=int, default=0)
