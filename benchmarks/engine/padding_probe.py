@@ -1,13 +1,13 @@
-"""What a chunk's padding rows cost: the graphed step of ``--rows`` decode rows beside a chunk of ``--chunk`` (256)
-tokens that holds the first L tokens of an MMLU prompt padded with token 0 (as serving's chunked policy pads a
-prompt's last piece), the padding rows routing as themselves (``Engine(alias_free_rows=False)``, ``serve
---free-rows token0``) and as the piece's rows, cyclically (the default: ``model.decode_step_with_chunk``); beside
-the times, the experts the chunk's rows pick in each MoE layer (an eager prefill of the padded chunk): distinct,
-and the blocks of 64 and of 128 rows they fill, for the piece alone, padded, and cycled, as means over the layers.
-Token 0 at consecutive positions picks the same few experts, so padding piles rows on them (on the CPU, random
-Mixtral-size layers, eight MMLU pieces: 9.6 blocks of 128 a layer padded against 8.5 cycled and 8.1 for the pieces
-alone). GPU; ``--device cpu`` checks that it runs. Session ab's H100 figures:
-benchmarks/engine/serve-chunk-graphs-h100-2026-12-05-ab/.
+"""What a chunk's padding rows cost: the graphed step of ``--rows`` decode rows (at ``--context``) beside a chunk of
+``--chunk`` (256) tokens that holds the first L tokens of an MMLU prompt, at position 0 of its slot, padded with
+token 0 (as serving's chunked policy pads a prompt's last piece), the padding rows routing as themselves
+(``Engine(alias_free_rows=False)``, ``serve --free-rows token0``) and as the piece's rows, cyclically (the default:
+``model.decode_step_with_chunk``); beside the times, the experts the chunk's rows pick in each MoE layer (an eager
+prefill of the padded chunk): distinct, and the blocks of 64 and of 128 rows they fill, for the piece alone,
+padded, and cycled, as means over the layers. Token 0 at consecutive positions picks the same few experts, so
+padding piles rows on them (on the CPU, random Mixtral-size layers, eight MMLU pieces: 9.6 blocks of 128 a layer
+padded against 8.5 cycled and 8.1 for the pieces alone). GPU; ``--device cpu`` checks that it runs. Session ab's
+H100 figures: benchmarks/engine/serve-chunk-graphs-h100-2026-12-05-ab/.
 
     PYTHONPATH=. python benchmarks/engine/padding_probe.py --shape deepseek-v2-lite --pieces 40 100 160 --rows 1 16
     PYTHONPATH=. python benchmarks/engine/padding_probe.py --shape mixtral-8x7b --layers 16 ...   # an 80 GB GPU
@@ -71,8 +71,8 @@ def main() -> None:
     S = model.shape
     prompts = [r.prompt for r in mmlu_requests(128, 0.0, 32, 0, questions=mmlu_questions(args.mmlu))]
     gen = torch.Generator().manual_seed(4)
-    print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}: {args.shape}, {S.n_layers} layers, a chunk of {args.chunk} after "
-          f"{args.context} positions of its slot, decode rows at context {args.context}")
+    print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}: {args.shape}, {S.n_layers} layers, a prompt's first "
+          f"chunk of {args.chunk} tokens, decode rows at context {args.context}")
     routing, times = [], []
     for length in args.pieces:
         piece = next(p for p in prompts if len(p) >= length)[:length]

@@ -389,8 +389,8 @@ def chunk_step_engine(model: Model, batch: int, size: int, context: int, gen: to
                       piece: list[int] | None = None, alias_free_rows: bool = True) -> tuple[Engine, torch.Tensor]:
     """An engine whose ``step(bucket_for(batch), size)`` decodes ``batch`` rows of random tokens at ``context`` and a
     chunk of ``size`` random prompt tokens in the slot past the bucket, after ``context`` earlier positions of it;
-    and that chunk. ``piece``: the chunk is these tokens padded with token 0 to ``size``, as serving pads a
-    prompt's last piece."""
+    and that chunk. ``piece``: the chunk is these tokens padded with token 0 to ``size`` and is a prompt's first
+    (position 0 of its slot), as serving runs a prompt of up to ``size`` tokens."""
     bucket = bucket_for(batch)
     engine = Engine(model, max_batch=bucket + 1, max_len=context + size + 2,  # the chunk's slot: `bucket`
                     alias_free_rows=alias_free_rows)
@@ -402,7 +402,8 @@ def chunk_step_engine(model: Model, batch: int, size: int, context: int, gen: to
         chunk = torch.tensor(list(piece) + [0] * (size - len(piece)), dtype=torch.long)
     tokens, slot, start, last = engine.chunk_inputs(size)
     tokens.copy_(chunk)
-    slot.fill_(bucket), start.fill_(context), last.fill_(size - 1 if piece is None else len(piece) - 1)
+    slot.fill_(bucket), start.fill_(context if piece is None else 0)
+    last.fill_(size - 1 if piece is None else len(piece) - 1)
     return engine, chunk
 
 
