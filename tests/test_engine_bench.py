@@ -147,3 +147,29 @@ def test_part_chunk_runs_on_the_cpu(monkeypatch):
         assert min(r["decode_ms"], r["with_chunk_ms"], r["chunk_alone_ms"], r["decode_floor_ms"]) > 0
         assert r["chunk_extra_ms"] == pytest.approx(r["with_chunk_ms"] - r["decode_ms"])
         assert r["chunk_matmul_floor_ms"] == pytest.approx(2 * bench.active_params(shape) * r["chunk"] / 1e12 * 1e3)
+
+
+def test_chunk_step_engine_with_a_piece_is_a_prompts_first_chunk(monkeypatch):
+    """chunk_step_engine(piece=...): the step's chunk row for the piece's last token gives the logits a prefill of the
+    piece alone gives (float64: the chunk sits at position 0 of its slot and its padding rows, after the piece, are
+    not seen), with the padding rows routing as themselves or cycled over the piece's rows alike."""
+    import torch
+
+    from moegps.engine.generate import bucket_for
+    from moegps.engine.model import KVCache, prefill, random_model
+    from moegps.shapes import from_name
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    rng = random.Random()
+    shape = from_name("mixtral-8x7b").replace(name="tiny", vocab_size=64, n_layers=2, hidden=32, n_heads=4,
+                                              n_kv_heads=2, head_dim=8, expert_ffn=24, n_experts=8, top_k=2)
+    model = random_model(shape, device="cpu", dtype=torch.float64, seed=rng.randrange(2**20))
+    piece = [rng.randrange(1, 64) for _ in range(5)]
+    want = prefill(model, KVCache(shape, 1, 8, torch.float64, "cpu"), [torch.tensor(piece)])[0]
+    for alias in (False, True):
+        engine, chunk = bench.chunk_step_engine(model, 3, 8, 6, torch.Generator().manual_seed(rng.randrange(99)),
+                                                piece, alias)
+        assert chunk.tolist() == piece + [0, 0, 0]
+        with torch.inference_mode():
+            logits = engine.step(bucket_for(3), 8)()
+        assert torch.allclose(logits[-1], want, rtol=0, atol=1e-10)
