@@ -128,19 +128,25 @@ def test_host_cpu_names_the_model_and_cores(tmp_path, monkeypatch):
     assert bench.host_cpu(tmp_path / "absent") == "unknown CPU, 48 cores"
 
 
+def tiny_model(dtype, seed: int):
+    """A two-layer Mixtral-family model of hidden size 32 with random weights on the CPU."""
+    from moegps.engine.model import random_model
+    from moegps.shapes import from_name
+
+    shape = from_name("mixtral-8x7b").replace(name="tiny", vocab_size=64, n_layers=2, hidden=32, n_heads=4,
+                                              n_kv_heads=2, head_dim=8, expert_ffn=24, n_experts=8, top_k=2)
+    return random_model(shape, device="cpu", dtype=dtype, seed=seed)
+
+
 def test_part_chunk_runs_on_the_cpu(monkeypatch):
     """The chunk part's bookkeeping on a tiny float32 model (its timings are the GPU's to take): a row per
     batch and chunk size, each time positive, the extra of a chunk beside the decode step the difference of
     the two steps, floors from the rates given; a batch in the largest bucket skipped (no slot past it)."""
     import torch
 
-    from moegps.engine.model import random_model
-    from moegps.shapes import from_name
-
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    shape = from_name("mixtral-8x7b").replace(name="tiny", vocab_size=64, n_layers=2, hidden=32, n_heads=4,
-                                              n_kv_heads=2, head_dim=8, expert_ffn=24, n_experts=8, top_k=2)
-    model = random_model(shape, device="cpu", dtype=torch.float32, seed=random.Random().randrange(2**20))
+    model = tiny_model(torch.float32, random.Random().randrange(2**20))
+    shape = model.shape
     rows = bench.part_chunk(model, [1, 3, 128], [4, 6], context=8, copy_rate=1e10, matmul_rate=1e12, reps=2)
     assert [(r["batch"], r["chunk"]) for r in rows] == [(1, 4), (1, 6), (3, 4), (3, 6)]
     for r in rows:
@@ -156,14 +162,12 @@ def test_chunk_step_engine_with_a_piece_is_a_prompts_first_chunk(monkeypatch):
     import torch
 
     from moegps.engine.generate import bucket_for
-    from moegps.engine.model import KVCache, prefill, random_model
-    from moegps.shapes import from_name
+    from moegps.engine.model import KVCache, prefill
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     rng = random.Random()
-    shape = from_name("mixtral-8x7b").replace(name="tiny", vocab_size=64, n_layers=2, hidden=32, n_heads=4,
-                                              n_kv_heads=2, head_dim=8, expert_ffn=24, n_experts=8, top_k=2)
-    model = random_model(shape, device="cpu", dtype=torch.float64, seed=rng.randrange(2**20))
+    model = tiny_model(torch.float64, rng.randrange(2**20))
+    shape = model.shape
     piece = [rng.randrange(1, 64) for _ in range(5)]
     want = prefill(model, KVCache(shape, 1, 8, torch.float64, "cpu"), [torch.tensor(piece)])[0]
     for alias in (False, True):

@@ -148,24 +148,31 @@ def test_free_rows_all_decode_token_0(rng, model, monkeypatch):
     assert [s.tokens for s in served] == alone(model, requests)
 
 
-def test_aliased_rows_compute_a_running_rows_experts(rng, model, monkeypatch):
-    """decode_step with route_as: a row routed as itself gets exactly the logits it gets without route_as, and a
-    row routed as another hands the MoE that row's expert ids at every layer (which, without route_as, are not
-    its own everywhere)."""
+def expert_ids_seen(monkeypatch) -> list[torch.Tensor]:
+    """A list that gets a copy of the expert ids ``[tokens, k]`` every MoE layer hands the experts (the CPU path's
+    ``moe_reference``) from now on."""
     import moegps.engine.model as engine_model
-    from moegps.engine.model import decode_step
 
-    cache = KVCache(model.shape, 4, 32, torch.float64, "cpu")
-    prefill(model, cache, [torch.from_numpy(rng.integers(0, 64, size=n)) for n in (5, 3, 7, 2)])
-    tokens, positions = torch.from_numpy(rng.integers(0, 64, size=4)), torch.tensor([5, 3, 7, 2])
-    seen = []
-    reference = engine_model.moe_reference
+    seen, reference = [], engine_model.moe_reference
 
     def spy(x, w_gate_up, w_down, ids, gates):
         seen.append(ids.clone())
         return reference(x, w_gate_up, w_down, ids, gates)
 
     monkeypatch.setattr(engine_model, "moe_reference", spy)
+    return seen
+
+
+def test_aliased_rows_compute_a_running_rows_experts(rng, model, monkeypatch):
+    """decode_step with route_as: a row routed as itself gets exactly the logits it gets without route_as, and a
+    row routed as another hands the MoE that row's expert ids at every layer (which, without route_as, are not
+    its own everywhere)."""
+    from moegps.engine.model import decode_step
+
+    cache = KVCache(model.shape, 4, 32, torch.float64, "cpu")
+    prefill(model, cache, [torch.from_numpy(rng.integers(0, 64, size=n)) for n in (5, 3, 7, 2)])
+    tokens, positions = torch.from_numpy(rng.integers(0, 64, size=4)), torch.tensor([5, 3, 7, 2])
+    seen = expert_ids_seen(monkeypatch)
     plain = decode_step(model, cache, tokens, positions)
     own = list(seen)
     seen.clear()
@@ -180,7 +187,6 @@ def test_a_chunks_padding_rows_route_as_its_prompt_rows(rng, model, monkeypatch)
     """decode_step_with_chunk with route_as: a chunk of 7 rows holding 3 prompt tokens (chunk_last 2) hands the MoE
     rows 0, 1, 2, 0, 1, 2, 0's expert ids for its rows at every layer (its padding rows' own ids are not those
     everywhere), and the decode rows' and the prompt's last row's logits are exactly those without route_as."""
-    import moegps.engine.model as engine_model
     from moegps.engine.model import decode_step_with_chunk
 
     cache = KVCache(model.shape, 3, 32, torch.float64, "cpu")
@@ -188,23 +194,17 @@ def test_a_chunks_padding_rows_route_as_its_prompt_rows(rng, model, monkeypatch)
     tokens, positions = torch.from_numpy(rng.integers(0, 64, size=2)), torch.tensor([5, 4])
     chunk = torch.tensor(rng.integers(1, 64, size=3).tolist() + [0] * 4)  # padded as serve pads a piece
     inputs = (chunk, torch.tensor([2]), torch.tensor([6]), torch.tensor([2]))  # slot 2, after its 6 positions
-    seen = []
-    reference = engine_model.moe_reference
-
-    def spy(x, w_gate_up, w_down, ids, gates):
-        seen.append(ids[2:].clone())  # the chunk's rows
-        return reference(x, w_gate_up, w_down, ids, gates)
-
-    monkeypatch.setattr(engine_model, "moe_reference", spy)
+    seen = expert_ids_seen(monkeypatch)
     plain = decode_step_with_chunk(model, cache, tokens, positions, *inputs)
-    own = list(seen)
+    own = [ids[2:] for ids in seen]  # the chunk's rows
     seen.clear()
     aliased = decode_step_with_chunk(model, cache, tokens, positions, *inputs, route_as=torch.tensor([0, 1]))
+    cycled = [ids[2:] for ids in seen]
     assert torch.equal(aliased, plain)
-    assert len(seen) == len(own) == model.shape.n_layers
+    assert len(cycled) == len(own) == model.shape.n_layers
     cycle = torch.tensor([0, 1, 2, 0, 1, 2, 0])
-    assert all(torch.equal(ids, ids[cycle]) for ids in seen)
-    assert all(torch.equal(ids[:3], first[:3]) for ids, first in zip(seen, own))
+    assert all(torch.equal(ids, ids[cycle]) for ids in cycled)
+    assert all(torch.equal(ids[:3], first[:3]) for ids, first in zip(cycled, own))
     assert any(not torch.equal(ids, ids[cycle]) for ids in own)
 
 

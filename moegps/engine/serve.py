@@ -410,12 +410,11 @@ def warm_up(engine: Engine, requests: list[Request], chunk: int = 0,
             max_prefill_tokens: int = MAX_PREFILL_TOKENS, chunk_graphs: int = CHUNK_GRAPHS) -> None:
     """Compile the kernels and capture what serving these requests replays (GPU), so that no capture or
     compile falls inside a timed run: the decode graph of every bucket up to the engine's slots (with a
-    prompt chunk of each of ``chunk_sizes(chunk, chunk_graphs)`` beside it too, when chunked), each prompt length
-    class's prefill graph in
-    slot 0 and in another slot, the packed prefill graph of every token count several newcomers can make, and
-    an eager prefill of each size in ``packed_prefill_sizes`` (packs past the graphs). Without the last, the
-    first static run on an H200 stalled on the MoE kernels' compiles (session v: a 17 s median time to first
-    token at 5 requests a second, 3.8 s at 10)."""
+    prompt chunk of each of ``chunk_sizes(chunk, chunk_graphs)`` beside it too, when chunked), each prompt
+    length class's prefill graph in slot 0 and in another slot, the packed prefill graph of every token count
+    several newcomers can make, and an eager prefill of each size in ``packed_prefill_sizes`` (packs past the
+    graphs). Without the last, the first static run on an H200 stalled on the MoE kernels' compiles (session v: a
+    17 s median time to first token at 5 requests a second, 3.8 s at 10)."""
     if engine.prefill_graphs is None:
         return
     graphs, slots = engine.prefill_graphs, engine.cache.slots
