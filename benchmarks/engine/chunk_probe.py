@@ -5,6 +5,7 @@ of its own slot), its device time and its kernels by name (``engine.bench.kernel
 the most rows less at the fewest. GPU.
 
     PYTHONPATH=. python benchmarks/engine/chunk_probe.py --shape deepseek-v2-lite --rows 1 24 --chunk 256
+    PYTHONPATH=. python benchmarks/engine/chunk_probe.py --shape mixtral-8x7b --layers 16 --rows 1 32 --piece 100
 """
 
 import argparse
@@ -14,14 +15,17 @@ import torch
 from moegps.engine.bench import chunk_step_engine, kernel_trace
 from moegps.engine.generate import bucket_for
 from moegps.engine.model import random_model
+from moegps.engine.serve import mmlu_questions, mmlu_requests
 from moegps.executor.generate import device_ms
 from moegps.files import markdown_table
 from moegps.shapes import from_name
 
 
-def step_kernels(model, rows: int, chunk: int, context: int, gen: torch.Generator) -> tuple[float, dict]:
-    """(ms of the graphed step, {kernel name: summed us}) for ``rows`` decode rows and a chunk of ``chunk`` tokens."""
-    engine, _ = chunk_step_engine(model, rows, chunk, context, gen)
+def step_kernels(model, rows: int, chunk: int, context: int, gen: torch.Generator,
+                 piece: list[int] | None = None) -> tuple[float, dict]:
+    """(ms of the graphed step, {kernel name: summed us}) for ``rows`` decode rows and a chunk of ``chunk`` tokens
+    (random tokens after ``context`` of its slot's positions, or ``piece`` padded, at position 0)."""
+    engine, _ = chunk_step_engine(model, rows, chunk, context, gen, piece)
     with torch.inference_mode():
         run = engine.step(bucket_for(rows), chunk)
         ms = device_ms(run, 20, warmup=3)
@@ -39,12 +43,23 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 24])
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=None, help="the shape's first N layers only")
+    ap.add_argument("--piece", type=int, default=None,
+                    help="the chunk is an MMLU prompt's first PIECE tokens, padded, at position 0 of its slot "
+                         "(as serving's chunked policy runs a short prompt), instead of random tokens")
+    ap.add_argument("--mmlu", default=None, help="MMLU folder for --piece (default: ../shared/data/mmlu/test)")
     args = ap.parse_args()
-    model = random_model(from_name(args.shape))
+    shape = from_name(args.shape)
+    model = random_model(shape.replace(n_layers=args.layers) if args.layers else shape)
+    piece = None
+    if args.piece:
+        prompts = [r.prompt for r in mmlu_requests(128, 0.0, 32, 0, questions=mmlu_questions(args.mmlu))]
+        piece = next(p for p in prompts if len(p) >= args.piece)[:args.piece]
     gen = torch.Generator().manual_seed(4)
-    runs = {rows: step_kernels(model, rows, args.chunk, args.context, gen) for rows in args.rows}
-    print(f"{torch.cuda.get_device_name()}: {args.shape}, chunk of {args.chunk} tokens after {args.context}, "
-          "decode rows at context " + str(args.context))
+    runs = {rows: step_kernels(model, rows, args.chunk, args.context, gen, piece) for rows in args.rows}
+    where = f"an MMLU prompt's first {args.piece} tokens, padded" if piece else f"random tokens after {args.context}"
+    print(f"{torch.cuda.get_device_name()}: {args.shape}, {model.shape.n_layers} layers, chunk of {args.chunk} "
+          f"tokens ({where}), decode rows at context {args.context}")
     for rows, (ms, _) in runs.items():
         print(f"{rows} rows + chunk: {ms:.3f} ms a step (bucket {bucket_for(rows)})")
     fewest, most = runs[min(runs)][1], runs[max(runs)][1]
