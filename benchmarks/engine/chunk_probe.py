@@ -2,7 +2,9 @@
 graphed step of that many decode rows with a chunk of ``--chunk`` prompt tokens (``engine.bench.chunk_step_engine``,
 as the bench's chunk part: the rows at ``--context`` tokens, the chunk's rows after ``--context`` earlier positions
 of its own slot), its device time and its kernels by name (``engine.bench.kernel_trace``), then each kernel's time at
-the most rows less at the fewest. GPU.
+the most rows less at the fewest; and, from the same step run eagerly, what the step's rows (decode and chunk)
+fill in each MoE layer: distinct experts and blocks of 64 and of 128 rows (each block of an expert reads its
+weights once more on the paths that take blocks of that height). GPU.
 
     PYTHONPATH=. python benchmarks/engine/chunk_probe.py --shape deepseek-v2-lite --rows 1 24 --chunk 256
     PYTHONPATH=. python benchmarks/engine/chunk_probe.py --shape mixtral-8x7b --layers 16 --rows 1 32 --piece 100
@@ -10,7 +12,9 @@ the most rows less at the fewest. GPU.
 
 import argparse
 
+import numpy as np
 import torch
+from padding_probe import fill, moe_ids
 
 from moegps.engine.bench import chunk_step_engine, kernel_trace
 from moegps.engine.generate import bucket_for
@@ -22,9 +26,10 @@ from moegps.shapes import from_name
 
 
 def step_kernels(model, rows: int, chunk: int, context: int, gen: torch.Generator,
-                 piece: list[int] | None = None) -> tuple[float, dict]:
-    """(ms of the graphed step, {kernel name: summed us}) for ``rows`` decode rows and a chunk of ``chunk`` tokens
-    (random tokens after ``context`` of its slot's positions, or ``piece`` padded, at position 0)."""
+                 piece: list[int] | None = None) -> tuple[float, dict, np.ndarray]:
+    """(ms of the graphed step, {kernel name: summed us}, [distinct experts, blocks of 64, blocks of 128] its rows
+    fill, means over MoE layers) for ``rows`` decode rows and a chunk of ``chunk`` tokens (random tokens after
+    ``context`` of its slot's positions, or ``piece`` padded, at position 0)."""
     engine, _ = chunk_step_engine(model, rows, chunk, context, gen, piece)
     with torch.inference_mode():
         run = engine.step(bucket_for(rows), chunk)
@@ -32,9 +37,11 @@ def step_kernels(model, rows: int, chunk: int, context: int, gen: torch.Generato
         by_name: dict = {}
         for _, dur, name in kernel_trace(run):
             by_name[name[:70]] = by_name.get(name[:70], 0.0) + dur
+        engine.cuda_graph = False  # the same step eagerly, for its routing (it rewrites the same K/V)
+        ids = moe_ids(model, engine.step(bucket_for(rows), chunk))
     del engine
     torch.cuda.empty_cache()
-    return ms, by_name
+    return ms, by_name, np.mean([fill(i, model.shape.n_experts) for i in ids], axis=0)
 
 
 def main() -> None:
@@ -60,8 +67,9 @@ def main() -> None:
     where = f"an MMLU prompt's first {args.piece} tokens, padded" if piece else f"random tokens after {args.context}"
     print(f"{torch.cuda.get_device_name()}: {args.shape}, {model.shape.n_layers} layers, chunk of {args.chunk} "
           f"tokens ({where}), decode rows at context {args.context}")
-    for rows, (ms, _) in runs.items():
-        print(f"{rows} rows + chunk: {ms:.3f} ms a step (bucket {bucket_for(rows)})")
+    for rows, (ms, _, filled) in runs.items():
+        print(f"{rows} rows + chunk: {ms:.3f} ms a step (bucket {bucket_for(rows)}); its rows fill, a MoE layer: "
+              f"{filled[0]:.2f} experts, {filled[1]:.2f} blocks of 64 rows, {filled[2]:.2f} of 128")
     fewest, most = runs[min(runs)][1], runs[max(runs)][1]
     table = [dict(kernel=name, **{f"us at {min(runs)} rows": fewest.get(name, 0.0),
                                   f"us at {max(runs)} rows": most.get(name, 0.0)},

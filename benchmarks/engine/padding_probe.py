@@ -29,8 +29,9 @@ from moegps.files import markdown_table
 from moegps.shapes import from_name
 
 
-def chunk_ids(model, tokens: list[int]) -> list[torch.Tensor]:
-    """Each MoE layer's top-k expert ids ``[len(tokens), k]`` for ``tokens`` prefilled as one prompt (eager)."""
+def moe_ids(model, run) -> list[torch.Tensor]:
+    """Each MoE layer's top-k expert ids ``[tokens, k]`` as its expert kernels get them, while ``run()`` runs the
+    model eagerly."""
     seen, k = [], model.shape.top_k
 
     def spy(experts):
@@ -39,11 +40,16 @@ def chunk_ids(model, tokens: list[int]) -> list[torch.Tensor]:
             return experts(x, w_gate_up, w_down, ids, gates)
         return run
 
-    cache = KVCache(model.shape, 1, len(tokens), model.dtype, model.device)
     with (mock.patch.object(engine_model, "fused_moe", spy(engine_model.fused_moe)),
           mock.patch.object(engine_model, "moe_reference", spy(engine_model.moe_reference)), torch.inference_mode()):
-        prefill(model, cache, [torch.tensor(tokens, device=model.device)])
+        run()
     return seen
+
+
+def chunk_ids(model, tokens: list[int]) -> list[torch.Tensor]:
+    """Each MoE layer's top-k expert ids ``[len(tokens), k]`` for ``tokens`` prefilled as one prompt (eager)."""
+    cache = KVCache(model.shape, 1, len(tokens), model.dtype, model.device)
+    return moe_ids(model, lambda: prefill(model, cache, [torch.tensor(tokens, device=model.device)]))
 
 
 def fill(ids: torch.Tensor, n_experts: int) -> np.ndarray:
