@@ -4,10 +4,12 @@ as the bench's chunk part: the rows at ``--context`` tokens, the chunk's rows af
 of its own slot), its device time and its kernels by name (``engine.bench.kernel_trace``), then each kernel's time at
 the most rows less at the fewest; and, from the same step run eagerly, what the step's rows (decode and chunk)
 fill in each MoE layer: distinct experts and blocks of 64 and of 128 rows (each block of an expert reads its
-weights once more on the paths that take blocks of that height). GPU.
+weights once more on the paths that take blocks of that height). GPU; ``--device cpu`` counts the blocks only.
 
     PYTHONPATH=. python benchmarks/engine/chunk_probe.py --shape deepseek-v2-lite --rows 1 24 --chunk 256
     PYTHONPATH=. python benchmarks/engine/chunk_probe.py --shape mixtral-8x7b --layers 16 --rows 1 32 --piece 100
+    python benchmarks/engine/chunk_probe.py --shape mixtral-8x7b --layers 4 --rows 1 32 --piece 60 100 160 \
+        --context 64 --device cpu                                      # the blocks only: 24 GB of memory, minutes
 """
 
 import argparse
@@ -29,18 +31,21 @@ def step_kernels(model, rows: int, chunk: int, context: int, gen: torch.Generato
                  piece: list[int] | None = None) -> tuple[float, dict, np.ndarray]:
     """(ms of the graphed step, {kernel name: summed us}, [distinct experts, blocks of 64, blocks of 128] its rows
     fill, means over MoE layers) for ``rows`` decode rows and a chunk of ``chunk`` tokens (random tokens after
-    ``context`` of its slot's positions, or ``piece`` padded, at position 0)."""
+    ``context`` of its slot's positions, or ``piece`` padded, at position 0). On the CPU only the fill (ms nan)."""
     engine, _ = chunk_step_engine(model, rows, chunk, context, gen, piece)
+    cuda = model.device.type == "cuda"
+    ms, by_name = float("nan"), {}
     with torch.inference_mode():
-        run = engine.step(bucket_for(rows), chunk)
-        ms = device_ms(run, 20, warmup=3)
-        by_name: dict = {}
-        for _, dur, name in kernel_trace(run):
-            by_name[name[:70]] = by_name.get(name[:70], 0.0) + dur
+        if cuda:
+            run = engine.step(bucket_for(rows), chunk)
+            ms = device_ms(run, 20, warmup=3)
+            for _, dur, name in kernel_trace(run):
+                by_name[name[:70]] = by_name.get(name[:70], 0.0) + dur
         engine.cuda_graph = False  # the same step eagerly, for its routing (it rewrites the same K/V)
         ids = moe_ids(model, engine.step(bucket_for(rows), chunk))
     del engine
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return ms, by_name, np.mean([fill(i, model.shape.n_experts) for i in ids], axis=0)
 
 
@@ -51,30 +56,37 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--layers", type=int, default=None, help="the shape's first N layers only")
-    ap.add_argument("--piece", type=int, default=None,
+    ap.add_argument("--piece", type=int, nargs="+", default=None,
                     help="the chunk is an MMLU prompt's first PIECE tokens, padded, at position 0 of its slot "
-                         "(as serving's chunked policy runs a short prompt), instead of random tokens")
+                         "(as serving's chunked policy runs a short prompt), instead of random tokens; several: each")
     ap.add_argument("--mmlu", default=None, help="MMLU folder for --piece (default: ../shared/data/mmlu/test)")
+    ap.add_argument("--device", default="cuda", help="cpu: the blocks the rows fill only (bf16, no times)")
     args = ap.parse_args()
     shape = from_name(args.shape)
-    model = random_model(shape.replace(n_layers=args.layers) if args.layers else shape)
-    piece = None
+    model = random_model(shape.replace(n_layers=args.layers) if args.layers else shape, args.device)
+    pieces: list = [None]
     if args.piece:
         prompts = [r.prompt for r in mmlu_requests(128, 0.0, 32, 0, questions=mmlu_questions(args.mmlu))]
-        piece = next(p for p in prompts if len(p) >= args.piece)[:args.piece]
-    gen = torch.Generator().manual_seed(4)
-    runs = {rows: step_kernels(model, rows, args.chunk, args.context, gen, piece) for rows in args.rows}
-    where = f"an MMLU prompt's first {args.piece} tokens, padded" if piece else f"random tokens after {args.context}"
-    print(f"{torch.cuda.get_device_name()}: {args.shape}, {model.shape.n_layers} layers, chunk of {args.chunk} "
-          f"tokens ({where}), decode rows at context {args.context}")
-    for rows, (ms, _, filled) in runs.items():
-        print(f"{rows} rows + chunk: {ms:.3f} ms a step (bucket {bucket_for(rows)}); its rows fill, a MoE layer: "
-              f"{filled[0]:.2f} experts, {filled[1]:.2f} blocks of 64 rows, {filled[2]:.2f} of 128")
-    fewest, most = runs[min(runs)][1], runs[max(runs)][1]
-    table = [dict(kernel=name, **{f"us at {min(runs)} rows": fewest.get(name, 0.0),
-                                  f"us at {max(runs)} rows": most.get(name, 0.0)},
-                  more_us=most.get(name, 0.0) - fewest.get(name, 0.0)) for name in set(fewest) | set(most)]
-    print(markdown_table(sorted(table, key=lambda r: -abs(r["more_us"]))[:16]))
+        pieces = [next(p for p in prompts if len(p) >= length)[:length] for length in args.piece]
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"{device}: {args.shape}, {model.shape.n_layers} layers, a chunk of {args.chunk} tokens, decode rows at "
+          f"context {args.context}")
+    for piece in pieces:
+        gen = torch.Generator().manual_seed(4)
+        runs = {rows: step_kernels(model, rows, args.chunk, args.context, gen, piece) for rows in args.rows}
+        where = (f"an MMLU prompt's first {len(piece)} tokens, padded, at position 0" if piece
+                 else f"random tokens after {args.context}")
+        print(f"\nthe chunk: {where}")
+        for rows, (ms, _, filled) in runs.items():
+            print(f"{rows} rows + chunk: {ms:.3f} ms a step (bucket {bucket_for(rows)}); its rows fill, a MoE layer: "
+                  f"{filled[0]:.2f} experts, {filled[1]:.2f} blocks of 64 rows, {filled[2]:.2f} of 128")
+        if args.device != "cuda":
+            continue
+        fewest, most = runs[min(runs)][1], runs[max(runs)][1]
+        table = [dict(kernel=name, **{f"us at {min(runs)} rows": fewest.get(name, 0.0),
+                                      f"us at {max(runs)} rows": most.get(name, 0.0)},
+                      more_us=most.get(name, 0.0) - fewest.get(name, 0.0)) for name in set(fewest) | set(most)]
+        print(markdown_table(sorted(table, key=lambda r: -abs(r["more_us"]))[:16]))
 
 
 if __name__ == "__main__":
