@@ -35,10 +35,10 @@ def moe_ids(model, run) -> list[torch.Tensor]:
     seen, k = [], model.shape.top_k
 
     def spy(experts):
-        def run(x, w_gate_up, w_down, ids, gates):
+        def spied(x, w_gate_up, w_down, ids, gates):
             seen.append(ids[:, :k].clone())
             return experts(x, w_gate_up, w_down, ids, gates)
-        return run
+        return spied
 
     with (mock.patch.object(engine_model, "fused_moe", spy(engine_model.fused_moe)),
           mock.patch.object(engine_model, "moe_reference", spy(engine_model.moe_reference)), torch.inference_mode()):
