@@ -3,8 +3,9 @@ graphed step of that many decode rows with a chunk of ``--chunk`` prompt tokens 
 as the bench's chunk part: the rows at ``--context`` tokens, the chunk's rows after ``--context`` earlier positions
 of its own slot), its device time and its kernels by name (``engine.bench.kernel_trace``), then each kernel's time at
 the most rows less at the fewest; and, from the same step run eagerly, what the step's rows (decode and chunk)
-fill in each MoE layer: distinct experts and blocks of 64 and of 128 rows (each block of an expert reads its
-weights once more on the paths that take blocks of that height). GPU; ``--device cpu`` counts the blocks only.
+fill in each MoE layer: distinct experts and blocks of 64 and of 128 rows (each block of an expert streams its
+weights again, in part from L2: on the H100's sorted path, blocks of 64, about 0.4 of a read from memory, session
+ac). GPU; ``--device cpu`` counts the blocks only.
 
     PYTHONPATH=. python benchmarks/engine/chunk_probe.py --shape deepseek-v2-lite --rows 1 24 --chunk 256
     PYTHONPATH=. python benchmarks/engine/chunk_probe.py --shape mixtral-8x7b --layers 16 --rows 1 32 --piece 100
