@@ -17,12 +17,11 @@ import argparse
 
 import numpy as np
 import torch
-from padding_probe import fill, moe_ids
+from padding_probe import fill, mmlu_pieces, moe_ids
 
 from moegps.engine.bench import chunk_step_engine, kernel_trace
 from moegps.engine.generate import bucket_for
 from moegps.engine.model import random_model
-from moegps.engine.serve import mmlu_questions, mmlu_requests
 from moegps.executor.generate import device_ms
 from moegps.files import markdown_table
 from moegps.shapes import from_name
@@ -65,10 +64,7 @@ def main() -> None:
     args = ap.parse_args()
     shape = from_name(args.shape)
     model = random_model(shape.replace(n_layers=args.layers) if args.layers else shape, args.device)
-    pieces: list = [None]
-    if args.piece:
-        prompts = [r.prompt for r in mmlu_requests(128, 0.0, 32, 0, questions=mmlu_questions(args.mmlu))]
-        pieces = [next(p for p in prompts if len(p) >= length)[:length] for length in args.piece]
+    pieces = mmlu_pieces(args.piece, args.mmlu) if args.piece else [None]
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"{device}: {args.shape}, {model.shape.n_layers} layers, a chunk of {args.chunk} tokens, decode rows at "
           f"context {args.context}")

@@ -31,7 +31,7 @@ from moegps.shapes import from_name
 
 def moe_ids(model, run) -> list[torch.Tensor]:
     """Each MoE layer's top-k expert ids ``[tokens, k]`` as its expert kernels get them, while ``run()`` runs the
-    model eagerly."""
+    model eagerly (``model.count_routes`` counts the router's choices, before ``route_as``)."""
     seen, k = [], model.shape.top_k
 
     def spy(experts):
@@ -50,6 +50,12 @@ def chunk_ids(model, tokens: list[int]) -> list[torch.Tensor]:
     """Each MoE layer's top-k expert ids ``[len(tokens), k]`` for ``tokens`` prefilled as one prompt (eager)."""
     cache = KVCache(model.shape, 1, len(tokens), model.dtype, model.device)
     return moe_ids(model, lambda: prefill(model, cache, [torch.tensor(tokens, device=model.device)]))
+
+
+def mmlu_pieces(lengths: list[int], mmlu=None) -> list[list[int]]:
+    """For each length L, the first L tokens of the first of 128 MMLU requests (serve's draw) with at least L."""
+    prompts = [r.prompt for r in mmlu_requests(128, 0.0, 32, 0, questions=mmlu_questions(mmlu))]
+    return [next(p for p in prompts if len(p) >= length)[:length] for length in lengths]
 
 
 def fill(ids: torch.Tensor, n_experts: int) -> np.ndarray:
@@ -75,13 +81,11 @@ def main() -> None:
                          torch.bfloat16 if cuda else torch.float32)
     timed = device_ms if cuda else wall_ms
     S = model.shape
-    prompts = [r.prompt for r in mmlu_requests(128, 0.0, 32, 0, questions=mmlu_questions(args.mmlu))]
     gen = torch.Generator().manual_seed(4)
     print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}: {args.shape}, {S.n_layers} layers, a prompt's first "
           f"chunk of {args.chunk} tokens, decode rows at context {args.context}")
     routing, times = [], []
-    for length in args.pieces:
-        piece = next(p for p in prompts if len(p) >= length)[:length]
+    for length, piece in zip(args.pieces, mmlu_pieces(args.pieces, args.mmlu)):
         ids = chunk_ids(model, piece + [0] * (args.chunk - length))
         cycle = torch.arange(args.chunk, device=model.device) % length
         by = {kind: np.mean([fill(rows, S.n_experts) for rows in chosen], axis=0) for kind, chosen in

@@ -397,14 +397,10 @@ def chunk_step_engine(model: Model, batch: int, size: int, context: int, gen: to
     prompts = torch.randint(3, model.shape.vocab_size, (batch, context), generator=gen).tolist()
     engine.generate(prompts, 1)  # the batch's K/V, tokens and positions as after its prefill
     if piece is None:
-        chunk = torch.randint(3, model.shape.vocab_size, (size,), generator=gen)
+        engine.load_chunk(size, torch.randint(3, model.shape.vocab_size, (size,), generator=gen), bucket, context)
     else:
-        chunk = torch.tensor(list(piece) + [0] * (size - len(piece)), dtype=torch.long)
-    tokens, slot, start, last = engine.chunk_inputs(size)
-    tokens.copy_(chunk)
-    slot.fill_(bucket), start.fill_(context if piece is None else 0)
-    last.fill_(size - 1 if piece is None else len(piece) - 1)
-    return engine, chunk
+        engine.load_chunk(size, piece, bucket, 0)
+    return engine, engine.chunk_inputs(size)[0].cpu()
 
 
 def part_chunk(model: Model, batches, chunks, context: int, copy_rate: float, matmul_rate: float,

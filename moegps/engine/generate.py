@@ -319,6 +319,14 @@ class Engine:
                                         *(torch.zeros(1, dtype=torch.long, device=device) for _ in range(3)))
         return self._chunk_inputs[size]
 
+    def load_chunk(self, size: int, piece, slot: int, start: int) -> None:
+        """Write a prompt's ``piece`` (up to ``size`` token ids, padded with token 0) into the inputs of the steps with
+        a chunk of ``size`` beside them (``chunk_inputs``), as the piece of ``slot``'s prompt from position ``start``."""
+        tokens, chunk_slot, chunk_start, chunk_last = self.chunk_inputs(size)
+        tokens.zero_()
+        tokens[:len(piece)] = torch.as_tensor(piece)
+        chunk_slot.fill_(slot), chunk_start.fill_(start), chunk_last.fill_(len(piece) - 1)
+
     def _step_fn(self, bucket: int, chunk: int = 0):
         tokens, positions = self.tokens[:bucket], self.positions[:bucket]
         inputs = self.chunk_inputs(chunk) if chunk else None

@@ -264,10 +264,7 @@ def serve(engine: Engine, requests: list[Request], sampling: Sampling | None = N
             i, slot, done = prefilling[0]
             piece = requests[i].prompt[done:done + chunk]
             size = min(s for s in sizes if s >= len(piece))
-            tokens, chunk_slot, chunk_start, chunk_last = engine.chunk_inputs(size)
-            tokens.zero_()
-            tokens[:len(piece)] = torch.as_tensor(piece)
-            chunk_slot.fill_(slot), chunk_start.fill_(done), chunk_last.fill_(len(piece) - 1)
+            engine.load_chunk(size, piece, slot, done)
             # the slot's decode row (if in the bucket) parks there
             engine.positions[slot] = position[slot] = done + len(piece)
         positions = position[:bucket]
