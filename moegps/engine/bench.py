@@ -61,6 +61,7 @@ import torch
 from ..executor.generate import (copy_bandwidth, device_ms, set_experts_implementation, static_decode,
                                  wall_ms)
 from ..files import markdown_table
+from ..kernels.per_expert import pays as per_expert_pays
 from ..kernels.timing import gpu_clocks
 from ..shapes import ModelShape, from_name
 from . import kernels as K
@@ -471,6 +472,12 @@ def _beside_matmuls(fn, reps: int, rest_s: float = 0.0) -> tuple[list[float], fl
     return times, statistics.median(rates)
 
 
+def _grouped_kernels(fn, *args):
+    """``fn(*args)`` with the MoE on the grouped kernels at every size (per_expert.pays off)."""
+    with mock.patch.dict(os.environ, {"MOEGPS_PER_EXPERT_ROWS": "off"}):
+        return fn(*args)
+
+
 def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float, reps: int = 5,
               rest_s: float = 1.0) -> list[dict]:
     rows = []
@@ -486,7 +493,11 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
 
         floor = floor_ms(matmul_rate)
         graphs = PrefillGraphs(model, cache, max_graphs=1)
-        for mode, run in (("eager", lambda: prefill(model, cache, [prompt])), ("graph", lambda: graphs([prompt]))):
+        modes = [("eager", lambda: prefill(model, cache, [prompt])), ("graph", lambda: graphs([prompt]))]
+        long = per_expert_pays(n, S.n_experts, S.top_k, model.device)
+        if long:  # eager took the per-expert GEMMs: the grouped kernels eager too, for the same run's ratio
+            modes.append(("eager, grouped kernels", lambda: _grouped_kernels(prefill, model, cache, [prompt])))
+        for mode, run in modes:
             with torch.inference_mode():
                 run()  # a graph's capture happens here, outside the timing
                 with gpu_clocks() as clocks:  # the SM clock of the prompts and their matmul bursts
@@ -505,7 +516,8 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
             idle_ms, gaps = trace_gaps(kernels)
             print(f"prefill of {n} tokens, {mode}: costliest kernels\n{markdown_table(kernel_table(kernels))}\n"
                   f"GPU idle between kernels {idle_ms:.2f} ms; the longest gaps:\n{markdown_table(gaps)}", flush=True)
-            rows.append(dict(shape=S.name, prompt=n, prefill=mode, ttft_ms=ms, ttft_min_ms=min(times),
+            rows.append(dict(shape=S.name, prompt=n, prefill=mode, ttft_ms=ms,
+                             moe="per-expert GEMMs" if long and mode == "eager" else "grouped kernels", ttft_min_ms=min(times),
                              ttft_max_ms=max(times), floor_ms=floor, pct_of_floor=100 * floor / ms,
                              matmul_beside_tflops=rate_beside / 1e12, floor_beside_ms=floor_beside,
                              pct_of_floor_beside=100 * floor_beside / ms,
@@ -831,6 +843,8 @@ def main(argv=None) -> None:
     ap.add_argument("--shared-expert", choices=["folded", "beside"], default="folded",
                     help="a shared expert held as extra experts in the routed kernels (where its width is whole "
                     "experts'), or run beside them as its own GEMMs")
+    ap.add_argument("--layers", type=int, help="build each shape's first N layers only (a shape too big for the GPU "
+                    "at hand; every floor is the built model's)")
     ap.add_argument("--out", default="benchmarks/results/engine")
     ap.add_argument("--replot", metavar="ENGINE_BENCH_JSON",
                     help="no GPU run: draw the figures of a saved run's engine_bench.json into --out")
@@ -846,6 +860,8 @@ def main(argv=None) -> None:
           f"matmul {c['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
     for name in args.shapes:
         shape = from_name(name)
+        if args.layers:
+            shape = shape.replace(n_layers=min(args.layers, shape.n_layers))
         # Mixtral-architecture shapes are built as transformers models (peers and agreement share the
         # weights); others (shared experts, dense layers) as the engine's own shape-only model.
         hf = random_hf_mixtral(shape) if not (shape.shared_ffn or shape.dense_layers) else None
