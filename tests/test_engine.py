@@ -278,19 +278,14 @@ def reference_decoder(model, tokens: list[int]) -> tuple[torch.Tensor, list[torc
     return norm(h, model.norm) @ d(model.lm_head).T, router_probs
 
 
-@pytest.mark.parametrize("renormalize,shared_ffn,per_expert", [(True, 40, False), (False, 40, False),
-                                                               (False, 48, False), (False, 48, True)])
-def test_shared_expert_and_dense_layer_match_a_float64_decoder(rng, monkeypatch, renormalize, shared_ffn,
-                                                               per_expert):
+@pytest.mark.parametrize("renormalize,shared_ffn", [(True, 40), (False, 40), (False, 48)])
+def test_shared_expert_and_dense_layer_match_a_float64_decoder(rng, renormalize, shared_ffn):
     """A DeepSeek-like shape (dense first layer, 16 experts top-4 plus a shared expert), random float64
     weights: 32 greedy tokens for three prompts, logits within 1e-5 of the reference decoder (the
     rotary tables are float32), tokens identical where the reference's top two are apart; a draw
     routed within NEAR_TIE of a tie is drawn again (seed 2228: a gap of 2.3e-8, and the engine picked
     the other expert). A shared expert twice an expert's width (48) is held as two extra experts
-    (Layer.n_shared); 40 beside them. ``per_expert``: every MoE call through kernels/per_expert.py (its
-    torch fallbacks on the CPU), the path long prefills take on a GPU."""
-    if per_expert:
-        monkeypatch.setenv("MOEGPS_PER_EXPERT_ROWS", "0")
+    (Layer.n_shared); 40 beside them."""
     shape = from_name("deepseek-v2-lite").replace(
         name="tiny-shared", vocab_size=120, n_layers=3, hidden=48, n_heads=4, n_kv_heads=2, head_dim=16,
         expert_ffn=24, n_experts=16, top_k=4, shared_ffn=shared_ffn, dense_layers=1, dense_ffn=56,

@@ -61,7 +61,6 @@ import torch
 from ..executor.generate import (copy_bandwidth, device_ms, set_experts_implementation, static_decode,
                                  wall_ms)
 from ..files import markdown_table
-from ..kernels.per_expert import pays as per_expert_pays
 from ..kernels.timing import gpu_clocks
 from ..shapes import ModelShape, from_name
 from . import kernels as K
@@ -472,12 +471,6 @@ def _beside_matmuls(fn, reps: int, rest_s: float = 0.0) -> tuple[list[float], fl
     return times, statistics.median(rates)
 
 
-def _grouped_kernels(fn, *args):
-    """``fn(*args)`` with the MoE on the grouped kernels at every size (per_expert.pays off)."""
-    with mock.patch.dict(os.environ, {"MOEGPS_PER_EXPERT_ROWS": "off"}):
-        return fn(*args)
-
-
 def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float, reps: int = 5,
               rest_s: float = 1.0) -> list[dict]:
     rows = []
@@ -493,11 +486,7 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
 
         floor = floor_ms(matmul_rate)
         graphs = PrefillGraphs(model, cache, max_graphs=1)
-        modes = [("eager", lambda: prefill(model, cache, [prompt])), ("graph", lambda: graphs([prompt]))]
-        long = per_expert_pays(n, S.n_experts, S.top_k, model.device)
-        if long:  # eager took the per-expert GEMMs: the grouped kernels eager too, for the same run's ratio
-            modes.append(("eager, grouped kernels", lambda: _grouped_kernels(prefill, model, cache, [prompt])))
-        for mode, run in modes:
+        for mode, run in (("eager", lambda: prefill(model, cache, [prompt])), ("graph", lambda: graphs([prompt]))):
             with torch.inference_mode():
                 run()  # a graph's capture happens here, outside the timing
                 with gpu_clocks() as clocks:  # the SM clock of the prompts and their matmul bursts
@@ -516,8 +505,7 @@ def part_ttft(model: Model, prompt_lengths, matmul_rate: float, copy_rate: float
             idle_ms, gaps = trace_gaps(kernels)
             print(f"prefill of {n} tokens, {mode}: costliest kernels\n{markdown_table(kernel_table(kernels))}\n"
                   f"GPU idle between kernels {idle_ms:.2f} ms; the longest gaps:\n{markdown_table(gaps)}", flush=True)
-            rows.append(dict(shape=S.name, prompt=n, prefill=mode, ttft_ms=ms,
-                             moe="per-expert GEMMs" if long and mode == "eager" else "grouped kernels", ttft_min_ms=min(times),
+            rows.append(dict(shape=S.name, prompt=n, prefill=mode, ttft_ms=ms, ttft_min_ms=min(times),
                              ttft_max_ms=max(times), floor_ms=floor, pct_of_floor=100 * floor / ms,
                              matmul_beside_tflops=rate_beside / 1e12, floor_beside_ms=floor_beside,
                              pct_of_floor_beside=100 * floor_beside / ms,

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-from ..kernels.per_expert import pays as per_expert_pays
 from ..models.tokenizer import mixtral_tokenizer
 from ..paths import BUNDLED_MODELS
 from ..shapes import SHAPES, from_name
@@ -204,13 +203,10 @@ class PrefillGraphs:
         """Whether to graph the prefill of prompts of these lengths: one prompt of at most ``max_tokens`` padded
         tokens (a longer prefill keeps the GPU busier than the host, measured equal eager and graphed at 2048 and
         8192 tokens, and a capture holds a second set of its activations), or several of at most
-        ``max_packed_tokens`` packed; never where the MoE layers would take the per-expert GEMMs eager
-        (kernels/per_expert.py: a capture would run the grouped kernels, which measured slower there)."""
-        tokens = self.padded_length(lengths[0]) if len(lengths) == 1 else self.packed_length(sum(lengths))
-        S = self.model.shape
-        if per_expert_pays(tokens, S.n_experts, S.top_k, self.model.device):
-            return False
-        return tokens <= (self.max_tokens if len(lengths) == 1 else self.max_packed_tokens)
+        ``max_packed_tokens`` packed."""
+        if len(lengths) == 1:
+            return self.padded_length(lengths[0]) <= self.max_tokens
+        return self.packed_length(sum(lengths)) <= self.max_packed_tokens
 
     def key(self, lengths: list[int], slots: list[int] | None = None) -> tuple:
         """The graph these prompts replay: ``("prompt", length class, gathered)`` or ``("pack", T)``."""

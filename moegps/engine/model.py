@@ -15,7 +15,6 @@ kernels, ``moegps.kernels.fused_moe``):
     o = attention(q, cache)                              decode: split-K Triton kernel; prefill: SDPA (flash)
     x, ids, gates = add_rmsnorm_router(resid, o @ wo^T)  GEMM + one launch (norm, router logits, top-k)
     delta = fused_moe(x, ids, gates) [+ shared expert: in it, or beside it]
-                                                         (long prefills: per_expert_moe, a GEMM an expert)
 
 Learned from gpt-fast (a whole decoder in one readable file) and vLLM (static caches, fused
 QKV, fused residual norms). Written for this project.
@@ -34,7 +33,6 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..kernels import fused_moe, moe_reference
-from ..kernels.per_expert import pays as per_expert_pays, per_expert_moe
 from ..shapes import ModelShape, from_hf_config
 from .kernels import (add_rmsnorm, add_rmsnorm_router, decode_attention, linear, rope_cache_write, rope_tables,
                       use_triton)
@@ -298,10 +296,7 @@ def _mlp(model: Model, index: int, resid: torch.Tensor, attn_out: torch.Tensor,
         if layer.experts is not None:
             out = layer.experts(x, ids, gates)
         else:
-            if per_expert_pays(x.shape[0], layer.w_gate_up.shape[0], ids.shape[1], x.device):
-                experts = per_expert_moe  # long prefills: one cuBLAS GEMM per expert (kernels/per_expert.py)
-            else:
-                experts = fused_moe if use_triton(x) else moe_reference
+            experts = fused_moe if use_triton(x) else moe_reference
             out = experts(x, layer.w_gate_up, layer.w_down, ids, gates)
     if layer.shared_gate_up is not None:
         shared = _swiglu(x, layer.shared_gate_up, layer.shared_down)

@@ -18,8 +18,6 @@ do_bench's zero-fill or, with `--flush clean`, by a read that leaves no dirty li
   default   fused_moe with the default config for unseen shapes (graph)
   gmm       torch._grouped_mm pipeline: sort by expert, gather, grouped GEMM, SiLU*up, grouped
             GEMM, gate weights, un-permute and ours' k-way combine kernel (graph)
-  per_expert  one cuBLAS GEMM per expert (per_expert.py: sort, gather, GEMMs, SiLU*up*gate, GEMMs,
-            combine; eager, in the same rounds: it reads the experts' counts on the host once)
   loop      the torch per-expert loop (reference.py, bf16; eager: it syncs per expert)
 two references that are not MoE pipelines, for what the hardware gives at this size:
   bmm       cuBLAS's batched GEMM of the two projections alone over the active experts with
@@ -55,7 +53,6 @@ from moegps.kernels import timing
 from moegps.kernels.launch import (combine_atomic, combine_sum, default_config, fused_moe, get_config,
                                    launch_down, launch_gate_up, route, wgmma_down,
                                    wgmma_gate_up, wgmma_gemms)
-from moegps.kernels.per_expert import per_expert_moe
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.routing import SCAN, align
 from moegps.kernels.timing import (flush_control, gpu_clocks, make_inputs, make_routing, rel_err,
@@ -244,7 +241,6 @@ def bench_one(name, shape, n_tokens, seed=0, fused=False, skip=(), failed=None) 
         "balanced": (lambda: fused_moe(x, w13, w2, even_ids, even_weights, config=config), even_ref),
         "default": (lambda: fused_moe(x, w13, w2, ids, weights, config=dflt), ref),
         "gmm": (lambda: grouped_mm_moe(x, w13, w2, ids, weights), ref),
-        "per_expert": (lambda: per_expert_moe(x, w13, w2, ids, weights), ref),
     }
     timed = {}  # the row's runs timed together, in rounds (time_interleaved)
     for method, (fn, method_ref) in checked.items():
@@ -265,10 +261,10 @@ def bench_one(name, shape, n_tokens, seed=0, fused=False, skip=(), failed=None) 
         timed["read"] = lambda: weights_copy.sum(dtype=torch.float32)
     ceiling = ceiling_runs()
     with gpu_clocks() as clocks:  # L2- and tensor-bound kernels run at the SM clock, copies not
-        times = time_many({**ceiling, **timed}, graph=set(timed) - {"per_expert"})  # it syncs: eager
+        times = time_many({**ceiling, **timed}, graph=set(timed))
     row.update(clocks)
     del ceiling
-    for method in ("ours", "balanced", "default", "gmm", "per_expert", "gemms", "bmm", "read"):
+    for method in ("ours", "balanced", "default", "gmm", "gemms", "bmm", "read"):
         row[f"{method}_us"] = times.get(method, math.nan)
     rate = rates(times)
     floor_mem, floor_flop = floors_us(active, hidden, ffn, n_tokens, top_k, rate)["call"]
@@ -285,7 +281,6 @@ def bench_one(name, shape, n_tokens, seed=0, fused=False, skip=(), failed=None) 
     row["pct_floor_balanced"] = 100 * row["floor_us"] / row["balanced_us"]
     row["pct_floor_default"] = 100 * row["floor_us"] / row["default_us"]
     row["pct_floor_gmm"] = 100 * row["floor_us"] / row["gmm_us"]
-    row["pct_floor_per_expert"] = 100 * row["floor_us"] / row["per_expert_us"]
     row["pct_floor_bmm"] = 100 * row["floor_us"] / row["bmm_us"]
     row["pct_floor_gemms"] = 100 * row["floor_us"] / row["gemms_us"]
     # the read only bounds memory-bound rows (compute-bound ones read far less than they take)
@@ -306,8 +301,7 @@ COLUMNS = [("shape", "{}"), ("tokens", "{}"), ("path", "{}"), ("ours_us", "{:.1f
            ("pct_floor", "{:.0f}%"), ("balanced_us", "{:.1f}"), ("pct_floor_balanced", "{:.0f}%"),
            ("gemms_us", "{:.1f}"), ("pct_floor_gemms", "{:.0f}%"),
            ("default_us", "{:.1f}"), ("pct_floor_default", "{:.0f}%"),
-           ("gmm_us", "{:.1f}"), ("pct_floor_gmm", "{:.0f}%"),
-           ("per_expert_us", "{:.1f}"), ("pct_floor_per_expert", "{:.0f}%"), ("bmm_us", "{:.1f}"),
+           ("gmm_us", "{:.1f}"), ("pct_floor_gmm", "{:.0f}%"), ("bmm_us", "{:.1f}"),
            ("pct_floor_bmm", "{:.0f}%"), ("read_us", "{:.1f}"), ("pct_floor_read", "{:.0f}%"),
            ("loop_us", "{:.1f}"),
            ("vs_gmm", "{:.2f}x"), ("vs_loop", "{:.2f}x"), ("tflops", "{:.0f}"),
@@ -346,7 +340,7 @@ def main(argv=None):
                         help="also time the one-launch fused decode path's tiles (FUSED_TILES) "
                         f"where T*k <= {FUSED_MAX_PAIRS}")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["balanced", "default", "loop", "gmm", "per_expert", "bmm", "read"],
+                        choices=["balanced", "default", "loop", "gmm", "bmm", "read"],
                         help="baselines and references not to time")
     parser.add_argument("--flush", choices=["zero", "clean"], default="zero",
                         help="L2 flush before each timed run: zero-fill (do_bench's, leaves dirty "

@@ -29,10 +29,8 @@ BAR = {"mixtral-8x7b": {512: 80, 2048: 80, 16384: 75},
        "deepseek-v2-lite": {1: 70, 512: 80, 2048: 80, 16384: 75}}
 CURVES = {"ours": "pct_floor", "default config": "pct_floor_default",
           "torch._grouped_mm": "pct_floor_gmm"}
-# drawn where the CSV has them: ours given bmm's balanced routing (runs from 2026-12-04 "f" on), the
-# per-expert GEMMs (from 2026-12-06 on)
-OPTIONAL_CURVES = {"ours, balanced routing": "pct_floor_balanced",
-                   "a cuBLAS GEMM per expert (eager)": "pct_floor_per_expert"}
+# drawn where the CSV has it (runs from 2026-12-04 "f" on): ours given bmm's balanced routing
+OPTIONAL_CURVES = {"ours, balanced routing": "pct_floor_balanced"}
 # drawn dotted, where the CSV has them: references, not MoE pipelines
 REFERENCES = {"cuBLAS bmm, balanced routing, GEMMs only": "pct_floor_bmm",
               "plain read of the weight bytes (memory-bound rows)": "pct_floor_read"}
