@@ -173,6 +173,20 @@ def test_a_probe_writes_only_variants_that_beat_the_shipped_config_by_2_percent(
     assert "2048" in launch._tuned_table("TEST_GPU")[launch.shape_key(*dims)]  # the cached copy was dropped
 
 
+def test_another_devices_table_serves_when_named(config_dir):
+    """get_config(table=NAME) serves NAME's entries (table_probe.py tries them on this device); without it, this
+    device's own; a name with no table gives the default config."""
+    config_dir.parent.mkdir()
+    dims = tune.expert_dims("mixtral-8x7b")
+    own = {"path": "sorted", "block_m": 64, "gate_up": {"block_n": 64}, "down": {"block_n": 64}}
+    other = {"path": "sorted", "block_m": 128, "gate_up": {"block_n": 128}, "down": {"block_n": 256}}
+    config_dir.write_text(json.dumps({"shapes": {launch.shape_key(*dims): {"2048": own}}}))
+    (config_dir.parent / "OTHER_GPU.json").write_text(json.dumps({"shapes": {launch.shape_key(*dims): {"1024": other}}}))
+    assert launch.get_config(2048, *dims) == own
+    assert launch.get_config(2048, *dims, table="OTHER_GPU") == other  # its nearest entry, 1024
+    assert launch.get_config(2048, *dims, table="NO_SUCH_GPU") == launch.default_config(2048, *dims)
+
+
 def test_a_one_mma_winner_keeps_the_entry_it_replaces_for_tritons_that_cannot_build_it(config_dir, monkeypatch):
     """A winning swap config with "one" (its MMAs inline PTX, Triton >= 3.9) is written with the
     config it beat as its "else"; get_config takes the entry where this Triton builds it, else the

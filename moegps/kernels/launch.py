@@ -185,7 +185,7 @@ def _tuned_table(name: str) -> dict:
 
 
 def get_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: int,
-               device: torch.device | None = None) -> dict:
+               device: torch.device | None = None, table: str | None = None) -> dict:
     """Tuned config of the nearest tuned token count for this shape and device, else the default (also past
     twice the largest tuned count: a table says nothing of sizes far beyond it).
 
@@ -199,8 +199,11 @@ def get_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: int,
     Where no table has this top-k, the table of the same experts with the nearest other top-k
     serves, its entries matched by selections (tokens x top-k: the rows the experts get): an
     expert-parallel rank computes the tokens whose k experts are not all its own one row per
-    selection, top-1 (executor.layer.expert_compute), on the experts a k-way table was tuned for."""
-    table = _tuned_table(device_name(device))
+    selection, top-1 (executor.layer.expert_compute), on the experts a k-way table was tuned for.
+    ``table``: another device's table to serve from (its name as in configs/, e.g. "NVIDIA_H200"; what
+    benchmarks/kernels/table_probe.py tries on this device); entries this device cannot run are skipped
+    as always."""
+    table = _tuned_table(table or device_name(device))
     tuned_k, by_tokens = top_k, table.get(shape_key(n_experts, hidden, ffn, top_k)) or {}
     if not by_tokens:
         these_experts = shape_key(n_experts, hidden, ffn, top_k).removesuffix(f"k={top_k}")
