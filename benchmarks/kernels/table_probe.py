@@ -8,8 +8,9 @@ H200's table the newer, with the wgmma paths), checked and timed in the same rou
 For each row: both calls' relative error against the fp32 reference (a row fails above 1e-2), the medians of
 time_many (interleaved rounds, CUDA graphs, L2 flushed by a clean read) of both calls and of cuBLAS's bmm of
 the same projections on balanced rows, each as % of the floor measured in the same rounds (the bench's).
-`--write-config`: where the other table's entry beats this one's by >= 2%, it goes into this device's table
-at that token count (tune.write_winners: an entry records its time and the command). One GPU.
+`--write-config`: each row's winner goes into this device's table at that token count, the other table's entry
+where it beats this one's by >= 2%, else this one's (written too, so that a neighbour's new entry does not become
+its nearest); an entry records its time and the command ("tuned_by" or "kept_by"). One GPU.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import torch
 
 from moegps.kernels import timing
 from moegps.kernels.bench import balanced_bmm, ceiling_runs, floors_us, rates
-from moegps.kernels.launch import device_name, fused_moe, get_config
+from moegps.kernels.launch import device_name, fused_moe, get_config, shape_key
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.timing import make_inputs, make_routing, rel_err, time_many
-from moegps.kernels.tune import describe, expert_dims, shared_columns, write_winners
+from moegps.kernels.tune import describe, device_table, expert_dims, put_entry, shared_columns, write_table
 
 
 def main(argv=None):
@@ -40,10 +41,13 @@ def main(argv=None):
     print(f"device: {torch.cuda.get_device_name()}; its table {device_name()} against {args.other}", flush=True)
     failed = []
     command = " ".join(["python benchmarks/kernels/table_probe.py", *(argv or sys.argv[1:])])
+    # what this device's table serves, read before anything is written (an entry written at one size would be
+    # the nearest at the next)
+    own = {(name, n): get_config(n, *expert_dims(name)) for name in args.shapes for n in args.tokens}
     for name in args.shapes:
         n_experts, hidden, ffn, top_k = dims = expert_dims(name)
         for n_tokens in args.tokens:
-            configs = {"own": get_config(n_tokens, *dims), "other": get_config(n_tokens, *dims, table=args.other)}
+            configs = {"own": own[name, n_tokens], "other": get_config(n_tokens, *dims, table=args.other)}
             x, w13, w2 = make_inputs(n_experts, hidden, ffn, top_k, n_tokens, args.seed)
             ids, weights = make_routing(n_tokens, n_experts, top_k, args.seed, shared=shared_columns(name))
             ref = moe_reference(x.float(), w13.float(), w2.float(), ids, weights.float())
@@ -60,8 +64,15 @@ def main(argv=None):
                   + f"; other/own {us['own'] / us['other']:.3f}x faster; errors "
                   + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)
             if args.write_config and not failed:  # row by row: a run cut short keeps what it finished
-                write_winners([{"shape": name, "tokens": n_tokens, "ours_us": us["own"], "other_us": us["other"]}],
-                              {"other": configs["other"]}, command)
+                # the winner at this size (the other table's entry where >= 2% faster), written even where it is
+                # this table's own, so that a neighbour's new entry does not become this size's nearest
+                label = "other" if us["other"] < 0.98 * us["own"] else "own"
+                entry = {k: v for k, v in configs[label].items() if k not in ("us", "tuned_by", "kept_by")}
+                entry.update(us=round(us[label], 2), **({"tuned_by": command} if label == "other" else
+                                                       {"kept_by": command}))
+                path, table = device_table()
+                put_entry(table, shape_key(*dims), n_tokens, entry)
+                write_table(table, (path,))
     if failed:
         raise SystemExit(f"checks failed (relative error >= 1e-2): {failed}")
 
