@@ -2,6 +2,7 @@
 
     python -m moegps.engine.bench --out benchmarks/results/engine       # everything below
     python -m moegps.engine.bench --parts decode ttft --batches 1 8 --contexts 128
+    python -m moegps.engine.bench --shapes mixtral-8x7b --layers 16 --parts ttft   # half of Mixtral: fits an H100
     python -m moegps.engine.bench --replot runs/engine_bench.json --out figures   # a saved run's plots
 
 Parts (``--parts``), each printed as a table and written to ``--out`` (JSON rows, report.md, plot):
