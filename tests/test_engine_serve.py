@@ -148,19 +148,11 @@ def test_free_rows_all_decode_token_0(rng, model, monkeypatch):
     assert [s.tokens for s in served] == alone(model, requests)
 
 
-def expert_ids_seen(monkeypatch) -> list[torch.Tensor]:
-    """A list that gets a copy of the expert ids ``[tokens, k]`` every MoE layer hands the experts (the CPU path's
-    ``moe_reference``) from now on."""
-    import moegps.engine.model as engine_model
-
-    seen, reference = [], engine_model.moe_reference
-
-    def spy(x, w_gate_up, w_down, ids, gates):
-        seen.append(ids.clone())
-        return reference(x, w_gate_up, w_down, ids, gates)
-
-    monkeypatch.setattr(engine_model, "moe_reference", spy)
-    return seen
+def expert_ids_seen(monkeypatch, model) -> list[torch.Tensor]:
+    """A list that gets the expert ids ``[tokens, k]`` every MoE layer hands the experts from now on
+    (``Model.expert_ids``, put back to None after the test)."""
+    monkeypatch.setattr(model, "expert_ids", [])
+    return model.expert_ids
 
 
 def test_aliased_rows_compute_a_running_rows_experts(rng, model, monkeypatch):
@@ -172,7 +164,7 @@ def test_aliased_rows_compute_a_running_rows_experts(rng, model, monkeypatch):
     cache = KVCache(model.shape, 4, 32, torch.float64, "cpu")
     prefill(model, cache, [torch.from_numpy(rng.integers(0, 64, size=n)) for n in (5, 3, 7, 2)])
     tokens, positions = torch.from_numpy(rng.integers(0, 64, size=4)), torch.tensor([5, 3, 7, 2])
-    seen = expert_ids_seen(monkeypatch)
+    seen = expert_ids_seen(monkeypatch, model)
     plain = decode_step(model, cache, tokens, positions)
     own = list(seen)
     seen.clear()
@@ -194,7 +186,7 @@ def test_a_chunks_padding_rows_route_as_its_prompt_rows(rng, model, monkeypatch)
     tokens, positions = torch.from_numpy(rng.integers(0, 64, size=2)), torch.tensor([5, 4])
     chunk = torch.tensor(rng.integers(1, 64, size=3).tolist() + [0] * 4)  # padded as serve pads a piece
     inputs = (chunk, torch.tensor([2]), torch.tensor([6]), torch.tensor([2]))  # slot 2, after its 6 positions
-    seen = expert_ids_seen(monkeypatch)
+    seen = expert_ids_seen(monkeypatch, model)
     plain = decode_step_with_chunk(model, cache, tokens, positions, *inputs)
     own = [ids[2:] for ids in seen]  # the chunk's rows
     seen.clear()

@@ -14,12 +14,10 @@ H100 figures: benchmarks/engine/serve-chunk-graphs-h100-2026-12-05-ab/.
 """
 
 import argparse
-from unittest import mock
 
 import numpy as np
 import torch
 
-import moegps.engine.model as engine_model
 from moegps.engine.bench import chunk_step_engine
 from moegps.engine.generate import bucket_for
 from moegps.engine.model import KVCache, prefill, random_model
@@ -30,20 +28,16 @@ from moegps.shapes import from_name
 
 
 def moe_ids(model, run) -> list[torch.Tensor]:
-    """Each MoE layer's top-k expert ids ``[tokens, k]`` as its expert kernels get them, while ``run()`` runs the
-    model eagerly (``model.count_routes`` counts the router's choices, before ``route_as``)."""
-    seen, k = [], model.shape.top_k
-
-    def spy(experts):
-        def spied(x, w_gate_up, w_down, ids, gates):
-            seen.append(ids[:, :k].clone())
-            return experts(x, w_gate_up, w_down, ids, gates)
-        return spied
-
-    with (mock.patch.object(engine_model, "fused_moe", spy(engine_model.fused_moe)),
-          mock.patch.object(engine_model, "moe_reference", spy(engine_model.moe_reference)), torch.inference_mode()):
-        run()
-    return seen
+    """Each MoE layer's top-k expert ids ``[tokens, k]`` as its expert kernels get them (``Model.expert_ids``),
+    while ``run()`` runs the model eagerly (``model.count_routes`` counts the router's choices, before
+    ``route_as``)."""
+    model.expert_ids = []
+    try:
+        with torch.inference_mode():
+            run()
+        return model.expert_ids
+    finally:
+        model.expert_ids = None
 
 
 def chunk_ids(model, tokens: list[int]) -> list[torch.Tensor]:

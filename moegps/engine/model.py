@@ -68,6 +68,8 @@ class Model:
     rope: tuple[torch.Tensor, torch.Tensor] = field(default=None, repr=False)  # (cos, sin) [max_pos, D/2]
     source: str = ""
     routing_counts: torch.Tensor | None = field(default=None, repr=False)  # [layers, E] int64: set to record
+    expert_ids: list | None = field(default=None, repr=False)  # set to []: each MoE call's ids [T, k] appended
+                                                               # as its experts get them (eager runs; probes, tests)
 
     @property
     def device(self) -> torch.device:
@@ -293,6 +295,8 @@ def _mlp(model: Model, index: int, resid: torch.Tensor, attn_out: torch.Tensor,
             model.routing_counts[index].scatter_add_(0, flat, torch.ones_like(flat))
         if route_as is not None:
             ids = ids.index_select(0, route_as)
+        if model.expert_ids is not None:
+            model.expert_ids.append(ids[:, :S.top_k].clone())
         if layer.experts is not None:
             out = layer.experts(x, ids, gates)
         else:
