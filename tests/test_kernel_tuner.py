@@ -187,6 +187,29 @@ def test_another_devices_table_serves_when_named(config_dir):
     assert launch.get_config(2048, *dims, table="NO_SUCH_GPU") == launch.default_config(2048, *dims)
 
 
+def test_a_size_winner_is_written_at_its_size_whichever_table_it_came_from(config_dir):
+    """tune.write_size_winner (table_probe.py --write-config): the other table's entry where >= 2% faster, with
+    its time and command; else the entry the table served, written at this size as kept, so that a neighbour's
+    new entry does not become its nearest."""
+    config_dir.parent.mkdir()
+    dims = tune.expert_dims("mixtral-8x7b")
+    own = {"path": "sorted", "block_m": 128, "gate_up": {"block_n": 128}, "down": {"block_n": 256}, "us": 5.0,
+           "tuned_by": "an older run"}
+    config_dir.write_text(json.dumps({"shapes": {launch.shape_key(*dims): {"512": own}}}))
+    other = {"path": "swap", "block_m": 128, "gate_up": {"block_n": 128}, "down": {"block_n": 128}, "us": 3.0,
+             "tuned_by": "another device's search"}
+    assert tune.write_size_winner("mixtral-8x7b", 1024, own, other, 100.0, 97.0, "probe") == "other"
+    assert tune.write_size_winner("mixtral-8x7b", 768, own, other, 100.0, 99.0, "probe") == "own"
+    entries = json.loads(config_dir.read_text())["shapes"][launch.shape_key(*dims)]
+    assert list(entries) == ["512", "768", "1024"]
+    plain = {k: v for k, v in own.items() if k not in ("us", "tuned_by")}
+    assert entries["512"] == own  # untouched
+    assert entries["768"] == dict(plain, us=100.0, kept_by="probe")
+    assert entries["1024"] == dict({k: v for k, v in other.items() if k not in ("us", "tuned_by")}, us=97.0,
+                                   tuned_by="probe")
+    assert launch.get_config(768, *dims) == entries["768"]  # the nearest is no longer the new 1024 entry's
+
+
 def test_a_one_mma_winner_keeps_the_entry_it_replaces_for_tritons_that_cannot_build_it(config_dir, monkeypatch):
     """A winning swap config with "one" (its MMAs inline PTX, Triton >= 3.9) is written with the
     config it beat as its "else"; get_config takes the entry where this Triton builds it, else the

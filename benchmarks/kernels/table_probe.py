@@ -23,10 +23,10 @@ import torch
 
 from moegps.kernels import timing
 from moegps.kernels.bench import balanced_bmm, ceiling_runs, floors_us, rates
-from moegps.kernels.launch import device_name, fused_moe, get_config, shape_key
+from moegps.kernels.launch import device_name, fused_moe, get_config
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.timing import make_inputs, make_routing, rel_err, time_many
-from moegps.kernels.tune import describe, device_table, expert_dims, put_entry, shared_columns, write_table
+from moegps.kernels.tune import describe, expert_dims, shared_columns, write_size_winner
 
 
 def main(argv=None):
@@ -64,15 +64,7 @@ def main(argv=None):
                   + f"; other/own {us['own'] / us['other']:.3f}x faster; errors "
                   + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)
             if args.write_config and not failed:  # row by row: a run cut short keeps what it finished
-                # the winner at this size (the other table's entry where >= 2% faster), written even where it is
-                # this table's own, so that a neighbour's new entry does not become this size's nearest
-                label = "other" if us["other"] < 0.98 * us["own"] else "own"
-                entry = {k: v for k, v in configs[label].items() if k not in ("us", "tuned_by", "kept_by")}
-                entry.update(us=round(us[label], 2), **({"tuned_by": command} if label == "other" else
-                                                       {"kept_by": command}))
-                path, table = device_table()
-                put_entry(table, shape_key(*dims), n_tokens, entry)
-                write_table(table, (path,))
+                write_size_winner(name, n_tokens, configs["own"], configs["other"], us["own"], us["other"], command)
     if failed:
         raise SystemExit(f"checks failed (relative error >= 1e-2): {failed}")
 

@@ -517,6 +517,21 @@ def write_winners(rows, variants: dict, command: str) -> None:
     write_table(table, (path,))
 
 
+def write_size_winner(shape: str, n_tokens: int, own: dict, other: dict, own_us: float, other_us: float,
+                      command: str) -> str:
+    """Write into the device's table, at this size, ``other`` where it beat ``own`` (what the table served) by
+    2% or more in the same rounds, else ``own`` again: written either way, so that a neighbour's new entry
+    does not become this size's nearest (benchmarks/kernels/table_probe.py). Returns "other" or "own"."""
+    label = "other" if other_us <= 0.98 * own_us else "own"
+    config, us = (other, other_us) if label == "other" else (own, own_us)
+    entry = {k: v for k, v in config.items() if k not in ("us", "tuned_by", "tuned_on", "kept_by")}
+    entry.update(us=round(us, 2), **{("tuned_by" if label == "other" else "kept_by"): command})
+    path, table = device_table()
+    put_entry(table, launch.shape_key(*expert_dims(shape)), n_tokens, entry)
+    write_table(table, (path,))
+    return label
+
+
 def tune(shapes, tokens, out_dir: Path, workers: int, command: str, seed: int = 0,
          paths=PATHS) -> Path:
     """Tune each (shape, tokens) over `paths` and merge the results into configs/<device>.json
