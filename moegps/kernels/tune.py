@@ -394,8 +394,7 @@ def tune_one(name, shape, n_tokens, failed, seed=0, paths=PATHS, incumbent=None)
     h = torch.empty(n_pairs, ffn, dtype=x.dtype, device="cuda")
     y = torch.empty(n_pairs, hidden, dtype=x.dtype, device="cuda")
     # the whole-call candidates, timed together at the end
-    whole = [{k: v for k, v in incumbent.items()
-              if k not in ("us", "tuned_by", "tuned_on", "kept_by")}] if incumbent else []
+    whole = [config_of(incumbent)] if incumbent else []
 
     for path, block, tiles in candidates(n_tokens, n_experts, top_k, paths):
         if path == "fused":
@@ -470,6 +469,11 @@ def tune_one(name, shape, n_tokens, failed, seed=0, paths=PATHS, incumbent=None)
     return config
 
 
+def config_of(entry: dict) -> dict:
+    """A table entry without its record of how it was found (time, command, machine): the config itself."""
+    return {k: v for k, v in entry.items() if k not in ("us", "tuned_by", "tuned_on", "kept_by")}
+
+
 def device_table() -> tuple[Path, dict]:
     """This device's config file (configs/<device>.json) and its table ({"shapes": {}} if new)."""
     path = launch.CONFIG_DIR / f"{launch.device_name()}.json"
@@ -524,7 +528,7 @@ def write_size_winner(shape: str, n_tokens: int, own: dict, other: dict, own_us:
     does not become this size's nearest (benchmarks/kernels/table_probe.py). Returns "other" or "own"."""
     label = "other" if other_us <= 0.98 * own_us else "own"
     config, us = (other, other_us) if label == "other" else (own, own_us)
-    entry = {k: v for k, v in config.items() if k not in ("us", "tuned_by", "tuned_on", "kept_by")}
+    entry = config_of(config)
     entry.update(us=round(us, 2), **{("tuned_by" if label == "other" else "kept_by"): command})
     path, table = device_table()
     put_entry(table, launch.shape_key(*expert_dims(shape)), n_tokens, entry)
