@@ -173,6 +173,19 @@ def test_a_probe_writes_only_variants_that_beat_the_shipped_config_by_2_percent(
     assert "2048" in launch._tuned_table("TEST_GPU")[launch.shape_key(*dims)]  # the cached copy was dropped
 
 
+def test_a_probe_does_not_rewrite_the_shipped_entry_timed_as_a_variant(config_dir):
+    """The shipped entry, whatever record it carries (its time, command, the machine it was tuned on), timed as a
+    variant and read faster is the same config: its entry stays as it was."""
+    config_dir.parent.mkdir()
+    dims = tune.expert_dims("mixtral-8x7b")
+    config = {"path": "sorted", "block_m": 128, "gate_up": {"block_n": 128}, "down": {"block_n": 256}}
+    shipped = dict(config, us=50.0, tuned_by="an older run", tuned_on="NVIDIA H200")
+    config_dir.write_text(json.dumps({"shapes": {launch.shape_key(*dims): {"2048": shipped}}}))
+    tune.write_winners([{"shape": "mixtral-8x7b", "tokens": 2048, "ours_us": 100.0, "same_us": 95.0}],
+                       {"same": config}, "python probe.py")
+    assert json.loads(config_dir.read_text())["shapes"][launch.shape_key(*dims)]["2048"] == shipped
+
+
 def test_another_devices_table_serves_when_named(config_dir):
     """get_config(table=NAME) serves NAME's entries (table_probe.py tries them on this device); without it, this
     device's own; a name with no table gives the default config."""

@@ -502,13 +502,12 @@ def write_winners(rows, variants: dict, command: str) -> None:
     `variants` ({name: config}), timed in the same rounds}; a variant goes in where it beats the
     shipped config by 2% or more and is not that config itself."""
     path, table = device_table()
-    record = ("us", "tuned_by", "kept_by")  # an entry's record of its timing, not its config
     for row in rows:
         best = min(variants, key=lambda v: row[f"{v}_us"])
         if row[f"{best}_us"] > 0.98 * row["ours_us"]:
             continue
         shipped = launch.get_config(row["tokens"], *expert_dims(row["shape"]))
-        if {k: v for k, v in shipped.items() if k not in record} == variants[best]:
+        if config_of(shipped) == variants[best]:
             # the shipped config itself, timed as a variant (session 14 call 7: Mixtral 8192 as
             # "ht" 2.2% faster than as "ours" in the same rounds)
             continue
