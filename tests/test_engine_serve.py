@@ -372,7 +372,8 @@ def test_cli_on_the_bundled_model(tmp_path, capsys):
     assert {(c["rate"], c["policy"]) for c in calls} == {(r["rate"], r["policy"]) for r in rows}
     assert simulator_main(["--shape", "mixtral-8x7b", "--system", "h100_8gpu", "--calls",
                            str(tmp_path / "serve-calls.csv")]) == 0
-    assert "between calls" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "between calls" in out and "as the run made them, --free-rows alias" in out
     for argv, message in ((argv[:5] + ["4"] + argv[6:], "holds runs of other settings"),
                           (["--requests", "0"], "--requests must be >= 1"), (["--chunk", "0"], "--chunk must be >= 1"),
                           (["--policy", "fast"], "invalid choice: 'fast'"),

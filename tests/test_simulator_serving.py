@@ -226,7 +226,8 @@ def test_fit_calls_recovers_a_known_profile(rng, tmp_path, capsys):
         writer = csv.DictWriter(f, fieldnames=list(records[0]))
         writer.writeheader()
         writer.writerows(records)
-    argv = ["--shape", "deepseek-v2-lite", "--system", "h100_8gpu", "--calls", str(path), "--eager-layer-s", "0"]
+    argv = ["--shape", "deepseek-v2-lite", "--system", "h100_8gpu", "--calls", str(path), "--eager-layer-s", "0",
+            "--free-rows", "alias"]  # as call_seconds costed them (no serve record beside these calls)
     assert serving.main(argv + ["--fit-rates", "40", "--fitted-system", str(out)]) == 0
     text = capsys.readouterr().out
     assert "held-out calls against fitted" in text and "wrote" in text
@@ -246,6 +247,23 @@ def test_fit_calls_recovers_a_known_profile(rng, tmp_path, capsys):
     with pytest.raises(SystemExit):
         serving.main(simulate + ["--call-times-rates", "5"])
     assert "no calls at rates [5.0]" in capsys.readouterr().err
+
+
+def test_a_runs_calls_are_costed_with_the_free_rows_it_ran(tmp_path, capsys):
+    """--calls without --free-rows takes the run's own mode from its RUN.csv.json (gzipped calls too); a record
+    without one is a run from before the choice, which decoded its free rows as token 0; no record: an error naming
+    the file, since the mode changes every decode step's cost."""
+    import json
+
+    (tmp_path / "run.csv.json").write_text(json.dumps({"free_rows": "alias"}))
+    assert serving.run_free_rows(tmp_path / "run-calls.csv.gz") == "alias"
+    (tmp_path / "run.csv.json").write_text(json.dumps({"model": "deepseek-v2-lite"}))
+    assert serving.run_free_rows(tmp_path / "run-calls.csv") == "token0"
+    with pytest.raises(ValueError, match="other-calls.csv: the run's record other.csv.json is not beside it"):
+        serving.run_free_rows(tmp_path / "other-calls.csv")
+    with pytest.raises(SystemExit):
+        serving.main(["--shape", "deepseek-v2-lite", "--system", "h100_8gpu", "--calls", str(tmp_path / "x.csv")])
+    assert "give --free-rows token0 or alias" in capsys.readouterr().err
 
 
 def test_free_rows_route_as_one_token_or_none(monkeypatch):

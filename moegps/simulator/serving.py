@@ -35,6 +35,7 @@ import argparse
 import csv
 import gzip
 import heapq
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -448,10 +449,9 @@ def main(argv=None) -> int:
                     help="distinct experts a MoE layer that many tokens pick, as measured (e.g. 8=24.7 16=32.7 32=40.1, "
                     "benchmarks/engine/routing_context_probe.py): calls of up to the last count route so "
                     "(active_expert_seconds), larger ones uniformly; with --calls too")
-    ap.add_argument("--free-rows", choices=["token0", "alias"], default="alias",
-                    help="the engine's free decode rows pick token 0's experts, or none (its serve --free-rows); with "
-                    "--calls or --fit-rates, the mode of that run (its measured.csv.json's free_rows; runs without "
-                    "one, before session aa, were token0)")
+    ap.add_argument("--free-rows", choices=["token0", "alias"], default=None,
+                    help="the engine's free decode rows pick token 0's experts, or none (its serve --free-rows; "
+                    "default alias); with --calls, default: the mode that run was made with (run_free_rows)")
     ap.add_argument("--call-times", default=None, help="cost each call by the median measured time of the calls of "
                     "its kind in this RUN-calls.csv (measured_call_seconds; the cost model where it has none): the "
                     "loop on measured call times")
@@ -478,6 +478,10 @@ def main(argv=None) -> int:
         if args.active_experts and (args.routing_trace or args.fit_rates):
             raise ValueError("--active-experts sets the routing, as --routing-trace does, and the fit of --fit-rates "
                              "assumes uniform routing: give --active-experts without them")
+        if args.free_rows is None:
+            args.free_rows = run_free_rows(Path(args.calls)) if args.calls else "alias"
+            if args.calls:
+                print(f"{args.calls}: free rows costed as the run made them, --free-rows {args.free_rows}")
         experts = (trace_expert_seconds(RoutingTrace.read(args.routing_trace), shape, system) if args.routing_trace
                    else active_expert_seconds(parse_active_experts(args.active_experts), shape, system)
                    if args.active_experts else None)
@@ -544,6 +548,18 @@ def read_call_records(path: Path) -> list[dict]:
                          f"(RUN-calls.csv) with columns {', '.join(CALL_FIELDS)}; "
                          f"{'no rows' if not rows else f'missing {missing}'}")
     return rows
+
+
+def run_free_rows(calls_path: Path) -> str:
+    """How the serve run whose calls are ``calls_path`` (``RUN-calls.csv``, or gzipped) ran its free decode rows: the
+    ``free_rows`` of its ``RUN.csv.json``; a run whose record has none predates the choice (session aa) and ran them
+    as token 0. An error naming the file where the record is missing: the mode changes every decode step's cost."""
+    stem = calls_path.name.removesuffix(".gz").removesuffix(".csv")
+    record = calls_path.with_name(stem.removesuffix("-calls") + ".csv.json")
+    if not stem.endswith("-calls") or not record.exists():
+        raise ValueError(f"{calls_path}: the run's record {record.name} is not beside it, so how its free rows ran "
+                         "is unknown; give --free-rows token0 or alias")
+    return json.loads(record.read_text()).get("free_rows", "token0")
 
 
 def parse_active_experts(items: list[str]) -> dict[int, float]:
