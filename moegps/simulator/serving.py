@@ -13,7 +13,8 @@ Routing: a call's ``n`` tokens are taken to pick each expert with probability ``
 random-weight router spreads its picks; an expert's time is averaged over its binomial count (the number of
 distinct experts read is what sets a decode step's weight traffic). A decode step's free rows add no token while a
 row runs (the engine routes them as a running row: ``Engine.alias_free_rows``), or one with ``--free-rows token0``
-(the engine's way before session aa: all of them decode token 0). A random-weight model's decode rows over MMLU
+(the engine's way before session aa: all of them decode token 0); a measured run's calls (``--calls``) are costed
+with the mode its record names (:func:`run_free_rows`). A random-weight model's decode rows over MMLU
 prompts pick far fewer distinct experts than that (session z, one H100: 40 of 64 at 32 rows against uniform
 routing's 61); given those counts as measured (:func:`active_expert_seconds`, ``--active-experts``) the steps are
 costed on them. A trained model's routing comes from a trace of it (:func:`trace_expert_seconds`, ``--routing-trace``).
