@@ -498,7 +498,7 @@ def read_runs(out: Path, settings: dict) -> list[dict]:
     naming both files if it was written with other settings (its ``.json`` beside it says which)."""
     if not out.exists():
         return []
-    sidecar = out.with_name(out.name + ".json")
+    sidecar = settings_path(out)
     written = json.loads(sidecar.read_text()) if sidecar.exists() else None
     if written != settings:
         raise ValueError(f"--out {out} holds runs of other settings ({sidecar}: {written}; now: {settings}): remove "
@@ -508,7 +508,7 @@ def read_runs(out: Path, settings: dict) -> list[dict]:
 
 
 def write_runs(out: Path, rows: list[dict], settings: dict) -> None:
-    with atomic_path(out.with_name(out.name + ".json")) as tmp:
+    with atomic_path(settings_path(out)) as tmp:
         tmp.write_text(json.dumps(settings, indent=1))
     write_rows(out, rows)
 
@@ -520,9 +520,20 @@ def write_rows(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def settings_path(out: Path) -> Path:
+    """The settings the runs in ``out`` were made with (``OUT.json``, beside it)."""
+    return out.with_name(out.name + ".json")
+
+
 def calls_path(out: Path) -> Path:
     """Where the command keeps every model call of the runs whose requests' times are in ``out``."""
     return out.with_name(f"{out.stem}-calls.csv")
+
+
+def runs_of_calls(calls: Path) -> Path | None:
+    """The ``out`` whose ``calls_path`` is ``calls`` (or that file gzipped), None for a name no run's calls have."""
+    stem = calls.name.removesuffix(".gz").removesuffix(".csv")
+    return calls.with_name(stem.removesuffix("-calls") + ".csv") if stem.endswith("-calls") else None
 
 
 def read_call_rows(path: Path, rows: list[dict]) -> list[dict]:

@@ -555,11 +555,14 @@ def run_free_rows(calls_path: Path) -> str:
     """How the serve run whose calls are ``calls_path`` (``RUN-calls.csv``, or gzipped) ran its free decode rows: the
     ``free_rows`` of its ``RUN.csv.json``; a run whose record has none predates the choice (session aa) and ran them
     as token 0. An error naming the file where the record is missing: the mode changes every decode step's cost."""
-    stem = calls_path.name.removesuffix(".gz").removesuffix(".csv")
-    record = calls_path.with_name(stem.removesuffix("-calls") + ".csv.json")
-    if not stem.endswith("-calls") or not record.exists():
-        raise ValueError(f"{calls_path}: the run's record {record.name} is not beside it, so how its free rows ran "
-                         "is unknown; give --free-rows token0 or alias")
+    from ..engine.serve import runs_of_calls, settings_path
+
+    out = runs_of_calls(calls_path)
+    record = settings_path(out) if out else None
+    if record is None or not record.exists():
+        where = f"the run's record {record.name} is not beside it" if record else "not named RUN-calls.csv"
+        raise ValueError(f"{calls_path}: {where}, so how its free rows ran is unknown; give --free-rows token0 or "
+                         "alias")
     return json.loads(record.read_text()).get("free_rows", "token0")
 
 
