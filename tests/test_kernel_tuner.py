@@ -1,9 +1,11 @@
 """The tuner's bookkeeping on the CPU (its timing needs a GPU): which paths it searches, the incumbent
 that a narrower search must beat, a config file that survives a run cut short, and the shape and
-routing of the engine's call with a shared expert among the experts."""
+routing of the engine's call with a shared expert among the experts, and the recorded routing the
+benchmark can time."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -287,3 +289,71 @@ def test_a_top_k_without_a_table_takes_the_same_experts_table_by_selections(conf
     launch._tuned_table.cache_clear()
     assert launch.get_config(16, 8, 64, 128, 1)["tuned_by"] == "top-1"
 
+
+
+def _hand_trace(rng, path, lengths, n_layers=3, n_experts=16, top_k=4, weights=True):
+    """A trace of len(lengths) prompts' prefills (request r has lengths[r] tokens) plus four decode
+    steps of request 0, k distinct random experts a token and layer, written to `path`; returns
+    the prefill tokens' experts [tokens, layer, k] and weights in request, then position order."""
+    from moegps.trace import RoutingTrace, TraceMeta
+
+    request = np.concatenate([np.full(n, r) for r, n in enumerate(lengths)] + [np.zeros(4, int)])
+    position = np.concatenate([np.arange(n) for n in lengths] + [lengths[0] + np.arange(4)])
+    step = np.concatenate([np.zeros(sum(lengths), int), 1 + np.arange(4)])
+    experts = np.argsort(rng.random((len(request), n_layers, n_experts)), axis=2)[..., :top_k]
+    gates = rng.dirichlet(np.ones(top_k), (len(request), n_layers)).astype(np.float32)
+    order = rng.permutation(len(request))  # rows stored out of order: trace_routing must sort them
+    trace = RoutingTrace.from_token_major(TraceMeta("hand", n_layers, n_experts, top_k), request[order],
+                                          step[order], position[order], rng.integers(0, 99, len(request)),
+                                          experts[order], gates[order] if weights else None)
+    trace.write(path)
+    prefill = step == 0
+    return experts[prefill], gates[prefill]
+
+
+def test_trace_routing_is_the_recorded_prefill_in_prompt_order(rng, tmp_path):
+    """timing.trace_routing: the first n prefill tokens (prompt by prompt, in position order, decode rows
+    left out) of a layer, with their recorded gates; without recorded gates, softmax rows drawn by the
+    seed. Too many tokens or a layer it lacks is an error naming the file."""
+    from moegps.kernels.timing import spread_evenly, trace_routing
+    from moegps.trace import TraceError
+
+    lengths = rng.integers(3, 20, 5).tolist()
+    experts, gates = _hand_trace(rng, tmp_path / "t.parquet", lengths)
+    n, layer = int(rng.integers(1, sum(lengths) + 1)), int(rng.integers(0, 3))
+    ids, weights = trace_routing(tmp_path / "t.parquet", n, layer, device="cpu")
+    assert ids.dtype == torch.int64 and ids.tolist() == experts[:n, layer].tolist()
+    np.testing.assert_array_equal(weights.numpy(), gates[:n, layer])
+    even = spread_evenly(ids)  # the bench's balanced counterpart: same experts, even counts
+    counts = torch.bincount(even.reshape(-1))[torch.unique(ids)]
+    assert set(even.reshape(-1).tolist()) == set(ids.reshape(-1).tolist())
+    assert int(counts.max() - counts.min()) <= 1 and int(counts.sum()) == ids.numel()
+
+    _hand_trace(rng, tmp_path / "u.parquet", lengths, weights=False)
+    _, drawn = trace_routing(tmp_path / "u.parquet", n, layer, seed=4, device="cpu")
+    assert torch.allclose(drawn.sum(1), torch.ones(n)) and (drawn > 0).all()
+    assert torch.equal(drawn, trace_routing(tmp_path / "u.parquet", n, layer, seed=4, device="cpu")[1])
+    with pytest.raises(TraceError, match=rf"t\.parquet: {sum(lengths) + 1} prefill tokens requested, "
+                                         rf"the trace has {sum(lengths)}"):
+        trace_routing(tmp_path / "t.parquet", sum(lengths) + 1, 0, device="cpu")
+    with pytest.raises(TraceError, match=r"t\.parquet: layer 3 requested, the trace has layers 0\.\.2"):
+        trace_routing(tmp_path / "t.parquet", 1, 3, device="cpu")
+
+
+def test_the_recorded_routing_rows_are_the_shapes_with_the_traces_experts(rng, tmp_path):
+    """bench.trace_plan: rows for the shapes whose experts and top-k are the trace's (not the engine's
+    call with a shared expert held among them), at the token counts the trace has, at its first,
+    middle and last layer by default; a trace that fits none of the shapes is named with what it has."""
+    from moegps.kernels.bench import trace_plan
+    from moegps.kernels.tune import expert_dims
+    from moegps.trace import TraceError
+
+    _hand_trace(rng, tmp_path / "t.parquet", [40, 30], n_layers=5, n_experts=64, top_k=6)
+    shapes = {name: expert_dims(name) for name in ("mixtral-8x7b", "deepseek-v2-lite", "deepseek-v2-lite+shared")}
+    plan = trace_plan(tmp_path / "t.parquet", None, shapes, [8, 70, 71])
+    assert plan == [("deepseek-v2-lite", t, layer) for t in (8, 70) for layer in (0, 2, 4)]
+    assert trace_plan(tmp_path / "t.parquet", [1], shapes, [8]) == [("deepseek-v2-lite", 8, 1)]
+    with pytest.raises(TraceError, match=r"t\.parquet: hand's routing \(64 experts, top-6\) fits none"):
+        trace_plan(tmp_path / "t.parquet", None, {"mixtral-8x7b": shapes["mixtral-8x7b"]}, [8])
+    with pytest.raises(TraceError, match=r"--trace-layers \[5\]; the trace has layers 0\.\.4"):
+        trace_plan(tmp_path / "t.parquet", [5], shapes, [8])

@@ -47,3 +47,14 @@ def test_a_csv_that_is_not_the_benchmarks_is_named(tmp_path):
     pd.DataFrame({"shape": ["mixtral-8x7b"], "tokens": [1]}).to_csv(tmp_path / "x.csv", index=False)
     with pytest.raises(ValueError, match=r"x\.csv: not a moegps.kernels.bench CSV.*pct_floor"):
         read_bench(tmp_path / "x.csv")
+
+
+def test_plot_with_the_runs_recorded_routing(rng, tmp_path):
+    """A run's trace.csv (ours on recorded routing, rows per layer) adds a curve per layer to its shape's
+    panel; shapes it has no rows for are drawn as before."""
+    random_bench(rng, tmp_path / "clean.csv")
+    pd.DataFrame([{"shape": "deepseek-v2-lite", "tokens": t, "routing": f"puffin layer {layer}",
+                   "pct_floor": rng.uniform(20, 100)} for layer in (0, 25) for t in (512, 2048, 8192)]
+                 ).to_csv(tmp_path / "trace.csv", index=False)
+    out = plot_bench(tmp_path / "clean.csv", None, tmp_path / "k.png", trace=tmp_path / "trace.csv")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -4,6 +4,7 @@ import itertools
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -216,6 +217,29 @@ def test_calibration_cases_from_kernel_bench(tmp_path, rng):
     (tmp_path / "printed.csv").write_text("shape,tokens,ours_us\nmixtral-8x7b,1,250\n")
     with pytest.raises(ValueError, match=r"printed\.csv: .*\['E', 'F', 'H', 'active_experts', 'k'\]"):
         cases_from_kernel_bench(tmp_path / "printed.csv")
+
+
+def test_calibration_cases_from_recorded_routing(tmp_path, rng):
+    """A trace.csv row (the kernels bench on recorded routing) is one layer whose experts get their own
+    row counts (expert_rows) and whose measurement is ours_us, not its balanced column: the cost model
+    then charges a skewed layer per expert, which a hand-computed sum of the roofline checks."""
+    import json
+
+    from moegps.simulator.calibrate import cases_from_kernel_bench, simulate_case
+
+    counts = rng.multinomial(512 * 6, rng.dirichlet(np.full(64, 0.3)))
+    us = rng.uniform(100, 900, 2)
+    pd.DataFrame([{"shape": "deepseek-v2-lite", "E": 64, "H": 2048, "F": 1408, "k": 6, "tokens": 512,
+                   "active_experts": int((counts > 0).sum()), "ours_us": us[0], "balanced_us": us[1],
+                   "routing": "t layer 3", "expert_rows": json.dumps(counts.tolist())}]).to_csv(
+        tmp_path / "trace.csv", index=False)
+    (case,) = cases_from_kernel_bench(tmp_path / "trace.csv")
+    np.testing.assert_array_equal(case.tokens_per_gpu_expert, counts[None].astype(float))
+    assert case.measured_ms == {"moe_ms": pytest.approx(us[0] / 1e3)} and case.name.endswith("t layer 3")
+    system = load_system("h200_8gpu").replace(n_gpus=1, gpus_per_node=1)
+    shape = case.info["shape"]
+    by_hand = sum(float(cost.expert_time(np.array(c, float), shape, system)) for c in counts)
+    assert simulate_case(case, shape, system)["moe_ms"] == pytest.approx((by_hand + system.layer_overhead) * 1e3)
 
 
 HELD_OUT_KERNEL_RUNS = {  # profile: (held-out run, the mean and max % error its provenance states)

@@ -2,6 +2,7 @@
 
     python -m moegps.kernels.bench [--quick] [--tune] [--out DIR] [--tokens 1 32 ...]
                                    [--fused] [--skip loop default] [--shapes mixtral-8x7b ...]
+                                   [--routing-trace T.parquet [--trace-layers 0 12 25]]
 
 For each shape (`--shapes`, names of moegps.shapes; by default mixtral-8x7b: E=8, H=4096,
 F=14336, top-2, and deepseek-v2-lite: E=64, H=2048, F=1408, top-6; deepseek-v2-lite+shared is the
@@ -31,6 +32,12 @@ so a drift of the GPU's clocks reaches all alike). Percent of floor = floor / ti
 `--fused` adds the one-launch decode path (`fused`, NOTES.md v4): each of its tiles
 (FUSED_TILES) is timed whole (graph) and checked, and the row reports the best as `fused_us`
 beside `ours_us` (whatever path the tuned or shipped config takes).
+`--routing-trace T.parquet` also times ours on recorded routing (a `moegps.trace.RoutingTrace`, e.g.
+the DeepSeek-V2-Lite prompts `python -m moegps.importers deepseek-csv` writes): for each shape with the
+trace's experts and top-k, each token count and each `--trace-layers` layer, the routing its first
+prefill tokens chose there (timing.trace_routing), beside the same picks spread evenly and bmm, into
+trace.csv / trace.json with each expert's rows (`expert_rows`, which `python -m moegps.simulator.calibrate
+--kernel-bench bench.csv trace.csv` costs expert by expert: the cost model against real skew).
 Every output is checked against an fp32 reference (relative error). `--tune` first searches a
 small config space per (shape, token count) (tune.py), compiling candidates in parallel processes,
 and writes configs/<device>.json (also to --out). Timing: timing.py. Results: a printed table, CSV, JSON and a plot (plot.py) in --out.
@@ -45,9 +52,11 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from moegps.kernels import timing
 from moegps.kernels.launch import (combine_atomic, combine_sum, default_config, fused_moe, get_config,
@@ -56,7 +65,7 @@ from moegps.kernels.launch import (combine_atomic, combine_sum, default_config, 
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.routing import SCAN, align
 from moegps.kernels.timing import (flush_control, gpu_clocks, make_inputs, make_routing, rel_err,
-                                   time_many, time_us)
+                                   spread_evenly, time_many, time_us, trace_routing)
 from moegps.kernels.tune import (FUSED_MAX_PAIRS, FUSED_TILES, PATHS as TUNE_PATHS, config_tasks, expert_dims,
                                  fused_config, precompile, shape_arg, shape_names, shared_columns, tune)
 
@@ -215,17 +224,23 @@ def bench_fused(row, x, w13, w2, ids, weights, ref, failed, name) -> None:
     row["fused_vs_gmm"] = row["gmm_us"] / row["fused_us"]
 
 
-def bench_one(name, shape, n_tokens, seed=0, fused=False, skip=(), failed=None) -> dict:
+def bench_one(name, shape, n_tokens, seed=0, fused=False, skip=(), failed=None, routing=None) -> dict:
     """One (shape, tokens) row. Its methods, references and the floor's copy and matmul runs are
     timed together in rounds (`time_many`): the 8192^3 matmul rate of one H100 moved between
     702 and 793 TFLOP/s from run to run (its clocks under the power limit; NOTES.md v11), and
     two identical configs timed one after the other read up to 15% apart (session 6), so
-    every time and rate in a row is taken under the same clocks."""
+    every time and rate in a row is taken under the same clocks. `routing`: (ids, weights) to
+    run instead of the random routing (a recorded one, `timing.trace_routing`); its balanced
+    counterpart spreads the picks evenly over the same active experts."""
     n_experts, hidden, ffn, top_k = shape
     x, w13, w2 = make_inputs(n_experts, hidden, ffn, top_k, n_tokens, seed)
-    ids, weights = make_routing(n_tokens, n_experts, top_k, seed, shared=shared_columns(name))
-    even_ids, even_weights = make_routing(n_tokens, n_experts, top_k, seed, shared=shared_columns(name),
-                                          balanced=True)
+    if routing is None:
+        ids, weights = make_routing(n_tokens, n_experts, top_k, seed, shared=shared_columns(name))
+        even_ids, even_weights = make_routing(n_tokens, n_experts, top_k, seed, shared=shared_columns(name),
+                                              balanced=True)
+    else:
+        ids, weights = routing
+        even_ids, even_weights = spread_evenly(ids), weights
     config = get_config(n_tokens, n_experts, hidden, ffn, top_k)
     dflt = default_config(n_tokens, n_experts, hidden, ffn, top_k)
     active = int(torch.unique(ids).numel())
@@ -314,6 +329,48 @@ FUSED_COLUMNS = [("shape", "{}"), ("tokens", "{}"), ("path", "{}"), ("ours_us", 
                  ("fused_vs_gmm", "{:.2f}x"), ("err_fused", "{:.1e}")]
 
 
+TRACE_COLUMNS = [("shape", "{}"), ("tokens", "{}"), ("routing", "{}"), ("rows_max_over_mean", "{:.2f}"),
+                 ("path", "{}"), ("ours_us", "{:.1f}"), ("floor_us", "{:.1f}"), ("pct_floor", "{:.0f}%"),
+                 ("balanced_us", "{:.1f}"), ("pct_floor_balanced", "{:.0f}%"), ("bmm_us", "{:.1f}"),
+                 ("pct_floor_bmm", "{:.0f}%"), ("sm_MHz", "{:.0f}"), ("err_ours", "{:.1e}")]
+
+
+def trace_plan(path: Path, layers, shapes: dict, tokens) -> list[tuple[str, int, int]]:
+    """[(shape, tokens, layer)] of the recorded-routing rows: the shapes with the trace's expert
+    count and top-k (a clear error if none has), the token counts it has prefill tokens for."""
+    from moegps.trace import RoutingTrace, TraceError
+
+    trace = RoutingTrace.read(path)
+    meta = trace.meta
+    available = int(np.count_nonzero((trace.layer == 0) & trace.phase_mask("prefill")))
+    layers = layers if layers else sorted({0, meta.n_layers // 2, meta.n_layers - 1})
+    if not all(0 <= layer < meta.n_layers for layer in layers):
+        raise TraceError(f"{path}: --trace-layers {layers}; the trace has layers 0..{meta.n_layers - 1}")
+    names = [name for name, (n_experts, _, _, top_k) in shapes.items()
+             if (n_experts, top_k) == (meta.n_experts, meta.top_k) and not shared_columns(name)]
+    if not names:
+        raise TraceError(f"{path}: {meta.model}'s routing ({meta.n_experts} experts, top-{meta.top_k}) "
+                         f"fits none of --shapes {list(shapes)}; name a shape of that many experts and top-k")
+    too_many = [t for t in tokens if t > available]
+    if too_many:
+        print(f"recorded routing: {path} has {available} prefill tokens; not timed at {too_many}")
+    return [(name, t, layer) for name in names for t in tokens if t <= available for layer in layers]
+
+
+def bench_trace_row(path: Path, name: str, shape, n_tokens: int, layer: int, seed: int, skip) -> dict:
+    """`bench_one` on the routing the trace recorded at `layer` for its first n_tokens prefill tokens,
+    with the experts' row counts (`expert_rows`, a JSON list: what the simulator's per-expert
+    roofline is given, `moegps.simulator.calibrate`) and the busiest expert's over the mean."""
+    ids, weights = trace_routing(path, n_tokens, layer, seed)
+    row = bench_one(name, shape, n_tokens, seed=seed, skip={*skip, "default", "gmm", "loop", "read"},
+                    routing=(ids, weights))
+    counts = torch.bincount(ids.reshape(-1), minlength=shape[0]).tolist()
+    row.update(routing=f"{Path(path).stem} layer {layer}", trace_layer=layer,
+               expert_rows=json.dumps(counts),
+               rows_max_over_mean=max(counts) / (sum(counts) / sum(c > 0 for c in counts)))
+    return row
+
+
 def print_table(rows, columns=COLUMNS):
     header = [c for c, _ in columns]
     cells = [[fmt.format(r.get(c, float("nan"))) for c, fmt in columns] for r in rows]
@@ -349,6 +406,11 @@ def main(argv=None):
                         help="first time the routing metadata alone, by method")
     parser.add_argument("--flush-control", action="store_true",
                         help="first time a plain read after each kind of flush")
+    parser.add_argument("--routing-trace", type=Path,
+                        help="a RoutingTrace (.parquet) whose recorded prefill routing is also timed, "
+                        "for the shapes with its experts and top-k: rows of trace.csv beside bench.csv")
+    parser.add_argument("--trace-layers", type=int, nargs="*",
+                        help="the trace's layers to time (default: its first, middle and last)")
     # each compile worker holds one shape's weights on the GPU (Mixtral: ~3-9 GB): 16 ran out of memory
     parser.add_argument("--workers", type=int, default=min(6, os.cpu_count() or 1))
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -391,6 +453,7 @@ def main(argv=None):
                                  ("one_us", "{:.1f}"), ("chunked_us", "{:.1f}")])
         (out_dir / "align.json").write_text(json.dumps(align_rows, indent=1))
     print(f"L2 flush before each timed run: {timing.FLUSH}", flush=True)
+    traced = trace_plan(args.routing_trace, args.trace_layers, shapes, tokens) if args.routing_trace else []
     rows = []
     for name, shape in shapes.items():
         for n_tokens in tokens:
@@ -414,11 +477,23 @@ def main(argv=None):
     if args.fused:
         print("\nfused decode path (best of FUSED_TILES; ours = the tuned/shipped config)")
         print_table(rows, FUSED_COLUMNS)
+    trace_rows = []
+    for name, n_tokens, layer in tqdm(traced, desc="recorded routing", unit="row"):
+        trace_rows.append(bench_trace_row(args.routing_trace, name, shapes[name], n_tokens, layer,
+                                          args.seed, args.skip))
+        torch.cuda.empty_cache()
+    if trace_rows:
+        pd.DataFrame(trace_rows).to_csv(out_dir / "trace.csv", index=False)
+        (out_dir / "trace.json").write_text(json.dumps({"meta": meta, "rows": trace_rows}, indent=1))
+        print(f"\nrecorded routing ({args.routing_trace}); rows_max/mean: the busiest expert's rows "
+              "over the mean; balanced: ours with the same picks spread evenly over the same experts")
+        print_table(trace_rows, TRACE_COLUMNS)
     try:
         from moegps.kernels.plot import plot_bench
 
         print("plot:", plot_bench(out_dir / "bench.csv", None, out_dir / "kernels.png", device,
-                                  first_flush=timing.FLUSH))
+                                  first_flush=timing.FLUSH,
+                                  trace=out_dir / "trace.csv" if trace_rows else None))
     except ImportError as exc:  # a GPU box without matplotlib: the CSV is written regardless
         print(f"plot skipped ({exc}); python -m moegps.kernels.plot draws it from bench.csv")
 

@@ -13,6 +13,7 @@ GEMM on balanced routing (the GEMMs alone) and a plain read of the weight bytes.
 from __future__ import annotations
 
 import argparse
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -70,9 +71,10 @@ def _curve(ax, df: pd.DataFrame, shape: str, column: str, label: str, **style) -
 
 
 def plot_bench(clean: Path, zero: Path | None, out: Path, device: str = "H100",
-               first_flush: str = "clean") -> Path:
+               first_flush: str = "clean", trace: Path | None = None) -> Path:
     """Write the figure to `out` (PNG, written atomically) and return its path. `clean` is the
-    main run (its flush named by `first_flush`), `zero` an optional zero-flush run beside it."""
+    main run (its flush named by `first_flush`), `zero` an optional zero-flush run beside it,
+    `trace` the same run's `trace.csv` (ours on recorded routing, a curve per trace layer)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,6 +100,10 @@ def plot_bench(clean: Path, zero: Path | None, out: Path, device: str = "H100",
         if "zero" in runs:
             _curve(ax, runs["zero"], shape, "pct_floor", f"ours ({FLUSH_LABELS['zero']})",
                    ls="--", marker="o", mfc="none", color="C0", lw=1.2)
+        recorded = pd.read_csv(trace) if trace else pd.DataFrame(columns=["shape", "routing"])
+        for i, (label, rows) in enumerate(recorded[recorded["shape"] == shape].groupby("routing", sort=False)):
+            _curve(ax, rows, shape, "pct_floor", f"ours, recorded routing: {label}", ls="--", marker="^",
+                   lw=1.2, color=f"C{7 + i % 3}")
         vllm, bar = VLLM_TUNED.get(shape, {}), BAR.get(shape, {})
         if vllm:
             ax.plot(list(vllm), list(vllm.values()), ls="none", marker="x", ms=8, color="k",
@@ -115,8 +121,9 @@ def plot_bench(clean: Path, zero: Path | None, out: Path, device: str = "H100",
         ax.set_title(title(shape), fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7.5, loc="lower left")
-    fig.suptitle(f"Fused MoE expert FFN on one {device}, routing metadata included "
-                 "(floor: weight bytes / copy rate or FLOPs / matmul rate)", fontsize=10)
+    fig.suptitle(textwrap.fill(f"Fused MoE expert FFN on one {device}, routing metadata included "
+                               "(floor: weight bytes / copy rate or FLOPs / matmul rate)",
+                               80 * len(shapes)), fontsize=10)  # wrapped to the panels' width
     fig.tight_layout()
     return save_png(fig, out, dpi=120)
 
@@ -127,8 +134,9 @@ def main(argv=None) -> None:
     ap.add_argument("--zero", type=Path, help="bench.csv of a zero-flush run (optional)")
     ap.add_argument("--out", type=Path, default=Path("kernels.png"))
     ap.add_argument("--device", default="H100", help="device named in the title")
+    ap.add_argument("--trace", type=Path, help="trace.csv of the run (--routing-trace; optional)")
     args = ap.parse_args(argv)
-    print(plot_bench(args.clean, args.zero, args.out, args.device))
+    print(plot_bench(args.clean, args.zero, args.out, args.device, trace=args.trace))
 
 
 if __name__ == "__main__":

@@ -45,10 +45,7 @@ def make_routing(n_tokens, n_experts, top_k, seed=0, device="cuda", shared=0, ba
     logits = torch.randn(n_tokens, n_experts - shared, generator=gen, device=device)
     vals, ids = logits.topk(top_k - shared, dim=1)
     if balanced:
-        routed_k = top_k - shared
-        active = torch.unique(ids)
-        ids = active[(torch.arange(n_tokens, device=device)[:, None] * routed_k
-                      + torch.arange(routed_k, device=device)) % active.numel()]
+        ids = spread_evenly(ids)
     gates = torch.softmax(vals, dim=1)
     if shared:
         fixed = torch.arange(n_experts - shared, n_experts, device=device).expand(n_tokens, -1)
@@ -56,6 +53,40 @@ def make_routing(n_tokens, n_experts, top_k, seed=0, device="cuda", shared=0, ba
         gates = torch.cat([gates, gates.new_ones(n_tokens, shared)], 1)
     return ids, gates
 
+
+
+def spread_evenly(ids):
+    """ids [T, k] -> [T, k]: the same active experts (A of them, ``torch.unique(ids)``), each given
+    T * k / A of the picks, give or take one: token t's column j is the (t * k + j) mod A-th active
+    expert, so a token's k experts stay distinct when A >= k."""
+    n_tokens, k = ids.shape
+    active = torch.unique(ids)
+    pick = torch.arange(n_tokens, device=ids.device)[:, None] * k + torch.arange(k, device=ids.device)
+    return active[pick % active.numel()]
+
+
+def trace_routing(path, n_tokens, layer, seed=0, device="cuda"):
+    """Recorded routing: the experts [n_tokens, k] (int64) that a `moegps.trace.RoutingTrace`'s first
+    n_tokens prefill tokens chose at trace layer `layer` (tokens in request, then position order: a
+    prefill batch of the trace's first prompts, the last one cut), and their gate weights [n_tokens, k]
+    (fp32): the recorded ones where the trace has them, else a softmax of seeded normal draws (the
+    DeepSeek-V2-Lite CSVs carry no weights; the kernels' time does not depend on their values)."""
+    from moegps.trace import RoutingTrace, TraceError
+
+    trace = RoutingTrace.read(path)
+    prefill = trace.select(trace.phase_mask("prefill")).by_token()
+    available, n_layers = prefill.experts.shape[:2]
+    if not 0 <= layer < n_layers:
+        raise TraceError(f"{path}: layer {layer} requested, the trace has layers 0..{n_layers - 1}")
+    if n_tokens > available:
+        raise TraceError(f"{path}: {n_tokens} prefill tokens requested, the trace has {available}")
+    ids = torch.as_tensor(prefill.experts[:n_tokens, layer].astype("int64"), device=device)
+    if prefill.weights is not None:
+        gates = torch.as_tensor(prefill.weights[:n_tokens, layer], device=device)
+    else:
+        gen = torch.Generator(device=device).manual_seed(seed + 2)
+        gates = torch.softmax(torch.randn(ids.shape, generator=gen, device=device), dim=1)
+    return ids, gates
 
 def capture(fn):
     """A CUDA graph of fn (warmed up on a side stream first)."""

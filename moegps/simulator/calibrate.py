@@ -16,6 +16,7 @@ measurements from known parameters (plus noise), then recovers them.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -120,9 +121,12 @@ def cases_from_kernel_bench(path, method: str | None = None) -> list[Case]:
     each row's ``tokens`` x ``k`` selections spread evenly over ``active_experts`` experts on one GPU,
     measured ``<method>_us`` as ``moe_ms`` (the fused kernel includes the routing/alignment work
     the cost model calls the per-layer overhead); the method by ``cost.kernel_bench_column``
-    (balanced routing where the run timed it: the even split these cases assume)."""
+    (balanced routing where the run timed it: the even split these cases assume). A ``trace.csv``
+    (recorded routing, ``--routing-trace``) gives each expert its own rows (``expert_rows``) and
+    ``ours_us``, the call on exactly those rows."""
     frame = pd.read_csv(path)
-    column = cost.kernel_bench_column(frame, method)
+    recorded = "expert_rows" in frame
+    column = cost.kernel_bench_column(frame, method or ("ours" if recorded else None))
     missing = {"shape", "tokens", "E", "H", "F", "k", "active_experts", column} - set(frame)
     if missing:
         raise ValueError(f"{path}: not a moegps.kernels.bench CSV, missing columns {sorted(missing)}")
@@ -133,10 +137,14 @@ def cases_from_kernel_bench(path, method: str | None = None) -> list[Case]:
         E, k, active = int(row["E"]), int(row["k"]), int(row["active_experts"])
         shape = from_name(row["shape"], hidden=int(row["H"]), expert_ffn=int(row["F"]),
                             n_experts=E, top_k=k)
-        tokens = np.zeros((1, E))
-        tokens[0, :active] = row["tokens"] * k / active
-        cases.append(Case(tokens, np.zeros((1, 1)), {"moe_ms": row[column] / 1e3},
-                          name=f"{row['shape']} T={int(row['tokens'])}", info={"shape": shape}))
+        if recorded:
+            tokens = np.asarray(json.loads(row["expert_rows"]), dtype=np.float64).reshape(1, E)
+        else:
+            tokens = np.zeros((1, E))
+            tokens[0, :active] = row["tokens"] * k / active
+        name = f"{row['shape']} T={int(row['tokens'])}" + (f" {row['routing']}" if recorded else "")
+        cases.append(Case(tokens, np.zeros((1, 1)), {"moe_ms": row[column] / 1e3}, name=name,
+                          info={"shape": shape}))
     return cases
 
 
