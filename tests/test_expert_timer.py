@@ -88,14 +88,15 @@ def test_simulate_takes_the_busiest_gpus_measured_time(rng):
         np.testing.assert_allclose(measured.parts["dispatch"], modelled.parts["dispatch"])
 
 
-def test_the_simulator_command_times_experts_with_the_kernels():
+def test_the_simulator_command_times_experts_with_the_kernels(tmp_path):
     """The simulator's config with ``expert_time=kernels`` replays with the timer (here the CPU's torch
-    loop on the bundled model's expert shape) and its rows say so; the default stays the roofline; a
-    value that is neither is an error naming the field."""
+    loop on the bundled model's expert shape) and its rows say so, and the shares it timed read back as
+    calibration cases; the default stays the roofline; a value that is neither is an error naming the field."""
     import dataclasses
     from pathlib import Path
 
     from moegps.configs import validate
+    from moegps.simulator.calibrate import cases_from_kernel_bench
     from moegps.simulator.__main__ import SimulateConfig, simulate as run
 
     trace = str(Path(__file__).resolve().parents[1] / "traces" / "mixtral-tiny" / "mmlu-64")
@@ -103,9 +104,18 @@ def test_the_simulator_command_times_experts_with_the_kernels():
     for how in ("roofline", "kernels"):
         config = dataclasses.asdict(SimulateConfig(trace=trace, limit=4, predictors=["global_profile"],
                                                    system="h200_8gpu", expert_time=how))
-        _, results, rows[how] = run(config)
+        _, results, rows[how], timer = run(config)
         assert all(r.parts["expert"].sum() > 0 for r in results)
     assert {r["config.expert_time"] for r in rows["kernels"]} == {"kernels:cpu"}
+    # the shares it timed, as calibration cases: each share's rows and time come back from the CSV
+    shares_csv = tmp_path / "expert_shares.csv"
+    timer.shares().to_csv(shares_csv, index=False)
+    cases = cases_from_kernel_bench(shares_csv)
+    assert len(cases) == timer.measured > 0
+    for case in cases:
+        rows_e = tuple(int(r) for r in case.tokens_per_gpu_expert[0])
+        assert case.measured_ms["moe_ms"] == pytest.approx(timer.seconds(rows_e) * 1e3)
+        assert case.info["shape"].n_experts == timer.shape.n_experts and case.info["shape"].top_k == 1
     assert {r["config.expert_time"] for r in rows["roofline"]} == {"roofline"}
     assert [r["dispatch_ms"] for r in rows["kernels"]] == pytest.approx([r["dispatch_ms"] for r in rows["roofline"]])
     with pytest.raises(Exception, match="expert_time"):

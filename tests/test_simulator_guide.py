@@ -119,7 +119,8 @@ def test_simulate_command_runs_the_pipeline_out_of_sample(tmp_path):
     config.pop("hydra")
     config = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
     config["system"] = "h100_8gpu"
-    work, results, rows = simulate(config)
+    work, results, rows, timer = simulate(config)
+    assert timer is None  # the roofline: nothing timed
     assert [r.plan for r in results] == ["static", "oracle_placement", "global_profile", "oracle"]
     assert all(row["config.split"] == "arrival" and row["config.n_test_requests"] == 12 for row in rows)
     trace = load_trace("random", limit=24)

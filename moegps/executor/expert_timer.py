@@ -81,6 +81,23 @@ class KernelExpertTimer:
         self.calls += len(flat)
         return np.array([self.seconds(tuple(r)) for r in flat.tolist()]).reshape(rows.shape[:-1])
 
+    def shares(self):
+        """The timed shares as a `moegps.kernels.bench` trace table (a pandas DataFrame): one row per
+        distinct row-count vector, its experts' rows (``expert_rows``, a JSON list over the model's E
+        experts), ``tokens`` (rows in all), ``active_experts`` and ``ours_us``, with the shape at top-1
+        (``E, H, F, k``): ``python -m moegps.simulator.calibrate --kernel-bench FIT.csv expert_shares.csv``
+        costs each share expert by expert, as the replay's roofline would."""
+        import json
+
+        import pandas as pd
+
+        s = self.shape
+        return pd.DataFrame([{"shape": s.name, "E": s.n_experts, "H": s.hidden, "F": s.expert_ffn, "k": 1,
+                              "tokens": sum(rows), "active_experts": sum(r > 0 for r in rows),
+                              "ours_us": seconds * 1e6, "expert_rows": json.dumps(list(rows)),
+                              "routing": "replayed share", "device": self.device_name}
+                             for rows, seconds in self._seconds.items()])
+
     def seconds(self, rows: tuple[int, ...]) -> float:
         """Seconds one GPU spends on ``rows[e]`` tokens of each expert e (0 for none)."""
         if sum(rows) == 0:

@@ -57,7 +57,8 @@ register("simulate_schema", SimulateConfig)
 
 
 def simulate(config: dict) -> tuple:
-    """The replay a resolved ``simulate.yaml`` config describes: (workload, results, rows)."""
+    """The replay a resolved ``simulate.yaml`` config describes: (workload, results, rows, timer), the
+    timer the ``KernelExpertTimer`` that measured the expert part (``expert_time=kernels``) or None."""
     work = load_workload(trace=config["trace"], train=config.get("train"), test=config.get("test"),
                          test_fraction=config["test_fraction"], split=config.get("split", "arrival"),
                          seed=config["seed"], limit=config["limit"], shape=config["shape"], skew=config["skew"])
@@ -79,7 +80,7 @@ def simulate(config: dict) -> tuple:
     if timer is not None:
         print(f"expert time measured on {timer.device_name}: {timer.measured} distinct GPU shares timed for "
               f"{timer.calls} (step, GPU) pairs")
-    return work, results, result_rows(results, variant, system, work)
+    return work, results, result_rows(results, variant, system, work), timer
 
 
 def app(raw) -> None:
@@ -88,9 +89,14 @@ def app(raw) -> None:
     hydra_system(config)
     config = dataclasses.asdict(validate(config, SimulateConfig, "simulator"))
     t0 = time.perf_counter()
-    work, results, rows = simulate(config)
+    work, results, rows, timer = simulate(config)
     out = Path(config["out"])
     write_rows(rows, out / "rows.parquet")
+    written = "rows.parquet, per_layer.parquet, config.json"
+    if timer is not None:  # what each GPU share took: calibration data for one rank's calls
+        with atomic_path(out / "expert_shares.csv") as tmp:
+            timer.shares().to_csv(tmp, index=False)
+        written += ", expert_shares.csv"
     side = pd.concat([r.per_layer(row["run_id"]) for r, row in zip(results, rows)], ignore_index=True)
     with atomic_path(out / "per_layer.parquet") as tmp:
         side.to_parquet(tmp, index=False)
@@ -107,7 +113,7 @@ def app(raw) -> None:
         print(f"{r.plan:<18} {r.family:<13} {ms['total_ms']:10.2f} {ms['expert_ms']:9.2f} {ms['dispatch_ms']:9.2f} "
               f"{ms['combine_ms']:9.2f} {ms['other_ms']:8.2f} {ms['predictor_ms']:7.3f} {ms['migration_ms']:8.2f} "
               f"{speedup:8.3f}")
-    print(f"wrote {out}/rows.parquet, per_layer.parquet, config.json")
+    print(f"wrote {out}/{written}")
 
 
 def main() -> None:

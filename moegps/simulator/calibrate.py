@@ -122,8 +122,9 @@ def cases_from_kernel_bench(path, method: str | None = None) -> list[Case]:
     measured ``<method>_us`` as ``moe_ms`` (the fused kernel includes the routing/alignment work
     the cost model calls the per-layer overhead); the method by ``cost.kernel_bench_column``
     (balanced routing where the run timed it: the even split these cases assume). A ``trace.csv``
-    (recorded routing, ``--routing-trace``) gives each expert its own rows (``expert_rows``) and
-    ``ours_us``, the call on exactly those rows."""
+    (recorded routing, ``--routing-trace``) or a replay's ``expert_shares.csv`` (``expert_time=kernels``:
+    one GPU's share, top-1) gives each expert its own rows (``expert_rows``) and ``ours_us``, the call on
+    exactly those rows."""
     frame = pd.read_csv(path)
     recorded = "expert_rows" in frame
     column = cost.kernel_bench_column(frame, method or ("ours" if recorded else None))
@@ -132,11 +133,14 @@ def cases_from_kernel_bench(path, method: str | None = None) -> list[Case]:
         raise ValueError(f"{path}: not a moegps.kernels.bench CSV, missing columns {sorted(missing)}")
     cases = []
     for _, row in frame.iterrows():
-        if row["shape"] not in shape_names() or not np.isfinite(row[column]):
+        known = row["shape"] in shape_names()
+        # an even split needs a shape of the registry (the engine's +shared calls are not even); a row
+        # with its experts' own rows needs only E, H, F and k, the expert roofline's sizes
+        if not (known or recorded) or not np.isfinite(row[column]):
             continue
         E, k, active = int(row["E"]), int(row["k"]), int(row["active_experts"])
-        shape = from_name(row["shape"], hidden=int(row["H"]), expert_ffn=int(row["F"]),
-                            n_experts=E, top_k=k)
+        shape = from_name(row["shape"] if known else "mixtral-8x7b").replace(
+            name=str(row["shape"]), hidden=int(row["H"]), expert_ffn=int(row["F"]), n_experts=E, top_k=k)
         if recorded:
             tokens = np.asarray(json.loads(row["expert_rows"]), dtype=np.float64).reshape(1, E)
         else:
