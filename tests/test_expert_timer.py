@@ -64,7 +64,8 @@ def test_the_timer_runs_each_gpus_rows_and_times_each_distinct_share_once(monkey
 def test_simulate_takes_the_busiest_gpus_measured_time(rng):
     """With a timer as the table, each layer's expert part is the busiest GPU's measured time of the
     rows the placement sends it (a hand-made timer: 1 ms a row plus 10 ms an expert held with rows,
-    against a max over GPUs worked out here from route_tokens' per-GPU rows); the rest is unchanged."""
+    against a max over GPUs worked out here from route_tokens' per-GPU rows); the layer's fixed
+    overhead, which a timed call holds, is not added again; the rest is unchanged."""
 
     class RowTimer:
         def gpu_seconds(self, per_gpu):
@@ -73,10 +74,11 @@ def test_simulate_takes_the_busiest_gpus_measured_time(rng):
 
     trace = random_trace(rng, n_requests=6, n_layers=2, n_experts=6, top_k=2, skew=1.5, decode_steps=3)
     batches = make_batches(trace, 3, cfg=ReplayConfig(batch_size=2))
-    system = _system()
+    system = _system().replace(layer_overhead=float(rng.uniform(1e-5, 1e-4)))
     for plan in (static_plan(batches), oracle_plan(batches, lambda loads: contiguous_share(2, 6, 3))):
         measured = simulate(batches, plan, TINY, system, table=RowTimer())
         modelled = simulate(batches, plan, TINY, system)
+        assert (measured.parts["overhead"] == 0).all() and np.allclose(modelled.parts["overhead"], system.layer_overhead)
         for layer in range(2):
             share = plan.share[plan.placement_of_step, layer]
             counts = np.zeros((batches.n_steps, 3, 6))
@@ -146,6 +148,13 @@ def test_the_plot_reads_the_simulators_printed_plan_table(tmp_path):
     rows = read_results(tmp_path / "run" / "rows.parquet").set_index("config.plan")["total_ms"]
     assert list(read) == list(rows.index) and read["static"] == 1.0
     assert [read[plan] for plan in rows.index] == pytest.approx(list(rows["static"] / rows), abs=5e-4)
+    # a measured run's speedups come from its parts: a fixed overhead in its totals (runs before the timed
+    # calls stopped adding it) does not count
+    header = printed[printed.index("plan "):printed.index("wrote ")].splitlines()[0]
+    parts = {"static": [5.0, 1.0, 1.0, 2.0, 0.0, 0.0], "global_profile": [3.0, 1.5, 1.5, 2.0, 0.25, 0.0]}
+    lines = [f"{plan} family {sum(v) + 0.7:.2f} " + " ".join(f"{x:.2f}" for x in v) + " 9.999" for plan, v in parts.items()]
+    (tmp_path / "measured.log").write_text("expert time measured on cpu: ...\n" + "\n".join([header, *lines, "wrote x"]))
+    assert plot.plan_speedups(tmp_path / "measured.log") == pytest.approx({"static": 1.0, "global_profile": 9.0 / 8.25})
     (tmp_path / "empty.log").write_text("nothing here\n")
     with pytest.raises(ValueError, match="empty.log: no plan table"):
         plot.plan_speedups(tmp_path / "empty.log")

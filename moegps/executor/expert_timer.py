@@ -23,9 +23,11 @@ a table for that many experts at top-1 has been tuned (``python -m moegps.kernel
 mixtral-8x7b@2``; none is shipped yet).
 Fractional token counts (replica shares) are rounded to whole rows.
 
-First runs (one H200, docs/simulator.md): 1.1-1.8x the roofline's expert time on the bundled model's MMLU
-traces at Mixtral-8x7B's shape; whether duplication pays on the prefill-heavy one turned on the configs one
-GPU's few experts run with.
+A timed call holds the layer's fixed cost (routing metadata, launches), so a replay with a timer adds no
+``layer_overhead`` on top. First runs (docs/simulator.md): 1.02-1.55x the roofline's expert time (with that
+fixed cost) on the bundled model's MMLU traces at Mixtral-8x7B's shape, one H200; 1.14-1.19x on DeepSeek-V2-Lite's
+recorded prompts, one H100; whether duplication pays on the prefill-heavy MMLU trace turned on the configs one
+GPU's few experts run with. ``shares()`` is what was timed, for ``simulator.calibrate``.
 """
 
 from __future__ import annotations
