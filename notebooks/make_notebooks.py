@@ -242,6 +242,47 @@ ax.set_xlabel("measured / modelled time, summed over the class's held-out calls"
 ax.invert_yaxis(); fig.tight_layout()
 fig.savefig(store / "serving_calls.png", dpi=110)  # an earlier cell's plots left matplotlib on Agg
 Image(str(store / "serving_calls.png"))"""),
+    new_markdown_cell("## The expert part on recorded routing\n\n"
+                      "The simulator's expert roofline is calibrated on whole kernel calls with evenly spread rows. "
+                      "Two H100 runs of session ag (`benchmarks/kernels/logs/h100-2026-12-06-ag/`, "
+                      "`benchmarks/simulator/h100-2026-12-06-ag/`) measured it where a real router and expert "
+                      "parallelism put it:\n"
+                      "- whole calls on DeepSeek-V2-Lite's recorded prefill routing (`python -m moegps.kernels.bench "
+                      "--routing-trace ...`: the busiest expert 1.6-5.7x the mean rows), and\n"
+                      "- one GPU's share of each step of an 8-GPU replay of the same prompts (`python -m "
+                      "moegps.simulator ... expert_time=kernels` writes `expert_shares.csv`: each share's rows per "
+                      "expert and its time), at batch 64 and 16.\n\n"
+                      "Below: the shipped `h100_8gpu` profile against each, and the same roofline fitted on the "
+                      "batch-64 shares, scored on the batch-16 ones (out of sample)."),
+    new_code_cell("""\
+from moegps.simulator.calibrate import cases_from_kernel_bench, error_table, fit
+
+AG_KERNELS = PROJECT_ROOT / "benchmarks" / "kernels" / "logs" / "h100-2026-12-06-ag"
+AG_SIM = PROJECT_ROOT / "benchmarks" / "simulator" / "h100-2026-12-06-ag"
+measured_sets = {"whole calls, recorded routing": cases_from_kernel_bench(AG_KERNELS / "call1-trace.csv"),
+                 "one GPU's shares, batch 64 (fit)": cases_from_kernel_bench(AG_SIM / "call6-expert-shares-b64.csv"),
+                 "one GPU's shares, batch 16 (held out)": cases_from_kernel_bench(AG_SIM / "call6-expert-shares-b16.csv")}
+deepseek, shipped = from_name("deepseek-v2-lite"), load_system("h100_8gpu")
+refit, _ = fit(measured_sets["one GPU's shares, batch 64 (fit)"], deepseek, shipped,
+               ("hbm_bandwidth", "matmul_flops", "expert_launch", "layer_overhead", "roofline_p"))
+tables = {(name, label): error_table(cases, deepseek, spec)
+          for name, cases in measured_sets.items() for label, spec in (("shipped", shipped), ("fitted on shares", refit))}
+pd.DataFrame({key: {"cases": len(t), "mean |error| %": t.abs_error_pct.mean(), "max |error| %": t.abs_error_pct.max(),
+                    "simulated / measured (median)": t.ratio.median()} for key, t in tables.items()}).T"""),
+    new_code_cell("""\
+fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True, sharey=True)
+lim = (40, 4000)
+for ax, label in zip(axes, ("shipped", "fitted on shares")):
+    for name in measured_sets:
+        t = tables[(name, label)]
+        ax.scatter(t.measured_ms * 1e3, t.simulated_ms * 1e3, s=6, alpha=0.4, label=name)
+    ax.plot(lim, lim, color="k", lw=0.8)
+    ax.set_xscale("log"); ax.set_yscale("log"); ax.set_xlim(*lim); ax.set_ylim(*lim); ax.grid(alpha=0.3)
+    ax.set_title(f"h100_8gpu expert roofline, {label}", fontsize=10); ax.set_xlabel("measured on one H100 (us)")
+axes[0].set_ylabel("simulated (us)"); axes[0].legend(fontsize=8, markerscale=3)
+fig.tight_layout()
+fig.savefig(store / "expert_part_recorded.png", dpi=110)  # matplotlib is on Agg here (see above)
+Image(str(store / "expert_part_recorded.png"))"""),
 ]
 
 
