@@ -369,3 +369,47 @@ def test_migration_counts_new_copies(rng):
     np.testing.assert_array_equal(b, [0, 0, 0, 100.0])
     system = _system()
     assert cost.migration_time(b, system) == pytest.approx(100.0 / system.link_bandwidth + system.link_latency)
+
+
+def test_a_joint_fit_recovers_the_profile_that_made_its_files(tmp_path, rng, capsys):
+    """benchmarks/simulator/joint_fit.py: two files measured under known expert parameters (a kernels-bench
+    file of whole calls, a replay's shares with their own rows) are fitted back to within a hair, each file
+    weighted equally, and a held-out file made the same way is scored as well."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from moegps.simulator.calibrate import cases_from_kernel_bench, simulate_case
+
+    spec = importlib.util.spec_from_file_location("joint_fit", Path(__file__).resolve().parents[1] / "benchmarks/simulator/joint_fit.py")
+    joint = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(joint)
+    shipped = load_system("h100_8gpu")
+    truth = shipped.replace(hbm_bandwidth=shipped.hbm_bandwidth * rng.uniform(0.8, 1.2),
+                            matmul_flops=shipped.matmul_flops * rng.uniform(0.8, 1.2),
+                            layer_overhead=rng.uniform(5e-6, 3e-5), expert_launch=rng.uniform(1e-7, 1e-6))
+
+    def measured_file(path, rows):
+        frame = pd.DataFrame(rows)
+        frame.to_csv(path, index=False)
+        us = [simulate_case(c, model_shape("mixtral-8x7b"), truth)["moe_ms"] * 1e3 for c in cases_from_kernel_bench(path)]
+        frame.assign(**{"ours_us": us, "balanced_us": us}).to_csv(path, index=False)
+
+    whole = [{"shape": "deepseek-v2-lite", "E": 64, "H": 2048, "F": 1408, "k": 6, "tokens": t, "active_experts": 64,
+              "ours_us": 1.0, "balanced_us": 1.0} for t in (512, 2048, 8192, 16384)]
+    whole += [{**r, "shape": "mixtral-8x7b", "E": 8, "H": 4096, "F": 14336, "k": 2, "active_experts": 8} for r in whole]
+
+    def shares(n):
+        out = []
+        for _ in range(n):
+            counts = np.where(rng.random(64) < 0.125, rng.integers(1, 900, 64), 0)
+            counts[int(rng.integers(64))] += 1
+            out.append({"shape": "deepseek-v2-lite", "E": 64, "H": 2048, "F": 1408, "k": 1, "tokens": int(counts.sum()),
+                        "active_experts": int((counts > 0).sum()), "ours_us": 1.0, "expert_rows": json.dumps(counts.tolist())})
+        return out
+
+    for name, rows in (("whole.csv", whole), ("shares.csv", shares(60)), ("held.csv", shares(20))):
+        measured_file(tmp_path / name, rows)
+    joint.main(["--fit", str(tmp_path / "whole.csv"), str(tmp_path / "shares.csv"), "--score", str(tmp_path / "held.csv")])
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("fitted on")]
+    assert len(printed) == 3 and all(float(line.split("mean |error| ")[1].split("%")[0]) < 0.5 for line in printed), printed

@@ -146,7 +146,7 @@ def cases_from_kernel_bench(path, method: str | None = None) -> list[Case]:
         else:
             tokens = np.zeros((1, E))
             tokens[0, :active] = row["tokens"] * k / active
-        name = f"{row['shape']} T={int(row['tokens'])}" + (f" {row['routing']}" if recorded else "")
+        name = f"{row['shape']} T={int(row['tokens'])}" + (f" {row.get('routing', 'own rows')}" if recorded else "")
         cases.append(Case(tokens, np.zeros((1, 1)), {"moe_ms": row[column] / 1e3}, name=name,
                           info={"shape": shape}))
     return cases
