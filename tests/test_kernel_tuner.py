@@ -41,7 +41,7 @@ def test_a_narrow_search_passes_the_incumbent_and_keeps_it(config_dir, tmp_path,
     seen = {}
     new = {"path": "sorted", "block_m": 64, "us": 1.0}
 
-    def fake_tune_one(name, shape, n_tokens, failed, seed, paths, incumbent):
+    def fake_tune_one(name, shape, n_tokens, failed, seed, paths, incumbent, routing=None):
         seen[n_tokens] = (paths, incumbent)
         return new if n_tokens == 512 else incumbent  # 512: a new config beats the nearest
 
@@ -357,3 +357,60 @@ def test_the_recorded_routing_rows_are_the_shapes_with_the_traces_experts(rng, t
         trace_plan(tmp_path / "t.parquet", None, {"mixtral-8x7b": shapes["mixtral-8x7b"]}, [8])
     with pytest.raises(TraceError, match=r"--trace-layers \[5\]; the trace has layers 0\.\.4"):
         trace_plan(tmp_path / "t.parquet", [5], shapes, [8])
+
+
+def test_a_ranks_rows_from_a_replays_shares(rng, tmp_path):
+    """timing.share_routing: the share of at most N experts nearest the token count, its experts' rows
+    scaled to exactly that many (largest remainders, the proportions kept within a row), one slot id a
+    row, gates 1; the seed only reorders the rows; a file without shares of N experts, or not a shares
+    file, is an error naming it. bench.shares_routing hands shares only to one rank's calls (top-1)."""
+    import json
+
+    import pandas as pd
+
+    from moegps.kernels.bench import shares_routing
+    from moegps.kernels.timing import share_routing
+
+    shares = []
+    for total in (300, 1000, 4000):
+        rows = np.zeros(64, dtype=int)
+        experts = rng.choice(64, size=int(rng.integers(3, 9)), replace=False)
+        rows[np.sort(experts)] = rng.multinomial(total, rng.dirichlet(np.ones(len(experts))))
+        shares.append({"tokens": int(rows.sum()), "expert_rows": json.dumps(rows.tolist())})
+    wide = np.ones(64, dtype=int)  # a share of 64 experts: never a rank of eight's
+    shares.append({"tokens": 1100, "expert_rows": json.dumps(wide.tolist())})
+    pd.DataFrame(shares).to_csv(tmp_path / "shares.csv", index=False)
+    n = int(rng.integers(1100, 2400))  # nearest the 1000-row share of eight experts or fewer
+    ids, gates = share_routing(tmp_path / "shares.csv", n, 8, seed=1, device="cpu")
+    picked = np.asarray(json.loads(shares[1]["expert_rows"]))
+    want = picked[picked > 0] * n / picked.sum()
+    counts = torch.bincount(ids.reshape(-1), minlength=8).numpy()
+    assert ids.shape == gates.shape == (n, 1) and counts.sum() == n and torch.equal(gates, torch.ones(n, 1))
+    assert np.abs(counts[:len(want)] - want).max() < 1 and (counts[len(want):] == 0).all()
+    again, _ = share_routing(tmp_path / "shares.csv", n, 8, seed=2, device="cpu")
+    assert torch.equal(torch.bincount(again.reshape(-1), minlength=8), torch.as_tensor(counts))
+    with pytest.raises(ValueError, match=r"shares\.csv: no share in 'expert_rows' has rows on 1\.\.2 experts"):
+        share_routing(tmp_path / "shares.csv", 100, 2, device="cpu")
+    pd.DataFrame({"tokens": [1]}).to_csv(tmp_path / "bench.csv", index=False)
+    with pytest.raises(ValueError, match=r"bench\.csv: not an expert_shares\.csv"):
+        share_routing(tmp_path / "bench.csv", 100, 8, device="cpu")
+    routing_for = shares_routing(tmp_path / "shares.csv", {"r": (8, 2048, 1408, 1), "w": (64, 2048, 1408, 6)}, 0)
+    assert routing_for("w", (64, 2048, 1408, 6), 512) is None
+    with pytest.raises(SystemExit, match="name such a shape"):
+        shares_routing(tmp_path / "shares.csv", {"w": (64, 2048, 1408, 6)}, 0)
+
+
+def test_the_tuner_tunes_each_size_on_the_routing_it_is_given(config_dir, tmp_path, monkeypatch):
+    """tune(routing_for=...): each (shape, tokens) is tuned on what routing_for returns for it (None:
+    random routing), as bench --tune-shares hands a rank's calls a replay's shares."""
+    config_dir.parent.mkdir()
+    seen = {}
+
+    def fake_tune_one(name, shape, n_tokens, failed, seed, paths, incumbent, routing=None):
+        seen[n_tokens] = routing
+        return {"path": "sorted", "block_m": 64, "us": 1.0}
+
+    monkeypatch.setattr(tune, "tune_one", fake_tune_one)
+    tune.tune({"tiny": SHAPE}, [8, 64], tmp_path / "out", 1, "cmd",
+              routing_for=lambda name, shape, n: None if n == 8 else (name, shape, n))
+    assert seen == {8: None, 64: ("tiny", SHAPE, 64)}

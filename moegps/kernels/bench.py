@@ -65,7 +65,7 @@ from moegps.kernels.launch import (combine_atomic, combine_sum, default_config, 
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.routing import SCAN, align
 from moegps.kernels.timing import (flush_control, gpu_clocks, make_inputs, make_routing, rel_err,
-                                   spread_evenly, time_many, time_us, trace_routing)
+                                   share_routing, spread_evenly, time_many, time_us, trace_routing)
 from moegps.kernels.tune import (FUSED_MAX_PAIRS, FUSED_TILES, PATHS as TUNE_PATHS, config_tasks, expert_dims,
                                  fused_config, precompile, shape_arg, shape_names, shared_columns, tune)
 
@@ -371,6 +371,15 @@ def bench_trace_row(path: Path, name: str, shape, n_tokens: int, layer: int, see
     return row
 
 
+def shares_routing(path: Path, shapes: dict, seed: int):
+    """`tune`'s routing_for: one rank's calls (the NAME@N shapes, top-1) on a replay's shares, the
+    other shapes on random routing; a clear error if no shape is a rank's call."""
+    if not any(shape[3] == 1 for shape in shapes.values()):
+        raise SystemExit(f"--tune-shares {path}: shares are one rank's calls; name such a shape (NAME@N) in --shapes")
+    return lambda name, shape, n_tokens: (share_routing(path, n_tokens, shape[0], seed)
+                                          if shape[3] == 1 else None)
+
+
 def print_table(rows, columns=COLUMNS):
     header = [c for c, _ in columns]
     cells = [[fmt.format(r.get(c, float("nan"))) for c, fmt in columns] for r in rows]
@@ -411,6 +420,9 @@ def main(argv=None):
                         "for the shapes with its experts and top-k: rows of trace.csv beside bench.csv")
     parser.add_argument("--trace-layers", type=int, nargs="*",
                         help="the trace's layers to time (default: its first, middle and last)")
+    parser.add_argument("--tune-shares", type=Path,
+                        help="with --tune, one rank's calls (NAME@N) tuned on a measured replay's shares "
+                        "(its expert_shares.csv: timing.share_routing) instead of random routing")
     # each compile worker holds one shape's weights on the GPU (Mixtral: ~3-9 GB): 16 ran out of memory
     parser.add_argument("--workers", type=int, default=min(6, os.cpu_count() or 1))
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -430,7 +442,8 @@ def main(argv=None):
         command = "python -m moegps.kernels.bench " + " ".join(
             sys.argv[1:] if argv is None else argv)
         # edge-case checks beside the compiles
-        tune(shapes, tokens, out_dir, args.workers, command, args.seed, args.tune_paths)
+        tune(shapes, tokens, out_dir, args.workers, command, args.seed, args.tune_paths,
+             routing_for=shares_routing(args.tune_shares, shapes, args.seed) if args.tune_shares else None)
     else:  # compile the configs the benchmark uses in parallel, checks beside them
         tasks = set()
         for name, shape in shapes.items():

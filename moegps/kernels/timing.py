@@ -88,6 +88,39 @@ def trace_routing(path, n_tokens, layer, seed=0, device="cuda"):
         gates = torch.softmax(torch.randn(ids.shape, generator=gen, device=device), dim=1)
     return ids, gates
 
+
+def share_routing(path, n_tokens, n_experts, seed=0, device="cuda"):
+    """One GPU's rows as a replay made them, for tuning one rank's call (``NAME@N``): from a measured
+    replay's ``expert_shares.csv`` (``python -m moegps.simulator ... expert_time=kernels``), the share
+    of at most ``n_experts`` experts whose rows in all are nearest ``n_tokens``, its experts' row counts
+    (in expert order, then empty slots) scaled to ``n_tokens`` rows by largest remainders; returns ids
+    [n_tokens, 1] (int64, slot numbers in a seeded random token order) and gate weights of 1 [n_tokens, 1]
+    (fp32; a rank's top-1 rows, as ``executor.expert_timer`` runs them)."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    frame = pd.read_csv(path)
+    if not {"tokens", "expert_rows"} <= set(frame):
+        raise ValueError(f"{path}: not an expert_shares.csv (needs columns 'tokens' and 'expert_rows', "
+                         f"the JSON list of a share's rows per expert); has {list(frame.columns)}")
+    rows = [np.asarray(json.loads(r), dtype=np.int64) for r in frame["expert_rows"]]
+    fits = [i for i, r in enumerate(rows) if 0 < np.count_nonzero(r) <= n_experts]
+    if not fits:
+        raise ValueError(f"{path}: no share in 'expert_rows' has rows on 1..{n_experts} experts")
+    pick = min(fits, key=lambda i: abs(int(rows[i].sum()) - n_tokens))
+    counts = np.zeros(n_experts, dtype=np.int64)
+    nonzero = rows[pick][rows[pick] > 0]
+    exact = nonzero * n_tokens / nonzero.sum()
+    counts[:len(nonzero)] = np.floor(exact).astype(np.int64)
+    short = n_tokens - int(counts.sum())
+    counts[np.argsort(-(exact - np.floor(exact)), kind="stable")[:short]] += 1
+    gen = torch.Generator(device="cpu").manual_seed(seed + 3)
+    ids = torch.repeat_interleave(torch.arange(n_experts), torch.as_tensor(counts))
+    ids = ids[torch.randperm(n_tokens, generator=gen)][:, None].to(device)
+    return ids, torch.ones(n_tokens, 1, device=device)
+
 def capture(fn):
     """A CUDA graph of fn (warmed up on a side stream first)."""
     stream = torch.cuda.Stream()

@@ -380,15 +380,17 @@ def precompile(tasks, workers):
     return failed
 
 
-def tune_one(name, shape, n_tokens, failed, seed=0, paths=PATHS, incumbent=None) -> dict:
+def tune_one(name, shape, n_tokens, failed, seed=0, paths=PATHS, incumbent=None, routing=None) -> dict:
     """Best config for one (shape, tokens): each GEMM's tile timed alone per (path, block), then
     the best pair timed whole (routing + both GEMMs + combine, CUDA graph) with each combine
     (the k-way combine kernel, atomics in the down GEMM); each fused tile (decode) timed whole.
     `incumbent` (the file's config for these tokens, if any) competes in the whole-call round,
-    so a search of fewer `paths` keeps it unless something beats it."""
+    so a search of fewer `paths` keeps it unless something beats it. `routing`: (ids, weights) to
+    tune on instead of random routing (a replay's shares, `timing.share_routing`)."""
     n_experts, hidden, ffn, top_k = shape
     x, w13, w2 = make_inputs(n_experts, hidden, ffn, top_k, n_tokens, seed)
-    ids, weights = make_routing(n_tokens, n_experts, top_k, seed, shared=shared_columns(name))
+    ids, weights = routing if routing is not None else make_routing(n_tokens, n_experts, top_k, seed,
+                                                                    shared=shared_columns(name))
     flat_ids, flat_w = ids.reshape(-1), weights.reshape(-1)
     n_pairs = n_tokens * top_k
     h = torch.empty(n_pairs, ffn, dtype=x.dtype, device="cuda")
@@ -536,14 +538,15 @@ def write_size_winner(shape: str, n_tokens: int, own: dict, other: dict, own_us:
 
 
 def tune(shapes, tokens, out_dir: Path, workers: int, command: str, seed: int = 0,
-         paths=PATHS) -> Path:
+         paths=PATHS, routing_for=None) -> Path:
     """Tune each (shape, tokens) over `paths` and merge the results into configs/<device>.json
     (and a copy in out_dir), rewritten after each one (temporary file, then rename): a run cut
     short keeps what it finished. Token counts not tuned now keep their entries. With fewer
     paths than all, what serves the token count now competes (tune_one's incumbent): its entry,
     or where it has none the nearest one `get_config` takes (or the default); when that one wins,
     no entry is written (the nearest keeps serving), so that a search of one path cannot put a
-    slower config where another path's entry served."""
+    slower config where another path's entry served. `routing_for(name, shape, n_tokens)`: the
+    routing to tune on, or None for random routing."""
     tasks = set()
     for name, shape in shapes.items():
         for n_tokens in tokens:
@@ -565,7 +568,8 @@ def tune(shapes, tokens, out_dir: Path, workers: int, command: str, seed: int = 
             incumbent = None
             if set(paths) != set(PATHS):
                 incumbent = runnable or launch.get_config(n_tokens, *shape)
-            config = tune_one(name, shape, n_tokens, failed, seed, paths, incumbent)
+            routing = routing_for(name, shape, n_tokens) if routing_for else None
+            config = tune_one(name, shape, n_tokens, failed, seed, paths, incumbent, routing)
             if config is incumbent and (own is None or runnable is not own):
                 print(f"  {name} T={n_tokens}: the nearest entry (or the default) stays", flush=True)
                 continue
