@@ -433,6 +433,8 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     tokens = args.tokens or (QUICK_TOKENS if args.quick else TOKENS)
     shapes = {name: expert_dims(name) for name in args.shapes}
+    # a bad trace or layer is named before anything compiles
+    traced = trace_plan(args.routing_trace, args.trace_layers, shapes, tokens) if args.routing_trace else []
     device = torch.cuda.get_device_name()
     print(f"device: {device}, torch {torch.__version__}, triton "
           f"{__import__('triton').__version__}", flush=True)
@@ -466,7 +468,6 @@ def main(argv=None):
                                  ("one_us", "{:.1f}"), ("chunked_us", "{:.1f}")])
         (out_dir / "align.json").write_text(json.dumps(align_rows, indent=1))
     print(f"L2 flush before each timed run: {timing.FLUSH}", flush=True)
-    traced = trace_plan(args.routing_trace, args.trace_layers, shapes, tokens) if args.routing_trace else []
     rows = []
     for name, shape in shapes.items():
         for n_tokens in tokens:
