@@ -52,7 +52,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -64,8 +63,8 @@ from moegps.kernels.launch import (combine_atomic, combine_sum, default_config, 
                                    wgmma_gate_up, wgmma_gemms)
 from moegps.kernels.reference import moe_reference
 from moegps.kernels.routing import SCAN, align
-from moegps.kernels.timing import (flush_control, gpu_clocks, make_inputs, make_routing, rel_err,
-                                   share_routing, spread_evenly, time_many, time_us, trace_routing)
+from moegps.kernels.timing import (flush_control, gpu_clocks, make_inputs, make_routing, recorded_prefill,
+                                   rel_err, share_routing, spread_evenly, time_many, time_us, trace_routing)
 from moegps.kernels.tune import (FUSED_MAX_PAIRS, FUSED_TILES, PATHS as TUNE_PATHS, config_tasks, expert_dims,
                                  fused_config, precompile, shape_arg, shape_names, shared_columns, tune)
 
@@ -338,11 +337,10 @@ TRACE_COLUMNS = [("shape", "{}"), ("tokens", "{}"), ("routing", "{}"), ("rows_ma
 def trace_plan(path: Path, layers, shapes: dict, tokens) -> list[tuple[str, int, int]]:
     """[(shape, tokens, layer)] of the recorded-routing rows: the shapes with the trace's expert
     count and top-k (a clear error if none has), the token counts it has prefill tokens for."""
-    from moegps.trace import RoutingTrace, TraceError
+    from moegps.trace import TraceError
 
-    trace = RoutingTrace.read(path)
-    meta = trace.meta
-    available = int(np.count_nonzero((trace.layer == 0) & trace.phase_mask("prefill")))
+    meta, prefill = recorded_prefill(path)
+    available = len(prefill.experts)
     layers = layers if layers else sorted({0, meta.n_layers // 2, meta.n_layers - 1})
     if not all(0 <= layer < meta.n_layers for layer in layers):
         raise TraceError(f"{path}: --trace-layers {layers}; the trace has layers 0..{meta.n_layers - 1}")

@@ -151,6 +151,12 @@ def expert_time(tokens: np.ndarray, shape: ModelShape, system: SystemSpec, table
     return np.where(n > 0, t, 0.0)
 
 
+def times_whole_calls(table) -> bool:
+    """Whether ``table`` times a GPU's whole expert call (``gpu_seconds``, ``executor.expert_timer``): such a
+    time holds the call's fixed cost (routing metadata, launches), which the roofline leaves to ``layer_overhead``."""
+    return hasattr(table, "gpu_seconds")
+
+
 def gpu_expert_time(tokens_per_gpu_expert: np.ndarray, shape: ModelShape, system: SystemSpec,
                     table=None) -> np.ndarray:
     """``[..., gpu, expert]`` tokens each GPU computes for each expert -> ``[..., gpu]`` seconds.
@@ -158,7 +164,7 @@ def gpu_expert_time(tokens_per_gpu_expert: np.ndarray, shape: ModelShape, system
     ``table``: None (the roofline), an :class:`ExpertTimeTable` (each expert's measured time by its
     tokens, summed over a GPU's experts), or anything with ``gpu_seconds`` that times a GPU's whole
     share at once (``executor.expert_timer.KernelExpertTimer``: the kernels run on this device)."""
-    if hasattr(table, "gpu_seconds"):
+    if times_whole_calls(table):
         return table.gpu_seconds(tokens_per_gpu_expert)
     return expert_time(tokens_per_gpu_expert, shape, system, table).sum(axis=-1)
 

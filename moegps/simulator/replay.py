@@ -804,9 +804,8 @@ def simulate(batches: Batches, plan: Plan, shape: ModelShape, system: SystemSpec
         attn_tokens = np.bincount(step * G + src, minlength=S * G).reshape(S, G)
         parts["other"][:, layer] = cost.other_time(attn_tokens, shape, system, cfg.attention, per_gpu_context,
                                                    per_gpu_kv)
-    # the layer's fixed cost (routing metadata, launches: calibrated on whole kernel calls) is inside a
-    # timed GPU call (executor.expert_timer) already
-    parts["overhead"][:] = 0.0 if hasattr(table, "gpu_seconds") else system.layer_overhead
+    # a timed GPU call holds the layer's fixed cost already
+    parts["overhead"][:] = 0.0 if cost.times_whole_calls(table) else system.layer_overhead
     if plan.predictor_s is not None:
         # spread over layers; off the critical path it hides behind the previous layer's expert GEMMs
         work = np.repeat(plan.predictor_s[:, None] / L, L, axis=1)
