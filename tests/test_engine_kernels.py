@@ -250,7 +250,9 @@ def check_topk(ids, gates, x, w, top_k, renormalize, seed, tol):
     order, probs = router_f64(x, w, top_k, renormalize)
     top = probs.gather(1, order[:, :top_k + 1])
     clear = (top[:, :-1] - top[:, 1:]).min(1).values > 1e-5
-    assert clear.float().mean() > 0.5, seed  # the data is mostly ties-free: the test compares ids
+    # Fresh random logits are mostly tie-free, so the test compares ids; a single near-tie among one or
+    # two tokens is chance (about 1e-3 a row), not a fault, and falls to the probability check below.
+    assert int(clear.sum()) >= len(clear) // 2, seed
     ids = ids.long()
     assert torch.equal(ids[clear], order[clear, :top_k]), seed
     chosen = probs.gather(1, ids)
