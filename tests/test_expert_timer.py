@@ -163,17 +163,26 @@ def test_the_plot_reads_the_simulators_printed_plan_table(tmp_path):
 def test_the_guide_times_experts_with_the_kernels_when_asked(tmp_path):
     """The guide's ``expert_time=kernels`` hands every replay the timer (here the CPU's torch loop on the
     bundled model's shape): the expert part differs from the roofline's, dispatch does not; asking for
-    the kernels and a benchmark table at once is an error naming both fields."""
+    the kernels and a benchmark table at once is an error naming both fields. The shares it timed are
+    written as ``expert_shares.csv``, which calibration reads back share by share."""
     from pathlib import Path
 
     from moegps.configs import ConfigError
-    from moegps.simulator.guide import GuideConfig, run_guide
+    from moegps.simulator.calibrate import cases_from_kernel_bench
+    from moegps.simulator.guide import GuideConfig, run_guide, write_expert_shares
 
     trace = str(Path(__file__).resolve().parents[1] / "traces" / "mixtral-tiny" / "mmlu-64")
     base = dict(trace=trace, limit=4, gpus=[2], link_gbps=[64.0], batch_sizes=[2], system="h200_8gpu",
                 distribution=["global_profile"], token=["token_table"], token_placement_from=None)
-    _, modelled = run_guide(GuideConfig(**base), progress=False)
-    _, measured = run_guide(GuideConfig(**base, expert_time="kernels"), progress=False)
+    modelled_table, modelled = run_guide(GuideConfig(**base), progress=False)
+    measured_table, measured = run_guide(GuideConfig(**base, expert_time="kernels"), progress=False)
+    assert write_expert_shares(modelled_table, tmp_path) == "" and not (tmp_path / "expert_shares.csv").exists()
+    assert "expert_shares.csv" in write_expert_shares(measured_table, tmp_path)
+    shares = measured_table.attrs["expert_shares"]
+    cases = cases_from_kernel_bench(tmp_path / "expert_shares.csv")
+    assert len(cases) == len(shares) > 1
+    assert [c.tokens_per_gpu_expert.sum() for c in cases] == list(shares["tokens"])
+    assert [c.measured_ms["moe_ms"] for c in cases] == pytest.approx(list(shares["ours_us"] / 1e3))
     plans = [r for r in measured if r["config.plan"] != "oracle"]  # the bound picks by total time, each step
     assert [r["dispatch_ms"] for r in plans] == pytest.approx(
         [r["dispatch_ms"] for r in modelled if r["config.plan"] != "oracle"])
