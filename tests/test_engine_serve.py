@@ -223,7 +223,9 @@ def test_served_answers_with_aliased_free_rows(rng, model, monkeypatch, chunk):
     clock = FakeClock()
     served = serve(engine, requests, chunk=chunk, clock=clock, sleep=clock.sleep)
     assert [s.tokens for s in served] == alone(model, requests)
-    assert sum(route != list(range(len(route))) for route, _ in seen) > 3  # steps with free rows
+    # steps with free rows (3-20 of them on 60 seeds; more than 3 failed one seed in about 60): the check below
+    # is not vacuous
+    assert sum(route != list(range(len(route))) for route, _ in seen) > 0
     for route, positions in seen if not chunk else ():
         running = [b for b, p in enumerate(positions) if p > 0]
         if running:
