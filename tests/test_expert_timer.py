@@ -167,18 +167,22 @@ def test_the_guide_times_experts_with_the_kernels_when_asked(tmp_path):
     written as ``expert_shares.csv``, which calibration reads back share by share."""
     from pathlib import Path
 
+    import pandas as pd
+
     from moegps.configs import ConfigError
     from moegps.simulator.calibrate import cases_from_kernel_bench
-    from moegps.simulator.guide import GuideConfig, run_guide, write_expert_shares
+    from moegps.simulator.guide import GuideConfig, run_guide
+    from moegps.simulator.pipeline import write_expert_shares
 
     trace = str(Path(__file__).resolve().parents[1] / "traces" / "mixtral-tiny" / "mmlu-64")
     base = dict(trace=trace, limit=4, gpus=[2], link_gbps=[64.0], batch_sizes=[2], system="h200_8gpu",
                 distribution=["global_profile"], token=["token_table"], token_placement_from=None)
     modelled_table, modelled = run_guide(GuideConfig(**base), progress=False)
     measured_table, measured = run_guide(GuideConfig(**base, expert_time="kernels"), progress=False)
-    assert write_expert_shares(modelled_table, tmp_path) == "" and not (tmp_path / "expert_shares.csv").exists()
-    assert "expert_shares.csv" in write_expert_shares(measured_table, tmp_path)
-    shares = measured_table.attrs["expert_shares"]
+    assert write_expert_shares(modelled_table.attrs["expert_shares"], tmp_path) == ""
+    assert not (tmp_path / "expert_shares.csv").exists()
+    assert "expert_shares.csv" in write_expert_shares(measured_table.attrs["expert_shares"], tmp_path)
+    shares = pd.concat(measured_table.attrs["expert_shares"], ignore_index=True)
     cases = cases_from_kernel_bench(tmp_path / "expert_shares.csv")
     assert len(cases) == len(shares) > 1
     assert [c.tokens_per_gpu_expert.sum() for c in cases] == list(shares["tokens"])

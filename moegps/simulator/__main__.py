@@ -24,7 +24,8 @@ from ..configs import all_or_first_n, checked, each, fraction, hydra_command, no
 from ..files import atomic_path
 from ..predictors import REGISTRY
 from ..results import write_rows
-from .pipeline import fit_predictors, load_workload, placement_choice, replay_plans, result_rows, speedups
+from .pipeline import (fit_predictors, load_workload, placement_choice, replay_plans, result_rows, speedups,
+                       timed_shares, write_expert_shares)
 from .replay import ReplayConfig
 from .system import hydra_system, resolve_system
 
@@ -93,9 +94,7 @@ def app(raw) -> None:
     out = Path(config["out"])
     write_rows(rows, out / "rows.parquet")
     written = "rows.parquet, per_layer.parquet, config.json"
-    if timer is not None:  # what each GPU share took: calibration data for one rank's calls
-        with atomic_path(out / "expert_shares.csv") as tmp:
-            timer.shares().to_csv(tmp, index=False)
+    if write_expert_shares(timed_shares(timer), out):  # what each GPU share took: calibration data for one rank's calls
         written += ", expert_shares.csv"
     side = pd.concat([r.per_layer(row["run_id"]) for r, row in zip(results, rows)], ignore_index=True)
     with atomic_path(out / "per_layer.parquet") as tmp:

@@ -37,7 +37,8 @@ from ..placement.algorithms import place
 from ..predictors import REGISTRY
 from ..results import write_rows
 from .cost import load_kernel_bench
-from .pipeline import Workload, fit_predictors, load_workload, placement_choice, replay_plans, result_rows
+from .pipeline import (Workload, fit_predictors, load_workload, placement_choice, replay_plans, result_rows,
+                       timed_shares, write_expert_shares)
 from .replay import ReplayConfig, SimResult, make_batches, simulate, static_plan
 from .system import SystemSpec, SystemSpecError, hydra_system, resolve_system
 
@@ -151,16 +152,15 @@ def _variant(base: SystemSpec, gpus: int, link_gbps: float) -> SystemSpec:
 
 def run_guide(cfg: GuideConfig, progress: bool = True) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     """The whole sweep; returns the decision table and the results rows. With ``expert_time=kernels``
-    the table's ``attrs["expert_shares"]`` holds the GPU shares timed (:func:`shares_timed`)."""
+    the table's ``attrs["expert_shares"]`` holds the GPU shares timed (``pipeline.timed_shares``' frames)."""
     from tqdm import tqdm
 
     base = _base_system(cfg)
     placement, fields = placement_choice(cfg.placement)
-    rows, decisions, timed = [], [], []
+    rows, decisions, shares = [], [], []
     for skew in cfg.skews if cfg.trace == "synthetic" and cfg.train is None else [float("nan")]:
         work = workload(cfg, skew)
         table = _expert_table(cfg, work)
-        timed.append(table)
         preds = fit_predictors(work.data, {n: cfg.predictor_args.get(n, {}) for n in cfg.distribution + cfg.token})
         token_cache: dict[str, np.ndarray] = {}
         combos = [(g, b) for g in cfg.gpus for b in cfg.batch_sizes]
@@ -176,26 +176,10 @@ def run_guide(cfg: GuideConfig, progress: bool = True) -> tuple[pd.DataFrame, li
                            "extra_slots": base.extra_slots_per_gpu, "model_shape": work.shape.name}
                 rows += result_rows(results, variant, _variant_system(base, gpus, bw), work)
                 decisions.append({**decide(variant, results), "protocol": work.data.describe()})
-    return shares_timed(pd.DataFrame(decisions), timed), rows
-
-
-def shares_timed(table: pd.DataFrame, expert_times: list) -> pd.DataFrame:
-    """``table`` with the GPU shares that ``expert_time=kernels`` timed (``KernelExpertTimer.shares``,
-    calibration data for one rank's calls) in ``table.attrs["expert_shares"]``, if any were."""
-    shares = [t.shares() for t in expert_times if hasattr(t, "shares")]
-    if shares:
-        table.attrs["expert_shares"] = pd.concat(shares, ignore_index=True)
-    return table
-
-
-def write_expert_shares(table: pd.DataFrame, out: Path) -> str:
-    """Write ``table.attrs["expert_shares"]`` (if present) to ``out/expert_shares.csv``; the note the
-    command prints after the files it wrote ("" if none)."""
-    if "expert_shares" not in table.attrs:
-        return ""
-    with atomic_path(out / "expert_shares.csv") as tmp:
-        table.attrs["expert_shares"].to_csv(tmp, index=False)
-    return f"; {len(table.attrs['expert_shares'])} timed GPU shares in {out}/expert_shares.csv"
+        shares += timed_shares(table)  # kept as frames: the next skew's timer replaces this one and its weights
+    frame = pd.DataFrame(decisions)
+    frame.attrs["expert_shares"] = shares
+    return frame, rows
 
 
 def decide(variant: dict[str, Any], results: list[SimResult]) -> dict[str, Any]:
@@ -282,7 +266,9 @@ def placement_study(cfg: GuideConfig, progress: bool = True) -> tuple[pd.DataFra
                                   "expert_speedup": expert(results["static"]) / expert(res),
                                   "moe_speedup": moe(results["static"]) / moe(res),
                                   "protocol": work.data.describe()})
-    return shares_timed(pd.DataFrame(table), [table_times]), rows
+    frame = pd.DataFrame(table)
+    frame.attrs["expert_shares"] = timed_shares(table_times)
+    return frame, rows
 
 
 # ---- outputs ------------------------------------------------------------------------------------
@@ -434,7 +420,7 @@ def app(raw) -> None:
         with pd.option_context("display.width", 250, "display.max_rows", 500, "display.float_format", "{:.4g}".format):
             print(table.drop(columns=["system", "model_shape", "study", "protocol"]).to_string(index=False))
         print(f"wrote {out}/placement.csv, placement.png and rows.parquet in {time.perf_counter() - t0:.1f} s"
-              + write_expert_shares(table, out))
+              + write_expert_shares(table.attrs["expert_shares"], out))
         return
     table, rows = run_guide(cfg)
     paths = write_outputs(table, rows, Path(cfg.out), config)
@@ -445,7 +431,7 @@ def app(raw) -> None:
     with pd.option_context("display.width", 250, "display.max_rows", 500, "display.float_format", "{:.4g}".format):
         print(show.to_string(index=False))
     print(f"{len(rows)} runs simulated in {time.perf_counter() - t0:.1f} s; " + json.dumps({k: str(v) for k, v in paths.items()})
-          + write_expert_shares(table, Path(cfg.out)))
+          + write_expert_shares(table.attrs["expert_shares"], Path(cfg.out)))
 
 
 

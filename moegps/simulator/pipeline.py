@@ -16,16 +16,18 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..configs import ConfigError, check_arguments
+from ..files import atomic_path
 from ..predictors import REGISTRY, make
 from ..shapes import ModelShape
 from ..trace import TokenRouting
 from ..workloads import TokenSpaceError, TrainTest, check_token_space, train_test, trace_shape
-from .cost import ExpertTimeTable
+from .cost import ExpertTimeTable, times_whole_calls
 from .replay import (
     PlaceFn, Plan, ReplayConfig, SimResult, distribution_plan, make_batches, oracle_bound, oracle_plan,
     predict_tokens, simulate, static_plan, token_plan,
@@ -150,6 +152,26 @@ def result_rows(results: list[SimResult], variant: dict[str, Any], system: Syste
     """One ``moegps.results`` row per result, with the variant, the model shape and the split."""
     base = {**variant, "model_shape": work.shape.name, **work.data.as_row(), "protocol": work.data.describe()}
     return [r.row(base, system) for r in results]
+
+
+def timed_shares(expert_time) -> list:
+    """``[expert_time.shares()]`` where the expert part was measured (a ``KernelExpertTimer``, ``expert_time=kernels``:
+    each GPU share it timed, a pandas DataFrame), else ``[]`` (the roofline, a benchmark table)."""
+    return [expert_time.shares()] if times_whole_calls(expert_time) else []
+
+
+def write_expert_shares(shares: list, out: Path) -> str:
+    """``out/expert_shares.csv``, the ``timed_shares`` frames in one (calibration data for one rank's calls:
+    ``python -m moegps.simulator.calibrate --kernel-bench``), if there are any; the note a command prints after
+    the files it wrote ("" if none)."""
+    if not shares:
+        return ""
+    import pandas as pd
+
+    frame = pd.concat(shares, ignore_index=True)
+    with atomic_path(Path(out) / "expert_shares.csv") as tmp:
+        frame.to_csv(tmp, index=False)
+    return f"; {len(frame)} timed GPU shares in {out}/expert_shares.csv"
 
 
 def speedups(results: list[SimResult]) -> np.ndarray:
