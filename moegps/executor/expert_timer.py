@@ -21,7 +21,7 @@ k-way combine. As on an executor rank, the call holds only the experts it comput
 weights), so the kernels pick the config a rank gets: the default (``kernels.launch.default_config``) unless
 a table for that many experts at top-1 has been tuned (``python -m moegps.kernels.bench --tune --shapes
 mixtral-8x7b@2``; the H200's table has one and two of Mixtral's experts and eight of the 64, the H100's eight of
-the 64 at decode sizes).
+the 64 at 1-4096 selections, tuned on a replay's shares from 512).
 Fractional token counts (replica shares) are rounded to whole rows.
 
 A timed call holds the layer's fixed cost (routing metadata, launches), so a replay with a timer adds no
