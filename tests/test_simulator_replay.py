@@ -102,6 +102,23 @@ def test_calibration_recovers_known_parameters(rng):
     assert table.abs_error_pct.max() < 0.1
 
 
+
+def test_calibration_weights_pull_the_fit_to_the_cases_they_favour(rng):
+    """Two sets of cases measured under two layer overheads cannot both be met by one: the fit lands
+    near the set weighted a thousand times the other, whichever set that is; a weight list of the
+    wrong length is a clear error."""
+    shape = model_shape("mixtral-8x7b")
+    start = load_system("h100_8gpu")
+    low, high = rng.uniform(5e-6, 10e-6), rng.uniform(40e-6, 60e-6)
+    sets = [calibrate.synthetic_cases(rng, shape, start.replace(layer_overhead=v), n_cases=12) for v in (low, high)]
+    cases = sets[0] + sets[1]
+    for favoured, overhead in ((0, low), (1, high)):
+        weights = [1000.0 if i // 12 == favoured else 1.0 for i in range(24)]
+        fitted, _ = calibrate.fit(cases, shape, start, ("layer_overhead",), weights=weights)
+        assert fitted.layer_overhead == pytest.approx(overhead, rel=0.02)
+    with pytest.raises(ValueError, match="3 weights for 24 cases"):
+        calibrate.fit(cases, shape, start, ("layer_overhead",), weights=[1.0, 1.0, 1.0])
+
 def test_distribution_plan_hands_each_token_its_generation_step(rng):
     """step_profile reads context.steps; the replay must pass every token's generation step (0 prefill,
     s the s-th decode step), else it silently answers with the phase profile."""

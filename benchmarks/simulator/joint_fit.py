@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-from scipy.optimize import least_squares
-
 from moegps.shapes import from_name
-from moegps.simulator.calibrate import cases_from_kernel_bench, error_table, simulate_case
+from moegps.simulator.calibrate import cases_from_kernel_bench, error_table, fit
 from moegps.simulator.system import load_system
 
 FREE = ("hbm_bandwidth", "matmul_flops", "expert_launch", "layer_overhead", "roofline_p")
@@ -33,18 +30,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     start, shape = load_system(args.system), from_name("mixtral-8x7b")  # each case carries its own shape
     cases = {path: cases_from_kernel_bench(path) for path in [*args.fit, *args.score]}
-    x0 = np.log([getattr(start, name) for name in FREE])
-
-    def with_params(log_params):
-        return start.replace(**{name: float(np.exp(v)) for name, v in zip(FREE, log_params)})
-
-    def residuals(log_params):
-        spec = with_params(log_params)
-        return np.concatenate([[(simulate_case(c, shape, spec)["moe_ms"] / c.measured_ms["moe_ms"] - 1)
-                                / np.sqrt(len(cases[path])) for c in cases[path]] for path in args.fit])
-
-    span = np.log(100.0)
-    fitted = with_params(least_squares(residuals, x0, bounds=(x0 - span, x0 + span)).x)
+    fitted, _ = fit([c for path in args.fit for c in cases[path]], shape, start, FREE,
+                    weights=[len(cases[path]) ** -0.5 for path in args.fit for _ in cases[path]])
     print("fitted: " + ", ".join(f"{name} {getattr(fitted, name):.4g}" for name in FREE))
     for path, file_cases in cases.items():
         role = "fit" if path in args.fit else "held out"

@@ -62,10 +62,15 @@ def _with(system: SystemSpec, free: tuple[str, ...], log_params: np.ndarray) -> 
 
 
 def fit(cases: list[Case], shape: ModelShape, system: SystemSpec, free: Iterable[str] = DEFAULT_FREE,
-        bounds_factor: float = 100.0) -> tuple[SystemSpec, pd.DataFrame]:
+        bounds_factor: float = 100.0, weights: Iterable[float] | None = None) -> tuple[SystemSpec, pd.DataFrame]:
     """Fit ``free`` fields of ``system`` to the cases' measurements; returns the fitted profile and
-    :func:`error_table` of it. Each field may move ``bounds_factor`` x either way from its start."""
+    :func:`error_table` of it. Each field may move ``bounds_factor`` x either way from its start.
+    ``weights``: one per case, scaling its relative errors (e.g. files of different sizes weighted equally);
+    all 1 by default."""
     free = tuple(free)
+    weights = np.ones(len(cases)) if weights is None else np.asarray(list(weights), dtype=np.float64)
+    if weights.shape != (len(cases),):
+        raise ValueError(f"fit: {weights.size} weights for {len(cases)} cases; give one per case")
     initial = {"roofline_p": 4.0}  # fields that may be unset (None) in a profile start here
     start = np.log([max(getattr(system, name) if getattr(system, name) is not None else initial[name], 1e-9)
                     for name in free])
@@ -75,9 +80,9 @@ def fit(cases: list[Case], shape: ModelShape, system: SystemSpec, free: Iterable
     def residuals(log_params):
         spec = _with(system, free, log_params)
         res = []
-        for case in cases:
+        for case, weight in zip(cases, weights):
             sim = simulate_case(case, shape, spec)
-            res += [(sim[k] - v) / v for k, v in case.measured_ms.items() if v > 0]
+            res += [weight * (sim[k] - v) / v for k, v in case.measured_ms.items() if v > 0]
         return np.asarray(res)
 
     span = np.log(bounds_factor)
