@@ -156,6 +156,41 @@ def test_rope_cache_write(gen, n_heads, n_kv, D):
     assert torch.equal(k_cache[untouched], k_before[untouched]) and torch.equal(v_cache[untouched], v_before[untouched])
 
 
+@pytest.mark.parametrize("n_heads,n_kv,D,T", [(4, 4, 32, 1), (8, 2, 64, 5), (6, 2, 32, 16), (4, 1, 32, 17)])
+def test_qkv_rope_cache_write(gen, monkeypatch, n_heads, n_kv, D, T):
+    """The projection, rotation and cache write of a decode batch (GQA groups 1, 4, 3; one token, several, the
+    most rows one launch takes, and one more, which takes the two-launch path) against float64 by the
+    definition: q rotated, k rotated and v as projected at each token's (slot, position), nothing written for a
+    token of slot -1 nor anywhere else."""
+    spy = _Spy(K._qkv_rope_cache_kernel)
+    monkeypatch.setattr(K, "_qkv_rope_cache_kernel", spy)
+    H, slots, max_len, theta = 256, 4, 24, 1e4
+    pairs = torch.randperm(slots * max_len, generator=gen)[:T]
+    slot, pos = pairs // max_len, pairs % max_len
+    if T > 1:
+        slot[-1] = -1
+    x = torch.randn(T, H, generator=gen)
+    w = torch.randn((n_heads + 2 * n_kv) * D, H, generator=gen) * H ** -0.5
+    k_cache = torch.randn(slots, n_kv, max_len, D, generator=gen)
+    v_cache = torch.randn(slots, n_kv, max_len, D, generator=gen)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    cos, sin = K.rope_tables(max_len, D, theta, "cpu")
+    q = K.qkv_rope_cache_write(x, w, k_cache, v_cache, pos, slot, cos, sin, n_heads, n_kv)
+    assert spy.launches == int(T <= K.FUSED_QKV_ROPE_MAX_ROWS)
+    parts = (x.double() @ w.double().T).view(T, n_heads + 2 * n_kv, D)
+    assert q.shape == (T, n_heads, D)
+    assert rel_err(q, rotate_f64(parts[:, :n_heads], pos, theta)) < 1e-5, gen.initial_seed()
+    k_ref = rotate_f64(parts[:, n_heads:n_heads + n_kv], pos, theta)
+    written = torch.zeros(slots, max_len, dtype=torch.bool)
+    for t in range(T):
+        if slot[t] >= 0:
+            written[slot[t], pos[t]] = True
+            assert rel_err(k_cache[slot[t], :, pos[t]], k_ref[t]) < 1e-5, gen.initial_seed()
+            assert rel_err(v_cache[slot[t], :, pos[t]], parts[t, n_heads + n_kv:]) < 1e-5, gen.initial_seed()
+    untouched = ~written[:, None, :, None].expand_as(k_cache)
+    assert torch.equal(k_cache[untouched], k_before[untouched]) and torch.equal(v_cache[untouched], v_before[untouched])
+
+
 def test_rope_tables_are_the_angles(gen):
     D, theta = 32, 1e6
     cos, sin = K.rope_tables(100, D, theta, "cpu")
@@ -353,8 +388,10 @@ def test_engine_on_interpreted_kernels_matches_its_torch_path(rng, monkeypatch, 
     interpreted, against the same model on the torch path (whose agreement
     with transformers tests/test_engine.py checks): logits within 1e-4, identical tokens. With
     ``shared_ffn`` 64, a shared expert of two experts' width held as two extra experts."""
-    shape = from_name("mixtral-8x7b").replace(name="tiny", vocab_size=96, n_layers=2, hidden=64, n_heads=8,
-                                              n_kv_heads=2, head_dim=16, expert_ffn=32, n_experts=8, top_k=2,
+    # hidden a multiple of the skinny kernels' K tile and half a head 16 pairs: decode takes the skinny
+    # projections and the one-launch QKV + rotary + cache write, as on a GPU
+    shape = from_name("mixtral-8x7b").replace(name="tiny", vocab_size=96, n_layers=2, hidden=128, n_heads=8,
+                                              n_kv_heads=2, head_dim=32, expert_ffn=32, n_experts=8, top_k=2,
                                               shared_ffn=shared_ffn)
     seed = int(rng.integers(2**20))
     model = random_model(shape, device="cpu", dtype=torch.float32, seed=seed)
@@ -378,10 +415,15 @@ def test_engine_on_interpreted_kernels_matches_its_torch_path(rng, monkeypatch, 
     monkeypatch.delenv("TRITON_INTERPRET")
     torch_path = run()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for name in ("add_rmsnorm", "add_rmsnorm_router", "decode_attention", "linear", "rope_cache_write",
+    for name in ("add_rmsnorm", "add_rmsnorm_router", "decode_attention", "linear", "qkv_rope_cache_write",
                  "use_triton"):
         monkeypatch.setattr(engine_model, name, getattr(K, name))
     monkeypatch.setattr(engine_model, "fused_moe", moegps.kernels.fused_moe)
+    spy = _Spy(K._qkv_rope_cache_kernel)
+    monkeypatch.setattr(K, "_qkv_rope_cache_kernel", spy)
     triton_path = run()
+    # every call here has at most 16 rows (two prefills of 16, four decode steps, the step with a chunk):
+    # each layer of each takes the one-launch QKV + rotary
+    assert spy.launches == 2 * 7
     assert rel_err(triton_path, torch_path.double()) < 1e-4, seed
     assert torch.equal(triton_path.argmax(-1), torch_path.argmax(-1)), seed

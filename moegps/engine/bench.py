@@ -173,6 +173,17 @@ def part_checks(shape: ModelShape) -> list[dict]:
                                    S.n_kv_heads)
     rows.append(dict(kernel="rope_cache_write", rel_err=max(rel(q, q64), rel(kc[slots, :, pos], k64[slots, :, pos]),
                                                            rel(vc[slots, :, pos], v64[slots, :, pos]))))
+    for rows_in in (1, 8, K.FUSED_QKV_ROPE_MAX_ROWS):  # the decode QKV projection with rotary and cache write
+        x = torch.randn(rows_in, S.hidden, device=dev, dtype=bf)
+        w_qkv = torch.randn(width, S.hidden, device=dev, dtype=bf) * S.hidden ** -0.5
+        for cache in (kc, vc):
+            cache.fill_(float("nan"))
+        s, p = slots[:rows_in], pos[:rows_in]
+        q = K.qkv_rope_cache_write(x, w_qkv, kc, vc, p, s, cos, sin, S.n_heads, S.n_kv_heads)
+        q64 = K.rope_cache_write_torch(x.double() @ w_qkv.double().T, k64, v64, p, s, cos.double(), sin.double(),
+                                       S.n_heads, S.n_kv_heads)
+        rows.append(dict(kernel=f"qkv_rope_cache_write T={rows_in}", rel_err=max(
+            rel(q, q64), rel(kc[s, :, p], k64[s, :, p]), rel(vc[s, :, p], v64[s, :, p]))))
     for B, length in ((1, 1), (3, 4096), (32, 1000)):
         lens = torch.randint(1, length + 1, (B,), device=dev, dtype=torch.int32)
         lens[0] = length
@@ -229,11 +240,12 @@ def part_agree(hf, model: Model, prompt_len: int = 128, new: int = 32) -> dict:
 # The engine's decode as it runs and beside it with one of its choices changed: without programmatic
 # dependent launch (moegps.kernels.pdl), with cuBLAS for the projections, with shorter attention splits at
 # short contexts, with the norm + router as two launches (the tiled router) or a token's router split
-# otherwise. What each gives, measured in one run (--decode-variants). "kernels": moegps.engine.kernels
+# otherwise, with the QKV projection and the rotary embedding + cache write as two launches. What each gives, measured in one run (--decode-variants). "kernels": moegps.engine.kernels
 # settings patched while the engine captures its graphs.
 DECODE_VARIANTS = {"engine": {}, "no PDL": {"pdl": "0"}, "cuBLAS projections": {"kernels": {"SKINNY_MAX_ROWS": 0}},
                    "attention splits >= 64 keys": {"attention": {"min_split": 64}},
                    "norm + router as two launches": {"kernels": {"FUSED_ROUTER_MAX_PROGRAMS": 0}},
+                   "QKV and rotary as two launches": {"kernels": {"FUSED_QKV_ROPE_MAX_ROWS": 0}},
                    **{f"router {n} experts a program": {"kernels": {"ROUTER_EXPERTS_PER_PROGRAM": n}}
                       for n in (4, 8, 16, 32, 64)}}
 

@@ -235,6 +235,102 @@ def rope_cache_write(qkv, k_cache, v_cache, positions, slots, cos, sin, n_heads:
     return q
 
 
+# ---- the decode QKV projection with the rotary embedding and the cache write in its epilogue -------------
+
+# Up to this many rows, qkv_rope_cache_write is one launch (_qkv_rope_cache_kernel); beyond, or at 0 (the bench's
+# "QKV and rotary as two launches" variant), linear then rope_cache_write.
+FUSED_QKV_ROPE_MAX_ROWS = SKINNY_MAX_ROWS
+# Output columns a program computes in each half of a head: 16 pairs (i, i + D/2), as many weight rows as the
+# skinny kernel's 32-column tiles, so the grid is the same N / 32 programs.
+QKV_ROPE_PAIRS = 16
+
+
+@triton.jit
+def _qkv_rope_cache_kernel(x_ptr, w_ptr, q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr,
+                           T, K, N_HEADS, N_KV, stride_cb, stride_ch, stride_cs, HALF: tl.constexpr,
+                           PAIRS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+                           PDL: tl.constexpr = False):
+    """Program j: columns d0 .. d0 + PAIRS - 1 and their partners d0 + HALF .. of head j // (HALF / PAIRS)
+    (query heads, then key heads, then value heads) of ``x [T, K] @ w [(N_HEADS + 2 N_KV) 2 HALF, K]^T``; the
+    pairs are turned by each token's position (query and key heads) and stored to q or the caches, as
+    ``_rope_cache_kernel`` does with the projection's output. The pairs make rotation a program's own business:
+    a tile of consecutive columns would hold one half of each pair."""
+    wait_for_predecessor(PDL)
+    parts = HALF // PAIRS
+    head = tl.program_id(0) // parts
+    d = (tl.program_id(0) % parts) * PAIRS + tl.arange(0, PAIRS)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_K)
+    t_mask = offs_t < T
+    # each token's position, slot and angles before the K loop, so their loads overlap the weights'
+    pos = tl.load(pos_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
+    slot = tl.load(slot_ptr + offs_t, mask=t_mask, other=-1).to(tl.int64)
+    cos = tl.load(cos_ptr + pos[:, None] * HALF + d[None, :], mask=t_mask[:, None], other=0.0)
+    sin = tl.load(sin_ptr + pos[:, None] * HALF + d[None, :], mask=t_mask[:, None], other=0.0)
+    rows = (head * 2 * HALF + d).to(tl.int64)
+    x_ptrs = x_ptr + offs_t[:, None] * K + offs_k[None, :]
+    w1_ptrs = w_ptr + rows[:, None] * K + offs_k[None, :]
+    w2_ptrs = w1_ptrs + HALF * K
+    acc1 = tl.zeros([BLOCK_T, PAIRS], tl.float32)
+    acc2 = tl.zeros([BLOCK_T, PAIRS], tl.float32)
+    for _ in range(0, K, BLOCK_K):
+        a = tl.load(x_ptrs, mask=t_mask[:, None], other=0.0)
+        acc1 = tl.dot(a, tl.trans(tl.load(w1_ptrs)), acc1, input_precision="ieee" if IEEE else None)
+        acc2 = tl.dot(a, tl.trans(tl.load(w2_ptrs)), acc2, input_precision="ieee" if IEEE else None)
+        x_ptrs += BLOCK_K
+        w1_ptrs += BLOCK_K
+        w2_ptrs += BLOCK_K
+    # rounded to the activations' dtype first, as the two-launch path's projection output is
+    x1 = acc1.to(q_ptr.dtype.element_ty).to(tl.float32)
+    x2 = acc2.to(q_ptr.dtype.element_ty).to(tl.float32)
+    if head < N_HEADS + N_KV:  # rotate_half convention, as _rope_cache_kernel
+        r1 = x1 * cos - x2 * sin
+        r2 = x2 * cos + x1 * sin
+    else:  # values are stored as the projection gives them
+        r1 = x1
+        r2 = x2
+    if head < N_HEADS:
+        dst = q_ptr + offs_t[:, None] * (N_HEADS * 2 * HALF) + head * 2 * HALF + d[None, :]
+        tl.store(dst, r1.to(q_ptr.dtype.element_ty), mask=t_mask[:, None])
+        tl.store(dst + HALF, r2.to(q_ptr.dtype.element_ty), mask=t_mask[:, None])
+    else:
+        live = (t_mask & (slot >= 0))[:, None]  # a packed prefill's padding (slot -1) writes nothing
+        at = slot[:, None] * stride_cb + pos[:, None] * stride_cs + d[None, :]
+        if head < N_HEADS + N_KV:
+            at += (head - N_HEADS) * stride_ch
+            tl.store(k_cache_ptr + at, r1.to(k_cache_ptr.dtype.element_ty), mask=live)
+            tl.store(k_cache_ptr + at + HALF, r2.to(k_cache_ptr.dtype.element_ty), mask=live)
+        else:
+            at += (head - N_HEADS - N_KV) * stride_ch
+            tl.store(v_cache_ptr + at, r1.to(v_cache_ptr.dtype.element_ty), mask=live)
+            tl.store(v_cache_ptr + at + HALF, r2.to(v_cache_ptr.dtype.element_ty), mask=live)
+
+
+def qkv_rope_cache_write(x, wqkv, k_cache, v_cache, positions, slots, cos, sin, n_heads: int, n_kv: int,
+                         **settings):
+    """``rope_cache_write(linear(x, wqkv), ...)``: the fused QKV projection of ``x [T, H]`` by ``wqkv [(n_heads +
+    2 n_kv) D, H]``, q and k rotated by ``positions [T]``, k and v written to the caches at ``slots [T]`` (none for
+    slot -1); returns q ``[T, n_heads, D]``. Up to FUSED_QKV_ROPE_MAX_ROWS rows on the GPU (or the interpreter)
+    one launch: the rotary kernel's launch and its latency chain (the positions, then the angles, then the
+    projection's output) leave the decode step, and q/k/v do not make a round trip through memory. ``settings``
+    override the skinny kernel's LINEAR_DEFAULTS (block_k, num_warps, num_stages)."""
+    cfg = dict(LINEAR_DEFAULTS, **settings)
+    T, H = x.shape
+    D = wqkv.shape[0] // (n_heads + 2 * n_kv)
+    half = D // 2
+    if not (use_triton(x) and 0 < T <= FUSED_QKV_ROPE_MAX_ROWS and half % QKV_ROPE_PAIRS == 0
+            and H % cfg["block_k"] == 0 and x.is_contiguous() and wqkv.is_contiguous() and k_cache.stride(3) == 1
+            and v_cache.stride() == k_cache.stride()):
+        return rope_cache_write(linear(x, wqkv, **settings), k_cache, v_cache, positions, slots, cos, sin, n_heads,
+                                n_kv)
+    q = torch.empty(T, n_heads, D, dtype=x.dtype, device=x.device)
+    _qkv_rope_cache_kernel[((n_heads + 2 * n_kv) * (half // QKV_ROPE_PAIRS),)](
+        x, wqkv, q, k_cache, v_cache, positions, slots, cos, sin, T, H, n_heads, n_kv, k_cache.stride(0),
+        k_cache.stride(1), k_cache.stride(2), HALF=half, PAIRS=QKV_ROPE_PAIRS, BLOCK_T=16, BLOCK_K=cfg["block_k"],
+        IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_flags(x))
+    return q
+
+
 # ---- decode attention (one query token per sequence, GQA, split context) ----------------------------
 
 @triton.jit

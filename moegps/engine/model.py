@@ -10,8 +10,9 @@ A layer, in order (the kernels are in ``kernels.py``; the routed experts are moe
 kernels, ``moegps.kernels.fused_moe``):
 
     x = add_rmsnorm(resid, delta_of_previous_layer)      one launch
-    qkv = x @ wqkv^T                                     one fused QKV GEMM (decode: engine's skinny kernel)
-    q = rope_cache_write(qkv -> K/V cache)               one launch
+    q = rope(x @ wqkv^T), k/v -> cache                   decode: one launch, the skinny GEMM with the rotary
+                                                         embedding and cache write in its epilogue; longer
+                                                         batches: cuBLAS's QKV GEMM, then one rotary launch
     o = attention(q, cache)                              decode: split-K Triton kernel; prefill: SDPA (flash)
     x, ids, gates = add_rmsnorm_router(resid, o @ wo^T)  GEMM + one launch (norm, router logits, top-k)
     delta = fused_moe(x, ids, gates) [+ shared expert: in it, or beside it]
@@ -34,7 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..kernels import fused_moe, moe_reference
 from ..shapes import ModelShape, from_hf_config
-from .kernels import (add_rmsnorm, add_rmsnorm_router, decode_attention, linear, rope_cache_write, rope_tables,
+from .kernels import (add_rmsnorm, add_rmsnorm_router, decode_attention, linear, qkv_rope_cache_write, rope_tables,
                       use_triton)
 
 
@@ -318,9 +319,8 @@ def _layers(model: Model, cache: KVCache, resid: torch.Tensor, positions, slots,
     delta = None
     for index, layer in enumerate(model.layers):
         x = add_rmsnorm(resid, delta, layer.attn_norm, S.norm_eps)
-        qkv = linear(x, layer.wqkv)
-        q = rope_cache_write(qkv, cache.k[index], cache.v[index], positions, slots, cos, sin, S.n_heads,
-                             S.n_kv_heads)
+        q = qkv_rope_cache_write(x, layer.wqkv, cache.k[index], cache.v[index], positions, slots, cos, sin,
+                                 S.n_heads, S.n_kv_heads)
         o = attend(q, index)
         o = linear(o.reshape(o.shape[0], -1), layer.wo)
         delta = _mlp(model, index, resid, o, route_as)
