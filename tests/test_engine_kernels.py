@@ -191,44 +191,6 @@ def test_qkv_rope_cache_write(gen, monkeypatch, n_heads, n_kv, D, T):
     assert torch.equal(k_cache[untouched], k_before[untouched]) and torch.equal(v_cache[untouched], v_before[untouched])
 
 
-@pytest.mark.parametrize("T,with_delta,given_spare", [(1, True, False), (5, True, True), (8, False, False),
-                                                      (9, True, False)])
-def test_add_rmsnorm_qkv_rope(gen, monkeypatch, T, with_delta, given_spare):
-    """The residual add and RMSNorm taken into the QKV launch (up to FUSED_NORM_QKV_MAX_ROWS rows; 9 takes the
-    separate norm) against float64 by the definition: q, k and v of the normed rows, the residual stream's
-    tensor after the call holding the sum (a second buffer in the one launch, which leaves ``resid`` as it was)."""
-    spy = _Spy(K._qkv_rope_cache_kernel)
-    monkeypatch.setattr(K, "_qkv_rope_cache_kernel", spy)
-    n_heads, n_kv, D, H, max_len, theta, eps = 8, 2, 32, 256, 24, 1e4, 1e-5
-    resid = torch.randn(T, H, generator=gen)
-    delta = torch.randn(T, H, generator=gen) if with_delta else None
-    norm_w = 1 + 0.3 * torch.randn(H, generator=gen)
-    w = torch.randn((n_heads + 2 * n_kv) * D, H, generator=gen) * H ** -0.5
-    pos = torch.randint(0, max_len, (T,), generator=gen)
-    slot = torch.randperm(T, generator=gen)
-    k_cache = torch.randn(T, n_kv, max_len, D, generator=gen)
-    v_cache = torch.randn(T, n_kv, max_len, D, generator=gen)
-    cos, sin = K.rope_tables(max_len, D, theta, "cpu")
-    total = resid.double() + (delta.double() if with_delta else 0)
-    before = resid.clone()
-    spare = torch.full_like(resid, float("nan")) if given_spare else None
-    q, after = K.add_rmsnorm_qkv_rope(resid, delta, norm_w, eps, w, k_cache, v_cache, pos, slot, cos, sin, n_heads,
-                                      n_kv, spare=spare)
-    one_launch = T <= K.FUSED_NORM_QKV_MAX_ROWS
-    assert spy.launches == 1
-    assert rel_err(after, total) < 1e-6, gen.initial_seed()
-    if one_launch and with_delta:
-        assert after is not resid and torch.equal(resid, before) and (not given_spare or after is spare)
-    else:
-        assert after is resid
-    parts = (rmsnorm_f64(total, norm_w, eps) @ w.double().T).view(T, n_heads + 2 * n_kv, D)
-    assert rel_err(q, rotate_f64(parts[:, :n_heads], pos, theta)) < 1e-5, gen.initial_seed()
-    k_ref = rotate_f64(parts[:, n_heads:n_heads + n_kv], pos, theta)
-    for t in range(T):
-        assert rel_err(k_cache[slot[t], :, pos[t]], k_ref[t]) < 1e-5, gen.initial_seed()
-        assert rel_err(v_cache[slot[t], :, pos[t]], parts[t, n_heads + n_kv:]) < 1e-5, gen.initial_seed()
-
-
 def test_rope_tables_are_the_angles(gen):
     D, theta = 32, 1e6
     cos, sin = K.rope_tables(100, D, theta, "cpu")
@@ -453,7 +415,7 @@ def test_engine_on_interpreted_kernels_matches_its_torch_path(rng, monkeypatch, 
     monkeypatch.delenv("TRITON_INTERPRET")
     torch_path = run()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for name in ("add_rmsnorm", "add_rmsnorm_qkv_rope", "add_rmsnorm_router", "decode_attention", "linear",
+    for name in ("add_rmsnorm", "add_rmsnorm_router", "decode_attention", "linear", "qkv_rope_cache_write",
                  "use_triton"):
         monkeypatch.setattr(engine_model, name, getattr(K, name))
     monkeypatch.setattr(engine_model, "fused_moe", moegps.kernels.fused_moe)

@@ -184,16 +184,6 @@ def part_checks(shape: ModelShape) -> list[dict]:
                                        S.n_heads, S.n_kv_heads)
         rows.append(dict(kernel=f"qkv_rope_cache_write T={rows_in}", rel_err=max(
             rel(q, q64), rel(kc[s, :, p], k64[s, :, p]), rel(vc[s, :, p], v64[s, :, p]))))
-        if rows_in <= K.FUSED_NORM_QKV_MAX_ROWS:  # the same with the residual add and norm in the launch
-            r = resid[:rows_in].contiguous()
-            r64 = r.double()
-            q, after = K.add_rmsnorm_qkv_rope(r, delta[:rows_in].contiguous(), w, S.norm_eps, w_qkv, kc, vc, p, s,
-                                              cos, sin, S.n_heads, S.n_kv_heads)
-            x64 = K.add_rmsnorm_torch(r64, delta[:rows_in].double(), w.double(), S.norm_eps)
-            q64 = K.rope_cache_write_torch(x64 @ w_qkv.double().T, k64, v64, p, s, cos.double(), sin.double(),
-                                           S.n_heads, S.n_kv_heads)
-            rows.append(dict(kernel=f"add_rmsnorm_qkv_rope T={rows_in}", rel_err=max(
-                rel(q, q64), rel(kc[s, :, p], k64[s, :, p]), rel(vc[s, :, p], v64[s, :, p]), rel(after, r64))))
     for B, length in ((1, 1), (3, 4096), (32, 1000)):
         lens = torch.randint(1, length + 1, (B,), device=dev, dtype=torch.int32)
         lens[0] = length
@@ -250,15 +240,12 @@ def part_agree(hf, model: Model, prompt_len: int = 128, new: int = 32) -> dict:
 # The engine's decode as it runs and beside it with one of its choices changed: without programmatic
 # dependent launch (moegps.kernels.pdl), with cuBLAS for the projections, with shorter attention splits at
 # short contexts, with the norm + router as two launches (the tiled router) or a token's router split
-# otherwise, with the norm before the QKV projection as a launch of its own (and the rotary embedding + cache
-# write as another). What each gives, measured in one run (--decode-variants). "kernels": moegps.engine.kernels
+# otherwise, with the QKV projection and the rotary embedding + cache write as two launches. What each gives, measured in one run (--decode-variants). "kernels": moegps.engine.kernels
 # settings patched while the engine captures its graphs.
 DECODE_VARIANTS = {"engine": {}, "no PDL": {"pdl": "0"}, "cuBLAS projections": {"kernels": {"SKINNY_MAX_ROWS": 0}},
                    "attention splits >= 64 keys": {"attention": {"min_split": 64}},
                    "norm + router as two launches": {"kernels": {"FUSED_ROUTER_MAX_PROGRAMS": 0}},
-                   "norm before QKV as its own launch": {"kernels": {"FUSED_NORM_QKV_MAX_ROWS": 0}},
-                   "norm, QKV and rotary as three launches": {"kernels": {"FUSED_NORM_QKV_MAX_ROWS": 0,
-                                                                          "FUSED_QKV_ROPE_MAX_ROWS": 0}},
+                   "QKV and rotary as two launches": {"kernels": {"FUSED_QKV_ROPE_MAX_ROWS": 0}},
                    **{f"router {n} experts a program": {"kernels": {"ROUTER_EXPERTS_PER_PROGRAM": n}}
                       for n in (4, 8, 16, 32, 64)}}
 

@@ -235,16 +235,11 @@ def rope_cache_write(qkv, k_cache, v_cache, positions, slots, cos, sin, n_heads:
     return q
 
 
-# ---- the decode QKV projection: the norm before it in its K loop, rotary and cache write in its epilogue -------
+# ---- the decode QKV projection with the rotary embedding and the cache write in its epilogue -------------
 
 # Up to this many rows, qkv_rope_cache_write is one launch (_qkv_rope_cache_kernel); beyond, or at 0 (the bench's
 # "QKV and rotary as two launches" variant), linear then rope_cache_write.
 FUSED_QKV_ROPE_MAX_ROWS = SKINNY_MAX_ROWS
-# Up to this many rows, add_rmsnorm_qkv_rope takes the residual add and RMSNorm into the same launch (each program
-# reads the rows' residual and delta where the projection alone reads the normed rows: twice the activations'
-# L2 traffic, which is nothing at a few rows); beyond, or at 0 (the "norm before QKV as its own launch" variant),
-# add_rmsnorm then qkv_rope_cache_write.
-FUSED_NORM_QKV_MAX_ROWS = 8
 # Output columns a program computes in each half of a head: 16 pairs (i, i + D/2), as many weight rows as the
 # skinny kernel's 32-column tiles, so the grid is the same N / 32 programs.
 QKV_ROPE_PAIRS = 16
@@ -252,26 +247,18 @@ QKV_ROPE_PAIRS = 16
 
 @triton.jit
 def _qkv_rope_cache_kernel(x_ptr, w_ptr, q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr,
-                           delta_ptr, norm_w_ptr, resid_out_ptr, eps, T, K, N_HEADS, N_KV, stride_cb, stride_ch,
-                           stride_cs, HALF: tl.constexpr, PAIRS: tl.constexpr, BLOCK_T: tl.constexpr,
-                           BLOCK_K: tl.constexpr, NORM: tl.constexpr, HAS_DELTA: tl.constexpr, IEEE: tl.constexpr,
+                           T, K, N_HEADS, N_KV, stride_cb, stride_ch, stride_cs, HALF: tl.constexpr,
+                           PAIRS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
                            PDL: tl.constexpr = False):
     """Program j: columns d0 .. d0 + PAIRS - 1 and their partners d0 + HALF .. of head j // (HALF / PAIRS)
     (query heads, then key heads, then value heads) of ``x [T, K] @ w [(N_HEADS + 2 N_KV) 2 HALF, K]^T``; the
     pairs are turned by each token's position (query and key heads) and stored to q or the caches, as
     ``_rope_cache_kernel`` does with the projection's output. The pairs make rotation a program's own business:
-    a tile of consecutive columns would hold one half of each pair.
-
-    With NORM, ``x`` is the residual stream and the projection's input is ``rmsnorm(x (+ delta)) * norm_w``, built
-    chunk by chunk in the K loop: the sum rounded to x's dtype (stored to ``resid_out`` by one program a chunk; x
-    itself is read by every program, so it cannot be written in place), its squares summed as the loop goes, and
-    the row's 1 / rms applied to the sums after it (a scalar a row commutes with the product; the two-launch path
-    rounds the normed row before the weight instead: a rounding apart, not bit for bit)."""
+    a tile of consecutive columns would hold one half of each pair."""
     wait_for_predecessor(PDL)
-    pid = tl.program_id(0)
     parts = HALF // PAIRS
-    head = pid // parts
-    d = (pid % parts) * PAIRS + tl.arange(0, PAIRS)
+    head = tl.program_id(0) // parts
+    d = (tl.program_id(0) % parts) * PAIRS + tl.arange(0, PAIRS)
     offs_t = tl.arange(0, BLOCK_T)
     offs_k = tl.arange(0, BLOCK_K)
     t_mask = offs_t < T
@@ -281,31 +268,18 @@ def _qkv_rope_cache_kernel(x_ptr, w_ptr, q_ptr, k_cache_ptr, v_cache_ptr, pos_pt
     cos = tl.load(cos_ptr + pos[:, None] * HALF + d[None, :], mask=t_mask[:, None], other=0.0)
     sin = tl.load(sin_ptr + pos[:, None] * HALF + d[None, :], mask=t_mask[:, None], other=0.0)
     rows = (head * 2 * HALF + d).to(tl.int64)
+    x_ptrs = x_ptr + offs_t[:, None] * K + offs_k[None, :]
     w1_ptrs = w_ptr + rows[:, None] * K + offs_k[None, :]
     w2_ptrs = w1_ptrs + HALF * K
     acc1 = tl.zeros([BLOCK_T, PAIRS], tl.float32)
     acc2 = tl.zeros([BLOCK_T, PAIRS], tl.float32)
-    squares = tl.zeros([BLOCK_T], tl.float32)
-    for i in range(0, tl.cdiv(K, BLOCK_K)):
-        offs = offs_t[:, None] * K + i * BLOCK_K + offs_k[None, :]
-        a = tl.load(x_ptr + offs, mask=t_mask[:, None], other=0.0)
-        if NORM:
-            if HAS_DELTA:  # rounded to the stream's dtype before the norm, as add_rmsnorm
-                a = (a.to(tl.float32) + tl.load(delta_ptr + offs, mask=t_mask[:, None], other=0.0).to(tl.float32))
-                a = a.to(x_ptr.dtype.element_ty)
-                if i % tl.num_programs(0) == pid:
-                    tl.store(resid_out_ptr + offs, a, mask=t_mask[:, None])
-            af = a.to(tl.float32)
-            squares += tl.sum(af * af, axis=1)
-            a = (af * tl.load(norm_w_ptr + i * BLOCK_K + offs_k).to(tl.float32)[None, :]).to(x_ptr.dtype.element_ty)
+    for _ in range(0, K, BLOCK_K):
+        a = tl.load(x_ptrs, mask=t_mask[:, None], other=0.0)
         acc1 = tl.dot(a, tl.trans(tl.load(w1_ptrs)), acc1, input_precision="ieee" if IEEE else None)
         acc2 = tl.dot(a, tl.trans(tl.load(w2_ptrs)), acc2, input_precision="ieee" if IEEE else None)
+        x_ptrs += BLOCK_K
         w1_ptrs += BLOCK_K
         w2_ptrs += BLOCK_K
-    if NORM:
-        rstd = tl.rsqrt(squares / K + eps)[:, None]
-        acc1 *= rstd
-        acc2 *= rstd
     # rounded to the activations' dtype first, as the two-launch path's projection output is
     x1 = acc1.to(q_ptr.dtype.element_ty).to(tl.float32)
     x2 = acc2.to(q_ptr.dtype.element_ty).to(tl.float32)
@@ -332,30 +306,6 @@ def _qkv_rope_cache_kernel(x_ptr, w_ptr, q_ptr, k_cache_ptr, v_cache_ptr, pos_pt
             tl.store(v_cache_ptr + at + HALF, r2.to(v_cache_ptr.dtype.element_ty), mask=live)
 
 
-def _one_qkv_launch(x, wqkv, k_cache, v_cache, n_heads: int, n_kv: int, max_rows: int, block_k: int) -> bool:
-    """Whether ``_qkv_rope_cache_kernel`` takes this call: few enough rows, whole K tiles, halves of a head in
-    whole QKV_ROPE_PAIRS, contiguous operands, caches of one layout."""
-    half = wqkv.shape[0] // (n_heads + 2 * n_kv) // 2
-    return (use_triton(x) and 0 < x.shape[0] <= max_rows and half % QKV_ROPE_PAIRS == 0
-            and x.shape[1] % block_k == 0 and x.is_contiguous() and wqkv.is_contiguous()
-            and k_cache.stride(3) == 1 and v_cache.stride() == k_cache.stride())
-
-
-def _launch_qkv(x, wqkv, k_cache, v_cache, positions, slots, cos, sin, n_heads, n_kv, cfg, delta=None,
-                norm_w=None, eps=0.0, resid_out=None):
-    T, H = x.shape
-    half = wqkv.shape[0] // (n_heads + 2 * n_kv) // 2
-    q = torch.empty(T, n_heads, 2 * half, dtype=x.dtype, device=x.device)
-    norm = norm_w is not None
-    _qkv_rope_cache_kernel[((n_heads + 2 * n_kv) * (half // QKV_ROPE_PAIRS),)](
-        x, wqkv, q, k_cache, v_cache, positions, slots, cos, sin, x if delta is None else delta,
-        norm_w if norm else x, x if resid_out is None else resid_out, eps, T, H, n_heads, n_kv, k_cache.stride(0),
-        k_cache.stride(1), k_cache.stride(2), HALF=half, PAIRS=QKV_ROPE_PAIRS, BLOCK_T=16, BLOCK_K=cfg["block_k"],
-        NORM=norm, HAS_DELTA=delta is not None, IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **launch_flags(x))
-    return q
-
-
 def qkv_rope_cache_write(x, wqkv, k_cache, v_cache, positions, slots, cos, sin, n_heads: int, n_kv: int,
                          **settings):
     """``rope_cache_write(linear(x, wqkv), ...)``: the fused QKV projection of ``x [T, H]`` by ``wqkv [(n_heads +
@@ -365,29 +315,20 @@ def qkv_rope_cache_write(x, wqkv, k_cache, v_cache, positions, slots, cos, sin, 
     projection's output) leave the decode step, and q/k/v do not make a round trip through memory. ``settings``
     override the skinny kernel's LINEAR_DEFAULTS (block_k, num_warps, num_stages)."""
     cfg = dict(LINEAR_DEFAULTS, **settings)
-    if not _one_qkv_launch(x, wqkv, k_cache, v_cache, n_heads, n_kv, FUSED_QKV_ROPE_MAX_ROWS, cfg["block_k"]):
+    T, H = x.shape
+    D = wqkv.shape[0] // (n_heads + 2 * n_kv)
+    half = D // 2
+    if not (use_triton(x) and 0 < T <= FUSED_QKV_ROPE_MAX_ROWS and half % QKV_ROPE_PAIRS == 0
+            and H % cfg["block_k"] == 0 and x.is_contiguous() and wqkv.is_contiguous() and k_cache.stride(3) == 1
+            and v_cache.stride() == k_cache.stride()):
         return rope_cache_write(linear(x, wqkv, **settings), k_cache, v_cache, positions, slots, cos, sin, n_heads,
                                 n_kv)
-    return _launch_qkv(x, wqkv, k_cache, v_cache, positions, slots, cos, sin, n_heads, n_kv, cfg)
-
-
-def add_rmsnorm_qkv_rope(resid, delta, norm_w, eps: float, wqkv, k_cache, v_cache, positions, slots, cos, sin,
-                         n_heads: int, n_kv: int, spare: torch.Tensor | None = None, **settings):
-    """``qkv_rope_cache_write(add_rmsnorm(resid, delta, norm_w, eps), wqkv, ...)``: returns ``(q, resid)``, the
-    second the residual stream's tensor after the add. That is ``resid`` itself, the sum added in place, but up to
-    FUSED_NORM_QKV_MAX_ROWS rows with a delta, where the one launch writes the sum to ``spare`` (a tensor like
-    ``resid``, allocated when None) and leaves ``resid`` as it was: its programs all read ``resid``."""
-    cfg = dict(LINEAR_DEFAULTS, **settings)
-    if not _one_qkv_launch(resid, wqkv, k_cache, v_cache, n_heads, n_kv, FUSED_NORM_QKV_MAX_ROWS, cfg["block_k"]):
-        x = add_rmsnorm(resid, delta, norm_w, eps)
-        return qkv_rope_cache_write(x, wqkv, k_cache, v_cache, positions, slots, cos, sin, n_heads, n_kv,
-                                    **settings), resid
-    out = None
-    if delta is not None:
-        out = torch.empty_like(resid) if spare is None else spare
-    q = _launch_qkv(resid, wqkv, k_cache, v_cache, positions, slots, cos, sin, n_heads, n_kv, cfg, delta=delta,
-                    norm_w=norm_w, eps=eps, resid_out=out)
-    return q, resid if out is None else out
+    q = torch.empty(T, n_heads, D, dtype=x.dtype, device=x.device)
+    _qkv_rope_cache_kernel[((n_heads + 2 * n_kv) * (half // QKV_ROPE_PAIRS),)](
+        x, wqkv, q, k_cache, v_cache, positions, slots, cos, sin, T, H, n_heads, n_kv, k_cache.stride(0),
+        k_cache.stride(1), k_cache.stride(2), HALF=half, PAIRS=QKV_ROPE_PAIRS, BLOCK_T=16, BLOCK_K=cfg["block_k"],
+        IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_flags(x))
+    return q
 
 
 # ---- decode attention (one query token per sequence, GQA, split context) ----------------------------

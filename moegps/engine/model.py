@@ -9,10 +9,10 @@ the device, so that a real-size run needs no download and never holds an fp32 co
 A layer, in order (the kernels are in ``kernels.py``; the routed experts are moegps's fused MoE
 kernels, ``moegps.kernels.fused_moe``):
 
-    x = add_rmsnorm(resid, delta_of_previous_layer)      decode: these two are one launch, the skinny GEMM
-    q = rope(x @ wqkv^T), k/v -> cache                   with the norm in its K loop and the rotary embedding
-                                                         and cache write in its epilogue; longer batches: the
-                                                         norm, cuBLAS's QKV GEMM, then one rotary launch
+    x = add_rmsnorm(resid, delta_of_previous_layer)      one launch
+    q = rope(x @ wqkv^T), k/v -> cache                   decode: one launch, the skinny GEMM with the rotary
+                                                         embedding and cache write in its epilogue; longer
+                                                         batches: cuBLAS's QKV GEMM, then one rotary launch
     o = attention(q, cache)                              decode: split-K Triton kernel; prefill: SDPA (flash)
     x, ids, gates = add_rmsnorm_router(resid, o @ wo^T)  GEMM + one launch (norm, router logits, top-k)
     delta = fused_moe(x, ids, gates) [+ shared expert: in it, or beside it]
@@ -35,7 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..kernels import fused_moe, moe_reference
 from ..shapes import ModelShape, from_hf_config
-from .kernels import (add_rmsnorm, add_rmsnorm_qkv_rope, add_rmsnorm_router, decode_attention, linear, rope_tables,
+from .kernels import (add_rmsnorm, add_rmsnorm_router, decode_attention, linear, qkv_rope_cache_write, rope_tables,
                       use_triton)
 
 
@@ -310,23 +310,21 @@ def _mlp(model: Model, index: int, resid: torch.Tensor, attn_out: torch.Tensor,
 
 
 def _layers(model: Model, cache: KVCache, resid: torch.Tensor, positions, slots, attend,
-            route_as: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """All layers over the residual stream ``resid [T, H]``; returns the stream's tensor after them (``resid``
-    itself, updated in place, or a second buffer: a decode batch's norm before the QKV projection writes the sum
-    elsewhere, ``add_rmsnorm_qkv_rope``) and the last layer's MLP output, which the caller adds with the final
-    norm. ``attend(q [T, n_heads, D], layer_index) -> [T, n_heads, D]``; ``route_as``: see ``_mlp``."""
+            route_as: torch.Tensor | None = None) -> torch.Tensor:
+    """All layers over ``resid [T, H]`` (updated in place); returns the last layer's MLP output
+    (the caller adds it with the final norm). ``attend(q [T, n_heads, D], layer_index) -> [T, n_heads, D]``;
+    ``route_as``: see ``_mlp``."""
     S = model.shape
     cos, sin = model.rope
-    delta = spare = None
+    delta = None
     for index, layer in enumerate(model.layers):
-        q, after = add_rmsnorm_qkv_rope(resid, delta, layer.attn_norm, S.norm_eps, layer.wqkv, cache.k[index],
-                                        cache.v[index], positions, slots, cos, sin, S.n_heads, S.n_kv_heads, spare)
-        if after is not resid:  # the two buffers trade places
-            resid, spare = after, resid
+        x = add_rmsnorm(resid, delta, layer.attn_norm, S.norm_eps)
+        q = qkv_rope_cache_write(x, layer.wqkv, cache.k[index], cache.v[index], positions, slots, cos, sin,
+                                 S.n_heads, S.n_kv_heads)
         o = attend(q, index)
         o = linear(o.reshape(o.shape[0], -1), layer.wo)
         delta = _mlp(model, index, resid, o, route_as)
-    return resid, delta
+    return delta
 
 
 def decode_step(model: Model, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
@@ -343,7 +341,7 @@ def decode_step(model: Model, cache: KVCache, tokens: torch.Tensor, positions: t
         return decode_attention(q, cache.k[index], cache.v[index], lengths, split=attention_split)
 
     resid = model.embed[tokens]
-    resid, delta = _layers(model, cache, resid, positions, slots, attend, route_as)
+    delta = _layers(model, cache, resid, positions, slots, attend, route_as)
     x = add_rmsnorm(resid, delta, model.norm, model.shape.norm_eps)
     return linear(x, model.lm_head).float()
 
@@ -388,7 +386,7 @@ def decode_step_with_chunk(model: Model, cache: KVCache, tokens: torch.Tensor, p
     if route_as is not None:
         route_as = torch.cat([route_as, B + torch.arange(C, device=device) % (chunk_last + 1)])
     resid = model.embed[torch.cat([tokens, chunk])]
-    resid, delta = _layers(model, cache, resid, torch.cat([positions, chunk_positions]), slots, attend, route_as)
+    delta = _layers(model, cache, resid, torch.cat([positions, chunk_positions]), slots, attend, route_as)
     rows = torch.cat([torch.arange(B, device=device), B + chunk_last])
     x = add_rmsnorm(resid[rows].contiguous(), delta[rows].contiguous(), model.norm, S.norm_eps)
     return linear(x, model.lm_head).float()
@@ -474,7 +472,7 @@ def prefill_packed(model: Model, cache: KVCache, tokens: torch.Tensor, rows: tor
 
     resid = model.embed[tokens]
     with (sdpa_kernel(PADDED_BATCH_SDPA) if not single and tokens.is_cuda else contextlib.nullcontext()):
-        resid, delta = _layers(model, cache, resid, positions, slots, attend)
+        delta = _layers(model, cache, resid, positions, slots, attend)
     if all_positions:
         return linear(add_rmsnorm(resid, delta, model.norm, S.norm_eps), model.lm_head).float()
     x = add_rmsnorm(resid[last].contiguous(), delta[last].contiguous(), model.norm, S.norm_eps)
@@ -506,6 +504,6 @@ def prefill_block_diagonal(model: Model, cache: KVCache, tokens: torch.Tensor, r
         return o[0].transpose(0, 1)
 
     resid = model.embed[tokens]
-    resid, delta = _layers(model, cache, resid, positions, slots, attend)
+    delta = _layers(model, cache, resid, positions, slots, attend)
     x = add_rmsnorm(resid[last].contiguous(), delta[last].contiguous(), model.norm, S.norm_eps)
     return linear(x, model.lm_head).float()
