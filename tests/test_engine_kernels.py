@@ -156,12 +156,13 @@ def test_rope_cache_write(gen, n_heads, n_kv, D):
     assert torch.equal(k_cache[untouched], k_before[untouched]) and torch.equal(v_cache[untouched], v_before[untouched])
 
 
-@pytest.mark.parametrize("n_heads,n_kv,D,T", [(4, 4, 32, 1), (8, 2, 64, 5), (6, 2, 32, 16), (4, 1, 32, 17)])
-def test_qkv_rope_cache_write(gen, monkeypatch, n_heads, n_kv, D, T):
+@pytest.mark.parametrize("n_heads,n_kv,D,T,per_program", [(4, 4, 32, 1, 16), (8, 2, 64, 5, 16), (8, 2, 64, 5, 32),
+                                                     (6, 2, 32, 16, 16), (4, 1, 32, 17, 16)])
+def test_qkv_rope_cache_write(gen, monkeypatch, n_heads, n_kv, D, T, per_program):
     """The projection, rotation and cache write of a decode batch (GQA groups 1, 4, 3; one token, several, the
-    most rows one launch takes, and one more, which takes the two-launch path) against float64 by the
-    definition: q rotated, k rotated and v as projected at each token's (slot, position), nothing written for a
-    token of slot -1 nor anywhere else."""
+    most rows one launch takes, and one more, which takes the two-launch path; 16 or 32 pairs a program) against
+    float64 by the definition: q rotated, k rotated and v as projected at each token's (slot, position), nothing
+    written for a token of slot -1 nor anywhere else."""
     spy = _Spy(K._qkv_rope_cache_kernel)
     monkeypatch.setattr(K, "_qkv_rope_cache_kernel", spy)
     H, slots, max_len, theta = 256, 4, 24, 1e4
@@ -175,7 +176,8 @@ def test_qkv_rope_cache_write(gen, monkeypatch, n_heads, n_kv, D, T):
     v_cache = torch.randn(slots, n_kv, max_len, D, generator=gen)
     k_before, v_before = k_cache.clone(), v_cache.clone()
     cos, sin = K.rope_tables(max_len, D, theta, "cpu")
-    q = K.qkv_rope_cache_write(x, w, k_cache, v_cache, pos, slot, cos, sin, n_heads, n_kv)
+    q = K.qkv_rope_cache_write(x, w, k_cache, v_cache, pos, slot, cos, sin, n_heads, n_kv,
+                               pairs=per_program)
     assert spy.launches == int(T <= K.FUSED_QKV_ROPE_MAX_ROWS)
     parts = (x.double() @ w.double().T).view(T, n_heads + 2 * n_kv, D)
     assert q.shape == (T, n_heads, D)
@@ -388,10 +390,10 @@ def test_engine_on_interpreted_kernels_matches_its_torch_path(rng, monkeypatch, 
     interpreted, against the same model on the torch path (whose agreement
     with transformers tests/test_engine.py checks): logits within 1e-4, identical tokens. With
     ``shared_ffn`` 64, a shared expert of two experts' width held as two extra experts."""
-    # hidden a multiple of the skinny kernels' K tile and half a head 16 pairs: decode takes the skinny
-    # projections and the one-launch QKV + rotary + cache write, as on a GPU
-    shape = from_name("mixtral-8x7b").replace(name="tiny", vocab_size=96, n_layers=2, hidden=128, n_heads=8,
-                                              n_kv_heads=2, head_dim=32, expert_ffn=32, n_experts=8, top_k=2,
+    # hidden a multiple of the skinny kernels' K tiles and half a head a multiple of QKV_ROPE_DEFAULTS' pairs:
+    # decode takes the skinny projections and the one-launch QKV + rotary + cache write, as on a GPU
+    shape = from_name("mixtral-8x7b").replace(name="tiny", vocab_size=96, n_layers=2, hidden=256, n_heads=8,
+                                              n_kv_heads=2, head_dim=64, expert_ffn=32, n_experts=8, top_k=2,
                                               shared_ffn=shared_ffn)
     seed = int(rng.integers(2**20))
     model = random_model(shape, device="cpu", dtype=torch.float32, seed=seed)

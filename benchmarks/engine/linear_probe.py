@@ -43,7 +43,7 @@ def rotating_us(fn, weights: list[torch.Tensor]) -> float:
 
 
 SWEEP = [dict(block_n=bn, block_k=bk, num_warps=w, num_stages=st)
-         for bn, bk, w, st in itertools.product((16, 32), (128, 256, 512), (4, 8), (3, 4, 6))]
+         for bn, bk, w, st in itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3, 4, 6))]
 
 
 def main() -> None:

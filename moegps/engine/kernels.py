@@ -240,9 +240,11 @@ def rope_cache_write(qkv, k_cache, v_cache, positions, slots, cos, sin, n_heads:
 # Up to this many rows, qkv_rope_cache_write is one launch (_qkv_rope_cache_kernel); beyond, or at 0 (the bench's
 # "QKV and rotary as two launches" variant), linear then rope_cache_write.
 FUSED_QKV_ROPE_MAX_ROWS = SKINNY_MAX_ROWS
-# Output columns a program computes in each half of a head: 16 pairs (i, i + D/2), as many weight rows as the
-# skinny kernel's 32-column tiles, so the grid is the same N / 32 programs.
-QKV_ROPE_PAIRS = 16
+# Launch settings: ``pairs``, the output columns a program computes in each half of a head, pairs (i, i + D/2).
+# The best geometric mean over Mixtral's and DeepSeek-V2-Lite's QKV at 1, 8 and 16 rows of the 24 settings that
+# benchmarks/engine/qkv_rope_probe.py --sweep times (one H100, benchmarks/engine/h100-2026-12-06-aj): 0.84 of
+# pairs=16, block_k=128, num_stages=6 (the skinny kernel's tiles), 0.85-0.88 of the two launches' time.
+QKV_ROPE_DEFAULTS = dict(pairs=32, block_k=256, num_warps=4, num_stages=3)
 
 
 @triton.jit
@@ -313,20 +315,19 @@ def qkv_rope_cache_write(x, wqkv, k_cache, v_cache, positions, slots, cos, sin, 
     slot -1); returns q ``[T, n_heads, D]``. Up to FUSED_QKV_ROPE_MAX_ROWS rows on the GPU (or the interpreter)
     one launch: the rotary kernel's launch and its latency chain (the positions, then the angles, then the
     projection's output) leave the decode step, and q/k/v do not make a round trip through memory. ``settings``
-    override the skinny kernel's LINEAR_DEFAULTS (block_k, num_warps, num_stages)."""
-    cfg = dict(LINEAR_DEFAULTS, **settings)
+    override QKV_ROPE_DEFAULTS."""
+    cfg = dict(QKV_ROPE_DEFAULTS, **settings)
     T, H = x.shape
     D = wqkv.shape[0] // (n_heads + 2 * n_kv)
     half = D // 2
-    if not (use_triton(x) and 0 < T <= FUSED_QKV_ROPE_MAX_ROWS and half % QKV_ROPE_PAIRS == 0
+    if not (use_triton(x) and 0 < T <= FUSED_QKV_ROPE_MAX_ROWS and half % cfg["pairs"] == 0
             and H % cfg["block_k"] == 0 and x.is_contiguous() and wqkv.is_contiguous() and k_cache.stride(3) == 1
             and v_cache.stride() == k_cache.stride()):
-        return rope_cache_write(linear(x, wqkv, **settings), k_cache, v_cache, positions, slots, cos, sin, n_heads,
-                                n_kv)
+        return rope_cache_write(linear(x, wqkv), k_cache, v_cache, positions, slots, cos, sin, n_heads, n_kv)
     q = torch.empty(T, n_heads, D, dtype=x.dtype, device=x.device)
-    _qkv_rope_cache_kernel[((n_heads + 2 * n_kv) * (half // QKV_ROPE_PAIRS),)](
+    _qkv_rope_cache_kernel[((n_heads + 2 * n_kv) * (half // cfg["pairs"]),)](
         x, wqkv, q, k_cache, v_cache, positions, slots, cos, sin, T, H, n_heads, n_kv, k_cache.stride(0),
-        k_cache.stride(1), k_cache.stride(2), HALF=half, PAIRS=QKV_ROPE_PAIRS, BLOCK_T=16, BLOCK_K=cfg["block_k"],
+        k_cache.stride(1), k_cache.stride(2), HALF=half, PAIRS=cfg["pairs"], BLOCK_T=16, BLOCK_K=cfg["block_k"],
         IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_flags(x))
     return q
 
