@@ -11,6 +11,8 @@ matrix products:
   streaming a few weight rows; cuBLAS for larger batches.
 * ``rope_cache_write``: rotary embedding of q and k from the fused QKV projection's output and
   the write of k and v into the static KV cache at each token's (slot, position).
+  ``qkv_rope_cache_write`` does both in the skinny projection's epilogue for decode-sized batches
+  (one launch instead of two per layer; each program's columns are pairs (i, i + D/2) of a head).
 * ``decode_attention``: grouped-query attention of one new token per sequence over its cached
   keys, all query heads of a KV group in one program (the group's K/V tiles are read once), the
   context split over programs and merged by log-sum-exp (flash-decoding, Dao et al. 2023).
