@@ -15,7 +15,6 @@ Every product is first checked against an fp32 matmul of the same bf16 inputs.
 import argparse
 import itertools
 import os
-import statistics
 from unittest import mock
 
 import torch
@@ -24,7 +23,7 @@ import triton
 from moegps.engine import kernels as K
 from moegps.executor.generate import copy_bandwidth
 from moegps.shapes import from_name
-from router_probe import graph_us  # this folder's: the scripts run from it
+from router_probe import graph_us, print_ranking  # this folder's: the scripts run from it
 
 CALLS = 24
 
@@ -91,16 +90,7 @@ def main() -> None:
         for (name, T), rows in itertools.groupby(sweep_rows, key=lambda r: r[:2]):
             rows = sorted(rows, key=lambda r: r[2])
             print(f"{name} batch {T}: " + "; ".join(f"{us:.2f} us ({pct:.0f}%) {s}" for _, _, us, pct, s in rows[:3]))
-        # one setting for all: the best geometric mean of time over the swept shapes
-        by_setting: dict[str, list[float]] = {}
-        for name, T, us, _, s in sweep_rows:
-            by_setting.setdefault(str(s), []).append(us)
-        ranked = sorted(by_setting.items(), key=lambda kv: statistics.geometric_mean(kv[1]))
-        default = str(K.LINEAR_DEFAULTS)
-        base = statistics.geometric_mean(by_setting[default]) if default in by_setting else None
-        for setting, times in ranked[:5]:
-            gm = statistics.geometric_mean(times)
-            print(f"geomean {gm:.2f} us{f' ({gm / base:.3f} of the defaults)' if base else ''}: {setting}")
+        print_ranking([(s, us) for _, _, us, _, s in sweep_rows], K.LINEAR_DEFAULTS)
 
 
 if __name__ == "__main__":

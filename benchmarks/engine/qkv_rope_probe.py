@@ -13,7 +13,6 @@ measured here. Every setting's q and cache rows are first checked against the tw
 
 import argparse
 import itertools
-import statistics
 
 import torch
 import triton
@@ -21,7 +20,7 @@ import triton
 from moegps.engine import kernels as K
 from moegps.executor.generate import copy_bandwidth
 from moegps.shapes import from_name
-from router_probe import graph_us  # this folder's: the scripts run from it
+from router_probe import graph_us, print_ranking  # this folder's: the scripts run from it
 
 CALLS = 24
 SWEEP = [dict(pairs=p, block_k=bk, num_warps=w, num_stages=st)
@@ -96,15 +95,7 @@ def main() -> None:
             rows = sorted(rows, key=lambda r: r[2])
             print(f"{name} batch {T}: " + "; ".join(f"{us:.2f} us ({ratio:.3f}, {err:.0e}) {s}"
                                                     for _, _, us, ratio, err, s in rows[:3]))
-        by_setting: dict[str, list[float]] = {}
-        for _, _, us, _, _, s in sweep_rows:
-            by_setting.setdefault(str(s), []).append(us)
-        ranked = sorted(by_setting.items(), key=lambda kv: statistics.geometric_mean(kv[1]))
-        default = str(K.QKV_ROPE_DEFAULTS)
-        base = statistics.geometric_mean(by_setting[default]) if default in by_setting else None
-        for setting, times in ranked[:5]:
-            gm = statistics.geometric_mean(times)
-            print(f"geomean {gm:.2f} us{f' ({gm / base:.3f} of the defaults)' if base else ''}: {setting}")
+        print_ranking([(s, us) for _, _, us, _, _, s in sweep_rows], K.QKV_ROPE_DEFAULTS)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ measured here; every path is far from it (a few programs a token or one per 16 t
 """
 
 import functools
+import statistics
 
 import torch
 
@@ -37,6 +38,19 @@ def graph_us(fn, calls: int = 20, reps: int = 10) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / calls)
     return sorted(times)[reps // 2]
+
+
+def print_ranking(times: list[tuple[dict, float]], defaults: dict, top: int = 5) -> None:
+    """The ``top`` launch settings by the geometric mean of their times (``(setting, us)`` pairs over the
+    shapes and batches swept), each as a share of ``defaults``' mean when those were swept: one setting for all."""
+    by_setting: dict[str, list[float]] = {}
+    for setting, us in times:
+        by_setting.setdefault(str(setting), []).append(us)
+    ranked = sorted(by_setting.items(), key=lambda kv: statistics.geometric_mean(kv[1]))
+    base = statistics.geometric_mean(by_setting[str(defaults)]) if str(defaults) in by_setting else None
+    for setting, us in ranked[:top]:
+        gm = statistics.geometric_mean(us)
+        print(f"geomean {gm:.2f} us{f' ({gm / base:.3f} of the defaults)' if base else ''}: {setting}")
 
 
 def two_launches(resid, delta, norm_w, eps, router, top_k, renormalize):
