@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moegps.kernels.pdl import launch_flags, prefetch_rows_to_l2, release_successor, wait_for_predecessor
+from moegps.kernels.pdl import launch_flags, prefetch_to_l2, release_successor, wait_for_predecessor
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -129,7 +129,7 @@ def _skinny_linear_kernel(x_ptr, w_ptr, out_ptr, T, N, K, BLOCK_T: tl.constexpr,
     PREFETCH: the program's weight rows asked of L2 before the wait."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     if PREFETCH:
-        prefetch_rows_to_l2(w_ptr, tl.minimum(offs_n, N - 1), K, BLOCK_N, 128 // BLOCK_N, PDL)
+        prefetch_to_l2(w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * K, tl.zeros_like(offs_n) + K * 2, PDL)
     wait_for_predecessor(PDL)
     offs_t = tl.arange(0, BLOCK_T)
     offs_k = tl.arange(0, BLOCK_K)
@@ -279,8 +279,8 @@ def _qkv_rope_cache_kernel(x_ptr, w_ptr, q_ptr, k_cache_ptr, v_cache_ptr, pos_pt
     d = (tl.program_id(0) % parts) * PAIRS + tl.arange(0, PAIRS)
     rows = (head * 2 * HALF + d).to(tl.int64)
     if PREFETCH:
-        prefetch_rows_to_l2(w_ptr, rows, K, PAIRS, 128 // PAIRS, PDL)
-        prefetch_rows_to_l2(w_ptr, rows + HALF, K, PAIRS, 128 // PAIRS, PDL)
+        prefetch_to_l2(w_ptr + rows * K, tl.zeros_like(d) + K * 2, PDL)
+        prefetch_to_l2(w_ptr + (rows + HALF) * K, tl.zeros_like(d) + K * 2, PDL)
     wait_for_predecessor(PDL)
     offs_t = tl.arange(0, BLOCK_T)
     offs_k = tl.arange(0, BLOCK_K)

@@ -56,17 +56,6 @@ def prefetch_to_l2(ptrs, nbytes, PDL: tl.constexpr):
                                   [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
 
-@triton.jit
-def prefetch_rows_to_l2(w_ptr, rows, K, ROWS: tl.constexpr, PARTS: tl.constexpr, PDL: tl.constexpr):
-    """:func:`prefetch_to_l2` of weight rows ``rows [ROWS]`` of ``w [*, K]`` (2-byte elements), each row in
-    PARTS pieces, so that ROWS x PARTS addresses are one a thread (4 warps: 128) and none is asked twice: a
-    tensor smaller than the threads is held by several threads, each of which would issue its prefetch."""
-    piece = K // PARTS
-    at = w_ptr + rows.to(tl.int64)[:, None] * K + (tl.arange(0, PARTS) * piece)[None, :]
-    at = tl.reshape(at, [ROWS * PARTS])
-    prefetch_to_l2(at, tl.zeros([ROWS * PARTS], tl.int32) + piece * 2, PDL)
-
-
 @functools.cache
 def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)
