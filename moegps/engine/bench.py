@@ -240,17 +240,12 @@ def part_agree(hf, model: Model, prompt_len: int = 128, new: int = 32) -> dict:
 # The engine's decode as it runs and beside it with one of its choices changed: without programmatic
 # dependent launch (moegps.kernels.pdl), with cuBLAS for the projections, with shorter attention splits at
 # short contexts, with the norm + router as two launches (the tiled router) or a token's router split
-# otherwise, with the QKV projection and the rotary embedding + cache write as two launches, without the
-# projections' weights asked of L2 before their wait, or without the norm and attention releasing them early. What each gives, measured in one run (--decode-variants). "kernels": moegps.engine.kernels
+# otherwise, with the QKV projection and the rotary embedding + cache write as two launches. What each gives, measured in one run (--decode-variants). "kernels": moegps.engine.kernels
 # settings patched while the engine captures its graphs.
 DECODE_VARIANTS = {"engine": {}, "no PDL": {"pdl": "0"}, "cuBLAS projections": {"kernels": {"SKINNY_MAX_ROWS": 0}},
                    "attention splits >= 64 keys": {"attention": {"min_split": 64}},
                    "norm + router as two launches": {"kernels": {"FUSED_ROUTER_MAX_PROGRAMS": 0}},
                    "QKV and rotary as two launches": {"kernels": {"FUSED_QKV_ROPE_MAX_ROWS": 0}},
-                   "no weight prefetch before the wait": {"kernels": {"PREFETCH_WEIGHTS": False}},
-                   "no early release": {"kernels": {"EARLY_RELEASE": False}},
-                   "neither prefetch nor early release": {"kernels": {"PREFETCH_WEIGHTS": False,
-                                                                      "EARLY_RELEASE": False}},
                    **{f"router {n} experts a program": {"kernels": {"ROUTER_EXPERTS_PER_PROGRAM": n}}
                       for n in (4, 8, 16, 32, 64)}}
 

@@ -36,29 +36,19 @@ import torch
 import triton
 import triton.language as tl
 
-from moegps.kernels.pdl import launch_flags, prefetch_to_l2, release_successor, wait_for_predecessor
+from moegps.kernels.pdl import launch_flags, wait_for_predecessor
 
 
 def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# With PDL, the projections ask L2 for their weight rows before they wait for the kernel ahead (weights are
-# written by no kernel of the step), and the short latency-bound kernels that come before a projection (the
-# norm, decode attention) let it be scheduled as soon as they have waited themselves: its weights then
-# stream in while they run. The bench's decode variants turn each off.
-PREFETCH_WEIGHTS = True
-EARLY_RELEASE = True
-
-
 # ---- residual add + RMSNorm ----------------------------------------------------------------------
 
 @triton.jit
 def _add_rmsnorm_kernel(resid_ptr, delta_ptr, w_ptr, out_ptr, H, eps, HAS_DELTA: tl.constexpr,
-                        BLOCK_H: tl.constexpr, RELEASE: tl.constexpr = False, PDL: tl.constexpr = False):
+                        BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
     wait_for_predecessor(PDL)
-    if RELEASE:
-        release_successor(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
@@ -99,7 +89,7 @@ def add_rmsnorm(resid: torch.Tensor, delta: torch.Tensor | None, weight: torch.T
     if T:
         block = triton.next_power_of_2(H)
         _add_rmsnorm_kernel[(T,)](resid, delta if delta is not None else resid, weight, out, H, eps,
-                                  HAS_DELTA=delta is not None, BLOCK_H=block, RELEASE=EARLY_RELEASE,
+                                  HAS_DELTA=delta is not None, BLOCK_H=block,
                                   num_warps=max(1, min(16, block // 512)), **launch_flags(resid))
     return out
 
@@ -121,17 +111,13 @@ LINEAR_DEFAULTS = dict(block_n=32, block_k=128, num_warps=4, num_stages=6)
 
 @triton.jit
 def _skinny_linear_kernel(x_ptr, w_ptr, out_ptr, T, N, K, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr = False,
-                          PDL: tl.constexpr = False):
+                          BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
     """Program j: out[:, j*BLOCK_N : (j+1)*BLOCK_N] of out [T, N] = x [T, K] @ w [N, K]^T, T <= BLOCK_T, K a
     multiple of BLOCK_K. Each program streams its BLOCK_N weight rows once; small tiles make enough
-    programs (N / BLOCK_N) to keep every SM's loads in flight, which is all a batch-1 product needs.
-    PREFETCH: the program's weight rows asked of L2 before the wait."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if PREFETCH:
-        prefetch_to_l2(w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * K, tl.zeros_like(offs_n) + K * 2, PDL)
+    programs (N / BLOCK_N) to keep every SM's loads in flight, which is all a batch-1 product needs."""
     wait_for_predecessor(PDL)
     offs_t = tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     t_mask = offs_t < T
     n_mask = offs_n < N
@@ -161,8 +147,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, **settings) -> torch.Tensor:
     out = torch.empty(T, N, dtype=x.dtype, device=x.device)
     _skinny_linear_kernel[(triton.cdiv(N, cfg["block_n"]),)](
         x, w, out, T, N, K, BLOCK_T=16, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
-        IEEE=x.dtype == torch.float32, PREFETCH=PREFETCH_WEIGHTS, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **launch_flags(x))
+        IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **launch_flags(x))
     return out
 
 
@@ -267,21 +253,16 @@ QKV_ROPE_DEFAULTS = dict(pairs=32, block_k=256, num_warps=4, num_stages=3)
 def _qkv_rope_cache_kernel(x_ptr, w_ptr, q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr,
                            T, K, N_HEADS, N_KV, stride_cb, stride_ch, stride_cs, HALF: tl.constexpr,
                            PAIRS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-                           PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False):
+                           PDL: tl.constexpr = False):
     """Program j: columns d0 .. d0 + PAIRS - 1 and their partners d0 + HALF .. of head j // (HALF / PAIRS)
     (query heads, then key heads, then value heads) of ``x [T, K] @ w [(N_HEADS + 2 N_KV) 2 HALF, K]^T``; the
     pairs are turned by each token's position (query and key heads) and stored to q or the caches, as
     ``_rope_cache_kernel`` does with the projection's output. The pairs make rotation a program's own business:
-    a tile of consecutive columns would hold one half of each pair. PREFETCH: the program's weight rows asked
-    of L2 before the wait."""
+    a tile of consecutive columns would hold one half of each pair."""
+    wait_for_predecessor(PDL)
     parts = HALF // PAIRS
     head = tl.program_id(0) // parts
     d = (tl.program_id(0) % parts) * PAIRS + tl.arange(0, PAIRS)
-    rows = (head * 2 * HALF + d).to(tl.int64)
-    if PREFETCH:
-        prefetch_to_l2(w_ptr + rows * K, tl.zeros_like(d) + K * 2, PDL)
-        prefetch_to_l2(w_ptr + (rows + HALF) * K, tl.zeros_like(d) + K * 2, PDL)
-    wait_for_predecessor(PDL)
     offs_t = tl.arange(0, BLOCK_T)
     offs_k = tl.arange(0, BLOCK_K)
     t_mask = offs_t < T
@@ -290,6 +271,7 @@ def _qkv_rope_cache_kernel(x_ptr, w_ptr, q_ptr, k_cache_ptr, v_cache_ptr, pos_pt
     slot = tl.load(slot_ptr + offs_t, mask=t_mask, other=-1).to(tl.int64)
     cos = tl.load(cos_ptr + pos[:, None] * HALF + d[None, :], mask=t_mask[:, None], other=0.0)
     sin = tl.load(sin_ptr + pos[:, None] * HALF + d[None, :], mask=t_mask[:, None], other=0.0)
+    rows = (head * 2 * HALF + d).to(tl.int64)
     x_ptrs = x_ptr + offs_t[:, None] * K + offs_k[None, :]
     w1_ptrs = w_ptr + rows[:, None] * K + offs_k[None, :]
     w2_ptrs = w1_ptrs + HALF * K
@@ -348,8 +330,7 @@ def qkv_rope_cache_write(x, wqkv, k_cache, v_cache, positions, slots, cos, sin, 
     _qkv_rope_cache_kernel[((n_heads + 2 * n_kv) * (half // cfg["pairs"]),)](
         x, wqkv, q, k_cache, v_cache, positions, slots, cos, sin, T, H, n_heads, n_kv, k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), HALF=half, PAIRS=cfg["pairs"], BLOCK_T=16, BLOCK_K=cfg["block_k"],
-        IEEE=x.dtype == torch.float32, PREFETCH=PREFETCH_WEIGHTS, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **launch_flags(x))
+        IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_flags(x))
     return q
 
 
@@ -360,15 +341,13 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, part_o_ptr, p
                              N_HEADS, N_KV, MAX_SPLITS, stride_cb, stride_ch, stride_cs,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
                              SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
-                             RELEASE: tl.constexpr = False, PDL: tl.constexpr = False):
+                             PDL: tl.constexpr = False):
     """One program: the GROUP query heads of KV head ``kv`` of sequence ``b`` over keys
     [split * SPLIT, (split + 1) * SPLIT). With several splits each writes its partial output and
     log-sum-exp, and the last to finish (a ticket per (b, kv), reset for the next call) merges them:
     one launch where a separate merge kernel would cost another launch's latency (the "last block
     reduces" pattern of the CUDA samples' threadFenceReduction and of serial split-K GEMMs)."""
     wait_for_predecessor(PDL)
-    if RELEASE:
-        release_successor(PDL)
     b = tl.program_id(0).to(tl.int64)
     kv = tl.program_id(1)
     split = tl.program_id(2)
@@ -504,7 +483,7 @@ def decode_attention(q, k_cache, v_cache, lengths, scale: float | None = None, s
         q, k_cache, v_cache, lengths, out, part_o, part_lse, _tickets(B * n_kv, q.device), scale, n_heads, n_kv,
         n_splits, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, SPLIT=split, BLOCK_N=cfg["block_n"], SINGLE=single,
-        RELEASE=EARLY_RELEASE, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_flags(q))
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_flags(q))
     return out
 
 

@@ -11,12 +11,10 @@ their decode kernels this way.
 
 Every kernel that takes a ``PDL`` flag calls :func:`wait_for_predecessor` before it reads anything
 an earlier kernel writes, and before any write, so reads and writes keep plain stream order (each
-earlier kernel finished before its successor's wait returned). What no earlier kernel writes (weights)
-may be read or asked of L2 (:func:`prefetch_to_l2`) before the wait. Releasing every successor early
-(``launch_dependents`` right after the wait, :func:`release_successor`) made an H200's decode step 1-9%
-slower and a chain of projections 21% slower, where waiting only was 0.6% faster on the step and 1-10% on
-the chain (benchmarks/engine/h200-2026-12-04, docs/engine.md): the engine releases early only where a
-short, latency-bound kernel is followed by one that streams weights it can ask for meanwhile.
+earlier kernel finished before its successor's wait returned). None releases its successor early:
+releasing right after the wait (``launch_dependents``) made an H200's decode step 1-9% slower and
+a chain of projections 21% slower, where waiting only was 0.6% faster on the step and 1-10% on the
+chain (benchmarks/engine/h200-2026-12-04, docs/engine.md).
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+from triton.language.extra.cuda import gdc_wait
 
 
 @triton.jit
@@ -35,25 +33,6 @@ def wait_for_predecessor(PDL: tl.constexpr):
     """Wait until the previous kernel in the stream has finished (no-op without PDL)."""
     if PDL:
         gdc_wait()
-
-
-@triton.jit
-def release_successor(PDL: tl.constexpr):
-    """Let the kernel launched next with PDL be scheduled now rather than when this one's programs end
-    (``griddepcontrol.launch_dependents``; it still waits for this kernel's end before reading what it wrote)."""
-    if PDL:
-        gdc_launch_dependents()
-
-
-@triton.jit
-def prefetch_to_l2(ptrs, nbytes, PDL: tl.constexpr):
-    """Ask L2 for ``nbytes`` (an int32 tensor like ``ptrs``, multiples of 16) at each 16-byte aligned address of
-    ``ptrs``: ``cp.async.bulk.prefetch.L2``, no registers, no shared memory, no wait. For weights, which no
-    earlier kernel writes, before :func:`wait_for_predecessor`. Only with PDL (a Hopper GPU; the interpreter
-    runs no inline assembly)."""
-    if PDL:
-        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
-                                  [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @functools.cache
