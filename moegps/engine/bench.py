@@ -240,8 +240,9 @@ def part_agree(hf, model: Model, prompt_len: int = 128, new: int = 32) -> dict:
 # The engine's decode as it runs and beside it with one of its choices changed: without programmatic
 # dependent launch (moegps.kernels.pdl), with cuBLAS for the projections, with shorter attention splits at
 # short contexts, with the norm + router as two launches (the tiled router) or a token's router split
-# otherwise, with the QKV projection and the rotary embedding + cache write as two launches. What each gives, measured in one run (--decode-variants). "kernels": moegps.engine.kernels
-# settings patched while the engine captures its graphs.
+# otherwise, with the QKV projection and the rotary embedding + cache write as two launches. What each gives,
+# measured in one run (--decode-variants). "kernels": moegps.engine.kernels settings patched while the engine
+# captures its graphs.
 DECODE_VARIANTS = {"engine": {}, "no PDL": {"pdl": "0"}, "cuBLAS projections": {"kernels": {"SKINNY_MAX_ROWS": 0}},
                    "attention splits >= 64 keys": {"attention": {"min_split": 64}},
                    "norm + router as two launches": {"kernels": {"FUSED_ROUTER_MAX_PROGRAMS": 0}},
