@@ -157,15 +157,17 @@ def test_rope_cache_write(gen, n_heads, n_kv, D):
 
 
 @pytest.mark.parametrize("n_heads,n_kv,D,T,per_program", [(4, 4, 32, 1, 16), (8, 2, 64, 5, 16), (8, 2, 64, 5, 32),
-                                                     (6, 2, 32, 16, 16), (4, 1, 32, 17, 16)])
+                                                     (6, 2, 32, 16, 16), (4, 1, 32, 17, 16), (4, 2, 64, 32, 32),
+                                                     (4, 1, 32, 33, 16)])
 def test_qkv_rope_cache_write(gen, monkeypatch, n_heads, n_kv, D, T, per_program):
-    """The projection, rotation and cache write of a decode batch (GQA groups 1, 4, 3; one token, several, the
-    most rows one launch takes, and one more, which takes the two-launch path; 16 or 32 pairs a program) against
+    """The projection, rotation and cache write of a decode batch (GQA groups 1, 4, 3, 2; one token, several, the
+    most rows a tile of 16 takes, more in tiles of 32, and one more than one launch takes, which takes the
+    two-launch path; 16 or 32 pairs a program) against
     float64 by the definition: q rotated, k rotated and v as projected at each token's (slot, position), nothing
     written for a token of slot -1 nor anywhere else."""
     spy = _Spy(K._qkv_rope_cache_kernel)
     monkeypatch.setattr(K, "_qkv_rope_cache_kernel", spy)
-    H, slots, max_len, theta = 256, 4, 24, 1e4
+    H, slots, max_len, theta = 256, 4, 40, 1e4
     pairs = torch.randperm(slots * max_len, generator=gen)[:T]
     slot, pos = pairs // max_len, pairs % max_len
     if T > 1:

@@ -239,9 +239,10 @@ def rope_cache_write(qkv, k_cache, v_cache, positions, slots, cos, sin, n_heads:
 
 # ---- the decode QKV projection with the rotary embedding and the cache write in its epilogue -------------
 
-# Up to this many rows, qkv_rope_cache_write is one launch (_qkv_rope_cache_kernel); beyond, or at 0 (the bench's
-# "QKV and rotary as two launches" variant), linear then rope_cache_write.
-FUSED_QKV_ROPE_MAX_ROWS = SKINNY_MAX_ROWS
+# Up to this many rows, qkv_rope_cache_write is one launch (_qkv_rope_cache_kernel, tiles of 16 or 32 rows); beyond,
+# or at 0 (the bench's "QKV and rotary as two launches" variant), the projection (skinny, or cuBLAS past
+# SKINNY_MAX_ROWS) then rope_cache_write.
+FUSED_QKV_ROPE_MAX_ROWS = 32
 # Launch settings: ``pairs``, the output columns a program computes in each half of a head, pairs (i, i + D/2).
 # The best geometric mean over Mixtral's and DeepSeek-V2-Lite's QKV at 1, 8 and 16 rows of the 24 settings that
 # benchmarks/engine/qkv_rope_probe.py --sweep times (one H100, benchmarks/engine/h100-2026-12-06-aj): 0.84 of
@@ -329,7 +330,8 @@ def qkv_rope_cache_write(x, wqkv, k_cache, v_cache, positions, slots, cos, sin, 
     q = torch.empty(T, n_heads, D, dtype=x.dtype, device=x.device)
     _qkv_rope_cache_kernel[((n_heads + 2 * n_kv) * (half // cfg["pairs"]),)](
         x, wqkv, q, k_cache, v_cache, positions, slots, cos, sin, T, H, n_heads, n_kv, k_cache.stride(0),
-        k_cache.stride(1), k_cache.stride(2), HALF=half, PAIRS=cfg["pairs"], BLOCK_T=16, BLOCK_K=cfg["block_k"],
+        k_cache.stride(1), k_cache.stride(2), HALF=half, PAIRS=cfg["pairs"], BLOCK_T=16 if T <= 16 else 32,
+        BLOCK_K=cfg["block_k"],
         IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_flags(x))
     return q
 
