@@ -14,9 +14,10 @@ SKINNY = "_skinny_linear_kernel"  # the engine's own projection kernel at decode
 
 def _layer(rng, with_shared=False, skinny=False):
     """One decoder layer's kernels in launch order with random durations, and the expected part of each."""
-    names = [("_add_rmsnorm_kernel", "norms"), (SKINNY if skinny else "nvjet_sm90_tst_64x8_64x16_4x1_v_bz_TNT",
-                                                 "attention"),
-             ("_rope_cache_kernel", "attention"), ("_decode_attention_kernel", "attention"),
+    # decode-sized batches (skinny) run the QKV projection, rotary and cache write as one launch
+    qkv = ([("_qkv_rope_cache_kernel", "attention")] if skinny else
+           [("nvjet_sm90_tst_64x8_64x16_4x1_v_bz_TNT", "attention"), ("_rope_cache_kernel", "attention")])
+    names = [("_add_rmsnorm_kernel", "norms"), *qkv, ("_decode_attention_kernel", "attention"),
              (SKINNY if skinny else "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x64x64", "attention"),
              ("_add_rmsnorm_router_kernel", "moe"), ("gate_up_scan_kernel", "moe"), ("down_scan_kernel", "moe"),
              ("combine_kernel", "moe")]
@@ -177,3 +178,25 @@ def test_chunk_step_engine_with_a_piece_is_a_prompts_first_chunk(monkeypatch):
         with torch.inference_mode():
             logits = engine.step(bucket_for(3), 8)()
         assert torch.allclose(logits[-1], want, rtol=0, atol=1e-10)
+
+
+def test_part_agree_compares_the_prefill_and_the_decode_path_with_transformers(rng):
+    """A tiny random transformers Mixtral (float32, CPU) and the engine over its tensors: teacher-forced, both of
+    the engine's paths (the whole sequence prefilled; the prompt prefilled, then one decode step a position) give
+    transformers' logits at the last prompt position and each after it. A decode step fed the wrong position or
+    token would not."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from moegps.engine.model import from_transformers
+
+    torch.manual_seed(int(rng.integers(2**31)))
+    config = MixtralConfig(vocab_size=64, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                           num_experts_per_tok=2, max_position_embeddings=64)
+    hf = MixtralForCausalLM(config).eval()
+    row = bench.part_agree(hf, from_transformers(hf), prompt_len=7, new=5)
+    assert row["positions"] == 6
+    for path in ("engine", "engine_decode", "eager"):
+        assert row[f"{path}_vs_grouped_mm_rel_err"] < 1e-4, row
+        assert row[f"{path}_vs_grouped_mm_top1"] == 1.0, row

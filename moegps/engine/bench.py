@@ -217,9 +217,12 @@ def part_checks(shape: ModelShape) -> list[dict]:
 
 def part_agree(hf, model: Model, prompt_len: int = 128, new: int = 32) -> dict:
     """Teacher-forced agreement on one random sequence of ``prompt_len + new`` tokens: engine vs
-    transformers (grouped_mm experts) vs transformers (eager experts)."""
+    transformers (grouped_mm experts) vs transformers (eager experts), at the last prompt position and the
+    ``new`` after it. The engine twice: its prefill over the whole sequence, and its decode path (the prompt
+    prefilled, then one ``decode_step`` a position fed the sequence's own next token), whose kernels (skinny
+    projections, the one QKV launch, decode attention, the fused router, the decode MoE) prefill never runs."""
     gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, model.shape.vocab_size, (1, prompt_len + new), generator=gen).cuda()
+    ids = torch.randint(3, model.shape.vocab_size, (1, prompt_len + new), generator=gen).to(model.device)
     with torch.inference_mode():
         set_experts_implementation(hf, "grouped_mm")
         ref = hf(ids).logits[0, prompt_len - 1:].float()
@@ -228,13 +231,21 @@ def part_agree(hf, model: Model, prompt_len: int = 128, new: int = 32) -> dict:
         set_experts_implementation(hf, "grouped_mm")
         cache = KVCache(model.shape, 1, prompt_len + new, model.dtype, model.device)
         ours = prefill(model, cache, [ids[0]], all_positions=True)[prompt_len - 1:]
+        cache = KVCache(model.shape, 1, prompt_len + new, model.dtype, model.device)
+        decoded = [prefill(model, cache, [ids[0, :prompt_len]])]
+        for p in range(prompt_len, prompt_len + new):
+            decoded.append(decode_step(model, cache, ids[0, p:p + 1], torch.tensor([p], device=model.device)))
+        decoded = torch.cat(decoded)
 
     def rel(a, b):
         return float((a - b).norm() / b.norm())
+
+    def top1(a, b):
+        return float((a.argmax(-1) == b.argmax(-1)).float().mean())
     return dict(positions=new + 1, engine_vs_grouped_mm_rel_err=rel(ours, ref),
-                engine_vs_grouped_mm_top1=float((ours.argmax(-1) == ref.argmax(-1)).float().mean()),
-                eager_vs_grouped_mm_rel_err=rel(eager, ref),
-                eager_vs_grouped_mm_top1=float((eager.argmax(-1) == ref.argmax(-1)).float().mean()))
+                engine_vs_grouped_mm_top1=top1(ours, ref), engine_decode_vs_grouped_mm_rel_err=rel(decoded, ref),
+                engine_decode_vs_grouped_mm_top1=top1(decoded, ref),
+                eager_vs_grouped_mm_rel_err=rel(eager, ref), eager_vs_grouped_mm_top1=top1(eager, ref))
 
 
 # The engine's decode as it runs and beside it with one of its choices changed: without programmatic
