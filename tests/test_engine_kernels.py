@@ -162,9 +162,8 @@ def test_rope_cache_write(gen, n_heads, n_kv, D):
 def test_qkv_rope_cache_write(gen, monkeypatch, n_heads, n_kv, D, T, per_program):
     """The projection, rotation and cache write of a decode batch (GQA groups 1, 4, 3, 2; one token, several, the
     most rows a tile of 16 takes, more in tiles of 32, and one more than one launch takes, which takes the
-    two-launch path; 16 or 32 pairs a program) against
-    float64 by the definition: q rotated, k rotated and v as projected at each token's (slot, position), nothing
-    written for a token of slot -1 nor anywhere else."""
+    two-launch path; 16 or 32 pairs a program) against float64 by the definition: q rotated, k rotated and v as
+    projected at each token's (slot, position), nothing written for a token of slot -1 nor anywhere else."""
     spy = _Spy(K._qkv_rope_cache_kernel)
     monkeypatch.setattr(K, "_qkv_rope_cache_kernel", spy)
     H, slots, max_len, theta = 256, 4, 40, 1e4

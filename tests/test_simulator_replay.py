@@ -102,7 +102,6 @@ def test_calibration_recovers_known_parameters(rng):
     assert table.abs_error_pct.max() < 0.1
 
 
-
 def test_calibration_weights_pull_the_fit_to_the_cases_they_favour(rng):
     """Two sets of cases measured under two layer overheads cannot both be met by one: the fit lands
     near the set weighted a thousand times the other, whichever set that is; a weight list of the
@@ -118,6 +117,7 @@ def test_calibration_weights_pull_the_fit_to_the_cases_they_favour(rng):
         assert fitted.layer_overhead == pytest.approx(overhead, rel=0.02)
     with pytest.raises(ValueError, match="3 weights for 24 cases"):
         calibrate.fit(cases, shape, start, ("layer_overhead",), weights=[1.0, 1.0, 1.0])
+
 
 def test_distribution_plan_hands_each_token_its_generation_step(rng):
     """step_profile reads context.steps; the replay must pass every token's generation step (0 prefill,

@@ -331,8 +331,8 @@ def qkv_rope_cache_write(x, wqkv, k_cache, v_cache, positions, slots, cos, sin, 
     _qkv_rope_cache_kernel[((n_heads + 2 * n_kv) * (half // cfg["pairs"]),)](
         x, wqkv, q, k_cache, v_cache, positions, slots, cos, sin, T, H, n_heads, n_kv, k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), HALF=half, PAIRS=cfg["pairs"], BLOCK_T=16 if T <= 16 else 32,
-        BLOCK_K=cfg["block_k"],
-        IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_flags(x))
+        BLOCK_K=cfg["block_k"], IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **launch_flags(x))
     return q
 
 
