@@ -415,3 +415,29 @@ def test_probe_deadline_names_the_step_that_overran(monkeypatch, capsys):
         pass
     time.sleep(0.25)
     assert fired == [True] and capsys.readouterr().err == ""
+
+
+def test_clock_probe_summary_against_hand_computed_ratios(monkeypatch):
+    """benchmarks/kernels/clock_probe.py's summary on records built by hand: the medians over the
+    rounds, time and cycles against bmm, and the share of the matmul's rate in time and at equal
+    clocks. Drawn: ours takes 1.2x bmm's time at 0.9x its clock, so 1.08x its cycles."""
+    probe = _kernels_script(monkeypatch, "clock_probe")
+    rng = np.random.default_rng(11)
+    bmm_us, mhz = rng.uniform(300, 3000), rng.uniform(1200, 1900)
+    flops = 2 * 8192 * 6 * 3 * 2048 * 1408
+    records = []
+    for r, jitter in enumerate((0.98, 1.0, 1.03)):  # the medians must take the middle round
+        for method, us, clock, fl in (("ours", 1.2 * bmm_us, 0.9 * mhz, flops), ("bmm", bmm_us, mhz, flops),
+                                      ("matmul", 0.5 * bmm_us, mhz, 2 * 8192**3)):
+            records.append({"shape": "s", "tokens": 8192, "method": method, "round": r, "us": us * jitter,
+                            "kcycles": us * jitter * clock / 1e3, "TFLOPs": fl / (us * jitter) * 1e-6,
+                            "sm_MHz": clock, "sm_MHz_min": clock - 10, "power_W": 500.0})
+    lines = {line["method"]: line for line in probe.summarise(records)}
+    ours = lines["ours"]
+    assert ours["us"] == pytest.approx(1.2 * bmm_us)
+    assert ours["time_vs_bmm"] == pytest.approx(1.2)
+    assert ours["cycles_vs_bmm"] == pytest.approx(1.08)
+    rate = flops / (1.2 * bmm_us) / (2 * 8192**3 / (0.5 * bmm_us))
+    assert ours["pct_rate"] == pytest.approx(100 * rate)
+    assert ours["pct_rate_cycles"] == pytest.approx(100 * rate * 0.9)
+    assert lines["matmul"]["pct_rate"] == pytest.approx(100.0)
