@@ -85,7 +85,7 @@ def probe_row(name: str, n_tokens: int, ms: float, rounds: int, seed: int) -> li
 def summarise(records: list[dict]) -> list[dict]:
     """One line per (shape, tokens, method): medians over the rounds, and each against bmm and the
     matmul's rate in time and in cycles."""
-    keys = sorted({(r["shape"], r["tokens"]) for r in records}, key=lambda k: (k[0], k[1]))
+    keys = sorted({(r["shape"], r["tokens"]) for r in records})
     lines = []
     for shape, tokens in keys:
         rows = [r for r in records if (r["shape"], r["tokens"]) == (shape, tokens)]
