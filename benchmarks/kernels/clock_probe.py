@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from moegps import shapes
 from moegps.kernels.bench import balanced_bmm, ceiling_runs, gemm_launches
 from moegps.kernels.launch import fused_moe, get_config
 from moegps.kernels.timing import capture, gpu_clocks, make_inputs, make_routing
+from moegps.kernels.tune import expert_dims, shared_columns
 
 
 def run_alone(graph, ms: float) -> tuple[float, dict]:
@@ -58,10 +58,9 @@ def run_alone(graph, ms: float) -> tuple[float, dict]:
 
 def probe_row(name: str, n_tokens: int, ms: float, rounds: int, seed: int) -> list[dict]:
     """Each method's calls alone, `rounds` times in turn: one record a method and round."""
-    shape = shapes.from_name(name)
-    n_experts, hidden, ffn, top_k = shape.n_experts, shape.hidden, shape.expert_ffn, shape.top_k
+    n_experts, hidden, ffn, top_k = expert_dims(name)  # the kernels bench's names: NAME+shared, NAME@N too
     x, w13, w2 = make_inputs(n_experts, hidden, ffn, top_k, n_tokens, seed)
-    ids, weights = make_routing(n_tokens, n_experts, top_k, seed)
+    ids, weights = make_routing(n_tokens, n_experts, top_k, seed, shared=shared_columns(name))
     config = get_config(n_tokens, n_experts, hidden, ffn, top_k)
     active = int(torch.unique(ids).numel())
     methods = {"ours": lambda: fused_moe(x, w13, w2, ids, weights, config=config),
