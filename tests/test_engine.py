@@ -504,9 +504,12 @@ def test_generate_rejects_what_does_not_fit(tiny_model):
 
 # ---- the command line -------------------------------------------------------------------------------------------
 
-def test_cli_on_the_bundled_model(capsys, tokenizer):
+@pytest.mark.parametrize("extra", [[], ["--deterministic"]])
+def test_cli_on_the_bundled_model(capsys, tokenizer, extra):
     prompts = ["The capital of France is", "Water boils at"]
-    assert main(["--prompt", prompts[0], "--prompt", prompts[1], "--max-new-tokens", "5", "--device", "cpu"]) == 0
+    assert main(["--prompt", prompts[0], "--prompt", prompts[1], "--max-new-tokens", "5", "--device", "cpu",
+                 *extra]) == 0
+    assert not torch.are_deterministic_algorithms_enabled()
     out = capsys.readouterr().out.splitlines()
     expected = Engine(build_model("mixtral-tiny", "cpu"), max_batch=2, max_len=32).generate(
         tokenizer.encode(prompts), 5, stop_tokens=[tokenizer.eos_id]).tokens

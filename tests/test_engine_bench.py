@@ -4,6 +4,7 @@ import os
 import random
 
 import pytest
+import torch
 
 from moegps.engine import bench
 from moegps.engine.bench import kernel_parts, kernel_table, trace_gaps
@@ -94,8 +95,11 @@ def test_decode_variant_sets_and_restores_the_switches(monkeypatch):
         assert K.ROUTER_EXPERTS_PER_PROGRAM == 4 != per_program and K.FUSED_ROUTER_MAX_PROGRAMS == fused_programs
     with bench.decode_variant("norm + router as two launches"):
         assert K.FUSED_ROUTER_MAX_PROGRAMS == 0 and K.ROUTER_EXPERTS_PER_PROGRAM == per_program
+    with bench.decode_variant("deterministic"):
+        assert torch.are_deterministic_algorithms_enabled() and K.SKINNY_MAX_ROWS == rows
     assert "MOEGPS_PDL" not in os.environ and K.SKINNY_MAX_ROWS == rows and K.ATTENTION_DEFAULTS == attention
     assert (K.ROUTER_EXPERTS_PER_PROGRAM, K.FUSED_ROUTER_MAX_PROGRAMS) == (per_program, fused_programs)
+    assert not torch.are_deterministic_algorithms_enabled()
 
 
 def test_plot_ttft_draws_the_graphed_rows_of_each_shape(tmp_path, rng):
@@ -200,3 +204,7 @@ def test_part_agree_compares_the_prefill_and_the_decode_path_with_transformers(r
     for path in ("engine", "engine_decode", "eager"):
         assert row[f"{path}_vs_grouped_mm_rel_err"] < 1e-4, row
         assert row[f"{path}_vs_grouped_mm_top1"] == 1.0, row
+    assert row["deterministic_decode_vs_grouped_mm_top1"] == 1.0, row
+    # on the CPU nothing adds with atomics: both pairs of decode runs give the same bits
+    assert row["engine_decode_repeats_same_bits"] and row["deterministic_decode_repeats_same_bits"], row
+    assert not torch.are_deterministic_algorithms_enabled()

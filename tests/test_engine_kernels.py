@@ -384,6 +384,14 @@ def test_add_rmsnorm_router_takes_the_fused_launch_up_to_its_programs(gen, monke
 
 # ---- the whole engine on the interpreted kernels -----------------------------------------------------------
 
+def interpreted_engine(monkeypatch) -> None:
+    """The engine's model code on this module's interpreted kernels (the module imported them compiled)."""
+    for name in ("add_rmsnorm", "add_rmsnorm_router", "decode_attention", "linear", "qkv_rope_cache_write",
+                 "use_triton"):
+        monkeypatch.setattr(engine_model, name, getattr(K, name))
+    monkeypatch.setattr(engine_model, "fused_moe", moegps.kernels.fused_moe)
+
+
 @pytest.mark.parametrize("shared_ffn", [0, 64])
 def test_engine_on_interpreted_kernels_matches_its_torch_path(rng, monkeypatch, shared_ffn):
     """A tiny random Mixtral (GQA group 4): prefill of two prompts of different lengths, 4 greedy decode
@@ -418,10 +426,7 @@ def test_engine_on_interpreted_kernels_matches_its_torch_path(rng, monkeypatch, 
     monkeypatch.delenv("TRITON_INTERPRET")
     torch_path = run()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for name in ("add_rmsnorm", "add_rmsnorm_router", "decode_attention", "linear", "qkv_rope_cache_write",
-                 "use_triton"):
-        monkeypatch.setattr(engine_model, name, getattr(K, name))
-    monkeypatch.setattr(engine_model, "fused_moe", moegps.kernels.fused_moe)
+    interpreted_engine(monkeypatch)
     spy = _Spy(K._qkv_rope_cache_kernel)
     monkeypatch.setattr(K, "_qkv_rope_cache_kernel", spy)
     triton_path = run()
@@ -430,3 +435,45 @@ def test_engine_on_interpreted_kernels_matches_its_torch_path(rng, monkeypatch, 
     assert spy.launches == 2 * 7
     assert rel_err(triton_path, torch_path.double()) < 1e-4, seed
     assert torch.equal(triton_path.argmax(-1), torch_path.argmax(-1)), seed
+
+
+def test_deterministic_mode_decodes_without_atomics_and_restores_torch(rng, monkeypatch):
+    """A tiny model of 16 small experts, top-4, whose prefill and decode steps take the fused MoE path (its programs add
+    F slices with atomics, in an order that varies on a GPU): under ``deterministic_algorithms`` the same steps
+    run without it and give the same logits to rounding, the same greedy tokens; torch's settings and the
+    cuBLAS variable are as before afterwards."""
+    import torch.utils.deterministic
+
+    from moegps.engine.generate import deterministic_algorithms
+    from moegps.kernels import launch
+
+    shape = from_name("mixtral-8x7b").replace(name="tiny", vocab_size=96, n_layers=2, hidden=64, n_heads=4,
+                                              n_kv_heads=2, head_dim=16, expert_ffn=32, n_experts=16, top_k=4)
+    seed = int(rng.integers(2**20))
+    model = random_model(shape, device="cpu", dtype=torch.float32, seed=seed)
+    prompts = [torch.from_numpy(rng.integers(0, 96, size=n)) for n in (3, 6)]
+    interpreted_engine(monkeypatch)
+    spy = _Spy(launch.fused_scan_kernel)
+    monkeypatch.setattr(launch, "fused_scan_kernel", spy)
+
+    def run():
+        cache = KVCache(shape, 2, 12, torch.float32, "cpu")
+        logits = [prefill(model, cache, prompts)]
+        positions = torch.tensor([3, 6])
+        for _ in range(3):
+            logits.append(decode_step(model, cache, logits[-1].argmax(-1), positions))
+            positions = positions + 1
+        return torch.stack(logits)
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    free = run()
+    assert spy.launches == 2 * 4, "prefill (36 pairs) and the decode steps take the fused path outside the mode"
+    spy.launches = 0
+    with deterministic_algorithms():
+        assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"]
+        fixed = run()
+    assert spy.launches == 0
+    assert rel_err(fixed, free.double()) < 1e-5, seed
+    assert torch.equal(fixed.argmax(-1), free.argmax(-1)), seed
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert torch.utils.deterministic.fill_uninitialized_memory

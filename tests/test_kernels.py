@@ -434,3 +434,66 @@ def test_shipped_configs_are_valid_and_run(rng, monkeypatch):
                  if c["path"] == "fused"]
         for cfg in (some[0], some[-1], *fused[:1]):  # decode, large-batch, fused configs
             assert rel_err(fused_moe(x, w13, w2, ids, weights, config=cfg), ref) < 1e-5
+
+
+@pytest.fixture
+def deterministic_mode():
+    """torch.use_deterministic_algorithms(True) for one test, restored after."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_deterministic_mode_takes_no_config_that_adds_with_atomics(rng, deterministic_mode):
+    """Under torch's deterministic mode get_config never returns a config whose kernels add with atomics, at
+    every tuned size of every shipped table and between them, and keeps everything else of a tuned entry: an
+    atomic combine becomes the k-way sum with the same tiles; a fused entry, the default without the fused
+    path. Outside the mode the tables do choose atomics (so the first check can fail), and the configs chosen
+    in the mode run right."""
+    from moegps.kernels.launch import CONFIG_DIR, _tuned_table, adds_with_atomics
+
+    chose_atomics = 0
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        for key, by_tokens in _tuned_table(path.stem).items():
+            shape = [int(part.split("=")[1]) for part in key.split(",")]  # E, H, F, k
+            top_k = shape[3]
+            for n_tokens in sorted({int(t) for t in by_tokens} | {int(t) + 1 for t in by_tokens}):
+                torch.use_deterministic_algorithms(False)
+                free = get_config(n_tokens, *shape, table=path.stem)
+                torch.use_deterministic_algorithms(True)
+                fixed = get_config(n_tokens, *shape, table=path.stem)
+                assert not adds_with_atomics(fixed, top_k), (path.name, key, n_tokens, fixed)
+                if not adds_with_atomics(free, top_k):
+                    assert fixed == free
+                elif free["path"] == "fused":
+                    assert fixed == default_config(n_tokens, *shape, atomics=False)
+                else:
+                    assert fixed == {**free, "combine": "sum"}
+                chose_atomics += adds_with_atomics(free, top_k)
+    assert chose_atomics > 5
+    # 64 experts of 48 x 32 at two tokens: the default is the fused path outside the mode
+    x, w13, w2, ids, weights = make_problem(rng, 2, 64, 48, 32, 6, torch.float32)
+    torch.use_deterministic_algorithms(False)
+    assert default_config(2, 64, 48, 32, 6)["path"] == "fused"
+    torch.use_deterministic_algorithms(True)
+    assert get_config(2, 64, 48, 32, 6)["path"] != "fused"
+    out = fused_moe(x, w13, w2, ids, weights)
+    assert rel_err(out, brute_force(x, w13, w2, ids, weights)) < 1e-5
+
+
+@pytest.mark.parametrize("path", ["fused", "scan_atomic"])
+def test_deterministic_mode_refuses_a_config_that_adds_with_atomics(rng, path, deterministic_mode):
+    """An explicit config with atomics raises under torch's deterministic mode, naming the config field, and
+    warns under warn_only (then runs, right); the same tiles with the k-way sum run."""
+    x, w13, w2, ids, weights = make_problem(rng, 5, 4, 32, 40, 2, torch.float32)
+    with pytest.raises(RuntimeError, match="'fused'" if path == "fused" else "'combine': 'atomic'"):
+        fused_moe(x, w13, w2, ids, weights, config=CONFIGS[path])
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    with pytest.warns(UserWarning, match="not deterministic"):
+        out = fused_moe(x, w13, w2, ids, weights, config=CONFIGS[path])
+    assert rel_err(out, brute_force(x, w13, w2, ids, weights)) < 1e-5
+    torch.use_deterministic_algorithms(True)
+    if path == "scan_atomic":
+        summed = fused_moe(x, w13, w2, ids, weights, config={**CONFIGS[path], "combine": "sum"})
+        assert rel_err(summed, brute_force(x, w13, w2, ids, weights)) < 1e-5

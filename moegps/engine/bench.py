@@ -65,7 +65,7 @@ from ..files import markdown_table
 from ..kernels.timing import gpu_clocks
 from ..shapes import ModelShape, from_name
 from . import kernels as K
-from .generate import BUCKETS, Engine, PrefillGraphs, bucket_for
+from .generate import BUCKETS, Engine, PrefillGraphs, bucket_for, deterministic_algorithms
 from .kernels import ATTENTION_DEFAULTS, decode_attention
 from .model import (KVCache, Model, decode_step, from_transformers, prefill, random_model,
                     weight_bytes_per_step)
@@ -220,9 +220,19 @@ def part_agree(hf, model: Model, prompt_len: int = 128, new: int = 32) -> dict:
     transformers (grouped_mm experts) vs transformers (eager experts), at the last prompt position and the
     ``new`` after it. The engine twice: its prefill over the whole sequence, and its decode path (the prompt
     prefilled, then one ``decode_step`` a position fed the sequence's own next token), whose kernels (skinny
-    projections, the one QKV launch, decode attention, the fused router, the decode MoE) prefill never runs."""
+    projections, the one QKV launch, decode attention, the fused router, the decode MoE) prefill never runs.
+    The decode path runs twice as it is and twice under ``deterministic_algorithms``: whether each pair's
+    logits are the same bits (a tuned MoE config that adds with atomics makes them differ)."""
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(3, model.shape.vocab_size, (1, prompt_len + new), generator=gen).to(model.device)
+
+    def decode_path() -> torch.Tensor:
+        cache = KVCache(model.shape, 1, prompt_len + new, model.dtype, model.device)
+        decoded = [prefill(model, cache, [ids[0, :prompt_len]])]
+        for p in range(prompt_len, prompt_len + new):
+            decoded.append(decode_step(model, cache, ids[0, p:p + 1], torch.tensor([p], device=model.device)))
+        return torch.cat(decoded)
+
     with torch.inference_mode():
         set_experts_implementation(hf, "grouped_mm")
         ref = hf(ids).logits[0, prompt_len - 1:].float()
@@ -231,11 +241,9 @@ def part_agree(hf, model: Model, prompt_len: int = 128, new: int = 32) -> dict:
         set_experts_implementation(hf, "grouped_mm")
         cache = KVCache(model.shape, 1, prompt_len + new, model.dtype, model.device)
         ours = prefill(model, cache, [ids[0]], all_positions=True)[prompt_len - 1:]
-        cache = KVCache(model.shape, 1, prompt_len + new, model.dtype, model.device)
-        decoded = [prefill(model, cache, [ids[0, :prompt_len]])]
-        for p in range(prompt_len, prompt_len + new):
-            decoded.append(decode_step(model, cache, ids[0, p:p + 1], torch.tensor([p], device=model.device)))
-        decoded = torch.cat(decoded)
+        decoded, again = decode_path(), decode_path()
+        with deterministic_algorithms():
+            fixed, fixed_again = decode_path(), decode_path()
 
     def rel(a, b):
         return float((a - b).norm() / b.norm())
@@ -245,19 +253,24 @@ def part_agree(hf, model: Model, prompt_len: int = 128, new: int = 32) -> dict:
     return dict(positions=new + 1, engine_vs_grouped_mm_rel_err=rel(ours, ref),
                 engine_vs_grouped_mm_top1=top1(ours, ref), engine_decode_vs_grouped_mm_rel_err=rel(decoded, ref),
                 engine_decode_vs_grouped_mm_top1=top1(decoded, ref),
-                eager_vs_grouped_mm_rel_err=rel(eager, ref), eager_vs_grouped_mm_top1=top1(eager, ref))
+                eager_vs_grouped_mm_rel_err=rel(eager, ref), eager_vs_grouped_mm_top1=top1(eager, ref),
+                engine_decode_repeats_same_bits=bool(torch.equal(decoded, again)),
+                deterministic_decode_repeats_same_bits=bool(torch.equal(fixed, fixed_again)),
+                deterministic_decode_vs_grouped_mm_top1=top1(fixed, ref))
 
 
 # The engine's decode as it runs and beside it with one of its choices changed: without programmatic
 # dependent launch (moegps.kernels.pdl), with cuBLAS for the projections, with shorter attention splits at
 # short contexts, with the norm + router as two launches (the tiled router) or a token's router split
-# otherwise, with the QKV projection and the rotary embedding + cache write as two launches. What each gives,
+# otherwise, with the QKV projection and the rotary embedding + cache write as two launches, under torch's
+# deterministic mode (MoE configs without atomics: generate.deterministic_algorithms). What each gives,
 # measured in one run (--decode-variants). "kernels": moegps.engine.kernels settings patched while the engine
 # captures its graphs.
 DECODE_VARIANTS = {"engine": {}, "no PDL": {"pdl": "0"}, "cuBLAS projections": {"kernels": {"SKINNY_MAX_ROWS": 0}},
                    "attention splits >= 64 keys": {"attention": {"min_split": 64}},
                    "norm + router as two launches": {"kernels": {"FUSED_ROUTER_MAX_PROGRAMS": 0}},
                    "QKV and rotary as two launches": {"kernels": {"FUSED_QKV_ROPE_MAX_ROWS": 0}},
+                   "deterministic": {"deterministic": True},
                    **{f"router {n} experts a program": {"kernels": {"ROUTER_EXPERTS_PER_PROGRAM": n}}
                       for n in (4, 8, 16, 32, 64)}}
 
@@ -272,6 +285,8 @@ def decode_variant(name: str) -> contextlib.ExitStack:
     for setting, value in variant.get("kernels", {}).items():
         stack.enter_context(mock.patch.object(K, setting, value))
     stack.enter_context(mock.patch.dict(K.ATTENTION_DEFAULTS, variant.get("attention", {})))
+    if variant.get("deterministic"):
+        stack.enter_context(deterministic_algorithms())
     return stack
 
 
@@ -885,7 +900,7 @@ def main(argv=None) -> None:
         if "checks" in args.parts:
             _attempt(results, "checks", lambda: part_checks(shape))
         if "agree" in args.parts and hf is not None:
-            _attempt(results, "agree", lambda: dict(shape=name, **part_agree(hf, model)))
+            _attempt(results, "agree", lambda: dict(shape=name, **part_agree(hf, model, new=args.new_tokens)))
             print(results.get("agree", [None])[-1], flush=True)
         if "attention" in args.parts:
             _attempt(results, "attention", lambda: part_attention(shape, args.batches, args.contexts,

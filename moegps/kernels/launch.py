@@ -37,6 +37,12 @@ weight tile is loaded by one program; its tiles are those of the sorted path, wi
 A scan, sorted or swap config may set "combine": "atomic": the down GEMM adds its tiles into an fp32
 [T, H] accumulator with atomics instead of writing y [T*k, H] for a k-way sum afterwards (the
 default, "sum", is deterministic; "atomic" varies in the last bits from run to run).
+
+Under ``torch.use_deterministic_algorithms(True)`` no config adds with atomics: get_config runs a
+tuned "combine": "atomic" entry with the k-way sum and takes the default's choice without the fused
+path where a table chose "fused" (whose programs add their F slices into one output); an explicit
+config that adds with atomics raises, as torch's own nondeterministic operations do (or warns, with
+``warn_only=True``). Every other path writes each output element from one program in a fixed order.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import functools
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -95,8 +102,10 @@ def device_name(device: torch.device | None = None) -> str:
     return torch.cuda.get_device_name(device).replace(" ", "_")
 
 
-def default_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: int) -> dict:
-    """A config for a shape no tuned file covers, from the rows each expert gets on average.
+def default_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: int,
+                   atomics: bool = True) -> dict:
+    """A config for a shape no tuned file covers, from the rows each expert gets on average
+    (``atomics=False``: never the fused path, whose programs add into one output with atomics).
 
     The decode of small (fine-grained) experts: the one-launch fused path. Few rows per expert
     otherwise: the scan path with BLOCK_M 16 and narrow N tiles for many programs (the weights
@@ -105,7 +114,7 @@ def default_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: 
     tensor cores (compute-bound). Chosen from what the tuner picked on an H100 and an H200
     (NOTES.md), so that an unseen shape lands near a tuned one.
     """
-    config = _default_by_rows(n_tokens, n_experts, hidden, ffn, top_k)
+    config = _default_by_rows(n_tokens, n_experts, hidden, ffn, top_k, atomics)
     rows = n_tokens * top_k / n_experts
     if config["path"] == "sorted" and n_experts * math.ceil(rows / config["block_m"]) <= 12:
         # Few row blocks in all (about one per expert, a few tails): one group takes them all,
@@ -117,14 +126,14 @@ def default_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: 
     return config
 
 
-def _default_by_rows(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: int) -> dict:
+def _default_by_rows(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: int, atomics: bool) -> dict:
     """default_config's choice of path and tiles (group_m 8)."""
     rows = n_tokens * top_k / n_experts
     # One-launch fused path for the decode of fine-grained experts (a few MB each): it saves the
     # launch ramps and tails of gate/up, down and the combine, and pays atomics in proportion to
     # the pairs. Measured on an H100 (NOTES.md v4, v12): faster at 64 experts T=1-8 (6-48 pairs,
     # 17 MB experts), slower than the scan path on Mixtral's 350 MB experts at every T.
-    if n_tokens * top_k <= 64 and 3 * hidden * ffn * 2 <= 64e6:
+    if atomics and n_tokens * top_k <= 64 and 3 * hidden * ffn * 2 <= 64e6:
         return {"path": "fused", "block_m": 16,
                 "fused": {"block_f": 64, "block_k": 128, "block_n": 128, "num_warps": 4,
                           "num_stages": 3}}
@@ -222,9 +231,13 @@ def get_config(n_tokens: int, n_experts: int, hidden: int, ffn: int, top_k: int,
     # at 1-256 rows served its 128-row tiles to prefill shares of thousands of rows, 1.36x the default's time
     # (benchmarks/simulator/h200-2026-12-05-v/, the prefill-heavy replay).
     if not by_tokens or n_tokens * top_k > 2 * max(int(t) * tuned_k for t in by_tokens):
-        return default_config(n_tokens, n_experts, hidden, ffn, top_k)
-    nearest = min(by_tokens, key=lambda t: abs(int(t) * tuned_k - n_tokens * top_k))
-    return by_tokens[nearest]
+        config = default_config(n_tokens, n_experts, hidden, ffn, top_k)
+    else:
+        config = by_tokens[min(by_tokens, key=lambda t: abs(int(t) * tuned_k - n_tokens * top_k))]
+    if torch.are_deterministic_algorithms_enabled() and adds_with_atomics(config, top_k):
+        config = (default_config(n_tokens, n_experts, hidden, ffn, top_k, atomics=False)
+                  if config["path"] == "fused" else dict(config, combine="sum"))
+    return config
 
 
 def runnable_entry(config: dict | None, gluon: bool) -> dict | None:
@@ -284,6 +297,7 @@ def fused_moe(
     n_tokens, hidden, n_experts, ffn, top_k = _check(x, w_gate_up, w_down, topk_ids, topk_weights)
     if config is None:
         config = get_config(n_tokens, n_experts, hidden, ffn, top_k, x.device)
+    _check_deterministic(config, top_k)
     x = x.contiguous()
     w_gate_up = w_gate_up.contiguous()
     w_down = w_down.contiguous()
@@ -406,6 +420,28 @@ def combine_atomic(config: dict, top_k: int) -> bool:
     if combine not in ("sum", "atomic"):
         raise ValueError(f"config field 'combine' must be 'sum' or 'atomic', got {combine!r}")
     return combine == "atomic" and top_k > 1
+
+
+def adds_with_atomics(config: dict, top_k: int) -> bool:
+    """Whether a config's kernels add into their output with atomics, in an order that varies from run
+    to run: the fused path (its programs' F slices) and the down GEMM's k-way combine."""
+    return config["path"] == "fused" or combine_atomic(config, top_k)
+
+
+def _check_deterministic(config: dict, top_k: int) -> None:
+    """Under torch.use_deterministic_algorithms(True), a config that adds with atomics raises (warns with
+    warn_only=True), as torch's nondeterministic operations do."""
+    if not (torch.are_deterministic_algorithms_enabled() and adds_with_atomics(config, top_k)):
+        return
+    what = ("config path 'fused' adds its programs' F slices" if config["path"] == "fused"
+            else "config field 'combine': 'atomic' adds the k experts' outputs")
+    message = (f"fused_moe: {what} into the output with atomics, which is not deterministic, and "
+               "torch.use_deterministic_algorithms(True) is set; pass config=None (get_config then picks a "
+               "config without atomics) or a config with another path and 'combine': 'sum'")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, stacklevel=3)
+    else:
+        raise RuntimeError(message)
 
 
 def route(ids: torch.Tensor, n_experts: int, config: dict, scratch: torch.Tensor | None = None):
