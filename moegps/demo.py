@@ -28,7 +28,6 @@ prompt; Ctrl-C at the prompt ends the demo with exit code 130.
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 import time
 from collections.abc import Callable
@@ -45,7 +44,7 @@ from rich.text import Text
 
 from .configs import EXIT_INTERRUPTED
 from .engine.generate import Engine, build_model
-from .executor.generate import copy_bandwidth
+from .executor.generate import cache_argument, copy_bandwidth
 from .engine.model import Model, from_transformers, prefill, weight_bytes_per_step
 from .models.tokenizer import mixtral_tokenizer
 from .paths import BUNDLED_MODELS
@@ -112,8 +111,7 @@ def timed_decode(step: Callable, first, max_new_tokens: int, eos_id: int, on_tok
 def transformers_stepper(hf, prompt: list[int]):
     """transformers' prefill with its KV cache: ``(first token, step)``."""
     device = hf.get_input_embeddings().weight.device
-    # transformers 5.24 renamed the cache argument and output past_key_values -> cache (the old name warns)
-    name = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    name = cache_argument(hf)
     with torch.inference_mode():
         out = hf(input_ids=torch.tensor([prompt], device=device), use_cache=True)
     state = {"cache": out[name]}

@@ -59,7 +59,7 @@ from unittest import mock
 
 import torch
 
-from ..executor.generate import (copy_bandwidth, device_ms, set_experts_implementation, static_decode,
+from ..executor.generate import (cache_argument, copy_bandwidth, device_ms, set_experts_implementation, static_decode,
                                  wall_ms)
 from ..files import markdown_table
 from ..kernels.timing import gpu_clocks
@@ -751,11 +751,11 @@ def hf_breakdown(hf, ids, step_ms: float) -> dict:
     B, P = ids.shape
     cache = StaticCache(config=hf.config, max_cache_len=P + 8)
     with torch.inference_mode():
-        hf(input_ids=ids, past_key_values=cache, cache_position=torch.arange(P, device=ids.device))
+        name = cache_argument(hf)
+        hf(input_ids=ids, cache_position=torch.arange(P, device=ids.device), **{name: cache})
         token = ids[:, -1:]
         position = torch.tensor([P], device=ids.device)
-        parts = _kernel_ms_by_label(lambda: hf(input_ids=token, past_key_values=cache, cache_position=position),
-                                    LABELS)
+        parts = _kernel_ms_by_label(lambda: hf(input_ids=token, cache_position=position, **{name: cache}), LABELS)
     for h in handles:
         h.remove()
     parts["gaps"] = max(0.0, step_ms - sum(parts.values()))

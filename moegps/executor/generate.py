@@ -18,6 +18,7 @@ Benchmarks (``python -m moegps.executor.generate``), each against transformers i
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import time
@@ -100,6 +101,12 @@ def swap_moe_blocks(model: nn.Module, comm: Comm | None = None) -> int:
     for parent, name in blocks:
         setattr(parent, name, MoEGPSBlock(getattr(parent, name), comm))
     return len(blocks)
+
+
+def cache_argument(model) -> str:
+    """The name a transformers model's forward takes and returns its KV cache by: ``cache`` from transformers
+    5.24, ``past_key_values`` before (the GPU machines' 5.17); the old name warns from 5.24 on."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def set_experts_implementation(model_or_config, name: str) -> None:
@@ -350,8 +357,9 @@ def static_decode(model, ids: torch.Tensor, n_new: int, graph: bool = False,
     cuda = ids.is_cuda
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     with torch.no_grad():
-        logits = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(P, device=ids.device),
-                       use_cache=True).logits
+        name = cache_argument(model)
+        logits = model(input_ids=ids, cache_position=torch.arange(P, device=ids.device), use_cache=True,
+                       **{name: cache}).logits
         banned = torch.as_tensor(suppress or [], dtype=torch.long, device=ids.device)
 
         def pick(last_logits):
@@ -363,7 +371,7 @@ def static_decode(model, ids: torch.Tensor, n_new: int, graph: bool = False,
         position = torch.tensor([P], device=ids.device)
 
         def step():
-            out = model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
+            out = model(input_ids=token, cache_position=position, use_cache=True, **{name: cache}).logits
             return pick(out[:, -1])
 
         replay = step
