@@ -444,8 +444,7 @@ def test_deterministic_mode_decodes_without_atomics_and_restores_torch(rng, monk
     cuBLAS variable are as before afterwards."""
     import torch.utils.deterministic
 
-    from moegps.engine.generate import deterministic_algorithms
-    from moegps.kernels import launch
+    from moegps.kernels import deterministic_algorithms, launch
 
     shape = from_name("mixtral-8x7b").replace(name="tiny", vocab_size=96, n_layers=2, hidden=64, n_heads=4,
                                               n_kv_heads=2, head_dim=16, expert_ffn=32, n_experts=16, top_k=4)

@@ -438,11 +438,11 @@ def test_shipped_configs_are_valid_and_run(rng, monkeypatch):
 
 @pytest.fixture
 def deterministic_mode():
-    """torch.use_deterministic_algorithms(True) for one test, restored after."""
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    """torch's deterministic mode for one test (the tests switch it inside), restored after."""
+    from moegps.kernels import deterministic_algorithms
+
+    with deterministic_algorithms():
+        yield
 
 
 def test_deterministic_mode_takes_no_config_that_adds_with_atomics(rng, deterministic_mode):

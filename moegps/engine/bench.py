@@ -62,10 +62,11 @@ import torch
 from ..executor.generate import (cache_argument, copy_bandwidth, device_ms, set_experts_implementation, static_decode,
                                  wall_ms)
 from ..files import markdown_table
+from ..kernels import deterministic_algorithms
 from ..kernels.timing import gpu_clocks
 from ..shapes import ModelShape, from_name
 from . import kernels as K
-from .generate import BUCKETS, Engine, PrefillGraphs, bucket_for, deterministic_algorithms
+from .generate import BUCKETS, Engine, PrefillGraphs, bucket_for
 from .kernels import ATTENTION_DEFAULTS, decode_attention
 from .model import (KVCache, Model, decode_step, from_transformers, prefill, random_model,
                     weight_bytes_per_step)
@@ -263,7 +264,7 @@ def part_agree(hf, model: Model, prompt_len: int = 128, new: int = 32) -> dict:
 # dependent launch (moegps.kernels.pdl), with cuBLAS for the projections, with shorter attention splits at
 # short contexts, with the norm + router as two launches (the tiled router) or a token's router split
 # otherwise, with the QKV projection and the rotary embedding + cache write as two launches, under torch's
-# deterministic mode (MoE configs without atomics: generate.deterministic_algorithms). What each gives,
+# deterministic mode (MoE configs without atomics: kernels.deterministic_algorithms). What each gives,
 # measured in one run (--decode-variants). "kernels": moegps.engine.kernels settings patched while the engine
 # captures its graphs.
 DECODE_VARIANTS = {"engine": {}, "no PDL": {"pdl": "0"}, "cuBLAS projections": {"kernels": {"SKINNY_MAX_ROWS": 0}},

@@ -15,15 +15,14 @@ Rows past n are padding: they decode a dummy token in cache slots no prompt uses
 too (PrefillGraphs): one per 128-token length class for one prompt of up to 8192 tokens, one per
 128-token multiple for several prompts packed, up to 2048 tokens in all.
 
-``--deterministic`` (``deterministic_algorithms()``) makes a run's logits the same bits every time: the MoE
-kernels then never add with atomics (``moegps.kernels.launch``), whose order varies from run to run.
+``--deterministic`` (``moegps.kernels.deterministic_algorithms()``) makes a run's logits the same bits every time:
+the MoE kernels then never add with atomics, whose order varies from run to run.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ..kernels import deterministic_algorithms
 from ..models.tokenizer import mixtral_tokenizer
 from ..paths import BUNDLED_MODELS
 from ..shapes import SHAPES, from_name
@@ -87,31 +87,6 @@ def sampling_logits(logits: torch.Tensor, sampling: Sampling | list[Sampling]) -
         outside = fixed.cumsum(-1) - fixed >= (top_p.double() * 2.0 ** 52)[:, None]  # mass before reaches top_p
         scaled = scaled.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
     return scaled
-
-
-@contextlib.contextmanager
-def deterministic_algorithms():
-    """A context in which the engine's results are the same bits from run to run on the same machine and
-    batch: torch's deterministic mode, which moegps's MoE kernels follow by choosing configs without atomics
-    (the engine's own kernels never add with atomics: the attention and router splits merge in a fixed
-    order). cuBLAS asks for a fixed workspace in that mode (CUBLAS_WORKSPACE_CONFIG, set if unset). torch's
-    NaN fill of uninitialised memory is left off: it would add a launch to every allocation inside the
-    captured graphs, and the kernels never read what they did not write (their tests fill buffers with NaN).
-    Restores the previous settings on exit."""
-    import torch.utils.deterministic as det
-
-    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              det.fill_uninitialized_memory, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    det.fill_uninitialized_memory = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-        det.fill_uninitialized_memory = before[2]
-        if before[3] is None:
-            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def _int64(c: int) -> int:

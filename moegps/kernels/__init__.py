@@ -6,9 +6,9 @@
 The CPU path (and the tests' reference) is `moegps.kernels.reference.moe_reference`, same signature.
 """
 
-from .launch import available, default_config, fused_moe, get_config
+from .launch import available, default_config, deterministic_algorithms, fused_moe, get_config
 from .reference import moe_reference
 from .routing import RoutingMeta, align
 
-__all__ = ["available", "default_config", "fused_moe", "get_config", "moe_reference",
+__all__ = ["available", "default_config", "deterministic_algorithms", "fused_moe", "get_config", "moe_reference",
            "RoutingMeta", "align"]

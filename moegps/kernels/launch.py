@@ -43,10 +43,12 @@ tuned "combine": "atomic" entry with the k-way sum and takes the default's choic
 path where a table chose "fused" (whose programs add their F slices into one output); an explicit
 config that adds with atomics raises, as torch's own nondeterministic operations do (or warns, with
 ``warn_only=True``). Every other path writes each output element from one program in a fixed order.
+``deterministic_algorithms()`` is that mode as a context, with what cuBLAS needs for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -442,6 +444,31 @@ def _check_deterministic(config: dict, top_k: int) -> None:
         warnings.warn(message, stacklevel=3)
     else:
         raise RuntimeError(message)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """A context in which results are the same bits from run to run on the same machine and batch: torch's
+    deterministic mode, which these kernels follow by choosing configs without atomics (the engine's own
+    kernels never add with atomics: its attention and router splits merge in a fixed order). cuBLAS asks for
+    a fixed workspace in that mode (CUBLAS_WORKSPACE_CONFIG, set if unset). torch's NaN fill of uninitialised
+    memory is left off: it would add a launch to every allocation inside a captured graph, and the kernels
+    never read what they did not write (their tests fill buffers with NaN). Restores the previous settings
+    on exit."""
+    import torch.utils.deterministic as det
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              det.fill_uninitialized_memory, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    det.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        det.fill_uninitialized_memory = before[2]
+        if before[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def route(ids: torch.Tensor, n_experts: int, config: dict, scratch: torch.Tensor | None = None):
