@@ -14,7 +14,7 @@ an earlier kernel writes, and before any write, so reads and writes keep plain s
 earlier kernel finished before its successor's wait returned). None releases its successor early:
 releasing right after the wait (``launch_dependents``) made an H200's decode step 1-9% slower and
 a chain of projections 21% slower, where waiting only was 0.6% faster on the step and 1-10% on the
-chain (benchmarks/engine/h200-2026-12-04, docs/engine.md).
+chain (benchmarks/engine/h200-2026-12-04; benchmarks/engine/NOTES.md, session e).
 """
 
 from __future__ import annotations
