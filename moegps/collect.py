@@ -47,7 +47,7 @@ from moegps import __version__
 from moegps.configs import (all_or_first_n, checked, device as device_rule, hydra_command, nonnegative, one_of,
                             positive, validate)
 from moegps.files import atomic_path
-from moegps.models.adapters import MoERouter, family_of, find_routers, routing_from_output
+from moegps.models.adapters import MoERouter, cache_argument, family_of, find_routers, routing_from_output
 from moegps.models.tokenizer import mixtral_tokenizer
 from moegps.paths import PROJECT_ROOT, git_commit, portable_path, register_resolvers
 from moegps.prompts import Prompt, PromptError, load_prompts
@@ -300,7 +300,8 @@ def generate_and_record(
     generated: list[list[int]] = [[] for _ in range(B)]
     active = np.ones(B, dtype=bool)
     next_tokens = out.logits[:, -1].argmax(-1)
-    past = out.cache  # the KV cache (transformers >= 5.2x: `cache`, formerly `past_key_values`)
+    cache = cache_argument(model)  # the KV cache's name: `cache` from transformers 5.24, `past_key_values` before
+    past = out[cache]
     for step in range(1, max_new_tokens + 1):
         tokens = next_tokens.cpu().numpy()
         for b in np.flatnonzero(active):
@@ -312,11 +313,11 @@ def generate_and_record(
         mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
         pos = torch.as_tensor(lens + step - 1, dtype=torch.long, device=device)[:, None]
         out = model(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=pos,
-                    cache=past, use_cache=True)
+                    use_cache=True, **{cache: past})
         experts, weights = recorder.take(B)
         record.add(rid[active], step, (lens + step - 1)[active], tokens[active], experts[:, active], weights[:, active])
         next_tokens = out.logits[:, -1].argmax(-1)
-        past = out.cache
+        past = out[cache]
     return record, generated
 
 

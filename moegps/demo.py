@@ -44,8 +44,9 @@ from rich.text import Text
 
 from .configs import EXIT_INTERRUPTED
 from .engine.generate import Engine, build_model
-from .executor.generate import cache_argument, copy_bandwidth
+from .executor.generate import copy_bandwidth
 from .engine.model import Model, from_transformers, prefill, weight_bytes_per_step
+from .models.adapters import cache_argument
 from .models.tokenizer import mixtral_tokenizer
 from .paths import BUNDLED_MODELS
 from .shapes import SHAPES

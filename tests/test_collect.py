@@ -463,3 +463,20 @@ def test_summary_reports_each_phases_skew(rng):
     assert "prefill max/mean expert load per layer: 4.00 1.00" in text
     assert "decode  max/mean expert load per layer: 4.00 4.00" in text
     assert "python -m moegps.report routing somewhere" in text
+
+
+def test_cache_argument_follows_the_forward_signature():
+    """The KV cache goes by `cache` where the forward takes it (transformers >= 5.24) and by `past_key_values`
+    before (the GPU machines' 5.17): both forms, hand-built."""
+    from moegps.models.adapters import cache_argument
+
+    class Before(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=None):
+            return input_ids
+
+    class After(torch.nn.Module):
+        def forward(self, input_ids, cache=None, use_cache=None):
+            return input_ids
+
+    assert cache_argument(Before()) == "past_key_values"
+    assert cache_argument(After()) == "cache"

@@ -59,11 +59,12 @@ from unittest import mock
 
 import torch
 
-from ..executor.generate import (cache_argument, copy_bandwidth, device_ms, set_experts_implementation, static_decode,
+from ..executor.generate import (copy_bandwidth, device_ms, set_experts_implementation, static_decode,
                                  wall_ms)
 from ..files import markdown_table
 from ..kernels import deterministic_algorithms
 from ..kernels.timing import gpu_clocks
+from ..models.adapters import cache_argument
 from ..shapes import ModelShape, from_name
 from . import kernels as K
 from .generate import BUCKETS, Engine, PrefillGraphs, bucket_for

@@ -18,7 +18,6 @@ Benchmarks (``python -m moegps.executor.generate``), each against transformers i
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import statistics
 import time
@@ -29,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..files import markdown_table
+from ..models.adapters import cache_argument
 from ..shapes import from_name
 from .dist import Comm
 from .layer import expert_compute
@@ -101,12 +101,6 @@ def swap_moe_blocks(model: nn.Module, comm: Comm | None = None) -> int:
     for parent, name in blocks:
         setattr(parent, name, MoEGPSBlock(getattr(parent, name), comm))
     return len(blocks)
-
-
-def cache_argument(model) -> str:
-    """The name a transformers model's forward takes and returns its KV cache by: ``cache`` from transformers
-    5.24, ``past_key_values`` before (the GPU machines' 5.17); the old name warns from 5.24 on."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def set_experts_implementation(model_or_config, name: str) -> None:

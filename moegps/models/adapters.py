@@ -25,10 +25,15 @@ deepseek_v3 DeepseekV3TopkRouter      sigmoid scores + correction bias, best ``t
 
 Other transformers MoE models whose router class is named ``*TopKRouter`` and returns the same
 triple are picked up too (family ``generic``).
+
+``cache_argument`` names the KV cache's argument and output field for the transformers release installed
+(``cache`` from 5.24, ``past_key_values`` before): collect, the executor's and the engine's benchmarks and the
+demo pass it by that name.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 
@@ -129,3 +134,9 @@ def routing_from_output(output, top_k: int, where: str = "router") -> tuple[torc
             f"expected [tokens, top_k={top_k}] each"
         )
     return experts.reshape(-1, top_k), weights.reshape(-1, top_k)
+
+
+def cache_argument(model) -> str:
+    """The name a transformers model's forward takes and returns its KV cache by: ``cache`` from transformers
+    5.24, ``past_key_values`` before (the GPU machines' 5.17); the old name warns from 5.24 on."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
