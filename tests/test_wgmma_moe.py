@@ -94,7 +94,7 @@ def desc(block):
 """
 
 COMPILE = COMPILE_HEAD + r"""
-gate_up, block_n, dynamic, gather, timeline, fused, stagger = json.loads(sys.argv[1])
+gate_up, block_n, dynamic, gather, timeline, fused = json.loads(sys.argv[1])
 def gemm(suffix, block_n):  # one GEMM's descriptors and sizes (fused: the down GEMM's are the second)
     return {f"a{suffix}_desc": desc([128, 64]), f"b{suffix}_desc": desc([block_n, 64]),
             f"b{suffix}_half_desc": desc([block_n // 2, 64]), f"out{suffix}_desc": desc([64, 128]),
@@ -105,11 +105,11 @@ signature = {**gemm("", block_n), "sorted_ptr": "*i32", "weights_ptr": "*fp32",
              "tile_counter_ptr": "*i32", "x_ptr": "*bf16", "top_k": "i32", "timeline_ptr": "*i64",
              **gemm("2", 2 * block_n), **{name: "i32" for name in ("n_tiles_n2", "k_dim2", "b_rows2")},
              "GATE_UP": "constexpr", "STAGES": "constexpr", "DYNAMIC": "constexpr", "GATHER": "constexpr",
-             "TIMELINE": "constexpr", "FUSED": "constexpr", "STAGGER": "constexpr"}
+             "TIMELINE": "constexpr", "FUSED": "constexpr"}
 # x_ptr 16-byte aligned, as Triton's launcher specialises an aligned pointer (the gather's cp.async)
 source = GluonASTSource(wgmma_moe.grouped_gemm_kernel, signature=signature,
                         constexprs={"GATE_UP": gate_up, "STAGES": 4, "DYNAMIC": dynamic, "GATHER": gather,
-                                    "TIMELINE": timeline, "FUSED": fused, "STAGGER": stagger},
+                                    "TIMELINE": timeline, "FUSED": fused},
                         attrs={(list(signature).index("x_ptr"),): [["tt.divisibility", 16]]})
 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": wgmma_moe.MAX_REGISTERS})
 ptx = compiled.asm["ptx"]
@@ -127,27 +127,23 @@ print(json.dumps({"wgmma": "wgmma.mma_async" in ptx, "setmaxnreg": "setmaxnreg" 
 """
 
 
-@pytest.mark.parametrize("gate_up, block_n, dynamic, gather, timeline, fused, stagger", [
-    (True, 128, True, 0, False, False, 0), (False, 256, True, 0, False, False, 0),
-    (True, 128, False, 0, False, False, 0), (True, 128, True, 4, False, False, 0),
-    (True, 128, True, 2, False, False, 0), (True, 128, True, 4, True, False, 0),
-    (False, 256, True, 0, True, False, 0), (True, 128, True, 4, False, True, 0),
-    (True, 128, True, 0, False, True, 0), (True, 128, True, 4, True, True, 0),
-    (True, 128, True, 4, False, False, 2000)])
+@pytest.mark.parametrize("gate_up, block_n, dynamic, gather, timeline, fused", [
+    (True, 128, True, 0, False, False), (False, 256, True, 0, False, False), (True, 128, False, 0, False, False),
+    (True, 128, True, 4, False, False), (True, 128, True, 2, False, False), (True, 128, True, 4, True, False),
+    (False, 256, True, 0, True, False), (True, 128, True, 4, False, True), (True, 128, True, 0, False, True),
+    (True, 128, True, 4, True, True)])
 def test_kernels_compile_for_hopper_without_spills(gate_up, block_n, dynamic, gather, timeline, fused,
-                                                   stagger, compiling_python):
+                                                   compiling_python):
     """The device code compiled for sm_90 here, with no GPU (Triton ships ptxas): it must build
     with this Triton's Gluon, keep its accumulators in registers (no local memory) and fit the
     227 KB of shared memory an H100/H200 block may use. With dynamic tiles, the producer's two
     claims of the tile counter are its only atomics (one thread each, the compiler's lowering).
     With the producer gathering the token rows (cp.async, `gather` warps), a stage's barrier waits
     for its TMA copies' arrival and one arrival from each of the producer's threads. With the
-    timeline (benchmarks/kernels/timeline.py), the clock is read only then (and by a staggered
-    warpgroup's wait), and still no spills."""
+    timeline (benchmarks/kernels/timeline.py), the clock is read only then, and still no spills."""
     import json
 
-    result = compiling_python(COMPILE, json.dumps([gate_up, block_n, dynamic, gather, timeline, fused,
-                                                   stagger]))
+    result = compiling_python(COMPILE, json.dumps([gate_up, block_n, dynamic, gather, timeline, fused]))
     if "skip" in result:
         pytest.skip(result["skip"])
     assert result["wgmma"] and result["setmaxnreg"]  # tensor cores, register handoff
@@ -157,7 +153,7 @@ def test_kernels_compile_for_hopper_without_spills(gate_up, block_n, dynamic, ga
     assert result["atomics"] == ((3 if fused else 2) if dynamic else 0)
     # fused: h stores counted on their block (release), waited for by the down tiles (acquire)
     assert (result["counts"] > 0, result["count_waits"] > 0) == (fused, fused)
-    assert (result["clocks"] > 0) == (timeline or stagger > 0)  # (a stagger's wait reads it too)
+    assert (result["clocks"] > 0) == timeline
     assert (result["cp_async"] > 0, result["cp_async_arrive"] > 0) == (bool(gather), bool(gather))
     # barriers wait for the producer (1), for both consumer warpgroups (2), or (gather) for the
     # producer's TMA copies and each of its threads' row copies (1 + 32 x warps)

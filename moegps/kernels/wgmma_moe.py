@@ -416,9 +416,8 @@ if HAVE_GLUON:
         mbarrier.arrive(out_free.index(1))
 
     @gluon.jit
-    def _consumer(p, HALF: gl.constexpr, GATE_UP: gl.constexpr, DYNAMIC: gl.constexpr,
-                  GATHER: gl.constexpr, TIMELINE: gl.constexpr, FUSED: gl.constexpr,
-                  STAGGER: gl.constexpr):
+    def _consumer(p, GATE_UP: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr,
+                  GATHER: gl.constexpr, TIMELINE: gl.constexpr, FUSED: gl.constexpr):
         """One warpgroup: rows HALF * BLOCK_M / 2 onwards of every tile, or on a block of at most
         BLOCK_M / 2 rows all its rows and column half HALF (each consumer frees each stage once: a
         stage's barrier counts two arrivals). FUSED: the down GEMM's tiles follow the gate/up
@@ -433,11 +432,6 @@ if HAVE_GLUON:
         step = 0
         i = 0
         n_hand = n_first * 0  # FUSED: gate/up epilogues handed to the producer to store
-        if STAGGER > 0 and HALF == 1:  # start STAGGER cycles behind the other warpgroup
-            begin = _clock()
-            waited = begin * 0
-            while waited < STAGGER:
-                waited = _clock() - begin
         tile = _next_tile(tile_ids, tile_full, tile_empty, i, DYNAMIC)
         while tile < n_tiles:
             record = timeline_ptr
@@ -632,8 +626,7 @@ if HAVE_GLUON:
                             x_ptr, top_k, timeline_ptr, a2_desc, b2_desc, b2_half_desc, out2_desc,
                             out2_half_desc, n_tiles_n2, k_dim2, b_rows2, GATE_UP: gl.constexpr,
                             STAGES: gl.constexpr, DYNAMIC: gl.constexpr, GATHER: gl.constexpr,
-                            TIMELINE: gl.constexpr = False, FUSED: gl.constexpr = False,
-                            STAGGER: gl.constexpr = 0):
+                            TIMELINE: gl.constexpr = False, FUSED: gl.constexpr = False):
         """GATE_UP: out = h [max_padded, F] (expert order) = silu(A @ w1^T) * (A @ w3^T), with A
         the gathered token rows and b_desc over w_gate_up [E * 2F, H] (up rows at +up_offset).
         Otherwise: out = y [max_padded, H] (expert order) = routing weight * (h @ w2^T), b_desc
@@ -679,8 +672,8 @@ if HAVE_GLUON:
                   block_start_ptr, n_blocks_ptr, group, n_pairs, tile_ids, tile_full, tile_empty,
                   tile_counter_ptr, x_ptr, top_k, timeline_ptr, out_full, out_free)
         p = (first, second, shared)
-        gl.warp_specialize([(_consumer, (p, 0, GATE_UP, DYNAMIC, GATHER, TIMELINE, FUSED, STAGGER)),
-                            (_consumer, (p, 1, GATE_UP, DYNAMIC, GATHER, TIMELINE, FUSED, STAGGER)),
+        gl.warp_specialize([(_consumer, (p, GATE_UP, 0, DYNAMIC, GATHER, TIMELINE, FUSED)),
+                            (_consumer, (p, GATE_UP, 1, DYNAMIC, GATHER, TIMELINE, FUSED)),
                             (_producer, (p, GATE_UP, DYNAMIC, GATHER, TIMELINE, FUSED))],
                            [4, PRODUCER_WARPS], [232, 80 if GATHER else 24])
 
@@ -743,7 +736,7 @@ def _run(first: _Gemm, second: _Gemm | None, a, weights, routing, tile: dict, ga
         *(second or first).as_second(),  # (no second GEMM: never read)
         GATE_UP=gate_up, STAGES=tile["num_stages"], DYNAMIC=fused or tile.get("dynamic", True),
         GATHER=0 if top_k is None else tile["gather"], TIMELINE=timeline is not None,
-        FUSED=fused, STAGGER=tile.get("stagger", 0), num_warps=4, maxnreg=MAX_REGISTERS)
+        FUSED=fused, num_warps=4, maxnreg=MAX_REGISTERS)
 
 
 def _launch(a, w2d, out, weights, routing, tile: dict, b_rows: int, up_offset: int,
